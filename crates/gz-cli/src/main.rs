@@ -1,0 +1,73 @@
+//! `gz`: the command-line front end of the Galaxy Zoo pipeline.
+//!
+//! A flat dispatch: each subcommand lives in `cmd/<name>.rs` with its own clap `Args`
+//! and a `run` returning `anyhow::Result`. Errors are printed with their whole chain
+//! (`{:#}`) and turn into exit status 1 (or the code a subcommand asks for).
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "gz", version, about = "Galaxy Zoo morphology: synthesize, preprocess, train, evaluate, submit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a synthetic dataset in the Kaggle layout.
+    Synth(cmd::synth::Args),
+    /// Preprocess JPEGs into memory-mapped f16 shards (cached).
+    Prep(cmd::prep::Args),
+    /// Train a model from a shard cache.
+    Train(cmd::train::Args),
+    /// Score a checkpoint against labelled data, with baselines.
+    Eval(cmd::eval::Args),
+    /// Predict vote fractions (with optional TTA and ensembles).
+    Predict(cmd::predict::Args),
+    /// Write or check a Kaggle submission file.
+    Submit(cmd::submit::Args),
+    /// Measure training throughput of a model.
+    BenchTrain(cmd::bench_train::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Synth(a) => cmd::synth::run(a),
+        Command::Prep(a) => cmd::prep::run(a),
+        Command::Train(a) => cmd::train::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Predict(a) => cmd::predict::run(a),
+        Command::Submit(a) => cmd::submit::run(a),
+        Command::BenchTrain(a) => cmd::bench_train::run(a),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        // A subcommand may ask for a specific exit code by returning `ExitCode`.
+        let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
+        std::process::exit(code);
+    }
+}
+
+/// An error that carries the exit status the process should end with
+/// (e.g. `gz prep` exits 2 when some inputs were skipped).
+#[derive(Debug)]
+pub struct ExitCode(pub i32);
+
+impl std::fmt::Display for ExitCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitCode {}

@@ -1,0 +1,292 @@
+//! Reading and writing Kaggle solution and submission CSVs (`GalaxyID,Class1.1,…,Class11.6`).
+//!
+//! Both files share one format: a header naming exactly the 38 columns, then one row per galaxy
+//! with an integer id and 37 finite values in [0, 1]. Every problem is reported with the file,
+//! the line (1-based, the header is line 1) and the column. Writing is atomic: a temporary file
+//! in the same directory is written, fsynced and renamed over the target.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::{column_names, csv_header, N_ANSWERS};
+
+/// Errors from reading or writing a solutions / submission CSV.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The file could not be opened, read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CSV itself is malformed (quoting, UTF-8, …).
+    #[error("{path}:{line}: malformed CSV: {source}")]
+    Csv {
+        path: PathBuf,
+        line: u64,
+        #[source]
+        source: csv::Error,
+    },
+    /// The header is not exactly `GalaxyID,Class1.1,…,Class11.6`.
+    #[error("{path}:1: bad header: {reason}")]
+    Header { path: PathBuf, reason: String },
+    /// A row has the wrong number of fields.
+    #[error("{path}:{line}: expected 38 fields (GalaxyID + 37 classes), found {found}")]
+    FieldCount { path: PathBuf, line: u64, found: usize },
+    /// One cell is not acceptable.
+    #[error("{path}:{line}: column {column}: {reason}")]
+    Cell { path: PathBuf, line: u64, column: String, reason: String },
+    /// The same GalaxyID appears twice.
+    #[error("{path}:{line}: duplicate GalaxyID {id} (first seen on line {first_line})")]
+    DuplicateId { path: PathBuf, line: u64, id: u64, first_line: u64 },
+}
+
+/// Galaxy ids with a dense row-major `n × 37` matrix of values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Solutions {
+    /// GalaxyIDs in file order.
+    pub ids: Vec<u64>,
+    /// Row-major values, `ids.len() * 37` long.
+    pub values: Vec<f32>,
+}
+
+impl Solutions {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The 37 values of row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * N_ANSWERS..(i + 1) * N_ANSWERS]
+    }
+
+    /// Appends a row. Panics if `row.len() != 37` (caller bug).
+    pub fn push(&mut self, id: u64, row: &[f32]) {
+        assert_eq!(row.len(), N_ANSWERS);
+        self.ids.push(id);
+        self.values.extend_from_slice(row);
+    }
+
+    /// Map from GalaxyID to row index.
+    pub fn index(&self) -> HashMap<u64, usize> {
+        self.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SchemaError + '_ {
+    move |source| SchemaError::Io { path: path.to_path_buf(), source }
+}
+
+/// Reads a solutions or submission CSV, validating header, field count, every cell
+/// (integer id; finite value in [0, 1]) and id uniqueness.
+pub fn read_solutions(path: &Path) -> Result<Solutions, SchemaError> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    read_solutions_from(file, path)
+}
+
+/// Like [`read_solutions`], from any reader; `path` is used in messages only.
+pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<Solutions, SchemaError> {
+    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(reader);
+    let mut records = rdr.records();
+    let csv_err = |line: u64, source: csv::Error| SchemaError::Csv { path: path.to_path_buf(), line, source };
+
+    // header
+    let header = match records.next() {
+        None => {
+            return Err(SchemaError::Header { path: path.to_path_buf(), reason: "file is empty".into() });
+        }
+        Some(r) => r.map_err(|e| csv_err(1, e))?,
+    };
+    let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
+    if header.len() != expected.len() {
+        return Err(SchemaError::Header {
+            path: path.to_path_buf(),
+            reason: format!("expected {} columns, found {}", expected.len(), header.len()),
+        });
+    }
+    for (i, (got, want)) in header.iter().zip(&expected).enumerate() {
+        // tolerate a UTF-8 byte-order mark on the first cell
+        let got = if i == 0 { got.trim_start_matches('\u{feff}') } else { got };
+        if got.trim() != *want {
+            return Err(SchemaError::Header {
+                path: path.to_path_buf(),
+                reason: format!("column {} is {:?}, expected {:?}", i + 1, got, want),
+            });
+        }
+    }
+
+    let mut out = Solutions::new();
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut row = [0f32; N_ANSWERS];
+    for rec in records {
+        let rec = rec.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line());
+            csv_err(line, e)
+        })?;
+        let line = rec.position().map_or(0, |p| p.line());
+        // skip fully blank lines (a trailing newline is not a row)
+        if rec.len() == 1 && rec[0].trim().is_empty() {
+            continue;
+        }
+        if rec.len() != expected.len() {
+            return Err(SchemaError::FieldCount { path: path.to_path_buf(), line, found: rec.len() });
+        }
+        let cell_err = |column: &str, reason: String| SchemaError::Cell {
+            path: path.to_path_buf(),
+            line,
+            column: column.to_string(),
+            reason,
+        };
+        let id_text = rec[0].trim();
+        let id: u64 = id_text
+            .parse()
+            .map_err(|_| cell_err("GalaxyID", format!("{id_text:?} is not a non-negative integer id")))?;
+        if let Some(&first_line) = seen.get(&id) {
+            return Err(SchemaError::DuplicateId { path: path.to_path_buf(), line, id, first_line });
+        }
+        seen.insert(id, line);
+        for (k, column) in column_names().enumerate() {
+            let text = rec[k + 1].trim();
+            let v: f32 = text.parse().map_err(|_| cell_err(column, format!("{text:?} is not a number")))?;
+            if !v.is_finite() {
+                return Err(cell_err(column, format!("{text:?} is not finite")));
+            }
+            if !(0.0..=1.0).contains(&v) {
+                return Err(cell_err(column, format!("{v} is outside [0, 1]")));
+            }
+            row[k] = v;
+        }
+        out.push(id, &row);
+    }
+    Ok(out)
+}
+
+/// Writes `sol` as a solutions/submission CSV atomically (temp file, fsync, rename).
+/// Values are written as they are; clipping is the caller's decision.
+pub fn write_solutions(path: &Path, sol: &Solutions) -> Result<(), SchemaError> {
+    let mut text = String::with_capacity(64 + sol.len() * N_ANSWERS * 10);
+    text.push_str(&csv_header());
+    text.push('\n');
+    for i in 0..sol.len() {
+        use std::fmt::Write as _;
+        let _ = write!(text, "{}", sol.ids[i]);
+        for v in sol.row(i) {
+            let _ = write!(text, ",{}", v);
+        }
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SchemaError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(source) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SchemaError::Io { path: path.to_path_buf(), source });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Solutions, SchemaError> {
+        read_solutions_from(text.as_bytes(), Path::new("t.csv"))
+    }
+
+    fn good_row(id: u64) -> String {
+        let mut row = [0f32; N_ANSWERS];
+        row[0] = 1.0;
+        row[crate::answer_index(7, 1)] = 1.0;
+        row[crate::answer_index(6, 2)] = 1.0;
+        let mut s = id.to_string();
+        for v in row {
+            s.push_str(&format!(",{v}"));
+        }
+        s
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.csv");
+        let mut sol = Solutions::new();
+        let mut row = [0f32; N_ANSWERS];
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = i as f32 / 37.0 + 0.000_123;
+        }
+        sol.push(100008, &row);
+        row[3] = 0.0;
+        sol.push(7, &row);
+        write_solutions(&p, &sol).unwrap();
+        let back = read_solutions(&p).unwrap();
+        assert_eq!(back, sol);
+    }
+
+    #[test]
+    fn bad_inputs_name_line_and_column() {
+        let h = csv_header();
+        let ok = format!("{h}\n{}\n", good_row(1));
+        assert_eq!(parse(&ok).unwrap().len(), 1);
+
+        let e = parse(&ok.replace("GalaxyID", "Id")).unwrap_err();
+        assert!(matches!(e, SchemaError::Header { .. }), "{e}");
+        let e = parse(&ok.replace("Class11.6", "Class11.7")).unwrap_err();
+        assert!(e.to_string().contains("Class11.7"), "{e}");
+        let e = parse("").unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+
+        let short = format!("{h}\n{}\n{}\n", good_row(1), "2,0.5,0.5");
+        let e = parse(&short).unwrap_err();
+        assert!(matches!(e, SchemaError::FieldCount { line: 3, found: 3, .. }), "{e}");
+
+        let nonnum = format!("{h}\n{}\n", good_row(1).replacen(",1,", ",abc,", 1));
+        let e = parse(&nonnum).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("t.csv:2") && s.contains("Class1.1") && s.contains("abc"), "{s}");
+
+        for bad in ["NaN", "inf", "1.5", "-0.1"] {
+            let t = format!("{h}\n{}\n", good_row(1).replacen(",1,", &format!(",{bad},"), 1));
+            let e = parse(&t).unwrap_err();
+            assert!(matches!(e, SchemaError::Cell { line: 2, .. }), "{bad}: {e}");
+        }
+
+        let badid = format!("{h}\n{}\n", good_row(1).replacen('1', "x1", 1));
+        assert!(parse(&badid).unwrap_err().to_string().contains("GalaxyID"));
+
+        let dup = format!("{h}\n{}\n{}\n{}\n", good_row(5), good_row(6), good_row(5));
+        let e = parse(&dup).unwrap_err();
+        assert!(matches!(e, SchemaError::DuplicateId { line: 4, id: 5, first_line: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_io_error() {
+        let e = read_solutions(Path::new("/nonexistent/x.csv")).unwrap_err();
+        assert!(matches!(e, SchemaError::Io { .. }));
+        assert!(e.to_string().contains("/nonexistent/x.csv"));
+    }
+}

@@ -1,0 +1,4 @@
+//! The one integration-test binary: one module per area, sharing `support`.
+
+mod schema;
+mod support;

@@ -1,0 +1,1 @@
+//! Integration tests for the gz workspace live in `it/`; this library is empty.
