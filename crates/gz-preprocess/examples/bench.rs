@@ -1,0 +1,82 @@
+//! Single-thread preprocessing throughput on a directory of JPEGs, for `docs/benchmarks.md`.
+//!
+//! `cargo run --release -p gz-preprocess --example bench -- DIR [REPEATS]` prints one JSON line
+//! with images/s (best of REPEATS passes, default 3) for: our `prep_jpeg` with the default config
+//! reading each file from disk like Pillow does (`prep_img_s`), the same on bytes already in
+//! memory (`prep_mem_img_s`), the generic path (full jpeg-decoder decode + area resample,
+//! `generic_img_s`) and jpeg-decoder's own DCT-scaled decode at 1/2 + crop (`jpegdec_scale_img_s`).
+#![allow(clippy::print_stdout, reason = "a benchmark binary prints its result")]
+
+use std::time::Instant;
+
+use gz_preprocess::{generic, prep_jpeg_into, PrepConfig};
+use half::f16;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = args.get(1).ok_or("usage: bench DIR [REPEATS]")?;
+    let repeats: usize = args.get(2).map_or(Ok(3), |s| s.parse())?;
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    files.sort();
+    let blobs: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let cfg = PrepConfig::default();
+    let mut out = vec![f16::ZERO; cfg.image_len()];
+    let n = files.len() as f64;
+    let best = |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| -> Result<f64, Box<dyn std::error::Error>> {
+        let mut best = 0f64;
+        for _ in 0..repeats {
+            let t = Instant::now();
+            f()?;
+            best = best.max(n / t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let mut fails = 0usize;
+    let prep = best(&mut || {
+        for p in &files {
+            let bytes = std::fs::read(p)?;
+            if prep_jpeg_into(&bytes, &cfg, &mut out).is_err() {
+                fails += 1;
+            }
+        }
+        Ok(())
+    })?;
+    let prep_mem = best(&mut || {
+        for b in &blobs {
+            prep_jpeg_into(b, &cfg, &mut out)?;
+        }
+        Ok(())
+    })?;
+    let generic = best(&mut || {
+        for b in &blobs {
+            generic::prep(b, &cfg, &mut out)?;
+        }
+        Ok(())
+    })?;
+    let jpegdec = best(&mut || {
+        for b in &blobs {
+            let mut d = jpeg_decoder::Decoder::new(b.as_slice());
+            d.scale(212, 212)?;
+            let px = d.decode()?;
+            let info = d.info().ok_or("no info")?;
+            let (w, h) = (info.width as usize, info.height as usize);
+            let (l, t) = ((w - 106) / 2, (h - 106) / 2);
+            for c in 0..3 {
+                for y in 0..106 {
+                    for x in 0..106 {
+                        out[c * 106 * 106 + y * 106 + x] = f16::from_f32(px[((t + y) * w + l + x) * 3 + c] as f32 / 255.0);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    println!(
+        "{{\"n\": {}, \"threads\": 1, \"prep_img_s\": {prep:.1}, \"prep_mem_img_s\": {prep_mem:.1}, \"generic_img_s\": {generic:.1}, \"jpegdec_scale_img_s\": {jpegdec:.1}, \"failures\": {fails}}}",
+        files.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The Kaggle dataset layout and its identity.
+//!
+//! `DIR/training_solutions_rev1.csv` (labels, read with gz-schema) names the training ids, each
+//! expected at `DIR/images_training_rev1/<id>.jpg`; test ids are the `<id>.jpg` files of
+//! `DIR/images_test_rev1/`. Either half may be absent. Mismatches (an id without an image, an
+//! image without a label, a file not named `<digits>.jpg`) are reported as [`Skipped`] inputs.
+//!
+//! The dataset key hashes the CSV bytes and the sorted (name, size, mtime) of every file in both
+//! image directories, so scanning a dataset costs a directory listing, not a decode; any added,
+//! removed, replaced or touched file gives a new key and therefore a new cache.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+
+use crate::{PrepError, Skipped};
+
+/// Labels CSV file name.
+pub const SOLUTIONS_CSV: &str = "training_solutions_rev1.csv";
+/// Training images directory.
+pub const TRAIN_DIR: &str = "images_training_rev1";
+/// Test images directory.
+pub const TEST_DIR: &str = "images_test_rev1";
+
+/// One image to preprocess.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: u64,
+    pub path: PathBuf,
+    /// Row in the solutions table (training items).
+    pub label_row: Option<usize>,
+}
+
+/// A scanned dataset: what to preprocess, what is already known to be unusable, and the key.
+#[derive(Debug)]
+pub struct Scan {
+    /// Training items in CSV order (`None` when there is no CSV).
+    pub train: Option<Vec<Item>>,
+    /// Test items by ascending id (`None` when there is no test directory).
+    pub test: Option<Vec<Item>>,
+    /// The labels (when there is a CSV).
+    pub solutions: Option<gz_schema::Solutions>,
+    /// Inputs rejected while scanning.
+    pub skipped: Vec<Skipped>,
+    /// Hex dataset identity (16 chars).
+    pub key: String,
+}
+
+/// Scans `dir` (see module docs).
+pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
+    let csv = dir.join(SOLUTIONS_CSV);
+    let train_dir = dir.join(TRAIN_DIR);
+    let test_dir = dir.join(TEST_DIR);
+    if !dir.is_dir() {
+        return Err(PrepError::NoInput(format!("{}: not a directory", dir.display())));
+    }
+    if !csv.is_file() && !test_dir.is_dir() {
+        return Err(PrepError::NoInput(format!(
+            "{}: no {SOLUTIONS_CSV} and no {TEST_DIR}/ — not a Kaggle-layout dataset",
+            dir.display()
+        )));
+    }
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"gz dataset v1\n");
+    let mut skipped = Vec::new();
+
+    let (train, solutions) = if csv.is_file() {
+        let bytes = std::fs::read(&csv).map_err(|e| PrepError::Io { path: csv.clone(), source: e })?;
+        hasher.update(b"csv\n");
+        hasher.update(&bytes);
+        let sol = gz_schema::read_solutions(&csv)?;
+        let files = list_dir(&train_dir, &mut hasher, "train")?;
+        let mut present: HashSet<u64> = HashSet::new();
+        for (name, parsed) in &files {
+            match parsed {
+                Some(id) => {
+                    present.insert(*id);
+                }
+                None => skipped.push(Skipped {
+                    path: train_dir.join(name),
+                    reason: "file name is not <GalaxyID>.jpg".into(),
+                }),
+            }
+        }
+        let mut items = Vec::with_capacity(sol.len());
+        let mut labelled = HashSet::with_capacity(sol.len());
+        for (row, &id) in sol.ids.iter().enumerate() {
+            labelled.insert(id);
+            let path = train_dir.join(format!("{id}.jpg"));
+            if present.contains(&id) {
+                items.push(Item { id, path, label_row: Some(row) });
+            } else {
+                skipped.push(Skipped { path, reason: format!("GalaxyID {id} is in {SOLUTIONS_CSV} but has no image") });
+            }
+        }
+        let mut unlabelled: Vec<u64> = present.difference(&labelled).copied().collect();
+        unlabelled.sort_unstable();
+        for id in unlabelled {
+            skipped.push(Skipped {
+                path: train_dir.join(format!("{id}.jpg")),
+                reason: format!("training image without a label (GalaxyID {id} not in {SOLUTIONS_CSV})"),
+            });
+        }
+        (Some(items), Some(sol))
+    } else {
+        (None, None)
+    };
+
+    let test = if test_dir.is_dir() {
+        let files = list_dir(&test_dir, &mut hasher, "test")?;
+        let mut items = Vec::with_capacity(files.len());
+        for (name, parsed) in files {
+            match parsed {
+                Some(id) => items.push(Item { id, path: test_dir.join(&name), label_row: None }),
+                None => skipped.push(Skipped { path: test_dir.join(name), reason: "file name is not <GalaxyID>.jpg".into() }),
+            }
+        }
+        items.sort_by_key(|it| it.id);
+        Some(items)
+    } else {
+        None
+    };
+    let key = crate::hex(&hasher.finalize()[..8]);
+    Ok(Scan { train, test, solutions, skipped, key })
+}
+
+/// Lists the regular files of `dir` sorted by name, feeding (name, size, mtime) into the hash.
+/// Returns (name, GalaxyID if the name is `<digits>.jpg`). A missing directory is empty.
+fn list_dir(dir: &Path, hasher: &mut sha2::Sha256, tag: &str) -> Result<Vec<(String, Option<u64>)>, PrepError> {
+    hasher.update(format!("dir {tag}\n").as_bytes());
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(PrepError::Io { path: dir.to_path_buf(), source: e }),
+    };
+    let mut files = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| PrepError::Io { path: dir.to_path_buf(), source: e })?;
+        let meta = entry.metadata().map_err(|e| PrepError::Io { path: entry.path(), source: e })?;
+        if !meta.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        files.push((name, meta.len(), mtime));
+    }
+    files.sort();
+    Ok(files
+        .into_iter()
+        .map(|(name, size, mtime)| {
+            hasher.update(format!("{name}\t{size}\t{mtime}\n").as_bytes());
+            let id = name
+                .strip_suffix(".jpg")
+                .filter(|s| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse().ok());
+            (name, id)
+        })
+        .collect())
+}

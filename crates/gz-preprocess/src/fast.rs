@@ -1,0 +1,634 @@
+//! The fast path: a baseline-JPEG decoder specialised for "centre crop, 2× area reduction".
+//!
+//! Galaxy Zoo images are 424×424 baseline (SOF0) YCbCr 4:2:0 JPEGs and we keep the central
+//! 212×212 at half resolution, so most of a full decode is wasted work. This decoder
+//!
+//! 1. Huffman-decodes MCU rows only down to the last row the crop touches (≈ 3/4 of the
+//!    entropy-coded data; the rest of the file is never read);
+//! 2. dequantises and transforms only the blocks inside the crop (≈ 1/4 of the blocks), and
+//! 3. transforms straight to the half-resolution grid: for luma the 8×8 coefficients go through a
+//!    4×8 matrix per axis that equals "8-point IDCT, then average adjacent pairs", so each output
+//!    pixel is exactly the 2×2 box average of the full-resolution IDCT output (before clamping and
+//!    rounding); 4:2:0 chroma is already at half resolution and takes the plain 8×8 IDCT (no
+//!    upsampling needed — chroma samples sit at the centres of the 2×2 luma boxes).
+//!    Work per block is proportional to its non-zero coefficient rows; blocks with only a DC
+//!    term (most of the dark sky) are a constant fill.
+//!
+//! Then YCbCr → RGB (JFIF / BT.601 full range) on the 106×106 output, in f32, straight to f16.
+//! Anything else (progressive, arithmetic coding, 12-bit, CMYK/YCCK/Adobe RGB, sampling factors
+//! other than 1× or 2×, crops that are not an exact 2× with even offset, bicubic) is
+//! [`Outcome::NotApplicable`] and goes to [`crate::generic`]. Corrupt or truncated data is
+//! reported, never guessed at.
+//!
+//! The idea is libjpeg's scaled IDCT (`jidctred.c`, Pillow's draft mode) plus region-of-interest
+//! decoding; the 4×8 "box" matrix is exact rather than libjpeg's 4×4 low-frequency IDCT.
+
+use half::f16;
+
+use crate::{Filter, PrepConfig, REFERENCE_SIZE};
+
+/// Result of trying the fast path.
+#[derive(Debug)]
+pub enum Outcome {
+    /// `out` holds the image.
+    Done,
+    /// The stream is corrupt or truncated (reason).
+    Corrupt(String),
+    /// Not handled here: use the generic path.
+    NotApplicable,
+}
+
+const ZIGZAG: [usize; 64] = [
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6, 7, 14, 21,
+    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61,
+    54, 47, 55, 62, 63,
+];
+
+/// The 1-D IDCT matrices: `FULL[n][k]` = ½·C(k)·cos((2n+1)kπ/16), `BOX[m][k]` = mean of rows 2m, 2m+1.
+struct Matrices {
+    full: [[f32; 8]; 8],
+    half: [[f32; 8]; 4],
+}
+
+fn matrices() -> &'static Matrices {
+    static M: std::sync::OnceLock<Matrices> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        let mut full = [[0f32; 8]; 8];
+        for (n, row) in full.iter_mut().enumerate() {
+            for (k, v) in row.iter_mut().enumerate() {
+                let c = if k == 0 { std::f64::consts::FRAC_1_SQRT_2 } else { 1.0 };
+                *v = (0.5 * c * ((2 * n + 1) as f64 * k as f64 * std::f64::consts::PI / 16.0).cos()) as f32;
+            }
+        }
+        let mut half = [[0f32; 8]; 4];
+        for m in 0..4 {
+            for k in 0..8 {
+                half[m][k] = 0.5 * (full[2 * m][k] + full[2 * m + 1][k]);
+            }
+        }
+        Matrices { full, half }
+    })
+}
+
+#[derive(Clone)]
+struct Huffman {
+    /// 9-bit lookahead: (code length << 8) | symbol, 0 = longer code.
+    lut: Vec<u16>,
+    maxcode: [i32; 17],
+    valptr: [i32; 17],
+    mincode: [i32; 17],
+    vals: Vec<u8>,
+}
+
+const LUT_BITS: u32 = 9;
+
+impl Huffman {
+    fn new(counts: &[u8; 16], vals: &[u8]) -> Result<Huffman, String> {
+        let mut h = Huffman { lut: vec![0; 1 << LUT_BITS], maxcode: [-1; 17], valptr: [0; 17], mincode: [0; 17], vals: vals.to_vec() };
+        let mut code: i32 = 0;
+        let mut k: usize = 0;
+        for l in 1..=16usize {
+            let n = counts[l - 1] as usize;
+            h.valptr[l] = k as i32;
+            h.mincode[l] = code;
+            for _ in 0..n {
+                if code >= (1 << l) {
+                    return Err("invalid Huffman table (code space overflow)".into());
+                }
+                if l as u32 <= LUT_BITS {
+                    let shift = LUT_BITS - l as u32;
+                    let base = (code as usize) << shift;
+                    for e in &mut h.lut[base..base + (1 << shift)] {
+                        *e = ((l as u16) << 8) | vals[k] as u16;
+                    }
+                }
+                code += 1;
+                k += 1;
+            }
+            h.maxcode[l] = if n > 0 { code - 1 } else { -1 };
+            code <<= 1;
+        }
+        Ok(h)
+    }
+}
+
+struct Bits<'a> {
+    data: &'a [u8],
+    pos: usize,
+    bits: u64,
+    nbits: u32,
+    /// Zero bytes fed after a marker or the end of data.
+    padded: u32,
+    marker: bool,
+}
+
+impl<'a> Bits<'a> {
+    fn new(data: &'a [u8], pos: usize) -> Bits<'a> {
+        Bits { data, pos, bits: 0, nbits: 0, padded: 0, marker: false }
+    }
+
+    #[inline(always)]
+    fn refill(&mut self) {
+        if !self.marker && self.pos + 8 <= self.data.len() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&self.data[self.pos..self.pos + 8]);
+            let w = u64::from_be_bytes(a);
+            // no 0xFF byte among the 8: take them whole (bits below nbits repeat the stream)
+            let x = !w;
+            if (x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080) == 0 {
+                self.bits |= w >> self.nbits;
+                self.pos += ((63 - self.nbits) >> 3) as usize;
+                self.nbits |= 56;
+                return;
+            }
+        }
+        self.refill_slow();
+    }
+
+    #[inline(never)]
+    fn refill_slow(&mut self) {
+        while self.nbits <= 56 {
+            let mut byte = 0u8;
+            let mut real = false;
+            if !self.marker && self.pos < self.data.len() {
+                let b = self.data[self.pos];
+                if b == 0xFF {
+                    match self.data.get(self.pos + 1) {
+                        Some(0x00) => {
+                            byte = 0xFF;
+                            real = true;
+                            self.pos += 2;
+                        }
+                        _ => self.marker = true,
+                    }
+                } else {
+                    byte = b;
+                    real = true;
+                    self.pos += 1;
+                }
+            }
+            if !real {
+                self.padded += 1;
+            }
+            self.bits |= (byte as u64) << (56 - self.nbits);
+            self.nbits += 8;
+        }
+    }
+
+    /// True when more bits were consumed than the segment holds.
+    fn overrun(&self) -> bool {
+        self.padded as i64 * 8 > self.nbits as i64
+    }
+
+    #[inline(always)]
+    fn decode(&mut self, h: &Huffman) -> Result<u8, String> {
+        if self.nbits < 16 {
+            self.refill();
+        }
+        let e = h.lut[(self.bits >> (64 - LUT_BITS)) as usize];
+        if e != 0 {
+            let l = (e >> 8) as u32;
+            self.bits <<= l;
+            self.nbits -= l;
+            return Ok(e as u8);
+        }
+        let peek = (self.bits >> 48) as i32;
+        for l in (LUT_BITS as usize + 1)..=16 {
+            let code = peek >> (16 - l);
+            if code <= h.maxcode[l] {
+                self.bits <<= l;
+                self.nbits -= l as u32;
+                let idx = (h.valptr[l] + code - h.mincode[l]) as usize;
+                return h.vals.get(idx).copied().ok_or_else(|| "corrupt Huffman table".to_string());
+            }
+        }
+        Err("corrupt entropy-coded data (no matching Huffman code)".into())
+    }
+
+    /// Reads `s` (1..=16) bits and sign-extends them as JPEG magnitude categories do.
+    #[inline(always)]
+    fn receive_extend(&mut self, s: u32) -> i32 {
+        if self.nbits < s {
+            self.refill();
+        }
+        let v = (self.bits >> (64 - s)) as i32;
+        self.bits <<= s;
+        self.nbits -= s;
+        if v < (1 << (s - 1)) {
+            v - (1 << s) + 1
+        } else {
+            v
+        }
+    }
+
+    /// Skips to after the next RSTn marker (restart interval boundary).
+    fn restart(&mut self) -> Result<(), String> {
+        // drop buffered bits; `pos` stands at the marker (or before stuffing-free padding)
+        let mut p = self.pos;
+        while p + 1 < self.data.len() && !(self.data[p] == 0xFF && (0xD0..=0xD7).contains(&self.data[p + 1])) {
+            // only fill bytes (0xFF) may precede the marker legally; anything else means we are lost
+            if self.data[p] != 0xFF {
+                return Err("missing restart marker".into());
+            }
+            p += 1;
+        }
+        if p + 1 >= self.data.len() {
+            return Err("entropy-coded data ends early (truncated?)".into());
+        }
+        self.pos = p + 2;
+        self.bits = 0;
+        self.nbits = 0;
+        self.marker = false;
+        self.padded = 0;
+        Ok(())
+    }
+}
+
+struct Component {
+    id: u8,
+    h: usize,
+    v: usize,
+    tq: usize,
+    td: usize,
+    ta: usize,
+}
+
+/// Tries the fast path (see module docs).
+pub fn try_prep(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Outcome {
+    match decode(bytes, cfg, out) {
+        Ok(true) => Outcome::Done,
+        Ok(false) => Outcome::NotApplicable,
+        Err(reason) => Outcome::Corrupt(reason),
+    }
+}
+
+fn be16(b: &[u8], p: usize) -> Result<usize, String> {
+    match (b.get(p), b.get(p + 1)) {
+        (Some(&x), Some(&y)) => Ok(((x as usize) << 8) | y as usize),
+        _ => Err("file ends inside a marker segment (truncated?)".into()),
+    }
+}
+
+/// Ok(true): done; Ok(false): not applicable; Err: corrupt.
+fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
+    if cfg.filter != Filter::Area {
+        return Ok(false);
+    }
+    let mut qt = [[0f32; 64]; 4];
+    let mut qt_set = [false; 4];
+    let mut dc: Vec<Option<Huffman>> = vec![None, None, None, None];
+    let mut ac: Vec<Option<Huffman>> = vec![None, None, None, None];
+    let mut comps: Vec<Component> = Vec::new();
+    let (mut width, mut height) = (0usize, 0usize);
+    let mut restart_interval = 0usize;
+    let mut adobe = false;
+    let mut p = 2;
+    // marker segments up to SOS
+    let scan_start = loop {
+        // skip fill bytes
+        while b.get(p) == Some(&0xFF) && b.get(p + 1) == Some(&0xFF) {
+            p += 1;
+        }
+        if p + 4 > b.len() {
+            return Err("file ends before the image data (truncated?)".into());
+        }
+        if b[p] != 0xFF {
+            return Err(format!("expected a marker at byte {p}, found {:02x}", b[p]));
+        }
+        let marker = b[p + 1];
+        let len = be16(b, p + 2)?;
+        let seg_start = p + 4;
+        let seg_end = p + 2 + len;
+        if len < 2 || seg_end > b.len() {
+            return Err(format!("marker {marker:02x} segment length {len} runs past the end (truncated?)"));
+        }
+        let seg = &b[seg_start..seg_end];
+        match marker {
+            0xC0 | 0xC1 => {
+                if seg.len() < 6 || seg[0] != 8 {
+                    return Ok(false); // not 8-bit
+                }
+                height = be16(seg, 1)?;
+                width = be16(seg, 3)?;
+                let n = seg[5] as usize;
+                if seg.len() < 6 + 3 * n {
+                    return Err("short frame header".into());
+                }
+                for i in 0..n {
+                    let c = &seg[6 + 3 * i..9 + 3 * i];
+                    comps.push(Component { id: c[0], h: (c[1] >> 4) as usize, v: (c[1] & 15) as usize, tq: c[2] as usize, td: 0, ta: 0 });
+                }
+            }
+            0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return Ok(false), // progressive, lossless, arithmetic
+            0xC4 => {
+                let mut q = 0;
+                while q < seg.len() {
+                    let tc = seg[q] >> 4;
+                    let th = (seg[q] & 15) as usize;
+                    if q + 17 > seg.len() || th > 3 || tc > 1 {
+                        return Err("bad Huffman table segment".into());
+                    }
+                    let mut counts = [0u8; 16];
+                    counts.copy_from_slice(&seg[q + 1..q + 17]);
+                    let total: usize = counts.iter().map(|&c| c as usize).sum();
+                    if q + 17 + total > seg.len() || total > 256 {
+                        return Err("bad Huffman table segment".into());
+                    }
+                    let t = Huffman::new(&counts, &seg[q + 17..q + 17 + total])?;
+                    if tc == 0 {
+                        dc[th] = Some(t);
+                    } else {
+                        ac[th] = Some(t);
+                    }
+                    q += 17 + total;
+                }
+            }
+            0xDB => {
+                let mut q = 0;
+                while q < seg.len() {
+                    let pq = seg[q] >> 4;
+                    let tq = (seg[q] & 15) as usize;
+                    let n = if pq == 0 { 64 } else { 128 };
+                    if tq > 3 || pq > 1 || q + 1 + n > seg.len() {
+                        return Err("bad quantisation table segment".into());
+                    }
+                    for k in 0..64 {
+                        let v = if pq == 0 { seg[q + 1 + k] as f32 } else { be16(seg, q + 1 + 2 * k)? as f32 };
+                        qt[tq][k] = v; // zigzag order
+                    }
+                    qt_set[tq] = true;
+                    q += 1 + n;
+                }
+            }
+            0xDD => restart_interval = be16(seg, 0)?,
+            0xEE => adobe = true,
+            0xDA => {
+                let ns = *seg.first().ok_or("empty scan header")? as usize;
+                if ns != comps.len() || seg.len() < 1 + 2 * ns + 3 {
+                    return Ok(false); // non-interleaved multi-scan baseline: rare, generic path
+                }
+                for i in 0..ns {
+                    let cid = seg[1 + 2 * i];
+                    let t = seg[2 + 2 * i];
+                    let c = comps.iter_mut().find(|c| c.id == cid).ok_or("scan names an unknown component")?;
+                    c.td = (t >> 4) as usize;
+                    c.ta = (t & 15) as usize;
+                }
+                let (ss, se, a) = (seg[1 + 2 * ns], seg[2 + 2 * ns], seg[3 + 2 * ns]);
+                if ss != 0 || se != 63 || a != 0 {
+                    return Ok(false);
+                }
+                break seg_end;
+            }
+            0xD8 | 0xD9 => return Err("unexpected SOI/EOI before the image data".into()),
+            _ => {} // APPn, COM, DNL…
+        }
+        p = seg_end;
+    };
+
+    // applicability
+    if comps.is_empty() || width == 0 || height == 0 {
+        return Err("no frame header before the scan".into());
+    }
+    if adobe || !(comps.len() == 1 || comps.len() == 3) {
+        return Ok(false);
+    }
+    if comps.len() == 3 && comps.iter().map(|c| c.id).eq(*b"RGB") {
+        return Ok(false);
+    }
+    let crop = cfg.crop as usize;
+    let size = cfg.size as usize;
+    let r = REFERENCE_SIZE as usize;
+    let fits = |d: usize| {
+        let num = d * crop;
+        num % r == 0 && num / r == 2 * size && (d - num / r) % 4 == 0
+    };
+    if !fits(width) || !fits(height) {
+        return Ok(false);
+    }
+    if comps.len() == 1 {
+        comps[0].h = 1;
+        comps[0].v = 1;
+    }
+    let hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
+    let vmax = comps.iter().map(|c| c.v).max().unwrap_or(1);
+    for c in &comps {
+        if c.h == 0 || c.v == 0 || !(hmax == c.h || hmax == 2 * c.h) || !(vmax == c.v || vmax == 2 * c.v) {
+            return Ok(false);
+        }
+        if c.tq > 3 || !qt_set[c.tq] || c.td > 3 || c.ta > 3 || dc[c.td].is_none() || ac[c.ta].is_none() {
+            return Err("scan uses an undefined quantisation or Huffman table".into());
+        }
+    }
+    // the file must end with EOI after the scan: a cut-off file is reported, not half-decoded
+    let tail = &b[b.len().saturating_sub(64).max(scan_start)..];
+    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err("no end-of-image marker: truncated file".into());
+    }
+
+    // output window on the half-resolution grid
+    let hx0 = (width - 2 * size) / 4;
+    let hy0 = (height - 2 * size) / 4;
+    let m = matrices();
+    let mcux = width.div_ceil(8 * hmax);
+    let mcuy = height.div_ceil(8 * vmax);
+
+    struct Plane {
+        ox: usize, // output pixels per block, horizontally (4: box, 8: full)
+        oy: usize,
+        bx0: usize, // first needed block column
+        bx1: usize, // one past the last
+        by0: usize,
+        by1: usize,
+        stride: usize,
+        data: Vec<f32>,
+    }
+    let mut planes: Vec<Plane> = comps
+        .iter()
+        .map(|c| {
+            let ox = if c.h == hmax { 4 } else { 8 };
+            let oy = if c.v == vmax { 4 } else { 8 };
+            let (bx0, bx1) = (hx0 / ox, (hx0 + size).div_ceil(ox));
+            let (by0, by1) = (hy0 / oy, (hy0 + size).div_ceil(oy));
+            let stride = (bx1 - bx0) * ox;
+            Plane { ox, oy, bx0, bx1, by0, by1, stride, data: vec![0f32; stride * (by1 - by0) * oy] }
+        })
+        .collect();
+    let last_mcu_row = comps
+        .iter()
+        .zip(&planes)
+        .map(|(c, pl)| (pl.by1 - 1) / c.v)
+        .max()
+        .unwrap_or(0)
+        .min(mcuy - 1);
+
+    let mut bits = Bits::new(b, scan_start);
+    let mut pred = [0i32; 4];
+    let mut coef = [0f32; 64];
+    let mut mcus_done = 0usize;
+    let qz: Vec<[f32; 64]> = comps.iter().map(|c| qt[c.tq]).collect();
+    for my in 0..=last_mcu_row {
+        for mx in 0..mcux {
+            if restart_interval > 0 && mcus_done > 0 && mcus_done % restart_interval == 0 {
+                bits.restart()?;
+                pred = [0; 4];
+            }
+            mcus_done += 1;
+            for (ci, c) in comps.iter().enumerate() {
+                let dct = dc[c.td].as_ref().ok_or("missing table")?;
+                let act = ac[c.ta].as_ref().ok_or("missing table")?;
+                let q = &qz[ci];
+                for v in 0..c.v {
+                    for h in 0..c.h {
+                        let bx = mx * c.h + h;
+                        let by = my * c.v + v;
+                        let pl = &planes[ci];
+                        let needed = bx >= pl.bx0 && bx < pl.bx1 && by >= pl.by0 && by < pl.by1;
+                        // DC
+                        let t = bits.decode(dct)? as u32;
+                        if t > 11 {
+                            return Err("corrupt DC coefficient".into());
+                        }
+                        let diff = if t == 0 { 0 } else { bits.receive_extend(t) };
+                        pred[ci] += diff;
+                        if !needed {
+                            let mut k = 1;
+                            while k < 64 {
+                                let rs = bits.decode(act)?;
+                                let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+                                if s == 0 {
+                                    if run == 15 {
+                                        k += 16;
+                                        continue;
+                                    }
+                                    break;
+                                }
+                                k += run;
+                                if k > 63 {
+                                    return Err("corrupt AC coefficients (index past 63)".into());
+                                }
+                                if bits.nbits < s {
+                                    bits.refill();
+                                }
+                                bits.bits <<= s;
+                                bits.nbits -= s;
+                                k += 1;
+                            }
+                            continue;
+                        }
+                        coef[0] = pred[ci] as f32 * q[0];
+                        let mut rows = 1u8;
+                        let mut maxcol = 0usize;
+                        let mut k = 1;
+                        while k < 64 {
+                            let rs = bits.decode(act)?;
+                            let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+                            if s == 0 {
+                                if run == 15 {
+                                    k += 16;
+                                    continue;
+                                }
+                                break;
+                            }
+                            k += run;
+                            if k > 63 {
+                                return Err("corrupt AC coefficients (index past 63)".into());
+                            }
+                            let z = ZIGZAG[k];
+                            coef[z] = bits.receive_extend(s) as f32 * q[k];
+                            rows |= 1 << (z >> 3);
+                            maxcol = maxcol.max(z & 7);
+                            k += 1;
+                        }
+                        let pl = &mut planes[ci];
+                        let mh: &[[f32; 8]] = if pl.ox == 4 { &m.half } else { &m.full };
+                        let mv: &[[f32; 8]] = if pl.oy == 4 { &m.half } else { &m.full };
+                        let x0 = (bx - pl.bx0) * pl.ox;
+                        let y0 = (by - pl.by0) * pl.oy;
+                        let (ox, oy, stride) = (pl.ox, pl.oy, pl.stride);
+                        if rows == 1 && maxcol == 0 {
+                            // DC only: constant block (½·½·1/√2·1/√2·8… = DC/8)
+                            let val = coef[0] * 0.125 + 128.0;
+                            for y in 0..oy {
+                                pl.data[(y0 + y) * stride + x0..(y0 + y) * stride + x0 + ox].fill(val);
+                            }
+                            coef[0] = 0.0;
+                            continue;
+                        }
+                        // horizontal pass over non-zero rows: t[v][x] = Σ_u F[v][u]·Mh[x][u]
+                        let mut t = [[0f32; 8]; 8];
+                        let ncol = maxcol + 1;
+                        for vr in 0..8 {
+                            if rows & (1 << vr) == 0 {
+                                continue;
+                            }
+                            let f = &mut coef[vr * 8..vr * 8 + 8];
+                            for x in 0..ox {
+                                let mut acc = 0f32;
+                                for u in 0..ncol {
+                                    acc += f[u] * mh[x][u];
+                                }
+                                t[vr][x] = acc;
+                            }
+                            f.fill(0.0);
+                        }
+                        for y in 0..oy {
+                            let row = &mut pl.data[(y0 + y) * stride + x0..(y0 + y) * stride + x0 + ox];
+                            row.fill(128.0);
+                            for vr in 0..8 {
+                                if rows & (1 << vr) == 0 {
+                                    continue;
+                                }
+                                let w = mv[y][vr];
+                                for x in 0..ox {
+                                    row[x] += w * t[vr][x];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if bits.overrun() {
+            return Err("entropy-coded data ends early (truncated or corrupt)".into());
+        }
+    }
+
+    // colour conversion of the window into C×H×W f16
+    let plane_len = size * size;
+    let sample = |pl: &Plane, x: usize, y: usize| -> f32 {
+        let px = hx0 + x - pl.bx0 * pl.ox;
+        let py = hy0 + y - pl.by0 * pl.oy;
+        pl.data[py * pl.stride + px]
+    };
+    let inv = 1.0 / 255.0;
+    if comps.len() == 1 {
+        for y in 0..size {
+            for x in 0..size {
+                let v = f16::from_f32((sample(&planes[0], x, y) * inv).clamp(0.0, 1.0));
+                let i = y * size + x;
+                out[i] = v;
+                out[plane_len + i] = v;
+                out[2 * plane_len + i] = v;
+            }
+        }
+    } else {
+        let (yp, cbp, crp) = (&planes[0], &planes[1], &planes[2]);
+        for y in 0..size {
+            for x in 0..size {
+                let yy = sample(yp, x, y);
+                let cb = sample(cbp, x, y) - 128.0;
+                let cr = sample(crp, x, y) - 128.0;
+                let r = yy + 1.402 * cr;
+                let g = yy - 0.344_136 * cb - 0.714_136 * cr;
+                let bl = yy + 1.772 * cb;
+                let i = y * size + x;
+                out[i] = f16::from_f32((r * inv).clamp(0.0, 1.0));
+                out[plane_len + i] = f16::from_f32((g * inv).clamp(0.0, 1.0));
+                out[2 * plane_len + i] = f16::from_f32((bl * inv).clamp(0.0, 1.0));
+            }
+        }
+    }
+    planes.clear();
+    Ok(true)
+}

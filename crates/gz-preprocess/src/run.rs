@@ -1,0 +1,192 @@
+//! Preprocessing a whole dataset into a cache: scan, cache lookup, parallel decode in bounded
+//! chunks streamed into the shard writer, atomic publish.
+//!
+//! Memory: at most `CHUNK` decoded images are alive at a time (plus the writer's 1 MiB buffers),
+//! whatever the dataset size. Order: rows follow the CSV order (train) and ascending id (test),
+//! independent of the thread count, so the same inputs always give byte-identical shards.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use half::f16;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{self, Item};
+use crate::{prep_jpeg_into, PrepConfig, PrepError};
+
+/// Images decoded per parallel chunk (bounds memory: CHUNK × 3·size·size × 2 bytes).
+const CHUNK: usize = 512;
+
+/// An input that was not preprocessed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Progress of a run, reported after every chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// `"train"` or `"test"`.
+    pub split: &'static str,
+    /// Images of this split handled so far (written or skipped).
+    pub done: u64,
+    /// Images of this split in total.
+    pub total: u64,
+}
+
+/// Where and how to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The Kaggle-layout dataset directory.
+    pub data_dir: PathBuf,
+    /// Parent of the cache directories.
+    pub cache_root: PathBuf,
+    /// Worker threads (`None`: all cores).
+    pub threads: Option<usize>,
+    /// Stop at the first bad input instead of skipping it.
+    pub strict: bool,
+    /// Images per shard file.
+    pub rows_per_shard: usize,
+}
+
+impl RunOptions {
+    /// Defaults: all cores, lenient, [`gz_shards::DEFAULT_ROWS_PER_SHARD`].
+    pub fn new(data_dir: &Path, cache_root: &Path) -> RunOptions {
+        RunOptions {
+            data_dir: data_dir.to_path_buf(),
+            cache_root: cache_root.to_path_buf(),
+            threads: None,
+            strict: false,
+            rows_per_shard: gz_shards::DEFAULT_ROWS_PER_SHARD,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The complete cache directory.
+    pub cache_dir: PathBuf,
+    /// True if an existing cache was reused (nothing decoded).
+    pub cache_hit: bool,
+    /// Dataset identity key.
+    pub dataset_key: String,
+    /// Config hash.
+    pub config_hash: String,
+    /// Training images in the cache.
+    pub train: usize,
+    /// Test images in the cache.
+    pub test: usize,
+    /// Every input left out, with the reason (also recorded in the manifest).
+    pub skipped: Vec<Skipped>,
+    /// Wall time of this run, seconds.
+    pub elapsed_s: f64,
+}
+
+/// Preprocesses `data_dir` into `<cache_root>/<dataset-key>-<config-hash>/` with default options
+/// and returns that path. Skipped inputs do not make this fail; use [`run_with`] to see them.
+pub fn run(data_dir: &Path, cache_root: &Path, cfg: &PrepConfig) -> Result<PathBuf, PrepError> {
+    run_with(&RunOptions::new(data_dir, cache_root), cfg, &|_| {}).map(|s| s.cache_dir)
+}
+
+/// Preprocesses a dataset (see [`run`]), reporting progress, honouring `opts`.
+pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunSummary, PrepError> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let scan = dataset::scan(&opts.data_dir)?;
+    let config_hash = cfg.hash();
+    let cache_dir = opts.cache_root.join(format!("{}-{}", scan.key, config_hash));
+
+    if cache_dir.join(gz_shards::MANIFEST_FILE).exists() {
+        let cache = gz_shards::Cache::open(&cache_dir).map_err(|e| PrepError::DamagedCache { dir: cache_dir.clone(), source: e })?;
+        let skipped: Vec<Skipped> = serde_json::from_value(cache.extra()["skipped"].clone()).unwrap_or_default();
+        tracing::info!(dir = %cache_dir.display(), "cache hit");
+        return Ok(RunSummary {
+            cache_dir,
+            cache_hit: true,
+            dataset_key: scan.key,
+            config_hash,
+            train: cache.train().map_or(0, |s| s.len()),
+            test: cache.test().map_or(0, |s| s.len()),
+            skipped,
+            elapsed_s: t0.elapsed().as_secs_f64(),
+        });
+    }
+    if opts.strict {
+        if let Some(s) = scan.skipped.first() {
+            return Err(PrepError::Strict { path: s.path.clone(), reason: s.reason.clone() });
+        }
+    }
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or(0))
+        .build()
+        .map_err(|e| PrepError::Config(format!("cannot start {:?} threads: {e}", opts.threads)))?;
+    let cfg_json = serde_json::to_value(cfg).map_err(|e| PrepError::Config(e.to_string()))?;
+    let mut writer = gz_shards::CacheWriter::create(&cache_dir, &cfg_json, &config_hash, opts.rows_per_shard)?;
+    let mut skipped = scan.skipped.clone();
+    let mut counts = [0usize; 2];
+    for (k, (name, items)) in [("train", &scan.train), ("test", &scan.test)].into_iter().enumerate() {
+        let Some(items) = items else { continue };
+        let mut split = writer.begin_split(name, cfg.shape(), name == "train")?;
+        let total = items.len() as u64;
+        progress(Progress { split: name, done: 0, total });
+        let mut done = 0u64;
+        for chunk in items.chunks(CHUNK) {
+            let results: Vec<Result<Vec<f16>, String>> =
+                pool.install(|| chunk.par_iter().map(|it| load(it, cfg)).collect());
+            for (it, res) in chunk.iter().zip(results) {
+                match res {
+                    Ok(img) => {
+                        let label = match (it.label_row, &scan.solutions) {
+                            (Some(r), Some(sol)) => Some(sol.row(r)),
+                            _ => None,
+                        };
+                        split.push(it.id, &img, label)?;
+                    }
+                    Err(reason) => {
+                        if opts.strict {
+                            return Err(PrepError::Strict { path: it.path.clone(), reason });
+                        }
+                        tracing::warn!(path = %it.path.display(), %reason, "skipped");
+                        skipped.push(Skipped { path: it.path.clone(), reason });
+                    }
+                }
+            }
+            done += chunk.len() as u64;
+            progress(Progress { split: name, done, total });
+        }
+        counts[k] = split.len();
+        writer.end_split(split)?;
+    }
+    let extra = serde_json::json!({
+        "dataset_key": scan.key,
+        "data_dir": opts.data_dir,
+        "prep_version": crate::PREP_VERSION,
+        "skipped": skipped,
+        "train_images": counts[0],
+        "test_images": counts[1],
+        "elapsed_s": t0.elapsed().as_secs_f64(),
+    });
+    let cache_dir = writer.finish(extra)?;
+    Ok(RunSummary {
+        cache_dir,
+        cache_hit: false,
+        dataset_key: scan.key,
+        config_hash,
+        train: counts[0],
+        test: counts[1],
+        skipped,
+        elapsed_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Reads and preprocesses one image; the error is the reason to report.
+fn load(it: &Item, cfg: &PrepConfig) -> Result<Vec<f16>, String> {
+    let bytes = std::fs::read(&it.path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut out = vec![f16::ZERO; cfg.image_len()];
+    prep_jpeg_into(&bytes, cfg, &mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}

@@ -1,0 +1,242 @@
+//! Unit tests of the shard format: round trip, chunking, corruption and truncation detection,
+//! incomplete caches.
+
+use super::*;
+use std::fs;
+
+fn cfg() -> serde_json::Value {
+    serde_json::json!({"crop": 212, "size": 4, "filter": "area"})
+}
+
+fn img(id: u64, n: usize) -> Vec<f16> {
+    (0..n).map(|k| f16::from_f32(((id as usize * 7 + k) % 256) as f32 / 255.0)).collect()
+}
+
+fn lab(id: u64) -> Vec<f32> {
+    (0..N_LABELS).map(|k| (id as f32 + k as f32) / 1000.0).collect()
+}
+
+/// Writes a cache with `n_train` labelled and `n_test` unlabelled 3×4×4 images.
+fn write(root: &Path, n_train: u64, n_test: u64, rps: usize) -> PathBuf {
+    let dir = root.join("cache");
+    let mut w = CacheWriter::create(&dir, &cfg(), "abc123", rps).unwrap();
+    let mut s = w.begin_split("train", [3, 4, 4], true).unwrap();
+    for id in 0..n_train {
+        s.push(100 + id, &img(100 + id, 48), Some(&lab(100 + id))).unwrap();
+    }
+    w.end_split(s).unwrap();
+    let mut s = w.begin_split("test", [3, 4, 4], false).unwrap();
+    for id in 0..n_test {
+        s.push(900 + id, &img(900 + id, 48), None).unwrap();
+    }
+    w.end_split(s).unwrap();
+    w.finish(serde_json::json!({"note": "unit"})).unwrap()
+}
+
+#[test]
+fn round_trip() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 10, 3, 4);
+    let c = Cache::open(&dir).unwrap();
+    assert_eq!(c.config_hash(), "abc123");
+    assert_eq!(c.prep_config(), &cfg());
+    assert_eq!(c.dir(), dir.as_path());
+    assert_eq!(c.extra()["note"], "unit");
+    let tr = c.train().unwrap();
+    assert_eq!(tr.len(), 10);
+    assert_eq!(tr.shape(), [3, 4, 4]);
+    assert_eq!(tr.ids(), (100..110).collect::<Vec<_>>().as_slice());
+    for i in 0..10 {
+        let id = 100 + i as u64;
+        assert_eq!(tr.image(i), img(id, 48).as_slice());
+        assert_eq!(tr.label(i).unwrap(), lab(id).as_slice());
+        assert_eq!(tr.row_of(id), Some(i));
+        assert_eq!(tr.locate(id), Some((i / 4, i % 4)));
+    }
+    assert_eq!(tr.labels().unwrap().len(), 370);
+    assert_eq!(tr.images(4..8).len(), 4 * 48);
+    assert_eq!(&tr.images(4..8)[48..96], img(105, 48).as_slice());
+    let chunks: Vec<_> = tr.chunks(3).collect();
+    assert_eq!(chunks, vec![0..3, 3..4, 4..7, 7..8, 8..10]);
+    let te = c.test().unwrap();
+    assert_eq!(te.len(), 3);
+    assert!(te.labels().is_none());
+    assert!(te.label(0).is_none());
+    assert_eq!(te.image(2), img(902, 48).as_slice());
+    assert_eq!(c.verify().unwrap(), 3 + 2 + 1 + 1);
+    // shard files: 3 train (4+4+2), 1 test
+    assert!(dir.join("train-00002.shard").exists());
+    assert!(!dir.join("train-00003.shard").exists());
+}
+
+#[test]
+#[should_panic(expected = "cross a shard boundary")]
+fn range_across_shards_panics() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 10, 0, 4);
+    let c = Cache::open(&dir).unwrap();
+    let _ = c.train().unwrap().images(3..5);
+}
+
+#[test]
+fn empty_split_round_trips() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 2, 0, 4);
+    let c = Cache::open(&dir).unwrap();
+    assert_eq!(c.test().unwrap().len(), 0);
+    assert!(c.test().unwrap().is_empty());
+    assert_eq!(c.test().unwrap().chunks(8).count(), 0);
+}
+
+#[test]
+fn incomplete_cache_is_rejected() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 3, 1, 4);
+    fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
+    let e = Cache::open(&dir).unwrap_err();
+    assert!(matches!(e, ShardError::Incomplete { .. }), "{e}");
+    assert!(e.to_string().contains("no manifest.json"));
+}
+
+#[test]
+fn unfinished_writer_leaves_nothing_complete() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("cache");
+    {
+        let w = CacheWriter::create(&dir, &cfg(), "h", 4).unwrap();
+        let mut s = w.begin_split("train", [3, 4, 4], true).unwrap();
+        s.push(1, &img(1, 48), Some(&lab(1))).unwrap();
+        assert!(w.tmp_dir().exists());
+        // dropped without finish (as on an error)
+    }
+    assert!(!dir.exists());
+    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0, "temporary directory removed");
+    assert!(Cache::open(&dir).is_err());
+}
+
+#[test]
+fn killed_writer_tmp_dir_is_never_a_cache_and_is_cleaned() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("cache");
+    // Simulate a writer killed mid-write by a process that no longer exists.
+    let stale = t.path().join(".cache.tmp-4000000000");
+    fs::create_dir(&stale).unwrap();
+    fs::write(stale.join("train-00000.shard"), [0u8; 100]).unwrap();
+    assert!(Cache::open(&stale).is_err());
+    assert!(Cache::open(&dir).is_err());
+    write(t.path(), 1, 1, 4);
+    assert!(!stale.exists(), "stale temp dir removed by the next writer");
+    assert!(Cache::open(&dir).is_ok());
+}
+
+#[test]
+fn existing_complete_cache_is_not_overwritten() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 1, 1, 4);
+    assert!(matches!(CacheWriter::create(&dir, &cfg(), "abc123", 4), Err(ShardError::Invalid(_))));
+}
+
+fn corrupt(f: impl FnOnce(&mut Vec<u8>), file: &str) -> String {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 6, 2, 4);
+    let p = dir.join(file);
+    let mut b = fs::read(&p).unwrap();
+    f(&mut b);
+    // published files are read-only by convention, not permission; rewrite in place
+    fs::write(&p, &b).unwrap();
+    match Cache::open(&dir).and_then(|c| c.verify()) {
+        Ok(_) => panic!("corruption of {file} not detected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn wrong_magic_detected() {
+    let e = corrupt(|b| b[0] = b'X', "train-00000.shard");
+    assert!(e.contains("wrong magic") && e.contains("train-00000.shard"), "{e}");
+}
+
+#[test]
+fn wrong_version_detected() {
+    let e = corrupt(|b| b[8] = 99, "train-00001.shard");
+    assert!(e.contains("format version 99"), "{e}");
+}
+
+#[test]
+fn header_bitflip_detected() {
+    let e = corrupt(|b| b[100] ^= 1, "test-00000.shard");
+    assert!(e.contains("header checksum mismatch"), "{e}");
+}
+
+#[test]
+fn truncation_detected() {
+    let e = corrupt(|b| b.truncate(b.len() - 2), "train-00000.shard");
+    assert!(e.contains("truncated"), "{e}");
+    let e = corrupt(|b| b.truncate(50), "train-00000.shard");
+    assert!(e.contains("truncated"), "{e}");
+    let e = corrupt(|b| b.push(0), "train.labels");
+    assert!(e.contains("truncated or corrupt"), "{e}");
+}
+
+#[test]
+fn payload_bitflip_detected_by_verify() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 6, 2, 4);
+    let p = dir.join("train-00001.shard");
+    let mut b = fs::read(&p).unwrap();
+    let n = b.len();
+    b[n - 1] ^= 0x40;
+    fs::write(&p, &b).unwrap();
+    // open does not read payloads (instant), verify does
+    let c = Cache::open(&dir).unwrap();
+    let e = c.verify().unwrap_err().to_string();
+    assert!(e.contains("checksum mismatch") && e.contains("train-00001.shard"), "{e}");
+}
+
+#[test]
+fn label_and_index_corruption_detected_on_open() {
+    let e = corrupt(|b| *b.last_mut().unwrap() ^= 1, "train.labels");
+    assert!(e.contains("checksum mismatch"), "{e}");
+    let e = corrupt(|b| *b.last_mut().unwrap() ^= 1, "train.index");
+    assert!(e.contains("checksum mismatch"), "{e}");
+}
+
+#[test]
+fn swapped_shard_detected() {
+    // a valid shard from another cache (different config hash) in place of ours
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 6, 2, 4);
+    let other = t.path().join("other");
+    let mut w = CacheWriter::create(&other, &cfg(), "zzz", 4).unwrap();
+    let mut s = w.begin_split("train", [3, 4, 4], true).unwrap();
+    for id in 0..4 {
+        s.push(id, &img(id, 48), Some(&lab(id))).unwrap();
+    }
+    w.end_split(s).unwrap();
+    let other = w.finish(serde_json::Value::Null).unwrap();
+    fs::copy(other.join("train-00000.shard"), dir.join("train-00000.shard")).unwrap();
+    let e = Cache::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("config hash zzz"), "{e}");
+}
+
+#[test]
+fn bad_manifest_detected() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 2, 1, 4);
+    fs::write(dir.join(MANIFEST_FILE), b"{ not json").unwrap();
+    let e = Cache::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("bad manifest"), "{e}");
+}
+
+#[test]
+fn writer_rejects_bad_rows() {
+    let t = tempfile::tempdir().unwrap();
+    let w = CacheWriter::create(&t.path().join("c"), &cfg(), "h", 4).unwrap();
+    let mut s = w.begin_split("train", [3, 4, 4], true).unwrap();
+    assert!(s.push(1, &img(1, 47), Some(&lab(1))).is_err());
+    assert!(s.push(1, &img(1, 48), None).is_err());
+    assert!(s.push(1, &img(1, 48), Some(&[0.0; 36])).is_err());
+    s.push(1, &img(1, 48), Some(&lab(1))).unwrap();
+    assert!(matches!(s.push(1, &img(1, 48), Some(&lab(1))), Err(ShardError::DuplicateId { .. })));
+    assert!(w.begin_split("bad name", [3, 4, 4], false).is_err());
+}
