@@ -1,9 +1,141 @@
-//! `gz prep`: not built yet.
+//! `gz prep`: preprocess a Kaggle-layout dataset into a shard cache (gz-preprocess), or re-check
+//! an existing cache's checksums (`--verify`).
+//!
+//! Prints one line per skipped input (path: reason) and a summary, then `cache: <path>` as the
+//! last stdout line. Exits 2 when any input was skipped (the cache is still written and valid,
+//! holding the good images), 1 on errors. The default cache root is `<DIR>/../cache`, so
+//! `data/kaggle` caches into `data/cache/<dataset-key>-<config-hash>/`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use gz_preprocess::{Filter, PrepConfig, RunOptions};
 
 /// Arguments of `gz prep`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Kaggle-layout dataset directory (training_solutions_rev1.csv, images_training_rev1/,
+    /// images_test_rev1/).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Cache root [default: <DATA>/../cache]. With --verify and no --data: the cache directory
+    /// itself (the one holding manifest.json).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Centre crop side, in pixels of a 424×424 image.
+    #[arg(long, default_value_t = 212)]
+    crop: u32,
+    /// Output side.
+    #[arg(long, default_value_t = 106)]
+    size: u32,
+    /// Downsampling filter: area (box average; DCT-domain fast path) or bicubic.
+    #[arg(long, default_value = "area", value_parser = parse_filter)]
+    filter: Filter,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Stop at the first bad input instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+    /// Re-check every checksum of the cache (after preparing it, or of --cache alone).
+    #[arg(long)]
+    verify: bool,
+    /// Images per shard file.
+    #[arg(long, default_value_t = gz_shards::DEFAULT_ROWS_PER_SHARD)]
+    rows_per_shard: usize,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`gz prep` is not built yet")
+fn parse_filter(s: &str) -> Result<Filter, String> {
+    match s {
+        "area" | "box" => Ok(Filter::Area),
+        "bicubic" => Ok(Filter::Bicubic),
+        _ => Err(format!("unknown filter {s:?} (area, bicubic)")),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let Some(data) = args.data.clone() else {
+        if args.verify {
+            let dir = args.cache.as_ref().context("--verify without --data needs --cache <cache dir>")?;
+            verify(dir)?;
+            println!("cache: {}", dir.display());
+            return Ok(());
+        }
+        anyhow::bail!("--data DIR is required (or --verify --cache CACHE_DIR)");
+    };
+    let cache_root = match &args.cache {
+        Some(c) => c.clone(),
+        None => default_cache_root(&data)?,
+    };
+    let cfg = PrepConfig { crop: args.crop, size: args.size, filter: args.filter };
+    let mut opts = RunOptions::new(&data, &cache_root);
+    opts.threads = args.threads;
+    opts.strict = args.strict;
+    opts.rows_per_shard = args.rows_per_shard;
+
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>5} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |p: gz_preprocess::Progress| {
+        if bar.prefix() != p.split {
+            bar.reset();
+            bar.set_prefix(p.split);
+        }
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    };
+    let summary = gz_preprocess::run_with(&opts, &cfg, &progress)
+        .with_context(|| format!("preprocessing {}", data.display()))?;
+    bar.finish_and_clear();
+
+    for s in &summary.skipped {
+        println!("skipped: {}: {}", s.path.display(), s.reason);
+    }
+    if summary.cache_hit {
+        println!(
+            "cache hit: {} train + {} test images already preprocessed ({:.2} s, nothing decoded)",
+            summary.train, summary.test, summary.elapsed_s
+        );
+    } else {
+        let n = summary.train + summary.test + summary.skipped.len();
+        println!(
+            "preprocessed {} train + {} test images in {:.1} s ({:.0} images/s), config {} crop {} → {}×{} {:?}",
+            summary.train,
+            summary.test,
+            summary.elapsed_s,
+            n as f64 / summary.elapsed_s.max(1e-9),
+            summary.config_hash,
+            cfg.crop,
+            cfg.size,
+            cfg.size,
+            cfg.filter
+        );
+    }
+    if !summary.skipped.is_empty() {
+        println!("summary: {} input(s) skipped (listed above)", summary.skipped.len());
+    }
+    if args.verify {
+        verify(&summary.cache_dir)?;
+    }
+    println!("cache: {}", summary.cache_dir.display());
+    if !summary.skipped.is_empty() {
+        let msg = format!("{} input(s) skipped; the cache holds the rest", summary.skipped.len());
+        return Err(anyhow::Error::new(crate::ExitCode(2)).context(msg));
+    }
+    Ok(())
+}
+
+fn verify(dir: &Path) -> anyhow::Result<()> {
+    let cache = gz_shards::Cache::open(dir).with_context(|| format!("opening cache {}", dir.display()))?;
+    let n = cache.verify().with_context(|| format!("verifying cache {}", dir.display()))?;
+    println!("verified: {n} files, all checksums match");
+    Ok(())
+}
+
+/// `<DATA>/../cache` (after resolving DATA, so `--data .` works).
+fn default_cache_root(data: &Path) -> anyhow::Result<PathBuf> {
+    let abs = data.canonicalize().with_context(|| format!("{}: cannot resolve data directory", data.display()))?;
+    Ok(abs.parent().unwrap_or(&abs).join("cache"))
 }
