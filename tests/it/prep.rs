@@ -1,0 +1,190 @@
+//! `gz prep` end to end on a copy of the kaggle-mini fixture: cache layout and contents, cache
+//! hit / miss / config change, `--verify`, and every bad-input case the CLI must report (the
+//! decoder-level cases — grayscale, CMYK, odd sizes — are unit-tested in gz-preprocess).
+
+use std::path::{Path, PathBuf};
+
+use crate::support;
+
+/// Copies kaggle-mini into `dst/data` and returns that path.
+fn mini(dst: &Path) -> PathBuf {
+    let src = support::fixtures().join("kaggle-mini");
+    let data = dst.join("data");
+    for sub in ["images_training_rev1", "images_test_rev1"] {
+        std::fs::create_dir_all(data.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), data.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(src.join("training_solutions_rev1.csv"), data.join("training_solutions_rev1.csv")).unwrap();
+    data
+}
+
+fn prep(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = support::gz().arg("prep").args(args).output().expect("run gz prep");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn cache_line(stdout: &str) -> PathBuf {
+    let last = stdout.lines().last().unwrap_or_default();
+    PathBuf::from(last.strip_prefix("cache: ").unwrap_or_else(|| panic!("last line is not `cache: ..`: {stdout}")))
+}
+
+#[test]
+fn prep_kaggle_mini_then_cache_hit_then_config_change() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let root = t.path().join("cache");
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--threads", "2"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let dir = cache_line(&out);
+    assert!(dir.starts_with(&root));
+    let cache = gz_shards::Cache::open(&dir).unwrap();
+    let train = cache.train().unwrap();
+    assert_eq!(train.len(), 3);
+    assert_eq!(train.shape(), [3, 106, 106]);
+    let sol = gz_schema::read_solutions(&data.join("training_solutions_rev1.csv")).unwrap();
+    assert_eq!(train.ids(), sol.ids.as_slice());
+    assert_eq!(train.labels().unwrap(), sol.values.as_slice());
+    let test = cache.test().unwrap();
+    assert_eq!(test.ids(), &[242195, 784597, 870891]);
+    assert!(test.labels().is_none());
+    // a galaxy sits in the centre: the middle is brighter than the corner, values in [0, 1]
+    let img = train.image(0);
+    let at = |c: usize, y: usize, x: usize| img[c * 106 * 106 + y * 106 + x].to_f32();
+    assert!(img.iter().all(|v| (0.0..=1.0).contains(&v.to_f32())));
+    assert!(at(0, 53, 53) > at(0, 2, 2) + 0.05, "centre {} corner {}", at(0, 53, 53), at(0, 2, 2));
+    assert_eq!(cache.config_hash(), gz_preprocess::PrepConfig::default().hash());
+    assert_eq!(cache.prep_config()["crop"], 212);
+
+    // unchanged input: cache hit, same directory, nothing decoded
+    let (code, out2, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--verify"]);
+    assert_eq!(code, Some(0), "{out2}\n{err}");
+    assert!(out2.contains("cache hit"), "{out2}");
+    assert!(out2.contains("verified:"), "{out2}");
+    assert_eq!(cache_line(&out2), dir);
+
+    // another config: another cache beside the first
+    let (code, out3, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--crop", "207", "--size", "69"]);
+    assert_eq!(code, Some(0), "{out3}\n{err}");
+    let dir3 = cache_line(&out3);
+    assert_ne!(dir3, dir);
+    assert_eq!(gz_shards::Cache::open(&dir3).unwrap().train().unwrap().shape(), [3, 69, 69]);
+    assert!(gz_shards::Cache::open(&dir).is_ok());
+
+    // changed input (a file rewritten): a new cache
+    let f = data.join("images_test_rev1/242195.jpg");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::remove_file(&f).unwrap();
+    std::fs::write(&f, &bytes).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options().write(true).open(&f).unwrap().set_modified(later).unwrap();
+    let (code, out4, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out4}\n{err}");
+    assert!(!out4.contains("cache hit"), "{out4}");
+    assert_ne!(cache_line(&out4), dir);
+}
+
+#[test]
+fn default_cache_root_is_beside_the_data() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--threads", "1"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let dir = cache_line(&out);
+    assert_eq!(dir.parent().unwrap(), t.path().canonicalize().unwrap().join("cache"));
+}
+
+#[test]
+fn bad_inputs_are_reported_skipped_and_exit_2() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let good = std::fs::read(data.join("images_test_rev1/242195.jpg")).unwrap();
+    let test_dir = data.join("images_test_rev1");
+    let train_dir = data.join("images_training_rev1");
+    std::fs::write(test_dir.join("111111.jpg"), &good[..good.len() / 2]).unwrap(); // truncated
+    std::fs::write(test_dir.join("222222.jpg"), b"").unwrap(); // zero bytes
+    std::fs::write(test_dir.join("333333.jpg"), b"GalaxyID,not an image\n").unwrap(); // not a JPEG
+    let mut corrupt = good.clone();
+    let n = corrupt.len();
+    for b in &mut corrupt[n / 3..n / 3 + 400] {
+        *b = 0x5A; // garbage entropy data inside the crop region
+    }
+    std::fs::write(test_dir.join("444444.jpg"), &corrupt).unwrap();
+    std::fs::write(test_dir.join("notes.txt"), b"hello").unwrap(); // not <id>.jpg
+    std::fs::write(train_dir.join("555555.jpg"), &good).unwrap(); // image without a label
+    // id in the CSV without an image
+    let csv = data.join("training_solutions_rev1.csv");
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    let first_row = text.lines().nth(1).unwrap().to_string();
+    let (_, rest) = first_row.split_once(',').unwrap();
+    text.push_str(&format!("666666,{rest}\n"));
+    std::fs::write(&csv, text).unwrap();
+
+    let root = t.path().join("cache");
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    for (file, why) in [
+        ("111111.jpg", "truncated"),
+        ("222222.jpg", "empty file"),
+        ("333333.jpg", "not a JPEG"),
+        ("444444.jpg", ""),
+        ("notes.txt", "not <GalaxyID>.jpg"),
+        ("555555.jpg", "without a label"),
+        ("666666.jpg", "has no image"),
+    ] {
+        let line = out.lines().find(|l| l.starts_with("skipped:") && l.contains(file));
+        let line = line.unwrap_or_else(|| panic!("{file} not reported:\n{out}"));
+        assert!(line.contains(why), "{line}");
+    }
+    assert!(out.contains("summary: 7 input(s) skipped"), "{out}");
+    assert!(err.contains("7 input(s) skipped"), "{err}");
+    // the cache still holds exactly the good images and is valid
+    let dir = cache_line(&out);
+    let cache = gz_shards::Cache::open(&dir).unwrap();
+    cache.verify().unwrap();
+    assert_eq!(cache.train().unwrap().len(), 3);
+    assert_eq!(cache.test().unwrap().ids(), &[242195, 784597, 870891]);
+
+    // a rerun is a cache hit and still reports the skipped inputs and the status
+    let (code, out2, _) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(out2.contains("cache hit") && out2.contains("summary: 7 input(s) skipped"), "{out2}");
+
+    // strict: stops at the first problem, publishes nothing
+    let root2 = t.path().join("cache-strict");
+    let (code, out3, err3) = prep(&["--data", data.to_str().unwrap(), "--cache", root2.to_str().unwrap(), "--strict"]);
+    assert_eq!(code, Some(1), "{out3}\n{err3}");
+    assert!(err3.contains("strict"), "{err3}");
+    let complete = std::fs::read_dir(&root2)
+        .map(|rd| rd.flatten().filter(|e| e.path().join("manifest.json").exists()).count())
+        .unwrap_or(0);
+    assert_eq!(complete, 0, "strict failure must not leave a complete cache");
+}
+
+#[test]
+fn verify_detects_a_corrupted_shard() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let root = t.path().join("cache");
+    let (code, out, _) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    let dir = cache_line(&out);
+    let shard = dir.join("test-00000.shard");
+    let mut b = std::fs::read(&shard).unwrap();
+    let n = b.len();
+    b[n - 10] ^= 0x10;
+    std::fs::write(&shard, b).unwrap();
+    let (code, _, err) = prep(&["--verify", "--cache", dir.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("checksum mismatch") && err.contains("test-00000.shard"), "{err}");
+}
+
+#[test]
+fn missing_data_dir_is_a_clear_error() {
+    let t = support::tempdir();
+    let (code, _, err) = prep(&["--data", t.path().join("nope").to_str().unwrap(), "--cache", t.path().to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nope"), "{err}");
+}
