@@ -1,6 +1,72 @@
-//! `cargo xtask`: orchestration of the pipeline stages; it runs the `gz` binary, it computes nothing.
+//! `cargo xtask`: orchestration of the gz pipeline and of the CUDA build.
+//!
+//! xtask computes nothing itself: it builds the `gz` binary (crate `gz-cli`) with cargo, runs
+//! its subcommands stage by stage and passes the artifact paths from one to the next
+//! (`pipeline`, `synth`, `prep`, `train`, `eval`, `submit`); it installs what candle's `cuda`
+//! feature needs on a machine without CUDA (`cuda-setup`) and packs a CUDA build of `gz` into a
+//! folder that runs on a GPU machine without Rust (`build --cuda`). A flat dispatch: one module
+//! per subcommand, arguments parsed by hand in [`args`] to keep xtask quick to compile.
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::bail!("xtask {:?}: not built yet", args)
+mod args;
+mod bundle;
+mod cargo;
+mod cuda_setup;
+mod fingerprint;
+mod gz;
+mod pipeline;
+mod stamp;
+
+use anyhow::Result;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+Pipeline (artifacts under --root, default: the repository; data/, runs/, reports/ are git-ignored):
+  pipeline            synth -> prep -> train -> eval -> submit, skipping stages that are up to date
+  synth               write the default synthetic dataset (data/synth/)
+  prep                preprocess a dataset into a shard cache (data/cache/)
+  train               train a model on the cache (runs/<name>/)
+  eval                score the run with baselines, write the report (reports/<name>/)
+  submit              predict the test split and write the Kaggle submission (reports/<name>/submission.csv)
+
+  options: --data DIR (a Kaggle download; no synth)   --train N --test M --seed S (synthetic set size)
+           --model NAME --epochs N --device cpu|cuda[:N] --batch N --precision f32|bf16 --tta N
+           --train-arg ARG (repeatable, passed to `gz train`)   --name RUN   --root DIR
+           --force (rerun even when up to date)   --debug (debug build of gz)   --cuda (CUDA build)
+           --gz PATH (use this gz binary, build nothing)
+
+CUDA:
+  cuda-setup [--dir DIR] [--compute-cap 90]
+                      CUDA 13.0 toolkit from PyPI wheels + link stubs into DIR (default
+                      target/cuda-toolkit), or an existing system toolkit; prints the environment
+  build --cuda [--out DIR] [--no-setup]
+                      release gz with --features cuda (target/cuda), then a bundle folder
+                      (default target/bundle) with run.sh for a GPU machine
+";
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(err) = dispatch(argv) {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(argv: Vec<String>) -> Result<()> {
+    let Some((cmd, rest)) = argv.split_first() else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    let args = args::Args::new(rest.to_vec());
+    match cmd.as_str() {
+        "pipeline" => pipeline::cmd_pipeline(args),
+        "synth" | "prep" | "train" | "eval" | "submit" => pipeline::cmd_stage(cmd, args),
+        "cuda-setup" => cuda_setup::cmd(args),
+        "build" => bundle::cmd(args),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => anyhow::bail!("unknown command `{other}`\n\n{USAGE}"),
+    }
 }

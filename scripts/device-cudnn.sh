@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Device check for the cuDNN fast path (issue 7), run ONCE on the H200 machine.
+#
+# Prepared here (no GPU) by scripts/device-cudnn.sh --prepare, which builds and gzips into
+# target/device-cudnn/:
+#   gz-model-tests.gz  the gz-model unit-test binary (release, --features cuda,cudnn)
+#   gz.gz              the gz CLI (release, --features cudnn), if it builds
+# The device run carries that folder:  carry: ["target/device-cudnn"]
+#   command: bash scripts/device-cudnn.sh
+# and writes everything to $OUT (tests.log, bench-*.log, torch.jsonl, summary.txt).
+# Budget: under 5 minutes; every step has its own timeout and the script always goes on.
+set -u
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+PKG="$HERE/target/device-cudnn"
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  export CUDA_ROOT="$HERE/target/cuda-toolkit/cuda" CUDA_HOME="$HERE/target/cuda-toolkit/cuda" \
+         CUDA_PATH="$HERE/target/cuda-toolkit/cuda" PATH="$HERE/target/cuda-toolkit/cuda/bin:$PATH" \
+         CUDA_COMPUTE_CAP=90 CARGO_TARGET_DIR="$HERE/target/cuda"
+  mkdir -p "$PKG"
+  cd "$HERE"
+  exe=$(cargo test --release -p gz-model --lib --features cuda,cudnn --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import sys,json
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except Exception: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gz_model": print(m["executable"])' | tail -1)
+  [ -n "$exe" ] || { echo "could not build the gz-model test binary"; exit 1; }
+  strip -o "$PKG/gz-model-tests" "$exe" && gzip -9f "$PKG/gz-model-tests"
+  if cargo build --release -p gz-cli --features cudnn; then
+    strip -o "$PKG/gz" "$CARGO_TARGET_DIR/release/gz" && gzip -9f "$PKG/gz"
+  else
+    echo "warning: gz --features cudnn did not build; only the test binary is packed"
+  fi
+  ls -la "$PKG"
+  exit 0
+fi
+
+OUT="${OUT:-/tmp/gz-device-out}"
+mkdir -p "$OUT"
+SUM="$OUT/summary.txt"
+: > "$SUM"
+say() { echo "$*" | tee -a "$SUM"; }
+
+export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+BIN=/tmp/gz-device-bin
+mkdir -p "$BIN"
+for f in gz-model-tests gz; do
+  if [ -f "$PKG/$f.gz" ]; then gunzip -c "$PKG/$f.gz" > "$BIN/$f" && chmod +x "$BIN/$f"; fi
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUM"
+T0=$(date +%s)
+
+# 1. Correctness: the cuDNN ops against candle's reference convolution, every model layer shape,
+#    outputs and both gradients, f32 strict / TF32 / bf16 / f16, max-pool, 100-step training.
+if [ -x "$BIN/gz-model-tests" ]; then
+  GZ_REQUIRE_CUDA=1 timeout 150 "$BIN/gz-model-tests" cudnn:: --test-threads=4 > "$OUT/tests.log" 2>&1
+  rc=$?
+  grep -E "^test |test result" "$OUT/tests.log" | tee -a "$SUM"
+  if [ $rc -eq 0 ]; then say "CUDNN TESTS: PASS"; else say "CUDNN TESTS: FAIL (rc=$rc, see tests.log)"; tail -30 "$OUT/tests.log"; fi
+  # 2. Conv-tower benchmark (conv + ReLU + pool, forward + backward), cuDNN vs candle kernels.
+  timeout 120 "$BIN/gz-model-tests" cudnn::tests::bench_conv_towers --ignored --nocapture > "$OUT/bench-towers.log" 2>&1
+  say "tower bench rc=$?"
+  grep -E "^BENCH" "$OUT/bench-towers.log" | tee -a "$SUM"
+else
+  say "CUDNN TESTS: MISSING (no $PKG/gz-model-tests.gz)"
+fi
+say "elapsed $(( $(date +%s) - T0 )) s"
+
+# 3. Whole training step through the CLI, cuDNN fast path vs candle's kernels (GZ_CONV=candle).
+if [ -x "$BIN/gz" ]; then
+  for cfg in "vgg16-blog 256 bf16" "vgg16-blog 128 f32" "dieleman 256 bf16"; do
+    set -- $cfg
+    for conv in cudnn candle; do
+      steps=30; [ "$conv" = candle ] && steps=3
+      log="$OUT/bench-train-$1-$3-$2-$conv.log"
+      timeout 60 "$BIN/gz" bench-train --model "$1" --batch "$2" --precision "$3" --steps "$steps" --device cuda --conv "$conv" > "$log" 2>&1
+      say "bench-train $1 batch=$2 $3 conv=$conv rc=$?: $(tail -3 "$log" | tr '\n' ' ')"
+    done
+  done
+else
+  say "gz binary missing: skipped bench-train"
+fi
+say "elapsed $(( $(date +%s) - T0 )) s"
+
+# 4. The PyTorch peer, same machine, same session.
+PEER=""
+for p in "$HERE/shared/bench/torch_peer.py" "$HERE/../shared/bench/torch_peer.py" "$HERE/scripts/torch_peer.py" /work/shared/bench/torch_peer.py; do
+  [ -f "$p" ] && { PEER="$p"; break; }
+done
+PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
+if [ -n "$PEER" ]; then
+  timeout 150 "$PY" "$PEER" > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
+  say "torch_peer rc=$?"; cat "$OUT/torch.jsonl" | tee -a "$SUM"
+else
+  say "torch_peer.py not found (copy ../shared/bench/torch_peer.py to scripts/ before the run)"
+fi
+say "total elapsed $(( $(date +%s) - T0 )) s"

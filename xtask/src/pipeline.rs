@@ -1,0 +1,429 @@
+//! `cargo xtask pipeline` and the single stages `synth`, `prep`, `train`, `eval`, `submit`.
+//!
+//! Each stage is one or two runs of the `gz` binary; this module only decides the paths, passes
+//! each stage's artifacts to the next and skips a stage whose stamp says it is up to date
+//! ([`crate::stamp`]). Layout under `--root` (default: the repository, where these folders are
+//! git-ignored): `data/synth/` (the default synthetic set; absent with `--data DIR`),
+//! `data/cache/` (shard caches, `gz prep` picks the sub-folder and reuses it), `runs/<name>/`
+//! (checkpoints), `reports/<name>/` (report, test predictions, `submission.csv`),
+//! `data/stamps/` (stage stamps). Only the Kaggle files of a dataset are read as inputs
+//! (`training_solutions_rev1.csv`, `images_training_rev1/`, `images_test_rev1/`), so a real
+//! Kaggle download works the same as our synthetic set.
+
+use crate::args::Args;
+use crate::cargo::{workspace_root, Build};
+use crate::fingerprint;
+use crate::gz::{self, Failure};
+use crate::stamp::{stamp_path, Output, Stamp};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The files of a Kaggle-layout dataset that stages read.
+const KAGGLE_MEMBERS: &[&str] = &["training_solutions_rev1.csv", "images_training_rev1", "images_test_rev1"];
+
+/// Defaults sized so the whole pipeline finishes in minutes on a 2-core CPU.
+pub const DEFAULT_TRAIN: usize = 3000;
+pub const DEFAULT_TEST: usize = 1000;
+pub const DEFAULT_SEED: u64 = 42;
+pub const DEFAULT_MODEL: &str = "tiny";
+pub const DEFAULT_EPOCHS: u32 = 5;
+
+const STAGES: [&str; 5] = ["synth", "prep", "train", "eval", "submit"];
+
+/// Everything the stages need, resolved from the command line.
+#[derive(Debug)]
+struct Ctx {
+    root: PathBuf,
+    /// `Some` for `--data DIR`: a dataset we did not generate; synth is skipped.
+    real_data: Option<PathBuf>,
+    synth_train: usize,
+    synth_test: usize,
+    seed: u64,
+    seed_given: bool,
+    model: String,
+    epochs: u32,
+    device: String,
+    batch: Option<u32>,
+    precision: Option<String>,
+    tta: Option<u32>,
+    prep_args: Vec<String>,
+    train_args: Vec<String>,
+    name: String,
+    force: bool,
+    cache_override: Option<PathBuf>,
+    gz: GzSource,
+}
+
+#[derive(Debug)]
+enum GzSource {
+    Given(PathBuf),
+    Build(Build),
+    Built(PathBuf),
+}
+
+fn absolute(p: PathBuf, base: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+impl Ctx {
+    fn parse(mut a: Args) -> Result<Ctx> {
+        let cwd = std::env::current_dir().context("reading the current directory")?;
+        let root = absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let real_data = a.path("--data")?.map(|p| absolute(p, &cwd));
+        let cuda = a.flag("--cuda");
+        let debug = a.flag("--debug");
+        let gz = match a.path("--gz")? {
+            Some(p) => GzSource::Given(absolute(p, &cwd)),
+            None => GzSource::Build(Build {
+                release: !debug,
+                cuda_env: if cuda { Some(crate::cuda_setup::ensure_default()?) } else { None },
+            }),
+        };
+        let seed_arg = a.parsed::<u64>("--seed")?;
+        let model = a.value("--model")?.unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        let name = match a.value("--name")? {
+            Some(n) => n,
+            None => {
+                let ds = match &real_data {
+                    None => "synth".to_string(),
+                    Some(d) => d
+                        .file_name()
+                        .map(|n| n.to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"))
+                        .unwrap_or_else(|| "data".into()),
+                };
+                format!("{ds}-{model}")
+            }
+        };
+        let ctx = Ctx {
+            root,
+            real_data,
+            synth_train: a.parsed("--train")?.unwrap_or(DEFAULT_TRAIN),
+            synth_test: a.parsed("--test")?.unwrap_or(DEFAULT_TEST),
+            seed: seed_arg.unwrap_or(DEFAULT_SEED),
+            seed_given: seed_arg.is_some(),
+            model,
+            epochs: a.parsed("--epochs")?.unwrap_or(DEFAULT_EPOCHS),
+            device: a.value("--device")?.unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() }),
+            batch: a.parsed("--batch")?,
+            precision: a.value("--precision")?,
+            tta: a.parsed("--tta")?,
+            prep_args: a.values("--prep-arg")?,
+            train_args: a.values("--train-arg")?,
+            name,
+            force: a.flag("--force"),
+            cache_override: a.path("--cache")?.map(|p| absolute(p, &cwd)),
+            gz,
+        };
+        a.finish()?;
+        Ok(ctx)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.real_data.clone().unwrap_or_else(|| self.root.join("data").join("synth"))
+    }
+    fn cache_root(&self) -> PathBuf {
+        self.root.join("data").join("cache")
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.root.join("runs").join(&self.name)
+    }
+    fn report_dir(&self) -> PathBuf {
+        self.root.join("reports").join(&self.name)
+    }
+    fn predictions(&self) -> PathBuf {
+        self.report_dir().join("test_predictions.csv")
+    }
+    fn submission(&self) -> PathBuf {
+        self.report_dir().join("submission.csv")
+    }
+
+    /// The `gz` binary, built on first use.
+    fn gz(&mut self) -> Result<PathBuf> {
+        let path = match &self.gz {
+            GzSource::Given(p) | GzSource::Built(p) => p.clone(),
+            GzSource::Build(b) => b.run()?,
+        };
+        if !path.is_file() {
+            bail!("gz binary {} does not exist", path.display());
+        }
+        self.gz = GzSource::Built(path.clone());
+        Ok(path)
+    }
+
+    fn s(p: &Path) -> String {
+        p.to_string_lossy().into_owned()
+    }
+
+    fn dataset_identity(&self) -> Result<String> {
+        let d = self.data_dir();
+        let id = fingerprint::identity_of(&d, KAGGLE_MEMBERS)?;
+        if id.contains("images_training_rev1: missing") || id.contains("training_solutions_rev1.csv: missing") {
+            bail!(
+                "{} is not a dataset in Kaggle layout: it needs training_solutions_rev1.csv, images_training_rev1/ and images_test_rev1/",
+                d.display()
+            );
+        }
+        Ok(id)
+    }
+
+    /// The cache from `--cache` or from prep's stamp.
+    fn cache(&self) -> Result<PathBuf> {
+        if let Some(c) = &self.cache_override {
+            return Ok(c.clone());
+        }
+        let sp = stamp_path(&self.root, "prep", &self.data_dir());
+        Stamp::load(&sp)
+            .and_then(|s| s.output("cache").map(Path::to_path_buf))
+            .filter(|p| p.exists())
+            .with_context(|| format!("no shard cache for {} yet: run `cargo xtask prep` first (or pass --cache DIR)", self.data_dir().display()))
+    }
+
+    fn need_run(&self) -> Result<PathBuf> {
+        let r = self.run_dir();
+        if !r.join("best.safetensors").exists() && !r.join("best.json").exists() {
+            bail!("no trained run in {} yet: run `cargo xtask train` first (or pass --name RUN)", r.display());
+        }
+        Ok(r)
+    }
+}
+
+/// What happened to one stage.
+#[derive(Debug)]
+struct Done {
+    stage: &'static str,
+    ran: bool,
+    stamp: Stamp,
+}
+
+/// One stage: `cmds` are gz argument lists run in order; `outputs` turns the last stdout into the
+/// stage's artifacts; `before_run` clears stale outputs.
+fn stage(
+    ctx: &mut Ctx,
+    name: &'static str,
+    key: &Path,
+    cmds: Vec<Vec<String>>,
+    inputs: Vec<(String, String)>,
+    before_run: impl FnOnce() -> Result<()>,
+    outputs: impl FnOnce(&str) -> Result<Vec<Output>>,
+) -> Result<Done> {
+    let sp = stamp_path(&ctx.root, name, key);
+    let flat: Vec<String> = cmds.join(&["&&".to_string()][..]);
+    let reason = match Stamp::load(&sp) {
+        _ if ctx.force => "--force".to_string(),
+        None => "it has not run yet".to_string(),
+        Some(s) => match s.stale_reason(&flat, &inputs)? {
+            None => {
+                eprintln!("xtask: {name}: up to date (stamp {})", sp.display());
+                return Ok(Done { stage: name, ran: false, stamp: s });
+            }
+            Some(r) => r,
+        },
+    };
+    eprintln!("xtask: {name}: running because {reason}");
+    before_run()?;
+    let gz_bin = ctx.gz()?;
+    let mut all_stdout = String::new();
+    let mut last = String::new();
+    let started = std::time::Instant::now();
+    for c in &cmds {
+        match gz::run(&gz_bin, c, &ctx.root)? {
+            Ok(f) => {
+                all_stdout.push_str(&f.stdout);
+                last = f.stdout;
+            }
+            Err(Failure::NotBuilt(msg)) => {
+                bail!("{msg} (nothing was produced for `{name}`; the stages after it were not run)")
+            }
+            Err(Failure::Failed { status, stderr_tail }) => {
+                bail!("stage `{name}` failed: `gz {}` ended with {status}{}", c.first().map_or("", String::as_str),
+                    if stderr_tail.is_empty() { String::new() } else { format!(":\n{stderr_tail}") })
+            }
+        }
+    }
+    let outs = outputs(&last)?;
+    for o in &outs {
+        if !o.path.exists() {
+            bail!("stage `{name}` finished but its output {} ({}) does not exist", o.label, o.path.display());
+        }
+    }
+    let stamp = Stamp::save(&sp, name, &flat, &inputs, &outs, &all_stdout)?;
+    eprintln!("xtask: {name}: done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(Done { stage: name, ran: true, stamp })
+}
+
+fn run_synth(ctx: &mut Ctx) -> Result<Done> {
+    if let Some(d) = &ctx.real_data {
+        bail!("--data {} given: there is nothing to synthesize", d.display());
+    }
+    let out = ctx.data_dir();
+    let cmd = vec![
+        "synth".into(), "--out".into(), Ctx::s(&out),
+        "--train".into(), ctx.synth_train.to_string(),
+        "--test".into(), ctx.synth_test.to_string(),
+        "--seed".into(), ctx.seed.to_string(),
+    ];
+    let out2 = out.clone();
+    stage(ctx, "synth", &out, vec![cmd], vec![], move || {
+        // Only ever clear the folder our own generator wrote (its synth.json marks it).
+        if out2.exists() {
+            if out2.join("synth.json").exists() {
+                eprintln!("xtask: synth: replacing {}", out2.display());
+                std::fs::remove_dir_all(&out2).with_context(|| format!("removing {}", out2.display()))?;
+            } else if std::fs::read_dir(&out2).map(|mut d| d.next().is_some()).unwrap_or(false) {
+                bail!("{} exists and was not written by `gz synth`; move it away or pass --root", out2.display());
+            }
+        }
+        Ok(())
+    }, |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]))
+}
+
+fn run_prep(ctx: &mut Ctx) -> Result<Done> {
+    let data = ctx.data_dir();
+    let mut cmd = vec!["prep".into(), "--data".into(), Ctx::s(&data), "--cache".into(), Ctx::s(&ctx.cache_root())];
+    cmd.extend(ctx.prep_args.iter().cloned());
+    let inputs = vec![("dataset".to_string(), ctx.dataset_identity()?)];
+    let root = ctx.root.clone();
+    stage(ctx, "prep", &data, vec![cmd], inputs, || Ok(()), move |stdout| {
+        let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
+        Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
+    })
+}
+
+fn run_train(ctx: &mut Ctx) -> Result<Done> {
+    let cache = ctx.cache()?;
+    let run = ctx.run_dir();
+    let mut cmd = vec![
+        "train".into(), "--cache".into(), Ctx::s(&cache), "--model".into(), ctx.model.clone(),
+        "--epochs".into(), ctx.epochs.to_string(), "--device".into(), ctx.device.clone(),
+        "--out".into(), Ctx::s(&run),
+    ];
+    if let Some(b) = ctx.batch {
+        cmd.extend(["--batch".into(), b.to_string()]);
+    }
+    if let Some(p) = &ctx.precision {
+        cmd.extend(["--precision".into(), p.clone()]);
+    }
+    if ctx.seed_given {
+        cmd.extend(["--seed".into(), ctx.seed.to_string()]);
+    }
+    cmd.extend(ctx.train_args.iter().cloned());
+    let inputs = vec![("cache".to_string(), fingerprint::identity(&cache)?)];
+    let run2 = run.clone();
+    stage(ctx, "train", &run, vec![cmd], inputs, move || {
+        if run2.exists() {
+            eprintln!("xtask: train: replacing the stale run {}", run2.display());
+            std::fs::remove_dir_all(&run2).with_context(|| format!("removing {}", run2.display()))?;
+        }
+        Ok(())
+    }, |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]))
+}
+
+fn run_identity(run: &Path) -> Result<String> {
+    fingerprint::identity_of(run, &["best.safetensors", "best.json"])
+}
+
+fn run_eval(ctx: &mut Ctx) -> Result<Done> {
+    let cache = ctx.cache()?;
+    let run = ctx.need_run()?;
+    let data = ctx.data_dir();
+    let cmd = vec![
+        "eval".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--data".into(), Ctx::s(&data),
+    ];
+    let inputs = vec![("run".to_string(), run_identity(&run)?), ("cache".to_string(), fingerprint::identity(&cache)?)];
+    let default_report = ctx.report_dir();
+    let root = ctx.root.clone();
+    stage(ctx, "eval", &run.join("eval"), vec![cmd], inputs, || Ok(()), move |stdout| {
+        let report = gz::result_line(stdout, "report").map_or(default_report, |r| absolute(PathBuf::from(r), &root));
+        Ok(vec![Output::new("report", &report, &["metrics.json", "index.html"])])
+    })
+}
+
+fn run_submit(ctx: &mut Ctx) -> Result<Done> {
+    let cache = ctx.cache()?;
+    let run = ctx.need_run()?;
+    let (preds, sub) = (ctx.predictions(), ctx.submission());
+    let mut predict = vec![
+        "predict".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--out".into(), Ctx::s(&preds),
+    ];
+    if let Some(t) = ctx.tta {
+        predict.extend(["--tta".into(), t.to_string()]);
+    }
+    let submit = vec!["submit".into(), "--pred".into(), Ctx::s(&preds), "--out".into(), Ctx::s(&sub)];
+    let inputs = vec![("run".to_string(), run_identity(&run)?), ("cache".to_string(), fingerprint::identity(&cache)?)];
+    let dir = ctx.report_dir();
+    stage(ctx, "submit", &sub, vec![predict, submit], inputs, move || {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))
+    }, |_| Ok(vec![Output::new("predictions", &preds, &[]), Output::new("submission", &sub, &[])]))
+}
+
+fn run_one(ctx: &mut Ctx, name: &str) -> Result<Done> {
+    match name {
+        "synth" => run_synth(ctx),
+        "prep" => run_prep(ctx),
+        "train" => run_train(ctx),
+        "eval" => run_eval(ctx),
+        "submit" => run_submit(ctx),
+        other => bail!("unknown stage {other}"),
+    }
+}
+
+fn rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
+}
+
+fn summary(ctx: &Ctx, done: &[Done]) {
+    if done.is_empty() {
+        return;
+    }
+    println!("\nstages (artifacts under {}):", ctx.root.display());
+    for d in done {
+        let outs: Vec<String> = d.stamp.outputs.iter().map(|(o, _)| format!("{} {}", o.label, rel(&ctx.root, &o.path))).collect();
+        println!("  {:<7} {:<11} {}", d.stage, if d.ran { "ran" } else { "up to date" }, outs.join(", "));
+    }
+}
+
+/// `cargo xtask pipeline`.
+pub fn cmd_pipeline(args: Args) -> Result<()> {
+    let mut ctx = Ctx::parse(args)?;
+    let mut done: Vec<Done> = Vec::new();
+    let wanted: Vec<&str> = STAGES.iter().copied().filter(|s| !(ctx.real_data.is_some() && *s == "synth")).collect();
+    if let Some(d) = &ctx.real_data {
+        eprintln!("xtask: dataset {} (synth skipped)", d.display());
+    }
+    for s in wanted {
+        match run_one(&mut ctx, s) {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                summary(&ctx, &done);
+                return Err(e.context(format!("pipeline stopped at `{s}`")));
+            }
+        }
+    }
+    summary(&ctx, &done);
+    if let Some(eval) = done.iter().find(|d| d.stage == "eval") {
+        if !eval.ran && !eval.stamp.stdout.trim().is_empty() {
+            println!("\nscores (from the last eval, up to date):\n{}", eval.stamp.stdout.trim_end());
+        }
+    }
+    let report = done.iter().find_map(|d| d.stamp.output("report")).map(Path::to_path_buf).unwrap_or_else(|| ctx.report_dir());
+    let sub = done.iter().find_map(|d| d.stamp.output("submission")).map(Path::to_path_buf).unwrap_or_else(|| ctx.submission());
+    println!("submission: {}", sub.display());
+    println!("report: {}", report.display());
+    Ok(())
+}
+
+/// `cargo xtask <stage>`: that stage alone, its inputs from `--cache` / `--name` or the stamps.
+pub fn cmd_stage(name: &str, args: Args) -> Result<()> {
+    let mut ctx = Ctx::parse(args)?;
+    let d = run_one(&mut ctx, name)?;
+    summary(&ctx, std::slice::from_ref(&d));
+    for (o, _) in &d.stamp.outputs {
+        println!("{}: {}", o.label, o.path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Stage stamps: what a stage ran with and what it produced, so a rerun can be skipped.
+//!
+//! A stamp (`<root>/data/stamps/<stage>-<key>.json`) records the exact `gz` command line, the
+//! identities of the stage's inputs (upstream artifacts, see [`crate::fingerprint`]), and each
+//! output's path and identity, plus the stage's stdout (to reprint a score table when skipped).
+//! A stage is up to date when the command and input identities are the same and every output
+//! still has the identity it had when the stage finished. Downstream stages take upstream
+//! outputs' identities as inputs, so rerunning a stage invalidates everything after it.
+
+use crate::fingerprint;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// One artifact a stage produced. `members` narrows the identity to some files of a folder that
+/// other stages may also write into (e.g. a report folder that also receives the submission).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub label: String,
+    pub path: PathBuf,
+    pub members: Vec<String>,
+}
+
+impl Output {
+    pub fn new(label: &str, path: &Path, members: &[&str]) -> Self {
+        Self { label: label.into(), path: path.to_path_buf(), members: members.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// Identity of the members (or of the whole path when no member exists or none are named).
+    pub fn identity(&self) -> Result<String> {
+        if !self.members.is_empty() && self.members.iter().any(|m| self.path.join(m).exists()) {
+            let m: Vec<&str> = self.members.iter().map(String::as_str).collect();
+            fingerprint::identity_of(&self.path, &m)
+        } else {
+            fingerprint::identity(&self.path)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    pub command: Vec<String>,
+    pub inputs: Vec<(String, String)>,
+    pub outputs: Vec<(Output, String)>,
+    pub stdout: String,
+}
+
+/// Where the stamp of `stage` for the artifact `key` lives.
+pub fn stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
+    let k = fingerprint::hash_str(&key.to_string_lossy());
+    root.join("data").join("stamps").join(format!("{stage}-{k}.json"))
+}
+
+impl Stamp {
+    /// Reads a stamp; a missing or unreadable one is `None` (the stage simply runs).
+    pub fn load(path: &Path) -> Option<Stamp> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        let strs = |v: &Value| -> Option<Vec<String>> {
+            v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect()
+        };
+        let inputs = v["inputs"]
+            .as_array()?
+            .iter()
+            .map(|p| Some((p[0].as_str()?.to_string(), p[1].as_str()?.to_string())))
+            .collect::<Option<Vec<_>>>()?;
+        let outputs = v["outputs"]
+            .as_array()?
+            .iter()
+            .map(|o| {
+                Some((
+                    Output {
+                        label: o["label"].as_str()?.to_string(),
+                        path: PathBuf::from(o["path"].as_str()?),
+                        members: strs(&o["members"])?,
+                    },
+                    o["identity"].as_str()?.to_string(),
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Stamp {
+            command: strs(&v["command"])?,
+            inputs,
+            outputs,
+            stdout: v["stdout"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Records the outputs' current identities and writes the stamp (temp file + rename).
+    pub fn save(
+        path: &Path,
+        stage: &str,
+        command: &[String],
+        inputs: &[(String, String)],
+        outputs: &[Output],
+        stdout: &str,
+    ) -> Result<Stamp> {
+        let mut outs = Vec::new();
+        for o in outputs {
+            outs.push((o.clone(), o.identity()?));
+        }
+        let v = json!({
+            "stage": stage,
+            "command": command,
+            "inputs": inputs.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+            "outputs": outs.iter().map(|(o, id)| json!({
+                "label": o.label, "path": o.path.to_string_lossy(), "members": o.members, "identity": id,
+            })).collect::<Vec<_>>(),
+            "stdout": stdout,
+        });
+        let dir = path.parent().context("stamp path has no parent")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(&v)?;
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display()))?;
+        Ok(Stamp { command: command.to_vec(), inputs: inputs.to_vec(), outputs: outs, stdout: stdout.into() })
+    }
+
+    /// `None` when up to date, else the reason the stage must run.
+    pub fn stale_reason(&self, command: &[String], inputs: &[(String, String)]) -> Result<Option<String>> {
+        if self.command != command {
+            return Ok(Some("its command line changed".into()));
+        }
+        if self.inputs != inputs {
+            return Ok(Some("its inputs changed".into()));
+        }
+        for (o, id) in &self.outputs {
+            let now = o.identity()?;
+            if &now != id {
+                let why = if now == "missing" { "is missing" } else { "changed" };
+                return Ok(Some(format!("its output {} ({}) {why}", o.label, o.path.display())));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn output(&self, label: &str) -> Option<&Path> {
+        self.outputs.iter().find(|(o, _)| o.label == label).map(|(o, _)| o.path.as_path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_round_trip_and_staleness() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("best.json"), b"{}").unwrap();
+        let sp = stamp_path(t.path(), "train", &out);
+        assert!(Stamp::load(&sp).is_none());
+        let cmd = vec!["gz".to_string(), "train".to_string()];
+        let inputs = vec![("cache".to_string(), "files=1".to_string())];
+        let outputs = vec![Output::new("run", &out, &["best.json"])];
+        Stamp::save(&sp, "train", &cmd, &inputs, &outputs, "ok\n").unwrap();
+        let s = Stamp::load(&sp).expect("stamp reads back");
+        assert_eq!(s.stdout, "ok\n");
+        assert_eq!(s.output("run"), Some(out.as_path()));
+        assert_eq!(s.stale_reason(&cmd, &inputs).unwrap(), None);
+        // another file in the folder does not matter: only the member is tracked
+        std::fs::write(out.join("submission.csv"), b"x").unwrap();
+        assert_eq!(s.stale_reason(&cmd, &inputs).unwrap(), None);
+        let other = vec!["gz".to_string(), "train".to_string(), "--epochs".to_string()];
+        assert!(s.stale_reason(&other, &inputs).unwrap().unwrap().contains("command"));
+        let changed = vec![("cache".to_string(), "files=2".to_string())];
+        assert!(s.stale_reason(&cmd, &changed).unwrap().unwrap().contains("inputs"));
+        std::fs::remove_file(out.join("best.json")).unwrap();
+        let why = s.stale_reason(&cmd, &inputs).unwrap().unwrap();
+        assert!(why.contains("changed") || why.contains("missing"), "{why}");
+    }
+}
