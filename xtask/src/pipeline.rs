@@ -269,9 +269,10 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
     ];
     let out2 = out.clone();
     stage(ctx, "synth", &out, vec![cmd], vec![], move || {
-        // Only ever clear the folder our own generator wrote (its synth.json marks it).
+        // data/synth is ours (synth never runs with --data): clear a stale or interrupted set,
+        // but never a folder holding something else.
         if out2.exists() {
-            if out2.join("synth.json").exists() {
+            if out2.join("synth.json").exists() || out2.join("images_training_rev1").exists() {
                 eprintln!("xtask: synth: replacing {}", out2.display());
                 std::fs::remove_dir_all(&out2).with_context(|| format!("removing {}", out2.display()))?;
             } else if std::fs::read_dir(&out2).map(|mut d| d.next().is_some()).unwrap_or(false) {
@@ -331,15 +332,22 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
     let cache = ctx.cache()?;
     let run = ctx.need_run()?;
     let data = ctx.data_dir();
+    let report = ctx.report_dir();
     let cmd = vec![
         "eval".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--data".into(), Ctx::s(&data),
+        "--device".into(), ctx.device.clone(), "--report".into(), Ctx::s(&report),
     ];
     let inputs = vec![("run".to_string(), run_identity(&run)?), ("cache".to_string(), fingerprint::identity(&cache)?)];
-    let default_report = ctx.report_dir();
     let root = ctx.root.clone();
     stage(ctx, "eval", &run.join("eval"), vec![cmd], inputs, || Ok(()), move |stdout| {
-        let report = gz::result_line(stdout, "report").map_or(default_report, |r| absolute(PathBuf::from(r), &root));
-        Ok(vec![Output::new("report", &report, &["metrics.json", "index.html"])])
+        // gz eval names its report page on its last line (`report: <dir>/index.html`)
+        let printed = gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
+        let dir = match printed {
+            Some(p) if p.is_file() => p.parent().map_or(report.clone(), Path::to_path_buf),
+            Some(p) => p,
+            None => report,
+        };
+        Ok(vec![Output::new("report", &dir, &["metrics.json", "index.html"])])
     })
 }
 
@@ -348,12 +356,15 @@ fn run_submit(ctx: &mut Ctx) -> Result<Done> {
     let run = ctx.need_run()?;
     let (preds, sub) = (ctx.predictions(), ctx.submission());
     let mut predict = vec![
-        "predict".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--out".into(), Ctx::s(&preds),
+        "predict".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--device".into(), ctx.device.clone(),
+        "--out".into(), Ctx::s(&preds),
     ];
     if let Some(t) = ctx.tta {
         predict.extend(["--tta".into(), t.to_string()]);
     }
-    let submit = vec!["submit".into(), "--pred".into(), Ctx::s(&preds), "--out".into(), Ctx::s(&sub)];
+    // --ids: the submission must have exactly the test images' ids
+    let ids = ctx.data_dir().join("images_test_rev1");
+    let submit = vec!["submit".into(), "--pred".into(), Ctx::s(&preds), "--ids".into(), Ctx::s(&ids), "--out".into(), Ctx::s(&sub)];
     let inputs = vec![("run".to_string(), run_identity(&run)?), ("cache".to_string(), fingerprint::identity(&cache)?)];
     let dir = ctx.report_dir();
     stage(ctx, "submit", &sub, vec![predict, submit], inputs, move || {
@@ -413,7 +424,8 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
     let report = done.iter().find_map(|d| d.stamp.output("report")).map(Path::to_path_buf).unwrap_or_else(|| ctx.report_dir());
     let sub = done.iter().find_map(|d| d.stamp.output("submission")).map(Path::to_path_buf).unwrap_or_else(|| ctx.submission());
     println!("submission: {}", sub.display());
-    println!("report: {}", report.display());
+    let page = report.join("index.html");
+    println!("report: {}", if page.is_file() { page } else { report }.display());
     Ok(())
 }
 
