@@ -176,7 +176,10 @@ pub fn prep_jpeg_into(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod unit_tests {
     use super::*;
 
     #[test]

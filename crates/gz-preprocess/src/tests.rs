@@ -1,0 +1,352 @@
+//! Numerics and robustness of `prep_jpeg`: the fast path against an independent reference (the
+//! `image` crate's own decoder + crop + 2×2 box), the fast path against the generic path on JPEG
+//! variants we encode ourselves, grayscale / CMYK / odd-size handling, and no panics on damaged
+//! bytes. Plus `run_with` on small datasets (cache hit/miss, strict, bad inputs).
+
+use std::path::{Path, PathBuf};
+
+use half::f16;
+
+use crate::*;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+}
+
+fn real_jpegs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures().join("real-test-jpegs"))
+        .expect("fixtures/real-test-jpegs")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    v.sort();
+    assert!(v.len() > 100);
+    v
+}
+
+/// Reference: `image` (zune-jpeg) decode → RGB8 → centre 212 crop → 2×2 box, C×H×W f32 in [0,1].
+fn reference(bytes: &[u8]) -> Vec<f32> {
+    let img = image::load_from_memory(bytes).unwrap().to_rgb8();
+    let (w, h) = img.dimensions();
+    assert_eq!((w, h), (424, 424));
+    let mut out = vec![0f32; 3 * 106 * 106];
+    for y in 0..106u32 {
+        for x in 0..106u32 {
+            let mut acc = [0f32; 3];
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                let p = img.get_pixel(106 + 2 * x + dx, 106 + 2 * y + dy);
+                for c in 0..3 {
+                    acc[c] += p[c] as f32;
+                }
+            }
+            for c in 0..3 {
+                out[c * 106 * 106 + (y * 106 + x) as usize] = acc[c] / 4.0 / 255.0;
+            }
+        }
+    }
+    out
+}
+
+fn diff(a: &[f16], b: &[f32]) -> (f32, f32) {
+    assert_eq!(a.len(), b.len());
+    let mut max = 0f32;
+    let mut sum = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x.to_f32() - y).abs();
+        max = max.max(d);
+        sum += d as f64;
+    }
+    (max, (sum / a.len() as f64) as f32)
+}
+
+#[test]
+fn fast_path_matches_independent_reference_on_real_images() {
+    let cfg = PrepConfig::default();
+    let mut worst_mean = 0f32;
+    let mut worst_max = 0f32;
+    let mut worst_luma = 0f32;
+    let mut files = real_jpegs();
+    for d in ["images_training_rev1", "images_test_rev1"] {
+        for e in std::fs::read_dir(fixtures().join("kaggle-mini").join(d)).unwrap() {
+            files.push(e.unwrap().path());
+        }
+    }
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let mut ours = vec![f16::ZERO; cfg.image_len()];
+        assert!(matches!(fast::try_prep(&bytes, &cfg, &mut ours), fast::Outcome::Done), "{}: fast path not taken", f.display());
+        let r = reference(&bytes);
+        let (max, mean) = diff(&ours, &r);
+        worst_mean = worst_mean.max(mean);
+        worst_max = worst_max.max(max);
+        // The decoders differ in IDCT rounding, clamping order and chroma: the reference
+        // upsamples 4:2:0 chroma (interpolating neighbours) and then averages, we use the chroma
+        // samples at their native resolution, which is sharper. So per channel the tolerance
+        // is loose at strong colour edges, but luma must agree closely.
+        assert!(mean < 1.5 / 255.0, "{}: mean abs diff {mean}", f.display());
+        assert!(max < 24.0 / 255.0, "{}: max abs diff {max}", f.display());
+        let n = 106 * 106;
+        let luma = |c: &dyn Fn(usize) -> f32, i: usize| 0.299 * c(i) + 0.587 * c(n + i) + 0.114 * c(2 * n + i);
+        // Luma: the remaining differences are where the reference clamps full-resolution
+        // ringing (below 0 next to bright stars) before averaging and we clamp after.
+        let mut luma_sum = 0f32;
+        for i in 0..n {
+            let d = (luma(&|k| ours[k].to_f32(), i) - luma(&|k| r[k], i)).abs();
+            worst_luma = worst_luma.max(d);
+            luma_sum += d;
+            assert!(d < 8.0 / 255.0, "{}: luma differs by {} at pixel {i}", f.display(), d * 255.0);
+        }
+        assert!(luma_sum / (n as f32) < 0.5 / 255.0, "{}: mean luma diff {}", f.display(), luma_sum / n as f32 * 255.0);
+    }
+    eprintln!(
+        "fast vs image-crate reference over {} images (×255): worst channel mean {:.3}, worst channel max {:.3}, worst luma {:.3}",
+        files.len(),
+        worst_mean * 255.0,
+        worst_max * 255.0,
+        worst_luma * 255.0
+    );
+}
+
+#[test]
+fn generic_path_matches_independent_reference_on_real_images() {
+    let cfg = PrepConfig::default();
+    for f in real_jpegs().iter().step_by(10) {
+        let bytes = std::fs::read(f).unwrap();
+        let mut ours = vec![f16::ZERO; cfg.image_len()];
+        generic::prep(&bytes, &cfg, &mut ours).unwrap();
+        let (max, mean) = diff(&ours, &reference(&bytes));
+        assert!(mean < 1.5 / 255.0 && max < 16.0 / 255.0, "{}: mean {mean} max {max}", f.display());
+    }
+}
+
+/// A smooth synthetic galaxy with some texture, w×h RGB8.
+fn synthetic(w: usize, h: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let (fx, fy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
+            let r2 = fx * fx * 1.6 + fy * fy;
+            let core = (-r2 * 40.0).exp();
+            let arm = 0.5 + 0.5 * ((fy.atan2(fx) * 2.0 + r2.sqrt() * 25.0).sin());
+            let tex = (((x * 7919 + y * 104729) % 97) as f32) / 97.0;
+            let base = 255.0 * (core * 0.9 + 0.25 * arm * (-r2 * 8.0).exp()) + 6.0 * tex;
+            v.push(base.clamp(0.0, 255.0) as u8);
+            v.push((base * 0.85).clamp(0.0, 255.0) as u8);
+            v.push((base * 0.7 + 10.0).clamp(0.0, 255.0) as u8);
+        }
+    }
+    v
+}
+
+fn encode(rgb: &[u8], w: usize, h: usize, color: jpeg_encoder::ColorType, f: impl FnOnce(&mut jpeg_encoder::Encoder<&mut Vec<u8>>)) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut e = jpeg_encoder::Encoder::new(&mut buf, 90);
+    f(&mut e);
+    e.encode(rgb, w as u16, h as u16, color).unwrap();
+    buf
+}
+
+fn prep_both(bytes: &[u8], cfg: &PrepConfig) -> (fast::Outcome, Vec<f16>, Vec<f16>) {
+    let mut a = vec![f16::ZERO; cfg.image_len()];
+    let mut b = vec![f16::ZERO; cfg.image_len()];
+    let o = fast::try_prep(bytes, cfg, &mut a);
+    generic::prep(bytes, cfg, &mut b).unwrap();
+    (o, a, b)
+}
+
+fn close(a: &[f16], b: &[f16], mean_tol: f32, max_tol: f32, what: &str) {
+    let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+    let (max, mean) = diff(a, &bf);
+    assert!(mean < mean_tol && max < max_tol, "{what}: mean {mean} max {max}");
+}
+
+#[test]
+fn fast_path_matches_generic_on_encoder_variants() {
+    use jpeg_encoder::{ColorType, SamplingFactor};
+    let cfg = PrepConfig::default();
+    let rgb = synthetic(424, 424);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("4:2:0", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_2_0))),
+        ("4:4:4", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_4_4))),
+        ("4:2:2", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_2_2))),
+        ("4:4:0", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_4_0))),
+        (
+            "restart interval 3",
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+                e.set_sampling_factor(SamplingFactor::R_4_2_0);
+                e.set_restart_interval(3)
+            }),
+        ),
+        ("optimised Huffman", encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+            e.set_sampling_factor(SamplingFactor::R_4_4_4);
+            e.set_optimized_huffman_tables(true)
+        })),
+    ];
+    for (what, bytes) in &cases {
+        let (o, a, b) = prep_both(bytes, &cfg);
+        if *what == "optimised Huffman" {
+            // jpeg-encoder writes one scan per component then (non-interleaved): generic path
+            assert!(matches!(o, fast::Outcome::NotApplicable), "{what}: {o:?}");
+            close(&prep_jpeg(bytes, &cfg).unwrap(), &b, 1e-6, 1e-6, what);
+            continue;
+        }
+        assert!(matches!(o, fast::Outcome::Done), "{what}: fast path not taken: {o:?}");
+        // 4:2:2 / 4:4:0 chroma: the generic decoder upsamples one axis, we box it: a bit looser
+        close(&a, &b, 1.0 / 255.0, 12.0 / 255.0, what);
+    }
+    // grayscale: fast path, replicated to 3 equal channels
+    let gray: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
+    let bytes = encode(&gray, 424, 424, ColorType::Luma, |_| {});
+    let (o, a, b) = prep_both(&bytes, &cfg);
+    assert!(matches!(o, fast::Outcome::Done), "gray: {o:?}");
+    close(&a, &b, 0.5 / 255.0, 4.0 / 255.0, "gray");
+    let n = 106 * 106;
+    assert_eq!(&a[..n], &a[n..2 * n]);
+    assert_eq!(&a[..n], &a[2 * n..]);
+    // progressive: generic path, same picture as the baseline encoding
+    let prog = encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_progressive(true));
+    let mut p = vec![f16::ZERO; cfg.image_len()];
+    assert!(matches!(fast::try_prep(&prog, &cfg, &mut p), fast::Outcome::NotApplicable));
+    let p = prep_jpeg(&prog, &cfg).unwrap();
+    close(&p, &prep_jpeg(&cases[0].1, &cfg).unwrap(), 1.5 / 255.0, 24.0 / 255.0, "progressive");
+}
+
+#[test]
+fn cmyk_is_converted_to_rgb() {
+    // a flat red, as CMYK (C=0, M=255, Y=255, K=0) and as YCCK
+    let cfg = PrepConfig { crop: 212, size: 8, filter: Filter::Area };
+    let px: Vec<u8> = [0u8, 255, 255, 0].repeat(64 * 64);
+    for color in [jpeg_encoder::ColorType::Cmyk, jpeg_encoder::ColorType::CmykAsYcck] {
+        let bytes = encode(&px, 64, 64, color, |_| {});
+        let out = prep_jpeg(&bytes, &cfg).unwrap();
+        let mean = |c: usize| out[c * 64..(c + 1) * 64].iter().map(|v| v.to_f32()).sum::<f32>() / 64.0;
+        assert!(mean(0) > 0.9 && mean(1) < 0.1 && mean(2) < 0.1, "{color:?}: rgb {} {} {}", mean(0), mean(1), mean(2));
+    }
+}
+
+#[test]
+fn other_sizes_take_the_same_fraction() {
+    // an 848×848 image that is the 424 one scaled 2× (nearest): same crop fraction, same result
+    let cfg = PrepConfig::default();
+    let small = synthetic(424, 424);
+    let mut big = vec![0u8; 848 * 848 * 3];
+    for y in 0..848 {
+        for x in 0..848 {
+            let s = ((y / 2) * 424 + x / 2) * 3;
+            big[(y * 848 + x) * 3..(y * 848 + x) * 3 + 3].copy_from_slice(&small[s..s + 3]);
+        }
+    }
+    let q = |e: &mut jpeg_encoder::Encoder<&mut Vec<u8>>| e.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_4_4);
+    let a = prep_jpeg(&encode(&small, 424, 424, jpeg_encoder::ColorType::Rgb, q), &cfg).unwrap();
+    let b = prep_jpeg(&encode(&big, 848, 848, jpeg_encoder::ColorType::Rgb, q), &cfg).unwrap();
+    close(&a, &b, 1.5 / 255.0, 20.0 / 255.0, "848 vs 424");
+    // a non-square odd size still yields size×size
+    let odd = synthetic(301, 203);
+    let out = prep_jpeg(&encode(&odd, 301, 203, jpeg_encoder::ColorType::Rgb, |_| {}), &cfg).unwrap();
+    assert_eq!(out.len(), 3 * 106 * 106);
+    // a tiny image is still handled (crop smaller than a pixel is an error, not a panic)
+    let tiny = synthetic(2, 2);
+    let r = prep_jpeg(&encode(&tiny, 2, 2, jpeg_encoder::ColorType::Rgb, |_| {}), &cfg);
+    assert!(r.is_ok() || matches!(r, Err(PrepError::Unsupported(_))));
+}
+
+#[test]
+fn damaged_bytes_never_panic_and_truncation_is_an_error() {
+    let cfg = PrepConfig::default();
+    let good = std::fs::read(&real_jpegs()[0]).unwrap();
+    for cut in [2, 3, 10, 100, 300, 600, good.len() / 4, good.len() / 2, good.len() * 3 / 4, good.len() - 2] {
+        let r = prep_jpeg(&good[..cut], &cfg);
+        assert!(r.is_err(), "truncated at {cut} of {} accepted", good.len());
+    }
+    // seeded byte corruption anywhere: an error or an image, never a panic
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..300 {
+        let mut b = good.clone();
+        for _ in 0..(1 + next() % 4) {
+            let i = (next() as usize) % b.len();
+            b[i] = next() as u8;
+        }
+        let _ = prep_jpeg(&b, &cfg);
+    }
+}
+
+// ---- whole runs on a small dataset -------------------------------------------------------
+
+fn copy_mini(dst: &Path) -> PathBuf {
+    let src = fixtures().join("kaggle-mini");
+    let data = dst.join("data");
+    for sub in [dataset::TRAIN_DIR, dataset::TEST_DIR] {
+        std::fs::create_dir_all(data.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), data.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(src.join(dataset::SOLUTIONS_CSV), data.join(dataset::SOLUTIONS_CSV)).unwrap();
+    data
+}
+
+#[test]
+fn run_writes_a_cache_then_hits_it() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let root = t.path().join("cache");
+    let cfg = PrepConfig::default();
+    let mut opts = RunOptions::new(&data, &root);
+    opts.threads = Some(2);
+    opts.rows_per_shard = 2;
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let s = run_with(&opts, &cfg, &|_| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap();
+    assert!(!s.cache_hit && s.train == 3 && s.test == 3 && s.skipped.is_empty());
+    assert!(calls.into_inner() >= 4);
+    let c = gz_shards::Cache::open(&s.cache_dir).unwrap();
+    let tr = c.train().unwrap();
+    assert_eq!(tr.rows_per_shard(), 2);
+    // the cached image equals prep_jpeg of the file
+    let want = prep_jpeg(&std::fs::read(data.join(dataset::TRAIN_DIR).join(format!("{}.jpg", tr.ids()[2]))).unwrap(), &cfg).unwrap();
+    assert_eq!(tr.image(2), want.as_slice());
+    let again = run_with(&opts, &cfg, &|_| {}).unwrap();
+    assert!(again.cache_hit);
+    assert_eq!(again.cache_dir, s.cache_dir);
+    assert_eq!(run(&data, &root, &cfg).unwrap(), s.cache_dir);
+    // a different config: a new directory
+    let other = run(&data, &root, &PrepConfig { crop: 207, size: 69, filter: Filter::Area }).unwrap();
+    assert_ne!(other, s.cache_dir);
+}
+
+#[test]
+fn strict_run_stops_and_publishes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    std::fs::write(data.join(dataset::TEST_DIR).join("999999.jpg"), b"\xff\xd8\xff\xe0 broken").unwrap();
+    let root = t.path().join("cache");
+    let mut opts = RunOptions::new(&data, &root);
+    opts.strict = true;
+    let e = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap_err();
+    assert!(matches!(e, PrepError::Strict { .. }), "{e}");
+    assert!(e.to_string().contains("999999.jpg"));
+    let entries: Vec<_> = std::fs::read_dir(&root).map(|r| r.flatten().collect()).unwrap_or_default();
+    assert!(entries.is_empty(), "nothing left behind: {entries:?}");
+    // lenient: skipped, reported, cache written with the rest
+    opts.strict = false;
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!(s.skipped.len(), 1);
+    assert_eq!(s.test, 3);
+}
+
+#[test]
+fn no_dataset_is_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let e = run(t.path(), &t.path().join("c"), &PrepConfig::default()).unwrap_err();
+    assert!(matches!(e, PrepError::NoInput(_)), "{e}");
+}
+
