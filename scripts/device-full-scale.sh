@@ -31,7 +31,11 @@ MODEL=${MODEL:-vgg16-blog}
 EPOCHS=${EPOCHS:-1}
 BATCH=${BATCH:-128}
 PRECISION=${PRECISION:-f32}               # precision of the full training run
-BENCH_STEPS=${BENCH_STEPS:-30}            # steps per `gz bench-train` measurement
+BENCH_STEPS=${BENCH_STEPS:-30}            # timed steps per `gz bench-train` measurement
+BENCH_WARMUP=${BENCH_WARMUP:-3}           # untimed steps before them (the first pays the PTX compile)
+MAX_TRAIN=${MAX_TRAIN:-}                  # e.g. 20000: train on a seeded subset only (`--max-train`)
+EVAL_BATCH=${EVAL_BATCH:-256}             # images per forward pass in eval and predict
+DEADLINE=${DEADLINE:-540}                 # seconds for the whole script: stage timeouts shrink to fit
 BENCH_PRECISIONS=${BENCH_PRECISIONS:-f32 bf16}
 TRAIN_ARGS=${TRAIN_ARGS:-}                # extra `gz train` arguments
 TTA=${TTA:-}                              # e.g. 4: test-time augmentation views for predict
@@ -52,17 +56,25 @@ RUN=$WORK/runs/$MODEL
 PRED=$WORK/test_predictions.csv
 SUB=$WORK/submission.csv
 STAGES=$OUT/stages.tsv
-printf 'stage\tstatus\tseconds\tcommand\n' > "$STAGES"
 T0=$(date +%s.%N)
+printf 'stage\tstatus\tseconds\tcommand\n' > "$STAGES"
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/device.log" >&2; }
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# stage NAME TIMEOUT_S command... : runs it with a timeout, logs to $OUT/logs/NAME.log,
-# records status and seconds in stages.tsv; returns the command's status.
+# stage NAME TIMEOUT_S command... : runs it with a timeout (shortened to what is left of
+# DEADLINE), logs to $OUT/logs/NAME.log, records status and seconds in stages.tsv; returns the
+# command's status. Skipped when less than 10 s are left.
 stage() {
   local name=$1 limit=$2; shift 2
   local t; t=$(date +%s.%N)
+  local left; left=$(awk -v d="$DEADLINE" -v a="$T0" -v b="$t" 'BEGIN { printf "%d", d - (b - a) }')
+  if [ "$left" -lt 10 ]; then
+    printf '%s\t%s\t%s\t%s\n' "$name" "skipped(deadline)" 0 "$*" >> "$STAGES"
+    log "stage $name: skipped, the deadline (${DEADLINE}s) is reached"
+    return 125
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   log "stage $name (timeout ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
@@ -112,7 +124,7 @@ fi
 for p in $BENCH_PRECISIONS; do
   if [ "$DEVICE" = cpu ] && [ "$p" != f32 ]; then continue; fi
   stage "bench_train_$p" "$T_BENCH" "$GZ" bench-train --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
-    --precision "$p" --steps "$BENCH_STEPS"
+    --precision "$p" --steps "$BENCH_STEPS" --warmup "$BENCH_WARMUP"
 done
 wait "$SYNTH_PID"
 
@@ -124,18 +136,20 @@ log "cache: $CACHE ($(du -sh "$CACHE" 2>/dev/null | cut -f1))"
 
 # shellcheck disable=SC2086
 stage train "$T_TRAIN" "$GZ" train --cache "$CACHE" --model "$MODEL" --epochs "$EPOCHS" --device "$DEVICE" \
-  --batch "$BATCH" --precision "$PRECISION" --out "$RUN" $TRAIN_ARGS
+  --batch "$BATCH" --precision "$PRECISION" --out "$RUN" ${MAX_TRAIN:+--max-train "$MAX_TRAIN"} $TRAIN_ARGS
 for f in metrics.jsonl best.json last.json config.json; do cp "$RUN/$f" "$OUT/train_$f" 2>/dev/null; done
 
-stage eval "$T_EVAL" "$GZ" eval --run "$RUN" --cache "$CACHE" --data "$DATA"
-REPORT=$(sed -n 's/^report: //p' "$OUT/logs/eval.log" | tail -1)
-if [ -n "$REPORT" ] && [ -d "$REPORT" ]; then
+stage eval "$T_EVAL" "$GZ" eval --run "$RUN" --cache "$CACHE" --data "$DATA" --device "$DEVICE" --batch "$EVAL_BATCH" \
+  --report "$WORK/report"
+REPORT=$WORK/report
+if [ -d "$REPORT" ]; then
   mkdir -p "$OUT/report" && find "$REPORT" -maxdepth 1 -type f -size -3M -exec cp {} "$OUT/report/" \;
 fi
 
-stage predict "$T_PREDICT" "$GZ" predict --run "$RUN" --cache "$CACHE" --device "$DEVICE" ${TTA:+--tta "$TTA"} --out "$PRED"
-stage submit "$T_SUBMIT" "$GZ" submit --pred "$PRED" --out "$SUB"
-stage submit_check 60 "$GZ" submit --check "$SUB" --ids "$DATA"
+stage predict "$T_PREDICT" "$GZ" predict --run "$RUN" --cache "$CACHE" --device "$DEVICE" --batch "$EVAL_BATCH" \
+  ${TTA:+--tta "$TTA"} --out "$PRED"
+stage submit "$T_SUBMIT" "$GZ" submit --pred "$PRED" --ids "$DATA/images_test_rev1" --out "$SUB"
+stage submit_check 60 "$GZ" submit --check "$SUB" --ids "$DATA/images_test_rev1"
 if [ -f "$SUB" ]; then
   {
     echo "rows (without header): $(($(wc -l < "$SUB") - 1))"
