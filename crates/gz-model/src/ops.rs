@@ -1,10 +1,15 @@
 //! Convolution and pooling layers used by every net in [`crate::nets`].
 //!
 //! The nets never call candle's `conv2d` directly: they build [`Conv2d`] here, so the fast
-//! CUDA path (cuDNN behind a candle custom op, `cudnn` feature) can replace the kernel without
-//! touching model code. On CPU, and on CUDA without the feature, this is candle's convolution.
+//! CUDA path (cuDNN behind candle custom ops, [`crate::cudnn`], `cudnn` feature) replaces the
+//! kernels without touching model code. On CPU, and on CUDA without the feature or with the
+//! fast path switched off ([`crate::cudnn::set_enabled`]), convolution is candle's own.
 //! Parameter names (`weight`, `bias`) match `candle_nn::Conv2d`, so checkpoints are the same
-//! whichever path trained them.
+//! whichever path trained them, and a checkpoint trained on the fast path predicts the same on
+//! CPU.
+//!
+//! [`max_pool2`] uses the custom max-pool op on CPU too: candle 0.11.1's own max-pool backward
+//! misroutes gradients when a side is odd (see [`crate::cudnn`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -36,12 +41,19 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::cudnn::active_for(x.device()) {
+            return crate::cudnn::conv2d(x, &self.weight, &self.bias, self.padding, self.stride);
+        }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
 
-/// 2×2 max-pooling with stride 2 (floor), as in both nets.
+/// 2×2 max-pooling with stride 2 (floor), as in both nets. The custom op (cuDNN on CUDA, loops
+/// on CPU) everywhere except on CUDA without the fast path, where it is candle's own kernel.
 pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
-    x.max_pool2d(2)
+    if x.device().is_cuda() && !crate::cudnn::active_for(x.device()) {
+        return x.max_pool2d(2);
+    }
+    crate::cudnn::max_pool2(x)
 }

@@ -1,0 +1,506 @@
+//! The fast convolution and max-pooling path: candle custom ops backed by cuDNN.
+//!
+//! [`crate::ops`] routes every convolution and 2×2 max-pool of the nets through here when the
+//! tensor lives on a CUDA device, the crate is built with the `cudnn` feature and the fast path
+//! is enabled ([`set_enabled`], on by default). The ops are ordinary candle custom ops, so
+//! candle's autograd drives them: [`conv2d`] is a `CustomOp3` (input, weight, bias) whose
+//! backward pass calls two more custom ops (backward-data, backward-filter) and a bias
+//! reduction, each a single cuDNN call on CUDA; [`max_pool2`] is a `CustomOp1` whose backward is
+//! one `cudnnPoolingBackward`.
+//!
+//! On CUDA (module `backend`, `cudnn` feature) the layout is candle's NCHW, contiguous; the
+//! algorithm for each (op, shapes, dtype, math mode) is chosen once by cuDNN's timed search
+//! (`cudnnFind…AlgorithmEx`) and cached with its descriptors for the rest of the run; every call
+//! shares one workspace buffer that only ever grows; the cuDNN handle runs on candle's own
+//! stream, so there is no host synchronisation inside a step. bf16 and f16 use tensor-op math
+//! with f32 accumulation; f32 may use TF32 tensor cores (as PyTorch does by default) unless
+//! [`set_allow_tf32`]`(false)`. The measured route and its numbers are in
+//! `../shared/cuda/README.md` and `docs/cudnn.md`.
+//!
+//! On CPU the same ops run candle's own kernels (`conv2d`, `conv_transpose2d`) or plain loops,
+//! so CPU tests exercise the op plumbing and the gradient formulas of the fast path. The
+//! max-pool op also fixes a candle 0.11.1 bug: candle's max-pool backward upsamples the pooled
+//! map by `floor(i·out/in)`, which misroutes gradients when the input side is odd (53→26 and
+//! 13→6 in VGG16-blog); ours routes each window's gradient to its first maximum, like cuDNN.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+
+#[cfg(feature = "cudnn")]
+mod backend;
+#[cfg(test)]
+mod tests;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+static ALLOW_TF32: AtomicBool = AtomicBool::new(true);
+static PROFILING: AtomicBool = AtomicBool::new(false);
+
+/// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
+pub fn compiled() -> bool {
+    cfg!(feature = "cudnn")
+}
+
+/// Switches the cuDNN fast path on or off for the whole process (on by default). Off means
+/// [`crate::ops`] uses candle's stock kernels everywhere, the reference path for comparisons.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fast path is switched on (see [`set_enabled`]).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Whether [`crate::ops`] should use the cuDNN ops for tensors on `device`: the feature is
+/// compiled in, the path is enabled, and the device is CUDA.
+pub fn active_for(device: &Device) -> bool {
+    compiled() && enabled() && device.is_cuda()
+}
+
+/// Allows (default) or forbids TF32 tensor-core math for f32 convolutions. Takes effect for
+/// shapes not planned yet (the plan cache key includes this flag).
+pub fn set_allow_tf32(on: bool) {
+    ALLOW_TF32.store(on, Ordering::Relaxed);
+}
+
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "read by the cuDNN backend"))]
+fn allow_tf32() -> bool {
+    ALLOW_TF32.load(Ordering::Relaxed)
+}
+
+/// Turns per-call GPU timing on or off. When on, every cuDNN call is bracketed by CUDA events
+/// (no host synchronisation); [`take_profile`] sums them.
+pub fn set_profiling(on: bool) {
+    PROFILING.store(on, Ordering::Relaxed);
+}
+
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "read by the cuDNN backend"))]
+fn profiling() -> bool {
+    PROFILING.load(Ordering::Relaxed)
+}
+
+/// GPU time spent in the cuDNN calls of this thread since the last [`take_profile`], in
+/// milliseconds, per kind of call.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Profile {
+    pub conv_fwd_ms: f64,
+    pub conv_bwd_data_ms: f64,
+    pub conv_bwd_filter_ms: f64,
+    pub bias_ms: f64,
+    pub pool_ms: f64,
+    pub calls: usize,
+}
+
+impl Profile {
+    /// All convolution time (forward, both backward passes, bias add and bias gradient).
+    pub fn conv_ms(&self) -> f64 {
+        self.conv_fwd_ms + self.conv_bwd_data_ms + self.conv_bwd_filter_ms + self.bias_ms
+    }
+}
+
+/// Waits for the recorded events of this thread on `device` and returns their summed times
+/// (zero when profiling was off, on CPU, or without the `cudnn` feature).
+pub fn take_profile(device: &Device) -> Result<Profile> {
+    #[cfg(feature = "cudnn")]
+    if let Device::Cuda(dev) = device {
+        return backend::take_profile(dev);
+    }
+    let _ = device;
+    Ok(Profile::default())
+}
+
+/// One line per planned cuDNN call (shape, dtype, chosen algorithm, math type, workspace),
+/// for logs and the benchmark report. Empty without the feature or before the first step.
+pub fn plan_report() -> Vec<String> {
+    #[cfg(feature = "cudnn")]
+    {
+        backend::plan_report()
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        Vec::new()
+    }
+}
+
+/// 2-D convolution (cross-correlation, as candle and PyTorch) plus bias, through the custom op:
+/// `x` (N,C,H,W), `w` (K,C,kh,kw), `b` (K) → (N,K,H',W'). All three must share one dtype and
+/// device. Differentiable with respect to all three.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, c, h, wd) = x.dims4()?;
+    let (k, wc, kh, kw) = w.dims4()?;
+    if c != wc {
+        candle_core::bail!("conv2d: input has {c} channels but the weight expects {wc}");
+    }
+    if b.dims() != [k] {
+        candle_core::bail!("conv2d: bias shape {:?} does not match {k} output channels", b.dims());
+    }
+    if x.dtype() != w.dtype() || x.dtype() != b.dtype() {
+        candle_core::bail!("conv2d: dtypes differ (x {:?}, w {:?}, b {:?})", x.dtype(), w.dtype(), b.dtype());
+    }
+    if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+        candle_core::bail!("conv2d: kernel {kh}×{kw} (padding {padding}, stride {stride}) does not fit a {h}×{wd} input");
+    }
+    let params = ConvParams { padding, stride };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dOp(params))
+}
+
+/// 2×2 max-pooling with stride 2, floor mode (odd trailing rows/columns are dropped), through
+/// the custom op. Differentiable; the gradient of each window goes to its first maximum.
+pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h < 2 || w < 2 {
+        candle_core::bail!("max_pool2: input {h}×{w} is smaller than the 2×2 window");
+    }
+    x.contiguous()?.apply_op1(MaxPool2Op)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConvParams {
+    padding: usize,
+    stride: usize,
+}
+
+impl ConvParams {
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the cuDNN backend"))]
+    fn out_dim(&self, input: usize, k: usize) -> usize {
+        (input + 2 * self.padding - k) / self.stride + 1
+    }
+}
+
+/// Forward: (x, w, b) → y.
+struct Conv2dOp(ConvParams);
+
+/// Backward-data: (dy, w) → dx, with dx's spatial size recorded (stride can make it ambiguous).
+struct ConvBwdData {
+    p: ConvParams,
+    x_hw: (usize, usize),
+}
+
+/// Backward-filter: (x, dy) → dw, with the kernel size recorded.
+struct ConvBwdFilter {
+    p: ConvParams,
+    k_hw: (usize, usize),
+}
+
+/// Bias gradient: dy (N,K,H,W) → db (K).
+struct BiasGrad;
+
+/// Max-pool backward: (x, y, dy) → dx.
+struct MaxPool2Bwd;
+
+struct MaxPool2Op;
+
+// ---------------------------------------------------------------------------------------------
+// CPU fallbacks: candle tensors built from the op's storage.
+
+/// Copies a (possibly strided) CPU storage view into a fresh contiguous tensor.
+fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    fn gather<T: Copy>(data: &[T], l: &Layout) -> Vec<T> {
+        if let Some((a, b)) = l.contiguous_offsets() {
+            return data[a..b].to_vec();
+        }
+        let dims = l.dims();
+        let strides = l.stride();
+        let n: usize = dims.iter().product();
+        let mut out = Vec::with_capacity(n);
+        let mut idx = vec![0usize; dims.len()];
+        for _ in 0..n {
+            let off = l.start_offset() + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+            out.push(data[off]);
+            for d in (0..dims.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < dims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    }
+    let dev = Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
+        CpuStorage::F64(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
+        CpuStorage::BF16(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
+        CpuStorage::F16(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
+        other => candle_core::bail!("cudnn ops: unsupported dtype {:?} on CPU", other.dtype()),
+    }
+}
+
+fn cpu_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let shape = t.shape().clone();
+    let flat = t.flatten_all()?;
+    let s = match t.dtype() {
+        DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+        DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+        other => candle_core::bail!("cudnn ops: unsupported dtype {other:?} on CPU"),
+    };
+    Ok((s, shape))
+}
+
+fn cpu_conv_fwd(p: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.conv2d(w, p.padding, p.stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+}
+
+/// dx = conv_transpose(dy, w), the formula candle's own conv2d backward uses, made exact for
+/// non-square inputs by over-padding and narrowing.
+fn cpu_conv_bwd_data(p: ConvParams, dy: &Tensor, w: &Tensor, x_hw: (usize, usize)) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    let (_, _, gh, gw) = dy.dims4()?;
+    let base_h = (gh - 1) * p.stride + kh - 2 * p.padding;
+    let base_w = (gw - 1) * p.stride + kw - 2 * p.padding;
+    let out_pad = x_hw.0.saturating_sub(base_h).max(x_hw.1.saturating_sub(base_w));
+    let dx = dy.conv_transpose2d(w, p.padding, out_pad, p.stride, 1)?;
+    dx.narrow(2, 0, x_hw.0)?.narrow(3, 0, x_hw.1)
+}
+
+/// dw = conv(xᵀ, dyᵀ) with the stride as dilation, narrowed to the kernel size.
+fn cpu_conv_bwd_filter(p: ConvParams, x: &Tensor, dy: &Tensor, k_hw: (usize, usize)) -> Result<Tensor> {
+    let dw = x.transpose(0, 1)?.conv2d(&dy.transpose(0, 1)?.contiguous()?, p.padding, 1, p.stride, 1)?.transpose(0, 1)?;
+    dw.narrow(2, 0, k_hw.0)?.narrow(3, 0, k_hw.1)?.contiguous()
+}
+
+/// Max-pool backward on CPU in f64: each window's gradient goes to its first maximum.
+fn cpu_pool_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let (n, c, h, w) = x.dims4()?;
+    let (_, _, oh, ow) = dy.dims4()?;
+    let xs = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let gs = dy.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let mut dx = vec![0f64; xs.len()];
+    for plane in 0..n * c {
+        let xb = plane * h * w;
+        let gb = plane * oh * ow;
+        for i in 0..oh {
+            for j in 0..ow {
+                let mut best = xb + 2 * i * w + 2 * j;
+                for (di, dj) in [(0, 1), (1, 0), (1, 1)] {
+                    let at = xb + (2 * i + di) * w + 2 * j + dj;
+                    // NaN wins (propagated) and stays; otherwise strictly greater replaces.
+                    if !xs[best].is_nan() && (xs[at] > xs[best] || xs[at].is_nan()) {
+                        best = at;
+                    }
+                }
+                dx[best] += gs[gb + i * ow + j];
+            }
+        }
+    }
+    Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu)?.to_dtype(dtype)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The custom ops.
+
+#[cfg(not(feature = "cudnn"))]
+fn no_backend(name: &str) -> candle_core::Error {
+    candle_core::Error::Cuda(
+        format!("{name}: this build has no cuDNN backend (build gz-model with the `cudnn` feature)").into(),
+    )
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = cpu_conv_fwd(self.0, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, &cpu_tensor(s3, l3)?)?;
+        cpu_storage(&y)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let (n, _, h, w) = l1.shape().dims4()?;
+            let (k, _, kh, kw) = l2.shape().dims4()?;
+            let shape = Shape::from((n, k, self.0.out_dim(h, kh), self.0.out_dim(w, kw)));
+            let y = backend::conv_fwd(self.0, s1, l1, s2, l2, s3, l3, &shape)?;
+            Ok((y, shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dx = dy.apply_op2_no_bwd(w, &ConvBwdData { p: self.0, x_hw: (h, wd) })?;
+        let dw = x.apply_op2_no_bwd(&dy, &ConvBwdFilter { p: self.0, k_hw: (kh, kw) })?;
+        let db = dy.apply_op1_no_bwd(&BiasGrad)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp2 for ConvBwdData {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-conv2d-bwd-data"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dx = cpu_conv_bwd_data(self.p, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.x_hw)?;
+        cpu_storage(&dx)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let (n, _, _, _) = l1.shape().dims4()?;
+            let (_, c, _, _) = l2.shape().dims4()?;
+            let shape = Shape::from((n, c, self.x_hw.0, self.x_hw.1));
+            let dx = backend::conv_bwd_data(self.p, s1, l1, s2, l2, &shape)?;
+            Ok((dx, shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+}
+
+impl CustomOp2 for ConvBwdFilter {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-conv2d-bwd-filter"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dw = cpu_conv_bwd_filter(self.p, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.k_hw)?;
+        cpu_storage(&dw)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let (_, c, _, _) = l1.shape().dims4()?;
+            let (_, k, _, _) = l2.shape().dims4()?;
+            let shape = Shape::from((k, c, self.k_hw.0, self.k_hw.1));
+            let dw = backend::conv_bwd_filter(self.p, s1, l1, s2, l2, &shape)?;
+            Ok((dw, shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+}
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = cpu_tensor(s, l)?;
+        // Accumulate in f32 at least, as cuDNN does.
+        let acc = if dy.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let db = dy.to_dtype(acc)?.sum((0, 2, 3))?.to_dtype(dy.dtype())?;
+        cpu_storage(&db)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let (_, k, _, _) = l.shape().dims4()?;
+            let db = backend::bias_grad(s, l, k)?;
+            Ok((db, Shape::from(k)))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+}
+
+impl CustomOp1 for MaxPool2Op {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-max-pool2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = cpu_tensor(s, l)?.max_pool2d(2)?;
+        cpu_storage(&y)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let (n, c, h, w) = l.shape().dims4()?;
+            let shape = Shape::from((n, c, h / 2, w / 2));
+            let y = backend::pool_fwd(s, l, &shape)?;
+            Ok((y, shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        Ok(Some(x.apply_op3_no_bwd(y, &dy, &MaxPool2Bwd)?))
+    }
+}
+
+impl CustomOp3 for MaxPool2Bwd {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-max-pool2-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dx = cpu_pool_bwd(&cpu_tensor(s1, l1)?, &cpu_tensor(s3, l3)?)?;
+        cpu_storage(&dx)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let shape = l1.shape().clone();
+            let dx = backend::pool_bwd(s1, l1, s2, l2, s3, l3)?;
+            Ok((dx, shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+}

@@ -1,0 +1,534 @@
+//! Tests of the custom ops against candle's reference kernels and autograd.
+//!
+//! CPU tests (always built) check the op plumbing and the gradient formulas the ops implement.
+//! CUDA tests (`cudnn` feature) check the cuDNN calls on every layer shape of both models; they
+//! skip when no CUDA device is present unless `GZ_REQUIRE_CUDA=1`, which the device script sets.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{conv2d, max_pool2};
+
+fn randn(shape: &[usize], seed: u64, dev: &Device) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, shape, dev)
+}
+
+/// max |a − b| / max |b|, computed in f32 on the CPU.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let diff = (&a - &b)?.abs()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.max(0)?.to_scalar::<f32>()?.max(1e-6);
+    Ok(diff / scale)
+}
+
+/// Output and the three gradients of `loss = Σ y ⊙ g` (g fixed random) for one path.
+struct Grads {
+    y: Tensor,
+    dx: Tensor,
+    dw: Tensor,
+    db: Tensor,
+}
+
+#[allow(clippy::too_many_arguments, reason = "test helper")]
+fn run(
+    fast: bool,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Grads> {
+    let (xv, wv, bv) = (Var::from_tensor(x)?, Var::from_tensor(w)?, Var::from_tensor(b)?);
+    let y = if fast {
+        conv2d(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), padding, stride)?
+    } else {
+        xv.as_tensor()
+            .conv2d(wv.as_tensor(), padding, stride, 1, 1)?
+            .broadcast_add(&bv.as_tensor().reshape((1, (), 1, 1))?)?
+    };
+    let loss = (y.to_dtype(DType::F32)? * g)?.sum_all()?;
+    let grads = loss.backward()?;
+    let get = |v: &Var| {
+        grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+    };
+    Ok(Grads { y, dx: get(&xv)?, dw: get(&wv)?, db: get(&bv)? })
+}
+
+fn check_conv(
+    dev: &Device,
+    dtype: DType,
+    (n, c, h, k, kh, padding, stride): (usize, usize, usize, usize, usize, usize, usize),
+    ref_dev: &Device,
+    tol: f32,
+) -> Result<()> {
+    let seed = (n * 1000 + c * 100 + h * 10 + k + kh) as u64;
+    let x = randn(&[n, c, h, h], seed, dev)?;
+    let w = (randn(&[k, c, kh, kh], seed + 1, dev)? * (1.0 / ((c * kh * kh) as f64).sqrt()))?;
+    let b = randn(&[k], seed + 2, dev)?;
+    // Round the inputs to the tested dtype once, so the reference sees the same values.
+    let (x, w, b) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?, b.to_dtype(dtype)?);
+    let fast = {
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let g = randn(&[n, k, oh, oh], seed + 3, dev)?;
+        run(true, &x, &w, &b, &g, padding, stride)?
+    };
+    let reference = {
+        let to_ref = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(ref_dev);
+        let oh = (h + 2 * padding - kh) / stride + 1;
+        let g = randn(&[n, k, oh, oh], seed + 3, ref_dev)?;
+        run(false, &to_ref(&x)?, &to_ref(&w)?, &to_ref(&b)?, &g, padding, stride)?
+    };
+    let what = format!("{dtype:?} n={n} c={c} {h}×{h} → k={k} {kh}×{kh} pad={padding} stride={stride}");
+    for (name, a, r) in [
+        ("y", &fast.y, &reference.y),
+        ("dx", &fast.dx, &reference.dx),
+        ("dw", &fast.dw, &reference.dw),
+        ("db", &fast.db, &reference.db),
+    ] {
+        if a.dims() != r.dims() {
+            candle_core::bail!("{what}: {name} shape {:?} vs reference {:?}", a.dims(), r.dims());
+        }
+        let e = rel_err(a, r)?;
+        if !(e <= tol) {
+            candle_core::bail!("{what}: {name} relative error {e:.2e} > {tol:.0e}");
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU: the op plumbing and gradient formulas.
+
+#[test]
+fn cpu_conv_matches_candle_with_gradients() -> Result<()> {
+    let cpu = Device::Cpu;
+    for shape in [
+        (2, 3, 12, 8, 3, 1, 1),
+        (2, 4, 11, 5, 3, 0, 1),
+        (1, 3, 15, 4, 6, 0, 1),
+        (2, 5, 10, 3, 5, 0, 1),
+        (2, 3, 9, 4, 3, 1, 2),
+        (1, 2, 10, 3, 3, 0, 2),
+    ] {
+        check_conv(&cpu, DType::F32, shape, &cpu, 1e-5)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cpu_conv_non_square_and_strided_views() -> Result<()> {
+    let cpu = Device::Cpu;
+    // Non-square input, stride 2: compare the backward-data formula with finite differences
+    // of the forward (linear in x, so one directional derivative is exact up to rounding).
+    let x = randn(&[1, 2, 7, 10], 5, &cpu)?.to_dtype(DType::F64)?;
+    let w = randn(&[3, 2, 3, 3], 6, &cpu)?.to_dtype(DType::F64)?;
+    let b = randn(&[3], 7, &cpu)?.to_dtype(DType::F64)?;
+    let v = randn(&[1, 2, 7, 10], 8, &cpu)?.to_dtype(DType::F64)?;
+    let xv = Var::from_tensor(&x)?;
+    let y = conv2d(xv.as_tensor(), &w, &b, 1, 2)?;
+    let g = randn(y.dims(), 9, &cpu)?.to_dtype(DType::F64)?;
+    let grads = (&y * &g)?.sum_all()?.backward()?;
+    let dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
+    let analytic = (&dx * &v)?.sum_all()?.to_scalar::<f64>()?;
+    let y2 = conv2d(&(&x + &v)?, &w, &b, 1, 2)?;
+    let numeric = ((y2 - &y)? * &g)?.sum_all()?.to_scalar::<f64>()?;
+    assert!((analytic - numeric).abs() < 1e-9 * numeric.abs().max(1.0), "{analytic} vs {numeric}");
+    // A transposed (strided) input view goes through `contiguous` and gives the same result.
+    let xt = x.transpose(2, 3)?;
+    let a = conv2d(&xt, &w, &b, 1, 1)?;
+    let r = xt.contiguous()?.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+    assert!(rel_err(&a, &r)? < 1e-12);
+    Ok(())
+}
+
+#[test]
+fn cpu_conv_rejects_bad_shapes() -> Result<()> {
+    let cpu = Device::Cpu;
+    let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &cpu)?;
+    let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &cpu)?;
+    let b = Tensor::zeros(4, DType::F32, &cpu)?;
+    assert!(conv2d(&x, &w, &b, 1, 1).is_err());
+    let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &cpu)?;
+    assert!(conv2d(&x, &w, &Tensor::zeros(5, DType::F32, &cpu)?, 1, 1).is_err());
+    assert!(conv2d(&x, &w, &b.to_dtype(DType::F64)?, 1, 1).is_err());
+    assert!(conv2d(&Tensor::zeros((1, 3, 2, 2), DType::F32, &cpu)?, &w, &b, 0, 1).is_err());
+    assert!(max_pool2(&Tensor::zeros((1, 1, 1, 4), DType::F32, &cpu)?).is_err());
+    Ok(())
+}
+
+/// Gradient of `Σ pool(x) ⊙ g` with respect to x, through the op.
+fn pool_grad(x: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let xv = Var::from_tensor(x)?;
+    let y = max_pool2(xv.as_tensor())?;
+    let grads = (y.to_dtype(DType::F32)? * g)?.sum_all()?.backward()?;
+    let dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
+    Ok((y, dx))
+}
+
+/// The definition: each window's gradient lands on its first maximum; odd edges get nothing.
+fn pool_grad_reference(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let xs = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let gs = g.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let (oh, ow) = (h / 2, w / 2);
+    let mut dx = vec![0f32; xs.len()];
+    for p in 0..n * c {
+        for i in 0..oh {
+            for j in 0..ow {
+                let cells = [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(a, b)| p * h * w + (2 * i + a) * w + 2 * j + b);
+                let mut best = cells[0];
+                for &at in &cells[1..] {
+                    if xs[at] > xs[best] {
+                        best = at;
+                    }
+                }
+                dx[best] += gs[p * oh * ow + i * ow + j];
+            }
+        }
+    }
+    Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu)
+}
+
+#[test]
+fn cpu_max_pool_forward_and_backward() -> Result<()> {
+    let cpu = Device::Cpu;
+    for (h, w) in [(8, 8), (53, 53), (13, 13), (7, 10)] {
+        let x = randn(&[2, 3, h, w], h as u64, &cpu)?;
+        let g = randn(&[2, 3, h / 2, w / 2], w as u64, &cpu)?;
+        let (y, dx) = pool_grad(&x, &g)?;
+        assert!(rel_err(&y, &x.max_pool2d(2)?)? == 0.0, "forward {h}×{w}");
+        assert!(rel_err(&dx, &pool_grad_reference(&x, &g)?)? < 1e-6, "backward {h}×{w}");
+    }
+    Ok(())
+}
+
+/// Documents the candle 0.11.1 bug the op avoids: on odd sizes candle's own max-pool backward
+/// misroutes gradients (so comparing against it would fail), while ours matches the definition.
+#[test]
+fn cpu_candle_max_pool_backward_is_wrong_on_odd_sizes() -> Result<()> {
+    let cpu = Device::Cpu;
+    let x = randn(&[1, 1, 13, 13], 42, &cpu)?;
+    let g = randn(&[1, 1, 6, 6], 43, &cpu)?;
+    let xv = Var::from_tensor(&x)?;
+    let grads = (xv.as_tensor().max_pool2d(2)? * &g)?.sum_all()?.backward()?;
+    let candle_dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
+    let reference = pool_grad_reference(&x, &g)?;
+    assert!(rel_err(&candle_dx, &reference)? > 1e-3, "candle's max-pool backward was fixed upstream; the op may defer to it");
+    let (_, ours) = pool_grad(&x, &g)?;
+    assert!(rel_err(&ours, &reference)? < 1e-6);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// CUDA: the cuDNN calls, on every layer shape of both models.
+
+/// (n, c_in, h=w, c_out, k, padding, stride): the 13 convolutions of VGG16-blog on 3×106×106
+/// (3×3, pad 1; pooled 106→53→26→13→6) and Dieleman's on 3×45×45 parts (6×6, 5×5, 3×3, with
+/// and without padding), at batch 4.
+#[cfg(feature = "cudnn")]
+const MODEL_SHAPES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+    (4, 3, 106, 64, 3, 1, 1),
+    (4, 64, 106, 64, 3, 1, 1),
+    (4, 64, 53, 128, 3, 1, 1),
+    (4, 128, 53, 128, 3, 1, 1),
+    (4, 128, 26, 256, 3, 1, 1),
+    (4, 256, 26, 256, 3, 1, 1),
+    (4, 256, 13, 512, 3, 1, 1),
+    (4, 512, 13, 512, 3, 1, 1),
+    (4, 512, 6, 512, 3, 1, 1),
+    (4, 3, 45, 32, 6, 0, 1),
+    (4, 32, 20, 64, 5, 0, 1),
+    (4, 64, 8, 128, 3, 0, 1),
+    (4, 128, 6, 128, 3, 0, 1),
+    (4, 3, 45, 32, 6, 1, 1),
+    (4, 32, 20, 64, 5, 2, 1),
+    (4, 64, 10, 128, 3, 1, 1),
+    (4, 128, 10, 128, 3, 1, 1),
+    (3, 5, 17, 7, 3, 1, 2),
+];
+
+/// CUDA tests run one at a time: some of them flip the process-wide TF32 switch.
+#[cfg(feature = "cudnn")]
+static CUDA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[cfg(feature = "cudnn")]
+fn cuda_device() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(std::env::var("GZ_REQUIRE_CUDA").is_err(), "GZ_REQUIRE_CUDA is set but CUDA is unavailable: {e}");
+            eprintln!("skipping CUDA test: {e}");
+            None
+        }
+    }
+}
+
+/// f32 with strict FMA math against candle's own CUDA convolution (im2col + cuBLAS, f32).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_conv_f32_strict_matches_candle() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    super::set_allow_tf32(false);
+    let r = MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 2e-4));
+    super::set_allow_tf32(true);
+    r
+}
+
+/// f32 with TF32 tensor cores allowed (the default, as PyTorch's).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_conv_f32_tf32_matches_candle() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 2e-2))
+}
+
+/// bf16 (tensor ops, f32 accumulation) against the f32 reference on the same rounded inputs.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_conv_bf16_matches_candle() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::BF16, s, &dev, 3e-2))
+}
+
+/// f16 as well (same code path, another cuDNN data type).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_conv_f16_matches_candle() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    MODEL_SHAPES[..4].iter().try_for_each(|&s| check_conv(&dev, DType::F16, s, &dev, 3e-2))
+}
+
+/// The CUDA op against the CPU op (independent of candle's CUDA kernels).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_conv_matches_cpu() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    super::set_allow_tf32(false);
+    let r = [(2, 3, 20, 8, 3, 1, 1), (2, 8, 15, 6, 5, 0, 1), (2, 4, 11, 5, 3, 1, 2)]
+        .iter()
+        .try_for_each(|&s| check_conv(&dev, DType::F32, s, &Device::Cpu, 2e-4));
+    super::set_allow_tf32(true);
+    r
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_max_pool_matches_definition() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    for dtype in [DType::F32, DType::BF16] {
+        for (c, h) in [(64, 106), (128, 53), (256, 26), (512, 13), (512, 6), (32, 40), (64, 16)] {
+            let x = randn(&[4, c, h, h], h as u64, &dev)?.to_dtype(dtype)?;
+            let g = randn(&[4, c, h / 2, h / 2], c as u64, &dev)?;
+            let (y, dx) = pool_grad(&x, &g)?;
+            let y_ref = x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.max_pool2d(2)?;
+            let e = rel_err(&y, &y_ref)?;
+            assert!(e == 0.0, "{dtype:?} pool forward {c}×{h}×{h}: {e}");
+            let dx_ref = pool_grad_reference(&x, &g)?;
+            let e = rel_err(&dx, &dx_ref)?;
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            assert!(e <= tol, "{dtype:?} pool backward {c}×{h}×{h}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// A small conv net trained 100 SGD steps on the same seed with the cuDNN ops and with candle's
+/// kernels (f32, strict math): the loss curves agree closely.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_training_follows_reference() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda_device() else { return Ok(()) };
+    super::set_allow_tf32(false);
+    let r = (|| {
+        let a = train_tiny(&dev, true)?;
+        let b = train_tiny(&dev, false)?;
+        for (step, (la, lb)) in a.iter().zip(&b).enumerate() {
+            let d = (la - lb).abs() / lb.abs().max(1e-6);
+            if d > 1e-3 {
+                candle_core::bail!("step {step}: loss {la} (cuDNN) vs {lb} (candle)");
+            }
+        }
+        if !(a[a.len() - 1] < 0.7 * a[0]) {
+            candle_core::bail!("the tiny net did not learn: {} → {}", a[0], a[a.len() - 1]);
+        }
+        Ok(())
+    })();
+    super::set_allow_tf32(true);
+    r
+}
+
+#[cfg(feature = "cudnn")]
+fn train_tiny(dev: &Device, fast: bool) -> Result<Vec<f32>> {
+    let init = |shape: &[usize], seed: u64, scale: f64| -> Result<Var> { Var::from_tensor(&(randn(shape, seed, dev)? * scale)?) };
+    let w1 = init(&[16, 3, 3, 3], 1, 0.3)?;
+    let b1 = Var::from_tensor(&Tensor::zeros(16, DType::F32, dev)?)?;
+    let w2 = init(&[32, 16, 3, 3], 2, 0.1)?;
+    let b2 = Var::from_tensor(&Tensor::zeros(32, DType::F32, dev)?)?;
+    let wd = init(&[32 * 4 * 4, 5], 3, 0.05)?;
+    let x = randn(&[32, 3, 17, 17], 4, dev)?;
+    let target = randn(&[32, 5], 5, dev)?;
+    let conv = |x: &Tensor, w: &Var, b: &Var| -> Result<Tensor> {
+        if fast {
+            conv2d(x, w.as_tensor(), b.as_tensor(), 1, 1)
+        } else {
+            x.conv2d(w.as_tensor(), 1, 1, 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)
+        }
+    };
+    // Even sizes only (16 → 8 → 4), where candle's own pool backward is right.
+    let pool = |x: &Tensor| if fast { max_pool2(x) } else { x.max_pool2d(2) };
+    let vars = [&w1, &b1, &w2, &b2, &wd];
+    let mut losses = Vec::new();
+    for _ in 0..100 {
+        let h = pool(&conv(&x.narrow(2, 0, 16)?.narrow(3, 0, 16)?, &w1, &b1)?.relu()?)?;
+        let h = pool(&conv(&h, &w2, &b2)?.relu()?)?;
+        let out = h.flatten_from(1)?.matmul(wd.as_tensor())?;
+        let loss = (out - &target)?.sqr()?.mean_all()?;
+        losses.push(loss.to_scalar::<f32>()?);
+        let grads = loss.backward()?;
+        for v in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                v.set(&(v.as_tensor() - (g * 0.05)?)?)?;
+            }
+        }
+    }
+    Ok(losses)
+}
+
+// ------------------------------------------------------------------------------------------
+// Benchmark (ignored; the device script runs it): the conv/pool/ReLU towers of both models,
+// forward + backward, cuDNN ops against candle's stock kernels.
+
+#[cfg(feature = "cudnn")]
+#[derive(Clone, Copy)]
+enum Layer {
+    Conv(usize, usize, usize, usize),
+    Pool,
+}
+
+#[cfg(feature = "cudnn")]
+fn vgg_tower() -> Vec<Layer> {
+    let mut v = Vec::new();
+    let mut c_in = 3;
+    for (n, c) in [(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)] {
+        for _ in 0..n {
+            v.push(Layer::Conv(c_in, c, 3, 1));
+            c_in = c;
+        }
+        v.push(Layer::Pool);
+    }
+    v
+}
+
+#[cfg(feature = "cudnn")]
+fn dieleman_tower() -> Vec<Layer> {
+    use Layer::{Conv, Pool};
+    vec![Conv(3, 32, 6, 0), Pool, Conv(32, 64, 5, 0), Pool, Conv(64, 128, 3, 0), Conv(128, 128, 3, 0), Pool]
+}
+
+#[cfg(feature = "cudnn")]
+fn tower_step(fast: bool, x: &Tensor, layers: &[Layer], params: &[(Var, Var)]) -> Result<()> {
+    let mut h = x.clone();
+    let mut p = params.iter();
+    for l in layers {
+        h = match *l {
+            Layer::Conv(_, _, _, pad) => {
+                let (w, b) = p.next().ok_or_else(|| candle_core::Error::Msg("params".into()))?;
+                let y = if fast {
+                    conv2d(&h, w.as_tensor(), b.as_tensor(), pad, 1)?
+                } else {
+                    h.conv2d(w.as_tensor(), pad, 1, 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?
+                };
+                y.relu()?
+            }
+            Layer::Pool => {
+                if fast {
+                    max_pool2(&h)?
+                } else {
+                    h.max_pool2d(2)?
+                }
+            }
+        };
+    }
+    let grads = h.to_dtype(DType::F32)?.sum_all()?.backward()?;
+    drop(grads);
+    Ok(())
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+#[ignore = "benchmark, not a test: scripts/device-cudnn.sh runs it on the GPU"]
+fn bench_conv_towers() -> Result<()> {
+    let dev = Device::new_cuda(0)?;
+    for (name, layers, (c, h), batch, per_img) in [
+        ("vgg16-blog", vgg_tower(), (3, 106), 256, 1),
+        ("dieleman", dieleman_tower(), (3, 45), 256, 16),
+    ] {
+        for dtype in [DType::BF16, DType::F32] {
+            for fast in [true, false] {
+                let n = batch * per_img;
+                let x = randn(&[n, c, h, h], 1, &dev)?.to_dtype(dtype)?;
+                let mut params = Vec::new();
+                for (i, l) in layers.iter().enumerate() {
+                    if let Layer::Conv(ci, co, k, _) = *l {
+                        let w = (randn(&[co, ci, k, k], i as u64, &dev)? * (2.0 / (ci * k * k) as f64).sqrt())?;
+                        params.push((Var::from_tensor(&w.to_dtype(dtype)?)?, Var::from_tensor(&Tensor::zeros(co, dtype, &dev)?)?));
+                    }
+                }
+                let (warm, steps) = if fast { (3, 20) } else { (1, 3) };
+                for _ in 0..warm {
+                    tower_step(fast, &x, &layers, &params)?;
+                }
+                dev.synchronize()?;
+                let t = std::time::Instant::now();
+                for _ in 0..steps {
+                    tower_step(fast, &x, &layers, &params)?;
+                }
+                dev.synchronize()?;
+                let step_ms = t.elapsed().as_secs_f64() * 1e3 / steps as f64;
+                let mut line = format!(
+                    "BENCH tower={name} dtype={dtype:?} path={} batch={batch} step_ms={step_ms:.2} img_per_s={:.0}",
+                    if fast { "cudnn" } else { "candle" },
+                    batch as f64 * 1e3 / step_ms
+                );
+                if fast {
+                    super::take_profile(&dev)?;
+                    super::set_profiling(true);
+                    dev.synchronize()?;
+                    let t = std::time::Instant::now();
+                    tower_step(fast, &x, &layers, &params)?;
+                    dev.synchronize()?;
+                    let prof_ms = t.elapsed().as_secs_f64() * 1e3;
+                    super::set_profiling(false);
+                    let p = super::take_profile(&dev)?;
+                    line += &format!(
+                        " | profiled step {prof_ms:.2} ms: conv_fwd {:.2} bwd_data {:.2} bwd_filter {:.2} bias {:.2} pool {:.2} other {:.2} ms",
+                        p.conv_fwd_ms,
+                        p.conv_bwd_data_ms,
+                        p.conv_bwd_filter_ms,
+                        p.bias_ms,
+                        p.pool_ms,
+                        prof_ms - p.conv_ms() - p.pool_ms
+                    );
+                }
+                eprintln!("{line}");
+            }
+        }
+    }
+    for l in super::plan_report() {
+        eprintln!("PLAN {l}");
+    }
+    Ok(())
+}
