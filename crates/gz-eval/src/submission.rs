@@ -1,0 +1,580 @@
+//! Kaggle submission files: writing one that is valid by construction, and checking any file.
+//!
+//! A submission is `GalaxyID,Class1.1,…,Class11.6` followed by exactly one row per test image
+//! (79,975 for the real test set), every value a finite number in [0, 1]. [`write_submission`]
+//! clips the predictions, fills or refuses missing rows, sorts by id, re-checks the bytes it is
+//! about to publish with [`check_bytes`] and only then renames them into place (atomic), so a
+//! short or broken file is never left where a user would upload it. [`check`] validates an
+//! existing file and, unlike `gz_schema::read_solutions` (which stops at the first error), keeps
+//! going and lists every problem with its line, capped at [`MAX_LISTED_PER_KIND`] messages per
+//! kind with full counts. Neighbours: gz-schema owns the column names and the atomic write.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use gz_schema::{column_names, csv_header, Solutions, N_ANSWERS};
+use serde::Serialize;
+
+use crate::{io_err, EvalError, Result};
+
+/// How many problems of one kind [`check`] spells out; the rest are only counted.
+pub const MAX_LISTED_PER_KIND: usize = 20;
+
+/// Rows in the real Kaggle test set.
+pub const KAGGLE_TEST_ROWS: usize = 79_975;
+
+/// What kind of problem a submission has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum ProblemKind {
+    /// Empty file or the header is not exactly the 38 Kaggle columns.
+    Header,
+    /// The CSV layer failed (bad quoting, invalid UTF-8).
+    Csv,
+    /// A row without 38 fields.
+    FieldCount,
+    /// A GalaxyID that is not a non-negative integer.
+    BadId,
+    /// A GalaxyID seen on an earlier line.
+    DuplicateId,
+    /// A cell that is not a number.
+    NotANumber,
+    /// A NaN cell.
+    NaN,
+    /// An infinite cell.
+    Infinite,
+    /// A value outside [0, 1].
+    OutOfRange,
+    /// Number of rows differs from the number of test images.
+    RowCount,
+    /// A test image with no row.
+    MissingId,
+    /// A row for an id that is not a test image.
+    ExtraId,
+}
+
+/// One problem of a submission file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// 1-based line (the header is line 1); `None` for whole-file problems and missing ids.
+    pub line: Option<u64>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// The outcome of checking a submission.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckReport {
+    pub path: PathBuf,
+    /// Data rows read (lines after the header that were not blank).
+    pub rows: usize,
+    /// Problems in file order (missing ids last), at most [`MAX_LISTED_PER_KIND`] per kind.
+    pub problems: Vec<Problem>,
+    /// Every problem counted by kind, including those not listed.
+    pub counts: BTreeMap<ProblemKind, usize>,
+}
+
+impl CheckReport {
+    /// Whether the file is a valid submission.
+    pub fn is_ok(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// Total number of problems.
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Number of problems of one kind.
+    pub fn count(&self, kind: ProblemKind) -> usize {
+        self.counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    fn push(&mut self, kind: ProblemKind, line: Option<u64>, message: String) {
+        let n = self.counts.entry(kind).or_insert(0);
+        *n += 1;
+        if *n <= MAX_LISTED_PER_KIND {
+            self.problems.push(Problem { kind, line, message });
+        }
+    }
+
+    /// A multi-line human summary: each listed problem, then counts of the unlisted ones.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        for p in &self.problems {
+            let _ = writeln!(s, "{}: {p}", self.path.display());
+        }
+        for (kind, &n) in &self.counts {
+            if n > MAX_LISTED_PER_KIND {
+                let _ = writeln!(s, "{}: … and {} more {kind:?} problems", self.path.display(), n - MAX_LISTED_PER_KIND);
+            }
+        }
+        s
+    }
+}
+
+/// Checks a submission file; `ids` (the test images' GalaxyIDs) adds the completeness checks.
+/// Only an unreadable file is an `Err`; everything wrong inside it is in the report.
+pub fn check(path: &Path, ids: Option<&[u64]>) -> Result<CheckReport> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    Ok(check_bytes(&bytes, path, ids))
+}
+
+/// Like [`check`], on the file's bytes; `path` names it in messages.
+pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckReport {
+    let mut rep =
+        CheckReport { path: path.to_path_buf(), rows: 0, problems: Vec::new(), counts: BTreeMap::new() };
+    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(bytes);
+    let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut first = true;
+    let mut rec = csv::StringRecord::new();
+    loop {
+        match rdr.read_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let line = e.position().map(|p| p.line());
+                rep.push(ProblemKind::Csv, line, format!("malformed CSV: {e}"));
+                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                    break;
+                }
+                continue;
+            }
+        }
+        let line = rec.position().map_or(0, |p| p.line());
+        if first {
+            first = false;
+            check_header(&rec, &expected, &mut rep);
+            continue;
+        }
+        if rec.len() == 1 && rec[0].trim().is_empty() {
+            continue;
+        }
+        rep.rows += 1;
+        if rec.len() != expected.len() {
+            rep.push(
+                ProblemKind::FieldCount,
+                Some(line),
+                format!("expected 38 fields (GalaxyID + 37 classes), found {}", rec.len()),
+            );
+        }
+        let id_text = rec.get(0).unwrap_or("").trim();
+        match id_text.parse::<u64>() {
+            Ok(id) => {
+                if let Some(&first_line) = seen.get(&id) {
+                    rep.push(
+                        ProblemKind::DuplicateId,
+                        Some(line),
+                        format!("duplicate GalaxyID {id} (first on line {first_line})"),
+                    );
+                } else {
+                    seen.insert(id, line);
+                }
+            }
+            Err(_) => rep.push(ProblemKind::BadId, Some(line), format!("GalaxyID {id_text:?} is not a non-negative integer")),
+        }
+        for (k, column) in column_names().enumerate() {
+            let Some(text) = rec.get(k + 1) else { break };
+            let text = text.trim();
+            match text.parse::<f64>() {
+                Err(_) => rep.push(ProblemKind::NotANumber, Some(line), format!("{column}: {text:?} is not a number")),
+                Ok(v) if v.is_nan() => rep.push(ProblemKind::NaN, Some(line), format!("{column}: NaN")),
+                Ok(v) if v.is_infinite() => {
+                    rep.push(ProblemKind::Infinite, Some(line), format!("{column}: {text:?} is infinite"))
+                }
+                Ok(v) if !(0.0..=1.0).contains(&v) => {
+                    rep.push(ProblemKind::OutOfRange, Some(line), format!("{column}: {v} is outside [0, 1]"))
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    if first {
+        rep.push(ProblemKind::Header, Some(1), "file is empty (no header)".into());
+    }
+    if let Some(ids) = ids {
+        if rep.rows != ids.len() {
+            rep.push(
+                ProblemKind::RowCount,
+                None,
+                format!("{} rows, but there are {} test images", rep.rows, ids.len()),
+            );
+        }
+        let want: HashSet<u64> = ids.iter().copied().collect();
+        let mut extra: Vec<(u64, u64)> = seen.iter().filter(|(id, _)| !want.contains(id)).map(|(&id, &l)| (l, id)).collect();
+        extra.sort_unstable();
+        for (line, id) in extra {
+            rep.push(ProblemKind::ExtraId, Some(line), format!("GalaxyID {id} is not one of the test images"));
+        }
+        let mut missing: Vec<u64> = want.iter().filter(|id| !seen.contains_key(id)).copied().collect();
+        missing.sort_unstable();
+        for id in missing {
+            rep.push(ProblemKind::MissingId, None, format!("no row for test image {id}"));
+        }
+    }
+    // Keep file order (line), whole-file problems and missing ids last.
+    rep.problems.sort_by_key(|p| (p.line.is_none(), p.line));
+    rep
+}
+
+fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckReport) {
+    if rec.len() != expected.len() {
+        rep.push(
+            ProblemKind::Header,
+            Some(1),
+            format!(
+                "header has {} columns, expected {} (GalaxyID,Class1.1,…,Class11.6)",
+                rec.len(),
+                expected.len()
+            ),
+        );
+    }
+    for (i, (got, want)) in rec.iter().zip(expected).enumerate() {
+        let got = if i == 0 { got.trim_start_matches('\u{feff}') } else { got };
+        if got.trim() != *want {
+            rep.push(ProblemKind::Header, Some(1), format!("header column {} is {got:?}, expected {want:?}", i + 1));
+        }
+    }
+}
+
+/// GalaxyIDs of the test images in a folder: every `<id>.jpg`, sorted. A `.jpg` whose name is
+/// not an integer id is an error (it could not be given a row).
+pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    let mut bad = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let p = entry.path();
+        let is_jpg = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+        if !is_jpg {
+            continue;
+        }
+        match p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()) {
+            Some(id) => ids.push(id),
+            None => bad.push(p.display().to_string()),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(EvalError::BadFile {
+            path: dir.to_path_buf(),
+            reason: format!("{} JPEG(s) not named <GalaxyID>.jpg: {}", bad.len(), bad.join(", ")),
+        });
+    }
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    if ids.len() != before {
+        return Err(EvalError::BadFile { path: dir.to_path_buf(), reason: "the same GalaxyID appears as several files".into() });
+    }
+    Ok(ids)
+}
+
+/// Reads a predictions CSV (same layout as a submission) leniently: the header must be exact
+/// and every row an integer id plus 37 numbers, but values may be outside [0, 1], NaN or
+/// duplicated — [`assemble`] decides about those. Stops at the first unparsable row.
+pub fn read_predictions(path: &Path) -> Result<Solutions> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let bad = |line: u64, reason: String| EvalError::BadFile { path: path.to_path_buf(), reason: format!("line {line}: {reason}") };
+    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(&bytes[..]);
+    let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
+    let mut out = Solutions::new();
+    let mut row = [0f32; N_ANSWERS];
+    let mut first = true;
+    for rec in rdr.records() {
+        let rec = rec.map_err(|e| bad(e.position().map_or(0, |p| p.line()), format!("malformed CSV: {e}")))?;
+        let line = rec.position().map_or(0, |p| p.line());
+        if first {
+            first = false;
+            let mut rep = CheckReport { path: path.to_path_buf(), rows: 0, problems: Vec::new(), counts: BTreeMap::new() };
+            check_header(&rec, &expected, &mut rep);
+            if let Some(p) = rep.problems.first() {
+                return Err(bad(1, p.message.clone()));
+            }
+            continue;
+        }
+        if rec.len() == 1 && rec[0].trim().is_empty() {
+            continue;
+        }
+        if rec.len() != expected.len() {
+            return Err(bad(line, format!("expected 38 fields, found {}", rec.len())));
+        }
+        let id: u64 = rec[0].trim().parse().map_err(|_| bad(line, format!("GalaxyID {:?} is not an integer", &rec[0])))?;
+        for (k, column) in column_names().enumerate() {
+            let t = rec[k + 1].trim();
+            row[k] = t.parse().map_err(|_| bad(line, format!("{column}: {t:?} is not a number")))?;
+        }
+        out.push(id, &row);
+    }
+    if first {
+        return Err(bad(1, "file is empty (no header)".into()));
+    }
+    Ok(out)
+}
+
+/// How a submission was assembled from predictions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Assembled {
+    /// The final rows, sorted by id, clipped to [0, 1].
+    pub rows: Solutions,
+    /// Ids whose row was filled with the fill row (missing, or not finite), sorted.
+    pub filled: Vec<u64>,
+    /// Number of values that were clipped into [0, 1].
+    pub clipped: usize,
+}
+
+/// Turns predictions into submission rows: clipped to [0, 1], sorted by id. With `ids` (the test
+/// images) every id must be predicted exactly once and nothing else; a missing row or a row with
+/// a non-finite value is an error, unless `fill` (the training mean) is given, which then fills
+/// it and lists it in [`Assembled::filled`]. `path` names the target in errors.
+pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, path: &Path) -> Result<Assembled> {
+    let refuse = |reason: String| EvalError::Submission { path: path.to_path_buf(), reason };
+    if let Some(f) = fill {
+        if f.len() != N_ANSWERS || f.iter().any(|v| !v.is_finite()) {
+            return Err(refuse(format!("the fill row must be 37 finite values, got {}", f.len())));
+        }
+    }
+    let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(pred.len());
+    let mut dups = Vec::new();
+    for (i, &id) in pred.ids.iter().enumerate() {
+        if by_id.insert(id, i).is_some() {
+            dups.push(id);
+        }
+    }
+    if !dups.is_empty() {
+        return Err(refuse(format!("{} duplicate ids in the predictions, e.g. {}", dups.len(), list(&dups))));
+    }
+    let mut order: Vec<u64> = match ids {
+        Some(ids) => {
+            let want: HashSet<u64> = ids.iter().copied().collect();
+            let mut extra: Vec<u64> = pred.ids.iter().filter(|id| !want.contains(id)).copied().collect();
+            if !extra.is_empty() {
+                extra.sort_unstable();
+                return Err(refuse(format!(
+                    "{} predicted ids are not test images (wrong folder?), e.g. {}",
+                    extra.len(),
+                    list(&extra)
+                )));
+            }
+            want.into_iter().collect()
+        }
+        None => pred.ids.clone(),
+    };
+    order.sort_unstable();
+    let mut out = Assembled::default();
+    let mut missing = Vec::new();
+    let mut nonfinite = Vec::new();
+    let mut row = [0f32; N_ANSWERS];
+    for id in order {
+        let src = by_id.get(&id).map(|&i| pred.row(i));
+        match (src, fill) {
+            (Some(r), _) if r.iter().all(|v| v.is_finite()) => {
+                for (o, v) in row.iter_mut().zip(r) {
+                    let c = v.clamp(0.0, 1.0);
+                    if c != *v {
+                        out.clipped += 1;
+                    }
+                    *o = c;
+                }
+                out.rows.push(id, &row);
+            }
+            (src, Some(f)) => {
+                out.rows.push(id, f);
+                out.filled.push(id);
+                let _ = src;
+            }
+            (Some(_), None) => nonfinite.push(id),
+            (None, None) => missing.push(id),
+        }
+    }
+    if !missing.is_empty() || !nonfinite.is_empty() {
+        let mut why = Vec::new();
+        if !missing.is_empty() {
+            why.push(format!("{} test images have no prediction (e.g. {})", missing.len(), list(&missing)));
+        }
+        if !nonfinite.is_empty() {
+            why.push(format!("{} predictions are NaN or infinite (e.g. {})", nonfinite.len(), list(&nonfinite)));
+        }
+        return Err(refuse(format!(
+            "{}; a short submission is not written (fill those rows with the training mean explicitly with --fill-mean)",
+            why.join("; ")
+        )));
+    }
+    Ok(out)
+}
+
+fn list(ids: &[u64]) -> String {
+    let mut s: Vec<String> = ids.iter().take(10).map(|i| i.to_string()).collect();
+    if ids.len() > 10 {
+        s.push("…".into());
+    }
+    s.join(", ")
+}
+
+/// Serialises rows as a submission CSV (values with 6 decimals, as Kaggle's own files).
+pub fn to_csv(rows: &Solutions) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(64 + rows.len() * N_ANSWERS * 9);
+    s.push_str(&csv_header());
+    s.push('\n');
+    for i in 0..rows.len() {
+        let _ = write!(s, "{}", rows.ids[i]);
+        for v in rows.row(i) {
+            let _ = write!(s, ",{v:.6}");
+        }
+        s.push('\n');
+    }
+    s.into_bytes()
+}
+
+/// Assembles (see [`assemble`]), checks the exact bytes, then publishes them atomically.
+/// Nothing is written when anything is wrong.
+pub fn write_submission(path: &Path, pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>) -> Result<Assembled> {
+    let assembled = assemble(pred, ids, fill, path)?;
+    if assembled.rows.is_empty() {
+        return Err(EvalError::Submission { path: path.to_path_buf(), reason: "no rows to write".into() });
+    }
+    let bytes = to_csv(&assembled.rows);
+    let report = check_bytes(&bytes, path, ids);
+    if !report.is_ok() {
+        return Err(EvalError::Submission {
+            path: path.to_path_buf(),
+            reason: format!("the file failed its own check:\n{}", report.describe()),
+        });
+    }
+    gz_schema::write_atomic(path, &bytes)?;
+    Ok(assembled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sol(ids: &[u64], v: f32) -> Solutions {
+        let mut s = Solutions::new();
+        for &id in ids {
+            s.push(id, &[v; N_ANSWERS]);
+        }
+        s
+    }
+
+    #[test]
+    fn writes_a_clipped_sorted_complete_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub.csv");
+        let mut pred = sol(&[3, 1], 0.5);
+        pred.values[0] = 1.7;
+        pred.values[1] = -0.2;
+        let a = write_submission(&p, &pred, Some(&[1, 3]), None).unwrap();
+        assert_eq!(a.clipped, 2);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next().unwrap(), csv_header());
+        assert!(lines.next().unwrap().starts_with("1,0.500000,"));
+        assert!(lines.next().unwrap().starts_with("3,1.000000,0.000000,0.500000"));
+        assert_eq!(lines.next(), None);
+        assert!(check(&p, Some(&[1, 3])).unwrap().is_ok());
+        let back = gz_schema::read_solutions(&p).unwrap();
+        assert_eq!(back.ids, vec![1, 3]);
+    }
+
+    #[test]
+    fn refuses_short_or_nan_unless_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub.csv");
+        let pred = sol(&[1, 2], 0.5);
+        let e = write_submission(&p, &pred, Some(&[1, 2, 3]), None).unwrap_err();
+        assert!(e.to_string().contains("1 test images have no prediction (e.g. 3)"), "{e}");
+        assert!(!p.exists());
+        let mut nan = pred.clone();
+        nan.values[40] = f32::NAN;
+        let e = write_submission(&p, &nan, Some(&[1, 2]), None).unwrap_err();
+        assert!(e.to_string().contains("NaN"), "{e}");
+        assert!(!p.exists());
+        let e = write_submission(&p, &pred, Some(&[1]), None).unwrap_err();
+        assert!(e.to_string().contains("not test images"), "{e}");
+        let e = write_submission(&p, &sol(&[1, 1], 0.5), None, None).unwrap_err();
+        assert!(e.to_string().contains("duplicate"), "{e}");
+
+        let fill = [0.25; N_ANSWERS];
+        let a = write_submission(&p, &nan, Some(&[1, 2, 3]), Some(&fill)).unwrap();
+        assert_eq!(a.filled, vec![2, 3]);
+        let back = gz_schema::read_solutions(&p).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back.row(2), &fill);
+        assert_eq!(back.row(0)[0], 0.5);
+    }
+
+    #[test]
+    fn check_lists_every_problem_with_its_line() {
+        let h = csv_header();
+        let row = |id: &str, v: &str| format!("{id}{}", format!(",{v}").repeat(N_ANSWERS));
+        let text = [
+            h.replace("Class2.1", "Class2.x"),
+            row("10", "0.5"),                      // line 2 ok
+            row("11", "NaN"),                      // line 3: 37 NaN
+            row("10", "0.5"),                      // line 4: duplicate of line 2
+            row("12", "1.5"),                      // line 5: out of range ×37
+            "13,0.5,0.5".to_string(),              // line 6: field count
+            row("x7", "0.5"),                      // line 7: bad id
+            row("14", "abc"),                      // line 8: not a number ×37
+            row("99", "inf"),                      // line 9: extra id, infinite
+        ]
+        .join("\n");
+        let ids = [10, 11, 12, 13, 14, 15];
+        let r = check_bytes(text.as_bytes(), Path::new("s.csv"), Some(&ids));
+        assert!(!r.is_ok());
+        assert_eq!(r.rows, 8);
+        assert_eq!(r.count(ProblemKind::Header), 1);
+        assert_eq!(r.count(ProblemKind::NaN), 37);
+        assert_eq!(r.count(ProblemKind::DuplicateId), 1);
+        assert_eq!(r.count(ProblemKind::OutOfRange), 37);
+        assert_eq!(r.count(ProblemKind::FieldCount), 1);
+        assert_eq!(r.count(ProblemKind::BadId), 1);
+        assert_eq!(r.count(ProblemKind::NotANumber), 37);
+        assert_eq!(r.count(ProblemKind::Infinite), 37);
+        assert_eq!(r.count(ProblemKind::ExtraId), 1);
+        assert_eq!(r.count(ProblemKind::MissingId), 1); // 15
+        assert_eq!(r.count(ProblemKind::RowCount), 1);
+        let listed_nan = r.problems.iter().filter(|p| p.kind == ProblemKind::NaN).count();
+        assert_eq!(listed_nan, MAX_LISTED_PER_KIND);
+        let d = r.describe();
+        for needle in [
+            "line 1: header column 5 is \"Class2.x\", expected \"Class2.1\"",
+            "line 3: Class1.1: NaN",
+            "line 4: duplicate GalaxyID 10 (first on line 2)",
+            "line 5: Class1.1: 1.5 is outside [0, 1]",
+            "line 6: expected 38 fields",
+            "line 7: GalaxyID \"x7\"",
+            "line 8: Class1.1: \"abc\" is not a number",
+            "line 9: GalaxyID 99 is not one of the test images",
+            "no row for test image 15",
+            "8 rows, but there are 6 test images",
+            "and 17 more NaN problems",
+        ] {
+            assert!(d.contains(needle), "missing {needle:?} in\n{d}");
+        }
+        let empty = check_bytes(b"", Path::new("e.csv"), None);
+        assert_eq!(empty.count(ProblemKind::Header), 1);
+    }
+
+    #[test]
+    fn ids_from_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in ["200.jpg", "100.jpg", "notes.txt"] {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        assert_eq!(ids_from_dir(dir.path()).unwrap(), vec![100, 200]);
+        std::fs::write(dir.path().join("abc.jpg"), b"x").unwrap();
+        assert!(ids_from_dir(dir.path()).unwrap_err().to_string().contains("abc.jpg"));
+    }
+}
