@@ -1,1 +1,358 @@
-//! Not built yet.
+//! Affine resampling of image batches on their own device: real-time augmentation for the
+//! trainer, the fixed rotations of test-time augmentation (gz-eval), and the views of
+//! Dieleman's net ([`crate::nets::dieleman`]).
+//!
+//! An [`Affine`] is a 2×3 matrix in normalised coordinates (x right, y down, both in [-1, 1]
+//! across the image, pixel centres at `(2j+1)/W - 1` as PyTorch's `align_corners=False`). It maps
+//! a point of the *output* image to the point of the *input* image that is sampled there, so the
+//! constructors describe what happens to the image content and store the inverse. All
+//! constructors keep the image centre fixed except [`Affine::shift`].
+//!
+//! [`affine_sample`] is bilinear resampling written with candle tensor ops (a batched matmul for
+//! the sampling grid, `floor`, and a `gather` of the four neighbours from the flattened images),
+//! so it runs wherever the batch lives (CPU or CUDA); points outside the input read zero. It is
+//! meant for inputs (no gradient is needed or tested through it). [`random_augment`] draws one
+//! affine per image (rotation 0–360°, flip, log-uniform zoom in [1/1.3, 1.3], shifts of a few
+//! pixels, as Dieleman et al. 2015 section 4) plus brightness and per-channel colour gains, all
+//! from the caller's seeded RNG.
+
+use candle_core::{DType, Result, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// A 2×3 affine map from output to input coordinates (normalised, see the module doc):
+/// `x_in = m[0][0]·x + m[0][1]·y + m[0][2]`, `y_in = m[1][0]·x + m[1][1]·y + m[1][2]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    /// Row-major 2×3 matrix.
+    pub m: [[f32; 3]; 2],
+}
+
+impl Default for Affine {
+    fn default() -> Self {
+        Self::identity()
+    }
+}
+
+impl Affine {
+    /// Samples each output point at the same input point.
+    pub fn identity() -> Self {
+        Affine { m: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] }
+    }
+
+    /// Rotates the content counter-clockwise (as displayed, y down) by `deg` degrees about
+    /// the centre.
+    pub fn rotation(deg: f32) -> Self {
+        let t = (deg as f64).to_radians();
+        let (s, c) = (t.sin() as f32, t.cos() as f32);
+        // output q = R_ccw(θ) p  ⇒  p = [[c, -s], [s, c]] q
+        Affine { m: [[c, -s, 0.0], [s, c, 0.0]] }
+    }
+
+    /// Mirrors the content left-right.
+    pub fn flip_horizontal() -> Self {
+        Affine { m: [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] }
+    }
+
+    /// Zooms the content by `zoom` about the centre (> 1 magnifies: the output shows the
+    /// central 1/zoom of the input).
+    pub fn scale(zoom: f32) -> Self {
+        let z = 1.0 / zoom;
+        Affine { m: [[z, 0.0, 0.0], [0.0, z, 0.0]] }
+    }
+
+    /// Moves the content by `(dx, dy)` in normalised units (2/W per pixel).
+    pub fn shift(dx: f32, dy: f32) -> Self {
+        Affine { m: [[1.0, 0.0, -dx], [0.0, 1.0, -dy]] }
+    }
+
+    /// Moves the content by `(dx, dy)` pixels of a `w`×`h` image.
+    pub fn shift_pixels(dx: f32, dy: f32, w: usize, h: usize) -> Self {
+        Self::shift(2.0 * dx / w.max(1) as f32, 2.0 * dy / h.max(1) as f32)
+    }
+
+    /// The content transform of `self` followed by that of `next`.
+    pub fn then(&self, next: &Affine) -> Affine {
+        // sampling: output q → M_next q (a point of the image after `self`) → M_self (M_next q)
+        let a = &self.m;
+        let b = &next.m;
+        let mut m = [[0f32; 3]; 2];
+        for (r, row) in m.iter_mut().enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = a[r][0] * b[0][c] + a[r][1] * b[1][c] + if c == 2 { a[r][2] } else { 0.0 };
+            }
+        }
+        Affine { m }
+    }
+
+    /// Content: mirror (if `flip`), rotate by `deg`, zoom by `zoom`, then shift by `(dx, dy)`
+    /// normalised units.
+    pub fn rotation_flip_scale_shift(deg: f32, flip: bool, zoom: f32, dx: f32, dy: f32) -> Affine {
+        let base = if flip { Affine::flip_horizontal() } else { Affine::identity() };
+        base.then(&Affine::rotation(deg)).then(&Affine::scale(zoom)).then(&Affine::shift(dx, dy))
+    }
+}
+
+/// Bilinearly resamples image `b` of `images` (B, C, H, W) through `mats[b]` into an
+/// (B, C, out_h, out_w) tensor of the same dtype on the same device; points outside the input
+/// read 0. The arithmetic is f32.
+pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
+    if mats.len() != b {
+        candle_core::bail!("affine_sample: {} matrices for a batch of {b} images", mats.len());
+    }
+    if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
+        candle_core::bail!("affine_sample: empty image ({h}×{w} → {out_h}×{out_w})");
+    }
+    let dev = images.device();
+    let dtype = images.dtype();
+    let n = out_h * out_w;
+
+    // base grid (3, N): rows x, y, 1 of each output pixel centre
+    let mut base = Vec::with_capacity(3 * n);
+    base.extend((0..n).map(|k| (2 * (k % out_w) + 1) as f32 / out_w as f32 - 1.0));
+    base.extend((0..n).map(|k| (2 * (k / out_w) + 1) as f32 / out_h as f32 - 1.0));
+    base.extend(std::iter::repeat_n(1f32, n));
+    let base = Tensor::from_vec(base, (3, n), dev)?;
+    let m: Vec<f32> = mats.iter().flat_map(|a| a.m.iter().flatten().copied()).collect();
+    let m = Tensor::from_vec(m, (b, 2, 3), dev)?;
+    let coords = m.broadcast_matmul(&base)?; // (B, 2, N)
+    // input pixel coordinates: p = (x + 1) W / 2 - 1/2
+    let px = coords.narrow(1, 0, 1)?.squeeze(1)?.affine(w as f64 / 2.0, (w as f64 - 1.0) / 2.0)?;
+    let py = coords.narrow(1, 1, 1)?.squeeze(1)?.affine(h as f64 / 2.0, (h as f64 - 1.0) / 2.0)?;
+    let x0 = px.floor()?;
+    let y0 = py.floor()?;
+    let fx = (&px - &x0)?;
+    let fy = (&py - &y0)?;
+    let x1 = (&x0 + 1.0)?;
+    let y1 = (&y0 + 1.0)?;
+    let gx = fx.affine(-1.0, 1.0)?;
+    let gy = fy.affine(-1.0, 1.0)?;
+
+    let flat = images.to_dtype(DType::F32)?.reshape((b, c, h * w))?;
+    let (wm, hm) = ((w - 1) as f64, (h - 1) as f64);
+    let inside = |t: &Tensor, max: f64| -> Result<Tensor> {
+        t.ge(0.0)?.to_dtype(DType::F32)?.mul(&t.le(max)?.to_dtype(DType::F32)?)
+    };
+    let vx0 = inside(&x0, wm)?;
+    let vx1 = inside(&x1, wm)?;
+    let vy0 = inside(&y0, hm)?;
+    let vy1 = inside(&y1, hm)?;
+    let cx0 = x0.clamp(0.0, wm)?;
+    let cx1 = x1.clamp(0.0, wm)?;
+    let cy0 = y0.clamp(0.0, hm)?;
+    let cy1 = y1.clamp(0.0, hm)?;
+
+    let corners = [
+        (&cx0, &cy0, (&gx * &gy)?, (&vx0 * &vy0)?),
+        (&cx1, &cy0, (&fx * &gy)?, (&vx1 * &vy0)?),
+        (&cx0, &cy1, (&gx * &fy)?, (&vx0 * &vy1)?),
+        (&cx1, &cy1, (&fx * &fy)?, (&vx1 * &vy1)?),
+    ];
+    let mut out: Option<Tensor> = None;
+    for (cx, cy, wt, valid) in corners {
+        let idx = cy.affine(w as f64, 0.0)?.add(cx)?.to_dtype(DType::U32)?; // (B, N)
+        let idx = idx.unsqueeze(1)?.broadcast_as((b, c, n))?.contiguous()?;
+        let vals = flat.gather(&idx, 2)?; // (B, C, N)
+        let wt = wt.mul(&valid)?.unsqueeze(1)?;
+        let term = vals.broadcast_mul(&wt)?;
+        out = Some(match out {
+            None => term,
+            Some(o) => (o + term)?,
+        });
+    }
+    let out = out.ok_or_else(|| candle_core::Error::Msg("affine_sample: no corners".into()))?;
+    out.reshape((b, c, out_h, out_w))?.to_dtype(dtype)
+}
+
+/// Real-time augmentation settings (serde; part of the trainer's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Master switch; `false` makes [`random_augment`] the identity.
+    pub enabled: bool,
+    /// Rotation drawn uniformly in [0, max_rotation_deg) (360: any orientation).
+    pub max_rotation_deg: f32,
+    /// Mirror left-right with probability 1/2 (with full rotations this covers every flip).
+    pub flip: bool,
+    /// Zoom drawn log-uniformly in [1/max_zoom, max_zoom] (1: none).
+    pub max_zoom: f32,
+    /// Shift drawn uniformly in [-max_shift_px, max_shift_px] pixels on each axis.
+    pub max_shift_px: f32,
+    /// Brightness gain drawn uniformly in [1 - brightness, 1 + brightness], per image.
+    pub brightness: f32,
+    /// Extra per-channel colour gain drawn uniformly in [1 - colour, 1 + colour].
+    pub colour: f32,
+}
+
+impl Default for AugmentConfig {
+    /// Dieleman et al.'s recipe plus a mild brightness/colour jitter.
+    fn default() -> Self {
+        AugmentConfig {
+            enabled: true,
+            max_rotation_deg: 360.0,
+            flip: true,
+            max_zoom: 1.3,
+            max_shift_px: 4.0,
+            brightness: 0.1,
+            colour: 0.05,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// No augmentation.
+    pub fn none() -> Self {
+        AugmentConfig { enabled: false, ..Self::default() }
+    }
+
+    /// True when [`random_augment`] would change anything.
+    pub fn is_active(&self) -> bool {
+        self.enabled
+            && (self.max_rotation_deg > 0.0
+                || self.flip
+                || self.max_zoom > 1.0
+                || self.max_shift_px > 0.0
+                || self.brightness > 0.0
+                || self.colour > 0.0)
+    }
+
+    /// Draws one random affine for a `w`×`h` image.
+    pub fn random_affine(&self, w: usize, h: usize, rng: &mut impl Rng) -> Affine {
+        let deg = if self.max_rotation_deg > 0.0 { rng.gen::<f32>() * self.max_rotation_deg } else { 0.0 };
+        let flip = self.flip && rng.gen::<bool>();
+        let zoom = if self.max_zoom > 1.0 {
+            let l = self.max_zoom.ln();
+            (rng.gen::<f32>() * 2.0 * l - l).exp()
+        } else {
+            1.0
+        };
+        let (dx, dy) = if self.max_shift_px > 0.0 {
+            let s = self.max_shift_px;
+            ((rng.gen::<f32>() * 2.0 - 1.0) * s, (rng.gen::<f32>() * 2.0 - 1.0) * s)
+        } else {
+            (0.0, 0.0)
+        };
+        Affine::rotation_flip_scale_shift(
+            deg,
+            flip,
+            zoom,
+            2.0 * dx / w.max(1) as f32,
+            2.0 * dy / h.max(1) as f32,
+        )
+    }
+
+    /// Draws the colour gains of one image with `c` channels.
+    pub fn random_gains(&self, c: usize, rng: &mut impl Rng) -> Vec<f32> {
+        let b = 1.0 + self.brightness * (rng.gen::<f32>() * 2.0 - 1.0);
+        (0..c).map(|_| b * (1.0 + self.colour * (rng.gen::<f32>() * 2.0 - 1.0))).collect()
+    }
+}
+
+/// Applies one random affine and one set of colour gains per image (from `rng`), keeping the
+/// batch's shape, dtype and device; values are clamped to [0, 1] afterwards.
+pub fn random_augment(images: &Tensor, cfg: &AugmentConfig, rng: &mut impl Rng) -> Result<Tensor> {
+    if !cfg.is_active() {
+        return Ok(images.clone());
+    }
+    let (b, c, h, w) = images.dims4()?;
+    let mut mats = Vec::with_capacity(b);
+    let mut gains = Vec::with_capacity(b * c);
+    for _ in 0..b {
+        mats.push(cfg.random_affine(w, h, rng));
+        gains.extend(cfg.random_gains(c, rng));
+    }
+    let out = affine_sample(images, &mats, h, w)?;
+    let gains = Tensor::from_vec(gains, (b, c, 1, 1), images.device())?.to_dtype(images.dtype())?;
+    out.broadcast_mul(&gains)?.clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    /// An asymmetric 2×3×H×W test batch: every pixel distinct.
+    fn pattern(b: usize, c: usize, h: usize, w: usize) -> Tensor {
+        let v: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn identity_reproduces_input() {
+        let x = pattern(2, 3, 11, 13);
+        let y = affine_sample(&x, &[Affine::identity(); 2], 11, 13).unwrap();
+        assert!(max_abs_diff(&x, &y) < 1e-5);
+    }
+
+    #[test]
+    fn rotation_90_is_transpose_and_flip() {
+        let x = pattern(2, 3, 9, 9);
+        let y = affine_sample(&x, &[Affine::rotation(90.0); 2], 9, 9).unwrap();
+        // out[i][j] = in[j][W-1-i]
+        let want = x.transpose(2, 3).unwrap().contiguous().unwrap().flip(&[2]).unwrap();
+        assert!(max_abs_diff(&want, &y) < 1e-5);
+        // and four quarter turns are the identity
+        let r = Affine::rotation(90.0);
+        let full = r.then(&r).then(&r).then(&r);
+        let z = affine_sample(&x, &[full; 2], 9, 9).unwrap();
+        assert!(max_abs_diff(&x, &z) < 1e-4);
+    }
+
+    #[test]
+    fn rotation_is_counter_clockwise_as_displayed() {
+        // a bright pixel right of the centre moves to above the centre under +90°
+        let mut v = vec![0f32; 9 * 9];
+        v[4 * 9 + 7] = 1.0; // row 4 (centre), column 7 (right)
+        let x = Tensor::from_vec(v, (1, 1, 9, 9), &Device::Cpu).unwrap();
+        let y = affine_sample(&x, &[Affine::rotation(90.0)], 9, 9).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((y[9 + 4] - 1.0).abs() < 1e-5, "expected at row 1, column 4");
+    }
+
+    #[test]
+    fn horizontal_flip_matches_flip() {
+        let x = pattern(2, 3, 8, 10);
+        let y = affine_sample(&x, &[Affine::flip_horizontal(); 2], 8, 10).unwrap();
+        assert!(max_abs_diff(&x.flip(&[3]).unwrap(), &y) < 1e-5);
+    }
+
+    #[test]
+    fn per_image_matrices_and_zero_outside() {
+        let x = pattern(2, 1, 8, 8);
+        // image 0 unchanged, image 1 shifted right by 2 pixels: left two columns read zero
+        let y = affine_sample(&x, &[Affine::identity(), Affine::shift_pixels(2.0, 0.0, 8, 8)], 8, 8).unwrap();
+        assert!(max_abs_diff(&x.narrow(0, 0, 1).unwrap(), &y.narrow(0, 0, 1).unwrap()) < 1e-5);
+        let y1 = y.narrow(0, 1, 1).unwrap();
+        assert_eq!(y1.narrow(3, 0, 2).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let want = x.narrow(0, 1, 1).unwrap().narrow(3, 0, 6).unwrap();
+        assert!(max_abs_diff(&want, &y1.narrow(3, 2, 6).unwrap()) < 1e-5);
+        // zooming out by 2 keeps the centre and blanks the border
+        let z = affine_sample(&x, &[Affine::scale(0.5); 2], 8, 8).unwrap();
+        assert_eq!(z.narrow(2, 0, 1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert!(affine_sample(&x, &[Affine::identity()], 8, 8).is_err());
+    }
+
+    #[test]
+    fn random_augment_is_seeded_and_in_range() {
+        let x = pattern(4, 3, 16, 16);
+        let cfg = AugmentConfig::default();
+        let a = random_augment(&x, &cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let b = random_augment(&x, &cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let c = random_augment(&x, &cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(4)).unwrap();
+        assert_eq!(a.dims(), x.dims());
+        assert_eq!(max_abs_diff(&a, &b), 0.0);
+        assert!(max_abs_diff(&a, &c) > 1e-3);
+        let v = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|p| (0.0..=1.0).contains(p)));
+        let off = random_augment(&x, &AugmentConfig::none(), &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).unwrap();
+        assert_eq!(max_abs_diff(&off, &x), 0.0);
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(serde_json::from_str::<AugmentConfig>(&json).unwrap(), cfg);
+    }
+}

@@ -1,1 +1,130 @@
-//! Not built yet.
+//! Device selection: the one place that turns `--device cpu|cuda|cuda:N|auto` into a candle
+//! [`Device`]. After this a `&Device` is passed explicitly everywhere (modelled on
+//! `candle_examples::device`). CUDA support is the `cuda` cargo feature of this crate; without
+//! it asking for CUDA is a clear error, never a silent fallback. `auto` picks `cuda:0` when the
+//! feature is compiled in and a GPU answers, the CPU otherwise.
+
+use candle_core::Device;
+
+/// Why a device could not be selected.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device string is not `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[error("unknown device {spec:?}; expected `cpu`, `cuda`, `cuda:N` or `auto`")]
+    Unknown { spec: String },
+    /// CUDA was asked for but this binary was built without the `cuda` feature.
+    #[error(
+        "device {spec:?} asked for CUDA, but this build has no CUDA support; rebuild with \
+         `--features cuda` (e.g. `cargo xtask build --cuda`) or use `--device cpu`"
+    )]
+    CudaNotCompiled { spec: String },
+    /// The CUDA device could not be opened (no GPU, bad ordinal, driver problem).
+    #[error("CUDA device {ordinal} is not available: {source}")]
+    CudaUnavailable {
+        ordinal: usize,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl From<DeviceError> for candle_core::Error {
+    fn from(e: DeviceError) -> Self {
+        candle_core::Error::Msg(e.to_string())
+    }
+}
+
+/// What a device string asks for, before any device is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The CPU.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+    /// CUDA 0 if compiled in and present, else the CPU.
+    Auto,
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`, `auto` (case-insensitive, surrounding spaces ignored).
+pub fn parse_device(spec: &str) -> Result<DeviceSpec, DeviceError> {
+    let s = spec.trim().to_ascii_lowercase();
+    match s.as_str() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+        "auto" => Ok(DeviceSpec::Auto),
+        _ => {
+            let n = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| DeviceError::Unknown { spec: spec.to_string() })?;
+            Ok(DeviceSpec::Cuda(n))
+        }
+    }
+}
+
+/// True when this build has the `cuda` feature.
+pub fn cuda_compiled() -> bool {
+    candle_core::utils::cuda_is_available()
+}
+
+/// Opens the device a `--device` string names.
+pub fn select_device(spec: &str) -> Result<Device, DeviceError> {
+    match parse_device(spec)? {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Cuda(ordinal) => {
+            if !cuda_compiled() {
+                return Err(DeviceError::CudaNotCompiled { spec: spec.to_string() });
+            }
+            Device::new_cuda(ordinal).map_err(|source| DeviceError::CudaUnavailable { ordinal, source })
+        }
+        DeviceSpec::Auto => {
+            if cuda_compiled() {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// A short human name of a device (`cpu`, `cuda:0`), for logs and sidecars.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!(parse_device("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(parse_device(" CUDA ").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(parse_device("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!(parse_device("auto").unwrap(), DeviceSpec::Auto);
+        for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
+            let e = parse_device(bad).unwrap_err();
+            assert!(e.to_string().contains("expected `cpu`"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cpu_and_auto_work() {
+        assert!(select_device("cpu").unwrap().is_cpu());
+        let auto = select_device("auto").unwrap();
+        assert!(auto.is_cpu() || auto.is_cuda());
+        assert_eq!(device_name(&Device::Cpu), "cpu");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_a_clear_error() {
+        let e = select_device("cuda:0").unwrap_err();
+        assert!(matches!(e, DeviceError::CudaNotCompiled { .. }));
+        assert!(e.to_string().contains("--features cuda"));
+    }
+}

@@ -1,1 +1,302 @@
-//! Not built yet.
+//! The networks: [`build`] turns a [`ModelConfig`] and a `VarBuilder` into a [`Model`].
+//!
+//! A [`Model`] is one of the bodies — [`vgg::VggNet`] (`vgg16-blog`, `tiny`) or
+//! [`dieleman::DielemanNet`] (`dieleman`, `dieleman-tiny`) — producing 37 raw outputs, followed
+//! by the output layer the config names (independent sigmoids, or [`crate::tree::TreeOutput`]).
+//! It implements [`candle_core::ModuleT`]: input (B, 3, H, W) with values in [0, 1], any float
+//! dtype (cast to the weights' dtype: f32 on CPU, f32 or bf16 on CUDA), output (B, 37);
+//! dropout is active only when `train` is true. The output is always f32.
+//!
+//! Dropout masks on the CPU are drawn from the model's own seeded ChaCha RNG (candle's CPU RNG
+//! cannot be seeded), so training is reproducible and resumable mid-stream: see
+//! [`Model::set_dropout_seed`] and [`Model::dropout_state`]. On CUDA they come from the device's
+//! curand generator, which [`Model::set_dropout_seed`] seeds (reproducible from each reseed;
+//! [`Model::set_dropout_state`] can only reseed it, not restore a position in its stream).
+//!
+//! The `vb.pp(..)` names used here are the checkpoint format; each submodule documents its own.
+
+pub mod dieleman;
+pub mod vgg;
+
+/// The candle types a caller needs to build and run a [`Model`], re-exported so front ends
+/// and the integration tests need no candle dependency of their own.
+pub use candle_core::{DType, Device, ModuleT, Tensor};
+pub use candle_nn::{VarBuilder, VarMap};
+
+use crate::config::{ModelConfig, OutputKind};
+use crate::tree::TreeOutput;
+use candle_core::{Module, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+/// One row of [`describe`]: a layer, the shape of its output for one image, its parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerInfo {
+    /// The layer's checkpoint prefix (or a descriptive name for parameter-free stages).
+    pub name: String,
+    /// What it does.
+    pub kind: String,
+    /// Output shape per image (without the batch dimension).
+    pub out_shape: Vec<usize>,
+    /// Number of trainable parameters.
+    pub params: usize,
+}
+
+impl LayerInfo {
+    pub(crate) fn new(name: impl Into<String>, kind: &str, out_shape: Vec<usize>, params: usize) -> Self {
+        LayerInfo { name: name.into(), kind: kind.to_string(), out_shape, params }
+    }
+}
+
+/// The state of a model's dropout RNG (for checkpoints and `--resume`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropoutState {
+    /// The seed the RNG was created from.
+    pub seed: u64,
+    /// Position in the ChaCha stream (32-bit words consumed).
+    pub word_pos: u64,
+}
+
+/// Applies dropout (or not) inside a forward pass.
+pub(crate) struct Dropper<'a> {
+    p: f32,
+    train: bool,
+    rng: &'a Mutex<ChaCha8Rng>,
+}
+
+impl Dropper<'_> {
+    /// Inverted dropout with a host-generated mask; identity when not training or `p == 0`.
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.train || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let scale = 1.0 / keep;
+        if x.device().is_cuda() {
+            // on the GPU the mask comes from the device's curand generator, seeded by
+            // `Model::set_dropout_seed`: no host work or transfer in the training step
+            let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            let mask = (r.lt(keep)?.to_dtype(x.dtype())? * scale as f64)?;
+            return x.mul(&mask);
+        }
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+            (0..n).map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 }).collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    Vgg(vgg::VggNet),
+    Dieleman(dieleman::DielemanNet),
+}
+
+#[derive(Debug, Clone)]
+enum Head {
+    Sigmoid,
+    Tree(TreeOutput),
+}
+
+/// A built network with its output layer (see the module doc).
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    body: Body,
+    head: Head,
+    layers: Vec<LayerInfo>,
+    dtype: DType,
+    device: Device,
+    dropout_rng: Mutex<ChaCha8Rng>,
+    dropout_seed: Mutex<u64>,
+}
+
+/// Builds the network a config names, creating or loading its variables through `vb`.
+pub fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Model> {
+    Model::new(cfg, vb)
+}
+
+/// The layer plan of a config (names, output shapes, parameters) without building any weights.
+pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
+    let mut layers = if cfg.arch.is_dieleman() { dieleman::plan(cfg) } else { vgg::plan(cfg) };
+    let out = match cfg.output {
+        OutputKind::Sigmoid => LayerInfo::new("output", "sigmoid", vec![gz_schema::N_ANSWERS], 0),
+        OutputKind::Tree => LayerInfo::new("output", "decision tree (ReLU, normalise, × parent)", vec![gz_schema::N_ANSWERS], 0),
+    };
+    layers.push(out);
+    layers
+}
+
+/// Number of trainable parameters of a model.
+pub fn param_count(model: &Model) -> usize {
+    model.param_count()
+}
+
+/// Number of trainable parameters a config would have, without building it.
+pub fn param_count_of(cfg: &ModelConfig) -> usize {
+    plan(cfg).iter().map(|l| l.params).sum()
+}
+
+/// A text table of a model's layers, output shapes and parameter counts.
+pub fn describe(model: &Model) -> String {
+    describe_config(&model.config)
+}
+
+/// [`describe`] for a config, without building any weights (`gz train --model NAME --describe`).
+pub fn describe_config(cfg: &ModelConfig) -> String {
+    let layers = plan(cfg);
+    let [c, h, w] = cfg.input_shape();
+    let mut s = String::new();
+    let _ = writeln!(s, "model {} (output: {}), input {c}×{h}×{w}, dropout {}", cfg.arch, cfg.output, cfg.dropout);
+    if cfg.arch.is_dieleman() {
+        let _ = writeln!(s, "views cover {:.4} of the input side (view_fraction)", cfg.view_fraction);
+    }
+    let name_w = layers.iter().map(|l| l.name.len()).max().unwrap_or(5).max(5);
+    let shape_w = 16;
+    let _ = writeln!(s, "{:<name_w$}  {:<shape_w$}  {:>12}  kind", "layer", "output", "params");
+    for l in &layers {
+        let shape = l.out_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
+        let _ = writeln!(s, "{:<name_w$}  {:<shape_w$}  {:>12}  {}", l.name, shape, group(l.params), l.kind);
+    }
+    let total: usize = layers.iter().map(|l| l.params).sum();
+    let _ = writeln!(s, "total parameters: {} ({:.2} M)", group(total), total as f64 / 1e6);
+    s
+}
+
+fn group(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+impl Model {
+    /// Builds the network a config names (see [`build`]).
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let body = if cfg.arch.is_dieleman() {
+            Body::Dieleman(dieleman::DielemanNet::new(cfg, vb)?)
+        } else {
+            Body::Vgg(vgg::VggNet::new(cfg, vb)?)
+        };
+        let head = match cfg.output {
+            OutputKind::Sigmoid => Head::Sigmoid,
+            OutputKind::Tree => Head::Tree(TreeOutput::new()),
+        };
+        Ok(Model {
+            config: cfg.clone(),
+            body,
+            head,
+            layers: plan(cfg),
+            dtype,
+            device,
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            dropout_seed: Mutex::new(0),
+        })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The weights' dtype (inputs are cast to it).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The weights' device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The layer plan (see [`describe`]).
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    /// Number of trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.layers.iter().map(|l| l.params).sum()
+    }
+
+    /// Text table of layers (see [`describe`]).
+    pub fn describe(&self) -> String {
+        describe_config(&self.config)
+    }
+
+    /// Re-seeds the dropout RNG (the trainer derives the seed from its config); on CUDA this
+    /// also seeds the device's random generator, which the masks are drawn from there.
+    pub fn set_dropout_seed(&self, seed: u64) -> Result<()> {
+        if self.device.is_cuda() {
+            self.device.set_seed(seed)?;
+        }
+        if let (Ok(mut r), Ok(mut s)) = (self.dropout_rng.lock(), self.dropout_seed.lock()) {
+            *r = ChaCha8Rng::seed_from_u64(seed);
+            *s = seed;
+        }
+        Ok(())
+    }
+
+    /// The dropout RNG's state, to store in a checkpoint.
+    pub fn dropout_state(&self) -> DropoutState {
+        let seed = self.dropout_seed.lock().map(|s| *s).unwrap_or(0);
+        let word_pos = self.dropout_rng.lock().map(|r| r.get_word_pos()).unwrap_or(0);
+        DropoutState { seed, word_pos: u64::try_from(word_pos).unwrap_or(u64::MAX) }
+    }
+
+    /// Restores a state from [`Model::dropout_state`] (for `--resume`). On CUDA the device
+    /// generator is reseeded with `state.seed` (its stream position cannot be restored).
+    pub fn set_dropout_state(&self, state: DropoutState) -> Result<()> {
+        if self.device.is_cuda() {
+            self.device.set_seed(state.seed)?;
+        }
+        if let (Ok(mut r), Ok(mut s)) = (self.dropout_rng.lock(), self.dropout_seed.lock()) {
+            let mut rng = ChaCha8Rng::seed_from_u64(state.seed);
+            rng.set_word_pos(state.word_pos as u128);
+            *r = rng;
+            *s = state.seed;
+        }
+        Ok(())
+    }
+
+    /// The body's 37 raw outputs, before the output layer.
+    pub fn forward_raw_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = x.to_dtype(self.dtype)?;
+        let drop = Dropper { p: self.config.dropout, train, rng: &self.dropout_rng };
+        match &self.body {
+            Body::Vgg(n) => n.forward_raw(&x, &drop),
+            Body::Dieleman(n) => n.forward_raw(&x, &drop),
+        }
+    }
+
+    /// Applies the output layer to raw outputs.
+    pub fn head(&self, raw: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Head::Sigmoid => candle_nn::ops::sigmoid(raw),
+            Head::Tree(t) => t.forward(raw),
+        }
+    }
+}
+
+impl ModuleT for Model {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // the output layer runs in f32 whatever the weights' dtype (bf16 cannot hold the
+        // tree's normalisation to 1e-5), so callers always get f32 back
+        let raw = self.forward_raw_t(x, train)?.to_dtype(DType::F32)?;
+        self.head(&raw)
+    }
+}

@@ -1,0 +1,130 @@
+//! VGG-style nets: `vgg16-blog` (the Keras blog's baseline, after Simonyan & Zisserman 2014,
+//! "Very deep convolutional networks for large-scale image recognition") and `tiny`.
+//!
+//! Blocks of 3×3 convolutions (padding 1, ReLU) each followed by a 2×2 max-pool, then dense
+//! layers with ReLU and dropout, then 37 raw outputs (the output layer is applied by
+//! [`super::Model`]). Convolutions and pooling come from [`crate::ops`].
+//!
+//! Checkpoint names: `block{b}_conv{i}.{weight,bias}` (1-based, as Keras names them),
+//! `fc{j}.{weight,bias}`, `out.{weight,bias}`.
+
+use super::{Dropper, LayerInfo};
+use crate::config::{Arch, ModelConfig};
+use crate::ops::{max_pool2, Conv2d};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use gz_schema::N_ANSWERS;
+
+/// Channel layout of a VGG-style net.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VggSpec {
+    /// Output channels of each conv layer, grouped by block (a max-pool ends every block).
+    pub blocks: Vec<Vec<usize>>,
+    /// Widths of the hidden dense layers.
+    pub dense: Vec<usize>,
+}
+
+impl VggSpec {
+    /// The spec of a VGG-style architecture (`vgg16-blog`, or `tiny` for anything else).
+    pub fn for_arch(arch: Arch) -> Self {
+        match arch {
+            Arch::Vgg16Blog => VggSpec {
+                blocks: vec![vec![64, 64], vec![128, 128], vec![256; 3], vec![512; 3], vec![512; 3]],
+                dense: vec![4096, 4096],
+            },
+            _ => VggSpec { blocks: vec![vec![8], vec![16], vec![32], vec![32]], dense: vec![64] },
+        }
+    }
+}
+
+/// The layer plan (names, output shapes per image, parameter counts) of a VGG-style config.
+pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
+    let spec = VggSpec::for_arch(cfg.arch);
+    let mut out = Vec::new();
+    let mut c = cfg.in_channels;
+    let mut s = cfg.input_size;
+    for (bi, block) in spec.blocks.iter().enumerate() {
+        for (ci, &oc) in block.iter().enumerate() {
+            out.push(LayerInfo::new(
+                format!("block{}_conv{}", bi + 1, ci + 1),
+                "conv 3×3 pad 1 + ReLU",
+                vec![oc, s, s],
+                c * oc * 9 + oc,
+            ));
+            c = oc;
+        }
+        s /= 2;
+        out.push(LayerInfo::new(format!("block{}_pool", bi + 1), "max-pool 2×2", vec![c, s, s], 0));
+    }
+    let mut n = c * s * s;
+    out.push(LayerInfo::new("flatten", "flatten", vec![n], 0));
+    for (j, &w) in spec.dense.iter().enumerate() {
+        let extra = if cfg.dropout > 0.0 { format!(" + dropout {}", cfg.dropout) } else { String::new() };
+        out.push(LayerInfo::new(format!("fc{}", j + 1), &format!("dense + ReLU{extra}"), vec![w], n * w + w));
+        n = w;
+    }
+    out.push(LayerInfo::new("out", "dense", vec![N_ANSWERS], n * N_ANSWERS + N_ANSWERS));
+    out
+}
+
+/// A VGG-style net producing 37 raw outputs.
+#[derive(Debug, Clone)]
+pub struct VggNet {
+    blocks: Vec<Vec<Conv2d>>,
+    dense: Vec<Linear>,
+    out: Linear,
+    input_size: usize,
+    in_channels: usize,
+}
+
+impl VggNet {
+    /// Builds the net; names as in the module doc.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let spec = VggSpec::for_arch(cfg.arch);
+        let mut c = cfg.in_channels;
+        let mut s = cfg.input_size;
+        let mut blocks = Vec::new();
+        for (bi, block) in spec.blocks.iter().enumerate() {
+            let mut convs = Vec::new();
+            for (ci, &oc) in block.iter().enumerate() {
+                convs.push(Conv2d::new(c, oc, 3, 1, 1, vb.pp(format!("block{}_conv{}", bi + 1, ci + 1)))?);
+                c = oc;
+            }
+            blocks.push(convs);
+            s /= 2;
+        }
+        let mut n = c * s * s;
+        let mut dense = Vec::new();
+        for (j, &w) in spec.dense.iter().enumerate() {
+            dense.push(candle_nn::linear(n, w, vb.pp(format!("fc{}", j + 1)))?);
+            n = w;
+        }
+        let out = candle_nn::linear(n, N_ANSWERS, vb.pp("out"))?;
+        Ok(VggNet { blocks, dense, out, input_size: cfg.input_size, in_channels: cfg.in_channels })
+    }
+
+    /// (B, C, H, W) → (B, 37) raw outputs.
+    pub(crate) fn forward_raw(&self, x: &Tensor, drop: &Dropper) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != self.in_channels || h != self.input_size || w != self.input_size {
+            candle_core::bail!(
+                "this net was built for {}×{}×{} inputs, got {c}×{h}×{w} (rebuild the model config with the cache's image size)",
+                self.in_channels,
+                self.input_size,
+                self.input_size
+            );
+        }
+        let mut x = x.clone();
+        for block in &self.blocks {
+            for conv in block {
+                x = conv.forward(&x)?.relu()?;
+            }
+            x = max_pool2(&x)?;
+        }
+        let mut x = x.flatten_from(1)?;
+        for d in &self.dense {
+            x = drop.apply(&d.forward(&x)?.relu()?)?;
+        }
+        self.out.forward(&x)
+    }
+}
