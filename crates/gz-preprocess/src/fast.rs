@@ -48,6 +48,9 @@ const ZIGZAG: [usize; 64] = [
 struct Matrices {
     full: [[f32; 8]; 8],
     half: [[f32; 8]; 4],
+    /// Transposes: `full_t[k][n]`, `half_t[k][m]` (the horizontal pass runs over k).
+    full_t: [[f32; 8]; 8],
+    half_t: [[f32; 4]; 8],
 }
 
 fn matrices() -> &'static Matrices {
@@ -66,14 +69,73 @@ fn matrices() -> &'static Matrices {
                 half[m][k] = 0.5 * (full[2 * m][k] + full[2 * m + 1][k]);
             }
         }
-        Matrices { full, half }
+        let mut full_t = [[0f32; 8]; 8];
+        let mut half_t = [[0f32; 4]; 8];
+        for k in 0..8 {
+            for n in 0..8 {
+                full_t[k][n] = full[n][k];
+            }
+            for m in 0..4 {
+                half_t[k][m] = half[m][k];
+            }
+        }
+        Matrices { full, half, full_t, half_t }
     })
+}
+
+/// Separable transform of one dequantised block `coef` (natural order; only rows flagged in
+/// `rows` and columns `< ncol` may be non-zero) to `OY×OX` samples at `dst` (row stride
+/// `stride`), level shift included; clears the used coefficients. `mh_t` is the horizontal
+/// matrix transposed (k × OX), `mv` the vertical one (OY × k).
+#[inline(always)]
+fn transform<const OX: usize, const OY: usize>(
+    coef: &mut [f32; 64],
+    rows: u8,
+    ncol: usize,
+    mh_t: &[[f32; OX]; 8],
+    mv: &[[f32; 8]; OY],
+    dst: &mut [f32],
+    stride: usize,
+) {
+    let mut t = [[0f32; OX]; 8];
+    for vr in 0..8 {
+        if rows & (1 << vr) == 0 {
+            continue;
+        }
+        let f = &mut coef[vr * 8..vr * 8 + 8];
+        let tv = &mut t[vr];
+        for u in 0..ncol.min(8) {
+            let fu = f[u];
+            if fu != 0.0 {
+                for x in 0..OX {
+                    tv[x] += fu * mh_t[u][x];
+                }
+            }
+        }
+        f.fill(0.0);
+    }
+    for y in 0..OY {
+        let mut acc = [128f32; OX];
+        for vr in 0..8 {
+            if rows & (1 << vr) == 0 {
+                continue;
+            }
+            let w = mv[y][vr];
+            for x in 0..OX {
+                acc[x] += w * t[vr][x];
+            }
+        }
+        dst[y * stride..y * stride + OX].copy_from_slice(&acc);
+    }
 }
 
 #[derive(Clone)]
 struct Huffman {
     /// 9-bit lookahead: (code length << 8) | symbol, 0 = longer code.
-    lut: Vec<u16>,
+    lut: [u16; 1 << LUT_BITS],
+    /// 9-bit lookahead for AC tables decoding symbol *and* magnitude bits at once (as
+    /// stb_image does): (value << 8) | (run << 4) | total length, 0 = use the slow path.
+    fast_ac: [i16; 1 << LUT_BITS],
     maxcode: [i32; 17],
     valptr: [i32; 17],
     mincode: [i32; 17],
@@ -84,7 +146,7 @@ const LUT_BITS: u32 = 9;
 
 impl Huffman {
     fn new(counts: &[u8; 16], vals: &[u8]) -> Result<Huffman, String> {
-        let mut h = Huffman { lut: vec![0; 1 << LUT_BITS], maxcode: [-1; 17], valptr: [0; 17], mincode: [0; 17], vals: vals.to_vec() };
+        let mut h = Huffman { lut: [0; 1 << LUT_BITS], fast_ac: [0; 1 << LUT_BITS], maxcode: [-1; 17], valptr: [0; 17], mincode: [0; 17], vals: vals.to_vec() };
         let mut code: i32 = 0;
         let mut k: usize = 0;
         for l in 1..=16usize {
@@ -107,6 +169,23 @@ impl Huffman {
             }
             h.maxcode[l] = if n > 0 { code - 1 } else { -1 };
             code <<= 1;
+        }
+        for (i, fa) in h.fast_ac.iter_mut().enumerate() {
+            let e = h.lut[i];
+            if e == 0 {
+                continue;
+            }
+            let l = (e >> 8) as u32;
+            let rs = (e & 0xFF) as u32;
+            let (run, sz) = (rs >> 4, rs & 15);
+            if sz == 0 || l + sz > LUT_BITS {
+                continue;
+            }
+            let extra = ((i as u32) >> (LUT_BITS - l - sz)) & ((1 << sz) - 1);
+            let v = if extra < (1 << (sz - 1)) { extra as i32 - (1 << sz) + 1 } else { extra as i32 };
+            if (-128..128).contains(&v) {
+                *fa = ((v << 8) + ((run << 4) + l + sz) as i32) as i16;
+            }
         }
         Ok(h)
     }
@@ -251,6 +330,12 @@ struct Component {
     tq: usize,
     td: usize,
     ta: usize,
+}
+
+thread_local! {
+    /// Per-thread reusable plane and RGB buffers (avoids a large allocation, hence fresh
+    /// zeroed pages, per image).
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Tries the fast path (see module docs).
@@ -443,15 +528,21 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         stride: usize,
         data: Vec<f32>,
     }
+    let mut pool = SCRATCH.with(|sc| std::mem::take(&mut *sc.borrow_mut()));
+    pool.resize_with(comps.len() + 1, Vec::new);
     let mut planes: Vec<Plane> = comps
         .iter()
-        .map(|c| {
+        .zip(pool.iter_mut())
+        .map(|(c, buf)| {
             let ox = if c.h == hmax { 4 } else { 8 };
             let oy = if c.v == vmax { 4 } else { 8 };
             let (bx0, bx1) = (hx0 / ox, (hx0 + size).div_ceil(ox));
             let (by0, by1) = (hy0 / oy, (hy0 + size).div_ceil(oy));
             let stride = (bx1 - bx0) * ox;
-            Plane { ox, oy, bx0, bx1, by0, by1, stride, data: vec![0f32; stride * (by1 - by0) * oy] }
+            let mut data = std::mem::take(buf);
+            data.clear();
+            data.resize(stride * (by1 - by0) * oy, 0.0);
+            Plane { ox, oy, bx0, bx1, by0, by1, stride, data }
         })
         .collect();
     let last_mcu_row = comps
@@ -494,6 +585,17 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                         if !needed {
                             let mut k = 1;
                             while k < 64 {
+                                if bits.nbits < 16 {
+                                    bits.refill();
+                                }
+                                let fa = act.fast_ac[(bits.bits >> (64 - LUT_BITS)) as usize];
+                                if fa != 0 {
+                                    let len = (fa & 15) as u32;
+                                    bits.bits <<= len;
+                                    bits.nbits -= len;
+                                    k += ((fa >> 4) & 15) as usize + 1;
+                                    continue;
+                                }
                                 let rs = bits.decode(act)?;
                                 let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
                                 if s == 0 {
@@ -521,6 +623,25 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                         let mut maxcol = 0usize;
                         let mut k = 1;
                         while k < 64 {
+                            if bits.nbits < 16 {
+                                bits.refill();
+                            }
+                            let fa = act.fast_ac[(bits.bits >> (64 - LUT_BITS)) as usize];
+                            if fa != 0 {
+                                let len = (fa & 15) as u32;
+                                bits.bits <<= len;
+                                bits.nbits -= len;
+                                k += ((fa >> 4) & 15) as usize;
+                                if k > 63 {
+                                    return Err("corrupt AC coefficients (index past 63)".into());
+                                }
+                                let z = ZIGZAG[k];
+                                coef[z] = (fa >> 8) as f32 * q[k];
+                                rows |= 1 << (z >> 3);
+                                maxcol = maxcol.max(z & 7);
+                                k += 1;
+                                continue;
+                            }
                             let rs = bits.decode(act)?;
                             let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
                             if s == 0 {
@@ -541,8 +662,6 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                             k += 1;
                         }
                         let pl = &mut planes[ci];
-                        let mh: &[[f32; 8]] = if pl.ox == 4 { &m.half } else { &m.full };
-                        let mv: &[[f32; 8]] = if pl.oy == 4 { &m.half } else { &m.full };
                         let x0 = (bx - pl.bx0) * pl.ox;
                         let y0 = (by - pl.by0) * pl.oy;
                         let (ox, oy, stride) = (pl.ox, pl.oy, pl.stride);
@@ -555,35 +674,13 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                             coef[0] = 0.0;
                             continue;
                         }
-                        // horizontal pass over non-zero rows: t[v][x] = Σ_u F[v][u]·Mh[x][u]
-                        let mut t = [[0f32; 8]; 8];
                         let ncol = maxcol + 1;
-                        for vr in 0..8 {
-                            if rows & (1 << vr) == 0 {
-                                continue;
-                            }
-                            let f = &mut coef[vr * 8..vr * 8 + 8];
-                            for x in 0..ox {
-                                let mut acc = 0f32;
-                                for u in 0..ncol {
-                                    acc += f[u] * mh[x][u];
-                                }
-                                t[vr][x] = acc;
-                            }
-                            f.fill(0.0);
-                        }
-                        for y in 0..oy {
-                            let row = &mut pl.data[(y0 + y) * stride + x0..(y0 + y) * stride + x0 + ox];
-                            row.fill(128.0);
-                            for vr in 0..8 {
-                                if rows & (1 << vr) == 0 {
-                                    continue;
-                                }
-                                let w = mv[y][vr];
-                                for x in 0..ox {
-                                    row[x] += w * t[vr][x];
-                                }
-                            }
+                        let dst = &mut pl.data[y0 * stride + x0..];
+                        match (ox, oy) {
+                            (4, 4) => transform::<4, 4>(&mut coef, rows, ncol, &m.half_t, &m.half, dst, stride),
+                            (8, 8) => transform::<8, 8>(&mut coef, rows, ncol, &m.full_t, &m.full, dst, stride),
+                            (8, 4) => transform::<8, 4>(&mut coef, rows, ncol, &m.full_t, &m.half, dst, stride),
+                            _ => transform::<4, 8>(&mut coef, rows, ncol, &m.half_t, &m.full, dst, stride),
                         }
                     }
                 }
@@ -594,41 +691,55 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         }
     }
 
-    // colour conversion of the window into C×H×W f16
+    // colour conversion of the window into C×H×W f32, then one bulk (F16C) conversion
     let plane_len = size * size;
-    let sample = |pl: &Plane, x: usize, y: usize| -> f32 {
-        let px = hx0 + x - pl.bx0 * pl.ox;
-        let py = hy0 + y - pl.by0 * pl.oy;
-        pl.data[py * pl.stride + px]
-    };
+    let mut rgb = std::mem::take(&mut pool[comps.len()]);
+    rgb.clear();
+    rgb.resize(3 * plane_len, 0.0);
+    impl Plane {
+        /// Row `y` of the output window (origin `hx0, hy0` on the half-resolution grid).
+        fn row(&self, hx0: usize, hy0: usize, y: usize, size: usize) -> &[f32] {
+            let px = hx0 - self.bx0 * self.ox;
+            let py = hy0 + y - self.by0 * self.oy;
+            &self.data[py * self.stride + px..py * self.stride + px + size]
+        }
+    }
+    let row = |pl: usize, y: usize| planes[pl].row(hx0, hy0, y, size);
     let inv = 1.0 / 255.0;
     if comps.len() == 1 {
         for y in 0..size {
-            for x in 0..size {
-                let v = f16::from_f32((sample(&planes[0], x, y) * inv).clamp(0.0, 1.0));
-                let i = y * size + x;
-                out[i] = v;
-                out[plane_len + i] = v;
-                out[2 * plane_len + i] = v;
+            for (o, &v) in rgb[y * size..(y + 1) * size].iter_mut().zip(row(0, y)) {
+                *o = (v * inv).clamp(0.0, 1.0);
             }
         }
+        let (g, rest) = rgb.split_at_mut(plane_len);
+        rest[..plane_len].copy_from_slice(g);
+        rest[plane_len..].copy_from_slice(g);
     } else {
-        let (yp, cbp, crp) = (&planes[0], &planes[1], &planes[2]);
+        let (rp, rest) = rgb.split_at_mut(plane_len);
+        let (gp, bp) = rest.split_at_mut(plane_len);
         for y in 0..size {
-            for x in 0..size {
-                let yy = sample(yp, x, y);
-                let cb = sample(cbp, x, y) - 128.0;
-                let cr = sample(crp, x, y) - 128.0;
-                let r = yy + 1.402 * cr;
-                let g = yy - 0.344_136 * cb - 0.714_136 * cr;
-                let bl = yy + 1.772 * cb;
-                let i = y * size + x;
-                out[i] = f16::from_f32((r * inv).clamp(0.0, 1.0));
-                out[plane_len + i] = f16::from_f32((g * inv).clamp(0.0, 1.0));
-                out[2 * plane_len + i] = f16::from_f32((bl * inv).clamp(0.0, 1.0));
+            let (ys, cbs, crs) = (row(0, y), row(1, y), row(2, y));
+            let o = y * size..(y + 1) * size;
+            for ((((r, g), b), (&yy, &cb)), &cr) in
+                rp[o.clone()].iter_mut().zip(&mut gp[o.clone()]).zip(&mut bp[o]).zip(ys.iter().zip(cbs)).zip(crs)
+            {
+                let (cb, cr) = (cb - 128.0, cr - 128.0);
+                *r = ((yy + 1.402 * cr) * inv).clamp(0.0, 1.0);
+                *g = ((yy - 0.344_136 * cb - 0.714_136 * cr) * inv).clamp(0.0, 1.0);
+                *b = ((yy + 1.772 * cb) * inv).clamp(0.0, 1.0);
             }
         }
     }
-    planes.clear();
+    {
+        use half::slice::HalfFloatSliceExt;
+        out.convert_from_f32_slice(&rgb);
+    }
+    // hand the buffers back for the next image on this thread
+    for (buf, pl) in pool.iter_mut().zip(planes) {
+        *buf = pl.data;
+    }
+    pool[comps.len()] = rgb;
+    SCRATCH.with(|sc| *sc.borrow_mut() = pool);
     Ok(true)
 }
