@@ -188,3 +188,53 @@ fn missing_data_dir_is_a_clear_error() {
     assert_eq!(code, Some(1));
     assert!(err.contains("nope"), "{err}");
 }
+
+#[test]
+fn killed_run_leaves_no_complete_cache_and_rerun_completes() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    // enough images that the run is still writing when it is killed
+    let jpegs = support::fixtures().join("real-test-jpegs");
+    let mut n = 0u64;
+    for round in 0..6u64 {
+        for e in std::fs::read_dir(&jpegs).unwrap() {
+            let e = e.unwrap();
+            n += 1;
+            let id = 900_000 + round * 1000 + n % 1000;
+            std::fs::copy(e.path(), data.join("images_test_rev1").join(format!("{id}.jpg"))).unwrap();
+        }
+    }
+    let root = t.path().join("cache");
+    let complete = |root: &Path| {
+        std::fs::read_dir(root)
+            .map(|rd| rd.flatten().filter(|e| e.path().join("manifest.json").exists()).count())
+            .unwrap_or(0)
+    };
+    let mut killed_mid_run = false;
+    for delay_ms in [150u64, 60, 300] {
+        let mut child = support::gz()
+            .args(["prep", "--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--threads", "1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let finished = child.try_wait().unwrap().is_some();
+        child.kill().ok();
+        child.wait().unwrap();
+        if !finished && complete(&root) == 0 {
+            killed_mid_run = true;
+            break;
+        }
+    }
+    assert!(killed_mid_run, "could not interrupt a run (machine too fast?)");
+    assert_eq!(complete(&root), 0, "a killed run left a complete-looking cache");
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let cache = gz_shards::Cache::open(&cache_line(&out)).unwrap();
+    cache.verify().unwrap();
+    assert_eq!(cache.test().unwrap().len(), 3 + n as usize);
+    // the killed run's temporary directory was cleaned up by the next writer
+    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
