@@ -7,6 +7,8 @@
 //!   noise-free fractions.
 //! - [`submission`]: writing a submission (clipped, complete, validated, atomic) and checking any
 //!   existing one, listing every problem with its line.
+//! - [`predict`]: running a predictor over a cache split or a folder of JPEGs.
+//! - [`tta`]: test-time augmentation (rotations × flips × zooms) and ensembles, averaged.
 //!
 //! Neighbours: it reads labels through gz-schema, cached images through gz-shards, prepares raw
 //! JPEGs with gz-preprocess and runs checkpoints through gz-model (the only crate here that
@@ -15,7 +17,9 @@
 
 pub mod baselines;
 pub mod metrics;
+pub mod predict;
 pub mod submission;
+pub mod tta;
 
 use std::path::PathBuf;
 

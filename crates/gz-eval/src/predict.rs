@@ -1,0 +1,218 @@
+//! Running a predictor (a checkpoint, an ensemble, under TTA) over cached or raw images.
+//!
+//! Two sources: rows of a cache split (gz-shards, already preprocessed; batches are gathered
+//! from the memory map and uploaded as f16, then widened to f32 on the device), or a folder of
+//! JPEGs preprocessed on the fly by a caller-supplied function (the CLI passes gz-preprocess's
+//! `prep_jpeg` with the checkpoint's own config, so raw images see exactly the training recipe).
+//! An unreadable JPEG is never silently dropped: it is returned in the failure list with its path
+//! and reason, and the caller decides (refuse, or fill with the training mean and say so).
+//! Neighbours: [`crate::tta`] for the views, [`crate::submission`] for what happens next.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use gz_schema::{Solutions, N_ANSWERS};
+use gz_shards::Split;
+use half::f16;
+
+use crate::tta::{predict_tta, Predictor, TtaConfig};
+use crate::{io_err, EvalError, Result};
+
+fn model_err(what: impl Into<String>) -> impl FnOnce(candle_core::Error) -> EvalError {
+    let what = what.into();
+    move |source| EvalError::Model { what, source }
+}
+
+/// Predicts one batch of f16 C×H×W images (row-major, `n` images) → `n × 37` f32.
+pub fn predict_batch(
+    model: &dyn Predictor,
+    images: &[f16],
+    shape: [usize; 3],
+    tta: &TtaConfig,
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let [c, h, w] = shape;
+    let per = c * h * w;
+    if per == 0 || images.len() % per != 0 {
+        return Err(EvalError::Shape {
+            what: "image batch".into(),
+            reason: format!("{} values is not a multiple of {c}×{h}×{w}", images.len()),
+        });
+    }
+    let n = images.len() / per;
+    let run = || -> candle_core::Result<Vec<f32>> {
+        let x = Tensor::from_slice(images, (n, c, h, w), &Device::Cpu)?.to_device(device)?.to_dtype(DType::F32)?;
+        let y = predict_tta(model, &x, tta)?;
+        let (bn, k) = y.dims2()?;
+        if bn != n || k != N_ANSWERS {
+            candle_core::bail!("the model returned shape ({bn}, {k}) for a batch of {n}; expected ({n}, {N_ANSWERS})");
+        }
+        y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+    };
+    run().map_err(model_err(format!("predicting a batch of {n} images")))
+}
+
+/// Predicts `rows` of a cache split (all rows when `None`), in batches of `batch`; `progress`
+/// is called with the number of images done so far. Returns `rows.len() × 37` values.
+pub fn predict_split(
+    model: &dyn Predictor,
+    split: &Split,
+    rows: Option<&[usize]>,
+    tta: &TtaConfig,
+    batch: usize,
+    device: &Device,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<f32>> {
+    let shape = split.shape();
+    let batch = batch.max(1);
+    let mut out = Vec::new();
+    match rows {
+        None => {
+            for r in split.chunks(batch) {
+                let done = r.end;
+                out.extend(predict_batch(model, split.images(r), shape, tta, device)?);
+                progress(done);
+            }
+        }
+        Some(rows) => {
+            let mut buf: Vec<f16> = Vec::new();
+            for (k, chunk) in rows.chunks(batch).enumerate() {
+                buf.clear();
+                for &i in chunk {
+                    if i >= split.len() {
+                        return Err(EvalError::Shape {
+                            what: format!("split {}", split.name()),
+                            reason: format!("row {i} requested but the split has {} rows", split.len()),
+                        });
+                    }
+                    buf.extend_from_slice(split.image(i));
+                }
+                out.extend(predict_batch(model, &buf, shape, tta, device)?);
+                progress(k * batch + chunk.len());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A test image that could not be predicted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub path: PathBuf,
+    /// The GalaxyID from the file name, when it is one.
+    pub id: Option<u64>,
+    pub reason: String,
+}
+
+/// The JPEGs of a folder (`*.jpg`, `*.jpeg`), sorted by name.
+pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let p = entry.map_err(io_err(dir))?.path();
+        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg")) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Predicts a list of JPEG files, preprocessing each with `prep` (bytes → C×H×W f16 of
+/// `shape`). Files that cannot be read, decoded, or are not named `<GalaxyID>.jpg` are
+/// returned as failures; the others as rows in input order.
+#[allow(clippy::too_many_arguments)] // reason: one call site per front end; a struct would only rename them
+pub fn predict_jpegs(
+    model: &dyn Predictor,
+    paths: &[PathBuf],
+    prep: &(dyn Fn(&[u8]) -> std::result::Result<Vec<f16>, String> + Sync),
+    shape: [usize; 3],
+    tta: &TtaConfig,
+    batch: usize,
+    device: &Device,
+    progress: &dyn Fn(usize),
+) -> Result<(Solutions, Vec<Failure>)> {
+    let per = shape.iter().product::<usize>();
+    let mut sol = Solutions::new();
+    let mut failures = Vec::new();
+    let mut ids = Vec::new();
+    let mut buf: Vec<f16> = Vec::new();
+    let mut done = 0;
+    for chunk in paths.chunks(batch.max(1)) {
+        ids.clear();
+        buf.clear();
+        for p in chunk {
+            let id = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
+            let result = match id {
+                None => Err("file name is not <GalaxyID>.jpg".to_string()),
+                Some(_) => std::fs::read(p).map_err(|e| format!("cannot read: {e}")).and_then(|b| prep(&b)),
+            };
+            match (id, result) {
+                (Some(id), Ok(img)) if img.len() == per => {
+                    ids.push(id);
+                    buf.extend_from_slice(&img);
+                }
+                (id, Ok(img)) => failures.push(Failure {
+                    path: p.clone(),
+                    id,
+                    reason: format!("preprocessing gave {} values, expected {per}", img.len()),
+                }),
+                (id, Err(reason)) => failures.push(Failure { path: p.clone(), id, reason }),
+            }
+        }
+        if !ids.is_empty() {
+            let y = predict_batch(model, &buf, shape, tta, device)?;
+            for (k, id) in ids.iter().enumerate() {
+                sol.push(*id, &y[k * N_ANSWERS..(k + 1) * N_ANSWERS]);
+            }
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    Ok((sol, failures))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Result as CResult;
+
+    fn mean_model(x: &Tensor) -> CResult<Tensor> {
+        let (b, ..) = x.dims4()?;
+        x.flatten_from(1)?.mean_keepdim(1)?.broadcast_as((b, N_ANSWERS))?.contiguous()
+    }
+
+    #[test]
+    fn jpeg_failures_are_listed_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("100.jpg"), [1u8]).unwrap();
+        std::fs::write(dir.path().join("200.jpg"), [2u8]).unwrap();
+        std::fs::write(dir.path().join("300.jpg"), [0u8]).unwrap();
+        std::fs::write(dir.path().join("x.jpg"), [1u8]).unwrap();
+        let paths = list_jpegs(dir.path()).unwrap();
+        assert_eq!(paths.len(), 4);
+        // "prep": byte 0 is a corrupt file, otherwise a constant image of value byte/4
+        let prep = |b: &[u8]| -> std::result::Result<Vec<f16>, String> {
+            match b.first() {
+                Some(0) | None => Err("corrupt JPEG".into()),
+                Some(v) => Ok(vec![f16::from_f32(*v as f32 / 4.0); 3 * 4 * 4]),
+            }
+        };
+        let (sol, fails) =
+            predict_jpegs(&mean_model, &paths, &prep, [3, 4, 4], &TtaConfig::none(), 2, &Device::Cpu, &|_| {}).unwrap();
+        assert_eq!(sol.ids, vec![100, 200]);
+        assert!((sol.row(1)[5] - 0.5).abs() < 1e-6);
+        assert_eq!(fails.len(), 2);
+        assert_eq!(fails[0].id, Some(300));
+        assert_eq!(fails[0].reason, "corrupt JPEG");
+        assert!(fails[1].path.ends_with("x.jpg") && fails[1].id.is_none());
+    }
+
+    #[test]
+    fn batch_shape_errors() {
+        let e = predict_batch(&mean_model, &[f16::ZERO; 10], [3, 2, 2], &TtaConfig::none(), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("multiple of 3×2×2"), "{e}");
+        let bad = |x: &Tensor| -> CResult<Tensor> { Tensor::zeros((x.dims4()?.0, 5), DType::F32, x.device()) };
+        let e = predict_batch(&bad, &[f16::ZERO; 12], [3, 2, 2], &TtaConfig::none(), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("expected (1, 37)"), "{e}");
+    }
+}

@@ -1,0 +1,219 @@
+//! Test-time augmentation and ensembles: averaging a model's predictions over fixed views.
+//!
+//! Dieleman et al. (2015, section 7.5) averaged each test galaxy's predictions over 60 affine
+//! views: 10 rotations (36° apart) × 3 zooms (1/1.2, 1, 1.2) × 2 (with and without a mirror
+//! flip). [`TtaConfig`] describes such a grid; its presets are `1` (no augmentation), `8`
+//! (4 right-angle rotations × 2 flips, exact on the pixel grid) and `60` (Dieleman's). Views are
+//! drawn with gz-model's [`gz_model::augment::affine_sample`] on the batch's own device, the
+//! model runs once per view, and the outputs are averaged (uniformly). An [`Ensemble`] averages
+//! several models the same way. The identity view is passed through without resampling.
+
+use candle_core::{Result as CResult, Tensor};
+use gz_model::augment::{affine_sample, Affine};
+use serde::{Deserialize, Serialize};
+
+use crate::{EvalError, Result};
+
+/// Anything that maps a (B, 3, H, W) batch in [0, 1] to (B, 37) predictions.
+pub trait Predictor {
+    /// Predicts one batch.
+    fn predict(&self, images: &Tensor) -> CResult<Tensor>;
+}
+
+impl<F: Fn(&Tensor) -> CResult<Tensor>> Predictor for F {
+    fn predict(&self, images: &Tensor) -> CResult<Tensor> {
+        self(images)
+    }
+}
+
+/// A grid of test-time views: every rotation × flip × zoom combination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TtaConfig {
+    /// Number of rotations, evenly spaced over 360° starting at 0.
+    pub rotations: usize,
+    /// Whether every view is also taken mirrored.
+    pub flips: bool,
+    /// Zoom factors (1 = as is).
+    pub scales: Vec<f32>,
+}
+
+impl Default for TtaConfig {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl TtaConfig {
+    /// One view: the image as it is.
+    pub fn none() -> Self {
+        Self { rotations: 1, flips: false, scales: vec![1.0] }
+    }
+
+    /// The presets `1`, `8` (4 rotations × 2 flips) and `60` (10 rotations × 2 flips × zooms
+    /// 1/1.2, 1, 1.2, as Dieleman et al.); other numbers are an error naming the choices.
+    pub fn preset(n: usize) -> Result<Self> {
+        match n {
+            1 => Ok(Self::none()),
+            2 => Ok(Self { rotations: 1, flips: true, scales: vec![1.0] }),
+            4 => Ok(Self { rotations: 4, flips: false, scales: vec![1.0] }),
+            8 => Ok(Self { rotations: 4, flips: true, scales: vec![1.0] }),
+            60 => Ok(Self { rotations: 10, flips: true, scales: vec![1.0 / 1.2, 1.0, 1.2] }),
+            _ => Err(EvalError::Shape {
+                what: "--tta".into(),
+                reason: format!(
+                    "no preset with {n} views; use 1, 2, 4, 8 or 60, or set rotations/flips/scales explicitly"
+                ),
+            }),
+        }
+    }
+
+    /// Rejects an empty grid or a non-positive zoom.
+    pub fn validate(&self) -> Result<()> {
+        if self.rotations == 0 || self.scales.is_empty() || self.scales.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+            return Err(EvalError::Shape {
+                what: "test-time augmentation".into(),
+                reason: format!("{self:?}: need ≥ 1 rotation and ≥ 1 positive finite scale"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Number of views per image.
+    pub fn n_views(&self) -> usize {
+        self.rotations * self.scales.len() * if self.flips { 2 } else { 1 }
+    }
+
+    /// The views as content transforms (mirror, rotate, zoom), identity first.
+    pub fn views(&self) -> Vec<Affine> {
+        let mut out = Vec::with_capacity(self.n_views());
+        for flip in if self.flips { &[false, true][..] } else { &[false][..] } {
+            for &zoom in &self.scales {
+                for r in 0..self.rotations {
+                    let deg = 360.0 * r as f32 / self.rotations as f32;
+                    out.push(Affine::rotation_flip_scale_shift(deg, *flip, zoom, 0.0, 0.0));
+                }
+            }
+        }
+        // the identity (if present) first, so a 1-view grid is exactly the plain prediction
+        if let Some(i) = out.iter().position(is_identity) {
+            out.swap(0, i);
+        }
+        out
+    }
+}
+
+fn is_identity(a: &Affine) -> bool {
+    let id = Affine::identity();
+    a.m.iter().flatten().zip(id.m.iter().flatten()).all(|(x, y)| (x - y).abs() < 1e-6)
+}
+
+/// Predicts a (B, 3, H, W) batch under every view of `tta` and averages the (B, 37) outputs.
+pub fn predict_tta(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<Tensor> {
+    let (b, _c, h, w) = images.dims4()?;
+    let views = tta.views();
+    let mut sum: Option<Tensor> = None;
+    for view in &views {
+        let x = if is_identity(view) { images.clone() } else { affine_sample(images, &vec![*view; b], h, w)? };
+        let y = model.predict(&x)?.to_dtype(candle_core::DType::F32)?;
+        sum = Some(match sum {
+            None => y,
+            Some(s) => (s + y)?,
+        });
+    }
+    let sum = sum.ok_or_else(|| candle_core::Error::Msg("test-time augmentation with no views".into()))?;
+    sum.affine(1.0 / views.len() as f64, 0.0)
+}
+
+/// Several models averaged uniformly (each under the same TTA when used with [`predict_tta`]).
+pub struct Ensemble<'a> {
+    pub members: Vec<&'a dyn Predictor>,
+}
+
+impl Predictor for Ensemble<'_> {
+    fn predict(&self, images: &Tensor) -> CResult<Tensor> {
+        let mut sum: Option<Tensor> = None;
+        for m in &self.members {
+            let y = m.predict(images)?.to_dtype(candle_core::DType::F32)?;
+            sum = Some(match sum {
+                None => y,
+                Some(s) => (s + y)?,
+            });
+        }
+        let sum = sum.ok_or_else(|| candle_core::Error::Msg("an ensemble needs at least one model".into()))?;
+        sum.affine(1.0 / self.members.len() as f64, 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    /// 1×3×8×8 image with a different constant in each quadrant (same in all channels).
+    fn quadrants(vals: [f32; 4]) -> Tensor {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            for y in 0..8 {
+                for x in 0..8 {
+                    v.push(vals[(y / 4) * 2 + x / 4]);
+                }
+            }
+        }
+        Tensor::from_vec(v, (1, 3, 8, 8), &Device::Cpu).unwrap()
+    }
+
+    /// A "model" that reports the mean of the top-left quadrant in every output.
+    fn top_left(x: &Tensor) -> CResult<Tensor> {
+        let (b, ..) = x.dims4()?;
+        let m = x.i((.., 0, 0..4, 0..4))?.mean_keepdim(2)?.mean_keepdim(1)?.reshape((b, 1))?;
+        m.broadcast_as((b, 37))?.contiguous()
+    }
+
+    fn value(t: &Tensor) -> f32 {
+        t.i((0, 0)).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn rotations_average_a_known_transform() {
+        let img = quadrants([0.1, 0.2, 0.3, 0.4]);
+        // no TTA: the top-left quadrant
+        let y = predict_tta(&top_left, &img, &TtaConfig::none()).unwrap();
+        assert_eq!(y.dims(), &[1, 37]);
+        assert!((value(&y) - 0.1).abs() < 1e-6);
+        // four right-angle rotations bring each quadrant to the top left once: the mean
+        let y = predict_tta(&top_left, &img, &TtaConfig::preset(4).unwrap()).unwrap();
+        assert!((value(&y) - 0.25).abs() < 1e-4, "{}", value(&y));
+        // a mirror alone averages top-left and top-right
+        let y = predict_tta(&top_left, &img, &TtaConfig::preset(2).unwrap()).unwrap();
+        assert!((value(&y) - 0.15).abs() < 1e-4, "{}", value(&y));
+        // 8 views: each quadrant twice
+        let y = predict_tta(&top_left, &img, &TtaConfig::preset(8).unwrap()).unwrap();
+        assert!((value(&y) - 0.25).abs() < 1e-4, "{}", value(&y));
+        // a model that is invariant to the views is unchanged
+        let mean_all = |x: &Tensor| -> CResult<Tensor> {
+            let (b, ..) = x.dims4()?;
+            x.flatten_from(1)?.mean_keepdim(1)?.broadcast_as((b, 37))?.contiguous()
+        };
+        let y = predict_tta(&mean_all, &img, &TtaConfig::preset(8).unwrap()).unwrap();
+        assert!((value(&y) - 0.25).abs() < 1e-4);
+    }
+
+    #[test]
+    fn view_grids() {
+        assert_eq!(TtaConfig::preset(60).unwrap().views().len(), 60);
+        assert_eq!(TtaConfig::preset(8).unwrap().n_views(), 8);
+        assert!(is_identity(&TtaConfig::preset(60).unwrap().views()[0]));
+        assert!(TtaConfig::preset(7).unwrap_err().to_string().contains("1, 2, 4, 8 or 60"));
+        assert!(TtaConfig { rotations: 0, flips: false, scales: vec![1.0] }.validate().is_err());
+    }
+
+    #[test]
+    fn ensemble_is_the_uniform_average() {
+        let img = quadrants([0.1, 0.2, 0.3, 0.4]);
+        let a = |x: &Tensor| -> CResult<Tensor> { (top_left(x)? * 0.0)? + 1.0 };
+        let b = |x: &Tensor| -> CResult<Tensor> { top_left(x)? * 0.0 };
+        let e = Ensemble { members: vec![&a as &dyn Predictor, &b as &dyn Predictor] };
+        let y = predict_tta(&e, &img, &TtaConfig::none()).unwrap();
+        assert!((value(&y) - 0.5).abs() < 1e-6);
+    }
+}
