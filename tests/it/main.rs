@@ -4,4 +4,5 @@ mod pipeline;
 mod prep;
 mod schema;
 mod support;
+mod synth;
 mod tidy;

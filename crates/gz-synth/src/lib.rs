@@ -1,2 +1,395 @@
-//! gz-synth: the embedded synthetic Galaxy Zoo dataset (Kaggle layout, noise-free truth, Bayes floor).
-//! Not built yet: see the foundation issue.
+//! gz-synth: the embedded synthetic Galaxy Zoo dataset, in the Kaggle layout, with its noise-free
+//! truth and Bayes floor.
+//!
+//! [`generate`] writes, into one directory,
+//! - `images_training_rev1/<id>.jpg` and `images_test_rev1/<id>.jpg`: 424×424 JPEGs drawn like SDSS
+//!   gri composites ([`galaxy`] decides what to draw, [`render`] draws it);
+//! - `training_solutions_rev1.csv` (the Kaggle training labels) and `test_solutions.csv`: vote
+//!   fractions of ~25–60 simulated volunteers walking the Galaxy Zoo 2 tree ([`labels`]);
+//! - `expected_training.csv` / `expected_test.csv`: the noise-free fractions (an infinite crowd);
+//! - `floor.json`: the RMSE between observed and expected fractions — the best any model can do in
+//!   expectation (the Bayes floor of the Kaggle metric on this data);
+//! - `synth.json`: the [`SynthConfig`], written last, so a directory without it is incomplete.
+//!
+//! Everything is a pure function of the config: each galaxy has its own ChaCha stream selected by
+//! (seed, split, index), so the bytes do not depend on the thread count. gz-synth depends only on
+//! gz-schema (the tree, the CSV format); gz-preprocess and the models read what it writes exactly
+//! as they read a real Kaggle download. It does not print: the CLI (`gz synth`) shows progress.
+
+pub mod galaxy;
+pub mod labels;
+pub mod render;
+
+use std::path::{Path, PathBuf};
+
+use gz_schema::{write_atomic, write_solutions, SchemaError, Solutions, N_ANSWERS};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::galaxy::Scene;
+
+/// Kaggle's training image folder name.
+pub const TRAIN_DIR: &str = "images_training_rev1";
+/// Kaggle's test image folder name.
+pub const TEST_DIR: &str = "images_test_rev1";
+/// Kaggle's training label file.
+pub const TRAIN_CSV: &str = "training_solutions_rev1.csv";
+/// Labels of the test split (not part of the Kaggle download; for evaluation).
+pub const TEST_CSV: &str = "test_solutions.csv";
+/// Noise-free fractions of the training split.
+pub const EXPECTED_TRAIN_CSV: &str = "expected_training.csv";
+/// Noise-free fractions of the test split.
+pub const EXPECTED_TEST_CSV: &str = "expected_test.csv";
+/// The Bayes floor.
+pub const FLOOR_JSON: &str = "floor.json";
+/// The config; its presence marks a complete dataset.
+pub const SYNTH_JSON: &str = "synth.json";
+
+/// Smallest and largest Kaggle-like 6-digit id.
+const ID_MIN: u64 = 100_000;
+const ID_MAX: u64 = 999_999;
+
+/// What to generate. Serialised as `synth.json` next to the data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SynthConfig {
+    /// Number of training images (with labels in `training_solutions_rev1.csv`).
+    pub train: usize,
+    /// Number of test images (labels in `test_solutions.csv`).
+    pub test: usize,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Fewest simulated volunteers per galaxy.
+    pub min_volunteers: u32,
+    /// Most simulated volunteers per galaxy.
+    pub max_volunteers: u32,
+    /// Worker threads (0 = rayon's default). Does not change the output.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub threads: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        SynthConfig { train: 64, test: 16, seed: 0, min_volunteers: 25, max_volunteers: 60, threads: 0 }
+    }
+}
+
+impl SynthConfig {
+    /// The config with the output-irrelevant fields (threads) cleared, as written to `synth.json`.
+    pub fn canonical(&self) -> SynthConfig {
+        SynthConfig { threads: 0, ..self.clone() }
+    }
+
+    /// Same dataset (ignoring the thread count)?
+    pub fn same_dataset(&self, other: &SynthConfig) -> bool {
+        self.canonical() == other.canonical()
+    }
+
+    fn validate(&self) -> Result<(), SynthError> {
+        let bad = |reason: String| Err(SynthError::BadConfig { reason });
+        if self.min_volunteers == 0 || self.min_volunteers > self.max_volunteers {
+            return bad(format!(
+                "volunteers must satisfy 1 <= min ({}) <= max ({})",
+                self.min_volunteers, self.max_volunteers
+            ));
+        }
+        let total = self.train as u64 + self.test as u64;
+        if total > ID_MAX - ID_MIN + 1 {
+            return bad(format!("{total} images do not fit the {} six-digit ids", ID_MAX - ID_MIN + 1));
+        }
+        Ok(())
+    }
+}
+
+/// What [`generate`] wrote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SynthSummary {
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// Training images written.
+    pub n_train: usize,
+    /// Test images written.
+    pub n_test: usize,
+    /// RMSE between observed and expected fractions on the training split.
+    pub train_rmse: f64,
+    /// RMSE between observed and expected fractions on the test split.
+    pub test_rmse: f64,
+    /// Bytes of JPEG written.
+    pub jpeg_bytes: u64,
+    /// Mean simulated volunteers per galaxy.
+    pub mean_volunteers: f64,
+}
+
+/// `floor.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Floor {
+    /// RMSE between observed and expected fractions, training split.
+    pub train_rmse: f64,
+    /// RMSE between observed and expected fractions, test split.
+    pub test_rmse: f64,
+    /// Training images.
+    pub n_train: usize,
+    /// Test images.
+    pub n_test: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Errors of the generator.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    /// The config cannot be generated.
+    #[error("bad synth config: {reason}")]
+    BadConfig {
+        /// Why.
+        reason: String,
+    },
+    /// A file or directory could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Writing a CSV failed.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// JPEG encoding failed.
+    #[error("encoding {path}: {reason}")]
+    Jpeg {
+        /// The image being written.
+        path: PathBuf,
+        /// The encoder's message.
+        reason: String,
+    },
+    /// `synth.json` exists but is not a config.
+    #[error("{path}: not a gz-synth config: {reason}")]
+    BadMarker {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The thread pool could not be built.
+    #[error("thread pool: {0}")]
+    Pool(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
+    move |source| SynthError::Io { path: path.to_path_buf(), source }
+}
+
+/// One generated galaxy: its image bytes and label rows.
+pub struct Sample {
+    /// Kaggle-like id.
+    pub id: u64,
+    /// The JPEG.
+    pub jpeg: Vec<u8>,
+    /// Fractions from the simulated volunteers.
+    pub observed: [f32; N_ANSWERS],
+    /// Noise-free fractions.
+    pub expected: [f32; N_ANSWERS],
+    /// How many volunteers classified it.
+    pub volunteers: u32,
+}
+
+/// Which split a galaxy belongs to (part of its RNG stream id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Training images.
+    Train,
+    /// Test images.
+    Test,
+}
+
+/// The RNG of galaxy `index` of `split`: one ChaCha stream per galaxy.
+fn galaxy_rng(seed: u64, split: Split, index: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let tag = match split {
+        Split::Train => 0u64,
+        Split::Test => 1u64,
+    };
+    rng.set_stream((tag << 40) | index as u64);
+    rng
+}
+
+/// Draws, renders and labels one galaxy (pure function of its arguments).
+pub fn make_sample(cfg: &SynthConfig, split: Split, index: usize, id: u64) -> Result<Sample, String> {
+    let mut rng = galaxy_rng(cfg.seed, split, index);
+    let scene = Scene::sample(&mut rng);
+    let probs = scene.answer_probs();
+    let volunteers = rng.gen_range(cfg.min_volunteers..=cfg.max_volunteers);
+    let observed = labels::observed_row(&mut rng, &probs, volunteers);
+    let expected = labels::expected_row(&probs);
+    let rgb = render::render_rgb(&scene);
+    let jpeg = render::encode_jpeg(&rgb).map_err(|e| e.to_string())?;
+    Ok(Sample { id, jpeg, observed, expected, volunteers })
+}
+
+/// Draws the Kaggle-like ids: `train + test` distinct six-digit numbers, each split sorted.
+pub fn draw_ids(cfg: &SynthConfig) -> (Vec<u64>, Vec<u64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6761_6c61_7879_7a6f);
+    rng.set_stream(u64::MAX);
+    let total = cfg.train + cfg.test;
+    let span = (ID_MAX - ID_MIN + 1) as usize;
+    let picked = rand::seq::index::sample(&mut rng, span, total.min(span));
+    let all: Vec<u64> = picked.into_iter().map(|k| ID_MIN + k as u64).collect();
+    let mut train = all[..cfg.train.min(all.len())].to_vec();
+    let mut test = all[cfg.train.min(all.len())..].to_vec();
+    train.sort_unstable();
+    test.sort_unstable();
+    (train, test)
+}
+
+/// Reads `synth.json` in `dir`: `Ok(None)` if absent (no dataset, or an incomplete one).
+pub fn existing_config(dir: &Path) -> Result<Option<SynthConfig>, SynthError> {
+    let path = dir.join(SYNTH_JSON);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SynthError::BadMarker { path, reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SynthError::Io { path, source }),
+    }
+}
+
+/// The paths [`generate`] writes in `dir` (for cleaning before a forced regeneration).
+pub fn output_paths(dir: &Path) -> Vec<PathBuf> {
+    [SYNTH_JSON, FLOOR_JSON, TRAIN_CSV, TEST_CSV, EXPECTED_TRAIN_CSV, EXPECTED_TEST_CSV, TRAIN_DIR, TEST_DIR]
+        .iter()
+        .map(|p| dir.join(p))
+        .collect()
+}
+
+/// Removes what [`generate`] writes in `dir` (and nothing else).
+pub fn clean(dir: &Path) -> Result<(), SynthError> {
+    for p in output_paths(dir) {
+        let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(SynthError::Io { path: p, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Labels and size of one written image.
+struct Written {
+    id: u64,
+    observed: [f32; N_ANSWERS],
+    expected: [f32; N_ANSWERS],
+    volunteers: u32,
+    bytes: u64,
+}
+
+fn write_split(
+    dir: &Path,
+    cfg: &SynthConfig,
+    split: Split,
+    ids: &[u64],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Written>, SynthError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    ids.par_iter()
+        .enumerate()
+        .map(|(index, &id)| {
+            let path = dir.join(format!("{id}.jpg"));
+            let s = make_sample(cfg, split, index, id)
+                .map_err(|reason| SynthError::Jpeg { path: path.clone(), reason })?;
+            std::fs::write(&path, &s.jpeg).map_err(io_err(&path))?;
+            progress(1);
+            Ok(Written {
+                id,
+                observed: s.observed,
+                expected: s.expected,
+                volunteers: s.volunteers,
+                bytes: s.jpeg.len() as u64,
+            })
+        })
+        .collect()
+}
+
+fn solutions(samples: &[Written], expected: bool) -> Solutions {
+    let mut s = Solutions::new();
+    for x in samples {
+        s.push(x.id, if expected { &x.expected } else { &x.observed });
+    }
+    s
+}
+
+/// Writes the dataset described by `cfg` into `out_dir` (see the crate docs for the layout).
+///
+/// `progress` is called with the number of images just finished (usually 1), from worker threads.
+/// Images are written first; the CSVs, `floor.json` and finally `synth.json` last, each
+/// atomically, so an interrupted run leaves no `synth.json`. An existing `synth.json` is removed
+/// first. Existing files of other datasets are not cleaned here: see [`clean`].
+pub fn generate(out_dir: &Path, cfg: &SynthConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<SynthSummary, SynthError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let marker = out_dir.join(SYNTH_JSON);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(SynthError::Io { path: marker, source }),
+    }
+    let (train_ids, test_ids) = draw_ids(cfg);
+    let run = || -> Result<(Vec<Written>, Vec<Written>), SynthError> {
+        let train = write_split(&out_dir.join(TRAIN_DIR), cfg, Split::Train, &train_ids, progress)?;
+        let test = write_split(&out_dir.join(TEST_DIR), cfg, Split::Test, &test_ids, progress)?;
+        Ok((train, test))
+    };
+    let (train, test) = if cfg.threads > 0 {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .build()
+            .map_err(|e| SynthError::Pool(e.to_string()))?;
+        pool.install(run)?
+    } else {
+        run()?
+    };
+
+    write_solutions(&out_dir.join(TRAIN_CSV), &solutions(&train, false))?;
+    write_solutions(&out_dir.join(TEST_CSV), &solutions(&test, false))?;
+    write_solutions(&out_dir.join(EXPECTED_TRAIN_CSV), &solutions(&train, true))?;
+    write_solutions(&out_dir.join(EXPECTED_TEST_CSV), &solutions(&test, true))?;
+    let rmse_of = |s: &[Written]| {
+        let o: Vec<f32> = s.iter().flat_map(|x| x.observed).collect();
+        let e: Vec<f32> = s.iter().flat_map(|x| x.expected).collect();
+        labels::rmse(&o, &e)
+    };
+    let floor = Floor {
+        train_rmse: rmse_of(&train),
+        test_rmse: rmse_of(&test),
+        n_train: train.len(),
+        n_test: test.len(),
+        seed: cfg.seed,
+    };
+    write_atomic(&out_dir.join(FLOOR_JSON), to_json(&floor).as_bytes())?;
+    write_atomic(&marker, to_json(&cfg.canonical()).as_bytes())?;
+    let n = (train.len() + test.len()).max(1) as f64;
+    let mean_volunteers = train.iter().chain(&test).map(|s| f64::from(s.volunteers)).sum::<f64>() / n;
+    Ok(SynthSummary {
+        out_dir: out_dir.to_path_buf(),
+        n_train: train.len(),
+        n_test: test.len(),
+        train_rmse: floor.train_rmse,
+        test_rmse: floor.test_rmse,
+        jpeg_bytes: train.iter().chain(&test).map(|w| w.bytes).sum(),
+        mean_volunteers,
+    })
+}
+
+/// Pretty JSON of our own serialisable values (plain structs: serialising cannot fail).
+fn to_json<T: Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
