@@ -1,1 +1,432 @@
-//! Not built yet.
+//! Checkpoints: safetensors weights plus a JSON sidecar, written atomically, and
+//! [`LoadedModel`] to rebuild a trained model for inference.
+//!
+//! A checkpoint is a pair `NAME.safetensors` (the f32 value of every parameter under its
+//! `vb.pp(..)` name — the f32 master copy for bf16 runs) and `NAME.json` (a [`Sidecar`]: the
+//! full resolved `TrainConfig` including the `ModelConfig`, epoch, metrics, the shard cache's
+//! `prep_config` and hash, the code version, and the CRC-32 of the weights file). The trainer
+//! ([`crate::train`]) writes `best.*` and `last.*` (plus `last.optim.safetensors`, the optimizer
+//! state, for `--resume`) with temp + fsync + rename; the sidecar is written last and names the
+//! checksum of its weights, so a crash between the renames is detected instead of pairing a
+//! sidecar with the wrong weights. gz-eval loads models through [`LoadedModel::load`].
+//!
+//! Also here: [`SeededInit`], a `VarBuilder` backend that initialises new variables from a
+//! ChaCha RNG seeded by (seed, variable name). candle's CPU RNG cannot be seeded, and the
+//! trainer promises that the same seed gives the same run.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, ModuleT, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::nets::{self, Model};
+use crate::train::{EpochMetrics, TrainConfig};
+
+/// Format tag of the sidecar.
+pub const SIDECAR_FORMAT: &str = "gz-model-checkpoint";
+/// Version of the sidecar layout.
+pub const SIDECAR_VERSION: u32 = 1;
+
+/// Errors while saving or loading a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid checkpoint sidecar: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Candle { path: PathBuf, source: candle_core::Error },
+}
+
+/// Trainer state stored with `last.*`, enough to continue the run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumeState {
+    /// Optimizer state file (next to the sidecar).
+    pub optimizer_file: String,
+    /// CRC-32 of the optimizer state file.
+    pub optimizer_crc32: u32,
+    /// Optimizer steps taken so far.
+    pub optimizer_steps: u64,
+    /// Epochs since the best validation RMSE (early stopping counter).
+    pub epochs_since_best: usize,
+    /// Wall-clock seconds of training so far (resumed runs keep counting).
+    pub elapsed_s: f64,
+    /// Every epoch's metrics so far (`metrics.jsonl` is rewritten from this on resume).
+    pub history: Vec<EpochMetrics>,
+}
+
+/// The JSON sidecar of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sidecar {
+    /// Always [`SIDECAR_FORMAT`].
+    pub format: String,
+    /// [`SIDECAR_VERSION`].
+    pub version: u32,
+    /// The model (also inside `train`, repeated for readers that only need the model).
+    pub model: ModelConfig,
+    /// The full resolved training configuration.
+    pub train: TrainConfig,
+    /// Epochs completed when this checkpoint was written (1-based).
+    pub epoch: usize,
+    /// Metrics of that epoch.
+    pub metrics: EpochMetrics,
+    /// Best validation RMSE so far and its epoch.
+    pub best_val_rmse: f64,
+    pub best_epoch: usize,
+    /// Validation RMSE of predicting the training-set mean (the baseline to beat).
+    pub baseline_val_rmse: f64,
+    /// Per-answer training-set mean (for reports).
+    pub train_mean: Vec<f64>,
+    /// Number of training / validation images.
+    pub n_train: usize,
+    pub n_val: usize,
+    /// The shard cache's preprocessing config and its hash.
+    pub prep_config: serde_json::Value,
+    pub prep_config_hash: String,
+    /// Where the cache was (informational).
+    pub cache_dir: Option<PathBuf>,
+    /// Image shape the model was trained on (C, H, W).
+    pub input_shape: [usize; 3],
+    /// Trainable parameters.
+    pub param_count: usize,
+    /// `gz-model` version and git commit if known at build time.
+    pub code_version: String,
+    pub git_hash: Option<String>,
+    /// Weights file (next to the sidecar) and its CRC-32.
+    pub weights_file: String,
+    pub weights_crc32: u32,
+    /// Present in `last.json`: what `--resume` needs.
+    pub resume: Option<ResumeState>,
+}
+
+/// The code version recorded in sidecars.
+pub fn code_version() -> (String, Option<String>) {
+    (env!("CARGO_PKG_VERSION").to_string(), option_env!("GZ_GIT_HASH").map(str::to_string))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes tensors as safetensors to `path` atomically (temp, fsync, rename) and returns the
+/// CRC-32 of the file.
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<u32, CheckpointError> {
+    let tmp = tmp_path(path);
+    // Tensors may live on a GPU; safetensors needs host data.
+    let host: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|source| CheckpointError::Candle { path: path.to_path_buf(), source })?;
+    candle_core::safetensors::save(&host, &tmp).map_err(|source| CheckpointError::Candle { path: tmp.clone(), source })?;
+    let bytes = std::fs::read(&tmp).map_err(io_err(&tmp))?;
+    let crc = crc32fast::hash(&bytes);
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(crc)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Reads a safetensors file whose CRC-32 must be `crc`, onto `device`.
+pub fn load_tensors_checked(path: &Path, crc: u32, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let got = crc32fast::hash(&bytes);
+    if got != crc {
+        return Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "checksum {got:08x} does not match the sidecar's {crc:08x} (file replaced, truncated or from another run)"
+            ),
+        });
+    }
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|source| CheckpointError::Candle { path: path.to_path_buf(), source })
+}
+
+/// Writes a sidecar atomically.
+pub fn write_sidecar(sidecar: &Sidecar, path: &Path) -> Result<(), CheckpointError> {
+    let mut text = serde_json::to_string_pretty(sidecar).map_err(|source| CheckpointError::Json { path: path.to_path_buf(), source })?;
+    text.push('\n');
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| CheckpointError::Invalid { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// Reads and checks a sidecar.
+pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let sidecar: Sidecar = serde_json::from_str(&text).map_err(|source| CheckpointError::Json { path: path.to_path_buf(), source })?;
+    if sidecar.format != SIDECAR_FORMAT || sidecar.version != SIDECAR_VERSION {
+        return Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "format {:?} version {} (this build reads {SIDECAR_FORMAT:?} version {SIDECAR_VERSION})",
+                sidecar.format, sidecar.version
+            ),
+        });
+    }
+    Ok(sidecar)
+}
+
+/// A `VarBuilder` backend over a [`VarMap`] whose new variables are drawn from a ChaCha RNG
+/// seeded by (seed, name), honouring candle's `Init` hints (constant, normal, uniform,
+/// Kaiming). Same seed and model → bit-identical initial weights on every device.
+pub struct SeededInit {
+    varmap: VarMap,
+    seed: u64,
+}
+
+impl SeededInit {
+    pub fn new(varmap: VarMap, seed: u64) -> Self {
+        Self { varmap, seed }
+    }
+
+    fn sample(&self, shape: &Shape, name: &str, init: Init) -> Vec<f32> {
+        let n = shape.elem_count();
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let mut rng = ChaCha8Rng::seed_from_u64(crate::data::mix_seed(self.seed, 0x696e_6974, name_hash));
+        let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| -> f32 {
+            // Box–Muller.
+            let u1: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = rng.gen();
+            (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        };
+        match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Randn { mean, stdev } => (0..n).map(|_| normal(&mut rng, mean, stdev)).collect(),
+            Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..=up) as f32).collect(),
+            Init::Kaiming { dist, fan, non_linearity } => {
+                let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+                match dist {
+                    candle_nn::init::NormalOrUniform::Uniform => {
+                        let b = 3f64.sqrt() * std;
+                        (0..n).map(|_| rng.gen_range(-b..=b) as f32).collect()
+                    }
+                    candle_nn::init::NormalOrUniform::Normal => (0..n).map(|_| normal(&mut rng, 0.0, std)).collect(),
+                }
+            }
+        }
+    }
+}
+
+impl SimpleBackend for SeededInit {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        if let Some(var) = data.get(name) {
+            if var.shape() != &s {
+                candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", var.shape());
+            }
+            return Ok(var.as_tensor().clone());
+        }
+        let values = self.sample(&s, name, h);
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("`get_unchecked` is not supported while initialising a model ({name})")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+    }
+}
+
+/// Builds `cfg` with fresh, seeded weights of `dtype` on `device`; returns the model and the
+/// `VarMap` holding its variables.
+pub fn build_seeded(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> candle_core::Result<(Model, VarMap)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_backend(Box::new(SeededInit::new(varmap.clone(), seed)), dtype, device.clone());
+    let model = nets::build(cfg, vb)?;
+    Ok((model, varmap))
+}
+
+/// A backend over loaded tensors that records which names the model asked for, so unused
+/// (foreign) tensors in a checkpoint are reported.
+struct Recording {
+    tensors: HashMap<String, Tensor>,
+    used: Mutex<HashSet<String>>,
+}
+
+impl SimpleBackend for Recording {
+    fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint has no tensor `{name}`")))?;
+        if t.shape() != &s {
+            candle_core::bail!("tensor `{name}` has shape {:?}, the model expects {s:?}", t.shape());
+        }
+        if let Ok(mut u) = self.used.lock() {
+            u.insert(name.to_string());
+        }
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint has no tensor `{name}`")))?;
+        if let Ok(mut u) = self.used.lock() {
+            u.insert(name.to_string());
+        }
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// A trained model rebuilt from a checkpoint, ready for inference.
+pub struct LoadedModel {
+    model: Model,
+    sidecar: Sidecar,
+    device: Device,
+    dtype: DType,
+    weights_path: PathBuf,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").field("weights", &self.weights_path).field("epoch", &self.sidecar.epoch).finish()
+    }
+}
+
+/// Default number of images per forward pass in [`LoadedModel::predict`].
+pub const PREDICT_BATCH: usize = 64;
+
+impl LoadedModel {
+    /// Loads a checkpoint: `path` is a run directory (uses `best.safetensors`) or a
+    /// `.safetensors` file with its `.json` sidecar beside it. The model is rebuilt from the
+    /// sidecar's `ModelConfig` in f32; a checksum mismatch, a missing or foreign tensor, or a
+    /// shape mismatch is an error naming the file.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, CheckpointError> {
+        Self::load_with_dtype(path, device, DType::F32)
+    }
+
+    /// As [`LoadedModel::load`], computing in `dtype` (bf16 on CUDA for faster inference).
+    pub fn load_with_dtype(path: &Path, device: &Device, dtype: DType) -> Result<Self, CheckpointError> {
+        let (weights_path, sidecar_path) = resolve_paths(path)?;
+        let sidecar = read_sidecar(&sidecar_path)?;
+        let tensors = load_tensors_checked(&weights_path, sidecar.weights_crc32, &Device::Cpu)?;
+        let backend = Recording { tensors, used: Mutex::new(HashSet::new()) };
+        let names: Vec<String> = backend.tensors.keys().cloned().collect();
+        let backend = std::sync::Arc::new(backend);
+        let vb = VarBuilder::from_backend(Box::new(ArcBackend(backend.clone())), dtype, device.clone());
+        let model = nets::build(&sidecar.model, vb)
+            .map_err(|source| CheckpointError::Candle { path: weights_path.clone(), source })?;
+        let used = backend.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let mut unused: Vec<&String> = names.iter().filter(|n| !used.contains(*n)).collect();
+        if !unused.is_empty() {
+            unused.sort();
+            return Err(CheckpointError::Invalid {
+                path: weights_path,
+                reason: format!(
+                    "holds {} tensor(s) the model {:?} does not have (e.g. `{}`): not a checkpoint of this model",
+                    unused.len(),
+                    sidecar.model,
+                    unused[0]
+                ),
+            });
+        }
+        Ok(Self { model, sidecar, device: device.clone(), dtype, weights_path })
+    }
+
+    /// The sidecar (configs, epoch, metrics, cache hash).
+    pub fn sidecar(&self) -> &Sidecar {
+        &self.sidecar
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.sidecar.model
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights file that was loaded.
+    pub fn weights_path(&self) -> &Path {
+        &self.weights_path
+    }
+
+    /// The underlying network (eval mode is the caller's job: use `forward_t(x, false)`).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Predicts (B, 37) f32 vote fractions for (B, 3, H, W) images in [0, 1] (any float dtype,
+    /// any device: moved to the model's), in eval mode, [`PREDICT_BATCH`] images at a time.
+    pub fn predict(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        let n = images.dim(0)?;
+        let mut outs = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = PREDICT_BATCH.min(n - start);
+            let x = images.narrow(0, start, len)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+            outs.push(self.model.forward_t(&x, false)?.to_dtype(DType::F32)?);
+            start += len;
+        }
+        if outs.is_empty() {
+            return Tensor::zeros((0, gz_schema::N_ANSWERS), DType::F32, &self.device);
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+/// Shares one backend between the `VarBuilder` and the caller.
+struct ArcBackend(std::sync::Arc<Recording>);
+
+impl SimpleBackend for ArcBackend {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+/// (weights, sidecar) paths for a run directory or a `.safetensors` / `.json` path.
+fn resolve_paths(path: &Path) -> Result<(PathBuf, PathBuf), CheckpointError> {
+    if path.is_dir() {
+        let w = path.join("best.safetensors");
+        let s = path.join("best.json");
+        if !s.exists() {
+            return Err(CheckpointError::Invalid {
+                path: path.to_path_buf(),
+                reason: "no best.json here: not a finished training run directory (train first, or pass a .safetensors file)".into(),
+            });
+        }
+        return Ok((w, s));
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => Ok((path.to_path_buf(), path.with_extension("json"))),
+        Some("json") => Ok((path.with_extension("safetensors"), path.to_path_buf())),
+        _ => Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason: "expected a run directory, a .safetensors file or its .json sidecar".into(),
+        }),
+    }
+}

@@ -1,1 +1,834 @@
-//! Not built yet.
+//! The trainer: `TrainConfig` and [`train`] — MSE on the 37 vote fractions, minibatches from
+//! the shard cache, validation, early stopping, checkpoints and exact resume.
+//!
+//! Neighbours: [`crate::data`] (hold-out, shuffles, batches on the device), [`crate::optim`]
+//! (RMSprop as in the Keras blog baseline, SGD + Nesterov momentum with a step schedule as in
+//! Dieleman et al. 2015, AdamW), [`crate::checkpoint`] (safetensors + JSON sidecars),
+//! [`crate::augment`] (random affine resampling per image on the device), [`crate::nets`].
+//!
+//! One epoch: shuffle the training rows with the epoch's seeded RNG, for each minibatch
+//! assemble the batch on the device, augment it (if on), forward in training mode, MSE against
+//! the labels in f32, backward, optimizer step; then the validation RMSE in eval mode,
+//! `metrics.jsonl` (rewritten atomically), `last.*` and, when the validation RMSE improved,
+//! `best.*`. A non-finite loss stops the run with [`TrainError::NonFinite`] before anything is
+//! written, so the last good checkpoint stays. Everything random derives from `seed` and the
+//! epoch number, so `resume` continues a run exactly as if it had not been interrupted (dropout
+//! is reseeded per epoch).
+//!
+//! Precision: `f32`, or `bf16` (CUDA only): the model's variables and activations are bf16,
+//! the optimizer keeps f32 master weights and applies updates in f32 (see [`crate::optim`]);
+//! the loss is computed in f32. candle's CPU matmul has no bf16, so bf16 on CPU is refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ModuleT;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::AugmentConfig;
+use crate::checkpoint::{self, CheckpointError, ResumeState, Sidecar};
+use crate::config::ModelConfig;
+use crate::data::{self, Batcher, DataError, ImageSource};
+use crate::optim::{self, OptimParams, OptimizerKind, Schedule};
+
+/// Numeric precision of training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bf16 compute with f32 master weights (CUDA only).
+    Bf16,
+}
+
+impl Precision {
+    /// Parses `f32` or `bf16`.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Some(Self::F32),
+            "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The dtype of model variables and activations.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Everything that determines a training run. Serialised into `config.json` and every sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The network.
+    pub model: ModelConfig,
+    /// Optimizer and its learning rate, schedule and other hyper-parameters.
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub optim: OptimParams,
+    /// Minibatch size.
+    pub batch: usize,
+    /// Number of epochs (an upper bound with early stopping).
+    pub epochs: usize,
+    /// Seed of weights, hold-out, shuffles, augmentation.
+    pub seed: u64,
+    /// Fraction of the cache held out for validation.
+    pub val_fraction: f64,
+    /// Stop after this many epochs without a better validation RMSE (None: never).
+    pub patience: Option<usize>,
+    /// Real-time augmentation (`enabled` switches it on/off) and its parameters.
+    pub augment: AugmentConfig,
+    /// f32 or bf16.
+    pub precision: Precision,
+    /// `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// Use only a seeded subset of this many images of the cache (train + validation).
+    pub max_images: Option<usize>,
+    /// Images per forward pass during validation.
+    pub eval_batch: usize,
+}
+
+impl TrainConfig {
+    /// The defaults for `model`: RMSprop at 1e-3 (the blog), batch 32, 10 epochs, seed 0,
+    /// 10% validation, patience 5, augmentation on, f32 on CPU.
+    pub fn new(model: ModelConfig) -> Self {
+        Self {
+            model,
+            optimizer: OptimizerKind::Rmsprop,
+            lr: OptimizerKind::Rmsprop.default_lr(),
+            schedule: Schedule::Constant,
+            optim: OptimParams::default(),
+            batch: 32,
+            epochs: 10,
+            seed: 0,
+            val_fraction: 0.1,
+            patience: Some(5),
+            augment: AugmentConfig::default(),
+            precision: Precision::F32,
+            device: "cpu".into(),
+            max_images: None,
+            eval_batch: 128,
+        }
+    }
+
+    /// Checks the values that would otherwise fail deep inside training.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.batch == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if self.eval_batch == 0 {
+            return bad("eval batch size must be at least 1".into());
+        }
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate {} must be a positive number", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return bad(format!("validation fraction {} must be in [0, 1)", self.val_fraction));
+        }
+        if self.val_fraction == 0.0 {
+            return bad("validation fraction 0: early stopping, best checkpoint and metrics need a validation split".into());
+        }
+        Ok(())
+    }
+}
+
+/// Metrics of one epoch: one line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training MSE over the epoch's minibatches.
+    pub train_loss: f64,
+    /// Validation RMSE over all 37 outputs.
+    pub val_rmse: f64,
+    /// Learning rate used in the epoch.
+    pub lr: f64,
+    /// Training throughput of the epoch (images / s, excluding validation).
+    pub images_per_s: f64,
+    /// Seconds since the start of the run (resumed runs keep counting).
+    pub elapsed_s: f64,
+    /// Seconds of this epoch (training + validation).
+    pub epoch_s: f64,
+    /// Whether this epoch is the best so far.
+    pub best: bool,
+}
+
+/// What [`train`] reports at the end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub best_val_rmse: f64,
+    /// Validation RMSE of predicting the training mean.
+    pub baseline_val_rmse: f64,
+    pub stopped_early: bool,
+    pub n_train: usize,
+    pub n_val: usize,
+    pub param_count: usize,
+    pub history: Vec<EpochMetrics>,
+}
+
+/// Facts about the run, given to the observer at the start.
+#[derive(Debug, Clone)]
+pub struct StartInfo {
+    pub n_train: usize,
+    pub n_val: usize,
+    pub steps_per_epoch: usize,
+    /// 0-based first epoch (non-zero when resuming).
+    pub start_epoch: usize,
+    pub epochs: usize,
+    pub param_count: usize,
+    pub baseline_val_rmse: f64,
+    pub device: String,
+    /// Whether the images live on the device (GPU-resident path).
+    pub resident: bool,
+}
+
+/// Progress callbacks (the CLI draws a bar; tests ignore them).
+pub trait TrainObserver: Sync {
+    fn on_start(&self, _info: &StartInfo) {}
+    /// After each optimizer step (1-based `step` within the 0-based `epoch`); `loss` is the
+    /// latest minibatch loss when it was read back from the device.
+    fn on_step(&self, _epoch: usize, _step: usize, _steps: usize, _loss: Option<f64>) {}
+    /// While validating.
+    fn on_validate(&self, _epoch: usize) {}
+    fn on_epoch(&self, _metrics: &EpochMetrics) {}
+}
+
+/// The silent observer.
+impl TrainObserver for () {}
+
+/// Metadata of the data a run trains on (taken from the shard cache).
+#[derive(Debug, Clone)]
+pub struct DataMeta {
+    pub prep_config: serde_json::Value,
+    pub prep_config_hash: String,
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Training errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid training config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{context}: {source}")]
+    Candle { context: String, source: candle_core::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "training diverged: the loss became {loss} at epoch {epoch}, step {step} (learning rate {lr}); \
+         stopped without saving this epoch — {kept}"
+    )]
+    NonFinite { epoch: usize, step: usize, loss: f64, lr: f64, kept: String },
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn ctx<T>(context: impl Into<String>, r: candle_core::Result<T>) -> Result<T, TrainError> {
+    r.map_err(|source| TrainError::Candle { context: context.into(), source })
+}
+
+/// Trains on the training split of a shard cache (see [`train_on`]).
+pub fn train(
+    cfg: &TrainConfig,
+    cache: &gz_shards::Cache,
+    out_dir: &Path,
+    resume: bool,
+    observer: &dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
+    let split = cache
+        .train()
+        .ok_or_else(|| TrainError::Config(format!("cache {} has no training split", cache.dir().display())))?;
+    let cfg = &resolve_for_cache(cfg, split.shape(), cache.prep_config());
+    let meta = DataMeta {
+        prep_config: cache.prep_config().clone(),
+        prep_config_hash: cache.config_hash().to_string(),
+        cache_dir: Some(cache.dir().to_path_buf()),
+    };
+    train_on(cfg, split, &meta, out_dir, resume, observer)
+}
+
+/// Adapts the model config to the cache: the input size becomes the cache's image side, and a
+/// Dieleman net whose `view_fraction` is the default gets the one matching the cache's `crop`
+/// (so its views cover Dieleman's 207 px of the originals).
+pub fn resolve_for_cache(cfg: &TrainConfig, shape: [usize; 3], prep_config: &serde_json::Value) -> TrainConfig {
+    let mut cfg = cfg.clone();
+    if shape[1] == shape[2] && shape[0] == cfg.model.in_channels {
+        cfg.model.input_size = shape[1];
+    }
+    let default_fraction = ModelConfig::new(cfg.model.arch, cfg.model.output).view_fraction;
+    if cfg.model.arch.is_dieleman() && cfg.model.view_fraction == default_fraction {
+        if let Some(crop) = prep_config.get("crop").and_then(|c| c.as_u64()) {
+            cfg.model = cfg.model.clone().with_prep_crop(crop as u32);
+        }
+    }
+    cfg
+}
+
+/// Trains `cfg` on labelled images from `src`, writing the run into `out_dir`.
+///
+/// `resume = false` refuses a directory that already holds a run; `resume = true` continues
+/// from `out_dir/last.*` (weights, optimizer state, epoch, early-stopping state) after checking
+/// that the config (except `epochs`, `patience`, `device`) and the data hash are the same.
+pub fn train_on(
+    cfg: &TrainConfig,
+    src: &dyn ImageSource,
+    meta: &DataMeta,
+    out_dir: &Path,
+    resume: bool,
+    observer: &dyn TrainObserver,
+) -> Result<TrainSummary, TrainError> {
+    cfg.validate()?;
+    let device = crate::device::select_device(&cfg.device).map_err(|e| TrainError::Config(format!("--device {}: {e}", cfg.device)))?;
+    let dtype = cfg.precision.dtype();
+    if dtype == DType::BF16 && !device.is_cuda() {
+        return Err(TrainError::Unsupported(
+            "--precision bf16 needs a CUDA device: candle's CPU matmul has no bf16 kernel; use --precision f32 on CPU".into(),
+        ));
+    }
+    let labels = src.labels().ok_or(DataError::NoLabels)?;
+    let input_shape = src.shape();
+    if input_shape != cfg.model.input_shape() {
+        return Err(TrainError::Config(format!(
+            "the images are {input_shape:?} (C, H, W) but the model is configured for {:?}",
+            cfg.model.input_shape()
+        )));
+    }
+
+    std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io { path: out_dir.to_path_buf(), source })?;
+    let last_json = out_dir.join("last.json");
+    let prior = if resume {
+        if !last_json.exists() {
+            return Err(TrainError::Resume(format!(
+                "{} does not exist: nothing to resume in {} (start without --resume)",
+                last_json.display(),
+                out_dir.display()
+            )));
+        }
+        let s = checkpoint::read_sidecar(&last_json)?;
+        check_resumable(&s, cfg, meta)?;
+        Some(s)
+    } else {
+        if last_json.exists() || out_dir.join("best.json").exists() {
+            return Err(TrainError::Config(format!(
+                "{} already holds a training run; pass --resume to continue it or choose another --out",
+                out_dir.display()
+            )));
+        }
+        None
+    };
+
+    // Data: hold-out, baseline, batches.
+    let split = data::holdout(src.len(), cfg.val_fraction, cfg.seed, cfg.max_images)?;
+    let train_mean = data::label_mean(labels, &split.train);
+    let baseline_val_rmse = data::constant_rmse(labels, &split.val, &train_mean);
+    let batcher = if device.is_cuda() {
+        Batcher::resident(src, &device, dtype)?
+    } else {
+        Batcher::host(src, &device, dtype)
+    };
+
+    // Model and optimizer.
+    let (model, varmap) = ctx("building the model", checkpoint::build_seeded(&cfg.model, cfg.seed, dtype, &device))?;
+    let params = ctx("collecting parameters", optim::Params::from_varmap(&varmap))?;
+    let param_count: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    let mut opt = ctx("building the optimizer", optim::build(cfg.optimizer, params, cfg.lr, &cfg.optim))?;
+
+    let mut history: Vec<EpochMetrics> = Vec::new();
+    let mut best_val = f64::INFINITY;
+    let mut best_epoch = 0;
+    let mut since_best = 0;
+    let mut elapsed_before = 0.0;
+    if let Some(s) = &prior {
+        let st = s.resume.as_ref().ok_or_else(|| TrainError::Resume(format!("{} has no resume state", last_json.display())))?;
+        let weights = checkpoint::load_tensors_checked(&out_dir.join(&s.weights_file), s.weights_crc32, &device)?;
+        ctx("restoring weights", opt.params().load_masters(&weights))?;
+        let state = checkpoint::load_tensors_checked(&out_dir.join(&st.optimizer_file), st.optimizer_crc32, &device)?;
+        ctx("restoring the optimizer state", opt.load_state(&state, st.optimizer_steps))?;
+        history = st.history.clone();
+        best_val = s.best_val_rmse;
+        best_epoch = s.best_epoch;
+        since_best = st.epochs_since_best;
+        elapsed_before = st.elapsed_s;
+    }
+    let start_epoch = prior.as_ref().map_or(0, |s| s.epoch);
+
+    let mut run_cfg = cfg.clone();
+    if let Some(s) = &prior {
+        // The data-defining parts are checked equal; keep the new epochs/patience/device.
+        run_cfg.schedule = s.train.schedule.clone();
+    }
+    write_json(&out_dir.join("config.json"), &run_cfg)?;
+
+    let steps_per_epoch = split.train.len().div_ceil(cfg.batch);
+    observer.on_start(&StartInfo {
+        n_train: split.train.len(),
+        n_val: split.val.len(),
+        steps_per_epoch,
+        start_epoch,
+        epochs: cfg.epochs,
+        param_count,
+        baseline_val_rmse,
+        device: format!("{device:?}"),
+        resident: batcher.is_resident(),
+    });
+
+    let (version, git) = checkpoint::code_version();
+    let run_start = Instant::now();
+    let mut stopped_early = false;
+    for epoch in start_epoch..cfg.epochs {
+        if let Some(p) = cfg.patience {
+            if since_best >= p && epoch > 0 {
+                stopped_early = true;
+                break;
+            }
+        }
+        let lr = run_cfg.schedule.lr_at(cfg.lr, epoch);
+        opt.set_learning_rate(lr);
+        // Dropout masks: reseeded per epoch, so a resumed run draws the same masks.
+        ctx("seeding dropout", model.set_dropout_seed(data::mix_seed(cfg.seed, 0x6472_6f70_6f75_74, epoch as u64)))?;
+        let epoch_start = Instant::now();
+        let order = data::epoch_order(&split.train, cfg.seed, epoch);
+        let mut aug_rng = data::augment_rng(cfg.seed, epoch);
+        let mut loss_sum = 0f64;
+        let mut loss_n = 0usize;
+        for (k, rows) in order.chunks(cfg.batch).enumerate() {
+            let x = batcher.images(rows)?;
+            let x = if cfg.augment.is_active() {
+                ctx("augmenting", crate::augment::random_augment(&x, &cfg.augment, &mut aug_rng))?
+            } else {
+                x
+            };
+            let y = batcher.labels(rows)?;
+            let step_ctx = || format!("training step {} of epoch {}", k + 1, epoch + 1);
+            let out = ctx(step_ctx(), model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)))?;
+            let loss = ctx(step_ctx(), candle_nn::loss::mse(&out, &y))?;
+            let value = ctx(step_ctx(), loss.to_scalar::<f32>())? as f64;
+            if !value.is_finite() {
+                let kept = if history.is_empty() {
+                    "no checkpoint was written yet".to_string()
+                } else {
+                    format!("the last good checkpoint (epoch {}) is in {}", history.len(), out_dir.display())
+                };
+                return Err(TrainError::NonFinite { epoch: epoch + 1, step: k + 1, loss: value, lr, kept });
+            }
+            let grads = ctx(step_ctx(), loss.backward())?;
+            ctx(step_ctx(), opt.step(&grads))?;
+            loss_sum += value * rows.len() as f64;
+            loss_n += rows.len();
+            observer.on_step(epoch, k + 1, steps_per_epoch, Some(value));
+        }
+        let train_s = epoch_start.elapsed().as_secs_f64();
+        observer.on_validate(epoch);
+        let val_rmse = evaluate(&model, &batcher, &split.val, cfg.eval_batch)?;
+        if !val_rmse.is_finite() {
+            let kept = if history.is_empty() {
+                "no checkpoint was written yet".to_string()
+            } else {
+                format!("the last good checkpoint (epoch {}) is in {}", history.len(), out_dir.display())
+            };
+            return Err(TrainError::NonFinite { epoch: epoch + 1, step: steps_per_epoch, loss: val_rmse, lr, kept });
+        }
+        let improved = val_rmse < best_val;
+        if improved {
+            best_val = val_rmse;
+            best_epoch = epoch + 1;
+            since_best = 0;
+        } else {
+            since_best += 1;
+        }
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / loss_n.max(1) as f64,
+            val_rmse,
+            lr,
+            images_per_s: loss_n as f64 / train_s.max(1e-9),
+            elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
+            epoch_s: epoch_start.elapsed().as_secs_f64(),
+            best: improved,
+        };
+        history.push(metrics.clone());
+
+        // Checkpoints: last (with resume state), then best if improved, then metrics.
+        let weights = ctx("collecting weights", opt.params().master_tensors())?;
+        let weights_crc = checkpoint::save_tensors_atomic(&weights, &out_dir.join("last.safetensors"))?;
+        let optim_crc = checkpoint::save_tensors_atomic(&opt.state(), &out_dir.join("last.optim.safetensors"))?;
+        let mut sidecar = Sidecar {
+            format: checkpoint::SIDECAR_FORMAT.into(),
+            version: checkpoint::SIDECAR_VERSION,
+            model: cfg.model.clone(),
+            train: run_cfg.clone(),
+            epoch: epoch + 1,
+            metrics: metrics.clone(),
+            best_val_rmse: best_val,
+            best_epoch,
+            baseline_val_rmse,
+            train_mean: train_mean.clone(),
+            n_train: split.train.len(),
+            n_val: split.val.len(),
+            prep_config: meta.prep_config.clone(),
+            prep_config_hash: meta.prep_config_hash.clone(),
+            cache_dir: meta.cache_dir.clone(),
+            input_shape,
+            param_count,
+            code_version: version.clone(),
+            git_hash: git.clone(),
+            weights_file: "last.safetensors".into(),
+            weights_crc32: weights_crc,
+            resume: Some(ResumeState {
+                optimizer_file: "last.optim.safetensors".into(),
+                optimizer_crc32: optim_crc,
+                optimizer_steps: opt.steps(),
+                epochs_since_best: since_best,
+                elapsed_s: metrics.elapsed_s,
+                history: history.clone(),
+            }),
+        };
+        checkpoint::write_sidecar(&sidecar, &last_json)?;
+        if improved {
+            let crc = checkpoint::save_tensors_atomic(&weights, &out_dir.join("best.safetensors"))?;
+            sidecar.weights_file = "best.safetensors".into();
+            sidecar.weights_crc32 = crc;
+            sidecar.resume = None;
+            checkpoint::write_sidecar(&sidecar, &out_dir.join("best.json"))?;
+        }
+        write_metrics(&out_dir.join("metrics.jsonl"), &history)?;
+        observer.on_epoch(&metrics);
+    }
+    if let Some(p) = cfg.patience {
+        stopped_early |= since_best >= p && history.len() < cfg.epochs;
+    }
+
+    Ok(TrainSummary {
+        run_dir: out_dir.to_path_buf(),
+        epochs_run: history.len(),
+        best_epoch,
+        best_val_rmse: best_val,
+        baseline_val_rmse,
+        stopped_early,
+        n_train: split.train.len(),
+        n_val: split.val.len(),
+        param_count,
+        history,
+    })
+}
+
+/// Validation RMSE of `model` (eval mode) over `rows`.
+pub fn evaluate(model: &crate::nets::Model, batcher: &Batcher<'_>, rows: &[usize], batch: usize) -> Result<f64, TrainError> {
+    let mut sse: Option<Tensor> = None;
+    for chunk in rows.chunks(batch) {
+        let x = batcher.images(chunk)?;
+        let y = batcher.labels(chunk)?;
+        let out = ctx("validation", model.forward_t(&x, false).and_then(|o| o.to_dtype(DType::F32)))?;
+        let e = ctx("validation", (out - y).and_then(|d| d.sqr()).and_then(|d| d.sum_all()))?;
+        sse = Some(match sse {
+            None => e,
+            Some(s) => ctx("validation", s + e)?,
+        });
+    }
+    let sse = match sse {
+        Some(s) => ctx("validation", s.to_scalar::<f32>())? as f64,
+        None => return Ok(f64::NAN),
+    };
+    Ok((sse / (rows.len() * gz_schema::N_ANSWERS) as f64).sqrt())
+}
+
+fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<(), TrainError> {
+    if s.prep_config_hash != meta.prep_config_hash {
+        return Err(TrainError::Resume(format!(
+            "the run was trained on a cache with config hash {} but this cache has {}",
+            s.prep_config_hash, meta.prep_config_hash
+        )));
+    }
+    let norm = |c: &TrainConfig| {
+        let mut c = c.clone();
+        c.epochs = 0;
+        c.patience = None;
+        c.device = String::new();
+        c.schedule = Schedule::Constant;
+        serde_json::to_value(c).unwrap_or_default()
+    };
+    let (a, b) = (norm(&s.train), norm(cfg));
+    if a != b {
+        let diff: Vec<String> = match (&a, &b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                x.iter().filter(|(k, v)| y.get(*k) != Some(*v)).map(|(k, v)| format!("{k}: was {v}, now {}", y.get(k).cloned().unwrap_or_default())).collect()
+            }
+            _ => vec!["config".into()],
+        };
+        return Err(TrainError::Resume(format!(
+            "the run's config differs from the one given ({}); only epochs, patience and device may change",
+            diff.join("; ")
+        )));
+    }
+    if s.epoch >= cfg.epochs {
+        return Err(TrainError::Resume(format!("the run already completed {} of {} epochs", s.epoch, cfg.epochs)));
+    }
+    Ok(())
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| TrainError::Config(format!("serialising {}: {e}", path.display())))?;
+    text.push('\n');
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| TrainError::Config(format!("writing {}: {e}", path.display())))
+}
+
+fn write_metrics(path: &Path, history: &[EpochMetrics]) -> Result<(), TrainError> {
+    let mut text = String::new();
+    for m in history {
+        text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Config(format!("serialising metrics: {e}")))?);
+        text.push('\n');
+    }
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| TrainError::Config(format!("writing {}: {e}", path.display())))
+}
+
+/// Result of [`bench`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub images_per_s: f64,
+    pub step_ms: f64,
+    pub steps: usize,
+    pub batch: usize,
+    /// Per-phase mean milliseconds per step (device synchronised between phases):
+    /// `batch` (input assembly), `forward`, `backward`, `optimizer`.
+    pub phases: Vec<(String, f64)>,
+}
+
+/// Measures training throughput of `model` on synthetic (seeded random) input of `shape`
+/// already on the device: `warmup` untimed steps, then `steps` timed ones.
+#[allow(clippy::too_many_arguments)]
+pub fn bench(
+    model_cfg: &ModelConfig,
+    shape: [usize; 3],
+    batch: usize,
+    precision: Precision,
+    optimizer: OptimizerKind,
+    steps: usize,
+    warmup: usize,
+    device: &Device,
+) -> Result<BenchResult, TrainError> {
+    let dtype = precision.dtype();
+    if dtype == DType::BF16 && !device.is_cuda() {
+        return Err(TrainError::Unsupported("--precision bf16 needs a CUDA device (candle's CPU matmul has no bf16)".into()));
+    }
+    if batch == 0 || steps == 0 {
+        return Err(TrainError::Config("batch and steps must be at least 1".into()));
+    }
+    let model_cfg = model_cfg.clone().with_input_size(shape[1]);
+    let (model, varmap) = ctx("building the model", checkpoint::build_seeded(&model_cfg, 0, dtype, device))?;
+    let params = ctx("parameters", optim::Params::from_varmap(&varmap))?;
+    let mut opt = ctx("optimizer", optim::build(optimizer, params, optimizer.default_lr(), &OptimParams::default()))?;
+    // A pool of random images resident on the device, as in GPU-resident training.
+    let pool = 4 * batch;
+    let [c, h, w] = shape;
+    let mut rng = data::augment_rng(0, 0);
+    let imgs: Vec<f32> = (0..pool * c * h * w).map(|_| rand::Rng::gen::<f32>(&mut rng)).collect();
+    let labels: Vec<f32> = (0..pool * gz_schema::N_ANSWERS).map(|_| rand::Rng::gen::<f32>(&mut rng)).collect();
+    let imgs = ctx("input", Tensor::from_vec(imgs, (pool, c, h, w), device).and_then(|t| t.to_dtype(DType::F16)))?;
+    let labels = ctx("labels", Tensor::from_vec(labels, (pool, gz_schema::N_ANSWERS), device))?;
+    let sync = |d: &Device| ctx("synchronising", d.synchronize());
+    let mut phase = [0f64; 4];
+    let mut total = 0f64;
+    for s in 0..warmup + steps {
+        let timed = s >= warmup;
+        let t0 = Instant::now();
+        let start = (s % 4) * batch;
+        let x = ctx("batch", imgs.narrow(0, start, batch).and_then(|t| t.to_dtype(dtype)))?;
+        let y = ctx("batch", labels.narrow(0, start, batch))?;
+        sync(device)?;
+        let t1 = Instant::now();
+        let out = ctx("forward", model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)))?;
+        let loss = ctx("loss", candle_nn::loss::mse(&out, &y))?;
+        sync(device)?;
+        let t2 = Instant::now();
+        let grads = ctx("backward", loss.backward())?;
+        sync(device)?;
+        let t3 = Instant::now();
+        ctx("optimizer", opt.step(&grads))?;
+        sync(device)?;
+        let t4 = Instant::now();
+        if timed {
+            phase[0] += (t1 - t0).as_secs_f64();
+            phase[1] += (t2 - t1).as_secs_f64();
+            phase[2] += (t3 - t2).as_secs_f64();
+            phase[3] += (t4 - t3).as_secs_f64();
+            total += (t4 - t0).as_secs_f64();
+        }
+    }
+    let names = ["batch", "forward", "backward", "optimizer"];
+    Ok(BenchResult {
+        images_per_s: (steps * batch) as f64 / total.max(1e-12),
+        step_ms: 1e3 * total / steps as f64,
+        steps,
+        batch,
+        phases: names.iter().zip(phase).map(|(n, p)| (n.to_string(), 1e3 * p / steps as f64)).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::LoadedModel;
+    use crate::data::{toy_source, MemSource};
+
+    fn meta() -> DataMeta {
+        DataMeta { prep_config: serde_json::json!({"toy": true}), prep_config_hash: "toyhash".into(), cache_dir: None }
+    }
+
+    fn small_cfg(epochs: usize) -> TrainConfig {
+        let model = ModelConfig::from_name_default_output("tiny").unwrap().with_input_size(32);
+        let mut cfg = TrainConfig::new(model);
+        cfg.epochs = epochs;
+        cfg.batch = 16;
+        cfg.seed = 5;
+        cfg.val_fraction = 0.25;
+        cfg
+    }
+
+    fn read(path: &Path) -> Vec<u8> {
+        std::fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn resume_reproduces_the_uninterrupted_run() {
+        let src = toy_source(48, 32, 1);
+        let straight = tempfile::tempdir().unwrap();
+        let split = tempfile::tempdir().unwrap();
+        let a = train_on(&small_cfg(2), &src, &meta(), straight.path(), false, &()).unwrap();
+        train_on(&small_cfg(1), &src, &meta(), split.path(), false, &()).unwrap();
+        // A fresh run refuses a directory that holds one.
+        assert!(matches!(train_on(&small_cfg(2), &src, &meta(), split.path(), false, &()), Err(TrainError::Config(_))));
+        let b = train_on(&small_cfg(2), &src, &meta(), split.path(), true, &()).unwrap();
+        assert_eq!(read(&straight.path().join("last.safetensors")), read(&split.path().join("last.safetensors")));
+        assert_eq!(read(&straight.path().join("last.optim.safetensors")), read(&split.path().join("last.optim.safetensors")));
+        let strip = |h: &[EpochMetrics]| h.iter().map(|m| (m.epoch, m.train_loss, m.val_rmse, m.lr, m.best)).collect::<Vec<_>>();
+        assert_eq!(strip(&a.history), strip(&b.history));
+        assert_eq!(b.history.len(), 2);
+        let lines = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 2);
+        // Resuming a finished run, or with a changed config, is refused.
+        assert!(matches!(train_on(&small_cfg(2), &src, &meta(), split.path(), true, &()), Err(TrainError::Resume(_))));
+        let mut other = small_cfg(3);
+        other.lr = 0.5;
+        let e = train_on(&other, &src, &meta(), split.path(), true, &()).unwrap_err();
+        assert!(e.to_string().contains("lr"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+        let src = toy_source(32, 32, 2);
+        let dir = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        let good = read(&dir.path().join("last.safetensors"));
+        // The same data, corrupted: NaN labels (NaN pixels are swallowed by ReLU/max-pool).
+        let poisoned = MemSource { labels: src.labels.as_ref().map(|l| vec![f32::NAN; l.len()]), ..src.clone() };
+        let err = train_on(&small_cfg(3), &poisoned, &meta(), dir.path(), true, &()).unwrap_err();
+        assert!(matches!(err, TrainError::NonFinite { epoch: 2, step: 1, .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("diverged") && msg.contains("epoch 1"), "{msg}");
+        assert_eq!(read(&dir.path().join("last.safetensors")), good);
+        let side = checkpoint::read_sidecar(&dir.path().join("last.json")).unwrap();
+        assert_eq!(side.epoch, 1);
+        LoadedModel::load(&dir.path().join("last.safetensors"), &Device::Cpu).unwrap();
+    }
+
+    #[test]
+    fn huge_learning_rate_is_caught_not_saved() {
+        let src = toy_source(32, 32, 2);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small_cfg(3);
+        cfg.optimizer = OptimizerKind::SgdNesterov;
+        cfg.model.output = crate::config::OutputKind::Tree;
+        cfg.lr = 1e30;
+        match train_on(&cfg, &src, &meta(), dir.path(), false, &()) {
+            Err(TrainError::NonFinite { .. }) => {
+                // whatever was written before divergence must still load
+                if dir.path().join("last.json").exists() {
+                    LoadedModel::load(&dir.path().join("last.json"), &Device::Cpu).unwrap();
+                }
+            }
+            // Saturation can keep the loss finite; then every checkpoint must be finite.
+            Ok(s) => assert!(s.history.iter().all(|m| m.val_rmse.is_finite())),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn checkpoint_round_trip_gives_identical_predictions() {
+        let src = toy_source(40, 32, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let s = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        let m1 = LoadedModel::load(dir.path(), &Device::Cpu).unwrap();
+        let m2 = LoadedModel::load(&dir.path().join("best.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(m1.sidecar().epoch, 1);
+        assert_eq!(m1.sidecar().prep_config_hash, "toyhash");
+        let split = data::holdout(src.len(), 0.25, 5, None).unwrap();
+        let batcher = Batcher::host(&src, &Device::Cpu, DType::F32);
+        let x = batcher.images(&split.val).unwrap();
+        let p1 = m1.predict(&x).unwrap();
+        let p2 = m2.predict(&x).unwrap();
+        assert_eq!(p1.dims(), &[split.val.len(), 37]);
+        assert_eq!(p1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), p2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // The loaded model reproduces the validation RMSE measured during training.
+        let y = batcher.labels(&split.val).unwrap();
+        let rmse = (p1 - y).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64;
+        assert!((rmse - s.history[0].val_rmse).abs() < 1e-5, "{rmse} vs {}", s.history[0].val_rmse);
+
+        // A corrupted weights file is refused with a clear error.
+        let w = dir.path().join("best.safetensors");
+        let mut bytes = read(&w);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        std::fs::write(&w, &bytes).unwrap();
+        let e = LoadedModel::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("checksum") && e.contains("best.safetensors"), "{e}");
+        // A sidecar naming another model is refused.
+        let side = dir.path().join("last.json");
+        let text = std::fs::read_to_string(&side).unwrap().replace("\"tiny\"", "\"dieleman-tiny\"");
+        std::fs::write(&side, text).unwrap();
+        assert!(LoadedModel::load(&side, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn bf16_on_cpu_is_refused() {
+        let src = toy_source(8, 32, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small_cfg(1);
+        cfg.precision = Precision::Bf16;
+        let e = train_on(&cfg, &src, &meta(), dir.path(), false, &()).unwrap_err();
+        assert!(e.to_string().contains("CUDA"), "{e}");
+    }
+
+    #[test]
+    fn seeded_init_is_reproducible() {
+        let cfg = small_cfg(1).model;
+        let (_, a) = checkpoint::build_seeded(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
+        let (_, b) = checkpoint::build_seeded(&cfg, 9, DType::F32, &Device::Cpu).unwrap();
+        let (_, c) = checkpoint::build_seeded(&cfg, 10, DType::F32, &Device::Cpu).unwrap();
+        let get = |m: &candle_nn::VarMap| {
+            let d = m.data().lock().unwrap();
+            let mut names: Vec<_> = d.keys().cloned().collect();
+            names.sort();
+            names.iter().flat_map(|n| d[n].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(get(&a), get(&b));
+        assert_ne!(get(&a), get(&c));
+    }
+}

@@ -1,9 +1,239 @@
-//! `gz train`: not built yet.
+//! `gz train`: train a model from a shard cache (or `--describe` a model).
+//!
+//! Raw flags ([`Args`]) are turned into a validated `gz_model::train::TrainConfig`; the
+//! library does the work and reports progress through an observer, which this module turns
+//! into an indicatif bar (hidden when stderr is not a terminal) and one line per epoch on
+//! stdout. The run directory layout is documented in `gz_model::train`.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context};
+use gz_model::config::ModelConfig;
+use gz_model::optim::{OptimizerKind, Schedule};
+use gz_model::train::{EpochMetrics, Precision, StartInfo, TrainConfig, TrainObserver};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `gz train`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Shard cache directory (from `gz prep`).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Model: vgg16-blog, dieleman, tiny, dieleman-tiny.
+    #[arg(long)]
+    model: String,
+    /// Print the architecture and parameter count, then exit (no cache needed).
+    #[arg(long)]
+    describe: bool,
+    /// Output layer: sigmoid or tree (default: the model's own).
+    #[arg(long)]
+    output: Option<String>,
+    /// Run directory to write (checkpoints, metrics.jsonl, config.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Number of epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Device: cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Minibatch size.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Learning rate (default: 1e-3 for rmsprop/adamw, 0.04 for sgd-nesterov).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Optimizer: rmsprop, sgd-nesterov, adamw.
+    #[arg(long, default_value = "rmsprop")]
+    optimizer: String,
+    /// Learning-rate schedule: constant, dieleman (×0.1 at ~70% and ~90% of the epochs), or
+    /// step:E1,E2,... (×0.1 from each listed 0-based epoch). Default: dieleman for
+    /// sgd-nesterov, constant otherwise.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Precision: f32 or bf16 (bf16 on CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Seed of weights, validation split, shuffles and augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of the images held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Early stopping: epochs without a better validation RMSE (0 = never stop early).
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    /// Real-time augmentation (default on).
+    #[arg(long, overrides_with = "no_augment")]
+    augment: bool,
+    /// Turn augmentation off.
+    #[arg(long, overrides_with = "augment")]
+    no_augment: bool,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Use only a seeded subset of this many images (train + validation) for quick runs.
+    #[arg(long)]
+    max_train: Option<usize>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`gz train` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = model_config(&args.model, args.output.as_deref())?;
+    if args.describe {
+        print!("{}", gz_model::nets::describe_config(&model));
+        return Ok(());
+    }
+    let cache_dir = args.cache.clone().context("--cache DIR is required (or use --describe)")?;
+    let out = args.out.clone().context("--out RUN_DIR is required")?;
+    let cfg = train_config(&args, model)?;
+
+    let cache = gz_shards::Cache::open(&cache_dir).with_context(|| format!("opening the shard cache {}", cache_dir.display()))?;
+    let observer = CliObserver::default();
+    let summary = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer)
+        .with_context(|| format!("training {} into {}", args.model, out.display()))?;
+    observer.finish();
+
+    println!(
+        "done: {} epochs{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({:+.1}%)",
+        summary.epochs_run,
+        if summary.stopped_early { " (early stop)" } else { "" },
+        summary.best_val_rmse,
+        summary.best_epoch,
+        summary.baseline_val_rmse,
+        100.0 * (summary.best_val_rmse / summary.baseline_val_rmse - 1.0),
+    );
+    println!("run: {}", out.display());
+    Ok(())
+}
+
+/// Parses the model name and optional output kind into a `ModelConfig`.
+pub fn model_config(name: &str, output: Option<&str>) -> anyhow::Result<ModelConfig> {
+    let cfg = match output {
+        None => ModelConfig::from_name_default_output(name)?,
+        Some(o) => ModelConfig::from_name(name, o.parse().with_context(|| format!("--output {o:?}"))?)?,
+    };
+    Ok(cfg)
+}
+
+fn train_config(args: &Args, model: ModelConfig) -> anyhow::Result<TrainConfig> {
+    let mut cfg = TrainConfig::new(model);
+    cfg.optimizer = OptimizerKind::from_name(&args.optimizer)
+        .with_context(|| format!("unknown --optimizer {:?}: expected rmsprop, sgd-nesterov or adamw", args.optimizer))?;
+    cfg.lr = args.lr.unwrap_or(cfg.optimizer.default_lr());
+    cfg.schedule = match args.schedule.as_deref() {
+        None if cfg.optimizer == OptimizerKind::SgdNesterov => Schedule::dieleman(args.epochs),
+        None | Some("constant") => Schedule::Constant,
+        Some("dieleman") => Schedule::dieleman(args.epochs),
+        Some(s) if s.starts_with("step:") => {
+            let milestones = s[5..]
+                .split(',')
+                .map(|e| e.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("--schedule {s:?}: expected step:E1,E2,... with epoch numbers"))?;
+            Schedule::Step { milestones, gamma: 0.1 }
+        }
+        Some(s) => bail!("unknown --schedule {s:?}: expected constant, dieleman or step:E1,E2,..."),
+    };
+    cfg.batch = args.batch;
+    cfg.epochs = args.epochs;
+    cfg.seed = args.seed;
+    cfg.val_fraction = args.val_fraction;
+    cfg.patience = (args.patience > 0).then_some(args.patience);
+    cfg.augment.enabled = !args.no_augment;
+    cfg.precision = Precision::from_name(&args.precision)
+        .with_context(|| format!("unknown --precision {:?}: expected f32 or bf16", args.precision))?;
+    cfg.device = args.device.clone();
+    cfg.max_images = args.max_train;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Draws a progress bar per epoch and prints one line per epoch.
+#[derive(Default)]
+struct CliObserver {
+    bar: Mutex<Option<ProgressBar>>,
+    epochs: Mutex<usize>,
+}
+
+impl CliObserver {
+    fn finish(&self) {
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(bar) = b.take() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+impl TrainObserver for CliObserver {
+    fn on_start(&self, info: &StartInfo) {
+        println!(
+            "training on {} images, validating on {} ({} steps/epoch, {} parameters, device {}{}); \
+             predicting the training mean gives val RMSE {:.5}",
+            info.n_train,
+            info.n_val,
+            info.steps_per_epoch,
+            info.param_count,
+            info.device,
+            if info.resident { ", data resident on the device" } else { "" },
+            info.baseline_val_rmse
+        );
+        if info.start_epoch > 0 {
+            println!("resuming after epoch {}", info.start_epoch);
+        }
+        if let Ok(mut e) = self.epochs.lock() {
+            *e = info.epochs;
+        }
+        let bar = ProgressBar::new(info.steps_per_epoch as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        if let Ok(mut b) = self.bar.lock() {
+            *b = Some(bar);
+        }
+    }
+
+    fn on_step(&self, epoch: usize, step: usize, _steps: usize, loss: Option<f64>) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(bar) = b.as_ref() {
+                if step == 1 {
+                    bar.reset();
+                    let total = self.epochs.lock().map(|e| *e).unwrap_or(0);
+                    bar.set_prefix(format!("epoch {}/{}", epoch + 1, total));
+                }
+                bar.set_position(step as u64);
+                if let Some(l) = loss {
+                    bar.set_message(format!("loss {l:.5}"));
+                }
+            }
+        }
+    }
+
+    fn on_validate(&self, _epoch: usize) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(bar) = b.as_ref() {
+                bar.set_message("validating");
+            }
+        }
+    }
+
+    fn on_epoch(&self, m: &EpochMetrics) {
+        let line = format!(
+            "epoch {:>3}  train_loss {:.6}  val_rmse {:.5}{}  lr {:.2e}  {:.1} img/s  {:.1} s",
+            m.epoch,
+            m.train_loss,
+            m.val_rmse,
+            if m.best { " *" } else { "  " },
+            m.lr,
+            m.images_per_s,
+            m.elapsed_s
+        );
+        match self.bar.lock().ok().and_then(|b| b.clone()) {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
 }
