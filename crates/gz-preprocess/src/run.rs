@@ -134,29 +134,46 @@ pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress
         let total = items.len() as u64;
         progress(Progress { split: name, done: 0, total });
         let mut done = 0u64;
-        for chunk in items.chunks(CHUNK) {
-            let results: Vec<Result<Vec<f16>, String>> =
-                pool.install(|| chunk.par_iter().map(|it| load(it, cfg)).collect());
-            for (it, res) in chunk.iter().zip(results) {
-                match res {
-                    Ok(img) => {
-                        let label = match (it.label_row, &scan.solutions) {
-                            (Some(r), Some(sol)) => Some(sol.row(r)),
-                            _ => None,
-                        };
-                        split.push(it.id, &img, label)?;
-                    }
-                    Err(reason) => {
-                        if opts.strict {
-                            return Err(PrepError::Strict { path: it.path.clone(), reason });
-                        }
-                        tracing::warn!(path = %it.path.display(), %reason, "skipped");
-                        skipped.push(Skipped { path: it.path.clone(), reason });
+        // Decoding of chunk n+1 (on the pool) overlaps with writing chunk n (this thread); the
+        // channel holds at most one finished chunk, so at most three chunks are alive.
+        let pool = &pool;
+        let outcome: Result<(), PrepError> = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Vec<f16>, String>>>(1);
+            s.spawn(move || {
+                for chunk in items.chunks(CHUNK) {
+                    let results = pool.install(|| chunk.par_iter().map(|it| load(it, cfg)).collect());
+                    if tx.send(results).is_err() {
+                        break; // the writer stopped (error): stop decoding
                     }
                 }
+            });
+            for (chunk, results) in items.chunks(CHUNK).zip(rx.iter()) {
+                for (it, res) in chunk.iter().zip(results) {
+                    match res {
+                        Ok(img) => {
+                            let label = match (it.label_row, &scan.solutions) {
+                                (Some(r), Some(sol)) => Some(sol.row(r)),
+                                _ => None,
+                            };
+                            split.push(it.id, &img, label)?;
+                        }
+                        Err(reason) => {
+                            if opts.strict {
+                                return Err(PrepError::Strict { path: it.path.clone(), reason });
+                            }
+                            tracing::warn!(path = %it.path.display(), %reason, "skipped");
+                            skipped.push(Skipped { path: it.path.clone(), reason });
+                        }
+                    }
+                }
+                done += chunk.len() as u64;
+                progress(Progress { split: name, done, total });
             }
-            done += chunk.len() as u64;
-            progress(Progress { split: name, done, total });
+            Ok(())
+        });
+        outcome?;
+        if done != total {
+            return Err(PrepError::Config(format!("decoder thread stopped after {done} of {total} images")));
         }
         counts[k] = split.len();
         writer.end_split(split)?;
