@@ -1,5 +1,6 @@
 //! The one integration-test binary: one module per area, sharing `support`.
 
+mod eval;
 mod pipeline;
 mod prep;
 mod schema;

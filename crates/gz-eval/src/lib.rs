@@ -8,6 +8,8 @@
 //! - [`submission`]: writing a submission (clipped, complete, validated, atomic) and checking any
 //!   existing one, listing every problem with its line.
 //! - [`predict`]: running a predictor over a cache split or a folder of JPEGs.
+//! - [`eval`]: loading checkpoints, re-deriving the trainer's validation split, the score table.
+//! - [`report`]: `metrics.json`, learning-curve and per-question PNGs, `index.html` with a gallery.
 //! - [`tta`]: test-time augmentation (rotations × flips × zooms) and ensembles, averaged.
 //!
 //! Neighbours: it reads labels through gz-schema, cached images through gz-shards, prepares raw
@@ -16,8 +18,10 @@
 //! `gz predict` and `gz submit` in gz-cli are its front ends.
 
 pub mod baselines;
+pub mod eval;
 pub mod metrics;
 pub mod predict;
+pub mod report;
 pub mod submission;
 pub mod tta;
 

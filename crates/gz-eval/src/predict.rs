@@ -117,6 +117,9 @@ pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Preprocesses one JPEG file's bytes into C×H×W f16 values, or says why it cannot.
+pub type PrepFn<'a> = dyn Fn(&[u8]) -> std::result::Result<Vec<f16>, String> + Sync + 'a;
+
 /// Predicts a list of JPEG files, preprocessing each with `prep` (bytes → C×H×W f16 of
 /// `shape`). Files that cannot be read, decoded, or are not named `<GalaxyID>.jpg` are
 /// returned as failures; the others as rows in input order.
@@ -124,7 +127,7 @@ pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn predict_jpegs(
     model: &dyn Predictor,
     paths: &[PathBuf],
-    prep: &(dyn Fn(&[u8]) -> std::result::Result<Vec<f16>, String> + Sync),
+    prep: &PrepFn<'_>,
     shape: [usize; 3],
     tta: &TtaConfig,
     batch: usize,

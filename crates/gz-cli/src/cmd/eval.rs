@@ -1,9 +1,172 @@
-//! `gz eval`: not built yet.
+//! `gz eval`: score a checkpoint (or an ensemble) on the trainer's validation split — or on the
+//! cache's test split when it is labelled — beside the baselines and, for synthetic data, the
+//! Bayes floor; print the table and write the report (`metrics.json`, charts, `index.html`).
+//!
+//! The last stdout lines are `metrics: <path>` and `report: <path to index.html>`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use gz_eval::baselines::{format_table, CentralPixelConfig};
+use gz_eval::eval::{check_cache, evaluate, load_runs, validation_rows, EvalConfig, EvalRows};
+use gz_eval::report::{read_epochs, thumbnail_png, write_report, GalleryItem};
+use gz_eval::tta::{Ensemble, Predictor};
+use gz_schema::N_ANSWERS;
+
+use super::predict::{progress_bar, TtaArgs};
 
 /// Arguments of `gz eval`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Training run directory (or .safetensors); repeat for an ensemble.
+    #[arg(long = "run", required = true)]
+    runs: Vec<PathBuf>,
+    /// Shard cache the run was trained on.
+    #[arg(long)]
+    cache: PathBuf,
+    /// The dataset directory: if it has the optional synthetic extras (expected_*.csv,
+    /// floor.json) the Bayes floor is shown.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which rows to score: `validation` (the trainer's hold-out) or `test` (the cache's test
+    /// split, when it has labels).
+    #[arg(long, default_value = "validation", value_parser = ["validation", "test"])]
+    split: String,
+    #[command(flatten)]
+    tta: TtaArgs,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Central-pixel benchmark: bins per colour channel.
+    #[arg(long, default_value_t = 4)]
+    cp_levels: usize,
+    /// Central-pixel benchmark: half-width of the central patch averaged.
+    #[arg(long, default_value_t = 1)]
+    cp_radius: usize,
+    /// Report folder [default: reports/<run name>].
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Galaxies in the report's gallery.
+    #[arg(long, default_value_t = 12)]
+    gallery: usize,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`gz eval` is not built yet")
+fn run_name(p: &std::path::Path) -> String {
+    let p = if p.is_file() { p.parent().unwrap_or(p) } else { p };
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let tta = args.tta.config()?;
+    let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
+    let models = load_runs(&args.runs, &device)?;
+    let cache = gz_shards::Cache::open(&args.cache).with_context(|| format!("opening cache {}", args.cache.display()))?;
+    for (m, r) in models.iter().zip(&args.runs) {
+        check_cache(m, r, &cache)?;
+    }
+    let Some(train) = cache.train() else { bail!("cache {} has no training split", args.cache.display()) };
+    let first = &models[0];
+    let holdout = validation_rows(first, train)?;
+    if models.len() > 1 && args.split == "validation" {
+        for (m, r) in models.iter().zip(&args.runs).skip(1) {
+            if validation_rows(m, train)?.val != holdout.val {
+                bail!(
+                    "{} was validated on other images than {} (different seed or fraction); score the ensemble with --split test",
+                    r.display(),
+                    args.runs[0].display()
+                );
+            }
+        }
+    }
+    let t = &first.sidecar().train;
+    let rows = if args.split == "validation" {
+        EvalRows {
+            eval_split: train,
+            eval_rows: holdout.val.clone(),
+            fit_split: train,
+            fit_rows: holdout.train.clone(),
+            eval_labels: None,
+            description: format!(
+                "validation hold-out of the training split ({:.0}%, seed {}): {} images",
+                t.val_fraction * 100.0,
+                t.seed,
+                holdout.val.len()
+            ),
+        }
+    } else {
+        let Some(test) = cache.test() else { bail!("cache {} has no test split", args.cache.display()) };
+        let eval_labels = match (test.labels(), &args.data) {
+            (Some(_), _) => None,
+            (None, Some(d)) if d.join("test_solutions.csv").is_file() => {
+                Some(gz_eval::eval::labels_from_csv(test, &d.join("test_solutions.csv"))?)
+            }
+            _ => bail!(
+                "the test split of {} has no labels and --data has no test_solutions.csv (a real Kaggle test set): use --split validation",
+                args.cache.display()
+            ),
+        };
+        EvalRows {
+            eval_labels,
+            eval_split: test,
+            eval_rows: (0..test.len()).collect(),
+            fit_split: train,
+            fit_rows: holdout.train.clone(),
+            description: format!(
+                "test split: {} images{}",
+                test.len(),
+                if test.labels().is_none() { " (labels from test_solutions.csv)" } else { "" }
+            ),
+        }
+    };
+    let name = args.runs.iter().map(|r| run_name(r)).collect::<Vec<_>>().join("+");
+    let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
+    let ensemble = Ensemble { members };
+    let cfg = EvalConfig { tta, batch: args.batch, central_pixel: CentralPixelConfig { levels: args.cp_levels, radius: args.cp_radius } };
+    let checkpoints = models.iter().map(|m| m.weights_path().display().to_string()).collect::<Vec<_>>().join(", ");
+    let pb = progress_bar(rows.eval_rows.len(), "eval");
+    let ev = evaluate(
+        &ensemble,
+        &name,
+        &rows,
+        &cfg,
+        &device,
+        args.data.as_deref(),
+        &|n| pb.set_position(n as u64),
+        (checkpoints.as_str(), first.sidecar().epoch, cache.config_hash()),
+    )?;
+    pb.finish_and_clear();
+
+    println!("{} — {}", name, ev.report.split);
+    print!("{}", format_table(std::slice::from_ref(&ev.report.model), &ev.report.baselines, ev.report.floor.as_ref()));
+
+    let dir = args.report.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
+    let gdir = dir.join("gallery");
+    std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
+    let mut gallery = Vec::new();
+    for (k, &r) in rows.eval_rows.iter().take(args.gallery).enumerate() {
+        let id = rows.eval_split.ids()[r];
+        let rel = format!("gallery/{id}.png");
+        thumbnail_png(rows.eval_split.image(r), rows.eval_split.shape(), &dir.join(&rel))?;
+        gallery.push(GalleryItem {
+            id,
+            thumb: rel,
+            pred: ev.predictions[k * N_ANSWERS..(k + 1) * N_ANSWERS].to_vec(),
+            truth: ev.labels[k * N_ANSWERS..(k + 1) * N_ANSWERS].to_vec(),
+        });
+    }
+    let run_dir = if args.runs[0].is_dir() { args.runs[0].clone() } else { args.runs[0].parent().map(PathBuf::from).unwrap_or_default() };
+    let mj = run_dir.join("metrics.jsonl");
+    let epochs = if mj.is_file() {
+        Some(read_epochs(&mj)?)
+    } else {
+        eprintln!("note: {} not found; the report has no learning curve", mj.display());
+        None
+    };
+    let paths = write_report(&dir, &ev.report, epochs.as_deref(), &gallery)?;
+    println!("metrics: {}", paths.metrics.display());
+    println!("report: {}", paths.index.display());
+    Ok(())
 }

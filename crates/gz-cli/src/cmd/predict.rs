@@ -1,9 +1,225 @@
-//! `gz predict`: not built yet.
+//! `gz predict`: vote fractions for test images from one checkpoint or an ensemble, with
+//! optional test-time augmentation, written as a CSV in the submission layout (unclipped).
+//!
+//! Sources: a shard cache's test split (`--cache`, the checkpoint's preprocessing must match the
+//! cache's: refused otherwise with both named) or a folder of JPEGs (`--images`, preprocessed on
+//! the fly with the checkpoint's own config). An unreadable JPEG stops the command before any
+//! file is written, unless `--fill-mean` fills its row with the training mean (from the
+//! checkpoint) and lists it. Also the shared helpers `gz submit --run` uses.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use gz_eval::predict::{list_jpegs, predict_jpegs, predict_split, Failure};
+use gz_eval::tta::{Ensemble, Predictor, TtaConfig};
+use gz_model::checkpoint::LoadedModel;
+use gz_schema::Solutions;
+
+/// Test-time augmentation flags (shared by `gz predict`, `gz eval`, `gz submit --run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TtaArgs {
+    /// Test-time augmentation preset: 1 (none), 2, 4, 8 (4 rotations × 2 flips) or 60
+    /// (10 rotations × 2 flips × zooms 1/1.2, 1, 1.2, as Dieleman et al.).
+    #[arg(long, default_value_t = 1)]
+    pub tta: usize,
+    /// Override the preset's number of rotations (evenly spaced over 360°).
+    #[arg(long)]
+    pub tta_rotations: Option<usize>,
+    /// Override the preset: also average mirrored views (true/false).
+    #[arg(long)]
+    pub tta_flips: Option<bool>,
+    /// Override the preset's zooms, comma-separated (e.g. 0.8333,1,1.2).
+    #[arg(long, value_delimiter = ',')]
+    pub tta_scales: Option<Vec<f32>>,
+}
+
+impl TtaArgs {
+    /// The validated TTA grid.
+    pub fn config(&self) -> anyhow::Result<TtaConfig> {
+        let mut t = TtaConfig::preset(self.tta)?;
+        if let Some(r) = self.tta_rotations {
+            t.rotations = r;
+        }
+        if let Some(f) = self.tta_flips {
+            t.flips = f;
+        }
+        if let Some(s) = &self.tta_scales {
+            t.scales = s.clone();
+        }
+        t.validate()?;
+        Ok(t)
+    }
+}
+
+/// Where the images come from and which checkpoints run on them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// Checkpoint: a run directory (its best.safetensors) or a .safetensors file. Repeat for
+    /// an ensemble (uniform average).
+    #[arg(long = "run", required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Shard cache directory (from `gz prep`); its test split is predicted.
+    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    pub cache: Option<PathBuf>,
+    /// A folder of <GalaxyID>.jpg files, preprocessed with the checkpoint's own config.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    #[command(flatten)]
+    pub tta: TtaArgs,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Images per forward pass (each under every TTA view).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Fill the row of an unreadable test image with the training mean (listed on stderr)
+    /// instead of failing.
+    #[arg(long)]
+    pub fill_mean: bool,
+}
 
 /// Arguments of `gz predict`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Output CSV (GalaxyID + 37 columns), written atomically.
+    #[arg(long)]
+    pub out: PathBuf,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`gz predict` is not built yet")
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+pub fn progress_bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(len as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({eta})") {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Predictions with the rows that had to be filled.
+pub struct Predicted {
+    pub rows: Solutions,
+    /// Test images that could not be predicted (filled with `train_mean` when allowed).
+    pub failures: Vec<Failure>,
+    /// The first checkpoint's training-set mean.
+    pub train_mean: Vec<f32>,
+    /// TTA views used.
+    pub views: usize,
+}
+
+/// Loads the checkpoints and predicts the source's test images.
+pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
+    let tta = src.tta.config()?;
+    let device = gz_model::device::select_device(&src.device).with_context(|| format!("device {:?}", src.device))?;
+    let models = gz_eval::eval::load_runs(&src.runs, &device)?;
+    let train_mean: Vec<f32> = models[0].sidecar().train_mean.iter().map(|&v| v as f32).collect();
+    let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
+    let ensemble = Ensemble { members };
+    eprintln!(
+        "predicting with {} checkpoint(s), {} TTA view(s) per image on {}",
+        models.len(),
+        tta.n_views(),
+        src.device
+    );
+    let (rows, failures) = if let Some(cache_dir) = &src.cache {
+        let cache = gz_shards::Cache::open(cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
+        for (m, run) in models.iter().zip(&src.runs) {
+            gz_eval::eval::check_cache(m, run, &cache)?;
+        }
+        let Some(test) = cache.test() else {
+            bail!("cache {} has no test split (was images_test_rev1/ empty when it was prepared?)", cache_dir.display());
+        };
+        let pb = progress_bar(test.len(), "predict");
+        let values = predict_split(&ensemble, test, None, &tta, src.batch, &device, &|n| pb.set_position(n as u64))?;
+        pb.finish_and_clear();
+        let rows = Solutions { ids: test.ids().to_vec(), values };
+        (rows, Vec::new())
+    } else if let Some(dir) = &src.images {
+        predict_folder(&models, &ensemble, dir, &tta, src.batch, &device)?
+    } else {
+        bail!("give --cache DIR or --images DIR");
+    };
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("unreadable test image {}: {}", f.path.display(), f.reason);
+        }
+        if !src.fill_mean {
+            bail!(
+                "{} test image(s) could not be predicted; nothing written (pass --fill-mean to fill their rows with the \
+                 training mean and list them)",
+                failures.len()
+            );
+        }
+    }
+    Ok(Predicted { rows, failures, train_mean, views: tta.n_views() })
+}
+
+fn predict_folder(
+    models: &[LoadedModel],
+    ensemble: &Ensemble<'_>,
+    dir: &Path,
+    tta: &TtaConfig,
+    batch: usize,
+    device: &gz_eval::Device,
+) -> anyhow::Result<(Solutions, Vec<Failure>)> {
+    let sidecar = models[0].sidecar();
+    let cfg: gz_preprocess::PrepConfig = serde_json::from_value(sidecar.prep_config.clone()).with_context(|| {
+        format!("the checkpoint's prep_config is not a gz-preprocess PrepConfig: {}", sidecar.prep_config)
+    })?;
+    if cfg.hash() != sidecar.prep_config_hash {
+        bail!(
+            "the checkpoint's prep_config hashes to {} but the checkpoint says {}: it was made by another preprocessing \
+             version, so raw images cannot be prepared the same way; use --cache with a cache of hash {}",
+            cfg.hash(),
+            sidecar.prep_config_hash,
+            sidecar.prep_config_hash
+        );
+    }
+    let paths = list_jpegs(dir)?;
+    if paths.is_empty() {
+        bail!("no .jpg files in {}", dir.display());
+    }
+    let prep = |bytes: &[u8]| gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string());
+    let shape = sidecar.input_shape;
+    let pb = progress_bar(paths.len(), "predict");
+    let out = predict_jpegs(ensemble, &paths, &prep, shape, tta, batch, device, &|n| pb.set_position(n as u64))?;
+    pb.finish_and_clear();
+    Ok(out)
+}
+
+/// Adds the training-mean rows of the failures that have an id.
+pub fn fill_failures(p: &mut Predicted) -> anyhow::Result<Vec<u64>> {
+    if p.train_mean.len() != gz_schema::N_ANSWERS {
+        bail!("the checkpoint has no 37-value training mean to fill with");
+    }
+    let mut filled = Vec::new();
+    for f in &p.failures {
+        match f.id {
+            Some(id) => {
+                p.rows.push(id, &p.train_mean);
+                filled.push(id);
+            }
+            None => bail!("{}: not named <GalaxyID>.jpg, so it cannot be given a row", f.path.display()),
+        }
+    }
+    Ok(filled)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut p = predict(&args.source)?;
+    let filled = fill_failures(&mut p)?;
+    for id in &filled {
+        eprintln!("filled with the training mean: {id}");
+    }
+    gz_schema::write_solutions(&args.out, &p.rows).with_context(|| format!("writing {}", args.out.display()))?;
+    println!("{} rows ({} filled with the training mean), {} TTA view(s)", p.rows.len(), filled.len(), p.views);
+    println!("predictions: {}", args.out.display());
+    Ok(())
 }

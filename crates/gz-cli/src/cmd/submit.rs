@@ -1,9 +1,135 @@
-//! `gz submit`: not built yet.
+//! `gz submit`: write a Kaggle submission, or check one.
+//!
+//! - `gz submit --pred PRED.csv --out submission.csv [--ids DIR]`: from `gz predict` output;
+//! - `gz submit --run RUN [--run ..] (--cache DIR | --images DIR) [--tta N] --out submission.csv`:
+//!   predict and write in one go;
+//! - `gz submit --check FILE [--ids DIR]`: validate any file and list every problem.
+//!
+//! The file is clipped to [0, 1], sorted by id, complete for the test ids (`--ids` folder of
+//! test JPEGs, or the `--images` folder), checked, and only then published atomically. Missing
+//! or non-finite rows fail the command unless `--fill-mean` fills them with the training mean
+//! and lists them. The last stdout line is `submission: <path>`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use gz_eval::submission::{check, ids_from_dir, read_predictions, write_submission};
+
+use super::predict::{predict, SourceArgs, TtaArgs};
 
 /// Arguments of `gz submit`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Check this submission file instead of writing one.
+    #[arg(long, conflicts_with_all = ["pred", "runs", "out"])]
+    check: Option<PathBuf>,
+    /// Predictions CSV from `gz predict`.
+    #[arg(long, conflicts_with = "runs")]
+    pred: Option<PathBuf>,
+    /// Predict with these checkpoints first (as `gz predict --run`).
+    #[arg(long = "run")]
+    runs: Vec<PathBuf>,
+    /// With --run: the shard cache whose test split is predicted.
+    #[arg(long, conflicts_with = "images")]
+    cache: Option<PathBuf>,
+    /// With --run: a folder of test JPEGs (also the default for --ids).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    #[command(flatten)]
+    tta: TtaArgs,
+    /// With --run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// With --run: images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Folder of the test JPEGs (<GalaxyID>.jpg): the submission must have exactly these ids.
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Fill missing or non-finite rows with the training mean (and list them) instead of failing.
+    #[arg(long)]
+    fill_mean: bool,
+    /// With --pred --fill-mean: training labels to take the mean of [default:
+    /// <IDS>/../training_solutions_rev1.csv].
+    #[arg(long)]
+    train_labels: Option<PathBuf>,
+    /// Where to write the submission.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`gz submit` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(file) = &args.check {
+        return run_check(file, args.ids.as_ref());
+    }
+    let Some(out) = args.out.clone() else { bail!("--out FILE is required (or use --check FILE)") };
+    let ids_dir = args.ids.clone().or_else(|| args.images.clone());
+    let ids = match &ids_dir {
+        Some(d) => Some(ids_from_dir(d)?),
+        None => None,
+    };
+    let (pred, mean) = if let Some(pred_path) = &args.pred {
+        let pred = read_predictions(pred_path)?;
+        let mean = if args.fill_mean {
+            let labels = match (&args.train_labels, &ids_dir) {
+                (Some(p), _) => p.clone(),
+                (None, Some(d)) => d.join("../training_solutions_rev1.csv"),
+                (None, None) => bail!("--fill-mean with --pred needs --train-labels CSV (or --ids DIR inside a Kaggle layout)"),
+            };
+            let sol = gz_schema::read_solutions(&labels)
+                .with_context(|| format!("reading the training labels for --fill-mean from {}", labels.display()))?;
+            Some(gz_eval::baselines::mean_row(&sol.values)?.to_vec())
+        } else {
+            None
+        };
+        (pred, mean)
+    } else if !args.runs.is_empty() {
+        let src = SourceArgs {
+            runs: args.runs.clone(),
+            cache: args.cache.clone(),
+            images: args.images.clone(),
+            tta: args.tta.clone(),
+            device: args.device.clone(),
+            batch: args.batch,
+            fill_mean: args.fill_mean,
+        };
+        let p = predict(&src)?;
+        // Unreadable images (only allowed with --fill-mean) are missing rows here; the ids
+        // folder makes `write_submission` fill and list them.
+        let mean = args.fill_mean.then(|| p.train_mean.clone());
+        (p.rows, mean)
+    } else {
+        bail!("give --pred FILE, or --run RUN with --cache/--images, or --check FILE");
+    };
+    if ids.is_none() {
+        eprintln!("warning: no --ids folder: the submission cannot be checked for completeness against the test images");
+    }
+    let a = write_submission(&out, &pred, ids.as_deref(), mean.as_deref())?;
+    for id in &a.filled {
+        eprintln!("filled with the training mean: {id}");
+    }
+    println!(
+        "{} rows, {} value(s) clipped to [0, 1], {} row(s) filled with the training mean",
+        a.rows.len(),
+        a.clipped,
+        a.filled.len()
+    );
+    println!("submission: {}", out.display());
+    Ok(())
+}
+
+fn run_check(file: &PathBuf, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
+    let ids = match ids_dir {
+        Some(d) => Some(ids_from_dir(d)?),
+        None => None,
+    };
+    let rep = check(file, ids.as_deref())?;
+    if rep.is_ok() {
+        let versus = ids.as_ref().map_or(String::new(), |i| format!(", complete for the {} test images", i.len()));
+        println!("{}: valid submission, {} rows{versus}", file.display(), rep.rows);
+        return Ok(());
+    }
+    print!("{}", rep.describe());
+    let summary: Vec<String> = rep.counts.iter().map(|(k, n)| format!("{n} {k:?}")).collect();
+    bail!("{}: {} problem(s): {}", file.display(), rep.total(), summary.join(", "))
 }

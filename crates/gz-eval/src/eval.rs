@@ -1,0 +1,242 @@
+//! Scoring checkpoints: loading runs, checking they fit the data, and the score table.
+//!
+//! [`load_runs`] loads one or several checkpoints (gz-model's `LoadedModel`) and refuses a mix
+//! of models trained on different preprocessing, or one whose preprocessing differs from the
+//! cache it is asked to read ([`check_cache`] names both configs). [`validation_rows`] re-derives
+//! the trainer's hold-out with the trainer's own function (`gz_model::data::holdout`, same seed,
+//! fraction and subset as the run's `TrainConfig`), so `gz eval` scores exactly the images the
+//! trainer validated on. [`evaluate`] predicts those rows (with TTA), fits the baselines on the
+//! training rows, scores everything on the same rows, and returns an [`EvalReport`] — the
+//! content of `metrics.json`. Neighbours: [`crate::predict`] runs the model,
+//! [`crate::baselines`] and [`crate::metrics`] score, [`crate::report`] draws.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use gz_model::checkpoint::LoadedModel;
+use gz_schema::N_ANSWERS;
+use gz_shards::{Cache, Split};
+use serde::{Deserialize, Serialize};
+
+use crate::baselines::{bayes_floor, central_colour, score_baselines, CentralPixelConfig, Floor, LabelledColours, NamedScores};
+use crate::metrics::score;
+use crate::predict::predict_split;
+use crate::tta::{Predictor, TtaConfig};
+use crate::{EvalError, Result};
+
+impl Predictor for LoadedModel {
+    fn predict(&self, images: &Tensor) -> candle_core::Result<Tensor> {
+        LoadedModel::predict(self, images)
+    }
+}
+
+/// Loads every checkpoint (run directory or `.safetensors`) on `device`. All must share one
+/// preprocessing config and input shape, else the ensemble would mix incompatible inputs.
+pub fn load_runs(paths: &[PathBuf], device: &Device) -> Result<Vec<LoadedModel>> {
+    if paths.is_empty() {
+        return Err(EvalError::BadFile { path: PathBuf::from("--run"), reason: "no checkpoint given".into() });
+    }
+    let mut out: Vec<LoadedModel> = Vec::with_capacity(paths.len());
+    for p in paths {
+        let m = LoadedModel::load(p, device).map_err(|e| EvalError::BadFile { path: p.clone(), reason: format!("cannot load checkpoint: {e}") })?;
+        if let Some(first) = out.first() {
+            let (a, b) = (first.sidecar(), m.sidecar());
+            if a.prep_config_hash != b.prep_config_hash || a.input_shape != b.input_shape {
+                return Err(EvalError::BadFile {
+                    path: p.clone(),
+                    reason: format!(
+                        "cannot ensemble with {}: preprocessing {} (input {:?}) vs {} (input {:?})",
+                        paths[0].display(),
+                        b.prep_config_hash,
+                        b.input_shape,
+                        a.prep_config_hash,
+                        a.input_shape
+                    ),
+                });
+            }
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Refuses a checkpoint whose preprocessing config is not the cache's, naming both.
+pub fn check_cache(model: &LoadedModel, run: &Path, cache: &Cache) -> Result<()> {
+    let s = model.sidecar();
+    if s.prep_config_hash != cache.config_hash() {
+        return Err(EvalError::BadFile {
+            path: run.to_path_buf(),
+            reason: format!(
+                "this checkpoint was trained on preprocessing {} ({}) but the cache {} holds preprocessing {} ({}); \
+                 re-run `gz prep` with the checkpoint's settings or pass the matching cache",
+                s.prep_config_hash,
+                s.prep_config,
+                cache.dir().display(),
+                cache.config_hash(),
+                cache.prep_config()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The trainer's validation rows of the cache's training split for this run.
+pub fn validation_rows(model: &LoadedModel, train_split: &Split) -> Result<gz_model::data::Holdout> {
+    let t = &model.sidecar().train;
+    gz_model::data::holdout(train_split.len(), t.val_fraction, t.seed, t.max_images).map_err(|e| EvalError::Shape {
+        what: "validation split".into(),
+        reason: format!("re-deriving the trainer's hold-out: {e}"),
+    })
+}
+
+/// What `gz eval` scores and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    pub tta: TtaConfig,
+    /// Images per forward pass (each under every TTA view).
+    pub batch: usize,
+    pub central_pixel: CentralPixelConfig,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { tta: TtaConfig::none(), batch: 64, central_pixel: CentralPixelConfig::default() }
+    }
+}
+
+/// The content of `metrics.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Run name (the run directory's name, or the names joined for an ensemble).
+    pub run: String,
+    /// Checkpoint file(s) scored.
+    pub checkpoint: String,
+    /// Epoch of the checkpoint (first model).
+    pub epoch: usize,
+    /// Which rows: e.g. `validation (10% hold-out, seed 0) of the training split`.
+    pub split: String,
+    pub prep_config_hash: String,
+    pub config: EvalConfig,
+    /// Shortcut of `config.tta`.
+    pub tta: TtaConfig,
+    pub model: NamedScores,
+    /// all zeros, all ones, training mean, central pixel — on the same rows.
+    pub baselines: Vec<NamedScores>,
+    pub floor: Option<Floor>,
+    /// Baseline fit rows (training rows of the training split).
+    pub n_fit: usize,
+}
+
+/// The rows to score and the rows the baselines learn from.
+pub struct EvalRows<'a> {
+    /// Labelled split holding the scored rows.
+    pub eval_split: &'a Split,
+    pub eval_rows: Vec<usize>,
+    /// The training split and the rows the baselines are fitted on.
+    pub fit_split: &'a Split,
+    pub fit_rows: Vec<usize>,
+    /// Labels of `eval_rows` (row-major × 37) when the split itself has none (e.g. a synthetic
+    /// test split whose answers are in the dataset's `test_solutions.csv`).
+    pub eval_labels: Option<Vec<f32>>,
+    /// Human description of the scored rows.
+    pub description: String,
+}
+
+/// Labels for every row of `split` from a solutions CSV (matched by GalaxyID); an id the file
+/// lacks is an error naming it.
+pub fn labels_from_csv(split: &Split, path: &Path) -> Result<Vec<f32>> {
+    let sol = gz_schema::read_solutions(path)?;
+    let index = sol.index();
+    let mut out = Vec::with_capacity(split.len() * N_ANSWERS);
+    for id in split.ids() {
+        let Some(&i) = index.get(id) else {
+            return Err(EvalError::BadFile { path: path.to_path_buf(), reason: format!("no row for GalaxyID {id} of split {}", split.name()) });
+        };
+        out.extend_from_slice(sol.row(i));
+    }
+    Ok(out)
+}
+
+fn labels_of(split: &Split, rows: &[usize]) -> Result<Vec<f32>> {
+    let Some(all) = split.labels() else {
+        return Err(EvalError::Shape { what: format!("split {}", split.name()), reason: "has no labels; cannot score it".into() });
+    };
+    let mut out = Vec::with_capacity(rows.len() * N_ANSWERS);
+    for &r in rows {
+        out.extend_from_slice(&all[r * N_ANSWERS..(r + 1) * N_ANSWERS]);
+    }
+    Ok(out)
+}
+
+fn colours_of(split: &Split, rows: &[usize], radius: usize) -> Result<Vec<[f32; 3]>> {
+    rows.iter().map(|&r| central_colour(split.image(r), split.shape(), radius)).collect()
+}
+
+/// Everything `evaluate` returns: the report plus the scored predictions for the gallery.
+pub struct Evaluation {
+    pub report: EvalReport,
+    /// Predictions for `eval_rows`, row-major × 37.
+    pub predictions: Vec<f32>,
+    /// Labels of `eval_rows`, row-major × 37.
+    pub labels: Vec<f32>,
+}
+
+/// Scores `model` (any predictor: one checkpoint or an ensemble) on `rows`, with baselines and
+/// the Bayes floor (when `data_dir` has the optional files).
+#[allow(clippy::too_many_arguments)] // reason: each is a distinct input of the one evaluation
+pub fn evaluate(
+    model: &dyn Predictor,
+    model_name: &str,
+    rows: &EvalRows<'_>,
+    cfg: &EvalConfig,
+    device: &Device,
+    data_dir: Option<&Path>,
+    progress: &dyn Fn(usize),
+    meta: (&str, usize, &str),
+) -> Result<Evaluation> {
+    cfg.tta.validate()?;
+    if rows.eval_rows.is_empty() {
+        return Err(EvalError::Shape { what: "evaluation".into(), reason: "no rows to score".into() });
+    }
+    let labels = match &rows.eval_labels {
+        Some(l) if l.len() == rows.eval_rows.len() * N_ANSWERS => l.clone(),
+        Some(l) => {
+            return Err(EvalError::Shape {
+                what: "evaluation labels".into(),
+                reason: format!("{} values for {} rows", l.len(), rows.eval_rows.len()),
+            })
+        }
+        None => labels_of(rows.eval_split, &rows.eval_rows)?,
+    };
+    let predictions = predict_split(model, rows.eval_split, Some(&rows.eval_rows), &cfg.tta, cfg.batch, device, progress)?;
+    let model_scores = NamedScores { name: model_name.to_string(), scores: score(&predictions, &labels)? };
+
+    let fit_labels = labels_of(rows.fit_split, &rows.fit_rows)?;
+    let fit_colours = colours_of(rows.fit_split, &rows.fit_rows, cfg.central_pixel.radius)?;
+    let eval_colours = colours_of(rows.eval_split, &rows.eval_rows, cfg.central_pixel.radius)?;
+    let baselines = score_baselines(
+        LabelledColours { colours: &fit_colours, labels: &fit_labels },
+        LabelledColours { colours: &eval_colours, labels: &labels },
+        cfg.central_pixel,
+    )?;
+    let ids: Vec<u64> = rows.eval_rows.iter().map(|&r| rows.eval_split.ids()[r]).collect();
+    let floor = match data_dir {
+        Some(d) => bayes_floor(d, &ids, &labels)?,
+        None => None,
+    };
+    let (checkpoint, epoch, hash) = meta;
+    let report = EvalReport {
+        run: model_name.to_string(),
+        checkpoint: checkpoint.to_string(),
+        epoch,
+        split: rows.description.clone(),
+        prep_config_hash: hash.to_string(),
+        config: cfg.clone(),
+        tta: cfg.tta.clone(),
+        model: model_scores,
+        baselines,
+        floor,
+        n_fit: rows.fit_rows.len(),
+    };
+    Ok(Evaluation { report, predictions, labels })
+}

@@ -1,0 +1,516 @@
+//! The report a person looks at: `reports/<run>/` with `metrics.json`, two charts and a page.
+//!
+//! - `learning_curve.png`: training loss (left axis) and validation RMSE (right axis) by epoch,
+//!   read from the trainer's `RUN_DIR/metrics.jsonl`, with the baselines' RMSE as reference
+//!   lines on the RMSE axis.
+//! - `per_question.png`: RMSE per question (Q1 … Q11) of the model beside the baselines.
+//! - `gallery/<id>.png`: thumbnails of validation galaxies from the cached images.
+//! - `index.html`: the score table, both charts, the per-question table and the gallery with
+//!   predicted vs true answers for the first questions of the tree (Q1, Q2, Q6, Q7).
+//!
+//! Charts are drawn with `plotters` into an RGB buffer (no system fonts: the text is rendered
+//! with ab_glyph from the DejaVu Sans file under `assets/`) and encoded with `image`. Every file
+//! is published atomically. Neighbours: [`crate::eval`] produces the [`crate::eval::EvalReport`]
+//! rendered here.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use gz_schema::{ANSWERS, N_ANSWERS, QUESTIONS};
+use half::f16;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::baselines::NamedScores;
+use crate::eval::EvalReport;
+use crate::{io_err, EvalError, Result};
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FAMILY: &str = "sans-serif";
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The font is compiled in and known good; a failure would only lose the text.
+        if plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
+            tracing::warn!("could not register the embedded DejaVu Sans font");
+        }
+    });
+}
+
+fn plot_err(path: &Path) -> impl Fn(String) -> EvalError + '_ {
+    move |reason| EvalError::BadFile { path: path.to_path_buf(), reason: format!("drawing the chart: {reason}") }
+}
+
+/// One epoch of the trainer's `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EpochRow {
+    pub epoch: f64,
+    pub train_loss: Option<f64>,
+    pub val_rmse: Option<f64>,
+}
+
+/// Reads `metrics.jsonl` (one JSON object per line with `epoch`, `train_loss`, `val_rmse`;
+/// other keys ignored, blank lines skipped). A line that is not JSON is an error naming it.
+pub fn read_epochs(path: &Path) -> Result<Vec<EpochRow>> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| EvalError::BadFile { path: path.to_path_buf(), reason: format!("line {}: {e}", i + 1) })?;
+        let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).filter(|x| x.is_finite());
+        let Some(epoch) = num("epoch") else {
+            return Err(EvalError::BadFile { path: path.to_path_buf(), reason: format!("line {}: no numeric \"epoch\"", i + 1) });
+        };
+        out.push(EpochRow { epoch, train_loss: num("train_loss"), val_rmse: num("val_rmse") });
+    }
+    Ok(out)
+}
+
+fn save_rgb(path: &Path, buf: Vec<u8>, w: u32, h: u32) -> Result<()> {
+    let img = image::RgbImage::from_raw(w, h, buf)
+        .ok_or_else(|| EvalError::BadFile { path: path.to_path_buf(), reason: "image buffer has the wrong size".into() })?;
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .map_err(|e| EvalError::BadFile { path: path.to_path_buf(), reason: format!("PNG encoding: {e}") })?;
+    gz_schema::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+const MODEL_COLOUR: RGBColor = RGBColor(31, 119, 180);
+const BASELINE_COLOURS: [RGBColor; 4] =
+    [RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const LOSS_COLOUR: RGBColor = RGBColor(214, 39, 40);
+
+fn padded(lo: f64, hi: f64) -> (f64, f64) {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, 1.0);
+    }
+    let span = (hi - lo).max(1e-6);
+    ((lo - 0.05 * span).max(0.0), hi + 0.08 * span)
+}
+
+/// Draws the learning curve (train loss and validation RMSE by epoch, with reference lines for
+/// `references` such as the baselines) into a PNG.
+pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], path: &Path) -> Result<()> {
+    register_font();
+    let (w, h) = (1000u32, 560u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let e = plot_err(path);
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        let (x0, x1) = match (epochs.first(), epochs.last()) {
+            (Some(a), Some(b)) if b.epoch > a.epoch => (a.epoch, b.epoch),
+            (Some(a), _) => (a.epoch - 0.5, a.epoch + 0.5),
+            _ => (0.0, 1.0),
+        };
+        let losses: Vec<(f64, f64)> = epochs.iter().filter_map(|r| r.train_loss.map(|l| (r.epoch, l))).collect();
+        let rmses: Vec<(f64, f64)> = epochs.iter().filter_map(|r| r.val_rmse.map(|v| (r.epoch, v))).collect();
+        let (l0, l1) = padded(
+            losses.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
+            losses.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
+        );
+        let rvals = rmses.iter().map(|p| p.1).chain(references.iter().map(|r| r.1));
+        let (r0, r1) = padded(rvals.clone().fold(f64::INFINITY, f64::min), rvals.fold(f64::NEG_INFINITY, f64::max));
+
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Learning curve", (FAMILY, 26))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .right_y_label_area_size(72)
+            .build_cartesian_2d(x0..x1, l0..l1)
+            .map_err(|x| e(x.to_string()))?
+            .set_secondary_coord(x0..x1, r0..r1);
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .x_labels(epochs.len().clamp(2, 12))
+            .x_label_formatter(&|x: &f64| if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() })
+            .y_desc("training loss")
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 17))
+            .light_line_style(RGBColor(246, 246, 246))
+            .bold_line_style(RGBColor(225, 225, 225))
+            .y_label_formatter(&|v: &f64| format!("{v:.4}"))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("validation RMSE")
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 17))
+            .y_label_formatter(&|v: &f64| format!("{v:.4}"))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        if !losses.is_empty() {
+            chart
+                .draw_series(LineSeries::new(losses.clone(), LOSS_COLOUR.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label("training loss (left)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], LOSS_COLOUR.stroke_width(3)));
+            chart
+                .draw_series(losses.iter().map(|p| Circle::new(*p, 3, LOSS_COLOUR.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        if !rmses.is_empty() {
+            chart
+                .draw_secondary_series(LineSeries::new(rmses.clone(), MODEL_COLOUR.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label("validation RMSE (right)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], MODEL_COLOUR.stroke_width(3)));
+            chart
+                .draw_secondary_series(rmses.iter().map(|p| Circle::new(*p, 3, MODEL_COLOUR.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        for (i, (name, v)) in references.iter().enumerate() {
+            let c = BASELINE_COLOURS[i % BASELINE_COLOURS.len()];
+            chart
+                .draw_secondary_series(DashedLineSeries::new(vec![(x0, *v), (x1, *v)], 8, 5, c.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label(format!("{name} ({v:.4}, right)"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FAMILY, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        if epochs.is_empty() {
+            root.draw(&Text::new("no epochs in metrics.jsonl", (400, 280), (FAMILY, 20)))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        root.present().map_err(|x| e(x.to_string()))?;
+    }
+    save_rgb(path, buf, w, h)
+}
+
+/// Draws grouped bars: RMSE per question for each entry of `series` (the model first).
+pub fn per_question_png(series: &[&NamedScores], path: &Path) -> Result<()> {
+    register_font();
+    let (w, h) = (1100u32, 560u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let e = plot_err(path);
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        let ymax = series
+            .iter()
+            .flat_map(|s| s.scores.per_question.iter().map(|q| q.rmse))
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max)
+            .max(1e-3)
+            * 1.12;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("RMSE per question", (FAMILY, 26))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(72)
+            .build_cartesian_2d(-0.5f64..(QUESTIONS.len() as f64 - 0.5), 0.0..ymax)
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(QUESTIONS.len())
+            .x_label_formatter(&|x: &f64| {
+                let q = x.round();
+                if (x - q).abs() < 1e-6 && q >= 0.0 && (q as usize) < QUESTIONS.len() {
+                    format!("Q{}", q as usize + 1)
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc("RMSE")
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 17))
+            .light_line_style(RGBColor(246, 246, 246))
+            .bold_line_style(RGBColor(225, 225, 225))
+            .y_label_formatter(&|v: &f64| format!("{v:.3}"))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        let k = series.len().max(1) as f64;
+        let group = 0.8;
+        for (si, s) in series.iter().enumerate() {
+            let c = if si == 0 { MODEL_COLOUR } else { BASELINE_COLOURS[(si - 1) % BASELINE_COLOURS.len()] };
+            let bars = s.scores.per_question.iter().enumerate().filter(|(_, q)| q.rmse.is_finite()).map(move |(qi, q)| {
+                let left = qi as f64 - group / 2.0 + group * si as f64 / k;
+                Rectangle::new([(left, 0.0), (left + group / k * 0.92, q.rmse)], c.filled())
+            });
+            chart
+                .draw_series(bars)
+                .map_err(|x| e(x.to_string()))?
+                .label(format!("{} (overall {:.4})", s.name, s.scores.rmse))
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FAMILY, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        root.present().map_err(|x| e(x.to_string()))?;
+    }
+    save_rgb(path, buf, w, h)
+}
+
+/// Writes a C×H×W image with values in [0, 1] as an RGB PNG (grey repeated if C = 1).
+pub fn thumbnail_png(image: &[f16], shape: [usize; 3], path: &Path) -> Result<()> {
+    let [c, h, w] = shape;
+    if c == 0 || image.len() != c * h * w {
+        return Err(EvalError::Shape { what: format!("thumbnail {}", path.display()), reason: format!("{} values for {c}×{h}×{w}", image.len()) });
+    }
+    let mut buf = Vec::with_capacity(3 * h * w);
+    for p in 0..h * w {
+        for ch in 0..3 {
+            let v = image[ch.min(c - 1) * h * w + p].to_f32();
+            buf.push((v.clamp(0.0, 1.0) * 255.0).round() as u8);
+        }
+    }
+    save_rgb(path, buf, w as u32, h as u32)
+}
+
+/// One galaxy of the gallery.
+#[derive(Debug, Clone)]
+pub struct GalleryItem {
+    pub id: u64,
+    /// Thumbnail path relative to the report folder.
+    pub thumb: String,
+    pub pred: Vec<f32>,
+    pub truth: Vec<f32>,
+}
+
+/// The files of a written report.
+#[derive(Debug, Clone)]
+pub struct ReportPaths {
+    pub dir: PathBuf,
+    pub index: PathBuf,
+    pub metrics: PathBuf,
+    pub learning_curve: Option<PathBuf>,
+    pub per_question: PathBuf,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Questions whose answers the gallery shows.
+const GALLERY_QUESTIONS: [usize; 4] = [0, 1, 5, 6];
+
+/// Writes the whole report into `dir`: metrics.json, charts, thumbnails (already written by the
+/// caller into `dir/gallery`, listed in `gallery`) and index.html.
+pub fn write_report(dir: &Path, report: &EvalReport, epochs: Option<&[EpochRow]>, gallery: &[GalleryItem]) -> Result<ReportPaths> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let metrics = dir.join("metrics.json");
+    let json = serde_json::to_vec_pretty(report)
+        .map_err(|e| EvalError::BadFile { path: metrics.clone(), reason: e.to_string() })?;
+    gz_schema::write_atomic(&metrics, &json)?;
+
+    let refs: Vec<(String, f64)> = report
+        .baselines
+        .iter()
+        .filter(|b| b.name == "training mean" || b.name == "central pixel")
+        .map(|b| (b.name.clone(), b.scores.rmse))
+        .chain(report.floor.iter().map(|f| ("Bayes floor".to_string(), f.rmse)))
+        .collect();
+    let learning_curve = match epochs {
+        Some(ep) => {
+            let p = dir.join("learning_curve.png");
+            learning_curve_png(ep, &refs, &p)?;
+            Some(p)
+        }
+        None => None,
+    };
+    let per_question = dir.join("per_question.png");
+    let mut series: Vec<&NamedScores> = vec![&report.model];
+    series.extend(report.baselines.iter().filter(|b| b.name != "all ones"));
+    per_question_png(&series, &per_question)?;
+
+    let index = dir.join("index.html");
+    let html = render_html(report, learning_curve.is_some(), gallery);
+    gz_schema::write_atomic(&index, html.as_bytes())?;
+    Ok(ReportPaths { dir: dir.to_path_buf(), index, metrics, learning_curve, per_question })
+}
+
+fn render_html(r: &EvalReport, has_curve: bool, gallery: &[GalleryItem]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let title = format!("gz report: {}", r.run);
+    let _ = write!(
+        s,
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{t}</title>
+<style>
+body {{ font-family: "DejaVu Sans", Verdana, sans-serif; margin: 24px auto; max-width: 1120px; color: #222; }}
+h1 {{ font-size: 24px; margin-bottom: 4px; }} h2 {{ font-size: 19px; margin-top: 28px; border-bottom: 1px solid #ddd; }}
+.meta {{ color: #666; font-size: 13px; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+td, th {{ padding: 3px 10px; border-bottom: 1px solid #eee; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+tr.model td {{ font-weight: bold; color: #1f77b4; }}
+img.chart {{ max-width: 100%; border: 1px solid #eee; }}
+.gallery {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 14px; }}
+.card {{ border: 1px solid #ddd; border-radius: 6px; padding: 8px; font-size: 11.5px; }}
+.card img {{ width: 150px; height: 150px; image-rendering: pixelated; display: block; margin: 0 auto 6px; }}
+.card .id {{ font-weight: bold; font-size: 13px; }}
+.q {{ margin-top: 5px; color: #444; }}
+.row {{ display: grid; grid-template-columns: 112px 1fr 34px 34px; gap: 4px; align-items: center; }}
+.bar {{ position: relative; height: 10px; background: #f2f2f2; }}
+.bar .t {{ position: absolute; top: 0; height: 5px; background: #999; }}
+.bar .p {{ position: absolute; top: 5px; height: 5px; background: #1f77b4; }}
+.num {{ text-align: right; }} .pn {{ color: #1f77b4; }}
+.legend span {{ display: inline-block; width: 14px; height: 6px; margin: 0 4px 1px 10px; }}
+</style></head><body>
+<h1>{t}</h1>
+<div class="meta">checkpoint <code>{ck}</code> · {split} · TTA {tta} view(s) · preprocessing <code>{hash}</code></div>
+<h2>Scores</h2>
+<table><tr><th>predictor</th><th>RMSE</th></tr>
+"#,
+        t = esc(&title),
+        ck = esc(&r.checkpoint),
+        split = esc(&r.split),
+        tta = r.tta.n_views(),
+        hash = esc(&r.prep_config_hash),
+    );
+    let _ = writeln!(s, r#"<tr class="model"><td>{}</td><td>{:.5}</td></tr>"#, esc(&r.model.name), r.model.scores.rmse);
+    for b in &r.baselines {
+        let _ = writeln!(s, "<tr><td>{}</td><td>{:.5}</td></tr>", esc(&b.name), b.scores.rmse);
+    }
+    if let Some(f) = &r.floor {
+        let _ = writeln!(s, "<tr><td>Bayes floor <span class=meta>({})</span></td><td>{:.5}</td></tr>", esc(&f.source), f.rmse);
+    }
+    s.push_str("</table>\n");
+    if has_curve {
+        s.push_str("<h2>Learning curve</h2>\n<img class=chart src=\"learning_curve.png\" alt=\"learning curve\">\n");
+    }
+    s.push_str("<h2>RMSE per question</h2>\n<img class=chart src=\"per_question.png\" alt=\"RMSE per question\">\n");
+    s.push_str("<table><tr><th>question</th>");
+    let cols: Vec<&NamedScores> = std::iter::once(&r.model).chain(r.baselines.iter()).collect();
+    for c in &cols {
+        let _ = write!(s, "<th>{}</th>", esc(&c.name));
+    }
+    s.push_str("</tr>\n");
+    for (qi, q) in QUESTIONS.iter().enumerate() {
+        let _ = write!(s, "<tr><td>Q{} <span class=meta>{}</span></td>", q.number, esc(q.text));
+        for c in &cols {
+            let v = c.scores.per_question.get(qi).map_or(f64::NAN, |x| x.rmse);
+            let _ = write!(s, "<td>{v:.4}</td>");
+        }
+        s.push_str("</tr>\n");
+    }
+    s.push_str("</table>\n");
+    if !gallery.is_empty() {
+        let _ = writeln!(
+            s,
+            "<h2>Validation galaxies</h2>\n<p class=\"meta legend\">Per answer: <span style=\"background:#999\"></span>true vote fraction \
+             <span style=\"background:#1f77b4\"></span>predicted. Questions {}.</p>\n<div class=gallery>",
+            GALLERY_QUESTIONS.iter().map(|q| format!("Q{}", q + 1)).collect::<Vec<_>>().join(", ")
+        );
+        for g in gallery {
+            let rmse = if g.pred.len() == N_ANSWERS && g.truth.len() == N_ANSWERS {
+                (g.pred.iter().zip(&g.truth).map(|(p, t)| f64::from(p - t).powi(2)).sum::<f64>() / N_ANSWERS as f64).sqrt()
+            } else {
+                f64::NAN
+            };
+            let _ = writeln!(
+                s,
+                "<div class=card><img src=\"{}\" alt=\"galaxy {}\"><div class=id>{} <span class=meta>RMSE {:.3}</span></div>",
+                esc(&g.thumb),
+                g.id,
+                g.id,
+                rmse
+            );
+            for &qi in &GALLERY_QUESTIONS {
+                let q = &QUESTIONS[qi];
+                let _ = writeln!(s, "<div class=q>Q{} {}</div>", q.number, esc(q.text));
+                for ai in q.answers() {
+                    let (t, p) = (g.truth.get(ai).copied().unwrap_or(0.0), g.pred.get(ai).copied().unwrap_or(0.0));
+                    let _ = writeln!(
+                        s,
+                        "<div class=row><span>{}</span><div class=bar><div class=t style=\"width:{:.1}%\"></div>\
+                         <div class=p style=\"width:{:.1}%\"></div></div><span class=num>{:.2}</span><span class=\"num pn\">{:.2}</span></div>",
+                        esc(ANSWERS[ai].label),
+                        100.0 * t.clamp(0.0, 1.0),
+                        100.0 * p.clamp(0.0, 1.0),
+                        t,
+                        p
+                    );
+                }
+            }
+            s.push_str("</div>\n");
+        }
+        s.push_str("</div>\n");
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::baselines::CentralPixelConfig;
+    use crate::eval::EvalConfig;
+    use crate::metrics::score;
+    use crate::tta::TtaConfig;
+
+    fn named(name: &str, v: f32) -> NamedScores {
+        NamedScores { name: name.into(), scores: score(&[v; N_ANSWERS], &[0.5; N_ANSWERS]).unwrap() }
+    }
+
+    #[test]
+    fn epochs_are_read_and_bad_lines_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        std::fs::write(&p, "{\"epoch\":1,\"train_loss\":0.1,\"val_rmse\":0.2,\"lr\":0.001}\n\n{\"epoch\":2,\"train_loss\":0.05}\n").unwrap();
+        let e = read_epochs(&p).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[1].val_rmse, None);
+        std::fs::write(&p, "{\"epoch\":1}\nnot json\n").unwrap();
+        assert!(read_epochs(&p).unwrap_err().to_string().contains("line 2"));
+    }
+
+    #[test]
+    fn report_files_are_written_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = EvalReport {
+            run: "r<1>".into(),
+            checkpoint: "x.safetensors".into(),
+            epoch: 2,
+            split: "validation".into(),
+            prep_config_hash: "abc".into(),
+            config: EvalConfig { tta: TtaConfig::none(), batch: 8, central_pixel: CentralPixelConfig::default() },
+            tta: TtaConfig::none(),
+            model: named("model", 0.4),
+            baselines: vec![named("all zeros", 0.0), named("all ones", 1.0), named("training mean", 0.45), named("central pixel", 0.42)],
+            floor: Some(crate::baselines::Floor { rmse: 0.01, source: "test".into() }),
+            n_fit: 10,
+        };
+        let epochs = vec![
+            EpochRow { epoch: 1.0, train_loss: Some(0.1), val_rmse: Some(0.2) },
+            EpochRow { epoch: 2.0, train_loss: Some(0.05), val_rmse: Some(0.15) },
+        ];
+        let img = vec![f16::from_f32(0.5); 3 * 8 * 8];
+        thumbnail_png(&img, [3, 8, 8], &dir.path().join("gallery/7.png")).unwrap();
+        let g = GalleryItem { id: 7, thumb: "gallery/7.png".into(), pred: vec![0.4; N_ANSWERS], truth: vec![0.5; N_ANSWERS] };
+        let paths = write_report(dir.path(), &report, Some(&epochs), &[g]).unwrap();
+        for p in [paths.learning_curve.clone().unwrap(), paths.per_question.clone(), dir.path().join("gallery/7.png")] {
+            let im = image::open(&p).unwrap();
+            assert!(im.width() > 0, "{}", p.display());
+        }
+        let html = std::fs::read_to_string(&paths.index).unwrap();
+        assert!(html.contains("r&lt;1&gt;") && !html.contains("r<1>"), "names are escaped");
+        assert!(html.contains("gallery/7.png") && html.contains("Bayes floor") && html.contains("learning_curve.png"));
+        let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(&paths.metrics).unwrap()).unwrap();
+        assert_eq!(back, report);
+        // no epochs: still a chart (with a note), no crash
+        learning_curve_png(&[], &[], &dir.path().join("empty.png")).unwrap();
+    }
+}

@@ -1,0 +1,214 @@
+//! gz-eval from the outside: `gz submit` (writing and `--check`), and `gz eval` / `gz predict` /
+//! `gz submit --run` on a tiny synthetic dataset with a tiny model trained for one epoch.
+
+use std::path::{Path, PathBuf};
+
+use crate::support;
+use gz_schema::{csv_header, Solutions, N_ANSWERS};
+
+fn write_test_jpeg_names(dir: &Path, ids: &[u64]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for id in ids {
+        std::fs::write(dir.join(format!("{id}.jpg")), b"not looked at").unwrap();
+    }
+}
+
+fn row(id: u64, v: &str) -> String {
+    format!("{id}{}", format!(",{v}").repeat(N_ANSWERS))
+}
+
+#[test]
+fn submit_check_lists_every_problem() {
+    let tmp = support::tempdir();
+    let ids_dir = tmp.path().join("images_test_rev1");
+    write_test_jpeg_names(&ids_dir, &[100, 101, 102, 103]);
+    let bad = tmp.path().join("bad.csv");
+    let text = [
+        csv_header().replace("Class11.6", "Class11.7"),
+        row(100, "0.5"),
+        row(101, "nan"),
+        row(100, "0.5"),
+        row(102, "1.25"),
+        "77,0.5".to_string(),
+    ]
+    .join("\n");
+    std::fs::write(&bad, text).unwrap();
+    let (ok, out, err) = support::run(support::gz().args(["submit", "--check"]).arg(&bad).arg("--ids").arg(&ids_dir));
+    assert!(!ok, "a bad file must fail the check\n{out}\n{err}");
+    for needle in [
+        "line 1: header column 38 is \"Class11.7\", expected \"Class11.6\"",
+        "line 3: Class1.1: NaN",
+        "line 4: duplicate GalaxyID 100 (first on line 2)",
+        "line 5: Class1.1: 1.25 is outside [0, 1]",
+        "line 6: expected 38 fields",
+        "line 6: GalaxyID 77 is not one of the test images",
+        "no row for test image 103",
+        "5 rows, but there are 4 test images",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+    }
+    assert!(err.contains("problem(s)"), "{err}");
+
+    // a good file passes, and the completeness check uses the folder
+    let good = tmp.path().join("good.csv");
+    let text = [csv_header(), row(100, "0.5"), row(101, "0"), row(102, "1"), row(103, "0.25")].join("\n");
+    std::fs::write(&good, text).unwrap();
+    let (ok, out, err) = support::run(support::gz().args(["submit", "--check"]).arg(&good).arg("--ids").arg(&ids_dir));
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("valid submission, 4 rows, complete for the 4 test images"), "{out}");
+}
+
+#[test]
+fn submit_from_predictions_refuses_short_files_unless_filled() {
+    let tmp = support::tempdir();
+    let data = tmp.path().join("data");
+    let ids_dir = data.join("images_test_rev1");
+    write_test_jpeg_names(&ids_dir, &[5, 6, 7]);
+    // training labels for --fill-mean: mean Class1.1 = 0.5, others 0
+    let mut train = Solutions::new();
+    let mut r = [0f32; N_ANSWERS];
+    r[0] = 1.0;
+    train.push(1, &r);
+    train.push(2, &[0.0; N_ANSWERS]);
+    gz_schema::write_solutions(&data.join("training_solutions_rev1.csv"), &train).unwrap();
+
+    let pred = tmp.path().join("pred.csv");
+    std::fs::write(&pred, [csv_header(), row(7, "1.5"), row(5, "-0.5")].join("\n")).unwrap();
+    let out_path = tmp.path().join("submission.csv");
+    let (ok, out, err) = support::run(
+        support::gz().args(["submit", "--pred"]).arg(&pred).arg("--ids").arg(&ids_dir).arg("--out").arg(&out_path),
+    );
+    assert!(!ok, "{out}");
+    assert!(err.contains("1 test images have no prediction (e.g. 6)"), "{err}");
+    assert!(!out_path.exists(), "a short submission must not be written");
+
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["submit", "--fill-mean", "--pred"])
+            .arg(&pred)
+            .arg("--ids")
+            .arg(&ids_dir)
+            .arg("--out")
+            .arg(&out_path),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("filled with the training mean: 6"), "{err}");
+    assert!(out.lines().last().unwrap().starts_with("submission: "), "{out}");
+    let sub = gz_schema::read_solutions(&out_path).unwrap();
+    assert_eq!(sub.ids, vec![5, 6, 7]);
+    assert_eq!(sub.row(0)[0], 0.0); // clipped from -0.5
+    assert_eq!(sub.row(2)[0], 1.0); // clipped from 1.5
+    assert!((sub.row(1)[0] - 0.5).abs() < 1e-6 && sub.row(1)[1] == 0.0); // the mean
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    assert_eq!(text.lines().next().unwrap(), csv_header());
+    assert_eq!(text.lines().count(), 4);
+}
+
+fn last_line_value(stdout: &str, key: &str) -> PathBuf {
+    let prefix = format!("{key}: ");
+    let line = stdout.lines().rev().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no `{prefix}` line in\n{stdout}"));
+    PathBuf::from(line[prefix.len()..].trim())
+}
+
+fn gz_ok(args: &mut std::process::Command) -> String {
+    let (ok, out, err) = support::run(args);
+    assert!(ok, "command failed: {args:?}\nstdout:\n{out}\nstderr:\n{err}");
+    out
+}
+
+/// The whole evaluation side on a tiny synthetic set: train one epoch of the tiny model, then
+/// eval (table, report), predict from the cache and from raw JPEGs (with a corrupt one), submit,
+/// and refuse a cache with other preprocessing.
+#[test]
+fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
+    let tmp = support::tempdir();
+    let data = tmp.path().join("data");
+    gz_ok(support::gz().args(["synth", "--train", "48", "--test", "8", "--seed", "3", "--out"]).arg(&data));
+    let cache_root = tmp.path().join("cache");
+    let out = gz_ok(support::gz().args(["prep", "--size", "32", "--data"]).arg(&data).arg("--cache").arg(&cache_root));
+    let cache = last_line_value(&out, "cache");
+    let run = tmp.path().join("run");
+    gz_ok(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "2", "--device", "cpu", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(&run),
+    );
+
+    // eval: table with baselines and floor, metrics.json, report files
+    let report = tmp.path().join("report");
+    let out = gz_ok(
+        support::gz().args(["eval", "--run"]).arg(&run).arg("--cache").arg(&cache).arg("--data").arg(&data).arg("--report").arg(&report),
+    );
+    for needle in ["all zeros", "all ones", "training mean", "central pixel", "Bayes floor", "run "] {
+        assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+    }
+    assert_eq!(last_line_value(&out, "report"), report.join("index.html"));
+    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report.join("metrics.json")).unwrap()).unwrap();
+    let rmse = metrics["model"]["scores"]["rmse"].as_f64().unwrap();
+    assert!(rmse.is_finite() && rmse > 0.0 && rmse < 1.0, "{rmse}");
+    assert_eq!(metrics["baselines"].as_array().unwrap().len(), 4);
+    for f in ["learning_curve.png", "per_question.png", "index.html"] {
+        assert!(std::fs::metadata(report.join(f)).unwrap().len() > 1000, "{f}");
+    }
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert!(html.contains("gallery/") && html.contains("Q1 "), "gallery missing");
+
+    // predict from the cache, with 8-view TTA, then submit against the test folder
+    let test_dir = data.join("images_test_rev1");
+    let pred = tmp.path().join("pred.csv");
+    gz_ok(support::gz().args(["predict", "--tta", "8", "--run"]).arg(&run).arg("--cache").arg(&cache).arg("--out").arg(&pred));
+    let p = gz_schema::read_solutions(&pred).unwrap();
+    assert_eq!(p.len(), 8);
+    let sub = tmp.path().join("submission.csv");
+    let out = gz_ok(support::gz().args(["submit", "--pred"]).arg(&pred).arg("--ids").arg(&test_dir).arg("--out").arg(&sub));
+    assert_eq!(last_line_value(&out, "submission"), sub);
+    gz_ok(support::gz().args(["submit", "--check"]).arg(&sub).arg("--ids").arg(&test_dir));
+
+    // predict straight from JPEGs matches the cache (same preprocessing, no TTA)
+    let pred_c = tmp.path().join("pred_cache.csv");
+    let pred_j = tmp.path().join("pred_jpeg.csv");
+    gz_ok(support::gz().args(["predict", "--run"]).arg(&run).arg("--cache").arg(&cache).arg("--out").arg(&pred_c));
+    gz_ok(support::gz().args(["predict", "--run"]).arg(&run).arg("--images").arg(&test_dir).arg("--out").arg(&pred_j));
+    let (a, b) = (gz_schema::read_solutions(&pred_c).unwrap(), gz_schema::read_solutions(&pred_j).unwrap());
+    let bi = b.index();
+    for i in 0..a.len() {
+        let j = bi[&a.ids[i]];
+        for k in 0..N_ANSWERS {
+            assert!((a.row(i)[k] - b.row(j)[k]).abs() < 2e-3, "id {} col {k}", a.ids[i]);
+        }
+    }
+
+    // a corrupt test JPEG: refused without --fill-mean, filled and listed with it
+    let broken = tmp.path().join("broken_test");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(&test_dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    std::fs::write(broken.join("999999.jpg"), b"\xff\xd8 truncated").unwrap();
+    let sub2 = tmp.path().join("sub2.csv");
+    let (ok, _out, err) = support::run(
+        support::gz().args(["submit", "--run"]).arg(&run).arg("--images").arg(&broken).arg("--out").arg(&sub2),
+    );
+    assert!(!ok && err.contains("999999.jpg") && !sub2.exists(), "{err}");
+    let (ok, out, err) = support::run(
+        support::gz().args(["submit", "--fill-mean", "--run"]).arg(&run).arg("--images").arg(&broken).arg("--out").arg(&sub2),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("filled with the training mean: 999999"), "{err}");
+    assert_eq!(gz_schema::read_solutions(&sub2).unwrap().len(), 9);
+
+    // a cache with other preprocessing is refused, naming both hashes
+    let out = gz_ok(support::gz().args(["prep", "--size", "24", "--data"]).arg(&data).arg("--cache").arg(&cache_root));
+    let other = last_line_value(&out, "cache");
+    let (ok, _out, err) = support::run(
+        support::gz().args(["predict", "--run"]).arg(&run).arg("--cache").arg(&other).arg("--out").arg(tmp.path().join("x.csv")),
+    );
+    assert!(!ok, "a mismatched cache must be refused");
+    let h_model = cache.file_name().unwrap().to_string_lossy().rsplit('-').next().unwrap().to_string();
+    let h_other = other.file_name().unwrap().to_string_lossy().rsplit('-').next().unwrap().to_string();
+    assert!(err.contains("trained on preprocessing") && err.contains(&h_other), "{err}");
+    let _ = h_model;
+}
