@@ -161,7 +161,7 @@ pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress
                             if opts.strict {
                                 return Err(PrepError::Strict { path: it.path.clone(), reason });
                             }
-                            tracing::warn!(path = %it.path.display(), %reason, "skipped");
+                            tracing::debug!(path = %it.path.display(), %reason, "skipped");
                             skipped.push(Skipped { path: it.path.clone(), reason });
                         }
                     }
