@@ -7,3 +7,4 @@ mod schema;
 mod support;
 mod synth;
 mod tidy;
+mod train;
