@@ -240,3 +240,10 @@ fn writer_rejects_bad_rows() {
     assert!(matches!(s.push(1, &img(1, 48), Some(&lab(1))), Err(ShardError::DuplicateId { .. })));
     assert!(w.begin_split("bad name", [3, 4, 4], false).is_err());
 }
+
+#[test]
+fn cache_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Cache>();
+    assert_send_sync::<Split>();
+}
