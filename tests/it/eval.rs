@@ -180,6 +180,15 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         }
     }
 
+    // an ensemble of the same checkpoint twice is that checkpoint
+    let pred_e = tmp.path().join("pred_ens.csv");
+    gz_ok(support::gz().args(["predict", "--run"]).arg(&run).arg("--run").arg(&run).arg("--cache").arg(&cache).arg("--out").arg(&pred_e));
+    let e = gz_schema::read_solutions(&pred_e).unwrap();
+    assert_eq!(e.ids, a.ids);
+    for (x, y) in e.values.iter().zip(&a.values) {
+        assert!((x - y).abs() < 1e-5);
+    }
+
     // a corrupt test JPEG: refused without --fill-mean, filled and listed with it
     let broken = tmp.path().join("broken_test");
     std::fs::create_dir_all(&broken).unwrap();
