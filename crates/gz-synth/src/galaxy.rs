@@ -263,7 +263,7 @@ impl Scene {
     /// Draws one scene from `rng`.
     pub fn sample<R: Rng>(rng: &mut R) -> Scene {
         let u: f32 = rng.gen();
-        let kind = if u < 0.41 {
+        let kind = if u < 0.37 {
             Kind::Elliptical
         } else if u < 0.905 {
             Kind::Disk
@@ -279,8 +279,8 @@ impl Scene {
         // The Galaxy Zoo cutouts are resampled to 0.02 petroR90 per pixel: small galaxies are
         // magnified, so their PSF is wide and their noise correlated over `zoom` pixels.
         let zoom = log_uniform(rng, 1.0, 2.8);
-        let psf = zoom * rng.gen_range(0.8f32..1.3);
-        let noise = [rng.gen_range(0.55..0.75), rng.gen_range(0.5..0.7), rng.gen_range(0.42..0.6)];
+        let psf = zoom * rng.gen_range(1.0f32..1.6);
+        let noise = [rng.gen_range(0.44..0.6), rng.gen_range(0.4..0.56), rng.gen_range(0.34..0.48)];
         let sky = [rng.gen_range(0.0..0.12), rng.gen_range(0.0..0.12), rng.gen_range(0.0..0.08)];
         let mut s = Scene {
             kind,
@@ -313,7 +313,7 @@ impl Scene {
 
     fn elliptical<R: Rng>(&mut self, rng: &mut R, cx: f32, cy: f32) {
         let n = rng.gen_range(2.0..5.0);
-        let re = log_uniform(rng, 10.0, 34.0) * (4.0f32 / n).sqrt();
+        let re = log_uniform(rng, 13.0, 45.0) * (4.0f32 / n).sqrt();
         let ie = log_uniform(rng, 3.0, 40.0);
         let q = if rng.gen::<f32>() < 0.25 { rng.gen_range(0.35..0.65) } else { rng.gen_range(0.6..1.0) };
         let pa = rng.gen_range(0.0..PI);
@@ -342,8 +342,8 @@ impl Scene {
     }
 
     fn disk<R: Rng>(&mut self, rng: &mut R, cx: f32, cy: f32) {
-        let h = log_uniform(rng, 8.0, 24.0);
-        let i0 = log_uniform(rng, 6.0, 80.0);
+        let h = log_uniform(rng, 10.0, 30.0);
+        let i0 = log_uniform(rng, 5.0, 70.0);
         // random inclination: cos i uniform, intrinsic thickness 0.12
         let cosi: f32 = rng.gen();
         let q = (cosi * cosi + 0.12f32 * 0.12).sqrt().min(1.0);
@@ -351,7 +351,7 @@ impl Scene {
         let bulge_frac = if rng.gen::<f32>() < 0.2 { rng.gen_range(0.0..0.05) } else { rng.gen_range(0.05..0.65) };
         let edge_on = q < 0.3;
         let face_visible = smoothstep(0.2, 0.5, q);
-        let arms = if rng.gen::<f32>() < 0.68 {
+        let arms = if rng.gen::<f32>() < 0.75 {
             let m = match rng.gen::<f32>() {
                 u if u < 0.06 => 1,
                 u if u < 0.68 => 2,
@@ -367,8 +367,8 @@ impl Scene {
             Some(Arms {
                 m,
                 pitch_deg,
-                strength: rng.gen_range(0.25..0.85),
-                sharpness: rng.gen_range(2.0..6.0),
+                strength: rng.gen_range(0.2..0.75),
+                sharpness: rng.gen_range(1.5..4.5),
                 phase: rng.gen_range(0.0..2.0 * PI),
                 sed: Sed::blue(rng),
             })
@@ -381,9 +381,9 @@ impl Scene {
             angle: rng.gen_range(0.0..PI),
             strength: rng.gen_range(0.25..1.0),
         });
-        let ring = (rng.gen::<f32>() < 0.07).then(|| Ring {
+        let ring = (q > 0.45 && rng.gen::<f32>() < 0.1).then(|| Ring {
             radius: rng.gen_range(1.2..2.6),
-            width: rng.gen_range(0.12..0.3),
+            width: rng.gen_range(0.18..0.4),
             strength: rng.gen_range(0.3..0.9),
             sed: if rng.gen::<bool>() { Sed::blue(rng) } else { Sed::disk(rng) },
         });
@@ -459,7 +459,7 @@ impl Scene {
     }
 
     fn irregular<R: Rng>(&mut self, rng: &mut R, cx: f32, cy: f32) {
-        let h = log_uniform(rng, 7.0, 20.0);
+        let h = log_uniform(rng, 9.0, 25.0);
         let i0 = log_uniform(rng, 4.0, 30.0);
         let q = rng.gen_range(0.4..1.0);
         let pa = rng.gen_range(0.0..PI);
@@ -495,7 +495,7 @@ impl Scene {
     }
 
     fn merger<R: Rng>(&mut self, rng: &mut R, cx: f32, cy: f32) {
-        let re = log_uniform(rng, 7.0, 20.0);
+        let re = log_uniform(rng, 9.0, 26.0);
         let ie = log_uniform(rng, 4.0, 35.0);
         let sep = re * rng.gen_range(1.0..3.5);
         let t = rng.gen_range(0.0..PI);
@@ -641,10 +641,12 @@ impl Scene {
         let edge = smoothstep(0.42, 0.2, f.q) * smoothstep(0.8, 3.0, f.resolution);
         let arm_e = f.arms.map_or(0.0, |(_, _, s)| s) * smoothstep(2.0, 8.0, f.resolution) * (0.5 + 0.5 * sb_vis);
         let feature_e = match self.kind {
-            Kind::Elliptical => 0.04 + 0.3 * f.lens,
+            // flattened spheroids are sometimes taken for disks
+            Kind::Elliptical => 0.1 + 0.35 * (1.0 - f.q) * c + 0.3 * f.lens,
             Kind::Disk => {
-                let disk_e = (1.0 - f.bulge_frac) * 0.55 * c;
-                disk_e.max(edge * 0.95).max(arm_e * 1.05).max(f.bar * 0.8 * c).max(f.ring * 0.8 * c).max(f.disturbed * c)
+                let disk_e = 0.2 + (1.0 - f.bulge_frac) * 0.75 * c;
+                let arm_e = if arm_e > 0.0 { 0.45 + 0.6 * arm_e } else { 0.0 };
+                disk_e.max(edge * 0.95).max(arm_e).max(f.bar * 0.9 * c).max(f.ring * 0.8 * c).max(f.disturbed * c)
             }
             Kind::Irregular => 0.35 + 0.55 * c,
             Kind::Merger => 0.3 + 0.5 * c,
@@ -676,7 +678,7 @@ impl Scene {
 
         // Q4: spiral?
         let q4 = match f.arms {
-            Some((_, _, s)) => mix(0.3 + 0.7 * f64::from(sat(s * 1.4)), 0.45, c),
+            Some((_, _, s)) => mix(0.45 + 0.55 * f64::from(sat(s * 2.0)), 0.45, c),
             None => mix(0.08 + 0.2 * f64::from(f.ring), 0.4, c),
         };
         p.set(3, &[q4, 1.0 - q4]);

@@ -393,3 +393,85 @@ fn to_json<T: Serialize>(v: &T) -> String {
     s.push('\n');
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gz_schema::{answer_index, check_row, column_names};
+
+    /// Mean expected and observed rows over many drawn galaxies (no rendering: labels only).
+    fn mean_rows(n: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f32>, Vec<f32>) {
+        let cfg = SynthConfig { seed, ..SynthConfig::default() };
+        let (mut me, mut mo) = (vec![0f64; N_ANSWERS], vec![0f64; N_ANSWERS]);
+        let (mut all_e, mut all_o) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let mut rng = galaxy_rng(cfg.seed, Split::Train, i);
+            let scene = Scene::sample(&mut rng);
+            let probs = scene.answer_probs();
+            let v = rng.gen_range(cfg.min_volunteers..=cfg.max_volunteers);
+            let o = labels::observed_row(&mut rng, &probs, v);
+            let e = labels::expected_row(&probs);
+            assert!(check_row(&o, 1e-5).is_empty(), "observed row {i}: {:?}", check_row(&o, 1e-5));
+            assert!(check_row(&e, 1e-5).is_empty(), "expected row {i}: {:?}", check_row(&e, 1e-5));
+            for a in 0..N_ANSWERS {
+                me[a] += f64::from(e[a]) / n as f64;
+                mo[a] += f64::from(o[a]) / n as f64;
+            }
+            all_e.extend_from_slice(&e);
+            all_o.extend_from_slice(&o);
+        }
+        (me, mo, all_e, all_o)
+    }
+
+    #[test]
+    fn label_frequencies_are_plausible() {
+        let (me, mo, e, o) = mean_rows(4000, 5);
+        let names: Vec<&str> = column_names().collect();
+        let report: Vec<String> = (0..N_ANSWERS).map(|a| format!("{} {:.3}/{:.3}", names[a], me[a], mo[a])).collect();
+        let report = report.join(", ");
+        // Q1 like the real data: about 0.43 smooth, 0.54 features, 0.03 star/artefact
+        assert!((me[0] - 0.43).abs() < 0.06, "smooth: {report}");
+        assert!((me[1] - 0.54).abs() < 0.06, "features: {report}");
+        assert!(me[2] > 0.01 && me[2] < 0.06, "star/artefact: {report}");
+        // every answer is used sometimes, none dominates where the real data are mixed
+        for a in 0..N_ANSWERS {
+            assert!(me[a] > 0.002, "{} never chosen: {report}", names[a]);
+            assert!((me[a] - mo[a]).abs() < 0.02, "{}: volunteers unbiased: {report}", names[a]);
+        }
+        let odd = me[answer_index(6, 1)];
+        assert!(odd > 0.12 && odd < 0.4, "odd: {report}");
+        let edge = me[answer_index(2, 1)];
+        assert!(edge > 0.05 && edge < 0.2, "edge-on: {report}");
+        let spiral = me[answer_index(4, 1)];
+        assert!(spiral > 0.15 && spiral < 0.4, "spiral: {report}");
+        // the Bayes floor of ~40 volunteers, in the range of the Kaggle winners' RMSE and below
+        let floor = labels::rmse(&e, &o);
+        assert!(floor > 0.03 && floor < 0.09, "floor {floor}");
+        if std::env::var_os("GZ_SYNTH_REPORT").is_some() {
+            eprintln!("floor {floor:.4}; mean expected/observed: {report}");
+        }
+    }
+
+    #[test]
+    fn ids_are_six_digit_distinct_and_split() {
+        let cfg = SynthConfig { train: 500, test: 200, seed: 9, ..SynthConfig::default() };
+        let (a, b) = draw_ids(&cfg);
+        assert_eq!((a.len(), b.len()), (500, 200));
+        let mut all: Vec<u64> = a.iter().chain(&b).copied().collect();
+        assert!(all.iter().all(|id| (ID_MIN..=ID_MAX).contains(id)));
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 700);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        let mut cfg = SynthConfig { min_volunteers: 10, max_volunteers: 5, ..SynthConfig::default() };
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(generate(dir.path(), &cfg, &|_| {}), Err(SynthError::BadConfig { .. })));
+        cfg = SynthConfig { train: 900_000, test: 1, ..SynthConfig::default() };
+        assert!(matches!(generate(dir.path(), &cfg, &|_| {}), Err(SynthError::BadConfig { .. })));
+        assert!(existing_config(dir.path()).unwrap().is_none());
+    }
+}
