@@ -2,6 +2,7 @@
 
 mod eval;
 mod pipeline;
+mod model;
 mod prep;
 mod schema;
 mod support;
