@@ -5,6 +5,11 @@
 //! untimed ones, printing images/s and a per-phase breakdown (batch assembly, forward,
 //! backward, optimizer; the device is synchronised between phases). The measurement itself is
 //! `gz_model::train::bench`, so other phases (e.g. cuDNN-specific ones) can be added there.
+//!
+//! With the `cudnn` feature on CUDA, `--conv cudnn` (the default there) runs the convolutions
+//! and max-pools through `gz_model::cudnn`, `--conv candle` through candle's stock kernels; after
+//! the timed run, a few more steps are run with per-call GPU timing to split the step into cuDNN
+//! convolution (forward, backward-data, backward-filter, bias), pooling, and everything else.
 
 use anyhow::Context;
 use gz_model::optim::OptimizerKind;
@@ -43,6 +48,13 @@ pub struct Args {
     /// Print the result as JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Convolution kernels: auto (cuDNN when built with the `cudnn` feature and on CUDA),
+    /// cudnn, or candle (the stock kernels, the reference for comparisons).
+    #[arg(long, default_value = "auto")]
+    conv: String,
+    /// Steps run with per-call cuDNN timing after the timed run (0 = no breakdown).
+    #[arg(long, default_value_t = 5)]
+    profile_steps: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -52,18 +64,72 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let optimizer = OptimizerKind::from_name(&args.optimizer)
         .with_context(|| format!("unknown --optimizer {:?}: expected rmsprop, sgd-nesterov or adamw", args.optimizer))?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("--device {}", args.device))?;
-    let r = gz_model::train::bench(&model, [3, args.size, args.size], args.batch, precision, optimizer, args.steps, args.warmup, &device)
+    match args.conv.as_str() {
+        "auto" => gz_model::cudnn::set_enabled(true),
+        "candle" => gz_model::cudnn::set_enabled(false),
+        "cudnn" if !gz_model::cudnn::compiled() => {
+            anyhow::bail!("--conv cudnn: this gz was built without the `cudnn` feature (cargo build --features cudnn)")
+        }
+        "cudnn" if !device.is_cuda() => anyhow::bail!("--conv cudnn needs a CUDA device (got --device {})", args.device),
+        "cudnn" => gz_model::cudnn::set_enabled(true),
+        other => anyhow::bail!("unknown --conv {other:?}: expected auto, cudnn or candle"),
+    }
+    let conv = if gz_model::cudnn::active_for(&device) { "cudnn" } else { "candle" };
+    let shape = [3, args.size, args.size];
+    let r = gz_model::train::bench(&model, shape, args.batch, precision, optimizer, args.steps, args.warmup, &device)
         .with_context(|| format!("benchmarking {}", args.model))?;
+    // The breakdown: a few more steps with every cuDNN call bracketed by CUDA events.
+    let profile = if conv == "cudnn" && args.profile_steps > 0 {
+        gz_model::cudnn::take_profile(&device).context("clearing the cuDNN profile")?;
+        gz_model::cudnn::set_profiling(true);
+        let p = gz_model::train::bench(&model, shape, args.batch, precision, optimizer, args.profile_steps, 1, &device);
+        gz_model::cudnn::set_profiling(false);
+        let p = p.with_context(|| format!("profiling {}", args.model))?;
+        let prof = gz_model::cudnn::take_profile(&device).context("reading the cuDNN profile")?;
+        // The profile covers warm-up + timed steps of the second run.
+        Some((p, prof, (args.profile_steps + 1) as f64))
+    } else {
+        None
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["conv"] = conv.into();
+        if let Some((p, prof, n)) = &profile {
+            v["cudnn_ms_per_step"] = serde_json::json!({
+                "profiled_step_ms": p.step_ms,
+                "conv_fwd": prof.conv_fwd_ms / n,
+                "conv_bwd_data": prof.conv_bwd_data_ms / n,
+                "conv_bwd_filter": prof.conv_bwd_filter_ms / n,
+                "bias": prof.bias_ms / n,
+                "pool": prof.pool_ms / n,
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "bench-train model={} batch={} precision={} device={} steps={}: {:.1} images/s ({:.1} ms/step)",
+        "bench-train model={} batch={} precision={} device={} conv={conv} steps={}: {:.1} images/s ({:.1} ms/step)",
         args.model, args.batch, args.precision, args.device, r.steps, r.images_per_s, r.step_ms
     );
     for (name, ms) in &r.phases {
         println!("  {name:<10} {ms:>9.2} ms/step");
+    }
+    if let Some((p, prof, n)) = &profile {
+        let conv_ms = prof.conv_ms() / n;
+        let pool_ms = prof.pool_ms / n;
+        println!(
+            "  cuDNN breakdown over {} profiled steps ({:.2} ms/step with timing events, phases synchronised):",
+            args.profile_steps, p.step_ms
+        );
+        println!("    conv forward      {:>9.2} ms/step", prof.conv_fwd_ms / n);
+        println!("    conv bwd-data     {:>9.2} ms/step", prof.conv_bwd_data_ms / n);
+        println!("    conv bwd-filter   {:>9.2} ms/step", prof.conv_bwd_filter_ms / n);
+        println!("    conv bias fwd+bwd {:>9.2} ms/step", prof.bias_ms / n);
+        println!("    max-pool fwd+bwd  {:>9.2} ms/step", pool_ms);
+        println!("    everything else   {:>9.2} ms/step (other kernels, optimizer, launch gaps)", p.step_ms - conv_ms - pool_ms);
+        for line in gz_model::cudnn::plan_report() {
+            println!("    plan: {line}");
+        }
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape};
 use cudarc::cudnn::{result as cr, sys};
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 
 use super::{ConvParams, Profile};
 
@@ -199,6 +199,17 @@ struct State {
     tensor_descs: HashMap<(DType, [usize; 4]), TensorDesc>,
     pool: Option<PoolDesc>,
     events: Vec<(ProfKind, CudaEvent, CudaEvent)>,
+    support: HashMap<DType, Support>,
+}
+
+/// Which of the non-convolution cuDNN calls this cuDNN accepts for a dtype (probed once on tiny
+/// buffers: legacy calls like `cudnnAddTensor` may not take every data type).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Support {
+    /// `cudnnAddTensor` (bias add) and `cudnnConvolutionBackwardBias`.
+    pub bias: bool,
+    /// `cudnnPoolingForward` and `cudnnPoolingBackward`.
+    pub pool: bool,
 }
 
 impl Drop for State {
@@ -237,6 +248,7 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
                     tensor_descs: HashMap::new(),
                     pool: None,
                     events: Vec::new(),
+                    support: HashMap::new(),
                 },
             );
         }
@@ -531,26 +543,22 @@ macro_rules! dispatch {
     };
 }
 
-#[allow(clippy::too_many_arguments, reason = "three (storage, layout) pairs plus parameters")]
 pub(super) fn conv_fwd(
     p: ConvParams,
     xs: &CudaStorage,
     xl: &Layout,
     ws: &CudaStorage,
     wl: &Layout,
-    bs: &CudaStorage,
-    bl: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
     y_shape: &Shape,
 ) -> Result<CudaStorage> {
-    #[allow(clippy::too_many_arguments, reason = "as above")]
     fn go<T: CudaDType + DeviceRepr>(
         p: ConvParams,
         xs: &CudaStorage,
         xl: &Layout,
         ws: &CudaStorage,
         wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
+        bias: Option<(&CudaStorage, &Layout)>,
         y_shape: &Shape,
     ) -> Result<CudaStorage> {
         let dev = xs.device.clone();
@@ -561,30 +569,36 @@ pub(super) fn conv_fwd(
             let stream = st.stream.clone();
             let x = input::<T>(xs, xl)?;
             let w = input::<T>(ws, wl)?;
-            let b = input::<T>(bs, bl)?;
             let mut y = alloc::<T>(&stream, y_shape.elem_count())?;
             {
                 let (xp, _gx) = x.device_ptr(&stream);
                 let (wp, _gw) = w.device_ptr(&stream);
-                let (bp, _gb) = b.device_ptr(&stream);
                 let (yp, _gy) = y.device_ptr_mut(&stream);
                 let yp = yp as *mut c_void;
                 run_conv(st, key(Kind::Fwd, dtype, xd, wd, p), xp as *const c_void, wp as *const c_void, yp)?;
-                let bias_desc = st.tensor_desc(dtype, [1, wd[0], 1, 1])?;
-                let y_desc = st.tensor_desc(dtype, y_dims)?;
-                let start = st.event()?;
-                let (one, _) = scalars(dtype);
-                // SAFETY: bias (1,K,1,1) broadcasts over y (N,K,H,W); both descriptors match.
-                check("add bias", unsafe { sys::cudnnAddTensor(st.handle, one, bias_desc, bp as *const c_void, one, y_desc, yp) })?;
-                st.push_event(ProfKind::Bias, start)?;
+                if let Some((bs, bl)) = bias {
+                    let b = input::<T>(bs, bl)?;
+                    let (bp, _gb) = b.device_ptr(&stream);
+                    let bias_desc = st.tensor_desc(dtype, [1, wd[0], 1, 1])?;
+                    let y_desc = st.tensor_desc(dtype, y_dims)?;
+                    let start = st.event()?;
+                    let (one, _) = scalars(dtype);
+                    // SAFETY: bias (1,K,1,1) broadcasts over y (N,K,H,W); both descriptors match.
+                    check("add bias", unsafe {
+                        sys::cudnnAddTensor(st.handle, one, bias_desc, bp as *const c_void, one, y_desc, yp)
+                    })?;
+                    st.push_event(ProfKind::Bias, start)?;
+                }
             }
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         })
     }
-    for (what, l) in [("conv input", xl), ("conv weight", wl), ("conv bias", bl)] {
-        require_contiguous(what, l)?;
+    require_contiguous("conv input", xl)?;
+    require_contiguous("conv weight", wl)?;
+    if let Some((_, bl)) = bias {
+        require_contiguous("conv bias", bl)?;
     }
-    dispatch!(xs.dtype(), go, p, xs, xl, ws, wl, bs, bl, y_shape)
+    dispatch!(xs.dtype(), go, p, xs, xl, ws, wl, bias, y_shape)
 }
 
 pub(super) fn conv_bwd_data(
@@ -831,4 +845,43 @@ pub(super) fn plan_report() -> Vec<String> {
         lines.sort();
         lines
     })
+}
+
+/// The [`Support`] of this device's cuDNN for `dtype`, probed on first use.
+pub(super) fn support(dev: &CudaDevice, dtype: DType) -> Result<Support> {
+    fn probe<T: CudaDType + DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, dtype: DType) -> Result<Support> {
+        with_state(dev, |st| {
+            if let Some(s) = st.support.get(&dtype) {
+                return Ok(*s);
+            }
+            let stream = st.stream.clone();
+            let zeros = |n| stream.alloc_zeros::<T>(n).map_err(|e| cuda_err("allocate probe", e));
+            let (mut big, mut big2, mut small, mut small2) = (zeros(8)?, zeros(8)?, zeros(2)?, zeros(2)?);
+            let t4 = st.tensor_desc(dtype, [1, 2, 2, 2])?;
+            let t1 = st.tensor_desc(dtype, [1, 2, 1, 1])?;
+            if st.pool.is_none() {
+                st.pool = Some(PoolDesc::max2()?);
+            }
+            let pool = st.pool.as_ref().map(|p| p.0).ok_or_else(|| cuda_err("pool", "missing"))?;
+            let (one, zero) = scalars(dtype);
+            let h = st.handle;
+            let (bp, _g1) = big.device_ptr_mut(&stream);
+            let (b2p, _g2) = big2.device_ptr_mut(&stream);
+            let (sp, _g3) = small.device_ptr_mut(&stream);
+            let (s2p, _g4) = small2.device_ptr_mut(&stream);
+            let (bp, b2p, sp, s2p) = (bp as *mut c_void, b2p as *mut c_void, sp as *mut c_void, s2p as *mut c_void);
+            // SAFETY: every buffer matches the descriptor it is passed with ((1,2,2,2) for the
+            // 8-element ones, (1,2,1,1) for the 2-element ones).
+            let s = unsafe {
+                let bias = sys::cudnnAddTensor(h, one, t1, sp, one, t4, bp).result().is_ok()
+                    && sys::cudnnConvolutionBackwardBias(h, one, t4, bp, zero, t1, s2p).result().is_ok();
+                let pool = sys::cudnnPoolingForward(h, pool, one, t4, bp, zero, t1, sp).result().is_ok()
+                    && sys::cudnnPoolingBackward(h, pool, one, t1, sp, t1, s2p, t4, bp, zero, t4, b2p).result().is_ok();
+                Support { bias, pool }
+            };
+            st.support.insert(dtype, s);
+            Ok(s)
+        })
+    }
+    dispatch!(dtype, probe, dev, dtype)
 }

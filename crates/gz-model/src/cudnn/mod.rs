@@ -144,7 +144,37 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
         candle_core::bail!("conv2d: kernel {kh}×{kw} (padding {padding}, stride {stride}) does not fit a {h}×{wd} input");
     }
     let params = ConvParams { padding, stride };
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dOp(params))
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    if cuda_supports(x.device(), x.dtype(), |s| s.bias)? {
+        x.apply_op3(&w, &b, Conv2dOp(params))
+    } else {
+        // This cuDNN has no bias add / bias gradient for the dtype: convolve in cuDNN, add the
+        // bias with candle.
+        x.apply_op2(&w, Conv2dNoBiasOp(params))?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// On CUDA with the backend: whether cuDNN supports the calls `pick` selects for `dtype`.
+/// Elsewhere true (the CPU fallbacks support everything).
+#[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+fn cuda_supports(device: &Device, dtype: DType, pick: impl Fn(&backend_support::Support) -> bool) -> Result<bool> {
+    #[cfg(feature = "cudnn")]
+    if let Device::Cuda(dev) = device {
+        return Ok(pick(&backend::support(dev, dtype)?));
+    }
+    Ok(true)
+}
+
+#[cfg(feature = "cudnn")]
+use backend as backend_support;
+
+#[cfg(not(feature = "cudnn"))]
+mod backend_support {
+    /// Stand-in for the backend's probe result when the backend is not compiled.
+    pub(super) struct Support {
+        pub bias: bool,
+        pub pool: bool,
+    }
 }
 
 /// 2×2 max-pooling with stride 2, floor mode (odd trailing rows/columns are dropped), through
@@ -153,6 +183,9 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if h < 2 || w < 2 {
         candle_core::bail!("max_pool2: input {h}×{w} is smaller than the 2×2 window");
+    }
+    if !cuda_supports(x.device(), x.dtype(), |s| s.pool)? {
+        return x.max_pool2d(2);
     }
     x.contiguous()?.apply_op1(MaxPool2Op)
 }
@@ -172,6 +205,9 @@ impl ConvParams {
 
 /// Forward: (x, w, b) → y.
 struct Conv2dOp(ConvParams);
+
+/// Forward without bias: (x, w) → y, for dtypes whose bias calls cuDNN lacks.
+struct Conv2dNoBiasOp(ConvParams);
 
 /// Backward-data: (dy, w) → dx, with dx's spatial size recorded (stride can make it ambiguous).
 struct ConvBwdData {
@@ -336,7 +372,7 @@ impl CustomOp3 for Conv2dOp {
             let (n, _, h, w) = l1.shape().dims4()?;
             let (k, _, kh, kw) = l2.shape().dims4()?;
             let shape = Shape::from((n, k, self.0.out_dim(h, kh), self.0.out_dim(w, kw)));
-            let y = backend::conv_fwd(self.0, s1, l1, s2, l2, s3, l3, &shape)?;
+            let y = backend::conv_fwd(self.0, s1, l1, s2, l2, Some((s3, l3)), &shape)?;
             Ok((y, shape))
         }
         #[cfg(not(feature = "cudnn"))]
@@ -358,6 +394,40 @@ impl CustomOp3 for Conv2dOp {
         let dw = x.apply_op2_no_bwd(&dy, &ConvBwdFilter { p: self.0, k_hw: (kh, kw) })?;
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp2 for Conv2dNoBiasOp {
+    fn name(&self) -> &'static str {
+        "gz-cudnn-conv2d-nobias"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = cpu_tensor(s1, l1)?.conv2d(&cpu_tensor(s2, l2)?, self.0.padding, self.0.stride, 1, 1)?;
+        cpu_storage(&y)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let (n, _, h, w) = l1.shape().dims4()?;
+            let (k, _, kh, kw) = l2.shape().dims4()?;
+            let shape = Shape::from((n, k, self.0.out_dim(h, kh), self.0.out_dim(w, kw)));
+            let y = backend::conv_fwd(self.0, s1, l1, s2, l2, None, &shape)?;
+            Ok((y, shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(no_backend(self.name()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dx = dy.apply_op2_no_bwd(w, &ConvBwdData { p: self.0, x_hw: (h, wd) })?;
+        let dw = x.apply_op2_no_bwd(&dy, &ConvBwdFilter { p: self.0, k_hw: (kh, kw) })?;
+        Ok((Some(dx), Some(dw)))
     }
 }
 

@@ -532,3 +532,25 @@ fn bench_conv_towers() -> Result<()> {
     }
     Ok(())
 }
+
+/// The bias-less op (used where cuDNN lacks bias calls for a dtype) plus candle's bias add.
+#[test]
+fn cpu_conv_without_bias_op_matches_candle() -> Result<()> {
+    let cpu = Device::Cpu;
+    let x = randn(&[2, 3, 9, 9], 11, &cpu)?;
+    let w = randn(&[4, 3, 3, 3], 12, &cpu)?;
+    let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+    let y = xv.as_tensor().apply_op2(wv.as_tensor(), super::Conv2dNoBiasOp(super::ConvParams { padding: 1, stride: 2 }))?;
+    let g = randn(y.dims(), 13, &cpu)?;
+    let grads = (&y * &g)?.sum_all()?.backward()?;
+    let (xr, wr) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+    let yr = xr.as_tensor().conv2d(wr.as_tensor(), 1, 2, 1, 1)?;
+    let gr = (&yr * &g)?.sum_all()?.backward()?;
+    assert!(rel_err(&y, &yr)? < 1e-6);
+    for (a, b) in [(&xv, &xr), (&wv, &wr)] {
+        let (ga, gb) = (grads.get(a.as_tensor()), gr.get(b.as_tensor()));
+        let (Some(ga), Some(gb)) = (ga, gb) else { candle_core::bail!("missing gradient") };
+        assert!(rel_err(ga, gb)? < 1e-5);
+    }
+    Ok(())
+}
