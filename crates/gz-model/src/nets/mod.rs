@@ -300,3 +300,115 @@ impl ModuleT for Model {
         self.head(&raw)
     }
 }
+
+/// CUDA instances of the numeric checks (`cargo test -p gz-model --features cuda --lib nets::`
+/// on a machine with a GPU): the same weights give the same outputs on CPU and CUDA, in f32 and
+/// (looser) bf16, dropout is seeded on the device, and the big nets run forward and backward.
+/// Without a GPU each test says so and passes.
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::*;
+    use crate::config::Arch;
+    use std::collections::HashMap;
+
+    fn cuda() -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("no CUDA device, skipping: {e}");
+                None
+            }
+        }
+    }
+
+    fn images(b: usize, size: usize, dev: &Device) -> Tensor {
+        let n = b * 3 * size * size;
+        let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0).collect();
+        Tensor::from_vec(v, (b, 3, size, size), dev).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn cpu_and_gpu(cfg: &ModelConfig, gpu: &Device, dtype: DType) -> (Model, Model) {
+        let varmap = VarMap::new();
+        let cpu = build(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let ts: HashMap<String, Tensor> =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let g = build(cfg, VarBuilder::from_tensors(ts, dtype, gpu)).unwrap();
+        (cpu, g)
+    }
+
+    #[test]
+    fn same_weights_same_outputs_on_cpu_and_cuda() {
+        let Some(gpu) = cuda() else { return };
+        for arch in [Arch::Tiny, Arch::DielemanTiny] {
+            let cfg = ModelConfig::new(arch, OutputKind::Tree);
+            let (cpu, g32) = cpu_and_gpu(&cfg, &gpu, DType::F32);
+            let y = cpu.forward_t(&images(4, 106, &Device::Cpu), false).unwrap();
+            let y32 = g32.forward_t(&images(4, 106, &gpu), false).unwrap();
+            let d = max_diff(&y, &y32);
+            assert!(d < 1e-3, "{arch} f32: {d}");
+            let (_, g16) = cpu_and_gpu(&cfg, &gpu, DType::BF16);
+            let y16 = g16.forward_t(&images(4, 106, &gpu), false).unwrap();
+            assert_eq!(y16.dtype(), DType::F32);
+            let d = max_diff(&y, &y16);
+            assert!(d < 0.05, "{arch} bf16: {d}");
+            for row in y16.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap() {
+                assert!(gz_schema::check_row(&row, 1e-5).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_is_seeded_on_cuda() {
+        let Some(gpu) = cuda() else { return };
+        let cfg = ModelConfig::new(Arch::DielemanTiny, OutputKind::Tree).with_dropout(0.5);
+        let (_, g) = cpu_and_gpu(&cfg, &gpu, DType::F32);
+        let x = images(2, 64, &gpu);
+        g.set_dropout_seed(5).unwrap();
+        let a = g.forward_t(&x, true).unwrap();
+        let b = g.forward_t(&x, true).unwrap();
+        g.set_dropout_seed(5).unwrap();
+        let c = g.forward_t(&x, true).unwrap();
+        assert!(max_diff(&a, &b) > 0.0);
+        assert_eq!(max_diff(&a, &c), 0.0);
+    }
+
+    #[test]
+    fn full_nets_train_step_on_cuda() {
+        let Some(gpu) = cuda() else { return };
+        for (arch, dtype) in [(Arch::Vgg16Blog, DType::F32), (Arch::Dieleman, DType::BF16)] {
+            let cfg = ModelConfig::new(arch, arch.default_output());
+            let varmap = VarMap::new();
+            let model = build(&cfg, VarBuilder::from_varmap(&varmap, dtype, &gpu)).unwrap();
+            let y = model.forward_t(&images(8, 106, &gpu), true).unwrap();
+            assert_eq!(y.dims(), &[8, gz_schema::N_ANSWERS]);
+            let loss = y.sqr().unwrap().mean_all().unwrap();
+            let grads = loss.backward().unwrap();
+            for v in varmap.all_vars() {
+                let g = grads.get(v.as_tensor()).expect("gradient for every variable");
+                let s = g.to_dtype(DType::F32).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(s.is_finite(), "{arch}: non-finite gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn affine_sample_matches_cpu() {
+        let Some(gpu) = cuda() else { return };
+        let x = images(3, 50, &Device::Cpu);
+        let mats = [
+            crate::augment::Affine::rotation(33.0),
+            crate::augment::Affine::rotation_flip_scale_shift(200.0, true, 1.2, 0.05, -0.1),
+            crate::augment::Affine::scale(0.8),
+        ];
+        let a = crate::augment::affine_sample(&x, &mats, 40, 45).unwrap();
+        let b = crate::augment::affine_sample(&x.to_device(&gpu).unwrap(), &mats, 40, 45).unwrap();
+        assert!(b.device().is_cuda());
+        assert!(max_diff(&a, &b) < 1e-4);
+    }
+}
