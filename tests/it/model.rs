@@ -157,7 +157,9 @@ fn gradients_reach_every_parameter_of_the_tiny_nets() {
         let loss = (y - target).unwrap().sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         for var in varmap.all_vars() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{arch}: no gradient for a variable of shape {:?}", var.dims()));
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{arch}: no gradient for a variable of shape {:?}", var.dims()));
             let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(n.is_finite(), "{arch}: non-finite gradient");
         }

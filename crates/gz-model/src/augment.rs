@@ -117,7 +117,7 @@ pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usiz
     let m: Vec<f32> = mats.iter().flat_map(|a| a.m.iter().flatten().copied()).collect();
     let m = Tensor::from_vec(m, (b, 2, 3), dev)?;
     let coords = m.broadcast_matmul(&base)?; // (B, 2, N)
-    // input pixel coordinates: p = (x + 1) W / 2 - 1/2
+                                             // input pixel coordinates: p = (x + 1) W / 2 - 1/2
     let px = coords.narrow(1, 0, 1)?.squeeze(1)?.affine(w as f64 / 2.0, (w as f64 - 1.0) / 2.0)?;
     let py = coords.narrow(1, 1, 1)?.squeeze(1)?.affine(h as f64 / 2.0, (h as f64 - 1.0) / 2.0)?;
     let x0 = px.floor()?;
@@ -233,13 +233,7 @@ impl AugmentConfig {
         } else {
             (0.0, 0.0)
         };
-        Affine::rotation_flip_scale_shift(
-            deg,
-            flip,
-            zoom,
-            2.0 * dx / w.max(1) as f32,
-            2.0 * dy / h.max(1) as f32,
-        )
+        Affine::rotation_flip_scale_shift(deg, flip, zoom, 2.0 * dx / w.max(1) as f32, 2.0 * dy / h.max(1) as f32)
     }
 
     /// Draws the colour gains of one image with `c` channels.

@@ -76,15 +76,30 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
     let spec = DielemanSpec::for_arch(cfg.arch);
     let c0 = cfg.in_channels;
     let mut out = vec![
-        LayerInfo::new("views", "4 views: crop, mirror, 45°, 45° mirror (bilinear)", vec![N_VIEWS, c0, DIELEMAN_VIEW, DIELEMAN_VIEW], 0),
-        LayerInfo::new("parts", "4 corner parts per view, rotated centre-to-corner", vec![N_PARTS, c0, DIELEMAN_PART, DIELEMAN_PART], 0),
+        LayerInfo::new(
+            "views",
+            "4 views: crop, mirror, 45°, 45° mirror (bilinear)",
+            vec![N_VIEWS, c0, DIELEMAN_VIEW, DIELEMAN_VIEW],
+            0,
+        ),
+        LayerInfo::new(
+            "parts",
+            "4 corner parts per view, rotated centre-to-corner",
+            vec![N_PARTS, c0, DIELEMAN_PART, DIELEMAN_PART],
+            0,
+        ),
     ];
     let mut c = c0;
     let mut s = DIELEMAN_PART;
     let mut pools = 0;
     for (i, ((k, pool), oc)) in TOWER.into_iter().zip(spec.conv).enumerate() {
         s = s + 1 - k;
-        out.push(LayerInfo::new(format!("conv{}", i + 1), &format!("conv {k}×{k} valid + ReLU (shared)"), vec![N_PARTS, oc, s, s], c * oc * k * k + oc));
+        out.push(LayerInfo::new(
+            format!("conv{}", i + 1),
+            &format!("conv {k}×{k} valid + ReLU (shared)"),
+            vec![N_PARTS, oc, s, s],
+            c * oc * k * k + oc,
+        ));
         c = oc;
         if pool {
             s /= 2;
@@ -100,7 +115,12 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
         out.push(LayerInfo::new(format!("dense{}", j + 1), &kind, vec![u], n * 2 * u + 2 * u));
         n = u;
     }
-    out.push(LayerInfo::new("out", &format!("dropout {} + dense", cfg.dropout), vec![N_ANSWERS], n * N_ANSWERS + N_ANSWERS));
+    out.push(LayerInfo::new(
+        "out",
+        &format!("dropout {} + dense", cfg.dropout),
+        vec![N_ANSWERS],
+        n * N_ANSWERS + N_ANSWERS,
+    ));
     out
 }
 
@@ -287,7 +307,10 @@ mod tests {
         assert!(at(0, 34 + d, 34 + d) < 0.05 && at(0, 34, 44) < 0.3, "not where it was");
         // the dot 16 px below the centre moves down-right
         let e = (16.0f32 / std::f32::consts::SQRT_2).round() as usize;
-        let near: f32 = (0..3).flat_map(|dr| (0..3).map(move |dc| (dr, dc))).map(|(dr, dc)| at(1, 34 + e - 1 + dr, 34 + e - 1 + dc)).sum();
+        let near: f32 = (0..3)
+            .flat_map(|dr| (0..3).map(move |dc| (dr, dc)))
+            .map(|(dr, dc)| at(1, 34 + e - 1 + dr, 34 + e - 1 + dc))
+            .sum();
         assert!(near > 0.5, "dot mass down-right: {near}");
         // view_fraction 2 covers twice the image side: the bar (6–25 px right) shrinks to 3–12 px
         let z = views(&x, 2.0).unwrap().narrow(0, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -127,7 +127,9 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
     let mut layers = if cfg.arch.is_dieleman() { dieleman::plan(cfg) } else { vgg::plan(cfg) };
     let out = match cfg.output {
         OutputKind::Sigmoid => LayerInfo::new("output", "sigmoid", vec![gz_schema::N_ANSWERS], 0),
-        OutputKind::Tree => LayerInfo::new("output", "decision tree (ReLU, normalise, × parent)", vec![gz_schema::N_ANSWERS], 0),
+        OutputKind::Tree => {
+            LayerInfo::new("output", "decision tree (ReLU, normalise, × parent)", vec![gz_schema::N_ANSWERS], 0)
+        }
     };
     layers.push(out);
     layers
@@ -171,14 +173,8 @@ pub fn describe_config(cfg: &ModelConfig) -> String {
 
 fn group(n: usize) -> String {
     let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
+    let groups: Vec<&str> = digits.as_bytes().rchunks(3).rev().map(|c| std::str::from_utf8(c).unwrap_or("?")).collect();
+    groups.join(",")
 }
 
 impl Model {
