@@ -44,6 +44,8 @@ SUM="$OUT/summary.txt"
 say() { echo "$*" | tee -a "$SUM"; }
 
 export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+# Keep the driver's JIT of candle's PTX between processes (the first CUDA step costs ~15 s).
+export CUDA_CACHE_MAXSIZE=4294967296
 BIN=/tmp/gz-device-bin
 mkdir -p "$BIN"
 for f in gz-model-tests gz; do

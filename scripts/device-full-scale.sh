@@ -37,6 +37,7 @@ MAX_TRAIN=${MAX_TRAIN:-}                  # e.g. 20000: train on a seeded subset
 EVAL_BATCH=${EVAL_BATCH:-256}             # images per forward pass in eval and predict
 DEADLINE=${DEADLINE:-540}                 # seconds for the whole script: stage timeouts shrink to fit
 BENCH_PRECISIONS=${BENCH_PRECISIONS:-f32 bf16}
+BENCH_CONVS=${BENCH_CONVS:-auto candle}   # `gz bench-train --conv`: auto = cuDNN when built with it
 TRAIN_ARGS=${TRAIN_ARGS:-}                # extra `gz train` arguments
 TTA=${TTA:-}                              # e.g. 4: test-time augmentation views for predict
 
@@ -122,9 +123,11 @@ if [ "$DEVICE" != cpu ]; then
   fi
 fi
 for p in $BENCH_PRECISIONS; do
-  if [ "$DEVICE" = cpu ] && [ "$p" != f32 ]; then continue; fi
-  stage "bench_train_$p" "$T_BENCH" "$GZ" bench-train --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
-    --precision "$p" --steps "$BENCH_STEPS" --warmup "$BENCH_WARMUP"
+  for c in $BENCH_CONVS; do
+    if [ "$DEVICE" = cpu ] && { [ "$p" != f32 ] || [ "$c" != auto ]; }; then continue; fi
+    stage "bench_train_${p}_$c" "$T_BENCH" "$GZ" bench-train --model "$MODEL" --device "$DEVICE" --batch "$BATCH" \
+      --precision "$p" --conv "$c" --steps "$BENCH_STEPS" --warmup "$BENCH_WARMUP"
+  done
 done
 wait "$SYNTH_PID"
 
@@ -176,8 +179,8 @@ fi
   fi
   echo
   echo "## Training throughput (gz bench-train)"
-  for p in $BENCH_PRECISIONS; do
-    [ -f "$OUT/logs/bench_train_$p.log" ] && { echo "### $p"; echo '```'; tail -15 "$OUT/logs/bench_train_$p.log"; echo '```'; }
+  for f in "$OUT"/logs/bench_train_*.log; do
+    [ -f "$f" ] && { echo "### $(basename "$f" .log)"; echo '```'; tail -15 "$f"; echo '```'; }
   done
   echo
   echo "## Training run (last epoch lines)"

@@ -17,6 +17,9 @@ pub const RUN_SH: &str = include_str!("run.sh");
 /// Libraries assumed when the binary's dynamic section cannot be read.
 const FALLBACK_LIBS: &[&str] =
     &["libcuda.so.1", "libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13"];
+/// Libraries loaded at run time by some paths (cuBLAS loads cuBLASLt; NVRTC; cuDNN with the
+/// `cudnn` feature): `run.sh` adds their folders when it finds them.
+const OPTIONAL_LIBS: &[&str] = &["libcublasLt.so.13", "libnvrtc.so.13", "libcudnn.so.9"];
 const GZIP_OVER: u64 = 20 * 1024 * 1024;
 const LIMIT: u64 = 60 * 1024 * 1024;
 
@@ -35,7 +38,7 @@ pub fn cuda_needed(readelf_out: &str) -> Vec<String> {
 
 /// `run.sh` for a binary needing `libs`.
 pub fn run_sh(libs: &[String]) -> String {
-    RUN_SH.replace("@REQUIRED_LIBS@", &libs.join(" "))
+    RUN_SH.replace("@REQUIRED_LIBS@", &libs.join(" ")).replace("@OPTIONAL_LIBS@", &OPTIONAL_LIBS.join(" "))
 }
 
 fn sh(cmd: &mut Command) -> Result<String> {
@@ -81,7 +84,7 @@ pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
     let raw = std::fs::metadata(&gz)?.len();
     let mut carried = "gz".to_string();
     if raw > GZIP_OVER {
-        sh(Command::new("gzip").args(["-9", "-n", "-f"]).arg(&gz))?;
+        sh(Command::new("gzip").args(["-6", "-n", "-f"]).arg(&gz))?;
         carried = "gz.gz".into();
     }
     let run = out.join("run.sh");
@@ -130,9 +133,10 @@ pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
     Ok(total)
 }
 
-/// `cargo xtask build --cuda [--out DIR] [--no-setup]`.
+/// `cargo xtask build --cuda [--cudnn] [--out DIR] [--no-setup] [--binary PATH]`.
 pub fn cmd(mut a: Args) -> Result<()> {
     let cuda = a.flag("--cuda");
+    let cudnn = a.flag("--cudnn");
     let no_setup = a.flag("--no-setup");
     let cwd = std::env::current_dir()?;
     let out = a.path("--out")?.map(|p| if p.is_absolute() { p } else { cwd.join(p) });
@@ -142,7 +146,10 @@ pub fn cmd(mut a: Args) -> Result<()> {
         bail!("`cargo xtask build` only makes the CUDA bundle: use `cargo xtask build --cuda` (the CPU build is plain `cargo build --release -p gz-cli`)");
     }
     let out = out.unwrap_or_else(|| workspace_root().join("target").join("bundle"));
-    let build_cmd = "CARGO_TARGET_DIR=target/cuda cargo build --release -p gz-cli --bin gz --features cuda".to_string();
+    let build_cmd = format!(
+        "CARGO_TARGET_DIR=target/cuda cargo build --release -p gz-cli --bin gz --features {}",
+        if cudnn { "cudnn" } else { "cuda" }
+    );
     let bin: PathBuf = match binary {
         // an already-built binary (for tests of the packing step)
         Some(b) => b,
@@ -154,7 +161,7 @@ pub fn cmd(mut a: Args) -> Result<()> {
             } else {
                 crate::cuda_setup::ensure_default()?
             };
-            Build { release: true, cuda_env: Some(env) }.run()?
+            Build { release: true, cuda_env: Some(env), cudnn }.run()?
         }
     };
     let total = write_bundle(&bin, &out, &build_cmd)?;

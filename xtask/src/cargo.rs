@@ -19,6 +19,8 @@ pub struct Build {
     pub release: bool,
     /// `Some(env)`: build with `--features cuda` into `target/cuda` with this CUDA environment.
     pub cuda_env: Option<Vec<(String, String)>>,
+    /// With `cuda_env`: also the `cudnn` feature (gz-model's cuDNN convolutions; implies `cuda`).
+    pub cudnn: bool,
 }
 
 impl Build {
@@ -45,7 +47,8 @@ impl Build {
             a.push("--release".into());
         }
         if self.cuda_env.is_some() {
-            a.extend(["--features".to_string(), "cuda".to_string()]);
+            let f = if self.cudnn { "cudnn" } else { "cuda" };
+            a.extend(["--features".to_string(), f.to_string()]);
         }
         a
     }

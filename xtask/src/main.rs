@@ -32,16 +32,17 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
   options: --data DIR (a Kaggle download; no synth)   --train N --test M --seed S (synthetic set size)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --precision f32|bf16 --tta N
            --train-arg ARG (repeatable, passed to `gz train`)   --name RUN   --root DIR
-           --force (rerun even when up to date)   --debug (debug build of gz)   --cuda (CUDA build)
+           --force (rerun even when up to date)   --debug (debug build of gz)   --cuda [--cudnn] (CUDA build)
            --gz PATH (use this gz binary, build nothing)
 
 CUDA:
   cuda-setup [--dir DIR] [--compute-cap 90]
                       CUDA 13.0 toolkit from PyPI wheels + link stubs into DIR (default
                       target/cuda-toolkit), or an existing system toolkit; prints the environment
-  build --cuda [--out DIR] [--no-setup]
-                      release gz with --features cuda (target/cuda), then a bundle folder
-                      (default target/bundle) with run.sh for a GPU machine
+  build --cuda [--cudnn] [--out DIR] [--no-setup]
+                      release gz with --features cuda (--cudnn: cudnn, gz-model's cuDNN
+                      convolutions) in target/cuda, then a bundle folder (default target/bundle)
+                      with run.sh for a GPU machine
 ";
 
 fn main() {

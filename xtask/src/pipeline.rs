@@ -82,6 +82,7 @@ impl Ctx {
             None => GzSource::Build(Build {
                 release: !debug,
                 cuda_env: if cuda { Some(crate::cuda_setup::ensure_default()?) } else { None },
+                cudnn: a.flag("--cudnn"),
             }),
         };
         let seed_arg = a.parsed::<u64>("--seed")?;

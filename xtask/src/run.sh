@@ -12,8 +12,10 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-# Libraries the binary needs (its DT_NEEDED entries, filled in at bundle time).
+# Libraries the binary needs (its DT_NEEDED entries, filled in at bundle time), and libraries
+# it may load at run time (their folders are added when found; a missing one is only noted).
 REQUIRED_LIBS="@REQUIRED_LIBS@"
+OPTIONAL_LIBS="@OPTIONAL_LIBS@"
 
 declare -a DIRS=()
 if [ -n "${GZ_LIB_PATH:-}" ]; then
@@ -53,6 +55,15 @@ for lib in $REQUIRED_LIBS; do
   else
     printf '  %-22s <- NOT FOUND\n' "$lib" >&2
     MISSING="$MISSING $lib"
+  fi
+done
+for lib in $OPTIONAL_LIBS; do
+  case " $REQUIRED_LIBS " in *" $lib "*) continue ;; esac
+  if dir=$(find_lib "$lib"); then
+    printf '  %-22s <- %s (optional)\n' "$lib" "$dir/$lib" >&2
+    case ":$LIBPATH:" in *":$dir:"*) ;; *) LIBPATH="${LIBPATH:+$LIBPATH:}$dir" ;; esac
+  else
+    printf '  %-22s <- not found (optional)\n' "$lib" >&2
   fi
 done
 if [ -n "$MISSING" ]; then
