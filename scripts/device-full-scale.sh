@@ -10,7 +10,7 @@
 # the script goes on with the next one; stages that need its output then fail quickly.
 #
 # CPU smoke test (no GPU, tiny sizes), from the repository:
-#     DEVICE=cpu GZ=target/debug/gz N_TRAIN=60 N_TEST=30 MODEL=tiny EPOCHS=1 PEER=0 \
+#     DEVICE=cpu GZ=target/debug/gz N_TRAIN=60 N_TEST=30 MODEL=tiny EPOCHS=1 MAX_TRAIN= PEER=0 \
 #         OUT=/tmp/out WORK=/tmp/work bash scripts/device-full-scale.sh
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,7 +33,7 @@ BATCH=${BATCH:-128}
 PRECISION=${PRECISION:-f32}               # precision of the full training run
 BENCH_STEPS=${BENCH_STEPS:-30}            # timed steps per `gz bench-train` measurement
 BENCH_WARMUP=${BENCH_WARMUP:-3}           # untimed steps before them (the first pays the PTX compile)
-MAX_TRAIN=${MAX_TRAIN:-}                  # e.g. 20000: train on a seeded subset only (`--max-train`)
+MAX_TRAIN=${MAX_TRAIN-40000}             # train+validation on a seeded subset (`--max-train`); empty: all
 EVAL_BATCH=${EVAL_BATCH:-256}             # images per forward pass in eval and predict
 DEADLINE=${DEADLINE:-540}                 # seconds for the whole script: stage timeouts shrink to fit
 BENCH_PRECISIONS=${BENCH_PRECISIONS:-f32 bf16}
@@ -41,7 +41,7 @@ BENCH_CONVS=${BENCH_CONVS:-auto candle}   # `gz bench-train --conv`: auto = cuDN
 TRAIN_ARGS=${TRAIN_ARGS:-}                # extra `gz train` arguments
 TTA=${TTA:-}                              # e.g. 4: test-time augmentation views for predict
 
-T_SYNTH=${T_SYNTH:-200}                   # per-stage timeouts, seconds
+T_SYNTH=${T_SYNTH:-300}                   # per-stage timeouts, seconds
 T_PREP=${T_PREP:-90}
 T_TRAIN=${T_TRAIN:-240}
 T_BENCH=${T_BENCH:-60}
