@@ -87,7 +87,7 @@ if [ -f "$HERE/gz.gz" ] && { [ ! -x "$BIN" ] || [ "$HERE/gz.gz" -nt "$BIN" ]; };
     mkdir -p "$(dirname "$BIN")"
   fi
   if [ ! -x "$BIN" ] || [ "$HERE/gz.gz" -nt "$BIN" ]; then
-    gzip -dc "$HERE/gz.gz" > "$BIN.partial" && chmod +x "$BIN.partial" && mv "$BIN.partial" "$BIN"
+    gzip -dc "$HERE/gz.gz" > "$BIN.partial.$$" && chmod +x "$BIN.partial.$$" && mv -f "$BIN.partial.$$" "$BIN"
   fi
 fi
 if [ ! -x "$BIN" ]; then
