@@ -843,6 +843,11 @@ pub(super) fn plan_report() -> Vec<String> {
         let states = states.borrow();
         let mut lines: Vec<String> = states.values().flat_map(|s| s.conv_plans.values().map(|p| p.report.clone())).collect();
         lines.sort();
+        for s in states.values() {
+            for (dtype, sup) in &s.support {
+                lines.push(format!("cuDNN support {dtype:?}: bias add/grad {}, max-pool {}", sup.bias, sup.pool));
+            }
+        }
         lines
     })
 }
