@@ -17,7 +17,8 @@ fn toy_cache(root: &Path, n: usize, size: usize, seed: u64) -> PathBuf {
     let mut w = gz_shards::CacheWriter::create(&dir, &cfg, "toyhash", 128).unwrap();
     let mut s = w.begin_split("train", [3, size, size], true).unwrap();
     for i in 0..n {
-        s.push(100_000 + i as u64, src.image(i), Some(&labels[i * 37..(i + 1) * 37])).unwrap();
+        s.push(100_000 + i as u64, src.image(i), Some(&labels[i * 37..(i + 1) * 37]))
+            .unwrap();
     }
     w.end_split(s).unwrap();
     w.finish(serde_json::json!({})).unwrap()
@@ -39,8 +40,22 @@ fn tiny_learns_on_cpu_and_writes_the_run_dir() {
     let cache = toy_cache(tmp.path(), 640, 32, 11);
     let run = tmp.path().join("run");
     let (ok, stdout, stderr) = support::run(support::gz().args([
-        "train", "--cache", cache.to_str().unwrap(), "--model", "tiny", "--epochs", "8", "--device", "cpu",
-        "--out", run.to_str().unwrap(), "--batch", "16", "--no-augment", "--seed", "3",
+        "train",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--model",
+        "tiny",
+        "--epochs",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        run.to_str().unwrap(),
+        "--batch",
+        "16",
+        "--no-augment",
+        "--seed",
+        "3",
     ]));
     assert!(ok, "gz train failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("done:") && stdout.contains("epoch"), "{stdout}");
@@ -50,13 +65,24 @@ fn tiny_learns_on_cpu_and_writes_the_run_dir() {
     for (k, line) in m.iter().enumerate() {
         assert_eq!(line["epoch"], k + 1);
         for field in ["train_loss", "val_rmse", "images_per_s", "elapsed_s", "lr"] {
-            assert!(line[field].as_f64().is_some_and(f64::is_finite), "{field} missing in {line}");
+            assert!(
+                line[field].as_f64().is_some_and(f64::is_finite),
+                "{field} missing in {line}"
+            );
         }
     }
-    for f in ["best.safetensors", "best.json", "last.safetensors", "last.json", "last.optim.safetensors", "config.json"] {
+    for f in [
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "last.optim.safetensors",
+        "config.json",
+    ] {
         assert!(run.join(f).exists(), "{f} missing");
     }
-    let best: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
     let baseline = best["baseline_val_rmse"].as_f64().unwrap();
     let best_rmse = best["best_val_rmse"].as_f64().unwrap();
     assert_eq!(best["prep_config_hash"], "toyhash");
@@ -67,13 +93,26 @@ fn tiny_learns_on_cpu_and_writes_the_run_dir() {
     );
 
     // The checkpoint loads (prediction round trips are unit-tested in gz-model).
-    let model = gz_model::checkpoint::LoadedModel::load(&run, &gz_model::device::select_device("cpu").unwrap()).unwrap();
+    let model =
+        gz_model::checkpoint::LoadedModel::load(&run, &gz_model::device::select_device("cpu").unwrap()).unwrap();
     assert_eq!(model.sidecar().epoch, best["epoch"].as_u64().unwrap() as usize);
 
     // A second run into the same directory is refused; --resume of a finished run too.
     let (ok, _, stderr) = support::run(support::gz().args([
-        "train", "--cache", cache.to_str().unwrap(), "--model", "tiny", "--epochs", "8", "--out", run.to_str().unwrap(),
-        "--batch", "16", "--no-augment", "--seed", "3",
+        "train",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--model",
+        "tiny",
+        "--epochs",
+        "8",
+        "--out",
+        run.to_str().unwrap(),
+        "--batch",
+        "16",
+        "--no-augment",
+        "--seed",
+        "3",
     ]));
     assert!(!ok && stderr.contains("--resume"), "{stderr}");
 }
@@ -85,9 +124,19 @@ fn resume_continues_a_run_from_the_cli() {
     let run = tmp.path().join("run");
     let args = |epochs: &str, resume: bool| {
         let mut v = vec![
-            "train".to_string(), "--cache".into(), cache.display().to_string(), "--model".into(), "tiny".into(),
-            "--epochs".into(), epochs.into(), "--out".into(), run.display().to_string(), "--batch".into(), "8".into(),
-            "--max-train".into(), "40".into(),
+            "train".to_string(),
+            "--cache".into(),
+            cache.display().to_string(),
+            "--model".into(),
+            "tiny".into(),
+            "--epochs".into(),
+            epochs.into(),
+            "--out".into(),
+            run.display().to_string(),
+            "--batch".into(),
+            "8".into(),
+            "--max-train".into(),
+            "40".into(),
         ];
         if resume {
             v.push("--resume".into());
@@ -112,16 +161,39 @@ fn bad_requests_fail_clearly() {
     let cache = toy_cache(tmp.path(), 16, 32, 1);
     let run = tmp.path().join("run");
     let (ok, _, stderr) = support::run(support::gz().args([
-        "train", "--cache", cache.to_str().unwrap(), "--model", "tiny", "--epochs", "1", "--out", run.to_str().unwrap(),
-        "--precision", "bf16",
+        "train",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--model",
+        "tiny",
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+        "--precision",
+        "bf16",
     ]));
     assert!(!ok && stderr.contains("bf16") && stderr.contains("CUDA"), "{stderr}");
     let (ok, _, stderr) = support::run(support::gz().args([
-        "train", "--cache", cache.to_str().unwrap(), "--model", "nope", "--epochs", "1", "--out", run.to_str().unwrap(),
+        "train",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--model",
+        "nope",
+        "--epochs",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
     ]));
     assert!(!ok && stderr.contains("nope"), "{stderr}");
     let (ok, _, stderr) = support::run(support::gz().args([
-        "train", "--cache", tmp.path().join("missing").to_str().unwrap(), "--model", "tiny", "--out", run.to_str().unwrap(),
+        "train",
+        "--cache",
+        tmp.path().join("missing").to_str().unwrap(),
+        "--model",
+        "tiny",
+        "--out",
+        run.to_str().unwrap(),
     ]));
     assert!(!ok && stderr.contains("missing"), "{stderr}");
 }
@@ -131,7 +203,22 @@ fn describe_and_bench_train() {
     let (ok, out, err) = support::run(support::gz().args(["train", "--model", "tiny", "--describe"]));
     assert!(ok && out.contains("total parameters"), "{out}\n{err}");
     let (ok, out, err) = support::run(support::gz().args([
-        "bench-train", "--model", "tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--size", "32", "--device", "cpu",
+        "bench-train",
+        "--model",
+        "tiny",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--size",
+        "32",
+        "--device",
+        "cpu",
     ]));
-    assert!(ok && out.contains("images/s") && out.contains("forward"), "{out}\n{err}");
+    assert!(
+        ok && out.contains("images/s") && out.contains("forward"),
+        "{out}\n{err}"
+    );
 }

@@ -110,11 +110,17 @@ pub struct Sidecar {
 
 /// The code version recorded in sidecars.
 pub fn code_version() -> (String, Option<String>) {
-    (env!("CARGO_PKG_VERSION").to_string(), option_env!("GZ_GIT_HASH").map(str::to_string))
+    (
+        env!("CARGO_PKG_VERSION").to_string(),
+        option_env!("GZ_GIT_HASH").map(str::to_string),
+    )
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes tensors as safetensors to `path` atomically (temp, fsync, rename) and returns the
@@ -126,11 +132,19 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<candle_core::Result<_>>()
-        .map_err(|source| CheckpointError::Candle { path: path.to_path_buf(), source })?;
-    candle_core::safetensors::save(&host, &tmp).map_err(|source| CheckpointError::Candle { path: tmp.clone(), source })?;
+        .map_err(|source| CheckpointError::Candle {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    candle_core::safetensors::save(&host, &tmp).map_err(|source| CheckpointError::Candle {
+        path: tmp.clone(),
+        source,
+    })?;
     let bytes = std::fs::read(&tmp).map_err(io_err(&tmp))?;
     let crc = crc32fast::hash(&bytes);
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_err(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(crc)
 }
@@ -142,7 +156,11 @@ fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Reads a safetensors file whose CRC-32 must be `crc`, onto `device`.
-pub fn load_tensors_checked(path: &Path, crc: u32, device: &Device) -> Result<HashMap<String, Tensor>, CheckpointError> {
+pub fn load_tensors_checked(
+    path: &Path,
+    crc: u32,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     let got = crc32fast::hash(&bytes);
     if got != crc {
@@ -153,21 +171,32 @@ pub fn load_tensors_checked(path: &Path, crc: u32, device: &Device) -> Result<Ha
             ),
         });
     }
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|source| CheckpointError::Candle { path: path.to_path_buf(), source })
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| CheckpointError::Candle {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes a sidecar atomically.
 pub fn write_sidecar(sidecar: &Sidecar, path: &Path) -> Result<(), CheckpointError> {
-    let mut text = serde_json::to_string_pretty(sidecar).map_err(|source| CheckpointError::Json { path: path.to_path_buf(), source })?;
+    let mut text = serde_json::to_string_pretty(sidecar).map_err(|source| CheckpointError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     text.push('\n');
-    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| CheckpointError::Invalid { path: path.to_path_buf(), reason: e.to_string() })
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Reads and checks a sidecar.
 pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    let sidecar: Sidecar = serde_json::from_str(&text).map_err(|source| CheckpointError::Json { path: path.to_path_buf(), source })?;
+    let sidecar: Sidecar = serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if sidecar.format != SIDECAR_FORMAT || sidecar.version != SIDECAR_VERSION {
         return Err(CheckpointError::Invalid {
             path: path.to_path_buf(),
@@ -195,7 +224,9 @@ impl SeededInit {
 
     fn sample(&self, shape: &Shape, name: &str, init: Init) -> Vec<f32> {
         let n = shape.elem_count();
-        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         let mut rng = ChaCha8Rng::seed_from_u64(crate::data::mix_seed(self.seed, 0x696e_6974, name_hash));
         let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| -> f32 {
             // Box–Muller.
@@ -207,7 +238,11 @@ impl SeededInit {
             Init::Const(c) => vec![c as f32; n],
             Init::Randn { mean, stdev } => (0..n).map(|_| normal(&mut rng, mean, stdev)).collect(),
             Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..=up) as f32).collect(),
-            Init::Kaiming { dist, fan, non_linearity } => {
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
                 let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
                 match dist {
                     candle_nn::init::NormalOrUniform::Uniform => {
@@ -223,7 +258,11 @@ impl SeededInit {
 
 impl SimpleBackend for SeededInit {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        let mut data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
         if let Some(var) = data.get(name) {
             if var.shape() != &s {
                 candle_core::bail!("shape mismatch on {name}: {s:?} <> {:?}", var.shape());
@@ -249,7 +288,12 @@ impl SimpleBackend for SeededInit {
 
 /// Builds `cfg` with fresh, seeded weights of `dtype` on `device`; returns the model and the
 /// `VarMap` holding its variables.
-pub fn build_seeded(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> candle_core::Result<(Model, VarMap)> {
+pub fn build_seeded(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Model, VarMap)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_backend(Box::new(SeededInit::new(varmap.clone(), seed)), dtype, device.clone());
     let model = nets::build(cfg, vb)?;
@@ -305,7 +349,10 @@ pub struct LoadedModel {
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModel").field("weights", &self.weights_path).field("epoch", &self.sidecar.epoch).finish()
+        f.debug_struct("LoadedModel")
+            .field("weights", &self.weights_path)
+            .field("epoch", &self.sidecar.epoch)
+            .finish()
     }
 }
 
@@ -326,12 +373,17 @@ impl LoadedModel {
         let (weights_path, sidecar_path) = resolve_paths(path)?;
         let sidecar = read_sidecar(&sidecar_path)?;
         let tensors = load_tensors_checked(&weights_path, sidecar.weights_crc32, &Device::Cpu)?;
-        let backend = Recording { tensors, used: Mutex::new(HashSet::new()) };
+        let backend = Recording {
+            tensors,
+            used: Mutex::new(HashSet::new()),
+        };
         let names: Vec<String> = backend.tensors.keys().cloned().collect();
         let backend = std::sync::Arc::new(backend);
         let vb = VarBuilder::from_backend(Box::new(ArcBackend(backend.clone())), dtype, device.clone());
-        let model = nets::build(&sidecar.model, vb)
-            .map_err(|source| CheckpointError::Candle { path: weights_path.clone(), source })?;
+        let model = nets::build(&sidecar.model, vb).map_err(|source| CheckpointError::Candle {
+            path: weights_path.clone(),
+            source,
+        })?;
         let used = backend.used.lock().map(|u| u.clone()).unwrap_or_default();
         let mut unused: Vec<&String> = names.iter().filter(|n| !used.contains(*n)).collect();
         if !unused.is_empty() {
@@ -346,7 +398,13 @@ impl LoadedModel {
                 ),
             });
         }
-        Ok(Self { model, sidecar, device: device.clone(), dtype, weights_path })
+        Ok(Self {
+            model,
+            sidecar,
+            device: device.clone(),
+            dtype,
+            weights_path,
+        })
     }
 
     /// The sidecar (configs, epoch, metrics, cache hash).
@@ -382,7 +440,10 @@ impl LoadedModel {
         let mut start = 0;
         while start < n {
             let len = PREDICT_BATCH.min(n - start);
-            let x = images.narrow(0, start, len)?.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let x = images
+                .narrow(0, start, len)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
             outs.push(self.model.forward_t(&x, false)?.to_dtype(DType::F32)?);
             start += len;
         }

@@ -63,7 +63,10 @@ pub trait ImageSource: Sync {
     /// [`ImageSource::images`] (shards are contiguous only within themselves).
     fn chunks(&self, max: usize) -> Vec<Range<usize>> {
         let max = max.max(1);
-        (0..self.len()).step_by(max).map(|s| s..(s + max).min(self.len())).collect()
+        (0..self.len())
+            .step_by(max)
+            .map(|s| s..(s + max).min(self.len()))
+            .collect()
     }
 }
 
@@ -101,12 +104,18 @@ impl MemSource {
     pub fn new(shape: [usize; 3], images: Vec<f16>, labels: Option<Vec<f32>>) -> Result<Self, DataError> {
         let per = shape.iter().product::<usize>();
         if per == 0 || images.len() % per != 0 {
-            return Err(DataError::Inconsistent(format!("{} values is not a whole number of {shape:?} images", images.len())));
+            return Err(DataError::Inconsistent(format!(
+                "{} values is not a whole number of {shape:?} images",
+                images.len()
+            )));
         }
         let n = images.len() / per;
         if let Some(l) = &labels {
             if l.len() != n * N_ANSWERS {
-                return Err(DataError::Inconsistent(format!("{n} images but {} label values", l.len())));
+                return Err(DataError::Inconsistent(format!(
+                    "{n} images but {} label values",
+                    l.len()
+                )));
             }
         }
         Ok(Self { shape, images, labels })
@@ -182,7 +191,11 @@ pub fn holdout(n: usize, val_fraction: f64, seed: u64, max_images: Option<usize>
 /// The order in which epoch `epoch` (0-based) visits the training rows.
 pub fn epoch_order(train: &[usize], seed: u64, epoch: usize) -> Vec<usize> {
     let mut order = train.to_vec();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(seed, SHUFFLE_STREAM, epoch as u64)));
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(
+        seed,
+        SHUFFLE_STREAM,
+        epoch as u64,
+    )));
     order
 }
 
@@ -218,15 +231,27 @@ pub fn constant_rmse(labels: &[f32], rows: &[usize], pred: &[f64]) -> f64 {
 /// Builds minibatches on a device, from the host memory map or from a device-resident copy.
 pub enum Batcher<'a> {
     /// Gather rows from the source on the host per batch.
-    Host { src: &'a dyn ImageSource, device: Device, dtype: DType },
+    Host {
+        src: &'a dyn ImageSource,
+        device: Device,
+        dtype: DType,
+    },
     /// The whole split lives on the device (f16 images, f32 labels).
-    Resident { images: Tensor, labels: Option<Tensor>, dtype: DType },
+    Resident {
+        images: Tensor,
+        labels: Option<Tensor>,
+        dtype: DType,
+    },
 }
 
 impl<'a> Batcher<'a> {
     /// Batches built on the host per step, delivered on `device` as `dtype`.
     pub fn host(src: &'a dyn ImageSource, device: &Device, dtype: DType) -> Self {
-        Self::Host { src, device: device.clone(), dtype }
+        Self::Host {
+            src,
+            device: device.clone(),
+            dtype,
+        }
     }
 
     /// Uploads the whole source to `device` once (f16) and serves batches from there.
@@ -238,7 +263,11 @@ impl<'a> Batcher<'a> {
         for r in src.chunks(4096) {
             parts.push(Tensor::from_slice(src.images(r.clone()), (r.len(), c, h, w), device)?);
         }
-        let images = if parts.len() == 1 { parts.pop().ok_or(DataError::TooFew { n })? } else { Tensor::cat(&parts, 0)? };
+        let images = if parts.len() == 1 {
+            parts.pop().ok_or(DataError::TooFew { n })?
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
         drop(parts);
         let labels = match src.labels() {
             Some(l) => Some(Tensor::from_slice(l, (n, N_ANSWERS), device)?),
@@ -316,7 +345,9 @@ pub fn toy_source(n: usize, size: usize, seed: u64) -> MemSource {
     let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, 0x746f_79, 0));
     // Fixed label map (independent of `seed`: the same "physics" for every set).
     let mut wrng = ChaCha8Rng::seed_from_u64(0x676c_6178_79);
-    let weights: Vec<[f32; 5]> = (0..N_ANSWERS).map(|_| std::array::from_fn(|_| wrng.gen_range(-9.0f32..9.0))).collect();
+    let weights: Vec<[f32; 5]> = (0..N_ANSWERS)
+        .map(|_| std::array::from_fn(|_| wrng.gen_range(-9.0f32..9.0)))
+        .collect();
     let per = 3 * size * size;
     let mut images = Vec::with_capacity(n * per);
     let mut labels = Vec::with_capacity(n * N_ANSWERS);
@@ -339,7 +370,8 @@ pub fn toy_source(n: usize, size: usize, seed: u64) -> MemSource {
                     let dy = y as f32 + 0.5 - size as f32 / 2.0;
                     let u = dx * cs + dy * sn;
                     let v = -dx * sn + dy * cs;
-                    let val = bright * g * (-0.5 * ((u / a).powi(2) + (v / b).powi(2))).exp() + rng.gen_range(0.0..0.03);
+                    let val =
+                        bright * g * (-0.5 * ((u / a).powi(2) + (v / b).powi(2))).exp() + rng.gen_range(0.0..0.03);
                     images.push(f16::from_f32(val.clamp(0.0, 1.0)));
                 }
             }
@@ -362,7 +394,11 @@ pub fn toy_source(n: usize, size: usize, seed: u64) -> MemSource {
         }
         labels.extend_from_slice(&row);
     }
-    MemSource { shape: [3, size, size], images, labels: Some(labels) }
+    MemSource {
+        shape: [3, size, size],
+        images,
+        labels: Some(labels),
+    }
 }
 
 #[cfg(test)]
@@ -411,12 +447,39 @@ mod tests {
         let host = Batcher::host(&src, &dev, DType::F32);
         let res = Batcher::resident(&src, &dev, DType::F32).unwrap();
         let rows = [7, 2, 2, 0];
-        let a = host.images(&rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = res.images(&rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = host
+            .images(&rows)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = res
+            .images(&rows)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b);
-        assert_eq!(&a[..60], &src.image(7).iter().map(|v| v.to_f32()).collect::<Vec<_>>()[..]);
-        let la = host.labels(&rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let lb = res.labels(&rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            &a[..60],
+            &src.image(7).iter().map(|v| v.to_f32()).collect::<Vec<_>>()[..]
+        );
+        let la = host
+            .labels(&rows)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let lb = res
+            .labels(&rows)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(la, lb);
         assert_eq!(&la[..N_ANSWERS], &src.labels().unwrap()[7 * N_ANSWERS..8 * N_ANSWERS]);
     }
@@ -434,7 +497,9 @@ mod tests {
 
     #[test]
     fn mean_baseline() {
-        let labels: Vec<f32> = (0..2 * N_ANSWERS).map(|k| if k < N_ANSWERS { 0.0 } else { 1.0 }).collect();
+        let labels: Vec<f32> = (0..2 * N_ANSWERS)
+            .map(|k| if k < N_ANSWERS { 0.0 } else { 1.0 })
+            .collect();
         let m = label_mean(&labels, &[0, 1]);
         assert!(m.iter().all(|&v| (v - 0.5).abs() < 1e-12));
         assert!((constant_rmse(&labels, &[0, 1], &m) - 0.5).abs() < 1e-12);

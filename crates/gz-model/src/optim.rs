@@ -81,7 +81,14 @@ pub struct OptimParams {
 
 impl Default for OptimParams {
     fn default() -> Self {
-        Self { rho: 0.9, momentum: 0.9, beta1: 0.9, beta2: 0.999, eps: 1e-7, weight_decay: 0.0 }
+        Self {
+            rho: 0.9,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-7,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -154,7 +161,10 @@ impl Params {
     /// Collects the variables of a `VarMap`.
     pub fn from_varmap(varmap: &candle_nn::VarMap) -> Result<Self> {
         let vars = {
-            let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
             data.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>()
         };
         Self::new(vars)
@@ -192,7 +202,12 @@ impl Params {
                 .get(&p.name)
                 .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no tensor `{}`", p.name)))?;
             if t.dims() != p.var.dims() {
-                candle_core::bail!("tensor `{}` has shape {:?}, the model expects {:?}", p.name, t.dims(), p.var.dims());
+                candle_core::bail!(
+                    "tensor `{}` has shape {:?}, the model expects {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                );
             }
             let t = t.to_device(p.var.device())?.to_dtype(DType::F32)?;
             if let Some(m) = &p.master {
@@ -206,7 +221,9 @@ impl Params {
     /// The f32 gradient of parameter `i`, if it got one (plus L2 weight decay if asked).
     fn grad(&self, i: usize, grads: &GradStore, l2: f64) -> Result<Option<Tensor>> {
         let p = &self.params[i];
-        let Some(g) = grads.get(p.var.as_tensor()) else { return Ok(None) };
+        let Some(g) = grads.get(p.var.as_tensor()) else {
+            return Ok(None);
+        };
         let g = g.to_dtype(DType::F32)?;
         if l2 > 0.0 {
             Ok(Some((g + (self.value(i) * l2)?)?))
@@ -269,7 +286,14 @@ pub fn build(kind: OptimizerKind, params: Params, lr: f64, hp: &OptimParams) -> 
     for i in 0..params.len() {
         state.push((0..slots).map(|_| params.zeros_like(i)).collect::<Result<Vec<_>>>()?);
     }
-    Ok(Box::new(Generic { kind, params, lr, hp: hp.clone(), state, steps: 0 }))
+    Ok(Box::new(Generic {
+        kind,
+        params,
+        lr,
+        hp: hp.clone(),
+        state,
+        steps: 0,
+    }))
 }
 
 /// The three optimizers share their bookkeeping; only the update rule differs.
@@ -299,8 +323,14 @@ impl Optimizer for Generic {
         let hp = &self.hp;
         let lr = self.lr;
         for i in 0..self.params.len() {
-            let l2 = if self.kind == OptimizerKind::Adamw { 0.0 } else { hp.weight_decay };
-            let Some(g) = self.params.grad(i, grads, l2)? else { continue };
+            let l2 = if self.kind == OptimizerKind::Adamw {
+                0.0
+            } else {
+                hp.weight_decay
+            };
+            let Some(g) = self.params.grad(i, grads, l2)? else {
+                continue;
+            };
             let p = self.params.value(i);
             let st = &self.state[i];
             let new = match self.kind {
@@ -359,7 +389,10 @@ impl Optimizer for Generic {
         let mut out = HashMap::new();
         for (i, slots) in self.state.iter().enumerate() {
             for (s, var) in slots.iter().enumerate() {
-                out.insert(format!("{}.{}", self.params.params[i].name, names[s]), var.as_tensor().clone());
+                out.insert(
+                    format!("{}.{}", self.params.params[i].name, names[s]),
+                    var.as_tensor().clone(),
+                );
             }
         }
         out
@@ -374,7 +407,11 @@ impl Optimizer for Generic {
                     .get(&key)
                     .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state has no tensor `{key}`")))?;
                 if t.dims() != var.dims() {
-                    candle_core::bail!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), var.dims());
+                    candle_core::bail!(
+                        "optimizer state `{key}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        var.dims()
+                    );
                 }
                 var.set(&t.to_device(var.device())?.to_dtype(DType::F32)?)?;
             }
@@ -427,10 +464,19 @@ mod tests {
 
     #[test]
     fn step_schedule() {
-        let s = Schedule::Step { milestones: vec![2, 4], gamma: 0.1 };
+        let s = Schedule::Step {
+            milestones: vec![2, 4],
+            gamma: 0.1,
+        };
         let lrs: Vec<f64> = (0..6).map(|e| s.lr_at(0.04, e)).collect();
         assert!((lrs[1] - 0.04).abs() < 1e-12 && (lrs[2] - 0.004).abs() < 1e-12 && (lrs[5] - 0.0004).abs() < 1e-12);
-        assert_eq!(Schedule::dieleman(10), Schedule::Step { milestones: vec![7, 9], gamma: 0.1 });
+        assert_eq!(
+            Schedule::dieleman(10),
+            Schedule::Step {
+                milestones: vec![7, 9],
+                gamma: 0.1
+            }
+        );
     }
 
     #[test]
@@ -472,7 +518,16 @@ mod tests {
         let dev = Device::Cpu;
         let var = Var::from_tensor(&Tensor::new(&[1f32], &dev).unwrap().to_dtype(DType::BF16).unwrap()).unwrap();
         let params = Params::new(vec![("w".into(), var.clone())]).unwrap();
-        let mut opt = build(OptimizerKind::SgdNesterov, params, 1e-4, &OptimParams { momentum: 0.0, ..Default::default() }).unwrap();
+        let mut opt = build(
+            OptimizerKind::SgdNesterov,
+            params,
+            1e-4,
+            &OptimParams {
+                momentum: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for _ in 0..10 {
             // d/dw of w = 1: update 1e-4 per step — below bf16 resolution near 1, kept by the master.
             let loss = var.as_tensor().to_dtype(DType::F32).unwrap().sum_all().unwrap();

@@ -84,11 +84,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         print!("{}", gz_model::nets::describe_config(&model));
         return Ok(());
     }
-    let cache_dir = args.cache.clone().context("--cache DIR is required (or use --describe)")?;
+    let cache_dir = args
+        .cache
+        .clone()
+        .context("--cache DIR is required (or use --describe)")?;
     let out = args.out.clone().context("--out RUN_DIR is required")?;
     let cfg = train_config(&args, model)?;
 
-    let cache = gz_shards::Cache::open(&cache_dir).with_context(|| format!("opening the shard cache {}", cache_dir.display()))?;
+    let cache = gz_shards::Cache::open(&cache_dir)
+        .with_context(|| format!("opening the shard cache {}", cache_dir.display()))?;
     let observer = CliObserver::default();
     let summary = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer)
         .with_context(|| format!("training {} into {}", args.model, out.display()))?;
@@ -118,8 +122,12 @@ pub fn model_config(name: &str, output: Option<&str>) -> anyhow::Result<ModelCon
 
 fn train_config(args: &Args, model: ModelConfig) -> anyhow::Result<TrainConfig> {
     let mut cfg = TrainConfig::new(model);
-    cfg.optimizer = OptimizerKind::from_name(&args.optimizer)
-        .with_context(|| format!("unknown --optimizer {:?}: expected rmsprop, sgd-nesterov or adamw", args.optimizer))?;
+    cfg.optimizer = OptimizerKind::from_name(&args.optimizer).with_context(|| {
+        format!(
+            "unknown --optimizer {:?}: expected rmsprop, sgd-nesterov or adamw",
+            args.optimizer
+        )
+    })?;
     cfg.lr = args.lr.unwrap_or(cfg.optimizer.default_lr());
     cfg.schedule = match args.schedule.as_deref() {
         None if cfg.optimizer == OptimizerKind::SgdNesterov => Schedule::dieleman(args.epochs),
@@ -176,7 +184,11 @@ impl TrainObserver for CliObserver {
             info.steps_per_epoch,
             info.param_count,
             info.device,
-            if info.resident { ", data resident on the device" } else { "" },
+            if info.resident {
+                ", data resident on the device"
+            } else {
+                ""
+            },
             info.baseline_val_rmse
         );
         if info.start_epoch > 0 {
