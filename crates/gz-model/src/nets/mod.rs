@@ -347,7 +347,8 @@ mod cuda_tests {
             let y = cpu.forward_t(&images(4, 106, &Device::Cpu), false).unwrap();
             let y32 = g32.forward_t(&images(4, 106, &gpu), false).unwrap();
             let d = max_diff(&y, &y32);
-            assert!(d < 1e-3, "{arch} f32: {d}");
+            // cuDNN may use TF32 for f32 convolutions (10-bit mantissa)
+            assert!(d < 3e-3, "{arch} f32: {d}");
             let (_, g16) = cpu_and_gpu(&cfg, &gpu, DType::BF16);
             let y16 = g16.forward_t(&images(4, 106, &gpu), false).unwrap();
             assert_eq!(y16.dtype(), DType::F32);
@@ -379,8 +380,17 @@ mod cuda_tests {
         let Some(gpu) = cuda() else { return };
         for (arch, dtype) in [(Arch::Vgg16Blog, DType::F32), (Arch::Dieleman, DType::BF16)] {
             let cfg = ModelConfig::new(arch, arch.default_output());
+            // candle's CUDA initialisers have no bf16: initialise f32 variables, run a bf16 copy
             let varmap = VarMap::new();
-            let model = build(&cfg, VarBuilder::from_varmap(&varmap, dtype, &gpu)).unwrap();
+            let f32_model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &gpu)).unwrap();
+            let ts: HashMap<String, Tensor> =
+                varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+            let model = if dtype == DType::F32 {
+                f32_model
+            } else {
+                build(&cfg, VarBuilder::from_tensors(ts, dtype, &gpu)).unwrap()
+            };
+            assert_eq!(model.dtype(), dtype);
             let y = model.forward_t(&images(8, 106, &gpu), true).unwrap();
             assert_eq!(y.dims(), &[8, gz_schema::N_ANSWERS]);
             let loss = y.sqr().unwrap().mean_all().unwrap();
