@@ -32,6 +32,9 @@ use crate::config::ModelConfig;
 use crate::data::{self, Batcher, DataError, ImageSource};
 use crate::optim::{self, OptimParams, OptimizerKind, Schedule};
 
+/// On CUDA the minibatch losses are read back (and checked for NaN/inf) every this many steps.
+pub const LOSS_SYNC_EVERY_CUDA: usize = 16;
+
 /// Numeric precision of training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -443,6 +446,8 @@ pub fn train_on(
         let mut aug_rng = data::augment_rng(cfg.seed, epoch);
         let mut loss_sum = 0f64;
         let mut loss_n = 0usize;
+        let sync_every = if device.is_cuda() { LOSS_SYNC_EVERY_CUDA } else { 1 };
+        let mut pending: Vec<(usize, usize, Tensor)> = Vec::new();
         for (k, rows) in order.chunks(cfg.batch).enumerate() {
             let x = batcher.images(rows)?;
             let x = if cfg.augment.is_active() {
@@ -460,30 +465,42 @@ pub fn train_on(
                 model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)),
             )?;
             let loss = ctx(step_ctx(), candle_nn::loss::mse(&out, &y))?;
-            let value = ctx(step_ctx(), loss.to_scalar::<f32>())? as f64;
-            if !value.is_finite() {
-                let kept = if history.is_empty() {
-                    "no checkpoint was written yet".to_string()
-                } else {
-                    format!(
-                        "the last good checkpoint (epoch {}) is in {}",
-                        history.len(),
-                        out_dir.display()
-                    )
-                };
-                return Err(TrainError::NonFinite {
-                    epoch: epoch + 1,
-                    step: k + 1,
-                    loss: value,
-                    lr,
-                    kept,
-                });
-            }
             let grads = ctx(step_ctx(), loss.backward())?;
             ctx(step_ctx(), opt.step(&grads))?;
-            loss_sum += value * rows.len() as f64;
-            loss_n += rows.len();
-            observer.on_step(epoch, k + 1, steps_per_epoch, Some(value));
+            // Reading the loss back synchronises the device; on CUDA do it every
+            // `LOSS_SYNC_EVERY_CUDA` steps so the host keeps queueing work ahead of the GPU.
+            pending.push((k + 1, rows.len(), loss.detach()));
+            let last_step = k + 1 == steps_per_epoch;
+            let mut latest = None;
+            if pending.len() >= sync_every || last_step {
+                let losses: Vec<Tensor> = pending.iter().map(|(_, _, l)| l.clone()).collect();
+                let values = ctx(step_ctx(), Tensor::stack(&losses, 0).and_then(|t| t.to_vec1::<f32>()))?;
+                for ((step, n, _), v) in pending.drain(..).zip(values) {
+                    let value = v as f64;
+                    if !value.is_finite() {
+                        let kept = if history.is_empty() {
+                            "no checkpoint was written yet".to_string()
+                        } else {
+                            format!(
+                                "the last good checkpoint (epoch {}) is in {}",
+                                history.len(),
+                                out_dir.display()
+                            )
+                        };
+                        return Err(TrainError::NonFinite {
+                            epoch: epoch + 1,
+                            step,
+                            loss: value,
+                            lr,
+                            kept,
+                        });
+                    }
+                    loss_sum += value * n as f64;
+                    loss_n += n;
+                    latest = Some(value);
+                }
+            }
+            observer.on_step(epoch, k + 1, steps_per_epoch, latest);
         }
         let train_s = epoch_start.elapsed().as_secs_f64();
         observer.on_validate(epoch);
@@ -834,7 +851,10 @@ mod tests {
         assert_eq!(a.history.len(), b.history.len());
         for (x, y) in a.history.iter().zip(&b.history) {
             assert_eq!((x.epoch, x.lr, x.best), (y.epoch, y.lr, y.best));
-            assert!((x.train_loss - y.train_loss).abs() < 1e-12 && (x.val_rmse - y.val_rmse).abs() < 1e-12, "{x:?} vs {y:?}");
+            assert!(
+                (x.train_loss - y.train_loss).abs() < 1e-12 && (x.val_rmse - y.val_rmse).abs() < 1e-12,
+                "{x:?} vs {y:?}"
+            );
         }
         assert_eq!(b.history.len(), 2);
         let lines = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();
