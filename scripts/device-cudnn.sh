@@ -46,6 +46,7 @@ say() { echo "$*" | tee -a "$SUM"; }
 export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 # Keep the driver's JIT of candle's PTX between processes (the first CUDA step costs ~15 s).
 export CUDA_CACHE_MAXSIZE=4294967296
+export RUST_BACKTRACE=0
 BIN=/tmp/gz-device-bin
 mkdir -p "$BIN"
 for f in gz-model-tests gz; do
@@ -78,7 +79,8 @@ if [ -x "$BIN/gz" ]; then
       steps=30; [ "$conv" = candle ] && steps=3
       log="$OUT/bench-train-$1-$3-$2-$conv.log"
       timeout 60 "$BIN/gz" bench-train --model "$1" --batch "$2" --precision "$3" --steps "$steps" --device cuda --conv "$conv" > "$log" 2>&1
-      say "bench-train $1 batch=$2 $3 conv=$conv rc=$?: $(tail -3 "$log" | tr '\n' ' ')"
+      say "bench-train $1 batch=$2 $3 conv=$conv rc=$?"
+      grep -vE "plan: (Fwd|BwdData|BwdFilter)" "$log" | tail -16 | tee -a "$SUM"
     done
   done
 else
