@@ -342,9 +342,9 @@ fn index_tensor(rows: &[usize], device: &Device) -> candle_core::Result<Tensor> 
 /// net must read the image to beat the training mean. Deterministic in `seed`.
 pub fn toy_source(n: usize, size: usize, seed: u64) -> MemSource {
     use rand::Rng;
-    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, 0x746f_79, 0));
+    let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, 0x0074_6f79, 0));
     // Fixed label map (independent of `seed`: the same "physics" for every set).
-    let mut wrng = ChaCha8Rng::seed_from_u64(0x676c_6178_79);
+    let mut wrng = ChaCha8Rng::seed_from_u64(0x0067_6c61_7879);
     let weights: Vec<[f32; 5]> = (0..N_ANSWERS)
         .map(|_| std::array::from_fn(|_| wrng.gen_range(-9.0f32..9.0)))
         .collect();

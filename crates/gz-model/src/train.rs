@@ -439,7 +439,7 @@ pub fn train_on(
         // Dropout masks: reseeded per epoch, so a resumed run draws the same masks.
         ctx(
             "seeding dropout",
-            model.set_dropout_seed(data::mix_seed(cfg.seed, 0x6472_6f70_6f75_74, epoch as u64)),
+            model.set_dropout_seed(data::mix_seed(cfg.seed, 0x0064_726f_706f_7574, epoch as u64)),
         )?;
         let epoch_start = Instant::now();
         let order = data::epoch_order(&split.train, cfg.seed, epoch);
