@@ -106,3 +106,44 @@ fn a_stage_that_is_not_built_stops_the_pipeline_plainly() {
     assert!(err.contains("pipeline stopped at `synth`: `gz synth` is not built yet"), "{err}");
     assert!(!out.contains("submission:"), "{out}");
 }
+
+/// Every file under `dir` (relative paths), sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    fn walk(d: &Path, base: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, base, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap_or(&p).display().to_string());
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+#[test]
+fn pipeline_on_a_real_kaggle_layout_without_synthetic_extras() {
+    // The real fixture has only Kaggle's own files: no floor, no expected fractions.
+    let data = support::fixtures().join("kaggle-mini");
+    let before = listing(&data);
+    let t = support::tempdir();
+    let (ok, out, err) = pipeline(t.path(), &["--data", data.to_str().unwrap()]);
+    assert!(ok, "{out}\n{err}");
+    assert!(!err.contains("xtask: synth"), "no synth with --data: {err}");
+    let sub = last_line_value(&out, "submission").expect("submission line");
+    let rows = gz_schema::read_solutions(&sub).expect("a Kaggle submission");
+    let mut ids = rows.ids.clone();
+    ids.sort_unstable();
+    let mut want: Vec<u64> = std::fs::read_dir(data.join("images_test_rev1"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.path().file_stem()?.to_str()?.parse().ok())
+        .collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "one row per test image");
+    assert_eq!(before, listing(&data), "the dataset folder is left untouched");
+}
