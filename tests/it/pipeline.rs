@@ -19,8 +19,12 @@ fn xtask_bin() -> PathBuf {
                 .status()
                 .expect("run cargo build");
             assert!(status.success(), "building xtask failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-            target.join("debug").join(format!("xtask{}", std::env::consts::EXE_SUFFIX))
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target
+                .join("debug")
+                .join(format!("xtask{}", std::env::consts::EXE_SUFFIX))
         })
         .clone()
 }
@@ -36,13 +40,18 @@ fn pipeline_with(gz: &Path, root: &Path, extra: &[&str]) -> (bool, String, Strin
         .arg(gz)
         .arg("--root")
         .arg(root)
-        .args(["--train", "32", "--test", "8", "--seed", "7", "--model", "tiny", "--epochs", "1"])
+        .args([
+            "--train", "32", "--test", "8", "--seed", "7", "--model", "tiny", "--epochs", "1",
+        ])
         .args(extra);
     support::run(&mut cmd)
 }
 
 fn last_line_value(stdout: &str, key: &str) -> Option<PathBuf> {
-    stdout.lines().rev().find_map(|l| l.strip_prefix(&format!("{key}: ")).map(PathBuf::from))
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")).map(PathBuf::from))
 }
 
 #[test]
@@ -52,27 +61,43 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     assert!(ok, "pipeline failed:\n{out}\n{err}");
     let lines: Vec<&str> = out.lines().collect();
     let n = lines.len();
-    assert!(n >= 2 && lines[n - 2].starts_with("submission: ") && lines[n - 1].starts_with("report: "), "{out}");
+    assert!(
+        n >= 2 && lines[n - 2].starts_with("submission: ") && lines[n - 1].starts_with("report: "),
+        "{out}"
+    );
     let sub = last_line_value(&out, "submission").expect("submission line");
     let report = last_line_value(&out, "report").expect("report line");
     assert!(report.exists(), "{}", report.display());
     let solutions = gz_schema::read_solutions(&sub).expect("the submission reads as a Kaggle file");
     assert_eq!(solutions.len(), 8, "one row per test image");
-    assert!(t.path().join("data/synth/training_solutions_rev1.csv").exists());
+    assert!(t
+        .path()
+        .join("data/synth/training_solutions_rev1.csv")
+        .exists());
 
     // Second run: every stage is up to date, the same paths come out.
     let (ok2, out2, err2) = pipeline(t.path(), &[]);
     assert!(ok2, "{out2}\n{err2}");
     for s in ["synth", "prep", "train", "eval", "submit"] {
-        assert!(err2.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err2}");
+        assert!(
+            err2.contains(&format!("xtask: {s}: up to date")),
+            "{s} re-ran:\n{err2}"
+        );
     }
     assert_eq!(last_line_value(&out2, "submission"), Some(sub));
 
     // A changed training setting reruns train and what follows, not synth or prep.
     let (ok3, _out3, err3) = pipeline(t.path(), &["--batch", "8"]);
     assert!(ok3, "{err3}");
-    assert!(err3.contains("xtask: prep: up to date") && err3.contains("xtask: train: running because its command line changed"), "{err3}");
-    assert!(err3.contains("xtask: eval: running because its inputs changed"), "{err3}");
+    assert!(
+        err3.contains("xtask: prep: up to date")
+            && err3.contains("xtask: train: running because its command line changed"),
+        "{err3}"
+    );
+    assert!(
+        err3.contains("xtask: eval: running because its inputs changed"),
+        "{err3}"
+    );
 }
 
 #[test]
@@ -82,7 +107,11 @@ fn pipeline_with_data_rejects_a_folder_that_is_not_kaggle_layout() {
     std::fs::create_dir_all(&data).unwrap();
     let (ok, out, err) = pipeline(t.path(), &["--data", data.to_str().unwrap()]);
     assert!(!ok, "{out}");
-    assert!(err.contains("not a dataset in Kaggle layout") && err.contains("training_solutions_rev1.csv"), "{err}");
+    assert!(
+        err.contains("not a dataset in Kaggle layout")
+            && err.contains("training_solutions_rev1.csv"),
+        "{err}"
+    );
     assert!(!err.contains("synth:"), "no synth with --data: {err}");
 }
 
@@ -98,12 +127,19 @@ fn pipeline_rejects_unknown_options() {
 fn a_stage_that_is_not_built_stops_the_pipeline_plainly() {
     let t = support::tempdir();
     let stub = t.path().join("gz-stub");
-    std::fs::write(&stub, "#!/bin/sh\necho \"error: \\`gz $1\\` is not built yet\" >&2\nexit 1\n").unwrap();
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\necho \"error: \\`gz $1\\` is not built yet\" >&2\nexit 1\n",
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (ok, out, err) = pipeline_with(&stub, &t.path().join("root"), &[]);
     assert!(!ok, "{out}");
-    assert!(err.contains("pipeline stopped at `synth`: `gz synth` is not built yet"), "{err}");
+    assert!(
+        err.contains("pipeline stopped at `synth`: `gz synth` is not built yet"),
+        "{err}"
+    );
     assert!(!out.contains("submission:"), "{out}");
 }
 
@@ -145,5 +181,9 @@ fn pipeline_on_a_real_kaggle_layout_without_synthetic_extras() {
         .collect();
     want.sort_unstable();
     assert_eq!(ids, want, "one row per test image");
-    assert_eq!(before, listing(&data), "the dataset folder is left untouched");
+    assert_eq!(
+        before,
+        listing(&data),
+        "the dataset folder is left untouched"
+    );
 }

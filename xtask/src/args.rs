@@ -75,7 +75,10 @@ impl Args {
         if self.items.is_empty() {
             Ok(())
         } else {
-            bail!("unexpected argument(s): {} (see `cargo xtask help`)", self.items.join(" "))
+            bail!(
+                "unexpected argument(s): {} (see `cargo xtask help`)",
+                self.items.join(" ")
+            )
         }
     }
 }

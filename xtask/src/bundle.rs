@@ -15,8 +15,14 @@ use std::process::Command;
 /// The run script, with `@REQUIRED_LIBS@` to fill in.
 pub const RUN_SH: &str = include_str!("run.sh");
 /// Libraries assumed when the binary's dynamic section cannot be read.
-const FALLBACK_LIBS: &[&str] =
-    &["libcuda.so.1", "libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libnvrtc.so.13"];
+const FALLBACK_LIBS: &[&str] = &[
+    "libcuda.so.1",
+    "libcudart.so.13",
+    "libcublas.so.13",
+    "libcublasLt.so.13",
+    "libcurand.so.10",
+    "libnvrtc.so.13",
+];
 /// Libraries loaded at run time by some paths (cuBLAS loads cuBLASLt; NVRTC; cuDNN with the
 /// `cudnn` feature): `run.sh` adds their folders when it finds them.
 const OPTIONAL_LIBS: &[&str] = &["libcublasLt.so.13", "libnvrtc.so.13", "libcudnn.so.9"];
@@ -29,7 +35,22 @@ pub fn cuda_needed(readelf_out: &str) -> Vec<String> {
         .lines()
         .filter(|l| l.contains("(NEEDED)"))
         .filter_map(|l| Some(l.split('[').nth(1)?.split(']').next()?.to_string()))
-        .filter(|n| ["libcuda.", "libcudart", "libcublas", "libcurand", "libnvrtc", "libcudnn", "libnccl", "libcufft", "libcusparse", "libcusolver"].iter().any(|p| n.starts_with(p)))
+        .filter(|n| {
+            [
+                "libcuda.",
+                "libcudart",
+                "libcublas",
+                "libcurand",
+                "libnvrtc",
+                "libcudnn",
+                "libnccl",
+                "libcufft",
+                "libcusparse",
+                "libcusolver",
+            ]
+            .iter()
+            .any(|p| n.starts_with(p))
+        })
         .collect();
     v.sort();
     v.dedup();
@@ -38,21 +59,29 @@ pub fn cuda_needed(readelf_out: &str) -> Vec<String> {
 
 /// `run.sh` for a binary needing `libs`.
 pub fn run_sh(libs: &[String]) -> String {
-    RUN_SH.replace("@REQUIRED_LIBS@", &libs.join(" ")).replace("@OPTIONAL_LIBS@", &OPTIONAL_LIBS.join(" "))
+    RUN_SH
+        .replace("@REQUIRED_LIBS@", &libs.join(" "))
+        .replace("@OPTIONAL_LIBS@", &OPTIONAL_LIBS.join(" "))
 }
 
 fn sh(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn size_of_tree(p: &Path) -> u64 {
     if p.is_dir() {
-        std::fs::read_dir(p).map(|d| d.flatten().map(|e| size_of_tree(&e.path())).sum()).unwrap_or(0)
+        std::fs::read_dir(p)
+            .map(|d| d.flatten().map(|e| size_of_tree(&e.path())).sum())
+            .unwrap_or(0)
     } else {
         std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
     }
@@ -66,18 +95,27 @@ fn mib(b: u64) -> String {
 pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
     let root = workspace_root();
     if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("removing the old bundle {}", out.display()))?;
+        std::fs::remove_dir_all(out)
+            .with_context(|| format!("removing the old bundle {}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("bench"))?;
     let gz = out.join("gz");
-    if sh(Command::new("strip").arg("--strip-all").arg("-o").arg(&gz).arg(binary)).is_err() {
+    if sh(Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&gz)
+        .arg(binary))
+    .is_err()
+    {
         eprintln!("xtask: `strip` failed or is missing: bundling the unstripped binary");
         std::fs::copy(binary, &gz)?;
     }
     let libs = match sh(Command::new("readelf").arg("-d").arg(&gz)) {
         Ok(o) if !cuda_needed(&o).is_empty() => cuda_needed(&o),
         _ => {
-            eprintln!("xtask: could not read the binary's NEEDED libraries; assuming the usual CUDA set");
+            eprintln!(
+                "xtask: could not read the binary's NEEDED libraries; assuming the usual CUDA set"
+            );
             FALLBACK_LIBS.iter().map(|s| s.to_string()).collect()
         }
     };
@@ -106,16 +144,27 @@ pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
         std::fs::copy(&peer, out.join("bench/torch_peer.py"))?;
         copied.push("bench/torch_peer.py".into());
     } else {
-        eprintln!("xtask: {} not found: the bundle has no PyTorch peer benchmark", peer.display());
+        eprintln!(
+            "xtask: {} not found: the bundle has no PyTorch peer benchmark",
+            peer.display()
+        );
     }
     use std::os::unix::fs::PermissionsExt;
-    for f in std::iter::once("run.sh".to_string()).chain(copied.iter().filter(|c| c.ends_with(".sh")).cloned()) {
+    for f in std::iter::once("run.sh".to_string())
+        .chain(copied.iter().filter(|c| c.ends_with(".sh")).cloned())
+    {
         std::fs::set_permissions(out.join(&f), std::fs::Permissions::from_mode(0o755))?;
     }
-    let commit = sh(Command::new("git").args(["rev-parse", "HEAD"]).current_dir(&root)).map(|s| s.trim().to_string()).unwrap_or_default();
-    let dirty = sh(Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).current_dir(&root))
-        .map(|s| !s.trim().is_empty())
-        .unwrap_or(false);
+    let commit = sh(Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(&root))
+    .map(|s| s.trim().to_string())
+    .unwrap_or_default();
+    let dirty = sh(Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(&root))
+    .map(|s| !s.trim().is_empty())
+    .unwrap_or(false);
     let total = size_of_tree(out);
     let info = format!(
         "gz CUDA bundle\ncommit: {commit}{}\nbuilt with: {build_cmd}\nbinary: {carried} ({} stripped, {} carried)\nCUDA libraries needed: {}\nfiles: run.sh {}\ntotal: {}\nrun: ./run.sh --check; ./run.sh <gz arguments>\n",
@@ -128,7 +177,12 @@ pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
     );
     std::fs::write(out.join("BUNDLE.txt"), &info)?;
     if total > LIMIT {
-        bail!("the bundle {} is {}, over the {} limit", out.display(), mib(total), mib(LIMIT));
+        bail!(
+            "the bundle {} is {}, over the {} limit",
+            out.display(),
+            mib(total),
+            mib(LIMIT)
+        );
     }
     Ok(total)
 }
@@ -139,7 +193,9 @@ pub fn cmd(mut a: Args) -> Result<()> {
     let cudnn = a.flag("--cudnn");
     let no_setup = a.flag("--no-setup");
     let cwd = std::env::current_dir()?;
-    let out = a.path("--out")?.map(|p| if p.is_absolute() { p } else { cwd.join(p) });
+    let out = a
+        .path("--out")?
+        .map(|p| if p.is_absolute() { p } else { cwd.join(p) });
     let binary = a.path("--binary")?;
     a.finish()?;
     if !cuda {
@@ -156,16 +212,30 @@ pub fn cmd(mut a: Args) -> Result<()> {
         None => {
             let env = if no_setup {
                 let root = crate::cuda_setup::default_dir().join("cuda");
-                crate::cuda_setup::Toolkit { root, source: crate::cuda_setup::Source::Existing }
-                    .env(&std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| crate::cuda_setup::DEFAULT_COMPUTE_CAP.into()))
+                crate::cuda_setup::Toolkit {
+                    root,
+                    source: crate::cuda_setup::Source::Existing,
+                }
+                .env(
+                    &std::env::var("CUDA_COMPUTE_CAP")
+                        .unwrap_or_else(|_| crate::cuda_setup::DEFAULT_COMPUTE_CAP.into()),
+                )
             } else {
                 crate::cuda_setup::ensure_default()?
             };
-            Build { release: true, cuda_env: Some(env), cudnn }.run()?
+            Build {
+                release: true,
+                cuda_env: Some(env),
+                cudnn,
+            }
+            .run()?
         }
     };
     let total = write_bundle(&bin, &out, &build_cmd)?;
-    eprint!("{}", std::fs::read_to_string(out.join("BUNDLE.txt")).unwrap_or_default());
+    eprint!(
+        "{}",
+        std::fs::read_to_string(out.join("BUNDLE.txt")).unwrap_or_default()
+    );
     println!("bundle: {} ({})", out.display(), mib(total));
     Ok(())
 }
@@ -185,7 +255,11 @@ mod tests {
     fn fake_bundle(t: &Path, libs: &[&str]) -> PathBuf {
         let b = t.join("bundle");
         std::fs::create_dir_all(&b).unwrap();
-        std::fs::write(b.join("gz"), "#!/bin/sh\necho \"gz-args: $*\"\necho \"ld: $LD_LIBRARY_PATH\"\n").unwrap();
+        std::fs::write(
+            b.join("gz"),
+            "#!/bin/sh\necho \"gz-args: $*\"\necho \"ld: $LD_LIBRARY_PATH\"\n",
+        )
+        .unwrap();
         std::fs::set_permissions(b.join("gz"), std::fs::Permissions::from_mode(0o755)).unwrap();
         let libs: Vec<String> = libs.iter().map(|s| s.to_string()).collect();
         std::fs::write(b.join("run.sh"), run_sh(&libs)).unwrap();
@@ -212,8 +286,14 @@ mod tests {
         let out = run_sh_with(&b, libs.to_str().unwrap(), &["train", "--device", "cuda"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(127), "{err}");
-        assert!(err.contains("missing CUDA libraries: libcublas.so.13"), "{err}");
-        assert!(err.contains("libcuda.so.1") && err.contains(&libs.display().to_string()), "{err}");
+        assert!(
+            err.contains("missing CUDA libraries: libcublas.so.13"),
+            "{err}"
+        );
+        assert!(
+            err.contains("libcuda.so.1") && err.contains(&libs.display().to_string()),
+            "{err}"
+        );
         assert!(out.stdout.is_empty(), "gz must not run");
     }
 
@@ -226,27 +306,49 @@ mod tests {
             std::fs::create_dir_all(d).unwrap();
             std::fs::write(d.join(f), b"").unwrap();
         }
-        let search = format!("{}:{}:{}", t.path().join("empty").display(), l1.display(), l2.display());
+        let search = format!(
+            "{}:{}:{}",
+            t.path().join("empty").display(),
+            l1.display(),
+            l2.display()
+        );
         let out = run_sh_with(&b, &search, &["eval", "--run", "a b"]);
-        let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let (so, se) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
         assert!(out.status.success(), "{se}");
         assert!(so.contains("gz-args: eval --run a b"), "{so}");
-        assert!(so.contains(&format!("ld: {}:{}", l1.display(), l2.display())), "{so}");
-        assert!(se.contains("libcublas.so.13") && se.contains("GPU:"), "{se}");
+        assert!(
+            so.contains(&format!("ld: {}:{}", l1.display(), l2.display())),
+            "{so}"
+        );
+        assert!(
+            se.contains("libcublas.so.13") && se.contains("GPU:"),
+            "{se}"
+        );
     }
 
     #[test]
     fn run_sh_unpacks_a_gzipped_binary() {
         let t = tempfile::tempdir().unwrap();
         let b = fake_bundle(t.path(), &["libcuda.so.1"]);
-        let st = Command::new("gzip").arg("-n").arg(b.join("gz")).status().unwrap();
+        let st = Command::new("gzip")
+            .arg("-n")
+            .arg(b.join("gz"))
+            .status()
+            .unwrap();
         assert!(st.success());
         assert!(!b.join("gz").exists());
         let libs = t.path().join("libs");
         std::fs::create_dir_all(&libs).unwrap();
         std::fs::write(libs.join("libcuda.so.1"), b"").unwrap();
         let out = run_sh_with(&b, libs.to_str().unwrap(), &["--version"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stdout).contains("gz-args: --version"));
         assert!(b.join("gz").exists());
     }

@@ -10,7 +10,8 @@ use std::process::Command;
 /// The workspace root (the folder above `xtask/`).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().map_or_else(|| here.to_path_buf(), Path::to_path_buf)
+    here.parent()
+        .map_or_else(|| here.to_path_buf(), Path::to_path_buf)
 }
 
 /// How to build `gz`.
@@ -37,12 +38,17 @@ impl Build {
 
     pub fn binary(&self) -> PathBuf {
         let profile = if self.release { "release" } else { "debug" };
-        self.target_dir().join(profile).join(format!("gz{}", std::env::consts::EXE_SUFFIX))
+        self.target_dir()
+            .join(profile)
+            .join(format!("gz{}", std::env::consts::EXE_SUFFIX))
     }
 
     /// The cargo command line, for messages and docs.
     pub fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> = ["build", "-p", "gz-cli", "--bin", "gz"].iter().map(|s| s.to_string()).collect();
+        let mut a: Vec<String> = ["build", "-p", "gz-cli", "--bin", "gz"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         if self.release {
             a.push("--release".into());
         }
@@ -64,8 +70,18 @@ impl Build {
                 cmd.env(k, v);
             }
         }
-        eprintln!("xtask: cargo {}{}", self.args().join(" "), if self.cuda_env.is_some() { "  (CARGO_TARGET_DIR=target/cuda)" } else { "" });
-        let status = cmd.status().with_context(|| format!("running {}", Path::new(&cargo).display()))?;
+        eprintln!(
+            "xtask: cargo {}{}",
+            self.args().join(" "),
+            if self.cuda_env.is_some() {
+                "  (CARGO_TARGET_DIR=target/cuda)"
+            } else {
+                ""
+            }
+        );
+        let status = cmd
+            .status()
+            .with_context(|| format!("running {}", Path::new(&cargo).display()))?;
         if !status.success() {
             bail!("building gz failed ({status})");
         }

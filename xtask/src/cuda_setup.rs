@@ -31,7 +31,13 @@ pub const WHEELS: &[&str] = &[
 ];
 
 /// Libraries the build links against, as unversioned names in `lib64/`.
-const LIBS: &[&str] = &["libcudart.so", "libcublas.so", "libcublasLt.so", "libcurand.so", "libnvrtc.so"];
+const LIBS: &[&str] = &[
+    "libcudart.so",
+    "libcublas.so",
+    "libcublasLt.so",
+    "libcurand.so",
+    "libnvrtc.so",
+];
 /// Link stubs in `lib64/stubs/`: (file, soname, cudarc source file, symbol prefix).
 const STUBS: &[(&str, &str, &str, &str)] = &[
     ("libcuda.so", "libcuda.so.1", "driver/sys/mod.rs", "cu"),
@@ -64,7 +70,11 @@ impl Toolkit {
         let r = self.root.to_string_lossy().into_owned();
         let path = std::env::var("PATH").unwrap_or_default();
         let bin = format!("{r}/bin");
-        let new_path = if path.split(':').any(|p| p == bin) { path } else { format!("{bin}:{path}") };
+        let new_path = if path.split(':').any(|p| p == bin) {
+            path
+        } else {
+            format!("{bin}:{path}")
+        };
         vec![
             ("CUDA_ROOT".into(), r.clone()),
             ("CUDA_HOME".into(), r.clone()),
@@ -97,7 +107,10 @@ pub fn missing_in_layout(root: &Path) -> Vec<String> {
     need.extend(LIBS.iter().map(|l| root.join("lib64").join(l)));
     need.extend(STUBS.iter().map(|s| root.join("lib64/stubs").join(s.0)));
     // `exists` follows symlinks, so a dangling link into a removed venv counts as missing.
-    need.into_iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect()
+    need.into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// A CUDA root whose `bin/nvcc` exists.
@@ -159,12 +172,19 @@ pub fn stub_source(rust_src: &str, prefix: &str) -> String {
         .lines()
         .filter_map(|l| l.trim_start().strip_prefix("pub unsafe fn "))
         .filter(|rest| rest.starts_with(prefix))
-        .map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or(""))
+        .map(|rest| {
+            rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("")
+        })
         .filter(|n| !n.is_empty())
         .collect();
     names.sort_unstable();
     names.dedup();
-    names.iter().map(|n| format!("int {n}(void){{return 999;}}\n")).collect()
+    names
+        .iter()
+        .map(|n| format!("int {n}(void){{return 999;}}\n"))
+        .collect()
 }
 
 /// The cudarc version in the workspace's Cargo.lock.
@@ -172,7 +192,11 @@ pub fn cudarc_version(lock: &str) -> Option<String> {
     let mut lines = lock.lines();
     while let Some(l) = lines.next() {
         if l.trim() == "name = \"cudarc\"" {
-            let v = lines.next()?.trim().strip_prefix("version = \"")?.strip_suffix('"')?;
+            let v = lines
+                .next()?
+                .trim()
+                .strip_prefix("version = \"")?
+                .strip_suffix('"')?;
             return Some(v.to_string());
         }
     }
@@ -193,7 +217,11 @@ fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -217,7 +245,11 @@ fn cudarc_src(dir: &Path) -> Result<PathBuf> {
         let mut found = None;
         for sub in ["src", "cache"] {
             for e in std::fs::read_dir(reg.join(sub)).ok()?.flatten() {
-                let cand = if sub == "src" { e.path().join(&name) } else { e.path().join(format!("{name}.crate")) };
+                let cand = if sub == "src" {
+                    e.path().join(&name)
+                } else {
+                    e.path().join(format!("{name}.crate"))
+                };
                 if cand.exists() {
                     found = Some(cand);
                     break;
@@ -234,7 +266,9 @@ fn cudarc_src(dir: &Path) -> Result<PathBuf> {
         None => {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             run(Command::new(cargo).arg("fetch").current_dir(&root))?;
-            find().with_context(|| format!("{name} is not in the cargo registry even after `cargo fetch`"))?
+            find().with_context(|| {
+                format!("{name} is not in the cargo registry even after `cargo fetch`")
+            })?
         }
     };
     if located.is_dir() {
@@ -242,12 +276,17 @@ fn cudarc_src(dir: &Path) -> Result<PathBuf> {
     }
     let dst = dir.join("src");
     std::fs::create_dir_all(&dst)?;
-    run(Command::new("tar").arg("-xzf").arg(&located).arg("-C").arg(&dst))?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&located)
+        .arg("-C")
+        .arg(&dst))?;
     Ok(dst.join(&name).join("src"))
 }
 
 fn symlink(target: &Path, link: &Path) -> Result<()> {
-    std::os::unix::fs::symlink(target, link).with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+    std::os::unix::fs::symlink(target, link)
+        .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
 }
 
 /// Installs the wheels, the CUDA root and the stubs into `dir` (root `dir/cuda`).
@@ -257,13 +296,18 @@ fn install(dir: &Path) -> Result<PathBuf> {
     if !venv.join("bin/pip").exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "--no-deps"]).args(WHEELS))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--no-deps"])
+        .args(WHEELS))?;
     let cu13 = PathBuf::from(output(Command::new(venv.join("bin/python")).args([
         "-c",
         "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))",
     ]))?);
     if !cu13.join("bin/nvcc").is_file() {
-        bail!("the wheels installed, but {} has no bin/nvcc", cu13.display());
+        bail!(
+            "the wheels installed, but {} has no bin/nvcc",
+            cu13.display()
+        );
     }
     // Build the root beside its final place, then swap it in.
     let root = dir.join("cuda");
@@ -276,10 +320,15 @@ fn install(dir: &Path) -> Result<PathBuf> {
     for d in ["bin", "include", "nvvm"] {
         symlink(&cu13.join(d), &tmp.join(d))?;
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(cu13.join("lib"))?.flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(cu13.join("lib"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for f in entries {
-        let Some(b) = f.file_name().map(|b| b.to_string_lossy().into_owned()) else { continue };
+        let Some(b) = f.file_name().map(|b| b.to_string_lossy().into_owned()) else {
+            continue;
+        };
         let Some(pos) = b.find(".so.") else { continue };
         symlink(&f, &lib64.join(&b))?;
         let unversioned = lib64.join(format!("{}.so", &b[..pos]));
@@ -291,12 +340,19 @@ fn install(dir: &Path) -> Result<PathBuf> {
     let src = cudarc_src(dir)?;
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
     for (file, soname, rs, prefix) in STUBS {
-        let rust = std::fs::read_to_string(src.join(rs)).with_context(|| format!("reading {}", src.join(rs).display()))?;
+        let rust = std::fs::read_to_string(src.join(rs))
+            .with_context(|| format!("reading {}", src.join(rs).display()))?;
         let c = stub_source(&rust, prefix);
         if c.is_empty() {
-            bail!("no `pub unsafe fn {prefix}*` found in {}", src.join(rs).display());
+            bail!(
+                "no `pub unsafe fn {prefix}*` found in {}",
+                src.join(rs).display()
+            );
         }
-        let c_path = lib64.join("stubs").join(format!("{}_stub.c", file.trim_start_matches("lib").trim_end_matches(".so")));
+        let c_path = lib64.join("stubs").join(format!(
+            "{}_stub.c",
+            file.trim_start_matches("lib").trim_end_matches(".so")
+        ));
         std::fs::write(&c_path, c)?;
         run(Command::new(&cc)
             .args(["-shared", "-fPIC", &format!("-Wl,-soname,{soname}"), "-o"])
@@ -304,14 +360,18 @@ fn install(dir: &Path) -> Result<PathBuf> {
             .arg(&c_path))?;
     }
     if root.exists() || root.symlink_metadata().is_ok() {
-        std::fs::remove_dir_all(&root).with_context(|| format!("removing the incomplete {}", root.display()))?;
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("removing the incomplete {}", root.display()))?;
     }
     std::fs::rename(&tmp, &root)?;
     let stamp = serde_json::json!({ "wheels": WHEELS, "cudarc_src": src.to_string_lossy(), "root": root.to_string_lossy() });
     std::fs::write(dir.join(STAMP), serde_json::to_string_pretty(&stamp)?)?;
     let missing = missing_in_layout(&root);
     if !missing.is_empty() {
-        bail!("setup finished but the layout is incomplete; missing: {}", missing.join(", "));
+        bail!(
+            "setup finished but the layout is incomplete; missing: {}",
+            missing.join(", ")
+        );
     }
     Ok(root)
 }
@@ -326,7 +386,13 @@ fn existing_ok(dir: &Path) -> bool {
         Err(_) => true,
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
             .ok()
-            .and_then(|v| v["wheels"].as_array().map(|w| w.iter().filter_map(|x| x.as_str()).eq(WHEELS.iter().copied())))
+            .and_then(|v| {
+                v["wheels"].as_array().map(|w| {
+                    w.iter()
+                        .filter_map(|x| x.as_str())
+                        .eq(WHEELS.iter().copied())
+                })
+            })
             .unwrap_or(false),
     }
 }
@@ -335,20 +401,40 @@ fn existing_ok(dir: &Path) -> bool {
 pub fn plan(dir: &Path, explicit_dir: bool, system: Option<PathBuf>) -> Option<Toolkit> {
     if !explicit_dir {
         if let Some(root) = system {
-            return Some(Toolkit { root, source: Source::System });
+            return Some(Toolkit {
+                root,
+                source: Source::System,
+            });
         }
     }
-    existing_ok(dir).then(|| Toolkit { root: dir.join("cuda"), source: Source::Existing })
+    existing_ok(dir).then(|| Toolkit {
+        root: dir.join("cuda"),
+        source: Source::Existing,
+    })
 }
 
 /// Uses what is there or installs into `dir`.
 pub fn ensure(dir: &Path, explicit_dir: bool) -> Result<Toolkit> {
-    if let Some(t) = plan(dir, explicit_dir, if explicit_dir { None } else { detect_from_env(dir) }) {
+    if let Some(t) = plan(
+        dir,
+        explicit_dir,
+        if explicit_dir {
+            None
+        } else {
+            detect_from_env(dir)
+        },
+    ) {
         return Ok(t);
     }
-    eprintln!("xtask: installing the CUDA 13.0 toolkit wheels into {} (about 1.3 GB)", dir.display());
+    eprintln!(
+        "xtask: installing the CUDA 13.0 toolkit wheels into {} (about 1.3 GB)",
+        dir.display()
+    );
     let root = install(dir)?;
-    Ok(Toolkit { root, source: Source::Installed })
+    Ok(Toolkit {
+        root,
+        source: Source::Installed,
+    })
 }
 
 /// For `build --cuda` / `pipeline --cuda`: the default toolkit's build environment.
@@ -361,15 +447,25 @@ pub fn ensure_default() -> Result<Vec<(String, String)>> {
 /// `cargo xtask cuda-setup [--dir DIR] [--compute-cap N]`.
 pub fn cmd(mut a: Args) -> Result<()> {
     let cwd = std::env::current_dir()?;
-    let given = a.path("--dir")?.map(|d| if d.is_absolute() { d } else { cwd.join(d) });
-    let cap = a.value("--compute-cap")?.unwrap_or_else(|| DEFAULT_COMPUTE_CAP.into());
+    let given = a
+        .path("--dir")?
+        .map(|d| if d.is_absolute() { d } else { cwd.join(d) });
+    let cap = a
+        .value("--compute-cap")?
+        .unwrap_or_else(|| DEFAULT_COMPUTE_CAP.into());
     a.finish()?;
     let explicit = given.is_some();
     let dir = given.unwrap_or_else(default_dir);
     let t = ensure(&dir, explicit)?;
     match t.source {
-        Source::System => eprintln!("xtask: using the CUDA toolkit installed on this machine: {}", t.root.display()),
-        Source::Existing => eprintln!("xtask: {} is complete already: nothing to do", t.root.display()),
+        Source::System => eprintln!(
+            "xtask: using the CUDA toolkit installed on this machine: {}",
+            t.root.display()
+        ),
+        Source::Existing => eprintln!(
+            "xtask: {} is complete already: nothing to do",
+            t.root.display()
+        ),
         Source::Installed => eprintln!("xtask: installed the CUDA root {}", t.root.display()),
     }
     eprintln!("xtask: build with: CARGO_TARGET_DIR=target/cuda cargo build --release -p gz-cli --features cuda   (or `cargo xtask build --cuda`)");
@@ -408,7 +504,10 @@ mod tests {
             stub_source(rs, "cu"),
             "int cuInit(void){return 999;}\nint cuMemAlloc_v2(void){return 999;}\nint cudnnCreate(void){return 999;}\n"
         );
-        assert_eq!(stub_source(rs, "cudnn"), "int cudnnCreate(void){return 999;}\n");
+        assert_eq!(
+            stub_source(rs, "cudnn"),
+            "int cudnnCreate(void){return 999;}\n"
+        );
     }
 
     #[test]
@@ -429,22 +528,37 @@ mod tests {
         // nothing set: nothing found
         assert_eq!(detect_system(None, None, None, None, &ours), None);
         // CUDA_HOME pointing at a real toolkit
-        assert_eq!(detect_system(Some(sys.clone().into()), None, None, None, &ours), Some(sys.clone()));
+        assert_eq!(
+            detect_system(Some(sys.clone().into()), None, None, None, &ours),
+            Some(sys.clone())
+        );
         // CUDA_PATH without bin/nvcc is ignored
-        assert_eq!(detect_system(None, Some(t.path().join("empty").into()), None, None, &ours), None);
+        assert_eq!(
+            detect_system(None, Some(t.path().join("empty").into()), None, None, &ours),
+            None
+        );
         // nvcc on PATH: root is the folder above bin
         let path = std::env::join_paths([t.path().join("nope"), sys.join("bin")]).unwrap();
-        assert_eq!(detect_system(None, None, None, Some(path), &ours), Some(sys.clone()));
+        assert_eq!(
+            detect_system(None, None, None, Some(path), &ours),
+            Some(sys.clone())
+        );
         // our own toolkit exported in the environment is not a system toolkit
         let path = std::env::join_paths([our_root.join("bin")]).unwrap();
-        assert_eq!(detect_system(Some(our_root.clone().into()), None, None, Some(path), &ours), None);
+        assert_eq!(
+            detect_system(Some(our_root.clone().into()), None, None, Some(path), &ours),
+            None
+        );
     }
 
     #[test]
     fn complete_layout_is_a_no_op_and_incomplete_is_not() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("tk");
-        assert!(plan(&dir, true, None).is_none(), "empty dir needs an install");
+        assert!(
+            plan(&dir, true, None).is_none(),
+            "empty dir needs an install"
+        );
         fake_layout(&dir);
         assert!(missing_in_layout(&dir.join("cuda")).is_empty());
         let before = crate::fingerprint::identity(&dir).unwrap();
@@ -457,8 +571,14 @@ mod tests {
         assert_eq!(before, crate::fingerprint::identity(&dir).unwrap());
         // a system toolkit wins when no --dir is given
         let sys = t.path().join("sys");
-        assert_eq!(plan(&dir, false, Some(sys.clone())).unwrap().source, Source::System);
-        assert_eq!(plan(&dir, true, Some(sys)).unwrap().source, Source::Existing);
+        assert_eq!(
+            plan(&dir, false, Some(sys.clone())).unwrap().source,
+            Source::System
+        );
+        assert_eq!(
+            plan(&dir, true, Some(sys)).unwrap().source,
+            Source::Existing
+        );
         // a stamp with other pins means reinstall
         std::fs::write(dir.join(STAMP), r#"{"wheels":["nvidia-cuda-nvcc==12.0"]}"#).unwrap();
         assert!(plan(&dir, true, None).is_none());
@@ -475,10 +595,15 @@ mod tests {
 
     #[test]
     fn env_and_export_line() {
-        let tk = Toolkit { root: PathBuf::from("/x/cuda"), source: Source::Existing };
+        let tk = Toolkit {
+            root: PathBuf::from("/x/cuda"),
+            source: Source::Existing,
+        };
         let env = tk.env("90");
         assert!(env.contains(&("CUDA_HOME".to_string(), "/x/cuda".to_string())));
-        assert!(env.iter().any(|(k, v)| k == "PATH" && v.starts_with("/x/cuda/bin")));
+        assert!(env
+            .iter()
+            .any(|(k, v)| k == "PATH" && v.starts_with("/x/cuda/bin")));
         assert_eq!(
             tk.export_line("90"),
             "export CUDA_ROOT=/x/cuda CUDA_HOME=/x/cuda CUDA_PATH=/x/cuda PATH=/x/cuda/bin:$PATH CUDA_COMPUTE_CAP=90"

@@ -56,7 +56,12 @@ pub fn identity(path: &Path) -> Result<String> {
     }
     let mut acc = Acc::default();
     walk(path, "", &mut acc)?;
-    Ok(format!("files={} bytes={} fnv={:016x}", acc.files, acc.bytes, acc.hash.finish()))
+    Ok(format!(
+        "files={} bytes={} fnv={:016x}",
+        acc.files,
+        acc.bytes,
+        acc.hash.finish()
+    ))
 }
 
 /// Identity of the listed members of `dir` (each a file or folder; missing ones count as missing).
@@ -69,7 +74,8 @@ pub fn identity_of(dir: &Path, members: &[&str]) -> Result<String> {
 }
 
 fn walk(path: &Path, rel: &str, acc: &mut Acc) -> Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading metadata of {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading metadata of {}", path.display()))?;
     if meta.is_dir() {
         let mut names: Vec<_> = std::fs::read_dir(path)
             .with_context(|| format!("listing {}", path.display()))?
@@ -79,7 +85,11 @@ fn walk(path: &Path, rel: &str, acc: &mut Acc) -> Result<()> {
         names.sort();
         for name in names {
             let name_s = name.to_string_lossy();
-            let child_rel = if rel.is_empty() { name_s.to_string() } else { format!("{rel}/{name_s}") };
+            let child_rel = if rel.is_empty() {
+                name_s.to_string()
+            } else {
+                format!("{rel}/{name_s}")
+            };
             walk(&path.join(&name), &child_rel, acc)?;
         }
     } else {
@@ -106,7 +116,10 @@ mod tests {
         // FNV-1a of "" then the separator byte
         let mut h = Fnv::default();
         h.write(b"");
-        assert_eq!(h.finish(), (0xcbf2_9ce4_8422_2325u64 ^ 0xff).wrapping_mul(0x0100_0000_01b3));
+        assert_eq!(
+            h.finish(),
+            (0xcbf2_9ce4_8422_2325u64 ^ 0xff).wrapping_mul(0x0100_0000_01b3)
+        );
         assert_ne!(hash_str("ab"), hash_str("ba"));
     }
 

@@ -22,7 +22,11 @@ pub enum Failure {
 }
 
 /// Runs `gz args...` in `cwd`.
-pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
+pub fn run(
+    gz: &Path,
+    args: &[String],
+    cwd: &Path,
+) -> Result<std::result::Result<Finished, Failure>> {
     eprintln!("xtask: $ {} {}", gz.display(), shell_words(args));
     let mut child = Command::new(gz)
         .args(args)
@@ -60,12 +64,26 @@ pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result
     if status.success() {
         return Ok(Ok(Finished { stdout: out }));
     }
-    if let Some(line) = err_lines.iter().chain(out.lines().map(String::from).collect::<Vec<_>>().iter()).find(|l| l.contains("not built yet")) {
+    if let Some(line) = err_lines
+        .iter()
+        .chain(out.lines().map(String::from).collect::<Vec<_>>().iter())
+        .find(|l| l.contains("not built yet"))
+    {
         let msg = line.trim().trim_start_matches("error:").trim().to_string();
         return Ok(Err(Failure::NotBuilt(msg)));
     }
-    let tail = err_lines.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join("\n");
-    Ok(Err(Failure::Failed { status: status.to_string(), stderr_tail: tail }))
+    let tail = err_lines
+        .iter()
+        .rev()
+        .take(5)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok(Err(Failure::Failed {
+        status: status.to_string(),
+        stderr_tail: tail,
+    }))
 }
 
 /// The last line of `stdout` of the form `<key>: <value>`.
@@ -81,7 +99,13 @@ pub fn result_line(stdout: &str, key: &str) -> Option<String> {
 /// Arguments joined for display, quoting those with spaces.
 pub fn shell_words(args: &[String]) -> String {
     args.iter()
-        .map(|a| if a.is_empty() || a.contains(char::is_whitespace) { format!("'{a}'") } else { a.clone() })
+        .map(|a| {
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                format!("'{a}'")
+            } else {
+                a.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -19,7 +19,11 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The files of a Kaggle-layout dataset that stages read.
-const KAGGLE_MEMBERS: &[&str] = &["training_solutions_rev1.csv", "images_training_rev1", "images_test_rev1"];
+const KAGGLE_MEMBERS: &[&str] = &[
+    "training_solutions_rev1.csv",
+    "images_training_rev1",
+    "images_test_rev1",
+];
 
 /// Defaults sized so the whole pipeline finishes in minutes on a 2-core CPU: the trainer's
 /// measured CPU recipe (docs/benchmarks.md, "Training on CPU"): `tiny` on 32×32 inputs, batch 16,
@@ -90,14 +94,22 @@ impl Ctx {
             Some(p) => GzSource::Given(absolute(p, &cwd)),
             None => GzSource::Build(Build {
                 release: !debug,
-                cuda_env: if cuda { Some(crate::cuda_setup::ensure_default()?) } else { None },
+                cuda_env: if cuda {
+                    Some(crate::cuda_setup::ensure_default()?)
+                } else {
+                    None
+                },
                 cudnn: a.flag("--cudnn"),
             }),
         };
         let seed_arg = a.parsed::<u64>("--seed")?;
-        let device: String = a.value("--device")?.unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
+        let device: String =
+            a.value("--device")?
+                .unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
         let on_cpu = device == "cpu";
-        let model = a.value("--model")?.unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        let model = a
+            .value("--model")?
+            .unwrap_or_else(|| DEFAULT_MODEL.to_string());
         let name = match a.value("--name")? {
             Some(n) => n,
             None => {
@@ -105,7 +117,10 @@ impl Ctx {
                     None => "synth".to_string(),
                     Some(d) => d
                         .file_name()
-                        .map(|n| n.to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"))
+                        .map(|n| {
+                            n.to_string_lossy()
+                                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+                        })
                         .unwrap_or_else(|| "data".into()),
                 };
                 format!("{ds}-{model}")
@@ -121,8 +136,12 @@ impl Ctx {
             model,
             epochs: a.parsed("--epochs")?.unwrap_or(DEFAULT_EPOCHS),
             device,
-            batch: a.parsed("--batch")?.or(if on_cpu { Some(CPU_BATCH) } else { None }),
-            size: a.parsed("--size")?.or(if on_cpu { Some(CPU_SIZE) } else { None }),
+            batch: a
+                .parsed("--batch")?
+                .or(if on_cpu { Some(CPU_BATCH) } else { None }),
+            size: a
+                .parsed("--size")?
+                .or(if on_cpu { Some(CPU_SIZE) } else { None }),
             augment: a.flag("--augment") || !on_cpu,
             precision: a.value("--precision")?,
             tta: a.parsed("--tta")?,
@@ -138,7 +157,9 @@ impl Ctx {
     }
 
     fn data_dir(&self) -> PathBuf {
-        self.real_data.clone().unwrap_or_else(|| self.root.join("data").join("synth"))
+        self.real_data
+            .clone()
+            .unwrap_or_else(|| self.root.join("data").join("synth"))
     }
     fn cache_root(&self) -> PathBuf {
         self.root.join("data").join("cache")
@@ -176,7 +197,9 @@ impl Ctx {
     fn dataset_identity(&self) -> Result<String> {
         let d = self.data_dir();
         let id = fingerprint::identity_of(&d, KAGGLE_MEMBERS)?;
-        if id.contains("images_training_rev1: missing") || id.contains("training_solutions_rev1.csv: missing") {
+        if id.contains("images_training_rev1: missing")
+            || id.contains("training_solutions_rev1.csv: missing")
+        {
             bail!(
                 "{} is not a dataset in Kaggle layout: it needs training_solutions_rev1.csv, images_training_rev1/ and images_test_rev1/",
                 d.display()
@@ -194,13 +217,21 @@ impl Ctx {
         Stamp::load(&sp)
             .and_then(|s| s.output("cache").map(Path::to_path_buf))
             .filter(|p| p.exists())
-            .with_context(|| format!("no shard cache for {} yet: run `cargo xtask prep` first (or pass --cache DIR)", self.data_dir().display()))
+            .with_context(|| {
+                format!(
+                    "no shard cache for {} yet: run `cargo xtask prep` first (or pass --cache DIR)",
+                    self.data_dir().display()
+                )
+            })
     }
 
     fn need_run(&self) -> Result<PathBuf> {
         let r = self.run_dir();
         if !r.join("best.safetensors").exists() && !r.join("best.json").exists() {
-            bail!("no trained run in {} yet: run `cargo xtask train` first (or pass --name RUN)", r.display());
+            bail!(
+                "no trained run in {} yet: run `cargo xtask train` first (or pass --name RUN)",
+                r.display()
+            );
         }
         Ok(r)
     }
@@ -233,7 +264,11 @@ fn stage(
         Some(s) => match s.stale_reason(&flat, &inputs)? {
             None => {
                 eprintln!("xtask: {name}: up to date (stamp {})", sp.display());
-                return Ok(Done { stage: name, ran: false, stamp: s });
+                return Ok(Done {
+                    stage: name,
+                    ran: false,
+                    stamp: s,
+                });
             }
             Some(r) => r,
         },
@@ -253,72 +288,143 @@ fn stage(
             Err(Failure::NotBuilt(msg)) => {
                 bail!("{msg} (nothing was produced for `{name}`; the stages after it were not run)")
             }
-            Err(Failure::Failed { status, stderr_tail }) => {
-                bail!("stage `{name}` failed: `gz {}` ended with {status}{}", c.first().map_or("", String::as_str),
-                    if stderr_tail.is_empty() { String::new() } else { format!(":\n{stderr_tail}") })
+            Err(Failure::Failed {
+                status,
+                stderr_tail,
+            }) => {
+                bail!(
+                    "stage `{name}` failed: `gz {}` ended with {status}{}",
+                    c.first().map_or("", String::as_str),
+                    if stderr_tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(":\n{stderr_tail}")
+                    }
+                )
             }
         }
     }
     let outs = outputs(&last)?;
     for o in &outs {
         if !o.path.exists() {
-            bail!("stage `{name}` finished but its output {} ({}) does not exist", o.label, o.path.display());
+            bail!(
+                "stage `{name}` finished but its output {} ({}) does not exist",
+                o.label,
+                o.path.display()
+            );
         }
     }
     let stamp = Stamp::save(&sp, name, &flat, &inputs, &outs, &all_stdout)?;
-    eprintln!("xtask: {name}: done in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(Done { stage: name, ran: true, stamp })
+    eprintln!(
+        "xtask: {name}: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Done {
+        stage: name,
+        ran: true,
+        stamp,
+    })
 }
 
 fn run_synth(ctx: &mut Ctx) -> Result<Done> {
     if let Some(d) = &ctx.real_data {
-        bail!("--data {} given: there is nothing to synthesize", d.display());
+        bail!(
+            "--data {} given: there is nothing to synthesize",
+            d.display()
+        );
     }
     let out = ctx.data_dir();
     let cmd = vec![
-        "synth".into(), "--out".into(), Ctx::s(&out),
-        "--train".into(), ctx.synth_train.to_string(),
-        "--test".into(), ctx.synth_test.to_string(),
-        "--seed".into(), ctx.seed.to_string(),
+        "synth".into(),
+        "--out".into(),
+        Ctx::s(&out),
+        "--train".into(),
+        ctx.synth_train.to_string(),
+        "--test".into(),
+        ctx.synth_test.to_string(),
+        "--seed".into(),
+        ctx.seed.to_string(),
     ];
     let out2 = out.clone();
-    stage(ctx, "synth", &out, vec![cmd], vec![], move || {
-        // data/synth is ours (synth never runs with --data): clear a stale or interrupted set,
-        // but never a folder holding something else.
-        if out2.exists() {
-            if out2.join("synth.json").exists() || out2.join("images_training_rev1").exists() {
-                eprintln!("xtask: synth: replacing {}", out2.display());
-                std::fs::remove_dir_all(&out2).with_context(|| format!("removing {}", out2.display()))?;
-            } else if std::fs::read_dir(&out2).map(|mut d| d.next().is_some()).unwrap_or(false) {
-                bail!("{} exists and was not written by `gz synth`; move it away or pass --root", out2.display());
+    stage(
+        ctx,
+        "synth",
+        &out,
+        vec![cmd],
+        vec![],
+        move || {
+            // data/synth is ours (synth never runs with --data): clear a stale or interrupted set,
+            // but never a folder holding something else.
+            if out2.exists() {
+                if out2.join("synth.json").exists() || out2.join("images_training_rev1").exists() {
+                    eprintln!("xtask: synth: replacing {}", out2.display());
+                    std::fs::remove_dir_all(&out2)
+                        .with_context(|| format!("removing {}", out2.display()))?;
+                } else if std::fs::read_dir(&out2)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false)
+                {
+                    bail!(
+                        "{} exists and was not written by `gz synth`; move it away or pass --root",
+                        out2.display()
+                    );
+                }
             }
-        }
-        Ok(())
-    }, |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]))
+            Ok(())
+        },
+        |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]),
+    )
 }
 
 fn run_prep(ctx: &mut Ctx) -> Result<Done> {
     let data = ctx.data_dir();
-    let mut cmd = vec!["prep".into(), "--data".into(), Ctx::s(&data), "--cache".into(), Ctx::s(&ctx.cache_root())];
+    let mut cmd = vec![
+        "prep".into(),
+        "--data".into(),
+        Ctx::s(&data),
+        "--cache".into(),
+        Ctx::s(&ctx.cache_root()),
+    ];
     if let Some(size) = ctx.size {
         cmd.extend(["--size".into(), size.to_string()]);
     }
     cmd.extend(ctx.prep_args.iter().cloned());
     let inputs = vec![("dataset".to_string(), ctx.dataset_identity()?)];
     let root = ctx.root.clone();
-    stage(ctx, "prep", &data, vec![cmd], inputs, || Ok(()), move |stdout| {
-        let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
-        Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
-    })
+    stage(
+        ctx,
+        "prep",
+        &data,
+        vec![cmd],
+        inputs,
+        || Ok(()),
+        move |stdout| {
+            let c = gz::result_line(stdout, "cache")
+                .context("`gz prep` did not print a `cache: <path>` line")?;
+            Ok(vec![Output::new(
+                "cache",
+                &absolute(PathBuf::from(c), &root),
+                &[],
+            )])
+        },
+    )
 }
 
 fn run_train(ctx: &mut Ctx) -> Result<Done> {
     let cache = ctx.cache()?;
     let run = ctx.run_dir();
     let mut cmd = vec![
-        "train".into(), "--cache".into(), Ctx::s(&cache), "--model".into(), ctx.model.clone(),
-        "--epochs".into(), ctx.epochs.to_string(), "--device".into(), ctx.device.clone(),
-        "--out".into(), Ctx::s(&run),
+        "train".into(),
+        "--cache".into(),
+        Ctx::s(&cache),
+        "--model".into(),
+        ctx.model.clone(),
+        "--epochs".into(),
+        ctx.epochs.to_string(),
+        "--device".into(),
+        ctx.device.clone(),
+        "--out".into(),
+        Ctx::s(&run),
     ];
     if let Some(b) = ctx.batch {
         cmd.extend(["--batch".into(), b.to_string()]);
@@ -335,13 +441,28 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     cmd.extend(ctx.train_args.iter().cloned());
     let inputs = vec![("cache".to_string(), fingerprint::identity(&cache)?)];
     let run2 = run.clone();
-    stage(ctx, "train", &run, vec![cmd], inputs, move || {
-        if run2.exists() {
-            eprintln!("xtask: train: replacing the stale run {}", run2.display());
-            std::fs::remove_dir_all(&run2).with_context(|| format!("removing {}", run2.display()))?;
-        }
-        Ok(())
-    }, |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]))
+    stage(
+        ctx,
+        "train",
+        &run,
+        vec![cmd],
+        inputs,
+        move || {
+            if run2.exists() {
+                eprintln!("xtask: train: replacing the stale run {}", run2.display());
+                std::fs::remove_dir_all(&run2)
+                    .with_context(|| format!("removing {}", run2.display()))?;
+            }
+            Ok(())
+        },
+        |_| {
+            Ok(vec![Output::new(
+                "run",
+                &run,
+                &["best.safetensors", "best.json"],
+            )])
+        },
+    )
 }
 
 fn run_identity(run: &Path) -> Result<String> {
@@ -354,21 +475,46 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
     let data = ctx.data_dir();
     let report = ctx.report_dir();
     let cmd = vec![
-        "eval".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--data".into(), Ctx::s(&data),
-        "--device".into(), ctx.device.clone(), "--report".into(), Ctx::s(&report),
+        "eval".into(),
+        "--run".into(),
+        Ctx::s(&run),
+        "--cache".into(),
+        Ctx::s(&cache),
+        "--data".into(),
+        Ctx::s(&data),
+        "--device".into(),
+        ctx.device.clone(),
+        "--report".into(),
+        Ctx::s(&report),
     ];
-    let inputs = vec![("run".to_string(), run_identity(&run)?), ("cache".to_string(), fingerprint::identity(&cache)?)];
+    let inputs = vec![
+        ("run".to_string(), run_identity(&run)?),
+        ("cache".to_string(), fingerprint::identity(&cache)?),
+    ];
     let root = ctx.root.clone();
-    stage(ctx, "eval", &run.join("eval"), vec![cmd], inputs, || Ok(()), move |stdout| {
-        // gz eval names its report page on its last line (`report: <dir>/index.html`)
-        let printed = gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
-        let dir = match printed {
-            Some(p) if p.is_file() => p.parent().map_or(report.clone(), Path::to_path_buf),
-            Some(p) => p,
-            None => report,
-        };
-        Ok(vec![Output::new("report", &dir, &["metrics.json", "index.html"])])
-    })
+    stage(
+        ctx,
+        "eval",
+        &run.join("eval"),
+        vec![cmd],
+        inputs,
+        || Ok(()),
+        move |stdout| {
+            // gz eval names its report page on its last line (`report: <dir>/index.html`)
+            let printed =
+                gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
+            let dir = match printed {
+                Some(p) if p.is_file() => p.parent().map_or(report.clone(), Path::to_path_buf),
+                Some(p) => p,
+                None => report,
+            };
+            Ok(vec![Output::new(
+                "report",
+                &dir,
+                &["metrics.json", "index.html"],
+            )])
+        },
+    )
 }
 
 fn run_submit(ctx: &mut Ctx) -> Result<Done> {
@@ -376,20 +522,51 @@ fn run_submit(ctx: &mut Ctx) -> Result<Done> {
     let run = ctx.need_run()?;
     let (preds, sub) = (ctx.predictions(), ctx.submission());
     let mut predict = vec![
-        "predict".into(), "--run".into(), Ctx::s(&run), "--cache".into(), Ctx::s(&cache), "--device".into(), ctx.device.clone(),
-        "--out".into(), Ctx::s(&preds),
+        "predict".into(),
+        "--run".into(),
+        Ctx::s(&run),
+        "--cache".into(),
+        Ctx::s(&cache),
+        "--device".into(),
+        ctx.device.clone(),
+        "--out".into(),
+        Ctx::s(&preds),
     ];
     if let Some(t) = ctx.tta {
         predict.extend(["--tta".into(), t.to_string()]);
     }
     // --ids: the submission must have exactly the test images' ids
     let ids = ctx.data_dir().join("images_test_rev1");
-    let submit = vec!["submit".into(), "--pred".into(), Ctx::s(&preds), "--ids".into(), Ctx::s(&ids), "--out".into(), Ctx::s(&sub)];
-    let inputs = vec![("run".to_string(), run_identity(&run)?), ("cache".to_string(), fingerprint::identity(&cache)?)];
+    let submit = vec![
+        "submit".into(),
+        "--pred".into(),
+        Ctx::s(&preds),
+        "--ids".into(),
+        Ctx::s(&ids),
+        "--out".into(),
+        Ctx::s(&sub),
+    ];
+    let inputs = vec![
+        ("run".to_string(), run_identity(&run)?),
+        ("cache".to_string(), fingerprint::identity(&cache)?),
+    ];
     let dir = ctx.report_dir();
-    stage(ctx, "submit", &sub, vec![predict, submit], inputs, move || {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))
-    }, |_| Ok(vec![Output::new("predictions", &preds, &[]), Output::new("submission", &sub, &[])]))
+    stage(
+        ctx,
+        "submit",
+        &sub,
+        vec![predict, submit],
+        inputs,
+        move || {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))
+        },
+        |_| {
+            Ok(vec![
+                Output::new("predictions", &preds, &[]),
+                Output::new("submission", &sub, &[]),
+            ])
+        },
+    )
 }
 
 fn run_one(ctx: &mut Ctx, name: &str) -> Result<Done> {
@@ -404,7 +581,8 @@ fn run_one(ctx: &mut Ctx, name: &str) -> Result<Done> {
 }
 
 fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
+    p.strip_prefix(root)
+        .map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
 }
 
 fn summary(ctx: &Ctx, done: &[Done]) {
@@ -413,8 +591,18 @@ fn summary(ctx: &Ctx, done: &[Done]) {
     }
     println!("\nstages (artifacts under {}):", ctx.root.display());
     for d in done {
-        let outs: Vec<String> = d.stamp.outputs.iter().map(|(o, _)| format!("{} {}", o.label, rel(&ctx.root, &o.path))).collect();
-        println!("  {:<7} {:<11} {}", d.stage, if d.ran { "ran" } else { "up to date" }, outs.join(", "));
+        let outs: Vec<String> = d
+            .stamp
+            .outputs
+            .iter()
+            .map(|(o, _)| format!("{} {}", o.label, rel(&ctx.root, &o.path)))
+            .collect();
+        println!(
+            "  {:<7} {:<11} {}",
+            d.stage,
+            if d.ran { "ran" } else { "up to date" },
+            outs.join(", ")
+        );
     }
 }
 
@@ -422,7 +610,11 @@ fn summary(ctx: &Ctx, done: &[Done]) {
 pub fn cmd_pipeline(args: Args) -> Result<()> {
     let mut ctx = Ctx::parse(args)?;
     let mut done: Vec<Done> = Vec::new();
-    let wanted: Vec<&str> = STAGES.iter().copied().filter(|s| !(ctx.real_data.is_some() && *s == "synth")).collect();
+    let wanted: Vec<&str> = STAGES
+        .iter()
+        .copied()
+        .filter(|s| !(ctx.real_data.is_some() && *s == "synth"))
+        .collect();
     if let Some(d) = &ctx.real_data {
         eprintln!("xtask: dataset {} (synth skipped)", d.display());
     }
@@ -438,14 +630,28 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
     summary(&ctx, &done);
     if let Some(eval) = done.iter().find(|d| d.stage == "eval") {
         if !eval.ran && !eval.stamp.stdout.trim().is_empty() {
-            println!("\nscores (from the last eval, up to date):\n{}", eval.stamp.stdout.trim_end());
+            println!(
+                "\nscores (from the last eval, up to date):\n{}",
+                eval.stamp.stdout.trim_end()
+            );
         }
     }
-    let report = done.iter().find_map(|d| d.stamp.output("report")).map(Path::to_path_buf).unwrap_or_else(|| ctx.report_dir());
-    let sub = done.iter().find_map(|d| d.stamp.output("submission")).map(Path::to_path_buf).unwrap_or_else(|| ctx.submission());
+    let report = done
+        .iter()
+        .find_map(|d| d.stamp.output("report"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ctx.report_dir());
+    let sub = done
+        .iter()
+        .find_map(|d| d.stamp.output("submission"))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ctx.submission());
     println!("submission: {}", sub.display());
     let page = report.join("index.html");
-    println!("report: {}", if page.is_file() { page } else { report }.display());
+    println!(
+        "report: {}",
+        if page.is_file() { page } else { report }.display()
+    );
     Ok(())
 }
 

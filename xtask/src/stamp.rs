@@ -23,7 +23,11 @@ pub struct Output {
 
 impl Output {
     pub fn new(label: &str, path: &Path, members: &[&str]) -> Self {
-        Self { label: label.into(), path: path.to_path_buf(), members: members.iter().map(|s| s.to_string()).collect() }
+        Self {
+            label: label.into(),
+            path: path.to_path_buf(),
+            members: members.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     /// Identity of the members (or of the whole path when no member exists or none are named).
@@ -48,7 +52,9 @@ pub struct Stamp {
 /// Where the stamp of `stage` for the artifact `key` lives.
 pub fn stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
     let k = fingerprint::hash_str(&key.to_string_lossy());
-    root.join("data").join("stamps").join(format!("{stage}-{k}.json"))
+    root.join("data")
+        .join("stamps")
+        .join(format!("{stage}-{k}.json"))
 }
 
 impl Stamp {
@@ -57,7 +63,10 @@ impl Stamp {
         let text = std::fs::read_to_string(path).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
         let strs = |v: &Value| -> Option<Vec<String>> {
-            v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect()
+            v.as_array()?
+                .iter()
+                .map(|x| x.as_str().map(String::from))
+                .collect()
         };
         let inputs = v["inputs"]
             .as_array()?
@@ -114,11 +123,20 @@ impl Stamp {
         let text = serde_json::to_string_pretty(&v)?;
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display()))?;
-        Ok(Stamp { command: command.to_vec(), inputs: inputs.to_vec(), outputs: outs, stdout: stdout.into() })
+        Ok(Stamp {
+            command: command.to_vec(),
+            inputs: inputs.to_vec(),
+            outputs: outs,
+            stdout: stdout.into(),
+        })
     }
 
     /// `None` when up to date, else the reason the stage must run.
-    pub fn stale_reason(&self, command: &[String], inputs: &[(String, String)]) -> Result<Option<String>> {
+    pub fn stale_reason(
+        &self,
+        command: &[String],
+        inputs: &[(String, String)],
+    ) -> Result<Option<String>> {
         if self.command != command {
             return Ok(Some("its command line changed".into()));
         }
@@ -128,15 +146,26 @@ impl Stamp {
         for (o, id) in &self.outputs {
             let now = o.identity()?;
             if &now != id {
-                let why = if now == "missing" { "is missing" } else { "changed" };
-                return Ok(Some(format!("its output {} ({}) {why}", o.label, o.path.display())));
+                let why = if now == "missing" {
+                    "is missing"
+                } else {
+                    "changed"
+                };
+                return Ok(Some(format!(
+                    "its output {} ({}) {why}",
+                    o.label,
+                    o.path.display()
+                )));
             }
         }
         Ok(None)
     }
 
     pub fn output(&self, label: &str) -> Option<&Path> {
-        self.outputs.iter().find(|(o, _)| o.label == label).map(|(o, _)| o.path.as_path())
+        self.outputs
+            .iter()
+            .find(|(o, _)| o.label == label)
+            .map(|(o, _)| o.path.as_path())
     }
 }
 
@@ -163,10 +192,22 @@ mod tests {
         // another file in the folder does not matter: only the member is tracked
         std::fs::write(out.join("submission.csv"), b"x").unwrap();
         assert_eq!(s.stale_reason(&cmd, &inputs).unwrap(), None);
-        let other = vec!["gz".to_string(), "train".to_string(), "--epochs".to_string()];
-        assert!(s.stale_reason(&other, &inputs).unwrap().unwrap().contains("command"));
+        let other = vec![
+            "gz".to_string(),
+            "train".to_string(),
+            "--epochs".to_string(),
+        ];
+        assert!(s
+            .stale_reason(&other, &inputs)
+            .unwrap()
+            .unwrap()
+            .contains("command"));
         let changed = vec![("cache".to_string(), "files=2".to_string())];
-        assert!(s.stale_reason(&cmd, &changed).unwrap().unwrap().contains("inputs"));
+        assert!(s
+            .stale_reason(&cmd, &changed)
+            .unwrap()
+            .unwrap()
+            .contains("inputs"));
         std::fs::remove_file(out.join("best.json")).unwrap();
         let why = s.stale_reason(&cmd, &inputs).unwrap().unwrap();
         assert!(why.contains("changed") || why.contains("missing"), "{why}");
