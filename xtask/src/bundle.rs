@@ -3,7 +3,7 @@
 //!
 //! The bundle (default `target/bundle/`) holds the stripped binary (gzipped when over 20 MB),
 //! `run.sh` (finds the CUDA libraries the binary links against, see `run.sh` beside this file),
-//! the device scripts from `scripts/`, the PyTorch peer benchmark from `../shared/bench/` when it
+//! `scripts/device-full-scale.sh`, the PyTorch peer benchmark from `../shared/bench/` when it
 //! is there, and `BUNDLE.txt` (commit, command, sizes, libraries). It must stay under 60 MiB.
 
 use crate::args::Args;
@@ -26,6 +26,8 @@ const FALLBACK_LIBS: &[&str] = &[
 /// Libraries loaded at run time by some paths (cuBLAS loads cuBLASLt; NVRTC; cuDNN with the
 /// `cudnn` feature): `run.sh` adds their folders when it finds them.
 const OPTIONAL_LIBS: &[&str] = &["libcublasLt.so.13", "libnvrtc.so.13", "libcudnn.so.9"];
+/// Scripts from `scripts/` that run from inside the bundle.
+const BUNDLED_SCRIPTS: &[&str] = &["device-full-scale.sh"];
 const GZIP_OVER: u64 = 20 * 1024 * 1024;
 const LIMIT: u64 = 60 * 1024 * 1024;
 
@@ -127,16 +129,15 @@ pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
     }
     let run = out.join("run.sh");
     std::fs::write(&run, run_sh(&libs))?;
-    let scripts = root.join("scripts");
+    // Scripts written to run from inside the bundle (others in scripts/ expect the repository).
     let mut copied = Vec::new();
-    if let Ok(d) = std::fs::read_dir(&scripts) {
-        for e in d.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "sh") {
-                let dst = out.join(e.file_name());
-                std::fs::copy(&p, &dst)?;
-                copied.push(e.file_name().to_string_lossy().into_owned());
-            }
+    for name in BUNDLED_SCRIPTS {
+        let src = root.join("scripts").join(name);
+        if src.is_file() {
+            std::fs::copy(&src, out.join(name))?;
+            copied.push(name.to_string());
+        } else {
+            eprintln!("xtask: {} not found: not bundled", src.display());
         }
     }
     let peer = root.join("../shared/bench/torch_peer.py");
