@@ -280,7 +280,7 @@ impl Scene {
         // magnified, so their PSF is wide and their noise correlated over `zoom` pixels.
         let zoom = log_uniform(rng, 1.0, 2.8);
         let psf = zoom * rng.gen_range(1.0f32..1.6);
-        let noise = [rng.gen_range(0.44..0.6), rng.gen_range(0.4..0.56), rng.gen_range(0.34..0.48)];
+        let noise = [rng.gen_range(0.38..0.52), rng.gen_range(0.34..0.48), rng.gen_range(0.29..0.41)];
         let sky = [rng.gen_range(0.0..0.12), rng.gen_range(0.0..0.12), rng.gen_range(0.0..0.08)];
         let mut s = Scene {
             kind,
@@ -344,12 +344,12 @@ impl Scene {
     fn disk<R: Rng>(&mut self, rng: &mut R, cx: f32, cy: f32) {
         let h = log_uniform(rng, 10.0, 30.0);
         let i0 = log_uniform(rng, 5.0, 70.0);
-        // random inclination: cos i uniform, intrinsic thickness 0.12
+        // random inclination: cos i uniform, intrinsic thickness 0.2
         let cosi: f32 = rng.gen();
-        let q = (cosi * cosi + 0.12f32 * 0.12).sqrt().min(1.0);
+        let q = (cosi * cosi + 0.2f32 * 0.2).sqrt().min(1.0);
         let pa = rng.gen_range(0.0..PI);
         let bulge_frac = if rng.gen::<f32>() < 0.2 { rng.gen_range(0.0..0.05) } else { rng.gen_range(0.05..0.65) };
-        let edge_on = q < 0.3;
+        let edge_on = q < 0.35;
         let face_visible = smoothstep(0.2, 0.5, q);
         let arms = if rng.gen::<f32>() < 0.75 {
             let m = match rng.gen::<f32>() {
@@ -381,7 +381,7 @@ impl Scene {
             angle: rng.gen_range(0.0..PI),
             strength: rng.gen_range(0.25..1.0),
         });
-        let ring = (q > 0.45 && rng.gen::<f32>() < 0.1).then(|| Ring {
+        let ring = (q > 0.6 && rng.gen::<f32>() < 0.12).then(|| Ring {
             radius: rng.gen_range(1.2..2.6),
             width: rng.gen_range(0.18..0.4),
             strength: rng.gen_range(0.3..0.9),

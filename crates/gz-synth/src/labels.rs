@@ -215,8 +215,8 @@ mod tests {
     #[test]
     fn everyone_a_star_is_consistent() {
         let mut p = Probs::new();
-        for q in 0..N_QUESTIONS {
-            p.set(q, &vec![1.0; QUESTIONS[q].len]);
+        for (q, qs) in QUESTIONS.iter().enumerate() {
+            p.set(q, &vec![1.0; qs.len]);
         }
         p.set(0, &[0.0, 0.0, 1.0]);
         let mut rng = ChaCha8Rng::seed_from_u64(1);

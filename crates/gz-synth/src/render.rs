@@ -70,10 +70,10 @@ fn extent(c: &Component, floor: f32) -> f32 {
         Profile::Sersic { re, n, ie } => {
             let b = sersic_b(*n);
             let ratio = (ie / floor).max(1.0);
-            re * (1.0 + ratio.ln() / b).powf(*n)
+            (re * (1.0 + ratio.ln() / b).powf(*n)).min(6.0 * re)
         }
         Profile::Disk { h, i0, arms, ring, .. } => {
-            let base = h * (i0 / floor).max(1.0).ln();
+            let base = (h * (i0 / floor).max(1.0).ln()).min(6.0 * h);
             let ring_r = ring.as_ref().map_or(0.0, |r| h * (r.radius + 3.0 * r.width));
             let arm_r = if arms.is_some() { base * 1.15 } else { 0.0 };
             base.max(ring_r).max(arm_r)
@@ -81,14 +81,13 @@ fn extent(c: &Component, floor: f32) -> f32 {
         Profile::Gauss { sigma, amp } => sigma * (2.0 * (amp / floor).max(1.0).ln()).sqrt(),
         Profile::Arc { radius, width, .. } => radius + 3.0 * width,
     };
-    r.clamp(2.0, 260.0)
+    r.clamp(2.0, 180.0)
 }
 
 /// Surface brightness of component `c` at pixel offset (dx, dy) from its centre, split into
 /// (main colour, arm colour) parts. `soft` softens radii (pixels) for PSF-free rendering.
 #[inline]
-fn eval(c: &Component, dx: f32, dy: f32, soft: f32) -> (f32, f32) {
-    let (s, co) = c.pa.sin_cos();
+fn eval(c: &Component, (s, co): (f32, f32), dx: f32, dy: f32, soft: f32) -> (f32, f32) {
     let u = dx * co + dy * s;
     let v = -dx * s + dy * co;
     match &c.profile {
@@ -173,51 +172,103 @@ fn arm_sed(c: &Component) -> Sed {
     }
 }
 
-/// Separable Gaussian blur of all three planes of `f` in place.
-fn blur(f: &mut Flux, sigma: f32) {
-    let rad = (sigma * 3.0).ceil() as usize;
-    let k: Vec<f32> = (0..=rad).map(|i| (-(i as f32).powi(2) / (2.0 * sigma * sigma)).exp()).collect();
-    let norm: f32 = k[0] + 2.0 * k[1..].iter().sum::<f32>();
-    let k: Vec<f32> = k.iter().map(|v| v / norm).collect();
-    let (w, h) = (f.w, f.h);
-    let mut tmp = vec![0.0f32; w * h];
-    for plane in f.c.iter_mut() {
-        // horizontal
-        for y in 0..h {
-            let row = &plane[y * w..(y + 1) * w];
-            for x in 0..w {
-                let mut acc = row[x] * k[0];
-                for (j, kj) in k.iter().enumerate().skip(1) {
-                    let l = if x >= j { row[x - j] } else { 0.0 };
-                    let r = if x + j < w { row[x + j] } else { 0.0 };
-                    acc += kj * (l + r);
-                }
-                tmp[y * w + x] = acc;
+/// Widths of three box filters whose succession approximates a Gaussian of `sigma`
+/// (Kovesi 2010, "Fast almost-Gaussian filtering").
+fn box_widths(sigma: f32) -> [usize; 3] {
+    let n = 3.0f32;
+    let ideal = (12.0 * sigma * sigma / n + 1.0).sqrt();
+    let mut wl = ideal.floor() as i32;
+    if wl % 2 == 0 {
+        wl -= 1;
+    }
+    let wl = wl.max(1);
+    let wu = wl + 2;
+    let wlf = wl as f32;
+    let m = ((12.0 * sigma * sigma - n * wlf * wlf - 4.0 * n * wlf - 3.0 * n) / (-4.0 * wlf - 4.0)).round() as i32;
+    let mut out = [0usize; 3];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = if (i as i32) < m { wl as usize } else { wu as usize };
+    }
+    out
+}
+
+/// Vertical box filter of odd width `bw` over a `w`×`h` plane, all columns at once (row-major
+/// friendly: running sums per column), zero outside.
+fn box_vertical(plane: &mut [f32], src: &mut Vec<f32>, acc: &mut Vec<f32>, w: usize, h: usize, bw: usize) {
+    let r = bw / 2;
+    src.clear();
+    src.extend_from_slice(plane);
+    acc.clear();
+    acc.resize(w, 0.0);
+    for k in 0..r.min(h) {
+        for (a, v) in acc.iter_mut().zip(&src[k * w..(k + 1) * w]) {
+            *a += v;
+        }
+    }
+    let inv = 1.0 / bw as f32;
+    for k in 0..h {
+        if k + r < h {
+            for (a, v) in acc.iter_mut().zip(&src[(k + r) * w..(k + r + 1) * w]) {
+                *a += v;
             }
         }
-        // vertical
-        for y in 0..h {
-            for x in 0..w {
-                let mut acc = tmp[y * w + x] * k[0];
-                for (j, kj) in k.iter().enumerate().skip(1) {
-                    let up = if y >= j { tmp[(y - j) * w + x] } else { 0.0 };
-                    let dn = if y + j < h { tmp[(y + j) * w + x] } else { 0.0 };
-                    acc += kj * (up + dn);
+        if k > r {
+            for (a, v) in acc.iter_mut().zip(&src[(k - r - 1) * w..(k - r) * w]) {
+                *a -= v;
+            }
+        }
+        for (o, a) in plane[k * w..(k + 1) * w].iter_mut().zip(acc.iter()) {
+            *o = a * inv;
+        }
+    }
+}
+
+/// Transposes a `w`×`h` row-major plane into `out` (`h`×`w`).
+fn transpose(src: &[f32], out: &mut Vec<f32>, w: usize, h: usize) {
+    out.clear();
+    out.resize(w * h, 0.0);
+    const B: usize = 16;
+    for yb in (0..h).step_by(B) {
+        for xb in (0..w).step_by(B) {
+            for y in yb..(yb + B).min(h) {
+                for x in xb..(xb + B).min(w) {
+                    out[x * h + y] = src[y * w + x];
                 }
-                plane[y * w + x] = acc;
             }
         }
     }
 }
 
+/// Almost-Gaussian blur (three box passes per axis, cost independent of `sigma`) of all three
+/// planes of `f` in place. Both axes use the column-parallel vertical filter (the horizontal
+/// pass runs on the transposed plane), which vectorises; a per-row running sum does not.
+fn blur(f: &mut Flux, sigma: f32) {
+    let widths = box_widths(sigma);
+    let (w, h) = (f.w, f.h);
+    let mut src = Vec::with_capacity(w * h);
+    let mut acc = Vec::with_capacity(w.max(h));
+    let mut t = Vec::with_capacity(w * h);
+    for plane in f.c.iter_mut() {
+        transpose(plane, &mut t, w, h);
+        for &bw in widths.iter().filter(|&&bw| bw > 1) {
+            box_vertical(&mut t, &mut src, &mut acc, h, w, bw);
+        }
+        transpose(&t, plane, h, w);
+        for &bw in widths.iter().filter(|&&bw| bw > 1) {
+            box_vertical(plane, &mut src, &mut acc, w, h, bw);
+        }
+    }
+}
+
 /// Renders the central object into `img` (blurred by the PSF).
+#[inline(never)]
 fn render_central(scene: &Scene, img: &mut Flux) {
     if scene.central.is_empty() {
         return;
     }
     // bounding box of all central components
     let (mut x0, mut y0, mut x1, mut y1) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);
-    let ext: Vec<f32> = scene.central.iter().map(|c| extent(c, 0.15)).collect();
+    let ext: Vec<f32> = scene.central.iter().map(|c| extent(c, 0.12)).collect();
     for (c, e) in scene.central.iter().zip(&ext) {
         x0 = x0.min(c.x - e);
         y0 = y0.min(c.y - e);
@@ -233,65 +284,85 @@ fn render_central(scene: &Scene, img: &mut Flux) {
         return;
     }
     let (w, h) = (bx1 - bx0, by1 - by0);
-    let mut local = Flux::new(w, h);
+    // The cutouts are magnified by `zoom`: render on the native (coarser) grid, blur there with
+    // the native PSF, then resample bilinearly, as the real cutouts were made.
+    let z = scene.zoom.max(1.0);
+    let (wn, hn) = ((w as f32 / z).ceil() as usize + 2, (h as f32 / z).ceil() as usize + 2);
+    let mut local = Flux::new(wn, hn);
     for (c, e) in scene.central.iter().zip(&ext) {
         let ased = arm_sed(c);
-        let cx0 = ((c.x - e).floor().max(bx0 as f32) as usize).max(bx0);
-        let cy0 = ((c.y - e).floor().max(by0 as f32) as usize).max(by0);
-        let cx1 = ((c.x + e).ceil() as usize).min(bx1);
-        let cy1 = ((c.y + e).ceil() as usize).min(by1);
-        for y in cy0..cy1 {
-            let dy = y as f32 + 0.5 - c.y;
-            for x in cx0..cx1 {
-                let dx = x as f32 + 0.5 - c.x;
-                let (m, a) = eval(c, dx, dy, 0.0);
-                let i = (y - by0) * w + (x - bx0);
-                local.add(i, m, &c.sed);
+        let sc = c.pa.sin_cos();
+        // native samples i sit at image coordinate bx0 + i z
+        let i0 = (((c.x - e - bx0 as f32) / z).floor().max(0.0) as usize).min(wn);
+        let i1 = (((c.x + e - bx0 as f32) / z).ceil().max(0.0) as usize + 1).min(wn);
+        let j0 = (((c.y - e - by0 as f32) / z).floor().max(0.0) as usize).min(hn);
+        let j1 = (((c.y + e - by0 as f32) / z).ceil().max(0.0) as usize + 1).min(hn);
+        for j in j0..j1 {
+            let dy = by0 as f32 + j as f32 * z - c.y;
+            for i in i0..i1 {
+                let dx = bx0 as f32 + i as f32 * z - c.x;
+                let (m, a) = eval(c, sc, dx, dy, 0.0);
+                let k = j * wn + i;
+                local.add(k, m, &c.sed);
                 if a > 0.0 {
-                    local.add(i, a, &ased);
+                    local.add(k, a, &ased);
                 }
             }
         }
     }
     if let Some((dust, cx, cy, pa)) = &scene.dust {
         let (s, co) = pa.sin_cos();
-        for y in 0..h {
-            let dy = (y + by0) as f32 + 0.5 - cy;
-            for x in 0..w {
-                let dx = (x + bx0) as f32 + 0.5 - cx;
+        for j in 0..hn {
+            let dy = by0 as f32 + j as f32 * z - cy;
+            for i in 0..wn {
+                let dx = bx0 as f32 + i as f32 * z - cx;
                 let v = -dx * s + dy * co - dust.offset;
                 let t = 1.0 - dust.depth * (-0.5 * v * v / (dust.width * dust.width)).exp();
-                let i = y * w + x;
+                let k = j * wn + i;
                 // dust reddens: blue is absorbed more than red
-                local.c[0][i] *= t.powf(0.7);
-                local.c[1][i] *= t;
-                local.c[2][i] *= t.powf(1.3);
+                local.c[0][k] *= t.powf(0.7);
+                local.c[1][k] *= t;
+                local.c[2][k] *= t.powf(1.3);
             }
         }
     }
-    blur(&mut local, scene.psf);
+    blur(&mut local, scene.psf / z);
+    // bilinear resampling into the image: image pixel centre x + 0.5 is native (x + 0.5 - bx0) / z
+    let xs: Vec<(usize, f32)> = (0..w)
+        .map(|x| {
+            let t = (x as f32 + 0.5) / z;
+            (t as usize, t - t.floor())
+        })
+        .collect();
     for y in 0..h {
-        for x in 0..w {
-            let li = y * w + x;
-            let gi = (y + by0) * SIDE + (x + bx0);
-            for ch in 0..3 {
-                img.c[ch][gi] += local.c[ch][li];
+        let t = (y as f32 + 0.5) / z;
+        let (j, fy) = (t as usize, t - t.floor());
+        for ch in 0..3 {
+            let p = &local.c[ch];
+            let (r0, r1) = (&p[j * wn..(j + 1) * wn], &p[(j + 1) * wn..(j + 2) * wn]);
+            let dst = &mut img.c[ch][(y + by0) * SIDE + bx0..(y + by0) * SIDE + bx0 + w];
+            for (d, &(i, fx)) in dst.iter_mut().zip(&xs) {
+                let top = r0[i] + (r0[i + 1] - r0[i]) * fx;
+                let bot = r1[i] + (r1[i + 1] - r1[i]) * fx;
+                *d += top + (bot - top) * fy;
             }
         }
     }
 }
 
 /// Field galaxies: profiles softened by the PSF instead of a blur.
+#[inline(never)]
 fn render_field(scene: &Scene, img: &mut Flux) {
     for c in &scene.field {
         let e = extent(c, 0.15) + 2.0 * scene.psf;
+        let sc = c.pa.sin_cos();
         let xa = (c.x - e).floor().max(0.0) as usize;
         let ya = (c.y - e).floor().max(0.0) as usize;
         let xb = ((c.x + e).ceil().max(0.0) as usize).min(SIDE);
         let yb = ((c.y + e).ceil().max(0.0) as usize).min(SIDE);
         for y in ya..yb {
             for x in xa..xb {
-                let (m, _) = eval(c, x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y, scene.psf * 1.2);
+                let (m, _) = eval(c, sc, x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y, scene.psf * 1.2);
                 img.add(y * SIDE + x, m, &c.sed);
             }
         }
@@ -299,12 +370,14 @@ fn render_field(scene: &Scene, img: &mut Flux) {
 }
 
 /// Stars: Gaussian core + Moffat wings (beta 3), diffraction spikes for bright ones; trails.
+#[inline(never)]
 fn render_points(scene: &Scene, img: &mut Flux) {
     let s = scene.psf;
     let core_norm = 1.0 / (2.0 * PI * s * s);
     let alpha = 2.5 * s;
     let beta = 3.0f32;
     let moffat_norm = (beta - 1.0) / (PI * alpha * alpha);
+    let (inv_a2, inv_s2, core_r2) = (1.0 / (alpha * alpha), 1.0 / (s * s), (5.0 * s) * (5.0 * s));
     for st in &scene.stars {
         let peak = st.flux * core_norm;
         let e = (alpha * ((0.15 * st.flux * moffat_norm / 0.1).max(1.0)).powf(1.0 / (2.0 * beta))).clamp(3.0 * s, 120.0);
@@ -317,8 +390,10 @@ fn render_points(scene: &Scene, img: &mut Flux) {
             for x in xa..xb {
                 let dx = x as f32 + 0.5 - st.x;
                 let r2 = dx * dx + dy * dy;
-                let v = 0.85 * peak * (-0.5 * r2 / (s * s)).exp()
-                    + 0.15 * st.flux * moffat_norm * (1.0 + r2 / (alpha * alpha)).powf(-beta);
+                // Moffat with beta = 3: (1 + r²/α²)^-3 without powf
+                let m = 1.0 / (1.0 + r2 * inv_a2);
+                let core = if r2 < core_r2 { 0.85 * peak * (-0.5 * r2 * inv_s2).exp() } else { 0.0 };
+                let v = core + 0.15 * st.flux * moffat_norm * m * m * m;
                 img.add(y * SIDE + x, v, &st.sed);
             }
         }
@@ -355,7 +430,7 @@ fn render_points(scene: &Scene, img: &mut Flux) {
 /// Lookup table for the asinh stretch factor `F(I)/I` on the dense low-intensity range.
 struct StretchLut {
     lo: f32,
-    step: f32,
+    inv_step: f32,
     table: Vec<f32>,
 }
 
@@ -364,12 +439,12 @@ impl StretchLut {
         let (lo, hi, n) = (-16.0f32, 96.0f32, 8192usize);
         let step = (hi - lo) / (n - 1) as f32;
         let table = (0..n).map(|k| stretch_factor(lo + k as f32 * step)).collect();
-        StretchLut { lo, step, table }
+        StretchLut { lo, inv_step: 1.0 / step, table }
     }
 
     #[inline]
     fn get(&self, i: f32) -> f32 {
-        let t = (i - self.lo) / self.step;
+        let t = (i - self.lo) * self.inv_step;
         if t >= 0.0 && t < (self.table.len() - 1) as f32 {
             let k = t as usize;
             let f = t - k as f32;
@@ -394,46 +469,80 @@ fn lut() -> &'static StretchLut {
     LUT.get_or_init(StretchLut::new)
 }
 
+/// Per-thread scratch buffers: allocating the 2 MB flux image per galaxy costs page faults.
+struct Scratch {
+    img: Flux,
+    /// Noise grids (moved into the [`CorrelatedNoise`] of each image and back).
+    grid: [Vec<f32>; 3],
+    tmp: Vec<f32>,
+    rows: [Vec<f32>; 3],
+    mean: Vec<f32>,
+    fac: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Renders the scene to 8-bit RGB (row-major, 424×424×3).
 pub fn render_rgb(scene: &Scene) -> Vec<u8> {
-    let mut img = Flux::new(SIDE, SIDE);
+    SCRATCH.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let scratch = slot.get_or_insert_with(|| Scratch {
+            img: Flux::new(SIDE, SIDE),
+            grid: [Vec::new(), Vec::new(), Vec::new()],
+            tmp: Vec::new(),
+            rows: [vec![0f32; SIDE], vec![0f32; SIDE], vec![0f32; SIDE]],
+            mean: vec![0f32; SIDE],
+            fac: vec![0f32; SIDE],
+        });
+        render_into(scene, scratch)
+    })
+}
+
+fn render_into(scene: &Scene, sc: &mut Scratch) -> Vec<u8> {
+    let img = &mut sc.img;
     for (ch, plane) in img.c.iter_mut().enumerate() {
         plane.fill(scene.sky[ch]);
     }
-    render_central(scene, &mut img);
-    render_field(scene, &mut img);
-    render_points(scene, &mut img);
+    render_central(scene, img);
+    render_field(scene, img);
+    render_points(scene, img);
     let lut = lut();
-    let noise = CorrelatedNoise::new(scene.noise_seed, scene.zoom);
+    let grid = std::mem::take(&mut sc.grid);
+    let noise = CorrelatedNoise::new(scene.noise_seed, scene.zoom, grid, &mut sc.tmp);
     let mut out = vec![0u8; SIDE * SIDE * 3];
-    let [r, g, b] = &img.c;
-    let mut nrow = [vec![0f32; SIDE], vec![0f32; SIDE], vec![0f32; SIDE]];
+    let [nr, ng, nb] = &mut sc.rows;
+    let (mean, fac) = (&mut sc.mean, &mut sc.fac);
     for y in 0..SIDE {
-        noise.row(y, &mut nrow);
+        noise.row(y, [&mut *nr, &mut *ng, &mut *nb]);
+        let span = y * SIDE..(y + 1) * SIDE;
+        let (r, g, b) = (&img.c[0][span.clone()], &img.c[1][span.clone()], &img.c[2][span]);
+        // 1. noise (photon noise grows in bright parts), in place in the noise rows; simple
+        //    slice loops so that they vectorise
         for x in 0..SIDE {
-            let i = y * SIDE + x;
-            let (rv, gv, bv) = (r[i], g[i], b[i]);
-            let mean = (rv + gv + bv) * (1.0 / 3.0);
-            // photon noise grows in bright parts (gain chosen so cores look smooth-but-grainy)
-            let boost = if mean > 2.0 { (1.0 + mean * 0.02).sqrt() } else { 1.0 };
-            let rv = rv + scene.noise[0] * boost * nrow[0][x];
-            let gv = gv + scene.noise[1] * boost * nrow[1][x];
-            let bv = bv + scene.noise[2] * boost * nrow[2][x];
-            let mean = (rv + gv + bv) * (1.0 / 3.0);
-            let f = lut.get(mean);
-            let (mut ro, mut go, mut bo) = (rv * f, gv * f, bv * f);
-            let mx = ro.max(go).max(bo);
-            if mx > 1.0 {
-                // keep the colour of saturated pixels (Lupton et al. 2004)
-                ro /= mx;
-                go /= mx;
-                bo /= mx;
-            }
-            out[3 * i] = (ro.max(0.0) * 255.0 + 0.5) as u8;
-            out[3 * i + 1] = (go.max(0.0) * 255.0 + 0.5) as u8;
-            out[3 * i + 2] = (bo.max(0.0) * 255.0 + 0.5) as u8;
+            let m = (r[x] + g[x] + b[x]) * (1.0 / 3.0);
+            let boost = (1.0 + (m - 2.0).max(0.0) * 0.02).sqrt();
+            nr[x] = r[x] + scene.noise[0] * boost * nr[x];
+            ng[x] = g[x] + scene.noise[1] * boost * ng[x];
+            nb[x] = b[x] + scene.noise[2] * boost * nb[x];
+            mean[x] = (nr[x] + ng[x] + nb[x]) * (1.0 / 3.0);
+        }
+        // 2. the asinh stretch factor F(I)/I
+        for x in 0..SIDE {
+            fac[x] = lut.get(mean[x]);
+        }
+        // 3. scale, keep the colour of saturated pixels (Lupton et al. 2004), quantise
+        let o = &mut out[3 * y * SIDE..3 * (y + 1) * SIDE];
+        for x in 0..SIDE {
+            let (ro, go, bo) = (nr[x] * fac[x], ng[x] * fac[x], nb[x] * fac[x]);
+            let k = 255.0 / ro.max(go).max(bo).max(1.0);
+            o[3 * x] = (ro.max(0.0) * k + 0.5) as u8;
+            o[3 * x + 1] = (go.max(0.0) * k + 0.5) as u8;
+            o[3 * x + 2] = (bo.max(0.0) * k + 0.5) as u8;
         }
     }
+    sc.grid = noise.grid;
     out
 }
 
@@ -442,28 +551,50 @@ pub fn render_rgb(scene: &Scene) -> Vec<u8> {
 /// rescaled by the interpolation's mean variance loss.
 struct CorrelatedNoise {
     zoom: f32,
+    /// Grid side (noise samples per row and column).
     gw: usize,
+    /// Per channel: the white grid (zoom 1, `gw`×`gw`) or its rows interpolated to the image
+    /// width (`gw`×SIDE).
     grid: [Vec<f32>; 3],
-    gain: f32,
 }
 
 impl CorrelatedNoise {
-    fn new(seed: u64, zoom: f32) -> Self {
+    /// Draws the noise of one image; `grid` and `tmp` are reused buffers (any content).
+    fn new(seed: u64, zoom: f32, mut grid: [Vec<f32>; 3], tmp: &mut Vec<f32>) -> Self {
         let mut rng = Wy(seed);
         let zoom = if zoom <= 1.05 { 1.0 } else { zoom };
         let gw = (SIDE as f32 / zoom).ceil() as usize + 2;
-        let mut grid = [vec![0f32; gw * gw], vec![0f32; gw * gw], vec![0f32; gw * gw]];
         for plane in grid.iter_mut() {
-            for v in plane.iter_mut() {
-                *v = rng.gauss();
+            plane.clear();
+            plane.extend((0..gw * gw).map(|_| rng.gauss()));
+        }
+        if zoom > 1.0 {
+            // interpolate every grid row horizontally once (gw rows × SIDE columns); rows of the
+            // image then only blend two of these, which vectorises
+            let xs: Vec<(usize, f32)> = (0..SIDE)
+                .map(|x| {
+                    let gx = x as f32 / zoom;
+                    (gx as usize, gx - gx.floor())
+                })
+                .collect();
+            // mean variance of bilinear interpolation of white noise is (2/3)^2: gain 1.5
+            let gain = 1.5f32;
+            for plane in grid.iter_mut() {
+                tmp.clear();
+                tmp.resize(gw * SIDE, 0.0);
+                for gy in 0..gw {
+                    let src = &plane[gy * gw..(gy + 1) * gw];
+                    for (d, &(x0, fx)) in tmp[gy * SIDE..(gy + 1) * SIDE].iter_mut().zip(&xs) {
+                        *d = (src[x0] + (src[x0 + 1] - src[x0]) * fx) * gain;
+                    }
+                }
+                std::mem::swap(plane, tmp);
             }
         }
-        // mean variance of bilinear interpolation of white noise is (2/3)^2 per axis pair
-        let gain = if zoom > 1.0 { 1.5 } else { 1.0 };
-        CorrelatedNoise { zoom, gw, grid, gain }
+        CorrelatedNoise { zoom, gw, grid }
     }
 
-    fn row(&self, y: usize, out: &mut [Vec<f32>; 3]) {
+    fn row(&self, y: usize, mut out: [&mut Vec<f32>; 3]) {
         if self.zoom <= 1.0 {
             for (ch, o) in out.iter_mut().enumerate() {
                 o.copy_from_slice(&self.grid[ch][y * self.gw..y * self.gw + SIDE]);
@@ -475,14 +606,9 @@ impl CorrelatedNoise {
         let fy = gy - y0 as f32;
         for (ch, o) in out.iter_mut().enumerate() {
             let g = &self.grid[ch];
-            let (r0, r1) = (&g[y0 * self.gw..(y0 + 1) * self.gw], &g[(y0 + 1) * self.gw..(y0 + 2) * self.gw]);
-            for (x, v) in o.iter_mut().enumerate() {
-                let gx = x as f32 / self.zoom;
-                let x0 = gx as usize;
-                let fx = gx - x0 as f32;
-                let top = r0[x0] + (r0[x0 + 1] - r0[x0]) * fx;
-                let bot = r1[x0] + (r1[x0 + 1] - r1[x0]) * fx;
-                *v = (top + (bot - top) * fy) * self.gain;
+            let (r0, r1) = (&g[y0 * SIDE..(y0 + 1) * SIDE], &g[(y0 + 1) * SIDE..(y0 + 2) * SIDE]);
+            for ((v, a), b) in o.iter_mut().zip(r0).zip(r1) {
+                *v = a + (b - a) * fy;
             }
         }
     }
@@ -510,6 +636,23 @@ mod tests {
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n as f32;
         assert!(mean.abs() < 0.02, "mean {mean}");
         assert!((var - 1.0).abs() < 0.03, "var {var}");
+    }
+
+    #[test]
+    fn blur_is_almost_gaussian() {
+        for sigma in [0.8f32, 1.5, 3.0, 4.5] {
+            let n = 81;
+            let mut f = Flux::new(n, n);
+            let c = n / 2;
+            for p in f.c.iter_mut() {
+                p[c * n + c] = 1.0;
+            }
+            blur(&mut f, sigma);
+            let total: f32 = f.c[0].iter().sum();
+            assert!((total - 1.0).abs() < 1e-3, "flux kept: {total}");
+            let var: f32 = (0..n * n).map(|i| f.c[0][i] * ((i % n) as f32 - c as f32).powi(2)).sum();
+            assert!((var.sqrt() - sigma).abs() < 0.25 * sigma, "sigma {sigma}: got {}", var.sqrt());
+        }
     }
 
     #[test]
