@@ -8,7 +8,13 @@ use gz_synth::{generate, SynthConfig};
 use crate::support;
 
 fn cfg(threads: usize) -> SynthConfig {
-    SynthConfig { train: 6, test: 3, seed: 11, threads, ..SynthConfig::default() }
+    SynthConfig {
+        train: 6,
+        test: 3,
+        seed: 11,
+        threads,
+        ..SynthConfig::default()
+    }
 }
 
 fn read(p: &Path) -> Vec<u8> {
@@ -29,20 +35,38 @@ fn same_seed_same_bytes_whatever_the_thread_count() {
     let (a, b) = (support::tempdir(), support::tempdir());
     generate(a.path(), &cfg(1), &|_| {}).unwrap();
     generate(b.path(), &cfg(2), &|_| {}).unwrap();
-    for f in ["training_solutions_rev1.csv", "test_solutions.csv", "expected_training.csv", "expected_test.csv", "floor.json", "synth.json"] {
-        assert_eq!(read(&a.path().join(f)), read(&b.path().join(f)), "{f} differs between 1 and 2 threads");
+    for f in [
+        "training_solutions_rev1.csv",
+        "test_solutions.csv",
+        "expected_training.csv",
+        "expected_test.csv",
+        "floor.json",
+        "synth.json",
+    ] {
+        assert_eq!(
+            read(&a.path().join(f)),
+            read(&b.path().join(f)),
+            "{f} differs between 1 and 2 threads"
+        );
     }
     for d in ["images_training_rev1", "images_test_rev1"] {
         let names = sorted_names(&a.path().join(d));
         assert_eq!(names, sorted_names(&b.path().join(d)));
         for n in names {
-            assert_eq!(read(&a.path().join(d).join(&n)), read(&b.path().join(d).join(&n)), "{d}/{n}");
+            assert_eq!(
+                read(&a.path().join(d).join(&n)),
+                read(&b.path().join(d).join(&n)),
+                "{d}/{n}"
+            );
         }
     }
     // a different seed gives a different dataset
     let c = support::tempdir();
     generate(c.path(), &SynthConfig { seed: 12, ..cfg(0) }, &|_| {}).unwrap();
-    assert_ne!(read(&a.path().join("training_solutions_rev1.csv")), read(&c.path().join("training_solutions_rev1.csv")));
+    assert_ne!(
+        read(&a.path().join("training_solutions_rev1.csv")),
+        read(&c.path().join("training_solutions_rev1.csv"))
+    );
 }
 
 #[test]
@@ -60,17 +84,30 @@ fn kaggle_layout_and_valid_labels() {
     let etrain = read_solutions(&dir.path().join("expected_training.csv")).unwrap();
     assert_eq!(train.ids, etrain.ids);
     assert_eq!((train.len(), test.len()), (6, 3));
-    for (sol, d) in [(&train, "images_training_rev1"), (&test, "images_test_rev1")] {
+    for (sol, d) in [
+        (&train, "images_training_rev1"),
+        (&test, "images_test_rev1"),
+    ] {
         let mut want: Vec<String> = sol.ids.iter().map(|id| format!("{id}.jpg")).collect();
         want.sort();
-        assert_eq!(sorted_names(&dir.path().join(d)), want, "one JPEG per labelled id in {d}");
+        assert_eq!(
+            sorted_names(&dir.path().join(d)),
+            want,
+            "one JPEG per labelled id in {d}"
+        );
         for (i, id) in sol.ids.iter().enumerate() {
             assert!((100_000..=999_999).contains(id), "six-digit id {id}");
-            assert!(check_row(sol.row(i), DEFAULT_TOLERANCE).is_empty(), "row {id}");
+            assert!(
+                check_row(sol.row(i), DEFAULT_TOLERANCE).is_empty(),
+                "row {id}"
+            );
             let bytes = read(&dir.path().join(d).join(format!("{id}.jpg")));
             assert_eq!(&bytes[..2], &[0xFF, 0xD8], "JPEG SOI");
             // SOF0 says 424×424, 3 components
-            let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline JPEG");
+            let sof = bytes
+                .windows(2)
+                .position(|w| w == [0xFF, 0xC0])
+                .expect("baseline JPEG");
             let h = u16::from_be_bytes([bytes[sof + 5], bytes[sof + 6]]);
             let w = u16::from_be_bytes([bytes[sof + 7], bytes[sof + 8]]);
             assert_eq!((w, h, bytes[sof + 9]), (424, 424, 3));
@@ -79,7 +116,8 @@ fn kaggle_layout_and_valid_labels() {
     for id in &test.ids {
         assert!(!train.ids.contains(id), "train and test ids are disjoint");
     }
-    let floor: serde_json::Value = serde_json::from_slice(&read(&dir.path().join("floor.json"))).unwrap();
+    let floor: serde_json::Value =
+        serde_json::from_slice(&read(&dir.path().join("floor.json"))).unwrap();
     assert_eq!(floor["n_train"], 6);
     assert_eq!(floor["seed"], 11);
     let f = floor["train_rmse"].as_f64().unwrap();
@@ -92,15 +130,26 @@ fn gz_synth_binary_end_to_end() {
     let out = dir.path().join("data");
     let args = |extra: &[&str]| {
         let mut c = support::gz();
-        c.args(["synth", "--out"]).arg(&out).args(["--train", "5", "--test", "3", "--seed", "4"]).args(extra);
+        c.args(["synth", "--out"])
+            .arg(&out)
+            .args(["--train", "5", "--test", "3", "--seed", "4"])
+            .args(extra);
         c
     };
     let (ok, stdout, stderr) = support::run(&mut args(&["--threads", "2"]));
     assert!(ok, "gz synth failed: {stderr}");
     assert!(stdout.contains("5 train + 3 test"), "{stdout}");
     assert!(stdout.contains("Bayes floor"), "{stdout}");
-    assert_eq!(stdout.lines().last().unwrap().trim(), format!("data: {}", out.display()));
-    assert_eq!(read_solutions(&out.join("training_solutions_rev1.csv")).unwrap().len(), 5);
+    assert_eq!(
+        stdout.lines().last().unwrap().trim(),
+        format!("data: {}", out.display())
+    );
+    assert_eq!(
+        read_solutions(&out.join("training_solutions_rev1.csv"))
+            .unwrap()
+            .len(),
+        5
+    );
     assert!(out.join("synth.json").exists());
     let csv = read(&out.join("training_solutions_rev1.csv"));
 
@@ -111,16 +160,27 @@ fn gz_synth_binary_end_to_end() {
 
     // a different dataset into the same directory is refused without --force ...
     let mut other = support::gz();
-    other.args(["synth", "--out"]).arg(&out).args(["--train", "4", "--test", "1", "--seed", "5"]);
+    other
+        .args(["synth", "--out"])
+        .arg(&out)
+        .args(["--train", "4", "--test", "1", "--seed", "5"]);
     let (ok, _, stderr) = support::run(&mut other);
     assert!(!ok, "overwriting another dataset must be refused");
     assert!(stderr.contains("--force"), "{stderr}");
-    assert_eq!(read(&out.join("training_solutions_rev1.csv")), csv, "refused run left the data alone");
+    assert_eq!(
+        read(&out.join("training_solutions_rev1.csv")),
+        csv,
+        "refused run left the data alone"
+    );
 
     // ... and replaces it cleanly with --force
     let (ok, _, stderr) = support::run(other.arg("--force"));
     assert!(ok, "{stderr}");
-    assert_eq!(sorted_names(&out.join("images_training_rev1")).len(), 4, "stale images removed");
+    assert_eq!(
+        sorted_names(&out.join("images_training_rev1")).len(),
+        4,
+        "stale images removed"
+    );
 
     // an interrupted run (no synth.json) is detected
     std::fs::remove_file(out.join("synth.json")).unwrap();
@@ -130,7 +190,9 @@ fn gz_synth_binary_end_to_end() {
 
     // bad arguments are clear errors
     let mut bad = support::gz();
-    bad.args(["synth", "--out"]).arg(dir.path().join("x")).args(["--min-volunteers", "9", "--max-volunteers", "3"]);
+    bad.args(["synth", "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--min-volunteers", "9", "--max-volunteers", "3"]);
     let (ok, _, stderr) = support::run(&mut bad);
     assert!(!ok);
     assert!(stderr.contains("volunteers"), "{stderr}");

@@ -18,13 +18,19 @@ use std::path::{Path, PathBuf};
 use image::{imageops, RgbImage};
 
 fn load(path: &Path) -> Result<RgbImage, String> {
-    image::open(path).map(|i| i.to_rgb8()).map_err(|e| format!("{}: {e}", path.display()))
+    image::open(path)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn tile(paths: &[PathBuf], cols: u32, scale: f32, gap: u32) -> Result<RgbImage, String> {
     let side = (424.0 * scale).round() as u32;
     let rows = (paths.len() as u32).div_ceil(cols);
-    let mut out = RgbImage::from_pixel(cols * (side + gap) - gap, rows.max(1) * (side + gap) - gap, image::Rgb([60, 60, 60]));
+    let mut out = RgbImage::from_pixel(
+        cols * (side + gap) - gap,
+        rows.max(1) * (side + gap) - gap,
+        image::Rgb([60, 60, 60]),
+    );
     for (i, p) in paths.iter().enumerate() {
         let img = load(p)?;
         let img = if img.width() != side || img.height() != side {
@@ -33,7 +39,12 @@ fn tile(paths: &[PathBuf], cols: u32, scale: f32, gap: u32) -> Result<RgbImage, 
             img
         };
         let (c, r) = (i as u32 % cols, i as u32 / cols);
-        imageops::replace(&mut out, &img, i64::from(c * (side + gap)), i64::from(r * (side + gap)));
+        imageops::replace(
+            &mut out,
+            &img,
+            i64::from(c * (side + gap)),
+            i64::from(r * (side + gap)),
+        );
     }
     Ok(out)
 }
@@ -75,11 +86,27 @@ fn print_stats(files: &[PathBuf]) -> Result<(), String> {
             }
         }
         let m: Vec<f64> = (0..3).map(|c| acc[c][0] / n).collect();
-        let s: Vec<f64> = (0..3).map(|c| (acc[c][1] / n - m[c] * m[c]).max(0.0).sqrt()).collect();
+        let s: Vec<f64> = (0..3)
+            .map(|c| (acc[c][1] / n - m[c] * m[c]).max(0.0).sqrt())
+            .collect();
         // fraction of pixels brighter than 40 (how much of the image the objects cover)
-        let bright = img.pixels().filter(|p| (u32::from(p[0]) + u32::from(p[1]) + u32::from(p[2])) / 3 > 40).count() as f64
+        let bright = img
+            .pixels()
+            .filter(|p| (u32::from(p[0]) + u32::from(p[1]) + u32::from(p[2])) / 3 > 40)
+            .count() as f64
             / f64::from(w * h);
-        rows.push([m[0], m[1], m[2], s[0], s[1], s[2], centre[0], centre[1], centre[2], bright * 100.0]);
+        rows.push([
+            m[0],
+            m[1],
+            m[2],
+            s[0],
+            s[1],
+            s[2],
+            centre[0],
+            centre[1],
+            centre[2],
+            bright * 100.0,
+        ]);
     }
     let med = |k: usize| {
         let mut v: Vec<f64> = rows.iter().map(|r| r[k]).collect();
@@ -105,13 +132,31 @@ fn main() -> Result<(), String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out = PathBuf::from(it.next().ok_or("--out needs a value")?),
-            "--cols" => cols = it.next().and_then(|v| v.parse().ok()).ok_or("--cols needs a number")?,
-            "--scale" => scale = it.next().and_then(|v| v.parse().ok()).ok_or("--scale needs a number")?,
-            "--seed" => seed = it.next().and_then(|v| v.parse().ok()).ok_or("--seed needs a number")?,
+            "--cols" => {
+                cols = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--cols needs a number")?
+            }
+            "--scale" => {
+                scale = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--scale needs a number")?
+            }
+            "--seed" => {
+                seed = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--seed needs a number")?
+            }
             "--stats" => stats = true,
             "--gen" => {
                 let dir = PathBuf::from(it.next().ok_or("--gen needs DIR N")?);
-                let n = it.next().and_then(|v| v.parse().ok()).ok_or("--gen needs DIR N")?;
+                let n = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--gen needs DIR N")?;
                 gen = Some((dir, n));
             }
             _ => files.push(PathBuf::from(a)),
@@ -119,7 +164,12 @@ fn main() -> Result<(), String> {
     }
     if let Some((dir, n)) = gen {
         // write N training images (no test split) with --seed into DIR, for --stats and viewing
-        let cfg = gz_synth::SynthConfig { train: n, test: 0, seed, ..Default::default() };
+        let cfg = gz_synth::SynthConfig {
+            train: n,
+            test: 0,
+            seed,
+            ..Default::default()
+        };
         let t = std::time::Instant::now();
         gz_synth::generate(&dir, &cfg, &|_| {}).map_err(|e| e.to_string())?;
         println!("generated {n} in {:.2} s", t.elapsed().as_secs_f64());
@@ -132,7 +182,12 @@ fn main() -> Result<(), String> {
         tile(&files, cols, scale, 4)?
     } else {
         let tmp = std::env::temp_dir().join(format!("gz-montage-{}", std::process::id()));
-        let cfg = gz_synth::SynthConfig { train: 16, test: 0, seed, ..Default::default() };
+        let cfg = gz_synth::SynthConfig {
+            train: 16,
+            test: 0,
+            seed,
+            ..Default::default()
+        };
         gz_synth::generate(&tmp, &cfg, &|_| {}).map_err(|e| e.to_string())?;
         let synth = sorted_jpegs(&tmp.join("images_training_rev1"), 16)?;
         let real = sorted_jpegs(&root.join("../shared/fixtures/real-test-jpegs"), 16)?;
@@ -140,7 +195,11 @@ fn main() -> Result<(), String> {
         let b = tile(&real, cols, scale, 4)?;
         let _ = std::fs::remove_dir_all(&tmp);
         let gap = 16;
-        let mut both = RgbImage::from_pixel(a.width(), a.height() + gap + b.height(), image::Rgb([255, 255, 255]));
+        let mut both = RgbImage::from_pixel(
+            a.width(),
+            a.height() + gap + b.height(),
+            image::Rgb([255, 255, 255]),
+        );
         imageops::replace(&mut both, &a, 0, 0);
         imageops::replace(&mut both, &b, 0, i64::from(a.height() + gap));
         both
@@ -148,7 +207,8 @@ fn main() -> Result<(), String> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    img.save(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    img.save(&out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(())
 }

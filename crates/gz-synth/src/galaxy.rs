@@ -112,11 +112,24 @@ pub enum Profile {
     /// Sérsic profile `I_e exp(-b_n((r/r_e)^(1/n) - 1))`.
     Sersic { re: f32, n: f32, ie: f32 },
     /// Exponential disk `I_0 exp(-r/h)` with optional bar, arms, ring (in the disk plane).
-    Disk { h: f32, i0: f32, arms: Option<Arms>, bar: Option<Bar>, ring: Option<Ring>, lopsided: f32 },
+    Disk {
+        h: f32,
+        i0: f32,
+        arms: Option<Arms>,
+        bar: Option<Bar>,
+        ring: Option<Ring>,
+        lopsided: f32,
+    },
     /// Gaussian blob (clumps, knots): peak `amp`, width `sigma`.
     Gauss { sigma: f32, amp: f32 },
     /// Arc (tidal tail, lensed arc): Gaussian across a circle of `radius` between angles.
-    Arc { radius: f32, width: f32, from: f32, span: f32, amp: f32 },
+    Arc {
+        radius: f32,
+        width: f32,
+        from: f32,
+        span: f32,
+        amp: f32,
+    },
 }
 
 /// One drawn component: a profile, where it sits, its shape and colour.
@@ -280,8 +293,16 @@ impl Scene {
         // magnified, so their PSF is wide and their noise correlated over `zoom` pixels.
         let zoom = log_uniform(rng, 1.0, 2.8);
         let psf = zoom * rng.gen_range(1.0f32..1.6);
-        let noise = [rng.gen_range(0.38..0.52), rng.gen_range(0.34..0.48), rng.gen_range(0.29..0.41)];
-        let sky = [rng.gen_range(0.0..0.12), rng.gen_range(0.0..0.12), rng.gen_range(0.0..0.08)];
+        let noise = [
+            rng.gen_range(0.38..0.52),
+            rng.gen_range(0.34..0.48),
+            rng.gen_range(0.29..0.41),
+        ];
+        let sky = [
+            rng.gen_range(0.0..0.12),
+            rng.gen_range(0.0..0.12),
+            rng.gen_range(0.0..0.08),
+        ];
         let mut s = Scene {
             kind,
             central: Vec::new(),
@@ -315,9 +336,20 @@ impl Scene {
         let n = rng.gen_range(2.0..5.0);
         let re = log_uniform(rng, 13.0, 45.0) * (4.0f32 / n).sqrt();
         let ie = log_uniform(rng, 3.0, 40.0);
-        let q = if rng.gen::<f32>() < 0.25 { rng.gen_range(0.35..0.65) } else { rng.gen_range(0.6..1.0) };
+        let q = if rng.gen::<f32>() < 0.25 {
+            rng.gen_range(0.35..0.65)
+        } else {
+            rng.gen_range(0.6..1.0)
+        };
         let pa = rng.gen_range(0.0..PI);
-        self.central.push(Component { x: cx, y: cy, q, pa, profile: Profile::Sersic { re, n, ie }, sed: Sed::red(rng) });
+        self.central.push(Component {
+            x: cx,
+            y: cy,
+            q,
+            pa,
+            profile: Profile::Sersic { re, n, ie },
+            sed: Sed::red(rng),
+        });
         self.facts = Facts {
             q,
             bulge_frac: 1.0,
@@ -334,7 +366,13 @@ impl Scene {
                 y: cy,
                 q: 1.0,
                 pa: 0.0,
-                profile: Profile::Arc { radius, width: 1.2, from: rng.gen_range(0.0..2.0 * PI), span: rng.gen_range(0.6..1.6), amp },
+                profile: Profile::Arc {
+                    radius,
+                    width: 1.2,
+                    from: rng.gen_range(0.0..2.0 * PI),
+                    span: rng.gen_range(0.6..1.6),
+                    amp,
+                },
                 sed: Sed::blue(rng),
             });
             self.facts.lens = sat(amp / 3.0);
@@ -348,7 +386,11 @@ impl Scene {
         let cosi: f32 = rng.gen();
         let q = (cosi * cosi + 0.2f32 * 0.2).sqrt().min(1.0);
         let pa = rng.gen_range(0.0..PI);
-        let bulge_frac = if rng.gen::<f32>() < 0.2 { rng.gen_range(0.0..0.05) } else { rng.gen_range(0.05..0.65) };
+        let bulge_frac = if rng.gen::<f32>() < 0.2 {
+            rng.gen_range(0.0..0.05)
+        } else {
+            rng.gen_range(0.05..0.65)
+        };
         let edge_on = q < 0.35;
         let face_visible = smoothstep(0.2, 0.5, q);
         let arms = if rng.gen::<f32>() < 0.75 {
@@ -385,20 +427,38 @@ impl Scene {
             radius: rng.gen_range(1.2..2.6),
             width: rng.gen_range(0.18..0.4),
             strength: rng.gen_range(0.3..0.9),
-            sed: if rng.gen::<bool>() { Sed::blue(rng) } else { Sed::disk(rng) },
+            sed: if rng.gen::<bool>() {
+                Sed::blue(rng)
+            } else {
+                Sed::disk(rng)
+            },
         });
-        let lopsided = if rng.gen::<f32>() < 0.08 { rng.gen_range(0.2..0.7) } else { 0.0 };
+        let lopsided = if rng.gen::<f32>() < 0.08 {
+            rng.gen_range(0.2..0.7)
+        } else {
+            0.0
+        };
         // Edge-on disks look brighter (longer line of sight), capped.
         let i0_proj = i0 / q.max(0.12).powf(0.6);
         let disk_sed = Sed::disk(rng);
         let arms_facts = arms.as_ref().map(|a| (a.m, a.pitch_deg, a.strength));
-        let (bar_s, ring_s) = (bar.as_ref().map_or(0.0, |b| b.strength), ring.as_ref().map_or(0.0, |r| r.strength));
+        let (bar_s, ring_s) = (
+            bar.as_ref().map_or(0.0, |b| b.strength),
+            ring.as_ref().map_or(0.0, |r| r.strength),
+        );
         self.central.push(Component {
             x: cx,
             y: cy,
             q,
             pa,
-            profile: Profile::Disk { h, i0: i0_proj, arms, bar, ring, lopsided },
+            profile: Profile::Disk {
+                h,
+                i0: i0_proj,
+                arms,
+                bar,
+                ring,
+                lopsided,
+            },
             sed: disk_sed,
         });
         // Bulge: total light ratio B/T; disk total = 2π h² i0 (face-on).
@@ -410,11 +470,23 @@ impl Scene {
             let bulge_total = disk_total * bulge_frac / (1.0 - bulge_frac);
             // Sérsic total = I_e re² 2π n e^b b^-2n Γ(2n): use a rough fit for n in 1..4
             let bn = 2.0 * n - 1.0 / 3.0;
-            let total_per_ie = 2.0 * PI * re * re * n * bn.exp() * gamma(2.0 * n) / bn.powf(2.0 * n);
+            let total_per_ie =
+                2.0 * PI * re * re * n * bn.exp() * gamma(2.0 * n) / bn.powf(2.0 * n);
             let ie = bulge_total / total_per_ie;
             boxy = edge_on && rng.gen::<f32>() < 0.15;
-            let bq = if boxy { 0.75 } else { rng.gen_range(0.7..1.0f32).max(q) };
-            self.central.push(Component { x: cx, y: cy, q: bq, pa, profile: Profile::Sersic { re, n, ie }, sed: Sed::red(rng) });
+            let bq = if boxy {
+                0.75
+            } else {
+                rng.gen_range(0.7..1.0f32).max(q)
+            };
+            self.central.push(Component {
+                x: cx,
+                y: cy,
+                q: bq,
+                pa,
+                profile: Profile::Sersic { re, n, ie },
+                sed: Sed::red(rng),
+            });
         }
         let mut dust_depth = 0.0;
         if q < 0.38 && rng.gen::<f32>() < 0.6 {
@@ -437,7 +509,10 @@ impl Scene {
                     y: cy + r * t.sin() * q,
                     q: 1.0,
                     pa: 0.0,
-                    profile: Profile::Gauss { sigma: rng.gen_range(1.0..3.0), amp: i0 * rng.gen_range(0.5..2.0) },
+                    profile: Profile::Gauss {
+                        sigma: rng.gen_range(1.0..3.0),
+                        amp: i0 * rng.gen_range(0.5..2.0),
+                    },
                     sed: Sed::blue(rng),
                 });
             }
@@ -468,7 +543,14 @@ impl Scene {
             y: cy,
             q,
             pa,
-            profile: Profile::Disk { h, i0, arms: None, bar: None, ring: None, lopsided: rng.gen_range(0.0..0.6) },
+            profile: Profile::Disk {
+                h,
+                i0,
+                arms: None,
+                bar: None,
+                ring: None,
+                lopsided: rng.gen_range(0.0..0.6),
+            },
             sed: Sed::blue(rng),
         });
         let n = rng.gen_range(3..10);
@@ -480,7 +562,10 @@ impl Scene {
                 y: cy + r * t.sin(),
                 q: rng.gen_range(0.5..1.0),
                 pa: rng.gen_range(0.0..PI),
-                profile: Profile::Gauss { sigma: rng.gen_range(0.8..3.5), amp: i0 * rng.gen_range(0.4..2.5) },
+                profile: Profile::Gauss {
+                    sigma: rng.gen_range(0.8..3.5),
+                    amp: i0 * rng.gen_range(0.4..2.5),
+                },
                 sed: Sed::blue(rng),
             });
         }
@@ -506,13 +591,21 @@ impl Scene {
         let (x1, y1) = (cx - dx * w, cy - dy * w);
         let (x2, y2) = (x1 + dx, y1 + dy);
         for (x, y, f) in [(x1, y1, 1.0), (x2, y2, ratio)] {
-            let sed = if rng.gen::<bool>() { Sed::red(rng) } else { Sed::disk(rng) };
+            let sed = if rng.gen::<bool>() {
+                Sed::red(rng)
+            } else {
+                Sed::disk(rng)
+            };
             self.central.push(Component {
                 x,
                 y,
                 q: rng.gen_range(0.5..1.0),
                 pa: rng.gen_range(0.0..PI),
-                profile: Profile::Sersic { re: re * f.sqrt(), n: rng.gen_range(1.0..3.5), ie: ie * f.sqrt() },
+                profile: Profile::Sersic {
+                    re: re * f.sqrt(),
+                    n: rng.gen_range(1.0..3.5),
+                    ie: ie * f.sqrt(),
+                },
                 sed,
             });
         }
@@ -546,8 +639,19 @@ impl Scene {
 
     fn star<R: Rng>(&mut self, rng: &mut R, cx: f32, cy: f32) {
         let flux = log_uniform(rng, 2000.0, 80000.0);
-        self.stars.push(Point { x: cx, y: cy, flux, sed: Sed::star(rng) });
-        self.facts = Facts { q: 1.0, bulge_frac: 1.0, resolution: 0.3, surface_brightness: flux / 20.0, ..Facts::default() };
+        self.stars.push(Point {
+            x: cx,
+            y: cy,
+            flux,
+            sed: Sed::star(rng),
+        });
+        self.facts = Facts {
+            q: 1.0,
+            bulge_frac: 1.0,
+            resolution: 0.3,
+            surface_brightness: flux / 20.0,
+            ..Facts::default()
+        };
         if rng.gen::<bool>() {
             // often a faint galaxy near the star was the intended target
             let r = rng.gen_range(8.0..30.0);
@@ -557,7 +661,11 @@ impl Scene {
                 y: cy + r * t.sin(),
                 q: rng.gen_range(0.4..1.0),
                 pa: rng.gen_range(0.0..PI),
-                profile: Profile::Sersic { re: rng.gen_range(2.0..6.0), n: 1.5, ie: rng.gen_range(1.5..6.0) },
+                profile: Profile::Sersic {
+                    re: rng.gen_range(2.0..6.0),
+                    n: 1.5,
+                    ie: rng.gen_range(1.5..6.0),
+                },
                 sed: Sed::disk(rng),
             });
         }
@@ -583,28 +691,51 @@ impl Scene {
             y: cy,
             q: rng.gen_range(0.5..1.0),
             pa: 0.0,
-            profile: Profile::Sersic { re: rng.gen_range(2.0..8.0), n: 1.0, ie: rng.gen_range(1.0..4.0) },
+            profile: Profile::Sersic {
+                re: rng.gen_range(2.0..8.0),
+                n: 1.0,
+                ie: rng.gen_range(1.0..4.0),
+            },
             sed: Sed::disk(rng),
         });
-        self.facts = Facts { q: 0.8, bulge_frac: 0.5, resolution: 1.0, surface_brightness: 2.0, ..Facts::default() };
+        self.facts = Facts {
+            q: 0.8,
+            bulge_frac: 0.5,
+            resolution: 1.0,
+            surface_brightness: 2.0,
+            ..Facts::default()
+        };
     }
 
     fn add_field<R: Rng>(&mut self, rng: &mut R) {
         let n_stars = Poisson::new(4.5f64).map_or(7.0, |p| p.sample(rng)) as usize;
         for _ in 0..n_stars {
             let flux = log_uniform(rng, 20.0, 6000.0) * self.zoom * self.zoom;
-            self.stars.push(Point { x: rng.gen_range(0.0..SIDE as f32), y: rng.gen_range(0.0..SIDE as f32), flux, sed: Sed::star(rng) });
+            self.stars.push(Point {
+                x: rng.gen_range(0.0..SIDE as f32),
+                y: rng.gen_range(0.0..SIDE as f32),
+                flux,
+                sed: Sed::star(rng),
+            });
         }
         let n_gal = Poisson::new(3.5f64).map_or(3.0, |p| p.sample(rng)) as usize;
         for _ in 0..n_gal {
             let re = log_uniform(rng, 1.2, 7.0) * self.zoom;
-            let sed = if rng.gen::<f32>() < 0.6 { Sed::red(rng) } else { Sed::disk(rng) };
+            let sed = if rng.gen::<f32>() < 0.6 {
+                Sed::red(rng)
+            } else {
+                Sed::disk(rng)
+            };
             self.field.push(Component {
                 x: rng.gen_range(0.0..SIDE as f32),
                 y: rng.gen_range(0.0..SIDE as f32),
                 q: rng.gen_range(0.3..1.0),
                 pa: rng.gen_range(0.0..PI),
-                profile: Profile::Sersic { re, n: rng.gen_range(1.0..4.0), ie: log_uniform(rng, 1.5, 25.0) },
+                profile: Profile::Sersic {
+                    re,
+                    n: rng.gen_range(1.0..4.0),
+                    ie: log_uniform(rng, 1.5, 25.0),
+                },
                 sed,
             });
         }
@@ -634,19 +765,27 @@ impl Scene {
         let res_vis = smoothstep(1.5, 9.0, f.resolution);
         let sb_vis = smoothstep(0.3, 3.0, f.surface_brightness.max(1e-3).ln() + 0.5);
         let clarity = res_vis * (0.35 + 0.65 * sb_vis);
-        let mix = |truth: f64, prior: f64, c: f32| f64::from(c) * truth + (1.0 - f64::from(c)) * prior;
+        let mix =
+            |truth: f64, prior: f64, c: f32| f64::from(c) * truth + (1.0 - f64::from(c)) * prior;
         let c = clarity;
 
         // Q1: smooth / features / star-artefact
         let edge = smoothstep(0.42, 0.2, f.q) * smoothstep(0.8, 3.0, f.resolution);
-        let arm_e = f.arms.map_or(0.0, |(_, _, s)| s) * smoothstep(2.0, 8.0, f.resolution) * (0.5 + 0.5 * sb_vis);
+        let arm_e = f.arms.map_or(0.0, |(_, _, s)| s)
+            * smoothstep(2.0, 8.0, f.resolution)
+            * (0.5 + 0.5 * sb_vis);
         let feature_e = match self.kind {
             // flattened spheroids are sometimes taken for disks
             Kind::Elliptical => 0.1 + 0.35 * (1.0 - f.q) * c + 0.3 * f.lens,
             Kind::Disk => {
                 let disk_e = 0.2 + (1.0 - f.bulge_frac) * 0.75 * c;
                 let arm_e = if arm_e > 0.0 { 0.45 + 0.6 * arm_e } else { 0.0 };
-                disk_e.max(edge * 0.95).max(arm_e).max(f.bar * 0.9 * c).max(f.ring * 0.8 * c).max(f.disturbed * c)
+                disk_e
+                    .max(edge * 0.95)
+                    .max(arm_e)
+                    .max(f.bar * 0.9 * c)
+                    .max(f.ring * 0.8 * c)
+                    .max(f.disturbed * c)
             }
             Kind::Irregular => 0.35 + 0.55 * c,
             Kind::Merger => 0.3 + 0.5 * c,
@@ -667,13 +806,21 @@ impl Scene {
         // Q2: edge-on?
         let edge_truth = f64::from(smoothstep(0.4, 0.22, f.q));
         let q2 = match self.kind {
-            Kind::Disk => mix(edge_truth, 0.12, smoothstep(0.8, 3.0, f.resolution) * (0.5 + 0.5 * sb_vis)),
+            Kind::Disk => mix(
+                edge_truth,
+                0.12,
+                smoothstep(0.8, 3.0, f.resolution) * (0.5 + 0.5 * sb_vis),
+            ),
             _ => 0.06,
         };
         p.set(1, &[q2, 1.0 - q2]);
 
         // Q3: bar?
-        let q3 = if f.bar > 0.0 { mix(0.3 + 0.65 * f64::from(f.bar), 0.15, c) } else { mix(0.05, 0.15, c) };
+        let q3 = if f.bar > 0.0 {
+            mix(0.3 + 0.65 * f64::from(f.bar), 0.15, c)
+        } else {
+            mix(0.05, 0.15, c)
+        };
         p.set(2, &[q3, 1.0 - q3]);
 
         // Q4: spiral?
@@ -686,7 +833,9 @@ impl Scene {
         // Q5: bulge prominence from B/T (none, noticeable, obvious, dominant)
         let x = 3.0 * sat(f.bulge_frac / 0.6).powf(0.7);
         let s = 0.45 + 0.9 * (1.0 - c);
-        let w5: Vec<f64> = (0..4).map(|k| f64::from((-(k as f32 - x).powi(2) / (2.0 * s * s)).exp())).collect();
+        let w5: Vec<f64> = (0..4)
+            .map(|k| f64::from((-(k as f32 - x).powi(2) / (2.0 * s * s)).exp()))
+            .collect();
         p.set(4, &w5);
 
         // Q6: anything odd?
@@ -697,8 +846,16 @@ impl Scene {
             f.disturbed * 0.75 * c6,
             f.dust * 0.7 * smoothstep(0.8, 4.0, f.resolution),
             f.crowding * 0.25,
-            if self.kind == Kind::Irregular { 0.7 * c6 } else { 0.0 },
-            if self.kind == Kind::Merger { 0.8 * c6 } else { 0.0 },
+            if self.kind == Kind::Irregular {
+                0.7 * c6
+            } else {
+                0.0
+            },
+            if self.kind == Kind::Merger {
+                0.8 * c6
+            } else {
+                0.0
+            },
         ];
         let not_odd: f32 = odd_feats.iter().map(|&o| 1.0 - sat(o)).product::<f32>() * 0.9;
         let q6 = f64::from(1.0 - not_odd);
@@ -707,7 +864,10 @@ impl Scene {
         // Q7: how rounded (smooth answerers)
         let centres = [0.92f32, 0.65, 0.3];
         let s7 = 0.1 + 0.12 * (1.0 - c);
-        let w7: Vec<f64> = centres.iter().map(|&m| f64::from((-(f.q - m).powi(2) / (2.0 * s7 * s7)).exp()) + 0.02).collect();
+        let w7: Vec<f64> = centres
+            .iter()
+            .map(|&m| f64::from((-(f.q - m).powi(2) / (2.0 * s7 * s7)).exp()) + 0.02)
+            .collect();
         p.set(6, &w7);
 
         // Q8: which odd feature (ring, lens/arc, disturbed, irregular, other, merger, dust lane)
@@ -715,23 +875,38 @@ impl Scene {
             f64::from(f.ring * c6) + 0.03,
             f64::from(f.lens) + 0.03,
             f64::from(f.disturbed * 0.6) + 0.08,
-            if self.kind == Kind::Irregular { 1.0 } else { 0.06 },
+            if self.kind == Kind::Irregular {
+                1.0
+            } else {
+                0.06
+            },
             0.12 + f64::from(f.crowding) * 0.3,
-            if self.kind == Kind::Merger { 1.2 } else { 0.04 + f64::from(f.crowding) * 0.2 },
+            if self.kind == Kind::Merger {
+                1.2
+            } else {
+                0.04 + f64::from(f.crowding) * 0.2
+            },
             f64::from(f.dust * 1.2) + 0.02,
         ];
         p.set(7, &w8);
 
         // Q9: bulge shape of edge-on disks (rounded, boxy, none)
         let b = f64::from(sat(f.bulge_frac * 3.0));
-        let w9 = if f.boxy { [0.3, 0.6, 0.1] } else { [0.1 + 0.8 * b, 0.06, 0.1 + 0.9 * (1.0 - b)] };
+        let w9 = if f.boxy {
+            [0.3, 0.6, 0.1]
+        } else {
+            [0.1 + 0.8 * b, 0.06, 0.1 + 0.9 * (1.0 - b)]
+        };
         let w9: Vec<f64> = w9.iter().map(|&w| mix(w, 1.0 / 3.0, c)).collect();
         p.set(8, &w9);
 
         // Q10: arm winding (tight, medium, loose)
         let pitch = f.arms.map_or(18.0, |a| a.1);
         let s10 = 4.0 + 10.0 * (1.0 - c);
-        let w10: Vec<f64> = [9.0f32, 19.0, 31.0].iter().map(|&m| f64::from((-(pitch - m).powi(2) / (2.0 * s10 * s10)).exp()) + 0.03).collect();
+        let w10: Vec<f64> = [9.0f32, 19.0, 31.0]
+            .iter()
+            .map(|&m| f64::from((-(pitch - m).powi(2) / (2.0 * s10 * s10)).exp()) + 0.03)
+            .collect();
         p.set(9, &w10);
 
         // Q11: number of arms (1, 2, 3, 4, more than four, can't tell)

@@ -29,18 +29,33 @@ pub struct Probs {
 impl Probs {
     /// All zeros; fill every question with [`Probs::set`].
     pub fn new() -> Self {
-        Self { p: [0.0; N_ANSWERS] }
+        Self {
+            p: [0.0; N_ANSWERS],
+        }
     }
 
     /// Sets question `q`'s probabilities from non-negative weights (normalised here; all-zero
     /// weights become uniform).
     pub fn set(&mut self, q: usize, weights: &[f64]) {
         let qs = &QUESTIONS[q];
-        assert_eq!(weights.len(), qs.len, "Q{} has {} answers", qs.number, qs.len);
-        let w: Vec<f64> = weights.iter().map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 }).collect();
+        assert_eq!(
+            weights.len(),
+            qs.len,
+            "Q{} has {} answers",
+            qs.number,
+            qs.len
+        );
+        let w: Vec<f64> = weights
+            .iter()
+            .map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 })
+            .collect();
         let total: f64 = w.iter().sum();
         for (k, a) in qs.answers().enumerate() {
-            self.p[a] = if total > 0.0 { w[k] / total } else { 1.0 / qs.len as f64 };
+            self.p[a] = if total > 0.0 {
+                w[k] / total
+            } else {
+                1.0 / qs.len as f64
+            };
         }
     }
 
@@ -79,7 +94,11 @@ pub fn topological_order() -> Vec<usize> {
             }
         }
     }
-    assert_eq!(order.len(), N_QUESTIONS, "the Galaxy Zoo tree has no cycles");
+    assert_eq!(
+        order.len(),
+        N_QUESTIONS,
+        "the Galaxy Zoo tree has no cycles"
+    );
     order
 }
 
@@ -150,7 +169,10 @@ pub fn observed_row<R: Rng>(rng: &mut R, probs: &Probs, volunteers: u32) -> [f32
             counts[a] += 1;
             q = ANSWERS[a].leads_to;
             steps += 1;
-            debug_assert!(steps <= N_QUESTIONS, "a volunteer's walk is at most 11 questions long");
+            debug_assert!(
+                steps <= N_QUESTIONS,
+                "a volunteer's walk is at most 11 questions long"
+            );
         }
     }
     let n = f64::from(volunteers.max(1));
@@ -168,7 +190,11 @@ pub fn rmse(a: &[f32], b: &[f32]) -> f64 {
     if a.is_empty() {
         return 0.0;
     }
-    let s: f64 = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum();
+    let s: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
     (s / a.len() as f64).sqrt()
 }
 
@@ -194,7 +220,12 @@ mod tests {
         let pos = |q: usize| order.iter().position(|&x| x == q).unwrap();
         for a in &ANSWERS {
             if let Some(next) = a.leads_to {
-                assert!(pos(a.question) < pos(next), "Q{} before Q{}", a.question + 1, next + 1);
+                assert!(
+                    pos(a.question) < pos(next),
+                    "Q{} before Q{}",
+                    a.question + 1,
+                    next + 1
+                );
             }
         }
     }
@@ -205,10 +236,18 @@ mod tests {
         for i in 0..500 {
             let p = random_probs(&mut rng);
             let e = expected_row(&p);
-            assert!(check_row(&e, 1e-5).is_empty(), "expected row {i}: {:?}", check_row(&e, 1e-5));
+            assert!(
+                check_row(&e, 1e-5).is_empty(),
+                "expected row {i}: {:?}",
+                check_row(&e, 1e-5)
+            );
             let n = rng.gen_range(1..60);
             let o = observed_row(&mut rng, &p, n);
-            assert!(check_row(&o, 1e-5).is_empty(), "observed row {i}: {:?}", check_row(&o, 1e-5));
+            assert!(
+                check_row(&o, 1e-5).is_empty(),
+                "observed row {i}: {:?}",
+                check_row(&o, 1e-5)
+            );
         }
     }
 

@@ -76,14 +76,24 @@ fn is_zero(v: &usize) -> bool {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { train: 64, test: 16, seed: 0, min_volunteers: 25, max_volunteers: 60, threads: 0 }
+        SynthConfig {
+            train: 64,
+            test: 16,
+            seed: 0,
+            min_volunteers: 25,
+            max_volunteers: 60,
+            threads: 0,
+        }
     }
 }
 
 impl SynthConfig {
     /// The config with the output-irrelevant fields (threads) cleared, as written to `synth.json`.
     pub fn canonical(&self) -> SynthConfig {
-        SynthConfig { threads: 0, ..self.clone() }
+        SynthConfig {
+            threads: 0,
+            ..self.clone()
+        }
     }
 
     /// Same dataset (ignoring the thread count)?
@@ -101,7 +111,10 @@ impl SynthConfig {
         }
         let total = self.train as u64 + self.test as u64;
         if total > ID_MAX - ID_MIN + 1 {
-            return bad(format!("{total} images do not fit the {} six-digit ids", ID_MAX - ID_MIN + 1));
+            return bad(format!(
+                "{total} images do not fit the {} six-digit ids",
+                ID_MAX - ID_MIN + 1
+            ));
         }
         Ok(())
     }
@@ -183,7 +196,10 @@ pub enum SynthError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SynthError + '_ {
-    move |source| SynthError::Io { path: path.to_path_buf(), source }
+    move |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One generated galaxy: its image bytes and label rows.
@@ -221,7 +237,12 @@ fn galaxy_rng(seed: u64, split: Split, index: usize) -> ChaCha8Rng {
 }
 
 /// Draws, renders and labels one galaxy (pure function of its arguments).
-pub fn make_sample(cfg: &SynthConfig, split: Split, index: usize, id: u64) -> Result<Sample, String> {
+pub fn make_sample(
+    cfg: &SynthConfig,
+    split: Split,
+    index: usize,
+    id: u64,
+) -> Result<Sample, String> {
     let mut rng = galaxy_rng(cfg.seed, split, index);
     let scene = Scene::sample(&mut rng);
     let probs = scene.answer_probs();
@@ -230,7 +251,13 @@ pub fn make_sample(cfg: &SynthConfig, split: Split, index: usize, id: u64) -> Re
     let expected = labels::expected_row(&probs);
     let rgb = render::render_rgb(&scene);
     let jpeg = render::encode_jpeg(&rgb).map_err(|e| e.to_string())?;
-    Ok(Sample { id, jpeg, observed, expected, volunteers })
+    Ok(Sample {
+        id,
+        jpeg,
+        observed,
+        expected,
+        volunteers,
+    })
 }
 
 /// Draws the Kaggle-like ids: `train + test` distinct six-digit numbers, each split sorted.
@@ -254,7 +281,10 @@ pub fn existing_config(dir: &Path) -> Result<Option<SynthConfig>, SynthError> {
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .map_err(|e| SynthError::BadMarker { path, reason: e.to_string() }),
+            .map_err(|e| SynthError::BadMarker {
+                path,
+                reason: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(SynthError::Io { path, source }),
     }
@@ -262,16 +292,29 @@ pub fn existing_config(dir: &Path) -> Result<Option<SynthConfig>, SynthError> {
 
 /// The paths [`generate`] writes in `dir` (for cleaning before a forced regeneration).
 pub fn output_paths(dir: &Path) -> Vec<PathBuf> {
-    [SYNTH_JSON, FLOOR_JSON, TRAIN_CSV, TEST_CSV, EXPECTED_TRAIN_CSV, EXPECTED_TEST_CSV, TRAIN_DIR, TEST_DIR]
-        .iter()
-        .map(|p| dir.join(p))
-        .collect()
+    [
+        SYNTH_JSON,
+        FLOOR_JSON,
+        TRAIN_CSV,
+        TEST_CSV,
+        EXPECTED_TRAIN_CSV,
+        EXPECTED_TEST_CSV,
+        TRAIN_DIR,
+        TEST_DIR,
+    ]
+    .iter()
+    .map(|p| dir.join(p))
+    .collect()
 }
 
 /// Removes what [`generate`] writes in `dir` (and nothing else).
 pub fn clean(dir: &Path) -> Result<(), SynthError> {
     for p in output_paths(dir) {
-        let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
         match r {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -302,8 +345,10 @@ fn write_split(
         .enumerate()
         .map(|(index, &id)| {
             let path = dir.join(format!("{id}.jpg"));
-            let s = make_sample(cfg, split, index, id)
-                .map_err(|reason| SynthError::Jpeg { path: path.clone(), reason })?;
+            let s = make_sample(cfg, split, index, id).map_err(|reason| SynthError::Jpeg {
+                path: path.clone(),
+                reason,
+            })?;
             std::fs::write(&path, &s.jpeg).map_err(io_err(&path))?;
             progress(1);
             Ok(Written {
@@ -331,19 +376,40 @@ fn solutions(samples: &[Written], expected: bool) -> Solutions {
 /// Images are written first; the CSVs, `floor.json` and finally `synth.json` last, each
 /// atomically, so an interrupted run leaves no `synth.json`. An existing `synth.json` is removed
 /// first. Existing files of other datasets are not cleaned here: see [`clean`].
-pub fn generate(out_dir: &Path, cfg: &SynthConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<SynthSummary, SynthError> {
+pub fn generate(
+    out_dir: &Path,
+    cfg: &SynthConfig,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SynthSummary, SynthError> {
     cfg.validate()?;
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let marker = out_dir.join(SYNTH_JSON);
     match std::fs::remove_file(&marker) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(SynthError::Io { path: marker, source }),
+        Err(source) => {
+            return Err(SynthError::Io {
+                path: marker,
+                source,
+            })
+        }
     }
     let (train_ids, test_ids) = draw_ids(cfg);
     let run = || -> Result<(Vec<Written>, Vec<Written>), SynthError> {
-        let train = write_split(&out_dir.join(TRAIN_DIR), cfg, Split::Train, &train_ids, progress)?;
-        let test = write_split(&out_dir.join(TEST_DIR), cfg, Split::Test, &test_ids, progress)?;
+        let train = write_split(
+            &out_dir.join(TRAIN_DIR),
+            cfg,
+            Split::Train,
+            &train_ids,
+            progress,
+        )?;
+        let test = write_split(
+            &out_dir.join(TEST_DIR),
+            cfg,
+            Split::Test,
+            &test_ids,
+            progress,
+        )?;
         Ok((train, test))
     };
     let (train, test) = if cfg.threads > 0 {
@@ -375,7 +441,12 @@ pub fn generate(out_dir: &Path, cfg: &SynthConfig, progress: &(dyn Fn(u64) + Syn
     write_atomic(&out_dir.join(FLOOR_JSON), to_json(&floor).as_bytes())?;
     write_atomic(&marker, to_json(&cfg.canonical()).as_bytes())?;
     let n = (train.len() + test.len()).max(1) as f64;
-    let mean_volunteers = train.iter().chain(&test).map(|s| f64::from(s.volunteers)).sum::<f64>() / n;
+    let mean_volunteers = train
+        .iter()
+        .chain(&test)
+        .map(|s| f64::from(s.volunteers))
+        .sum::<f64>()
+        / n;
     Ok(SynthSummary {
         out_dir: out_dir.to_path_buf(),
         n_train: train.len(),
@@ -401,7 +472,10 @@ mod tests {
 
     /// Mean expected and observed rows over many drawn galaxies (no rendering: labels only).
     fn mean_rows(n: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f32>, Vec<f32>) {
-        let cfg = SynthConfig { seed, ..SynthConfig::default() };
+        let cfg = SynthConfig {
+            seed,
+            ..SynthConfig::default()
+        };
         let (mut me, mut mo) = (vec![0f64; N_ANSWERS], vec![0f64; N_ANSWERS]);
         let (mut all_e, mut all_o) = (Vec::new(), Vec::new());
         for i in 0..n {
@@ -411,8 +485,16 @@ mod tests {
             let v = rng.gen_range(cfg.min_volunteers..=cfg.max_volunteers);
             let o = labels::observed_row(&mut rng, &probs, v);
             let e = labels::expected_row(&probs);
-            assert!(check_row(&o, 1e-5).is_empty(), "observed row {i}: {:?}", check_row(&o, 1e-5));
-            assert!(check_row(&e, 1e-5).is_empty(), "expected row {i}: {:?}", check_row(&e, 1e-5));
+            assert!(
+                check_row(&o, 1e-5).is_empty(),
+                "observed row {i}: {:?}",
+                check_row(&o, 1e-5)
+            );
+            assert!(
+                check_row(&e, 1e-5).is_empty(),
+                "expected row {i}: {:?}",
+                check_row(&e, 1e-5)
+            );
             for a in 0..N_ANSWERS {
                 me[a] += f64::from(e[a]) / n as f64;
                 mo[a] += f64::from(o[a]) / n as f64;
@@ -427,7 +509,9 @@ mod tests {
     fn label_frequencies_are_plausible() {
         let (me, mo, e, o) = mean_rows(4000, 5);
         let names: Vec<&str> = column_names().collect();
-        let report: Vec<String> = (0..N_ANSWERS).map(|a| format!("{} {:.3}/{:.3}", names[a], me[a], mo[a])).collect();
+        let report: Vec<String> = (0..N_ANSWERS)
+            .map(|a| format!("{} {:.3}/{:.3}", names[a], me[a], mo[a]))
+            .collect();
         let report = report.join(", ");
         // Q1 like the real data: about 0.43 smooth, 0.54 features, 0.03 star/artefact
         assert!((me[0] - 0.43).abs() < 0.06, "smooth: {report}");
@@ -436,7 +520,11 @@ mod tests {
         // every answer is used sometimes, none dominates where the real data are mixed
         for a in 0..N_ANSWERS {
             assert!(me[a] > 0.002, "{} never chosen: {report}", names[a]);
-            assert!((me[a] - mo[a]).abs() < 0.02, "{}: volunteers unbiased: {report}", names[a]);
+            assert!(
+                (me[a] - mo[a]).abs() < 0.02,
+                "{}: volunteers unbiased: {report}",
+                names[a]
+            );
         }
         let odd = me[answer_index(6, 1)];
         assert!(odd > 0.12 && odd < 0.4, "odd: {report}");
@@ -454,7 +542,12 @@ mod tests {
 
     #[test]
     fn ids_are_six_digit_distinct_and_split() {
-        let cfg = SynthConfig { train: 500, test: 200, seed: 9, ..SynthConfig::default() };
+        let cfg = SynthConfig {
+            train: 500,
+            test: 200,
+            seed: 9,
+            ..SynthConfig::default()
+        };
         let (a, b) = draw_ids(&cfg);
         assert_eq!((a.len(), b.len()), (500, 200));
         let mut all: Vec<u64> = a.iter().chain(&b).copied().collect();
@@ -467,11 +560,25 @@ mod tests {
 
     #[test]
     fn bad_configs_are_errors() {
-        let mut cfg = SynthConfig { min_volunteers: 10, max_volunteers: 5, ..SynthConfig::default() };
+        let mut cfg = SynthConfig {
+            min_volunteers: 10,
+            max_volunteers: 5,
+            ..SynthConfig::default()
+        };
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(generate(dir.path(), &cfg, &|_| {}), Err(SynthError::BadConfig { .. })));
-        cfg = SynthConfig { train: 900_000, test: 1, ..SynthConfig::default() };
-        assert!(matches!(generate(dir.path(), &cfg, &|_| {}), Err(SynthError::BadConfig { .. })));
+        assert!(matches!(
+            generate(dir.path(), &cfg, &|_| {}),
+            Err(SynthError::BadConfig { .. })
+        ));
+        cfg = SynthConfig {
+            train: 900_000,
+            test: 1,
+            ..SynthConfig::default()
+        };
+        assert!(matches!(
+            generate(dir.path(), &cfg, &|_| {}),
+            Err(SynthError::BadConfig { .. })
+        ));
         assert!(existing_config(dir.path()).unwrap().is_none());
     }
 }
