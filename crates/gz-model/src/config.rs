@@ -39,7 +39,8 @@ pub enum Arch {
     /// `dieleman`: the 2014 Kaggle winner's rotation-invariant net.
     #[serde(rename = "dieleman")]
     Dieleman,
-    /// `tiny`: a VGG-like net with 8/16/32/32 channels and one dense layer of 64.
+    /// `tiny`: a VGG-like net with 8/16/32/32 channels and one dense layer of 64 (inputs of
+    /// 64 px or more are average-pooled 2×2 first).
     #[serde(rename = "tiny")]
     Tiny,
     /// `dieleman-tiny`: the Dieleman geometry with 8/16/32/32 channels and maxout 128.
@@ -252,8 +253,9 @@ impl ModelConfig {
             }
         } else {
             // every VGG block halves the side; the last block must leave at least 1 pixel
-            let blocks = crate::nets::vgg::VggSpec::for_arch(self.arch).blocks.len();
-            if self.input_size >> blocks == 0 {
+            let spec = crate::nets::vgg::VggSpec::for_arch(self.arch);
+            let halvings = spec.blocks.len() + usize::from(spec.stem_pool(self.input_size));
+            if self.input_size >> halvings == 0 {
                 return bad("input_size", self.input_size.to_string(), "too small for the VGG pooling stages");
             }
         }

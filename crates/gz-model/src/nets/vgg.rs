@@ -1,6 +1,7 @@
 //! VGG-style nets: `vgg16-blog` (the Keras blog's baseline, after Simonyan & Zisserman 2014,
 //! "Very deep convolutional networks for large-scale image recognition") and `tiny`.
 //!
+//! `tiny` first average-pools inputs of 64 px or more by 2×2 (see [`VggSpec::stem_pool_from`]).
 //! Blocks of 3×3 convolutions (padding 1, ReLU) each followed by a 2×2 max-pool, then dense
 //! layers with ReLU and dropout, then 37 raw outputs (the output layer is applied by
 //! [`super::Model`]). Convolutions and pooling come from [`crate::ops`].
@@ -22,6 +23,17 @@ pub struct VggSpec {
     pub blocks: Vec<Vec<usize>>,
     /// Widths of the hidden dense layers.
     pub dense: Vec<usize>,
+    /// `Some(n)`: inputs of side ≥ n are first 2×2 average-pooled (`tiny`: n = 64, so the
+    /// 106-px cache is seen at 53 px and CPU training stays fast; candle's CPU convolution
+    /// backward costs about ten times its forward).
+    pub stem_pool_from: Option<usize>,
+}
+
+impl VggSpec {
+    /// Whether an input of side `size` is average-pooled before the first block.
+    pub fn stem_pool(&self, size: usize) -> bool {
+        self.stem_pool_from.is_some_and(|n| size >= n)
+    }
 }
 
 impl VggSpec {
@@ -31,8 +43,13 @@ impl VggSpec {
             Arch::Vgg16Blog => VggSpec {
                 blocks: vec![vec![64, 64], vec![128, 128], vec![256; 3], vec![512; 3], vec![512; 3]],
                 dense: vec![4096, 4096],
+                stem_pool_from: None,
             },
-            _ => VggSpec { blocks: vec![vec![8], vec![16], vec![32], vec![32]], dense: vec![64] },
+            _ => VggSpec {
+                blocks: vec![vec![8], vec![16], vec![32], vec![32]],
+                dense: vec![64],
+                stem_pool_from: Some(64),
+            },
         }
     }
 }
@@ -43,6 +60,10 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
     let mut out = Vec::new();
     let mut c = cfg.in_channels;
     let mut s = cfg.input_size;
+    if spec.stem_pool(s) {
+        s /= 2;
+        out.push(LayerInfo::new("stem_pool", "avg-pool 2×2 (input ≥ 64 px)", vec![c, s, s], 0));
+    }
     for (bi, block) in spec.blocks.iter().enumerate() {
         for (ci, &oc) in block.iter().enumerate() {
             out.push(LayerInfo::new(
@@ -75,6 +96,7 @@ pub struct VggNet {
     out: Linear,
     input_size: usize,
     in_channels: usize,
+    stem_pool: bool,
 }
 
 impl VggNet {
@@ -82,7 +104,8 @@ impl VggNet {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let spec = VggSpec::for_arch(cfg.arch);
         let mut c = cfg.in_channels;
-        let mut s = cfg.input_size;
+        let stem_pool = spec.stem_pool(cfg.input_size);
+        let mut s = if stem_pool { cfg.input_size / 2 } else { cfg.input_size };
         let mut blocks = Vec::new();
         for (bi, block) in spec.blocks.iter().enumerate() {
             let mut convs = Vec::new();
@@ -100,7 +123,7 @@ impl VggNet {
             n = w;
         }
         let out = candle_nn::linear(n, N_ANSWERS, vb.pp("out"))?;
-        Ok(VggNet { blocks, dense, out, input_size: cfg.input_size, in_channels: cfg.in_channels })
+        Ok(VggNet { blocks, dense, out, input_size: cfg.input_size, in_channels: cfg.in_channels, stem_pool })
     }
 
     /// (B, C, H, W) → (B, 37) raw outputs.
@@ -114,7 +137,7 @@ impl VggNet {
                 self.input_size
             );
         }
-        let mut x = x.clone();
+        let mut x = if self.stem_pool { x.avg_pool2d(2)? } else { x.clone() };
         for block in &self.blocks {
             for conv in block {
                 x = conv.forward(&x)?.relu()?;
@@ -126,5 +149,22 @@ impl VggNet {
             x = drop.apply(&d.forward(&x)?.relu()?)?;
         }
         self.out.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OutputKind;
+
+    #[test]
+    fn tiny_pools_large_inputs_first() {
+        let big = plan(&ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid));
+        assert_eq!(big[0].name, "stem_pool");
+        assert_eq!(big[0].out_shape, vec![3, 53, 53]);
+        let small = plan(&ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid).with_input_size(32));
+        assert_eq!(small[0].name, "block1_conv1");
+        let vgg = plan(&ModelConfig::new(Arch::Vgg16Blog, OutputKind::Sigmoid));
+        assert!(vgg.iter().all(|l| l.name != "stem_pool"));
     }
 }
