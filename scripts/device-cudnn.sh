@@ -95,7 +95,7 @@ for p in "$HERE/shared/bench/torch_peer.py" "$HERE/../shared/bench/torch_peer.py
 done
 PY=python3; [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
 if [ -n "$PEER" ]; then
-  timeout 150 "$PY" "$PEER" > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
+  timeout 150 env -u LD_LIBRARY_PATH "$PY" "$PEER" > "$OUT/torch.jsonl" 2> "$OUT/torch.err"
   say "torch_peer rc=$?"; cat "$OUT/torch.jsonl" | tee -a "$SUM"
 else
   say "torch_peer.py not found (copy ../shared/bench/torch_peer.py to scripts/ before the run)"

@@ -33,7 +33,13 @@ fn submit_check_lists_every_problem() {
     ]
     .join("\n");
     std::fs::write(&bad, text).unwrap();
-    let (ok, out, err) = support::run(support::gz().args(["submit", "--check"]).arg(&bad).arg("--ids").arg(&ids_dir));
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["submit", "--check"])
+            .arg(&bad)
+            .arg("--ids")
+            .arg(&ids_dir),
+    );
     assert!(!ok, "a bad file must fail the check\n{out}\n{err}");
     for needle in [
         "line 1: header column 38 is \"Class11.7\", expected \"Class11.6\"",
@@ -51,11 +57,27 @@ fn submit_check_lists_every_problem() {
 
     // a good file passes, and the completeness check uses the folder
     let good = tmp.path().join("good.csv");
-    let text = [csv_header(), row(100, "0.5"), row(101, "0"), row(102, "1"), row(103, "0.25")].join("\n");
+    let text = [
+        csv_header(),
+        row(100, "0.5"),
+        row(101, "0"),
+        row(102, "1"),
+        row(103, "0.25"),
+    ]
+    .join("\n");
     std::fs::write(&good, text).unwrap();
-    let (ok, out, err) = support::run(support::gz().args(["submit", "--check"]).arg(&good).arg("--ids").arg(&ids_dir));
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["submit", "--check"])
+            .arg(&good)
+            .arg("--ids")
+            .arg(&ids_dir),
+    );
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("valid submission, 4 rows, complete for the 4 test images"), "{out}");
+    assert!(
+        out.contains("valid submission, 4 rows, complete for the 4 test images"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -76,7 +98,13 @@ fn submit_from_predictions_refuses_short_files_unless_filled() {
     std::fs::write(&pred, [csv_header(), row(7, "1.5"), row(5, "-0.5")].join("\n")).unwrap();
     let out_path = tmp.path().join("submission.csv");
     let (ok, out, err) = support::run(
-        support::gz().args(["submit", "--pred"]).arg(&pred).arg("--ids").arg(&ids_dir).arg("--out").arg(&out_path),
+        support::gz()
+            .args(["submit", "--pred"])
+            .arg(&pred)
+            .arg("--ids")
+            .arg(&ids_dir)
+            .arg("--out")
+            .arg(&out_path),
     );
     assert!(!ok, "{out}");
     assert!(err.contains("1 test images have no prediction (e.g. 6)"), "{err}");
@@ -106,7 +134,11 @@ fn submit_from_predictions_refuses_short_files_unless_filled() {
 
 fn last_line_value(stdout: &str, key: &str) -> PathBuf {
     let prefix = format!("{key}: ");
-    let line = stdout.lines().rev().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no `{prefix}` line in\n{stdout}"));
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in\n{stdout}"));
     PathBuf::from(line[prefix.len()..].trim())
 }
 
@@ -123,14 +155,26 @@ fn gz_ok(args: &mut std::process::Command) -> String {
 fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let tmp = support::tempdir();
     let data = tmp.path().join("data");
-    gz_ok(support::gz().args(["synth", "--train", "48", "--test", "8", "--seed", "3", "--out"]).arg(&data));
+    gz_ok(
+        support::gz()
+            .args(["synth", "--train", "48", "--test", "8", "--seed", "3", "--out"])
+            .arg(&data),
+    );
     let cache_root = tmp.path().join("cache");
-    let out = gz_ok(support::gz().args(["prep", "--size", "32", "--data"]).arg(&data).arg("--cache").arg(&cache_root));
+    let out = gz_ok(
+        support::gz()
+            .args(["prep", "--size", "32", "--data"])
+            .arg(&data)
+            .arg("--cache")
+            .arg(&cache_root),
+    );
     let cache = last_line_value(&out, "cache");
     let run = tmp.path().join("run");
     gz_ok(
         support::gz()
-            .args(["train", "--model", "tiny", "--epochs", "2", "--device", "cpu", "--cache"])
+            .args([
+                "train", "--model", "tiny", "--epochs", "2", "--device", "cpu", "--cache",
+            ])
             .arg(&cache)
             .arg("--out")
             .arg(&run),
@@ -139,13 +183,29 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     // eval: table with baselines and floor, metrics.json, report files
     let report = tmp.path().join("report");
     let out = gz_ok(
-        support::gz().args(["eval", "--run"]).arg(&run).arg("--cache").arg(&cache).arg("--data").arg(&data).arg("--report").arg(&report),
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--data")
+            .arg(&data)
+            .arg("--report")
+            .arg(&report),
     );
-    for needle in ["all zeros", "all ones", "training mean", "central pixel", "Bayes floor", "run "] {
+    for needle in [
+        "all zeros",
+        "all ones",
+        "training mean",
+        "central pixel",
+        "Bayes floor",
+        "run ",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in\n{out}");
     }
     assert_eq!(last_line_value(&out, "report"), report.join("index.html"));
-    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report.join("metrics.json")).unwrap()).unwrap();
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("metrics.json")).unwrap()).unwrap();
     let rmse = metrics["model"]["scores"]["rmse"].as_f64().unwrap();
     assert!(rmse.is_finite() && rmse > 0.0 && rmse < 1.0, "{rmse}");
     assert_eq!(metrics["baselines"].as_array().unwrap().len(), 4);
@@ -158,20 +218,61 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     // predict from the cache, with 8-view TTA, then submit against the test folder
     let test_dir = data.join("images_test_rev1");
     let pred = tmp.path().join("pred.csv");
-    gz_ok(support::gz().args(["predict", "--tta", "8", "--run"]).arg(&run).arg("--cache").arg(&cache).arg("--out").arg(&pred));
+    gz_ok(
+        support::gz()
+            .args(["predict", "--tta", "8", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&pred),
+    );
     let p = gz_schema::read_solutions(&pred).unwrap();
     assert_eq!(p.len(), 8);
     let sub = tmp.path().join("submission.csv");
-    let out = gz_ok(support::gz().args(["submit", "--pred"]).arg(&pred).arg("--ids").arg(&test_dir).arg("--out").arg(&sub));
+    let out = gz_ok(
+        support::gz()
+            .args(["submit", "--pred"])
+            .arg(&pred)
+            .arg("--ids")
+            .arg(&test_dir)
+            .arg("--out")
+            .arg(&sub),
+    );
     assert_eq!(last_line_value(&out, "submission"), sub);
-    gz_ok(support::gz().args(["submit", "--check"]).arg(&sub).arg("--ids").arg(&test_dir));
+    gz_ok(
+        support::gz()
+            .args(["submit", "--check"])
+            .arg(&sub)
+            .arg("--ids")
+            .arg(&test_dir),
+    );
 
     // predict straight from JPEGs matches the cache (same preprocessing, no TTA)
     let pred_c = tmp.path().join("pred_cache.csv");
     let pred_j = tmp.path().join("pred_jpeg.csv");
-    gz_ok(support::gz().args(["predict", "--run"]).arg(&run).arg("--cache").arg(&cache).arg("--out").arg(&pred_c));
-    gz_ok(support::gz().args(["predict", "--run"]).arg(&run).arg("--images").arg(&test_dir).arg("--out").arg(&pred_j));
-    let (a, b) = (gz_schema::read_solutions(&pred_c).unwrap(), gz_schema::read_solutions(&pred_j).unwrap());
+    gz_ok(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&pred_c),
+    );
+    gz_ok(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--images")
+            .arg(&test_dir)
+            .arg("--out")
+            .arg(&pred_j),
+    );
+    let (a, b) = (
+        gz_schema::read_solutions(&pred_c).unwrap(),
+        gz_schema::read_solutions(&pred_j).unwrap(),
+    );
     let bi = b.index();
     for i in 0..a.len() {
         let j = bi[&a.ids[i]];
@@ -182,7 +283,17 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
 
     // an ensemble of the same checkpoint twice is that checkpoint
     let pred_e = tmp.path().join("pred_ens.csv");
-    gz_ok(support::gz().args(["predict", "--run"]).arg(&run).arg("--run").arg(&run).arg("--cache").arg(&cache).arg("--out").arg(&pred_e));
+    gz_ok(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--run")
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&pred_e),
+    );
     let e = gz_schema::read_solutions(&pred_e).unwrap();
     assert_eq!(e.ids, a.ids);
     for (x, y) in e.values.iter().zip(&a.values) {
@@ -199,25 +310,66 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     std::fs::write(broken.join("999999.jpg"), b"\xff\xd8 truncated").unwrap();
     let sub2 = tmp.path().join("sub2.csv");
     let (ok, _out, err) = support::run(
-        support::gz().args(["submit", "--run"]).arg(&run).arg("--images").arg(&broken).arg("--out").arg(&sub2),
+        support::gz()
+            .args(["submit", "--run"])
+            .arg(&run)
+            .arg("--images")
+            .arg(&broken)
+            .arg("--out")
+            .arg(&sub2),
     );
     assert!(!ok && err.contains("999999.jpg") && !sub2.exists(), "{err}");
     let (ok, out, err) = support::run(
-        support::gz().args(["submit", "--fill-mean", "--run"]).arg(&run).arg("--images").arg(&broken).arg("--out").arg(&sub2),
+        support::gz()
+            .args(["submit", "--fill-mean", "--run"])
+            .arg(&run)
+            .arg("--images")
+            .arg(&broken)
+            .arg("--out")
+            .arg(&sub2),
     );
     assert!(ok, "{out}\n{err}");
     assert!(err.contains("filled with the training mean: 999999"), "{err}");
     assert_eq!(gz_schema::read_solutions(&sub2).unwrap().len(), 9);
 
     // a cache with other preprocessing is refused, naming both hashes
-    let out = gz_ok(support::gz().args(["prep", "--size", "24", "--data"]).arg(&data).arg("--cache").arg(&cache_root));
+    let out = gz_ok(
+        support::gz()
+            .args(["prep", "--size", "24", "--data"])
+            .arg(&data)
+            .arg("--cache")
+            .arg(&cache_root),
+    );
     let other = last_line_value(&out, "cache");
     let (ok, _out, err) = support::run(
-        support::gz().args(["predict", "--run"]).arg(&run).arg("--cache").arg(&other).arg("--out").arg(tmp.path().join("x.csv")),
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&other)
+            .arg("--out")
+            .arg(tmp.path().join("x.csv")),
     );
     assert!(!ok, "a mismatched cache must be refused");
-    let h_model = cache.file_name().unwrap().to_string_lossy().rsplit('-').next().unwrap().to_string();
-    let h_other = other.file_name().unwrap().to_string_lossy().rsplit('-').next().unwrap().to_string();
-    assert!(err.contains("trained on preprocessing") && err.contains(&h_other), "{err}");
+    let h_model = cache
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .to_string();
+    let h_other = other
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .rsplit('-')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("trained on preprocessing") && err.contains(&h_other),
+        "{err}"
+    );
     let _ = h_model;
 }

@@ -1,8 +1,8 @@
 //! The one integration-test binary: one module per area, sharing `support`.
 
 mod eval;
-mod pipeline;
 mod model;
+mod pipeline;
 mod prep;
 mod schema;
 mod support;

@@ -19,7 +19,9 @@ fn varmap_params(varmap: &VarMap) -> usize {
 /// A deterministic batch of images in [0, 1].
 fn images(b: usize, size: usize) -> Tensor {
     let n = b * 3 * size * size;
-    let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
+        .collect();
     Tensor::from_vec(v, (b, 3, size, size), &Device::Cpu).unwrap()
 }
 
@@ -38,8 +40,17 @@ fn vgg16_blog_has_the_blog_parameter_count() {
     let flatten = model.layers().iter().find(|l| l.name == "flatten").unwrap();
     assert_eq!(flatten.out_shape, vec![4608]);
     let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
-    for key in ["block1_conv1.weight", "block5_conv3.bias", "fc1.weight", "fc2.bias", "out.weight"] {
-        assert!(names.iter().any(|n| n == key), "checkpoint key {key} missing: {names:?}");
+    for key in [
+        "block1_conv1.weight",
+        "block5_conv3.bias",
+        "fc1.weight",
+        "fc2.bias",
+        "out.weight",
+    ] {
+        assert!(
+            names.iter().any(|n| n == key),
+            "checkpoint key {key} missing: {names:?}"
+        );
     }
     let text = nets::describe(&model);
     assert!(text.contains("block5_pool") && text.contains("50,526,053"), "{text}");
@@ -77,7 +88,10 @@ fn every_arch_builds_and_counts_its_parameters() {
         for output in [OutputKind::Sigmoid, OutputKind::Tree] {
             let cfg = ModelConfig::new(arch, output);
             let text = nets::describe_config(&cfg);
-            assert!(text.contains(arch.name()) && text.contains("total parameters"), "{text}");
+            assert!(
+                text.contains(arch.name()) && text.contains("total parameters"),
+                "{text}"
+            );
             if matches!(arch, Arch::Tiny | Arch::DielemanTiny) {
                 // the big nets are built (once) by their own tests above
                 let (model, varmap) = build(&cfg);
@@ -102,7 +116,10 @@ fn tiny_nets_output_shapes_and_tree_property() {
             assert_eq!(y.dims(), &[4, N_ANSWERS]);
             assert_eq!(y.dtype(), DType::F32);
             for row in rows(&y) {
-                assert!(row.iter().all(|p| p.is_finite() && (0.0..=1.0).contains(p)), "{arch}/{output}: {row:?}");
+                assert!(
+                    row.iter().all(|p| p.is_finite() && (0.0..=1.0).contains(p)),
+                    "{arch}/{output}: {row:?}"
+                );
                 if output == OutputKind::Tree {
                     let v = gz_schema::check_row(&row, 1e-5);
                     assert!(v.is_empty(), "{arch}: {v:?}");
@@ -119,16 +136,27 @@ fn tiny_accepts_other_sizes_and_dtypes_and_rejects_wrong_inputs() {
     let x = images(2, 32);
     let y32 = model.forward_t(&x, false).unwrap();
     let y64 = model.forward_t(&x.to_dtype(DType::F64).unwrap(), false).unwrap();
-    let d = (&y32 - &y64).unwrap().abs().unwrap().max_keepdim(1).unwrap().max_keepdim(0).unwrap();
+    let d = (&y32 - &y64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(1)
+        .unwrap()
+        .max_keepdim(0)
+        .unwrap();
     assert!(d.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] < 1e-6);
     let e = model.forward_t(&images(2, 106), false).unwrap_err().to_string();
     assert!(e.contains("3×32×32") && e.contains("106"), "{e}");
-    assert!(model.forward_t(&Tensor::zeros((2, 32, 32), DType::F32, &Device::Cpu).unwrap(), false).is_err());
+    assert!(model
+        .forward_t(&Tensor::zeros((2, 32, 32), DType::F32, &Device::Cpu).unwrap(), false)
+        .is_err());
 }
 
 #[test]
 fn dropout_only_in_training_and_seeded() {
-    let cfg = ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid).with_input_size(32).with_dropout(0.5);
+    let cfg = ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid)
+        .with_input_size(32)
+        .with_dropout(0.5);
     let (model, _vm) = build(&cfg);
     let x = images(3, 32);
     let as_vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -142,7 +170,11 @@ fn dropout_only_in_training_and_seeded() {
     assert_ne!(t1, e1, "dropout changes training outputs");
     assert_ne!(t1, t2, "fresh masks each step");
     model.set_dropout_state(state).unwrap();
-    assert_eq!(as_vec(model.forward_t(&x, true).unwrap()), t1, "restored RNG state repeats the masks");
+    assert_eq!(
+        as_vec(model.forward_t(&x, true).unwrap()),
+        t1,
+        "restored RNG state repeats the masks"
+    );
     model.set_dropout_seed(42).unwrap();
     assert_eq!(as_vec(model.forward_t(&x, true).unwrap()), t1, "same seed, same masks");
 }
@@ -150,7 +182,9 @@ fn dropout_only_in_training_and_seeded() {
 #[test]
 fn gradients_reach_every_parameter_of_the_tiny_nets() {
     for arch in [Arch::Tiny, Arch::DielemanTiny] {
-        let cfg = ModelConfig::new(arch, OutputKind::Tree).with_input_size(48).with_dropout(0.0);
+        let cfg = ModelConfig::new(arch, OutputKind::Tree)
+            .with_input_size(48)
+            .with_dropout(0.0);
         let (model, varmap) = build(&cfg);
         let y = model.forward_t(&images(2, 48), true).unwrap();
         let target = Tensor::full(0.1f32, (2, N_ANSWERS), &Device::Cpu).unwrap();

@@ -70,19 +70,13 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     assert!(report.exists(), "{}", report.display());
     let solutions = gz_schema::read_solutions(&sub).expect("the submission reads as a Kaggle file");
     assert_eq!(solutions.len(), 8, "one row per test image");
-    assert!(t
-        .path()
-        .join("data/synth/training_solutions_rev1.csv")
-        .exists());
+    assert!(t.path().join("data/synth/training_solutions_rev1.csv").exists());
 
     // Second run: every stage is up to date, the same paths come out.
     let (ok2, out2, err2) = pipeline(t.path(), &[]);
     assert!(ok2, "{out2}\n{err2}");
     for s in ["synth", "prep", "train", "eval", "submit"] {
-        assert!(
-            err2.contains(&format!("xtask: {s}: up to date")),
-            "{s} re-ran:\n{err2}"
-        );
+        assert!(err2.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err2}");
     }
     assert_eq!(last_line_value(&out2, "submission"), Some(sub));
 
@@ -108,8 +102,7 @@ fn pipeline_with_data_rejects_a_folder_that_is_not_kaggle_layout() {
     let (ok, out, err) = pipeline(t.path(), &["--data", data.to_str().unwrap()]);
     assert!(!ok, "{out}");
     assert!(
-        err.contains("not a dataset in Kaggle layout")
-            && err.contains("training_solutions_rev1.csv"),
+        err.contains("not a dataset in Kaggle layout") && err.contains("training_solutions_rev1.csv"),
         "{err}"
     );
     assert!(!err.contains("synth:"), "no synth with --data: {err}");
@@ -181,9 +174,5 @@ fn pipeline_on_a_real_kaggle_layout_without_synthetic_extras() {
         .collect();
     want.sort_unstable();
     assert_eq!(ids, want, "one row per test image");
-    assert_eq!(
-        before,
-        listing(&data),
-        "the dataset folder is left untouched"
-    );
+    assert_eq!(before, listing(&data), "the dataset folder is left untouched");
 }

@@ -17,18 +17,29 @@ fn mini(dst: &Path) -> PathBuf {
             std::fs::copy(e.path(), data.join(sub).join(e.file_name())).unwrap();
         }
     }
-    std::fs::copy(src.join("training_solutions_rev1.csv"), data.join("training_solutions_rev1.csv")).unwrap();
+    std::fs::copy(
+        src.join("training_solutions_rev1.csv"),
+        data.join("training_solutions_rev1.csv"),
+    )
+    .unwrap();
     data
 }
 
 fn prep(args: &[&str]) -> (Option<i32>, String, String) {
     let out = support::gz().arg("prep").args(args).output().expect("run gz prep");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn cache_line(stdout: &str) -> PathBuf {
     let last = stdout.lines().last().unwrap_or_default();
-    PathBuf::from(last.strip_prefix("cache: ").unwrap_or_else(|| panic!("last line is not `cache: ..`: {stdout}")))
+    PathBuf::from(
+        last.strip_prefix("cache: ")
+            .unwrap_or_else(|| panic!("last line is not `cache: ..`: {stdout}")),
+    )
 }
 
 #[test]
@@ -36,7 +47,14 @@ fn prep_kaggle_mini_then_cache_hit_then_config_change() {
     let t = support::tempdir();
     let data = mini(t.path());
     let root = t.path().join("cache");
-    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--threads", "2"]);
+    let (code, out, err) = prep(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--cache",
+        root.to_str().unwrap(),
+        "--threads",
+        "2",
+    ]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     let dir = cache_line(&out);
     assert!(dir.starts_with(&root));
@@ -54,23 +72,46 @@ fn prep_kaggle_mini_then_cache_hit_then_config_change() {
     let img = train.image(0);
     let at = |c: usize, y: usize, x: usize| img[c * 106 * 106 + y * 106 + x].to_f32();
     assert!(img.iter().all(|v| (0.0..=1.0).contains(&v.to_f32())));
-    assert!(at(0, 53, 53) > at(0, 2, 2) + 0.05, "centre {} corner {}", at(0, 53, 53), at(0, 2, 2));
+    assert!(
+        at(0, 53, 53) > at(0, 2, 2) + 0.05,
+        "centre {} corner {}",
+        at(0, 53, 53),
+        at(0, 2, 2)
+    );
     assert_eq!(cache.config_hash(), gz_preprocess::PrepConfig::default().hash());
     assert_eq!(cache.prep_config()["crop"], 212);
 
     // unchanged input: cache hit, same directory, nothing decoded
-    let (code, out2, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--verify"]);
+    let (code, out2, err) = prep(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--cache",
+        root.to_str().unwrap(),
+        "--verify",
+    ]);
     assert_eq!(code, Some(0), "{out2}\n{err}");
     assert!(out2.contains("cache hit"), "{out2}");
     assert!(out2.contains("verified:"), "{out2}");
     assert_eq!(cache_line(&out2), dir);
 
     // another config: another cache beside the first
-    let (code, out3, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--crop", "207", "--size", "69"]);
+    let (code, out3, err) = prep(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--cache",
+        root.to_str().unwrap(),
+        "--crop",
+        "207",
+        "--size",
+        "69",
+    ]);
     assert_eq!(code, Some(0), "{out3}\n{err}");
     let dir3 = cache_line(&out3);
     assert_ne!(dir3, dir);
-    assert_eq!(gz_shards::Cache::open(&dir3).unwrap().train().unwrap().shape(), [3, 69, 69]);
+    assert_eq!(
+        gz_shards::Cache::open(&dir3).unwrap().train().unwrap().shape(),
+        [3, 69, 69]
+    );
     assert!(gz_shards::Cache::open(&dir).is_ok());
 
     // changed input (a file rewritten): a new cache
@@ -79,7 +120,12 @@ fn prep_kaggle_mini_then_cache_hit_then_config_change() {
     std::fs::remove_file(&f).unwrap();
     std::fs::write(&f, &bytes).unwrap();
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-    std::fs::File::options().write(true).open(&f).unwrap().set_modified(later).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
     let (code, out4, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out4}\n{err}");
     assert!(!out4.contains("cache hit"), "{out4}");
@@ -114,7 +160,7 @@ fn bad_inputs_are_reported_skipped_and_exit_2() {
     std::fs::write(test_dir.join("444444.jpg"), &corrupt).unwrap();
     std::fs::write(test_dir.join("notes.txt"), b"hello").unwrap(); // not <id>.jpg
     std::fs::write(train_dir.join("555555.jpg"), &good).unwrap(); // image without a label
-    // id in the CSV without an image
+                                                                  // id in the CSV without an image
     let csv = data.join("training_solutions_rev1.csv");
     let mut text = std::fs::read_to_string(&csv).unwrap();
     let first_row = text.lines().nth(1).unwrap().to_string();
@@ -150,11 +196,20 @@ fn bad_inputs_are_reported_skipped_and_exit_2() {
     // a rerun is a cache hit and still reports the skipped inputs and the status
     let (code, out2, _) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
     assert_eq!(code, Some(2));
-    assert!(out2.contains("cache hit") && out2.contains("summary: 7 input(s) skipped"), "{out2}");
+    assert!(
+        out2.contains("cache hit") && out2.contains("summary: 7 input(s) skipped"),
+        "{out2}"
+    );
 
     // strict: stops at the first problem, publishes nothing
     let root2 = t.path().join("cache-strict");
-    let (code, out3, err3) = prep(&["--data", data.to_str().unwrap(), "--cache", root2.to_str().unwrap(), "--strict"]);
+    let (code, out3, err3) = prep(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--cache",
+        root2.to_str().unwrap(),
+        "--strict",
+    ]);
     assert_eq!(code, Some(1), "{out3}\n{err3}");
     assert!(err3.contains("strict"), "{err3}");
     let complete = std::fs::read_dir(&root2)
@@ -178,13 +233,21 @@ fn verify_detects_a_corrupted_shard() {
     std::fs::write(&shard, b).unwrap();
     let (code, _, err) = prep(&["--verify", "--cache", dir.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("checksum mismatch") && err.contains("test-00000.shard"), "{err}");
+    assert!(
+        err.contains("checksum mismatch") && err.contains("test-00000.shard"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_data_dir_is_a_clear_error() {
     let t = support::tempdir();
-    let (code, _, err) = prep(&["--data", t.path().join("nope").to_str().unwrap(), "--cache", t.path().to_str().unwrap()]);
+    let (code, _, err) = prep(&[
+        "--data",
+        t.path().join("nope").to_str().unwrap(),
+        "--cache",
+        t.path().to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(1));
     assert!(err.contains("nope"), "{err}");
 }
@@ -213,7 +276,15 @@ fn killed_run_leaves_no_complete_cache_and_rerun_completes() {
     let mut killed_mid_run = false;
     for delay_ms in [150u64, 60, 300] {
         let mut child = support::gz()
-            .args(["prep", "--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap(), "--threads", "1"])
+            .args([
+                "prep",
+                "--data",
+                data.to_str().unwrap(),
+                "--cache",
+                root.to_str().unwrap(),
+                "--threads",
+                "1",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -235,6 +306,10 @@ fn killed_run_leaves_no_complete_cache_and_rerun_completes() {
     cache.verify().unwrap();
     assert_eq!(cache.test().unwrap().len(), 3 + n as usize);
     // the killed run's temporary directory was cleaned up by the next writer
-    let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

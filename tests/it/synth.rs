@@ -84,10 +84,7 @@ fn kaggle_layout_and_valid_labels() {
     let etrain = read_solutions(&dir.path().join("expected_training.csv")).unwrap();
     assert_eq!(train.ids, etrain.ids);
     assert_eq!((train.len(), test.len()), (6, 3));
-    for (sol, d) in [
-        (&train, "images_training_rev1"),
-        (&test, "images_test_rev1"),
-    ] {
+    for (sol, d) in [(&train, "images_training_rev1"), (&test, "images_test_rev1")] {
         let mut want: Vec<String> = sol.ids.iter().map(|id| format!("{id}.jpg")).collect();
         want.sort();
         assert_eq!(
@@ -97,17 +94,11 @@ fn kaggle_layout_and_valid_labels() {
         );
         for (i, id) in sol.ids.iter().enumerate() {
             assert!((100_000..=999_999).contains(id), "six-digit id {id}");
-            assert!(
-                check_row(sol.row(i), DEFAULT_TOLERANCE).is_empty(),
-                "row {id}"
-            );
+            assert!(check_row(sol.row(i), DEFAULT_TOLERANCE).is_empty(), "row {id}");
             let bytes = read(&dir.path().join(d).join(format!("{id}.jpg")));
             assert_eq!(&bytes[..2], &[0xFF, 0xD8], "JPEG SOI");
             // SOF0 says 424×424, 3 components
-            let sof = bytes
-                .windows(2)
-                .position(|w| w == [0xFF, 0xC0])
-                .expect("baseline JPEG");
+            let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline JPEG");
             let h = u16::from_be_bytes([bytes[sof + 5], bytes[sof + 6]]);
             let w = u16::from_be_bytes([bytes[sof + 7], bytes[sof + 8]]);
             assert_eq!((w, h, bytes[sof + 9]), (424, 424, 3));
@@ -116,8 +107,7 @@ fn kaggle_layout_and_valid_labels() {
     for id in &test.ids {
         assert!(!train.ids.contains(id), "train and test ids are disjoint");
     }
-    let floor: serde_json::Value =
-        serde_json::from_slice(&read(&dir.path().join("floor.json"))).unwrap();
+    let floor: serde_json::Value = serde_json::from_slice(&read(&dir.path().join("floor.json"))).unwrap();
     assert_eq!(floor["n_train"], 6);
     assert_eq!(floor["seed"], 11);
     let f = floor["train_rmse"].as_f64().unwrap();
@@ -145,9 +135,7 @@ fn gz_synth_binary_end_to_end() {
         format!("data: {}", out.display())
     );
     assert_eq!(
-        read_solutions(&out.join("training_solutions_rev1.csv"))
-            .unwrap()
-            .len(),
+        read_solutions(&out.join("training_solutions_rev1.csv")).unwrap().len(),
         5
     );
     assert!(out.join("synth.json").exists());

@@ -41,7 +41,11 @@ fn every_source_file_has_a_module_doc() {
             missing.push(f.display().to_string());
         }
     }
-    assert!(missing.is_empty(), "files without a leading `//!` doc:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "files without a leading `//!` doc:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]

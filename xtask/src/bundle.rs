@@ -97,27 +97,18 @@ fn mib(b: u64) -> String {
 pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
     let root = workspace_root();
     if out.exists() {
-        std::fs::remove_dir_all(out)
-            .with_context(|| format!("removing the old bundle {}", out.display()))?;
+        std::fs::remove_dir_all(out).with_context(|| format!("removing the old bundle {}", out.display()))?;
     }
     std::fs::create_dir_all(out.join("bench"))?;
     let gz = out.join("gz");
-    if sh(Command::new("strip")
-        .arg("--strip-all")
-        .arg("-o")
-        .arg(&gz)
-        .arg(binary))
-    .is_err()
-    {
+    if sh(Command::new("strip").arg("--strip-all").arg("-o").arg(&gz).arg(binary)).is_err() {
         eprintln!("xtask: `strip` failed or is missing: bundling the unstripped binary");
         std::fs::copy(binary, &gz)?;
     }
     let libs = match sh(Command::new("readelf").arg("-d").arg(&gz)) {
         Ok(o) if !cuda_needed(&o).is_empty() => cuda_needed(&o),
         _ => {
-            eprintln!(
-                "xtask: could not read the binary's NEEDED libraries; assuming the usual CUDA set"
-            );
+            eprintln!("xtask: could not read the binary's NEEDED libraries; assuming the usual CUDA set");
             FALLBACK_LIBS.iter().map(|s| s.to_string()).collect()
         }
     };
@@ -151,16 +142,12 @@ pub fn write_bundle(binary: &Path, out: &Path, build_cmd: &str) -> Result<u64> {
         );
     }
     use std::os::unix::fs::PermissionsExt;
-    for f in std::iter::once("run.sh".to_string())
-        .chain(copied.iter().filter(|c| c.ends_with(".sh")).cloned())
-    {
+    for f in std::iter::once("run.sh".to_string()).chain(copied.iter().filter(|c| c.ends_with(".sh")).cloned()) {
         std::fs::set_permissions(out.join(&f), std::fs::Permissions::from_mode(0o755))?;
     }
-    let commit = sh(Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(&root))
-    .map(|s| s.trim().to_string())
-    .unwrap_or_default();
+    let commit = sh(Command::new("git").args(["rev-parse", "HEAD"]).current_dir(&root))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
     let dirty = sh(Command::new("git")
         .args(["status", "--porcelain", "--untracked-files=no"])
         .current_dir(&root))
@@ -194,9 +181,7 @@ pub fn cmd(mut a: Args) -> Result<()> {
     let cudnn = a.flag("--cudnn");
     let no_setup = a.flag("--no-setup");
     let cwd = std::env::current_dir()?;
-    let out = a
-        .path("--out")?
-        .map(|p| if p.is_absolute() { p } else { cwd.join(p) });
+    let out = a.path("--out")?.map(|p| if p.is_absolute() { p } else { cwd.join(p) });
     let binary = a.path("--binary")?;
     a.finish()?;
     if !cuda {
@@ -287,10 +272,7 @@ mod tests {
         let out = run_sh_with(&b, libs.to_str().unwrap(), &["train", "--device", "cuda"]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(127), "{err}");
-        assert!(
-            err.contains("missing CUDA libraries: libcublas.so.13"),
-            "{err}"
-        );
+        assert!(err.contains("missing CUDA libraries: libcublas.so.13"), "{err}");
         assert!(
             err.contains("libcuda.so.1") && err.contains(&libs.display().to_string()),
             "{err}"
@@ -307,12 +289,7 @@ mod tests {
             std::fs::create_dir_all(d).unwrap();
             std::fs::write(d.join(f), b"").unwrap();
         }
-        let search = format!(
-            "{}:{}:{}",
-            t.path().join("empty").display(),
-            l1.display(),
-            l2.display()
-        );
+        let search = format!("{}:{}:{}", t.path().join("empty").display(), l1.display(), l2.display());
         let out = run_sh_with(&b, &search, &["eval", "--run", "a b"]);
         let (so, se) = (
             String::from_utf8_lossy(&out.stdout),
@@ -320,36 +297,22 @@ mod tests {
         );
         assert!(out.status.success(), "{se}");
         assert!(so.contains("gz-args: eval --run a b"), "{so}");
-        assert!(
-            so.contains(&format!("ld: {}:{}", l1.display(), l2.display())),
-            "{so}"
-        );
-        assert!(
-            se.contains("libcublas.so.13") && se.contains("GPU:"),
-            "{se}"
-        );
+        assert!(so.contains(&format!("ld: {}:{}", l1.display(), l2.display())), "{so}");
+        assert!(se.contains("libcublas.so.13") && se.contains("GPU:"), "{se}");
     }
 
     #[test]
     fn run_sh_unpacks_a_gzipped_binary() {
         let t = tempfile::tempdir().unwrap();
         let b = fake_bundle(t.path(), &["libcuda.so.1"]);
-        let st = Command::new("gzip")
-            .arg("-n")
-            .arg(b.join("gz"))
-            .status()
-            .unwrap();
+        let st = Command::new("gzip").arg("-n").arg(b.join("gz")).status().unwrap();
         assert!(st.success());
         assert!(!b.join("gz").exists());
         let libs = t.path().join("libs");
         std::fs::create_dir_all(&libs).unwrap();
         std::fs::write(libs.join("libcuda.so.1"), b"").unwrap();
         let out = run_sh_with(&b, libs.to_str().unwrap(), &["--version"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("gz-args: --version"));
         assert!(b.join("gz").exists());
     }

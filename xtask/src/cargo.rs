@@ -10,8 +10,7 @@ use std::process::Command;
 /// The workspace root (the folder above `xtask/`).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent()
-        .map_or_else(|| here.to_path_buf(), Path::to_path_buf)
+    here.parent().map_or_else(|| here.to_path_buf(), Path::to_path_buf)
 }
 
 /// How to build `gz`.

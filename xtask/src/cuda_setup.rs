@@ -192,11 +192,7 @@ pub fn cudarc_version(lock: &str) -> Option<String> {
     let mut lines = lock.lines();
     while let Some(l) = lines.next() {
         if l.trim() == "name = \"cudarc\"" {
-            let v = lines
-                .next()?
-                .trim()
-                .strip_prefix("version = \"")?
-                .strip_suffix('"')?;
+            let v = lines.next()?.trim().strip_prefix("version = \"")?.strip_suffix('"')?;
             return Some(v.to_string());
         }
     }
@@ -266,9 +262,7 @@ fn cudarc_src(dir: &Path) -> Result<PathBuf> {
         None => {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             run(Command::new(cargo).arg("fetch").current_dir(&root))?;
-            find().with_context(|| {
-                format!("{name} is not in the cargo registry even after `cargo fetch`")
-            })?
+            find().with_context(|| format!("{name} is not in the cargo registry even after `cargo fetch`"))?
         }
     };
     if located.is_dir() {
@@ -276,11 +270,7 @@ fn cudarc_src(dir: &Path) -> Result<PathBuf> {
     }
     let dst = dir.join("src");
     std::fs::create_dir_all(&dst)?;
-    run(Command::new("tar")
-        .arg("-xzf")
-        .arg(&located)
-        .arg("-C")
-        .arg(&dst))?;
+    run(Command::new("tar").arg("-xzf").arg(&located).arg("-C").arg(&dst))?;
     Ok(dst.join(&name).join("src"))
 }
 
@@ -304,10 +294,7 @@ fn install(dir: &Path) -> Result<PathBuf> {
         "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13'))",
     ]))?);
     if !cu13.join("bin/nvcc").is_file() {
-        bail!(
-            "the wheels installed, but {} has no bin/nvcc",
-            cu13.display()
-        );
+        bail!("the wheels installed, but {} has no bin/nvcc", cu13.display());
     }
     // Build the root beside its final place, then swap it in.
     let root = dir.join("cuda");
@@ -340,14 +327,11 @@ fn install(dir: &Path) -> Result<PathBuf> {
     let src = cudarc_src(dir)?;
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
     for (file, soname, rs, prefix) in STUBS {
-        let rust = std::fs::read_to_string(src.join(rs))
-            .with_context(|| format!("reading {}", src.join(rs).display()))?;
+        let rust =
+            std::fs::read_to_string(src.join(rs)).with_context(|| format!("reading {}", src.join(rs).display()))?;
         let c = stub_source(&rust, prefix);
         if c.is_empty() {
-            bail!(
-                "no `pub unsafe fn {prefix}*` found in {}",
-                src.join(rs).display()
-            );
+            bail!("no `pub unsafe fn {prefix}*` found in {}", src.join(rs).display());
         }
         let c_path = lib64.join("stubs").join(format!(
             "{}_stub.c",
@@ -360,11 +344,11 @@ fn install(dir: &Path) -> Result<PathBuf> {
             .arg(&c_path))?;
     }
     if root.exists() || root.symlink_metadata().is_ok() {
-        std::fs::remove_dir_all(&root)
-            .with_context(|| format!("removing the incomplete {}", root.display()))?;
+        std::fs::remove_dir_all(&root).with_context(|| format!("removing the incomplete {}", root.display()))?;
     }
     std::fs::rename(&tmp, &root)?;
-    let stamp = serde_json::json!({ "wheels": WHEELS, "cudarc_src": src.to_string_lossy(), "root": root.to_string_lossy() });
+    let stamp =
+        serde_json::json!({ "wheels": WHEELS, "cudarc_src": src.to_string_lossy(), "root": root.to_string_lossy() });
     std::fs::write(dir.join(STAMP), serde_json::to_string_pretty(&stamp)?)?;
     let missing = missing_in_layout(&root);
     if !missing.is_empty() {
@@ -387,11 +371,9 @@ fn existing_ok(dir: &Path) -> bool {
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| {
-                v["wheels"].as_array().map(|w| {
-                    w.iter()
-                        .filter_map(|x| x.as_str())
-                        .eq(WHEELS.iter().copied())
-                })
+                v["wheels"]
+                    .as_array()
+                    .map(|w| w.iter().filter_map(|x| x.as_str()).eq(WHEELS.iter().copied()))
             })
             .unwrap_or(false),
     }
@@ -418,11 +400,7 @@ pub fn ensure(dir: &Path, explicit_dir: bool) -> Result<Toolkit> {
     if let Some(t) = plan(
         dir,
         explicit_dir,
-        if explicit_dir {
-            None
-        } else {
-            detect_from_env(dir)
-        },
+        if explicit_dir { None } else { detect_from_env(dir) },
     ) {
         return Ok(t);
     }
@@ -447,12 +425,8 @@ pub fn ensure_default() -> Result<Vec<(String, String)>> {
 /// `cargo xtask cuda-setup [--dir DIR] [--compute-cap N]`.
 pub fn cmd(mut a: Args) -> Result<()> {
     let cwd = std::env::current_dir()?;
-    let given = a
-        .path("--dir")?
-        .map(|d| if d.is_absolute() { d } else { cwd.join(d) });
-    let cap = a
-        .value("--compute-cap")?
-        .unwrap_or_else(|| DEFAULT_COMPUTE_CAP.into());
+    let given = a.path("--dir")?.map(|d| if d.is_absolute() { d } else { cwd.join(d) });
+    let cap = a.value("--compute-cap")?.unwrap_or_else(|| DEFAULT_COMPUTE_CAP.into());
     a.finish()?;
     let explicit = given.is_some();
     let dir = given.unwrap_or_else(default_dir);
@@ -462,10 +436,7 @@ pub fn cmd(mut a: Args) -> Result<()> {
             "xtask: using the CUDA toolkit installed on this machine: {}",
             t.root.display()
         ),
-        Source::Existing => eprintln!(
-            "xtask: {} is complete already: nothing to do",
-            t.root.display()
-        ),
+        Source::Existing => eprintln!("xtask: {} is complete already: nothing to do", t.root.display()),
         Source::Installed => eprintln!("xtask: installed the CUDA root {}", t.root.display()),
     }
     eprintln!("xtask: build with: CARGO_TARGET_DIR=target/cuda cargo build --release -p gz-cli --features cuda   (or `cargo xtask build --cuda`)");
@@ -504,10 +475,7 @@ mod tests {
             stub_source(rs, "cu"),
             "int cuInit(void){return 999;}\nint cuMemAlloc_v2(void){return 999;}\nint cudnnCreate(void){return 999;}\n"
         );
-        assert_eq!(
-            stub_source(rs, "cudnn"),
-            "int cudnnCreate(void){return 999;}\n"
-        );
+        assert_eq!(stub_source(rs, "cudnn"), "int cudnnCreate(void){return 999;}\n");
     }
 
     #[test]
@@ -539,10 +507,7 @@ mod tests {
         );
         // nvcc on PATH: root is the folder above bin
         let path = std::env::join_paths([t.path().join("nope"), sys.join("bin")]).unwrap();
-        assert_eq!(
-            detect_system(None, None, None, Some(path), &ours),
-            Some(sys.clone())
-        );
+        assert_eq!(detect_system(None, None, None, Some(path), &ours), Some(sys.clone()));
         // our own toolkit exported in the environment is not a system toolkit
         let path = std::env::join_paths([our_root.join("bin")]).unwrap();
         assert_eq!(
@@ -555,10 +520,7 @@ mod tests {
     fn complete_layout_is_a_no_op_and_incomplete_is_not() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("tk");
-        assert!(
-            plan(&dir, true, None).is_none(),
-            "empty dir needs an install"
-        );
+        assert!(plan(&dir, true, None).is_none(), "empty dir needs an install");
         fake_layout(&dir);
         assert!(missing_in_layout(&dir.join("cuda")).is_empty());
         let before = crate::fingerprint::identity(&dir).unwrap();
@@ -571,14 +533,8 @@ mod tests {
         assert_eq!(before, crate::fingerprint::identity(&dir).unwrap());
         // a system toolkit wins when no --dir is given
         let sys = t.path().join("sys");
-        assert_eq!(
-            plan(&dir, false, Some(sys.clone())).unwrap().source,
-            Source::System
-        );
-        assert_eq!(
-            plan(&dir, true, Some(sys)).unwrap().source,
-            Source::Existing
-        );
+        assert_eq!(plan(&dir, false, Some(sys.clone())).unwrap().source, Source::System);
+        assert_eq!(plan(&dir, true, Some(sys)).unwrap().source, Source::Existing);
         // a stamp with other pins means reinstall
         std::fs::write(dir.join(STAMP), r#"{"wheels":["nvidia-cuda-nvcc==12.0"]}"#).unwrap();
         assert!(plan(&dir, true, None).is_none());
@@ -601,9 +557,7 @@ mod tests {
         };
         let env = tk.env("90");
         assert!(env.contains(&("CUDA_HOME".to_string(), "/x/cuda".to_string())));
-        assert!(env
-            .iter()
-            .any(|(k, v)| k == "PATH" && v.starts_with("/x/cuda/bin")));
+        assert!(env.iter().any(|(k, v)| k == "PATH" && v.starts_with("/x/cuda/bin")));
         assert_eq!(
             tk.export_line("90"),
             "export CUDA_ROOT=/x/cuda CUDA_HOME=/x/cuda CUDA_PATH=/x/cuda PATH=/x/cuda/bin:$PATH CUDA_COMPUTE_CAP=90"

@@ -74,8 +74,7 @@ pub fn identity_of(dir: &Path, members: &[&str]) -> Result<String> {
 }
 
 fn walk(path: &Path, rel: &str, acc: &mut Acc) -> Result<()> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("reading metadata of {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading metadata of {}", path.display()))?;
     if meta.is_dir() {
         let mut names: Vec<_> = std::fs::read_dir(path)
             .with_context(|| format!("listing {}", path.display()))?

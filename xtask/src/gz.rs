@@ -22,11 +22,7 @@ pub enum Failure {
 }
 
 /// Runs `gz args...` in `cwd`.
-pub fn run(
-    gz: &Path,
-    args: &[String],
-    cwd: &Path,
-) -> Result<std::result::Result<Finished, Failure>> {
+pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
     eprintln!("xtask: $ {} {}", gz.display(), shell_words(args));
     let mut child = Command::new(gz)
         .args(args)

@@ -103,13 +103,11 @@ impl Ctx {
             }),
         };
         let seed_arg = a.parsed::<u64>("--seed")?;
-        let device: String =
-            a.value("--device")?
-                .unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
+        let device: String = a
+            .value("--device")?
+            .unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
         let on_cpu = device == "cpu";
-        let model = a
-            .value("--model")?
-            .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        let model = a.value("--model")?.unwrap_or_else(|| DEFAULT_MODEL.to_string());
         let name = match a.value("--name")? {
             Some(n) => n,
             None => {
@@ -136,12 +134,8 @@ impl Ctx {
             model,
             epochs: a.parsed("--epochs")?.unwrap_or(DEFAULT_EPOCHS),
             device,
-            batch: a
-                .parsed("--batch")?
-                .or(if on_cpu { Some(CPU_BATCH) } else { None }),
-            size: a
-                .parsed("--size")?
-                .or(if on_cpu { Some(CPU_SIZE) } else { None }),
+            batch: a.parsed("--batch")?.or(if on_cpu { Some(CPU_BATCH) } else { None }),
+            size: a.parsed("--size")?.or(if on_cpu { Some(CPU_SIZE) } else { None }),
             augment: a.flag("--augment") || !on_cpu,
             precision: a.value("--precision")?,
             tta: a.parsed("--tta")?,
@@ -197,9 +191,7 @@ impl Ctx {
     fn dataset_identity(&self) -> Result<String> {
         let d = self.data_dir();
         let id = fingerprint::identity_of(&d, KAGGLE_MEMBERS)?;
-        if id.contains("images_training_rev1: missing")
-            || id.contains("training_solutions_rev1.csv: missing")
-        {
+        if id.contains("images_training_rev1: missing") || id.contains("training_solutions_rev1.csv: missing") {
             bail!(
                 "{} is not a dataset in Kaggle layout: it needs training_solutions_rev1.csv, images_training_rev1/ and images_test_rev1/",
                 d.display()
@@ -288,10 +280,7 @@ fn stage(
             Err(Failure::NotBuilt(msg)) => {
                 bail!("{msg} (nothing was produced for `{name}`; the stages after it were not run)")
             }
-            Err(Failure::Failed {
-                status,
-                stderr_tail,
-            }) => {
+            Err(Failure::Failed { status, stderr_tail }) => {
                 bail!(
                     "stage `{name}` failed: `gz {}` ended with {status}{}",
                     c.first().map_or("", String::as_str),
@@ -315,10 +304,7 @@ fn stage(
         }
     }
     let stamp = Stamp::save(&sp, name, &flat, &inputs, &outs, &all_stdout)?;
-    eprintln!(
-        "xtask: {name}: done in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("xtask: {name}: done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(Done {
         stage: name,
         ran: true,
@@ -328,10 +314,7 @@ fn stage(
 
 fn run_synth(ctx: &mut Ctx) -> Result<Done> {
     if let Some(d) = &ctx.real_data {
-        bail!(
-            "--data {} given: there is nothing to synthesize",
-            d.display()
-        );
+        bail!("--data {} given: there is nothing to synthesize", d.display());
     }
     let out = ctx.data_dir();
     let cmd = vec![
@@ -358,8 +341,7 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
             if out2.exists() {
                 if out2.join("synth.json").exists() || out2.join("images_training_rev1").exists() {
                     eprintln!("xtask: synth: replacing {}", out2.display());
-                    std::fs::remove_dir_all(&out2)
-                        .with_context(|| format!("removing {}", out2.display()))?;
+                    std::fs::remove_dir_all(&out2).with_context(|| format!("removing {}", out2.display()))?;
                 } else if std::fs::read_dir(&out2)
                     .map(|mut d| d.next().is_some())
                     .unwrap_or(false)
@@ -399,13 +381,8 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
         inputs,
         || Ok(()),
         move |stdout| {
-            let c = gz::result_line(stdout, "cache")
-                .context("`gz prep` did not print a `cache: <path>` line")?;
-            Ok(vec![Output::new(
-                "cache",
-                &absolute(PathBuf::from(c), &root),
-                &[],
-            )])
+            let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
+            Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
         },
     )
 }
@@ -450,18 +427,11 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
         move || {
             if run2.exists() {
                 eprintln!("xtask: train: replacing the stale run {}", run2.display());
-                std::fs::remove_dir_all(&run2)
-                    .with_context(|| format!("removing {}", run2.display()))?;
+                std::fs::remove_dir_all(&run2).with_context(|| format!("removing {}", run2.display()))?;
             }
             Ok(())
         },
-        |_| {
-            Ok(vec![Output::new(
-                "run",
-                &run,
-                &["best.safetensors", "best.json"],
-            )])
-        },
+        |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]),
     )
 }
 
@@ -501,18 +471,13 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
         || Ok(()),
         move |stdout| {
             // gz eval names its report page on its last line (`report: <dir>/index.html`)
-            let printed =
-                gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
+            let printed = gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
             let dir = match printed {
                 Some(p) if p.is_file() => p.parent().map_or(report.clone(), Path::to_path_buf),
                 Some(p) => p,
                 None => report,
             };
-            Ok(vec![Output::new(
-                "report",
-                &dir,
-                &["metrics.json", "index.html"],
-            )])
+            Ok(vec![Output::new("report", &dir, &["metrics.json", "index.html"])])
         },
     )
 }
@@ -557,9 +522,7 @@ fn run_submit(ctx: &mut Ctx) -> Result<Done> {
         &sub,
         vec![predict, submit],
         inputs,
-        move || {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))
-        },
+        move || std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display())),
         |_| {
             Ok(vec![
                 Output::new("predictions", &preds, &[]),
@@ -648,10 +611,7 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
         .unwrap_or_else(|| ctx.submission());
     println!("submission: {}", sub.display());
     let page = report.join("index.html");
-    println!(
-        "report: {}",
-        if page.is_file() { page } else { report }.display()
-    );
+    println!("report: {}", if page.is_file() { page } else { report }.display());
     Ok(())
 }
 

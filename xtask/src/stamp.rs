@@ -52,9 +52,7 @@ pub struct Stamp {
 /// Where the stamp of `stage` for the artifact `key` lives.
 pub fn stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
     let k = fingerprint::hash_str(&key.to_string_lossy());
-    root.join("data")
-        .join("stamps")
-        .join(format!("{stage}-{k}.json"))
+    root.join("data").join("stamps").join(format!("{stage}-{k}.json"))
 }
 
 impl Stamp {
@@ -62,12 +60,8 @@ impl Stamp {
     pub fn load(path: &Path) -> Option<Stamp> {
         let text = std::fs::read_to_string(path).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
-        let strs = |v: &Value| -> Option<Vec<String>> {
-            v.as_array()?
-                .iter()
-                .map(|x| x.as_str().map(String::from))
-                .collect()
-        };
+        let strs =
+            |v: &Value| -> Option<Vec<String>> { v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect() };
         let inputs = v["inputs"]
             .as_array()?
             .iter()
@@ -132,11 +126,7 @@ impl Stamp {
     }
 
     /// `None` when up to date, else the reason the stage must run.
-    pub fn stale_reason(
-        &self,
-        command: &[String],
-        inputs: &[(String, String)],
-    ) -> Result<Option<String>> {
+    pub fn stale_reason(&self, command: &[String], inputs: &[(String, String)]) -> Result<Option<String>> {
         if self.command != command {
             return Ok(Some("its command line changed".into()));
         }
@@ -146,16 +136,8 @@ impl Stamp {
         for (o, id) in &self.outputs {
             let now = o.identity()?;
             if &now != id {
-                let why = if now == "missing" {
-                    "is missing"
-                } else {
-                    "changed"
-                };
-                return Ok(Some(format!(
-                    "its output {} ({}) {why}",
-                    o.label,
-                    o.path.display()
-                )));
+                let why = if now == "missing" { "is missing" } else { "changed" };
+                return Ok(Some(format!("its output {} ({}) {why}", o.label, o.path.display())));
             }
         }
         Ok(None)
@@ -192,22 +174,10 @@ mod tests {
         // another file in the folder does not matter: only the member is tracked
         std::fs::write(out.join("submission.csv"), b"x").unwrap();
         assert_eq!(s.stale_reason(&cmd, &inputs).unwrap(), None);
-        let other = vec![
-            "gz".to_string(),
-            "train".to_string(),
-            "--epochs".to_string(),
-        ];
-        assert!(s
-            .stale_reason(&other, &inputs)
-            .unwrap()
-            .unwrap()
-            .contains("command"));
+        let other = vec!["gz".to_string(), "train".to_string(), "--epochs".to_string()];
+        assert!(s.stale_reason(&other, &inputs).unwrap().unwrap().contains("command"));
         let changed = vec![("cache".to_string(), "files=2".to_string())];
-        assert!(s
-            .stale_reason(&cmd, &changed)
-            .unwrap()
-            .unwrap()
-            .contains("inputs"));
+        assert!(s.stale_reason(&cmd, &changed).unwrap().unwrap().contains("inputs"));
         std::fs::remove_file(out.join("best.json")).unwrap();
         let why = s.stale_reason(&cmd, &inputs).unwrap().unwrap();
         assert!(why.contains("changed") || why.contains("missing"), "{why}");

@@ -9,7 +9,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "gz", version, about = "Galaxy Zoo morphology: synthesize, preprocess, train, evaluate, submit")]
+#[command(
+    name = "gz",
+    version,
+    about = "Galaxy Zoo morphology: synthesize, preprocess, train, evaluate, submit"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,6 +46,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // `GZ_CONV=candle` switches the cuDNN fast path off for every subcommand (train, eval,
+    // predict), e.g. to compare against candle's stock kernels or to work around a cuDNN fault.
+    if std::env::var("GZ_CONV").is_ok_and(|v| v == "candle") {
+        gz_model::cudnn::set_enabled(false);
+    }
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),

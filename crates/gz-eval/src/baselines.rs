@@ -106,7 +106,10 @@ impl CentralPixel {
     /// Fits the benchmark on training colours (one per galaxy) and their row-major labels.
     pub fn fit(colours: &[[f32; 3]], labels: &[f32], config: CentralPixelConfig) -> Result<Self> {
         if config.levels == 0 {
-            return Err(EvalError::Shape { what: "central-pixel config".into(), reason: "levels must be ≥ 1".into() });
+            return Err(EvalError::Shape {
+                what: "central-pixel config".into(),
+                reason: "levels must be ≥ 1".into(),
+            });
         }
         if labels.len() != colours.len() * N_ANSWERS || colours.is_empty() {
             return Err(EvalError::Shape {
@@ -118,12 +121,20 @@ impl CentralPixel {
         let edges: [Vec<f32>; 3] = std::array::from_fn(|ch| {
             let mut v: Vec<f32> = colours.iter().map(|c| c[ch]).collect();
             v.sort_by(f32::total_cmp);
-            (1..config.levels).map(|k| v[(k * v.len() / config.levels).min(v.len() - 1)]).collect()
+            (1..config.levels)
+                .map(|k| v[(k * v.len() / config.levels).min(v.len() - 1)])
+                .collect()
         });
         let n_bins = config.levels.pow(3);
         let mut sums = vec![[0f64; N_ANSWERS]; n_bins];
         let mut counts = vec![0usize; n_bins];
-        let mut me = Self { config, edges, means: Vec::new(), counts: Vec::new(), global };
+        let mut me = Self {
+            config,
+            edges,
+            means: Vec::new(),
+            counts: Vec::new(),
+            global,
+        };
         for (colour, row) in colours.iter().zip(labels.chunks_exact(N_ANSWERS)) {
             let b = me.bin(*colour);
             counts[b] += 1;
@@ -201,7 +212,10 @@ pub fn score_baselines(
         central.extend_from_slice(cp.predict(*c));
     }
     let named = |name: &str, pred: &[f32]| -> Result<NamedScores> {
-        Ok(NamedScores { name: name.to_string(), scores: score(pred, eval.labels)? })
+        Ok(NamedScores {
+            name: name.to_string(),
+            scores: score(pred, eval.labels)?,
+        })
     };
     Ok(vec![
         named("all zeros", &constant(&[0.0; N_ANSWERS], n))?,
@@ -267,7 +281,10 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
         match parsed {
             Ok(v) => {
                 if let Some(r) = v.get("train_rmse").and_then(|x| x.as_f64()) {
-                    return Ok(Some(Floor { rmse: r, source: "floor.json train_rmse (whole training set)".into() }));
+                    return Ok(Some(Floor {
+                        rmse: r,
+                        source: "floor.json train_rmse (whole training set)".into(),
+                    }));
                 }
                 tracing::warn!("ignoring {}: no numeric train_rmse", fj.display());
             }
@@ -280,7 +297,13 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
 /// The score table, one line per entry: the model(s) first, then the baselines, then the floor.
 pub fn format_table(models: &[NamedScores], baselines: &[NamedScores], floor: Option<&Floor>) -> String {
     use std::fmt::Write as _;
-    let width = models.iter().chain(baselines).map(|m| m.name.len()).chain([12]).max().unwrap_or(12);
+    let width = models
+        .iter()
+        .chain(baselines)
+        .map(|m| m.name.len())
+        .chain([12])
+        .max()
+        .unwrap_or(12);
     let mut s = String::new();
     let _ = writeln!(s, "{:<width$}  {:>8}  {:>6}", "predictor", "RMSE", "rows");
     let _ = writeln!(s, "{:-<width$}  {:->8}  {:->6}", "", "", "");
@@ -336,8 +359,14 @@ mod tests {
         let mut eval_labels = dark.to_vec();
         eval_labels.extend_from_slice(&bright);
 
-        let train = LabelledColours { colours: &train_colours, labels: &train_labels };
-        let eval = LabelledColours { colours: &eval_colours, labels: &eval_labels };
+        let train = LabelledColours {
+            colours: &train_colours,
+            labels: &train_labels,
+        };
+        let eval = LabelledColours {
+            colours: &eval_colours,
+            labels: &eval_labels,
+        };
         let b = score_baselines(train, eval, CentralPixelConfig { levels: 2, radius: 0 }).unwrap();
         let names: Vec<&str> = b.iter().map(|x| x.name.as_str()).collect();
         assert_eq!(names, ["all zeros", "all ones", "training mean", "central pixel"]);
@@ -350,14 +379,29 @@ mod tests {
         // central pixel separates them exactly
         assert!(b[3].scores.rmse < 1e-9, "{}", b[3].scores.rmse);
 
-        let cp = CentralPixel::fit(&train_colours, &train_labels, CentralPixelConfig { levels: 2, radius: 0 }).unwrap();
+        let cp = CentralPixel::fit(
+            &train_colours,
+            &train_labels,
+            CentralPixelConfig { levels: 2, radius: 0 },
+        )
+        .unwrap();
         assert_eq!(cp.occupied_bins(), 2);
         // a colour in an empty bin (dark red, bright green/blue) falls back to the global mean
         assert_eq!(cp.predict([0.1, 0.9, 0.9]), cp.global.as_slice());
         assert!((cp.global[0] - 0.5).abs() < 1e-6);
 
-        let table = format_table(&[], &b, Some(&Floor { rmse: 0.01, source: "test".into() }));
-        assert!(table.contains("central pixel") && table.contains("Bayes floor"), "{table}");
+        let table = format_table(
+            &[],
+            &b,
+            Some(&Floor {
+                rmse: 0.01,
+                source: "test".into(),
+            }),
+        );
+        assert!(
+            table.contains("central pixel") && table.contains("Bayes floor"),
+            "{table}"
+        );
     }
 
     #[test]
@@ -365,7 +409,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let labels = constant(&[0.5; N_ANSWERS], 2);
         assert_eq!(bayes_floor(dir.path(), &[1, 2], &labels).unwrap(), None);
-        std::fs::write(dir.path().join("floor.json"), r#"{"train_rmse": 0.0123, "test_rmse": 0.02}"#).unwrap();
+        std::fs::write(
+            dir.path().join("floor.json"),
+            r#"{"train_rmse": 0.0123, "test_rmse": 0.02}"#,
+        )
+        .unwrap();
         let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
         assert!((f.rmse - 0.0123).abs() < 1e-12 && f.source.contains("floor.json"));
         let mut sol = gz_schema::Solutions::new();

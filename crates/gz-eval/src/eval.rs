@@ -18,7 +18,9 @@ use gz_schema::N_ANSWERS;
 use gz_shards::{Cache, Split};
 use serde::{Deserialize, Serialize};
 
-use crate::baselines::{bayes_floor, central_colour, score_baselines, CentralPixelConfig, Floor, LabelledColours, NamedScores};
+use crate::baselines::{
+    bayes_floor, central_colour, score_baselines, CentralPixelConfig, Floor, LabelledColours, NamedScores,
+};
 use crate::metrics::score;
 use crate::predict::predict_split;
 use crate::tta::{Predictor, TtaConfig};
@@ -34,11 +36,17 @@ impl Predictor for LoadedModel {
 /// preprocessing config and input shape, else the ensemble would mix incompatible inputs.
 pub fn load_runs(paths: &[PathBuf], device: &Device) -> Result<Vec<LoadedModel>> {
     if paths.is_empty() {
-        return Err(EvalError::BadFile { path: PathBuf::from("--run"), reason: "no checkpoint given".into() });
+        return Err(EvalError::BadFile {
+            path: PathBuf::from("--run"),
+            reason: "no checkpoint given".into(),
+        });
     }
     let mut out: Vec<LoadedModel> = Vec::with_capacity(paths.len());
     for p in paths {
-        let m = LoadedModel::load(p, device).map_err(|e| EvalError::BadFile { path: p.clone(), reason: format!("cannot load checkpoint: {e}") })?;
+        let m = LoadedModel::load(p, device).map_err(|e| EvalError::BadFile {
+            path: p.clone(),
+            reason: format!("cannot load checkpoint: {e}"),
+        })?;
         if let Some(first) = out.first() {
             let (a, b) = (first.sidecar(), m.sidecar());
             if a.prep_config_hash != b.prep_config_hash || a.input_shape != b.input_shape {
@@ -100,7 +108,11 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { tta: TtaConfig::none(), batch: 64, central_pixel: CentralPixelConfig::default() }
+        Self {
+            tta: TtaConfig::none(),
+            batch: 64,
+            central_pixel: CentralPixelConfig::default(),
+        }
     }
 }
 
@@ -150,7 +162,10 @@ pub fn labels_from_csv(split: &Split, path: &Path) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(split.len() * N_ANSWERS);
     for id in split.ids() {
         let Some(&i) = index.get(id) else {
-            return Err(EvalError::BadFile { path: path.to_path_buf(), reason: format!("no row for GalaxyID {id} of split {}", split.name()) });
+            return Err(EvalError::BadFile {
+                path: path.to_path_buf(),
+                reason: format!("no row for GalaxyID {id} of split {}", split.name()),
+            });
         };
         out.extend_from_slice(sol.row(i));
     }
@@ -159,7 +174,10 @@ pub fn labels_from_csv(split: &Split, path: &Path) -> Result<Vec<f32>> {
 
 fn labels_of(split: &Split, rows: &[usize]) -> Result<Vec<f32>> {
     let Some(all) = split.labels() else {
-        return Err(EvalError::Shape { what: format!("split {}", split.name()), reason: "has no labels; cannot score it".into() });
+        return Err(EvalError::Shape {
+            what: format!("split {}", split.name()),
+            reason: "has no labels; cannot score it".into(),
+        });
     };
     let mut out = Vec::with_capacity(rows.len() * N_ANSWERS);
     for &r in rows {
@@ -169,7 +187,9 @@ fn labels_of(split: &Split, rows: &[usize]) -> Result<Vec<f32>> {
 }
 
 fn colours_of(split: &Split, rows: &[usize], radius: usize) -> Result<Vec<[f32; 3]>> {
-    rows.iter().map(|&r| central_colour(split.image(r), split.shape(), radius)).collect()
+    rows.iter()
+        .map(|&r| central_colour(split.image(r), split.shape(), radius))
+        .collect()
 }
 
 /// Everything `evaluate` returns: the report plus the scored predictions for the gallery.
@@ -196,7 +216,10 @@ pub fn evaluate(
 ) -> Result<Evaluation> {
     cfg.tta.validate()?;
     if rows.eval_rows.is_empty() {
-        return Err(EvalError::Shape { what: "evaluation".into(), reason: "no rows to score".into() });
+        return Err(EvalError::Shape {
+            what: "evaluation".into(),
+            reason: "no rows to score".into(),
+        });
     }
     let labels = match &rows.eval_labels {
         Some(l) if l.len() == rows.eval_rows.len() * N_ANSWERS => l.clone(),
@@ -208,15 +231,32 @@ pub fn evaluate(
         }
         None => labels_of(rows.eval_split, &rows.eval_rows)?,
     };
-    let predictions = predict_split(model, rows.eval_split, Some(&rows.eval_rows), &cfg.tta, cfg.batch, device, progress)?;
-    let model_scores = NamedScores { name: model_name.to_string(), scores: score(&predictions, &labels)? };
+    let predictions = predict_split(
+        model,
+        rows.eval_split,
+        Some(&rows.eval_rows),
+        &cfg.tta,
+        cfg.batch,
+        device,
+        progress,
+    )?;
+    let model_scores = NamedScores {
+        name: model_name.to_string(),
+        scores: score(&predictions, &labels)?,
+    };
 
     let fit_labels = labels_of(rows.fit_split, &rows.fit_rows)?;
     let fit_colours = colours_of(rows.fit_split, &rows.fit_rows, cfg.central_pixel.radius)?;
     let eval_colours = colours_of(rows.eval_split, &rows.eval_rows, cfg.central_pixel.radius)?;
     let baselines = score_baselines(
-        LabelledColours { colours: &fit_colours, labels: &fit_labels },
-        LabelledColours { colours: &eval_colours, labels: &labels },
+        LabelledColours {
+            colours: &fit_colours,
+            labels: &fit_labels,
+        },
+        LabelledColours {
+            colours: &eval_colours,
+            labels: &labels,
+        },
         cfg.central_pixel,
     )?;
     let ids: Vec<u64> = rows.eval_rows.iter().map(|&r| rows.eval_split.ids()[r]).collect();
@@ -238,5 +278,9 @@ pub fn evaluate(
         floor,
         n_fit: rows.fit_rows.len(),
     };
-    Ok(Evaluation { report, predictions, labels })
+    Ok(Evaluation {
+        report,
+        predictions,
+        labels,
+    })
 }

@@ -23,7 +23,10 @@ pub struct SquaredErrors {
 
 impl Default for SquaredErrors {
     fn default() -> Self {
-        Self { rows: 0, per_answer: [0.0; N_ANSWERS] }
+        Self {
+            rows: 0,
+            per_answer: [0.0; N_ANSWERS],
+        }
     }
 }
 
@@ -59,15 +62,26 @@ impl SquaredErrors {
             .iter()
             .map(|q| {
                 let s: f64 = self.per_answer[q.answers()].iter().sum();
-                QuestionScore { question: q.number, rmse: nan_if_empty((s / (n * q.len as f64)).sqrt()) }
+                QuestionScore {
+                    question: q.number,
+                    rmse: nan_if_empty((s / (n * q.len as f64)).sqrt()),
+                }
             })
             .collect();
         let per_answer = gz_schema::ANSWERS
             .iter()
             .zip(&per_answer_mse)
-            .map(|(a, mse)| AnswerScore { column: a.column.to_string(), rmse: nan_if_empty(mse.sqrt()) })
+            .map(|(a, mse)| AnswerScore {
+                column: a.column.to_string(),
+                rmse: nan_if_empty(mse.sqrt()),
+            })
             .collect();
-        Scores { rows: self.rows, rmse, per_question, per_answer }
+        Scores {
+            rows: self.rows,
+            rmse,
+            per_question,
+            per_answer,
+        }
     }
 }
 
@@ -193,7 +207,11 @@ mod tests {
         let truth: Vec<f32> = (0..n * N_ANSWERS).map(|_| next()).collect();
         let s = score(&pred, &truth).unwrap();
         let mse = s.rmse * s.rmse;
-        assert!((s.mse_from_questions() - mse).abs() < 1e-9, "{} vs {mse}", s.mse_from_questions());
+        assert!(
+            (s.mse_from_questions() - mse).abs() < 1e-9,
+            "{} vs {mse}",
+            s.mse_from_questions()
+        );
         assert!((s.mse_from_answers() - mse).abs() < 1e-9);
         assert_eq!(s.per_question.len(), N_QUESTIONS);
         assert_eq!(s.per_answer.len(), N_ANSWERS);

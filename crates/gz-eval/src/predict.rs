@@ -41,7 +41,9 @@ pub fn predict_batch(
     }
     let n = images.len() / per;
     let run = || -> candle_core::Result<Vec<f32>> {
-        let x = Tensor::from_slice(images, (n, c, h, w), &Device::Cpu)?.to_device(device)?.to_dtype(DType::F32)?;
+        let x = Tensor::from_slice(images, (n, c, h, w), &Device::Cpu)?
+            .to_device(device)?
+            .to_dtype(DType::F32)?;
         let y = predict_tta(model, &x, tta)?;
         let (bn, k) = y.dims2()?;
         if bn != n || k != N_ANSWERS {
@@ -109,7 +111,9 @@ pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let p = entry.map_err(io_err(dir))?.path();
-        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg")) {
+        if p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"))
+        {
             out.push(p);
         }
     }
@@ -144,10 +148,15 @@ pub fn predict_jpegs(
         ids.clear();
         buf.clear();
         for p in chunk {
-            let id = p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok());
+            let id = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok());
             let result = match id {
                 None => Err("file name is not <GalaxyID>.jpg".to_string()),
-                Some(_) => std::fs::read(p).map_err(|e| format!("cannot read: {e}")).and_then(|b| prep(&b)),
+                Some(_) => std::fs::read(p)
+                    .map_err(|e| format!("cannot read: {e}"))
+                    .and_then(|b| prep(&b)),
             };
             match (id, result) {
                 (Some(id), Ok(img)) if img.len() == per => {
@@ -159,7 +168,11 @@ pub fn predict_jpegs(
                     id,
                     reason: format!("preprocessing gave {} values, expected {per}", img.len()),
                 }),
-                (id, Err(reason)) => failures.push(Failure { path: p.clone(), id, reason }),
+                (id, Err(reason)) => failures.push(Failure {
+                    path: p.clone(),
+                    id,
+                    reason,
+                }),
             }
         }
         if !ids.is_empty() {
@@ -181,7 +194,10 @@ mod tests {
 
     fn mean_model(x: &Tensor) -> CResult<Tensor> {
         let (b, ..) = x.dims4()?;
-        x.flatten_from(1)?.mean_keepdim(1)?.broadcast_as((b, N_ANSWERS))?.contiguous()
+        x.flatten_from(1)?
+            .mean_keepdim(1)?
+            .broadcast_as((b, N_ANSWERS))?
+            .contiguous()
     }
 
     #[test]
@@ -200,8 +216,17 @@ mod tests {
                 Some(v) => Ok(vec![f16::from_f32(*v as f32 / 4.0); 3 * 4 * 4]),
             }
         };
-        let (sol, fails) =
-            predict_jpegs(&mean_model, &paths, &prep, [3, 4, 4], &TtaConfig::none(), 2, &Device::Cpu, &|_| {}).unwrap();
+        let (sol, fails) = predict_jpegs(
+            &mean_model,
+            &paths,
+            &prep,
+            [3, 4, 4],
+            &TtaConfig::none(),
+            2,
+            &Device::Cpu,
+            &|_| {},
+        )
+        .unwrap();
         assert_eq!(sol.ids, vec![100, 200]);
         assert!((sol.row(1)[5] - 0.5).abs() < 1e-6);
         assert_eq!(fails.len(), 2);
@@ -212,7 +237,14 @@ mod tests {
 
     #[test]
     fn batch_shape_errors() {
-        let e = predict_batch(&mean_model, &[f16::ZERO; 10], [3, 2, 2], &TtaConfig::none(), &Device::Cpu).unwrap_err();
+        let e = predict_batch(
+            &mean_model,
+            &[f16::ZERO; 10],
+            [3, 2, 2],
+            &TtaConfig::none(),
+            &Device::Cpu,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("multiple of 3×2×2"), "{e}");
         let bad = |x: &Tensor| -> CResult<Tensor> { Tensor::zeros((x.dims4()?.0, 5), DType::F32, x.device()) };
         let e = predict_batch(&bad, &[f16::ZERO; 12], [3, 2, 2], &TtaConfig::none(), &Device::Cpu).unwrap_err();

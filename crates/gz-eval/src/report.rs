@@ -39,7 +39,10 @@ fn register_font() {
 }
 
 fn plot_err(path: &Path) -> impl Fn(String) -> EvalError + '_ {
-    move |reason| EvalError::BadFile { path: path.to_path_buf(), reason: format!("drawing the chart: {reason}") }
+    move |reason| EvalError::BadFile {
+        path: path.to_path_buf(),
+        reason: format!("drawing the chart: {reason}"),
+    }
 }
 
 /// One epoch of the trainer's `metrics.jsonl`.
@@ -59,30 +62,48 @@ pub fn read_epochs(path: &Path) -> Result<Vec<EpochRow>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| EvalError::BadFile { path: path.to_path_buf(), reason: format!("line {}: {e}", i + 1) })?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| EvalError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("line {}: {e}", i + 1),
+        })?;
         let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).filter(|x| x.is_finite());
         let Some(epoch) = num("epoch") else {
-            return Err(EvalError::BadFile { path: path.to_path_buf(), reason: format!("line {}: no numeric \"epoch\"", i + 1) });
+            return Err(EvalError::BadFile {
+                path: path.to_path_buf(),
+                reason: format!("line {}: no numeric \"epoch\"", i + 1),
+            });
         };
-        out.push(EpochRow { epoch, train_loss: num("train_loss"), val_rmse: num("val_rmse") });
+        out.push(EpochRow {
+            epoch,
+            train_loss: num("train_loss"),
+            val_rmse: num("val_rmse"),
+        });
     }
     Ok(out)
 }
 
 fn save_rgb(path: &Path, buf: Vec<u8>, w: u32, h: u32) -> Result<()> {
-    let img = image::RgbImage::from_raw(w, h, buf)
-        .ok_or_else(|| EvalError::BadFile { path: path.to_path_buf(), reason: "image buffer has the wrong size".into() })?;
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| EvalError::BadFile {
+        path: path.to_path_buf(),
+        reason: "image buffer has the wrong size".into(),
+    })?;
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| EvalError::BadFile { path: path.to_path_buf(), reason: format!("PNG encoding: {e}") })?;
+        .map_err(|e| EvalError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("PNG encoding: {e}"),
+        })?;
     gz_schema::write_atomic(path, &bytes)?;
     Ok(())
 }
 
 const MODEL_COLOUR: RGBColor = RGBColor(31, 119, 180);
-const BASELINE_COLOURS: [RGBColor; 4] =
-    [RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const BASELINE_COLOURS: [RGBColor; 4] = [
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 const LOSS_COLOUR: RGBColor = RGBColor(214, 39, 40);
 
 fn padded(lo: f64, hi: f64) -> (f64, f64) {
@@ -108,14 +129,20 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
             (Some(a), _) => (a.epoch - 0.5, a.epoch + 0.5),
             _ => (0.0, 1.0),
         };
-        let losses: Vec<(f64, f64)> = epochs.iter().filter_map(|r| r.train_loss.map(|l| (r.epoch, l))).collect();
+        let losses: Vec<(f64, f64)> = epochs
+            .iter()
+            .filter_map(|r| r.train_loss.map(|l| (r.epoch, l)))
+            .collect();
         let rmses: Vec<(f64, f64)> = epochs.iter().filter_map(|r| r.val_rmse.map(|v| (r.epoch, v))).collect();
         let (l0, l1) = padded(
             losses.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
             losses.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
         );
         let rvals = rmses.iter().map(|p| p.1).chain(references.iter().map(|r| r.1));
-        let (r0, r1) = padded(rvals.clone().fold(f64::INFINITY, f64::min), rvals.fold(f64::NEG_INFINITY, f64::max));
+        let (r0, r1) = padded(
+            rvals.clone().fold(f64::INFINITY, f64::min),
+            rvals.fold(f64::NEG_INFINITY, f64::max),
+        );
 
         let mut chart = ChartBuilder::on(&root)
             .caption("Learning curve", (FAMILY, 26))
@@ -130,7 +157,13 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
             .configure_mesh()
             .x_desc("epoch")
             .x_labels(epochs.len().clamp(2, 12))
-            .x_label_formatter(&|x: &f64| if (x - x.round()).abs() < 1e-6 { format!("{x:.0}") } else { String::new() })
+            .x_label_formatter(&|x: &f64| {
+                if (x - x.round()).abs() < 1e-6 {
+                    format!("{x:.0}")
+                } else {
+                    String::new()
+                }
+            })
             .y_desc("training loss")
             .label_style((FAMILY, 15))
             .axis_desc_style((FAMILY, 17))
@@ -238,11 +271,21 @@ pub fn per_question_png(series: &[&NamedScores], path: &Path) -> Result<()> {
         let k = series.len().max(1) as f64;
         let group = 0.8;
         for (si, s) in series.iter().enumerate() {
-            let c = if si == 0 { MODEL_COLOUR } else { BASELINE_COLOURS[(si - 1) % BASELINE_COLOURS.len()] };
-            let bars = s.scores.per_question.iter().enumerate().filter(|(_, q)| q.rmse.is_finite()).map(move |(qi, q)| {
-                let left = qi as f64 - group / 2.0 + group * si as f64 / k;
-                Rectangle::new([(left, 0.0), (left + group / k * 0.92, q.rmse)], c.filled())
-            });
+            let c = if si == 0 {
+                MODEL_COLOUR
+            } else {
+                BASELINE_COLOURS[(si - 1) % BASELINE_COLOURS.len()]
+            };
+            let bars = s
+                .scores
+                .per_question
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.rmse.is_finite())
+                .map(move |(qi, q)| {
+                    let left = qi as f64 - group / 2.0 + group * si as f64 / k;
+                    Rectangle::new([(left, 0.0), (left + group / k * 0.92, q.rmse)], c.filled())
+                });
             chart
                 .draw_series(bars)
                 .map_err(|x| e(x.to_string()))?
@@ -266,7 +309,10 @@ pub fn per_question_png(series: &[&NamedScores], path: &Path) -> Result<()> {
 pub fn thumbnail_png(image: &[f16], shape: [usize; 3], path: &Path) -> Result<()> {
     let [c, h, w] = shape;
     if c == 0 || image.len() != c * h * w {
-        return Err(EvalError::Shape { what: format!("thumbnail {}", path.display()), reason: format!("{} values for {c}×{h}×{w}", image.len()) });
+        return Err(EvalError::Shape {
+            what: format!("thumbnail {}", path.display()),
+            reason: format!("{} values for {c}×{h}×{w}", image.len()),
+        });
     }
     let mut buf = Vec::with_capacity(3 * h * w);
     for p in 0..h * w {
@@ -299,7 +345,10 @@ pub struct ReportPaths {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Questions whose answers the gallery shows.
@@ -307,11 +356,18 @@ const GALLERY_QUESTIONS: [usize; 4] = [0, 1, 5, 6];
 
 /// Writes the whole report into `dir`: metrics.json, charts, thumbnails (already written by the
 /// caller into `dir/gallery`, listed in `gallery`) and index.html.
-pub fn write_report(dir: &Path, report: &EvalReport, epochs: Option<&[EpochRow]>, gallery: &[GalleryItem]) -> Result<ReportPaths> {
+pub fn write_report(
+    dir: &Path,
+    report: &EvalReport,
+    epochs: Option<&[EpochRow]>,
+    gallery: &[GalleryItem],
+) -> Result<ReportPaths> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let metrics = dir.join("metrics.json");
-    let json = serde_json::to_vec_pretty(report)
-        .map_err(|e| EvalError::BadFile { path: metrics.clone(), reason: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(report).map_err(|e| EvalError::BadFile {
+        path: metrics.clone(),
+        reason: e.to_string(),
+    })?;
     gz_schema::write_atomic(&metrics, &json)?;
 
     let refs: Vec<(String, f64)> = report
@@ -337,7 +393,13 @@ pub fn write_report(dir: &Path, report: &EvalReport, epochs: Option<&[EpochRow]>
     let index = dir.join("index.html");
     let html = render_html(report, learning_curve.is_some(), gallery);
     gz_schema::write_atomic(&index, html.as_bytes())?;
-    Ok(ReportPaths { dir: dir.to_path_buf(), index, metrics, learning_curve, per_question })
+    Ok(ReportPaths {
+        dir: dir.to_path_buf(),
+        index,
+        metrics,
+        learning_curve,
+        per_question,
+    })
 }
 
 fn render_html(r: &EvalReport, has_curve: bool, gallery: &[GalleryItem]) -> String {
@@ -380,12 +442,22 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         tta = r.tta.n_views(),
         hash = esc(&r.prep_config_hash),
     );
-    let _ = writeln!(s, r#"<tr class="model"><td>{}</td><td>{:.5}</td></tr>"#, esc(&r.model.name), r.model.scores.rmse);
+    let _ = writeln!(
+        s,
+        r#"<tr class="model"><td>{}</td><td>{:.5}</td></tr>"#,
+        esc(&r.model.name),
+        r.model.scores.rmse
+    );
     for b in &r.baselines {
         let _ = writeln!(s, "<tr><td>{}</td><td>{:.5}</td></tr>", esc(&b.name), b.scores.rmse);
     }
     if let Some(f) = &r.floor {
-        let _ = writeln!(s, "<tr><td>Bayes floor <span class=meta>({})</span></td><td>{:.5}</td></tr>", esc(&f.source), f.rmse);
+        let _ = writeln!(
+            s,
+            "<tr><td>Bayes floor <span class=meta>({})</span></td><td>{:.5}</td></tr>",
+            esc(&f.source),
+            f.rmse
+        );
     }
     s.push_str("</table>\n");
     if has_curve {
@@ -416,7 +488,13 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         );
         for g in gallery {
             let rmse = if g.pred.len() == N_ANSWERS && g.truth.len() == N_ANSWERS {
-                (g.pred.iter().zip(&g.truth).map(|(p, t)| f64::from(p - t).powi(2)).sum::<f64>() / N_ANSWERS as f64).sqrt()
+                (g.pred
+                    .iter()
+                    .zip(&g.truth)
+                    .map(|(p, t)| f64::from(p - t).powi(2))
+                    .sum::<f64>()
+                    / N_ANSWERS as f64)
+                    .sqrt()
             } else {
                 f64::NAN
             };
@@ -432,7 +510,10 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
                 let q = &QUESTIONS[qi];
                 let _ = writeln!(s, "<div class=q>Q{} {}</div>", q.number, esc(q.text));
                 for ai in q.answers() {
-                    let (t, p) = (g.truth.get(ai).copied().unwrap_or(0.0), g.pred.get(ai).copied().unwrap_or(0.0));
+                    let (t, p) = (
+                        g.truth.get(ai).copied().unwrap_or(0.0),
+                        g.pred.get(ai).copied().unwrap_or(0.0),
+                    );
                     let _ = writeln!(
                         s,
                         "<div class=row><span>{}</span><div class=bar><div class=t style=\"width:{:.1}%\"></div>\
@@ -462,14 +543,21 @@ mod tests {
     use crate::tta::TtaConfig;
 
     fn named(name: &str, v: f32) -> NamedScores {
-        NamedScores { name: name.into(), scores: score(&[v; N_ANSWERS], &[0.5; N_ANSWERS]).unwrap() }
+        NamedScores {
+            name: name.into(),
+            scores: score(&[v; N_ANSWERS], &[0.5; N_ANSWERS]).unwrap(),
+        }
     }
 
     #[test]
     fn epochs_are_read_and_bad_lines_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("metrics.jsonl");
-        std::fs::write(&p, "{\"epoch\":1,\"train_loss\":0.1,\"val_rmse\":0.2,\"lr\":0.001}\n\n{\"epoch\":2,\"train_loss\":0.05}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"epoch\":1,\"train_loss\":0.1,\"val_rmse\":0.2,\"lr\":0.001}\n\n{\"epoch\":2,\"train_loss\":0.05}\n",
+        )
+        .unwrap();
         let e = read_epochs(&p).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].val_rmse, None);
@@ -486,27 +574,59 @@ mod tests {
             epoch: 2,
             split: "validation".into(),
             prep_config_hash: "abc".into(),
-            config: EvalConfig { tta: TtaConfig::none(), batch: 8, central_pixel: CentralPixelConfig::default() },
+            config: EvalConfig {
+                tta: TtaConfig::none(),
+                batch: 8,
+                central_pixel: CentralPixelConfig::default(),
+            },
             tta: TtaConfig::none(),
             model: named("model", 0.4),
-            baselines: vec![named("all zeros", 0.0), named("all ones", 1.0), named("training mean", 0.45), named("central pixel", 0.42)],
-            floor: Some(crate::baselines::Floor { rmse: 0.01, source: "test".into() }),
+            baselines: vec![
+                named("all zeros", 0.0),
+                named("all ones", 1.0),
+                named("training mean", 0.45),
+                named("central pixel", 0.42),
+            ],
+            floor: Some(crate::baselines::Floor {
+                rmse: 0.01,
+                source: "test".into(),
+            }),
             n_fit: 10,
         };
         let epochs = vec![
-            EpochRow { epoch: 1.0, train_loss: Some(0.1), val_rmse: Some(0.2) },
-            EpochRow { epoch: 2.0, train_loss: Some(0.05), val_rmse: Some(0.15) },
+            EpochRow {
+                epoch: 1.0,
+                train_loss: Some(0.1),
+                val_rmse: Some(0.2),
+            },
+            EpochRow {
+                epoch: 2.0,
+                train_loss: Some(0.05),
+                val_rmse: Some(0.15),
+            },
         ];
         let img = vec![f16::from_f32(0.5); 3 * 8 * 8];
         thumbnail_png(&img, [3, 8, 8], &dir.path().join("gallery/7.png")).unwrap();
-        let g = GalleryItem { id: 7, thumb: "gallery/7.png".into(), pred: vec![0.4; N_ANSWERS], truth: vec![0.5; N_ANSWERS] };
+        let g = GalleryItem {
+            id: 7,
+            thumb: "gallery/7.png".into(),
+            pred: vec![0.4; N_ANSWERS],
+            truth: vec![0.5; N_ANSWERS],
+        };
         let paths = write_report(dir.path(), &report, Some(&epochs), &[g]).unwrap();
-        for p in [paths.learning_curve.clone().unwrap(), paths.per_question.clone(), dir.path().join("gallery/7.png")] {
+        for p in [
+            paths.learning_curve.clone().unwrap(),
+            paths.per_question.clone(),
+            dir.path().join("gallery/7.png"),
+        ] {
             let im = image::open(&p).unwrap();
             assert!(im.width() > 0, "{}", p.display());
         }
         let html = std::fs::read_to_string(&paths.index).unwrap();
-        assert!(html.contains("r&lt;1&gt;") && !html.contains("r<1>"), "names are escaped");
+        assert!(
+            html.contains("r&lt;1&gt;") && !html.contains("r<1>"),
+            "names are escaped"
+        );
         assert!(html.contains("gallery/7.png") && html.contains("Bayes floor") && html.contains("learning_curve.png"));
         let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(&paths.metrics).unwrap()).unwrap();
         assert_eq!(back, report);

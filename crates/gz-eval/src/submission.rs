@@ -115,7 +115,12 @@ impl CheckReport {
         }
         for (kind, &n) in &self.counts {
             if n > MAX_LISTED_PER_KIND {
-                let _ = writeln!(s, "{}: … and {} more {kind:?} problems", self.path.display(), n - MAX_LISTED_PER_KIND);
+                let _ = writeln!(
+                    s,
+                    "{}: … and {} more {kind:?} problems",
+                    self.path.display(),
+                    n - MAX_LISTED_PER_KIND
+                );
             }
         }
         s
@@ -131,9 +136,16 @@ pub fn check(path: &Path, ids: Option<&[u64]>) -> Result<CheckReport> {
 
 /// Like [`check`], on the file's bytes; `path` names it in messages.
 pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckReport {
-    let mut rep =
-        CheckReport { path: path.to_path_buf(), rows: 0, problems: Vec::new(), counts: BTreeMap::new() };
-    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(bytes);
+    let mut rep = CheckReport {
+        path: path.to_path_buf(),
+        rows: 0,
+        problems: Vec::new(),
+        counts: BTreeMap::new(),
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes);
     let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
     let mut seen: HashMap<u64, u64> = HashMap::new();
     let mut first = true;
@@ -181,20 +193,32 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
                     seen.insert(id, line);
                 }
             }
-            Err(_) => rep.push(ProblemKind::BadId, Some(line), format!("GalaxyID {id_text:?} is not a non-negative integer")),
+            Err(_) => rep.push(
+                ProblemKind::BadId,
+                Some(line),
+                format!("GalaxyID {id_text:?} is not a non-negative integer"),
+            ),
         }
         for (k, column) in column_names().enumerate() {
             let Some(text) = rec.get(k + 1) else { break };
             let text = text.trim();
             match text.parse::<f64>() {
-                Err(_) => rep.push(ProblemKind::NotANumber, Some(line), format!("{column}: {text:?} is not a number")),
+                Err(_) => rep.push(
+                    ProblemKind::NotANumber,
+                    Some(line),
+                    format!("{column}: {text:?} is not a number"),
+                ),
                 Ok(v) if v.is_nan() => rep.push(ProblemKind::NaN, Some(line), format!("{column}: NaN")),
-                Ok(v) if v.is_infinite() => {
-                    rep.push(ProblemKind::Infinite, Some(line), format!("{column}: {text:?} is infinite"))
-                }
-                Ok(v) if !(0.0..=1.0).contains(&v) => {
-                    rep.push(ProblemKind::OutOfRange, Some(line), format!("{column}: {v} is outside [0, 1]"))
-                }
+                Ok(v) if v.is_infinite() => rep.push(
+                    ProblemKind::Infinite,
+                    Some(line),
+                    format!("{column}: {text:?} is infinite"),
+                ),
+                Ok(v) if !(0.0..=1.0).contains(&v) => rep.push(
+                    ProblemKind::OutOfRange,
+                    Some(line),
+                    format!("{column}: {v} is outside [0, 1]"),
+                ),
                 Ok(_) => {}
             }
         }
@@ -211,10 +235,18 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
             );
         }
         let want: HashSet<u64> = ids.iter().copied().collect();
-        let mut extra: Vec<(u64, u64)> = seen.iter().filter(|(id, _)| !want.contains(id)).map(|(&id, &l)| (l, id)).collect();
+        let mut extra: Vec<(u64, u64)> = seen
+            .iter()
+            .filter(|(id, _)| !want.contains(id))
+            .map(|(&id, &l)| (l, id))
+            .collect();
         extra.sort_unstable();
         for (line, id) in extra {
-            rep.push(ProblemKind::ExtraId, Some(line), format!("GalaxyID {id} is not one of the test images"));
+            rep.push(
+                ProblemKind::ExtraId,
+                Some(line),
+                format!("GalaxyID {id} is not one of the test images"),
+            );
         }
         let mut missing: Vec<u64> = want.iter().filter(|id| !seen.contains_key(id)).copied().collect();
         missing.sort_unstable();
@@ -240,9 +272,17 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
         );
     }
     for (i, (got, want)) in rec.iter().zip(expected).enumerate() {
-        let got = if i == 0 { got.trim_start_matches('\u{feff}') } else { got };
+        let got = if i == 0 {
+            got.trim_start_matches('\u{feff}')
+        } else {
+            got
+        };
         if got.trim() != *want {
-            rep.push(ProblemKind::Header, Some(1), format!("header column {} is {got:?}, expected {want:?}", i + 1));
+            rep.push(
+                ProblemKind::Header,
+                Some(1),
+                format!("header column {} is {got:?}, expected {want:?}", i + 1),
+            );
         }
     }
 }
@@ -255,11 +295,17 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let p = entry.path();
-        let is_jpg = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+        let is_jpg = p
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
         if !is_jpg {
             continue;
         }
-        match p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()) {
+        match p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             Some(id) => ids.push(id),
             None => bad.push(p.display().to_string()),
         }
@@ -274,7 +320,10 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
     let before = ids.len();
     ids.dedup();
     if ids.len() != before {
-        return Err(EvalError::BadFile { path: dir.to_path_buf(), reason: "the same GalaxyID appears as several files".into() });
+        return Err(EvalError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "the same GalaxyID appears as several files".into(),
+        });
     }
     Ok(ids)
 }
@@ -284,8 +333,14 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
 /// duplicated — [`assemble`] decides about those. Stops at the first unparsable row.
 pub fn read_predictions(path: &Path) -> Result<Solutions> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let bad = |line: u64, reason: String| EvalError::BadFile { path: path.to_path_buf(), reason: format!("line {line}: {reason}") };
-    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(&bytes[..]);
+    let bad = |line: u64, reason: String| EvalError::BadFile {
+        path: path.to_path_buf(),
+        reason: format!("line {line}: {reason}"),
+    };
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(&bytes[..]);
     let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
     let mut out = Solutions::new();
     let mut row = [0f32; N_ANSWERS];
@@ -295,7 +350,12 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
         let line = rec.position().map_or(0, |p| p.line());
         if first {
             first = false;
-            let mut rep = CheckReport { path: path.to_path_buf(), rows: 0, problems: Vec::new(), counts: BTreeMap::new() };
+            let mut rep = CheckReport {
+                path: path.to_path_buf(),
+                rows: 0,
+                problems: Vec::new(),
+                counts: BTreeMap::new(),
+            };
             check_header(&rec, &expected, &mut rep);
             if let Some(p) = rep.problems.first() {
                 return Err(bad(1, p.message.clone()));
@@ -308,10 +368,15 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
         if rec.len() != expected.len() {
             return Err(bad(line, format!("expected 38 fields, found {}", rec.len())));
         }
-        let id: u64 = rec[0].trim().parse().map_err(|_| bad(line, format!("GalaxyID {:?} is not an integer", &rec[0])))?;
+        let id: u64 = rec[0]
+            .trim()
+            .parse()
+            .map_err(|_| bad(line, format!("GalaxyID {:?} is not an integer", &rec[0])))?;
         for (k, column) in column_names().enumerate() {
             let t = rec[k + 1].trim();
-            row[k] = t.parse().map_err(|_| bad(line, format!("{column}: {t:?} is not a number")))?;
+            row[k] = t
+                .parse()
+                .map_err(|_| bad(line, format!("{column}: {t:?} is not a number")))?;
         }
         out.push(id, &row);
     }
@@ -337,10 +402,16 @@ pub struct Assembled {
 /// a non-finite value is an error, unless `fill` (the training mean) is given, which then fills
 /// it and lists it in [`Assembled::filled`]. `path` names the target in errors.
 pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, path: &Path) -> Result<Assembled> {
-    let refuse = |reason: String| EvalError::Submission { path: path.to_path_buf(), reason };
+    let refuse = |reason: String| EvalError::Submission {
+        path: path.to_path_buf(),
+        reason,
+    };
     if let Some(f) = fill {
         if f.len() != N_ANSWERS || f.iter().any(|v| !v.is_finite()) {
-            return Err(refuse(format!("the fill row must be 37 finite values, got {}", f.len())));
+            return Err(refuse(format!(
+                "the fill row must be 37 finite values, got {}",
+                f.len()
+            )));
         }
     }
     let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(pred.len());
@@ -351,7 +422,11 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
         }
     }
     if !dups.is_empty() {
-        return Err(refuse(format!("{} duplicate ids in the predictions, e.g. {}", dups.len(), list(&dups))));
+        return Err(refuse(format!(
+            "{} duplicate ids in the predictions, e.g. {}",
+            dups.len(),
+            list(&dups)
+        )));
     }
     let mut order: Vec<u64> = match ids {
         Some(ids) => {
@@ -399,10 +474,18 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
     if !missing.is_empty() || !nonfinite.is_empty() {
         let mut why = Vec::new();
         if !missing.is_empty() {
-            why.push(format!("{} test images have no prediction (e.g. {})", missing.len(), list(&missing)));
+            why.push(format!(
+                "{} test images have no prediction (e.g. {})",
+                missing.len(),
+                list(&missing)
+            ));
         }
         if !nonfinite.is_empty() {
-            why.push(format!("{} predictions are NaN or infinite (e.g. {})", nonfinite.len(), list(&nonfinite)));
+            why.push(format!(
+                "{} predictions are NaN or infinite (e.g. {})",
+                nonfinite.len(),
+                list(&nonfinite)
+            ));
         }
         return Err(refuse(format!(
             "{}; a short submission is not written (fill those rows with the training mean explicitly with --fill-mean)",
@@ -441,7 +524,10 @@ pub fn to_csv(rows: &Solutions) -> Vec<u8> {
 pub fn write_submission(path: &Path, pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>) -> Result<Assembled> {
     let assembled = assemble(pred, ids, fill, path)?;
     if assembled.rows.is_empty() {
-        return Err(EvalError::Submission { path: path.to_path_buf(), reason: "no rows to write".into() });
+        return Err(EvalError::Submission {
+            path: path.to_path_buf(),
+            reason: "no rows to write".into(),
+        });
     }
     let bytes = to_csv(&assembled.rows);
     let report = check_bytes(&bytes, path, ids);
@@ -493,7 +579,10 @@ mod tests {
         let p = dir.path().join("sub.csv");
         let pred = sol(&[1, 2], 0.5);
         let e = write_submission(&p, &pred, Some(&[1, 2, 3]), None).unwrap_err();
-        assert!(e.to_string().contains("1 test images have no prediction (e.g. 3)"), "{e}");
+        assert!(
+            e.to_string().contains("1 test images have no prediction (e.g. 3)"),
+            "{e}"
+        );
         assert!(!p.exists());
         let mut nan = pred.clone();
         nan.values[40] = f32::NAN;
@@ -520,14 +609,14 @@ mod tests {
         let row = |id: &str, v: &str| format!("{id}{}", format!(",{v}").repeat(N_ANSWERS));
         let text = [
             h.replace("Class2.1", "Class2.x"),
-            row("10", "0.5"),                      // line 2 ok
-            row("11", "NaN"),                      // line 3: 37 NaN
-            row("10", "0.5"),                      // line 4: duplicate of line 2
-            row("12", "1.5"),                      // line 5: out of range ×37
-            "13,0.5,0.5".to_string(),              // line 6: field count
-            row("x7", "0.5"),                      // line 7: bad id
-            row("14", "abc"),                      // line 8: not a number ×37
-            row("99", "inf"),                      // line 9: extra id, infinite
+            row("10", "0.5"),         // line 2 ok
+            row("11", "NaN"),         // line 3: 37 NaN
+            row("10", "0.5"),         // line 4: duplicate of line 2
+            row("12", "1.5"),         // line 5: out of range ×37
+            "13,0.5,0.5".to_string(), // line 6: field count
+            row("x7", "0.5"),         // line 7: bad id
+            row("14", "abc"),         // line 8: not a number ×37
+            row("99", "inf"),         // line 9: extra id, infinite
         ]
         .join("\n");
         let ids = [10, 11, 12, 13, 14, 15];

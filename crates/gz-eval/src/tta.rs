@@ -46,7 +46,11 @@ impl Default for TtaConfig {
 impl TtaConfig {
     /// One view: the image as it is.
     pub fn none() -> Self {
-        Self { rotations: 1, flips: false, scales: vec![1.0] }
+        Self {
+            rotations: 1,
+            flips: false,
+            scales: vec![1.0],
+        }
     }
 
     /// The presets `1`, `8` (4 rotations × 2 flips) and `60` (10 rotations × 2 flips × zooms
@@ -54,10 +58,26 @@ impl TtaConfig {
     pub fn preset(n: usize) -> Result<Self> {
         match n {
             1 => Ok(Self::none()),
-            2 => Ok(Self { rotations: 1, flips: true, scales: vec![1.0] }),
-            4 => Ok(Self { rotations: 4, flips: false, scales: vec![1.0] }),
-            8 => Ok(Self { rotations: 4, flips: true, scales: vec![1.0] }),
-            60 => Ok(Self { rotations: 10, flips: true, scales: vec![1.0 / 1.2, 1.0, 1.2] }),
+            2 => Ok(Self {
+                rotations: 1,
+                flips: true,
+                scales: vec![1.0],
+            }),
+            4 => Ok(Self {
+                rotations: 4,
+                flips: false,
+                scales: vec![1.0],
+            }),
+            8 => Ok(Self {
+                rotations: 4,
+                flips: true,
+                scales: vec![1.0],
+            }),
+            60 => Ok(Self {
+                rotations: 10,
+                flips: true,
+                scales: vec![1.0 / 1.2, 1.0, 1.2],
+            }),
             _ => Err(EvalError::Shape {
                 what: "--tta".into(),
                 reason: format!(
@@ -104,7 +124,10 @@ impl TtaConfig {
 
 fn is_identity(a: &Affine) -> bool {
     let id = Affine::identity();
-    a.m.iter().flatten().zip(id.m.iter().flatten()).all(|(x, y)| (x - y).abs() < 1e-6)
+    a.m.iter()
+        .flatten()
+        .zip(id.m.iter().flatten())
+        .all(|(x, y)| (x - y).abs() < 1e-6)
 }
 
 /// Predicts a (B, 3, H, W) batch under every view of `tta` and averages the (B, 37) outputs.
@@ -113,7 +136,11 @@ pub fn predict_tta(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> C
     let views = tta.views();
     let mut sum: Option<Tensor> = None;
     for view in &views {
-        let x = if is_identity(view) { images.clone() } else { affine_sample(images, &vec![*view; b], h, w)? };
+        let x = if is_identity(view) {
+            images.clone()
+        } else {
+            affine_sample(images, &vec![*view; b], h, w)?
+        };
         let y = model.predict(&x)?.to_dtype(candle_core::DType::F32)?;
         sum = Some(match sum {
             None => y,
@@ -165,7 +192,11 @@ mod tests {
     /// A "model" that reports the mean of the top-left quadrant in every output.
     fn top_left(x: &Tensor) -> CResult<Tensor> {
         let (b, ..) = x.dims4()?;
-        let m = x.i((.., 0, 0..4, 0..4))?.mean_keepdim(2)?.mean_keepdim(1)?.reshape((b, 1))?;
+        let m = x
+            .i((.., 0, 0..4, 0..4))?
+            .mean_keepdim(2)?
+            .mean_keepdim(1)?
+            .reshape((b, 1))?;
         m.broadcast_as((b, 37))?.contiguous()
     }
 
@@ -203,8 +234,17 @@ mod tests {
         assert_eq!(TtaConfig::preset(60).unwrap().views().len(), 60);
         assert_eq!(TtaConfig::preset(8).unwrap().n_views(), 8);
         assert!(is_identity(&TtaConfig::preset(60).unwrap().views()[0]));
-        assert!(TtaConfig::preset(7).unwrap_err().to_string().contains("1, 2, 4, 8 or 60"));
-        assert!(TtaConfig { rotations: 0, flips: false, scales: vec![1.0] }.validate().is_err());
+        assert!(TtaConfig::preset(7)
+            .unwrap_err()
+            .to_string()
+            .contains("1, 2, 4, 8 or 60"));
+        assert!(TtaConfig {
+            rotations: 0,
+            flips: false,
+            scales: vec![1.0]
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]
@@ -212,7 +252,9 @@ mod tests {
         let img = quadrants([0.1, 0.2, 0.3, 0.4]);
         let a = |x: &Tensor| -> CResult<Tensor> { (top_left(x)? * 0.0)? + 1.0 };
         let b = |x: &Tensor| -> CResult<Tensor> { top_left(x)? * 0.0 };
-        let e = Ensemble { members: vec![&a as &dyn Predictor, &b as &dyn Predictor] };
+        let e = Ensemble {
+            members: vec![&a as &dyn Predictor, &b as &dyn Predictor],
+        };
         let y = predict_tta(&e, &img, &TtaConfig::none()).unwrap();
         assert!((value(&y) - 0.5).abs() < 1e-6);
     }

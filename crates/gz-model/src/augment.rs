@@ -37,7 +37,9 @@ impl Default for Affine {
 impl Affine {
     /// Samples each output point at the same input point.
     pub fn identity() -> Self {
-        Affine { m: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] }
+        Affine {
+            m: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+        }
     }
 
     /// Rotates the content counter-clockwise (as displayed, y down) by `deg` degrees about
@@ -46,24 +48,32 @@ impl Affine {
         let t = (deg as f64).to_radians();
         let (s, c) = (t.sin() as f32, t.cos() as f32);
         // output q = R_ccw(θ) p  ⇒  p = [[c, -s], [s, c]] q
-        Affine { m: [[c, -s, 0.0], [s, c, 0.0]] }
+        Affine {
+            m: [[c, -s, 0.0], [s, c, 0.0]],
+        }
     }
 
     /// Mirrors the content left-right.
     pub fn flip_horizontal() -> Self {
-        Affine { m: [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] }
+        Affine {
+            m: [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+        }
     }
 
     /// Zooms the content by `zoom` about the centre (> 1 magnifies: the output shows the
     /// central 1/zoom of the input).
     pub fn scale(zoom: f32) -> Self {
         let z = 1.0 / zoom;
-        Affine { m: [[z, 0.0, 0.0], [0.0, z, 0.0]] }
+        Affine {
+            m: [[z, 0.0, 0.0], [0.0, z, 0.0]],
+        }
     }
 
     /// Moves the content by `(dx, dy)` in normalised units (2/W per pixel).
     pub fn shift(dx: f32, dy: f32) -> Self {
-        Affine { m: [[1.0, 0.0, -dx], [0.0, 1.0, -dy]] }
+        Affine {
+            m: [[1.0, 0.0, -dx], [0.0, 1.0, -dy]],
+        }
     }
 
     /// Moves the content by `(dx, dy)` pixels of a `w`×`h` image.
@@ -88,8 +98,14 @@ impl Affine {
     /// Content: mirror (if `flip`), rotate by `deg`, zoom by `zoom`, then shift by `(dx, dy)`
     /// normalised units.
     pub fn rotation_flip_scale_shift(deg: f32, flip: bool, zoom: f32, dx: f32, dy: f32) -> Affine {
-        let base = if flip { Affine::flip_horizontal() } else { Affine::identity() };
-        base.then(&Affine::rotation(deg)).then(&Affine::scale(zoom)).then(&Affine::shift(dx, dy))
+        let base = if flip {
+            Affine::flip_horizontal()
+        } else {
+            Affine::identity()
+        };
+        base.then(&Affine::rotation(deg))
+            .then(&Affine::scale(zoom))
+            .then(&Affine::shift(dx, dy))
     }
 }
 
@@ -118,8 +134,14 @@ pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usiz
     let m = Tensor::from_vec(m, (b, 2, 3), dev)?;
     let coords = m.broadcast_matmul(&base)?; // (B, 2, N)
                                              // input pixel coordinates: p = (x + 1) W / 2 - 1/2
-    let px = coords.narrow(1, 0, 1)?.squeeze(1)?.affine(w as f64 / 2.0, (w as f64 - 1.0) / 2.0)?;
-    let py = coords.narrow(1, 1, 1)?.squeeze(1)?.affine(h as f64 / 2.0, (h as f64 - 1.0) / 2.0)?;
+    let px = coords
+        .narrow(1, 0, 1)?
+        .squeeze(1)?
+        .affine(w as f64 / 2.0, (w as f64 - 1.0) / 2.0)?;
+    let py = coords
+        .narrow(1, 1, 1)?
+        .squeeze(1)?
+        .affine(h as f64 / 2.0, (h as f64 - 1.0) / 2.0)?;
     let x0 = px.floor()?;
     let y0 = py.floor()?;
     let fx = (&px - &x0)?;
@@ -203,7 +225,10 @@ impl Default for AugmentConfig {
 impl AugmentConfig {
     /// No augmentation.
     pub fn none() -> Self {
-        AugmentConfig { enabled: false, ..Self::default() }
+        AugmentConfig {
+            enabled: false,
+            ..Self::default()
+        }
     }
 
     /// True when [`random_augment`] would change anything.
@@ -219,7 +244,11 @@ impl AugmentConfig {
 
     /// Draws one random affine for a `w`×`h` image.
     pub fn random_affine(&self, w: usize, h: usize, rng: &mut impl Rng) -> Affine {
-        let deg = if self.max_rotation_deg > 0.0 { rng.gen::<f32>() * self.max_rotation_deg } else { 0.0 };
+        let deg = if self.max_rotation_deg > 0.0 {
+            rng.gen::<f32>() * self.max_rotation_deg
+        } else {
+            0.0
+        };
         let flip = self.flip && rng.gen::<bool>();
         let zoom = if self.max_zoom > 1.0 {
             let l = self.max_zoom.ln();
@@ -239,7 +268,9 @@ impl AugmentConfig {
     /// Draws the colour gains of one image with `c` channels.
     pub fn random_gains(&self, c: usize, rng: &mut impl Rng) -> Vec<f32> {
         let b = 1.0 + self.brightness * (rng.gen::<f32>() * 2.0 - 1.0);
-        (0..c).map(|_| b * (1.0 + self.colour * (rng.gen::<f32>() * 2.0 - 1.0))).collect()
+        (0..c)
+            .map(|_| b * (1.0 + self.colour * (rng.gen::<f32>() * 2.0 - 1.0)))
+            .collect()
     }
 }
 
@@ -269,12 +300,23 @@ mod tests {
 
     /// An asymmetric 2×3×H×W test batch: every pixel distinct.
     fn pattern(b: usize, c: usize, h: usize, w: usize) -> Tensor {
-        let v: Vec<f32> = (0..b * c * h * w).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+        let v: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
         Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -323,12 +365,32 @@ mod tests {
         let y = affine_sample(&x, &[Affine::identity(), Affine::shift_pixels(2.0, 0.0, 8, 8)], 8, 8).unwrap();
         assert!(max_abs_diff(&x.narrow(0, 0, 1).unwrap(), &y.narrow(0, 0, 1).unwrap()) < 1e-5);
         let y1 = y.narrow(0, 1, 1).unwrap();
-        assert_eq!(y1.narrow(3, 0, 2).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            y1.narrow(3, 0, 2)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         let want = x.narrow(0, 1, 1).unwrap().narrow(3, 0, 6).unwrap();
         assert!(max_abs_diff(&want, &y1.narrow(3, 2, 6).unwrap()) < 1e-5);
         // zooming out by 2 keeps the centre and blanks the border
         let z = affine_sample(&x, &[Affine::scale(0.5); 2], 8, 8).unwrap();
-        assert_eq!(z.narrow(2, 0, 1).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            z.narrow(2, 0, 1)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
         assert!(affine_sample(&x, &[Affine::identity()], 8, 8).is_err());
     }
 
@@ -344,7 +406,12 @@ mod tests {
         assert!(max_abs_diff(&a, &c) > 1e-3);
         let v = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(v.iter().all(|p| (0.0..=1.0).contains(p)));
-        let off = random_augment(&x, &AugmentConfig::none(), &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let off = random_augment(
+            &x,
+            &AugmentConfig::none(),
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(3),
+        )
+        .unwrap();
         assert_eq!(max_abs_diff(&off, &x), 0.0);
         let json = serde_json::to_string(&cfg).unwrap();
         assert_eq!(serde_json::from_str::<AugmentConfig>(&json).unwrap(), cfg);

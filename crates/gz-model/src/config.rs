@@ -27,7 +27,11 @@ pub enum ConfigError {
     UnknownOutput { name: String },
     /// A field has a value the network cannot be built with.
     #[error("invalid model config: {field} = {value}: {reason}")]
-    Invalid { field: &'static str, value: String, reason: &'static str },
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
 }
 
 /// The network architecture.
@@ -246,7 +250,11 @@ impl ModelConfig {
         }
         if self.arch.is_dieleman() {
             if !(self.view_fraction.is_finite() && self.view_fraction > 0.0) {
-                return bad("view_fraction", self.view_fraction.to_string(), "must be a positive number");
+                return bad(
+                    "view_fraction",
+                    self.view_fraction.to_string(),
+                    "must be a positive number",
+                );
             }
             if self.input_size == 0 {
                 return bad("input_size", "0".into(), "must be at least 1");
@@ -256,7 +264,11 @@ impl ModelConfig {
             let spec = crate::nets::vgg::VggSpec::for_arch(self.arch);
             let halvings = spec.blocks.len() + usize::from(spec.stem_pool(self.input_size));
             if self.input_size >> halvings == 0 {
-                return bad("input_size", self.input_size.to_string(), "too small for the VGG pooling stages");
+                return bad(
+                    "input_size",
+                    self.input_size.to_string(),
+                    "too small for the VGG pooling stages",
+                );
             }
         }
         Ok(())
@@ -281,7 +293,9 @@ mod tests {
 
     #[test]
     fn config_serde_round_trip() {
-        let c = ModelConfig::from_name("dieleman", OutputKind::Tree).unwrap().with_prep_crop(240);
+        let c = ModelConfig::from_name("dieleman", OutputKind::Tree)
+            .unwrap()
+            .with_prep_crop(240);
         let s = serde_json::to_string(&c).unwrap();
         assert!(s.contains("\"dieleman\"") && s.contains("\"tree\""));
         let back: ModelConfig = serde_json::from_str(&s).unwrap();

@@ -27,10 +27,18 @@ impl Conv2d {
     /// Creates the layer with Kaiming-style initialisation; names `weight` (out,in,k,k) and `bias`.
     pub fn new(in_c: usize, out_c: usize, k: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let fan_in = (in_c * k * k) as f64;
-        let init = candle_nn::Init::Randn { mean: 0.0, stdev: (2.0 / fan_in).sqrt() };
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: (2.0 / fan_in).sqrt(),
+        };
         let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", init)?;
         let bias = vb.get_with_hints(out_c, "bias", candle_nn::Init::Const(0.0))?;
-        Ok(Self { weight, bias, padding, stride })
+        Ok(Self {
+            weight,
+            bias,
+            padding,
+            stride,
+        })
     }
 
     /// The weight tensor (out, in, k, k).

@@ -98,13 +98,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The defaults for `model`: RMSprop at 1e-3 (the blog), batch 32, 10 epochs, seed 0,
+    /// The defaults for `model`: RMSprop (the blog) at [`OptimizerKind::default_lr_for`], batch 32, 10 epochs, seed 0,
     /// 10% validation, patience 5, augmentation on, f32 on CPU.
     pub fn new(model: ModelConfig) -> Self {
+        let lr = OptimizerKind::Rmsprop.default_lr_for(model.arch);
         Self {
             model,
             optimizer: OptimizerKind::Rmsprop,
-            lr: OptimizerKind::Rmsprop.default_lr(),
+            lr,
             schedule: Schedule::Constant,
             optim: OptimParams::default(),
             batch: 32,

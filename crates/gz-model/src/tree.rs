@@ -42,7 +42,10 @@ impl TreeOutput {
     /// The layer with a custom per-answer epsilon (must be > 0 for the equalities to hold when
     /// a question's raw outputs are all negative).
     pub fn with_eps(eps: f64) -> Self {
-        TreeOutput { eps, order: topological_order() }
+        TreeOutput {
+            eps,
+            order: topological_order(),
+        }
     }
 
     /// The order in which questions are computed (every parent before its children).
@@ -77,7 +80,10 @@ impl Module for TreeOutput {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_b, n) = x.dims2()?;
         if n != N_ANSWERS {
-            candle_core::bail!("tree output layer expects (batch, {N_ANSWERS}) raw outputs, got {:?}", x.dims());
+            candle_core::bail!(
+                "tree output layer expects (batch, {N_ANSWERS}) raw outputs, got {:?}",
+                x.dims()
+            );
         }
         let mut per_q: Vec<Option<Tensor>> = vec![None; N_QUESTIONS];
         for &qi in &self.order {
@@ -108,7 +114,9 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn random_input(rng: &mut rand_chacha::ChaCha8Rng, b: usize, scale: f32) -> Vec<f32> {
-        (0..b * N_ANSWERS).map(|_| (rng.gen::<f32>() - 0.5) * 2.0 * scale).collect()
+        (0..b * N_ANSWERS)
+            .map(|_| (rng.gen::<f32>() - 0.5) * 2.0 * scale)
+            .collect()
     }
 
     #[test]
@@ -170,7 +178,13 @@ mod tests {
 
         let xv = Var::from_vec(x0.clone(), (b, N_ANSWERS), &dev).unwrap();
         let grads = loss(xv.as_tensor()).unwrap().backward().unwrap();
-        let g = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(xv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
 
         let h = 1e-6;
         let f = |x: Vec<f64>| -> f64 {

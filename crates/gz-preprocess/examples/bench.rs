@@ -35,21 +35,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = vec![f16::ZERO; cfg.image_len()];
     let n = files.len() as f64;
     let mut cpu_rates = Vec::new();
-    let mut best = |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| -> Result<f64, Box<dyn std::error::Error>> {
-        let mut best = 0f64;
-        let mut best_cpu = 0f64;
-        for _ in 0..repeats {
-            let t = Instant::now();
-            let c = cpu_ns();
-            f()?;
-            best = best.max(n / t.elapsed().as_secs_f64());
-            if let (Some(a), Some(b)) = (c, cpu_ns()) {
-                best_cpu = best_cpu.max(n / ((b - a) as f64 * 1e-9));
+    let mut best =
+        |f: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error>>| -> Result<f64, Box<dyn std::error::Error>> {
+            let mut best = 0f64;
+            let mut best_cpu = 0f64;
+            for _ in 0..repeats {
+                let t = Instant::now();
+                let c = cpu_ns();
+                f()?;
+                best = best.max(n / t.elapsed().as_secs_f64());
+                if let (Some(a), Some(b)) = (c, cpu_ns()) {
+                    best_cpu = best_cpu.max(n / ((b - a) as f64 * 1e-9));
+                }
             }
-        }
-        cpu_rates.push(best_cpu);
-        Ok(best)
-    };
+            cpu_rates.push(best_cpu);
+            Ok(best)
+        };
     let mut fails = 0usize;
     let prep = best(&mut || {
         for p in &files {
@@ -83,7 +84,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for c in 0..3 {
                 for y in 0..106 {
                     for x in 0..106 {
-                        out[c * 106 * 106 + y * 106 + x] = f16::from_f32(px[((t + y) * w + l + x) * 3 + c] as f32 / 255.0);
+                        out[c * 106 * 106 + y * 106 + x] =
+                            f16::from_f32(px[((t + y) * w + l + x) * 3 + c] as f32 / 255.0);
                     }
                 }
             }

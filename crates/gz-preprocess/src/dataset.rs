@@ -66,7 +66,10 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     let mut skipped = Vec::new();
 
     let (train, solutions) = if csv.is_file() {
-        let bytes = std::fs::read(&csv).map_err(|e| PrepError::Io { path: csv.clone(), source: e })?;
+        let bytes = std::fs::read(&csv).map_err(|e| PrepError::Io {
+            path: csv.clone(),
+            source: e,
+        })?;
         hasher.update(b"csv\n");
         hasher.update(&bytes);
         let sol = gz_schema::read_solutions(&csv)?;
@@ -89,9 +92,16 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
             labelled.insert(id);
             let path = train_dir.join(format!("{id}.jpg"));
             if present.contains(&id) {
-                items.push(Item { id, path, label_row: Some(row) });
+                items.push(Item {
+                    id,
+                    path,
+                    label_row: Some(row),
+                });
             } else {
-                skipped.push(Skipped { path, reason: format!("GalaxyID {id} is in {SOLUTIONS_CSV} but has no image") });
+                skipped.push(Skipped {
+                    path,
+                    reason: format!("GalaxyID {id} is in {SOLUTIONS_CSV} but has no image"),
+                });
             }
         }
         let mut unlabelled: Vec<u64> = present.difference(&labelled).copied().collect();
@@ -112,8 +122,15 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         let mut items = Vec::with_capacity(files.len());
         for (name, parsed) in files {
             match parsed {
-                Some(id) => items.push(Item { id, path: test_dir.join(&name), label_row: None }),
-                None => skipped.push(Skipped { path: test_dir.join(name), reason: "file name is not <GalaxyID>.jpg".into() }),
+                Some(id) => items.push(Item {
+                    id,
+                    path: test_dir.join(&name),
+                    label_row: None,
+                }),
+                None => skipped.push(Skipped {
+                    path: test_dir.join(name),
+                    reason: "file name is not <GalaxyID>.jpg".into(),
+                }),
             }
         }
         items.sort_by_key(|it| it.id);
@@ -122,7 +139,13 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         None
     };
     let key = crate::hex(&hasher.finalize()[..8]);
-    Ok(Scan { train, test, solutions, skipped, key })
+    Ok(Scan {
+        train,
+        test,
+        solutions,
+        skipped,
+        key,
+    })
 }
 
 /// Lists the regular files of `dir` sorted by name, feeding (name, size, mtime) into the hash.
@@ -132,12 +155,23 @@ fn list_dir(dir: &Path, hasher: &mut sha2::Sha256, tag: &str) -> Result<Vec<(Str
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(PrepError::Io { path: dir.to_path_buf(), source: e }),
+        Err(e) => {
+            return Err(PrepError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })
+        }
     };
     let mut files = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(|e| PrepError::Io { path: dir.to_path_buf(), source: e })?;
-        let meta = entry.metadata().map_err(|e| PrepError::Io { path: entry.path(), source: e })?;
+        let entry = entry.map_err(|e| PrepError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let meta = entry.metadata().map_err(|e| PrepError::Io {
+            path: entry.path(),
+            source: e,
+        })?;
         if !meta.is_file() {
             continue;
         }

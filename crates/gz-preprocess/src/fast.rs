@@ -40,8 +40,8 @@ pub enum Outcome {
 
 const ZIGZAG: [usize; 64] = [
     0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6, 7, 14, 21,
-    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61,
-    54, 47, 55, 62, 63,
+    28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54,
+    47, 55, 62, 63,
 ];
 
 /// The 1-D IDCT matrices: `FULL[n][k]` = ½·C(k)·cos((2n+1)kπ/16), `BOX[m][k]` = mean of rows 2m, 2m+1.
@@ -79,7 +79,12 @@ fn matrices() -> &'static Matrices {
                 half_t[k][m] = half[m][k];
             }
         }
-        Matrices { full, half, full_t, half_t }
+        Matrices {
+            full,
+            half,
+            full_t,
+            half_t,
+        }
     })
 }
 
@@ -146,7 +151,14 @@ const LUT_BITS: u32 = 9;
 
 impl Huffman {
     fn new(counts: &[u8; 16], vals: &[u8]) -> Result<Huffman, String> {
-        let mut h = Huffman { lut: [0; 1 << LUT_BITS], fast_ac: [0; 1 << LUT_BITS], maxcode: [-1; 17], valptr: [0; 17], mincode: [0; 17], vals: vals.to_vec() };
+        let mut h = Huffman {
+            lut: [0; 1 << LUT_BITS],
+            fast_ac: [0; 1 << LUT_BITS],
+            maxcode: [-1; 17],
+            valptr: [0; 17],
+            mincode: [0; 17],
+            vals: vals.to_vec(),
+        };
         let mut code: i32 = 0;
         let mut k: usize = 0;
         for l in 1..=16usize {
@@ -182,7 +194,11 @@ impl Huffman {
                 continue;
             }
             let extra = ((i as u32) >> (LUT_BITS - l - sz)) & ((1 << sz) - 1);
-            let v = if extra < (1 << (sz - 1)) { extra as i32 - (1 << sz) + 1 } else { extra as i32 };
+            let v = if extra < (1 << (sz - 1)) {
+                extra as i32 - (1 << sz) + 1
+            } else {
+                extra as i32
+            };
             if (-128..128).contains(&v) {
                 *fa = ((v << 8) + ((run << 4) + l + sz) as i32) as i16;
             }
@@ -203,7 +219,14 @@ struct Bits<'a> {
 
 impl<'a> Bits<'a> {
     fn new(data: &'a [u8], pos: usize) -> Bits<'a> {
-        Bits { data, pos, bits: 0, nbits: 0, padded: 0, marker: false }
+        Bits {
+            data,
+            pos,
+            bits: 0,
+            nbits: 0,
+            padded: 0,
+            marker: false,
+        }
     }
 
     #[inline(always)]
@@ -278,7 +301,11 @@ impl<'a> Bits<'a> {
                 self.bits <<= l;
                 self.nbits -= l as u32;
                 let idx = (h.valptr[l] + code - h.mincode[l]) as usize;
-                return h.vals.get(idx).copied().ok_or_else(|| "corrupt Huffman table".to_string());
+                return h
+                    .vals
+                    .get(idx)
+                    .copied()
+                    .ok_or_else(|| "corrupt Huffman table".to_string());
             }
         }
         Err("corrupt entropy-coded data (no matching Huffman code)".into())
@@ -385,7 +412,9 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         let seg_start = p + 4;
         let seg_end = p + 2 + len;
         if len < 2 || seg_end > b.len() {
-            return Err(format!("marker {marker:02x} segment length {len} runs past the end (truncated?)"));
+            return Err(format!(
+                "marker {marker:02x} segment length {len} runs past the end (truncated?)"
+            ));
         }
         let seg = &b[seg_start..seg_end];
         match marker {
@@ -401,7 +430,14 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                 }
                 for i in 0..n {
                     let c = &seg[6 + 3 * i..9 + 3 * i];
-                    comps.push(Component { id: c[0], h: (c[1] >> 4) as usize, v: (c[1] & 15) as usize, tq: c[2] as usize, td: 0, ta: 0 });
+                    comps.push(Component {
+                        id: c[0],
+                        h: (c[1] >> 4) as usize,
+                        v: (c[1] & 15) as usize,
+                        tq: c[2] as usize,
+                        td: 0,
+                        ta: 0,
+                    });
                 }
             }
             0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return Ok(false), // progressive, lossless, arithmetic
@@ -438,7 +474,11 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                         return Err("bad quantisation table segment".into());
                     }
                     for k in 0..64 {
-                        let v = if pq == 0 { seg[q + 1 + k] as f32 } else { be16(seg, q + 1 + 2 * k)? as f32 };
+                        let v = if pq == 0 {
+                            seg[q + 1 + k] as f32
+                        } else {
+                            be16(seg, q + 1 + 2 * k)? as f32
+                        };
                         qt[tq][k] = v; // zigzag order
                     }
                     qt_set[tq] = true;
@@ -455,7 +495,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                 for i in 0..ns {
                     let cid = seg[1 + 2 * i];
                     let t = seg[2 + 2 * i];
-                    let c = comps.iter_mut().find(|c| c.id == cid).ok_or("scan names an unknown component")?;
+                    let c = comps
+                        .iter_mut()
+                        .find(|c| c.id == cid)
+                        .ok_or("scan names an unknown component")?;
                     c.td = (t >> 4) as usize;
                     c.ta = (t & 15) as usize;
                 }
@@ -542,7 +585,16 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
             let mut data = std::mem::take(buf);
             data.clear();
             data.resize(stride * (by1 - by0) * oy, 0.0);
-            Plane { ox, oy, bx0, bx1, by0, by1, stride, data }
+            Plane {
+                ox,
+                oy,
+                bx0,
+                bx1,
+                by0,
+                by1,
+                stride,
+                data,
+            }
         })
         .collect();
     let last_mcu_row = comps
@@ -721,8 +773,12 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         for y in 0..size {
             let (ys, cbs, crs) = (row(0, y), row(1, y), row(2, y));
             let o = y * size..(y + 1) * size;
-            for ((((r, g), b), (&yy, &cb)), &cr) in
-                rp[o.clone()].iter_mut().zip(&mut gp[o.clone()]).zip(&mut bp[o]).zip(ys.iter().zip(cbs)).zip(crs)
+            for ((((r, g), b), (&yy, &cb)), &cr) in rp[o.clone()]
+                .iter_mut()
+                .zip(&mut gp[o.clone()])
+                .zip(&mut bp[o])
+                .zip(ys.iter().zip(cbs))
+                .zip(crs)
             {
                 let (cb, cr) = (cb - 128.0, cr - 128.0);
                 *r = ((yy + 1.402 * cr) * inv).clamp(0.0, 1.0);

@@ -43,9 +43,16 @@ pub fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8, PrepError> {
         }
     };
     if data.len() != n * 3 {
-        return Err(PrepError::Decode(format!("decoder returned {} bytes for {w}×{h} RGB", data.len())));
+        return Err(PrepError::Decode(format!(
+            "decoder returned {} bytes for {w}×{h} RGB",
+            data.len()
+        )));
     }
-    Ok(Rgb8 { width: w, height: h, data })
+    Ok(Rgb8 {
+        width: w,
+        height: h,
+        data,
+    })
 }
 
 /// The crop window for an image of `w`×`h`: left, top, width, height in (fractional) pixels.
@@ -74,7 +81,10 @@ pub fn prep_rgb8(img: &Rgb8, cfg: &PrepConfig, out: &mut [f16]) -> Result<(), Pr
     }
     let (wx, wy) = match cfg.filter {
         Filter::Area => (area_weights(x0, cw, s, img.width), area_weights(y0, ch, s, img.height)),
-        Filter::Bicubic => (cubic_weights(x0, cw, s, img.width), cubic_weights(y0, ch, s, img.height)),
+        Filter::Bicubic => (
+            cubic_weights(x0, cw, s, img.width),
+            cubic_weights(y0, ch, s, img.height),
+        ),
     };
     resample(img, &wx, &wy, s, out);
     Ok(())
@@ -224,9 +234,17 @@ mod tests {
 
     #[test]
     fn constant_image_stays_constant() {
-        let img = Rgb8 { width: 50, height: 30, data: [10u8, 128, 250].repeat(50 * 30) };
+        let img = Rgb8 {
+            width: 50,
+            height: 30,
+            data: [10u8, 128, 250].repeat(50 * 30),
+        };
         for filter in [Filter::Area, Filter::Bicubic] {
-            let cfg = PrepConfig { crop: 212, size: 7, filter };
+            let cfg = PrepConfig {
+                crop: 212,
+                size: 7,
+                filter,
+            };
             let mut out = vec![f16::ZERO; cfg.image_len()];
             prep_rgb8(&img, &cfg, &mut out).unwrap();
             for (c, want) in [10.0f32, 128.0, 250.0].iter().enumerate() {

@@ -64,7 +64,11 @@ pub struct PrepConfig {
 impl Default for PrepConfig {
     /// The blog recipe: centre 212×212, 2× down to 106×106 (area = 2×2 box).
     fn default() -> Self {
-        PrepConfig { crop: 212, size: 106, filter: Filter::Area }
+        PrepConfig {
+            crop: 212,
+            size: 106,
+            filter: Filter::Area,
+        }
     }
 }
 
@@ -72,10 +76,16 @@ impl PrepConfig {
     /// Checks the ranges; every entry point calls this.
     pub fn validate(&self) -> Result<(), PrepError> {
         if self.crop == 0 || self.crop > REFERENCE_SIZE {
-            return Err(PrepError::Config(format!("crop {} must be in 1..={REFERENCE_SIZE}", self.crop)));
+            return Err(PrepError::Config(format!(
+                "crop {} must be in 1..={REFERENCE_SIZE}",
+                self.crop
+            )));
         }
         if self.size == 0 || self.size > self.crop {
-            return Err(PrepError::Config(format!("size {} must be in 1..=crop ({})", self.size, self.crop)));
+            return Err(PrepError::Config(format!(
+                "size {} must be in 1..=crop ({})",
+                self.size, self.crop
+            )));
         }
         Ok(())
     }
@@ -160,13 +170,19 @@ pub fn prep_jpeg(bytes: &[u8], cfg: &PrepConfig) -> Result<Vec<f16>, PrepError> 
 /// fast path beyond the decoder's scratch).
 pub fn prep_jpeg_into(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<(), PrepError> {
     if out.len() != cfg.image_len() {
-        return Err(PrepError::Config(format!("output buffer has {} values, need {}", out.len(), cfg.image_len())));
+        return Err(PrepError::Config(format!(
+            "output buffer has {} values, need {}",
+            out.len(),
+            cfg.image_len()
+        )));
     }
     if bytes.is_empty() {
         return Err(PrepError::Decode("empty file (0 bytes)".into()));
     }
     if bytes.len() < 2 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
-        return Err(PrepError::Decode("not a JPEG (no SOI marker FF D8 at the start)".into()));
+        return Err(PrepError::Decode(
+            "not a JPEG (no SOI marker FF D8 at the start)".into(),
+        ));
     }
     match fast::try_prep(bytes, cfg, out) {
         fast::Outcome::Done => Ok(()),
@@ -187,17 +203,50 @@ mod unit_tests {
         let a = PrepConfig::default();
         assert_eq!(a.hash(), PrepConfig::default().hash());
         assert_eq!(a.hash().len(), 16);
-        assert_ne!(a.hash(), PrepConfig { crop: 207, size: 69, ..a.clone() }.hash());
-        assert_ne!(a.hash(), PrepConfig { filter: Filter::Bicubic, ..a.clone() }.hash());
+        assert_ne!(
+            a.hash(),
+            PrepConfig {
+                crop: 207,
+                size: 69,
+                ..a.clone()
+            }
+            .hash()
+        );
+        assert_ne!(
+            a.hash(),
+            PrepConfig {
+                filter: Filter::Bicubic,
+                ..a.clone()
+            }
+            .hash()
+        );
         let json = serde_json::to_value(&a).unwrap();
         assert_eq!(json, serde_json::json!({"crop": 212, "size": 106, "filter": "area"}));
     }
 
     #[test]
     fn config_validation() {
-        assert!(PrepConfig { crop: 0, size: 1, filter: Filter::Area }.validate().is_err());
-        assert!(PrepConfig { crop: 425, size: 1, filter: Filter::Area }.validate().is_err());
-        assert!(PrepConfig { crop: 100, size: 101, filter: Filter::Area }.validate().is_err());
+        assert!(PrepConfig {
+            crop: 0,
+            size: 1,
+            filter: Filter::Area
+        }
+        .validate()
+        .is_err());
+        assert!(PrepConfig {
+            crop: 425,
+            size: 1,
+            filter: Filter::Area
+        }
+        .validate()
+        .is_err());
+        assert!(PrepConfig {
+            crop: 100,
+            size: 101,
+            filter: Filter::Area
+        }
+        .validate()
+        .is_err());
         assert!(PrepConfig::default().validate().is_ok());
     }
 
@@ -205,6 +254,9 @@ mod unit_tests {
     fn rejects_non_jpeg_bytes() {
         let c = PrepConfig::default();
         assert!(prep_jpeg(b"", &c).unwrap_err().to_string().contains("empty file"));
-        assert!(prep_jpeg(b"\x89PNG\r\n\x1a\n....", &c).unwrap_err().to_string().contains("not a JPEG"));
+        assert!(prep_jpeg(b"\x89PNG\r\n\x1a\n....", &c)
+            .unwrap_err()
+            .to_string()
+            .contains("not a JPEG"));
     }
 }

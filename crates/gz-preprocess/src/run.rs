@@ -92,7 +92,11 @@ pub fn run(data_dir: &Path, cache_root: &Path, cfg: &PrepConfig) -> Result<PathB
 }
 
 /// Preprocesses a dataset (see [`run`]), reporting progress, honouring `opts`.
-pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress) + Sync)) -> Result<RunSummary, PrepError> {
+pub fn run_with(
+    opts: &RunOptions,
+    cfg: &PrepConfig,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<RunSummary, PrepError> {
     let t0 = Instant::now();
     cfg.validate()?;
     let scan = dataset::scan(&opts.data_dir)?;
@@ -100,7 +104,10 @@ pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress
     let cache_dir = opts.cache_root.join(format!("{}-{}", scan.key, config_hash));
 
     if cache_dir.join(gz_shards::MANIFEST_FILE).exists() {
-        let cache = gz_shards::Cache::open(&cache_dir).map_err(|e| PrepError::DamagedCache { dir: cache_dir.clone(), source: e })?;
+        let cache = gz_shards::Cache::open(&cache_dir).map_err(|e| PrepError::DamagedCache {
+            dir: cache_dir.clone(),
+            source: e,
+        })?;
         let skipped: Vec<Skipped> = serde_json::from_value(cache.extra()["skipped"].clone()).unwrap_or_default();
         tracing::info!(dir = %cache_dir.display(), "cache hit");
         return Ok(RunSummary {
@@ -116,7 +123,10 @@ pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress
     }
     if opts.strict {
         if let Some(s) = scan.skipped.first() {
-            return Err(PrepError::Strict { path: s.path.clone(), reason: s.reason.clone() });
+            return Err(PrepError::Strict {
+                path: s.path.clone(),
+                reason: s.reason.clone(),
+            });
         }
     }
 
@@ -132,7 +142,11 @@ pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress
         let Some(items) = items else { continue };
         let mut split = writer.begin_split(name, cfg.shape(), name == "train")?;
         let total = items.len() as u64;
-        progress(Progress { split: name, done: 0, total });
+        progress(Progress {
+            split: name,
+            done: 0,
+            total,
+        });
         let mut done = 0u64;
         // Decoding of chunk n+1 (on the pool) overlaps with writing chunk n (this thread); the
         // channel holds at most one finished chunk, so at most three chunks are alive.
@@ -159,21 +173,33 @@ pub fn run_with(opts: &RunOptions, cfg: &PrepConfig, progress: &(dyn Fn(Progress
                         }
                         Err(reason) => {
                             if opts.strict {
-                                return Err(PrepError::Strict { path: it.path.clone(), reason });
+                                return Err(PrepError::Strict {
+                                    path: it.path.clone(),
+                                    reason,
+                                });
                             }
                             tracing::debug!(path = %it.path.display(), %reason, "skipped");
-                            skipped.push(Skipped { path: it.path.clone(), reason });
+                            skipped.push(Skipped {
+                                path: it.path.clone(),
+                                reason,
+                            });
                         }
                     }
                 }
                 done += chunk.len() as u64;
-                progress(Progress { split: name, done, total });
+                progress(Progress {
+                    split: name,
+                    done,
+                    total,
+                });
             }
             Ok(())
         });
         outcome?;
         if done != total {
-            return Err(PrepError::Config(format!("decoder thread stopped after {done} of {total} images")));
+            return Err(PrepError::Config(format!(
+                "decoder thread stopped after {done} of {total} images"
+            )));
         }
         counts[k] = split.len();
         writer.end_split(split)?;

@@ -74,7 +74,11 @@ fn fast_path_matches_independent_reference_on_real_images() {
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
         let mut ours = vec![f16::ZERO; cfg.image_len()];
-        assert!(matches!(fast::try_prep(&bytes, &cfg, &mut ours), fast::Outcome::Done), "{}: fast path not taken", f.display());
+        assert!(
+            matches!(fast::try_prep(&bytes, &cfg, &mut ours), fast::Outcome::Done),
+            "{}: fast path not taken",
+            f.display()
+        );
         let r = reference(&bytes);
         let (max, mean) = diff(&ours, &r);
         worst_mean = worst_mean.max(mean);
@@ -94,9 +98,19 @@ fn fast_path_matches_independent_reference_on_real_images() {
             let d = (luma(&|k| ours[k].to_f32(), i) - luma(&|k| r[k], i)).abs();
             worst_luma = worst_luma.max(d);
             luma_sum += d;
-            assert!(d < 8.0 / 255.0, "{}: luma differs by {} at pixel {i}", f.display(), d * 255.0);
+            assert!(
+                d < 8.0 / 255.0,
+                "{}: luma differs by {} at pixel {i}",
+                f.display(),
+                d * 255.0
+            );
         }
-        assert!(luma_sum / (n as f32) < 0.5 / 255.0, "{}: mean luma diff {}", f.display(), luma_sum / n as f32 * 255.0);
+        assert!(
+            luma_sum / (n as f32) < 0.5 / 255.0,
+            "{}: mean luma diff {}",
+            f.display(),
+            luma_sum / n as f32 * 255.0
+        );
     }
     eprintln!(
         "fast vs image-crate reference over {} images (×255): worst channel mean {:.3}, worst channel max {:.3}, worst luma {:.3}",
@@ -115,7 +129,11 @@ fn generic_path_matches_independent_reference_on_real_images() {
         let mut ours = vec![f16::ZERO; cfg.image_len()];
         generic::prep(&bytes, &cfg, &mut ours).unwrap();
         let (max, mean) = diff(&ours, &reference(&bytes));
-        assert!(mean < 1.5 / 255.0 && max < 16.0 / 255.0, "{}: mean {mean} max {max}", f.display());
+        assert!(
+            mean < 1.5 / 255.0 && max < 16.0 / 255.0,
+            "{}: mean {mean} max {max}",
+            f.display()
+        );
     }
 }
 
@@ -138,7 +156,13 @@ fn synthetic(w: usize, h: usize) -> Vec<u8> {
     v
 }
 
-fn encode(rgb: &[u8], w: usize, h: usize, color: jpeg_encoder::ColorType, f: impl FnOnce(&mut jpeg_encoder::Encoder<&mut Vec<u8>>)) -> Vec<u8> {
+fn encode(
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    color: jpeg_encoder::ColorType,
+    f: impl FnOnce(&mut jpeg_encoder::Encoder<&mut Vec<u8>>),
+) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut e = jpeg_encoder::Encoder::new(&mut buf, 90);
     f(&mut e);
@@ -166,10 +190,30 @@ fn fast_path_matches_generic_on_encoder_variants() {
     let cfg = PrepConfig::default();
     let rgb = synthetic(424, 424);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("4:2:0", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_2_0))),
-        ("4:4:4", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_4_4))),
-        ("4:2:2", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_2_2))),
-        ("4:4:0", encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(SamplingFactor::R_4_4_0))),
+        (
+            "4:2:0",
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+                e.set_sampling_factor(SamplingFactor::R_4_2_0)
+            }),
+        ),
+        (
+            "4:4:4",
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+                e.set_sampling_factor(SamplingFactor::R_4_4_4)
+            }),
+        ),
+        (
+            "4:2:2",
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+                e.set_sampling_factor(SamplingFactor::R_4_2_2)
+            }),
+        ),
+        (
+            "4:4:0",
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+                e.set_sampling_factor(SamplingFactor::R_4_4_0)
+            }),
+        ),
         (
             "restart interval 3",
             encode(&rgb, 424, 424, ColorType::Rgb, |e| {
@@ -177,10 +221,13 @@ fn fast_path_matches_generic_on_encoder_variants() {
                 e.set_restart_interval(3)
             }),
         ),
-        ("optimised Huffman", encode(&rgb, 424, 424, ColorType::Rgb, |e| {
-            e.set_sampling_factor(SamplingFactor::R_4_4_4);
-            e.set_optimized_huffman_tables(true)
-        })),
+        (
+            "optimised Huffman",
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+                e.set_sampling_factor(SamplingFactor::R_4_4_4);
+                e.set_optimized_huffman_tables(true)
+            }),
+        ),
     ];
     for (what, bytes) in &cases {
         let (o, a, b) = prep_both(bytes, &cfg);
@@ -206,21 +253,40 @@ fn fast_path_matches_generic_on_encoder_variants() {
     // progressive: generic path, same picture as the baseline encoding
     let prog = encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_progressive(true));
     let mut p = vec![f16::ZERO; cfg.image_len()];
-    assert!(matches!(fast::try_prep(&prog, &cfg, &mut p), fast::Outcome::NotApplicable));
+    assert!(matches!(
+        fast::try_prep(&prog, &cfg, &mut p),
+        fast::Outcome::NotApplicable
+    ));
     let p = prep_jpeg(&prog, &cfg).unwrap();
-    close(&p, &prep_jpeg(&cases[0].1, &cfg).unwrap(), 1.5 / 255.0, 24.0 / 255.0, "progressive");
+    close(
+        &p,
+        &prep_jpeg(&cases[0].1, &cfg).unwrap(),
+        1.5 / 255.0,
+        24.0 / 255.0,
+        "progressive",
+    );
 }
 
 #[test]
 fn cmyk_is_converted_to_rgb() {
     // a flat red, as CMYK (C=0, M=255, Y=255, K=0) and as YCCK
-    let cfg = PrepConfig { crop: 212, size: 8, filter: Filter::Area };
+    let cfg = PrepConfig {
+        crop: 212,
+        size: 8,
+        filter: Filter::Area,
+    };
     let px: Vec<u8> = [0u8, 255, 255, 0].repeat(64 * 64);
     for color in [jpeg_encoder::ColorType::Cmyk, jpeg_encoder::ColorType::CmykAsYcck] {
         let bytes = encode(&px, 64, 64, color, |_| {});
         let out = prep_jpeg(&bytes, &cfg).unwrap();
         let mean = |c: usize| out[c * 64..(c + 1) * 64].iter().map(|v| v.to_f32()).sum::<f32>() / 64.0;
-        assert!(mean(0) > 0.9 && mean(1) < 0.1 && mean(2) < 0.1, "{color:?}: rgb {} {} {}", mean(0), mean(1), mean(2));
+        assert!(
+            mean(0) > 0.9 && mean(1) < 0.1 && mean(2) < 0.1,
+            "{color:?}: rgb {} {} {}",
+            mean(0),
+            mean(1),
+            mean(2)
+        );
     }
 }
 
@@ -254,7 +320,18 @@ fn other_sizes_take_the_same_fraction() {
 fn damaged_bytes_never_panic_and_truncation_is_an_error() {
     let cfg = PrepConfig::default();
     let good = std::fs::read(&real_jpegs()[0]).unwrap();
-    for cut in [2, 3, 10, 100, 300, 600, good.len() / 4, good.len() / 2, good.len() * 3 / 4, good.len() - 2] {
+    for cut in [
+        2,
+        3,
+        10,
+        100,
+        300,
+        600,
+        good.len() / 4,
+        good.len() / 2,
+        good.len() * 3 / 4,
+        good.len() - 2,
+    ] {
         let r = prep_jpeg(&good[..cut], &cfg);
         assert!(r.is_err(), "truncated at {cut} of {} accepted", good.len());
     }
@@ -312,14 +389,27 @@ fn run_writes_a_cache_then_hits_it() {
     let tr = c.train().unwrap();
     assert_eq!(tr.rows_per_shard(), 2);
     // the cached image equals prep_jpeg of the file
-    let want = prep_jpeg(&std::fs::read(data.join(dataset::TRAIN_DIR).join(format!("{}.jpg", tr.ids()[2]))).unwrap(), &cfg).unwrap();
+    let want = prep_jpeg(
+        &std::fs::read(data.join(dataset::TRAIN_DIR).join(format!("{}.jpg", tr.ids()[2]))).unwrap(),
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(tr.image(2), want.as_slice());
     let again = run_with(&opts, &cfg, &|_| {}).unwrap();
     assert!(again.cache_hit);
     assert_eq!(again.cache_dir, s.cache_dir);
     assert_eq!(run(&data, &root, &cfg).unwrap(), s.cache_dir);
     // a different config: a new directory
-    let other = run(&data, &root, &PrepConfig { crop: 207, size: 69, filter: Filter::Area }).unwrap();
+    let other = run(
+        &data,
+        &root,
+        &PrepConfig {
+            crop: 207,
+            size: 69,
+            filter: Filter::Area,
+        },
+    )
+    .unwrap();
     assert_ne!(other, s.cache_dir);
 }
 
@@ -327,14 +417,20 @@ fn run_writes_a_cache_then_hits_it() {
 fn strict_run_stops_and_publishes_nothing() {
     let t = tempfile::tempdir().unwrap();
     let data = copy_mini(t.path());
-    std::fs::write(data.join(dataset::TEST_DIR).join("999999.jpg"), b"\xff\xd8\xff\xe0 broken").unwrap();
+    std::fs::write(
+        data.join(dataset::TEST_DIR).join("999999.jpg"),
+        b"\xff\xd8\xff\xe0 broken",
+    )
+    .unwrap();
     let root = t.path().join("cache");
     let mut opts = RunOptions::new(&data, &root);
     opts.strict = true;
     let e = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap_err();
     assert!(matches!(e, PrepError::Strict { .. }), "{e}");
     assert!(e.to_string().contains("999999.jpg"));
-    let entries: Vec<_> = std::fs::read_dir(&root).map(|r| r.flatten().collect()).unwrap_or_default();
+    let entries: Vec<_> = std::fs::read_dir(&root)
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
     assert!(entries.is_empty(), "nothing left behind: {entries:?}");
     // lenient: skipped, reported, cache written with the rest
     opts.strict = false;
@@ -349,4 +445,3 @@ fn no_dataset_is_an_error() {
     let e = run(t.path(), &t.path().join("c"), &PrepConfig::default()).unwrap_err();
     assert!(matches!(e, PrepError::NoInput(_)), "{e}");
 }
-

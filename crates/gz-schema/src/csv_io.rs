@@ -37,10 +37,20 @@ pub enum SchemaError {
     FieldCount { path: PathBuf, line: u64, found: usize },
     /// One cell is not acceptable.
     #[error("{path}:{line}: column {column}: {reason}")]
-    Cell { path: PathBuf, line: u64, column: String, reason: String },
+    Cell {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        reason: String,
+    },
     /// The same GalaxyID appears twice.
     #[error("{path}:{line}: duplicate GalaxyID {id} (first seen on line {first_line})")]
-    DuplicateId { path: PathBuf, line: u64, id: u64, first_line: u64 },
+    DuplicateId {
+        path: PathBuf,
+        line: u64,
+        id: u64,
+        first_line: u64,
+    },
 }
 
 /// Galaxy ids with a dense row-major `n × 37` matrix of values.
@@ -87,7 +97,10 @@ impl Solutions {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SchemaError + '_ {
-    move |source| SchemaError::Io { path: path.to_path_buf(), source }
+    move |source| SchemaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads a solutions or submission CSV, validating header, field count, every cell
@@ -99,14 +112,24 @@ pub fn read_solutions(path: &Path) -> Result<Solutions, SchemaError> {
 
 /// Like [`read_solutions`], from any reader; `path` is used in messages only.
 pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<Solutions, SchemaError> {
-    let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(reader);
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(reader);
     let mut records = rdr.records();
-    let csv_err = |line: u64, source: csv::Error| SchemaError::Csv { path: path.to_path_buf(), line, source };
+    let csv_err = |line: u64, source: csv::Error| SchemaError::Csv {
+        path: path.to_path_buf(),
+        line,
+        source,
+    };
 
     // header
     let header = match records.next() {
         None => {
-            return Err(SchemaError::Header { path: path.to_path_buf(), reason: "file is empty".into() });
+            return Err(SchemaError::Header {
+                path: path.to_path_buf(),
+                reason: "file is empty".into(),
+            });
         }
         Some(r) => r.map_err(|e| csv_err(1, e))?,
     };
@@ -119,7 +142,11 @@ pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<S
     }
     for (i, (got, want)) in header.iter().zip(&expected).enumerate() {
         // tolerate a UTF-8 byte-order mark on the first cell
-        let got = if i == 0 { got.trim_start_matches('\u{feff}') } else { got };
+        let got = if i == 0 {
+            got.trim_start_matches('\u{feff}')
+        } else {
+            got
+        };
         if got.trim() != *want {
             return Err(SchemaError::Header {
                 path: path.to_path_buf(),
@@ -142,7 +169,11 @@ pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<S
             continue;
         }
         if rec.len() != expected.len() {
-            return Err(SchemaError::FieldCount { path: path.to_path_buf(), line, found: rec.len() });
+            return Err(SchemaError::FieldCount {
+                path: path.to_path_buf(),
+                line,
+                found: rec.len(),
+            });
         }
         let cell_err = |column: &str, reason: String| SchemaError::Cell {
             path: path.to_path_buf(),
@@ -155,12 +186,19 @@ pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<S
             .parse()
             .map_err(|_| cell_err("GalaxyID", format!("{id_text:?} is not a non-negative integer id")))?;
         if let Some(&first_line) = seen.get(&id) {
-            return Err(SchemaError::DuplicateId { path: path.to_path_buf(), line, id, first_line });
+            return Err(SchemaError::DuplicateId {
+                path: path.to_path_buf(),
+                line,
+                id,
+                first_line,
+            });
         }
         seen.insert(id, line);
         for (k, column) in column_names().enumerate() {
             let text = rec[k + 1].trim();
-            let v: f32 = text.parse().map_err(|_| cell_err(column, format!("{text:?} is not a number")))?;
+            let v: f32 = text
+                .parse()
+                .map_err(|_| cell_err(column, format!("{text:?} is not a number")))?;
             if !v.is_finite() {
                 return Err(cell_err(column, format!("{text:?} is not finite")));
             }
@@ -193,9 +231,15 @@ pub fn write_solutions(path: &Path, sol: &Solutions) -> Result<(), SchemaError> 
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SchemaError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -205,7 +249,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SchemaError> {
     })();
     if let Err(source) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(SchemaError::Io { path: path.to_path_buf(), source });
+        return Err(SchemaError::Io {
+            path: path.to_path_buf(),
+            source,
+        });
     }
     Ok(())
 }
@@ -267,7 +314,10 @@ mod tests {
         let nonnum = format!("{h}\n{}\n", good_row(1).replacen(",1,", ",abc,", 1));
         let e = parse(&nonnum).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("t.csv:2") && s.contains("Class1.1") && s.contains("abc"), "{s}");
+        assert!(
+            s.contains("t.csv:2") && s.contains("Class1.1") && s.contains("abc"),
+            "{s}"
+        );
 
         for bad in ["NaN", "inf", "1.5", "-0.1"] {
             let t = format!("{h}\n{}\n", good_row(1).replacen(",1,", &format!(",{bad},"), 1));
@@ -280,7 +330,18 @@ mod tests {
 
         let dup = format!("{h}\n{}\n{}\n{}\n", good_row(5), good_row(6), good_row(5));
         let e = parse(&dup).unwrap_err();
-        assert!(matches!(e, SchemaError::DuplicateId { line: 4, id: 5, first_line: 2, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                SchemaError::DuplicateId {
+                    line: 4,
+                    id: 5,
+                    first_line: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -57,11 +57,22 @@ pub struct Answer {
 }
 
 const fn q(number: u8, text: &'static str, first: usize, len: usize, parent: Option<usize>) -> Question {
-    Question { number, text, first, len, parent }
+    Question {
+        number,
+        text,
+        first,
+        len,
+        parent,
+    }
 }
 
 const fn a(column: &'static str, label: &'static str, question: usize, leads_to: Option<usize>) -> Answer {
-    Answer { column, label, question, leads_to }
+    Answer {
+        column,
+        label,
+        question,
+        leads_to,
+    }
 }
 
 /// Answer index of `ClassQ.K` (both 1-based), usable in const context.
@@ -71,15 +82,45 @@ pub const fn answer_index(question_number: usize, k: usize) -> usize {
 
 /// The 11 questions of the Galaxy Zoo 2 tree, in Kaggle order.
 pub const QUESTIONS: [Question; N_QUESTIONS] = [
-    q(1, "Is the galaxy simply smooth and rounded, with no sign of a disk?", 0, 3, None),
+    q(
+        1,
+        "Is the galaxy simply smooth and rounded, with no sign of a disk?",
+        0,
+        3,
+        None,
+    ),
     q(2, "Could this be a disk viewed edge-on?", 3, 2, Some(1)),
-    q(3, "Is there a sign of a bar feature through the centre of the galaxy?", 5, 2, Some(4)),
+    q(
+        3,
+        "Is there a sign of a bar feature through the centre of the galaxy?",
+        5,
+        2,
+        Some(4),
+    ),
     q(4, "Is there any sign of a spiral arm pattern?", 7, 2, Some(4)),
-    q(5, "How prominent is the central bulge, compared with the rest of the galaxy?", 9, 4, Some(4)),
+    q(
+        5,
+        "How prominent is the central bulge, compared with the rest of the galaxy?",
+        9,
+        4,
+        Some(4),
+    ),
     q(6, "Is there anything odd?", 13, 2, None),
     q(7, "How rounded is it?", 15, 3, Some(0)),
-    q(8, "Is the odd feature a ring, or is the galaxy disturbed or irregular?", 18, 7, Some(13)),
-    q(9, "Does the galaxy have a bulge at its centre? If so, what shape?", 25, 3, Some(3)),
+    q(
+        8,
+        "Is the odd feature a ring, or is the galaxy disturbed or irregular?",
+        18,
+        7,
+        Some(13),
+    ),
+    q(
+        9,
+        "Does the galaxy have a bulge at its centre? If so, what shape?",
+        25,
+        3,
+        Some(3),
+    ),
     q(10, "How tightly wound do the spiral arms appear?", 28, 3, Some(7)),
     q(11, "How many spiral arms are there?", 31, 6, Some(7)),
 ];
@@ -186,7 +227,11 @@ pub fn check_row(row: &[f32], tol: f32) -> Vec<Violation> {
         let actual: f32 = row[q.answers()].iter().sum();
         let expected = question_target(row, qi);
         if (actual - expected).abs() > tol || !actual.is_finite() {
-            out.push(Violation { question: qi, expected, actual });
+            out.push(Violation {
+                question: qi,
+                expected,
+                actual,
+            });
         }
     }
     out
@@ -209,8 +254,22 @@ mod tests {
                 assert!(ANSWERS[ai].column.starts_with(&prefix));
             }
             if let Some(p) = q.parent {
-                // the parent answer leads to this question
-                assert_eq!(ANSWERS[p].leads_to, Some(qi), "parent of Q{}", q.number);
+                // every volunteer who gave the parent answer is asked this question: walking the
+                // tree from the parent answer reaches it (Q5 is reached from Class2.2 via Q3, Q4)
+                let mut reached = false;
+                let mut next_q = ANSWERS[p].leads_to;
+                let mut hops = 0;
+                while let Some(nq) = next_q {
+                    if nq == qi {
+                        reached = true;
+                        break;
+                    }
+                    // follow the first answer's path; questions on the way are all asked
+                    next_q = ANSWERS[QUESTIONS[nq].first].leads_to;
+                    hops += 1;
+                    assert!(hops < N_QUESTIONS, "cycle in the tree");
+                }
+                assert!(reached, "Q{} not reached from its parent {}", q.number, ANSWERS[p].column);
             }
         }
         assert_eq!(next, N_ANSWERS);

@@ -128,7 +128,10 @@ impl Header {
     /// Parses and validates a header at the start of `bytes` (the whole file), checking magic,
     /// version, kind/dtype, header CRC and that the file size matches `header_len + payload_len`.
     pub fn decode(path: &Path, bytes: &[u8]) -> Result<Header, ShardError> {
-        let bad = |reason: String| ShardError::BadHeader { path: path.to_path_buf(), reason };
+        let bad = |reason: String| ShardError::BadHeader {
+            path: path.to_path_buf(),
+            reason,
+        };
         if bytes.len() < FIXED_HEADER {
             return Err(bad(format!(
                 "file is {} bytes, shorter than the {FIXED_HEADER}-byte header (truncated?)",
@@ -166,7 +169,9 @@ impl Header {
             || header_len as usize % HEADER_ALIGN != 0
             || FIXED_HEADER + config_len > header_len as usize
         {
-            return Err(bad(format!("inconsistent header length {header_len} (config {config_len} bytes)")));
+            return Err(bad(format!(
+                "inconsistent header length {header_len} (config {config_len} bytes)"
+            )));
         }
         if bytes.len() < header_len as usize {
             return Err(bad(format!(
@@ -178,11 +183,15 @@ impl Header {
         h[60..64].fill(0);
         let crc = crc32fast::hash(&h);
         if crc != header_crc {
-            return Err(bad(format!("header checksum mismatch (stored {header_crc:08x}, computed {crc:08x})")));
+            return Err(bad(format!(
+                "header checksum mismatch (stored {header_crc:08x}, computed {crc:08x})"
+            )));
         }
         let rb = row_bytes(kind, dims) as u64;
         if rows.checked_mul(rb) != Some(payload_len) {
-            return Err(bad(format!("payload length {payload_len} is not {rows} rows × {rb} bytes")));
+            return Err(bad(format!(
+                "payload length {payload_len} is not {rows} rows × {rb} bytes"
+            )));
         }
         let expected = header_len as u64 + payload_len;
         if bytes.len() as u64 != expected {
@@ -194,11 +203,20 @@ impl Header {
         }
         let hash_bytes = &bytes[64..128];
         let hash_end = hash_bytes.iter().position(|&c| c == 0).unwrap_or(64);
-        let config_hash = String::from_utf8(hash_bytes[..hash_end].to_vec())
-            .map_err(|_| bad("config hash is not UTF-8".into()))?;
+        let config_hash =
+            String::from_utf8(hash_bytes[..hash_end].to_vec()).map_err(|_| bad("config hash is not UTF-8".into()))?;
         let config_json = String::from_utf8(bytes[FIXED_HEADER..FIXED_HEADER + config_len].to_vec())
             .map_err(|_| bad("config JSON is not UTF-8".into()))?;
-        Ok(Header { kind, dims, rows, payload_len, payload_crc32, header_len, config_hash, config_json })
+        Ok(Header {
+            kind,
+            dims,
+            rows,
+            payload_len,
+            payload_crc32,
+            header_len,
+            config_hash,
+            config_json,
+        })
     }
 }
 

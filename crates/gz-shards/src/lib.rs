@@ -9,7 +9,9 @@
 //! NumPy's `.npy` and safetensors, with the atomic publish discipline of a temp dir + rename.
 
 #[cfg(target_endian = "big")]
-compile_error!("gz-shards stores little-endian payloads and hands them out zero-copy; big-endian hosts are not supported");
+compile_error!(
+    "gz-shards stores little-endian payloads and hands them out zero-copy; big-endian hosts are not supported"
+);
 
 pub mod format;
 pub mod manifest;
@@ -37,7 +39,9 @@ pub enum ShardError {
         source: std::io::Error,
     },
     /// The directory has no manifest: not a cache, or a write that never finished.
-    #[error("{dir}: no manifest.json — not a gz cache, or an incomplete one (interrupted `gz prep`); re-run `gz prep`")]
+    #[error(
+        "{dir}: no manifest.json — not a gz cache, or an incomplete one (interrupted `gz prep`); re-run `gz prep`"
+    )]
     Incomplete { dir: PathBuf },
     /// The manifest cannot be parsed or is inconsistent.
     #[error("{path}: bad manifest: {reason}")]
@@ -60,7 +64,10 @@ pub enum ShardError {
 }
 
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> ShardError {
-    ShardError::Io { path: path.to_path_buf(), source }
+    ShardError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[cfg(test)]

@@ -40,10 +40,15 @@ impl Cache {
             }
             Err(e) => return Err(io_err(&mpath, e)),
         };
-        let manifest: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| ShardError::BadManifest { path: mpath.clone(), reason: e.to_string() })?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| ShardError::BadManifest {
+            path: mpath.clone(),
+            reason: e.to_string(),
+        })?;
         if manifest.format != "gz-shards" {
-            return Err(ShardError::BadManifest { path: mpath, reason: format!("format {:?} is not gz-shards", manifest.format) });
+            return Err(ShardError::BadManifest {
+                path: mpath,
+                reason: format!("format {:?} is not gz-shards", manifest.format),
+            });
         }
         if manifest.version != crate::format::FORMAT_VERSION {
             return Err(ShardError::BadManifest {
@@ -55,7 +60,13 @@ impl Cache {
                 ),
             });
         }
-        let mut cache = Cache { dir: dir.to_path_buf(), manifest: manifest.clone(), train: None, test: None, others: Vec::new() };
+        let mut cache = Cache {
+            dir: dir.to_path_buf(),
+            manifest: manifest.clone(),
+            train: None,
+            test: None,
+            others: Vec::new(),
+        };
         for (name, sm) in &manifest.splits {
             let split = Split::open(dir, name, sm, &manifest)?;
             match name.as_str() {
@@ -115,11 +126,20 @@ impl Cache {
     /// Returns the number of files checked.
     pub fn verify(&self) -> Result<usize, ShardError> {
         let mut n = 0;
-        for split in self.train.iter().chain(self.test.iter()).chain(self.others.iter().map(|(_, s)| s)) {
+        for split in self
+            .train
+            .iter()
+            .chain(self.test.iter())
+            .chain(self.others.iter().map(|(_, s)| s))
+        {
             for shard in &split.shards {
                 let crc = crc32fast::hash(shard.payload_bytes());
                 if crc != shard.crc32 {
-                    return Err(ShardError::Checksum { path: shard.path.clone(), expected: shard.crc32, found: crc });
+                    return Err(ShardError::Checksum {
+                        path: shard.path.clone(),
+                        expected: shard.crc32,
+                        found: crc,
+                    });
                 }
                 n += 1;
             }
@@ -179,15 +199,25 @@ impl Split {
             if (full && fe.rows != m.rows_per_shard) || fe.rows == 0 || fe.rows > m.rows_per_shard {
                 return Err(ShardError::BadManifest {
                     path: dir.join(MANIFEST_FILE),
-                    reason: format!("{} has {} rows, rows_per_shard is {}", fe.file, fe.rows, m.rows_per_shard),
+                    reason: format!(
+                        "{} has {} rows, rows_per_shard is {}",
+                        fe.file, fe.rows, m.rows_per_shard
+                    ),
                 });
             }
             let offset = header.header_len as usize;
             // Alignment: the payload starts at a multiple of 64 in a page-aligned mapping.
-            bytemuck::try_cast_slice::<u8, f16>(&mmap[offset..])
-                .map_err(|e| ShardError::BadHeader { path: path.clone(), reason: format!("payload not castable to f16: {e}") })?;
+            bytemuck::try_cast_slice::<u8, f16>(&mmap[offset..]).map_err(|e| ShardError::BadHeader {
+                path: path.clone(),
+                reason: format!("payload not castable to f16: {e}"),
+            })?;
             total += fe.rows;
-            shards.push(MappedShard { path, mmap, offset, crc32: fe.crc32 });
+            shards.push(MappedShard {
+                path,
+                mmap,
+                offset,
+                crc32: fe.crc32,
+            });
         }
         if total != sm.rows {
             return Err(ShardError::BadManifest {
@@ -217,12 +247,18 @@ impl Split {
                 });
             }
             if by_id.insert(id, i).is_some() {
-                return Err(ShardError::DuplicateId { split: name.to_string(), id });
+                return Err(ShardError::DuplicateId {
+                    split: name.to_string(),
+                    id,
+                });
             }
             ids.push(id);
         }
         if ids.len() != sm.rows {
-            return Err(ShardError::BadHeader { path: ipath, reason: format!("{} entries, expected {}", ids.len(), sm.rows) });
+            return Err(ShardError::BadHeader {
+                path: ipath,
+                reason: format!("{} entries, expected {}", ids.len(), sm.rows),
+            });
         }
 
         let labels = match &sm.labels {
@@ -235,9 +271,17 @@ impl Split {
                 let payload = &lbytes[lh.header_len as usize..];
                 check_crc(&lpath, payload, lh.payload_crc32)?;
                 if fe.rows != sm.rows {
-                    return Err(ShardError::BadHeader { path: lpath, reason: format!("{} label rows, expected {}", fe.rows, sm.rows) });
+                    return Err(ShardError::BadHeader {
+                        path: lpath,
+                        reason: format!("{} label rows, expected {}", fe.rows, sm.rows),
+                    });
                 }
-                Some(payload.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+                Some(
+                    payload
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                        .collect(),
+                )
             }
         };
         Ok(Split {
@@ -295,7 +339,8 @@ impl Split {
 
     /// (shard, row within shard) of a GalaxyID.
     pub fn locate(&self, id: u64) -> Option<(usize, usize)> {
-        self.row_of(id).map(|r| (r / self.rows_per_shard, r % self.rows_per_shard))
+        self.row_of(id)
+            .map(|r| (r / self.rows_per_shard, r % self.rows_per_shard))
     }
 
     /// Image `i` as C×H×W f16 values (zero-copy). Panics if `i >= len()`, like slice indexing.
@@ -308,7 +353,12 @@ impl Split {
     /// Panics if the range is out of bounds or crosses a shard boundary (a multiple of
     /// [`Split::rows_per_shard`]); use [`Split::chunks`] to cut batches that never do.
     pub fn images(&self, range: Range<usize>) -> &[f16] {
-        assert!(range.start <= range.end && range.end <= self.rows, "rows {range:?} out of bounds for split {} of {} images", self.name, self.rows);
+        assert!(
+            range.start <= range.end && range.end <= self.rows,
+            "rows {range:?} out of bounds for split {} of {} images",
+            self.name,
+            self.rows
+        );
         if range.is_empty() {
             return &[];
         }
@@ -351,13 +401,28 @@ impl Split {
 
     /// The 37 labels of row `i` (labelled splits only). Panics if `i >= len()`.
     pub fn label(&self, i: usize) -> Option<&[f32]> {
-        assert!(i < self.rows, "row {i} out of bounds for split {} of {} images", self.name, self.rows);
+        assert!(
+            i < self.rows,
+            "row {i} out of bounds for split {} of {} images",
+            self.name,
+            self.rows
+        );
         self.labels.as_deref().map(|l| &l[i * N_LABELS..(i + 1) * N_LABELS])
     }
 }
 
-fn check_header(path: &Path, h: &Header, kind: Kind, dims: [u32; 3], fe: &FileEntry, m: &Manifest) -> Result<(), ShardError> {
-    let bad = |reason: String| ShardError::BadHeader { path: path.to_path_buf(), reason };
+fn check_header(
+    path: &Path,
+    h: &Header,
+    kind: Kind,
+    dims: [u32; 3],
+    fe: &FileEntry,
+    m: &Manifest,
+) -> Result<(), ShardError> {
+    let bad = |reason: String| ShardError::BadHeader {
+        path: path.to_path_buf(),
+        reason,
+    };
     if h.kind != kind {
         return Err(bad(format!("holds {:?}, expected {kind:?}", h.kind)));
     }
@@ -368,10 +433,17 @@ fn check_header(path: &Path, h: &Header, kind: Kind, dims: [u32; 3], fe: &FileEn
         return Err(bad(format!("{} rows, manifest says {}", h.rows, fe.rows)));
     }
     if h.config_hash != m.config_hash {
-        return Err(bad(format!("config hash {}, manifest says {}", h.config_hash, m.config_hash)));
+        return Err(bad(format!(
+            "config hash {}, manifest says {}",
+            h.config_hash, m.config_hash
+        )));
     }
     if h.payload_crc32 != fe.crc32 {
-        return Err(ShardError::Checksum { path: path.to_path_buf(), expected: fe.crc32, found: h.payload_crc32 });
+        return Err(ShardError::Checksum {
+            path: path.to_path_buf(),
+            expected: fe.crc32,
+            found: h.payload_crc32,
+        });
     }
     Ok(())
 }
@@ -379,7 +451,11 @@ fn check_header(path: &Path, h: &Header, kind: Kind, dims: [u32; 3], fe: &FileEn
 fn check_crc(path: &Path, payload: &[u8], expected: u32) -> Result<(), ShardError> {
     let found = crc32fast::hash(payload);
     if found != expected {
-        return Err(ShardError::Checksum { path: path.to_path_buf(), expected, found });
+        return Err(ShardError::Checksum {
+            path: path.to_path_buf(),
+            expected,
+            found,
+        });
     }
     Ok(())
 }

@@ -9,7 +9,9 @@ fn cfg() -> serde_json::Value {
 }
 
 fn img(id: u64, n: usize) -> Vec<f16> {
-    (0..n).map(|k| f16::from_f32(((id as usize * 7 + k) % 256) as f32 / 255.0)).collect()
+    (0..n)
+        .map(|k| f16::from_f32(((id as usize * 7 + k) % 256) as f32 / 255.0))
+        .collect()
 }
 
 fn lab(id: u64) -> Vec<f32> {
@@ -110,7 +112,11 @@ fn unfinished_writer_leaves_nothing_complete() {
         // dropped without finish (as on an error)
     }
     assert!(!dir.exists());
-    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0, "temporary directory removed");
+    assert_eq!(
+        fs::read_dir(t.path()).unwrap().count(),
+        0,
+        "temporary directory removed"
+    );
     assert!(Cache::open(&dir).is_err());
 }
 
@@ -133,7 +139,10 @@ fn killed_writer_tmp_dir_is_never_a_cache_and_is_cleaned() {
 fn existing_complete_cache_is_not_overwritten() {
     let t = tempfile::tempdir().unwrap();
     let dir = write(t.path(), 1, 1, 4);
-    assert!(matches!(CacheWriter::create(&dir, &cfg(), "abc123", 4), Err(ShardError::Invalid(_))));
+    assert!(matches!(
+        CacheWriter::create(&dir, &cfg(), "abc123", 4),
+        Err(ShardError::Invalid(_))
+    ));
 }
 
 fn corrupt(f: impl FnOnce(&mut Vec<u8>), file: &str) -> String {
@@ -190,7 +199,10 @@ fn payload_bitflip_detected_by_verify() {
     // open does not read payloads (instant), verify does
     let c = Cache::open(&dir).unwrap();
     let e = c.verify().unwrap_err().to_string();
-    assert!(e.contains("checksum mismatch") && e.contains("train-00001.shard"), "{e}");
+    assert!(
+        e.contains("checksum mismatch") && e.contains("train-00001.shard"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -237,7 +249,10 @@ fn writer_rejects_bad_rows() {
     assert!(s.push(1, &img(1, 48), None).is_err());
     assert!(s.push(1, &img(1, 48), Some(&[0.0; 36])).is_err());
     s.push(1, &img(1, 48), Some(&lab(1))).unwrap();
-    assert!(matches!(s.push(1, &img(1, 48), Some(&lab(1))), Err(ShardError::DuplicateId { .. })));
+    assert!(matches!(
+        s.push(1, &img(1, 48), Some(&lab(1))),
+        Err(ShardError::DuplicateId { .. })
+    ));
     assert!(w.begin_split("bad name", [3, 4, 4], false).is_err());
 }
 

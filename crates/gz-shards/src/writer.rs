@@ -49,19 +49,26 @@ impl CacheWriter {
         rows_per_shard: usize,
     ) -> Result<CacheWriter, ShardError> {
         if config_hash.len() > 64 || !config_hash.is_ascii() {
-            return Err(ShardError::Invalid(format!("config hash {config_hash:?} must be ≤ 64 ASCII bytes")));
+            return Err(ShardError::Invalid(format!(
+                "config hash {config_hash:?} must be ≤ 64 ASCII bytes"
+            )));
         }
         if rows_per_shard == 0 {
             return Err(ShardError::Invalid("rows_per_shard must be positive".into()));
         }
-        let name = final_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| ShardError::Invalid(format!("{}: cache path needs a UTF-8 final component", final_dir.display())))?;
+        let name = final_dir.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            ShardError::Invalid(format!(
+                "{}: cache path needs a UTF-8 final component",
+                final_dir.display()
+            ))
+        })?;
         let parent = final_dir.parent().unwrap_or_else(|| Path::new("."));
         fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
         if final_dir.join(MANIFEST_FILE).exists() {
-            return Err(ShardError::Invalid(format!("{}: a complete cache already exists", final_dir.display())));
+            return Err(ShardError::Invalid(format!(
+                "{}: a complete cache already exists",
+                final_dir.display()
+            )));
         }
         remove_stale_tmp_dirs(parent, name);
         let tmp_dir = parent.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -91,7 +98,9 @@ impl CacheWriter {
     /// splits take 37 f32 labels per image.
     pub fn begin_split(&self, name: &str, shape: [usize; 3], labelled: bool) -> Result<SplitWriter, ShardError> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(ShardError::Invalid(format!("split name {name:?} must be [A-Za-z0-9_-]+")));
+            return Err(ShardError::Invalid(format!(
+                "split name {name:?} must be [A-Za-z0-9_-]+"
+            )));
         }
         if self.splits.iter().any(|(n, _)| n == name) {
             return Err(ShardError::Invalid(format!("split {name:?} written twice")));
@@ -217,16 +226,30 @@ impl SplitWriter {
         }
         match (&mut self.labels, label) {
             (Some(_), Some(l)) if l.len() != crate::N_LABELS => {
-                return Err(ShardError::Invalid(format!("label for id {id} has {} values, expected 37", l.len())))
+                return Err(ShardError::Invalid(format!(
+                    "label for id {id} has {} values, expected 37",
+                    l.len()
+                )))
             }
             (Some(_), None) => return Err(ShardError::Invalid(format!("labelled split needs a label for id {id}"))),
-            (None, Some(_)) => return Err(ShardError::Invalid(format!("unlabelled split given a label for id {id}"))),
+            (None, Some(_)) => {
+                return Err(ShardError::Invalid(format!(
+                    "unlabelled split given a label for id {id}"
+                )))
+            }
             _ => {}
         }
         if !self.seen.insert(id) {
-            return Err(ShardError::DuplicateId { split: self.name.clone(), id });
+            return Err(ShardError::DuplicateId {
+                split: self.name.clone(),
+                id,
+            });
         }
-        if self.shard.as_ref().is_some_and(|s| s.rows as usize >= self.rows_per_shard) {
+        if self
+            .shard
+            .as_ref()
+            .is_some_and(|s| s.rows as usize >= self.rows_per_shard)
+        {
             let full = self.shard.take().expect("checked above");
             self.shards.push(full.finish()?);
         }
@@ -290,7 +313,13 @@ impl SplitWriter {
             index.write_row(&b)?;
         }
         let index = index.finish()?;
-        Ok(SplitManifest { rows: self.ids.len(), shape: self.shape, shards: self.shards, index, labels })
+        Ok(SplitManifest {
+            rows: self.ids.len(),
+            shape: self.shape,
+            shards: self.shards,
+            index,
+            labels,
+        })
     }
 }
 
@@ -305,14 +334,28 @@ struct RowFile {
 }
 
 impl RowFile {
-    fn create(dir: &Path, name: &str, kind: Kind, dims: [u32; 3], hash: &str, json: &str) -> Result<RowFile, ShardError> {
+    fn create(
+        dir: &Path,
+        name: &str,
+        kind: Kind,
+        dims: [u32; 3],
+        hash: &str,
+        json: &str,
+    ) -> Result<RowFile, ShardError> {
         let path = dir.join(name);
         let header = Header::new(kind, dims, 0, hash, json);
         let f = File::create(&path).map_err(|e| io_err(&path, e))?;
         let mut file = BufWriter::with_capacity(1 << 20, f);
         // Placeholder (zero magic): a file cut short before `finish` never parses as valid.
-        file.write_all(&vec![0u8; header.header_len as usize]).map_err(|e| io_err(&path, e))?;
-        Ok(RowFile { path, file, header, rows: 0, crc: crc32fast::Hasher::new() })
+        file.write_all(&vec![0u8; header.header_len as usize])
+            .map_err(|e| io_err(&path, e))?;
+        Ok(RowFile {
+            path,
+            file,
+            header,
+            rows: 0,
+            crc: crc32fast::Hasher::new(),
+        })
     }
 
     fn write_row(&mut self, bytes: &[u8]) -> Result<(), ShardError> {
@@ -335,8 +378,16 @@ impl RowFile {
         f.seek(SeekFrom::Start(0)).map_err(|e| io_err(&path, e))?;
         f.write_all(&bytes).map_err(|e| io_err(&path, e))?;
         f.sync_all().map_err(|e| io_err(&path, e))?;
-        let file = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        Ok(FileEntry { file, rows: self.rows as usize, crc32: header.payload_crc32 })
+        let file = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        Ok(FileEntry {
+            file,
+            rows: self.rows as usize,
+            crc32: header.payload_crc32,
+        })
     }
 }
 
@@ -344,7 +395,9 @@ fn sync_dir(dir: &Path) -> Result<(), ShardError> {
     // Directory fsync makes the renames durable; not supported everywhere, so best effort on
     // platforms where opening a directory fails.
     match File::open(dir) {
-        Ok(f) => f.sync_all().or_else(|e| if cfg!(unix) { Err(io_err(dir, e)) } else { Ok(()) }),
+        Ok(f) => f
+            .sync_all()
+            .or_else(|e| if cfg!(unix) { Err(io_err(dir, e)) } else { Ok(()) }),
         Err(_) => Ok(()),
     }
 }
@@ -356,7 +409,9 @@ fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
     for e in entries.flatten() {
         let fname = e.file_name();
         let Some(fname) = fname.to_str() else { continue };
-        let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid != std::process::id() && !process_alive(pid) {
             let _ = fs::remove_dir_all(e.path());
         }

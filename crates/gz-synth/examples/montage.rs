@@ -39,12 +39,7 @@ fn tile(paths: &[PathBuf], cols: u32, scale: f32, gap: u32) -> Result<RgbImage, 
             img
         };
         let (c, r) = (i as u32 % cols, i as u32 / cols);
-        imageops::replace(
-            &mut out,
-            &img,
-            i64::from(c * (side + gap)),
-            i64::from(r * (side + gap)),
-        );
+        imageops::replace(&mut out, &img, i64::from(c * (side + gap)), i64::from(r * (side + gap)));
     }
     Ok(out)
 }
@@ -86,9 +81,7 @@ fn print_stats(files: &[PathBuf]) -> Result<(), String> {
             }
         }
         let m: Vec<f64> = (0..3).map(|c| acc[c][0] / n).collect();
-        let s: Vec<f64> = (0..3)
-            .map(|c| (acc[c][1] / n - m[c] * m[c]).max(0.0).sqrt())
-            .collect();
+        let s: Vec<f64> = (0..3).map(|c| (acc[c][1] / n - m[c] * m[c]).max(0.0).sqrt()).collect();
         // fraction of pixels brighter than 40 (how much of the image the objects cover)
         let bright = img
             .pixels()
@@ -132,31 +125,13 @@ fn main() -> Result<(), String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out = PathBuf::from(it.next().ok_or("--out needs a value")?),
-            "--cols" => {
-                cols = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--cols needs a number")?
-            }
-            "--scale" => {
-                scale = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--scale needs a number")?
-            }
-            "--seed" => {
-                seed = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--seed needs a number")?
-            }
+            "--cols" => cols = it.next().and_then(|v| v.parse().ok()).ok_or("--cols needs a number")?,
+            "--scale" => scale = it.next().and_then(|v| v.parse().ok()).ok_or("--scale needs a number")?,
+            "--seed" => seed = it.next().and_then(|v| v.parse().ok()).ok_or("--seed needs a number")?,
             "--stats" => stats = true,
             "--gen" => {
                 let dir = PathBuf::from(it.next().ok_or("--gen needs DIR N")?);
-                let n = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or("--gen needs DIR N")?;
+                let n = it.next().and_then(|v| v.parse().ok()).ok_or("--gen needs DIR N")?;
                 gen = Some((dir, n));
             }
             _ => files.push(PathBuf::from(a)),
@@ -195,11 +170,7 @@ fn main() -> Result<(), String> {
         let b = tile(&real, cols, scale, 4)?;
         let _ = std::fs::remove_dir_all(&tmp);
         let gap = 16;
-        let mut both = RgbImage::from_pixel(
-            a.width(),
-            a.height() + gap + b.height(),
-            image::Rgb([255, 255, 255]),
-        );
+        let mut both = RgbImage::from_pixel(a.width(), a.height() + gap + b.height(), image::Rgb([255, 255, 255]));
         imageops::replace(&mut both, &a, 0, 0);
         imageops::replace(&mut both, &b, 0, i64::from(a.height() + gap));
         both
@@ -207,8 +178,7 @@ fn main() -> Result<(), String> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    img.save(&out)
-        .map_err(|e| format!("{}: {e}", out.display()))?;
+    img.save(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     println!("wrote {}", out.display());
     Ok(())
 }

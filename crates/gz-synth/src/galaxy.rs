@@ -470,15 +470,10 @@ impl Scene {
             let bulge_total = disk_total * bulge_frac / (1.0 - bulge_frac);
             // Sérsic total = I_e re² 2π n e^b b^-2n Γ(2n): use a rough fit for n in 1..4
             let bn = 2.0 * n - 1.0 / 3.0;
-            let total_per_ie =
-                2.0 * PI * re * re * n * bn.exp() * gamma(2.0 * n) / bn.powf(2.0 * n);
+            let total_per_ie = 2.0 * PI * re * re * n * bn.exp() * gamma(2.0 * n) / bn.powf(2.0 * n);
             let ie = bulge_total / total_per_ie;
             boxy = edge_on && rng.gen::<f32>() < 0.15;
-            let bq = if boxy {
-                0.75
-            } else {
-                rng.gen_range(0.7..1.0f32).max(q)
-            };
+            let bq = if boxy { 0.75 } else { rng.gen_range(0.7..1.0f32).max(q) };
             self.central.push(Component {
                 x: cx,
                 y: cy,
@@ -765,15 +760,12 @@ impl Scene {
         let res_vis = smoothstep(1.5, 9.0, f.resolution);
         let sb_vis = smoothstep(0.3, 3.0, f.surface_brightness.max(1e-3).ln() + 0.5);
         let clarity = res_vis * (0.35 + 0.65 * sb_vis);
-        let mix =
-            |truth: f64, prior: f64, c: f32| f64::from(c) * truth + (1.0 - f64::from(c)) * prior;
+        let mix = |truth: f64, prior: f64, c: f32| f64::from(c) * truth + (1.0 - f64::from(c)) * prior;
         let c = clarity;
 
         // Q1: smooth / features / star-artefact
         let edge = smoothstep(0.42, 0.2, f.q) * smoothstep(0.8, 3.0, f.resolution);
-        let arm_e = f.arms.map_or(0.0, |(_, _, s)| s)
-            * smoothstep(2.0, 8.0, f.resolution)
-            * (0.5 + 0.5 * sb_vis);
+        let arm_e = f.arms.map_or(0.0, |(_, _, s)| s) * smoothstep(2.0, 8.0, f.resolution) * (0.5 + 0.5 * sb_vis);
         let feature_e = match self.kind {
             // flattened spheroids are sometimes taken for disks
             Kind::Elliptical => 0.1 + 0.35 * (1.0 - f.q) * c + 0.3 * f.lens,
@@ -846,16 +838,8 @@ impl Scene {
             f.disturbed * 0.75 * c6,
             f.dust * 0.7 * smoothstep(0.8, 4.0, f.resolution),
             f.crowding * 0.25,
-            if self.kind == Kind::Irregular {
-                0.7 * c6
-            } else {
-                0.0
-            },
-            if self.kind == Kind::Merger {
-                0.8 * c6
-            } else {
-                0.0
-            },
+            if self.kind == Kind::Irregular { 0.7 * c6 } else { 0.0 },
+            if self.kind == Kind::Merger { 0.8 * c6 } else { 0.0 },
         ];
         let not_odd: f32 = odd_feats.iter().map(|&o| 1.0 - sat(o)).product::<f32>() * 0.9;
         let q6 = f64::from(1.0 - not_odd);
@@ -875,11 +859,7 @@ impl Scene {
             f64::from(f.ring * c6) + 0.03,
             f64::from(f.lens) + 0.03,
             f64::from(f.disturbed * 0.6) + 0.08,
-            if self.kind == Kind::Irregular {
-                1.0
-            } else {
-                0.06
-            },
+            if self.kind == Kind::Irregular { 1.0 } else { 0.06 },
             0.12 + f64::from(f.crowding) * 0.3,
             if self.kind == Kind::Merger {
                 1.2

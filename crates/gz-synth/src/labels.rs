@@ -29,33 +29,21 @@ pub struct Probs {
 impl Probs {
     /// All zeros; fill every question with [`Probs::set`].
     pub fn new() -> Self {
-        Self {
-            p: [0.0; N_ANSWERS],
-        }
+        Self { p: [0.0; N_ANSWERS] }
     }
 
     /// Sets question `q`'s probabilities from non-negative weights (normalised here; all-zero
     /// weights become uniform).
     pub fn set(&mut self, q: usize, weights: &[f64]) {
         let qs = &QUESTIONS[q];
-        assert_eq!(
-            weights.len(),
-            qs.len,
-            "Q{} has {} answers",
-            qs.number,
-            qs.len
-        );
+        assert_eq!(weights.len(), qs.len, "Q{} has {} answers", qs.number, qs.len);
         let w: Vec<f64> = weights
             .iter()
             .map(|&x| if x.is_finite() && x > 0.0 { x } else { 0.0 })
             .collect();
         let total: f64 = w.iter().sum();
         for (k, a) in qs.answers().enumerate() {
-            self.p[a] = if total > 0.0 {
-                w[k] / total
-            } else {
-                1.0 / qs.len as f64
-            };
+            self.p[a] = if total > 0.0 { w[k] / total } else { 1.0 / qs.len as f64 };
         }
     }
 
@@ -94,11 +82,7 @@ pub fn topological_order() -> Vec<usize> {
             }
         }
     }
-    assert_eq!(
-        order.len(),
-        N_QUESTIONS,
-        "the Galaxy Zoo tree has no cycles"
-    );
+    assert_eq!(order.len(), N_QUESTIONS, "the Galaxy Zoo tree has no cycles");
     order
 }
 
@@ -169,10 +153,7 @@ pub fn observed_row<R: Rng>(rng: &mut R, probs: &Probs, volunteers: u32) -> [f32
             counts[a] += 1;
             q = ANSWERS[a].leads_to;
             steps += 1;
-            debug_assert!(
-                steps <= N_QUESTIONS,
-                "a volunteer's walk is at most 11 questions long"
-            );
+            debug_assert!(steps <= N_QUESTIONS, "a volunteer's walk is at most 11 questions long");
         }
     }
     let n = f64::from(volunteers.max(1));
@@ -220,12 +201,7 @@ mod tests {
         let pos = |q: usize| order.iter().position(|&x| x == q).unwrap();
         for a in &ANSWERS {
             if let Some(next) = a.leads_to {
-                assert!(
-                    pos(a.question) < pos(next),
-                    "Q{} before Q{}",
-                    a.question + 1,
-                    next + 1
-                );
+                assert!(pos(a.question) < pos(next), "Q{} before Q{}", a.question + 1, next + 1);
             }
         }
     }

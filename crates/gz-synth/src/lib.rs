@@ -237,12 +237,7 @@ fn galaxy_rng(seed: u64, split: Split, index: usize) -> ChaCha8Rng {
 }
 
 /// Draws, renders and labels one galaxy (pure function of its arguments).
-pub fn make_sample(
-    cfg: &SynthConfig,
-    split: Split,
-    index: usize,
-    id: u64,
-) -> Result<Sample, String> {
+pub fn make_sample(cfg: &SynthConfig, split: Split, index: usize, id: u64) -> Result<Sample, String> {
     let mut rng = galaxy_rng(cfg.seed, split, index);
     let scene = Scene::sample(&mut rng);
     let probs = scene.answer_probs();
@@ -387,29 +382,12 @@ pub fn generate(
     match std::fs::remove_file(&marker) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(SynthError::Io {
-                path: marker,
-                source,
-            })
-        }
+        Err(source) => return Err(SynthError::Io { path: marker, source }),
     }
     let (train_ids, test_ids) = draw_ids(cfg);
     let run = || -> Result<(Vec<Written>, Vec<Written>), SynthError> {
-        let train = write_split(
-            &out_dir.join(TRAIN_DIR),
-            cfg,
-            Split::Train,
-            &train_ids,
-            progress,
-        )?;
-        let test = write_split(
-            &out_dir.join(TEST_DIR),
-            cfg,
-            Split::Test,
-            &test_ids,
-            progress,
-        )?;
+        let train = write_split(&out_dir.join(TRAIN_DIR), cfg, Split::Train, &train_ids, progress)?;
+        let test = write_split(&out_dir.join(TEST_DIR), cfg, Split::Test, &test_ids, progress)?;
         Ok((train, test))
     };
     let (train, test) = if cfg.threads > 0 {
@@ -441,12 +419,7 @@ pub fn generate(
     write_atomic(&out_dir.join(FLOOR_JSON), to_json(&floor).as_bytes())?;
     write_atomic(&marker, to_json(&cfg.canonical()).as_bytes())?;
     let n = (train.len() + test.len()).max(1) as f64;
-    let mean_volunteers = train
-        .iter()
-        .chain(&test)
-        .map(|s| f64::from(s.volunteers))
-        .sum::<f64>()
-        / n;
+    let mean_volunteers = train.iter().chain(&test).map(|s| f64::from(s.volunteers)).sum::<f64>() / n;
     Ok(SynthSummary {
         out_dir: out_dir.to_path_buf(),
         n_train: train.len(),

@@ -76,13 +76,9 @@ fn extent(c: &Component, floor: f32) -> f32 {
             let ratio = (ie / floor).max(1.0);
             (re * (1.0 + ratio.ln() / b).powf(*n)).min(6.0 * re)
         }
-        Profile::Disk {
-            h, i0, arms, ring, ..
-        } => {
+        Profile::Disk { h, i0, arms, ring, .. } => {
             let base = (h * (i0 / floor).max(1.0).ln()).min(6.0 * h);
-            let ring_r = ring
-                .as_ref()
-                .map_or(0.0, |r| h * (r.radius + 3.0 * r.width));
+            let ring_r = ring.as_ref().map_or(0.0, |r| h * (r.radius + 3.0 * r.width));
             let arm_r = if arms.is_some() { base * 1.15 } else { 0.0 };
             base.max(ring_r).max(arm_r)
         }
@@ -205,29 +201,17 @@ fn box_widths(sigma: f32) -> [usize; 3] {
     let wl = wl.max(1);
     let wu = wl + 2;
     let wlf = wl as f32;
-    let m = ((12.0 * sigma * sigma - n * wlf * wlf - 4.0 * n * wlf - 3.0 * n) / (-4.0 * wlf - 4.0))
-        .round() as i32;
+    let m = ((12.0 * sigma * sigma - n * wlf * wlf - 4.0 * n * wlf - 3.0 * n) / (-4.0 * wlf - 4.0)).round() as i32;
     let mut out = [0usize; 3];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = if (i as i32) < m {
-            wl as usize
-        } else {
-            wu as usize
-        };
+        *o = if (i as i32) < m { wl as usize } else { wu as usize };
     }
     out
 }
 
 /// Vertical box filter of odd width `bw` over a `w`×`h` plane, all columns at once (row-major
 /// friendly: running sums per column), zero outside.
-fn box_vertical(
-    plane: &mut [f32],
-    src: &mut Vec<f32>,
-    acc: &mut Vec<f32>,
-    w: usize,
-    h: usize,
-    bw: usize,
-) {
+fn box_vertical(plane: &mut [f32], src: &mut Vec<f32>, acc: &mut Vec<f32>, w: usize, h: usize, bw: usize) {
     let r = bw / 2;
     src.clear();
     src.extend_from_slice(plane);
@@ -320,10 +304,7 @@ fn render_central(scene: &Scene, img: &mut Flux) {
     // The cutouts are magnified by `zoom`: render on the native (coarser) grid, blur there with
     // the native PSF, then resample bilinearly, as the real cutouts were made.
     let z = scene.zoom.max(1.0);
-    let (wn, hn) = (
-        (w as f32 / z).ceil() as usize + 2,
-        (h as f32 / z).ceil() as usize + 2,
-    );
+    let (wn, hn) = ((w as f32 / z).ceil() as usize + 2, (h as f32 / z).ceil() as usize + 2);
     let mut local = Flux::new(wn, hn);
     for (c, e) in scene.central.iter().zip(&ext) {
         let ased = arm_sed(c);
@@ -398,13 +379,7 @@ fn render_field(scene: &Scene, img: &mut Flux) {
         let yb = ((c.y + e).ceil().max(0.0) as usize).min(SIDE);
         for y in ya..yb {
             for x in xa..xb {
-                let (m, _) = eval(
-                    c,
-                    sc,
-                    x as f32 + 0.5 - c.x,
-                    y as f32 + 0.5 - c.y,
-                    scene.psf * 1.2,
-                );
+                let (m, _) = eval(c, sc, x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y, scene.psf * 1.2);
                 img.add(y * SIDE + x, m, &c.sed);
             }
         }
@@ -422,8 +397,8 @@ fn render_points(scene: &Scene, img: &mut Flux) {
     let (inv_a2, inv_s2, core_r2) = (1.0 / (alpha * alpha), 1.0 / (s * s), (5.0 * s) * (5.0 * s));
     for st in &scene.stars {
         let peak = st.flux * core_norm;
-        let e = (alpha * ((0.15 * st.flux * moffat_norm / 0.1).max(1.0)).powf(1.0 / (2.0 * beta)))
-            .clamp(3.0 * s, 120.0);
+        let e =
+            (alpha * ((0.15 * st.flux * moffat_norm / 0.1).max(1.0)).powf(1.0 / (2.0 * beta))).clamp(3.0 * s, 120.0);
         let xa = (st.x - e).floor().max(0.0) as usize;
         let ya = (st.y - e).floor().max(0.0) as usize;
         let xb = ((st.x + e).ceil().max(0.0) as usize).min(SIDE);
@@ -467,11 +442,7 @@ fn render_points(scene: &Scene, img: &mut Flux) {
                 let dx = x as f32 + 0.5 - t.x;
                 let d = -dx * sn + dy * cs;
                 if d.abs() < 4.0 * t.width {
-                    img.add(
-                        y * SIDE + x,
-                        t.amp * (-0.5 * d * d / (t.width * t.width)).exp(),
-                        &t.sed,
-                    );
+                    img.add(y * SIDE + x, t.amp * (-0.5 * d * d / (t.width * t.width)).exp(), &t.sed);
                 }
             }
         }
@@ -489,9 +460,7 @@ impl StretchLut {
     fn new() -> Self {
         let (lo, hi, n) = (-16.0f32, 96.0f32, 8192usize);
         let step = (hi - lo) / (n - 1) as f32;
-        let table = (0..n)
-            .map(|k| stretch_factor(lo + k as f32 * step))
-            .collect();
+        let table = (0..n).map(|k| stretch_factor(lo + k as f32 * step)).collect();
         StretchLut {
             lo,
             inv_step: 1.0 / step,
@@ -574,11 +543,7 @@ fn render_into(scene: &Scene, sc: &mut Scratch) -> Vec<u8> {
     for y in 0..SIDE {
         noise.row(y, [&mut *nr, &mut *ng, &mut *nb]);
         let span = y * SIDE..(y + 1) * SIDE;
-        let (r, g, b) = (
-            &img.c[0][span.clone()],
-            &img.c[1][span.clone()],
-            &img.c[2][span],
-        );
+        let (r, g, b) = (&img.c[0][span.clone()], &img.c[1][span.clone()], &img.c[2][span]);
         // 1. noise (photon noise grows in bright parts), in place in the noise rows; simple
         //    slice loops so that they vectorise
         for x in 0..SIDE {
@@ -667,10 +632,7 @@ impl CorrelatedNoise {
         let fy = gy - y0 as f32;
         for (ch, o) in out.iter_mut().enumerate() {
             let g = &self.grid[ch];
-            let (r0, r1) = (
-                &g[y0 * SIDE..(y0 + 1) * SIDE],
-                &g[(y0 + 1) * SIDE..(y0 + 2) * SIDE],
-            );
+            let (r0, r1) = (&g[y0 * SIDE..(y0 + 1) * SIDE], &g[(y0 + 1) * SIDE..(y0 + 2) * SIDE]);
             for ((v, a), b) in o.iter_mut().zip(r0).zip(r1) {
                 *v = a + (b - a) * fy;
             }

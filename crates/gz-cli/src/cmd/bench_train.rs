@@ -61,8 +61,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = super::train::model_config(&args.model, args.output.as_deref())?;
     let precision = Precision::from_name(&args.precision)
         .with_context(|| format!("unknown --precision {:?}: expected f32 or bf16", args.precision))?;
-    let optimizer = OptimizerKind::from_name(&args.optimizer)
-        .with_context(|| format!("unknown --optimizer {:?}: expected rmsprop, sgd-nesterov or adamw", args.optimizer))?;
+    let optimizer = OptimizerKind::from_name(&args.optimizer).with_context(|| {
+        format!(
+            "unknown --optimizer {:?}: expected rmsprop, sgd-nesterov or adamw",
+            args.optimizer
+        )
+    })?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("--device {}", args.device))?;
     match args.conv.as_str() {
         "auto" => gz_model::cudnn::set_enabled(true),
@@ -70,19 +74,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "cudnn" if !gz_model::cudnn::compiled() => {
             anyhow::bail!("--conv cudnn: this gz was built without the `cudnn` feature (cargo build --features cudnn)")
         }
-        "cudnn" if !device.is_cuda() => anyhow::bail!("--conv cudnn needs a CUDA device (got --device {})", args.device),
+        "cudnn" if !device.is_cuda() => {
+            anyhow::bail!("--conv cudnn needs a CUDA device (got --device {})", args.device)
+        }
         "cudnn" => gz_model::cudnn::set_enabled(true),
         other => anyhow::bail!("unknown --conv {other:?}: expected auto, cudnn or candle"),
     }
-    let conv = if gz_model::cudnn::active_for(&device) { "cudnn" } else { "candle" };
+    let conv = if gz_model::cudnn::active_for(&device) {
+        "cudnn"
+    } else {
+        "candle"
+    };
     let shape = [3, args.size, args.size];
-    let r = gz_model::train::bench(&model, shape, args.batch, precision, optimizer, args.steps, args.warmup, &device)
-        .with_context(|| format!("benchmarking {}", args.model))?;
+    let r = gz_model::train::bench(
+        &model,
+        shape,
+        args.batch,
+        precision,
+        optimizer,
+        args.steps,
+        args.warmup,
+        &device,
+    )
+    .with_context(|| format!("benchmarking {}", args.model))?;
     // The breakdown: a few more steps with every cuDNN call bracketed by CUDA events.
     let profile = if conv == "cudnn" && args.profile_steps > 0 {
         gz_model::cudnn::take_profile(&device).context("clearing the cuDNN profile")?;
         gz_model::cudnn::set_profiling(true);
-        let p = gz_model::train::bench(&model, shape, args.batch, precision, optimizer, args.profile_steps, 1, &device);
+        let p = gz_model::train::bench(
+            &model,
+            shape,
+            args.batch,
+            precision,
+            optimizer,
+            args.profile_steps,
+            1,
+            &device,
+        );
         gz_model::cudnn::set_profiling(false);
         let p = p.with_context(|| format!("profiling {}", args.model))?;
         let prof = gz_model::cudnn::take_profile(&device).context("reading the cuDNN profile")?;
@@ -126,7 +154,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("    conv bwd-filter   {:>9.2} ms/step", prof.conv_bwd_filter_ms / n);
         println!("    conv bias fwd+bwd {:>9.2} ms/step", prof.bias_ms / n);
         println!("    max-pool fwd+bwd  {:>9.2} ms/step", pool_ms);
-        println!("    everything else   {:>9.2} ms/step (other kernels, optimizer, launch gaps)", p.step_ms - conv_ms - pool_ms);
+        println!(
+            "    everything else   {:>9.2} ms/step (other kernels, optimizer, launch gaps)",
+            p.step_ms - conv_ms - pool_ms
+        );
         for line in gz_model::cudnn::plan_report() {
             println!("    plan: {line}");
         }

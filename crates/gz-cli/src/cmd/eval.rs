@@ -56,18 +56,23 @@ pub struct Args {
 
 fn run_name(p: &std::path::Path) -> String {
     let p = if p.is_file() { p.parent().unwrap_or(p) } else { p };
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
     let models = load_runs(&args.runs, &device)?;
-    let cache = gz_shards::Cache::open(&args.cache).with_context(|| format!("opening cache {}", args.cache.display()))?;
+    let cache =
+        gz_shards::Cache::open(&args.cache).with_context(|| format!("opening cache {}", args.cache.display()))?;
     for (m, r) in models.iter().zip(&args.runs) {
         check_cache(m, r, &cache)?;
     }
-    let Some(train) = cache.train() else { bail!("cache {} has no training split", args.cache.display()) };
+    let Some(train) = cache.train() else {
+        bail!("cache {} has no training split", args.cache.display())
+    };
     let first = &models[0];
     let holdout = validation_rows(first, train)?;
     if models.len() > 1 && args.split == "validation" {
@@ -97,7 +102,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     } else {
-        let Some(test) = cache.test() else { bail!("cache {} has no test split", args.cache.display()) };
+        let Some(test) = cache.test() else {
+            bail!("cache {} has no test split", args.cache.display())
+        };
         let eval_labels = match (test.labels(), &args.data) {
             (Some(_), _) => None,
             (None, Some(d)) if d.join("test_solutions.csv").is_file() => {
@@ -117,15 +124,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             description: format!(
                 "test split: {} images{}",
                 test.len(),
-                if test.labels().is_none() { " (labels from test_solutions.csv)" } else { "" }
+                if test.labels().is_none() {
+                    " (labels from test_solutions.csv)"
+                } else {
+                    ""
+                }
             ),
         }
     };
     let name = args.runs.iter().map(|r| run_name(r)).collect::<Vec<_>>().join("+");
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
-    let cfg = EvalConfig { tta, batch: args.batch, central_pixel: CentralPixelConfig { levels: args.cp_levels, radius: args.cp_radius } };
-    let checkpoints = models.iter().map(|m| m.weights_path().display().to_string()).collect::<Vec<_>>().join(", ");
+    let cfg = EvalConfig {
+        tta,
+        batch: args.batch,
+        central_pixel: CentralPixelConfig {
+            levels: args.cp_levels,
+            radius: args.cp_radius,
+        },
+    };
+    let checkpoints = models
+        .iter()
+        .map(|m| m.weights_path().display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let pb = progress_bar(rows.eval_rows.len(), "eval");
     let ev = evaluate(
         &ensemble,
@@ -140,9 +162,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     pb.finish_and_clear();
 
     println!("{} — {}", name, ev.report.split);
-    print!("{}", format_table(std::slice::from_ref(&ev.report.model), &ev.report.baselines, ev.report.floor.as_ref()));
+    print!(
+        "{}",
+        format_table(
+            std::slice::from_ref(&ev.report.model),
+            &ev.report.baselines,
+            ev.report.floor.as_ref()
+        )
+    );
 
-    let dir = args.report.clone().unwrap_or_else(|| PathBuf::from("reports").join(&name));
+    let dir = args
+        .report
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let gdir = dir.join("gallery");
     std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
     let mut gallery = Vec::new();
@@ -157,7 +189,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             truth: ev.labels[k * N_ANSWERS..(k + 1) * N_ANSWERS].to_vec(),
         });
     }
-    let run_dir = if args.runs[0].is_dir() { args.runs[0].clone() } else { args.runs[0].parent().map(PathBuf::from).unwrap_or_default() };
+    let run_dir = if args.runs[0].is_dir() {
+        args.runs[0].clone()
+    } else {
+        args.runs[0].parent().map(PathBuf::from).unwrap_or_default()
+    };
     let mj = run_dir.join("metrics.jsonl");
     let epochs = if mj.is_file() {
         Some(read_epochs(&mj)?)

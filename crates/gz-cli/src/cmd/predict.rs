@@ -129,17 +129,26 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         src.device
     );
     let (rows, failures) = if let Some(cache_dir) = &src.cache {
-        let cache = gz_shards::Cache::open(cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
+        let cache =
+            gz_shards::Cache::open(cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
         for (m, run) in models.iter().zip(&src.runs) {
             gz_eval::eval::check_cache(m, run, &cache)?;
         }
         let Some(test) = cache.test() else {
-            bail!("cache {} has no test split (was images_test_rev1/ empty when it was prepared?)", cache_dir.display());
+            bail!(
+                "cache {} has no test split (was images_test_rev1/ empty when it was prepared?)",
+                cache_dir.display()
+            );
         };
         let pb = progress_bar(test.len(), "predict");
-        let values = predict_split(&ensemble, test, None, &tta, src.batch, &device, &|n| pb.set_position(n as u64))?;
+        let values = predict_split(&ensemble, test, None, &tta, src.batch, &device, &|n| {
+            pb.set_position(n as u64)
+        })?;
         pb.finish_and_clear();
-        let rows = Solutions { ids: test.ids().to_vec(), values };
+        let rows = Solutions {
+            ids: test.ids().to_vec(),
+            values,
+        };
         (rows, Vec::new())
     } else if let Some(dir) = &src.images {
         predict_folder(&models, &ensemble, dir, &tta, src.batch, &device)?
@@ -158,7 +167,12 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
             );
         }
     }
-    Ok(Predicted { rows, failures, train_mean, views: tta.n_views() })
+    Ok(Predicted {
+        rows,
+        failures,
+        train_mean,
+        views: tta.n_views(),
+    })
 }
 
 fn predict_folder(
@@ -171,7 +185,10 @@ fn predict_folder(
 ) -> anyhow::Result<(Solutions, Vec<Failure>)> {
     let sidecar = models[0].sidecar();
     let cfg: gz_preprocess::PrepConfig = serde_json::from_value(sidecar.prep_config.clone()).with_context(|| {
-        format!("the checkpoint's prep_config is not a gz-preprocess PrepConfig: {}", sidecar.prep_config)
+        format!(
+            "the checkpoint's prep_config is not a gz-preprocess PrepConfig: {}",
+            sidecar.prep_config
+        )
     })?;
     if cfg.hash() != sidecar.prep_config_hash {
         bail!(
@@ -189,7 +206,9 @@ fn predict_folder(
     let prep = |bytes: &[u8]| gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string());
     let shape = sidecar.input_shape;
     let pb = progress_bar(paths.len(), "predict");
-    let out = predict_jpegs(ensemble, &paths, &prep, shape, tta, batch, device, &|n| pb.set_position(n as u64))?;
+    let out = predict_jpegs(ensemble, &paths, &prep, shape, tta, batch, device, &|n| {
+        pb.set_position(n as u64)
+    })?;
     pb.finish_and_clear();
     Ok(out)
 }
@@ -206,7 +225,10 @@ pub fn fill_failures(p: &mut Predicted) -> anyhow::Result<Vec<u64>> {
                 p.rows.push(id, &p.train_mean);
                 filled.push(id);
             }
-            None => bail!("{}: not named <GalaxyID>.jpg, so it cannot be given a row", f.path.display()),
+            None => bail!(
+                "{}: not named <GalaxyID>.jpg, so it cannot be given a row",
+                f.path.display()
+            ),
         }
     }
     Ok(filled)
@@ -219,7 +241,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("filled with the training mean: {id}");
     }
     gz_schema::write_solutions(&args.out, &p.rows).with_context(|| format!("writing {}", args.out.display()))?;
-    println!("{} rows ({} filled with the training mean), {} TTA view(s)", p.rows.len(), filled.len(), p.views);
+    println!(
+        "{} rows ({} filled with the training mean), {} TTA view(s)",
+        p.rows.len(),
+        filled.len(),
+        p.views
+    );
     println!("predictions: {}", args.out.display());
     Ok(())
 }

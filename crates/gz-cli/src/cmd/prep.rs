@@ -56,7 +56,10 @@ fn parse_filter(s: &str) -> Result<Filter, String> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(data) = args.data.clone() else {
         if args.verify {
-            let dir = args.cache.as_ref().context("--verify without --data needs --cache <cache dir>")?;
+            let dir = args
+                .cache
+                .as_ref()
+                .context("--verify without --data needs --cache <cache dir>")?;
             verify(dir)?;
             println!("cache: {}", dir.display());
             return Ok(());
@@ -67,7 +70,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => default_cache_root(&data)?,
     };
-    let cfg = PrepConfig { crop: args.crop, size: args.size, filter: args.filter };
+    let cfg = PrepConfig {
+        crop: args.crop,
+        size: args.size,
+        filter: args.filter,
+    };
     let mut opts = RunOptions::new(&data, &cache_root);
     opts.threads = args.threads;
     opts.strict = args.strict;
@@ -75,8 +82,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix:>5} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>5} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let progress = |p: gz_preprocess::Progress| {
         if bar.prefix() != p.split {
@@ -86,8 +95,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.set_length(p.total);
         bar.set_position(p.done);
     };
-    let summary = gz_preprocess::run_with(&opts, &cfg, &progress)
-        .with_context(|| format!("preprocessing {}", data.display()))?;
+    let summary =
+        gz_preprocess::run_with(&opts, &cfg, &progress).with_context(|| format!("preprocessing {}", data.display()))?;
     bar.finish_and_clear();
 
     for s in &summary.skipped {
@@ -129,13 +138,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn verify(dir: &Path) -> anyhow::Result<()> {
     let cache = gz_shards::Cache::open(dir).with_context(|| format!("opening cache {}", dir.display()))?;
-    let n = cache.verify().with_context(|| format!("verifying cache {}", dir.display()))?;
+    let n = cache
+        .verify()
+        .with_context(|| format!("verifying cache {}", dir.display()))?;
     println!("verified: {n} files, all checksums match");
     Ok(())
 }
 
 /// `<DATA>/../cache` (after resolving DATA, so `--data .` works).
 fn default_cache_root(data: &Path) -> anyhow::Result<PathBuf> {
-    let abs = data.canonicalize().with_context(|| format!("{}: cannot resolve data directory", data.display()))?;
+    let abs = data
+        .canonicalize()
+        .with_context(|| format!("{}: cannot resolve data directory", data.display()))?;
     Ok(abs.parent().unwrap_or(&abs).join("cache"))
 }

@@ -62,7 +62,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(file) = &args.check {
         return run_check(file, args.ids.as_ref());
     }
-    let Some(out) = args.out.clone() else { bail!("--out FILE is required (or use --check FILE)") };
+    let Some(out) = args.out.clone() else {
+        bail!("--out FILE is required (or use --check FILE)")
+    };
     let ids_dir = args.ids.clone().or_else(|| args.images.clone());
     let ids = match &ids_dir {
         Some(d) => Some(ids_from_dir(d)?),
@@ -74,7 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let labels = match (&args.train_labels, &ids_dir) {
                 (Some(p), _) => p.clone(),
                 (None, Some(d)) => d.join("../training_solutions_rev1.csv"),
-                (None, None) => bail!("--fill-mean with --pred needs --train-labels CSV (or --ids DIR inside a Kaggle layout)"),
+                (None, None) => {
+                    bail!("--fill-mean with --pred needs --train-labels CSV (or --ids DIR inside a Kaggle layout)")
+                }
             };
             let sol = gz_schema::read_solutions(&labels)
                 .with_context(|| format!("reading the training labels for --fill-mean from {}", labels.display()))?;
@@ -102,7 +106,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("give --pred FILE, or --run RUN with --cache/--images, or --check FILE");
     };
     if ids.is_none() {
-        eprintln!("warning: no --ids folder: the submission cannot be checked for completeness against the test images");
+        eprintln!(
+            "warning: no --ids folder: the submission cannot be checked for completeness against the test images"
+        );
     }
     let a = write_submission(&out, &pred, ids.as_deref(), mean.as_deref())?;
     for id in &a.filled {
@@ -125,7 +131,9 @@ fn run_check(file: &PathBuf, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
     };
     let rep = check(file, ids.as_deref())?;
     if rep.is_ok() {
-        let versus = ids.as_ref().map_or(String::new(), |i| format!(", complete for the {} test images", i.len()));
+        let versus = ids
+            .as_ref()
+            .map_or(String::new(), |i| format!(", complete for the {} test images", i.len()));
         println!("{}: valid submission, {} rows{versus}", file.display(), rep.rows);
         return Ok(());
     }

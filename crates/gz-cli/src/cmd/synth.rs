@@ -67,9 +67,7 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
         Ok(None) if dir.join(gz_synth::TRAIN_DIR).exists() => Ok(Target::Other(
             "an incomplete synthetic dataset (no synth.json: an interrupted run?)".into(),
         )),
-        Ok(None) => Ok(Target::Other(
-            "files that are not a synthetic dataset".into(),
-        )),
+        Ok(None) => Ok(Target::Other("files that are not a synthetic dataset".into())),
         Err(e) => Ok(Target::Other(format!("an unreadable marker ({e})"))),
     }
 }
@@ -107,8 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Target::Same | Target::Other(_) => {
             // --force: remove only what gz synth writes, never other files
-            gz_synth::clean(&args.out)
-                .with_context(|| format!("cleaning {}", args.out.display()))?;
+            gz_synth::clean(&args.out).with_context(|| format!("cleaning {}", args.out.display()))?;
         }
     }
 
@@ -119,10 +116,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         indicatif::ProgressBar::hidden()
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "synth [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("synth [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let start = Instant::now();
     let summary = gz_synth::generate(&args.out, &cfg, &|n| bar.inc(n))
@@ -144,11 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.mean_volunteers, summary.train_rmse, summary.test_rmse
     );
     let d = args.out.display();
-    println!(
-        "  images:   {d}/{}/, {d}/{}/",
-        gz_synth::TRAIN_DIR,
-        gz_synth::TEST_DIR
-    );
+    println!("  images:   {d}/{}/, {d}/{}/", gz_synth::TRAIN_DIR, gz_synth::TEST_DIR);
     println!(
         "  labels:   {d}/{} (Kaggle), {d}/{}",
         gz_synth::TRAIN_CSV,

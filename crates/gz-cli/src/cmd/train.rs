@@ -128,7 +128,7 @@ fn train_config(args: &Args, model: ModelConfig) -> anyhow::Result<TrainConfig> 
             args.optimizer
         )
     })?;
-    cfg.lr = args.lr.unwrap_or(cfg.optimizer.default_lr());
+    cfg.lr = args.lr.unwrap_or(cfg.optimizer.default_lr_for(cfg.model.arch));
     cfg.schedule = match args.schedule.as_deref() {
         None if cfg.optimizer == OptimizerKind::SgdNesterov => Schedule::dieleman(args.epochs),
         None | Some("constant") => Schedule::Constant,

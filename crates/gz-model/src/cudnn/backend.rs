@@ -42,7 +42,12 @@ impl TensorDesc {
         let d = Self(cr::create_tensor_descriptor().map_err(|e| cuda_err("create tensor descriptor", e))?);
         // SAFETY: `d.0` was just created and is destroyed only by `Drop`.
         unsafe {
-            cr::set_tensor4d_descriptor(d.0, sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, dt, [n as i32, c as i32, h as i32, w as i32])
+            cr::set_tensor4d_descriptor(
+                d.0,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                dt,
+                [n as i32, c as i32, h as i32, w as i32],
+            )
         }
         .map_err(|e| cuda_err("set tensor descriptor", e))?;
         Ok(d)
@@ -63,7 +68,12 @@ impl FilterDesc {
         let d = Self(cr::create_filter_descriptor().map_err(|e| cuda_err("create filter descriptor", e))?);
         // SAFETY: `d.0` was just created and is destroyed only by `Drop`.
         unsafe {
-            cr::set_filter4d_descriptor(d.0, dt, sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW, [k as i32, c as i32, r as i32, s as i32])
+            cr::set_filter4d_descriptor(
+                d.0,
+                dt,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                [k as i32, c as i32, r as i32, s as i32],
+            )
         }
         .map_err(|e| cuda_err("set filter descriptor", e))?;
         Ok(d)
@@ -233,7 +243,10 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
     STATES.with(|states| {
         let mut states = states.borrow_mut();
         if !states.contains_key(&key) {
-            stream.context().bind_to_thread().map_err(|e| cuda_err("bind context", e))?;
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| cuda_err("bind context", e))?;
             let handle = cr::create_handle().map_err(|e| cuda_err("create handle", e))?;
             // SAFETY: `handle` is live; the stream outlives it (the state holds an Arc to it).
             unsafe { cr::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }
@@ -326,14 +339,22 @@ impl State {
             self.workspace = Some(ws);
         }
         let stream = self.stream.clone();
-        let ws = self.workspace.as_mut().ok_or_else(|| cuda_err("workspace", "missing"))?;
+        let ws = self
+            .workspace
+            .as_mut()
+            .ok_or_else(|| cuda_err("workspace", "missing"))?;
         let len = ws.len();
         let (ptr, _sync) = ws.device_ptr_mut(&stream);
         Ok((ptr as *mut c_void, len))
     }
 
     fn workspace_limit(&self) -> usize {
-        let free = self.stream.context().mem_get_info().map(|(free, _)| free).unwrap_or(WORKSPACE_CAP);
+        let free = self
+            .stream
+            .context()
+            .mem_get_info()
+            .map(|(free, _)| free)
+            .unwrap_or(WORKSPACE_CAP);
         (free / 4).min(WORKSPACE_CAP)
     }
 
@@ -377,11 +398,23 @@ impl State {
             match key.kind {
                 Kind::Fwd => {
                     let mut max = 0;
-                    check("fwd max count", sys::cudnnGetConvolutionForwardAlgorithmMaxCount(handle, &mut max))?;
+                    check(
+                        "fwd max count",
+                        sys::cudnnGetConvolutionForwardAlgorithmMaxCount(handle, &mut max),
+                    )?;
                     let mut perf = vec![std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); max.max(1) as usize];
                     let mut got = 0;
-                    cr::get_convolution_forward_algorithm(handle, x.0, wd.0, conv.0, y.0, max, &mut got, perf.as_mut_ptr())
-                        .map_err(|e| cuda_err("fwd heuristics", e))?;
+                    cr::get_convolution_forward_algorithm(
+                        handle,
+                        x.0,
+                        wd.0,
+                        conv.0,
+                        y.0,
+                        max,
+                        &mut got,
+                        perf.as_mut_ptr(),
+                    )
+                    .map_err(|e| cuda_err("fwd heuristics", e))?;
                     let need = perf[..got as usize]
                         .iter()
                         .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
@@ -393,7 +426,19 @@ impl State {
                     check(
                         "fwd find",
                         sys::cudnnFindConvolutionForwardAlgorithmEx(
-                            handle, x.0, a, wd.0, b, conv.0, y.0, out, max, &mut got, perf.as_mut_ptr(), ws, ws_len,
+                            handle,
+                            x.0,
+                            a,
+                            wd.0,
+                            b,
+                            conv.0,
+                            y.0,
+                            out,
+                            max,
+                            &mut got,
+                            perf.as_mut_ptr(),
+                            ws,
+                            ws_len,
                         ),
                     )?;
                     let best = perf[..got as usize]
@@ -404,11 +449,24 @@ impl State {
                 }
                 Kind::BwdData => {
                     let mut max = 0;
-                    check("bwd-data max count", sys::cudnnGetConvolutionBackwardDataAlgorithmMaxCount(handle, &mut max))?;
-                    let mut perf = vec![std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); max.max(1) as usize];
+                    check(
+                        "bwd-data max count",
+                        sys::cudnnGetConvolutionBackwardDataAlgorithmMaxCount(handle, &mut max),
+                    )?;
+                    let mut perf =
+                        vec![std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); max.max(1) as usize];
                     let mut got = 0;
-                    cr::get_convolution_backward_data_algorithm(handle, wd.0, y.0, conv.0, x.0, max, &mut got, perf.as_mut_ptr())
-                        .map_err(|e| cuda_err("bwd-data heuristics", e))?;
+                    cr::get_convolution_backward_data_algorithm(
+                        handle,
+                        wd.0,
+                        y.0,
+                        conv.0,
+                        x.0,
+                        max,
+                        &mut got,
+                        perf.as_mut_ptr(),
+                    )
+                    .map_err(|e| cuda_err("bwd-data heuristics", e))?;
                     let need = perf[..got as usize]
                         .iter()
                         .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
@@ -421,7 +479,19 @@ impl State {
                     check(
                         "bwd-data find",
                         sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
-                            handle, wd.0, b, y.0, a, conv.0, x.0, out, max, &mut got, perf.as_mut_ptr(), ws, ws_len,
+                            handle,
+                            wd.0,
+                            b,
+                            y.0,
+                            a,
+                            conv.0,
+                            x.0,
+                            out,
+                            max,
+                            &mut got,
+                            perf.as_mut_ptr(),
+                            ws,
+                            ws_len,
                         ),
                     )?;
                     let best = perf[..got as usize]
@@ -436,10 +506,20 @@ impl State {
                         "bwd-filter max count",
                         sys::cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(handle, &mut max),
                     )?;
-                    let mut perf = vec![std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); max.max(1) as usize];
+                    let mut perf =
+                        vec![std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); max.max(1) as usize];
                     let mut got = 0;
-                    cr::get_convolution_backward_filter_algorithm(handle, x.0, y.0, conv.0, wd.0, max, &mut got, perf.as_mut_ptr())
-                        .map_err(|e| cuda_err("bwd-filter heuristics", e))?;
+                    cr::get_convolution_backward_filter_algorithm(
+                        handle,
+                        x.0,
+                        y.0,
+                        conv.0,
+                        wd.0,
+                        max,
+                        &mut got,
+                        perf.as_mut_ptr(),
+                    )
+                    .map_err(|e| cuda_err("bwd-filter heuristics", e))?;
                     let need = perf[..got as usize]
                         .iter()
                         .filter(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
@@ -452,7 +532,19 @@ impl State {
                     check(
                         "bwd-filter find",
                         sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
-                            handle, x.0, a, y.0, b, conv.0, wd.0, out, max, &mut got, perf.as_mut_ptr(), ws, ws_len,
+                            handle,
+                            x.0,
+                            a,
+                            y.0,
+                            b,
+                            conv.0,
+                            wd.0,
+                            out,
+                            max,
+                            &mut got,
+                            perf.as_mut_ptr(),
+                            ws,
+                            ws_len,
                         ),
                     )?;
                     let best = perf[..got as usize]
@@ -466,10 +558,30 @@ impl State {
         conv.set_math(math)?;
         let report = format!(
             "{:?} {:?} x={:?} w={:?} pad={} stride={}: {:?} {:?} {:.3} ms, workspace {} KiB",
-            key.kind, key.dtype, key.x, key.w, key.p.padding, key.p.stride, algo, math, time, memory / 1024
+            key.kind,
+            key.dtype,
+            key.x,
+            key.w,
+            key.p.padding,
+            key.p.stride,
+            algo,
+            math,
+            time,
+            memory / 1024
         );
         tracing_like_debug(&report);
-        self.conv_plans.insert(key, ConvPlan { x, w: wd, y, conv, algo, workspace: memory, report });
+        self.conv_plans.insert(
+            key,
+            ConvPlan {
+                x,
+                w: wd,
+                y,
+                conv,
+                algo,
+                workspace: memory,
+                report,
+            },
+        );
         Ok(())
     }
 }
@@ -480,7 +592,14 @@ fn tracing_like_debug(_line: &str) {}
 
 fn key(kind: Kind, dtype: DType, x: [usize; 4], w: [usize; 4], p: ConvParams) -> ConvKey {
     let tf32 = dtype == DType::F32 && super::allow_tf32();
-    ConvKey { kind, dtype, x, w, p, tf32 }
+    ConvKey {
+        kind,
+        dtype,
+        x,
+        w,
+        p,
+        tf32,
+    }
 }
 
 /// Runs one convolution call (planning it first if new). `a`, `b`: inputs; `out`: output.
@@ -501,14 +620,52 @@ fn run_conv(state: &mut State, key: ConvKey, a: *const c_void, b: *const c_void,
     // workspace holds at least `plan.workspace` bytes; all on the handle's stream.
     unsafe {
         match plan.algo {
-            Algo::Fwd(al) => cr::convolution_forward(h, one, plan.x.0, a, plan.w.0, b, plan.conv.0, al, ws, plan.workspace, zero, plan.y.0, out)
-                .map_err(|e| cuda_err("convolution forward", e))?,
+            Algo::Fwd(al) => cr::convolution_forward(
+                h,
+                one,
+                plan.x.0,
+                a,
+                plan.w.0,
+                b,
+                plan.conv.0,
+                al,
+                ws,
+                plan.workspace,
+                zero,
+                plan.y.0,
+                out,
+            )
+            .map_err(|e| cuda_err("convolution forward", e))?,
             Algo::BwdData(al) => cr::convolution_backward_data(
-                h, one, plan.w.0, b, plan.y.0, a, plan.conv.0, al, ws, plan.workspace, zero, plan.x.0, out,
+                h,
+                one,
+                plan.w.0,
+                b,
+                plan.y.0,
+                a,
+                plan.conv.0,
+                al,
+                ws,
+                plan.workspace,
+                zero,
+                plan.x.0,
+                out,
             )
             .map_err(|e| cuda_err("convolution backward data", e))?,
             Algo::BwdFilter(al) => cr::convolution_backward_filter(
-                h, one, plan.x.0, a, plan.y.0, b, plan.conv.0, al, ws, plan.workspace, zero, plan.w.0, out,
+                h,
+                one,
+                plan.x.0,
+                a,
+                plan.y.0,
+                b,
+                plan.conv.0,
+                al,
+                ws,
+                plan.workspace,
+                zero,
+                plan.w.0,
+                out,
             )
             .map_err(|e| cuda_err("convolution backward filter", e))?,
         }
@@ -575,7 +732,13 @@ pub(super) fn conv_fwd(
                 let (wp, _gw) = w.device_ptr(&stream);
                 let (yp, _gy) = y.device_ptr_mut(&stream);
                 let yp = yp as *mut c_void;
-                run_conv(st, key(Kind::Fwd, dtype, xd, wd, p), xp as *const c_void, wp as *const c_void, yp)?;
+                run_conv(
+                    st,
+                    key(Kind::Fwd, dtype, xd, wd, p),
+                    xp as *const c_void,
+                    wp as *const c_void,
+                    yp,
+                )?;
                 if let Some((bs, bl)) = bias {
                     let b = input::<T>(bs, bl)?;
                     let (bp, _gb) = b.device_ptr(&stream);
@@ -634,7 +797,13 @@ pub(super) fn conv_bwd_data(
                 let (dyp, _g1) = dy.device_ptr(&stream);
                 let (wp, _g2) = w.device_ptr(&stream);
                 let (dxp, _g3) = dx.device_ptr_mut(&stream);
-                run_conv(st, key(Kind::BwdData, dtype, xd, wd, p), dyp as *const c_void, wp as *const c_void, dxp as *mut c_void)?;
+                run_conv(
+                    st,
+                    key(Kind::BwdData, dtype, xd, wd, p),
+                    dyp as *const c_void,
+                    wp as *const c_void,
+                    dxp as *mut c_void,
+                )?;
             }
             Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
         })
@@ -677,7 +846,13 @@ pub(super) fn conv_bwd_filter(
                 let (xp, _g1) = x.device_ptr(&stream);
                 let (dyp, _g2) = dy.device_ptr(&stream);
                 let (dwp, _g3) = dw.device_ptr_mut(&stream);
-                run_conv(st, key(Kind::BwdFilter, dtype, xd, wd, p), xp as *const c_void, dyp as *const c_void, dwp as *mut c_void)?;
+                run_conv(
+                    st,
+                    key(Kind::BwdFilter, dtype, xd, wd, p),
+                    xp as *const c_void,
+                    dyp as *const c_void,
+                    dwp as *mut c_void,
+                )?;
             }
             Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
         })
@@ -705,7 +880,15 @@ pub(super) fn bias_grad(dys: &CudaStorage, dyl: &Layout, k: usize) -> Result<Cud
                 let (dbp, _g2) = db.device_ptr_mut(&stream);
                 // SAFETY: dy (N,K,H,W) and db (1,K,1,1) match their descriptors.
                 check("bias gradient", unsafe {
-                    sys::cudnnConvolutionBackwardBias(st.handle, one, dy_desc, dyp as *const c_void, zero, db_desc, dbp as *mut c_void)
+                    sys::cudnnConvolutionBackwardBias(
+                        st.handle,
+                        one,
+                        dy_desc,
+                        dyp as *const c_void,
+                        zero,
+                        db_desc,
+                        dbp as *mut c_void,
+                    )
                 })?;
             }
             st.push_event(ProfKind::Bias, start)?;
@@ -731,7 +914,11 @@ pub(super) fn pool_fwd(xs: &CudaStorage, xl: &Layout, y_shape: &Shape) -> Result
             if st.pool.is_none() {
                 st.pool = Some(PoolDesc::max2()?);
             }
-            let pool = st.pool.as_ref().map(|p| p.0).ok_or_else(|| cuda_err("pool", "missing"))?;
+            let pool = st
+                .pool
+                .as_ref()
+                .map(|p| p.0)
+                .ok_or_else(|| cuda_err("pool", "missing"))?;
             let (one, zero) = scalars(dtype);
             let start = st.event()?;
             {
@@ -739,7 +926,16 @@ pub(super) fn pool_fwd(xs: &CudaStorage, xl: &Layout, y_shape: &Shape) -> Result
                 let (yp, _g2) = y.device_ptr_mut(&stream);
                 // SAFETY: x and y match their descriptors; y is floor(H/2)×floor(W/2).
                 check("pooling forward", unsafe {
-                    sys::cudnnPoolingForward(st.handle, pool, one, x_desc, xp as *const c_void, zero, y_desc, yp as *mut c_void)
+                    sys::cudnnPoolingForward(
+                        st.handle,
+                        pool,
+                        one,
+                        x_desc,
+                        xp as *const c_void,
+                        zero,
+                        y_desc,
+                        yp as *mut c_void,
+                    )
                 })?;
             }
             st.push_event(ProfKind::Pool, start)?;
@@ -784,7 +980,11 @@ pub(super) fn pool_bwd(
             if st.pool.is_none() {
                 st.pool = Some(PoolDesc::max2()?);
             }
-            let pool = st.pool.as_ref().map(|p| p.0).ok_or_else(|| cuda_err("pool", "missing"))?;
+            let pool = st
+                .pool
+                .as_ref()
+                .map(|p| p.0)
+                .ok_or_else(|| cuda_err("pool", "missing"))?;
             let (one, zero) = scalars(dtype);
             let start = st.event()?;
             {
@@ -841,11 +1041,17 @@ pub(super) fn take_profile(dev: &CudaDevice) -> Result<Profile> {
 pub(super) fn plan_report() -> Vec<String> {
     STATES.with(|states| {
         let states = states.borrow();
-        let mut lines: Vec<String> = states.values().flat_map(|s| s.conv_plans.values().map(|p| p.report.clone())).collect();
+        let mut lines: Vec<String> = states
+            .values()
+            .flat_map(|s| s.conv_plans.values().map(|p| p.report.clone()))
+            .collect();
         lines.sort();
         for s in states.values() {
             for (dtype, sup) in &s.support {
-                lines.push(format!("cuDNN support {dtype:?}: bias add/grad {}, max-pool {}", sup.bias, sup.pool));
+                lines.push(format!(
+                    "cuDNN support {dtype:?}: bias add/grad {}, max-pool {}",
+                    sup.bias, sup.pool
+                ));
             }
         }
         lines
@@ -867,21 +1073,36 @@ pub(super) fn support(dev: &CudaDevice, dtype: DType) -> Result<Support> {
             if st.pool.is_none() {
                 st.pool = Some(PoolDesc::max2()?);
             }
-            let pool = st.pool.as_ref().map(|p| p.0).ok_or_else(|| cuda_err("pool", "missing"))?;
+            let pool = st
+                .pool
+                .as_ref()
+                .map(|p| p.0)
+                .ok_or_else(|| cuda_err("pool", "missing"))?;
             let (one, zero) = scalars(dtype);
             let h = st.handle;
             let (bp, _g1) = big.device_ptr_mut(&stream);
             let (b2p, _g2) = big2.device_ptr_mut(&stream);
             let (sp, _g3) = small.device_ptr_mut(&stream);
             let (s2p, _g4) = small2.device_ptr_mut(&stream);
-            let (bp, b2p, sp, s2p) = (bp as *mut c_void, b2p as *mut c_void, sp as *mut c_void, s2p as *mut c_void);
+            let (bp, b2p, sp, s2p) = (
+                bp as *mut c_void,
+                b2p as *mut c_void,
+                sp as *mut c_void,
+                s2p as *mut c_void,
+            );
             // SAFETY: every buffer matches the descriptor it is passed with ((1,2,2,2) for the
             // 8-element ones, (1,2,1,1) for the 2-element ones).
             let s = unsafe {
                 let bias = sys::cudnnAddTensor(h, one, t1, sp, one, t4, bp).result().is_ok()
-                    && sys::cudnnConvolutionBackwardBias(h, one, t4, bp, zero, t1, s2p).result().is_ok();
-                let pool = sys::cudnnPoolingForward(h, pool, one, t4, bp, zero, t1, sp).result().is_ok()
-                    && sys::cudnnPoolingBackward(h, pool, one, t1, sp, t1, s2p, t4, bp, zero, t4, b2p).result().is_ok();
+                    && sys::cudnnConvolutionBackwardBias(h, one, t4, bp, zero, t1, s2p)
+                        .result()
+                        .is_ok();
+                let pool = sys::cudnnPoolingForward(h, pool, one, t4, bp, zero, t1, sp)
+                    .result()
+                    .is_ok()
+                    && sys::cudnnPoolingBackward(h, pool, one, t1, sp, t1, s2p, t4, bp, zero, t4, b2p)
+                        .result()
+                        .is_ok();
                 Support { bias, pool }
             };
             st.support.insert(dtype, s);

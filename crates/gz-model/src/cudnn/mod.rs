@@ -26,7 +26,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
 
 #[cfg(feature = "cudnn")]
 mod backend;
@@ -138,10 +140,17 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
         candle_core::bail!("conv2d: bias shape {:?} does not match {k} output channels", b.dims());
     }
     if x.dtype() != w.dtype() || x.dtype() != b.dtype() {
-        candle_core::bail!("conv2d: dtypes differ (x {:?}, w {:?}, b {:?})", x.dtype(), w.dtype(), b.dtype());
+        candle_core::bail!(
+            "conv2d: dtypes differ (x {:?}, w {:?}, b {:?})",
+            x.dtype(),
+            w.dtype(),
+            b.dtype()
+        );
     }
     if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
-        candle_core::bail!("conv2d: kernel {kh}×{kw} (padding {padding}, stride {stride}) does not fit a {h}×{wd} input");
+        candle_core::bail!(
+            "conv2d: kernel {kh}×{kw} (padding {padding}, stride {stride}) does not fit a {h}×{wd} input"
+        );
     }
     let params = ConvParams { padding, stride };
     let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
@@ -150,7 +159,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
     } else {
         // This cuDNN has no bias add / bias gradient for the dtype: convolve in cuDNN, add the
         // bias with candle.
-        x.apply_op2(&w, Conv2dNoBiasOp(params))?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+        x.apply_op2(&w, Conv2dNoBiasOp(params))?
+            .broadcast_add(&b.reshape((1, (), 1, 1))?)
     }
 }
 
@@ -280,7 +290,8 @@ fn cpu_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
 }
 
 fn cpu_conv_fwd(p: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.conv2d(w, p.padding, p.stride, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+    x.conv2d(w, p.padding, p.stride, 1, 1)?
+        .broadcast_add(&b.reshape((1, (), 1, 1))?)
 }
 
 /// dx = conv_transpose(dy, w), the formula candle's own conv2d backward uses, made exact for
@@ -297,7 +308,10 @@ fn cpu_conv_bwd_data(p: ConvParams, dy: &Tensor, w: &Tensor, x_hw: (usize, usize
 
 /// dw = conv(xᵀ, dyᵀ) with the stride as dilation, narrowed to the kernel size.
 fn cpu_conv_bwd_filter(p: ConvParams, x: &Tensor, dy: &Tensor, k_hw: (usize, usize)) -> Result<Tensor> {
-    let dw = x.transpose(0, 1)?.conv2d(&dy.transpose(0, 1)?.contiguous()?, p.padding, 1, p.stride, 1)?.transpose(0, 1)?;
+    let dw = x
+        .transpose(0, 1)?
+        .conv2d(&dy.transpose(0, 1)?.contiguous()?, p.padding, 1, p.stride, 1)?
+        .transpose(0, 1)?;
     dw.narrow(2, 0, k_hw.0)?.narrow(3, 0, k_hw.1)?.contiguous()
 }
 
@@ -390,8 +404,20 @@ impl CustomOp3 for Conv2dOp {
         let dy = dy.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
-        let dx = dy.apply_op2_no_bwd(w, &ConvBwdData { p: self.0, x_hw: (h, wd) })?;
-        let dw = x.apply_op2_no_bwd(&dy, &ConvBwdFilter { p: self.0, k_hw: (kh, kw) })?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &ConvBwdData {
+                p: self.0,
+                x_hw: (h, wd),
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &ConvBwdFilter {
+                p: self.0,
+                k_hw: (kh, kw),
+            },
+        )?;
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
@@ -425,8 +451,20 @@ impl CustomOp2 for Conv2dNoBiasOp {
         let dy = dy.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
-        let dx = dy.apply_op2_no_bwd(w, &ConvBwdData { p: self.0, x_hw: (h, wd) })?;
-        let dw = x.apply_op2_no_bwd(&dy, &ConvBwdFilter { p: self.0, k_hw: (kh, kw) })?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &ConvBwdData {
+                p: self.0,
+                x_hw: (h, wd),
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &ConvBwdFilter {
+                p: self.0,
+                k_hw: (kh, kw),
+            },
+        )?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -489,7 +527,11 @@ impl CustomOp1 for BiasGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dy = cpu_tensor(s, l)?;
         // Accumulate in f32 at least, as cuDNN does.
-        let acc = if dy.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let acc = if dy.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let db = dy.to_dtype(acc)?.sum((0, 2, 3))?.to_dtype(dy.dtype())?;
         cpu_storage(&db)
     }

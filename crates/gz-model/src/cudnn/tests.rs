@@ -35,15 +35,7 @@ struct Grads {
 }
 
 #[allow(clippy::too_many_arguments, reason = "test helper")]
-fn run(
-    fast: bool,
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    g: &Tensor,
-    padding: usize,
-    stride: usize,
-) -> Result<Grads> {
+fn run(fast: bool, x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor, padding: usize, stride: usize) -> Result<Grads> {
     let (xv, wv, bv) = (Var::from_tensor(x)?, Var::from_tensor(w)?, Var::from_tensor(b)?);
     let y = if fast {
         conv2d(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), padding, stride)?
@@ -55,9 +47,17 @@ fn run(
     let loss = (y.to_dtype(DType::F32)? * g)?.sum_all()?;
     let grads = loss.backward()?;
     let get = |v: &Var| {
-        grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
     };
-    Ok(Grads { y, dx: get(&xv)?, dw: get(&wv)?, db: get(&bv)? })
+    Ok(Grads {
+        y,
+        dx: get(&xv)?,
+        dw: get(&wv)?,
+        db: get(&bv)?,
+    })
 }
 
 fn check_conv(
@@ -134,15 +134,24 @@ fn cpu_conv_non_square_and_strided_views() -> Result<()> {
     let y = conv2d(xv.as_tensor(), &w, &b, 1, 2)?;
     let g = randn(y.dims(), 9, &cpu)?.to_dtype(DType::F64)?;
     let grads = (&y * &g)?.sum_all()?.backward()?;
-    let dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
+    let dx = grads
+        .get(xv.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
     let analytic = (&dx * &v)?.sum_all()?.to_scalar::<f64>()?;
     let y2 = conv2d(&(&x + &v)?, &w, &b, 1, 2)?;
     let numeric = ((y2 - &y)? * &g)?.sum_all()?.to_scalar::<f64>()?;
-    assert!((analytic - numeric).abs() < 1e-9 * numeric.abs().max(1.0), "{analytic} vs {numeric}");
+    assert!(
+        (analytic - numeric).abs() < 1e-9 * numeric.abs().max(1.0),
+        "{analytic} vs {numeric}"
+    );
     // A transposed (strided) input view goes through `contiguous` and gives the same result.
     let xt = x.transpose(2, 3)?;
     let a = conv2d(&xt, &w, &b, 1, 1)?;
-    let r = xt.contiguous()?.conv2d(&w, 1, 1, 1, 1)?.broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
+    let r = xt
+        .contiguous()?
+        .conv2d(&w, 1, 1, 1, 1)?
+        .broadcast_add(&b.reshape((1, 3, 1, 1))?)?;
     assert!(rel_err(&a, &r)? < 1e-12);
     Ok(())
 }
@@ -167,14 +176,21 @@ fn pool_grad(x: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let xv = Var::from_tensor(x)?;
     let y = max_pool2(xv.as_tensor())?;
     let grads = (y.to_dtype(DType::F32)? * g)?.sum_all()?.backward()?;
-    let dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
+    let dx = grads
+        .get(xv.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
     Ok((y, dx))
 }
 
 /// The definition: each window's gradient lands on its first maximum; odd edges get nothing.
 fn pool_grad_reference(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let xs = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let xs = x
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let gs = g.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
     let (oh, ow) = (h / 2, w / 2);
     let mut dx = vec![0f32; xs.len()];
@@ -217,9 +233,15 @@ fn cpu_candle_max_pool_backward_is_wrong_on_odd_sizes() -> Result<()> {
     let g = randn(&[1, 1, 6, 6], 43, &cpu)?;
     let xv = Var::from_tensor(&x)?;
     let grads = (xv.as_tensor().max_pool2d(2)? * &g)?.sum_all()?.backward()?;
-    let candle_dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
+    let candle_dx = grads
+        .get(xv.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no dx".into()))?;
     let reference = pool_grad_reference(&x, &g)?;
-    assert!(rel_err(&candle_dx, &reference)? > 1e-3, "candle's max-pool backward was fixed upstream; the op may defer to it");
+    assert!(
+        rel_err(&candle_dx, &reference)? > 1e-3,
+        "candle's max-pool backward was fixed upstream; the op may defer to it"
+    );
     let (_, ours) = pool_grad(&x, &g)?;
     assert!(rel_err(&ours, &reference)? < 1e-6);
     Ok(())
@@ -262,7 +284,10 @@ fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            assert!(std::env::var("GZ_REQUIRE_CUDA").is_err(), "GZ_REQUIRE_CUDA is set but CUDA is unavailable: {e}");
+            assert!(
+                std::env::var("GZ_REQUIRE_CUDA").is_err(),
+                "GZ_REQUIRE_CUDA is set but CUDA is unavailable: {e}"
+            );
             eprintln!("skipping CUDA test: {e}");
             None
         }
@@ -276,7 +301,9 @@ fn cuda_conv_f32_strict_matches_candle() -> Result<()> {
     let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
-    let r = MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 1e-3));
+    let r = MODEL_SHAPES
+        .iter()
+        .try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 1e-3));
     super::set_allow_tf32(true);
     r
 }
@@ -287,7 +314,9 @@ fn cuda_conv_f32_strict_matches_candle() -> Result<()> {
 fn cuda_conv_f32_tf32_matches_candle() -> Result<()> {
     let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
-    MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 2e-2))
+    MODEL_SHAPES
+        .iter()
+        .try_for_each(|&s| check_conv(&dev, DType::F32, s, &dev, 2e-2))
 }
 
 /// bf16 (tensor ops, f32 accumulation) against the f32 reference on the same rounded inputs.
@@ -296,7 +325,9 @@ fn cuda_conv_f32_tf32_matches_candle() -> Result<()> {
 fn cuda_conv_bf16_matches_candle() -> Result<()> {
     let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
-    MODEL_SHAPES.iter().try_for_each(|&s| check_conv(&dev, DType::BF16, s, &dev, 3e-2))
+    MODEL_SHAPES
+        .iter()
+        .try_for_each(|&s| check_conv(&dev, DType::BF16, s, &dev, 3e-2))
 }
 
 /// f16 as well (same code path, another cuDNN data type).
@@ -305,7 +336,9 @@ fn cuda_conv_bf16_matches_candle() -> Result<()> {
 fn cuda_conv_f16_matches_candle() -> Result<()> {
     let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
-    MODEL_SHAPES[..4].iter().try_for_each(|&s| check_conv(&dev, DType::F16, s, &dev, 3e-2))
+    MODEL_SHAPES[..4]
+        .iter()
+        .try_for_each(|&s| check_conv(&dev, DType::F16, s, &dev, 3e-2))
 }
 
 /// The CUDA op against the CPU op (independent of candle's CUDA kernels).
@@ -393,7 +426,9 @@ fn cuda_training_follows_reference() -> Result<()> {
 
 #[cfg(feature = "cudnn")]
 fn train_tiny(dev: &Device, fast: bool) -> Result<Vec<f32>> {
-    let init = |shape: &[usize], seed: u64, scale: f64| -> Result<Var> { Var::from_tensor(&(randn(shape, seed, dev)? * scale)?) };
+    let init = |shape: &[usize], seed: u64, scale: f64| -> Result<Var> {
+        Var::from_tensor(&(randn(shape, seed, dev)? * scale)?)
+    };
     let w1 = init(&[16, 3, 3, 3], 1, 0.3)?;
     let b1 = Var::from_tensor(&Tensor::zeros(16, DType::F32, dev)?)?;
     let w2 = init(&[32, 16, 3, 3], 2, 0.1)?;
@@ -405,7 +440,8 @@ fn train_tiny(dev: &Device, fast: bool) -> Result<Vec<f32>> {
         if fast {
             conv2d(x, w.as_tensor(), b.as_tensor(), 1, 1)
         } else {
-            x.conv2d(w.as_tensor(), 1, 1, 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)
+            x.conv2d(w.as_tensor(), 1, 1, 1, 1)?
+                .broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)
         }
     };
     // Even sizes only (16 → 8 → 4), where candle's own pool backward is right.
@@ -456,7 +492,15 @@ fn vgg_tower() -> Vec<Layer> {
 #[cfg(feature = "cudnn")]
 fn dieleman_tower() -> Vec<Layer> {
     use Layer::{Conv, Pool};
-    vec![Conv(3, 32, 6, 0), Pool, Conv(32, 64, 5, 0), Pool, Conv(64, 128, 3, 0), Conv(128, 128, 3, 0), Pool]
+    vec![
+        Conv(3, 32, 6, 0),
+        Pool,
+        Conv(32, 64, 5, 0),
+        Pool,
+        Conv(64, 128, 3, 0),
+        Conv(128, 128, 3, 0),
+        Pool,
+    ]
 }
 
 #[cfg(feature = "cudnn")]
@@ -470,7 +514,8 @@ fn tower_step(fast: bool, x: &Tensor, layers: &[Layer], params: &[(Var, Var)]) -
                 let y = if fast {
                     conv2d(&h, w.as_tensor(), b.as_tensor(), pad, 1)?
                 } else {
-                    h.conv2d(w.as_tensor(), pad, 1, 1, 1)?.broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?
+                    h.conv2d(w.as_tensor(), pad, 1, 1, 1)?
+                        .broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?
                 };
                 y.relu()?
             }
@@ -505,7 +550,10 @@ fn bench_conv_towers() -> Result<()> {
                 for (i, l) in layers.iter().enumerate() {
                     if let Layer::Conv(ci, co, k, _) = *l {
                         let w = (randn(&[co, ci, k, k], i as u64, &dev)? * (2.0 / (ci * k * k) as f64).sqrt())?;
-                        params.push((Var::from_tensor(&w.to_dtype(dtype)?)?, Var::from_tensor(&Tensor::zeros(co, dtype, &dev)?)?));
+                        params.push((
+                            Var::from_tensor(&w.to_dtype(dtype)?)?,
+                            Var::from_tensor(&Tensor::zeros(co, dtype, &dev)?)?,
+                        ));
                     }
                 }
                 let (warm, steps) = if fast { (3, 20) } else { (1, 3) };
@@ -561,7 +609,10 @@ fn cpu_conv_without_bias_op_matches_candle() -> Result<()> {
     let x = randn(&[2, 3, 9, 9], 11, &cpu)?;
     let w = randn(&[4, 3, 3, 3], 12, &cpu)?;
     let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
-    let y = xv.as_tensor().apply_op2(wv.as_tensor(), super::Conv2dNoBiasOp(super::ConvParams { padding: 1, stride: 2 }))?;
+    let y = xv.as_tensor().apply_op2(
+        wv.as_tensor(),
+        super::Conv2dNoBiasOp(super::ConvParams { padding: 1, stride: 2 }),
+    )?;
     let g = randn(y.dims(), 13, &cpu)?;
     let grads = (&y * &g)?.sum_all()?.backward()?;
     let (xr, wr) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
@@ -570,7 +621,9 @@ fn cpu_conv_without_bias_op_matches_candle() -> Result<()> {
     assert!(rel_err(&y, &yr)? < 1e-6);
     for (a, b) in [(&xv, &xr), (&wv, &wr)] {
         let (ga, gb) = (grads.get(a.as_tensor()), gr.get(b.as_tensor()));
-        let (Some(ga), Some(gb)) = (ga, gb) else { candle_core::bail!("missing gradient") };
+        let (Some(ga), Some(gb)) = (ga, gb) else {
+            candle_core::bail!("missing gradient")
+        };
         assert!(rel_err(ga, gb)? < 1e-5);
     }
     Ok(())

@@ -53,8 +53,14 @@ impl DielemanSpec {
     /// `dieleman`: 32/64/128/128, maxout 2048; `dieleman-tiny`: 8/16/32/32, maxout 128.
     pub fn for_arch(arch: Arch) -> Self {
         match arch {
-            Arch::Dieleman => DielemanSpec { conv: [32, 64, 128, 128], maxout: 2048 },
-            _ => DielemanSpec { conv: [8, 16, 32, 32], maxout: 128 },
+            Arch::Dieleman => DielemanSpec {
+                conv: [32, 64, 128, 128],
+                maxout: 2048,
+            },
+            _ => DielemanSpec {
+                conv: [8, 16, 32, 32],
+                maxout: 128,
+            },
         }
     }
 }
@@ -104,7 +110,12 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
         if pool {
             s /= 2;
             pools += 1;
-            out.push(LayerInfo::new(format!("pool{pools}"), "max-pool 2×2", vec![N_PARTS, c, s, s], 0));
+            out.push(LayerInfo::new(
+                format!("pool{pools}"),
+                "max-pool 2×2",
+                vec![N_PARTS, c, s, s],
+                0,
+            ));
         }
     }
     let mut n = N_PARTS * c * s * s;
@@ -112,7 +123,12 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
     for j in 0..2 {
         let u = spec.maxout;
         let kind = format!("dropout {} + dense {} + maxout (pairs)", cfg.dropout, 2 * u);
-        out.push(LayerInfo::new(format!("dense{}", j + 1), &kind, vec![u], n * 2 * u + 2 * u));
+        out.push(LayerInfo::new(
+            format!("dense{}", j + 1),
+            &kind,
+            vec![u],
+            n * 2 * u + 2 * u,
+        ));
         n = u;
     }
     out.push(LayerInfo::new(
@@ -133,7 +149,9 @@ pub fn view_affines(view_fraction: f32) -> [Affine; N_VIEWS] {
         Affine::rotation_flip_scale_shift(0.0, true, zoom, 0.0, 0.0),
         Affine::rotation_flip_scale_shift(45.0, false, zoom, 0.0, 0.0),
         // the mirror image of the 45° view (rotate, then mirror)
-        Affine::rotation(45.0).then(&Affine::flip_horizontal()).then(&Affine::scale(zoom)),
+        Affine::rotation(45.0)
+            .then(&Affine::flip_horizontal())
+            .then(&Affine::scale(zoom)),
     ]
 }
 
@@ -141,7 +159,10 @@ pub fn view_affines(view_fraction: f32) -> [Affine; N_VIEWS] {
 pub fn views(x: &Tensor, view_fraction: f32) -> Result<Tensor> {
     let b = x.dim(0)?;
     let rep = Tensor::cat(&[x, x, x, x], 0)?;
-    let mats: Vec<Affine> = view_affines(view_fraction).iter().flat_map(|m| std::iter::repeat_n(*m, b)).collect();
+    let mats: Vec<Affine> = view_affines(view_fraction)
+        .iter()
+        .flat_map(|m| std::iter::repeat_n(*m, b))
+        .collect();
     affine_sample(&rep, &mats, DIELEMAN_VIEW, DIELEMAN_VIEW)
 }
 
@@ -227,7 +248,10 @@ impl DielemanNet {
         // (16B, F) part-major → (B, 16·F) with the parts of one galaxy side by side
         let f = h.flatten_from(1)?;
         let fdim = f.dim(1)?;
-        let f = f.reshape((N_PARTS, b, fdim))?.transpose(0, 1)?.reshape((b, N_PARTS * fdim))?;
+        let f = f
+            .reshape((N_PARTS, b, fdim))?
+            .transpose(0, 1)?
+            .reshape((b, N_PARTS * fdim))?;
         let h = self.maxout(&self.dense1.forward(&drop.apply(&f)?)?)?;
         let h = self.maxout(&self.dense2.forward(&drop.apply(&h)?)?)?;
         self.out.forward(&drop.apply(&h)?)
@@ -265,7 +289,11 @@ mod tests {
         for k in 0..4 {
             for r in 0..DIELEMAN_PART {
                 for c in 0..DIELEMAN_PART {
-                    assert_eq!(p[k * pp + r * DIELEMAN_PART + c], part_ref(&v, k, r, c), "part {k} ({r},{c})");
+                    assert_eq!(
+                        p[k * pp + r * DIELEMAN_PART + c],
+                        part_ref(&v, k, r, c),
+                        "part {k} ({r},{c})"
+                    );
                 }
             }
             assert_eq!(p[k * pp + 34 * DIELEMAN_PART + 34], 5.0, "centre of part {k}");
@@ -294,11 +322,23 @@ mod tests {
         assert_eq!(v.dims(), &[4, 3, s, s]);
         let get = |view: usize| v.narrow(0, view, 1).unwrap();
         let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert!(diff(&get(0), &x) < 1e-5, "regular view is the image");
         assert!(diff(&get(1), &x.flip(&[3]).unwrap()) < 1e-5, "view 1 is the mirror");
-        assert!(diff(&get(3), &get(2).flip(&[3]).unwrap()) < 1e-5, "view 3 mirrors view 2");
+        assert!(
+            diff(&get(3), &get(2).flip(&[3]).unwrap()) < 1e-5,
+            "view 3 mirrors view 2"
+        );
         // 45° counter-clockwise: the bar pointing right now points up-right
         let v2 = get(2).flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let at = |ch: usize, r: usize, c: usize| v2[ch * s * s + r * s + c];
@@ -313,7 +353,14 @@ mod tests {
             .sum();
         assert!(near > 0.5, "dot mass down-right: {near}");
         // view_fraction 2 covers twice the image side: the bar (6–25 px right) shrinks to 3–12 px
-        let z = views(&x, 2.0).unwrap().narrow(0, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let z = views(&x, 2.0)
+            .unwrap()
+            .narrow(0, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(z[34 * s + 34 + 5] > 0.9 && z[34 * s + 34 + 16] < 0.05);
     }
 

@@ -47,7 +47,12 @@ pub struct LayerInfo {
 
 impl LayerInfo {
     pub(crate) fn new(name: impl Into<String>, kind: &str, out_shape: Vec<usize>, params: usize) -> Self {
-        LayerInfo { name: name.into(), kind: kind.to_string(), out_shape, params }
+        LayerInfo {
+            name: name.into(),
+            kind: kind.to_string(),
+            out_shape,
+            params,
+        }
     }
 }
 
@@ -84,8 +89,13 @@ impl Dropper<'_> {
         }
         let n = x.elem_count();
         let mask: Vec<f32> = {
-            let mut rng = self.rng.lock().map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-            (0..n).map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 }).collect()
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+            (0..n)
+                .map(|_| if rng.gen::<f32>() < keep { scale } else { 0.0 })
+                .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
@@ -124,12 +134,19 @@ pub fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Model> {
 
 /// The layer plan of a config (names, output shapes, parameters) without building any weights.
 pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
-    let mut layers = if cfg.arch.is_dieleman() { dieleman::plan(cfg) } else { vgg::plan(cfg) };
+    let mut layers = if cfg.arch.is_dieleman() {
+        dieleman::plan(cfg)
+    } else {
+        vgg::plan(cfg)
+    };
     let out = match cfg.output {
         OutputKind::Sigmoid => LayerInfo::new("output", "sigmoid", vec![gz_schema::N_ANSWERS], 0),
-        OutputKind::Tree => {
-            LayerInfo::new("output", "decision tree (ReLU, normalise, × parent)", vec![gz_schema::N_ANSWERS], 0)
-        }
+        OutputKind::Tree => LayerInfo::new(
+            "output",
+            "decision tree (ReLU, normalise, × parent)",
+            vec![gz_schema::N_ANSWERS],
+            0,
+        ),
     };
     layers.push(out);
     layers
@@ -155,16 +172,35 @@ pub fn describe_config(cfg: &ModelConfig) -> String {
     let layers = plan(cfg);
     let [c, h, w] = cfg.input_shape();
     let mut s = String::new();
-    let _ = writeln!(s, "model {} (output: {}), input {c}×{h}×{w}, dropout {}", cfg.arch, cfg.output, cfg.dropout);
+    let _ = writeln!(
+        s,
+        "model {} (output: {}), input {c}×{h}×{w}, dropout {}",
+        cfg.arch, cfg.output, cfg.dropout
+    );
     if cfg.arch.is_dieleman() {
-        let _ = writeln!(s, "views cover {:.4} of the input side (view_fraction)", cfg.view_fraction);
+        let _ = writeln!(
+            s,
+            "views cover {:.4} of the input side (view_fraction)",
+            cfg.view_fraction
+        );
     }
     let name_w = layers.iter().map(|l| l.name.len()).max().unwrap_or(5).max(5);
     let shape_w = 16;
-    let _ = writeln!(s, "{:<name_w$}  {:<shape_w$}  {:>12}  kind", "layer", "output", "params");
+    let _ = writeln!(
+        s,
+        "{:<name_w$}  {:<shape_w$}  {:>12}  kind",
+        "layer", "output", "params"
+    );
     for l in &layers {
         let shape = l.out_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
-        let _ = writeln!(s, "{:<name_w$}  {:<shape_w$}  {:>12}  {}", l.name, shape, group(l.params), l.kind);
+        let _ = writeln!(
+            s,
+            "{:<name_w$}  {:<shape_w$}  {:>12}  {}",
+            l.name,
+            shape,
+            group(l.params),
+            l.kind
+        );
     }
     let total: usize = layers.iter().map(|l| l.params).sum();
     let _ = writeln!(s, "total parameters: {} ({:.2} M)", group(total), total as f64 / 1e6);
@@ -173,7 +209,12 @@ pub fn describe_config(cfg: &ModelConfig) -> String {
 
 fn group(n: usize) -> String {
     let digits = n.to_string();
-    let groups: Vec<&str> = digits.as_bytes().rchunks(3).rev().map(|c| std::str::from_utf8(c).unwrap_or("?")).collect();
+    let groups: Vec<&str> = digits
+        .as_bytes()
+        .rchunks(3)
+        .rev()
+        .map(|c| std::str::from_utf8(c).unwrap_or("?"))
+        .collect();
     groups.join(",")
 }
 
@@ -251,7 +292,10 @@ impl Model {
     pub fn dropout_state(&self) -> DropoutState {
         let seed = self.dropout_seed.lock().map(|s| *s).unwrap_or(0);
         let word_pos = self.dropout_rng.lock().map(|r| r.get_word_pos()).unwrap_or(0);
-        DropoutState { seed, word_pos: u64::try_from(word_pos).unwrap_or(u64::MAX) }
+        DropoutState {
+            seed,
+            word_pos: u64::try_from(word_pos).unwrap_or(u64::MAX),
+        }
     }
 
     /// Restores a state from [`Model::dropout_state`] (for `--resume`). On CUDA the device
@@ -272,7 +316,11 @@ impl Model {
     /// The body's 37 raw outputs, before the output layer.
     pub fn forward_raw_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.to_dtype(self.dtype)?;
-        let drop = Dropper { p: self.config.dropout, train, rng: &self.dropout_rng };
+        let drop = Dropper {
+            p: self.config.dropout,
+            train,
+            rng: &self.dropout_rng,
+        };
         match &self.body {
             Body::Vgg(n) => n.forward_raw(&x, &drop),
             Body::Dieleman(n) => n.forward_raw(&x, &drop),
@@ -319,21 +367,37 @@ mod cuda_tests {
 
     fn images(b: usize, size: usize, dev: &Device) -> Tensor {
         let n = b * 3 * size * size;
-        let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
+            .collect();
         Tensor::from_vec(v, (b, 3, size, size), dev).unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
         let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     fn cpu_and_gpu(cfg: &ModelConfig, gpu: &Device, dtype: DType) -> (Model, Model) {
         let varmap = VarMap::new();
         let cpu = build(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-        let ts: HashMap<String, Tensor> =
-            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        let ts: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
         let g = build(cfg, VarBuilder::from_tensors(ts, dtype, gpu)).unwrap();
         (cpu, g)
     }
@@ -383,8 +447,13 @@ mod cuda_tests {
             // candle's CUDA initialisers have no bf16: initialise f32 variables, run a bf16 copy
             let varmap = VarMap::new();
             let f32_model = build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &gpu)).unwrap();
-            let ts: HashMap<String, Tensor> =
-                varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+            let ts: HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
             let model = if dtype == DType::F32 {
                 f32_model
             } else {
@@ -397,7 +466,15 @@ mod cuda_tests {
             let grads = loss.backward().unwrap();
             for v in varmap.all_vars() {
                 let g = grads.get(v.as_tensor()).expect("gradient for every variable");
-                let s = g.to_dtype(DType::F32).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let s = g
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(s.is_finite(), "{arch}: non-finite gradient");
             }
         }

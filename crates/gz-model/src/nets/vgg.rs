@@ -62,7 +62,12 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
     let mut s = cfg.input_size;
     if spec.stem_pool(s) {
         s /= 2;
-        out.push(LayerInfo::new("stem_pool", "avg-pool 2×2 (input ≥ 64 px)", vec![c, s, s], 0));
+        out.push(LayerInfo::new(
+            "stem_pool",
+            "avg-pool 2×2 (input ≥ 64 px)",
+            vec![c, s, s],
+            0,
+        ));
     }
     for (bi, block) in spec.blocks.iter().enumerate() {
         for (ci, &oc) in block.iter().enumerate() {
@@ -75,16 +80,35 @@ pub fn plan(cfg: &ModelConfig) -> Vec<LayerInfo> {
             c = oc;
         }
         s /= 2;
-        out.push(LayerInfo::new(format!("block{}_pool", bi + 1), "max-pool 2×2", vec![c, s, s], 0));
+        out.push(LayerInfo::new(
+            format!("block{}_pool", bi + 1),
+            "max-pool 2×2",
+            vec![c, s, s],
+            0,
+        ));
     }
     let mut n = c * s * s;
     out.push(LayerInfo::new("flatten", "flatten", vec![n], 0));
     for (j, &w) in spec.dense.iter().enumerate() {
-        let extra = if cfg.dropout > 0.0 { format!(" + dropout {}", cfg.dropout) } else { String::new() };
-        out.push(LayerInfo::new(format!("fc{}", j + 1), &format!("dense + ReLU{extra}"), vec![w], n * w + w));
+        let extra = if cfg.dropout > 0.0 {
+            format!(" + dropout {}", cfg.dropout)
+        } else {
+            String::new()
+        };
+        out.push(LayerInfo::new(
+            format!("fc{}", j + 1),
+            &format!("dense + ReLU{extra}"),
+            vec![w],
+            n * w + w,
+        ));
         n = w;
     }
-    out.push(LayerInfo::new("out", "dense", vec![N_ANSWERS], n * N_ANSWERS + N_ANSWERS));
+    out.push(LayerInfo::new(
+        "out",
+        "dense",
+        vec![N_ANSWERS],
+        n * N_ANSWERS + N_ANSWERS,
+    ));
     out
 }
 
@@ -110,7 +134,14 @@ impl VggNet {
         for (bi, block) in spec.blocks.iter().enumerate() {
             let mut convs = Vec::new();
             for (ci, &oc) in block.iter().enumerate() {
-                convs.push(Conv2d::new(c, oc, 3, 1, 1, vb.pp(format!("block{}_conv{}", bi + 1, ci + 1)))?);
+                convs.push(Conv2d::new(
+                    c,
+                    oc,
+                    3,
+                    1,
+                    1,
+                    vb.pp(format!("block{}_conv{}", bi + 1, ci + 1)),
+                )?);
                 c = oc;
             }
             blocks.push(convs);
@@ -123,7 +154,14 @@ impl VggNet {
             n = w;
         }
         let out = candle_nn::linear(n, N_ANSWERS, vb.pp("out"))?;
-        Ok(VggNet { blocks, dense, out, input_size: cfg.input_size, in_channels: cfg.in_channels, stem_pool })
+        Ok(VggNet {
+            blocks,
+            dense,
+            out,
+            input_size: cfg.input_size,
+            in_channels: cfg.in_channels,
+            stem_pool,
+        })
     }
 
     /// (B, C, H, W) → (B, 37) raw outputs.
