@@ -222,3 +222,75 @@ fn describe_and_bench_train() {
         "{out}\n{err}"
     );
 }
+
+/// Parses `done: … best val RMSE X at epoch K vs Y predicting the training mean` from `gz train`.
+fn best_vs_mean(stdout: &str) -> Option<(f64, f64)> {
+    let line = stdout.lines().find(|l| l.starts_with("done:"))?;
+    let after = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    Some((after("best val RMSE ")?, after(" vs ")?))
+}
+
+/// The learning test on gz-synth data, the way the default CPU pipeline trains: synthetic
+/// galaxies → `gz prep --size 32` → `tiny` for a few epochs must clearly beat predicting the
+/// training mean on the validation split (a few minutes at most on 2 cores).
+#[test]
+fn tiny_learns_on_synthetic_galaxies() {
+    let tmp = support::tempdir();
+    let data = tmp.path().join("data");
+    let (ok, out, err) = support::run(support::gz().args([
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--train",
+        "1600",
+        "--test",
+        "4",
+        "--seed",
+        "5",
+    ]));
+    assert!(ok, "gz synth failed:\n{out}\n{err}");
+    let (ok, out, err) = support::run(support::gz().args([
+        "prep",
+        "--data",
+        data.to_str().unwrap(),
+        "--cache",
+        tmp.path().join("cache").to_str().unwrap(),
+        "--size",
+        "32",
+    ]));
+    assert!(ok, "gz prep failed:\n{out}\n{err}");
+    let cache = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("cache: "))
+        .expect("cache line")
+        .to_string();
+    let run = tmp.path().join("run");
+    let (ok, stdout, stderr) = support::run(support::gz().args([
+        "train",
+        "--cache",
+        &cache,
+        "--model",
+        "tiny",
+        "--epochs",
+        "6",
+        "--batch",
+        "16",
+        "--no-augment",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]));
+    assert!(ok, "gz train failed:\n{stdout}\n{stderr}");
+    let (best, mean) = best_vs_mean(&stdout).unwrap_or_else(|| panic!("no summary line:\n{stdout}"));
+    assert!(
+        best < 0.9 * mean,
+        "tiny did not clearly beat the training mean: {best} vs {mean}\n{stdout}"
+    );
+}

@@ -269,7 +269,11 @@ mod tests {
                     hops += 1;
                     assert!(hops < N_QUESTIONS, "cycle in the tree");
                 }
-                assert!(reached, "Q{} not reached from its parent {}", q.number, ANSWERS[p].column);
+                assert!(
+                    reached,
+                    "Q{} not reached from its parent {}",
+                    q.number, ANSWERS[p].column
+                );
             }
         }
         assert_eq!(next, N_ANSWERS);
