@@ -401,6 +401,15 @@ pub fn toy_source(n: usize, size: usize, seed: u64) -> MemSource {
     }
 }
 
+/// Test helper: a batch tensor's values on the host, flattened (panics on error: tests only).
+#[cfg(test)]
+pub(crate) fn host_values(t: Result<Tensor, DataError>) -> Vec<f32> {
+    let t = t.expect("batch");
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .expect("batch values")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,39 +456,15 @@ mod tests {
         let host = Batcher::host(&src, &dev, DType::F32);
         let res = Batcher::resident(&src, &dev, DType::F32).unwrap();
         let rows = [7, 2, 2, 0];
-        let a = host
-            .images(&rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = res
-            .images(&rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let a = host_values(host.images(&rows));
+        let b = host_values(res.images(&rows));
         assert_eq!(a, b);
         assert_eq!(
             &a[..60],
             &src.image(7).iter().map(|v| v.to_f32()).collect::<Vec<_>>()[..]
         );
-        let la = host
-            .labels(&rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let lb = res
-            .labels(&rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let la = host_values(host.labels(&rows));
+        let lb = host_values(res.labels(&rows));
         assert_eq!(la, lb);
         assert_eq!(&la[..N_ANSWERS], &src.labels().unwrap()[7 * N_ANSWERS..8 * N_ANSWERS]);
     }

@@ -1004,7 +1004,7 @@ mod tests {
 mod cuda_tests {
     use super::*;
     use crate::checkpoint::LoadedModel;
-    use crate::data::toy_source;
+    use crate::data::{host_values, toy_source};
 
     fn cuda() -> Option<Device> {
         match Device::new_cuda(0) {
@@ -1044,39 +1044,11 @@ mod cuda_tests {
         let host = Batcher::host(&src, &Device::Cpu, DType::F32);
         let res = Batcher::resident(&src, &gpu, DType::F32).unwrap();
         let rows = [19, 3, 3, 0, 7];
-        let a = host
-            .images(&rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = res
-            .images(&rows)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let a = host_values(host.images(&rows));
+        let b = host_values(res.images(&rows));
         assert_eq!(a, b);
-        let la = host
-            .labels(&rows)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let lb = res
-            .labels(&rows)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let la = host_values(host.labels(&rows));
+        let lb = host_values(res.labels(&rows));
         assert_eq!(la, lb);
     }
 
