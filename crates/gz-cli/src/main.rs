@@ -51,6 +51,10 @@ fn main() {
     if std::env::var("GZ_CONV").is_ok_and(|v| v == "candle") {
         gz_model::cudnn::set_enabled(false);
     }
+    // `GZ_FUSED=0` keeps cuDNN but switches the fused bias + ReLU kernels off (A/B runs).
+    if std::env::var("GZ_FUSED").is_ok_and(|v| v == "0") {
+        gz_model::cudnn::set_fused(false);
+    }
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),

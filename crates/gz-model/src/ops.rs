@@ -8,7 +8,8 @@
 //! whichever path trained them, and a checkpoint trained on the fast path predicts the same on
 //! CPU.
 //!
-//! [`max_pool2`] uses the custom max-pool op on CPU too: candle 0.11.1's own max-pool backward
+//! [`max_pool2`] uses the custom max-pool op on CPU too, and never candle's `max_pool2d`: in
+//! candle 0.11.1 its backward gives a window's unique maximum a quarter of the gradient and
 //! misroutes gradients when a side is odd (see [`crate::cudnn`]).
 
 use candle_core::{Module, Result, Tensor};
@@ -41,6 +42,15 @@ impl Conv2d {
         })
     }
 
+    /// `relu(self.forward(x))`; on the fast path the bias add and ReLU are one fused kernel
+    /// ([`crate::cudnn::conv2d_relu`]), elsewhere candle's ops.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled() {
+            return crate::cudnn::conv2d_relu(x, &self.weight, &self.bias, self.padding, self.stride);
+        }
+        self.forward(x)?.relu()
+    }
+
     /// The weight tensor (out, in, k, k).
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -58,10 +68,12 @@ impl Module for Conv2d {
 }
 
 /// 2×2 max-pooling with stride 2 (floor), as in both nets. The custom op (cuDNN on CUDA, loops
-/// on CPU) everywhere except on CUDA without the fast path, where it is candle's own kernel.
+/// on CPU) everywhere except on CUDA without the fast path, where it is built from candle's
+/// reductions ([`crate::cudnn::max_pool2_by_reduction`]; never candle's `max_pool2d`, whose
+/// backward is wrong in candle 0.11.1).
 pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cuda() && !crate::cudnn::active_for(x.device()) {
-        return x.max_pool2d(2);
+        return crate::cudnn::max_pool2_by_reduction(x);
     }
     crate::cudnn::max_pool2(x)
 }

@@ -270,6 +270,17 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
     })
 }
 
+/// Runs `f` (work enqueued on `dev`'s stream by other code, e.g. the fused bias + ReLU
+/// kernels) bracketed by profiling events counted as bias time.
+pub(super) fn time_bias<R>(dev: &CudaDevice, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    with_state(dev, |st| {
+        let start = st.event()?;
+        let r = f()?;
+        st.push_event(ProfKind::Bias, start)?;
+        Ok(r)
+    })
+}
+
 fn data_type(dtype: DType) -> Result<(sys::cudnnDataType_t, sys::cudnnDataType_t)> {
     use sys::cudnnDataType_t as D;
     Ok(match dtype {

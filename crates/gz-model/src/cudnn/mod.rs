@@ -19,9 +19,11 @@
 //!
 //! On CPU the same ops run candle's own kernels (`conv2d`, `conv_transpose2d`) or plain loops,
 //! so CPU tests exercise the op plumbing and the gradient formulas of the fast path. The
-//! max-pool op also fixes a candle 0.11.1 bug: candle's max-pool backward upsamples the pooled
-//! map by `floor(i·out/in)`, which misroutes gradients when the input side is odd (53→26 and
-//! 13→6 in VGG16-blog); ours routes each window's gradient to its first maximum, like cuDNN.
+//! max-pool op also avoids two candle 0.11.1 bugs in `max_pool2d`'s backward: it scales each
+//! window's gradient by the fraction of maxima in the window (a unique maximum gets a quarter of
+//! its gradient, see [`max_pool2_by_reduction`]), and it upsamples the pooled map by
+//! `floor(i·out/in)`, which misroutes gradients when the input side is odd (53→26 and 13→6 in
+//! VGG16-blog); ours routes each window's gradient to its first maximum, like cuDNN.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,12 +34,16 @@ use candle_core::{
 
 #[cfg(feature = "cudnn")]
 mod backend;
+mod fused;
 #[cfg(test)]
 mod tests;
+
+pub use fused::bias_relu;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static ALLOW_TF32: AtomicBool = AtomicBool::new(true);
 static PROFILING: AtomicBool = AtomicBool::new(false);
+static FUSED: AtomicBool = AtomicBool::new(true);
 
 /// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
 pub fn compiled() -> bool {
@@ -59,6 +65,18 @@ pub fn enabled() -> bool {
 /// compiled in, the path is enabled, and the device is CUDA.
 pub fn active_for(device: &Device) -> bool {
     compiled() && enabled() && device.is_cuda()
+}
+
+/// Switches the fused bias + ReLU epilogue ([`conv2d_relu`]) on (default) or off; off, the
+/// fast path adds the bias as before and the nets apply candle's ReLU (for A/B measurements and
+/// as a fallback). `GZ_FUSED=0` in the environment switches it off at start-up in `gz`.
+pub fn set_fused(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused epilogue is switched on (see [`set_fused`]).
+pub fn fused_enabled() -> bool {
+    FUSED.load(Ordering::Relaxed)
 }
 
 /// Allows (default) or forbids TF32 tensor-core math for f32 convolutions. Takes effect for
@@ -91,6 +109,8 @@ pub struct Profile {
     pub conv_fwd_ms: f64,
     pub conv_bwd_data_ms: f64,
     pub conv_bwd_filter_ms: f64,
+    /// Bias add and bias gradient: cuDNN's calls (f32 without the fused epilogue) or the fused
+    /// bias + ReLU kernels (forward and backward, ReLU included).
     pub bias_ms: f64,
     pub pool_ms: f64,
     pub calls: usize,
@@ -131,6 +151,30 @@ pub fn plan_report() -> Vec<String> {
 /// `x` (N,C,H,W), `w` (K,C,kh,kw), `b` (K) → (N,K,H',W'). All three must share one dtype and
 /// device. Differentiable with respect to all three.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let params = check_conv(x, w, b, padding, stride)?;
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    if cuda_supports(x.device(), x.dtype(), |s| s.bias)? {
+        x.apply_op3(&w, &b, Conv2dOp(params))
+    } else {
+        // This cuDNN has no bias add / bias gradient for the dtype: convolve in cuDNN, add the
+        // bias with candle.
+        x.apply_op2(&w, Conv2dNoBiasOp(params))?
+            .broadcast_add(&b.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// `relu(conv2d(x, w) + b)`: the convolution in cuDNN, then bias and ReLU in one fused kernel
+/// ([`bias_relu`]; two kernels backward, including the bias gradient). Every dtype takes this
+/// route, so bf16 no longer falls back to candle's broadcast add. Same arguments as [`conv2d`].
+pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let params = check_conv(x, w, b, padding, stride)?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let z = x.apply_op2(&w, Conv2dNoBiasOp(params))?;
+    bias_relu(&z, b)
+}
+
+/// Checks the shapes and dtypes of a convolution's arguments.
+fn check_conv(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<ConvParams> {
     let (_, c, h, wd) = x.dims4()?;
     let (k, wc, kh, kw) = w.dims4()?;
     if c != wc {
@@ -152,16 +196,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
             "conv2d: kernel {kh}×{kw} (padding {padding}, stride {stride}) does not fit a {h}×{wd} input"
         );
     }
-    let params = ConvParams { padding, stride };
-    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-    if cuda_supports(x.device(), x.dtype(), |s| s.bias)? {
-        x.apply_op3(&w, &b, Conv2dOp(params))
-    } else {
-        // This cuDNN has no bias add / bias gradient for the dtype: convolve in cuDNN, add the
-        // bias with candle.
-        x.apply_op2(&w, Conv2dNoBiasOp(params))?
-            .broadcast_add(&b.reshape((1, (), 1, 1))?)
-    }
+    Ok(ConvParams { padding, stride })
 }
 
 /// On CUDA with the backend: whether cuDNN supports the calls `pick` selects for `dtype`.
@@ -195,9 +230,30 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
         candle_core::bail!("max_pool2: input {h}×{w} is smaller than the 2×2 window");
     }
     if !cuda_supports(x.device(), x.dtype(), |s| s.pool)? {
-        return x.max_pool2d(2);
+        return max_pool2_by_reduction(x);
     }
     x.contiguous()?.apply_op1(MaxPool2Op)
+}
+
+/// The same pooling from candle's generic ops (a reshape to 2×2 windows and two `max`
+/// reductions), for devices and dtypes without the custom op. Not candle's `max_pool2d`: in
+/// candle 0.11.1 its backward multiplies the gradient by the *fraction* of maxima in each window
+/// instead of dividing by their count, so a unique maximum receives a quarter of its gradient
+/// (and four tied ones the whole gradient each); with five pooling layers the first layers of
+/// VGG16-blog got gradients 4⁵ ≈ 1,000 times too small. The reduction's backward gives each
+/// maximum the whole gradient (ties, e.g. all-zero windows after a ReLU, each get it too).
+pub fn max_pool2_by_reduction(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if h < 2 || w < 2 {
+        candle_core::bail!("max_pool2: input {h}×{w} is smaller than the 2×2 window");
+    }
+    let (oh, ow) = (h / 2, w / 2);
+    let x = if 2 * oh != h || 2 * ow != w {
+        x.narrow(2, 0, 2 * oh)?.narrow(3, 0, 2 * ow)?.contiguous()?
+    } else {
+        x.contiguous()?
+    };
+    x.reshape((n, c, oh, 2, ow, 2))?.max(5)?.max(3)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

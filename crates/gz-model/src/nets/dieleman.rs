@@ -240,7 +240,7 @@ impl DielemanNet {
         }
         let mut h = parts(&views(x, self.view_fraction)?)?; // (16B, C, 45, 45)
         for (conv, pool) in &self.convs {
-            h = conv.forward(&h)?.relu()?;
+            h = conv.forward_relu(&h)?;
             if *pool {
                 h = max_pool2(&h)?;
             }

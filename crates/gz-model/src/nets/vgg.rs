@@ -178,7 +178,7 @@ impl VggNet {
         let mut x = if self.stem_pool { x.avg_pool2d(2)? } else { x.clone() };
         for block in &self.blocks {
             for conv in block {
-                x = conv.forward(&x)?.relu()?;
+                x = conv.forward_relu(&x)?;
             }
             x = max_pool2(&x)?;
         }

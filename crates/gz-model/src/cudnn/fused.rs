@@ -1,0 +1,407 @@
+//! Fused bias + ReLU, the epilogue of every convolution in both nets, as one candle custom op.
+//!
+//! Unfused, candle spends four to six kernels per convolution on it: a broadcast bias add, the
+//! ReLU, and in the backward pass the ReLU mask, its product with the gradient and a strided
+//! reduction over (N, H, W) for the bias gradient — and cuDNN's own bias calls refuse bf16.
+//! Fused ([`bias_relu`]), the forward pass is one kernel (`y = max(z + b, 0)`) and the backward
+//! pass two: one pass over (y, dy) that writes `dz = dy · [y > 0]` and per-(channel, split)
+//! partial sums, and one tiny kernel that adds the partials of each channel in a fixed order
+//! (deterministic, no atomics). The backward op returns `dz` and `db` packed in one buffer, which
+//! the autograd hook splits into two zero-copy views.
+//!
+//! The kernels are in `src/kernels/bias_relu.cu` (PTX built by `build.rs` with the `cuda`
+//! feature); math is f32 for every storage type. On CPU (and in builds without the `cudnn`
+//! feature) the same op runs candle's tensor ops, so CPU tests check the plumbing and the
+//! gradient formulas against candle's own `broadcast_add(..).relu()`.
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::{cpu_storage, cpu_tensor};
+
+/// `max(z + b, 0)` with `b` broadcast over channels: `z` (N,K,H,W), `b` (K), same dtype and
+/// device. Differentiable with respect to both.
+pub fn bias_relu(z: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, k, _, _) = z.dims4()?;
+    if b.dims() != [k] {
+        candle_core::bail!("bias_relu: bias shape {:?} does not match {k} channels", b.dims());
+    }
+    if z.dtype() != b.dtype() {
+        candle_core::bail!("bias_relu: dtypes differ (z {:?}, b {:?})", z.dtype(), b.dtype());
+    }
+    if !matches!(z.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!("bias_relu supports f32, bf16 and f16, not {:?}", z.dtype());
+    }
+    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu)
+}
+
+/// Forward: (z, b) → y.
+struct BiasRelu;
+
+/// Backward: (y, dy) → [dz (N·K·H·W values), db (K values)], flat.
+struct BiasReluBwd;
+
+impl CustomOp2 for BiasRelu {
+    fn name(&self) -> &'static str {
+        "gz-bias-relu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let z = cpu_tensor(s1, l1)?;
+        let b = cpu_tensor(s2, l2)?;
+        let y = z.broadcast_add(&b.reshape((1, (), 1, 1))?)?.relu()?;
+        cpu_storage(&y)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            cuda::forward(s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(super::no_backend(self.name()))
+    }
+
+    fn bwd(&self, _z: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let total = y.elem_count();
+        let k = b.elem_count();
+        let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd)?;
+        let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
+        let db = packed.narrow(0, total, k)?;
+        Ok((Some(dz), Some(db)))
+    }
+}
+
+impl CustomOp2 for BiasReluBwd {
+    fn name(&self) -> &'static str {
+        "gz-bias-relu-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = cpu_tensor(s1, l1)?;
+        let dy = cpu_tensor(s2, l2)?;
+        // dz in the storage dtype, then its channel sums in f32 (as the CUDA kernel does)
+        let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
+        let db = dz.to_dtype(DType::F32)?.sum((0, 2, 3))?.to_dtype(y.dtype())?;
+        let packed = Tensor::cat(&[dz.flatten_all()?, db], 0)?;
+        cpu_storage(&packed)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            cuda::backward(s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(super::no_backend(self.name()))
+    }
+}
+
+#[cfg(feature = "cudnn")]
+mod cuda {
+    //! Launches of the kernels in `src/kernels/bias_relu.cu`.
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
+    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bias_relu.ptx"));
+    const MODULE: &str = "gz_bias_relu";
+    const THREADS: u32 = 256;
+
+    fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Cuda(format!("bias_relu {what}: {e:?}").into())
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("bias_relu supports f32, bf16 and f16, not {other:?}"),
+        })
+    }
+
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("bias_relu: input is not contiguous");
+        };
+        let slice = s.as_cuda_slice::<T>()?;
+        if b > slice.len() {
+            candle_core::bail!("bias_relu: view {a}..{b} exceeds storage of {}", slice.len());
+        }
+        Ok(slice.slice(a..b))
+    }
+
+    /// (N·K, H·W, K) of an activation layout, checked to fit the kernels' 32-bit indices.
+    fn geometry(l: &Layout) -> Result<(u32, u32, u32, u32)> {
+        let (n, k, h, w) = l.shape().dims4()?;
+        let fit = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bias_relu: {what} {v} too large")))
+        };
+        if n * k > i32::MAX as usize {
+            candle_core::bail!("bias_relu: {n}×{k} planes exceed the grid");
+        }
+        Ok((
+            fit(n, "batch")?,
+            fit(k, "channels")?,
+            fit(h * w, "plane size")?,
+            fit(n * k, "planes")?,
+        ))
+    }
+
+    pub(super) fn forward(z: &CudaStorage, lz: &Layout, b: &CudaStorage, lb: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = z.device().clone();
+        let y = super::super::backend::time_bias(&dev, || match z.dtype() {
+            DType::F32 => fwd::<f32>(&dev, z, lz, b, lb),
+            DType::BF16 => fwd::<half::bf16>(&dev, z, lz, b, lb),
+            DType::F16 => fwd::<half::f16>(&dev, z, lz, b, lb),
+            other => candle_core::bail!("bias_relu supports f32, bf16 and f16, not {other:?}"),
+        })?;
+        Ok((y, lz.shape().clone()))
+    }
+
+    fn fwd<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<CudaStorage> {
+        let (_, k, hw, planes) = geometry(lz)?;
+        let zs = view::<T>(z, lz)?;
+        let bs = view::<T>(b, lb)?;
+        let total = planes as usize * hw as usize;
+        // SAFETY: the kernel writes every element of `y` (each plane's whole range).
+        let y = unsafe { dev.alloc::<T>(total) }?;
+        let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        // enough blocks per plane to cover it with ~4 elements per thread, at most 64
+        let chunks = hw.div_ceil(THREADS * 4).clamp(1, 64);
+        let cfg = LaunchConfig {
+            grid_dim: (planes, chunks, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = func.builder();
+        launch.arg(&zs).arg(&bs).arg(&y).arg(&k).arg(&hw);
+        // SAFETY: argument types and count match `bias_relu_fwd_*` in bias_relu.cu; the buffers
+        // hold planes·hw (z, y) and k (b) elements, the ranges the kernel touches.
+        unsafe { launch.launch(cfg) }.map_err(|e| err("forward launch", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+
+    pub(super) fn backward(
+        y: &CudaStorage,
+        ly: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if ly.shape() != ldy.shape() {
+            candle_core::bail!("bias_relu backward: y {:?} and dy {:?} differ", ly.shape(), ldy.shape());
+        }
+        let dev = y.device().clone();
+        let (n, k, hw, planes) = geometry(ly)?;
+        let total = planes as usize * hw as usize;
+        let out = super::super::backend::time_bias(&dev, || match y.dtype() {
+            DType::F32 => bwd::<f32>(&dev, y, ly, dy, ldy, (n, k, hw), total),
+            DType::BF16 => bwd::<half::bf16>(&dev, y, ly, dy, ldy, (n, k, hw), total),
+            DType::F16 => bwd::<half::f16>(&dev, y, ly, dy, ldy, (n, k, hw), total),
+            other => candle_core::bail!("bias_relu supports f32, bf16 and f16, not {other:?}"),
+        })?;
+        Ok((out, Shape::from(total + k as usize)))
+    }
+
+    /// Splits of the batch per channel so that the grid has at least ~1,024 blocks.
+    fn splits(n: u32, k: u32) -> u32 {
+        1024u32.div_ceil(k).clamp(1, n.max(1))
+    }
+
+    fn bwd<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        y: &CudaStorage,
+        ly: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+        (n, k, hw): (u32, u32, u32),
+        total: usize,
+    ) -> Result<CudaStorage> {
+        let ys = view::<T>(y, ly)?;
+        let dys = view::<T>(dy, ldy)?;
+        let s = splits(n, k);
+        // SAFETY: the first kernel writes dz (all `total` elements) and every partial, the
+        // second writes all k bias-gradient elements.
+        let mut out = unsafe { dev.alloc::<T>(total + k as usize) }?;
+        let partial = unsafe { dev.alloc::<f32>(k as usize * s as usize) }?;
+        let sfx = suffix(T::DTYPE)?;
+        {
+            let mut dz = out.slice_mut(..total);
+            let func = dev.get_or_load_custom_func(&format!("bias_relu_bwd_{sfx}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (k, s, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch
+                .arg(&ys)
+                .arg(&dys)
+                .arg(&mut dz)
+                .arg(&partial)
+                .arg(&n)
+                .arg(&k)
+                .arg(&hw);
+            // SAFETY: argument types and count match `bias_relu_bwd_*`; y, dy and dz hold
+            // n·k·hw elements and `partial` k·s, the ranges the kernel touches.
+            unsafe { launch.launch(cfg) }.map_err(|e| err("backward launch", e))?;
+        }
+        {
+            let mut db = out.slice_mut(total..);
+            let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (k.div_ceil(THREADS), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch.arg(&partial).arg(&mut db).arg(&k).arg(&s);
+            // SAFETY: argument types and count match `bias_grad_finish_*`; `partial` holds k·s
+            // values and `db` k.
+            unsafe { launch.launch(cfg) }.map_err(|e| err("bias-gradient launch", e))?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+
+    /// The fused op against candle's `broadcast_add(..).relu()`: values and both gradients.
+    fn check(device: &Device, dtype: DType, tol: f32) -> Result<()> {
+        // deterministic pseudo-random values (candle's CPU randn is not seedable)
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut values = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+                })
+                .collect()
+        };
+        let shape = (3, 5, 7, 6);
+        let z0 = Tensor::from_vec(values(3 * 5 * 7 * 6, 2.0), shape, device)?.to_dtype(dtype)?;
+        let b0 = Tensor::from_vec(values(5, 1.0), 5, device)?.to_dtype(dtype)?;
+        let g = Tensor::from_vec(values(3 * 5 * 7 * 6, 2.0), shape, device)?.to_dtype(dtype)?;
+        // Where z + b is exactly 0 (common in bf16) the subgradient is a convention: candle's
+        // ReLU passes the gradient there (x >= 0), the fused op does not (y > 0, as PyTorch).
+        // Move such points off 0 so the comparison is about the formulas, not the convention.
+        let at_zero = z0.broadcast_add(&b0.reshape((1, (), 1, 1))?)?.eq(0.0)?;
+        let z0 = at_zero.where_cond(&(&z0 + 0.125)?, &z0)?;
+        let run = |fused: bool| -> Result<(Tensor, Tensor, Tensor)> {
+            let z = Var::from_tensor(&z0)?;
+            let b = Var::from_tensor(&b0)?;
+            let y = if fused {
+                bias_relu(z.as_tensor(), b.as_tensor())?
+            } else {
+                z.as_tensor()
+                    .broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?
+                    .relu()?
+            };
+            let loss = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?;
+            let grads = loss.backward()?;
+            let dz = grads.get(z.as_tensor()).expect("z has a gradient").clone();
+            let db = grads.get(b.as_tensor()).expect("b has a gradient").clone();
+            Ok((y, dz, db))
+        };
+        let (fy, fdz, fdb) = run(true)?;
+        let (ry, rdz, _) = run(false)?;
+        // candle sums a bf16/f16 gradient in its own dtype; the fused op (like cuDNN and
+        // PyTorch) accumulates in f32: compare with the f32 sum of candle's dz
+        let rdb = rdz.to_dtype(DType::F32)?.sum((0, 2, 3))?;
+        for (name, a, b) in [("y", fy, ry), ("dz", fdz, rdz), ("db", fdb, rdb)] {
+            let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(a.len(), b.len(), "{name}: lengths");
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(
+                worst <= tol * scale,
+                "{name} {dtype:?}: max diff {worst} (scale {scale})"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_bias_relu_matches_candle_on_cpu() -> Result<()> {
+        check(&Device::Cpu, DType::F32, 1e-6)?;
+        check(&Device::Cpu, DType::BF16, 1e-2)?;
+        check(&Device::Cpu, DType::F16, 2e-3)
+    }
+
+    #[test]
+    fn no_gradient_where_the_sum_is_exactly_zero() -> Result<()> {
+        let dev = Device::Cpu;
+        let z = Var::from_tensor(&Tensor::new(&[[[[-0.5f32, 0.5]]], [[[1.0, -1.0]]]], &dev)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[0.5f32], &dev)?)?;
+        let y = bias_relu(z.as_tensor(), b.as_tensor())?;
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, [0.0, 1.0, 1.5, 0.0]);
+        let grads = y.sum_all()?.backward()?;
+        let dz = grads.get(z.as_tensor()).expect("dz").flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(dz, [0.0, 1.0, 1.0, 0.0]);
+        let db = grads.get(b.as_tensor()).expect("db").to_vec1::<f32>()?;
+        assert_eq!(db, [2.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn bias_relu_rejects_mismatched_bias() -> Result<()> {
+        let z = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu)?;
+        let b = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
+        let e = bias_relu(&z, &b).expect_err("4 biases for 3 channels");
+        assert!(e.to_string().contains("does not match 3 channels"), "{e}");
+        Ok(())
+    }
+
+    /// The CUDA kernels against candle's CUDA kernels (run on a GPU machine; skipped without one).
+    #[cfg(feature = "cudnn")]
+    #[test]
+    fn cuda_fused_bias_relu_matches_candle() -> Result<()> {
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return Ok(());
+        };
+        check(&dev, DType::F32, 1e-5)?;
+        check(&dev, DType::BF16, 1e-2)?;
+        check(&dev, DType::F16, 2e-3)?;
+        // every layer shape of both nets (batch 8), f32
+        for (k, h) in [
+            (32, 106),
+            (64, 53),
+            (128, 26),
+            (256, 13),
+            (512, 6),
+            (32, 40),
+            (64, 16),
+            (128, 6),
+            (128, 4),
+        ] {
+            let z = Tensor::randn(0f32, 1.0, (8, k, h, h), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, k, &dev)?;
+            let fused = bias_relu(&z, &b)?.flatten_all()?.to_vec1::<f32>()?;
+            let reference = z
+                .broadcast_add(&b.reshape((1, (), 1, 1))?)?
+                .relu()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(fused, reference, "k {k}, side {h}");
+        }
+        Ok(())
+    }
+}
