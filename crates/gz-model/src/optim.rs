@@ -11,10 +11,20 @@
 //! model variable is set to the master cast to bf16. Checkpoints store the f32 masters
 //! ([`Params::master_tensors`]), so a bf16 run resumes and loads exactly like an f32 run.
 //!
+//! Fused CUDA path: with the `cudnn` feature and every parameter on a CUDA device, each
+//! parameter's whole update (gradient cast, L2, state, master, rounded model copy) is one kernel
+//! launch (`fused`, kernels in `src/kernels/optim.cu`) computing the same f32 operations as the
+//! candle ops below; [`set_fused_enabled`] or [`UpdatePath::Generic`] force the generic path
+//! for reference comparisons. On the CPU nothing changes.
+//!
 //! Neighbours: [`crate::train`] builds the optimizer from `TrainConfig` and calls
 //! [`Optimizer::step`] once per minibatch and [`Schedule::lr_at`] once per epoch.
 
+#[cfg(feature = "cudnn")]
+mod fused;
+
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
@@ -287,10 +297,53 @@ pub trait Optimizer: Send {
     fn state(&self) -> HashMap<String, Tensor>;
     /// Restores state saved by [`Optimizer::state`] and the step count.
     fn load_state(&mut self, state: &HashMap<String, Tensor>, steps: u64) -> Result<()>;
+    /// True when [`Optimizer::step`] uses the fused CUDA kernels (one launch per parameter).
+    fn fused(&self) -> bool {
+        false
+    }
 }
 
-/// Builds the optimizer of `kind` over `params`.
+/// Which implementation of the update [`build_with`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdatePath {
+    /// The fused CUDA kernels when this build has the `cudnn` feature, every parameter is on a
+    /// CUDA device and [`fused_enabled`]; the generic candle ops otherwise.
+    Auto,
+    /// Always the generic candle ops (the reference).
+    Generic,
+}
+
+static FUSED_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Allows (the default) or forbids the fused CUDA update for optimizers built afterwards with
+/// [`build`] / [`UpdatePath::Auto`]; binaries expose it as a switch for reference comparisons.
+pub fn set_fused_enabled(on: bool) {
+    FUSED_ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_fused_enabled`] allows the fused update.
+pub fn fused_enabled() -> bool {
+    FUSED_ENABLED.load(Ordering::Relaxed)
+}
+
+/// True when this build has the fused CUDA update (the `cudnn` feature).
+pub fn fused_compiled() -> bool {
+    cfg!(feature = "cudnn")
+}
+
+/// Builds the optimizer of `kind` over `params` ([`UpdatePath::Auto`]).
 pub fn build(kind: OptimizerKind, params: Params, lr: f64, hp: &OptimParams) -> Result<Box<dyn Optimizer>> {
+    build_with(kind, params, lr, hp, UpdatePath::Auto)
+}
+
+/// Builds the optimizer of `kind` over `params`, choosing the update implementation with `path`.
+pub fn build_with(
+    kind: OptimizerKind,
+    params: Params,
+    lr: f64,
+    hp: &OptimParams,
+    path: UpdatePath,
+) -> Result<Box<dyn Optimizer>> {
     let slots = match kind {
         OptimizerKind::Rmsprop | OptimizerKind::SgdNesterov => 1,
         OptimizerKind::Adamw => 2,
@@ -299,6 +352,11 @@ pub fn build(kind: OptimizerKind, params: Params, lr: f64, hp: &OptimParams) -> 
     for i in 0..params.len() {
         state.push((0..slots).map(|_| params.zeros_like(i)).collect::<Result<Vec<_>>>()?);
     }
+    let fused = path == UpdatePath::Auto
+        && fused_compiled()
+        && fused_enabled()
+        && !params.is_empty()
+        && params.params.iter().all(|p| p.var.device().is_cuda());
     Ok(Box::new(Generic {
         kind,
         params,
@@ -306,6 +364,7 @@ pub fn build(kind: OptimizerKind, params: Params, lr: f64, hp: &OptimParams) -> 
         hp: hp.clone(),
         state,
         steps: 0,
+        fused,
     }))
 }
 
@@ -318,6 +377,8 @@ struct Generic {
     /// Per parameter: RMSprop [mean square], SGD [velocity], AdamW [m, v].
     state: Vec<Vec<Var>>,
     steps: u64,
+    /// Use the fused CUDA update (decided at build: feature on, every parameter on CUDA).
+    fused: bool,
 }
 
 impl Generic {
@@ -330,51 +391,91 @@ impl Generic {
     }
 }
 
+impl Generic {
+    /// The fused CUDA update of parameter `i`: `Ok(true)` when done (or nothing to do),
+    /// `Ok(false)` when the parameter is not eligible and the generic update must run.
+    #[cfg(feature = "cudnn")]
+    fn step_fused(&self, i: usize, grads: &GradStore) -> Result<bool> {
+        let p = &self.params.params[i];
+        let Some(g) = grads.get(p.var.as_tensor()) else {
+            return Ok(true);
+        };
+        fused::try_step(
+            self.kind,
+            &self.hp,
+            self.lr,
+            self.steps,
+            g,
+            &self.state[i],
+            p.master.as_ref(),
+            &p.var,
+        )
+    }
+
+    #[cfg(not(feature = "cudnn"))]
+    fn step_fused(&self, _i: usize, _grads: &GradStore) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// The update of parameter `i` with candle tensor ops (any device, the reference).
+    fn step_generic(&self, i: usize, grads: &GradStore) -> Result<()> {
+        let hp = &self.hp;
+        let lr = self.lr;
+        let l2 = if self.kind == OptimizerKind::Adamw {
+            0.0
+        } else {
+            hp.weight_decay
+        };
+        let Some(g) = self.params.grad(i, grads, l2)? else {
+            return Ok(());
+        };
+        let p = self.params.value(i);
+        let st = &self.state[i];
+        let new = match self.kind {
+            OptimizerKind::Rmsprop => {
+                // Keras: a = rho a + (1-rho) g²; p -= lr g / (sqrt(a) + eps)
+                let a = ((st[0].as_tensor() * hp.rho)? + (g.sqr()? * (1.0 - hp.rho))?)?;
+                st[0].set(&a)?;
+                let denom = (a.sqrt()? + hp.eps)?;
+                (p - ((g / denom)? * lr)?)?
+            }
+            OptimizerKind::SgdNesterov => {
+                // Lasagne / Sutskever: v = mu v - lr g; p += mu v - lr g
+                let v = ((st[0].as_tensor() * hp.momentum)? - (&g * lr)?)?;
+                st[0].set(&v)?;
+                ((p + (v * hp.momentum)?)? - (g * lr)?)?
+            }
+            OptimizerKind::Adamw => {
+                let t = self.steps as i32;
+                let m = ((st[0].as_tensor() * hp.beta1)? + (&g * (1.0 - hp.beta1))?)?;
+                let v = ((st[1].as_tensor() * hp.beta2)? + (g.sqr()? * (1.0 - hp.beta2))?)?;
+                st[0].set(&m)?;
+                st[1].set(&v)?;
+                let m_hat = (m / (1.0 - hp.beta1.powi(t)))?;
+                let v_hat = (v / (1.0 - hp.beta2.powi(t)))?;
+                let decayed = (p * (1.0 - lr * hp.weight_decay))?;
+                (decayed - ((m_hat / (v_hat.sqrt()? + hp.eps)?)? * lr)?)?
+            }
+        };
+        self.params.set(i, &new)?;
+        Ok(())
+    }
+}
+
 impl Optimizer for Generic {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
-        let hp = &self.hp;
-        let lr = self.lr;
         for i in 0..self.params.len() {
-            let l2 = if self.kind == OptimizerKind::Adamw {
-                0.0
-            } else {
-                hp.weight_decay
-            };
-            let Some(g) = self.params.grad(i, grads, l2)? else {
+            if self.fused && self.step_fused(i, grads)? {
                 continue;
-            };
-            let p = self.params.value(i);
-            let st = &self.state[i];
-            let new = match self.kind {
-                OptimizerKind::Rmsprop => {
-                    // Keras: a = rho a + (1-rho) g²; p -= lr g / (sqrt(a) + eps)
-                    let a = ((st[0].as_tensor() * hp.rho)? + (g.sqr()? * (1.0 - hp.rho))?)?;
-                    st[0].set(&a)?;
-                    let denom = (a.sqrt()? + hp.eps)?;
-                    (p - ((g / denom)? * lr)?)?
-                }
-                OptimizerKind::SgdNesterov => {
-                    // Lasagne / Sutskever: v = mu v - lr g; p += mu v - lr g
-                    let v = ((st[0].as_tensor() * hp.momentum)? - (&g * lr)?)?;
-                    st[0].set(&v)?;
-                    ((p + (v * hp.momentum)?)? - (g * lr)?)?
-                }
-                OptimizerKind::Adamw => {
-                    let t = self.steps as i32;
-                    let m = ((st[0].as_tensor() * hp.beta1)? + (&g * (1.0 - hp.beta1))?)?;
-                    let v = ((st[1].as_tensor() * hp.beta2)? + (g.sqr()? * (1.0 - hp.beta2))?)?;
-                    st[0].set(&m)?;
-                    st[1].set(&v)?;
-                    let m_hat = (m / (1.0 - hp.beta1.powi(t)))?;
-                    let v_hat = (v / (1.0 - hp.beta2.powi(t)))?;
-                    let decayed = (p * (1.0 - lr * hp.weight_decay))?;
-                    (decayed - ((m_hat / (v_hat.sqrt()? + hp.eps)?)? * lr)?)?
-                }
-            };
-            self.params.set(i, &new)?;
+            }
+            self.step_generic(i, grads)?;
         }
         Ok(())
+    }
+
+    fn fused(&self) -> bool {
+        self.fused
     }
 
     fn learning_rate(&self) -> f64 {

@@ -703,6 +703,9 @@ pub struct BenchResult {
     /// Per-phase mean milliseconds per step (device synchronised between phases):
     /// `batch` (input assembly), `forward`, `backward`, `optimizer`.
     pub phases: Vec<(String, f64)>,
+    /// How the optimizer updated the parameters: `fused` (one CUDA launch per parameter,
+    /// `optim::fused`) or `generic` (candle tensor ops).
+    pub optimizer_path: String,
 }
 
 /// Measures training throughput of `model` on synthetic (seeded random) input of `shape`
@@ -783,6 +786,7 @@ pub fn bench(
         }
     }
     let names = ["batch", "forward", "backward", "optimizer"];
+    let optimizer_path = if opt.fused() { "fused" } else { "generic" };
     Ok(BenchResult {
         images_per_s: (steps * batch) as f64 / total.max(1e-12),
         step_ms: 1e3 * total / steps as f64,
@@ -793,6 +797,7 @@ pub fn bench(
             .zip(phase)
             .map(|(n, p)| (n.to_string(), 1e3 * p / steps as f64))
             .collect(),
+        optimizer_path: optimizer_path.into(),
     })
 }
 

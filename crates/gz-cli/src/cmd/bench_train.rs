@@ -10,6 +10,10 @@
 //! and max-pools through `gz_model::cudnn`, `--conv candle` through candle's stock kernels; after
 //! the timed run, a few more steps are run with per-call GPU timing to split the step into cuDNN
 //! convolution (forward, backward-data, backward-filter, bias), pooling, and everything else.
+//!
+//! The `optimizer` phase is the whole parameter update; on CUDA with the `cudnn` feature it is
+//! the fused update (one launch per parameter, `gz_model::optim`), `--optimizer-path generic`
+//! measures the candle-ops reference instead. The path used is printed (`optimizer_path`).
 
 use anyhow::Context;
 use gz_model::optim::OptimizerKind;
@@ -55,6 +59,10 @@ pub struct Args {
     /// Steps run with per-call cuDNN timing after the timed run (0 = no breakdown).
     #[arg(long, default_value_t = 5)]
     profile_steps: usize,
+    /// Optimizer update: auto (the fused CUDA kernels when built with the `cudnn` feature and
+    /// on CUDA) or generic (candle tensor ops, the reference for comparisons).
+    #[arg(long, default_value = "auto")]
+    optimizer_path: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -79,6 +87,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         "cudnn" => gz_model::cudnn::set_enabled(true),
         other => anyhow::bail!("unknown --conv {other:?}: expected auto, cudnn or candle"),
+    }
+    match args.optimizer_path.as_str() {
+        "auto" => gz_model::optim::set_fused_enabled(true),
+        "generic" => gz_model::optim::set_fused_enabled(false),
+        other => anyhow::bail!("unknown --optimizer-path {other:?}: expected auto or generic"),
     }
     let conv = if gz_model::cudnn::active_for(&device) {
         "cudnn"
@@ -136,8 +149,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "bench-train model={} batch={} precision={} device={} conv={conv} steps={}: {:.1} images/s ({:.1} ms/step)",
-        args.model, args.batch, args.precision, args.device, r.steps, r.images_per_s, r.step_ms
+        "bench-train model={} batch={} precision={} device={} conv={conv} optimizer={} ({}) steps={}: {:.1} images/s ({:.1} ms/step)",
+        args.model,
+        args.batch,
+        args.precision,
+        args.device,
+        args.optimizer,
+        r.optimizer_path,
+        r.steps,
+        r.images_per_s,
+        r.step_ms
     );
     for (name, ms) in &r.phases {
         println!("  {name:<10} {ms:>9.2} ms/step");
