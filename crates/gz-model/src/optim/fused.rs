@@ -191,7 +191,7 @@ pub(super) fn try_step(
         grad.contiguous()?
     };
     let var_start = starts.pop().unwrap_or(0);
-    let launch = Launch {
+    let plan = Launch {
         scalars,
         n,
         starts,
@@ -202,7 +202,7 @@ pub(super) fn try_step(
         var.as_tensor().inplace_op2(
             &grad,
             &LaunchOp {
-                launch: &launch,
+                launch: &plan,
                 held: RefCell::new(held),
             },
         )
@@ -210,8 +210,8 @@ pub(super) fn try_step(
     Ok(true)
 }
 
-/// Runs `f` with `&mut` access to the CUDA storage of `t` (under its write lock), through a
-/// one-shot [`InplaceOp1`].
+/// Runs `f` with `&mut` access to the CUDA storage of the tensor the op is applied to (under its
+/// write lock), through a one-shot [`InplaceOp1`].
 struct Borrow<F>(Cell<Option<F>>);
 
 fn borrow<F: FnOnce(&mut CudaStorage) -> Result<()>>(f: F) -> Borrow<F> {
