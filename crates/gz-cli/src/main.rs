@@ -55,6 +55,11 @@ fn main() {
     if std::env::var("GZ_FUSED").is_ok_and(|v| v == "0") {
         gz_model::cudnn::set_fused(false);
     }
+    // `GZ_OPTIM=generic` keeps the optimizer on candle's tensor ops instead of the fused
+    // one-launch-per-parameter CUDA update (A/B runs, or a fallback).
+    if std::env::var("GZ_OPTIM").is_ok_and(|v| v == "generic") {
+        gz_model::optim::set_fused_enabled(false);
+    }
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),

@@ -112,14 +112,55 @@ impl Affine {
 /// Bilinearly resamples image `b` of `images` (B, C, H, W) through `mats[b]` into an
 /// (B, C, out_h, out_w) tensor of the same dtype on the same device; points outside the input
 /// read 0. The arithmetic is f32.
+///
+/// On CUDA with the fast path ([`crate::cudnn::active_for`]) this is one kernel
+/// (`src/kernels/affine.cu`); elsewhere the candle-ops implementation below, which is also the
+/// reference the kernel is tested against.
 pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usize) -> Result<Tensor> {
-    let (b, c, h, w) = images.dims4()?;
+    let (b, _, h, w) = images.dims4()?;
     if mats.len() != b {
         candle_core::bail!("affine_sample: {} matrices for a batch of {b} images", mats.len());
     }
     if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
         candle_core::bail!("affine_sample: empty image ({h}×{w} → {out_h}×{out_w})");
     }
+    if kernel_path(images) {
+        return images.contiguous()?.apply_op1_no_bwd(&kernels::Resample::Affine {
+            mats: mats.to_vec(),
+            out_h,
+            out_w,
+        });
+    }
+    affine_sample_ops(images, mats, out_h, out_w)
+}
+
+/// Whether the resampling kernels serve `images`: CUDA with the fast path, a float dtype they
+/// have, and indices that fit 32 bits.
+fn kernel_path(images: &Tensor) -> bool {
+    crate::cudnn::active_for(images.device())
+        && matches!(images.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && images.elem_count() < (1 << 31)
+}
+
+/// Dieleman's 16 parts per galaxy straight from the images, `(B, C, H, W)` →
+/// `(16·B, C, 45, 45)`: the same values, in the same order, as cutting [`affine_sample`]'s four
+/// 69×69 views (`mats`, one per view) into their four rotated corners
+/// ([`crate::nets::dieleman::parts`]). One kernel on the CUDA fast path; elsewhere `None` (the
+/// caller composes views and parts with candle ops).
+pub fn dieleman_parts_kernel(images: &Tensor, mats: [Affine; 4]) -> Result<Option<Tensor>> {
+    let (view, part) = (crate::config::DIELEMAN_VIEW, crate::config::DIELEMAN_PART);
+    let b = images.dim(0)?;
+    if !kernel_path(images) || 16 * b * images.dim(1)? * part * part >= (1 << 31) {
+        return Ok(None);
+    }
+    Ok(Some(images.contiguous()?.apply_op1_no_bwd(
+        &kernels::Resample::DielemanParts { mats, view, part },
+    )?))
+}
+
+/// The candle-ops implementation of [`affine_sample`] (any device).
+fn affine_sample_ops(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
     let dev = images.device();
     let dtype = images.dtype();
     let n = out_h * out_w;
@@ -292,21 +333,170 @@ pub fn random_augment(images: &Tensor, cfg: &AugmentConfig, rng: &mut impl Rng) 
     out.broadcast_mul(&gains)?.clamp(0.0, 1.0)
 }
 
+mod kernels {
+    //! The resampling kernels as a candle custom op (no gradient: inputs only). The CPU side
+    //! runs the candle-ops implementation, so the op is usable (and testable) anywhere.
+
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape};
+
+    use super::Affine;
+
+    pub(super) enum Resample {
+        /// [`super::affine_sample`]: one matrix per image.
+        Affine {
+            mats: Vec<Affine>,
+            out_h: usize,
+            out_w: usize,
+        },
+        /// [`super::dieleman_parts_kernel`]: the four view matrices.
+        DielemanParts {
+            mats: [Affine; 4],
+            view: usize,
+            part: usize,
+        },
+    }
+
+    impl Resample {
+        fn out_shape(&self, l: &Layout) -> Result<Shape> {
+            let (b, c, _, _) = l.shape().dims4()?;
+            Ok(match self {
+                Resample::Affine { out_h, out_w, .. } => Shape::from((b, c, *out_h, *out_w)),
+                Resample::DielemanParts { part, .. } => Shape::from((16 * b, c, *part, *part)),
+            })
+        }
+    }
+
+    impl CustomOp1 for Resample {
+        fn name(&self) -> &'static str {
+            "gz-resample"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            let x = crate::cudnn::cpu_tensor(s, l)?;
+            let y = match self {
+                Resample::Affine { mats, out_h, out_w } => super::affine_sample_ops(&x, mats, *out_h, *out_w)?,
+                Resample::DielemanParts { mats, view, .. } => {
+                    let b = x.dim(0)?;
+                    let rep = candle_core::Tensor::cat(&[&x, &x, &x, &x], 0)?;
+                    let per_image: Vec<Affine> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, b)).collect();
+                    let views = super::affine_sample_ops(&rep, &per_image, *view, *view)?;
+                    crate::nets::dieleman::parts(&views)?
+                }
+            };
+            crate::cudnn::cpu_storage(&y)
+        }
+
+        #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let shape = self.out_shape(l)?;
+            #[cfg(feature = "cudnn")]
+            {
+                let out = cuda::launch(self, s, l, shape.elem_count())?;
+                Ok((out, shape))
+            }
+            #[cfg(not(feature = "cudnn"))]
+            candle_core::bail!("gz-resample: this build has no CUDA kernels (build gz-model with the `cudnn` feature)")
+        }
+    }
+
+    #[cfg(feature = "cudnn")]
+    mod cuda {
+        //! Launches of `src/kernels/affine.cu`.
+
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda::CudaDType;
+        use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+        use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+        use super::Resample;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/affine.ptx"));
+
+        pub(super) fn launch(op: &Resample, s: &CudaStorage, l: &Layout, total: usize) -> Result<CudaStorage> {
+            let dev = s.device().clone();
+            match s.dtype() {
+                DType::F32 => go::<f32>(&dev, op, s, l, total, "f32"),
+                DType::BF16 => go::<half::bf16>(&dev, op, s, l, total, "bf16"),
+                DType::F16 => go::<half::f16>(&dev, op, s, l, total, "f16"),
+                other => candle_core::bail!("gz-resample supports f32, bf16 and f16, not {other:?}"),
+            }
+        }
+
+        fn go<T: CudaDType + DeviceRepr + WithDType>(
+            dev: &CudaDevice,
+            op: &Resample,
+            s: &CudaStorage,
+            l: &Layout,
+            total: usize,
+            sfx: &str,
+        ) -> Result<CudaStorage> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("gz-resample: input is not contiguous");
+            };
+            let input = s.as_cuda_slice::<T>()?.slice(a..b);
+            let (n, c, h, w) = l.shape().dims4()?;
+            let u = |v: usize| {
+                u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("gz-resample: {v} exceeds 32 bits")))
+            };
+            let total32 = u(total)?;
+            let (mats, name, extra): (Vec<f32>, &str, [u32; 2]) = match op {
+                Resample::Affine { mats, out_h, out_w } => (
+                    mats.iter().flat_map(|m| m.m.iter().flatten().copied()).collect(),
+                    "affine_sample",
+                    [u(*out_h)?, u(*out_w)?],
+                ),
+                Resample::DielemanParts { mats, view, part } => (
+                    mats.iter().flat_map(|m| m.m.iter().flatten().copied()).collect(),
+                    "dieleman_parts",
+                    [u(*view)?, u(*part)?],
+                ),
+            };
+            let mats = dev
+                .cuda_stream()
+                .clone_htod(&mats)
+                .map_err(|e| candle_core::Error::Cuda(format!("gz-resample: upload matrices: {e:?}").into()))?;
+            // SAFETY: the kernel writes every output element (grid-stride over `total`).
+            let out = unsafe { dev.alloc::<T>(total) }?;
+            let func = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), "gz_affine", PTX)?;
+            let threads = 256u32;
+            let blocks = total32.div_ceil(threads).clamp(1, 65_535 * 16);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n32, c32, h32, w32) = (u(n)?, u(c)?, u(h)?, u(w)?);
+            let mut builder = func.builder();
+            builder
+                .arg(&input)
+                .arg(&mats)
+                .arg(&out)
+                .arg(&n32)
+                .arg(&c32)
+                .arg(&h32)
+                .arg(&w32)
+                .arg(&extra[0])
+                .arg(&extra[1]);
+            // SAFETY: argument types and count match `affine_sample_*` / `dieleman_parts_*` in
+            // affine.cu; `input` holds n·c·h·w elements, `mats` 6 per matrix the kernel indexes
+            // (one per image, or four), `out` the `total` elements of the output shape.
+            unsafe { builder.launch(cfg) }
+                .map_err(|e| candle_core::Error::Cuda(format!("gz-resample: launch: {e:?}").into()))?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
     use rand::SeedableRng;
 
-    /// An asymmetric 2×3×H×W test batch: every pixel distinct.
-    fn pattern(b: usize, c: usize, h: usize, w: usize) -> Tensor {
-        let v: Vec<f32> = (0..b * c * h * w)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
-            .collect();
-        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
-    }
-
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
         (a - b)
             .unwrap()
             .abs()
@@ -317,6 +507,80 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The resampling op's CPU side (what a CUDA build without a GPU runs) is the candle-ops
+    /// composition: affine sampling, and the 16 Dieleman parts as views then corners.
+    #[test]
+    fn resample_op_on_cpu_matches_the_composition() {
+        let x = pattern(2, 3, 80, 80);
+        let mats: Vec<Affine> = (0..2)
+            .map(|i| Affine::rotation_flip_scale_shift(30.0 * i as f32 + 10.0, i == 1, 1.2, 0.05, -0.1))
+            .collect();
+        let op = x.apply_op1_no_bwd(&kernels::Resample::Affine {
+            mats: mats.clone(),
+            out_h: 33,
+            out_w: 41,
+        });
+        assert_eq!(
+            max_abs_diff(&op.unwrap(), &affine_sample_ops(&x, &mats, 33, 41).unwrap()),
+            0.0
+        );
+        let vm = crate::nets::dieleman::view_affines(0.8);
+        let op = x
+            .apply_op1_no_bwd(&kernels::Resample::DielemanParts {
+                mats: vm,
+                view: crate::config::DIELEMAN_VIEW,
+                part: crate::config::DIELEMAN_PART,
+            })
+            .unwrap();
+        let composed = crate::nets::dieleman::parts(&crate::nets::dieleman::views(&x, 0.8).unwrap()).unwrap();
+        assert_eq!(
+            op.dims(),
+            &[32, 3, crate::config::DIELEMAN_PART, crate::config::DIELEMAN_PART]
+        );
+        assert_eq!(max_abs_diff(&op, &composed), 0.0);
+        // on CPU the public entry points keep the composition
+        assert!(dieleman_parts_kernel(&x, vm).unwrap().is_none());
+    }
+
+    /// The CUDA kernels against the candle-ops path on the same GPU (run on a GPU machine;
+    /// skipped without one): random affines with out-of-image reads, every dtype, and the
+    /// Dieleman parts against views + corners.
+    #[cfg(feature = "cudnn")]
+    #[test]
+    fn cuda_resampling_kernels_match_the_ops() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let x = pattern(5, 3, 106, 106).to_device(&gpu).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let cfg = AugmentConfig::default();
+        let mats: Vec<Affine> = (0..5).map(|_| cfg.random_affine(106, 106, &mut rng)).collect();
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1.6e-2), (DType::F16, 2e-3)] {
+            let xd = x.to_dtype(dtype).unwrap();
+            let fast = affine_sample(&xd, &mats, 69, 69).unwrap();
+            let slow = affine_sample_ops(&xd, &mats, 69, 69).unwrap();
+            let d = max_abs_diff(&fast, &slow);
+            assert!(d <= tol, "{dtype:?} affine: {d}");
+            let vm = crate::nets::dieleman::view_affines(207.0 / 212.0);
+            let fast = dieleman_parts_kernel(&xd, vm)
+                .unwrap()
+                .expect("the kernel path on CUDA");
+            let slow =
+                crate::nets::dieleman::parts(&crate::nets::dieleman::views(&xd, 207.0 / 212.0).unwrap()).unwrap();
+            let d = max_abs_diff(&fast, &slow);
+            assert!(d <= tol, "{dtype:?} parts: {d}");
+        }
+    }
+
+    /// An asymmetric 2×3×H×W test batch: every pixel distinct.
+    fn pattern(b: usize, c: usize, h: usize, w: usize) -> Tensor {
+        let v: Vec<f32> = (0..b * c * h * w)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
     }
 
     #[test]

@@ -299,7 +299,7 @@ struct MaxPool2Op;
 // CPU fallbacks: candle tensors built from the op's storage.
 
 /// Copies a (possibly strided) CPU storage view into a fresh contiguous tensor.
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
     fn gather<T: Copy>(data: &[T], l: &Layout) -> Vec<T> {
         if let Some((a, b)) = l.contiguous_offsets() {
             return data[a..b].to_vec();
@@ -332,7 +332,7 @@ fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
     }
 }
 
-fn cpu_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn cpu_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
     let shape = t.shape().clone();
     let flat = t.flatten_all()?;
     let s = match t.dtype() {

@@ -23,7 +23,7 @@
 //! Checkpoint names: `conv1`…`conv4`, `dense1`, `dense2` (each 2·units wide), `out`.
 
 use super::{Dropper, LayerInfo};
-use crate::augment::{affine_sample, Affine};
+use crate::augment::{affine_sample, dieleman_parts_kernel, Affine};
 use crate::config::{Arch, ModelConfig, DIELEMAN_PART, DIELEMAN_VIEW};
 use crate::ops::{max_pool2, Conv2d};
 use candle_core::{Module, Result, Tensor};
@@ -238,7 +238,11 @@ impl DielemanNet {
         if c != self.in_channels {
             candle_core::bail!("this net was built for {} input channels, got {c}", self.in_channels);
         }
-        let mut h = parts(&views(x, self.view_fraction)?)?; // (16B, C, 45, 45)
+        // (16B, C, 45, 45): one resampling kernel on the CUDA fast path, else views then parts
+        let mut h = match dieleman_parts_kernel(x, view_affines(self.view_fraction))? {
+            Some(p) => p,
+            None => parts(&views(x, self.view_fraction)?)?,
+        };
         for (conv, pool) in &self.convs {
             h = conv.forward_relu(&h)?;
             if *pool {
