@@ -221,6 +221,30 @@ fn describe_and_bench_train() {
         ok && out.contains("images/s") && out.contains("forward"),
         "{out}\n{err}"
     );
+    // inference throughput, and the pipelined mode (one synchronisation, no breakdown)
+    let args = [
+        "bench-train",
+        "--model",
+        "dieleman-tiny",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ];
+    let (ok, out, err) = support::run(support::gz().args(args).args(["--inference", "--json"]));
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["mode"], "inference");
+    assert_eq!(v["optimizer_path"], "none");
+    assert!(v["images_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert_eq!(v["phases"].as_array().map(|p| p.len()), Some(2), "{v}");
+    let (ok, out, err) = support::run(support::gz().args(args).args(["--pipelined", "--json"]));
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["mode"], "train-pipelined");
+    assert_eq!(v["phases"].as_array().map(|p| p.len()), Some(0), "{v}");
 }
 
 /// Parses `done: … best val RMSE X at epoch K vs Y predicting the training mean` from `gz train`.

@@ -704,12 +704,25 @@ pub struct BenchResult {
     /// `batch` (input assembly), `forward`, `backward`, `optimizer`.
     pub phases: Vec<(String, f64)>,
     /// How the optimizer updated the parameters: `fused` (one CUDA launch per parameter,
-    /// `optim::fused`) or `generic` (candle tensor ops).
+    /// `optim::fused`), `generic` (candle tensor ops) or `none` (inference).
     pub optimizer_path: String,
 }
 
+/// What [`bench_with`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BenchMode {
+    /// Forward passes only (eval mode, no loss, backward or update): inference throughput, as
+    /// test-time augmentation needs it.
+    pub inference: bool,
+    /// Synchronise the device only once after the timed steps instead of after every phase:
+    /// the throughput a real run gets (the CPU enqueues the next step while the GPU works), but
+    /// no per-phase breakdown.
+    pub pipelined: bool,
+}
+
 /// Measures training throughput of `model` on synthetic (seeded random) input of `shape`
-/// already on the device: `warmup` untimed steps, then `steps` timed ones.
+/// already on the device: `warmup` untimed steps, then `steps` timed ones, the device
+/// synchronised between phases (see [`bench_with`] for the other modes).
 #[allow(clippy::too_many_arguments)]
 pub fn bench(
     model_cfg: &ModelConfig,
@@ -720,6 +733,33 @@ pub fn bench(
     steps: usize,
     warmup: usize,
     device: &Device,
+) -> Result<BenchResult, TrainError> {
+    bench_with(
+        model_cfg,
+        shape,
+        batch,
+        precision,
+        optimizer,
+        steps,
+        warmup,
+        device,
+        BenchMode::default(),
+    )
+}
+
+/// [`bench`] in a chosen [`BenchMode`]. Phases that a mode does not run or time are absent
+/// from [`BenchResult::phases`].
+#[allow(clippy::too_many_arguments)]
+pub fn bench_with(
+    model_cfg: &ModelConfig,
+    shape: [usize; 3],
+    batch: usize,
+    precision: Precision,
+    optimizer: OptimizerKind,
+    steps: usize,
+    warmup: usize,
+    device: &Device,
+    mode: BenchMode,
 ) -> Result<BenchResult, TrainError> {
     let dtype = precision.dtype();
     if dtype == DType::BF16 && !device.is_cuda() {
@@ -754,28 +794,50 @@ pub fn bench(
     )?;
     let labels = ctx("labels", Tensor::from_vec(labels, (pool, gz_schema::N_ANSWERS), device))?;
     let sync = |d: &Device| ctx("synchronising", d.synchronize());
+    // between phases only when the mode wants the breakdown
+    let phase_sync = |d: &Device| if mode.pipelined { Ok(()) } else { sync(d) };
     let mut phase = [0f64; 4];
     let mut total = 0f64;
+    let mut pipelined_start = None;
     for s in 0..warmup + steps {
         let timed = s >= warmup;
+        if timed && pipelined_start.is_none() {
+            sync(device)?;
+            pipelined_start = Some(Instant::now());
+        }
         let t0 = Instant::now();
         let start = (s % 4) * batch;
         let x = ctx("batch", imgs.narrow(0, start, batch).and_then(|t| t.to_dtype(dtype)))?;
         let y = ctx("batch", labels.narrow(0, start, batch))?;
-        sync(device)?;
+        phase_sync(device)?;
         let t1 = Instant::now();
+        if mode.inference {
+            let out = ctx(
+                "forward",
+                model.forward_t(&x, false).and_then(|o| o.to_dtype(DType::F32)),
+            )?;
+            drop(out);
+            phase_sync(device)?;
+            let t2 = Instant::now();
+            if timed {
+                phase[0] += (t1 - t0).as_secs_f64();
+                phase[1] += (t2 - t1).as_secs_f64();
+                total += (t2 - t0).as_secs_f64();
+            }
+            continue;
+        }
         let out = ctx(
             "forward",
             model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)),
         )?;
         let loss = ctx("loss", candle_nn::loss::mse(&out, &y))?;
-        sync(device)?;
+        phase_sync(device)?;
         let t2 = Instant::now();
         let grads = ctx("backward", loss.backward())?;
-        sync(device)?;
+        phase_sync(device)?;
         let t3 = Instant::now();
         ctx("optimizer", opt.step(&grads))?;
-        sync(device)?;
+        phase_sync(device)?;
         let t4 = Instant::now();
         if timed {
             phase[0] += (t1 - t0).as_secs_f64();
@@ -785,8 +847,22 @@ pub fn bench(
             total += (t4 - t0).as_secs_f64();
         }
     }
-    let names = ["batch", "forward", "backward", "optimizer"];
-    let optimizer_path = if opt.fused() { "fused" } else { "generic" };
+    if mode.pipelined {
+        sync(device)?;
+        total = pipelined_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    }
+    let names: &[&str] = match (mode.pipelined, mode.inference) {
+        (true, _) => &[],
+        (false, true) => &["batch", "forward"],
+        (false, false) => &["batch", "forward", "backward", "optimizer"],
+    };
+    let optimizer_path = if mode.inference {
+        "none"
+    } else if opt.fused() {
+        "fused"
+    } else {
+        "generic"
+    };
     Ok(BenchResult {
         images_per_s: (steps * batch) as f64 / total.max(1e-12),
         step_ms: 1e3 * total / steps as f64,

@@ -63,6 +63,13 @@ pub struct Args {
     /// on CUDA) or generic (candle tensor ops, the reference for comparisons).
     #[arg(long, default_value = "auto")]
     optimizer_path: String,
+    /// Forward passes only (eval mode): inference images/s, as test-time augmentation needs.
+    #[arg(long)]
+    inference: bool,
+    /// Synchronise the device once after the timed steps, not after every phase: the
+    /// throughput of a real run (no per-phase breakdown). Use it to compare with PyTorch.
+    #[arg(long)]
+    pipelined: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -99,7 +106,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "candle"
     };
     let shape = [3, args.size, args.size];
-    let r = gz_model::train::bench(
+    let mode = gz_model::train::BenchMode {
+        inference: args.inference,
+        pipelined: args.pipelined,
+    };
+    let r = gz_model::train::bench_with(
         &model,
         shape,
         args.batch,
@@ -108,13 +119,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.steps,
         args.warmup,
         &device,
+        mode,
     )
     .with_context(|| format!("benchmarking {}", args.model))?;
     // The breakdown: a few more steps with every cuDNN call bracketed by CUDA events.
     let profile = if conv == "cudnn" && args.profile_steps > 0 {
         gz_model::cudnn::take_profile(&device).context("clearing the cuDNN profile")?;
         gz_model::cudnn::set_profiling(true);
-        let p = gz_model::train::bench(
+        let p = gz_model::train::bench_with(
             &model,
             shape,
             args.batch,
@@ -123,6 +135,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.profile_steps,
             1,
             &device,
+            gz_model::train::BenchMode {
+                inference: args.inference,
+                pipelined: false,
+            },
         );
         gz_model::cudnn::set_profiling(false);
         let p = p.with_context(|| format!("profiling {}", args.model))?;
@@ -135,6 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         let mut v = serde_json::to_value(&r)?;
         v["conv"] = conv.into();
+        v["mode"] = mode_name(&args).into();
         if let Some((p, prof, n)) = &profile {
             v["cudnn_ms_per_step"] = serde_json::json!({
                 "profiled_step_ms": p.step_ms,
@@ -149,11 +166,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "bench-train model={} batch={} precision={} device={} conv={conv} optimizer={} ({}) steps={}: {:.1} images/s ({:.1} ms/step)",
+        "bench-train model={} batch={} precision={} device={} conv={conv} mode={} optimizer={} ({}) steps={}: {:.1} images/s ({:.1} ms/step)",
         args.model,
         args.batch,
         args.precision,
         args.device,
+        mode_name(&args),
         args.optimizer,
         r.optimizer_path,
         r.steps,
@@ -184,4 +202,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `train` or `inference`, with `-pipelined` when the phases were not synchronised.
+fn mode_name(args: &Args) -> String {
+    let base = if args.inference { "inference" } else { "train" };
+    if args.pipelined {
+        format!("{base}-pipelined")
+    } else {
+        base.to_string()
+    }
 }
