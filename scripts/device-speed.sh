@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# device-speed.sh — the issue-7 device check for the fused kernels, run ONCE on the H200.
+#
+# What is new since the last device run (2026-11-28) and has never run on a GPU:
+#   - fused bias + ReLU epilogue (cudnn::bias_relu / conv2d_relu; GZ_FUSED=0 switches it off)
+#   - fused optimizer update, one launch per parameter (optim::fused; GZ_OPTIM=generic or
+#     bench-train --optimizer-path generic switches it off)
+#   - affine resampling and Dieleman's 16 parts as one CUDA kernel (augment.rs)
+#   - bench-train --pipelined (one sync per run: the figure to compare with PyTorch) and
+#     --inference (forward only: the TTA target)
+# Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
+# (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
+# per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
+#
+# Prepare here (no GPU):  bash scripts/device-cudnn.sh --prepare && cp ../shared/bench/torch_peer.py scripts/
+# Device call:  run(command="bash scripts/device-speed.sh",
+#                   carry=["target/device-cudnn", "scripts/torch_peer.py"], timeout_s=540)
+# Everything goes to $OUT (summary.txt first; logs packed in logs.tar.gz after each phase).
+set -u
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+PKG="$HERE/target/device-cudnn"
+OUT="${OUT:-/tmp/gz-device-out}"
+BUDGET=${BUDGET:-500}
+S=/tmp/gz-speed-logs
+rm -rf "$S"; mkdir -p "$S" "$OUT"
+SUM="$OUT/summary.txt"; : > "$SUM"
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$SUM"; }
+pack() { tar -czf "$OUT/logs.tar.gz.tmp" -C "$S" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
+
+export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+export CUDA_CACHE_MAXSIZE=4294967296 RUST_BACKTRACE=1
+BIN=/tmp/gz-device-bin; mkdir -p "$BIN"
+for f in gz-model-tests gz; do
+  [ -f "$PKG/$f.gz" ] && gunzip -c "$PKG/$f.gz" > "$BIN/$f" && chmod +x "$BIN/$f"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUM"
+
+# 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
+if [ -x "$BIN/gz-model-tests" ]; then
+  for group in "cudnn::fused::" "optim::fused::" "augment::tests::cuda_" "cudnn::" "nets::cuda_tests" "train::cuda_tests"; do
+    log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log"
+    GZ_REQUIRE_CUDA=1 timeout 150 "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
+    rc=$?
+    say "TESTS $group rc=$rc: $(grep -E 'test result' "$log" | tail -1)"
+    grep -E "^test .*FAILED|panicked|Error:" "$log" | head -8 | tee -a "$SUM"
+  done
+else
+  say "no test binary in $PKG"
+fi
+pack
+
+# 2./3. Throughput. Each line: name, then bench-train arguments; env prefixes allowed.
+bench() { # name timeout env-assignments... -- args...
+  local name=$1 t=$2; shift 2
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  if [ "$(left)" -lt 120 ]; then say "bench $name skipped: $(left) s left"; return; fi
+  env "${envs[@]}" timeout "$t" "$BIN/gz" bench-train --device cuda "$@" > "$S/bench-$name.log" 2>&1
+  say "bench $name rc=$?: $(grep -E 'images/s' "$S/bench-$name.log" | tail -1 | sed 's/.*steps=[0-9]*: //')"
+}
+if [ -x "$BIN/gz" ]; then
+  V="--model vgg16-blog --batch 256 --precision bf16"
+  D="--model dieleman --batch 256 --precision bf16"
+  bench vgg-bf16-all 60 -- $V --steps 30 --warmup 5 --pipelined
+  bench vgg-bf16-no-fused-epilogue 60 GZ_FUSED=0 -- $V --steps 30 --warmup 5 --pipelined
+  bench vgg-bf16-generic-optimizer 60 -- $V --steps 30 --warmup 5 --pipelined --optimizer-path generic
+  bench vgg-bf16-breakdown 60 -- $V --steps 10 --warmup 3 --profile-steps 5
+  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-vgg-bf16-breakdown.log" | tee -a "$SUM"
+  bench dieleman-bf16-all 60 -- $D --steps 30 --warmup 5 --pipelined
+  bench dieleman-bf16-no-fused-epilogue 60 GZ_FUSED=0 -- $D --steps 30 --warmup 5 --pipelined
+  bench dieleman-bf16-breakdown 60 -- $D --steps 10 --warmup 3 --profile-steps 5
+  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
+  bench vgg-f32-128 60 -- --model vgg16-blog --batch 128 --precision f32 --steps 20 --warmup 5 --pipelined
+  pack
+  bench vgg-bf16-inference 45 -- $V --steps 30 --warmup 5 --pipelined --inference
+  bench dieleman-bf16-inference 45 -- $D --steps 30 --warmup 5 --pipelined --inference
+  pack
+else
+  say "no gz binary in $PKG: benches skipped"
+fi
+
+# 4. The PyTorch peer (without our LD_LIBRARY_PATH: it must find its own cuDNN).
+PEER="$HERE/scripts/torch_peer.py"
+PT=$(( $(left) - 10 )); [ $PT -gt 150 ] && PT=150
+if [ -f "$PEER" ] && [ $PT -gt 40 ]; then
+  timeout $PT env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$PEER" > "$S/torch_peer.jsonl" 2> "$S/torch_peer.err"
+  say "torch_peer rc=$?"; cat "$S/torch_peer.jsonl" | tee -a "$SUM"
+else
+  say "torch_peer skipped (script present: $([ -f "$PEER" ] && echo yes || echo no), $(left) s left)"
+fi
+say "done"
+pack
