@@ -55,6 +55,10 @@ fn main() {
     if std::env::var("GZ_FUSED").is_ok_and(|v| v == "0") {
         gz_model::cudnn::set_fused(false);
     }
+    // `GZ_NHWC=1` runs the convolution towers channels-last (cuDNN's fast bf16 layout).
+    if std::env::var("GZ_NHWC").is_ok_and(|v| v == "1") {
+        gz_model::cudnn::set_nhwc(true);
+    }
     // `GZ_OPTIM=generic` keeps the optimizer on candle's tensor ops instead of the fused
     // one-launch-per-parameter CUDA update (A/B runs, or a fallback).
     if std::env::var("GZ_OPTIM").is_ok_and(|v| v == "generic") {

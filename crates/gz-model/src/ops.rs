@@ -51,6 +51,17 @@ impl Conv2d {
         self.forward(x)?.relu()
     }
 
+    /// [`Conv2d::forward_relu`] on a channels-last (N, H, W, C) input, giving (N, H', W', K)
+    /// (see [`crate::cudnn::set_nhwc`]); `nhwc == false` is [`Conv2d::forward_relu`].
+    pub fn forward_relu_in(&self, x: &Tensor, nhwc: bool) -> Result<Tensor> {
+        if !nhwc {
+            return self.forward_relu(x);
+        }
+        // the checkpoint keeps (K, C, R, S); cuDNN's NHWC filters are (K, R, S, C)
+        let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+        crate::cudnn::conv2d_relu_nhwc(x, &w, &self.bias, self.padding, self.stride)
+    }
+
     /// The weight tensor (out, in, k, k).
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -64,6 +75,79 @@ impl Module for Conv2d {
         }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// A convolution tower's layout as it runs: NCHW until the first convolution whose input has
+/// a multiple of 8 channels when channels-last is wanted (cuDNN's NHWC tensor-core kernels want
+/// that; the 3-channel image layers stay NCHW), channels-last from there, NCHW again at the end.
+#[derive(Debug, Clone, Copy)]
+pub struct Tower {
+    wanted: bool,
+    now: bool,
+}
+
+impl Tower {
+    /// The layout plan for a tower on `device` ([`channels_last`]).
+    pub fn new(device: &candle_core::Device) -> Self {
+        Tower {
+            wanted: channels_last(device),
+            now: false,
+        }
+    }
+
+    /// `relu(conv(x) + b)`, switching `x` to channels-last first when it is time.
+    pub fn conv_relu(&mut self, conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+        if self.wanted && !self.now && conv.weight.dim(1)? % 8 == 0 {
+            let x = enter_layout(x, true)?;
+            self.now = true;
+            return conv.forward_relu_in(&x, true);
+        }
+        conv.forward_relu_in(x, self.now)
+    }
+
+    /// 2×2 max-pooling in the current layout.
+    pub fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        max_pool2_in(x, self.now)
+    }
+
+    /// Back to (N, C, H, W) for the dense layers.
+    pub fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        leave_layout(x, self.now)
+    }
+}
+
+/// Whether the nets should run their convolution towers channels-last on `device`
+/// ([`crate::cudnn::set_nhwc`]).
+pub fn channels_last(device: &candle_core::Device) -> bool {
+    crate::cudnn::nhwc_for(device)
+}
+
+/// (N, C, H, W) → the tower's layout: channels-last (N, H, W, C) when `nhwc`.
+pub fn enter_layout(x: &Tensor, nhwc: bool) -> Result<Tensor> {
+    if nhwc {
+        x.permute((0, 2, 3, 1))?.contiguous()
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// The tower's layout → (N, C, H, W), so that flattening for the dense layers (and so the
+/// checkpoint's dense weights) is the same in both layouts.
+pub fn leave_layout(x: &Tensor, nhwc: bool) -> Result<Tensor> {
+    if nhwc {
+        x.permute((0, 3, 1, 2))?.contiguous()
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// [`max_pool2`] in the tower's layout.
+pub fn max_pool2_in(x: &Tensor, nhwc: bool) -> Result<Tensor> {
+    if nhwc {
+        crate::cudnn::max_pool2_nhwc(x)
+    } else {
+        max_pool2(x)
     }
 }
 

@@ -37,19 +37,21 @@ fn check(what: &str, status: sys::cudnnStatus_t) -> Result<()> {
 
 struct TensorDesc(sys::cudnnTensorDescriptor_t);
 
+fn format(nhwc: bool) -> sys::cudnnTensorFormat_t {
+    if nhwc {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+    } else {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+    }
+}
+
 impl TensorDesc {
-    fn nchw(dt: sys::cudnnDataType_t, [n, c, h, w]: [usize; 4]) -> Result<Self> {
+    /// A packed 4-d tensor; `dims` are always (N, C, H, W), the memory order is NHWC when `nhwc`.
+    fn new(dt: sys::cudnnDataType_t, [n, c, h, w]: [usize; 4], nhwc: bool) -> Result<Self> {
         let d = Self(cr::create_tensor_descriptor().map_err(|e| cuda_err("create tensor descriptor", e))?);
         // SAFETY: `d.0` was just created and is destroyed only by `Drop`.
-        unsafe {
-            cr::set_tensor4d_descriptor(
-                d.0,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                dt,
-                [n as i32, c as i32, h as i32, w as i32],
-            )
-        }
-        .map_err(|e| cuda_err("set tensor descriptor", e))?;
+        unsafe { cr::set_tensor4d_descriptor(d.0, format(nhwc), dt, [n as i32, c as i32, h as i32, w as i32]) }
+            .map_err(|e| cuda_err("set tensor descriptor", e))?;
         Ok(d)
     }
 }
@@ -64,18 +66,12 @@ impl Drop for TensorDesc {
 struct FilterDesc(sys::cudnnFilterDescriptor_t);
 
 impl FilterDesc {
-    fn kcrs(dt: sys::cudnnDataType_t, [k, c, r, s]: [usize; 4]) -> Result<Self> {
+    /// `dims` are always (K, C, R, S); the memory order is KRSC when `nhwc`.
+    fn new(dt: sys::cudnnDataType_t, [k, c, r, s]: [usize; 4], nhwc: bool) -> Result<Self> {
         let d = Self(cr::create_filter_descriptor().map_err(|e| cuda_err("create filter descriptor", e))?);
         // SAFETY: `d.0` was just created and is destroyed only by `Drop`.
-        unsafe {
-            cr::set_filter4d_descriptor(
-                d.0,
-                dt,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                [k as i32, c as i32, r as i32, s as i32],
-            )
-        }
-        .map_err(|e| cuda_err("set filter descriptor", e))?;
+        unsafe { cr::set_filter4d_descriptor(d.0, dt, format(nhwc), [k as i32, c as i32, r as i32, s as i32]) }
+            .map_err(|e| cuda_err("set filter descriptor", e))?;
         Ok(d)
     }
 }
@@ -206,7 +202,7 @@ struct State {
     stream: Arc<CudaStream>,
     workspace: Option<CudaSlice<u8>>,
     conv_plans: HashMap<ConvKey, ConvPlan>,
-    tensor_descs: HashMap<(DType, [usize; 4]), TensorDesc>,
+    tensor_descs: HashMap<(DType, [usize; 4], bool), TensorDesc>,
     pool: Option<PoolDesc>,
     events: Vec<(ProfKind, CudaEvent, CudaEvent)>,
     support: HashMap<DType, Support>,
@@ -316,9 +312,16 @@ fn scalars(dtype: DType) -> (*const c_void, *const c_void) {
     }
 }
 
-fn dims4(l: &Layout) -> Result<[usize; 4]> {
+/// The four dims of an activation layout in (N, C, H, W) order, whatever its memory order:
+/// an NHWC tensor's logical shape is (N, H, W, C).
+fn dims4(l: &Layout, nhwc: bool) -> Result<[usize; 4]> {
     let (a, b, c, d) = l.shape().dims4()?;
-    Ok([a, b, c, d])
+    Ok(if nhwc { [a, d, b, c] } else { [a, b, c, d] })
+}
+
+/// The four dims of a filter layout in (K, C, R, S) order: an NHWC filter is (K, R, S, C).
+fn filter_dims(l: &Layout, nhwc: bool) -> Result<[usize; 4]> {
+    dims4(l, nhwc)
 }
 
 fn require_contiguous(what: &str, l: &Layout) -> Result<()> {
@@ -329,13 +332,14 @@ fn require_contiguous(what: &str, l: &Layout) -> Result<()> {
 }
 
 impl State {
-    fn tensor_desc(&mut self, dtype: DType, dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
-        if let Some(d) = self.tensor_descs.get(&(dtype, dims)) {
+    /// A cached descriptor; `dims` in (N, C, H, W) order, memory NHWC when `nhwc`.
+    fn tensor_desc(&mut self, dtype: DType, dims: [usize; 4], nhwc: bool) -> Result<sys::cudnnTensorDescriptor_t> {
+        if let Some(d) = self.tensor_descs.get(&(dtype, dims, nhwc)) {
             return Ok(d.0);
         }
-        let d = TensorDesc::nchw(data_type(dtype)?.0, dims)?;
+        let d = TensorDesc::new(data_type(dtype)?.0, dims, nhwc)?;
         let raw = d.0;
-        self.tensor_descs.insert((dtype, dims), d);
+        self.tensor_descs.insert((dtype, dims, nhwc), d);
         Ok(raw)
     }
 
@@ -397,9 +401,9 @@ impl State {
         let [n, _, h, w] = key.x;
         let [k, _, kh, kw] = key.w;
         let y_dims = [n, k, key.p.out_dim(h, kh), key.p.out_dim(w, kw)];
-        let x = TensorDesc::nchw(dt, key.x)?;
-        let wd = FilterDesc::kcrs(dt, key.w)?;
-        let y = TensorDesc::nchw(dt, y_dims)?;
+        let x = TensorDesc::new(dt, key.x, key.p.nhwc)?;
+        let wd = FilterDesc::new(dt, key.w, key.p.nhwc)?;
+        let y = TensorDesc::new(dt, y_dims, key.p.nhwc)?;
         let conv = ConvDesc::new(key.p, compute, search_math(key.dtype, key.tf32))?;
         let limit = self.workspace_limit();
         let handle = self.handle;
@@ -568,9 +572,10 @@ impl State {
         };
         conv.set_math(math)?;
         let report = format!(
-            "{:?} {:?} x={:?} w={:?} pad={} stride={}: {:?} {:?} {:.3} ms, workspace {} KiB",
+            "{:?} {:?} {} x={:?} w={:?} pad={} stride={}: {:?} {:?} {:.3} ms, workspace {} KiB",
             key.kind,
             key.dtype,
+            if key.p.nhwc { "NHWC" } else { "NCHW" },
             key.x,
             key.w,
             key.p.padding,
@@ -731,8 +736,8 @@ pub(super) fn conv_fwd(
     ) -> Result<CudaStorage> {
         let dev = xs.device.clone();
         let dtype = xs.dtype();
-        let (xd, wd) = (dims4(xl)?, dims4(wl)?);
-        let y_dims = dims4(&Layout::contiguous(y_shape.clone()))?;
+        let (xd, wd) = (dims4(xl, p.nhwc)?, filter_dims(wl, p.nhwc)?);
+        let y_dims = dims4(&Layout::contiguous(y_shape.clone()), p.nhwc)?;
         with_state(&dev, |st| {
             let stream = st.stream.clone();
             let x = input::<T>(xs, xl)?;
@@ -753,8 +758,8 @@ pub(super) fn conv_fwd(
                 if let Some((bs, bl)) = bias {
                     let b = input::<T>(bs, bl)?;
                     let (bp, _gb) = b.device_ptr(&stream);
-                    let bias_desc = st.tensor_desc(dtype, [1, wd[0], 1, 1])?;
-                    let y_desc = st.tensor_desc(dtype, y_dims)?;
+                    let bias_desc = st.tensor_desc(dtype, [1, wd[0], 1, 1], p.nhwc)?;
+                    let y_desc = st.tensor_desc(dtype, y_dims, p.nhwc)?;
                     let start = st.event()?;
                     let (one, _) = scalars(dtype);
                     // SAFETY: bias (1,K,1,1) broadcasts over y (N,K,H,W); both descriptors match.
@@ -793,9 +798,9 @@ pub(super) fn conv_bwd_data(
     ) -> Result<CudaStorage> {
         let dev = dys.device.clone();
         let dtype = dys.dtype();
-        let wd = dims4(wl)?;
-        let xd = dims4(&Layout::contiguous(dx_shape.clone()))?;
-        let dyd = dims4(dyl)?;
+        let wd = filter_dims(wl, p.nhwc)?;
+        let xd = dims4(&Layout::contiguous(dx_shape.clone()), p.nhwc)?;
+        let dyd = dims4(dyl, p.nhwc)?;
         if dyd != [xd[0], wd[0], p.out_dim(xd[2], wd[2]), p.out_dim(xd[3], wd[3])] {
             candle_core::bail!("cuDNN backward data: dy {dyd:?} does not match x {xd:?} and w {wd:?}");
         }
@@ -842,9 +847,9 @@ pub(super) fn conv_bwd_filter(
     ) -> Result<CudaStorage> {
         let dev = xs.device.clone();
         let dtype = xs.dtype();
-        let xd = dims4(xl)?;
-        let wd = dims4(&Layout::contiguous(dw_shape.clone()))?;
-        let dyd = dims4(dyl)?;
+        let xd = dims4(xl, p.nhwc)?;
+        let wd = filter_dims(&Layout::contiguous(dw_shape.clone()), p.nhwc)?;
+        let dyd = dims4(dyl, p.nhwc)?;
         if dyd != [xd[0], wd[0], p.out_dim(xd[2], wd[2]), p.out_dim(xd[3], wd[3])] {
             candle_core::bail!("cuDNN backward filter: dy {dyd:?} does not match x {xd:?} and w {wd:?}");
         }
@@ -877,13 +882,13 @@ pub(super) fn bias_grad(dys: &CudaStorage, dyl: &Layout, k: usize) -> Result<Cud
     fn go<T: CudaDType + DeviceRepr>(dys: &CudaStorage, dyl: &Layout, k: usize) -> Result<CudaStorage> {
         let dev = dys.device.clone();
         let dtype = dys.dtype();
-        let dyd = dims4(dyl)?;
+        let dyd = dims4(dyl, false)?;
         with_state(&dev, |st| {
             let stream = st.stream.clone();
             let dy = input::<T>(dys, dyl)?;
             let mut db = alloc::<T>(&stream, k)?;
-            let dy_desc = st.tensor_desc(dtype, dyd)?;
-            let db_desc = st.tensor_desc(dtype, [1, k, 1, 1])?;
+            let dy_desc = st.tensor_desc(dtype, dyd, false)?;
+            let db_desc = st.tensor_desc(dtype, [1, k, 1, 1], false)?;
             let (one, zero) = scalars(dtype);
             let start = st.event()?;
             {
@@ -910,18 +915,23 @@ pub(super) fn bias_grad(dys: &CudaStorage, dyl: &Layout, k: usize) -> Result<Cud
     dispatch!(dys.dtype(), go, dys, dyl, k)
 }
 
-pub(super) fn pool_fwd(xs: &CudaStorage, xl: &Layout, y_shape: &Shape) -> Result<CudaStorage> {
-    fn go<T: CudaDType + DeviceRepr>(xs: &CudaStorage, xl: &Layout, y_shape: &Shape) -> Result<CudaStorage> {
+pub(super) fn pool_fwd(xs: &CudaStorage, xl: &Layout, y_shape: &Shape, nhwc: bool) -> Result<CudaStorage> {
+    fn go<T: CudaDType + DeviceRepr>(
+        xs: &CudaStorage,
+        xl: &Layout,
+        y_shape: &Shape,
+        nhwc: bool,
+    ) -> Result<CudaStorage> {
         let dev = xs.device.clone();
         let dtype = xs.dtype();
-        let xd = dims4(xl)?;
-        let yd = dims4(&Layout::contiguous(y_shape.clone()))?;
+        let xd = dims4(xl, nhwc)?;
+        let yd = dims4(&Layout::contiguous(y_shape.clone()), nhwc)?;
         with_state(&dev, |st| {
             let stream = st.stream.clone();
             let x = input::<T>(xs, xl)?;
             let mut y = alloc::<T>(&stream, y_shape.elem_count())?;
-            let x_desc = st.tensor_desc(dtype, xd)?;
-            let y_desc = st.tensor_desc(dtype, yd)?;
+            let x_desc = st.tensor_desc(dtype, xd, nhwc)?;
+            let y_desc = st.tensor_desc(dtype, yd, nhwc)?;
             if st.pool.is_none() {
                 st.pool = Some(PoolDesc::max2()?);
             }
@@ -954,7 +964,7 @@ pub(super) fn pool_fwd(xs: &CudaStorage, xl: &Layout, y_shape: &Shape) -> Result
         })
     }
     require_contiguous("pooling input", xl)?;
-    dispatch!(xs.dtype(), go, xs, xl, y_shape)
+    dispatch!(xs.dtype(), go, xs, xl, y_shape, nhwc)
 }
 
 pub(super) fn pool_bwd(
@@ -964,7 +974,9 @@ pub(super) fn pool_bwd(
     yl: &Layout,
     dys: &CudaStorage,
     dyl: &Layout,
+    nhwc: bool,
 ) -> Result<CudaStorage> {
+    #[allow(clippy::too_many_arguments)]
     fn go<T: CudaDType + DeviceRepr>(
         xs: &CudaStorage,
         xl: &Layout,
@@ -972,12 +984,13 @@ pub(super) fn pool_bwd(
         yl: &Layout,
         dys: &CudaStorage,
         dyl: &Layout,
+        nhwc: bool,
     ) -> Result<CudaStorage> {
         let dev = xs.device.clone();
         let dtype = xs.dtype();
-        let xd = dims4(xl)?;
-        let yd = dims4(yl)?;
-        if dims4(dyl)? != yd {
+        let xd = dims4(xl, nhwc)?;
+        let yd = dims4(yl, nhwc)?;
+        if dims4(dyl, nhwc)? != yd {
             candle_core::bail!("cuDNN pooling backward: dy {:?} does not match y {yd:?}", dyl.dims());
         }
         with_state(&dev, |st| {
@@ -986,8 +999,8 @@ pub(super) fn pool_bwd(
             let y = input::<T>(ys, yl)?;
             let dy = input::<T>(dys, dyl)?;
             let mut dx = alloc::<T>(&stream, xl.shape().elem_count())?;
-            let x_desc = st.tensor_desc(dtype, xd)?;
-            let y_desc = st.tensor_desc(dtype, yd)?;
+            let x_desc = st.tensor_desc(dtype, xd, nhwc)?;
+            let y_desc = st.tensor_desc(dtype, yd, nhwc)?;
             if st.pool.is_none() {
                 st.pool = Some(PoolDesc::max2()?);
             }
@@ -1028,7 +1041,7 @@ pub(super) fn pool_bwd(
     for (what, l) in [("pooling x", xl), ("pooling y", yl), ("pooling dy", dyl)] {
         require_contiguous(what, l)?;
     }
-    dispatch!(xs.dtype(), go, xs, xl, ys, yl, dys, dyl)
+    dispatch!(xs.dtype(), go, xs, xl, ys, yl, dys, dyl, nhwc)
 }
 
 pub(super) fn take_profile(dev: &CudaDevice) -> Result<Profile> {
@@ -1079,8 +1092,8 @@ pub(super) fn support(dev: &CudaDevice, dtype: DType) -> Result<Support> {
             let stream = st.stream.clone();
             let zeros = |n| stream.alloc_zeros::<T>(n).map_err(|e| cuda_err("allocate probe", e));
             let (mut big, mut big2, mut small, mut small2) = (zeros(8)?, zeros(8)?, zeros(2)?, zeros(2)?);
-            let t4 = st.tensor_desc(dtype, [1, 2, 2, 2])?;
-            let t1 = st.tensor_desc(dtype, [1, 2, 1, 1])?;
+            let t4 = st.tensor_desc(dtype, [1, 2, 2, 2], false)?;
+            let t1 = st.tensor_desc(dtype, [1, 2, 1, 1], false)?;
             if st.pool.is_none() {
                 st.pool = Some(PoolDesc::max2()?);
             }

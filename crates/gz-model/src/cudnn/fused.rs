@@ -31,14 +31,42 @@ pub fn bias_relu(z: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !matches!(z.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         candle_core::bail!("bias_relu supports f32, bf16 and f16, not {:?}", z.dtype());
     }
-    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu)
+    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu { nhwc: false })
+}
+
+/// [`bias_relu`] for a channels-last `z` (N, H, W, K).
+pub(crate) fn bias_relu_nhwc(z: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, _, _, k) = z.dims4()?;
+    if b.dims() != [k] {
+        candle_core::bail!("bias_relu: bias shape {:?} does not match {k} channels", b.dims());
+    }
+    if z.dtype() != b.dtype() {
+        candle_core::bail!("bias_relu: dtypes differ (z {:?}, b {:?})", z.dtype(), b.dtype());
+    }
+    if !matches!(z.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!("bias_relu supports f32, bf16 and f16, not {:?}", z.dtype());
+    }
+    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu { nhwc: true })
 }
 
 /// Forward: (z, b) → y.
-struct BiasRelu;
+struct BiasRelu {
+    nhwc: bool,
+}
 
 /// Backward: (y, dy) → [dz (N·K·H·W values), db (K values)], flat.
-struct BiasReluBwd;
+struct BiasReluBwd {
+    nhwc: bool,
+}
+
+/// The bias reshaped to broadcast over an activation of either layout.
+fn broadcast_bias(b: &Tensor, nhwc: bool) -> Result<Tensor> {
+    if nhwc {
+        b.reshape((1, 1, 1, ()))
+    } else {
+        b.reshape((1, (), 1, 1))
+    }
+}
 
 impl CustomOp2 for BiasRelu {
     fn name(&self) -> &'static str {
@@ -48,7 +76,7 @@ impl CustomOp2 for BiasRelu {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let z = cpu_tensor(s1, l1)?;
         let b = cpu_tensor(s2, l2)?;
-        let y = z.broadcast_add(&b.reshape((1, (), 1, 1))?)?.relu()?;
+        let y = z.broadcast_add(&broadcast_bias(&b, self.nhwc)?)?.relu()?;
         cpu_storage(&y)
     }
 
@@ -56,7 +84,7 @@ impl CustomOp2 for BiasRelu {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            cuda::forward(s1, l1, s2, l2)
+            cuda::forward(s1, l1, s2, l2, self.nhwc)
         }
         #[cfg(not(feature = "cudnn"))]
         Err(super::no_backend(self.name()))
@@ -65,7 +93,7 @@ impl CustomOp2 for BiasRelu {
     fn bwd(&self, _z: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let total = y.elem_count();
         let k = b.elem_count();
-        let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd)?;
+        let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd { nhwc: self.nhwc })?;
         let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
         let db = packed.narrow(0, total, k)?;
         Ok((Some(dz), Some(db)))
@@ -82,7 +110,8 @@ impl CustomOp2 for BiasReluBwd {
         let dy = cpu_tensor(s2, l2)?;
         // dz in the storage dtype, then its channel sums in f32 (as the CUDA kernel does)
         let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
-        let db = dz.to_dtype(DType::F32)?.sum((0, 2, 3))?.to_dtype(y.dtype())?;
+        let dims = if self.nhwc { (0, 1, 2) } else { (0, 2, 3) };
+        let db = dz.to_dtype(DType::F32)?.sum(dims)?.to_dtype(y.dtype())?;
         let packed = Tensor::cat(&[dz.flatten_all()?, db], 0)?;
         cpu_storage(&packed)
     }
@@ -91,7 +120,7 @@ impl CustomOp2 for BiasReluBwd {
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            cuda::backward(s1, l1, s2, l2)
+            cuda::backward(s1, l1, s2, l2, self.nhwc)
         }
         #[cfg(not(feature = "cudnn"))]
         Err(super::no_backend(self.name()))
@@ -152,9 +181,18 @@ mod cuda {
         ))
     }
 
-    pub(super) fn forward(z: &CudaStorage, lz: &Layout, b: &CudaStorage, lb: &Layout) -> Result<(CudaStorage, Shape)> {
+    pub(super) fn forward(
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        nhwc: bool,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = z.device().clone();
         let y = super::super::backend::time_bias(&dev, || match z.dtype() {
+            DType::F32 if nhwc => fwd_nhwc::<f32>(&dev, z, lz, b, lb),
+            DType::BF16 if nhwc => fwd_nhwc::<half::bf16>(&dev, z, lz, b, lb),
+            DType::F16 if nhwc => fwd_nhwc::<half::f16>(&dev, z, lz, b, lb),
             DType::F32 => fwd::<f32>(&dev, z, lz, b, lb),
             DType::BF16 => fwd::<half::bf16>(&dev, z, lz, b, lb),
             DType::F16 => fwd::<half::f16>(&dev, z, lz, b, lb),
@@ -197,11 +235,23 @@ mod cuda {
         ly: &Layout,
         dy: &CudaStorage,
         ldy: &Layout,
+        nhwc: bool,
     ) -> Result<(CudaStorage, Shape)> {
         if ly.shape() != ldy.shape() {
             candle_core::bail!("bias_relu backward: y {:?} and dy {:?} differ", ly.shape(), ldy.shape());
         }
         let dev = y.device().clone();
+        if nhwc {
+            let (n, h, w, k) = ly.shape().dims4()?;
+            let total = n * h * w * k;
+            let out = super::super::backend::time_bias(&dev, || match y.dtype() {
+                DType::F32 => bwd_nhwc::<f32>(&dev, y, ly, dy, ldy, (n * h * w, k)),
+                DType::BF16 => bwd_nhwc::<half::bf16>(&dev, y, ly, dy, ldy, (n * h * w, k)),
+                DType::F16 => bwd_nhwc::<half::f16>(&dev, y, ly, dy, ldy, (n * h * w, k)),
+                other => candle_core::bail!("bias_relu supports f32, bf16 and f16, not {other:?}"),
+            })?;
+            return Ok((out, Shape::from(total + k)));
+        }
         let (n, k, hw, planes) = geometry(ly)?;
         let total = planes as usize * hw as usize;
         let out = super::super::backend::time_bias(&dev, || match y.dtype() {
@@ -211,6 +261,94 @@ mod cuda {
             other => candle_core::bail!("bias_relu supports f32, bf16 and f16, not {other:?}"),
         })?;
         Ok((out, Shape::from(total + k as usize)))
+    }
+
+    fn u32_of(v: usize, what: &str) -> Result<u32> {
+        u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bias_relu: {what} {v} exceeds 32 bits")))
+    }
+
+    fn fwd_nhwc<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<CudaStorage> {
+        let (_, _, _, k) = lz.shape().dims4()?;
+        let total = lz.shape().elem_count();
+        let (total32, k32) = (u32_of(total, "size")?, u32_of(k, "channels")?);
+        let zs = view::<T>(z, lz)?;
+        let bs = view::<T>(b, lb)?;
+        // SAFETY: the kernel writes every element of `y` (grid-stride over `total`).
+        let y = unsafe { dev.alloc::<T>(total) }?;
+        let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_nhwc_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (total32.div_ceil(THREADS * 4).clamp(1, 1 << 20), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = func.builder();
+        launch.arg(&zs).arg(&bs).arg(&y).arg(&total32).arg(&k32);
+        // SAFETY: argument types and count match `bias_relu_fwd_nhwc_*`; z and y hold `total`
+        // elements and b `k`.
+        unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC forward launch", e))?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+
+    fn bwd_nhwc<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        y: &CudaStorage,
+        ly: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+        (rows, k): (usize, usize),
+    ) -> Result<CudaStorage> {
+        let total = rows * k;
+        let (rows32, k32) = (u32_of(rows, "rows")?, u32_of(k, "channels")?);
+        u32_of(total, "size")?;
+        let ys = view::<T>(y, ly)?;
+        let dys = view::<T>(dy, ldy)?;
+        // ~512 blocks of contiguous row ranges (fewer when there are fewer rows)
+        let s = rows32.clamp(1, 512);
+        // SAFETY: the first kernel writes dz (all `total` elements) and every partial, the
+        // second all k bias-gradient elements.
+        let mut out = unsafe { dev.alloc::<T>(total + k) }?;
+        let partial = unsafe { dev.alloc::<f32>(k * s as usize) }?;
+        let sfx = suffix(T::DTYPE)?;
+        {
+            let mut dz = out.slice_mut(..total);
+            let func = dev.get_or_load_custom_func(&format!("bias_relu_bwd_nhwc_{sfx}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (s, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch
+                .arg(&ys)
+                .arg(&dys)
+                .arg(&mut dz)
+                .arg(&partial)
+                .arg(&rows32)
+                .arg(&k32);
+            // SAFETY: argument types and count match `bias_relu_bwd_nhwc_*` (256 threads, the
+            // size of its shared array); y, dy, dz hold rows·k elements, `partial` k·s.
+            unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC backward launch", e))?;
+        }
+        {
+            let mut db = out.slice_mut(total..);
+            let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (k32.div_ceil(THREADS), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch.arg(&partial).arg(&mut db).arg(&k32).arg(&s);
+            // SAFETY: as in `bwd`: `partial` holds k·s values and `db` k.
+            unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC bias-gradient launch", e))?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
     /// Splits of the batch per channel so that the grid has at least ~1,024 blocks.

@@ -44,6 +44,7 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 static ALLOW_TF32: AtomicBool = AtomicBool::new(true);
 static PROFILING: AtomicBool = AtomicBool::new(false);
 static FUSED: AtomicBool = AtomicBool::new(true);
+static NHWC: AtomicBool = AtomicBool::new(false);
 
 /// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
 pub fn compiled() -> bool {
@@ -77,6 +78,36 @@ pub fn set_fused(on: bool) {
 /// Whether the fused epilogue is switched on (see [`set_fused`]).
 pub fn fused_enabled() -> bool {
     FUSED.load(Ordering::Relaxed)
+}
+
+/// Runs the nets' convolution towers channels-last (NHWC activations, KRSC filters; off by
+/// default until measured on a GPU). Applies wherever the custom ops run: CUDA with the fast
+/// path, and CPU (where the ops permute around candle's convolution: slower, but the same
+/// plumbing, which is how the CPU tests check it). `GZ_NHWC=1` switches it on in `gz`.
+/// Checkpoints are the same in both layouts (weights stay (K, C, R, S)).
+pub fn set_nhwc(on: bool) {
+    NHWC.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    static NHWC_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the channels-last switch overridden on this thread only (tests compare both
+/// layouts without disturbing other threads).
+pub fn with_nhwc<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = NHWC_HERE.with(|c| c.replace(Some(on)));
+    let r = f();
+    NHWC_HERE.with(|c| c.set(before));
+    r
+}
+
+/// Whether the nets run channels-last on `device` (see [`set_nhwc`], [`with_nhwc`]).
+pub fn nhwc_for(device: &Device) -> bool {
+    let on = NHWC_HERE
+        .with(|c| c.get())
+        .unwrap_or_else(|| NHWC.load(Ordering::Relaxed));
+    on && (device.is_cpu() || active_for(device))
 }
 
 /// Allows (default) or forbids TF32 tensor-core math for f32 convolutions. Takes effect for
@@ -151,7 +182,7 @@ pub fn plan_report() -> Vec<String> {
 /// `x` (N,C,H,W), `w` (K,C,kh,kw), `b` (K) → (N,K,H',W'). All three must share one dtype and
 /// device. Differentiable with respect to all three.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let params = check_conv(x, w, b, padding, stride)?;
+    let params = check_conv(x, w, b, padding, stride, false)?;
     let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
     if cuda_supports(x.device(), x.dtype(), |s| s.bias)? {
         x.apply_op3(&w, &b, Conv2dOp(params))
@@ -167,16 +198,37 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
 /// ([`bias_relu`]; two kernels backward, including the bias gradient). Every dtype takes this
 /// route, so bf16 no longer falls back to candle's broadcast add. Same arguments as [`conv2d`].
 pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let params = check_conv(x, w, b, padding, stride)?;
+    let params = check_conv(x, w, b, padding, stride, false)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let z = x.apply_op2(&w, Conv2dNoBiasOp(params))?;
     bias_relu(&z, b)
 }
 
-/// Checks the shapes and dtypes of a convolution's arguments.
-fn check_conv(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<ConvParams> {
-    let (_, c, h, wd) = x.dims4()?;
-    let (k, wc, kh, kw) = w.dims4()?;
+/// [`conv2d_relu`] in channels-last layout: `x` is (N, H, W, C), `w` is (K, R, S, C) (the
+/// checkpoint's (K, C, R, S) weight permuted), the result (N, H', W', K). cuDNN's NHWC kernels
+/// are the fast ones for bf16 tensor cores (503 vs 306 TFLOP/s in the probe); on CPU the ops
+/// permute to NCHW around candle's convolution, so CPU tests check the same plumbing.
+pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let params = check_conv(x, w, b, padding, stride, true)?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let z = x.apply_op2(&w, Conv2dNoBiasOp(params))?;
+    fused::bias_relu_nhwc(&z, b)
+}
+
+/// Checks the shapes and dtypes of a convolution's arguments (NHWC / KRSC when `nhwc`).
+fn check_conv(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize, nhwc: bool) -> Result<ConvParams> {
+    let (_, c, h, wd) = if nhwc {
+        let (n, h, w, c) = x.dims4()?;
+        (n, c, h, w)
+    } else {
+        x.dims4()?
+    };
+    let (k, wc, kh, kw) = if nhwc {
+        let (k, r, s, c) = w.dims4()?;
+        (k, c, r, s)
+    } else {
+        w.dims4()?
+    };
     if c != wc {
         candle_core::bail!("conv2d: input has {c} channels but the weight expects {wc}");
     }
@@ -196,7 +248,7 @@ fn check_conv(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
             "conv2d: kernel {kh}×{kw} (padding {padding}, stride {stride}) does not fit a {h}×{wd} input"
         );
     }
-    Ok(ConvParams { padding, stride })
+    Ok(ConvParams { padding, stride, nhwc })
 }
 
 /// On CUDA with the backend: whether cuDNN supports the calls `pick` selects for `dtype`.
@@ -232,7 +284,68 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if !cuda_supports(x.device(), x.dtype(), |s| s.pool)? {
         return max_pool2_by_reduction(x);
     }
-    x.contiguous()?.apply_op1(MaxPool2Op)
+    x.contiguous()?.apply_op1(MaxPool2Op { nhwc: false })
+}
+
+/// [`max_pool2`] on a channels-last (N, H, W, C) tensor, giving (N, H/2, W/2, C).
+pub fn max_pool2_nhwc(x: &Tensor) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    if h < 2 || w < 2 {
+        candle_core::bail!("max_pool2: input {h}×{w} is smaller than the 2×2 window");
+    }
+    if !cuda_supports(x.device(), x.dtype(), |s| s.pool)? {
+        return max_pool2_by_reduction(&nchw_of(x)?)?
+            .permute((0, 2, 3, 1))?
+            .contiguous();
+    }
+    x.contiguous()?.apply_op1(MaxPool2Op { nhwc: true })
+}
+
+/// The dims of an activation (or filter) shape in (N, C, H, W) (or (K, C, R, S)) order.
+fn nchw_dims(shape: &Shape, nhwc: bool) -> Result<(usize, usize, usize, usize)> {
+    let (a, b, c, d) = shape.dims4()?;
+    Ok(if nhwc { (a, d, b, c) } else { (a, b, c, d) })
+}
+
+/// An activation (or filter) shape from (N, C, H, W) (or (K, C, R, S)) dims.
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA side of the ops")
+)]
+fn shape_of(n: usize, c: usize, h: usize, w: usize, nhwc: bool) -> Shape {
+    if nhwc {
+        Shape::from((n, h, w, c))
+    } else {
+        Shape::from((n, c, h, w))
+    }
+}
+
+/// A CPU tensor in the op's layout → NCHW (a no-op for NCHW ops).
+fn cpu_in(t: Tensor, nhwc: bool) -> Result<Tensor> {
+    if nhwc {
+        nchw_of(&t)
+    } else {
+        Ok(t)
+    }
+}
+
+/// An NCHW CPU result → the op's layout.
+fn cpu_out(t: Tensor, nhwc: bool) -> Result<Tensor> {
+    if nhwc {
+        nhwc_of(&t)
+    } else {
+        Ok(t)
+    }
+}
+
+/// (N, H, W, C) → (N, C, H, W), contiguous; also (K, R, S, C) filters → (K, C, R, S).
+fn nchw_of(t: &Tensor) -> Result<Tensor> {
+    t.permute((0, 3, 1, 2))?.contiguous()
+}
+
+/// (N, C, H, W) → (N, H, W, C), contiguous; also (K, C, R, S) filters → (K, R, S, C).
+fn nhwc_of(t: &Tensor) -> Result<Tensor> {
+    t.permute((0, 2, 3, 1))?.contiguous()
 }
 
 /// The same pooling from candle's generic ops (a reshape to 2×2 windows and two `max`
@@ -260,6 +373,8 @@ pub fn max_pool2_by_reduction(x: &Tensor) -> Result<Tensor> {
 struct ConvParams {
     padding: usize,
     stride: usize,
+    /// Channels-last activations (N, H, W, C) and (K, R, S, C) filters.
+    nhwc: bool,
 }
 
 impl ConvParams {
@@ -291,9 +406,13 @@ struct ConvBwdFilter {
 struct BiasGrad;
 
 /// Max-pool backward: (x, y, dy) → dx.
-struct MaxPool2Bwd;
+struct MaxPool2Bwd {
+    nhwc: bool,
+}
 
-struct MaxPool2Op;
+struct MaxPool2Op {
+    nhwc: bool,
+}
 
 // ---------------------------------------------------------------------------------------------
 // CPU fallbacks: candle tensors built from the op's storage.
@@ -485,17 +604,20 @@ impl CustomOp2 for Conv2dNoBiasOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = cpu_tensor(s1, l1)?.conv2d(&cpu_tensor(s2, l2)?, self.0.padding, self.0.stride, 1, 1)?;
-        cpu_storage(&y)
+        let nhwc = self.0.nhwc;
+        let x = cpu_in(cpu_tensor(s1, l1)?, nhwc)?;
+        let w = cpu_in(cpu_tensor(s2, l2)?, nhwc)?;
+        let y = x.conv2d(&w, self.0.padding, self.0.stride, 1, 1)?;
+        cpu_storage(&cpu_out(y, nhwc)?)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            let (n, _, h, w) = l1.shape().dims4()?;
-            let (k, _, kh, kw) = l2.shape().dims4()?;
-            let shape = Shape::from((n, k, self.0.out_dim(h, kh), self.0.out_dim(w, kw)));
+            let (n, _, h, w) = nchw_dims(l1.shape(), self.0.nhwc)?;
+            let (k, _, kh, kw) = nchw_dims(l2.shape(), self.0.nhwc)?;
+            let shape = shape_of(n, k, self.0.out_dim(h, kh), self.0.out_dim(w, kw), self.0.nhwc);
             let y = backend::conv_fwd(self.0, s1, l1, s2, l2, None, &shape)?;
             Ok((y, shape))
         }
@@ -505,8 +627,8 @@ impl CustomOp2 for Conv2dNoBiasOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let (_, _, h, wd) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
+        let (_, _, h, wd) = nchw_dims(x.shape(), self.0.nhwc)?;
+        let (_, _, kh, kw) = nchw_dims(w.shape(), self.0.nhwc)?;
         let dx = dy.apply_op2_no_bwd(
             w,
             &ConvBwdData {
@@ -531,17 +653,20 @@ impl CustomOp2 for ConvBwdData {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dx = cpu_conv_bwd_data(self.p, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.x_hw)?;
-        cpu_storage(&dx)
+        let nhwc = self.p.nhwc;
+        let dy = cpu_in(cpu_tensor(s1, l1)?, nhwc)?;
+        let w = cpu_in(cpu_tensor(s2, l2)?, nhwc)?;
+        let dx = cpu_conv_bwd_data(self.p, &dy, &w, self.x_hw)?;
+        cpu_storage(&cpu_out(dx, nhwc)?)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            let (n, _, _, _) = l1.shape().dims4()?;
-            let (_, c, _, _) = l2.shape().dims4()?;
-            let shape = Shape::from((n, c, self.x_hw.0, self.x_hw.1));
+            let (n, _, _, _) = nchw_dims(l1.shape(), self.p.nhwc)?;
+            let (_, c, _, _) = nchw_dims(l2.shape(), self.p.nhwc)?;
+            let shape = shape_of(n, c, self.x_hw.0, self.x_hw.1, self.p.nhwc);
             let dx = backend::conv_bwd_data(self.p, s1, l1, s2, l2, &shape)?;
             Ok((dx, shape))
         }
@@ -556,17 +681,20 @@ impl CustomOp2 for ConvBwdFilter {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dw = cpu_conv_bwd_filter(self.p, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.k_hw)?;
-        cpu_storage(&dw)
+        let nhwc = self.p.nhwc;
+        let x = cpu_in(cpu_tensor(s1, l1)?, nhwc)?;
+        let dy = cpu_in(cpu_tensor(s2, l2)?, nhwc)?;
+        let dw = cpu_conv_bwd_filter(self.p, &x, &dy, self.k_hw)?;
+        cpu_storage(&cpu_out(dw, nhwc)?)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            let (_, c, _, _) = l1.shape().dims4()?;
-            let (_, k, _, _) = l2.shape().dims4()?;
-            let shape = Shape::from((k, c, self.k_hw.0, self.k_hw.1));
+            let (_, c, _, _) = nchw_dims(l1.shape(), self.p.nhwc)?;
+            let (_, k, _, _) = nchw_dims(l2.shape(), self.p.nhwc)?;
+            let shape = shape_of(k, c, self.k_hw.0, self.k_hw.1, self.p.nhwc);
             let dw = backend::conv_bwd_filter(self.p, s1, l1, s2, l2, &shape)?;
             Ok((dw, shape))
         }
@@ -611,17 +739,17 @@ impl CustomOp1 for MaxPool2Op {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = cpu_tensor(s, l)?.max_pool2d(2)?;
-        cpu_storage(&y)
+        let y = cpu_in(cpu_tensor(s, l)?, self.nhwc)?.max_pool2d(2)?;
+        cpu_storage(&cpu_out(y, self.nhwc)?)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            let (n, c, h, w) = l.shape().dims4()?;
-            let shape = Shape::from((n, c, h / 2, w / 2));
-            let y = backend::pool_fwd(s, l, &shape)?;
+            let (n, c, h, w) = nchw_dims(l.shape(), self.nhwc)?;
+            let shape = shape_of(n, c, h / 2, w / 2, self.nhwc);
+            let y = backend::pool_fwd(s, l, &shape, self.nhwc)?;
             Ok((y, shape))
         }
         #[cfg(not(feature = "cudnn"))]
@@ -630,7 +758,7 @@ impl CustomOp1 for MaxPool2Op {
 
     fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let dy = dy.contiguous()?;
-        Ok(Some(x.apply_op3_no_bwd(y, &dy, &MaxPool2Bwd)?))
+        Ok(Some(x.apply_op3_no_bwd(y, &dy, &MaxPool2Bwd { nhwc: self.nhwc })?))
     }
 }
 
@@ -648,8 +776,9 @@ impl CustomOp3 for MaxPool2Bwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dx = cpu_pool_bwd(&cpu_tensor(s1, l1)?, &cpu_tensor(s3, l3)?)?;
-        cpu_storage(&dx)
+        let x = cpu_in(cpu_tensor(s1, l1)?, self.nhwc)?;
+        let dy = cpu_in(cpu_tensor(s3, l3)?, self.nhwc)?;
+        cpu_storage(&cpu_out(cpu_pool_bwd(&x, &dy)?, self.nhwc)?)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
@@ -665,7 +794,7 @@ impl CustomOp3 for MaxPool2Bwd {
         #[cfg(feature = "cudnn")]
         {
             let shape = l1.shape().clone();
-            let dx = backend::pool_bwd(s1, l1, s2, l2, s3, l3)?;
+            let dx = backend::pool_bwd(s1, l1, s2, l2, s3, l3, self.nhwc)?;
             Ok((dx, shape))
         }
         #[cfg(not(feature = "cudnn"))]

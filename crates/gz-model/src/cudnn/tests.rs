@@ -645,7 +645,11 @@ fn cpu_conv_without_bias_op_matches_candle() -> Result<()> {
     let (xv, wv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
     let y = xv.as_tensor().apply_op2(
         wv.as_tensor(),
-        super::Conv2dNoBiasOp(super::ConvParams { padding: 1, stride: 2 }),
+        super::Conv2dNoBiasOp(super::ConvParams {
+            padding: 1,
+            stride: 2,
+            nhwc: false,
+        }),
     )?;
     let g = randn(y.dims(), 13, &cpu)?;
     let grads = (&y * &g)?.sum_all()?.backward()?;
@@ -695,4 +699,104 @@ fn max_pool_gradients_reach_the_maximum_whole() -> Result<()> {
         [4.0]
     );
     Ok(())
+}
+
+/// The channels-last ops against the NCHW ones on CPU (the same candle kernels behind
+/// permutes): values and the gradients of input, weight and bias, for padded stride-1 and
+/// unpadded stride-2 convolutions on non-square inputs, and max-pooling with odd sides.
+#[test]
+fn cpu_nhwc_ops_match_nchw() -> Result<()> {
+    let cpu = Device::Cpu;
+    let to_nhwc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+    for (pad, stride, (h, w)) in [(1, 1, (9, 7)), (0, 2, (11, 8))] {
+        let x = randn(&[2, 3, h, w], 21, &cpu)?;
+        let wt = randn(&[5, 3, 3, 3], 22, &cpu)?;
+        let b = (randn(&[5], 23, &cpu)? * 0.3)?;
+        let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&wt)?, Var::from_tensor(&b)?);
+        let y = super::conv2d_relu(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), pad, stride)?;
+        let pooled = max_pool2(&y)?;
+        let g = randn(pooled.dims(), 24, &cpu)?;
+        let grads = (&pooled * &g)?.sum_all()?.backward()?;
+        // the same through the NHWC ops: input and weight permuted inside the graph
+        let (xn, wn, bn) = (Var::from_tensor(&x)?, Var::from_tensor(&wt)?, Var::from_tensor(&b)?);
+        let yn = super::conv2d_relu_nhwc(
+            &to_nhwc(xn.as_tensor())?,
+            &to_nhwc(wn.as_tensor())?,
+            bn.as_tensor(),
+            pad,
+            stride,
+        )?;
+        let pooled_n = super::max_pool2_nhwc(&yn)?;
+        assert_eq!(pooled_n.dims(), to_nhwc(&pooled)?.dims());
+        assert!(rel_err(&pooled_n, &to_nhwc(&pooled)?)? < 1e-6, "values");
+        let grads_n = (&pooled_n * &to_nhwc(&g)?)?.sum_all()?.backward()?;
+        for (name, a, r) in [("x", &xn, &xv), ("w", &wn, &wv), ("b", &bn, &bv)] {
+            let ga = grads_n.get(a.as_tensor()).expect("NHWC gradient");
+            let gr = grads.get(r.as_tensor()).expect("NCHW gradient");
+            let e = rel_err(ga, gr)?;
+            assert!(e < 1e-5, "d{name} (pad {pad}, stride {stride}): {e}");
+        }
+    }
+    Ok(())
+}
+
+/// The channels-last path on CUDA against the NCHW path on CPU (f32, candle's kernels): the
+/// fused conv + bias + ReLU + max-pool of every layer shape of both nets, values and the three
+/// gradients, in f32 (strict math) and bf16. Run on a GPU machine; skipped without one.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_nhwc_layers_match_cpu() -> Result<()> {
+    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = cuda_device() else { return Ok(()) };
+    super::set_allow_tf32(false);
+    let r = (|| {
+        let cpu = Device::Cpu;
+        let to_nhwc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+        let to_nchw = |t: &Tensor| t.permute((0, 3, 1, 2))?.contiguous();
+        for (dtype, tol) in [(DType::F32, 2e-4f32), (DType::BF16, 5e-2)] {
+            for &(n, c, hw, k, ks, pad, stride) in MODEL_SHAPES {
+                let x = randn(&[n, c, hw, hw], 31, &cpu)?;
+                let w = (randn(&[k, c, ks, ks], 32, &cpu)? * (2.0 / (c * ks * ks) as f64).sqrt())?;
+                let b = (randn(&[k], 33, &cpu)? * 0.1)?;
+                // reference: NCHW on CPU, f32
+                let (xr, wr, br) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+                let yr = super::conv2d_relu(xr.as_tensor(), wr.as_tensor(), br.as_tensor(), pad, stride)?;
+                let yr = if yr.dim(2)? >= 2 { max_pool2(&yr)? } else { yr };
+                let g = randn(yr.dims(), 34, &cpu)?;
+                let gr = (&yr * &g)?.sum_all()?.backward()?;
+                // NHWC on the GPU in `dtype`
+                let on_gpu = |t: &Tensor| t.to_device(&gpu)?.to_dtype(dtype);
+                let (xg, wg, bg) = (
+                    Var::from_tensor(&on_gpu(&to_nhwc(&x)?)?)?,
+                    Var::from_tensor(&on_gpu(&to_nhwc(&w)?)?)?,
+                    Var::from_tensor(&on_gpu(&b)?)?,
+                );
+                let yg = super::conv2d_relu_nhwc(xg.as_tensor(), wg.as_tensor(), bg.as_tensor(), pad, stride)?;
+                let yg = if yg.dim(1)? >= 2 {
+                    super::max_pool2_nhwc(&yg)?
+                } else {
+                    yg
+                };
+                let gg = (yg.to_dtype(DType::F32)? * on_gpu(&to_nhwc(&g)?)?.to_dtype(DType::F32)?)?
+                    .sum_all()?
+                    .backward()?;
+                let what = format!("{dtype:?} {n}×{c}×{hw}² k{k} {ks}×{ks} pad {pad} stride {stride}");
+                let e = rel_err(&to_nchw(&yg)?, &yr)?;
+                if e > tol {
+                    candle_core::bail!("{what}: output rel err {e}");
+                }
+                for (name, a, r, nhwc) in [("x", &xg, &xr, true), ("w", &wg, &wr, true), ("b", &bg, &br, false)] {
+                    let ga = gg.get(a.as_tensor()).expect("NHWC gradient");
+                    let ga = if nhwc { to_nchw(ga)? } else { ga.clone() };
+                    let e = rel_err(&ga, gr.get(r.as_tensor()).expect("NCHW gradient"))?;
+                    if e > tol {
+                        candle_core::bail!("{what}: d{name} rel err {e}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    })();
+    super::set_allow_tf32(true);
+    r
 }

@@ -83,6 +83,81 @@ __device__ __forceinline__ void bias_grad_finish(const float *__restrict__ parti
     db[c] = store_f<T>(s);
 }
 
+// Channels-last (NHWC) variants: the tensor is a (rows x channels) matrix, rows = N*H*W.
+
+// Grid-stride over all elements; the channel is the fastest index.
+template <typename T>
+__device__ __forceinline__ void bias_relu_fwd_nhwc(const T *__restrict__ x, const T *__restrict__ b,
+                                                   T *__restrict__ y, uint32_t total, uint32_t channels) {
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const float v = load_f<T>(x[i]) + load_f<T>(b[i % channels]);
+        y[i] = store_f<T>(v > 0.0f ? v : 0.0f);
+    }
+}
+
+// Grid: x over `splits` contiguous row ranges; block: 256 threads. With channels <= 256,
+// thread t handles channel t % channels of rows t / channels, t / channels + lanes, ... (lanes =
+// 256 / channels row groups, consecutive threads read consecutive channels: coalesced), then the
+// lanes of each channel are added in a fixed order in shared memory. With more channels, each
+// thread loops over channels t, t + 256, ... Block s writes partial[c * splits + s].
+template <typename T>
+__device__ __forceinline__ void bias_relu_bwd_nhwc(const T *__restrict__ y, const T *__restrict__ dy,
+                                                   T *__restrict__ dz, float *__restrict__ partial, uint32_t rows,
+                                                   uint32_t channels) {
+    const uint32_t splits = gridDim.x;
+    const uint32_t per = (rows + splits - 1) / splits;
+    const uint32_t r0 = blockIdx.x * per;
+    const uint32_t r1 = min(rows, r0 + per);
+    __shared__ float lane_sums[256];
+    if (channels <= blockDim.x) {
+        const uint32_t lanes = blockDim.x / channels;
+        const uint32_t c = threadIdx.x % channels, g = threadIdx.x / channels;
+        float acc = 0.0f;
+        if (g < lanes) {
+            for (uint32_t r = r0 + g; r < r1; r += lanes) {
+                const size_t i = (size_t)r * channels + c;
+                const float v = load_f<T>(y[i]) > 0.0f ? load_f<T>(dy[i]) : 0.0f;
+                const T vs = store_f<T>(v);
+                dz[i] = vs;
+                acc += load_f<T>(vs);
+            }
+        }
+        lane_sums[threadIdx.x] = acc;
+        __syncthreads();
+        if (threadIdx.x < channels) {
+            float s = 0.0f;
+            for (uint32_t k = 0; k < lanes; ++k) s += lane_sums[k * channels + threadIdx.x];
+            partial[(size_t)threadIdx.x * splits + blockIdx.x] = s;
+        }
+    } else {
+        for (uint32_t c = threadIdx.x; c < channels; c += blockDim.x) {
+            float acc = 0.0f;
+            for (uint32_t r = r0; r < r1; ++r) {
+                const size_t i = (size_t)r * channels + c;
+                const float v = load_f<T>(y[i]) > 0.0f ? load_f<T>(dy[i]) : 0.0f;
+                const T vs = store_f<T>(v);
+                dz[i] = vs;
+                acc += load_f<T>(vs);
+            }
+            partial[(size_t)c * splits + blockIdx.x] = acc;
+        }
+    }
+}
+
+#define INSTANTIATE_NHWC(NAME, T)                                                                                 \
+    extern "C" __global__ void bias_relu_fwd_nhwc_##NAME(const T *x, const T *b, T *y, uint32_t total,            \
+                                                         uint32_t channels) {                                     \
+        bias_relu_fwd_nhwc<T>(x, b, y, total, channels);                                                          \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_bwd_nhwc_##NAME(const T *y, const T *dy, T *dz, float *partial,          \
+                                                         uint32_t rows, uint32_t channels) {                      \
+        bias_relu_bwd_nhwc<T>(y, dy, dz, partial, rows, channels);                                                \
+    }
+
+INSTANTIATE_NHWC(f32, float)
+INSTANTIATE_NHWC(f16, __half)
+INSTANTIATE_NHWC(bf16, __nv_bfloat16)
+
 #define INSTANTIATE(NAME, T)                                                                                      \
     extern "C" __global__ void bias_relu_fwd_##NAME(const T *x, const T *b, T *y, uint32_t channels, uint32_t hw) { \
         bias_relu_fwd<T>(x, b, y, channels, hw);                                                                  \

@@ -25,7 +25,7 @@
 use super::{Dropper, LayerInfo};
 use crate::augment::{affine_sample, dieleman_parts_kernel, Affine};
 use crate::config::{Arch, ModelConfig, DIELEMAN_PART, DIELEMAN_VIEW};
-use crate::ops::{max_pool2, Conv2d};
+use crate::ops::{Conv2d, Tower};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use gz_schema::N_ANSWERS;
@@ -243,14 +243,15 @@ impl DielemanNet {
             Some(p) => p,
             None => parts(&views(x, self.view_fraction)?)?,
         };
+        let mut tower = Tower::new(h.device());
         for (conv, pool) in &self.convs {
-            h = conv.forward_relu(&h)?;
+            h = tower.conv_relu(conv, &h)?;
             if *pool {
-                h = max_pool2(&h)?;
+                h = tower.pool(&h)?;
             }
         }
         // (16B, F) part-major → (B, 16·F) with the parts of one galaxy side by side
-        let f = h.flatten_from(1)?;
+        let f = tower.finish(&h)?.flatten_from(1)?;
         let fdim = f.dim(1)?;
         let f = f
             .reshape((N_PARTS, b, fdim))?

@@ -495,3 +495,74 @@ mod cuda_tests {
         assert!(max_diff(&a, &b) < 1e-4);
     }
 }
+
+/// Layout checks on CPU: the channels-last towers ([`crate::cudnn::with_nhwc`]) give the same
+/// outputs and the same parameter gradients as NCHW, for both net families (the checkpoint
+/// format does not depend on the layout).
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use crate::config::Arch;
+
+    fn outputs_and_grads(arch: Arch, nhwc: bool) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+        crate::cudnn::with_nhwc(nhwc, || {
+            let dev = Device::Cpu;
+            let cfg = ModelConfig::new(arch, OutputKind::Tree);
+            let (model, varmap) = crate::checkpoint::build_seeded(&cfg, 3, DType::F32, &dev).expect("model");
+            // Non-zero biases: with the initial zeros, zero-padded image regions give
+            // pre-activations of exactly 0, where candle's ReLU (NCHW on CPU) passes the
+            // gradient and the fused one (the NHWC ops) does not, a convention, not a bug.
+            for (name, var) in varmap.data().lock().expect("varmap").iter() {
+                if name.ends_with("bias") {
+                    let b = (var.as_tensor().ones_like().expect("ones") * 0.013).expect("bias");
+                    var.set(&b).expect("set bias");
+                }
+            }
+            let size = cfg.input_size;
+            let n = 2 * 3 * size * size;
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
+                .collect();
+            let x = Tensor::from_vec(v, (2, 3, size, size), &dev).expect("input");
+            let y = model.forward_t(&x, false).expect("forward");
+            let grads = y
+                .sqr()
+                .and_then(|t| t.sum_all())
+                .and_then(|l| l.backward())
+                .expect("backward");
+            let mut gs: Vec<(String, Vec<f32>)> = varmap
+                .data()
+                .lock()
+                .expect("varmap")
+                .iter()
+                .filter_map(|(name, var)| {
+                    let g = grads.get(var.as_tensor())?;
+                    Some((name.clone(), g.flatten_all().ok()?.to_vec1::<f32>().ok()?))
+                })
+                .collect();
+            gs.sort_by(|a, b| a.0.cmp(&b.0));
+            (y.flatten_all().expect("flat").to_vec1::<f32>().expect("values"), gs)
+        })
+    }
+
+    #[test]
+    fn channels_last_towers_match_nchw() {
+        for arch in [Arch::Tiny, Arch::DielemanTiny] {
+            let (ya, ga) = outputs_and_grads(arch, false);
+            let (yb, gb) = outputs_and_grads(arch, true);
+            let worst = ya.iter().zip(&yb).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{arch}: outputs differ by {worst}");
+            assert_eq!(ga.len(), gb.len(), "{arch}: the same parameters get gradients");
+            assert!(!ga.is_empty());
+            for ((na, a), (nb, b)) in ga.iter().zip(&gb) {
+                assert_eq!(na, nb);
+                let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                assert!(
+                    worst <= 1e-4 * scale,
+                    "{arch} {na}: gradients differ by {worst} (scale {scale})"
+                );
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@
 
 use super::{Dropper, LayerInfo};
 use crate::config::{Arch, ModelConfig};
-use crate::ops::{max_pool2, Conv2d};
+use crate::ops::{Conv2d, Tower};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use gz_schema::N_ANSWERS;
@@ -175,14 +175,16 @@ impl VggNet {
                 self.input_size
             );
         }
-        let mut x = if self.stem_pool { x.avg_pool2d(2)? } else { x.clone() };
+        let x = if self.stem_pool { x.avg_pool2d(2)? } else { x.clone() };
+        let mut tower = Tower::new(x.device());
+        let mut x = x;
         for block in &self.blocks {
             for conv in block {
-                x = conv.forward_relu(&x)?;
+                x = tower.conv_relu(conv, &x)?;
             }
-            x = max_pool2(&x)?;
+            x = tower.pool(&x)?;
         }
-        let mut x = x.flatten_from(1)?;
+        let mut x = tower.finish(&x)?.flatten_from(1)?;
         for d in &self.dense {
             x = drop.apply(&d.forward(&x)?.relu()?)?;
         }
