@@ -8,6 +8,7 @@
 #   - affine resampling and Dieleman's 16 parts as one CUDA kernel (augment.rs)
 #   - bench-train --pipelined (one sync per run: the figure to compare with PyTorch) and
 #     --inference (forward only: the TTA target)
+#   - channels-last towers (GZ_NHWC=1; off by default until this run says it is faster)
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
 # (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
 # per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
@@ -64,17 +65,20 @@ if [ -x "$BIN/gz" ]; then
   V="--model vgg16-blog --batch 256 --precision bf16"
   D="--model dieleman --batch 256 --precision bf16"
   bench vgg-bf16-all 60 -- $V --steps 30 --warmup 5 --pipelined
+  bench vgg-bf16-all-nhwc 60 GZ_NHWC=1 -- $V --steps 30 --warmup 5 --pipelined
   bench vgg-bf16-no-fused-epilogue 60 GZ_FUSED=0 -- $V --steps 30 --warmup 5 --pipelined
   bench vgg-bf16-generic-optimizer 60 -- $V --steps 30 --warmup 5 --pipelined --optimizer-path generic
   bench vgg-bf16-breakdown 60 -- $V --steps 10 --warmup 3 --profile-steps 5
   grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-vgg-bf16-breakdown.log" | tee -a "$SUM"
   bench dieleman-bf16-all 60 -- $D --steps 30 --warmup 5 --pipelined
+  bench dieleman-bf16-all-nhwc 60 GZ_NHWC=1 -- $D --steps 30 --warmup 5 --pipelined
   bench dieleman-bf16-no-fused-epilogue 60 GZ_FUSED=0 -- $D --steps 30 --warmup 5 --pipelined
   bench dieleman-bf16-breakdown 60 -- $D --steps 10 --warmup 3 --profile-steps 5
   grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
   bench vgg-f32-128 60 -- --model vgg16-blog --batch 128 --precision f32 --steps 20 --warmup 5 --pipelined
   pack
   bench vgg-bf16-inference 45 -- $V --steps 30 --warmup 5 --pipelined --inference
+  bench vgg-bf16-inference-nhwc 45 GZ_NHWC=1 -- $V --steps 30 --warmup 5 --pipelined --inference
   bench dieleman-bf16-inference 45 -- $D --steps 30 --warmup 5 --pipelined --inference
   pack
 else
