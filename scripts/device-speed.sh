@@ -40,9 +40,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
 if [ -x "$BIN/gz-model-tests" ]; then
-  for group in "cudnn::fused::" "optim::fused::" "augment::tests::cuda_" "cudnn::" "nets::cuda_tests" "train::cuda_tests"; do
+  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "cudnn:: 100" "nets::cuda_tests 45"; do
+    set -- $spec; group=$1; t=$2
     log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log"
-    GZ_REQUIRE_CUDA=1 timeout 150 "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
+    GZ_REQUIRE_CUDA=1 timeout "$t" "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
     rc=$?
     say "TESTS $group rc=$rc: $(grep -E 'test result' "$log" | tail -1)"
     grep -E "^test .*FAILED|panicked|Error:" "$log" | head -8 | tee -a "$SUM"
@@ -57,42 +58,51 @@ bench() { # name timeout env-assignments... -- args...
   local name=$1 t=$2; shift 2
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  if [ "$(left)" -lt 120 ]; then say "bench $name skipped: $(left) s left"; return; fi
+  if [ "$(left)" -lt 60 ]; then say "bench $name skipped: $(left) s left"; return; fi
   env "${envs[@]}" timeout "$t" "$BIN/gz" bench-train --device cuda "$@" > "$S/bench-$name.log" 2>&1
   say "bench $name rc=$?: $(grep -E 'images/s' "$S/bench-$name.log" | tail -1 | sed 's/.*steps=[0-9]*: //')"
 }
+peer() {
+  PEER="$HERE/scripts/torch_peer.py"
+  PT=$(( $(left) - 60 )); [ $PT -gt 150 ] && PT=150
+  if [ -f "$PEER" ] && [ $PT -gt 40 ]; then
+    timeout $PT env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$PEER" > "$S/torch_peer.jsonl" 2> "$S/torch_peer.err"
+    say "torch_peer rc=$?"; cat "$S/torch_peer.jsonl" | tee -a "$SUM"
+  else
+    say "torch_peer skipped (script present: $([ -f "$PEER" ] && echo yes || echo no), $(left) s left)"
+  fi
+}
 if [ -x "$BIN/gz" ]; then
+  # The new kernels are off by default until this run checks them: "all" switches them on.
+  ALL="GZ_FUSED=1 GZ_OPTIM=fused GZ_RESAMPLE=kernel"
   V="--model vgg16-blog --batch 256 --precision bf16"
   D="--model dieleman --batch 256 --precision bf16"
-  bench vgg-bf16-all 60 -- $V --steps 30 --warmup 5 --pipelined
-  bench vgg-bf16-all-nhwc 60 GZ_NHWC=1 -- $V --steps 30 --warmup 5 --pipelined
-  bench vgg-bf16-no-fused-epilogue 60 GZ_FUSED=0 -- $V --steps 30 --warmup 5 --pipelined
-  bench vgg-bf16-generic-optimizer 60 -- $V --steps 30 --warmup 5 --pipelined --optimizer-path generic
-  bench vgg-bf16-breakdown 60 -- $V --steps 10 --warmup 3 --profile-steps 5
-  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-vgg-bf16-breakdown.log" | tee -a "$SUM"
-  bench dieleman-bf16-all 60 -- $D --steps 30 --warmup 5 --pipelined
-  bench dieleman-bf16-all-nhwc 60 GZ_NHWC=1 -- $D --steps 30 --warmup 5 --pipelined
-  bench dieleman-bf16-no-fused-epilogue 60 GZ_FUSED=0 -- $D --steps 30 --warmup 5 --pipelined
-  bench dieleman-bf16-breakdown 60 -- $D --steps 10 --warmup 3 --profile-steps 5
-  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
-  bench vgg-f32-128 60 -- --model vgg16-blog --batch 128 --precision f32 --steps 20 --warmup 5 --pipelined
+  R="--steps 20 --warmup 3 --pipelined"
+  # first what decides the issue: tested path vs everything new, both nets, then the peer
+  bench vgg-bf16-baseline 50 GZ_FUSED=0 -- $V $R
+  bench vgg-bf16-all 50 $ALL -- $V $R
+  bench vgg-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $V $R
+  bench dieleman-bf16-baseline 50 GZ_FUSED=0 -- $D $R
+  bench dieleman-bf16-all 50 $ALL -- $D $R
+  bench dieleman-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $D $R
   pack
-  bench vgg-bf16-inference 45 -- $V --steps 30 --warmup 5 --pipelined --inference
-  bench vgg-bf16-inference-nhwc 45 GZ_NHWC=1 -- $V --steps 30 --warmup 5 --pipelined --inference
-  bench dieleman-bf16-inference 45 -- $D --steps 30 --warmup 5 --pipelined --inference
+  peer
+  pack
+  # then where the time goes, each new piece switched off in turn, f32 and inference
+  bench vgg-bf16-breakdown 50 $ALL -- $V --steps 10 --warmup 3 --profile-steps 5
+  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-vgg-bf16-breakdown.log" | tee -a "$SUM"
+  bench vgg-bf16-inference 40 $ALL -- $V $R --inference
+  bench vgg-bf16-inference-nhwc 40 $ALL GZ_NHWC=1 -- $V $R --inference
+  bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
+  bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
+  bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
+  bench dieleman-bf16-breakdown 50 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
+  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
+  bench vgg-f32-128 50 $ALL -- --model vgg16-blog --batch 128 --precision f32 $R
   pack
 else
   say "no gz binary in $PKG: benches skipped"
-fi
-
-# 4. The PyTorch peer (without our LD_LIBRARY_PATH: it must find its own cuDNN).
-PEER="$HERE/scripts/torch_peer.py"
-PT=$(( $(left) - 10 )); [ $PT -gt 150 ] && PT=150
-if [ -f "$PEER" ] && [ $PT -gt 40 ]; then
-  timeout $PT env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$PEER" > "$S/torch_peer.jsonl" 2> "$S/torch_peer.err"
-  say "torch_peer rc=$?"; cat "$S/torch_peer.jsonl" | tee -a "$SUM"
-else
-  say "torch_peer skipped (script present: $([ -f "$PEER" ] && echo yes || echo no), $(left) s left)"
+  peer
 fi
 say "done"
 pack

@@ -51,18 +51,27 @@ fn main() {
     if std::env::var("GZ_CONV").is_ok_and(|v| v == "candle") {
         gz_model::cudnn::set_enabled(false);
     }
-    // `GZ_FUSED=0` keeps cuDNN but switches the fused bias + ReLU kernels off (A/B runs).
-    if std::env::var("GZ_FUSED").is_ok_and(|v| v == "0") {
-        gz_model::cudnn::set_fused(false);
+    // The fast path's own kernels are off until a device run has checked them (docs/cudnn.md):
+    // `GZ_FUSED=1` fused bias + ReLU, `GZ_OPTIM=fused` the one-launch optimizer update,
+    // `GZ_RESAMPLE=kernel` the resampling / Dieleman-parts kernel, `GZ_NHWC=1` channels-last.
+    match std::env::var("GZ_FUSED").as_deref() {
+        Ok("1") => gz_model::cudnn::set_fused(true),
+        Ok("0") => gz_model::cudnn::set_fused(false),
+        _ => {}
+    }
+    match std::env::var("GZ_RESAMPLE").as_deref() {
+        Ok("kernel") => gz_model::augment::set_resample_kernels(true),
+        Ok("ops") => gz_model::augment::set_resample_kernels(false),
+        _ => {}
     }
     // `GZ_NHWC=1` runs the convolution towers channels-last (cuDNN's fast bf16 layout).
     if std::env::var("GZ_NHWC").is_ok_and(|v| v == "1") {
         gz_model::cudnn::set_nhwc(true);
     }
-    // `GZ_OPTIM=generic` keeps the optimizer on candle's tensor ops instead of the fused
-    // one-launch-per-parameter CUDA update (A/B runs, or a fallback).
-    if std::env::var("GZ_OPTIM").is_ok_and(|v| v == "generic") {
-        gz_model::optim::set_fused_enabled(false);
+    match std::env::var("GZ_OPTIM").as_deref() {
+        Ok("fused") => gz_model::optim::set_fused_enabled(true),
+        Ok("generic") => gz_model::optim::set_fused_enabled(false),
+        _ => {}
     }
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),

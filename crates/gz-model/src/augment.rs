@@ -134,17 +134,28 @@ pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usiz
     affine_sample_ops(images, mats, out_h, out_w)
 }
 
-/// Whether the resampling kernels serve `images`: CUDA with the fast path, a float dtype they
-/// have, and indices that fit 32 bits.
+/// Off by default: the resampling kernels have not run on a GPU yet (docs/cudnn.md).
+static KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets [`affine_sample`] and [`dieleman_parts_kernel`] use the CUDA kernels on the fast path
+/// (off by default until a device run has checked them; `gz` reads `GZ_RESAMPLE=kernel|ops`).
+pub fn set_resample_kernels(on: bool) {
+    KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the resampling kernels serve `images`: switched on, CUDA with the fast path, a
+/// float dtype they have, and indices that fit 32 bits.
 fn kernel_path(images: &Tensor) -> bool {
-    crate::cudnn::active_for(images.device())
+    KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+        && crate::cudnn::active_for(images.device())
         && matches!(images.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && images.elem_count() < (1 << 31)
 }
 
 /// Dieleman's 16 parts per galaxy straight from the images, `(B, C, H, W)` →
 /// `(16·B, C, 45, 45)`: the same values, in the same order, as cutting [`affine_sample`]'s four
-/// 69×69 views (`mats`, one per view) into their four rotated corners
+/// 69×69 views (`mats`, one per view) into their four rotated corners (kernel switched on with
+/// [`set_resample_kernels`])
 /// ([`crate::nets::dieleman::parts`]). One kernel on the CUDA fast path; elsewhere `None` (the
 /// caller composes views and parts with candle ops).
 pub fn dieleman_parts_kernel(images: &Tensor, mats: [Affine; 4]) -> Result<Option<Tensor>> {
@@ -554,6 +565,7 @@ mod tests {
             eprintln!("no CUDA device: skipped");
             return;
         };
+        set_resample_kernels(true);
         let x = pattern(5, 3, 106, 106).to_device(&gpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
         let cfg = AugmentConfig::default();

@@ -311,12 +311,18 @@ pub enum UpdatePath {
     Auto,
     /// Always the generic candle ops (the reference).
     Generic,
+    /// The fused CUDA kernels whatever [`fused_enabled`] says (still only with the `cudnn`
+    /// feature and every parameter on CUDA; the generic ops otherwise).
+    Fused,
 }
 
-static FUSED_ENABLED: AtomicBool = AtomicBool::new(true);
+/// Off by default: the fused kernels have not run on a GPU yet (see docs/cudnn.md); the device
+/// check turns them on with `GZ_OPTIM=fused`.
+static FUSED_ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Allows (the default) or forbids the fused CUDA update for optimizers built afterwards with
-/// [`build`] / [`UpdatePath::Auto`]; binaries expose it as a switch for reference comparisons.
+/// Allows or forbids (the default, until a device run has checked them) the fused CUDA update
+/// for optimizers built afterwards with [`build`] / [`UpdatePath::Auto`]; `gz` reads
+/// `GZ_OPTIM=fused|generic`.
 pub fn set_fused_enabled(on: bool) {
     FUSED_ENABLED.store(on, Ordering::Relaxed);
 }
@@ -352,11 +358,13 @@ pub fn build_with(
     for i in 0..params.len() {
         state.push((0..slots).map(|_| params.zeros_like(i)).collect::<Result<Vec<_>>>()?);
     }
-    let fused = path == UpdatePath::Auto
-        && fused_compiled()
-        && fused_enabled()
-        && !params.is_empty()
-        && params.params.iter().all(|p| p.var.device().is_cuda());
+    let wanted = match path {
+        UpdatePath::Auto => fused_enabled(),
+        UpdatePath::Generic => false,
+        UpdatePath::Fused => true,
+    };
+    let fused =
+        wanted && fused_compiled() && !params.is_empty() && params.params.iter().all(|p| p.var.device().is_cuda());
     Ok(Box::new(Generic {
         kind,
         params,

@@ -59,8 +59,8 @@ pub struct Args {
     /// Steps run with per-call cuDNN timing after the timed run (0 = no breakdown).
     #[arg(long, default_value_t = 5)]
     profile_steps: usize,
-    /// Optimizer update: auto (the fused CUDA kernels when built with the `cudnn` feature and
-    /// on CUDA) or generic (candle tensor ops, the reference for comparisons).
+    /// Optimizer update: auto (as `GZ_OPTIM` says; generic by default), fused (the one-launch
+    /// CUDA kernels, with the `cudnn` feature on CUDA) or generic (candle tensor ops).
     #[arg(long, default_value = "auto")]
     optimizer_path: String,
     /// Forward passes only (eval mode): inference images/s, as test-time augmentation needs.
@@ -96,9 +96,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown --conv {other:?}: expected auto, cudnn or candle"),
     }
     match args.optimizer_path.as_str() {
-        "auto" => gz_model::optim::set_fused_enabled(true),
+        "auto" => {}
+        "fused" => gz_model::optim::set_fused_enabled(true),
         "generic" => gz_model::optim::set_fused_enabled(false),
-        other => anyhow::bail!("unknown --optimizer-path {other:?}: expected auto or generic"),
+        other => anyhow::bail!("unknown --optimizer-path {other:?}: expected auto, fused or generic"),
     }
     let conv = if gz_model::cudnn::active_for(&device) {
         "cudnn"

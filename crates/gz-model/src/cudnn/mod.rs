@@ -43,7 +43,8 @@ pub use fused::bias_relu;
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static ALLOW_TF32: AtomicBool = AtomicBool::new(true);
 static PROFILING: AtomicBool = AtomicBool::new(false);
-static FUSED: AtomicBool = AtomicBool::new(true);
+/// Off by default: the fused kernels have not run on a GPU yet (docs/cudnn.md).
+static FUSED: AtomicBool = AtomicBool::new(false);
 static NHWC: AtomicBool = AtomicBool::new(false);
 
 /// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
@@ -68,9 +69,9 @@ pub fn active_for(device: &Device) -> bool {
     compiled() && enabled() && device.is_cuda()
 }
 
-/// Switches the fused bias + ReLU epilogue ([`conv2d_relu`]) on (default) or off; off, the
-/// fast path adds the bias as before and the nets apply candle's ReLU (for A/B measurements and
-/// as a fallback). `GZ_FUSED=0` in the environment switches it off at start-up in `gz`.
+/// Switches the fused bias + ReLU epilogue ([`conv2d_relu`]) in the nets on or off (the
+/// default until a device run has checked the kernels); off, the fast path adds the bias as
+/// before and the nets apply candle's ReLU. `gz` reads `GZ_FUSED=1|0`.
 pub fn set_fused(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
 }

@@ -424,6 +424,30 @@ mod cuda_tests {
         }
     }
 
+    /// The same comparison with the fast path's own kernels switched on (fused bias + ReLU,
+    /// resampling / Dieleman parts, channels-last towers), f32. These switches are global:
+    /// run the CUDA tests with `--test-threads=1` (scripts/device-speed.sh does).
+    #[test]
+    fn same_outputs_with_the_new_kernels() {
+        let Some(gpu) = cuda() else { return };
+        crate::cudnn::set_fused(true);
+        crate::augment::set_resample_kernels(true);
+        for nhwc in [false, true] {
+            crate::cudnn::set_nhwc(nhwc);
+            for arch in [Arch::Tiny, Arch::DielemanTiny] {
+                let cfg = ModelConfig::new(arch, OutputKind::Tree);
+                let (cpu, g32) = cpu_and_gpu(&cfg, &gpu, DType::F32);
+                let y = cpu.forward_t(&images(4, 106, &Device::Cpu), false).unwrap();
+                let y32 = g32.forward_t(&images(4, 106, &gpu), false).unwrap();
+                let d = max_diff(&y, &y32);
+                assert!(d < 3e-3, "{arch} f32 with the new kernels (nhwc {nhwc}): {d}");
+            }
+        }
+        crate::cudnn::set_nhwc(false);
+        crate::cudnn::set_fused(false);
+        crate::augment::set_resample_kernels(false);
+    }
+
     #[test]
     fn dropout_is_seeded_on_cuda() {
         let Some(gpu) = cuda() else { return };

@@ -562,7 +562,7 @@ mod tests {
     fn compare(dtype: DType, kind: OptimizerKind, hp: OptimParams) {
         let Some(dev) = cuda() else { return };
         let steps = 20;
-        let f = run(&dev, dtype, kind, &hp, UpdatePath::Auto, steps);
+        let f = run(&dev, dtype, kind, &hp, UpdatePath::Fused, steps);
         let g = run(&dev, dtype, kind, &hp, UpdatePath::Generic, steps);
         assert!(f.fused, "the fused path should be active on CUDA");
         assert!(!g.fused);
@@ -686,7 +686,7 @@ mod tests {
             }
             (var.as_tensor().flatten_all().unwrap().to_vec1().unwrap(), opt.fused())
         };
-        let (fused, on) = run(UpdatePath::Auto);
+        let (fused, on) = run(UpdatePath::Fused);
         let (generic, off) = run(UpdatePath::Generic);
         assert!(on && !off);
         assert_close("strided", &[fused], &[generic], 1e-6);
@@ -716,7 +716,7 @@ mod tests {
             }
             opt.step(&loss.backward().unwrap()).unwrap();
         };
-        let (va, mut a) = make(UpdatePath::Auto);
+        let (va, mut a) = make(UpdatePath::Fused);
         for s in 0..4 {
             step(&va, &mut a, s);
         }
