@@ -335,19 +335,7 @@ mod cuda {
             // size of its shared array); y, dy, dz hold rows·k elements, `partial` k·s.
             unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC backward launch", e))?;
         }
-        {
-            let mut db = out.slice_mut(total..);
-            let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (k32.div_ceil(THREADS), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut launch = func.builder();
-            launch.arg(&partial).arg(&mut db).arg(&k32).arg(&s);
-            // SAFETY: as in `bwd`: `partial` holds k·s values and `db` k.
-            unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC bias-gradient launch", e))?;
-        }
+        finish_bias_grad(dev, &partial, &mut out, total, k32, s, sfx)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
@@ -394,21 +382,34 @@ mod cuda {
             // n·k·hw elements and `partial` k·s, the ranges the kernel touches.
             unsafe { launch.launch(cfg) }.map_err(|e| err("backward launch", e))?;
         }
-        {
-            let mut db = out.slice_mut(total..);
-            let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (k.div_ceil(THREADS), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut launch = func.builder();
-            launch.arg(&partial).arg(&mut db).arg(&k).arg(&s);
-            // SAFETY: argument types and count match `bias_grad_finish_*`; `partial` holds k·s
-            // values and `db` k.
-            unsafe { launch.launch(cfg) }.map_err(|e| err("bias-gradient launch", e))?;
-        }
+        finish_bias_grad(dev, &partial, &mut out, total, k, s, sfx)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    /// The second backward kernel: `out[total..total + k]` (the bias gradient) = the sum of each
+    /// channel's `s` partials, in order.
+    fn finish_bias_grad<T: DeviceRepr>(
+        dev: &CudaDevice,
+        partial: &cudarc::driver::CudaSlice<f32>,
+        out: &mut cudarc::driver::CudaSlice<T>,
+        total: usize,
+        k: u32,
+        s: u32,
+        sfx: &str,
+    ) -> Result<()> {
+        let mut db = out.slice_mut(total..);
+        let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (k.div_ceil(THREADS), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = func.builder();
+        launch.arg(partial).arg(&mut db).arg(&k).arg(&s);
+        // SAFETY: argument types and count match `bias_grad_finish_*`; `partial` holds k·s
+        // values and `db` the k after `total`.
+        unsafe { launch.launch(cfg) }.map_err(|e| err("bias-gradient launch", e))?;
+        Ok(())
     }
 }
 

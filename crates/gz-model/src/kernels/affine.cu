@@ -7,19 +7,7 @@
 // coordinate is p = (x_in + 1) W / 2 - 1/2; bilinear interpolation with zero outside the image.
 // Arithmetic is f32 for every storage type.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-template <typename T> __device__ __forceinline__ float load_f(T v);
-template <> __device__ __forceinline__ float load_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float load_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float load_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T store_f(float v);
-template <> __device__ __forceinline__ float store_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half store_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+#include "common.cuh"
 
 // Samples plane `src` (h x w) at output pixel (oy, ox) of an (oh x ow) grid through matrix m.
 template <typename T>
