@@ -479,15 +479,7 @@ pub fn train_on(
                 for ((step, n, _), v) in pending.drain(..).zip(values) {
                     let value = v as f64;
                     if !value.is_finite() {
-                        let kept = if history.is_empty() {
-                            "no checkpoint was written yet".to_string()
-                        } else {
-                            format!(
-                                "the last good checkpoint (epoch {}) is in {}",
-                                history.len(),
-                                out_dir.display()
-                            )
-                        };
+                        let kept = kept_checkpoint(history.len(), out_dir);
                         return Err(TrainError::NonFinite {
                             epoch: epoch + 1,
                             step,
@@ -507,15 +499,7 @@ pub fn train_on(
         observer.on_validate(epoch);
         let val_rmse = evaluate(&model, &batcher, &split.val, cfg.eval_batch)?;
         if !val_rmse.is_finite() {
-            let kept = if history.is_empty() {
-                "no checkpoint was written yet".to_string()
-            } else {
-                format!(
-                    "the last good checkpoint (epoch {}) is in {}",
-                    history.len(),
-                    out_dir.display()
-                )
-            };
+            let kept = kept_checkpoint(history.len(), out_dir);
             return Err(TrainError::NonFinite {
                 epoch: epoch + 1,
                 step: steps_per_epoch,
@@ -706,6 +690,19 @@ pub struct BenchResult {
     /// How the optimizer updated the parameters: `fused` (one CUDA launch per parameter,
     /// `optim::fused`), `generic` (candle tensor ops) or `none` (inference).
     pub optimizer_path: String,
+}
+
+/// What a failed run leaves behind, for [`TrainError::NonFinite`]: `epochs_done` checkpoints in
+/// `out_dir`.
+fn kept_checkpoint(epochs_done: usize, out_dir: &Path) -> String {
+    if epochs_done == 0 {
+        "no checkpoint was written yet".to_string()
+    } else {
+        format!(
+            "the last good checkpoint (epoch {epochs_done}) is in {}",
+            out_dir.display()
+        )
+    }
 }
 
 /// What [`bench_with`] measures.

@@ -578,22 +578,7 @@ impl CustomOp3 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let (_, _, h, wd) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &ConvBwdData {
-                p: self.0,
-                x_hw: (h, wd),
-            },
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &dy,
-            &ConvBwdFilter {
-                p: self.0,
-                k_hw: (kh, kw),
-            },
-        )?;
+        let (dx, dw) = conv_grads(self.0, x, w, &dy)?;
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
@@ -627,25 +612,19 @@ impl CustomOp2 for Conv2dNoBiasOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (_, _, h, wd) = nchw_dims(x.shape(), self.0.nhwc)?;
-        let (_, _, kh, kw) = nchw_dims(w.shape(), self.0.nhwc)?;
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &ConvBwdData {
-                p: self.0,
-                x_hw: (h, wd),
-            },
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &dy,
-            &ConvBwdFilter {
-                p: self.0,
-                k_hw: (kh, kw),
-            },
-        )?;
+        let (dx, dw) = conv_grads(self.0, x, w, &dy.contiguous()?)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The gradients of a convolution's input and weight from the output gradient `dy`
+/// (contiguous), through the backward-data and backward-filter ops.
+fn conv_grads(p: ConvParams, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, _, h, wd) = nchw_dims(x.shape(), p.nhwc)?;
+    let (_, _, kh, kw) = nchw_dims(w.shape(), p.nhwc)?;
+    let dx = dy.apply_op2_no_bwd(w, &ConvBwdData { p, x_hw: (h, wd) })?;
+    let dw = x.apply_op2_no_bwd(dy, &ConvBwdFilter { p, k_hw: (kh, kw) })?;
+    Ok((dx, dw))
 }
 
 impl CustomOp2 for ConvBwdData {
