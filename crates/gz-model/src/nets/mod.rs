@@ -413,11 +413,21 @@ mod cuda_tests {
             let d = max_diff(&y, &y32);
             // cuDNN may use TF32 for f32 convolutions (10-bit mantissa)
             assert!(d < 3e-3, "{arch} f32: {d}");
+            // bf16 is compared on the raw outputs, relative to their scale: the tree layer
+            // divides by sums of ReLU'd answers, so where a question's answers are all near 0
+            // (common at initialisation) a bf16 rounding that flips a sign moves a vote fraction
+            // by up to 1 without anything being wrong (session 1 saw 1.0 here on the H200; on
+            // CPU, rounding only the weights to bf16 already moves `tiny`'s outputs by 0.008).
             let (_, g16) = cpu_and_gpu(&cfg, &gpu, DType::BF16);
-            let y16 = g16.forward_t(&images(4, 106, &gpu), false).unwrap();
+            let x16 = images(4, 106, &gpu);
+            let raw = cpu.forward_raw_t(&images(4, 106, &Device::Cpu), false).unwrap();
+            let raw16 = g16.forward_raw_t(&x16, false).unwrap();
+            let scale = max_diff(&raw, &raw.zeros_like().unwrap());
+            let d = max_diff(&raw, &raw16);
+            assert!(d < 0.05 * scale, "{arch} bf16 raw outputs: max |diff| {d}, scale {scale}");
+            let y16 = g16.forward_t(&x16, false).unwrap();
             assert_eq!(y16.dtype(), DType::F32);
-            let d = max_diff(&y, &y16);
-            assert!(d < 0.05, "{arch} bf16: {d}");
+            eprintln!("{arch} bf16: raw max |diff| {d} (scale {scale}), vote fractions max |diff| {}", max_diff(&y, &y16));
             for row in y16.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap() {
                 assert!(gz_schema::check_row(&row, 1e-5).is_empty());
             }
