@@ -3,6 +3,14 @@
 //! `candle_examples::device`). CUDA support is the `cuda` cargo feature of this crate; without
 //! it asking for CUDA is a clear error, never a silent fallback. `auto` picks `cuda:0` when the
 //! feature is compiled in and a GPU answers, the CPU otherwise.
+//!
+//! A CUDA device opened here is tuned for one training process on one stream
+//! ([`tune_cuda`]): cudarc's per-allocation event tracking is off (it creates two CUDA events
+//! for every buffer, which only matter when several streams share buffers; gz uses one stream
+//! on one thread), and the device's memory pool keeps freed memory instead of handing it back
+//! to the driver at every synchronisation (which would unmap and remap the activations of every
+//! step). `GZ_CUDA_DEFAULTS=1` keeps cudarc's and the driver's defaults, to measure the
+//! difference.
 
 use candle_core::Device;
 
@@ -74,17 +82,68 @@ pub fn select_device(spec: &str) -> Result<Device, DeviceError> {
             if !cuda_compiled() {
                 return Err(DeviceError::CudaNotCompiled { spec: spec.to_string() });
             }
-            Device::new_cuda(ordinal).map_err(|source| DeviceError::CudaUnavailable { ordinal, source })
+            let d = Device::new_cuda(ordinal).map_err(|source| DeviceError::CudaUnavailable { ordinal, source })?;
+            tune_cuda(&d).map_err(|source| DeviceError::CudaUnavailable { ordinal, source })?;
+            Ok(d)
         }
         DeviceSpec::Auto => {
             if cuda_compiled() {
                 if let Ok(d) = Device::new_cuda(0) {
+                    tune_cuda(&d).map_err(|source| DeviceError::CudaUnavailable { ordinal: 0, source })?;
                     return Ok(d);
                 }
             }
             Ok(Device::Cpu)
         }
     }
+}
+
+/// Whether [`tune_cuda`] leaves the defaults alone (`GZ_CUDA_DEFAULTS=1`).
+pub fn cuda_defaults_requested() -> bool {
+    std::env::var("GZ_CUDA_DEFAULTS").is_ok_and(|v| v == "1")
+}
+
+/// Tunes a freshly opened CUDA device for a single-stream training process (see the module
+/// docs); a no-op on the CPU, without the `cuda` feature, or with `GZ_CUDA_DEFAULTS=1`.
+///
+/// Call it before any tensor is created on the device: event tracking is decided per buffer
+/// when the buffer is allocated.
+pub fn tune_cuda(device: &Device) -> candle_core::Result<()> {
+    if cuda_defaults_requested() {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: gz drives a device from one thread on one stream (candle's per-thread
+        // stream; nothing in gz-model, gz-eval or gz-cli spawns threads that touch a device),
+        // so no buffer is shared between streams and the events would only cost time.
+        unsafe { d.disable_event_tracking() };
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver calls on a live device; `pool` is written by the first and
+        // `threshold` outlives the second.
+        unsafe {
+            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+            if r != sys::CUresult::CUDA_SUCCESS {
+                // no memory pools (cudarc then allocates synchronously): nothing to tune
+                return Ok(());
+            }
+            let mut threshold: u64 = u64::MAX;
+            let r = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
+            if r != sys::CUresult::CUDA_SUCCESS {
+                candle_core::bail!("setting the CUDA memory pool's release threshold: {r:?}");
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(())
 }
 
 /// A short human name of a device (`cpu`, `cuda:0`), for logs and sidecars.
