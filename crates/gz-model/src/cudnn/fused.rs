@@ -49,6 +49,89 @@ pub(crate) fn bias_relu_nhwc(z: &Tensor, b: &Tensor) -> Result<Tensor> {
     z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu { nhwc: true })
 }
 
+/// `relu(conv(x, w) + b)` as one custom op (x, w, b) → y, in either layout (see
+/// [`super::conv2d_relu`]). One graph node instead of two (the convolution, then
+/// [`bias_relu`]): the pre-activation `z` is a temporary of the forward pass, not a tensor the
+/// graph keeps until the backward pass, and candle's autograd, which starts every gradient it
+/// accumulates from a fresh zero tensor and adds to it, has one activation-sized gradient fewer
+/// to zero and add per layer. The backward pass is the same kernels as before: [`BiasReluBwd`]
+/// on (y, dy) for dz and db, then cuDNN's backward-data and backward-filter on dz.
+pub(super) struct ConvBiasRelu(pub(super) super::ConvParams);
+
+impl candle_core::CustomOp3 for ConvBiasRelu {
+    fn name(&self) -> &'static str {
+        "gz-conv2d-bias-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.0;
+        let x = super::cpu_in(cpu_tensor(s1, l1)?, p.nhwc)?;
+        let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
+        let b = cpu_tensor(s3, l3)?;
+        let y = x
+            .conv2d(&w, p.padding, p.stride, 1, 1)?
+            .broadcast_add(&broadcast_bias(&b, false)?)?
+            .relu()?;
+        cpu_storage(&super::cpu_out(y, p.nhwc)?)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let p = self.0;
+            let (n, _, h, w) = super::nchw_dims(l1.shape(), p.nhwc)?;
+            let (k, _, kh, kw) = super::nchw_dims(l2.shape(), p.nhwc)?;
+            let shape = super::shape_of(n, k, p.out_dim(h, kh), p.out_dim(w, kw), p.nhwc);
+            // z lives only until the epilogue has read it
+            let z = super::backend::conv_fwd(p, s1, l1, s2, l2, None, &shape)?;
+            cuda::forward(&z, &Layout::contiguous(shape), s3, l3, p.nhwc)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(super::no_backend(self.name()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dz, db) = relu_grads(self.0.nhwc, b, y, dy)?;
+        let (dx, dw) = super::conv_grads(self.0, x, w, &dz)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// dz and db of `y = relu(z + b)` from (y, dy), through [`BiasReluBwd`]: one packed buffer,
+/// split into two zero-copy views (dz is contiguous from offset 0).
+fn relu_grads(nhwc: bool, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let total = y.elem_count();
+    let k = b.elem_count();
+    let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd { nhwc })?;
+    let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
+    let db = packed.narrow(0, total, k)?;
+    Ok((dz, db))
+}
+
 /// Forward: (z, b) → y.
 struct BiasRelu {
     nhwc: bool,
@@ -91,11 +174,7 @@ impl CustomOp2 for BiasRelu {
     }
 
     fn bwd(&self, _z: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let total = y.elem_count();
-        let k = b.elem_count();
-        let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd { nhwc: self.nhwc })?;
-        let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
-        let db = packed.narrow(0, total, k)?;
+        let (dz, db) = relu_grads(self.nhwc, b, y, dy)?;
         Ok((Some(dz), Some(db)))
     }
 }

@@ -198,11 +198,32 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
 /// `relu(conv2d(x, w) + b)`: the convolution in cuDNN, then bias and ReLU in one fused kernel
 /// ([`bias_relu`]; two kernels backward, including the bias gradient). Every dtype takes this
 /// route, so bf16 no longer falls back to candle's broadcast add. Same arguments as [`conv2d`].
+///
+/// It is one custom op (`fused::ConvBiasRelu`): the pre-activation is not kept for the
+/// backward pass. `GZ_CONV_RELU_OP=0` builds the older two-op graph (convolution, then
+/// [`bias_relu`]) instead, to measure the difference; both compute the same values.
 pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let params = check_conv(x, w, b, padding, stride, false)?;
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    conv_relu(check_conv(x, w, b, padding, stride, false)?, x, w, b, single_conv_relu_op())
+}
+
+/// Whether [`conv2d_relu`] builds one op (default) or two (`GZ_CONV_RELU_OP=0`).
+fn single_conv_relu_op() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GZ_CONV_RELU_OP").map_or(true, |v| v != "0"))
+}
+
+/// [`conv2d_relu`] (or its NHWC twin) as one op (`single`) or as convolution then [`bias_relu`].
+fn conv_relu(params: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor, single: bool) -> Result<Tensor> {
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    if single {
+        return x.apply_op3(&w, &b, fused::ConvBiasRelu(params));
+    }
     let z = x.apply_op2(&w, Conv2dNoBiasOp(params))?;
-    bias_relu(&z, b)
+    if params.nhwc {
+        fused::bias_relu_nhwc(&z, &b)
+    } else {
+        bias_relu(&z, &b)
+    }
 }
 
 /// [`conv2d_relu`] in channels-last layout: `x` is (N, H, W, C), `w` is (K, R, S, C) (the
@@ -210,10 +231,7 @@ pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: u
 /// are the fast ones for bf16 tensor cores (503 vs 306 TFLOP/s in the probe); on CPU the ops
 /// permute to NCHW around candle's convolution, so CPU tests check the same plumbing.
 pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let params = check_conv(x, w, b, padding, stride, true)?;
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let z = x.apply_op2(&w, Conv2dNoBiasOp(params))?;
-    fused::bias_relu_nhwc(&z, b)
+    conv_relu(check_conv(x, w, b, padding, stride, true)?, x, w, b, single_conv_relu_op())
 }
 
 /// Checks the shapes and dtypes of a convolution's arguments (NHWC / KRSC when `nhwc`).
