@@ -9,6 +9,10 @@
 #   - bench-train --pipelined (one sync per run: the figure to compare with PyTorch) and
 #     --inference (forward only: the TTA target)
 #   - channels-last towers (GZ_NHWC=1; off by default until this run says it is faster)
+#   - third session (no device either): conv + bias + ReLU as ONE custom op (GZ_CONV_RELU_OP=0
+#     builds the two-op graph), and the CUDA device tuned at open (no per-buffer cudarc events,
+#     memory pool keeps freed memory; GZ_CUDA_DEFAULTS=1 undoes both); nets::cuda_tests now
+#     compares bf16 on the raw outputs
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
 # (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
 # per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
@@ -96,6 +100,8 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
   bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
   bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
+  bench vgg-bf16-two-op-epilogue 50 $ALL GZ_CONV_RELU_OP=0 -- $V $R
+  bench vgg-bf16-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
   bench dieleman-bf16-breakdown 50 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
   grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
   bench vgg-f32-128 50 $ALL -- --model vgg16-blog --batch 128 --precision f32 $R
