@@ -62,6 +62,20 @@ impl Conv2d {
         crate::cudnn::conv2d_relu_nhwc(x, &w, &self.bias, self.padding, self.stride)
     }
 
+    /// `max_pool2(relu(self.forward(x)))` in either layout (`nhwc` as in
+    /// [`Conv2d::forward_relu_in`]); wherever the fused epilogue runs, one custom op
+    /// ([`crate::cudnn::conv2d_relu_pool`]), elsewhere candle's ops and [`max_pool2`].
+    pub fn forward_relu_pool_in(&self, x: &Tensor, nhwc: bool) -> Result<Tensor> {
+        if nhwc {
+            let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+            return crate::cudnn::conv2d_relu_pool_nhwc(x, &w, &self.bias, self.padding, self.stride);
+        }
+        if crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled() {
+            return crate::cudnn::conv2d_relu_pool(x, &self.weight, &self.bias, self.padding, self.stride);
+        }
+        max_pool2(&self.forward(x)?.relu()?)
+    }
+
     /// The weight tensor (out, in, k, k).
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -98,12 +112,25 @@ impl Tower {
 
     /// `relu(conv(x) + b)`, switching `x` to channels-last first when it is time.
     pub fn conv_relu(&mut self, conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+        let x = self.enter(conv, x)?;
+        conv.forward_relu_in(&x, self.now)
+    }
+
+    /// `max_pool2(relu(conv(x) + b))` (one op on the fused path), switching `x` to
+    /// channels-last first when it is time.
+    pub fn conv_relu_pool(&mut self, conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+        let x = self.enter(conv, x)?;
+        conv.forward_relu_pool_in(&x, self.now)
+    }
+
+    /// `x` in the layout `conv` runs in: permuted to channels-last at the tower's first
+    /// convolution with a multiple of 8 input channels when channels-last is wanted.
+    fn enter(&mut self, conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
         if self.wanted && !self.now && conv.weight.dim(1)? % 8 == 0 {
-            let x = enter_layout(x, true)?;
             self.now = true;
-            return conv.forward_relu_in(&x, true);
+            return enter_layout(x, true);
         }
-        conv.forward_relu_in(x, self.now)
+        Ok(x.clone())
     }
 
     /// 2×2 max-pooling in the current layout.

@@ -121,6 +121,158 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
     }
 }
 
+/// `max_pool2(relu(conv(x, w) + b))` as one custom op (x, w, b) → p, in either layout (see
+/// [`super::conv2d_relu_pool`]): the pooled layers of both nets. The forward pass is
+/// [`ConvBiasRelu`]'s followed by cuDNN's pooling; `y` (the ReLU output the pooling backward
+/// needs) is kept inside the op, not as a graph node, and the backward pass is one kernel over
+/// (y, dp) that routes each window's gradient to its first maximum and through the ReLU and
+/// sums the bias gradient (then the usual deterministic finish and cuDNN's convolution
+/// backward). Compared with conv → bias + ReLU → pool as separate nodes, the backward pass no
+/// longer writes the pool's gradient `dy`, zero-fills and adds it in candle's autograd, and
+/// reads it again for the ReLU mask.
+pub(super) struct ConvBiasReluPool {
+    pub(super) p: super::ConvParams,
+    /// The ReLU output of the forward pass, for the backward pass (detached).
+    saved: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl ConvBiasReluPool {
+    pub(super) fn new(p: super::ConvParams) -> Self {
+        Self {
+            p,
+            saved: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn save(&self, y: Tensor) -> Result<()> {
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))? = Some(y);
+        Ok(())
+    }
+}
+
+impl candle_core::CustomOp3 for ConvBiasReluPool {
+    fn name(&self) -> &'static str {
+        "gz-conv2d-bias-relu-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.p;
+        let x = super::cpu_in(cpu_tensor(s1, l1)?, p.nhwc)?;
+        let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
+        let b = cpu_tensor(s3, l3)?;
+        let y = x
+            .conv2d(&w, p.padding, p.stride, 1, 1)?
+            .broadcast_add(&broadcast_bias(&b, false)?)?
+            .relu()?;
+        let pooled = y.max_pool2d(2)?;
+        self.save(super::cpu_out(y, p.nhwc)?)?;
+        cpu_storage(&super::cpu_out(pooled, p.nhwc)?)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            let p = self.p;
+            let (n, _, h, w) = super::nchw_dims(l1.shape(), p.nhwc)?;
+            let (k, _, kh, kw) = super::nchw_dims(l2.shape(), p.nhwc)?;
+            let (oh, ow) = (p.out_dim(h, kh), p.out_dim(w, kw));
+            let y_shape = super::shape_of(n, k, oh, ow, p.nhwc);
+            let z = super::backend::conv_fwd(p, s1, l1, s2, l2, None, &y_shape)?;
+            let y_layout = Layout::contiguous(y_shape.clone());
+            let (y, _) = cuda::forward(&z, &y_layout, s3, l3, p.nhwc)?;
+            drop(z);
+            let p_shape = super::shape_of(n, k, oh / 2, ow / 2, p.nhwc);
+            let pooled = super::backend::pool_fwd(&y, &y_layout, &p_shape, p.nhwc)?;
+            self.save(Tensor::from_storage(
+                candle_core::Storage::Cuda(y),
+                y_shape,
+                candle_core::op::BackpropOp::none(),
+                false,
+            ))?;
+            Ok((pooled, p_shape))
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(super::no_backend(self.name()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _pooled: &Tensor,
+        dp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let y = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("conv-relu-pool: backward before forward".into()))?;
+        let total = y.elem_count();
+        let k = b.elem_count();
+        let packed = y.apply_op2_no_bwd(&dp.contiguous()?, &ReluPoolBwd { nhwc: self.p.nhwc })?;
+        let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
+        let db = packed.narrow(0, total, k)?;
+        let (dx, dw) = super::conv_grads(self.p, x, w, &dz)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Backward of ReLU + 2×2 max-pool: (y, dp) → [dz (y's elements), db (K values)], flat.
+struct ReluPoolBwd {
+    nhwc: bool,
+}
+
+impl CustomOp2 for ReluPoolBwd {
+    fn name(&self) -> &'static str {
+        "gz-relu-pool-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = super::cpu_in(cpu_tensor(s1, l1)?, self.nhwc)?;
+        let dp = super::cpu_in(cpu_tensor(s2, l2)?, self.nhwc)?;
+        // the pool's gradient (first maximum of each window), then the ReLU mask, in the
+        // storage dtype; the channel sums in f32 as the CUDA kernel does
+        let dy = super::cpu_pool_bwd(&y, &dp)?;
+        let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
+        let db = dz.to_dtype(DType::F32)?.sum((0, 2, 3))?.to_dtype(y.dtype())?;
+        let dz = super::cpu_out(dz, self.nhwc)?;
+        let packed = Tensor::cat(&[dz.flatten_all()?, db], 0)?;
+        cpu_storage(&packed)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            cuda::pool_backward(s1, l1, s2, l2, self.nhwc)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(super::no_backend(self.name()))
+    }
+}
+
 /// dz and db of `y = relu(z + b)` from (y, dy), through [`BiasReluBwd`]: one packed buffer,
 /// split into two zero-copy views (dz is contiguous from offset 0).
 fn relu_grads(nhwc: bool, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -268,6 +420,9 @@ mod cuda {
         nhwc: bool,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = z.device().clone();
+        if lz.shape().elem_count() == 0 {
+            candle_core::bail!("bias_relu: empty activation {:?}", lz.shape());
+        }
         let y = super::super::backend::time_bias(&dev, || match z.dtype() {
             DType::F32 if nhwc => fwd_nhwc::<f32>(&dev, z, lz, b, lb),
             DType::BF16 if nhwc => fwd_nhwc::<half::bf16>(&dev, z, lz, b, lb),
@@ -293,6 +448,23 @@ mod cuda {
         let total = planes as usize * hw as usize;
         // SAFETY: the kernel writes every element of `y` (each plane's whole range).
         let y = unsafe { dev.alloc::<T>(total) }?;
+        if hw < THREADS * 4 {
+            // small planes (Dieleman's late layers: 6×6, 4×4): one flat grid-stride pass, not
+            // a mostly idle 256-thread block per plane
+            let total32 = u32_of(total, "size")?;
+            let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_flat_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (total32.div_ceil(THREADS * 4).clamp(1, 1 << 20), 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch.arg(&zs).arg(&bs).arg(&y).arg(&total32).arg(&k).arg(&hw);
+            // SAFETY: argument types and count match `bias_relu_fwd_flat_*` in bias_relu.cu;
+            // z and y hold `total` elements, b k (the kernel reads b[(i / hw) % k]).
+            unsafe { launch.launch(cfg) }.map_err(|e| err("forward launch", e))?;
+            return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
+        }
         let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
         // enough blocks per plane to cover it with ~4 elements per thread, at most 64
         let chunks = hw.div_ceil(THREADS * 4).clamp(1, 64);
@@ -320,6 +492,9 @@ mod cuda {
             candle_core::bail!("bias_relu backward: y {:?} and dy {:?} differ", ly.shape(), ldy.shape());
         }
         let dev = y.device().clone();
+        if ly.shape().elem_count() == 0 {
+            candle_core::bail!("bias_relu backward: empty activation {:?}", ly.shape());
+        }
         if nhwc {
             let (n, h, w, k) = ly.shape().dims4()?;
             let total = n * h * w * k;
@@ -342,6 +517,96 @@ mod cuda {
         Ok((out, Shape::from(total + k as usize)))
     }
 
+    /// [`super::ReluPoolBwd`] on CUDA: (y, dp) → packed [dz, db], one pass over y plus the
+    /// bias-gradient finish.
+    pub(super) fn pool_backward(
+        y: &CudaStorage,
+        ly: &Layout,
+        dp: &CudaStorage,
+        ldp: &Layout,
+        nhwc: bool,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, k, h, w) = super::super::nchw_dims(ly.shape(), nhwc)?;
+        let (pn, pk, ph, pw) = super::super::nchw_dims(ldp.shape(), nhwc)?;
+        if (pn, pk, ph, pw) != (n, k, h / 2, w / 2) {
+            candle_core::bail!("relu-pool backward: y {:?} and dp {:?} do not match", ly.shape(), ldp.shape());
+        }
+        let total = n * k * h * w;
+        if total == 0 {
+            candle_core::bail!("relu-pool backward: empty activation {:?}", ly.shape());
+        }
+        let dims = (u32_of(n, "batch")?, u32_of(k, "channels")?, u32_of(h, "height")?, u32_of(w, "width")?);
+        u32_of(total, "size")?;
+        u32_of(n * h.div_ceil(2) * w.div_ceil(2), "windows")?;
+        let dev = y.device().clone();
+        let out = super::super::backend::time_bias(&dev, || match y.dtype() {
+            DType::F32 => pool_bwd::<f32>(&dev, y, ly, dp, ldp, dims, total, nhwc),
+            DType::BF16 => pool_bwd::<half::bf16>(&dev, y, ly, dp, ldp, dims, total, nhwc),
+            DType::F16 => pool_bwd::<half::f16>(&dev, y, ly, dp, ldp, dims, total, nhwc),
+            other => candle_core::bail!("relu-pool backward supports f32, bf16 and f16, not {other:?}"),
+        })?;
+        Ok((out, Shape::from(total + k)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pool_bwd<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        y: &CudaStorage,
+        ly: &Layout,
+        dp: &CudaStorage,
+        ldp: &Layout,
+        (n, k, h, w): (u32, u32, u32, u32),
+        total: usize,
+        nhwc: bool,
+    ) -> Result<CudaStorage> {
+        let ys = view::<T>(y, ly)?;
+        let dps = view::<T>(dp, ldp)?;
+        let windows = n * h.div_ceil(2) * w.div_ceil(2);
+        // NCHW: (channels, batch splits) blocks as bias_relu_bwd; NHWC: ~512 window-row ranges
+        let (grid, s) = if nhwc {
+            let s = windows.clamp(1, 512);
+            ((s, 1, 1), s)
+        } else {
+            let s = splits(n, k);
+            ((k, s, 1), s)
+        };
+        // SAFETY: the first kernel writes every dz element (each window writes its valid
+        // positions, the windows tile the plane) and every partial; the finish writes db.
+        let mut out = unsafe { dev.alloc::<T>(total + k as usize) }?;
+        let partial = unsafe { dev.alloc::<f32>(k as usize * s as usize) }?;
+        let sfx = suffix(T::DTYPE)?;
+        {
+            let mut dz = out.slice_mut(..total);
+            let name = if nhwc {
+                format!("relu_pool_bwd_nhwc_{sfx}")
+            } else {
+                format!("relu_pool_bwd_{sfx}")
+            };
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: grid,
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch
+                .arg(&ys)
+                .arg(&dps)
+                .arg(&mut dz)
+                .arg(&partial)
+                .arg(&n)
+                .arg(&k)
+                .arg(&h)
+                .arg(&w);
+            // SAFETY: argument types and count match `relu_pool_bwd_*` / `relu_pool_bwd_nhwc_*`
+            // in bias_relu.cu (256 threads: its shared arrays); y and dz hold n·k·h·w elements,
+            // dp n·k·(h/2)·(w/2), `partial` k·s.
+            unsafe { launch.launch(cfg) }.map_err(|e| err("relu-pool backward launch", e))?;
+        }
+        finish_bias_grad(dev, &partial, &mut out, total, k, s, sfx)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
     fn u32_of(v: usize, what: &str) -> Result<u32> {
         u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bias_relu: {what} {v} exceeds 32 bits")))
     }
@@ -355,6 +620,10 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let (_, _, _, k) = lz.shape().dims4()?;
         let total = lz.shape().elem_count();
+        // the grid-stride loop's 32-bit index steps by up to 2^28
+        if total > i32::MAX as usize {
+            candle_core::bail!("bias_relu: {total} values exceed the NHWC kernel's 32-bit indexing");
+        }
         let (total32, k32) = (u32_of(total, "size")?, u32_of(k, "channels")?);
         let zs = view::<T>(z, lz)?;
         let bs = view::<T>(b, lb)?;

@@ -234,6 +234,48 @@ pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stri
     conv_relu(check_conv(x, w, b, padding, stride, true)?, x, w, b, single_conv_relu_op())
 }
 
+/// `max_pool2(conv2d_relu(x, w, b))`, the pooled layers of both nets, as one custom op
+/// (`fused::ConvBiasReluPool`): the ReLU output is kept inside the op for the backward pass,
+/// which is one kernel for the pool's and the ReLU's gradients and the bias gradient. Falls back
+/// to [`conv2d_relu`] then [`max_pool2`] when this cuDNN has no pooling for the dtype, or with
+/// `GZ_FUSED_POOL=0` (or `GZ_CONV_RELU_OP=0`), to measure the difference.
+pub fn conv2d_relu_pool(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    conv_relu_pool(check_conv(x, w, b, padding, stride, false)?, x, w, b, fused_pool_op())
+}
+
+/// [`conv2d_relu_pool`] in channels-last layout (arguments as [`conv2d_relu_nhwc`]).
+pub fn conv2d_relu_pool_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    conv_relu_pool(check_conv(x, w, b, padding, stride, true)?, x, w, b, fused_pool_op())
+}
+
+/// Whether [`conv2d_relu_pool`] builds one op (default) or conv-ReLU then pool
+/// (`GZ_FUSED_POOL=0`, or `GZ_CONV_RELU_OP=0`).
+fn fused_pool_op() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GZ_FUSED_POOL").map_or(true, |v| v != "0")) && single_conv_relu_op()
+}
+
+/// [`conv2d_relu_pool`] (or its NHWC twin) as one op (`single`, where this cuDNN pools the
+/// dtype) or as [`conv_relu`] then the pooling op.
+fn conv_relu_pool(params: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor, single: bool) -> Result<Tensor> {
+    let (_, _, h, wd) = nchw_dims(x.shape(), params.nhwc)?;
+    let (_, _, kh, kw) = nchw_dims(w.shape(), params.nhwc)?;
+    let (oh, ow) = (params.out_dim(h, kh), params.out_dim(wd, kw));
+    if oh < 2 || ow < 2 {
+        candle_core::bail!("max_pool2: input {oh}×{ow} is smaller than the 2×2 window");
+    }
+    if single && cuda_supports(x.device(), x.dtype(), |s| s.pool)? {
+        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+        return x.apply_op3(&w, &b, fused::ConvBiasReluPool::new(params));
+    }
+    let y = conv_relu(params, x, w, b, single)?;
+    if params.nhwc {
+        max_pool2_nhwc(&y)
+    } else {
+        max_pool2(&y)
+    }
+}
+
 /// Checks the shapes and dtypes of a convolution's arguments (NHWC / KRSC when `nhwc`).
 fn check_conv(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize, nhwc: bool) -> Result<ConvParams> {
     let (_, c, h, wd) = if nhwc {
@@ -397,7 +439,6 @@ struct ConvParams {
 }
 
 impl ConvParams {
-    #[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the cuDNN backend"))]
     fn out_dim(&self, input: usize, k: usize) -> usize {
         (input + 2 * self.padding - k) / self.stride + 1
     }

@@ -24,6 +24,17 @@ __device__ __forceinline__ void bias_relu_fwd(const T *__restrict__ x, const T *
     }
 }
 
+// For small planes: grid-stride over all elements, channel (i / hw) % channels.
+template <typename T>
+__device__ __forceinline__ void bias_relu_fwd_flat(const T *__restrict__ x, const T *__restrict__ b,
+                                                   T *__restrict__ y, uint32_t total, uint32_t channels,
+                                                   uint32_t hw) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const float v = load_f<T>(x[i]) + load_f<T>(b[(i / hw) % channels]);
+        y[i] = store_f<T>(v > 0.0f ? v : 0.0f);
+    }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
     return v;
@@ -39,14 +50,18 @@ __device__ __forceinline__ void bias_relu_bwd(const T *__restrict__ y, const T *
     const uint32_t c = blockIdx.x;
     const uint32_t splits = gridDim.y;
     float acc = 0.0f;
-    for (uint32_t n = blockIdx.y; n < batch; n += splits) {
-        const size_t base = ((size_t)n * channels + c) * hw;
-        for (uint32_t i = threadIdx.x; i < hw; i += blockDim.x) {
-            const float g = load_f<T>(y[base + i]) > 0.0f ? load_f<T>(dy[base + i]) : 0.0f;
-            const T gs = store_f<T>(g);
-            dz[base + i] = gs;
-            acc += load_f<T>(gs);
-        }
+    // The (image, position) pairs of this block as one flat range, so that small planes (a
+    // 4x4 map has 16 positions) still keep all 256 threads busy: pair j is image
+    // blockIdx.y + (j / hw) * splits, position j % hw.
+    const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
+    const size_t pairs = (size_t)images * hw;
+    for (size_t j = threadIdx.x; j < pairs; j += blockDim.x) {
+        const uint32_t n = blockIdx.y + (uint32_t)(j / hw) * splits;
+        const size_t at = ((size_t)n * channels + c) * hw + j % hw;
+        const float g = load_f<T>(y[at]) > 0.0f ? load_f<T>(dy[at]) : 0.0f;
+        const T gs = store_f<T>(g);
+        dz[at] = gs;
+        acc += load_f<T>(gs);
     }
     __shared__ float warps[32];
     acc = warp_sum(acc);
@@ -132,6 +147,168 @@ __device__ __forceinline__ void bias_relu_bwd_nhwc(const T *__restrict__ y, cons
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// ReLU + 2x2 max-pool backward in one pass (the conv + bias + ReLU + pool op of the nets'
+// pooled layers). y is the ReLU output (H x W per plane), dp the gradient of the pooled map
+// (H/2 x W/2, floor). For each 2x2 window (i, j) the gradient goes to the window's first
+// maximum (row-major order, strictly greater replaces, as cuDNN and the CPU op), and through the
+// ReLU only where y > 0: dz = dp[i, j] at that position if y there > 0, else 0. Positions in no
+// window (the last row / column of an odd side) get 0. Windows are walked over the ceil(H/2) x
+// ceil(W/2) grid so every dz element is written exactly once. The per-channel sums of dz go to
+// partial[c * splits + s] exactly as in bias_relu_bwd, so bias_grad_finish completes db.
+
+struct Window {
+    uint32_t h, w, oh, ow, ch, cw;
+};
+
+__device__ __forceinline__ Window window_geometry(uint32_t h, uint32_t w) {
+    Window g;
+    g.h = h;
+    g.w = w;
+    g.oh = h / 2;
+    g.ow = w / 2;
+    g.ch = (h + 1) / 2;
+    g.cw = (w + 1) / 2;
+    return g;
+}
+
+// The four positions of window (i, j) as offsets (in elements) from `origin`, where `row` and
+// `col` are the element strides of one row and one column; writes dz for the valid ones and
+// returns the sum of what it wrote (after rounding to T).
+template <typename T>
+__device__ __forceinline__ float relu_pool_window(const T *__restrict__ y, T *__restrict__ dz, size_t origin,
+                                                  size_t row, size_t col, const Window &g, uint32_t i, uint32_t j,
+                                                  float grad) {
+    const uint32_t h0 = 2 * i, w0 = 2 * j;
+    const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
+                           origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
+    const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+    const bool pooled = i < g.oh && j < g.ow;
+    int best = -1;
+    float best_v = 0.0f;
+    if (pooled) {
+        best = 0;
+        best_v = load_f<T>(y[off[0]]);
+        for (int k = 1; k < 4; ++k) {
+            const float v = load_f<T>(y[off[k]]);
+            if (v > best_v) {
+                best = k;
+                best_v = v;
+            }
+        }
+    }
+    float acc = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+        if (!valid[k]) continue;
+        const float v = (k == best && best_v > 0.0f) ? grad : 0.0f;
+        const T vs = store_f<T>(v);
+        dz[off[k]] = vs;
+        acc += load_f<T>(vs);
+    }
+    return acc;
+}
+
+// NCHW. Grid: x over channels, y over `splits` groups of images; block: 256 threads (8 warps),
+// as bias_relu_bwd. Block (c, s) walks the windows of planes (n, c) for n = s, s + splits, ...
+template <typename T>
+__device__ __forceinline__ void relu_pool_bwd(const T *__restrict__ y, const T *__restrict__ dp, T *__restrict__ dz,
+                                              float *__restrict__ partial, uint32_t batch, uint32_t channels,
+                                              uint32_t h, uint32_t w) {
+    const uint32_t c = blockIdx.x;
+    const uint32_t splits = gridDim.y;
+    const Window g = window_geometry(h, w);
+    const uint32_t windows = g.ch * g.cw;
+    float acc = 0.0f;
+    // (image, window) pairs as one flat range, as in bias_relu_bwd
+    const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
+    const size_t pairs = (size_t)images * windows;
+    for (size_t q = threadIdx.x; q < pairs; q += blockDim.x) {
+        const uint32_t n = blockIdx.y + (uint32_t)(q / windows) * splits;
+        const uint32_t t = (uint32_t)(q % windows);
+        const size_t plane = (size_t)n * channels + c;
+        const size_t base = plane * h * w;
+        const size_t pbase = plane * g.oh * g.ow;
+        const uint32_t i = t / g.cw, j = t % g.cw;
+        const float grad = (i < g.oh && j < g.ow) ? load_f<T>(dp[pbase + (size_t)i * g.ow + j]) : 0.0f;
+        acc += relu_pool_window<T>(y, dz, base, w, 1, g, i, j, grad);
+    }
+    __shared__ float warps[32];
+    acc = warp_sum(acc);
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warps[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        float v = lane < (blockDim.x + 31) / 32 ? warps[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) partial[(size_t)c * splits + blockIdx.y] = v;
+    }
+}
+
+// NHWC. The windows form a (batch * ch * cw) x channels matrix of "window rows"; grid: x over
+// `splits` contiguous ranges of window rows; block: 256 threads, channels split as in
+// bias_relu_bwd_nhwc (consecutive threads take consecutive channels: coalesced).
+template <typename T>
+__device__ __forceinline__ float relu_pool_nhwc_row(const T *__restrict__ y, const T *__restrict__ dp,
+                                                    T *__restrict__ dz, const Window &g, uint32_t channels,
+                                                    uint32_t r, uint32_t c) {
+    const uint32_t per_image = g.ch * g.cw;
+    const uint32_t n = r / per_image, rem = r % per_image;
+    const uint32_t i = rem / g.cw, j = rem % g.cw;
+    const size_t origin = (size_t)n * g.h * g.w * channels + c;
+    const float grad =
+        (i < g.oh && j < g.ow) ? load_f<T>(dp[(((size_t)n * g.oh + i) * g.ow + j) * channels + c]) : 0.0f;
+    return relu_pool_window<T>(y, dz, origin, (size_t)g.w * channels, channels, g, i, j, grad);
+}
+
+template <typename T>
+__device__ __forceinline__ void relu_pool_bwd_nhwc(const T *__restrict__ y, const T *__restrict__ dp,
+                                                   T *__restrict__ dz, float *__restrict__ partial, uint32_t batch,
+                                                   uint32_t channels, uint32_t h, uint32_t w) {
+    const Window g = window_geometry(h, w);
+    const uint32_t rows = batch * g.ch * g.cw;
+    const uint32_t splits = gridDim.x;
+    const uint32_t per = (rows + splits - 1) / splits;
+    const uint32_t r0 = blockIdx.x * per;
+    const uint32_t r1 = min(rows, r0 + per);
+    __shared__ float lane_sums[256];
+    if (channels <= blockDim.x) {
+        const uint32_t lanes = blockDim.x / channels;
+        const uint32_t c = threadIdx.x % channels, gi = threadIdx.x / channels;
+        float acc = 0.0f;
+        if (gi < lanes) {
+            for (uint32_t r = r0 + gi; r < r1; r += lanes) acc += relu_pool_nhwc_row<T>(y, dp, dz, g, channels, r, c);
+        }
+        lane_sums[threadIdx.x] = acc;
+        __syncthreads();
+        if (threadIdx.x < channels) {
+            float s = 0.0f;
+            for (uint32_t k = 0; k < lanes; ++k) s += lane_sums[k * channels + threadIdx.x];
+            partial[(size_t)threadIdx.x * splits + blockIdx.x] = s;
+        }
+    } else {
+        for (uint32_t c = threadIdx.x; c < channels; c += blockDim.x) {
+            float acc = 0.0f;
+            for (uint32_t r = r0; r < r1; ++r) acc += relu_pool_nhwc_row<T>(y, dp, dz, g, channels, r, c);
+            partial[(size_t)c * splits + blockIdx.x] = acc;
+        }
+    }
+}
+
+#define INSTANTIATE_POOL(NAME, T)                                                                                 \
+    extern "C" __global__ void relu_pool_bwd_##NAME(const T *y, const T *dp, T *dz, float *partial, uint32_t batch, \
+                                                    uint32_t channels, uint32_t h, uint32_t w) {                  \
+        relu_pool_bwd<T>(y, dp, dz, partial, batch, channels, h, w);                                              \
+    }                                                                                                             \
+    extern "C" __global__ void relu_pool_bwd_nhwc_##NAME(const T *y, const T *dp, T *dz, float *partial,          \
+                                                         uint32_t batch, uint32_t channels, uint32_t h,           \
+                                                         uint32_t w) {                                            \
+        relu_pool_bwd_nhwc<T>(y, dp, dz, partial, batch, channels, h, w);                                         \
+    }
+
+INSTANTIATE_POOL(f32, float)
+INSTANTIATE_POOL(f16, __half)
+INSTANTIATE_POOL(bf16, __nv_bfloat16)
+
 #define INSTANTIATE_NHWC(NAME, T)                                                                                 \
     extern "C" __global__ void bias_relu_fwd_nhwc_##NAME(const T *x, const T *b, T *y, uint32_t total,            \
                                                          uint32_t channels) {                                     \
@@ -153,6 +330,10 @@ INSTANTIATE_NHWC(bf16, __nv_bfloat16)
     extern "C" __global__ void bias_relu_bwd_##NAME(const T *y, const T *dy, T *dz, float *partial, uint32_t batch, \
                                                     uint32_t channels, uint32_t hw) {                             \
         bias_relu_bwd<T>(y, dy, dz, partial, batch, channels, hw);                                                \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_fwd_flat_##NAME(const T *x, const T *b, T *y, uint32_t total,            \
+                                                         uint32_t channels, uint32_t hw) {                        \
+        bias_relu_fwd_flat<T>(x, b, y, total, channels, hw);                                                      \
     }                                                                                                             \
     extern "C" __global__ void bias_grad_finish_##NAME(const float *partial, T *db, uint32_t channels,            \
                                                        uint32_t splits) {                                         \

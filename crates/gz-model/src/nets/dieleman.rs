@@ -245,10 +245,11 @@ impl DielemanNet {
         };
         let mut tower = Tower::new(h.device());
         for (conv, pool) in &self.convs {
-            h = tower.conv_relu(conv, &h)?;
-            if *pool {
-                h = tower.pool(&h)?;
-            }
+            h = if *pool {
+                tower.conv_relu_pool(conv, &h)?
+            } else {
+                tower.conv_relu(conv, &h)?
+            };
         }
         // (16B, F) part-major → (B, 16·F) with the parts of one galaxy side by side
         let f = tower.finish(&h)?.flatten_from(1)?;

@@ -179,10 +179,15 @@ impl VggNet {
         let mut tower = Tower::new(x.device());
         let mut x = x;
         for block in &self.blocks {
-            for conv in block {
+            // every block ends in a 2×2 max-pool, fused with its last convolution
+            let Some((last, rest)) = block.split_last() else {
+                x = tower.pool(&x)?;
+                continue;
+            };
+            for conv in rest {
                 x = tower.conv_relu(conv, &x)?;
             }
-            x = tower.pool(&x)?;
+            x = tower.conv_relu_pool(last, &x)?;
         }
         let mut x = tower.finish(&x)?.flatten_from(1)?;
         for d in &self.dense {
