@@ -12,7 +12,9 @@
 #   - third session (no device either): conv + bias + ReLU as ONE custom op (GZ_CONV_RELU_OP=0
 #     builds the two-op graph), and the CUDA device tuned at open (no per-buffer cudarc events,
 #     memory pool keeps freed memory; GZ_CUDA_DEFAULTS=1 undoes both); nets::cuda_tests now
-#     compares bf16 on the raw outputs
+#     compares bf16 on the raw outputs; conv + bias + ReLU + 2x2 max-pool as ONE op on the fused
+#     path with a one-pass ReLU + pool backward kernel (GZ_FUSED_POOL=0 splits it; tests
+#     cudnn::tests::cuda_conv_relu_pool_one_op_matches_two, cuda_conv_relu_one_op_matches_two)
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
 # (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
 # per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
@@ -100,6 +102,7 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
   bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
   bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
+  bench vgg-bf16-unfused-pool 50 $ALL GZ_FUSED_POOL=0 -- $V $R
   bench vgg-bf16-two-op-epilogue 50 $ALL GZ_CONV_RELU_OP=0 -- $V $R
   bench vgg-bf16-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
   bench dieleman-bf16-breakdown 50 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
