@@ -68,6 +68,17 @@ fn main() {
     if std::env::var("GZ_NHWC").is_ok_and(|v| v == "1") {
         gz_model::cudnn::set_nhwc(true);
     }
+    // On the fused path conv + bias + ReLU (+ 2×2 max-pool) are one op each; `GZ_CONV_RELU_OP=0`
+    // and `GZ_FUSED_POOL=0` build the split graphs, to measure the difference.
+    gz_model::cudnn::set_single_ops(
+        std::env::var("GZ_CONV_RELU_OP").map_or(true, |v| v != "0"),
+        std::env::var("GZ_FUSED_POOL").map_or(true, |v| v != "0"),
+    );
+    // `GZ_CUDA_DEFAULTS=1`: open CUDA devices with cudarc's per-buffer events and the driver's
+    // memory-pool trimming, as before gz tuned them (gz_model::device).
+    if std::env::var("GZ_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {
+        gz_model::device::set_cuda_defaults(true);
+    }
     match std::env::var("GZ_OPTIM").as_deref() {
         Ok("fused") => gz_model::optim::set_fused_enabled(true),
         Ok("generic") => gz_model::optim::set_fused_enabled(false),

@@ -9,8 +9,8 @@
 //! for every buffer, which only matter when several streams share buffers; gz uses one stream
 //! on one thread), and the device's memory pool keeps freed memory instead of handing it back
 //! to the driver at every synchronisation (which would unmap and remap the activations of every
-//! step). `GZ_CUDA_DEFAULTS=1` keeps cudarc's and the driver's defaults, to measure the
-//! difference.
+//! step). [`set_cuda_defaults`]`(true)` (`gz` reads `GZ_CUDA_DEFAULTS=1`) keeps cudarc's and the
+//! driver's defaults, to measure the difference.
 
 use candle_core::Device;
 
@@ -98,13 +98,21 @@ pub fn select_device(spec: &str) -> Result<Device, DeviceError> {
     }
 }
 
-/// Whether [`tune_cuda`] leaves the defaults alone (`GZ_CUDA_DEFAULTS=1`).
+static CUDA_DEFAULTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`tune_cuda`] leave cudarc's and the driver's defaults alone (for devices opened
+/// afterwards).
+pub fn set_cuda_defaults(on: bool) {
+    CUDA_DEFAULTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`tune_cuda`] leaves the defaults alone ([`set_cuda_defaults`]).
 pub fn cuda_defaults_requested() -> bool {
-    std::env::var("GZ_CUDA_DEFAULTS").is_ok_and(|v| v == "1")
+    CUDA_DEFAULTS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Tunes a freshly opened CUDA device for a single-stream training process (see the module
-/// docs); a no-op on the CPU, without the `cuda` feature, or with `GZ_CUDA_DEFAULTS=1`.
+/// docs); a no-op on the CPU, without the `cuda` feature, or after [`set_cuda_defaults`]`(true)`.
 ///
 /// Call it before any tensor is created on the device: event tracking is decided per buffer
 /// when the buffer is allocated.

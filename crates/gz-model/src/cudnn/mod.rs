@@ -46,6 +46,9 @@ static PROFILING: AtomicBool = AtomicBool::new(false);
 /// Off by default: the fused kernels have not run on a GPU yet (docs/cudnn.md).
 static FUSED: AtomicBool = AtomicBool::new(false);
 static NHWC: AtomicBool = AtomicBool::new(false);
+/// On the fused path, conv + epilogue (+ pool) as one op each (see [`set_single_ops`]).
+static SINGLE_CONV_RELU: AtomicBool = AtomicBool::new(true);
+static FUSED_POOL: AtomicBool = AtomicBool::new(true);
 
 /// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
 pub fn compiled() -> bool {
@@ -200,16 +203,25 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
 /// route, so bf16 no longer falls back to candle's broadcast add. Same arguments as [`conv2d`].
 ///
 /// It is one custom op (`fused::ConvBiasRelu`): the pre-activation is not kept for the
-/// backward pass. `GZ_CONV_RELU_OP=0` builds the older two-op graph (convolution, then
-/// [`bias_relu`]) instead, to measure the difference; both compute the same values.
+/// backward pass. [`set_single_ops`]`(false, _)` builds the older two-op graph (convolution,
+/// then [`bias_relu`]) instead, to measure the difference; both compute the same values.
 pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     conv_relu(check_conv(x, w, b, padding, stride, false)?, x, w, b, single_conv_relu_op())
 }
 
-/// Whether [`conv2d_relu`] builds one op (default) or two (`GZ_CONV_RELU_OP=0`).
+/// Chooses the graph the fused path builds (both on by default; off only to measure the
+/// difference, the values are the same): `conv_relu` makes [`conv2d_relu`] one custom op rather
+/// than the convolution then [`bias_relu`]; `pool` makes [`conv2d_relu_pool`] one op with the
+/// one-pass ReLU + pool backward rather than [`conv2d_relu`] then [`max_pool2`] (it needs
+/// `conv_relu` too). `gz` reads `GZ_CONV_RELU_OP=0` and `GZ_FUSED_POOL=0`.
+pub fn set_single_ops(conv_relu: bool, pool: bool) {
+    SINGLE_CONV_RELU.store(conv_relu, Ordering::Relaxed);
+    FUSED_POOL.store(pool, Ordering::Relaxed);
+}
+
+/// Whether [`conv2d_relu`] builds one op (default) or two.
 fn single_conv_relu_op() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("GZ_CONV_RELU_OP").map_or(true, |v| v != "0"))
+    SINGLE_CONV_RELU.load(Ordering::Relaxed)
 }
 
 /// [`conv2d_relu`] (or its NHWC twin) as one op (`single`) or as convolution then [`bias_relu`].
@@ -237,8 +249,8 @@ pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stri
 /// `max_pool2(conv2d_relu(x, w, b))`, the pooled layers of both nets, as one custom op
 /// (`fused::ConvBiasReluPool`): the ReLU output is kept inside the op for the backward pass,
 /// which is one kernel for the pool's and the ReLU's gradients and the bias gradient. Falls back
-/// to [`conv2d_relu`] then [`max_pool2`] when this cuDNN has no pooling for the dtype, or with
-/// `GZ_FUSED_POOL=0` (or `GZ_CONV_RELU_OP=0`), to measure the difference.
+/// to [`conv2d_relu`] then [`max_pool2`] when this cuDNN has no pooling for the dtype, or after
+/// [`set_single_ops`] switched it off, to measure the difference.
 pub fn conv2d_relu_pool(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     conv_relu_pool(check_conv(x, w, b, padding, stride, false)?, x, w, b, fused_pool_op())
 }
@@ -248,11 +260,9 @@ pub fn conv2d_relu_pool_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize,
     conv_relu_pool(check_conv(x, w, b, padding, stride, true)?, x, w, b, fused_pool_op())
 }
 
-/// Whether [`conv2d_relu_pool`] builds one op (default) or conv-ReLU then pool
-/// (`GZ_FUSED_POOL=0`, or `GZ_CONV_RELU_OP=0`).
+/// Whether [`conv2d_relu_pool`] builds one op (default) or conv-ReLU then pool.
 fn fused_pool_op() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("GZ_FUSED_POOL").map_or(true, |v| v != "0")) && single_conv_relu_op()
+    FUSED_POOL.load(Ordering::Relaxed) && single_conv_relu_op()
 }
 
 /// [`conv2d_relu_pool`] (or its NHWC twin) as one op (`single`, where this cuDNN pools the
