@@ -14,7 +14,9 @@
 #     memory pool keeps freed memory; GZ_CUDA_DEFAULTS=1 undoes both); nets::cuda_tests now
 #     compares bf16 on the raw outputs; conv + bias + ReLU + 2x2 max-pool as ONE op on the fused
 #     path with a one-pass ReLU + pool backward kernel (GZ_FUSED_POOL=0 splits it; tests
-#     cudnn::tests::cuda_conv_relu_pool_one_op_matches_two, cuda_conv_relu_one_op_matches_two)
+#     cudnn::tests::cuda_conv_relu_pool_one_op_matches_two, cuda_conv_relu_one_op_matches_two);
+#     the decision-tree output layer as one op (kernels/tree.cu, on with GZ_FUSED=1; test
+#     tree::tests::cuda_op_matches_ops)
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
 # (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
 # per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
@@ -46,7 +48,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
 if [ -x "$BIN/gz-model-tests" ]; then
-  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "cudnn:: 100" "nets::cuda_tests 45"; do
+  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "tree::tests::cuda_ 20" "cudnn:: 100" "nets::cuda_tests 45"; do
     set -- $spec; group=$1; t=$2
     log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log"
     GZ_REQUIRE_CUDA=1 timeout "$t" "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
