@@ -1158,4 +1158,44 @@ mod cuda_tests {
             assert_eq!(m.predict(&x).unwrap().dims(), &[2, 37]);
         }
     }
+
+    /// Issue 7's last correctness check: a checkpoint trained on the fast path (f32 and bf16,
+    /// with and without the fast path's own kernels) loads on the CPU and predicts what the GPU
+    /// predicts from it (both in f32; TF32 convolutions on the GPU, hence the tolerance). The
+    /// kernel switches are process-wide: run the CUDA tests with one thread.
+    #[test]
+    fn fast_path_checkpoint_predicts_the_same_on_cpu() {
+        let Some(gpu) = cuda() else { return };
+        let src = toy_source(96, 32, 3);
+        let n = 6 * 3 * 32 * 32;
+        let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0).collect();
+        let x_cpu = Tensor::from_vec(v, (6, 3, 32, 32), &Device::Cpu).unwrap();
+        let x_gpu = x_cpu.to_device(&gpu).unwrap();
+        for (p, kernels) in [(Precision::F32, false), (Precision::F32, true), (Precision::Bf16, true)] {
+            crate::cudnn::set_fused(kernels);
+            crate::optim::set_fused_enabled(kernels);
+            let dir = tempfile::tempdir().unwrap();
+            let r = train_on(&cfg(1, p), &src, &meta(), dir.path(), false, &());
+            let on_gpu = r.and_then(|_| {
+                let m = LoadedModel::load(dir.path(), &gpu).map_err(|e| TrainError::Config(e.to_string()))?;
+                ctx("predict", m.predict(&x_gpu))
+            });
+            crate::cudnn::set_fused(false);
+            crate::optim::set_fused_enabled(false);
+            let on_gpu = on_gpu.unwrap();
+            let m = LoadedModel::load(dir.path(), &Device::Cpu).unwrap();
+            let on_cpu = m.predict(&x_cpu).unwrap();
+            let d = (on_gpu.to_device(&Device::Cpu).unwrap() - &on_cpu)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 3e-3, "{p:?}, kernels {kernels}: GPU vs CPU predictions differ by {d}");
+        }
+    }
 }
