@@ -557,7 +557,7 @@ mod tests {
     /// machine's CPU (`cargo test -p gz-model --lib tree::tests::bench_head -- --ignored
     /// --nocapture`; numbers in docs/benchmarks.md).
     #[test]
-    #[ignore]
+    #[ignore = "benchmark: run by hand with --ignored --nocapture"]
     fn bench_head() {
         let dev = Device::Cpu;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
