@@ -14,7 +14,7 @@
 #     memory pool keeps freed memory; GZ_CUDA_DEFAULTS=1 undoes both); nets::cuda_tests now
 #     compares bf16 on the raw outputs; conv + bias + ReLU + 2x2 max-pool as ONE op on the fused
 #     path with a one-pass ReLU + pool backward kernel (GZ_FUSED_POOL=0 splits it; tests
-#     cudnn::tests::cuda_conv_relu_pool_one_op_matches_two, cuda_conv_relu_one_op_matches_two);
+#     cudnn::tests::cuda_conv_relu_one_op_matches_split, both ops);
 #     the decision-tree output layer as one op (kernels/tree.cu, on with GZ_FUSED=1; test
 #     tree::tests::cuda_op_matches_ops)
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput

@@ -72,15 +72,8 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let p = self.0;
-        let x = super::cpu_in(cpu_tensor(s1, l1)?, p.nhwc)?;
-        let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
-        let b = cpu_tensor(s3, l3)?;
-        let y = x
-            .conv2d(&w, p.padding, p.stride, 1, 1)?
-            .broadcast_add(&broadcast_bias(&b, false)?)?
-            .relu()?;
-        cpu_storage(&super::cpu_out(y, p.nhwc)?)
+        let y = cpu_conv_bias_relu(self.0, (s1, l1), (s2, l2), (s3, l3))?;
+        cpu_storage(&super::cpu_out(y, self.0.nhwc)?)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
@@ -168,13 +161,7 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = self.p;
-        let x = super::cpu_in(cpu_tensor(s1, l1)?, p.nhwc)?;
-        let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
-        let b = cpu_tensor(s3, l3)?;
-        let y = x
-            .conv2d(&w, p.padding, p.stride, 1, 1)?
-            .broadcast_add(&broadcast_bias(&b, false)?)?
-            .relu()?;
+        let y = cpu_conv_bias_relu(p, (s1, l1), (s2, l2), (s3, l3))?;
         let pooled = y.max_pool2d(2)?;
         self.save(super::cpu_out(y, p.nhwc)?)?;
         cpu_storage(&super::cpu_out(pooled, p.nhwc)?)
@@ -229,11 +216,8 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
             .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))?
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("conv-relu-pool: backward before forward".into()))?;
-        let total = y.elem_count();
-        let k = b.elem_count();
         let packed = y.apply_op2_no_bwd(&dp.contiguous()?, &ReluPoolBwd { nhwc: self.p.nhwc })?;
-        let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
-        let db = packed.narrow(0, total, k)?;
+        let (dz, db) = unpack(&packed, &y, b)?;
         let (dx, dw) = super::conv_grads(self.p, x, w, &dz)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
@@ -250,16 +234,11 @@ impl CustomOp2 for ReluPoolBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = super::cpu_in(cpu_tensor(s1, l1)?, self.nhwc)?;
+        // the pool's gradient (first maximum of each window), then the ReLU's
+        let y = cpu_tensor(s1, l1)?;
         let dp = super::cpu_in(cpu_tensor(s2, l2)?, self.nhwc)?;
-        // the pool's gradient (first maximum of each window), then the ReLU mask, in the
-        // storage dtype; the channel sums in f32 as the CUDA kernel does
-        let dy = super::cpu_pool_bwd(&y, &dp)?;
-        let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
-        let db = dz.to_dtype(DType::F32)?.sum((0, 2, 3))?.to_dtype(y.dtype())?;
-        let dz = super::cpu_out(dz, self.nhwc)?;
-        let packed = Tensor::cat(&[dz.flatten_all()?, db], 0)?;
-        cpu_storage(&packed)
+        let dy = super::cpu_pool_bwd(&super::cpu_in(y.clone(), self.nhwc)?, &dp)?;
+        cpu_relu_grads(&y, &super::cpu_out(dy, self.nhwc)?, self.nhwc)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
@@ -276,12 +255,41 @@ impl CustomOp2 for ReluPoolBwd {
 /// dz and db of `y = relu(z + b)` from (y, dy), through [`BiasReluBwd`]: one packed buffer,
 /// split into two zero-copy views (dz is contiguous from offset 0).
 fn relu_grads(nhwc: bool, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let total = y.elem_count();
-    let k = b.elem_count();
     let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd { nhwc })?;
+    unpack(&packed, y, b)
+}
+
+/// A backward op's packed [dz (y's elements), db (b's)] as two views: dz shaped like `y`.
+fn unpack(packed: &Tensor, y: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let total = y.elem_count();
     let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
-    let db = packed.narrow(0, total, k)?;
+    let db = packed.narrow(0, total, b.elem_count())?;
     Ok((dz, db))
+}
+
+/// `relu(conv(x, w) + b)` on the CPU from the op's storages, NCHW (inputs in the op's layout).
+fn cpu_conv_bias_relu(
+    p: super::ConvParams,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<Tensor> {
+    let x = super::cpu_in(cpu_tensor(s1, l1)?, p.nhwc)?;
+    let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
+    let b = cpu_tensor(s3, l3)?;
+    x.conv2d(&w, p.padding, p.stride, 1, 1)?
+        .broadcast_add(&broadcast_bias(&b, false)?)?
+        .relu()
+}
+
+/// The packed [dz, db] of the backward ops on the CPU from the ReLU output `y` and the
+/// gradient `dy` reaching it (both in the op's layout): dz = dy·[y > 0] in the storage dtype,
+/// db its channel sums in f32 (as the CUDA kernels do).
+fn cpu_relu_grads(y: &Tensor, dy: &Tensor, nhwc: bool) -> Result<(CpuStorage, Shape)> {
+    let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
+    let dims = if nhwc { (0, 1, 2) } else { (0, 2, 3) };
+    let db = dz.to_dtype(DType::F32)?.sum(dims)?.to_dtype(y.dtype())?;
+    cpu_storage(&Tensor::cat(&[dz.flatten_all()?, db], 0)?)
 }
 
 /// Forward: (z, b) → y.
@@ -337,14 +345,7 @@ impl CustomOp2 for BiasReluBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = cpu_tensor(s1, l1)?;
-        let dy = cpu_tensor(s2, l2)?;
-        // dz in the storage dtype, then its channel sums in f32 (as the CUDA kernel does)
-        let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
-        let dims = if self.nhwc { (0, 1, 2) } else { (0, 2, 3) };
-        let db = dz.to_dtype(DType::F32)?.sum(dims)?.to_dtype(y.dtype())?;
-        let packed = Tensor::cat(&[dz.flatten_all()?, db], 0)?;
-        cpu_storage(&packed)
+        cpu_relu_grads(&cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.nhwc)
     }
 
     #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]

@@ -740,15 +740,17 @@ fn cpu_nhwc_ops_match_nchw() -> Result<()> {
     Ok(())
 }
 
-/// conv + bias + ReLU as one op against the two-op graph (convolution, then the fused bias +
-/// ReLU) and against candle's own `conv2d(..).broadcast_add(..).relu()`: values and the three
-/// gradients, both layouts, on `dev` in `dtype`.
-fn conv_relu_one_op_matches_two(dev: &Device, dtype: DType, tol: f32) -> Result<()> {
+/// conv + bias + ReLU (`pool == false`) or conv + bias + ReLU + 2×2 max-pool (`pool`) as one
+/// op against the split graph (convolution, fused bias + ReLU, pooling op) and against
+/// candle's own `conv2d + broadcast_add + relu` (then [`super::max_pool2_by_reduction`]):
+/// values and the three gradients, both layouts, on `dev` in `dtype`. Includes odd conv outputs
+/// (9×7 → 4×3 pooled, whose last row and column are in no window) and stride 2 — on (11, 9),
+/// sizes the stride divides exactly, because candle's own conv2d backward returns a 7-wide dx
+/// for an 8-wide input (ours over-pads, `cpu_conv_bwd_data`).
+fn one_op_matches_split(dev: &Device, dtype: DType, tol: f32, pool: bool) -> Result<()> {
     let cpu = Device::Cpu;
     for nhwc in [false, true] {
-        // (11, 9) with stride 2: sizes the stride divides exactly, because candle's own conv2d
-        // backward returns a 7-wide dx for an 8-wide input (ours over-pads, `cpu_conv_bwd_data`)
-        for (pad, stride, (h, w)) in [(1, 1, (9, 7)), (0, 2, (11, 9))] {
+        for (pad, stride, (h, w)) in [(1, 1, (9, 7)), (0, 2, (11, 9)), (1, 1, (8, 6))] {
             let x = randn(&[2, 8, h, w], 41, &cpu)?;
             let wt = randn(&[5, 8, 3, 3], 42, &cpu)?;
             let b = (randn(&[5], 43, &cpu)? * 0.3)?;
@@ -757,20 +759,26 @@ fn conv_relu_one_op_matches_two(dev: &Device, dtype: DType, tol: f32) -> Result<
                 t.to_device(dev)?.to_dtype(dtype)
             };
             let mut runs = Vec::new();
-            for how in ["one op", "two ops", "candle"] {
-                let (xv, wv, bv) = (Var::from_tensor(&layout(&x)?)?, Var::from_tensor(&layout(&wt)?)?, Var::from_tensor(&b.to_device(dev)?.to_dtype(dtype)?)?);
+            for how in ["one op", "split", "candle"] {
+                let (xv, wv, bv) = (
+                    Var::from_tensor(&layout(&x)?)?,
+                    Var::from_tensor(&layout(&wt)?)?,
+                    Var::from_tensor(&b.to_device(dev)?.to_dtype(dtype)?)?,
+                );
                 let p = super::ConvParams { padding: pad, stride, nhwc };
-                let y = match how {
-                    "one op" => super::conv_relu(p, xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), true)?,
-                    "two ops" => super::conv_relu(p, xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), false)?,
-                    _ => {
+                let (xt, wt, bt) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+                let y = match (how, pool) {
+                    ("candle", _) => {
                         let to_nchw = |t: &Tensor| if nhwc { t.permute((0, 3, 1, 2)) } else { Ok(t.clone()) };
-                        let y = to_nchw(xv.as_tensor())?
-                            .conv2d(&to_nchw(wv.as_tensor())?, pad, stride, 1, 1)?
-                            .broadcast_add(&bv.as_tensor().reshape((1, (), 1, 1))?)?
+                        let y = to_nchw(xt)?
+                            .conv2d(&to_nchw(wt)?, pad, stride, 1, 1)?
+                            .broadcast_add(&bt.reshape((1, (), 1, 1))?)?
                             .relu()?;
+                        let y = if pool { super::max_pool2_by_reduction(&y)? } else { y };
                         if nhwc { y.permute((0, 2, 3, 1))?.contiguous()? } else { y }
                     }
+                    (_, true) => super::conv_relu_pool(p, xt, wt, bt, how == "one op")?,
+                    (_, false) => super::conv_relu(p, xt, wt, bt, how == "one op")?,
                 };
                 let g = randn(y.dims(), 44, &cpu)?.to_device(dev)?.to_dtype(dtype)?;
                 let grads = (&y * &g)?.sum_all()?.backward()?;
@@ -779,9 +787,13 @@ fn conv_relu_one_op_matches_two(dev: &Device, dtype: DType, tol: f32) -> Result<
             }
             let (_, y1, dx1, dw1, db1) = &runs[0];
             for (how, y, dx, dw, db) in &runs[1..] {
+                assert_eq!(y1.dims(), y.dims(), "{how}");
                 for (what, a, r) in [("y", y1, y), ("dx", dx1, dx), ("dw", dw1, dw), ("db", db1, db)] {
                     let e = rel_err(a, r)?;
-                    assert!(e < tol, "{what}, one op vs {how} (nhwc {nhwc}, pad {pad}, stride {stride}, {dtype:?}): {e}");
+                    assert!(
+                        e < tol,
+                        "{what}, one op vs {how} (pool {pool}, nhwc {nhwc}, pad {pad}, stride {stride}, {h}×{w}, {dtype:?}): {e}"
+                    );
                 }
             }
         }
@@ -790,91 +802,20 @@ fn conv_relu_one_op_matches_two(dev: &Device, dtype: DType, tol: f32) -> Result<
 }
 
 #[test]
-fn cpu_conv_relu_one_op_matches_two() -> Result<()> {
-    conv_relu_one_op_matches_two(&Device::Cpu, DType::F32, 1e-5)
+fn cpu_conv_relu_one_op_matches_split() -> Result<()> {
+    one_op_matches_split(&Device::Cpu, DType::F32, 1e-5, false)?;
+    one_op_matches_split(&Device::Cpu, DType::F32, 1e-5, true)
 }
 
-/// [`cpu_conv_relu_one_op_matches_two`] on the GPU (strict f32 math), where the one op runs
-/// cuDNN and the fused kernels. Skipped without a GPU.
-#[cfg(feature = "cudnn")]
-#[test]
-fn cuda_conv_relu_one_op_matches_two() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(gpu) = cuda_device() else { return Ok(()) };
-    super::set_allow_tf32(false);
-    let r = conv_relu_one_op_matches_two(&gpu, DType::F32, 1e-4);
-    super::set_allow_tf32(true);
-    r
-}
-
-/// conv + bias + ReLU + 2×2 max-pool as one op against conv-ReLU then the pooling op and
-/// against candle's `conv2d + broadcast_add + relu` then [`super::max_pool2_by_reduction`]:
-/// values and the three gradients, both layouts, on `dev` in `dtype`. Includes odd conv
-/// outputs (9×7 → 4×3, whose last row and column are in no window) and stride 2.
-fn conv_relu_pool_one_op_matches_two(dev: &Device, dtype: DType, tol: f32) -> Result<()> {
-    let cpu = Device::Cpu;
-    for nhwc in [false, true] {
-        for (pad, stride, (h, w)) in [(1, 1, (9, 7)), (0, 2, (11, 9)), (1, 1, (8, 6))] {
-            let x = randn(&[2, 8, h, w], 51, &cpu)?;
-            let wt = randn(&[5, 8, 3, 3], 52, &cpu)?;
-            let b = (randn(&[5], 53, &cpu)? * 0.3)?;
-            let layout = |t: &Tensor| -> Result<Tensor> {
-                let t = if nhwc { t.permute((0, 2, 3, 1))?.contiguous()? } else { t.clone() };
-                t.to_device(dev)?.to_dtype(dtype)
-            };
-            let mut runs = Vec::new();
-            for how in ["one op", "two ops", "candle"] {
-                let (xv, wv, bv) = (
-                    Var::from_tensor(&layout(&x)?)?,
-                    Var::from_tensor(&layout(&wt)?)?,
-                    Var::from_tensor(&b.to_device(dev)?.to_dtype(dtype)?)?,
-                );
-                let p = super::ConvParams { padding: pad, stride, nhwc };
-                let y = match how {
-                    "one op" => super::conv_relu_pool(p, xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), true)?,
-                    "two ops" => super::conv_relu_pool(p, xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), false)?,
-                    _ => {
-                        let to_nchw = |t: &Tensor| if nhwc { t.permute((0, 3, 1, 2)) } else { Ok(t.clone()) };
-                        let y = to_nchw(xv.as_tensor())?
-                            .conv2d(&to_nchw(wv.as_tensor())?, pad, stride, 1, 1)?
-                            .broadcast_add(&bv.as_tensor().reshape((1, (), 1, 1))?)?
-                            .relu()?;
-                        let y = super::max_pool2_by_reduction(&y)?;
-                        if nhwc { y.permute((0, 2, 3, 1))?.contiguous()? } else { y }
-                    }
-                };
-                let g = randn(y.dims(), 54, &cpu)?.to_device(dev)?.to_dtype(dtype)?;
-                let grads = (&y * &g)?.sum_all()?.backward()?;
-                let grad = |v: &Var| grads.get(v.as_tensor()).cloned().expect("gradient");
-                runs.push((how, y.clone(), grad(&xv), grad(&wv), grad(&bv)));
-            }
-            let (_, y1, dx1, dw1, db1) = &runs[0];
-            for (how, y, dx, dw, db) in &runs[1..] {
-                assert_eq!(y1.dims(), y.dims(), "{how}");
-                for (what, a, r) in [("p", y1, y), ("dx", dx1, dx), ("dw", dw1, dw), ("db", db1, db)] {
-                    let e = rel_err(a, r)?;
-                    assert!(e < tol, "{what}, one op vs {how} (nhwc {nhwc}, pad {pad}, stride {stride}, {h}×{w}, {dtype:?}): {e}");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-#[test]
-fn cpu_conv_relu_pool_one_op_matches_two() -> Result<()> {
-    conv_relu_pool_one_op_matches_two(&Device::Cpu, DType::F32, 1e-5)
-}
-
-/// [`cpu_conv_relu_pool_one_op_matches_two`] on the GPU (strict f32 math): cuDNN, the fused
+/// [`cpu_conv_relu_one_op_matches_split`] on the GPU (strict f32 math): cuDNN, the fused
 /// epilogue and the one-pass ReLU + pool backward kernel. Skipped without a GPU.
 #[cfg(feature = "cudnn")]
 #[test]
-fn cuda_conv_relu_pool_one_op_matches_two() -> Result<()> {
+fn cuda_conv_relu_one_op_matches_split() -> Result<()> {
     let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
-    let r = conv_relu_pool_one_op_matches_two(&gpu, DType::F32, 1e-4);
+    let r = one_op_matches_split(&gpu, DType::F32, 1e-4, false).and_then(|_| one_op_matches_split(&gpu, DType::F32, 1e-4, true));
     super::set_allow_tf32(true);
     r
 }

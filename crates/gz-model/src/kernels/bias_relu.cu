@@ -40,6 +40,21 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Adds `acc` over the block in a fixed order (warps, then the warp sums) and writes the total
+// to partial[at]. Every thread of the block must call it.
+__device__ __forceinline__ void block_partial(float acc, float *__restrict__ partial, size_t at) {
+    __shared__ float warps[32];
+    acc = warp_sum(acc);
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warps[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        float v = lane < (blockDim.x + 31) / 32 ? warps[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) partial[at] = v;
+    }
+}
+
 // Grid: x over channels, y over `splits` groups of images; block: 256 threads (8 warps).
 // Block (c, s) handles images n = s, s + splits, ... of channel c and writes its partial sum to
 // partial[c * splits + s].
@@ -63,16 +78,7 @@ __device__ __forceinline__ void bias_relu_bwd(const T *__restrict__ y, const T *
         dz[at] = gs;
         acc += load_f<T>(gs);
     }
-    __shared__ float warps[32];
-    acc = warp_sum(acc);
-    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) warps[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        float v = lane < (blockDim.x + 31) / 32 ? warps[lane] : 0.0f;
-        v = warp_sum(v);
-        if (lane == 0) partial[(size_t)c * splits + blockIdx.y] = v;
-    }
+    block_partial(acc, partial, (size_t)c * splits + blockIdx.y);
 }
 
 // One thread per channel: db[c] = sum of its `splits` partials, in order.
@@ -232,16 +238,7 @@ __device__ __forceinline__ void relu_pool_bwd(const T *__restrict__ y, const T *
         const float grad = (i < g.oh && j < g.ow) ? load_f<T>(dp[pbase + (size_t)i * g.ow + j]) : 0.0f;
         acc += relu_pool_window<T>(y, dz, base, w, 1, g, i, j, grad);
     }
-    __shared__ float warps[32];
-    acc = warp_sum(acc);
-    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) warps[warp] = acc;
-    __syncthreads();
-    if (warp == 0) {
-        float v = lane < (blockDim.x + 31) / 32 ? warps[lane] : 0.0f;
-        v = warp_sum(v);
-        if (lane == 0) partial[(size_t)c * splits + blockIdx.y] = v;
-    }
+    block_partial(acc, partial, (size_t)c * splits + blockIdx.y);
 }
 
 // NHWC. The windows form a (batch * ch * cw) x channels matrix of "window rows"; grid: x over
