@@ -508,21 +508,7 @@ mod tests {
     use candle_core::Device;
     use rand::SeedableRng;
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff;
 
     /// The resampling op's CPU side (what a CUDA build without a GPU runs) is the candle-ops
     /// composition: affine sampling, and the 16 Dieleman parts as views then corners.

@@ -25,3 +25,27 @@ pub mod ops;
 pub mod optim;
 pub mod train;
 pub mod tree;
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers shared by the unit tests.
+
+    use candle_core::{DType, Device, Tensor};
+
+    /// The largest |a − b| over two same-shaped tensors (any device, any float dtype), in f32.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -1185,16 +1185,7 @@ mod cuda_tests {
             let on_gpu = on_gpu.unwrap();
             let m = LoadedModel::load(dir.path(), &Device::Cpu).unwrap();
             let on_cpu = m.predict(&x_cpu).unwrap();
-            let d = (on_gpu.to_device(&Device::Cpu).unwrap() - &on_cpu)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::testutil::max_abs_diff(&on_gpu, &on_cpu);
             assert!(d < 3e-3, "{p:?}, kernels {kernels}: GPU vs CPU predictions differ by {d}");
         }
     }

@@ -327,18 +327,7 @@ mod tests {
         let v = views(&x, 1.0).unwrap();
         assert_eq!(v.dims(), &[4, 3, s, s]);
         let get = |view: usize| v.narrow(0, view, 1).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let diff = crate::testutil::max_abs_diff;
         assert!(diff(&get(0), &x) < 1e-5, "regular view is the image");
         assert!(diff(&get(1), &x.flip(&[3]).unwrap()) < 1e-5, "view 1 is the mirror");
         assert!(

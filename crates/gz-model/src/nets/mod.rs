@@ -373,20 +373,7 @@ mod cuda_tests {
         Tensor::from_vec(v, (b, 3, size, size), dev).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_diff;
 
     fn cpu_and_gpu(cfg: &ModelConfig, gpu: &Device, dtype: DType) -> (Model, Model) {
         let varmap = VarMap::new();
