@@ -107,6 +107,9 @@ if [ -x "$BIN/gz" ]; then
   bench vgg-bf16-unfused-pool 50 $ALL GZ_FUSED_POOL=0 -- $V $R
   bench vgg-bf16-two-op-epilogue 50 $ALL GZ_CONV_RELU_OP=0 -- $V $R
   bench vgg-bf16-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
+  # session 1's breakdown gave 8.5 ms/step to "batch" (a 35 MB cast, ~20 µs of work): likely
+  # the memory pool remapping after each phase's synchronisation, which the tuning stops
+  bench vgg-bf16-breakdown-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V --steps 10 --warmup 3 --profile-steps 0
   bench dieleman-bf16-breakdown 50 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
   grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
   bench vgg-f32-128 50 $ALL -- --model vgg16-blog --batch 128 --precision f32 $R
