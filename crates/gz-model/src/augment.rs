@@ -551,10 +551,7 @@ mod tests {
     #[cfg(feature = "cudnn")]
     #[test]
     fn cuda_resampling_kernels_match_the_ops() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
-            return;
-        };
+        let Some(gpu) = crate::testutil::gpu() else { return };
         set_resample_kernels(true);
         let x = pattern(5, 3, 106, 106).to_device(&gpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);

@@ -128,7 +128,8 @@ pub fn tune_cuda(device: &Device) -> candle_core::Result<()> {
         // so no buffer is shared between streams and the events would only cost time.
         unsafe { d.disable_event_tracking() };
         let ctx = d.cuda_stream().context().clone();
-        ctx.bind_to_thread().map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
+        ctx.bind_to_thread()
+            .map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: plain driver calls on a live device; `pool` is written by the first and
         // `threshold` outlives the second.

@@ -32,6 +32,40 @@ pub(crate) mod testutil {
 
     use candle_core::{DType, Device, Tensor};
 
+    /// The GPU for one CUDA test, held exclusively: the fast path's switches (fused kernels,
+    /// channels-last, TF32, the cuDNN path itself) are process-wide and several tests flip them,
+    /// so CUDA tests in this crate run one at a time whatever `--test-threads` says. `None`
+    /// (the test then passes, saying so) without a GPU, unless `GZ_REQUIRE_CUDA` is set.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "used by the CUDA tests"))]
+    pub(crate) struct Gpu {
+        pub(crate) dev: Device,
+        _exclusive: std::sync::MutexGuard<'static, ()>,
+    }
+
+    impl std::ops::Deref for Gpu {
+        type Target = Device;
+        fn deref(&self) -> &Device {
+            &self.dev
+        }
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "used by the CUDA tests"))]
+    pub(crate) fn gpu() -> Option<Gpu> {
+        static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
+        match Device::new_cuda(0) {
+            Ok(dev) => Some(Gpu { dev, _exclusive: guard }),
+            Err(e) => {
+                assert!(
+                    std::env::var("GZ_REQUIRE_CUDA").is_err(),
+                    "GZ_REQUIRE_CUDA is set but CUDA is unavailable: {e}"
+                );
+                eprintln!("no CUDA device, skipping: {e}");
+                None
+            }
+        }
+    }
+
     /// The largest |a − b| over two same-shaped tensors (any device, any float dtype), in f32.
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());

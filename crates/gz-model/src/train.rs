@@ -1084,14 +1084,9 @@ mod cuda_tests {
     use crate::checkpoint::LoadedModel;
     use crate::data::{host_values, toy_source};
 
-    fn cuda() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("no CUDA device, skipping: {e}");
-                None
-            }
-        }
+    /// The GPU, held exclusively for the test (`crate::testutil::gpu`).
+    fn cuda() -> Option<crate::testutil::Gpu> {
+        crate::testutil::gpu()
     }
 
     fn meta() -> DataMeta {
@@ -1132,9 +1127,7 @@ mod cuda_tests {
 
     #[test]
     fn trains_and_resumes_on_cuda_in_f32_and_bf16() {
-        if cuda().is_none() {
-            return;
-        }
+        let Some(_gpu) = cuda() else { return };
         let src = toy_source(96, 32, 2);
         for p in [Precision::F32, Precision::Bf16] {
             let straight = tempfile::tempdir().unwrap();
@@ -1162,13 +1155,15 @@ mod cuda_tests {
     /// Issue 7's last correctness check: a checkpoint trained on the fast path (f32 and bf16,
     /// with and without the fast path's own kernels) loads on the CPU and predicts what the GPU
     /// predicts from it (both in f32; TF32 convolutions on the GPU, hence the tolerance). The
-    /// kernel switches are process-wide: run the CUDA tests with one thread.
+    /// kernel switches are process-wide; CUDA tests hold the GPU exclusively (`testutil::gpu`).
     #[test]
     fn fast_path_checkpoint_predicts_the_same_on_cpu() {
         let Some(gpu) = cuda() else { return };
         let src = toy_source(96, 32, 3);
         let n = 6 * 3 * 32 * 32;
-        let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
+            .collect();
         let x_cpu = Tensor::from_vec(v, (6, 3, 32, 32), &Device::Cpu).unwrap();
         let x_gpu = x_cpu.to_device(&gpu).unwrap();
         for (p, kernels) in [(Precision::F32, false), (Precision::F32, true), (Precision::Bf16, true)] {
@@ -1186,7 +1181,10 @@ mod cuda_tests {
             let m = LoadedModel::load(dir.path(), &Device::Cpu).unwrap();
             let on_cpu = m.predict(&x_cpu).unwrap();
             let d = crate::testutil::max_abs_diff(&on_gpu, &on_cpu);
-            assert!(d < 3e-3, "{p:?}, kernels {kernels}: GPU vs CPU predictions differ by {d}");
+            assert!(
+                d < 3e-3,
+                "{p:?}, kernels {kernels}: GPU vs CPU predictions differ by {d}"
+            );
         }
     }
 }

@@ -197,7 +197,10 @@ impl Plan {
 /// Rows of a CPU storage as f64 (f32 or f64 storage; the op's inputs are contiguous).
 fn cpu_rows(s: &CpuStorage, l: &Layout) -> Result<Vec<f64>> {
     let Some((a, b)) = l.contiguous_offsets() else {
-        return crate::cudnn::cpu_tensor(s, l)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+        return crate::cudnn::cpu_tensor(s, l)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>();
     };
     Ok(match s {
         CpuStorage::F32(v) => v[a..b].iter().map(|&x| f64::from(x)).collect(),
@@ -295,7 +298,10 @@ impl CustomOp3 for TreeBwd {
     ) -> Result<(CudaStorage, Shape)> {
         #[cfg(feature = "cudnn")]
         {
-            Ok((cuda::backward(&self.0, (s1, l1), (s2, l2), (s3, l3))?, l1.shape().clone()))
+            Ok((
+                cuda::backward(&self.0, (s1, l1), (s2, l2), (s3, l3))?,
+                l1.shape().clone(),
+            ))
         }
         #[cfg(not(feature = "cudnn"))]
         candle_core::bail!("gz-tree-output: this build has no CUDA kernels (build gz-model with the `cudnn` feature)")
@@ -506,7 +512,10 @@ mod tests {
                 for x in &mut v[..N_ANSWERS] {
                     *x = -x.abs() - 0.1;
                 }
-                let x = Tensor::from_vec(v, (b, N_ANSWERS), dev).unwrap().to_dtype(dtype).unwrap();
+                let x = Tensor::from_vec(v, (b, N_ANSWERS), dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
                 let w = Tensor::from_vec(random_input(&mut rng, b, 1.0), (b, N_ANSWERS), dev)
                     .unwrap()
                     .to_dtype(dtype)
@@ -520,15 +529,30 @@ mod tests {
                     };
                     let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
                     let dx = g.get(xv.as_tensor()).unwrap().clone();
-                    let flat = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                    let flat = |t: &Tensor| {
+                        t.to_dtype(DType::F64)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f64>()
+                            .unwrap()
+                    };
                     (flat(&y), flat(&dx))
                 };
                 let (y1, d1) = run(true);
                 let (y0, d0) = run(false);
                 let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
                 let dscale = d0.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-                assert!(diff(&y1, &y0) < tol, "{dtype:?} scale {scale}: values {}", diff(&y1, &y0));
-                assert!(diff(&d1, &d0) < tol * dscale.max(1.0), "{dtype:?} scale {scale}: dx {} (scale {dscale})", diff(&d1, &d0));
+                assert!(
+                    diff(&y1, &y0) < tol,
+                    "{dtype:?} scale {scale}: values {}",
+                    diff(&y1, &y0)
+                );
+                assert!(
+                    diff(&d1, &d0) < tol * dscale.max(1.0),
+                    "{dtype:?} scale {scale}: dx {} (scale {dscale})",
+                    diff(&d1, &d0)
+                );
             }
         }
     }
@@ -538,16 +562,12 @@ mod tests {
         op_matches_ops_on(&Device::Cpu);
     }
 
-    /// The same on the GPU with the op's kernel switched on (`GZ_FUSED=1`'s switch; process-wide,
-    /// so run the CUDA tests with one thread). Skipped without a GPU.
+    /// The same on the GPU with the op's kernel switched on (`GZ_FUSED=1`'s process-wide
+    /// switch; CUDA tests hold the GPU exclusively). Skipped without a GPU.
     #[cfg(feature = "cudnn")]
     #[test]
     fn cuda_op_matches_ops() {
-        let Ok(gpu) = Device::new_cuda(0) else {
-            assert!(std::env::var("GZ_REQUIRE_CUDA").is_err(), "GZ_REQUIRE_CUDA set but no CUDA device");
-            eprintln!("no CUDA device, skipping");
-            return;
-        };
+        let Some(gpu) = crate::testutil::gpu() else { return };
         crate::cudnn::set_fused(true);
         op_matches_ops_on(&gpu);
         crate::cudnn::set_fused(false);

@@ -453,7 +453,8 @@ mod cuda {
             // small planes (Dieleman's late layers: 6×6, 4×4): one flat grid-stride pass, not
             // a mostly idle 256-thread block per plane
             let total32 = u32_of(total, "size")?;
-            let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_flat_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let func =
+                dev.get_or_load_custom_func(&format!("bias_relu_fwd_flat_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let cfg = LaunchConfig {
                 grid_dim: (total32.div_ceil(THREADS * 4).clamp(1, 1 << 20), 1, 1),
                 block_dim: (THREADS, 1, 1),
@@ -530,13 +531,22 @@ mod cuda {
         let (n, k, h, w) = super::super::nchw_dims(ly.shape(), nhwc)?;
         let (pn, pk, ph, pw) = super::super::nchw_dims(ldp.shape(), nhwc)?;
         if (pn, pk, ph, pw) != (n, k, h / 2, w / 2) {
-            candle_core::bail!("relu-pool backward: y {:?} and dp {:?} do not match", ly.shape(), ldp.shape());
+            candle_core::bail!(
+                "relu-pool backward: y {:?} and dp {:?} do not match",
+                ly.shape(),
+                ldp.shape()
+            );
         }
         let total = n * k * h * w;
         if total == 0 {
             candle_core::bail!("relu-pool backward: empty activation {:?}", ly.shape());
         }
-        let dims = (u32_of(n, "batch")?, u32_of(k, "channels")?, u32_of(h, "height")?, u32_of(w, "width")?);
+        let dims = (
+            u32_of(n, "batch")?,
+            u32_of(k, "channels")?,
+            u32_of(h, "height")?,
+            u32_of(w, "width")?,
+        );
         u32_of(total, "size")?;
         u32_of(n * h.div_ceil(2) * w.div_ceil(2), "windows")?;
         let dev = y.device().clone();
@@ -861,8 +871,7 @@ mod tests {
     #[cfg(feature = "cudnn")]
     #[test]
     fn cuda_fused_bias_relu_matches_candle() -> Result<()> {
-        let Ok(dev) = Device::new_cuda(0) else {
-            eprintln!("no CUDA device: skipped");
+        let Some(dev) = crate::testutil::gpu() else {
             return Ok(());
         };
         check(&dev, DType::F32, 1e-5)?;

@@ -206,7 +206,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize)
 /// backward pass. [`set_single_ops`]`(false, _)` builds the older two-op graph (convolution,
 /// then [`bias_relu`]) instead, to measure the difference; both compute the same values.
 pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    conv_relu(check_conv(x, w, b, padding, stride, false)?, x, w, b, single_conv_relu_op())
+    conv_relu(
+        check_conv(x, w, b, padding, stride, false)?,
+        x,
+        w,
+        b,
+        single_conv_relu_op(),
+    )
 }
 
 /// Chooses the graph the fused path builds (both on by default; off only to measure the
@@ -243,7 +249,13 @@ fn conv_relu(params: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor, single: boo
 /// are the fast ones for bf16 tensor cores (503 vs 306 TFLOP/s in the probe); on CPU the ops
 /// permute to NCHW around candle's convolution, so CPU tests check the same plumbing.
 pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    conv_relu(check_conv(x, w, b, padding, stride, true)?, x, w, b, single_conv_relu_op())
+    conv_relu(
+        check_conv(x, w, b, padding, stride, true)?,
+        x,
+        w,
+        b,
+        single_conv_relu_op(),
+    )
 }
 
 /// `max_pool2(conv2d_relu(x, w, b))`, the pooled layers of both nets, as one custom op

@@ -275,30 +275,17 @@ const MODEL_SHAPES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
     (3, 5, 17, 7, 3, 1, 2),
 ];
 
-/// CUDA tests run one at a time: some of them flip the process-wide TF32 switch.
+/// The GPU, held exclusively for the test (`crate::testutil::gpu`): some CUDA tests flip the
+/// process-wide TF32 and fast-path switches.
 #[cfg(feature = "cudnn")]
-static CUDA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-#[cfg(feature = "cudnn")]
-fn cuda_device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                std::env::var("GZ_REQUIRE_CUDA").is_err(),
-                "GZ_REQUIRE_CUDA is set but CUDA is unavailable: {e}"
-            );
-            eprintln!("skipping CUDA test: {e}");
-            None
-        }
-    }
+fn cuda_device() -> Option<crate::testutil::Gpu> {
+    crate::testutil::gpu()
 }
 
 /// f32 with strict FMA math against candle's own CUDA convolution (im2col + cuBLAS, f32).
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_conv_f32_strict_matches_candle() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
     let r = MODEL_SHAPES
@@ -312,7 +299,6 @@ fn cuda_conv_f32_strict_matches_candle() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_conv_f32_tf32_matches_candle() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     MODEL_SHAPES
         .iter()
@@ -323,7 +309,6 @@ fn cuda_conv_f32_tf32_matches_candle() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_conv_bf16_matches_candle() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     MODEL_SHAPES
         .iter()
@@ -334,7 +319,6 @@ fn cuda_conv_bf16_matches_candle() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_conv_f16_matches_candle() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     MODEL_SHAPES[..4]
         .iter()
@@ -345,7 +329,6 @@ fn cuda_conv_f16_matches_candle() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_conv_matches_cpu() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
     let r = [(2, 3, 20, 8, 3, 1, 1), (2, 8, 15, 6, 5, 0, 1), (2, 4, 11, 5, 3, 1, 2)]
@@ -379,7 +362,6 @@ fn tie_free(shape: &[usize; 4], seed: u64, dev: &Device) -> Result<Tensor> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_max_pool_matches_definition() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     for dtype in [DType::F32, DType::BF16] {
         for (c, h) in [(64, 106), (128, 53), (256, 26), (512, 13), (512, 6), (32, 40), (64, 16)] {
@@ -404,7 +386,6 @@ fn cuda_max_pool_matches_definition() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_training_follows_reference() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(dev) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
     let r = (|| {
@@ -571,7 +552,7 @@ fn tower_step(fast: bool, x: &Tensor, layers: &[Layer], params: &[(Var, Var)]) -
 #[test]
 #[ignore = "benchmark, not a test: scripts/device-cudnn.sh runs it on the GPU"]
 fn bench_conv_towers() -> Result<()> {
-    let dev = Device::new_cuda(0)?;
+    let Some(dev) = cuda_device() else { return Ok(()) };
     for (name, layers, (c, h), batch, per_img) in [
         ("vgg16-blog", vgg_tower(), (3, 106), 256, 1),
         ("dieleman", dieleman_tower(), (3, 45), 256, 16),
@@ -755,7 +736,11 @@ fn one_op_matches_split(dev: &Device, dtype: DType, tol: f32, pool: bool) -> Res
             let wt = randn(&[5, 8, 3, 3], 42, &cpu)?;
             let b = (randn(&[5], 43, &cpu)? * 0.3)?;
             let layout = |t: &Tensor| -> Result<Tensor> {
-                let t = if nhwc { t.permute((0, 2, 3, 1))?.contiguous()? } else { t.clone() };
+                let t = if nhwc {
+                    t.permute((0, 2, 3, 1))?.contiguous()?
+                } else {
+                    t.clone()
+                };
                 t.to_device(dev)?.to_dtype(dtype)
             };
             let mut runs = Vec::new();
@@ -765,7 +750,11 @@ fn one_op_matches_split(dev: &Device, dtype: DType, tol: f32, pool: bool) -> Res
                     Var::from_tensor(&layout(&wt)?)?,
                     Var::from_tensor(&b.to_device(dev)?.to_dtype(dtype)?)?,
                 );
-                let p = super::ConvParams { padding: pad, stride, nhwc };
+                let p = super::ConvParams {
+                    padding: pad,
+                    stride,
+                    nhwc,
+                };
                 let (xt, wt, bt) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
                 let y = match (how, pool) {
                     ("candle", _) => {
@@ -775,7 +764,11 @@ fn one_op_matches_split(dev: &Device, dtype: DType, tol: f32, pool: bool) -> Res
                             .broadcast_add(&bt.reshape((1, (), 1, 1))?)?
                             .relu()?;
                         let y = if pool { super::max_pool2_by_reduction(&y)? } else { y };
-                        if nhwc { y.permute((0, 2, 3, 1))?.contiguous()? } else { y }
+                        if nhwc {
+                            y.permute((0, 2, 3, 1))?.contiguous()?
+                        } else {
+                            y
+                        }
                     }
                     (_, true) => super::conv_relu_pool(p, xt, wt, bt, how == "one op")?,
                     (_, false) => super::conv_relu(p, xt, wt, bt, how == "one op")?,
@@ -812,10 +805,10 @@ fn cpu_conv_relu_one_op_matches_split() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_conv_relu_one_op_matches_split() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
-    let r = one_op_matches_split(&gpu, DType::F32, 1e-4, false).and_then(|_| one_op_matches_split(&gpu, DType::F32, 1e-4, true));
+    let r = one_op_matches_split(&gpu, DType::F32, 1e-4, false)
+        .and_then(|_| one_op_matches_split(&gpu, DType::F32, 1e-4, true));
     super::set_allow_tf32(true);
     r
 }
@@ -826,7 +819,6 @@ fn cuda_conv_relu_one_op_matches_split() -> Result<()> {
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_nhwc_layers_match_cpu() -> Result<()> {
-    let _guard = CUDA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gpu) = cuda_device() else { return Ok(()) };
     super::set_allow_tf32(false);
     let r = (|| {

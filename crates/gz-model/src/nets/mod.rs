@@ -355,14 +355,9 @@ mod cuda_tests {
     use crate::config::Arch;
     use std::collections::HashMap;
 
-    fn cuda() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("no CUDA device, skipping: {e}");
-                None
-            }
-        }
+    /// The GPU, held exclusively for the test (`crate::testutil::gpu`).
+    fn cuda() -> Option<crate::testutil::Gpu> {
+        crate::testutil::gpu()
     }
 
     fn images(b: usize, size: usize, dev: &Device) -> Tensor {
@@ -411,10 +406,16 @@ mod cuda_tests {
             let raw16 = g16.forward_raw_t(&x16, false).unwrap();
             let scale = max_diff(&raw, &raw.zeros_like().unwrap());
             let d = max_diff(&raw, &raw16);
-            assert!(d < 0.05 * scale, "{arch} bf16 raw outputs: max |diff| {d}, scale {scale}");
+            assert!(
+                d < 0.05 * scale,
+                "{arch} bf16 raw outputs: max |diff| {d}, scale {scale}"
+            );
             let y16 = g16.forward_t(&x16, false).unwrap();
             assert_eq!(y16.dtype(), DType::F32);
-            eprintln!("{arch} bf16: raw max |diff| {d} (scale {scale}), vote fractions max |diff| {}", max_diff(&y, &y16));
+            eprintln!(
+                "{arch} bf16: raw max |diff| {d} (scale {scale}), vote fractions max |diff| {}",
+                max_diff(&y, &y16)
+            );
             for row in y16.to_device(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap() {
                 assert!(gz_schema::check_row(&row, 1e-5).is_empty());
             }
@@ -423,7 +424,7 @@ mod cuda_tests {
 
     /// The same comparison with the fast path's own kernels switched on (fused bias + ReLU,
     /// resampling / Dieleman parts, channels-last towers), f32. These switches are global:
-    /// run the CUDA tests with `--test-threads=1` (scripts/device-speed.sh does).
+    /// CUDA tests hold the GPU exclusively (`crate::testutil::gpu`), so they may flip them.
     #[test]
     fn same_outputs_with_the_new_kernels() {
         let Some(gpu) = cuda() else { return };

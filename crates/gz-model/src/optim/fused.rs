@@ -436,14 +436,9 @@ mod tests {
     use super::super::{build_with, OptimParams, OptimizerKind, Params, UpdatePath};
     use candle_core::{DType, Device, Tensor, Var};
 
-    fn cuda() -> Option<Device> {
-        match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("no CUDA device, skipping: {e}");
-                None
-            }
-        }
+    /// The GPU, held exclusively for the test (`crate::testutil::gpu`).
+    fn cuda() -> Option<crate::testutil::Gpu> {
+        crate::testutil::gpu()
     }
 
     /// A few parameters of awkward sizes (not multiples of the block, one bigger than a block).
