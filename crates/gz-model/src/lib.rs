@@ -34,7 +34,8 @@ pub(crate) mod testutil {
 
     /// The GPU for one CUDA test, held exclusively: the fast path's switches (fused kernels,
     /// channels-last, TF32, the cuDNN path itself) are process-wide and several tests flip them,
-    /// so CUDA tests in this crate run one at a time whatever `--test-threads` says. `None`
+    /// so CUDA tests in this crate run one at a time whatever `--test-threads` says. The device
+    /// is tuned as `gz` tunes it ([`crate::device::tune_cuda`]). `None`
     /// (the test then passes, saying so) without a GPU, unless `GZ_REQUIRE_CUDA` is set.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "used by the CUDA tests"))]
     pub(crate) struct Gpu {
@@ -53,7 +54,8 @@ pub(crate) mod testutil {
     pub(crate) fn gpu() -> Option<Gpu> {
         static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let guard = EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner());
-        match Device::new_cuda(0) {
+        // tuned as `gz` opens its devices, so the tests check what ships
+        match Device::new_cuda(0).and_then(|d| crate::device::tune_cuda(&d).map(|()| d)) {
             Ok(dev) => Some(Gpu { dev, _exclusive: guard }),
             Err(e) => {
                 assert!(

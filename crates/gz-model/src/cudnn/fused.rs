@@ -449,9 +449,9 @@ mod cuda {
         let total = planes as usize * hw as usize;
         // SAFETY: the kernel writes every element of `y` (each plane's whole range).
         let y = unsafe { dev.alloc::<T>(total) }?;
-        if hw < THREADS * 4 {
-            // small planes (Dieleman's late layers: 6×6, 4×4): one flat grid-stride pass, not
-            // a mostly idle 256-thread block per plane
+        if hw < THREADS * 4 && total <= i32::MAX as usize {
+            // small planes (Dieleman's late layers: 6×6, 4×4): one flat grid-stride pass (32-bit
+            // indices), not a mostly idle 256-thread block per plane
             let total32 = u32_of(total, "size")?;
             let func =
                 dev.get_or_load_custom_func(&format!("bias_relu_fwd_flat_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
@@ -510,6 +510,10 @@ mod cuda {
         }
         let (n, k, hw, planes) = geometry(ly)?;
         let total = planes as usize * hw as usize;
+        // the kernel walks (image, position) pairs of a channel with 32-bit indices
+        if n as usize * hw as usize > i32::MAX as usize {
+            candle_core::bail!("bias_relu backward: {n} images of {hw} values exceed the kernel's 32-bit indexing");
+        }
         let out = super::super::backend::time_bias(&dev, || match y.dtype() {
             DType::F32 => bwd::<f32>(&dev, y, ly, dy, ldy, (n, k, hw), total),
             DType::BF16 => bwd::<half::bf16>(&dev, y, ly, dy, ldy, (n, k, hw), total),
@@ -548,7 +552,10 @@ mod cuda {
             u32_of(w, "width")?,
         );
         u32_of(total, "size")?;
-        u32_of(n * h.div_ceil(2) * w.div_ceil(2), "windows")?;
+        // the kernels walk (image, window) pairs with 32-bit indices
+        if n * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
+            candle_core::bail!("relu-pool backward: {n} images of {h}×{w} exceed the kernel's 32-bit indexing");
+        }
         let dev = y.device().clone();
         let out = super::super::backend::time_bias(&dev, || match y.dtype() {
             DType::F32 => pool_bwd::<f32>(&dev, y, ly, dp, ldp, dims, total, nhwc),
@@ -575,7 +582,8 @@ mod cuda {
         let windows = n * h.div_ceil(2) * w.div_ceil(2);
         // NCHW: (channels, batch splits) blocks as bias_relu_bwd; NHWC: ~512 window-row ranges
         let (grid, s) = if nhwc {
-            let s = windows.clamp(1, 512);
+            // ~2,048 window-row ranges: about two waves of 256-thread blocks on an H200
+            let s = windows.clamp(1, 2048);
             ((s, 1, 1), s)
         } else {
             let s = splits(n, k);
@@ -667,8 +675,8 @@ mod cuda {
         u32_of(total, "size")?;
         let ys = view::<T>(y, ly)?;
         let dys = view::<T>(dy, ldy)?;
-        // ~512 blocks of contiguous row ranges (fewer when there are fewer rows)
-        let s = rows32.clamp(1, 512);
+        // ~2,048 blocks of contiguous row ranges (fewer when there are fewer rows)
+        let s = rows32.clamp(1, 2048);
         // SAFETY: the first kernel writes dz (all `total` elements) and every partial, the
         // second all k bias-gradient elements.
         let mut out = unsafe { dev.alloc::<T>(total + k) }?;

@@ -29,7 +29,8 @@ template <typename T>
 __device__ __forceinline__ void bias_relu_fwd_flat(const T *__restrict__ x, const T *__restrict__ b,
                                                    T *__restrict__ y, uint32_t total, uint32_t channels,
                                                    uint32_t hw) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    // 32-bit indices (the host checks total < 2^31): the divide by hw is a 32-bit one
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
         const float v = load_f<T>(x[i]) + load_f<T>(b[(i / hw) % channels]);
         y[i] = store_f<T>(v > 0.0f ? v : 0.0f);
     }
@@ -69,9 +70,10 @@ __device__ __forceinline__ void bias_relu_bwd(const T *__restrict__ y, const T *
     // 4x4 map has 16 positions) still keep all 256 threads busy: pair j is image
     // blockIdx.y + (j / hw) * splits, position j % hw.
     const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
-    const size_t pairs = (size_t)images * hw;
-    for (size_t j = threadIdx.x; j < pairs; j += blockDim.x) {
-        const uint32_t n = blockIdx.y + (uint32_t)(j / hw) * splits;
+    // 32-bit pair indices (the host checks batch * hw < 2^31): 32-bit divides
+    const uint32_t pairs = images * hw;
+    for (uint32_t j = threadIdx.x; j < pairs; j += blockDim.x) {
+        const uint32_t n = blockIdx.y + (j / hw) * splits;
         const size_t at = ((size_t)n * channels + c) * hw + j % hw;
         const float g = load_f<T>(y[at]) > 0.0f ? load_f<T>(dy[at]) : 0.0f;
         const T gs = store_f<T>(g);
@@ -227,10 +229,11 @@ __device__ __forceinline__ void relu_pool_bwd(const T *__restrict__ y, const T *
     float acc = 0.0f;
     // (image, window) pairs as one flat range, as in bias_relu_bwd
     const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
-    const size_t pairs = (size_t)images * windows;
-    for (size_t q = threadIdx.x; q < pairs; q += blockDim.x) {
-        const uint32_t n = blockIdx.y + (uint32_t)(q / windows) * splits;
-        const uint32_t t = (uint32_t)(q % windows);
+    // 32-bit pair indices (the host checks batch * windows < 2^31): 32-bit divides
+    const uint32_t pairs = images * windows;
+    for (uint32_t q = threadIdx.x; q < pairs; q += blockDim.x) {
+        const uint32_t n = blockIdx.y + (q / windows) * splits;
+        const uint32_t t = q % windows;
         const size_t plane = (size_t)n * channels + c;
         const size_t base = plane * h * w;
         const size_t pbase = plane * g.oh * g.ow;
