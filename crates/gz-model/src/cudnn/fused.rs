@@ -115,9 +115,10 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
 }
 
 /// `max_pool2(relu(conv(x, w) + b))` as one custom op (x, w, b) → p, in either layout (see
-/// [`super::conv2d_relu_pool`]): the pooled layers of both nets. The forward pass is
-/// [`ConvBiasRelu`]'s followed by cuDNN's pooling; `y` (the ReLU output the pooling backward
-/// needs) is kept inside the op, not as a graph node, and the backward pass is one kernel over
+/// [`super::conv2d_relu_pool`]): the pooled layers of both nets. The forward pass is cuDNN's
+/// convolution, then one kernel writing the ReLU output `y` and its 2×2 max-pool; `y` (which the
+/// pooling backward needs) is kept inside the op, not as a graph node, and the backward pass is
+/// one kernel over
 /// (y, dp) that routes each window's gradient to its first maximum and through the ReLU and
 /// sums the bias gradient (then the usual deterministic finish and cuDNN's convolution
 /// backward). Compared with conv → bias + ReLU → pool as separate nodes, the backward pass no
@@ -185,11 +186,10 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
             let (oh, ow) = (p.out_dim(h, kh), p.out_dim(w, kw));
             let y_shape = super::shape_of(n, k, oh, ow, p.nhwc);
             let z = super::backend::conv_fwd(p, s1, l1, s2, l2, None, &y_shape)?;
-            let y_layout = Layout::contiguous(y_shape.clone());
-            let (y, _) = cuda::forward(&z, &y_layout, s3, l3, p.nhwc)?;
+            // the epilogue and the pooling in one pass over z
+            let (y, pooled) = cuda::forward_pool(&z, &Layout::contiguous(y_shape.clone()), s3, l3, p.nhwc)?;
             drop(z);
             let p_shape = super::shape_of(n, k, oh / 2, ow / 2, p.nhwc);
-            let pooled = super::backend::pool_fwd(&y, &y_layout, &p_shape, p.nhwc)?;
             self.save(Tensor::from_storage(
                 candle_core::Storage::Cuda(y),
                 y_shape,
@@ -521,6 +521,77 @@ mod cuda {
             other => candle_core::bail!("bias_relu supports f32, bf16 and f16, not {other:?}"),
         })?;
         Ok((out, Shape::from(total + k as usize)))
+    }
+
+    /// The forward epilogue of [`super::ConvBiasReluPool`]: (z, b) → (y, p) in one pass,
+    /// y = max(z + b, 0) and p its 2×2 max-pool (floor), in the layout of `lz`.
+    pub(super) fn forward_pool(
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        nhwc: bool,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let (n, k, h, w) = super::super::nchw_dims(lz.shape(), nhwc)?;
+        if h < 2 || w < 2 {
+            candle_core::bail!("bias-relu-pool: {h}×{w} is smaller than the 2×2 window");
+        }
+        if n * k * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
+            candle_core::bail!("bias-relu-pool: {n}×{k} planes of {h}×{w} exceed the kernel's 32-bit indexing");
+        }
+        let dims = (
+            u32_of(n, "batch")?,
+            u32_of(k, "channels")?,
+            u32_of(h, "height")?,
+            u32_of(w, "width")?,
+        );
+        let dev = z.device().clone();
+        super::super::backend::time_bias(&dev, || match z.dtype() {
+            DType::F32 => fwd_pool::<f32>(&dev, z, lz, b, lb, dims, nhwc),
+            DType::BF16 => fwd_pool::<half::bf16>(&dev, z, lz, b, lb, dims, nhwc),
+            DType::F16 => fwd_pool::<half::f16>(&dev, z, lz, b, lb, dims, nhwc),
+            other => candle_core::bail!("bias-relu-pool supports f32, bf16 and f16, not {other:?}"),
+        })
+    }
+
+    fn fwd_pool<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        (n, k, h, w): (u32, u32, u32, u32),
+        nhwc: bool,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let zs = view::<T>(z, lz)?;
+        let bs = view::<T>(b, lb)?;
+        let total = lz.shape().elem_count();
+        let pooled = n as usize * k as usize * (h / 2) as usize * (w / 2) as usize;
+        // SAFETY: the kernel writes every element of y (the windows tile each plane) and every
+        // element of p (each window inside the map writes its own).
+        let y = unsafe { dev.alloc::<T>(total) }?;
+        let p = unsafe { dev.alloc::<T>(pooled) }?;
+        let threads = n * k * h.div_ceil(2) * w.div_ceil(2);
+        let name = if nhwc {
+            format!("bias_relu_pool_fwd_nhwc_{}", suffix(T::DTYPE)?)
+        } else {
+            format!("bias_relu_pool_fwd_{}", suffix(T::DTYPE)?)
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(THREADS).clamp(1, 1 << 20), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = func.builder();
+        launch.arg(&zs).arg(&bs).arg(&y).arg(&p).arg(&n).arg(&k).arg(&h).arg(&w);
+        // SAFETY: argument types and count match `bias_relu_pool_fwd[_nhwc]_*` in bias_relu.cu;
+        // z and y hold n·k·h·w elements, b k, p n·k·(h/2)·(w/2).
+        unsafe { launch.launch(cfg) }.map_err(|e| err("bias-relu-pool launch", e))?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            CudaStorage::wrap_cuda_slice(p, dev.clone()),
+        ))
     }
 
     /// [`super::ReluPoolBwd`] on CUDA: (y, dp) → packed [dz, db], one pass over y plus the

@@ -259,10 +259,11 @@ pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stri
 }
 
 /// `max_pool2(conv2d_relu(x, w, b))`, the pooled layers of both nets, as one custom op
-/// (`fused::ConvBiasReluPool`): the ReLU output is kept inside the op for the backward pass,
-/// which is one kernel for the pool's and the ReLU's gradients and the bias gradient. Falls back
-/// to [`conv2d_relu`] then [`max_pool2`] when this cuDNN has no pooling for the dtype, or after
-/// [`set_single_ops`] switched it off, to measure the difference.
+/// (`fused::ConvBiasReluPool`): the epilogue and the pooling are one kernel forward, the ReLU
+/// output is kept inside the op for the backward pass, which is one kernel for the pool's and
+/// the ReLU's gradients and the bias gradient (no cuDNN pooling call either way). After
+/// [`set_single_ops`] switched it off, [`conv2d_relu`] then [`max_pool2`], to measure the
+/// difference.
 pub fn conv2d_relu_pool(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     conv_relu_pool(check_conv(x, w, b, padding, stride, false)?, x, w, b, fused_pool_op())
 }
@@ -277,8 +278,8 @@ fn fused_pool_op() -> bool {
     FUSED_POOL.load(Ordering::Relaxed) && single_conv_relu_op()
 }
 
-/// [`conv2d_relu_pool`] (or its NHWC twin) as one op (`single`, where this cuDNN pools the
-/// dtype) or as [`conv_relu`] then the pooling op.
+/// [`conv2d_relu_pool`] (or its NHWC twin) as one op (`single`) or as [`conv_relu`] then the
+/// pooling op.
 fn conv_relu_pool(params: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor, single: bool) -> Result<Tensor> {
     let (_, _, h, wd) = nchw_dims(x.shape(), params.nhwc)?;
     let (_, _, kh, kw) = nchw_dims(w.shape(), params.nhwc)?;
@@ -286,7 +287,7 @@ fn conv_relu_pool(params: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor, single
     if oh < 2 || ow < 2 {
         candle_core::bail!("max_pool2: input {oh}×{ow} is smaller than the 2×2 window");
     }
-    if single && cuda_supports(x.device(), x.dtype(), |s| s.pool)? {
+    if single {
         let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
         return x.apply_op3(&w, &b, fused::ConvBiasReluPool::new(params));
     }

@@ -294,10 +294,81 @@ __device__ __forceinline__ void relu_pool_bwd_nhwc(const T *__restrict__ y, cons
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Forward of the pooled layers in one pass: y = max(z + b, 0) for every position and, for each
+// 2x2 window inside the map, p = the window's maximum of y (floor mode: the last row / column of
+// an odd side is in no window but still gets its y). One thread per (window, channel) of the
+// ceil(H/2) x ceil(W/2) window grid, grid-stride, 32-bit indices (the host checks the count).
+// NCHW: consecutive threads take consecutive windows of one plane; NHWC: consecutive channels
+// of one window (coalesced in both layouts).
+
+template <typename T>
+__device__ __forceinline__ void bias_relu_pool_window(const T *__restrict__ z, T *__restrict__ y,
+                                                      T *__restrict__ p, size_t origin, size_t row, size_t col,
+                                                      size_t p_at, const Window &g, uint32_t i, uint32_t j,
+                                                      float bias) {
+    const uint32_t h0 = 2 * i, w0 = 2 * j;
+    const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
+                           origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
+    const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+    float best = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+        if (!valid[k]) continue;
+        const float v = load_f<T>(z[off[k]]) + bias;
+        const T vs = store_f<T>(v > 0.0f ? v : 0.0f);
+        y[off[k]] = vs;
+        // the maximum of the stored (rounded) values, as pooling y would give
+        best = fmaxf(best, load_f<T>(vs));
+    }
+    if (i < g.oh && j < g.ow) p[p_at] = store_f<T>(best);
+}
+
+template <typename T>
+__device__ __forceinline__ void bias_relu_pool_fwd(const T *__restrict__ z, const T *__restrict__ b,
+                                                   T *__restrict__ y, T *__restrict__ p, uint32_t batch,
+                                                   uint32_t channels, uint32_t h, uint32_t w) {
+    const Window g = window_geometry(h, w);
+    const uint32_t windows = g.ch * g.cw;
+    const uint32_t total = batch * channels * windows;
+    for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+        const uint32_t plane = t / windows, q = t % windows;
+        const uint32_t i = q / g.cw, j = q % g.cw;
+        const uint32_t c = plane % channels;
+        const size_t p_at = ((size_t)plane * g.oh + (i < g.oh ? i : 0)) * g.ow + (j < g.ow ? j : 0);
+        bias_relu_pool_window<T>(z, y, p, (size_t)plane * h * w, w, 1, p_at, g, i, j, load_f<T>(b[c]));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void bias_relu_pool_fwd_nhwc(const T *__restrict__ z, const T *__restrict__ b,
+                                                        T *__restrict__ y, T *__restrict__ p, uint32_t batch,
+                                                        uint32_t channels, uint32_t h, uint32_t w) {
+    const Window g = window_geometry(h, w);
+    const uint32_t per_image = g.ch * g.cw;
+    const uint32_t total = batch * per_image * channels;
+    for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+        const uint32_t c = t % channels, r = t / channels;
+        const uint32_t n = r / per_image, q = r % per_image;
+        const uint32_t i = q / g.cw, j = q % g.cw;
+        const size_t origin = (size_t)n * h * w * channels + c;
+        const size_t p_at = (((size_t)n * g.oh + (i < g.oh ? i : 0)) * g.ow + (j < g.ow ? j : 0)) * channels + c;
+        bias_relu_pool_window<T>(z, y, p, origin, (size_t)w * channels, channels, p_at, g, i, j, load_f<T>(b[c]));
+    }
+}
+
 #define INSTANTIATE_POOL(NAME, T)                                                                                 \
     extern "C" __global__ void relu_pool_bwd_##NAME(const T *y, const T *dp, T *dz, float *partial, uint32_t batch, \
                                                     uint32_t channels, uint32_t h, uint32_t w) {                  \
         relu_pool_bwd<T>(y, dp, dz, partial, batch, channels, h, w);                                              \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_pool_fwd_##NAME(const T *z, const T *b, T *y, T *p, uint32_t batch,      \
+                                                         uint32_t channels, uint32_t h, uint32_t w) {             \
+        bias_relu_pool_fwd<T>(z, b, y, p, batch, channels, h, w);                                                 \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_pool_fwd_nhwc_##NAME(const T *z, const T *b, T *y, T *p,                 \
+                                                              uint32_t batch, uint32_t channels, uint32_t h,      \
+                                                              uint32_t w) {                                       \
+        bias_relu_pool_fwd_nhwc<T>(z, b, y, p, batch, channels, h, w);                                            \
     }                                                                                                             \
     extern "C" __global__ void relu_pool_bwd_nhwc_##NAME(const T *y, const T *dp, T *dz, float *partial,          \
                                                          uint32_t batch, uint32_t channels, uint32_t h,           \
