@@ -16,7 +16,9 @@
 #     path with a one-pass ReLU + pool backward kernel (GZ_FUSED_POOL=0 splits it; tests
 #     cudnn::tests::cuda_conv_relu_one_op_matches_split, both ops);
 #     the decision-tree output layer as one op (kernels/tree.cu, on with GZ_FUSED=1; test
-#     tree::tests::cuda_op_matches_ops)
+#     tree::tests::cuda_op_matches_ops); each conv tower as ONE autograd node with its own
+#     backward (cudnn/tower.rs; GZ_TOWER_OP=0 runs the layers one by one; test
+#     ops::tests::cuda_tower_op_matches_layers)
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
 # (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
 # per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
@@ -48,7 +50,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
 if [ -x "$BIN/gz-model-tests" ]; then
-  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "tree::tests::cuda_ 20" "cudnn:: 100" "nets::cuda_tests 45" "train::cuda_tests::fast_path 60"; do
+  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "tree::tests::cuda_ 20" "ops::tests::cuda_ 30" "cudnn:: 100" "nets::cuda_tests 45" "train::cuda_tests::fast_path 60"; do
     set -- $spec; group=$1; t=$2
     log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log"
     GZ_REQUIRE_CUDA=1 timeout "$t" "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
@@ -104,8 +106,10 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
   bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
   bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
-  bench vgg-bf16-unfused-pool 50 $ALL GZ_FUSED_POOL=0 -- $V $R
-  bench vgg-bf16-two-op-epilogue 50 $ALL GZ_CONV_RELU_OP=0 -- $V $R
+  bench vgg-bf16-by-layers 50 $ALL GZ_TOWER_OP=0 -- $V $R
+  bench dieleman-bf16-by-layers 50 $ALL GZ_TOWER_OP=0 -- $D $R
+  bench vgg-bf16-unfused-pool 50 $ALL GZ_TOWER_OP=0 GZ_FUSED_POOL=0 -- $V $R
+  bench vgg-bf16-two-op-epilogue 50 $ALL GZ_TOWER_OP=0 GZ_CONV_RELU_OP=0 -- $V $R
   bench vgg-bf16-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
   # session 1's breakdown gave 8.5 ms/step to "batch" (a 35 MB cast, ~20 µs of work): likely
   # the memory pool remapping after each phase's synchronisation, which the tuning stops

@@ -74,6 +74,11 @@ fn main() {
         std::env::var("GZ_CONV_RELU_OP").map_or(true, |v| v != "0"),
         std::env::var("GZ_FUSED_POOL").map_or(true, |v| v != "0"),
     );
+    // On the fused path each convolution tower is one autograd node with its own backward
+    // pass; `GZ_TOWER_OP=0` runs the layers one by one, to measure the difference.
+    if std::env::var("GZ_TOWER_OP").is_ok_and(|v| v == "0") {
+        gz_model::cudnn::set_tower_op(false);
+    }
     // `GZ_CUDA_DEFAULTS=1`: open CUDA devices with cudarc's per-buffer events and the driver's
     // memory-pool trimming, as before gz tuned them (gz_model::device).
     if std::env::var("GZ_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {

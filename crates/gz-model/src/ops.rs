@@ -92,6 +92,50 @@ impl Module for Conv2d {
     }
 }
 
+/// Runs a convolution tower: each `(conv, pool)` is `relu(conv(x) + b)`, followed by a 2×2
+/// max-pool when `pool`; `x` and the result are NCHW. Wherever the fused epilogue runs (CUDA
+/// with `GZ_FUSED=1`, or channels-last) the whole tower is one autograd node with its own
+/// backward pass ([`crate::cudnn::tower`]) unless [`crate::cudnn::set_tower_op`]`(false)`;
+/// elsewhere the layers go one by one through [`Tower`].
+pub fn run_tower(x: &Tensor, layers: &[(&Conv2d, bool)]) -> Result<Tensor> {
+    let dev = x.device();
+    let nhwc = channels_last(dev);
+    let fused_here = nhwc || (crate::cudnn::active_for(dev) && crate::cudnn::fused_enabled());
+    if fused_here && crate::cudnn::tower_op_enabled() {
+        return run_tower_as_one_op(x, layers, nhwc);
+    }
+    run_tower_by_layers(x, layers)
+}
+
+/// [`run_tower`] as one graph node, in the layout plan `nhwc` asks for.
+pub(crate) fn run_tower_as_one_op(x: &Tensor, layers: &[(&Conv2d, bool)], nhwc: bool) -> Result<Tensor> {
+    let spec: Vec<crate::cudnn::TowerLayer<'_>> = layers
+        .iter()
+        .map(|(c, pool)| crate::cudnn::TowerLayer {
+            weight: &c.weight,
+            bias: &c.bias,
+            padding: c.padding,
+            stride: c.stride,
+            pool: *pool,
+        })
+        .collect();
+    crate::cudnn::tower(x, &spec, nhwc)
+}
+
+/// [`run_tower`] layer by layer (one graph node per op).
+pub(crate) fn run_tower_by_layers(x: &Tensor, layers: &[(&Conv2d, bool)]) -> Result<Tensor> {
+    let mut tower = Tower::new(x.device());
+    let mut h = x.clone();
+    for (conv, pool) in layers {
+        h = if *pool {
+            tower.conv_relu_pool(conv, &h)?
+        } else {
+            tower.conv_relu(conv, &h)?
+        };
+    }
+    tower.finish(&h)
+}
+
 /// A convolution tower's layout as it runs: NCHW until the first convolution whose input has
 /// a multiple of 8 channels when channels-last is wanted (cuDNN's NHWC tensor-core kernels want
 /// that; the 3-channel image layers stay NCHW), channels-last from there, NCHW again at the end.
@@ -187,4 +231,143 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
         return crate::cudnn::max_pool2_by_reduction(x);
     }
     crate::cudnn::max_pool2(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    /// A small tower of both nets' kinds of layers: 3 → 8 (pool, the 3-channel image layer
+    /// stays NCHW), 8 → 16 (no pool: channels-last starts here), 16 → 16 stride 2 (pool), on
+    /// odd sides (19 → 9 pooled drops a row and a column; 9 → 4 at stride 2 is exact, because
+    /// candle's own conv2d backward, the per-layer reference on CPU, gets inexact strides wrong).
+    fn layers(vb: &VarBuilder) -> Vec<(Conv2d, bool)> {
+        vec![
+            (Conv2d::new(3, 8, 3, 1, 1, vb.pp("a")).unwrap(), true),
+            (Conv2d::new(8, 16, 3, 1, 1, vb.pp("b")).unwrap(), false),
+            (Conv2d::new(16, 16, 3, 0, 2, vb.pp("c")).unwrap(), true),
+        ]
+    }
+
+    /// Output, input gradient and every parameter gradient of `sum(tower(x) · g)`.
+    fn run(dev: &Device, dtype: DType, one_op: bool, nhwc: bool) -> Vec<(String, Tensor)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let built = layers(&vb);
+        // deterministic values (the same in every run), non-zero biases (see
+        // nets::layout_tests), on `dev` in `dtype`
+        let mut named: Vec<(String, Var)> = Vec::new();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            let shape = var.as_tensor().shape().clone();
+            let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
+            let scale = if name.ends_with("bias") {
+                0.05
+            } else {
+                (2.0 / fan_in as f32).sqrt()
+            };
+            let seed = name
+                .bytes()
+                .fold(7u64, |h, c| h.wrapping_mul(31).wrapping_add(c as u64));
+            let v: Vec<f32> = (0..shape.elem_count())
+                .map(|i| {
+                    let h = (i as u64 ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                    (h as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+                        + if name.ends_with("bias") { 0.05 } else { 0.0 }
+                })
+                .collect();
+            let t = Tensor::from_vec(v, shape, dev).unwrap().to_dtype(dtype).unwrap();
+            named.push((name.clone(), Var::from_tensor(&t).unwrap()));
+        }
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let find = |n: &str| named.iter().find(|(k, _)| k == n).unwrap().1.as_tensor().clone();
+        let convs: Vec<(Conv2d, bool)> = ["a", "b", "c"]
+            .iter()
+            .zip(&built)
+            .map(|(p, (c, pool))| {
+                let mut c = c.clone();
+                c.weight = find(&format!("{p}.weight"));
+                c.bias = find(&format!("{p}.bias"));
+                (c, *pool)
+            })
+            .collect();
+        let refs: Vec<(&Conv2d, bool)> = convs.iter().map(|(c, p)| (c, *p)).collect();
+        let n = 2 * 3 * 19 * 19;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.3)
+            .collect();
+        let x = Var::from_vec(v, (2, 3, 19, 19), &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&x.as_tensor().to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let y = crate::cudnn::with_nhwc(nhwc, || {
+            if one_op {
+                run_tower_as_one_op(x.as_tensor(), &refs, nhwc)
+            } else {
+                run_tower_by_layers(x.as_tensor(), &refs)
+            }
+        })
+        .unwrap();
+        let g: Vec<f32> = (0..y.elem_count())
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let g = Tensor::from_vec(g, y.shape(), &Device::Cpu)
+            .unwrap()
+            .to_device(dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut out = vec![
+            ("y".to_string(), y.clone()),
+            ("dx".to_string(), grads.get(x.as_tensor()).unwrap().clone()),
+        ];
+        for (name, var) in &named {
+            out.push((
+                format!("d{name}"),
+                grads.get(var.as_tensor()).expect("parameter gradient").clone(),
+            ));
+        }
+        out
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = crate::testutil::max_abs_diff(a, b);
+        let s = crate::testutil::max_abs_diff(b, &b.zeros_like().unwrap());
+        d / s.max(1e-12)
+    }
+
+    /// The tower as one autograd node against the per-layer graph: output, input gradient and
+    /// every parameter gradient, NCHW and channels-last, on `dev`.
+    pub(crate) fn tower_op_matches_layers_on(dev: &Device, dtype: DType, tol: f32) {
+        for nhwc in [false, true] {
+            let a = run(dev, dtype, true, nhwc);
+            let b = run(dev, dtype, false, nhwc);
+            assert_eq!(a.len(), b.len());
+            for ((name, ta), (_, tb)) in a.iter().zip(&b) {
+                assert_eq!(ta.dims(), tb.dims(), "{name}");
+                let e = rel(ta, tb);
+                assert!(e < tol, "{name} (nhwc {nhwc}, {dtype:?}): relative error {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn tower_op_matches_layers() {
+        tower_op_matches_layers_on(&Device::Cpu, DType::F32, 1e-5);
+    }
+
+    /// The same on the GPU with the fast path's kernels (strict f32 math). Skipped without one.
+    #[cfg(feature = "cudnn")]
+    #[test]
+    fn cuda_tower_op_matches_layers() {
+        let Some(gpu) = crate::testutil::gpu() else { return };
+        crate::cudnn::set_fused(true);
+        crate::cudnn::set_allow_tf32(false);
+        let r = std::panic::catch_unwind(|| tower_op_matches_layers_on(&gpu, DType::F32, 1e-4));
+        crate::cudnn::set_allow_tf32(true);
+        crate::cudnn::set_fused(false);
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    }
 }

@@ -145,6 +145,16 @@ impl ConvBiasReluPool {
             .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))? = Some(y);
         Ok(())
     }
+
+    /// The ReLU output the last forward pass saved (for callers that run the op without a
+    /// graph node and do the backward pass themselves, [`super::tower`]).
+    pub(super) fn saved(&self) -> Result<Tensor> {
+        self.saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("conv-relu-pool: backward before forward".into()))
+    }
 }
 
 impl candle_core::CustomOp3 for ConvBiasReluPool {
@@ -210,14 +220,8 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         _pooled: &Tensor,
         dp: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let y = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))?
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("conv-relu-pool: backward before forward".into()))?;
-        let packed = y.apply_op2_no_bwd(&dp.contiguous()?, &ReluPoolBwd { nhwc: self.p.nhwc })?;
-        let (dz, db) = unpack(&packed, &y, b)?;
+        let y = self.saved()?;
+        let (dz, db) = relu_pool_grads(self.p.nhwc, b, &y, dp)?;
         let (dx, dw) = super::conv_grads(self.p, x, w, &dz)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
@@ -254,8 +258,15 @@ impl CustomOp2 for ReluPoolBwd {
 
 /// dz and db of `y = relu(z + b)` from (y, dy), through [`BiasReluBwd`]: one packed buffer,
 /// split into two zero-copy views (dz is contiguous from offset 0).
-fn relu_grads(nhwc: bool, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(super) fn relu_grads(nhwc: bool, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let packed = y.apply_op2_no_bwd(&dy.contiguous()?, &BiasReluBwd { nhwc })?;
+    unpack(&packed, y, b)
+}
+
+/// dz and db of `p = max_pool2(relu(z + b))` from the ReLU output `y` and dp, through
+/// [`ReluPoolBwd`] (one kernel on CUDA).
+pub(super) fn relu_pool_grads(nhwc: bool, b: &Tensor, y: &Tensor, dp: &Tensor) -> Result<(Tensor, Tensor)> {
+    let packed = y.apply_op2_no_bwd(&dp.contiguous()?, &ReluPoolBwd { nhwc })?;
     unpack(&packed, y, b)
 }
 

@@ -37,8 +37,10 @@ mod backend;
 mod fused;
 #[cfg(test)]
 mod tests;
+mod tower;
 
 pub use fused::bias_relu;
+pub use tower::{tower, TowerLayer};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static ALLOW_TF32: AtomicBool = AtomicBool::new(true);
@@ -49,6 +51,7 @@ static NHWC: AtomicBool = AtomicBool::new(false);
 /// On the fused path, conv + epilogue (+ pool) as one op each (see [`set_single_ops`]).
 static SINGLE_CONV_RELU: AtomicBool = AtomicBool::new(true);
 static FUSED_POOL: AtomicBool = AtomicBool::new(true);
+static TOWER_OP: AtomicBool = AtomicBool::new(true);
 
 /// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
 pub fn compiled() -> bool {
@@ -223,6 +226,17 @@ pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: u
 pub fn set_single_ops(conv_relu: bool, pool: bool) {
     SINGLE_CONV_RELU.store(conv_relu, Ordering::Relaxed);
     FUSED_POOL.store(pool, Ordering::Relaxed);
+}
+
+/// On the fused path, runs each convolution tower as one autograd node with its own backward
+/// pass ([`tower`], default) or layer by layer (`false`; `gz` reads `GZ_TOWER_OP=0`).
+pub fn set_tower_op(on: bool) {
+    TOWER_OP.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`crate::ops::run_tower`] may run a tower as one node ([`set_tower_op`]).
+pub fn tower_op_enabled() -> bool {
+    TOWER_OP.load(Ordering::Relaxed)
 }
 
 /// Whether [`conv2d_relu`] builds one op (default) or two.

@@ -25,7 +25,7 @@
 use super::{Dropper, LayerInfo};
 use crate::augment::{affine_sample, dieleman_parts_kernel, Affine};
 use crate::config::{Arch, ModelConfig, DIELEMAN_PART, DIELEMAN_VIEW};
-use crate::ops::{Conv2d, Tower};
+use crate::ops::{run_tower, Conv2d};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use gz_schema::N_ANSWERS;
@@ -239,20 +239,13 @@ impl DielemanNet {
             candle_core::bail!("this net was built for {} input channels, got {c}", self.in_channels);
         }
         // (16B, C, 45, 45): one resampling kernel on the CUDA fast path, else views then parts
-        let mut h = match dieleman_parts_kernel(x, view_affines(self.view_fraction))? {
+        let h = match dieleman_parts_kernel(x, view_affines(self.view_fraction))? {
             Some(p) => p,
             None => parts(&views(x, self.view_fraction)?)?,
         };
-        let mut tower = Tower::new(h.device());
-        for (conv, pool) in &self.convs {
-            h = if *pool {
-                tower.conv_relu_pool(conv, &h)?
-            } else {
-                tower.conv_relu(conv, &h)?
-            };
-        }
+        let layers: Vec<(&Conv2d, bool)> = self.convs.iter().map(|(c, pool)| (c, *pool)).collect();
         // (16B, F) part-major → (B, 16·F) with the parts of one galaxy side by side
-        let f = tower.finish(&h)?.flatten_from(1)?;
+        let f = run_tower(&h, &layers)?.flatten_from(1)?;
         let fdim = f.dim(1)?;
         let f = f
             .reshape((N_PARTS, b, fdim))?

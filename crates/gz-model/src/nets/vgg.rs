@@ -11,7 +11,7 @@
 
 use super::{Dropper, LayerInfo};
 use crate::config::{Arch, ModelConfig};
-use crate::ops::{Conv2d, Tower};
+use crate::ops::{run_tower, Conv2d};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use gz_schema::N_ANSWERS;
@@ -176,20 +176,13 @@ impl VggNet {
             );
         }
         let x = if self.stem_pool { x.avg_pool2d(2)? } else { x.clone() };
-        let mut tower = Tower::new(x.device());
-        let mut x = x;
-        for block in &self.blocks {
-            // every block ends in a 2×2 max-pool, fused with its last convolution
-            let Some((last, rest)) = block.split_last() else {
-                x = tower.pool(&x)?;
-                continue;
-            };
-            for conv in rest {
-                x = tower.conv_relu(conv, &x)?;
-            }
-            x = tower.conv_relu_pool(last, &x)?;
-        }
-        let mut x = tower.finish(&x)?.flatten_from(1)?;
+        // every block ends in a 2×2 max-pool (fused with its last convolution on the fast path)
+        let layers: Vec<(&Conv2d, bool)> = self
+            .blocks
+            .iter()
+            .flat_map(|block| block.iter().enumerate().map(move |(i, c)| (c, i + 1 == block.len())))
+            .collect();
+        let mut x = run_tower(&x, &layers)?.flatten_from(1)?;
         for d in &self.dense {
             x = drop.apply(&d.forward(&x)?.relu()?)?;
         }
