@@ -239,23 +239,23 @@ mod tests {
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
-    /// A small tower of both nets' kinds of layers: 3 → 8 (pool, the 3-channel image layer
-    /// stays NCHW), 8 → 16 (no pool: channels-last starts here), 16 → 16 stride 2 (pool), on
+    /// A small tower of both nets' kinds of layers: in_c → 8 (pool; a 3-channel image layer
+    /// stays NCHW, 8 channels go channels-last at once), 8 → 16 (no pool), 16 → 16 stride 2 (pool), on
     /// odd sides (19 → 9 pooled drops a row and a column; 9 → 4 at stride 2 is exact, because
     /// candle's own conv2d backward, the per-layer reference on CPU, gets inexact strides wrong).
-    fn layers(vb: &VarBuilder) -> Vec<(Conv2d, bool)> {
+    fn layers(vb: &VarBuilder, in_c: usize) -> Vec<(Conv2d, bool)> {
         vec![
-            (Conv2d::new(3, 8, 3, 1, 1, vb.pp("a")).unwrap(), true),
+            (Conv2d::new(in_c, 8, 3, 1, 1, vb.pp("a")).unwrap(), true),
             (Conv2d::new(8, 16, 3, 1, 1, vb.pp("b")).unwrap(), false),
             (Conv2d::new(16, 16, 3, 0, 2, vb.pp("c")).unwrap(), true),
         ]
     }
 
     /// Output, input gradient and every parameter gradient of `sum(tower(x) · g)`.
-    fn run(dev: &Device, dtype: DType, one_op: bool, nhwc: bool) -> Vec<(String, Tensor)> {
+    fn run(dev: &Device, dtype: DType, one_op: bool, nhwc: bool, in_c: usize) -> Vec<(String, Tensor)> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let built = layers(&vb);
+        let built = layers(&vb, in_c);
         // deterministic values (the same in every run), non-zero biases (see
         // nets::layout_tests), on `dev` in `dtype`
         let mut named: Vec<(String, Var)> = Vec::new();
@@ -293,11 +293,11 @@ mod tests {
             })
             .collect();
         let refs: Vec<(&Conv2d, bool)> = convs.iter().map(|(c, p)| (c, *p)).collect();
-        let n = 2 * 3 * 19 * 19;
+        let n = 2 * in_c * 19 * 19;
         let v: Vec<f32> = (0..n)
             .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.3)
             .collect();
-        let x = Var::from_vec(v, (2, 3, 19, 19), &Device::Cpu).unwrap();
+        let x = Var::from_vec(v, (2, in_c, 19, 19), &Device::Cpu).unwrap();
         let x = Var::from_tensor(&x.as_tensor().to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let y = crate::cudnn::with_nhwc(nhwc, || {
             if one_op {
@@ -336,17 +336,25 @@ mod tests {
         d / s.max(1e-12)
     }
 
-    /// The tower as one autograd node against the per-layer graph: output, input gradient and
-    /// every parameter gradient, NCHW and channels-last, on `dev`.
+    /// The tower as one autograd node, NCHW and channels-last, and the per-layer graph in
+    /// channels-last, each against the per-layer NCHW graph (on the CPU: candle's own conv,
+    /// ReLU and autograd): output, input gradient and every parameter gradient, on `dev`, for a
+    /// 3-channel input (channels-last from the second layer) and an 8-channel one (from the
+    /// first, so the input gradient comes back through the layout switch).
     pub(crate) fn tower_op_matches_layers_on(dev: &Device, dtype: DType, tol: f32) {
-        for nhwc in [false, true] {
-            let a = run(dev, dtype, true, nhwc);
-            let b = run(dev, dtype, false, nhwc);
-            assert_eq!(a.len(), b.len());
-            for ((name, ta), (_, tb)) in a.iter().zip(&b) {
-                assert_eq!(ta.dims(), tb.dims(), "{name}");
-                let e = rel(ta, tb);
-                assert!(e < tol, "{name} (nhwc {nhwc}, {dtype:?}): relative error {e}");
+        for in_c in [3, 8] {
+            let reference = run(dev, dtype, false, false, in_c);
+            for (one_op, nhwc) in [(true, false), (true, true), (false, true)] {
+                let a = run(dev, dtype, one_op, nhwc, in_c);
+                assert_eq!(a.len(), reference.len());
+                for ((name, ta), (_, tb)) in a.iter().zip(&reference) {
+                    assert_eq!(ta.dims(), tb.dims(), "{name}");
+                    let e = rel(ta, tb);
+                    assert!(
+                        e < tol,
+                        "{name} (one op {one_op}, nhwc {nhwc}, {in_c} channels, {dtype:?}): relative error {e}"
+                    );
+                }
             }
         }
     }

@@ -16,7 +16,8 @@
 //!
 //! The layout plan is [`crate::ops::Tower`]'s: channels-last from the first convolution whose
 //! input has a multiple of 8 channels when `nhwc`, back to NCHW at the end. The result equals
-//! the per-layer graph's (tests in `tests.rs` compare outputs and all gradients).
+//! the per-layer graph's (`ops::tests::tower_op_matches_layers` compares outputs and all
+//! gradients).
 
 use std::sync::Mutex;
 
@@ -115,7 +116,7 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
         &w_all,
         &b_all,
         TowerNode {
-            out,
+            out: Mutex::new(Some(out)),
             saved: Mutex::new(Some(saved)),
             shapes: layers
                 .iter()
@@ -128,10 +129,21 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
 /// The graph node: forward hands out the output computed in [`tower`] (a copy of it: a custom
 /// op must return a storage it owns), backward runs the layers in reverse.
 struct TowerNode {
-    out: Tensor,
+    /// Taken by the forward pass (so the graph does not keep a second copy).
+    out: Mutex<Option<Tensor>>,
     saved: Mutex<Option<Vec<Saved>>>,
     /// Each layer's weight and bias shape (for the gradients' order and shapes).
     shapes: Vec<(Shape, Shape)>,
+}
+
+impl TowerNode {
+    fn take_out(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gz-conv-tower: output lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("gz-conv-tower: forward run twice".into()))
+    }
 }
 
 impl CustomOp3 for TowerNode {
@@ -148,7 +160,7 @@ impl CustomOp3 for TowerNode {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        super::cpu_storage(&self.out)
+        super::cpu_storage(&self.take_out()?)
     }
 
     fn cuda_fwd(
@@ -162,7 +174,8 @@ impl CustomOp3 for TowerNode {
     ) -> Result<(CudaStorage, Shape)> {
         // `out` is a fresh contiguous tensor (a custom op's output or a `contiguous` copy), so
         // its storage is exactly its elements
-        let (storage, layout) = self.out.storage_and_layout();
+        let out = self.take_out()?;
+        let (storage, layout) = out.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) if layout.start_offset() == 0 && layout.is_contiguous() => {
                 Ok((s.try_clone(layout)?, layout.shape().clone()))

@@ -132,6 +132,10 @@ impl VggNet {
         let mut s = if stem_pool { cfg.input_size / 2 } else { cfg.input_size };
         let mut blocks = Vec::new();
         for (bi, block) in spec.blocks.iter().enumerate() {
+            if block.is_empty() {
+                // every block's pool runs with its last convolution (ops::run_tower)
+                candle_core::bail!("vgg block {} has no convolution", bi + 1);
+            }
             let mut convs = Vec::new();
             for (ci, &oc) in block.iter().enumerate() {
                 convs.push(Conv2d::new(
