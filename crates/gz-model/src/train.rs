@@ -772,6 +772,26 @@ pub fn bench_with(
         "building the model",
         checkpoint::build_seeded(&model_cfg, 0, dtype, device),
     )?;
+    // Inference runs on plain tensors, as `gz predict` does with a loaded checkpoint: with
+    // variables candle would build (and keep until the output is dropped) a backward graph.
+    let model = if mode.inference {
+        let plain: std::collections::HashMap<String, Tensor> = ctx(
+            "parameters",
+            varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into())),
+        )?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+        ctx(
+            "building the model",
+            crate::nets::build(&model_cfg, candle_nn::VarBuilder::from_tensors(plain, dtype, device)),
+        )?
+    } else {
+        model
+    };
     let params = ctx("parameters", optim::Params::from_varmap(&varmap))?;
     let mut opt = ctx(
         "optimizer",
