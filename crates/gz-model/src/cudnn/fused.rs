@@ -662,7 +662,7 @@ mod cuda {
         let ys = view::<T>(y, ly)?;
         let dps = view::<T>(dp, ldp)?;
         let windows = n * h.div_ceil(2) * w.div_ceil(2);
-        // NCHW: (channels, batch splits) blocks as bias_relu_bwd; NHWC: ~512 window-row ranges
+        // NCHW: (channels, batch splits) blocks as bias_relu_bwd; NHWC: window-row ranges
         let (grid, s) = if nhwc {
             // ~2,048 window-row ranges: about two waves of 256-thread blocks on an H200
             let s = windows.clamp(1, 2048);
@@ -671,41 +671,10 @@ mod cuda {
             let s = splits(n, k);
             ((k, s, 1), s)
         };
-        // SAFETY: the first kernel writes every dz element (each window writes its valid
-        // positions, the windows tile the plane) and every partial; the finish writes db.
-        let mut out = unsafe { dev.alloc::<T>(total + k as usize) }?;
-        let partial = unsafe { dev.alloc::<f32>(k as usize * s as usize) }?;
-        let sfx = suffix(T::DTYPE)?;
-        {
-            let mut dz = out.slice_mut(..total);
-            let name = if nhwc {
-                format!("relu_pool_bwd_nhwc_{sfx}")
-            } else {
-                format!("relu_pool_bwd_{sfx}")
-            };
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: grid,
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut launch = func.builder();
-            launch
-                .arg(&ys)
-                .arg(&dps)
-                .arg(&mut dz)
-                .arg(&partial)
-                .arg(&n)
-                .arg(&k)
-                .arg(&h)
-                .arg(&w);
-            // SAFETY: argument types and count match `relu_pool_bwd_*` / `relu_pool_bwd_nhwc_*`
-            // in bias_relu.cu (256 threads: its shared arrays); y and dz hold n·k·h·w elements,
-            // dp n·k·(h/2)·(w/2), `partial` k·s.
-            unsafe { launch.launch(cfg) }.map_err(|e| err("relu-pool backward launch", e))?;
-        }
-        finish_bias_grad(dev, &partial, &mut out, total, k, s, sfx)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        let name = if nhwc { "relu_pool_bwd_nhwc" } else { "relu_pool_bwd" };
+        // each window writes its valid positions and the windows tile the plane, so every dz
+        // element is written; y and dz hold n·k·h·w elements, dp n·k·(h/2)·(w/2)
+        packed_backward::<T>(dev, name, (&ys, &dps), total, k, (grid, s), &[n, k, h, w])
     }
 
     fn u32_of(v: usize, what: &str) -> Result<u32> {
@@ -759,33 +728,16 @@ mod cuda {
         let dys = view::<T>(dy, ldy)?;
         // ~2,048 blocks of contiguous row ranges (fewer when there are fewer rows)
         let s = rows32.clamp(1, 2048);
-        // SAFETY: the first kernel writes dz (all `total` elements) and every partial, the
-        // second all k bias-gradient elements.
-        let mut out = unsafe { dev.alloc::<T>(total + k) }?;
-        let partial = unsafe { dev.alloc::<f32>(k * s as usize) }?;
-        let sfx = suffix(T::DTYPE)?;
-        {
-            let mut dz = out.slice_mut(..total);
-            let func = dev.get_or_load_custom_func(&format!("bias_relu_bwd_nhwc_{sfx}"), MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (s, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut launch = func.builder();
-            launch
-                .arg(&ys)
-                .arg(&dys)
-                .arg(&mut dz)
-                .arg(&partial)
-                .arg(&rows32)
-                .arg(&k32);
-            // SAFETY: argument types and count match `bias_relu_bwd_nhwc_*` (256 threads, the
-            // size of its shared array); y, dy, dz hold rows·k elements, `partial` k·s.
-            unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC backward launch", e))?;
-        }
-        finish_bias_grad(dev, &partial, &mut out, total, k32, s, sfx)?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        // y, dy and dz hold rows·k elements
+        packed_backward::<T>(
+            dev,
+            "bias_relu_bwd_nhwc",
+            (&ys, &dys),
+            total,
+            k32,
+            ((s, 1, 1), s),
+            &[rows32, k32],
+        )
     }
 
     /// Splits of the batch per channel so that the grid has at least ~1,024 blocks.
@@ -805,33 +757,48 @@ mod cuda {
         let ys = view::<T>(y, ly)?;
         let dys = view::<T>(dy, ldy)?;
         let s = splits(n, k);
-        // SAFETY: the first kernel writes dz (all `total` elements) and every partial, the
-        // second writes all k bias-gradient elements.
+        // y, dy and dz hold n·k·hw elements
+        packed_backward::<T>(dev, "bias_relu_bwd", (&ys, &dys), total, k, ((k, s, 1), s), &[n, k, hw])
+    }
+
+    /// The backward kernels' common launch: `{name}_{dtype}(y, g, dz, partial, dims...)` with
+    /// `grid` (whose `splits` is the number of partials per channel), then the bias-gradient
+    /// finish. Returns the packed [dz (`total` values), db (`k` values)]. The first kernel must
+    /// write every dz element and every partial (all of them in bias_relu.cu do); `y` and `g`
+    /// must hold what the kernel reads for `dims`.
+    fn packed_backward<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        name: &str,
+        (y, g): (&CudaView<'_, T>, &CudaView<'_, T>),
+        total: usize,
+        k: u32,
+        (grid, splits): ((u32, u32, u32), u32),
+        dims: &[u32],
+    ) -> Result<CudaStorage> {
+        // SAFETY: the first kernel writes all `total` dz values and every partial, the finish
+        // all k bias-gradient values (see above).
         let mut out = unsafe { dev.alloc::<T>(total + k as usize) }?;
-        let partial = unsafe { dev.alloc::<f32>(k as usize * s as usize) }?;
+        let partial = unsafe { dev.alloc::<f32>(k as usize * splits as usize) }?;
         let sfx = suffix(T::DTYPE)?;
         {
             let mut dz = out.slice_mut(..total);
-            let func = dev.get_or_load_custom_func(&format!("bias_relu_bwd_{sfx}"), MODULE, PTX)?;
+            let func = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
             let cfg = LaunchConfig {
-                grid_dim: (k, s, 1),
+                grid_dim: grid,
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut launch = func.builder();
-            launch
-                .arg(&ys)
-                .arg(&dys)
-                .arg(&mut dz)
-                .arg(&partial)
-                .arg(&n)
-                .arg(&k)
-                .arg(&hw);
-            // SAFETY: argument types and count match `bias_relu_bwd_*`; y, dy and dz hold
-            // n·k·hw elements and `partial` k·s, the ranges the kernel touches.
-            unsafe { launch.launch(cfg) }.map_err(|e| err("backward launch", e))?;
+            launch.arg(y).arg(g).arg(&mut dz).arg(&partial);
+            for d in dims {
+                launch.arg(d);
+            }
+            // SAFETY: the backward kernels of bias_relu.cu all take (const T* y, const T* g,
+            // T* dz, float* partial) then their uint32_t dims in this order; 256 threads, the
+            // size of their shared arrays; `partial` holds k·splits values.
+            unsafe { launch.launch(cfg) }.map_err(|e| err(&format!("{name} launch"), e))?;
         }
-        finish_bias_grad(dev, &partial, &mut out, total, k, s, sfx)?;
+        finish_bias_grad(dev, &partial, &mut out, total, k, splits, sfx)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 
