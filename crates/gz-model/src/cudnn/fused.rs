@@ -21,22 +21,17 @@ use super::{cpu_storage, cpu_tensor};
 /// `max(z + b, 0)` with `b` broadcast over channels: `z` (N,K,H,W), `b` (K), same dtype and
 /// device. Differentiable with respect to both.
 pub fn bias_relu(z: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_, k, _, _) = z.dims4()?;
-    if b.dims() != [k] {
-        candle_core::bail!("bias_relu: bias shape {:?} does not match {k} channels", b.dims());
-    }
-    if z.dtype() != b.dtype() {
-        candle_core::bail!("bias_relu: dtypes differ (z {:?}, b {:?})", z.dtype(), b.dtype());
-    }
-    if !matches!(z.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-        candle_core::bail!("bias_relu supports f32, bf16 and f16, not {:?}", z.dtype());
-    }
-    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu { nhwc: false })
+    bias_relu_in(z, b, false)
 }
 
 /// [`bias_relu`] for a channels-last `z` (N, H, W, K).
 pub(crate) fn bias_relu_nhwc(z: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_, _, _, k) = z.dims4()?;
+    bias_relu_in(z, b, true)
+}
+
+fn bias_relu_in(z: &Tensor, b: &Tensor, nhwc: bool) -> Result<Tensor> {
+    let (_, c1, _, c3) = z.dims4()?;
+    let k = if nhwc { c3 } else { c1 };
     if b.dims() != [k] {
         candle_core::bail!("bias_relu: bias shape {:?} does not match {k} channels", b.dims());
     }
@@ -46,7 +41,7 @@ pub(crate) fn bias_relu_nhwc(z: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !matches!(z.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         candle_core::bail!("bias_relu supports f32, bf16 and f16, not {:?}", z.dtype());
     }
-    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu { nhwc: true })
+    z.contiguous()?.apply_op2(&b.contiguous()?, BiasRelu { nhwc })
 }
 
 /// `relu(conv(x, w) + b)` as one custom op (x, w, b) → y, in either layout (see
