@@ -1,0 +1,195 @@
+// The launch side of the CPU emulator (gz-kernel-emu): runs a kernel over a grid the way the GPU
+// would, one block after another, the threads of a block as cooperative fibers (ucontext) on the
+// calling OS thread. A fiber runs until it finishes or waits at a barrier (__syncthreads, or the
+// warp-wide exchange behind __shfl_down_sync); the scheduler then resumes the next one, so
+// barriers and shuffles have their CUDA meaning, and a barrier some threads never reach is
+// reported as a deadlock instead of hanging. The launch checks CUDA's limits on the grid and
+// block (as cuLaunchKernel would refuse them).
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <ucontext.h>
+
+#include <vector>
+
+#include "cuda_emu.h"
+
+namespace gz_emu {
+thread_local uint3 thread_idx;
+thread_local uint3 block_idx;
+thread_local dim3 block_dim;
+thread_local dim3 grid_dim;
+
+namespace {
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+struct Barrier {
+    unsigned int expected = 0, arrived = 0;
+    uint64_t generation = 0;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    char *stack = nullptr;
+    uint3 tid;
+    unsigned int linear = 0;
+    bool done = false;
+};
+
+struct Launch {
+    ucontext_t scheduler;
+    std::vector<Fiber> fibers;
+    Fiber *current = nullptr;
+    Barrier block_barrier;
+    std::vector<Barrier> warp_barriers;
+    std::vector<float> exchange;
+    unsigned int threads = 0;
+    bool progressed = false;
+    void (*body)(void *) = nullptr;
+    void *data = nullptr;
+};
+
+thread_local Launch *active = nullptr;
+
+void wait(Barrier &b) {
+    Launch *l = active;
+    const uint64_t g = b.generation;
+    l->progressed = true;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    while (b.generation == g) {
+        Fiber *f = l->current;
+        swapcontext(&f->ctx, &l->scheduler);
+    }
+}
+
+void entry() {
+    Launch *l = active;
+    l->body(l->data);
+    l->current->done = true;
+    l->progressed = true;
+    // returning resumes uc_link, the scheduler
+}
+
+} // namespace
+
+void sync_threads() { wait(active->block_barrier); }
+
+float shfl_down(float v, unsigned int delta, int width) {
+    Launch *l = active;
+    const unsigned int lin = l->current->linear, warp = lin / 32, lane = lin % 32;
+    l->exchange[lin] = v;
+    wait(l->warp_barriers[warp]);
+    const unsigned int w = width > 0 && width <= 32 ? (unsigned int)width : 32;
+    const unsigned int src = lin + delta;
+    // CUDA: a source lane outside the thread's width-segment leaves the value unchanged
+    const float r = (lane % w) + delta < w && src < l->threads ? l->exchange[src] : v;
+    wait(l->warp_barriers[warp]);
+    return r;
+}
+
+} // namespace gz_emu
+
+using namespace gz_emu;
+
+static int fail(char *err, size_t len, const char *msg) {
+    if (err != nullptr && len > 0) snprintf(err, len, "%s", msg);
+    return 1;
+}
+
+// Runs body(data) once per CUDA thread of grid x block. Returns 0, or 1 with a message in err.
+extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], void (*body)(void *), void *data,
+                             char *err, size_t err_len) {
+    char msg[256];
+    if (active != nullptr) return fail(err, err_len, "nested launch on one thread");
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || block[0] == 0 || block[1] == 0 || block[2] == 0) {
+        snprintf(msg, sizeof msg, "empty launch: grid (%u, %u, %u), block (%u, %u, %u)", grid[0], grid[1], grid[2],
+                 block[0], block[1], block[2]);
+        return fail(err, err_len, msg);
+    }
+    if (grid[0] > 0x7fffffffu || grid[1] > 65535 || grid[2] > 65535) {
+        snprintf(msg, sizeof msg, "grid (%u, %u, %u) exceeds CUDA's limits (2^31-1, 65535, 65535)", grid[0], grid[1],
+                 grid[2]);
+        return fail(err, err_len, msg);
+    }
+    const uint64_t threads = (uint64_t)block[0] * block[1] * block[2];
+    if (block[0] > 1024 || block[1] > 1024 || block[2] > 64 || threads > 1024) {
+        snprintf(msg, sizeof msg, "block (%u, %u, %u) exceeds CUDA's limits (1024 threads, z <= 64)", block[0],
+                 block[1], block[2]);
+        return fail(err, err_len, msg);
+    }
+    Launch l;
+    l.threads = (unsigned int)threads;
+    l.body = body;
+    l.data = data;
+    l.fibers.resize(threads);
+    l.exchange.assign(threads, 0.0f);
+    l.block_barrier.expected = l.threads;
+    const unsigned int warps = (l.threads + 31) / 32;
+    l.warp_barriers.resize(warps);
+    for (unsigned int w = 0; w < warps; ++w) l.warp_barriers[w].expected = w + 1 < warps ? 32 : l.threads - 32 * w;
+    for (unsigned int i = 0; i < l.threads; ++i) {
+        Fiber &f = l.fibers[i];
+        f.linear = i;
+        f.tid = {i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
+        f.stack = (char *)malloc(STACK_BYTES);
+        if (f.stack == nullptr) {
+            for (unsigned int j = 0; j < i; ++j) free(l.fibers[j].stack);
+            return fail(err, err_len, "out of memory for fiber stacks");
+        }
+    }
+    active = &l;
+    block_dim = {block[0], block[1], block[2]};
+    grid_dim = {grid[0], grid[1], grid[2]};
+    int rc = 0;
+    for (uint32_t bz = 0; bz < grid[2] && rc == 0; ++bz) {
+        for (uint32_t by = 0; by < grid[1] && rc == 0; ++by) {
+            for (uint32_t bx = 0; bx < grid[0] && rc == 0; ++bx) {
+                block_idx = {bx, by, bz};
+                l.block_barrier.arrived = 0;
+                for (auto &b : l.warp_barriers) b.arrived = 0;
+                for (auto &f : l.fibers) {
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack;
+                    f.ctx.uc_stack.ss_size = STACK_BYTES;
+                    f.ctx.uc_link = &l.scheduler;
+                    makecontext(&f.ctx, entry, 0);
+                    f.done = false;
+                }
+                unsigned int live = l.threads;
+                while (live > 0) {
+                    l.progressed = false;
+                    for (auto &f : l.fibers) {
+                        if (f.done) continue;
+                        l.current = &f;
+                        thread_idx = f.tid;
+                        swapcontext(&l.scheduler, &f.ctx);
+                        if (f.done) --live;
+                    }
+                    if (!l.progressed && live > 0) {
+                        snprintf(msg, sizeof msg,
+                                 "deadlock in block (%u, %u, %u): %u of %u threads wait at a barrier that the "
+                                 "others (finished or waiting elsewhere) never reach",
+                                 bx, by, bz, live, l.threads);
+                        rc = fail(err, err_len, msg);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    active = nullptr;
+    l.current = nullptr;
+    for (auto &f : l.fibers) free(f.stack);
+    return rc;
+}
+
+// For the runtime's own tests (src/lib.rs), which run Rust closures as kernels.
+extern "C" uint32_t gz_emu_thread_idx(void) { return thread_idx.x; }
+extern "C" uint32_t gz_emu_block_idx(void) { return block_idx.x + grid_dim.x * (block_idx.y + grid_dim.y * block_idx.z); }
+extern "C" void gz_emu_sync_threads(void) { sync_threads(); }
+extern "C" float gz_emu_shfl_down(float v, uint32_t delta, int32_t width) { return shfl_down(v, delta, width); }

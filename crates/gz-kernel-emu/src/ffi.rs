@@ -1,0 +1,556 @@
+//! The C entry points of the emulator's static library: the runtime (`emu/runtime.cpp`) and
+//! every kernel of `crates/gz-model/src/kernels/*.cu`, with the argument lists of their
+//! `extern "C" __global__` definitions (by-value structs and scalars as in the `.cu` files,
+//! device pointers as host pointers). Call a kernel only inside [`crate::launch`].
+//!
+//! [`Storage`] groups each kernel family's three storage-type instances (f32, bf16, f16) so
+//! tests can be generic over the type.
+
+use std::ffi::{c_char, c_int, c_void};
+
+use half::{bf16, f16};
+
+extern "C" {
+    pub fn gz_emu_launch(
+        grid: *const u32,
+        block: *const u32,
+        body: extern "C" fn(*mut c_void),
+        data: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    pub fn gz_emu_thread_idx() -> u32;
+    pub fn gz_emu_block_idx() -> u32;
+    pub fn gz_emu_sync_threads();
+    pub fn gz_emu_shfl_down(v: f32, delta: u32, width: i32) -> f32;
+}
+
+/// `struct Tree` of tree.cu, passed by value (the layout gz-model's launcher also uses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Tree {
+    pub questions: u32,
+    pub answers: u32,
+    pub first: [u32; 16],
+    pub len: [u32; 16],
+    pub parent: [i32; 16],
+}
+
+extern "C" {
+    pub fn tree_fwd_f32(x: *const f32, y: *mut f32, rows: u32, t: Tree, eps: f32);
+    pub fn tree_bwd_f32(x: *const f32, y: *const f32, dy: *const f32, dx: *mut f32, rows: u32, t: Tree, eps: f32);
+    pub fn tree_fwd_f64(x: *const f64, y: *mut f64, rows: u32, t: Tree, eps: f64);
+    pub fn tree_bwd_f64(x: *const f64, y: *const f64, dy: *const f64, dx: *mut f64, rows: u32, t: Tree, eps: f64);
+}
+
+/// One storage type's instances of the kernels in bias_relu.cu, affine.cu and optim.cu.
+///
+/// # Safety
+/// Every method is the kernel itself: call it only inside [`crate::launch`], with pointers to
+/// buffers that hold what the kernel reads and writes for the given sizes.
+#[allow(clippy::too_many_arguments, reason = "the kernels' own argument lists")]
+#[allow(clippy::missing_safety_doc, reason = "the trait's `# Safety` covers every method")]
+pub unsafe trait Storage: Copy + Send + Sync + 'static {
+    unsafe fn bias_relu_fwd(x: *const Self, b: *const Self, y: *mut Self, channels: u32, hw: u32);
+    unsafe fn bias_relu_fwd_flat(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32, hw: u32);
+    unsafe fn bias_relu_bwd(
+        y: *const Self,
+        dy: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        batch: u32,
+        channels: u32,
+        hw: u32,
+    );
+    unsafe fn bias_grad_finish(partial: *const f32, db: *mut Self, channels: u32, splits: u32);
+    unsafe fn bias_relu_fwd_nhwc(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32);
+    unsafe fn bias_relu_bwd_nhwc(
+        y: *const Self,
+        dy: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        rows: u32,
+        channels: u32,
+    );
+    unsafe fn relu_pool_bwd(
+        y: *const Self,
+        dp: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        batch: u32,
+        channels: u32,
+        h: u32,
+        w: u32,
+    );
+    unsafe fn relu_pool_bwd_nhwc(
+        y: *const Self,
+        dp: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        batch: u32,
+        channels: u32,
+        h: u32,
+        w: u32,
+    );
+    unsafe fn bias_relu_pool_fwd(
+        z: *const Self,
+        b: *const Self,
+        y: *mut Self,
+        p: *mut Self,
+        batch: u32,
+        channels: u32,
+        h: u32,
+        w: u32,
+    );
+    unsafe fn bias_relu_pool_fwd_nhwc(
+        z: *const Self,
+        b: *const Self,
+        y: *mut Self,
+        p: *mut Self,
+        batch: u32,
+        channels: u32,
+        h: u32,
+        w: u32,
+    );
+    unsafe fn affine_sample(
+        img: *const Self,
+        mats: *const f32,
+        out: *mut Self,
+        b: u32,
+        c: u32,
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+    );
+    unsafe fn dieleman_parts(
+        img: *const Self,
+        mats: *const f32,
+        out: *mut Self,
+        b: u32,
+        c: u32,
+        h: u32,
+        w: u32,
+        view: u32,
+        part: u32,
+    );
+    unsafe fn rmsprop(
+        n: u64,
+        grad: *const Self,
+        ms: *mut f32,
+        param: *mut f32,
+        model: *mut Self,
+        use_l2: c_int,
+        l2: f32,
+        rho: f32,
+        one_minus_rho: f32,
+        eps: f32,
+        lr: f32,
+    );
+    unsafe fn sgd_nesterov(
+        n: u64,
+        grad: *const Self,
+        vel: *mut f32,
+        param: *mut f32,
+        model: *mut Self,
+        use_l2: c_int,
+        l2: f32,
+        momentum: f32,
+        lr: f32,
+    );
+    unsafe fn adamw(
+        n: u64,
+        grad: *const Self,
+        m1: *mut f32,
+        m2: *mut f32,
+        param: *mut f32,
+        model: *mut Self,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        inv_bc1: f32,
+        inv_bc2: f32,
+        decay: f32,
+        eps: f32,
+        lr: f32,
+    );
+}
+
+macro_rules! storage {
+    ($t:ty, $m:ident, [
+        $fwd:ident, $flat:ident, $bwd:ident, $finish:ident, $fwd_nhwc:ident, $bwd_nhwc:ident,
+        $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
+        $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident
+    ]) => {
+        mod $m {
+            use super::*;
+            extern "C" {
+                pub fn $fwd(x: *const $t, b: *const $t, y: *mut $t, channels: u32, hw: u32);
+                pub fn $flat(x: *const $t, b: *const $t, y: *mut $t, total: u32, channels: u32, hw: u32);
+                pub fn $bwd(
+                    y: *const $t,
+                    dy: *const $t,
+                    dz: *mut $t,
+                    partial: *mut f32,
+                    batch: u32,
+                    channels: u32,
+                    hw: u32,
+                );
+                pub fn $finish(partial: *const f32, db: *mut $t, channels: u32, splits: u32);
+                pub fn $fwd_nhwc(x: *const $t, b: *const $t, y: *mut $t, total: u32, channels: u32);
+                pub fn $bwd_nhwc(y: *const $t, dy: *const $t, dz: *mut $t, partial: *mut f32, rows: u32, channels: u32);
+                pub fn $pool_bwd(
+                    y: *const $t,
+                    dp: *const $t,
+                    dz: *mut $t,
+                    partial: *mut f32,
+                    batch: u32,
+                    channels: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $pool_bwd_nhwc(
+                    y: *const $t,
+                    dp: *const $t,
+                    dz: *mut $t,
+                    partial: *mut f32,
+                    batch: u32,
+                    channels: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $pool_fwd(
+                    z: *const $t,
+                    b: *const $t,
+                    y: *mut $t,
+                    p: *mut $t,
+                    batch: u32,
+                    channels: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $pool_fwd_nhwc(
+                    z: *const $t,
+                    b: *const $t,
+                    y: *mut $t,
+                    p: *mut $t,
+                    batch: u32,
+                    channels: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $affine(
+                    img: *const $t,
+                    mats: *const f32,
+                    out: *mut $t,
+                    b: u32,
+                    c: u32,
+                    h: u32,
+                    w: u32,
+                    oh: u32,
+                    ow: u32,
+                );
+                pub fn $parts(
+                    img: *const $t,
+                    mats: *const f32,
+                    out: *mut $t,
+                    b: u32,
+                    c: u32,
+                    h: u32,
+                    w: u32,
+                    view: u32,
+                    part: u32,
+                );
+                pub fn $rmsprop(
+                    n: u64,
+                    grad: *const $t,
+                    ms: *mut f32,
+                    param: *mut f32,
+                    model: *mut $t,
+                    use_l2: c_int,
+                    l2: f32,
+                    rho: f32,
+                    one_minus_rho: f32,
+                    eps: f32,
+                    lr: f32,
+                );
+                pub fn $sgd(
+                    n: u64,
+                    grad: *const $t,
+                    vel: *mut f32,
+                    param: *mut f32,
+                    model: *mut $t,
+                    use_l2: c_int,
+                    l2: f32,
+                    momentum: f32,
+                    lr: f32,
+                );
+                pub fn $adamw(
+                    n: u64,
+                    grad: *const $t,
+                    m1: *mut f32,
+                    m2: *mut f32,
+                    param: *mut f32,
+                    model: *mut $t,
+                    beta1: f32,
+                    one_minus_beta1: f32,
+                    beta2: f32,
+                    one_minus_beta2: f32,
+                    inv_bc1: f32,
+                    inv_bc2: f32,
+                    decay: f32,
+                    eps: f32,
+                    lr: f32,
+                );
+            }
+        }
+
+        // SAFETY: each method forwards to the kernel of the same name for this storage type.
+        unsafe impl Storage for $t {
+            unsafe fn bias_relu_fwd(x: *const Self, b: *const Self, y: *mut Self, channels: u32, hw: u32) {
+                unsafe { $m::$fwd(x, b, y, channels, hw) }
+            }
+            unsafe fn bias_relu_fwd_flat(
+                x: *const Self,
+                b: *const Self,
+                y: *mut Self,
+                total: u32,
+                channels: u32,
+                hw: u32,
+            ) {
+                unsafe { $m::$flat(x, b, y, total, channels, hw) }
+            }
+            unsafe fn bias_relu_bwd(
+                y: *const Self,
+                dy: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                batch: u32,
+                channels: u32,
+                hw: u32,
+            ) {
+                unsafe { $m::$bwd(y, dy, dz, partial, batch, channels, hw) }
+            }
+            unsafe fn bias_grad_finish(partial: *const f32, db: *mut Self, channels: u32, splits: u32) {
+                unsafe { $m::$finish(partial, db, channels, splits) }
+            }
+            unsafe fn bias_relu_fwd_nhwc(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32) {
+                unsafe { $m::$fwd_nhwc(x, b, y, total, channels) }
+            }
+            unsafe fn bias_relu_bwd_nhwc(
+                y: *const Self,
+                dy: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                rows: u32,
+                channels: u32,
+            ) {
+                unsafe { $m::$bwd_nhwc(y, dy, dz, partial, rows, channels) }
+            }
+            unsafe fn relu_pool_bwd(
+                y: *const Self,
+                dp: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                batch: u32,
+                channels: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_bwd(y, dp, dz, partial, batch, channels, h, w) }
+            }
+            unsafe fn relu_pool_bwd_nhwc(
+                y: *const Self,
+                dp: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                batch: u32,
+                channels: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_bwd_nhwc(y, dp, dz, partial, batch, channels, h, w) }
+            }
+            unsafe fn bias_relu_pool_fwd(
+                z: *const Self,
+                b: *const Self,
+                y: *mut Self,
+                p: *mut Self,
+                batch: u32,
+                channels: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_fwd(z, b, y, p, batch, channels, h, w) }
+            }
+            unsafe fn bias_relu_pool_fwd_nhwc(
+                z: *const Self,
+                b: *const Self,
+                y: *mut Self,
+                p: *mut Self,
+                batch: u32,
+                channels: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_fwd_nhwc(z, b, y, p, batch, channels, h, w) }
+            }
+            unsafe fn affine_sample(
+                img: *const Self,
+                mats: *const f32,
+                out: *mut Self,
+                b: u32,
+                c: u32,
+                h: u32,
+                w: u32,
+                oh: u32,
+                ow: u32,
+            ) {
+                unsafe { $m::$affine(img, mats, out, b, c, h, w, oh, ow) }
+            }
+            unsafe fn dieleman_parts(
+                img: *const Self,
+                mats: *const f32,
+                out: *mut Self,
+                b: u32,
+                c: u32,
+                h: u32,
+                w: u32,
+                view: u32,
+                part: u32,
+            ) {
+                unsafe { $m::$parts(img, mats, out, b, c, h, w, view, part) }
+            }
+            unsafe fn rmsprop(
+                n: u64,
+                grad: *const Self,
+                ms: *mut f32,
+                param: *mut f32,
+                model: *mut Self,
+                use_l2: c_int,
+                l2: f32,
+                rho: f32,
+                one_minus_rho: f32,
+                eps: f32,
+                lr: f32,
+            ) {
+                unsafe { $m::$rmsprop(n, grad, ms, param, model, use_l2, l2, rho, one_minus_rho, eps, lr) }
+            }
+            unsafe fn sgd_nesterov(
+                n: u64,
+                grad: *const Self,
+                vel: *mut f32,
+                param: *mut f32,
+                model: *mut Self,
+                use_l2: c_int,
+                l2: f32,
+                momentum: f32,
+                lr: f32,
+            ) {
+                unsafe { $m::$sgd(n, grad, vel, param, model, use_l2, l2, momentum, lr) }
+            }
+            unsafe fn adamw(
+                n: u64,
+                grad: *const Self,
+                m1: *mut f32,
+                m2: *mut f32,
+                param: *mut f32,
+                model: *mut Self,
+                beta1: f32,
+                one_minus_beta1: f32,
+                beta2: f32,
+                one_minus_beta2: f32,
+                inv_bc1: f32,
+                inv_bc2: f32,
+                decay: f32,
+                eps: f32,
+                lr: f32,
+            ) {
+                unsafe {
+                    $m::$adamw(
+                        n,
+                        grad,
+                        m1,
+                        m2,
+                        param,
+                        model,
+                        beta1,
+                        one_minus_beta1,
+                        beta2,
+                        one_minus_beta2,
+                        inv_bc1,
+                        inv_bc2,
+                        decay,
+                        eps,
+                        lr,
+                    )
+                }
+            }
+        }
+    };
+}
+
+storage!(
+    f32,
+    k_f32,
+    [
+        bias_relu_fwd_f32,
+        bias_relu_fwd_flat_f32,
+        bias_relu_bwd_f32,
+        bias_grad_finish_f32,
+        bias_relu_fwd_nhwc_f32,
+        bias_relu_bwd_nhwc_f32,
+        relu_pool_bwd_f32,
+        relu_pool_bwd_nhwc_f32,
+        bias_relu_pool_fwd_f32,
+        bias_relu_pool_fwd_nhwc_f32,
+        affine_sample_f32,
+        dieleman_parts_f32,
+        gz_rmsprop_f32,
+        gz_sgd_nesterov_f32,
+        gz_adamw_f32
+    ]
+);
+storage!(
+    bf16,
+    k_bf16,
+    [
+        bias_relu_fwd_bf16,
+        bias_relu_fwd_flat_bf16,
+        bias_relu_bwd_bf16,
+        bias_grad_finish_bf16,
+        bias_relu_fwd_nhwc_bf16,
+        bias_relu_bwd_nhwc_bf16,
+        relu_pool_bwd_bf16,
+        relu_pool_bwd_nhwc_bf16,
+        bias_relu_pool_fwd_bf16,
+        bias_relu_pool_fwd_nhwc_bf16,
+        affine_sample_bf16,
+        dieleman_parts_bf16,
+        gz_rmsprop_bf16,
+        gz_sgd_nesterov_bf16,
+        gz_adamw_bf16
+    ]
+);
+storage!(
+    f16,
+    k_f16,
+    [
+        bias_relu_fwd_f16,
+        bias_relu_fwd_flat_f16,
+        bias_relu_bwd_f16,
+        bias_grad_finish_f16,
+        bias_relu_fwd_nhwc_f16,
+        bias_relu_bwd_nhwc_f16,
+        relu_pool_bwd_f16,
+        relu_pool_bwd_nhwc_f16,
+        bias_relu_pool_fwd_f16,
+        bias_relu_pool_fwd_nhwc_f16,
+        affine_sample_f16,
+        dieleman_parts_f16,
+        gz_rmsprop_f16,
+        gz_sgd_nesterov_f16,
+        gz_adamw_f16
+    ]
+);
