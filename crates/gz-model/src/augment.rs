@@ -344,6 +344,9 @@ pub fn random_augment(images: &Tensor, cfg: &AugmentConfig, rng: &mut impl Rng) 
     out.broadcast_mul(&gains)?.clamp(0.0, 1.0)
 }
 
+#[cfg(test)]
+mod emu_tests;
+
 mod kernels {
     //! The resampling kernels as a candle custom op (no gradient: inputs only). The CPU side
     //! runs the candle-ops implementation, so the op is usable (and testable) anywhere.
@@ -367,8 +370,40 @@ mod kernels {
         },
     }
 
+    /// (grid, block) of both kernels: grid-stride over the `total` output values, 256 threads a
+    /// block (shared by the CUDA launcher and the emulator tests, `augment/emu_tests.rs`).
+    #[cfg_attr(
+        not(any(feature = "cudnn", test)),
+        allow(dead_code, reason = "used by the CUDA launcher and the emulator tests")
+    )]
+    pub(super) fn grid(total: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+        let threads = 256u32;
+        ((total.div_ceil(threads).clamp(1, 65_535 * 16), 1, 1), (threads, 1, 1))
+    }
+
     impl Resample {
-        fn out_shape(&self, l: &Layout) -> Result<Shape> {
+        /// The kernel's matrices (6 floats each, row-major 2×3), its name without the dtype
+        /// suffix, and its last two size arguments ((out_h, out_w) or (view, part)).
+        #[cfg_attr(
+            not(any(feature = "cudnn", test)),
+            allow(dead_code, reason = "used by the CUDA launcher and the emulator tests")
+        )]
+        pub(super) fn kernel_args(&self) -> (Vec<f32>, &'static str, [usize; 2]) {
+            match self {
+                Resample::Affine { mats, out_h, out_w } => (
+                    mats.iter().flat_map(|m| m.m.iter().flatten().copied()).collect(),
+                    "affine_sample",
+                    [*out_h, *out_w],
+                ),
+                Resample::DielemanParts { mats, view, part } => (
+                    mats.iter().flat_map(|m| m.m.iter().flatten().copied()).collect(),
+                    "dieleman_parts",
+                    [*view, *part],
+                ),
+            }
+        }
+
+        pub(super) fn out_shape(&self, l: &Layout) -> Result<Shape> {
             let (b, c, _, _) = l.shape().dims4()?;
             Ok(match self {
                 Resample::Affine { out_h, out_w, .. } => Shape::from((b, c, *out_h, *out_w)),
@@ -454,18 +489,8 @@ mod kernels {
                 candle_core::bail!("gz-resample: {total} output values exceed the kernels' 32-bit indexing");
             }
             let total32 = u(total)?;
-            let (mats, name, extra): (Vec<f32>, &str, [u32; 2]) = match op {
-                Resample::Affine { mats, out_h, out_w } => (
-                    mats.iter().flat_map(|m| m.m.iter().flatten().copied()).collect(),
-                    "affine_sample",
-                    [u(*out_h)?, u(*out_w)?],
-                ),
-                Resample::DielemanParts { mats, view, part } => (
-                    mats.iter().flat_map(|m| m.m.iter().flatten().copied()).collect(),
-                    "dieleman_parts",
-                    [u(*view)?, u(*part)?],
-                ),
-            };
+            let (mats, name, extra) = op.kernel_args();
+            let extra = [u(extra[0])?, u(extra[1])?];
             let mats = dev
                 .cuda_stream()
                 .clone_htod(&mats)
@@ -473,11 +498,10 @@ mod kernels {
             // SAFETY: the kernel writes every output element (grid-stride over `total`).
             let out = unsafe { dev.alloc::<T>(total) }?;
             let func = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), "gz_affine", PTX)?;
-            let threads = 256u32;
-            let blocks = total32.div_ceil(threads).clamp(1, 65_535 * 16);
+            let (grid_dim, block_dim) = super::grid(total32);
             let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (threads, 1, 1),
+                grid_dim,
+                block_dim,
                 shared_mem_bytes: 0,
             };
             let (n32, c32, h32, w32) = (u(n)?, u(c)?, u(h)?, u(w)?);

@@ -84,4 +84,104 @@ pub(crate) mod testutil {
             .to_scalar::<f32>()
             .unwrap()
     }
+
+    /// Buffers for the emulator tests (kernels run on the CPU by `gz-kernel-emu`): the values
+    /// with guard values on both sides, so a kernel writing out of bounds fails the test, and a
+    /// NaN fill for outputs, so an element the kernel never writes (on the GPU: uninitialised
+    /// memory) fails it too.
+    pub(crate) mod emu {
+        use candle_core::WithDType;
+
+        const GUARD: usize = 64;
+        /// Exactly representable in f32, bf16 and f16, never an output of the tests' kernels.
+        const GUARD_VALUE: f64 = -4096.0;
+
+        pub(crate) struct Buf<T: WithDType> {
+            data: Vec<T>,
+            len: usize,
+        }
+
+        impl<T: WithDType> Buf<T> {
+            pub(crate) fn new(values: &[T]) -> Self {
+                let g = T::from_f64(GUARD_VALUE);
+                let mut data = vec![g; GUARD];
+                data.extend_from_slice(values);
+                data.extend(std::iter::repeat_n(g, GUARD));
+                Self {
+                    data,
+                    len: values.len(),
+                }
+            }
+
+            /// An output of `len` values, all NaN until the kernel writes them.
+            pub(crate) fn out(len: usize) -> Self {
+                Self::new(&vec![T::from_f64(f64::NAN); len])
+            }
+
+            pub(crate) fn ptr(&self) -> *const T {
+                self.data[GUARD..].as_ptr()
+            }
+
+            pub(crate) fn mut_ptr(&mut self) -> *mut T {
+                self.data[GUARD..].as_mut_ptr()
+            }
+
+            /// The values, after checking the guards are intact and (`written`) that no NaN is
+            /// left.
+            pub(crate) fn values(&self, name: &str, written: bool) -> &[T] {
+                let g = T::from_f64(GUARD_VALUE);
+                let (head, rest) = self.data.split_at(GUARD);
+                let (body, tail) = rest.split_at(self.len);
+                for (side, guard) in [("before", head), ("after", tail)] {
+                    if let Some(i) = guard.iter().position(|v| *v != g) {
+                        panic!(
+                            "{name}: the kernel wrote {} guard values {side} the buffer (first at {i})",
+                            guard.iter().filter(|v| **v != g).count()
+                        );
+                    }
+                }
+                if written {
+                    if let Some(i) = body.iter().position(|v| v.to_f64().is_nan()) {
+                        let missing = body.iter().filter(|v| v.to_f64().is_nan()).count();
+                        panic!(
+                            "{name}: {missing} of {} values never written (first at {i})",
+                            body.len()
+                        );
+                    }
+                }
+                body
+            }
+        }
+
+        /// Runs one launch in the emulator, failing the test with the emulator's message.
+        pub(crate) fn run(what: &str, grid: (u32, u32, u32), block: (u32, u32, u32), f: impl Fn()) {
+            if let Err(e) = gz_kernel_emu::launch(grid, block, f) {
+                panic!("{what}: grid {grid:?}, block {block:?}: {e}");
+            }
+        }
+
+        /// The largest |a − b| relative to max(|b|, floor), and where.
+        pub(crate) fn worst<T: WithDType>(a: &[T], b: &[T], floor: f64) -> (f64, usize) {
+            assert_eq!(a.len(), b.len());
+            let scale = b.iter().fold(floor, |m, v| m.max(v.to_f64().abs()));
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x.to_f64() - y.to_f64()).abs() / scale)
+                .enumerate()
+                .fold((0.0, 0), |(w, at), (i, d)| if d > w { (d, i) } else { (w, at) })
+        }
+
+        /// Deterministic pseudo-random values in [-scale, scale) (xorshift).
+        pub(crate) fn values(seed: u64, n: usize, scale: f64) -> Vec<f64> {
+            let mut state = seed | 1;
+            (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0 * scale
+                })
+                .collect()
+        }
+    }
 }

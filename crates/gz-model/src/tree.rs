@@ -308,37 +308,36 @@ impl CustomOp3 for TreeBwd {
     }
 }
 
-#[cfg(feature = "cudnn")]
-mod cuda {
-    //! Launches of `src/kernels/tree.cu`: one thread per row.
+#[cfg(test)]
+mod emu_tests;
 
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda::CudaDType;
-    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
-    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+/// What the launches of `src/kernels/tree.cu` pass besides the buffers, as pure functions shared
+/// by the CUDA launcher and the emulator tests (`tree/emu_tests.rs`).
+#[cfg_attr(
+    not(any(feature = "cudnn", test)),
+    allow(dead_code, reason = "used by the CUDA launcher and the emulator tests")
+)]
+pub(crate) mod launch {
+    use candle_core::Result;
 
     use super::Plan;
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/tree.ptx"));
-    const MODULE: &str = "gz_tree";
-    const MAX_Q: usize = 16;
-    const MAX_A: usize = 64;
+    pub(crate) const MAX_Q: usize = 16;
+    pub(crate) const MAX_A: usize = 64;
 
     /// `struct Tree` of tree.cu, passed by value.
     #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Tree {
-        questions: u32,
-        answers: u32,
-        first: [u32; MAX_Q],
-        len: [u32; MAX_Q],
-        parent: [i32; MAX_Q],
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Tree {
+        pub(crate) questions: u32,
+        pub(crate) answers: u32,
+        pub(crate) first: [u32; MAX_Q],
+        pub(crate) len: [u32; MAX_Q],
+        pub(crate) parent: [i32; MAX_Q],
     }
 
-    // SAFETY: plain old data with the C layout of `struct Tree` in tree.cu (u32/i32 fields only).
-    unsafe impl DeviceRepr for Tree {}
-
-    fn table(plan: &Plan) -> Result<Tree> {
+    /// The plan's questions as the kernel's table.
+    pub(super) fn table(plan: &Plan) -> Result<Tree> {
         if plan.questions.len() > MAX_Q || gz_schema::N_ANSWERS > MAX_A {
             candle_core::bail!("gz-tree-output: the kernel holds at most {MAX_Q} questions and {MAX_A} answers");
         }
@@ -357,6 +356,30 @@ mod cuda {
         Ok(t)
     }
 
+    /// (grid, block) of both kernels: one thread per row, 128 per block.
+    pub(crate) fn grid(rows: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
+        ((rows.div_ceil(128).max(1), 1, 1), (128, 1, 1))
+    }
+}
+
+#[cfg(feature = "cudnn")]
+mod cuda {
+    //! Launches of `src/kernels/tree.cu`: one thread per row.
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    use super::Plan;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/tree.ptx"));
+    const MODULE: &str = "gz_tree";
+    use super::launch::{self, Tree};
+
+    // SAFETY: plain old data with the C layout of `struct Tree` in tree.cu (u32/i32 fields only).
+    unsafe impl DeviceRepr for Tree {}
+
     fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("gz-tree-output: input is not contiguous");
@@ -370,9 +393,10 @@ mod cuda {
     }
 
     fn config(rows: u32) -> LaunchConfig {
+        let (grid_dim, block_dim) = launch::grid(rows);
         LaunchConfig {
-            grid_dim: (rows.div_ceil(128).max(1), 1, 1),
-            block_dim: (128, 1, 1),
+            grid_dim,
+            block_dim,
             shared_mem_bytes: 0,
         }
     }
@@ -394,7 +418,7 @@ mod cuda {
         eps: T,
     ) -> Result<CudaStorage> {
         let n = rows(l)?;
-        let t = table(plan)?;
+        let t = launch::table(plan)?;
         let x = view::<T>(s, l)?;
         // SAFETY: the kernel writes every value of every row.
         let y = unsafe { dev.alloc::<T>(l.shape().elem_count()) }?;
@@ -435,7 +459,7 @@ mod cuda {
         eps: T,
     ) -> Result<CudaStorage> {
         let n = rows(x.1)?;
-        let t = table(plan)?;
+        let t = launch::table(plan)?;
         let (xv, yv, dyv) = (view::<T>(x.0, x.1)?, view::<T>(y.0, y.1)?, view::<T>(dy.0, dy.1)?);
         // SAFETY: the kernel writes every value of every row.
         let dx = unsafe { dev.alloc::<T>(x.1.shape().elem_count()) }?;

@@ -365,6 +365,78 @@ impl CustomOp2 for BiasReluBwd {
     }
 }
 
+#[cfg(test)]
+mod emu_tests;
+
+/// Launch geometry of the kernels in `src/kernels/bias_relu.cu`: pure functions of the sizes,
+/// shared by the CUDA launchers below and the emulator tests (`fused/emu_tests.rs`, which run
+/// the kernels on the CPU with exactly these grids).
+#[cfg_attr(
+    not(any(feature = "cudnn", test)),
+    allow(dead_code, reason = "used by the CUDA launchers and the emulator tests")
+)]
+pub(crate) mod grid {
+    /// Threads per block of every bias_relu.cu kernel (the size of their shared arrays).
+    pub(crate) const THREADS: u32 = 256;
+
+    pub(crate) type Dim = (u32, u32, u32);
+
+    /// A 1-D grid-stride launch over `total` values with ~4 per thread (bias_relu_fwd_flat,
+    /// bias_relu_fwd_nhwc).
+    pub(crate) fn stride4(total: u32) -> Dim {
+        (total.div_ceil(THREADS * 4).clamp(1, 1 << 20), 1, 1)
+    }
+
+    /// Whether the NCHW forward takes the flat kernel: planes too small to keep a block per
+    /// plane busy (Dieleman's 6×6 and 4×4 maps), and a size its 32-bit indices cover.
+    pub(crate) fn fwd_is_flat(hw: u32, total: usize) -> bool {
+        hw < THREADS * 4 && total <= i32::MAX as usize
+    }
+
+    /// bias_relu_fwd: x over planes, y over chunks of a plane (~4 values per thread, at most 64).
+    pub(crate) fn fwd_planes(planes: u32, hw: u32) -> Dim {
+        (planes, hw.div_ceil(THREADS * 4).clamp(1, 64), 1)
+    }
+
+    /// bias_relu_pool_fwd[_nhwc]: one thread per (window, channel), grid-stride.
+    pub(crate) fn pool_fwd(threads: u32) -> Dim {
+        (threads.div_ceil(THREADS).clamp(1, 1 << 20), 1, 1)
+    }
+
+    /// Splits of the batch per channel so that the grid has at least ~1,024 blocks.
+    pub(crate) fn splits(n: u32, k: u32) -> u32 {
+        1024u32.div_ceil(k).clamp(1, n.max(1))
+    }
+
+    /// bias_relu_bwd: (channels, batch splits) blocks; the number of partials per channel.
+    pub(crate) fn bwd(n: u32, k: u32) -> (Dim, u32) {
+        let s = splits(n, k);
+        ((k, s, 1), s)
+    }
+
+    /// bias_relu_bwd_nhwc: ~2,048 blocks of contiguous row ranges (fewer with fewer rows).
+    pub(crate) fn bwd_nhwc(rows: u32) -> (Dim, u32) {
+        let s = rows.clamp(1, 2048);
+        ((s, 1, 1), s)
+    }
+
+    /// relu_pool_bwd (NCHW: as [`bwd`]) and relu_pool_bwd_nhwc (~2,048 ranges of window rows:
+    /// about two waves of 256-thread blocks on an H200).
+    pub(crate) fn pool_bwd(n: u32, k: u32, h: u32, w: u32, nhwc: bool) -> (Dim, u32) {
+        if nhwc {
+            let s = (n * h.div_ceil(2) * w.div_ceil(2)).clamp(1, 2048);
+            ((s, 1, 1), s)
+        } else {
+            bwd(n, k)
+        }
+    }
+
+    /// bias_grad_finish: one thread per channel.
+    pub(crate) fn finish(k: u32) -> Dim {
+        (k.div_ceil(THREADS), 1, 1)
+    }
+}
+
 #[cfg(feature = "cudnn")]
 mod cuda {
     //! Launches of the kernels in `src/kernels/bias_relu.cu`.
@@ -374,9 +446,10 @@ mod cuda {
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
     use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 
+    use super::grid::{self, THREADS};
+
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bias_relu.ptx"));
     const MODULE: &str = "gz_bias_relu";
-    const THREADS: u32 = 256;
 
     fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
         candle_core::Error::Cuda(format!("bias_relu {what}: {e:?}").into())
@@ -455,14 +528,14 @@ mod cuda {
         let total = planes as usize * hw as usize;
         // SAFETY: the kernel writes every element of `y` (each plane's whole range).
         let y = unsafe { dev.alloc::<T>(total) }?;
-        if hw < THREADS * 4 && total <= i32::MAX as usize {
+        if grid::fwd_is_flat(hw, total) {
             // small planes (Dieleman's late layers: 6×6, 4×4): one flat grid-stride pass (32-bit
             // indices), not a mostly idle 256-thread block per plane
             let total32 = u32_of(total, "size")?;
             let func =
                 dev.get_or_load_custom_func(&format!("bias_relu_fwd_flat_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
             let cfg = LaunchConfig {
-                grid_dim: (total32.div_ceil(THREADS * 4).clamp(1, 1 << 20), 1, 1),
+                grid_dim: grid::stride4(total32),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -474,10 +547,8 @@ mod cuda {
             return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
         }
         let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
-        // enough blocks per plane to cover it with ~4 elements per thread, at most 64
-        let chunks = hw.div_ceil(THREADS * 4).clamp(1, 64);
         let cfg = LaunchConfig {
-            grid_dim: (planes, chunks, 1),
+            grid_dim: grid::fwd_planes(planes, hw),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -585,7 +656,7 @@ mod cuda {
         };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let cfg = LaunchConfig {
-            grid_dim: (threads.div_ceil(THREADS).clamp(1, 1 << 20), 1, 1),
+            grid_dim: grid::pool_fwd(threads),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -656,20 +727,11 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let ys = view::<T>(y, ly)?;
         let dps = view::<T>(dp, ldp)?;
-        let windows = n * h.div_ceil(2) * w.div_ceil(2);
-        // NCHW: (channels, batch splits) blocks as bias_relu_bwd; NHWC: window-row ranges
-        let (grid, s) = if nhwc {
-            // ~2,048 window-row ranges: about two waves of 256-thread blocks on an H200
-            let s = windows.clamp(1, 2048);
-            ((s, 1, 1), s)
-        } else {
-            let s = splits(n, k);
-            ((k, s, 1), s)
-        };
+        let (dims, s) = grid::pool_bwd(n, k, h, w, nhwc);
         let name = if nhwc { "relu_pool_bwd_nhwc" } else { "relu_pool_bwd" };
         // each window writes its valid positions and the windows tile the plane, so every dz
         // element is written; y and dz hold n·k·h·w elements, dp n·k·(h/2)·(w/2)
-        packed_backward::<T>(dev, name, (&ys, &dps), total, k, (grid, s), &[n, k, h, w])
+        packed_backward::<T>(dev, name, (&ys, &dps), total, k, (dims, s), &[n, k, h, w])
     }
 
     fn u32_of(v: usize, what: &str) -> Result<u32> {
@@ -696,7 +758,7 @@ mod cuda {
         let y = unsafe { dev.alloc::<T>(total) }?;
         let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_nhwc_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
         let cfg = LaunchConfig {
-            grid_dim: (total32.div_ceil(THREADS * 4).clamp(1, 1 << 20), 1, 1),
+            grid_dim: grid::stride4(total32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -721,8 +783,6 @@ mod cuda {
         u32_of(total, "size")?;
         let ys = view::<T>(y, ly)?;
         let dys = view::<T>(dy, ldy)?;
-        // ~2,048 blocks of contiguous row ranges (fewer when there are fewer rows)
-        let s = rows32.clamp(1, 2048);
         // y, dy and dz hold rows·k elements
         packed_backward::<T>(
             dev,
@@ -730,14 +790,9 @@ mod cuda {
             (&ys, &dys),
             total,
             k32,
-            ((s, 1, 1), s),
+            grid::bwd_nhwc(rows32),
             &[rows32, k32],
         )
-    }
-
-    /// Splits of the batch per channel so that the grid has at least ~1,024 blocks.
-    fn splits(n: u32, k: u32) -> u32 {
-        1024u32.div_ceil(k).clamp(1, n.max(1))
     }
 
     fn bwd<T: CudaDType + DeviceRepr + WithDType>(
@@ -751,9 +806,16 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let ys = view::<T>(y, ly)?;
         let dys = view::<T>(dy, ldy)?;
-        let s = splits(n, k);
         // y, dy and dz hold n·k·hw elements
-        packed_backward::<T>(dev, "bias_relu_bwd", (&ys, &dys), total, k, ((k, s, 1), s), &[n, k, hw])
+        packed_backward::<T>(
+            dev,
+            "bias_relu_bwd",
+            (&ys, &dys),
+            total,
+            k,
+            grid::bwd(n, k),
+            &[n, k, hw],
+        )
     }
 
     /// The backward kernels' common launch: `{name}_{dtype}(y, g, dz, partial, dims...)` with
@@ -811,7 +873,7 @@ mod cuda {
         let mut db = out.slice_mut(total..);
         let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
         let cfg = LaunchConfig {
-            grid_dim: (k.div_ceil(THREADS), 1, 1),
+            grid_dim: grid::finish(k),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -1,0 +1,294 @@
+//! The kernels of `src/kernels/bias_relu.cu` run on the CPU (`gz-kernel-emu`) with the launch
+//! geometry of [`super::grid`], against the CPU twins of the ops they implement
+//! ([`super::BiasRelu`], [`super::BiasReluBwd`], [`super::ReluPoolBwd`], candle's max-pool):
+//! the indexing, the per-(channel, split) partial sums and their finish, the shared-memory lane
+//! reduction of the channels-last kernels (with channels that divide the block unevenly and with
+//! more channels than threads), the small-plane paths, odd map sides and ties in the pooling
+//! windows, in f32, bf16 and f16. Every output buffer is checked for out-of-bounds writes and
+//! for elements never written. What this cannot show is anything about the GPU itself (see
+//! gz-kernel-emu's crate docs); `cuda_*` tests in `cudnn/tests.rs` do that on a device.
+
+use candle_core::{Device, Result, Tensor, WithDType};
+use gz_kernel_emu::ffi::Storage;
+use half::{bf16, f16};
+
+use super::grid::{self, THREADS};
+use super::{BiasRelu, BiasReluBwd, ReluPoolBwd};
+use crate::testutil::emu::{run, values, worst, Buf};
+
+trait Elem: WithDType + Storage {}
+impl<T: WithDType + Storage> Elem for T {}
+
+const BLOCK: (u32, u32, u32) = (THREADS, 1, 1);
+
+fn tensor<T: Elem>(v: &[T], shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu)
+}
+
+fn flat<T: Elem>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+fn of<T: Elem>(v: Vec<f64>) -> Vec<T> {
+    v.into_iter().map(T::from_f64).collect()
+}
+
+/// The op layout's shape of logical (n, k, h, w).
+fn shape(nhwc: bool, (n, k, h, w): (usize, usize, usize, usize)) -> Vec<usize> {
+    if nhwc {
+        vec![n, h, w, k]
+    } else {
+        vec![n, k, h, w]
+    }
+}
+
+fn u(v: usize) -> u32 {
+    u32::try_from(v).expect("test sizes fit 32 bits")
+}
+
+/// The forward epilogue, both layouts, against [`BiasRelu`]'s CPU path (the same f32 sum and
+/// one rounding: equal to the bit).
+fn check_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
+    let (n, k, h, w) = dims;
+    let total = n * k * h * w;
+    let z: Vec<T> = of(values(1, total, 2.0));
+    let b: Vec<T> = of(values(2, k, 1.0));
+    let reference =
+        flat::<T>(&tensor(&z, &shape(nhwc, dims))?.apply_op2_no_bwd(&tensor(&b, &[k])?, &BiasRelu { nhwc })?)?;
+    let (zb, bb, mut yb) = (Buf::new(&z), Buf::new(&b), Buf::<T>::out(total));
+    let (zp, bp, yp) = (zb.ptr(), bb.ptr(), yb.mut_ptr());
+    let (total32, k32, hw) = (u(total), u(k), u(h * w));
+    if nhwc {
+        // SAFETY (each launch below): the kernel's argument list, with buffers holding what it
+        // reads and writes for these sizes
+        run("bias_relu_fwd_nhwc", grid::stride4(total32), BLOCK, || unsafe {
+            T::bias_relu_fwd_nhwc(zp, bp, yp, total32, k32)
+        });
+    } else if grid::fwd_is_flat(hw, total) {
+        run("bias_relu_fwd_flat", grid::stride4(total32), BLOCK, || unsafe {
+            T::bias_relu_fwd_flat(zp, bp, yp, total32, k32, hw)
+        });
+    } else {
+        let planes = u(n * k);
+        run("bias_relu_fwd", grid::fwd_planes(planes, hw), BLOCK, || unsafe {
+            T::bias_relu_fwd(zp, bp, yp, k32, hw)
+        });
+    }
+    let (d, at) = worst(yb.values("y", true), &reference, 1e-30);
+    assert!(
+        d == 0.0,
+        "{dims:?} nhwc {nhwc}: y differs from the CPU op at {at} by {d}"
+    );
+    Ok(())
+}
+
+/// The backward kernels' common launch, as the CUDA launcher's `packed_backward`: the first
+/// kernel (dz and the partials), then the bias-gradient finish. Returns (dz, db).
+fn packed<T: Elem>(
+    name: &str,
+    (grid_dim, splits): ((u32, u32, u32), u32),
+    total: usize,
+    k: u32,
+    first: impl Fn(*mut T, *mut f32),
+) -> (Vec<T>, Vec<T>) {
+    let mut dz = Buf::<T>::out(total);
+    let mut partial = Buf::<f32>::out(k as usize * splits as usize);
+    let mut db = Buf::<T>::out(k as usize);
+    let (dzp, pp, dbp) = (dz.mut_ptr(), partial.mut_ptr(), db.mut_ptr());
+    run(name, grid_dim, BLOCK, || first(dzp, pp));
+    partial.values(&format!("{name} partials"), true);
+    let pc = pp as *const f32;
+    // SAFETY: bias_grad_finish's argument list; `partial` holds k·splits values, db k
+    run("bias_grad_finish", grid::finish(k), BLOCK, || unsafe {
+        T::bias_grad_finish(pc, dbp, k, splits)
+    });
+    (dz.values("dz", true).to_vec(), db.values("db", true).to_vec())
+}
+
+/// Compares a packed CPU result [dz, db] with the kernels': dz to the bit, db (f32 sums in
+/// another order, then one rounding to T) within `db_tol` of the largest |db|.
+fn compare<T: Elem>(what: &str, cpu: &Tensor, total: usize, dz: &[T], db: &[T], db_tol: f64) -> Result<()> {
+    let cpu = flat::<T>(cpu)?;
+    let (d, at) = worst(dz, &cpu[..total], 1e-30);
+    assert!(d == 0.0, "{what}: dz differs from the CPU op at {at} by {d}");
+    let (d, at) = worst(db, &cpu[total..], 1e-3);
+    assert!(
+        d <= db_tol,
+        "{what}: db differs from the CPU op at channel {at} by {d} (relative)"
+    );
+    Ok(())
+}
+
+/// A ReLU output: non-negative, a third exact zeros, from a few levels so that 2×2 windows
+/// often tie (the pooling backward must route to the first maximum, as the CPU op does).
+fn relu_output<T: Elem>(seed: u64, n: usize) -> Vec<T> {
+    of(values(seed, n, 1.0)
+        .into_iter()
+        .map(|v| (v * 4.0).round().max(-1.0).max(0.0) / 2.0 + if v > 0.9 { 0.25 } else { 0.0 })
+        .collect())
+}
+
+fn check_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize), db_tol: f64) -> Result<()> {
+    let (n, k, h, w) = dims;
+    let total = n * k * h * w;
+    let y: Vec<T> = relu_output(3, total);
+    let dy: Vec<T> = of(values(4, total, 2.0));
+    let cpu =
+        tensor(&y, &shape(nhwc, dims))?.apply_op2_no_bwd(&tensor(&dy, &shape(nhwc, dims))?, &BiasReluBwd { nhwc })?;
+    let (yb, dyb) = (Buf::new(&y), Buf::new(&dy));
+    let (yp, dyp) = (yb.ptr(), dyb.ptr());
+    let k32 = u(k);
+    let (dz, db) = if nhwc {
+        let rows = u(n * h * w);
+        // SAFETY: bias_relu_bwd_nhwc's argument list; y, dy and dz hold rows·k values
+        packed::<T>("bias_relu_bwd_nhwc", grid::bwd_nhwc(rows), total, k32, |dz, p| unsafe {
+            T::bias_relu_bwd_nhwc(yp, dyp, dz, p, rows, k32)
+        })
+    } else {
+        let (n32, hw) = (u(n), u(h * w));
+        // SAFETY: bias_relu_bwd's argument list; y, dy and dz hold n·k·hw values
+        packed::<T>("bias_relu_bwd", grid::bwd(n32, k32), total, k32, |dz, p| unsafe {
+            T::bias_relu_bwd(yp, dyp, dz, p, n32, k32, hw)
+        })
+    };
+    compare(
+        &format!("bias_relu_bwd {dims:?} nhwc {nhwc}"),
+        &cpu,
+        total,
+        &dz,
+        &db,
+        db_tol,
+    )
+}
+
+fn check_pool_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
+    let (n, k, h, w) = dims;
+    let total = n * k * h * w;
+    let pooled = n * k * (h / 2) * (w / 2);
+    let z: Vec<T> = of(values(5, total, 2.0));
+    let b: Vec<T> = of(values(6, k, 1.0));
+    let y_cpu = tensor(&z, &shape(nhwc, dims))?.apply_op2_no_bwd(&tensor(&b, &[k])?, &BiasRelu { nhwc })?;
+    let p_cpu = if nhwc {
+        y_cpu.permute((0, 3, 1, 2))?.max_pool2d(2)?.permute((0, 2, 3, 1))?
+    } else {
+        y_cpu.max_pool2d(2)?
+    };
+    let (zb, bb) = (Buf::new(&z), Buf::new(&b));
+    let (mut yb, mut pb) = (Buf::<T>::out(total), Buf::<T>::out(pooled));
+    let (zp, bp, yp, pp) = (zb.ptr(), bb.ptr(), yb.mut_ptr(), pb.mut_ptr());
+    let (n32, k32, h32, w32) = (u(n), u(k), u(h), u(w));
+    let threads = n32 * k32 * h32.div_ceil(2) * w32.div_ceil(2);
+    // SAFETY: the kernels' argument list; z, y hold n·k·h·w values, b k, p n·k·(h/2)·(w/2)
+    if nhwc {
+        run("bias_relu_pool_fwd_nhwc", grid::pool_fwd(threads), BLOCK, || unsafe {
+            T::bias_relu_pool_fwd_nhwc(zp, bp, yp, pp, n32, k32, h32, w32)
+        });
+    } else {
+        run("bias_relu_pool_fwd", grid::pool_fwd(threads), BLOCK, || unsafe {
+            T::bias_relu_pool_fwd(zp, bp, yp, pp, n32, k32, h32, w32)
+        });
+    }
+    let what = format!("bias_relu_pool_fwd {dims:?} nhwc {nhwc}");
+    let (d, at) = worst(yb.values("y", true), &flat::<T>(&y_cpu)?, 1e-30);
+    assert!(d == 0.0, "{what}: y differs at {at} by {d}");
+    let (d, at) = worst(pb.values("p", true), &flat::<T>(&p_cpu)?, 1e-30);
+    assert!(d == 0.0, "{what}: p differs at {at} by {d}");
+    Ok(())
+}
+
+fn check_pool_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize), db_tol: f64) -> Result<()> {
+    let (n, k, h, w) = dims;
+    let total = n * k * h * w;
+    let pdims = (n, k, h / 2, w / 2);
+    let y: Vec<T> = relu_output(7, total);
+    let dp: Vec<T> = of(values(8, n * k * (h / 2) * (w / 2), 2.0));
+    let cpu =
+        tensor(&y, &shape(nhwc, dims))?.apply_op2_no_bwd(&tensor(&dp, &shape(nhwc, pdims))?, &ReluPoolBwd { nhwc })?;
+    let (yb, dpb) = (Buf::new(&y), Buf::new(&dp));
+    let (yp, dpp) = (yb.ptr(), dpb.ptr());
+    let (n32, k32, h32, w32) = (u(n), u(k), u(h), u(w));
+    let name = if nhwc { "relu_pool_bwd_nhwc" } else { "relu_pool_bwd" };
+    let (dz, db) = packed::<T>(name, grid::pool_bwd(n32, k32, h32, w32, nhwc), total, k32, |dz, p| {
+        // SAFETY: the kernels' argument list; y and dz hold n·k·h·w values, dp n·k·(h/2)·(w/2)
+        unsafe {
+            if nhwc {
+                T::relu_pool_bwd_nhwc(yp, dpp, dz, p, n32, k32, h32, w32)
+            } else {
+                T::relu_pool_bwd(yp, dpp, dz, p, n32, k32, h32, w32)
+            }
+        }
+    });
+    compare(&format!("{name} {dims:?}"), &cpu, total, &dz, &db, db_tol)
+}
+
+/// (n, k, h, w): a small plane (the flat forward), a plane of 1,600 (two chunks per plane), more
+/// channels than threads (the channels-last kernels' per-channel loop), channel counts that
+/// leave part of the block idle, one channel, more rows than the 2,048 channels-last ranges.
+const SHAPES: [(usize, usize, usize, usize); 7] = [
+    (3, 5, 7, 6),
+    (2, 3, 40, 40),
+    (5, 300, 2, 3),
+    (2, 96, 3, 5),
+    (1, 1, 33, 33),
+    (1, 3, 50, 50),
+    (4, 32, 9, 9),
+];
+
+/// (n, k, h, w) of the pooled layers: odd and even sides, the smallest map, more channels than
+/// threads, uneven batch splits.
+const POOL_SHAPES: [(usize, usize, usize, usize); 6] = [
+    (2, 5, 7, 6),
+    (3, 4, 5, 5),
+    (2, 300, 4, 3),
+    (1, 3, 40, 40),
+    (2, 2, 2, 2),
+    (5, 96, 6, 7),
+];
+
+#[test]
+fn bias_relu_forward_kernels_match_the_cpu_op() -> Result<()> {
+    for nhwc in [false, true] {
+        for dims in SHAPES {
+            check_fwd::<f32>(nhwc, dims)?;
+            check_fwd::<bf16>(nhwc, dims)?;
+            check_fwd::<f16>(nhwc, dims)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bias_relu_backward_kernels_match_the_cpu_op() -> Result<()> {
+    for nhwc in [false, true] {
+        for dims in SHAPES {
+            check_bwd::<f32>(nhwc, dims, 1e-5)?;
+            check_bwd::<bf16>(nhwc, dims, 8e-3)?;
+            check_bwd::<f16>(nhwc, dims, 1e-3)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bias_relu_pool_forward_kernels_match_the_cpu_ops() -> Result<()> {
+    for nhwc in [false, true] {
+        for dims in POOL_SHAPES {
+            check_pool_fwd::<f32>(nhwc, dims)?;
+            check_pool_fwd::<bf16>(nhwc, dims)?;
+            check_pool_fwd::<f16>(nhwc, dims)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn relu_pool_backward_kernels_match_the_cpu_op() -> Result<()> {
+    for nhwc in [false, true] {
+        for dims in POOL_SHAPES {
+            check_pool_bwd::<f32>(nhwc, dims, 1e-5)?;
+            check_pool_bwd::<bf16>(nhwc, dims, 8e-3)?;
+            check_pool_bwd::<f16>(nhwc, dims, 1e-3)?;
+        }
+    }
+    Ok(())
+}
