@@ -20,8 +20,15 @@
 //! Neighbours: [`crate::train`] builds the optimizer from `TrainConfig` and calls
 //! [`Optimizer::step`] once per minibatch and [`Schedule::lr_at`] once per epoch.
 
+#[cfg(test)]
+mod emu_tests;
 #[cfg(feature = "cudnn")]
 mod fused;
+#[cfg_attr(
+    not(any(feature = "cudnn", test)),
+    allow(dead_code, reason = "used by the CUDA launcher and the emulator tests")
+)]
+mod launch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

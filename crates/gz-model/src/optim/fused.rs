@@ -41,99 +41,14 @@ use candle_core::cuda::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
 use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::launch::{self, Scalars};
 use super::{OptimParams, OptimizerKind};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "gz_optim";
-const THREADS: u32 = 256;
-/// Grid cap: the kernels loop grid-stride, so large tensors need no more blocks than this.
-const MAX_BLOCKS: u64 = 8192;
 
 fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Cuda(format!("fused optimizer {what}: {e:?}").into())
-}
-
-/// The kernel's scalar arguments, computed on the host exactly as candle's `affine` would cast
-/// them (f64 arithmetic, then `as f32`).
-#[derive(Debug, Clone, Copy)]
-enum Scalars {
-    Rmsprop {
-        use_l2: i32,
-        l2: f32,
-        rho: f32,
-        one_minus_rho: f32,
-        eps: f32,
-        lr: f32,
-    },
-    SgdNesterov {
-        use_l2: i32,
-        l2: f32,
-        momentum: f32,
-        lr: f32,
-    },
-    Adamw {
-        beta1: f32,
-        one_minus_beta1: f32,
-        beta2: f32,
-        one_minus_beta2: f32,
-        inv_bc1: f32,
-        inv_bc2: f32,
-        decay: f32,
-        eps: f32,
-        lr: f32,
-    },
-}
-
-impl Scalars {
-    fn new(kind: OptimizerKind, hp: &OptimParams, lr: f64, steps: u64) -> Self {
-        let use_l2 = i32::from(hp.weight_decay > 0.0);
-        match kind {
-            OptimizerKind::Rmsprop => Self::Rmsprop {
-                use_l2,
-                l2: hp.weight_decay as f32,
-                rho: hp.rho as f32,
-                one_minus_rho: (1.0 - hp.rho) as f32,
-                eps: hp.eps as f32,
-                lr: lr as f32,
-            },
-            OptimizerKind::SgdNesterov => Self::SgdNesterov {
-                use_l2,
-                l2: hp.weight_decay as f32,
-                momentum: hp.momentum as f32,
-                lr: lr as f32,
-            },
-            OptimizerKind::Adamw => {
-                // As the generic path: `m / (1 - b1^t)` is candle's affine(1 / (1 - b1^t), 0).
-                let t = steps as i32;
-                Self::Adamw {
-                    beta1: hp.beta1 as f32,
-                    one_minus_beta1: (1.0 - hp.beta1) as f32,
-                    beta2: hp.beta2 as f32,
-                    one_minus_beta2: (1.0 - hp.beta2) as f32,
-                    inv_bc1: (1.0 / (1.0 - hp.beta1.powi(t))) as f32,
-                    inv_bc2: (1.0 / (1.0 - hp.beta2.powi(t))) as f32,
-                    decay: (1.0 - lr * hp.weight_decay) as f32,
-                    eps: hp.eps as f32,
-                    lr: lr as f32,
-                }
-            }
-        }
-    }
-
-    fn kernel(&self) -> &'static str {
-        match self {
-            Self::Rmsprop { .. } => "gz_rmsprop",
-            Self::SgdNesterov { .. } => "gz_sgd_nesterov",
-            Self::Adamw { .. } => "gz_adamw",
-        }
-    }
-
-    fn slots(&self) -> usize {
-        match self {
-            Self::Rmsprop { .. } | Self::SgdNesterov { .. } => 1,
-            Self::Adamw { .. } => 2,
-        }
-    }
 }
 
 /// Applies the fused update to one parameter, or returns `Ok(false)` (having touched nothing)
@@ -356,10 +271,10 @@ fn launch<T: CudaDType + DeviceRepr>(
     };
     let null: u64 = 0;
     let n64 = n as u64;
-    let blocks = n64.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32;
+    let (grid_dim, block_dim) = launch::grid(n64);
     let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        grid_dim,
+        block_dim,
         shared_mem_bytes: 0,
     };
     let mut b = func.builder();
