@@ -38,6 +38,9 @@ fn main() {
         // clobbered"; the scheduler is only ever resumed by swapcontext/uc_link, which restore
         // the registers saved at its own swapcontext, so no local is stale
         .flag_if_supported("-Wno-clobbered")
+        // runtime.cpp switches fibers with _longjmp to another stack, which the checked longjmp
+        // of _FORTIFY_SOURCE (on by default in some distributions' compilers) aborts
+        .flag("-U_FORTIFY_SOURCE")
         .warnings(true);
     build.file(emu.join("runtime.cpp"));
     // The kernel files are CUDA sources: `-x c++` makes the compiler read them as C++, and the

@@ -1,11 +1,15 @@
 // The launch side of the CPU emulator (gz-kernel-emu): runs a kernel over a grid the way the GPU
-// would, one block after another, the threads of a block as cooperative fibers (ucontext) on the
-// calling OS thread. A fiber runs until it finishes or waits at a barrier (__syncthreads, or the
+// would, one block after another, the threads of a block as cooperative fibers on the calling OS
+// thread. Each fiber gets its stack once per launch (makecontext; entered once with setcontext)
+// and then loops over the grid's blocks; every later switch is _setjmp/_longjmp, which unlike
+// swapcontext makes no signal-mask system call (built with -U_FORTIFY_SOURCE: glibc's checked
+// longjmp refuses a jump to another stack). A fiber runs until it finishes or waits at a barrier (__syncthreads, or the
 // warp-wide exchange behind __shfl_down_sync); the scheduler then resumes the next one, so
 // barriers and shuffles have their CUDA meaning, and a barrier some threads never reach is
 // reported as a deadlock instead of hanging. The launch checks CUDA's limits on the grid and
 // block (as cuLaunchKernel would refuse them).
 
+#include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <ucontext.h>
@@ -30,15 +34,17 @@ struct Barrier {
 };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t start;
+    jmp_buf env;
     char *stack = nullptr;
     uint3 tid;
     unsigned int linear = 0;
+    bool started = false;
     bool done = false;
 };
 
 struct Launch {
-    ucontext_t scheduler;
+    jmp_buf scheduler;
     std::vector<Fiber> fibers;
     Fiber *current = nullptr;
     Barrier block_barrier;
@@ -63,16 +69,33 @@ void wait(Barrier &b) {
     }
     while (b.generation == g) {
         Fiber *f = l->current;
-        swapcontext(&f->ctx, &l->scheduler);
+        if (_setjmp(f->env) == 0) _longjmp(l->scheduler, 1);
     }
 }
 
-void entry() {
-    Launch *l = active;
-    l->body(l->data);
-    l->current->done = true;
-    l->progressed = true;
-    // returning resumes uc_link, the scheduler
+// A fiber's whole life: one CUDA thread of every block the scheduler resumes it for. It never
+// returns; after the last block it stays parked and its stack is freed.
+void fiber_main() {
+    for (;;) {
+        Launch *l = active;
+        l->body(l->data);
+        Fiber *f = l->current;
+        f->done = true;
+        l->progressed = true;
+        if (_setjmp(f->env) == 0) _longjmp(l->scheduler, 1);
+    }
+}
+
+// Runs fiber f until it finishes its thread or waits at a barrier.
+void resume(Launch &l, Fiber &f) {
+    l.current = &f;
+    thread_idx = f.tid;
+    if (_setjmp(l.scheduler) != 0) return;
+    if (!f.started) {
+        f.started = true;
+        setcontext(&f.start);
+    }
+    _longjmp(f.env, 1);
 }
 
 } // namespace
@@ -102,8 +125,11 @@ static int fail(char *err, size_t len, const char *msg) {
 }
 
 // Runs body(data) once per CUDA thread of grid x block. Returns 0, or 1 with a message in err.
+// reverse != 0 runs the blocks, and the threads within each block, in the opposite order: a
+// kernel whose result depends on the order (two threads writing one element, a block reading
+// what another writes) then gives a different result.
 extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], void (*body)(void *), void *data,
-                             char *err, size_t err_len) {
+                             int reverse, char *err, size_t err_len) {
     char msg[256];
     if (active != nullptr) return fail(err, err_len, "nested launch on one thread");
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || block[0] == 0 || block[1] == 0 || block[2] == 0) {
@@ -141,33 +167,34 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
             for (unsigned int j = 0; j < i; ++j) free(l.fibers[j].stack);
             return fail(err, err_len, "out of memory for fiber stacks");
         }
+        getcontext(&f.start);
+        f.start.uc_stack.ss_sp = f.stack;
+        f.start.uc_stack.ss_size = STACK_BYTES;
+        f.start.uc_link = nullptr;
+        makecontext(&f.start, fiber_main, 0);
     }
     active = &l;
     block_dim = {block[0], block[1], block[2]};
     grid_dim = {grid[0], grid[1], grid[2]};
     int rc = 0;
-    for (uint32_t bz = 0; bz < grid[2] && rc == 0; ++bz) {
-        for (uint32_t by = 0; by < grid[1] && rc == 0; ++by) {
-            for (uint32_t bx = 0; bx < grid[0] && rc == 0; ++bx) {
+    const uint64_t blocks = (uint64_t)grid[0] * grid[1] * grid[2];
+    for (uint64_t q = 0; q < blocks && rc == 0; ++q) {
+        {
+            {
+                const uint64_t b = reverse ? blocks - 1 - q : q;
+                const uint32_t bx = (uint32_t)(b % grid[0]), by = (uint32_t)((b / grid[0]) % grid[1]),
+                               bz = (uint32_t)(b / ((uint64_t)grid[0] * grid[1]));
                 block_idx = {bx, by, bz};
                 l.block_barrier.arrived = 0;
                 for (auto &b : l.warp_barriers) b.arrived = 0;
-                for (auto &f : l.fibers) {
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack;
-                    f.ctx.uc_stack.ss_size = STACK_BYTES;
-                    f.ctx.uc_link = &l.scheduler;
-                    makecontext(&f.ctx, entry, 0);
-                    f.done = false;
-                }
+                for (auto &f : l.fibers) f.done = false;
                 unsigned int live = l.threads;
                 while (live > 0) {
                     l.progressed = false;
-                    for (auto &f : l.fibers) {
+                    for (unsigned int i = 0; i < l.threads; ++i) {
+                        Fiber &f = l.fibers[reverse ? l.threads - 1 - i : i];
                         if (f.done) continue;
-                        l.current = &f;
-                        thread_idx = f.tid;
-                        swapcontext(&l.scheduler, &f.ctx);
+                        resume(l, f);
                         if (f.done) --live;
                     }
                     if (!l.progressed && live > 0) {

@@ -16,6 +16,7 @@ extern "C" {
         block: *const u32,
         body: extern "C" fn(*mut c_void),
         data: *mut c_void,
+        reverse: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;

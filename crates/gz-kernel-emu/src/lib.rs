@@ -17,7 +17,7 @@
 //! (this is the C++ the PTX is compiled from). It is a test tool: gz-model depends on it only as
 //! a dev-dependency.
 
-use std::ffi::{c_char, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub mod ffi;
 
@@ -26,6 +26,23 @@ pub mod ffi;
 /// of [`ffi`]'s functions with the launch's arguments): every thread calls the same kernel with
 /// the same arguments, as on the GPU.
 pub fn launch<F: Fn()>(grid: (u32, u32, u32), block: (u32, u32, u32), body: F) -> Result<(), String> {
+    launch_in(Order::Forward, grid, block, body)
+}
+
+/// The order in which [`launch_in`] runs the blocks of the grid and the threads of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Block (0, 0, 0) first, x fastest; thread 0 first.
+    Forward,
+    /// The last block first, and the last thread of each block first. A kernel that computes
+    /// the same outputs in both orders does not depend on the order of blocks or threads for
+    /// them (no two threads writing one element with different values, no block reading what
+    /// another writes): the closest the emulator comes to race detection.
+    Reverse,
+}
+
+/// [`launch`] with the blocks and threads run in `order`.
+pub fn launch_in<F: Fn()>(order: Order, grid: (u32, u32, u32), block: (u32, u32, u32), body: F) -> Result<(), String> {
     extern "C" fn trampoline<F: Fn()>(data: *mut c_void) {
         // SAFETY: `data` is the `&F` passed to gz_emu_launch below, alive for the whole launch.
         let f = unsafe { &*(data as *const F) };
@@ -45,6 +62,7 @@ pub fn launch<F: Fn()>(grid: (u32, u32, u32), block: (u32, u32, u32), body: F) -
             b.as_ptr(),
             trampoline::<F>,
             &body as *const F as *mut c_void,
+            c_int::from(order == Order::Reverse),
             err.as_mut_ptr(),
             err.len(),
         )
@@ -79,6 +97,23 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), 3 * 2 * 64);
+    }
+
+    #[test]
+    fn reverse_order_runs_the_last_block_and_thread_first() {
+        use std::cell::RefCell;
+        for (order, first) in [(Order::Forward, (0, 0)), (Order::Reverse, (5, 31))] {
+            let seen = RefCell::new(Vec::new());
+            launch_in(order, (3, 2, 1), (32, 1, 1), || {
+                // SAFETY: reads the emulator's per-thread indices
+                let (t, b) = unsafe { (ffi::gz_emu_thread_idx(), ffi::gz_emu_block_idx()) };
+                seen.borrow_mut().push((b, t));
+            })
+            .unwrap();
+            let seen = seen.into_inner();
+            assert_eq!(seen[0], first, "{order:?}");
+            assert_eq!(seen.len(), 6 * 32);
+        }
     }
 
     #[test]

@@ -160,6 +160,54 @@ pub(crate) mod testutil {
             }
         }
 
+        /// An output buffer of an out-of-place kernel, for [`run_both`].
+        pub(crate) trait Output {
+            /// The values (as f64; NaN for unwritten).
+            fn snapshot(&self) -> Vec<f64>;
+            /// Sets every value back to NaN, in place (the kernel's pointers stay valid).
+            fn poison(&mut self);
+        }
+
+        impl<T: WithDType> Output for Buf<T> {
+            fn snapshot(&self) -> Vec<f64> {
+                self.data[GUARD..GUARD + self.len].iter().map(|v| v.to_f64()).collect()
+            }
+            fn poison(&mut self) {
+                let nan = T::from_f64(f64::NAN);
+                self.data[GUARD..GUARD + self.len].iter_mut().for_each(|v| *v = nan);
+            }
+        }
+
+        /// [`run`] for an out-of-place kernel, twice: blocks and threads in order, then in
+        /// reverse order ([`gz_kernel_emu::Order`]) with `outputs` poisoned in between. The two
+        /// results must be identical to the bit, or the kernel's outputs depend on the order of
+        /// blocks or threads (a race on the GPU).
+        pub(crate) fn run_both(
+            what: &str,
+            grid: (u32, u32, u32),
+            block: (u32, u32, u32),
+            outputs: &mut [&mut dyn Output],
+            f: impl Fn(),
+        ) {
+            run(what, grid, block, &f);
+            let first: Vec<Vec<f64>> = outputs.iter().map(|o| o.snapshot()).collect();
+            outputs.iter_mut().for_each(|o| o.poison());
+            if let Err(e) = gz_kernel_emu::launch_in(gz_kernel_emu::Order::Reverse, grid, block, &f) {
+                panic!("{what} (reverse order): grid {grid:?}, block {block:?}: {e}");
+            }
+            for (i, (o, a)) in outputs.iter().zip(&first).enumerate() {
+                let b = o.snapshot();
+                let same = |x: &f64, y: &f64| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+                if let Some(k) = a.iter().zip(&b).position(|(x, y)| !same(x, y)) {
+                    panic!(
+                        "{what}: output {i}[{k}] is {} with blocks in order and {} in reverse order: the \
+                         result depends on the order of blocks or threads",
+                        a[k], b[k]
+                    );
+                }
+            }
+        }
+
         /// The largest |a − b| relative to max(|b|, floor), and where.
         pub(crate) fn worst<T: WithDType>(a: &[T], b: &[T], floor: f64) -> (f64, usize) {
             assert_eq!(a.len(), b.len());

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 
 use super::kernels::{grid, Resample};
 use super::{Affine, AugmentConfig};
-use crate::testutil::emu::{run, values, Buf};
+use crate::testutil::emu::{run_both, values, Buf};
 
 fn check<T: WithDType + Storage>(op: &Resample, x: &Tensor, tol: f64) -> candle_core::Result<()> {
     let x = x.to_dtype(T::DTYPE)?;
@@ -28,7 +28,7 @@ fn check<T: WithDType + Storage>(op: &Resample, x: &Tensor, tol: f64) -> candle_
     let (g, block) = grid(u(total));
     // SAFETY: the kernels' argument lists; x holds b·c·h·w values, mats 6 per matrix the kernel
     // indexes, out the `total` values of the op's output shape
-    run(name, g, block, || unsafe {
+    run_both(name, g, block, &mut [&mut ob], || unsafe {
         if name == "affine_sample" {
             T::affine_sample(xp, mp, op_, b, c, h, w, e0, e1)
         } else {

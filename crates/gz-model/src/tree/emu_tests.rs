@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor, Var, WithDType};
 
 use super::launch;
 use super::{TreeOutput, N_ANSWERS};
-use crate::testutil::emu::{run, values, worst, Buf};
+use crate::testutil::emu::{run_both, values, worst, Buf};
 
 fn ffi_table(t: &launch::Tree) -> gz_kernel_emu::ffi::Tree {
     gz_kernel_emu::ffi::Tree {
@@ -110,13 +110,13 @@ fn check<T: Kernels>(tol: f64) -> candle_core::Result<()> {
         let (xp, wp, yp, dxp) = (xb.ptr(), wb.ptr(), yb.mut_ptr(), dxb.mut_ptr());
         let (grid, block) = launch::grid(rows as u32);
         // SAFETY: tree_fwd's argument list; x and y hold rows × 37 values
-        run("tree_fwd", grid, block, || unsafe {
+        run_both("tree_fwd", grid, block, &mut [&mut yb], || unsafe {
             T::fwd(xp, yp, rows as u32, table, eps)
         });
         let y = yb.values("y", true).to_vec();
         let yc = yb.ptr();
         // SAFETY: tree_bwd's argument list; x, y, dy and dx hold rows × 37 values
-        run("tree_bwd", grid, block, || unsafe {
+        run_both("tree_bwd", grid, block, &mut [&mut dxb], || unsafe {
             T::bwd(xp, yc, wp, dxp, rows as u32, table, eps)
         });
         let dx = dxb.values("dx", true);

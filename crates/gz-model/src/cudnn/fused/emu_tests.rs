@@ -14,7 +14,7 @@ use half::{bf16, f16};
 
 use super::grid::{self, THREADS};
 use super::{BiasRelu, BiasReluBwd, ReluPoolBwd};
-use crate::testutil::emu::{run, values, worst, Buf};
+use crate::testutil::emu::{run_both, values, worst, Buf};
 
 trait Elem: WithDType + Storage {}
 impl<T: WithDType + Storage> Elem for T {}
@@ -61,18 +61,30 @@ fn check_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<
     if nhwc {
         // SAFETY (each launch below): the kernel's argument list, with buffers holding what it
         // reads and writes for these sizes
-        run("bias_relu_fwd_nhwc", grid::stride4(total32), BLOCK, || unsafe {
-            T::bias_relu_fwd_nhwc(zp, bp, yp, total32, k32)
-        });
+        run_both(
+            "bias_relu_fwd_nhwc",
+            grid::stride4(total32),
+            BLOCK,
+            &mut [&mut yb],
+            || unsafe { T::bias_relu_fwd_nhwc(zp, bp, yp, total32, k32) },
+        );
     } else if grid::fwd_is_flat(hw, total) {
-        run("bias_relu_fwd_flat", grid::stride4(total32), BLOCK, || unsafe {
-            T::bias_relu_fwd_flat(zp, bp, yp, total32, k32, hw)
-        });
+        run_both(
+            "bias_relu_fwd_flat",
+            grid::stride4(total32),
+            BLOCK,
+            &mut [&mut yb],
+            || unsafe { T::bias_relu_fwd_flat(zp, bp, yp, total32, k32, hw) },
+        );
     } else {
         let planes = u(n * k);
-        run("bias_relu_fwd", grid::fwd_planes(planes, hw), BLOCK, || unsafe {
-            T::bias_relu_fwd(zp, bp, yp, k32, hw)
-        });
+        run_both(
+            "bias_relu_fwd",
+            grid::fwd_planes(planes, hw),
+            BLOCK,
+            &mut [&mut yb],
+            || unsafe { T::bias_relu_fwd(zp, bp, yp, k32, hw) },
+        );
     }
     let (d, at) = worst(yb.values("y", true), &reference, 1e-30);
     assert!(
@@ -95,11 +107,11 @@ fn packed<T: Elem>(
     let mut partial = Buf::<f32>::out(k as usize * splits as usize);
     let mut db = Buf::<T>::out(k as usize);
     let (dzp, pp, dbp) = (dz.mut_ptr(), partial.mut_ptr(), db.mut_ptr());
-    run(name, grid_dim, BLOCK, || first(dzp, pp));
+    run_both(name, grid_dim, BLOCK, &mut [&mut dz, &mut partial], || first(dzp, pp));
     partial.values(&format!("{name} partials"), true);
     let pc = pp as *const f32;
     // SAFETY: bias_grad_finish's argument list; `partial` holds k·splits values, db k
-    run("bias_grad_finish", grid::finish(k), BLOCK, || unsafe {
+    run_both("bias_grad_finish", grid::finish(k), BLOCK, &mut [&mut db], || unsafe {
         T::bias_grad_finish(pc, dbp, k, splits)
     });
     (dz.values("dz", true).to_vec(), db.values("db", true).to_vec())
@@ -180,13 +192,21 @@ fn check_pool_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Re
     let threads = n32 * k32 * h32.div_ceil(2) * w32.div_ceil(2);
     // SAFETY: the kernels' argument list; z, y hold n·k·h·w values, b k, p n·k·(h/2)·(w/2)
     if nhwc {
-        run("bias_relu_pool_fwd_nhwc", grid::pool_fwd(threads), BLOCK, || unsafe {
-            T::bias_relu_pool_fwd_nhwc(zp, bp, yp, pp, n32, k32, h32, w32)
-        });
+        run_both(
+            "bias_relu_pool_fwd_nhwc",
+            grid::pool_fwd(threads),
+            BLOCK,
+            &mut [&mut yb, &mut pb],
+            || unsafe { T::bias_relu_pool_fwd_nhwc(zp, bp, yp, pp, n32, k32, h32, w32) },
+        );
     } else {
-        run("bias_relu_pool_fwd", grid::pool_fwd(threads), BLOCK, || unsafe {
-            T::bias_relu_pool_fwd(zp, bp, yp, pp, n32, k32, h32, w32)
-        });
+        run_both(
+            "bias_relu_pool_fwd",
+            grid::pool_fwd(threads),
+            BLOCK,
+            &mut [&mut yb, &mut pb],
+            || unsafe { T::bias_relu_pool_fwd(zp, bp, yp, pp, n32, k32, h32, w32) },
+        );
     }
     let what = format!("bias_relu_pool_fwd {dims:?} nhwc {nhwc}");
     let (d, at) = worst(yb.values("y", true), &flat::<T>(&y_cpu)?, 1e-30);
