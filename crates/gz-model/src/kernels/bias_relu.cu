@@ -56,31 +56,40 @@ __device__ __forceinline__ void block_partial(float acc, float *__restrict__ par
     }
 }
 
-// Grid: x over channels, y over `splits` groups of images; block: 256 threads (8 warps).
-// Block (c, s) handles images n = s, s + splits, ... of channel c and writes its partial sum to
-// partial[c * splits + s].
+// The NCHW backward kernels' common walk. Grid: x over channels, y over `splits` groups of
+// images; block: 256 threads (8 warps). Block (c, s) takes the (image, item) pairs of channel c
+// for images n = s, s + splits, ... as one flat range, so that small planes (a 4x4 map has 16
+// positions) still keep all 256 threads busy: pair q is image s + (q / items) * splits, item
+// q % items. `item(n, t)` writes what it owns and returns its contribution to the bias
+// gradient; the block's sum goes to partial[c * splits + s].
+template <typename F>
+__device__ __forceinline__ void nchw_pairs_partial(uint32_t batch, uint32_t items, float *__restrict__ partial,
+                                                   F item) {
+    const uint32_t c = blockIdx.x;
+    const uint32_t splits = gridDim.y;
+    float acc = 0.0f;
+    const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
+    // 32-bit pair indices (the host checks batch * items < 2^31): 32-bit divides
+    const uint32_t pairs = images * items;
+    for (uint32_t q = threadIdx.x; q < pairs; q += blockDim.x) {
+        acc += item(blockIdx.y + (q / items) * splits, q % items);
+    }
+    block_partial(acc, partial, (size_t)c * splits + blockIdx.y);
+}
+
+// Items are the hw positions of plane (n, c).
 template <typename T>
 __device__ __forceinline__ void bias_relu_bwd(const T *__restrict__ y, const T *__restrict__ dy, T *__restrict__ dz,
                                               float *__restrict__ partial, uint32_t batch, uint32_t channels,
                                               uint32_t hw) {
     const uint32_t c = blockIdx.x;
-    const uint32_t splits = gridDim.y;
-    float acc = 0.0f;
-    // The (image, position) pairs of this block as one flat range, so that small planes (a
-    // 4x4 map has 16 positions) still keep all 256 threads busy: pair j is image
-    // blockIdx.y + (j / hw) * splits, position j % hw.
-    const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
-    // 32-bit pair indices (the host checks batch * hw < 2^31): 32-bit divides
-    const uint32_t pairs = images * hw;
-    for (uint32_t j = threadIdx.x; j < pairs; j += blockDim.x) {
-        const uint32_t n = blockIdx.y + (j / hw) * splits;
-        const size_t at = ((size_t)n * channels + c) * hw + j % hw;
+    nchw_pairs_partial(batch, hw, partial, [&](uint32_t n, uint32_t i) {
+        const size_t at = ((size_t)n * channels + c) * hw + i;
         const float g = load_f<T>(y[at]) > 0.0f ? load_f<T>(dy[at]) : 0.0f;
         const T gs = store_f<T>(g);
         dz[at] = gs;
-        acc += load_f<T>(gs);
-    }
-    block_partial(acc, partial, (size_t)c * splits + blockIdx.y);
+        return load_f<T>(gs);
+    });
 }
 
 // One thread per channel: db[c] = sum of its `splits` partials, in order.
@@ -106,15 +115,16 @@ __device__ __forceinline__ void bias_relu_fwd_nhwc(const T *__restrict__ x, cons
     }
 }
 
-// Grid: x over `splits` contiguous row ranges; block: 256 threads. With channels <= 256,
-// thread t handles channel t % channels of rows t / channels, t / channels + lanes, ... (lanes =
-// 256 / channels row groups, consecutive threads read consecutive channels: coalesced), then the
-// lanes of each channel are added in a fixed order in shared memory. With more channels, each
-// thread loops over channels t, t + 256, ... Block s writes partial[c * splits + s].
-template <typename T>
-__device__ __forceinline__ void bias_relu_bwd_nhwc(const T *__restrict__ y, const T *__restrict__ dy,
-                                                   T *__restrict__ dz, float *__restrict__ partial, uint32_t rows,
-                                                   uint32_t channels) {
+// The NHWC backward kernels' common walk over a (rows x channels) matrix. Grid: x over `splits`
+// contiguous row ranges; block: 256 threads. With channels <= 256, thread t handles channel
+// t % channels of rows t / channels, t / channels + lanes, ... (lanes = 256 / channels row
+// groups, consecutive threads read consecutive channels: coalesced), then the lanes of each
+// channel are added in a fixed order in shared memory. With more channels, each thread loops
+// over channels t, t + 256, ... `row(r, c)` writes what it owns of (row r, channel c) and
+// returns its contribution to the bias gradient; block s writes partial[c * splits + s].
+template <typename F>
+__device__ __forceinline__ void nhwc_rows_partial(uint32_t rows, uint32_t channels, float *__restrict__ partial,
+                                                  F row) {
     const uint32_t splits = gridDim.x;
     const uint32_t per = (rows + splits - 1) / splits;
     const uint32_t r0 = blockIdx.x * per;
@@ -125,13 +135,7 @@ __device__ __forceinline__ void bias_relu_bwd_nhwc(const T *__restrict__ y, cons
         const uint32_t c = threadIdx.x % channels, g = threadIdx.x / channels;
         float acc = 0.0f;
         if (g < lanes) {
-            for (uint32_t r = r0 + g; r < r1; r += lanes) {
-                const size_t i = (size_t)r * channels + c;
-                const float v = load_f<T>(y[i]) > 0.0f ? load_f<T>(dy[i]) : 0.0f;
-                const T vs = store_f<T>(v);
-                dz[i] = vs;
-                acc += load_f<T>(vs);
-            }
+            for (uint32_t r = r0 + g; r < r1; r += lanes) acc += row(r, c);
         }
         lane_sums[threadIdx.x] = acc;
         __syncthreads();
@@ -143,16 +147,24 @@ __device__ __forceinline__ void bias_relu_bwd_nhwc(const T *__restrict__ y, cons
     } else {
         for (uint32_t c = threadIdx.x; c < channels; c += blockDim.x) {
             float acc = 0.0f;
-            for (uint32_t r = r0; r < r1; ++r) {
-                const size_t i = (size_t)r * channels + c;
-                const float v = load_f<T>(y[i]) > 0.0f ? load_f<T>(dy[i]) : 0.0f;
-                const T vs = store_f<T>(v);
-                dz[i] = vs;
-                acc += load_f<T>(vs);
-            }
+            for (uint32_t r = r0; r < r1; ++r) acc += row(r, c);
             partial[(size_t)c * splits + blockIdx.x] = acc;
         }
     }
+}
+
+// Rows are the N*H*W positions.
+template <typename T>
+__device__ __forceinline__ void bias_relu_bwd_nhwc(const T *__restrict__ y, const T *__restrict__ dy,
+                                                   T *__restrict__ dz, float *__restrict__ partial, uint32_t rows,
+                                                   uint32_t channels) {
+    nhwc_rows_partial(rows, channels, partial, [&](uint32_t r, uint32_t c) {
+        const size_t i = (size_t)r * channels + c;
+        const float v = load_f<T>(y[i]) > 0.0f ? load_f<T>(dy[i]) : 0.0f;
+        const T vs = store_f<T>(v);
+        dz[i] = vs;
+        return load_f<T>(vs);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,37 +228,25 @@ __device__ __forceinline__ float relu_pool_window(const T *__restrict__ y, T *__
     return acc;
 }
 
-// NCHW. Grid: x over channels, y over `splits` groups of images; block: 256 threads (8 warps),
-// as bias_relu_bwd. Block (c, s) walks the windows of planes (n, c) for n = s, s + splits, ...
+// NCHW: the walk of bias_relu_bwd with the windows of plane (n, c) as its items.
 template <typename T>
 __device__ __forceinline__ void relu_pool_bwd(const T *__restrict__ y, const T *__restrict__ dp, T *__restrict__ dz,
                                               float *__restrict__ partial, uint32_t batch, uint32_t channels,
                                               uint32_t h, uint32_t w) {
     const uint32_t c = blockIdx.x;
-    const uint32_t splits = gridDim.y;
     const Window g = window_geometry(h, w);
-    const uint32_t windows = g.ch * g.cw;
-    float acc = 0.0f;
-    // (image, window) pairs as one flat range, as in bias_relu_bwd
-    const uint32_t images = blockIdx.y < batch ? (batch - blockIdx.y + splits - 1) / splits : 0;
-    // 32-bit pair indices (the host checks batch * windows < 2^31): 32-bit divides
-    const uint32_t pairs = images * windows;
-    for (uint32_t q = threadIdx.x; q < pairs; q += blockDim.x) {
-        const uint32_t n = blockIdx.y + (q / windows) * splits;
-        const uint32_t t = q % windows;
+    nchw_pairs_partial(batch, g.ch * g.cw, partial, [&](uint32_t n, uint32_t t) {
         const size_t plane = (size_t)n * channels + c;
         const size_t base = plane * h * w;
         const size_t pbase = plane * g.oh * g.ow;
         const uint32_t i = t / g.cw, j = t % g.cw;
         const float grad = (i < g.oh && j < g.ow) ? load_f<T>(dp[pbase + (size_t)i * g.ow + j]) : 0.0f;
-        acc += relu_pool_window<T>(y, dz, base, w, 1, g, i, j, grad);
-    }
-    block_partial(acc, partial, (size_t)c * splits + blockIdx.y);
+        return relu_pool_window<T>(y, dz, base, w, 1, g, i, j, grad);
+    });
 }
 
-// NHWC. The windows form a (batch * ch * cw) x channels matrix of "window rows"; grid: x over
-// `splits` contiguous ranges of window rows; block: 256 threads, channels split as in
-// bias_relu_bwd_nhwc (consecutive threads take consecutive channels: coalesced).
+// NHWC. The windows form a (batch * ch * cw) x channels matrix of "window rows", walked by
+// nhwc_rows_partial (grid: x over `splits` contiguous ranges of window rows).
 template <typename T>
 __device__ __forceinline__ float relu_pool_nhwc_row(const T *__restrict__ y, const T *__restrict__ dp,
                                                     T *__restrict__ dz, const Window &g, uint32_t channels,
@@ -265,33 +265,8 @@ __device__ __forceinline__ void relu_pool_bwd_nhwc(const T *__restrict__ y, cons
                                                    T *__restrict__ dz, float *__restrict__ partial, uint32_t batch,
                                                    uint32_t channels, uint32_t h, uint32_t w) {
     const Window g = window_geometry(h, w);
-    const uint32_t rows = batch * g.ch * g.cw;
-    const uint32_t splits = gridDim.x;
-    const uint32_t per = (rows + splits - 1) / splits;
-    const uint32_t r0 = blockIdx.x * per;
-    const uint32_t r1 = min(rows, r0 + per);
-    __shared__ float lane_sums[256];
-    if (channels <= blockDim.x) {
-        const uint32_t lanes = blockDim.x / channels;
-        const uint32_t c = threadIdx.x % channels, gi = threadIdx.x / channels;
-        float acc = 0.0f;
-        if (gi < lanes) {
-            for (uint32_t r = r0 + gi; r < r1; r += lanes) acc += relu_pool_nhwc_row<T>(y, dp, dz, g, channels, r, c);
-        }
-        lane_sums[threadIdx.x] = acc;
-        __syncthreads();
-        if (threadIdx.x < channels) {
-            float s = 0.0f;
-            for (uint32_t k = 0; k < lanes; ++k) s += lane_sums[k * channels + threadIdx.x];
-            partial[(size_t)threadIdx.x * splits + blockIdx.x] = s;
-        }
-    } else {
-        for (uint32_t c = threadIdx.x; c < channels; c += blockDim.x) {
-            float acc = 0.0f;
-            for (uint32_t r = r0; r < r1; ++r) acc += relu_pool_nhwc_row<T>(y, dp, dz, g, channels, r, c);
-            partial[(size_t)c * splits + blockIdx.x] = acc;
-        }
-    }
+    nhwc_rows_partial(batch * g.ch * g.cw, channels, partial,
+                      [&](uint32_t r, uint32_t c) { return relu_pool_nhwc_row<T>(y, dp, dz, g, channels, r, c); });
 }
 
 // ---------------------------------------------------------------------------------------------
