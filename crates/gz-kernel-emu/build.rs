@@ -52,5 +52,9 @@ fn main() {
         build.file(src);
     }
     build.flag("-x").flag("c++");
+    // Nothing here needs the C++ runtime (no exceptions, RTTI or std:: containers; the runtime
+    // allocates with calloc), so the library links against the C library alone, wherever the
+    // test binaries run (the GPU machine included).
+    build.flag("-fno-exceptions").flag("-fno-rtti").cpp_link_stdlib(None);
     build.compile("gz_kernel_emu");
 }

@@ -14,8 +14,6 @@
 #include <stdlib.h>
 #include <ucontext.h>
 
-#include <vector>
-
 #include "cuda_emu.h"
 
 namespace gz_emu {
@@ -45,11 +43,13 @@ struct Fiber {
 
 struct Launch {
     jmp_buf scheduler;
-    std::vector<Fiber> fibers;
+    // arrays of `threads` fibers, (threads + 31) / 32 warp barriers and `threads` exchange
+    // slots (calloc: the runtime needs only the C library, no C++ one)
+    Fiber *fibers = nullptr;
     Fiber *current = nullptr;
     Barrier block_barrier;
-    std::vector<Barrier> warp_barriers;
-    std::vector<float> exchange;
+    Barrier *warp_barriers = nullptr;
+    float *exchange = nullptr;
     unsigned int threads = 0;
     bool progressed = false;
     void (*body)(void *) = nullptr;
@@ -152,11 +152,17 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
     l.threads = (unsigned int)threads;
     l.body = body;
     l.data = data;
-    l.fibers.resize(threads);
-    l.exchange.assign(threads, 0.0f);
-    l.block_barrier.expected = l.threads;
     const unsigned int warps = (l.threads + 31) / 32;
-    l.warp_barriers.resize(warps);
+    l.fibers = (Fiber *)calloc(threads, sizeof(Fiber));
+    l.warp_barriers = (Barrier *)calloc(warps, sizeof(Barrier));
+    l.exchange = (float *)calloc(threads, sizeof(float));
+    if (l.fibers == nullptr || l.warp_barriers == nullptr || l.exchange == nullptr) {
+        free(l.fibers);
+        free(l.warp_barriers);
+        free(l.exchange);
+        return fail(err, err_len, "out of memory for the launch");
+    }
+    l.block_barrier.expected = l.threads;
     for (unsigned int w = 0; w < warps; ++w) l.warp_barriers[w].expected = w + 1 < warps ? 32 : l.threads - 32 * w;
     for (unsigned int i = 0; i < l.threads; ++i) {
         Fiber &f = l.fibers[i];
@@ -165,6 +171,9 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
         f.stack = (char *)malloc(STACK_BYTES);
         if (f.stack == nullptr) {
             for (unsigned int j = 0; j < i; ++j) free(l.fibers[j].stack);
+            free(l.fibers);
+            free(l.warp_barriers);
+            free(l.exchange);
             return fail(err, err_len, "out of memory for fiber stacks");
         }
         getcontext(&f.start);
@@ -186,8 +195,8 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
                                bz = (uint32_t)(b / ((uint64_t)grid[0] * grid[1]));
                 block_idx = {bx, by, bz};
                 l.block_barrier.arrived = 0;
-                for (auto &b : l.warp_barriers) b.arrived = 0;
-                for (auto &f : l.fibers) f.done = false;
+                for (unsigned int w = 0; w < warps; ++w) l.warp_barriers[w].arrived = 0;
+                for (unsigned int i = 0; i < l.threads; ++i) l.fibers[i].done = false;
                 unsigned int live = l.threads;
                 while (live > 0) {
                     l.progressed = false;
@@ -211,7 +220,10 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
     }
     active = nullptr;
     l.current = nullptr;
-    for (auto &f : l.fibers) free(f.stack);
+    for (unsigned int i = 0; i < l.threads; ++i) free(l.fibers[i].stack);
+    free(l.fibers);
+    free(l.warp_barriers);
+    free(l.exchange);
     return rc;
 }
 

@@ -93,8 +93,10 @@ pub(crate) mod testutil {
         use candle_core::WithDType;
 
         const GUARD: usize = 64;
-        /// Exactly representable in f32, bf16 and f16, never an output of the tests' kernels.
-        const GUARD_VALUE: f64 = -4096.0;
+        /// Exactly representable in f32, bf16 and f16, never an output of the tests' kernels,
+        /// and large and positive, so that a kernel reading past an input carries it through a
+        /// ReLU or a max into its output, where the comparison with the reference sees it.
+        const GUARD_VALUE: f64 = 4096.0;
 
         pub(crate) struct Buf<T: WithDType> {
             data: Vec<T>,
