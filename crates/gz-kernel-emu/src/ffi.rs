@@ -44,6 +44,42 @@ extern "C" {
     pub fn tree_bwd_f64(x: *const f64, y: *const f64, dy: *const f64, dx: *mut f64, rows: u32, t: Tree, eps: f64);
 }
 
+/// One storage type's instances of the kernels in tree.cu (f32, f64).
+///
+/// # Safety
+/// Every method is the kernel itself: call it only inside [`crate::launch`], with buffers of
+/// `rows` × `t.answers` values.
+#[allow(clippy::missing_safety_doc, reason = "the trait's `# Safety` covers every method")]
+pub unsafe trait TreeStorage: Copy + Send + Sync + 'static {
+    unsafe fn tree_fwd(x: *const Self, y: *mut Self, rows: u32, t: Tree, eps: Self);
+    unsafe fn tree_bwd(x: *const Self, y: *const Self, dy: *const Self, dx: *mut Self, rows: u32, t: Tree, eps: Self);
+}
+
+macro_rules! tree_storage {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        // SAFETY: each method forwards to the kernel of the same name for this type.
+        unsafe impl TreeStorage for $t {
+            unsafe fn tree_fwd(x: *const Self, y: *mut Self, rows: u32, t: Tree, eps: Self) {
+                unsafe { $fwd(x, y, rows, t, eps) }
+            }
+            unsafe fn tree_bwd(
+                x: *const Self,
+                y: *const Self,
+                dy: *const Self,
+                dx: *mut Self,
+                rows: u32,
+                t: Tree,
+                eps: Self,
+            ) {
+                unsafe { $bwd(x, y, dy, dx, rows, t, eps) }
+            }
+        }
+    };
+}
+
+tree_storage!(f32, tree_fwd_f32, tree_bwd_f32);
+tree_storage!(f64, tree_fwd_f64, tree_bwd_f64);
+
 /// One storage type's instances of the kernels in bias_relu.cu, affine.cu and optim.cu.
 ///
 /// # Safety

@@ -5,6 +5,7 @@
 //! (the ReLU subgradient convention), and a row count that leaves the last block part-empty.
 
 use candle_core::{Device, Tensor, Var, WithDType};
+use gz_kernel_emu::ffi::TreeStorage;
 
 use super::launch;
 use super::{TreeOutput, N_ANSWERS};
@@ -20,59 +21,7 @@ fn ffi_table(t: &launch::Tree) -> gz_kernel_emu::ffi::Tree {
     }
 }
 
-/// One storage type's two kernels.
-trait Kernels: WithDType {
-    /// # Safety
-    /// Inside a launch, with buffers of rows × 37 values.
-    unsafe fn fwd(x: *const Self, y: *mut Self, rows: u32, t: gz_kernel_emu::ffi::Tree, eps: Self);
-    /// # Safety
-    /// As [`Kernels::fwd`].
-    unsafe fn bwd(
-        x: *const Self,
-        y: *const Self,
-        dy: *const Self,
-        dx: *mut Self,
-        rows: u32,
-        t: gz_kernel_emu::ffi::Tree,
-        eps: Self,
-    );
-}
-
-impl Kernels for f32 {
-    unsafe fn fwd(x: *const Self, y: *mut Self, rows: u32, t: gz_kernel_emu::ffi::Tree, eps: Self) {
-        unsafe { gz_kernel_emu::ffi::tree_fwd_f32(x, y, rows, t, eps) }
-    }
-    unsafe fn bwd(
-        x: *const Self,
-        y: *const Self,
-        dy: *const Self,
-        dx: *mut Self,
-        rows: u32,
-        t: gz_kernel_emu::ffi::Tree,
-        eps: Self,
-    ) {
-        unsafe { gz_kernel_emu::ffi::tree_bwd_f32(x, y, dy, dx, rows, t, eps) }
-    }
-}
-
-impl Kernels for f64 {
-    unsafe fn fwd(x: *const Self, y: *mut Self, rows: u32, t: gz_kernel_emu::ffi::Tree, eps: Self) {
-        unsafe { gz_kernel_emu::ffi::tree_fwd_f64(x, y, rows, t, eps) }
-    }
-    unsafe fn bwd(
-        x: *const Self,
-        y: *const Self,
-        dy: *const Self,
-        dx: *mut Self,
-        rows: u32,
-        t: gz_kernel_emu::ffi::Tree,
-        eps: Self,
-    ) {
-        unsafe { gz_kernel_emu::ffi::tree_bwd_f64(x, y, dy, dx, rows, t, eps) }
-    }
-}
-
-fn check<T: Kernels>(tol: f64) -> candle_core::Result<()> {
+fn check<T: WithDType + TreeStorage>(tol: f64) -> candle_core::Result<()> {
     let tree = TreeOutput::new();
     let plan = tree.plan();
     let table = ffi_table(&launch::table(&plan)?);
@@ -111,13 +60,13 @@ fn check<T: Kernels>(tol: f64) -> candle_core::Result<()> {
         let (grid, block) = launch::grid(rows as u32);
         // SAFETY: tree_fwd's argument list; x and y hold rows × 37 values
         run_both("tree_fwd", grid, block, &mut [&mut yb], || unsafe {
-            T::fwd(xp, yp, rows as u32, table, eps)
+            T::tree_fwd(xp, yp, rows as u32, table, eps)
         });
         let y = yb.values("y", true).to_vec();
         let yc = yb.ptr();
         // SAFETY: tree_bwd's argument list; x, y, dy and dx hold rows × 37 values
         run_both("tree_bwd", grid, block, &mut [&mut dxb], || unsafe {
-            T::bwd(xp, yc, wp, dxp, rows as u32, table, eps)
+            T::tree_bwd(xp, yc, wp, dxp, rows as u32, table, eps)
         });
         let dx = dxb.values("dx", true);
         let (d, at) = worst(&y, &y_ref, 1e-30);
