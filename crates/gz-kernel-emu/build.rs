@@ -34,9 +34,10 @@ fn main() {
         .flag("-fno-fast-math")
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wno-unused-parameter")
-        // getcontext is `returns_twice`, so gcc warns that the scheduler's locals "might be
-        // clobbered"; the scheduler is only ever resumed by swapcontext/uc_link, which restore
-        // the registers saved at its own swapcontext, so no local is stale
+        // getcontext and _setjmp are `returns_twice`, so gcc warns that the scheduler's locals
+        // "might be clobbered"; every _longjmp back to the scheduler targets the _setjmp of the
+        // `resume` call still on its stack, and no local changes between that _setjmp and the
+        // jump, so no local is stale
         .flag_if_supported("-Wno-clobbered")
         // runtime.cpp switches fibers with _longjmp to another stack, which the checked longjmp
         // of _FORTIFY_SOURCE (on by default in some distributions' compilers) aborts

@@ -12,6 +12,8 @@
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 #include "cuda_emu.h"
@@ -24,7 +26,32 @@ thread_local dim3 grid_dim;
 
 namespace {
 
+// Each fiber's stack: STACK_BYTES usable above one inaccessible guard page, so an overflow is a
+// SIGSEGV at once, never a silent write into the neighbouring fiber's stack.
 constexpr size_t STACK_BYTES = 256 * 1024;
+
+size_t page_bytes() {
+    const long p = sysconf(_SC_PAGESIZE);
+    return p > 0 ? (size_t)p : 4096;
+}
+
+// The usable part of a new guarded stack, or null.
+char *stack_alloc() {
+    const size_t page = page_bytes();
+    void *m = mmap(nullptr, page + STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    if (mprotect(m, page, PROT_NONE) != 0) {
+        munmap(m, page + STACK_BYTES);
+        return nullptr;
+    }
+    return (char *)m + page;
+}
+
+void stack_free(char *usable) {
+    if (usable == nullptr) return;
+    const size_t page = page_bytes();
+    munmap(usable - page, page + STACK_BYTES);
+}
 
 struct Barrier {
     unsigned int expected = 0, arrived = 0;
@@ -168,9 +195,9 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
         Fiber &f = l.fibers[i];
         f.linear = i;
         f.tid = {i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
-        f.stack = (char *)malloc(STACK_BYTES);
+        f.stack = stack_alloc();
         if (f.stack == nullptr) {
-            for (unsigned int j = 0; j < i; ++j) free(l.fibers[j].stack);
+            for (unsigned int j = 0; j < i; ++j) stack_free(l.fibers[j].stack);
             free(l.fibers);
             free(l.warp_barriers);
             free(l.exchange);
@@ -220,7 +247,7 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
     }
     active = nullptr;
     l.current = nullptr;
-    for (unsigned int i = 0; i < l.threads; ++i) free(l.fibers[i].stack);
+    for (unsigned int i = 0; i < l.threads; ++i) stack_free(l.fibers[i].stack);
     free(l.fibers);
     free(l.warp_barriers);
     free(l.exchange);

@@ -9,14 +9,17 @@
 //! and a barrier that not every thread reaches is reported as a deadlock. [`launch`] also
 //! refuses grids and blocks beyond CUDA's limits.
 //!
-//! What it does not model: concurrency between blocks (they run one after another, so a race
-//! between blocks goes unseen), memory spaces and out-of-bounds reads (the tests put guard
-//! values around every buffer a kernel writes), the GPU's own float behaviour beyond IEEE
-//! f32/f64 (`-ffp-contract=off`: no FMA contraction here, while nvcc contracts outside the
-//! `__f*_rn` intrinsics, so results may differ from the GPU's in the last bit), and PTX itself
-//! (this is the C++ the PTX is compiled from). It is a test tool: gz-model depends on it only as
-//! a dev-dependency.
+//! What it does not model: uninitialised `__shared__` memory (it starts at zero and keeps the
+//! previous block's values, so a read before a write goes unseen); truly concurrent blocks
+//! (they run one after another; [`Order::Reverse`] shows order-dependent results, not every
+//! race); memory spaces and out-of-bounds reads (the tests put guard values around every
+//! buffer); the GPU's own float behaviour beyond IEEE f32/f64 (`-ffp-contract=off`: no FMA
+//! contraction here, while nvcc contracts outside the `__f*_rn` intrinsics, so results may
+//! differ from the GPU's in the last bit); and PTX itself (this is the C++ the PTX is compiled
+//! from). It is a test tool: gz-model depends on it only as a dev-dependency.
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub mod ffi;
@@ -24,7 +27,8 @@ pub mod ffi;
 /// Runs `body` once per CUDA thread of a `grid` × `block` launch (block by block, the threads of
 /// a block as fibers on the calling thread). `body` is the kernel call (an `unsafe` call of one
 /// of [`ffi`]'s functions with the launch's arguments): every thread calls the same kernel with
-/// the same arguments, as on the GPU.
+/// the same arguments, as on the GPU. A panic in `body` ends the launch and is raised again
+/// here; each thread's stack is 256 KiB above a guard page (an overflow is a SIGSEGV).
 pub fn launch<F: Fn()>(grid: (u32, u32, u32), block: (u32, u32, u32), body: F) -> Result<(), String> {
     launch_in(Order::Forward, grid, block, body)
 }
@@ -43,30 +47,48 @@ pub enum Order {
 
 /// [`launch`] with the blocks and threads run in `order`.
 pub fn launch_in<F: Fn()>(order: Order, grid: (u32, u32, u32), block: (u32, u32, u32), body: F) -> Result<(), String> {
+    /// What the fibers call: the body, and the first panic any thread of the launch raised.
+    struct Call<'a, F> {
+        body: &'a F,
+        panic: RefCell<Option<Box<dyn Any + Send>>>,
+    }
     extern "C" fn trampoline<F: Fn()>(data: *mut c_void) {
-        // SAFETY: `data` is the `&F` passed to gz_emu_launch below, alive for the whole launch.
-        let f = unsafe { &*(data as *const F) };
-        // unwinding out of a fiber would cross C frames: abort instead
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
-            std::process::abort();
+        // SAFETY: `data` is the `&Call<F>` passed to gz_emu_launch below, alive for the whole
+        // launch; fibers run one at a time on this thread, so the RefCell is never contended.
+        let call = unsafe { &*(data as *const Call<'_, F>) };
+        if call.panic.borrow().is_some() {
+            return; // after a panic the remaining threads only finish
+        }
+        // Unwinding must not leave the fiber (C frames above): catch here, re-raise after the
+        // launch. Threads waiting at a barrier the panicking one never reaches end the launch
+        // as a "deadlock", which the panic then replaces.
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call.body)) {
+            *call.panic.borrow_mut() = Some(p);
         }
     }
+    let call = Call {
+        body: &body,
+        panic: RefCell::new(None),
+    };
     let g = [grid.0, grid.1, grid.2];
     let b = [block.0, block.1, block.2];
     let mut err = [0 as c_char; 256];
     // SAFETY: g and b are 3-element arrays, `trampoline::<F>` matches `body`'s C type and reads
-    // `data` as the `&F` we pass, which outlives the call; err has the length we pass.
+    // `data` as the `&Call<F>` we pass, which outlives the call; err has the length we pass.
     let rc = unsafe {
         ffi::gz_emu_launch(
             g.as_ptr(),
             b.as_ptr(),
             trampoline::<F>,
-            &body as *const F as *mut c_void,
+            &call as *const Call<'_, F> as *mut c_void,
             c_int::from(order == Order::Reverse),
             err.as_mut_ptr(),
             err.len(),
         )
     };
+    if let Some(p) = call.panic.into_inner() {
+        std::panic::resume_unwind(p);
+    }
     if rc == 0 {
         Ok(())
     } else {
@@ -114,6 +136,24 @@ mod tests {
             assert_eq!(seen[0], first, "{order:?}");
             assert_eq!(seen.len(), 6 * 32);
         }
+    }
+
+    #[test]
+    fn a_panic_in_a_thread_reaches_the_caller() {
+        let r = std::panic::catch_unwind(|| {
+            launch((2, 1, 1), (64, 1, 1), || {
+                // SAFETY: the emulator's per-thread index and __syncthreads, called by every
+                // thread but the panicking one (so the others end in a "deadlock")
+                unsafe {
+                    if ffi::gz_emu_thread_idx() == 5 {
+                        panic!("thread 5 failed");
+                    }
+                    ffi::gz_emu_sync_threads();
+                }
+            })
+        });
+        let p = r.expect_err("the panic propagates");
+        assert_eq!(p.downcast_ref::<&str>(), Some(&"thread 5 failed"));
     }
 
     #[test]

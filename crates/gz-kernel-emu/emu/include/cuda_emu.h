@@ -48,6 +48,9 @@ static inline float __shfl_down_sync(unsigned int mask, float v, unsigned int de
     (void)mask;
     return gz_emu::shfl_down(v, delta, width);
 }
+// Only float shuffles are emulated: any other type is a compile error here, not a silent
+// conversion to float.
+template <typename T> T __shfl_down_sync(unsigned int mask, T v, unsigned int delta, int width = 32) = delete;
 
 template <typename T> static inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T> static inline T max(T a, T b) { return a < b ? b : a; }
