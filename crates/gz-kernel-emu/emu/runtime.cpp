@@ -9,6 +9,7 @@
 // reported as a deadlock instead of hanging. The launch checks CUDA's limits on the grid and
 // block (as cuLaunchKernel would refuse them).
 
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +52,50 @@ void stack_free(char *usable) {
     if (usable == nullptr) return;
     const size_t page = page_bytes();
     munmap(usable - page, page + STACK_BYTES);
+}
+
+// Stacks are kept per OS thread from launch to launch (mapping and guarding 256 of them per
+// launch costs more than many small kernels), and unmapped when the thread exits (a pthread key
+// destructor: no C++ runtime needed).
+struct StackPool {
+    char **stacks;
+    unsigned int count;
+};
+
+pthread_key_t pool_key;
+pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+void pool_destroy(void *p) {
+    StackPool *pool = (StackPool *)p;
+    for (unsigned int i = 0; i < pool->count; ++i) stack_free(pool->stacks[i]);
+    free(pool->stacks);
+    free(pool);
+}
+
+void pool_key_create() { pthread_key_create(&pool_key, pool_destroy); }
+
+// At least n guarded stacks for this thread, or null.
+char **stacks_for(unsigned int n) {
+    pthread_once(&pool_once, pool_key_create);
+    StackPool *pool = (StackPool *)pthread_getspecific(pool_key);
+    if (pool == nullptr) {
+        pool = (StackPool *)calloc(1, sizeof(StackPool));
+        if (pool == nullptr || pthread_setspecific(pool_key, pool) != 0) {
+            free(pool);
+            return nullptr;
+        }
+    }
+    if (pool->count < n) {
+        char **grown = (char **)realloc(pool->stacks, n * sizeof(char *));
+        if (grown == nullptr) return nullptr;
+        pool->stacks = grown;
+        while (pool->count < n) {
+            char *st = stack_alloc();
+            if (st == nullptr) return nullptr;
+            pool->stacks[pool->count++] = st;
+        }
+    }
+    return pool->stacks;
 }
 
 struct Barrier {
@@ -191,18 +236,18 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
     }
     l.block_barrier.expected = l.threads;
     for (unsigned int w = 0; w < warps; ++w) l.warp_barriers[w].expected = w + 1 < warps ? 32 : l.threads - 32 * w;
+    char **stacks = stacks_for(l.threads);
+    if (stacks == nullptr) {
+        free(l.fibers);
+        free(l.warp_barriers);
+        free(l.exchange);
+        return fail(err, err_len, "out of memory for fiber stacks");
+    }
     for (unsigned int i = 0; i < l.threads; ++i) {
         Fiber &f = l.fibers[i];
         f.linear = i;
         f.tid = {i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
-        f.stack = stack_alloc();
-        if (f.stack == nullptr) {
-            for (unsigned int j = 0; j < i; ++j) stack_free(l.fibers[j].stack);
-            free(l.fibers);
-            free(l.warp_barriers);
-            free(l.exchange);
-            return fail(err, err_len, "out of memory for fiber stacks");
-        }
+        f.stack = stacks[i];
         getcontext(&f.start);
         f.start.uc_stack.ss_sp = f.stack;
         f.start.uc_stack.ss_size = STACK_BYTES;
@@ -247,7 +292,6 @@ extern "C" int gz_emu_launch(const uint32_t grid[3], const uint32_t block[3], vo
     }
     active = nullptr;
     l.current = nullptr;
-    for (unsigned int i = 0; i < l.threads; ++i) stack_free(l.fibers[i].stack);
     free(l.fibers);
     free(l.warp_barriers);
     free(l.exchange);
