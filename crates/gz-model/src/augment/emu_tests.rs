@@ -21,32 +21,37 @@ fn check<T: WithDType + Storage>(op: &Resample, x: &Tensor, tol: f64) -> candle_
     let (mats, name, extra) = op.kernel_args();
     let (b, c, h, w) = x.dims4()?;
     let xv = x.flatten_all()?.to_vec1::<T>()?;
-    let (xb, mb, mut ob) = (Buf::new(&xv), Buf::new(&mats), Buf::<T>::out(total));
-    let (xp, mp, op_) = (xb.ptr(), mb.ptr(), ob.mut_ptr());
+    let (xb, mb) = (Buf::new(&xv), Buf::new(&mats));
+    let (xp, mp) = (xb.ptr(), mb.ptr());
     let u = |v: usize| u32::try_from(v).expect("test sizes fit 32 bits");
     let (b, c, h, w, e0, e1) = (u(b), u(c), u(h), u(w), u(extra[0]), u(extra[1]));
     let (g, block) = grid(u(total));
-    // SAFETY: the kernels' argument lists; x holds b·c·h·w values, mats 6 per matrix the kernel
-    // indexes, out the `total` values of the op's output shape
-    run_both(name, g, block, &mut [&mut ob], || unsafe {
-        if name == "affine_sample" {
-            T::affine_sample(xp, mp, op_, b, c, h, w, e0, e1)
-        } else {
-            T::dieleman_parts(xp, mp, op_, b, c, h, w, e0, e1)
-        }
-    });
-    let out = ob.values(name, true);
-    let (worst, at) = out
-        .iter()
-        .zip(&reference)
-        .map(|(a, r)| (a.to_f64() - r.to_f64()).abs())
-        .enumerate()
-        .fold((0.0, 0), |(m, at), (i, d)| if d > m { (d, i) } else { (m, at) });
-    assert!(
-        worst <= tol,
-        "{name} {:?}: differs from the CPU op at {at} by {worst}",
-        T::DTYPE
-    );
+    // the launcher's grid, and 3 blocks (grid-stride: the same with any grid)
+    for g in [g, (3, 1, 1)] {
+        let mut ob = Buf::<T>::out(total);
+        let op_ = ob.mut_ptr();
+        // SAFETY: the kernels' argument lists; x holds b·c·h·w values, mats 6 per matrix the
+        // kernel indexes, out the `total` values of the op's output shape
+        run_both(name, g, block, &mut [&mut ob], || unsafe {
+            if name == "affine_sample" {
+                T::affine_sample(xp, mp, op_, b, c, h, w, e0, e1)
+            } else {
+                T::dieleman_parts(xp, mp, op_, b, c, h, w, e0, e1)
+            }
+        });
+        let out = ob.values(name, true);
+        let (worst, at) = out
+            .iter()
+            .zip(&reference)
+            .map(|(a, r)| (a.to_f64() - r.to_f64()).abs())
+            .enumerate()
+            .fold((0.0, 0), |(m, at), (i, d)| if d > m { (d, i) } else { (m, at) });
+        assert!(
+            worst <= tol,
+            "{name} {:?} grid {g:?}: differs from the CPU op at {at} by {worst}",
+            T::DTYPE
+        );
+    }
     Ok(())
 }
 

@@ -83,7 +83,9 @@ fn generic(dtype: DType, kind: OptimizerKind, hp: &OptimParams) -> candle_core::
         .collect()
 }
 
-fn emulated<T: WithDType + Storage>(kind: OptimizerKind, hp: &OptimParams) -> Outcome {
+/// The kernels' run; `small_grid` launches 2 blocks instead of the launcher's grid (the kernels
+/// loop grid-stride, so any grid must give the same).
+fn emulated<T: WithDType + Storage>(kind: OptimizerKind, hp: &OptimParams, small_grid: bool) -> Outcome {
     let f32_model = T::DTYPE == DType::F32;
     SHAPES
         .iter()
@@ -111,6 +113,7 @@ fn emulated<T: WithDType + Storage>(kind: OptimizerKind, hp: &OptimParams) -> Ou
                 };
                 let sp: Vec<*mut f32> = state.iter_mut().map(|b| b.mut_ptr()).collect();
                 let (grid, block) = launch::grid(n as u64);
+                let grid = if small_grid { (2, 1, 1) } else { grid };
                 let n64 = n as u64;
                 // SAFETY: the kernels' argument lists; every buffer holds n values, the model
                 // pointer is null for f32 models (the kernel then writes only the parameter)
@@ -187,25 +190,25 @@ fn compare(what: &str, a: &Outcome, b: &Outcome) {
 #[test]
 fn optimizer_kernels_match_the_generic_update_to_the_bit() -> candle_core::Result<()> {
     for kind in [OptimizerKind::Rmsprop, OptimizerKind::SgdNesterov, OptimizerKind::Adamw] {
-        for weight_decay in [0.0, 0.01] {
+        for (weight_decay, small_grid) in [(0.0, false), (0.01, false), (0.01, true)] {
             let hp = OptimParams {
                 weight_decay,
                 ..OptimParams::default()
             };
-            let what = |d: DType| format!("{kind:?} {d:?} weight decay {weight_decay}");
+            let what = |d: DType| format!("{kind:?} {d:?} weight decay {weight_decay}, small grid {small_grid}");
             compare(
                 &what(DType::F32),
-                &emulated::<f32>(kind, &hp),
+                &emulated::<f32>(kind, &hp, small_grid),
                 &generic(DType::F32, kind, &hp)?,
             );
             compare(
                 &what(DType::BF16),
-                &emulated::<bf16>(kind, &hp),
+                &emulated::<bf16>(kind, &hp, small_grid),
                 &generic(DType::BF16, kind, &hp)?,
             );
             compare(
                 &what(DType::F16),
-                &emulated::<f16>(kind, &hp),
+                &emulated::<f16>(kind, &hp, small_grid),
                 &generic(DType::F16, kind, &hp)?,
             );
         }
