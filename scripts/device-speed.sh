@@ -50,7 +50,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
 if [ -x "$BIN/gz-model-tests" ]; then
-  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "tree::tests::cuda_ 20" "ops::tests::cuda_ 30" "cudnn:: 100" "nets::cuda_tests 45" "train::cuda_tests::fast_path 60"; do
+  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "tree::tests::cuda_ 20" "dropout::tests::cuda_ 20" "ops::tests::cuda_ 30" "cudnn:: 100" "nets::cuda_tests 45" "train::cuda_tests::fast_path 60"; do
     set -- $spec; group=$1; t=$2
     log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log"
     GZ_REQUIRE_CUDA=1 timeout "$t" "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1

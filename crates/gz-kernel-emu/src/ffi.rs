@@ -195,6 +195,7 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
         momentum: f32,
         lr: f32,
     );
+    unsafe fn dropout(x: *const Self, y: *mut Self, n: u64, seed: u64, threshold: u32, scale: f32);
     unsafe fn adamw(
         n: u64,
         grad: *const Self,
@@ -218,7 +219,7 @@ macro_rules! storage {
     ($t:ty, $m:ident, [
         $fwd:ident, $flat:ident, $bwd:ident, $finish:ident, $fwd_nhwc:ident, $bwd_nhwc:ident,
         $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
-        $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident
+        $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident
     ]) => {
         mod $m {
             use super::*;
@@ -323,6 +324,7 @@ macro_rules! storage {
                     momentum: f32,
                     lr: f32,
                 );
+                pub fn $dropout(x: *const $t, y: *mut $t, n: u64, seed: u64, threshold: u32, scale: f32);
                 pub fn $adamw(
                     n: u64,
                     grad: *const $t,
@@ -487,6 +489,9 @@ macro_rules! storage {
             ) {
                 unsafe { $m::$sgd(n, grad, vel, param, model, use_l2, l2, momentum, lr) }
             }
+            unsafe fn dropout(x: *const Self, y: *mut Self, n: u64, seed: u64, threshold: u32, scale: f32) {
+                unsafe { $m::$dropout(x, y, n, seed, threshold, scale) }
+            }
             unsafe fn adamw(
                 n: u64,
                 grad: *const Self,
@@ -546,7 +551,8 @@ storage!(
         dieleman_parts_f32,
         gz_rmsprop_f32,
         gz_sgd_nesterov_f32,
-        gz_adamw_f32
+        gz_adamw_f32,
+        gz_dropout_f32
     ]
 );
 storage!(
@@ -567,7 +573,8 @@ storage!(
         dieleman_parts_bf16,
         gz_rmsprop_bf16,
         gz_sgd_nesterov_bf16,
-        gz_adamw_bf16
+        gz_adamw_bf16,
+        gz_dropout_bf16
     ]
 );
 storage!(
@@ -588,6 +595,7 @@ storage!(
         dieleman_parts_f16,
         gz_rmsprop_f16,
         gz_sgd_nesterov_f16,
-        gz_adamw_f16
+        gz_adamw_f16,
+        gz_dropout_f16
     ]
 );

@@ -20,6 +20,7 @@ pub mod config;
 pub mod cudnn;
 pub mod data;
 pub mod device;
+pub mod dropout;
 pub mod nets;
 pub mod ops;
 pub mod optim;

@@ -80,6 +80,18 @@ impl Dropper<'_> {
         }
         let keep = 1.0 - self.p;
         let scale = 1.0 / keep;
+        if x.device().is_cuda() && cfg!(feature = "cudnn") && crate::cudnn::fused_enabled() {
+            // the fast path: one kernel, the mask a hash of a seed from the host RNG (so it is
+            // restored exactly on resume) and of the element index, nothing kept for backward
+            let seed = {
+                let mut rng = self
+                    .rng
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+                rng.gen::<u64>()
+            };
+            return crate::dropout::dropout(x, self.p, seed);
+        }
         if x.device().is_cuda() {
             // on the GPU the mask comes from the device's curand generator, seeded by
             // `Model::set_dropout_seed`: no host work or transfer in the training step
