@@ -12,7 +12,7 @@
 //! elsewhere they keep their host-generated masks, so CPU training is unchanged.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 /// splitmix64's finaliser (as `mix64` in dropout.cu).
 fn mix64(mut z: u64) -> u64 {
@@ -190,7 +190,7 @@ mod emu_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn keeps_the_right_fraction_and_scales() -> Result<()> {

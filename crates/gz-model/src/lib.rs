@@ -7,8 +7,8 @@
 //!   `tiny` variants for CPU tests.
 //! - [`tree`]: the decision-tree output layer, usable by any model.
 //! - [`augment`]: affine resampling on the device (augmentation, TTA, Dieleman's views/parts).
-//! - [`ops`]: the convolution and pooling layers the nets use; on CUDA with the `cudnn`
-//!   feature they call cuDNN, elsewhere candle's own kernels.
+//! - [`ops`]: the convolution and pooling layers the nets use, as [`cudnn`]'s custom ops: cuDNN
+//!   on CUDA with the `cudnn` feature, candle's kernels inside the same ops on the CPU.
 //! - [`device`]: `select_device`.
 //! - [`train`], [`checkpoint`], [`optim`], [`data`]: the trainer.
 //!

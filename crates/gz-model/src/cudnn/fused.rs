@@ -105,7 +105,7 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dz, db) = relu_grads(self.0.nhwc, b, y, dy)?;
         let (dx, dw) = super::conv_grads(self.0, x, w, &dz)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 
@@ -218,7 +218,7 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         let y = self.saved()?;
         let (dz, db) = relu_pool_grads(self.p.nhwc, b, &y, dp)?;
         let (dx, dw) = super::conv_grads(self.p, x, w, &dz)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 

@@ -676,7 +676,7 @@ impl CustomOp3 for Conv2dOp {
         let dy = dy.contiguous()?;
         let (dx, dw) = conv_grads(self.0, x, w, &dy)?;
         let db = dy.apply_op1_no_bwd(&BiasGrad)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 
@@ -709,16 +709,23 @@ impl CustomOp2 for Conv2dNoBiasOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw) = conv_grads(self.0, x, w, &dy.contiguous()?)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
 /// The gradients of a convolution's input and weight from the output gradient `dy`
-/// (contiguous), through the backward-data and backward-filter ops.
-fn conv_grads(p: ConvParams, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+/// (contiguous), through the backward-data and backward-filter ops. The input's gradient is
+/// computed only when the input is part of the graph (`x.track_op()`): the image layer's
+/// backward-data, a full-resolution transposed convolution whose result candle would drop, is
+/// skipped (the tower op's own backward pass skips it the same way).
+fn conv_grads(p: ConvParams, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Tensor)> {
     let (_, _, h, wd) = nchw_dims(x.shape(), p.nhwc)?;
     let (_, _, kh, kw) = nchw_dims(w.shape(), p.nhwc)?;
-    let dx = dy.apply_op2_no_bwd(w, &ConvBwdData { p, x_hw: (h, wd) })?;
+    let dx = if x.track_op() {
+        Some(dy.apply_op2_no_bwd(w, &ConvBwdData { p, x_hw: (h, wd) })?)
+    } else {
+        None
+    };
     let dw = x.apply_op2_no_bwd(dy, &ConvBwdFilter { p, k_hw: (kh, kw) })?;
     Ok((dx, dw))
 }

@@ -872,3 +872,35 @@ fn cuda_nhwc_layers_match_cpu() -> Result<()> {
     super::set_allow_tf32(true);
     r
 }
+
+/// An input outside the graph (the images) gets no backward-data pass; the weight and bias
+/// gradients are those of the same convolution on an input variable.
+#[test]
+fn no_input_gradient_for_an_input_outside_the_graph() -> Result<()> {
+    let cpu = Device::Cpu;
+    let x = randn(&[2, 3, 8, 8], 31, &cpu)?;
+    let (wt, b) = (randn(&[4, 3, 3, 3], 32, &cpu)?, randn(&[4], 33, &cpu)?);
+    for fused in [false, true] {
+        let run = |x: &Tensor| -> Result<(Option<Tensor>, Tensor, Tensor)> {
+            let (wv, bv) = (Var::from_tensor(&wt)?, Var::from_tensor(&b)?);
+            let y = if fused {
+                super::conv2d_relu(x, wv.as_tensor(), bv.as_tensor(), 1, 1)?
+            } else {
+                super::conv2d(x, wv.as_tensor(), bv.as_tensor(), 1, 1)?
+            };
+            let grads = y.sqr()?.sum_all()?.backward()?;
+            Ok((
+                grads.get(x).cloned(),
+                grads.get(wv.as_tensor()).expect("dw").clone(),
+                grads.get(bv.as_tensor()).expect("db").clone(),
+            ))
+        };
+        let (dx, dw, db) = run(&x)?;
+        assert!(dx.is_none(), "fused {fused}: an input outside the graph got a gradient");
+        let xv = Var::from_tensor(&x)?;
+        let (dxv, dwv, dbv) = run(xv.as_tensor())?;
+        assert!(dxv.is_some(), "fused {fused}: the input variable has a gradient");
+        assert!(rel_err(&dw, &dwv)? < 1e-6 && rel_err(&db, &dbv)? < 1e-6, "fused {fused}");
+    }
+    Ok(())
+}
