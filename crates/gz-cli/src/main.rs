@@ -41,7 +41,7 @@ fn main() {
     // candle 0.11.1 sizes every CPU matmul with `num_cpus::get_physical()`, which reads and
     // parses /proc/cpuinfo on each call (about 145 times per `tiny` training step), unless
     // RAYON_NUM_THREADS is set. Setting it once, before any thread exists, to the count rayon
-    // uses anyway leaves every pool as it was and saves ~14 % of CPU time in CPU training
+    // uses anyway leaves every pool as it was and saves 7-16 % of CPU time in CPU training
     // (docs/benchmarks.md). A value the user set is kept.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         if let Ok(n) = std::thread::available_parallelism() {
