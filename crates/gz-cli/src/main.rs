@@ -38,16 +38,6 @@ enum Command {
 }
 
 fn main() {
-    // candle 0.11.1 sizes every CPU matmul with `num_cpus::get_physical()`, which reads and
-    // parses /proc/cpuinfo on each call (about 145 times per `tiny` training step), unless
-    // RAYON_NUM_THREADS is set. Setting it once, before any thread exists, to the count rayon
-    // uses anyway leaves every pool as it was and saves 7-16 % of CPU time in CPU training
-    // (docs/benchmarks.md). A value the user set is kept.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        if let Ok(n) = std::thread::available_parallelism() {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -56,6 +46,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Eval(_) | Command::Predict(_) | Command::BenchTrain(_)
+    ) {
+        pin_candle_cpu_threads();
+    }
     // `GZ_CONV=candle` switches the cuDNN fast path off for every subcommand (train, eval,
     // predict), e.g. to compare against candle's stock kernels or to work around a cuDNN fault.
     if std::env::var("GZ_CONV").is_ok_and(|v| v == "candle") {
@@ -128,3 +124,24 @@ impl std::fmt::Display for ExitCode {
 }
 
 impl std::error::Error for ExitCode {}
+
+/// candle 0.11.1 sizes every CPU matmul with its default thread count, which on Linux calls
+/// `num_cpus::get_physical()`, reading and parsing /proc/cpuinfo, on each call (about 145 times
+/// per `tiny` training step: 7-16 % of CPU training time, docs/benchmarks.md), unless
+/// RAYON_NUM_THREADS is set. So the model subcommands compute candle's count once and set
+/// RAYON_NUM_THREADS to it (a value the user set is kept), and first build rayon's global pool
+/// at the size rayon would give it, so that every pool and every matmul split stays as it was.
+/// Runs before any thread exists (setting a variable later would race with readers).
+fn pin_candle_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let candle = gz_model::device::cpu_matmul_threads();
+    let rayon_default = std::thread::available_parallelism().map_or(0, |n| n.get());
+    std::env::set_var("RAYON_NUM_THREADS", candle.to_string());
+    // the global pool at rayon's own default size (not the variable just set); an error only
+    // means it already exists
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon_default)
+        .build_global();
+}

@@ -100,6 +100,13 @@ pub fn select_device(spec: &str) -> Result<Device, DeviceError> {
 
 static CUDA_DEFAULTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The thread count candle splits CPU matmuls into (its default: the CPUs in
+/// `CANDLE_CPU_MASK`, else the preferred cores, else the physical cores; or
+/// `RAYON_NUM_THREADS` when set). Computing it reads /proc/cpuinfo; `gz` pins it once at start.
+pub fn cpu_matmul_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Makes [`tune_cuda`] leave cudarc's and the driver's defaults alone (for devices opened
 /// afterwards).
 pub fn set_cuda_defaults(on: bool) {

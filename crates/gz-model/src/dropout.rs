@@ -58,19 +58,24 @@ impl Dropout {
         }
     }
 
+    /// The factor of element i: `scale` if kept, else 0. The op multiplies by it (rather than
+    /// writing 0), so a NaN or infinity in a dropped element still shows, as with candle's
+    /// `x * mask`.
+    fn factor(&self, i: usize) -> f32 {
+        if kept(self.seed, i as u64, self.threshold) {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+
     /// The f32 product, then one rounding to T by `round` (the type's own f32 conversion:
     /// `half`'s bf16 `from_f64` drops the low 32 mantissa bits before rounding, so going
     /// through f64 would not round an f32 value as the kernel's `__float2bfloat16_rn` does).
     fn cpu<T: WithDType>(&self, x: &[T], round: impl Fn(f32) -> T) -> Vec<T> {
         x.iter()
             .enumerate()
-            .map(|(i, v)| {
-                round(if kept(self.seed, i as u64, self.threshold) {
-                    v.to_f64() as f32 * self.scale
-                } else {
-                    0.0
-                })
-            })
+            .map(|(i, v)| round(v.to_f64() as f32 * self.factor(i)))
             .collect()
     }
 }
@@ -88,7 +93,14 @@ impl CustomOp1 for Dropout {
             CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[a..b], |y| y)),
             CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[a..b], half::bf16::from_f32)),
             CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[a..b], half::f16::from_f32)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.cpu(&v[a..b], f64::from)),
+            // f64 stays f64 (no CUDA kernel takes it)
+            CpuStorage::F64(v) => CpuStorage::F64(
+                v[a..b]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| x * f64::from(self.factor(i)))
+                    .collect(),
+            ),
             other => candle_core::bail!("gz-dropout supports f32, bf16, f16 and f64, not {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -268,6 +280,14 @@ mod tests {
             assert_eq!(crate::testutil::max_abs_diff(&cy, &gy), 0.0, "{dtype:?} y");
             assert_eq!(crate::testutil::max_abs_diff(&cdx, &gdx), 0.0, "{dtype:?} dx");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_nan_shows_even_where_dropped() -> Result<()> {
+        let x = Tensor::full(f32::NAN, 64, &Device::Cpu)?;
+        let y = dropout(&x, 0.5, 3)?.to_vec1::<f32>()?;
+        assert!(y.iter().all(|v| v.is_nan()));
         Ok(())
     }
 

@@ -2,12 +2,12 @@
 //!
 //! The nets never call candle's `conv2d` directly: they build [`Conv2d`] here, so the fast
 //! CUDA path (cuDNN behind candle custom ops, [`crate::cudnn`], `cudnn` feature) replaces the
-//! kernels without touching model code. On CPU the layer is the same custom op with candle's
-//! convolution inside (its CPU twin), so the CPU runs the model code the GPU runs, and the
-//! backward pass skips the image layer's backward-data, whose result candle would drop
-//! (measured: CPU training steps 13–25 % shorter, `docs/benchmarks.md`). On CUDA without the
-//! feature, or with the fast path switched off ([`crate::cudnn::set_enabled`]), convolution
-//! is candle's own.
+//! kernels without touching model code. In CPU training the layer is the same custom op with
+//! candle's convolution inside (its CPU twin), so the CPU trains with the model code the GPU
+//! runs, and the backward pass skips the image layer's backward-data, whose result candle would
+//! drop (measured: 0.72–0.92× the time per run, `docs/benchmarks.md`). CPU inference, CUDA
+//! without the feature, and the fast path switched off ([`crate::cudnn::set_enabled`],
+//! `GZ_CONV=candle`) use candle's own convolution.
 //! Parameter names (`weight`, `bias`) match `candle_nn::Conv2d`, so checkpoints are the same
 //! whichever path trained them, and a checkpoint trained on the fast path predicts the same on
 //! CPU.
@@ -88,9 +88,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // the custom op on CPU too: its CPU path is candle's convolution, and its backward pass
-        // skips the input gradient of an input outside the graph (the images)
-        if crate::cudnn::active_for(x.device()) || x.device().is_cpu() {
+        // in CPU training the custom op too: its CPU path is candle's convolution, and its
+        // backward pass skips the input gradient of an input outside the graph (the images);
+        // inference and `cudnn::set_enabled(false)` (`GZ_CONV=candle`) keep candle's own
+        let cpu_training = x.device().is_cpu() && crate::cudnn::enabled() && (x.track_op() || self.weight.track_op());
+        if crate::cudnn::active_for(x.device()) || cpu_training {
             return crate::cudnn::conv2d(x, &self.weight, &self.bias, self.padding, self.stride);
         }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;

@@ -40,6 +40,7 @@ mod tests;
 mod tower;
 
 pub use fused::bias_relu;
+pub(crate) use fused::bias_relu_nhwc;
 pub use tower::{tower, TowerLayer};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);

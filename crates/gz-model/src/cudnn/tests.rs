@@ -900,7 +900,10 @@ fn no_input_gradient_for_an_input_outside_the_graph() -> Result<()> {
         let xv = Var::from_tensor(&x)?;
         let (dxv, dwv, dbv) = run(xv.as_tensor())?;
         assert!(dxv.is_some(), "fused {fused}: the input variable has a gradient");
-        assert!(rel_err(&dw, &dwv)? < 1e-6 && rel_err(&db, &dbv)? < 1e-6, "fused {fused}");
+        assert!(
+            rel_err(&dw, &dwv)? < 1e-6 && rel_err(&db, &dbv)? < 1e-6,
+            "fused {fused}"
+        );
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 // hash, so both devices drop the same elements for a seed.
 //
 //   keep(i) = top 24 bits of mix64(seed + (i + 1) * 0x9e3779b97f4a7c15) < threshold
-//   y[i]    = keep(i) ? x[i] * scale : 0       (f32 multiply, one rounding to the storage type)
+//   y[i]    = x[i] * (keep(i) ? scale : 0)     (f32 multiply, one rounding to the storage type)
 //
 // mix64 is splitmix64's finaliser; threshold = round(keep_probability * 2^24) and
 // scale = 1 / keep_probability come from the host. Nothing is stored between forward and
@@ -25,7 +25,8 @@ __device__ __forceinline__ void dropout(const T *__restrict__ x, T *__restrict__
                                         uint32_t threshold, float scale) {
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)blockDim.x * gridDim.x) {
         const uint32_t u = (uint32_t)(mix64(seed + (i + 1) * 0x9e3779b97f4a7c15ull) >> 40);
-        y[i] = store_f<T>(u < threshold ? load_f<T>(x[i]) * scale : 0.0f);
+        // a product even where dropped, so a NaN or infinity there still shows (as x * mask)
+        y[i] = store_f<T>(load_f<T>(x[i]) * (u < threshold ? scale : 0.0f));
     }
 }
 

@@ -80,7 +80,7 @@ impl Dropper<'_> {
         }
         let keep = 1.0 - self.p;
         let scale = 1.0 / keep;
-        if x.device().is_cuda() && cfg!(feature = "cudnn") && crate::cudnn::fused_enabled() {
+        if crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled() {
             // the fast path: one kernel, the mask a hash of a seed from the host RNG (so it is
             // restored exactly on resume) and of the element index, nothing kept for backward
             let seed = {

@@ -187,7 +187,7 @@ impl VggNet {
             .flat_map(|block| block.iter().enumerate().map(move |(i, c)| (c, i + 1 == block.len())))
             .collect();
         let mut x = run_tower(&x, &layers)?.flatten_from(1)?;
-        let fused = x.device().is_cuda() && cfg!(feature = "cudnn") && crate::cudnn::fused_enabled();
+        let fused = crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled();
         for d in &self.dense {
             x = drop.apply(&dense_relu(d, &x, fused)?)?;
         }
@@ -196,14 +196,16 @@ impl VggNet {
 }
 
 /// `relu(x·Wᵀ + b)` of a dense layer: with `fused`, the matmul then the convolutions' fused
-/// bias + ReLU op on the (B, F) output viewed as (B, F, 1, 1) — one kernel forward and two
-/// backward instead of candle's broadcast add, ReLU and their gradients (the bias gradient a
-/// strided reduction); otherwise candle's `Linear` and `relu`. The same values either way.
+/// bias + ReLU op on the (B, F) output viewed as a channels-last (B, 1, 1, F) map (the same
+/// memory; its backward kernel reads consecutive features with consecutive threads) — one
+/// kernel forward and two backward instead of candle's broadcast add, ReLU and their gradients
+/// (the bias gradient a strided reduction); otherwise candle's `Linear` and `relu`. The same
+/// values either way.
 fn dense_relu(d: &Linear, x: &Tensor, fused: bool) -> Result<Tensor> {
     if let (true, Some(b)) = (fused, d.bias()) {
         let z = x.matmul(&d.weight().t()?)?;
         let (n, f) = z.dims2()?;
-        return crate::cudnn::bias_relu(&z.reshape((n, f, 1, 1))?, b)?.reshape((n, f));
+        return crate::cudnn::bias_relu_nhwc(&z.reshape((n, 1, 1, f))?, b)?.reshape((n, f));
     }
     d.forward(x)?.relu()
 }

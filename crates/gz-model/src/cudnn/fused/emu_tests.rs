@@ -254,8 +254,11 @@ fn check_pool_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Re
 
 /// (n, k, h, w): a small plane (the flat forward), a plane of 1,600 (two chunks per plane), more
 /// channels than threads (the channels-last kernels' per-channel loop), channel counts that
-/// leave part of the block idle, one channel, more rows than the 2,048 channels-last ranges.
-const SHAPES: [(usize, usize, usize, usize); 7] = [
+/// leave part of the block idle, one channel, more rows than the 2,048 channels-last ranges,
+/// and 1×1 maps (the dense layers' (B, F) outputs on the fast path).
+const SHAPES: [(usize, usize, usize, usize); 9] = [
+    (6, 300, 1, 1),
+    (64, 96, 1, 1),
     (3, 5, 7, 6),
     (2, 3, 40, 40),
     (5, 300, 2, 3),
