@@ -9,7 +9,7 @@
 //! - [`augment`]: affine resampling on the device (augmentation, TTA, Dieleman's views/parts).
 //! - [`ops`]: the convolution and pooling layers the nets use, as [`cudnn`]'s custom ops: cuDNN
 //!   on CUDA with the `cudnn` feature, candle's kernels inside the same ops on the CPU.
-//! - [`device`]: `select_device`.
+//! - [`device`]: `select_device` and the CPU thread count.
 //! - [`train`], [`checkpoint`], [`optim`], [`data`]: the trainer.
 //!
 //! Only this crate (and gz-eval through it) depends on candle.

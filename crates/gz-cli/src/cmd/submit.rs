@@ -10,7 +10,7 @@
 //! or non-finite rows fail the command unless `--fill-mean` fills them with the training mean
 //! and lists them. The last stdout line is `submission: <path>`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use gz_eval::submission::{check, ids_from_dir, read_predictions, write_submission};
@@ -124,7 +124,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_check(file: &PathBuf, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
+fn run_check(file: &Path, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
     let ids = match ids_dir {
         Some(d) => Some(ids_from_dir(d)?),
         None => None,
