@@ -101,9 +101,9 @@ pub fn launch_in<F: Fn()>(order: Order, grid: (u32, u32, u32), block: (u32, u32,
 mod tests {
     use super::*;
 
-    // The runtime's own behaviour, on tiny kernels written against the same C++ header as the
-    // real ones (emu/selftest.cpp would be one more file to build; the real bias_relu kernels
-    // exercise barriers and shuffles, and gz-model's tests run them).
+    // The runtime's own behaviour, with Rust closures as kernels that call its C entry points
+    // for thread indices, __syncthreads and shuffles; the real kernels are run by gz-model's
+    // `emu_tests` modules.
 
     #[test]
     fn every_thread_of_every_block_runs_once() {
