@@ -3,7 +3,7 @@
 #
 # What is new since the last device run (2026-11-28) and has never run on a GPU:
 #   - fused bias + ReLU epilogue (cudnn::bias_relu / conv2d_relu; GZ_FUSED=0 switches it off)
-#   - fused optimizer update, one launch per parameter (optim::fused; GZ_OPTIM=generic or
+#   - fused optimizer update (one launch per parameter then; see fifth session below) (optim::fused; GZ_OPTIM=generic or
 #     bench-train --optimizer-path generic switches it off)
 #   - affine resampling and Dieleman's 16 parts as one CUDA kernel (augment.rs)
 #   - bench-train --pipelined (one sync per run: the figure to compare with PyTorch) and
@@ -19,6 +19,9 @@
 #     tree::tests::cuda_op_matches_ops); each conv tower as ONE autograd node with its own
 #     backward (cudnn/tower.rs; GZ_TOWER_OP=0 runs the layers one by one; test
 #     ops::tests::cuda_tower_op_matches_layers)
+#   - fifth session (no device either): the fused optimizer updates up to 32 tensors per launch
+#     (a table by value; GZ_OPTIM_TENSORS=1 launches once per tensor as before; test
+#     optim::fused::tests::fused_grouping_does_not_change_the_update)
 # Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
 # (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
 # per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
@@ -106,6 +109,7 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
   bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
   bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
+  bench vgg-bf16-optimizer-one-launch-per-tensor 50 $ALL GZ_OPTIM_TENSORS=1 -- $V $R
   bench vgg-bf16-by-layers 50 $ALL GZ_TOWER_OP=0 -- $V $R
   bench dieleman-bf16-by-layers 50 $ALL GZ_TOWER_OP=0 -- $D $R
   bench vgg-bf16-unfused-pool 50 $ALL GZ_TOWER_OP=0 GZ_FUSED_POOL=0 -- $V $R

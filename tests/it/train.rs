@@ -247,6 +247,30 @@ fn describe_and_bench_train() {
     assert_eq!(v["phases"].as_array().map(|p| p.len()), Some(0), "{v}");
 }
 
+/// A bad `GZ_OPTIM_TENSORS` is refused before anything runs, naming the variable and the range.
+#[test]
+fn bad_optimizer_tensors_per_launch_is_refused() {
+    for bad in ["0", "33", "many"] {
+        let (ok, out, err) =
+            support::run(
+                support::gz()
+                    .env("GZ_OPTIM_TENSORS", bad)
+                    .args(["train", "--model", "tiny", "--describe"]),
+            );
+        assert!(
+            !ok && err.contains("GZ_OPTIM_TENSORS") && err.contains("1 to 32"),
+            "{bad}: {out}\n{err}"
+        );
+    }
+    let (ok, out, err) =
+        support::run(
+            support::gz()
+                .env("GZ_OPTIM_TENSORS", "1")
+                .args(["train", "--model", "tiny", "--describe"]),
+        );
+    assert!(ok && out.contains("total parameters"), "{out}\n{err}");
+}
+
 /// Parses `done: … best val RMSE X at epoch K vs Y predicting the training mean` from `gz train`.
 fn best_vs_mean(stdout: &str) -> Option<(f64, f64)> {
     let line = stdout.lines().find(|l| l.starts_with("done:"))?;

@@ -95,6 +95,17 @@ fn main() {
         Ok("generic") => gz_model::optim::set_fused_enabled(false),
         _ => {}
     }
+    // `GZ_OPTIM_TENSORS=N`: at most N parameter tensors per launch of the fused update (1 = one
+    // launch per tensor, the comparison for the multi-tensor launch; 32 by default).
+    if let Ok(v) = std::env::var("GZ_OPTIM_TENSORS") {
+        match v.parse::<usize>() {
+            Ok(n) if (1..=32).contains(&n) => gz_model::optim::set_tensors_per_launch(n),
+            _ => {
+                eprintln!("error: GZ_OPTIM_TENSORS must be a whole number from 1 to 32, not {v:?}");
+                std::process::exit(2);
+            }
+        }
+    }
     let result = match cli.command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),

@@ -80,6 +80,22 @@ macro_rules! tree_storage {
 tree_storage!(f32, tree_fwd_f32, tree_bwd_f32);
 tree_storage!(f64, tree_fwd_f64, tree_bwd_f64);
 
+/// `struct OptimTable` of optim.cu, passed by value (the layout gz-model's launcher also uses):
+/// up to 32 tensors per launch, each with its element count, first block and buffer addresses
+/// (host addresses here; 0 for an absent buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OptimTable {
+    pub count: u32,
+    pub block_start: [u32; 33],
+    pub n: [u64; 32],
+    pub grad: [u64; 32],
+    pub slot0: [u64; 32],
+    pub slot1: [u64; 32],
+    pub param: [u64; 32],
+    pub model: [u64; 32],
+}
+
 /// One storage type's instances of the kernels in bias_relu.cu, affine.cu and optim.cu.
 ///
 /// # Safety
@@ -171,38 +187,11 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
         view: u32,
         part: u32,
     );
-    unsafe fn rmsprop(
-        n: u64,
-        grad: *const Self,
-        ms: *mut f32,
-        param: *mut f32,
-        model: *mut Self,
-        use_l2: c_int,
-        l2: f32,
-        rho: f32,
-        one_minus_rho: f32,
-        eps: f32,
-        lr: f32,
-    );
-    unsafe fn sgd_nesterov(
-        n: u64,
-        grad: *const Self,
-        vel: *mut f32,
-        param: *mut f32,
-        model: *mut Self,
-        use_l2: c_int,
-        l2: f32,
-        momentum: f32,
-        lr: f32,
-    );
+    unsafe fn rmsprop(t: OptimTable, use_l2: c_int, l2: f32, rho: f32, one_minus_rho: f32, eps: f32, lr: f32);
+    unsafe fn sgd_nesterov(t: OptimTable, use_l2: c_int, l2: f32, momentum: f32, lr: f32);
     unsafe fn dropout(x: *const Self, y: *mut Self, n: u64, seed: u64, threshold: u32, scale: f32);
     unsafe fn adamw(
-        n: u64,
-        grad: *const Self,
-        m1: *mut f32,
-        m2: *mut f32,
-        param: *mut f32,
-        model: *mut Self,
+        t: OptimTable,
         beta1: f32,
         one_minus_beta1: f32,
         beta2: f32,
@@ -300,38 +289,11 @@ macro_rules! storage {
                     view: u32,
                     part: u32,
                 );
-                pub fn $rmsprop(
-                    n: u64,
-                    grad: *const $t,
-                    ms: *mut f32,
-                    param: *mut f32,
-                    model: *mut $t,
-                    use_l2: c_int,
-                    l2: f32,
-                    rho: f32,
-                    one_minus_rho: f32,
-                    eps: f32,
-                    lr: f32,
-                );
-                pub fn $sgd(
-                    n: u64,
-                    grad: *const $t,
-                    vel: *mut f32,
-                    param: *mut f32,
-                    model: *mut $t,
-                    use_l2: c_int,
-                    l2: f32,
-                    momentum: f32,
-                    lr: f32,
-                );
+                pub fn $rmsprop(t: OptimTable, use_l2: c_int, l2: f32, rho: f32, one_minus_rho: f32, eps: f32, lr: f32);
+                pub fn $sgd(t: OptimTable, use_l2: c_int, l2: f32, momentum: f32, lr: f32);
                 pub fn $dropout(x: *const $t, y: *mut $t, n: u64, seed: u64, threshold: u32, scale: f32);
                 pub fn $adamw(
-                    n: u64,
-                    grad: *const $t,
-                    m1: *mut f32,
-                    m2: *mut f32,
-                    param: *mut f32,
-                    model: *mut $t,
+                    t: OptimTable,
                     beta1: f32,
                     one_minus_beta1: f32,
                     beta2: f32,
@@ -461,44 +423,17 @@ macro_rules! storage {
             ) {
                 unsafe { $m::$parts(img, mats, out, b, c, h, w, view, part) }
             }
-            unsafe fn rmsprop(
-                n: u64,
-                grad: *const Self,
-                ms: *mut f32,
-                param: *mut f32,
-                model: *mut Self,
-                use_l2: c_int,
-                l2: f32,
-                rho: f32,
-                one_minus_rho: f32,
-                eps: f32,
-                lr: f32,
-            ) {
-                unsafe { $m::$rmsprop(n, grad, ms, param, model, use_l2, l2, rho, one_minus_rho, eps, lr) }
+            unsafe fn rmsprop(t: OptimTable, use_l2: c_int, l2: f32, rho: f32, one_minus_rho: f32, eps: f32, lr: f32) {
+                unsafe { $m::$rmsprop(t, use_l2, l2, rho, one_minus_rho, eps, lr) }
             }
-            unsafe fn sgd_nesterov(
-                n: u64,
-                grad: *const Self,
-                vel: *mut f32,
-                param: *mut f32,
-                model: *mut Self,
-                use_l2: c_int,
-                l2: f32,
-                momentum: f32,
-                lr: f32,
-            ) {
-                unsafe { $m::$sgd(n, grad, vel, param, model, use_l2, l2, momentum, lr) }
+            unsafe fn sgd_nesterov(t: OptimTable, use_l2: c_int, l2: f32, momentum: f32, lr: f32) {
+                unsafe { $m::$sgd(t, use_l2, l2, momentum, lr) }
             }
             unsafe fn dropout(x: *const Self, y: *mut Self, n: u64, seed: u64, threshold: u32, scale: f32) {
                 unsafe { $m::$dropout(x, y, n, seed, threshold, scale) }
             }
             unsafe fn adamw(
-                n: u64,
-                grad: *const Self,
-                m1: *mut f32,
-                m2: *mut f32,
-                param: *mut f32,
-                model: *mut Self,
+                t: OptimTable,
                 beta1: f32,
                 one_minus_beta1: f32,
                 beta2: f32,
@@ -511,12 +446,7 @@ macro_rules! storage {
             ) {
                 unsafe {
                     $m::$adamw(
-                        n,
-                        grad,
-                        m1,
-                        m2,
-                        param,
-                        model,
+                        t,
                         beta1,
                         one_minus_beta1,
                         beta2,

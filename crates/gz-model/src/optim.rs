@@ -11,10 +11,10 @@
 //! model variable is set to the master cast to bf16. Checkpoints store the f32 masters
 //! ([`Params::master_tensors`]), so a bf16 run resumes and loads exactly like an f32 run.
 //!
-//! Fused CUDA path: with the `cudnn` feature and every parameter on a CUDA device, each
-//! parameter's whole update (gradient cast, L2, state, master, rounded model copy) is one kernel
-//! launch (`fused`, kernels in `src/kernels/optim.cu`) computing the same f32 operations as the
-//! candle ops below; [`set_fused_enabled`] or [`UpdatePath::Generic`] force the generic path
+//! Fused CUDA path: with the `cudnn` feature and every parameter on a CUDA device, the whole
+//! update of up to 32 parameters (gradient cast, L2, state, master, rounded model copy) is one
+//! kernel launch (`fused`, kernels in `src/kernels/optim.cu`) computing the same f32 operations
+//! as the candle ops below; [`set_fused_enabled`] or [`UpdatePath::Generic`] force the generic path
 //! for reference comparisons. On the CPU nothing changes.
 //!
 //! Neighbours: [`crate::train`] builds the optimizer from `TrainConfig` and calls
@@ -31,7 +31,7 @@ mod fused;
 mod launch;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
@@ -304,7 +304,7 @@ pub trait Optimizer: Send {
     fn state(&self) -> HashMap<String, Tensor>;
     /// Restores state saved by [`Optimizer::state`] and the step count.
     fn load_state(&mut self, state: &HashMap<String, Tensor>, steps: u64) -> Result<()>;
-    /// True when [`Optimizer::step`] uses the fused CUDA kernels (one launch per parameter).
+    /// True when [`Optimizer::step`] uses the fused CUDA kernels (up to 32 parameters per launch).
     fn fused(&self) -> bool {
         false
     }
@@ -337,6 +337,21 @@ pub fn set_fused_enabled(on: bool) {
 /// Whether [`set_fused_enabled`] allows the fused update.
 pub fn fused_enabled() -> bool {
     FUSED_ENABLED.load(Ordering::Relaxed)
+}
+
+/// Tensors per launch of the fused update (1..=32; 32 by default: VGG16-blog's whole update is
+/// one launch).
+static TENSORS_PER_LAUNCH: AtomicUsize = AtomicUsize::new(launch::MAX_TENSORS);
+
+/// Sets how many parameter tensors one launch of the fused update may cover (clamped to
+/// 1..=32; 1 is one launch per tensor, for comparisons); `gz` reads `GZ_OPTIM_TENSORS`.
+pub fn set_tensors_per_launch(n: usize) {
+    TENSORS_PER_LAUNCH.store(n.clamp(1, launch::MAX_TENSORS), Ordering::Relaxed);
+}
+
+/// The current [`set_tensors_per_launch`] value.
+pub fn tensors_per_launch() -> usize {
+    TENSORS_PER_LAUNCH.load(Ordering::Relaxed)
 }
 
 /// True when this build has the fused CUDA update (the `cudnn` feature).
@@ -407,29 +422,38 @@ impl Generic {
 }
 
 impl Generic {
-    /// The fused CUDA update of parameter `i`: `Ok(true)` when done (or nothing to do),
-    /// `Ok(false)` when the parameter is not eligible and the generic update must run.
+    /// The fused CUDA update of every parameter that has a gradient: per parameter, `true`
+    /// when done (or nothing to do), `false` when it is not eligible and the generic update
+    /// must run.
     #[cfg(feature = "cudnn")]
-    fn step_fused(&self, i: usize, grads: &GradStore) -> Result<bool> {
-        let p = &self.params.params[i];
-        let Some(g) = grads.get(p.var.as_tensor()) else {
-            return Ok(true);
-        };
-        fused::try_step(
-            self.kind,
-            &self.hp,
-            self.lr,
-            self.steps,
-            g,
-            &self.state[i],
-            p.master.as_ref(),
-            &p.var,
-        )
+    fn step_fused(&self, grads: &GradStore) -> Result<Vec<bool>> {
+        let mut done = vec![false; self.params.len()];
+        let mut items = Vec::with_capacity(self.params.len());
+        let mut index = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.params.iter().enumerate() {
+            match grads.get(p.var.as_tensor()) {
+                None => done[i] = true,
+                Some(g) => {
+                    items.push(fused::Item {
+                        grad: g,
+                        state: &self.state[i],
+                        master: p.master.as_ref(),
+                        var: &p.var,
+                    });
+                    index.push(i);
+                }
+            }
+        }
+        let updated = fused::step_all(self.kind, &self.hp, self.lr, self.steps, &items, tensors_per_launch())?;
+        for (i, u) in index.into_iter().zip(updated) {
+            done[i] = u;
+        }
+        Ok(done)
     }
 
     #[cfg(not(feature = "cudnn"))]
-    fn step_fused(&self, _i: usize, _grads: &GradStore) -> Result<bool> {
-        Ok(false)
+    fn step_fused(&self, _grads: &GradStore) -> Result<Vec<bool>> {
+        Ok(vec![false; self.params.len()])
     }
 
     /// The update of parameter `i` with candle tensor ops (any device, the reference).
@@ -480,11 +504,15 @@ impl Generic {
 impl Optimizer for Generic {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
-        for i in 0..self.params.len() {
-            if self.fused && self.step_fused(i, grads)? {
-                continue;
+        let done = if self.fused {
+            self.step_fused(grads)?
+        } else {
+            vec![false; self.params.len()]
+        };
+        for (i, done) in done.into_iter().enumerate() {
+            if !done {
+                self.step_generic(i, grads)?;
             }
-            self.step_generic(i, grads)?;
         }
         Ok(())
     }

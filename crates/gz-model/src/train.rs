@@ -687,7 +687,7 @@ pub struct BenchResult {
     /// Per-phase mean milliseconds per step (device synchronised between phases):
     /// `batch` (input assembly), `forward`, `backward`, `optimizer`.
     pub phases: Vec<(String, f64)>,
-    /// How the optimizer updated the parameters: `fused` (one CUDA launch per parameter,
+    /// How the optimizer updated the parameters: `fused` (one CUDA launch per 32 parameters,
     /// `optim::fused`), `generic` (candle tensor ops) or `none` (inference).
     pub optimizer_path: String,
 }

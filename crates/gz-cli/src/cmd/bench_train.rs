@@ -12,7 +12,7 @@
 //! convolution (forward, backward-data, backward-filter, bias), pooling, and everything else.
 //!
 //! The `optimizer` phase is the whole parameter update; on CUDA with the `cudnn` feature it is
-//! the fused update (one launch per parameter, `gz_model::optim`), `--optimizer-path generic`
+//! the fused update (one launch per 32 parameters, `gz_model::optim`), `--optimizer-path generic`
 //! measures the candle-ops reference instead. The path used is printed (`optimizer_path`).
 
 use anyhow::Context;

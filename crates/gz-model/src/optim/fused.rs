@@ -1,128 +1,203 @@
-//! The fused CUDA optimizer update: one kernel launch per parameter tensor (`src/kernels/optim.cu`)
-//! reads the gradient, applies L2 weight decay where the generic path does, updates the f32
-//! state slot(s) and the f32 parameter (the model variable, or the master of a bf16/f16 model)
-//! in place and writes the rounded bf16/f16 model copy, with no allocation and no host
-//! synchronisation. It computes exactly what [`super::Generic`]'s candle ops compute (same f32
-//! operations in the same order, see the kernel's header), so it is a drop-in replacement.
+//! The fused CUDA optimizer update (`src/kernels/optim.cu`): one kernel launch updates up to 32
+//! parameter tensors (multi-tensor apply, [`super::launch::groups`]): it reads each gradient,
+//! applies L2 weight decay where the generic path does, updates the f32 state slot(s) and the
+//! f32 parameter (the model variable, or the master of a bf16/f16 model) in place and writes
+//! the rounded bf16/f16 model copy, with no allocation and no host synchronisation. A model's
+//! whole update is ⌈tensors / 32⌉ launches per gradient dtype (VGG16-blog: one launch for its
+//! 32 tensors, where the generic path runs 8-12 candle ops for each). It computes exactly what
+//! [`super::Generic`]'s candle ops compute (same f32 operations in the same order, see the
+//! kernel's header), so it is a drop-in replacement. `GZ_OPTIM_TENSORS=1`
+//! ([`super::set_tensors_per_launch`]) launches once per tensor instead, for comparisons.
 //!
-//! # Writing to several candle tensors in place
+//! # Writing to many candle tensors in place
 //!
 //! candle only hands out `&mut` storage through its in-place custom ops
-//! ([`Tensor::inplace_op1`] / `inplace_op2`), which take the storage's write lock for the
-//! duration of the op. One update mutates up to four tensors (state slots, master, model
-//! variable), more than one op can lock, so the ops are *nested*: the `cuda_fwd` of the op on
-//! the first state slot runs the op on the next tensor, and so on ([`lock_chain`]); the innermost
-//! is `var.inplace_op2(grad, ..)`, which also read-locks the gradient. At the launch, this thread
-//! therefore holds a genuine write lock, and a safe `&mut CudaStorage`, on every tensor the
-//! kernel writes, and a read lock on the gradient, so no other thread can touch them while the
-//! launch is enqueued and the kernel arguments are `&mut CudaViewMut`s derived from those
-//! borrows (cudarc then records the right read/write events, so even multi-stream use is
-//! ordered). No unsafe code is needed for the borrows; the only `unsafe` is the launch itself,
-//! whose argument list matches the kernel signatures and whose buffers all hold the `n`
-//! elements the kernel touches.
+//! ([`Tensor::inplace_op1`]), which take the storage's write lock for the duration of the op.
+//! One launch mutates up to 32 × 4 tensors (state slots, master, model variable per parameter),
+//! so the ops are *nested*: the `cuda_fwd` of the op on the first tensor runs the op on the next
+//! tensor, and so on ([`lock_chain`]); inside the innermost, the gradients are read-locked with
+//! [`Tensor::storage_and_layout`]. At the launch this thread therefore holds a genuine write
+//! lock, and a safe `&mut CudaStorage`, on every tensor the kernel writes and a read lock on
+//! every gradient, so no other thread can touch them while the launch is enqueued. The kernel
+//! gets the buffers' device addresses in a table passed by value; each address comes from
+//! cudarc's `device_ptr`/`device_ptr_mut` on the locked storage, whose guards live until after
+//! the launch (so cudarc records its read/write events, when event tracking is on, as for any
+//! launch). The `unsafe` parts are the launch itself, whose arguments match the kernel
+//! signatures, and the addresses, each checked to cover the `n` elements the kernel touches.
 //!
-//! Deadlock freedom: parking_lot write locks are not re-entrant, so the nested tensors must not
-//! share storage. The state slots and the master are allocated by [`super::Params`] /
-//! [`super::build`] for this optimizer alone and never handed out mutably; the model variable is
-//! distinct from them; and candle itself checks the gradient against the model variable
-//! (`inplace_op2` returns an error rather than locking an aliased source). The gradient is a
-//! backprop output, never one of the optimizer's private tensors.
+//! Deadlock freedom: parking_lot write locks are not re-entrant, so no two written tensors may
+//! share storage, and no gradient may share storage with a written tensor. The state slots and
+//! the masters are allocated by [`super::Params`] / [`super::build`] for this optimizer alone
+//! and never handed out mutably; the model variables are distinct from them, and a variable
+//! listed twice (the same tensor id) is left to the generic update; a gradient is a backprop
+//! output (fresh tensors computed from the loss, or another gradient passed through), never one
+//! of these. Gradients may share storage with each other: read locks are shared.
 //!
-//! Eligibility is checked on the host before anything is locked ([`try_step`] returns
-//! `Ok(false)` and the caller runs the generic update): CUDA device, f32 model without master or
-//! bf16/f16 model with an f32 master, gradient of the model's dtype on the same device, all
-//! tensors contiguous with the same element count. A non-contiguous gradient (e.g. a broadcast)
-//! is made contiguous first.
+//! Eligibility is checked per parameter on the host before anything is locked ([`step_all`]
+//! reports, per parameter, whether it was updated; the caller runs the generic update for the
+//! rest): CUDA device, f32 model without master or bf16/f16 model with an f32 master, gradient
+//! of the model's dtype on the same device, all tensors contiguous with the same element count.
+//! A non-contiguous gradient (e.g. a broadcast) is made contiguous first.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::collections::HashSet;
 
-use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaDType;
-use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor, Var};
-use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
-use super::launch::{self, Scalars};
+use super::launch::{self, Group, Scalars, Table};
 use super::{OptimParams, OptimizerKind};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "gz_optim";
 
+// SAFETY: plain old data with the C layout of `struct OptimTable` in optim.cu (u32 and u64
+// fields only; the size is asserted in `launch.rs`).
+unsafe impl DeviceRepr for Table {}
+
 fn err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Cuda(format!("fused optimizer {what}: {e:?}").into())
 }
 
-/// Applies the fused update to one parameter, or returns `Ok(false)` (having touched nothing)
-/// when the parameter is not eligible and the caller must run the generic update. `steps` is
-/// the step count *after* the increment for this step (AdamW's bias correction).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn try_step(
+/// One parameter's update: its gradient, state slots, master (bf16/f16 models) and variable.
+pub(super) struct Item<'a> {
+    pub(super) grad: &'a Tensor,
+    pub(super) state: &'a [Var],
+    pub(super) master: Option<&'a Var>,
+    pub(super) var: &'a Var,
+}
+
+/// An eligible parameter, checked on the host.
+struct Prepared {
+    /// Index into the caller's items.
+    item: usize,
+    /// The gradient, contiguous.
+    grad: Tensor,
+    n: usize,
+    /// Start offsets of the written tensors in lock order: state slots, master, variable.
+    starts: Vec<usize>,
+}
+
+/// Applies the fused update to every eligible parameter of `items` and returns, per item,
+/// whether it is done (`false`: not eligible and untouched, the caller runs the generic update).
+/// `steps` is the step count *after* the increment for this step (AdamW's bias correction);
+/// `per_launch` caps the tensors per launch (1..=32).
+pub(super) fn step_all(
     kind: OptimizerKind,
     hp: &OptimParams,
     lr: f64,
     steps: u64,
-    grad: &Tensor,
-    state: &[Var],
-    master: Option<&Var>,
-    var: &Var,
-) -> Result<bool> {
+    items: &[Item<'_>],
+    per_launch: usize,
+) -> Result<Vec<bool>> {
     let scalars = Scalars::new(kind, hp, lr, steps);
+    let mut done = vec![false; items.len()];
+    // by gradient dtype: one kernel instance per launch
+    let mut buckets: [(DType, Vec<Prepared>); 3] = [(DType::F32, vec![]), (DType::BF16, vec![]), (DType::F16, vec![])];
+    let mut vars_seen = HashSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let Some(p) = prepare(&scalars, i, item)? else {
+            continue;
+        };
+        if p.n == 0 {
+            done[i] = true;
+            continue;
+        }
+        if !vars_seen.insert(item.var.as_tensor().id()) {
+            continue;
+        }
+        if let Some((_, b)) = buckets.iter_mut().find(|(d, _)| *d == item.var.dtype()) {
+            b.push(p);
+        }
+    }
+    for (dtype, preps) in &buckets {
+        let ns: Vec<u64> = preps.iter().map(|p| p.n as u64).collect();
+        for group in launch::groups(&ns, per_launch, None) {
+            let preps = &preps[group.tensors.clone()];
+            match dtype {
+                DType::F32 => run_group::<f32>(&scalars, &group, preps, items, "f32")?,
+                DType::BF16 => run_group::<half::bf16>(&scalars, &group, preps, items, "bf16")?,
+                DType::F16 => run_group::<half::f16>(&scalars, &group, preps, items, "f16")?,
+                other => candle_core::bail!("fused optimizer: unsupported dtype {other:?}"),
+            }
+            for p in preps {
+                done[p.item] = true;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The host-side checks of one parameter; `None` when it is not eligible.
+fn prepare(scalars: &Scalars, i: usize, item: &Item<'_>) -> Result<Option<Prepared>> {
+    let Item {
+        grad,
+        state,
+        master,
+        var,
+    } = *item;
     let dev = var.device();
     if !dev.is_cuda() || !grad.device().same_device(dev) || grad.dtype() != var.dtype() {
-        return Ok(false);
+        return Ok(None);
     }
     match (var.dtype(), master) {
         (DType::F32, None) => {}
         (DType::BF16 | DType::F16, Some(m)) if m.dtype() == DType::F32 => {}
-        _ => return Ok(false),
+        _ => return Ok(None),
     }
     if state.len() != scalars.slots() || state.iter().any(|s| s.dtype() != DType::F32) {
-        return Ok(false);
+        return Ok(None);
     }
     let n = var.elem_count();
     if grad.dims() != var.dims() {
-        return Ok(false);
+        return Ok(None);
     }
-    // The tensors the kernel writes, outermost lock first: state slots, then the master.
-    let mut outer: Vec<&Tensor> = state.iter().map(|s| s.as_tensor()).collect();
-    if let Some(m) = master {
-        outer.push(m.as_tensor());
-    }
-    let mut starts = Vec::with_capacity(outer.len());
-    for t in outer.iter().copied().chain([var.as_tensor()]) {
+    let mut starts = Vec::with_capacity(4);
+    for t in written(item) {
         if !t.device().same_device(dev) || t.elem_count() != n {
-            return Ok(false);
+            return Ok(None);
         }
         match t.layout().contiguous_offsets() {
             Some((a, b)) if b - a == n => starts.push(a),
-            _ => return Ok(false),
+            _ => return Ok(None),
         }
-    }
-    if n == 0 {
-        return Ok(true);
     }
     let grad = if grad.is_contiguous() {
         grad.clone()
     } else {
         grad.contiguous()?
     };
-    let var_start = starts.pop().unwrap_or(0);
-    let plan = Launch {
-        scalars,
+    Ok(Some(Prepared {
+        item: i,
+        grad,
         n,
         starts,
-        var_start,
-        has_master: master.is_some(),
-    };
-    lock_chain(&outer, Vec::new(), &mut |held| {
-        var.as_tensor().inplace_op2(
-            &grad,
-            &LaunchOp {
-                launch: &plan,
-                held: RefCell::new(held),
-            },
-        )
-    })?;
-    Ok(true)
+    }))
+}
+
+/// The tensors the kernel writes for one parameter, in lock order: state slots, master, variable.
+fn written<'a>(item: &Item<'a>) -> impl Iterator<Item = &'a Tensor> {
+    item.state
+        .iter()
+        .map(|s| s.as_tensor())
+        .chain(item.master.map(|m| m.as_tensor()))
+        .chain([item.var.as_tensor()])
+}
+
+/// Locks the written tensors of one launch's parameters and launches `gz_<optimizer>_<sfx>`
+/// (T: the gradient and model dtype).
+fn run_group<T: CudaDType + 'static>(
+    scalars: &Scalars,
+    group: &Group,
+    preps: &[Prepared],
+    items: &[Item<'_>],
+    sfx: &str,
+) -> Result<()> {
+    let tensors: Vec<&Tensor> = preps.iter().flat_map(|p| written(&items[p.item])).collect();
+    lock_chain(&tensors, Vec::new(), &mut |held| {
+        launch_locked::<T>(scalars, group, preps, held, sfx)
+    })
 }
 
 /// Runs `f` with `&mut` access to the CUDA storage of the tensor the op is applied to (under its
@@ -168,133 +243,118 @@ fn lock_chain<'s>(
     }))
 }
 
-/// What one launch needs besides the storages.
-struct Launch {
-    scalars: Scalars,
+/// The device address of elements `start..start + n` of a written storage, with cudarc's guard.
+fn addr_mut<'a, U: CudaDType + 'static>(
+    s: &'a mut CudaStorage,
+    start: usize,
     n: usize,
-    /// Start offsets of the locked outer tensors (state slots, then the master).
-    starts: Vec<usize>,
-    var_start: usize,
-    has_master: bool,
-}
-
-/// The innermost op: `dst` is the model variable, the source the gradient, `held` the outer
-/// storages (state slots, then the master when there is one).
-struct LaunchOp<'l, 'h, 's> {
-    launch: &'l Launch,
-    held: RefCell<&'h mut [&'s mut CudaStorage]>,
-}
-
-impl InplaceOp2 for LaunchOp<'_, '_, '_> {
-    fn name(&self) -> &'static str {
-        "gz-fused-optimizer"
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let slice = s.as_cuda_slice_mut::<U>()?;
+    if start + n > slice.len() {
+        return Err(err(
+            "view",
+            format!("{start}..{} exceeds storage of {}", start + n, slice.len()),
+        ));
     }
+    let (ptr, guard) = slice.device_ptr_mut(stream);
+    Ok((ptr + (start * std::mem::size_of::<U>()) as u64, guard))
+}
 
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("the fused optimizer update runs on CUDA only")
+/// The device address of elements `start..start + n` of a read storage, with cudarc's guard.
+fn addr<'a, U: CudaDType + 'static>(
+    s: &'a CudaStorage,
+    start: usize,
+    n: usize,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let slice = s.as_cuda_slice::<U>()?;
+    if start + n > slice.len() {
+        return Err(err(
+            "view",
+            format!("{start}..{} exceeds storage of {}", start + n, slice.len()),
+        ));
     }
-
-    fn cuda_fwd(&self, dst: &mut CudaStorage, _: &Layout, grad: &CudaStorage, gl: &Layout) -> Result<()> {
-        let mut held = self
-            .held
-            .try_borrow_mut()
-            .map_err(|_| candle_core::Error::Msg("fused optimizer: storages borrowed twice".into()))?;
-        let Some((gs, ge)) = gl.contiguous_offsets() else {
-            candle_core::bail!("fused optimizer: gradient is not contiguous");
-        };
-        if ge - gs != self.launch.n {
-            candle_core::bail!(
-                "fused optimizer: gradient has {} elements, expected {}",
-                ge - gs,
-                self.launch.n
-            );
-        }
-        match grad.dtype() {
-            DType::F32 => launch::<f32>(self.launch, dst, grad, gs, &mut held, "f32"),
-            DType::BF16 => launch::<half::bf16>(self.launch, dst, grad, gs, &mut held, "bf16"),
-            DType::F16 => launch::<half::f16>(self.launch, dst, grad, gs, &mut held, "f16"),
-            other => candle_core::bail!("fused optimizer: unsupported gradient dtype {other:?}"),
-        }
-    }
+    let (ptr, guard) = slice.device_ptr(stream);
+    Ok((ptr + (start * std::mem::size_of::<U>()) as u64, guard))
 }
 
-fn view<T: CudaDType>(s: &CudaStorage, start: usize, n: usize) -> Result<CudaView<'_, T>> {
-    let slice = s.as_cuda_slice::<T>()?;
-    let len = slice.len();
-    slice
-        .try_slice(start..start + n)
-        .ok_or_else(|| err("view", format!("{start}..{} exceeds storage of {len}", start + n)))
-}
-
-fn view_mut<T: CudaDType>(s: &mut CudaStorage, start: usize, n: usize) -> Result<CudaViewMut<'_, T>> {
-    let slice = s.as_cuda_slice_mut::<T>()?;
-    let len = slice.len();
-    slice
-        .try_slice_mut(start..start + n)
-        .ok_or_else(|| err("view", format!("{start}..{} exceeds storage of {len}", start + n)))
-}
-
-/// Launches `gz_<optimizer>_<sfx>` where T is the gradient (and bf16/f16 model) type.
-fn launch<T: CudaDType + DeviceRepr>(
-    l: &Launch,
-    dst: &mut CudaStorage,
-    grad: &CudaStorage,
-    grad_start: usize,
+/// The launch, with every written storage locked (`held`, in [`written`] order per parameter).
+fn launch_locked<T: CudaDType + 'static>(
+    scalars: &Scalars,
+    group: &Group,
+    preps: &[Prepared],
     held: &mut [&mut CudaStorage],
     sfx: &str,
 ) -> Result<()> {
-    let n = l.n;
-    let slots = l.scalars.slots();
-    if held.len() != slots + usize::from(l.has_master) || l.starts.len() != held.len() {
+    let slots = scalars.slots();
+    let per_item: Vec<usize> = preps.iter().map(|p| p.starts.len()).collect();
+    if held.len() != per_item.iter().sum::<usize>() || preps.len() != group.table.count as usize {
         candle_core::bail!(
-            "fused optimizer: {} locked tensors, expected {}",
+            "fused optimizer: {} locked tensors for {} parameters",
             held.len(),
-            slots + usize::from(l.has_master)
+            preps.len()
         );
     }
-    let dev = dst.device.clone();
-    let func = dev.get_or_load_custom_func(&format!("{}_{sfx}", l.scalars.kernel()), MODULE, PTX)?;
-    let g = view::<T>(grad, grad_start, n)?;
-    let (states, rest) = held.split_at_mut(slots);
-    let (state_starts, rest_starts) = l.starts.split_at(slots);
-    let mut st: Vec<CudaViewMut<'_, f32>> = Vec::with_capacity(2);
-    for (s, &start) in states.iter_mut().zip(state_starts) {
-        st.push(view_mut::<f32>(s, start, n)?);
-    }
-    // The f32 parameter and the rounded model copy (none for f32 models).
-    let (mut p, mut model) = match (rest.first_mut(), rest_starts.first()) {
-        (Some(master), Some(&ms)) => (
-            view_mut::<f32>(master, ms, n)?,
-            Some(view_mut::<T>(dst, l.var_start, n)?),
-        ),
-        _ => (view_mut::<f32>(dst, l.var_start, n)?, None),
+    let Some(first) = held.first() else {
+        return Ok(());
     };
-    let null: u64 = 0;
-    let n64 = n as u64;
-    let (grid_dim, block_dim) = launch::grid(n64);
+    let dev = first.device.clone();
+    let stream = dev.cuda_stream();
+    // the gradients, read-locked until after the launch
+    let grads: Vec<_> = preps.iter().map(|p| p.grad.storage_and_layout()).collect();
+    let mut table = group.table;
+    let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(held.len() + grads.len());
+    let mut held = held.iter_mut();
+    for (k, (p, (storage, layout))) in preps.iter().zip(&grads).enumerate() {
+        let n = p.n;
+        let Storage::Cuda(gs) = &**storage else {
+            candle_core::bail!("fused optimizer: gradient is not on CUDA");
+        };
+        let Some((g0, g1)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused optimizer: gradient is not contiguous");
+        };
+        if g1 - g0 != n {
+            candle_core::bail!("fused optimizer: gradient has {} elements, expected {n}", g1 - g0);
+        }
+        let (a, g) = addr::<T>(gs, g0, n, &stream)?;
+        table.grad[k] = a;
+        guards.push(g);
+        let has_master = p.starts.len() == slots + 2;
+        for (j, &start) in p.starts.iter().enumerate() {
+            let Some(s) = held.next() else {
+                candle_core::bail!("fused optimizer: fewer locked tensors than parameters need");
+            };
+            let is_var = j + 1 == p.starts.len();
+            // the variable holds T for bf16/f16 models (then it is the model copy); everything
+            // else, and an f32 model's variable (the parameter itself), holds f32
+            let (a, g) = if is_var && has_master {
+                addr_mut::<T>(s, start, n, &stream)?
+            } else {
+                addr_mut::<f32>(s, start, n, &stream)?
+            };
+            guards.push(g);
+            match j {
+                0 => table.slot0[k] = a,
+                1 if slots == 2 => table.slot1[k] = a,
+                _ if is_var && has_master => table.model[k] = a,
+                _ => table.param[k] = a,
+            }
+        }
+        if !has_master {
+            table.model[k] = 0;
+        }
+    }
+    let func = dev.get_or_load_custom_func(&format!("{}_{sfx}", scalars.kernel()), MODULE, PTX)?;
+    let (grid_dim, block_dim) = group.grid;
     let cfg = LaunchConfig {
         grid_dim,
         block_dim,
         shared_mem_bytes: 0,
     };
     let mut b = func.builder();
-    b.arg(&n64).arg(&g);
-    let (s0, s1) = match st.as_mut_slice() {
-        [a] => (a, None),
-        [a, c] => (a, Some(c)),
-        _ => candle_core::bail!("fused optimizer: {} state slots", st.len()),
-    };
-    b.arg(s0);
-    if let Some(s1) = s1 {
-        b.arg(s1);
-    }
-    b.arg(&mut p);
-    match model.as_mut() {
-        Some(m) => b.arg(m),
-        None => b.arg(&null),
-    };
-    let sc = l.scalars;
-    match &sc {
+    b.arg(&table);
+    match scalars {
         Scalars::Rmsprop {
             use_l2,
             l2,
@@ -335,11 +395,12 @@ fn launch<T: CudaDType + DeviceRepr>(
                 .arg(lr);
         }
     }
-    // SAFETY: the argument list matches `gz_<optimizer>_<sfx>` in optim.cu (u64 n, const T*
-    // grad, f32* state slot(s), f32* param, T* model or null, then the scalars as i32/f32); each
-    // buffer is a view of exactly n elements of a distinct allocation (the write locks held by
-    // the caller prove distinctness), which is all the kernel touches.
+    // SAFETY: the argument list matches `gz_<optimizer>_<sfx>` in optim.cu (the table by value,
+    // then the scalars as i32/f32); every address in the table points at n[k] elements of a
+    // live, locked allocation of the right type (checked above), the written ones distinct
+    // (the write locks held prove it), and the kernel touches nothing else.
     unsafe { b.launch(cfg) }.map_err(|e| err("launch", e))?;
+    drop(guards);
     Ok(())
 }
 
@@ -600,6 +661,58 @@ mod tests {
         let (generic, off) = run(UpdatePath::Generic);
         assert!(on && !off);
         assert_close("strided", &[fused], &[generic], 1e-6);
+    }
+
+    /// 40 parameters (two launches of the default 32, or one each, or groups of 3) give the
+    /// same bits whatever the grouping, and match the generic update; a parameter without a
+    /// gradient is left alone.
+    #[test]
+    fn fused_grouping_does_not_change_the_update() {
+        let Some(dev) = cuda() else { return };
+        let run = |per_launch: usize, path: UpdatePath| -> Vec<Vec<f32>> {
+            super::super::set_tensors_per_launch(per_launch);
+            let vars: Vec<(String, Var)> = (0..40)
+                .map(|i| {
+                    let n = 1 + (i * 977) % 3000;
+                    let v: Vec<f32> = (0..n).map(|k| ((k * 31 + i * 7) % 101) as f32 / 101.0 - 0.5).collect();
+                    let t = Tensor::from_vec(v, n, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+                    (format!("p{i:02}"), Var::from_tensor(&t).unwrap())
+                })
+                .collect();
+            let params = Params::new(vars.clone()).unwrap();
+            let mut opt = build_with(OptimizerKind::Rmsprop, params, 1e-2, &OptimParams::default(), path).unwrap();
+            for s in 0..5 {
+                let mut loss = Tensor::zeros((), DType::F32, &dev).unwrap();
+                // p07 gets no gradient
+                for (i, (_, v)) in vars.iter().enumerate().filter(|(i, _)| *i != 7) {
+                    let term = (v.as_tensor() * grad_for(v, s, i))
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    loss = (loss + term).unwrap();
+                }
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+            super::super::set_tensors_per_launch(super::super::launch::MAX_TENSORS);
+            let m = opt.params().master_tensors().unwrap();
+            let mut k: Vec<&String> = m.keys().collect();
+            k.sort();
+            k.iter()
+                .map(|k| m[*k].flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let all = run(32, UpdatePath::Fused);
+        assert_eq!(all, run(1, UpdatePath::Fused), "one tensor a launch");
+        assert_eq!(all, run(3, UpdatePath::Fused), "three tensors a launch");
+        let generic = run(32, UpdatePath::Generic);
+        assert_close("grouped", &all, &generic, 1e-6);
+        let untouched: Vec<f32> = (0..1 + (7 * 977) % 3000)
+            .map(|k| ((k * 31 + 7 * 7) % 101) as f32 / 101.0 - 0.5)
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(all[7], untouched, "p07 had no gradient");
     }
 
     /// Saving the state of a fused run and resuming it with the generic path (and the other

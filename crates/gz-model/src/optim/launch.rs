@@ -1,18 +1,83 @@
-//! What a launch of `src/kernels/optim.cu` passes besides the buffers: the scalar arguments and
-//! the grid, as plain values shared by the CUDA launcher ([`super::fused`], with the `cudnn`
-//! feature) and the emulator tests (`optim/emu_tests.rs`, which run the kernels on the CPU).
+//! What a launch of `src/kernels/optim.cu` passes: the table of tensors (counts, block ranges,
+//! buffer addresses), the scalar arguments and the grid, as plain values shared by the CUDA
+//! launcher ([`super::fused`], with the `cudnn` feature) and the emulator tests
+//! (`optim/emu_tests.rs`, which run the kernels on the CPU).
 
 use super::{OptimParams, OptimizerKind};
 
 /// Threads per block.
 const THREADS: u32 = 256;
-/// Grid cap: the kernels loop grid-stride, so large tensors need no more blocks than this.
-const MAX_BLOCKS: u64 = 8192;
+/// Most blocks one tensor gets: the kernels loop grid-stride over each tensor, and 1,024 blocks
+/// of 256 threads already fill an H200 (132 SMs × 2,048 threads).
+const MAX_BLOCKS_PER_TENSOR: u64 = 1024;
+/// Most tensors one launch updates (`GZ_OPTIM_MAX_TENSORS` in optim.cu: the table's size).
+pub(crate) const MAX_TENSORS: usize = 32;
 
-/// (grid, block) of an update of `n` values.
-pub(super) fn grid(n: u64) -> ((u32, u32, u32), (u32, u32, u32)) {
-    let blocks = n.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32;
-    ((blocks, 1, 1), (THREADS, 1, 1))
+/// `struct OptimTable` of optim.cu, passed by value as each kernel's first argument: per tensor
+/// its element count, its first block, and its buffers' device addresses (0 for an absent
+/// buffer: AdamW's second slot elsewhere, the model copy of an f32 model).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Table {
+    pub(crate) count: u32,
+    pub(crate) block_start: [u32; MAX_TENSORS + 1],
+    pub(crate) n: [u64; MAX_TENSORS],
+    pub(crate) grad: [u64; MAX_TENSORS],
+    pub(crate) slot0: [u64; MAX_TENSORS],
+    pub(crate) slot1: [u64; MAX_TENSORS],
+    pub(crate) param: [u64; MAX_TENSORS],
+    pub(crate) model: [u64; MAX_TENSORS],
+}
+
+// The kernel reads the table with the C layout: 4 + 33 × 4 = 136 bytes, then 6 × 32 addresses.
+const _: () = assert!(std::mem::size_of::<Table>() == 136 + 6 * 8 * MAX_TENSORS);
+
+/// One launch: which tensors (a range of the caller's list), the table with their counts and
+/// block ranges (addresses still 0: the caller fills them in), and the (grid, block) to launch.
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub(crate) tensors: std::ops::Range<usize>,
+    pub(crate) table: Table,
+    pub(crate) grid: ((u32, u32, u32), (u32, u32, u32)),
+}
+
+/// Splits tensors of `ns` elements (in order, none empty) into launches of at most
+/// `per_launch` tensors (clamped to 1..=[`MAX_TENSORS`]); each tensor gets ⌈n / 256⌉ blocks, at
+/// most 1,024 (`blocks_cap` lowers that, for tests that want the stride loops to step).
+pub(crate) fn groups(ns: &[u64], per_launch: usize, blocks_cap: Option<u64>) -> Vec<Group> {
+    let per = per_launch.clamp(1, MAX_TENSORS);
+    let cap = blocks_cap
+        .unwrap_or(MAX_BLOCKS_PER_TENSOR)
+        .clamp(1, MAX_BLOCKS_PER_TENSOR);
+    let mut out = Vec::new();
+    let mut first = 0;
+    for chunk in ns.chunks(per) {
+        let mut table = Table {
+            count: chunk.len() as u32,
+            block_start: [0; MAX_TENSORS + 1],
+            n: [0; MAX_TENSORS],
+            grad: [0; MAX_TENSORS],
+            slot0: [0; MAX_TENSORS],
+            slot1: [0; MAX_TENSORS],
+            param: [0; MAX_TENSORS],
+            model: [0; MAX_TENSORS],
+        };
+        let mut blocks = 0u32;
+        for (k, &n) in chunk.iter().enumerate() {
+            debug_assert!(n > 0, "empty tensors are not launched");
+            table.n[k] = n;
+            table.block_start[k] = blocks;
+            blocks += n.div_ceil(u64::from(THREADS)).clamp(1, cap) as u32;
+        }
+        table.block_start[chunk.len()] = blocks;
+        out.push(Group {
+            tensors: first..first + chunk.len(),
+            table,
+            grid: ((blocks, 1, 1), (THREADS, 1, 1)),
+        });
+        first += chunk.len();
+    }
+    out
 }
 
 /// The kernel's scalar arguments, computed on the host exactly as candle's `affine` would cast
