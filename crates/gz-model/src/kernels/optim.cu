@@ -31,6 +31,8 @@
 
 #include "common.cuh"
 
+#include <stddef.h>
+
 #define GZ_OPTIM_MAX_TENSORS 32
 
 // Device addresses as 64-bit integers so the host's copy of the table is plain data.
@@ -44,6 +46,12 @@ struct OptimTable {
     uint64_t param[GZ_OPTIM_MAX_TENSORS];            // f32*: the parameter or its master
     uint64_t model[GZ_OPTIM_MAX_TENSORS];            // T*: the bf16/f16 model copy, 0 for f32 models
 };
+
+// The host's copy (optim/launch.rs `Table`, the emulator's `OptimTable`) asserts the same.
+static_assert(sizeof(OptimTable) == 1672, "OptimTable layout");
+static_assert(offsetof(OptimTable, n) == 136 && offsetof(OptimTable, grad) == 392, "OptimTable layout");
+static_assert(offsetof(OptimTable, slot0) == 648 && offsetof(OptimTable, slot1) == 904, "OptimTable layout");
+static_assert(offsetof(OptimTable, param) == 1160 && offsetof(OptimTable, model) == 1416, "OptimTable layout");
 
 // This block's tensor and its share of it: elements begin, begin + stride, ... below n.
 struct Share {

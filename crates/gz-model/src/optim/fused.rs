@@ -25,13 +25,16 @@
 //! launch). The `unsafe` parts are the launch itself, whose arguments match the kernel
 //! signatures, and the addresses, each checked to cover the `n` elements the kernel touches.
 //!
-//! Deadlock freedom: parking_lot write locks are not re-entrant, so no two written tensors may
-//! share storage, and no gradient may share storage with a written tensor. The state slots and
-//! the masters are allocated by [`super::Params`] / [`super::build`] for this optimizer alone
-//! and never handed out mutably; the model variables are distinct from them, and a variable
-//! listed twice (the same tensor id) is left to the generic update; a gradient is a backprop
-//! output (fresh tensors computed from the loss, or another gradient passed through), never one
-//! of these. Gradients may share storage with each other: read locks are shared.
+//! Deadlock freedom: parking_lot locks are not re-entrant, so no two written tensors may share
+//! storage, no gradient may share storage with a written tensor, and no storage may be
+//! read-locked twice. Before anything is locked, [`step_all`] identifies every storage
+//! ([`storage_id`]) and leaves to the generic update any parameter whose written tensors share
+//! storage with a gradient or with another parameter's written tensors (a variable listed
+//! twice, a gradient inserted by hand that is a variable); gradients that share storage with
+//! each other are read-locked once. With backprop's gradients and the optimizer's own state
+//! none of this happens (the state and masters are allocated for this optimizer alone, and
+//! gradients are fresh tensors), but a hang would be the wrong answer to a hand-made
+//! `GradStore`.
 //!
 //! Eligibility is checked per parameter on the host before anything is locked ([`step_all`]
 //! reports, per parameter, whether it was updated; the caller runs the generic update for the
@@ -41,9 +44,10 @@
 
 use std::cell::Cell;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::cuda::CudaDType;
-use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, Layout, Result, Storage, StorageRef, Tensor, Var};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::launch::{self, Group, Scalars, Table};
@@ -51,6 +55,9 @@ use super::{OptimParams, OptimizerKind};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "gz_optim";
+
+/// Launches made by this process (the tests check the grouping with it).
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: plain old data with the C layout of `struct OptimTable` in optim.cu (u32 and u64
 // fields only; the size is asserted in `launch.rs`).
@@ -74,6 +81,8 @@ struct Prepared {
     item: usize,
     /// The gradient, contiguous.
     grad: Tensor,
+    /// [`storage_id`] of the gradient.
+    grad_storage: usize,
     n: usize,
     /// Start offsets of the written tensors in lock order: state slots, master, variable.
     starts: Vec<usize>,
@@ -95,7 +104,7 @@ pub(super) fn step_all(
     let mut done = vec![false; items.len()];
     // by gradient dtype: one kernel instance per launch
     let mut buckets: [(DType, Vec<Prepared>); 3] = [(DType::F32, vec![]), (DType::BF16, vec![]), (DType::F16, vec![])];
-    let mut vars_seen = HashSet::new();
+    let mut prepared = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Some(p) = prepare(&scalars, i, item)? else {
             continue;
@@ -104,10 +113,26 @@ pub(super) fn step_all(
             done[i] = true;
             continue;
         }
-        if !vars_seen.insert(item.var.as_tensor().id()) {
+        prepared.push(p);
+    }
+    // No storage may be write-locked twice, or read-locked (as a gradient) while write-locked:
+    // parking_lot locks are not re-entrant, so either would hang this thread. A parameter whose
+    // written tensors share storage with any gradient, or with an earlier parameter's written
+    // tensors (a variable listed twice), is left to the generic update.
+    let grad_storages: HashSet<usize> = prepared.iter().map(|p| p.grad_storage).collect();
+    let mut written_storages = HashSet::new();
+    for p in prepared {
+        let ids: Vec<usize> = written(&items[p.item]).map(storage_id).collect();
+        let distinct = ids.iter().collect::<HashSet<_>>().len() == ids.len();
+        if !distinct
+            || ids
+                .iter()
+                .any(|id| grad_storages.contains(id) || written_storages.contains(id))
+        {
             continue;
         }
-        if let Some((_, b)) = buckets.iter_mut().find(|(d, _)| *d == item.var.dtype()) {
+        written_storages.extend(ids);
+        if let Some((_, b)) = buckets.iter_mut().find(|(d, _)| *d == items[p.item].var.dtype()) {
             b.push(p);
         }
     }
@@ -170,6 +195,7 @@ fn prepare(scalars: &Scalars, i: usize, item: &Item<'_>) -> Result<Option<Prepar
     };
     Ok(Some(Prepared {
         item: i,
+        grad_storage: storage_id(&grad),
         grad,
         n,
         starts,
@@ -183,6 +209,14 @@ fn written<'a>(item: &Item<'a>) -> impl Iterator<Item = &'a Tensor> {
         .map(|s| s.as_tensor())
         .chain(item.master.map(|m| m.as_tensor()))
         .chain([item.var.as_tensor()])
+}
+
+/// Identifies the storage (allocation) behind a tensor: the address of the `Storage` inside its
+/// lock, which views of one storage share (candle's own crate-private `storage_key` is the
+/// lock's address). Takes the read lock for a moment: call it with no write lock held.
+fn storage_id(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    std::ptr::from_ref::<Storage>(&storage).addr()
 }
 
 /// Locks the written tensors of one launch's parameters and launches `gz_<optimizer>_<sfx>`
@@ -301,13 +335,23 @@ fn launch_locked<T: CudaDType + 'static>(
     };
     let dev = first.device.clone();
     let stream = dev.cuda_stream();
-    // the gradients, read-locked until after the launch
-    let grads: Vec<_> = preps.iter().map(|p| p.grad.storage_and_layout()).collect();
+    // the gradients, read-locked until after the launch, each storage once (gradients may
+    // share storage, and a second `read` of a lock on one thread can wait behind a writer)
+    let mut locked: Vec<(usize, StorageRef<'_>)> = Vec::with_capacity(preps.len());
+    for p in preps {
+        if !locked.iter().any(|(id, _)| *id == p.grad_storage) {
+            locked.push((p.grad_storage, p.grad.storage_and_layout().0));
+        }
+    }
     let mut table = group.table;
-    let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(held.len() + grads.len());
+    let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(held.len() + preps.len());
     let mut held = held.iter_mut();
-    for (k, (p, (storage, layout))) in preps.iter().zip(&grads).enumerate() {
+    for (k, p) in preps.iter().enumerate() {
         let n = p.n;
+        let layout = p.grad.layout();
+        let Some((_, storage)) = locked.iter().find(|(id, _)| *id == p.grad_storage) else {
+            candle_core::bail!("fused optimizer: gradient storage not locked");
+        };
         let Storage::Cuda(gs) = &**storage else {
             candle_core::bail!("fused optimizer: gradient is not on CUDA");
         };
@@ -400,6 +444,7 @@ fn launch_locked<T: CudaDType + 'static>(
     // live, locked allocation of the right type (checked above), the written ones distinct
     // (the write locks held prove it), and the kernel touches nothing else.
     unsafe { b.launch(cfg) }.map_err(|e| err("launch", e))?;
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
     drop(guards);
     Ok(())
 }
@@ -669,8 +714,18 @@ mod tests {
     #[test]
     fn fused_grouping_does_not_change_the_update() {
         let Some(dev) = cuda() else { return };
-        let run = |per_launch: usize, path: UpdatePath| -> Vec<Vec<f32>> {
+        /// Puts the default grouping back even if the test fails.
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                super::super::set_tensors_per_launch(super::super::launch::MAX_TENSORS);
+            }
+        }
+        let _restore = Restore;
+        // (final masters, launches made)
+        let run = |per_launch: usize, path: UpdatePath| -> (Vec<Vec<f32>>, u64) {
             super::super::set_tensors_per_launch(per_launch);
+            let before = super::LAUNCHES.load(std::sync::atomic::Ordering::Relaxed);
             let vars: Vec<(String, Var)> = (0..40)
                 .map(|i| {
                     let n = 1 + (i * 977) % 3000;
@@ -695,18 +750,27 @@ mod tests {
                 }
                 opt.step(&loss.backward().unwrap()).unwrap();
             }
-            super::super::set_tensors_per_launch(super::super::launch::MAX_TENSORS);
+            let launches = super::LAUNCHES.load(std::sync::atomic::Ordering::Relaxed) - before;
             let m = opt.params().master_tensors().unwrap();
             let mut k: Vec<&String> = m.keys().collect();
             k.sort();
-            k.iter()
+            let masters = k
+                .iter()
                 .map(|k| m[*k].flatten_all().unwrap().to_vec1().unwrap())
-                .collect()
+                .collect();
+            (masters, launches)
         };
-        let all = run(32, UpdatePath::Fused);
-        assert_eq!(all, run(1, UpdatePath::Fused), "one tensor a launch");
-        assert_eq!(all, run(3, UpdatePath::Fused), "three tensors a launch");
-        let generic = run(32, UpdatePath::Generic);
+        // 39 tensors with a gradient, 5 steps: 32 + 7, 39 × 1 and 13 × 3 launches a step
+        let (all, launches) = run(32, UpdatePath::Fused);
+        assert_eq!(launches, 5 * 2, "launches with 32 tensors a launch");
+        let (one, launches) = run(1, UpdatePath::Fused);
+        assert_eq!(launches, 5 * 39, "launches with one tensor a launch");
+        assert_eq!(all, one, "one tensor a launch");
+        let (three, launches) = run(3, UpdatePath::Fused);
+        assert_eq!(launches, 5 * 13, "launches with three tensors a launch");
+        assert_eq!(all, three, "three tensors a launch");
+        let (generic, launches) = run(32, UpdatePath::Generic);
+        assert_eq!(launches, 0, "the generic path launches no fused kernel");
         assert_close("grouped", &all, &generic, 1e-6);
         let untouched: Vec<f32> = (0..1 + (7 * 977) % 3000)
             .map(|k| ((k * 31 + 7 * 7) % 101) as f32 / 101.0 - 0.5)

@@ -29,8 +29,19 @@ pub(crate) struct Table {
     pub(crate) model: [u64; MAX_TENSORS],
 }
 
-// The kernel reads the table with the C layout: 4 + 33 × 4 = 136 bytes, then 6 × 32 addresses.
-const _: () = assert!(std::mem::size_of::<Table>() == 136 + 6 * 8 * MAX_TENSORS);
+// The kernel reads the table with the C layout: 4 + 33 × 4 = 136 bytes, then 6 × 32 addresses
+// (optim.cu asserts the same offsets).
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<Table>() == 1672);
+    assert!(offset_of!(Table, block_start) == 4);
+    assert!(offset_of!(Table, n) == 136);
+    assert!(offset_of!(Table, grad) == 392);
+    assert!(offset_of!(Table, slot0) == 648);
+    assert!(offset_of!(Table, slot1) == 904);
+    assert!(offset_of!(Table, param) == 1160);
+    assert!(offset_of!(Table, model) == 1416);
+};
 
 /// One launch: which tensors (a range of the caller's list), the table with their counts and
 /// block ranges (addresses still 0: the caller fills them in), and the (grid, block) to launch.
