@@ -238,18 +238,18 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
     let key = stream.cu_stream() as usize;
     STATES.with(|states| {
         let mut states = states.borrow_mut();
-        if !states.contains_key(&key) {
-            stream
-                .context()
-                .bind_to_thread()
-                .map_err(|e| cuda_err("bind context", e))?;
-            let handle = cr::create_handle().map_err(|e| cuda_err("create handle", e))?;
-            // SAFETY: `handle` is live; the stream outlives it (the state holds an Arc to it).
-            unsafe { cr::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }
-                .map_err(|e| cuda_err("set stream", e))?;
-            states.insert(
-                key,
-                State {
+        let state = match states.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                stream
+                    .context()
+                    .bind_to_thread()
+                    .map_err(|e| cuda_err("bind context", e))?;
+                let handle = cr::create_handle().map_err(|e| cuda_err("create handle", e))?;
+                // SAFETY: `handle` is live; the stream outlives it (the state holds an Arc to it).
+                unsafe { cr::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }
+                    .map_err(|e| cuda_err("set stream", e))?;
+                e.insert(State {
                     handle,
                     stream: stream.clone(),
                     workspace: None,
@@ -258,10 +258,9 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
                     pool: None,
                     events: Vec::new(),
                     support: HashMap::new(),
-                },
-            );
-        }
-        let state = states.get_mut(&key).ok_or_else(|| cuda_err("state", "missing"))?;
+                })
+            }
+        };
         f(state)
     })
 }
