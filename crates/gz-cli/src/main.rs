@@ -57,6 +57,11 @@ fn main() {
     if std::env::var("GZ_CONV").is_ok_and(|v| v == "candle") {
         gz_model::cudnn::set_enabled(false);
     }
+    // `GZ_CPU_CONV=candle`: candle's CPU convolution instead of gz's own f32 kernel
+    // (gz_model::cpu_conv), for comparisons.
+    if std::env::var("GZ_CPU_CONV").is_ok_and(|v| v == "candle") {
+        gz_model::cpu_conv::set_enabled(false);
+    }
     // The fast path's own kernels are off until a device run has checked them (docs/cudnn.md):
     // `GZ_FUSED=1` fused bias + ReLU, `GZ_OPTIM=fused` the one-launch optimizer update,
     // `GZ_RESAMPLE=kernel` the resampling / Dieleman-parts kernel, `GZ_NHWC=1` channels-last.

@@ -17,6 +17,7 @@
 pub mod augment;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu_conv;
 pub mod cudnn;
 pub mod data;
 pub mod device;

@@ -88,12 +88,20 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // in CPU training the custom op too: its CPU path is candle's convolution, and its
-        // backward pass skips the input gradient of an input outside the graph (the images);
-        // inference and `cudnn::set_enabled(false)` (`GZ_CONV=candle`) keep candle's own
+        // in CPU training the custom op too: its CPU path is gz's f32 convolution
+        // (`crate::cpu_conv`), and its backward pass skips the input gradient of an input
+        // outside the graph (the images); `cudnn::set_enabled(false)` (`GZ_CONV=candle`) keeps
+        // candle's own convolution and autograd
         let cpu_training = x.device().is_cpu() && crate::cudnn::enabled() && (x.track_op() || self.weight.track_op());
         if crate::cudnn::active_for(x.device()) || cpu_training {
             return crate::cudnn::conv2d(x, &self.weight, &self.bias, self.padding, self.stride);
+        }
+        // CPU inference (no graph to build): gz's own f32 kernel unless `GZ_CONV=candle`
+        let no_graph = !(x.track_op() || self.weight.track_op() || self.bias.track_op());
+        if no_graph && crate::cudnn::enabled() {
+            if let Some(y) = crate::cpu_conv::conv2d(x, &self.weight, Some(&self.bias), self.padding, self.stride)? {
+                return Ok(y);
+            }
         }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)

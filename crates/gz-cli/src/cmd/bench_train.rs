@@ -52,8 +52,9 @@ pub struct Args {
     /// Print the result as JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// Convolution kernels: auto (cuDNN when built with the `cudnn` feature and on CUDA),
-    /// cudnn, or candle (the stock kernels, the reference for comparisons).
+    /// Convolution kernels: auto (cuDNN when built with the `cudnn` feature and on CUDA; gz's
+    /// own f32 kernel on the CPU unless `GZ_CPU_CONV=candle`), cudnn, or candle (the stock
+    /// kernels, the reference for comparisons).
     #[arg(long, default_value = "auto")]
     conv: String,
     /// Steps run with per-call cuDNN timing after the timed run (0 = no breakdown).
@@ -103,6 +104,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let conv = if gz_model::cudnn::active_for(&device) {
         "cudnn"
+    } else if device.is_cpu() && gz_model::cudnn::enabled() && gz_model::cpu_conv::enabled() {
+        // gz's own f32 kernel (gz_model::cpu_conv); bf16 is CUDA-only
+        "gz-cpu"
     } else {
         "candle"
     };

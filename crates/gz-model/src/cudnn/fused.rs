@@ -283,9 +283,7 @@ fn cpu_conv_bias_relu(
     let x = super::cpu_in(cpu_tensor(s1, l1)?, p.nhwc)?;
     let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
     let b = cpu_tensor(s3, l3)?;
-    x.conv2d(&w, p.padding, p.stride, 1, 1)?
-        .broadcast_add(&broadcast_bias(&b, false)?)?
-        .relu()
+    super::cpu_conv(p, &x, &w, Some(&b))?.relu()
 }
 
 /// The packed [dz, db] of the backward ops on the CPU from the ReLU output `y` and the

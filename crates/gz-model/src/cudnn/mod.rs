@@ -17,7 +17,8 @@
 //! [`set_allow_tf32`]`(false)`. The measured route and its numbers are in
 //! `../shared/cuda/README.md` and `docs/cudnn.md`.
 //!
-//! On CPU the same ops run candle's own kernels (`conv2d`, `conv_transpose2d`) or plain loops,
+//! On CPU the same ops run gz's own f32 convolution ([`crate::cpu_conv`]; candle's `conv2d` and
+//! `conv_transpose2d` for other dtypes or with `GZ_CPU_CONV=candle`) or plain loops,
 //! so CPU tests exercise the op plumbing and the gradient formulas of the fast path. The
 //! max-pool op also avoids two candle 0.11.1 bugs in `max_pool2d`'s backward: it scales each
 //! window's gradient by the fraction of maxima in the window (a unique maximum gets a quarter of
@@ -562,14 +563,29 @@ pub(crate) fn cpu_storage(t: &Tensor) -> Result<(CpuStorage, Shape)> {
     Ok((s, shape))
 }
 
+/// `conv(x, w) (+ b)` on CPU tensors (NCHW): gz's own f32 kernel ([`crate::cpu_conv`]) where
+/// it applies, candle's `conv2d` otherwise.
+fn cpu_conv(p: ConvParams, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(y) = crate::cpu_conv::conv2d(x, w, b, p.padding, p.stride)? {
+        return Ok(y);
+    }
+    let y = x.conv2d(w, p.padding, p.stride, 1, 1)?;
+    match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
 fn cpu_conv_fwd(p: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.conv2d(w, p.padding, p.stride, 1, 1)?
-        .broadcast_add(&b.reshape((1, (), 1, 1))?)
+    cpu_conv(p, x, w, Some(b))
 }
 
 /// dx = conv_transpose(dy, w), the formula candle's own conv2d backward uses, made exact for
 /// non-square inputs by over-padding and narrowing.
 fn cpu_conv_bwd_data(p: ConvParams, dy: &Tensor, w: &Tensor, x_hw: (usize, usize)) -> Result<Tensor> {
+    if let Some(dx) = crate::cpu_conv::conv2d_backward_data(dy, w, x_hw, p.padding, p.stride)? {
+        return Ok(dx);
+    }
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, gh, gw) = dy.dims4()?;
     let base_h = (gh - 1) * p.stride + kh - 2 * p.padding;
@@ -581,6 +597,9 @@ fn cpu_conv_bwd_data(p: ConvParams, dy: &Tensor, w: &Tensor, x_hw: (usize, usize
 
 /// dw = conv(xᵀ, dyᵀ) with the stride as dilation, narrowed to the kernel size.
 fn cpu_conv_bwd_filter(p: ConvParams, x: &Tensor, dy: &Tensor, k_hw: (usize, usize)) -> Result<Tensor> {
+    if let Some(dw) = crate::cpu_conv::conv2d_backward_filter(x, dy, k_hw, p.padding, p.stride)? {
+        return Ok(dw);
+    }
     let dw = x
         .transpose(0, 1)?
         .conv2d(&dy.transpose(0, 1)?.contiguous()?, p.padding, 1, p.stride, 1)?
@@ -690,7 +709,7 @@ impl CustomOp2 for Conv2dNoBiasOp {
         let nhwc = self.0.nhwc;
         let x = cpu_in(cpu_tensor(s1, l1)?, nhwc)?;
         let w = cpu_in(cpu_tensor(s2, l2)?, nhwc)?;
-        let y = x.conv2d(&w, self.0.padding, self.0.stride, 1, 1)?;
+        let y = cpu_conv(self.0, &x, &w, None)?;
         cpu_storage(&cpu_out(y, nhwc)?)
     }
 

@@ -478,7 +478,10 @@ fn train_tiny(dev: &Device, path: Path) -> Result<Vec<f32>> {
         let grads = loss.backward()?;
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                v.set(&(v.as_tensor() - (g * 0.05)?)?)?;
+                // 0.03: at 0.05 the loss spikes near step 66 (0.079 → 0.21 → 0.07) and any
+                // change in summation order (1e-5 before the spike) grows to several % through
+                // it, which is the test's step size, not a difference between the paths
+                v.set(&(v.as_tensor() - (g * 0.03)?)?)?;
             }
         }
     }

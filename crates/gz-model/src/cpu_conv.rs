@@ -1,0 +1,486 @@
+//! gz's own f32 convolution on the CPU: im2col / col2im around one matrix product per image
+//! (the `gemm` crate, the kernel candle's own CPU matmul uses), for the forward pass and both
+//! gradients. candle 0.11.1's CPU `conv2d` already runs im2col + matmul, but its
+//! `conv_transpose2d` (the input gradient) is a direct loop and its filter gradient, written as
+//! a convolution of the transposed input by the transposed output gradient, is im2col with the
+//! batch as channels; on the nets' layer shapes this is 2–3× faster forward, 3–9× for the
+//! input gradient and 2–9× for the filter gradient (`docs/benchmarks.md`).
+//!
+//! Used by the convolution ops' CPU paths ([`crate::cudnn`]'s custom ops, which the nets use
+//! when training on the CPU) and by [`crate::ops::Conv2d`] in CPU inference, for f32 NCHW data;
+//! other dtypes (f64 in the gradient checks) keep candle's kernels, and [`set_enabled`]`(false)`
+//! (`GZ_CPU_CONV=candle` in `gz`) puts candle's back everywhere, for comparisons.
+//!
+//! Results do not depend on the number of threads: images are independent in the forward pass
+//! and the input gradient, and the filter gradient sums per-chunk partials in a fixed order
+//! (chunks of the batch fixed by its size alone).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Switches gz's CPU convolution on (the default) or off (candle's kernels, for comparisons).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_enabled`] allows gz's CPU convolution.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Filter-gradient partials per batch: the chunks are fixed by the batch size only, so the
+/// summation order (and the result, to the bit) is the same on any number of threads.
+const FILTER_PARTIALS: usize = 8;
+
+/// One convolution's sizes: input (n, c, h, w), filters (k, c, kh, kw), square padding and
+/// stride, no dilation, no groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub padding: usize,
+    pub stride: usize,
+}
+
+impl Geometry {
+    fn oh(&self) -> usize {
+        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+    }
+
+    fn ow(&self) -> usize {
+        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+    }
+
+    /// Rows of the im2col matrix: one per (channel, kernel row, kernel column).
+    fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.stride == 0
+            || self.kh == 0
+            || self.kw == 0
+            || self.h + 2 * self.padding < self.kh
+            || self.w + 2 * self.padding < self.kw
+        {
+            candle_core::bail!("cpu convolution: kernel {}×{} does not fit {self:?}", self.kh, self.kw);
+        }
+        Ok(())
+    }
+
+    /// Output columns `ox` whose input column `ox·stride + kj − padding` lies inside the image.
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        valid(self.ow(), self.w, kj, self.padding, self.stride)
+    }
+
+    fn valid_rows(&self, ki: usize) -> (usize, usize) {
+        valid(self.oh(), self.h, ki, self.padding, self.stride)
+    }
+
+    /// A 1×1 convolution with stride 1 and no padding: the image is its own im2col matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+}
+
+/// The range of output positions `o` in `0..out` with `o·stride + k − pad` in `0..size`.
+fn valid(out: usize, size: usize, k: usize, pad: usize, stride: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(k).div_ceil(stride);
+    // o·stride + k − pad < size  ⇔  o·stride < size + pad − k
+    let hi = (size + pad).saturating_sub(k).div_ceil(stride).min(out);
+    (lo.min(hi), hi)
+}
+
+/// Writes image `x` (c, h, w) as the (c·kh·kw, oh·ow) matrix of its receptive fields.
+fn im2col(g: &Geometry, x: &[f32], cols: &mut [f32]) {
+    let (oh, ow) = (g.oh(), g.ow());
+    let ohw = oh * ow;
+    for c in 0..g.c {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            let (y0, y1) = g.valid_rows(ki);
+            for kj in 0..g.kw {
+                let (x0, x1) = g.valid_cols(kj);
+                let row = &mut cols[((c * g.kh + ki) * g.kw + kj) * ohw..][..ohw];
+                row[..y0 * ow].fill(0.0);
+                row[y1 * ow..].fill(0.0);
+                for oy in y0..y1 {
+                    let iy = oy * g.stride + ki - g.padding;
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    dst[..x0].fill(0.0);
+                    dst[x1..].fill(0.0);
+                    if x1 > x0 {
+                        let ix0 = x0 * g.stride + kj - g.padding;
+                        if g.stride == 1 {
+                            dst[x0..x1].copy_from_slice(&src[ix0..ix0 + (x1 - x0)]);
+                        } else {
+                            for (d, s) in dst[x0..x1].iter_mut().zip(src[ix0..].iter().step_by(g.stride)) {
+                                *d = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the (c·kh·kw, oh·ow) matrix `cols` back into image `dx` (c, h, w), which it first zeroes:
+/// the adjoint of [`im2col`].
+fn col2im(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
+    let (oh, ow) = (g.oh(), g.ow());
+    let ohw = oh * ow;
+    dx.fill(0.0);
+    for c in 0..g.c {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            let (y0, y1) = g.valid_rows(ki);
+            for kj in 0..g.kw {
+                let (x0, x1) = g.valid_cols(kj);
+                if x1 <= x0 {
+                    continue;
+                }
+                let row = &cols[((c * g.kh + ki) * g.kw + kj) * ohw..][..ohw];
+                for oy in y0..y1 {
+                    let iy = oy * g.stride + ki - g.padding;
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    let src = &row[oy * ow + x0..oy * ow + x1];
+                    let ix0 = x0 * g.stride + kj - g.padding;
+                    if g.stride == 1 {
+                        for (d, s) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (d, s) in dst[ix0..].iter_mut().step_by(g.stride).zip(src) {
+                            *d += *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A row-major matrix view: `rs` between rows, `cs` between columns (elements).
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Mat {
+    fn rows(s: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major (rows × `cols`) matrix.
+    fn transposed(s: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+}
+
+/// `dst (m × n, row-major) (+)= a (m × k) · b (k × n)`; `accumulate` adds to `dst`.
+fn matmul((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, threads: usize) {
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the callers pass views of slices holding m × k (a) and k × n (b) elements with
+    // these strides (each call site's sizes come from one `Geometry`), and `dst` holds m × n
+    // (asserted); gemm reads `dst` only when accumulating.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Threads for one image's product: all of them when there is one image, else 1 (the images run
+/// in parallel).
+fn inner_threads(n: usize) -> usize {
+    if n == 1 {
+        rayon::current_num_threads()
+    } else {
+        1
+    }
+}
+
+/// y (n, k, oh, ow) = conv(x (n, c, h, w), w (k, c, kh, kw)) + b (k).
+pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>> {
+    g.check()?;
+    let (ohw, ckk, chw) = (g.oh() * g.ow(), g.ckk(), g.c * g.h * g.w);
+    check_len("x", x, g.n * chw)?;
+    check_len("w", w, g.k * ckk)?;
+    if let Some(b) = b {
+        check_len("b", b, g.k)?;
+    }
+    let mut y = vec![0f32; g.n * g.k * ohw];
+    if ohw == 0 || g.n == 0 {
+        return Ok(y);
+    }
+    let threads = inner_threads(g.n);
+    let scratch = if g.pointwise() { 0 } else { ckk * ohw };
+    y.par_chunks_mut(g.k * ohw).zip(x.par_chunks(chw)).for_each_init(
+        || vec![0f32; scratch],
+        |cols, (yi, xi)| {
+            if let Some(b) = b {
+                for (row, &bk) in yi.chunks_mut(ohw).zip(b) {
+                    row.fill(bk);
+                }
+            }
+            let cols: &[f32] = if g.pointwise() {
+                xi
+            } else {
+                im2col(g, xi, cols);
+                cols
+            };
+            matmul(
+                (g.k, ohw, ckk),
+                yi,
+                b.is_some(),
+                Mat::rows(w, ckk),
+                Mat::rows(cols, ohw),
+                threads,
+            );
+        },
+    );
+    Ok(y)
+}
+
+/// dx (n, c, h, w) from dy (n, k, oh, ow) and w (k, c, kh, kw); input positions no output
+/// reads (the last rows and columns a stride skips) get 0.
+pub(crate) fn backward_data(g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f32>> {
+    g.check()?;
+    let (ohw, ckk, chw) = (g.oh() * g.ow(), g.ckk(), g.c * g.h * g.w);
+    check_len("dy", dy, g.n * g.k * ohw)?;
+    check_len("w", w, g.k * ckk)?;
+    let mut dx = vec![0f32; g.n * chw];
+    if ohw == 0 || g.n == 0 {
+        return Ok(dx);
+    }
+    let threads = inner_threads(g.n);
+    dx.par_chunks_mut(chw).zip(dy.par_chunks(g.k * ohw)).for_each_init(
+        || vec![0f32; if g.pointwise() { 0 } else { ckk * ohw }],
+        |cols, (dxi, dyi)| {
+            // cols (ckk × ohw) = wᵀ (ckk × k) · dy_i (k × ohw)
+            let wt = Mat::transposed(w, ckk);
+            if g.pointwise() {
+                matmul((ckk, ohw, g.k), dxi, false, wt, Mat::rows(dyi, ohw), threads);
+            } else {
+                matmul((ckk, ohw, g.k), cols, false, wt, Mat::rows(dyi, ohw), threads);
+                col2im(g, cols, dxi);
+            }
+        },
+    );
+    Ok(dx)
+}
+
+/// dw (k, c, kh, kw) from x (n, c, h, w) and dy (n, k, oh, ow): Σ over images of
+/// dy_i (k × oh·ow) · im2col(x_i)ᵀ, summed in fixed chunks of the batch.
+pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+    g.check()?;
+    let (ohw, ckk, chw) = (g.oh() * g.ow(), g.ckk(), g.c * g.h * g.w);
+    check_len("x", x, g.n * chw)?;
+    check_len("dy", dy, g.n * g.k * ohw)?;
+    let mut dw = vec![0f32; g.k * ckk];
+    if ohw == 0 || g.n == 0 {
+        return Ok(dw);
+    }
+    let per = g.n.div_ceil(FILTER_PARTIALS);
+    let chunks = g.n.div_ceil(per);
+    let threads = inner_threads(chunks);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|chunk| {
+            let mut part = vec![0f32; g.k * ckk];
+            let mut cols = vec![0f32; if g.pointwise() { 0 } else { ckk * ohw }];
+            for (j, i) in (chunk * per..((chunk + 1) * per).min(g.n)).enumerate() {
+                let xi = &x[i * chw..(i + 1) * chw];
+                let colsi: &[f32] = if g.pointwise() {
+                    xi
+                } else {
+                    im2col(g, xi, &mut cols);
+                    &cols
+                };
+                // part (k × ckk) += dy_i (k × ohw) · colsᵀ (ohw × ckk)
+                let dyi = &dy[i * g.k * ohw..(i + 1) * g.k * ohw];
+                matmul(
+                    (g.k, ckk, ohw),
+                    &mut part,
+                    j > 0,
+                    Mat::rows(dyi, ohw),
+                    Mat::transposed(colsi, ohw),
+                    threads,
+                );
+            }
+            part
+        })
+        .collect();
+    for part in partials {
+        for (d, p) in dw.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+    Ok(dw)
+}
+
+fn check_len(what: &str, s: &[f32], want: usize) -> Result<()> {
+    if s.len() != want {
+        candle_core::bail!("cpu convolution: {what} has {} values, expected {want}", s.len());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor entry points: `None` where gz's kernel does not apply (not f32, not on the CPU, or
+// switched off), so the caller runs candle's.
+
+fn applies(ts: &[&Tensor]) -> bool {
+    enabled() && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+fn geometry(
+    x: (usize, usize, usize, usize),
+    w: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Geometry> {
+    let (n, c, h, wd) = x;
+    let (k, wc, kh, kw) = w;
+    if wc != c {
+        candle_core::bail!("cpu convolution: input has {c} channels, the filters {wc}");
+    }
+    Ok(Geometry {
+        n,
+        c,
+        h,
+        w: wd,
+        k,
+        kh,
+        kw,
+        padding,
+        stride,
+    })
+}
+
+/// `conv2d(x, w) (+ b)` (NCHW, f32, CPU), with no autograd: for the ops' forward passes and
+/// inference.
+pub(crate) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    if !applies(&[x, w]) || b.is_some_and(|b| !applies(&[b])) {
+        return Ok(None);
+    }
+    let g = geometry(x.dims4()?, w.dims4()?, padding, stride)?;
+    let bias = b.map(values).transpose()?;
+    let y = forward(&g, &values(x)?, &values(w)?, bias.as_deref())?;
+    Ok(Some(Tensor::from_vec(y, (g.n, g.k, g.oh(), g.ow()), &Device::Cpu)?))
+}
+
+/// The input gradient of `conv2d` for an input of spatial size `x_hw`.
+pub(crate) fn conv2d_backward_data(
+    dy: &Tensor,
+    w: &Tensor,
+    x_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    if !applies(&[dy, w]) {
+        return Ok(None);
+    }
+    let (n, k, oh, ow) = dy.dims4()?;
+    let (wk, c, kh, kw) = w.dims4()?;
+    if wk != k {
+        candle_core::bail!("cpu convolution: output gradient has {k} channels, the filters {wk}");
+    }
+    let g = geometry((n, c, x_hw.0, x_hw.1), (k, c, kh, kw), padding, stride)?;
+    g.check()?;
+    if (g.oh(), g.ow()) != (oh, ow) {
+        candle_core::bail!(
+            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
+            g.oh(),
+            g.ow()
+        );
+    }
+    let dx = backward_data(&g, &values(dy)?, &values(w)?)?;
+    Ok(Some(Tensor::from_vec(dx, (n, c, g.h, g.w), &Device::Cpu)?))
+}
+
+/// The filter gradient of `conv2d` for filters of spatial size `k_hw`.
+pub(crate) fn conv2d_backward_filter(
+    x: &Tensor,
+    dy: &Tensor,
+    k_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    if !applies(&[x, dy]) {
+        return Ok(None);
+    }
+    let (n, k, oh, ow) = dy.dims4()?;
+    let (xn, c, ..) = x.dims4()?;
+    if xn != n {
+        candle_core::bail!("cpu convolution: {xn} inputs, {n} output gradients");
+    }
+    let g = geometry(x.dims4()?, (k, c, k_hw.0, k_hw.1), padding, stride)?;
+    g.check()?;
+    if (g.oh(), g.ow()) != (oh, ow) {
+        candle_core::bail!(
+            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
+            g.oh(),
+            g.ow()
+        );
+    }
+    let dw = backward_filter(&g, &values(x)?, &values(dy)?)?;
+    Ok(Some(Tensor::from_vec(dw, (k, c, k_hw.0, k_hw.1), &Device::Cpu)?))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! gz's CPU convolution against candle's: the forward pass against `conv2d`, both gradients
+//! against candle's autograd of `conv2d` (which is what the nets trained with before), on the
+//! nets' kinds of shapes and the awkward ones: stride 2 with sides the stride does not divide
+//! (input rows no output reads), padding larger than the kernel's half, non-square inputs and
+//! kernels, 1×1 kernels (no im2col), a single image (the product itself threaded).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::*;
+
+fn rnd(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n as u64)
+        .map(|i| {
+            let z = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9)) >> 40;
+            (z as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// Largest |a − b| relative to the largest |b| (at least 1).
+fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let m = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+    Ok(d / m)
+}
+
+/// (n, c, h, w, k, kh, kw, padding, stride)
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize, usize);
+
+const CASES: [Case; 10] = [
+    (4, 3, 20, 20, 8, 3, 3, 1, 1),
+    (3, 5, 11, 9, 4, 3, 3, 1, 2),
+    (2, 4, 8, 8, 6, 3, 3, 1, 2),
+    (2, 6, 9, 7, 5, 5, 3, 2, 1),
+    (2, 3, 12, 12, 4, 6, 6, 0, 1),
+    (5, 8, 6, 6, 7, 1, 1, 0, 1),
+    (2, 8, 7, 7, 3, 1, 1, 0, 2),
+    (1, 16, 13, 13, 12, 3, 3, 1, 1),
+    (9, 2, 5, 5, 3, 3, 3, 3, 1),
+    (3, 2, 4, 6, 2, 4, 6, 0, 1),
+];
+
+#[test]
+fn matches_candle_forward_and_gradients() -> Result<()> {
+    for (i, &(n, c, h, w, k, kh, kw, padding, stride)) in CASES.iter().enumerate() {
+        let x = Var::from_tensor(&rnd((n, c, h, w), 3 * i as u64 + 1)?)?;
+        let wt = Var::from_tensor(&rnd((k, c, kh, kw), 3 * i as u64 + 2)?)?;
+        let b = rnd((1, k, 1, 1), 3 * i as u64 + 3)?.flatten_all()?;
+        // candle: forward, and both gradients of Σ y ⊙ r through its autograd
+        let y_ref = x.as_tensor().conv2d(wt.as_tensor(), padding, stride, 1, 1)?;
+        let (_, _, oh, ow) = y_ref.dims4()?;
+        let r = rnd((n, k, oh, ow), 1000 + i as u64)?;
+        let grads = (&y_ref * &r)?.sum_all()?.backward()?;
+        let dx_ref = grads.get(x.as_tensor()).expect("dx");
+        let dw_ref = grads.get(wt.as_tensor()).expect("dw");
+        let y_ref = y_ref.broadcast_add(&b.reshape((1, k, 1, 1))?)?;
+
+        let what = format!("case {i} {:?}", CASES[i]);
+        let y = conv2d(x.as_tensor(), wt.as_tensor(), Some(&b), padding, stride)?.expect("f32 on the CPU");
+        assert!(rel(&y, &y_ref)? < 1e-5, "{what}: forward off by {}", rel(&y, &y_ref)?);
+        let dx = conv2d_backward_data(&r, wt.as_tensor(), (h, w), padding, stride)?.expect("applies");
+        if h == dx_ref.dim(2)? && w == dx_ref.dim(3)? {
+            assert!(rel(&dx, dx_ref)? < 1e-5, "{what}: dx off by {}", rel(&dx, dx_ref)?);
+        } else {
+            // candle's own backward returns a smaller dx when the stride leaves rows unread
+            // (docs/cudnn.md); compare the part it has, and the rest must be zero
+            let (rh, rw) = (dx_ref.dim(2)?, dx_ref.dim(3)?);
+            let part = dx.narrow(2, 0, rh)?.narrow(3, 0, rw)?;
+            assert!(rel(&part, dx_ref)? < 1e-5, "{what}: dx off by {}", rel(&part, dx_ref)?);
+            let total = dx.abs()?.sum_all()?.to_scalar::<f32>()?;
+            let kept = part.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(
+                (total - kept).abs() <= 1e-6 * total.max(1.0),
+                "{what}: unread rows got gradient"
+            );
+        }
+        let dw = conv2d_backward_filter(x.as_tensor(), &r, (kh, kw), padding, stride)?.expect("applies");
+        assert!(rel(&dw, dw_ref)? < 1e-5, "{what}: dw off by {}", rel(&dw, dw_ref)?);
+    }
+    Ok(())
+}
+
+/// A finite-difference check that does not lean on candle: perturbing one input value and one
+/// weight changes Σ y ⊙ r by what the gradients say (f32, so a loose tolerance).
+#[test]
+fn gradients_agree_with_finite_differences() -> Result<()> {
+    let g = Geometry {
+        n: 2,
+        c: 3,
+        h: 7,
+        w: 6,
+        k: 4,
+        kh: 3,
+        kw: 3,
+        padding: 1,
+        stride: 2,
+    };
+    let x = values(&rnd((g.n, g.c, g.h, g.w), 7)?)?;
+    let w = values(&rnd((g.k, g.c, g.kh, g.kw), 8)?)?;
+    let r = values(&rnd((g.n, g.k, g.oh(), g.ow()), 9)?)?;
+    let loss = |x: &[f32], w: &[f32]| -> Result<f64> {
+        let y = forward(&g, x, w, None)?;
+        Ok(y.iter().zip(&r).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum())
+    };
+    let dx = backward_data(&g, &r, &w)?;
+    let dw = backward_filter(&g, &x, &r)?;
+    let eps = 1e-2f32;
+    for i in [0, 5, 17, 40, x.len() - 1] {
+        let (mut xp, mut xm) = (x.clone(), x.clone());
+        xp[i] += eps;
+        xm[i] -= eps;
+        let fd = (loss(&xp, &w)? - loss(&xm, &w)?) / (2.0 * f64::from(eps));
+        assert!(
+            (fd - f64::from(dx[i])).abs() < 1e-3,
+            "dx[{i}]: {} vs finite difference {fd}",
+            dx[i]
+        );
+    }
+    for i in [0, 3, 26, 50, w.len() - 1] {
+        let (mut wp, mut wm) = (w.clone(), w.clone());
+        wp[i] += eps;
+        wm[i] -= eps;
+        let fd = (loss(&x, &wp)? - loss(&x, &wm)?) / (2.0 * f64::from(eps));
+        assert!(
+            (fd - f64::from(dw[i])).abs() < 1e-3,
+            "dw[{i}]: {} vs finite difference {fd}",
+            dw[i]
+        );
+    }
+    Ok(())
+}
+
+/// The same result to the bit on 1 and 3 threads (a fixed summation order), and for a batch
+/// computed whole or image by image (the forward pass and dx are per image).
+#[test]
+fn results_do_not_depend_on_threads() -> Result<()> {
+    let g = Geometry {
+        n: 11,
+        c: 4,
+        h: 9,
+        w: 9,
+        k: 5,
+        kh: 3,
+        kw: 3,
+        padding: 1,
+        stride: 1,
+    };
+    let x = values(&rnd((g.n, g.c, g.h, g.w), 21)?)?;
+    let w = values(&rnd((g.k, g.c, g.kh, g.kw), 22)?)?;
+    let dy = values(&rnd((g.n, g.k, g.oh(), g.ow()), 23)?)?;
+    let run = |threads: usize| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        pool.install(|| {
+            Ok((
+                forward(&g, &x, &w, None)?,
+                backward_data(&g, &dy, &w)?,
+                backward_filter(&g, &x, &dy)?,
+            ))
+        })
+    };
+    let one = run(1)?;
+    assert_eq!(one, run(3)?, "1 vs 3 threads");
+    let chw = g.c * g.h * g.w;
+    let single = Geometry { n: 1, ..g };
+    let first = forward(&single, &x[..chw], &w, None)?;
+    assert_eq!(first, one.0[..first.len()], "image 0 alone vs in the batch");
+    Ok(())
+}
+
+#[test]
+fn bad_sizes_are_errors_not_panics() {
+    let g = Geometry {
+        n: 1,
+        c: 2,
+        h: 2,
+        w: 2,
+        k: 1,
+        kh: 5,
+        kw: 5,
+        padding: 0,
+        stride: 1,
+    };
+    assert!(
+        forward(&g, &[0.0; 8], &[0.0; 50], None).is_err(),
+        "kernel larger than the input"
+    );
+    let g = Geometry { kh: 1, kw: 1, ..g };
+    assert!(forward(&g, &[0.0; 7], &[0.0; 2], None).is_err(), "short input");
+    assert!(backward_filter(&g, &[0.0; 8], &[0.0; 3],).is_err(), "short gradient");
+    let g = Geometry { stride: 0, ..g };
+    assert!(backward_data(&g, &[0.0; 4], &[0.0; 2]).is_err(), "stride 0");
+}
+
+/// Other dtypes, and the switch, leave the work to candle.
+#[test]
+fn only_f32_on_the_cpu_when_enabled() -> Result<()> {
+    let x = rnd((1, 2, 5, 5), 1)?;
+    let w = rnd((3, 2, 3, 3), 2)?;
+    assert!(conv2d(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?, None, 1, 1)?.is_none());
+    assert!(conv2d(&x, &w, None, 1, 1)?.is_some());
+    Ok(())
+}
