@@ -97,7 +97,10 @@ fn main() {
     }
     match std::env::var("GZ_OPTIM").as_deref() {
         Ok("fused") => gz_model::optim::set_fused_enabled(true),
-        Ok("generic") => gz_model::optim::set_fused_enabled(false),
+        Ok("generic") => {
+            gz_model::optim::set_fused_enabled(false);
+            gz_model::optim::set_cpu_fused_enabled(false);
+        }
         _ => {}
     }
     // `GZ_OPTIM_TENSORS=N`: at most N parameter tensors per launch of the fused update (1 = one

@@ -15,11 +15,14 @@
 //! update of up to 32 parameters (gradient cast, L2, state, master, rounded model copy) is one
 //! kernel launch (`fused`, kernels in `src/kernels/optim.cu`) computing the same f32 operations
 //! as the candle ops below; [`set_fused_enabled`] or [`UpdatePath::Generic`] force the generic path
-//! for reference comparisons. On the CPU nothing changes.
+//! for reference comparisons. On the CPU the same per-element arithmetic runs as one Rust pass
+//! per parameter (`cpu`, on by default, [`set_cpu_fused_enabled`]), equal to the generic ops to
+//! the bit.
 //!
 //! Neighbours: [`crate::train`] builds the optimizer from `TrainConfig` and calls
 //! [`Optimizer::step`] once per minibatch and [`Schedule::lr_at`] once per epoch.
 
+mod cpu;
 #[cfg(test)]
 mod emu_tests;
 #[cfg(feature = "cudnn")]
@@ -304,7 +307,8 @@ pub trait Optimizer: Send {
     fn state(&self) -> HashMap<String, Tensor>;
     /// Restores state saved by [`Optimizer::state`] and the step count.
     fn load_state(&mut self, state: &HashMap<String, Tensor>, steps: u64) -> Result<()>;
-    /// True when [`Optimizer::step`] uses the fused CUDA kernels (up to 32 parameters per launch).
+    /// True when [`Optimizer::step`] uses the fused update: the CUDA kernels (up to 32
+    /// parameters per launch) or, on the CPU, their Rust twin.
     fn fused(&self) -> bool {
         false
     }
@@ -314,12 +318,13 @@ pub trait Optimizer: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpdatePath {
     /// The fused CUDA kernels when this build has the `cudnn` feature, every parameter is on a
-    /// CUDA device and [`fused_enabled`]; the generic candle ops otherwise.
+    /// CUDA device and [`fused_enabled`]; their CPU twin when every parameter is on the CPU and
+    /// [`cpu_fused_enabled`] (the default); the generic candle ops otherwise.
     Auto,
     /// Always the generic candle ops (the reference).
     Generic,
-    /// The fused CUDA kernels whatever [`fused_enabled`] says (still only with the `cudnn`
-    /// feature and every parameter on CUDA; the generic ops otherwise).
+    /// The fused update whatever [`fused_enabled`] / [`cpu_fused_enabled`] say (on CUDA still
+    /// only with the `cudnn` feature; with parameters on both devices, the generic ops).
     Fused,
 }
 
@@ -337,6 +342,21 @@ pub fn set_fused_enabled(on: bool) {
 /// Whether [`set_fused_enabled`] allows the fused update.
 pub fn fused_enabled() -> bool {
     FUSED_ENABLED.load(Ordering::Relaxed)
+}
+
+/// On by default: the CPU twin is checked against the generic update to the bit on every test
+/// run (`optim::tests`).
+static CPU_FUSED_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Allows (the default) or forbids the fused update's CPU twin for optimizers built afterwards
+/// with [`build`] / [`UpdatePath::Auto`] on the CPU; `gz` turns it off with `GZ_OPTIM=generic`.
+pub fn set_cpu_fused_enabled(on: bool) {
+    CPU_FUSED_ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_cpu_fused_enabled`] allows the CPU twin.
+pub fn cpu_fused_enabled() -> bool {
+    CPU_FUSED_ENABLED.load(Ordering::Relaxed)
 }
 
 /// Tensors per launch of the fused update (1..=32; 32 by default: VGG16-blog's whole update is
@@ -387,6 +407,12 @@ pub fn build_with(
     };
     let fused =
         wanted && fused_compiled() && !params.is_empty() && params.params.iter().all(|p| p.var.device().is_cuda());
+    let wanted_cpu = match path {
+        UpdatePath::Auto => cpu_fused_enabled(),
+        UpdatePath::Generic => false,
+        UpdatePath::Fused => true,
+    };
+    let cpu_fused = wanted_cpu && !params.is_empty() && params.params.iter().all(|p| p.var.device().is_cpu());
     Ok(Box::new(Generic {
         kind,
         params,
@@ -395,6 +421,7 @@ pub fn build_with(
         state,
         steps: 0,
         fused,
+        cpu_fused,
     }))
 }
 
@@ -409,6 +436,8 @@ struct Generic {
     steps: u64,
     /// Use the fused CUDA update (decided at build: feature on, every parameter on CUDA).
     fused: bool,
+    /// Use the fused update's CPU twin (decided at build: every parameter on the CPU).
+    cpu_fused: bool,
 }
 
 impl Generic {
@@ -454,6 +483,21 @@ impl Generic {
     #[cfg(not(feature = "cudnn"))]
     fn step_fused(&self, _grads: &GradStore) -> Result<Vec<bool>> {
         Ok(vec![false; self.params.len()])
+    }
+
+    /// The fused update's CPU twin, parameter by parameter: per parameter, `true` when done
+    /// (or without a gradient), `false` when the generic update must run.
+    fn step_cpu(&self, grads: &GradStore) -> Result<Vec<bool>> {
+        let sc = launch::Scalars::new(self.kind, &self.hp, self.lr, self.steps);
+        self.params
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match grads.get(p.var.as_tensor()) {
+                None => Ok(true),
+                Some(g) => cpu::step(&sc, g, &self.state[i], p.master.as_ref(), &p.var),
+            })
+            .collect()
     }
 
     /// The update of parameter `i` with candle tensor ops (any device, the reference).
@@ -506,6 +550,8 @@ impl Optimizer for Generic {
         self.steps += 1;
         let done = if self.fused {
             self.step_fused(grads)?
+        } else if self.cpu_fused {
+            self.step_cpu(grads)?
         } else {
             vec![false; self.params.len()]
         };
@@ -518,7 +564,7 @@ impl Optimizer for Generic {
     }
 
     fn fused(&self) -> bool {
-        self.fused
+        self.fused || self.cpu_fused
     }
 
     fn learning_rate(&self) -> f64 {

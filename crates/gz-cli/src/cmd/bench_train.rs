@@ -98,8 +98,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     match args.optimizer_path.as_str() {
         "auto" => {}
-        "fused" => gz_model::optim::set_fused_enabled(true),
-        "generic" => gz_model::optim::set_fused_enabled(false),
+        "fused" => {
+            gz_model::optim::set_fused_enabled(true);
+            gz_model::optim::set_cpu_fused_enabled(true);
+        }
+        "generic" => {
+            gz_model::optim::set_fused_enabled(false);
+            gz_model::optim::set_cpu_fused_enabled(false);
+        }
         other => anyhow::bail!("unknown --optimizer-path {other:?}: expected auto, fused or generic"),
     }
     let conv = if gz_model::cudnn::active_for(&device) {
