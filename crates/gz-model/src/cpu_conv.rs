@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -480,6 +480,110 @@ pub(crate) fn conv2d_backward_filter(
     }
     let dw = backward_filter(&g, &values(x)?, &values(dy)?)?;
     Ok(Some(Tensor::from_vec(dw, (k, c, k_hw.0, k_hw.1), &Device::Cpu)?))
+}
+
+// Storage entry points for the custom ops' CPU paths: the op's own buffers, read in place (no
+// tensor copies); `None` where the kernel does not apply (not f32, a strided view, switched off).
+
+/// The f32 values of a contiguous view of a CPU storage.
+fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => l.contiguous_offsets().and_then(|(a, b)| v.get(a..b)),
+        _ => None,
+    }
+}
+
+/// [`forward`] on an op's storages: x (n, c, h, w), w (k, c, kh, kw), optional b (k).
+pub(crate) fn forward_storage(
+    (xs, xl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (Some(x), Some(w)) = (f32_view(xs, xl), f32_view(ws, wl)) else {
+        return Ok(None);
+    };
+    let bias = match b {
+        Some((bs, bl)) => match f32_view(bs, bl) {
+            Some(b) => Some(b),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    if !enabled() {
+        return Ok(None);
+    }
+    let g = geometry(xl.shape().dims4()?, wl.shape().dims4()?, padding, stride)?;
+    g.check()?;
+    let y = forward(&g, x, w, bias)?;
+    Ok(Some((CpuStorage::F32(y), Shape::from((g.n, g.k, g.oh(), g.ow())))))
+}
+
+/// [`backward_data`] on an op's storages: dy (n, k, oh, ow), w (k, c, kh, kw), for an input of
+/// spatial size `x_hw`.
+pub(crate) fn backward_data_storage(
+    (dys, dyl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+    x_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (Some(dy), Some(w)) = (f32_view(dys, dyl), f32_view(ws, wl)) else {
+        return Ok(None);
+    };
+    if !enabled() {
+        return Ok(None);
+    }
+    let (n, k, oh, ow) = dyl.shape().dims4()?;
+    let (wk, c, kh, kw) = wl.shape().dims4()?;
+    if wk != k {
+        candle_core::bail!("cpu convolution: output gradient has {k} channels, the filters {wk}");
+    }
+    let g = geometry((n, c, x_hw.0, x_hw.1), (k, c, kh, kw), padding, stride)?;
+    g.check()?;
+    if (g.oh(), g.ow()) != (oh, ow) {
+        candle_core::bail!(
+            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
+            g.oh(),
+            g.ow()
+        );
+    }
+    let dx = backward_data(&g, dy, w)?;
+    Ok(Some((CpuStorage::F32(dx), Shape::from((n, c, g.h, g.w)))))
+}
+
+/// [`backward_filter`] on an op's storages: x (n, c, h, w), dy (n, k, oh, ow), for filters of
+/// spatial size `k_hw`.
+pub(crate) fn backward_filter_storage(
+    (xs, xl): (&CpuStorage, &Layout),
+    (dys, dyl): (&CpuStorage, &Layout),
+    k_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Option<(CpuStorage, Shape)>> {
+    let (Some(x), Some(dy)) = (f32_view(xs, xl), f32_view(dys, dyl)) else {
+        return Ok(None);
+    };
+    if !enabled() {
+        return Ok(None);
+    }
+    let (n, k, oh, ow) = dyl.shape().dims4()?;
+    let (xn, c, ..) = xl.shape().dims4()?;
+    if xn != n {
+        candle_core::bail!("cpu convolution: {xn} inputs, {n} output gradients");
+    }
+    let g = geometry(xl.shape().dims4()?, (k, c, k_hw.0, k_hw.1), padding, stride)?;
+    g.check()?;
+    if (g.oh(), g.ow()) != (oh, ow) {
+        candle_core::bail!(
+            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
+            g.oh(),
+            g.ow()
+        );
+    }
+    let dw = backward_filter(&g, x, dy)?;
+    Ok(Some((CpuStorage::F32(dw), Shape::from((k, c, k_hw.0, k_hw.1)))))
 }
 
 #[cfg(test)]

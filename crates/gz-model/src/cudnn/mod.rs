@@ -659,7 +659,11 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = cpu_conv_fwd(self.0, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, &cpu_tensor(s3, l3)?)?;
+        let p = self.0;
+        if let Some(y) = crate::cpu_conv::forward_storage((s1, l1), (s2, l2), Some((s3, l3)), p.padding, p.stride)? {
+            return Ok(y);
+        }
+        let y = cpu_conv_fwd(p, &cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, &cpu_tensor(s3, l3)?)?;
         cpu_storage(&y)
     }
 
@@ -757,6 +761,14 @@ impl CustomOp2 for ConvBwdData {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let nhwc = self.p.nhwc;
+        if !nhwc {
+            let p = self.p;
+            if let Some(dx) =
+                crate::cpu_conv::backward_data_storage((s1, l1), (s2, l2), self.x_hw, p.padding, p.stride)?
+            {
+                return Ok(dx);
+            }
+        }
         let dy = cpu_in(cpu_tensor(s1, l1)?, nhwc)?;
         let w = cpu_in(cpu_tensor(s2, l2)?, nhwc)?;
         let dx = cpu_conv_bwd_data(self.p, &dy, &w, self.x_hw)?;
@@ -785,6 +797,14 @@ impl CustomOp2 for ConvBwdFilter {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let nhwc = self.p.nhwc;
+        if !nhwc {
+            let p = self.p;
+            if let Some(dw) =
+                crate::cpu_conv::backward_filter_storage((s1, l1), (s2, l2), self.k_hw, p.padding, p.stride)?
+            {
+                return Ok(dw);
+            }
+        }
         let x = cpu_in(cpu_tensor(s1, l1)?, nhwc)?;
         let dy = cpu_in(cpu_tensor(s2, l2)?, nhwc)?;
         let dw = cpu_conv_bwd_filter(self.p, &x, &dy, self.k_hw)?;
