@@ -31,7 +31,7 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
 
   options: --data DIR (a Kaggle download; no synth)   --train N --test M --seed S (synthetic set size)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --size PX --augment
-           --precision f32|bf16 --tta N   (CPU defaults: tiny, 6 epochs, --size 32, batch 16,
+           --precision f32|bf16 --tta N   (CPU defaults: tiny, 12 epochs, --size 32, batch 16,
            no augmentation: the trainer's measured CPU recipe)
            --train-arg ARG (repeatable, passed to `gz train`)   --name RUN   --root DIR
            --force (rerun even when up to date)   --debug (debug build of gz)   --cuda [--cudnn] (CUDA build)
