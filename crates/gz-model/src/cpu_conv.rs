@@ -66,12 +66,14 @@ impl Geometry {
     }
 
     fn check(&self) -> Result<()> {
-        if self.stride == 0
-            || self.kh == 0
-            || self.kw == 0
-            || self.h + 2 * self.padding < self.kh
-            || self.w + 2 * self.padding < self.kw
-        {
+        if self.c == 0 || self.k == 0 || self.h == 0 || self.w == 0 {
+            candle_core::bail!("cpu convolution: empty channels or image in {self:?}");
+        }
+        let padded = |side: usize| self.padding.checked_mul(2).and_then(|p| p.checked_add(side));
+        let (Some(ph), Some(pw)) = (padded(self.h), padded(self.w)) else {
+            candle_core::bail!("cpu convolution: padding {} is too large", self.padding);
+        };
+        if self.stride == 0 || self.kh == 0 || self.kw == 0 || ph < self.kh || pw < self.kw {
             candle_core::bail!("cpu convolution: kernel {}×{} does not fit {self:?}", self.kh, self.kw);
         }
         Ok(())
@@ -171,44 +173,56 @@ fn col2im(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// A row-major matrix view: `rs` between rows, `cs` between columns (elements).
+/// A matrix view of a slice: `rs` elements between rows, `cs` between columns.
 #[derive(Clone, Copy)]
 struct Mat {
     ptr: *const f32,
-    rs: isize,
-    cs: isize,
+    len: usize,
+    rs: usize,
+    cs: usize,
 }
 
 impl Mat {
+    /// The slice as a row-major matrix with `cols` columns.
     fn rows(s: &[f32], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
-            rs: cols as isize,
+            len: s.len(),
+            rs: cols,
             cs: 1,
         }
     }
 
-    /// The transpose of a row-major (rows × `cols`) matrix.
+    /// The transpose of the slice read as a row-major matrix with `cols` columns.
     fn transposed(s: &[f32], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
+            len: s.len(),
             rs: 1,
-            cs: cols as isize,
+            cs: cols,
         }
+    }
+
+    /// Whether a `rows × cols` matrix read through this view stays inside the slice.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.len
     }
 }
 
 /// `dst (m × n, row-major) (+)= a (m × k) · b (k × n)`; `accumulate` adds to `dst`.
 fn matmul((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, threads: usize) {
-    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        dst.len() >= m * n && a.covers(m, k) && b.covers(k, n),
+        "cpu convolution: a {m}×{k} · {k}×{n} product outside its buffers"
+    );
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the callers pass views of slices holding m × k (a) and k × n (b) elements with
-    // these strides (each call site's sizes come from one `Geometry`), and `dst` holds m × n
-    // (asserted); gemm reads `dst` only when accumulating.
+    // SAFETY: every element gemm reads through `a` (m × k) and `b` (k × n) lies inside their
+    // slices, and `dst` holds m × n (asserted above; the strides fit isize because the slices'
+    // lengths do); gemm reads `dst` only when accumulating.
     unsafe {
         gemm::gemm(
             m,
@@ -219,11 +233,11 @@ fn matmul((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a
             n as isize,
             accumulate,
             a.ptr,
-            a.cs,
-            a.rs,
+            a.cs as isize,
+            a.rs as isize,
             b.ptr,
-            b.cs,
-            b.rs,
+            b.cs as isize,
+            b.rs as isize,
             1.0,
             1.0,
             false,

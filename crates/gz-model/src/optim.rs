@@ -289,6 +289,16 @@ impl Params {
     }
 }
 
+/// Identifies the storage (allocation) behind a tensor: the address of the `Storage` inside its
+/// lock, which views of one storage share (candle's own crate-private `storage_key` is the
+/// lock's address). Takes the read lock for a moment: call it with no write lock held. The
+/// fused updates use it to refuse, before locking anything, parameters whose gradient shares
+/// storage with a tensor they write (parking_lot locks are not re-entrant: that would hang).
+fn storage_id(t: &Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    std::ptr::from_ref::<candle_core::Storage>(&storage).addr()
+}
+
 /// The trainer's view of an optimizer.
 pub trait Optimizer: Send {
     /// Applies one update from the gradients of a loss.

@@ -190,6 +190,18 @@ fn bad_sizes_are_errors_not_panics() {
         forward(&g, &[0.0; 8], &[0.0; 50], None).is_err(),
         "kernel larger than the input"
     );
+    for empty in [
+        Geometry { c: 0, ..g },
+        Geometry { k: 0, ..g },
+        Geometry { h: 0, padding: 3, ..g },
+    ] {
+        assert!(forward(&empty, &[], &[], None).is_err(), "{empty:?}");
+    }
+    let huge = Geometry {
+        padding: usize::MAX / 2,
+        ..g
+    };
+    assert!(backward_data(&huge, &[], &[0.0; 50]).is_err(), "padding overflow");
     let g = Geometry { kh: 1, kw: 1, ..g };
     assert!(forward(&g, &[0.0; 7], &[0.0; 2], None).is_err(), "short input");
     assert!(backward_filter(&g, &[0.0; 8], &[0.0; 3],).is_err(), "short gradient");
@@ -197,12 +209,46 @@ fn bad_sizes_are_errors_not_panics() {
     assert!(backward_data(&g, &[0.0; 4], &[0.0; 2]).is_err(), "stride 0");
 }
 
-/// Other dtypes, and the switch, leave the work to candle.
+/// Other dtypes leave the work to candle (the switch is process-wide, so it is not flipped here:
+/// tests running alongside rely on it).
 #[test]
 fn only_f32_on_the_cpu_when_enabled() -> Result<()> {
     let x = rnd((1, 2, 5, 5), 1)?;
     let w = rnd((3, 2, 3, 3), 2)?;
     assert!(conv2d(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?, None, 1, 1)?.is_none());
     assert!(conv2d(&x, &w, None, 1, 1)?.is_some());
+    Ok(())
+}
+
+/// The op entry points read the op's storage in place: a view with a start offset gives the same
+/// result as a fresh contiguous tensor, and a strided view is left to candle (`None`).
+#[test]
+fn storage_entry_points_honour_offsets_and_refuse_strides() -> Result<()> {
+    let (n, c, h, w, k) = (2, 3, 6, 5, 4);
+    let whole = rnd((n + 1, c, h, w), 31)?;
+    let x = whole.narrow(0, 1, n)?; // contiguous, at an offset into the storage
+    let wt = rnd((k, c, 3, 3), 32)?;
+    let b = rnd((1, k, 1, 1), 33)?.flatten_all()?;
+    let y_ref = conv2d(&x.contiguous()?, &wt, Some(&b), 1, 1)?.expect("f32");
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = wt.storage_and_layout();
+    let (bs, bl) = b.storage_and_layout();
+    let (ys, shape) = match (&*xs, &*ws, &*bs) {
+        (candle_core::Storage::Cpu(xs), candle_core::Storage::Cpu(ws), candle_core::Storage::Cpu(bs)) => {
+            assert!(xl.start_offset() > 0, "the test needs an offset view");
+            forward_storage((xs, xl), (ws, wl), Some((bs, bl)), 1, 1)?.expect("contiguous f32 applies")
+        }
+        _ => unreachable!("CPU tensors"),
+    };
+    let y = Tensor::from_vec(ys.as_slice::<f32>()?.to_vec(), shape, &Device::Cpu)?;
+    assert_eq!(values(&y)?, values(&y_ref)?, "offset view");
+    let strided = whole.narrow(0, 1, n)?.transpose(2, 3)?;
+    let (ss, sl) = strided.storage_and_layout();
+    if let (candle_core::Storage::Cpu(ss), candle_core::Storage::Cpu(ws)) = (&*ss, &*ws) {
+        assert!(
+            forward_storage((ss, sl), (ws, wl), None, 1, 1)?.is_none(),
+            "strided view"
+        );
+    }
     Ok(())
 }

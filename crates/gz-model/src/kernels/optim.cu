@@ -18,7 +18,8 @@
 // (the explicit __f*_rn intrinsics stop nvcc contracting a*b+c into an FMA), and the scalar
 // factors are the f32 values candle's `affine` would use (the host computes them in f64 and
 // casts, e.g. inv_bc1 = (float)(1 / (1 - b1^t))), so the fused update reproduces the generic one
-// to the last bit on the same GPU (the tests allow 1e-6 relative all the same).
+// to the last bit on the same GPU, up to the sign of a zero (candle's scalar ops are affine,
+// v * m + 0, which turns -0 into +0; the tests allow 1e-6 relative all the same).
 //
 // Launch: one launch updates up to GZ_OPTIM_MAX_TENSORS parameter tensors ("multi-tensor
 // apply", as PyTorch's foreach optimizers): the table below, passed by value as the first kernel

@@ -3,8 +3,9 @@
 //! candle ops per parameter, each a full pass that allocates its result; for VGG16-blog at
 //! batch 8 that was about a fifth of a CPU training step (`docs/benchmarks.md`).
 //!
-//! It computes exactly what [`super::Generic`]'s candle ops compute: the same IEEE f32
-//! operations in the same order (Rust never contracts `a * b + c` into a fused multiply-add,
+//! It computes exactly what [`super::Generic`]'s candle ops compute, to the bit up to the sign
+//! of a zero (candle's scalar ops are `affine`, `v * m + 0.0`, which turns −0 into +0): the same
+//! IEEE f32 operations in the same order (Rust never contracts `a * b + c` into a fused multiply-add,
 //! `sqrt` and `/` are correctly rounded, and the scalars are [`Scalars`], the f32 values candle's
 //! `affine` uses), and the bf16/f16 model copy is the master rounded to nearest even, as candle's
 //! `to_dtype`. The tests compare the two to the bit. Elements are independent, so the chunking
@@ -12,10 +13,10 @@
 //!
 //! Writing in place: candle hands out `&mut` storage only inside in-place custom ops, so the
 //! state slots, the master and the variable are locked by nested [`InplaceOp1`]s, the innermost
-//! being `var.inplace_op2(grad, …)`, which also read-locks the gradient (and refuses a gradient
-//! that shares the variable's storage). The optimizer's own state and masters are never handed
-//! out, so nothing is locked twice; a parameter that is not eligible (a dtype or layout this
-//! path does not take) is left to the generic update.
+//! being `var.inplace_op2(grad, …)`, which also read-locks the gradient. Storages are compared
+//! before anything is locked ([`super::storage_id`]): a parameter whose gradient shares storage
+//! with a tensor the update writes, or any other parameter that is not eligible (a dtype or
+//! layout this path does not take), is left to the generic update.
 
 use std::cell::Cell;
 
@@ -169,6 +170,19 @@ pub(super) fn step(sc: &Scalars, grad: &Tensor, state: &[Var], master: Option<&V
     } else {
         grad.contiguous()?
     };
+    // Nothing may be locked twice (parking_lot locks are not re-entrant: a gradient sharing a
+    // state slot's storage, e.g. one taken from `Optimizer::state()` into a hand-made GradStore,
+    // would hang): such a parameter takes the generic update.
+    let written: Vec<usize> = state
+        .iter()
+        .chain(master)
+        .chain([var])
+        .map(|t| super::storage_id(t.as_tensor()))
+        .collect();
+    let g_id = super::storage_id(&grad);
+    if written.contains(&g_id) || written.iter().enumerate().any(|(i, a)| written[..i].contains(a)) {
+        return Ok(false);
+    }
     // lock order: state slot(s), the master, then the variable (innermost, with the gradient)
     let s0 = state[0].as_tensor();
     let s1 = state.get(1).map(|s| s.as_tensor());
@@ -455,16 +469,67 @@ mod tests {
         }
     }
 
+    /// The twin does the work (not the generic fallback): `step` reports every eligible
+    /// parameter done and moves it; a gradient sharing a state slot's storage and a gradient of
+    /// another dtype are refused (`Ok(false)`, untouched) instead of hanging or failing.
+    #[test]
+    fn step_updates_eligible_parameters_and_refuses_the_rest() {
+        let dev = Device::Cpu;
+        let hp = OptimParams::default();
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        for (kind, slots) in [(OptimizerKind::Rmsprop, 1), (OptimizerKind::Adamw, 2)] {
+            let sc = super::Scalars::new(kind, &hp, 1e-2, 1);
+            for dtype in [DType::F32, DType::BF16] {
+                let init = Tensor::new(&[0.5f32, -1.0, 2.0], &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let var = Var::from_tensor(&init).unwrap();
+                let master =
+                    (dtype != DType::F32).then(|| Var::from_tensor(&init.to_dtype(DType::F32).unwrap()).unwrap());
+                let state: Vec<Var> = (0..slots).map(|_| Var::zeros(3, DType::F32, &dev).unwrap()).collect();
+                let grad = Tensor::new(&[0.1f32, -0.2, 0.3], &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let before = f32s(var.as_tensor());
+                assert!(
+                    super::step(&sc, &grad, &state, master.as_ref(), &var).unwrap(),
+                    "{kind:?} {dtype:?}"
+                );
+                let after = f32s(var.as_tensor());
+                assert!(
+                    before.iter().zip(&after).all(|(a, b)| a != b),
+                    "{kind:?} {dtype:?}: {after:?}"
+                );
+                if dtype == DType::F32 {
+                    // the gradient is a state slot (the same storage): refused, nothing locked twice
+                    let aliased = state[0].as_tensor().clone();
+                    assert!(!super::step(&sc, &aliased, &state, None, &var).unwrap());
+                }
+                let other = grad.to_dtype(DType::F64).unwrap();
+                assert!(!super::step(&sc, &other, &state, master.as_ref(), &var).unwrap());
+                assert_eq!(after, f32s(var.as_tensor()), "refused steps touch nothing");
+            }
+        }
+    }
+
+    /// On by default; the switch turns it off for `Auto` (other tests building optimizers at the
+    /// same moment may take the generic path then, which gives the same bits).
     #[test]
     fn the_switch_turns_the_twin_off() {
+        /// Puts the default back even if the test fails.
+        struct Restore;
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                super::super::set_cpu_fused_enabled(true);
+            }
+        }
+        let hp = OptimParams::default();
+        let (_, on) = run(DType::F32, OptimizerKind::Rmsprop, &hp, UpdatePath::Auto);
+        let _restore = Restore;
         super::super::set_cpu_fused_enabled(false);
-        let (_, fused) = run(
-            DType::F32,
-            OptimizerKind::Rmsprop,
-            &OptimParams::default(),
-            UpdatePath::Auto,
-        );
-        super::super::set_cpu_fused_enabled(true);
-        assert!(!fused);
+        let (_, off) = run(DType::F32, OptimizerKind::Rmsprop, &hp, UpdatePath::Auto);
+        assert!(on && !off);
     }
 }

@@ -28,7 +28,7 @@
 //! Deadlock freedom: parking_lot locks are not re-entrant, so no two written tensors may share
 //! storage, no gradient may share storage with a written tensor, and no storage may be
 //! read-locked twice. Before anything is locked, [`step_all`] identifies every storage
-//! ([`storage_id`]) and leaves to the generic update any parameter whose written tensors share
+//! ([`super::storage_id`]) and leaves to the generic update any parameter whose written tensors share
 //! storage with a gradient or with another parameter's written tensors (a variable listed
 //! twice, a gradient inserted by hand that is a variable); gradients that share storage with
 //! each other are read-locked once. With backprop's gradients and the optimizer's own state
@@ -51,7 +51,7 @@ use candle_core::{CpuStorage, CudaStorage, DType, InplaceOp1, Layout, Result, St
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop};
 
 use super::launch::{self, Group, Scalars, Table};
-use super::{OptimParams, OptimizerKind};
+use super::{storage_id, OptimParams, OptimizerKind};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "gz_optim";
@@ -81,7 +81,7 @@ struct Prepared {
     item: usize,
     /// The gradient, contiguous.
     grad: Tensor,
-    /// [`storage_id`] of the gradient.
+    /// [`super::storage_id`] of the gradient.
     grad_storage: usize,
     n: usize,
     /// Start offsets of the written tensors in lock order: state slots, master, variable.
@@ -209,14 +209,6 @@ fn written<'a>(item: &Item<'a>) -> impl Iterator<Item = &'a Tensor> {
         .map(|s| s.as_tensor())
         .chain(item.master.map(|m| m.as_tensor()))
         .chain([item.var.as_tensor()])
-}
-
-/// Identifies the storage (allocation) behind a tensor: the address of the `Storage` inside its
-/// lock, which views of one storage share (candle's own crate-private `storage_key` is the
-/// lock's address). Takes the read lock for a moment: call it with no write lock held.
-fn storage_id(t: &Tensor) -> usize {
-    let (storage, _) = t.storage_and_layout();
-    std::ptr::from_ref::<Storage>(&storage).addr()
 }
 
 /// Locks the written tensors of one launch's parameters and launches `gz_<optimizer>_<sfx>`
