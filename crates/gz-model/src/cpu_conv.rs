@@ -175,7 +175,7 @@ fn col2im(g: &Geometry, cols: &[f32], dx: &mut [f32]) {
 
 /// A matrix view of a slice: `rs` elements between rows, `cs` between columns.
 #[derive(Clone, Copy)]
-struct Mat {
+pub(crate) struct Mat {
     ptr: *const f32,
     len: usize,
     rs: usize,
@@ -184,7 +184,7 @@ struct Mat {
 
 impl Mat {
     /// The slice as a row-major matrix with `cols` columns.
-    fn rows(s: &[f32], cols: usize) -> Self {
+    pub(crate) fn rows(s: &[f32], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
             len: s.len(),
@@ -194,7 +194,7 @@ impl Mat {
     }
 
     /// The transpose of the slice read as a row-major matrix with `cols` columns.
-    fn transposed(s: &[f32], cols: usize) -> Self {
+    pub(crate) fn transposed(s: &[f32], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
             len: s.len(),
@@ -210,7 +210,14 @@ impl Mat {
 }
 
 /// `dst (m × n, row-major) (+)= a (m × k) · b (k × n)`; `accumulate` adds to `dst`.
-fn matmul((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Mat, b: Mat, threads: usize) {
+pub(crate) fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    threads: usize,
+) {
     assert!(
         dst.len() >= m * n && a.covers(m, k) && b.covers(k, n),
         "cpu convolution: a {m}×{k} · {k}×{n} product outside its buffers"
@@ -500,7 +507,7 @@ pub(crate) fn conv2d_backward_filter(
 // tensor copies); `None` where the kernel does not apply (not f32, a strided view, switched off).
 
 /// The f32 values of a contiguous view of a CPU storage.
-fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+pub(crate) fn f32_view<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => l.contiguous_offsets().and_then(|(a, b)| v.get(a..b)),
         _ => None,

@@ -16,8 +16,10 @@
 //! candle 0.11.1 its backward gives a window's unique maximum a quarter of the gradient and
 //! misroutes gradients when a side is odd (see [`crate::cudnn`]).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+mod linear;
 
 /// A 2-D convolution with bias, square kernel, stride 1 unless configured.
 #[derive(Debug, Clone)]
@@ -106,6 +108,23 @@ impl Module for Conv2d {
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
+}
+
+/// A dense layer, `x·Wᵀ + b` for `x` (B, in): on the CPU in f32 while training, one custom op
+/// whose backward returns the weight gradient in W's own layout (`ops/linear.rs`; candle's
+/// `Linear` transposes it twice and zero-fills two weight-sized tensors per step); elsewhere, in
+/// inference and with `GZ_CPU_CONV=candle`, candle's `Linear`. The same values up to the order
+/// of the sums.
+pub fn linear(d: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    let w = d.weight();
+    let training = x.track_op() || w.track_op();
+    if let Some(b) = d.bias() {
+        let f32_cpu = [x, w, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+        if training && f32_cpu && x.rank() == 2 && crate::cpu_conv::enabled() {
+            return x.contiguous()?.apply_op3(w, b, linear::LinearOp);
+        }
+    }
+    d.forward(x)
 }
 
 /// Runs a convolution tower: each `(conv, pool)` is `relu(conv(x) + b)`, followed by a 2×2

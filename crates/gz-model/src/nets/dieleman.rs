@@ -26,7 +26,7 @@ use super::{Dropper, LayerInfo};
 use crate::augment::{affine_sample, dieleman_parts_kernel, Affine};
 use crate::config::{Arch, ModelConfig, DIELEMAN_PART, DIELEMAN_VIEW};
 use crate::ops::{run_tower, Conv2d};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use gz_schema::N_ANSWERS;
 
@@ -251,9 +251,9 @@ impl DielemanNet {
             .reshape((N_PARTS, b, fdim))?
             .transpose(0, 1)?
             .reshape((b, N_PARTS * fdim))?;
-        let h = self.maxout(&self.dense1.forward(&drop.apply(&f)?)?)?;
-        let h = self.maxout(&self.dense2.forward(&drop.apply(&h)?)?)?;
-        self.out.forward(&drop.apply(&h)?)
+        let h = self.maxout(&crate::ops::linear(&self.dense1, &drop.apply(&f)?)?)?;
+        let h = self.maxout(&crate::ops::linear(&self.dense2, &drop.apply(&h)?)?)?;
+        crate::ops::linear(&self.out, &drop.apply(&h)?)
     }
 }
 

@@ -12,7 +12,7 @@
 use super::{Dropper, LayerInfo};
 use crate::config::{Arch, ModelConfig};
 use crate::ops::{run_tower, Conv2d};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use gz_schema::N_ANSWERS;
 
@@ -191,7 +191,7 @@ impl VggNet {
         for d in &self.dense {
             x = drop.apply(&dense_relu(d, &x, fused)?)?;
         }
-        self.out.forward(&x)
+        crate::ops::linear(&self.out, &x)
     }
 }
 
@@ -199,15 +199,15 @@ impl VggNet {
 /// bias + ReLU op on the (B, F) output viewed as a channels-last (B, 1, 1, F) map (the same
 /// memory; its backward kernel reads consecutive features with consecutive threads) — one
 /// kernel forward and two backward instead of candle's broadcast add, ReLU and their gradients
-/// (the bias gradient a strided reduction); otherwise candle's `Linear` and `relu`. The same
-/// values either way.
+/// (the bias gradient a strided reduction); otherwise [`crate::ops::linear`] (candle's `Linear`,
+/// or on the CPU while training gz's dense-layer op) and `relu`. The same values either way.
 fn dense_relu(d: &Linear, x: &Tensor, fused: bool) -> Result<Tensor> {
     if let (true, Some(b)) = (fused, d.bias()) {
         let z = x.matmul(&d.weight().t()?)?;
         let (n, f) = z.dims2()?;
         return crate::cudnn::bias_relu_nhwc(&z.reshape((n, 1, 1, f))?, b)?.reshape((n, f));
     }
-    d.forward(x)?.relu()
+    crate::ops::linear(d, x)?.relu()
 }
 
 #[cfg(test)]

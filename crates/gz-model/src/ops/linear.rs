@@ -1,0 +1,172 @@
+//! The dense layer `x·Wᵀ + b` as one custom op, used on the CPU while training ([`super::linear`]).
+//!
+//! candle's `Linear` is `x.matmul(w.t())` plus a broadcast add, so its backward pass computes
+//! the weight gradient as the gradient of the transposed view and then transposes it back, and
+//! its autograd starts each of those two gradients from a fresh weight-sized zero tensor and adds
+//! to it (one pass strided). For Dieleman's first dense layer (8,192 → 4,096, 134 MB of f32
+//! weights) that backward took 425 ms per batch of 8 on this machine, against about 100 ms for
+//! the three products below (`docs/benchmarks.md`). This op's backward returns `dW = dyᵀ·x`
+//! directly in W's (out, in) layout, `dx = dy·W` and `db = Σ dy`, and its forward is one `gemm`
+//! with the bias as the starting value; the values are candle's up to the order of the sums.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::cpu_conv::{f32_view, matmul, Mat};
+use crate::cudnn::{cpu_storage, cpu_tensor};
+
+/// (x (B, in), w (out, in), b (out)) → y (B, out).
+pub(super) struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "gz-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inputs) = xl.shape().dims2()?;
+        let (outputs, w_inputs) = wl.shape().dims2()?;
+        let b_len = bl.shape().dims1()?;
+        if w_inputs != inputs || b_len != outputs {
+            candle_core::bail!(
+                "gz-linear: x {:?}, w {:?}, b {:?} do not fit",
+                xl.shape().dims(),
+                wl.shape().dims(),
+                bl.shape().dims()
+            );
+        }
+        if let (Some(x), Some(w), Some(b)) = (f32_view(xs, xl), f32_view(ws, wl), f32_view(bs, bl)) {
+            let mut y = vec![0f32; rows * outputs];
+            for row in y.chunks_mut(outputs.max(1)) {
+                row.copy_from_slice(b);
+            }
+            // y (rows × outputs) += x (rows × inputs) · wᵀ (inputs × outputs)
+            matmul(
+                (rows, outputs, inputs),
+                &mut y,
+                true,
+                Mat::rows(x, inputs),
+                Mat::transposed(w, inputs),
+                rayon::current_num_threads(),
+            );
+            return Ok((CpuStorage::F32(y), Shape::from((rows, outputs))));
+        }
+        let (x, w, b) = (cpu_tensor(xs, xl)?, cpu_tensor(ws, wl)?, cpu_tensor(bs, bl)?);
+        cpu_storage(&x.matmul(&w.t()?)?.broadcast_add(&b)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // the input's gradient only when the input is in the graph (decided before detaching)
+        let needs_dx = x.track_op();
+        let dy = dy.contiguous()?.detach();
+        let (x, w) = (x.detach(), w.detach());
+        let dx = if needs_dx { Some(dy.matmul(&w)?) } else { None };
+        let dw = dy.t()?.matmul(&x)?;
+        let db = dy.sum(0)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor, Var};
+    use candle_nn::Linear;
+
+    use super::LinearOp;
+
+    fn rnd(shape: &[usize], seed: u64) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n as u64)
+            .map(|i| ((i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9)) >> 40) as f32)
+            .map(|z| z / (1u64 << 24) as f32 * 2.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        Ok(d / b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0))
+    }
+
+    /// The op and `ops::linear` against candle's `x.matmul(w.t()) + b` with its autograd:
+    /// output and the three gradients, on shapes from one row to wider than a gemm tile.
+    #[test]
+    fn matches_candle_linear_values_and_gradients() -> Result<()> {
+        for (k, &(rows, inputs, outputs)) in [(1, 5, 3), (8, 37, 11), (3, 300, 129)].iter().enumerate() {
+            let s = 10 * k as u64;
+            let x = Var::from_tensor(&rnd(&[rows, inputs], s + 1)?)?;
+            let w = Var::from_tensor(&rnd(&[outputs, inputs], s + 2)?)?;
+            let b = Var::from_tensor(&rnd(&[outputs], s + 3)?)?;
+            let r = rnd(&[rows, outputs], s + 4)?;
+            let grads_of = |y: &Tensor| -> Result<[Tensor; 4]> {
+                let g = (y * &r)?.sum_all()?.backward()?;
+                let get = |t: &Var| g.get(t.as_tensor()).cloned().expect("a gradient");
+                Ok([y.clone(), get(&x), get(&w), get(&b)])
+            };
+            let reference = grads_of(
+                &x.as_tensor()
+                    .matmul(&w.as_tensor().t()?)?
+                    .broadcast_add(b.as_tensor())?,
+            )?;
+            let op = grads_of(&x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), LinearOp)?)?;
+            let layer = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+            let wrapped = grads_of(&super::super::linear(&layer, x.as_tensor())?)?;
+            for (name, (a, (c, want))) in ["y", "dx", "dw", "db"]
+                .iter()
+                .zip(op.iter().zip(wrapped.iter().zip(&reference)))
+            {
+                assert!(
+                    rel(a, want)? < 1e-5,
+                    "{rows}×{inputs}→{outputs} {name}: op off by {}",
+                    rel(a, want)?
+                );
+                assert!(
+                    rel(c, want)? < 1e-5,
+                    "{rows}×{inputs}→{outputs} {name}: linear off by {}",
+                    rel(c, want)?
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// An input outside the graph gets no gradient (none is computed); the weight's is unchanged.
+    #[test]
+    fn no_input_gradient_outside_the_graph() -> Result<()> {
+        let x = rnd(&[4, 6], 1)?;
+        let w = Var::from_tensor(&rnd(&[3, 6], 2)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu)?)?;
+        let g = x
+            .apply_op3(w.as_tensor(), b.as_tensor(), LinearOp)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(&x).is_none());
+        let want = Tensor::ones((4, 3), DType::F32, &Device::Cpu)?.t()?.matmul(&x)?;
+        assert!(rel(g.get(w.as_tensor()).expect("dw"), &want)? < 1e-6);
+        Ok(())
+    }
+
+    /// Shapes that do not fit are an error, not a panic.
+    #[test]
+    fn mismatched_shapes_are_errors() -> Result<()> {
+        let x = rnd(&[2, 5], 1)?;
+        assert!(x.apply_op3(&rnd(&[3, 4], 2)?, &rnd(&[3], 3)?, LinearOp).is_err());
+        assert!(x.apply_op3(&rnd(&[3, 5], 2)?, &rnd(&[4], 3)?, LinearOp).is_err());
+        Ok(())
+    }
+}
