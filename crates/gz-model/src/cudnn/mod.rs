@@ -607,30 +607,66 @@ fn cpu_conv_bwd_filter(p: ConvParams, x: &Tensor, dy: &Tensor, k_hw: (usize, usi
     dw.narrow(2, 0, k_hw.0)?.narrow(3, 0, k_hw.1)?.contiguous()
 }
 
-/// Max-pool backward on CPU in f64: each window's gradient goes to its first maximum.
+/// Max-pool backward on CPU: each window's gradient goes to its first maximum (a NaN wins and
+/// stays). f32 runs in f32 (plane by plane in parallel; a 2×2 window with stride 2 gives each
+/// input at most one gradient, so nothing is summed and the result is the same as in f64),
+/// other dtypes in f64.
 fn cpu_pool_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let (n, c, h, w) = x.dims4()?;
-    let (_, _, oh, ow) = dy.dims4()?;
-    let xs = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let gs = dy.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let mut dx = vec![0f64; xs.len()];
-    for plane in 0..n * c {
-        let xb = plane * h * w;
-        let gb = plane * oh * ow;
+    use rayon::prelude::*;
+
+    /// One plane: `dx` (h × w, zeroed) from `xs` (h × w) and `gs` (oh × ow).
+    fn plane<T: Copy + PartialOrd + std::ops::AddAssign>(
+        xs: &[T],
+        gs: &[T],
+        dx: &mut [T],
+        (w, oh, ow): (usize, usize, usize),
+        is_nan: impl Fn(T) -> bool,
+    ) {
         for i in 0..oh {
             for j in 0..ow {
-                let mut best = xb + 2 * i * w + 2 * j;
+                let mut best = 2 * i * w + 2 * j;
                 for (di, dj) in [(0, 1), (1, 0), (1, 1)] {
-                    let at = xb + (2 * i + di) * w + 2 * j + dj;
+                    let at = (2 * i + di) * w + 2 * j + dj;
                     // NaN wins (propagated) and stays; otherwise strictly greater replaces.
-                    if !xs[best].is_nan() && (xs[at] > xs[best] || xs[at].is_nan()) {
+                    if !is_nan(xs[best]) && (xs[at] > xs[best] || is_nan(xs[at])) {
                         best = at;
                     }
                 }
-                dx[best] += gs[gb + i * ow + j];
+                dx[best] += gs[i * ow + j];
             }
         }
+    }
+
+    let dtype = x.dtype();
+    let (n, c, h, w) = x.dims4()?;
+    let (_, _, oh, ow) = dy.dims4()?;
+    if oh * 2 > h || ow * 2 > w {
+        candle_core::bail!("max-pool backward: {oh}×{ow} windows do not fit {h}×{w}");
+    }
+    let (hw, ohw) = (h * w, oh * ow);
+    if dtype == DType::F32 {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let gs = dy.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; xs.len()];
+        if hw > 0 {
+            dx.par_chunks_mut(hw)
+                .zip(xs.par_chunks(hw))
+                .zip(gs.par_chunks(ohw.max(1)))
+                .for_each(|((d, xp), gp)| plane(xp, gp, d, (w, oh, ow), f32::is_nan));
+        }
+        return Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu);
+    }
+    let xs = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let gs = dy.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let mut dx = vec![0f64; xs.len()];
+    for p in 0..n * c {
+        plane(
+            &xs[p * hw..(p + 1) * hw],
+            &gs[p * ohw..(p + 1) * ohw],
+            &mut dx[p * hw..(p + 1) * hw],
+            (w, oh, ow),
+            f64::is_nan,
+        );
     }
     Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu)?.to_dtype(dtype)
 }
@@ -832,6 +868,26 @@ impl CustomOp1 for BiasGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let Some(dy) = crate::cpu_conv::f32_view(s, l) {
+            // f32: per channel, the planes of every image summed in f64 (channels in parallel)
+            use rayon::prelude::*;
+            let (n, k, h, w) = l.shape().dims4()?;
+            let hw = h * w;
+            let db: Vec<f32> = (0..k)
+                .into_par_iter()
+                .map(|c| {
+                    (0..n)
+                        .map(|i| {
+                            dy[(i * k + c) * hw..(i * k + c + 1) * hw]
+                                .iter()
+                                .map(|&v| f64::from(v))
+                                .sum::<f64>()
+                        })
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            return Ok((CpuStorage::F32(db), Shape::from(k)));
+        }
         let dy = cpu_tensor(s, l)?;
         // Accumulate in f32 at least, as cuDNN does.
         let acc = if dy.dtype() == DType::F64 {

@@ -225,6 +225,28 @@ fn cpu_max_pool_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// Ties go to the window's first maximum and a NaN takes the gradient, the same in the f32 path
+/// and the f64 path of the CPU backward.
+#[test]
+fn cpu_max_pool_backward_ties_and_nan_in_f32_and_f64() -> Result<()> {
+    let cpu = Device::Cpu;
+    let x = Tensor::new(&[[[[1f32, 1., 0., 2.], [1., 1., 3., f32::NAN]]]], &cpu)?;
+    let g = Tensor::new(&[[[[5f32, 7.]]]], &cpu)?;
+    let want = vec![5f32, 0., 0., 0., 0., 0., 0., 7.];
+    for dtype in [DType::F32, DType::F64] {
+        let xv = Var::from_tensor(&x.to_dtype(dtype)?)?;
+        let y = max_pool2(xv.as_tensor())?;
+        let grads = (y.to_dtype(DType::F32)? * &g)?.sum_all()?.backward()?;
+        let dx = grads.get(xv.as_tensor()).expect("dx");
+        assert_eq!(
+            dx.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            want,
+            "{dtype:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Documents the candle 0.11.1 bug the op avoids: on odd sizes candle's own max-pool backward
 /// misroutes gradients (so comparing against it would fail), while ours matches the definition.
 #[test]
