@@ -27,7 +27,7 @@ const KAGGLE_MEMBERS: &[&str] = &[
 
 /// Defaults sized so the whole pipeline finishes in well under a minute on a 2-core CPU: the
 /// trainer's measured CPU recipe (docs/benchmarks.md, "Training on CPU"): `tiny` on 32×32
-/// inputs, batch 16, no augmentation, 12 epochs on 1,800 training images (about 17 s of
+/// inputs, batch 16, no augmentation, 12 epochs on 1,800 training images (about 13 s of
 /// training) beats the training mean and the central-pixel baseline. On CUDA the stages' own defaults apply (106×106, batch 32, augmented).
 pub const DEFAULT_TRAIN: usize = 2000;
 pub const DEFAULT_TEST: usize = 500;
