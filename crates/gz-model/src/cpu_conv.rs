@@ -17,7 +17,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -75,6 +76,19 @@ impl Geometry {
         };
         if self.stride == 0 || self.kh == 0 || self.kw == 0 || ph < self.kh || pw < self.kw {
             candle_core::bail!("cpu convolution: kernel {}×{} does not fit {self:?}", self.kh, self.kw);
+        }
+        Ok(())
+    }
+
+    /// Checks the geometry and that an output gradient of `(oh, ow)` belongs to it.
+    fn check_output(&self, (oh, ow): (usize, usize)) -> Result<()> {
+        self.check()?;
+        if (self.oh(), self.ow()) != (oh, ow) {
+            candle_core::bail!(
+                "cpu convolution: output gradient is {oh}×{ow}, {self:?} gives {}×{}",
+                self.oh(),
+                self.ow()
+            );
         }
         Ok(())
     }
@@ -399,10 +413,6 @@ fn applies(ts: &[&Tensor]) -> bool {
     enabled() && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 fn geometry(
     x: (usize, usize, usize, usize),
     w: (usize, usize, usize, usize),
@@ -427,6 +437,30 @@ fn geometry(
     })
 }
 
+/// Runs a storage entry point on (contiguous) CPU tensors and returns its result as a tensor.
+fn on_tensors(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> Result<Option<(CpuStorage, Shape)>>,
+) -> Result<Option<Tensor>> {
+    if !applies(ts) {
+        return Ok(None);
+    }
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let locked: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(locked.len());
+    for (storage, layout) in &locked {
+        match &**storage {
+            Storage::Cpu(s) => views.push((s, *layout)),
+            _ => return Ok(None),
+        }
+    }
+    match f(&views)? {
+        Some((CpuStorage::F32(v), shape)) => Ok(Some(Tensor::from_vec(v, shape, &Device::Cpu)?)),
+        Some((other, _)) => candle_core::bail!("cpu convolution: {:?} result", other.dtype()),
+        None => Ok(None),
+    }
+}
+
 /// `conv2d(x, w) (+ b)` (NCHW, f32, CPU), with no autograd: for the ops' forward passes and
 /// inference.
 pub(crate) fn conv2d(
@@ -436,13 +470,8 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[x, w]) || b.is_some_and(|b| !applies(&[b])) {
-        return Ok(None);
-    }
-    let g = geometry(x.dims4()?, w.dims4()?, padding, stride)?;
-    let bias = b.map(values).transpose()?;
-    let y = forward(&g, &values(x)?, &values(w)?, bias.as_deref())?;
-    Ok(Some(Tensor::from_vec(y, (g.n, g.k, g.oh(), g.ow()), &Device::Cpu)?))
+    let ts: Vec<&Tensor> = [x, w].into_iter().chain(b).collect();
+    on_tensors(&ts, |v| forward_storage(v[0], v[1], v.get(2).copied(), padding, stride))
 }
 
 /// The input gradient of `conv2d` for an input of spatial size `x_hw`.
@@ -453,25 +482,7 @@ pub(crate) fn conv2d_backward_data(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[dy, w]) {
-        return Ok(None);
-    }
-    let (n, k, oh, ow) = dy.dims4()?;
-    let (wk, c, kh, kw) = w.dims4()?;
-    if wk != k {
-        candle_core::bail!("cpu convolution: output gradient has {k} channels, the filters {wk}");
-    }
-    let g = geometry((n, c, x_hw.0, x_hw.1), (k, c, kh, kw), padding, stride)?;
-    g.check()?;
-    if (g.oh(), g.ow()) != (oh, ow) {
-        candle_core::bail!(
-            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
-            g.oh(),
-            g.ow()
-        );
-    }
-    let dx = backward_data(&g, &values(dy)?, &values(w)?)?;
-    Ok(Some(Tensor::from_vec(dx, (n, c, g.h, g.w), &Device::Cpu)?))
+    on_tensors(&[dy, w], |v| backward_data_storage(v[0], v[1], x_hw, padding, stride))
 }
 
 /// The filter gradient of `conv2d` for filters of spatial size `k_hw`.
@@ -482,25 +493,7 @@ pub(crate) fn conv2d_backward_filter(
     padding: usize,
     stride: usize,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[x, dy]) {
-        return Ok(None);
-    }
-    let (n, k, oh, ow) = dy.dims4()?;
-    let (xn, c, ..) = x.dims4()?;
-    if xn != n {
-        candle_core::bail!("cpu convolution: {xn} inputs, {n} output gradients");
-    }
-    let g = geometry(x.dims4()?, (k, c, k_hw.0, k_hw.1), padding, stride)?;
-    g.check()?;
-    if (g.oh(), g.ow()) != (oh, ow) {
-        candle_core::bail!(
-            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
-            g.oh(),
-            g.ow()
-        );
-    }
-    let dw = backward_filter(&g, &values(x)?, &values(dy)?)?;
-    Ok(Some(Tensor::from_vec(dw, (k, c, k_hw.0, k_hw.1), &Device::Cpu)?))
+    on_tensors(&[x, dy], |v| backward_filter_storage(v[0], v[1], k_hw, padding, stride))
 }
 
 // Storage entry points for the custom ops' CPU paths: the op's own buffers, read in place (no
@@ -562,14 +555,7 @@ pub(crate) fn backward_data_storage(
         candle_core::bail!("cpu convolution: output gradient has {k} channels, the filters {wk}");
     }
     let g = geometry((n, c, x_hw.0, x_hw.1), (k, c, kh, kw), padding, stride)?;
-    g.check()?;
-    if (g.oh(), g.ow()) != (oh, ow) {
-        candle_core::bail!(
-            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
-            g.oh(),
-            g.ow()
-        );
-    }
+    g.check_output((oh, ow))?;
     let dx = backward_data(&g, dy, w)?;
     Ok(Some((CpuStorage::F32(dx), Shape::from((n, c, g.h, g.w)))))
 }
@@ -595,14 +581,7 @@ pub(crate) fn backward_filter_storage(
         candle_core::bail!("cpu convolution: {xn} inputs, {n} output gradients");
     }
     let g = geometry(xl.shape().dims4()?, (k, c, k_hw.0, k_hw.1), padding, stride)?;
-    g.check()?;
-    if (g.oh(), g.ow()) != (oh, ow) {
-        candle_core::bail!(
-            "cpu convolution: output gradient is {oh}×{ow}, {g:?} gives {}×{}",
-            g.oh(),
-            g.ow()
-        );
-    }
+    g.check_output((oh, ow))?;
     let dw = backward_filter(&g, x, dy)?;
     Ok(Some((CpuStorage::F32(dw), Shape::from((k, c, k_hw.0, k_hw.1)))))
 }

@@ -19,6 +19,10 @@ fn rnd(shape: (usize, usize, usize, usize), seed: u64) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
 /// Largest |a − b| relative to the largest |b| (at least 1).
 fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
     assert_eq!(a.dims(), b.dims());
