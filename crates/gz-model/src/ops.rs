@@ -3,11 +3,12 @@
 //! The nets never call candle's `conv2d` directly: they build [`Conv2d`] here, so the fast
 //! CUDA path (cuDNN behind candle custom ops, [`crate::cudnn`], `cudnn` feature) replaces the
 //! kernels without touching model code. In CPU training the layer is the same custom op with
-//! candle's convolution inside (its CPU twin), so the CPU trains with the model code the GPU
-//! runs, and the backward pass skips the image layer's backward-data, whose result candle would
-//! drop (measured: 0.72–0.92× the time per run, `docs/benchmarks.md`). CPU inference, CUDA
-//! without the feature, and the fast path switched off ([`crate::cudnn::set_enabled`],
-//! `GZ_CONV=candle`) use candle's own convolution.
+//! gz's f32 CPU convolution inside ([`crate::cpu_conv`], its CPU twin), so the CPU trains with
+//! the model code the GPU runs, and the backward pass skips the image layer's backward-data,
+//! whose result candle would drop (`docs/benchmarks.md`). CPU inference runs the same kernel
+//! without a graph; CUDA without the feature, and the fast path switched off
+//! ([`crate::cudnn::set_enabled`], `GZ_CONV=candle`) use candle's own convolution. [`linear`]
+//! does the same for the dense layers on the CPU.
 //! Parameter names (`weight`, `bias`) match `candle_nn::Conv2d`, so checkpoints are the same
 //! whichever path trained them, and a checkpoint trained on the fast path predicts the same on
 //! CPU.

@@ -677,7 +677,7 @@ fn write_metrics(path: &Path, history: &[EpochMetrics]) -> Result<(), TrainError
         .map_err(|e| TrainError::Config(format!("writing {}: {e}", path.display())))
 }
 
-/// Result of [`bench`].
+/// Result of [`bench()`].
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub images_per_s: f64,
@@ -744,7 +744,7 @@ pub fn bench(
     )
 }
 
-/// [`bench`] in a chosen [`BenchMode`]. Phases that a mode does not run or time are absent
+/// [`bench()`] in a chosen [`BenchMode`]. Phases that a mode does not run or time are absent
 /// from [`BenchResult::phases`].
 #[allow(clippy::too_many_arguments)]
 pub fn bench_with(

@@ -91,8 +91,8 @@ pub fn fused_enabled() -> bool {
 
 /// Runs the nets' convolution towers channels-last (NHWC activations, KRSC filters; off by
 /// default until measured on a GPU). Applies wherever the custom ops run: CUDA with the fast
-/// path, and CPU (where the ops permute around candle's convolution: slower, but the same
-/// plumbing, which is how the CPU tests check it). `GZ_NHWC=1` switches it on in `gz`.
+/// path, and CPU (where the ops permute to NCHW around the CPU convolution: slower, but the
+/// same plumbing, which is how the CPU tests check it). `GZ_NHWC=1` switches it on in `gz`.
 /// Checkpoints are the same in both layouts (weights stay (K, C, R, S)).
 pub fn set_nhwc(on: bool) {
     NHWC.store(on, Ordering::Relaxed);
@@ -263,7 +263,7 @@ fn conv_relu(params: ConvParams, x: &Tensor, w: &Tensor, b: &Tensor, single: boo
 /// [`conv2d_relu`] in channels-last layout: `x` is (N, H, W, C), `w` is (K, R, S, C) (the
 /// checkpoint's (K, C, R, S) weight permuted), the result (N, H', W', K). cuDNN's NHWC kernels
 /// are the fast ones for bf16 tensor cores (503 vs 306 TFLOP/s in the probe); on CPU the ops
-/// permute to NCHW around candle's convolution, so CPU tests check the same plumbing.
+/// permute to NCHW around the CPU convolution, so CPU tests check the same plumbing.
 pub fn conv2d_relu_nhwc(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     conv_relu(
         check_conv(x, w, b, padding, stride, true)?,
