@@ -269,6 +269,15 @@ fn lock_chain<'s>(
     }))
 }
 
+/// The address of element `start` from a buffer's base address, after checking that
+/// `start..start + n` lies inside its `len` elements of `U`.
+fn element_addr<U>(base: u64, start: usize, n: usize, len: usize) -> Result<u64> {
+    if start + n > len {
+        return Err(err("view", format!("{start}..{} exceeds storage of {len}", start + n)));
+    }
+    Ok(base + (start * std::mem::size_of::<U>()) as u64)
+}
+
 /// The device address of elements `start..start + n` of a written storage, with cudarc's guard.
 fn addr_mut<'a, U: CudaDType + 'static>(
     s: &'a mut CudaStorage,
@@ -277,14 +286,9 @@ fn addr_mut<'a, U: CudaDType + 'static>(
     stream: &'a CudaStream,
 ) -> Result<(u64, SyncOnDrop<'a>)> {
     let slice = s.as_cuda_slice_mut::<U>()?;
-    if start + n > slice.len() {
-        return Err(err(
-            "view",
-            format!("{start}..{} exceeds storage of {}", start + n, slice.len()),
-        ));
-    }
+    let len = slice.len();
     let (ptr, guard) = slice.device_ptr_mut(stream);
-    Ok((ptr + (start * std::mem::size_of::<U>()) as u64, guard))
+    Ok((element_addr::<U>(ptr, start, n, len)?, guard))
 }
 
 /// The device address of elements `start..start + n` of a read storage, with cudarc's guard.
@@ -295,14 +299,8 @@ fn addr<'a, U: CudaDType + 'static>(
     stream: &'a CudaStream,
 ) -> Result<(u64, SyncOnDrop<'a>)> {
     let slice = s.as_cuda_slice::<U>()?;
-    if start + n > slice.len() {
-        return Err(err(
-            "view",
-            format!("{start}..{} exceeds storage of {}", start + n, slice.len()),
-        ));
-    }
     let (ptr, guard) = slice.device_ptr(stream);
-    Ok((ptr + (start * std::mem::size_of::<U>()) as u64, guard))
+    Ok((element_addr::<U>(ptr, start, n, slice.len())?, guard))
 }
 
 /// The launch, with every written storage locked (`held`, in [`written`] order per parameter).
