@@ -256,3 +256,53 @@ fn storage_entry_points_honour_offsets_and_refuse_strides() -> Result<()> {
     }
     Ok(())
 }
+
+/// The kernel table of `docs/benchmarks.md` ("Training on CPU"): one call each of candle's CPU
+/// convolution, input gradient (`conv_transpose2d`) and filter gradient (the transposed
+/// convolution candle's autograd runs) against gz's, on the nets' layer shapes, GFLOP/s of
+/// 2·N·K·C·9·H·W. Run by hand:
+/// `cargo test --release -p gz-model --lib cpu_conv::tests::bench_kernels -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: run by hand with --ignored --nocapture (release)"]
+fn bench_kernels() -> Result<()> {
+    fn time(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        let t = std::time::Instant::now();
+        for _ in 0..3 {
+            f()?;
+        }
+        Ok(t.elapsed().as_secs_f64() / 3.0)
+    }
+    println!("layer (C -> K, side)   candle fwd  gz fwd  candle dx  gz dx  candle dw  gz dw   (GFLOP/s)");
+    for (i, &(c, side, k)) in [(64, 53, 64), (128, 26, 128), (3, 106, 32), (256, 13, 256)]
+        .iter()
+        .enumerate()
+    {
+        let n = 16;
+        let x = rnd((n, c, side, side), 2 * i as u64 + 1)?;
+        let w = rnd((k, c, 3, 3), 2 * i as u64 + 2)?;
+        let dy = rnd((n, k, side, side), 2 * i as u64 + 3)?;
+        let flop = 2.0 * (n * k * c * 9 * side * side) as f64;
+        let rate = |s: f64| flop / s / 1e9;
+        let cf = time(|| x.conv2d(&w, 1, 1, 1, 1).map(drop))?;
+        let gf = time(|| conv2d(&x, &w, None, 1, 1).map(drop))?;
+        let cx = time(|| dy.conv_transpose2d(&w, 1, 0, 1, 1).map(drop))?;
+        let gx = time(|| conv2d_backward_data(&dy, &w, (side, side), 1, 1).map(drop))?;
+        let cw = time(|| {
+            x.transpose(0, 1)?
+                .conv2d(&dy.transpose(0, 1)?.contiguous()?, 1, 1, 1, 1)
+                .map(drop)
+        })?;
+        let gw = time(|| conv2d_backward_filter(&x, &dy, (3, 3), 1, 1).map(drop))?;
+        println!(
+            "{c:>4} -> {k:<4} {side:>4}      {:>8.0} {:>7.0} {:>10.0} {:>6.0} {:>10.0} {:>6.0}",
+            rate(cf),
+            rate(gf),
+            rate(cx),
+            rate(gx),
+            rate(cw),
+            rate(gw)
+        );
+    }
+    Ok(())
+}

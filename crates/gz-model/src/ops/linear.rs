@@ -169,4 +169,41 @@ mod tests {
         assert!(x.apply_op3(&rnd(&[3, 5], 2)?, &rnd(&[4], 3)?, LinearOp).is_err());
         Ok(())
     }
+
+    /// The dense-layer figures of `docs/benchmarks.md`: forward + backward of Dieleman's first
+    /// dense layer (8,192 → 4,096) at batch 8, candle's `Linear` against this op. Run by hand:
+    /// `cargo test --release -p gz-model --lib ops::linear::tests::bench_dense -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark: run by hand with --ignored --nocapture (release)"]
+    fn bench_dense() -> Result<()> {
+        let (rows, inputs, outputs) = (8, 8192, 4096);
+        let x = Var::from_tensor(&rnd(&[rows, inputs], 1)?)?;
+        let w = Var::from_tensor(&(rnd(&[outputs, inputs], 2)? * 0.01)?)?;
+        let b = Var::from_tensor(&Tensor::zeros(outputs, DType::F32, &Device::Cpu)?)?;
+        let r = rnd(&[rows, outputs], 3)?;
+        let run = |op: bool| -> Result<f64> {
+            let mut best = f64::INFINITY;
+            for _ in 0..4 {
+                let t = std::time::Instant::now();
+                let y = if op {
+                    x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), LinearOp)?
+                } else {
+                    x.as_tensor()
+                        .matmul(&w.as_tensor().t()?)?
+                        .broadcast_add(b.as_tensor())?
+                };
+                let g = (y * &r)?.sum_all()?.backward()?;
+                assert!(g.get(w.as_tensor()).is_some());
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let (candle, ours) = (run(false)?, run(true)?);
+        println!(
+            "dense {inputs} -> {outputs}, batch {rows}, forward + backward (best of 4): candle {:.1} ms, gz-linear {:.1} ms",
+            candle * 1e3,
+            ours * 1e3
+        );
+        Ok(())
+    }
 }
