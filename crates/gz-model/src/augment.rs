@@ -8,10 +8,12 @@
 //! constructors describe what happens to the image content and store the inverse. All
 //! constructors keep the image centre fixed except [`Affine::shift`].
 //!
-//! [`affine_sample`] is bilinear resampling written with candle tensor ops (a batched matmul for
-//! the sampling grid, `floor`, and a `gather` of the four neighbours from the flattened images),
-//! so it runs wherever the batch lives (CPU or CUDA); points outside the input read zero. It is
-//! meant for inputs (no gradient is needed or tested through it). [`random_augment`] draws one
+//! [`affine_sample`] is bilinear resampling; points outside the input read zero. It runs
+//! wherever the batch lives: one kernel on the CUDA fast path (`kernels/affine.cu`), its Rust
+//! twin on the CPU (`cpu`), and everywhere else (or switched off) candle tensor ops (a batched
+//! matmul for the sampling grid, `floor`, and a `gather` of the four neighbours from the
+//! flattened images), the reference both are tested against. It is meant for inputs (no
+//! gradient is needed or tested through it). [`random_augment`] draws one
 //! affine per image (rotation 0–360°, flip, log-uniform zoom in [1/1.3, 1.3], shifts of a few
 //! pixels, as Dieleman et al. 2015 section 4) plus brightness and per-channel colour gains, all
 //! from the caller's seeded RNG.
@@ -114,8 +116,9 @@ impl Affine {
 /// read 0. The arithmetic is f32.
 ///
 /// On CUDA with the fast path ([`crate::cudnn::active_for`]) this is one kernel
-/// (`src/kernels/affine.cu`); elsewhere the candle-ops implementation below, which is also the
-/// reference the kernel is tested against.
+/// (`src/kernels/affine.cu`), on the CPU its Rust twin (both switchable, see
+/// [`set_resample_kernels`] and [`set_resample_cpu`]); elsewhere the candle-ops implementation
+/// below, which is also the reference both are tested against.
 pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usize) -> Result<Tensor> {
     let (b, _, h, w) = images.dims4()?;
     if mats.len() != b {
@@ -143,21 +146,35 @@ pub fn set_resample_kernels(on: bool) {
     KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether the resampling kernels serve `images`: switched on, CUDA with the fast path, a
-/// float dtype they have, and indices that fit 32 bits.
+/// On by default: the CPU twin of the kernels (`cpu`), checked against the candle ops.
+static CPU_TWIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets [`affine_sample`] and [`dieleman_parts_kernel`] run the kernels' Rust twin for CPU
+/// images (on by default; `gz` reads `GZ_RESAMPLE=ops` to switch it off with the kernels).
+pub fn set_resample_cpu(on: bool) {
+    CPU_TWIN.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the resampling op (CUDA kernels or their CPU twin) serves `images`: a float dtype
+/// they have, and either the CUDA fast path with the kernels switched on and indices that fit
+/// 32 bits, or the CPU with the twin switched on.
 fn kernel_path(images: &Tensor) -> bool {
-    KERNELS.load(std::sync::atomic::Ordering::Relaxed)
-        && crate::cudnn::active_for(images.device())
-        && matches!(images.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && images.elem_count() < (1 << 31)
+    use std::sync::atomic::Ordering::Relaxed;
+    matches!(images.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && if images.device().is_cpu() {
+            CPU_TWIN.load(Relaxed)
+        } else {
+            KERNELS.load(Relaxed) && crate::cudnn::active_for(images.device()) && images.elem_count() < (1 << 31)
+        }
 }
 
 /// Dieleman's 16 parts per galaxy straight from the images, `(B, C, H, W)` →
 /// `(16·B, C, 45, 45)`: the same values, in the same order, as cutting [`affine_sample`]'s four
 /// 69×69 views (`mats`, one per view) into their four rotated corners (kernel switched on with
 /// [`set_resample_kernels`])
-/// ([`crate::nets::dieleman::parts`]). One kernel on the CUDA fast path; elsewhere `None` (the
-/// caller composes views and parts with candle ops).
+/// ([`crate::nets::dieleman::parts`]). One kernel on the CUDA fast path, one pass of its Rust
+/// twin on the CPU ([`set_resample_cpu`]); elsewhere `None` (the caller composes views and
+/// parts with candle ops).
 pub fn dieleman_parts_kernel(images: &Tensor, mats: [Affine; 4]) -> Result<Option<Tensor>> {
     let (view, part) = (crate::config::DIELEMAN_VIEW, crate::config::DIELEMAN_PART);
     let b = images.dim(0)?;
@@ -344,14 +361,17 @@ pub fn random_augment(images: &Tensor, cfg: &AugmentConfig, rng: &mut impl Rng) 
     out.broadcast_mul(&gains)?.clamp(0.0, 1.0)
 }
 
+mod cpu;
 #[cfg(test)]
 mod emu_tests;
 
 mod kernels {
     //! The resampling kernels as a candle custom op (no gradient: inputs only). The CPU side
-    //! runs the candle-ops implementation, so the op is usable (and testable) anywhere.
+    //! runs the kernels' Rust twin (`super::cpu`) on contiguous float storages, and the
+    //! candle-ops reference ([`Resample::cpu_reference`]) otherwise, so the op is usable (and
+    //! testable) anywhere.
 
-    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
     use super::Affine;
 
@@ -403,6 +423,30 @@ mod kernels {
             }
         }
 
+        /// The kernel's values by its Rust twin, from contiguous `x` of `dims` (B, C, H, W).
+        fn twin<T: WithDType>(&self, x: &[T], dims: [usize; 4]) -> Vec<T> {
+            match self {
+                Resample::Affine { mats, out_h, out_w } => super::cpu::affine_sample(x, mats, dims, *out_h, *out_w),
+                Resample::DielemanParts { mats, view, part } => super::cpu::dieleman_parts(x, mats, dims, *view, *part),
+            }
+        }
+
+        /// The op's values by candle ops on `x`'s device: [`super::affine_sample_ops`], and for
+        /// the parts the views cut into corners ([`crate::nets::dieleman::parts`]). The
+        /// reference the kernels and the twin are tested against.
+        pub(super) fn cpu_reference(&self, x: &Tensor) -> Result<Tensor> {
+            match self {
+                Resample::Affine { mats, out_h, out_w } => super::affine_sample_ops(x, mats, *out_h, *out_w),
+                Resample::DielemanParts { mats, view, .. } => {
+                    let b = x.dim(0)?;
+                    let rep = Tensor::cat(&[x, x, x, x], 0)?;
+                    let per_image: Vec<Affine> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, b)).collect();
+                    let views = super::affine_sample_ops(&rep, &per_image, *view, *view)?;
+                    crate::nets::dieleman::parts(&views)
+                }
+            }
+        }
+
         pub(super) fn out_shape(&self, l: &Layout) -> Result<Shape> {
             let (b, c, _, _) = l.shape().dims4()?;
             Ok(match self {
@@ -418,18 +462,15 @@ mod kernels {
         }
 
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-            let x = crate::cudnn::cpu_tensor(s, l)?;
-            let y = match self {
-                Resample::Affine { mats, out_h, out_w } => super::affine_sample_ops(&x, mats, *out_h, *out_w)?,
-                Resample::DielemanParts { mats, view, .. } => {
-                    let b = x.dim(0)?;
-                    let rep = candle_core::Tensor::cat(&[&x, &x, &x, &x], 0)?;
-                    let per_image: Vec<Affine> = mats.iter().flat_map(|m| std::iter::repeat_n(*m, b)).collect();
-                    let views = super::affine_sample_ops(&rep, &per_image, *view, *view)?;
-                    crate::nets::dieleman::parts(&views)?
-                }
+            let shape = self.out_shape(l)?;
+            let dims: [usize; 4] = l.shape().dims4()?.into();
+            let out = match (l.contiguous_offsets(), s) {
+                (Some((a, b)), CpuStorage::F32(v)) => CpuStorage::F32(self.twin(&v[a..b], dims)),
+                (Some((a, b)), CpuStorage::BF16(v)) => CpuStorage::BF16(self.twin(&v[a..b], dims)),
+                (Some((a, b)), CpuStorage::F16(v)) => CpuStorage::F16(self.twin(&v[a..b], dims)),
+                _ => return crate::cudnn::cpu_storage(&self.cpu_reference(&crate::cudnn::cpu_tensor(s, l)?)?),
             };
-            crate::cudnn::cpu_storage(&y)
+            Ok((out, shape))
         }
 
         #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
@@ -534,39 +575,101 @@ mod tests {
 
     use crate::testutil::max_abs_diff;
 
-    /// The resampling op's CPU side (what a CUDA build without a GPU runs) is the candle-ops
-    /// composition: affine sampling, and the 16 Dieleman parts as views then corners.
+    /// The resampling op's CPU side is the kernels' Rust twin: against the candle-ops reference
+    /// on random affines that read outside the image, every float dtype, with the CUDA test's
+    /// tolerances; and the public entry points take it for CPU images.
     #[test]
-    fn resample_op_on_cpu_matches_the_composition() {
-        let x = pattern(2, 3, 80, 80);
-        let mats: Vec<Affine> = (0..2)
-            .map(|i| Affine::rotation_flip_scale_shift(30.0 * i as f32 + 10.0, i == 1, 1.2, 0.05, -0.1))
-            .collect();
-        let op = x.apply_op1_no_bwd(&kernels::Resample::Affine {
+    fn cpu_twin_matches_the_candle_ops() {
+        let (b, c, h, w) = (3, 3, 53, 47);
+        let x = pattern(b, c, h, w);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let cfg = AugmentConfig {
+            max_zoom: 1.6,
+            max_shift_px: 12.0,
+            ..AugmentConfig::default()
+        };
+        let mats: Vec<Affine> = (0..b).map(|_| cfg.random_affine(w, h, &mut rng)).collect();
+        let affine = kernels::Resample::Affine {
             mats: mats.clone(),
             out_h: 33,
             out_w: 41,
-        });
-        assert_eq!(
-            max_abs_diff(&op.unwrap(), &affine_sample_ops(&x, &mats, 33, 41).unwrap()),
-            0.0
-        );
+        };
         let vm = crate::nets::dieleman::view_affines(0.8);
-        let op = x
-            .apply_op1_no_bwd(&kernels::Resample::DielemanParts {
-                mats: vm,
-                view: crate::config::DIELEMAN_VIEW,
-                part: crate::config::DIELEMAN_PART,
-            })
-            .unwrap();
-        let composed = crate::nets::dieleman::parts(&crate::nets::dieleman::views(&x, 0.8).unwrap()).unwrap();
+        let parts = kernels::Resample::DielemanParts {
+            mats: vm,
+            view: crate::config::DIELEMAN_VIEW,
+            part: crate::config::DIELEMAN_PART,
+        };
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 1.6e-2), (DType::F16, 2e-3)] {
+            let xd = x.to_dtype(dtype).unwrap();
+            for (name, op) in [("affine", &affine), ("parts", &parts)] {
+                let twin = xd.apply_op1_no_bwd(op).unwrap();
+                let reference = op.cpu_reference(&xd).unwrap();
+                assert_eq!(twin.dims(), reference.dims(), "{name}");
+                assert_eq!(twin.dtype(), dtype);
+                let d = max_abs_diff(&twin, &reference);
+                assert!(d <= tol, "{dtype:?} {name}: twin and candle ops differ by {d}");
+                // a strided input takes the reference path and still gives the op's values
+                let t = xd.t().unwrap().contiguous().unwrap().t().unwrap();
+                assert!(!t.is_contiguous());
+                let d = max_abs_diff(&t.apply_op1_no_bwd(op).unwrap(), &reference);
+                assert_eq!(d, 0.0, "{dtype:?} {name}: the strided input takes the reference");
+            }
+        }
+        // the values are not all zero (the affines keep most of the image inside)
+        let out = affine_sample(&x, &mats, 33, 41).unwrap();
+        assert!(out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 100.0);
+        // the public entry points run the twin on the CPU (the switch is on by default)
+        let composed = affine_sample_ops(&x, &mats, 33, 41).unwrap();
+        assert_eq!(max_abs_diff(&out, &x.apply_op1_no_bwd(&affine).unwrap()), 0.0);
+        assert!(max_abs_diff(&out, &composed) <= 1e-4);
+        let fast = dieleman_parts_kernel(&x, vm).unwrap().expect("the CPU twin");
+        assert_eq!(max_abs_diff(&fast, &x.apply_op1_no_bwd(&parts).unwrap()), 0.0);
         assert_eq!(
-            op.dims(),
-            &[32, 3, crate::config::DIELEMAN_PART, crate::config::DIELEMAN_PART]
+            fast.dims(),
+            &[16 * b, c, crate::config::DIELEMAN_PART, crate::config::DIELEMAN_PART]
         );
-        assert_eq!(max_abs_diff(&op, &composed), 0.0);
-        // on CPU the public entry points keep the composition
-        assert!(dieleman_parts_kernel(&x, vm).unwrap().is_none());
+    }
+
+    /// The resampling figures of `docs/benchmarks.md`: Dieleman's 16 parts of a batch of 8
+    /// galaxies at 106 px, and `random_augment`'s resampling of a batch of 16, candle ops
+    /// against the twin. Run by hand:
+    /// `cargo test --release -p gz-model --lib augment::tests::bench_resample -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark: run by hand with --ignored --nocapture (release)"]
+    fn bench_resample() {
+        let best = |f: &dyn Fn() -> Tensor| {
+            (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let vm = crate::nets::dieleman::view_affines(207.0 / 212.0);
+        let x = pattern(8, 3, 106, 106);
+        let parts = kernels::Resample::DielemanParts {
+            mats: vm,
+            view: crate::config::DIELEMAN_VIEW,
+            part: crate::config::DIELEMAN_PART,
+        };
+        let ops = best(&|| parts.cpu_reference(&x).unwrap());
+        let twin = best(&|| x.apply_op1_no_bwd(&parts).unwrap());
+        println!("dieleman parts, batch 8, 106 px (best of 5): candle ops {ops:.2} ms, twin {twin:.2} ms");
+        let x = pattern(16, 3, 106, 106);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mats: Vec<Affine> = (0..16)
+            .map(|_| AugmentConfig::default().random_affine(106, 106, &mut rng))
+            .collect();
+        let affine = kernels::Resample::Affine {
+            mats,
+            out_h: 106,
+            out_w: 106,
+        };
+        let ops = best(&|| affine.cpu_reference(&x).unwrap());
+        let twin = best(&|| x.apply_op1_no_bwd(&affine).unwrap());
+        println!("affine resampling, batch 16, 106 px (best of 5): candle ops {ops:.2} ms, twin {twin:.2} ms");
     }
 
     /// The CUDA kernels against the candle-ops path on the same GPU (run on a GPU machine;

@@ -1,7 +1,7 @@
 //! `src/kernels/affine.cu` run on the CPU (`gz-kernel-emu`) with the launcher's arguments
 //! ([`super::kernels::Resample::kernel_args`]) and grid ([`super::kernels::grid`]), against the
-//! resampling op's CPU path (candle's ops: [`super::affine_sample_ops`], and views + parts for
-//! Dieleman's 16 parts): random affines that read outside the image, every storage type, with
+//! candle-ops reference ([`Resample::cpu_reference`]: [`super::affine_sample_ops`], and views +
+//! parts for Dieleman's 16 parts): random affines that read outside the image, every storage type, with
 //! the tolerances of the CUDA test `cuda_resampling_kernels_match_the_ops`.
 
 use candle_core::{Device, Tensor, WithDType};
@@ -15,7 +15,7 @@ use crate::testutil::emu::{run_both, values, Buf};
 
 fn check<T: WithDType + Storage>(op: &Resample, x: &Tensor, tol: f64) -> candle_core::Result<()> {
     let x = x.to_dtype(T::DTYPE)?;
-    let reference = x.apply_op1_no_bwd(op)?;
+    let reference = op.cpu_reference(&x)?;
     let total = reference.elem_count();
     let reference = reference.flatten_all()?.to_vec1::<T>()?;
     let (mats, name, extra) = op.kernel_args();
