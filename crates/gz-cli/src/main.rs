@@ -5,6 +5,7 @@
 //! (`{:#}`) and turn into exit status 1 (or the code a subcommand asks for).
 
 mod cmd;
+mod malloc;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ enum Command {
 }
 
 fn main() {
+    // First, before any thread or large buffer exists (see `malloc`).
+    let malloc_tuned = malloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -45,6 +48,10 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!(
+        mmap_threshold = ?malloc_tuned,
+        "host allocator tuning (None: glibc's defaults, e.g. with GZ_MALLOC=system)"
+    );
     let cli = Cli::parse();
     if matches!(
         cli.command,
@@ -72,7 +79,11 @@ fn main() {
     }
     match std::env::var("GZ_RESAMPLE").as_deref() {
         Ok("kernel") => gz_model::augment::set_resample_kernels(true),
-        Ok("ops") => gz_model::augment::set_resample_kernels(false),
+        // candle's ops everywhere: neither the CUDA kernels nor their CPU twin (on by default)
+        Ok("ops") => {
+            gz_model::augment::set_resample_kernels(false);
+            gz_model::augment::set_resample_cpu(false);
+        }
         _ => {}
     }
     // `GZ_NHWC=1` runs the convolution towers channels-last (cuDNN's fast bf16 layout).
