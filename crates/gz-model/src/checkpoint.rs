@@ -227,17 +227,11 @@ impl SeededInit {
         let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
-        let mut rng = ChaCha8Rng::seed_from_u64(crate::data::mix_seed(self.seed, 0x696e_6974, name_hash));
-        let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| -> f32 {
-            // Box–Muller.
-            let u1: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
-            let u2: f64 = rng.gen();
-            (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        };
+        let seed = crate::data::mix_seed(self.seed, 0x696e_6974, name_hash);
         match init {
             Init::Const(c) => vec![c as f32; n],
-            Init::Randn { mean, stdev } => (0..n).map(|_| normal(&mut rng, mean, stdev)).collect(),
-            Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..=up) as f32).collect(),
+            Init::Randn { mean, stdev } => draw(seed, n, NORMAL_WORDS, |rng| normal(rng, mean, stdev)),
+            Init::Uniform { lo, up } => draw(seed, n, UNIFORM_WORDS, |rng| rng.gen_range(lo..=up) as f32),
             Init::Kaiming {
                 dist,
                 fan,
@@ -247,13 +241,48 @@ impl SeededInit {
                 match dist {
                     candle_nn::init::NormalOrUniform::Uniform => {
                         let b = 3f64.sqrt() * std;
-                        (0..n).map(|_| rng.gen_range(-b..=b) as f32).collect()
+                        draw(seed, n, UNIFORM_WORDS, |rng| rng.gen_range(-b..=b) as f32)
                     }
-                    candle_nn::init::NormalOrUniform::Normal => (0..n).map(|_| normal(&mut rng, 0.0, std)).collect(),
+                    candle_nn::init::NormalOrUniform::Normal => {
+                        draw(seed, n, NORMAL_WORDS, |rng| normal(rng, 0.0, std))
+                    }
                 }
             }
         }
     }
+}
+
+/// 32-bit ChaCha words one value takes: two `u64` draws for a normal (Box–Muller), one for a
+/// uniform (rand's inclusive float range: no rejection).
+const NORMAL_WORDS: u64 = 4;
+const UNIFORM_WORDS: u64 = 2;
+/// Values per parallel chunk of [`draw`].
+const DRAW_CHUNK: usize = 1 << 15;
+
+/// One normal value by Box–Muller from two `f64` draws.
+fn normal(rng: &mut ChaCha8Rng, mean: f64, std: f64) -> f32 {
+    let u1: f64 = rng.gen::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.gen();
+    (mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// `n` values of `f` from the ChaCha stream seeded with `seed`, `f` taking exactly `words` words
+/// of it per value: in parallel chunks, each seeking the one stream to its first value's word,
+/// so the values are the serial draw's, bit for bit, whatever the thread count (a Dieleman or
+/// VGG16 initialisation took 1–2 s serially, most of it `ln` and `cos`).
+fn draw(seed: u64, n: usize, words: u64, f: impl Fn(&mut ChaCha8Rng) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(DRAW_CHUNK).enumerate().for_each(|(k, chunk)| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let first = u128::from(words) * (k * DRAW_CHUNK) as u128;
+        rng.set_word_pos(first);
+        for v in chunk.iter_mut() {
+            *v = f(&mut rng);
+        }
+        debug_assert_eq!(rng.get_word_pos(), first + u128::from(words) * chunk.len() as u128);
+    });
+    out
 }
 
 impl SimpleBackend for SeededInit {
@@ -489,5 +518,56 @@ fn resolve_paths(path: &Path) -> Result<(PathBuf, PathBuf), CheckpointError> {
             path: path.to_path_buf(),
             reason: "expected a run directory, a .safetensors file or its .json sidecar".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The serial draw the parallel one must equal: one stream, value after value.
+    fn serial(seed: u64, n: usize, f: impl Fn(&mut ChaCha8Rng) -> f32) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| f(&mut rng)).collect()
+    }
+
+    /// Parallel chunks give the serial draw's values to the bit (so initial weights did not
+    /// change when the draw went parallel), for every init kind, sizes across chunk edges.
+    #[test]
+    fn parallel_draw_equals_the_serial_stream() {
+        for n in [1, 7, DRAW_CHUNK - 1, DRAW_CHUNK, 3 * DRAW_CHUNK + 17] {
+            let (a, b) = (
+                draw(11, n, NORMAL_WORDS, |r| normal(r, 0.5, 2.0)),
+                serial(11, n, |r| normal(r, 0.5, 2.0)),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "normal, n {n}"
+            );
+            let (a, b) = (
+                draw(12, n, UNIFORM_WORDS, |r| r.gen_range(-0.3..=0.3) as f32),
+                serial(12, n, |r| r.gen_range(-0.3..=0.3) as f32),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "uniform, n {n}"
+            );
+            assert_eq!(a.len(), n);
+        }
+        // through the backend: a Kaiming-initialised weight past one chunk is the serial draw
+        let init = SeededInit::new(VarMap::new(), 5);
+        let shape = Shape::from((300, 3, 3, 3 * 8));
+        let w = init.sample(&shape, "conv1.weight", candle_nn::init::DEFAULT_KAIMING_NORMAL);
+        let name_hash = "conv1.weight".bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let std = candle_nn::init::NonLinearity::ReLU.gain() / ((3 * 3 * 3 * 8) as f64).sqrt();
+        let reference = serial(
+            crate::data::mix_seed(5, 0x696e_6974, name_hash),
+            shape.elem_count(),
+            |r| normal(r, 0.0, std),
+        );
+        assert!(w.len() > DRAW_CHUNK);
+        assert!(w.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }
