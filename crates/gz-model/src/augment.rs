@@ -464,7 +464,11 @@ mod kernels {
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
             let shape = self.out_shape(l)?;
             let dims: [usize; 4] = l.shape().dims4()?.into();
-            let out = match (l.contiguous_offsets(), s) {
+            // the twin wants a contiguous storage and sides that fit its i32 pixel arithmetic
+            let offsets = l
+                .contiguous_offsets()
+                .filter(|_| dims[2] < 1 << 30 && dims[3] < 1 << 30);
+            let out = match (offsets, s) {
                 (Some((a, b)), CpuStorage::F32(v)) => CpuStorage::F32(self.twin(&v[a..b], dims)),
                 (Some((a, b)), CpuStorage::BF16(v)) => CpuStorage::BF16(self.twin(&v[a..b], dims)),
                 (Some((a, b)), CpuStorage::F16(v)) => CpuStorage::F16(self.twin(&v[a..b], dims)),

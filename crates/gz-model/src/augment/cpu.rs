@@ -23,49 +23,40 @@ fn centres(n: usize) -> Vec<f32> {
     (0..n).map(|j| (2 * j + 1) as f32 / n as f32 - 1.0).collect()
 }
 
-/// `floor` without libm's call (baseline x86-64 has no rounding instruction): truncate, then
-/// step down for negative non-integers. Equal to `f32::floor` for every finite value below
-/// 2^63 in magnitude; NaN gives 0 and infinities saturate, and either way the sample reads
-/// NaN weights or lands outside the image, as with `floorf`.
-#[inline(always)]
-fn floor(v: f32) -> f32 {
-    let t = v as i64 as f32;
-    if t > v {
-        t - 1.0
-    } else {
-        t
-    }
-}
-
 /// The kernel's `sample`: plane `src` (`h`×`w`) read bilinearly at the normalised output point
-/// (`x`, `y`) through `m`; zero outside. Same operations in the same order as the kernel.
+/// (`x`, `y`) through `m`; zero outside. The kernel's operations, except that the input pixel
+/// coordinates are first clamped to [-2, side + 1] (a point further out reads only zeros
+/// either way; a NaN coordinate lands at -2 and reads zero where the kernel gives NaN), so the
+/// floor is a plain truncation of a small positive number: no libm `floorf` call (baseline
+/// x86-64 has no rounding instruction) and no saturating casts.
 #[inline(always)]
 fn sample<T: WithDType>(src: &[T], m: &[[f32; 3]; 2], h: usize, w: usize, x: f32, y: f32) -> f32 {
     let xi = m[0][0] * x + m[0][1] * y + m[0][2];
     let yi = m[1][0] * x + m[1][1] * y + m[1][2];
-    let px = xi * (w as f32 * 0.5) + (w as f32 - 1.0) * 0.5;
-    let py = yi * (h as f32 * 0.5) + (h as f32 - 1.0) * 0.5;
-    let (x0, y0) = (floor(px), floor(py));
-    let (fx, fy) = (px - x0, py - y0);
-    // saturating casts: a point far outside still lands outside, which the checks below skip
-    let (ix, iy) = (x0 as i64, y0 as i64);
-    let wx = [1.0 - fx, fx];
-    let wy = [1.0 - fy, fy];
-    let mut acc = 0.0f32;
-    for (dy, wy) in wy.iter().enumerate() {
-        let yy = iy.saturating_add(dy as i64);
-        if yy < 0 || yy >= h as i64 {
-            continue;
+    let (wf, hf) = (w as f32, h as f32);
+    let px = (xi * (wf * 0.5) + (wf - 1.0) * 0.5).max(-2.0).min(wf + 1.0);
+    let py = (yi * (hf * 0.5) + (hf - 1.0) * 0.5).max(-2.0).min(hf + 1.0);
+    debug_assert!(w < (1 << 30) && h < (1 << 30), "checked by the op (Resample::cpu_fwd)");
+    // SAFETY: px + 2 and py + 2 are finite and in [0, side + 3] (`max` drops a NaN, `min`
+    // bounds an infinity), so they fit an i32 (sides below 2^30, checked by the op) and
+    // truncation is their floor
+    let (ix, iy) = unsafe {
+        (
+            (px + 2.0).to_int_unchecked::<i32>() - 2,
+            (py + 2.0).to_int_unchecked::<i32>() - 2,
+        )
+    };
+    let (fx, fy) = (px - ix as f32, py - iy as f32);
+    let (w_i, h_i) = (w as i32, h as i32);
+    let tap = |yy: i32, xx: i32| -> f32 {
+        if (0..h_i).contains(&yy) && (0..w_i).contains(&xx) {
+            src[yy as usize * w + xx as usize].to_f64() as f32
+        } else {
+            0.0
         }
-        for (dx, wx) in wx.iter().enumerate() {
-            let xx = ix.saturating_add(dx as i64);
-            if xx < 0 || xx >= w as i64 {
-                continue;
-            }
-            acc += src[yy as usize * w + xx as usize].to_f64() as f32 * (wx * wy);
-        }
-    }
-    acc
+    };
+    let top = tap(iy, ix) * ((1.0 - fx) * (1.0 - fy)) + tap(iy, ix + 1) * (fx * (1.0 - fy));
+    top + tap(iy + 1, ix) * ((1.0 - fx) * fy) + tap(iy + 1, ix + 1) * (fx * fy)
 }
 
 /// The kernel's store: f32 → `T`, rounding to nearest (exact through f64: every f32 is an f64).
