@@ -7,7 +7,7 @@
 //! the model code the GPU runs, and the backward pass skips the image layer's backward-data,
 //! whose result candle would drop (`docs/benchmarks.md`). CPU inference runs the same kernel
 //! without a graph; CUDA without the feature, and the fast path switched off
-//! ([`crate::cudnn::set_enabled`], `GZ_CONV=candle`) use candle's own convolution. [`linear`]
+//! ([`crate::cudnn::set_enabled`], `GZ_CONV=candle`) use candle's own convolution. [`linear()`]
 //! does the same for the dense layers on the CPU.
 //! Parameter names (`weight`, `bias`) match `candle_nn::Conv2d`, so checkpoints are the same
 //! whichever path trained them, and a checkpoint trained on the fast path predicts the same on

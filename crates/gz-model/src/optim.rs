@@ -441,7 +441,7 @@ struct Generic {
     params: Params,
     lr: f64,
     hp: OptimParams,
-    /// Per parameter: RMSprop [mean square], SGD [velocity], AdamW [m, v].
+    /// Per parameter: RMSprop \[mean square\], SGD \[velocity\], AdamW \[m, v\].
     state: Vec<Vec<Var>>,
     steps: u64,
     /// Use the fused CUDA update (decided at build: feature on, every parameter on CUDA).

@@ -142,7 +142,7 @@ impl ConvBiasReluPool {
     }
 
     /// The ReLU output the last forward pass saved (for callers that run the op without a
-    /// graph node and do the backward pass themselves, [`super::tower`]).
+    /// graph node and do the backward pass themselves, [`super::tower()`]).
     pub(super) fn saved(&self) -> Result<Tensor> {
         self.saved
             .lock()
@@ -287,7 +287,7 @@ fn cpu_conv_bias_relu(
 }
 
 /// The packed [dz, db] of the backward ops on the CPU from the ReLU output `y` and the
-/// gradient `dy` reaching it (both in the op's layout): dz = dy·[y > 0] in the storage dtype,
+/// gradient `dy` reaching it (both in the op's layout): dz = dy·\[y > 0\] in the storage dtype,
 /// db its channel sums in f32 (as the CUDA kernels do).
 fn cpu_relu_grads(y: &Tensor, dy: &Tensor, nhwc: bool) -> Result<(CpuStorage, Shape)> {
     let dz = (dy * y.gt(0.0)?.to_dtype(y.dtype())?)?;
@@ -396,7 +396,7 @@ pub(crate) mod grid {
         (planes, hw.div_ceil(THREADS * 4).clamp(1, 64), 1)
     }
 
-    /// bias_relu_pool_fwd[_nhwc]: one thread per (window, channel), grid-stride.
+    /// `bias_relu_pool_fwd[_nhwc]`: one thread per (window, channel), grid-stride.
     pub(crate) fn pool_fwd(threads: u32) -> Dim {
         (threads.div_ceil(THREADS).clamp(1, 1 << 20), 1, 1)
     }

@@ -231,7 +231,7 @@ pub fn set_single_ops(conv_relu: bool, pool: bool) {
 }
 
 /// On the fused path, runs each convolution tower as one autograd node with its own backward
-/// pass ([`tower`], default) or layer by layer (`false`; `gz` reads `GZ_TOWER_OP=0`).
+/// pass ([`tower()`], default) or layer by layer (`false`; `gz` reads `GZ_TOWER_OP=0`).
 pub fn set_tower_op(on: bool) {
     TOWER_OP.store(on, Ordering::Relaxed);
 }

@@ -1,4 +1,4 @@
-//! The dense layer `x·Wᵀ + b` as one custom op, used on the CPU while training ([`super::linear`]).
+//! The dense layer `x·Wᵀ + b` as one custom op, used on the CPU while training ([`super::linear()`]).
 //!
 //! candle's `Linear` is `x.matmul(w.t())` plus a broadcast add, so its backward pass computes
 //! the weight gradient as the gradient of the transposed view and then transposes it back, and

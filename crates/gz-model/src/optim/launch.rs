@@ -1,6 +1,6 @@
 //! What a launch of `src/kernels/optim.cu` passes: the table of tensors (counts, block ranges,
 //! buffer addresses), the scalar arguments and the grid, as plain values shared by the CUDA
-//! launcher ([`super::fused`], with the `cudnn` feature) and the emulator tests
+//! launcher (`optim/fused.rs`, with the `cudnn` feature) and the emulator tests
 //! (`optim/emu_tests.rs`, which run the kernels on the CPU).
 
 use super::{OptimParams, OptimizerKind};
