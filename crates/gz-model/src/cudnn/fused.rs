@@ -168,7 +168,7 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
     ) -> Result<(CpuStorage, Shape)> {
         let p = self.p;
         let y = cpu_conv_bias_relu(p, (s1, l1), (s2, l2), (s3, l3))?;
-        let pooled = y.max_pool2d(2)?;
+        let pooled = super::cpu_max_pool2(&y)?;
         self.save(super::cpu_out(y, p.nhwc)?)?;
         cpu_storage(&super::cpu_out(pooled, p.nhwc)?)
     }

@@ -607,36 +607,100 @@ fn cpu_conv_bwd_filter(p: ConvParams, x: &Tensor, dy: &Tensor, k_hw: (usize, usi
     dw.narrow(2, 0, k_hw.0)?.narrow(3, 0, k_hw.1)?.contiguous()
 }
 
-/// Max-pool backward on CPU: each window's gradient goes to its first maximum (a NaN wins and
-/// stays). f32 runs in f32 (plane by plane in parallel; a 2×2 window with stride 2 gives each
-/// input at most one gradient, so nothing is summed and the result is the same as in f64),
-/// other dtypes in f64.
-fn cpu_pool_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
+/// One plane of the max-pool backward: `dx` (h × w, zeroed) from `xs` (h × w) and `gs`
+/// (oh × ow); each window's gradient goes to its first maximum, a NaN wins and stays.
+fn pool_bwd_plane<T: Copy + PartialOrd + std::ops::AddAssign>(
+    xs: &[T],
+    gs: &[T],
+    dx: &mut [T],
+    (w, oh, ow): (usize, usize, usize),
+    is_nan: impl Fn(T) -> bool,
+) {
+    for i in 0..oh {
+        for j in 0..ow {
+            let mut best = 2 * i * w + 2 * j;
+            for (di, dj) in [(0, 1), (1, 0), (1, 1)] {
+                let at = (2 * i + di) * w + 2 * j + dj;
+                // NaN wins (propagated) and stays; otherwise strictly greater replaces.
+                if !is_nan(xs[best]) && (xs[at] > xs[best] || is_nan(xs[at])) {
+                    best = at;
+                }
+            }
+            dx[best] += gs[i * ow + j];
+        }
+    }
+}
 
-    /// One plane: `dx` (h × w, zeroed) from `xs` (h × w) and `gs` (oh × ow).
-    fn plane<T: Copy + PartialOrd + std::ops::AddAssign>(
-        xs: &[T],
-        gs: &[T],
-        dx: &mut [T],
-        (w, oh, ow): (usize, usize, usize),
-        is_nan: impl Fn(T) -> bool,
-    ) {
-        for i in 0..oh {
-            for j in 0..ow {
-                let mut best = 2 * i * w + 2 * j;
-                for (di, dj) in [(0, 1), (1, 0), (1, 1)] {
-                    let at = (2 * i + di) * w + 2 * j + dj;
-                    // NaN wins (propagated) and stays; otherwise strictly greater replaces.
-                    if !is_nan(xs[best]) && (xs[at] > xs[best] || is_nan(xs[at])) {
-                        best = at;
+/// The f32 max-pool backward of contiguous NCHW `xs` (n·c planes of h × w) and `gs` (planes
+/// of oh × ow), planes in parallel.
+fn pool_bwd_f32(xs: &[f32], gs: &[f32], (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut dx = vec![0f32; xs.len()];
+    if h * w > 0 {
+        dx.par_chunks_mut(h * w)
+            .zip(xs.par_chunks(h * w))
+            .zip(gs.par_chunks((oh * ow).max(1)))
+            .for_each(|((d, xp), gp)| pool_bwd_plane(xp, gp, d, (w, oh, ow), f32::is_nan));
+    }
+    dx
+}
+
+/// The f32 2×2 max-pool (stride 2) of contiguous NCHW `x` (planes of h × w, both at least 2),
+/// planes in parallel: candle's `max_pool2d` loop (each window starts from its first value,
+/// which any larger value replaces; so a NaN is kept only in the first place) on all threads
+/// instead of one.
+fn pool_fwd_f32(x: &[f32], (h, w): (usize, usize)) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (oh, ow) = (h / 2, w / 2);
+    let mut y = vec![0f32; x.len() / (h * w) * oh * ow];
+    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+        for (i, row) in yp.chunks_mut(ow).enumerate() {
+            let (top, bottom) = (&xp[2 * i * w..], &xp[(2 * i + 1) * w..]);
+            for (j, out) in row.iter_mut().enumerate() {
+                let mut m = top[2 * j];
+                for v in [top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]] {
+                    if m < v {
+                        m = v;
                     }
                 }
-                dx[best] += gs[i * ow + j];
+                *out = m;
+            }
+        }
+    });
+    y
+}
+
+/// NCHW sizes (n, c, h, w).
+type Dims4 = (usize, usize, usize, usize);
+
+/// The contiguous f32 slice and NCHW dims of a storage, when the pooling twins take it.
+fn f32_planes<'a>(s: &'a CpuStorage, l: &Layout) -> Option<(&'a [f32], Dims4)> {
+    let (CpuStorage::F32(v), Some((a, b))) = (s, l.contiguous_offsets()) else {
+        return None;
+    };
+    Some((&v[a..b], l.shape().dims4().ok()?))
+}
+
+/// 2×2 max-pool of a CPU tensor: [`pool_fwd_f32`] for contiguous f32 NCHW inputs of at least
+/// 2×2, candle's `max_pool2d` otherwise (same values).
+pub(crate) fn cpu_max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if x.dtype() == DType::F32 && x.is_contiguous() && h >= 2 && w >= 2 {
+        let (s, l) = x.storage_and_layout();
+        if let candle_core::Storage::Cpu(s) = &*s {
+            if let Some((v, _)) = f32_planes(s, l) {
+                return Tensor::from_vec(pool_fwd_f32(v, (h, w)), (n, c, h / 2, w / 2), &Device::Cpu);
             }
         }
     }
+    x.max_pool2d(2)
+}
 
+/// Max-pool backward on CPU: each window's gradient goes to its first maximum (a NaN wins and
+/// stays). f32 runs in f32 ([`pool_bwd_f32`]; a 2×2 window with stride 2 gives each input at
+/// most one gradient, so nothing is summed and the result is the same as in f64), other dtypes
+/// in f64.
+fn cpu_pool_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let (n, c, h, w) = x.dims4()?;
     let (_, _, oh, ow) = dy.dims4()?;
@@ -647,20 +711,13 @@ fn cpu_pool_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if dtype == DType::F32 {
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let gs = dy.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; xs.len()];
-        if hw > 0 {
-            dx.par_chunks_mut(hw)
-                .zip(xs.par_chunks(hw))
-                .zip(gs.par_chunks(ohw.max(1)))
-                .for_each(|((d, xp), gp)| plane(xp, gp, d, (w, oh, ow), f32::is_nan));
-        }
-        return Tensor::from_vec(dx, (n, c, h, w), &Device::Cpu);
+        return Tensor::from_vec(pool_bwd_f32(&xs, &gs, (h, w), (oh, ow)), (n, c, h, w), &Device::Cpu);
     }
     let xs = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let gs = dy.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let mut dx = vec![0f64; xs.len()];
     for p in 0..n * c {
-        plane(
+        pool_bwd_plane(
             &xs[p * hw..(p + 1) * hw],
             &gs[p * ohw..(p + 1) * ohw],
             &mut dx[p * hw..(p + 1) * hw],
@@ -918,7 +975,16 @@ impl CustomOp1 for MaxPool2Op {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = cpu_in(cpu_tensor(s, l)?, self.nhwc)?.max_pool2d(2)?;
+        // NCHW f32 in place (no copies in and out), planes in parallel
+        if let (false, Some((x, (n, c, h, w)))) = (self.nhwc, f32_planes(s, l)) {
+            if h >= 2 && w >= 2 {
+                return Ok((
+                    CpuStorage::F32(pool_fwd_f32(x, (h, w))),
+                    Shape::from((n, c, h / 2, w / 2)),
+                ));
+            }
+        }
+        let y = cpu_max_pool2(&cpu_in(cpu_tensor(s, l)?, self.nhwc)?)?;
         cpu_storage(&cpu_out(y, self.nhwc)?)
     }
 
@@ -955,6 +1021,17 @@ impl CustomOp3 for MaxPool2Bwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        // NCHW f32 in place (no copies in and out)
+        if let (false, Some((x, (n, c, h, w))), Some((g, (gn, gc, oh, ow)))) =
+            (self.nhwc, f32_planes(s1, l1), f32_planes(s3, l3))
+        {
+            if (gn, gc) == (n, c) && oh * 2 <= h && ow * 2 <= w {
+                return Ok((
+                    CpuStorage::F32(pool_bwd_f32(x, g, (h, w), (oh, ow))),
+                    l1.shape().clone(),
+                ));
+            }
+        }
         let x = cpu_in(cpu_tensor(s1, l1)?, self.nhwc)?;
         let dy = cpu_in(cpu_tensor(s3, l3)?, self.nhwc)?;
         cpu_storage(&cpu_out(cpu_pool_bwd(&x, &dy)?, self.nhwc)?)

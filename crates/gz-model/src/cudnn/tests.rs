@@ -225,6 +225,30 @@ fn cpu_max_pool_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// The f32 forward twin keeps candle's `max_pool2d` values to the bit, NaN placement included
+/// (a NaN survives only as a window's first value), through the op, the tensor helper and the
+/// fused op's CPU path, and on a view at an offset (the op reads the storage in place).
+#[test]
+fn cpu_max_pool_forward_twin_is_candles_loop() -> Result<()> {
+    let cpu = Device::Cpu;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    };
+    let nan = f32::NAN;
+    let x = Tensor::new(
+        &[[[[nan, 1f32, 0., 2., 5.], [1., 1., 3., nan, 9.], [4., 4., 4., 4., 4.]]]],
+        &cpu,
+    )?;
+    let want = bits(&x.max_pool2d(2)?)?;
+    assert!(f32::from_bits(want[0]).is_nan() && f32::from_bits(want[1]) == 3.0);
+    assert_eq!(bits(&max_pool2(&x)?)?, want);
+    assert_eq!(bits(&super::cpu_max_pool2(&x)?)?, want);
+    let big = randn(&[3, 5, 13, 11], 7, &cpu)?;
+    let view = big.narrow(0, 1, 2)?; // contiguous, at an offset
+    assert_eq!(bits(&max_pool2(&view)?)?, bits(&view.max_pool2d(2)?)?);
+    Ok(())
+}
+
 /// Ties go to the window's first maximum and a NaN takes the gradient, the same in the f32 path
 /// and the f64 path of the CPU backward.
 #[test]
