@@ -152,6 +152,14 @@ fn results_do_not_depend_on_threads() -> Result<()> {
         padding: 1,
         stride: 1,
     };
+    same_on_any_threads(g)?;
+    // Winograd's sizes (forward and input gradient), the batch in one group
+    let wg = Geometry { c: 16, k: 16, ..g };
+    assert!(winograd::applies(&wg));
+    same_on_any_threads(wg)
+}
+
+fn same_on_any_threads(g: Geometry) -> Result<()> {
     let x = values(&rnd((g.n, g.c, g.h, g.w), 21)?)?;
     let w = values(&rnd((g.k, g.c, g.kh, g.kw), 22)?)?;
     let dy = values(&rnd((g.n, g.k, g.oh(), g.ow()), 23)?)?;
@@ -273,10 +281,18 @@ fn bench_kernels() -> Result<()> {
         }
         Ok(t.elapsed().as_secs_f64() / 3.0)
     }
-    println!("layer (C -> K, side)   candle fwd  gz fwd  candle dx  gz dx  candle dw  gz dw   (GFLOP/s)");
-    for (i, &(c, side, k)) in [(64, 53, 64), (128, 26, 128), (3, 106, 32), (256, 13, 256)]
-        .iter()
-        .enumerate()
+    println!(
+        "layer (C -> K, side)   candle fwd  gz fwd  im2col  candle dx  gz dx  im2col  candle dw  gz dw   (GFLOP/s)"
+    );
+    for (i, &(c, side, k)) in [
+        (64, 53, 64),
+        (128, 26, 128),
+        (3, 106, 32),
+        (256, 13, 256),
+        (512, 6, 512),
+    ]
+    .iter()
+    .enumerate()
     {
         let n = 16;
         let x = rnd((n, c, side, side), 2 * i as u64 + 1)?;
@@ -286,8 +302,13 @@ fn bench_kernels() -> Result<()> {
         let rate = |s: f64| flop / s / 1e9;
         let cf = time(|| x.conv2d(&w, 1, 1, 1, 1).map(drop))?;
         let gf = time(|| conv2d(&x, &w, None, 1, 1).map(drop))?;
-        let cx = time(|| dy.conv_transpose2d(&w, 1, 0, 1, 1).map(drop))?;
         let gx = time(|| conv2d_backward_data(&dy, &w, (side, side), 1, 1).map(drop))?;
+        // the same with Winograd off (im2col + product), for comparison
+        set_winograd(false);
+        let gi = time(|| conv2d(&x, &w, None, 1, 1).map(drop))?;
+        let gxi = time(|| conv2d_backward_data(&dy, &w, (side, side), 1, 1).map(drop))?;
+        set_winograd(true);
+        let cx = time(|| dy.conv_transpose2d(&w, 1, 0, 1, 1).map(drop))?;
         let cw = time(|| {
             x.transpose(0, 1)?
                 .conv2d(&dy.transpose(0, 1)?.contiguous()?, 1, 1, 1, 1)
@@ -295,14 +316,89 @@ fn bench_kernels() -> Result<()> {
         })?;
         let gw = time(|| conv2d_backward_filter(&x, &dy, (3, 3), 1, 1).map(drop))?;
         println!(
-            "{c:>4} -> {k:<4} {side:>4}      {:>8.0} {:>7.0} {:>10.0} {:>6.0} {:>10.0} {:>6.0}",
+            "{c:>4} -> {k:<4} {side:>4}      {:>8.0} {:>7.0} {:>7.0} {:>10.0} {:>6.0} {:>7.0} {:>10.0} {:>6.0}",
             rate(cf),
             rate(gf),
+            rate(gi),
             rate(cx),
             rate(gx),
+            rate(gxi),
             rate(cw),
             rate(gw)
         );
     }
+    Ok(())
+}
+
+/// Winograd F(2×2, 3×3) against the im2col forward and candle's `conv2d`: padding 0 and 1, odd
+/// output sides (partial tiles), one group of several images and uneven groups, with a bias.
+#[test]
+fn winograd_matches_the_direct_forward() -> Result<()> {
+    // (n, c, h, w, k, padding)
+    for (i, &(n, c, h, w, k, padding)) in [
+        (3, 16, 13, 11, 20, 1),
+        (2, 32, 8, 8, 16, 0),
+        (5, 16, 6, 6, 16, 1),
+        (9, 24, 20, 20, 16, 1),
+        (1, 16, 3, 3, 16, 0),
+        (2, 16, 9, 9, 16, 3), // padding 3: the input gradient takes im2col (no negative padding)
+    ]
+    .iter()
+    .enumerate()
+    {
+        let g = Geometry {
+            n,
+            c,
+            h,
+            w,
+            k,
+            kh: 3,
+            kw: 3,
+            padding,
+            stride: 1,
+        };
+        assert!(winograd::applies(&g));
+        let x = values(&rnd((n, c, h, w), 50 + i as u64)?)?;
+        let wt = values(&rnd((k, c, 3, 3), 60 + i as u64)?)?;
+        let b = values(&rnd((1, 1, 1, k), 70 + i as u64)?)?;
+        let fast = winograd::forward(&g, &x, &wt, Some(&b));
+        let direct = forward_im2col(&g, &x, &wt, Some(&b));
+        let scale = direct.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let worst = fast.iter().zip(&direct).fold(0f32, |m, (a, d)| m.max((a - d).abs()));
+        assert!(
+            worst / scale < 2e-6,
+            "case {i}: winograd off by {worst} (scale {scale})"
+        );
+        // and the public entry point takes it, against candle
+        let xt = Tensor::from_vec(x, (n, c, h, w), &Device::Cpu)?;
+        let wt = Tensor::from_vec(wt, (k, c, 3, 3), &Device::Cpu)?;
+        let bt = Tensor::from_vec(b, k, &Device::Cpu)?;
+        let y = conv2d(&xt, &wt, Some(&bt), padding, 1)?.expect("f32 on the CPU");
+        let y_ref = xt
+            .conv2d(&wt, padding, 1, 1, 1)?
+            .broadcast_add(&bt.reshape((1, k, 1, 1))?)?;
+        assert!(rel(&y, &y_ref)? < 2e-6, "case {i}: forward off by {}", rel(&y, &y_ref)?);
+        // the input gradient (the flipped-filter convolution) against candle's autograd
+        let xv = Var::from_tensor(&xt)?;
+        let yv = xv.as_tensor().conv2d(&wt, padding, 1, 1, 1)?;
+        let r = rnd(yv.dims4()?, 80 + i as u64)?;
+        let grads = (&yv * &r)?.sum_all()?.backward()?;
+        let dx_ref = grads.get(xv.as_tensor()).expect("dx");
+        let dx = conv2d_backward_data(&r, &wt, (h, w), padding, 1)?.expect("applies");
+        assert!(rel(&dx, dx_ref)? < 2e-6, "case {i}: dx off by {}", rel(&dx, dx_ref)?);
+    }
+    // stride 2 never takes Winograd (forward or input gradient)
+    let (n, c, h, w, k) = (2, 16, 9, 9, 16);
+    let xv = Var::from_tensor(&rnd((n, c, h, w), 90)?)?;
+    let wt = rnd((k, c, 3, 3), 91)?;
+    let yv = xv.as_tensor().conv2d(&wt, 1, 2, 1, 1)?;
+    let y = conv2d(xv.as_tensor(), &wt, None, 1, 2)?.expect("f32 on the CPU");
+    assert!(rel(&y, &yv)? < 1e-5);
+    let r = rnd(yv.dims4()?, 92)?;
+    let grads = (&yv * &r)?.sum_all()?.backward()?;
+    let dx_ref = grads.get(xv.as_tensor()).expect("dx");
+    let dx = conv2d_backward_data(&r, &wt, (h, w), 1, 2)?.expect("applies");
+    assert_eq!(dx.dims(), dx_ref.dims());
+    assert!(rel(&dx, dx_ref)? < 1e-5, "stride 2: dx off by {}", rel(&dx, dx_ref)?);
     Ok(())
 }

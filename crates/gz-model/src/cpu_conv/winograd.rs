@@ -1,0 +1,235 @@
+//! Winograd F(2×2, 3×3) for the forward pass of 3×3, stride-1 convolutions on the CPU (Lavin &
+//! Gray 2015): each 2×2 block of outputs comes from a 4×4 input patch with 16 multiplications
+//! per (input channel, output channel) instead of 36, so the matrix products, which are most of
+//! the work, shrink 2.25×, for the price of transforms that are linear in the data.
+//!
+//! Layout: the filters are transformed once per call to `U` (16 × K × C); a group of images is
+//! transformed to `V` (16 × C × T, T = the group's tiles), the 16 products `M[ξ] = U[ξ] · V[ξ]`
+//! (K × T) run on the `gemm` kernel, and the inverse transform writes each tile's 2×2 outputs
+//! (those inside the image) plus the bias. The arithmetic is f32 throughout; the values differ
+//! from the direct convolution's by rounding only (the tests bound it).
+//!
+//! Results do not depend on the thread count: the grouping is a function of the sizes.
+
+use rayon::prelude::*;
+
+use super::{matmul, Geometry, Mat};
+
+/// Fewer channels than this on either side: the transforms cost more than they save (the
+/// image layer, 3 channels in).
+const MIN_CHANNELS: usize = 16;
+
+/// Tiles per group of images the grouping aims for, so that the late layers' small outputs
+/// still make products of a useful width.
+const GROUP_TILES: usize = 512;
+
+/// Whether this forward pass runs here: 3×3 kernel, stride 1, enough channels.
+pub(super) fn applies(g: &Geometry) -> bool {
+    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.c >= MIN_CHANNELS && g.k >= MIN_CHANNELS
+}
+
+/// U (16 × K × C): each 3×3 filter g as G g Gᵀ, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+fn filters(g: &Geometry, w: &[f32]) -> Vec<f32> {
+    let (k, c) = (g.k, g.c);
+    let mut u = vec![0f32; 16 * k * c];
+    for kc in 0..k * c {
+        let f = &w[kc * 9..kc * 9 + 9];
+        // G g (4 × 3), row by row
+        let mut gg = [[0f32; 3]; 4];
+        for col in 0..3 {
+            let (a, b, d) = (f[col], f[3 + col], f[6 + col]);
+            gg[0][col] = a;
+            gg[1][col] = 0.5 * (a + b + d);
+            gg[2][col] = 0.5 * (a - b + d);
+            gg[3][col] = d;
+        }
+        // (G g) Gᵀ (4 × 4)
+        for (i, row) in gg.iter().enumerate() {
+            let (a, b, d) = (row[0], row[1], row[2]);
+            let t = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+            for (j, v) in t.into_iter().enumerate() {
+                u[(i * 4 + j) * k * c + kc] = v;
+            }
+        }
+    }
+    u
+}
+
+/// Bᵀ d B of one 4×4 patch, Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]].
+#[inline(always)]
+fn input_tile(d: &[[f32; 4]; 4]) -> [[f32; 4]; 4] {
+    let mut t = [[0f32; 4]; 4];
+    for j in 0..4 {
+        t[0][j] = d[0][j] - d[2][j];
+        t[1][j] = d[1][j] + d[2][j];
+        t[2][j] = d[2][j] - d[1][j];
+        t[3][j] = d[1][j] - d[3][j];
+    }
+    let mut v = [[0f32; 4]; 4];
+    for i in 0..4 {
+        v[i][0] = t[i][0] - t[i][2];
+        v[i][1] = t[i][1] + t[i][2];
+        v[i][2] = t[i][2] - t[i][1];
+        v[i][3] = t[i][1] - t[i][3];
+    }
+    v
+}
+
+/// The transforms of one row of `tw` tiles from its four zero-padded input rows (tile `t`
+/// reads columns `2t..2t + 4`), into `out` (16 × tw, ξ-major).
+#[inline(always)]
+fn input_row(r0: &[f32], r1: &[f32], r2: &[f32], r3: &[f32], out: &mut [f32], tw: usize) {
+    let (r0, r1, r2, r3) = (
+        &r0[..2 * tw + 2],
+        &r1[..2 * tw + 2],
+        &r2[..2 * tw + 2],
+        &r3[..2 * tw + 2],
+    );
+    let out = &mut out[..16 * tw];
+    for t in 0..tw {
+        let mut d = [[0f32; 4]; 4];
+        for s in 0..4 {
+            d[0][s] = r0[2 * t + s];
+            d[1][s] = r1[2 * t + s];
+            d[2][s] = r2[2 * t + s];
+            d[3][s] = r3[2 * t + s];
+        }
+        let v = input_tile(&d);
+        for (i, row) in v.iter().enumerate() {
+            for (j, val) in row.iter().enumerate() {
+                out[(i * 4 + j) * tw + t] = *val;
+            }
+        }
+    }
+}
+
+/// Aᵀ m A of one 4×4 product tile, Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+#[inline(always)]
+fn output_tile(m: &[[f32; 4]; 4]) -> [[f32; 2]; 2] {
+    let mut s = [[0f32; 4]; 2];
+    for j in 0..4 {
+        s[0][j] = m[0][j] + m[1][j] + m[2][j];
+        s[1][j] = m[1][j] - m[2][j] - m[3][j];
+    }
+    [
+        [s[0][0] + s[0][1] + s[0][2], s[0][1] - s[0][2] - s[0][3]],
+        [s[1][0] + s[1][1] + s[1][2], s[1][1] - s[1][2] - s[1][3]],
+    ]
+}
+
+/// The inverse transforms of one row of `tw` tiles from their products `m` (16 × tw, ξ-major),
+/// plus `bias`, into two output rows of `2·tw` columns each (`out`, 2 × 2·tw).
+#[inline(always)]
+fn output_row(m: &[f32], out: &mut [f32], tw: usize, bias: f32) {
+    let m = &m[..16 * tw];
+    let (top, bottom) = out[..4 * tw].split_at_mut(2 * tw);
+    for t in 0..tw {
+        let mut mt = [[0f32; 4]; 4];
+        for (a, row) in mt.iter_mut().enumerate() {
+            for (c, val) in row.iter_mut().enumerate() {
+                *val = m[(a * 4 + c) * tw + t];
+            }
+        }
+        let o = output_tile(&mt);
+        top[2 * t] = o[0][0] + bias;
+        top[2 * t + 1] = o[0][1] + bias;
+        bottom[2 * t] = o[1][0] + bias;
+        bottom[2 * t + 1] = o[1][1] + bias;
+    }
+}
+
+/// y (n, k, oh, ow) = conv(x, w) + b for a geometry [`applies`] accepts (checked by the
+/// caller, with the buffers' lengths).
+pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    let (oh, ow) = (g.oh(), g.ow());
+    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let tiles = th * tw;
+    let (chw, kohw) = (g.c * g.h * g.w, g.k * oh * ow);
+    let mut y = vec![0f32; g.n * kohw];
+    if tiles == 0 || g.n == 0 {
+        return y;
+    }
+    let u = filters(g, w);
+    // images per group: about GROUP_TILES tiles, balanced (the last group may be smaller)
+    let want = GROUP_TILES.div_ceil(tiles).clamp(1, g.n);
+    let gs = g.n.div_ceil(g.n.div_ceil(want));
+    let groups = g.n.div_ceil(gs);
+    let threads = if groups == 1 { rayon::current_num_threads() } else { 1 };
+    let pad = g.padding as isize;
+    y.par_chunks_mut(gs * kohw)
+        .zip(x.par_chunks(gs * chw))
+        .for_each(|(ys, xs)| {
+            let images = xs.len() / chw;
+            let t_all = images * tiles;
+            // V (16 × C × T): per (image, channel, tile row), four zero-padded input rows, the
+            // transform of the row's tiles into a contiguous buffer per ξ, then one copy per ξ
+            let mut v = vec![0f32; 16 * g.c * t_all];
+            let padded = 2 * tw + 2;
+            let mut rows = vec![0f32; 4 * padded];
+            let mut tmp = vec![0f32; 16 * tw];
+            for (j, xi) in xs.chunks(chw).enumerate() {
+                for c in 0..g.c {
+                    let plane = &xi[c * g.h * g.w..(c + 1) * g.h * g.w];
+                    for ti in 0..th {
+                        for (r, row) in rows.chunks_mut(padded).enumerate() {
+                            row.fill(0.0);
+                            let iy = (2 * ti + r) as isize - pad;
+                            if iy >= 0 && iy < g.h as isize {
+                                // row[q] holds input column q − padding
+                                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                                let n = g.w.min(padded - g.padding);
+                                row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
+                            }
+                        }
+                        let (r0, rest) = rows.split_at(padded);
+                        let (r1, rest) = rest.split_at(padded);
+                        let (r2, r3) = rest.split_at(padded);
+                        input_row(r0, r1, r2, r3, &mut tmp, tw);
+                        let base = j * tiles + ti * tw;
+                        for (xi_, t) in tmp.chunks(tw).enumerate() {
+                            v[(xi_ * g.c + c) * t_all + base..][..tw].copy_from_slice(t);
+                        }
+                    }
+                }
+            }
+            // M[ξ] (K × T) = U[ξ] (K × C) · V[ξ] (C × T)
+            let mut m = vec![0f32; 16 * g.k * t_all];
+            for (xi_, mx) in m.chunks_mut(g.k * t_all).enumerate() {
+                let uk = &u[xi_ * g.k * g.c..(xi_ + 1) * g.k * g.c];
+                let vx = &v[xi_ * g.c * t_all..(xi_ + 1) * g.c * t_all];
+                matmul(
+                    (g.k, t_all, g.c),
+                    mx,
+                    false,
+                    Mat::rows(uk, g.c),
+                    Mat::rows(vx, t_all),
+                    threads,
+                );
+            }
+            // outputs: per (image, channel, tile row), the row's 16 product streams copied together,
+            // Aᵀ M A of each tile, plus the bias, into two output rows
+            let stride = g.k * t_all;
+            let mut tmp = vec![0f32; 16 * tw];
+            let mut two = vec![0f32; 2 * 2 * tw];
+            for (j, yi) in ys.chunks_mut(kohw).enumerate() {
+                for k in 0..g.k {
+                    let bias = b.map_or(0.0, |b| b[k]);
+                    let out = &mut yi[k * oh * ow..(k + 1) * oh * ow];
+                    for ti in 0..th {
+                        let base = k * t_all + j * tiles + ti * tw;
+                        for (xi_, t) in tmp.chunks_mut(tw).enumerate() {
+                            t.copy_from_slice(&m[xi_ * stride + base..][..tw]);
+                        }
+                        output_row(&tmp, &mut two, tw, bias);
+                        for a in 0..2 {
+                            let oy = 2 * ti + a;
+                            if oy < oh {
+                                out[oy * ow..(oy + 1) * ow].copy_from_slice(&two[a * 2 * tw..][..ow]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    y
+}
