@@ -11,9 +11,9 @@
 //! other dtypes (f64 in the gradient checks) keep candle's kernels, and [`set_enabled`]`(false)`
 //! (`GZ_CPU_CONV=candle` in `gz`) puts candle's back everywhere, for comparisons.
 //!
-//! 3×3 stride-1 layers with at least 16 channels in and out run their forward pass and their
-//! input gradient (the forward convolution of the output gradient with the filters flipped) as
-//! Winograd F(2×2, 3×3) instead (`winograd`, 2.25× fewer multiplications; [`set_winograd`]
+//! 3×3 stride-1 layers with at least 16 channels in and out and outputs of at least 7×7 run
+//! their forward pass, their input gradient (the forward convolution of the output gradient
+//! with the filters flipped) and their filter gradient as Winograd F(2×2, 3×3) instead (`winograd`, 2.25× fewer multiplications; [`set_winograd`]
 //! `(false)`, `GZ_CPU_WINOGRAD=0` in `gz`, turns it off).
 //!
 //! Results do not depend on the number of threads: images are independent in the forward pass
@@ -404,6 +404,9 @@ pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec
     let (ohw, ckk, chw) = (g.oh() * g.ow(), g.ckk(), g.c * g.h * g.w);
     check_len("x", x, g.n * chw)?;
     check_len("dy", dy, g.n * g.k * ohw)?;
+    if WINOGRAD.load(Ordering::Relaxed) && winograd::applies(g) {
+        return Ok(winograd::backward_filter(g, x, dy));
+    }
     let mut dw = vec![0f32; g.k * ckk];
     if ohw == 0 || g.n == 0 {
         return Ok(dw);

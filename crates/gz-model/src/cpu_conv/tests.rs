@@ -307,6 +307,7 @@ fn bench_kernels() -> Result<()> {
         set_winograd(false);
         let gi = time(|| conv2d(&x, &w, None, 1, 1).map(drop))?;
         let gxi = time(|| conv2d_backward_data(&dy, &w, (side, side), 1, 1).map(drop))?;
+        let gwi = time(|| conv2d_backward_filter(&x, &dy, (3, 3), 1, 1).map(drop))?;
         set_winograd(true);
         let cx = time(|| dy.conv_transpose2d(&w, 1, 0, 1, 1).map(drop))?;
         let cw = time(|| {
@@ -316,7 +317,7 @@ fn bench_kernels() -> Result<()> {
         })?;
         let gw = time(|| conv2d_backward_filter(&x, &dy, (3, 3), 1, 1).map(drop))?;
         println!(
-            "{c:>4} -> {k:<4} {side:>4}      {:>8.0} {:>7.0} {:>7.0} {:>10.0} {:>6.0} {:>7.0} {:>10.0} {:>6.0}",
+            "{c:>4} -> {k:<4} {side:>4}      {:>8.0} {:>7.0} {:>7.0} {:>10.0} {:>6.0} {:>7.0} {:>10.0} {:>6.0} {:>7.0}",
             rate(cf),
             rate(gf),
             rate(gi),
@@ -324,7 +325,8 @@ fn bench_kernels() -> Result<()> {
             rate(gx),
             rate(gxi),
             rate(cw),
-            rate(gw)
+            rate(gw),
+            rate(gwi)
         );
     }
     Ok(())
@@ -334,6 +336,7 @@ fn bench_kernels() -> Result<()> {
 /// output sides (partial tiles), one group of several images and uneven groups, with a bias.
 #[test]
 fn winograd_matches_the_direct_forward() -> Result<()> {
+    let mut applied = 0;
     // (n, c, h, w, k, padding)
     for (i, &(n, c, h, w, k, padding)) in [
         (3, 16, 13, 11, 20, 1),
@@ -357,7 +360,9 @@ fn winograd_matches_the_direct_forward() -> Result<()> {
             padding,
             stride: 1,
         };
-        assert!(winograd::applies(&g));
+        // the entry points below take Winograd where it applies, im2col elsewhere; the
+        // Winograd functions are called directly on every case
+        applied += usize::from(winograd::applies(&g));
         let x = values(&rnd((n, c, h, w), 50 + i as u64)?)?;
         let wt = values(&rnd((k, c, 3, 3), 60 + i as u64)?)?;
         let b = values(&rnd((1, 1, 1, k), 70 + i as u64)?)?;
@@ -386,7 +391,27 @@ fn winograd_matches_the_direct_forward() -> Result<()> {
         let dx_ref = grads.get(xv.as_tensor()).expect("dx");
         let dx = conv2d_backward_data(&r, &wt, (h, w), padding, 1)?.expect("applies");
         assert!(rel(&dx, dx_ref)? < 2e-6, "case {i}: dx off by {}", rel(&dx, dx_ref)?);
+        // the filter gradient against candle's autograd and against im2col's
+        let wv = Var::from_tensor(&wt)?;
+        let grads = (&xt.conv2d(wv.as_tensor(), padding, 1, 1, 1)? * &r)?
+            .sum_all()?
+            .backward()?;
+        let dw_ref = grads.get(wv.as_tensor()).expect("dw");
+        let dw = conv2d_backward_filter(&xt, &r, (3, 3), padding, 1)?.expect("applies");
+        assert!(rel(&dw, dw_ref)? < 1e-5, "case {i}: dw off by {}", rel(&dw, dw_ref)?);
+        // Winograd's filter gradient itself, also on the small outputs that keep im2col
+        let direct = Tensor::from_vec(
+            winograd::backward_filter(&g, &values(&xt)?, &values(&r)?),
+            (k, c, 3, 3),
+            &Device::Cpu,
+        )?;
+        assert!(
+            rel(&direct, dw_ref)? < 1e-5,
+            "case {i}: winograd dw off by {}",
+            rel(&direct, dw_ref)?
+        );
     }
+    assert_eq!(applied, 3, "three cases have outputs of at least 7×7");
     // stride 2 never takes Winograd (forward or input gradient)
     let (n, c, h, w, k) = (2, 16, 9, 9, 16);
     let xv = Var::from_tensor(&rnd((n, c, h, w), 90)?)?;

@@ -23,10 +23,22 @@ const MIN_CHANNELS: usize = 16;
 /// still make products of a useful width.
 const GROUP_TILES: usize = 512;
 
-/// Whether this forward pass runs here: 3×3 kernel, stride 1, enough channels.
+/// Whether a pass of this geometry runs here: 3×3 kernel, stride 1, enough channels on both
+/// sides, outputs of at least 7×7.
 pub(super) fn applies(g: &Geometry) -> bool {
-    g.kh == 3 && g.kw == 3 && g.stride == 1 && g.c >= MIN_CHANNELS && g.k >= MIN_CHANNELS
+    g.kh == 3
+        && g.kw == 3
+        && g.stride == 1
+        && g.c >= MIN_CHANNELS
+        && g.k >= MIN_CHANNELS
+        && g.oh().div_ceil(2) * g.ow().div_ceil(2) >= MIN_TILES
 }
+
+/// Fewer output tiles per image than this (outputs under 7×7): the late layers of VGG16-blog
+/// (6×6) and Dieleman's 3×3 layers (6×6 and 4×4) were no faster with Winograd in the nets (its
+/// transforms and the short products eat the saving; Dieleman's steps were 5–15 % slower), so
+/// those keep im2col.
+const MIN_TILES: usize = 16;
 
 /// U (16 × K × C): each 3×3 filter g as G g Gᵀ, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
 fn filters(g: &Geometry, w: &[f32]) -> Vec<f32> {
@@ -138,6 +150,66 @@ fn output_row(m: &[f32], out: &mut [f32], tw: usize, bias: f32) {
     }
 }
 
+/// Images per group for `n` images of `tiles` tiles each: about [`GROUP_TILES`] tiles,
+/// balanced (the last group may be smaller), one group or a multiple of 4; and the threads each group's products get (all
+/// of them when there is one group, else 1: the groups run in parallel). Sizes only.
+fn grouping(n: usize, tiles: usize) -> (usize, usize) {
+    let want = GROUP_TILES.div_ceil(tiles).clamp(1, n);
+    let mut groups = n.div_ceil(want);
+    if groups > 1 {
+        // a multiple of 4 (as far as the images go), so that 2 or 4 threads share the groups
+        // evenly: Dieleman's 128 parts in 3 groups left one of 2 threads idle a third of the time
+        groups = groups.next_multiple_of(4).min(n);
+    }
+    let gs = n.div_ceil(groups);
+    let threads = if n.div_ceil(gs) == 1 {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    (gs, threads)
+}
+
+/// V (16 × C × T) of a group of images `xs` (each c × h × w), T = images · th · tw: per
+/// (image, channel, tile row) four zero-padded input rows, the transforms of the row's tiles
+/// into a contiguous buffer per ξ, then one copy per ξ.
+fn inputs(g: &Geometry, xs: &[f32], (th, tw): (usize, usize)) -> Vec<f32> {
+    let chw = g.c * g.h * g.w;
+    let tiles = th * tw;
+    let t_all = xs.len() / chw * tiles;
+    let pad = g.padding as isize;
+    let mut v = vec![0f32; 16 * g.c * t_all];
+    let padded = 2 * tw + 2;
+    let mut rows = vec![0f32; 4 * padded];
+    let mut tmp = vec![0f32; 16 * tw];
+    for (j, xi) in xs.chunks(chw).enumerate() {
+        for c in 0..g.c {
+            let plane = &xi[c * g.h * g.w..(c + 1) * g.h * g.w];
+            for ti in 0..th {
+                for (r, row) in rows.chunks_mut(padded).enumerate() {
+                    row.fill(0.0);
+                    let iy = (2 * ti + r) as isize - pad;
+                    if iy >= 0 && iy < g.h as isize {
+                        // row[q] holds input column q − padding
+                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        let n = g.w.min(padded - g.padding);
+                        row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
+                    }
+                }
+                let (r0, rest) = rows.split_at(padded);
+                let (r1, rest) = rest.split_at(padded);
+                let (r2, r3) = rest.split_at(padded);
+                input_row(r0, r1, r2, r3, &mut tmp, tw);
+                let base = j * tiles + ti * tw;
+                for (xi_, t) in tmp.chunks(tw).enumerate() {
+                    v[(xi_ * g.c + c) * t_all + base..][..tw].copy_from_slice(t);
+                }
+            }
+        }
+    }
+    v
+}
+
 /// y (n, k, oh, ow) = conv(x, w) + b for a geometry [`applies`] accepts (checked by the
 /// caller, with the buffers' lengths).
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
@@ -150,48 +222,13 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> 
         return y;
     }
     let u = filters(g, w);
-    // images per group: about GROUP_TILES tiles, balanced (the last group may be smaller)
-    let want = GROUP_TILES.div_ceil(tiles).clamp(1, g.n);
-    let gs = g.n.div_ceil(g.n.div_ceil(want));
-    let groups = g.n.div_ceil(gs);
-    let threads = if groups == 1 { rayon::current_num_threads() } else { 1 };
-    let pad = g.padding as isize;
+    let (gs, threads) = grouping(g.n, tiles);
     y.par_chunks_mut(gs * kohw)
         .zip(x.par_chunks(gs * chw))
         .for_each(|(ys, xs)| {
             let images = xs.len() / chw;
             let t_all = images * tiles;
-            // V (16 × C × T): per (image, channel, tile row), four zero-padded input rows, the
-            // transform of the row's tiles into a contiguous buffer per ξ, then one copy per ξ
-            let mut v = vec![0f32; 16 * g.c * t_all];
-            let padded = 2 * tw + 2;
-            let mut rows = vec![0f32; 4 * padded];
-            let mut tmp = vec![0f32; 16 * tw];
-            for (j, xi) in xs.chunks(chw).enumerate() {
-                for c in 0..g.c {
-                    let plane = &xi[c * g.h * g.w..(c + 1) * g.h * g.w];
-                    for ti in 0..th {
-                        for (r, row) in rows.chunks_mut(padded).enumerate() {
-                            row.fill(0.0);
-                            let iy = (2 * ti + r) as isize - pad;
-                            if iy >= 0 && iy < g.h as isize {
-                                // row[q] holds input column q − padding
-                                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                                let n = g.w.min(padded - g.padding);
-                                row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
-                            }
-                        }
-                        let (r0, rest) = rows.split_at(padded);
-                        let (r1, rest) = rest.split_at(padded);
-                        let (r2, r3) = rest.split_at(padded);
-                        input_row(r0, r1, r2, r3, &mut tmp, tw);
-                        let base = j * tiles + ti * tw;
-                        for (xi_, t) in tmp.chunks(tw).enumerate() {
-                            v[(xi_ * g.c + c) * t_all + base..][..tw].copy_from_slice(t);
-                        }
-                    }
-                }
-            }
+            let v = inputs(g, xs, (th, tw));
             // M[ξ] (K × T) = U[ξ] (K × C) · V[ξ] (C × T)
             let mut m = vec![0f32; 16 * g.k * t_all];
             for (xi_, mx) in m.chunks_mut(g.k * t_all).enumerate() {
@@ -232,4 +269,95 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> 
             }
         });
     y
+}
+
+/// dw (k, c, 3, 3) from x (n, c, h, w) and dy (n, k, oh, ow) for a geometry [`applies`]
+/// accepts (checked by the caller, with the buffers' lengths): with Z = A dy Aᵀ of each 2×2
+/// output-gradient tile (zero past the output's edge) and V the input transform,
+/// S[ξ] (K × C) = Σ over tiles Z[ξ] Vᵀ[ξ], and dw = Gᵀ S G. The groups' partial S are summed in
+/// group order, so the result does not depend on the thread count.
+pub(super) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (oh, ow) = (g.oh(), g.ow());
+    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let tiles = th * tw;
+    let (chw, kohw) = (g.c * g.h * g.w, g.k * oh * ow);
+    let mut dw = vec![0f32; g.k * g.c * 9];
+    if tiles == 0 || g.n == 0 {
+        return dw;
+    }
+    let (gs, threads) = grouping(g.n, tiles);
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(gs * chw)
+        .zip(dy.par_chunks(gs * kohw))
+        .map(|(xs, dys)| {
+            let t_all = xs.len() / chw * tiles;
+            let v = inputs(g, xs, (th, tw));
+            // Z (16 × K × T)
+            let mut z = vec![0f32; 16 * g.k * t_all];
+            for (j, dyi) in dys.chunks(kohw).enumerate() {
+                for k in 0..g.k {
+                    let plane = &dyi[k * oh * ow..(k + 1) * oh * ow];
+                    for ti in 0..th {
+                        for tj in 0..tw {
+                            let at = |a: usize, b: usize| {
+                                let (oy, ox) = (2 * ti + a, 2 * tj + b);
+                                if oy < oh && ox < ow {
+                                    plane[oy * ow + ox]
+                                } else {
+                                    0.0
+                                }
+                            };
+                            // A d (4 × 2), A = [[1, 0], [1, 1], [1, −1], [0, −1]], then · Aᵀ
+                            let (d00, d01, d10, d11) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
+                            let ad = [[d00, d01], [d00 + d10, d01 + d11], [d00 - d10, d01 - d11], [-d10, -d11]];
+                            let t = k * t_all + j * tiles + ti * tw + tj;
+                            for (i, [a, b]) in ad.into_iter().enumerate() {
+                                for (jj, val) in [a, a + b, a - b, -b].into_iter().enumerate() {
+                                    z[(i * 4 + jj) * g.k * t_all + t] = val;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // S[ξ] (K × C) = Z[ξ] (K × T) · V[ξ]ᵀ (T × C)
+            let mut part = vec![0f32; 16 * g.k * g.c];
+            for (xi_, sx) in part.chunks_mut(g.k * g.c).enumerate() {
+                let zx = &z[xi_ * g.k * t_all..(xi_ + 1) * g.k * t_all];
+                let vx = &v[xi_ * g.c * t_all..(xi_ + 1) * g.c * t_all];
+                matmul(
+                    (g.k, g.c, t_all),
+                    sx,
+                    false,
+                    Mat::rows(zx, t_all),
+                    Mat::transposed(vx, t_all),
+                    threads,
+                );
+            }
+            part
+        })
+        .collect();
+    let mut sum = vec![0f32; 16 * g.k * g.c];
+    for part in partials {
+        for (d, p) in sum.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+    // dw = Gᵀ S G, Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]]
+    let kc = g.k * g.c;
+    for (i, out) in dw.chunks_mut(9).enumerate() {
+        let s = |a: usize, b: usize| sum[(a * 4 + b) * kc + i];
+        let mut r = [[0f32; 4]; 3];
+        for b in 0..4 {
+            r[0][b] = s(0, b) + 0.5 * (s(1, b) + s(2, b));
+            r[1][b] = 0.5 * (s(1, b) - s(2, b));
+            r[2][b] = 0.5 * (s(1, b) + s(2, b)) + s(3, b);
+        }
+        for (a, row) in r.iter().enumerate() {
+            out[a * 3] = row[0] + 0.5 * (row[1] + row[2]);
+            out[a * 3 + 1] = 0.5 * (row[1] - row[2]);
+            out[a * 3 + 2] = 0.5 * (row[1] + row[2]) + row[3];
+        }
+    }
+    dw
 }
