@@ -347,12 +347,11 @@ pub(super) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let kc = g.k * g.c;
     for (i, out) in dw.chunks_mut(9).enumerate() {
         let s = |a: usize, b: usize| sum[(a * 4 + b) * kc + i];
-        let mut r = [[0f32; 4]; 3];
-        for b in 0..4 {
-            r[0][b] = s(0, b) + 0.5 * (s(1, b) + s(2, b));
-            r[1][b] = 0.5 * (s(1, b) - s(2, b));
-            r[2][b] = 0.5 * (s(1, b) + s(2, b)) + s(3, b);
-        }
+        let r: [[f32; 4]; 3] = [
+            std::array::from_fn(|b| s(0, b) + 0.5 * (s(1, b) + s(2, b))),
+            std::array::from_fn(|b| 0.5 * (s(1, b) - s(2, b))),
+            std::array::from_fn(|b| 0.5 * (s(1, b) + s(2, b)) + s(3, b)),
+        ];
         for (a, row) in r.iter().enumerate() {
             out[a * 3] = row[0] + 0.5 * (row[1] + row[2]);
             out[a * 3 + 1] = 0.5 * (row[1] - row[2]);
