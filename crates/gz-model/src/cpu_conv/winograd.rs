@@ -1,7 +1,9 @@
-//! Winograd F(2×2, 3×3) for the forward pass of 3×3, stride-1 convolutions on the CPU (Lavin &
-//! Gray 2015): each 2×2 block of outputs comes from a 4×4 input patch with 16 multiplications
-//! per (input channel, output channel) instead of 36, so the matrix products, which are most of
-//! the work, shrink 2.25×, for the price of transforms that are linear in the data.
+//! Winograd F(2×2, 3×3) for 3×3, stride-1 convolutions on the CPU (Lavin & Gray 2015): each
+//! 2×2 block of outputs comes from a 4×4 input patch with 16 multiplications per (input
+//! channel, output channel) instead of 36, so the matrix products, which are most of the work,
+//! shrink 2.25×, for the price of transforms that are linear in the data. [`forward`] serves
+//! the forward pass and (with the filters flipped, by the caller) the input gradient;
+//! [`backward_filter`] the filter gradient, from the same input transform.
 //!
 //! Layout: the filters are transformed once per call to `U` (16 × K × C); a group of images is
 //! transformed to `V` (16 × C × T, T = the group's tiles), the 16 products `M[ξ] = U[ξ] · V[ξ]`
