@@ -276,7 +276,7 @@ pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> 
 /// dw (k, c, 3, 3) from x (n, c, h, w) and dy (n, k, oh, ow) for a geometry [`applies`]
 /// accepts (checked by the caller, with the buffers' lengths): with Z = A dy Aᵀ of each 2×2
 /// output-gradient tile (zero past the output's edge) and V the input transform,
-/// S[ξ] (K × C) = Σ over tiles Z[ξ] Vᵀ[ξ], and dw = Gᵀ S G. The groups' partial S are summed in
+/// `S[ξ]` (K × C) = Σ over tiles `Z[ξ] Vᵀ[ξ]`, and dw = Gᵀ S G. The groups' partial S are summed in
 /// group order, so the result does not depend on the thread count.
 pub(super) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let (oh, ow) = (g.oh(), g.ow());
