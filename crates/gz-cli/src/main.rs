@@ -69,10 +69,12 @@ fn main() {
     if std::env::var("GZ_CPU_CONV").is_ok_and(|v| v == "candle") {
         gz_model::cpu_conv::set_enabled(false);
     }
-    // `GZ_CPU_WINOGRAD=0`: gz's CPU convolution without Winograd F(2×2, 3×3) (im2col + product
-    // for every layer), for comparisons.
-    if std::env::var("GZ_CPU_WINOGRAD").is_ok_and(|v| v == "0") {
-        gz_model::cpu_conv::set_winograd(false);
+    // `GZ_CPU_WINOGRAD=0`: gz's CPU convolution without Winograd (im2col + product for every
+    // layer); `GZ_CPU_WINOGRAD=2`: Winograd F(2×2, 3×3) only (no 4×4 tiles), for comparisons.
+    match std::env::var("GZ_CPU_WINOGRAD").as_deref() {
+        Ok("0") => gz_model::cpu_conv::set_winograd(false),
+        Ok("2") => gz_model::cpu_conv::set_winograd_large_tiles(false),
+        _ => {}
     }
     // The fast path's own kernels are off until a device run has checked them (docs/cudnn.md):
     // `GZ_FUSED=1` fused bias + ReLU, `GZ_OPTIM=fused` the one-launch optimizer update,

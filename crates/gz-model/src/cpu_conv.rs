@@ -13,8 +13,11 @@
 //!
 //! 3×3 stride-1 layers with at least 16 channels in and out and outputs of at least 7×7 run
 //! their forward pass, their input gradient (the forward convolution of the output gradient
-//! with the filters flipped) and their filter gradient as Winograd F(2×2, 3×3) instead (`winograd`, 2.25× fewer multiplications; [`set_winograd`]
-//! `(false)`, `GZ_CPU_WINOGRAD=0` in `gz`, turns it off).
+//! with the filters flipped) and their filter gradient as Winograd instead (`winograd`):
+//! F(4×4, 3×3) (4× fewer multiplications) on outputs of at least 12×12 that 4×4 tiles cover
+//! without much waste, F(2×2, 3×3) (2.25× fewer) on the others ([`set_winograd`]`(false)`,
+//! `GZ_CPU_WINOGRAD=0` in `gz`, turns Winograd off; [`set_winograd_large_tiles`]`(false)`,
+//! `GZ_CPU_WINOGRAD=2`, keeps the small tiles everywhere).
 //!
 //! Results do not depend on the number of threads: images are independent in the forward pass
 //! and the input gradient (Winograd groups images by their sizes alone), and the filter gradient
@@ -31,10 +34,16 @@ mod winograd;
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static WINOGRAD: AtomicBool = AtomicBool::new(true);
 
-/// Lets 3×3 stride-1 forward passes with enough channels run Winograd F(2×2, 3×3) (the
-/// default, `winograd`) instead of im2col + product (`GZ_CPU_WINOGRAD=0` in `gz`).
+/// Lets 3×3 stride-1 forward passes with enough channels run Winograd (the default,
+/// `winograd`) instead of im2col + product (`GZ_CPU_WINOGRAD=0` in `gz`).
 pub fn set_winograd(on: bool) {
     WINOGRAD.store(on, Ordering::Relaxed);
+}
+
+/// Lets Winograd use F(4×4, 3×3) on the layers where it pays (the default); `false` keeps
+/// F(2×2, 3×3) on every layer (`GZ_CPU_WINOGRAD=2` in `gz`), for comparisons.
+pub fn set_winograd_large_tiles(on: bool) {
+    winograd::set_large_tiles(on);
 }
 
 /// Switches gz's CPU convolution on (the default) or off (candle's kernels, for comparisons).
@@ -231,6 +240,16 @@ impl Mat {
         }
     }
 
+    /// The slice as a matrix whose element (i, j) is at `i · rs + j · cs`.
+    pub(crate) fn strided(s: &[f32], rs: usize, cs: usize) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            len: s.len(),
+            rs,
+            cs,
+        }
+    }
+
     /// Whether a `rows × cols` matrix read through this view stays inside the slice.
     fn covers(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.len
@@ -246,8 +265,22 @@ pub(crate) fn matmul(
     b: Mat,
     threads: usize,
 ) {
+    matmul_strided((m, n, k), dst, (n, 1), accumulate, a, b, threads)
+}
+
+/// [`matmul`] into a `dst` whose element (i, j) is at `i · rs + j · cs`.
+pub(crate) fn matmul_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    (rs, cs): (usize, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    threads: usize,
+) {
+    let dst_fits = m == 0 || n == 0 || (m - 1) * rs + (n - 1) * cs < dst.len();
     assert!(
-        dst.len() >= m * n && a.covers(m, k) && b.covers(k, n),
+        dst_fits && a.covers(m, k) && b.covers(k, n),
         "cpu convolution: a {m}×{k} · {k}×{n} product outside its buffers"
     );
     let par = if threads > 1 {
@@ -256,16 +289,17 @@ pub(crate) fn matmul(
         gemm::Parallelism::None
     };
     // SAFETY: every element gemm reads through `a` (m × k) and `b` (k × n) lies inside their
-    // slices, and `dst` holds m × n (asserted above; the strides fit isize because the slices'
-    // lengths do); gemm reads `dst` only when accumulating.
+    // slices, and every element of `dst` (m × n at the given strides) inside `dst` (asserted
+    // above; the strides fit isize because the slices' lengths do); gemm reads `dst` only when
+    // accumulating.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            cs as isize,
+            rs as isize,
             accumulate,
             a.ptr,
             a.cs as isize,

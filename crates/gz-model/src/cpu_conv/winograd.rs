@@ -1,21 +1,30 @@
-//! Winograd F(2×2, 3×3) for 3×3, stride-1 convolutions on the CPU (Lavin & Gray 2015): each
-//! 2×2 block of outputs comes from a 4×4 input patch with 16 multiplications per (input
-//! channel, output channel) instead of 36, so the matrix products, which are most of the work,
-//! shrink 2.25×, for the price of transforms that are linear in the data. [`forward`] serves
-//! the forward pass and (with the filters flipped, by the caller) the input gradient;
-//! [`backward_filter`] the filter gradient, from the same input transform.
+//! Winograd F(m×m, 3×3) for 3×3, stride-1 convolutions on the CPU (Lavin & Gray 2015), in two
+//! sizes: F(2×2, 3×3), where each 2×2 block of outputs comes from a 4×4 input patch with 16
+//! multiplications per (input channel, output channel) instead of 36 (2.25× fewer), and
+//! F(4×4, 3×3), a 6×6 patch for 4×4 outputs, 36 instead of 144 (4× fewer). The matrix products
+//! are most of the work; the transforms are linear in the data and cost less per output for the
+//! larger tiles too (2.25 transformed values per output instead of 4), but the larger tiles
+//! waste more on outputs whose side is not a multiple of 4 and round a little more ([`pick`]
+//! chooses per layer). [`forward`] serves the forward pass and (with the filters flipped, by the
+//! caller) the input gradient; [`backward_filter`] the filter gradient, from the same input
+//! transform.
 //!
-//! Layout: the filters are transformed once per call to `U` (16 × K × C); a group of images is
-//! transformed to `V` (16 × C × T, T = the group's tiles), the 16 products `M[ξ] = U[ξ] · V[ξ]`
-//! (K × T) run on the `gemm` kernel, and the inverse transform writes each tile's 2×2 outputs
-//! (those inside the image) plus the bias. The arithmetic is f32 throughout; the values differ
-//! from the direct convolution's by rounding only (the tests bound it).
+//! Layout: the filters are transformed once per call to `U` (α² × K × C, α = m + 2); a group of
+//! images is transformed to `V` (α² × C × T, T = the group's tiles), the α² products
+//! `M[ξ] = U[ξ] · V[ξ]` (K × T) run on the `gemm` kernel, and the inverse transform writes each
+//! tile's m×m outputs (those inside the image) plus the bias. The arithmetic is f32 throughout;
+//! the values differ from the direct convolution's by rounding only (the tests bound it).
+//!
+//! Every transform is separable: a 1-D transform ([`Scheme`]) down each column, then along each
+//! row ([`sep`]).
 //!
 //! Results do not depend on the thread count: the grouping is a function of the sizes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rayon::prelude::*;
 
-use super::{matmul, Geometry, Mat};
+use super::{matmul, matmul_strided, Geometry, Mat};
 
 /// Fewer channels than this on either side: the transforms cost more than they save (the
 /// image layer, 3 channels in).
@@ -42,119 +51,208 @@ pub(super) fn applies(g: &Geometry) -> bool {
 /// those keep im2col.
 const MIN_TILES: usize = 16;
 
-/// U (16 × K × C): each 3×3 filter g as G g Gᵀ, G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
-fn filters(g: &Geometry, w: &[f32]) -> Vec<f32> {
-    let (k, c) = (g.k, g.c);
-    let mut u = vec![0f32; 16 * k * c];
-    for kc in 0..k * c {
-        let f = &w[kc * 9..kc * 9 + 9];
-        // G g (4 × 3), row by row
-        let mut gg = [[0f32; 3]; 4];
-        for col in 0..3 {
-            let (a, b, d) = (f[col], f[3 + col], f[6 + col]);
-            gg[0][col] = a;
-            gg[1][col] = 0.5 * (a + b + d);
-            gg[2][col] = 0.5 * (a - b + d);
-            gg[3][col] = d;
-        }
-        // (G g) Gᵀ (4 × 4)
-        for (i, row) in gg.iter().enumerate() {
-            let (a, b, d) = (row[0], row[1], row[2]);
-            let t = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
-            for (j, v) in t.into_iter().enumerate() {
-                u[(i * 4 + j) * k * c + kc] = v;
-            }
+static LARGE_TILES: AtomicBool = AtomicBool::new(true);
+
+/// Lets [`pick`] choose F(4×4, 3×3) where it pays (the default); `false` keeps F(2×2, 3×3)
+/// everywhere (`GZ_CPU_WINOGRAD=2` in `gz`), for comparisons.
+pub(super) fn set_large_tiles(on: bool) {
+    LARGE_TILES.store(on, Ordering::Relaxed);
+}
+
+/// The tile size of one Winograd pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tiles {
+    /// F(2×2, 3×3): 4×4 input patches.
+    Two,
+    /// F(4×4, 3×3): 6×6 input patches.
+    Four,
+}
+
+/// The tile size for a geometry [`applies`] accepts: F(4×4, 3×3) when the outputs are at least
+/// [`MIN_SIDE_FOUR`] on each side and 4×4 tiles waste at most an eighth more than 2×2 tiles on
+/// the partial tiles at the edges, else F(2×2, 3×3).
+pub(super) fn pick(g: &Geometry) -> Tiles {
+    let (oh, ow) = (g.oh(), g.ow());
+    let covered = |m: usize| oh.next_multiple_of(m) * ow.next_multiple_of(m);
+    if LARGE_TILES.load(Ordering::Relaxed) && oh.min(ow) >= MIN_SIDE_FOUR && 8 * covered(4) <= 9 * covered(2) {
+        Tiles::Four
+    } else {
+        Tiles::Two
+    }
+}
+
+/// Outputs narrower than this keep F(2×2, 3×3).
+const MIN_SIDE_FOUR: usize = 12;
+
+/// One Winograd scheme F(M×M, 3×3) with input patches of A = M + 2, as its five 1-D transforms.
+trait Scheme<const A: usize, const M: usize> {
+    /// Bᵀ d: the input transform of A inputs.
+    fn input(d: [f32; A]) -> [f32; A];
+    /// Aᵀ m: M outputs from A products.
+    fn output(m: [f32; A]) -> [f32; M];
+    /// G g: A values from the 3 taps of a filter.
+    fn filter(g: [f32; 3]) -> [f32; A];
+    /// A d: the output transform's adjoint, A values from M output gradients.
+    fn output_adjoint(d: [f32; M]) -> [f32; A];
+    /// Gᵀ s: the filter transform's adjoint, 3 taps from A values.
+    fn filter_adjoint(s: [f32; A]) -> [f32; 3];
+}
+
+/// F(2×2, 3×3): Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]],
+/// G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]], Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+struct F2;
+
+impl Scheme<4, 2> for F2 {
+    #[inline(always)]
+    fn input(d: [f32; 4]) -> [f32; 4] {
+        [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+    }
+    #[inline(always)]
+    fn output(m: [f32; 4]) -> [f32; 2] {
+        [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+    }
+    #[inline(always)]
+    fn filter([a, b, d]: [f32; 3]) -> [f32; 4] {
+        [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d]
+    }
+    #[inline(always)]
+    fn output_adjoint([a, b]: [f32; 2]) -> [f32; 4] {
+        [a, a + b, a - b, -b]
+    }
+    #[inline(always)]
+    fn filter_adjoint(s: [f32; 4]) -> [f32; 3] {
+        [
+            s[0] + 0.5 * (s[1] + s[2]),
+            0.5 * (s[1] - s[2]),
+            0.5 * (s[1] + s[2]) + s[3],
+        ]
+    }
+}
+
+/// F(4×4, 3×3) on the points 0, ±1, ±2, ∞ (Lavin & Gray's matrices):
+/// Bᵀ = [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0], [0, 4, −4, −1, 1, 0], [0, −2, −1, 2, 1, 0],
+/// [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]],
+/// G = [[¼, 0, 0], [−⅙, −⅙, −⅙], [−⅙, ⅙, −⅙], [1/24, 1/12, ⅙], [1/24, −1/12, ⅙], [0, 0, 1]],
+/// Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]].
+struct F4;
+
+impl Scheme<6, 4> for F4 {
+    #[inline(always)]
+    fn input(d: [f32; 6]) -> [f32; 6] {
+        let (p, q) = (d[4] - 4.0 * d[2], d[3] - 4.0 * d[1]);
+        let (r, s) = (d[4] - d[2], 2.0 * (d[3] - d[1]));
+        [
+            4.0 * d[0] - 5.0 * d[2] + d[4],
+            p + q,
+            p - q,
+            r + s,
+            r - s,
+            4.0 * d[1] - 5.0 * d[3] + d[5],
+        ]
+    }
+    #[inline(always)]
+    fn output(m: [f32; 6]) -> [f32; 4] {
+        let (a, b) = (m[1] + m[2], m[1] - m[2]);
+        let (c, d) = (m[3] + m[4], m[3] - m[4]);
+        [m[0] + a + c, b + 2.0 * d, a + 4.0 * c, b + 8.0 * d + m[5]]
+    }
+    #[inline(always)]
+    fn filter([a, b, d]: [f32; 3]) -> [f32; 6] {
+        let (s, t) = (a + d, a + 4.0 * d);
+        [
+            a / 4.0,
+            -(s + b) / 6.0,
+            -(s - b) / 6.0,
+            (t + 2.0 * b) / 24.0,
+            (t - 2.0 * b) / 24.0,
+            d,
+        ]
+    }
+    #[inline(always)]
+    fn output_adjoint([a, b, c, d]: [f32; 4]) -> [f32; 6] {
+        let (e, o) = (a + c, b + d);
+        let (e4, o2) = (a + 4.0 * c, 2.0 * b + 8.0 * d);
+        [a, e + o, e - o, e4 + o2, e4 - o2, d]
+    }
+    #[inline(always)]
+    fn filter_adjoint(s: [f32; 6]) -> [f32; 3] {
+        let (p, m) = (s[1] + s[2], s[3] + s[4]);
+        let (pd, md) = (s[2] - s[1], s[3] - s[4]);
+        [
+            s[0] / 4.0 - p / 6.0 + m / 24.0,
+            pd / 6.0 + md / 12.0,
+            -p / 6.0 + m / 6.0 + s[5],
+        ]
+    }
+}
+
+/// The separable 2-D transform of a square tile: `f` down each column, then along each row.
+#[inline(always)]
+fn sep<const I: usize, const O: usize>(x: &[[f32; I]; I], f: impl Fn([f32; I]) -> [f32; O]) -> [[f32; O]; O] {
+    let mut t = [[0f32; I]; O];
+    for j in 0..I {
+        let col = f(std::array::from_fn(|i| x[i][j]));
+        for (o, v) in col.into_iter().enumerate() {
+            t[o][j] = v;
         }
     }
+    std::array::from_fn(|o| f(t[o]))
+}
+
+/// U (K × C × α²): each 3×3 filter g as G g Gᵀ, filters in parallel. Product ξ reads
+/// `U[ξ]` (K × C) through a strided view ([`u_view`]).
+fn filters<S: Scheme<A, M>, const A: usize, const M: usize>(w: &[f32]) -> Vec<f32> {
+    let mut u = vec![0f32; w.len() / 9 * A * A];
+    u.par_chunks_mut(A * A).zip(w.par_chunks(9)).for_each(|(out, f)| {
+        let taps: [[f32; 3]; 3] = std::array::from_fn(|i| [f[3 * i], f[3 * i + 1], f[3 * i + 2]]);
+        for (i, row) in sep(&taps, S::filter).iter().enumerate() {
+            out[i * A..(i + 1) * A].copy_from_slice(row);
+        }
+    });
     u
 }
 
-/// Bᵀ d B of one 4×4 patch, Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]].
-#[inline(always)]
-fn input_tile(d: &[[f32; 4]; 4]) -> [[f32; 4]; 4] {
-    let mut t = [[0f32; 4]; 4];
-    for j in 0..4 {
-        t[0][j] = d[0][j] - d[2][j];
-        t[1][j] = d[1][j] + d[2][j];
-        t[2][j] = d[2][j] - d[1][j];
-        t[3][j] = d[1][j] - d[3][j];
-    }
-    let mut v = [[0f32; 4]; 4];
-    for i in 0..4 {
-        v[i][0] = t[i][0] - t[i][2];
-        v[i][1] = t[i][1] + t[i][2];
-        v[i][2] = t[i][2] - t[i][1];
-        v[i][3] = t[i][1] - t[i][3];
-    }
-    v
+/// `U[ξ]` (K × C) of [`filters`]' layout.
+fn u_view(u: &[f32], xi: usize, c: usize, a2: usize) -> Mat {
+    Mat::strided(&u[xi..], c * a2, a2)
 }
 
-/// The transforms of one row of `tw` tiles from its four zero-padded input rows (tile `t`
-/// reads columns `2t..2t + 4`), into `out` (16 × tw, ξ-major).
+/// The transforms of one row of `tw` tiles from its A zero-padded input rows (`rows`, A ×
+/// `padded`; tile `t` reads columns `M·t..M·t + A`), into `out` (α² × tw, ξ-major).
 #[inline(always)]
-fn input_row(r0: &[f32], r1: &[f32], r2: &[f32], r3: &[f32], out: &mut [f32], tw: usize) {
-    let (r0, r1, r2, r3) = (
-        &r0[..2 * tw + 2],
-        &r1[..2 * tw + 2],
-        &r2[..2 * tw + 2],
-        &r3[..2 * tw + 2],
-    );
-    let out = &mut out[..16 * tw];
+fn input_row<S: Scheme<A, M>, const A: usize, const M: usize>(rows: &[f32], padded: usize, out: &mut [f32], tw: usize) {
+    let rows: [&[f32]; A] = std::array::from_fn(|r| &rows[r * padded..r * padded + M * tw + 2]);
+    let out = &mut out[..A * A * tw];
     for t in 0..tw {
-        let mut d = [[0f32; 4]; 4];
-        for s in 0..4 {
-            d[0][s] = r0[2 * t + s];
-            d[1][s] = r1[2 * t + s];
-            d[2][s] = r2[2 * t + s];
-            d[3][s] = r3[2 * t + s];
-        }
-        let v = input_tile(&d);
-        for (i, row) in v.iter().enumerate() {
+        let d: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| rows[r][M * t + s]));
+        for (i, row) in sep(&d, S::input).iter().enumerate() {
             for (j, val) in row.iter().enumerate() {
-                out[(i * 4 + j) * tw + t] = *val;
+                out[(i * A + j) * tw + t] = *val;
             }
         }
     }
 }
 
-/// Aᵀ m A of one 4×4 product tile, Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+/// The inverse transforms of one row of `tw` tiles from their products `m` (α² × tw,
+/// ξ-major), plus `bias`, into M output rows of `M·tw` columns each (`out`, M × M·tw).
 #[inline(always)]
-fn output_tile(m: &[[f32; 4]; 4]) -> [[f32; 2]; 2] {
-    let mut s = [[0f32; 4]; 2];
-    for j in 0..4 {
-        s[0][j] = m[0][j] + m[1][j] + m[2][j];
-        s[1][j] = m[1][j] - m[2][j] - m[3][j];
-    }
-    [
-        [s[0][0] + s[0][1] + s[0][2], s[0][1] - s[0][2] - s[0][3]],
-        [s[1][0] + s[1][1] + s[1][2], s[1][1] - s[1][2] - s[1][3]],
-    ]
-}
-
-/// The inverse transforms of one row of `tw` tiles from their products `m` (16 × tw, ξ-major),
-/// plus `bias`, into two output rows of `2·tw` columns each (`out`, 2 × 2·tw).
-#[inline(always)]
-fn output_row(m: &[f32], out: &mut [f32], tw: usize, bias: f32) {
-    let m = &m[..16 * tw];
-    let (top, bottom) = out[..4 * tw].split_at_mut(2 * tw);
+fn output_row<S: Scheme<A, M>, const A: usize, const M: usize>(m: &[f32], out: &mut [f32], tw: usize, bias: f32) {
+    let m = &m[..A * A * tw];
+    let out = &mut out[..M * M * tw];
     for t in 0..tw {
-        let mut mt = [[0f32; 4]; 4];
-        for (a, row) in mt.iter_mut().enumerate() {
-            for (c, val) in row.iter_mut().enumerate() {
-                *val = m[(a * 4 + c) * tw + t];
+        let mt: [[f32; A]; A] = std::array::from_fn(|a| std::array::from_fn(|c| m[(a * A + c) * tw + t]));
+        for (a, row) in sep(&mt, S::output).iter().enumerate() {
+            for (b, val) in row.iter().enumerate() {
+                out[a * M * tw + M * t + b] = val + bias;
             }
         }
-        let o = output_tile(&mt);
-        top[2 * t] = o[0][0] + bias;
-        top[2 * t + 1] = o[0][1] + bias;
-        bottom[2 * t] = o[1][0] + bias;
-        bottom[2 * t + 1] = o[1][1] + bias;
     }
 }
 
 /// Images per group for `n` images of `tiles` tiles each: about [`GROUP_TILES`] tiles,
-/// balanced (the last group may be smaller), one group or a multiple of 4; and the threads each group's products get (all
-/// of them when there is one group, else 1: the groups run in parallel). Sizes only.
+/// balanced (the last group may be smaller), one group or a multiple of 4; and the threads each
+/// group's products get (all of them when there is one group, else 1: the groups run in
+/// parallel). Sizes only.
 fn grouping(n: usize, tiles: usize) -> (usize, usize) {
     let want = GROUP_TILES.div_ceil(tiles).clamp(1, n);
     let mut groups = n.div_ceil(want);
@@ -172,115 +270,148 @@ fn grouping(n: usize, tiles: usize) -> (usize, usize) {
     (gs, threads)
 }
 
-/// V (16 × C × T) of a group of images `xs` (each c × h × w), T = images · th · tw: per
-/// (image, channel, tile row) four zero-padded input rows, the transforms of the row's tiles
-/// into a contiguous buffer per ξ, then one copy per ξ.
-fn inputs(g: &Geometry, xs: &[f32], (th, tw): (usize, usize)) -> Vec<f32> {
-    let chw = g.c * g.h * g.w;
+/// V (C × α² × T) of a group of images `xs` (each c × h × w), T = images · th · tw, channels in
+/// parallel: per (channel, image, tile row) A zero-padded input rows and the transforms of the
+/// row's tiles, copied per ξ. Product ξ reads `V[ξ]` (C × T) through a strided view.
+fn inputs<S: Scheme<A, M>, const A: usize, const M: usize>(
+    g: &Geometry,
+    xs: &[f32],
+    (th, tw): (usize, usize),
+) -> Vec<f32> {
+    let (hw, chw) = (g.h * g.w, g.c * g.h * g.w);
     let tiles = th * tw;
-    let t_all = xs.len() / chw * tiles;
+    let images = xs.len() / chw;
+    let t_all = images * tiles;
     let pad = g.padding as isize;
-    let mut v = vec![0f32; 16 * g.c * t_all];
-    let padded = 2 * tw + 2;
-    let mut rows = vec![0f32; 4 * padded];
-    let mut tmp = vec![0f32; 16 * tw];
-    for (j, xi) in xs.chunks(chw).enumerate() {
-        for c in 0..g.c {
-            let plane = &xi[c * g.h * g.w..(c + 1) * g.h * g.w];
-            for ti in 0..th {
-                for (r, row) in rows.chunks_mut(padded).enumerate() {
-                    row.fill(0.0);
-                    let iy = (2 * ti + r) as isize - pad;
-                    if iy >= 0 && iy < g.h as isize {
-                        // row[q] holds input column q − padding
-                        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        let n = g.w.min(padded - g.padding);
-                        row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
+    let mut v = vec![0f32; A * A * g.c * t_all];
+    let padded = M * tw + 2;
+    v.par_chunks_mut(A * A * t_all).enumerate().for_each_init(
+        || (vec![0f32; A * padded], vec![0f32; A * A * tw]),
+        |(rows, tmp), (c, vc)| {
+            for j in 0..images {
+                let plane = &xs[j * chw + c * hw..j * chw + (c + 1) * hw];
+                for ti in 0..th {
+                    for (r, row) in rows.chunks_mut(padded).enumerate() {
+                        row.fill(0.0);
+                        let iy = (M * ti + r) as isize - pad;
+                        if iy >= 0 && iy < g.h as isize {
+                            // row[q] holds input column q − padding
+                            let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                            let n = g.w.min(padded.saturating_sub(g.padding));
+                            row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
+                        }
+                    }
+                    input_row::<S, A, M>(rows, padded, tmp, tw);
+                    let base = j * tiles + ti * tw;
+                    for (xi_, t) in tmp.chunks(tw).enumerate() {
+                        vc[xi_ * t_all + base..][..tw].copy_from_slice(t);
                     }
                 }
-                let (r0, rest) = rows.split_at(padded);
-                let (r1, rest) = rest.split_at(padded);
-                let (r2, r3) = rest.split_at(padded);
-                input_row(r0, r1, r2, r3, &mut tmp, tw);
-                let base = j * tiles + ti * tw;
-                for (xi_, t) in tmp.chunks(tw).enumerate() {
-                    v[(xi_ * g.c + c) * t_all + base..][..tw].copy_from_slice(t);
-                }
             }
-        }
-    }
+        },
+    );
     v
 }
 
 /// y (n, k, oh, ow) = conv(x, w) + b for a geometry [`applies`] accepts (checked by the
-/// caller, with the buffers' lengths).
+/// caller, with the buffers' lengths), with the tiles [`pick`] chooses.
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    forward_in(pick(g), g, x, w, b)
+}
+
+/// [`forward`] with the given tiles.
+pub(super) fn forward_in(tiles: Tiles, g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    match tiles {
+        Tiles::Two => forward_with::<F2, 4, 2>(g, x, w, b),
+        Tiles::Four => forward_with::<F4, 6, 4>(g, x, w, b),
+    }
+}
+
+fn forward_with<S: Scheme<A, M>, const A: usize, const M: usize>(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+) -> Vec<f32> {
     let (oh, ow) = (g.oh(), g.ow());
-    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let (th, tw) = (oh.div_ceil(M), ow.div_ceil(M));
     let tiles = th * tw;
     let (chw, kohw) = (g.c * g.h * g.w, g.k * oh * ow);
     let mut y = vec![0f32; g.n * kohw];
     if tiles == 0 || g.n == 0 {
         return y;
     }
-    let u = filters(g, w);
+    let u = filters::<S, A, M>(w);
     let (gs, threads) = grouping(g.n, tiles);
     y.par_chunks_mut(gs * kohw)
         .zip(x.par_chunks(gs * chw))
         .for_each(|(ys, xs)| {
             let images = xs.len() / chw;
             let t_all = images * tiles;
-            let v = inputs(g, xs, (th, tw));
+            let v = inputs::<S, A, M>(g, xs, (th, tw));
             // M[ξ] (K × T) = U[ξ] (K × C) · V[ξ] (C × T)
-            let mut m = vec![0f32; 16 * g.k * t_all];
+            let mut m = vec![0f32; A * A * g.k * t_all];
             for (xi_, mx) in m.chunks_mut(g.k * t_all).enumerate() {
-                let uk = &u[xi_ * g.k * g.c..(xi_ + 1) * g.k * g.c];
-                let vx = &v[xi_ * g.c * t_all..(xi_ + 1) * g.c * t_all];
                 matmul(
                     (g.k, t_all, g.c),
                     mx,
                     false,
-                    Mat::rows(uk, g.c),
-                    Mat::rows(vx, t_all),
+                    u_view(&u, xi_, g.c, A * A),
+                    Mat::strided(&v[xi_ * t_all..], A * A * t_all, 1),
                     threads,
                 );
             }
-            // outputs: per (image, channel, tile row), the row's 16 product streams copied together,
-            // Aᵀ M A of each tile, plus the bias, into two output rows
+            // outputs, planes in parallel: per tile row the row's α² product streams copied
+            // together, Aᵀ M A of each tile, plus the bias, into M output rows
             let stride = g.k * t_all;
-            let mut tmp = vec![0f32; 16 * tw];
-            let mut two = vec![0f32; 2 * 2 * tw];
-            for (j, yi) in ys.chunks_mut(kohw).enumerate() {
-                for k in 0..g.k {
+            ys.par_chunks_mut(oh * ow).enumerate().for_each_init(
+                || (vec![0f32; A * A * tw], vec![0f32; M * M * tw]),
+                |(tmp, rows), (plane, out)| {
+                    let (j, k) = (plane / g.k, plane % g.k);
                     let bias = b.map_or(0.0, |b| b[k]);
-                    let out = &mut yi[k * oh * ow..(k + 1) * oh * ow];
                     for ti in 0..th {
                         let base = k * t_all + j * tiles + ti * tw;
                         for (xi_, t) in tmp.chunks_mut(tw).enumerate() {
                             t.copy_from_slice(&m[xi_ * stride + base..][..tw]);
                         }
-                        output_row(&tmp, &mut two, tw, bias);
-                        for a in 0..2 {
-                            let oy = 2 * ti + a;
+                        output_row::<S, A, M>(tmp, rows, tw, bias);
+                        for a in 0..M {
+                            let oy = M * ti + a;
                             if oy < oh {
-                                out[oy * ow..(oy + 1) * ow].copy_from_slice(&two[a * 2 * tw..][..ow]);
+                                out[oy * ow..(oy + 1) * ow].copy_from_slice(&rows[a * M * tw..][..ow]);
                             }
                         }
                     }
-                }
-            }
+                },
+            );
         });
     y
 }
 
 /// dw (k, c, 3, 3) from x (n, c, h, w) and dy (n, k, oh, ow) for a geometry [`applies`]
-/// accepts (checked by the caller, with the buffers' lengths): with Z = A dy Aᵀ of each 2×2
-/// output-gradient tile (zero past the output's edge) and V the input transform,
-/// `S[ξ]` (K × C) = Σ over tiles `Z[ξ] Vᵀ[ξ]`, and dw = Gᵀ S G. The groups' partial S are summed in
-/// group order, so the result does not depend on the thread count.
+/// accepts (checked by the caller, with the buffers' lengths), with the tiles [`pick`] chooses:
+/// with Z = A dy Aᵀ of each M×M output-gradient tile (zero past the output's edge) and V the
+/// input transform, `S[ξ]` (K × C) = Σ over tiles `Z[ξ] Vᵀ[ξ]`, and dw = Gᵀ S G. The groups'
+/// partial S are summed in group order, so the result does not depend on the thread count.
 pub(super) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    backward_filter_in(pick(g), g, x, dy)
+}
+
+/// [`backward_filter`] with the given tiles.
+pub(super) fn backward_filter_in(tiles: Tiles, g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    match tiles {
+        Tiles::Two => backward_filter_with::<F2, 4, 2>(g, x, dy),
+        Tiles::Four => backward_filter_with::<F4, 6, 4>(g, x, dy),
+    }
+}
+
+fn backward_filter_with<S: Scheme<A, M>, const A: usize, const M: usize>(
+    g: &Geometry,
+    x: &[f32],
+    dy: &[f32],
+) -> Vec<f32> {
     let (oh, ow) = (g.oh(), g.ow());
-    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+    let (th, tw) = (oh.div_ceil(M), ow.div_ceil(M));
     let tiles = th * tw;
     let (chw, kohw) = (g.c * g.h * g.w, g.k * oh * ow);
     let mut dw = vec![0f32; g.k * g.c * 9];
@@ -288,77 +419,68 @@ pub(super) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
         return dw;
     }
     let (gs, threads) = grouping(g.n, tiles);
+    let a2 = A * A;
     let partials: Vec<Vec<f32>> = x
         .par_chunks(gs * chw)
         .zip(dy.par_chunks(gs * kohw))
         .map(|(xs, dys)| {
-            let t_all = xs.len() / chw * tiles;
-            let v = inputs(g, xs, (th, tw));
-            // Z (16 × K × T)
-            let mut z = vec![0f32; 16 * g.k * t_all];
-            for (j, dyi) in dys.chunks(kohw).enumerate() {
-                for k in 0..g.k {
-                    let plane = &dyi[k * oh * ow..(k + 1) * oh * ow];
+            let images = xs.len() / chw;
+            let t_all = images * tiles;
+            let v = inputs::<S, A, M>(g, xs, (th, tw));
+            // Z (K × α² × T), output channels in parallel
+            let mut z = vec![0f32; a2 * g.k * t_all];
+            z.par_chunks_mut(a2 * t_all).enumerate().for_each(|(k, zk)| {
+                for j in 0..images {
+                    let plane = &dys[j * kohw + k * oh * ow..j * kohw + (k + 1) * oh * ow];
                     for ti in 0..th {
                         for tj in 0..tw {
-                            let at = |a: usize, b: usize| {
-                                let (oy, ox) = (2 * ti + a, 2 * tj + b);
-                                if oy < oh && ox < ow {
-                                    plane[oy * ow + ox]
-                                } else {
-                                    0.0
-                                }
-                            };
-                            // A d (4 × 2), A = [[1, 0], [1, 1], [1, −1], [0, −1]], then · Aᵀ
-                            let (d00, d01, d10, d11) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-                            let ad = [[d00, d01], [d00 + d10, d01 + d11], [d00 - d10, d01 - d11], [-d10, -d11]];
-                            let t = k * t_all + j * tiles + ti * tw + tj;
-                            for (i, [a, b]) in ad.into_iter().enumerate() {
-                                for (jj, val) in [a, a + b, a - b, -b].into_iter().enumerate() {
-                                    z[(i * 4 + jj) * g.k * t_all + t] = val;
+                            let d: [[f32; M]; M] = std::array::from_fn(|a| {
+                                std::array::from_fn(|b| {
+                                    let (oy, ox) = (M * ti + a, M * tj + b);
+                                    if oy < oh && ox < ow {
+                                        plane[oy * ow + ox]
+                                    } else {
+                                        0.0
+                                    }
+                                })
+                            });
+                            let t = j * tiles + ti * tw + tj;
+                            for (i, row) in sep(&d, S::output_adjoint).iter().enumerate() {
+                                for (jj, &val) in row.iter().enumerate() {
+                                    zk[(i * A + jj) * t_all + t] = val;
                                 }
                             }
                         }
                     }
                 }
-            }
-            // S[ξ] (K × C) = Z[ξ] (K × T) · V[ξ]ᵀ (T × C)
-            let mut part = vec![0f32; 16 * g.k * g.c];
-            for (xi_, sx) in part.chunks_mut(g.k * g.c).enumerate() {
-                let zx = &z[xi_ * g.k * t_all..(xi_ + 1) * g.k * t_all];
-                let vx = &v[xi_ * g.c * t_all..(xi_ + 1) * g.c * t_all];
-                matmul(
+            });
+            // S[ξ] (K × C) = Z[ξ] (K × T) · V[ξ]ᵀ (T × C), into S (K × C × α²)
+            let mut part = vec![0f32; a2 * g.k * g.c];
+            for xi_ in 0..a2 {
+                matmul_strided(
                     (g.k, g.c, t_all),
-                    sx,
+                    &mut part[xi_..],
+                    (g.c * a2, a2),
                     false,
-                    Mat::rows(zx, t_all),
-                    Mat::transposed(vx, t_all),
+                    Mat::strided(&z[xi_ * t_all..], a2 * t_all, 1),
+                    Mat::strided(&v[xi_ * t_all..], 1, a2 * t_all),
                     threads,
                 );
             }
             part
         })
         .collect();
-    let mut sum = vec![0f32; 16 * g.k * g.c];
-    for part in partials {
-        for (d, p) in sum.iter_mut().zip(part) {
-            *d += p;
-        }
+    let mut parts = partials.into_iter();
+    let mut sum = parts.next().unwrap_or_default();
+    for part in parts {
+        sum.par_iter_mut().zip(part.par_iter()).for_each(|(d, p)| *d += p);
     }
-    // dw = Gᵀ S G, Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]]
-    let kc = g.k * g.c;
-    for (i, out) in dw.chunks_mut(9).enumerate() {
-        let s = |a: usize, b: usize| sum[(a * 4 + b) * kc + i];
-        let r: [[f32; 4]; 3] = [
-            std::array::from_fn(|b| s(0, b) + 0.5 * (s(1, b) + s(2, b))),
-            std::array::from_fn(|b| 0.5 * (s(1, b) - s(2, b))),
-            std::array::from_fn(|b| 0.5 * (s(1, b) + s(2, b)) + s(3, b)),
-        ];
-        for (a, row) in r.iter().enumerate() {
-            out[a * 3] = row[0] + 0.5 * (row[1] + row[2]);
-            out[a * 3 + 1] = 0.5 * (row[1] - row[2]);
-            out[a * 3 + 2] = 0.5 * (row[1] + row[2]) + row[3];
+    // dw = Gᵀ S G, filters in parallel
+    dw.par_chunks_mut(9).zip(sum.par_chunks(a2)).for_each(|(out, sk)| {
+        let s: [[f32; A]; A] = std::array::from_fn(|a| std::array::from_fn(|b| sk[a * A + b]));
+        for (a, row) in sep(&s, S::filter_adjoint).iter().enumerate() {
+            out[a * 3..a * 3 + 3].copy_from_slice(row);
         }
-    }
+    });
     dw
 }
