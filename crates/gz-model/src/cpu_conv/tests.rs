@@ -366,6 +366,7 @@ fn winograd_matches_the_direct_forward() -> Result<()> {
         (1, 16, 3, 3, 16, 0),
         (2, 16, 9, 9, 16, 3),   // padding 3: the input gradient takes im2col (no negative padding)
         (3, 16, 15, 17, 24, 1), // 4×4 tiles (partial ones at the right)
+        (2, 16, 33, 35, 16, 1), // longer tile rows, both sizes
     ]
     .iter()
     .enumerate()
@@ -457,8 +458,8 @@ fn winograd_matches_the_direct_forward() -> Result<()> {
         }
         large += usize::from(winograd::applies(&g) && winograd::pick(&g) == Tiles::Four);
     }
-    assert_eq!(applied, 4, "four cases have outputs of at least 7×7");
-    assert_eq!(large, 2, "two of them are wide enough for 4×4 tiles");
+    assert_eq!(applied, 5, "five cases have outputs of at least 7×7");
+    assert_eq!(large, 3, "three of them are wide enough for 4×4 tiles");
     // stride 2 never takes Winograd (forward or input gradient)
     let (n, c, h, w, k) = (2, 16, 9, 9, 16);
     let xv = Var::from_tensor(&rnd((n, c, h, w), 90)?)?;
