@@ -69,6 +69,11 @@ fn main() {
     if std::env::var("GZ_CPU_CONV").is_ok_and(|v| v == "candle") {
         gz_model::cpu_conv::set_enabled(false);
     }
+    // `GZ_CPU_FUSED=0`: CPU training builds conv, ReLU and pooling as separate graph nodes
+    // (candle's ReLU) instead of one fused op per layer, for comparisons.
+    if std::env::var("GZ_CPU_FUSED").is_ok_and(|v| v == "0") {
+        gz_model::cudnn::set_cpu_fused(false);
+    }
     // `GZ_CPU_WINOGRAD=0`: gz's CPU convolution without Winograd (im2col + product for every
     // layer); `GZ_CPU_WINOGRAD=2`: Winograd F(2×2, 3×3) only (no 4×4 tiles), for comparisons.
     match std::env::var("GZ_CPU_WINOGRAD").as_deref() {

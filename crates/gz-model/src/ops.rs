@@ -52,7 +52,8 @@ impl Conv2d {
     /// `relu(self.forward(x))`; on the fast path the bias add and ReLU are one fused kernel
     /// ([`crate::cudnn::conv2d_relu`]), elsewhere candle's ops.
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        if crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled() {
+        let fused = crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled();
+        if fused || crate::cudnn::cpu_fused_for(x, &self.weight) {
             return crate::cudnn::conv2d_relu(x, &self.weight, &self.bias, self.padding, self.stride);
         }
         self.forward(x)?.relu()
@@ -77,7 +78,8 @@ impl Conv2d {
             let w = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
             return crate::cudnn::conv2d_relu_pool_nhwc(x, &w, &self.bias, self.padding, self.stride);
         }
-        if crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled() {
+        let fused = crate::cudnn::active_for(x.device()) && crate::cudnn::fused_enabled();
+        if fused || crate::cudnn::cpu_fused_for(x, &self.weight) {
             return crate::cudnn::conv2d_relu_pool(x, &self.weight, &self.bias, self.padding, self.stride);
         }
         max_pool2(&self.forward(x)?.relu()?)

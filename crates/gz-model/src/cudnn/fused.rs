@@ -67,6 +67,9 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if let Some((y, shape)) = cpu_conv_bias_relu_f32(self.0, (s1, l1), (s2, l2), (s3, l3))? {
+            return Ok((CpuStorage::F32(y), shape));
+        }
         let y = cpu_conv_bias_relu(self.0, (s1, l1), (s2, l2), (s3, l3))?;
         cpu_storage(&super::cpu_out(y, self.0.nhwc)?)
     }
@@ -167,6 +170,14 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let p = self.p;
+        if let Some((y, shape)) = cpu_conv_bias_relu_f32(p, (s1, l1), (s2, l2), (s3, l3))? {
+            let (n, k, h, w) = shape.dims4()?;
+            if h >= 2 && w >= 2 {
+                let pooled = super::pool_fwd_f32(&y, (h, w));
+                self.save(Tensor::from_vec(y, shape, &candle_core::Device::Cpu)?)?;
+                return Ok((CpuStorage::F32(pooled), Shape::from((n, k, h / 2, w / 2))));
+            }
+        }
         let y = cpu_conv_bias_relu(p, (s1, l1), (s2, l2), (s3, l3))?;
         let pooled = super::cpu_max_pool2(&y)?;
         self.save(super::cpu_out(y, p.nhwc)?)?;
@@ -234,6 +245,16 @@ impl CustomOp2 for ReluPoolBwd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         // the pool's gradient (first maximum of each window), then the ReLU's
+        if let (false, Some((y, (n, k, h, w))), Some((dp, (dn, dk, oh, ow)))) =
+            (self.nhwc, super::f32_planes(s1, l1), super::f32_planes(s2, l2))
+        {
+            if (dn, dk) == (n, k) && 2 * oh <= h && 2 * ow <= w && !y.is_empty() {
+                let dy = super::pool_bwd_f32(y, dp, (h, w), (oh, ow));
+                let packed = relu_grads_f32(y, &dy, k, h * w);
+                let len = packed.len();
+                return Ok((CpuStorage::F32(packed), Shape::from(len)));
+            }
+        }
         let y = cpu_tensor(s1, l1)?;
         let dp = super::cpu_in(cpu_tensor(s2, l2)?, self.nhwc)?;
         let dy = super::cpu_pool_bwd(&super::cpu_in(y.clone(), self.nhwc)?, &dp)?;
@@ -284,6 +305,57 @@ fn cpu_conv_bias_relu(
     let w = super::cpu_in(cpu_tensor(s2, l2)?, p.nhwc)?;
     let b = cpu_tensor(s3, l3)?;
     super::cpu_conv(p, &x, &w, Some(&b))?.relu()
+}
+
+/// [`cpu_conv_bias_relu`] for f32 NCHW storages, in one vector: gz's CPU convolution
+/// ([`crate::cpu_conv::forward_storage`], bias included), then the ReLU in place, in parallel;
+/// `None` where that convolution does not take the storages (the caller falls back).
+fn cpu_conv_bias_relu_f32(
+    p: super::ConvParams,
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+) -> Result<Option<(Vec<f32>, Shape)>> {
+    use rayon::prelude::*;
+    if p.nhwc {
+        return Ok(None);
+    }
+    let Some((CpuStorage::F32(mut y), shape)) = crate::cpu_conv::forward_storage(x, w, Some(b), p.padding, p.stride)?
+    else {
+        return Ok(None);
+    };
+    // candle's f32 ReLU: `max(v, 0)` (a NaN becomes 0)
+    y.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    Ok(Some((y, shape)))
+}
+
+/// The packed [dz, db] of the backward ops for f32 NCHW `y` (the ReLU output) and `dy` (the
+/// gradient reaching it), `k` channels of `hw` values per image: dz = dy where y > 0, else 0,
+/// planes in parallel, each plane's sum on the way; db[c] adds channel c's plane sums in batch
+/// order (so the result does not depend on the thread count).
+fn relu_grads_f32(y: &[f32], dy: &[f32], k: usize, hw: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut packed = vec![0f32; y.len() + k];
+    let (dz, db) = packed.split_at_mut(y.len());
+    let sums: Vec<f32> = dz
+        .par_chunks_mut(hw)
+        .zip(y.par_chunks(hw))
+        .zip(dy.par_chunks(hw))
+        .map(|((d, yp), gp)| {
+            let mut sum = 0f32;
+            for ((d, &yv), &g) in d.iter_mut().zip(yp).zip(gp) {
+                let v = if yv > 0.0 { g } else { 0.0 };
+                *d = v;
+                sum += v;
+            }
+            sum
+        })
+        .collect();
+    for (plane, s) in sums.into_iter().enumerate() {
+        db[plane % k] += s;
+    }
+    packed
 }
 
 /// The packed [dz, db] of the backward ops on the CPU from the ReLU output `y` and the
@@ -349,6 +421,15 @@ impl CustomOp2 for BiasReluBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if let (false, Some((y, (_, k, h, w))), Some(dy)) =
+            (self.nhwc, super::f32_planes(s1, l1), crate::cpu_conv::f32_view(s2, l2))
+        {
+            if dy.len() == y.len() && !y.is_empty() {
+                let packed = relu_grads_f32(y, dy, k, h * w);
+                let len = packed.len();
+                return Ok((CpuStorage::F32(packed), Shape::from(len)));
+            }
+        }
         cpu_relu_grads(&cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.nhwc)
     }
 

@@ -54,6 +54,7 @@ static NHWC: AtomicBool = AtomicBool::new(false);
 static SINGLE_CONV_RELU: AtomicBool = AtomicBool::new(true);
 static FUSED_POOL: AtomicBool = AtomicBool::new(true);
 static TOWER_OP: AtomicBool = AtomicBool::new(true);
+static CPU_FUSED: AtomicBool = AtomicBool::new(true);
 
 /// True when this build contains the cuDNN backend (the `cudnn` cargo feature).
 pub fn compiled() -> bool {
@@ -87,6 +88,27 @@ pub fn set_fused(on: bool) {
 /// Whether the fused epilogue is switched on (see [`set_fused`]).
 pub fn fused_enabled() -> bool {
     FUSED.load(Ordering::Relaxed)
+}
+
+/// Lets CPU training build each convolution + bias + ReLU (+ 2×2 max-pool) as one graph node
+/// (the fused ops' CPU paths: gz's f32 convolution, the ReLU in place, the pooling and the
+/// backward passes in one parallel pass each) rather than the convolution op, candle's `relu`
+/// and the pooling op (on by default; `false`, `GZ_CPU_FUSED=0` in `gz`, for comparisons).
+/// Candle's autograd zero-fills and adds one activation-sized gradient per graph node, and its
+/// ReLU backward is a single-threaded comparison, a cast and a product.
+pub fn set_cpu_fused(on: bool) {
+    CPU_FUSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether a convolution layer of `x` and `w` takes the fused ops on the CPU: f32 NCHW
+/// training (a graph to build) with gz's CPU convolution and [`set_cpu_fused`] on.
+pub(crate) fn cpu_fused_for(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && CPU_FUSED.load(Ordering::Relaxed)
+        && enabled()
+        && crate::cpu_conv::enabled()
+        && (x.track_op() || w.track_op())
 }
 
 /// Runs the nets' convolution towers channels-last (NHWC activations, KRSC filters; off by
