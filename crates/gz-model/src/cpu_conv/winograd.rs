@@ -9,16 +9,20 @@
 //! caller) the input gradient; [`backward_filter`] the filter gradient, from the same input
 //! transform.
 //!
-//! Layout: the filters are transformed once per call to `U` (α² × K × C, α = m + 2); a group of
-//! images is transformed to `V` (α² × C × T, T = the group's tiles), the α² products
-//! `M[ξ] = U[ξ] · V[ξ]` (K × T) run on the `gemm` kernel, and the inverse transform writes each
-//! tile's m×m outputs (those inside the image) plus the bias. The arithmetic is f32 throughout;
-//! the values differ from the direct convolution's by rounding only (the tests bound it).
+//! Layout (α = m + 2, the input patch side): the filters are transformed once per call to `U`
+//! (K × C × α²); a group of images is transformed to `V` (C × α² × T, T = the group's tiles),
+//! the α² products `M[ξ] = U[ξ] · V[ξ]` (K × T, `U[ξ]` and `V[ξ]` read through strided views)
+//! run on the `gemm` kernel, and the inverse transform writes each tile's m×m outputs (those
+//! inside the image) plus the bias. Each transform runs in parallel over what it writes
+//! (filters, input channels, output planes), so a group of images alone on the machine (the
+//! late layers) still uses every thread. The arithmetic is f32 throughout; the values differ
+//! from the direct convolution's by rounding only (the tests bound it).
 //!
 //! Every transform is separable: a 1-D transform ([`Scheme`]) down each column, then along each
 //! row ([`sep`]).
 //!
-//! Results do not depend on the thread count: the grouping is a function of the sizes.
+//! Results do not depend on the thread count: the grouping is a function of the sizes, and
+//! every value is computed by one thread in a fixed order.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
