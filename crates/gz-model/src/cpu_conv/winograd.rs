@@ -73,12 +73,14 @@ pub(super) enum Tiles {
 }
 
 /// The tile size for a geometry [`applies`] accepts: F(4×4, 3×3) when the outputs are at least
-/// [`MIN_SIDE_FOUR`] on each side and 4×4 tiles waste at most an eighth more than 2×2 tiles on
-/// the partial tiles at the edges, else F(2×2, 3×3).
+/// [`MIN_SIDE_FOUR`] on each side and 4×4 tiles cover at most a fifth more than 2×2 tiles do
+/// (partial tiles at the edges), else F(2×2, 3×3). Measured (`tests::bench_winograd_tiles`):
+/// 4×4 tiles are 5–25 % faster at 106, 53, 26 and 20 px (cover ratios 1.04, 1.08, 1.16, 1.0)
+/// and up to 1.9× slower at 13 px (1.31).
 pub(super) fn pick(g: &Geometry) -> Tiles {
     let (oh, ow) = (g.oh(), g.ow());
     let covered = |m: usize| oh.next_multiple_of(m) * ow.next_multiple_of(m);
-    if LARGE_TILES.load(Ordering::Relaxed) && oh.min(ow) >= MIN_SIDE_FOUR && 8 * covered(4) <= 9 * covered(2) {
+    if LARGE_TILES.load(Ordering::Relaxed) && oh.min(ow) >= MIN_SIDE_FOUR && 5 * covered(4) <= 6 * covered(2) {
         Tiles::Four
     } else {
         Tiles::Two
