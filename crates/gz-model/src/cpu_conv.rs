@@ -21,7 +21,8 @@
 //!
 //! Results do not depend on the number of threads: images are independent in the forward pass
 //! and the input gradient (Winograd groups images by their sizes alone), and the filter gradient
-//! sums per-chunk partials in a fixed order (chunks of the batch fixed by its size alone).
+//! sums per-chunk partials in a fixed order (chunks of the batch fixed by the sizes alone; small
+//! outputs put several images side by side in one product).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -59,6 +60,10 @@ pub fn enabled() -> bool {
 /// Filter-gradient partials per batch: the chunks are fixed by the batch size only, so the
 /// summation order (and the result, to the bit) is the same on any number of threads.
 const FILTER_PARTIALS: usize = 8;
+
+/// The filter gradient's product depth (output positions summed in one product) that images
+/// side by side should reach when one image's output is smaller: [`backward_filter`].
+const FILTER_DEPTH: usize = 256;
 
 /// One convolution's sizes: input (n, c, h, w), filters (k, c, kh, kw), square padding and
 /// stride, no dilation, no groups.
@@ -445,15 +450,49 @@ pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec
     if ohw == 0 || g.n == 0 {
         return Ok(dw);
     }
-    let per = g.n.div_ceil(FILTER_PARTIALS);
+    // chunks of the batch fixed by the sizes alone; small outputs put several images side by
+    // side in one product (depth `side · ohw` instead of `ohw`: VGG16-blog's 6×6 and Dieleman's
+    // 6×6 and 4×4 layers otherwise multiply with a depth of 36 or 16)
+    let side = FILTER_DEPTH.div_ceil(ohw).clamp(1, g.n);
+    let per = g.n.div_ceil(FILTER_PARTIALS).max(side);
     let chunks = g.n.div_ceil(per);
     let threads = inner_threads(chunks);
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|chunk| {
             let mut part = vec![0f32; g.k * ckk];
+            let images = chunk * per..((chunk + 1) * per).min(g.n);
+            if side > 1 && !g.pointwise() {
+                // cols (ckk × m·ohw) and dy (k × m·ohw) of up to `side` images side by side
+                let mut cols = vec![0f32; ckk * ohw];
+                let mut wide = vec![0f32; ckk * side * ohw];
+                let mut dys = vec![0f32; g.k * side * ohw];
+                for (j, group) in images.collect::<Vec<_>>().chunks(side).enumerate() {
+                    let m = group.len();
+                    for (q, &i) in group.iter().enumerate() {
+                        im2col(g, &x[i * chw..(i + 1) * chw], &mut cols);
+                        for (r, row) in cols.chunks(ohw).enumerate() {
+                            wide[r * m * ohw + q * ohw..][..ohw].copy_from_slice(row);
+                        }
+                        let dyi = &dy[i * g.k * ohw..(i + 1) * g.k * ohw];
+                        for (r, row) in dyi.chunks(ohw).enumerate() {
+                            dys[r * m * ohw + q * ohw..][..ohw].copy_from_slice(row);
+                        }
+                    }
+                    // part (k × ckk) += dy (k × m·ohw) · colsᵀ (m·ohw × ckk)
+                    matmul(
+                        (g.k, ckk, m * ohw),
+                        &mut part,
+                        j > 0,
+                        Mat::rows(&dys[..g.k * m * ohw], m * ohw),
+                        Mat::transposed(&wide[..ckk * m * ohw], m * ohw),
+                        threads,
+                    );
+                }
+                return part;
+            }
             let mut cols = vec![0f32; if g.pointwise() { 0 } else { ckk * ohw }];
-            for (j, i) in (chunk * per..((chunk + 1) * per).min(g.n)).enumerate() {
+            for (j, i) in images.enumerate() {
                 let xi = &x[i * chw..(i + 1) * chw];
                 let colsi: &[f32] = if g.pointwise() {
                     xi
