@@ -61,9 +61,10 @@ pub fn enabled() -> bool {
 /// summation order (and the result, to the bit) is the same on any number of threads.
 const FILTER_PARTIALS: usize = 8;
 
-/// The filter gradient's product depth (output positions summed in one product) that images
-/// side by side should reach when one image's output is smaller: [`backward_filter`].
-const FILTER_DEPTH: usize = 256;
+/// The output positions one product of the gradients should cover: where one image's output
+/// is smaller, [`backward_data`] (product width) and [`backward_filter`] (product depth) put
+/// several images side by side until it does.
+const PRODUCT_WIDTH: usize = 256;
 
 /// One convolution's sizes: input (n, c, h, w), filters (k, c, kh, kw), square padding and
 /// stride, no dilation, no groups.
@@ -419,6 +420,42 @@ pub(crate) fn backward_data(g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f
     if ohw == 0 || g.n == 0 {
         return Ok(dx);
     }
+    // small outputs: several images side by side in one product (width `side · ohw`), as in
+    // the filter gradient; the groups are fixed by the sizes alone
+    let side = PRODUCT_WIDTH.div_ceil(ohw).clamp(1, g.n);
+    if side > 1 && !g.pointwise() {
+        let threads = inner_threads(g.n.div_ceil(side));
+        dx.par_chunks_mut(side * chw)
+            .zip(dy.par_chunks(side * g.k * ohw))
+            .for_each(|(dxs, dys)| {
+                let m = dys.len() / (g.k * ohw);
+                // dy (k × m·ohw), then cols (ckk × m·ohw) = wᵀ (ckk × k) · dy
+                let mut wide_dy = vec![0f32; g.k * m * ohw];
+                for (q, dyi) in dys.chunks(g.k * ohw).enumerate() {
+                    for (r, row) in dyi.chunks(ohw).enumerate() {
+                        wide_dy[r * m * ohw + q * ohw..][..ohw].copy_from_slice(row);
+                    }
+                }
+                let mut wide = vec![0f32; ckk * m * ohw];
+                let wt = Mat::transposed(w, ckk);
+                matmul(
+                    (ckk, m * ohw, g.k),
+                    &mut wide,
+                    false,
+                    wt,
+                    Mat::rows(&wide_dy, m * ohw),
+                    threads,
+                );
+                let mut cols = vec![0f32; ckk * ohw];
+                for (q, dxi) in dxs.chunks_mut(chw).enumerate() {
+                    for (r, row) in cols.chunks_mut(ohw).enumerate() {
+                        row.copy_from_slice(&wide[r * m * ohw + q * ohw..][..ohw]);
+                    }
+                    col2im(g, &cols, dxi);
+                }
+            });
+        return Ok(dx);
+    }
     let threads = inner_threads(g.n);
     dx.par_chunks_mut(chw).zip(dy.par_chunks(g.k * ohw)).for_each_init(
         || vec![0f32; if g.pointwise() { 0 } else { ckk * ohw }],
@@ -453,7 +490,7 @@ pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec
     // chunks of the batch fixed by the sizes alone; small outputs put several images side by
     // side in one product (depth `side · ohw` instead of `ohw`: VGG16-blog's 6×6 and Dieleman's
     // 6×6 and 4×4 layers otherwise multiply with a depth of 36 or 16)
-    let side = FILTER_DEPTH.div_ceil(ohw).clamp(1, g.n);
+    let side = PRODUCT_WIDTH.div_ceil(ohw).clamp(1, g.n);
     let per = g.n.div_ceil(FILTER_PARTIALS).max(side);
     let chunks = g.n.div_ceil(per);
     let threads = inner_threads(chunks);
