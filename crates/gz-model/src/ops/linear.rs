@@ -8,10 +8,14 @@
 //! the three products below (`docs/benchmarks.md`). This op's backward returns `dW = dyᵀ·x`
 //! directly in W's (out, in) layout, `dx = dy·W` and `db = Σ dy`, and its forward is one `gemm`
 //! with the bias as the starting value; the values are candle's up to the order of the sums.
+//! Batches of at most [`skinny::MAX_ROWS`] rows (training batches on the CPU) take `skinny`'s
+//! kernels for the three products instead of `gemm`: matrix–vector work that streams W once.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::cpu_conv::{f32_view, matmul, Mat};
+
+mod skinny;
 use crate::cudnn::{cpu_storage, cpu_tensor};
 
 /// (x (B, in), w (out, in), b (out)) → y (B, out).
@@ -43,6 +47,10 @@ impl CustomOp3 for LinearOp {
             );
         }
         if let (Some(x), Some(w), Some(b)) = (f32_view(xs, xl), f32_view(ws, wl), f32_view(bs, bl)) {
+            if rows <= skinny::MAX_ROWS {
+                let y = skinny::forward(x, w, b, (rows, inputs, outputs));
+                return Ok((CpuStorage::F32(y), Shape::from((rows, outputs))));
+            }
             let mut y = vec![0f32; rows * outputs];
             for row in y.chunks_mut(outputs.max(1)) {
                 row.copy_from_slice(b);
@@ -74,11 +82,40 @@ impl CustomOp3 for LinearOp {
         let needs_dx = x.track_op();
         let dy = dy.contiguous()?.detach();
         let (x, w) = (x.detach(), w.detach());
+        let db = dy.sum(0)?;
+        if let Some((dx, dw)) = skinny_grads(&x, &w, &dy, needs_dx)? {
+            return Ok((dx, Some(dw), Some(db)));
+        }
         let dx = if needs_dx { Some(dy.matmul(&w)?) } else { None };
         let dw = dy.t()?.matmul(&x)?;
-        let db = dy.sum(0)?;
         Ok((dx, Some(dw), Some(db)))
     }
+}
+
+/// `dx = dy·W` (when `needs_dx`) and `dW = dyᵀ·x` by [`skinny`]'s kernels, for contiguous f32
+/// CPU tensors and batches of at most [`skinny::MAX_ROWS`] rows; `None` otherwise.
+fn skinny_grads(x: &Tensor, w: &Tensor, dy: &Tensor, needs_dx: bool) -> Result<Option<(Option<Tensor>, Tensor)>> {
+    let (rows, inputs) = x.dims2()?;
+    let (outputs, w_inputs) = w.dims2()?;
+    if rows > skinny::MAX_ROWS || w_inputs != inputs || dy.dims2()? != (rows, outputs) {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (ds, dl) = dy.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(ds)) = (&*xs, &*ws, &*ds) else {
+        return Ok(None);
+    };
+    let (Some(xv), Some(wv), Some(dv)) = (f32_view(xs, xl), f32_view(ws, wl), f32_view(ds, dl)) else {
+        return Ok(None);
+    };
+    let dims = (rows, inputs, outputs);
+    let dx = needs_dx.then(|| skinny::input_grad(dv, wv, dims));
+    let dw = skinny::weight_grad(xv, dv, dims);
+    let dx = dx
+        .map(|dx| Tensor::from_vec(dx, (rows, inputs), &Device::Cpu))
+        .transpose()?;
+    Ok(Some((dx, Tensor::from_vec(dw, (outputs, inputs), &Device::Cpu)?)))
 }
 
 #[cfg(test)]
@@ -104,10 +141,11 @@ mod tests {
     }
 
     /// The op and `ops::linear` against candle's `x.matmul(w.t()) + b` with its autograd:
-    /// output and the three gradients, on shapes from one row to wider than a gemm tile.
+    /// output and the three gradients, on shapes from one row to wider than a gemm tile, small
+    /// batches (the skinny kernels) and one above their limit (the `gemm` path).
     #[test]
     fn matches_candle_linear_values_and_gradients() -> Result<()> {
-        for (k, &(rows, inputs, outputs)) in [(1, 5, 3), (8, 37, 11), (3, 300, 129)].iter().enumerate() {
+        for (k, &(rows, inputs, outputs)) in [(1, 5, 3), (8, 37, 11), (3, 300, 129), (40, 33, 9)].iter().enumerate() {
             let s = 10 * k as u64;
             let x = Var::from_tensor(&rnd(&[rows, inputs], s + 1)?)?;
             let w = Var::from_tensor(&rnd(&[outputs, inputs], s + 2)?)?;
