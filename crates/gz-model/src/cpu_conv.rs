@@ -432,9 +432,7 @@ pub(crate) fn backward_data(g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f
                 // dy (k × m·ohw), then cols (ckk × m·ohw) = wᵀ (ckk × k) · dy
                 let mut wide_dy = vec![0f32; g.k * m * ohw];
                 for (q, dyi) in dys.chunks(g.k * ohw).enumerate() {
-                    for (r, row) in dyi.chunks(ohw).enumerate() {
-                        wide_dy[r * m * ohw + q * ohw..][..ohw].copy_from_slice(row);
-                    }
+                    put_columns(&mut wide_dy, (m, q), dyi, ohw);
                 }
                 let mut wide = vec![0f32; ckk * m * ohw];
                 let wt = Mat::transposed(w, ckk);
@@ -448,9 +446,7 @@ pub(crate) fn backward_data(g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f
                 );
                 let mut cols = vec![0f32; ckk * ohw];
                 for (q, dxi) in dxs.chunks_mut(chw).enumerate() {
-                    for (r, row) in cols.chunks_mut(ohw).enumerate() {
-                        row.copy_from_slice(&wide[r * m * ohw + q * ohw..][..ohw]);
-                    }
+                    take_columns(&mut cols, &wide, (m, q), ohw);
                     col2im(g, &cols, dxi);
                 }
             });
@@ -508,13 +504,8 @@ pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec
                     let m = group.len();
                     for (q, &i) in group.iter().enumerate() {
                         im2col(g, &x[i * chw..(i + 1) * chw], &mut cols);
-                        for (r, row) in cols.chunks(ohw).enumerate() {
-                            wide[r * m * ohw + q * ohw..][..ohw].copy_from_slice(row);
-                        }
-                        let dyi = &dy[i * g.k * ohw..(i + 1) * g.k * ohw];
-                        for (r, row) in dyi.chunks(ohw).enumerate() {
-                            dys[r * m * ohw + q * ohw..][..ohw].copy_from_slice(row);
-                        }
+                        put_columns(&mut wide, (m, q), &cols, ohw);
+                        put_columns(&mut dys, (m, q), &dy[i * g.k * ohw..(i + 1) * g.k * ohw], ohw);
                     }
                     // part (k × ckk) += dy (k × m·ohw) · colsᵀ (m·ohw × ckk)
                     matmul(
@@ -557,6 +548,21 @@ pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec
         }
     }
     Ok(dw)
+}
+
+/// Copies `block` (rows × `width`, row-major) into the `q`-th of the `m` column blocks of `wide`
+/// (rows × m·width): images side by side in one product.
+fn put_columns(wide: &mut [f32], (m, q): (usize, usize), block: &[f32], width: usize) {
+    for (r, row) in block.chunks(width).enumerate() {
+        wide[(r * m + q) * width..][..width].copy_from_slice(row);
+    }
+}
+
+/// The reverse of [`put_columns`]: the `q`-th column block of `wide` into `block`.
+fn take_columns(block: &mut [f32], wide: &[f32], (m, q): (usize, usize), width: usize) {
+    for (r, row) in block.chunks_mut(width).enumerate() {
+        row.copy_from_slice(&wide[(r * m + q) * width..][..width]);
+    }
 }
 
 fn check_len(what: &str, s: &[f32], want: usize) -> Result<()> {

@@ -250,9 +250,7 @@ impl CustomOp2 for ReluPoolBwd {
         {
             if (dn, dk) == (n, k) && 2 * oh <= h && 2 * ow <= w && !y.is_empty() {
                 let dy = super::pool_bwd_f32(y, dp, (h, w), (oh, ow));
-                let packed = relu_grads_f32(y, &dy, k, h * w);
-                let len = packed.len();
-                return Ok((CpuStorage::F32(packed), Shape::from(len)));
+                return Ok(relu_grads_f32(y, &dy, k, h * w));
             }
         }
         let y = cpu_tensor(s1, l1)?;
@@ -334,7 +332,7 @@ fn cpu_conv_bias_relu_f32(
 /// gradient reaching it), `k` channels of `hw` values per image: dz = dy where y > 0, else 0,
 /// planes in parallel, each plane's sum on the way; db[c] adds channel c's plane sums in batch
 /// order (so the result does not depend on the thread count).
-fn relu_grads_f32(y: &[f32], dy: &[f32], k: usize, hw: usize) -> Vec<f32> {
+fn relu_grads_f32(y: &[f32], dy: &[f32], k: usize, hw: usize) -> (CpuStorage, Shape) {
     use rayon::prelude::*;
     let mut packed = vec![0f32; y.len() + k];
     let (dz, db) = packed.split_at_mut(y.len());
@@ -355,7 +353,8 @@ fn relu_grads_f32(y: &[f32], dy: &[f32], k: usize, hw: usize) -> Vec<f32> {
     for (plane, s) in sums.into_iter().enumerate() {
         db[plane % k] += s;
     }
-    packed
+    let len = packed.len();
+    (CpuStorage::F32(packed), Shape::from(len))
 }
 
 /// The packed [dz, db] of the backward ops on the CPU from the ReLU output `y` and the
@@ -425,9 +424,7 @@ impl CustomOp2 for BiasReluBwd {
             (self.nhwc, super::f32_planes(s1, l1), crate::cpu_conv::f32_view(s2, l2))
         {
             if dy.len() == y.len() && !y.is_empty() {
-                let packed = relu_grads_f32(y, dy, k, h * w);
-                let len = packed.len();
-                return Ok((CpuStorage::F32(packed), Shape::from(len)));
+                return Ok(relu_grads_f32(y, dy, k, h * w));
             }
         }
         cpu_relu_grads(&cpu_tensor(s1, l1)?, &cpu_tensor(s2, l2)?, self.nhwc)

@@ -14,9 +14,9 @@
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 
 use crate::cpu_conv::{f32_view, matmul, Mat};
+use crate::cudnn::{cpu_storage, cpu_tensor};
 
 mod skinny;
-use crate::cudnn::{cpu_storage, cpu_tensor};
 
 /// (x (B, in), w (out, in), b (out)) → y (B, out).
 pub(super) struct LinearOp;
