@@ -74,6 +74,11 @@ fn main() {
     if std::env::var("GZ_CPU_FUSED").is_ok_and(|v| v == "0") {
         gz_model::cudnn::set_cpu_fused(false);
     }
+    // `GZ_GRAD_SINK=0`: parameter gradients go through candle's zero-fill-and-add accumulation
+    // (gz_model::grad_sink), for comparisons.
+    if std::env::var("GZ_GRAD_SINK").is_ok_and(|v| v == "0") {
+        gz_model::grad_sink::set_enabled(false);
+    }
     // `GZ_CPU_WINOGRAD=0`: gz's CPU convolution without Winograd (im2col + product for every
     // layer); `GZ_CPU_WINOGRAD=2`: Winograd F(2×2, 3×3) only (no 4×4 tiles), for comparisons.
     match std::env::var("GZ_CPU_WINOGRAD").as_deref() {

@@ -22,6 +22,7 @@ pub mod cudnn;
 pub mod data;
 pub mod device;
 pub mod dropout;
+pub mod grad_sink;
 pub mod nets;
 pub mod ops;
 pub mod optim;

@@ -17,6 +17,7 @@
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::{cpu_storage, cpu_tensor};
+use crate::grad_sink;
 
 /// `max(z + b, 0)` with `b` broadcast over channels: `z` (N,K,H,W), `b` (K), same dtype and
 /// device. Differentiable with respect to both.
@@ -108,7 +109,7 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dz, db) = relu_grads(self.0.nhwc, b, y, dy)?;
         let (dx, dw) = super::conv_grads(self.0, x, w, &dz)?;
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, grad_sink::divert(w, dw), grad_sink::divert(b, db)))
     }
 }
 
@@ -229,7 +230,7 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         let y = self.saved()?;
         let (dz, db) = relu_pool_grads(self.p.nhwc, b, &y, dp)?;
         let (dx, dw) = super::conv_grads(self.p, x, w, &dz)?;
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, grad_sink::divert(w, dw), grad_sink::divert(b, db)))
     }
 }
 

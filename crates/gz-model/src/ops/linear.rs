@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage,
 
 use crate::cpu_conv::{f32_view, matmul, Mat};
 use crate::cudnn::{cpu_storage, cpu_tensor};
+use crate::grad_sink;
 
 mod skinny;
 
@@ -73,22 +74,24 @@ impl CustomOp3 for LinearOp {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // the input's gradient only when the input is in the graph (decided before detaching)
         let needs_dx = x.track_op();
         let dy = dy.contiguous()?.detach();
-        let (x, w) = (x.detach(), w.detach());
+        let (x, w) = (x.detach(), weight.detach());
         let db = dy.sum(0)?;
-        if let Some((dx, dw)) = skinny_grads(&x, &w, &dy, needs_dx)? {
-            return Ok((dx, Some(dw), Some(db)));
-        }
-        let dx = if needs_dx { Some(dy.matmul(&w)?) } else { None };
-        let dw = dy.t()?.matmul(&x)?;
-        Ok((dx, Some(dw), Some(db)))
+        let (dx, dw) = match skinny_grads(&x, &w, &dy, needs_dx)? {
+            Some(grads) => grads,
+            None => {
+                let dx = if needs_dx { Some(dy.matmul(&w)?) } else { None };
+                (dx, dy.t()?.matmul(&x)?)
+            }
+        };
+        Ok((dx, grad_sink::divert(weight, dw), grad_sink::divert(bias, db)))
     }
 }
 

@@ -11,6 +11,8 @@
 //! instructions (fused multiply-adds); elsewhere plainly (separate multiply and add), so the
 //! last bits may differ between machines, never between runs on one.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Batches up to this many rows take these kernels; larger ones the `gemm` kernel.
@@ -83,11 +85,23 @@ fn input_grad_task<const FMA: bool>(
     }
 }
 
-/// One task of [`weight_grad`]: rows of dW (zeroed by the caller), each Σ over the batch rows
-/// r of dy[r][o]·x[r].
+/// `y[i] = a·x[i]` into uninitialised `y`, returning it initialised.
+#[inline(always)]
+fn scale_into<'a>(y: &'a mut [MaybeUninit<f32>], a: f32, x: &[f32]) -> &'a mut [f32] {
+    assert_eq!(y.len(), x.len());
+    for (y, x) in y.iter_mut().zip(x) {
+        y.write(a * x);
+    }
+    // SAFETY: every element was written just above; `MaybeUninit<f32>` has `f32`'s layout.
+    unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
+/// One task of [`weight_grad`]: rows of dW (uninitialised on entry, all written), each Σ over
+/// the batch rows r of dy[r][o]·x[r], the first row's product written rather than added to
+/// zeros (the same value: `0 + p` is `p` up to the sign of a zero).
 #[inline(always)]
 fn weight_grad_task<const FMA: bool>(
-    dw: &mut [f32],
+    dw: &mut [MaybeUninit<f32>],
     first: usize,
     x: &[f32],
     dy: &[f32],
@@ -95,7 +109,12 @@ fn weight_grad_task<const FMA: bool>(
 ) {
     for (j, dwo) in dw.chunks_mut(inputs).enumerate() {
         let o = first + j;
-        for r in 0..rows {
+        if rows == 0 {
+            dwo.fill(MaybeUninit::new(0.0));
+            continue;
+        }
+        let dwo = scale_into(dwo, dy[o], &x[..inputs]);
+        for r in 1..rows {
             axpy::<FMA>(dwo, dy[r * outputs + o], &x[r * inputs..(r + 1) * inputs]);
         }
     }
@@ -123,7 +142,7 @@ mod fma {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weight_grad_task(
-        dw: &mut [f32],
+        dw: &mut [std::mem::MaybeUninit<f32>],
         first: usize,
         x: &[f32],
         dy: &[f32],
@@ -227,11 +246,14 @@ pub(super) fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize)) ->
 
 /// [`weight_grad`] with or without AVX2 + FMA (as [`forward_with`]).
 fn weight_grad_with(fast: bool, x: &[f32], dy: &[f32], (rows, inputs, outputs): (usize, usize, usize)) -> Vec<f32> {
-    let mut dw = vec![0f32; outputs * inputs];
     if inputs == 0 {
-        return dw;
+        return Vec::new();
     }
-    dw.par_chunks_mut(OUTPUTS_PER_TASK * inputs)
+    // not zero-filled first: every task writes all of its rows (a 134 MB memset on one thread
+    // for Dieleman's first dense layer, and a second pass over dW)
+    let mut dw = Vec::<f32>::with_capacity(outputs * inputs);
+    dw.spare_capacity_mut()[..outputs * inputs]
+        .par_chunks_mut(OUTPUTS_PER_TASK * inputs)
         .enumerate()
         .for_each(|(task, dw)| {
             let first = task * OUTPUTS_PER_TASK;
@@ -244,6 +266,8 @@ fn weight_grad_with(fast: bool, x: &[f32], dy: &[f32], (rows, inputs, outputs): 
             let _ = fast;
             weight_grad_task::<false>(dw, first, x, dy, dims)
         });
+    // SAFETY: the tasks above wrote all `outputs * inputs` elements (chunks cover them).
+    unsafe { dw.set_len(outputs * inputs) };
     dw
 }
 
