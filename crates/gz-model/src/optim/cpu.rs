@@ -329,27 +329,77 @@ fn apply<T: Model>(
         let m = ms.as_mut().and_then(|it| it.next());
         jobs.push((a, b, m, v, g));
     }
-    jobs.into_par_iter().for_each(|(a, mut b, mut m, v, g)| {
-        let mut unused = 0f32;
-        for i in 0..a.len() {
-            let s1 = match b.as_deref_mut() {
-                Some(b) => &mut b[i],
-                None => &mut unused,
-            };
-            match m.as_deref_mut() {
-                Some(m) => {
-                    let np = update(sc, g[i].widen(), &mut a[i], s1, m[i]);
-                    m[i] = np;
-                    v[i] = T::round(np);
-                }
-                None => {
-                    let np = update(sc, g[i].widen(), &mut a[i], s1, v[i].widen());
-                    v[i] = T::round(np);
-                }
-            }
-        }
+    // One loop per optimizer, slot count and master, each with its scalars fixed outside the
+    // loop, so that the compiler vectorises it (vector square roots and divisions are correctly
+    // rounded too: the same bits as the scalar operations).
+    jobs.into_par_iter().for_each(|(a, b, m, v, g)| match (*sc, b) {
+        (sc @ Scalars::Rmsprop { use_l2: 0, .. }, _) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
+        (sc @ Scalars::Rmsprop { .. }, _) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
+        (sc @ Scalars::SgdNesterov { use_l2: 0, .. }, _) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
+        (sc @ Scalars::SgdNesterov { .. }, _) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
+        (sc, Some(b)) => each2::<T>(a, b, m, v, g, |g, s0, s1, p| update(&sc, g, s0, s1, p)),
+        (sc, None) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
     });
     Ok(())
+}
+
+/// [`update`] of a one-slot optimizer.
+#[inline(always)]
+fn one_slot(sc: &Scalars, g: f32, s0: &mut f32, p: f32) -> f32 {
+    let mut unused = 0f32;
+    update(sc, g, s0, &mut unused, p)
+}
+
+/// `f(gradient, slot, parameter)` → new parameter over one chunk, into the master (when there
+/// is one) and the variable.
+#[inline(always)]
+fn each<T: Model>(a: &mut [f32], m: Option<&mut [f32]>, v: &mut [T], g: &[T], f: impl Fn(f32, &mut f32, f32) -> f32) {
+    match m {
+        Some(m) => {
+            for (((a, m), v), g) in a.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                let np = f(g.widen(), a, *m);
+                *m = np;
+                *v = T::round(np);
+            }
+        }
+        None => {
+            for ((a, v), g) in a.iter_mut().zip(v.iter_mut()).zip(g) {
+                *v = T::round(f(g.widen(), a, v.widen()));
+            }
+        }
+    }
+}
+
+/// [`each`] for a two-slot optimizer.
+#[inline(always)]
+fn each2<T: Model>(
+    a: &mut [f32],
+    b: &mut [f32],
+    m: Option<&mut [f32]>,
+    v: &mut [T],
+    g: &[T],
+    f: impl Fn(f32, &mut f32, &mut f32, f32) -> f32,
+) {
+    match m {
+        Some(m) => {
+            for ((((a, b), m), v), g) in a
+                .iter_mut()
+                .zip(b.iter_mut())
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+                .zip(g)
+            {
+                let np = f(g.widen(), a, b, *m);
+                *m = np;
+                *v = T::round(np);
+            }
+        }
+        None => {
+            for (((a, b), v), g) in a.iter_mut().zip(b.iter_mut()).zip(v.iter_mut()).zip(g) {
+                *v = T::round(f(g.widen(), a, b, v.widen()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
