@@ -274,17 +274,66 @@ pub(crate) fn matmul(
     matmul_strided((m, n, k), dst, (n, 1), accumulate, a, b, threads)
 }
 
+/// `dst (m × n, rows of n) = a · b` into uninitialised memory: every element written, none
+/// read (the product does not read `dst` unless accumulating).
+pub(crate) fn matmul_uninit(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [std::mem::MaybeUninit<f32>],
+    a: Mat,
+    b: Mat,
+    threads: usize,
+) {
+    if k == 0 {
+        // nothing to multiply: the product is zero (gemm would not write it)
+        dst[..m * n].fill(std::mem::MaybeUninit::new(0.0));
+        return;
+    }
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout; without accumulation gemm only writes
+    // `dst`, each of its m × n elements.
+    unsafe {
+        gemm_into(
+            (m, n, k),
+            dst.as_mut_ptr().cast(),
+            dst.len(),
+            (n, 1),
+            false,
+            a,
+            b,
+            threads,
+        )
+    }
+}
+
 /// [`matmul`] into a `dst` whose element (i, j) is at `i · rs + j · cs`.
 pub(crate) fn matmul_strided(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
+    strides: (usize, usize),
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    threads: usize,
+) {
+    // SAFETY: `dst` is initialised memory of `dst.len()` values.
+    unsafe { gemm_into(dims, dst.as_mut_ptr(), dst.len(), strides, accumulate, a, b, threads) }
+}
+
+/// The product into `dst_len` values at `dst`, element (i, j) at `i · rs + j · cs`.
+///
+/// # Safety
+/// `dst` is valid for writes of `dst_len` values, and initialised when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_len: usize,
     (rs, cs): (usize, usize),
     accumulate: bool,
     a: Mat,
     b: Mat,
     threads: usize,
 ) {
-    let dst_fits = m == 0 || n == 0 || (m - 1) * rs + (n - 1) * cs < dst.len();
+    let dst_fits = m == 0 || n == 0 || (m - 1) * rs + (n - 1) * cs < dst_len;
     assert!(
         dst_fits && a.covers(m, k) && b.covers(k, n),
         "cpu convolution: a {m}×{k} · {k}×{n} product outside its buffers"
@@ -295,15 +344,15 @@ pub(crate) fn matmul_strided(
         gemm::Parallelism::None
     };
     // SAFETY: every element gemm reads through `a` (m × k) and `b` (k × n) lies inside their
-    // slices, and every element of `dst` (m × n at the given strides) inside `dst` (asserted
-    // above; the strides fit isize because the slices' lengths do); gemm reads `dst` only when
-    // accumulating.
+    // slices, and every element of `dst` (m × n at the given strides) inside its `dst_len`
+    // values (asserted above; the strides fit isize because the lengths do); gemm reads `dst`
+    // only when accumulating (then initialised, the caller's contract).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             cs as isize,
             rs as isize,
             accumulate,

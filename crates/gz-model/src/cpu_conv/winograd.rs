@@ -24,11 +24,12 @@
 //! Results do not depend on the thread count: the grouping is a function of the sizes, and
 //! every value is computed by one thread in a fixed order.
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
-use super::{matmul, matmul_strided, Geometry, Mat};
+use super::{matmul_strided, matmul_uninit, Geometry, Mat};
 
 /// Fewer channels than this on either side: the transforms cost more than they save (the
 /// image layer, 3 channels in).
@@ -224,29 +225,41 @@ fn u_view(u: &[f32], xi: usize, c: usize, a2: usize) -> Mat {
 }
 
 /// The transforms of one row of `tw` tiles from its A zero-padded input rows (`rows`, A ×
-/// `padded`; tile `t` reads columns `M·t..M·t + A`), into `out` (α² × tw, ξ-major).
+/// `padded`; tile `t` reads columns `M·t..M·t + A`): value ξ of tile `t` into
+/// `out[ξ · stride + t]` (every one of those α² × tw places written).
 #[inline(always)]
-fn input_row<S: Scheme<A, M>, const A: usize, const M: usize>(rows: &[f32], padded: usize, out: &mut [f32], tw: usize) {
+fn input_row<S: Scheme<A, M>, const A: usize, const M: usize>(
+    rows: &[f32],
+    padded: usize,
+    out: &mut [MaybeUninit<f32>],
+    (tw, stride): (usize, usize),
+) {
     let rows: [&[f32]; A] = std::array::from_fn(|r| &rows[r * padded..r * padded + M * tw + 2]);
-    let out = &mut out[..A * A * tw];
+    let out = &mut out[..(A * A - 1) * stride + tw];
     for t in 0..tw {
         let d: [[f32; A]; A] = std::array::from_fn(|r| std::array::from_fn(|s| rows[r][M * t + s]));
         for (i, row) in sep(&d, S::input).iter().enumerate() {
             for (j, val) in row.iter().enumerate() {
-                out[(i * A + j) * tw + t] = *val;
+                out[(i * A + j) * stride + t].write(*val);
             }
         }
     }
 }
 
-/// The inverse transforms of one row of `tw` tiles from their products `m` (α² × tw,
-/// ξ-major), plus `bias`, into M output rows of `M·tw` columns each (`out`, M × M·tw).
+/// The inverse transforms of one row of `tw` tiles from their products (value ξ of tile `t`
+/// at `m[ξ · stride + t]`), plus `bias`, into M output rows of `M·tw` columns each (`out`,
+/// M × M·tw).
 #[inline(always)]
-fn output_row<S: Scheme<A, M>, const A: usize, const M: usize>(m: &[f32], out: &mut [f32], tw: usize, bias: f32) {
-    let m = &m[..A * A * tw];
+fn output_row<S: Scheme<A, M>, const A: usize, const M: usize>(
+    m: &[f32],
+    (tw, stride): (usize, usize),
+    out: &mut [f32],
+    bias: f32,
+) {
+    let m = &m[..(A * A - 1) * stride + tw];
     let out = &mut out[..M * M * tw];
     for t in 0..tw {
-        let mt: [[f32; A]; A] = std::array::from_fn(|a| std::array::from_fn(|c| m[(a * A + c) * tw + t]));
+        let mt: [[f32; A]; A] = std::array::from_fn(|a| std::array::from_fn(|c| m[(a * A + c) * stride + t]));
         for (a, row) in sep(&mt, S::output).iter().enumerate() {
             for (b, val) in row.iter().enumerate() {
                 out[a * M * tw + M * t + b] = val + bias;
@@ -289,33 +302,37 @@ fn inputs<S: Scheme<A, M>, const A: usize, const M: usize>(
     let images = xs.len() / chw;
     let t_all = images * tiles;
     let pad = g.padding as isize;
-    let mut v = vec![0f32; A * A * g.c * t_all];
     let padded = M * tw + 2;
-    v.par_chunks_mut(A * A * t_all).enumerate().for_each_init(
-        || (vec![0f32; A * padded], vec![0f32; A * A * tw]),
-        |(rows, tmp), (c, vc)| {
-            for j in 0..images {
-                let plane = &xs[j * chw + c * hw..j * chw + (c + 1) * hw];
-                for ti in 0..th {
-                    for (r, row) in rows.chunks_mut(padded).enumerate() {
-                        row.fill(0.0);
-                        let iy = (M * ti + r) as isize - pad;
-                        if iy >= 0 && iy < g.h as isize {
-                            // row[q] holds input column q − padding
-                            let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                            let n = g.w.min(padded.saturating_sub(g.padding));
-                            row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
+    let n = A * A * g.c * t_all;
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(A * A * t_all)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; A * padded],
+            |rows, (c, vc)| {
+                for j in 0..images {
+                    let plane = &xs[j * chw + c * hw..j * chw + (c + 1) * hw];
+                    for ti in 0..th {
+                        for (r, row) in rows.chunks_mut(padded).enumerate() {
+                            row.fill(0.0);
+                            let iy = (M * ti + r) as isize - pad;
+                            if iy >= 0 && iy < g.h as isize {
+                                // row[q] holds input column q − padding
+                                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                                let n = g.w.min(padded.saturating_sub(g.padding));
+                                row[g.padding..g.padding + n].copy_from_slice(&src[..n]);
+                            }
                         }
-                    }
-                    input_row::<S, A, M>(rows, padded, tmp, tw);
-                    let base = j * tiles + ti * tw;
-                    for (xi_, t) in tmp.chunks(tw).enumerate() {
-                        vc[xi_ * t_all + base..][..tw].copy_from_slice(t);
+                        let base = j * tiles + ti * tw;
+                        input_row::<S, A, M>(rows, padded, &mut vc[base..], (tw, t_all));
                     }
                 }
-            }
-        },
-    );
+            },
+        );
+    // SAFETY: the channels' chunks cover all `n` values, and each chunk's images × tile rows
+    // wrote each of its α² streams of `t_all` tiles once (`input_row`).
+    unsafe { v.set_len(n) };
     v
 }
 
@@ -356,31 +373,32 @@ fn forward_with<S: Scheme<A, M>, const A: usize, const M: usize>(
             let t_all = images * tiles;
             let v = inputs::<S, A, M>(g, xs, (th, tw));
             // M[ξ] (K × T) = U[ξ] (K × C) · V[ξ] (C × T)
-            let mut m = vec![0f32; A * A * g.k * t_all];
-            for (xi_, mx) in m.chunks_mut(g.k * t_all).enumerate() {
-                matmul(
+            let mut m = Vec::with_capacity(A * A * g.k * t_all);
+            for (xi_, mx) in m.spare_capacity_mut()[..A * A * g.k * t_all]
+                .chunks_mut(g.k * t_all)
+                .enumerate()
+            {
+                matmul_uninit(
                     (g.k, t_all, g.c),
                     mx,
-                    false,
                     u_view(&u, xi_, g.c, A * A),
                     Mat::strided(&v[xi_ * t_all..], A * A * t_all, 1),
                     threads,
                 );
             }
-            // outputs, planes in parallel: per tile row the row's α² product streams copied
-            // together, Aᵀ M A of each tile, plus the bias, into M output rows
+            // SAFETY: the α² products wrote their K × T blocks, which cover the buffer.
+            unsafe { m.set_len(A * A * g.k * t_all) };
+            // outputs, planes in parallel: per tile row Aᵀ M A of each tile (its α² values
+            // read from the product streams), plus the bias, into M output rows
             let stride = g.k * t_all;
             ys.par_chunks_mut(oh * ow).enumerate().for_each_init(
-                || (vec![0f32; A * A * tw], vec![0f32; M * M * tw]),
-                |(tmp, rows), (plane, out)| {
+                || vec![0f32; M * M * tw],
+                |rows, (plane, out)| {
                     let (j, k) = (plane / g.k, plane % g.k);
                     let bias = b.map_or(0.0, |b| b[k]);
                     for ti in 0..th {
                         let base = k * t_all + j * tiles + ti * tw;
-                        for (xi_, t) in tmp.chunks_mut(tw).enumerate() {
-                            t.copy_from_slice(&m[xi_ * stride + base..][..tw]);
-                        }
-                        output_row::<S, A, M>(tmp, rows, tw, bias);
+                        output_row::<S, A, M>(&m[base..], (tw, stride), rows, bias);
                         for a in 0..M {
                             let oy = M * ti + a;
                             if oy < oh {
@@ -433,33 +451,39 @@ fn backward_filter_with<S: Scheme<A, M>, const A: usize, const M: usize>(
             let images = xs.len() / chw;
             let t_all = images * tiles;
             let v = inputs::<S, A, M>(g, xs, (th, tw));
-            // Z (K × α² × T), output channels in parallel
-            let mut z = vec![0f32; a2 * g.k * t_all];
-            z.par_chunks_mut(a2 * t_all).enumerate().for_each(|(k, zk)| {
-                for j in 0..images {
-                    let plane = &dys[j * kohw + k * oh * ow..j * kohw + (k + 1) * oh * ow];
-                    for ti in 0..th {
-                        for tj in 0..tw {
-                            let d: [[f32; M]; M] = std::array::from_fn(|a| {
-                                std::array::from_fn(|b| {
-                                    let (oy, ox) = (M * ti + a, M * tj + b);
-                                    if oy < oh && ox < ow {
-                                        plane[oy * ow + ox]
-                                    } else {
-                                        0.0
+            // Z (K × α² × T), output channels in parallel, every value written
+            let mut z = Vec::with_capacity(a2 * g.k * t_all);
+            z.spare_capacity_mut()[..a2 * g.k * t_all]
+                .par_chunks_mut(a2 * t_all)
+                .enumerate()
+                .for_each(|(k, zk)| {
+                    for j in 0..images {
+                        let plane = &dys[j * kohw + k * oh * ow..j * kohw + (k + 1) * oh * ow];
+                        for ti in 0..th {
+                            for tj in 0..tw {
+                                let d: [[f32; M]; M] = std::array::from_fn(|a| {
+                                    std::array::from_fn(|b| {
+                                        let (oy, ox) = (M * ti + a, M * tj + b);
+                                        if oy < oh && ox < ow {
+                                            plane[oy * ow + ox]
+                                        } else {
+                                            0.0
+                                        }
+                                    })
+                                });
+                                let t = j * tiles + ti * tw + tj;
+                                for (i, row) in sep(&d, S::output_adjoint).iter().enumerate() {
+                                    for (jj, &val) in row.iter().enumerate() {
+                                        zk[(i * A + jj) * t_all + t].write(val);
                                     }
-                                })
-                            });
-                            let t = j * tiles + ti * tw + tj;
-                            for (i, row) in sep(&d, S::output_adjoint).iter().enumerate() {
-                                for (jj, &val) in row.iter().enumerate() {
-                                    zk[(i * A + jj) * t_all + t] = val;
                                 }
                             }
                         }
                     }
-                }
-            });
+                });
+            // SAFETY: each output channel's chunk got all α² values of its `t_all` tiles (the
+            // images × tile rows × tiles above), and the chunks cover the buffer.
+            unsafe { z.set_len(a2 * g.k * t_all) };
             // S[ξ] (K × C) = Z[ξ] (K × T) · V[ξ]ᵀ (T × C), into S (K × C × α²)
             let mut part = vec![0f32; a2 * g.k * g.c];
             for xi_ in 0..a2 {
