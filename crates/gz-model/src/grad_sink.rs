@@ -160,6 +160,35 @@ mod tests {
         assert!(divert(w2.as_tensor(), rnd(&[4, 6], 9)).is_some());
     }
 
+    /// The CPU training graphs of the small nets (fused convolution ops, dense layers, the tree
+    /// layer): one graph, differentiated by candle alone and through the sink, gives every
+    /// variable the same gradient to the bit (each parameter is used once).
+    #[test]
+    fn nets_get_the_same_gradients() {
+        use candle_core::ModuleT;
+        use candle_nn::{VarBuilder, VarMap};
+
+        use crate::config::{Arch, ModelConfig};
+        for arch in [Arch::Tiny, Arch::DielemanTiny] {
+            let varmap = VarMap::new();
+            let cfg = ModelConfig::new(arch, arch.default_output());
+            let model = crate::nets::build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+            let x = (rnd(&[2, 3, 106, 106], 5).abs().unwrap() * 0.5).unwrap();
+            let loss = model.forward_t(&x, true).unwrap().sqr().unwrap().mean_all().unwrap();
+            let plain = loss.backward().unwrap();
+            let sunk = backward(&loss).unwrap();
+            let vars = varmap.all_vars();
+            assert!(vars.len() >= 6, "{arch}: {} variables", vars.len());
+            for v in &vars {
+                let (a, b) = (plain.get(v.as_tensor()), sunk.get(v.as_tensor()));
+                let (Some(a), Some(b)) = (a, b) else {
+                    panic!("{arch}: a gradient is missing for {:?}", v.dims());
+                };
+                assert!(same(a, b), "{arch}: gradients differ for {:?}", v.dims());
+            }
+        }
+    }
+
     /// A parameter that is not a variable (a constant weight) keeps candle's path.
     #[test]
     fn constants_are_not_diverted() {
