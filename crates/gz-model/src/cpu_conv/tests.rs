@@ -478,6 +478,18 @@ fn winograd_matches_the_direct_forward() -> Result<()> {
 
 /// F(2×2, 3×3) against F(4×4, 3×3) on the nets' layer shapes, forward and filter gradient,
 /// interleaved, best of 7 (`cargo test --release -p gz-model --lib
+/// The product blocks' spacing: at least the block, whole cache lines, an odd number of them
+/// (so a multiple of 4 KiB never comes out, e.g. for 256 × 392 values).
+#[test]
+fn winograd_blocks_spread_over_cache_sets() {
+    for n in [1, 15, 16, 17, 32, 256 * 392, 128 * 1568, 64 * 5832, 1000] {
+        let s = winograd::spread(n);
+        assert!(s >= n && s < n + 48, "{n} -> {s}");
+        assert_eq!(s % 16, 0, "{n} -> {s}");
+        assert_eq!((s / 16) % 2, 1, "{n} -> {s}");
+    }
+}
+
 /// cpu_conv::tests::bench_winograd_tiles -- --ignored --nocapture`).
 #[test]
 #[ignore = "benchmark: run by hand with --ignored --nocapture (release)"]
