@@ -113,18 +113,23 @@ impl Module for Conv2d {
     }
 }
 
-/// A dense layer, `x·Wᵀ + b` for `x` (B, in): on the CPU in f32 while training, one custom op
-/// whose backward returns the weight gradient in W's own layout (`ops/linear.rs`; candle's
-/// `Linear` transposes it twice and zero-fills two weight-sized tensors per step); elsewhere, in
-/// inference and with `GZ_CPU_CONV=candle`, candle's `Linear`. The same values up to the order
-/// of the sums.
+/// A dense layer, `x·Wᵀ + b` for `x` (B, in): on the CPU in f32 one custom op
+/// (`ops/linear.rs`): in training its backward returns the weight gradient in W's own layout
+/// (candle's `Linear` transposes it twice and zero-fills two weight-sized tensors per step), and
+/// at batches of up to 32 rows, training or not, its forward streams W once (candle's product
+/// packs all of W first: for Dieleman's first dense layer, 134 MB per forward pass). Elsewhere,
+/// and with `GZ_CPU_CONV=candle`, candle's `Linear`. The same values up to the order of the sums.
 pub fn linear(d: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     let w = d.weight();
-    let training = x.track_op() || w.track_op();
     if let Some(b) = d.bias() {
         let f32_cpu = [x, w, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-        if training && f32_cpu && x.rank() == 2 && crate::cpu_conv::enabled() {
-            return x.contiguous()?.apply_op3(w, b, linear::LinearOp);
+        if f32_cpu && x.rank() == 2 && crate::cpu_conv::enabled() {
+            let x = x.contiguous()?;
+            return if x.track_op() || w.track_op() || b.track_op() {
+                x.apply_op3(w, b, linear::LinearOp)
+            } else {
+                x.apply_op3_no_bwd(w, b, &linear::LinearOp)
+            };
         }
     }
     d.forward(x)

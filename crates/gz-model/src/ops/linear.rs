@@ -186,6 +186,30 @@ mod tests {
         Ok(())
     }
 
+    /// Inference (no variable anywhere): `ops::linear` runs the op without a graph, with the
+    /// values of candle's `Linear`, at batches the skinny kernels take and above.
+    #[test]
+    fn inference_matches_candle_linear_without_a_graph() -> Result<()> {
+        for (k, &(rows, inputs, outputs)) in [(1, 5, 3), (8, 300, 129), (40, 33, 9)].iter().enumerate() {
+            let s = 10 * k as u64;
+            let (x, w, b) = (
+                rnd(&[rows, inputs], s + 1)?,
+                rnd(&[outputs, inputs], s + 2)?,
+                rnd(&[outputs], s + 3)?,
+            );
+            let layer = Linear::new(w.clone(), Some(b.clone()));
+            let y = super::super::linear(&layer, &x)?;
+            assert!(!y.track_op(), "{rows}×{inputs}→{outputs}: a graph was built");
+            let want = candle_core::Module::forward(&layer, &x)?;
+            assert!(
+                rel(&y, &want)? < 1e-5,
+                "{rows}×{inputs}→{outputs}: off by {}",
+                rel(&y, &want)?
+            );
+        }
+        Ok(())
+    }
+
     /// An input outside the graph gets no gradient (none is computed); the weight's is unchanged.
     #[test]
     fn no_input_gradient_outside_the_graph() -> Result<()> {
