@@ -59,25 +59,33 @@ fn main() {
     ) {
         pin_candle_cpu_threads();
     }
-    // `GZ_CONV=candle` switches the cuDNN fast path off for every subcommand (train, eval,
-    // predict), e.g. to compare against candle's stock kernels or to work around a cuDNN fault.
-    if std::env::var("GZ_CONV").is_ok_and(|v| v == "candle") {
-        gz_model::cudnn::set_enabled(false);
-    }
-    // `GZ_CPU_CONV=candle`: candle's CPU convolution instead of gz's own f32 kernel
-    // (gz_model::cpu_conv), for comparisons.
-    if std::env::var("GZ_CPU_CONV").is_ok_and(|v| v == "candle") {
-        gz_model::cpu_conv::set_enabled(false);
-    }
-    // `GZ_CPU_FUSED=0`: CPU training builds conv, ReLU and pooling as separate graph nodes
-    // (candle's ReLU) instead of one fused op per layer, for comparisons.
-    if std::env::var("GZ_CPU_FUSED").is_ok_and(|v| v == "0") {
-        gz_model::cudnn::set_cpu_fused(false);
-    }
-    // `GZ_GRAD_SINK=0`: parameter gradients go through candle's zero-fill-and-add accumulation
-    // (gz_model::grad_sink), for comparisons.
-    if std::env::var("GZ_GRAD_SINK").is_ok_and(|v| v == "0") {
-        gz_model::grad_sink::set_enabled(false);
+    // Switches for comparisons (and work-arounds): when the variable has the value, the setter
+    // is called with the flag.
+    let switches: [(&str, &str, fn(bool), bool); 7] = [
+        // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
+        // against candle's stock kernels or to work around a cuDNN fault
+        ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
+        // candle's CPU convolution instead of gz's own f32 kernel (gz_model::cpu_conv)
+        ("GZ_CPU_CONV", "candle", gz_model::cpu_conv::set_enabled, false),
+        // CPU training builds conv, ReLU and pooling as separate graph nodes (candle's ReLU)
+        // instead of one fused op per layer
+        ("GZ_CPU_FUSED", "0", gz_model::cudnn::set_cpu_fused, false),
+        // parameter gradients through candle's zero-fill-and-add accumulation
+        // (gz_model::grad_sink)
+        ("GZ_GRAD_SINK", "0", gz_model::grad_sink::set_enabled, false),
+        // the convolution towers channels-last (cuDNN's fast bf16 layout)
+        ("GZ_NHWC", "1", gz_model::cudnn::set_nhwc, true),
+        // on the fused path each convolution tower is one autograd node with its own backward
+        // pass; this runs the layers one by one, to measure the difference
+        ("GZ_TOWER_OP", "0", gz_model::cudnn::set_tower_op, false),
+        // CUDA devices opened with cudarc's per-buffer events and the driver's memory-pool
+        // trimming, as before gz tuned them (gz_model::device)
+        ("GZ_CUDA_DEFAULTS", "1", gz_model::device::set_cuda_defaults, true),
+    ];
+    for (var, value, set, flag) in switches {
+        if std::env::var(var).is_ok_and(|v| v == value) {
+            set(flag);
+        }
     }
     // `GZ_CPU_WINOGRAD=0`: gz's CPU convolution without Winograd (im2col + product for every
     // layer); `GZ_CPU_WINOGRAD=2`: Winograd F(2×2, 3×3) only (no 4×4 tiles), for comparisons.
@@ -103,26 +111,12 @@ fn main() {
         }
         _ => {}
     }
-    // `GZ_NHWC=1` runs the convolution towers channels-last (cuDNN's fast bf16 layout).
-    if std::env::var("GZ_NHWC").is_ok_and(|v| v == "1") {
-        gz_model::cudnn::set_nhwc(true);
-    }
     // On the fused path conv + bias + ReLU (+ 2×2 max-pool) are one op each; `GZ_CONV_RELU_OP=0`
     // and `GZ_FUSED_POOL=0` build the split graphs, to measure the difference.
     gz_model::cudnn::set_single_ops(
         std::env::var("GZ_CONV_RELU_OP").map_or(true, |v| v != "0"),
         std::env::var("GZ_FUSED_POOL").map_or(true, |v| v != "0"),
     );
-    // On the fused path each convolution tower is one autograd node with its own backward
-    // pass; `GZ_TOWER_OP=0` runs the layers one by one, to measure the difference.
-    if std::env::var("GZ_TOWER_OP").is_ok_and(|v| v == "0") {
-        gz_model::cudnn::set_tower_op(false);
-    }
-    // `GZ_CUDA_DEFAULTS=1`: open CUDA devices with cudarc's per-buffer events and the driver's
-    // memory-pool trimming, as before gz tuned them (gz_model::device).
-    if std::env::var("GZ_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {
-        gz_model::device::set_cuda_defaults(true);
-    }
     match std::env::var("GZ_OPTIM").as_deref() {
         Ok("fused") => gz_model::optim::set_fused_enabled(true),
         Ok("generic") => {
