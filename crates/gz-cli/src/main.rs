@@ -61,7 +61,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [(&str, &str, fn(bool), bool); 7] = [
+    let switches: [Switch; 7] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -173,6 +173,9 @@ impl std::error::Error for ExitCode {}
 /// RAYON_NUM_THREADS to it (a value the user set is kept), and first build rayon's global pool
 /// at the size rayon would give it, so that every pool and every matmul split stays as it was.
 /// Runs before any thread exists (setting a variable later would race with readers).
+/// An environment switch: (variable, value, setter, flag passed to the setter).
+type Switch = (&'static str, &'static str, fn(bool), bool);
+
 fn pin_candle_cpu_threads() {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return;
