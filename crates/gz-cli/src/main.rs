@@ -53,10 +53,18 @@ fn main() {
         "host allocator tuning (None: glibc's defaults, e.g. with GZ_MALLOC=system)"
     );
     let cli = Cli::parse();
-    if matches!(
-        cli.command,
-        Command::Train(_) | Command::Eval(_) | Command::Predict(_) | Command::BenchTrain(_)
-    ) {
+    let model_device = cli.command.model_device().map(str::to_owned);
+    // A model subcommand on the CPU runs on a worker of rayon's global pool, not on this
+    // thread: gz's CPU kernels start thousands of small parallel loops per step, and from a
+    // thread outside the pool each one is injected into the pool and waited for (a wake-up and
+    // a sleep: a quarter of `tiny`'s step at 32 px went to scheduling). `GZ_RUN_ON_POOL=0`
+    // keeps this thread, for comparisons. (CUDA runs stay here: not measured that way.)
+    let on_pool = model_device.as_deref() == Some("cpu") && std::env::var("GZ_RUN_ON_POOL").map_or(true, |v| v != "0");
+    if on_pool {
+        let arena = malloc::one_arena();
+        tracing::debug!(arena, "one malloc arena for the CPU model run");
+    }
+    if model_device.is_some() {
         pin_candle_cpu_threads();
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
@@ -136,7 +144,22 @@ fn main() {
             }
         }
     }
-    let result = match cli.command {
+    let result = if on_pool {
+        rayon::scope(|_| run(cli.command))
+    } else {
+        run(cli.command)
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        // A subcommand may ask for a specific exit code by returning `ExitCode`.
+        let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
+        std::process::exit(code);
+    }
+}
+
+/// Runs one subcommand.
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),
         Command::Train(a) => cmd::train::run(a),
@@ -144,12 +167,19 @@ fn main() {
         Command::Predict(a) => cmd::predict::run(a),
         Command::Submit(a) => cmd::submit::run(a),
         Command::BenchTrain(a) => cmd::bench_train::run(a),
-    };
-    if let Err(err) = result {
-        eprintln!("error: {err:#}");
-        // A subcommand may ask for a specific exit code by returning `ExitCode`.
-        let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
-        std::process::exit(code);
+    }
+}
+
+impl Command {
+    /// The `--device` of the model subcommands (train, eval, predict, bench-train).
+    fn model_device(&self) -> Option<&str> {
+        match self {
+            Command::Train(a) => Some(&a.device),
+            Command::Eval(a) => Some(&a.device),
+            Command::Predict(a) => Some(&a.source.device),
+            Command::BenchTrain(a) => Some(&a.device),
+            Command::Synth(_) | Command::Prep(_) | Command::Submit(_) => None,
+        }
     }
 }
 

@@ -52,6 +52,29 @@ fn apply() -> Option<usize> {
     None
 }
 
+/// One malloc arena for every thread (unless `GZ_MALLOC=system`): a CPU model run executes on a
+/// rayon worker (see `main`), and glibc gives other threads their own arenas, whose heaps hold
+/// at most 64 MiB, so larger buffers (Dieleman's 134 MB dense-layer gradient) would be
+/// `mmap`ed and page-faulted again every step whatever the thresholds say. Call it before the
+/// worker threads exist. Returns whether glibc took it.
+pub fn one_arena() -> bool {
+    if std::env::var("GZ_MALLOC").is_ok_and(|v| v == "system") {
+        return false;
+    }
+    one_arena_here()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn one_arena_here() -> bool {
+    // SAFETY: as in `apply`: only an allocator parameter, before other threads allocate.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn one_arena_here() -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     /// glibc takes the tuning (this machine's glibc takes the full 1 GiB: if a future one does
@@ -61,5 +84,12 @@ mod tests {
     fn glibc_takes_the_tuning() {
         let t = super::apply().expect("mallopt refused both thresholds");
         assert!(t == super::THRESHOLD as usize || t == super::FALLBACK_MMAP_THRESHOLD as usize);
+    }
+
+    /// glibc takes the single arena a CPU model run asks for.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn glibc_takes_one_arena() {
+        assert!(super::one_arena_here(), "mallopt refused M_ARENA_MAX = 1");
     }
 }

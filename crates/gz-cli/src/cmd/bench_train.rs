@@ -42,7 +42,7 @@ pub struct Args {
     warmup: usize,
     /// Device: cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Optimizer: rmsprop, sgd-nesterov, adamw.
     #[arg(long, default_value = "rmsprop")]
     optimizer: String,

@@ -36,7 +36,7 @@ pub struct Args {
     tta: TtaArgs,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,

@@ -37,7 +37,7 @@ pub struct Args {
     epochs: usize,
     /// Device: cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Minibatch size.
     #[arg(long, default_value_t = 32)]
     batch: usize,
