@@ -331,7 +331,8 @@ fn apply<T: Model>(
     }
     // One loop per optimizer, slot count and master, each with its scalars fixed outside the
     // loop, so that the compiler vectorises it (vector square roots and divisions are correctly
-    // rounded too: the same bits as the scalar operations).
+    // rounded too: the same bits as the scalar operations). The `use_l2: 0` arms give the
+    // compiler a loop without the weight-decay branch; the arms' bodies are the same.
     jobs.into_par_iter().for_each(|(a, b, m, v, g)| match (*sc, b) {
         (sc @ Scalars::Rmsprop { use_l2: 0, .. }, _) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
         (sc @ Scalars::Rmsprop { .. }, _) => each::<T>(a, m, v, g, |g, s, p| one_slot(&sc, g, s, p)),
