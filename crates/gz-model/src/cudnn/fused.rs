@@ -14,6 +14,8 @@
 //! feature) the same op runs candle's tensor ops, so CPU tests check the plumbing and the
 //! gradient formulas against candle's own `broadcast_add(..).relu()`.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use super::{cpu_storage, cpu_tensor};
@@ -250,8 +252,7 @@ impl CustomOp2 for ReluPoolBwd {
             (self.nhwc, super::f32_planes(s1, l1), super::f32_planes(s2, l2))
         {
             if (dn, dk) == (n, k) && 2 * oh <= h && 2 * ow <= w && !y.is_empty() {
-                let dy = super::pool_bwd_f32(y, dp, (h, w), (oh, ow));
-                return Ok(relu_grads_f32(y, &dy, k, h * w));
+                return Ok(relu_pool_grads_f32(y, dp, k, (h, w), (oh, ow)));
             }
         }
         let y = cpu_tensor(s1, l1)?;
@@ -330,30 +331,165 @@ fn cpu_conv_bias_relu_f32(
 }
 
 /// The packed [dz, db] of the backward ops for f32 NCHW `y` (the ReLU output) and `dy` (the
-/// gradient reaching it), `k` channels of `hw` values per image: dz = dy where y > 0, else 0,
-/// planes in parallel, each plane's sum on the way; db[c] adds channel c's plane sums in batch
-/// order (so the result does not depend on the thread count).
+/// gradient reaching it), `k` channels of `hw` values per image: dz = dy where y > 0, else 0.
 fn relu_grads_f32(y: &[f32], dy: &[f32], k: usize, hw: usize) -> (CpuStorage, Shape) {
+    packed_grads_f32(y.len(), k, hw, |plane, d| {
+        let range = plane * hw..(plane + 1) * hw;
+        for ((d, &yv), &g) in d.iter_mut().zip(&y[range.clone()]).zip(&dy[range]) {
+            d.write(if yv > 0.0 { g } else { 0.0 });
+        }
+    })
+}
+
+/// The packed [dz, db] of ReLU + 2×2 max-pool for f32 NCHW `y` (the ReLU output, planes of
+/// h × w) and `dp` (the gradient reaching the pooled output, planes of oh × ow, 2·oh ≤ h,
+/// 2·ow ≤ w) in one pass per plane: each window's gradient goes to its first maximum
+/// ([`relu_pool_plane`]) and through the ReLU. The same values as the pool's backward pass
+/// followed by [`relu_grads_f32`], to the bit, without the intermediate gradient's buffer.
+fn relu_pool_grads_f32(
+    y: &[f32],
+    dp: &[f32],
+    k: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> (CpuStorage, Shape) {
+    let (hw, ohw) = (h * w, oh * ow);
+    packed_grads_f32(y.len(), k, hw, |plane, d| {
+        relu_pool_plane(
+            &y[plane * hw..(plane + 1) * hw],
+            &dp[plane * ohw..(plane + 1) * ohw],
+            d,
+            (h, w),
+            (oh, ow),
+        )
+    })
+}
+
+/// One plane of [`relu_pool_grads_f32`]: every element of `d` is written. Each window's
+/// gradient goes to its first maximum (a larger value replaces), and passes the ReLU where that
+/// maximum is positive; a window with a NaN passes nothing (the pool's backward pass routes it
+/// to the NaN, where the ReLU stops it). Elements outside every window get 0.
+fn relu_pool_plane(y: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>], (h, w): (usize, usize), (oh, ow): (usize, usize)) {
+    let avx2 = simd();
+    let rows = y[..2 * oh * w]
+        .chunks_exact(2 * w)
+        .zip(d[..2 * oh * w].chunks_exact_mut(2 * w));
+    for ((yr, dr), gr) in rows.zip(g.chunks_exact(ow)) {
+        let (top, bottom) = yr.split_at(w);
+        let (dt, db) = dr.split_at_mut(w);
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `simd` checked that this CPU has AVX2
+            unsafe { avx2::relu_pool_rows(top, bottom, gr, dt, db) };
+        } else {
+            relu_pool_rows(top, bottom, gr, dt, db);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        relu_pool_rows(top, bottom, gr, dt, db);
+        // a column left over by an odd width (or a pooled map narrower than w / 2)
+        dt[2 * ow..].fill(MaybeUninit::new(0.0));
+        db[2 * ow..].fill(MaybeUninit::new(0.0));
+    }
+    // rows left over by an odd height (or a pooled map lower than h / 2)
+    d[2 * oh * w..h * w].fill(MaybeUninit::new(0.0));
+}
+
+/// One row of windows of [`relu_pool_plane`]: the first `2·g.len()` values of `top` and
+/// `bottom` (the window rows), their gradients into `dt` and `db`. Branch-free selects only, so
+/// that the compiler vectorises it.
+#[inline(always)]
+fn relu_pool_rows(top: &[f32], bottom: &[f32], g: &[f32], dt: &mut [MaybeUninit<f32>], db: &mut [MaybeUninit<f32>]) {
+    let n = g.len();
+    let (top, bottom) = (&top[..2 * n], &bottom[..2 * n]);
+    let (dt, db) = (&mut dt[..2 * n], &mut db[..2 * n]);
+    for j in 0..n {
+        let (a, b, c, e) = (top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
+        let to_b = b > a;
+        let m = if to_b { b } else { a };
+        let to_c = c > m;
+        let m = if to_c { c } else { m };
+        let to_e = e > m;
+        let m = if to_e { e } else { m };
+        #[allow(
+            clippy::eq_op,
+            reason = "x != x is the NaN test, as a select the compiler vectorises"
+        )]
+        let nan = (a != a) | (b != b) | (c != c) | (e != e);
+        // `0 + g`, as the two-pass version's `dx[best] += g` on a zeroed dx gives (so a -0
+        // gradient arrives as +0 there too)
+        let pass = if (m > 0.0) & !nan { 0.0 + g[j] } else { 0.0 };
+        // the first maximum: the last of the replacing comparisons that held
+        let (pe, rest) = if to_e { (pass, 0.0) } else { (0.0, pass) };
+        let (pc, rest) = if to_c { (rest, 0.0) } else { (0.0, rest) };
+        let (pb, pa) = if to_b { (rest, 0.0) } else { (0.0, rest) };
+        dt[2 * j].write(pa);
+        dt[2 * j + 1].write(pb);
+        db[2 * j].write(pc);
+        db[2 * j + 1].write(pe);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! [`super::relu_pool_rows`] compiled for AVX2; callers check [`super::simd`] first.
+    use std::mem::MaybeUninit;
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn relu_pool_rows(
+        top: &[f32],
+        bottom: &[f32],
+        g: &[f32],
+        dt: &mut [MaybeUninit<f32>],
+        db: &mut [MaybeUninit<f32>],
+    ) {
+        super::relu_pool_rows(top, bottom, g, dt, db)
+    }
+}
+
+/// Whether this CPU runs the AVX2 versions.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The packed [dz (`len` values, planes of `hw`), db (`k` values)] of a backward op on the CPU:
+/// `fill(plane, dz_plane)` writes every element of each plane, planes in parallel; each plane's
+/// sum (in index order) on the way; db[c] adds channel c's plane sums in batch order (so the
+/// result does not depend on the thread count).
+fn packed_grads_f32(
+    len: usize,
+    k: usize,
+    hw: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> (CpuStorage, Shape) {
     use rayon::prelude::*;
-    let mut packed = vec![0f32; y.len() + k];
-    let (dz, db) = packed.split_at_mut(y.len());
+    let mut packed = Vec::<f32>::with_capacity(len + k);
+    let (dz, db) = packed.spare_capacity_mut()[..len + k].split_at_mut(len);
     let sums: Vec<f32> = dz
-        .par_chunks_mut(hw)
-        .zip(y.par_chunks(hw))
-        .zip(dy.par_chunks(hw))
-        .map(|((d, yp), gp)| {
-            let mut sum = 0f32;
-            for ((d, &yv), &g) in d.iter_mut().zip(yp).zip(gp) {
-                let v = if yv > 0.0 { g } else { 0.0 };
-                *d = v;
-                sum += v;
-            }
-            sum
+        .par_chunks_mut(hw.max(1))
+        .enumerate()
+        .map(|(plane, d)| {
+            fill(plane, d);
+            // SAFETY: `fill` wrote every element of the plane; `MaybeUninit<f32>` has f32's layout
+            let d = unsafe { &*(d as *const [MaybeUninit<f32>] as *const [f32]) };
+            d.iter().fold(0f32, |s, &v| s + v)
         })
         .collect();
+    let mut channel = vec![0f32; k];
     for (plane, s) in sums.into_iter().enumerate() {
-        db[plane % k] += s;
+        channel[plane % k] += s;
     }
+    for (d, s) in db.iter_mut().zip(channel) {
+        d.write(s);
+    }
+    // SAFETY: dz's planes were written by `fill`, db above
+    unsafe { packed.set_len(len + k) };
     let len = packed.len();
     (CpuStorage::F32(packed), Shape::from(len))
 }
@@ -1047,6 +1183,58 @@ mod tests {
         let db = grads.get(b.as_tensor()).expect("db").to_vec1::<f32>()?;
         assert_eq!(db, [2.0]);
         Ok(())
+    }
+
+    /// The one-pass ReLU + pool backward against the pool's backward pass followed by the
+    /// ReLU's, to the bit: odd and even sides, ties (whole windows at 0, repeated maxima),
+    /// NaNs, -0 gradients and pooled maps smaller than h/2 × w/2.
+    #[test]
+    fn relu_pool_grads_match_the_two_passes_to_the_bit() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (n, k, h, w, oh, ow) in [
+            (2, 3, 6, 8, 3, 4),
+            (1, 2, 7, 5, 3, 2),
+            (3, 1, 2, 2, 1, 1),
+            (1, 4, 9, 9, 3, 4),
+            (2, 2, 5, 6, 2, 3),
+        ] {
+            let y: Vec<f32> = (0..n * k * h * w)
+                .map(|_| match next() % 16 {
+                    0..=4 => 0.0,
+                    5..=8 => 1.5,
+                    9 => f32::NAN,
+                    r => r as f32 * 0.25 - 2.0 + (next() >> 40) as f32 / (1u64 << 24) as f32,
+                })
+                .collect();
+            let dp: Vec<f32> = (0..n * k * oh * ow)
+                .map(|_| match next() % 8 {
+                    0 => -0.0,
+                    _ => (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0,
+                })
+                .collect();
+            let dy = super::super::pool_bwd_f32(&y, &dp, (h, w), (oh, ow));
+            let (CpuStorage::F32(want), _) = relu_grads_f32(&y, &dy, k, h * w) else {
+                unreachable!("f32 in, f32 out")
+            };
+            let (CpuStorage::F32(got), _) = relu_pool_grads_f32(&y, &dp, k, (h, w), (oh, ow)) else {
+                unreachable!("f32 in, f32 out")
+            };
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{:?} element {i}: {a} vs {b}",
+                    (n, k, h, w, oh, ow)
+                );
+            }
+        }
     }
 
     #[test]
