@@ -460,7 +460,7 @@ fn simd() -> bool {
 
 /// The packed [dz (`len` values, planes of `hw`), db (`k` values)] of a backward op on the CPU:
 /// `fill(plane, dz_plane)` writes every element of each plane, planes in parallel; each plane's
-/// sum (in index order) on the way; db[c] adds channel c's plane sums in batch order (so the
+/// sum ([`plane_sum`]) on the way; db[c] adds channel c's plane sums in batch order (so the
 /// result does not depend on the thread count).
 fn packed_grads_f32(
     len: usize,
@@ -478,7 +478,7 @@ fn packed_grads_f32(
             fill(plane, d);
             // SAFETY: `fill` wrote every element of the plane; `MaybeUninit<f32>` has f32's layout
             let d = unsafe { &*(d as *const [MaybeUninit<f32>] as *const [f32]) };
-            d.iter().fold(0f32, |s, &v| s + v)
+            plane_sum(d)
         })
         .collect();
     let mut channel = vec![0f32; k];
@@ -492,6 +492,23 @@ fn packed_grads_f32(
     unsafe { packed.set_len(len + k) };
     let len = packed.len();
     (CpuStorage::F32(packed), Shape::from(len))
+}
+
+/// The sum of a plane in a fixed order that vectorises: eight running sums (element i into
+/// sum i mod 8), added pairwise, then the elements after the last multiple of 8 in order. The
+/// same bits on any CPU and any thread count.
+fn plane_sum(d: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = d.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    let [a, b, c, e, f, g, h, i] = lanes;
+    let s = ((a + f) + (b + g)) + ((c + h) + (e + i));
+    rest.iter().fold(s, |s, &v| s + v)
 }
 
 /// The packed [dz, db] of the backward ops on the CPU from the ReLU output `y` and the
@@ -1233,6 +1250,30 @@ mod tests {
                     "{:?} element {i}: {a} vs {b}",
                     (n, k, h, w, oh, ow)
                 );
+            }
+        }
+    }
+
+    /// The plane sum adds every element (a remainder after the last multiple of 8 too) and
+    /// stays within f32 rounding of the exact sum.
+    #[test]
+    fn plane_sums_add_every_element() {
+        for n in 0usize..70 {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3 + 1.0 / (i + 1) as f32)
+                .collect();
+            let exact: f64 = v.iter().map(|&x| f64::from(x)).sum();
+            let got = f64::from(plane_sum(&v));
+            assert!(
+                (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                "n {n}: {got} vs {exact}"
+            );
+            // each element counts once: raising one raises the sum by as much
+            for i in [0, n / 2, n.saturating_sub(1)].into_iter().filter(|&i| i < n) {
+                let mut w = v.clone();
+                w[i] += 1024.0;
+                let d = f64::from(plane_sum(&w)) - got;
+                assert!((d - 1024.0).abs() < 1e-2, "n {n}, element {i}: the sum moved by {d}");
             }
         }
     }
