@@ -370,7 +370,7 @@ fn relu_pool_grads_f32(
 /// maximum is positive; a window with a NaN passes nothing (the pool's backward pass routes it
 /// to the NaN, where the ReLU stops it). Elements outside every window get 0.
 fn relu_pool_plane(y: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>], (h, w): (usize, usize), (oh, ow): (usize, usize)) {
-    let avx2 = simd();
+    let fast = super::avx2();
     let rows = y[..2 * oh * w]
         .chunks_exact(2 * w)
         .zip(d[..2 * oh * w].chunks_exact_mut(2 * w));
@@ -378,14 +378,17 @@ fn relu_pool_plane(y: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>], (h, w): (us
         let (top, bottom) = yr.split_at(w);
         let (dt, db) = dr.split_at_mut(w);
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: `simd` checked that this CPU has AVX2
-            unsafe { avx2::relu_pool_rows(top, bottom, gr, dt, db) };
+        if fast {
+            // SAFETY: `avx2()` checked that this CPU has AVX2
+            unsafe { super::avx2::relu_pool_rows(top, bottom, gr, dt, db) };
         } else {
             relu_pool_rows(top, bottom, gr, dt, db);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        relu_pool_rows(top, bottom, gr, dt, db);
+        {
+            let _ = fast; // (never set on other targets)
+            relu_pool_rows(top, bottom, gr, dt, db);
+        }
         // a column left over by an odd width (or a pooled map narrower than w / 2)
         dt[2 * ow..].fill(MaybeUninit::new(0.0));
         db[2 * ow..].fill(MaybeUninit::new(0.0));
@@ -398,7 +401,13 @@ fn relu_pool_plane(y: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>], (h, w): (us
 /// `bottom` (the window rows), their gradients into `dt` and `db`. Branch-free selects only, so
 /// that the compiler vectorises it.
 #[inline(always)]
-fn relu_pool_rows(top: &[f32], bottom: &[f32], g: &[f32], dt: &mut [MaybeUninit<f32>], db: &mut [MaybeUninit<f32>]) {
+pub(super) fn relu_pool_rows(
+    top: &[f32],
+    bottom: &[f32],
+    g: &[f32],
+    dt: &mut [MaybeUninit<f32>],
+    db: &mut [MaybeUninit<f32>],
+) {
     let n = g.len();
     let (top, bottom) = (&top[..2 * n], &bottom[..2 * n]);
     let (dt, db) = (&mut dt[..2 * n], &mut db[..2 * n]);
@@ -426,35 +435,6 @@ fn relu_pool_rows(top: &[f32], bottom: &[f32], g: &[f32], dt: &mut [MaybeUninit<
         dt[2 * j + 1].write(pb);
         db[2 * j].write(pc);
         db[2 * j + 1].write(pe);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! [`super::relu_pool_rows`] compiled for AVX2; callers check [`super::simd`] first.
-    use std::mem::MaybeUninit;
-
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn relu_pool_rows(
-        top: &[f32],
-        bottom: &[f32],
-        g: &[f32],
-        dt: &mut [MaybeUninit<f32>],
-        db: &mut [MaybeUninit<f32>],
-    ) {
-        super::relu_pool_rows(top, bottom, g, dt, db)
-    }
-}
-
-/// Whether this CPU runs the AVX2 versions.
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 

@@ -672,26 +672,83 @@ fn pool_bwd_f32(xs: &[f32], gs: &[f32], (h, w): (usize, usize), (oh, ow): (usize
 /// The f32 2×2 max-pool (stride 2) of contiguous NCHW `x` (planes of h × w, both at least 2),
 /// planes in parallel: candle's `max_pool2d` loop (each window starts from its first value,
 /// which any larger value replaces; so a NaN is kept only in the first place) on all threads
-/// instead of one.
+/// instead of one, as branch-free selects the compiler vectorises ([`pool_rows`]).
 fn pool_fwd_f32(x: &[f32], (h, w): (usize, usize)) -> Vec<f32> {
     use rayon::prelude::*;
     let (oh, ow) = (h / 2, w / 2);
-    let mut y = vec![0f32; x.len() / (h * w) * oh * ow];
-    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
-        for (i, row) in yp.chunks_mut(ow).enumerate() {
-            let (top, bottom) = (&xp[2 * i * w..], &xp[(2 * i + 1) * w..]);
-            for (j, out) in row.iter_mut().enumerate() {
-                let mut m = top[2 * j];
-                for v in [top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]] {
-                    if m < v {
-                        m = v;
-                    }
+    let fast = avx2();
+    let mut y = Vec::<f32>::with_capacity(x.len() / (h * w) * oh * ow);
+    let planes = y.spare_capacity_mut();
+    planes
+        .par_chunks_mut(oh * ow)
+        .zip(x.par_chunks(h * w))
+        .for_each(|(yp, xp)| {
+            for (i, row) in yp.chunks_exact_mut(ow).enumerate() {
+                let (top, bottom) = (&xp[2 * i * w..(2 * i + 1) * w], &xp[(2 * i + 1) * w..(2 * i + 2) * w]);
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: `avx2()` checked that this CPU has AVX2
+                    unsafe { avx2::pool_rows(top, bottom, row) };
+                    continue;
                 }
-                *out = m;
+                let _ = fast; // (never set on other targets)
+                pool_rows(top, bottom, row);
             }
-        }
-    });
+        });
+    let n = planes.len();
+    // SAFETY: every window of every plane wrote its output just above
+    unsafe { y.set_len(n) };
     y
+}
+
+/// One row of 2×2 windows of [`pool_fwd_f32`]: `out[j]` = the maximum of `top[2j..2j + 2]`
+/// and `bottom[2j..2j + 2]`, found in that order (a larger value replaces).
+#[inline(always)]
+fn pool_rows(top: &[f32], bottom: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
+    let n = out.len();
+    let (top, bottom) = (&top[..2 * n], &bottom[..2 * n]);
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut m = top[2 * j];
+        for v in [top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]] {
+            m = if v > m { v } else { m };
+        }
+        o.write(m);
+    }
+}
+
+/// Whether this CPU runs the AVX2 builds of the CPU pooling loops ([`avx2`]).
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The CPU pooling loops compiled for AVX2 (the same code, vectorised 8 wide); callers
+    //! check [`super::avx2()`] first.
+    use std::mem::MaybeUninit;
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pool_rows(top: &[f32], bottom: &[f32], out: &mut [MaybeUninit<f32>]) {
+        super::pool_rows(top, bottom, out)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn relu_pool_rows(
+        top: &[f32],
+        bottom: &[f32],
+        g: &[f32],
+        dt: &mut [MaybeUninit<f32>],
+        db: &mut [MaybeUninit<f32>],
+    ) {
+        super::fused::relu_pool_rows(top, bottom, g, dt, db)
+    }
 }
 
 /// NCHW sizes (n, c, h, w).
