@@ -8,7 +8,7 @@
 //!
 //! [`backward`] runs `loss.backward()` with a sink open on the calling thread (candle's
 //! backward runs its ops' `bwd` on that thread). The custom ops with parameters (the dense
-//! layer, the convolution ops) pass each parameter gradient through [`divert`]: while a sink is
+//! layer, the convolution ops) pass each parameter gradient through `divert`: while a sink is
 //! open and the parameter is a variable (a leaf the optimizer updates), the gradient goes to
 //! the sink and candle sees none. When the pass ends, [`backward`] puts the sink's gradients
 //! into the returned store, adding where the store (or the sink, for a parameter used twice)

@@ -18,6 +18,7 @@ pub mod augment;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu_conv;
+pub(crate) mod cpu_features;
 pub mod cudnn;
 pub mod data;
 pub mod device;

@@ -370,28 +370,24 @@ fn relu_pool_grads_f32(
 /// maximum is positive; a window with a NaN passes nothing (the pool's backward pass routes it
 /// to the NaN, where the ReLU stops it). Elements outside every window get 0.
 fn relu_pool_plane(y: &[f32], g: &[f32], d: &mut [MaybeUninit<f32>], (h, w): (usize, usize), (oh, ow): (usize, usize)) {
-    let fast = super::avx2();
+    let fast = crate::cpu_features::avx2();
     let rows = y[..2 * oh * w]
         .chunks_exact(2 * w)
         .zip(d[..2 * oh * w].chunks_exact_mut(2 * w));
     for ((yr, dr), gr) in rows.zip(g.chunks_exact(ow)) {
         let (top, bottom) = yr.split_at(w);
         let (dt, db) = dr.split_at_mut(w);
-        #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: `avx2()` checked that this CPU has AVX2
-            unsafe { super::avx2::relu_pool_rows(top, bottom, gr, dt, db) };
-        } else {
-            relu_pool_rows(top, bottom, gr, dt, db);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = fast; // (never set on other targets)
-            relu_pool_rows(top, bottom, gr, dt, db);
-        }
         // a column left over by an odd width (or a pooled map narrower than w / 2)
         dt[2 * ow..].fill(MaybeUninit::new(0.0));
         db[2 * ow..].fill(MaybeUninit::new(0.0));
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: `cpu_features::avx2()` found AVX2 on this CPU
+            unsafe { super::avx2::relu_pool_rows(top, bottom, gr, dt, db) };
+            continue;
+        }
+        let _ = fast; // (never set on other targets)
+        relu_pool_rows(top, bottom, gr, dt, db);
     }
     // rows left over by an odd height (or a pooled map lower than h / 2)
     d[2 * oh * w..h * w].fill(MaybeUninit::new(0.0));

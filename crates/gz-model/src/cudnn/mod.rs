@@ -676,7 +676,7 @@ fn pool_bwd_f32(xs: &[f32], gs: &[f32], (h, w): (usize, usize), (oh, ow): (usize
 fn pool_fwd_f32(x: &[f32], (h, w): (usize, usize)) -> Vec<f32> {
     use rayon::prelude::*;
     let (oh, ow) = (h / 2, w / 2);
-    let fast = avx2();
+    let fast = crate::cpu_features::avx2();
     let mut y = Vec::<f32>::with_capacity(x.len() / (h * w) * oh * ow);
     let planes = y.spare_capacity_mut();
     planes
@@ -687,7 +687,7 @@ fn pool_fwd_f32(x: &[f32], (h, w): (usize, usize)) -> Vec<f32> {
                 let (top, bottom) = (&xp[2 * i * w..(2 * i + 1) * w], &xp[(2 * i + 1) * w..(2 * i + 2) * w]);
                 #[cfg(target_arch = "x86_64")]
                 if fast {
-                    // SAFETY: `avx2()` checked that this CPU has AVX2
+                    // SAFETY: `cpu_features::avx2()` found AVX2 on this CPU
                     unsafe { avx2::pool_rows(top, bottom, row) };
                     continue;
                 }
@@ -716,22 +716,10 @@ fn pool_rows(top: &[f32], bottom: &[f32], out: &mut [std::mem::MaybeUninit<f32>]
     }
 }
 
-/// Whether this CPU runs the AVX2 builds of the CPU pooling loops ([`avx2`]).
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The CPU pooling loops compiled for AVX2 (the same code, vectorised 8 wide); callers
-    //! check [`super::avx2()`] first.
+    //! check [`crate::cpu_features::avx2`] first.
     use std::mem::MaybeUninit;
 
     #[target_feature(enable = "avx2")]

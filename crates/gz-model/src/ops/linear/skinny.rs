@@ -122,7 +122,7 @@ fn weight_grad_task<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 mod fma {
-    //! The tasks compiled for AVX2 + FMA; callers check [`super::simd`] first.
+    //! The tasks compiled for AVX2 + FMA; callers check [`crate::cpu_features::avx2_fma`] first.
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_task(yt: &mut [f32], w: &[f32], x: &[f32], dims: (usize, usize)) {
@@ -152,24 +152,12 @@ mod fma {
     }
 }
 
-/// Whether this CPU runs the AVX2 + FMA versions.
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `y (rows × outputs) = x (rows × inputs) · wᵀ + b` for `w` (outputs × inputs), `b` (outputs).
 pub(super) fn forward(x: &[f32], w: &[f32], b: &[f32], dims: (usize, usize, usize)) -> Vec<f32> {
-    forward_with(simd(), x, w, b, dims)
+    forward_with(crate::cpu_features::avx2_fma(), x, w, b, dims)
 }
 
-/// [`forward`] with (`fast`, on a CPU [`simd`] accepts) or without AVX2 + FMA.
+/// [`forward`] with (`fast`, on a CPU [`crate::cpu_features::avx2_fma`] accepts) or without AVX2 + FMA.
 fn forward_with(
     fast: bool,
     x: &[f32],
@@ -184,7 +172,7 @@ fn forward_with(
             .for_each(|(yt, w)| {
                 #[cfg(target_arch = "x86_64")]
                 if fast {
-                    // SAFETY: `fast` only where `simd()` found AVX2 and FMA on this CPU.
+                    // SAFETY: `fast` only where `cpu_features::avx2_fma()` found AVX2 and FMA.
                     return unsafe { fma::forward_task(yt, w, x, (rows, inputs)) };
                 }
                 let _ = fast;
@@ -202,7 +190,7 @@ fn forward_with(
 
 /// `dx (rows × inputs) = dy (rows × outputs) · w` for `w` (outputs × inputs).
 pub(super) fn input_grad(dy: &[f32], w: &[f32], dims: (usize, usize, usize)) -> Vec<f32> {
-    input_grad_with(simd(), dy, w, dims)
+    input_grad_with(crate::cpu_features::avx2_fma(), dy, w, dims)
 }
 
 /// [`input_grad`] with or without AVX2 + FMA (as [`forward_with`]).
@@ -220,7 +208,7 @@ fn input_grad_with(fast: bool, dy: &[f32], w: &[f32], (rows, inputs, outputs): (
             let dims = (rows, inputs, outputs);
             #[cfg(target_arch = "x86_64")]
             if fast {
-                // SAFETY: `fast` only where `simd()` found AVX2 and FMA on this CPU.
+                // SAFETY: `fast` only where `cpu_features::avx2_fma()` found AVX2 and FMA.
                 unsafe { fma::input_grad_task(&mut acc, w, dy, dims, (start, width)) };
                 return acc;
             }
@@ -241,7 +229,7 @@ fn input_grad_with(fast: bool, dy: &[f32], w: &[f32], (rows, inputs, outputs): (
 
 /// `dw (outputs × inputs) = dyᵀ · x` for `dy` (rows × outputs), `x` (rows × inputs).
 pub(super) fn weight_grad(x: &[f32], dy: &[f32], dims: (usize, usize, usize)) -> Vec<f32> {
-    weight_grad_with(simd(), x, dy, dims)
+    weight_grad_with(crate::cpu_features::avx2_fma(), x, dy, dims)
 }
 
 /// [`weight_grad`] with or without AVX2 + FMA (as [`forward_with`]).
@@ -260,7 +248,7 @@ fn weight_grad_with(fast: bool, x: &[f32], dy: &[f32], (rows, inputs, outputs): 
             let dims = (rows, inputs, outputs);
             #[cfg(target_arch = "x86_64")]
             if fast {
-                // SAFETY: `fast` only where `simd()` found AVX2 and FMA on this CPU.
+                // SAFETY: `fast` only where `cpu_features::avx2_fma()` found AVX2 and FMA.
                 return unsafe { fma::weight_grad_task(dw, first, x, dy, dims) };
             }
             let _ = fast;
@@ -287,7 +275,7 @@ mod tests {
     /// on 1 and 3 threads.
     #[test]
     fn kernels_match_f64_loops_on_any_threads() {
-        for (fast, (rows, inputs, outputs)) in [false, simd()]
+        for (fast, (rows, inputs, outputs)) in [false, crate::cpu_features::avx2_fma()]
             .into_iter()
             .flat_map(|fast| [(1, 5, 3), (8, 300, 37), (3, 513, 129), (32, 70, 18)].map(|d| (fast, d)))
         {
