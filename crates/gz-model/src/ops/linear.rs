@@ -8,7 +8,7 @@
 //! the three products below (`docs/benchmarks.md`). This op's backward returns `dW = dyᵀ·x`
 //! directly in W's (out, in) layout, `dx = dy·W` and `db = Σ dy`, and its forward is one `gemm`
 //! with the bias as the starting value; the values are candle's up to the order of the sums.
-//! Batches of at most [`skinny::MAX_ROWS`] rows (training batches on the CPU) take `skinny`'s
+//! Batches of at most [`skinny::MAX_ROWS`] rows (small training batches on the CPU) take `skinny`'s
 //! kernels for the three products instead of `gemm`: matrix–vector work that streams W once.
 
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};

@@ -15,8 +15,11 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-/// Batches up to this many rows take these kernels; larger ones the `gemm` kernel.
-pub(super) const MAX_ROWS: usize = 32;
+/// Batches up to this many rows take these kernels; larger ones the `gemm` kernel. Measured on
+/// Dieleman's first dense layer (8,192 → 4,096, 2 threads; ninth session, `docs/benchmarks.md`):
+/// at 24 and 32 rows `gemm` took 0.5–0.75× these kernels' time for `y` and `dW` (its packing of W
+/// is paid back by then), at 4–8 rows these took 0.35–0.9× `gemm`'s, and at 16 the two were even.
+pub(super) const MAX_ROWS: usize = 16;
 
 /// Rows of W (outputs) per rayon task in [`forward`] and [`weight_grad`].
 const OUTPUTS_PER_TASK: usize = 16;
