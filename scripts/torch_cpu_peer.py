@@ -3,6 +3,7 @@ peer (`../shared/bench/torch_peer.py`, whose model definitions this imports), to
 path side by side: same architectures, batch, RMSprop, MSE loss, f32, PyTorch's default threads.
 
     python3 scripts/torch_cpu_peer.py [--peer ../shared/bench/torch_peer.py] [--threads N]
+                                      [--batch 8] [--models vgg,dieleman]
 
 Compare with (same machine, same session):
 
@@ -67,10 +68,15 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default="../shared/bench/torch_peer.py")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    ap.add_argument("--batch", type=int, default=8, help="images (galaxies) per step")
+    ap.add_argument("--models", default="vgg,dieleman", help="comma-separated: vgg, dieleman")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     peer = load_peer(a.peer)
     print(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads())), flush=True)
-    bench("vgg", peer.vgg, (3, 106, 106), 1, 8, steps=3, warmup=1)
-    bench("dieleman", peer.Dieleman, (3, 45, 45), 16, 8, steps=4, warmup=1)
+    models = a.models.split(",")
+    if "vgg" in models:
+        bench("vgg", peer.vgg, (3, 106, 106), 1, a.batch, steps=3, warmup=1)
+    if "dieleman" in models:
+        bench("dieleman", peer.Dieleman, (3, 45, 45), 16, a.batch, steps=4, warmup=1)
