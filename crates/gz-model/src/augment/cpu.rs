@@ -110,9 +110,10 @@ pub(super) fn dieleman_parts<T: WithDType>(
     debug_assert_eq!(img.len(), b * c * h * w);
     debug_assert!(part <= view);
     let l = view - 1;
-    let xs = centres(view); // a view is square: the same centres on both axes
-                            // views[(v·b + g)·c + ch]: view × view values (only the pixels some part reads are
-                            // sampled: with part ≥ view / 2, all of them)
+    // a view is square: the same centres on both axes
+    let xs = centres(view);
+    // views[(v·b + g)·c + ch]: view × view values (only the pixels some part reads are
+    // sampled: with part ≥ view / 2, all of them)
     let vv = view * view;
     let mut views = vec![0f32; 4 * b * c * vv];
     views.par_chunks_mut(vv).enumerate().for_each(|(i, o)| {
