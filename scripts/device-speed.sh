@@ -19,6 +19,9 @@
 #     tree::tests::cuda_op_matches_ops); each conv tower as ONE autograd node with its own
 #     backward (cudnn/tower.rs; GZ_TOWER_OP=0 runs the layers one by one; test
 #     ops::tests::cuda_tower_op_matches_layers)
+#   - tenth session: GZ_NHWC_IMAGE=1 runs the 3-channel image layer channels-last too (no
+#     permutation of the first convolution's output and gradient; test
+#     ops::tests::cuda_tower_op_matches_layers covers it)
 #   - fifth session (no device either): the fused optimizer updates up to 32 tensors per launch
 #     (a table by value; GZ_OPTIM_TENSORS=1 launches once per tensor as before; test
 #     optim::fused::tests::fused_grouping_does_not_change_the_update)
@@ -98,6 +101,7 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-baseline 50 GZ_FUSED=0 -- $D $R
   bench dieleman-bf16-all 50 $ALL -- $D $R
   bench dieleman-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $D $R
+  bench vgg-bf16-all-nhwc-image 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
   pack
   peer
   pack
@@ -107,6 +111,7 @@ if [ -x "$BIN/gz" ]; then
   bench vgg-bf16-inference 40 $ALL -- $V $R --inference
   bench vgg-bf16-inference-nhwc 40 $ALL GZ_NHWC=1 -- $V $R --inference
   bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
+  bench dieleman-bf16-all-nhwc-image 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $D $R
   bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
   bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
   bench vgg-bf16-optimizer-one-launch-per-tensor 50 $ALL GZ_OPTIM_TENSORS=1 -- $V $R

@@ -69,7 +69,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 7] = [
+    let switches: [Switch; 8] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -83,6 +83,9 @@ fn main() {
         ("GZ_GRAD_SINK", "0", gz_model::grad_sink::set_enabled, false),
         // the convolution towers channels-last (cuDNN's fast bf16 layout)
         ("GZ_NHWC", "1", gz_model::cudnn::set_nhwc, true),
+        // with channels-last, the 3-channel image layer channels-last too (no permutation of
+        // the first convolution's output and its gradient; cuDNN's kernels for 3 channels)
+        ("GZ_NHWC_IMAGE", "1", gz_model::cudnn::set_nhwc_image, true),
         // on the fused path each convolution tower is one autograd node with its own backward
         // pass; this runs the layers one by one, to measure the difference
         ("GZ_TOWER_OP", "0", gz_model::cudnn::set_tower_op, false),

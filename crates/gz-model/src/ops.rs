@@ -181,7 +181,8 @@ pub(crate) fn run_tower_by_layers(x: &Tensor, layers: &[(&Conv2d, bool)]) -> Res
 
 /// A convolution tower's layout as it runs: NCHW until the first convolution whose input has
 /// a multiple of 8 channels when channels-last is wanted (cuDNN's NHWC tensor-core kernels want
-/// that; the 3-channel image layers stay NCHW), channels-last from there, NCHW again at the end.
+/// that; the 3-channel image layers stay NCHW unless [`crate::cudnn::set_nhwc_image`]),
+/// channels-last from there, NCHW again at the end.
 #[derive(Debug, Clone, Copy)]
 pub struct Tower {
     wanted: bool,
@@ -211,9 +212,10 @@ impl Tower {
     }
 
     /// `x` in the layout `conv` runs in: permuted to channels-last at the tower's first
-    /// convolution with a multiple of 8 input channels when channels-last is wanted.
+    /// convolution with a multiple of 8 input channels (or at its first with
+    /// [`crate::cudnn::set_nhwc_image`]) when channels-last is wanted.
     fn enter(&mut self, conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
-        if self.wanted && !self.now && conv.weight.dim(1)? % 8 == 0 {
+        if self.wanted && !self.now && crate::cudnn::nhwc_starts_at(conv.weight.dim(1)?) {
             self.now = true;
             return enter_layout(x, true);
         }
@@ -295,7 +297,15 @@ mod tests {
     }
 
     /// Output, input gradient and every parameter gradient of `sum(tower(x) · g)`.
-    fn run(dev: &Device, dtype: DType, one_op: bool, nhwc: bool, in_c: usize) -> Vec<(String, Tensor)> {
+    /// With the image layer channels-last too when `image_nhwc` ([`crate::cudnn::set_nhwc_image`]).
+    fn run_in(
+        dev: &Device,
+        dtype: DType,
+        one_op: bool,
+        nhwc: bool,
+        image_nhwc: bool,
+        in_c: usize,
+    ) -> Vec<(String, Tensor)> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let built = layers(&vb, in_c);
@@ -343,11 +353,13 @@ mod tests {
         let x = Var::from_vec(v, (2, in_c, 19, 19), &Device::Cpu).unwrap();
         let x = Var::from_tensor(&x.as_tensor().to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let y = crate::cudnn::with_nhwc(nhwc, || {
-            if one_op {
-                run_tower_as_one_op(x.as_tensor(), &refs, nhwc)
-            } else {
-                run_tower_by_layers(x.as_tensor(), &refs)
-            }
+            crate::cudnn::with_nhwc_image(image_nhwc, || {
+                if one_op {
+                    run_tower_as_one_op(x.as_tensor(), &refs, nhwc)
+                } else {
+                    run_tower_by_layers(x.as_tensor(), &refs)
+                }
+            })
         })
         .unwrap();
         let g: Vec<f32> = (0..y.elem_count())
@@ -383,19 +395,25 @@ mod tests {
     /// channels-last, each against the per-layer NCHW graph (on the CPU: candle's own conv,
     /// ReLU and autograd): output, input gradient and every parameter gradient, on `dev`, for a
     /// 3-channel input (channels-last from the second layer) and an 8-channel one (from the
-    /// first, so the input gradient comes back through the layout switch).
+    /// first, so the input gradient comes back through the layout switch); and for the
+    /// 3-channel input with the image layer channels-last too.
     pub(crate) fn tower_op_matches_layers_on(dev: &Device, dtype: DType, tol: f32) {
         for in_c in [3, 8] {
-            let reference = run(dev, dtype, false, false, in_c);
-            for (one_op, nhwc) in [(true, false), (true, true), (false, true)] {
-                let a = run(dev, dtype, one_op, nhwc, in_c);
+            let reference = run_in(dev, dtype, false, false, false, in_c);
+            let mut plans = vec![(true, false, false), (true, true, false), (false, true, false)];
+            if in_c % 8 != 0 {
+                plans.extend([(true, true, true), (false, true, true)]);
+            }
+            for (one_op, nhwc, image_nhwc) in plans {
+                let a = run_in(dev, dtype, one_op, nhwc, image_nhwc, in_c);
                 assert_eq!(a.len(), reference.len());
                 for ((name, ta), (_, tb)) in a.iter().zip(&reference) {
                     assert_eq!(ta.dims(), tb.dims(), "{name}");
                     let e = rel(ta, tb);
                     assert!(
                         e < tol,
-                        "{name} (one op {one_op}, nhwc {nhwc}, {in_c} channels, {dtype:?}): relative error {e}"
+                        "{name} (one op {one_op}, nhwc {nhwc}, image nhwc {image_nhwc}, {in_c} channels, \
+                         {dtype:?}): relative error {e}"
                     );
                 }
             }

@@ -336,6 +336,15 @@ pub(crate) mod launch {
         pub(crate) parent: [i32; MAX_Q],
     }
 
+    // The kernel reads the table with the C layout (tree.cu asserts the same size and offsets).
+    const _: () = {
+        use std::mem::{offset_of, size_of};
+        assert!(size_of::<Tree>() == 200);
+        assert!(offset_of!(Tree, first) == 8);
+        assert!(offset_of!(Tree, len) == 72);
+        assert!(offset_of!(Tree, parent) == 136);
+    };
+
     /// The plan's questions as the kernel's table.
     pub(super) fn table(plan: &Plan) -> Result<Tree> {
         if plan.questions.len() > MAX_Q || gz_schema::N_ANSWERS > MAX_A {

@@ -52,6 +52,8 @@ static PROFILING: AtomicBool = AtomicBool::new(false);
 /// Off by default: the fused kernels have not run on a GPU yet (docs/cudnn.md).
 static FUSED: AtomicBool = AtomicBool::new(false);
 static NHWC: AtomicBool = AtomicBool::new(false);
+/// Channels-last from the image layer on (see [`set_nhwc_image`]).
+static NHWC_IMAGE: AtomicBool = AtomicBool::new(false);
 /// On the fused path, conv + epilogue (+ pool) as one op each (see [`set_single_ops`]).
 static SINGLE_CONV_RELU: AtomicBool = AtomicBool::new(true);
 static FUSED_POOL: AtomicBool = AtomicBool::new(true);
@@ -141,6 +143,38 @@ pub fn nhwc_for(device: &Device) -> bool {
         .with(|c| c.get())
         .unwrap_or_else(|| NHWC.load(Ordering::Relaxed));
     on && (device.is_cpu() || active_for(device))
+}
+
+/// With channels-last on ([`set_nhwc`]), runs the image layer channels-last too: the tower
+/// permutes its 3-channel input (one tenth of the first convolution's output) instead of the
+/// first convolution's output, and the backward pass needs no permutation at all (the image
+/// needs no gradient). Off by default: cuDNN's NHWC tensor-core kernels want a multiple of 8
+/// input channels, so whether its kernels for 3 channels beat the NCHW convolution plus the two
+/// permutations is for a device run to say (`GZ_NHWC_IMAGE=1` in `gz`).
+pub fn set_nhwc_image(on: bool) {
+    NHWC_IMAGE.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    static NHWC_IMAGE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`set_nhwc_image`]'s switch overridden on this thread only (for tests).
+pub fn with_nhwc_image<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = NHWC_IMAGE_HERE.with(|c| c.replace(Some(on)));
+    let r = f();
+    NHWC_IMAGE_HERE.with(|c| c.set(before));
+    r
+}
+
+/// Whether a channels-last tower still in NCHW switches layout before a convolution with
+/// `in_channels` input channels: at the first multiple of 8 (cuDNN's NHWC tensor-core kernels
+/// want that), or at once with [`set_nhwc_image`].
+pub fn nhwc_starts_at(in_channels: usize) -> bool {
+    in_channels % 8 == 0
+        || NHWC_IMAGE_HERE
+            .with(|c| c.get())
+            .unwrap_or_else(|| NHWC_IMAGE.load(Ordering::Relaxed))
 }
 
 /// Allows (default) or forbids TF32 tensor-core math for f32 convolutions. Takes effect for

@@ -15,7 +15,8 @@
 //! needs no gradient (the image never does).
 //!
 //! The layout plan is [`crate::ops::Tower`]'s: channels-last from the first convolution whose
-//! input has a multiple of 8 channels when `nhwc`, back to NCHW at the end. The result equals
+//! input has a multiple of 8 channels when `nhwc` (from the image layer with
+//! [`super::set_nhwc_image`]), back to NCHW at the end. The result equals
 //! the per-layer graph's (`ops::tests::tower_op_matches_layers` compares outputs and all
 //! gradients).
 
@@ -65,7 +66,7 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
     let mut saved = Vec::with_capacity(layers.len());
     for l in layers {
         let (_, c, _, _) = l.weight.dims4()?;
-        let switched = nhwc && !now && c % 8 == 0;
+        let switched = nhwc && !now && super::nhwc_starts_at(c);
         if switched {
             h = nhwc_of(&h)?;
             now = true;

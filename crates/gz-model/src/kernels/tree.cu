@@ -11,6 +11,7 @@
 // where v_i = r_i / s (recomputed from x). [x >= 0] is candle's ReLU subgradient, which the
 // candle-ops version of the layer uses.
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define TREE_MAX_Q 16
@@ -23,6 +24,9 @@ struct Tree {
     uint32_t len[TREE_MAX_Q];
     int32_t parent[TREE_MAX_Q];
 };
+// passed by value: tree.rs asserts the same size and offsets for its `Tree`
+static_assert(sizeof(Tree) == 200, "Tree layout");
+static_assert(offsetof(Tree, first) == 8 && offsetof(Tree, len) == 72 && offsetof(Tree, parent) == 136, "Tree layout");
 
 template <typename T>
 __device__ __forceinline__ void tree_fwd(const T *__restrict__ x, T *__restrict__ y, uint32_t rows, const Tree &t,

@@ -530,16 +530,17 @@ mod cuda_tests {
     }
 }
 
-/// Layout checks on CPU: the channels-last towers ([`crate::cudnn::with_nhwc`]) give the same
-/// outputs and the same parameter gradients as NCHW, for both net families (the checkpoint
-/// format does not depend on the layout).
+/// Layout checks on CPU: the channels-last towers ([`crate::cudnn::with_nhwc`], from the image
+/// layer on too) give the same outputs and the same parameter gradients as NCHW, for both net
+/// families (the checkpoint format does not depend on the layout).
 #[cfg(test)]
 mod layout_tests {
     use super::*;
     use crate::config::Arch;
 
-    fn outputs_and_grads(arch: Arch, nhwc: bool) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
-        crate::cudnn::with_nhwc(nhwc, || {
+    /// With `image_nhwc`, the image layer runs channels-last too ([`crate::cudnn::set_nhwc_image`]).
+    fn outputs_and_grads(arch: Arch, nhwc: bool, image_nhwc: bool) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+        let run = || {
             let dev = Device::Cpu;
             let cfg = ModelConfig::new(arch, OutputKind::Tree);
             let (model, varmap) = crate::checkpoint::build_seeded(&cfg, 3, DType::F32, &dev).expect("model");
@@ -576,14 +577,20 @@ mod layout_tests {
                 .collect();
             gs.sort_by(|a, b| a.0.cmp(&b.0));
             (y.flatten_all().expect("flat").to_vec1::<f32>().expect("values"), gs)
-        })
+        };
+        crate::cudnn::with_nhwc(nhwc, || crate::cudnn::with_nhwc_image(image_nhwc, run))
     }
 
     #[test]
     fn channels_last_towers_match_nchw() {
-        for arch in [Arch::Tiny, Arch::DielemanTiny] {
-            let (ya, ga) = outputs_and_grads(arch, false);
-            let (yb, gb) = outputs_and_grads(arch, true);
+        for (arch, image_nhwc) in [
+            (Arch::Tiny, false),
+            (Arch::DielemanTiny, false),
+            (Arch::Tiny, true),
+            (Arch::DielemanTiny, true),
+        ] {
+            let (ya, ga) = outputs_and_grads(arch, false, false);
+            let (yb, gb) = outputs_and_grads(arch, true, image_nhwc);
             let worst = ya.iter().zip(&yb).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-6, "{arch}: outputs differ by {worst}");
             assert_eq!(ga.len(), gb.len(), "{arch}: the same parameters get gradients");
