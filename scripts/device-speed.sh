@@ -21,7 +21,10 @@
 #     ops::tests::cuda_tower_op_matches_layers)
 #   - tenth session: GZ_NHWC_IMAGE=1 runs the 3-channel image layer channels-last too (no
 #     permutation of the first convolution's output and gradient; test
-#     ops::tests::cuda_tower_op_matches_layers covers it)
+#     ops::tests::cuda_tower_op_matches_layers covers it); the NCHW <-> NHWC layout changes of
+#     the channels-last towers as one tiled transpose kernel (kernels/layout.cu, on wherever
+#     channels-last runs; GZ_LAYOUT_KERNEL=0 uses candle's strided copy; test
+#     cudnn::tests::cuda_layout_kernel_matches_permute)
 #   - fifth session (no device either): the fused optimizer updates up to 32 tensors per launch
 #     (a table by value; GZ_OPTIM_TENSORS=1 launches once per tensor as before; test
 #     optim::fused::tests::fused_grouping_does_not_change_the_update)
@@ -102,6 +105,7 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-all 50 $ALL -- $D $R
   bench dieleman-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $D $R
   bench vgg-bf16-all-nhwc-image 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
+  bench vgg-bf16-all-nhwc-candle-layout 50 $ALL GZ_NHWC=1 GZ_LAYOUT_KERNEL=0 -- $V $R
   pack
   peer
   pack

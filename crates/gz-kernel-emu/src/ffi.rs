@@ -26,6 +26,12 @@ extern "C" {
     pub fn gz_emu_shfl_down(v: f32, delta: u32, width: i32) -> f32;
 }
 
+// layout.cu: a batched 2-D transpose moving 4-byte (f32) or 2-byte (bf16, f16) values as bits.
+extern "C" {
+    pub fn gz_transpose_b32(src: *const u32, dst: *mut u32, batch: u32, rows: u32, cols: u32);
+    pub fn gz_transpose_b16(src: *const u16, dst: *mut u16, batch: u32, rows: u32, cols: u32);
+}
+
 /// `struct Tree` of tree.cu, passed by value (the layout gz-model's launcher also uses).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -38,6 +38,7 @@ use crate::grad_sink;
 #[cfg(feature = "cudnn")]
 mod backend;
 mod fused;
+pub mod layout;
 #[cfg(test)]
 mod tests;
 mod tower;
@@ -496,14 +497,18 @@ fn cpu_out(t: Tensor, nhwc: bool) -> Result<Tensor> {
     }
 }
 
-/// (N, H, W, C) → (N, C, H, W), contiguous; also (K, R, S, C) filters → (K, C, R, S).
+/// (N, H, W, C) → (N, C, H, W), contiguous; also (K, R, S, C) filters → (K, C, R, S). The
+/// transpose kernel on CUDA for tensors outside a graph ([`layout::transpose`]).
 fn nchw_of(t: &Tensor) -> Result<Tensor> {
-    t.permute((0, 3, 1, 2))?.contiguous()
+    let (n, h, w, c) = t.dims4()?;
+    layout::transpose(t, n, h * w, c, &[n, c, h, w])
 }
 
-/// (N, C, H, W) → (N, H, W, C), contiguous; also (K, C, R, S) filters → (K, R, S, C).
+/// (N, C, H, W) → (N, H, W, C), contiguous; also (K, C, R, S) filters → (K, R, S, C). The
+/// transpose kernel on CUDA for tensors outside a graph ([`layout::transpose`]).
 fn nhwc_of(t: &Tensor) -> Result<Tensor> {
-    t.permute((0, 2, 3, 1))?.contiguous()
+    let (n, c, h, w) = t.dims4()?;
+    layout::transpose(t, n, c, h * w, &[n, h, w, c])
 }
 
 /// The same pooling from candle's generic ops (a reshape to 2×2 windows and two `max`

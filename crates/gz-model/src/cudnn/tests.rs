@@ -958,3 +958,35 @@ fn no_input_gradient_for_an_input_outside_the_graph() -> Result<()> {
     }
     Ok(())
 }
+
+/// The transpose kernel of the channels-last towers (`cudnn::layout`) on the GPU: both
+/// directions, every dtype, the nets' largest layout changes at a small batch and off-tile
+/// sides, to the bit against candle's strided copy; and a tensor in a graph keeps its gradient
+/// (it takes candle's permute). Skipped without a GPU.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_layout_kernel_matches_permute() -> Result<()> {
+    let Some(gpu) = cuda_device() else { return Ok(()) };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (n, c, h, w) in [
+            (2, 3, 106, 106),
+            (3, 32, 106, 106),
+            (5, 32, 20, 20),
+            (7, 64, 3, 3),
+            (1, 1, 1, 1),
+        ] {
+            let x = randn(&[n, c, h, w], 41, &gpu)?.to_dtype(dtype)?;
+            let want = x.permute((0, 2, 3, 1))?.contiguous()?;
+            let got = super::nhwc_of(&x)?;
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(rel_err(&got, &want)?, 0.0, "{dtype:?} NCHW→NHWC {n}×{c}×{h}×{w}");
+            let back = super::nchw_of(&got)?;
+            assert_eq!(rel_err(&back, &x)?, 0.0, "{dtype:?} NHWC→NCHW {n}×{c}×{h}×{w}");
+        }
+    }
+    let v = Var::from_tensor(&randn(&[2, 3, 5, 7], 42, &gpu)?)?;
+    let y = super::nhwc_of(v.as_tensor())?;
+    let g = y.sum_all()?.backward()?;
+    assert!(g.get(v.as_tensor()).is_some(), "a tensor in a graph keeps its gradient");
+    Ok(())
+}
