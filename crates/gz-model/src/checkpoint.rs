@@ -6,9 +6,15 @@
 //! full resolved `TrainConfig` including the `ModelConfig`, epoch, metrics, the shard cache's
 //! `prep_config` and hash, the code version, and the CRC-32 of the weights file). The trainer
 //! ([`crate::train`]) writes `best.*` and `last.*` (plus `last.optim.safetensors`, the optimizer
-//! state, for `--resume`) with temp + fsync + rename; the sidecar is written last and names the
-//! checksum of its weights, so a crash between the renames is detected instead of pairing a
-//! sidecar with the wrong weights. gz-eval loads models through [`LoadedModel::load`].
+//! state, for `--resume`) so that a kill at any instant leaves a loadable checkpoint: each new
+//! weights file is first *staged* beside the old one (`NAME.safetensors.new`, temp + fsync +
+//! rename), then the sidecar naming the new checksums replaces the old sidecar (atomically),
+//! and only then do the staged files replace the old ones ([`stage_tensors`],
+//! [`commit_staged`]). Until that last rename the old sidecar still matches the old files;
+//! after the sidecar's, the loader ([`load_tensors_checked`]) finds the checksum it names in
+//! the staged file when the final name still holds the old one. A checksum that matches
+//! neither is reported, never paired with the wrong weights. gz-eval loads models through
+//! [`LoadedModel::load`].
 //!
 //! Also here: [`SeededInit`], a `VarBuilder` backend that initialises new variables from a
 //! ChaCha RNG seeded by (seed, variable name). candle's CPU RNG cannot be seeded, and the
@@ -149,28 +155,72 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
     Ok(crc)
 }
 
+/// Where [`stage_tensors`] writes the next version of `path`: `NAME.new` beside it.
+pub fn staged_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".new");
+    path.with_file_name(name)
+}
+
+/// Writes the next version of the tensors file `path` to its staged name ([`staged_path`])
+/// atomically and returns its CRC-32; `path` itself is untouched until [`commit_staged`]. Write
+/// the sidecar naming the new checksum between the two (see the module docs).
+pub fn stage_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<u32, CheckpointError> {
+    save_tensors_atomic(tensors, &staged_path(path))
+}
+
+/// Moves the staged version of `path` into place (one rename).
+pub fn commit_staged(path: &Path) -> Result<(), CheckpointError> {
+    std::fs::rename(staged_path(path), path).map_err(io_err(path))
+}
+
+/// After a run was killed between writing a sidecar and [`commit_staged`]: moves a staged file
+/// whose checksum is `crc` into place, so the next [`stage_tensors`] cannot overwrite the only
+/// copy the sidecar names. Nothing to do (Ok) when `path` already has the checksum.
+pub fn commit_if_staged(path: &Path, crc: u32) -> Result<(), CheckpointError> {
+    let staged = staged_path(path);
+    let matches = |p: &Path| std::fs::read(p).is_ok_and(|b| crc32fast::hash(&b) == crc);
+    if !matches(path) && matches(&staged) {
+        commit_staged(path)?;
+    }
+    Ok(())
+}
+
 fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     path.with_file_name(name)
 }
 
-/// Reads a safetensors file whose CRC-32 must be `crc`, onto `device`.
+/// Reads a safetensors file whose CRC-32 must be `crc`, onto `device`: `path`, or its staged
+/// next version ([`staged_path`]) when a run was stopped between writing the sidecar that names
+/// `crc` and moving the staged file into place.
 pub fn load_tensors_checked(
     path: &Path,
     crc: u32,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>, CheckpointError> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let got = crc32fast::hash(&bytes);
-    if got != crc {
-        return Err(CheckpointError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!(
-                "checksum {got:08x} does not match the sidecar's {crc:08x} (file replaced, truncated or from another run)"
-            ),
-        });
-    }
+    let read = std::fs::read(path);
+    let got = read.as_ref().ok().map(|b| crc32fast::hash(b));
+    let bytes = if got == Some(crc) {
+        read.map_err(io_err(path))?
+    } else {
+        let staged = staged_path(path);
+        match std::fs::read(&staged) {
+            Ok(b) if crc32fast::hash(&b) == crc => b,
+            _ => {
+                let bytes = read.map_err(io_err(path))?;
+                let got = crc32fast::hash(&bytes);
+                return Err(CheckpointError::Invalid {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "checksum {got:08x} does not match the sidecar's {crc:08x} (file replaced, truncated or \
+                         from another run)"
+                    ),
+                });
+            }
+        }
+    };
     candle_core::safetensors::load_buffer(&bytes, device).map_err(|source| CheckpointError::Candle {
         path: path.to_path_buf(),
         source,

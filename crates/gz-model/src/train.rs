@@ -254,6 +254,9 @@ pub enum TrainError {
     Resume(String),
     #[error("{0}")]
     Unsupported(String),
+    /// Another run is writing into the run directory (see `RunLock`).
+    #[error("{0}")]
+    Busy(String),
 }
 
 fn ctx<T>(context: impl Into<String>, r: candle_core::Result<T>) -> Result<T, TrainError> {
@@ -336,6 +339,9 @@ pub fn train_on(
         path: out_dir.to_path_buf(),
         source,
     })?;
+    // one writer per run directory; then the temporary files of killed runs can go
+    let _lock = RunLock::take(out_dir)?;
+    remove_stale_temps(out_dir);
     let last_json = out_dir.join("last.json");
     let prior = if resume {
         if !last_json.exists() {
@@ -390,9 +396,19 @@ pub fn train_on(
             .resume
             .as_ref()
             .ok_or_else(|| TrainError::Resume(format!("{} has no resume state", last_json.display())))?;
-        let weights = checkpoint::load_tensors_checked(&out_dir.join(&s.weights_file), s.weights_crc32, &device)?;
+        let (w_path, o_path) = (out_dir.join(&s.weights_file), out_dir.join(&st.optimizer_file));
+        let weights = checkpoint::load_tensors_checked(&w_path, s.weights_crc32, &device)?;
         ctx("restoring weights", opt.params().load_masters(&weights))?;
-        let state = checkpoint::load_tensors_checked(&out_dir.join(&st.optimizer_file), st.optimizer_crc32, &device)?;
+        let state = checkpoint::load_tensors_checked(&o_path, st.optimizer_crc32, &device)?;
+        // a run killed between its sidecar and its renames: finish them before this run stages
+        // its own next versions over the files the sidecars name (last and best)
+        checkpoint::commit_if_staged(&w_path, s.weights_crc32)?;
+        checkpoint::commit_if_staged(&o_path, st.optimizer_crc32)?;
+        let best_json = out_dir.join("best.json");
+        if best_json.exists() {
+            let b = checkpoint::read_sidecar(&best_json)?;
+            checkpoint::commit_if_staged(&out_dir.join(&b.weights_file), b.weights_crc32)?;
+        }
         ctx(
             "restoring the optimizer state",
             opt.load_state(&state, st.optimizer_steps),
@@ -530,8 +546,13 @@ pub fn train_on(
 
         // Checkpoints: last (with resume state), then best if improved, then metrics.
         let weights = ctx("collecting weights", opt.params().master_tensors())?;
-        let weights_crc = checkpoint::save_tensors_atomic(&weights, &out_dir.join("last.safetensors"))?;
-        let optim_crc = checkpoint::save_tensors_atomic(&opt.state(), &out_dir.join("last.optim.safetensors"))?;
+        // Staged files, then the sidecar naming them, then the renames into place: a kill at
+        // any point leaves a sidecar whose checksums the loader finds (checkpoint module docs).
+        let (last_w, last_o) = (out_dir.join("last.safetensors"), out_dir.join("last.optim.safetensors"));
+        let weights_crc = checkpoint::stage_tensors(&weights, &last_w)?;
+        kill_point(0)?;
+        let optim_crc = checkpoint::stage_tensors(&opt.state(), &last_o)?;
+        kill_point(1)?;
         let mut sidecar = Sidecar {
             format: checkpoint::SIDECAR_FORMAT.into(),
             version: checkpoint::SIDECAR_VERSION,
@@ -564,12 +585,21 @@ pub fn train_on(
             }),
         };
         checkpoint::write_sidecar(&sidecar, &last_json)?;
+        kill_point(2)?;
+        checkpoint::commit_staged(&last_w)?;
+        kill_point(3)?;
+        checkpoint::commit_staged(&last_o)?;
+        kill_point(4)?;
         if improved {
-            let crc = checkpoint::save_tensors_atomic(&weights, &out_dir.join("best.safetensors"))?;
+            let best_w = out_dir.join("best.safetensors");
+            let crc = checkpoint::stage_tensors(&weights, &best_w)?;
+            kill_point(5)?;
             sidecar.weights_file = "best.safetensors".into();
             sidecar.weights_crc32 = crc;
             sidecar.resume = None;
             checkpoint::write_sidecar(&sidecar, &out_dir.join("best.json"))?;
+            kill_point(6)?;
+            checkpoint::commit_staged(&best_w)?;
         }
         write_metrics(&out_dir.join("metrics.jsonl"), &history)?;
         observer.on_epoch(&metrics);
@@ -618,6 +648,153 @@ pub fn evaluate(
         None => return Ok(f64::NAN),
     };
     Ok((sse / (rows.len() * gz_schema::N_ANSWERS) as f64).sqrt())
+}
+
+/// `.gz-train.lock` in a run directory while a `gz train` writes into it (the file holds the
+/// writer's process id; removed when the run ends, however it ends, except by a kill). A second
+/// run into the same directory is refused while the first is alive; the lock of a process that
+/// no longer runs is taken over.
+struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    const NAME: &'static str = ".gz-train.lock";
+
+    fn take(out_dir: &Path) -> Result<Self, TrainError> {
+        use std::io::Write;
+        let path = out_dir.join(Self::NAME);
+        let io = |source| TrainError::Io {
+            path: path.clone(),
+            source,
+        };
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+                        .map_err(io)?;
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).ok();
+                    let pid = holder.as_deref().and_then(|t| t.trim().parse::<u32>().ok());
+                    let age = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .unwrap_or_default();
+                    let stale = match pid {
+                        Some(pid) => !process_alive(pid),
+                        // being written this instant, or left empty by a kill long ago
+                        None => age > std::time::Duration::from_secs(10),
+                    };
+                    if !stale {
+                        let who = pid.map_or("another gz train".to_string(), |p| format!("gz train (process {p})"));
+                        return Err(TrainError::Busy(format!(
+                            "{} is in use: {who} is writing into it; wait for it to finish or choose another --out \
+                             (if no such run is alive, delete {})",
+                            out_dir.display(),
+                            path.display()
+                        )));
+                    }
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io(e)),
+                    }
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Err(TrainError::Busy(format!(
+            "could not take {} (other runs keep starting in {})",
+            path.display(),
+            out_dir.display()
+        )))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether process `pid` is running (this process counts as running: a second run in it is
+/// refused too). On Linux from `/proc` (a zombie does not run); elsewhere every process is
+/// assumed alive, so a lock left by a kill there is removed by hand, as the message says.
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        // /proc/PID/stat: "PID (comm) STATE ..."; comm may hold spaces and parentheses
+        return match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X'),
+            Err(_) => false,
+        };
+    }
+    true
+}
+
+/// Removes the temporary files a killed run left in `out_dir` (checkpoint temps
+/// `NAME.tmpPID`, atomic-write temps `.NAME.PID.tmp`); called with the run lock held, so no live
+/// writer owns them. Best effort: a file that cannot be removed stays.
+fn remove_stale_temps(out_dir: &Path) {
+    const NAMES: [&str; 7] = [
+        "last.safetensors",
+        "last.optim.safetensors",
+        "best.safetensors",
+        "last.json",
+        "best.json",
+        "metrics.jsonl",
+        "config.json",
+    ];
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return;
+    };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let temp = NAMES.iter().any(|n| {
+            let staged_tmp = |base: &str| {
+                name.strip_prefix(base)
+                    .and_then(|r| r.strip_prefix(".tmp"))
+                    .is_some_and(digits)
+            };
+            let atomic_tmp = name
+                .strip_prefix('.')
+                .and_then(|r| r.strip_prefix(n))
+                .and_then(|r| r.strip_prefix('.'))
+                .and_then(|r| r.strip_suffix(".tmp"))
+                .is_some_and(digits);
+            staged_tmp(n) || staged_tmp(&format!("{n}.new")) || atomic_tmp
+        });
+        if temp {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the checkpoint step after which [`kill_point`] stops the run on this thread.
+    static KILL_AFTER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Step `k` of writing a checkpoint is done. In tests, stops the run here as a kill would (an
+/// error that leaves every file as it is) when [`KILL_AFTER`] says so; nothing otherwise.
+#[cfg_attr(not(test), allow(clippy::unnecessary_wraps, reason = "fails only in tests"))]
+fn kill_point(k: usize) -> Result<(), TrainError> {
+    #[cfg(test)]
+    if KILL_AFTER.with(|c| c.get()) == Some(k) {
+        return Err(TrainError::Config(format!("test: killed after checkpoint step {k}")));
+    }
+    let _ = k;
+    Ok(())
 }
 
 fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<(), TrainError> {
@@ -967,6 +1144,79 @@ mod tests {
         other.lr = 0.5;
         let e = train_on(&other, &src, &meta(), split.path(), true, &()).unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
+    }
+
+    /// A run killed at any step of writing a checkpoint leaves `last` and `best` loadable, and
+    /// `--resume` then ends exactly where the uninterrupted run ends (weights to the byte).
+    #[test]
+    fn a_kill_while_checkpointing_loses_nothing() {
+        let src = toy_source(48, 32, 1);
+        let straight = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(3), &src, &meta(), straight.path(), false, &()).unwrap();
+        for k in 0..=6 {
+            let dir = tempfile::tempdir().unwrap();
+            train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+            KILL_AFTER.with(|c| c.set(Some(k)));
+            let r = train_on(&small_cfg(2), &src, &meta(), dir.path(), true, &());
+            KILL_AFTER.with(|c| c.set(None));
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("killed after checkpoint step"), "step {k}: {e}");
+            for name in ["last.json", "best.json"] {
+                LoadedModel::load(&dir.path().join(name), &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("killed after step {k}: {name}: {e}"));
+            }
+            // killed again, as soon as the resumed run writes its next checkpoint: the files the
+            // sidecars name must not have been the staged ones it overwrites
+            KILL_AFTER.with(|c| c.set(Some(0)));
+            let r = train_on(&small_cfg(3), &src, &meta(), dir.path(), true, &());
+            KILL_AFTER.with(|c| c.set(None));
+            assert!(r.is_err(), "step {k}: the second run was not stopped");
+            for name in ["last.json", "best.json"] {
+                LoadedModel::load(&dir.path().join(name), &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("killed after step {k}, then 0: {name}: {e}"));
+            }
+            train_on(&small_cfg(3), &src, &meta(), dir.path(), true, &())
+                .unwrap_or_else(|e| panic!("killed after step {k}: resume: {e}"));
+            for name in ["last.safetensors", "last.optim.safetensors", "best.safetensors"] {
+                assert_eq!(
+                    read(&straight.path().join(name)),
+                    read(&dir.path().join(name)),
+                    "killed after step {k}: {name}"
+                );
+            }
+        }
+    }
+
+    /// A second writer into a run directory is refused while the first lives; the lock of a
+    /// dead process and the temporary files of killed runs are cleared.
+    #[test]
+    fn one_writer_per_run_directory() {
+        let src = toy_source(32, 32, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join(RunLock::NAME);
+        // held by this (live) process
+        std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+        let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap_err();
+        assert!(e.to_string().contains("is in use"), "{e}");
+        assert!(lock.exists(), "a live writer's lock stays");
+        // left by a process that no longer runs (no pid is this large on Linux), with the
+        // temporary files of a killed run beside it
+        std::fs::write(&lock, "4194305000\n").unwrap();
+        let temps = [
+            "last.safetensors.tmp123",
+            "last.safetensors.new.tmp77",
+            ".best.json.11771.tmp",
+        ];
+        for t in temps {
+            std::fs::write(dir.path().join(t), b"partial").unwrap();
+        }
+        std::fs::write(dir.path().join("notes.tmp1"), b"mine").unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        assert!(!lock.exists(), "the lock goes when the run ends");
+        for t in temps {
+            assert!(!dir.path().join(t).exists(), "{t} left behind");
+        }
+        assert!(dir.path().join("notes.tmp1").exists(), "only gz's own temporaries go");
     }
 
     #[test]
