@@ -72,8 +72,8 @@ pub fn central_colour(image: &[f16], shape: [usize; 3], radius: usize) -> Result
         });
     }
     let (cy, cx) = (h / 2, w / 2);
-    let (y0, y1) = (cy.saturating_sub(radius), (cy + radius).min(h - 1));
-    let (x0, x1) = (cx.saturating_sub(radius), (cx + radius).min(w - 1));
+    let (y0, y1) = (cy.saturating_sub(radius), cy.saturating_add(radius).min(h - 1));
+    let (x0, x1) = (cx.saturating_sub(radius), cx.saturating_add(radius).min(w - 1));
     let mut out = [0f32; 3];
     for (ch, o) in out.iter_mut().enumerate() {
         let plane = &image[ch.min(c - 1) * h * w..][..h * w];
@@ -102,13 +102,20 @@ pub struct CentralPixel {
     pub global: Vec<f32>,
 }
 
+/// Most bins per colour channel [`CentralPixel::fit`] takes.
+pub const MAX_LEVELS: usize = 32;
+
 impl CentralPixel {
     /// Fits the benchmark on training colours (one per galaxy) and their row-major labels.
     pub fn fit(colours: &[[f32; 3]], labels: &[f32], config: CentralPixelConfig) -> Result<Self> {
-        if config.levels == 0 {
-            return Err(EvalError::Shape {
-                what: "central-pixel config".into(),
-                reason: "levels must be ≥ 1".into(),
+        if !(1..=MAX_LEVELS).contains(&config.levels) {
+            return Err(EvalError::Setting {
+                what: "central-pixel benchmark (--cp-levels)".into(),
+                reason: format!(
+                    "{} bins per colour channel; use 1 to {MAX_LEVELS} ({MAX_LEVELS}³ bins already leave most of them \
+                     empty on the Kaggle training set)",
+                    config.levels
+                ),
             });
         }
         if labels.len() != colours.len() * N_ANSWERS || colours.is_empty() {
@@ -386,6 +393,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cp.occupied_bins(), 2);
+        // out-of-range bin counts are errors, not a panic or a 300 GB allocation
+        for levels in [0, MAX_LEVELS + 1, 1000, usize::MAX] {
+            let e = CentralPixel::fit(&train_colours, &train_labels, CentralPixelConfig { levels, radius: 0 })
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--cp-levels") && e.contains(&levels.to_string()), "{e}");
+        }
+        let huge_radius = central_colour(&[f16::from_f32(0.5); 3 * 4 * 4], [3, 4, 4], usize::MAX).unwrap();
+        assert_eq!(huge_radius, [0.5; 3]);
         // a colour in an empty bin (dark red, bright green/blue) falls back to the global mean
         assert_eq!(cp.predict([0.1, 0.9, 0.9]), cp.global.as_slice());
         assert!((cp.global[0] - 0.5).abs() < 1e-6);

@@ -36,6 +36,9 @@ pub enum EvalError {
     /// Predictions and truth (or other arrays) do not have the shapes they must.
     #[error("shape mismatch: {what}: {reason}")]
     Shape { what: String, reason: String },
+    /// A setting (a command-line option) is out of its range.
+    #[error("{what}: {reason}")]
+    Setting { what: String, reason: String },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -78,7 +78,7 @@ impl TtaConfig {
                 flips: true,
                 scales: vec![1.0 / 1.2, 1.0, 1.2],
             }),
-            _ => Err(EvalError::Shape {
+            _ => Err(EvalError::Setting {
                 what: "--tta".into(),
                 reason: format!(
                     "no preset with {n} views; use 1, 2, 4, 8 or 60, or set rotations/flips/scales explicitly"
@@ -90,7 +90,7 @@ impl TtaConfig {
     /// Rejects an empty grid or a non-positive zoom.
     pub fn validate(&self) -> Result<()> {
         if self.rotations == 0 || self.scales.is_empty() || self.scales.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
-            return Err(EvalError::Shape {
+            return Err(EvalError::Setting {
                 what: "test-time augmentation".into(),
                 reason: format!("{self:?}: need ≥ 1 rotation and ≥ 1 positive finite scale"),
             });

@@ -154,6 +154,9 @@ pub const DIELEMAN_PART: usize = 45;
 /// (he cropped 207×207 and downsampled by 3).
 pub const DIELEMAN_CROP_PX: f32 = 207.0;
 
+/// The largest input side [`ModelConfig::validate`] accepts, in pixels.
+pub const MAX_INPUT_SIZE: usize = 1024;
+
 /// The resolved model configuration (part of every checkpoint sidecar).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -239,7 +242,8 @@ impl ModelConfig {
         [self.in_channels, self.input_size, self.input_size]
     }
 
-    /// Checks the values the builder relies on.
+    /// Checks the values the builder relies on (an input side above [`MAX_INPUT_SIZE`] is
+    /// refused: the dense layers' weights grow with its square).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, value: String, reason| Err(ConfigError::Invalid { field, value, reason });
         if self.in_channels == 0 {
@@ -247,6 +251,13 @@ impl ModelConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", self.dropout.to_string(), "must be in [0, 1)");
+        }
+        if self.input_size > MAX_INPUT_SIZE {
+            return bad(
+                "input_size",
+                self.input_size.to_string(),
+                "larger than the 1,024 px any cache of the 424-px Galaxy Zoo images needs",
+            );
         }
         if self.arch.is_dieleman() {
             if !(self.view_fraction.is_finite() && self.view_fraction > 0.0) {

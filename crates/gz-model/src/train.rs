@@ -944,6 +944,25 @@ pub fn bench_with(
     if batch == 0 || steps == 0 {
         return Err(TrainError::Config("batch and steps must be at least 1".into()));
     }
+    // the random input pool (4 batches, built in f32 on the host): refuse what cannot fit
+    // rather than abort on the allocation
+    const POOL_LIMIT: usize = 16 << 30;
+    let pool_bytes = shape
+        .iter()
+        .try_fold(4 * 4 * batch.min(usize::MAX / 16), |acc, &d| acc.checked_mul(d));
+    if pool_bytes.is_none_or(|b| b > POOL_LIMIT) {
+        return Err(TrainError::Config(format!(
+            "--batch {batch} of {}×{}×{} images needs a random input pool of {} GiB (4 batches in f32; at most \
+             16): use a smaller --batch or --size",
+            shape[0],
+            shape[1],
+            shape[2],
+            pool_bytes.map_or("more than the address space's".to_string(), |b| format!(
+                "{:.0}",
+                b as f64 / (1u64 << 30) as f64
+            ))
+        )));
+    }
     let model_cfg = model_cfg.clone().with_input_size(shape[1]);
     let (model, varmap) = ctx(
         "building the model",

@@ -61,6 +61,25 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
             dir.display()
         )));
     }
+    if !csv.is_file() {
+        // training images without their labels: an error, not a test-only dataset (whose
+        // download has no training folder at all)
+        let images = std::fs::read_dir(&train_dir).map_or(0, |d| d.count());
+        if csv.exists() || images > 0 {
+            return Err(PrepError::NoInput(format!(
+                "{}: {} but {}/ holds {images} files: the training images cannot be labelled (an interrupted \
+                 `gz synth` leaves this; run it again). Restore the CSV, or move {TRAIN_DIR}/ away to \
+                 preprocess the test images alone",
+                dir.display(),
+                if csv.exists() {
+                    format!("{SOLUTIONS_CSV} is not a file")
+                } else {
+                    format!("there is no {SOLUTIONS_CSV}")
+                },
+                TRAIN_DIR
+            )));
+        }
+    }
     let mut hasher = sha2::Sha256::new();
     hasher.update(b"gz dataset v1\n");
     let mut skipped = Vec::new();

@@ -424,6 +424,7 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                 }
                 height = be16(seg, 1)?;
                 width = be16(seg, 3)?;
+                crate::check_dimensions(width, height)?;
                 let n = seg[5] as usize;
                 if seg.len() < 6 + 3 * n {
                     return Err("short frame header".into());

@@ -19,6 +19,10 @@ pub struct Rgb8 {
 /// CMYK converted).
 pub fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8, PrepError> {
     let mut d = jpeg_decoder::Decoder::new(bytes);
+    d.read_info().map_err(|e| PrepError::Decode(e.to_string()))?;
+    if let Some(info) = d.info() {
+        crate::check_dimensions(info.width as usize, info.height as usize).map_err(PrepError::Decode)?;
+    }
     let pixels = d.decode().map_err(|e| PrepError::Decode(e.to_string()))?;
     let info = d.info().ok_or_else(|| PrepError::Decode("no frame header".into()))?;
     let (w, h) = (info.width as usize, info.height as usize);

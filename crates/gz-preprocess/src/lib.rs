@@ -31,6 +31,24 @@ pub use run::{run, run_with, Progress, RunOptions, RunSummary, Skipped};
 /// to `size`×`size`), so the same sky area ends up in the same output.
 pub const REFERENCE_SIZE: u32 = 424;
 
+/// The largest image gz decodes, in pixels (16,384², e.g. 12,000² passes): a JPEG header
+/// claiming more is refused before anything is allocated (a 20 KB file can claim 65,500² and
+/// would take tens of gigabytes to decode).
+pub const MAX_PIXELS: u64 = 1 << 28;
+
+/// Refuses image dimensions beyond [`MAX_PIXELS`] (or zero), naming them.
+pub(crate) fn check_dimensions(width: usize, height: usize) -> Result<(), String> {
+    if width == 0 || height == 0 {
+        return Err(format!("the frame header gives a {width}×{height} image"));
+    }
+    if width as u64 * height as u64 > MAX_PIXELS {
+        return Err(format!(
+            "the frame header claims {width}×{height} pixels, more than the {MAX_PIXELS} gz decodes (damaged header?)"
+        ));
+    }
+    Ok(())
+}
+
 /// Bump when the meaning of a config changes (algorithm fix): invalidates every cache.
 pub const PREP_VERSION: u32 = 1;
 

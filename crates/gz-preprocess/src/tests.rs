@@ -353,6 +353,32 @@ fn damaged_bytes_never_panic_and_truncation_is_an_error() {
     }
 }
 
+/// A header claiming a huge frame (a 20 KB file can say 65,500²) is refused at once, on both
+/// paths, instead of decoding gigabytes of nothing.
+#[test]
+fn a_frame_header_claiming_a_huge_image_is_refused() {
+    let good = std::fs::read(&real_jpegs()[0]).unwrap();
+    let sof = good
+        .windows(2)
+        .position(|w| w[0] == 0xFF && (w[1] == 0xC0 || w[1] == 0xC1))
+        .expect("a baseline frame header");
+    let mut b = good.clone();
+    // FF C0, length (2 bytes), precision, height (2), width (2)
+    b[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xDC, 0xFF, 0xDC]);
+    for filter in [Filter::Area, Filter::Bicubic] {
+        let cfg = PrepConfig {
+            filter,
+            ..PrepConfig::default()
+        };
+        let t = std::time::Instant::now();
+        let e = prep_jpeg(&b, &cfg).unwrap_err().to_string();
+        assert!(e.contains("65500×65500"), "{filter:?}: {e}");
+        assert!(t.elapsed().as_secs() < 5, "{filter:?}: refused only after decoding");
+    }
+    let e = generic::decode_rgb8(&b).unwrap_err().to_string();
+    assert!(e.contains("65500×65500"), "{e}");
+}
+
 // ---- whole runs on a small dataset -------------------------------------------------------
 
 fn copy_mini(dst: &Path) -> PathBuf {
@@ -444,4 +470,30 @@ fn no_dataset_is_an_error() {
     let t = tempfile::tempdir().unwrap();
     let e = run(t.path(), &t.path().join("c"), &PrepConfig::default()).unwrap_err();
     assert!(matches!(e, PrepError::NoInput(_)), "{e}");
+}
+
+/// Training images without their labels (the CSV missing, or a folder of that name) are an
+/// error naming the CSV, not a run that silently preprocesses the test images alone; a
+/// test-only dataset (no training folder) still preprocesses.
+#[test]
+fn training_images_without_their_csv_are_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let csv = data.join(dataset::SOLUTIONS_CSV);
+    std::fs::remove_file(&csv).unwrap();
+    let e = run(&data, &t.path().join("c1"), &PrepConfig::default()).unwrap_err();
+    assert!(matches!(e, PrepError::NoInput(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("there is no training_solutions_rev1.csv") && msg.contains("holds 3 files"),
+        "{msg}"
+    );
+    std::fs::create_dir(&csv).unwrap();
+    let msg = run(&data, &t.path().join("c2"), &PrepConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("is not a file"), "{msg}");
+    std::fs::remove_dir(&csv).unwrap();
+    std::fs::remove_dir_all(data.join(dataset::TRAIN_DIR)).unwrap();
+    run(&data, &t.path().join("c3"), &PrepConfig::default()).expect("a test-only dataset");
 }
