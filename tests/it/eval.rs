@@ -372,4 +372,40 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         "{err}"
     );
     let _ = h_model;
+
+    // the same preprocessing of other training data (two galaxies' labels swapped): scoring the
+    // run's validation hold-out there is refused, naming the training split's fingerprint
+    let data2 = tmp.path().join("data2");
+    for sub in ["images_training_rev1", "images_test_rev1"] {
+        std::fs::create_dir_all(data2.join(sub)).unwrap();
+        for e in std::fs::read_dir(data.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), data2.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let mut sol = gz_schema::read_solutions(&data.join("training_solutions_rev1.csv")).unwrap();
+    // two galaxies' votes swapped: every row stays a valid set of vote fractions
+    let n = N_ANSWERS;
+    let (a, b) = sol.values.split_at_mut(n);
+    a.swap_with_slice(&mut b[..n]);
+    gz_schema::write_solutions(&data2.join("training_solutions_rev1.csv"), &sol).unwrap();
+    let out = gz_ok(
+        support::gz()
+            .args(["prep", "--size", "32", "--data"])
+            .arg(&data2)
+            .arg("--cache")
+            .arg(&cache_root),
+    );
+    let relabelled = last_line_value(&out, "cache");
+    assert_ne!(relabelled, cache);
+    let (ok, _out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&relabelled)
+            .arg("--report")
+            .arg(tmp.path().join("report2")),
+    );
+    assert!(!ok && err.contains("fingerprint") && err.contains("hold-out"), "{err}");
 }

@@ -88,6 +88,33 @@ pub fn check_cache(model: &LoadedModel, run: &Path, cache: &Cache) -> Result<()>
     Ok(())
 }
 
+/// Refuses to score a run's validation hold-out on a cache whose training split is not the one
+/// it was trained on (other images, ids or labels, by content fingerprint): the re-derived
+/// hold-out would then be other rows, training images among them. Runs from before the
+/// fingerprint (sidecars without one) are not checked.
+pub fn check_training_data(model: &LoadedModel, run: &Path, cache: &Cache) -> Result<()> {
+    let s = model.sidecar();
+    let (Some(was), now) = (&s.train_fingerprint, cache.split_fingerprint("train")) else {
+        return Ok(());
+    };
+    if now.as_deref() != Some(was.as_str()) {
+        return Err(EvalError::BadFile {
+            path: run.to_path_buf(),
+            reason: format!(
+                "this run was trained on a training split with fingerprint {was}{}, but the training split of {} is \
+                 {}: its validation hold-out would be other rows (training images among them); pass the cache the \
+                 run was trained on",
+                s.cache_dir
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(" (cache {})", d.display())),
+                cache.dir().display(),
+                now.map_or("absent".to_string(), |f| format!("another ({f})"))
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The trainer's validation rows of the cache's training split for this run.
 pub fn validation_rows(model: &LoadedModel, train_split: &Split) -> Result<gz_model::data::Holdout> {
     let t = &model.sidecar().train;

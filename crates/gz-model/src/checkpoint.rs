@@ -100,6 +100,12 @@ pub struct Sidecar {
     pub prep_config_hash: String,
     /// Where the cache was (informational).
     pub cache_dir: Option<PathBuf>,
+    /// Content fingerprint of the training split trained on (`gz_shards::Cache::split_fingerprint`;
+    /// absent in sidecars written before the tenth session, and for sources that are not a
+    /// cache). A resume or an evaluation on a cache whose training split has another one is
+    /// refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_fingerprint: Option<String>,
     /// Image shape the model was trained on (C, H, W).
     pub input_shape: [usize; 3],
     /// Trainable parameters.

@@ -221,6 +221,9 @@ pub struct DataMeta {
     pub prep_config: serde_json::Value,
     pub prep_config_hash: String,
     pub cache_dir: Option<PathBuf>,
+    /// Content fingerprint of the training data (`gz_shards::Cache::split_fingerprint`), when
+    /// it comes from a cache.
+    pub train_fingerprint: Option<String>,
 }
 
 /// Training errors.
@@ -282,6 +285,7 @@ pub fn train(
         prep_config: cache.prep_config().clone(),
         prep_config_hash: cache.config_hash().to_string(),
         cache_dir: Some(cache.dir().to_path_buf()),
+        train_fingerprint: cache.split_fingerprint("train"),
     };
     train_on(cfg, split, &meta, out_dir, resume, observer)
 }
@@ -569,6 +573,7 @@ pub fn train_on(
             prep_config: meta.prep_config.clone(),
             prep_config_hash: meta.prep_config_hash.clone(),
             cache_dir: meta.cache_dir.clone(),
+            train_fingerprint: meta.train_fingerprint.clone(),
             input_shape,
             param_count,
             code_version: version.clone(),
@@ -803,6 +808,17 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<()
             "the run was trained on a cache with config hash {} but this cache has {}",
             s.prep_config_hash, meta.prep_config_hash
         )));
+    }
+    if let (Some(was), Some(now)) = (&s.train_fingerprint, &meta.train_fingerprint) {
+        if was != now {
+            return Err(TrainError::Resume(format!(
+                "the run was trained on other images or labels (training split fingerprint {was}; this cache's is \
+                 {now}{}): resume with the cache it was trained on",
+                s.cache_dir
+                    .as_ref()
+                    .map_or(String::new(), |d| format!("; the run's cache was {}", d.display()))
+            )));
+        }
     }
     let norm = |c: &TrainConfig| {
         let mut c = c.clone();
@@ -1101,6 +1117,7 @@ mod tests {
             prep_config: serde_json::json!({"toy": true}),
             prep_config_hash: "toyhash".into(),
             cache_dir: None,
+            train_fingerprint: None,
         }
     }
 
@@ -1204,6 +1221,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Resuming on a cache whose training split has another content fingerprint is refused; a
+    /// run without one (older sidecars, non-cache sources) resumes as before.
+    #[test]
+    fn resume_on_other_training_data_is_refused() {
+        let src = toy_source(32, 32, 4);
+        let dir = tempfile::tempdir().unwrap();
+        let with = |f: Option<&str>| DataMeta {
+            train_fingerprint: f.map(str::to_string),
+            ..meta()
+        };
+        train_on(&small_cfg(1), &src, &with(Some("aaaa")), dir.path(), false, &()).unwrap();
+        let e = train_on(&small_cfg(2), &src, &with(Some("bbbb")), dir.path(), true, &()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, TrainError::Resume(_)) && msg.contains("aaaa") && msg.contains("bbbb"),
+            "{msg}"
+        );
+        train_on(&small_cfg(2), &src, &with(None), dir.path(), true, &()).unwrap();
+        train_on(&small_cfg(3), &src, &with(Some("aaaa")), dir.path(), true, &()).unwrap();
     }
 
     /// A second writer into a run directory is refused while the first lives; the lock of a
@@ -1383,6 +1421,7 @@ mod cuda_tests {
             prep_config: serde_json::json!({}),
             prep_config_hash: "toyhash".into(),
             cache_dir: None,
+            train_fingerprint: None,
         }
     }
 

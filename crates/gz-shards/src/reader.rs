@@ -117,6 +117,27 @@ impl Cache {
         &self.manifest.extra
     }
 
+    /// A content fingerprint of split `name` (16 hex digits): its row count, shape and the
+    /// manifest's checksums of its image shards, index (the GalaxyIDs in row order) and labels.
+    /// Equal for two caches that hold the same images, ids and labels in the same order
+    /// (wherever and whenever they were written); different when any of them differs. `None`
+    /// when there is no such split. Training runs record the training split's, so that a
+    /// resume or an evaluation on other data is refused rather than silently mixing rows.
+    pub fn split_fingerprint(&self, name: &str) -> Option<String> {
+        use sha2::Digest;
+        let (_, sm) = self.manifest.splits.iter().find(|(n, _)| n == name)?;
+        let mut h = sha2::Sha256::new();
+        h.update(format!("gz split v1 {} {:?}\n", sm.rows, sm.shape).as_bytes());
+        for fe in &sm.shards {
+            h.update(format!("shard {} {}\n", fe.rows, fe.crc32).as_bytes());
+        }
+        h.update(format!("index {} {}\n", sm.index.rows, sm.index.crc32).as_bytes());
+        if let Some(l) = &sm.labels {
+            h.update(format!("labels {} {}\n", l.rows, l.crc32).as_bytes());
+        }
+        Some(h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The parsed manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest

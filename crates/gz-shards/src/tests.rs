@@ -262,3 +262,33 @@ fn cache_is_send_and_sync() {
     assert_send_sync::<Cache>();
     assert_send_sync::<Split>();
 }
+
+/// The split fingerprint follows the content (images, ids, labels, order), not the place or
+/// the time a cache was written.
+#[test]
+fn split_fingerprints_follow_the_content() {
+    let t = tempfile::tempdir().unwrap();
+    let a = Cache::open(&write(&t.path().join("a"), 10, 3, 4)).unwrap();
+    let b = Cache::open(&write(&t.path().join("b"), 10, 3, 4)).unwrap();
+    let fa = a.split_fingerprint("train").unwrap();
+    assert_eq!(fa.len(), 16);
+    assert_eq!(Some(fa.clone()), b.split_fingerprint("train"), "same content elsewhere");
+    assert_ne!(a.split_fingerprint("test"), a.split_fingerprint("train"));
+    assert!(a.split_fingerprint("nope").is_none());
+    let c = Cache::open(&write(&t.path().join("c"), 9, 3, 4)).unwrap();
+    assert_ne!(Some(fa.clone()), c.split_fingerprint("train"), "a row fewer");
+    // one label changed
+    let dir = t.path().join("d").join("cache");
+    let mut w = CacheWriter::create(&dir, &cfg(), "abc123", 4).unwrap();
+    let mut s = w.begin_split("train", [3, 4, 4], true).unwrap();
+    for id in 0..10u64 {
+        let mut l = lab(100 + id);
+        if id == 7 {
+            l[3] += 0.5;
+        }
+        s.push(100 + id, &img(100 + id, 48), Some(&l)).unwrap();
+    }
+    w.end_split(s).unwrap();
+    let d = Cache::open(&w.finish(serde_json::json!({})).unwrap()).unwrap();
+    assert_ne!(Some(fa), d.split_fingerprint("train"), "a label changed");
+}

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use gz_eval::baselines::{format_table, CentralPixelConfig};
-use gz_eval::eval::{check_cache, evaluate, load_runs, validation_rows, EvalConfig, EvalRows};
+use gz_eval::eval::{check_cache, check_training_data, evaluate, load_runs, validation_rows, EvalConfig, EvalRows};
 use gz_eval::report::{read_epochs, thumbnail_png, write_report, GalleryItem};
 use gz_eval::tta::{Ensemble, Predictor};
 use gz_schema::N_ANSWERS;
@@ -69,6 +69,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gz_shards::Cache::open(&args.cache).with_context(|| format!("opening cache {}", args.cache.display()))?;
     for (m, r) in models.iter().zip(&args.runs) {
         check_cache(m, r, &cache)?;
+        if args.split == "validation" {
+            check_training_data(m, r, &cache)?;
+        }
     }
     let Some(train) = cache.train() else {
         bail!("cache {} has no training split", args.cache.display())
