@@ -156,11 +156,29 @@ fn main() {
         run(cli.command)
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", error_message(&err));
         // A subcommand may ask for a specific exit code by returning `ExitCode`.
         let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
         std::process::exit(code);
     }
+}
+
+/// The error and its causes, `: `-separated like anyhow's `{:#}`, leaving out a cause whose
+/// text the message already holds (typed errors that print their source and also expose it as
+/// `source()` would otherwise say "No such file or directory (os error 2)" twice).
+fn error_message(err: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 /// Runs one subcommand.
@@ -224,4 +242,32 @@ fn pin_candle_cpu_threads() {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(rayon_default)
         .build_global();
+}
+
+#[cfg(test)]
+mod tests {
+    /// A cause that the message already quotes is not repeated; new causes are added.
+    #[test]
+    fn error_messages_say_each_reason_once() {
+        #[derive(Debug)]
+        struct Quoting(std::io::Error);
+        impl std::fmt::Display for Quoting {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "nope.csv: {}", self.0)
+            }
+        }
+        impl std::error::Error for Quoting {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let err = anyhow::Error::new(Quoting(io)).context("reading the labels");
+        assert_eq!(
+            super::error_message(&err),
+            "reading the labels: nope.csv: No such file or directory"
+        );
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::error_message(&err), "outer: inner");
+    }
 }

@@ -229,8 +229,38 @@ pub fn write_solutions(path: &Path, sol: &Solutions) -> Result<(), SchemaError> 
     write_atomic(path, text.as_bytes())
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename.
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename. A symbolic
+/// link is followed (its target is replaced, not the link); a path that exists but is not a
+/// regular file (a directory, a device such as `/dev/full`, a pipe) is refused, since the
+/// rename would replace it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SchemaError> {
+    write_atomic_via(path, bytes, 0)
+}
+
+/// [`write_atomic`] after following `links` symbolic links.
+fn write_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<(), SchemaError> {
+    let io = |source| SchemaError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path).map_err(io)?;
+            let target = match path.parent() {
+                Some(dir) if target.is_relative() => dir.join(target),
+                _ => target,
+            };
+            if links >= 16 {
+                return Err(io(std::io::Error::other("too many levels of symbolic links")));
+            }
+            return write_atomic_via(&target, bytes, links + 1);
+        }
+        if !meta.is_file() {
+            return Err(io(std::io::Error::other(
+                "exists and is not a regular file (a directory or a device): refusing to replace it",
+            )));
+        }
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -349,5 +379,34 @@ mod tests {
         let e = read_solutions(Path::new("/nonexistent/x.csv")).unwrap_err();
         assert!(matches!(e, SchemaError::Io { .. }));
         assert!(e.to_string().contains("/nonexistent/x.csv"));
+    }
+
+    /// The atomic write follows a symbolic link (the link stays, its target gets the bytes) and
+    /// refuses to replace a directory or a device; a link loop is an error.
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_follow_links_and_spare_non_files() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("real.csv");
+        std::fs::write(&target, b"old").unwrap();
+        let link = t.path().join("link.csv");
+        std::os::unix::fs::symlink("real.csv", &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        let dir = t.path().join("adir");
+        std::fs::create_dir(&dir).unwrap();
+        let e = write_atomic(&dir, b"x").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(dir.is_dir());
+        let e = write_atomic(Path::new("/dev/null"), b"x").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        assert!(write_atomic(&a, b"x")
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic links"));
     }
 }

@@ -35,6 +35,16 @@ impl Cache {
         let mpath = dir.join(MANIFEST_FILE);
         let text = match std::fs::read(&mpath) {
             Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() => {
+                // the directory itself is missing (or is a file): say so
+                return Err(io_err(
+                    dir,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no such cache directory (`gz prep` prints the cache path it writes)",
+                    ),
+                ));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ShardError::Incomplete { dir: dir.to_path_buf() });
             }
