@@ -257,6 +257,13 @@ pub enum TrainError {
     Resume(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The cache's training split failed its payload check.
+    #[error("the training split of {dir}: {source}")]
+    Cache {
+        dir: PathBuf,
+        #[source]
+        source: gz_shards::ShardError,
+    },
     /// Another run is writing into the run directory (see `RunLock`).
     #[error("{0}")]
     Busy(String),
@@ -280,6 +287,12 @@ pub fn train(
     let split = cache
         .train()
         .ok_or_else(|| TrainError::Config(format!("cache {} has no training split", cache.dir().display())))?;
+    // every image's bits against its shard's checksum before hours of training on them (one
+    // pass over the training split, which the page cache then holds for the first epoch)
+    split.verify().map_err(|source| TrainError::Cache {
+        dir: cache.dir().to_path_buf(),
+        source,
+    })?;
     let cfg = &resolve_for_cache(cfg, split.shape(), cache.prep_config());
     let meta = DataMeta {
         prep_config: cache.prep_config().clone(),
@@ -1221,6 +1234,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `train` on a cache checks every image's bits first: a flipped bit in a shard's payload
+    /// (which opening the cache does not read) is an error naming the shard, not a silent input.
+    #[test]
+    fn a_flipped_bit_in_the_training_shards_is_refused() {
+        let src = toy_source(24, 32, 6);
+        let t = tempfile::tempdir().unwrap();
+        let mut w = gz_shards::CacheWriter::create(&t.path().join("cache"), &serde_json::json!({"toy": 1}), "toy1", 16)
+            .unwrap();
+        let mut s = w.begin_split("train", src.shape, true).unwrap();
+        let per = 3 * 32 * 32;
+        let labels = src.labels.as_ref().unwrap();
+        for i in 0..24 {
+            let label = &labels[i * gz_schema::N_ANSWERS..(i + 1) * gz_schema::N_ANSWERS];
+            s.push(1000 + i as u64, &src.images[i * per..(i + 1) * per], Some(label))
+                .unwrap();
+        }
+        w.end_split(s).unwrap();
+        let dir = w.finish(serde_json::json!({})).unwrap();
+        let shard = dir.join("train-00001.shard");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let k = bytes.len() - 100;
+        bytes[k] ^= 0x10;
+        std::fs::write(&shard, &bytes).unwrap();
+        let cache = gz_shards::Cache::open(&dir).expect("opening reads only headers, index and labels");
+        let out = t.path().join("run");
+        let e = train(&small_cfg(1), &cache, &out, false, &()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, TrainError::Cache { .. }), "{msg}");
+        assert!(msg.contains("train-00001.shard") && msg.contains("checksum"), "{msg}");
+        assert!(!out.join("last.json").exists());
     }
 
     /// Resuming on a cache whose training split has another content fingerprint is refused; a
