@@ -9,7 +9,7 @@
 //! image directories, so scanning a dataset costs a directory listing, not a decode; any added,
 //! removed, replaced or touched file gives a new key and therefore a new cache.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use sha2::Digest;
@@ -93,11 +93,19 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         hasher.update(&bytes);
         let sol = gz_schema::read_solutions(&csv)?;
         let files = list_dir(&train_dir, &mut hasher, "train")?;
-        let mut present: HashSet<u64> = HashSet::new();
-        for (name, parsed) in &files {
+        // GalaxyID → the file's own name (which may differ from "<id>.jpg": leading zeros)
+        let mut present: HashMap<u64, String> = HashMap::new();
+        for (name, parsed) in files {
             match parsed {
                 Some(id) => {
-                    present.insert(*id);
+                    if let Some(first) = present.get(&id) {
+                        skipped.push(Skipped {
+                            path: train_dir.join(&name),
+                            reason: format!("GalaxyID {id} again (already {first})"),
+                        });
+                    } else {
+                        present.insert(id, name);
+                    }
                 }
                 None => skipped.push(Skipped {
                     path: train_dir.join(name),
@@ -109,25 +117,28 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         let mut labelled = HashSet::with_capacity(sol.len());
         for (row, &id) in sol.ids.iter().enumerate() {
             labelled.insert(id);
-            let path = train_dir.join(format!("{id}.jpg"));
-            if present.contains(&id) {
+            if let Some(name) = present.get(&id) {
                 items.push(Item {
                     id,
-                    path,
+                    path: train_dir.join(name),
                     label_row: Some(row),
                 });
             } else {
                 skipped.push(Skipped {
-                    path,
+                    path: train_dir.join(format!("{id}.jpg")),
                     reason: format!("GalaxyID {id} is in {SOLUTIONS_CSV} but has no image"),
                 });
             }
         }
-        let mut unlabelled: Vec<u64> = present.difference(&labelled).copied().collect();
+        let mut unlabelled: Vec<(u64, &String)> = present
+            .iter()
+            .filter(|(id, _)| !labelled.contains(id))
+            .map(|(id, n)| (*id, n))
+            .collect();
         unlabelled.sort_unstable();
-        for id in unlabelled {
+        for (id, name) in unlabelled {
             skipped.push(Skipped {
-                path: train_dir.join(format!("{id}.jpg")),
+                path: train_dir.join(name),
                 reason: format!("training image without a label (GalaxyID {id} not in {SOLUTIONS_CSV})"),
             });
         }
@@ -139,13 +150,21 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     let test = if test_dir.is_dir() {
         let files = list_dir(&test_dir, &mut hasher, "test")?;
         let mut items = Vec::with_capacity(files.len());
+        let mut seen: HashMap<u64, String> = HashMap::new();
         for (name, parsed) in files {
             match parsed {
-                Some(id) => items.push(Item {
-                    id,
-                    path: test_dir.join(&name),
-                    label_row: None,
+                Some(id) if seen.contains_key(&id) => skipped.push(Skipped {
+                    reason: format!("GalaxyID {id} again (already {})", seen[&id]),
+                    path: test_dir.join(name),
                 }),
+                Some(id) => {
+                    seen.insert(id, name.clone());
+                    items.push(Item {
+                        id,
+                        path: test_dir.join(&name),
+                        label_row: None,
+                    })
+                }
                 None => skipped.push(Skipped {
                     path: test_dir.join(name),
                     reason: "file name is not <GalaxyID>.jpg".into(),

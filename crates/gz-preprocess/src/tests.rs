@@ -497,3 +497,41 @@ fn training_images_without_their_csv_are_an_error() {
     std::fs::remove_dir_all(data.join(dataset::TRAIN_DIR)).unwrap();
     run(&data, &t.path().join("c3"), &PrepConfig::default()).expect("a test-only dataset");
 }
+
+/// A file named with leading zeros (`0105761.jpg`) is read under its own name, and a second
+/// file with the same GalaxyID is skipped naming the first.
+#[test]
+fn image_files_are_read_under_their_own_names() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let sol = gz_schema::read_solutions(&data.join(dataset::SOLUTIONS_CSV)).unwrap();
+    let id = sol.ids[0];
+    let train = data.join(dataset::TRAIN_DIR);
+    std::fs::rename(train.join(format!("{id}.jpg")), train.join(format!("00{id}.jpg"))).unwrap();
+    let test = data.join(dataset::TEST_DIR);
+    let tid: u64 = std::fs::read_dir(&test)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::fs::copy(test.join(format!("{tid}.jpg")), test.join(format!("0{tid}.jpg"))).unwrap();
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
+    assert_eq!(s.skipped.len(), 1, "{:?}", s.skipped);
+    let sk = &s.skipped[0];
+    assert!(
+        sk.path.ends_with(format!("{tid}.jpg"))
+            && sk.reason.contains("again")
+            && sk.reason.contains(&format!("{tid}.jpg")),
+        "{sk:?}"
+    );
+}
