@@ -76,6 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         filter: args.filter,
     };
     let mut opts = RunOptions::new(&data, &cache_root);
+    if args.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
     opts.threads = args.threads;
     opts.strict = args.strict;
     opts.rows_per_shard = args.rows_per_shard;
