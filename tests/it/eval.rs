@@ -408,4 +408,24 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(tmp.path().join("report2")),
     );
     assert!(!ok && err.contains("fingerprint") && err.contains("hold-out"), "{err}");
+
+    // a flipped bit in a test image of the cache: predict refuses it, naming the shard
+    let shard = cache.join("test-00000.shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let k = bytes.len() - 10;
+    bytes[k] ^= 0x04;
+    std::fs::write(&shard, &bytes).unwrap();
+    let (ok, _out, err) = support::run(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(tmp.path().join("flipped.csv")),
+    );
+    assert!(
+        !ok && err.contains("test-00000.shard") && err.contains("checksum"),
+        "{err}"
+    );
 }

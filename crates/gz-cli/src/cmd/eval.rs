@@ -76,6 +76,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(train) = cache.train() else {
         bail!("cache {} has no training split", args.cache.display())
     };
+    // the images' bits against their checksums (opening reads only headers, ids and labels)
+    train
+        .verify()
+        .with_context(|| format!("checking the training split of {}", args.cache.display()))?;
     let first = &models[0];
     let holdout = validation_rows(first, train)?;
     if models.len() > 1 && args.split == "validation" {
@@ -108,6 +112,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let Some(test) = cache.test() else {
             bail!("cache {} has no test split", args.cache.display())
         };
+        test.verify()
+            .with_context(|| format!("checking the test split of {}", args.cache.display()))?;
         let eval_labels = match (test.labels(), &args.data) {
             (Some(_), _) => None,
             (None, Some(d)) if d.join("test_solutions.csv").is_file() => {

@@ -140,6 +140,9 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
                 cache_dir.display()
             );
         };
+        // the images' bits against their checksums (opening reads only headers, ids and labels)
+        test.verify()
+            .with_context(|| format!("checking the test split of {}", cache_dir.display()))?;
         let pb = progress_bar(test.len(), "predict");
         let values = predict_split(&ensemble, test, None, &tta, src.batch, &device, &|n| {
             pb.set_position(n as u64)
