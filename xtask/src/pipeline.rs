@@ -245,7 +245,7 @@ fn stage(
     key: &Path,
     cmds: Vec<Vec<String>>,
     inputs: Vec<(String, String)>,
-    before_run: impl FnOnce() -> Result<()>,
+    before_run: impl FnOnce(&[String]) -> Result<Vec<String>>,
     outputs: impl FnOnce(&str) -> Result<Vec<Output>>,
 ) -> Result<Done> {
     let sp = stamp_path(&ctx.root, name, key);
@@ -266,12 +266,19 @@ fn stage(
         },
     };
     eprintln!("xtask: {name}: running because {reason}");
-    before_run()?;
+    // `before_run` may ask for arguments appended to the last command this time only (not part
+    // of the stamp: `--resume` for an interrupted training run)
+    let extra = before_run(&flat)?;
     let gz_bin = ctx.gz()?;
     let mut all_stdout = String::new();
     let mut last = String::new();
     let started = std::time::Instant::now();
-    for c in &cmds {
+    for (i, c) in cmds.iter().enumerate() {
+        let mut c = c.clone();
+        if i + 1 == cmds.len() {
+            c.extend(extra.iter().cloned());
+        }
+        let c = &c;
         match gz::run(&gz_bin, c, &ctx.root)? {
             Ok(f) => {
                 all_stdout.push_str(&f.stdout);
@@ -335,7 +342,7 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
         &out,
         vec![cmd],
         vec![],
-        move || {
+        move |_| {
             // data/synth is ours (synth never runs with --data): clear a stale or interrupted set,
             // but never a folder holding something else.
             if out2.exists() {
@@ -352,7 +359,7 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
                     );
                 }
             }
-            Ok(())
+            Ok(vec![])
         },
         |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]),
     )
@@ -379,7 +386,7 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
         &data,
         vec![cmd],
         inputs,
-        || Ok(()),
+        |_| Ok(vec![]),
         move |stdout| {
             let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
             Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
@@ -418,21 +425,50 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     cmd.extend(ctx.train_args.iter().cloned());
     let inputs = vec![("cache".to_string(), fingerprint::identity(&cache)?)];
     let run2 = run.clone();
+    let inputs2 = inputs.clone();
     stage(
         ctx,
         "train",
         &run,
         vec![cmd],
         inputs,
-        move || {
-            if run2.exists() {
-                eprintln!("xtask: train: replacing the stale run {}", run2.display());
-                std::fs::remove_dir_all(&run2).with_context(|| format!("removing {}", run2.display()))?;
-            }
-            Ok(())
-        },
+        move |flat| train_before_run(&run2, flat, &inputs2),
         |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]),
     )
+}
+
+/// Name of the note xtask leaves in a training run directory: the command and inputs the run
+/// was started with, so that an interrupted run is resumed rather than thrown away.
+const TRAIN_NOTE: &str = ".xtask-train.json";
+
+/// Before `gz train` runs (the stage is not up to date): an interrupted run of the same
+/// command on the same inputs (its note matches and it wrote `last.json`) is resumed with
+/// `--resume`, since `gz train` continues it exactly; anything else in the run directory is a
+/// stale run and goes, and the note of the new run is written first.
+fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)]) -> Result<Vec<String>> {
+    let note = serde_json::json!({ "command": flat, "inputs": inputs });
+    let note_path = run.join(TRAIN_NOTE);
+    let same = std::fs::read(&note_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v == note);
+    let last = run.join("last.json");
+    let finished = std::fs::read(&last)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| Some((v.get("epoch")?.as_u64()?, v.get("train")?.get("epochs")?.as_u64()?)))
+        .is_some_and(|(done, of)| done >= of);
+    if same && last.exists() && !finished {
+        eprintln!("xtask: train: resuming the interrupted run {}", run.display());
+        return Ok(vec!["--resume".into()]);
+    }
+    if run.exists() {
+        eprintln!("xtask: train: replacing the stale run {}", run.display());
+        std::fs::remove_dir_all(run).with_context(|| format!("removing {}", run.display()))?;
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
+    std::fs::write(&note_path, format!("{note:#}\n")).with_context(|| format!("writing {}", note_path.display()))?;
+    Ok(vec![])
 }
 
 fn run_identity(run: &Path) -> Result<String> {
@@ -468,7 +504,7 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
         &run.join("eval"),
         vec![cmd],
         inputs,
-        || Ok(()),
+        |_| Ok(vec![]),
         move |stdout| {
             // gz eval names its report page on its last line (`report: <dir>/index.html`)
             let printed = gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
@@ -522,7 +558,10 @@ fn run_submit(ctx: &mut Ctx) -> Result<Done> {
         &sub,
         vec![predict, submit],
         inputs,
-        move || std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display())),
+        move |_| {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            Ok(vec![])
+        },
         |_| {
             Ok(vec![
                 Output::new("predictions", &preds, &[]),
@@ -624,4 +663,41 @@ pub fn cmd_stage(name: &str, args: Args) -> Result<()> {
         println!("{}: {}", o.label, o.path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An interrupted training run of the same command and inputs is resumed; a finished one, or
+    /// one of another command or other inputs, is replaced by a fresh run with a new note.
+    #[test]
+    fn interrupted_training_is_resumed_not_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let run = t.path().join("run");
+        let cmd = vec!["train".to_string(), "--epochs".into(), "3".into()];
+        let inputs = vec![("cache".to_string(), "abc".to_string())];
+        // fresh: the note is written first
+        assert!(train_before_run(&run, &cmd, &inputs).unwrap().is_empty());
+        assert!(run.join(TRAIN_NOTE).exists());
+        // killed before any epoch finished (no last.json): a fresh run again
+        assert!(train_before_run(&run, &cmd, &inputs).unwrap().is_empty());
+        // killed after epoch 1 of 3: resumed, nothing removed
+        let last = |epoch: u64| serde_json::json!({"epoch": epoch, "train": {"epochs": 3}}).to_string();
+        std::fs::write(run.join("last.json"), last(1)).unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs).unwrap(), ["--resume"]);
+        assert!(run.join("last.json").exists());
+        // another command, or other inputs: replaced
+        let other = vec!["train".to_string(), "--epochs".into(), "4".into()];
+        assert!(train_before_run(&run, &other, &inputs).unwrap().is_empty());
+        assert!(!run.join("last.json").exists());
+        std::fs::write(run.join("last.json"), last(1)).unwrap();
+        let moved = vec![("cache".to_string(), "xyz".to_string())];
+        assert!(train_before_run(&run, &other, &moved).unwrap().is_empty());
+        assert!(!run.join("last.json").exists());
+        // finished but not stamped (killed in between): a fresh run, not a refused resume
+        std::fs::write(run.join("last.json"), last(3)).unwrap();
+        assert!(train_before_run(&run, &other, &moved).unwrap().is_empty());
+        assert!(!run.join("last.json").exists());
+    }
 }
