@@ -135,5 +135,10 @@ else
   say "no gz binary in $PKG: benches skipped"
   peer
 fi
+# the decisions in one table: each A/B pair as a ratio, and gz against the PyTorch peer
+if [ -f "$HERE/scripts/device-compare.sh" ]; then
+  bash "$HERE/scripts/device-compare.sh" "$SUM" "$S/torch_peer.jsonl" > "$S/compare.txt" 2>&1
+  cat "$S/compare.txt" >> "$SUM"; cat "$S/compare.txt"
+fi
 say "done"
 pack
