@@ -124,6 +124,19 @@ impl Ctx {
                 format!("{ds}-{model}")
             }
         };
+        // runs/<name> and reports/<name> are deleted and rewritten: a name must stay one plain
+        // folder inside them
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'));
+        if !plain {
+            bail!(
+                "run name {name:?} (from --name, or the dataset and --model) must be one plain folder name: letters, \
+                 digits, '-', '_', '+' and '.', not starting with '.'"
+            );
+        }
         let ctx = Ctx {
             root,
             real_data,
@@ -225,8 +238,26 @@ impl Ctx {
                 r.display()
             );
         }
+        // a run xtask started (its note is there) is finished when its stage was stamped; until
+        // then its best checkpoint is that of an interrupted run
+        if r.join(TRAIN_NOTE).exists() && Stamp::load(&stamp_path(&self.root, "train", &r)).is_none() {
+            bail!(
+                "the training run in {} has not finished (interrupted?): run `cargo xtask train` (it resumes the run) \
+                 or the pipeline first",
+                r.display()
+            );
+        }
         Ok(r)
     }
+}
+
+/// What a stage's `before_run` decided.
+#[derive(Debug, PartialEq)]
+enum BeforeRun {
+    /// Run the commands, with these arguments appended to the last one (not stamped).
+    Run(Vec<String>),
+    /// The outputs are already complete (a finished run whose stamp a kill prevented): stamp them.
+    Done,
 }
 
 /// What happened to one stage.
@@ -245,7 +276,7 @@ fn stage(
     key: &Path,
     cmds: Vec<Vec<String>>,
     inputs: Vec<(String, String)>,
-    before_run: impl FnOnce(&[String]) -> Result<Vec<String>>,
+    before_run: impl FnOnce(&[String]) -> Result<BeforeRun>,
     outputs: impl FnOnce(&str) -> Result<Vec<Output>>,
 ) -> Result<Done> {
     let sp = stamp_path(&ctx.root, name, key);
@@ -266,9 +297,18 @@ fn stage(
         },
     };
     eprintln!("xtask: {name}: running because {reason}");
+    // the old stamp no longer describes what is on disk once the stage starts over
+    match std::fs::remove_file(&sp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the stale stamp {}", sp.display())),
+    }
     // `before_run` may ask for arguments appended to the last command this time only (not part
-    // of the stamp: `--resume` for an interrupted training run)
-    let extra = before_run(&flat)?;
+    // of the stamp: `--resume` for an interrupted training run), or find the work done
+    let (extra, cmds) = match before_run(&flat)? {
+        BeforeRun::Run(extra) => (extra, cmds),
+        BeforeRun::Done => (vec![], vec![]),
+    };
     let gz_bin = ctx.gz()?;
     let mut all_stdout = String::new();
     let mut last = String::new();
@@ -359,7 +399,7 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
                     );
                 }
             }
-            Ok(vec![])
+            Ok(BeforeRun::Run(vec![]))
         },
         |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]),
     )
@@ -386,7 +426,7 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
         &data,
         vec![cmd],
         inputs,
-        |_| Ok(vec![]),
+        |_| Ok(BeforeRun::Run(vec![])),
         move |stdout| {
             let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
             Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
@@ -426,13 +466,14 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     let inputs = vec![("cache".to_string(), fingerprint::identity(&cache)?)];
     let run2 = run.clone();
     let inputs2 = inputs.clone();
+    let force = ctx.force;
     stage(
         ctx,
         "train",
         &run,
         vec![cmd],
         inputs,
-        move |flat| train_before_run(&run2, flat, &inputs2),
+        move |flat| train_before_run(&run2, flat, &inputs2, force),
         |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]),
     )
 }
@@ -441,11 +482,13 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
 /// was started with, so that an interrupted run is resumed rather than thrown away.
 const TRAIN_NOTE: &str = ".xtask-train.json";
 
-/// Before `gz train` runs (the stage is not up to date): an interrupted run of the same
-/// command on the same inputs (its note matches and it wrote `last.json`) is resumed with
-/// `--resume`, since `gz train` continues it exactly; anything else in the run directory is a
-/// stale run and goes, and the note of the new run is written first.
-fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)]) -> Result<Vec<String>> {
+/// Before `gz train` runs (the stage is not up to date): a run of the same command on the same
+/// inputs (its note matches) that finished all its epochs is kept ([`BeforeRun::Done`]: a kill
+/// came between `gz train` and the stamp); one interrupted after an epoch (`last.json`) is
+/// resumed with `--resume`, since `gz train` continues it exactly. Anything else in the run
+/// directory, or anything at all with `--force`, is a stale run and goes, and the note of the
+/// new run is written first.
+fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], force: bool) -> Result<BeforeRun> {
     let note = serde_json::json!({ "command": flat, "inputs": inputs });
     let note_path = run.join(TRAIN_NOTE);
     let same = std::fs::read(&note_path)
@@ -458,9 +501,13 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)]) ->
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| Some((v.get("epoch")?.as_u64()?, v.get("train")?.get("epochs")?.as_u64()?)))
         .is_some_and(|(done, of)| done >= of);
-    if same && last.exists() && !finished {
+    if same && !force && finished && run.join("best.json").exists() {
+        eprintln!("xtask: train: keeping the finished run {}", run.display());
+        return Ok(BeforeRun::Done);
+    }
+    if same && !force && last.exists() && !finished {
         eprintln!("xtask: train: resuming the interrupted run {}", run.display());
-        return Ok(vec!["--resume".into()]);
+        return Ok(BeforeRun::Run(vec!["--resume".into()]));
     }
     if run.exists() {
         eprintln!("xtask: train: replacing the stale run {}", run.display());
@@ -468,7 +515,7 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)]) ->
     }
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
     std::fs::write(&note_path, format!("{note:#}\n")).with_context(|| format!("writing {}", note_path.display()))?;
-    Ok(vec![])
+    Ok(BeforeRun::Run(vec![]))
 }
 
 fn run_identity(run: &Path) -> Result<String> {
@@ -504,7 +551,7 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
         &run.join("eval"),
         vec![cmd],
         inputs,
-        |_| Ok(vec![]),
+        |_| Ok(BeforeRun::Run(vec![])),
         move |stdout| {
             // gz eval names its report page on its last line (`report: <dir>/index.html`)
             let printed = gz::result_line(stdout, "report").map(|r| absolute(PathBuf::from(r), &root));
@@ -560,7 +607,7 @@ fn run_submit(ctx: &mut Ctx) -> Result<Done> {
         inputs,
         move |_| {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            Ok(vec![])
+            Ok(BeforeRun::Run(vec![]))
         },
         |_| {
             Ok(vec![
@@ -669,6 +716,35 @@ pub fn cmd_stage(name: &str, args: Args) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A run name that is not one plain folder (`..`, `.`, empty, a path) is refused before
+    /// anything is deleted; plain names pass.
+    #[test]
+    fn run_names_stay_inside_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_string_lossy().into_owned();
+        let parse = |name: &str| {
+            Ctx::parse(Args::new(vec![
+                "--root".into(),
+                root.clone(),
+                "--gz".into(),
+                "/bin/true".into(),
+                "--name".into(),
+                name.into(),
+            ]))
+        };
+        for bad in ["..", ".", "", "../x", "a/b", "/tmp", ".hidden", "a\\b"] {
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"))
+                .to_string();
+            assert!(e.contains("plain folder name"), "{bad:?}: {e}");
+        }
+        for good in ["synth-tiny", "my_run.2", "r32+r32"] {
+            let ctx = parse(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+            assert_eq!(ctx.run_dir(), t.path().join("runs").join(good));
+        }
+    }
+
     /// An interrupted training run of the same command and inputs is resumed; a finished one, or
     /// one of another command or other inputs, is replaced by a fresh run with a new note.
     #[test]
@@ -677,27 +753,35 @@ mod tests {
         let run = t.path().join("run");
         let cmd = vec!["train".to_string(), "--epochs".into(), "3".into()];
         let inputs = vec![("cache".to_string(), "abc".to_string())];
+        let fresh = BeforeRun::Run(vec![]);
         // fresh: the note is written first
-        assert!(train_before_run(&run, &cmd, &inputs).unwrap().is_empty());
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), fresh);
         assert!(run.join(TRAIN_NOTE).exists());
         // killed before any epoch finished (no last.json): a fresh run again
-        assert!(train_before_run(&run, &cmd, &inputs).unwrap().is_empty());
-        // killed after epoch 1 of 3: resumed, nothing removed
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), fresh);
+        // killed after epoch 1 of 3: resumed, nothing removed; with --force: fresh
         let last = |epoch: u64| serde_json::json!({"epoch": epoch, "train": {"epochs": 3}}).to_string();
         std::fs::write(run.join("last.json"), last(1)).unwrap();
-        assert_eq!(train_before_run(&run, &cmd, &inputs).unwrap(), ["--resume"]);
+        let resume = BeforeRun::Run(vec!["--resume".into()]);
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), resume);
         assert!(run.join("last.json").exists());
+        assert_eq!(train_before_run(&run, &cmd, &inputs, true).unwrap(), fresh);
+        assert!(!run.join("last.json").exists());
+        // finished, killed before the stamp: kept as it is; with --force: fresh
+        std::fs::write(run.join("last.json"), last(3)).unwrap();
+        std::fs::write(run.join("best.json"), "{}").unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
+        assert!(run.join("best.json").exists());
+        assert_eq!(train_before_run(&run, &cmd, &inputs, true).unwrap(), fresh);
+        assert!(!run.join("best.json").exists());
         // another command, or other inputs: replaced
+        std::fs::write(run.join("last.json"), last(1)).unwrap();
         let other = vec!["train".to_string(), "--epochs".into(), "4".into()];
-        assert!(train_before_run(&run, &other, &inputs).unwrap().is_empty());
+        assert_eq!(train_before_run(&run, &other, &inputs, false).unwrap(), fresh);
         assert!(!run.join("last.json").exists());
         std::fs::write(run.join("last.json"), last(1)).unwrap();
         let moved = vec![("cache".to_string(), "xyz".to_string())];
-        assert!(train_before_run(&run, &other, &moved).unwrap().is_empty());
-        assert!(!run.join("last.json").exists());
-        // finished but not stamped (killed in between): a fresh run, not a refused resume
-        std::fs::write(run.join("last.json"), last(3)).unwrap();
-        assert!(train_before_run(&run, &other, &moved).unwrap().is_empty());
+        assert_eq!(train_before_run(&run, &other, &moved, false).unwrap(), fresh);
         assert!(!run.join("last.json").exists());
     }
 }
