@@ -29,11 +29,14 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
   eval                score the run with baselines, write the report (reports/<name>/)
   submit              predict the test split and write the Kaggle submission (reports/<name>/submission.csv)
 
-  options: --data DIR (a Kaggle download; no synth)   --train N --test M --seed S (synthetic set size)
+  options: --data DIR (a Kaggle download; no synth)   --train N --test M (synthetic set size; ignored
+           with --data)   --seed S (synthetic set and training)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --size PX --augment
            --precision f32|bf16 --tta N   (CPU defaults: tiny, 12 epochs, --size 32, batch 16,
            no augmentation: the trainer's measured CPU recipe)
-           --train-arg ARG (repeatable, passed to `gz train`)   --name RUN   --root DIR
+           --train-arg ARG, --prep-arg ARG (repeatable, passed to `gz train`, `gz prep`)
+           --cache DIR (a shard cache to use for train/eval/submit instead of the prep stage's)
+           --name RUN (one plain folder name)   --root DIR
            --force (rerun even when up to date)   --debug (debug build of gz)   --cuda [--cudnn] (CUDA build)
            --gz PATH (use this gz binary, build nothing)
 

@@ -39,6 +39,13 @@ enum Command {
 }
 
 fn main() {
+    // A closed output pipe (`gz … | head`) ends gz quietly, as it ends `cat`: Rust ignores
+    // SIGPIPE, which turns the next print into a panic.
+    #[cfg(unix)]
+    // SAFETY: before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // First, before any thread or large buffer exists (see `malloc`).
     let malloc_tuned = malloc::tune();
     tracing_subscriber::fmt()

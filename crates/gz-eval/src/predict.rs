@@ -139,6 +139,23 @@ pub fn predict_jpegs(
     progress: &dyn Fn(usize),
 ) -> Result<(Solutions, Vec<Failure>)> {
     let per = shape.iter().product::<usize>();
+    // one row per GalaxyID: two files naming the same id (`231279.jpg`, `0231279.jpg`) are an
+    // error before any work, naming both
+    let mut seen: std::collections::HashMap<u64, &PathBuf> = std::collections::HashMap::new();
+    for p in paths {
+        if let Some(id) = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if let Some(first) = seen.insert(id, p) {
+                return Err(EvalError::BadFile {
+                    path: p.clone(),
+                    reason: format!("GalaxyID {id} again (already {}): one file per galaxy", first.display()),
+                });
+            }
+        }
+    }
     let mut sol = Solutions::new();
     let mut failures = Vec::new();
     let mut ids = Vec::new();

@@ -225,6 +225,9 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
     }
     if first {
         rep.push(ProblemKind::Header, Some(1), "file is empty (no header)".into());
+    } else if rep.rows == 0 && ids.is_none() {
+        // with ids the row count below says it; without, a header alone is no submission
+        rep.push(ProblemKind::RowCount, None, "no rows after the header".into());
     }
     if let Some(ids) = ids {
         if rep.rows != ids.len() {
@@ -292,6 +295,7 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
 pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     let mut bad = Vec::new();
+    let mut names: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let p = entry.path();
@@ -306,7 +310,19 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
             .and_then(|s| s.to_str())
             .and_then(|s| s.parse::<u64>().ok())
         {
-            Some(id) => ids.push(id),
+            Some(id) => {
+                if let Some(first) = names.insert(id, p.clone()) {
+                    return Err(EvalError::BadFile {
+                        path: dir.to_path_buf(),
+                        reason: format!(
+                            "GalaxyID {id} appears as two files, {} and {}: one file per galaxy",
+                            first.display(),
+                            p.display()
+                        ),
+                    });
+                }
+                ids.push(id)
+            }
             None => bad.push(p.display().to_string()),
         }
     }
@@ -317,14 +333,6 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
         });
     }
     ids.sort_unstable();
-    let before = ids.len();
-    ids.dedup();
-    if ids.len() != before {
-        return Err(EvalError::BadFile {
-            path: dir.to_path_buf(),
-            reason: "the same GalaxyID appears as several files".into(),
-        });
-    }
     Ok(ids)
 }
 
@@ -654,6 +662,15 @@ mod tests {
         }
         let empty = check_bytes(b"", Path::new("e.csv"), None);
         assert_eq!(empty.count(ProblemKind::Header), 1);
+        let header_only = format!(
+            "{}\n",
+            std::iter::once("GalaxyID")
+                .chain(column_names())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let r = check_bytes(header_only.as_bytes(), Path::new("h.csv"), None);
+        assert_eq!(r.count(ProblemKind::RowCount), 1, "{:?}", r.problems);
     }
 
     #[test]
@@ -665,5 +682,13 @@ mod tests {
         assert_eq!(ids_from_dir(dir.path()).unwrap(), vec![100, 200]);
         std::fs::write(dir.path().join("abc.jpg"), b"x").unwrap();
         assert!(ids_from_dir(dir.path()).unwrap_err().to_string().contains("abc.jpg"));
+        // one galaxy, two files: the error names the id and both files
+        std::fs::remove_file(dir.path().join("abc.jpg")).unwrap();
+        std::fs::write(dir.path().join("0100.jpg"), b"x").unwrap();
+        let e = ids_from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("GalaxyID 100") && e.contains("0100.jpg") && e.contains("/100.jpg"),
+            "{e}"
+        );
     }
 }

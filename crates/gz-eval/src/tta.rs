@@ -92,7 +92,11 @@ impl TtaConfig {
         if self.rotations == 0 || self.scales.is_empty() || self.scales.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
             return Err(EvalError::Setting {
                 what: "test-time augmentation".into(),
-                reason: format!("{self:?}: need ≥ 1 rotation and ≥ 1 positive finite scale"),
+                reason: format!(
+                    "{} rotation(s), scales {:?}: need at least 1 rotation and at least 1 scale, each a positive \
+                     finite zoom",
+                    self.rotations, self.scales
+                ),
             });
         }
         Ok(())

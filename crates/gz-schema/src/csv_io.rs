@@ -265,6 +265,12 @@ fn write_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<(), Schem
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    if let Some(file) = dir.ancestors().find(|a| a.is_file()) {
+        return Err(SchemaError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!("{} is a file, not a folder", file.display())),
+        });
+    }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let name = path
         .file_name()
@@ -401,6 +407,8 @@ mod tests {
         assert!(dir.is_dir());
         let e = write_atomic(Path::new("/dev/null"), b"x").unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        let e = write_atomic(&target.join("x.csv"), b"x").unwrap_err().to_string();
+        assert!(e.contains("real.csv is a file, not a folder"), "{e}");
         let (a, b) = (t.path().join("a"), t.path().join("b"));
         std::os::unix::fs::symlink(&b, &a).unwrap();
         std::os::unix::fs::symlink(&a, &b).unwrap();

@@ -109,10 +109,13 @@ impl SynthConfig {
                 self.min_volunteers, self.max_volunteers
             ));
         }
-        let total = self.train as u64 + self.test as u64;
-        if total > ID_MAX - ID_MIN + 1 {
+        // checked: a sum that wraps must not slip under the limit
+        let total = (self.train as u64).checked_add(self.test as u64);
+        if total.is_none_or(|t| t > ID_MAX - ID_MIN + 1) {
             return bad(format!(
-                "{total} images do not fit the {} six-digit ids",
+                "{} train + {} test images do not fit the {} six-digit ids",
+                self.train,
+                self.test,
                 ID_MAX - ID_MIN + 1
             ));
         }
@@ -533,6 +536,16 @@ mod tests {
 
     #[test]
     fn bad_configs_are_errors() {
+        // counts whose sum wraps around are refused, not wrapped under the limit
+        for (train, test) in [(usize::MAX, 5), (usize::MAX - 3, 6), (900_000, 1)] {
+            let cfg = SynthConfig {
+                train,
+                test,
+                ..SynthConfig::default()
+            };
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains("do not fit"), "{train} + {test}: {e}");
+        }
         let mut cfg = SynthConfig {
             min_volunteers: 10,
             max_volunteers: 5,

@@ -62,6 +62,15 @@ fn run_name(p: &std::path::Path) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if let Some(r) = &args.report {
+        // before the scoring, not after it
+        if r.exists() && !r.is_dir() {
+            bail!("--report {}: exists and is not a folder", r.display());
+        }
+    }
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
     let models = load_runs(&args.runs, &device)?;
@@ -186,6 +195,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let gdir = dir.join("gallery");
     std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
+    // thumbnails of an earlier report (`<GalaxyID>.png`) go: the gallery shows this one's only
+    for e in std::fs::read_dir(&gdir).with_context(|| format!("reading {}", gdir.display()))? {
+        let p = e.with_context(|| format!("reading {}", gdir.display()))?.path();
+        let ours = p.extension().is_some_and(|x| x == "png")
+            && p.file_stem()
+                .and_then(|s| s.to_str())
+                .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+        if ours {
+            std::fs::remove_file(&p).with_context(|| format!("removing the old thumbnail {}", p.display()))?;
+        }
+    }
     let mut gallery = Vec::new();
     for (k, &r) in rows.eval_rows.iter().take(args.gallery).enumerate() {
         let id = rows.eval_split.ids()[r];

@@ -116,6 +116,9 @@ pub struct Predicted {
 
 /// Loads the checkpoints and predicts the source's test images.
 pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
+    if src.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
     let tta = src.tta.config()?;
     let device = gz_model::device::select_device(&src.device).with_context(|| format!("device {:?}", src.device))?;
     let models = gz_eval::eval::load_runs(&src.runs, &device)?;
