@@ -125,25 +125,36 @@ pub fn set_nhwc(on: bool) {
     NHWC.store(on, Ordering::Relaxed);
 }
 
+/// A process-wide switch's override on this thread (`None`: the process-wide value holds).
+type ThreadOverride = std::thread::LocalKey<std::cell::Cell<Option<bool>>>;
+
 thread_local! {
     static NHWC_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static NHWC_IMAGE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `here` set to `on`, restoring it afterwards.
+fn with_override<R>(here: &'static ThreadOverride, on: bool, f: impl FnOnce() -> R) -> R {
+    let before = here.with(|c| c.replace(Some(on)));
+    let r = f();
+    here.with(|c| c.set(before));
+    r
+}
+
+/// The switch's value on this thread: its override, else the process-wide value.
+fn switch(here: &'static ThreadOverride, global: &AtomicBool) -> bool {
+    here.with(|c| c.get()).unwrap_or_else(|| global.load(Ordering::Relaxed))
 }
 
 /// Runs `f` with the channels-last switch overridden on this thread only (tests compare both
 /// layouts without disturbing other threads).
 pub fn with_nhwc<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = NHWC_HERE.with(|c| c.replace(Some(on)));
-    let r = f();
-    NHWC_HERE.with(|c| c.set(before));
-    r
+    with_override(&NHWC_HERE, on, f)
 }
 
 /// Whether the nets run channels-last on `device` (see [`set_nhwc`], [`with_nhwc`]).
 pub fn nhwc_for(device: &Device) -> bool {
-    let on = NHWC_HERE
-        .with(|c| c.get())
-        .unwrap_or_else(|| NHWC.load(Ordering::Relaxed));
-    on && (device.is_cpu() || active_for(device))
+    switch(&NHWC_HERE, &NHWC) && (device.is_cpu() || active_for(device))
 }
 
 /// With channels-last on ([`set_nhwc`]), runs the image layer channels-last too: the tower
@@ -156,26 +167,16 @@ pub fn set_nhwc_image(on: bool) {
     NHWC_IMAGE.store(on, Ordering::Relaxed);
 }
 
-thread_local! {
-    static NHWC_IMAGE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
 /// Runs `f` with [`set_nhwc_image`]'s switch overridden on this thread only (for tests).
 pub fn with_nhwc_image<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = NHWC_IMAGE_HERE.with(|c| c.replace(Some(on)));
-    let r = f();
-    NHWC_IMAGE_HERE.with(|c| c.set(before));
-    r
+    with_override(&NHWC_IMAGE_HERE, on, f)
 }
 
 /// Whether a channels-last tower still in NCHW switches layout before a convolution with
 /// `in_channels` input channels: at the first multiple of 8 (cuDNN's NHWC tensor-core kernels
 /// want that), or at once with [`set_nhwc_image`].
 pub fn nhwc_starts_at(in_channels: usize) -> bool {
-    in_channels % 8 == 0
-        || NHWC_IMAGE_HERE
-            .with(|c| c.get())
-            .unwrap_or_else(|| NHWC_IMAGE.load(Ordering::Relaxed))
+    in_channels % 8 == 0 || switch(&NHWC_IMAGE_HERE, &NHWC_IMAGE)
 }
 
 /// Allows (default) or forbids TF32 tensor-core math for f32 convolutions. Takes effect for
