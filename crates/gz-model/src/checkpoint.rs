@@ -215,8 +215,9 @@ pub fn load_tensors_checked(
         match std::fs::read(&staged) {
             Ok(b) if crc32fast::hash(&b) == crc => b,
             _ => {
-                let bytes = read.map_err(io_err(path))?;
-                let got = crc32fast::hash(&bytes);
+                // a missing file is an I/O error naming it; a present one has its checksum in `got`
+                read.map_err(io_err(path))?;
+                let got = got.unwrap_or_default();
                 return Err(CheckpointError::Invalid {
                     path: path.to_path_buf(),
                     reason: format!(
