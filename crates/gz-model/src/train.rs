@@ -738,12 +738,14 @@ impl Drop for RunLock {
     }
 }
 
-/// Whether process `pid` is running (this process counts as running: a second run in it is
-/// refused too). On Linux from `/proc` (a zombie does not run); elsewhere every process is
-/// assumed alive, so a lock left by a kill there is removed by hand, as the message says.
+/// Whether process `pid` is running another run. This process's own id counts as not
+/// running: a lock with it is a killed earlier process's whose id came round again (common in
+/// containers, whose ids restart), not a run of ours. On Linux from `/proc` (a zombie does not
+/// run); elsewhere every other process is assumed alive, so a lock left by a kill there is
+/// removed by hand, as the message says.
 fn process_alive(pid: u32) -> bool {
     if pid == std::process::id() {
-        return true;
+        return false;
     }
     if cfg!(target_os = "linux") {
         // /proc/PID/stat: "PID (comm) STATE ..."; comm may hold spaces and parentheses
@@ -1296,8 +1298,8 @@ mod tests {
         let src = toy_source(32, 32, 3);
         let dir = tempfile::tempdir().unwrap();
         let lock = dir.path().join(RunLock::NAME);
-        // held by this (live) process
-        std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+        // held by a live process (init, pid 1, runs as long as the system does)
+        std::fs::write(&lock, "1\n").unwrap();
         let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap_err();
         assert!(e.to_string().contains("is in use"), "{e}");
         assert!(lock.exists(), "a live writer's lock stays");
