@@ -110,6 +110,15 @@ pub fn run_with(
         })?;
         let skipped: Vec<Skipped> = serde_json::from_value(cache.extra()["skipped"].clone()).unwrap_or_default();
         tracing::info!(dir = %cache_dir.display(), "cache hit");
+        // a cache an earlier (lenient) run wrote without some inputs is not what --strict asks for
+        if opts.strict {
+            if let Some(s) = skipped.first().or(scan.skipped.first()) {
+                return Err(PrepError::Strict {
+                    path: s.path.clone(),
+                    reason: s.reason.clone(),
+                });
+            }
+        }
         return Ok(RunSummary {
             cache_dir,
             cache_hit: true,

@@ -463,6 +463,13 @@ fn strict_run_stops_and_publishes_nothing() {
     let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
     assert_eq!(s.skipped.len(), 1);
     assert_eq!(s.test, 3);
+    // strict again, now on that lenient run's cache: still an error naming the file
+    opts.strict = true;
+    let e = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap_err();
+    assert!(
+        matches!(e, PrepError::Strict { .. }) && e.to_string().contains("999999.jpg"),
+        "{e}"
+    );
 }
 
 #[test]

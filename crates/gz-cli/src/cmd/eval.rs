@@ -128,6 +128,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (None, Some(d)) if d.join("test_solutions.csv").is_file() => {
                 Some(gz_eval::eval::labels_from_csv(test, &d.join("test_solutions.csv"))?)
             }
+            (None, None) => bail!(
+                "the test split of {} has no labels: pass --data DIR with the dataset's test_solutions.csv \
+                 (a synthetic set has one; a real Kaggle test set does not), or use --split validation",
+                args.cache.display()
+            ),
             _ => bail!(
                 "the test split of {} has no labels and --data has no test_solutions.csv (a real Kaggle test set): use --split validation",
                 args.cache.display()
