@@ -45,6 +45,7 @@ echo "== A/B (ratio > 1: the variant is faster) =="
 ratio vgg-bf16-all vgg-bf16-baseline
 ratio vgg-bf16-all-nhwc vgg-bf16-all
 ratio vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc
+ratio vgg-bf16-all-nhwc-image-pad vgg-bf16-all-nhwc
 ratio vgg-bf16-all-nhwc-candle-layout vgg-bf16-all-nhwc
 ratio dieleman-bf16-all dieleman-bf16-baseline
 ratio dieleman-bf16-all-nhwc dieleman-bf16-all
@@ -56,7 +57,7 @@ for v in vgg-bf16-no-fused-epilogue vgg-bf16-generic-optimizer vgg-bf16-optimize
 done
 ratio dieleman-bf16-by-layers dieleman-bf16-all
 echo "== gz / PyTorch 2.11 (the issue-7 targets; > 1: gz is faster) =="
-for v in vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image; do
+for v in vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc-image-pad; do
   vs_peer "$v" vgg 256 bf16 false train_img_s "torch eager vgg b256 bf16"
   vs_peer "$v" vgg 256 bf16 true train_img_s "torch.compile vgg b256 bf16"
 done

@@ -21,7 +21,8 @@
 #     ops::tests::cuda_tower_op_matches_layers)
 #   - tenth session: GZ_NHWC_IMAGE=1 runs the 3-channel image layer channels-last too (no
 #     permutation of the first convolution's output and gradient; test
-#     ops::tests::cuda_tower_op_matches_layers covers it); the NCHW <-> NHWC layout changes of
+#     ops::tests::cuda_tower_op_matches_layers covers it; GZ_NHWC_IMAGE=pad zero-pads its 3
+#     channels to 8 for cuDNN's tensor-core kernels); the NCHW <-> NHWC layout changes of
 #     the channels-last towers as one tiled transpose kernel (kernels/layout.cu, on wherever
 #     channels-last runs; GZ_LAYOUT_KERNEL=0 uses candle's strided copy; test
 #     cudnn::tests::cuda_layout_kernel_matches_permute)
@@ -105,6 +106,7 @@ if [ -x "$BIN/gz" ]; then
   bench dieleman-bf16-all 50 $ALL -- $D $R
   bench dieleman-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $D $R
   bench vgg-bf16-all-nhwc-image 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
+  bench vgg-bf16-all-nhwc-image-pad 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=pad -- $V $R
   bench vgg-bf16-all-nhwc-candle-layout 50 $ALL GZ_NHWC=1 GZ_LAYOUT_KERNEL=0 -- $V $R
   pack
   peer

@@ -76,7 +76,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 9] = [
+    let switches: [Switch; 11] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -93,6 +93,9 @@ fn main() {
         // with channels-last, the 3-channel image layer channels-last too (no permutation of
         // the first convolution's output and its gradient; cuDNN's kernels for 3 channels)
         ("GZ_NHWC_IMAGE", "1", gz_model::cudnn::set_nhwc_image, true),
+        // the same with the image's 3 channels zero-padded to 8 (cuDNN's NHWC tensor-core kernels)
+        ("GZ_NHWC_IMAGE", "pad", gz_model::cudnn::set_nhwc_image, true),
+        ("GZ_NHWC_IMAGE", "pad", gz_model::cudnn::set_nhwc_image_padded, true),
         // the channels-last towers' layout changes on CUDA through candle's strided copy
         // instead of gz's tiled transpose kernel (gz_model::cudnn::layout)
         ("GZ_LAYOUT_KERNEL", "0", gz_model::cudnn::layout::set_enabled, false),

@@ -252,8 +252,8 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
             reason: format!("{} ids and {} label values", ids.len(), labels.len()),
         });
     }
-    let mut expected: HashMap<u64, Vec<f32>> = HashMap::new();
-    let mut files = Vec::new();
+    // id → (noise-free row, the file it came from)
+    let mut expected: HashMap<u64, (Vec<f32>, &str)> = HashMap::new();
     for name in ["expected_training.csv", "expected_test.csv"] {
         let p = data_dir.join(name);
         if !p.is_file() {
@@ -262,18 +262,24 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
         match gz_schema::read_solutions(&p) {
             Ok(sol) => {
                 for i in 0..sol.len() {
-                    expected.insert(sol.ids[i], sol.row(i).to_vec());
+                    expected.insert(sol.ids[i], (sol.row(i).to_vec(), name));
                 }
-                files.push(name);
             }
             Err(e) => tracing::warn!("ignoring {}: {e}", p.display()),
         }
     }
     if !ids.is_empty() && ids.iter().all(|id| expected.contains_key(id)) {
         let mut pred = Vec::with_capacity(labels.len());
+        // the files the scored rows came from, in the order above
+        let mut files: Vec<&str> = Vec::new();
         for id in ids {
-            pred.extend_from_slice(&expected[id]);
+            let (row, file) = &expected[id];
+            pred.extend_from_slice(row);
+            if !files.contains(file) {
+                files.push(file);
+            }
         }
+        files.sort_by_key(|f| *f != "expected_training.csv");
         let s = score(&pred, labels)?;
         return Ok(Some(Floor {
             rmse: s.rmse,
@@ -441,5 +447,20 @@ mod tests {
         // rows the expected file does not cover fall back to floor.json
         let f = bayes_floor(dir.path(), &[1, 3], &labels).unwrap().unwrap();
         assert!(f.source.contains("floor.json"));
+        // the source names the file(s) the scored rows came from, not every file read
+        let mut test = gz_schema::Solutions::new();
+        test.push(7, &[0.5; N_ANSWERS]);
+        gz_schema::write_solutions(&dir.path().join("expected_test.csv"), &test).unwrap();
+        let one = constant(&[0.5; N_ANSWERS], 1);
+        let f = bayes_floor(dir.path(), &[7], &one).unwrap().unwrap();
+        assert_eq!(f.source, "expected_test.csv on the 1 rows scored");
+        let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
+        assert_eq!(f.source, "expected_training.csv on the 2 rows scored");
+        let three = constant(&[0.5; N_ANSWERS], 3);
+        let f = bayes_floor(dir.path(), &[7, 1, 2], &three).unwrap().unwrap();
+        assert_eq!(
+            f.source,
+            "expected_training.csv + expected_test.csv on the 3 rows scored"
+        );
     }
 }

@@ -297,13 +297,14 @@ mod tests {
     }
 
     /// Output, input gradient and every parameter gradient of `sum(tower(x) · g)`.
-    /// With the image layer channels-last too when `image_nhwc` ([`crate::cudnn::set_nhwc_image`]).
+    /// With the image layer channels-last too when `image_nhwc` ([`crate::cudnn::set_nhwc_image`]),
+    /// its channels zero-padded to 8 when `padded` ([`crate::cudnn::set_nhwc_image_padded`]).
     fn run_in(
         dev: &Device,
         dtype: DType,
         one_op: bool,
         nhwc: bool,
-        image_nhwc: bool,
+        (image_nhwc, padded): (bool, bool),
         in_c: usize,
     ) -> Vec<(String, Tensor)> {
         let varmap = VarMap::new();
@@ -354,11 +355,13 @@ mod tests {
         let x = Var::from_tensor(&x.as_tensor().to_device(dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let y = crate::cudnn::with_nhwc(nhwc, || {
             crate::cudnn::with_nhwc_image(image_nhwc, || {
-                if one_op {
-                    run_tower_as_one_op(x.as_tensor(), &refs, nhwc)
-                } else {
-                    run_tower_by_layers(x.as_tensor(), &refs)
-                }
+                crate::cudnn::with_nhwc_image_padded(padded, || {
+                    if one_op {
+                        run_tower_as_one_op(x.as_tensor(), &refs, nhwc)
+                    } else {
+                        run_tower_by_layers(x.as_tensor(), &refs)
+                    }
+                })
             })
         })
         .unwrap();
@@ -396,13 +399,20 @@ mod tests {
     /// ReLU and autograd): output, input gradient and every parameter gradient, on `dev`, for a
     /// 3-channel input (channels-last from the second layer) and an 8-channel one (from the
     /// first, so the input gradient comes back through the layout switch); and for the
-    /// 3-channel input with the image layer channels-last too.
+    /// 3-channel input with the image layer channels-last too, as it is and zero-padded to 8
+    /// channels (the tower op only).
     pub(crate) fn tower_op_matches_layers_on(dev: &Device, dtype: DType, tol: f32) {
         for in_c in [3, 8] {
-            let reference = run_in(dev, dtype, false, false, false, in_c);
-            let mut plans = vec![(true, false, false), (true, true, false), (false, true, false)];
+            let reference = run_in(dev, dtype, false, false, (false, false), in_c);
+            let no = (false, false);
+            let mut plans = vec![(true, false, no), (true, true, no), (false, true, no)];
             if in_c % 8 != 0 {
-                plans.extend([(true, true, true), (false, true, true)]);
+                // the image layer channels-last, as it is and zero-padded to 8 channels
+                plans.extend([
+                    (true, true, (true, false)),
+                    (false, true, (true, false)),
+                    (true, true, (true, true)),
+                ]);
             }
             for (one_op, nhwc, image_nhwc) in plans {
                 let a = run_in(dev, dtype, one_op, nhwc, image_nhwc, in_c);
@@ -412,8 +422,8 @@ mod tests {
                     let e = rel(ta, tb);
                     assert!(
                         e < tol,
-                        "{name} (one op {one_op}, nhwc {nhwc}, image nhwc {image_nhwc}, {in_c} channels, \
-                         {dtype:?}): relative error {e}"
+                        "{name} (one op {one_op}, nhwc {nhwc}, image nhwc / padded {image_nhwc:?}, {in_c} \
+                         channels, {dtype:?}): relative error {e}"
                     );
                 }
             }

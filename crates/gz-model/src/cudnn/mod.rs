@@ -53,8 +53,10 @@ static PROFILING: AtomicBool = AtomicBool::new(false);
 /// Off by default: the fused kernels have not run on a GPU yet (docs/cudnn.md).
 static FUSED: AtomicBool = AtomicBool::new(false);
 static NHWC: AtomicBool = AtomicBool::new(false);
-/// Channels-last from the image layer on (see [`set_nhwc_image`]).
+/// Channels-last from the image layer on (see [`set_nhwc_image`]), its channels zero-padded
+/// to a multiple of 8 in the tower op (see [`set_nhwc_image_padded`]).
 static NHWC_IMAGE: AtomicBool = AtomicBool::new(false);
+static NHWC_IMAGE_PADDED: AtomicBool = AtomicBool::new(false);
 /// On the fused path, conv + epilogue (+ pool) as one op each (see [`set_single_ops`]).
 static SINGLE_CONV_RELU: AtomicBool = AtomicBool::new(true);
 static FUSED_POOL: AtomicBool = AtomicBool::new(true);
@@ -131,6 +133,7 @@ type ThreadOverride = std::thread::LocalKey<std::cell::Cell<Option<bool>>>;
 thread_local! {
     static NHWC_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     static NHWC_IMAGE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static NHWC_IMAGE_PADDED_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// Runs `f` with `here` set to `on`, restoring it afterwards.
@@ -170,6 +173,32 @@ pub fn set_nhwc_image(on: bool) {
 /// Runs `f` with [`set_nhwc_image`]'s switch overridden on this thread only (for tests).
 pub fn with_nhwc_image<R>(on: bool, f: impl FnOnce() -> R) -> R {
     with_override(&NHWC_IMAGE_HERE, on, f)
+}
+
+/// With the image layer channels-last ([`set_nhwc_image`]), the tower op (`cudnn::tower`, the
+/// fused path's) zero-pads the image's channels to a multiple of 8 (3 → 8), and the filter's to
+/// match, so that cuDNN can take its NHWC tensor-core kernels for the first layer too: 8/3 of
+/// that layer's arithmetic (under 1 % of VGG16-blog's) for the faster kernels. The filter
+/// gradient's padded part is dropped, so the model and checkpoints do not change. The layers
+/// run one by one (`GZ_TOWER_OP=0`) do not pad. Off by default, for the device run to compare
+/// (`GZ_NHWC_IMAGE=pad` in `gz`).
+pub fn set_nhwc_image_padded(on: bool) {
+    NHWC_IMAGE_PADDED.store(on, Ordering::Relaxed);
+}
+
+/// Runs `f` with [`set_nhwc_image_padded`]'s switch overridden on this thread only (for tests).
+pub fn with_nhwc_image_padded<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    with_override(&NHWC_IMAGE_PADDED_HERE, on, f)
+}
+
+/// The channels the tower op gives a layer of `in_channels` when it switches to channels-last
+/// there: the next multiple of 8 with [`set_nhwc_image_padded`], else `in_channels`.
+pub(crate) fn nhwc_padded_channels(in_channels: usize) -> usize {
+    if switch(&NHWC_IMAGE_PADDED_HERE, &NHWC_IMAGE_PADDED) {
+        in_channels.next_multiple_of(8)
+    } else {
+        in_channels
+    }
 }
 
 /// Whether a channels-last tower still in NCHW switches layout before a convolution with

@@ -51,6 +51,9 @@ struct Saved {
     pool: bool,
     /// The tower switched to channels-last just before this layer.
     switched: bool,
+    /// The layer's input channels in the model (the run may have padded them: `x` and `w`
+    /// have more, and the gradients are cut back to these).
+    in_c: usize,
     k_hw: (usize, usize),
     x_hw: (usize, usize),
 }
@@ -67,12 +70,21 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
     for l in layers {
         let (_, c, _, _) = l.weight.dims4()?;
         let switched = nhwc && !now && super::nhwc_starts_at(c);
+        // channels as run: the image's zero-padded to a multiple of 8 on request
+        let run_c = if switched { super::nhwc_padded_channels(c) } else { c };
+        let pad = |t: Tensor| {
+            if run_c > c {
+                t.pad_with_zeros(1, 0, run_c - c)
+            } else {
+                Ok(t)
+            }
+        };
         if switched {
-            h = nhwc_of(&h)?;
+            h = nhwc_of(&pad(h)?)?;
             now = true;
         }
         let w = if now {
-            nhwc_of(&l.weight.detach())?
+            nhwc_of(&pad(l.weight.detach())?)?
         } else {
             l.weight.detach().contiguous()?
         };
@@ -97,6 +109,7 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
             b,
             pool: l.pool,
             switched,
+            in_c: c,
             k_hw: (kh, kw),
             x_hw: (xh, xw),
         });
@@ -211,13 +224,21 @@ impl CustomOp3 for TowerNode {
             } else {
                 relu_grads(s.p.nhwc, &s.b, &s.y, &g)?
             };
+            // back to the model's channels where the run padded them
+            let unpad = |t: Tensor| -> Result<Tensor> {
+                if t.dim(1)? > s.in_c {
+                    t.narrow(1, 0, s.in_c)?.contiguous()
+                } else {
+                    Ok(t)
+                }
+            };
             let dw = s.x.apply_op2_no_bwd(&dz, &ConvBwdFilter { p: s.p, k_hw: s.k_hw })?;
-            dws[i] = Some(if s.p.nhwc { nchw_of(&dw)? } else { dw });
+            dws[i] = Some(if s.p.nhwc { unpad(nchw_of(&dw)?)? } else { dw });
             dbs[i] = Some(db);
             if i > 0 || need_dx {
                 g = dz.apply_op2_no_bwd(&s.w, &ConvBwdData { p: s.p, x_hw: s.x_hw })?;
                 if s.switched {
-                    g = nchw_of(&g)?;
+                    g = unpad(nchw_of(&g)?)?;
                 }
             }
         }

@@ -538,8 +538,13 @@ mod layout_tests {
     use super::*;
     use crate::config::Arch;
 
-    /// With `image_nhwc`, the image layer runs channels-last too ([`crate::cudnn::set_nhwc_image`]).
-    fn outputs_and_grads(arch: Arch, nhwc: bool, image_nhwc: bool) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
+    /// With `image_nhwc`, the image layer runs channels-last too ([`crate::cudnn::set_nhwc_image`]),
+    /// zero-padded to 8 channels with `padded` ([`crate::cudnn::set_nhwc_image_padded`]).
+    fn outputs_and_grads(
+        arch: Arch,
+        nhwc: bool,
+        (image_nhwc, padded): (bool, bool),
+    ) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
         let run = || {
             let dev = Device::Cpu;
             let cfg = ModelConfig::new(arch, OutputKind::Tree);
@@ -578,32 +583,37 @@ mod layout_tests {
             gs.sort_by(|a, b| a.0.cmp(&b.0));
             (y.flatten_all().expect("flat").to_vec1::<f32>().expect("values"), gs)
         };
-        crate::cudnn::with_nhwc(nhwc, || crate::cudnn::with_nhwc_image(image_nhwc, run))
+        crate::cudnn::with_nhwc(nhwc, || {
+            crate::cudnn::with_nhwc_image(image_nhwc, || crate::cudnn::with_nhwc_image_padded(padded, run))
+        })
     }
 
     #[test]
     fn channels_last_towers_match_nchw() {
-        for (arch, image_nhwc) in [
-            (Arch::Tiny, false),
-            (Arch::DielemanTiny, false),
-            (Arch::Tiny, true),
-            (Arch::DielemanTiny, true),
-        ] {
-            let (ya, ga) = outputs_and_grads(arch, false, false);
-            let (yb, gb) = outputs_and_grads(arch, true, image_nhwc);
-            let worst = ya.iter().zip(&yb).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-6, "{arch}: outputs differ by {worst}");
-            assert_eq!(ga.len(), gb.len(), "{arch}: the same parameters get gradients");
-            assert!(!ga.is_empty());
-            for ((na, a), (nb, b)) in ga.iter().zip(&gb) {
-                assert_eq!(na, nb);
-                let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-                let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-                assert!(
-                    worst <= 1e-4 * scale,
-                    "{arch} {na}: gradients differ by {worst} (scale {scale})"
-                );
+        for arch in [Arch::Tiny, Arch::DielemanTiny] {
+            for image in [(false, false), (true, false), (true, true)] {
+                check_layouts(arch, image);
             }
+        }
+    }
+
+    /// `arch` channels-last (the image layer as `image` says) against NCHW.
+    fn check_layouts(arch: Arch, image: (bool, bool)) {
+        let (ya, ga) = outputs_and_grads(arch, false, (false, false));
+        let (yb, gb) = outputs_and_grads(arch, true, image);
+        let worst = ya.iter().zip(&yb).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-6, "{arch} {image:?}: outputs differ by {worst}");
+        assert_eq!(ga.len(), gb.len(), "{arch}: the same parameters get gradients");
+        assert!(!ga.is_empty());
+        for ((na, a), (nb, b)) in ga.iter().zip(&gb) {
+            assert_eq!(na, nb);
+            assert_eq!(a.len(), b.len(), "{arch} {image:?} {na}: gradient sizes");
+            let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-4 * scale,
+                "{arch} {image:?} {na}: gradients differ by {worst} (scale {scale})"
+            );
         }
     }
 }
