@@ -145,8 +145,14 @@ fn resume_continues_a_run_from_the_cli() {
     };
     let (ok, _, stderr) = support::run(support::gz().args(args("2", true)));
     assert!(!ok && stderr.contains("nothing to resume"), "{stderr}");
+    assert!(!run.exists(), "a refused resume leaves no run directory behind");
     let (ok, out, stderr) = support::run(support::gz().args(args("1", false)));
     assert!(ok, "{out}\n{stderr}");
+    // another schedule than the run's is refused, not silently ignored
+    let mut other = args("2", true);
+    other.extend(["--schedule".into(), "step:1".into()]);
+    let (ok, _, stderr) = support::run(support::gz().args(&other));
+    assert!(!ok && stderr.contains("keeps its schedule"), "{stderr}");
     let (ok, out, stderr) = support::run(support::gz().args(args("2", true)));
     assert!(ok, "{out}\n{stderr}");
     assert!(out.contains("resuming after epoch 1"), "{out}");
@@ -202,6 +208,18 @@ fn bad_requests_fail_clearly() {
 fn describe_and_bench_train() {
     let (ok, out, err) = support::run(support::gz().args(["train", "--model", "tiny", "--describe"]));
     assert!(ok && out.contains("total parameters"), "{out}\n{err}");
+    assert!(!err.contains("warning"), "{err}");
+    // a documented switch set to a value it does not act on is named, not ignored in silence
+    let (ok, out, err) =
+        support::run(
+            support::gz()
+                .env("GZ_CPU_WINOGRAD", "off")
+                .args(["train", "--model", "tiny", "--describe"]),
+        );
+    assert!(
+        ok && err.contains("GZ_CPU_WINOGRAD=\"off\" does nothing"),
+        "{out}\n{err}"
+    );
     let (ok, out, err) = support::run(support::gz().args([
         "bench-train",
         "--model",

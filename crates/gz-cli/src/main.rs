@@ -149,6 +149,7 @@ fn main() {
         }
         _ => {}
     }
+    warn_unknown_switch_values(&switches);
     // `GZ_OPTIM_TENSORS=N`: at most N parameter tensors per launch of the fused update (1 = one
     // launch per tensor, the comparison for the multi-tensor launch; 32 by default).
     if let Ok(v) = std::env::var("GZ_OPTIM_TENSORS") {
@@ -170,6 +171,44 @@ fn main() {
         // A subcommand may ask for a specific exit code by returning `ExitCode`.
         let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
         std::process::exit(code);
+    }
+}
+
+/// The values each documented `GZ_*` switch acts on, besides those in `switches` (the table in
+/// `main`); a switch set to anything else changes nothing, so it is named on stderr instead of
+/// being ignored in silence (`GZ_CPU_WINOGRAD=off` left Winograd on).
+const OTHER_SWITCH_VALUES: [(&str, &[&str]); 8] = [
+    ("GZ_CPU_WINOGRAD", &["0", "2"]),
+    ("GZ_FUSED", &["0", "1"]),
+    ("GZ_RESAMPLE", &["kernel", "ops"]),
+    ("GZ_CONV_RELU_OP", &["0", "1"]),
+    ("GZ_FUSED_POOL", &["0", "1"]),
+    ("GZ_OPTIM", &["fused", "generic"]),
+    ("GZ_MALLOC", &["system"]),
+    ("GZ_RUN_ON_POOL", &["0", "1"]),
+];
+
+/// Warns about documented `GZ_*` switches set to a value that does nothing.
+fn warn_unknown_switch_values(switches: &[Switch]) {
+    let mut known: Vec<(&str, Vec<&str>)> = OTHER_SWITCH_VALUES
+        .iter()
+        .map(|(v, vals)| (*v, vals.to_vec()))
+        .collect();
+    for (var, value, _, _) in switches {
+        match known.iter_mut().find(|(v, _)| v == var) {
+            Some((_, vals)) => vals.push(value),
+            None => known.push((var, vec![value])),
+        }
+    }
+    for (var, vals) in known {
+        if let Ok(v) = std::env::var(var) {
+            if !vals.contains(&v.as_str()) {
+                eprintln!(
+                    "warning: {var}={v:?} does nothing (it acts on {}); see docs/cudnn.md and README.md",
+                    vals.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(" or ")
+                );
+            }
+        }
     }
 }
 

@@ -352,6 +352,15 @@ pub fn train_on(
         )));
     }
 
+    let last_json = out_dir.join("last.json");
+    if resume && !last_json.exists() {
+        // before anything is created: a refused resume leaves no empty run directory behind
+        return Err(TrainError::Resume(format!(
+            "{} does not exist: nothing to resume in {} (start without --resume)",
+            last_json.display(),
+            out_dir.display()
+        )));
+    }
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -359,7 +368,6 @@ pub fn train_on(
     // one writer per run directory; then the temporary files of killed runs can go
     let _lock = RunLock::take(out_dir)?;
     remove_stale_temps(out_dir);
-    let last_json = out_dir.join("last.json");
     let prior = if resume {
         if !last_json.exists() {
             return Err(TrainError::Resume(format!(

@@ -41,7 +41,8 @@ pub struct Args {
     /// Minibatch size.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Learning rate (default: 1e-3 for rmsprop/adamw, 0.04 for sgd-nesterov).
+    /// Learning rate (default: 1e-3 for rmsprop/adamw, 1e-4 with vgg16-blog and dieleman, 0.04
+    /// for sgd-nesterov).
     #[arg(long)]
     lr: Option<f64>,
     /// Optimizer: rmsprop, sgd-nesterov, adamw.
@@ -78,6 +79,34 @@ pub struct Args {
     max_train: Option<usize>,
 }
 
+/// `--resume` continues the run with the learning-rate schedule it started with (its
+/// milestones are epochs of that run). An explicit `--schedule` that differs is refused rather
+/// than ignored; a step schedule set for another epoch count is kept, and said so.
+fn check_resumed_schedule(
+    args: &Args,
+    cfg: &gz_model::train::TrainConfig,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let Ok(prior) = gz_model::checkpoint::read_sidecar(&out.join("last.json")) else {
+        return Ok(()); // the trainer says what is wrong with the run directory
+    };
+    let was = &prior.train.schedule;
+    if args.schedule.is_some() && &cfg.schedule != was {
+        bail!(
+            "--schedule {:?} differs from the run's {was:?}: a resumed run keeps its schedule (start a new run to \
+             change it)",
+            args.schedule.as_deref().unwrap_or_default()
+        );
+    }
+    if prior.train.epochs != cfg.epochs && matches!(was, Schedule::Step { .. }) {
+        eprintln!(
+            "note: resuming with the run's schedule {was:?} (set for {} epochs), now for {} epochs",
+            prior.train.epochs, cfg.epochs
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let model = model_config(&args.model, args.output.as_deref())?;
     if args.describe {
@@ -90,6 +119,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("--cache DIR is required (or use --describe)")?;
     let out = args.out.clone().context("--out RUN_DIR is required")?;
     let cfg = train_config(&args, model)?;
+    if args.resume {
+        check_resumed_schedule(&args, &cfg, &out)?;
+    }
 
     let cache = gz_shards::Cache::open(&cache_dir)
         .with_context(|| format!("opening the shard cache {}", cache_dir.display()))?;
