@@ -60,7 +60,8 @@ pub struct Args {
     /// Steps run with per-call cuDNN timing after the timed run (0 = no breakdown).
     #[arg(long, default_value_t = 5)]
     profile_steps: usize,
-    /// Optimizer update: auto (as `GZ_OPTIM` says; generic by default), fused (the one-launch
+    /// Optimizer update: auto (as `GZ_OPTIM` says; on CUDA generic by default, on the CPU gz's
+    /// one-pass CPU update, reported as "fused"), fused (the one-launch
     /// CUDA kernels, with the `cudnn` feature on CUDA) or generic (candle tensor ops).
     #[arg(long, default_value = "auto")]
     optimizer_path: String,

@@ -110,6 +110,17 @@ fn check_resumed_schedule(
 pub fn run(args: Args) -> anyhow::Result<()> {
     let model = model_config(&args.model, args.output.as_deref())?;
     if args.describe {
+        // with --cache, the model as it would train on that cache (its image side)
+        let model = match &args.cache {
+            Some(dir) => {
+                let cache = gz_shards::Cache::open(dir)
+                    .with_context(|| format!("opening the shard cache {}", dir.display()))?;
+                let split = cache.train().or(cache.test()).context("the cache holds no images")?;
+                let cfg = gz_model::train::TrainConfig::new(model);
+                gz_model::train::resolve_for_cache(&cfg, split.shape(), cache.prep_config()).model
+            }
+            None => model,
+        };
         print!("{}", gz_model::nets::describe_config(&model));
         return Ok(());
     }
@@ -118,6 +129,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .context("--cache DIR is required (or use --describe)")?;
     let out = args.out.clone().context("--out RUN_DIR is required")?;
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a folder", out.display());
+    }
     let cfg = train_config(&args, model)?;
     if args.resume {
         check_resumed_schedule(&args, &cfg, &out)?;
@@ -171,6 +185,13 @@ fn train_config(args: &Args, model: ModelConfig) -> anyhow::Result<TrainConfig> 
                 .map(|e| e.trim().parse::<usize>())
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("--schedule {s:?}: expected step:E1,E2,... with epoch numbers"))?;
+            if milestones.windows(2).any(|w| w[0] >= w[1]) || milestones.last().is_some_and(|&m| m >= args.epochs) {
+                bail!(
+                    "--schedule {s:?}: the epochs must increase and lie before --epochs {} (each multiplies the rate \
+                     by 0.1 from that 0-based epoch on)",
+                    args.epochs
+                );
+            }
             Schedule::Step { milestones, gamma: 0.1 }
         }
         Some(s) => bail!("unknown --schedule {s:?}: expected constant, dieleman or step:E1,E2,..."),
