@@ -161,14 +161,18 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(&data),
     );
     let cache_root = tmp.path().join("cache");
-    let out = gz_ok(
-        support::gz()
-            .args(["prep", "--size", "32", "--data"])
-            .arg(&data)
-            .arg("--cache")
-            .arg(&cache_root),
-    );
-    let cache = last_line_value(&out, "cache");
+    // `gz prep` of `data` at `size` px into the one cache root; the cache it wrote
+    let prep = |data: &Path, size: &str| {
+        let out = gz_ok(
+            support::gz()
+                .args(["prep", "--size", size, "--data"])
+                .arg(data)
+                .arg("--cache")
+                .arg(&cache_root),
+        );
+        last_line_value(&out, "cache")
+    };
+    let cache = prep(&data, "32");
     let run = tmp.path().join("run");
     gz_ok(
         support::gz()
@@ -333,14 +337,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     assert_eq!(gz_schema::read_solutions(&sub2).unwrap().len(), 9);
 
     // a cache with other preprocessing is refused, naming both hashes
-    let out = gz_ok(
-        support::gz()
-            .args(["prep", "--size", "24", "--data"])
-            .arg(&data)
-            .arg("--cache")
-            .arg(&cache_root),
-    );
-    let other = last_line_value(&out, "cache");
+    let other = prep(&data, "24");
     let (ok, _out, err) = support::run(
         support::gz()
             .args(["predict", "--run"])
@@ -389,14 +386,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let (a, b) = sol.values.split_at_mut(n);
     a.swap_with_slice(&mut b[..n]);
     gz_schema::write_solutions(&data2.join("training_solutions_rev1.csv"), &sol).unwrap();
-    let out = gz_ok(
-        support::gz()
-            .args(["prep", "--size", "32", "--data"])
-            .arg(&data2)
-            .arg("--cache")
-            .arg(&cache_root),
-    );
-    let relabelled = last_line_value(&out, "cache");
+    let relabelled = prep(&data2, "32");
     assert_ne!(relabelled, cache);
     let (ok, _out, err) = support::run(
         support::gz()

@@ -159,6 +159,23 @@ pub(crate) mod testutil {
             }
         }
 
+        /// Fails the test at the first value of `got` whose bits differ from `want`'s (values
+        /// compared as f64, which every storage type converts to exactly), naming `what`.
+        pub(crate) fn assert_same_bits<T: WithDType>(what: &str, got: &[T], want: &[T]) {
+            assert_eq!(got.len(), want.len(), "{what}: lengths");
+            if let Some(i) = got
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a.to_f64().to_bits() != b.to_f64().to_bits())
+            {
+                panic!(
+                    "{what}: element {i} is {} on the kernel, {} in the reference",
+                    got[i].to_f64(),
+                    want[i].to_f64()
+                );
+            }
+        }
+
         /// Runs one launch in the emulator, failing the test with the emulator's message.
         pub(crate) fn run(what: &str, grid: (u32, u32, u32), block: (u32, u32, u32), f: impl Fn()) {
             if let Err(e) = gz_kernel_emu::launch(grid, block, f) {

@@ -7,7 +7,7 @@ use gz_kernel_emu::ffi::Storage;
 use half::{bf16, f16};
 
 use super::{grid, Dropout};
-use crate::testutil::emu::{run_both, values, Buf};
+use crate::testutil::emu::{assert_same_bits, run_both, values, Buf};
 
 fn check<T: WithDType + Storage>(n: usize, p: f32, seed: u64) -> candle_core::Result<()> {
     let x: Vec<T> = values(seed ^ 0x55, n, 3.0).into_iter().map(T::from_f64).collect();
@@ -26,19 +26,8 @@ fn check<T: WithDType + Storage>(n: usize, p: f32, seed: u64) -> candle_core::Re
         run_both("gz_dropout", g, block, &mut [&mut yb], || unsafe {
             T::dropout(xp, yp, n64, op.seed, op.threshold, op.scale)
         });
-        let y = yb.values("y", true);
-        if let Some(i) = y
-            .iter()
-            .zip(&reference)
-            .position(|(a, b)| a.to_f64().to_bits() != b.to_f64().to_bits())
-        {
-            panic!(
-                "{:?} p {p} grid {g:?}: element {i} is {} on the kernel, {} on the CPU",
-                T::DTYPE,
-                y[i].to_f64(),
-                reference[i].to_f64()
-            );
-        }
+        let what = format!("{:?} p {p} grid {g:?}", T::DTYPE);
+        assert_same_bits(&what, yb.values("y", true), &reference);
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use gz_kernel_emu::ffi::{gz_transpose_b16, gz_transpose_b32};
 use half::{bf16, f16};
 
 use super::{grid, Transpose};
-use crate::testutil::emu::{run_both, values, Buf};
+use crate::testutil::emu::{assert_same_bits, run_both, values, Buf};
 
 /// The kernel for `T`'s width, on `T`'s bits.
 ///
@@ -47,19 +47,11 @@ fn check<T: WithDType>(batch: usize, rows: usize, cols: usize) -> candle_core::R
         run_both("gz_transpose", g, block, &mut [&mut yb], || unsafe {
             kernel(xp, yp, b32, r32, c32)
         });
-        let y = yb.values("y", true);
-        if let Some(i) = y
-            .iter()
-            .zip(&reference)
-            .position(|(a, b)| a.to_f64().to_bits() != b.to_f64().to_bits())
-        {
-            panic!(
-                "{:?} {batch}×{rows}×{cols} grid {g:?}: element {i} is {}, candle's transpose {}",
-                T::DTYPE,
-                y[i].to_f64(),
-                reference[i].to_f64()
-            );
-        }
+        let what = format!(
+            "{:?} {batch}×{rows}×{cols} grid {g:?} (reference: candle's transpose)",
+            T::DTYPE
+        );
+        assert_same_bits(&what, yb.values("y", true), &reference);
     }
     Ok(())
 }
