@@ -161,6 +161,69 @@ fn resume_continues_a_run_from_the_cli() {
     assert_eq!(m[1]["epoch"], 2);
 }
 
+/// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch
+/// saved, the run lock released, the way to continue named; `--resume` then continues it.
+#[test]
+fn ctrl_c_stops_training_and_keeps_finished_epochs() {
+    use std::io::{BufRead, BufReader};
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 48, 32, 5);
+    let run = tmp.path().join("run");
+    let args = |epochs: &str| {
+        vec![
+            "train".to_string(),
+            "--cache".into(),
+            cache.display().to_string(),
+            "--model".into(),
+            "tiny".into(),
+            "--epochs".into(),
+            epochs.into(),
+            "--out".into(),
+            run.display().to_string(),
+            "--batch".into(),
+            "8".into(),
+        ]
+    };
+    let mut child = support::gz()
+        .args(args("100000"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("epoch   1 ") {
+            break;
+        }
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}\n{rest:?}");
+    assert!(
+        stderr.contains("gz train: stopped ") && stderr.contains("--resume"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!run.join(".gz-train.lock").exists(), "the run lock was left behind");
+    let done = metrics(&run).len();
+    assert!((1..100).contains(&done), "{done} epochs");
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("last.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["epoch"], done);
+    let mut more = args(&(done + 1).to_string());
+    more.push("--resume".into());
+    let (ok, out, stderr) = support::run(support::gz().args(&more));
+    assert!(ok, "{out}\n{stderr}");
+    assert!(out.contains(&format!("resuming after epoch {done}")), "{out}");
+    assert_eq!(metrics(&run).len(), done + 1);
+}
+
 #[test]
 fn bad_requests_fail_clearly() {
     let tmp = support::tempdir();

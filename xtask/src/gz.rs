@@ -1,10 +1,16 @@
 //! Running one `gz` subcommand: its stdout and stderr are passed through as they come and kept,
 //! so the caller can read result lines (`cache: <path>`) and recognise a stage that is not built.
+//!
+//! While a `gz` child runs, Ctrl-C and SIGTERM do not end xtask: Ctrl-C reaches `gz` as well
+//! (one process group), SIGTERM is passed on to it, and `gz train` stops at a step boundary with
+//! its finished epochs saved. xtask then reports [`Failure::Interrupted`] instead of dying first
+//! and leaving `gz`'s last words to a closed pipe.
 
 use anyhow::{Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 /// What a finished `gz` run printed.
 #[derive(Debug)]
@@ -19,11 +25,100 @@ pub enum Failure {
     NotBuilt(String),
     /// It ran and failed.
     Failed { status: String, stderr_tail: String },
+    /// It was stopped by Ctrl-C or SIGTERM (the signal number).
+    Interrupted(i32),
+}
+
+/// A stage stopped by Ctrl-C or SIGTERM: xtask ends with status 128 + `signal`.
+#[derive(Debug)]
+pub struct Stopped {
+    pub signal: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// The signal's name, for messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "Ctrl-C (SIGINT)",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// The signal xtask received while a child ran (0: none), and the child's pid.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // async-signal-safe only: atomics and kill(2)
+    let _ = SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    let pid = CHILD.load(Ordering::SeqCst);
+    if sig == libc::SIGTERM && pid > 0 {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+/// Sets the disposition of SIGINT and SIGTERM: `on_signal`, or the default.
+fn set_handlers(catch: bool) {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with an emptied mask; the handler only touches atomics and
+        // calls kill(2).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = if catch {
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t
+            } else {
+                libc::SIG_DFL
+            };
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The stopping signal, if the child ended by one (killed, or `gz train`'s 128 + signal) or
+/// xtask received one while it ran.
+fn stop_signal(status: &std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let stops = [libc::SIGINT, libc::SIGTERM];
+    let received = SIGNAL.load(Ordering::SeqCst);
+    if received != 0 {
+        return Some(received);
+    }
+    if let Some(s) = status.signal().filter(|s| stops.contains(s)) {
+        return Some(s);
+    }
+    status.code().map(|c| c - 128).filter(|s| stops.contains(s))
 }
 
 /// Runs `gz args...` in `cwd`.
 pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
     eprintln!("xtask: $ {} {}", gz.display(), shell_words(args));
+    // a stop asked for during an earlier command holds for the rest of the run
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => {}
+        sig => return Ok(Err(Failure::Interrupted(sig))),
+    }
+    set_handlers(true);
+    let result = run_child(gz, args, cwd);
+    set_handlers(false);
+    CHILD.store(0, Ordering::SeqCst);
+    result
+}
+
+fn run_child(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
     let mut child = Command::new(gz)
         .args(args)
         .current_dir(cwd)
@@ -32,6 +127,7 @@ pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", gz.display()))?;
+    CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
     let stderr = child.stderr.take().context("no stderr pipe")?;
     let err_thread = std::thread::spawn(move || {
         let mut kept: Vec<String> = Vec::new();
@@ -57,8 +153,12 @@ pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result
     }
     let status = child.wait().context("waiting for gz")?;
     let err_lines = err_thread.join().unwrap_or_default();
+    // (a run that finished counts: the stop comes before the next command, in `run`)
     if status.success() {
         return Ok(Ok(Finished { stdout: out }));
+    }
+    if let Some(sig) = stop_signal(&status) {
+        return Ok(Err(Failure::Interrupted(sig)));
     }
     if let Some(line) = err_lines
         .iter()
@@ -139,5 +239,32 @@ mod tests {
             Err(Failure::Failed { stderr_tail, .. }) => assert_eq!(stderr_tail, "boom"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A child that ends with 128 + SIGINT (`gz train` after Ctrl-C) or is killed by SIGTERM is
+    /// `Interrupted`, not a failure; other statuses above 128 are failures.
+    #[test]
+    fn stopped_children_are_told_apart() {
+        let t = tempfile::tempdir().unwrap();
+        let script = t.path().join("fake-gz");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\ncase \"$1\" in\n int) exit 130;;\n term) kill -TERM $$;;\n *) exit 134;;\nesac\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(
+            run(&script, &["int".into()], t.path()).unwrap(),
+            Err(Failure::Interrupted(libc::SIGINT))
+        ));
+        assert!(matches!(
+            run(&script, &["term".into()], t.path()).unwrap(),
+            Err(Failure::Interrupted(libc::SIGTERM))
+        ));
+        assert!(matches!(
+            run(&script, &["abort".into()], t.path()).unwrap(),
+            Err(Failure::Failed { .. })
+        ));
     }
 }

@@ -53,6 +53,10 @@ CUDA:
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if let Err(err) = dispatch(argv) {
+        if let Some(stopped) = err.downcast_ref::<gz::Stopped>() {
+            eprintln!("xtask: {stopped}");
+            std::process::exit(128 + stopped.signal);
+        }
         eprintln!("xtask: error: {err:#}");
         std::process::exit(1);
     }

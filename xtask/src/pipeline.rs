@@ -327,6 +327,18 @@ fn stage(
             Err(Failure::NotBuilt(msg)) => {
                 bail!("{msg} (nothing was produced for `{name}`; the stages after it were not run)")
             }
+            Err(Failure::Interrupted(signal)) => {
+                let next = if name == "train" {
+                    "run the same command again to continue: training resumes after its last finished epoch"
+                } else {
+                    "run the same command again: this stage starts over, the finished ones are kept"
+                };
+                return Err(gz::Stopped {
+                    signal,
+                    message: format!("stage `{name}` stopped by {}; {next}", gz::signal_name(signal)),
+                }
+                .into());
+            }
             Err(Failure::Failed { status, stderr_tail }) => {
                 bail!(
                     "stage `{name}` failed: `gz {}` ended with {status}{}",

@@ -5,6 +5,7 @@
 //! (`{:#}`) and turn into exit status 1 (or the code a subcommand asks for).
 
 mod cmd;
+mod interrupt;
 mod malloc;
 
 use clap::{Parser, Subcommand};
@@ -167,7 +168,11 @@ fn main() {
         run(cli.command)
     };
     if let Err(err) = result {
-        eprintln!("error: {}", error_message(&err));
+        // a bare `ExitCode`: the subcommand has said what happened
+        let bare = err.chain().count() == 1 && err.is::<ExitCode>();
+        if !bare {
+            eprintln!("error: {}", error_message(&err));
+        }
         // A subcommand may ask for a specific exit code by returning `ExitCode`.
         let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
         std::process::exit(code);

@@ -210,6 +210,12 @@ pub trait TrainObserver: Sync {
     /// While validating.
     fn on_validate(&self, _epoch: usize) {}
     fn on_epoch(&self, _metrics: &EpochMetrics) {}
+    /// Polled at step boundaries: `true` ends the run with [`TrainError::Interrupted`] (the CLI
+    /// answers Ctrl-C and SIGTERM this way). Never polled inside a checkpoint write, so a stop
+    /// keeps every finished epoch and `--resume` continues as if nothing had happened.
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// The silent observer.
@@ -267,6 +273,14 @@ pub enum TrainError {
     /// Another run is writing into the run directory (see `RunLock`).
     #[error("{0}")]
     Busy(String),
+    /// The observer asked to stop ([`TrainObserver::stop_requested`]); `at` says where,
+    /// `kept` what the run directory holds.
+    #[error("stopped {at}; {kept}")]
+    Interrupted {
+        at: String,
+        epochs_done: usize,
+        kept: String,
+    },
 }
 
 fn ctx<T>(context: impl Into<String>, r: candle_core::Result<T>) -> Result<T, TrainError> {
@@ -470,6 +484,14 @@ pub fn train_on(
     let run_start = Instant::now();
     let mut stopped_early = false;
     for epoch in start_epoch..cfg.epochs {
+        // (between epochs: the previous one's checkpoint is complete)
+        if observer.stop_requested() {
+            return Err(interrupted(
+                format!("after epoch {}", history.len()),
+                history.len(),
+                out_dir,
+            ));
+        }
         if let Some(p) = cfg.patience {
             if since_best >= p && epoch > 0 {
                 stopped_early = true;
@@ -535,6 +557,16 @@ pub fn train_on(
                 }
             }
             observer.on_step(epoch, k + 1, steps_per_epoch, latest);
+            // after the epoch's last step, validation and the checkpoint are a short way off:
+            // the check at the next epoch's start keeps this one
+            if !last_step && observer.stop_requested() {
+                let at = format!(
+                    "at step {} of {steps_per_epoch} in epoch {} (that epoch's steps are dropped)",
+                    k + 1,
+                    epoch + 1
+                );
+                return Err(interrupted(at, history.len(), out_dir));
+            }
         }
         let train_s = epoch_start.elapsed().as_secs_f64();
         observer.on_validate(epoch);
@@ -921,6 +953,15 @@ fn kept_checkpoint(epochs_done: usize, out_dir: &Path) -> String {
     }
 }
 
+fn interrupted(at: String, epochs_done: usize, out_dir: &Path) -> TrainError {
+    let kept = if epochs_done == 0 {
+        "no epoch had finished, so nothing was saved".to_string()
+    } else {
+        kept_checkpoint(epochs_done, out_dir)
+    };
+    TrainError::Interrupted { at, epochs_done, kept }
+}
+
 /// What [`bench_with`] measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BenchMode {
@@ -1241,6 +1282,72 @@ mod tests {
                     read(&straight.path().join(name)),
                     read(&dir.path().join(name)),
                     "killed after step {k}: {name}"
+                );
+            }
+        }
+    }
+
+    /// Stops when asked, after a given number of steps.
+    struct StopAfter {
+        steps: usize,
+        seen: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TrainObserver for StopAfter {
+        fn on_step(&self, _epoch: usize, _step: usize, _steps: usize, _loss: Option<f64>) {
+            self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn stop_requested(&self) -> bool {
+            self.seen.load(std::sync::atomic::Ordering::Relaxed) >= self.steps
+        }
+    }
+
+    /// A stop asked for (Ctrl-C in the CLI) ends the run at a step boundary with
+    /// `Interrupted`, keeps every finished epoch, drops the unfinished one, and the run then
+    /// resumes (or, with nothing saved, starts afresh) to the same bytes as an uninterrupted run.
+    #[test]
+    fn a_stop_keeps_finished_epochs_and_resumes_to_the_same_run() {
+        let src = toy_source(48, 32, 1); // 36 training rows, batch 16: 3 steps per epoch
+        let straight = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(3), &src, &meta(), straight.path(), false, &()).unwrap();
+        // (stop after this many steps, epochs kept, where)
+        for (steps, kept, at) in [
+            (1, 0, "at step 1 of 3 in epoch 1"),
+            (3, 1, "after epoch 1"),
+            (5, 1, "at step 2 of 3 in epoch 2"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let stop = StopAfter {
+                steps,
+                seen: Default::default(),
+            };
+            let e = train_on(&small_cfg(3), &src, &meta(), dir.path(), false, &stop).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, TrainError::Interrupted { epochs_done, .. } if epochs_done == kept),
+                "{steps}: {msg}"
+            );
+            assert!(msg.contains(at), "{steps}: {msg}");
+            assert_eq!(stop.seen.into_inner(), steps, "ran on after the stop");
+            assert_eq!(dir.path().join("last.json").exists(), kept > 0, "{steps}: {msg}");
+            if kept > 0 {
+                let s = checkpoint::read_sidecar(&dir.path().join("last.json")).unwrap();
+                assert_eq!(s.epoch, kept);
+                assert_eq!(
+                    read(&dir.path().join("metrics.jsonl"))
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count(),
+                    kept
+                );
+            }
+            train_on(&small_cfg(3), &src, &meta(), dir.path(), kept > 0, &())
+                .unwrap_or_else(|e| panic!("{steps}: after the stop: {e}"));
+            for name in ["last.safetensors", "last.optim.safetensors", "best.safetensors"] {
+                assert_eq!(
+                    read(&straight.path().join(name)),
+                    read(&dir.path().join(name)),
+                    "{steps}: {name}"
                 );
             }
         }

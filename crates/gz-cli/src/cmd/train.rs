@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context};
 use gz_model::config::ModelConfig;
 use gz_model::optim::{OptimizerKind, Schedule};
-use gz_model::train::{EpochMetrics, Precision, StartInfo, TrainConfig, TrainObserver};
+use gz_model::train::{EpochMetrics, Precision, StartInfo, TrainConfig, TrainError, TrainObserver};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `gz train`.
@@ -140,9 +140,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cache = gz_shards::Cache::open(&cache_dir)
         .with_context(|| format!("opening the shard cache {}", cache_dir.display()))?;
     let observer = CliObserver::default();
-    let summary = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer)
-        .with_context(|| format!("training {} into {}", args.model, out.display()))?;
+    crate::interrupt::install();
+    let result = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer);
     observer.finish();
+    let summary = match result {
+        Err(TrainError::Interrupted { at, epochs_done, kept }) => {
+            eprintln!("gz train: stopped {at}; {kept}");
+            if epochs_done > 0 {
+                eprintln!("to continue: the same command with --resume");
+            } else {
+                eprintln!("to continue: the same command (there is nothing to resume)");
+            }
+            // 128 + the signal, as a shell reports a process the signal ended
+            let sig = crate::interrupt::requested().unwrap_or(libc::SIGINT);
+            return Err(crate::ExitCode(128 + sig).into());
+        }
+        r => r.with_context(|| format!("training {} into {}", args.model, out.display()))?,
+    };
 
     println!(
         "done: {} epochs{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({:+.1}%)",
@@ -283,6 +297,10 @@ impl TrainObserver for CliObserver {
                 bar.set_message("validating");
             }
         }
+    }
+
+    fn stop_requested(&self) -> bool {
+        crate::interrupt::requested().is_some()
     }
 
     fn on_epoch(&self, m: &EpochMetrics) {
