@@ -3,8 +3,8 @@
 //! Galaxy Zoo images are 424×424 baseline (SOF0) YCbCr 4:2:0 JPEGs and we keep the central
 //! 212×212 at half resolution, so most of a full decode is wasted work. This decoder
 //!
-//! 1. Huffman-decodes MCU rows only down to the last row the crop touches (≈ 3/4 of the
-//!    entropy-coded data; the rest of the file is never read);
+//! 1. Huffman-decodes every MCU row but keeps only the crop's blocks (the rows above and below
+//!    it are decoded for the bit position and for the checks below, nothing more);
 //! 2. dequantises and transforms only the blocks inside the crop (≈ 1/4 of the blocks), and
 //! 3. transforms straight to the half-resolution grid: for luma the 8×8 coefficients go through a
 //!    4×8 matrix per axis that equals "8-point IDCT, then average adjacent pairs", so each output
@@ -18,7 +18,14 @@
 //! Anything else (progressive, arithmetic coding, 12-bit, CMYK/YCCK/Adobe RGB, sampling factors
 //! other than 1× or 2×, crops that are not an exact 2× with even offset, bicubic) is
 //! [`Outcome::NotApplicable`] and goes to [`crate::generic`]. Corrupt or truncated data is
-//! reported, never guessed at.
+//! reported, never guessed at: besides codes that match no Huffman code and data that ends
+//! early, every block's DC value and every kept AC value must lie in the range an 8-bit DCT
+//! can produce, the last coefficient index must be ≤ 63, restart markers must come in
+//! sequence, and the data must end where its last block ends (under a byte of padding before
+//! the next marker). [`check_scan`] runs the same checks without transforming anything, for
+//! the baseline JPEGs the generic path decodes. A corruption that still decodes to valid codes
+//! and values (a flipped bit inside one coefficient) is a small local change that no decoder
+//! can see without a checksum.
 //!
 //! The idea is libjpeg's scaled IDCT (`jidctred.c`, Pillow's draft mode) plus region-of-interest
 //! decoding; the 4×8 "box" matrix is exact rather than libjpeg's 4×4 low-frequency IDCT.
@@ -327,8 +334,24 @@ impl<'a> Bits<'a> {
         }
     }
 
-    /// Skips to after the next RSTn marker (restart interval boundary).
-    fn restart(&mut self) -> Result<(), String> {
+    /// At the end of an entropy-coded segment (after the last block, or before an RSTn marker):
+    /// what is left must be under a byte (the encoder's padding), followed by a marker. More
+    /// means the blocks did not use the bits the encoder wrote, i.e. corrupt data (libjpeg warns
+    /// "extraneous bytes before marker"; too few bits is [`Bits::overrun`], its "premature end").
+    fn segment_end(&self) -> Result<(), String> {
+        let left = self.nbits as i64 - 8 * self.padded as i64;
+        let at_marker = self.marker
+            || (self.data.get(self.pos) == Some(&0xFF) && self.data.get(self.pos + 1).is_some_and(|&b| b != 0));
+        if left >= 8 || !at_marker {
+            return Err("corrupt entropy-coded data (it does not end where its last block ends)".into());
+        }
+        Ok(())
+    }
+
+    /// Skips to after the next RSTn marker (restart interval boundary), which must be number
+    /// `n` mod 8.
+    fn restart(&mut self, n: usize) -> Result<(), String> {
+        self.segment_end()?;
         // drop buffered bits; `pos` stands at the marker (or before stuffing-free padding)
         let mut p = self.pos;
         while p + 1 < self.data.len() && !(self.data[p] == 0xFF && (0xD0..=0xD7).contains(&self.data[p + 1])) {
@@ -340,6 +363,13 @@ impl<'a> Bits<'a> {
         }
         if p + 1 >= self.data.len() {
             return Err("entropy-coded data ends early (truncated?)".into());
+        }
+        if self.data[p + 1] != 0xD0 + (n % 8) as u8 {
+            return Err(format!(
+                "corrupt entropy-coded data (restart marker RST{} where RST{} belongs)",
+                self.data[p + 1] - 0xD0,
+                n % 8
+            ));
         }
         self.pos = p + 2;
         self.bits = 0;
@@ -367,11 +397,72 @@ thread_local! {
 
 /// Tries the fast path (see module docs).
 pub fn try_prep(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Outcome {
-    match decode(bytes, cfg, out) {
+    match decode(bytes, cfg, out, false) {
         Ok(true) => Outcome::Done,
         Ok(false) => Outcome::NotApplicable,
         Err(reason) => Outcome::Corrupt(reason),
     }
+}
+
+/// Checks a baseline JPEG's entropy-coded data the way [`try_prep`] does (every block decoded,
+/// DC and AC values in range, the data ending where its last block ends, restart markers in
+/// sequence) without transforming anything, for images the generic path decodes (other sizes,
+/// `bicubic`): `jpeg-decoder` accepts most corrupt data. `Done`: checked and sound;
+/// `NotApplicable`: a kind this decoder does not read (progressive, 12-bit, …).
+pub fn check_scan(bytes: &[u8]) -> Outcome {
+    match decode(bytes, &PrepConfig::default(), &mut [], true) {
+        Ok(true) => Outcome::Done,
+        Ok(false) => Outcome::NotApplicable,
+        Err(reason) => Outcome::Corrupt(reason),
+    }
+}
+
+/// The largest |AC coefficient| an 8-bit block's DCT can have (the 1-D sums of |cos| at most
+/// 8·cos(π/4) and 8, times ¼·C(0)·128), before quantisation rounding.
+const AC_LIMIT: f32 = 1024.0;
+const AC_RANGE: &str = "corrupt entropy-coded data (AC coefficient out of range)";
+
+/// Huffman-decodes one block's AC coefficients without keeping them (blocks outside the crop).
+#[inline(always)]
+fn skip_ac(bits: &mut Bits, act: &Huffman) -> Result<(), String> {
+    let mut k = 1;
+    while k < 64 {
+        if bits.nbits < 16 {
+            bits.refill();
+        }
+        let fa = act.fast_ac[(bits.bits >> (64 - LUT_BITS)) as usize];
+        if fa != 0 {
+            let len = (fa & 15) as u32;
+            bits.bits <<= len;
+            bits.nbits -= len;
+            k += ((fa >> 4) & 15) as usize + 1;
+            continue;
+        }
+        let rs = bits.decode(act)?;
+        let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+        if s == 0 {
+            if run == 15 {
+                k += 16;
+                continue;
+            }
+            break;
+        }
+        k += run;
+        if k > 63 {
+            return Err("corrupt AC coefficients (index past 63)".into());
+        }
+        if bits.nbits < s {
+            bits.refill();
+        }
+        bits.bits <<= s;
+        bits.nbits -= s;
+        k += 1;
+    }
+    // the last coefficient sits at index 63 at most (k one past it)
+    if k > 64 {
+        return Err("corrupt AC coefficients (index past 63)".into());
+    }
+    Ok(())
 }
 
 fn be16(b: &[u8], p: usize) -> Result<usize, String> {
@@ -381,9 +472,10 @@ fn be16(b: &[u8], p: usize) -> Result<usize, String> {
     }
 }
 
-/// Ok(true): done; Ok(false): not applicable; Err: corrupt.
-fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
-    if cfg.filter != Filter::Area {
+/// Ok(true): done; Ok(false): not applicable; Err: corrupt. `check_only`: decode the scan for
+/// [`check_scan`], whatever `cfg` says, and write nothing.
+fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Result<bool, String> {
+    if !check_only && cfg.filter != Filter::Area {
         return Ok(false);
     }
     let mut qt = [[0f32; 64]; 4];
@@ -532,7 +624,7 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         let num = d * crop;
         num % r == 0 && num / r == 2 * size && (d - num / r) % 4 == 0
     };
-    if !fits(width) || !fits(height) {
+    if !check_only && (!fits(width) || !fits(height)) {
         return Ok(false);
     }
     if comps.len() == 1 {
@@ -556,8 +648,11 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
     }
 
     // output window on the half-resolution grid
-    let hx0 = (width - 2 * size) / 4;
-    let hy0 = (height - 2 * size) / 4;
+    let (hx0, hy0) = if check_only {
+        (0, 0)
+    } else {
+        ((width - 2 * size) / 4, (height - 2 * size) / 4)
+    };
     let m = matrices();
     let mcux = width.div_ceil(8 * hmax);
     let mcuy = height.div_ceil(8 * vmax);
@@ -572,7 +667,11 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         stride: usize,
         data: Vec<f32>,
     }
-    let mut pool = SCRATCH.with(|sc| std::mem::take(&mut *sc.borrow_mut()));
+    let mut pool = if check_only {
+        Vec::new()
+    } else {
+        SCRATCH.with(|sc| std::mem::take(&mut *sc.borrow_mut()))
+    };
     pool.resize_with(comps.len() + 1, Vec::new);
     let mut planes: Vec<Plane> = comps
         .iter()
@@ -580,6 +679,19 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         .map(|(c, buf)| {
             let ox = if c.h == hmax { 4 } else { 8 };
             let oy = if c.v == vmax { 4 } else { 8 };
+            if check_only {
+                // no block is needed
+                return Plane {
+                    ox,
+                    oy,
+                    bx0: 0,
+                    bx1: 0,
+                    by0: 0,
+                    by1: 0,
+                    stride: 0,
+                    data: Vec::new(),
+                };
+            }
             let (bx0, bx1) = (hx0 / ox, (hx0 + size).div_ceil(ox));
             let (by0, by1) = (hy0 / oy, (hy0 + size).div_ceil(oy));
             let stride = (bx1 - bx0) * ox;
@@ -598,23 +710,18 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
             }
         })
         .collect();
-    let last_mcu_row = comps
-        .iter()
-        .zip(&planes)
-        .map(|(c, pl)| (pl.by1 - 1) / c.v)
-        .max()
-        .unwrap_or(0)
-        .min(mcuy - 1);
-
     let mut bits = Bits::new(b, scan_start);
     let mut pred = [0i32; 4];
     let mut coef = [0f32; 64];
     let mut mcus_done = 0usize;
     let qz: Vec<[f32; 64]> = comps.iter().map(|c| qt[c.tq]).collect();
-    for my in 0..=last_mcu_row {
+    // Every MCU row is entropy-decoded, those below the crop without keeping anything: baseline
+    // JPEG cannot skip them (the crop's rows are done, but the rest of the scan is where
+    // corruption shows: blocks that do not end where the data ends, out-of-range values).
+    for my in 0..mcuy {
         for mx in 0..mcux {
             if restart_interval > 0 && mcus_done > 0 && mcus_done % restart_interval == 0 {
-                bits.restart()?;
+                bits.restart(mcus_done / restart_interval - 1)?;
                 pred = [0; 4];
             }
             mcus_done += 1;
@@ -635,43 +742,17 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                         }
                         let diff = if t == 0 { 0 } else { bits.receive_extend(t) };
                         pred[ci] += diff;
+                        // an 8-bit block's DC term is 8 × its mean level, in [-1024, 1016], give
+                        // or take the quantisation step
+                        let dc_value = pred[ci] as f32 * q[0];
+                        if !(-1024.0 - q[0]..=1016.0 + q[0]).contains(&dc_value) {
+                            return Err("corrupt entropy-coded data (DC coefficient out of range)".into());
+                        }
                         if !needed {
-                            let mut k = 1;
-                            while k < 64 {
-                                if bits.nbits < 16 {
-                                    bits.refill();
-                                }
-                                let fa = act.fast_ac[(bits.bits >> (64 - LUT_BITS)) as usize];
-                                if fa != 0 {
-                                    let len = (fa & 15) as u32;
-                                    bits.bits <<= len;
-                                    bits.nbits -= len;
-                                    k += ((fa >> 4) & 15) as usize + 1;
-                                    continue;
-                                }
-                                let rs = bits.decode(act)?;
-                                let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
-                                if s == 0 {
-                                    if run == 15 {
-                                        k += 16;
-                                        continue;
-                                    }
-                                    break;
-                                }
-                                k += run;
-                                if k > 63 {
-                                    return Err("corrupt AC coefficients (index past 63)".into());
-                                }
-                                if bits.nbits < s {
-                                    bits.refill();
-                                }
-                                bits.bits <<= s;
-                                bits.nbits -= s;
-                                k += 1;
-                            }
+                            skip_ac(&mut bits, act)?;
                             continue;
                         }
-                        coef[0] = pred[ci] as f32 * q[0];
+                        coef[0] = dc_value;
                         let mut rows = 1u8;
                         let mut maxcol = 0usize;
                         let mut k = 1;
@@ -690,6 +771,9 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                                 }
                                 let z = ZIGZAG[k];
                                 coef[z] = (fa >> 8) as f32 * q[k];
+                                if coef[z].abs() > AC_LIMIT + q[k] {
+                                    return Err(AC_RANGE.into());
+                                }
                                 rows |= 1 << (z >> 3);
                                 maxcol = maxcol.max(z & 7);
                                 k += 1;
@@ -710,6 +794,9 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
                             }
                             let z = ZIGZAG[k];
                             coef[z] = bits.receive_extend(s) as f32 * q[k];
+                            if coef[z].abs() > AC_LIMIT + q[k] {
+                                return Err(AC_RANGE.into());
+                            }
                             rows |= 1 << (z >> 3);
                             maxcol = maxcol.max(z & 7);
                             k += 1;
@@ -742,6 +829,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result<bool, String> {
         if bits.overrun() {
             return Err("entropy-coded data ends early (truncated or corrupt)".into());
         }
+    }
+    bits.segment_end()?;
+    if check_only {
+        return Ok(true);
     }
 
     // colour conversion of the window into C×H×W f32, then one bulk (F16C) conversion
