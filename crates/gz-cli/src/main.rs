@@ -209,7 +209,7 @@ fn warn_unknown_switch_values(switches: &[Switch]) {
         if let Ok(v) = std::env::var(var) {
             if !vals.contains(&v.as_str()) {
                 eprintln!(
-                    "warning: {var}={v:?} does nothing (it acts on {}); see docs/cudnn.md and README.md",
+                    "warning: {var}={v:?} does nothing (it acts on {}); see docs/training.md (CPU) and docs/cudnn.md (CUDA)",
                     vals.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(" or ")
                 );
             }
