@@ -87,14 +87,35 @@ impl TtaConfig {
         }
     }
 
-    /// Rejects an empty grid or a non-positive zoom.
+    /// The most views one image may get (each is a forward pass of the whole set: Dieleman's
+    /// grid is 60; 1,024 views already multiply prediction time by 1,024).
+    pub const MAX_VIEWS: usize = 1024;
+
+    /// Rejects an empty grid, a zoom outside [0.1, 10] and more than [`Self::MAX_VIEWS`] views.
     pub fn validate(&self) -> Result<()> {
-        if self.rotations == 0 || self.scales.is_empty() || self.scales.iter().any(|s| !(*s > 0.0 && s.is_finite())) {
+        let views = self
+            .rotations
+            .saturating_mul(self.scales.len())
+            .saturating_mul(if self.flips { 2 } else { 1 });
+        if views > Self::MAX_VIEWS {
             return Err(EvalError::Setting {
                 what: "test-time augmentation".into(),
                 reason: format!(
-                    "{} rotation(s), scales {:?}: need at least 1 rotation and at least 1 scale, each a positive \
-                     finite zoom",
+                    "{} rotation(s) × {} scale(s){} is {views} views per image; at most {} (each view is one \
+                     more pass over every image)",
+                    self.rotations,
+                    self.scales.len(),
+                    if self.flips { " × 2 flips" } else { "" },
+                    Self::MAX_VIEWS
+                ),
+            });
+        }
+        if self.rotations == 0 || self.scales.is_empty() || self.scales.iter().any(|s| !(0.1..=10.0).contains(s)) {
+            return Err(EvalError::Setting {
+                what: "test-time augmentation".into(),
+                reason: format!(
+                    "{} rotation(s), scales {:?}: need at least 1 rotation and at least 1 scale, each a zoom \
+                     from 0.1 to 10",
                     self.rotations, self.scales
                 ),
             });
@@ -249,6 +270,20 @@ mod tests {
         }
         .validate()
         .is_err());
+        // at most 1,024 views (a typo of a rotation count would run for days), zooms 0.1 to 10
+        let grid = |rotations, flips, scales: Vec<f32>| TtaConfig {
+            rotations,
+            flips,
+            scales,
+        };
+        assert!(grid(512, true, vec![1.0]).validate().is_ok());
+        let e = grid(513, true, vec![1.0]).validate().unwrap_err().to_string();
+        assert!(e.contains("1026 views") && e.contains("at most 1024"), "{e}");
+        assert!(grid(usize::MAX, true, vec![1.0, 2.0]).validate().is_err());
+        assert!(grid(4, false, vec![0.1, 10.0]).validate().is_ok());
+        for bad in [0.0, 0.09, 10.5, f32::NAN, f32::INFINITY, -1.0] {
+            assert!(grid(4, false, vec![bad]).validate().is_err(), "{bad}");
+        }
     }
 
     #[test]
