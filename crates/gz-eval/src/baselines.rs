@@ -238,6 +238,10 @@ pub struct Floor {
     pub rmse: f64,
     /// Which file gave it and over which rows.
     pub source: String,
+    /// Per question, Q1 … Q11, when the noise-free fractions of the rows scored are known
+    /// (not from `floor.json`, which holds the overall figure only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_question: Option<Vec<f64>>,
 }
 
 /// The Bayes floor for the labelled rows `ids`/`labels`, when the dataset in `data_dir` carries
@@ -284,6 +288,7 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
         return Ok(Some(Floor {
             rmse: s.rmse,
             source: format!("{} on the {} rows scored", files.join(" + "), ids.len()),
+            per_question: Some(s.per_question.iter().map(|q| q.rmse).collect()),
         }));
     }
     let fj = data_dir.join("floor.json");
@@ -297,6 +302,7 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
                     return Ok(Some(Floor {
                         rmse: r,
                         source: "floor.json train_rmse (whole training set)".into(),
+                        per_question: None,
                     }));
                 }
                 tracing::warn!("ignoring {}: no numeric train_rmse", fj.display());
@@ -418,6 +424,7 @@ mod tests {
             Some(&Floor {
                 rmse: 0.01,
                 source: "test".into(),
+                per_question: None,
             }),
         );
         assert!(
@@ -444,9 +451,13 @@ mod tests {
         gz_schema::write_solutions(&dir.path().join("expected_training.csv"), &sol).unwrap();
         let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
         assert!((f.rmse - 0.1).abs() < 1e-6, "{f:?}");
+        // per question too (every answer is 0.1 off here), only from the expected fractions
+        let q = f.per_question.as_ref().expect("per-question floor");
+        assert_eq!(q.len(), gz_schema::QUESTIONS.len());
+        assert!(q.iter().all(|v| (v - 0.1).abs() < 1e-6), "{q:?}");
         // rows the expected file does not cover fall back to floor.json
         let f = bayes_floor(dir.path(), &[1, 3], &labels).unwrap().unwrap();
-        assert!(f.source.contains("floor.json"));
+        assert!(f.source.contains("floor.json") && f.per_question.is_none());
         // the source names the file(s) the scored rows came from, not every file read
         let mut test = gz_schema::Solutions::new();
         test.push(7, &[0.5; N_ANSWERS]);

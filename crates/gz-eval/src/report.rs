@@ -21,7 +21,7 @@ use half::f16;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::baselines::NamedScores;
+use crate::baselines::{Floor, NamedScores};
 use crate::eval::EvalReport;
 use crate::{io_err, EvalError, Result};
 
@@ -105,6 +105,8 @@ const BASELINE_COLOURS: [RGBColor; 4] = [
     RGBColor(140, 86, 75),
 ];
 const LOSS_COLOUR: RGBColor = RGBColor(214, 39, 40);
+/// The Bayes floor in the per-question chart (the baselines' colours are taken).
+const FLOOR_COLOUR: RGBColor = RGBColor(40, 40, 40);
 
 fn padded(lo: f64, hi: f64) -> (f64, f64) {
     if !(lo.is_finite() && hi.is_finite()) {
@@ -225,8 +227,9 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
     save_rgb(path, buf, w, h)
 }
 
-/// Draws grouped bars: RMSE per question for each entry of `series` (the model first).
-pub fn per_question_png(series: &[&NamedScores], path: &Path) -> Result<()> {
+/// Draws grouped bars: RMSE per question for each entry of `series` (the model first), and the
+/// Bayes floor per question as a bar-wide line over each group when it is known.
+pub fn per_question_png(series: &[&NamedScores], floor: Option<&Floor>, path: &Path) -> Result<()> {
     register_font();
     let (w, h) = (1100u32, 560u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
@@ -291,6 +294,17 @@ pub fn per_question_png(series: &[&NamedScores], path: &Path) -> Result<()> {
                 .map_err(|x| e(x.to_string()))?
                 .label(format!("{} (overall {:.4})", s.name, s.scores.rmse))
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
+        }
+        if let Some((f, per_q)) = floor.and_then(|f| Some((f, f.per_question.as_ref()?))) {
+            let lines = per_q.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(qi, &v)| {
+                let (a, b) = (qi as f64 - group / 2.0, qi as f64 + group / 2.0);
+                PathElement::new(vec![(a, v), (b, v)], FLOOR_COLOUR.stroke_width(3))
+            });
+            chart
+                .draw_series(lines)
+                .map_err(|x| e(x.to_string()))?
+                .label(format!("Bayes floor (overall {:.4})", f.rmse))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], FLOOR_COLOUR.stroke_width(3)));
         }
         chart
             .configure_series_labels()
@@ -388,7 +402,7 @@ pub fn write_report(
     let per_question = dir.join("per_question.png");
     let mut series: Vec<&NamedScores> = vec![&report.model];
     series.extend(report.baselines.iter().filter(|b| b.name != "all ones"));
-    per_question_png(&series, &per_question)?;
+    per_question_png(&series, report.floor.as_ref(), &per_question)?;
 
     let index = dir.join("index.html");
     let html = render_html(report, learning_curve.is_some(), gallery);
@@ -469,12 +483,19 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
     for c in &cols {
         let _ = write!(s, "<th>{}</th>", esc(&c.name));
     }
+    let floor_q = r.floor.as_ref().and_then(|f| f.per_question.as_ref());
+    if floor_q.is_some() {
+        s.push_str("<th>Bayes floor</th>");
+    }
     s.push_str("</tr>\n");
     for (qi, q) in QUESTIONS.iter().enumerate() {
         let _ = write!(s, "<tr><td>Q{} <span class=meta>{}</span></td>", q.number, esc(q.text));
         for c in &cols {
             let v = c.scores.per_question.get(qi).map_or(f64::NAN, |x| x.rmse);
             let _ = write!(s, "<td>{v:.4}</td>");
+        }
+        if let Some(f) = floor_q {
+            let _ = write!(s, "<td>{:.4}</td>", f.get(qi).copied().unwrap_or(f64::NAN));
         }
         s.push_str("</tr>\n");
     }
@@ -590,6 +611,7 @@ mod tests {
             floor: Some(crate::baselines::Floor {
                 rmse: 0.01,
                 source: "test".into(),
+                per_question: Some(vec![0.0125; QUESTIONS.len()]),
             }),
             n_fit: 10,
         };
@@ -628,6 +650,8 @@ mod tests {
             "names are escaped"
         );
         assert!(html.contains("gallery/7.png") && html.contains("Bayes floor") && html.contains("learning_curve.png"));
+        // the floor per question: a column of the per-question table
+        assert!(html.contains("<th>Bayes floor</th>") && html.matches("<td>0.0125</td>").count() == QUESTIONS.len());
         let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(&paths.metrics).unwrap()).unwrap();
         assert_eq!(back, report);
         // no epochs: still a chart (with a note), no crash
