@@ -112,7 +112,13 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
     if !(lo.is_finite() && hi.is_finite()) {
         return (0.0, 1.0);
     }
-    let span = (hi - lo).max(1e-6);
+    // a flat series (one epoch, or a constant loss) still gets an axis whose 4-decimal labels
+    // differ: at least ±10 % of its value (or 0.001)
+    let span = (hi - lo).max(0.2 * hi.abs().max(lo.abs())).max(0.002);
+    if hi - lo < span {
+        let a = (0.5 * (lo + hi) - 0.5 * span).max(0.0);
+        return (a, a + span);
+    }
     ((lo - 0.05 * span).max(0.0), hi + 0.08 * span)
 }
 
@@ -656,5 +662,16 @@ mod tests {
         assert_eq!(back, report);
         // no epochs: still a chart (with a note), no crash
         learning_curve_png(&[], &[], &dir.path().join("empty.png")).unwrap();
+        // a flat series gets an axis whose labels differ (one epoch gave six labels "0.1451")
+        for (lo, hi) in [(0.1451, 0.1451), (0.0, 0.0), (0.5, 0.5000001)] {
+            let (a, b) = padded(lo, hi);
+            assert!(a <= lo && b >= hi && b - a >= 0.002, "{lo} {hi}: {a} {b}");
+            let labels: std::collections::BTreeSet<String> = (0..=5)
+                .map(|k| format!("{:.4}", a + (b - a) * k as f64 / 5.0))
+                .collect();
+            assert_eq!(labels.len(), 6, "{lo} {hi}: {labels:?}");
+        }
+        let (a, b) = padded(0.1, 0.2);
+        assert!((a - 0.095).abs() < 1e-12 && (b - 0.208).abs() < 1e-12, "{a} {b}");
     }
 }
