@@ -154,6 +154,9 @@ pub const DIELEMAN_PART: usize = 45;
 /// (he cropped 207×207 and downsampled by 3).
 pub const DIELEMAN_CROP_PX: f32 = 207.0;
 
+/// The smallest image side the Dieleman nets take (their views are 69×69).
+pub const MIN_DIELEMAN_INPUT: usize = 16;
+
 /// The largest input side [`ModelConfig::validate`] accepts, in pixels.
 pub const MAX_INPUT_SIZE: usize = 1024;
 
@@ -267,8 +270,13 @@ impl ModelConfig {
                     "must be a positive number",
                 );
             }
-            if self.input_size == 0 {
-                return bad("input_size", "0".into(), "must be at least 1");
+            if self.input_size < MIN_DIELEMAN_INPUT {
+                return bad(
+                    "input_size",
+                    self.input_size.to_string(),
+                    "below the 16 px from which Dieleman's 69×69 views are resampled (more than 4× \
+                     upsampling: no detail left to learn from)",
+                );
             }
         } else {
             // every VGG block halves the side; the last block must leave at least 1 pixel
@@ -319,6 +327,12 @@ mod tests {
         let c = ModelConfig::new(Arch::Vgg16Blog, OutputKind::Sigmoid);
         assert!(c.validate().is_ok());
         assert!(c.clone().with_input_size(16).validate().is_err());
+        let d = ModelConfig::from_name_default_output("dieleman-tiny").unwrap();
+        assert!(d.clone().with_input_size(16).validate().is_ok());
+        for side in [0, 1, 15] {
+            let e = d.clone().with_input_size(side).validate().unwrap_err().to_string();
+            assert!(e.contains("16 px"), "{side}: {e}");
+        }
         assert!(c.with_dropout(1.0).validate().is_err());
     }
 }
