@@ -339,13 +339,24 @@ impl<'a> Bits<'a> {
     /// means the blocks did not use the bits the encoder wrote, i.e. corrupt data (libjpeg warns
     /// "extraneous bytes before marker"; too few bits is [`Bits::overrun`], its "premature end").
     fn segment_end(&self) -> Result<(), String> {
-        let left = self.nbits as i64 - 8 * self.padded as i64;
-        let at_marker = self.marker
-            || (self.data.get(self.pos) == Some(&0xFF) && self.data.get(self.pos + 1).is_some_and(|&b| b != 0));
-        if left >= 8 || !at_marker {
-            return Err("corrupt entropy-coded data (it does not end where its last block ends)".into());
+        // (a short segment: the blocks took bits the data does not hold; checked here too
+        // because `restart` forgets the padding)
+        if self.overrun() {
+            return Err("entropy-coded data ends early (truncated or corrupt)".into());
         }
-        Ok(())
+        let left = self.nbits as i64 - 8 * self.padded as i64;
+        let mismatch = || Err("corrupt entropy-coded data (it does not end where its last block ends)".into());
+        if left >= 8 {
+            return mismatch();
+        }
+        if self.marker {
+            return Ok(());
+        }
+        match (self.data.get(self.pos), self.data.get(self.pos + 1)) {
+            (Some(0xFF), Some(&b)) if b != 0 => Ok(()),
+            (None, _) | (Some(0xFF), None) => Err("no end-of-image marker: truncated file".into()),
+            _ => mismatch(),
+        }
     }
 
     /// Skips to after the next RSTn marker (restart interval boundary), which must be number
@@ -417,10 +428,20 @@ pub fn check_scan(bytes: &[u8]) -> Outcome {
     }
 }
 
-/// The largest |AC coefficient| an 8-bit block's DCT can have (the 1-D sums of |cos| at most
-/// 8·cos(π/4) and 8, times ¼·C(0)·128), before quantisation rounding.
-const AC_LIMIT: f32 = 1024.0;
+/// A bound on |AC coefficient| for 8-bit data: the DCT of samples in [-128, 128] reaches 1024
+/// (the 1-D sums of |cos| at most 8·cos(π/4) and 8, times ¼·C(0)·128; libjpeg's largest is 1020),
+/// and mozjpeg's overshoot deringing feeds samples up to 31 beyond the range (1024 · 159/128 ≈
+/// 1272), so 1280 plus the quantisation step.
+const AC_LIMIT: f32 = 1280.0;
 const AC_RANGE: &str = "corrupt entropy-coded data (AC coefficient out of range)";
+
+/// Whether a dequantised DC term can come from 8-bit samples: it is 8 × the block's mean
+/// level, within ±1024 give or take the quantisation step `q0` (libjpeg stays in
+/// [-1024, 1016]; encoders that do not clamp chroma, like stb_image_write, reach 8 × 127.5 = 1020).
+#[inline(always)]
+pub(crate) fn dc_in_range(dc_value: f32, q0: f32) -> bool {
+    dc_value.abs() <= 1024.0 + q0
+}
 
 /// Huffman-decodes one block's AC coefficients without keeping them (blocks outside the crop).
 #[inline(always)]
@@ -641,11 +662,6 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
             return Err("scan uses an undefined quantisation or Huffman table".into());
         }
     }
-    // the file must end with EOI after the scan: a cut-off file is reported, not half-decoded
-    let tail = &b[b.len().saturating_sub(64).max(scan_start)..];
-    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-        return Err("no end-of-image marker: truncated file".into());
-    }
 
     // output window on the half-resolution grid
     let (hx0, hy0) = if check_only {
@@ -742,10 +758,8 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
                         }
                         let diff = if t == 0 { 0 } else { bits.receive_extend(t) };
                         pred[ci] += diff;
-                        // an 8-bit block's DC term is 8 × its mean level, in [-1024, 1016], give
-                        // or take the quantisation step
                         let dc_value = pred[ci] as f32 * q[0];
-                        if !(-1024.0 - q[0]..=1016.0 + q[0]).contains(&dc_value) {
+                        if !dc_in_range(dc_value, q[0]) {
                             return Err("corrupt entropy-coded data (DC coefficient out of range)".into());
                         }
                         if !needed {
@@ -801,6 +815,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
                             maxcol = maxcol.max(z & 7);
                             k += 1;
                         }
+                        if k > 64 {
+                            // a zero run (ZRL) past the block's end
+                            return Err("corrupt AC coefficients (index past 63)".into());
+                        }
                         let pl = &mut planes[ci];
                         let x0 = (bx - pl.bx0) * pl.ox;
                         let y0 = (by - pl.by0) * pl.oy;
@@ -831,6 +849,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
         }
     }
     bits.segment_end()?;
+    // an end-of-image marker after the scan (anything may follow it: MPF images, trailers)
+    if !b[bits.pos.min(b.len())..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err("no end-of-image marker: truncated file".into());
+    }
     if check_only {
         return Ok(true);
     }

@@ -451,6 +451,28 @@ fn corrupt_entropy_data_is_reported_on_both_paths() {
         let e = e.to_string();
         assert!(e.contains("does not end where its last block ends"), "{e}");
     }
+    // a restart interval one to three bytes short (its blocks read the marker's padding)
+    let rgb = synthetic(424, 424);
+    let good = encode(&rgb, 424, 424, jpeg_encoder::ColorType::Rgb, |e| {
+        e.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+        e.set_restart_interval(3)
+    });
+    let scan = scan_range(&good);
+    let rst1 = scan.start + good[scan.clone()].windows(2).position(|w| w == [0xFF, 0xD1]).unwrap();
+    for cut in 1..=3 {
+        let mut b = good.clone();
+        assert!(
+            !b[rst1 - cut - 1..rst1].contains(&0xFF),
+            "a stuffed byte next to the cut"
+        );
+        b.drain(rst1 - cut..rst1);
+        for cfg in &sizes {
+            let Err(e) = prep_jpeg(&b, cfg) else {
+                panic!("an interval {cut} byte(s) short accepted")
+            };
+            assert!(e.to_string().contains("ends early"), "{e}");
+        }
+    }
     // restart markers: sound, then the first one renumbered
     let rgb = synthetic(424, 424);
     let good = encode(&rgb, 424, 424, jpeg_encoder::ColorType::Rgb, |e| {
@@ -468,6 +490,36 @@ fn corrupt_entropy_data_is_reported_on_both_paths() {
         };
         let e = e.to_string();
         assert!(e.contains("RST1 where RST0 belongs"), "{e}");
+    }
+}
+
+/// What the corruption checks must let through: anything after the end-of-image marker (MPF
+/// images, vendor trailers), and DC terms up to ±(1024 + q0) (encoders that do not clamp
+/// chroma, like stb_image_write at quality 90 and up, write 8 × 127.5 = 1020 for pure blue).
+#[test]
+fn sound_files_pass_the_corruption_checks() {
+    let sizes = [
+        PrepConfig::default(),
+        PrepConfig {
+            size: 32,
+            ..PrepConfig::default()
+        },
+    ];
+    let good = std::fs::read(&real_jpegs()[2]).unwrap();
+    let mut trailer = good.clone();
+    trailer.extend([0u8; 100]);
+    trailer.extend(b"\xFF\xD8 another image's start");
+    for cfg in &sizes {
+        assert_eq!(
+            prep_jpeg(&trailer, cfg).unwrap(),
+            prep_jpeg(&good, cfg).unwrap(),
+            "data after EOI, size {}",
+            cfg.size
+        );
+    }
+    for q0 in [1.0, 2.0, 3.0, 16.0] {
+        assert!(fast::dc_in_range(1020.0, q0) && fast::dc_in_range(-1024.0 - q0, q0));
+        assert!(!fast::dc_in_range(1024.0 + q0 + 1.0, q0) && !fast::dc_in_range(-1025.0 - q0, q0));
     }
 }
 
