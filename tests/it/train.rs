@@ -162,7 +162,8 @@ fn resume_continues_a_run_from_the_cli() {
 }
 
 /// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch
-/// saved, the run lock released, the way to continue named; `--resume` then continues it.
+/// saved, the run lock released, the way to continue named; `--resume` then continues it. A
+/// SIGINT gz was started with ignored stays ignored, and SIGTERM stops it the same way (143).
 #[test]
 fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     use std::io::{BufRead, BufReader};
@@ -184,23 +185,37 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
             "8".into(),
         ]
     };
-    let mut child = support::gz()
-        .args(args("100000"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // gz started with SIGINT at `disposition` (a test run as a background job inherits SIG_IGN)
+    let start = |epochs: &str, disposition: libc::sighandler_t| {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = support::gz();
+        cmd.args(args(epochs))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: only signal(2), async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGINT, disposition);
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    };
+    let signal = |child: &std::process::Child, sig: &str| {
+        let kill = std::process::Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    };
+    let mut child = start("100000", libc::SIG_DFL);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         if line.unwrap().starts_with("epoch   1 ") {
             break;
         }
     }
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    signal(&child, "-INT");
     let rest: Vec<String> = lines.map(Result::unwrap).collect();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -222,6 +237,29 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     assert!(ok, "{out}\n{stderr}");
     assert!(out.contains(&format!("resuming after epoch {done}")), "{out}");
     assert_eq!(metrics(&run).len(), done + 1);
+
+    // started with SIGINT ignored (a background job): it stays ignored; SIGTERM stops the run
+    std::fs::remove_dir_all(&run).unwrap();
+    let mut child = start("100000", libc::SIG_IGN);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut epochs = 0;
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("epoch ") {
+            epochs += 1;
+            if epochs == 1 {
+                signal(&child, "-INT");
+            } else if epochs == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(epochs, 3, "the ignored SIGINT stopped the run");
+    signal(&child, "-TERM");
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}\n{rest:?}");
+    assert!(stderr.contains("gz train: stopped "), "{stderr}");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Running one `gz` subcommand: its stdout and stderr are passed through as they come and kept,
 //! so the caller can read result lines (`cache: <path>`) and recognise a stage that is not built.
 //!
-//! While a `gz` child runs, Ctrl-C and SIGTERM do not end xtask: Ctrl-C reaches `gz` as well
-//! (one process group), SIGTERM is passed on to it, and `gz train` stops at a step boundary with
-//! its finished epochs saved. xtask then reports [`Failure::Interrupted`] instead of dying first
+//! While a `gz` child runs, Ctrl-C and SIGTERM do not end xtask: it passes them on to `gz` as
+//! SIGTERM (a terminal's Ctrl-C reaches `gz` directly as well: one process group), and
+//! `gz train` stops at a step boundary with its finished epochs saved. xtask then reports [`Failure::Interrupted`] instead of dying first
 //! and leaving `gz`'s last words to a closed pipe.
 
 use anyhow::{Context, Result};
@@ -60,8 +60,11 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 extern "C" fn on_signal(sig: libc::c_int) {
     // async-signal-safe only: atomics and kill(2)
     let _ = SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    // Ctrl-C or SIGTERM: the child gets SIGTERM, its orderly stop (`gz train` takes repeated
+    // SIGTERMs as one, so a terminal's Ctrl-C that also reached it directly changes nothing,
+    // and a second Ctrl-C still ends it at once)
     let pid = CHILD.load(Ordering::SeqCst);
-    if sig == libc::SIGTERM && pid > 0 {
+    if pid > 0 {
         // SAFETY: signalling our own child.
         unsafe {
             libc::kill(pid, libc::SIGTERM);
@@ -69,21 +72,45 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Sets the disposition of SIGINT and SIGTERM: `on_signal`, or the default.
-fn set_handlers(catch: bool) {
+/// The stop asked for while an earlier command ran (Ctrl-C or SIGTERM), if any: it holds for
+/// the rest of the run.
+pub fn stop_requested() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        sig => Some(sig),
+    }
+}
+
+/// While a child runs: SIGINT and SIGTERM go to `on_signal`, except a signal the process was
+/// started with ignored (a background job's SIGINT), which stays ignored. Returns the previous
+/// dispositions for [`restore_handlers`].
+fn catch_signals() -> Vec<(libc::c_int, libc::sigaction)> {
+    let mut old = Vec::new();
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction with an emptied mask; the handler only touches atomics and
-        // calls kill(2).
+        // SAFETY: reading the current disposition into a zeroed sigaction, then installing a
+        // zeroed one with an emptied mask and a handler that only touches atomics and kill(2).
         unsafe {
+            let mut was: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut was) != 0 || was.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = if catch {
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t
-            } else {
-                libc::SIG_DFL
-            };
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
             action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut());
+            if libc::sigaction(sig, &action, std::ptr::null_mut()) == 0 {
+                old.push((sig, was));
+            }
+        }
+    }
+    old
+}
+
+fn restore_handlers(old: Vec<(libc::c_int, libc::sigaction)>) {
+    for (sig, was) in old {
+        // SAFETY: reinstalling a disposition sigaction returned.
+        unsafe {
+            libc::sigaction(sig, &was, std::ptr::null_mut());
         }
     }
 }
@@ -106,15 +133,13 @@ fn stop_signal(status: &std::process::ExitStatus) -> Option<i32> {
 /// Runs `gz args...` in `cwd`.
 pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
     eprintln!("xtask: $ {} {}", gz.display(), shell_words(args));
-    // a stop asked for during an earlier command holds for the rest of the run
-    match SIGNAL.load(Ordering::SeqCst) {
-        0 => {}
-        sig => return Ok(Err(Failure::Interrupted(sig))),
+    if let Some(sig) = stop_requested() {
+        return Ok(Err(Failure::Interrupted(sig)));
     }
-    set_handlers(true);
+    let old = catch_signals();
     let result = run_child(gz, args, cwd);
-    set_handlers(false);
     CHILD.store(0, Ordering::SeqCst);
+    restore_handlers(old);
     result
 }
 
@@ -127,7 +152,15 @@ fn run_child(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Resu
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", gz.display()))?;
-    CHILD.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
+    let pid = i32::try_from(child.id()).unwrap_or(0);
+    CHILD.store(pid, Ordering::SeqCst);
+    // a signal between catching and here found no child to pass on to
+    if stop_requested().is_some() && pid > 0 {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
     let stderr = child.stderr.take().context("no stderr pipe")?;
     let err_thread = std::thread::spawn(move || {
         let mut kept: Vec<String> = Vec::new();
@@ -151,7 +184,10 @@ fn run_child(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Resu
             out.push('\n');
         }
     }
-    let status = child.wait().context("waiting for gz")?;
+    let status = child.wait().context("waiting for gz");
+    // reaped: its pid may be reused from here on
+    CHILD.store(0, Ordering::SeqCst);
+    let status = status?;
     let err_lines = err_thread.join().unwrap_or_default();
     // (a run that finished counts: the stop comes before the next command, in `run`)
     if status.success() {

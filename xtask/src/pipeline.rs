@@ -292,6 +292,18 @@ fn stage(
     before_run: impl FnOnce(&[String]) -> Result<BeforeRun>,
     outputs: impl FnOnce(&str) -> Result<Vec<Output>>,
 ) -> Result<Done> {
+    // a stop asked for while the previous stage's gz ran, which then finished: this stage
+    // does not start (nothing of it is touched)
+    if let Some(signal) = gz::stop_requested() {
+        return Err(gz::Stopped {
+            signal,
+            message: format!(
+                "stopped by {} before stage `{name}`; run the same command again to go on (finished stages are kept)",
+                gz::signal_name(signal)
+            ),
+        }
+        .into());
+    }
     let sp = stamp_path(&ctx.root, name, key);
     let flat: Vec<String> = cmds.join(&["&&".to_string()][..]);
     let reason = match Stamp::load(&sp) {
