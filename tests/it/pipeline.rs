@@ -62,7 +62,7 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     let lines: Vec<&str> = out.lines().collect();
     let n = lines.len();
     assert!(
-        n >= 2 && lines[n - 2].starts_with("submission: ") && lines[n - 1].starts_with("report: "),
+        n >= 3 && lines[n - 2].starts_with("submission: ") && lines[n - 1].starts_with("report: "),
         "{out}"
     );
     let sub = last_line_value(&out, "submission").expect("submission line");
@@ -71,6 +71,13 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     let solutions = gz_schema::read_solutions(&sub).expect("the submission reads as a Kaggle file");
     assert_eq!(solutions.len(), 8, "one row per test image");
     assert!(t.path().join("data/synth/training_solutions_rev1.csv").exists());
+    // the synthetic test split's labels: its own report, and both scores in one line
+    assert!(report.parent().unwrap().join("test/metrics.json").is_file(), "{out}");
+    let scores = lines[n - 3];
+    assert!(
+        scores.starts_with("RMSE: validation ") && scores.contains(", test ") && scores.contains("Bayes floor"),
+        "{out}"
+    );
 
     // Second run: every stage is up to date, the same paths come out.
     let (ok2, out2, err2) = pipeline(t.path(), &[]);

@@ -33,8 +33,8 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
            with --data)   --seed S (synthetic set and training)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --size PX --no-augment
            --precision f32|bf16 --tta N   (CPU defaults: tiny, --size 32, batch 16, 40 epochs,
-           --lr 2e-3 --schedule dieleman --patience 0, augmented: the measured CPU recipe;
-           elsewhere 12 epochs and gz train's defaults)
+           --lr 2e-3 --schedule dieleman --patience 0, augmented, --tta 8: the measured CPU
+           recipe; elsewhere 12 epochs and gz train's defaults)
            --train-arg ARG, --prep-arg ARG (repeatable, passed to `gz train`, `gz prep`)
            --cache DIR (a shard cache to use for train/eval/submit instead of the prep stage's)
            --name RUN (one plain folder name)   --root DIR
