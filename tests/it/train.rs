@@ -24,6 +24,14 @@ fn toy_cache(root: &Path, n: usize, size: usize, seed: u64) -> PathBuf {
     w.finish(serde_json::json!({})).unwrap()
 }
 
+/// `gz train` of `tiny` on `cache` into `run` for `epochs`, batch 8.
+fn tiny_args(cache: &Path, run: &Path, epochs: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec!["train".into(), "--cache".into(), cache.display().to_string()];
+    v.extend(["--model", "tiny", "--epochs", epochs, "--batch", "8"].map(String::from));
+    v.extend(["--out".into(), run.display().to_string()]);
+    v
+}
+
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -123,21 +131,8 @@ fn resume_continues_a_run_from_the_cli() {
     let cache = toy_cache(tmp.path(), 48, 32, 5);
     let run = tmp.path().join("run");
     let args = |epochs: &str, resume: bool| {
-        let mut v = vec![
-            "train".to_string(),
-            "--cache".into(),
-            cache.display().to_string(),
-            "--model".into(),
-            "tiny".into(),
-            "--epochs".into(),
-            epochs.into(),
-            "--out".into(),
-            run.display().to_string(),
-            "--batch".into(),
-            "8".into(),
-            "--max-train".into(),
-            "40".into(),
-        ];
+        let mut v = tiny_args(&cache, &run, epochs);
+        v.extend(["--max-train".into(), "40".into()]);
         if resume {
             v.push("--resume".into());
         }
@@ -170,21 +165,7 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     let tmp = support::tempdir();
     let cache = toy_cache(tmp.path(), 48, 32, 5);
     let run = tmp.path().join("run");
-    let args = |epochs: &str| {
-        vec![
-            "train".to_string(),
-            "--cache".into(),
-            cache.display().to_string(),
-            "--model".into(),
-            "tiny".into(),
-            "--epochs".into(),
-            epochs.into(),
-            "--out".into(),
-            run.display().to_string(),
-            "--batch".into(),
-            "8".into(),
-        ]
-    };
+    let args = |epochs: &str| tiny_args(&cache, &run, epochs);
     // gz started with SIGINT at `disposition` (a test run as a background job inherits SIG_IGN)
     let start = |epochs: &str, disposition: libc::sighandler_t| {
         use std::os::unix::process::CommandExt;

@@ -254,17 +254,22 @@ mod tests {
         assert_eq!(result_line("report:\n", "report"), None);
     }
 
+    /// An executable `fake-gz` in `dir`: a shell `case "$1"` over `cases`.
+    fn fake_gz(dir: &Path, cases: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("fake-gz");
+        std::fs::write(&script, format!("#!/bin/sh\ncase \"$1\" in\n{cases}\nesac\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
     #[test]
     fn not_built_and_failures_are_told_apart() {
         let t = tempfile::tempdir().unwrap();
-        let script = t.path().join("fake-gz");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\ncase \"$1\" in\n ok) echo 'cache: /x';;\n stub) echo 'error: `gz train` is not built yet' >&2; exit 1;;\n *) echo boom >&2; exit 3;;\nesac\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = fake_gz(
+            t.path(),
+            " ok) echo 'cache: /x';;\n stub) echo 'error: `gz train` is not built yet' >&2; exit 1;;\n *) echo boom >&2; exit 3;;",
+        );
         let ok = run(&script, &["ok".into()], t.path()).unwrap().unwrap();
         assert_eq!(result_line(&ok.stdout, "cache").as_deref(), Some("/x"));
         match run(&script, &["stub".into()], t.path()).unwrap() {
@@ -282,14 +287,7 @@ mod tests {
     #[test]
     fn stopped_children_are_told_apart() {
         let t = tempfile::tempdir().unwrap();
-        let script = t.path().join("fake-gz");
-        std::fs::write(
-            &script,
-            "#!/bin/sh\ncase \"$1\" in\n int) exit 130;;\n term) kill -TERM $$;;\n *) exit 134;;\nesac\n",
-        )
-        .unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = fake_gz(t.path(), " int) exit 130;;\n term) kill -TERM $$;;\n *) exit 134;;");
         assert!(matches!(
             run(&script, &["int".into()], t.path()).unwrap(),
             Err(Failure::Interrupted(libc::SIGINT))
