@@ -141,26 +141,60 @@ fn transform<const OX: usize, const OY: usize>(
     }
 }
 
+/// A Huffman table and its lookup tables.
+///
+/// All three tables are indexed by the next [`LUT_BITS`] bits of the stream; a 0 entry means a
+/// code longer than that (or no code), which [`Bits::decode`] finds by canonical search. The
+/// "fast" tables consume a code *and* the magnitude bits that follow it in one lookup (as
+/// stb_image does) when both fit in the lookahead:
+///
+/// * [`Huffman::fast`], for every DC term and for the AC terms of blocks inside the crop:
+///   bits 0‥7 = bits to consume (code + magnitude), bits 8‥15 = run (AC: zeros before the
+///   value), bits 16‥31 = the value (`i16`, sign-extended). An AC value is never 0, so value 0
+///   flags the two size-0 AC symbols: run 16 is a zero run (ZRL, `0xF0`), run 0 is end of block
+///   (EOB `0x00`; the other size-0 symbols end the block too, as in [`Bits::decode`]'s callers).
+///   A DC entry's value is the difference (0 for size 0); sizes over 11 are left to the slow path,
+///   which reports them.
+/// * [`Huffman::skip`] (AC tables only), for blocks outside the crop whose values are dropped:
+///   bits 0‥7 = bits to consume, bits 8‥15 = how far the coefficient index moves (run + 1 for a
+///   value, 16 for ZRL, 0 for end of block). It needs only the code to fit in the lookahead (the
+///   magnitude bits are skipped unread), so it covers every code of up to [`LUT_BITS`] bits.
 #[derive(Clone)]
 struct Huffman {
-    /// 9-bit lookahead: (code length << 8) | symbol, 0 = longer code.
+    /// (code length << 8) | symbol.
     lut: [u16; 1 << LUT_BITS],
-    /// 9-bit lookahead for AC tables decoding symbol *and* magnitude bits at once (as
-    /// stb_image does): (value << 8) | (run << 4) | total length, 0 = use the slow path.
-    fast_ac: [i16; 1 << LUT_BITS],
+    /// Code and magnitude at once, value included (layout above).
+    fast: [u32; 1 << LUT_BITS],
+    /// Code and magnitude at once, coefficient index advance only (layout above).
+    skip: [u16; 1 << LUT_BITS],
     maxcode: [i32; 17],
     valptr: [i32; 17],
     mincode: [i32; 17],
     vals: Vec<u8>,
 }
 
+/// Lookahead of the lookup tables, in bits.
 const LUT_BITS: u32 = 9;
+/// Most bits one [`Huffman::skip`] entry consumes (a code of `LUT_BITS` and 15 magnitude bits).
+const SKIP_MAX_BITS: u32 = LUT_BITS + 15;
+
+/// Sign-extends `s` (1..=16) magnitude bits `v` as JPEG's size categories do (F.2.2.1 EXTEND).
+#[inline(always)]
+fn extend(v: i32, s: u32) -> i32 {
+    if v < (1 << (s - 1)) {
+        v - (1 << s) + 1
+    } else {
+        v
+    }
+}
 
 impl Huffman {
-    fn new(counts: &[u8; 16], vals: &[u8]) -> Result<Huffman, String> {
+    /// `ac`: the table decodes AC run/size symbols (else DC size categories).
+    fn new(counts: &[u8; 16], vals: &[u8], ac: bool) -> Result<Huffman, String> {
         let mut h = Huffman {
             lut: [0; 1 << LUT_BITS],
-            fast_ac: [0; 1 << LUT_BITS],
+            fast: [0; 1 << LUT_BITS],
+            skip: [0; 1 << LUT_BITS],
             maxcode: [-1; 17],
             valptr: [0; 17],
             mincode: [0; 17],
@@ -189,31 +223,45 @@ impl Huffman {
             h.maxcode[l] = if n > 0 { code - 1 } else { -1 };
             code <<= 1;
         }
-        for (i, fa) in h.fast_ac.iter_mut().enumerate() {
+        for i in 0..h.lut.len() {
             let e = h.lut[i];
             if e == 0 {
                 continue;
             }
             let l = (e >> 8) as u32;
-            let rs = (e & 0xFF) as u32;
-            let (run, sz) = (rs >> 4, rs & 15);
-            if sz == 0 || l + sz > LUT_BITS {
+            let sym = (e & 0xFF) as u32;
+            let (run, sz) = if ac { (sym >> 4, sym & 15) } else { (0, sym) };
+            if ac {
+                // skip: index advance (0 = end of block) and bits, magnitude bits unread
+                let adv = match (run, sz) {
+                    (15, 0) => 16,
+                    (_, 0) => 0,
+                    _ => run + 1,
+                };
+                h.skip[i] = ((adv << 8) | (l + sz)) as u16;
+            }
+            if sz == 0 {
+                // EOB / ZRL (value 0, run 0 or 16), or a DC difference of 0
+                let run = if ac && run == 15 { 16 } else { 0 };
+                h.fast[i] = (run << 8) | l;
+                continue;
+            }
+            if (!ac && sz > 11) || l + sz > LUT_BITS {
                 continue;
             }
             let extra = ((i as u32) >> (LUT_BITS - l - sz)) & ((1 << sz) - 1);
-            let v = if extra < (1 << (sz - 1)) {
-                extra as i32 - (1 << sz) + 1
-            } else {
-                extra as i32
-            };
-            if (-128..128).contains(&v) {
-                *fa = ((v << 8) + ((run << 4) + l + sz) as i32) as i16;
-            }
+            let v = extend(extra as i32, sz);
+            h.fast[i] = ((v as u32) << 16) | (run << 8) | (l + sz);
         }
         Ok(h)
     }
 }
 
+/// The entropy-coded data's bit reader. It is `Copy`: the hot loops ([`skip_blocks`],
+/// [`decode_block`]) work on a local copy, and the out-of-line functions (`refill_slow`,
+/// `restart`, `segment_end`) take and return it by value, so that no reference to it escapes
+/// and the compiler keeps the bit buffer (`bits`, `nbits`) in registers.
+#[derive(Clone, Copy)]
 struct Bits<'a> {
     data: &'a [u8],
     pos: usize,
@@ -251,11 +299,12 @@ impl<'a> Bits<'a> {
                 return;
             }
         }
-        self.refill_slow();
+        *self = self.refill_slow();
     }
 
+    /// Byte by byte: undoes 0xFF00 stuffing, stops at a marker and feeds zero bytes after it.
     #[inline(never)]
-    fn refill_slow(&mut self) {
+    fn refill_slow(mut self) -> Self {
         while self.nbits <= 56 {
             let mut byte = 0u8;
             let mut real = false;
@@ -282,6 +331,20 @@ impl<'a> Bits<'a> {
             self.bits |= (byte as u64) << (56 - self.nbits);
             self.nbits += 8;
         }
+        self
+    }
+
+    /// The next [`LUT_BITS`] bits, as an index into [`Huffman`]'s lookup tables.
+    #[inline(always)]
+    fn peek(&self) -> usize {
+        (self.bits >> (64 - LUT_BITS)) as usize
+    }
+
+    /// Drops `n` bits (at most `nbits`).
+    #[inline(always)]
+    fn consume(&mut self, n: u32) {
+        self.bits <<= n;
+        self.nbits -= n;
     }
 
     /// True when more bits were consumed than the segment holds.
@@ -327,18 +390,14 @@ impl<'a> Bits<'a> {
         let v = (self.bits >> (64 - s)) as i32;
         self.bits <<= s;
         self.nbits -= s;
-        if v < (1 << (s - 1)) {
-            v - (1 << s) + 1
-        } else {
-            v
-        }
+        extend(v, s)
     }
 
     /// At the end of an entropy-coded segment (after the last block, or before an RSTn marker):
     /// what is left must be under a byte (the encoder's padding), followed by a marker. More
     /// means the blocks did not use the bits the encoder wrote, i.e. corrupt data (libjpeg warns
     /// "extraneous bytes before marker"; too few bits is [`Bits::overrun`], its "premature end").
-    fn segment_end(&self) -> Result<(), String> {
+    fn segment_end(self) -> Result<(), String> {
         // (a short segment: the blocks took bits the data does not hold; checked here too
         // because `restart` forgets the padding)
         if self.overrun() {
@@ -361,7 +420,7 @@ impl<'a> Bits<'a> {
 
     /// Skips to after the next RSTn marker (restart interval boundary), which must be number
     /// `n` mod 8.
-    fn restart(&mut self, n: usize) -> Result<(), String> {
+    fn restart(mut self, n: usize) -> Result<Self, String> {
         self.segment_end()?;
         // drop buffered bits; `pos` stands at the marker (or before stuffing-free padding)
         let mut p = self.pos;
@@ -387,7 +446,7 @@ impl<'a> Bits<'a> {
         self.nbits = 0;
         self.marker = false;
         self.padded = 0;
-        Ok(())
+        Ok(self)
     }
 }
 
@@ -443,20 +502,65 @@ pub(crate) fn dc_in_range(dc_value: f32, q0: f32) -> bool {
     dc_value.abs() <= 1024.0 + q0
 }
 
-/// Huffman-decodes one block's AC coefficients without keeping them (blocks outside the crop).
+/// One block of an MCU, for the entropy decoder: its component (index into the DC
+/// predictors), Huffman tables and DC quantisation step.
+#[derive(Clone, Copy)]
+struct BlockCode<'t> {
+    comp: usize,
+    dc: &'t Huffman,
+    ac: &'t Huffman,
+    q0: f32,
+}
+
+/// Decodes a block's DC difference, updates the predictor and checks the DC value's range;
+/// returns the dequantised DC value.
+#[inline(always)]
+fn decode_dc(bits: &mut Bits, blk: &BlockCode, pred: &mut i32) -> Result<f32, String> {
+    if bits.nbits < LUT_BITS {
+        bits.refill();
+    }
+    let e = blk.dc.fast[bits.peek()];
+    let diff = if e != 0 {
+        bits.consume(e & 0xFF);
+        (e as i32) >> 16
+    } else {
+        // code and magnitude longer than the lookahead
+        let t = bits.decode(blk.dc)? as u32;
+        if t > 11 {
+            return Err("corrupt DC coefficient".into());
+        }
+        if t == 0 {
+            0
+        } else {
+            bits.receive_extend(t)
+        }
+    };
+    *pred += diff;
+    let dc_value = *pred as f32 * blk.q0;
+    if !dc_in_range(dc_value, blk.q0) {
+        return Err("corrupt entropy-coded data (DC coefficient out of range)".into());
+    }
+    Ok(dc_value)
+}
+
+/// Huffman-decodes one block's AC coefficients without keeping them: one [`Huffman::skip`]
+/// lookup per code of up to [`LUT_BITS`] bits, magnitude bits unread.
 #[inline(always)]
 fn skip_ac(bits: &mut Bits, act: &Huffman) -> Result<(), String> {
     let mut k = 1;
     while k < 64 {
-        if bits.nbits < 16 {
+        if bits.nbits < SKIP_MAX_BITS {
             bits.refill();
         }
-        let fa = act.fast_ac[(bits.bits >> (64 - LUT_BITS)) as usize];
-        if fa != 0 {
-            let len = (fa & 15) as u32;
-            bits.bits <<= len;
-            bits.nbits -= len;
-            k += ((fa >> 4) & 15) as usize + 1;
+        let e = act.skip[bits.peek()] as u32;
+        if e != 0 {
+            bits.consume(e & 0xFF);
+            let adv = (e >> 8) as usize;
+            if adv == 0 {
+                break; // end of block
+            }
+            // (an index past 63 shows in k > 64 below)
+            k += adv;
             continue;
         }
         let rs = bits.decode(act)?;
@@ -475,8 +579,7 @@ fn skip_ac(bits: &mut Bits, act: &Huffman) -> Result<(), String> {
         if bits.nbits < s {
             bits.refill();
         }
-        bits.bits <<= s;
-        bits.nbits -= s;
+        bits.consume(s);
         k += 1;
     }
     // the last coefficient sits at index 63 at most (k one past it)
@@ -484,6 +587,102 @@ fn skip_ac(bits: &mut Bits, act: &Huffman) -> Result<(), String> {
         return Err("corrupt AC coefficients (index past 63)".into());
     }
     Ok(())
+}
+
+/// Entropy-decodes `blocks` (a whole MCU outside the crop, or one block of a partly kept one)
+/// for the checks only: DC predictors and range, AC structure.
+///
+/// This and [`decode_block`] are the hot loops. They are out of line and work on a local copy
+/// of the reader, which the compiler keeps in registers (inside [`decode`], with everything
+/// else live, it spills the bit buffer to the stack: a store and a load on every code's
+/// dependency chain).
+#[inline(never)]
+fn skip_blocks(reader: &mut Bits, blocks: &[BlockCode], pred: &mut [i32; 4]) -> Result<(), String> {
+    let mut bits = *reader;
+    for blk in blocks {
+        decode_dc(&mut bits, blk, &mut pred[blk.comp])?;
+        skip_ac(&mut bits, blk.ac)?;
+    }
+    *reader = bits;
+    Ok(())
+}
+
+/// Entropy-decodes one block inside the crop into `coef` (natural order, dequantised by `q`,
+/// zigzag-indexed); returns the rows holding non-zero terms (bit mask) and the last non-zero
+/// column. Every value is range-checked.
+#[inline(never)]
+fn decode_block(
+    reader: &mut Bits,
+    blk: &BlockCode,
+    pred: &mut [i32; 4],
+    q: &[f32; 64],
+    coef: &mut [f32; 64],
+) -> Result<(u8, usize), String> {
+    let mut bits = *reader;
+    coef[0] = decode_dc(&mut bits, blk, &mut pred[blk.comp])?;
+    let act = blk.ac;
+    let mut rows = 1u8;
+    let mut maxcol = 0usize;
+    let mut k = 1;
+    while k < 64 {
+        if bits.nbits < LUT_BITS {
+            bits.refill();
+        }
+        let e = act.fast[bits.peek()];
+        if e != 0 {
+            bits.consume(e & 0xFF);
+            let v = (e as i32) >> 16;
+            let run = ((e >> 8) & 0xFF) as usize;
+            if v == 0 {
+                if run == 0 {
+                    break; // end of block
+                }
+                k += run; // ZRL: 16 zeros (past the end: k > 64 below)
+                continue;
+            }
+            k += run;
+            if k > 63 {
+                return Err("corrupt AC coefficients (index past 63)".into());
+            }
+            let z = ZIGZAG[k];
+            coef[z] = v as f32 * q[k];
+            if coef[z].abs() > AC_LIMIT + q[k] {
+                return Err(AC_RANGE.into());
+            }
+            rows |= 1 << (z >> 3);
+            maxcol = maxcol.max(z & 7);
+            k += 1;
+            continue;
+        }
+        // a code, or code and magnitude, longer than the lookahead
+        let rs = bits.decode(act)?;
+        let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+        if s == 0 {
+            if run == 15 {
+                k += 16;
+                continue;
+            }
+            break;
+        }
+        k += run;
+        if k > 63 {
+            return Err("corrupt AC coefficients (index past 63)".into());
+        }
+        let z = ZIGZAG[k];
+        coef[z] = bits.receive_extend(s) as f32 * q[k];
+        if coef[z].abs() > AC_LIMIT + q[k] {
+            return Err(AC_RANGE.into());
+        }
+        rows |= 1 << (z >> 3);
+        maxcol = maxcol.max(z & 7);
+        k += 1;
+    }
+    if k > 64 {
+        // a zero run (ZRL) past the block's end
+        return Err("corrupt AC coefficients (index past 63)".into());
+    }
+    *reader = bits;
+    Ok((rows, maxcol))
 }
 
 fn be16(b: &[u8], p: usize) -> Result<usize, String> {
@@ -569,7 +768,7 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
                     if q + 17 + total > seg.len() || total > 256 {
                         return Err("bad Huffman table segment".into());
                     }
-                    let t = Huffman::new(&counts, &seg[q + 17..q + 17 + total])?;
+                    let t = Huffman::new(&counts, &seg[q + 17..q + 17 + total], tc == 1)?;
                     if tc == 0 {
                         dc[th] = Some(t);
                     } else {
@@ -734,91 +933,54 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
     // Every MCU row is entropy-decoded, those below the crop without keeping anything: baseline
     // JPEG cannot skip them (the crop's rows are done, but the rest of the scan is where
     // corruption shows: blocks that do not end where the data ends, out-of-range values).
+    // the MCU's blocks in order (component by component, rows of blocks)
+    let mut mcu_blocks = Vec::new();
+    for (ci, c) in comps.iter().enumerate() {
+        let blk = BlockCode {
+            comp: ci,
+            dc: dc[c.td].as_ref().ok_or("missing table")?,
+            ac: ac[c.ta].as_ref().ok_or("missing table")?,
+            q0: qz[ci][0],
+        };
+        for _ in 0..c.v * c.h {
+            mcu_blocks.push(blk);
+        }
+    }
     for my in 0..mcuy {
+        // the MCU columns with a block in the crop: none in rows above or below it
+        let (mut kx0, mut kx1) = (usize::MAX, 0);
+        for (c, pl) in comps.iter().zip(&planes) {
+            if pl.bx0 < pl.bx1 && (my * c.v..(my + 1) * c.v).any(|by| by >= pl.by0 && by < pl.by1) {
+                kx0 = kx0.min(pl.bx0 / c.h);
+                kx1 = kx1.max((pl.bx1 - 1) / c.h + 1);
+            }
+        }
         for mx in 0..mcux {
             if restart_interval > 0 && mcus_done > 0 && mcus_done % restart_interval == 0 {
-                bits.restart(mcus_done / restart_interval - 1)?;
+                bits = bits.restart(mcus_done / restart_interval - 1)?;
                 pred = [0; 4];
             }
             mcus_done += 1;
+            if mx < kx0 || mx >= kx1 {
+                skip_blocks(&mut bits, &mcu_blocks, &mut pred)?;
+                continue;
+            }
+            let mut bi = 0;
             for (ci, c) in comps.iter().enumerate() {
-                let dct = dc[c.td].as_ref().ok_or("missing table")?;
-                let act = ac[c.ta].as_ref().ok_or("missing table")?;
                 let q = &qz[ci];
                 for v in 0..c.v {
                     for h in 0..c.h {
+                        let blk = &mcu_blocks[bi];
+                        bi += 1;
                         let bx = mx * c.h + h;
                         let by = my * c.v + v;
                         let pl = &planes[ci];
                         let needed = bx >= pl.bx0 && bx < pl.bx1 && by >= pl.by0 && by < pl.by1;
-                        // DC
-                        let t = bits.decode(dct)? as u32;
-                        if t > 11 {
-                            return Err("corrupt DC coefficient".into());
-                        }
-                        let diff = if t == 0 { 0 } else { bits.receive_extend(t) };
-                        pred[ci] += diff;
-                        let dc_value = pred[ci] as f32 * q[0];
-                        if !dc_in_range(dc_value, q[0]) {
-                            return Err("corrupt entropy-coded data (DC coefficient out of range)".into());
-                        }
                         if !needed {
-                            skip_ac(&mut bits, act)?;
+                            skip_blocks(&mut bits, std::slice::from_ref(blk), &mut pred)?;
                             continue;
                         }
-                        coef[0] = dc_value;
-                        let mut rows = 1u8;
-                        let mut maxcol = 0usize;
-                        let mut k = 1;
-                        while k < 64 {
-                            if bits.nbits < 16 {
-                                bits.refill();
-                            }
-                            let fa = act.fast_ac[(bits.bits >> (64 - LUT_BITS)) as usize];
-                            if fa != 0 {
-                                let len = (fa & 15) as u32;
-                                bits.bits <<= len;
-                                bits.nbits -= len;
-                                k += ((fa >> 4) & 15) as usize;
-                                if k > 63 {
-                                    return Err("corrupt AC coefficients (index past 63)".into());
-                                }
-                                let z = ZIGZAG[k];
-                                coef[z] = (fa >> 8) as f32 * q[k];
-                                if coef[z].abs() > AC_LIMIT + q[k] {
-                                    return Err(AC_RANGE.into());
-                                }
-                                rows |= 1 << (z >> 3);
-                                maxcol = maxcol.max(z & 7);
-                                k += 1;
-                                continue;
-                            }
-                            let rs = bits.decode(act)?;
-                            let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
-                            if s == 0 {
-                                if run == 15 {
-                                    k += 16;
-                                    continue;
-                                }
-                                break;
-                            }
-                            k += run;
-                            if k > 63 {
-                                return Err("corrupt AC coefficients (index past 63)".into());
-                            }
-                            let z = ZIGZAG[k];
-                            coef[z] = bits.receive_extend(s) as f32 * q[k];
-                            if coef[z].abs() > AC_LIMIT + q[k] {
-                                return Err(AC_RANGE.into());
-                            }
-                            rows |= 1 << (z >> 3);
-                            maxcol = maxcol.max(z & 7);
-                            k += 1;
-                        }
-                        if k > 64 {
-                            // a zero run (ZRL) past the block's end
-                            return Err("corrupt AC coefficients (index past 63)".into());
-                        }
+                        let (rows, maxcol) = decode_block(&mut bits, blk, &mut pred, q, &mut coef)?;
                         let pl = &mut planes[ci];
                         let x0 = (bx - pl.bx0) * pl.ox;
                         let y0 = (by - pl.by0) * pl.oy;
