@@ -167,9 +167,20 @@ fn pipeline_on_a_real_kaggle_layout_without_synthetic_extras() {
     let data = support::fixtures().join("kaggle-mini");
     let before = listing(&data);
     let t = support::tempdir();
+    // a test report left by an earlier dataset under the same run name
+    let stale = t.path().join("reports/kaggle-mini-tiny/test");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("metrics.json"), "{}").unwrap();
     let (ok, out, err) = pipeline(t.path(), &["--data", data.to_str().unwrap()]);
     assert!(ok, "{out}\n{err}");
     assert!(!err.contains("xtask: synth"), "no synth with --data: {err}");
+    // no test labels: no test score, and the stale test report is gone
+    assert!(!stale.exists(), "{out}");
+    let scores = out.lines().find(|l| l.starts_with("RMSE: ")).expect("a scores line");
+    assert!(
+        scores.starts_with("RMSE: validation ") && !scores.contains("test"),
+        "{scores}"
+    );
     let sub = last_line_value(&out, "submission").expect("submission line");
     let rows = gz_schema::read_solutions(&sub).expect("a Kaggle submission");
     let mut ids = rows.ids.clone();

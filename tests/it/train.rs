@@ -154,6 +154,38 @@ fn resume_continues_a_run_from_the_cli() {
     let m = metrics(&run);
     assert_eq!(m.len(), 2);
     assert_eq!(m[1]["epoch"], 2);
+
+    // a step-schedule run: extended with `--schedule dieleman` (its own drops, for its own epoch
+    // count) or without it, it keeps its schedule and its patience (off), gaining no early stop
+    std::fs::remove_dir_all(&run).unwrap();
+    let dieleman = |epochs: &str, resume: bool| {
+        let mut v = args(epochs, resume);
+        v.extend(["--schedule".into(), "dieleman".into()]);
+        v
+    };
+    let (ok, out, stderr) = support::run(support::gz().args(dieleman("3", false)));
+    assert!(ok, "{out}\n{stderr}");
+    for extended in [dieleman("5", true), args("6", true)] {
+        let (ok, out, stderr) = support::run(support::gz().args(&extended));
+        assert!(ok, "{extended:?}: {out}\n{stderr}");
+        assert!(stderr.contains("resuming with the run's schedule step:2"), "{stderr}");
+        let side: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("last.json")).unwrap()).unwrap();
+        assert!(side["train"]["patience"].is_null(), "{}", side["train"]);
+        assert_eq!(
+            side["train"]["schedule"]["milestones"],
+            serde_json::json!([2]),
+            "{}",
+            side["train"]
+        );
+    }
+    let mut other = args("7", true);
+    other.extend(["--schedule".into(), "constant".into()]);
+    let (ok, _, stderr) = support::run(support::gz().args(&other));
+    assert!(
+        !ok && stderr.contains("--schedule constant differs from the run's step:2"),
+        "{stderr}"
+    );
 }
 
 /// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch

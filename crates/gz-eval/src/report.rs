@@ -371,6 +371,12 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Whether the report scores the test split (`gz eval --split test`) rather than the validation
+/// hold-out.
+fn is_test_split(report: &EvalReport) -> bool {
+    report.split.starts_with("test")
+}
+
 /// Questions whose answers the gallery shows.
 const GALLERY_QUESTIONS: [usize; 4] = [0, 1, 5, 6];
 
@@ -390,12 +396,21 @@ pub fn write_report(
     })?;
     gz_schema::write_atomic(&metrics, &json)?;
 
+    // the learning curve's RMSE is the validation hold-out's: the reference lines only when this
+    // report scores that hold-out too (not the test split)
     let refs: Vec<(String, f64)> = report
         .baselines
         .iter()
+        .filter(|_| !is_test_split(report))
         .filter(|b| b.name == "training mean" || b.name == "central pixel")
         .map(|b| (b.name.clone(), b.scores.rmse))
-        .chain(report.floor.iter().map(|f| ("Bayes floor".to_string(), f.rmse)))
+        .chain(
+            report
+                .floor
+                .iter()
+                .filter(|_| !is_test_split(report))
+                .map(|f| ("Bayes floor".to_string(), f.rmse)),
+        )
         .collect();
     let learning_curve = match epochs {
         Some(ep) => {
@@ -509,8 +524,9 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
     if !gallery.is_empty() {
         let _ = writeln!(
             s,
-            "<h2>Validation galaxies</h2>\n<p class=\"meta legend\">Per answer: <span style=\"background:#999\"></span>true vote fraction \
+            "<h2>{} galaxies</h2>\n<p class=\"meta legend\">Per answer: <span style=\"background:#999\"></span>true vote fraction \
              <span style=\"background:#1f77b4\"></span>predicted. Questions {}.</p>\n<div class=gallery>",
+            if is_test_split(r) { "Test" } else { "Validation" },
             GALLERY_QUESTIONS.iter().map(|q| format!("Q{}", q + 1)).collect::<Vec<_>>().join(", ")
         );
         for g in gallery {
@@ -641,7 +657,7 @@ mod tests {
             pred: vec![0.4; N_ANSWERS],
             truth: vec![0.5; N_ANSWERS],
         };
-        let paths = write_report(dir.path(), &report, Some(&epochs), &[g]).unwrap();
+        let paths = write_report(dir.path(), &report, Some(&epochs), std::slice::from_ref(&g)).unwrap();
         for p in [
             paths.learning_curve.clone().unwrap(),
             paths.per_question.clone(),
@@ -660,6 +676,17 @@ mod tests {
         assert!(html.contains("<th>Bayes floor</th>") && html.matches("<td>0.0125</td>").count() == QUESTIONS.len());
         let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(&paths.metrics).unwrap()).unwrap();
         assert_eq!(back, report);
+        assert!(html.contains("Validation galaxies"));
+        // a test-split report names its gallery so
+        let test = EvalReport {
+            split: "test split: 1 images".into(),
+            ..report.clone()
+        };
+        let tdir = dir.path().join("test");
+        std::fs::create_dir_all(tdir.join("gallery")).unwrap();
+        let paths = write_report(&tdir, &test, Some(&epochs), &[g]).unwrap();
+        let html = std::fs::read_to_string(&paths.index).unwrap();
+        assert!(html.contains("Test galaxies") && !html.contains("Validation galaxies"));
         // no epochs: still a chart (with a note), no crash
         learning_curve_png(&[], &[], &dir.path().join("empty.png")).unwrap();
         // a flat series gets an axis whose labels differ (one epoch gave six labels "0.1451")

@@ -135,6 +135,23 @@ pub enum Schedule {
     Step { milestones: Vec<usize>, gamma: f64 },
 }
 
+impl std::fmt::Display for Schedule {
+    /// The `--schedule` spelling: `constant`, `step:E1,E2` (`×G` added when the factor is not 0.1).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Constant => f.write_str("constant"),
+            Self::Step { milestones, gamma } => {
+                let m: Vec<String> = milestones.iter().map(usize::to_string).collect();
+                write!(f, "step:{}", m.join(","))?;
+                if (*gamma - 0.1).abs() > 1e-12 {
+                    write!(f, " ×{gamma}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Schedule {
     /// Dieleman's schedule scaled to a run of `epochs` epochs: ×0.1 after ~70% and ~90% of
     /// training (his 18M and 23M of 25.5M examples).

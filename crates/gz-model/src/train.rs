@@ -366,6 +366,9 @@ pub fn train_on(
         )));
     }
 
+    // a model the config cannot build (an input side it refuses) is said before anything is
+    // created: no empty run directory behind
+    cfg.model.validate().map_err(|e| TrainError::Config(e.to_string()))?;
     let last_json = out_dir.join("last.json");
     if resume && !last_json.exists() {
         // before anything is created: a refused resume leaves no empty run directory behind
@@ -486,11 +489,11 @@ pub fn train_on(
     for epoch in start_epoch..cfg.epochs {
         // (between epochs: the previous one's checkpoint is complete)
         if observer.stop_requested() {
-            return Err(interrupted(
-                format!("after epoch {}", history.len()),
-                history.len(),
-                out_dir,
-            ));
+            let at = match history.len() {
+                0 => "before the first step".to_string(),
+                n => format!("after epoch {n}"),
+            };
+            return Err(interrupted(at, history.len(), out_dir));
         }
         if let Some(p) = cfg.patience {
             if since_best >= p && epoch > 0 {

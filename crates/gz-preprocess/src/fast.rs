@@ -792,6 +792,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
                         } else {
                             be16(seg, q + 1 + 2 * k)? as f32
                         };
+                        if v == 0.0 {
+                            // (jpeg-decoder refuses it too: the same reason on both paths)
+                            return Err("quantization table contains element with a zero value".into());
+                        }
                         qt[tq][k] = v; // zigzag order
                     }
                     qt_set[tq] = true;

@@ -82,29 +82,40 @@ pub struct Args {
 }
 
 /// `--resume` continues the run with the learning-rate schedule it started with (its
-/// milestones are epochs of that run). An explicit `--schedule` that differs is refused rather
-/// than ignored; a step schedule set for another epoch count is kept, and said so.
-fn check_resumed_schedule(
+/// milestones are epochs of that run). An explicit `--schedule` that means another schedule is
+/// refused rather than ignored (`dieleman` means the run's own: its drops for the run's epoch
+/// count); a step schedule set for another epoch count is kept, and said so. Without
+/// `--patience` the run keeps its own (so a step-schedule run does not gain early stopping).
+fn apply_resumed_settings(
     args: &Args,
-    cfg: &gz_model::train::TrainConfig,
+    cfg: &mut gz_model::train::TrainConfig,
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
     let Ok(prior) = gz_model::checkpoint::read_sidecar(&out.join("last.json")) else {
         return Ok(()); // the trainer says what is wrong with the run directory
     };
     let was = &prior.train.schedule;
-    if args.schedule.is_some() && &cfg.schedule != was {
-        bail!(
-            "--schedule {:?} differs from the run's {was:?}: a resumed run keeps its schedule (start a new run to \
-             change it)",
-            args.schedule.as_deref().unwrap_or_default()
-        );
+    if let Some(asked) = args.schedule.as_deref() {
+        let meant = if asked == "dieleman" {
+            Schedule::dieleman(prior.train.epochs)
+        } else {
+            cfg.schedule.clone()
+        };
+        if &meant != was {
+            bail!(
+                "--schedule {asked} differs from the run's {was}: a resumed run keeps its schedule (start a new run \
+                 to change it)"
+            );
+        }
     }
     if prior.train.epochs != cfg.epochs && matches!(was, Schedule::Step { .. }) {
         eprintln!(
-            "note: resuming with the run's schedule {was:?} (set for {} epochs), now for {} epochs",
+            "note: resuming with the run's schedule {was} (set for {} epochs), now for {} epochs",
             prior.train.epochs, cfg.epochs
         );
+    }
+    if args.patience.is_none() {
+        cfg.patience = prior.train.patience;
     }
     Ok(())
 }
@@ -123,6 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             None => model,
         };
+        model.validate()?;
         print!("{}", gz_model::nets::describe_config(&model));
         return Ok(());
     }
@@ -134,9 +146,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if out.exists() && !out.is_dir() {
         bail!("--out {}: exists and is not a folder", out.display());
     }
-    let cfg = train_config(&args, model)?;
+    let mut cfg = train_config(&args, model)?;
     if args.resume {
-        check_resumed_schedule(&args, &cfg, &out)?;
+        apply_resumed_settings(&args, &mut cfg, &out)?;
     }
 
     let cache = gz_shards::Cache::open(&cache_dir)
