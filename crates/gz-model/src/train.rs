@@ -1290,6 +1290,36 @@ mod tests {
         }
     }
 
+    /// The metrics history travels through the sidecar's JSON on `--resume`: every f64 must come
+    /// back to the bit (serde_json's default parser was 1 ulp off for some values, so a resumed
+    /// run's `metrics.jsonl` differed from an uninterrupted run's in the last digit).
+    #[test]
+    fn metrics_survive_json_to_the_bit() {
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = (state >> 11) as f64 / (1u64 << 53) as f64 * 0.3;
+            let m = EpochMetrics {
+                epoch: 1,
+                train_loss: v * 0.1,
+                val_rmse: v,
+                lr: 1e-3,
+                images_per_s: v * 1e4,
+                elapsed_s: v * 100.0,
+                epoch_s: v,
+                best: true,
+            };
+            let back: EpochMetrics = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+            assert_eq!(back.val_rmse.to_bits(), v.to_bits(), "{v:?}");
+            assert_eq!(back.train_loss.to_bits(), m.train_loss.to_bits(), "{:?}", m.train_loss);
+            assert_eq!(back.images_per_s.to_bits(), m.images_per_s.to_bits());
+        }
+        let exact: f64 = serde_json::from_str("0.1532830913515182").unwrap();
+        assert_eq!(exact, 0.1532830913515182);
+    }
+
     /// Stops when asked, after a given number of steps.
     struct StopAfter {
         steps: usize,
