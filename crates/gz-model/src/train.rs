@@ -1225,13 +1225,13 @@ mod tests {
             read(&straight.path().join("last.optim.safetensors")),
             read(&split.path().join("last.optim.safetensors"))
         );
-        // Epoch 1 of the resumed run comes back through JSON (serde_json parses floats to within
-        // 1 ulp), so compare the metrics to 1e-12; the weights above are compared bytewise.
+        // Epoch 1 of the resumed run comes back through JSON (serde_json's float_roundtrip:
+        // exact), so the metrics are the same to the bit, like the weights above.
         assert_eq!(a.history.len(), b.history.len());
         for (x, y) in a.history.iter().zip(&b.history) {
             assert_eq!((x.epoch, x.lr, x.best), (y.epoch, y.lr, y.best));
             assert!(
-                (x.train_loss - y.train_loss).abs() < 1e-12 && (x.val_rmse - y.val_rmse).abs() < 1e-12,
+                x.train_loss.to_bits() == y.train_loss.to_bits() && x.val_rmse.to_bits() == y.val_rmse.to_bits(),
                 "{x:?} vs {y:?}"
             );
         }
