@@ -19,11 +19,11 @@ pub struct Rgb8 {
 /// CMYK converted).
 pub fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8, PrepError> {
     let mut d = jpeg_decoder::Decoder::new(bytes);
-    d.read_info().map_err(|e| PrepError::Decode(e.to_string()))?;
+    d.read_info().map_err(decode_error)?;
     if let Some(info) = d.info() {
         crate::check_dimensions(info.width as usize, info.height as usize).map_err(PrepError::Decode)?;
     }
-    let pixels = d.decode().map_err(|e| PrepError::Decode(e.to_string()))?;
+    let pixels = d.decode().map_err(decode_error)?;
     let info = d.info().ok_or_else(|| PrepError::Decode("no frame header".into()))?;
     let (w, h) = (info.width as usize, info.height as usize);
     let n = w * h;
@@ -202,6 +202,17 @@ fn span(w: &Weights) -> (usize, usize) {
     let lo = w.iter().map(|(f, _)| *f).min().unwrap_or(0);
     let hi = w.iter().map(|(f, v)| f + v.len()).max().unwrap_or(lo + 1);
     (lo, hi)
+}
+
+/// jpeg-decoder's error as a reason; its end-of-data error ("failed to fill whole buffer", an
+/// I/O error from reading past the end) says what it means for a JPEG.
+fn decode_error(e: jpeg_decoder::Error) -> PrepError {
+    match e {
+        jpeg_decoder::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            PrepError::Decode("the file ends early (truncated JPEG)".into())
+        }
+        e => PrepError::Decode(e.to_string()),
+    }
 }
 
 #[cfg(test)]

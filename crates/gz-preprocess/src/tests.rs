@@ -335,6 +335,23 @@ fn damaged_bytes_never_panic_and_truncation_is_an_error() {
         let r = prep_jpeg(&good[..cut], &cfg);
         assert!(r.is_err(), "truncated at {cut} of {} accepted", good.len());
     }
+    // a truncated progressive JPEG (the generic path) says so too
+    let rgb = synthetic(424, 424);
+    let prog = encode(&rgb, 424, 424, jpeg_encoder::ColorType::Rgb, |e| {
+        e.set_progressive(true)
+    });
+    for cfg in [
+        cfg.clone(),
+        PrepConfig {
+            size: 32,
+            ..cfg.clone()
+        },
+    ] {
+        let Err(e) = prep_jpeg(&prog[..prog.len() / 2], &cfg) else {
+            panic!("half a progressive JPEG accepted")
+        };
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
     // seeded byte corruption anywhere: an error or an image, never a panic
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
