@@ -234,7 +234,8 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}\n{rest:?}");
     assert!(
-        stderr.contains("gz train: stopped ") && stderr.contains("--resume"),
+        stderr.contains("gz train: stopped ")
+            && stderr.contains("to continue: `gz train` with the same options and --resume"),
         "{stderr}"
     );
     assert!(!stderr.contains("error:"), "{stderr}");

@@ -161,9 +161,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Err(TrainError::Interrupted { at, epochs_done, kept }) => {
             eprintln!("gz train: stopped {at}; {kept}");
             if epochs_done > 0 {
-                eprintln!("to continue: the same command with --resume");
+                // (`gz train` by name: under `cargo xtask`, whose own line follows, "the same
+                // command" read as the xtask command, which takes no --resume)
+                eprintln!("to continue: `gz train` with the same options and --resume");
             } else {
-                eprintln!("to continue: the same command (there is nothing to resume)");
+                eprintln!("to continue: `gz train` with the same options (there is nothing to resume)");
             }
             // 128 + the signal, as a shell reports a process the signal ended
             let sig = crate::interrupt::requested().unwrap_or(libc::SIGINT);
