@@ -492,6 +492,7 @@ pub fn check_scan(bytes: &[u8]) -> Outcome {
 /// and mozjpeg's overshoot deringing feeds samples up to 31 beyond the range (1024 · 159/128 ≈
 /// 1272), so 1280 plus the quantisation step.
 const AC_LIMIT: f32 = 1280.0;
+const INDEX_PAST_63: &str = "corrupt AC coefficients (index past 63)";
 const AC_RANGE: &str = "corrupt entropy-coded data (AC coefficient out of range)";
 
 /// Whether a dequantised DC term can come from 8-bit samples: it is 8 × the block's mean
@@ -563,29 +564,74 @@ fn skip_ac(bits: &mut Bits, act: &Huffman) -> Result<(), String> {
             k += adv;
             continue;
         }
-        let rs = bits.decode(act)?;
-        let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
-        if s == 0 {
-            if run == 15 {
-                k += 16;
-                continue;
+        match long_ac(bits, act, &mut k)? {
+            LongAc::End => break,
+            LongAc::Zeros => {}
+            LongAc::Coef(s) => {
+                if bits.nbits < s {
+                    bits.refill();
+                }
+                bits.consume(s);
+                k += 1;
             }
-            break;
         }
-        k += run;
-        if k > 63 {
-            return Err("corrupt AC coefficients (index past 63)".into());
-        }
-        if bits.nbits < s {
-            bits.refill();
-        }
-        bits.consume(s);
-        k += 1;
     }
     // the last coefficient sits at index 63 at most (k one past it)
     if k > 64 {
-        return Err("corrupt AC coefficients (index past 63)".into());
+        return Err(INDEX_PAST_63.into());
     }
+    Ok(())
+}
+
+/// What a code longer than the lookahead meant (after [`long_ac`]).
+enum LongAc {
+    /// End of block.
+    End,
+    /// A run of 16 zeros (ZRL), already counted in `k`.
+    Zeros,
+    /// A coefficient at index `k` (already advanced past its zero run and checked), with this
+    /// many magnitude bits still to read.
+    Coef(u32),
+}
+
+/// Decodes an AC code the lookup tables do not hold (longer than [`LUT_BITS`], with its
+/// magnitude), for both AC loops.
+#[inline(always)]
+fn long_ac(bits: &mut Bits, act: &Huffman, k: &mut usize) -> Result<LongAc, String> {
+    let rs = bits.decode(act)?;
+    let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
+    if s == 0 {
+        if run == 15 {
+            *k += 16;
+            return Ok(LongAc::Zeros);
+        }
+        return Ok(LongAc::End);
+    }
+    *k += run;
+    if *k > 63 {
+        return Err(INDEX_PAST_63.into());
+    }
+    Ok(LongAc::Coef(s))
+}
+
+/// Stores the dequantised AC term `v` at zigzag index `k` of a kept block, range-checked, and
+/// notes its row and column.
+#[inline(always)]
+fn keep_ac(
+    coef: &mut [f32; 64],
+    q: &[f32; 64],
+    k: usize,
+    v: i32,
+    rows: &mut u8,
+    maxcol: &mut usize,
+) -> Result<(), String> {
+    let z = ZIGZAG[k];
+    coef[z] = v as f32 * q[k];
+    if coef[z].abs() > AC_LIMIT + q[k] {
+        return Err(AC_RANGE.into());
+    }
+    *rows |= 1 << (z >> 3);
+    *maxcol = (*maxcol).max(z & 7);
     Ok(())
 }
 
@@ -642,44 +688,26 @@ fn decode_block(
             }
             k += run;
             if k > 63 {
-                return Err("corrupt AC coefficients (index past 63)".into());
+                return Err(INDEX_PAST_63.into());
             }
-            let z = ZIGZAG[k];
-            coef[z] = v as f32 * q[k];
-            if coef[z].abs() > AC_LIMIT + q[k] {
-                return Err(AC_RANGE.into());
-            }
-            rows |= 1 << (z >> 3);
-            maxcol = maxcol.max(z & 7);
+            keep_ac(coef, q, k, v, &mut rows, &mut maxcol)?;
             k += 1;
             continue;
         }
         // a code, or code and magnitude, longer than the lookahead
-        let rs = bits.decode(act)?;
-        let (run, s) = ((rs >> 4) as usize, (rs & 15) as u32);
-        if s == 0 {
-            if run == 15 {
-                k += 16;
-                continue;
+        match long_ac(&mut bits, act, &mut k)? {
+            LongAc::End => break,
+            LongAc::Zeros => {}
+            LongAc::Coef(s) => {
+                let v = bits.receive_extend(s);
+                keep_ac(coef, q, k, v, &mut rows, &mut maxcol)?;
+                k += 1;
             }
-            break;
         }
-        k += run;
-        if k > 63 {
-            return Err("corrupt AC coefficients (index past 63)".into());
-        }
-        let z = ZIGZAG[k];
-        coef[z] = bits.receive_extend(s) as f32 * q[k];
-        if coef[z].abs() > AC_LIMIT + q[k] {
-            return Err(AC_RANGE.into());
-        }
-        rows |= 1 << (z >> 3);
-        maxcol = maxcol.max(z & 7);
-        k += 1;
     }
     if k > 64 {
         // a zero run (ZRL) past the block's end
-        return Err("corrupt AC coefficients (index past 63)".into());
+        return Err(INDEX_PAST_63.into());
     }
     *reader = bits;
     Ok((rows, maxcol))
