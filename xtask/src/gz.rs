@@ -115,19 +115,21 @@ fn restore_handlers(old: Vec<(libc::c_int, libc::sigaction)>) {
     }
 }
 
-/// The stopping signal, if the child ended by one (killed, or `gz train`'s 128 + signal) or
-/// xtask received one while it ran.
+/// The stopping signal, if the child ended by one (killed by Ctrl-C or SIGTERM, or `gz
+/// train`'s 128 + signal); the one xtask received while it ran, if any, names it. A child that
+/// ended otherwise failed on its own, even when a stop was asked for meanwhile: its error is
+/// what the user needs to see.
 fn stop_signal(status: &std::process::ExitStatus) -> Option<i32> {
     use std::os::unix::process::ExitStatusExt;
     let stops = [libc::SIGINT, libc::SIGTERM];
-    let received = SIGNAL.load(Ordering::SeqCst);
-    if received != 0 {
-        return Some(received);
+    let ended_by = status
+        .signal()
+        .or_else(|| status.code().map(|c| c - 128))
+        .filter(|s| stops.contains(s))?;
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => Some(ended_by),
+        received => Some(received),
     }
-    if let Some(s) = status.signal().filter(|s| stops.contains(s)) {
-        return Some(s);
-    }
-    status.code().map(|c| c - 128).filter(|s| stops.contains(s))
 }
 
 /// Runs `gz args...` in `cwd`.
@@ -254,6 +256,10 @@ mod tests {
         assert_eq!(result_line("report:\n", "report"), None);
     }
 
+    /// Held by every test that calls [`run`]: the signal state is process-wide, and one test
+    /// sets it.
+    static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// An executable `fake-gz` in `dir`: a shell `case "$1"` over `cases`.
     fn fake_gz(dir: &Path, cases: &str) -> std::path::PathBuf {
         use std::os::unix::fs::PermissionsExt;
@@ -265,6 +271,7 @@ mod tests {
 
     #[test]
     fn not_built_and_failures_are_told_apart() {
+        let _runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
         let t = tempfile::tempdir().unwrap();
         let script = fake_gz(
             t.path(),
@@ -286,6 +293,7 @@ mod tests {
     /// `Interrupted`, not a failure; other statuses above 128 are failures.
     #[test]
     fn stopped_children_are_told_apart() {
+        let _runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
         let t = tempfile::tempdir().unwrap();
         let script = fake_gz(t.path(), " int) exit 130;;\n term) kill -TERM $$;;\n *) exit 134;;");
         assert!(matches!(
@@ -300,5 +308,23 @@ mod tests {
             run(&script, &["abort".into()], t.path()).unwrap(),
             Err(Failure::Failed { .. })
         ));
+    }
+
+    /// A child that fails on its own after a stop was asked for (here: xtask's SIGTERM reaches
+    /// a child that ignores it and exits 1) is a failure with its error shown, not a stop.
+    #[test]
+    fn a_failure_after_a_stop_request_stays_a_failure() {
+        let _runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tempfile::tempdir().unwrap();
+        let script = fake_gz(
+            t.path(),
+            " fail) trap '' TERM; kill -TERM $PPID; sleep 0.3; echo 'error: disk full' >&2; exit 1;;",
+        );
+        let got = run(&script, &["fail".into()], t.path()).unwrap();
+        SIGNAL.store(0, Ordering::SeqCst);
+        match got {
+            Err(Failure::Failed { stderr_tail, .. }) => assert!(stderr_tail.contains("disk full"), "{stderr_tail}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
     }
 }
