@@ -1,4 +1,5 @@
-//! The fast path: a baseline-JPEG decoder specialised for "centre crop, 2× area reduction".
+//! The fast path: a baseline-JPEG decoder specialised for "centre crop, area reduction by 2× or
+//! more".
 //!
 //! Galaxy Zoo images are 424×424 baseline (SOF0) YCbCr 4:2:0 JPEGs and we keep the central
 //! 212×212 at half resolution, so most of a full decode is wasted work. This decoder
@@ -15,8 +16,16 @@
 //!    term (most of the dark sky) are a constant fill.
 //!
 //! Then YCbCr → RGB (JFIF / BT.601 full range) on the 106×106 output, in f32, straight to f16.
+//!
+//! Reductions by more than 2× (`2·size < crop`: [`PrepConfig::version`] 2, such as the CPU
+//! pipeline's 32 px; `Mode::Reduce`) transform the crop's blocks at their own resolution
+//! instead (plain 8×8 IDCT: luma at full resolution, subsampled chroma at its samples) and
+//! area-average each plane's crop window to `size`×`size` with the generic path's exact
+//! weights, then convert colours the same way.
+//!
 //! Anything else (progressive, arithmetic coding, 12-bit, CMYK/YCCK/Adobe RGB, sampling factors
-//! other than 1× or 2×, crops that are not an exact 2× with even offset, bicubic) is
+//! other than 1× or 2×, crops that are not a whole number of pixels at an even offset, sizes
+//! above half the crop, bicubic, version-1 configs on images of other sizes) is
 //! [`Outcome::NotApplicable`] and goes to [`crate::generic`]. Corrupt or truncated data is
 //! reported, never guessed at: besides codes that match no Huffman code and data that ends
 //! early, every block's DC value and every kept AC value must lie in the range an 8-bit DCT
@@ -450,6 +459,18 @@ impl<'a> Bits<'a> {
     }
 }
 
+/// How the crop reaches `size`×`size`.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// The crop is exactly `2·size` pixels: luma straight to the half-resolution grid (the 4×8
+    /// box matrices), subsampled chroma at its native samples.
+    Half,
+    /// The crop (`cw`×`ch` pixels of this image) is more than `2·size`: every block at its own
+    /// resolution (luma full, subsampled chroma native), then each plane's crop window
+    /// area-averaged to `size`×`size` with the generic path's weights.
+    Reduce { cw: usize, ch: usize },
+}
+
 struct Component {
     id: u8,
     h: usize,
@@ -723,6 +744,28 @@ fn be16(b: &[u8], p: usize) -> Result<usize, String> {
 /// Ok(true): done; Ok(false): not applicable; Err: corrupt. `check_only`: decode the scan for
 /// [`check_scan`], whatever `cfg` says, and write nothing.
 fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Result<bool, String> {
+    decode_as(b, cfg, out, check_only, false)
+}
+
+/// [`try_prep`] through [`Mode::Reduce`] also where [`Mode::Half`] applies (tests: the two
+/// agree there).
+#[cfg(test)]
+pub(crate) fn try_prep_reduce(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Outcome {
+    match decode_as(bytes, cfg, out, false, true) {
+        Ok(true) => Outcome::Done,
+        Ok(false) => Outcome::NotApplicable,
+        Err(reason) => Outcome::Corrupt(reason),
+    }
+}
+
+/// [`decode`]; `force_reduce`: [`Mode::Reduce`] for a crop of exactly `2·size` too.
+fn decode_as(
+    b: &[u8],
+    cfg: &PrepConfig,
+    out: &mut [f16],
+    check_only: bool,
+    force_reduce: bool,
+) -> Result<bool, String> {
     if !check_only && cfg.filter != Filter::Area {
         return Ok(false);
     }
@@ -872,13 +915,22 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
     let crop = cfg.crop as usize;
     let size = cfg.size as usize;
     let r = REFERENCE_SIZE as usize;
-    let fits = |d: usize| {
+    // the crop in pixels of this image along a side of `d`, when it is whole and its offset
+    // even (so that it starts on a whole chroma sample)
+    let crop_px = |d: usize| {
         let num = d * crop;
-        num % r == 0 && num / r == 2 * size && (d - num / r) % 4 == 0
+        (num % r == 0 && (d - num / r) % 4 == 0).then_some(num / r)
     };
-    if !check_only && (!fits(width) || !fits(height)) {
-        return Ok(false);
-    }
+    let mode = match (crop_px(width), crop_px(height)) {
+        _ if check_only => Mode::Half,
+        (Some(cw), Some(ch)) if cw == 2 * size && ch == 2 * size && !force_reduce => Mode::Half,
+        // (only configs that reduce by more than 2× at the reference size: the rest keep the
+        // bytes of `PrepConfig::version` 1, where other image sizes went to the generic path)
+        (Some(cw), Some(ch)) if cw >= 2 * size && ch >= 2 * size && (cfg.version() >= 2 || force_reduce) => {
+            Mode::Reduce { cw, ch }
+        }
+        _ => return Ok(false),
+    };
     if comps.len() == 1 {
         comps[0].h = 1;
         comps[0].v = 1;
@@ -913,34 +965,47 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
         by1: usize,
         stride: usize,
         data: Vec<f32>,
+        /// [`Mode::Reduce`]: the crop on this plane's own sample grid, relative to `data`'s
+        /// first sample: left, top, width, height (fractional for subsampled chroma of odd crops).
+        window: [f64; 4],
     }
     let mut pool = if check_only {
         Vec::new()
     } else {
         SCRATCH.with(|sc| std::mem::take(&mut *sc.borrow_mut()))
     };
-    pool.resize_with(comps.len() + 1, Vec::new);
+    // the planes, the RGB output, and for `Mode::Reduce` a reduced plane per component and the
+    // resampling's row buffer
+    pool.resize_with(2 * comps.len() + 2, Vec::new);
     let mut planes: Vec<Plane> = comps
         .iter()
         .zip(pool.iter_mut())
         .map(|(c, buf)| {
-            let ox = if c.h == hmax { 4 } else { 8 };
-            let oy = if c.v == vmax { 4 } else { 8 };
-            if check_only {
+            let mut window = [0f64; 4];
+            let (ox, oy, (bx0, bx1), (by0, by1)) = match mode {
                 // no block is needed
-                return Plane {
-                    ox,
-                    oy,
-                    bx0: 0,
-                    bx1: 0,
-                    by0: 0,
-                    by1: 0,
-                    stride: 0,
-                    data: Vec::new(),
-                };
-            }
-            let (bx0, bx1) = (hx0 / ox, (hx0 + size).div_ceil(ox));
-            let (by0, by1) = (hy0 / oy, (hy0 + size).div_ceil(oy));
+                _ if check_only => (8, 8, (0, 0), (0, 0)),
+                Mode::Half => {
+                    let ox = if c.h == hmax { 4 } else { 8 };
+                    let oy = if c.v == vmax { 4 } else { 8 };
+                    (
+                        ox,
+                        oy,
+                        (hx0 / ox, (hx0 + size).div_ceil(ox)),
+                        (hy0 / oy, (hy0 + size).div_ceil(oy)),
+                    )
+                }
+                Mode::Reduce { cw, ch } => {
+                    // every block at its own resolution; the window in this plane's samples
+                    let (fx, fy) = (c.h as f64 / hmax as f64, c.v as f64 / vmax as f64);
+                    let (x0, y0) = ((width - cw) as f64 / 2.0 * fx, (height - ch) as f64 / 2.0 * fy);
+                    let (w, h) = (cw as f64 * fx, ch as f64 * fy);
+                    let bx = ((x0 / 8.0).floor() as usize, ((x0 + w) / 8.0).ceil() as usize);
+                    let by = ((y0 / 8.0).floor() as usize, ((y0 + h) / 8.0).ceil() as usize);
+                    window = [x0 - (bx.0 * 8) as f64, y0 - (by.0 * 8) as f64, w, h];
+                    (8, 8, bx, by)
+                }
+            };
             let stride = (bx1 - bx0) * ox;
             let mut data = std::mem::take(buf);
             data.clear();
@@ -954,6 +1019,7 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
                 by1,
                 stride,
                 data,
+                window,
             }
         })
         .collect();
@@ -1053,9 +1119,26 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
 
     // colour conversion of the window into C×H×W f32, then one bulk (F16C) conversion
     let plane_len = size * size;
-    let mut rgb = std::mem::take(&mut pool[comps.len()]);
+    let nc = comps.len();
+    let mut rgb = std::mem::take(&mut pool[nc]);
     rgb.clear();
     rgb.resize(3 * plane_len, 0.0);
+    // `Mode::Reduce`: each plane's window area-averaged to size × size first
+    let mut reduced: Vec<Vec<f32>> = Vec::new();
+    if let Mode::Reduce { .. } = mode {
+        let mut rows = std::mem::take(&mut pool[2 * nc + 1]);
+        for (pl, buf) in planes.iter().zip(&mut pool[nc + 1..2 * nc + 1]) {
+            let [x0, y0, w, h] = pl.window;
+            let wx = crate::generic::area_weights(x0, w, size, pl.stride);
+            let wy = crate::generic::area_weights(y0, h, size, pl.data.len() / pl.stride);
+            let mut dst = std::mem::take(buf);
+            dst.clear();
+            dst.resize(plane_len, 0.0);
+            crate::generic::area_reduce(&pl.data, pl.stride, &wx, &wy, &mut rows, &mut dst);
+            reduced.push(dst);
+        }
+        pool[2 * nc + 1] = rows;
+    }
     impl Plane {
         /// Row `y` of the output window (origin `hx0, hy0` on the half-resolution grid).
         fn row(&self, hx0: usize, hy0: usize, y: usize, size: usize) -> &[f32] {
@@ -1064,7 +1147,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
             &self.data[py * self.stride + px..py * self.stride + px + size]
         }
     }
-    let row = |pl: usize, y: usize| planes[pl].row(hx0, hy0, y, size);
+    let row = |pl: usize, y: usize| match mode {
+        Mode::Reduce { .. } => &reduced[pl][y * size..(y + 1) * size],
+        Mode::Half => planes[pl].row(hx0, hy0, y, size),
+    };
     let inv = 1.0 / 255.0;
     if comps.len() == 1 {
         for y in 0..size {
@@ -1103,7 +1189,10 @@ fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Resu
     for (buf, pl) in pool.iter_mut().zip(planes) {
         *buf = pl.data;
     }
-    pool[comps.len()] = rgb;
+    pool[nc] = rgb;
+    for (buf, r) in pool[nc + 1..2 * nc + 1].iter_mut().zip(reduced) {
+        *buf = r;
+    }
     SCRATCH.with(|sc| *sc.borrow_mut() = pool);
     Ok(true)
 }

@@ -198,6 +198,37 @@ fn resample(img: &Rgb8, wx: &Weights, wy: &Weights, s: usize, out: &mut [f16]) {
     }
 }
 
+/// Separable area reduction of one f32 plane (`stride` samples a row) into `dst` (n×n, with n
+/// = `wx.len()` = `wy.len()`), through the row buffer `rows`: the fast path's [`crate::fast`]
+/// reduction below half resolution.
+pub(crate) fn area_reduce(
+    src: &[f32],
+    stride: usize,
+    wx: &Weights,
+    wy: &Weights,
+    rows: &mut Vec<f32>,
+    dst: &mut [f32],
+) {
+    let n = wx.len();
+    let (x_lo, x_hi) = span(wx);
+    let cols = x_hi - x_lo;
+    rows.clear();
+    rows.resize(wy.len() * cols, 0.0);
+    for (row, (first, w)) in rows.chunks_exact_mut(cols).zip(wy) {
+        for (k, &wk) in w.iter().enumerate() {
+            let at = (first + k) * stride + x_lo;
+            for (r, &v) in row.iter_mut().zip(&src[at..at + cols]) {
+                *r += wk * v;
+            }
+        }
+    }
+    for (row, out) in rows.chunks_exact(cols).zip(dst.chunks_exact_mut(n)) {
+        for (o, (first, w)) in out.iter_mut().zip(wx) {
+            *o = w.iter().zip(&row[first - x_lo..]).map(|(wk, v)| wk * v).sum();
+        }
+    }
+}
+
 fn span(w: &Weights) -> (usize, usize) {
     let lo = w.iter().map(|(f, _)| *f).min().unwrap_or(0);
     let hi = w.iter().map(|(f, v)| f + v.len()).max().unwrap_or(lo + 1);

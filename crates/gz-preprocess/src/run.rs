@@ -216,7 +216,7 @@ pub fn run_with(
     let extra = serde_json::json!({
         "dataset_key": scan.key,
         "data_dir": opts.data_dir,
-        "prep_version": crate::PREP_VERSION,
+        "prep_version": cfg.version(),
         "skipped": skipped,
         "train_images": counts[0],
         "test_images": counts[1],

@@ -267,6 +267,118 @@ fn fast_path_matches_generic_on_encoder_variants() {
     );
 }
 
+/// Encoder variants of the synthetic galaxy at 424×424 (4:2:0, 4:4:4, 4:2:2, 4:4:0, gray):
+/// the sampling layouts the fast path reads.
+fn sampling_variants() -> Vec<(&'static str, Vec<u8>)> {
+    use jpeg_encoder::{ColorType, SamplingFactor};
+    let rgb = synthetic(424, 424);
+    let gray: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
+    let mut v: Vec<(&str, Vec<u8>)> = [
+        ("4:2:0", SamplingFactor::R_4_2_0),
+        ("4:4:4", SamplingFactor::R_4_4_4),
+        ("4:2:2", SamplingFactor::R_4_2_2),
+        ("4:4:0", SamplingFactor::R_4_4_0),
+    ]
+    .into_iter()
+    .map(|(what, f)| {
+        (
+            what,
+            encode(&rgb, 424, 424, ColorType::Rgb, |e| e.set_sampling_factor(f)),
+        )
+    })
+    .collect();
+    v.push(("gray", encode(&gray, 424, 424, ColorType::Luma, |_| {})));
+    v
+}
+
+/// Below half resolution the fast path transforms the crop's blocks at their own resolution
+/// and area-averages each plane (`Mode::Reduce`). Where the crop is exactly 2·size, the box
+/// matrices (`Mode::Half`) compute the same numbers another way: forced through the reduction,
+/// the default config agrees to f16 rounding on real images and on every sampling layout, so
+/// the windows, the weights and the subsampled planes line up.
+#[test]
+fn the_reduction_matches_the_box_transform_at_half_size() {
+    let cfg = PrepConfig::default();
+    let mut files: Vec<(String, Vec<u8>)> = real_jpegs()
+        .iter()
+        .step_by(7)
+        .map(|f| (f.display().to_string(), std::fs::read(f).unwrap()))
+        .collect();
+    files.extend(sampling_variants().into_iter().map(|(w, b)| (w.to_string(), b)));
+    for (what, bytes) in &files {
+        let mut half = vec![f16::ZERO; cfg.image_len()];
+        let mut reduced = vec![f16::ZERO; cfg.image_len()];
+        assert!(
+            matches!(fast::try_prep(bytes, &cfg, &mut half), fast::Outcome::Done),
+            "{what}"
+        );
+        assert!(
+            matches!(fast::try_prep_reduce(bytes, &cfg, &mut reduced), fast::Outcome::Done),
+            "{what}"
+        );
+        let hf: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
+        let (max, _) = diff(&reduced, &hf);
+        assert!(max <= 1.0 / 1024.0, "{what}: max abs diff {max}");
+    }
+}
+
+/// Sizes below half the crop take the fast path (its reduction) and agree with the generic
+/// path (a full decode by jpeg-decoder, exact area weights) on the real images, as closely as
+/// the two decoders agree at 106 px; crops whose offset is odd go to the generic path.
+#[test]
+fn smaller_sizes_take_the_fast_reduction_and_match_the_generic_path() {
+    let files: Vec<PathBuf> = real_jpegs().into_iter().step_by(3).collect();
+    let mut worst = (0f32, 0f32);
+    for (crop, size) in [(212, 32), (212, 53), (212, 75), (212, 7), (200, 48), (424, 100)] {
+        let cfg = PrepConfig {
+            crop,
+            size,
+            filter: Filter::Area,
+        };
+        for f in &files {
+            let bytes = std::fs::read(f).unwrap();
+            let (o, a, b) = prep_both(&bytes, &cfg);
+            assert!(matches!(o, fast::Outcome::Done), "{crop}/{size} {}: {o:?}", f.display());
+            let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+            let (max, mean) = diff(&a, &bf);
+            worst = (worst.0.max(mean), worst.1.max(max));
+            assert!(
+                mean < 0.6 / 255.0 && max < 10.0 / 255.0,
+                "{crop}/{size} {}: mean {} max {} (×255)",
+                f.display(),
+                mean * 255.0,
+                max * 255.0
+            );
+        }
+    }
+    eprintln!(
+        "fast reduction vs generic (×255): worst mean {:.3}, worst max {:.3}",
+        worst.0 * 255.0,
+        worst.1 * 255.0
+    );
+    for (what, bytes) in sampling_variants() {
+        let cfg = PrepConfig {
+            crop: 212,
+            size: 32,
+            filter: Filter::Area,
+        };
+        let (o, a, b) = prep_both(&bytes, &cfg);
+        assert!(matches!(o, fast::Outcome::Done), "{what}: {o:?}");
+        close(&a, &b, 1.0 / 255.0, 8.0 / 255.0, what);
+    }
+    let odd = PrepConfig {
+        crop: 210,
+        size: 32,
+        filter: Filter::Area,
+    };
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let mut out = vec![f16::ZERO; odd.image_len()];
+    assert!(matches!(
+        fast::try_prep(&bytes, &odd, &mut out),
+        fast::Outcome::NotApplicable
+    ));
+}
+
 #[test]
 fn cmyk_is_converted_to_rgb() {
     // a flat red, as CMYK (C=0, M=255, Y=255, K=0) and as YCCK
