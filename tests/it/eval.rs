@@ -130,6 +130,47 @@ fn submit_from_predictions_refuses_short_files_unless_filled() {
     let text = std::fs::read_to_string(&out_path).unwrap();
     assert_eq!(text.lines().next().unwrap(), csv_header());
     assert_eq!(text.lines().count(), 4);
+
+    // prediction options with --pred or --check would be ignored: refused, nothing written
+    let other = tmp.path().join("other.csv");
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["submit", "--tta", "8", "--pred"])
+            .arg(&pred)
+            .arg("--ids")
+            .arg(&ids_dir)
+            .arg("--out")
+            .arg(&other),
+    );
+    assert!(!ok && err.contains("--tta only apply with --run"), "{err}");
+    assert!(!other.exists());
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["submit", "--device", "cuda", "--check"])
+            .arg(&out_path),
+    );
+    assert!(!ok && err.contains("--device only apply with --run"), "{err}");
+
+    // --fill-mean with nothing to fill reads no training labels (here there are none)
+    let alone = tmp.path().join("alone");
+    write_test_jpeg_names(&alone, &[5, 6, 7]);
+    let full = tmp.path().join("full.csv");
+    std::fs::write(
+        &full,
+        [csv_header(), row(5, "0.5"), row(6, "0.5"), row(7, "0.5")].join("\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["submit", "--fill-mean", "--pred"])
+            .arg(&full)
+            .arg("--ids")
+            .arg(&alone)
+            .arg("--out")
+            .arg(&other),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(other.exists());
 }
 
 fn last_line_value(stdout: &str, key: &str) -> PathBuf {
@@ -218,6 +259,28 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     }
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert!(html.contains("gallery/") && html.contains("Q1 "), "gallery missing");
+    // --data naming another dataset: refused, not another set's floor
+    let elsewhere = tmp.path().join("elsewhere");
+    gz_ok(
+        support::gz()
+            .args(["synth", "--train", "4", "--test", "2", "--seed", "9", "--out"])
+            .arg(&elsewhere),
+    );
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--data")
+            .arg(&elsewhere)
+            .arg("--report")
+            .arg(tmp.path().join("report2")),
+    );
+    assert!(
+        !ok && err.contains("is it the dataset the cache was built from?"),
+        "{err}"
+    );
 
     // predict from the cache, with 8-view TTA, then submit against the test folder
     let test_dir = data.join("images_test_rev1");

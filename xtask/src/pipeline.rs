@@ -827,7 +827,7 @@ fn scores_line(report: &Path) -> Option<String> {
     }
     let scores: Vec<String> = found
         .iter()
-        .map(|(s, r, n, _)| format!("{s} {r:.5} ({n} rows)"))
+        .map(|(s, r, n, _)| format!("{s} {r:.5} ({n} {})", if *n == 1 { "row" } else { "rows" }))
         .collect();
     let floors: Vec<String> = found
         .iter()

@@ -246,9 +246,12 @@ pub struct Floor {
 
 /// The Bayes floor for the labelled rows `ids`/`labels`, when the dataset in `data_dir` carries
 /// noise-free fractions. Prefers `expected_training.csv`/`expected_test.csv` (exactly the rows
-/// scored); falls back to `floor.json` (`train_rmse`, over the whole training set). Returns
+/// scored); without them, `floor.json` (`train_rmse`, over the whole training set). Returns
 /// `Ok(None)` when the dataset has neither — the normal case for a real Kaggle download — or
-/// when the files are unreadable (logged, never fatal: they are optional extras).
+/// when the files are unreadable (logged, never fatal: they are optional extras), or when the
+/// expected fractions lack some of the rows scored (logged: no floor is better than another
+/// set's). An error when they hold none of them: `data_dir` is another dataset than the one
+/// scored.
 pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Option<Floor>> {
     if labels.len() != ids.len() * N_ANSWERS {
         return Err(EvalError::Shape {
@@ -272,7 +275,8 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
             Err(e) => tracing::warn!("ignoring {}: {e}", p.display()),
         }
     }
-    if !ids.is_empty() && ids.iter().all(|id| expected.contains_key(id)) {
+    let covered = ids.iter().filter(|id| expected.contains_key(id)).count();
+    if !ids.is_empty() && covered == ids.len() {
         let mut pred = Vec::with_capacity(labels.len());
         // the files the scored rows came from, in the order above
         let mut files: Vec<&str> = Vec::new();
@@ -290,6 +294,25 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
             source: format!("{} on the {} rows scored", files.join(" + "), ids.len()),
             per_question: Some(s.per_question.iter().map(|q| q.rmse).collect()),
         }));
+    }
+    if !expected.is_empty() {
+        if covered == 0 && !ids.is_empty() {
+            return Err(EvalError::BadFile {
+                path: data_dir.to_path_buf(),
+                reason: format!(
+                    "none of the {} rows scored is in its expected_training.csv / expected_test.csv: \
+                     is it the dataset the cache was built from?",
+                    ids.len()
+                ),
+            });
+        }
+        tracing::warn!(
+            "no Bayes floor: {}'s expected fractions lack {} of the {} rows scored",
+            data_dir.display(),
+            ids.len() - covered,
+            ids.len()
+        );
+        return Ok(None);
     }
     let fj = data_dir.join("floor.json");
     if fj.is_file() {
@@ -455,9 +478,11 @@ mod tests {
         let q = f.per_question.as_ref().expect("per-question floor");
         assert_eq!(q.len(), gz_schema::QUESTIONS.len());
         assert!(q.iter().all(|v| (v - 0.1).abs() < 1e-6), "{q:?}");
-        // rows the expected file does not cover fall back to floor.json
-        let f = bayes_floor(dir.path(), &[1, 3], &labels).unwrap().unwrap();
-        assert!(f.source.contains("floor.json") && f.per_question.is_none());
+        // rows the expected file does not all cover: no floor (floor.json is about the set the
+        // expected file describes); none of them: another dataset, an error
+        assert_eq!(bayes_floor(dir.path(), &[1, 3], &labels).unwrap(), None);
+        let err = bayes_floor(dir.path(), &[8, 9], &labels).unwrap_err().to_string();
+        assert!(err.contains("none of the 2 rows scored"), "{err}");
         // the source names the file(s) the scored rows came from, not every file read
         let mut test = gz_schema::Solutions::new();
         test.push(7, &[0.5; N_ANSWERS]);

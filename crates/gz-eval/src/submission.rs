@@ -134,6 +134,18 @@ pub fn check(path: &Path, ids: Option<&[u64]>) -> Result<CheckReport> {
     Ok(check_bytes(&bytes, path, ids))
 }
 
+/// What a compressed file is, by its first bytes: a CSV cannot start with these.
+fn compression(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x1f, 0x8b, ..] => Some("gzip-compressed (decompress it first: gunzip)"),
+        [b'P', b'K', 3, 4, ..] => Some("a zip archive (extract the CSV first: unzip)"),
+        [b'B', b'Z', b'h', ..] => Some("bzip2-compressed (decompress it first: bunzip2)"),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some("zstd-compressed (decompress it first: unzstd)"),
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Some("xz-compressed (decompress it first: unxz)"),
+        _ => None,
+    }
+}
+
 /// Like [`check`], on the file's bytes; `path` names it in messages.
 pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckReport {
     let mut rep = CheckReport {
@@ -142,6 +154,10 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
         problems: Vec::new(),
         counts: BTreeMap::new(),
     };
+    if let Some(what) = compression(bytes) {
+        rep.push(ProblemKind::Csv, None, format!("the file is {what}, not a CSV"));
+        return rep;
+    }
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -332,6 +348,12 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
             reason: format!("{} JPEG(s) not named <GalaxyID>.jpg: {}", bad.len(), bad.join(", ")),
         });
     }
+    if ids.is_empty() {
+        return Err(EvalError::BadFile {
+            path: dir.to_path_buf(),
+            reason: "no <GalaxyID>.jpg files here: is it the folder of test images?".into(),
+        });
+    }
     ids.sort_unstable();
     Ok(ids)
 }
@@ -341,6 +363,12 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
 /// duplicated — [`assemble`] decides about those. Stops at the first unparsable row.
 pub fn read_predictions(path: &Path) -> Result<Solutions> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
+    if let Some(what) = compression(&bytes) {
+        return Err(EvalError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("the file is {what}, not a CSV"),
+        });
+    }
     let bad = |line: u64, reason: String| EvalError::BadFile {
         path: path.to_path_buf(),
         reason: format!("line {line}: {reason}"),
@@ -662,6 +690,10 @@ mod tests {
         }
         let empty = check_bytes(b"", Path::new("e.csv"), None);
         assert_eq!(empty.count(ProblemKind::Header), 1);
+        // a compressed file is one problem that says so, not a page of CSV errors
+        let gz = check_bytes(&[0x1f, 0x8b, 8, 0, 0, 0], Path::new("s.csv.gz"), Some(&[1, 2]));
+        assert_eq!(gz.total(), 1, "{}", gz.describe());
+        assert!(gz.describe().contains("gzip-compressed"), "{}", gz.describe());
         let header_only = format!(
             "{}\n",
             std::iter::once("GalaxyID")
@@ -680,6 +712,10 @@ mod tests {
             std::fs::write(dir.path().join(n), b"x").unwrap();
         }
         assert_eq!(ids_from_dir(dir.path()).unwrap(), vec![100, 200]);
+        let none = tempfile::tempdir().unwrap();
+        std::fs::write(none.path().join("notes.txt"), "x").unwrap();
+        let err = ids_from_dir(none.path()).unwrap_err().to_string();
+        assert!(err.contains("no <GalaxyID>.jpg files"), "{err}");
         std::fs::write(dir.path().join("abc.jpg"), b"x").unwrap();
         assert!(ids_from_dir(dir.path()).unwrap_err().to_string().contains("abc.jpg"));
         // one galaxy, two files: the error names the id and both files

@@ -90,6 +90,17 @@ impl Solutions {
         self.values.extend_from_slice(row);
     }
 
+    /// The rows in ascending GalaxyID order (stable for equal ids).
+    pub fn sorted_by_id(&self) -> Solutions {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&i| self.ids[i]);
+        let mut out = Solutions::new();
+        for i in order {
+            out.push(self.ids[i], self.row(i));
+        }
+        out
+    }
+
     /// Map from GalaxyID to row index.
     pub fn index(&self) -> HashMap<u64, usize> {
         self.ids.iter().enumerate().map(|(i, &id)| (id, i)).collect()
@@ -311,6 +322,18 @@ mod tests {
             s.push_str(&format!(",{v}"));
         }
         s
+    }
+
+    #[test]
+    fn rows_sort_by_id_numerically() {
+        let mut s = Solutions::new();
+        for (id, v) in [(555u64, 0.1f32), (100018, 0.2), (999, 0.3), (712, 0.4)] {
+            s.push(id, &[v; N_ANSWERS]);
+        }
+        let t = s.sorted_by_id();
+        assert_eq!(t.ids, vec![555, 712, 999, 100018]);
+        assert_eq!(t.row(1), &[0.4; N_ANSWERS][..]);
+        assert_eq!(t.row(3), &[0.2; N_ANSWERS][..]);
     }
 
     #[test]

@@ -143,6 +143,12 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
                 cache_dir.display()
             );
         };
+        if test.is_empty() {
+            bail!(
+                "the test split of cache {} holds no images (was images_test_rev1/ empty when it was prepared?)",
+                cache_dir.display()
+            );
+        }
         // the images' bits against their checksums (opening reads only headers, ids and labels)
         test.verify()
             .with_context(|| format!("checking the test split of {}", cache_dir.display()))?;
@@ -159,7 +165,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
     } else if let Some(dir) = &src.images {
         predict_folder(&models, &ensemble, dir, &tta, src.batch, &device)?
     } else {
-        bail!("give --cache DIR or --images DIR");
+        bail!("give --cache DIR (a shard cache's test split) or --images DIR (a folder of <GalaxyID>.jpg) to predict");
     };
     if !failures.is_empty() {
         for f in &failures {
@@ -246,7 +252,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for id in &filled {
         eprintln!("filled with the training mean: {id}");
     }
-    gz_schema::write_solutions(&args.out, &p.rows).with_context(|| format!("writing {}", args.out.display()))?;
+    // in GalaxyID order, filled rows in their places (as a submission is)
+    let rows = p.rows.sorted_by_id();
+    gz_schema::write_solutions(&args.out, &rows).with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "{} rows ({} filled with the training mean), {} TTA view(s)",
         p.rows.len(),

@@ -58,8 +58,45 @@ pub struct Args {
     out: Option<PathBuf>,
 }
 
+/// The options given that only predicting (`--run`) reads, by their flag names: with `--pred`
+/// or `--check` they would be ignored, so they are refused instead. (Default values are
+/// indistinguishable from absent ones here, which is harmless: they change nothing.)
+fn prediction_options(args: &Args) -> Vec<&'static str> {
+    let t = &args.tta;
+    [
+        ("--cache", args.cache.is_some()),
+        ("--tta", t.tta != 1),
+        ("--tta-rotations", t.tta_rotations.is_some()),
+        ("--tta-flips", t.tta_flips.is_some()),
+        ("--tta-scales", t.tta_scales.is_some()),
+        ("--device", args.device != "cpu"),
+        ("--batch", args.batch != 64),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect()
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let (mode, what) = if args.check.is_some() {
+        ("--check", "checks a finished file")
+    } else {
+        (
+            "--pred",
+            "writes predictions made already (give these options to `gz predict`)",
+        )
+    };
+    let ignored = prediction_options(&args);
+    if (args.check.is_some() || args.pred.is_some()) && !ignored.is_empty() {
+        bail!(
+            "{} only apply with --run (predicting here); {mode} {what}",
+            ignored.join(", ")
+        );
+    }
     if let Some(file) = &args.check {
+        if args.fill_mean || args.train_labels.is_some() {
+            bail!("--fill-mean and --train-labels apply when writing a submission, not to --check");
+        }
         return run_check(file, args.ids.as_ref());
     }
     let Some(out) = args.out.clone() else {
@@ -67,12 +104,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let ids_dir = args.ids.clone().or_else(|| args.images.clone());
     let ids = match &ids_dir {
-        Some(d) => Some(ids_from_dir(d)?),
+        Some(d) => Some(ids_from_dir(d).with_context(|| format!("reading the test ids (--ids) from {}", d.display()))?),
         None => None,
     };
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;
-        let mean = if args.fill_mean {
+        // the training labels are read only when a row needs filling
+        let needs_fill = pred.values.iter().any(|v| !v.is_finite())
+            || ids.as_ref().is_some_and(|ids| {
+                let have: std::collections::HashSet<u64> = pred.ids.iter().copied().collect();
+                ids.iter().any(|id| !have.contains(id))
+            });
+        let mean = if args.fill_mean && needs_fill {
             let labels = match (&args.train_labels, &ids_dir) {
                 (Some(p), _) => p.clone(),
                 (None, Some(d)) => d.join("../training_solutions_rev1.csv"),
@@ -80,8 +123,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     bail!("--fill-mean with --pred needs --train-labels CSV (or --ids DIR inside a Kaggle layout)")
                 }
             };
-            let sol = gz_schema::read_solutions(&labels)
-                .with_context(|| format!("reading the training labels for --fill-mean from {}", labels.display()))?;
+            let sol = gz_schema::read_solutions(&labels).with_context(|| {
+                format!(
+                    "reading the training labels for --fill-mean from {} (--train-labels CSV names another file)",
+                    labels.display()
+                )
+            })?;
             Some(gz_eval::baselines::mean_row(&sol.values)?.to_vec())
         } else {
             None
@@ -126,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn run_check(file: &Path, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
     let ids = match ids_dir {
-        Some(d) => Some(ids_from_dir(d)?),
+        Some(d) => Some(ids_from_dir(d).with_context(|| format!("reading the test ids (--ids) from {}", d.display()))?),
         None => None,
     };
     let rep = check(file, ids.as_deref())?;

@@ -175,8 +175,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     println!(
-        "done: {} epochs{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({:+.1}%)",
+        "done: {} epoch{}{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({:+.1}%)",
         summary.epochs_run,
+        if summary.epochs_run == 1 { "" } else { "s" },
         if summary.stopped_early { " (early stop)" } else { "" },
         summary.best_val_rmse,
         summary.best_epoch,
@@ -266,6 +267,10 @@ impl CliObserver {
     }
 }
 
+/// Below this many validation images `gz train` warns that the validation score means little
+/// (its standard error is then several times the gaps between the models one compares).
+const MIN_MEANINGFUL_VAL: usize = 50;
+
 impl TrainObserver for CliObserver {
     fn on_start(&self, info: &StartInfo) {
         println!(
@@ -283,6 +288,14 @@ impl TrainObserver for CliObserver {
             },
             info.baseline_val_rmse
         );
+        if info.n_val < MIN_MEANINGFUL_VAL {
+            eprintln!(
+                "warning: the validation hold-out has only {} image(s): its RMSE, the best epoch and early \
+                 stopping rest on them and mean little (at least {MIN_MEANINGFUL_VAL} are needed for a score to \
+                 tell models apart; more training data or --val-fraction)",
+                info.n_val
+            );
+        }
         if info.start_epoch > 0 {
             println!("resuming after epoch {}", info.start_epoch);
         }
