@@ -433,6 +433,67 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     );
     let _ = h_model;
 
+    // an ensemble of checkpoints that take different inputs (32 and 24 px): one cache cannot
+    // feed it, JPEGs can (each member's own preprocessing, the uniform average of the members)
+    let run24 = tmp.path().join("run24");
+    gz_ok(
+        support::gz()
+            .args([
+                "train", "--model", "tiny", "--epochs", "1", "--device", "cpu", "--cache",
+            ])
+            .arg(&other)
+            .arg("--out")
+            .arg(&run24),
+    );
+    let (ok, _out, err) = support::run(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--run")
+            .arg(&run24)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(tmp.path().join("x.csv")),
+    );
+    assert!(!ok && err.contains("gz predict --images DIR"), "{err}");
+    let pred_24 = tmp.path().join("pred_24.csv");
+    let pred_mix = tmp.path().join("pred_mix.csv");
+    gz_ok(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run24)
+            .arg("--images")
+            .arg(&test_dir)
+            .arg("--out")
+            .arg(&pred_24),
+    );
+    let out = gz_ok(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--run")
+            .arg(&run24)
+            .arg("--run")
+            .arg(&run)
+            .arg("--images")
+            .arg(&test_dir)
+            .arg("--out")
+            .arg(&pred_mix),
+    );
+    assert!(out.contains("8 rows"), "{out}");
+    let (one, two, mix) = (
+        gz_schema::read_solutions(&pred_j).unwrap(),
+        gz_schema::read_solutions(&pred_24).unwrap(),
+        gz_schema::read_solutions(&pred_mix).unwrap(),
+    );
+    assert_eq!(mix.ids, one.ids);
+    assert_eq!(mix.ids, two.ids);
+    for ((m, a), b) in mix.values.iter().zip(&one.values).zip(&two.values) {
+        // three members, the 32-px one twice
+        assert!((m - (2.0 * a + b) / 3.0).abs() < 1e-5, "{m} vs {a}, {b}");
+    }
+
     // the same preprocessing of other training data (two galaxies' labels swapped): scoring the
     // run's validation hold-out there is refused, naming the training split's fingerprint
     let data2 = tmp.path().join("data2");

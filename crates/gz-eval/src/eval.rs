@@ -33,39 +33,53 @@ impl Predictor for LoadedModel {
 }
 
 /// Loads every checkpoint (run directory or `.safetensors`) on `device`. All must share one
-/// preprocessing config and input shape, else the ensemble would mix incompatible inputs.
+/// preprocessing config and input shape, else the ensemble would mix incompatible inputs (one
+/// cache holds one preprocessing; for JPEGs see [`load_checkpoints`]).
 pub fn load_runs(paths: &[PathBuf], device: &Device) -> Result<Vec<LoadedModel>> {
+    let out = load_checkpoints(paths, device)?;
+    let a = out[0].sidecar();
+    for (p, m) in paths.iter().zip(&out).skip(1) {
+        let b = m.sidecar();
+        if !same_input(a, b) {
+            return Err(EvalError::BadFile {
+                path: p.clone(),
+                reason: format!(
+                    "cannot ensemble with {} on one cache: preprocessing {} (input {:?}) vs {} (input {:?}); \
+                     `gz predict --images DIR` prepares the JPEGs for each",
+                    paths[0].display(),
+                    b.prep_config_hash,
+                    b.input_shape,
+                    a.prep_config_hash,
+                    a.input_shape
+                ),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether two checkpoints take the same input: preprocessing config and input shape.
+pub fn same_input(a: &gz_model::checkpoint::Sidecar, b: &gz_model::checkpoint::Sidecar) -> bool {
+    a.prep_config_hash == b.prep_config_hash && a.input_shape == b.input_shape
+}
+
+/// Loads every checkpoint on `device`, whatever its preprocessing (at least one).
+pub fn load_checkpoints(paths: &[PathBuf], device: &Device) -> Result<Vec<LoadedModel>> {
     if paths.is_empty() {
         return Err(EvalError::BadFile {
             path: PathBuf::from("--run"),
             reason: "no checkpoint given".into(),
         });
     }
-    let mut out: Vec<LoadedModel> = Vec::with_capacity(paths.len());
-    for p in paths {
-        let m = LoadedModel::load(p, device).map_err(|e| EvalError::BadFile {
-            path: p.clone(),
-            reason: format!("cannot load checkpoint: {e}"),
-        })?;
-        if let Some(first) = out.first() {
-            let (a, b) = (first.sidecar(), m.sidecar());
-            if a.prep_config_hash != b.prep_config_hash || a.input_shape != b.input_shape {
-                return Err(EvalError::BadFile {
-                    path: p.clone(),
-                    reason: format!(
-                        "cannot ensemble with {}: preprocessing {} (input {:?}) vs {} (input {:?})",
-                        paths[0].display(),
-                        b.prep_config_hash,
-                        b.input_shape,
-                        a.prep_config_hash,
-                        a.input_shape
-                    ),
-                });
-            }
-        }
-        out.push(m);
-    }
-    Ok(out)
+    paths
+        .iter()
+        .map(|p| {
+            LoadedModel::load(p, device).map_err(|e| EvalError::BadFile {
+                path: p.clone(),
+                reason: format!("cannot load checkpoint: {e}"),
+            })
+        })
+        .collect()
 }
 
 /// Refuses a checkpoint whose preprocessing config is not the cache's, naming both.

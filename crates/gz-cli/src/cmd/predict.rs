@@ -3,7 +3,8 @@
 //!
 //! Sources: a shard cache's test split (`--cache`, the checkpoint's preprocessing must match the
 //! cache's: refused otherwise with both named) or a folder of JPEGs (`--images`, preprocessed on
-//! the fly with the checkpoint's own config). An unreadable JPEG stops the command before any
+//! the fly with each checkpoint's own config: an ensemble of checkpoints that take different
+//! inputs prepares the images once per input and averages over all members). An unreadable JPEG stops the command before any
 //! file is written, unless `--fill-mean` fills its row with the training mean (from the
 //! checkpoint) and lists it. Also the shared helpers `gz submit --run` uses.
 
@@ -62,7 +63,8 @@ pub struct SourceArgs {
     /// Shard cache directory (from `gz prep`); its test split is predicted.
     #[arg(long, conflicts_with = "images", required_unless_present = "images")]
     pub cache: Option<PathBuf>,
-    /// A folder of <GalaxyID>.jpg files, preprocessed with the checkpoint's own config.
+    /// A folder of <GalaxyID>.jpg files, preprocessed with each checkpoint's own config (an
+    /// ensemble may mix input sizes and crops).
     #[arg(long)]
     pub images: Option<PathBuf>,
     #[command(flatten)]
@@ -121,7 +123,12 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
     }
     let tta = src.tta.config()?;
     let device = gz_model::device::select_device(&src.device).with_context(|| format!("device {:?}", src.device))?;
-    let models = gz_eval::eval::load_runs(&src.runs, &device)?;
+    // JPEGs are prepared for each checkpoint's own preprocessing; a cache holds one
+    let models = if src.images.is_some() {
+        gz_eval::eval::load_checkpoints(&src.runs, &device)?
+    } else {
+        gz_eval::eval::load_runs(&src.runs, &device)?
+    };
     let train_mean: Vec<f32> = models[0].sidecar().train_mean.iter().map(|&v| v as f32).collect();
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
@@ -163,10 +170,18 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         };
         (rows, Vec::new())
     } else if let Some(dir) = &src.images {
-        predict_folder(&models, &ensemble, dir, &tta, src.batch, &device)?
+        predict_folder(&models, dir, &tta, src.batch, &device)?
     } else {
         bail!("give --cache DIR (a shard cache's test split) or --images DIR (a folder of <GalaxyID>.jpg) to predict");
     };
+    if rows.is_empty() && !failures.is_empty() {
+        bail!(
+            "none of the {} test image(s) could be predicted ({}: {}); nothing written",
+            failures.len(),
+            failures[0].path.display(),
+            failures[0].reason
+        );
+    }
     if !failures.is_empty() {
         for f in &failures {
             eprintln!("unreadable test image {}: {}", f.path.display(), f.reason);
@@ -189,13 +204,84 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
 
 fn predict_folder(
     models: &[LoadedModel],
-    ensemble: &Ensemble<'_>,
     dir: &Path,
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
 ) -> anyhow::Result<(Solutions, Vec<Failure>)> {
-    let sidecar = models[0].sidecar();
+    let paths = list_jpegs(dir)?;
+    if paths.is_empty() {
+        bail!("no .jpg files in {}", dir.display());
+    }
+    // the members by the input they take, in order of first appearance: the images are
+    // prepared once for each group
+    let mut groups: Vec<Vec<&LoadedModel>> = Vec::new();
+    for m in models {
+        match groups
+            .iter_mut()
+            .find(|g| gz_eval::eval::same_input(g[0].sidecar(), m.sidecar()))
+        {
+            Some(g) => g.push(m),
+            None => groups.push(vec![m]),
+        }
+    }
+    if groups.len() > 1 {
+        eprintln!(
+            "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
+            groups.len()
+        );
+    }
+    // the uniform average over all members: each group's average weighted by its size
+    let mut sum: std::collections::HashMap<u64, (Vec<f32>, usize)> = std::collections::HashMap::new();
+    let mut failures: Vec<Failure> = Vec::new();
+    for (gi, group) in groups.iter().enumerate() {
+        let what = if groups.len() > 1 {
+            format!("predict ({}/{})", gi + 1, groups.len())
+        } else {
+            "predict".to_string()
+        };
+        let (rows, failed) = predict_group(group, &paths, tta, batch, device, &what)?;
+        for (i, &id) in rows.ids.iter().enumerate() {
+            let (acc, n) = sum.entry(id).or_insert_with(|| (vec![0.0; gz_schema::N_ANSWERS], 0));
+            for (a, v) in acc.iter_mut().zip(rows.row(i)) {
+                *a += group.len() as f32 * v;
+            }
+            *n += group.len();
+        }
+        for f in failed {
+            if !failures.iter().any(|g| g.path == f.path) {
+                failures.push(f);
+            }
+        }
+    }
+    // rows every member predicted, in file order (an image that failed for any member is a
+    // failure)
+    let mut rows = Solutions::new();
+    for p in &paths {
+        let id = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some((acc, n)) = id.and_then(|id| sum.get(&id)) {
+            if *n == models.len() && !failures.iter().any(|f| &f.path == p) {
+                let row: Vec<f32> = acc.iter().map(|v| v / models.len() as f32).collect();
+                rows.push(id.unwrap_or_default(), &row);
+            }
+        }
+    }
+    Ok((rows, failures))
+}
+
+/// The members of one group (same input) on every JPEG, prepared with their preprocessing.
+fn predict_group(
+    group: &[&LoadedModel],
+    paths: &[std::path::PathBuf],
+    tta: &TtaConfig,
+    batch: usize,
+    device: &gz_eval::Device,
+    what: &str,
+) -> anyhow::Result<(Solutions, Vec<Failure>)> {
+    let sidecar = group[0].sidecar();
     let cfg: gz_preprocess::PrepConfig = serde_json::from_value(sidecar.prep_config.clone()).with_context(|| {
         format!(
             "the checkpoint's prep_config is not a gz-preprocess PrepConfig: {}",
@@ -211,14 +297,19 @@ fn predict_folder(
             sidecar.prep_config_hash
         );
     }
-    let paths = list_jpegs(dir)?;
-    if paths.is_empty() {
-        bail!("no .jpg files in {}", dir.display());
+    if cfg.shape() != sidecar.input_shape {
+        bail!(
+            "the checkpoint's prep_config makes {:?} inputs but its input_shape is {:?}: the sidecar is inconsistent \
+             (edited by hand?)",
+            cfg.shape(),
+            sidecar.input_shape
+        );
     }
+    let members: Vec<&dyn Predictor> = group.iter().map(|m| *m as &dyn Predictor).collect();
+    let ensemble = Ensemble { members };
     let prep = |bytes: &[u8]| gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string());
-    let shape = sidecar.input_shape;
-    let pb = progress_bar(paths.len(), "predict");
-    let out = predict_jpegs(ensemble, &paths, &prep, shape, tta, batch, device, &|n| {
+    let pb = progress_bar(paths.len(), what);
+    let out = predict_jpegs(&ensemble, paths, &prep, sidecar.input_shape, tta, batch, device, &|n| {
         pb.set_position(n as u64)
     })?;
     pb.finish_and_clear();
