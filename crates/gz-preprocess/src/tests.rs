@@ -379,6 +379,55 @@ fn smaller_sizes_take_the_fast_reduction_and_match_the_generic_path() {
     ));
 }
 
+/// A sweep of crops and sizes (odd, tiny, just under half the crop) over square and
+/// non-square images in three sampling layouts: the fast path never panics, takes every
+/// reduction whose crop sits on whole chroma samples, and stays close to the generic path.
+#[test]
+fn reductions_over_many_crops_and_sizes_stay_close_to_the_generic_path() {
+    use jpeg_encoder::{ColorType, SamplingFactor};
+    let mut images = Vec::new();
+    for (w, h) in [(424usize, 424usize), (424, 300), (333, 424)] {
+        let rgb = synthetic(w, h);
+        for f in [
+            SamplingFactor::R_4_2_0,
+            SamplingFactor::R_4_2_2,
+            SamplingFactor::R_4_4_4,
+        ] {
+            images.push(((w, h), encode(&rgb, w, h, ColorType::Rgb, |e| e.set_sampling_factor(f))));
+        }
+    }
+    let mut fast_taken = 0;
+    for crop in (9u32..=424).step_by(23) {
+        for size in [1u32, 2, 3, 7, crop / 3, crop.div_ceil(2) - 1] {
+            let cfg = PrepConfig {
+                crop,
+                size,
+                filter: Filter::Area,
+            };
+            if size == 0 || cfg.version() != 2 {
+                continue;
+            }
+            for ((w, h), bytes) in &images {
+                let what = format!("{w}×{h} crop {crop} size {size}");
+                let (o, a, b) = prep_both(bytes, &cfg);
+                match o {
+                    fast::Outcome::Done => {
+                        fast_taken += 1;
+                        close(&a, &b, 0.6 / 255.0, 8.0 / 255.0, &what);
+                    }
+                    fast::Outcome::NotApplicable => {
+                        // only where the crop is not whole at an even offset in this image
+                        let fits = |d: u32| (d * crop) % 424 == 0 && (d - d * crop / 424) % 4 == 0;
+                        assert!(!(fits(*w as u32) && fits(*h as u32)), "{what}: fast path not taken");
+                    }
+                    fast::Outcome::Corrupt(r) => panic!("{what}: {r}"),
+                }
+            }
+        }
+    }
+    assert!(fast_taken > 50, "only {fast_taken} cases took the fast path");
+}
+
 #[test]
 fn cmyk_is_converted_to_rgb() {
     // a flat red, as CMYK (C=0, M=255, Y=255, K=0) and as YCCK
