@@ -74,8 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
     let models = load_runs(&args.runs, &device)?;
-    let cache =
-        gz_shards::Cache::open(&args.cache).with_context(|| format!("opening cache {}", args.cache.display()))?;
+    let cache = super::open_cache(&args.cache)?;
     for (m, r) in models.iter().zip(&args.runs) {
         check_cache(m, r, &cache)?;
         if args.split == "validation" {
@@ -166,6 +165,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             radius: args.cp_radius,
         },
     };
+    let side = rows.eval_split.shape()[1].min(rows.eval_split.shape()[2]);
+    if 2 * args.cp_radius + 1 >= side {
+        eprintln!(
+            "note: --cp-radius {} covers the whole {side}-px image: the central-pixel baseline averages the whole image",
+            args.cp_radius
+        );
+    }
     let checkpoints = models
         .iter()
         .map(|m| m.weights_path().display().to_string())
@@ -184,7 +190,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     pb.finish_and_clear();
 
-    println!("{} — {}", name, ev.report.split);
+    let views = cfg.tta.n_views();
+    let tta_note = if views > 1 {
+        format!(" ({views} TTA views)")
+    } else {
+        String::new()
+    };
+    println!("{} — {}{tta_note}", name, ev.report.split);
     print!(
         "{}",
         format_table(

@@ -139,8 +139,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         src.device
     );
     let (rows, failures) = if let Some(cache_dir) = &src.cache {
-        let cache =
-            gz_shards::Cache::open(cache_dir).with_context(|| format!("opening cache {}", cache_dir.display()))?;
+        let cache = super::open_cache(cache_dir)?;
         for (m, run) in models.iter().zip(&src.runs) {
             gz_eval::eval::check_cache(m, run, &cache)?;
         }

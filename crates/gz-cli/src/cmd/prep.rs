@@ -133,8 +133,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("cache: {}", summary.cache_dir.display());
     if !summary.skipped.is_empty() {
-        let msg = format!("{} input(s) skipped; the cache holds the rest", summary.skipped.len());
-        return Err(anyhow::Error::new(crate::ExitCode(2)).context(msg));
+        // not an error: a warning, and exit status 2 for scripts
+        eprintln!(
+            "warning: {} input(s) skipped (listed above); the cache holds the rest (exit status 2)",
+            summary.skipped.len()
+        );
+        return Err(anyhow::Error::new(crate::ExitCode(2)));
     }
     Ok(())
 }

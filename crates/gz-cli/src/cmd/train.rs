@@ -126,8 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // with --cache, the model as it would train on that cache (its image side)
         let model = match &args.cache {
             Some(dir) => {
-                let cache = gz_shards::Cache::open(dir)
-                    .with_context(|| format!("opening the shard cache {}", dir.display()))?;
+                let cache = super::open_cache(dir)?;
                 let split = cache.train().or(cache.test()).context("the cache holds no images")?;
                 let cfg = gz_model::train::TrainConfig::new(model);
                 gz_model::train::resolve_for_cache(&cfg, split.shape(), cache.prep_config()).model
@@ -151,8 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         apply_resumed_settings(&args, &mut cfg, &out)?;
     }
 
-    let cache = gz_shards::Cache::open(&cache_dir)
-        .with_context(|| format!("opening the shard cache {}", cache_dir.display()))?;
+    let cache = super::open_cache(&cache_dir)?;
     let observer = CliObserver::default();
     crate::interrupt::install();
     let result = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer);
