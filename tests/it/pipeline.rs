@@ -101,6 +101,45 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     );
 }
 
+/// A dataset with an unreadable training image and an unreadable test image: prep skips them
+/// (listed) and the pipeline goes on; the submission still has a row for every test image, the
+/// skipped one filled with the training mean and named.
+#[test]
+fn pipeline_goes_on_past_unreadable_images() {
+    let t = support::tempdir();
+    let data = t.path().join("kaggle");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["synth", "--train", "32", "--test", "8", "--seed", "5", "--out"])
+            .arg(&data),
+    );
+    assert!(ok, "{out}\n{err}");
+    let first = |sub: &str| {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v.remove(0)
+    };
+    let (train_jpg, test_jpg) = (first("images_training_rev1"), first("images_test_rev1"));
+    for p in [&train_jpg, &test_jpg] {
+        let bytes = std::fs::read(p).unwrap();
+        std::fs::write(p, &bytes[..bytes.len() / 3]).unwrap(); // truncated
+    }
+    let test_id = test_jpg.file_stem().unwrap().to_string_lossy().to_string();
+    let (ok, out, err) = pipeline(t.path(), &["--data", data.to_str().unwrap()]);
+    assert!(ok, "pipeline failed:\n{out}\n{err}");
+    assert!(err.contains("prep: some inputs were skipped"), "{err}");
+    assert!(
+        err.contains(&format!("filled with the training mean: {test_id}")),
+        "{err}"
+    );
+    let sub = last_line_value(&out, "submission").expect("submission line");
+    let rows = gz_schema::read_solutions(&sub).unwrap();
+    assert_eq!(rows.len(), 8, "one row per test image, the unreadable one included");
+}
+
 #[test]
 fn pipeline_with_data_rejects_a_folder_that_is_not_kaggle_layout() {
     let t = support::tempdir();

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 #[derive(Debug)]
 pub struct Finished {
     pub stdout: String,
+    /// It ended with the status the caller allowed as a partial success (`gz prep`'s 2: some
+    /// inputs skipped, the cache holds the rest).
+    pub partial: bool,
 }
 
 /// Why a `gz` run did not succeed.
@@ -134,18 +137,33 @@ fn stop_signal(status: &std::process::ExitStatus) -> Option<i32> {
 
 /// Runs `gz args...` in `cwd`.
 pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
+    run_allowing(gz, args, cwd, None)
+}
+
+/// [`run`], with exit status `partial` (if any) counted as finished, [`Finished::partial`].
+pub fn run_allowing(
+    gz: &Path,
+    args: &[String],
+    cwd: &Path,
+    partial: Option<i32>,
+) -> Result<std::result::Result<Finished, Failure>> {
     eprintln!("xtask: $ {} {}", gz.display(), shell_words(args));
     if let Some(sig) = stop_requested() {
         return Ok(Err(Failure::Interrupted(sig)));
     }
     let old = catch_signals();
-    let result = run_child(gz, args, cwd);
+    let result = run_child(gz, args, cwd, partial);
     CHILD.store(0, Ordering::SeqCst);
     restore_handlers(old);
     result
 }
 
-fn run_child(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
+fn run_child(
+    gz: &Path,
+    args: &[String],
+    cwd: &Path,
+    partial: Option<i32>,
+) -> Result<std::result::Result<Finished, Failure>> {
     let mut child = Command::new(gz)
         .args(args)
         .current_dir(cwd)
@@ -193,7 +211,16 @@ fn run_child(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Resu
     let err_lines = err_thread.join().unwrap_or_default();
     // (a run that finished counts: the stop comes before the next command, in `run`)
     if status.success() {
-        return Ok(Ok(Finished { stdout: out }));
+        return Ok(Ok(Finished {
+            stdout: out,
+            partial: false,
+        }));
+    }
+    if partial.is_some() && status.code() == partial && stop_requested().is_none() {
+        return Ok(Ok(Finished {
+            stdout: out,
+            partial: true,
+        }));
     }
     if let Some(sig) = stop_signal(&status) {
         return Ok(Err(Failure::Interrupted(sig)));
@@ -306,6 +333,26 @@ mod tests {
         ));
         assert!(matches!(
             run(&script, &["abort".into()], t.path()).unwrap(),
+            Err(Failure::Failed { .. })
+        ));
+    }
+
+    /// An allowed partial status counts as finished (flagged); elsewhere it is a failure.
+    #[test]
+    fn an_allowed_partial_status_is_finished() {
+        let _runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+        let t = tempfile::tempdir().unwrap();
+        let script = fake_gz(t.path(), " *) echo 'cache: /c'; exit 2;;");
+        let f = run_allowing(&script, &["prep".into()], t.path(), Some(2))
+            .unwrap()
+            .unwrap();
+        assert!(f.partial && f.stdout.contains("cache: /c"));
+        assert!(matches!(
+            run(&script, &["prep".into()], t.path()).unwrap(),
+            Err(Failure::Failed { .. })
+        ));
+        assert!(matches!(
+            run_allowing(&script, &["prep".into()], t.path(), Some(3)).unwrap(),
             Err(Failure::Failed { .. })
         ));
     }
