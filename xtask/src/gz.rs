@@ -135,7 +135,8 @@ fn stop_signal(status: &std::process::ExitStatus) -> Option<i32> {
     }
 }
 
-/// Runs `gz args...` in `cwd`.
+/// Runs `gz args...` in `cwd` (the stages use [`run_allowing`]).
+#[cfg(test)]
 pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result<Finished, Failure>> {
     run_allowing(gz, args, cwd, None)
 }
