@@ -141,12 +141,20 @@ pub fn run(gz: &Path, args: &[String], cwd: &Path) -> Result<std::result::Result
     run_allowing(gz, args, cwd, None)
 }
 
-/// [`run`], with exit status `partial` (if any) counted as finished, [`Finished::partial`].
+/// An exit status that counts as a partial success when stdout also has the result line `key:`
+/// (status 2 alone is also clap's usage error).
+#[derive(Debug, Clone, Copy)]
+pub struct Partial {
+    pub code: i32,
+    pub key: &'static str,
+}
+
+/// [`run`], with `partial` (if any) counted as finished, [`Finished::partial`].
 pub fn run_allowing(
     gz: &Path,
     args: &[String],
     cwd: &Path,
-    partial: Option<i32>,
+    partial: Option<Partial>,
 ) -> Result<std::result::Result<Finished, Failure>> {
     eprintln!("xtask: $ {} {}", gz.display(), shell_words(args));
     if let Some(sig) = stop_requested() {
@@ -163,7 +171,7 @@ fn run_child(
     gz: &Path,
     args: &[String],
     cwd: &Path,
-    partial: Option<i32>,
+    partial: Option<Partial>,
 ) -> Result<std::result::Result<Finished, Failure>> {
     let mut child = Command::new(gz)
         .args(args)
@@ -217,7 +225,8 @@ fn run_child(
             partial: false,
         }));
     }
-    if partial.is_some() && status.code() == partial && stop_requested().is_none() {
+    let partial_ok = partial.is_some_and(|p| status.code() == Some(p.code) && result_line(&out, p.key).is_some());
+    if partial_ok && stop_requested().is_none() {
         return Ok(Ok(Finished {
             stdout: out,
             partial: true,
@@ -343,8 +352,12 @@ mod tests {
     fn an_allowed_partial_status_is_finished() {
         let _runs = RUNS.lock().unwrap_or_else(|e| e.into_inner());
         let t = tempfile::tempdir().unwrap();
-        let script = fake_gz(t.path(), " *) echo 'cache: /c'; exit 2;;");
-        let f = run_allowing(&script, &["prep".into()], t.path(), Some(2))
+        let script = fake_gz(
+            t.path(),
+            " prep) echo 'cache: /c'; exit 2;;\n usage) echo 'error: unexpected argument' >&2; exit 2;;",
+        );
+        let p = |code| Some(Partial { code, key: "cache" });
+        let f = run_allowing(&script, &["prep".into()], t.path(), p(2))
             .unwrap()
             .unwrap();
         assert!(f.partial && f.stdout.contains("cache: /c"));
@@ -353,7 +366,12 @@ mod tests {
             Err(Failure::Failed { .. })
         ));
         assert!(matches!(
-            run_allowing(&script, &["prep".into()], t.path(), Some(3)).unwrap(),
+            run_allowing(&script, &["prep".into()], t.path(), p(3)).unwrap(),
+            Err(Failure::Failed { .. })
+        ));
+        // the same status without the result line (a usage error) is a failure
+        assert!(matches!(
+            run_allowing(&script, &["usage".into()], t.path(), p(2)).unwrap(),
             Err(Failure::Failed { .. })
         ));
     }

@@ -357,7 +357,7 @@ fn stage(
         // `gz prep`'s status 2: some inputs were skipped (listed above, and in the cache's
         // manifest) and the cache holds the rest; the pipeline goes on with them (the submit
         // stage fills skipped test images' rows with the training mean, listing them)
-        let partial = (name == "prep").then_some(2);
+        let partial = (name == "prep").then_some(gz::Partial { code: 2, key: "cache" });
         match gz::run_allowing(&gz_bin, c, &ctx.root, partial)? {
             Ok(f) => {
                 if f.partial {
