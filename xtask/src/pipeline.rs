@@ -575,7 +575,9 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| Some((v.get("epoch")?.as_u64()?, v.get("train")?.get("epochs")?.as_u64()?)))
         .is_some_and(|(done, of)| done >= of);
-    if same && !force && finished && run.join("best.json").exists() {
+    // (a finished run whose best checkpoint is gone, deleted or never written, is trained again)
+    let best = run.join("best.json").exists() && run.join("best.safetensors").exists();
+    if same && !force && finished && best {
         eprintln!("xtask: train: keeping the finished run {}", run.display());
         return Ok(BeforeRun::Done);
     }
@@ -968,6 +970,11 @@ mod tests {
         // finished, killed before the stamp: kept as it is; with --force: fresh
         std::fs::write(run.join("last.json"), last(3)).unwrap();
         std::fs::write(run.join("best.json"), "{}").unwrap();
+        // its best checkpoint missing: trained again
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), fresh);
+        std::fs::write(run.join("last.json"), last(3)).unwrap();
+        std::fs::write(run.join("best.json"), "{}").unwrap();
+        std::fs::write(run.join("best.safetensors"), "w").unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
         assert!(run.join("best.json").exists());
         assert_eq!(train_before_run(&run, &cmd, &inputs, true).unwrap(), fresh);
