@@ -237,6 +237,22 @@ fn verify_detects_a_corrupted_shard() {
         err.contains("checksum mismatch") && err.contains("test-00000.shard"),
         "{err}"
     );
+    // what the message says to do: `gz prep --verify` with the dataset rebuilds the cache
+    assert!(
+        err.contains("`gz prep --verify` with the same options rebuilds"),
+        "{err}"
+    );
+    let args = ["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()];
+    let (code, out, err) = prep(&[&args[..], &["--verify"]].concat());
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("is damaged") && err.contains("rebuilding it"), "{err}");
+    assert!(out.contains("verified:"), "{out}");
+    assert_eq!(cache_line(&out), dir);
+    gz_shards::Cache::open(&dir).unwrap().verify().unwrap();
+    // then a plain cache hit, verified without rebuilding
+    let (code, out, err) = prep(&[&args[..], &["--verify"]].concat());
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("cache hit") && !err.contains("damaged"), "{out}\n{err}");
 }
 
 #[test]

@@ -226,7 +226,8 @@ fn run_child(
         }));
     }
     let partial_ok = partial.is_some_and(|p| status.code() == Some(p.code) && result_line(&out, p.key).is_some());
-    if partial_ok && stop_requested().is_none() {
+    // (a stop asked for meanwhile takes effect before the next command, as after a success)
+    if partial_ok {
         return Ok(Ok(Finished {
             stdout: out,
             partial: true,

@@ -261,6 +261,8 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
     }
     // id → (noise-free row, the file it came from)
     let mut expected: HashMap<u64, (Vec<f32>, &str)> = HashMap::new();
+    // (an unreadable file may hold the rows scored: then no floor, not "another dataset")
+    let mut unreadable = false;
     for name in ["expected_training.csv", "expected_test.csv"] {
         let p = data_dir.join(name);
         if !p.is_file() {
@@ -272,7 +274,10 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
                     expected.insert(sol.ids[i], (sol.row(i).to_vec(), name));
                 }
             }
-            Err(e) => tracing::warn!("ignoring {}: {e}", p.display()),
+            Err(e) => {
+                tracing::warn!("ignoring {}: {e}", p.display());
+                unreadable = true;
+            }
         }
     }
     let covered = ids.iter().filter(|id| expected.contains_key(id)).count();
@@ -296,7 +301,7 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
         }));
     }
     if !expected.is_empty() {
-        if covered == 0 && !ids.is_empty() {
+        if covered == 0 && !ids.is_empty() && !unreadable {
             return Err(EvalError::BadFile {
                 path: data_dir.to_path_buf(),
                 reason: format!(

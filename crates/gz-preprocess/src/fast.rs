@@ -480,6 +480,13 @@ struct Component {
     ta: usize,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The largest plane this thread allocated, in samples (tests: a damaged header that claims
+    /// a huge image must not cost its allocation).
+    pub(crate) static LARGEST_PLANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 thread_local! {
     /// Per-thread reusable plane and RGB buffers (avoids a large allocation, hence fresh
     /// zeroed pages, per image).
@@ -946,6 +953,14 @@ fn decode_as(
         }
     }
 
+    // A header can claim a huge image in a few bytes: before allocating a large crop at full
+    // resolution, check the entropy-coded data without allocating (as the route through
+    // `check_scan` to the generic path does), so a damaged file costs no gigabytes.
+    if let Mode::Reduce { cw, ch } = mode {
+        if !check_only && cw * ch > 1 << 22 {
+            decode_as(b, cfg, out, true, false)?;
+        }
+    }
     // output window on the half-resolution grid
     let (hx0, hy0) = if check_only {
         (0, 0)
@@ -1010,6 +1025,8 @@ fn decode_as(
             let mut data = std::mem::take(buf);
             data.clear();
             data.resize(stride * (by1 - by0) * oy, 0.0);
+            #[cfg(test)]
+            LARGEST_PLANE.with(|l| l.set(l.get().max(data.len())));
             Plane {
                 ox,
                 oy,

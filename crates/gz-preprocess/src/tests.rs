@@ -727,6 +727,35 @@ fn a_frame_header_claiming_a_huge_image_is_refused() {
     assert!(e.contains("65500×65500"), "{e}");
 }
 
+/// A small file whose header claims 16384×16384 (under the pixel cap): a reduction (version 2)
+/// finds the data too short or out of range before it allocates the claimed crop (a 64×64
+/// image's worth of data cannot fill it; 1 GB of planes at crop 424).
+#[test]
+fn a_reduction_checks_a_huge_claim_before_allocating_it() {
+    let rgb = synthetic(64, 64);
+    let mut b = encode(&rgb, 64, 64, jpeg_encoder::ColorType::Rgb, |e| {
+        e.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_4_4)
+    });
+    let sof = b
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline frame header");
+    b[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0x40, 0x00]);
+    let cfg = PrepConfig {
+        crop: 424,
+        size: 32,
+        filter: Filter::Area,
+    };
+    fast::LARGEST_PLANE.with(|l| l.set(0));
+    let mut out = vec![f16::ZERO; cfg.image_len()];
+    assert!(matches!(fast::try_prep(&b, &cfg, &mut out), fast::Outcome::Corrupt(_)));
+    let largest = fast::LARGEST_PLANE.with(|l| l.get());
+    assert!(
+        largest < 1 << 20,
+        "allocated a {largest}-sample plane for a damaged file"
+    );
+}
+
 // ---- whole runs on a small dataset -------------------------------------------------------
 
 fn copy_mini(dst: &Path) -> PathBuf {

@@ -53,7 +53,10 @@ pub enum ShardError {
     #[error("{path}: file is {found} bytes, its header says {expected} (truncated or corrupt)")]
     Size { path: PathBuf, expected: u64, found: u64 },
     /// The payload checksum does not match.
-    #[error("{path}: payload checksum mismatch (expected {expected:08x}, found {found:08x}): corrupt file, re-run `gz prep`")]
+    #[error(
+        "{path}: payload checksum mismatch (expected {expected:08x}, found {found:08x}): corrupt file; \
+         `gz prep --verify` with the same options rebuilds the cache"
+    )]
     Checksum { path: PathBuf, expected: u32, found: u32 },
     /// The same GalaxyID twice in one split.
     #[error("split {split}: duplicate GalaxyID {id}")]

@@ -98,8 +98,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bar.set_length(p.total);
         bar.set_position(p.done);
     };
-    let summary =
-        gz_preprocess::run_with(&opts, &cfg, &progress).with_context(|| format!("preprocessing {}", data.display()))?;
+    // --verify: a cache that exists but fails to open or to match its checksums is rebuilt
+    // (moved aside and removed first, so no reader takes the damaged one for whole)
+    let damaged = |dir: &Path, e: &dyn std::fmt::Display| -> anyhow::Result<()> {
+        eprintln!("warning: the cache {} is damaged ({e}); rebuilding it", dir.display());
+        remove_cache(dir)
+    };
+    let mut summary = match gz_preprocess::run_with(&opts, &cfg, &progress) {
+        Err(gz_preprocess::PrepError::DamagedCache { dir, source }) if args.verify => {
+            damaged(&dir, &source)?;
+            gz_preprocess::run_with(&opts, &cfg, &progress)
+        }
+        r => r,
+    }
+    .with_context(|| format!("preprocessing {}", data.display()))?;
+    let mut verified = None;
+    if args.verify && summary.cache_hit {
+        match gz_shards::Cache::open(&summary.cache_dir).and_then(|c| c.verify()) {
+            Ok(n) => verified = Some(n),
+            Err(e) => {
+                damaged(&summary.cache_dir, &e)?;
+                summary = gz_preprocess::run_with(&opts, &cfg, &progress)
+                    .with_context(|| format!("preprocessing {}", data.display()))?;
+            }
+        }
+    }
     bar.finish_and_clear();
 
     for s in &summary.skipped {
@@ -128,8 +151,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !summary.skipped.is_empty() {
         println!("summary: {} input(s) skipped (listed above)", summary.skipped.len());
     }
-    if args.verify {
-        verify(&summary.cache_dir)?;
+    match verified {
+        Some(n) => println!("verified: {n} files, all checksums match"),
+        None if args.verify => verify(&summary.cache_dir)?,
+        None => {}
     }
     println!("cache: {}", summary.cache_dir.display());
     if !summary.skipped.is_empty() {
@@ -141,6 +166,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Err(anyhow::Error::new(crate::ExitCode(2)));
     }
     Ok(())
+}
+
+/// Removes a cache directory: renamed to a hidden sibling first (a reader then finds no cache
+/// rather than a half-deleted one), then deleted.
+fn remove_cache(dir: &Path) -> anyhow::Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let aside = dir.with_file_name(format!(".{name}.damaged-{}", std::process::id()));
+    std::fs::rename(dir, &aside).with_context(|| format!("moving the damaged cache {} aside", dir.display()))?;
+    std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
 }
 
 fn verify(dir: &Path) -> anyhow::Result<()> {

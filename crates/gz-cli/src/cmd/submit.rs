@@ -86,6 +86,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "writes predictions made already (give these options to `gz predict`)",
         )
     };
+    if args.pred.is_none() && args.check.is_none() && args.train_labels.is_some() {
+        bail!("--train-labels applies with --pred --fill-mean; with --run the checkpoint's training mean fills rows");
+    }
     let ignored = prediction_options(&args);
     if (args.check.is_some() || args.pred.is_some()) && !ignored.is_empty() {
         bail!(
