@@ -95,6 +95,9 @@ fn absolute(p: PathBuf, base: &Path) -> PathBuf {
 
 impl Ctx {
     fn parse(mut a: Args) -> Result<Ctx> {
+        // the words passed through to gz go first: `--train-arg --seed=5` is gz's --seed, not ours
+        let prep_args = a.values("--prep-arg")?;
+        let train_args = a.values("--train-arg")?;
         let cwd = std::env::current_dir().context("reading the current directory")?;
         let root = absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
@@ -175,8 +178,8 @@ impl Ctx {
             tta: a
                 .parsed("--tta")?
                 .or(if cpu_recipe { Some(CPU_TINY_TTA) } else { None }),
-            prep_args: a.values("--prep-arg")?,
-            train_args: a.values("--train-arg")?,
+            prep_args,
+            train_args,
             name,
             force: a.flag("--force"),
             cache_override: a.path("--cache")?.map(|p| absolute(p, &cwd)),
@@ -492,42 +495,40 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
 
 /// The `gz train` command of the train stage.
 fn train_command(ctx: &Ctx, cache: &Path, run: &Path) -> Vec<String> {
-    let mut cmd = vec![
-        "train".into(),
-        "--cache".into(),
-        Ctx::s(cache),
-        "--model".into(),
-        ctx.model.clone(),
-        "--epochs".into(),
-        ctx.epochs.to_string(),
-        "--device".into(),
-        ctx.device.clone(),
-        "--out".into(),
-        Ctx::s(run),
-    ];
+    // an option the user passes with `--train-arg` wins over the one xtask would pass (gz train
+    // takes each option once); the cache and the run folder are the stage's own
+    let given = |flag: &str| {
+        ctx.train_args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let mut cmd: Vec<String> = vec!["train".into(), "--cache".into(), Ctx::s(cache)];
+    let mut push = |flag: &str, value: Option<String>| {
+        if !given(flag) || flag == "--out" {
+            cmd.push(flag.to_string());
+            cmd.extend(value);
+        }
+    };
+    push("--model", Some(ctx.model.clone()));
+    push("--epochs", Some(ctx.epochs.to_string()));
+    push("--device", Some(ctx.device.clone()));
+    push("--out", Some(Ctx::s(run)));
     if let Some(b) = ctx.batch {
-        cmd.extend(["--batch".into(), b.to_string()]);
+        push("--batch", Some(b.to_string()));
     }
-    if !ctx.augment {
-        cmd.push("--no-augment".into());
+    if !ctx.augment && !given("--augment") {
+        push("--no-augment", None);
     }
     if ctx.cpu_recipe {
         for (flag, value) in CPU_TINY_TRAIN_ARGS {
-            // an explicit `--train-arg` wins (gz train takes each option once)
-            if !ctx
-                .train_args
-                .iter()
-                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-            {
-                cmd.extend([flag.to_string(), value.to_string()]);
-            }
+            push(flag, Some(value.to_string()));
         }
     }
     if let Some(p) = &ctx.precision {
-        cmd.extend(["--precision".into(), p.clone()]);
+        push("--precision", Some(p.clone()));
     }
     if ctx.seed_given {
-        cmd.extend(["--seed".into(), ctx.seed.to_string()]);
+        push("--seed", Some(ctx.seed.to_string()));
     }
     cmd.extend(ctx.train_args.iter().cloned());
     cmd
@@ -914,6 +915,17 @@ mod tests {
             );
         }
         assert!(cmd(&["--model", "vgg16-blog", "--no-augment"]).contains("--no-augment"));
+        // a passed-through word that looks like one of xtask's options is gz's
+        let through = cmd(&["--train-arg", "--seed=5", "--train-arg", "--batch=4", "--epochs", "3"]);
+        assert!(
+            through.ends_with("--seed=5 --batch=4")
+                && through.contains("--epochs 3 ")
+                && !through.contains("--batch 16"),
+            "{through}"
+        );
+        // --train-arg --augment undoes the recipe's --no-augment
+        let aug = cmd(&["--train-arg", "--augment"]);
+        assert!(aug.ends_with("--augment") && !aug.contains("--no-augment"), "{aug}");
     }
 
     /// A run name that is not one plain folder (`..`, `.`, empty, a path) is refused before

@@ -55,6 +55,14 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     if !dir.is_dir() {
         return Err(PrepError::NoInput(format!("{}: not a directory", dir.display())));
     }
+    for d in [&train_dir, &test_dir] {
+        if d.exists() && !d.is_dir() {
+            return Err(PrepError::NoInput(format!(
+                "{}: exists but is not a folder (the Kaggle layout has folders of JPEGs here)",
+                d.display()
+            )));
+        }
+    }
     if !csv.is_file() && !test_dir.is_dir() {
         return Err(PrepError::NoInput(format!(
             "{}: no {SOLUTIONS_CSV} and no {TEST_DIR}/ — not a Kaggle-layout dataset",
@@ -206,10 +214,17 @@ fn list_dir(dir: &Path, hasher: &mut sha2::Sha256, tag: &str) -> Result<Vec<(Str
             path: dir.to_path_buf(),
             source: e,
         })?;
-        let meta = entry.metadata().map_err(|e| PrepError::Io {
-            path: entry.path(),
-            source: e,
-        })?;
+        // symbolic links are followed (datasets are often linked in); a dangling one is no file
+        let meta = match std::fs::metadata(entry.path()) {
+            Ok(m) => m,
+            Err(_) if entry.file_type().is_ok_and(|t| t.is_symlink()) => continue,
+            Err(e) => {
+                return Err(PrepError::Io {
+                    path: entry.path(),
+                    source: e,
+                })
+            }
+        };
         if !meta.is_file() {
             continue;
         }

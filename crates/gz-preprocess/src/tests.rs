@@ -919,3 +919,31 @@ fn image_files_are_read_under_their_own_names() {
         "{sk:?}"
     );
 }
+
+/// Linked images are read through their links (a dangling link is no image); a layout folder
+/// that is a file is an error, not an empty split.
+#[test]
+fn linked_images_count_and_a_layout_folder_must_be_a_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let sol = gz_schema::read_solutions(&data.join(dataset::SOLUTIONS_CSV)).unwrap();
+    let train = data.join(dataset::TRAIN_DIR);
+    let elsewhere = t.path().join("elsewhere.jpg");
+    let linked = train.join(format!("{}.jpg", sol.ids[0]));
+    std::fs::rename(&linked, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &linked).unwrap();
+    std::os::unix::fs::symlink(t.path().join("nowhere.jpg"), train.join("999.jpg")).unwrap();
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
+    assert!(s.skipped.is_empty(), "{:?}", s.skipped);
+
+    let test = data.join(dataset::TEST_DIR);
+    std::fs::remove_dir_all(&test).unwrap();
+    std::fs::write(&test, "not a folder").unwrap();
+    let e = run_with(&opts, &PrepConfig::default(), &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("images_test_rev1") && e.contains("not a folder"), "{e}");
+}
