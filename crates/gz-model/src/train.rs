@@ -449,7 +449,17 @@ pub fn train_on(
         let best_json = out_dir.join("best.json");
         if best_json.exists() {
             let b = checkpoint::read_sidecar(&best_json)?;
-            checkpoint::commit_if_staged(&out_dir.join(&b.weights_file), b.weights_crc32)?;
+            let best_path = out_dir.join(&b.weights_file);
+            checkpoint::commit_if_staged(&best_path, b.weights_crc32)?;
+            // the best checkpoint is what the run hands on: damaged, it cannot be rebuilt, and a
+            // resumed run that never beats it would end with it still damaged
+            checkpoint::load_tensors_checked(&best_path, b.weights_crc32, &Device::Cpu).map_err(|e| {
+                TrainError::Resume(format!(
+                    "the run's best checkpoint is damaged ({e}) and cannot be restored: start a fresh run (delete {} \
+                     or choose another --out)",
+                    out_dir.display()
+                ))
+            })?;
         }
         ctx(
             "restoring the optimizer state",
@@ -1202,6 +1212,21 @@ mod tests {
 
     fn read(path: &Path) -> Vec<u8> {
         std::fs::read(path).unwrap()
+    }
+
+    /// `--resume` refuses a run whose best checkpoint no longer matches its checksum.
+    #[test]
+    fn resume_refuses_a_damaged_best_checkpoint() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        let best = dir.path().join("best.safetensors");
+        let bytes = read(&best);
+        std::fs::write(&best, &bytes[..bytes.len() / 2]).unwrap();
+        let err = train_on(&small_cfg(2), &src, &meta(), dir.path(), true, &())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("best checkpoint is damaged"), "{err}");
     }
 
     #[test]
