@@ -763,6 +763,12 @@ fn summary(ctx: &Ctx, done: &[Done]) {
 /// `cargo xtask pipeline`.
 pub fn cmd_pipeline(args: Args) -> Result<()> {
     let mut ctx = Ctx::parse(args)?;
+    if ctx.real_data.is_none() && ctx.synth_test == 0 {
+        bail!(
+            "--test 0: the pipeline ends by predicting the test images for a submission, so it needs at least one \
+             (`cargo xtask synth|prep|train` run without them)"
+        );
+    }
     let mut done: Vec<Done> = Vec::new();
     let wanted: Vec<&str> = STAGES
         .iter()

@@ -213,9 +213,18 @@ pub fn prep_jpeg_into(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result
         return Err(PrepError::Decode("empty file (0 bytes)".into()));
     }
     if bytes.len() < 2 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
-        return Err(PrepError::Decode(
-            "not a JPEG (no SOI marker FF D8 at the start)".into(),
-        ));
+        // name what it is when it is another common image format (a file renamed .jpg)
+        let kind = match bytes {
+            [0x89, b'P', b'N', b'G', ..] => " (it is a PNG image)",
+            [b'G', b'I', b'F', b'8', ..] => " (it is a GIF image)",
+            [b'B', b'M', ..] => " (it looks like a BMP image)",
+            [b'I', b'I', 42, 0, ..] | [b'M', b'M', 0, 42, ..] => " (it is a TIFF image)",
+            [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => " (it is a WebP image)",
+            _ => "",
+        };
+        return Err(PrepError::Decode(format!(
+            "not a JPEG (no SOI marker FF D8 at the start){kind}"
+        )));
     }
     match fast::try_prep(bytes, cfg, out) {
         fast::Outcome::Done => Ok(()),
@@ -291,6 +300,17 @@ mod unit_tests {
         .validate()
         .is_err());
         assert!(PrepConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn other_image_formats_are_named() {
+        let png = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0];
+        let e = prep_jpeg(&png, &PrepConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("not a JPEG") && e.contains("PNG"), "{e}");
+        let e = prep_jpeg(b"hello world", &PrepConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a JPEG") && !e.contains("image)"), "{e}");
     }
 
     #[test]

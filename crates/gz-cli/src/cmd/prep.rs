@@ -70,6 +70,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => default_cache_root(&data)?,
     };
+    if cache_root.exists() && !cache_root.is_dir() {
+        anyhow::bail!(
+            "cache root {}: exists and is not a folder (--cache names the folder caches are written in)",
+            cache_root.display()
+        );
+    }
     let cfg = PrepConfig {
         crop: args.crop,
         size: args.size,
