@@ -393,7 +393,12 @@ pub fn train_on(
                 out_dir.display()
             )));
         }
-        let s = checkpoint::read_sidecar(&last_json)?;
+        let s = checkpoint::read_sidecar(&last_json).map_err(|e| {
+            TrainError::Resume(format!(
+                "{e}; this run cannot be resumed: start a fresh one (delete {} or choose another --out)",
+                out_dir.display()
+            ))
+        })?;
         check_resumable(&s, cfg, meta)?;
         Some(s)
     } else {
