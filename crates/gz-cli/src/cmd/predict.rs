@@ -224,21 +224,19 @@ fn predict_folder(
             None => groups.push(vec![m]),
         }
     }
-    if groups.len() > 1 {
-        eprintln!(
-            "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
-            groups.len()
-        );
+    if groups.len() == 1 {
+        return predict_group(&groups[0], &paths, tta, batch, device, "predict");
     }
+    eprintln!(
+        "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
+        groups.len()
+    );
     // the uniform average over all members: each group's average weighted by its size
     let mut sum: std::collections::HashMap<u64, (Vec<f32>, usize)> = std::collections::HashMap::new();
     let mut failures: Vec<Failure> = Vec::new();
+    let mut failed_paths: std::collections::HashSet<std::path::PathBuf> = std::collections::HashSet::new();
     for (gi, group) in groups.iter().enumerate() {
-        let what = if groups.len() > 1 {
-            format!("predict ({}/{})", gi + 1, groups.len())
-        } else {
-            "predict".to_string()
-        };
+        let what = format!("predict ({}/{})", gi + 1, groups.len());
         let (rows, failed) = predict_group(group, &paths, tta, batch, device, &what)?;
         for (i, &id) in rows.ids.iter().enumerate() {
             let (acc, n) = sum.entry(id).or_insert_with(|| (vec![0.0; gz_schema::N_ANSWERS], 0));
@@ -248,7 +246,7 @@ fn predict_folder(
             *n += group.len();
         }
         for f in failed {
-            if !failures.iter().any(|g| g.path == f.path) {
+            if failed_paths.insert(f.path.clone()) {
                 failures.push(f);
             }
         }
@@ -262,7 +260,7 @@ fn predict_folder(
             .and_then(|s| s.to_str())
             .and_then(|s| s.parse::<u64>().ok());
         if let Some((acc, n)) = id.and_then(|id| sum.get(&id)) {
-            if *n == models.len() && !failures.iter().any(|f| &f.path == p) {
+            if *n == models.len() && !failed_paths.contains(p) {
                 let row: Vec<f32> = acc.iter().map(|v| v / models.len() as f32).collect();
                 rows.push(id.unwrap_or_default(), &row);
             }
