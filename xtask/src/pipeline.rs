@@ -242,6 +242,7 @@ impl Ctx {
     /// The cache from `--cache` or from prep's stamp.
     fn cache(&self) -> Result<PathBuf> {
         if let Some(c) = &self.cache_override {
+            check_cache_dataset(self)?;
             return Ok(c.clone());
         }
         let sp = stamp_path(&self.root, "prep", &self.data_dir());
@@ -761,6 +762,36 @@ fn summary(ctx: &Ctx, done: &[Done]) {
 }
 
 /// `cargo xtask pipeline`.
+/// With `--cache`: the dataset the cache's manifest says it was built from must be this run's
+/// (else training goes ahead and eval fails on foreign ids). Unknown or unresolvable: no check.
+fn check_cache_dataset(ctx: &Ctx) -> Result<()> {
+    let Some(cache) = &ctx.cache_override else {
+        return Ok(());
+    };
+    let manifest = cache.join("manifest.json");
+    let Ok(text) = std::fs::read(&manifest) else {
+        return Ok(());
+    };
+    let built_from = serde_json::from_slice::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("extra")?.get("data_dir")?.as_str().map(PathBuf::from));
+    let (Some(built_from), data) = (built_from, ctx.data_dir()) else {
+        return Ok(());
+    };
+    if let (Ok(a), Ok(b)) = (built_from.canonicalize(), data.canonicalize()) {
+        if a != b {
+            bail!(
+                "--cache {} was built from {}, not from this run's dataset {} (pass --data {} to use it)",
+                cache.display(),
+                a.display(),
+                b.display(),
+                a.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn cmd_pipeline(args: Args) -> Result<()> {
     let mut ctx = Ctx::parse(args)?;
     if ctx.real_data.is_none() && ctx.synth_test == 0 {
@@ -932,6 +963,40 @@ mod tests {
         // --train-arg --augment undoes the recipe's --no-augment
         let aug = cmd(&["--train-arg", "--augment"]);
         assert!(aug.ends_with("--augment") && !aug.contains("--no-augment"), "{aug}");
+    }
+
+    /// `--cache` of another dataset than the run's is refused when the cache is asked for
+    /// (before training), naming where it came from; the cache of the run's dataset passes.
+    #[test]
+    fn a_cache_of_another_dataset_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b, cache) = (t.path().join("a"), t.path().join("b"), t.path().join("cache"));
+        for d in [&a, &b, &cache] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let manifest = serde_json::json!({"extra": {"data_dir": a}});
+        std::fs::write(cache.join("manifest.json"), manifest.to_string()).unwrap();
+        let ctx = |data: &Path| {
+            Ctx::parse(Args::new(
+                [
+                    "--root",
+                    &t.path().display().to_string(),
+                    "--gz",
+                    "/bin/true",
+                    "--data",
+                    &data.display().to_string(),
+                    "--cache",
+                    &cache.display().to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ))
+            .unwrap()
+        };
+        let err = ctx(&b).cache().unwrap_err().to_string();
+        assert!(err.contains("was built from") && err.contains("pass --data"), "{err}");
+        assert_eq!(ctx(&a).cache().unwrap(), cache);
     }
 
     /// A run name that is not one plain folder (`..`, `.`, empty, a path) is refused before
