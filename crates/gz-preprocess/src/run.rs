@@ -110,6 +110,11 @@ pub fn run_with(
         })?;
         let skipped: Vec<Skipped> = serde_json::from_value(cache.extra()["skipped"].clone()).unwrap_or_default();
         tracing::info!(dir = %cache_dir.display(), "cache hit");
+        // the temporary folders of killed writers of this cache go (a writer of a new cache
+        // does the same)
+        if let (Some(parent), Some(name)) = (cache_dir.parent(), cache_dir.file_name().and_then(|n| n.to_str())) {
+            gz_shards::remove_stale_tmp_dirs(parent, name);
+        }
         // a cache an earlier (lenient) run wrote without some inputs is not what --strict asks for
         if opts.strict {
             if let Some(s) = skipped.first().or(scan.skipped.first()) {

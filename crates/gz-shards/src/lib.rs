@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 pub use half::f16;
 pub use manifest::{Manifest, MANIFEST_FILE};
 pub use reader::{Cache, Split};
-pub use writer::{CacheWriter, SplitWriter, DEFAULT_ROWS_PER_SHARD};
+pub use writer::{remove_stale_tmp_dirs, CacheWriter, SplitWriter, DEFAULT_ROWS_PER_SHARD};
 
 /// Labels per training row (the 37 Galaxy Zoo answers; equals `gz_schema::N_ANSWERS`).
 pub const N_LABELS: usize = 37;

@@ -402,8 +402,9 @@ fn sync_dir(dir: &Path) -> Result<(), ShardError> {
     }
 }
 
-/// Removes `.<name>.tmp-<pid>` siblings left by writers that are no longer running.
-fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
+/// Removes `.<name>.tmp-<pid>` siblings left by writers that are no longer running (the
+/// writer of a new cache does it, and `gz prep` on a cache hit).
+pub fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
     let prefix = format!(".{name}.tmp-");
     let Ok(entries) = fs::read_dir(parent) else { return };
     for e in entries.flatten() {
@@ -418,10 +419,52 @@ fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
     }
 }
 
+/// Whether process `pid` still runs: on Linux from `/proc` (a killed process its parent has not
+/// reaped yet, a zombie, counts as gone); elsewhere it cannot tell and says yes.
 fn process_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new("/proc").join(pid.to_string()).exists()
-    } else {
-        true // cannot tell: leave it alone
+    if !cfg!(target_os = "linux") {
+        return true; // cannot tell: leave it alone
+    }
+    match fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
+        // "pid (comm) S …": the state follows the last ')' (comm may hold anything)
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X')),
+        Err(_) => Path::new("/proc").join(pid.to_string()).exists(),
+    }
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    /// A killed writer its parent has not reaped (a zombie) counts as gone: its temporary folder
+    /// is removed; a live writer's stays.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_zombie_writers_temporary_folder_is_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // until it has exited (and, not yet waited for, is a zombie)
+        let mut gone = false;
+        for _ in 0..200 {
+            if !process_alive(pid) {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let zombie = t.path().join(format!(".c.tmp-{pid}"));
+        let live = t.path().join(format!(".c.tmp-{}", std::process::id()));
+        fs::create_dir_all(&zombie).unwrap();
+        fs::create_dir_all(&live).unwrap();
+        remove_stale_tmp_dirs(t.path(), "c");
+        child.wait().unwrap();
+        assert!(gone, "an exited, unreaped child still counted as running");
+        assert!(!zombie.exists());
+        assert!(live.exists(), "this process's own folder must stay");
+        assert!(process_alive(std::process::id()));
     }
 }
