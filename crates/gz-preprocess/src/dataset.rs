@@ -100,7 +100,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         hasher.update(b"csv\n");
         hasher.update(&bytes);
         let sol = gz_schema::read_solutions(&csv)?;
-        let files = list_dir(&train_dir, &mut hasher, "train")?;
+        let files = list_dir(&train_dir, &mut hasher, "train", &mut skipped)?;
         // GalaxyID → the file's own name (which may differ from "<id>.jpg": leading zeros)
         let mut present: HashMap<u64, String> = HashMap::new();
         for (name, parsed) in files {
@@ -156,7 +156,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     };
 
     let test = if test_dir.is_dir() {
-        let files = list_dir(&test_dir, &mut hasher, "test")?;
+        let files = list_dir(&test_dir, &mut hasher, "test", &mut skipped)?;
         let mut items = Vec::with_capacity(files.len());
         let mut seen: HashMap<u64, String> = HashMap::new();
         for (name, parsed) in files {
@@ -194,9 +194,15 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     })
 }
 
-/// Lists the regular files of `dir` sorted by name, feeding (name, size, mtime) into the hash.
-/// Returns (name, GalaxyID if the name is `<digits>.jpg`). A missing directory is empty.
-fn list_dir(dir: &Path, hasher: &mut sha2::Sha256, tag: &str) -> Result<Vec<(String, Option<u64>)>, PrepError> {
+/// Lists the regular files of `dir` sorted by name (through symbolic links), feeding (name, size,
+/// mtime) into the hash. Returns (name, GalaxyID if the name is `<digits>.jpg`); a link to
+/// nothing goes to `skipped`. A missing directory is empty.
+fn list_dir(
+    dir: &Path,
+    hasher: &mut sha2::Sha256,
+    tag: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<(String, Option<u64>)>, PrepError> {
     hasher.update(format!("dir {tag}\n").as_bytes());
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -217,7 +223,13 @@ fn list_dir(dir: &Path, hasher: &mut sha2::Sha256, tag: &str) -> Result<Vec<(Str
         // symbolic links are followed (datasets are often linked in); a dangling one is no file
         let meta = match std::fs::metadata(entry.path()) {
             Ok(m) => m,
-            Err(_) if entry.file_type().is_ok_and(|t| t.is_symlink()) => continue,
+            Err(e) if entry.file_type().is_ok_and(|t| t.is_symlink()) => {
+                skipped.push(Skipped {
+                    path: entry.path(),
+                    reason: format!("a symbolic link to nothing readable ({e})"),
+                });
+                continue;
+            }
             Err(e) => {
                 return Err(PrepError::Io {
                     path: entry.path(),

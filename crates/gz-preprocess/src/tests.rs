@@ -920,8 +920,8 @@ fn image_files_are_read_under_their_own_names() {
     );
 }
 
-/// Linked images are read through their links (a dangling link is no image); a layout folder
-/// that is a file is an error, not an empty split.
+/// Linked images are read through their links (a dangling link is skipped with its reason); a
+/// layout folder that is a file is an error, not an empty split.
 #[test]
 fn linked_images_count_and_a_layout_folder_must_be_a_folder() {
     let t = tempfile::tempdir().unwrap();
@@ -937,7 +937,12 @@ fn linked_images_count_and_a_layout_folder_must_be_a_folder() {
     opts.threads = Some(1);
     let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
     assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
-    assert!(s.skipped.is_empty(), "{:?}", s.skipped);
+    assert_eq!(s.skipped.len(), 1, "{:?}", s.skipped);
+    assert!(
+        s.skipped[0].path.ends_with("999.jpg") && s.skipped[0].reason.contains("symbolic link to nothing"),
+        "{:?}",
+        s.skipped
+    );
 
     let test = data.join(dataset::TEST_DIR);
     std::fs::remove_dir_all(&test).unwrap();

@@ -35,7 +35,7 @@ pub struct Args {
     /// Number of epochs.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    /// Device: cpu, cuda, cuda:N.
+    /// Device: cpu, cuda, cuda:N (`gpu` is taken as cuda).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
     /// Minibatch size.
@@ -45,7 +45,7 @@ pub struct Args {
     /// for sgd-nesterov).
     #[arg(long)]
     lr: Option<f64>,
-    /// Optimizer: rmsprop, sgd-nesterov, adamw.
+    /// Optimizer: rmsprop, sgd-nesterov, adamw (`adam` is taken as adamw).
     #[arg(long, default_value = "rmsprop")]
     optimizer: String,
     /// Learning-rate schedule: constant, dieleman (×0.1 at ~70% and ~90% of the epochs), or
