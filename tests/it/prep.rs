@@ -329,3 +329,19 @@ fn killed_run_leaves_no_complete_cache_and_rerun_completes() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A galaxy in both the training and the test folder is said (the test score would not be
+/// held out), and both rows stay.
+#[test]
+fn a_galaxy_in_both_splits_is_warned_about() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let train = data.join("images_training_rev1");
+    let first = std::fs::read_dir(&train).unwrap().next().unwrap().unwrap().path();
+    std::fs::copy(&first, data.join("images_test_rev1").join(first.file_name().unwrap())).unwrap();
+    let root = t.path().join("cache");
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("1 GalaxyID(s) are both training and test images"), "{err}");
+    assert!(out.contains("preprocessed 3 train + 4 test images"), "{out}");
+}

@@ -184,6 +184,19 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     } else {
         None
     };
+    // a galaxy in both folders is most likely a copying mistake (Kaggle's splits are disjoint):
+    // said, not refused (both rows stay)
+    if let (Some(tr), Some(te)) = (&train, &test) {
+        let train_ids: std::collections::HashSet<u64> = tr.iter().map(|it| it.id).collect();
+        let both: Vec<u64> = te.iter().map(|it| it.id).filter(|id| train_ids.contains(id)).collect();
+        if let Some(first) = both.first() {
+            tracing::warn!(
+                "{} GalaxyID(s) are both training and test images (e.g. {first}): the test score of a model \
+                 trained on them is not a held-out score",
+                both.len()
+            );
+        }
+    }
     let key = crate::hex(&hasher.finalize()[..8]);
     Ok(Scan {
         train,
