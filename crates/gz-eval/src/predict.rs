@@ -106,6 +106,13 @@ pub struct Failure {
     pub reason: String,
 }
 
+/// The GalaxyID a file is named for (`<id>.jpg`), if its stem is a number.
+pub fn galaxy_id(path: &Path) -> Option<u64> {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse::<u64>().ok())
+}
+
 /// The JPEGs of a folder (`*.jpg`, `*.jpeg`), sorted by name.
 pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -143,11 +150,7 @@ pub fn predict_jpegs(
     // error before any work, naming both
     let mut seen: std::collections::HashMap<u64, &PathBuf> = std::collections::HashMap::new();
     for p in paths {
-        if let Some(id) = p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse::<u64>().ok())
-        {
+        if let Some(id) = galaxy_id(p) {
             if let Some(first) = seen.insert(id, p) {
                 return Err(EvalError::BadFile {
                     path: p.clone(),
@@ -165,10 +168,7 @@ pub fn predict_jpegs(
         ids.clear();
         buf.clear();
         for p in chunk {
-            let id = p
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<u64>().ok());
+            let id = galaxy_id(p);
             let result = match id {
                 None => Err("file name is not <GalaxyID>.jpg".to_string()),
                 Some(_) => std::fs::read(p)

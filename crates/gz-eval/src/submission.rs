@@ -321,11 +321,7 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
         if !is_jpg {
             continue;
         }
-        match p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse::<u64>().ok())
-        {
+        match crate::predict::galaxy_id(&p) {
             Some(id) => {
                 if let Some(first) = names.insert(id, p.clone()) {
                     return Err(EvalError::BadFile {

@@ -251,19 +251,13 @@ fn predict_folder(
             }
         }
     }
-    // rows every member predicted, in file order (an image that failed for any member is a
-    // failure)
+    // rows every member predicted, in file order (an image that failed for any member has no
+    // row from that member's group)
     let mut rows = Solutions::new();
-    for p in &paths {
-        let id = p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse::<u64>().ok());
-        if let Some((acc, n)) = id.and_then(|id| sum.get(&id)) {
-            if *n == models.len() && !failed_paths.contains(p) {
-                let row: Vec<f32> = acc.iter().map(|v| v / models.len() as f32).collect();
-                rows.push(id.unwrap_or_default(), &row);
-            }
+    for id in paths.iter().filter_map(|p| gz_eval::predict::galaxy_id(p)) {
+        if let Some((acc, n)) = sum.get(&id).filter(|(_, n)| *n == models.len()) {
+            let row: Vec<f32> = acc.iter().map(|v| v / *n as f32).collect();
+            rows.push(id, &row);
         }
     }
     Ok((rows, failures))
