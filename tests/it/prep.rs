@@ -345,3 +345,93 @@ fn a_galaxy_in_both_splits_is_warned_about() {
     assert!(err.contains("1 GalaxyID(s) are both training and test images"), "{err}");
     assert!(out.contains("preprocessed 3 train + 4 test images"), "{out}");
 }
+
+fn cache_cmd(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = support::gz().arg("cache").args(args).output().expect("run gz cache");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `gz cache`: a dataset whose files changed leaves its old caches superseded; `list` says so,
+/// `prune` removes them and the leftovers of ended writers and keeps the current cache and
+/// other datasets' caches; `remove` deletes a named cache and refuses a folder that is not one.
+#[test]
+fn cache_list_prune_and_remove() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let other = t.path().join("other");
+    std::fs::rename(mini(&t.path().join("o")), &other).unwrap();
+    let root = t.path().join("cache");
+    let d = data.to_str().unwrap();
+    let r = root.to_str().unwrap();
+    let old = cache_line(&prep(&["--data", d, "--cache", r, "--size", "16"]).1);
+    let theirs = cache_line(&prep(&["--data", other.to_str().unwrap(), "--cache", r, "--size", "16"]).1);
+    // the dataset changes (one more test image): a new dataset key, a new cache
+    let img = std::fs::read_dir(data.join("images_test_rev1"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
+    let current = cache_line(&prep(&["--data", d, "--cache", r, "--size", "16"]).1);
+    assert_ne!(old, current);
+    // a killed writer's folder (a pid beyond Linux's pid_max: never running)
+    let dead = root.join(".x.tmp-4194305");
+    std::fs::create_dir(&dead).unwrap();
+
+    let (code, out, err) = cache_cmd(&["list", "--data", d, "--cache", r]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let line = |p: &Path| {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        out.lines()
+            .find(|l| l.starts_with(&name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{out}"))
+            .to_string()
+    };
+    assert!(line(&current).ends_with("current"), "{out}");
+    assert!(line(&current).contains("crop 212 → 16 area v2"), "{out}");
+    assert!(line(&old).contains("superseded"), "{out}");
+    assert!(line(&theirs).contains("other dataset"), "{out}");
+    assert!(line(&dead).contains("leftover"), "{out}");
+    assert!(out.contains("3 cache(s)"), "{out}");
+
+    let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("would remove") && old.exists() && dead.exists(), "{out}");
+    let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(!old.exists() && !dead.exists(), "{out}");
+    assert!(
+        current.join("manifest.json").exists() && theirs.join("manifest.json").exists(),
+        "{out}"
+    );
+    gz_shards::Cache::open(&current).unwrap().verify().unwrap();
+    // the other dataset's folder goes: its cache is an orphan, removed only with --orphans
+    std::fs::remove_dir_all(&other).unwrap();
+    let (_, out, _) = cache_cmd(&["prune", "--cache", r]);
+    assert!(theirs.exists() && out.contains("--orphans"), "{out}");
+    let (code, out, err) = cache_cmd(&["prune", "--cache", r, "--orphans"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(!theirs.exists() && current.exists(), "{out}");
+
+    // remove: the dataset folder is not a cache and stays; the cache goes, whole
+    let (code, out, err) = cache_cmd(&["remove", d, current.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("not a gz cache"), "{err}");
+    assert!(data.join("training_solutions_rev1.csv").exists());
+    assert!(!current.exists(), "{out}");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // the root named wrongly: a cache folder, or nothing at all
+    let (code, _, err) = cache_cmd(&["list"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--cache DIR"), "{err}");
+}

@@ -27,6 +27,8 @@ enum Command {
     Synth(cmd::synth::Args),
     /// Preprocess JPEGs into memory-mapped f16 shards (cached).
     Prep(cmd::prep::Args),
+    /// List shard caches, prune the ones never used again, remove named ones.
+    Cache(cmd::cache::Args),
     /// Train a model from a shard cache.
     Train(cmd::train::Args),
     /// Score a checkpoint against labelled data, with baselines.
@@ -240,6 +242,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),
+        Command::Cache(a) => cmd::cache::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),
@@ -256,7 +259,7 @@ impl Command {
             Command::Eval(a) => Some(&a.device),
             Command::Predict(a) => Some(&a.source.device),
             Command::BenchTrain(a) => Some(&a.device),
-            Command::Synth(_) | Command::Prep(_) | Command::Submit(_) => None,
+            Command::Synth(_) | Command::Prep(_) | Command::Cache(_) | Command::Submit(_) => None,
         }
     }
 }

@@ -220,7 +220,8 @@ pub fn run_with(
     }
     let extra = serde_json::json!({
         "dataset_key": scan.key,
-        "data_dir": opts.data_dir,
+        // absolute, so `gz cache` and xtask can match it from anywhere
+        "data_dir": opts.data_dir.canonicalize().unwrap_or_else(|_| opts.data_dir.clone()),
         "prep_version": cfg.version(),
         "skipped": skipped,
         "train_images": counts[0],

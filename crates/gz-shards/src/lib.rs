@@ -14,6 +14,7 @@ compile_error!(
 );
 
 pub mod format;
+pub mod inventory;
 pub mod manifest;
 mod reader;
 mod writer;

@@ -421,7 +421,7 @@ pub fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
 
 /// Whether process `pid` still runs: on Linux from `/proc` (a killed process its parent has not
 /// reaped yet, a zombie, counts as gone); elsewhere it cannot tell and says yes.
-fn process_alive(pid: u32) -> bool {
+pub(crate) fn process_alive(pid: u32) -> bool {
     if !cfg!(target_os = "linux") {
         return true; // cannot tell: leave it alone
     }

@@ -1,5 +1,6 @@
 //! One module per subcommand: each owns its `Args` (clap) and its `run`.
 pub mod bench_train;
+pub mod cache;
 pub mod eval;
 pub mod predict;
 pub mod prep;

@@ -1,0 +1,399 @@
+//! `gz cache`: what a cache root holds, and removing what is no longer needed.
+//!
+//! Every preprocessing config and every change to a dataset's files gets its own cache folder
+//! (`<dataset-key>-<config-hash>`, docs/shard-format.md), and at Kaggle scale one cache of the
+//! default config is about 9.5 GB, so old ones pile up. `list` shows each with its config,
+//! images, size and state; `prune` removes what can never be used again (leftovers of killed
+//! runs; with `--data`, caches of that dataset built before its files changed; with
+//! `--orphans`, caches whose dataset folder is gone); `remove` deletes named caches. Removal
+//! goes through `gz_shards::inventory::remove`: a cache is whole or gone, never half there,
+//! and a folder that is not gz's is refused.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use gz_shards::inventory::{self, Entry, EntryState, LeftoverKind};
+
+/// Arguments of `gz cache`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// List the caches of a cache root: config, images, size, age and state.
+    List(Where),
+    /// Remove leftovers of killed runs; with --data, that dataset's caches built before its
+    /// files changed; with --orphans, caches whose dataset folder no longer exists.
+    Prune {
+        #[command(flatten)]
+        at: Where,
+        /// Also remove caches whose dataset folder (as recorded when they were built) is gone.
+        #[arg(long)]
+        orphans: bool,
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove cache folders (the paths `gz prep` and `gz cache list` print).
+    Remove {
+        /// Cache folders.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+}
+
+/// Which cache root, and optionally which dataset's caches to tell apart.
+#[derive(Debug, clap::Args)]
+struct Where {
+    /// Dataset folder: its caches are marked current or superseded, and the cache root
+    /// defaults to <DATA>/../cache as for `gz prep`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Cache root (the folder holding the cache folders) [default: <DATA>/../cache].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+/// A cache's relation to the dataset named with `--data`, or to its recorded dataset folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Standing {
+    /// Built from the dataset as it is now: `gz prep` with its config reuses it.
+    Current,
+    /// Built from the same dataset folder before its files changed: never used again.
+    Superseded,
+    /// Built from another dataset folder (shown).
+    Other(String),
+    /// Its recorded dataset folder no longer exists.
+    Orphan(String),
+    /// Nothing to compare with (no --data, recorded folder present or not recorded).
+    Unknown,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.action {
+        Action::List(at) => list(&at),
+        Action::Prune { at, orphans, dry_run } => prune(&at, orphans, dry_run),
+        Action::Remove { dirs } => remove(&dirs),
+    }
+}
+
+/// The cache root and, with --data, the dataset (canonical path, current key).
+fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
+    let dataset = match &at.data {
+        Some(d) => {
+            let abs = d
+                .canonicalize()
+                .with_context(|| format!("{}: cannot resolve the dataset folder", d.display()))?;
+            let scan = gz_preprocess::dataset::scan(&abs)
+                .with_context(|| format!("reading the dataset {} (to tell its current caches)", abs.display()))?;
+            Some((abs, scan.key))
+        }
+        None => None,
+    };
+    let root = match (&at.cache, &dataset) {
+        (Some(c), _) => c.clone(),
+        (None, Some((abs, _))) => abs.parent().unwrap_or(abs).join("cache"),
+        (None, None) => anyhow::bail!("name the cache root with --cache DIR, or the dataset with --data DIR"),
+    };
+    if root.exists() && !root.is_dir() {
+        anyhow::bail!(
+            "{}: not a folder (--cache names the folder the caches are in)",
+            root.display()
+        );
+    }
+    if root.join(gz_shards::MANIFEST_FILE).is_file() {
+        anyhow::bail!(
+            "{} is a cache itself; --cache names the folder holding the caches (here {})",
+            root.display(),
+            root.parent().map_or_else(|| ".".into(), |p| p.display().to_string())
+        );
+    }
+    Ok((root, dataset))
+}
+
+fn standing(entry: &Entry, dataset: Option<&(PathBuf, String)>) -> Standing {
+    let EntryState::Complete(m) = &entry.state else {
+        return Standing::Unknown;
+    };
+    let key = m.extra.get("dataset_key").and_then(|v| v.as_str());
+    let built_from = m.extra.get("data_dir").and_then(|v| v.as_str()).map(PathBuf::from);
+    if let Some((abs, current)) = dataset {
+        if key == Some(current.as_str()) {
+            return Standing::Current;
+        }
+        if let Some(b) = &built_from {
+            if b.canonicalize().ok().as_ref() == Some(abs) || b == abs {
+                return Standing::Superseded;
+            }
+        }
+    }
+    match built_from {
+        // only a recorded absolute path can be said to be gone (older gz versions recorded the
+        // path as given, which may be relative to wherever `gz prep` ran)
+        Some(b) if b.is_absolute() && !b.exists() => Standing::Orphan(b.display().to_string()),
+        Some(b) if dataset.is_some() => Standing::Other(b.display().to_string()),
+        _ => Standing::Unknown,
+    }
+}
+
+fn list(at: &Where) -> anyhow::Result<()> {
+    let (root, dataset) = resolve(at)?;
+    let entries = inventory::scan_root(&root).with_context(|| format!("listing {}", root.display()))?;
+    println!("cache root: {}", root.display());
+    if entries.is_empty() {
+        println!("no caches");
+        return Ok(());
+    }
+    let now = SystemTime::now();
+    let mut total = 0u64;
+    let (mut n_caches, mut n_prunable, mut prunable_bytes) = (0usize, 0usize, 0u64);
+    println!(
+        "{:<34} {:>9} {:>7} {:>7}  {:<22} {:>9}  state",
+        "folder", "size", "train", "test", "config", "built"
+    );
+    for e in &entries {
+        total += e.bytes;
+        let name = e
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let age = e.modified.map_or_else(|| "?".into(), |m| ago(now, m));
+        let (train, test, config, state) = match &e.state {
+            EntryState::Complete(m) => {
+                n_caches += 1;
+                let rows = |s: &str| {
+                    m.splits
+                        .iter()
+                        .find(|(n, _)| n == s)
+                        .map_or_else(|| "-".into(), |(_, sm)| sm.rows.to_string())
+                };
+                let st = standing(e, dataset.as_ref());
+                if matches!(st, Standing::Superseded) {
+                    n_prunable += 1;
+                    prunable_bytes += e.bytes;
+                }
+                let skipped = m.extra.get("skipped").and_then(|v| v.as_array()).map_or(0, Vec::len);
+                let mut state = match st {
+                    Standing::Current => "current".to_string(),
+                    Standing::Superseded => "superseded: the dataset's files changed since".to_string(),
+                    Standing::Other(d) => format!("other dataset: {d}"),
+                    Standing::Orphan(d) => format!("orphan: {d} is gone"),
+                    Standing::Unknown => "ok".to_string(),
+                };
+                if skipped > 0 {
+                    state.push_str(&format!(" ({skipped} input(s) skipped)"));
+                }
+                (
+                    rows("train"),
+                    rows("test"),
+                    config_text(&m.prep_config, &m.extra),
+                    state,
+                )
+            }
+            EntryState::Damaged(why) => ("?".into(), "?".into(), String::new(), format!("damaged: {why}")),
+            EntryState::Incomplete => (
+                "?".into(),
+                "?".into(),
+                String::new(),
+                "incomplete: no manifest.json (a write that never finished)".into(),
+            ),
+            EntryState::Leftover { kind, name, pid, alive } => {
+                let what = match kind {
+                    LeftoverKind::Writing => format!("being written by process {pid}"),
+                    LeftoverKind::Damaged => format!("damaged copy of {name} moved aside by process {pid}"),
+                    LeftoverKind::Removing => format!("removal of {name} by process {pid}"),
+                };
+                let state = if *alive {
+                    format!("{what} (running)")
+                } else {
+                    n_prunable += 1;
+                    prunable_bytes += e.bytes;
+                    format!("leftover: {what}, which has ended")
+                };
+                ("-".into(), "-".into(), String::new(), state)
+            }
+        };
+        println!(
+            "{name:<34} {:>9} {train:>7} {test:>7}  {config:<22} {age:>9}  {state}",
+            human_bytes(e.bytes)
+        );
+    }
+    println!(
+        "{n_caches} cache(s), {} in all{}",
+        human_bytes(total),
+        if n_prunable > 0 {
+            format!(
+                "; `gz cache prune` frees {} ({n_prunable} folder(s))",
+                human_bytes(prunable_bytes)
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
+    let (root, dataset) = resolve(at)?;
+    let entries = inventory::scan_root(&root).with_context(|| format!("listing {}", root.display()))?;
+    let mut freed = 0u64;
+    let mut removed = 0usize;
+    let mut failed = 0usize;
+    for e in &entries {
+        let why = if e.is_dead_leftover() {
+            Some("leftover of an ended process")
+        } else {
+            match standing(e, dataset.as_ref()) {
+                Standing::Superseded => Some("superseded: the dataset's files changed since it was built"),
+                Standing::Orphan(_) if orphans => Some("orphan: its dataset folder is gone"),
+                _ => None,
+            }
+        };
+        let Some(why) = why else { continue };
+        if dry_run {
+            println!("would remove: {} ({}, {why})", e.path.display(), human_bytes(e.bytes));
+        } else {
+            match inventory::remove(&e.path) {
+                Ok(()) => println!("removed: {} ({}, {why})", e.path.display(), human_bytes(e.bytes)),
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    failed += 1;
+                    continue;
+                }
+            }
+        }
+        freed += e.bytes;
+        removed += 1;
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    println!(
+        "{verb} {} in {removed} folder(s) under {}",
+        human_bytes(freed),
+        root.display()
+    );
+    if !orphans && !dry_run {
+        let n = entries
+            .iter()
+            .filter(|e| matches!(standing(e, dataset.as_ref()), Standing::Orphan(_)))
+            .count();
+        if n > 0 {
+            println!("{n} cache(s) of dataset folders that are gone were kept (--orphans removes them)");
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} folder(s) could not be removed (listed above)");
+    }
+    Ok(())
+}
+
+fn remove(dirs: &[PathBuf]) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for d in dirs {
+        let (bytes, _) = inventory::classify(
+            d,
+            &d.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        )
+        .map_or((0, None), |e| (e.bytes, e.modified));
+        match inventory::remove(d) {
+            Ok(()) => println!("removed: {} ({})", d.display(), human_bytes(bytes)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} folder(s) not removed (listed above)", dirs.len());
+    }
+    Ok(())
+}
+
+/// `crop 212 → 106 area v1`.
+fn config_text(cfg: &serde_json::Value, extra: &serde_json::Value) -> String {
+    let n = |k: &str| {
+        cfg.get(k)
+            .and_then(|v| v.as_u64())
+            .map_or_else(|| "?".into(), |v| v.to_string())
+    };
+    let filter = cfg.get("filter").and_then(|v| v.as_str()).unwrap_or("?");
+    let version = extra
+        .get("prep_version")
+        .and_then(|v| v.as_u64())
+        .map_or_else(String::new, |v| format!(" v{v}"));
+    format!("crop {} → {} {filter}{version}", n("crop"), n("size"))
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `5 s ago`, `3 min ago`, `2 h ago`, `4 d ago`.
+fn ago(now: SystemTime, then: SystemTime) -> String {
+    let s = now.duration_since(then).map_or(0, |d| d.as_secs());
+    match s {
+        0..=59 => format!("{s} s ago"),
+        60..=3599 => format!("{} min ago", s / 60),
+        3600..=172_799 => format!("{} h ago", s / 3600),
+        _ => format!("{} d ago", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ages_read_well() {
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1_500), "1.5 kB");
+        assert_eq!(human_bytes(9_500_000_000), "9.5 GB");
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        assert_eq!(ago(t, t), "0 s ago");
+        assert_eq!(ago(t + std::time::Duration::from_secs(7_200), t), "2 h ago");
+        assert_eq!(ago(t + std::time::Duration::from_secs(3 * 86_400), t), "3 d ago");
+        // a clock set back: not a panic
+        assert_eq!(ago(t, t + std::time::Duration::from_secs(5)), "0 s ago");
+    }
+
+    #[test]
+    fn the_config_reads_as_a_line() {
+        let cfg = serde_json::json!({"crop": 212, "size": 32, "filter": "area"});
+        let extra = serde_json::json!({"prep_version": 2});
+        assert_eq!(config_text(&cfg, &extra), "crop 212 → 32 area v2");
+        assert_eq!(
+            config_text(&serde_json::json!({}), &serde_json::json!({})),
+            "crop ? → ? ?"
+        );
+    }
+
+    #[test]
+    fn a_root_that_is_a_cache_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("manifest.json"), "{}").unwrap();
+        let e = resolve(&Where {
+            data: None,
+            cache: Some(t.path().to_path_buf()),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is a cache itself"), "{e}");
+    }
+}

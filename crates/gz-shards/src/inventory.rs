@@ -1,0 +1,382 @@
+//! What a cache root holds, for `gz cache list|prune|remove`: complete caches, damaged ones,
+//! folders a writer never finished, and the hidden leftovers of killed writers
+//! (`.NAME.tmp-PID`), of `gz prep --verify`'s rebuilds (`.NAME.damaged-PID`) and of removals
+//! (`.NAME.removing-PID`).
+//!
+//! Invariant: [`remove`] never leaves a folder that a reader could take for a whole cache. It
+//! renames the folder to a hidden `.NAME.removing-PID` sibling first (one atomic step: the
+//! cache is there whole or gone), then deletes that; a removal killed half-way leaves only a
+//! leftover, which [`scan_root`] lists and the next prune deletes. It refuses any folder that
+//! is not recognisably gz's, so a mistyped path cannot delete someone's data.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::{io_err, Cache, Manifest, ShardError, MANIFEST_FILE};
+
+/// The kinds of hidden leftover folders a cache root can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftoverKind {
+    /// `.NAME.tmp-PID`: a cache being written (or a writer that was killed).
+    Writing,
+    /// `.NAME.damaged-PID`: a damaged cache moved aside by `gz prep --verify`.
+    Damaged,
+    /// `.NAME.removing-PID`: a cache being removed.
+    Removing,
+}
+
+impl LeftoverKind {
+    fn infix(self) -> &'static str {
+        match self {
+            LeftoverKind::Writing => ".tmp-",
+            LeftoverKind::Damaged => ".damaged-",
+            LeftoverKind::Removing => ".removing-",
+        }
+    }
+}
+
+/// What one folder of a cache root is.
+#[derive(Debug, Clone)]
+pub enum EntryState {
+    /// A cache that opens (manifest, headers and file sizes check out; checksums are only
+    /// checked by [`Cache::verify`]).
+    Complete(Box<Manifest>),
+    /// A folder with a manifest that does not open; the reason.
+    Damaged(String),
+    /// A visible folder holding shard files but no manifest: a write that never finished.
+    Incomplete,
+    /// A hidden leftover; `alive` says whether its process still runs (a live writer's folder
+    /// must not be touched).
+    Leftover {
+        kind: LeftoverKind,
+        name: String,
+        pid: u32,
+        alive: bool,
+    },
+}
+
+/// One folder of a cache root.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The folder.
+    pub path: PathBuf,
+    /// Bytes of the files in it (recursively).
+    pub bytes: u64,
+    /// Last modification of its newest file (the manifest, for a complete cache).
+    pub modified: Option<SystemTime>,
+    /// What it is.
+    pub state: EntryState,
+}
+
+impl Entry {
+    /// Whether removing this entry can lose nothing: a leftover of a process that has ended.
+    pub fn is_dead_leftover(&self) -> bool {
+        matches!(self.state, EntryState::Leftover { alive: false, .. })
+    }
+}
+
+/// Parses a hidden leftover folder name `.NAME.<kind>-PID`.
+pub fn parse_leftover(file_name: &str) -> Option<(LeftoverKind, String, u32)> {
+    let rest = file_name.strip_prefix('.')?;
+    for kind in [LeftoverKind::Writing, LeftoverKind::Damaged, LeftoverKind::Removing] {
+        if let Some((name, pid)) = rest.rsplit_once(kind.infix()) {
+            if let Ok(pid) = pid.parse::<u32>() {
+                if !name.is_empty() {
+                    return Some((kind, name.to_string(), pid));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Lists the folders of `root` that are gz caches or their leftovers, sorted by path. Other
+/// folders and files are not listed. A missing root is an empty list.
+pub fn scan_root(root: &Path) -> Result<Vec<Entry>, ShardError> {
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(root, e)),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| io_err(root, e))?;
+        let path = e.path();
+        // a symbolic link is not followed: its target is not this root's to list or remove
+        let Ok(ft) = e.file_type() else { continue };
+        if !ft.is_dir() {
+            continue;
+        }
+        let Some(fname) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if let Some(entry) = classify(&path, &fname) {
+            out.push(entry);
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Reads what one folder is, or `None` when it is not gz's.
+pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
+    let state = if let Some((kind, name, pid)) = parse_leftover(file_name) {
+        EntryState::Leftover {
+            kind,
+            name,
+            pid,
+            alive: pid == std::process::id() || crate::writer::process_alive(pid),
+        }
+    } else if file_name.starts_with('.') {
+        return None;
+    } else if path.join(MANIFEST_FILE).is_file() {
+        match Cache::open(path) {
+            Ok(c) => EntryState::Complete(Box::new(c.manifest().clone())),
+            Err(e) => {
+                // a manifest that is not gz's makes the folder someone else's
+                let text = fs::read(path.join(MANIFEST_FILE)).unwrap_or_default();
+                if !String::from_utf8_lossy(&text).contains("\"gz-shards\"") {
+                    return None;
+                }
+                EntryState::Damaged(e.to_string())
+            }
+        }
+    } else if holds_shard_files(path) {
+        EntryState::Incomplete
+    } else {
+        return None;
+    };
+    let (bytes, modified) = usage(path);
+    Some(Entry {
+        path: path.to_path_buf(),
+        bytes,
+        modified,
+        state,
+    })
+}
+
+/// Whether `dir` holds a file written by the shard writer (`*.shard`, `*.labels`, `*.index`).
+fn holds_shard_files(dir: &Path) -> bool {
+    let Ok(rd) = fs::read_dir(dir) else { return false };
+    rd.flatten().any(|e| {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index")
+    })
+}
+
+/// Total bytes and newest modification time under `dir` (symbolic links not followed).
+fn usage(dir: &Path) -> (u64, Option<SystemTime>) {
+    let mut bytes = 0;
+    let mut newest: Option<SystemTime> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                bytes += md.len();
+                if let Ok(m) = md.modified() {
+                    newest = Some(newest.map_or(m, |n| n.max(m)));
+                }
+            }
+        }
+    }
+    (bytes, newest)
+}
+
+/// Removes a cache folder or a leftover of one: renamed to a hidden `.NAME.removing-PID`
+/// sibling first, then deleted (see the module's invariant). Refuses a folder that is not gz's
+/// (no gz manifest, no shard files, not a leftover name), the folder of a running writer, and
+/// symbolic links.
+pub fn remove(dir: &Path) -> Result<(), ShardError> {
+    let md = fs::symlink_metadata(dir).map_err(|e| io_err(dir, e))?;
+    if md.file_type().is_symlink() {
+        return Err(ShardError::Invalid(format!(
+            "{}: a symbolic link; name the cache folder itself",
+            dir.display()
+        )));
+    }
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ShardError::Invalid(format!("{}: not a cache folder", dir.display())))?;
+    let entry = classify(dir, name).ok_or_else(|| {
+        ShardError::Invalid(format!(
+            "{}: not a gz cache (no gz-shards manifest.json, no shard files); not removed",
+            dir.display()
+        ))
+    })?;
+    let target = match &entry.state {
+        EntryState::Leftover {
+            kind: LeftoverKind::Writing,
+            alive: true,
+            pid,
+            ..
+        } => {
+            return Err(ShardError::Invalid(format!(
+                "{}: process {pid} is still writing this cache; not removed",
+                dir.display()
+            )))
+        }
+        // a leftover is already out of every reader's way: delete it in place
+        EntryState::Leftover { .. } => dir.to_path_buf(),
+        _ => {
+            let aside = dir.with_file_name(format!(
+                ".{name}{}{}",
+                LeftoverKind::Removing.infix(),
+                std::process::id()
+            ));
+            fs::rename(dir, &aside).map_err(|e| io_err(dir, e))?;
+            aside
+        }
+    };
+    fs::remove_dir_all(&target).map_err(|e| io_err(&target, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CacheWriter;
+
+    fn write_cache(dir: &Path) {
+        let cfg = serde_json::json!({"crop": 4, "size": 2});
+        let mut w = CacheWriter::create(dir, &cfg, "abc", 4).unwrap();
+        let mut s = w.begin_split("test", [1, 2, 2], false).unwrap();
+        for id in 1..=3u64 {
+            s.push(id, &[half::f16::from_f32(id as f32); 4], None).unwrap();
+        }
+        w.end_split(s).unwrap();
+        w.finish(serde_json::json!({"dataset_key": "k"})).unwrap();
+    }
+
+    #[test]
+    fn leftover_names_parse() {
+        assert_eq!(
+            parse_leftover(".a-b.tmp-12"),
+            Some((LeftoverKind::Writing, "a-b".into(), 12))
+        );
+        assert_eq!(
+            parse_leftover(".a.damaged-7"),
+            Some((LeftoverKind::Damaged, "a".into(), 7))
+        );
+        assert_eq!(
+            parse_leftover(".x.tmp-1.removing-9"),
+            Some((LeftoverKind::Removing, "x.tmp-1".into(), 9))
+        );
+        assert_eq!(parse_leftover("a.tmp-12"), None);
+        assert_eq!(parse_leftover(".a.tmp-"), None);
+        assert_eq!(parse_leftover(".a.tmp-x1"), None);
+        assert_eq!(parse_leftover("..tmp-3"), None);
+    }
+
+    #[test]
+    fn a_root_lists_caches_damage_and_leftovers_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        write_cache(&root.join("good"));
+        write_cache(&root.join("bad"));
+        // truncate a shard: the manifest stays, the cache no longer opens
+        let shard = fs::read_dir(root.join("bad"))
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".shard"))
+            .unwrap()
+            .path();
+        let len = fs::metadata(&shard).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&shard)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        fs::create_dir(root.join("unfinished")).unwrap();
+        fs::write(root.join("unfinished/test-00000.shard"), b"x").unwrap();
+        fs::create_dir(root.join("photos")).unwrap();
+        fs::write(root.join("photos/a.jpg"), b"x").unwrap();
+        fs::create_dir(root.join("other")).unwrap();
+        fs::write(root.join("other/manifest.json"), b"{\"format\": \"npy\"}").unwrap();
+        fs::create_dir(root.join(".hidden")).unwrap();
+        fs::write(root.join("file.txt"), b"x").unwrap();
+        let live = format!(".good.tmp-{}", std::process::id());
+        fs::create_dir(root.join(&live)).unwrap();
+        // a pid that cannot run (beyond Linux's pid_max)
+        fs::create_dir(root.join(".good.damaged-4194305")).unwrap();
+
+        let list = scan_root(root).unwrap();
+        let names: Vec<String> = list
+            .iter()
+            .map(|e| e.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [".good.damaged-4194305", &live, "bad", "good", "unfinished"]);
+        assert!(matches!(
+            list[0].state,
+            EntryState::Leftover {
+                kind: LeftoverKind::Damaged,
+                alive: false,
+                ..
+            }
+        ));
+        assert!(list[0].is_dead_leftover());
+        assert!(matches!(
+            list[1].state,
+            EntryState::Leftover {
+                kind: LeftoverKind::Writing,
+                alive: true,
+                ..
+            }
+        ));
+        assert!(!list[1].is_dead_leftover());
+        match &list[2].state {
+            EntryState::Damaged(why) => assert!(why.contains("truncated"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        match &list[3].state {
+            EntryState::Complete(m) => assert_eq!(m.config_hash, "abc"),
+            other => panic!("{other:?}"),
+        }
+        assert!(list[3].bytes > 0 && list[3].modified.is_some());
+        assert!(matches!(list[4].state, EntryState::Incomplete));
+        assert!(scan_root(&root.join("missing")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn remove_takes_caches_and_dead_leftovers_and_refuses_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        write_cache(&root.join("good"));
+        remove(&root.join("good")).unwrap();
+        assert!(!root.join("good").exists());
+        assert!(fs::read_dir(root).unwrap().next().is_none(), "nothing left behind");
+
+        fs::create_dir(root.join("photos")).unwrap();
+        fs::write(root.join("photos/a.jpg"), b"x").unwrap();
+        let e = remove(&root.join("photos")).unwrap_err().to_string();
+        assert!(e.contains("not a gz cache"), "{e}");
+        assert!(root.join("photos/a.jpg").exists());
+
+        let live = root.join(format!(".c.tmp-{}", std::process::id()));
+        fs::create_dir(&live).unwrap();
+        let e = remove(&live).unwrap_err().to_string();
+        assert!(e.contains("still writing"), "{e}");
+        assert!(live.exists());
+
+        let dead = root.join(".c.tmp-4194305");
+        fs::create_dir(&dead).unwrap();
+        fs::write(dead.join("test-00000.shard"), b"x").unwrap();
+        remove(&dead).unwrap();
+        assert!(!dead.exists());
+
+        #[cfg(unix)]
+        {
+            write_cache(&root.join("real"));
+            std::os::unix::fs::symlink(root.join("real"), root.join("link")).unwrap();
+            let e = remove(&root.join("link")).unwrap_err().to_string();
+            assert!(e.contains("symbolic link"), "{e}");
+            assert!(root.join("real/manifest.json").exists());
+        }
+    }
+}
