@@ -377,8 +377,15 @@ fn cache_list_prune_and_remove() {
         .unwrap()
         .path();
     std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
-    let current = cache_line(&prep(&["--data", d, "--cache", r, "--size", "16"]).1);
+    let (_, out, err) = prep(&["--data", d, "--cache", r, "--size", "16"]);
+    let current = cache_line(&out);
     assert_ne!(old, current);
+    // prep says the old cache is dead weight, and how to remove it
+    assert!(
+        err.contains("note: 1 cache(s) of this dataset built before its files changed")
+            && err.contains("gz cache prune"),
+        "{err}"
+    );
     // a killed writer's folder (a pid beyond Linux's pid_max: never running)
     let dead = root.join(".x.tmp-4194305");
     std::fs::create_dir(&dead).unwrap();

@@ -140,6 +140,17 @@ fn standing(entry: &Entry, dataset: Option<&(PathBuf, String)>) -> Standing {
     }
 }
 
+/// The superseded caches of the dataset at `data` (canonical) under `root`, whose files now
+/// give `key`: for `gz prep`'s note after building a new cache.
+pub fn superseded(root: &std::path::Path, data: &std::path::Path, key: &str) -> Vec<Entry> {
+    let dataset = (data.to_path_buf(), key.to_string());
+    inventory::scan_root(root)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| standing(e, Some(&dataset)) == Standing::Superseded)
+        .collect()
+}
+
 fn list(at: &Where) -> anyhow::Result<()> {
     let (root, dataset) = resolve(at)?;
     let entries = inventory::scan_root(&root).with_context(|| format!("listing {}", root.display()))?;
@@ -330,7 +341,7 @@ fn config_text(cfg: &serde_json::Value, extra: &serde_json::Value) -> String {
     format!("crop {} → {} {filter}{version}", n("crop"), n("size"))
 }
 
-fn human_bytes(b: u64) -> String {
+pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = b as f64;
     let mut u = 0;

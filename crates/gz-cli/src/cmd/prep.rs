@@ -163,6 +163,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => {}
     }
     println!("cache: {}", summary.cache_dir.display());
+    if !summary.cache_hit {
+        note_superseded(&cache_root, &data, &summary.dataset_key);
+    }
     if !summary.skipped.is_empty() {
         // not an error: a warning, and exit status 2 for scripts
         eprintln!(
@@ -184,6 +187,25 @@ fn remove_cache(dir: &Path) -> anyhow::Result<()> {
     let aside = dir.with_file_name(format!(".{name}.damaged-{}", std::process::id()));
     std::fs::rename(dir, &aside).with_context(|| format!("moving the damaged cache {} aside", dir.display()))?;
     std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
+}
+
+/// Names the caches of this dataset built before its files changed (a new build makes them
+/// dead weight: no `gz prep` uses them again), with what `gz cache prune` frees.
+fn note_superseded(cache_root: &Path, data: &Path, key: &str) {
+    let Ok(abs) = data.canonicalize() else { return };
+    let old = crate::cmd::cache::superseded(cache_root, &abs, key);
+    if old.is_empty() {
+        return;
+    }
+    let bytes: u64 = old.iter().map(|e| e.bytes).sum();
+    eprintln!(
+        "note: {} cache(s) of this dataset built before its files changed ({}) will not be used again; \
+         `gz cache prune --data {} --cache {}` removes them",
+        old.len(),
+        crate::cmd::cache::human_bytes(bytes),
+        data.display(),
+        cache_root.display()
+    );
 }
 
 fn verify(dir: &Path) -> anyhow::Result<()> {
