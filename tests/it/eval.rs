@@ -494,6 +494,59 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         assert!((m - (2.0 * a + b) / 3.0).abs() < 1e-5, "{m} vs {a}, {b}");
     }
 
+    // images not named for a galaxy (an astronomer's own cutouts): rows named by file, the
+    // same values as the same JPEGs under their GalaxyIDs; a submission refuses them
+    let own = tmp.path().join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    let names = ["NGC 1300.jpg", "a,\"b\".jpeg", "77.jpg"];
+    for (name, id) in names.iter().zip(&mix.ids) {
+        std::fs::copy(test_dir.join(format!("{id}.jpg")), own.join(name)).unwrap();
+    }
+    let pred_own = tmp.path().join("pred_own.csv");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--run")
+            .arg(&run24)
+            .arg("--run")
+            .arg(&run)
+            .arg("--images")
+            .arg(&own)
+            .arg("--out")
+            .arg(&pred_own),
+    );
+    assert!(
+        ok && out.contains("3 rows") && err.contains("named by file"),
+        "{out}\n{err}"
+    );
+    let text = std::fs::read_to_string(&pred_own).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("file,Class1.1,"), "{text}");
+    // file-name order: "77.jpg", "NGC 1300.jpg", "a,\"b\".jpeg"
+    let expect = [(2, "77.jpg"), (0, "NGC 1300.jpg"), (1, "\"a,\"\"b\"\".jpeg\"")];
+    assert_eq!(lines.len(), 4, "{text}");
+    for (line, (k, quoted)) in lines[1..].iter().zip(expect) {
+        let values = line
+            .strip_prefix(quoted)
+            .unwrap_or_else(|| panic!("{line} does not start with {quoted}"));
+        let v: Vec<f32> = values.split(',').skip(1).map(|x| x.parse().unwrap()).collect();
+        assert_eq!(v.len(), N_ANSWERS);
+        for (x, m) in v.iter().zip(mix.row(k)) {
+            assert!((x - m).abs() < 1e-5, "{line}");
+        }
+    }
+    let (ok, _out, err) = support::run(
+        support::gz()
+            .args(["submit", "--run"])
+            .arg(&run)
+            .arg("--images")
+            .arg(&own)
+            .arg("--out")
+            .arg(tmp.path().join("own_sub.csv")),
+    );
+    assert!(!ok && err.contains("not named <GalaxyID>.jpg"), "{err}");
+
     // the same preprocessing of other training data (two galaxies' labels swapped): scoring the
     // run's validation hold-out there is refused, naming the training split's fingerprint
     let data2 = tmp.path().join("data2");

@@ -101,8 +101,8 @@ pub fn predict_split(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub path: PathBuf,
-    /// The GalaxyID from the file name, when it is one.
-    pub id: Option<u64>,
+    /// The row key the image was given ([`Keys`]): its GalaxyID, or its position in file mode.
+    pub key: u64,
     pub reason: String,
 }
 
@@ -113,7 +113,7 @@ pub fn galaxy_id(path: &Path) -> Option<u64> {
         .and_then(|s| s.parse::<u64>().ok())
 }
 
-/// The JPEGs of a folder (`*.jpg`, `*.jpeg`), sorted by name.
+/// The JPEGs of a folder (`*.jpg`, `*.jpeg`, any case), sorted by name.
 pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
@@ -128,16 +128,89 @@ pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// How the rows of a folder's predictions are keyed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keys {
+    /// One key per path, in path order.
+    pub keys: Vec<u64>,
+    /// `None`: the keys are GalaxyIDs (every file is named `<GalaxyID>.jpg`, as Kaggle's are).
+    /// `Some(names)`: file mode, for images named anything else (`NGC1300.jpg`): the keys are
+    /// positions and `names[key]` is the file's name, which names its row.
+    pub names: Option<Vec<String>>,
+}
+
+/// Keys for `paths`: their GalaxyIDs when every file is named `<GalaxyID>.jpg` (two files for
+/// one id, `231279.jpg` and `0231279.jpg`, are an error naming both), else file mode.
+pub fn keys_for(paths: &[PathBuf]) -> Result<Keys> {
+    let ids: Option<Vec<u64>> = paths.iter().map(|p| galaxy_id(p)).collect();
+    let Some(ids) = ids else {
+        let names = paths
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+            })
+            .collect();
+        return Ok(Keys {
+            keys: (0..paths.len() as u64).collect(),
+            names: Some(names),
+        });
+    };
+    let mut seen: std::collections::HashMap<u64, &PathBuf> = std::collections::HashMap::new();
+    for (p, &id) in paths.iter().zip(&ids) {
+        if let Some(first) = seen.insert(id, p) {
+            return Err(EvalError::BadFile {
+                path: p.clone(),
+                reason: format!("GalaxyID {id} again (already {}): one file per galaxy", first.display()),
+            });
+        }
+    }
+    Ok(Keys { keys: ids, names: None })
+}
+
+/// Writes file-mode predictions ([`Keys::names`]) atomically: the header `file,Class1.1,…`,
+/// then per row the file's name (quoted as CSV needs when it holds a comma, a quote or a line
+/// break) and its 37 values; `rows.ids` are positions into `names`.
+pub fn write_named(path: &Path, names: &[String], rows: &Solutions) -> Result<()> {
+    use std::fmt::Write as _;
+    let header = gz_schema::csv_header();
+    let mut text = String::with_capacity(64 + rows.len() * N_ANSWERS * 10);
+    // `GalaxyID,Class1.1,…` with the first column renamed
+    text.push_str("file,");
+    text.push_str(header.split_once(',').map_or("", |(_, rest)| rest));
+    text.push('\n');
+    for i in 0..rows.len() {
+        let name = usize::try_from(rows.ids[i])
+            .ok()
+            .and_then(|k| names.get(k))
+            .ok_or_else(|| EvalError::Shape {
+                what: "named predictions".into(),
+                reason: format!("row key {} is not one of the {} files", rows.ids[i], names.len()),
+            })?;
+        if name.contains([',', '"', '\n', '\r']) {
+            let _ = write!(text, "\"{}\"", name.replace('"', "\"\""));
+        } else {
+            text.push_str(name);
+        }
+        for v in rows.row(i) {
+            let _ = write!(text, ",{v}");
+        }
+        text.push('\n');
+    }
+    Ok(gz_schema::write_atomic(path, text.as_bytes())?)
+}
+
 /// Preprocesses one JPEG file's bytes into C×H×W f16 values, or says why it cannot.
 pub type PrepFn<'a> = dyn Fn(&[u8]) -> std::result::Result<Vec<f16>, String> + Sync + 'a;
 
 /// Predicts a list of JPEG files, preprocessing each with `prep` (bytes → C×H×W f16 of
-/// `shape`). Files that cannot be read, decoded, or are not named `<GalaxyID>.jpg` are
-/// returned as failures; the others as rows in input order.
+/// `shape`); `keys[i]` keys the row of `paths[i]` ([`keys_for`]). Files that cannot be read or
+/// decoded are returned as failures; the others as rows in input order.
 #[allow(clippy::too_many_arguments)] // reason: one call site per front end; a struct would only rename them
 pub fn predict_jpegs(
     model: &dyn Predictor,
     paths: &[PathBuf],
+    keys: &[u64],
     prep: &PrepFn<'_>,
     shape: [usize; 3],
     tta: &TtaConfig,
@@ -145,57 +218,47 @@ pub fn predict_jpegs(
     device: &Device,
     progress: &dyn Fn(usize),
 ) -> Result<(Solutions, Vec<Failure>)> {
-    let per = shape.iter().product::<usize>();
-    // one row per GalaxyID: two files naming the same id (`231279.jpg`, `0231279.jpg`) are an
-    // error before any work, naming both
-    let mut seen: std::collections::HashMap<u64, &PathBuf> = std::collections::HashMap::new();
-    for p in paths {
-        if let Some(id) = galaxy_id(p) {
-            if let Some(first) = seen.insert(id, p) {
-                return Err(EvalError::BadFile {
-                    path: p.clone(),
-                    reason: format!("GalaxyID {id} again (already {}): one file per galaxy", first.display()),
-                });
-            }
-        }
+    if keys.len() != paths.len() {
+        return Err(EvalError::Shape {
+            what: "image keys".into(),
+            reason: format!("{} keys for {} images", keys.len(), paths.len()),
+        });
     }
+    let per = shape.iter().product::<usize>();
     let mut sol = Solutions::new();
     let mut failures = Vec::new();
-    let mut ids = Vec::new();
+    let mut batch_keys = Vec::new();
     let mut buf: Vec<f16> = Vec::new();
     let mut done = 0;
-    for chunk in paths.chunks(batch.max(1)) {
-        ids.clear();
+    let b = batch.max(1);
+    for (chunk, chunk_keys) in paths.chunks(b).zip(keys.chunks(b)) {
+        batch_keys.clear();
         buf.clear();
-        for p in chunk {
-            let id = galaxy_id(p);
-            let result = match id {
-                None => Err("file name is not <GalaxyID>.jpg".to_string()),
-                Some(_) => std::fs::read(p)
-                    .map_err(|e| format!("cannot read: {e}"))
-                    .and_then(|b| prep(&b)),
-            };
-            match (id, result) {
-                (Some(id), Ok(img)) if img.len() == per => {
-                    ids.push(id);
+        for (p, &key) in chunk.iter().zip(chunk_keys) {
+            let result = std::fs::read(p)
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(|b| prep(&b));
+            match result {
+                Ok(img) if img.len() == per => {
+                    batch_keys.push(key);
                     buf.extend_from_slice(&img);
                 }
-                (id, Ok(img)) => failures.push(Failure {
+                Ok(img) => failures.push(Failure {
                     path: p.clone(),
-                    id,
+                    key,
                     reason: format!("preprocessing gave {} values, expected {per}", img.len()),
                 }),
-                (id, Err(reason)) => failures.push(Failure {
+                Err(reason) => failures.push(Failure {
                     path: p.clone(),
-                    id,
+                    key,
                     reason,
                 }),
             }
         }
-        if !ids.is_empty() {
+        if !batch_keys.is_empty() {
             let y = predict_batch(model, &buf, shape, tta, device)?;
-            for (k, id) in ids.iter().enumerate() {
-                sol.push(*id, &y[k * N_ANSWERS..(k + 1) * N_ANSWERS]);
+            for (k, key) in batch_keys.iter().enumerate() {
+                sol.push(*key, &y[k * N_ANSWERS..(k + 1) * N_ANSWERS]);
             }
         }
         done += chunk.len();
@@ -223,9 +286,17 @@ mod tests {
         std::fs::write(dir.path().join("100.jpg"), [1u8]).unwrap();
         std::fs::write(dir.path().join("200.jpg"), [2u8]).unwrap();
         std::fs::write(dir.path().join("300.jpg"), [0u8]).unwrap();
-        std::fs::write(dir.path().join("x.jpg"), [1u8]).unwrap();
+        std::fs::write(dir.path().join("x.txt"), [1u8]).unwrap();
         let paths = list_jpegs(dir.path()).unwrap();
-        assert_eq!(paths.len(), 4);
+        assert_eq!(paths.len(), 3);
+        let keys = keys_for(&paths).unwrap();
+        assert_eq!(
+            keys,
+            Keys {
+                keys: vec![100, 200, 300],
+                names: None
+            }
+        );
         // "prep": byte 0 is a corrupt file, otherwise a constant image of value byte/4
         let prep = |b: &[u8]| -> std::result::Result<Vec<f16>, String> {
             match b.first() {
@@ -236,6 +307,7 @@ mod tests {
         let (sol, fails) = predict_jpegs(
             &mean_model,
             &paths,
+            &keys.keys,
             &prep,
             [3, 4, 4],
             &TtaConfig::none(),
@@ -246,10 +318,20 @@ mod tests {
         .unwrap();
         assert_eq!(sol.ids, vec![100, 200]);
         assert!((sol.row(1)[5] - 0.5).abs() < 1e-6);
-        assert_eq!(fails.len(), 2);
-        assert_eq!(fails[0].id, Some(300));
+        assert_eq!(fails.len(), 1);
+        assert_eq!(fails[0].key, 300);
         assert_eq!(fails[0].reason, "corrupt JPEG");
-        assert!(fails[1].path.ends_with("x.jpg") && fails[1].id.is_none());
+    }
+
+    #[test]
+    fn images_not_named_for_a_galaxy_are_keyed_by_position_and_named() {
+        let p = |n: &str| PathBuf::from("/d").join(n);
+        let k = keys_for(&[p("12.jpg"), p("NGC 1300.JPEG"), p("M51.jpg")]).unwrap();
+        assert_eq!(k.keys, vec![0, 1, 2]);
+        assert_eq!(k.names.unwrap(), ["12.jpg", "NGC 1300.JPEG", "M51.jpg"]);
+        let e = keys_for(&[p("0012.jpg"), p("12.jpg")]).unwrap_err().to_string();
+        assert!(e.contains("GalaxyID 12 again") && e.contains("0012.jpg"), "{e}");
+        assert_eq!(keys_for(&[]).unwrap().keys, Vec::<u64>::new());
     }
 
     #[test]

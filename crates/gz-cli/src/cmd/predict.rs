@@ -4,7 +4,10 @@
 //! Sources: a shard cache's test split (`--cache`, the checkpoint's preprocessing must match the
 //! cache's: refused otherwise with both named) or a folder of JPEGs (`--images`, preprocessed on
 //! the fly with each checkpoint's own config: an ensemble of checkpoints that take different
-//! inputs prepares the images once per input and averages over all members). An unreadable JPEG stops the command before any
+//! inputs prepares the images once per input and averages over all members). A folder of
+//! `<GalaxyID>.jpg` files gives rows keyed by GalaxyID, as a submission; any other names
+//! (an astronomer's own cutouts, `NGC1300.jpg`) give rows keyed by file name (first column
+//! `file`). An unreadable JPEG stops the command before any
 //! file is written, unless `--fill-mean` fills its row with the training mean (from the
 //! checkpoint) and lists it. Also the shared helpers `gz submit --run` uses.
 
@@ -12,7 +15,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use gz_eval::predict::{list_jpegs, predict_jpegs, predict_split, Failure};
+use gz_eval::predict::{keys_for, list_jpegs, predict_jpegs, predict_split, Failure};
 use gz_eval::tta::{Ensemble, Predictor, TtaConfig};
 use gz_model::checkpoint::LoadedModel;
 use gz_schema::Solutions;
@@ -63,8 +66,9 @@ pub struct SourceArgs {
     /// Shard cache directory (from `gz prep`); its test split is predicted.
     #[arg(long, conflicts_with = "images", required_unless_present = "images")]
     pub cache: Option<PathBuf>,
-    /// A folder of <GalaxyID>.jpg files, preprocessed with each checkpoint's own config (an
-    /// ensemble may mix input sizes and crops).
+    /// A folder of JPEGs, preprocessed with each checkpoint's own config (an ensemble may mix
+    /// input sizes and crops). Named <GalaxyID>.jpg: rows keyed by GalaxyID (as a submission);
+    /// any other names: rows keyed by file name (first column `file`).
     #[arg(long)]
     pub images: Option<PathBuf>,
     #[command(flatten)]
@@ -86,7 +90,8 @@ pub struct SourceArgs {
 pub struct Args {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Output CSV (GalaxyID + 37 columns), written atomically.
+    /// Output CSV (GalaxyID, or the file name for --images not named by GalaxyID, + 37
+    /// columns), written atomically.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -114,6 +119,9 @@ pub struct Predicted {
     pub train_mean: Vec<f32>,
     /// TTA views used.
     pub views: usize,
+    /// File mode (`--images` not all named `<GalaxyID>.jpg`): the row keys are positions into
+    /// these file names.
+    pub names: Option<Vec<String>>,
 }
 
 /// Loads the checkpoints and predicts the source's test images.
@@ -138,6 +146,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         tta.n_views(),
         src.device
     );
+    let mut names = None;
     let (rows, failures) = if let Some(cache_dir) = &src.cache {
         let cache = super::open_cache(cache_dir)?;
         for (m, run) in models.iter().zip(&src.runs) {
@@ -169,7 +178,9 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         };
         (rows, Vec::new())
     } else if let Some(dir) = &src.images {
-        predict_folder(&models, dir, &tta, src.batch, &device)?
+        let (rows, failures, n) = predict_folder(&models, dir, &tta, src.batch, &device)?;
+        names = n;
+        (rows, failures)
     } else {
         bail!("give --cache DIR (a shard cache's test split) or --images DIR (a folder of <GalaxyID>.jpg) to predict");
     };
@@ -198,6 +209,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         failures,
         train_mean,
         views: tta.n_views(),
+        names,
     })
 }
 
@@ -207,10 +219,19 @@ fn predict_folder(
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
-) -> anyhow::Result<(Solutions, Vec<Failure>)> {
+) -> anyhow::Result<(Solutions, Vec<Failure>, Option<Vec<String>>)> {
     let paths = list_jpegs(dir)?;
     if paths.is_empty() {
         bail!("no .jpg files in {}", dir.display());
+    }
+    let keys = keys_for(&paths)?;
+    if let Some(names) = &keys.names {
+        let other = paths.iter().find(|p| gz_eval::predict::galaxy_id(p).is_none());
+        eprintln!(
+            "{} is not named <GalaxyID>.jpg: the {} rows are named by file (first column `file`)",
+            other.map_or_else(|| "an image".into(), |p| p.display().to_string()),
+            names.len()
+        );
     }
     // the members by the input they take, in order of first appearance: the images are
     // prepared once for each group
@@ -225,7 +246,8 @@ fn predict_folder(
         }
     }
     if groups.len() == 1 {
-        return predict_group(&groups[0], &paths, tta, batch, device, "predict");
+        let (rows, failures) = predict_group(&groups[0], &paths, &keys.keys, tta, batch, device, "predict")?;
+        return Ok((rows, failures, keys.names));
     }
     eprintln!(
         "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
@@ -237,7 +259,7 @@ fn predict_folder(
     let mut failed_paths: std::collections::HashSet<std::path::PathBuf> = std::collections::HashSet::new();
     for (gi, group) in groups.iter().enumerate() {
         let what = format!("predict ({}/{})", gi + 1, groups.len());
-        let (rows, failed) = predict_group(group, &paths, tta, batch, device, &what)?;
+        let (rows, failed) = predict_group(group, &paths, &keys.keys, tta, batch, device, &what)?;
         for (i, &id) in rows.ids.iter().enumerate() {
             let (acc, n) = sum.entry(id).or_insert_with(|| (vec![0.0; gz_schema::N_ANSWERS], 0));
             for (a, v) in acc.iter_mut().zip(rows.row(i)) {
@@ -254,19 +276,20 @@ fn predict_folder(
     // rows every member predicted, in file order (an image that failed for any member has no
     // row from that member's group)
     let mut rows = Solutions::new();
-    for id in paths.iter().filter_map(|p| gz_eval::predict::galaxy_id(p)) {
-        if let Some((acc, n)) = sum.get(&id).filter(|(_, n)| *n == models.len()) {
+    for &key in &keys.keys {
+        if let Some((acc, n)) = sum.get(&key).filter(|(_, n)| *n == models.len()) {
             let row: Vec<f32> = acc.iter().map(|v| v / *n as f32).collect();
-            rows.push(id, &row);
+            rows.push(key, &row);
         }
     }
-    Ok((rows, failures))
+    Ok((rows, failures, keys.names))
 }
 
 /// The members of one group (same input) on every JPEG, prepared with their preprocessing.
 fn predict_group(
     group: &[&LoadedModel],
     paths: &[std::path::PathBuf],
+    keys: &[u64],
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
@@ -300,9 +323,17 @@ fn predict_group(
     let ensemble = Ensemble { members };
     let prep = |bytes: &[u8]| gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string());
     let pb = progress_bar(paths.len(), what);
-    let out = predict_jpegs(&ensemble, paths, &prep, sidecar.input_shape, tta, batch, device, &|n| {
-        pb.set_position(n as u64)
-    })?;
+    let out = predict_jpegs(
+        &ensemble,
+        paths,
+        keys,
+        &prep,
+        sidecar.input_shape,
+        tta,
+        batch,
+        device,
+        &|n| pb.set_position(n as u64),
+    )?;
     pb.finish_and_clear();
     Ok(out)
 }
@@ -314,16 +345,8 @@ pub fn fill_failures(p: &mut Predicted) -> anyhow::Result<Vec<u64>> {
     }
     let mut filled = Vec::new();
     for f in &p.failures {
-        match f.id {
-            Some(id) => {
-                p.rows.push(id, &p.train_mean);
-                filled.push(id);
-            }
-            None => bail!(
-                "{}: not named <GalaxyID>.jpg, so it cannot be given a row",
-                f.path.display()
-            ),
-        }
+        p.rows.push(f.key, &p.train_mean);
+        filled.push(f.key);
     }
     Ok(filled)
 }
@@ -331,12 +354,19 @@ pub fn fill_failures(p: &mut Predicted) -> anyhow::Result<Vec<u64>> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut p = predict(&args.source)?;
     let filled = fill_failures(&mut p)?;
-    for id in &filled {
-        eprintln!("filled with the training mean: {id}");
+    for &key in &filled {
+        match &p.names {
+            Some(names) => eprintln!("filled with the training mean: {}", names[key as usize]),
+            None => eprintln!("filled with the training mean: {key}"),
+        }
     }
-    // in GalaxyID order, filled rows in their places (as a submission is)
+    // in GalaxyID (or file name) order, filled rows in their places (as a submission is)
     let rows = p.rows.sorted_by_id();
-    gz_schema::write_solutions(&args.out, &rows).with_context(|| format!("writing {}", args.out.display()))?;
+    match &p.names {
+        Some(names) => gz_eval::predict::write_named(&args.out, names, &rows).map_err(anyhow::Error::new),
+        None => gz_schema::write_solutions(&args.out, &rows).map_err(anyhow::Error::new),
+    }
+    .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
         "{} rows ({} filled with the training mean), {} TTA view(s)",
         p.rows.len(),
