@@ -348,6 +348,50 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         }
     }
 
+    // per-question fractions: each reached question sums to 1 and is the Kaggle answers'
+    // share of their sum; such a file is refused as a submission
+    let pred_q = tmp.path().join("pred_conditional.csv");
+    let out = gz_ok(
+        support::gz()
+            .args(["predict", "--conditional", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&pred_q),
+    );
+    assert!(out.contains("per-question fractions"), "{out}");
+    let text = std::fs::read_to_string(&pred_q).unwrap();
+    let mut n = 0;
+    for (line, i) in text.lines().skip(1).zip(0..) {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells[0].parse::<u64>().unwrap(), a.ids[i]);
+        let kaggle: Vec<f32> = a.row(i).iter().map(|v| v.clamp(0.0, 1.0)).collect();
+        for q in &gz_schema::QUESTIONS {
+            let got: Vec<Option<f32>> = q.answers().map(|k| cells[k + 1].parse::<f32>().ok()).collect();
+            let reached: f32 = q.answers().map(|k| kaggle[k]).sum();
+            if got.iter().all(Option::is_some) {
+                let sum: f32 = got.iter().flatten().sum();
+                assert!((sum - 1.0).abs() < 1e-4, "{line}");
+                for (g, k) in got.iter().zip(q.answers()) {
+                    assert!((g.unwrap() - kaggle[k] / reached).abs() < 1e-4, "{line}");
+                }
+                n += 1;
+            } else {
+                assert!(got.iter().all(Option::is_none) && reached < 0.0101, "{line}");
+            }
+        }
+    }
+    assert!(n > 0);
+    let (ok, _out, err) = support::run(
+        support::gz()
+            .args(["submit", "--pred"])
+            .arg(&pred_q)
+            .arg("--out")
+            .arg(tmp.path().join("q_sub.csv")),
+    );
+    assert!(!ok && err.contains("--conditional"), "{err}");
+
     // an ensemble of the same checkpoint twice is that checkpoint
     let pred_e = tmp.path().join("pred_ens.csv");
     gz_ok(

@@ -168,32 +168,36 @@ pub fn keys_for(paths: &[PathBuf]) -> Result<Keys> {
     Ok(Keys { keys: ids, names: None })
 }
 
-/// Writes file-mode predictions ([`Keys::names`]) atomically: the header `file,Class1.1,…`,
-/// then per row the file's name (quoted as CSV needs when it holds a comma, a quote or a line
-/// break) and its 37 values; `rows.ids` are positions into `names`.
-pub fn write_named(path: &Path, names: &[String], rows: &Solutions) -> Result<()> {
+/// Writes predictions atomically as a CSV: the header `<first_column>,Class1.1,…`, then per
+/// row its label (a GalaxyID or a file name, CSV-quoted when it holds a comma, a quote or a
+/// line break) and 37 cells, an empty cell for `None` ([`gz_schema::conditional`]'s questions
+/// nobody reached).
+pub fn write_table(path: &Path, first_column: &str, rows: &[(String, Vec<Option<f32>>)]) -> Result<()> {
     use std::fmt::Write as _;
     let header = gz_schema::csv_header();
     let mut text = String::with_capacity(64 + rows.len() * N_ANSWERS * 10);
-    // `GalaxyID,Class1.1,…` with the first column renamed
-    text.push_str("file,");
+    // `GalaxyID,Class1.1,…` with the first column named as asked
+    text.push_str(first_column);
+    text.push(',');
     text.push_str(header.split_once(',').map_or("", |(_, rest)| rest));
     text.push('\n');
-    for i in 0..rows.len() {
-        let name = usize::try_from(rows.ids[i])
-            .ok()
-            .and_then(|k| names.get(k))
-            .ok_or_else(|| EvalError::Shape {
-                what: "named predictions".into(),
-                reason: format!("row key {} is not one of the {} files", rows.ids[i], names.len()),
-            })?;
-        if name.contains([',', '"', '\n', '\r']) {
-            let _ = write!(text, "\"{}\"", name.replace('"', "\"\""));
-        } else {
-            text.push_str(name);
+    for (label, cells) in rows {
+        if cells.len() != N_ANSWERS {
+            return Err(EvalError::Shape {
+                what: format!("row {label}"),
+                reason: format!("{} values, expected {N_ANSWERS}", cells.len()),
+            });
         }
-        for v in rows.row(i) {
-            let _ = write!(text, ",{v}");
+        if label.contains([',', '"', '\n', '\r']) {
+            let _ = write!(text, "\"{}\"", label.replace('"', "\"\""));
+        } else {
+            text.push_str(label);
+        }
+        for v in cells {
+            text.push(',');
+            if let Some(v) = v {
+                let _ = write!(text, "{v}");
+            }
         }
         text.push('\n');
     }

@@ -406,16 +406,55 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
             .map_err(|_| bad(line, format!("GalaxyID {:?} is not an integer", &rec[0])))?;
         for (k, column) in column_names().enumerate() {
             let t = rec[k + 1].trim();
-            row[k] = t
-                .parse()
-                .map_err(|_| bad(line, format!("{column}: {t:?} is not a number")))?;
+            row[k] = t.parse().map_err(|_| {
+                let hint = if t.is_empty() {
+                    " (an empty cell: per-question fractions from `gz predict --conditional`? a submission \
+                     needs Kaggle's, written without --conditional)"
+                } else {
+                    ""
+                };
+                bad(line, format!("{column}: {t:?} is not a number{hint}"))
+            })?;
         }
         out.push(id, &row);
     }
     if first {
         return Err(bad(1, "file is empty (no header)".into()));
     }
+    if looks_conditional(&out) {
+        return Err(EvalError::BadFile {
+            path: path.to_path_buf(),
+            reason: "every question's answers sum to 1 in every row: these are per-question fractions (`gz predict \
+                     --conditional`), not Kaggle's, whose answers sum to their parent answer; predict again without \
+                     --conditional"
+                .into(),
+        });
+    }
     Ok(out)
+}
+
+/// Whether `rows` hold per-question fractions ([`gz_schema::conditional`]) rather than Kaggle's:
+/// every question sums to 1 in every row, and somewhere a question below the first level sums
+/// to 1 although its parent answer is well below 1 (impossible in a Kaggle row, where the
+/// question sums to its parent; a model's free outputs do not sum to exactly 1 everywhere).
+pub fn looks_conditional(rows: &Solutions) -> bool {
+    if rows.is_empty() {
+        return false;
+    }
+    let mut contradicts_kaggle = false;
+    for i in 0..rows.len() {
+        let row = rows.row(i);
+        for q in &gz_schema::QUESTIONS {
+            let sum: f32 = row[q.answers()].iter().sum();
+            if (sum - 1.0).abs() > 1e-3 {
+                return false;
+            }
+            if q.parent.is_some_and(|p| row[p] < 0.9) {
+                contradicts_kaggle = true;
+            }
+        }
+    }
+    contradicts_kaggle
 }
 
 /// How a submission was assembled from predictions.
@@ -575,6 +614,41 @@ pub fn write_submission(path: &Path, pred: &Solutions, ids: Option<&[u64]>, fill
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn per_question_fractions_are_told_from_kaggle_rows() {
+        let mut kaggle = [0.0f32; N_ANSWERS];
+        kaggle[0] = 0.3;
+        kaggle[1] = 0.6;
+        kaggle[2] = 0.1;
+        kaggle[3] = 0.2; // Q2 sums to Class1.2 = 0.6
+        kaggle[4] = 0.4;
+        kaggle[5] = 0.1; // Q3 and Q4 sum to Class2.2 = 0.4
+        kaggle[6] = 0.3;
+        kaggle[7] = 0.25;
+        kaggle[8] = 0.15;
+        kaggle[9] = 0.4; // Q5 sums to 0.4
+        kaggle[13] = 0.5; // Q6 sums to 1
+        kaggle[14] = 0.5;
+        kaggle[15] = 0.3; // Q7 sums to Class1.1 = 0.3
+        kaggle[18] = 0.5; // Q8 sums to Class6.1 = 0.5
+        kaggle[25] = 0.2; // Q9 sums to Class2.1 = 0.2
+        kaggle[28] = 0.25; // Q10 sums to Class4.1 = 0.25
+        kaggle[31] = 0.25; // Q11 sums to Class4.1
+        assert!(gz_schema::check_row(&kaggle, 1e-5).is_empty());
+        let mut k = Solutions::new();
+        k.push(1, &kaggle);
+        assert!(!looks_conditional(&k));
+        let cond: Vec<f32> = gz_schema::conditional(&kaggle).iter().map(|v| v.unwrap()).collect();
+        let mut c = Solutions::new();
+        c.push(1, &cond);
+        assert!(looks_conditional(&c));
+        // one Kaggle row among them: not all rows sum to 1 per question
+        c.push(2, &kaggle);
+        assert!(!looks_conditional(&c));
+        assert!(!looks_conditional(&Solutions::new()));
+    }
+
     use super::*;
 
     fn sol(ids: &[u64], v: f32) -> Solutions {

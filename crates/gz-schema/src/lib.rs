@@ -218,6 +218,38 @@ pub fn question_target(row: &[f32], question: usize) -> f32 {
     }
 }
 
+/// Below this share of volunteers reaching a question, [`conditional`] gives no fractions for
+/// it: they would be the ratio of two numbers near zero.
+pub const MIN_REACHED: f32 = 0.01;
+
+/// Per-question ("conditional") fractions of one row of 37 Kaggle values, as Galaxy Zoo
+/// catalogues give them: each answer's share of the votes cast on its question, so each
+/// question's answers sum to 1 ("of the volunteers who were asked whether this disk has a bar,
+/// 70 % said yes"). The Kaggle values are shares of all volunteers (each question's answers sum
+/// to its parent answer). Values are clipped to [0, 1] first (a model's outputs may stray);
+/// a question that less than [`MIN_REACHED`] of the volunteers reached gets `None`s. Panics if
+/// `row.len() != 37` (caller bug).
+pub fn conditional(row: &[f32]) -> [Option<f32>; N_ANSWERS] {
+    assert_eq!(row.len(), N_ANSWERS, "a row has {N_ANSWERS} values");
+    let mut out = [None; N_ANSWERS];
+    for q in &QUESTIONS {
+        let clipped = |i: usize| {
+            if row[i].is_finite() {
+                row[i].clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
+        let reached: f32 = q.answers().map(clipped).sum();
+        if reached >= MIN_REACHED {
+            for i in q.answers() {
+                out[i] = Some(clipped(i) / reached);
+            }
+        }
+    }
+    out
+}
+
 /// Checks every normalisation equality of the Kaggle labels on one row of 37 values and
 /// returns the ones that fail by more than `tol`. Panics if `row.len() != 37` (caller bug).
 pub fn check_row(row: &[f32], tol: f32) -> Vec<Violation> {
@@ -239,6 +271,43 @@ pub fn check_row(row: &[f32], tol: f32) -> Vec<Violation> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn conditional_fractions_sum_to_one_per_reached_question() {
+        // a disk (0.8 features), mostly face-on (0.7 of all), barred for 0.49 of all
+        let mut row = [0.0f32; N_ANSWERS];
+        row[answer_index(1, 1)] = 0.15;
+        row[answer_index(1, 2)] = 0.8;
+        row[answer_index(1, 3)] = 0.05;
+        row[answer_index(2, 1)] = 0.1;
+        row[answer_index(2, 2)] = 0.7;
+        row[answer_index(3, 1)] = 0.49;
+        row[answer_index(3, 2)] = 0.21;
+        row[answer_index(6, 1)] = 0.2;
+        row[answer_index(6, 2)] = 0.8;
+        // Q7 (roundness of smooth galaxies) reached by 0.15; Q9 (edge-on bulge) by 0.005
+        row[answer_index(7, 1)] = 0.15;
+        row[answer_index(9, 2)] = 0.005;
+        // a model's stray output: negative, clipped to 0
+        row[answer_index(7, 3)] = -0.02;
+        let c = conditional(&row);
+        let get = |q, k| c[answer_index(q, k)];
+        assert_eq!(get(1, 2), Some(0.8));
+        assert!((get(3, 1).unwrap() - 0.7).abs() < 1e-6);
+        assert!((get(2, 2).unwrap() - 0.875).abs() < 1e-6);
+        assert_eq!(get(7, 1), Some(1.0));
+        assert_eq!(get(7, 3), Some(0.0));
+        assert_eq!(get(9, 2), None, "reached by 0.5 %: no fractions");
+        assert_eq!(get(11, 1), None, "never reached");
+        for (qi, q) in QUESTIONS.iter().enumerate() {
+            let vals: Vec<f32> = q.answers().filter_map(|i| c[i]).collect();
+            if !vals.is_empty() {
+                assert_eq!(vals.len(), q.len, "Q{}", qi + 1);
+                assert!((vals.iter().sum::<f32>() - 1.0).abs() < 1e-5, "Q{}", qi + 1);
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -94,6 +94,11 @@ pub struct Args {
     /// columns), written atomically.
     #[arg(long)]
     pub out: PathBuf,
+    /// Write per-question fractions instead of Kaggle's: each answer's share of the votes on
+    /// its question (each question sums to 1, as Galaxy Zoo catalogues give them); a question
+    /// the model says under 1 % of volunteers would reach gets empty cells.
+    #[arg(long)]
+    pub conditional: bool,
 }
 
 /// A progress bar on stderr, hidden when stderr is not a terminal.
@@ -362,16 +367,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // in GalaxyID (or file name) order, filled rows in their places (as a submission is)
     let rows = p.rows.sorted_by_id();
-    match &p.names {
-        Some(names) => gz_eval::predict::write_named(&args.out, names, &rows).map_err(anyhow::Error::new),
-        None => gz_schema::write_solutions(&args.out, &rows).map_err(anyhow::Error::new),
+    let label = |i: usize| match &p.names {
+        Some(names) => names[rows.ids[i] as usize].clone(),
+        None => rows.ids[i].to_string(),
+    };
+    let first_column = if p.names.is_some() { "file" } else { "GalaxyID" };
+    if args.conditional {
+        let table: Vec<(String, Vec<Option<f32>>)> = (0..rows.len())
+            .map(|i| (label(i), gz_schema::conditional(rows.row(i)).to_vec()))
+            .collect();
+        gz_eval::predict::write_table(&args.out, first_column, &table)
+    } else if p.names.is_some() {
+        let table: Vec<(String, Vec<Option<f32>>)> = (0..rows.len())
+            .map(|i| (label(i), rows.row(i).iter().map(|&v| Some(v)).collect()))
+            .collect();
+        gz_eval::predict::write_table(&args.out, first_column, &table)
+    } else {
+        gz_schema::write_solutions(&args.out, &rows).map_err(gz_eval::EvalError::from)
     }
     .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
-        "{} rows ({} filled with the training mean), {} TTA view(s)",
+        "{} rows ({} filled with the training mean), {} TTA view(s){}",
         p.rows.len(),
         filled.len(),
-        p.views
+        p.views,
+        if args.conditional {
+            ", per-question fractions"
+        } else {
+            ""
+        }
     );
     println!("predictions: {}", args.out.display());
     Ok(())
