@@ -69,6 +69,9 @@ enum Standing {
     Other(String),
     /// Its recorded dataset folder no longer exists.
     Orphan(String),
+    /// Built from another dataset, or from this one before its files changed: an older gz
+    /// recorded its folder as the relative path shown, which cannot tell which.
+    Relative(String),
     /// Nothing to compare with (no --data, recorded folder present or not recorded).
     Unknown,
 }
@@ -125,17 +128,20 @@ fn standing(entry: &Entry, dataset: Option<&(PathBuf, String)>) -> Standing {
         if key == Some(current.as_str()) {
             return Standing::Current;
         }
-        if let Some(b) = &built_from {
+        // only a recorded absolute path names a folder: older gz versions recorded the path as
+        // given, relative to wherever `gz prep` ran, and resolving it from here could name
+        // another dataset (and prune a cache that is still current for its own)
+        if let Some(b) = built_from.as_ref().filter(|b| b.is_absolute()) {
             if b.canonicalize().ok().as_ref() == Some(abs) || b == abs {
                 return Standing::Superseded;
             }
         }
     }
     match built_from {
-        // only a recorded absolute path can be said to be gone (older gz versions recorded the
-        // path as given, which may be relative to wherever `gz prep` ran)
+        // only a recorded absolute path can be said to be gone (see above)
         Some(b) if b.is_absolute() && !b.exists() => Standing::Orphan(b.display().to_string()),
-        Some(b) if dataset.is_some() => Standing::Other(b.display().to_string()),
+        Some(b) if b.is_absolute() && dataset.is_some() => Standing::Other(b.display().to_string()),
+        Some(b) if dataset.is_some() => Standing::Relative(b.display().to_string()),
         _ => Standing::Unknown,
     }
 }
@@ -194,6 +200,7 @@ fn list(at: &Where) -> anyhow::Result<()> {
                     Standing::Superseded => "superseded: the dataset's files changed since".to_string(),
                     Standing::Other(d) => format!("other dataset: {d}"),
                     Standing::Orphan(d) => format!("orphan: {d} is gone"),
+                    Standing::Relative(d) => format!("dataset unknown: recorded as the relative path {d}"),
                     Standing::Unknown => "ok".to_string(),
                 };
                 if skipped > 0 {
@@ -393,6 +400,25 @@ mod tests {
             config_text(&serde_json::json!({}), &serde_json::json!({})),
             "crop ? → ? ?"
         );
+    }
+
+    /// An older gz recorded `data_dir` as given; `.` resolved from here is whatever folder
+    /// `gz cache` runs in, not the one `gz prep` ran in: never superseded (so never pruned).
+    #[test]
+    fn a_relative_recorded_dataset_folder_is_not_called_superseded() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("k-abc");
+        let cfg = serde_json::json!({"crop": 4, "size": 2});
+        let mut w = gz_shards::CacheWriter::create(&dir, &cfg, "abc", 4).unwrap();
+        let mut s = w.begin_split("test", [1, 2, 2], false).unwrap();
+        s.push(1, &[gz_shards::f16::from_f32(1.0); 4], None).unwrap();
+        w.end_split(s).unwrap();
+        w.finish(serde_json::json!({"dataset_key": "old", "data_dir": "."}))
+            .unwrap();
+        let entry = inventory::classify(&dir, "k-abc").unwrap();
+        let here = PathBuf::from(".").canonicalize().unwrap();
+        let st = standing(&entry, Some(&(here, "new".to_string())));
+        assert_eq!(st, Standing::Relative(".".into()));
     }
 
     #[test]
