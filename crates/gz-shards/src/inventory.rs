@@ -156,14 +156,24 @@ pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
     })
 }
 
-/// Whether `dir` holds a file written by the shard writer (`*.shard`, `*.labels`, `*.index`).
+/// Whether `dir` holds a file the shard writer finished: named `*.shard`, `*.labels` or
+/// `*.index` and starting with the gz-shards magic. The name alone is not enough: other tools
+/// write `*.index` and `*.labels` files too (TensorFlow checkpoints, for one).
 fn holds_shard_files(dir: &Path) -> bool {
     let Ok(rd) = fs::read_dir(dir) else { return false };
     rd.flatten().any(|e| {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index")
+        (n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index")) && starts_with_magic(&e.path())
     })
+}
+
+fn starts_with_magic(file: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    fs::File::open(file)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == crate::format::MAGIC)
 }
 
 /// Total bytes and newest modification time under `dir` (symbolic links not followed).
@@ -294,7 +304,11 @@ mod tests {
             .set_len(len - 1)
             .unwrap();
         fs::create_dir(root.join("unfinished")).unwrap();
-        fs::write(root.join("unfinished/test-00000.shard"), b"x").unwrap();
+        fs::copy(root.join("good/test.index"), root.join("unfinished/test.index")).unwrap();
+        // another tool's files with a shard writer's endings (a TensorFlow checkpoint)
+        fs::create_dir(root.join("checkpoint")).unwrap();
+        fs::write(root.join("checkpoint/model.ckpt-1.index"), b"x").unwrap();
+        fs::write(root.join("checkpoint/train.labels"), b"cat\ndog\n").unwrap();
         fs::create_dir(root.join("photos")).unwrap();
         fs::write(root.join("photos/a.jpg"), b"x").unwrap();
         fs::create_dir(root.join("other")).unwrap();
@@ -357,6 +371,11 @@ mod tests {
         let e = remove(&root.join("photos")).unwrap_err().to_string();
         assert!(e.contains("not a gz cache"), "{e}");
         assert!(root.join("photos/a.jpg").exists());
+        fs::create_dir(root.join("ckpt")).unwrap();
+        fs::write(root.join("ckpt/model.ckpt-1.index"), b"x").unwrap();
+        let e = remove(&root.join("ckpt")).unwrap_err().to_string();
+        assert!(e.contains("not a gz cache"), "{e}");
+        assert!(root.join("ckpt/model.ckpt-1.index").exists());
 
         let live = root.join(format!(".c.tmp-{}", std::process::id()));
         fs::create_dir(&live).unwrap();
