@@ -134,9 +134,11 @@ pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
         match Cache::open(path) {
             Ok(c) => EntryState::Complete(Box::new(c.manifest().clone())),
             Err(e) => {
-                // a manifest that is not gz's makes the folder someone else's
+                // a manifest that is not gz's makes the folder someone else's, unless gz's
+                // shard files are beside it (a manifest cut short or emptied, as by a copy
+                // that did not finish)
                 let text = fs::read(path.join(MANIFEST_FILE)).unwrap_or_default();
-                if !String::from_utf8_lossy(&text).contains("\"gz-shards\"") {
+                if !String::from_utf8_lossy(&text).contains("\"gz-shards\"") && !holds_shard_files(path) {
                     return None;
                 }
                 EntryState::Damaged(e.to_string())
@@ -355,6 +357,22 @@ mod tests {
         assert!(list[3].bytes > 0 && list[3].modified.is_some());
         assert!(matches!(list[4].state, EntryState::Incomplete));
         assert!(scan_root(&root.join("missing")).unwrap().is_empty());
+    }
+
+    /// A manifest emptied or cut short before its `"gz-shards"` beside gz's shard files: a
+    /// damaged cache, listed and removable (it was neither).
+    #[test]
+    fn a_cache_with_an_emptied_manifest_is_damaged() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("c");
+        write_cache(&dir);
+        fs::write(dir.join(MANIFEST_FILE), b"{").unwrap();
+        let list = scan_root(t.path()).unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(matches!(list[0].state, EntryState::Damaged(_)), "{:?}", list[0].state);
+        fs::write(dir.join(MANIFEST_FILE), b"").unwrap();
+        remove(&dir).unwrap();
+        assert!(!dir.exists());
     }
 
     #[test]
