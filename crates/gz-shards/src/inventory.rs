@@ -205,6 +205,13 @@ fn usage(dir: &Path) -> (u64, Option<SystemTime>) {
 /// (no gz manifest, no shard files, not a leftover name), the folder of a running writer, and
 /// symbolic links.
 pub fn remove(dir: &Path) -> Result<(), ShardError> {
+    // `cache/NAME/` and `cache/NAME/.` name `cache/NAME`; left as typed, the trailing `/`
+    // makes the system follow a symbolic link and refuse the rename ("Not a directory",
+    // "Device or resource busy") instead of the reasons below
+    let dir = &match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => dir.to_path_buf(),
+    };
     let md = fs::symlink_metadata(dir).map_err(|e| io_err(dir, e))?;
     if md.file_type().is_symlink() {
         return Err(ShardError::Invalid(format!(
@@ -413,7 +420,14 @@ mod tests {
             std::os::unix::fs::symlink(root.join("real"), root.join("link")).unwrap();
             let e = remove(&root.join("link")).unwrap_err().to_string();
             assert!(e.contains("symbolic link"), "{e}");
+            let e = remove(Path::new(&format!("{}/", root.join("link").display())))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("symbolic link"), "{e}");
             assert!(root.join("real/manifest.json").exists());
+            // a trailing `/` or `/.` names the folder itself
+            remove(&root.join("real").join(".")).unwrap();
+            assert!(!root.join("real").exists());
         }
     }
 }
