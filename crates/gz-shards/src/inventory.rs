@@ -122,6 +122,9 @@ pub fn scan_root(root: &Path) -> Result<Vec<Entry>, ShardError> {
 /// Reads what one folder is, or `None` when it is not gz's.
 pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
     let state = if let Some((kind, name, pid)) = parse_leftover(file_name) {
+        if !holds_only_writer_files(path) {
+            return None; // another tool's folder with a name like ours
+        }
         EntryState::Leftover {
             kind,
             name,
@@ -167,6 +170,20 @@ fn holds_shard_files(dir: &Path) -> bool {
         let n = e.file_name();
         let n = n.to_string_lossy();
         (n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index")) && starts_with_magic(&e.path())
+    })
+}
+
+/// Whether `dir` holds nothing but files with the names the shard writer gives (a leftover
+/// of a writer or a removal holds some of a cache's files; they may be cut short, or empty).
+fn holds_only_writer_files(dir: &Path) -> bool {
+    let Ok(rd) = fs::read_dir(dir) else { return false };
+    rd.into_iter().all(|e| {
+        e.is_ok_and(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            e.file_type().is_ok_and(|t| t.is_file())
+                && (n == MANIFEST_FILE || n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index"))
+        })
     })
 }
 
@@ -413,6 +430,15 @@ mod tests {
         fs::write(dead.join("test-00000.shard"), b"x").unwrap();
         remove(&dead).unwrap();
         assert!(!dead.exists());
+        // another tool's hidden folder named like a leftover (a root named by mistake, `~`)
+        let theirs = root.join(".notes.tmp-4194305");
+        fs::create_dir(&theirs).unwrap();
+        fs::write(theirs.join("draft.txt"), b"x").unwrap();
+        assert!(scan_root(root).unwrap().iter().all(|e| e.path != theirs));
+        let e = remove(&theirs).unwrap_err().to_string();
+        assert!(e.contains("not a gz cache"), "{e}");
+        assert!(theirs.join("draft.txt").exists());
+        fs::remove_dir_all(&theirs).unwrap();
 
         #[cfg(unix)]
         {
