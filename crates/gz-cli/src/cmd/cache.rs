@@ -168,10 +168,7 @@ fn list(at: &Where) -> anyhow::Result<()> {
     let now = SystemTime::now();
     let mut total = 0u64;
     let (mut n_caches, mut n_prunable, mut prunable_bytes) = (0usize, 0usize, 0u64);
-    println!(
-        "{:<34} {:>9} {:>7} {:>7}  {:<22} {:>9}  state",
-        "folder", "size", "train", "test", "config", "built"
-    );
+    let mut rows = vec![["folder", "size", "train", "test", "config", "built", "state"].map(String::from)];
     for e in &entries {
         total += e.bytes;
         let name = e
@@ -236,11 +233,9 @@ fn list(at: &Where) -> anyhow::Result<()> {
                 ("-".into(), "-".into(), String::new(), state)
             }
         };
-        println!(
-            "{name:<34} {:>9} {train:>7} {test:>7}  {config:<22} {age:>9}  {state}",
-            human_bytes(e.bytes)
-        );
+        rows.push([name, human_bytes(e.bytes), train, test, config, age, state]);
     }
+    print!("{}", table(&rows));
     println!(
         "{n_caches} cache(s), {} in all{}",
         human_bytes(total),
@@ -333,6 +328,26 @@ fn remove(dirs: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rows of `list` in columns as wide as their widest cell (a leftover's name is longer
+/// than a cache's, a config with bicubic longer than one with area): folder and config to the
+/// left, the numbers to the right, the state last and unpadded.
+fn table(rows: &[[String; 7]]) -> String {
+    let mut w = [0usize; 7];
+    for r in rows {
+        for (w, c) in w.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for [name, size, train, test, config, age, state] in rows {
+        out.push_str(&format!(
+            "{name:<0$} {size:>1$} {train:>2$} {test:>3$}  {config:<4$} {age:>5$}  {state}\n",
+            w[0], w[1], w[2], w[3], w[4], w[5]
+        ));
+    }
+    out
+}
+
 /// `crop 212 → 106 area v1`.
 fn config_text(cfg: &serde_json::Value, extra: &serde_json::Value) -> String {
     let n = |k: &str| {
@@ -389,6 +404,46 @@ mod tests {
         assert_eq!(ago(t + std::time::Duration::from_secs(3 * 86_400), t), "3 d ago");
         // a clock set back: not a panic
         assert_eq!(ago(t, t + std::time::Duration::from_secs(5)), "0 s ago");
+    }
+
+    /// A leftover's name (longer than a cache's) and a long config keep the columns aligned.
+    #[test]
+    fn the_table_stays_aligned_with_long_cells() {
+        let row = |c: [&str; 7]| c.map(String::from);
+        let text = table(&[
+            row(["folder", "size", "train", "test", "config", "built", "state"]),
+            row([
+                "0cf8d36548fe587e-bd482467ae5d24f1",
+                "10.7 MB",
+                "1500",
+                "200",
+                "crop 212 → 106 bicubic v2",
+                "6 min ago",
+                "current",
+            ]),
+            row([
+                ".0cf8d36548fe587e-bd482467ae5d24f1.tmp-4194300",
+                "0 B",
+                "-",
+                "-",
+                "",
+                "?",
+                "leftover",
+            ]),
+        ]);
+        // in characters: where the size column ends ("size", "MB", " B") and the state begins
+        let edges: Vec<(usize, usize)> = text
+            .lines()
+            .map(|l| {
+                let c: Vec<char> = l.chars().collect();
+                let size_end = (3..c.len())
+                    .find(|&i| c[i] == ' ' && matches!(c[i - 1], 'e' | 'B'))
+                    .unwrap();
+                let last = l.split_whitespace().last().unwrap().chars().count();
+                (size_end, c.len() - last)
+            })
+            .collect();
+        assert!(edges.iter().all(|e| *e == edges[0]), "{edges:?}\n{text}");
     }
 
     #[test]
