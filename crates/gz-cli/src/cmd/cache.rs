@@ -157,6 +157,27 @@ pub fn superseded(root: &std::path::Path, data: &std::path::Path, key: &str) -> 
         .collect()
 }
 
+/// How long `prune` leaves a writer's folder whose process looks ended: a writer on another
+/// machine (a shared network folder) or in another container has a process id this machine
+/// cannot see, and its folder is being written to.
+const RECENT_WRITE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Whether `prune` removes this leftover: its process has ended and, for a writer's folder,
+/// nothing in it was written in the last [`RECENT_WRITE`].
+fn prunable_leftover(e: &Entry, now: SystemTime) -> bool {
+    let recent = e
+        .modified
+        .is_some_and(|m| now.duration_since(m).map_or(true, |age| age < RECENT_WRITE));
+    match e.state {
+        EntryState::Leftover {
+            kind: LeftoverKind::Writing,
+            alive: false,
+            ..
+        } => !recent,
+        _ => e.is_dead_leftover(),
+    }
+}
+
 fn list(at: &Where) -> anyhow::Result<()> {
     let (root, dataset) = resolve(at)?;
     let entries = inventory::scan_root(&root).with_context(|| format!("listing {}", root.display()))?;
@@ -225,10 +246,16 @@ fn list(at: &Where) -> anyhow::Result<()> {
                 };
                 let state = if *alive {
                     format!("{what} (running)")
-                } else {
+                } else if prunable_leftover(e, now) {
                     n_prunable += 1;
                     prunable_bytes += e.bytes;
                     format!("leftover: {what}, which has ended")
+                } else {
+                    format!(
+                        "{what}, not running here but written to in the last {} min (kept by prune: a writer on \
+                         another machine?)",
+                        RECENT_WRITE.as_secs() / 60
+                    )
                 };
                 ("-".into(), "-".into(), String::new(), state)
             }
@@ -241,7 +268,11 @@ fn list(at: &Where) -> anyhow::Result<()> {
         human_bytes(total),
         if n_prunable > 0 {
             format!(
-                "; `gz cache prune` frees {} ({n_prunable} folder(s))",
+                "; `gz cache prune {}` frees {} ({n_prunable} folder(s))",
+                match &at.data {
+                    Some(d) => format!("--data {} --cache {}", d.display(), root.display()),
+                    None => format!("--cache {}", root.display()),
+                },
                 human_bytes(prunable_bytes)
             )
         } else {
@@ -253,12 +284,13 @@ fn list(at: &Where) -> anyhow::Result<()> {
 
 fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
     let (root, dataset) = resolve(at)?;
+    let now = SystemTime::now();
     let entries = inventory::scan_root(&root).with_context(|| format!("listing {}", root.display()))?;
     let mut freed = 0u64;
     let mut removed = 0usize;
     let mut failed = 0usize;
     for e in &entries {
-        let why = if e.is_dead_leftover() {
+        let why = if prunable_leftover(e, now) {
             Some("leftover of an ended process")
         } else {
             match standing(e, dataset.as_ref()) {
@@ -474,6 +506,29 @@ mod tests {
         let here = PathBuf::from(".").canonicalize().unwrap();
         let st = standing(&entry, Some(&(here, "new".to_string())));
         assert_eq!(st, Standing::Relative(".".into()));
+    }
+
+    #[test]
+    fn a_dead_writers_folder_written_to_recently_is_kept() {
+        let now = SystemTime::now();
+        let entry = |kind, alive, age_s: Option<u64>| Entry {
+            path: PathBuf::from("/r/.c.tmp-1"),
+            bytes: 1,
+            modified: age_s.map(|a| now - std::time::Duration::from_secs(a)),
+            state: EntryState::Leftover {
+                kind,
+                name: "c".into(),
+                pid: 1,
+                alive,
+            },
+        };
+        assert!(prunable_leftover(&entry(LeftoverKind::Writing, false, Some(3600)), now));
+        assert!(prunable_leftover(&entry(LeftoverKind::Writing, false, None), now));
+        assert!(!prunable_leftover(&entry(LeftoverKind::Writing, false, Some(60)), now));
+        assert!(!prunable_leftover(&entry(LeftoverKind::Writing, true, Some(3600)), now));
+        // a removal or a damaged copy moved aside is dead weight however recent
+        assert!(prunable_leftover(&entry(LeftoverKind::Removing, false, Some(60)), now));
+        assert!(prunable_leftover(&entry(LeftoverKind::Damaged, false, Some(60)), now));
     }
 
     #[test]
