@@ -11,9 +11,10 @@
 //! the labels in f32, backward, optimizer step; then the validation RMSE in eval mode,
 //! `metrics.jsonl` (rewritten atomically), `last.*` and, when the validation RMSE improved,
 //! `best.*`. A non-finite loss stops the run with [`TrainError::NonFinite`] before anything is
-//! written, so the last good checkpoint stays. Everything random derives from `seed` and the
-//! epoch number, so `resume` continues a run exactly as if it had not been interrupted (dropout
-//! is reseeded per epoch).
+//! written, so the last good checkpoint stays; so do non-finite weights at the end of an epoch
+//! ([`TrainError::NonFiniteWeights`]: ReLU and max-pool can hide them behind a finite loss).
+//! Everything random derives from `seed` and the epoch number, so `resume` continues a run
+//! exactly as if it had not been interrupted (dropout is reseeded per epoch).
 //!
 //! Precision: `f32`, or `bf16` (CUDA only): the model's variables and activations are bf16,
 //! the optimizer keeps f32 master weights and applies updates in f32 (see [`crate::optim`]);
@@ -256,6 +257,17 @@ pub enum TrainError {
         epoch: usize,
         step: usize,
         loss: f64,
+        lr: f64,
+        kept: String,
+    },
+    /// A parameter holds NaN or infinity after an epoch whose losses were all finite.
+    #[error(
+        "training diverged: the weights of `{param}` became NaN or infinite in epoch {epoch} (learning rate {lr}) \
+         while the loss stayed finite (ReLU and max-pool hide them); stopped without saving this epoch — {kept}"
+    )]
+    NonFiniteWeights {
+        epoch: usize,
+        param: String,
         lr: f64,
         kept: String,
     },
@@ -587,6 +599,17 @@ pub fn train_on(
             }
         }
         let train_s = epoch_start.elapsed().as_secs_f64();
+        // ReLU and max-pool turn NaN activations into zeros, so weights can blow up behind a
+        // finite loss: the net is dead, and its checkpoint must not replace a good one
+        let weights = ctx("collecting weights", opt.params().master_tensors())?;
+        if let Some(param) = first_non_finite(&weights)? {
+            return Err(TrainError::NonFiniteWeights {
+                epoch: epoch + 1,
+                param,
+                lr,
+                kept: kept_checkpoint(history.len(), out_dir),
+            });
+        }
         observer.on_validate(epoch);
         let val_rmse = evaluate(&model, &batcher, &split.val, cfg.eval_batch)?;
         if !val_rmse.is_finite() {
@@ -620,7 +643,6 @@ pub fn train_on(
         history.push(metrics.clone());
 
         // Checkpoints: last (with resume state), then best if improved, then metrics.
-        let weights = ctx("collecting weights", opt.params().master_tensors())?;
         // Staged files, then the sidecar naming them, then the renames into place: a kill at
         // any point leaves a sidecar whose checksums the loader finds (checkpoint module docs).
         let (last_w, last_o) = (out_dir.join("last.safetensors"), out_dir.join("last.optim.safetensors"));
@@ -958,8 +980,31 @@ pub struct BenchResult {
     pub optimizer_path: String,
 }
 
-/// What a failed run leaves behind, for [`TrainError::NonFinite`]: `epochs_done` checkpoints in
-/// `out_dir`.
+/// The name of the first parameter (by name) holding a NaN or an infinity: `x · 0` is 0 for
+/// every finite `x` and NaN otherwise, so one sum per tensor and one read-back tell.
+fn first_non_finite(weights: &std::collections::HashMap<String, Tensor>) -> Result<Option<String>, TrainError> {
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let sums = names
+        .iter()
+        .map(|n| (&weights[*n] * 0.0)?.to_dtype(DType::F32)?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>();
+    let sums = ctx(
+        "checking the weights",
+        sums.and_then(|s| Tensor::stack(&s, 0)?.to_vec1::<f32>()),
+    )?;
+    Ok(names
+        .into_iter()
+        .zip(sums)
+        .find(|(_, s)| !s.is_finite())
+        .map(|(n, _)| n.clone()))
+}
+
+/// What a failed run leaves behind, for [`TrainError::NonFinite`] and
+/// [`TrainError::NonFiniteWeights`]: `epochs_done` checkpoints in `out_dir`.
 fn kept_checkpoint(epochs_done: usize, out_dir: &Path) -> String {
     if epochs_done == 0 {
         "no checkpoint was written yet".to_string()
@@ -1531,16 +1576,44 @@ mod tests {
         cfg.model.output = crate::config::OutputKind::Tree;
         cfg.lr = 1e30;
         match train_on(&cfg, &src, &meta(), dir.path(), false, &()) {
-            Err(TrainError::NonFinite { .. }) => {
+            Err(TrainError::NonFinite { .. } | TrainError::NonFiniteWeights { .. }) => {
                 // whatever was written before divergence must still load
                 if dir.path().join("last.json").exists() {
                     LoadedModel::load(&dir.path().join("last.json"), &Device::Cpu).unwrap();
                 }
             }
             // Saturation can keep the loss finite; then every checkpoint must be finite.
-            Ok(s) => assert!(s.history.iter().all(|m| m.val_rmse.is_finite())),
+            Ok(s) => {
+                assert!(s.history.iter().all(|m| m.val_rmse.is_finite()));
+                let w = checkpoint::load_tensors_checked(
+                    &dir.path().join("last.safetensors"),
+                    checkpoint::read_sidecar(&dir.path().join("last.json"))
+                        .unwrap()
+                        .weights_crc32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+                assert_eq!(first_non_finite(&w).unwrap(), None);
+            }
             Err(e) => panic!("unexpected error {e}"),
         }
+    }
+
+    /// A step can push weights to NaN or infinity while the loss stays finite (ReLU and max-pool
+    /// turn NaN activations into zeros, so the net only looks dead): such an epoch is a divergence
+    /// too, and nothing of it is written. (`gz train --lr 1e8` saved `last` and `best` with
+    /// thousands of NaN weights and finished "successfully".)
+    #[test]
+    fn non_finite_weights_behind_a_finite_loss_are_caught_not_saved() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small_cfg(2);
+        cfg.lr = 1e8;
+        let err = train_on(&cfg, &src, &meta(), dir.path(), false, &()).unwrap_err();
+        assert!(matches!(err, TrainError::NonFiniteWeights { epoch: 1, .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("diverged") && msg.contains("no checkpoint"), "{msg}");
+        assert!(!dir.path().join("last.json").exists() && !dir.path().join("best.json").exists());
     }
 
     #[test]
