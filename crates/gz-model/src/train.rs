@@ -145,6 +145,11 @@ impl TrainConfig {
                 "validation fraction 0: early stopping, best checkpoint and metrics need a validation split".into(),
             );
         }
+        if let Some(m) = self.max_images.filter(|&m| m < 2) {
+            return bad(format!(
+                "a subset of {m} image(s) (--max-train): a run needs at least 2 (one to train on, one to validate)"
+            ));
+        }
         Ok(())
     }
 }
@@ -381,6 +386,8 @@ pub fn train_on(
     // a model the config cannot build (an input side it refuses) is said before anything is
     // created: no empty run directory behind
     cfg.model.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+    // so is a source too small to hold out validation images from
+    let split = data::holdout(src.len(), cfg.val_fraction, cfg.seed, cfg.max_images)?;
     let last_json = out_dir.join("last.json");
     if resume && !last_json.exists() {
         // before anything is created: a refused resume leaves no empty run directory behind
@@ -423,8 +430,7 @@ pub fn train_on(
         None
     };
 
-    // Data: hold-out, baseline, batches.
-    let split = data::holdout(src.len(), cfg.val_fraction, cfg.seed, cfg.max_images)?;
+    // Data: baseline, batches (the hold-out was drawn before anything was created).
     let train_mean = data::label_mean(labels, &split.train);
     let baseline_val_rmse = data::constant_rmse(labels, &split.val, &train_mean);
     let batcher = if device.is_cuda() {
@@ -1614,6 +1620,27 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("diverged") && msg.contains("no checkpoint"), "{msg}");
         assert!(!dir.path().join("last.json").exists() && !dir.path().join("best.json").exists());
+    }
+
+    /// `--max-train 0` or `1` is refused as what it is, before anything is created (it was
+    /// blamed on the data: "the image source holds 0 image(s)" of a cache holding thousands).
+    #[test]
+    fn a_subset_of_fewer_than_two_images_is_refused_by_name() {
+        for m in [0, 1] {
+            let mut cfg = small_cfg(1);
+            cfg.max_images = Some(m);
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("--max-train") && err.contains("at least 2"), "{err}");
+        }
+        let mut cfg = small_cfg(1);
+        cfg.max_images = Some(2);
+        cfg.validate().unwrap();
+        // too few images in the data itself: refused before the run directory is created
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let err = train_on(&small_cfg(1), &toy_source(1, 32, 1), &meta(), &run, false, &()).unwrap_err();
+        assert!(err.to_string().contains("at least 2"), "{err}");
+        assert!(!run.exists(), "an empty run directory was left behind");
     }
 
     #[test]
