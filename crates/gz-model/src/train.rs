@@ -137,6 +137,13 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad(format!("learning rate {} must be a positive number", self.lr));
         }
+        let lr32 = self.lr as f32;
+        if !(lr32.is_finite() && lr32 > 0.0) {
+            return bad(format!(
+                "learning rate {:e} is {lr32} in f32, the precision of the update",
+                self.lr
+            ));
+        }
         if !(0.0..1.0).contains(&self.val_fraction) {
             return bad(format!("validation fraction {} must be in [0, 1)", self.val_fraction));
         }
@@ -1641,6 +1648,23 @@ mod tests {
         let err = train_on(&small_cfg(1), &toy_source(1, 32, 1), &meta(), &run, false, &()).unwrap_err();
         assert!(err.to_string().contains("at least 2"), "{err}");
         assert!(!run.exists(), "an empty run directory was left behind");
+    }
+
+    /// The update runs in f32: a learning rate that f32 rounds to 0 (`--lr 1e-50`) trained a run
+    /// that never moved, and one it rounds to infinity (`--lr 1e39`) can only diverge.
+    #[test]
+    fn a_learning_rate_f32_cannot_hold_is_refused() {
+        for lr in [1e-50, 1e39] {
+            let mut cfg = small_cfg(1);
+            cfg.lr = lr;
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("learning rate") && err.contains("f32"), "{err}");
+        }
+        for lr in [1e-30, 1e30] {
+            let mut cfg = small_cfg(1);
+            cfg.lr = lr;
+            cfg.validate().unwrap();
+        }
     }
 
     #[test]
