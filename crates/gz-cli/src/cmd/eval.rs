@@ -54,6 +54,21 @@ pub struct Args {
     gallery: usize,
 }
 
+/// `fraction` as a percentage with three significant digits, trailing zeros dropped.
+fn percent(fraction: f64) -> String {
+    let p = fraction * 100.0;
+    if !(p.is_finite() && p > 0.0) {
+        return format!("{p}");
+    }
+    let decimals = (2 - p.log10().floor() as i64).max(0) as usize;
+    let s = format!("{p:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 fn run_name(p: &std::path::Path) -> String {
     let p = if p.is_file() { p.parent().unwrap_or(p) } else { p };
     p.file_name()
@@ -110,8 +125,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             fit_rows: holdout.train.clone(),
             eval_labels: None,
             description: format!(
-                "validation hold-out of the training split ({:.0}%, seed {}): {} images",
-                t.val_fraction * 100.0,
+                "validation hold-out of the training split ({}%, seed {}): {} images",
+                percent(t.val_fraction),
                 t.seed,
                 holdout.val.len()
             ),
@@ -251,4 +266,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("metrics: {}", paths.metrics.display());
     println!("report: {}", paths.index.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hold-out's share as the run set it: `--val-fraction 0.005` was shown as "0%".
+    #[test]
+    fn a_small_validation_fraction_is_not_shown_as_zero() {
+        assert_eq!(percent(0.1), "10");
+        assert_eq!(percent(0.005), "0.5");
+        assert_eq!(percent(0.25), "25");
+        assert_eq!(percent(1.0 / 3.0), "33.3");
+        assert_eq!(percent(1e-9), "0.0000001");
+    }
 }
