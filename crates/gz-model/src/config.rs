@@ -30,7 +30,7 @@ pub enum ConfigError {
     Invalid {
         field: &'static str,
         value: String,
-        reason: &'static str,
+        reason: std::borrow::Cow<'static, str>,
     },
 }
 
@@ -248,7 +248,13 @@ impl ModelConfig {
     /// Checks the values the builder relies on (an input side above [`MAX_INPUT_SIZE`] is
     /// refused: the dense layers' weights grow with its square).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, value: String, reason| Err(ConfigError::Invalid { field, value, reason });
+        let bad = |field, value: String, reason: &'static str| {
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                reason: reason.into(),
+            })
+        };
         if self.in_channels == 0 {
             return bad("in_channels", self.in_channels.to_string(), "must be at least 1");
         }
@@ -281,13 +287,18 @@ impl ModelConfig {
         } else {
             // every VGG block halves the side; the last block must leave at least 1 pixel
             let spec = crate::nets::vgg::VggSpec::for_arch(self.arch);
-            let halvings = spec.blocks.len() + usize::from(spec.stem_pool(self.input_size));
-            if self.input_size >> halvings == 0 {
-                return bad(
-                    "input_size",
-                    self.input_size.to_string(),
-                    "too small for the VGG pooling stages",
-                );
+            let fits = |side: usize| side >> (spec.blocks.len() + usize::from(spec.stem_pool(side))) > 0;
+            if !fits(self.input_size) {
+                let min = (1..=MAX_INPUT_SIZE).find(|&s| fits(s)).unwrap_or(MAX_INPUT_SIZE);
+                return Err(ConfigError::Invalid {
+                    field: "input_size",
+                    value: self.input_size.to_string(),
+                    reason: format!(
+                        "too small for the VGG pooling stages: {} needs a side of at least {min} px",
+                        self.arch
+                    )
+                    .into(),
+                });
             }
         }
         Ok(())
@@ -334,5 +345,17 @@ mod tests {
             assert!(e.contains("16 px"), "{side}: {e}");
         }
         assert!(c.with_dropout(1.0).validate().is_err());
+    }
+
+    /// A side too small for the VGG pooling stages says which side the net needs (the message
+    /// named none, so a user had to guess what to give `gz prep --size`).
+    #[test]
+    fn a_too_small_vgg_input_names_the_smallest_side() {
+        for (arch, min) in [(Arch::Vgg16Blog, 32), (Arch::Tiny, 16)] {
+            let c = ModelConfig::new(arch, OutputKind::Sigmoid);
+            let e = c.clone().with_input_size(min - 1).validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("at least {min} px")), "{arch}: {e}");
+            c.with_input_size(min).validate().unwrap();
+        }
     }
 }
