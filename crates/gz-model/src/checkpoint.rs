@@ -462,6 +462,28 @@ impl LoadedModel {
         let (weights_path, sidecar_path) = resolve_paths(path)?;
         let sidecar = read_sidecar(&sidecar_path)?;
         let tensors = load_tensors_checked(&weights_path, sidecar.weights_crc32, &Device::Cpu)?;
+        // a diverged run's weights (saved by a gz before training checked them) make a dead net
+        // whose constant output would pass for predictions
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let finite = tensors[name]
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map(|v| v.iter().all(|x| x.is_finite()))
+                .map_err(|source| CheckpointError::Candle {
+                    path: weights_path.clone(),
+                    source,
+                })?;
+            if !finite {
+                return Err(CheckpointError::Invalid {
+                    path: weights_path,
+                    reason: format!(
+                        "`{name}` holds NaN or infinite weights: the run diverged (retrain with a lower learning rate)"
+                    ),
+                });
+            }
+        }
         let backend = Recording {
             tensors,
             used: Mutex::new(HashSet::new()),

@@ -262,7 +262,7 @@ pub enum TrainError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(
-        "training diverged: the loss became {loss} at epoch {epoch}, step {step} (learning rate {lr}); \
+        "training diverged: the loss became {loss} at epoch {epoch}, step {step} (learning rate {lr:?}); \
          stopped without saving this epoch — {kept}"
     )]
     NonFinite {
@@ -274,7 +274,7 @@ pub enum TrainError {
     },
     /// A parameter holds NaN or infinity after an epoch whose losses were all finite.
     #[error(
-        "training diverged: the weights of `{param}` became NaN or infinite in epoch {epoch} (learning rate {lr}) \
+        "training diverged: the weights of `{param}` became NaN or infinite in epoch {epoch} (learning rate {lr:?}) \
          while the loss stayed finite (ReLU and max-pool hide them); stopped without saving this epoch — {kept}"
     )]
     NonFiniteWeights {
@@ -1627,6 +1627,31 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("diverged") && msg.contains("no checkpoint"), "{msg}");
         assert!(!dir.path().join("last.json").exists() && !dir.path().join("best.json").exists());
+    }
+
+    /// A checkpoint holding NaN weights (saved by a gz before training checked them) does not
+    /// load for eval or predict: its dead net's constant output would pass for predictions.
+    #[test]
+    fn a_checkpoint_with_nan_weights_does_not_load() {
+        let src = toy_source(16, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        let (w, j) = (dir.path().join("best.safetensors"), dir.path().join("best.json"));
+        LoadedModel::load(dir.path(), &Device::Cpu).unwrap();
+        let mut sidecar = checkpoint::read_sidecar(&j).unwrap();
+        let mut tensors = checkpoint::load_tensors_checked(&w, sidecar.weights_crc32, &Device::Cpu).unwrap();
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        let victim = names.last().unwrap().clone();
+        let t = &tensors[&victim];
+        let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = f32::NAN;
+        tensors.insert(victim.clone(), Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&tensors, &w).unwrap();
+        sidecar.weights_crc32 = crc32fast::hash(&std::fs::read(&w).unwrap());
+        checkpoint::write_sidecar(&sidecar, &j).unwrap();
+        let err = LoadedModel::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(&victim) && err.contains("NaN"), "{err}");
     }
 
     /// `--max-train 0` or `1` is refused as what it is, before anything is created (it was
