@@ -52,6 +52,26 @@ pub enum ProblemKind {
     ExtraId,
 }
 
+impl ProblemKind {
+    /// What the kind is called in summaries ("3 out of [0, 1]").
+    pub fn label(self) -> &'static str {
+        match self {
+            ProblemKind::Header => "bad header",
+            ProblemKind::Csv => "unreadable CSV",
+            ProblemKind::FieldCount => "wrong field count",
+            ProblemKind::BadId => "bad GalaxyID",
+            ProblemKind::DuplicateId => "duplicate GalaxyID",
+            ProblemKind::NotANumber => "not a number",
+            ProblemKind::NaN => "NaN",
+            ProblemKind::Infinite => "infinite",
+            ProblemKind::OutOfRange => "out of [0, 1]",
+            ProblemKind::RowCount => "wrong row count",
+            ProblemKind::MissingId => "missing GalaxyID",
+            ProblemKind::ExtraId => "GalaxyID not a test image",
+        }
+    }
+}
+
 /// One problem of a submission file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Problem {
@@ -117,9 +137,10 @@ impl CheckReport {
             if n > MAX_LISTED_PER_KIND {
                 let _ = writeln!(
                     s,
-                    "{}: … and {} more {kind:?} problems",
+                    "{}: … and {} more problems of the kind \"{}\"",
                     self.path.display(),
-                    n - MAX_LISTED_PER_KIND
+                    n - MAX_LISTED_PER_KIND,
+                    kind.label()
                 );
             }
         }
@@ -754,7 +775,7 @@ mod tests {
             "line 9: GalaxyID 99 is not one of the test images",
             "no row for test image 15",
             "8 rows, but there are 6 test images",
-            "and 17 more NaN problems",
+            "and 17 more problems of the kind \"NaN\"",
         ] {
             assert!(d.contains(needle), "missing {needle:?} in\n{d}");
         }

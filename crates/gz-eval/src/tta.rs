@@ -2,8 +2,9 @@
 //!
 //! Dieleman et al. (2015, section 7.5) averaged each test galaxy's predictions over 60 affine
 //! views: 10 rotations (36° apart) × 3 zooms (1/1.2, 1, 1.2) × 2 (with and without a mirror
-//! flip). [`TtaConfig`] describes such a grid; its presets are `1` (no augmentation), `8`
-//! (4 right-angle rotations × 2 flips, exact on the pixel grid) and `60` (Dieleman's). Views are
+//! flip). [`TtaConfig`] describes such a grid; its presets are `1` (no augmentation), `2`
+//! (a mirror flip), `4` (right-angle rotations), `8` (4 right-angle rotations × 2 flips, exact on
+//! the pixel grid) and `60` (Dieleman's). Views are
 //! drawn with gz-model's [`gz_model::augment::affine_sample`] on the batch's own device, the
 //! model runs once per view, and the outputs are averaged (uniformly). An [`Ensemble`] averages
 //! several models the same way. The identity view is passed through without resampling.
@@ -53,7 +54,7 @@ impl TtaConfig {
         }
     }
 
-    /// The presets `1`, `8` (4 rotations × 2 flips) and `60` (10 rotations × 2 flips × zooms
+    /// The presets `1`, `2` (a flip), `4` (right-angle rotations), `8` (4 rotations × 2 flips) and `60` (10 rotations × 2 flips × zooms
     /// 1/1.2, 1, 1.2, as Dieleman et al.); other numbers are an error naming the choices.
     pub fn preset(n: usize) -> Result<Self> {
         match n {

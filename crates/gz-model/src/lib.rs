@@ -8,7 +8,8 @@
 //! - [`tree`]: the decision-tree output layer, usable by any model.
 //! - [`augment`]: affine resampling on the device (augmentation, TTA, Dieleman's views/parts).
 //! - [`ops`]: the convolution and pooling layers the nets use, as [`cudnn`]'s custom ops: cuDNN
-//!   on CUDA with the `cudnn` feature, candle's kernels inside the same ops on the CPU.
+//!   on CUDA with the `cudnn` feature; on the CPU the same ops run gz's own f32 convolution
+//!   ([`cpu_conv`]: im2col + `gemm`, Winograd for the larger 3×3 layers).
 //! - [`device`]: `select_device` and the CPU thread count.
 //! - [`train`], [`checkpoint`], [`optim`], [`data`]: the trainer.
 //!

@@ -92,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ignored = prediction_options(&args);
     if (args.check.is_some() || args.pred.is_some()) && !ignored.is_empty() {
         bail!(
-            "{} only apply with --run (predicting here); {mode} {what}",
+            "{} apply only with --run (predicting here); {mode} {what}",
             ignored.join(", ")
         );
     }
@@ -188,6 +188,6 @@ fn run_check(file: &Path, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
         return Ok(());
     }
     print!("{}", rep.describe());
-    let summary: Vec<String> = rep.counts.iter().map(|(k, n)| format!("{n} {k:?}")).collect();
+    let summary: Vec<String> = rep.counts.iter().map(|(k, n)| format!("{n} {}", k.label())).collect();
     bail!("{}: {} problem(s): {}", file.display(), rep.total(), summary.join(", "))
 }
