@@ -62,6 +62,7 @@ pub fn parse_device(spec: &str) -> Result<DeviceSpec, DeviceError> {
         _ => {
             let n = s
                 .strip_prefix("cuda:")
+                .or_else(|| s.strip_prefix("gpu:"))
                 .and_then(|n| n.parse::<usize>().ok())
                 .ok_or_else(|| DeviceError::Unknown { spec: spec.to_string() })?;
             Ok(DeviceSpec::Cuda(n))
@@ -180,6 +181,8 @@ mod tests {
         assert_eq!(parse_device("cpu").unwrap(), DeviceSpec::Cpu);
         assert_eq!(parse_device(" CUDA ").unwrap(), DeviceSpec::Cuda(0));
         assert_eq!(parse_device("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        // `gpu` is an alias of `cuda`, with an ordinal too
+        assert_eq!(parse_device("gpu:2").unwrap(), DeviceSpec::Cuda(2));
         assert_eq!(parse_device("auto").unwrap(), DeviceSpec::Auto);
         for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
             let e = parse_device(bad).unwrap_err();
