@@ -2,8 +2,10 @@
 //!
 //! `DIR/training_solutions_rev1.csv` (labels, read with gz-schema) names the training ids, each
 //! expected at `DIR/images_training_rev1/<id>.jpg`; test ids are the `<id>.jpg` files of
-//! `DIR/images_test_rev1/`. Either half may be absent. Mismatches (an id without an image, an
-//! image without a label, a file not named `<digits>.jpg`) are reported as [`Skipped`] inputs.
+//! `DIR/images_test_rev1/`. Either half may be absent. An image's extension may be `.jpg` or
+//! `.jpeg` in any case (`100008.JPG`: as `gz predict --images` and `gz submit --ids` read a
+//! folder). Mismatches (an id without an image, an image without a label, a file not named
+//! `<digits>.jpg`) are reported as [`Skipped`] inputs.
 //!
 //! The dataset key hashes the CSV bytes and the sorted (name, size, mtime) of every file in both
 //! image directories, so scanning a dataset costs a directory listing, not a decode; any added,
@@ -208,8 +210,9 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
 }
 
 /// Lists the regular files of `dir` sorted by name (through symbolic links), feeding (name, size,
-/// mtime) into the hash. Returns (name, GalaxyID if the name is `<digits>.jpg`); a link to
-/// nothing goes to `skipped`. A missing directory is empty.
+/// mtime) into the hash. Returns (name, GalaxyID if the name is `<digits>.jpg`, the extension
+/// `.jpg` or `.jpeg` in any case); a link to nothing goes to `skipped`. A missing directory is
+/// empty.
 fn list_dir(
     dir: &Path,
     hasher: &mut sha2::Sha256,
@@ -265,9 +268,19 @@ fn list_dir(
     Ok(files
         .into_iter()
         .map(|(name, size, mtime)| {
-            hasher.update(format!("{name}\t{size}\t{mtime}\n").as_bytes());
-            let id = name
-                .strip_suffix(".jpg")
+            let stem = name.rsplit_once('.').and_then(|(stem, ext)| {
+                (ext.eq_ignore_ascii_case("jpg") || ext.eq_ignore_ascii_case("jpeg")).then_some((stem, ext))
+            });
+            // a name read as an image only since `.JPG` / `.jpeg` are (earlier, skipped) is marked
+            // in the hash: the dataset gets a new key, not the older cache that lacked it
+            let mark = if stem.is_some_and(|(_, ext)| ext != "jpg") {
+                "\tjpeg"
+            } else {
+                ""
+            };
+            hasher.update(format!("{name}\t{size}\t{mtime}{mark}\n").as_bytes());
+            let id = stem
+                .map(|(stem, _)| stem)
                 .filter(|s| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse().ok());
             (name, id)

@@ -952,3 +952,24 @@ fn linked_images_count_and_a_layout_folder_must_be_a_folder() {
         .to_string();
     assert!(e.contains("images_test_rev1") && e.contains("not a folder"), "{e}");
 }
+
+/// `.JPG` and `.jpeg` (any case) are JPEGs too, as `gz predict --images` and `gz submit --ids`
+/// read them: a download renamed by another tool keeps every image (prep skipping them left a
+/// submission of training means).
+#[test]
+fn upper_case_and_jpeg_extensions_are_images() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    for (sub, ext) in [(dataset::TRAIN_DIR, "JPG"), (dataset::TEST_DIR, "jpeg")] {
+        let dir = data.join(sub);
+        let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        let p = &names[0];
+        std::fs::rename(p, p.with_extension(ext)).unwrap();
+    }
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
+    assert!(s.skipped.is_empty(), "{:?}", s.skipped);
+}
