@@ -211,7 +211,8 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
 
 /// Lists the regular files of `dir` sorted by name (through symbolic links), feeding (name, size,
 /// mtime) into the hash. Returns (name, GalaxyID if the name is `<digits>.jpg`, the extension
-/// `.jpg` or `.jpeg` in any case); a link to nothing goes to `skipped`. A missing directory is
+/// `.jpg` or `.jpeg` in any case); a link to nothing and a subfolder go to `skipped`, and a folder
+/// holding only a folder of its own name (a nested unzip) is an error. A missing directory is
 /// empty.
 fn list_dir(
     dir: &Path,
@@ -231,6 +232,8 @@ fn list_dir(
         }
     };
     let mut files = Vec::new();
+    let mut subdirs = Vec::new();
+    let mut nested = false;
     for entry in rd {
         let entry = entry.map_err(|e| PrepError::Io {
             path: dir.to_path_buf(),
@@ -253,6 +256,11 @@ fn list_dir(
                 })
             }
         };
+        if meta.is_dir() {
+            nested |= entry.file_name() == dir.file_name().unwrap_or_default();
+            subdirs.push(entry.path());
+            continue;
+        }
         if !meta.is_file() {
             continue;
         }
@@ -263,6 +271,25 @@ fn list_dir(
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         files.push((name, meta.len(), mtime));
+    }
+    // `images_training_rev1/images_training_rev1/*.jpg`, as some unzip tools make: an error
+    // saying so, not a split of no images
+    if nested && files.is_empty() {
+        let inner = dir.join(dir.file_name().unwrap_or_default());
+        return Err(PrepError::NoInput(format!(
+            "{}/ holds no files but a folder of the same name: the images are one level down, in {}/ \
+             (as some unzip tools leave them): move them up into {}/",
+            dir.display(),
+            inner.display(),
+            dir.display()
+        )));
+    }
+    subdirs.sort();
+    for path in subdirs {
+        skipped.push(Skipped {
+            path,
+            reason: "a folder: images are read from the top level of the images folder only".into(),
+        });
     }
     files.sort();
     Ok(files

@@ -973,3 +973,44 @@ fn upper_case_and_jpeg_extensions_are_images() {
     assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
     assert!(s.skipped.is_empty(), "{:?}", s.skipped);
 }
+
+/// Some unzip tools make `images_training_rev1/images_training_rev1/*.jpg`: that is an error
+/// saying where the images are, not a cache of no images. Any other folder among the images
+/// is named as skipped, not passed over in silence.
+#[test]
+fn a_nested_image_folder_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let train = data.join(dataset::TRAIN_DIR);
+    let moved = t.path().join("moved");
+    std::fs::rename(&train, &moved).unwrap();
+    std::fs::create_dir(&train).unwrap();
+    std::fs::rename(&moved, train.join(dataset::TRAIN_DIR)).unwrap();
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    let e = run_with(&opts, &PrepConfig::default(), &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("images_training_rev1/images_training_rev1/") && e.contains("one level down"),
+        "{e}"
+    );
+    assert!(!t.path().join("cache").exists());
+
+    // moved up, with a stray folder left among the test images
+    let nested = train.join(dataset::TRAIN_DIR);
+    for f in std::fs::read_dir(&nested).unwrap() {
+        let f = f.unwrap();
+        std::fs::rename(f.path(), train.join(f.file_name())).unwrap();
+    }
+    std::fs::remove_dir(&nested).unwrap();
+    std::fs::create_dir(data.join(dataset::TEST_DIR).join("more")).unwrap();
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
+    assert_eq!(s.skipped.len(), 1, "{:?}", s.skipped);
+    assert!(
+        s.skipped[0].path.ends_with("more") && s.skipped[0].reason.contains("folder"),
+        "{:?}",
+        s.skipped
+    );
+}
