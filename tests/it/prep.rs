@@ -442,3 +442,29 @@ fn cache_list_prune_and_remove() {
     assert_eq!(code, Some(1));
     assert!(err.contains("--cache DIR"), "{err}");
 }
+
+/// A dataset under a path with spaces: the `gz cache prune` command that `gz prep` and `gz cache
+/// list` print for the superseded cache runs as printed (the paths are quoted).
+#[test]
+fn printed_prune_commands_quote_paths_with_spaces() {
+    let t = support::tempdir();
+    let data = mini(&t.path().join("my galaxies"));
+    let root = t.path().join("gz cache");
+    let (d, r) = (data.to_str().unwrap(), root.to_str().unwrap());
+    prep(&["--data", d, "--cache", r, "--size", "16"]);
+    let img = data
+        .join("images_test_rev1")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
+    let (_, _, err) = prep(&["--data", d, "--cache", r, "--size", "16"]);
+    let want = format!("`gz cache prune --data '{d}' --cache '{r}'`");
+    assert!(err.contains(&want), "{err}");
+    let (code, out, err) = cache_cmd(&["list", "--data", d, "--cache", r]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains(&want), "{out}");
+}

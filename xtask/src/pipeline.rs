@@ -785,7 +785,7 @@ fn check_cache_dataset(ctx: &Ctx) -> Result<()> {
                 cache.display(),
                 a.display(),
                 b.display(),
-                a.display()
+                crate::gz::shell_words(&[a.display().to_string()])
             );
         }
     }
@@ -970,7 +970,7 @@ mod tests {
     #[test]
     fn a_cache_of_another_dataset_is_refused() {
         let t = tempfile::tempdir().unwrap();
-        let (a, b, cache) = (t.path().join("a"), t.path().join("b"), t.path().join("cache"));
+        let (a, b, cache) = (t.path().join("set a"), t.path().join("b"), t.path().join("cache"));
         for d in [&a, &b, &cache] {
             std::fs::create_dir_all(d).unwrap();
         }
@@ -995,7 +995,9 @@ mod tests {
             .unwrap()
         };
         let err = ctx(&b).cache().unwrap_err().to_string();
-        assert!(err.contains("was built from") && err.contains("pass --data"), "{err}");
+        // the path to pass is quoted: it holds a space
+        let pass = format!("pass --data '{}'", a.canonicalize().unwrap().display());
+        assert!(err.contains("was built from") && err.contains(&pass), "{err}");
         assert_eq!(ctx(&a).cache().unwrap(), cache);
     }
 

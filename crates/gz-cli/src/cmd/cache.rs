@@ -270,8 +270,12 @@ fn list(at: &Where) -> anyhow::Result<()> {
             format!(
                 "; `gz cache prune {}` frees {} ({n_prunable} folder(s))",
                 match &at.data {
-                    Some(d) => format!("--data {} --cache {}", d.display(), root.display()),
-                    None => format!("--cache {}", root.display()),
+                    Some(d) => format!(
+                        "--data {} --cache {}",
+                        crate::cmd::shell_path(d),
+                        crate::cmd::shell_path(&root)
+                    ),
+                    None => format!("--cache {}", crate::cmd::shell_path(&root)),
                 },
                 human_bytes(prunable_bytes)
             )

@@ -8,6 +8,19 @@ pub mod submit;
 pub mod synth;
 pub mod train;
 
+/// A path as one shell word, for the commands gz prints to be copied (`gz cache prune --data
+/// …`): as it is when it holds only characters no shell splits or expands, else in single quotes
+/// (a `'` inside as `'\''`).
+pub fn shell_path(p: &std::path::Path) -> String {
+    let s = p.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./,:@%+=".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 /// Opens the shard cache a user named, with a hint when the folder is not one: the caches
 /// inside it (a cache root holds one folder per dataset and config), or that it is a dataset.
 pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
@@ -34,5 +47,21 @@ pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
             Err(anyhow::Error::new(e).context(format!("opening the shard cache {}{hint}", dir.display())))
         }
         Err(e) => Err(e).with_context(|| format!("opening the shard cache {}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn shell_path_quotes_what_a_shell_would_split() {
+        assert_eq!(
+            super::shell_path(Path::new("/data/kaggle-2014/gz_1.0")),
+            "/data/kaggle-2014/gz_1.0"
+        );
+        assert_eq!(super::shell_path(Path::new("/my data/gz")), "'/my data/gz'");
+        assert_eq!(super::shell_path(Path::new("/Bob's $HOME")), r"'/Bob'\''s $HOME'");
+        assert_eq!(super::shell_path(Path::new("")), "''");
     }
 }

@@ -203,8 +203,8 @@ fn note_superseded(cache_root: &Path, data: &Path, key: &str) {
          `gz cache prune --data {} --cache {}` removes them",
         old.len(),
         crate::cmd::cache::human_bytes(bytes),
-        data.display(),
-        cache_root.display()
+        crate::cmd::shell_path(data),
+        crate::cmd::shell_path(cache_root)
     );
 }
 
