@@ -331,7 +331,7 @@ fn killed_run_leaves_no_complete_cache_and_rerun_completes() {
 }
 
 /// A galaxy in both the training and the test folder is said (the test score would not be
-/// held out), and both rows stay.
+/// held out), in plain text on a stderr that is not a terminal, and both rows stay.
 #[test]
 fn a_galaxy_in_both_splits_is_warned_about() {
     let t = support::tempdir();
@@ -343,6 +343,8 @@ fn a_galaxy_in_both_splits_is_warned_about() {
     let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(err.contains("1 GalaxyID(s) are both training and test images"), "{err}");
+    // stderr is a pipe here (a log file, CI): no terminal colour codes in it
+    assert!(!err.contains('\x1b'), "{err:?}");
     assert!(out.contains("preprocessed 3 train + 4 test images"), "{out}");
 }
 

@@ -57,6 +57,9 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // colour only on a terminal: a redirected stderr (a log file, CI, xtask's capture) gets
+        // plain text, not escape codes
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tracing::debug!(
         mmap_threshold = ?malloc_tuned,
