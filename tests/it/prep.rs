@@ -470,3 +470,18 @@ fn printed_prune_commands_quote_paths_with_spaces() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains(&want), "{out}");
 }
+
+/// The cache root a user did not name (`<DATA>/../cache`) is said to be the default when it
+/// cannot be used, with --cache as the way out (a dataset on a read-only disk, a file there).
+#[test]
+fn an_unusable_default_cache_root_names_the_cache_option() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    std::fs::write(t.path().join("cache"), "not a folder").unwrap();
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("is the default cache root") && err.contains("--cache DIR"),
+        "{err}"
+    );
+}

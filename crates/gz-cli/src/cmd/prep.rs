@@ -70,9 +70,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => default_cache_root(&data)?,
     };
+    // a default root the user never named is said to be one, with the way to choose another
+    // (a dataset on a read-only disk cannot take its cache beside it)
+    let default_hint = if args.cache.is_none() {
+        format!(
+            "; {} is the default cache root, beside the dataset folder: --cache DIR writes the cache elsewhere",
+            cache_root.display()
+        )
+    } else {
+        String::new()
+    };
     if cache_root.exists() && !cache_root.is_dir() {
         anyhow::bail!(
-            "cache root {}: exists and is not a folder (--cache names the folder caches are written in)",
+            "cache root {}: exists and is not a folder (--cache names the folder caches are written in){default_hint}",
             cache_root.display()
         );
     }
@@ -117,6 +127,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         r => r,
     }
+    .map_err(|e| {
+        let in_cache = match &e {
+            gz_preprocess::PrepError::Shard(_) => true,
+            gz_preprocess::PrepError::Io { path, .. } => path.starts_with(&cache_root),
+            _ => false,
+        };
+        let e = anyhow::Error::new(e);
+        if in_cache && !default_hint.is_empty() {
+            e.context(format!("writing the cache{default_hint}"))
+        } else {
+            e
+        }
+    })
     .with_context(|| format!("preprocessing {}", data.display()))?;
     let mut verified = None;
     if args.verify && summary.cache_hit {
