@@ -142,14 +142,14 @@ fn submit_from_predictions_refuses_short_files_unless_filled() {
             .arg("--out")
             .arg(&other),
     );
-    assert!(!ok && err.contains("--tta only apply with --run"), "{err}");
+    assert!(!ok && err.contains("--tta applies only with --run"), "{err}");
     assert!(!other.exists());
     let (ok, _, err) = support::run(
         support::gz()
             .args(["submit", "--device", "cuda", "--check"])
             .arg(&out_path),
     );
-    assert!(!ok && err.contains("--device only apply with --run"), "{err}");
+    assert!(!ok && err.contains("--device applies only with --run"), "{err}");
 
     // --fill-mean with nothing to fill reads no training labels (here there are none)
     let alone = tmp.path().join("alone");

@@ -92,8 +92,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ignored = prediction_options(&args);
     if (args.check.is_some() || args.pred.is_some()) && !ignored.is_empty() {
         bail!(
-            "{} apply only with --run (predicting here); {mode} {what}",
-            ignored.join(", ")
+            "{} {} only with --run (predicting here); {mode} {what}",
+            ignored.join(", "),
+            if ignored.len() == 1 { "applies" } else { "apply" }
         );
     }
     if let Some(file) = &args.check {
