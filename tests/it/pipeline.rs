@@ -99,6 +99,20 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
         err3.contains("xtask: eval: running because its inputs changed"),
         "{err3}"
     );
+
+    // Another gz binary (a rebuild) reruns prep, a cache hit, and nothing after it: the
+    // cache it names is the same
+    let gz2 = t.path().join("gz-rebuilt");
+    std::fs::copy(support::gz_bin(), &gz2).unwrap();
+    let (ok4, out4, err4) = pipeline_with(&gz2, t.path(), &["--batch", "8"]);
+    assert!(ok4, "{out4}\n{err4}");
+    assert!(
+        err4.contains("xtask: prep: running because its inputs changed"),
+        "{err4}"
+    );
+    for s in ["synth", "train", "eval", "submit"] {
+        assert!(err4.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err4}");
+    }
 }
 
 /// A dataset with an unreadable training image and an unreadable test image: prep skips them

@@ -478,7 +478,14 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
         cmd.extend(["--size".into(), size.to_string()]);
     }
     cmd.extend(ctx.prep_args.iter().cloned());
-    let inputs = vec![("dataset".to_string(), ctx.dataset_identity()?)];
+    // the gz binary too: a new gz may read more of the dataset (an older one skipped `.JPG`
+    // files) or prepare it differently (a new config version, a new cache name); rerunning prep
+    // costs a cache hit when nothing changed, and the stages after it rerun only when its cache did
+    let gz_bin = ctx.gz()?;
+    let inputs = vec![
+        ("dataset".to_string(), ctx.dataset_identity()?),
+        ("gz binary".to_string(), fingerprint::identity(&gz_bin)?),
+    ];
     let root = ctx.root.clone();
     stage(
         ctx,
