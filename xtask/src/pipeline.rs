@@ -897,7 +897,13 @@ fn scores_line(report: &Path) -> Option<String> {
     } else {
         format!("; Bayes floor {}", floors.join(" / "))
     };
-    Some(format!("RMSE: {}{floor}", scores.join(", ")))
+    // real data has no test labels: say where the test score comes from
+    let no_test = if found.iter().any(|(s, ..)| s == "test") {
+        ""
+    } else {
+        " (no test score: the test images have no labels here; Kaggle scores the submission)"
+    };
+    Some(format!("RMSE: {}{floor}{no_test}", scores.join(", ")))
 }
 
 /// `cargo xtask <stage>`: that stage alone, its inputs from `--cache` / `--name` or the stamps.
