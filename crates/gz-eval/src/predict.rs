@@ -139,18 +139,40 @@ pub struct Keys {
     pub names: Option<Vec<String>>,
 }
 
+/// The row name of a file: its file name, with any byte that is not UTF-8 written `\xFF`
+/// (Linux file names are bytes; a lossy conversion would give two such files one name).
+fn file_label(p: &Path) -> String {
+    let Some(name) = p.file_name() else {
+        return p.display().to_string();
+    };
+    let mut out = String::new();
+    for chunk in name.as_encoded_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Keys for `paths`: their GalaxyIDs when every file is named `<GalaxyID>.jpg` (two files for
 /// one id, `231279.jpg` and `0231279.jpg`, are an error naming both), else file mode.
 pub fn keys_for(paths: &[PathBuf]) -> Result<Keys> {
     let ids: Option<Vec<u64>> = paths.iter().map(|p| galaxy_id(p)).collect();
     let Some(ids) = ids else {
-        let names = paths
-            .iter()
-            .map(|p| {
-                p.file_name()
-                    .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
-            })
-            .collect();
+        let names: Vec<String> = paths.iter().map(|p| file_label(p)).collect();
+        let mut seen: std::collections::HashMap<&str, &PathBuf> = std::collections::HashMap::new();
+        for (p, name) in paths.iter().zip(&names) {
+            if let Some(first) = seen.insert(name, p) {
+                return Err(EvalError::BadFile {
+                    path: p.clone(),
+                    reason: format!(
+                        "its row would be named {name:?}, as {}'s: rename one of them",
+                        first.display()
+                    ),
+                });
+            }
+        }
         return Ok(Keys {
             keys: (0..paths.len() as u64).collect(),
             names: Some(names),
@@ -336,6 +358,20 @@ mod tests {
         let e = keys_for(&[p("0012.jpg"), p("12.jpg")]).unwrap_err().to_string();
         assert!(e.contains("GalaxyID 12 again") && e.contains("0012.jpg"), "{e}");
         assert_eq!(keys_for(&[]).unwrap().keys, Vec::<u64>::new());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn file_names_that_are_not_utf8_keep_distinct_row_names() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = |n: &[u8]| PathBuf::from("/d").join(std::ffi::OsStr::from_bytes(n));
+        let k = keys_for(&[p(b"bad\xfe.jpg"), p(b"bad\xff.jpg"), p("\u{e9}toile.jpg".as_bytes())]).unwrap();
+        assert_eq!(k.names.unwrap(), ["bad\\xFE.jpg", "bad\\xFF.jpg", "\u{e9}toile.jpg"]);
+        // a name that is written like another's escape: refused, not two rows of one name
+        let e = keys_for(&[p(b"bad\\xFF.jpg"), p(b"bad\xff.jpg")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rename one"), "{e}");
     }
 
     #[test]
