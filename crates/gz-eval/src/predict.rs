@@ -113,13 +113,15 @@ pub fn galaxy_id(path: &Path) -> Option<u64> {
         .and_then(|s| s.parse::<u64>().ok())
 }
 
-/// The JPEGs of a folder (`*.jpg`, `*.jpeg`, any case), sorted by name.
+/// The JPEGs of a folder (`*.jpg`, `*.jpeg`, any case; not folders so named), sorted by name.
 pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let p = entry.map_err(io_err(dir))?.path();
+        // a folder named `x.jpg` is not an image (a broken link stays: it fails as unreadable)
         if p.extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"))
+            && !p.is_dir()
         {
             out.push(p);
         }
@@ -313,6 +315,7 @@ mod tests {
         std::fs::write(dir.path().join("200.jpg"), [2u8]).unwrap();
         std::fs::write(dir.path().join("300.jpg"), [0u8]).unwrap();
         std::fs::write(dir.path().join("x.txt"), [1u8]).unwrap();
+        std::fs::create_dir(dir.path().join("400.jpg")).unwrap();
         let paths = list_jpegs(dir.path()).unwrap();
         assert_eq!(paths.len(), 3);
         let keys = keys_for(&paths).unwrap();
