@@ -589,7 +589,13 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg("--out")
             .arg(tmp.path().join("own_sub.csv")),
     );
-    assert!(!ok && err.contains("not named <GalaxyID>.jpg"), "{err}");
+    // the folder came from --images (no --ids): the error says so, and points to gz predict
+    assert!(
+        !ok && err.contains("not named <GalaxyID>.jpg")
+            && err.contains("test ids (--images)")
+            && err.contains("gz predict --images"),
+        "{err}"
+    );
 
     // the same preprocessing of other training data (two galaxies' labels swapped): scoring the
     // run's validation hold-out there is refused, naming the training split's fingerprint

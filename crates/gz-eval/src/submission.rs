@@ -360,9 +360,22 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
         }
     }
     if !bad.is_empty() {
+        // a folder of someone's own cutouts may hold thousands: the first few, in name order
+        bad.sort();
+        let total = bad.len();
+        let more = total.saturating_sub(5);
+        bad.truncate(5);
+        if more > 0 {
+            bad.push(format!("and {more} more"));
+        }
         return Err(EvalError::BadFile {
             path: dir.to_path_buf(),
-            reason: format!("{} JPEG(s) not named <GalaxyID>.jpg: {}", bad.len(), bad.join(", ")),
+            reason: format!(
+                "{} JPEG(s) not named <GalaxyID>.jpg: {} (a submission's rows are GalaxyIDs; `gz predict --images` \
+                 names rows by file)",
+                total,
+                bad.join(", ")
+            ),
         });
     }
     if ids.is_empty() {
@@ -809,6 +822,16 @@ mod tests {
         assert!(err.contains("no <GalaxyID>.jpg files"), "{err}");
         std::fs::write(dir.path().join("abc.jpg"), b"x").unwrap();
         assert!(ids_from_dir(dir.path()).unwrap_err().to_string().contains("abc.jpg"));
+        // many: the first five by name, and how many more
+        for i in 0..20 {
+            std::fs::write(dir.path().join(format!("m{i:02}.jpg")), b"x").unwrap();
+        }
+        let e = ids_from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("21 JPEG(s)") && e.contains("m03.jpg, and 16 more"), "{e}");
+        assert!(!e.contains("m04.jpg"), "{e}");
+        for i in 0..20 {
+            std::fs::remove_file(dir.path().join(format!("m{i:02}.jpg"))).unwrap();
+        }
         // one galaxy, two files: the error names the id and both files
         std::fs::remove_file(dir.path().join("abc.jpg")).unwrap();
         std::fs::write(dir.path().join("0100.jpg"), b"x").unwrap();

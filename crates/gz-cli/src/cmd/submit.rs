@@ -107,8 +107,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--out FILE is required (or use --check FILE)")
     };
     let ids_dir = args.ids.clone().or_else(|| args.images.clone());
+    let ids_flag = if args.ids.is_some() { "--ids" } else { "--images" };
     let ids = match &ids_dir {
-        Some(d) => Some(ids_from_dir(d).with_context(|| format!("reading the test ids (--ids) from {}", d.display()))?),
+        Some(d) => {
+            Some(ids_from_dir(d).with_context(|| format!("reading the test ids ({ids_flag}) from {}", d.display()))?)
+        }
         None => None,
     };
     let (pred, mean) = if let Some(pred_path) = &args.pred {
