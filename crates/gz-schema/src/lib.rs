@@ -227,19 +227,20 @@ pub const MIN_REACHED: f32 = 0.01;
 /// question's answers sum to 1 ("of the volunteers who were asked whether this disk has a bar,
 /// 70 % said yes"). The Kaggle values are shares of all volunteers (each question's answers sum
 /// to its parent answer). Values are clipped to [0, 1] first (a model's outputs may stray);
-/// a question that less than [`MIN_REACHED`] of the volunteers reached gets `None`s. Panics if
-/// `row.len() != 37` (caller bug).
+/// a question that less than [`MIN_REACHED`] of the volunteers reached gets `None`s, and a
+/// question with a NaN answer (a diverged model) gets NaNs, not fractions of the others.
+/// Panics if `row.len() != 37` (caller bug).
 pub fn conditional(row: &[f32]) -> [Option<f32>; N_ANSWERS] {
     assert_eq!(row.len(), N_ANSWERS, "a row has {N_ANSWERS} values");
     let mut out = [None; N_ANSWERS];
     for q in &QUESTIONS {
-        let clipped = |i: usize| {
-            if row[i].is_finite() {
-                row[i].clamp(0.0, 1.0)
-            } else {
-                0.0
+        let clipped = |i: usize| row[i].clamp(0.0, 1.0);
+        if q.answers().any(|i| row[i].is_nan()) {
+            for i in q.answers() {
+                out[i] = Some(f32::NAN);
             }
-        };
+            continue;
+        }
         let reached: f32 = q.answers().map(clipped).sum();
         if reached >= MIN_REACHED {
             for i in q.answers() {
@@ -299,6 +300,15 @@ mod tests {
         assert_eq!(get(7, 3), Some(0.0));
         assert_eq!(get(9, 2), None, "reached by 0.5 %: no fractions");
         assert_eq!(get(11, 1), None, "never reached");
+        // a NaN answer (a diverged model): its question is NaN, not a fraction of the rest;
+        // an infinite one is clipped like any stray value
+        let mut odd = row;
+        odd[answer_index(1, 1)] = f32::NAN;
+        odd[answer_index(2, 1)] = f32::INFINITY;
+        let d = conditional(&odd);
+        assert!(QUESTIONS[0].answers().all(|i| d[i].is_some_and(f32::is_nan)), "{d:?}");
+        assert!((d[answer_index(2, 1)].unwrap() - 1.0 / 1.7).abs() < 1e-6, "{d:?}");
+        assert_eq!(d[answer_index(3, 1)], get(3, 1));
         for (qi, q) in QUESTIONS.iter().enumerate() {
             let vals: Vec<f32> = q.answers().filter_map(|i| c[i]).collect();
             if !vals.is_empty() {
