@@ -106,10 +106,12 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// The GalaxyID a file is named for (`<id>.jpg`), if its stem is a number.
+/// The GalaxyID a file is named for (`<id>.jpg`), if its stem is digits only (`+7.jpg` is
+/// not galaxy 7, though Rust's integer parse would take it).
 pub fn galaxy_id(path: &Path) -> Option<u64> {
     path.file_stem()
         .and_then(|s| s.to_str())
+        .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|s| s.parse::<u64>().ok())
 }
 
@@ -361,6 +363,9 @@ mod tests {
         let e = keys_for(&[p("0012.jpg"), p("12.jpg")]).unwrap_err().to_string();
         assert!(e.contains("GalaxyID 12 again") && e.contains("0012.jpg"), "{e}");
         assert_eq!(keys_for(&[]).unwrap().keys, Vec::<u64>::new());
+        // a sign is not part of a GalaxyID: `+7.jpg` names its row, and is not galaxy 7 again
+        let k = keys_for(&[p("+7.jpg"), p("7.jpg")]).unwrap();
+        assert_eq!(k.names.unwrap(), ["+7.jpg", "7.jpg"]);
     }
 
     #[cfg(unix)]
