@@ -318,10 +318,16 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
             got
         };
         if got.trim() != *want {
+            let hint = if i == 0 && got.trim() == "file" {
+                " (rows named by file, from `gz predict --images` on images not named <GalaxyID>.jpg: a submission's \
+                 rows are GalaxyIDs)"
+            } else {
+                ""
+            };
             rep.push(
                 ProblemKind::Header,
                 Some(1),
-                format!("header column {} is {got:?}, expected {want:?}", i + 1),
+                format!("header column {} is {got:?}, expected {want:?}{hint}", i + 1),
             );
         }
     }
@@ -648,6 +654,19 @@ pub fn write_submission(path: &Path, pred: &Solutions, ids: Option<&[u64]>, fill
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_file_keyed_prediction_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("own.csv");
+        let header = gz_schema::csv_header().replacen("GalaxyID", "file", 1);
+        std::fs::write(&p, format!("{header}\nNGC1300.jpg{}\n", ",0.5".repeat(N_ANSWERS))).unwrap();
+        let e = read_predictions(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("header column 1 is \"file\"") && e.contains("gz predict --images"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn per_question_fractions_are_told_from_kaggle_rows() {
