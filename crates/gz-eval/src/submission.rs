@@ -333,21 +333,14 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
     }
 }
 
-/// GalaxyIDs of the test images in a folder: every `<id>.jpg`, sorted. A `.jpg` whose name is
-/// not an integer id is an error (it could not be given a row).
+/// GalaxyIDs of the test images in a folder: every `<id>.jpg` ([`crate::predict::list_jpegs`]),
+/// sorted. A `.jpg` whose name is not an integer id is an error (it could not be given a row).
 pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     let mut bad = Vec::new();
     let mut names: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let p = entry.path();
-        let is_jpg = p
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
-        if !is_jpg {
-            continue;
-        }
+    // the JPEGs `gz predict --images` reads (a folder named `123.jpg` is not a test image)
+    for p in crate::predict::list_jpegs(dir)? {
         match crate::predict::galaxy_id(&p) {
             Some(id) => {
                 if let Some(first) = names.insert(id, p.clone()) {
@@ -834,6 +827,8 @@ mod tests {
         for n in ["200.jpg", "100.jpg", "notes.txt"] {
             std::fs::write(dir.path().join(n), b"x").unwrap();
         }
+        // a folder so named is not a test image
+        std::fs::create_dir(dir.path().join("300.jpg")).unwrap();
         assert_eq!(ids_from_dir(dir.path()).unwrap(), vec![100, 200]);
         let none = tempfile::tempdir().unwrap();
         std::fs::write(none.path().join("notes.txt"), "x").unwrap();
