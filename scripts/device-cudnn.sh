@@ -20,19 +20,18 @@ if [ "${1:-}" = "--prepare" ]; then
          CUDA_COMPUTE_CAP=90 CARGO_TARGET_DIR="$HERE/target/cuda"
   mkdir -p "$PKG"
   cd "$HERE"
-  exe=$(cargo test --release -p gz-model --lib --features cuda,cudnn --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import sys,json
+  # one cargo invocation for both binaries: features unify into one graph, so candle's CUDA
+  # kernels compile once (two invocations built them twice: their build dependencies differed)
+  json=$(cargo build --release -p gz-model -p gz-cli --features gz-cli/cudnn,gz-model/cudnn --lib --tests --bins \
+        --message-format=json 2> "$CARGO_TARGET_DIR/device-build.log") || { tail -30 "$CARGO_TARGET_DIR/device-build.log"; echo "the CUDA build failed"; exit 1; }
+  exe=$(printf '%s\n' "$json" | python3 -c 'import sys,json
 for l in sys.stdin:
     try: m=json.loads(l)
     except Exception: continue
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gz_model": print(m["executable"])' | tail -1)
-  [ -n "$exe" ] || { echo "could not build the gz-model test binary"; exit 1; }
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="gz_model" and m["profile"]["test"]: print(m["executable"])' | tail -1)
+  [ -n "$exe" ] || { echo "could not find the gz-model test binary"; exit 1; }
   strip -o "$PKG/gz-model-tests" "$exe" && gzip -9f "$PKG/gz-model-tests"
-  if cargo build --release -p gz-cli --features cudnn; then
-    strip -o "$PKG/gz" "$CARGO_TARGET_DIR/release/gz" && gzip -9f "$PKG/gz"
-  else
-    echo "warning: gz --features cudnn did not build; only the test binary is packed"
-  fi
+  strip -o "$PKG/gz" "$CARGO_TARGET_DIR/release/gz" && gzip -9f "$PKG/gz"
   ls -la "$PKG"
   exit 0
 fi
