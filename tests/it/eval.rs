@@ -348,6 +348,20 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         }
     }
 
+    // one image named by itself, the CSV on standard output: the same row as from its folder
+    let one_id = b.ids[0];
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["predict", "--out", "-", "--run"])
+            .arg(&run)
+            .arg("--images")
+            .arg(test_dir.join(format!("{one_id}.jpg"))),
+    );
+    assert!(ok && err.contains("1 rows"), "{out}\n{err}");
+    let single = gz_schema::read_solutions_from(out.as_bytes(), Path::new("stdout")).unwrap();
+    assert_eq!(single.ids, vec![one_id]);
+    assert_eq!(single.row(0), b.row(0));
+
     // per-question fractions: each reached question sums to 1 and is the Kaggle answers'
     // share of their sum; such a file is refused as a submission
     let pred_q = tmp.path().join("pred_conditional.csv");

@@ -199,6 +199,14 @@ pub fn keys_for(paths: &[PathBuf]) -> Result<Keys> {
 /// line break) and 37 cells, an empty cell for `None` ([`gz_schema::conditional`]'s questions
 /// nobody reached).
 pub fn write_table(path: &Path, first_column: &str, rows: &[(String, Vec<Option<f32>>)]) -> Result<()> {
+    Ok(gz_schema::write_atomic(
+        path,
+        table_csv(first_column, rows)?.as_bytes(),
+    )?)
+}
+
+/// The CSV text [`write_table`] writes.
+pub fn table_csv(first_column: &str, rows: &[(String, Vec<Option<f32>>)]) -> Result<String> {
     use std::fmt::Write as _;
     let header = gz_schema::csv_header();
     let mut text = String::with_capacity(64 + rows.len() * N_ANSWERS * 10);
@@ -227,7 +235,7 @@ pub fn write_table(path: &Path, first_column: &str, rows: &[(String, Vec<Option<
         }
         text.push('\n');
     }
-    Ok(gz_schema::write_atomic(path, text.as_bytes())?)
+    Ok(text)
 }
 
 /// Preprocesses one JPEG file's bytes into C×H×W f16 values, or says why it cannot.

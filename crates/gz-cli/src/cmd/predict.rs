@@ -66,8 +66,8 @@ pub struct SourceArgs {
     /// Shard cache directory (from `gz prep`); its test split is predicted.
     #[arg(long, conflicts_with = "images", required_unless_present = "images")]
     pub cache: Option<PathBuf>,
-    /// A folder of JPEGs, preprocessed with each checkpoint's own config (an ensemble may mix
-    /// input sizes and crops). Named <GalaxyID>.jpg: rows keyed by GalaxyID (as a submission);
+    /// A JPEG, or a folder of JPEGs, preprocessed with each checkpoint's own config (an
+    /// ensemble may mix input sizes and crops). Named <GalaxyID>.jpg: rows keyed by GalaxyID (as a submission);
     /// any other names: rows keyed by file name (first column `file`).
     #[arg(long)]
     pub images: Option<PathBuf>,
@@ -91,7 +91,7 @@ pub struct Args {
     #[command(flatten)]
     pub source: SourceArgs,
     /// Output CSV (GalaxyID, or the file name for --images not named by GalaxyID, + 37
-    /// columns), written atomically.
+    /// columns), written atomically; `-` writes it to standard output.
     #[arg(long)]
     pub out: PathBuf,
     /// Write per-question fractions instead of Kaggle's: each answer's share of the votes on
@@ -225,7 +225,12 @@ fn predict_folder(
     batch: usize,
     device: &gz_eval::Device,
 ) -> anyhow::Result<(Solutions, Vec<Failure>, Option<Vec<String>>)> {
-    let paths = list_jpegs(dir)?;
+    // one image named by itself, or the JPEGs of a folder
+    let paths = if dir.is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        list_jpegs(dir)?
+    };
     if paths.is_empty() {
         bail!("no .jpg files in {}", dir.display());
     }
@@ -372,21 +377,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => rows.ids[i].to_string(),
     };
     let first_column = if p.names.is_some() { "file" } else { "GalaxyID" };
-    if args.conditional {
-        let table: Vec<(String, Vec<Option<f32>>)> = (0..rows.len())
-            .map(|i| (label(i), gz_schema::conditional(rows.row(i)).to_vec()))
-            .collect();
-        gz_eval::predict::write_table(&args.out, first_column, &table)
-    } else if p.names.is_some() {
-        let table: Vec<(String, Vec<Option<f32>>)> = (0..rows.len())
-            .map(|i| (label(i), rows.row(i).iter().map(|&v| Some(v)).collect()))
-            .collect();
-        gz_eval::predict::write_table(&args.out, first_column, &table)
-    } else {
-        gz_schema::write_solutions(&args.out, &rows).map_err(gz_eval::EvalError::from)
-    }
-    .with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
+    let table: Vec<(String, Vec<Option<f32>>)> = (0..rows.len())
+        .map(|i| {
+            let cells = if args.conditional {
+                gz_schema::conditional(rows.row(i)).to_vec()
+            } else {
+                rows.row(i).iter().map(|&v| Some(v)).collect()
+            };
+            (label(i), cells)
+        })
+        .collect();
+    let summary = format!(
         "{} rows ({} filled with the training mean), {} TTA view(s){}",
         p.rows.len(),
         filled.len(),
@@ -397,6 +398,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ""
         }
     );
-    println!("predictions: {}", args.out.display());
+    if args.out == Path::new("-") {
+        // the CSV on stdout (one galaxy's answers into a pipe); what else is said goes to stderr
+        let text = gz_eval::predict::table_csv(first_column, &table)?;
+        use std::io::Write as _;
+        std::io::stdout()
+            .write_all(text.as_bytes())
+            .context("writing the predictions to standard output")?;
+        eprintln!("{summary}");
+    } else {
+        gz_eval::predict::write_table(&args.out, first_column, &table)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        println!("{summary}");
+        println!("predictions: {}", args.out.display());
+    }
     Ok(())
 }
