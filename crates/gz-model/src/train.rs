@@ -964,8 +964,19 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
     let mut text = serde_json::to_string_pretty(value)
         .map_err(|e| TrainError::Config(format!("serialising {}: {e}", path.display())))?;
     text.push('\n');
-    gz_schema::write_atomic(path, text.as_bytes())
-        .map_err(|e| TrainError::Config(format!("writing {}: {e}", path.display())))
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(write_err(path))
+}
+
+/// A failed write of a run file (disk full, permissions) as an I/O error naming the file once,
+/// not as an invalid config.
+fn write_err(path: &Path) -> impl FnOnce(gz_schema::SchemaError) -> TrainError + '_ {
+    move |e| match e {
+        gz_schema::SchemaError::Io { path, source } => TrainError::Io { path, source },
+        other => TrainError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
 }
 
 fn write_metrics(path: &Path, history: &[EpochMetrics]) -> Result<(), TrainError> {
@@ -974,8 +985,7 @@ fn write_metrics(path: &Path, history: &[EpochMetrics]) -> Result<(), TrainError
         text.push_str(&serde_json::to_string(m).map_err(|e| TrainError::Config(format!("serialising metrics: {e}")))?);
         text.push('\n');
     }
-    gz_schema::write_atomic(path, text.as_bytes())
-        .map_err(|e| TrainError::Config(format!("writing {}: {e}", path.display())))
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(write_err(path))
 }
 
 /// Result of [`bench()`].
@@ -1251,6 +1261,23 @@ mod tests {
     use super::*;
     use crate::checkpoint::LoadedModel;
     use crate::data::{toy_source, MemSource};
+
+    #[test]
+    fn failed_run_file_writes_are_io_errors_naming_the_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("blocker");
+        std::fs::write(&blocker, b"").unwrap();
+        let path = blocker.join("metrics.jsonl"); // its folder is a file: the write fails
+        for err in [
+            write_metrics(&path, &[]).unwrap_err(),
+            write_json(&path, &serde_json::json!({})).unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(matches!(err, TrainError::Io { .. }), "{err:?}");
+            assert!(!msg.contains("invalid training config"), "{msg}");
+            assert_eq!(msg.matches("metrics.jsonl").count(), 1, "{msg}");
+        }
+    }
 
     fn meta() -> DataMeta {
         DataMeta {
