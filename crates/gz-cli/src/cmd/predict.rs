@@ -407,8 +407,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .context("writing the predictions to standard output")?;
         eprintln!("{summary}");
     } else {
-        gz_eval::predict::write_table(&args.out, first_column, &table)
-            .with_context(|| format!("writing {}", args.out.display()))?;
+        // the error names the file (and the reason) itself
+        gz_eval::predict::write_table(&args.out, first_column, &table)?;
         println!("{summary}");
         println!("predictions: {}", args.out.display());
     }
