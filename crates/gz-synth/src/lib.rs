@@ -50,6 +50,10 @@ pub const SYNTH_JSON: &str = "synth.json";
 /// Smallest and largest Kaggle-like 6-digit id.
 const ID_MIN: u64 = 100_000;
 const ID_MAX: u64 = 999_999;
+/// Most simulated volunteers per galaxy: each one walks the tree in turn, so the time grows
+/// linearly with the count (u32::MAX took minutes per galaxy); far more than any real crowd, and
+/// the floor is already ~0.004 RMSE at this many.
+pub const MAX_VOLUNTEERS: u32 = 10_000;
 
 /// What to generate. Serialised as `synth.json` next to the data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,12 @@ impl SynthConfig {
             return bad(format!(
                 "volunteers must satisfy 1 <= min ({}) <= max ({})",
                 self.min_volunteers, self.max_volunteers
+            ));
+        }
+        if self.max_volunteers > MAX_VOLUNTEERS {
+            return bad(format!(
+                "at most {MAX_VOLUNTEERS} volunteers per galaxy (got max {}): each one is simulated",
+                self.max_volunteers
             ));
         }
         // checked: a sum that wraps must not slip under the limit
@@ -546,6 +556,21 @@ mod tests {
             let e = cfg.validate().unwrap_err().to_string();
             assert!(e.contains("do not fit"), "{train} + {test}: {e}");
         }
+        // huge crowds are refused up front, not simulated for minutes per galaxy
+        let cfg = SynthConfig {
+            train: 1,
+            test: 0,
+            min_volunteers: 4_000_000_000,
+            max_volunteers: u32::MAX,
+            ..SynthConfig::default()
+        };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+        let cfg = SynthConfig {
+            max_volunteers: MAX_VOLUNTEERS,
+            ..SynthConfig::default()
+        };
+        assert!(cfg.validate().is_ok());
         let mut cfg = SynthConfig {
             min_volunteers: 10,
             max_volunteers: 5,

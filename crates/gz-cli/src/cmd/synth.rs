@@ -28,7 +28,7 @@ pub struct Args {
     /// Fewest simulated volunteers per galaxy.
     #[arg(long, default_value_t = 25)]
     pub min_volunteers: u32,
-    /// Most simulated volunteers per galaxy.
+    /// Most simulated volunteers per galaxy (at most 10000).
     #[arg(long, default_value_t = 60)]
     pub max_volunteers: u32,
     /// Worker threads (default: all cores). The output does not depend on it.
