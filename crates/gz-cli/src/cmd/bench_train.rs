@@ -162,8 +162,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if args.json {
         let mut v = serde_json::to_value(&r)?;
+        add_setup(&mut v, &args, &model)?;
         v["conv"] = conv.into();
-        v["mode"] = mode_name(&args).into();
         if let Some((p, prof, n)) = &profile {
             v["cudnn_ms_per_step"] = serde_json::json!({
                 "profiled_step_ms": p.step_ms,
@@ -178,8 +178,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "bench-train model={} batch={} precision={} device={} conv={conv} mode={} optimizer={} ({}) steps={}: {:.1} images/s ({:.1} ms/step)",
+        "bench-train model={} size={} batch={} precision={} device={} conv={conv} mode={} optimizer={} ({}) steps={}: {:.1} images/s ({:.1} ms/step)",
         args.model,
+        args.size,
         args.batch,
         args.precision,
         args.device,
@@ -216,6 +217,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What was measured, so a saved JSON result says which model, size and device it is for (the
+/// text line names them too).
+fn add_setup(v: &mut serde_json::Value, args: &Args, model: &gz_model::config::ModelConfig) -> anyhow::Result<()> {
+    v["model"] = args.model.clone().into();
+    v["output"] = serde_json::to_value(model.output)?;
+    v["size"] = args.size.into();
+    v["precision"] = args.precision.clone().into();
+    v["device"] = args.device.clone().into();
+    v["optimizer"] = args.optimizer.clone().into();
+    v["warmup"] = args.warmup.into();
+    v["mode"] = mode_name(args).into();
+    Ok(())
+}
+
 /// `train` or `inference`, with `-pipelined` when the phases were not synchronised.
 fn mode_name(args: &Args) -> String {
     let base = if args.inference { "inference" } else { "train" };
@@ -223,5 +238,44 @@ fn mode_name(args: &Args) -> String {
         format!("{base}-pipelined")
     } else {
         base.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn json_names_what_was_measured() {
+        let args = Cli::parse_from([
+            "bench-train",
+            "--model",
+            "tiny",
+            "--size",
+            "16",
+            "--batch",
+            "4",
+            "--output",
+            "tree",
+        ])
+        .args;
+        let model = super::super::train::model_config(&args.model, args.output.as_deref()).unwrap();
+        let mut v = serde_json::json!({"batch": 4, "steps": 10});
+        add_setup(&mut v, &args, &model).unwrap();
+        assert_eq!(v["model"], "tiny");
+        assert_eq!(v["output"], "tree");
+        assert_eq!(v["size"], 16);
+        assert_eq!(v["precision"], "f32");
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["optimizer"], "rmsprop");
+        assert_eq!(v["warmup"], 2);
+        assert_eq!(v["mode"], "train");
     }
 }
