@@ -249,3 +249,16 @@ fn pipeline_on_a_real_kaggle_layout_without_synthetic_extras() {
     assert_eq!(ids, want, "one row per test image");
     assert_eq!(before, listing(&data), "the dataset folder is left untouched");
 }
+
+/// A Kaggle-layout folder where the pipeline keeps its synthetic set, but without gz synth's
+/// marks (someone's download put there): refused and left alone, not deleted and regenerated.
+#[test]
+fn a_download_in_the_synthetic_folder_is_not_deleted() {
+    let t = support::tempdir();
+    let imgs = t.path().join("data/synth/images_training_rev1");
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::write(imgs.join("100008.jpg"), b"a real image").unwrap();
+    let (ok, out, err) = pipeline(t.path(), &[]);
+    assert!(!ok && err.contains("was not written by `gz synth`"), "{out}\n{err}");
+    assert!(imgs.join("100008.jpg").exists());
+}

@@ -170,11 +170,25 @@ fn gz_synth_binary_end_to_end() {
         "stale images removed"
     );
 
-    // an interrupted run (no synth.json) is detected
+    // a Kaggle-layout folder gz synth did not write (a real download: no synth.json, no
+    // in-progress mark) is never replaced, --force or not
     std::fs::remove_file(out.join("synth.json")).unwrap();
+    let csv = read(&out.join("training_solutions_rev1.csv"));
+    for force in [false, true] {
+        let (ok, _, stderr) = support::run(&mut args(if force { &["--force"] } else { &[] }));
+        assert!(!ok && stderr.contains("did not write"), "{stderr}");
+        assert_eq!(read(&out.join("training_solutions_rev1.csv")), csv);
+        assert_eq!(sorted_names(&out.join("images_training_rev1")).len(), 4);
+    }
+
+    // an interrupted run (its in-progress mark, no synth.json) is detected, and --force redoes it
+    std::fs::write(out.join("synth.in-progress"), "x").unwrap();
     let (ok, _, stderr) = support::run(&mut args(&[]));
     assert!(!ok);
     assert!(stderr.contains("incomplete"), "{stderr}");
+    let (ok, _, stderr) = support::run(&mut args(&["--force"]));
+    assert!(ok, "{stderr}");
+    assert!(out.join("synth.json").exists() && !out.join("synth.in-progress").exists());
 
     // bad arguments are clear errors
     let mut bad = support::gz();

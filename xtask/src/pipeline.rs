@@ -446,7 +446,9 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
             // data/synth is ours (synth never runs with --data): clear a stale or interrupted set,
             // but never a folder holding something else.
             if out2.exists() {
-                if out2.join("synth.json").exists() || out2.join("images_training_rev1").exists() {
+                // gz synth's marks: `synth.json` (complete) or `synth.in-progress` (interrupted);
+                // Kaggle-layout data without either is someone's download, not ours to delete
+                if out2.join("synth.json").exists() || out2.join("synth.in-progress").exists() {
                     eprintln!("xtask: synth: replacing {}", out2.display());
                     std::fs::remove_dir_all(&out2).with_context(|| format!("removing {}", out2.display()))?;
                 } else if std::fs::read_dir(&out2)
@@ -454,7 +456,8 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
                     .unwrap_or(false)
                 {
                     bail!(
-                        "{} exists and was not written by `gz synth`; move it away or pass --root",
+                        "{} exists and was not written by `gz synth` (no synth.json or synth.in-progress); move it \
+                         away or pass --root (for real data, pass --data DIR)",
                         out2.display()
                     );
                 }

@@ -10,6 +10,7 @@
 //! - `floor.json`: the RMSE between observed and expected fractions — the best any model can do in
 //!   expectation (the Bayes floor of the Kaggle metric on this data);
 //! - `synth.json`: the [`SynthConfig`], written last, so a directory without it is incomplete.
+//! - `synth.in-progress`: written first, removed after `synth.json` (see [`IN_PROGRESS`]).
 //!
 //! Everything is a pure function of the config: each galaxy has its own ChaCha stream selected by
 //! (seed, split, index), so the bytes do not depend on the thread count. gz-synth depends only on
@@ -46,6 +47,10 @@ pub const EXPECTED_TEST_CSV: &str = "expected_test.csv";
 pub const FLOOR_JSON: &str = "floor.json";
 /// The config; its presence marks a complete dataset.
 pub const SYNTH_JSON: &str = "synth.json";
+/// Written before anything else and removed once `synth.json` is: the mark of a dataset gz
+/// synth is writing (or was, when a run was interrupted). A Kaggle-layout folder with neither
+/// marker is not gz synth's (a real download), and `gz synth --force` must not replace it.
+pub const IN_PROGRESS: &str = "synth.in-progress";
 
 /// Smallest and largest Kaggle-like 6-digit id.
 const ID_MIN: u64 = 100_000;
@@ -302,6 +307,7 @@ pub fn existing_config(dir: &Path) -> Result<Option<SynthConfig>, SynthError> {
 pub fn output_paths(dir: &Path) -> Vec<PathBuf> {
     [
         SYNTH_JSON,
+        IN_PROGRESS,
         FLOOR_JSON,
         TRAIN_CSV,
         TEST_CSV,
@@ -392,6 +398,11 @@ pub fn generate(
     cfg.validate()?;
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let marker = out_dir.join(SYNTH_JSON);
+    let in_progress = out_dir.join(IN_PROGRESS);
+    write_atomic(
+        &in_progress,
+        b"gz synth is writing this dataset; synth.json marks it complete\n",
+    )?;
     match std::fs::remove_file(&marker) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -431,6 +442,7 @@ pub fn generate(
     };
     write_atomic(&out_dir.join(FLOOR_JSON), to_json(&floor).as_bytes())?;
     write_atomic(&marker, to_json(&cfg.canonical()).as_bytes())?;
+    std::fs::remove_file(&in_progress).map_err(io_err(&in_progress))?;
     let n = (train.len() + test.len()).max(1) as f64;
     let mean_volunteers = train.iter().chain(&test).map(|s| f64::from(s.volunteers)).sum::<f64>() / n;
     Ok(SynthSummary {

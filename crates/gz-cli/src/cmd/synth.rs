@@ -47,6 +47,8 @@ enum Target {
     Same,
     /// Something else (another dataset, an interrupted run, unrelated files).
     Other(String),
+    /// Kaggle-layout images or labels without gz synth's markers: a real download.
+    Foreign,
 }
 
 fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
@@ -64,9 +66,17 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
             "a different synthetic dataset (train {}, test {}, seed {})",
             old.train, old.test, old.seed
         ))),
-        Ok(None) if dir.join(gz_synth::TRAIN_DIR).exists() => Ok(Target::Other(
+        Ok(None) if dir.join(gz_synth::IN_PROGRESS).exists() => Ok(Target::Other(
             "an incomplete synthetic dataset (no synth.json: an interrupted run?)".into(),
         )),
+        // images or labels gz synth did not write (a real download): never replaced, --force or not
+        Ok(None)
+            if [gz_synth::TRAIN_DIR, gz_synth::TEST_DIR, gz_synth::TRAIN_CSV]
+                .iter()
+                .any(|p| dir.join(p).exists()) =>
+        {
+            Ok(Target::Foreign)
+        }
         Ok(None) => Ok(Target::Other("files that are not a synthetic dataset".into())),
         Err(e) => Ok(Target::Other(format!("an unreadable marker ({e})"))),
     }
@@ -96,6 +106,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
             println!("data: {}", args.out.display());
             return Ok(());
+        }
+        Target::Foreign => {
+            bail!(
+                "{} holds a Kaggle-layout dataset that gz synth did not write (a real download?): not replaced, even \
+                 with --force; choose another --out, or move it away (a run of an older gz synth that was \
+                 interrupted looks the same: delete it by hand)",
+                args.out.display()
+            );
         }
         Target::Other(what) if !args.force => {
             bail!(
