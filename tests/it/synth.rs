@@ -199,3 +199,35 @@ fn gz_synth_binary_end_to_end() {
     assert!(!ok);
     assert!(stderr.contains("volunteers"), "{stderr}");
 }
+
+/// An empty split has no Bayes floor to show (it was printed as 0.00000); a refusal names the
+/// volunteer settings too (a set differing only in them read as the same one).
+#[test]
+fn an_empty_split_shows_no_floor_and_refusals_name_the_volunteers() {
+    let dir = support::tempdir();
+    let out = dir.path().join("d");
+    let mut c = support::gz();
+    c.args(["synth", "--train", "0", "--test", "2", "--seed", "3", "--out"])
+        .arg(&out);
+    let (ok, stdout, stderr) = support::run(&mut c);
+    assert!(
+        ok && stdout.contains("train - (no images), test 0."),
+        "{stdout}\n{stderr}"
+    );
+    let mut c = support::gz();
+    c.args([
+        "synth",
+        "--train",
+        "0",
+        "--test",
+        "2",
+        "--seed",
+        "3",
+        "--max-volunteers",
+        "50",
+        "--out",
+    ])
+    .arg(&out);
+    let (ok, _, stderr) = support::run(&mut c);
+    assert!(!ok && stderr.contains("25–60 volunteers per galaxy"), "{stderr}");
+}

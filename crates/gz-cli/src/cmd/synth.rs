@@ -63,8 +63,8 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
     match gz_synth::existing_config(dir) {
         Ok(Some(old)) if old.same_dataset(cfg) => Ok(Target::Same),
         Ok(Some(old)) => Ok(Target::Other(format!(
-            "a different synthetic dataset (train {}, test {}, seed {})",
-            old.train, old.test, old.seed
+            "a different synthetic dataset (train {}, test {}, seed {}, {}–{} volunteers per galaxy)",
+            old.train, old.test, old.seed, old.min_volunteers, old.max_volunteers
         ))),
         Ok(None) if dir.join(gz_synth::IN_PROGRESS).exists() => Ok(Target::Other(
             "an incomplete synthetic dataset (no synth.json: an interrupted run?)".into(),
@@ -152,10 +152,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         n as f64 / secs.max(1e-9),
         summary.jpeg_bytes as f64 / 1e6
     );
-    println!(
-        "Bayes floor (RMSE observed vs expected fractions, {:.1} volunteers on average): train {:.5}, test {:.5}",
-        summary.mean_volunteers, summary.train_rmse, summary.test_rmse
-    );
+    // an empty split has no floor to show (its RMSE over no rows is not 0)
+    let floor = |rows: usize, rmse: f64| {
+        if rows == 0 {
+            "- (no images)".to_string()
+        } else {
+            format!("{rmse:.5}")
+        }
+    };
+    if n > 0 {
+        println!(
+            "Bayes floor (RMSE observed vs expected fractions, {:.1} volunteers on average): train {}, test {}",
+            summary.mean_volunteers,
+            floor(summary.n_train, summary.train_rmse as f64),
+            floor(summary.n_test, summary.test_rmse as f64)
+        );
+    }
     let d = args.out.display();
     println!("  images:   {d}/{}/, {d}/{}/", gz_synth::TRAIN_DIR, gz_synth::TEST_DIR);
     println!(
