@@ -276,6 +276,57 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     assert!(stderr.contains("gz train: stopped "), "{stderr}");
 }
 
+/// A shard truncated while `gz train` has it memory-mapped ends the run with SIGBUS, as any
+/// reader of a shrunk mapping does; gz's handler first names the file and the way back.
+#[test]
+fn a_shard_truncated_under_a_running_train_is_named() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 48, 32, 6);
+    let run = tmp.path().join("run");
+    let mut child = support::gz()
+        .args(tiny_args(&cache, &run, "100000"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("epoch   1 ") {
+            break;
+        }
+    }
+    let shard = cache.join("train-00000.shard");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("gz train kept running on a truncated shard");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}\n{stderr}", out.status);
+    assert!(
+        stderr.contains(&format!(
+            "gz: reading the cache file {} failed (SIGBUS)",
+            shard.display()
+        )) && stderr.contains("`gz train --resume` continues"),
+        "{stderr}"
+    );
+    // the finished epoch is intact
+    assert!(!metrics(&run).is_empty());
+}
+
 #[test]
 fn bad_requests_fail_clearly() {
     let tmp = support::tempdir();

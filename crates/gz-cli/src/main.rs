@@ -5,6 +5,7 @@
 //! (`{:#}`) and turn into exit status 1 (or the code a subcommand asks for).
 
 mod cmd;
+mod fault;
 mod interrupt;
 mod malloc;
 
@@ -49,7 +50,9 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // First, before any thread or large buffer exists (see `malloc`).
+    // Before any thread exists: a shard that fails under its memory map is named (see `fault`).
+    fault::install();
+    // Before any thread or large buffer exists (see `malloc`).
     let malloc_tuned = malloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(

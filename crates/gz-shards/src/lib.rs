@@ -16,6 +16,7 @@ compile_error!(
 pub mod format;
 pub mod inventory;
 pub mod manifest;
+pub mod mapped;
 mod reader;
 mod writer;
 

@@ -179,6 +179,12 @@ struct MappedShard {
     crc32: u32,
 }
 
+impl Drop for MappedShard {
+    fn drop(&mut self) {
+        crate::mapped::deregister(self.mmap.as_ptr());
+    }
+}
+
 impl MappedShard {
     fn payload_bytes(&self) -> &[u8] {
         &self.mmap[self.offset..]
@@ -229,7 +235,8 @@ impl Split {
             // mapped. Shard files are immutable once published: writers only ever write into a
             // private temporary directory that is renamed into place after every file is fsynced,
             // and nothing in gz writes to a published cache. (A user truncating the file by hand
-            // while we read it could cause SIGBUS; that is outside our contract.)
+            // while we read it causes SIGBUS: `crate::mapped` lets the binary's handler name the
+            // file before the process ends.)
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io_err(&path, e))?;
             let header = Header::decode(&path, &mmap)?;
             check_header(&path, &header, Kind::Images, dims, fe, m)?;
@@ -250,6 +257,8 @@ impl Split {
                 reason: format!("payload not castable to f16: {e}"),
             })?;
             total += fe.rows;
+            // registered once owned by a `MappedShard`, whose drop deregisters it
+            crate::mapped::register(mmap.as_ptr(), mmap.len(), &path);
             shards.push(MappedShard {
                 path,
                 mmap,

@@ -292,3 +292,29 @@ fn split_fingerprints_follow_the_content() {
     let d = Cache::open(&w.finish(serde_json::json!({})).unwrap()).unwrap();
     assert_ne!(Some(fa), d.split_fingerprint("train"), "a label changed");
 }
+
+#[test]
+fn mapped_shards_are_named_by_address_while_open() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 10, 3, 4);
+    let c = Cache::open(&dir).unwrap();
+    let tr = c.train().unwrap();
+    let in_third_shard = tr.image(9).as_ptr() as usize + 5;
+    let want = dir.join("train-00002.shard");
+    assert_eq!(
+        mapped::file_at(in_third_shard),
+        Some(want.as_os_str().as_encoded_bytes())
+    );
+    let in_test = c.test().unwrap().image(0).as_ptr() as usize;
+    assert_eq!(
+        mapped::file_at(in_test),
+        Some(dir.join("test-00000.shard").as_os_str().as_encoded_bytes())
+    );
+    drop(c);
+    // (another test may map a file at the freed address meanwhile, never one of this folder's)
+    assert_ne!(
+        mapped::file_at(in_third_shard),
+        Some(want.as_os_str().as_encoded_bytes()),
+        "a closed cache's ranges are forgotten"
+    );
+}
