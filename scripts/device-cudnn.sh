@@ -32,7 +32,23 @@ for l in sys.stdin:
   [ -n "$exe" ] || { echo "could not find the gz-model test binary"; exit 1; }
   strip -o "$PKG/gz-model-tests" "$exe" && gzip -9f "$PKG/gz-model-tests"
   strip -o "$PKG/gz" "$CARGO_TARGET_DIR/release/gz" && gzip -9f "$PKG/gz"
+  # which source the bundle is: a later session compares it with HEAD before spending device
+  # time on a stale bundle (`--check`), and the device run prints it
+  { git rev-parse HEAD; git status --porcelain --untracked-files=no | sed 's/^/dirty: /'; } > "$PKG/built-from.txt"
   ls -la "$PKG"
+  exit 0
+fi
+
+if [ "${1:-}" = "--check" ]; then
+  # Is target/device-cudnn built from the current source? (no build; exit 0 = yes)
+  [ -f "$PKG/built-from.txt" ] || { echo "no bundle stamp in $PKG: run --prepare"; exit 1; }
+  built=$(head -1 "$PKG/built-from.txt")
+  cd "$HERE"
+  if grep -q '^dirty: ' "$PKG/built-from.txt"; then echo "bundle built from uncommitted changes on $built: run --prepare"; exit 1; fi
+  changed=$(git diff --name-only "$built" HEAD -- crates Cargo.toml Cargo.lock 2>/dev/null) || { echo "bundle commit $built unknown here: run --prepare"; exit 1; }
+  changed="$changed$(git status --porcelain --untracked-files=no -- crates Cargo.toml Cargo.lock)"
+  if [ -n "$changed" ]; then echo "bundle built from $built; since then changed:"; echo "$changed" | head -20; echo "run --prepare"; exit 1; fi
+  echo "bundle is current (built from $built; no crate changed since)"
   exit 0
 fi
 

@@ -57,6 +57,7 @@ for f in gz-model-tests gz; do
   [ -f "$PKG/$f.gz" ] && gunzip -c "$PKG/$f.gz" > "$BIN/$f" && chmod +x "$BIN/$f"
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUM"
+say "bundle built from: $(tr '\n' ' ' < "$PKG/built-from.txt" 2>/dev/null || echo unknown)"
 
 # 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
 if [ -x "$BIN/gz-model-tests" ]; then
