@@ -80,6 +80,91 @@ fn submit_check_lists_every_problem() {
     );
 }
 
+/// A file of per-question fractions (`gz predict --conditional`) is no submission: `--check`
+/// says so with the same hint as `--pred`, while the Kaggle values of the same galaxies pass.
+#[test]
+fn submit_check_refuses_per_question_fractions() {
+    let tmp = support::tempdir();
+    let ids_dir = tmp.path().join("images_test_rev1");
+    write_test_jpeg_names(&ids_dir, &[100, 101]);
+    // Kaggle values: each question sums to the answer that leads to it
+    let mut kaggle = [0.0f32; N_ANSWERS];
+    for (i, v) in [
+        (0, 0.3),
+        (1, 0.6),
+        (2, 0.1),
+        (3, 0.2),
+        (4, 0.4),
+        (5, 0.1),
+        (6, 0.3),
+        (7, 0.25),
+        (8, 0.15),
+        (9, 0.4),
+        (13, 0.5),
+        (14, 0.5),
+        (15, 0.3),
+        (18, 0.5),
+        (25, 0.2),
+        (28, 0.25),
+        (31, 0.25),
+    ] {
+        kaggle[i] = v;
+    }
+    assert!(gz_schema::check_row(&kaggle, 1e-5).is_empty());
+    let cells = gz_schema::conditional(&kaggle);
+    let write = |name: &str, values: &dyn Fn(usize) -> String| {
+        let p = tmp.path().join(name);
+        let rows = [100u64, 101].map(|id| {
+            format!(
+                "{id}{}",
+                (0..N_ANSWERS).map(|k| format!(",{}", values(k))).collect::<String>()
+            )
+        });
+        std::fs::write(&p, format!("{}\n{}\n{}\n", csv_header(), rows[0], rows[1])).unwrap();
+        p
+    };
+    let cond = |k: usize| cells[k].map_or(String::new(), |v| v.to_string());
+    let kaggle_text = |k: usize| format!("{:.2}", kaggle[k]);
+    for (file, conditional) in [
+        (write("cond.csv", &cond), true),
+        (write("kaggle.csv", &kaggle_text), false),
+    ] {
+        let (ok, out, err) = support::run(
+            support::gz()
+                .args(["submit", "--check"])
+                .arg(&file)
+                .arg("--ids")
+                .arg(&ids_dir),
+        );
+        if !conditional {
+            assert!(ok, "{}: {out}\n{err}", file.display());
+            continue;
+        }
+        assert!(!ok, "{}: {out}\n{err}", file.display());
+        assert!(
+            out.contains("per-question fractions (`gz predict --conditional`)")
+                && out.contains("predict again without --conditional")
+                && err.contains("1 problem(s): 1 per-question fractions"),
+            "{}: {out}\n{err}",
+            file.display()
+        );
+        let (ok, out, err) = support::run(
+            support::gz()
+                .args(["submit", "--pred"])
+                .arg(&file)
+                .arg("--ids")
+                .arg(&ids_dir)
+                .arg("--out")
+                .arg(tmp.path().join("sub.csv")),
+        );
+        assert!(
+            !ok && err.contains("predict again without --conditional"),
+            "{}: {out}\n{err}",
+            file.display()
+        );
+    }
+}
+
 #[test]
 fn submit_from_predictions_refuses_short_files_unless_filled() {
     let tmp = support::tempdir();

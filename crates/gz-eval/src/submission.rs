@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use gz_schema::{column_names, csv_header, Solutions, N_ANSWERS};
+use gz_schema::{column_names, csv_header, Solutions, N_ANSWERS, N_QUESTIONS};
 use serde::Serialize;
 
 use crate::{io_err, EvalError, Result};
@@ -50,6 +50,8 @@ pub enum ProblemKind {
     MissingId,
     /// A row for an id that is not a test image.
     ExtraId,
+    /// Per-question fractions (`gz predict --conditional`), not Kaggle's ([`looks_conditional`]).
+    Conditional,
 }
 
 impl ProblemKind {
@@ -68,6 +70,7 @@ impl ProblemKind {
             ProblemKind::RowCount => "wrong row count",
             ProblemKind::MissingId => "missing GalaxyID",
             ProblemKind::ExtraId => "GalaxyID not a test image",
+            ProblemKind::Conditional => "per-question fractions",
         }
     }
 }
@@ -187,6 +190,8 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
     let mut seen: HashMap<u64, u64> = HashMap::new();
     let mut first = true;
     let mut rec = csv::StringRecord::new();
+    let mut sniff = ConditionalSniff::default();
+    let mut cells = [None; N_ANSWERS];
     loop {
         match rdr.read_record(&mut rec) {
             Ok(false) => break,
@@ -236,9 +241,15 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
                 format!("GalaxyID {id_text:?} is not a non-negative integer"),
             ),
         }
+        cells.fill(None);
         for (k, column) in column_names().enumerate() {
             let Some(text) = rec.get(k + 1) else { break };
             let text = text.trim();
+            // an empty cell is a question `gz predict --conditional` left unanswered; any other
+            // unparsable cell counts as NaN (a row that sums to nothing)
+            if !text.is_empty() {
+                cells[k] = Some(text.parse::<f32>().unwrap_or(f32::NAN));
+            }
             match text.parse::<f64>() {
                 Err(_) => rep.push(
                     ProblemKind::NotANumber,
@@ -259,6 +270,10 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
                 Ok(_) => {}
             }
         }
+        sniff.row(&cells);
+    }
+    if sniff.verdict() {
+        rep.push(ProblemKind::Conditional, None, CONDITIONAL_REASON.into());
     }
     if first {
         rep.push(ProblemKind::Header, Some(1), "file is empty (no header)".into());
@@ -409,6 +424,7 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
     let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
     let mut out = Solutions::new();
     let mut row = [0f32; N_ANSWERS];
+    let mut sniff = ConditionalSniff::default();
     let mut first = true;
     for rec in rdr.records() {
         let rec = rec.map_err(|e| bad(e.position().map_or(0, |p| p.line()), format!("malformed CSV: {e}")))?;
@@ -449,45 +465,100 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
                 bad(line, format!("{column}: {t:?} is not a number{hint}"))
             })?;
         }
+        sniff.row(&row.map(Some));
         out.push(id, &row);
     }
     if first {
         return Err(bad(1, "file is empty (no header)".into()));
     }
-    if looks_conditional(&out) {
+    if sniff.verdict() {
         return Err(EvalError::BadFile {
             path: path.to_path_buf(),
-            reason: "every question's answers sum to 1 in every row: these are per-question fractions (`gz predict \
-                     --conditional`), not Kaggle's, whose answers sum to their parent answer; predict again without \
-                     --conditional"
-                .into(),
+            reason: CONDITIONAL_REASON.into(),
         });
     }
     Ok(out)
 }
 
+/// Why a file of per-question fractions is no submission (`gz submit --pred` and `--check`).
+pub const CONDITIONAL_REASON: &str = "every question's answers sum to 1 in every row: these are per-question \
+                                      fractions (`gz predict --conditional`), not Kaggle's, whose answers sum to \
+                                      their parent answer; predict again without --conditional";
+
 /// Whether `rows` hold per-question fractions ([`gz_schema::conditional`]) rather than Kaggle's:
 /// every question sums to 1 in every row, and somewhere a question below the first level sums
 /// to 1 although its parent answer is well below 1 (impossible in a Kaggle row, where the
 /// question sums to its parent; a model's free outputs do not sum to exactly 1 everywhere).
+/// "Sums to 1" is within 1e-3.
 pub fn looks_conditional(rows: &Solutions) -> bool {
-    if rows.is_empty() {
-        return false;
-    }
-    let mut contradicts_kaggle = false;
+    let mut sniff = ConditionalSniff::default();
     for i in 0..rows.len() {
-        let row = rows.row(i);
-        for q in &gz_schema::QUESTIONS {
-            let sum: f32 = row[q.answers()].iter().sum();
-            if (sum - 1.0).abs() > 1e-3 {
-                return false;
+        let mut cells = [None; N_ANSWERS];
+        for (c, &v) in cells.iter_mut().zip(rows.row(i)) {
+            *c = Some(v);
+        }
+        sniff.row(&cells);
+    }
+    sniff.verdict()
+}
+
+/// [`looks_conditional`] one row at a time, as a file is read.
+///
+/// A question whose cells are all empty is one `gz predict --conditional` left unanswered
+/// (under 1 % of volunteers would reach it) and is passed over; a question with only some of
+/// its cells empty is no such row.
+#[derive(Debug, Clone)]
+pub struct ConditionalSniff {
+    rows: usize,
+    /// Per question, the largest |sum − 1| over the rows (∞ for a non-finite sum).
+    worst: [f32; N_QUESTIONS],
+    /// A question with some but not all of its cells empty.
+    partial: bool,
+    /// A question summing to 1 (so far) below a parent answer under 0.9.
+    contradicts_kaggle: bool,
+}
+
+impl Default for ConditionalSniff {
+    fn default() -> Self {
+        ConditionalSniff {
+            rows: 0,
+            worst: [0.0; N_QUESTIONS],
+            partial: false,
+            contradicts_kaggle: false,
+        }
+    }
+}
+
+impl ConditionalSniff {
+    /// Adds one row of 37 cells (`None`: an empty cell).
+    pub fn row(&mut self, cells: &[Option<f32>; N_ANSWERS]) {
+        self.rows += 1;
+        for (qi, q) in gz_schema::QUESTIONS.iter().enumerate() {
+            let given = q.answers().filter(|&i| cells[i].is_some()).count();
+            if given == 0 {
+                continue;
             }
-            if q.parent.is_some_and(|p| row[p] < 0.9) {
-                contradicts_kaggle = true;
+            if given < q.answers().len() {
+                self.partial = true;
+                continue;
+            }
+            let sum: f32 = q.answers().filter_map(|i| cells[i]).sum();
+            let off = if sum.is_finite() {
+                (sum - 1.0).abs()
+            } else {
+                f32::INFINITY
+            };
+            self.worst[qi] = self.worst[qi].max(off);
+            if q.parent.and_then(|p| cells[p]).is_some_and(|p| p < 0.9) {
+                self.contradicts_kaggle = true;
             }
         }
     }
-    contradicts_kaggle
+
+    /// Whether the rows so far look like per-question fractions.
+    pub fn verdict(&self) -> bool {
+        self.rows > 0 && !self.partial && self.contradicts_kaggle && self.worst.iter().all(|&w| w <= 1e-3)
+    }
 }
 
 /// How a submission was assembled from predictions.
@@ -696,6 +767,120 @@ mod tests {
     }
 
     use super::*;
+
+    /// A predictions CSV of `rows` (`None`: an empty cell), each value with `decimals` decimals
+    /// (all of them when `None`).
+    fn table(rows: &[Vec<Option<f32>>], decimals: Option<usize>) -> String {
+        let mut s = csv_header();
+        for (i, r) in rows.iter().enumerate() {
+            s.push_str(&format!("\n{}", 100 + i));
+            for v in r {
+                match (v, decimals) {
+                    (None, _) => s.push(','),
+                    (Some(v), None) => s.push_str(&format!(",{v}")),
+                    (Some(v), Some(d)) => s.push_str(&format!(",{v:.d$}")),
+                }
+            }
+        }
+        s.push('\n');
+        s
+    }
+
+    /// Random Kaggle rows: each question's answers split its target (1, or the parent answer)
+    /// at random (a small LCG: no dependency for a test).
+    fn kaggle_rows(n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 + 0.05
+        };
+        (0..n)
+            .map(|_| {
+                let mut row = vec![0f32; N_ANSWERS];
+                for (qi, q) in gz_schema::QUESTIONS.iter().enumerate() {
+                    let target = gz_schema::question_target(&row, qi);
+                    let w: Vec<f32> = q.answers().map(|_| next()).collect();
+                    let total: f32 = w.iter().sum();
+                    for (i, w) in q.answers().zip(&w) {
+                        row[i] = target * w / total;
+                    }
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// The per-question fractions of the rows that reach every question (no empty cells).
+    fn conditional_of(rows: &[Vec<f32>]) -> Vec<Vec<Option<f32>>> {
+        let out: Vec<Vec<Option<f32>>> = rows
+            .iter()
+            .map(|r| gz_schema::conditional(r).to_vec())
+            .filter(|c| c.iter().all(Option::is_some))
+            .collect();
+        assert!(
+            out.len() >= 10,
+            "{} of {} rows reach every question",
+            out.len(),
+            rows.len()
+        );
+        out
+    }
+
+    fn flagged(text: &str) -> (bool, bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pred.csv");
+        std::fs::write(&p, text).unwrap();
+        let read = match read_predictions(&p) {
+            Ok(_) => false,
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("predict again without --conditional"), "{e}");
+                true
+            }
+        };
+        let r = check_bytes(text.as_bytes(), &p, None);
+        let checked = r.count(ProblemKind::Conditional) == 1;
+        if checked {
+            assert!(
+                r.describe().contains("predict again without --conditional"),
+                "{}",
+                r.describe()
+            );
+        }
+        (read, checked)
+    }
+
+    /// `--check` finds per-question fractions as `--pred` does, empty cells (questions nobody
+    /// reached) and all; a Kaggle file of the same galaxies is a valid submission.
+    #[test]
+    fn check_reports_per_question_fractions() {
+        let kaggle = kaggle_rows(50, 7);
+        let cond = conditional_of(&kaggle);
+        let text = table(&cond, None);
+        assert_eq!(flagged(&text), (true, true));
+        // with questions left empty: read_predictions stops at the empty cell with its own hint
+        let mut sparse = cond.clone();
+        for q in [8usize, 9] {
+            for i in gz_schema::QUESTIONS[q].answers() {
+                sparse[3][i] = None;
+            }
+        }
+        let text = table(&sparse, None);
+        let r = check_bytes(text.as_bytes(), Path::new("q.csv"), None);
+        assert_eq!(r.count(ProblemKind::Conditional), 1, "{}", r.describe());
+        assert!(r.describe().contains("`gz predict --conditional`"), "{}", r.describe());
+        let kaggle_text = table(
+            &kaggle
+                .iter()
+                .map(|r| r.iter().map(|&v| Some(v)).collect())
+                .collect::<Vec<_>>(),
+            None,
+        );
+        assert_eq!(flagged(&kaggle_text), (false, false));
+        assert!(check_bytes(kaggle_text.as_bytes(), Path::new("k.csv"), None).is_ok());
+    }
 
     fn sol(ids: &[u64], v: f32) -> Solutions {
         let mut s = Solutions::new();
