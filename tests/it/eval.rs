@@ -81,7 +81,8 @@ fn submit_check_lists_every_problem() {
 }
 
 /// A file of per-question fractions (`gz predict --conditional`) is no submission: `--check`
-/// says so with the same hint as `--pred`, while the Kaggle values of the same galaxies pass.
+/// says so with the same hint as `--pred`, rounded to 2 decimals (as a spreadsheet saves it)
+/// or not, while the Kaggle values of the same galaxies pass.
 #[test]
 fn submit_check_refuses_per_question_fractions() {
     let tmp = support::tempdir();
@@ -103,7 +104,10 @@ fn submit_check_refuses_per_question_fractions() {
         (13, 0.5),
         (14, 0.5),
         (15, 0.3),
-        (18, 0.5),
+        // Q8 in thirds: "0.33" three times sums to 0.99 once rounded
+        (18, 0.5 / 3.0),
+        (19, 0.5 / 3.0),
+        (20, 0.5 / 3.0),
         (25, 0.2),
         (28, 0.25),
         (31, 0.25),
@@ -124,9 +128,11 @@ fn submit_check_refuses_per_question_fractions() {
         p
     };
     let cond = |k: usize| cells[k].map_or(String::new(), |v| v.to_string());
+    let cond2 = |k: usize| cells[k].map_or(String::new(), |v| format!("{v:.2}"));
     let kaggle_text = |k: usize| format!("{:.2}", kaggle[k]);
     for (file, conditional) in [
         (write("cond.csv", &cond), true),
+        (write("cond2.csv", &cond2), true),
         (write("kaggle.csv", &kaggle_text), false),
     ] {
         let (ok, out, err) = support::run(

@@ -248,6 +248,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
             // an empty cell is a question `gz predict --conditional` left unanswered; any other
             // unparsable cell counts as NaN (a row that sums to nothing)
             if !text.is_empty() {
+                sniff.cell_text(text);
                 cells[k] = Some(text.parse::<f32>().unwrap_or(f32::NAN));
             }
             match text.parse::<f64>() {
@@ -464,6 +465,7 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
                 };
                 bad(line, format!("{column}: {t:?} is not a number{hint}"))
             })?;
+            sniff.cell_text(t);
         }
         sniff.row(&row.map(Some));
         out.push(id, &row);
@@ -489,7 +491,8 @@ pub const CONDITIONAL_REASON: &str = "every question's answers sum to 1 in every
 /// every question sums to 1 in every row, and somewhere a question below the first level sums
 /// to 1 although its parent answer is well below 1 (impossible in a Kaggle row, where the
 /// question sums to its parent; a model's free outputs do not sum to exactly 1 everywhere).
-/// "Sums to 1" is within 1e-3.
+/// "Sums to 1" is within 1e-3 here; [`read_predictions`] and [`check`], which see the text,
+/// widen it for values rounded to few decimals (see [`ConditionalSniff`]).
 pub fn looks_conditional(rows: &Solutions) -> bool {
     let mut sniff = ConditionalSniff::default();
     for i in 0..rows.len() {
@@ -502,11 +505,16 @@ pub fn looks_conditional(rows: &Solutions) -> bool {
     sniff.verdict()
 }
 
-/// [`looks_conditional`] one row at a time, as a file is read.
+/// [`looks_conditional`] one row at a time, as a file is read, tolerant of rounding.
 ///
 /// A question whose cells are all empty is one `gz predict --conditional` left unanswered
 /// (under 1 % of volunteers would reach it) and is passed over; a question with only some of
-/// its cells empty is no such row.
+/// its cells empty is no such row. Rounding: a value written with `d` decimals is within
+/// `0.5·10^-d` of the one before rounding, so a question of `n` answers of a file whose values
+/// have at most `d ≥ 2` decimals "sums to 1" within `n·0.5·10^-d` (0.03 for Q11's six answers
+/// at 2 decimals), else within 1e-3. That cannot pass a Kaggle row: its Q7 sums to Class1.1 and
+/// its Q2 to Class1.2, which add up to at most 1, so both near 1 would need a tolerance near
+/// 0.5; nor (at under 0.1) a question summing to 1 below a parent under 0.9.
 #[derive(Debug, Clone)]
 pub struct ConditionalSniff {
     rows: usize,
@@ -516,6 +524,8 @@ pub struct ConditionalSniff {
     partial: bool,
     /// A question summing to 1 (so far) below a parent answer under 0.9.
     contradicts_kaggle: bool,
+    /// The most decimals any cell was written with.
+    decimals: u32,
 }
 
 impl Default for ConditionalSniff {
@@ -525,11 +535,28 @@ impl Default for ConditionalSniff {
             worst: [0.0; N_QUESTIONS],
             partial: false,
             contradicts_kaggle: false,
+            decimals: 0,
         }
     }
 }
 
 impl ConditionalSniff {
+    /// Notes how many decimals one cell's text has, trailing zeros aside (`0.25` and `0.250000`
+    /// 2, `1e-5` 5, `3` and `1.0` 0): values rounded to 2 decimals and then written with 6 are
+    /// still 2-decimal values.
+    pub fn cell_text(&mut self, text: &str) {
+        let t = text.trim().trim_start_matches(['+', '-']);
+        let (mantissa, exp) = match t.find(['e', 'E']) {
+            Some(i) => (&t[..i], t[i + 1..].parse::<i64>().unwrap_or(0)),
+            None => (t, 0),
+        };
+        let after_point = mantissa
+            .split_once('.')
+            .map_or(0, |(_, f)| f.trim_end_matches('0').len() as i64);
+        let d = (after_point - exp).clamp(0, 64) as u32;
+        self.decimals = self.decimals.max(d);
+    }
+
     /// Adds one row of 37 cells (`None`: an empty cell).
     pub fn row(&mut self, cells: &[Option<f32>; N_ANSWERS]) {
         self.rows += 1;
@@ -555,9 +582,25 @@ impl ConditionalSniff {
         }
     }
 
+    /// How far from 1 a question of `n` answers may sum and still "sum to 1".
+    fn tolerance(&self, n: usize) -> f32 {
+        let rounding = if self.decimals >= 2 {
+            n as f32 * 0.5 * 10f32.powi(-(self.decimals.min(30) as i32)) + 1e-6
+        } else {
+            0.0
+        };
+        rounding.max(1e-3)
+    }
+
     /// Whether the rows so far look like per-question fractions.
     pub fn verdict(&self) -> bool {
-        self.rows > 0 && !self.partial && self.contradicts_kaggle && self.worst.iter().all(|&w| w <= 1e-3)
+        self.rows > 0
+            && !self.partial
+            && self.contradicts_kaggle
+            && gz_schema::QUESTIONS
+                .iter()
+                .zip(&self.worst)
+                .all(|(q, &w)| w <= self.tolerance(q.answers().len()))
     }
 }
 
@@ -880,6 +923,70 @@ mod tests {
         );
         assert_eq!(flagged(&kaggle_text), (false, false));
         assert!(check_bytes(kaggle_text.as_bytes(), Path::new("k.csv"), None).is_ok());
+    }
+
+    /// Rounded to 2 or 3 decimals, per-question fractions still are told (their sums stray by up
+    /// to half a unit of the last decimal per answer); rounded Kaggle rows, random ones and the
+    /// real fixture rows, are never taken for them, at any number of decimals.
+    #[test]
+    fn per_question_fractions_are_told_after_rounding_without_false_positives() {
+        let kaggle = kaggle_rows(200, 11);
+        let cond = conditional_of(&kaggle);
+        // and a galaxy whose every answer is as likely as its question's others: thirds
+        // ("0.33,0.33,0.33" sums to 0.99, well outside 1e-3), sixths
+        let mut rounded = cond.clone();
+        rounded.push(
+            gz_schema::conditional(&{
+                let mut k = [0f32; N_ANSWERS];
+                for (qi, q) in gz_schema::QUESTIONS.iter().enumerate() {
+                    let t = gz_schema::question_target(&k, qi);
+                    for i in q.answers() {
+                        k[i] = t / q.answers().len() as f32;
+                    }
+                }
+                k
+            })
+            .to_vec(),
+        );
+        for d in [2, 3] {
+            assert_eq!(flagged(&table(&rounded, Some(d))), (true, true), "{d} decimals");
+        }
+        // rounded to 2 decimals, then written with 6 ("0.330000")
+        let padded: Vec<Vec<Option<f32>>> = rounded
+            .iter()
+            .map(|r| r.iter().map(|v| v.map(|v| (v * 100.0).round() / 100.0)).collect())
+            .collect();
+        assert_eq!(flagged(&table(&padded, Some(6))), (true, true), "padded");
+        let as_cells = |rows: &[Vec<f32>]| -> Vec<Vec<Option<f32>>> {
+            rows.iter().map(|r| r.iter().map(|&v| Some(v)).collect()).collect()
+        };
+        for d in [0, 1, 2, 3, 6] {
+            for seed in 0..20 {
+                let rows = as_cells(&kaggle_rows(20, seed));
+                assert_eq!(
+                    flagged(&table(&rows, Some(d))),
+                    (false, false),
+                    "seed {seed}, {d} decimals"
+                );
+            }
+        }
+        // the real rows, rounded as a spreadsheet would
+        let real = "100008,0.383147,0.616853,0,0,0.616853,0.038452149,0.578400851,0.418397819,0.198455181,0,\
+                    0.104752126,0.512100874,0,0.054453,0.945547,0.201462524,0.181684476,0,0,0.0272265,0,0.0272265,0,\
+                    0,0,0,0,0,0.279952491,0.138445328,0,0,0.092885571,0,0,0,0.325512248";
+        let vals: Vec<f32> = real.split(',').skip(1).map(|v| v.parse().unwrap()).collect();
+        for d in [1, 2, 3] {
+            assert_eq!(
+                flagged(&table(&as_cells(std::slice::from_ref(&vals)), Some(d))),
+                (false, false),
+                "{d}"
+            );
+        }
+        // a model's outputs that are fractions of one question only (a row with a question
+        // that does not sum to 1) are not taken for them either
+        let mut one_off = rounded.clone();
+        one_off[0][0] = Some(0.9);
+        assert_eq!(flagged(&table(&one_off, Some(2))), (false, false));
     }
 
     fn sol(ids: &[u64], v: f32) -> Solutions {
