@@ -43,8 +43,8 @@ pub struct Args {
     /// Device: cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
-    /// Optimizer: rmsprop, sgd-nesterov, adamw.
-    #[arg(long, default_value = "rmsprop")]
+    /// Optimizer: rmsprop, sgd-nesterov, adamw (training only: refused with --inference).
+    #[arg(long, default_value = "rmsprop", conflicts_with = "inference")]
     optimizer: String,
     /// Input image size (square, 3 channels).
     #[arg(long, default_value_t = 106)]
@@ -62,10 +62,12 @@ pub struct Args {
     profile_steps: usize,
     /// Optimizer update: auto (as `GZ_OPTIM` says; on CUDA generic by default, on the CPU gz's
     /// one-pass CPU update, reported as "fused"), fused (the one-launch
-    /// CUDA kernels, with the `cudnn` feature on CUDA) or generic (candle tensor ops).
-    #[arg(long, default_value = "auto")]
+    /// CUDA kernels, with the `cudnn` feature on CUDA) or generic (candle tensor ops). Training
+    /// only: refused with --inference.
+    #[arg(long, default_value = "auto", conflicts_with = "inference")]
     optimizer_path: String,
     /// Forward passes only (eval mode): inference images/s, as test-time augmentation needs.
+    /// The training-only options (--optimizer, --optimizer-path) are refused with it.
     #[arg(long)]
     inference: bool,
     /// Synchronise the device once after the timed steps, not after every phase: the
@@ -185,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.precision,
         args.device,
         mode_name(&args),
-        args.optimizer,
+        optimizer_name(&args),
         r.optimizer_path,
         r.steps,
         r.images_per_s,
@@ -225,10 +227,19 @@ fn add_setup(v: &mut serde_json::Value, args: &Args, model: &gz_model::config::M
     v["size"] = args.size.into();
     v["precision"] = args.precision.clone().into();
     v["device"] = args.device.clone().into();
-    v["optimizer"] = args.optimizer.clone().into();
+    v["optimizer"] = optimizer_name(args).into();
     v["warmup"] = args.warmup.into();
     v["mode"] = mode_name(args).into();
     Ok(())
+}
+
+/// The optimizer measured: none in inference mode (no update runs).
+fn optimizer_name(args: &Args) -> &str {
+    if args.inference {
+        "none"
+    } else {
+        &args.optimizer
+    }
 }
 
 /// `train` or `inference`, with `-pipelined` when the phases were not synchronised.
@@ -277,5 +288,25 @@ mod tests {
         assert_eq!(v["optimizer"], "rmsprop");
         assert_eq!(v["warmup"], 2);
         assert_eq!(v["mode"], "train");
+    }
+
+    /// The training-only options are refused with --inference, by name, rather than ignored;
+    /// left at their defaults they are no conflict.
+    #[test]
+    fn inference_refuses_training_only_options() {
+        let base = ["bench-train", "--model", "tiny", "--inference"];
+        for extra in [["--optimizer", "adamw"], ["--optimizer-path", "generic"]] {
+            let e = Cli::try_parse_from(base.iter().chain(&extra))
+                .err()
+                .unwrap_or_else(|| panic!("{extra:?} accepted with --inference"))
+                .to_string();
+            assert!(e.contains(extra[0]) && e.contains("--inference"), "{e}");
+        }
+        let args = Cli::try_parse_from(base).unwrap().args;
+        let model = super::super::train::model_config(&args.model, None).unwrap();
+        let mut v = serde_json::json!({});
+        add_setup(&mut v, &args, &model).unwrap();
+        assert_eq!(v["optimizer"], "none");
+        assert!(Cli::try_parse_from(["bench-train", "--model", "tiny", "--optimizer", "adamw"]).is_ok());
     }
 }
