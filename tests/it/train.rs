@@ -165,6 +165,12 @@ fn resume_continues_a_run_from_the_cli() {
     };
     let (ok, out, stderr) = support::run(support::gz().args(dieleman("3", false)));
     assert!(ok, "{out}\n{stderr}");
+    // a refused resume says why and nothing else: no schedule note before the refusal
+    let mut refused = args("5", true);
+    refused.extend(["--seed".into(), "9".into()]);
+    let (ok, out, stderr) = support::run(support::gz().args(&refused));
+    assert!(!ok && stderr.contains("config differs"), "{out}\n{stderr}");
+    assert!(!stderr.contains("note:"), "a note before the refusal:\n{stderr}");
     for extended in [dieleman("5", true), args("6", true)] {
         let (ok, out, stderr) = support::run(support::gz().args(&extended));
         assert!(ok, "{extended:?}: {out}\n{stderr}");
@@ -186,6 +192,39 @@ fn resume_continues_a_run_from_the_cli() {
         !ok && stderr.contains("--schedule constant differs from the run's step:2"),
         "{stderr}"
     );
+}
+
+/// Resuming a run that ended by early stopping trains nothing and says so (not "done"), with
+/// the way on: a larger `--patience`, which then trains.
+#[test]
+fn resuming_an_early_stopped_run_says_nothing_was_trained() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 48, 32, 5);
+    let run = tmp.path().join("run");
+    // a rate too small to move any weight: epoch 1 is the best, epoch 2 no better
+    let args = |patience: &str, resume: bool| {
+        let mut v = tiny_args(&cache, &run, "4");
+        v.extend(["--max-train", "40", "--lr", "1e-30", "--patience", patience].map(String::from));
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let (ok, out, stderr) = support::run(support::gz().args(args("1", false)));
+    assert!(ok && out.contains("2 epochs (early stop)"), "{out}\n{stderr}");
+    let (ok, out, stderr) = support::run(support::gz().args(args("1", true)));
+    assert!(ok, "{out}\n{stderr}");
+    assert!(
+        out.contains("nothing trained: the run had already ended by early stopping at epoch 2")
+            && !out.contains("done:"),
+        "{out}"
+    );
+    assert!(stderr.contains("--resume and --patience 2 or more"), "{stderr}");
+    assert_eq!(metrics(&run).len(), 2);
+    // the way on that it names
+    let (ok, out, stderr) = support::run(support::gz().args(args("0", true)));
+    assert!(ok && out.contains("done: 4 epochs"), "{out}\n{stderr}");
+    assert_eq!(metrics(&run).len(), 4);
 }
 
 /// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch

@@ -84,15 +84,18 @@ pub struct Args {
 /// `--resume` continues the run with the learning-rate schedule it started with (its
 /// milestones are epochs of that run). An explicit `--schedule` that means another schedule is
 /// refused rather than ignored (`dieleman` means the run's own: its drops for the run's epoch
-/// count); a step schedule set for another epoch count is kept, and said so. Without
+/// count); a step schedule set for another epoch count is kept, and said so: the notes
+/// returned are printed when training starts, after every refusal the trainer may still make
+/// (a note followed by "cannot resume" read as if the note were the reason). Without
 /// `--patience` the run keeps its own (so a step-schedule run does not gain early stopping).
 fn apply_resumed_settings(
     args: &Args,
     cfg: &mut gz_model::train::TrainConfig,
     out: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
+    let mut notes = Vec::new();
     let Ok(prior) = gz_model::checkpoint::read_sidecar(&out.join("last.json")) else {
-        return Ok(()); // the trainer says what is wrong with the run directory
+        return Ok(notes); // the trainer says what is wrong with the run directory
     };
     let was = &prior.train.schedule;
     if let Some(asked) = args.schedule.as_deref() {
@@ -109,15 +112,15 @@ fn apply_resumed_settings(
         }
     }
     if prior.train.epochs != cfg.epochs && matches!(was, Schedule::Step { .. }) {
-        eprintln!(
-            "note: resuming with the run's schedule {was} (set for {} epochs), now for {} epochs",
+        notes.push(format!(
+            "resuming with the run's schedule {was} (set for {} epochs), now for {} epochs",
             prior.train.epochs, cfg.epochs
-        );
+        ));
     }
     if args.patience.is_none() {
         cfg.patience = prior.train.patience;
     }
-    Ok(())
+    Ok(notes)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -146,12 +149,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--out {}: exists and is not a folder", out.display());
     }
     let mut cfg = train_config(&args, model)?;
-    if args.resume {
-        apply_resumed_settings(&args, &mut cfg, &out)?;
-    }
+    let notes = if args.resume {
+        apply_resumed_settings(&args, &mut cfg, &out)?
+    } else {
+        Vec::new()
+    };
 
     let cache = super::open_cache(&cache_dir)?;
-    let observer = CliObserver::default();
+    let observer = CliObserver {
+        notes,
+        ..CliObserver::default()
+    };
     crate::interrupt::install();
     let result = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer);
     observer.finish();
@@ -171,6 +179,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         r => r.with_context(|| format!("training {} into {}", args.model, out.display()))?,
     };
+
+    let start_epoch = observer.start_epoch.lock().map_or(0, |e| *e);
+    if let (true, Some(patience)) = (summary.stopped_early && summary.epochs_run == start_epoch, cfg.patience) {
+        // a resumed run that had stopped early stops again before its first step: say so,
+        // rather than "done"
+        let since = summary.epochs_run.saturating_sub(summary.best_epoch);
+        println!(
+            "nothing trained: the run had already ended by early stopping at epoch {} (no better validation RMSE in \
+             the {since} epoch(s) after epoch {}, --patience {patience}); best val RMSE {:.5} at epoch {} vs {:.5} \
+             predicting the training mean ({:+.1}%)",
+            summary.epochs_run,
+            summary.best_epoch,
+            summary.best_val_rmse,
+            summary.best_epoch,
+            summary.baseline_val_rmse,
+            100.0 * (summary.best_val_rmse / summary.baseline_val_rmse - 1.0),
+        );
+        eprintln!(
+            "to train on: `gz train` with the same options, --resume and --patience {} or more (0 never stops early)",
+            since + 1
+        );
+        println!("run: {}", out.display());
+        return Ok(());
+    }
 
     println!(
         "done: {} epoch{}{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({:+.1}%)",
@@ -253,6 +285,10 @@ fn train_config(args: &Args, model: ModelConfig) -> anyhow::Result<TrainConfig> 
 struct CliObserver {
     bar: Mutex<Option<ProgressBar>>,
     epochs: Mutex<usize>,
+    /// Printed (as `note: …` on stderr) when training starts.
+    notes: Vec<String>,
+    /// The epoch the run started after (0 unless resumed).
+    start_epoch: Mutex<usize>,
 }
 
 impl CliObserver {
@@ -271,6 +307,12 @@ const MIN_MEANINGFUL_VAL: usize = 50;
 
 impl TrainObserver for CliObserver {
     fn on_start(&self, info: &StartInfo) {
+        for note in &self.notes {
+            eprintln!("note: {note}");
+        }
+        if let Ok(mut e) = self.start_epoch.lock() {
+            *e = info.start_epoch;
+        }
         println!(
             "training on {} images, validating on {} ({} steps/epoch, {} parameters, device {}{}); \
              predicting the training mean gives val RMSE {:.5}",
