@@ -171,6 +171,80 @@ fn submit_check_refuses_per_question_fractions() {
     }
 }
 
+/// The writing commands create missing folders on the way to their output, and refuse an
+/// output they could not write (a folder where the file goes, a file among the folders above)
+/// before any work, naming the option: `gz predict` predicted everything first.
+#[test]
+fn outputs_are_checked_before_any_work_and_missing_folders_created() {
+    let tmp = support::tempdir();
+    let file = tmp.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let missing_run = tmp.path().join("no-such-run");
+    let under_file = file.join("sub").join("x.csv");
+    let cases: [(&str, Vec<&std::ffi::OsStr>, &str); 4] = [
+        (
+            "predict",
+            vec![
+                "--cache".as_ref(),
+                tmp.path().as_os_str(),
+                "--out".as_ref(),
+                tmp.path().as_os_str(),
+            ],
+            "is a folder; name the file to write",
+        ),
+        (
+            "predict",
+            vec![
+                "--cache".as_ref(),
+                tmp.path().as_os_str(),
+                "--out".as_ref(),
+                under_file.as_os_str(),
+            ],
+            "afile is a file, not a folder",
+        ),
+        (
+            "submit",
+            vec![
+                "--images".as_ref(),
+                tmp.path().as_os_str(),
+                "--out".as_ref(),
+                under_file.as_os_str(),
+            ],
+            "afile is a file, not a folder",
+        ),
+        (
+            "eval",
+            vec![
+                "--cache".as_ref(),
+                tmp.path().as_os_str(),
+                "--report".as_ref(),
+                under_file.as_os_str(),
+            ],
+            "afile is a file, not a folder",
+        ),
+    ];
+    for (cmd, args, want) in cases {
+        let (ok, out, err) = support::run(support::gz().arg(cmd).arg("--run").arg(&missing_run).args(&args));
+        assert!(!ok && err.contains(want), "{cmd} {args:?}: {out}\n{err}");
+        assert!(
+            !err.contains("no-such-run"),
+            "{cmd}: the output is checked first\n{err}"
+        );
+    }
+    // missing folders are created
+    let pred = tmp.path().join("pred.csv");
+    std::fs::write(&pred, format!("{}\n{}\n", csv_header(), row(100, "0.25"))).unwrap();
+    let deep = tmp.path().join("new").join("dir").join("sub.csv");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["submit", "--pred"])
+            .arg(&pred)
+            .arg("--out")
+            .arg(&deep),
+    );
+    assert!(ok && deep.is_file(), "{out}\n{err}");
+}
+
 #[test]
 fn submit_from_predictions_refuses_short_files_unless_filled() {
     let tmp = support::tempdir();

@@ -46,7 +46,7 @@ pub struct Args {
     /// Central-pixel benchmark: half-width of the central patch averaged.
     #[arg(long, default_value_t = 1)]
     cp_radius: usize,
-    /// Report folder [default: reports/<run name>].
+    /// Report folder [default: reports/<run name>]; missing folders are created.
     #[arg(long)]
     report: Option<PathBuf>,
     /// Galaxies in the report's gallery.
@@ -82,9 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(r) = &args.report {
         // before the scoring, not after it
-        if r.exists() && !r.is_dir() {
-            bail!("--report {}: exists and is not a folder", r.display());
-        }
+        super::check_output("--report", r, true)?;
     }
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;

@@ -21,6 +21,29 @@ pub fn shell_path(p: &std::path::Path) -> String {
     }
 }
 
+/// Refuses, before any work, an output path that cannot be written (`flag` names the option):
+/// an existing folder where a file goes (`folder: false`), an existing file where a folder goes,
+/// or a file among the folders above it. Missing folders are fine: every gz command that
+/// writes creates them (as `mkdir -p`), as `--help` says.
+pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if folder && !meta.is_dir() {
+            anyhow::bail!("{flag} {}: exists and is not a folder", path.display());
+        }
+        if !folder && meta.is_dir() {
+            anyhow::bail!(
+                "{flag} {}: is a folder; name the file to write (e.g. {})",
+                path.display(),
+                path.join("out.csv").display()
+            );
+        }
+    }
+    if let Some(file) = path.parent().and_then(|p| p.ancestors().find(|a| a.is_file())) {
+        anyhow::bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
+    }
+    Ok(())
+}
+
 /// Opens the shard cache a user named, with a hint when the folder is not one: the caches
 /// inside it (a cache root holds one folder per dataset and config), or that it is a dataset.
 pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
@@ -53,6 +76,55 @@ pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    /// What `--help` says of each writing command's output: missing folders are created.
+    #[test]
+    fn help_says_missing_folders_are_created() {
+        use clap::{Args, Command};
+        let cmds = [
+            (
+                "predict --out",
+                super::predict::Args::augment_args(Command::new("predict")),
+                "out",
+            ),
+            (
+                "submit --out",
+                super::submit::Args::augment_args(Command::new("submit")),
+                "out",
+            ),
+            (
+                "eval --report",
+                super::eval::Args::augment_args(Command::new("eval")),
+                "report",
+            ),
+            (
+                "train --out",
+                super::train::Args::augment_args(Command::new("train")),
+                "out",
+            ),
+        ];
+        for (what, cmd, id) in cmds {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id).unwrap();
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(help.contains("missing folders are created"), "{what}: {help}");
+        }
+    }
+
+    #[test]
+    fn outputs_that_cannot_be_written_are_refused_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.csv");
+        std::fs::write(&file, "x").unwrap();
+        let check = |p: &Path, folder: bool| super::check_output("--out", p, folder).map_err(|e| e.to_string());
+        assert!(check(&dir.path().join("a/b/c.csv"), false).is_ok());
+        assert!(check(&file, false).is_ok());
+        assert!(check(&dir.path().join("a/b"), true).is_ok());
+        assert!(check(dir.path(), false).unwrap_err().contains("is a folder"));
+        assert!(check(&file, true).unwrap_err().contains("exists and is not a folder"));
+        let e = check(&file.join("x/y.csv"), false).unwrap_err();
+        assert!(e.contains("f.csv is a file, not a folder"), "{e}");
+        assert!(check(Path::new("x.csv"), false).is_ok());
+    }
 
     #[test]
     fn shell_path_quotes_what_a_shell_would_split() {

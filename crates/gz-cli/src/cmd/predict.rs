@@ -91,7 +91,8 @@ pub struct Args {
     #[command(flatten)]
     pub source: SourceArgs,
     /// Output CSV (GalaxyID, or the file name for --images not named by GalaxyID, + 37
-    /// columns), written atomically; `-` writes it to standard output.
+    /// columns), written atomically (missing folders are created); `-` writes it to standard
+    /// output.
     #[arg(long)]
     pub out: PathBuf,
     /// Write per-question fractions instead of Kaggle's: each answer's share of the votes on
@@ -362,6 +363,10 @@ pub fn fill_failures(p: &mut Predicted) -> anyhow::Result<Vec<u64>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.out != Path::new("-") {
+        // before predicting, not after it
+        super::check_output("--out", &args.out, false)?;
+    }
     let mut p = predict(&args.source)?;
     let filled = fill_failures(&mut p)?;
     for &key in &filled {

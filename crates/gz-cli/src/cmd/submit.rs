@@ -53,7 +53,7 @@ pub struct Args {
     /// <IDS>/../training_solutions_rev1.csv].
     #[arg(long)]
     train_labels: Option<PathBuf>,
-    /// Where to write the submission.
+    /// Where to write the submission (missing folders are created).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -106,6 +106,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(out) = args.out.clone() else {
         bail!("--out FILE is required (or use --check FILE)")
     };
+    // before reading or predicting anything
+    super::check_output("--out", &out, false)?;
     let ids_dir = args.ids.clone().or_else(|| args.images.clone());
     let ids_flag = if args.ids.is_some() { "--ids" } else { "--images" };
     let ids = match &ids_dir {

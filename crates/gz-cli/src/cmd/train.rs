@@ -29,7 +29,8 @@ pub struct Args {
     /// Output layer: sigmoid or tree (default: the model's own).
     #[arg(long)]
     output: Option<String>,
-    /// Run directory to write (checkpoints, metrics.jsonl, config.json).
+    /// Run directory to write (checkpoints, metrics.jsonl, config.json); missing folders are
+    /// created.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Number of epochs.
@@ -145,9 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .context("--cache DIR is required (or use --describe)")?;
     let out = args.out.clone().context("--out RUN_DIR is required")?;
-    if out.exists() && !out.is_dir() {
-        bail!("--out {}: exists and is not a folder", out.display());
-    }
+    super::check_output("--out", &out, true)?;
     let mut cfg = train_config(&args, model)?;
     let notes = if args.resume {
         apply_resumed_settings(&args, &mut cfg, &out)?
