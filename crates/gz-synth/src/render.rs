@@ -1,13 +1,15 @@
 //! Rendering: a [`Scene`] to a 424×424 RGB JPEG that looks like an SDSS gri composite.
 //!
 //! Light is accumulated in a linear flux buffer (three channels, (R,G,B) = (i,r,g), in units of the
-//! sky noise). The central object is evaluated in a box around it and blurred by a Gaussian PSF
-//! (separable); field galaxies use PSF-softened profiles and stars a Gaussian core plus Moffat
-//! wings (Moffat 1969) with diffraction spikes when bright. Sky noise (plus photon noise in bright
-//! parts) comes from a fast wyrand generator seeded from the scene. The colour-preserving asinh
-//! stretch of Lupton et al. (2004), the one the SDSS colour composites use, maps flux to 8 bits,
-//! and the image is JPEG-compressed at quality 75 with 4:2:0 chroma subsampling like the Galaxy
-//! Zoo cutouts. Neighbours: [`crate::galaxy`] (what to draw), [`crate::generate`] (files).
+//! sky noise). Every profile is drawn out to where it is fainter than a fifth of one 8-bit level
+//! (`FLOOR`), so no halo ends in a visible edge. The central object is evaluated on its native
+//! grid in a box around it (reaching past the image's edges as far as the PSF does) and blurred by
+//! a Gaussian PSF (separable); field galaxies use PSF-softened profiles and stars a Gaussian core
+//! plus Moffat wings (Moffat 1969) with diffraction spikes when bright. Sky noise (plus photon
+//! noise in bright parts) comes from a fast wyrand generator seeded from the scene. The
+//! colour-preserving asinh stretch of Lupton et al. (2004), the one the SDSS colour composites
+//! use, maps flux to 8 bits, and the image is JPEG-compressed at quality 75 with 4:2:0 chroma
+//! subsampling like the Galaxy Zoo cutouts. Neighbours: [`crate::galaxy`] (what to draw), [`crate::generate`] (files).
 
 use std::f32::consts::PI;
 
@@ -98,24 +100,71 @@ fn sersic_b(n: f32) -> f32 {
     2.0 * n - 1.0 / 3.0 + 0.009876 / n
 }
 
-/// Radius (pixels) beyond which a component is fainter than `floor`.
-fn extent(c: &Component, floor: f32) -> f32 {
+/// Faintest light drawn, in sky sigma: a fifth of one 8-bit level where the asinh stretch is
+/// steepest (at the sky, slope `K/A` per sky sigma). A profile is drawn out to where it falls
+/// below this, so where drawing stops leaves a step far below one level and the noise; a fixed
+/// cutoff (it was 0.12, about 2 levels, and at most 6 scale lengths or 180 px) left the bright
+/// extended ones with the square edge of the box they were drawn in.
+const FLOOR: f32 = 0.2 * STRETCH_A / (255.0 * STRETCH_K);
+
+/// Largest extent: far enough to cover the image from any centre in it.
+const MAX_EXTENT: f32 = 2.0 * SIDE as f32;
+
+/// Radius (pixels, in the component's own elliptical metric `(u, v / q)` that [`eval`] uses)
+/// beyond which component `c`, its radii softened by `soft`, is fainter than [`FLOOR`]: an upper
+/// bound of every part of [`eval`]'s profile, not a fixed number of scale lengths.
+fn extent(c: &Component, soft: f32) -> f32 {
+    // ln(peak / FLOOR): how many e-foldings a part needs to fall below the floor
+    let ln = |peak: f32| (peak / FLOOR).max(1.0).ln();
     let r = match &c.profile {
-        Profile::Sersic { re, n, ie } => {
-            let b = sersic_b(*n);
-            let ratio = (ie / floor).max(1.0);
-            (re * (1.0 + ratio.ln() / b).powf(*n)).min(6.0 * re)
+        // softening only lowers a Sérsic profile
+        Profile::Sersic { re, n, ie } => re * (1.0 + ln(*ie) / sersic_b(*n)).powf(*n),
+        Profile::Disk {
+            h,
+            i0,
+            arms,
+            bar,
+            ring,
+            lopsided,
+        } => {
+            // each of the (up to four) parts below a share of the floor, so that their sum is too
+            let parts = 1.0
+                + [arms.is_some(), bar.is_some(), ring.is_some()]
+                    .map(f32::from)
+                    .iter()
+                    .sum::<f32>();
+            let ln = |peak: f32| ln(peak * parts);
+            // the disk, whose outskirts shift by up to 1.5 lopsided h
+            let mut r = h * (ln(*i0) + 1.5 * lopsided);
+            if let Some(a) = arms {
+                r = r.max(1.15 * h * ln(i0 * a.strength * (2.2 + 0.35 * a.sharpness)));
+            }
+            if let Some(b) = bar {
+                // exp(-2 (bu⁴ + bv²)) < floor needs |bu| > (L/2)^¼ or |bv| > (L/2)^½
+                let l = 0.5 * ln(i0 * b.strength * 1.4);
+                r = r.max(b.length * h * (l.sqrt() + b.q * b.q * l).sqrt());
+            }
+            if let Some(g) = ring {
+                let peak = i0 * g.strength * (-g.radius).exp().max(0.05) * 2.5;
+                r = r.max(h * (g.radius + g.width * (2.0 * ln(peak)).sqrt()));
+            }
+            r
         }
-        Profile::Disk { h, i0, arms, ring, .. } => {
-            let base = (h * (i0 / floor).max(1.0).ln()).min(6.0 * h);
-            let ring_r = ring.as_ref().map_or(0.0, |r| h * (r.radius + 3.0 * r.width));
-            let arm_r = if arms.is_some() { base * 1.15 } else { 0.0 };
-            base.max(ring_r).max(arm_r)
+        Profile::Gauss { sigma, amp } => (sigma * sigma + soft * soft).sqrt() * (2.0 * ln(*amp)).sqrt(),
+        Profile::Arc { radius, width, amp, .. } => {
+            radius + (width * width + soft * soft).sqrt() * (2.0 * ln(*amp)).sqrt()
         }
-        Profile::Gauss { sigma, amp } => sigma * (2.0 * (amp / floor).max(1.0).ln()).sqrt(),
-        Profile::Arc { radius, width, .. } => radius + 3.0 * width,
     };
-    r.clamp(2.0, 180.0)
+    r.clamp(2.0, MAX_EXTENT)
+}
+
+/// Is the offset (dx, dy) from the centre of `c` (its `pa` as `(sin, cos)`) within radius `e`
+/// of [`eval`]'s elliptical metric?
+#[inline]
+fn within(c: &Component, (s, co): (f32, f32), dx: f32, dy: f32, e: f32) -> bool {
+    let u = dx * co + dy * s;
+    let v = (-dx * s + dy * co) / c.q;
+    u * u + v * v <= e * e
 }
 
 /// Surface brightness of component `c` at pixel offset (dx, dy) from its centre, split into
@@ -315,39 +364,46 @@ fn render_central(scene: &Scene, img: &mut Flux) {
     }
     // bounding box of all central components
     let (mut x0, mut y0, mut x1, mut y1) = (f32::MAX, f32::MAX, f32::MIN, f32::MIN);
-    let ext: Vec<f32> = scene.central.iter().map(|c| extent(c, 0.12)).collect();
+    let ext: Vec<f32> = scene.central.iter().map(|c| extent(c, 0.0)).collect();
     for (c, e) in scene.central.iter().zip(&ext) {
         x0 = x0.min(c.x - e);
         y0 = y0.min(c.y - e);
         x1 = x1.max(c.x + e);
         y1 = y1.max(c.y + e);
     }
+    // The blur spreads light over ~3 PSF sigma: the box reaches that far beyond the light, and
+    // beyond the image's edges as well, so that light from just outside blurs in there as it
+    // does everywhere else (a box cut at the edge would darken the last few pixels).
     let pad = (scene.psf * 3.0).ceil() + 1.0;
-    let bx0 = (x0 - pad).floor().max(0.0) as usize;
-    let by0 = (y0 - pad).floor().max(0.0) as usize;
-    let bx1 = ((x1 + pad).ceil() as usize).min(SIDE);
-    let by1 = ((y1 + pad).ceil() as usize).min(SIDE);
-    if bx1 <= bx0 || by1 <= by0 {
+    let bx0 = (x0 - pad).floor().max(-pad);
+    let by0 = (y0 - pad).floor().max(-pad);
+    let bx1 = (x1 + pad).ceil().min(SIDE as f32 + pad);
+    let by1 = (y1 + pad).ceil().min(SIDE as f32 + pad);
+    if bx1 <= bx0.max(0.0) || by1 <= by0.max(0.0) || bx0 >= SIDE as f32 || by0 >= SIDE as f32 {
         return;
     }
-    let (w, h) = (bx1 - bx0, by1 - by0);
+    let (w, h) = ((bx1 - bx0) as usize, (by1 - by0) as usize);
     // The cutouts are magnified by `zoom`: render on the native (coarser) grid, blur there with
     // the native PSF, then resample bilinearly, as the real cutouts were made.
     let z = scene.zoom.max(1.0);
     let (wn, hn) = ((w as f32 / z).ceil() as usize + 2, (h as f32 / z).ceil() as usize + 2);
     let mut local = Flux::new(wn, hn);
-    for (c, e) in scene.central.iter().zip(&ext) {
+    for (c, &e) in scene.central.iter().zip(&ext) {
         let ased = arm_sed(c);
         let sc = c.pa.sin_cos();
         // native samples i sit at image coordinate bx0 + i z
-        let i0 = (((c.x - e - bx0 as f32) / z).floor().max(0.0) as usize).min(wn);
-        let i1 = (((c.x + e - bx0 as f32) / z).ceil().max(0.0) as usize + 1).min(wn);
-        let j0 = (((c.y - e - by0 as f32) / z).floor().max(0.0) as usize).min(hn);
-        let j1 = (((c.y + e - by0 as f32) / z).ceil().max(0.0) as usize + 1).min(hn);
+        let i0 = (((c.x - e - bx0) / z).floor().max(0.0) as usize).min(wn);
+        let i1 = (((c.x + e - bx0) / z).ceil().max(0.0) as usize + 1).min(wn);
+        let j0 = (((c.y - e - by0) / z).floor().max(0.0) as usize).min(hn);
+        let j1 = (((c.y + e - by0) / z).ceil().max(0.0) as usize + 1).min(hn);
         for j in j0..j1 {
-            let dy = by0 as f32 + j as f32 * z - c.y;
+            let dy = by0 + j as f32 * z - c.y;
             for i in i0..i1 {
-                let dx = bx0 as f32 + i as f32 * z - c.x;
+                let dx = bx0 + i as f32 * z - c.x;
+                // the corners of the square are beyond the extent: nothing to draw there
+                if !within(c, sc, dx, dy, e) {
+                    continue;
+                }
                 let (m, a) = eval(c, sc, dx, dy, 0.0);
                 let k = j * wn + i;
                 local.add(k, m, &c.sed);
@@ -361,9 +417,9 @@ fn render_central(scene: &Scene, img: &mut Flux) {
         let (s, co) = pa.sin_cos();
         let inv_w2 = 1.0 / (dust.width * dust.width);
         for j in 0..hn {
-            let dy = by0 as f32 + j as f32 * z - cy;
+            let dy = by0 + j as f32 * z - cy;
             for i in 0..wn {
-                let dx = bx0 as f32 + i as f32 * z - cx;
+                let dx = bx0 + i as f32 * z - cx;
                 let v = -dx * s + dy * co - dust.offset;
                 let e = 0.5 * v * v * inv_w2;
                 if e > 12.0 {
@@ -381,20 +437,23 @@ fn render_central(scene: &Scene, img: &mut Flux) {
         }
     }
     blur(&mut local, scene.psf / z);
-    // bilinear resampling into the image: image pixel centre x + 0.5 is native (x + 0.5 - bx0) / z
-    let xs: Vec<(usize, f32)> = (0..w)
+    // bilinear resampling into the image pixels the box covers: image pixel centre x + 0.5 is
+    // native (x + 0.5 - bx0) / z
+    let (ix0, iy0) = (bx0.max(0.0) as usize, by0.max(0.0) as usize);
+    let (ix1, iy1) = ((bx1 as usize).min(SIDE), (by1 as usize).min(SIDE));
+    let xs: Vec<(usize, f32)> = (ix0..ix1)
         .map(|x| {
-            let t = (x as f32 + 0.5) / z;
+            let t = (x as f32 + 0.5 - bx0) / z;
             (t as usize, t - t.floor())
         })
         .collect();
-    for y in 0..h {
-        let t = (y as f32 + 0.5) / z;
+    for y in iy0..iy1 {
+        let t = (y as f32 + 0.5 - by0) / z;
         let (j, fy) = (t as usize, t - t.floor());
         for ch in 0..3 {
             let p = &local.c[ch];
             let (r0, r1) = (&p[j * wn..(j + 1) * wn], &p[(j + 1) * wn..(j + 2) * wn]);
-            let dst = &mut img.c[ch][(y + by0) * SIDE + bx0..(y + by0) * SIDE + bx0 + w];
+            let dst = &mut img.c[ch][y * SIDE + ix0..y * SIDE + ix1];
             for (d, &(i, fx)) in dst.iter_mut().zip(&xs) {
                 let top = r0[i] + (r0[i + 1] - r0[i]) * fx;
                 let bot = r1[i] + (r1[i + 1] - r1[i]) * fx;
@@ -408,7 +467,8 @@ fn render_central(scene: &Scene, img: &mut Flux) {
 #[inline(never)]
 fn render_field(scene: &Scene, img: &mut Flux) {
     for c in &scene.field {
-        let e = extent(c, 0.15) + 2.0 * scene.psf;
+        let soft = scene.psf * 1.2;
+        let e = extent(c, soft);
         let sc = c.pa.sin_cos();
         let xa = (c.x - e).floor().max(0.0) as usize;
         let ya = (c.y - e).floor().max(0.0) as usize;
@@ -416,7 +476,11 @@ fn render_field(scene: &Scene, img: &mut Flux) {
         let yb = ((c.y + e).ceil().max(0.0) as usize).min(SIDE);
         for y in ya..yb {
             for x in xa..xb {
-                let (m, _) = eval(c, sc, x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y, scene.psf * 1.2);
+                let (dx, dy) = (x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y);
+                if !within(c, sc, dx, dy, e) {
+                    continue;
+                }
+                let (m, _) = eval(c, sc, dx, dy, soft);
                 img.add(y * SIDE + x, m, &c.sed);
             }
         }
@@ -434,8 +498,9 @@ fn render_points(scene: &Scene, img: &mut Flux) {
     let (inv_a2, inv_s2, core_r2) = (1.0 / (alpha * alpha), 1.0 / (s * s), (5.0 * s) * (5.0 * s));
     for st in &scene.stars {
         let peak = st.flux * core_norm;
-        let e =
-            (alpha * ((0.15 * st.flux * moffat_norm / 0.1).max(1.0)).powf(1.0 / (2.0 * beta))).clamp(3.0 * s, 120.0);
+        // the wings fall below the floor at e (a circle: the square's corners are skipped)
+        let e = (alpha * ((0.15 * st.flux * moffat_norm / FLOOR).max(1.0)).powf(1.0 / (2.0 * beta)))
+            .clamp(5.0 * s, MAX_EXTENT);
         let xa = (st.x - e).floor().max(0.0) as usize;
         let ya = (st.y - e).floor().max(0.0) as usize;
         let xb = ((st.x + e).ceil().max(0.0) as usize).min(SIDE);
@@ -445,6 +510,9 @@ fn render_points(scene: &Scene, img: &mut Flux) {
             for x in xa..xb {
                 let dx = x as f32 + 0.5 - st.x;
                 let r2 = dx * dx + dy * dy;
+                if r2 > e * e {
+                    continue;
+                }
                 // Moffat with beta = 3: (1 + r²/α²)^-3 without powf
                 let m = 1.0 / (1.0 + r2 * inv_a2);
                 let core = if r2 < core_r2 {
@@ -473,12 +541,14 @@ fn render_points(scene: &Scene, img: &mut Flux) {
     }
     for t in &scene.trails {
         let (sn, cs) = t.angle.sin_cos();
+        // out to where the trail falls below the floor
+        let reach = t.width * (2.0 * (t.amp / FLOOR).max(1.0).ln()).sqrt();
         for y in 0..SIDE {
             let dy = y as f32 + 0.5 - t.y;
             for x in 0..SIDE {
                 let dx = x as f32 + 0.5 - t.x;
                 let d = -dx * sn + dy * cs;
-                if d.abs() < 4.0 * t.width {
+                if d.abs() < reach {
                     img.add(y * SIDE + x, t.amp * (-0.5 * d * d / (t.width * t.width)).exp(), &t.sed);
                 }
             }
@@ -843,5 +913,169 @@ mod tests {
             worst = worst.max((fast - exact).abs() / exact.abs());
         }
         assert!(worst < 2e-5, "worst relative error {worst}");
+    }
+}
+
+#[cfg(test)]
+mod halo_tests {
+    use super::*;
+    use crate::galaxy::{Facts, Kind};
+
+    fn scene(central: Vec<Component>) -> Scene {
+        Scene {
+            kind: Kind::Elliptical,
+            central,
+            dust: None,
+            field: Vec::new(),
+            stars: Vec::new(),
+            trails: Vec::new(),
+            psf: 2.4,
+            zoom: 1.6,
+            noise: [0.4; 3],
+            sky: [0.0; 3],
+            noise_seed: 1,
+            facts: Facts::default(),
+        }
+    }
+
+    /// The noise-free light of `scene`'s central object against its profiles, unblurred, at every
+    /// pixel at least `r_min[k]` from the centre of every component `k` (in its elliptical metric):
+    /// away from the steep centres the PSF changes a smooth profile by a few per cent at most, and
+    /// each component is drawn down to [`FLOOR`], so a larger difference is light cut off (the
+    /// square edge of a box that stopped drawing the profile too soon) or missing at the image's
+    /// border.
+    fn check_outer_light(scene: &Scene, r_min: &[f32]) {
+        let mut img = Flux::new(SIDE, SIDE);
+        render_central(scene, &mut img);
+        let mut worst = (0f32, 0usize, 0usize, 0f32, 0f32);
+        for y in 0..SIDE {
+            for x in 0..SIDE {
+                let near = scene.central.iter().zip(r_min).any(|(c, &r)| {
+                    let (dx, dy) = (x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y);
+                    within(c, c.pa.sin_cos(), dx, dy, r)
+                });
+                if near {
+                    continue;
+                }
+                let want: f32 = scene
+                    .central
+                    .iter()
+                    .map(|c| {
+                        let (m, a) = eval(c, c.pa.sin_cos(), x as f32 + 0.5 - c.x, y as f32 + 0.5 - c.y, 0.0);
+                        m * c.sed.0[0] + a * arm_sed(c).0[0]
+                    })
+                    .sum();
+                let got = img.c[0][y * SIDE + x];
+                let err = (got - want).abs() - 0.06 * want;
+                if err > worst.0 {
+                    worst = (err, x, y, got, want);
+                }
+            }
+        }
+        // each component may stop where it falls below the floor (its colour at most 1.5)
+        let allowed = 1.5 * FLOOR * scene.central.len() as f32;
+        let (err, x, y, got, want) = worst;
+        assert!(
+            err < allowed,
+            "pixel ({x}, {y}): rendered {got:.4}, profile {want:.4} (a step in the halo)"
+        );
+    }
+
+    #[test]
+    fn a_bright_extended_elliptical_has_no_halo_edge() {
+        // as bright and as large as Scene::sample draws them (ie up to 40, re up to ~64 px)
+        let e = Component {
+            x: 212.3,
+            y: 211.6,
+            q: 0.62,
+            pa: 0.7,
+            profile: Profile::Sersic {
+                re: 48.0,
+                n: 3.0,
+                ie: 36.0,
+            },
+            sed: Sed([1.3, 1.0, 0.7]),
+        };
+        check_outer_light(&scene(vec![e.clone()]), &[48.0]);
+        // a small, steep, very bright one (a de Vaucouleurs profile's wings are extended)
+        let small = Component {
+            profile: Profile::Sersic {
+                re: 9.0,
+                n: 4.0,
+                ie: 30.0,
+            },
+            ..e
+        };
+        check_outer_light(&scene(vec![small]), &[45.0]);
+    }
+
+    #[test]
+    fn a_bright_disk_and_bulge_have_no_halo_edge() {
+        // an inclined disk (brightened by the line of sight, as Scene::sample does) and a bright
+        // compact bulge
+        let disk = Component {
+            x: 211.8,
+            y: 212.4,
+            q: 0.3,
+            pa: 2.1,
+            profile: Profile::Disk {
+                h: 28.0,
+                i0: 200.0,
+                arms: None,
+                bar: None,
+                ring: None,
+                lopsided: 0.0,
+            },
+            sed: Sed([1.1, 1.0, 0.9]),
+        };
+        let bulge = Component {
+            q: 0.8,
+            profile: Profile::Sersic {
+                re: 5.0,
+                n: 3.6,
+                ie: 650.0,
+            },
+            sed: Sed([1.3, 1.0, 0.7]),
+            ..disk.clone()
+        };
+        check_outer_light(&scene(vec![disk, bulge]), &[56.0, 40.0]);
+    }
+}
+
+#[cfg(test)]
+mod extent_tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Beyond its extent every drawn component (and every part of it: disk, arms, bar, ring) is
+    /// fainter than the floor, in every direction.
+    #[test]
+    fn profiles_are_below_the_floor_beyond_their_extent() {
+        let mut checked = 0;
+        for seed in 0..3000u64 {
+            let scene = Scene::sample(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+            let parts = scene.central.iter().map(|c| (c, 0.0));
+            for (c, soft) in parts.chain(scene.field.iter().map(|c| (c, scene.psf * 1.2))) {
+                let e = extent(c, soft);
+                if e >= MAX_EXTENT {
+                    continue;
+                }
+                let (s, co) = c.pa.sin_cos();
+                for k in 0..64 {
+                    let phi = k as f32 * (2.0 * PI / 64.0);
+                    let (u, v) = (1.001 * e * phi.cos(), 1.001 * e * c.q * phi.sin());
+                    let (dx, dy) = (u * co - v * s, u * s + v * co);
+                    let (m, a) = eval(c, (s, co), dx, dy, soft);
+                    assert!(
+                        m + a <= FLOOR,
+                        "scene {seed}: {c:?} is {} at {:.1} px > extent {e:.1} (angle {phi:.2})",
+                        m + a,
+                        1.001 * e
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 10_000, "{checked} components");
     }
 }
