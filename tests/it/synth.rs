@@ -231,3 +231,83 @@ fn an_empty_split_shows_no_floor_and_refusals_name_the_volunteers() {
     let (ok, _, stderr) = support::run(&mut c);
     assert!(!ok && stderr.contains("25–60 volunteers per galaxy"), "{stderr}");
 }
+
+/// A run that dies writing an image leaves no truncated JPEG under a final name: the image is
+/// written to a hidden temporary and renamed. The file size limit stops the first image part
+/// way, as a full disk would: with SIGXFSZ the process is killed (its temporary stays: gz prep
+/// does not read it as an image, and `--force` redoes the set cleanly), with the signal
+/// ignored the write fails (the temporary is removed, the error names the image).
+#[cfg(unix)]
+#[test]
+fn a_run_that_dies_writing_an_image_leaves_no_truncated_jpeg() {
+    let dir = support::tempdir();
+    for (how, trap) in [("killed", ""), ("failed write", "trap '' XFSZ; ")] {
+        let out = dir.path().join(how.replace(' ', "-"));
+        let images = out.join("images_test_rev1");
+        // 4 KiB (8 blocks of 512 bytes): the in-progress mark fits, no image does
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(format!("{trap}ulimit -f 8; exec \"$0\" \"$@\""))
+            .arg(support::gz_bin())
+            .args([
+                "synth",
+                "--train",
+                "0",
+                "--test",
+                "3",
+                "--seed",
+                "2",
+                "--threads",
+                "1",
+                "--out",
+            ])
+            .arg(&out);
+        let (ok, _, stderr) = support::run(&mut c);
+        assert!(!ok, "{how}: the run must not succeed under the limit: {stderr}");
+        assert!(!out.join("synth.json").exists(), "{how}");
+        let left = sorted_names(&images);
+        assert!(
+            left.iter().all(|n| !n.ends_with(".jpg")),
+            "{how}: a partly written image under its final name: {left:?}"
+        );
+        if how == "killed" {
+            assert_eq!(left.len(), 1, "the killed run's temporary: {left:?}");
+            assert!(gz_synth::is_temp_name(&left[0]), "{left:?}");
+            // gz prep skips it as a file that is not <GalaxyID>.jpg: no image read from it
+            let out = support::gz()
+                .args(["prep", "--data"])
+                .arg(&out)
+                .arg("--cache")
+                .arg(dir.path().join("cache"))
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out.status.code(), Some(2), "{stdout}");
+            assert!(
+                stdout.contains(&format!("{}: file name is not <GalaxyID>.jpg", left[0]))
+                    && stdout.contains("preprocessed 0 train + 0 test images"),
+                "{stdout}"
+            );
+        } else {
+            assert!(left.is_empty(), "{how}: the temporary is removed: {left:?}");
+            assert!(
+                stderr.contains("images_test_rev1/") && stderr.contains(".jpg"),
+                "{how}: the error names the image: {stderr}"
+            );
+        }
+        // a rerun with --force (without the limit) completes, with no temporary left
+        let mut again = support::gz();
+        again
+            .args([
+                "synth", "--train", "0", "--test", "3", "--seed", "2", "--force", "--out",
+            ])
+            .arg(&out);
+        let (ok, _, stderr) = support::run(&mut again);
+        assert!(ok, "{how}: {stderr}");
+        let names = sorted_names(&images);
+        assert!(
+            names.len() == 3 && names.iter().all(|n| n.ends_with(".jpg") && !n.starts_with('.')),
+            "{how}: {names:?}"
+        );
+    }
+}

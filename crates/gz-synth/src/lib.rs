@@ -12,6 +12,9 @@
 //! - `synth.json`: the [`SynthConfig`], written last, so a directory without it is incomplete.
 //! - `synth.in-progress`: written first, removed after `synth.json` (see [`IN_PROGRESS`]).
 //!
+//! Every file appears under its final name only once complete: the images through a hidden
+//! temporary renamed into place ([`write_image`]), the rest with `gz_schema::write_atomic`.
+//!
 //! Everything is a pure function of the config: each galaxy has its own ChaCha stream selected by
 //! (seed, split, index), so the bytes do not depend on the thread count. gz-synth depends only on
 //! gz-schema (the tree, the CSV format); gz-preprocess and the models read what it writes exactly
@@ -338,6 +341,73 @@ pub fn clean(dir: &Path) -> Result<(), SynthError> {
     Ok(())
 }
 
+/// The temporary name [`write_image`] writes `path` under first: hidden, in the same folder (so
+/// the rename stays on one file system), ending in `.tmp-<pid>`, not `.jpg`, so that no reader
+/// of the folder (gz prep, gz predict) takes it for an image: `.123456.jpg.tmp-4242`.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Is `name` a temporary of [`write_image`] for a Kaggle-style image
+/// (`.<digits>.jpg.tmp-<digits>`), of this process or of one that was killed?
+pub fn is_temp_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix('.')
+        .and_then(|rest| rest.split_once(".jpg.tmp-"))
+        .is_some_and(|(id, pid)| digits(id) && digits(pid))
+}
+
+/// Writes one image: `bytes` go to [`temp_path`], which is then renamed to `path`, so `path`
+/// never names a partly written file. On an error the temporary is removed.
+///
+/// Atomic against a failing write (a full disk) and against the process being killed, not
+/// against a system crash: there is no fsync (one per image would cost far more than writing
+/// it), so after a power loss a renamed file may still be empty or short. `synth.json`, written
+/// last, is the mark of a complete dataset either way. A killed process leaves its temporary
+/// behind (hidden, ignored by readers); the next [`generate`] into the folder removes it.
+pub fn write_image(path: &Path, bytes: &[u8]) -> Result<(), SynthError> {
+    write_image_with(path, |f| std::io::Write::write_all(f, bytes))
+}
+
+/// [`write_image`] with the writing done by `write` (tests make it fail half-way).
+fn write_image_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<(), SynthError> {
+    let tmp = temp_path(path);
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| write(&mut f))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    result.map_err(|source| {
+        // best effort: the error that matters is the write's
+        let _ = std::fs::remove_file(&tmp);
+        SynthError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Removes the temporaries a killed run of [`write_image`] left in `dir` (see [`is_temp_name`]).
+fn remove_stale_temps(dir: &Path) -> Result<(), SynthError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        if entry.file_name().to_str().is_some_and(is_temp_name) {
+            let p = entry.path();
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(SynthError::Io { path: p, source }),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Labels and size of one written image.
 struct Written {
     id: u64,
@@ -355,6 +425,7 @@ fn write_split(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<Written>, SynthError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    remove_stale_temps(dir)?;
     ids.par_iter()
         .enumerate()
         .map(|(index, &id)| {
@@ -363,7 +434,7 @@ fn write_split(
                 path: path.clone(),
                 reason,
             })?;
-            std::fs::write(&path, &s.jpeg).map_err(io_err(&path))?;
+            write_image(&path, &s.jpeg)?;
             progress(1);
             Ok(Written {
                 id,
@@ -387,9 +458,11 @@ fn solutions(samples: &[Written], expected: bool) -> Solutions {
 /// Writes the dataset described by `cfg` into `out_dir` (see the crate docs for the layout).
 ///
 /// `progress` is called with the number of images just finished (usually 1), from worker threads.
-/// Images are written first; the CSVs, `floor.json` and finally `synth.json` last, each
-/// atomically, so an interrupted run leaves no `synth.json`. An existing `synth.json` is removed
-/// first. Existing files of other datasets are not cleaned here: see [`clean`].
+/// Images are written first, each through a temporary renamed into place ([`write_image`]);
+/// the CSVs, `floor.json` and finally `synth.json` last, each atomically, so an interrupted run
+/// leaves no `synth.json` and no partly written file under a final name. An existing
+/// `synth.json` is removed first. Existing files of other datasets are not cleaned here (only the
+/// temporaries a killed run left in the image folders): see [`clean`].
 pub fn generate(
     out_dir: &Path,
     cfg: &SynthConfig,
@@ -554,6 +627,81 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 700);
         assert!(a.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn an_image_write_that_fails_half_way_leaves_no_file_under_the_final_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("123456.jpg");
+        let half_then_full = |f: &mut std::fs::File| {
+            std::io::Write::write_all(f, &[0xFF, 0xD8, 0xFF, 0xE0])?;
+            Err(std::io::Error::other("No space left on device"))
+        };
+        let e = write_image_with(&path, half_then_full).unwrap_err();
+        assert!(matches!(&e, SynthError::Io { path: p, .. } if *p == path), "{e}");
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(names(dir.path()).is_empty(), "left behind: {:?}", names(dir.path()));
+
+        // a complete write is there under its name only; a failed rewrite keeps it whole
+        write_image(&path, b"complete").unwrap();
+        assert_eq!(names(dir.path()), ["123456.jpg"]);
+        write_image_with(&path, half_then_full).unwrap_err();
+        assert_eq!(std::fs::read(&path).unwrap(), b"complete");
+        assert_eq!(names(dir.path()), ["123456.jpg"]);
+
+        // a folder in the way of the rename: an error, and the temporary is gone too
+        let blocked = dir.path().join("654321.jpg");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"x").unwrap();
+        write_image(&blocked, b"jpeg").unwrap_err();
+        assert_eq!(names(dir.path()), ["123456.jpg", "654321.jpg"]);
+    }
+
+    #[test]
+    fn temporaries_are_not_images_and_a_new_run_removes_stale_ones() {
+        let tmp = temp_path(Path::new("/d/images_test_rev1/123456.jpg"));
+        let name = tmp.file_name().unwrap().to_str().unwrap();
+        assert_eq!(tmp.parent(), Some(Path::new("/d/images_test_rev1")));
+        assert!(name.starts_with('.') && !name.ends_with(".jpg"), "{name}");
+        assert!(is_temp_name(name), "{name}");
+        for other in [
+            "123456.jpg",
+            ".123456.jpg",
+            ".notes.jpg.tmp-12",
+            ".1.jpg.tmp-",
+            "x.1.jpg.tmp-2",
+        ] {
+            assert!(!is_temp_name(other), "{other}");
+        }
+
+        // a killed run's temporary goes; files that are not ours stay
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join(TEST_DIR);
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::write(images.join(".100001.jpg.tmp-99999999"), b"half a").unwrap();
+        std::fs::write(images.join(".keep"), b"mine").unwrap();
+        let cfg = SynthConfig {
+            train: 0,
+            test: 2,
+            seed: 3,
+            ..SynthConfig::default()
+        };
+        generate(dir.path(), &cfg, &|_| {}).unwrap();
+        let (_, test_ids) = draw_ids(&cfg);
+        let mut want: Vec<String> = test_ids.iter().map(|id| format!("{id}.jpg")).collect();
+        want.push(".keep".into());
+        want.sort();
+        assert_eq!(names(&images), want);
     }
 
     #[test]
