@@ -115,11 +115,18 @@ pub fn galaxy_id(path: &Path) -> Option<u64> {
         .and_then(|s| s.parse::<u64>().ok())
 }
 
-/// The JPEGs of a folder (`*.jpg`, `*.jpeg`, any case; not folders so named), sorted by name.
+/// The JPEGs of a folder (`*.jpg`, `*.jpeg`, any case; not folders so named, not hidden files:
+/// [`gz_preprocess::dataset::is_hidden`]), sorted by name.
 pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let p = entry.map_err(io_err(dir))?.path();
+        let entry = entry.map_err(io_err(dir))?;
+        // hidden files are no images: macOS's AppleDouble `._<name>.jpg` beside every image of a
+        // folder copied through a Mac made a Kaggle test folder "files not named <GalaxyID>.jpg"
+        if gz_preprocess::dataset::is_hidden(&entry.file_name()) {
+            continue;
+        }
+        let p = entry.path();
         // a folder named `x.jpg` is not an image (a broken link stays: it fails as unreadable)
         if p.extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"))
@@ -316,6 +323,37 @@ mod tests {
             .mean_keepdim(1)?
             .broadcast_as((b, N_ANSWERS))?
             .contiguous()
+    }
+
+    /// macOS leaves an AppleDouble `._<name>` beside every image it copies onto a USB disk or a
+    /// share, and a `.DS_Store`: hidden files are not images. Before, `._100.jpg` made a
+    /// Kaggle test folder one of files not named by GalaxyID: `gz submit --ids` refused it
+    /// (the pipeline stopped at its last stage) and `gz predict --images` named every row by
+    /// file, with a failed row for each `._` file.
+    #[test]
+    fn hidden_files_are_not_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "100.jpg",
+            "200.JPEG",
+            "._100.jpg",
+            "._200.JPEG",
+            ".DS_Store",
+            ".hidden.jpg",
+        ] {
+            std::fs::write(dir.path().join(name), [1u8]).unwrap();
+        }
+        let paths = list_jpegs(dir.path()).unwrap();
+        assert_eq!(paths, vec![dir.path().join("100.jpg"), dir.path().join("200.JPEG")]);
+        assert_eq!(
+            keys_for(&paths).unwrap(),
+            Keys {
+                keys: vec![100, 200],
+                names: None
+            }
+        );
+        // and `gz submit --ids` reads the folder's test ids the same way
+        assert_eq!(crate::submission::ids_from_dir(dir.path()).unwrap(), vec![100, 200]);
     }
 
     #[test]

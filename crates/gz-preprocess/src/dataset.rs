@@ -5,7 +5,8 @@
 //! `DIR/images_test_rev1/`. Either half may be absent. An image's extension may be `.jpg` or
 //! `.jpeg` in any case (`100008.JPG`: as `gz predict --images` and `gz submit --ids` read a
 //! folder). Mismatches (an id without an image, an image without a label, a file not named
-//! `<digits>.jpg`) are reported as [`Skipped`] inputs.
+//! `<digits>.jpg`) are reported as [`Skipped`] inputs; hidden files (`._100008.jpg`, `.DS_Store`:
+//! [`is_hidden`]) are not inputs at all.
 //!
 //! The dataset key hashes the CSV bytes and the sorted (name, size, mtime) of every file in both
 //! image directories, so scanning a dataset costs a directory listing, not a decode; any added,
@@ -209,9 +210,19 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     })
 }
 
+/// A hidden entry (its name starts with `.`): never an image of the dataset. macOS writes an
+/// AppleDouble `._<name>` beside every file it copies onto a USB disk or a network share (so a
+/// download that went through a Mac holds a `._100008.jpg` per image) and a `.DS_Store` in every
+/// folder it shows; editors and sync tools leave hidden temporary files. They are passed over as
+/// `ls` passes over them, by `gz prep` and by `gz predict --images` / `gz submit --ids`
+/// (`gz_eval::predict::list_jpegs`).
+pub fn is_hidden(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().first() == Some(&b'.')
+}
+
 /// Lists the regular files of `dir` sorted by name (through symbolic links), feeding (name, size,
-/// mtime) into the hash. Returns (name, GalaxyID if the name is `<digits>.jpg`, the extension
-/// `.jpg` or `.jpeg` in any case); a link to nothing and a subfolder go to `skipped`, and a folder
+/// mtime) into the hash; hidden entries ([`is_hidden`]) are not listed and not hashed. Returns
+/// (name, GalaxyID if the name is `<digits>.jpg`, the extension `.jpg` or `.jpeg` in any case); a link to nothing and a subfolder go to `skipped`, and a folder
 /// holding only a folder of its own name (a nested unzip) is an error. A missing directory is
 /// empty.
 fn list_dir(
@@ -239,6 +250,9 @@ fn list_dir(
             path: dir.to_path_buf(),
             source: e,
         })?;
+        if is_hidden(&entry.file_name()) {
+            continue;
+        }
         // symbolic links are followed (datasets are often linked in); a dangling one is no file
         let meta = match std::fs::metadata(entry.path()) {
             Ok(m) => m,

@@ -974,6 +974,39 @@ fn upper_case_and_jpeg_extensions_are_images() {
     assert!(s.skipped.is_empty(), "{:?}", s.skipped);
 }
 
+/// Hidden files are no images: macOS writes an AppleDouble `._<name>` beside every file it
+/// copies onto a USB disk or a share, and a `.DS_Store` into folders. Before, each was a
+/// "skipped: file name is not <GalaxyID>.jpg" line (one per image of the download) and made
+/// `gz prep` exit with status 2; now they are passed over, and the dataset keeps its key.
+#[test]
+fn hidden_files_are_passed_over() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let key = dataset::scan(&data).unwrap().key;
+    for sub in [dataset::TRAIN_DIR, dataset::TEST_DIR] {
+        let dir = data.join(sub);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        for n in names {
+            let mut hidden = std::ffi::OsString::from("._");
+            hidden.push(&n);
+            std::fs::write(dir.join(hidden), b"\x00\x05\x16\x07 Mac OS X").unwrap();
+        }
+        std::fs::write(dir.join(".DS_Store"), b"\x00\x00\x00\x01Bud1").unwrap();
+        std::fs::create_dir(dir.join(".ipynb_checkpoints")).unwrap();
+    }
+    let scan = dataset::scan(&data).unwrap();
+    assert!(scan.skipped.is_empty(), "{:?}", scan.skipped);
+    assert_eq!(scan.key, key, "hidden files changed the dataset key");
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test), (3, 3));
+    assert!(s.skipped.is_empty(), "{:?}", s.skipped);
+}
+
 /// Some unzip tools make `images_training_rev1/images_training_rev1/*.jpg`: that is an error
 /// saying where the images are, not a cache of no images. Any other folder among the images
 /// is named as skipped, not passed over in silence.
