@@ -446,6 +446,28 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         !ok && err.contains("is it the dataset the cache was built from?"),
         "{err}"
     );
+    // --data naming no folder at all (a typo): refused by name, on either split. Before, the
+    // validation score came without its floor and without a word, and `--split test` said
+    // the folder "has no test_solutions.csv (a real Kaggle test set)"
+    let typo = tmp.path().join("dta");
+    for split in ["validation", "test"] {
+        let (ok, out, err) = support::run(
+            support::gz()
+                .args(["eval", "--split", split, "--run"])
+                .arg(&run)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--data")
+                .arg(&typo)
+                .arg("--report")
+                .arg(tmp.path().join("report3")),
+        );
+        assert!(
+            !ok && err.contains(&format!("--data {}: no such folder", typo.display())),
+            "{split}: {out}\n{err}"
+        );
+        assert!(!tmp.path().join("report3").exists(), "{split}: a report was written");
+    }
 
     // predict from the cache, with 8-view TTA, then submit against the test folder
     let test_dir = data.join("images_test_rev1");

@@ -84,6 +84,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // before the scoring, not after it
         super::check_output("--report", r, true)?;
     }
+    if let Some(d) = &args.data {
+        // a typo is not a dataset without the optional files: said before the scoring
+        if !d.is_dir() {
+            bail!(
+                "--data {}: no such folder (the dataset the cache was prepared from; leave --data out for no \
+                 Bayes floor)",
+                d.display()
+            );
+        }
+    }
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
     let models = load_runs(&args.runs, &device)?;
