@@ -154,6 +154,19 @@ fn resume_continues_a_run_from_the_cli() {
     let m = metrics(&run);
     assert_eq!(m.len(), 2);
     assert_eq!(m[1]["epoch"], 2);
+    // nothing left to train: said as it is, with the way on (a run of 2 epochs resumed with
+    // --epochs 1 was "completed 2 of 1 epochs")
+    let (ok, _, stderr) = support::run(support::gz().args(args("2", true)));
+    assert!(
+        !ok && stderr.contains("the run already completed its 2 epochs: to train on, resume with --epochs above 2"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = support::run(support::gz().args(args("1", true)));
+    assert!(
+        !ok && stderr
+            .contains("the run already has 2 epochs, more than --epochs 1: to train on, resume with --epochs above 2"),
+        "{stderr}"
+    );
 
     // a step-schedule run: extended with `--schedule dieleman` (its own drops, for its own epoch
     // count) or without it, it keeps its schedule and its patience (off), gaining no early stop

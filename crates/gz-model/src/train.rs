@@ -952,9 +952,18 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<()
         )));
     }
     if s.epoch >= cfg.epochs {
+        // (fewer epochs than the run has done read "completed 6 of 3 epochs")
+        let done = if s.epoch == cfg.epochs {
+            format!("the run already completed its {} epochs", s.epoch)
+        } else {
+            format!(
+                "the run already has {} epochs, more than --epochs {}",
+                s.epoch, cfg.epochs
+            )
+        };
         return Err(TrainError::Resume(format!(
-            "the run already completed {} of {} epochs",
-            s.epoch, cfg.epochs
+            "{done}: to train on, resume with --epochs above {}",
+            s.epoch
         )));
     }
     Ok(())
