@@ -103,8 +103,28 @@ impl Ctx {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let real_data = a.path("--data")?.map(|p| absolute(p, &cwd));
         let cuda = a.flag("--cuda");
+        let cudnn = a.flag("--cudnn");
         let debug = a.flag("--debug");
-        let gz = match a.path("--gz")? {
+        let gz_path = a.path("--gz")?;
+        let device: String = a
+            .value("--device")?
+            .unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
+        // said before anything runs: the gz xtask builds without --cuda has no CUDA, and the
+        // stages before training (a Kaggle-size prep takes minutes) ran first, then `gz train`
+        // advised `cargo xtask build --cuda`, which makes a bundle and leaves the pipeline's gz
+        // as it was; `--cudnn` alone was dropped without a word
+        if gz_path.is_none() {
+            if cudnn && !cuda {
+                bail!("--cudnn is a feature of the CUDA build of gz: pass --cuda --cudnn");
+            }
+            if !cuda && (device.starts_with("cuda") || device == "gpu") {
+                bail!(
+                    "--device {device} needs gz built with CUDA: add --cuda (xtask then builds it into target/cuda; \
+                     --cuda --cudnn for the cuDNN convolutions), or pass a CUDA build of gz with --gz PATH"
+                );
+            }
+        }
+        let gz = match gz_path {
             Some(p) => GzSource::Given(absolute(p, &cwd)),
             None => GzSource::Build(Build {
                 release: !debug,
@@ -113,13 +133,10 @@ impl Ctx {
                 } else {
                     None
                 },
-                cudnn: a.flag("--cudnn"),
+                cudnn,
             }),
         };
         let seed_arg = a.parsed::<u64>("--seed")?;
-        let device: String = a
-            .value("--device")?
-            .unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
         let on_cpu = device == "cpu";
         let model = a.value("--model")?.unwrap_or_else(|| DEFAULT_MODEL.to_string());
         let cpu_recipe = on_cpu && model == DEFAULT_MODEL;
@@ -979,6 +996,31 @@ mod tests {
         // --train-arg --augment undoes the recipe's --no-augment
         let aug = cmd(&["--train-arg", "--augment"]);
         assert!(aug.ends_with("--augment") && !aug.contains("--no-augment"), "{aug}");
+    }
+
+    /// `--device cuda` (or `gpu`) with the gz xtask builds is refused up front unless that build
+    /// has CUDA (`--cuda`), as is `--cudnn` without `--cuda`; a gz given with `--gz` is taken
+    /// as it is. Before, prep ran first and `gz train` then failed advising `cargo xtask build
+    /// --cuda`, which does not change the pipeline's gz; `--cudnn` alone was ignored.
+    #[test]
+    fn a_cuda_device_needs_the_cuda_build() {
+        let t = tempfile::tempdir().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["--root".to_string(), t.path().display().to_string()];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            Ctx::parse(Args::new(v))
+        };
+        for device in ["cuda", "cuda:1", "gpu"] {
+            let e = parse(&["--device", device]).err().unwrap().to_string();
+            assert!(
+                e.contains(&format!("--device {device} needs gz built with CUDA: add --cuda")),
+                "{e}"
+            );
+        }
+        let e = parse(&["--cudnn"]).err().unwrap().to_string();
+        assert!(e.contains("pass --cuda --cudnn"), "{e}");
+        assert!(parse(&["--device", "cuda", "--gz", "/bin/true"]).is_ok());
+        assert!(parse(&["--device", "cpu"]).is_ok());
     }
 
     /// `--cache` of another dataset than the run's is refused when the cache is asked for
