@@ -75,7 +75,10 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     if !csv.is_file() {
         // training images without their labels: an error, not a test-only dataset (whose
         // download has no training folder at all)
-        let images = std::fs::read_dir(&train_dir).map_or(0, |d| d.count());
+        let images = std::fs::read_dir(&train_dir).map_or(0, |d| {
+            d.filter(|e| e.as_ref().map_or(true, |e| !is_hidden(&e.file_name())))
+                .count()
+        });
         if csv.exists() || images > 0 {
             return Err(PrepError::NoInput(format!(
                 "{}: {} but {}/ holds {images} files: the training images cannot be labelled (an interrupted \

@@ -1005,6 +1005,16 @@ fn hidden_files_are_passed_over() {
     let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
     assert_eq!((s.train, s.test), (3, 3));
     assert!(s.skipped.is_empty(), "{:?}", s.skipped);
+
+    // a test-only download whose training folder holds nothing but a Mac's `.DS_Store`: the
+    // test images are prepared (it was "no training_solutions_rev1.csv but … holds 1 files")
+    std::fs::remove_file(data.join(dataset::SOLUTIONS_CSV)).unwrap();
+    let train = data.join(dataset::TRAIN_DIR);
+    std::fs::remove_dir_all(&train).unwrap();
+    std::fs::create_dir(&train).unwrap();
+    std::fs::write(train.join(".DS_Store"), b"Bud1").unwrap();
+    let scan = dataset::scan(&data).unwrap();
+    assert!(scan.train.is_none() && scan.test.as_ref().map(Vec::len) == Some(3));
 }
 
 /// Some unzip tools make `images_training_rev1/images_training_rev1/*.jpg`: that is an error
