@@ -381,11 +381,14 @@ fn is_test_split(report: &EvalReport) -> bool {
 const GALLERY_QUESTIONS: [usize; 4] = [0, 1, 5, 6];
 
 /// Writes the whole report into `dir`: metrics.json, charts, thumbnails (already written by the
-/// caller into `dir/gallery`, listed in `gallery`) and index.html.
+/// caller into `dir/gallery`, listed in `gallery`) and index.html. `curve_of` names the run whose
+/// `epochs` the learning curve draws when the report scores more than that run (an ensemble:
+/// the curve is one member's, and the page says whose).
 pub fn write_report(
     dir: &Path,
     report: &EvalReport,
     epochs: Option<&[EpochRow]>,
+    curve_of: Option<&str>,
     gallery: &[GalleryItem],
 ) -> Result<ReportPaths> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -426,7 +429,7 @@ pub fn write_report(
     per_question_png(&series, report.floor.as_ref(), &per_question)?;
 
     let index = dir.join("index.html");
-    let html = render_html(report, learning_curve.is_some(), gallery);
+    let html = render_html(report, learning_curve.as_ref().map(|_| curve_of), gallery);
     gz_schema::write_atomic(&index, html.as_bytes())?;
     Ok(ReportPaths {
         dir: dir.to_path_buf(),
@@ -437,7 +440,9 @@ pub fn write_report(
     })
 }
 
-fn render_html(r: &EvalReport, has_curve: bool, gallery: &[GalleryItem]) -> String {
+/// `curve`: `None` without a learning curve, `Some(Some(run))` for a curve of only `run` among
+/// the checkpoints scored.
+fn render_html(r: &EvalReport, curve: Option<Option<&str>>, gallery: &[GalleryItem]) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let title = format!("gz report: {}", r.run);
@@ -495,8 +500,18 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         );
     }
     s.push_str("</table>\n");
-    if has_curve {
-        s.push_str("<h2>Learning curve</h2>\n<img class=chart src=\"learning_curve.png\" alt=\"learning curve\">\n");
+    if let Some(of) = curve {
+        s.push_str("<h2>Learning curve</h2>\n");
+        if let Some(run) = of {
+            // an ensemble's page showed one member's curve as if it were the ensemble's
+            let _ = writeln!(
+                s,
+                "<p class=meta>The training of <code>{}</code> only, the first of the checkpoints scored (each run's \
+                 own is in its metrics.jsonl).</p>",
+                esc(run)
+            );
+        }
+        s.push_str("<img class=chart src=\"learning_curve.png\" alt=\"learning curve\">\n");
     }
     s.push_str("<h2>RMSE per question</h2>\n<img class=chart src=\"per_question.png\" alt=\"RMSE per question\">\n");
     s.push_str("<table><tr><th>question</th>");
@@ -657,7 +672,7 @@ mod tests {
             pred: vec![0.4; N_ANSWERS],
             truth: vec![0.5; N_ANSWERS],
         };
-        let paths = write_report(dir.path(), &report, Some(&epochs), std::slice::from_ref(&g)).unwrap();
+        let paths = write_report(dir.path(), &report, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();
         for p in [
             paths.learning_curve.clone().unwrap(),
             paths.per_question.clone(),
@@ -684,9 +699,33 @@ mod tests {
         };
         let tdir = dir.path().join("test");
         std::fs::create_dir_all(tdir.join("gallery")).unwrap();
-        let paths = write_report(&tdir, &test, Some(&epochs), &[g]).unwrap();
+        let paths = write_report(&tdir, &test, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();
         let html = std::fs::read_to_string(&paths.index).unwrap();
         assert!(html.contains("Test galaxies") && !html.contains("Validation galaxies"));
+        assert!(
+            !html.contains("the first of the checkpoints scored"),
+            "one run: no note"
+        );
+        // an ensemble's report says whose training the learning curve is (it showed the first
+        // member's as if it were the ensemble's); without a curve, nothing is said of one
+        let edir = dir.path().join("ensemble");
+        std::fs::create_dir_all(edir.join("gallery")).unwrap();
+        let paths = write_report(
+            &edir,
+            &report,
+            Some(&epochs),
+            Some("runs/a<1>"),
+            std::slice::from_ref(&g),
+        )
+        .unwrap();
+        let html = std::fs::read_to_string(&paths.index).unwrap();
+        assert!(
+            html.contains("The training of <code>runs/a&lt;1&gt;</code> only, the first of the checkpoints scored"),
+            "{html}"
+        );
+        let paths = write_report(&edir, &report, None, Some("runs/a"), &[g]).unwrap();
+        let html = std::fs::read_to_string(&paths.index).unwrap();
+        assert!(!html.contains("Learning curve") && !html.contains("the first of the checkpoints"));
         // no epochs: still a chart (with a note), no crash
         learning_curve_png(&[], &[], &dir.path().join("empty.png")).unwrap();
         // a flat series gets an axis whose labels differ (one epoch gave six labels "0.1451")

@@ -270,7 +270,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("note: {} not found; the report has no learning curve", mj.display());
         None
     };
-    let paths = write_report(&dir, &ev.report, epochs.as_deref(), &gallery)?;
+    // an ensemble's curve is its first member's: the page says so
+    let curve_of = (args.runs.len() > 1).then(|| run_dir.display().to_string());
+    let paths = write_report(&dir, &ev.report, epochs.as_deref(), curve_of.as_deref(), &gallery)?;
     println!("metrics: {}", paths.metrics.display());
     println!("report: {}", paths.index.display());
     Ok(())
