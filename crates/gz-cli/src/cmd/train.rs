@@ -44,7 +44,9 @@ pub struct Args {
     batch: usize,
     /// Learning rate (default: 1e-3 for rmsprop/adamw, 1e-4 with vgg16-blog and dieleman, 0.04
     /// for sgd-nesterov).
-    #[arg(long)]
+    // (a negative value is read as one, and refused by the config's check: it was "unexpected
+    // argument '-1' found")
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Optimizer: rmsprop, sgd-nesterov, adamw (`adam` is taken as adamw).
     #[arg(long, default_value = "rmsprop")]
@@ -61,7 +63,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fraction of the images held out for validation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     val_fraction: f64,
     /// Early stopping: epochs without a better validation RMSE (0 = never stop early). Default:
     /// 5 with a constant learning rate; never with a step schedule (`dieleman`, `step:…`, and
@@ -413,6 +415,22 @@ mod tests {
         let cli = Cli::parse_from(["gz-train", "--model", "tiny"].iter().chain(extra));
         let model = model_config(&cli.args.model, None).unwrap();
         train_config(&cli.args, model).unwrap().patience
+    }
+
+    /// A negative rate or fraction is read as a number and refused as out of range (clap took
+    /// `-0.1` for an option: "unexpected argument '-0' found").
+    #[test]
+    fn negative_numbers_are_values_refused_by_range() {
+        let err = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["gz-train", "--model", "tiny"].iter().chain(extra))
+                .unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+            let model = model_config(&cli.args.model, None).unwrap();
+            format!("{:#}", train_config(&cli.args, model).unwrap_err())
+        };
+        let e = err(&["--val-fraction", "-0.1"]);
+        assert!(e.contains("validation fraction -0.1 must be in [0, 1)"), "{e}");
+        let e = err(&["--lr", "-1"]);
+        assert!(e.contains("learning rate -1 must be a positive number"), "{e}");
     }
 
     /// Early stopping defaults to 5 epochs at a constant rate and off with a step schedule
