@@ -864,9 +864,7 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
         .find_map(|d| d.stamp.output("submission"))
         .map(Path::to_path_buf)
         .unwrap_or_else(|| ctx.submission());
-    if let Some(line) = scores_line(&report) {
-        println!("{line}");
-    }
+    print_scores(&report);
     println!("submission: {}", sub.display());
     let page = report.join("index.html");
     println!("report: {}", if page.is_file() { page } else { report }.display());
@@ -874,12 +872,24 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
 }
 
 /// `RMSE: validation X (N rows), test Y (M rows); Bayes floor …` from the eval reports'
-/// `metrics.json` (`<report>/` and, with test labels, `<report>/test/`), when readable.
-fn scores_line(report: &Path) -> Option<String> {
-    let read = |dir: PathBuf| -> Option<(String, f64, u64, Option<f64>)> {
+/// `metrics.json` (`<report>/` and, with test labels, `<report>/test/`), when readable, with a
+/// warning for each score no better than the training mean's on the same rows.
+fn scores_line(report: &Path) -> Option<(String, Vec<String>)> {
+    /// (split, RMSE, rows, Bayes floor, training mean's RMSE) of one report.
+    type Score = (String, f64, u64, Option<f64>, Option<f64>);
+    let read = |dir: PathBuf| -> Option<Score> {
         let text = std::fs::read_to_string(dir.join("metrics.json")).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
         let scores = v.get("model")?.get("scores")?;
+        // the "training mean" baseline's RMSE on the same rows
+        let mean = v
+            .get("baselines")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|b| {
+                b.iter()
+                    .find(|b| b.get("name").and_then(serde_json::Value::as_str) == Some("training mean"))
+            })
+            .and_then(|b| b.get("scores")?.get("rmse")?.as_f64());
         let split = v.get("split")?.as_str()?;
         let split = if split.starts_with("test") {
             "test"
@@ -895,6 +905,7 @@ fn scores_line(report: &Path) -> Option<String> {
             scores.get("rmse")?.as_f64()?,
             scores.get("rows")?.as_u64()?,
             floor,
+            mean,
         ))
     };
     let found: Vec<_> = [report.to_path_buf(), report.join("test")]
@@ -906,11 +917,11 @@ fn scores_line(report: &Path) -> Option<String> {
     }
     let scores: Vec<String> = found
         .iter()
-        .map(|(s, r, n, _)| format!("{s} {r:.5} ({n} {})", if *n == 1 { "row" } else { "rows" }))
+        .map(|(s, r, n, ..)| format!("{s} {r:.5} ({n} {})", if *n == 1 { "row" } else { "rows" }))
         .collect();
     let floors: Vec<String> = found
         .iter()
-        .filter_map(|(_, _, _, f)| f.map(|f| format!("{f:.5}")))
+        .filter_map(|(_, _, _, f, _)| f.map(|f| format!("{f:.5}")))
         .collect();
     let floor = if floors.is_empty() {
         String::new()
@@ -923,7 +934,29 @@ fn scores_line(report: &Path) -> Option<String> {
     } else {
         " (no test score: the test images have no labels here; Kaggle scores the submission)"
     };
-    Some(format!("RMSE: {}{floor}{no_test}", scores.join(", ")))
+    // a model no better than the constant it should beat is said in words, not left to the
+    // reader's arithmetic against the eval table
+    let warnings = found
+        .iter()
+        .filter_map(|(s, r, _, _, mean)| {
+            let mean = mean.filter(|m| r >= m)?;
+            Some(format!(
+                "warning: the {s} RMSE {r:.5} is no better than predicting the training mean ({mean:.5}): the model \
+                 has not learnt more than the mean; more epochs, a lower learning rate or more data may help"
+            ))
+        })
+        .collect();
+    Some((format!("RMSE: {}{floor}{no_test}", scores.join(", ")), warnings))
+}
+
+/// Prints [`scores_line`]'s line (stdout) and its warnings right after it (stderr).
+fn print_scores(report: &Path) {
+    if let Some((line, warnings)) = scores_line(report) {
+        println!("{line}");
+        for w in warnings {
+            eprintln!("{w}");
+        }
+    }
 }
 
 /// `cargo xtask <stage>`: that stage alone, its inputs from `--cache` / `--name` or the stamps.
@@ -932,8 +965,8 @@ pub fn cmd_stage(name: &str, args: Args) -> Result<()> {
     let d = run_one(&mut ctx, name)?;
     summary(&ctx, std::slice::from_ref(&d));
     if name == "eval" {
-        if let Some(line) = d.stamp.output("report").and_then(scores_line) {
-            println!("{line}");
+        if let Some(report) = d.stamp.output("report") {
+            print_scores(report);
         }
     }
     for (o, _) in &d.stamp.outputs {
@@ -945,6 +978,37 @@ pub fn cmd_stage(name: &str, args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A validation RMSE worse than the training mean's gets a warning line after the scores
+    /// (the table of `gz eval` was the only place to see it).
+    #[test]
+    fn a_model_worse_than_the_mean_is_warned_of() {
+        let t = tempfile::tempdir().unwrap();
+        let write = |model: f64| {
+            let v = serde_json::json!({
+                "split": "validation hold-out of the training split (seed 0): 1 image of 3 (33.3%; --val-fraction 0.1 asked for 10%)",
+                "model": {"name": "r", "scores": {"rows": 1, "rmse": model}},
+                "baselines": [
+                    {"name": "all zeros", "scores": {"rows": 1, "rmse": 0.28}},
+                    {"name": "training mean", "scores": {"rows": 1, "rmse": 0.15862}},
+                ],
+                "floor": null,
+            });
+            std::fs::write(t.path().join("metrics.json"), v.to_string()).unwrap();
+            scores_line(t.path()).unwrap()
+        };
+        let (line, warnings) = write(0.37332);
+        assert!(line.starts_with("RMSE: validation 0.37332 (1 row)"), "{line}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "warning: the validation RMSE 0.37332 is no better than predicting the training mean (0.15862)"
+            ),
+            "{warnings:?}"
+        );
+        let (_, warnings) = write(0.1);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
 
     /// The CPU recipe goes to `gz train` for `tiny` on the CPU only, and an explicit
     /// `--train-arg` of the same option replaces the recipe's value instead of repeating it.
