@@ -586,9 +586,21 @@ fn resolve_paths(path: &Path) -> Result<(PathBuf, PathBuf), CheckpointError> {
         let w = path.join("best.safetensors");
         let s = path.join("best.json");
         if !s.exists() {
+            let reason = if path.join("last.safetensors").is_file() && path.join("last.json").is_file() {
+                // a run stopped before its best checkpoint was written, or one whose best.* was
+                // removed: its last epoch's weights are there to be named
+                format!(
+                    "no best.safetensors here (no best.json), but last.safetensors is: to use the last epoch's \
+                     weights pass --run {}",
+                    path.join("last.safetensors").display()
+                )
+            } else {
+                "no best.json here: not a finished training run directory (train first, or pass a .safetensors file)"
+                    .into()
+            };
             return Err(CheckpointError::Invalid {
                 path: path.to_path_buf(),
-                reason: "no best.json here: not a finished training run directory (train first, or pass a .safetensors file)".into(),
+                reason,
             });
         }
         return Ok((w, s));
@@ -606,6 +618,29 @@ fn resolve_paths(path: &Path) -> Result<(PathBuf, PathBuf), CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run directory with only `last.*` names the file to pass instead of "not a finished
+    /// training run directory".
+    #[test]
+    fn a_run_without_best_names_its_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let reason = |p: &Path| match resolve_paths(p) {
+            Err(CheckpointError::Invalid { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(reason(dir.path()).contains("not a finished training run directory"));
+        std::fs::write(dir.path().join("last.safetensors"), b"").unwrap();
+        std::fs::write(dir.path().join("last.json"), b"{}").unwrap();
+        let r = reason(dir.path());
+        let last = dir.path().join("last.safetensors");
+        assert!(
+            r.contains("no best.safetensors here") && r.contains(&format!("--run {}", last.display())),
+            "{r}"
+        );
+        // the form suggested is a checkpoint path of its own
+        let (w, s) = resolve_paths(&last).unwrap();
+        assert_eq!((w, s), (last.clone(), dir.path().join("last.json")));
+    }
 
     /// The serial draw the parallel one must equal: one stream, value after value.
     fn serial(seed: u64, n: usize, f: impl Fn(&mut ChaCha8Rng) -> f32) -> Vec<f32> {
