@@ -236,6 +236,34 @@ pub fn prep_jpeg_into(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result
     }
 }
 
+/// The number of colour channels (components) a JPEG's frame header declares: 1 for a
+/// greyscale image, 3 for YCbCr, 4 for CMYK; `None` when no frame header is found before the
+/// image data. Reads marker segments only (no decoding). [`prep_jpeg`] copies a greyscale
+/// image into all three channels, so the commands use this to say how many inputs had no
+/// colour (the models learn from colour: their predictions on such images can be far off).
+pub fn jpeg_channels(bytes: &[u8]) -> Option<u8> {
+    if bytes.get(..2) != Some(&[0xFF, 0xD8]) {
+        return None;
+    }
+    let mut p = 2;
+    loop {
+        while bytes.get(p) == Some(&0xFF) && bytes.get(p + 1) == Some(&0xFF) {
+            p += 1; // fill bytes
+        }
+        if bytes.get(p) != Some(&0xFF) {
+            return None;
+        }
+        let marker = *bytes.get(p + 1)?;
+        let len = u16::from_be_bytes([*bytes.get(p + 2)?, *bytes.get(p + 3)?]) as usize;
+        match marker {
+            // SOF0..SOF15 (not DHT C4, JPG C8, DAC CC): precision, height, width, components
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => return bytes.get(p + 9).copied(),
+            0xDA | 0xD9 => return None, // the image data (or its end) before any frame header
+            _ => p += 2 + len,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -81,6 +81,11 @@ pub struct RunSummary {
     pub test: usize,
     /// Every input left out, with the reason (also recorded in the manifest).
     pub skipped: Vec<Skipped>,
+    /// Images in the cache that are greyscale JPEGs (one channel, copied to all three; also
+    /// recorded in the manifest), and the first of them.
+    pub greyscale: usize,
+    /// The first greyscale image (by split, then row), when there is one.
+    pub greyscale_example: Option<PathBuf>,
     /// Wall time of this run, seconds.
     pub elapsed_s: f64,
 }
@@ -109,6 +114,10 @@ pub fn run_with(
             source: e,
         })?;
         let skipped: Vec<Skipped> = serde_json::from_value(cache.extra()["skipped"].clone()).unwrap_or_default();
+        // (caches written before it was recorded say nothing)
+        let greyscale = cache.extra()["greyscale"].as_u64().unwrap_or(0) as usize;
+        let greyscale_example: Option<PathBuf> =
+            serde_json::from_value(cache.extra()["greyscale_example"].clone()).unwrap_or_default();
         tracing::info!(dir = %cache_dir.display(), "cache hit");
         // the temporary folders of killed writers of this cache go (a writer of a new cache
         // does the same)
@@ -132,6 +141,8 @@ pub fn run_with(
             train: cache.train().map_or(0, |s| s.len()),
             test: cache.test().map_or(0, |s| s.len()),
             skipped,
+            greyscale,
+            greyscale_example,
             elapsed_s: t0.elapsed().as_secs_f64(),
         });
     }
@@ -152,6 +163,8 @@ pub fn run_with(
     let mut writer = gz_shards::CacheWriter::create(&cache_dir, &cfg_json, &config_hash, opts.rows_per_shard)?;
     let mut skipped = scan.skipped.clone();
     let mut counts = [0usize; 2];
+    let mut greyscale = 0usize;
+    let mut greyscale_example: Option<PathBuf> = None;
     for (k, (name, items)) in [("train", &scan.train), ("test", &scan.test)].into_iter().enumerate() {
         let Some(items) = items else { continue };
         let mut split = writer.begin_split(name, cfg.shape(), name == "train")?;
@@ -166,7 +179,7 @@ pub fn run_with(
         // channel holds at most one finished chunk, so at most three chunks are alive.
         let pool = &pool;
         let outcome: Result<(), PrepError> = std::thread::scope(|s| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Vec<f16>, String>>>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<(Vec<f16>, bool), String>>>(1);
             s.spawn(move || {
                 for chunk in items.chunks(CHUNK) {
                     let results = pool.install(|| chunk.par_iter().map(|it| load(it, cfg)).collect());
@@ -178,7 +191,11 @@ pub fn run_with(
             for (chunk, results) in items.chunks(CHUNK).zip(rx.iter()) {
                 for (it, res) in chunk.iter().zip(results) {
                     match res {
-                        Ok(img) => {
+                        Ok((img, grey)) => {
+                            if grey {
+                                greyscale += 1;
+                                greyscale_example.get_or_insert_with(|| it.path.clone());
+                            }
                             let label = match (it.label_row, &scan.solutions) {
                                 (Some(r), Some(sol)) => Some(sol.row(r)),
                                 _ => None,
@@ -224,6 +241,8 @@ pub fn run_with(
         "data_dir": opts.data_dir.canonicalize().unwrap_or_else(|_| opts.data_dir.clone()),
         "prep_version": cfg.version(),
         "skipped": skipped,
+        "greyscale": greyscale,
+        "greyscale_example": greyscale_example,
         "train_images": counts[0],
         "test_images": counts[1],
         "elapsed_s": t0.elapsed().as_secs_f64(),
@@ -237,14 +256,17 @@ pub fn run_with(
         train: counts[0],
         test: counts[1],
         skipped,
+        greyscale,
+        greyscale_example,
         elapsed_s: t0.elapsed().as_secs_f64(),
     })
 }
 
-/// Reads and preprocesses one image; the error is the reason to report.
-fn load(it: &Item, cfg: &PrepConfig) -> Result<Vec<f16>, String> {
+/// Reads and preprocesses one image, and whether it is a greyscale JPEG; the error is the
+/// reason to report.
+fn load(it: &Item, cfg: &PrepConfig) -> Result<(Vec<f16>, bool), String> {
     let bytes = std::fs::read(&it.path).map_err(|e| format!("cannot read: {e}"))?;
     let mut out = vec![f16::ZERO; cfg.image_len()];
     prep_jpeg_into(&bytes, cfg, &mut out).map_err(|e| e.to_string())?;
-    Ok(out)
+    Ok((out, crate::jpeg_channels(&bytes) == Some(1)))
 }

@@ -1057,3 +1057,60 @@ fn a_nested_image_folder_is_named() {
         s.skipped
     );
 }
+
+/// The frame header's channel count tells greyscale JPEGs (one channel, copied to all three by
+/// the decoder) from colour ones, progressive and with other segments before the frame alike.
+#[test]
+fn jpeg_channels_tells_greyscale_from_colour() {
+    use jpeg_encoder::ColorType;
+    let rgb = synthetic(64, 48);
+    let gray: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
+    assert_eq!(
+        crate::jpeg_channels(&encode(&rgb, 64, 48, ColorType::Rgb, |_| {})),
+        Some(3)
+    );
+    assert_eq!(
+        crate::jpeg_channels(&encode(&gray, 64, 48, ColorType::Luma, |_| {})),
+        Some(1)
+    );
+    let prog = encode(&gray, 64, 48, ColorType::Luma, |e| e.set_progressive(true));
+    assert_eq!(crate::jpeg_channels(&prog), Some(1));
+    let cmyk: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[0], p[1], p[2], 0]).collect();
+    assert_eq!(
+        crate::jpeg_channels(&encode(&cmyk, 64, 48, ColorType::Cmyk, |_| {})),
+        Some(4)
+    );
+    assert_eq!(crate::jpeg_channels(b""), None);
+    assert_eq!(crate::jpeg_channels(b"\xFF\xD8\xFF\xE0\x00"), None);
+    assert_eq!(crate::jpeg_channels(b"\xFF\xD8\xFF\xDA\x00\x02"), None);
+}
+
+/// A greyscale JPEG is prepared (copied to the three channels) and counted, with its path, in
+/// the summary and the manifest, so a cache hit says the same (the CLI warns once per run).
+#[test]
+fn greyscale_images_are_counted() {
+    use jpeg_encoder::ColorType;
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    let rgb = synthetic(424, 424);
+    let gray: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
+    let grey = data.join(dataset::TEST_DIR).join("242195.jpg");
+    std::fs::write(&grey, encode(&gray, 424, 424, ColorType::Luma, |_| {})).unwrap();
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test, s.skipped.len()), (3, 3, 0));
+    assert_eq!((s.greyscale, s.greyscale_example.as_deref()), (1, Some(grey.as_path())));
+    let again = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert!(again.cache_hit);
+    assert_eq!((again.greyscale, again.greyscale_example), (1, Some(grey)));
+    // the fixture's colour images are not counted
+    std::fs::remove_dir_all(t.path().join("cache")).unwrap();
+    let colour = run_with(
+        &RunOptions::new(&copy_mini(&t.path().join("c")), &t.path().join("cache")),
+        &PrepConfig::default(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!((colour.greyscale, colour.greyscale_example), (0, None));
+}
