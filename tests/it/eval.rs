@@ -847,3 +847,93 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         "{err}"
     );
 }
+
+/// A cache without a test split (its dataset had no `images_test_rev1/`) is explained by
+/// `gz predict` and `gz submit`; a run folder holding only `last.*` names the file to pass,
+/// and that form predicts; greyscale JPEGs given to `gz predict --images` are warned of once.
+#[test]
+fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_explained() {
+    let tmp = support::tempdir();
+    let mini = support::fixtures().join("kaggle-mini");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("images_training_rev1")).unwrap();
+    for e in std::fs::read_dir(mini.join("images_training_rev1")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), data.join("images_training_rev1").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(
+        mini.join("training_solutions_rev1.csv"),
+        data.join("training_solutions_rev1.csv"),
+    )
+    .unwrap();
+    let out = gz_ok(
+        support::gz()
+            .args(["prep", "--size", "32", "--data"])
+            .arg(&data)
+            .arg("--cache")
+            .arg(tmp.path().join("cache")),
+    );
+    let cache = last_line_value(&out, "cache");
+    let run = tmp.path().join("run");
+    gz_ok(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(&run),
+    );
+    for cmd in ["predict", "submit"] {
+        let (ok, out, err) = support::run(
+            support::gz()
+                .args([cmd, "--run"])
+                .arg(&run)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--out")
+                .arg(tmp.path().join("out.csv")),
+        );
+        assert!(!ok, "{cmd}: {out}");
+        assert!(
+            err.contains("has no test split: its dataset had no images_test_rev1/ folder when it was prepared"),
+            "{cmd}: {err}"
+        );
+    }
+
+    // only last.*: the message names it, and that path is taken
+    for f in ["best.safetensors", "best.json"] {
+        std::fs::remove_file(run.join(f)).unwrap();
+    }
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for e in std::fs::read_dir(mini.join("images_test_rev1")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), images.join(e.file_name())).unwrap();
+    }
+    std::fs::write(images.join("242195.jpg"), crate::prep::greyscale_jpeg()).unwrap();
+    let predict = |run: &Path| {
+        support::run(
+            support::gz()
+                .args(["predict", "--run"])
+                .arg(run)
+                .arg("--images")
+                .arg(&images)
+                .arg("--out")
+                .arg(tmp.path().join("pred.csv")),
+        )
+    };
+    let (ok, out, err) = predict(&run);
+    assert!(!ok, "{out}");
+    let last = run.join("last.safetensors");
+    assert!(
+        err.contains("no best.safetensors here") && err.contains(&format!("pass --run {}", last.display())),
+        "{err}"
+    );
+    let (ok, out, err) = predict(&last);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("3 rows"), "{out}");
+    assert_eq!(err.matches("greyscale").count(), 1, "{err}");
+    assert!(
+        err.contains("warning: 1 image(s) are greyscale JPEGs (one channel)"),
+        "{err}"
+    );
+}

@@ -186,6 +186,12 @@ fn bad_inputs_are_reported_skipped_and_exit_2() {
     }
     assert!(out.contains("summary: 7 input(s) skipped"), "{out}");
     assert!(err.contains("7 input(s) skipped"), "{err}");
+    // the `skipped:` lines are on stdout: the warning on stderr says so ("listed above" was
+    // wrong with stdout redirected)
+    assert!(
+        err.contains("listed on standard output") && !err.contains("listed above"),
+        "{err}"
+    );
     // the cache still holds exactly the good images and is valid
     let dir = cache_line(&out);
     let cache = gz_shards::Cache::open(&dir).unwrap();
@@ -484,4 +490,64 @@ fn an_unusable_default_cache_root_names_the_cache_option() {
         err.contains("is the default cache root") && err.contains("--cache DIR"),
         "{err}"
     );
+}
+
+/// A training-only download (no `images_test_rev1/` folder at all) is prepared without a word
+/// of error, but with a note that the cache has no test split, naming what will lack it.
+#[test]
+fn a_dataset_without_a_test_folder_is_noted() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    std::fs::remove_dir_all(data.join("images_test_rev1")).unwrap();
+    let root = t.path().join("cache");
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        err.contains("note: there is no ")
+            && err.contains("images_test_rev1 folder: the cache has no test split")
+            && err.contains("gz submit"),
+        "{err}"
+    );
+    assert!(gz_shards::Cache::open(&cache_line(&out)).unwrap().test().is_none());
+    // the full download says nothing of the kind
+    let (code, _, err) = prep(&[
+        "--data",
+        mini(&t.path().join("full")).to_str().unwrap(),
+        "--cache",
+        root.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("no test split"), "{err}");
+}
+
+/// A 424×424 greyscale JPEG (one channel).
+pub(crate) fn greyscale_jpeg() -> Vec<u8> {
+    let pixels: Vec<u8> = (0..424 * 424).map(|i| ((i % 424 + i / 424) % 256) as u8).collect();
+    let mut buf = Vec::new();
+    jpeg_encoder::Encoder::new(&mut buf, 90)
+        .encode(&pixels, 424, 424, jpeg_encoder::ColorType::Luma)
+        .unwrap();
+    buf
+}
+
+/// Greyscale JPEGs are prepared (copied to the three channels) with one warning that names
+/// how many there were, also on a cache hit.
+#[test]
+fn greyscale_images_are_warned_of_once() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    for id in ["242195", "784597"] {
+        std::fs::write(data.join(format!("images_test_rev1/{id}.jpg")), greyscale_jpeg()).unwrap();
+    }
+    let root = t.path().join("cache");
+    for _ in 0..2 {
+        let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        assert!(out.contains("3 train + 3 test images"), "{out}");
+        assert_eq!(err.matches("greyscale").count(), 1, "{err}");
+        assert!(
+            err.contains("warning: 2 image(s) are greyscale JPEGs (one channel, e.g. "),
+            "{err}"
+        );
+    }
 }

@@ -55,7 +55,7 @@ pub struct Args {
 }
 
 /// `fraction` as a percentage with three significant digits, trailing zeros dropped.
-fn percent(fraction: f64) -> String {
+pub(crate) fn percent(fraction: f64) -> String {
     let p = fraction * 100.0;
     if !(p.is_finite() && p > 0.0) {
         return format!("{p}");
@@ -67,6 +67,43 @@ fn percent(fraction: f64) -> String {
     } else {
         s
     }
+}
+
+/// Whether the hold-out's real share of the `used` images is off from the `--val-fraction`
+/// asked by more than a tenth of it: rounding to whole images (at least one) makes the
+/// fraction misleading on a tiny set (1 of 3 images held out for 0.1 is 33%, not 10%).
+fn share_is_misleading(n_val: usize, used: usize, fraction: f64) -> bool {
+    used > 0 && (n_val as f64 / used as f64 - fraction).abs() > 0.1 * fraction
+}
+
+/// `N image(s)`, with the hold-out's real share when [`share_is_misleading`]: `1 image of 3
+/// (33.3%; --val-fraction 0.1 asked for 10%)`.
+pub(crate) fn holdout_size(n_val: usize, used: usize, fraction: f64) -> String {
+    let images = if n_val == 1 { "image" } else { "images" };
+    if share_is_misleading(n_val, used, fraction) {
+        format!(
+            "{n_val} {images} of {used} ({}%; --val-fraction {fraction} asked for {}%)",
+            percent(n_val as f64 / used as f64),
+            percent(fraction)
+        )
+    } else {
+        format!("{n_val} {images}")
+    }
+}
+
+/// The rows `gz eval --split validation` scores: `validation hold-out of the training split (10%,
+/// seed 0): 200 images`; the asked share is left out of the brackets when it is not the real
+/// one ([`holdout_size`] gives both).
+fn holdout_description(fraction: f64, seed: u64, n_val: usize, used: usize) -> String {
+    let share = if share_is_misleading(n_val, used, fraction) {
+        String::new()
+    } else {
+        format!("{}%, ", percent(fraction))
+    };
+    format!(
+        "validation hold-out of the training split ({share}seed {seed}): {}",
+        holdout_size(n_val, used, fraction)
+    )
 }
 
 fn run_name(p: &std::path::Path) -> String {
@@ -132,16 +169,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             fit_split: train,
             fit_rows: holdout.train.clone(),
             eval_labels: None,
-            description: format!(
-                "validation hold-out of the training split ({}%, seed {}): {} images",
-                percent(t.val_fraction),
+            description: holdout_description(
+                t.val_fraction,
                 t.seed,
-                holdout.val.len()
+                holdout.val.len(),
+                holdout.val.len() + holdout.train.len(),
             ),
         }
     } else {
         let Some(test) = cache.test() else {
-            bail!("cache {} has no test split", args.cache.display())
+            bail!("{}; or score --split validation", super::no_test_split(&args.cache))
         };
         test.verify()
             .with_context(|| format!("checking the test split of {}", args.cache.display()))?;
@@ -290,5 +327,29 @@ mod tests {
         assert_eq!(percent(0.25), "25");
         assert_eq!(percent(1.0 / 3.0), "33.3");
         assert_eq!(percent(1e-9), "0.0000001");
+    }
+
+    /// A tiny set's hold-out says its real share when rounding makes the asked one misleading
+    /// (1 of 3 images was "(10%, seed 0): 1 images"), and "image" for one.
+    #[test]
+    fn a_tiny_holdout_states_its_real_share() {
+        assert_eq!(
+            holdout_description(0.1, 0, 1, 3),
+            "validation hold-out of the training split (seed 0): 1 image of 3 (33.3%; --val-fraction 0.1 asked for 10%)"
+        );
+        assert_eq!(
+            holdout_description(0.1, 7, 200, 2000),
+            "validation hold-out of the training split (10%, seed 7): 200 images"
+        );
+        // within a tenth of the asked share: as asked
+        assert_eq!(
+            holdout_description(0.1, 0, 20, 195),
+            "validation hold-out of the training split (10%, seed 0): 20 images"
+        );
+        assert_eq!(holdout_size(1, 20, 0.05), "1 image");
+        assert_eq!(
+            holdout_size(2, 15, 0.1),
+            "2 images of 15 (13.3%; --val-fraction 0.1 asked for 10%)"
+        );
     }
 }

@@ -73,6 +73,16 @@ pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
     }
 }
 
+/// Why a cache has no test split at all: `gz prep` writes one for every `images_test_rev1/`
+/// folder, even an empty one (that is a split of 0 images), so its dataset had no such folder.
+pub fn no_test_split(cache_dir: &std::path::Path) -> String {
+    format!(
+        "cache {} has no test split: its dataset had no images_test_rev1/ folder when it was prepared (a \
+         training-only download); put the test JPEGs there and run `gz prep` again",
+        cache_dir.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

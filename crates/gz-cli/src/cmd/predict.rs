@@ -159,10 +159,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
             gz_eval::eval::check_cache(m, run, &cache)?;
         }
         let Some(test) = cache.test() else {
-            bail!(
-                "cache {} has no test split (was images_test_rev1/ empty when it was prepared?)",
-                cache_dir.display()
-            );
+            bail!("{}", super::no_test_split(cache_dir));
         };
         if test.is_empty() {
             bail!(
@@ -257,7 +254,8 @@ fn predict_folder(
         }
     }
     if groups.len() == 1 {
-        let (rows, failures) = predict_group(&groups[0], &paths, &keys.keys, tta, batch, device, "predict")?;
+        let (rows, failures, grey) = predict_group(&groups[0], &paths, &keys.keys, tta, batch, device, "predict")?;
+        warn_greyscale(grey);
         return Ok((rows, failures, keys.names));
     }
     eprintln!(
@@ -270,7 +268,11 @@ fn predict_folder(
     let mut failed_paths: std::collections::HashSet<std::path::PathBuf> = std::collections::HashSet::new();
     for (gi, group) in groups.iter().enumerate() {
         let what = format!("predict ({}/{})", gi + 1, groups.len());
-        let (rows, failed) = predict_group(group, &paths, &keys.keys, tta, batch, device, &what)?;
+        let (rows, failed, grey) = predict_group(group, &paths, &keys.keys, tta, batch, device, &what)?;
+        if gi == 0 {
+            // (every group reads the same files: said once)
+            warn_greyscale(grey);
+        }
         for (i, &id) in rows.ids.iter().enumerate() {
             let (acc, n) = sum.entry(id).or_insert_with(|| (vec![0.0; gz_schema::N_ANSWERS], 0));
             for (a, v) in acc.iter_mut().zip(rows.row(i)) {
@@ -296,7 +298,15 @@ fn predict_folder(
     Ok((rows, failures, keys.names))
 }
 
-/// The members of one group (same input) on every JPEG, prepared with their preprocessing.
+/// Warns once, naming how many, when some of the JPEGs predicted were greyscale.
+fn warn_greyscale(grey: usize) {
+    if grey > 0 {
+        eprintln!("warning: {}", super::prep::greyscale_warning(grey, None));
+    }
+}
+
+/// The members of one group (same input) on every JPEG, prepared with their preprocessing;
+/// also how many of them were greyscale JPEGs.
 fn predict_group(
     group: &[&LoadedModel],
     paths: &[std::path::PathBuf],
@@ -305,7 +315,7 @@ fn predict_group(
     batch: usize,
     device: &gz_eval::Device,
     what: &str,
-) -> anyhow::Result<(Solutions, Vec<Failure>)> {
+) -> anyhow::Result<(Solutions, Vec<Failure>, usize)> {
     let sidecar = group[0].sidecar();
     let cfg: gz_preprocess::PrepConfig = serde_json::from_value(sidecar.prep_config.clone()).with_context(|| {
         format!(
@@ -332,7 +342,14 @@ fn predict_group(
     }
     let members: Vec<&dyn Predictor> = group.iter().map(|m| *m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
-    let prep = |bytes: &[u8]| gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string());
+    let grey = std::sync::atomic::AtomicUsize::new(0);
+    let prep = |bytes: &[u8]| {
+        let img = gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string())?;
+        if gz_preprocess::jpeg_channels(bytes) == Some(1) {
+            grey.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(img)
+    };
     let pb = progress_bar(paths.len(), what);
     let out = predict_jpegs(
         &ensemble,
@@ -346,7 +363,7 @@ fn predict_group(
         &|n| pb.set_position(n as u64),
     )?;
     pb.finish_and_clear();
-    Ok(out)
+    Ok((out.0, out.1, grey.into_inner()))
 }
 
 /// Adds the training-mean rows of the failures that have an id.

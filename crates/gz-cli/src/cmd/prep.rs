@@ -189,15 +189,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !summary.cache_hit {
         note_superseded(&cache_root, &data, &summary.dataset_key);
     }
-    if !summary.skipped.is_empty() {
-        // not an error: a warning, and exit status 2 for scripts
+    if summary.greyscale > 0 {
         eprintln!(
-            "warning: {} input(s) skipped (listed above); the cache holds the rest (exit status 2)",
+            "warning: {}",
+            greyscale_warning(summary.greyscale, summary.greyscale_example.as_deref())
+        );
+    }
+    let test_dir = data.join(gz_preprocess::dataset::TEST_DIR);
+    if !test_dir.exists() {
+        // a training-only download is fine; the commands that need test images are told why
+        // they have none, not left to find out
+        eprintln!(
+            "note: there is no {} folder: the cache has no test split, so `gz predict --cache`, `gz submit` and \
+             `gz eval --split test` will have nothing to work on (put the test JPEGs there and run `gz prep` again \
+             for them)",
+            test_dir.display()
+        );
+    }
+    if !summary.skipped.is_empty() {
+        // not an error: a warning, and exit status 2 for scripts. The `skipped:` lines are on
+        // standard output (with the summary): "listed above" was wrong when it was redirected
+        eprintln!(
+            "warning: {} input(s) skipped (listed on standard output as `skipped:` lines, and in the cache's \
+             manifest.json); the cache holds the rest (exit status 2)",
             summary.skipped.len()
         );
         return Err(anyhow::Error::new(crate::ExitCode(2)));
     }
     Ok(())
+}
+
+/// Says that `n` images were greyscale JPEGs (`example` the first), once per run: they are
+/// copied to the three colour channels, but the models learn from colour (`gz prep` and `gz
+/// predict --images` share it).
+pub(crate) fn greyscale_warning(n: usize, example: Option<&Path>) -> String {
+    format!(
+        "{n} image(s) are greyscale JPEGs (one channel{}): each was copied to the three colour channels, but the \
+         models are trained on colour images, so their predictions for these can be far off",
+        example.map_or_else(String::new, |p| format!(", e.g. {}", p.display()))
+    )
 }
 
 /// Removes a cache directory: renamed to a hidden sibling first (a reader then finds no cache

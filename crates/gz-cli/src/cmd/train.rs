@@ -159,6 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cache = super::open_cache(&cache_dir)?;
     let observer = CliObserver {
         notes,
+        val_fraction: cfg.val_fraction,
         ..CliObserver::default()
     };
     crate::interrupt::install();
@@ -189,13 +190,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "nothing trained: the run had already ended by early stopping at epoch {} (no better validation RMSE in \
              the {since} epoch(s) after epoch {}, --patience {patience}); best val RMSE {:.5} at epoch {} vs {:.5} \
-             predicting the training mean ({:+.1}%)",
+             predicting the training mean ({})",
             summary.epochs_run,
             summary.best_epoch,
             summary.best_val_rmse,
             summary.best_epoch,
             summary.baseline_val_rmse,
-            100.0 * (summary.best_val_rmse / summary.baseline_val_rmse - 1.0),
+            vs_mean(summary.best_val_rmse, summary.baseline_val_rmse),
         );
         eprintln!(
             "to train on: `gz train` with the same options, --resume and --patience {} or more (0 never stops early)",
@@ -206,17 +207,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     println!(
-        "done: {} epoch{}{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({:+.1}%)",
+        "done: {} epoch{}{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({})",
         summary.epochs_run,
         if summary.epochs_run == 1 { "" } else { "s" },
         if summary.stopped_early { " (early stop)" } else { "" },
         summary.best_val_rmse,
         summary.best_epoch,
         summary.baseline_val_rmse,
-        100.0 * (summary.best_val_rmse / summary.baseline_val_rmse - 1.0),
+        vs_mean(summary.best_val_rmse, summary.baseline_val_rmse),
     );
     println!("run: {}", out.display());
     Ok(())
+}
+
+/// The best validation RMSE against predicting the training mean, in words: `35.3% better`, or
+/// `17.4% worse: …` with what may help (a signed `+17.4%` was easy to read as a gain).
+fn vs_mean(best: f64, mean: f64) -> String {
+    let change = 100.0 * (best / mean - 1.0);
+    if format!("{change:.1}").trim_start_matches('-') == "0.0" || !change.is_finite() {
+        "no better: the model has not learnt more than the mean; more epochs, a lower --lr or more data may help"
+            .to_string()
+    } else if change < 0.0 {
+        format!("{:.1}% better", -change)
+    } else {
+        format!(
+            "{change:.1}% worse: the model has not learnt more than the mean; more epochs, a lower --lr or more data \
+             may help"
+        )
+    }
 }
 
 /// Early stopping's default patience with a constant learning rate.
@@ -290,6 +308,8 @@ struct CliObserver {
     notes: Vec<String>,
     /// The epoch the run started after (0 unless resumed).
     start_epoch: Mutex<usize>,
+    /// `--val-fraction`, to say the hold-out's real share when rounding changed it.
+    val_fraction: f64,
 }
 
 impl CliObserver {
@@ -331,10 +351,11 @@ impl TrainObserver for CliObserver {
         );
         if info.n_val < MIN_MEANINGFUL_VAL {
             eprintln!(
-                "warning: the validation hold-out has only {} image(s): its RMSE, the best epoch and early \
-                 stopping rest on them and mean little (at least {MIN_MEANINGFUL_VAL} are needed for a score to \
-                 tell models apart; more training data or --val-fraction)",
-                info.n_val
+                "warning: the validation hold-out has only {}: its RMSE, the best epoch and early stopping rest on \
+                 {} and mean little (at least {MIN_MEANINGFUL_VAL} are needed for a score to tell models apart; more \
+                 training data or --val-fraction)",
+                super::eval::holdout_size(info.n_val, info.n_train + info.n_val, self.val_fraction),
+                if info.n_val == 1 { "it" } else { "them" }
             );
         }
         if info.start_epoch > 0 {
@@ -431,6 +452,18 @@ mod tests {
         assert!(e.contains("validation fraction -0.1 must be in [0, 1)"), "{e}");
         let e = err(&["--lr", "-1"]);
         assert!(e.contains("learning rate -1 must be a positive number"), "{e}");
+    }
+
+    /// Worse than the training mean is said in words, with what may help (it was "(+17.4%)").
+    #[test]
+    fn the_baseline_comparison_is_in_words() {
+        assert_eq!(vs_mean(0.10877, 0.16810), "35.3% better");
+        let worse = vs_mean(0.19735, 0.16810);
+        assert!(
+            worse.starts_with("17.4% worse: the model has not learnt more than the mean;") && worse.contains("--lr"),
+            "{worse}"
+        );
+        assert!(vs_mean(0.16810, 0.16810).starts_with("no better: "));
     }
 
     /// Early stopping defaults to 5 epochs at a constant rate and off with a step schedule
