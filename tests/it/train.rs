@@ -379,6 +379,28 @@ fn a_shard_truncated_under_a_running_train_is_named() {
     assert!(!metrics(&run).is_empty());
 }
 
+/// `--max-train` at or above the cache's image count uses every image: said, and the same run
+/// as without it (one started with it resumes without it).
+#[test]
+fn max_train_above_the_cache_is_all_images() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 24, 32, 7);
+    let run = tmp.path().join("run");
+    let mut first = tiny_args(&cache, &run, "1");
+    first.extend(["--max-train", "1000"].map(String::from));
+    let (ok, out, stderr) = support::run(support::gz().args(&first));
+    assert!(ok, "{out}\n{stderr}");
+    assert!(
+        stderr.contains("--max-train 1000 is not below the cache's 24 training images: all of them are used"),
+        "{stderr}"
+    );
+    let mut again = tiny_args(&cache, &run, "2");
+    again.push("--resume".into());
+    let (ok, out, stderr) = support::run(support::gz().args(&again));
+    assert!(ok && out.contains("resuming after epoch 1"), "{out}\n{stderr}");
+    assert_eq!(metrics(&run).len(), 2);
+}
+
 #[test]
 fn bad_requests_fail_clearly() {
     let tmp = support::tempdir();

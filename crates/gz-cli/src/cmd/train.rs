@@ -157,6 +157,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let cache = super::open_cache(&cache_dir)?;
+    let n_train = cache.train().map_or(0, |t| t.len());
+    if let Some(m) = cfg.max_images.filter(|&m| m >= n_train && n_train > 0) {
+        // every image is used: the same run as without the option (so a run started one way
+        // resumes the other), and said, not capped in silence
+        eprintln!("note: --max-train {m} is not below the cache's {n_train} training images: all of them are used");
+        cfg.max_images = None;
+    }
     let observer = CliObserver {
         notes,
         val_fraction: cfg.val_fraction,
