@@ -355,10 +355,35 @@ pub fn temp_path(path: &Path) -> PathBuf {
 /// Is `name` a temporary of [`write_image`] for a Kaggle-style image
 /// (`.<digits>.jpg.tmp-<digits>`), of this process or of one that was killed?
 pub fn is_temp_name(name: &str) -> bool {
+    temp_pid(name).is_some()
+}
+
+/// The process id in a temporary's name ([`is_temp_name`]), `None` for any other name.
+fn temp_pid(name: &str) -> Option<u32> {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    name.strip_prefix('.')
-        .and_then(|rest| rest.split_once(".jpg.tmp-"))
-        .is_some_and(|(id, pid)| digits(id) && digits(pid))
+    let (id, pid) = name.strip_prefix('.')?.split_once(".jpg.tmp-")?;
+    if !(digits(id) && digits(pid)) {
+        return None;
+    }
+    // a number too large for a pid is no process's: its temporary is stale
+    Some(pid.parse().unwrap_or(u32::MAX))
+}
+
+/// Whether process `pid` still runs: on Linux from `/proc` (a killed process its parent has not
+/// reaped yet, a zombie, counts as gone); elsewhere it cannot tell and says yes (as
+/// `gz_shards`' leftover check does).
+fn process_alive(pid: u32) -> bool {
+    if !cfg!(target_os = "linux") {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S …": the state follows the last ')' (comm may hold anything)
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X')),
+        Err(_) => false,
+    }
 }
 
 /// Writes one image: `bytes` go to [`temp_path`], which is then renamed to `path`, so `path`
@@ -393,10 +418,18 @@ fn write_image_with(
 }
 
 /// Removes the temporaries a killed run of [`write_image`] left in `dir` (see [`is_temp_name`]).
+/// Those of a process still running are left alone: another `gz synth` writing into the same
+/// folder (both found it empty) would see its rename fail. This process's own are left too (a
+/// leftover of an earlier process with the same id is overwritten or ignored, never read).
 fn remove_stale_temps(dir: &Path) -> Result<(), SynthError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
-        if entry.file_name().to_str().is_some_and(is_temp_name) {
+        let stale = entry
+            .file_name()
+            .to_str()
+            .and_then(temp_pid)
+            .is_some_and(|pid| pid != std::process::id() && !process_alive(pid));
+        if stale {
             let p = entry.path();
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -700,8 +733,38 @@ mod tests {
         let (_, test_ids) = draw_ids(&cfg);
         let mut want: Vec<String> = test_ids.iter().map(|id| format!("{id}.jpg")).collect();
         want.push(".keep".into());
+        if !cfg!(target_os = "linux") {
+            // (elsewhere whether its process ended cannot be told: it is left alone)
+            want.push(".100001.jpg.tmp-99999999".into());
+        }
         want.sort();
         assert_eq!(names(&images), want);
+    }
+
+    /// A second run into the same folder while the first still writes (both found it empty)
+    /// leaves the first's temporaries alone: removing one made the first run's rename fail
+    /// ("No such file or directory" naming an image) where, before temporaries, both runs of
+    /// the same config completed.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_live_writers_temporary_is_left_alone() {
+        let mut writer = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join(TEST_DIR);
+        std::fs::create_dir_all(&images).unwrap();
+        let live = format!(".100001.jpg.tmp-{}", writer.id());
+        std::fs::write(images.join(&live), b"being written").unwrap();
+        let cfg = SynthConfig {
+            train: 0,
+            test: 1,
+            seed: 3,
+            ..SynthConfig::default()
+        };
+        let result = generate(dir.path(), &cfg, &|_| {});
+        let _ = writer.kill();
+        let _ = writer.wait();
+        result.unwrap();
+        assert!(images.join(&live).exists(), "{:?}", names(&images));
     }
 
     #[test]
