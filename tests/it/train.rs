@@ -401,6 +401,55 @@ fn max_train_above_the_cache_is_all_images() {
     assert_eq!(metrics(&run).len(), 2);
 }
 
+/// A SIGBUS sent by another process (`kill -BUS`: no fault, no address) is passed on to the
+/// handler gz's own replaced: gz ends killed by SIGBUS, by the second signal at most (Rust's
+/// runtime handler lets the first pass), and names no cache file. gz's handler used to take the
+/// first itself (it only restored the previous handler, which a fault meets again on its
+/// re-run but a sent signal never does), so it took three.
+#[cfg(unix)]
+#[test]
+fn a_sigbus_sent_by_another_process_is_passed_on() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = support::tempdir();
+    let data = tmp.path().join("data");
+    let mut child = support::gz()
+        .args(["synth", "--train", "500000", "--test", "0", "--threads", "1", "--out"])
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for =
+        |child: &mut std::process::Child, secs: u64, what: &str, done: &dyn Fn(&mut std::process::Child) -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+            while !done(child) {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("gz synth: {what}");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+    // `synth.in-progress` is written after the handler is installed (first thing in main)
+    wait_for(&mut child, 60, "never started writing", &|c| {
+        data.join("synth.in-progress").exists() || c.try_wait().unwrap().is_some()
+    });
+    for _ in 0..2 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        // SAFETY: kill(2) of our own child
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGBUS) }, 0);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let ended = |c: &mut std::process::Child| c.try_wait().unwrap().is_some();
+    wait_for(&mut child, 10, "still running after two SIGBUS", &ended);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}\n{stderr}", out.status);
+    assert!(!stderr.contains("reading the cache file"), "{stderr}");
+}
+
 #[test]
 fn bad_requests_fail_clearly() {
     let tmp = support::tempdir();

@@ -6,7 +6,8 @@
 //! `gz_shards::mapped` and, if it lies in a shard, says which file failed and what to do; then
 //! it restores the previous disposition and returns, so the access faults again and the process
 //! ends exactly as before (killed by SIGBUS, exit status 135 in a shell). A fault outside any
-//! shard goes straight to the previous handler (Rust's runtime installs one) unchanged.
+//! shard goes straight to the previous handler (Rust's runtime installs one) unchanged, and so
+//! does a SIGBUS sent by another process (`kill -BUS`), which the handler raises again.
 //!
 //! Nothing is lost by ending there: every gz output is staged and renamed, so files are whole
 //! or absent, and `gz train --resume` continues from the last finished epoch.
@@ -29,10 +30,21 @@ mod imp {
     }
 
     extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-        // Only async-signal-safe work: an atomic load, slice reads, write(2), sigaction(2).
+        // Only async-signal-safe work: an atomic load, slice reads, write(2), sigaction(2),
+        // raise(3).
         // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
-        let addr = unsafe { (*info).si_addr() } as usize;
-        if let Some(path) = gz_shards::mapped::file_at(addr) {
+        let code = unsafe { (*info).si_code };
+        // A signal sent by a process (kill, sigqueue, raise: si_code <= 0) is no fault: it has
+        // no address (that field holds the sender's pid and uid), and no access runs again to
+        // meet the previous disposition, so it is raised again below for that to see.
+        let sent = code <= 0;
+        // SAFETY: as above; for a SIGBUS the kernel made, si_addr is the faulting address.
+        let path = if sent {
+            None
+        } else {
+            gz_shards::mapped::file_at(unsafe { (*info).si_addr() } as usize)
+        };
+        if let Some(path) = path {
             say(b"\ngz: reading the cache file ");
             say(path);
             say(
@@ -44,8 +56,8 @@ mod imp {
             );
         }
         // SAFETY: PREVIOUS was written before the handler was installed and never after;
-        // sigaction(2) is async-signal-safe. Returning re-runs the faulting access, which now
-        // meets the previous disposition.
+        // sigaction(2) and raise(3) are async-signal-safe. Returning re-runs the faulting
+        // access, which now meets the previous disposition.
         unsafe {
             match &*std::ptr::addr_of!(PREVIOUS) {
                 Some(was) => {
@@ -54,6 +66,11 @@ mod imp {
                 None => {
                     libc::signal(libc::SIGBUS, libc::SIG_DFL);
                 }
+            }
+            if sent {
+                // pending (SIGBUS is blocked in its handler) until this returns, then delivered
+                // to the disposition just restored, as if this handler had never been there
+                libc::raise(libc::SIGBUS);
             }
         }
     }
