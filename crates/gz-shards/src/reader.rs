@@ -179,12 +179,6 @@ struct MappedShard {
     crc32: u32,
 }
 
-impl Drop for MappedShard {
-    fn drop(&mut self) {
-        crate::mapped::deregister(self.mmap.as_ptr());
-    }
-}
-
 impl MappedShard {
     fn payload_bytes(&self) -> &[u8] {
         &self.mmap[self.offset..]
@@ -203,6 +197,12 @@ pub struct Split {
     by_id: HashMap<u64, usize>,
     shards: Vec<MappedShard>,
     labels: Option<Vec<f32>>,
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        crate::mapped::deregister(self.shards.iter().map(|s| s.mmap.as_ptr()));
+    }
 }
 
 impl Split {
@@ -257,8 +257,6 @@ impl Split {
                 reason: format!("payload not castable to f16: {e}"),
             })?;
             total += fe.rows;
-            // registered once owned by a `MappedShard`, whose drop deregisters it
-            crate::mapped::register(mmap.as_ptr(), mmap.len(), &path);
             shards.push(MappedShard {
                 path,
                 mmap,
@@ -331,6 +329,9 @@ impl Split {
                 )
             }
         };
+        // named for the SIGBUS handler from here until the split is dropped (nothing fails
+        // between this and the `Split` whose drop deregisters them)
+        crate::mapped::register(shards.iter().map(|s| (s.mmap.as_ptr(), s.mmap.len(), s.path.as_path())));
         Ok(Split {
             name: name.to_string(),
             shape: sm.shape,
