@@ -37,6 +37,14 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
                 path.join("out.csv").display()
             );
         }
+        if !folder && !meta.is_file() {
+            // found only when writing, after all the work, before this check
+            anyhow::bail!(
+                "{flag} {}: is not a regular file (a device, pipe or socket): gz writes each output whole, \
+                 through a temporary file renamed into place, so it cannot write into one; name a file",
+                path.display()
+            );
+        }
     }
     if let Some(file) = path.parent().and_then(|p| p.ancestors().find(|a| a.is_file())) {
         anyhow::bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
@@ -86,6 +94,22 @@ pub fn no_test_split(cache_dir: &std::path::Path) -> String {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+
+    /// An existing output that is not a regular file (`/dev/null`, a FIFO) is refused up front.
+    #[cfg(unix)]
+    #[test]
+    fn a_device_or_pipe_as_output_is_refused_before_any_work() {
+        let err = super::check_output("--out", Path::new("/dev/null"), false).unwrap_err();
+        assert!(
+            err.to_string().contains("--out /dev/null: is not a regular file"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.csv");
+        std::fs::write(&file, "old").unwrap();
+        super::check_output("--out", &file, false).unwrap();
+        super::check_output("--out", &dir.path().join("new.csv"), false).unwrap();
+    }
 
     /// What `--help` says of each writing command's output: missing folders are created.
     #[test]
