@@ -246,6 +246,23 @@ impl Ctx {
 
     fn dataset_identity(&self) -> Result<String> {
         let d = self.data_dir();
+        if self.real_data.is_none() {
+            // our synthetic set: the synth stage of these options must have finished (else prep
+            // and the stages after it ran on a missing set, or silently on that of other options)
+            let sp = stamp_path(&self.root, "synth", &d);
+            match Stamp::load(&sp) {
+                None if !d.join("synth.json").is_file() => {
+                    bail!(
+                    "no synthetic dataset in {} yet{}: run `cargo xtask synth` first (or the pipeline; for real data, \
+                     pass --data DIR)",
+                    d.display(),
+                    if d.join("synth.in-progress").exists() { " (its generation was interrupted)" } else { "" }
+                )
+                }
+                None => {}
+                Some(stamp) => upstream_current("synth", &stamp, &synth_command(self), &[])?,
+            }
+        }
         let id = fingerprint::identity_of(&d, KAGGLE_MEMBERS)?;
         if id.contains("images_training_rev1: missing") || id.contains("training_solutions_rev1.csv: missing") {
             bail!(
@@ -256,14 +273,17 @@ impl Ctx {
         Ok(id)
     }
 
-    /// The cache from `--cache` or from prep's stamp.
-    fn cache(&self) -> Result<PathBuf> {
+    /// The cache from `--cache` or from prep's stamp, which must be that of these options (a
+    /// stage run alone must not train or score on the cache of another `--size`, `--seed`, …).
+    fn cache(&mut self) -> Result<PathBuf> {
         if let Some(c) = &self.cache_override {
             check_cache_dataset(self)?;
             return Ok(c.clone());
         }
         let sp = stamp_path(&self.root, "prep", &self.data_dir());
-        Stamp::load(&sp)
+        let stamp = Stamp::load(&sp);
+        let cache = stamp
+            .as_ref()
             .and_then(|s| s.output("cache").map(Path::to_path_buf))
             .filter(|p| p.exists())
             .with_context(|| {
@@ -271,7 +291,12 @@ impl Ctx {
                     "no shard cache for {} yet: run `cargo xtask prep` first (or pass --cache DIR)",
                     self.data_dir().display()
                 )
-            })
+            })?;
+        let (cmd, inputs) = (prep_command(self), prep_inputs(self)?);
+        if let Some(stamp) = stamp {
+            upstream_current("prep", &stamp, &cmd, &inputs)?;
+        }
+        Ok(cache)
     }
 
     fn need_run(&self) -> Result<PathBuf> {
@@ -293,6 +318,27 @@ impl Ctx {
         }
         Ok(r)
     }
+}
+
+/// Fails, naming the stage to run first, when the stamp of the upstream stage `name` is not
+/// that of the command and inputs the current options give.
+fn upstream_current(name: &str, stamp: &Stamp, cmd: &[String], inputs: &[(String, String)]) -> Result<()> {
+    let Some(why) = stamp.stale_reason(cmd, inputs)? else {
+        return Ok(());
+    };
+    let detail = if stamp.command == cmd {
+        why
+    } else {
+        format!(
+            "it ran `gz {}`, these options give `gz {}`",
+            gz::shell_words(&stamp.command),
+            gz::shell_words(cmd)
+        )
+    };
+    bail!(
+        "the `{name}` stage is not up to date for these options ({detail}): run `cargo xtask {name}` with the same \
+         options first (or the pipeline)"
+    )
 }
 
 /// What a stage's `before_run` decided.
@@ -441,17 +487,7 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
         bail!("--data {} given: there is nothing to synthesize", d.display());
     }
     let out = ctx.data_dir();
-    let cmd = vec![
-        "synth".into(),
-        "--out".into(),
-        Ctx::s(&out),
-        "--train".into(),
-        ctx.synth_train.to_string(),
-        "--test".into(),
-        ctx.synth_test.to_string(),
-        "--seed".into(),
-        ctx.seed.to_string(),
-    ];
+    let cmd = synth_command(ctx);
     let out2 = out.clone();
     stage(
         ctx,
@@ -485,12 +521,27 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
     )
 }
 
-fn run_prep(ctx: &mut Ctx) -> Result<Done> {
-    let data = ctx.data_dir();
+/// The `gz synth` command of the synth stage.
+fn synth_command(ctx: &Ctx) -> Vec<String> {
+    vec![
+        "synth".into(),
+        "--out".into(),
+        Ctx::s(&ctx.data_dir()),
+        "--train".into(),
+        ctx.synth_train.to_string(),
+        "--test".into(),
+        ctx.synth_test.to_string(),
+        "--seed".into(),
+        ctx.seed.to_string(),
+    ]
+}
+
+/// The `gz prep` command of the prep stage.
+fn prep_command(ctx: &Ctx) -> Vec<String> {
     let mut cmd = vec![
         "prep".into(),
         "--data".into(),
-        Ctx::s(&data),
+        Ctx::s(&ctx.data_dir()),
         "--cache".into(),
         Ctx::s(&ctx.cache_root()),
     ];
@@ -498,14 +549,25 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
         cmd.extend(["--size".into(), size.to_string()]);
     }
     cmd.extend(ctx.prep_args.iter().cloned());
-    // the gz binary too: a new gz may read more of the dataset (an older one skipped `.JPG`
-    // files) or prepare it differently (a new config version, a new cache name); rerunning prep
-    // costs a cache hit when nothing changed, and the stages after it rerun only when its cache did
+    cmd
+}
+
+/// The prep stage's inputs: the dataset and the gz binary (a new gz may read more of the dataset
+/// (an older one skipped `.JPG` files) or prepare it differently (a new config version, a new
+/// cache name); rerunning prep costs a cache hit when nothing changed, and the stages after it
+/// rerun only when its cache did).
+fn prep_inputs(ctx: &mut Ctx) -> Result<Vec<(String, String)>> {
     let gz_bin = ctx.gz()?;
-    let inputs = vec![
+    Ok(vec![
         ("dataset".to_string(), ctx.dataset_identity()?),
         ("gz binary".to_string(), fingerprint::identity(&gz_bin)?),
-    ];
+    ])
+}
+
+fn run_prep(ctx: &mut Ctx) -> Result<Done> {
+    let data = ctx.data_dir();
+    let cmd = prep_command(ctx);
+    let inputs = prep_inputs(ctx)?;
     let root = ctx.root.clone();
     stage(
         ctx,
@@ -1121,6 +1183,69 @@ mod tests {
         let pass = format!("pass --data '{}'", a.canonicalize().unwrap().display());
         assert!(err.contains("was built from") && err.contains(&pass), "{err}");
         assert_eq!(ctx(&a).cache().unwrap(), cache);
+    }
+
+    /// A stage run alone uses the cache of the last prep only when the current options give the
+    /// same synth and prep commands (and inputs): `train --size 40` after a 24 px prep, or
+    /// `train --seed 8` after a seed-7 synthetic set, is refused naming the stage to run first,
+    /// and prep without a synthetic set says to run synth (it said "not a dataset in Kaggle
+    /// layout"). Before, the stale cache was used without a word.
+    #[test]
+    fn a_stage_alone_refuses_upstream_artifacts_of_other_options() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().display().to_string();
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["--root".to_string(), root.clone(), "--gz".into(), "/bin/true".into()];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            Ctx::parse(Args::new(v)).unwrap()
+        };
+        let opts = ["--seed", "7", "--size", "24"];
+        let mut ctx = parse(&opts);
+        let e = ctx.dataset_identity().unwrap_err().to_string();
+        assert!(e.contains("run `cargo xtask synth` first"), "{e}");
+        // what the synth and prep stages leave
+        let data = ctx.data_dir();
+        std::fs::create_dir_all(data.join("images_training_rev1")).unwrap();
+        std::fs::create_dir_all(data.join("images_test_rev1")).unwrap();
+        for f in ["training_solutions_rev1.csv", "synth.json"] {
+            std::fs::write(data.join(f), "x").unwrap();
+        }
+        let dataset = [Output::new("dataset", &data, KAGGLE_MEMBERS)];
+        Stamp::save(
+            &stamp_path(&ctx.root, "synth", &data),
+            "synth",
+            &synth_command(&ctx),
+            &[],
+            &dataset,
+            "",
+        )
+        .unwrap();
+        let cache = ctx.cache_root().join("c24");
+        std::fs::create_dir_all(&cache).unwrap();
+        let inputs = prep_inputs(&mut ctx).unwrap();
+        let out = [Output::new("cache", &cache, &[])];
+        Stamp::save(
+            &stamp_path(&ctx.root, "prep", &data),
+            "prep",
+            &prep_command(&ctx),
+            &inputs,
+            &out,
+            "",
+        )
+        .unwrap();
+        assert_eq!(ctx.cache().unwrap(), cache);
+        let e = parse(&["--seed", "7", "--size", "40"]).cache().unwrap_err().to_string();
+        assert!(
+            e.contains("the `prep` stage is not up to date")
+                && e.contains("--size 40")
+                && e.contains("cargo xtask prep"),
+            "{e}"
+        );
+        let e = parse(&["--seed", "8", "--size", "24"]).cache().unwrap_err().to_string();
+        assert!(
+            e.contains("the `synth` stage is not up to date") && e.contains("--seed 8"),
+            "{e}"
+        );
     }
 
     /// A run name that is not one plain folder (`..`, `.`, empty, a path) is refused before
