@@ -81,7 +81,13 @@ struct Ctx {
 #[derive(Debug)]
 enum GzSource {
     Given(PathBuf),
-    Build(Build),
+    /// To build on first use; with `cuda`, the CUDA toolkit is set up then too (never while the
+    /// command line is still being read: a typo must not cost a 1.3 GB install first).
+    Build {
+        release: bool,
+        cuda: bool,
+        cudnn: bool,
+    },
     Built(PathBuf),
 }
 
@@ -126,15 +132,11 @@ impl Ctx {
         }
         let gz = match gz_path {
             Some(p) => GzSource::Given(absolute(p, &cwd)),
-            None => GzSource::Build(Build {
+            None => GzSource::Build {
                 release: !debug,
-                cuda_env: if cuda {
-                    Some(crate::cuda_setup::ensure_default()?)
-                } else {
-                    None
-                },
+                cuda,
                 cudnn,
-            }),
+            },
         };
         let seed_arg = a.parsed::<u64>("--seed")?;
         let on_cpu = device == "cpu";
@@ -231,7 +233,16 @@ impl Ctx {
     fn gz(&mut self) -> Result<PathBuf> {
         let path = match &self.gz {
             GzSource::Given(p) | GzSource::Built(p) => p.clone(),
-            GzSource::Build(b) => b.run()?,
+            &GzSource::Build { release, cuda, cudnn } => Build {
+                release,
+                cuda_env: if cuda {
+                    Some(crate::cuda_setup::ensure_default()?)
+                } else {
+                    None
+                },
+                cudnn,
+            }
+            .run()?,
         };
         if !path.is_file() {
             bail!("gz binary {} does not exist", path.display());
@@ -1143,6 +1154,17 @@ mod tests {
                 "{e}"
             );
         }
+        // the command line is read to its end before the CUDA toolkit is set up (on first use of
+        // gz): a typo or a bad value after --cuda is reported at once, with nothing installed
+        for (bad, says) in [
+            (&["--cuda", "--bogus"][..], "unexpected argument(s): --bogus"),
+            (&["--cuda", "--cudnn", "--epochs", "x"], "option --epochs: cannot read"),
+        ] {
+            let e = parse(bad).err().unwrap().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        let ctx = parse(&["--cuda", "--device", "cuda"]).unwrap();
+        assert!(matches!(ctx.gz, GzSource::Build { cuda: true, .. }), "{:?}", ctx.gz);
         let e = parse(&["--cudnn"]).err().unwrap().to_string();
         assert!(e.contains("pass --cuda --cudnn"), "{e}");
         assert!(parse(&["--device", "cuda", "--gz", "/bin/true"]).is_ok());
