@@ -29,7 +29,7 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
   eval                score the run with baselines, write the report (reports/<name>/)
   submit              predict the test split and write the Kaggle submission (reports/<name>/submission.csv)
 
-  options: --data DIR (a Kaggle download; no synth)   --train N --test M (synthetic set size; ignored
+  options: --data DIR (a Kaggle download; no synth)   --train N --test M (synthetic set size; refused
            with --data)   --seed S (synthetic set and training)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --size PX --augment|--no-augment
            --precision f32|bf16 --tta N   (CPU defaults: tiny, --size 32, batch 16, 40 epochs,

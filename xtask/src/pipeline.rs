@@ -171,11 +171,19 @@ impl Ctx {
                  digits, '-', '_', '+' and '.', not starting with '.'"
             );
         }
+        let (synth_train, synth_test) = (a.parsed("--train")?, a.parsed("--test")?);
+        if let (Some(d), true) = (&real_data, synth_train.is_some() || synth_test.is_some()) {
+            bail!(
+                "--train/--test size the synthetic set, and --data {} is a dataset of its own: drop them (its \
+                 images are all used; `--train-arg --val-fraction F` sets the validation hold-out)",
+                d.display()
+            );
+        }
         let ctx = Ctx {
             root,
             real_data,
-            synth_train: a.parsed("--train")?.unwrap_or(DEFAULT_TRAIN),
-            synth_test: a.parsed("--test")?.unwrap_or(DEFAULT_TEST),
+            synth_train: synth_train.unwrap_or(DEFAULT_TRAIN),
+            synth_test: synth_test.unwrap_or(DEFAULT_TEST),
             seed: seed_arg.unwrap_or(DEFAULT_SEED),
             seed_given: seed_arg.is_some(),
             model,
@@ -1268,6 +1276,22 @@ mod tests {
             e.contains("the `synth` stage is not up to date") && e.contains("--seed 8"),
             "{e}"
         );
+    }
+
+    /// `--train`/`--test` (the synthetic set's size) with `--data DIR` are refused, not ignored.
+    #[test]
+    fn synthetic_sizes_clash_with_real_data() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_string_lossy().into_owned();
+        for clash in [&["--data", "/d", "--train", "10"][..], &["--test=5", "--data", "/d"]] {
+            let mut v = vec!["--root".to_string(), root.clone(), "--gz".into(), "/bin/true".into()];
+            v.extend(clash.iter().map(|s| s.to_string()));
+            let e = Ctx::parse(Args::new(v)).err().unwrap().to_string();
+            assert!(
+                e.contains("--train/--test size the synthetic set, and --data /d"),
+                "{clash:?}: {e}"
+            );
+        }
     }
 
     /// A run name that is not one plain folder (`..`, `.`, empty, a path) is refused before
