@@ -68,6 +68,12 @@ fn dispatch(argv: Vec<String>) -> Result<()> {
         print!("{USAGE}");
         return Ok(());
     };
+    // `cargo xtask train --help`: the usage, not "unexpected argument --help" (a `--help` passed
+    // through to gz with --train-arg/--prep-arg is gz's)
+    if wants_help(rest) {
+        print!("{USAGE}");
+        return Ok(());
+    }
     let args = args::Args::new(rest.to_vec());
     match cmd.as_str() {
         "pipeline" => pipeline::cmd_pipeline(args),
@@ -79,5 +85,32 @@ fn dispatch(argv: Vec<String>) -> Result<()> {
             Ok(())
         }
         other => anyhow::bail!("unknown command `{other}`\n\n{USAGE}"),
+    }
+}
+
+/// Whether `--help` or `-h` is one of xtask's own words (not the value of a pass-through option).
+fn wants_help(rest: &[String]) -> bool {
+    rest.iter().enumerate().any(|(i, a)| {
+        (a == "--help" || a == "-h") && !(i > 0 && matches!(rest[i - 1].as_str(), "--train-arg" | "--prep-arg"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each command's `--help` / `-h` prints the usage (it was refused as an unexpected
+    /// argument); passed through to gz with `--train-arg` it is gz's.
+    #[test]
+    fn help_after_a_command() {
+        let v = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        for yes in ["--help", "-h", "--epochs 3 --help", "--train-arg --lr --help"] {
+            assert!(wants_help(&v(yes)), "{yes}");
+        }
+        for no in ["", "--epochs 3", "--train-arg --help", "--prep-arg -h"] {
+            assert!(!wants_help(&v(no)), "{no}");
+        }
+        assert!(dispatch(v("train --help")).is_ok());
+        assert!(dispatch(v("cuda-setup -h")).is_ok());
     }
 }
