@@ -378,13 +378,7 @@ fn cache_list_prune_and_remove() {
     let old = cache_line(&prep(&["--data", d, "--cache", r, "--size", "16"]).1);
     let theirs = cache_line(&prep(&["--data", other.to_str().unwrap(), "--cache", r, "--size", "16"]).1);
     // the dataset changes (one more test image): a new dataset key, a new cache
-    let img = std::fs::read_dir(data.join("images_test_rev1"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
+    add_a_test_image(&data);
     let (_, out, err) = prep(&["--data", d, "--cache", r, "--size", "16"]);
     let current = cache_line(&out);
     assert_ne!(old, current);
@@ -460,15 +454,7 @@ fn printed_prune_commands_quote_paths_with_spaces() {
     let root = t.path().join("gz cache");
     let (d, r) = (data.to_str().unwrap(), root.to_str().unwrap());
     prep(&["--data", d, "--cache", r, "--size", "16"]);
-    let img = data
-        .join("images_test_rev1")
-        .read_dir()
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
+    add_a_test_image(&data);
     let (_, _, err) = prep(&["--data", d, "--cache", r, "--size", "16"]);
     let want = format!("`gz cache prune --data '{d}' --cache '{r}'`");
     assert!(err.contains(&want), "{err}");
@@ -550,4 +536,15 @@ fn greyscale_images_are_warned_of_once() {
             "{err}"
         );
     }
+}
+
+/// Changes a dataset: a copy of one of its test images as GalaxyID 999999.
+fn add_a_test_image(data: &Path) {
+    let img = std::fs::read_dir(data.join("images_test_rev1"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
 }
