@@ -4,6 +4,12 @@
 //! Memory: at most `CHUNK` decoded images are alive at a time (plus the writer's 1 MiB buffers),
 //! whatever the dataset size. Order: rows follow the CSV order (train) and ascending id (test),
 //! independent of the thread count, so the same inputs always give byte-identical shards.
+//!
+//! The manifest names inputs (skipped ones, the first greyscale image) relative to the dataset
+//! root (`images_test_rev1/100008.jpg`); a cache hit joins them to the dataset path given then,
+//! so they are right from any working directory and through any path to the same dataset
+//! (caches written before stored them as given at the first `gz prep`: those are re-based the
+//! same way, see `from_manifest`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -113,11 +119,20 @@ pub fn run_with(
             dir: cache_dir.clone(),
             source: e,
         })?;
-        let skipped: Vec<Skipped> = serde_json::from_value(cache.extra()["skipped"].clone()).unwrap_or_default();
+        let skipped: Vec<Skipped> = serde_json::from_value::<Vec<Skipped>>(cache.extra()["skipped"].clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| Skipped {
+                path: from_manifest(&s.path, &opts.data_dir),
+                reason: s.reason,
+            })
+            .collect();
         // (caches written before it was recorded say nothing)
         let greyscale = cache.extra()["greyscale"].as_u64().unwrap_or(0) as usize;
         let greyscale_example: Option<PathBuf> =
-            serde_json::from_value(cache.extra()["greyscale_example"].clone()).unwrap_or_default();
+            serde_json::from_value::<Option<PathBuf>>(cache.extra()["greyscale_example"].clone())
+                .unwrap_or_default()
+                .map(|p| from_manifest(&p, &opts.data_dir));
         tracing::info!(dir = %cache_dir.display(), "cache hit");
         // the temporary folders of killed writers of this cache go (a writer of a new cache
         // does the same)
@@ -240,9 +255,15 @@ pub fn run_with(
         // absolute, so `gz cache` and xtask can match it from anywhere
         "data_dir": opts.data_dir.canonicalize().unwrap_or_else(|_| opts.data_dir.clone()),
         "prep_version": cfg.version(),
-        "skipped": skipped,
+        "skipped": skipped
+            .iter()
+            .map(|s| Skipped {
+                path: to_manifest(&s.path, &opts.data_dir),
+                reason: s.reason.clone(),
+            })
+            .collect::<Vec<_>>(),
         "greyscale": greyscale,
-        "greyscale_example": greyscale_example,
+        "greyscale_example": greyscale_example.as_deref().map(|p| to_manifest(p, &opts.data_dir)),
         "train_images": counts[0],
         "test_images": counts[1],
         "elapsed_s": t0.elapsed().as_secs_f64(),
@@ -260,6 +281,31 @@ pub fn run_with(
         greyscale_example,
         elapsed_s: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// An input's path as the manifest stores it: relative to the dataset root `data_dir`
+/// (`images_test_rev1/100008.jpg`). Every input path is `data_dir` joined with a layout folder
+/// and a name, so the prefix always comes off; a path that is not under it stays as it is.
+fn to_manifest(path: &Path, data_dir: &Path) -> PathBuf {
+    path.strip_prefix(data_dir).unwrap_or(path).to_path_buf()
+}
+
+/// A path the manifest stores, under the dataset path given now (`data_dir`). A path ending in
+/// a layout folder and a name (`images_training_rev1/<name>` or `images_test_rev1/<name>`) is
+/// taken from `data_dir`: what [`to_manifest`] stores, and what older caches stored with the
+/// dataset path of their first `gz prep` in front (absolute, or relative to the working
+/// directory of then), which would be wrong from another working directory or through another
+/// path to the same dataset. Anything else is returned as stored.
+pub(crate) fn from_manifest(stored: &Path, data_dir: &Path) -> PathBuf {
+    let mut tail = stored.components().rev();
+    match (tail.next(), tail.next()) {
+        (Some(std::path::Component::Normal(name)), Some(std::path::Component::Normal(dir)))
+            if dir == dataset::TRAIN_DIR || dir == dataset::TEST_DIR =>
+        {
+            data_dir.join(dir).join(name)
+        }
+        _ => stored.to_path_buf(),
+    }
 }
 
 /// Reads and preprocesses one image, and whether it is a greyscale JPEG; the error is the

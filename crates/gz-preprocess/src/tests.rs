@@ -1114,3 +1114,64 @@ fn greyscale_images_are_counted() {
     .unwrap();
     assert_eq!((colour.greyscale, colour.greyscale_example), (0, None));
 }
+
+/// The manifest names skipped inputs and the first greyscale image relative to the dataset
+/// root, and a cache hit names them under the dataset path given now: before, a hit through
+/// another path to the same dataset (moved, linked, or given relative to another working
+/// directory) printed the paths of the first `gz prep`. Caches written before (paths stored as
+/// given then) are re-based the same way, under the same cache name.
+#[test]
+fn cached_input_paths_follow_the_dataset_path_given_now() {
+    use jpeg_encoder::ColorType;
+    let t = tempfile::tempdir().unwrap();
+    let first = copy_mini(&t.path().join("first"));
+    let rgb = synthetic(424, 424);
+    let gray: Vec<u8> = rgb.chunks(3).map(|p| p[0]).collect();
+    std::fs::write(
+        first.join(dataset::TEST_DIR).join("242195.jpg"),
+        encode(&gray, 424, 424, ColorType::Luma, |_| {}),
+    )
+    .unwrap();
+    std::fs::write(first.join(dataset::TRAIN_DIR).join("notes.jpg"), b"x").unwrap();
+    let root = t.path().join("cache");
+    let mut opts = RunOptions::new(&first, &root);
+    opts.threads = Some(1);
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.greyscale, s.skipped.len()), (1, 1), "{:?}", s.skipped);
+    assert_eq!(s.skipped[0].path, first.join(dataset::TRAIN_DIR).join("notes.jpg"));
+    let manifest_path = s.cache_dir.join(gz_shards::MANIFEST_FILE);
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["extra"]["greyscale_example"], "images_test_rev1/242195.jpg");
+    assert_eq!(
+        manifest["extra"]["skipped"][0]["path"],
+        "images_training_rev1/notes.jpg"
+    );
+
+    // the same dataset somewhere else: the same cache, the paths under the new place
+    let moved = t.path().join("moved");
+    std::fs::rename(&first, &moved).unwrap();
+    opts.data_dir = moved.clone();
+    let hit = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert!(hit.cache_hit);
+    assert_eq!(hit.cache_dir, s.cache_dir);
+    assert_eq!(
+        hit.greyscale_example,
+        Some(moved.join(dataset::TEST_DIR).join("242195.jpg"))
+    );
+    assert_eq!(hit.skipped[0].path, moved.join(dataset::TRAIN_DIR).join("notes.jpg"));
+
+    // a manifest of before (paths as given at the first prep, relative to its working directory)
+    let mut old = manifest;
+    old["extra"]["greyscale_example"] = "../elsewhere/data/images_test_rev1/242195.jpg".into();
+    old["extra"]["skipped"][0]["path"] = "/gone/data/images_training_rev1/notes.jpg".into();
+    std::fs::write(&manifest_path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    let hit = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert!(hit.cache_hit);
+    assert_eq!(hit.cache_dir, s.cache_dir);
+    assert_eq!(
+        hit.greyscale_example,
+        Some(moved.join(dataset::TEST_DIR).join("242195.jpg"))
+    );
+    assert_eq!(hit.skipped[0].path, moved.join(dataset::TRAIN_DIR).join("notes.jpg"));
+    assert_eq!(hit.skipped[0].reason, s.skipped[0].reason);
+}
