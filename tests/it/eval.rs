@@ -544,7 +544,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg("--images")
             .arg(test_dir.join(format!("{one_id}.jpg"))),
     );
-    assert!(ok && err.contains("1 rows"), "{out}\n{err}");
+    assert!(ok && err.contains("1 row ("), "{out}\n{err}");
     let single = gz_schema::read_solutions_from(out.as_bytes(), Path::new("stdout")).unwrap();
     assert_eq!(single.ids, vec![one_id]);
     assert_eq!(single.row(0), b.row(0));

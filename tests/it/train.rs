@@ -379,6 +379,22 @@ fn a_shard_truncated_under_a_running_train_is_named() {
     assert!(!metrics(&run).is_empty());
 }
 
+/// Counts of one are said in the singular: a run on two images trains on 1 image in 1 step per
+/// epoch (it said "1 images" and "1 steps/epoch"), and "done: 1 epoch".
+#[test]
+fn counts_of_one_are_singular_in_the_train_lines() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 2, 16, 8);
+    let run = tmp.path().join("run");
+    let (ok, out, stderr) = support::run(support::gz().args(tiny_args(&cache, &run, "1")));
+    assert!(ok, "{out}\n{stderr}");
+    assert!(
+        out.contains("training on 1 image, validating on 1 (1 step/epoch, "),
+        "{out}"
+    );
+    assert!(out.contains("done: 1 epoch,"), "{out}");
+}
+
 /// `--max-train` at or above the cache's image count uses every image: said, and the same run
 /// as without it (one started with it resumes without it).
 #[test]

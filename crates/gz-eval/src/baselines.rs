@@ -296,7 +296,7 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
         let s = score(&pred, labels)?;
         return Ok(Some(Floor {
             rmse: s.rmse,
-            source: format!("{} on the {} rows scored", files.join(" + "), ids.len()),
+            source: format!("{} on the {} scored", files.join(" + "), rows(ids.len())),
             per_question: Some(s.per_question.iter().map(|q| q.rmse).collect()),
         }));
     }
@@ -305,17 +305,17 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
             return Err(EvalError::BadFile {
                 path: data_dir.to_path_buf(),
                 reason: format!(
-                    "none of the {} rows scored is in its expected_training.csv / expected_test.csv: \
+                    "none of the {} scored is in its expected_training.csv / expected_test.csv: \
                      is it the dataset the cache was built from?",
-                    ids.len()
+                    rows(ids.len())
                 ),
             });
         }
         tracing::warn!(
-            "no Bayes floor: {}'s expected fractions lack {} of the {} rows scored",
+            "no Bayes floor: {}'s expected fractions lack {} of the {} scored",
             data_dir.display(),
             ids.len() - covered,
-            ids.len()
+            rows(ids.len())
         );
         return Ok(None);
     }
@@ -339,6 +339,11 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
         }
     }
     Ok(None)
+}
+
+/// `1 row`, `N rows` (a validation hold-out of one image is common on tiny sets).
+fn rows(n: usize) -> String {
+    format!("{n} row{}", if n == 1 { "" } else { "s" })
 }
 
 /// The score table, one line per entry: the model(s) first, then the baselines, then the floor.
@@ -494,7 +499,7 @@ mod tests {
         gz_schema::write_solutions(&dir.path().join("expected_test.csv"), &test).unwrap();
         let one = constant(&[0.5; N_ANSWERS], 1);
         let f = bayes_floor(dir.path(), &[7], &one).unwrap().unwrap();
-        assert_eq!(f.source, "expected_test.csv on the 1 rows scored");
+        assert_eq!(f.source, "expected_test.csv on the 1 row scored");
         let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
         assert_eq!(f.source, "expected_training.csv on the 2 rows scored");
         let three = constant(&[0.5; N_ANSWERS], 3);

@@ -287,7 +287,16 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
             rep.push(
                 ProblemKind::RowCount,
                 None,
-                format!("{} rows, but there are {} test images", rep.rows, ids.len()),
+                format!(
+                    "{} row{}, but there {}",
+                    rep.rows,
+                    if rep.rows == 1 { "" } else { "s" },
+                    if ids.len() == 1 {
+                        "is 1 test image".to_string()
+                    } else {
+                        format!("are {} test images", ids.len())
+                    }
+                ),
             );
         }
         let want: HashSet<u64> = ids.iter().copied().collect();
@@ -1015,6 +1024,29 @@ mod tests {
         assert!(check(&p, Some(&[1, 3])).unwrap().is_ok());
         let back = gz_schema::read_solutions(&p).unwrap();
         assert_eq!(back.ids, vec![1, 3]);
+    }
+
+    /// The row-count problem counts in words that agree with 1: "1 rows, but there are 1 test
+    /// images" read wrong on the tiny sets tests and first tries use.
+    #[test]
+    fn a_row_count_of_one_is_said_in_the_singular() {
+        let said = |rows: &[u64], ids: &[u64]| {
+            let text = String::from_utf8(to_csv(&sol(rows, 0.5))).unwrap();
+            let r = check_bytes(text.as_bytes(), Path::new("s.csv"), Some(ids));
+            r.problems
+                .iter()
+                .find(|p| p.kind == ProblemKind::RowCount)
+                .map(|p| p.message.clone())
+        };
+        assert_eq!(
+            said(&[1], &[1, 2]).as_deref(),
+            Some("1 row, but there are 2 test images")
+        );
+        assert_eq!(
+            said(&[1, 2], &[1]).as_deref(),
+            Some("2 rows, but there is 1 test image")
+        );
+        assert_eq!(said(&[1], &[1]), None);
     }
 
     #[test]

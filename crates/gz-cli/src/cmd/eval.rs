@@ -204,8 +204,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             fit_split: train,
             fit_rows: holdout.train.clone(),
             description: format!(
-                "test split: {} images{}",
-                test.len(),
+                "test split: {}{}",
+                super::count(test.len(), "image"),
                 if test.labels().is_none() {
                     " (labels from test_solutions.csv)"
                 } else {

@@ -8,6 +8,16 @@ pub mod submit;
 pub mod synth;
 pub mod train;
 
+/// `n` and a noun, plural unless `n` is 1: `1 step`, `2 steps`, `0 images` (for nouns whose
+/// plural adds an `s`). Tiny sets make counts of 1 common: "1 steps/epoch" read wrong.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// A path as one shell word, for the commands gz prints to be copied (`gz cache prune --data
 /// …`): as it is when it holds only characters no shell splits or expands, else in single quotes
 /// (a `'` inside as `'\''`).

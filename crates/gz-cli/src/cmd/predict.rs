@@ -236,9 +236,10 @@ fn predict_folder(
     if let Some(names) = &keys.names {
         let other = paths.iter().find(|p| gz_eval::predict::galaxy_id(p).is_none());
         eprintln!(
-            "{} is not named <GalaxyID>.jpg: the {} rows are named by file (first column `file`)",
+            "{} is not named <GalaxyID>.jpg: the {} {} named by file (first column `file`)",
             other.map_or_else(|| "an image".into(), |p| p.display().to_string()),
-            names.len()
+            super::count(names.len(), "row"),
+            if names.len() == 1 { "is" } else { "are" }
         );
     }
     // the members by the input they take, in order of first appearance: the images are
@@ -410,8 +411,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let summary = format!(
-        "{} rows ({} filled with the training mean), {} TTA view(s){}",
-        p.rows.len(),
+        "{} ({} filled with the training mean), {} TTA view(s){}",
+        super::count(p.rows.len(), "row"),
         filled.len(),
         p.views,
         if args.conditional {

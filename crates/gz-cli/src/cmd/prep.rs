@@ -159,15 +159,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if summary.cache_hit {
         println!(
-            "cache hit: {} train + {} test images already preprocessed ({:.2} s, nothing decoded)",
-            summary.train, summary.test, summary.elapsed_s
+            "cache hit: {} train + {} already preprocessed ({:.2} s, nothing decoded)",
+            summary.train,
+            super::count(summary.test, "test image"),
+            summary.elapsed_s
         );
     } else {
         let n = summary.train + summary.test + summary.skipped.len();
         println!(
-            "preprocessed {} train + {} test images in {:.1} s ({:.0} images/s), config {} crop {} → {}×{} {:?}",
+            "preprocessed {} train + {} in {:.1} s ({:.0} images/s), config {} crop {} → {}×{} {:?}",
             summary.train,
-            summary.test,
+            super::count(summary.test, "test image"),
             summary.elapsed_s,
             n as f64 / summary.elapsed_s.max(1e-9),
             summary.config_hash,

@@ -171,8 +171,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("filled with the training mean: {id}");
     }
     println!(
-        "{} rows, {} value(s) clipped to [0, 1], {} row(s) filled with the training mean",
-        a.rows.len(),
+        "{}, {} value(s) clipped to [0, 1], {} row(s) filled with the training mean",
+        super::count(a.rows.len(), "row"),
         a.clipped,
         a.filled.len()
     );
@@ -187,10 +187,14 @@ fn run_check(file: &Path, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
     };
     let rep = check(file, ids.as_deref())?;
     if rep.is_ok() {
-        let versus = ids
-            .as_ref()
-            .map_or(String::new(), |i| format!(", complete for the {} test images", i.len()));
-        println!("{}: valid submission, {} rows{versus}", file.display(), rep.rows);
+        let versus = ids.as_ref().map_or(String::new(), |i| {
+            format!(", complete for the {}", super::count(i.len(), "test image"))
+        });
+        println!(
+            "{}: valid submission, {}{versus}",
+            file.display(),
+            super::count(rep.rows, "row")
+        );
         return Ok(());
     }
     print!("{}", rep.describe());

@@ -144,9 +144,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let n = summary.n_train + summary.n_test;
     println!(
-        "synthetic dataset: {} train + {} test images (seed {}) in {:.1} s ({:.0} images/s), {:.1} MB of JPEG",
+        "synthetic dataset: {} train + {} (seed {}) in {:.1} s ({:.0} images/s), {:.1} MB of JPEG",
         summary.n_train,
-        summary.n_test,
+        super::count(summary.n_test, "test image"),
         cfg.seed,
         secs,
         n as f64 / secs.max(1e-9),

@@ -116,8 +116,9 @@ fn apply_resumed_settings(
     }
     if prior.train.epochs != cfg.epochs && matches!(was, Schedule::Step { .. }) {
         notes.push(format!(
-            "resuming with the run's schedule {was} (set for {} epochs), now for {} epochs",
-            prior.train.epochs, cfg.epochs
+            "resuming with the run's schedule {was} (set for {}), now for {}",
+            super::count(prior.train.epochs, "epoch"),
+            super::count(cfg.epochs, "epoch")
         ));
     }
     if args.patience.is_none() {
@@ -214,9 +215,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     println!(
-        "done: {} epoch{}{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({})",
-        summary.epochs_run,
-        if summary.epochs_run == 1 { "" } else { "s" },
+        "done: {}{}, best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({})",
+        super::count(summary.epochs_run, "epoch"),
         if summary.stopped_early { " (early stop)" } else { "" },
         summary.best_val_rmse,
         summary.best_epoch,
@@ -342,11 +342,11 @@ impl TrainObserver for CliObserver {
             *e = info.start_epoch;
         }
         println!(
-            "training on {} images, validating on {} ({} steps/epoch, {} parameters, device {}{}); \
+            "training on {}, validating on {} ({}/epoch, {} parameters, device {}{}); \
              predicting the training mean gives val RMSE {:.5}",
-            info.n_train,
+            super::count(info.n_train, "image"),
             info.n_val,
-            info.steps_per_epoch,
+            super::count(info.steps_per_epoch, "step"),
             info.param_count,
             info.device,
             if info.resident {
