@@ -242,7 +242,8 @@ fn resuming_an_early_stopped_run_says_nothing_was_trained() {
 
 /// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch
 /// saved, the run lock released, the way to continue named; `--resume` then continues it. A
-/// SIGINT gz was started with ignored stays ignored, and SIGTERM stops it the same way (143).
+/// SIGINT gz was started with ignored stays ignored, and SIGTERM stops it the same way (143);
+/// the line the first signal prints says what would end gz at once.
 #[test]
 fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     use std::io::{BufRead, BufReader};
@@ -291,6 +292,10 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
         "{stderr}"
     );
     assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(
+        stderr.contains("gz: stopping before the next training step (Ctrl-C again to quit at once)"),
+        "{stderr}"
+    );
     assert!(!run.join(".gz-train.lock").exists(), "the run lock was left behind");
     let done = metrics(&run).len();
     assert!((1..100).contains(&done), "{done} epochs");
@@ -326,6 +331,35 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "{stderr}\n{rest:?}");
     assert!(stderr.contains("gz train: stopped "), "{stderr}");
+    // the SIGTERM's line names it, and no Ctrl-C that cannot reach gz
+    assert!(
+        stderr.contains("gz: SIGTERM: stopping before the next training step (further SIGTERMs change nothing)\n"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Ctrl-C"), "{stderr}");
+
+    // SIGTERM with SIGINT caught: the line says it takes two Ctrl-Cs (SIGINTs count from the
+    // first; it said "Ctrl-C again", which one Ctrl-C does not do)
+    std::fs::remove_dir_all(&run).unwrap();
+    let mut child = start("100000", libc::SIG_DFL);
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("epoch   1 ") {
+            break;
+        }
+    }
+    signal(&child, "-TERM");
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{stderr}\n{rest:?}");
+    assert!(
+        stderr.contains(
+            "gz: SIGTERM: stopping before the next training step (further SIGTERMs change nothing; Ctrl-C twice \
+             quits at once)"
+        ),
+        "{stderr}"
+    );
 }
 
 /// A shard truncated while `gz train` has it memory-mapped ends the run with SIGBUS, as any

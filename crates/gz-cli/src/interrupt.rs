@@ -6,16 +6,40 @@
 //! Ctrl-C (SIGINT) ends the process at once, as if no handler were installed (the checkpoint
 //! files are staged and renamed, so even that loses no finished epoch). SIGTERMs change nothing
 //! after the first signal: a supervisor that repeats them, or `cargo xtask` passing a Ctrl-C on,
-//! gets the same orderly stop. A signal gz was started with ignored stays ignored.
+//! gets the same orderly stop (and a shell's `kill %1` or a service manager signals xtask and gz
+//! together, so gz sees two SIGTERMs for one request). A signal gz was started with ignored
+//! stays ignored.
+//!
+//! The line the first signal prints says what ends gz at once from there: after a Ctrl-C,
+//! another Ctrl-C; after a SIGTERM, two Ctrl-Cs (SIGINTs are counted from the first), or nothing
+//! when SIGINT is ignored. Under `cargo xtask` a terminal's Ctrl-C reaches gz as SIGINT before
+//! xtask's SIGTERM (the terminal signals the whole process group before xtask's handler runs,
+//! and of two pending signals the lower-numbered SIGINT is delivered first), so that run prints
+//! the Ctrl-C line; were the SIGTERM first, "Ctrl-C twice" would still end it (the press's own
+//! SIGINT is the first of the two).
 //!
 //! Other subcommands keep the default disposition: their outputs are written to a temporary
 //! file and renamed, so a kill leaves nothing half-written.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 /// The first signal received (0: none), and how many SIGINTs came.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static SIGINTS: AtomicU32 = AtomicU32::new(0);
+/// Whether SIGINT goes to the handler (not ignored since gz started).
+static SIGINT_CAUGHT: AtomicBool = AtomicBool::new(false);
+
+/// The line the first stop request prints (see the module docs).
+fn stop_message(sig: i32, sigint_caught: bool) -> &'static [u8] {
+    if sig == libc::SIGINT {
+        b"\ngz: stopping before the next training step (Ctrl-C again to quit at once)\n"
+    } else if sigint_caught {
+        b"\ngz: SIGTERM: stopping before the next training step (further SIGTERMs change nothing; Ctrl-C twice \
+          quits at once)\n"
+    } else {
+        b"\ngz: SIGTERM: stopping before the next training step (further SIGTERMs change nothing)\n"
+    }
+}
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
@@ -35,8 +59,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok()
     {
-        // (the same words for both: `cargo xtask` passes a Ctrl-C on as SIGTERM)
-        let msg: &[u8] = b"\ngz: stopping before the next training step (Ctrl-C again to quit at once)\n";
+        let msg = stop_message(sig, SIGINT_CAUGHT.load(Ordering::SeqCst));
         // SAFETY: writing a static buffer to stderr; the result is irrelevant.
         unsafe {
             libc::write(2, msg.as_ptr().cast(), msg.len());
@@ -63,6 +86,8 @@ pub fn install() {
             libc::sigemptyset(&mut action.sa_mask);
             if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
                 tracing::warn!(sig, "cannot install the stop handler; the signal will kill gz at once");
+            } else if sig == libc::SIGINT {
+                SIGINT_CAUGHT.store(true, Ordering::SeqCst);
             }
         }
     }
