@@ -520,10 +520,14 @@ pub fn looks_conditional(rows: &Solutions) -> bool {
 /// (under 1 % of volunteers would reach it) and is passed over; a question with only some of
 /// its cells empty is no such row. Rounding: a value written with `d` decimals is within
 /// `0.5·10^-d` of the one before rounding, so a question of `n` answers of a file whose values
-/// have at most `d ≥ 2` decimals "sums to 1" within `n·0.5·10^-d` (0.03 for Q11's six answers
-/// at 2 decimals), else within 1e-3. That cannot pass a Kaggle row: its Q7 sums to Class1.1 and
-/// its Q2 to Class1.2, which add up to at most 1, so both near 1 would need a tolerance near
-/// 0.5; nor (at under 0.1) a question summing to 1 below a parent under 0.9.
+/// have at most `d ≥ 1` decimals "sums to 1" within `n·0.5·10^-d` (0.03 for Q11's six answers
+/// at 2 decimals, 0.3 at 1), else (whole numbers, or exact values) within 1e-3. That cannot pass
+/// a Kaggle row: its Q7 sums to Class1.1 and its Q2 to Class1.2, which add up to at most 1;
+/// rounded sums within `t2` and `t7` of 1 need true sums within twice that, so both near 1 would
+/// need `t2 + t7 ≥ 0.5` (at 1 decimal 0.1 + 0.15; at 0 decimals it would be 2.5, so whole
+/// numbers keep 1e-3). A file rounded to 2 decimals whose values all end in 0 reads as 1
+/// decimal and gets the wider tolerance; its sums are exactly 1 anyway (multiples of 0.1 within
+/// 0.03 of 1).
 #[derive(Debug, Clone)]
 pub struct ConditionalSniff {
     rows: usize,
@@ -593,7 +597,7 @@ impl ConditionalSniff {
 
     /// How far from 1 a question of `n` answers may sum and still "sum to 1".
     fn tolerance(&self, n: usize) -> f32 {
-        let rounding = if self.decimals >= 2 {
+        let rounding = if self.decimals >= 1 {
             n as f32 * 0.5 * 10f32.powi(-(self.decimals.min(30) as i32)) + 1e-6
         } else {
             0.0
@@ -957,9 +961,34 @@ mod tests {
             })
             .to_vec(),
         );
-        for d in [2, 3] {
+        // (and to 1 decimal: "0.3,0.3,0.3" sums to 0.9; before, a file of 1-decimal values kept
+        // the strict tolerance and passed as a submission)
+        for d in [1, 2, 3] {
             assert_eq!(flagged(&table(&rounded, Some(d))), (true, true), "{d} decimals");
         }
+        // rounded to 2 decimals, every value a multiple of 0.1 ("0.30"): read as 1 decimal
+        let tenths: Vec<Vec<Option<f32>>> = rounded
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                for q in gz_schema::QUESTIONS {
+                    // each question's shares in tenths, summing to ten of them
+                    let mut left = 10;
+                    let answers: Vec<usize> = q.answers().collect();
+                    for (k, &i) in answers.iter().enumerate() {
+                        let t = if k + 1 == answers.len() {
+                            left
+                        } else {
+                            ((r[i].unwrap() * 10.0).round() as i32).min(left)
+                        };
+                        left -= t;
+                        r[i] = Some(t as f32 / 10.0);
+                    }
+                }
+                r
+            })
+            .collect();
+        assert_eq!(flagged(&table(&tenths, Some(2))), (true, true), "tenths at 2 decimals");
         // rounded to 2 decimals, then written with 6 ("0.330000")
         let padded: Vec<Vec<Option<f32>>> = rounded
             .iter()
