@@ -272,7 +272,7 @@ fn submit_from_predictions_refuses_short_files_unless_filled() {
             .arg(&out_path),
     );
     assert!(!ok, "{out}");
-    assert!(err.contains("1 test images have no prediction (e.g. 6)"), "{err}");
+    assert!(err.contains("1 test image has no prediction (e.g. 6)"), "{err}");
     assert!(!out_path.exists(), "a short submission must not be written");
 
     let (ok, out, err) = support::run(

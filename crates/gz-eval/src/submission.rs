@@ -654,8 +654,8 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
     }
     if !dups.is_empty() {
         return Err(refuse(format!(
-            "{} duplicate ids in the predictions, e.g. {}",
-            dups.len(),
+            "{} in the predictions, e.g. {}",
+            counted(dups.len(), "duplicate id", "duplicate ids"),
             list(&dups)
         )));
     }
@@ -666,8 +666,12 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
             if !extra.is_empty() {
                 extra.sort_unstable();
                 return Err(refuse(format!(
-                    "{} predicted ids are not test images (wrong folder?), e.g. {}",
-                    extra.len(),
+                    "{} (wrong folder?), e.g. {}",
+                    counted(
+                        extra.len(),
+                        "predicted id is not a test image",
+                        "predicted ids are not test images"
+                    ),
                     list(&extra)
                 )));
             }
@@ -706,15 +710,15 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
         let mut why = Vec::new();
         if !missing.is_empty() {
             why.push(format!(
-                "{} test images have no prediction (e.g. {})",
-                missing.len(),
+                "{} no prediction (e.g. {})",
+                counted(missing.len(), "test image has", "test images have"),
                 list(&missing)
             ));
         }
         if !nonfinite.is_empty() {
             why.push(format!(
-                "{} predictions are NaN or infinite (e.g. {})",
-                nonfinite.len(),
+                "{} NaN or infinite (e.g. {})",
+                counted(nonfinite.len(), "prediction is", "predictions are"),
                 list(&nonfinite)
             ));
         }
@@ -724,6 +728,15 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
         )));
     }
     Ok(out)
+}
+
+/// `n` with the words that agree with it: `1 test image has`, `3 test images have`.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
 }
 
 fn list(ids: &[u64]) -> String {
@@ -1084,20 +1097,27 @@ mod tests {
         let p = dir.path().join("sub.csv");
         let pred = sol(&[1, 2], 0.5);
         let e = write_submission(&p, &pred, Some(&[1, 2, 3]), None).unwrap_err();
-        assert!(
-            e.to_string().contains("1 test images have no prediction (e.g. 3)"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("1 test image has no prediction (e.g. 3)"), "{e}");
         assert!(!p.exists());
         let mut nan = pred.clone();
         nan.values[40] = f32::NAN;
         let e = write_submission(&p, &nan, Some(&[1, 2]), None).unwrap_err();
-        assert!(e.to_string().contains("NaN"), "{e}");
+        assert!(
+            e.to_string().contains("1 prediction is NaN or infinite (e.g. 2)"),
+            "{e}"
+        );
         assert!(!p.exists());
         let e = write_submission(&p, &pred, Some(&[1]), None).unwrap_err();
-        assert!(e.to_string().contains("not test images"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("1 predicted id is not a test image (wrong folder?), e.g. 2"),
+            "{e}"
+        );
         let e = write_submission(&p, &sol(&[1, 1], 0.5), None, None).unwrap_err();
-        assert!(e.to_string().contains("duplicate"), "{e}");
+        assert!(
+            e.to_string().contains("1 duplicate id in the predictions, e.g. 1"),
+            "{e}"
+        );
 
         let fill = [0.25; N_ANSWERS];
         let a = write_submission(&p, &nan, Some(&[1, 2, 3]), Some(&fill)).unwrap();
