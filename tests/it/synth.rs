@@ -198,6 +198,8 @@ fn gz_synth_binary_end_to_end() {
     let (ok, _, stderr) = support::run(&mut bad);
     assert!(!ok);
     assert!(stderr.contains("volunteers"), "{stderr}");
+    // ... refused before the output folder is created (or locked)
+    assert!(!dir.path().join("x").exists(), "a refused config created its --out");
 }
 
 /// An empty split has no Bayes floor to show (it was printed as 0.00000); a refusal names the
@@ -309,4 +311,75 @@ fn a_run_that_dies_writing_an_image_leaves_no_truncated_jpeg() {
             "{how}: {names:?}"
         );
     }
+}
+
+/// Two `gz synth` into one folder at once: the second, with `--force` or not, is refused naming
+/// the folder and the first one's process, and leaves the first one's files alone (before, it
+/// removed the first's folders with `--force`, or both wrote the same files). The first is
+/// stopped (SIGSTOP) while it holds the lock, so the test does not race it; once it is killed,
+/// its lock file (left behind) blocks nobody: the next run completes and removes it.
+#[cfg(unix)]
+#[test]
+fn a_second_gz_synth_into_the_same_folder_is_refused() {
+    use std::process::Stdio;
+    let dir = support::tempdir();
+    let out = dir.path().join("d");
+    let lock = out.join(gz_synth::LOCK_FILE);
+    // far more images than it writes before it is stopped
+    let mut first = support::gz()
+        .args(["synth", "--train", "100000", "--test", "0", "--threads", "1", "--out"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    // its lock taken and its first folder made (after its in-progress mark)
+    let busy = || {
+        std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid.to_string())
+            && out.join("images_training_rev1").is_dir()
+    };
+    while !busy() {
+        assert!(std::time::Instant::now() < deadline, "gz synth never started writing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) of the child this test started
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+    let second = |force: bool| {
+        let mut c = support::gz();
+        c.args(["synth", "--train", "2", "--test", "1", "--out"]).arg(&out);
+        if force {
+            c.arg("--force");
+        }
+        support::run(&mut c)
+    };
+    for force in [false, true] {
+        let (ok, _, stderr) = second(force);
+        assert!(!ok, "--force {force}: a second writer must be refused");
+        assert!(
+            stderr.contains(&format!(
+                "{} is in use: another gz synth (process {pid})",
+                out.display()
+            )),
+            "--force {force}: {stderr}"
+        );
+        assert!(
+            out.join("synth.in-progress").exists(),
+            "--force {force}: the first run's mark is gone"
+        );
+        assert!(
+            out.join("images_training_rev1").is_dir(),
+            "--force {force}: the first run's images are gone"
+        );
+    }
+    // SAFETY: as above
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    first.wait().unwrap();
+    assert!(lock.exists(), "a killed run leaves its lock file");
+    let (ok, _, stderr) = second(true);
+    assert!(ok, "a dead run's lock must not block: {stderr}");
+    assert!(out.join("synth.json").exists() && !out.join("synth.in-progress").exists());
+    assert_eq!(sorted_names(&out.join("images_training_rev1")).len(), 2);
+    assert!(!lock.exists(), "the lock file goes when the run ends");
 }

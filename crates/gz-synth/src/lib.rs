@@ -12,6 +12,9 @@
 //! - `synth.json`: the [`SynthConfig`], written last, so a directory without it is incomplete.
 //! - `synth.in-progress`: written first, removed after `synth.json` (see [`IN_PROGRESS`]).
 //!
+//! (`gz synth` also keeps `.gz-synth.lock` there while it runs, [`LOCK_FILE`]; [`generate`]
+//! does not.)
+//!
 //! Every file appears under its final name only once complete: the images through a hidden
 //! temporary renamed into place ([`write_image`]), the rest with `gz_schema::write_atomic`.
 //!
@@ -54,6 +57,14 @@ pub const SYNTH_JSON: &str = "synth.json";
 /// synth is writing (or was, when a run was interrupted). A Kaggle-layout folder with neither
 /// marker is not gz synth's (a real download), and `gz synth --force` must not replace it.
 pub const IN_PROGRESS: &str = "synth.in-progress";
+/// The lock file `gz synth` holds (an OS advisory lock) in its output folder while it inspects,
+/// cleans and writes it, so that a second `gz synth` into the same folder is refused instead
+/// of removing or overwriting the first one's files. It holds the writer's process id and goes
+/// when the run ends; a killed run leaves it behind, unlocked (the lock ends with the process),
+/// and it does not stop the next run. Not part of the dataset: [`clean`] leaves it alone and
+/// `gz synth` does not count it when it asks whether a folder is empty. [`generate`] itself
+/// takes no lock.
+pub const LOCK_FILE: &str = ".gz-synth.lock";
 
 /// Smallest and largest Kaggle-like 6-digit id.
 const ID_MIN: u64 = 100_000;
@@ -113,7 +124,9 @@ impl SynthConfig {
         self.canonical() == other.canonical()
     }
 
-    fn validate(&self) -> Result<(), SynthError> {
+    /// Whether [`generate`] can write this config (it checks first too): callers that prepare
+    /// the output folder (create it, lock it, clean it) ask before touching anything.
+    pub fn validate(&self) -> Result<(), SynthError> {
         let bad = |reason: String| Err(SynthError::BadConfig { reason });
         if self.min_volunteers == 0 || self.min_volunteers > self.max_volunteers {
             return bad(format!(
