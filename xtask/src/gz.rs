@@ -283,7 +283,7 @@ pub fn shell_words(args: &[String]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -296,10 +296,10 @@ mod tests {
 
     /// Held by every test that calls [`run`]: the signal state is process-wide, and one test
     /// sets it.
-    static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    pub(crate) static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// An executable `fake-gz` in `dir`: a shell `case "$1"` over `cases`.
-    fn fake_gz(dir: &Path, cases: &str) -> std::path::PathBuf {
+    pub(crate) fn fake_gz(dir: &Path, cases: &str) -> std::path::PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let script = dir.join("fake-gz");
         std::fs::write(&script, format!("#!/bin/sh\ncase \"$1\" in\n{cases}\nesac\n")).unwrap();

@@ -36,7 +36,8 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
            --lr 2e-3 --schedule dieleman --patience 0, no augmentation, --tta 8: the measured
            CPU recipe; elsewhere 12 epochs and gz train's defaults)
            --train-arg ARG, --prep-arg ARG (repeatable, passed to `gz train`, `gz prep`)
-           --cache DIR (a shard cache to use for train/eval/submit instead of the prep stage's)
+           --cache DIR (a shard cache gz prep built, for train/eval/submit instead of the prep stage's:
+           the pipeline skips prep; refused by prep, and with --size or --prep-arg)
            --name RUN (one plain folder name)   --root DIR
            --force (rerun even when up to date)   --debug (debug build of gz)   --cuda [--cudnn] (CUDA build)
            --gz PATH (use this gz binary, build nothing)

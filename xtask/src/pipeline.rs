@@ -179,6 +179,25 @@ impl Ctx {
                 d.display()
             );
         }
+        // `--cache DIR` is a finished cache, used instead of the prep stage's: the options that
+        // say how prep builds one would be ignored
+        let size_arg = a.parsed::<u32>("--size")?;
+        let cache_override = a.path("--cache")?.map(|p| absolute(p, &cwd));
+        if let Some(c) = &cache_override {
+            let ignored: Vec<&str> = [("--size", size_arg.is_some()), ("--prep-arg", !prep_args.is_empty())]
+                .iter()
+                .filter_map(|&(o, given)| given.then_some(o))
+                .collect();
+            if !ignored.is_empty() {
+                bail!(
+                    "{} set how the prep stage builds a cache, and --cache {} is one already built (prep does not \
+                     run for it): drop {}",
+                    ignored.join(" and "),
+                    c.display(),
+                    if ignored.len() == 1 { "it" } else { "them" }
+                );
+            }
+        }
         let ctx = Ctx {
             root,
             real_data,
@@ -193,7 +212,7 @@ impl Ctx {
             cpu_recipe,
             device,
             batch: a.parsed("--batch")?.or(if on_cpu { Some(CPU_BATCH) } else { None }),
-            size: a.parsed("--size")?.or(if on_cpu { Some(CPU_SIZE) } else { None }),
+            size: size_arg.or(if on_cpu { Some(CPU_SIZE) } else { None }),
             // off in the CPU recipe (with 8-view TTA it scores better unaugmented), else on
             augment: match (a.flag("--augment"), a.flag("--no-augment")) {
                 (true, true) => bail!("--augment and --no-augment contradict each other"),
@@ -209,7 +228,7 @@ impl Ctx {
             train_args,
             name,
             force: a.flag("--force"),
-            cache_override: a.path("--cache")?.map(|p| absolute(p, &cwd)),
+            cache_override,
             gz,
         };
         a.finish()?;
@@ -584,6 +603,16 @@ fn prep_inputs(ctx: &mut Ctx) -> Result<Vec<(String, String)>> {
 }
 
 fn run_prep(ctx: &mut Ctx) -> Result<Done> {
+    if let Some(c) = &ctx.cache_override {
+        // (the pipeline skips prep with --cache; this is `cargo xtask prep --cache DIR`)
+        bail!(
+            "--cache {} names a finished shard cache for train, eval and submit to use instead of the prep stage's; \
+             `cargo xtask prep` builds that stage's cache under {} (--root DIR moves it): drop --cache, or build a \
+             cache elsewhere with `gz prep --data DATA --cache DIR` (it prints the cache folder to pass as --cache)",
+            c.display(),
+            ctx.cache_root().display()
+        );
+    }
     let data = ctx.data_dir();
     let cmd = prep_command(ctx);
     let inputs = prep_inputs(ctx)?;
@@ -913,9 +942,14 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
         .iter()
         .copied()
         .filter(|s| !(ctx.real_data.is_some() && *s == "synth"))
+        .filter(|s| !(ctx.cache_override.is_some() && *s == "prep"))
         .collect();
     if let Some(d) = &ctx.real_data {
         eprintln!("xtask: dataset {} (synth skipped)", d.display());
+    }
+    if let Some(c) = &ctx.cache_override {
+        // its cache would go unused: train, eval and submit read --cache
+        eprintln!("xtask: cache {} (prep skipped)", c.display());
     }
     for s in wanted {
         match run_one(&mut ctx, s) {
@@ -1366,5 +1400,62 @@ mod tests {
         let moved = vec![("cache".to_string(), "xyz".to_string())];
         assert_eq!(train_before_run(&run, &other, &moved, false).unwrap(), fresh);
         assert!(!run.join("last.json").exists());
+    }
+
+    /// The words of a command line.
+    fn words(v: &[&str]) -> Args {
+        Args::new(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// `cargo xtask prep --cache DIR` is refused by name (the cache was built under data/cache
+    /// and --cache ignored); `--size` and `--prep-arg` beside `--cache` (which prep does not
+    /// build) are refused too, and the pipeline with `--cache` does not run prep, whose cache
+    /// would go unused: its first gz command is `gz train --cache DIR`.
+    #[cfg(unix)]
+    #[test]
+    fn the_prep_stage_does_not_ignore_cache() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("root").display().to_string();
+        let cache = t.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let c = cache.display().to_string();
+        let e = format!(
+            "{:#}",
+            cmd_stage("prep", words(&["--root", &r, "--gz", "/bin/true", "--cache", &c])).unwrap_err()
+        );
+        assert!(
+            e.contains(&format!("--cache {c} names a finished shard cache"))
+                && e.contains("`cargo xtask prep` builds that stage's cache under"),
+            "{e}"
+        );
+        for (extra, says) in [
+            (&["--size", "40"][..], "--size set how"),
+            (&["--prep-arg", "--crop=180"], "--prep-arg set how"),
+            (
+                &["--size=40", "--prep-arg", "--strict"],
+                "--size and --prep-arg set how",
+            ),
+        ] {
+            let mut v = vec!["--root", &r, "--gz", "/bin/true", "--cache", &c];
+            v.extend(extra);
+            let e = Ctx::parse(words(&v)).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("drop"), "{extra:?}: {e}");
+        }
+        assert!(Ctx::parse(words(&["--root", &r, "--gz", "/bin/true", "--cache", &c])).is_ok());
+
+        // a stand-in gz that notes its command and fails; a (fake) Kaggle-layout dataset
+        let _runs = crate::gz::tests::RUNS.lock().unwrap_or_else(|e| e.into_inner());
+        let log = t.path().join("gz.log");
+        let gz = crate::gz::tests::fake_gz(t.path(), &format!(" *) echo \"$*\" >> '{}'; exit 1;;", log.display()));
+        let data = t.path().join("kaggle");
+        for d in ["images_training_rev1", "images_test_rev1"] {
+            std::fs::create_dir_all(data.join(d)).unwrap();
+        }
+        std::fs::write(data.join("training_solutions_rev1.csv"), "GalaxyID\n").unwrap();
+        let (g, d) = (gz.display().to_string(), data.display().to_string());
+        let e = cmd_pipeline(words(&["--root", &r, "--gz", &g, "--data", &d, "--cache", &c])).unwrap_err();
+        assert!(format!("{e:#}").contains("stage `train` failed"), "{e:#}");
+        let ran = std::fs::read_to_string(&log).unwrap();
+        assert!(ran.starts_with(&format!("train --cache {c} ")), "{ran}");
     }
 }
