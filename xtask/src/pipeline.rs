@@ -105,8 +105,9 @@ impl Ctx {
         let prep_args = a.values("--prep-arg")?;
         let train_args = a.values("--train-arg")?;
         let cwd = std::env::current_dir().context("reading the current directory")?;
+        // not created here: a refused command line leaves no folder behind (the stage that
+        // first runs gz creates it)
         let root = absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd);
-        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let real_data = a.path("--data")?.map(|p| absolute(p, &cwd));
         let cuda = a.flag("--cuda");
         let cudnn = a.flag("--cudnn");
@@ -449,6 +450,8 @@ fn stage(
         BeforeRun::Run(extra) => (extra, cmds),
         BeforeRun::Done => (vec![], vec![]),
     };
+    // gz runs in the root (relative paths it prints are resolved there)
+    std::fs::create_dir_all(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
     let gz_bin = ctx.gz()?;
     let mut all_stdout = String::new();
     let mut last = String::new();
@@ -1457,5 +1460,44 @@ mod tests {
         assert!(format!("{e:#}").contains("stage `train` failed"), "{e:#}");
         let ran = std::fs::read_to_string(&log).unwrap();
         assert!(ran.starts_with(&format!("train --cache {c} ")), "{ran}");
+    }
+
+    /// A command line that is refused leaves no folder behind: `--root` was created while the
+    /// command line was read, before a typo, a clash or a stage's refusal was reported.
+    #[test]
+    fn a_refused_command_line_creates_no_folder() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("new root");
+        let r = root.display().to_string();
+        for bad in [
+            &["--bogus"][..],
+            &["--epochs", "x"],
+            &["--name", ".."],
+            &["--augment", "--no-augment"],
+            &["--data", "/d", "--train", "3"],
+            &["--cache", "/c", "--size", "40"],
+        ] {
+            let mut v = vec!["--root", &r, "--gz", "/bin/true"];
+            v.extend(bad);
+            assert!(Ctx::parse(words(&v)).is_err(), "{bad:?} accepted");
+            assert!(!root.exists(), "{bad:?} created {r}");
+        }
+        for (stage, bad) in [
+            ("synth", &["--data", "/d"][..]),
+            ("prep", &["--cache", "/c"]),
+            ("train", &[]),
+            ("pipeline", &["--test", "0"]),
+        ] {
+            let mut v = vec!["--root", &r, "--gz", "/bin/true"];
+            v.extend(bad);
+            let e = if stage == "pipeline" {
+                cmd_pipeline(words(&v))
+            } else {
+                cmd_stage(stage, words(&v))
+            };
+            assert!(e.is_err(), "{stage} {bad:?} accepted");
+            assert!(!root.exists(), "{stage} {bad:?} created {r}");
+        }
+        assert!(Ctx::parse(words(&["--root", &r, "--gz", "/bin/true"])).is_ok());
     }
 }
