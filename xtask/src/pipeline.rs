@@ -340,11 +340,30 @@ impl Ctx {
 
     fn need_run(&self) -> Result<PathBuf> {
         let r = self.run_dir();
-        if !r.join("best.safetensors").exists() && !r.join("best.json").exists() {
-            bail!(
+        let (weights, sidecar) = ("best.safetensors", "best.json");
+        let has_weights = r.join(weights).exists();
+        match (has_weights, r.join(sidecar).exists()) {
+            (false, false) => bail!(
                 "no trained run in {} yet: run `cargo xtask train` first (or pass --name RUN)",
                 r.display()
-            );
+            ),
+            // a best checkpoint is the weights and their sidecar together: gz cannot load one
+            // without the other; said here with the way out, before any gz runs on it
+            (true, true) => {}
+            _ => {
+                let (has, missing) = if has_weights {
+                    (weights, sidecar)
+                } else {
+                    (sidecar, weights)
+                };
+                bail!(
+                    "the run in {} has {has} but not {missing}: its best checkpoint is incomplete (deleted or \
+                     moved?); put {missing} back, or train the run again with `cargo xtask train --force` and the \
+                     same options (this replaces the folder {})",
+                    r.display(),
+                    r.display()
+                );
+            }
         }
         // a run xtask started (its note is there) is finished when its stage was stamped; until
         // then its best checkpoint is that of an interrupted run
@@ -1499,5 +1518,33 @@ mod tests {
             assert!(!root.exists(), "{stage} {bad:?} created {r}");
         }
         assert!(Ctx::parse(words(&["--root", &r, "--gz", "/bin/true"])).is_ok());
+    }
+
+    /// A run folder with only one half of its best checkpoint (`best.safetensors` or
+    /// `best.json`) is reported by xtask naming the missing file and the way out, before gz
+    /// is run on it; with both it passes, with neither it is "no trained run".
+    #[test]
+    fn a_half_checkpoint_names_the_missing_file() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().display().to_string();
+        let ctx = Ctx::parse(words(&["--root", &r, "--gz", "/bin/true", "--name", "run"])).unwrap();
+        let run = ctx.run_dir();
+        let e = ctx.need_run().unwrap_err().to_string();
+        assert!(e.contains("no trained run in"), "{e}");
+        std::fs::create_dir_all(&run).unwrap();
+        for (has, missing) in [("best.json", "best.safetensors"), ("best.safetensors", "best.json")] {
+            std::fs::write(run.join(has), "x").unwrap();
+            let e = ctx.need_run().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("has {has} but not {missing}"))
+                    && e.contains(&format!("put {missing} back"))
+                    && e.contains("cargo xtask train --force"),
+                "{e}"
+            );
+            std::fs::remove_file(run.join(has)).unwrap();
+        }
+        std::fs::write(run.join("best.json"), "x").unwrap();
+        std::fs::write(run.join("best.safetensors"), "x").unwrap();
+        assert_eq!(ctx.need_run().unwrap(), run);
     }
 }
