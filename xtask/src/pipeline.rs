@@ -555,30 +555,33 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
         &out,
         vec![cmd],
         vec![],
-        move |_| {
-            // data/synth is ours (synth never runs with --data): clear a stale or interrupted set,
-            // but never a folder holding something else.
-            if out2.exists() {
-                // gz synth's marks: `synth.json` (complete) or `synth.in-progress` (interrupted);
-                // Kaggle-layout data without either is someone's download, not ours to delete
-                if out2.join("synth.json").exists() || out2.join("synth.in-progress").exists() {
-                    eprintln!("xtask: synth: replacing {}", out2.display());
-                    std::fs::remove_dir_all(&out2).with_context(|| format!("removing {}", out2.display()))?;
-                } else if std::fs::read_dir(&out2)
-                    .map(|mut d| d.next().is_some())
-                    .unwrap_or(false)
-                {
-                    bail!(
-                        "{} exists and was not written by `gz synth` (no synth.json or synth.in-progress); move it \
-                         away or pass --root (for real data, pass --data DIR)",
-                        out2.display()
-                    );
-                }
-            }
-            Ok(BeforeRun::Run(vec![]))
-        },
+        move |_| synth_before_run(&out2),
         |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]),
     )
+}
+
+/// Before `gz synth` runs: data/synth is ours (synth never runs with --data), so a stale or
+/// interrupted set there is replaced, by `gz synth --force` (which removes only gz synth's files,
+/// under its lock: a `gz synth` still writing there is not disturbed, the new one is refused);
+/// a folder holding something else is refused.
+fn synth_before_run(out: &Path) -> Result<BeforeRun> {
+    // gz synth's marks: `synth.json` (complete) or `synth.in-progress` (interrupted); Kaggle-layout
+    // data without either is someone's download, not ours to delete
+    if out.join("synth.json").exists() || out.join("synth.in-progress").exists() {
+        eprintln!("xtask: synth: replacing {}", out.display());
+        return Ok(BeforeRun::Run(vec!["--force".into()]));
+    }
+    // (gz synth's lock file, left by a killed run, is not content)
+    let content =
+        std::fs::read_dir(out).is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name() != ".gz-synth.lock")));
+    if content {
+        bail!(
+            "{} exists and was not written by `gz synth` (no synth.json or synth.in-progress); move it away or pass \
+             --root (for real data, pass --data DIR)",
+            out.display()
+        );
+    }
+    Ok(BeforeRun::Run(vec![]))
 }
 
 /// The `gz synth` command of the synth stage.
@@ -1546,5 +1549,31 @@ mod tests {
         std::fs::write(run.join("best.json"), "x").unwrap();
         std::fs::write(run.join("best.safetensors"), "x").unwrap();
         assert_eq!(ctx.need_run().unwrap(), run);
+    }
+
+    /// The synth stage replaces a stale or interrupted set through `gz synth --force`, which
+    /// holds gz synth's lock: removing the folder itself deleted the files of a `gz synth` still
+    /// writing there. A killed run's lock file alone is no content; anything else is refused.
+    #[test]
+    fn the_synth_stage_replaces_a_set_through_gz_synth() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("synth");
+        assert_eq!(synth_before_run(&out).unwrap(), BeforeRun::Run(vec![]));
+        std::fs::create_dir_all(out.join("images_training_rev1")).unwrap();
+        std::fs::write(out.join("images_training_rev1/100001.jpg"), "x").unwrap();
+        for mark in ["synth.in-progress", "synth.json"] {
+            std::fs::write(out.join(mark), "x").unwrap();
+            assert_eq!(synth_before_run(&out).unwrap(), BeforeRun::Run(vec!["--force".into()]));
+            assert!(
+                out.join("images_training_rev1/100001.jpg").exists(),
+                "{mark}: removed by xtask"
+            );
+            std::fs::remove_file(out.join(mark)).unwrap();
+        }
+        let e = synth_before_run(&out).unwrap_err().to_string();
+        assert!(e.contains("was not written by `gz synth`"), "{e}");
+        std::fs::remove_dir_all(out.join("images_training_rev1")).unwrap();
+        std::fs::write(out.join(".gz-synth.lock"), "4242\n").unwrap();
+        assert_eq!(synth_before_run(&out).unwrap(), BeforeRun::Run(vec![]));
     }
 }
