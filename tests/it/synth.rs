@@ -383,3 +383,48 @@ fn a_second_gz_synth_into_the_same_folder_is_refused() {
     assert_eq!(sorted_names(&out.join("images_training_rev1")).len(), 2);
     assert!(!lock.exists(), "the lock file goes when the run ends");
 }
+
+/// The same config over a set with an image or a label file deleted since is not "up to date"
+/// (it was, going by `synth.json` alone, and gz prep then lacked the file): it is refused
+/// naming what is missing, and `--force` regenerates it.
+#[test]
+fn a_set_with_a_file_deleted_is_not_up_to_date() {
+    let dir = support::tempdir();
+    let out = dir.path().join("d");
+    let c = SynthConfig {
+        train: 2,
+        test: 1,
+        seed: 6,
+        ..SynthConfig::default()
+    };
+    generate(&out, &c, &|_| {}).unwrap();
+    let (_, test_ids) = gz_synth::draw_ids(&c);
+    let image = out.join("images_test_rev1").join(format!("{}.jpg", test_ids[0]));
+    let synth = |force: bool| {
+        let mut cmd = support::gz();
+        cmd.args(["synth", "--train", "2", "--test", "1", "--seed", "6", "--out"])
+            .arg(&out);
+        if force {
+            cmd.arg("--force");
+        }
+        support::run(&mut cmd)
+    };
+    let (ok, stdout, stderr) = synth(false);
+    assert!(ok && stdout.contains("up to date"), "{stdout}\n{stderr}");
+    let bytes = read(&image);
+    for gone in [image.clone(), out.join("expected_test.csv")] {
+        let kept = read(&gone);
+        std::fs::remove_file(&gone).unwrap();
+        let (ok, stdout, stderr) = synth(false);
+        let name = gone.strip_prefix(&out).unwrap().display().to_string();
+        assert!(
+            !ok && stderr.contains(&format!("with 1 of its files missing ({name})")) && stderr.contains("--force"),
+            "{name}: {stdout}\n{stderr}"
+        );
+        std::fs::write(&gone, kept).unwrap();
+    }
+    std::fs::remove_file(&image).unwrap();
+    let (ok, _, stderr) = synth(true);
+    assert!(ok, "{stderr}");
+    assert_eq!(read(&image), bytes, "regenerated the same image");
+}

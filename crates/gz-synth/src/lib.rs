@@ -337,6 +337,23 @@ pub fn output_paths(dir: &Path) -> Vec<PathBuf> {
     .collect()
 }
 
+/// The files [`generate`] writes for `cfg` that `dir` lacks: every image of its ids, the CSVs
+/// and `floor.json` (not `synth.json`, whose presence is asked separately). Empty for a complete
+/// dataset; a set whose `synth.json` is there but some image or label file was deleted since is
+/// not complete. One `stat` per image.
+pub fn missing_files(dir: &Path, cfg: &SynthConfig) -> Vec<PathBuf> {
+    let (train, test) = draw_ids(cfg);
+    let images = |folder: &str, ids: Vec<u64>| {
+        let folder = dir.join(folder);
+        ids.into_iter().map(move |id| folder.join(format!("{id}.jpg")))
+    };
+    images(TRAIN_DIR, train)
+        .chain(images(TEST_DIR, test))
+        .chain([TRAIN_CSV, TEST_CSV, EXPECTED_TRAIN_CSV, EXPECTED_TEST_CSV, FLOOR_JSON].map(|f| dir.join(f)))
+        .filter(|p| !p.is_file())
+        .collect()
+}
+
 /// Removes what [`generate`] writes in `dir` (and nothing else).
 pub fn clean(dir: &Path) -> Result<(), SynthError> {
     for p in output_paths(dir) {

@@ -2,7 +2,7 @@
 //!
 //! Splits raw arguments from the validated [`gz_synth::SynthConfig`], guards the output directory
 //! (a non-empty directory holding something else is only overwritten with `--force`; the same,
-//! complete dataset is left alone), shows a progress bar on a terminal and prints a summary.
+//! complete dataset is left alone: its `synth.json` and every file it implies are there), shows a progress bar on a terminal and prints a summary.
 //!
 //! The output directory is locked ([`OutLock`], `.gz-synth.lock` held with `flock`) from before
 //! it is inspected until the dataset is complete: a second `gz synth` into the same folder, with
@@ -69,7 +69,19 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
         return Ok(Target::Empty);
     }
     match gz_synth::existing_config(dir) {
-        Ok(Some(old)) if old.same_dataset(cfg) => Ok(Target::Same),
+        // the same set, unless files of it were deleted since (then it is not up to date)
+        Ok(Some(old)) if old.same_dataset(cfg) => {
+            let missing = gz_synth::missing_files(dir, cfg);
+            match missing.first() {
+                None => Ok(Target::Same),
+                Some(first) => Ok(Target::Other(format!(
+                    "this synthetic dataset with {} of its files missing ({}{})",
+                    missing.len(),
+                    first.strip_prefix(dir).unwrap_or(first).display(),
+                    if missing.len() > 1 { ", …" } else { "" }
+                ))),
+            }
+        }
         Ok(Some(old)) => Ok(Target::Other(format!(
             "a different synthetic dataset (train {}, test {}, seed {}, {}–{} volunteers per galaxy)",
             old.train, old.test, old.seed, old.min_volunteers, old.max_volunteers
