@@ -40,6 +40,45 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A CPU batch is trained in parts side by side (`gz_model::parts`): the checkpoint does not
+/// depend on how many threads ran them, and the parts are a real split (one part, the whole
+/// batch at once, sums in another order and gives other bits).
+#[test]
+fn cpu_training_in_parts_does_not_depend_on_the_thread_count() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 96, 16, 5);
+    let train = |name: &str, env: &[(&str, &str)]| -> Vec<u8> {
+        let run = tmp.path().join(name);
+        let mut args = tiny_args(&cache, &run, "2");
+        let batch = args.iter().position(|a| a == "--batch").unwrap() + 1;
+        args[batch] = "16".into();
+        args.extend(["--device", "cpu", "--seed", "1"].map(String::from));
+        let mut cmd = support::gz();
+        cmd.args(&args).env_remove("GZ_CPU_PARTS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (ok, stdout, stderr) = support::run(&mut cmd);
+        assert!(ok, "gz train ({name}) failed:\n{stdout}\n{stderr}");
+        std::fs::read(run.join("last.safetensors")).unwrap()
+    };
+    let one = train("t1", &[("RAYON_NUM_THREADS", "1")]);
+    // (not assert_eq: the checkpoints' bytes would fill the log)
+    assert!(
+        one == train("t2", &[("RAYON_NUM_THREADS", "2")]),
+        "1 and 2 threads differ"
+    );
+    assert!(
+        one == train("t3", &[("RAYON_NUM_THREADS", "3")]),
+        "1 and 3 threads differ"
+    );
+    let whole = train("whole", &[("RAYON_NUM_THREADS", "2"), ("GZ_CPU_PARTS", "1")]);
+    assert!(
+        one != whole,
+        "GZ_CPU_PARTS=1 trained the same bits: the batch was not split"
+    );
+}
+
 /// The learning test (≈1 min in the debug build on 2 cores): `tiny` on 640 toy images of
 /// 32×32 for 8 epochs must reach a validation RMSE well below the training-mean baseline.
 #[test]

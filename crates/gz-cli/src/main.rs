@@ -74,14 +74,13 @@ fn main() {
     // thread: gz's CPU kernels start thousands of small parallel loops per step, and from a
     // thread outside the pool each one is injected into the pool and waited for (a wake-up and
     // a sleep: a quarter of `tiny`'s step at 32 px went to scheduling). `GZ_RUN_ON_POOL=0`
-    // keeps this thread, for comparisons. (CUDA runs stay here: not measured that way.)
+    // keeps this thread, for comparisons. (CUDA runs stay here: not measured that way.) This
+    // thread becomes the pool's worker 0 (`pin_candle_cpu_threads`), so it keeps glibc's main
+    // arena for the run's large buffers, while the other workers allocate from their own (a
+    // batch trained in parts, `gz_model::parts`, allocates on two threads at once).
     let on_pool = model_device.as_deref() == Some("cpu") && std::env::var("GZ_RUN_ON_POOL").map_or(true, |v| v != "0");
-    if on_pool {
-        let arena = malloc::one_arena();
-        tracing::debug!(arena, "one malloc arena for the CPU model run");
-    }
     if model_device.is_some() {
-        pin_candle_cpu_threads();
+        pin_candle_cpu_threads(on_pool);
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
@@ -166,6 +165,17 @@ fn main() {
             Ok(n) if (1..=32).contains(&n) => gz_model::optim::set_tensors_per_launch(n),
             _ => {
                 eprintln!("error: GZ_OPTIM_TENSORS must be a whole number from 1 to 32, not {v:?}");
+                std::process::exit(2);
+            }
+        }
+    }
+    // `GZ_CPU_PARTS=N`: a CPU training batch is cut into N parts trained side by side
+    // (gz_model::parts; 1 trains every batch whole, as before the parts existed).
+    if let Ok(v) = std::env::var("GZ_CPU_PARTS") {
+        match v.parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => gz_model::parts::set_parts(n),
+            _ => {
+                eprintln!("error: GZ_CPU_PARTS must be a whole number from 1 to 64, not {v:?}");
                 std::process::exit(2);
             }
         }
@@ -283,6 +293,9 @@ impl std::fmt::Display for ExitCode {
 
 impl std::error::Error for ExitCode {}
 
+/// An environment switch: (variable, value, setter, flag passed to the setter).
+type Switch = (&'static str, &'static str, fn(bool), bool);
+
 /// candle 0.11.1 sizes every CPU matmul with its default thread count, which on Linux calls
 /// `num_cpus::get_physical()`, reading and parsing /proc/cpuinfo, on each call (about 145 times
 /// per `tiny` training step: 7-16 % of CPU training time, docs/benchmarks.md), unless
@@ -290,21 +303,39 @@ impl std::error::Error for ExitCode {}
 /// RAYON_NUM_THREADS to it (a value the user set is kept), and first build rayon's global pool
 /// at the size rayon would give it, so that every pool and every matmul split stays as it was.
 /// Runs before any thread exists (setting a variable later would race with readers).
-/// An environment switch: (variable, value, setter, flag passed to the setter).
-type Switch = (&'static str, &'static str, fn(bool), bool);
-
-fn pin_candle_cpu_threads() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return;
+/// `on_pool`: this thread becomes the pool's worker 0 (`use_current_thread`).
+fn pin_candle_cpu_threads(on_pool: bool) {
+    // rayon's own reading of the variable the user set (0 or unset: one thread per processor)
+    let asked = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let threads = asked.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if asked.is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", gz_model::device::cpu_matmul_threads().to_string());
     }
-    let candle = gz_model::device::cpu_matmul_threads();
-    let rayon_default = std::thread::available_parallelism().map_or(0, |n| n.get());
-    std::env::set_var("RAYON_NUM_THREADS", candle.to_string());
-    // the global pool at rayon's own default size (not the variable just set); an error only
-    // means it already exists
+    // the global pool at rayon's own size (not the variable just set); on the CPU this thread
+    // is its worker 0, so the run's parallel loops start here without a wake-up, and its
+    // tensors come from glibc's main arena (see `malloc`). An error only means the pool exists.
     let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(rayon_default)
+        .num_threads(threads)
+        .use_current_thread_if(on_pool)
         .build_global();
+}
+
+/// `use_current_thread` when asked.
+trait UseCurrentThreadIf {
+    fn use_current_thread_if(self, yes: bool) -> Self;
+}
+
+impl UseCurrentThreadIf for rayon::ThreadPoolBuilder {
+    fn use_current_thread_if(self, yes: bool) -> Self {
+        if yes {
+            self.use_current_thread()
+        } else {
+            self
+        }
+    }
 }
 
 #[cfg(test)]

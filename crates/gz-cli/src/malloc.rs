@@ -13,8 +13,12 @@
 //! 32 MiB on 64-bit targets), 32 MiB is used. `GZ_MALLOC=system` keeps glibc's defaults (and
 //! whatever `GLIBC_TUNABLES` says), for comparisons or tight memory. Only glibc targets are
 //! tuned; elsewhere this is a no-op. Buffers allocated by worker threads come from glibc's
-//! per-thread arenas, where requests above 64 MiB are `mmap`ed whatever the threshold; the
-//! trainer allocates its tensors on the main thread.
+//! per-thread arenas, where requests above 64 MiB are `mmap`ed whatever the threshold; a model
+//! run allocates its tensors on the main thread (the rayon pool's worker 0 on the CPU, see
+//! `main`), which uses glibc's main arena, without that limit. (From the eighth to the
+//! fifteenth session the run went to another worker and every thread shared one arena
+//! (`M_ARENA_MAX` 1) to keep big buffers in the heap; threads training parts of a batch side by
+//! side then queued for that arena's lock.)
 
 /// `M_MMAP_THRESHOLD` and `M_TRIM_THRESHOLD` asked for first.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -52,29 +56,6 @@ fn apply() -> Option<usize> {
     None
 }
 
-/// One malloc arena for every thread (unless `GZ_MALLOC=system`): a CPU model run executes on a
-/// rayon worker (see `main`), and glibc gives other threads their own arenas, whose heaps hold
-/// at most 64 MiB, so larger buffers (Dieleman's 134 MB dense-layer gradient) would be
-/// `mmap`ed and page-faulted again every step whatever the thresholds say. Call it before the
-/// worker threads exist. Returns whether glibc took it.
-pub fn one_arena() -> bool {
-    if std::env::var("GZ_MALLOC").is_ok_and(|v| v == "system") {
-        return false;
-    }
-    one_arena_here()
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn one_arena_here() -> bool {
-    // SAFETY: as in `apply`: only an allocator parameter, before other threads allocate.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) == 1 }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn one_arena_here() -> bool {
-    false
-}
-
 #[cfg(test)]
 mod tests {
     /// glibc takes the tuning (this machine's glibc takes the full 1 GiB: if a future one does
@@ -84,12 +65,5 @@ mod tests {
     fn glibc_takes_the_tuning() {
         let t = super::apply().expect("mallopt refused both thresholds");
         assert!(t == super::THRESHOLD as usize || t == super::FALLBACK_MMAP_THRESHOLD as usize);
-    }
-
-    /// glibc takes the single arena a CPU model run asks for.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[test]
-    fn glibc_takes_one_arena() {
-        assert!(super::one_arena_here(), "mallopt refused M_ARENA_MAX = 1");
     }
 }

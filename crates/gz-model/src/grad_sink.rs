@@ -28,9 +28,15 @@ use candle_core::{Result, Tensor};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
+/// One open sink: (parameter, gradient) in the order the ops gave them.
+type Sink = Vec<(Tensor, Tensor)>;
+
 thread_local! {
-    /// The open sink of this thread: (parameter, gradient) in the order the ops gave them.
-    static SINK: RefCell<Option<Vec<(Tensor, Tensor)>>> = const { RefCell::new(None) };
+    /// The open sinks of this thread, innermost last. More than one is open when a backward
+    /// pass starts while another is running on the same thread: a rayon worker waiting inside
+    /// one pass's op can run another whole pass (a training part, [`crate::parts`]) before it
+    /// returns, so the inner pass ends first and its gradients go to its own sink.
+    static SINK: RefCell<Vec<Sink>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Diverts parameter gradients in [`backward`] (on by default; `false` for comparisons).
@@ -38,13 +44,13 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Closes the sink when [`backward`] returns or unwinds, so a failed pass leaves no open sink
-/// (and no gradients of a failed step) behind.
+/// Closes the innermost sink when [`backward`] returns or unwinds, so a failed pass leaves no
+/// open sink (and no gradients of a failed step) behind.
 struct Open;
 
 impl Drop for Open {
     fn drop(&mut self) {
-        SINK.with(|s| s.borrow_mut().take());
+        SINK.with(|s| s.borrow_mut().pop());
     }
 }
 
@@ -54,20 +60,12 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     if !ENABLED.load(Ordering::Relaxed) {
         return loss.backward();
     }
-    let open = SINK.with(|s| {
-        let mut s = s.borrow_mut();
-        // a nested call (a backward pass inside an op's backward) leaves the outer sink alone
-        if s.is_some() {
-            return None;
-        }
-        *s = Some(Vec::new());
-        Some(Open)
-    });
-    let Some(open) = open else {
-        return loss.backward();
-    };
+    SINK.with(|s| s.borrow_mut().push(Vec::new()));
+    let open = Open;
     let mut grads = loss.backward()?;
-    let diverted = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    let diverted = SINK
+        .with(|s| s.borrow_mut().last_mut().map(std::mem::take))
+        .unwrap_or_default();
     drop(open);
     for (param, grad) in diverted {
         let sum = match grads.remove(&param) {
@@ -85,7 +83,7 @@ pub(crate) fn divert(param: &Tensor, grad: Tensor) -> Option<Tensor> {
     if !param.is_variable() {
         return Some(grad);
     }
-    SINK.with(|s| match s.borrow_mut().as_mut() {
+    SINK.with(|s| match s.borrow_mut().last_mut() {
         Some(sink) => {
             sink.push((param.clone(), grad));
             None
@@ -155,7 +153,7 @@ mod tests {
             plain.get(b2.as_tensor()).unwrap(),
             sunk.get(b2.as_tensor()).unwrap()
         ));
-        SINK.with(|s| assert!(s.borrow().is_none(), "the sink stays open"));
+        SINK.with(|s| assert!(s.borrow().is_empty(), "the sink stays open"));
         // outside `backward` nothing is diverted
         assert!(divert(w2.as_tensor(), rnd(&[4, 6], 9)).is_some());
     }
@@ -189,15 +187,50 @@ mod tests {
         }
     }
 
+    /// A backward pass that starts while another's sink is open on the same thread (a rayon
+    /// worker running a whole training part while it waits inside another part's op) keeps its
+    /// own gradients, and leaves the outer sink as it was.
+    #[test]
+    fn a_pass_inside_another_keeps_its_own_gradients() {
+        use candle_core::ModuleT;
+        use candle_nn::{VarBuilder, VarMap};
+
+        use crate::config::{Arch, ModelConfig};
+        let varmap = VarMap::new();
+        let cfg = ModelConfig::new(Arch::Tiny, Arch::Tiny.default_output()).with_input_size(32);
+        let model = crate::nets::build(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let x = (rnd(&[2, 3, 32, 32], 5).abs().unwrap() * 0.5).unwrap();
+        let loss = model.forward_t(&x, true).unwrap().sqr().unwrap().mean_all().unwrap();
+        let plain = loss.backward().unwrap();
+        // the outer pass's sink, with one gradient already in it
+        let outer = Var::from_tensor(&rnd(&[3, 2], 1)).unwrap();
+        SINK.with(|s| s.borrow_mut().push(vec![(outer.as_tensor().clone(), rnd(&[3, 2], 2))]));
+        let _close = Open;
+        let inner = backward(&loss).unwrap();
+        for v in varmap.all_vars() {
+            let (a, b) = (plain.get(v.as_tensor()).unwrap(), inner.get(v.as_tensor()));
+            assert!(
+                b.is_some_and(|b| same(a, b)),
+                "the inner pass lost a gradient of {:?}",
+                v.dims()
+            );
+        }
+        SINK.with(|s| {
+            let s = s.borrow();
+            assert_eq!(s.len(), 1, "the inner sink is closed, the outer one open");
+            assert_eq!(s[0].len(), 1, "the outer sink got the inner pass's gradients");
+        });
+    }
+
     /// A parameter that is not a variable (a constant weight) keeps candle's path.
     #[test]
     fn constants_are_not_diverted() {
         let w = rnd(&[3, 2], 1);
-        SINK.with(|s| *s.borrow_mut() = Some(Vec::new()));
+        SINK.with(|s| s.borrow_mut().push(Vec::new()));
         let _close = Open;
         assert!(divert(&w, rnd(&[3, 2], 2)).is_some());
         let v = Var::from_tensor(&w).unwrap();
         assert!(divert(v.as_tensor(), rnd(&[3, 2], 2)).is_none());
-        SINK.with(|s| assert_eq!(s.borrow().as_ref().map(Vec::len), Some(1)));
+        SINK.with(|s| assert_eq!(s.borrow().last().map(Vec::len), Some(1)));
     }
 }

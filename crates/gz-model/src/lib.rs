@@ -11,7 +11,8 @@
 //!   on CUDA with the `cudnn` feature; on the CPU the same ops run gz's own f32 convolution
 //!   ([`cpu_conv`]: im2col + `gemm`, Winograd for the larger 3×3 layers).
 //! - [`device`]: `select_device` and the CPU thread count.
-//! - [`train`], [`checkpoint`], [`optim`], [`data`]: the trainer.
+//! - [`train`], [`checkpoint`], [`optim`], [`data`], [`parts`]: the trainer ([`parts`]: a CPU
+//!   batch trained as parts side by side).
 //!
 //! Only this crate (and gz-eval through it) depends on candle.
 
@@ -28,6 +29,7 @@ pub mod grad_sink;
 pub mod nets;
 pub mod ops;
 pub mod optim;
+pub mod parts;
 pub mod train;
 pub mod tree;
 

@@ -452,7 +452,8 @@ pub fn train_on(
         checkpoint::build_seeded(&cfg.model, cfg.seed, dtype, &device),
     )?;
     let params = ctx("collecting parameters", optim::Params::from_varmap(&varmap))?;
-    let param_count: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    let vars = varmap.all_vars();
+    let param_count: usize = vars.iter().map(|v| v.elem_count()).sum();
     let mut opt = ctx(
         "building the optimizer",
         optim::build(cfg.optimizer, params, cfg.lr, &cfg.optim),
@@ -567,12 +568,16 @@ pub fn train_on(
             };
             let y = batcher.labels(rows)?;
             let step_ctx = || format!("training step {} of epoch {}", k + 1, epoch + 1);
-            let out = ctx(
+            let (loss, grads) = ctx(
                 step_ctx(),
-                model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)),
+                crate::parts::loss_and_grads(
+                    &model,
+                    &x,
+                    &y,
+                    &vars,
+                    crate::parts::parts_for(&device, rows.len(), cfg.model.dropout),
+                ),
             )?;
-            let loss = ctx(step_ctx(), candle_nn::loss::mse(&out, &y))?;
-            let grads = ctx(step_ctx(), crate::grad_sink::backward(&loss))?;
             ctx(step_ctx(), opt.step(&grads))?;
             // Reading the loss back synchronises the device; on CUDA do it every
             // `LOSS_SYNC_EVERY_CUDA` steps so the host keeps queueing work ahead of the GPU.
@@ -1163,6 +1168,12 @@ pub fn bench_with(
     } else {
         model
     };
+    let vars = varmap.all_vars();
+    let parts = if mode.inference {
+        1
+    } else {
+        crate::parts::parts_for(device, batch, model_cfg.dropout)
+    };
     let params = ctx("parameters", optim::Params::from_varmap(&varmap))?;
     let mut opt = ctx(
         "optimizer",
@@ -1214,14 +1225,23 @@ pub fn bench_with(
             }
             continue;
         }
-        let out = ctx(
-            "forward",
-            model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)),
-        )?;
-        let loss = ctx("loss", candle_nn::loss::mse(&out, &y))?;
-        phase_sync(device)?;
-        let t2 = Instant::now();
-        let grads = ctx("backward", crate::grad_sink::backward(&loss))?;
+        let (t2, grads) = if parts > 1 {
+            // the parts' forward and backward passes overlap: one phase
+            let (_, grads) = ctx(
+                "forward and backward",
+                crate::parts::loss_and_grads(&model, &x, &y, &vars, parts),
+            )?;
+            (Instant::now(), grads)
+        } else {
+            let out = ctx(
+                "forward",
+                model.forward_t(&x, true).and_then(|o| o.to_dtype(DType::F32)),
+            )?;
+            let loss = ctx("loss", candle_nn::loss::mse(&out, &y))?;
+            phase_sync(device)?;
+            let t2 = Instant::now();
+            (t2, ctx("backward", crate::grad_sink::backward(&loss))?)
+        };
         phase_sync(device)?;
         let t3 = Instant::now();
         ctx("optimizer", opt.step(&grads))?;
@@ -1242,6 +1262,7 @@ pub fn bench_with(
     let names: &[&str] = match (mode.pipelined, mode.inference) {
         (true, _) => &[],
         (false, true) => &["batch", "forward"],
+        (false, false) if parts > 1 => &["batch", "forward+backward", "", "optimizer"],
         (false, false) => &["batch", "forward", "backward", "optimizer"],
     };
     let optimizer_path = if mode.inference {
@@ -1259,6 +1280,7 @@ pub fn bench_with(
         phases: names
             .iter()
             .zip(phase)
+            .filter(|(n, _)| !n.is_empty())
             .map(|(n, p)| (n.to_string(), 1e3 * p / steps as f64))
             .collect(),
         optimizer_path: optimizer_path.into(),
