@@ -60,6 +60,12 @@ fn cpu_training_in_parts_does_not_depend_on_the_thread_count() {
         }
         let (ok, stdout, stderr) = support::run(&mut cmd);
         assert!(ok, "gz train ({name}) failed:\n{stdout}\n{stderr}");
+        let parts = env.contains(&("GZ_CPU_PARTS", "1"));
+        assert_eq!(
+            stdout.contains("each batch in 2 parts side by side"),
+            !parts,
+            "{stdout}"
+        );
         std::fs::read(run.join("last.safetensors")).unwrap()
     };
     let one = train("t1", &[("RAYON_NUM_THREADS", "1")]);

@@ -212,6 +212,8 @@ pub struct StartInfo {
     pub device: String,
     /// Whether the images live on the device (GPU-resident path).
     pub resident: bool,
+    /// The parts a full batch trains in side by side ([`crate::parts`]; 1: whole).
+    pub batch_parts: usize,
 }
 
 /// Progress callbacks (the CLI draws a bar; tests ignore them).
@@ -522,6 +524,7 @@ pub fn train_on(
         baseline_val_rmse,
         device: format!("{device:?}"),
         resident: batcher.is_resident(),
+        batch_parts: crate::parts::parts_for(&device, cfg.batch.min(split.train.len()), cfg.model.dropout),
     });
 
     let (version, git) = checkpoint::code_version();

@@ -342,7 +342,7 @@ impl TrainObserver for CliObserver {
             *e = info.start_epoch;
         }
         println!(
-            "training on {}, validating on {} ({}/epoch, {} parameters, device {}{}); \
+            "training on {}, validating on {} ({}/epoch, {} parameters, device {}{}{}); \
              predicting the training mean gives val RMSE {:.5}",
             super::count(info.n_train, "image"),
             info.n_val,
@@ -353,6 +353,11 @@ impl TrainObserver for CliObserver {
                 ", data resident on the device"
             } else {
                 ""
+            },
+            if info.batch_parts > 1 {
+                format!(", each batch in {} parts side by side", info.batch_parts)
+            } else {
+                String::new()
             },
             info.baseline_val_rmse
         );
