@@ -297,20 +297,20 @@ fn killed_run_leaves_no_complete_cache_and_rerun_completes() {
     };
     let mut killed_mid_run = false;
     for delay_ms in [150u64, 60, 300] {
-        let mut child = support::gz()
-            .args([
-                "prep",
-                "--data",
-                data.to_str().unwrap(),
-                "--cache",
-                root.to_str().unwrap(),
-                "--threads",
-                "1",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = support::Running::spawn(
+            support::gz()
+                .args([
+                    "prep",
+                    "--data",
+                    data.to_str().unwrap(),
+                    "--cache",
+                    root.to_str().unwrap(),
+                    "--threads",
+                    "1",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let finished = child.try_wait().unwrap().is_some();
         child.kill().ok();

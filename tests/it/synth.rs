@@ -326,13 +326,14 @@ fn a_second_gz_synth_into_the_same_folder_is_refused() {
     let out = dir.path().join("d");
     let lock = out.join(gz_synth::LOCK_FILE);
     // far more images than it writes before it is stopped
-    let mut first = support::gz()
-        .args(["synth", "--train", "100000", "--test", "0", "--threads", "1", "--out"])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // killed when the test ends, however it ends (stopped, it would stay for good)
+    let mut first = support::Running::spawn(
+        support::gz()
+            .args(["synth", "--train", "100000", "--test", "0", "--threads", "1", "--out"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let pid = first.id();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     // its lock taken and its first folder made (after its in-progress mark)

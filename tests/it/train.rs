@@ -310,7 +310,7 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
                 Ok(())
             });
         }
-        cmd.spawn().unwrap()
+        support::Running::spawn(&mut cmd)
     };
     let signal = |child: &std::process::Child, sig: &str| {
         let kill = std::process::Command::new("kill")
@@ -416,12 +416,12 @@ fn a_shard_truncated_under_a_running_train_is_named() {
     let tmp = support::tempdir();
     let cache = toy_cache(tmp.path(), 48, 32, 6);
     let run = tmp.path().join("run");
-    let mut child = support::gz()
-        .args(tiny_args(&cache, &run, "100000"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::Running::spawn(
+        support::gz()
+            .args(tiny_args(&cache, &run, "100000"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     for line in lines.by_ref() {
         if line.unwrap().starts_with("epoch   1 ") {
@@ -507,13 +507,13 @@ fn a_sigbus_sent_by_another_process_is_passed_on() {
     use std::os::unix::process::ExitStatusExt;
     let tmp = support::tempdir();
     let data = tmp.path().join("data");
-    let mut child = support::gz()
-        .args(["synth", "--train", "500000", "--test", "0", "--threads", "1", "--out"])
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = support::Running::spawn(
+        support::gz()
+            .args(["synth", "--train", "500000", "--test", "0", "--threads", "1", "--out"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
     let wait_for =
         |child: &mut std::process::Child, secs: u64, what: &str, done: &dyn Fn(&mut std::process::Child) -> bool| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
