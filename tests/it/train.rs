@@ -588,6 +588,45 @@ fn bad_requests_fail_clearly() {
     assert!(!ok && stderr.contains("missing"), "{stderr}");
 }
 
+/// `gz bench-train`'s phase lines keep one column for the times: a CPU batch trained in parts
+/// (batch 8: two halves) has a "forward+backward" phase, wider than the names' column was, so
+/// its time stood six places right of the others; a whole batch (4) has forward and backward.
+#[test]
+fn bench_train_phase_times_line_up() {
+    for (batch, phases) in [
+        ("8", &["batch", "forward+backward", "optimizer"][..]),
+        ("4", &["batch", "forward", "backward", "optimizer"]),
+    ] {
+        let (ok, out, err) = support::run(support::gz().args([
+            "bench-train",
+            "--model",
+            "tiny",
+            "--batch",
+            batch,
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--size",
+            "32",
+            "--device",
+            "cpu",
+        ]));
+        assert!(ok, "{out}\n{err}");
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.ends_with(" ms/step") && l.starts_with("  "))
+            .collect();
+        let names: Vec<&str> = lines.iter().filter_map(|l| l.split_whitespace().next()).collect();
+        assert_eq!(names, phases, "batch {batch}:\n{out}");
+        let ends: Vec<usize> = lines.iter().map(|l| l.len()).collect();
+        assert!(
+            ends.windows(2).all(|w| w[0] == w[1]),
+            "batch {batch}: times not in one column:\n{out}"
+        );
+    }
+}
+
 #[test]
 fn describe_and_bench_train() {
     let (ok, out, err) = support::run(support::gz().args(["train", "--model", "tiny", "--describe"]));

@@ -3,7 +3,8 @@
 //! Builds the model with seeded weights, keeps a small pool of random images on the device
 //! (as GPU-resident training does) and times `--steps` full training steps after `--warmup`
 //! untimed ones, printing images/s and a per-phase breakdown (batch assembly, forward,
-//! backward, optimizer; the device is synchronised between phases). The measurement itself is
+//! backward, optimizer; the device is synchronised between phases; a CPU batch trained in parts,
+//! `gz_model::parts`, has one "forward+backward" phase, its parts' passes overlapping). The measurement itself is
 //! `gz_model::train::bench`, so other phases (e.g. cuDNN-specific ones) can be added there.
 //!
 //! With the `cudnn` feature on CUDA, `--conv cudnn` (the default there) runs the convolutions
@@ -193,8 +194,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         r.images_per_s,
         r.step_ms
     );
+    // (as wide as the longest name: a CPU batch trained in parts has one "forward+backward")
+    let width = r.phases.iter().map(|(name, _)| name.len()).max().unwrap_or(0).max(10);
     for (name, ms) in &r.phases {
-        println!("  {name:<10} {ms:>9.2} ms/step");
+        println!("  {name:<width$} {ms:>9.2} ms/step");
     }
     if let Some((p, prof, n)) = &profile {
         let conv_ms = prof.conv_ms() / n;
