@@ -275,7 +275,9 @@ impl Command {
             Command::Eval(a) => Some(&a.device),
             Command::Predict(a) => Some(&a.source.device),
             Command::BenchTrain(a) => Some(&a.device),
-            Command::Synth(_) | Command::Prep(_) | Command::Cache(_) | Command::Submit(_) => None,
+            // predicting first (`--run`) runs a model
+            Command::Submit(a) => a.model_device(),
+            Command::Synth(_) | Command::Prep(_) | Command::Cache(_) => None,
         }
     }
 }

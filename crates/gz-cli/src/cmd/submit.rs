@@ -58,6 +58,13 @@ pub struct Args {
     out: Option<PathBuf>,
 }
 
+impl Args {
+    /// The device a model runs on: with `--run` (predicting first), `--device`; else none.
+    pub fn model_device(&self) -> Option<&str> {
+        (!self.runs.is_empty()).then_some(self.device.as_str())
+    }
+}
+
 /// The options given that only predicting (`--run`) reads, by their flag names: with `--pred`
 /// or `--check` they would be ignored, so they are refused instead. (Default values are
 /// indistinguishable from absent ones here, which is harmless: they change nothing.)
