@@ -13,6 +13,7 @@ mod cargo;
 mod cuda_setup;
 mod fingerprint;
 mod gz;
+mod lock;
 mod pipeline;
 mod stamp;
 

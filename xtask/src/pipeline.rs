@@ -456,6 +456,8 @@ fn stage(
             Some(r) => r,
         },
     };
+    // one xtask at a time in a root from here on (the lock creates the root)
+    crate::lock::hold(&ctx.root)?;
     eprintln!("xtask: {name}: running because {reason}");
     // the old stamp no longer describes what is on disk once the stage starts over
     match std::fs::remove_file(&sp) {
@@ -470,7 +472,6 @@ fn stage(
         BeforeRun::Done => (vec![], vec![]),
     };
     // gz runs in the root (relative paths it prints are resolved there)
-    std::fs::create_dir_all(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
     let gz_bin = ctx.gz()?;
     let mut all_stdout = String::new();
     let mut last = String::new();
