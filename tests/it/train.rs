@@ -85,6 +85,66 @@ fn cpu_training_in_parts_does_not_depend_on_the_thread_count() {
     );
 }
 
+/// A resumed run trains its batches as it began, whatever `GZ_CPU_PARTS` says now: a run
+/// started whole (and one from before the parts, whose sidecars do not say) resumes whole, to
+/// the bits of an uninterrupted whole run.
+#[test]
+fn a_resumed_run_keeps_the_parts_it_began_with() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 96, 16, 6);
+    let train = |run: &Path, epochs: &str, parts: Option<&str>, resume: bool| -> String {
+        let mut args = tiny_args(&cache, run, epochs);
+        let batch = args.iter().position(|a| a == "--batch").unwrap() + 1;
+        args[batch] = "16".into();
+        args.extend(["--device", "cpu", "--seed", "2"].map(String::from));
+        if resume {
+            args.push("--resume".into());
+        }
+        let mut cmd = support::gz();
+        cmd.args(&args).env_remove("GZ_CPU_PARTS");
+        if let Some(p) = parts {
+            cmd.env("GZ_CPU_PARTS", p);
+        }
+        let (ok, stdout, stderr) = support::run(&mut cmd);
+        assert!(ok, "gz train failed:\n{stdout}\n{stderr}");
+        stdout
+    };
+    let whole = tmp.path().join("whole");
+    train(&whole, "3", Some("1"), false);
+    let config = |run: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&whole)["cpu_parts"], 1);
+    for old_style in [false, true] {
+        let run = tmp.path().join(format!("resumed-{old_style}"));
+        train(&run, "2", Some("1"), false);
+        if old_style {
+            // a run from before the parts: its sidecars and config name none
+            for f in ["last.json", "best.json", "config.json"] {
+                let p = run.join(f);
+                let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+                let removed = match v.get_mut("train") {
+                    Some(t) => t.as_object_mut().unwrap().remove("cpu_parts"),
+                    None => v.as_object_mut().unwrap().remove("cpu_parts"),
+                };
+                assert!(removed.is_some(), "{f} names no cpu_parts: {v}");
+                std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+            }
+        }
+        let out = train(&run, "3", None, true);
+        assert!(!out.contains("parts side by side"), "{out}");
+        assert_eq!(config(&run)["cpu_parts"], 1);
+        let (a, b) = (
+            std::fs::read(whole.join("last.safetensors")).unwrap(),
+            std::fs::read(run.join("last.safetensors")).unwrap(),
+        );
+        assert!(
+            a == b,
+            "resumed run (old style: {old_style}) differs from the uninterrupted whole run"
+        );
+    }
+}
+
 /// The learning test (≈1 min in the debug build on 2 cores): `tiny` on 640 toy images of
 /// 32×32 for 8 epochs must reach a validation RMSE well below the training-mean baseline.
 #[test]

@@ -58,10 +58,15 @@ pub fn parts_setting() -> usize {
 /// 1 on CUDA, with dropout, or for batches too small; otherwise the setting, lowered until every
 /// part has at least [`MIN_PART`] images. Depends on neither the thread count nor the machine.
 pub fn parts_for(device: &Device, batch: usize, dropout: f32) -> usize {
+    parts_for_setting(parts_setting(), device, batch, dropout)
+}
+
+/// [`parts_for`] with the setting given (a run's recorded one, `TrainConfig::cpu_parts`).
+pub fn parts_for_setting(setting: usize, device: &Device, batch: usize, dropout: f32) -> usize {
     if !device.is_cpu() || dropout > 0.0 {
         return 1;
     }
-    parts_setting().min(batch / MIN_PART).max(1)
+    setting.max(1).min(batch / MIN_PART).max(1)
 }
 
 /// The row ranges of `parts` parts of a batch of `n`: sizes fixed by `n` and `parts` alone (the

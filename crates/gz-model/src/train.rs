@@ -96,6 +96,12 @@ pub struct TrainConfig {
     pub max_images: Option<usize>,
     /// Images per forward pass during validation.
     pub eval_batch: usize,
+    /// The parts a CPU batch trains in side by side ([`crate::parts`]). Recorded by [`train`]:
+    /// a new run takes [`crate::parts::parts_setting`], a resumed run keeps its own, so it
+    /// continues exactly as it began (`None` in runs from before the parts: whole batches).
+    /// What is given here is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_parts: Option<usize>,
 }
 
 impl TrainConfig {
@@ -119,6 +125,7 @@ impl TrainConfig {
             device: "cpu".into(),
             max_images: None,
             eval_batch: 128,
+            cpu_parts: None,
         }
     }
 
@@ -510,7 +517,12 @@ pub fn train_on(
     if let Some(s) = &prior {
         // The data-defining parts are checked equal; keep the new epochs/patience/device.
         run_cfg.schedule = s.train.schedule.clone();
+        // the batches split as before the interruption (a run from before the parts: whole)
+        run_cfg.cpu_parts = Some(s.train.cpu_parts.unwrap_or(1));
+    } else {
+        run_cfg.cpu_parts = Some(crate::parts::parts_setting());
     }
+    let cpu_parts = run_cfg.cpu_parts.unwrap_or(1);
     write_json(&out_dir.join("config.json"), &run_cfg)?;
 
     let steps_per_epoch = split.train.len().div_ceil(cfg.batch);
@@ -524,7 +536,12 @@ pub fn train_on(
         baseline_val_rmse,
         device: format!("{device:?}"),
         resident: batcher.is_resident(),
-        batch_parts: crate::parts::parts_for(&device, cfg.batch.min(split.train.len()), cfg.model.dropout),
+        batch_parts: crate::parts::parts_for_setting(
+            cpu_parts,
+            &device,
+            cfg.batch.min(split.train.len()),
+            cfg.model.dropout,
+        ),
     });
 
     let (version, git) = checkpoint::code_version();
@@ -578,7 +595,7 @@ pub fn train_on(
                     &x,
                     &y,
                     &vars,
-                    crate::parts::parts_for(&device, rows.len(), cfg.model.dropout),
+                    crate::parts::parts_for_setting(cpu_parts, &device, rows.len(), cfg.model.dropout),
                 ),
             )?;
             ctx(step_ctx(), opt.step(&grads))?;
@@ -942,6 +959,7 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<()
         c.patience = None;
         c.device = String::new();
         c.schedule = Schedule::Constant;
+        c.cpu_parts = None;
         serde_json::to_value(c).unwrap_or_default()
     };
     let (a, b) = (norm(&s.train), norm(cfg));
