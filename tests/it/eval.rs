@@ -78,6 +78,30 @@ fn submit_check_lists_every_problem() {
         out.contains("valid submission, 4 rows, complete for the 4 test images"),
         "{out}"
     );
+
+    // `--images` stands for `--ids` with --check too (as with --pred); it used to be ignored,
+    // so a file missing test images passed as "valid submission"
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["submit", "--check"])
+            .arg(&good)
+            .arg("--images")
+            .arg(&ids_dir),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("valid submission, 4 rows, complete for the 4 test images"),
+        "{out}"
+    );
+    write_test_jpeg_names(&ids_dir, &[104]);
+    let (ok, out, _) = support::run(
+        support::gz()
+            .args(["submit", "--check"])
+            .arg(&good)
+            .arg("--images")
+            .arg(&ids_dir),
+    );
+    assert!(!ok && out.contains("no row for test image 104"), "{out}");
 }
 
 /// A file of per-question fractions (`gz predict --conditional`) is no submission: `--check`

@@ -3,7 +3,8 @@
 //! - `gz submit --pred PRED.csv --out submission.csv [--ids DIR]`: from `gz predict` output;
 //! - `gz submit --run RUN [--run ..] (--cache DIR | --images DIR) [--tta N] --out submission.csv`:
 //!   predict and write in one go;
-//! - `gz submit --check FILE [--ids DIR]`: validate any file and list every problem.
+//! - `gz submit --check FILE [--ids DIR]`: validate any file and list every problem (`--images`
+//!   stands for `--ids` here too).
 //!
 //! The file is clipped to [0, 1], sorted by id, complete for the test ids (`--ids` folder of
 //! test JPEGs, or the `--images` folder), checked, and only then published atomically. Missing
@@ -32,7 +33,8 @@ pub struct Args {
     /// With --run: the shard cache whose test split is predicted.
     #[arg(long, conflicts_with = "images")]
     cache: Option<PathBuf>,
-    /// With --run: a folder of test JPEGs (also the default for --ids).
+    /// With --run: a folder of test JPEGs to predict. Also the default for --ids (with --pred and
+    /// --check too).
     #[arg(long)]
     images: Option<PathBuf>,
     #[command(flatten)]
@@ -108,21 +110,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.fill_mean || args.train_labels.is_some() {
             bail!("--fill-mean and --train-labels apply when writing a submission, not to --check");
         }
-        return run_check(file, args.ids.as_ref());
+        // `--images` is the default for `--ids` here too, as when writing: ignored, it let an
+        // incomplete file pass as "valid"
+        return run_check(file, ids_source(&args));
     }
     let Some(out) = args.out.clone() else {
         bail!("--out FILE is required (or use --check FILE)")
     };
     // before reading or predicting anything
     super::check_output("--out", &out, false)?;
-    let ids_dir = args.ids.clone().or_else(|| args.images.clone());
-    let ids_flag = if args.ids.is_some() { "--ids" } else { "--images" };
-    let ids = match &ids_dir {
-        Some(d) => {
-            Some(ids_from_dir(d).with_context(|| format!("reading the test ids ({ids_flag}) from {}", d.display()))?)
-        }
-        None => None,
-    };
+    let ids_dir = ids_source(&args).map(|(_, d)| d.clone());
+    let ids = read_ids(ids_source(&args))?;
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;
         // the training labels are read only when a row needs filling
@@ -187,11 +185,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_check(file: &Path, ids_dir: Option<&PathBuf>) -> anyhow::Result<()> {
-    let ids = match ids_dir {
-        Some(d) => Some(ids_from_dir(d).with_context(|| format!("reading the test ids (--ids) from {}", d.display()))?),
-        None => None,
-    };
+/// The folder of test JPEGs a submission must match, with the flag that named it: `--ids`, or
+/// else `--images`.
+fn ids_source(args: &Args) -> Option<(&'static str, &PathBuf)> {
+    match (&args.ids, &args.images) {
+        (Some(d), _) => Some(("--ids", d)),
+        (None, Some(d)) => Some(("--images", d)),
+        (None, None) => None,
+    }
+}
+
+fn read_ids(source: Option<(&str, &PathBuf)>) -> anyhow::Result<Option<Vec<u64>>> {
+    source
+        .map(|(flag, d)| ids_from_dir(d).with_context(|| format!("reading the test ids ({flag}) from {}", d.display())))
+        .transpose()
+}
+
+fn run_check(file: &Path, ids_source: Option<(&str, &PathBuf)>) -> anyhow::Result<()> {
+    let ids = read_ids(ids_source)?;
     let rep = check(file, ids.as_deref())?;
     if rep.is_ok() {
         let versus = ids.as_ref().map_or(String::new(), |i| {
