@@ -76,11 +76,57 @@ impl Args {
             Ok(())
         } else {
             bail!(
-                "unexpected argument(s): {} (see `cargo xtask help`)",
-                self.items.join(" ")
+                "unexpected argument(s): {}{} (see `cargo xtask help`)",
+                self.items.join(" "),
+                pass_through_hints(&self.items)
             )
         }
     }
+}
+
+/// Options of `gz train` and `gz prep` that xtask does not take itself: a stage takes them
+/// through `--train-arg` / `--prep-arg`.
+const PASSED_THROUGH: [(&str, &[&str]); 2] = [
+    (
+        "train",
+        &[
+            "--lr",
+            "--optimizer",
+            "--schedule",
+            "--patience",
+            "--val-fraction",
+            "--max-train",
+            "--output",
+        ],
+    ),
+    (
+        "prep",
+        &["--crop", "--filter", "--threads", "--strict", "--rows-per-shard"],
+    ),
+];
+
+/// For leftover words that are `gz train` / `gz prep` options, how to pass them (`; --lr is a
+/// gz train option: pass it as --train-arg --lr=1e-3`); empty for none.
+fn pass_through_hints(items: &[String]) -> String {
+    let mut hints = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let (name, value) = match item.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (
+                item.as_str(),
+                items.get(i + 1).filter(|v| !v.starts_with("--")).cloned(),
+            ),
+        };
+        for (stage, names) in PASSED_THROUGH {
+            if names.contains(&name) {
+                let word = value.as_ref().map_or(name.to_string(), |v| format!("{name}={v}"));
+                hints.push(format!(
+                    "{name} is a `gz {stage}` option: pass it as --{stage}-arg {word}"
+                ));
+            }
+        }
+    }
+    hints.iter().map(|h| format!("; {h}")).collect()
 }
 
 #[cfg(test)]
@@ -107,6 +153,20 @@ mod tests {
         assert!(a("--epochs").value("--epochs").is_err());
         assert!(a("--epochs x").parsed::<u32>("--epochs").is_err());
         let err = a("--bogus 1").finish().unwrap_err().to_string();
-        assert!(err.contains("--bogus"), "{err}");
+        assert!(err.contains("--bogus") && !err.contains("option: pass"), "{err}");
+    }
+
+    /// A `gz train` / `gz prep` option given to xtask directly is refused with the way to pass
+    /// it through.
+    #[test]
+    fn stage_options_get_the_way_to_pass_them() {
+        let err = a("--lr 1e-3 --strict --crop=180").finish().unwrap_err().to_string();
+        for says in [
+            "--lr is a `gz train` option: pass it as --train-arg --lr=1e-3",
+            "--strict is a `gz prep` option: pass it as --prep-arg --strict",
+            "--crop is a `gz prep` option: pass it as --prep-arg --crop=180",
+        ] {
+            assert!(err.contains(says), "{says}: {err}");
+        }
     }
 }
