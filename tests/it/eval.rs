@@ -655,6 +655,11 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(&sub2),
     );
     assert!(!ok && err.contains("999999.jpg") && !sub2.exists(), "{err}");
+    // (the folder may hold the user's own cutouts: "image", in the singular for one)
+    assert!(
+        err.contains("unreadable image ") && err.contains("1 image could not be predicted") && err.contains("its row"),
+        "{err}"
+    );
     let (ok, out, err) = support::run(
         support::gz()
             .args(["submit", "--fill-mean", "--run"])

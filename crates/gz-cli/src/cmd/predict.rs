@@ -79,7 +79,7 @@ pub struct SourceArgs {
     /// Images per forward pass (each under every TTA view).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Fill the row of an unreadable test image with the training mean (listed on stderr)
+    /// Fill the row of an unreadable image with the training mean (listed on stderr)
     /// instead of failing.
     #[arg(long)]
     pub fill_mean: bool,
@@ -189,21 +189,26 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
     };
     if rows.is_empty() && !failures.is_empty() {
         bail!(
-            "none of the {} test image(s) could be predicted ({}: {}); nothing written",
-            failures.len(),
+            "{} could be predicted ({}: {}); nothing written",
+            match failures.len() {
+                1 => "the one image could not be read: nothing".to_string(),
+                n => format!("none of the {n} images"),
+            },
             failures[0].path.display(),
             failures[0].reason
         );
     }
     if !failures.is_empty() {
         for f in &failures {
-            eprintln!("unreadable test image {}: {}", f.path.display(), f.reason);
+            eprintln!("unreadable image {}: {}", f.path.display(), f.reason);
         }
         if !src.fill_mean {
             bail!(
-                "{} test image(s) could not be predicted; nothing written (pass --fill-mean to fill their rows with the \
-                 training mean and list them)",
-                failures.len()
+                "{} could not be predicted; nothing written (pass --fill-mean to fill {} with the training mean and \
+                 list {})",
+                super::count(failures.len(), "image"),
+                if failures.len() == 1 { "its row" } else { "their rows" },
+                if failures.len() == 1 { "it" } else { "them" }
             );
         }
     }
