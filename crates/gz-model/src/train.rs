@@ -487,6 +487,24 @@ pub fn train_on(
         checkpoint::commit_if_staged(&w_path, s.weights_crc32)?;
         checkpoint::commit_if_staged(&o_path, st.optimizer_crc32)?;
         let best_json = out_dir.join("best.json");
+        // `last.json` counts its own epoch as the best, but the run stopped before it wrote that
+        // best (a full disk or a kill between the two): write it now from last's weights (the
+        // same bytes), or a resumed run that never beats the epoch ends without its best, or
+        // with an older epoch's, while reporting this one as the best
+        let best_missed =
+            s.best_epoch == s.epoch && (!best_json.exists() || checkpoint::read_sidecar(&best_json)?.epoch != s.epoch);
+        if best_missed {
+            let best_w = out_dir.join("best.safetensors");
+            let crc = checkpoint::stage_tensors(&weights, &best_w)?;
+            let best = Sidecar {
+                weights_file: "best.safetensors".into(),
+                weights_crc32: crc,
+                resume: None,
+                ..s.clone()
+            };
+            checkpoint::write_sidecar(&best, &best_json)?;
+            checkpoint::commit_staged(&best_w)?;
+        }
         if best_json.exists() {
             let b = checkpoint::read_sidecar(&best_json)?;
             let best_path = out_dir.join(&b.weights_file);
@@ -1454,6 +1472,56 @@ mod tests {
                     "killed after step {k}: {name}"
                 );
             }
+        }
+    }
+
+    /// A run stopped in its best epoch after `last` was saved but before `best` was (a full
+    /// disk while staging `best.safetensors`, or a kill) resumes to the uninterrupted run's
+    /// `best`, also when no later epoch beats that one. (`last.json` was written first and
+    /// already counted the epoch as the best: the resumed run never improved on it, so it ended
+    /// with no `best.safetensors` at all, or an older epoch's, while reporting the lost epoch as
+    /// its best.)
+    #[test]
+    fn a_best_epoch_cut_short_is_not_lost_on_resume() {
+        let src = toy_source(48, 32, 1);
+        let cfg = |epochs| TrainConfig {
+            lr: 0.03, // the toy's best epoch is then its first, never beaten
+            ..small_cfg(epochs)
+        };
+        let straight = tempfile::tempdir().unwrap();
+        let s = train_on(&cfg(3), &src, &meta(), straight.path(), false, &()).unwrap();
+        let best = s.best_epoch;
+        assert!(
+            (1..3).contains(&best),
+            "the test needs a best epoch before the last: {best}"
+        );
+        let sidecar_epoch = |d: &Path| checkpoint::read_sidecar(&d.join("best.json")).unwrap().epoch;
+        assert_eq!(sidecar_epoch(straight.path()), best);
+        for k in 0..=6 {
+            let dir = tempfile::tempdir().unwrap();
+            if best > 1 {
+                train_on(&cfg(best - 1), &src, &meta(), dir.path(), false, &()).unwrap();
+            }
+            KILL_AFTER.with(|c| c.set(Some(k)));
+            let r = train_on(&cfg(best), &src, &meta(), dir.path(), best > 1, &());
+            KILL_AFTER.with(|c| c.set(None));
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("killed after checkpoint step"), "step {k}: {e}");
+            let resume = dir.path().join("last.json").exists();
+            let s = train_on(&cfg(3), &src, &meta(), dir.path(), resume, &())
+                .unwrap_or_else(|e| panic!("killed after step {k}: resume: {e}"));
+            assert_eq!(s.best_epoch, best, "killed after step {k}");
+            let w = dir.path().join("best.safetensors");
+            assert!(
+                w.exists(),
+                "killed after step {k}: the run reports its best epoch {best} but kept no best.safetensors"
+            );
+            assert_eq!(sidecar_epoch(dir.path()), best, "killed after step {k}: best.json");
+            assert_eq!(
+                read(&straight.path().join("best.safetensors")),
+                read(&w),
+                "killed after step {k}"
+            );
         }
     }
 
