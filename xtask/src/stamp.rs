@@ -115,8 +115,15 @@ impl Stamp {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(&v)?;
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display()))?;
+        let written = std::fs::write(&tmp, text)
+            .with_context(|| format!("writing {}", tmp.display()))
+            .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display())));
+        if written.is_err() {
+            // a full disk: the half-written temporary goes (stamps have a name per stage and
+            // output, so one per failed stage and output would stay in data/stamps)
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         Ok(Stamp {
             command: command.to_vec(),
             inputs: inputs.to_vec(),
@@ -181,5 +188,37 @@ mod tests {
         std::fs::remove_file(out.join("best.json")).unwrap();
         let why = s.stale_reason(&cmd, &inputs).unwrap().unwrap();
         assert!(why.contains("changed") || why.contains("missing"), "{why}");
+    }
+
+    /// A stamp that cannot be written (No space left on device: its temporary is a link to
+    /// /dev/full) is an error naming it and the cause, and leaves neither the stamp nor its
+    /// temporary behind. (`cargo xtask pipeline` on a full disk left `STAGE-HASH.json.tmp` in
+    /// data/stamps, one per stage and output, never removed.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stamp_that_cannot_be_written_leaves_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let sp = stamp_path(t.path(), "submit", &out);
+        std::fs::create_dir_all(sp.parent().unwrap()).unwrap();
+        let tmp = sp.with_extension("json.tmp");
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let cmd = vec!["gz".to_string(), "submit".to_string()];
+        let e = Stamp::save(&sp, "submit", &cmd, &[], &[], "ok\n").unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("No space left on device") && msg.contains(&*tmp.to_string_lossy()),
+            "{msg}"
+        );
+        assert!(!sp.exists(), "{}", sp.display());
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "{} left behind",
+            tmp.display()
+        );
+        // with room again: written
+        Stamp::save(&sp, "submit", &cmd, &[], &[], "ok\n").unwrap();
+        assert_eq!(Stamp::load(&sp).unwrap().stdout, "ok\n");
     }
 }
