@@ -10,7 +10,7 @@
 //! assemble the batch on the device, augment it (if on), forward in training mode, MSE against
 //! the labels in f32, backward, optimizer step; then the validation RMSE in eval mode,
 //! `metrics.jsonl` (rewritten atomically), `last.*` and, when the validation RMSE improved,
-//! `best.*`. A non-finite loss stops the run with [`TrainError::NonFinite`] before anything is
+//! `best.*` (in that order: the sidecar `last.json` marks the epoch done). A non-finite loss stops the run with [`TrainError::NonFinite`] before anything is
 //! written, so the last good checkpoint stays; so do non-finite weights at the end of an epoch
 //! ([`TrainError::NonFiniteWeights`]: ReLU and max-pool can hide them behind a finite loss).
 //! Everything random derives from `seed` and the epoch number, so `resume` continues a run
@@ -698,7 +698,11 @@ pub fn train_on(
         };
         history.push(metrics.clone());
 
-        // Checkpoints: last (with resume state), then best if improved, then metrics.
+        // metrics.jsonl first: once last.json counts this epoch as done, a run stopped before
+        // its metrics were written (a full disk) is complete without them, and never rewrites
+        // them; stopped here, the resumed run repeats the epoch.
+        write_metrics(&out_dir.join("metrics.jsonl"), &history)?;
+        // Checkpoints: last (with resume state), then best if improved.
         // Staged files, then the sidecar naming them, then the renames into place: a kill at
         // any point leaves a sidecar whose checksums the loader finds (checkpoint module docs).
         let (last_w, last_o) = (out_dir.join("last.safetensors"), out_dir.join("last.optim.safetensors"));
@@ -755,7 +759,6 @@ pub fn train_on(
             kill_point(6)?;
             checkpoint::commit_staged(&best_w)?;
         }
-        write_metrics(&out_dir.join("metrics.jsonl"), &history)?;
         observer.on_epoch(&metrics);
     }
     if let Some(p) = cfg.patience {
@@ -1521,6 +1524,68 @@ mod tests {
                 read(&straight.path().join("best.safetensors")),
                 read(&w),
                 "killed after step {k}"
+            );
+        }
+    }
+
+    /// Fills the disk for one file in epoch `epoch` (0-based): its temporary `tmp` becomes a
+    /// link to /dev/full, where every write fails with "No space left on device".
+    #[cfg(target_os = "linux")]
+    struct DiskFullIn {
+        epoch: usize,
+        tmp: PathBuf,
+    }
+
+    #[cfg(target_os = "linux")]
+    impl TrainObserver for DiskFullIn {
+        fn on_step(&self, epoch: usize, _step: usize, _steps: usize, _loss: Option<f64>) {
+            if epoch == self.epoch && std::fs::symlink_metadata(&self.tmp).is_err() {
+                std::os::unix::fs::symlink("/dev/full", &self.tmp).unwrap();
+            }
+        }
+    }
+
+    /// `metrics.jsonl` that cannot be rewritten after an epoch (No space left on device: its
+    /// temporary is a link to /dev/full) stops the run before the epoch counts as done, so the
+    /// resumed run repeats it and its `metrics.jsonl` has every epoch. (It was written after
+    /// `last.json`: failing in the final epoch, the run was complete by its sidecar, `--resume`
+    /// refused it as finished, `cargo xtask` kept it, and `metrics.jsonl` and the report's
+    /// learning curve lacked the last epoch for good.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn metrics_that_cannot_be_written_leave_the_epoch_to_redo() {
+        let src = toy_source(48, 32, 1);
+        let straight = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(3), &src, &meta(), straight.path(), false, &()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // the disk fills during the last epoch (after the run removed stale temporaries)
+        let full = DiskFullIn {
+            epoch: 2,
+            tmp: dir.path().join(format!(".metrics.jsonl.{}.tmp", std::process::id())),
+        };
+        let e = train_on(&small_cfg(3), &src, &meta(), dir.path(), false, &full).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("metrics.jsonl") && msg.contains("No space left on device"),
+            "{msg}"
+        );
+        let _ = std::fs::remove_file(&full.tmp);
+        assert!(dir.path().join("last.json").exists(), "{msg}");
+        train_on(&small_cfg(3), &src, &meta(), dir.path(), true, &()).unwrap();
+        let epochs = |d: &Path| {
+            std::fs::read_to_string(d.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<EpochMetrics>(l).unwrap())
+                .map(|m| (m.epoch, m.val_rmse.to_bits(), m.best))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(epochs(dir.path()), epochs(straight.path()));
+        for name in ["last.safetensors", "best.safetensors"] {
+            assert_eq!(
+                read(&straight.path().join(name)),
+                read(&dir.path().join(name)),
+                "{name}"
             );
         }
     }
