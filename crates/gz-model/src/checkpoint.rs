@@ -244,9 +244,13 @@ pub fn write_sidecar(sidecar: &Sidecar, path: &Path) -> Result<(), CheckpointErr
         source,
     })?;
     text.push('\n');
-    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| CheckpointError::Invalid {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
+    gz_schema::write_atomic(path, text.as_bytes()).map_err(|e| match e {
+        // (its message names the path already: "PATH: No space left on device")
+        gz_schema::SchemaError::Io { path, source } => CheckpointError::Io { path, source },
+        e => CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        },
     })
 }
 

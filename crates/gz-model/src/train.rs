@@ -1590,6 +1590,27 @@ mod tests {
         }
     }
 
+    /// A checkpoint sidecar that cannot be written (No space left on device) is an error that
+    /// names it once, with the cause. (It read "DIR/last.json: DIR/last.json: No space left on
+    /// device": the write error, path included, was wrapped in another naming the path.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_sidecar_that_cannot_be_written_is_named_once() {
+        let src = toy_source(48, 32, 1);
+        for name in ["last.json", "best.json"] {
+            let dir = tempfile::tempdir().unwrap();
+            let full = DiskFullIn {
+                epoch: 0,
+                tmp: dir.path().join(format!(".{name}.{}.tmp", std::process::id())),
+            };
+            let msg = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &full)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("No space left on device"), "{msg}");
+            assert_eq!(msg.matches(name).count(), 1, "{msg}");
+        }
+    }
+
     /// The metrics history travels through the sidecar's JSON on `--resume`: every f64 must come
     /// back to the bit (serde_json's default parser was 1 ulp off for some values, so a resumed
     /// run's `metrics.jsonl` differed from an uninterrupted run's in the last digit).
