@@ -434,7 +434,7 @@ pub fn train_on(
                 out_dir.display()
             ))
         })?;
-        check_resumable(&s, cfg, meta)?;
+        check_resumable(&s, cfg, meta, best_missed(out_dir, &s)?)?;
         Some(s)
     } else {
         if last_json.exists() || out_dir.join("best.json").exists() {
@@ -489,11 +489,9 @@ pub fn train_on(
         let best_json = out_dir.join("best.json");
         // `last.json` counts its own epoch as the best, but the run stopped before it wrote that
         // best (a full disk or a kill between the two): write it now from last's weights (the
-        // same bytes), or a resumed run that never beats the epoch ends without its best, or
-        // with an older epoch's, while reporting this one as the best
-        let best_missed =
-            s.best_epoch == s.epoch && (!best_json.exists() || checkpoint::read_sidecar(&best_json)?.epoch != s.epoch);
-        if best_missed {
+        // same bytes), or a resumed run that never beats the epoch (or has none left to train)
+        // ends without its best, or with an older epoch's, while reporting this one as the best
+        if best_missed(out_dir, s)? {
             let best_w = out_dir.join("best.safetensors");
             let crc = checkpoint::stage_tensors(&weights, &best_w)?;
             let best = Sidecar {
@@ -956,7 +954,17 @@ fn kill_point(k: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<(), TrainError> {
+/// Whether `last` (the sidecar `s` in `out_dir`) counts its own epoch as the best but the run
+/// stopped before it wrote that best (a full disk or a kill between `last.json` and `best.*`):
+/// `best.json` is missing or names another epoch.
+fn best_missed(out_dir: &Path, s: &Sidecar) -> Result<bool, TrainError> {
+    let best_json = out_dir.join("best.json");
+    Ok(s.best_epoch == s.epoch && (!best_json.exists() || checkpoint::read_sidecar(&best_json)?.epoch != s.epoch))
+}
+
+/// `best_missed`: [`best_missed`]; a run that completed its epochs is resumed (with no epoch to
+/// train) only to write that best.
+fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed: bool) -> Result<(), TrainError> {
     if s.prep_config_hash != meta.prep_config_hash {
         return Err(TrainError::Resume(format!(
             "the run was trained on a cache with config hash {} but this cache has {}",
@@ -998,7 +1006,7 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta) -> Result<()
             diff.join("; ")
         )));
     }
-    if s.epoch >= cfg.epochs {
+    if s.epoch > cfg.epochs || (s.epoch == cfg.epochs && !best_missed) {
         // (fewer epochs than the run has done read "completed 6 of 3 epochs")
         let done = if s.epoch == cfg.epochs {
             format!("the run already completed its {} epochs", s.epoch)
@@ -1587,6 +1595,39 @@ mod tests {
                 read(&dir.path().join(name)),
                 "{name}"
             );
+        }
+    }
+
+    /// The same in the run's final epoch: the run is complete by `last.json`, and `--resume`
+    /// (which refused a completed run) writes the missed best and trains nothing.
+    #[test]
+    fn a_final_best_epoch_cut_short_is_written_on_resume() {
+        let src = toy_source(48, 32, 1);
+        let straight = tempfile::tempdir().unwrap();
+        let s = train_on(&small_cfg(3), &src, &meta(), straight.path(), false, &()).unwrap();
+        assert_eq!(s.best_epoch, 3, "the test needs the last epoch to be the best");
+        // (after step 6 best.json names the staged best, which loaders take: not missed)
+        for k in 4..=5 {
+            let dir = tempfile::tempdir().unwrap();
+            train_on(&small_cfg(2), &src, &meta(), dir.path(), false, &()).unwrap();
+            KILL_AFTER.with(|c| c.set(Some(k)));
+            let r = train_on(&small_cfg(3), &src, &meta(), dir.path(), true, &());
+            KILL_AFTER.with(|c| c.set(None));
+            assert!(r.is_err(), "step {k}");
+            let s = train_on(&small_cfg(3), &src, &meta(), dir.path(), true, &())
+                .unwrap_or_else(|e| panic!("killed after step {k}: resume: {e}"));
+            assert_eq!((s.best_epoch, s.epochs_run), (3, 3), "killed after step {k}");
+            let b = checkpoint::read_sidecar(&dir.path().join("best.json")).unwrap();
+            assert_eq!(b.epoch, 3, "killed after step {k}");
+            let name = "best.safetensors";
+            assert_eq!(
+                read(&straight.path().join(name)),
+                read(&dir.path().join(name)),
+                "killed after step {k}"
+            );
+            // complete now: a further resume is refused as before
+            let e = train_on(&small_cfg(3), &src, &meta(), dir.path(), true, &()).unwrap_err();
+            assert!(e.to_string().contains("already completed"), "{e}");
         }
     }
 
