@@ -734,19 +734,32 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .is_some_and(|v| v == note);
+    let json = |p: &Path| {
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    };
     let last = run.join("last.json");
-    let finished = std::fs::read(&last)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    let last_v = json(&last);
+    let finished = last_v
+        .as_ref()
         .and_then(|v| Some((v.get("epoch")?.as_u64()?, v.get("train")?.get("epochs")?.as_u64()?)))
         .is_some_and(|(done, of)| done >= of);
     // (a finished run whose best checkpoint is gone, deleted or never written, is trained again)
     let best = run.join("best.json").exists() && run.join("best.safetensors").exists();
-    if same && !force && finished && best {
+    // last.json counts its epoch as the best but best.json names an earlier one: the run stopped
+    // between the two (a full disk), and `gz train --resume` writes that best
+    let best_missed = last_v
+        .as_ref()
+        .and_then(|v| Some((v.get("epoch")?.as_u64()?, v.get("best_epoch")?.as_u64()?)))
+        .is_some_and(|(epoch, best)| {
+            epoch == best && json(&run.join("best.json")).and_then(|b| b.get("epoch")?.as_u64()) != Some(epoch)
+        });
+    if same && !force && finished && best && !best_missed {
         eprintln!("xtask: train: keeping the finished run {}", run.display());
         return Ok(BeforeRun::Done);
     }
-    if same && !force && last.exists() && !finished {
+    if same && !force && last.exists() && (!finished || best_missed) {
         eprintln!("xtask: train: resuming the interrupted run {}", run.display());
         return Ok(BeforeRun::Run(vec!["--resume".into()]));
     }
@@ -1415,6 +1428,19 @@ mod tests {
         std::fs::write(run.join("best.safetensors"), "w").unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
         assert!(run.join("best.json").exists());
+        // finished, but stopped (a full disk) between last.json, which counts its final epoch
+        // as the best, and best.json, still an earlier epoch's: resumed (gz train writes that
+        // best), not kept with the stale best nor trained again
+        let ended = |best: u64| serde_json::json!({"epoch": 3, "best_epoch": best, "train": {"epochs": 3}}).to_string();
+        std::fs::write(run.join("last.json"), ended(3)).unwrap();
+        std::fs::write(run.join("best.json"), serde_json::json!({"epoch": 2}).to_string()).unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), resume);
+        assert!(run.join("best.json").exists());
+        std::fs::write(run.join("best.json"), serde_json::json!({"epoch": 3}).to_string()).unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
+        std::fs::write(run.join("last.json"), ended(2)).unwrap();
+        std::fs::write(run.join("best.json"), serde_json::json!({"epoch": 2}).to_string()).unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
         assert_eq!(train_before_run(&run, &cmd, &inputs, true).unwrap(), fresh);
         assert!(!run.join("best.json").exists());
         // another command, or other inputs: replaced
