@@ -467,6 +467,50 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     );
 }
 
+/// `gz train` into a folder on a full disk, where its lock (`.gz-train.lock`, the first file
+/// it writes) cannot be written: the error names the lock and the cause, and the empty lock is
+/// not left behind. (It was: the next `gz train` into the folder was refused, "in use: another
+/// gz train is writing into it", although none ran.) The full disk is a file size limit of 0
+/// bytes, where every write fails ("File too large").
+#[cfg(target_os = "linux")]
+#[test]
+fn a_lock_that_cannot_be_written_is_not_left_behind() {
+    use std::os::unix::process::CommandExt;
+    let t = support::tempdir();
+    let cache = toy_cache(t.path(), 24, 32, 3);
+    let run = t.path().join("run");
+    let mut cmd = support::gz();
+    cmd.args(tiny_args(&cache, &run, "1"));
+    // SAFETY: only getrlimit(2), setrlimit(2) and signal(2), async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = 0;
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (ok, _, stderr) = support::run(&mut cmd);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains(".gz-train.lock") && stderr.contains("File too large"),
+        "{stderr}"
+    );
+    assert!(!run.join(".gz-train.lock").exists(), "{stderr}");
+    // with room again, at once: trained
+    let (ok, _, stderr) = support::run(support::gz().args(tiny_args(&cache, &run, "1")));
+    assert!(ok, "{stderr}");
+}
+
 /// A shard truncated while `gz train` has it memory-mapped ends the run with SIGBUS, as any
 /// reader of a shrunk mapping does; gz's handler first names the file and the way back.
 #[test]

@@ -826,8 +826,12 @@ impl RunLock {
         for _ in 0..3 {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    f.write_all(format!("{}\n", std::process::id()).as_bytes())
-                        .map_err(io)?;
+                    if let Err(e) = f.write_all(format!("{}\n", std::process::id()).as_bytes()) {
+                        // a full disk: an empty lock left here would refuse the next run as
+                        // "in use" (no process id to check) until it is 10 s old
+                        let _ = std::fs::remove_file(&path);
+                        return Err(io(e));
+                    }
                     return Ok(RunLock { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
