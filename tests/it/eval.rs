@@ -448,6 +448,33 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     }
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert!(html.contains("gallery/") && html.contains("Q1 "), "gallery missing");
+    // a report that fails part-way over an earlier one (a full disk; here per_question.png is
+    // a folder) leaves no index.html: the earlier page, showing the earlier scores beside the
+    // new metrics.json and charts with its gallery gone, is not taken for a whole report
+    let eval_report = || {
+        support::run(
+            support::gz()
+                .args(["eval", "--run"])
+                .arg(&run)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--data")
+                .arg(&data)
+                .arg("--report")
+                .arg(&report),
+        )
+    };
+    std::fs::remove_file(report.join("per_question.png")).unwrap();
+    std::fs::create_dir(report.join("per_question.png")).unwrap();
+    let (ok, _, err) = eval_report();
+    assert!(!ok && err.contains("per_question.png"), "{err}");
+    assert!(
+        !report.join("index.html").exists(),
+        "the earlier report's page stayed: {err}"
+    );
+    std::fs::remove_dir(report.join("per_question.png")).unwrap();
+    let (ok, _, err) = eval_report();
+    assert!(ok && report.join("index.html").exists(), "{err}");
     // --data naming another dataset: refused, not another set's floor
     let elsewhere = tmp.path().join("elsewhere");
     gz_ok(

@@ -272,6 +272,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let gdir = dir.join("gallery");
     std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
+    // an earlier report's page goes first: this report replaces its files one by one, and one
+    // that fails part-way (a full disk) would leave that page showing the old scores beside the
+    // new metrics.json and charts, its gallery gone; index.html is written last
+    let index = dir.join("index.html");
+    match std::fs::remove_file(&index) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the earlier report's {}", index.display()));
+        }
+        _ => {}
+    }
     // thumbnails of an earlier report (`<GalaxyID>.png`) go: the gallery shows this one's only
     for e in std::fs::read_dir(&gdir).with_context(|| format!("reading {}", gdir.display()))? {
         let p = e.with_context(|| format!("reading {}", gdir.display()))?.path();
