@@ -32,6 +32,15 @@ fn tiny_args(cache: &Path, run: &Path, epochs: &str) -> Vec<String> {
     v
 }
 
+/// [`tiny_args`] with batch 16 (two parts of 8 on the CPU), on the CPU, with `seed`.
+fn tiny_args_in_parts(cache: &Path, run: &Path, epochs: &str, seed: &str) -> Vec<String> {
+    let mut args = tiny_args(cache, run, epochs);
+    let batch = args.iter().position(|a| a == "--batch").unwrap() + 1;
+    args[batch] = "16".into();
+    args.extend(["--device", "cpu", "--seed", seed].map(String::from));
+    args
+}
+
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -49,10 +58,7 @@ fn cpu_training_in_parts_does_not_depend_on_the_thread_count() {
     let cache = toy_cache(tmp.path(), 96, 16, 5);
     let train = |name: &str, env: &[(&str, &str)]| -> Vec<u8> {
         let run = tmp.path().join(name);
-        let mut args = tiny_args(&cache, &run, "2");
-        let batch = args.iter().position(|a| a == "--batch").unwrap() + 1;
-        args[batch] = "16".into();
-        args.extend(["--device", "cpu", "--seed", "1"].map(String::from));
+        let args = tiny_args_in_parts(&cache, &run, "2", "1");
         let mut cmd = support::gz();
         cmd.args(&args).env_remove("GZ_CPU_PARTS");
         for (k, v) in env {
@@ -93,10 +99,7 @@ fn a_resumed_run_keeps_the_parts_it_began_with() {
     let tmp = support::tempdir();
     let cache = toy_cache(tmp.path(), 96, 16, 6);
     let train = |run: &Path, epochs: &str, parts: Option<&str>, resume: bool| -> String {
-        let mut args = tiny_args(&cache, run, epochs);
-        let batch = args.iter().position(|a| a == "--batch").unwrap() + 1;
-        args[batch] = "16".into();
-        args.extend(["--device", "cpu", "--seed", "2"].map(String::from));
+        let mut args = tiny_args_in_parts(&cache, run, epochs, "2");
         if resume {
             args.push("--resume".into());
         }
@@ -379,18 +382,27 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
             .unwrap();
         assert!(kill.success());
     };
-    let mut child = start("100000", libc::SIG_DFL);
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("epoch   1 ") {
-            break;
+    // a run with SIGINT caught, sent `sig` after its first epoch: (exit status, stderr, the
+    // stdout lines after epoch 1)
+    let stopped_after_epoch_1 = |sig: &str| {
+        let mut child = start("100000", libc::SIG_DFL);
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().starts_with("epoch   1 ") {
+                break;
+            }
         }
-    }
-    signal(&child, "-INT");
-    let rest: Vec<String> = lines.map(Result::unwrap).collect();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}\n{rest:?}");
+        signal(&child, sig);
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            rest,
+        )
+    };
+    let (code, stderr, rest) = stopped_after_epoch_1("-INT");
+    assert_eq!(code, Some(130), "{stderr}\n{rest:?}");
     assert!(
         stderr.contains("gz train: stopped ")
             && stderr.contains("to continue: `gz train` with the same options and --resume"),
@@ -446,18 +458,8 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     // SIGTERM with SIGINT caught: the line says it takes two Ctrl-Cs (SIGINTs count from the
     // first; it said "Ctrl-C again", which one Ctrl-C does not do)
     std::fs::remove_dir_all(&run).unwrap();
-    let mut child = start("100000", libc::SIG_DFL);
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("epoch   1 ") {
-            break;
-        }
-    }
-    signal(&child, "-TERM");
-    let rest: Vec<String> = lines.map(Result::unwrap).collect();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(143), "{stderr}\n{rest:?}");
+    let (code, stderr, rest) = stopped_after_epoch_1("-TERM");
+    assert_eq!(code, Some(143), "{stderr}\n{rest:?}");
     assert!(
         stderr.contains(
             "gz: SIGTERM: stopping before the next training step (further SIGTERMs change nothing; Ctrl-C twice \

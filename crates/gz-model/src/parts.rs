@@ -157,6 +157,16 @@ mod tests {
     use crate::checkpoint;
     use crate::config::{Arch, ModelConfig, OutputKind};
 
+    /// The gradient of `v` in `g`, flattened.
+    fn grad(g: &GradStore, v: &Var) -> Vec<f32> {
+        g.get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn ranges_cover_the_batch_in_order() {
         assert_eq!(ranges(16, 2), vec![0..8, 8..16]);
@@ -200,20 +210,7 @@ mod tests {
             );
             assert_eq!(vars.len(), 12, "tiny: 4 conv and 2 dense layers, weights and biases");
             for v in &vars {
-                let a = g1
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
-                let b = gp
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap();
+                let (a, b) = (grad(&g1, v), grad(&gp, v));
                 let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
                 let worst = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
                 assert!(
@@ -234,19 +231,7 @@ mod tests {
         let vars = varmap.all_vars();
         let x = Tensor::rand(0f32, 1.0, (16, 3, 32, 32), &dev).unwrap();
         let y = Tensor::rand(0f32, 1.0, (16, gz_schema::N_ANSWERS), &dev).unwrap();
-        let bits = |g: &GradStore| -> Vec<u32> {
-            vars.iter()
-                .flat_map(|v| {
-                    g.get(v.as_tensor())
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                })
-                .map(f32::to_bits)
-                .collect()
-        };
+        let bits = |g: &GradStore| -> Vec<u32> { vars.iter().flat_map(|v| grad(g, v)).map(f32::to_bits).collect() };
         let (_, first) = loss_and_grads(&model, &x, &y, &vars, 4).unwrap();
         let first = bits(&first);
         for _ in 0..5 {
