@@ -160,26 +160,10 @@ fn main() {
     warn_unknown_switch_values(&switches);
     // `GZ_OPTIM_TENSORS=N`: at most N parameter tensors per launch of the fused update (1 = one
     // launch per tensor, the comparison for the multi-tensor launch; 32 by default).
-    if let Ok(v) = std::env::var("GZ_OPTIM_TENSORS") {
-        match v.parse::<usize>() {
-            Ok(n) if (1..=32).contains(&n) => gz_model::optim::set_tensors_per_launch(n),
-            _ => {
-                eprintln!("error: GZ_OPTIM_TENSORS must be a whole number from 1 to 32, not {v:?}");
-                std::process::exit(2);
-            }
-        }
-    }
+    count_switch("GZ_OPTIM_TENSORS", 32, gz_model::optim::set_tensors_per_launch);
     // `GZ_CPU_PARTS=N`: a CPU training batch is cut into N parts trained side by side
     // (gz_model::parts; 1 trains every batch whole, as before the parts existed).
-    if let Ok(v) = std::env::var("GZ_CPU_PARTS") {
-        match v.parse::<usize>() {
-            Ok(n) if (1..=64).contains(&n) => gz_model::parts::set_parts(n),
-            _ => {
-                eprintln!("error: GZ_CPU_PARTS must be a whole number from 1 to 64, not {v:?}");
-                std::process::exit(2);
-            }
-        }
-    }
+    count_switch("GZ_CPU_PARTS", 64, gz_model::parts::set_parts);
     let result = if on_pool {
         rayon::scope(|_| run(cli.command))
     } else {
@@ -194,6 +178,20 @@ fn main() {
         // A subcommand may ask for a specific exit code by returning `ExitCode`.
         let code = err.downcast_ref::<ExitCode>().map_or(1, |c| c.0);
         std::process::exit(code);
+    }
+}
+
+/// A `GZ_*` switch holding a whole number from 1 to `max`, passed to `set` when the variable is
+/// set; any other value ends gz with status 2, naming the variable.
+fn count_switch(var: &str, max: usize, set: fn(usize)) {
+    if let Ok(v) = std::env::var(var) {
+        match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => set(n),
+            _ => {
+                eprintln!("error: {var} must be a whole number from 1 to {max}, not {v:?}");
+                std::process::exit(2);
+            }
+        }
     }
 }
 

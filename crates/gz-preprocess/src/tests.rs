@@ -1151,27 +1151,25 @@ fn cached_input_paths_follow_the_dataset_path_given_now() {
     let moved = t.path().join("moved");
     std::fs::rename(&first, &moved).unwrap();
     opts.data_dir = moved.clone();
-    let hit = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
-    assert!(hit.cache_hit);
-    assert_eq!(hit.cache_dir, s.cache_dir);
-    assert_eq!(
-        hit.greyscale_example,
-        Some(moved.join(dataset::TEST_DIR).join("242195.jpg"))
-    );
-    assert_eq!(hit.skipped[0].path, moved.join(dataset::TRAIN_DIR).join("notes.jpg"));
+    // a cache hit: the same cache, its paths under the dataset's place now
+    let hit_under_moved = || {
+        let hit = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+        assert!(hit.cache_hit);
+        assert_eq!(hit.cache_dir, s.cache_dir);
+        assert_eq!(
+            hit.greyscale_example,
+            Some(moved.join(dataset::TEST_DIR).join("242195.jpg"))
+        );
+        assert_eq!(hit.skipped[0].path, moved.join(dataset::TRAIN_DIR).join("notes.jpg"));
+        hit
+    };
+    hit_under_moved();
 
     // a manifest of before (paths as given at the first prep, relative to its working directory)
     let mut old = manifest;
     old["extra"]["greyscale_example"] = "../elsewhere/data/images_test_rev1/242195.jpg".into();
     old["extra"]["skipped"][0]["path"] = "/gone/data/images_training_rev1/notes.jpg".into();
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
-    let hit = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
-    assert!(hit.cache_hit);
-    assert_eq!(hit.cache_dir, s.cache_dir);
-    assert_eq!(
-        hit.greyscale_example,
-        Some(moved.join(dataset::TEST_DIR).join("242195.jpg"))
-    );
-    assert_eq!(hit.skipped[0].path, moved.join(dataset::TRAIN_DIR).join("notes.jpg"));
+    let hit = hit_under_moved();
     assert_eq!(hit.skipped[0].reason, s.skipped[0].reason);
 }
