@@ -760,7 +760,14 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         return Ok(BeforeRun::Done);
     }
     if same && !force && last.exists() && (!finished || best_missed) {
-        eprintln!("xtask: train: resuming the interrupted run {}", run.display());
+        if finished {
+            eprintln!(
+                "xtask: train: resuming the finished run {} to write the best checkpoint it missed",
+                run.display()
+            );
+        } else {
+            eprintln!("xtask: train: resuming the interrupted run {}", run.display());
+        }
         return Ok(BeforeRun::Run(vec!["--resume".into()]));
     }
     if run.exists() {
@@ -768,7 +775,8 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         std::fs::remove_dir_all(run).with_context(|| format!("removing {}", run.display()))?;
     }
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
-    std::fs::write(&note_path, format!("{note:#}\n")).with_context(|| format!("writing {}", note_path.display()))?;
+    // through a temporary: a half-written note would count the run as stale at the next call
+    crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
     Ok(BeforeRun::Run(vec![]))
 }
 

@@ -51,7 +51,10 @@ pub fn predict_batch(
         }
         y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
     };
-    run().map_err(model_err(format!("predicting a batch of {n} images")))
+    run().map_err(model_err(format!(
+        "predicting a batch of {n} image{}",
+        if n == 1 { "" } else { "s" }
+    )))
 }
 
 /// Predicts `rows` of a cache split (all rows when `None`), in batches of `batch`; `progress`
