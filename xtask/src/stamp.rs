@@ -148,6 +148,23 @@ impl Stamp {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary beside it and a rename, so that a kill or a full
+/// disk never leaves a half-written file under the final name. A temporary that could not be
+/// written whole is removed (stamps have a name per stage and output, so one per failed stage
+/// and output would otherwise stay in data/stamps).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, bytes)
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display())));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,21 +228,4 @@ mod tests {
         Stamp::save(&sp, "submit", &cmd, &[], &[], "ok\n").unwrap();
         assert_eq!(Stamp::load(&sp).unwrap().stdout, "ok\n");
     }
-}
-
-/// Writes `bytes` to `path` through a temporary beside it and a rename, so that a kill or a full
-/// disk never leaves a half-written file under the final name. A temporary that could not be
-/// written whole is removed (stamps have a name per stage and output, so one per failed stage
-/// and output would otherwise stay in data/stamps).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = std::fs::write(&tmp, bytes)
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display())));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
