@@ -34,6 +34,9 @@ pub mod train;
 pub mod tree;
 
 #[cfg(test)]
+mod launch_signatures;
+
+#[cfg(test)]
 pub(crate) mod testutil {
     //! Helpers shared by the unit tests.
 

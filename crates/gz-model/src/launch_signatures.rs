@@ -14,7 +14,8 @@
 //! re-checked). Every kernel in the `.cu` files must have an entry, and every `.arg(` in a
 //! launcher file must belong to one.
 //!
-//! No CUDA needed: it reads the sources only.
+//! No CUDA needed: it reads the sources only (a test module of the library, so that the
+//! workspace keeps one integration-test binary).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -895,7 +896,11 @@ fn every_arg_push_belongs_to_an_entry_and_each_ptx_has_its_own_module() {
                     .expect("under src")
                     .to_string_lossy()
                     .replace('\\', "/");
-                if text.contains("get_or_load_custom_func(") && !FILES.iter().any(|f| f.rs == rel) {
+                // (this file names the call in its checks, not to load anything)
+                if rel != "launch_signatures.rs"
+                    && text.contains("get_or_load_custom_func(")
+                    && !FILES.iter().any(|f| f.rs == rel)
+                {
                     problems.push(format!("{rel} loads a kernel but is not in FILES"));
                 }
             }
