@@ -23,7 +23,7 @@ use gz_model::train::Precision;
 /// Arguments of `gz bench-train`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model: vgg16-blog, dieleman, tiny, dieleman-tiny.
+    /// Model: vgg16-blog, dieleman, tiny, small, dieleman-tiny.
     #[arg(long)]
     model: String,
     /// Output layer: sigmoid or tree (default: the model's own).

@@ -147,9 +147,9 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
     eprintln!(
-        "predicting with {} checkpoint(s), {} TTA view(s) per image on {}",
-        models.len(),
-        tta.n_views(),
+        "predicting with {}, {} per image on {}",
+        super::count(models.len(), "checkpoint"),
+        super::count(tta.n_views(), "TTA view"),
         src.device
     );
     let mut names = None;
@@ -416,10 +416,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let summary = format!(
-        "{} ({} filled with the training mean), {} TTA view(s){}",
+        "{} ({} filled with the training mean), {}{}",
         super::count(p.rows.len(), "row"),
         filled.len(),
-        p.views,
+        super::count(p.views, "TTA view"),
         if args.conditional {
             ", per-question fractions"
         } else {

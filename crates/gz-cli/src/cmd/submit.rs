@@ -176,10 +176,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("filled with the training mean: {id}");
     }
     println!(
-        "{}, {} value(s) clipped to [0, 1], {} row(s) filled with the training mean",
+        "{}, {} clipped to [0, 1], {} filled with the training mean",
         super::count(a.rows.len(), "row"),
-        a.clipped,
-        a.filled.len()
+        super::count(a.clipped, "value"),
+        super::count(a.filled.len(), "row")
     );
     println!("submission: {}", out.display());
     Ok(())

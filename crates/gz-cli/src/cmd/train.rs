@@ -20,7 +20,7 @@ pub struct Args {
     /// Shard cache directory (from `gz prep`).
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// Model: vgg16-blog, dieleman, tiny, dieleman-tiny.
+    /// Model: vgg16-blog, dieleman, tiny, small, dieleman-tiny.
     #[arg(long)]
     model: String,
     /// Print the architecture and parameter count, then exit (no cache needed).

@@ -45,6 +45,11 @@ impl VggSpec {
                 dense: vec![4096, 4096],
                 stem_pool_from: None,
             },
+            Arch::Small => VggSpec {
+                blocks: vec![vec![16], vec![32], vec![64], vec![64]],
+                dense: vec![128],
+                stem_pool_from: Some(64),
+            },
             _ => VggSpec {
                 blocks: vec![vec![8], vec![16], vec![32], vec![32]],
                 dense: vec![64],
@@ -259,5 +264,27 @@ mod tests {
         assert_eq!(small[0].name, "block1_conv1");
         let vgg = plan(&ModelConfig::new(Arch::Vgg16Blog, OutputKind::Sigmoid));
         assert!(vgg.iter().all(|l| l.name != "stem_pool"));
+    }
+
+    /// `small` is `tiny` with every width doubled (the same layers, pools and stem), 98,181
+    /// parameters at 32 px against `tiny`'s 25,941 (the figures docs/benchmarks.md quotes).
+    #[test]
+    fn small_is_tiny_twice_as_wide() {
+        for size in [32, 106] {
+            let at = |arch| plan(&ModelConfig::new(arch, OutputKind::Sigmoid).with_input_size(size));
+            let (tiny, small) = (at(Arch::Tiny), at(Arch::Small));
+            assert_eq!(tiny.len(), small.len());
+            for (t, s) in tiny.iter().zip(&small) {
+                assert_eq!(t.name, s.name);
+                let wider = t.name.starts_with("block") || t.name == "flatten" || t.name == "fc1";
+                let factor = if wider { 2 } else { 1 };
+                assert_eq!(s.out_shape[0], t.out_shape[0] * factor, "{}", t.name);
+                assert_eq!(s.out_shape[1..], t.out_shape[1..], "{}", t.name);
+            }
+            let total = |p: &[LayerInfo]| p.iter().map(|l| l.params).sum::<usize>();
+            if size == 32 {
+                assert_eq!((total(&tiny), total(&small)), (25_941, 98_181));
+            }
+        }
     }
 }
