@@ -550,15 +550,34 @@ fn run_synth(ctx: &mut Ctx) -> Result<Done> {
     let out = ctx.data_dir();
     let cmd = synth_command(ctx);
     let out2 = out.clone();
+    let gz_bin = ctx.gz()?;
+    let inputs = vec![("generator".to_string(), generator_version(&gz_bin)?)];
     stage(
         ctx,
         "synth",
         &out,
         vec![cmd],
-        vec![],
+        inputs,
         move |_| synth_before_run(&out2),
         |_| Ok(vec![Output::new("dataset", &out, KAGGLE_MEMBERS)]),
     )
+}
+
+/// The synthetic-set generator version `gz` draws (`gz synth --generator-version`; a gz from
+/// before the option draws version 1): the synth stage's input, so that a set an earlier gz drew
+/// is replaced rather than kept as up to date when gz now draws other images.
+fn generator_version(gz: &Path) -> Result<String> {
+    let out = std::process::Command::new(gz)
+        .args(["synth", "--generator-version"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {} synth --generator-version", gz.display()))?;
+    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok(if out.status.success() && !v.is_empty() {
+        v
+    } else {
+        "1".into()
+    })
 }
 
 /// Before `gz synth` runs: data/synth is ours (synth never runs with --data), so a stale or

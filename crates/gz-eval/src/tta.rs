@@ -230,6 +230,44 @@ mod tests {
         t.i((0, 0)).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// The 8 right-angle views are exact permutations of the pixels (no interpolation blur):
+    /// each view of a random image equals one of the 8 exact rotations/transposes, and all 8
+    /// are reached.
+    #[test]
+    fn right_angle_views_move_pixels_exactly() {
+        let (h, w) = (32, 32);
+        let img = Tensor::rand(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+        let exact = |t: &Tensor, k: usize| -> Tensor {
+            // k & 3 quarter turns, then a mirror when k >= 4, on the pixel grid itself
+            let mut t = t.clone();
+            for _ in 0..(k & 3) {
+                t = t.transpose(2, 3).unwrap().contiguous().unwrap().flip(&[3]).unwrap();
+            }
+            if k >= 4 {
+                t = t.flip(&[3]).unwrap();
+            }
+            t.contiguous().unwrap()
+        };
+        let mut reached = [false; 8];
+        for view in TtaConfig::preset(8).unwrap().views() {
+            let got = affine_sample(&img, &[view; 2], h, w).unwrap();
+            let best = (0..8)
+                .map(|k| {
+                    let d = (&got - exact(&img, k)).unwrap().abs().unwrap();
+                    (d.max_all().unwrap().to_scalar::<f32>().unwrap(), k)
+                })
+                .fold((f32::INFINITY, 0), |a, b| if b.0 < a.0 { b } else { a });
+            assert!(
+                best.0 < 1e-4,
+                "view {:?}: off by {} from every exact transform",
+                view.m,
+                best.0
+            );
+            reached[best.1] = true;
+        }
+        assert!(reached.iter().all(|&r| r), "{reached:?}");
+    }
+
     #[test]
     fn rotations_average_a_known_transform() {
         let img = quadrants([0.1, 0.2, 0.3, 0.4]);

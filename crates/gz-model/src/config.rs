@@ -58,7 +58,13 @@ pub enum Arch {
 
 impl Arch {
     /// All architectures, in the order `--help` lists them.
-    pub const ALL: [Arch; 5] = [Arch::Vgg16Blog, Arch::Dieleman, Arch::Tiny, Arch::Small, Arch::DielemanTiny];
+    pub const ALL: [Arch; 5] = [
+        Arch::Vgg16Blog,
+        Arch::Dieleman,
+        Arch::Tiny,
+        Arch::Small,
+        Arch::DielemanTiny,
+    ];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {

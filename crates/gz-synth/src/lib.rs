@@ -91,6 +91,22 @@ pub struct SynthConfig {
     /// Worker threads (0 = rayon's default). Does not change the output.
     #[serde(skip_serializing_if = "is_zero")]
     pub threads: usize,
+    /// The version of the generator that draws the set ([`GENERATOR`]; a `synth.json` without
+    /// one is version 1). The same config drawn by another version is another dataset.
+    #[serde(default = "first_generator")]
+    pub generator: u32,
+}
+
+/// The generator version this build draws, written to `synth.json`. Bumped whenever the same
+/// config would draw other images or labels, so that a set from an earlier gz is not taken as
+/// this one (`gz synth` and `cargo xtask` then regenerate it). Version 2 (2026-11-30): every
+/// image is turned by a random one of the 8 right-angle rotations and mirror images (see
+/// [`orientation`]), so that the set has no preferred orientation or handedness (version 1
+/// drew every spiral wound the same way).
+pub const GENERATOR: u32 = 2;
+
+fn first_generator() -> u32 {
+    1
 }
 
 fn is_zero(v: &usize) -> bool {
@@ -106,6 +122,7 @@ impl Default for SynthConfig {
             min_volunteers: 25,
             max_volunteers: 60,
             threads: 0,
+            generator: GENERATOR,
         }
     }
 }
@@ -128,6 +145,12 @@ impl SynthConfig {
     /// the output folder (create it, lock it, clean it) ask before touching anything.
     pub fn validate(&self) -> Result<(), SynthError> {
         let bad = |reason: String| Err(SynthError::BadConfig { reason });
+        if self.generator != GENERATOR {
+            return bad(format!(
+                "generator version {} cannot be drawn by this build, which draws version {GENERATOR}",
+                self.generator
+            ));
+        }
         if self.min_volunteers == 0 || self.min_volunteers > self.max_volunteers {
             return bad(format!(
                 "volunteers must satisfy 1 <= min ({}) <= max ({})",
@@ -261,13 +284,29 @@ pub enum Split {
 
 /// The RNG of galaxy `index` of `split`: one ChaCha stream per galaxy.
 fn galaxy_rng(seed: u64, split: Split, index: usize) -> ChaCha8Rng {
+    stream(seed, split, 0, index)
+}
+
+/// ChaCha stream `purpose` (0: the galaxy, 1: its orientation) of galaxy `index` of `split`.
+fn stream(seed: u64, split: Split, purpose: u64, index: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let tag = match split {
         Split::Train => 0u64,
         Split::Test => 1u64,
-    };
+    } + 2 * purpose;
     rng.set_stream((tag << 40) | index as u64);
     rng
+}
+
+/// Which of the 8 right-angle rotations and mirror images galaxy `index` of `split` is shown
+/// in (for [`render::orient`]), drawn uniformly from a stream of its own, so the galaxy itself,
+/// its votes and the floor are those generator version 1 drew. The renderer has a handedness
+/// (every spiral winds the same way; a lopsided disk leans into one half-plane of position
+/// angles): turned and mirrored at random, the set is the same in each of the 8 orientations,
+/// as real cutouts are, and test-time views and Dieleman's flipped parts show the net galaxies
+/// of the same kind rather than mirror images it never trained on.
+pub fn orientation(seed: u64, split: Split, index: usize) -> u8 {
+    stream(seed, split, 1, index).gen_range(0..8)
 }
 
 /// Draws, renders and labels one galaxy (pure function of its arguments).
@@ -278,7 +317,7 @@ pub fn make_sample(cfg: &SynthConfig, split: Split, index: usize, id: u64) -> Re
     let volunteers = rng.gen_range(cfg.min_volunteers..=cfg.max_volunteers);
     let observed = labels::observed_row(&mut rng, &probs, volunteers);
     let expected = labels::expected_row(&probs);
-    let rgb = render::render_rgb(&scene);
+    let rgb = render::orient(&render::render_rgb(&scene), orientation(cfg.seed, split, index));
     let jpeg = render::encode_jpeg(&rgb).map_err(|e| e.to_string())?;
     Ok(Sample {
         id,
@@ -603,6 +642,58 @@ fn to_json<T: Serialize>(v: &T) -> String {
 mod tests {
     use super::*;
     use gz_schema::{answer_index, check_row, column_names};
+
+    /// Each galaxy's orientation is one of the 8, drawn uniformly from a stream of its own:
+    /// the galaxy's own stream (what it is, its votes) is untouched by it, the splits differ,
+    /// and every orientation is drawn about an eighth of the time.
+    #[test]
+    fn orientations_are_uniform_and_apart_from_the_galaxy() {
+        let n = 8000;
+        for split in [Split::Train, Split::Test] {
+            let mut counts = [0usize; 8];
+            for i in 0..n {
+                counts[usize::from(orientation(5, split, i))] += 1;
+            }
+            // an eighth is 1,000 ± 30 (one sigma): every count within 5 sigma
+            assert!(
+                counts.iter().all(|&c| (850..=1150).contains(&c)),
+                "{split:?}: {counts:?}"
+            );
+        }
+        let draws = |split| (0..64).map(|i| orientation(5, split, i)).collect::<Vec<_>>();
+        assert_ne!(draws(Split::Train), draws(Split::Test));
+        // the galaxy's stream is the one generator version 1 used (stream id = split << 40 | index)
+        let mut old = ChaCha8Rng::seed_from_u64(5);
+        old.set_stream((1 << 40) | 17);
+        let mut now = galaxy_rng(5, Split::Test, 17);
+        assert_eq!(
+            (0..8).map(|_| old.gen::<u64>()).collect::<Vec<_>>(),
+            (0..8).map(|_| now.gen::<u64>()).collect::<Vec<_>>()
+        );
+    }
+
+    /// A `synth.json` from before generator versions is version 1: another dataset than the
+    /// same config drawn now, which this build cannot draw (validate refuses it).
+    #[test]
+    fn a_marker_without_a_generator_is_version_1() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig::default();
+        std::fs::write(
+            t.path().join(SYNTH_JSON),
+            r#"{"train": 64, "test": 16, "seed": 0, "min_volunteers": 25, "max_volunteers": 60}"#,
+        )
+        .unwrap();
+        let old = existing_config(t.path()).unwrap().unwrap();
+        assert_eq!(old.generator, 1);
+        assert!(!old.same_dataset(&cfg));
+        assert!(old.same_dataset(&SynthConfig {
+            generator: 1,
+            ..cfg.clone()
+        }));
+        assert!(old.validate().unwrap_err().to_string().contains("generator version 1"));
+        assert_eq!(cfg.generator, GENERATOR);
+        assert!(to_json(&cfg.canonical()).contains(&format!("\"generator\": {GENERATOR}")));
+    }
 
     /// Mean expected and observed rows over many drawn galaxies (no rendering: labels only).
     fn mean_rows(n: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f32>, Vec<f32>) {

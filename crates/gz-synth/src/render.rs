@@ -800,6 +800,35 @@ impl CorrelatedNoise {
     }
 }
 
+/// The 424×424 RGB image `rgb` in orientation `k` (0–7): `k & 3` quarter turns after a mirror
+/// image when `k >= 4`; 0 is the image as drawn. The 8 are the right-angle rotations and
+/// mirror images (the dihedral group of the square), each a permutation of the pixels, so no
+/// value changes. (424 is 53 JPEG blocks: the block grid maps onto itself in every one.)
+pub fn orient(rgb: &[u8], k: u8) -> Vec<u8> {
+    assert_eq!(rgb.len(), SIDE * SIDE * 3, "a {SIDE}×{SIDE} RGB image");
+    assert!(k < 8, "orientation {k} is not one of 0–7");
+    if k == 0 {
+        return rgb.to_vec();
+    }
+    let m = SIDE - 1;
+    let mut out = vec![0u8; rgb.len()];
+    for y in 0..SIDE {
+        for x in 0..SIDE {
+            // the source of output pixel (y, x): undo the quarter turns, then the mirror
+            let (mut sy, mut sx) = (y, x);
+            for _ in 0..(k & 3) {
+                (sy, sx) = (sx, m - sy);
+            }
+            if k >= 4 {
+                sx = m - sx;
+            }
+            let (o, i) = (3 * (y * SIDE + x), 3 * (sy * SIDE + sx));
+            out[o..o + 3].copy_from_slice(&rgb[i..i + 3]);
+        }
+    }
+    out
+}
+
 /// Encodes 424×424 RGB as a JPEG like the Galaxy Zoo cutouts.
 pub fn encode_jpeg(rgb: &[u8]) -> Result<Vec<u8>, jpeg_encoder::EncodingError> {
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -812,6 +841,40 @@ pub fn encode_jpeg(rgb: &[u8]) -> Result<Vec<u8>, jpeg_encoder::EncodingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 8 orientations of an image with no symmetry are 8 different images, each a
+    /// permutation of its pixels (no value changes; every pixel is kept whole), the first the
+    /// image itself; four quarter turns and two mirror images give the image back.
+    #[test]
+    fn orientations_are_the_eight_symmetries_of_the_square() {
+        // every pixel different (its position in three bytes), so nothing is symmetric
+        let img: Vec<u8> = (0..SIDE * SIDE)
+            .flat_map(|p| [(p % 256) as u8, ((p / 256) % 256) as u8, (p / 65536) as u8])
+            .collect();
+        let sorted_pixels = |v: &[u8]| {
+            let mut px: Vec<&[u8]> = v.chunks(3).collect();
+            px.sort();
+            px.into_iter().flatten().copied().collect::<Vec<u8>>()
+        };
+        let views: Vec<Vec<u8>> = (0..8).map(|k| orient(&img, k)).collect();
+        assert_eq!(views[0], img);
+        for (k, v) in views.iter().enumerate() {
+            assert_eq!(
+                sorted_pixels(v),
+                sorted_pixels(&img),
+                "orientation {k} is not a permutation of pixels"
+            );
+            for (j, w) in views.iter().enumerate().take(k) {
+                assert_ne!(v, w, "orientations {j} and {k} are the same");
+            }
+        }
+        let four_turns = (0..4).fold(img.clone(), |v, _| orient(&v, 1));
+        assert_eq!(four_turns, img);
+        assert_eq!(orient(&orient(&img, 4), 4), img);
+        // a quarter turn moves the top-left pixel to a corner
+        let corner = |v: &[u8]| [0, SIDE - 1, SIDE * (SIDE - 1), SIDE * SIDE - 1].map(|p| v[3 * p..3 * p + 3].to_vec());
+        assert!(corner(&views[1]).contains(&img[0..3].to_vec()));
+    }
 
     #[test]
     fn noise_is_roughly_standard() {

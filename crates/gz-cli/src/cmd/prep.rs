@@ -180,7 +180,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if !summary.skipped.is_empty() {
-        println!("summary: {} skipped (listed above)", super::count(summary.skipped.len(), "input"));
+        println!(
+            "summary: {} skipped (listed above)",
+            super::count(summary.skipped.len(), "input")
+        );
     }
     match verified {
         Some(n) => println!("verified: {n} files, all checksums match"),

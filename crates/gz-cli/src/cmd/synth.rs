@@ -20,8 +20,8 @@ use anyhow::{bail, Context as _};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Output directory (created if missing).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "generator_version")]
+    pub out: Option<PathBuf>,
     /// Number of training images.
     #[arg(long, default_value_t = 2000)]
     pub train: usize,
@@ -43,6 +43,10 @@ pub struct Args {
     /// Overwrite a directory holding another (or an incomplete) dataset, or regenerate the same one.
     #[arg(long)]
     pub force: bool,
+    /// Print the version of the generator this gz draws (written to synth.json: a set drawn by
+    /// another version is another dataset) and exit.
+    #[arg(long)]
+    pub generator_version: bool,
 }
 
 /// What is in the output directory already.
@@ -82,6 +86,11 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
                 ))),
             }
         }
+        Ok(Some(old)) if old.generator != cfg.generator => Ok(Target::Other(format!(
+            "a synthetic dataset drawn by an earlier gz (generator version {}; this one draws version {}, whose \
+             images differ)",
+            old.generator, cfg.generator
+        ))),
         Ok(Some(old)) => Ok(Target::Other(format!(
             "a different synthetic dataset (train {}, test {}, seed {}, {}–{} volunteers per galaxy)",
             old.train, old.test, old.seed, old.min_volunteers, old.max_volunteers
@@ -103,6 +112,13 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.generator_version {
+        println!("{}", gz_synth::GENERATOR);
+        return Ok(());
+    }
+    let Some(out) = args.out.clone() else {
+        bail!("--out DIR is needed: the folder to write the dataset into");
+    };
     let cfg = gz_synth::SynthConfig {
         train: args.train,
         test: args.test,
@@ -110,6 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         min_volunteers: args.min_volunteers,
         max_volunteers: args.max_volunteers,
         threads: args.threads.unwrap_or(0),
+        generator: gz_synth::GENERATOR,
     };
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
@@ -117,18 +134,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // a config that cannot be generated is refused before the folder is created or locked
     cfg.validate()?;
     // held until the dataset is complete (dropped at the end of this function)
-    let _lock = OutLock::take(&args.out)?;
-    match inspect(&args.out, &cfg)? {
+    let _lock = OutLock::take(&out)?;
+    match inspect(&out, &cfg)? {
         Target::Empty => {}
         Target::Same if !args.force => {
             println!(
                 "up to date: {} already holds this dataset (train {}, test {}, seed {}); --force regenerates it",
-                args.out.display(),
+                out.display(),
                 cfg.train,
                 cfg.test,
                 cfg.seed
             );
-            println!("data: {}", args.out.display());
+            println!("data: {}", out.display());
             return Ok(());
         }
         Target::Foreign => {
@@ -136,18 +153,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "{} holds a Kaggle-layout dataset that gz synth did not write (a real download?): not replaced, even \
                  with --force; choose another --out, or move it away (a run of an older gz synth that was \
                  interrupted looks the same: delete it by hand)",
-                args.out.display()
+                out.display()
             );
         }
         Target::Other(what) if !args.force => {
             bail!(
                 "{} is not empty: it holds {what}; choose another --out or pass --force to replace it",
-                args.out.display()
+                out.display()
             );
         }
         Target::Same | Target::Other(_) => {
             // --force: remove only what gz synth writes, never other files
-            gz_synth::clean(&args.out).with_context(|| format!("cleaning {}", args.out.display()))?;
+            gz_synth::clean(&out).with_context(|| format!("cleaning {}", out.display()))?;
         }
     }
 
@@ -162,8 +179,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let start = Instant::now();
-    let summary = gz_synth::generate(&args.out, &cfg, &|n| bar.inc(n))
-        .with_context(|| format!("generating the synthetic dataset in {}", args.out.display()))?;
+    let summary = gz_synth::generate(&out, &cfg, &|n| bar.inc(n))
+        .with_context(|| format!("generating the synthetic dataset in {}", out.display()))?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let n = summary.n_train + summary.n_test;
@@ -192,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             floor(summary.n_test, summary.test_rmse as f64)
         );
     }
-    let d = args.out.display();
+    let d = out.display();
     println!("  images:   {d}/{}/, {d}/{}/", gz_synth::TRAIN_DIR, gz_synth::TEST_DIR);
     println!(
         "  labels:   {d}/{} (Kaggle), {d}/{}",
