@@ -428,4 +428,25 @@ fn a_set_with_a_file_deleted_is_not_up_to_date() {
     let (ok, _, stderr) = synth(true);
     assert!(ok, "{stderr}");
     assert_eq!(read(&image), bytes, "regenerated the same image");
+    // a set an earlier gz drew (its synth.json names no generator version: version 1) is not
+    // this one, whose images differ: refused naming the versions, regenerated with --force
+    let marker = out.join("synth.json");
+    let now: serde_json::Value = serde_json::from_slice(&read(&marker)).unwrap();
+    assert_eq!(now["generator"], gz_synth::GENERATOR);
+    let mut old = now.clone();
+    old.as_object_mut().unwrap().remove("generator");
+    std::fs::write(&marker, old.to_string()).unwrap();
+    let (ok, stdout, stderr) = synth(false);
+    assert!(
+        !ok && stderr.contains("drawn by an earlier gz (generator version 1;") && stderr.contains("--force"),
+        "{stdout}\n{stderr}"
+    );
+    let (ok, _, stderr) = synth(true);
+    assert!(ok, "{stderr}");
+    let again: serde_json::Value = serde_json::from_slice(&read(&marker)).unwrap();
+    assert_eq!(again, now);
+    assert_eq!(read(&image), bytes);
+    // and the version this gz draws is what --generator-version prints
+    let (ok, stdout, _) = support::run(support::gz().args(["synth", "--generator-version"]));
+    assert!(ok && stdout.trim() == gz_synth::GENERATOR.to_string(), "{stdout}");
 }
