@@ -10,7 +10,7 @@
 //!   69×69 views through one shared conv tower, maxout dense layers, decision-tree output.
 //!   It takes the cached images of any size and cuts its views itself.
 //! - `tiny` / `dieleman-tiny`: the same geometries with few channels, for CPU tests and the
-//!   default CPU pipeline.
+//!   default CPU pipeline; `small`: `tiny` twice as wide, for the CPU pipeline on larger sets.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -20,7 +20,7 @@ use std::str::FromStr;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The architecture name is not one of [`Arch::ALL`].
-    #[error("unknown model architecture {name:?}; expected one of: vgg16-blog, dieleman, tiny, dieleman-tiny")]
+    #[error("unknown model architecture {name:?}; expected one of: {}", arch_names())]
     UnknownArch { name: String },
     /// The output-layer name is not `sigmoid` or `tree`.
     #[error("unknown output layer {name:?}; expected `sigmoid` or `tree`")]
@@ -32,6 +32,11 @@ pub enum ConfigError {
         value: String,
         reason: std::borrow::Cow<'static, str>,
     },
+}
+
+/// The names of [`Arch::ALL`], comma-separated (the list an unknown name is told).
+fn arch_names() -> String {
+    Arch::ALL.map(Arch::name).join(", ")
 }
 
 /// The network architecture.
@@ -219,7 +224,7 @@ impl ModelConfig {
         }
     }
 
-    /// Parses an architecture name (`vgg16-blog`, `dieleman`, `tiny`, `dieleman-tiny`).
+    /// Parses an architecture name (`vgg16-blog`, `dieleman`, `tiny`, `small`, `dieleman-tiny`).
     pub fn from_name(name: &str, output: OutputKind) -> Result<Self, ConfigError> {
         Ok(Self::new(name.parse()?, output))
     }
@@ -328,6 +333,12 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", a.name()));
         }
         assert!("vgg16".parse::<Arch>().unwrap_err().to_string().contains("vgg16-blog"));
+        // the refusal lists every architecture (it named four after `small` came)
+        let e = "smal".parse::<Arch>().unwrap_err().to_string();
+        assert!(
+            e.ends_with("expected one of: vgg16-blog, dieleman, tiny, small, dieleman-tiny"),
+            "{e}"
+        );
         assert_eq!("tree".parse::<OutputKind>().unwrap(), OutputKind::Tree);
         assert!("softmax".parse::<OutputKind>().is_err());
     }
