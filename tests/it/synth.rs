@@ -446,6 +446,22 @@ fn a_set_with_a_file_deleted_is_not_up_to_date() {
     let again: serde_json::Value = serde_json::from_slice(&read(&marker)).unwrap();
     assert_eq!(again, now);
     assert_eq!(read(&image), bytes);
+    // a set of a higher version is a later gz's (this one is older): not "an earlier gz"
+    let mut newer = now.clone();
+    newer["generator"] = (gz_synth::GENERATOR + 1).into();
+    std::fs::write(&marker, newer.to_string()).unwrap();
+    let (ok, stdout, stderr) = synth(false);
+    assert!(
+        !ok && stderr.contains(&format!(
+            "drawn by a later gz (generator version {}; this one draws version {}",
+            gz_synth::GENERATOR + 1,
+            gz_synth::GENERATOR
+        )),
+        "{stdout}\n{stderr}"
+    );
+    let (ok, _, stderr) = synth(true);
+    assert!(ok, "{stderr}");
+    assert_eq!(read(&image), bytes);
     // and the version this gz draws is what --generator-version prints
     let (ok, stdout, _) = support::run(support::gz().args(["synth", "--generator-version"]));
     assert!(ok && stdout.trim() == gz_synth::GENERATOR.to_string(), "{stdout}");

@@ -87,9 +87,16 @@ fn inspect(dir: &Path, cfg: &gz_synth::SynthConfig) -> anyhow::Result<Target> {
             }
         }
         Ok(Some(old)) if old.generator != cfg.generator => Ok(Target::Other(format!(
-            "a synthetic dataset drawn by an earlier gz (generator version {}; this one draws version {}, whose \
-             images differ)",
-            old.generator, cfg.generator
+            "a synthetic dataset drawn by {} gz (generator version {}; this one draws version {}, whose images \
+             differ)",
+            // a set of a higher version is a newer gz's (this build was checked out or kept after it)
+            if old.generator < cfg.generator {
+                "an earlier"
+            } else {
+                "a later"
+            },
+            old.generator,
+            cfg.generator
         ))),
         Ok(Some(old)) => Ok(Target::Other(format!(
             "a different synthetic dataset (train {}, test {}, seed {}, {}–{} volunteers per galaxy)",
