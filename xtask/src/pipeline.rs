@@ -150,14 +150,20 @@ impl Ctx {
         let seed_arg = a.parsed::<u64>("--seed")?;
         let on_cpu = device == "cpu";
         let (synth_train, synth_test) = (a.parsed("--train")?, a.parsed("--test")?);
+        let size_arg = a.parsed::<u32>("--size")?;
+        let cache_override = a.path("--cache")?.map(|p| absolute(p, &cwd));
         let model = match a.value("--model")? {
             Some(m) => m,
-            // on the CPU the net is sized to the training set (counted only when needed)
+            // on the CPU the net is sized to the training set (counted only when needed): the
+            // cache's when one is given, else the dataset's
             None if on_cpu => {
-                let n = match &real_data {
-                    Some(d) => training_images(d),
-                    None => synth_train.unwrap_or(DEFAULT_TRAIN),
-                };
+                let n = cache_override
+                    .as_deref()
+                    .and_then(cache_train_rows)
+                    .unwrap_or_else(|| match &real_data {
+                        Some(d) => training_images(d),
+                        None => synth_train.unwrap_or(DEFAULT_TRAIN),
+                    });
                 if n >= CPU_SMALL_FROM {
                     CPU_LARGE_MODEL
                 } else {
@@ -206,8 +212,6 @@ impl Ctx {
         }
         // `--cache DIR` is a finished cache, used instead of the prep stage's: the options that
         // say how prep builds one would be ignored
-        let size_arg = a.parsed::<u32>("--size")?;
-        let cache_override = a.path("--cache")?.map(|p| absolute(p, &cwd));
         if let Some(c) = &cache_override {
             let ignored: Vec<&str> = [("--size", size_arg.is_some()), ("--prep-arg", !prep_args.is_empty())]
                 .iter()
@@ -597,19 +601,29 @@ fn synth_inputs(ctx: &mut Ctx) -> Result<Vec<(String, String)>> {
 
 /// The synthetic-set generator version `gz` draws (`gz synth --generator-version`; a gz from
 /// before the option draws version 1): the synth stage's input, so that a set an earlier gz drew
-/// is replaced rather than kept as up to date when gz now draws other images.
+/// is replaced rather than kept as up to date when gz now draws other images. Only a usage error
+/// (exit status 2: the option is unknown) means an older gz; any other failure (a crash, a kill)
+/// is reported, since taking it for version 1 would regenerate the set and rerun every stage
+/// after it. (A program that succeeds printing nothing, the tests' stand-in `/bin/true`, counts
+/// as version 1.)
 fn generator_version(gz: &Path) -> Result<String> {
+    let shown = format!("{} synth --generator-version", gz.display());
     let out = std::process::Command::new(gz)
         .args(["synth", "--generator-version"])
         .stdin(std::process::Stdio::null())
         .output()
-        .with_context(|| format!("running {} synth --generator-version", gz.display()))?;
+        .with_context(|| format!("running {shown}"))?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Ok(if out.status.success() && !v.is_empty() {
-        v
-    } else {
-        "1".into()
-    })
+    match out.status.code() {
+        Some(0) if v.is_empty() => Ok("1".into()),
+        Some(0) => Ok(v),
+        Some(2) => Ok("1".into()),
+        _ => bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
 }
 
 /// Before `gz synth` runs: data/synth is ours (synth never runs with --data), so a stale or
@@ -766,6 +780,20 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
         move |flat| train_before_run(&run2, flat, &inputs2, force),
         |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]),
     )
+}
+
+/// The number of training rows in the shard cache `cache` (its `manifest.json`), `None` when
+/// it cannot be read (the stages that use the cache report it).
+fn cache_train_rows(cache: &Path) -> Option<usize> {
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(cache.join("manifest.json")).ok()?).ok()?;
+    m.get("splits")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get(0).and_then(|n| n.as_str()) == Some("train"))?
+        .get(1)?
+        .get("rows")?
+        .as_u64()
+        .and_then(|r| usize::try_from(r).ok())
 }
 
 /// The number of training images of a Kaggle-layout dataset (the JPEGs in
@@ -1308,6 +1336,34 @@ mod tests {
         assert!(cmd(&["--train", &from, "--device", "cuda"]).contains("--model tiny --epochs 12 "));
     }
 
+    /// The generator version comes from the gz binary; a gz without the option (a usage error,
+    /// exit status 2) draws version 1, and a gz that fails otherwise is an error, not version 1
+    /// (which would regenerate the set and rerun every stage after it).
+    #[cfg(unix)]
+    #[test]
+    fn the_generator_version_is_asked_of_gz() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let t = tempfile::tempdir().unwrap();
+        let fake = |name: &str, body: &str| {
+            let p = t.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        assert_eq!(generator_version(&fake("new", "echo 2")).unwrap(), "2");
+        let old = fake(
+            "old",
+            "echo \"error: unexpected argument '--generator-version' found\" >&2; exit 2",
+        );
+        assert_eq!(generator_version(&old).unwrap(), "1");
+        let e = generator_version(&fake("broken", "echo 'killed' >&2; exit 137")).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("synth --generator-version failed") && e.contains("killed"),
+            "{e}"
+        );
+    }
+
     /// A real dataset's size is the number of JPEGs in images_training_rev1/ (any case of
     /// `.jpg`/`.jpeg`, nothing else); a missing folder counts 0 (the stages report it).
     #[test]
@@ -1320,6 +1376,33 @@ mod tests {
             std::fs::write(dir.join(f), b"").unwrap();
         }
         assert_eq!(training_images(t.path()), 3);
+        // a cache's training rows are read from its manifest; with --cache they size the net
+        let cache = t.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        assert_eq!(cache_train_rows(&cache), None);
+        let manifest = |rows: usize| {
+            let m = serde_json::json!({"splits": [["test", {"rows": 9}], ["train", {"rows": rows}]]});
+            std::fs::write(cache.join("manifest.json"), m.to_string()).unwrap();
+        };
+        let model = |extra: &[&str]| {
+            let mut v = vec![
+                "--root".to_string(),
+                t.path().display().to_string(),
+                "--gz".into(),
+                "/bin/true".into(),
+            ];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            Ctx::parse(Args::new(v)).unwrap().model
+        };
+        let c = cache.display().to_string();
+        manifest(CPU_SMALL_FROM);
+        assert_eq!(cache_train_rows(&cache), Some(CPU_SMALL_FROM));
+        assert_eq!(model(&["--cache", &c]), "small");
+        manifest(CPU_SMALL_FROM - 1);
+        assert_eq!(model(&["--cache", &c, "--train", "60000"]), "tiny");
+        // an unreadable manifest: the dataset's size decides
+        std::fs::write(cache.join("manifest.json"), "{").unwrap();
+        assert_eq!(model(&["--cache", &c, "--train", "60000"]), "small");
     }
 
     /// `--device cuda` (or `gpu`) with the gz xtask builds is refused up front unless that build
