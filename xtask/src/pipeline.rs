@@ -1272,14 +1272,7 @@ mod tests {
     fn the_cpu_recipe_applies_to_tiny_on_the_cpu() {
         let t = tempfile::tempdir().unwrap();
         let cmd = |extra: &[&str]| {
-            let mut v = vec![
-                "--root".to_string(),
-                t.path().display().to_string(),
-                "--gz".into(),
-                "/bin/true".into(),
-            ];
-            v.extend(extra.iter().map(|s| s.to_string()));
-            let ctx = Ctx::parse(Args::new(v)).unwrap();
+            let ctx = Ctx::parse(fake_gz_args(t.path(), extra)).unwrap();
             train_command(&ctx, Path::new("/c"), Path::new("/r")).join(" ")
         };
         let default = cmd(&[]);
@@ -1384,16 +1377,7 @@ mod tests {
             let m = serde_json::json!({"splits": [["test", {"rows": 9}], ["train", {"rows": rows}]]});
             std::fs::write(cache.join("manifest.json"), m.to_string()).unwrap();
         };
-        let model = |extra: &[&str]| {
-            let mut v = vec![
-                "--root".to_string(),
-                t.path().display().to_string(),
-                "--gz".into(),
-                "/bin/true".into(),
-            ];
-            v.extend(extra.iter().map(|s| s.to_string()));
-            Ctx::parse(Args::new(v)).unwrap().model
-        };
+        let model = |extra: &[&str]| Ctx::parse(fake_gz_args(t.path(), extra)).unwrap().model;
         let c = cache.display().to_string();
         manifest(CPU_SMALL_FROM);
         assert_eq!(cache_train_rows(&cache), Some(CPU_SMALL_FROM));
@@ -1485,12 +1469,7 @@ mod tests {
     #[test]
     fn a_stage_alone_refuses_upstream_artifacts_of_other_options() {
         let t = tempfile::tempdir().unwrap();
-        let root = t.path().display().to_string();
-        let parse = |extra: &[&str]| {
-            let mut v = vec!["--root".to_string(), root.clone(), "--gz".into(), "/bin/true".into()];
-            v.extend(extra.iter().map(|s| s.to_string()));
-            Ctx::parse(Args::new(v)).unwrap()
-        };
+        let parse = |extra: &[&str]| Ctx::parse(fake_gz_args(t.path(), extra)).unwrap();
         let opts = ["--seed", "7", "--size", "24"];
         let mut ctx = parse(&opts);
         let e = ctx.dataset_identity().unwrap_err().to_string();
@@ -1561,11 +1540,8 @@ mod tests {
     #[test]
     fn synthetic_sizes_clash_with_real_data() {
         let t = tempfile::tempdir().unwrap();
-        let root = t.path().to_string_lossy().into_owned();
         for clash in [&["--data", "/d", "--train", "10"][..], &["--test=5", "--data", "/d"]] {
-            let mut v = vec!["--root".to_string(), root.clone(), "--gz".into(), "/bin/true".into()];
-            v.extend(clash.iter().map(|s| s.to_string()));
-            let e = Ctx::parse(Args::new(v)).err().unwrap().to_string();
+            let e = Ctx::parse(fake_gz_args(t.path(), clash)).err().unwrap().to_string();
             assert!(
                 e.contains("--train/--test size the synthetic set, and --data /d"),
                 "{clash:?}: {e}"
@@ -1663,6 +1639,18 @@ mod tests {
     /// The words of a command line.
     fn words(v: &[&str]) -> Args {
         Args::new(v.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// `--root ROOT --gz /bin/true` (a gz that is never run for real) and `extra`.
+    fn fake_gz_args(root: &Path, extra: &[&str]) -> Args {
+        let mut v = vec![
+            "--root".to_string(),
+            root.display().to_string(),
+            "--gz".into(),
+            "/bin/true".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        Args::new(v)
     }
 
     /// `cargo xtask prep --cache DIR` is refused by name (the cache was built under data/cache
