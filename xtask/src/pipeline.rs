@@ -614,15 +614,19 @@ fn generator_version(gz: &Path) -> Result<String> {
         .output()
         .with_context(|| format!("running {shown}"))?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // a gz built without the stage says so, as it would running the stage (gz::run)
+    if let Some(line) = stderr
+        .lines()
+        .find(|l| !out.status.success() && l.contains("not built yet"))
+    {
+        bail!("{}", line.trim().trim_start_matches("error:").trim());
+    }
     match out.status.code() {
         Some(0) if v.is_empty() => Ok("1".into()),
         Some(0) => Ok(v),
         Some(2) => Ok("1".into()),
-        _ => bail!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
+        _ => bail!("{shown} failed ({}): {}", out.status, stderr.trim()),
     }
 }
 
@@ -1349,6 +1353,11 @@ mod tests {
             "echo \"error: unexpected argument '--generator-version' found\" >&2; exit 2",
         );
         assert_eq!(generator_version(&old).unwrap(), "1");
+        let stub = fake("stub", "echo 'error: `gz synth` is not built yet' >&2; exit 1");
+        assert_eq!(
+            generator_version(&stub).unwrap_err().to_string(),
+            "`gz synth` is not built yet"
+        );
         let e = generator_version(&fake("broken", "echo 'killed' >&2; exit 137")).unwrap_err();
         let e = format!("{e:#}");
         assert!(
