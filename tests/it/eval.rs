@@ -523,6 +523,84 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     );
     let p = gz_schema::read_solutions(&pred).unwrap();
     assert_eq!(p.len(), 8);
+    // with the spread of the 8 views: the same predictions to the byte, and beside them one
+    // standard deviation per answer, for the same galaxies
+    let pred_s = tmp.path().join("pred_spread.csv");
+    let spread = tmp.path().join("out/spread.csv");
+    let out = gz_ok(
+        support::gz()
+            .args(["predict", "--tta", "8", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&pred_s)
+            .arg("--spread")
+            .arg(&spread),
+    );
+    assert_eq!(last_line_value(&out, "spread"), spread);
+    assert_eq!(std::fs::read(&pred_s).unwrap(), std::fs::read(&pred).unwrap());
+    let sd = gz_schema::read_solutions(&spread).unwrap();
+    assert_eq!(sd.ids, p.ids);
+    assert!(sd.values.iter().all(|v| v.is_finite() && *v >= 0.0), "{:?}", sd.values);
+    // the views of an untrained-looking image differ somewhere; none strays past the range
+    assert!(sd.values.iter().any(|v| *v > 1e-5) && sd.values.iter().all(|v| *v < 1.0));
+    // one view of one checkpoint has nothing to spread: refused before any file is written
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(tmp.path().join("none.csv"))
+            .arg("--spread")
+            .arg(tmp.path().join("none_spread.csv")),
+    );
+    assert!(!ok && err.contains("--spread needs more than one prediction"), "{err}");
+    assert!(!tmp.path().join("none.csv").exists());
+    // the same checkpoint twice agrees with itself: no spread
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["predict", "--out", "-", "--spread"])
+            .arg(tmp.path().join("twice_spread.csv"))
+            .arg("--run")
+            .arg(&run)
+            .arg("--run")
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache),
+    );
+    assert!(ok && err.contains("spread: "), "{err}");
+    assert_eq!(
+        gz_schema::read_solutions_from(out.as_bytes(), Path::new("stdout"))
+            .unwrap()
+            .len(),
+        8
+    );
+    let twice = gz_schema::read_solutions(&tmp.path().join("twice_spread.csv")).unwrap();
+    assert!(twice.values.iter().all(|v| *v < 1e-6), "{:?}", twice.values);
+    // gz eval with views says how their spread ranks the errors (and not without: above)
+    assert!(metrics.get("spread").is_none());
+    let report_tta = tmp.path().join("report_tta");
+    let out = gz_ok(
+        support::gz()
+            .args(["eval", "--tta", "2", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&report_tta),
+    );
+    assert!(out.contains("spread of the 2 TTA views per galaxy: mean "), "{out}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report_tta.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["spread"]["views"], 2);
+    let (most, least) = (
+        m["spread"]["rmse_most"].as_f64().unwrap(),
+        m["spread"]["rmse_least"].as_f64().unwrap(),
+    );
+    assert!(most.is_finite() && least.is_finite() && most > 0.0, "{m}");
     let sub = tmp.path().join("submission.csv");
     let out = gz_ok(
         support::gz()
@@ -769,9 +847,12 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg("--images")
             .arg(&test_dir)
             .arg("--out")
-            .arg(&pred_mix),
+            .arg(&pred_mix)
+            .arg("--spread")
+            .arg(tmp.path().join("spread_mix.csv")),
     );
     assert!(out.contains("8 rows"), "{out}");
+    let spread_mix = gz_schema::read_solutions(&tmp.path().join("spread_mix.csv")).unwrap();
     let (one, two, mix) = (
         gz_schema::read_solutions(&pred_j).unwrap(),
         gz_schema::read_solutions(&pred_24).unwrap(),
@@ -782,6 +863,13 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     for ((m, a), b) in mix.values.iter().zip(&one.values).zip(&two.values) {
         // three members, the 32-px one twice
         assert!((m - (2.0 * a + b) / 3.0).abs() < 1e-5, "{m} vs {a}, {b}");
+    }
+    // their spread, pooled over the two inputs' groups: a, a and b around (2a + b) / 3 deviate
+    // by sqrt(2)/3 · |b − a|
+    assert_eq!(spread_mix.ids, mix.ids);
+    for ((sd, a), b) in spread_mix.values.iter().zip(&one.values).zip(&two.values) {
+        let want = 2f32.sqrt() / 3.0 * (b - a).abs();
+        assert!((sd - want).abs() < 1e-4, "{sd} vs {want}");
     }
 
     // images not named for a galaxy (an astronomer's own cutouts): rows named by file, the

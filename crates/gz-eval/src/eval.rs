@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::baselines::{
     bayes_floor, central_colour, score_baselines, CentralPixelConfig, Floor, LabelledColours, NamedScores,
 };
-use crate::metrics::score;
+use crate::metrics::{score, spread_score, SpreadScore};
 use crate::predict::predict_split;
 use crate::tta::{Predictor, TtaConfig};
 use crate::{EvalError, Result};
@@ -178,6 +178,10 @@ pub struct EvalReport {
     pub floor: Option<Floor>,
     /// Baseline fit rows (training rows of the training split).
     pub n_fit: usize,
+    /// With several predictions per galaxy (TTA views, ensemble members): how their spread
+    /// tells the error. Absent with one (and in reports from before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<SpreadScore>,
 }
 
 /// The rows to score and the rows the baselines learn from.
@@ -272,15 +276,29 @@ pub fn evaluate(
         }
         None => labels_of(rows.eval_split, &rows.eval_rows)?,
     };
-    let predictions = predict_split(
+    // more than one prediction per galaxy (views, members): how they spread, against the error
+    let many = cfg.tta.n_views() * model.n_members() > 1;
+    let predicted = predict_split(
         model,
         rows.eval_split,
         Some(&rows.eval_rows),
         &cfg.tta,
         cfg.batch,
         device,
+        many,
         progress,
     )?;
+    let predictions = predicted.mean;
+    let spread = match &predicted.var {
+        Some(var) => Some(spread_score(
+            &predictions,
+            var,
+            &labels,
+            cfg.tta.n_views(),
+            model.n_members(),
+        )?),
+        None => None,
+    };
     let model_scores = NamedScores {
         name: model_name.to_string(),
         scores: score(&predictions, &labels)?,
@@ -318,6 +336,7 @@ pub fn evaluate(
         baselines,
         floor,
         n_fit: rows.fit_rows.len(),
+        spread,
     };
     Ok(Evaluation {
         report,

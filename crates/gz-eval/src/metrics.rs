@@ -158,6 +158,140 @@ pub fn kaggle_rmse(pred: &[f32], truth: &[f32]) -> Result<f64> {
     Ok(score(pred, truth)?.rmse)
 }
 
+/// How well the spread of a galaxy's predictions (over TTA views and ensemble members) tells
+/// its error: whether the galaxies the views disagree on are the ones predicted worst.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpreadScore {
+    /// TTA views per image.
+    pub views: usize,
+    /// Checkpoints averaged.
+    pub members: usize,
+    /// Mean over galaxies of each galaxy's spread: the RMS over its 37 answers of the standard
+    /// deviation of its views' and members' predictions.
+    pub mean_spread: f64,
+    /// Spearman rank correlation between each galaxy's spread and its RMSE (1: the spread
+    /// orders the galaxies exactly by error; 0: it says nothing of it).
+    pub rank_correlation: f64,
+    /// For comparison, the same for what the prediction alone implies: each galaxy's RMS over
+    /// its answers of sqrt(p (1 − p)) (p clipped to [0, 1]), large where the fractions are
+    /// near one half, where volunteers disagree most. The spread is worth having where it adds
+    /// to this (it costs the views).
+    #[serde(default)]
+    pub fraction_rank_correlation: f64,
+    /// RMSE of the quarter of the galaxies with the least spread.
+    pub rmse_least: f64,
+    /// RMSE of the quarter with the most spread.
+    pub rmse_most: f64,
+    /// Galaxies in each quarter.
+    pub quarter: usize,
+}
+
+impl SpreadScore {
+    /// One line for people: what the spread is and what it says of the error.
+    pub fn sentence(&self) -> String {
+        let what = match (self.views, self.members) {
+            (v, 1) => format!("{v} TTA views"),
+            (1, m) => format!("{m} checkpoints"),
+            (v, m) => format!("{v} TTA views × {m} checkpoints"),
+        };
+        format!(
+            "spread of the {what} per galaxy: mean {:.4}; RMSE {:.5} on the quarter of galaxies with the most spread, \
+             {:.5} on the quarter with the least ({} each); rank correlation of spread and error {:.2} (of \
+             the fractions' own p(1 − p) and error: {:.2})",
+            self.mean_spread,
+            self.rmse_most,
+            self.rmse_least,
+            self.quarter,
+            self.rank_correlation,
+            self.fraction_rank_correlation
+        )
+    }
+}
+
+/// Scores the spread (`var`: the per-answer variances of the views' and members'
+/// predictions, row-major `n × 37` as `pred` and `truth`) against each galaxy's error.
+pub fn spread_score(pred: &[f32], var: &[f32], truth: &[f32], views: usize, members: usize) -> Result<SpreadScore> {
+    check_shapes(pred, truth)?;
+    check_shapes(var, truth)?;
+    let n = truth.len() / N_ANSWERS;
+    if n == 0 {
+        return Err(EvalError::Shape {
+            what: "spread".into(),
+            reason: "no rows to score".into(),
+        });
+    }
+    let rms = |cells: &mut dyn Iterator<Item = f64>| (cells.sum::<f64>() / N_ANSWERS as f64).sqrt();
+    let mut spread = Vec::with_capacity(n);
+    let mut implied = Vec::with_capacity(n);
+    let mut sq_err = Vec::with_capacity(n);
+    for r in 0..n {
+        let row = r * N_ANSWERS..(r + 1) * N_ANSWERS;
+        // a variance a hair below 0 from rounding counts as 0
+        spread.push(rms(&mut var[row.clone()].iter().map(|&v| (v as f64).max(0.0))));
+        implied.push(rms(&mut pred[row.clone()].iter().map(|&p| {
+            let p = (p as f64).clamp(0.0, 1.0);
+            p * (1.0 - p)
+        })));
+        let se: f64 = pred[row.clone()]
+            .iter()
+            .zip(&truth[row])
+            .map(|(&p, &t)| (p as f64 - t as f64).powi(2))
+            .sum();
+        sq_err.push(se);
+    }
+    let row_rmse: Vec<f64> = sq_err.iter().map(|&se| (se / N_ANSWERS as f64).sqrt()).collect();
+    // galaxies by spread, ties by position (a spread of 0 everywhere: the first and last rows)
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| spread[a].total_cmp(&spread[b]).then(a.cmp(&b)));
+    let quarter = (n / 4).max(1);
+    let rmse_of =
+        |rows: &[usize]| (rows.iter().map(|&r| sq_err[r]).sum::<f64>() / (rows.len() * N_ANSWERS) as f64).sqrt();
+    Ok(SpreadScore {
+        views,
+        members,
+        mean_spread: spread.iter().sum::<f64>() / n as f64,
+        rank_correlation: spearman(&spread, &row_rmse),
+        fraction_rank_correlation: spearman(&implied, &row_rmse),
+        rmse_least: rmse_of(&order[..quarter]),
+        rmse_most: rmse_of(&order[n - quarter..]),
+        quarter,
+    })
+}
+
+/// Ranks from 1, ties given their average rank.
+fn ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut out = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            out[k] = rank;
+        }
+        i = j + 1;
+    }
+    out
+}
+
+/// Spearman's rank correlation (Pearson's on the ranks); NaN when either side is constant.
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = rx.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in rx.iter().zip(&ry) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
 /// Names of the questions as the report shows them (`Q1` … `Q11`).
 pub fn question_labels() -> [String; N_QUESTIONS] {
     std::array::from_fn(|i| format!("Q{}", QUESTIONS[i].number))
@@ -220,6 +354,70 @@ mod tests {
         se.accumulate(&pred[..5 * N_ANSWERS], &truth[..5 * N_ANSWERS]).unwrap();
         se.accumulate(&pred[5 * N_ANSWERS..], &truth[5 * N_ANSWERS..]).unwrap();
         assert!((se.scores().rmse - s.rmse).abs() < 1e-12);
+    }
+
+    #[test]
+    fn spearman_by_hand() {
+        // monotone: 1 whatever the scale; reversed: -1
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 25.0, 100.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // ties take their average rank: x ranks 1, 2.5, 2.5, 4; y ranks 1, 2, 3, 4
+        // Pearson of (1, 2.5, 2.5, 4) and (1, 2, 3, 4): 4.5 / sqrt(4.5 · 5)
+        let want = 4.5 / (4.5f64 * 5.0).sqrt();
+        assert!((spearman(&[0.0, 1.0, 1.0, 2.0], &[0.0, 1.0, 2.0, 3.0]) - want).abs() < 1e-12);
+        assert!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
+    }
+
+    #[test]
+    fn spread_ranks_galaxies_by_error() {
+        // 8 galaxies: galaxy r is off by 0.01·(r+1) in every answer, with spread (std) 0.02·r
+        // except galaxies 0 and 7 swapped in spread
+        let n = 8;
+        let truth = vec![0.5f32; n * N_ANSWERS];
+        let mut pred = truth.clone();
+        let mut var = vec![0.0f32; n * N_ANSWERS];
+        let std_of = |r: usize| match r {
+            0 => 0.14,
+            7 => 0.0,
+            r => 0.02 * r as f32,
+        };
+        for r in 0..n {
+            for a in 0..N_ANSWERS {
+                pred[r * N_ANSWERS + a] += 0.01 * (r + 1) as f32;
+                var[r * N_ANSWERS + a] = std_of(r).powi(2);
+            }
+        }
+        let s = spread_score(&pred, &var, &truth, 8, 1).unwrap();
+        assert_eq!(s.quarter, 2);
+        // least spread: galaxies 7 (0) and 1 (0.02), errors 0.08 and 0.02
+        let want = ((0.08f64.powi(2) + 0.02f64.powi(2)) / 2.0).sqrt();
+        assert!((s.rmse_least - want).abs() < 1e-6, "{} vs {want}", s.rmse_least);
+        // most: galaxies 6 (0.12) and 0 (0.14), errors 0.07 and 0.01
+        let want = ((0.07f64.powi(2) + 0.01f64.powi(2)) / 2.0).sqrt();
+        assert!((s.rmse_most - want).abs() < 1e-6, "{} vs {want}", s.rmse_most);
+        let want_mean = (0..n).map(|r| std_of(r) as f64).sum::<f64>() / n as f64;
+        assert!((s.mean_spread - want_mean).abs() < 1e-6);
+        // ranks of spread (7→1, 1→2, …, 6→7, 0→8) against error ranks (r+1)
+        let sp: Vec<f64> = (0..n).map(|r| std_of(r) as f64).collect();
+        let er: Vec<f64> = (0..n).map(|r| r as f64).collect();
+        assert!((s.rank_correlation - spearman(&sp, &er)).abs() < 1e-12);
+        // rank differences ±7 for galaxies 0 and 7, 0 elsewhere: 1 − 6·98 / (8·63) = −1/6 (the two
+        // galaxies swapped outweigh the six in order)
+        assert!((s.rank_correlation + 1.0 / 6.0).abs() < 1e-12, "{}", s.rank_correlation);
+        // p = 0.5 + 0.01 (r + 1): p (1 − p) falls as the error grows
+        assert!(
+            (s.fraction_rank_correlation + 1.0).abs() < 1e-12,
+            "{}",
+            s.fraction_rank_correlation
+        );
+        // a spread that follows the error exactly
+        let var: Vec<f32> = (0..n * N_ANSWERS)
+            .map(|i| (0.01 * (i / N_ANSWERS) as f32).powi(2))
+            .collect();
+        let s = spread_score(&pred, &var, &truth, 8, 1).unwrap();
+        assert!((s.rank_correlation - 1.0).abs() < 1e-12);
+        assert!(s.rmse_most > s.rmse_least);
+        assert!(spread_score(&pred, &var[..37], &truth, 8, 1).is_err());
     }
 
     #[test]

@@ -15,12 +15,30 @@ use gz_schema::{Solutions, N_ANSWERS};
 use gz_shards::Split;
 use half::f16;
 
-use crate::tta::{predict_tta, Predictor, TtaConfig};
+use crate::tta::{predict_tta, predict_tta_spread, Predictor, TtaConfig};
 use crate::{io_err, EvalError, Result};
 
 fn model_err(what: impl Into<String>) -> impl FnOnce(candle_core::Error) -> EvalError {
     let what = what.into();
     move |source| EvalError::Model { what, source }
+}
+
+/// Predictions for a list of images: the average over TTA views and ensemble members
+/// (row-major, × 37) and, when asked for, the variance of those views' and members'
+/// predictions around it (same layout; [`crate::tta::predict_tta_spread`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Moments {
+    pub mean: Vec<f32>,
+    pub var: Option<Vec<f32>>,
+}
+
+impl Moments {
+    fn extend(&mut self, other: Moments) {
+        self.mean.extend(other.mean);
+        if let (Some(v), Some(o)) = (&mut self.var, other.var) {
+            v.extend(o);
+        }
+    }
 }
 
 /// Predicts one batch of f16 C×H×W images (row-major, `n` images) → `n × 37` f32.
@@ -31,6 +49,18 @@ pub fn predict_batch(
     tta: &TtaConfig,
     device: &Device,
 ) -> Result<Vec<f32>> {
+    Ok(predict_batch_moments(model, images, shape, tta, device, false)?.mean)
+}
+
+/// [`predict_batch`], with the spread of the views' and members' predictions when `spread`.
+pub fn predict_batch_moments(
+    model: &dyn Predictor,
+    images: &[f16],
+    shape: [usize; 3],
+    tta: &TtaConfig,
+    device: &Device,
+    spread: bool,
+) -> Result<Moments> {
     let [c, h, w] = shape;
     let per = c * h * w;
     if per == 0 || images.len() % per != 0 {
@@ -40,16 +70,25 @@ pub fn predict_batch(
         });
     }
     let n = images.len() / per;
-    let run = || -> candle_core::Result<Vec<f32>> {
+    let run = || -> candle_core::Result<Moments> {
         let x = Tensor::from_slice(images, (n, c, h, w), &Device::Cpu)?
             .to_device(device)?
             .to_dtype(DType::F32)?;
-        let y = predict_tta(model, &x, tta)?;
+        let (y, var) = if spread {
+            let (y, var) = predict_tta_spread(model, &x, tta)?;
+            (y, Some(var))
+        } else {
+            (predict_tta(model, &x, tta)?, None)
+        };
         let (bn, k) = y.dims2()?;
         if bn != n || k != N_ANSWERS {
             candle_core::bail!("the model returned shape ({bn}, {k}) for a batch of {n}; expected ({n}, {N_ANSWERS})");
         }
-        y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        let values = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Moments {
+            mean: values(y)?,
+            var: var.map(values).transpose()?,
+        })
     };
     run().map_err(model_err(format!(
         "predicting a batch of {n} image{}",
@@ -57,8 +96,10 @@ pub fn predict_batch(
     )))
 }
 
-/// Predicts `rows` of a cache split (all rows when `None`), in batches of `batch`; `progress`
-/// is called with the number of images done so far. Returns `rows.len() × 37` values.
+/// Predicts `rows` of a cache split (all rows when `None`), in batches of `batch`, with the
+/// spread when `spread`; `progress` is called with the number of images done so far. Returns
+/// `rows.len() × 37` values.
+#[allow(clippy::too_many_arguments)] // reason: one call per front end; a struct would only rename them
 pub fn predict_split(
     model: &dyn Predictor,
     split: &Split,
@@ -66,16 +107,27 @@ pub fn predict_split(
     tta: &TtaConfig,
     batch: usize,
     device: &Device,
+    spread: bool,
     progress: &dyn Fn(usize),
-) -> Result<Vec<f32>> {
+) -> Result<Moments> {
     let shape = split.shape();
     let batch = batch.max(1);
-    let mut out = Vec::new();
+    let mut out = Moments {
+        mean: Vec::new(),
+        var: spread.then(Vec::new),
+    };
     match rows {
         None => {
             for r in split.chunks(batch) {
                 let done = r.end;
-                out.extend(predict_batch(model, split.images(r), shape, tta, device)?);
+                out.extend(predict_batch_moments(
+                    model,
+                    split.images(r),
+                    shape,
+                    tta,
+                    device,
+                    spread,
+                )?);
                 progress(done);
             }
         }
@@ -92,7 +144,7 @@ pub fn predict_split(
                     }
                     buf.extend_from_slice(split.image(i));
                 }
-                out.extend(predict_batch(model, &buf, shape, tta, device)?);
+                out.extend(predict_batch_moments(model, &buf, shape, tta, device, spread)?);
                 progress(k * batch + chunk.len());
             }
         }
@@ -253,7 +305,8 @@ pub type PrepFn<'a> = dyn Fn(&[u8]) -> std::result::Result<Vec<f16>, String> + S
 
 /// Predicts a list of JPEG files, preprocessing each with `prep` (bytes → C×H×W f16 of
 /// `shape`); `keys[i]` keys the row of `paths[i]` ([`keys_for`]). Files that cannot be read or
-/// decoded are returned as failures; the others as rows in input order.
+/// decoded are returned as failures; the others as rows in input order, with (when `spread`)
+/// the variance of their views' and members' predictions in rows of the same keys.
 #[allow(clippy::too_many_arguments)] // reason: one call site per front end; a struct would only rename them
 pub fn predict_jpegs(
     model: &dyn Predictor,
@@ -264,8 +317,9 @@ pub fn predict_jpegs(
     tta: &TtaConfig,
     batch: usize,
     device: &Device,
+    spread: bool,
     progress: &dyn Fn(usize),
-) -> Result<(Solutions, Vec<Failure>)> {
+) -> Result<JpegPredictions> {
     if keys.len() != paths.len() {
         return Err(EvalError::Shape {
             what: "image keys".into(),
@@ -274,6 +328,7 @@ pub fn predict_jpegs(
     }
     let per = shape.iter().product::<usize>();
     let mut sol = Solutions::new();
+    let mut var = spread.then(Solutions::new);
     let mut failures = Vec::new();
     let mut batch_keys = Vec::new();
     let mut buf: Vec<f16> = Vec::new();
@@ -304,15 +359,34 @@ pub fn predict_jpegs(
             }
         }
         if !batch_keys.is_empty() {
-            let y = predict_batch(model, &buf, shape, tta, device)?;
+            let y = predict_batch_moments(model, &buf, shape, tta, device, spread)?;
             for (k, key) in batch_keys.iter().enumerate() {
-                sol.push(*key, &y[k * N_ANSWERS..(k + 1) * N_ANSWERS]);
+                let row = k * N_ANSWERS..(k + 1) * N_ANSWERS;
+                sol.push(*key, &y.mean[row.clone()]);
+                if let (Some(var), Some(v)) = (&mut var, &y.var) {
+                    var.push(*key, &v[row]);
+                }
             }
         }
         done += chunk.len();
         progress(done);
     }
-    Ok((sol, failures))
+    Ok(JpegPredictions {
+        rows: sol,
+        var,
+        failures,
+    })
+}
+
+/// What [`predict_jpegs`] returns.
+#[derive(Debug, Clone)]
+pub struct JpegPredictions {
+    /// The images that could be predicted, in input order.
+    pub rows: Solutions,
+    /// With `spread`: the variance of each row's views' and members' predictions, same keys.
+    pub var: Option<Solutions>,
+    /// The images that could not.
+    pub failures: Vec<Failure>,
 }
 
 #[cfg(test)]
@@ -384,7 +458,7 @@ mod tests {
                 Some(v) => Ok(vec![f16::from_f32(*v as f32 / 4.0); 3 * 4 * 4]),
             }
         };
-        let (sol, fails) = predict_jpegs(
+        let out = predict_jpegs(
             &mean_model,
             &paths,
             &keys.keys,
@@ -393,9 +467,12 @@ mod tests {
             &TtaConfig::none(),
             2,
             &Device::Cpu,
+            false,
             &|_| {},
         )
         .unwrap();
+        let (sol, fails) = (out.rows, out.failures);
+        assert!(out.var.is_none());
         assert_eq!(sol.ids, vec![100, 200]);
         assert!((sol.row(1)[5] - 0.5).abs() < 1e-6);
         assert_eq!(fails.len(), 1);

@@ -500,6 +500,10 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         );
     }
     s.push_str("</table>\n");
+    if let Some(sp) = &r.spread {
+        // the disagreement of the views (and members): where it says something of the error
+        let _ = writeln!(s, "<p class=meta>{}.</p>", esc(&sp.sentence()));
+    }
     if let Some(of) = curve {
         s.push_str("<h2>Learning curve</h2>\n");
         if let Some(run) = of {
@@ -651,6 +655,16 @@ mod tests {
                 per_question: Some(vec![0.0125; QUESTIONS.len()]),
             }),
             n_fit: 10,
+            spread: Some(crate::metrics::SpreadScore {
+                views: 8,
+                members: 2,
+                mean_spread: 0.0123,
+                rank_correlation: 0.5,
+                fraction_rank_correlation: 0.25,
+                rmse_least: 0.05,
+                rmse_most: 0.15,
+                quarter: 3,
+            }),
         };
         let epochs = vec![
             EpochRow {
@@ -692,6 +706,10 @@ mod tests {
         let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(&paths.metrics).unwrap()).unwrap();
         assert_eq!(back, report);
         assert!(html.contains("Validation galaxies"));
+        assert!(
+            html.contains("spread of the 8 TTA views × 2 checkpoints per galaxy: mean 0.0123; RMSE 0.15000"),
+            "the spread's line"
+        );
         // a test-split report names its gallery so
         let test = EvalReport {
             split: "test split: 1 images".into(),

@@ -8,6 +8,9 @@
 //! drawn with gz-model's [`gz_model::augment::affine_sample`] on the batch's own device, the
 //! model runs once per view, and the outputs are averaged (uniformly). An [`Ensemble`] averages
 //! several models the same way. The identity view is passed through without resampling.
+//! [`predict_tta_spread`] also returns how far the views' and members' predictions stray from
+//! that average (their variance per answer): how much the prediction of a galaxy depends on its
+//! orientation and on the checkpoint, a disagreement measure, not a calibrated uncertainty.
 
 use candle_core::{Result as CResult, Tensor};
 use gz_model::augment::{affine_sample, Affine};
@@ -19,6 +22,31 @@ use crate::{EvalError, Result};
 pub trait Predictor {
     /// Predicts one batch.
     fn predict(&self, images: &Tensor) -> CResult<Tensor>;
+
+    /// The predictions [`Self::predict`] averages, each (B, 37) in f32: one per member of an
+    /// [`Ensemble`], the prediction itself otherwise. Their [`mean_of`] is `predict`'s output
+    /// to the bit.
+    fn predict_members(&self, images: &Tensor) -> CResult<Vec<Tensor>> {
+        Ok(vec![self.predict(images)?.to_dtype(candle_core::DType::F32)?])
+    }
+
+    /// How many predictions [`Self::predict_members`] returns.
+    fn n_members(&self) -> usize {
+        1
+    }
+}
+
+/// The uniform average of (B, 37) predictions, summed in order (as [`Ensemble::predict`]).
+pub fn mean_of(outputs: &[Tensor]) -> CResult<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for y in outputs {
+        sum = Some(match sum {
+            None => y.clone(),
+            Some(s) => (s + y)?,
+        });
+    }
+    let sum = sum.ok_or_else(|| candle_core::Error::Msg("an ensemble needs at least one model".into()))?;
+    sum.affine(1.0 / outputs.len() as f64, 0.0)
 }
 
 impl<F: Fn(&Tensor) -> CResult<Tensor>> Predictor for F {
@@ -156,18 +184,24 @@ fn is_identity(a: &Affine) -> bool {
         .all(|(x, y)| (x - y).abs() < 1e-6)
 }
 
+/// The batch as `view` shows it (the identity view passes it through untouched).
+fn view_of(images: &Tensor, view: &Affine) -> CResult<Tensor> {
+    let (b, _c, h, w) = images.dims4()?;
+    if is_identity(view) {
+        Ok(images.clone())
+    } else {
+        affine_sample(images, &vec![*view; b], h, w)
+    }
+}
+
 /// Predicts a (B, 3, H, W) batch under every view of `tta` and averages the (B, 37) outputs.
 pub fn predict_tta(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<Tensor> {
-    let (b, _c, h, w) = images.dims4()?;
     let views = tta.views();
     let mut sum: Option<Tensor> = None;
     for view in &views {
-        let x = if is_identity(view) {
-            images.clone()
-        } else {
-            affine_sample(images, &vec![*view; b], h, w)?
-        };
-        let y = model.predict(&x)?.to_dtype(candle_core::DType::F32)?;
+        let y = model
+            .predict(&view_of(images, view)?)?
+            .to_dtype(candle_core::DType::F32)?;
         sum = Some(match sum {
             None => y,
             Some(s) => (s + y)?,
@@ -177,6 +211,40 @@ pub fn predict_tta(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> C
     sum.affine(1.0 / views.len() as f64, 0.0)
 }
 
+/// [`predict_tta`]'s average (the same bits) and, per galaxy and answer, the variance of the
+/// views' × members' predictions around it (population variance over all `views × members`
+/// of them, both (B, 37) f32). One view of one model has variance 0.
+pub fn predict_tta_spread(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<(Tensor, Tensor)> {
+    let views = tta.views();
+    let mut sum: Option<Tensor> = None;
+    let mut all = Vec::with_capacity(views.len() * model.n_members());
+    for view in &views {
+        let ys = model.predict_members(&view_of(images, view)?)?;
+        // the view's prediction as `predict` gives it, then summed over views as predict_tta
+        let y = mean_of(&ys)?;
+        sum = Some(match sum {
+            None => y,
+            Some(s) => (s + y)?,
+        });
+        all.extend(ys);
+    }
+    let sum = sum.ok_or_else(|| candle_core::Error::Msg("test-time augmentation with no views".into()))?;
+    let mean = sum.affine(1.0 / views.len() as f64, 0.0)?;
+    // two passes (the outputs are kept): no cancellation for small spreads
+    let mut sq: Option<Tensor> = None;
+    for y in &all {
+        let d = (y - &mean)?.sqr()?;
+        sq = Some(match sq {
+            None => d,
+            Some(s) => (s + d)?,
+        });
+    }
+    let var = sq
+        .ok_or_else(|| candle_core::Error::Msg("test-time augmentation with no views".into()))?
+        .affine(1.0 / all.len() as f64, 0.0)?;
+    Ok((mean, var))
+}
+
 /// Several models averaged uniformly (each under the same TTA when used with [`predict_tta`]).
 pub struct Ensemble<'a> {
     pub members: Vec<&'a dyn Predictor>,
@@ -184,16 +252,18 @@ pub struct Ensemble<'a> {
 
 impl Predictor for Ensemble<'_> {
     fn predict(&self, images: &Tensor) -> CResult<Tensor> {
-        let mut sum: Option<Tensor> = None;
-        for m in &self.members {
-            let y = m.predict(images)?.to_dtype(candle_core::DType::F32)?;
-            sum = Some(match sum {
-                None => y,
-                Some(s) => (s + y)?,
-            });
-        }
-        let sum = sum.ok_or_else(|| candle_core::Error::Msg("an ensemble needs at least one model".into()))?;
-        sum.affine(1.0 / self.members.len() as f64, 0.0)
+        mean_of(&self.predict_members(images)?)
+    }
+
+    fn predict_members(&self, images: &Tensor) -> CResult<Vec<Tensor>> {
+        self.members
+            .iter()
+            .map(|m| m.predict(images)?.to_dtype(candle_core::DType::F32))
+            .collect()
+    }
+
+    fn n_members(&self) -> usize {
+        self.members.len()
     }
 }
 
@@ -322,6 +392,77 @@ mod tests {
         assert!(grid(4, false, vec![0.1, 10.0]).validate().is_ok());
         for bad in [0.0, 0.09, 10.5, f32::NAN, f32::INFINITY, -1.0] {
             assert!(grid(4, false, vec![bad]).validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spread_is_the_variance_of_the_views_and_members() {
+        let img = quadrants([0.1, 0.2, 0.3, 0.4]);
+        let all = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // one view of one model: nothing to spread, the plain prediction
+        let (m, v) = predict_tta_spread(&top_left, &img, &TtaConfig::none()).unwrap();
+        assert_eq!(all(&m), all(&top_left(&img).unwrap()));
+        assert!(all(&v).iter().all(|&x| x == 0.0));
+        // four rotations show each quadrant once: 0.1 … 0.4, variance
+        // (0.15² + 0.05² + 0.05² + 0.15²) / 4 = 0.0125
+        let (m, v) = predict_tta_spread(&top_left, &img, &TtaConfig::preset(4).unwrap()).unwrap();
+        assert!((value(&m) - 0.25).abs() < 1e-4);
+        assert!((value(&v) - 0.0125).abs() < 1e-5, "{}", value(&v));
+        // two members always 1 and 0: variance 0.25 with one view, and with four
+        let a = |x: &Tensor| -> CResult<Tensor> { (top_left(x)? * 0.0)? + 1.0 };
+        let b = |x: &Tensor| -> CResult<Tensor> { top_left(x)? * 0.0 };
+        let e = Ensemble {
+            members: vec![&a as &dyn Predictor, &b as &dyn Predictor],
+        };
+        for n in [1, 4] {
+            let (m, v) = predict_tta_spread(&e, &img, &TtaConfig::preset(n).unwrap()).unwrap();
+            assert!(
+                (value(&m) - 0.5).abs() < 1e-6 && (value(&v) - 0.25).abs() < 1e-6,
+                "{n} views"
+            );
+        }
+        // members and views together: top_left and its double, 4 views: values v and 2v for v in
+        // 0.1 … 0.4 around 0.375; Σ (x − 0.375)² / 8 over 0.1 0.2 0.3 0.4 0.2 0.4 0.6 0.8
+        let double = |x: &Tensor| -> CResult<Tensor> { top_left(x)? * 2.0 };
+        let e = Ensemble {
+            members: vec![&top_left as &dyn Predictor, &double as &dyn Predictor],
+        };
+        let xs = [0.1f64, 0.2, 0.3, 0.4, 0.2, 0.4, 0.6, 0.8];
+        let want = xs.iter().map(|x| (x - 0.375).powi(2)).sum::<f64>() / 8.0;
+        let (m, v) = predict_tta_spread(&e, &img, &TtaConfig::preset(4).unwrap()).unwrap();
+        assert!((value(&m) - 0.375).abs() < 1e-5, "{}", value(&m));
+        assert!((value(&v) as f64 - want).abs() < 1e-5, "{} vs {want}", value(&v));
+    }
+
+    /// Asking for the spread does not change the prediction, to the bit.
+    #[test]
+    fn the_spread_leaves_the_average_alone() {
+        let img = Tensor::rand(0f32, 1.0, (3, 3, 8, 8), &candle_core::Device::Cpu).unwrap();
+        let w = Tensor::rand(-1f32, 1.0, (3 * 64, 37), &candle_core::Device::Cpu).unwrap();
+        let sigmoid = |z: Tensor| (z.neg()?.exp()? + 1.0)?.recip();
+        let lin = |x: &Tensor| -> CResult<Tensor> { sigmoid(x.flatten_from(1)?.matmul(&w)?) };
+        let lin2 = |x: &Tensor| -> CResult<Tensor> { sigmoid((x.flatten_from(1)?.matmul(&w)? * 0.5)?) };
+        let e = Ensemble {
+            members: vec![&lin as &dyn Predictor, &lin2 as &dyn Predictor, &lin as &dyn Predictor],
+        };
+        for (model, n) in [
+            (&e as &dyn Predictor, 8),
+            (&e as &dyn Predictor, 60),
+            (&lin as &dyn Predictor, 8),
+        ] {
+            let tta = TtaConfig::preset(n).unwrap();
+            let plain = predict_tta(model, &img, &tta).unwrap();
+            let (m, _) = predict_tta_spread(model, &img, &tta).unwrap();
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&m), bits(&plain), "{n} views");
         }
     }
 

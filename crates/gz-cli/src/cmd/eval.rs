@@ -265,6 +265,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ev.report.floor.as_ref()
         )
     );
+    if let Some(sp) = &ev.report.spread {
+        println!("{}", sp.sentence());
+    }
 
     let dir = args
         .report

@@ -15,7 +15,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use gz_eval::predict::{keys_for, list_jpegs, predict_jpegs, predict_split, Failure};
+use gz_eval::predict::{keys_for, list_jpegs, predict_jpegs, predict_split, Failure, JpegPredictions};
 use gz_eval::tta::{Ensemble, Predictor, TtaConfig};
 use gz_model::checkpoint::LoadedModel;
 use gz_schema::Solutions;
@@ -100,6 +100,13 @@ pub struct Args {
     /// the model says under 1 % of volunteers would reach gets empty cells.
     #[arg(long)]
     pub conditional: bool,
+    /// Also write, in the same layout, each galaxy's spread: per answer, the standard deviation
+    /// of the predictions the output averages (its TTA views × checkpoints; needs more than
+    /// one). How much the prediction depends on orientation and checkpoint: a disagreement
+    /// measure, not a calibrated uncertainty (`gz eval` says how it ranks the errors). A filled
+    /// row's cells are empty. `-` writes it to standard output.
+    #[arg(long, value_name = "FILE")]
+    pub spread: Option<PathBuf>,
 }
 
 /// A progress bar on stderr, hidden when stderr is not a terminal.
@@ -128,10 +135,14 @@ pub struct Predicted {
     /// File mode (`--images` not all named `<GalaxyID>.jpg`): the row keys are positions into
     /// these file names.
     pub names: Option<Vec<String>>,
+    /// When asked for: the variance of each predicted row's views' and members' predictions
+    /// (rows of `rows`' keys; filled rows have none).
+    pub var: Option<Solutions>,
 }
 
-/// Loads the checkpoints and predicts the source's test images.
-pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
+/// Loads the checkpoints and predicts the source's test images, with the spread of the views'
+/// and members' predictions when `spread`.
+pub fn predict(src: &SourceArgs, spread: bool) -> anyhow::Result<Predicted> {
     if src.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
@@ -146,6 +157,12 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
     let train_mean: Vec<f32> = models[0].sidecar().train_mean.iter().map(|&v| v as f32).collect();
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
+    if spread && tta.n_views() * models.len() < 2 {
+        bail!(
+            "--spread needs more than one prediction per image to spread: pass --tta 2 or more (e.g. --tta 8), or \
+             several --run"
+        );
+    }
     eprintln!(
         "predicting with {}, {} per image on {}",
         super::count(models.len(), "checkpoint"),
@@ -153,7 +170,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         src.device
     );
     let mut names = None;
-    let (rows, failures) = if let Some(cache_dir) = &src.cache {
+    let (rows, var, failures) = if let Some(cache_dir) = &src.cache {
         let cache = super::open_cache(cache_dir)?;
         for (m, run) in models.iter().zip(&src.runs) {
             gz_eval::eval::check_cache(m, run, &cache)?;
@@ -171,19 +188,19 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         test.verify()
             .with_context(|| format!("checking the test split of {}", cache_dir.display()))?;
         let pb = progress_bar(test.len(), "predict");
-        let values = predict_split(&ensemble, test, None, &tta, src.batch, &device, &|n| {
+        let out = predict_split(&ensemble, test, None, &tta, src.batch, &device, spread, &|n| {
             pb.set_position(n as u64)
         })?;
         pb.finish_and_clear();
-        let rows = Solutions {
+        let with_ids = |values| Solutions {
             ids: test.ids().to_vec(),
             values,
         };
-        (rows, Vec::new())
+        (with_ids(out.mean), out.var.map(with_ids), Vec::new())
     } else if let Some(dir) = &src.images {
-        let (rows, failures, n) = predict_folder(&models, dir, &tta, src.batch, &device)?;
+        let (out, n) = predict_folder(&models, dir, &tta, src.batch, &device, spread)?;
         names = n;
-        (rows, failures)
+        (out.rows, out.var, out.failures)
     } else {
         bail!("give --cache DIR (a shard cache's test split) or --images DIR (a folder of <GalaxyID>.jpg) to predict");
     };
@@ -218,6 +235,7 @@ pub fn predict(src: &SourceArgs) -> anyhow::Result<Predicted> {
         train_mean,
         views: tta.n_views(),
         names,
+        var,
     })
 }
 
@@ -227,7 +245,8 @@ fn predict_folder(
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
-) -> anyhow::Result<(Solutions, Vec<Failure>, Option<Vec<String>>)> {
+    spread: bool,
+) -> anyhow::Result<(JpegPredictions, Option<Vec<String>>)> {
     // one image named by itself, or the JPEGs of a folder
     let paths = if dir.is_file() {
         vec![dir.to_path_buf()]
@@ -260,9 +279,9 @@ fn predict_folder(
         }
     }
     if groups.len() == 1 {
-        let (rows, failures, grey) = predict_group(&groups[0], &paths, &keys.keys, tta, batch, device, "predict")?;
+        let (out, grey) = predict_group(&groups[0], &paths, &keys.keys, tta, batch, device, spread, "predict")?;
         warn_greyscale(grey);
-        return Ok((rows, failures, keys.names));
+        return Ok((out, keys.names));
     }
     eprintln!(
         "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
@@ -270,11 +289,22 @@ fn predict_folder(
     );
     // the uniform average over all members: each group's average weighted by its size
     let mut sum: std::collections::HashMap<u64, (Vec<f32>, usize)> = std::collections::HashMap::new();
+    // with the spread: each group's (members, mean, variance) per row, pooled at the end
+    let mut parts: std::collections::HashMap<u64, Vec<GroupMoments>> = std::collections::HashMap::new();
     let mut failures: Vec<Failure> = Vec::new();
     let mut failed_paths: std::collections::HashSet<std::path::PathBuf> = std::collections::HashSet::new();
     for (gi, group) in groups.iter().enumerate() {
         let what = format!("predict ({}/{})", gi + 1, groups.len());
-        let (rows, failed, grey) = predict_group(group, &paths, &keys.keys, tta, batch, device, &what)?;
+        let (out, grey) = predict_group(group, &paths, &keys.keys, tta, batch, device, spread, &what)?;
+        let (rows, failed) = (out.rows, out.failures);
+        if let Some(var) = &out.var {
+            for (i, &id) in var.ids.iter().enumerate() {
+                parts
+                    .entry(id)
+                    .or_default()
+                    .push((group.len(), rows.row(i).to_vec(), var.row(i).to_vec()));
+            }
+        }
         if gi == 0 {
             // (every group reads the same files: said once)
             warn_greyscale(grey);
@@ -295,13 +325,36 @@ fn predict_folder(
     // rows every member predicted, in file order (an image that failed for any member has no
     // row from that member's group)
     let mut rows = Solutions::new();
+    let mut var = spread.then(Solutions::new);
     for &key in &keys.keys {
         if let Some((acc, n)) = sum.get(&key).filter(|(_, n)| *n == models.len()) {
             let row: Vec<f32> = acc.iter().map(|v| v / *n as f32).collect();
+            if let Some(var) = &mut var {
+                var.push(key, &pooled_variance(&parts[&key], &row));
+            }
             rows.push(key, &row);
         }
     }
-    Ok((rows, failures, keys.names))
+    Ok((JpegPredictions { rows, var, failures }, keys.names))
+}
+
+/// One group's members, mean and variance of one row (for [`pooled_variance`]).
+type GroupMoments = (usize, Vec<f32>, Vec<f32>);
+
+/// The variance of all the predictions of several groups around their pooled `mean`, from each
+/// group's (weight, mean, variance): Σ w (v + (m − mean)²) / Σ w (every group has the same views,
+/// so a group weighs its number of members).
+fn pooled_variance(groups: &[GroupMoments], mean: &[f32]) -> Vec<f32> {
+    let total: usize = groups.iter().map(|g| g.0).sum();
+    (0..mean.len())
+        .map(|a| {
+            let s: f64 = groups
+                .iter()
+                .map(|(w, m, v)| *w as f64 * (v[a] as f64 + (m[a] as f64 - mean[a] as f64).powi(2)))
+                .sum();
+            (s / total as f64) as f32
+        })
+        .collect()
 }
 
 /// Warns once, naming how many, when some of the JPEGs predicted were greyscale.
@@ -313,6 +366,7 @@ fn warn_greyscale(grey: usize) {
 
 /// The members of one group (same input) on every JPEG, prepared with their preprocessing;
 /// also how many of them were greyscale JPEGs.
+#[allow(clippy::too_many_arguments)] // reason: the one helper of predict_folder
 fn predict_group(
     group: &[&LoadedModel],
     paths: &[std::path::PathBuf],
@@ -320,8 +374,9 @@ fn predict_group(
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
+    spread: bool,
     what: &str,
-) -> anyhow::Result<(Solutions, Vec<Failure>, usize)> {
+) -> anyhow::Result<(JpegPredictions, usize)> {
     let sidecar = group[0].sidecar();
     let cfg: gz_preprocess::PrepConfig = serde_json::from_value(sidecar.prep_config.clone()).with_context(|| {
         format!(
@@ -366,10 +421,11 @@ fn predict_group(
         tta,
         batch,
         device,
+        spread,
         &|n| pb.set_position(n as u64),
     )?;
     pb.finish_and_clear();
-    Ok((out.0, out.1, grey.into_inner()))
+    Ok((out, grey.into_inner()))
 }
 
 /// Adds the training-mean rows of the failures that have an id.
@@ -386,11 +442,29 @@ pub fn fill_failures(p: &mut Predicted) -> anyhow::Result<Vec<u64>> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.out != Path::new("-") {
+    let stdout = Path::new("-");
+    if args.out != stdout {
         // before predicting, not after it
         super::check_output("--out", &args.out, false)?;
     }
-    let mut p = predict(&args.source)?;
+    if let Some(sp) = &args.spread {
+        if args.conditional {
+            bail!(
+                "--spread gives the spread of Kaggle's fractions; with --conditional it is not computed (yet): \
+                 drop one of them"
+            );
+        }
+        if sp == stdout && args.out == stdout {
+            bail!("--out - and --spread - would both go to standard output: give one of them a file");
+        }
+        if sp == &args.out {
+            bail!("--spread and --out name the same file {}", sp.display());
+        }
+        if sp != stdout {
+            super::check_output("--spread", sp, false)?;
+        }
+    }
+    let mut p = predict(&args.source, args.spread.is_some())?;
     let filled = fill_failures(&mut p)?;
     for &key in &filled {
         match &p.names {
@@ -426,19 +500,81 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ""
         }
     );
-    if args.out == Path::new("-") {
-        // the CSV on stdout (one galaxy's answers into a pipe); what else is said goes to stderr
-        let text = gz_eval::predict::table_csv(first_column, &table)?;
-        use std::io::Write as _;
-        std::io::stdout()
-            .write_all(text.as_bytes())
-            .context("writing the predictions to standard output")?;
-        eprintln!("{summary}");
-    } else {
-        // the error names the file (and the reason) itself
-        gz_eval::predict::write_table(&args.out, first_column, &table)?;
-        println!("{summary}");
-        println!("predictions: {}", args.out.display());
+    // the spread's rows in the same order, by key (a filled row has none: empty cells)
+    let spread_table = p.var.as_ref().map(|var| {
+        let index = var.index();
+        (0..rows.len())
+            .map(|i| {
+                let cells = match index.get(&rows.ids[i]) {
+                    Some(&j) => var.row(j).iter().map(|&v| Some(v.max(0.0).sqrt())).collect(),
+                    None => vec![None; gz_schema::N_ANSWERS],
+                };
+                (label(i), cells)
+            })
+            .collect::<Vec<(String, Vec<Option<f32>>)>>()
+    });
+    // what is said goes to stderr when a CSV goes to stdout (one galaxy's answers into a pipe)
+    let to_stdout = args.out == stdout || args.spread.as_deref() == Some(stdout);
+    let say = |line: String| {
+        if to_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    let write = |path: &Path, table: &[(String, Vec<Option<f32>>)], what: &str| -> anyhow::Result<()> {
+        if path == stdout {
+            let text = gz_eval::predict::table_csv(first_column, table)?;
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(text.as_bytes())
+                .with_context(|| format!("writing the {what} to standard output"))?;
+        } else {
+            // the error names the file (and the reason) itself
+            gz_eval::predict::write_table(path, first_column, table)?;
+        }
+        Ok(())
+    };
+    write(&args.out, &table, "predictions")?;
+    if let (Some(path), Some(t)) = (&args.spread, &spread_table) {
+        write(path, t, "spread")?;
+    }
+    say(summary);
+    if args.out != stdout {
+        say(format!("predictions: {}", args.out.display()));
+    }
+    if let Some(path) = args.spread.as_deref().filter(|p| *p != stdout) {
+        say(format!("spread: {}", path.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pooled_variance;
+
+    /// Groups of an ensemble that take different inputs are predicted apart and pooled: the
+    /// pooled variance is the variance of all their predictions together.
+    #[test]
+    fn pooled_variance_is_the_variance_of_everything() {
+        // three groups' predictions of one answer (each value one view of one member)
+        let groups: [&[f64]; 3] = [&[0.1, 0.3], &[0.2, 0.6, 0.7, 0.9], &[0.5, 0.5]];
+        let stats = |xs: &[f64]| {
+            let m = xs.iter().sum::<f64>() / xs.len() as f64;
+            (m, xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64)
+        };
+        let all: Vec<f64> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+        let (mean, var) = stats(&all);
+        // weights: a group's share of the predictions (the views are the same in every group)
+        let parts: Vec<super::GroupMoments> = groups
+            .iter()
+            .map(|g| {
+                let (m, v) = stats(g);
+                (g.len(), vec![m as f32, 0.0], vec![v as f32, 0.0])
+            })
+            .collect();
+        let got = pooled_variance(&parts, &[mean as f32, 0.0]);
+        assert!((got[0] as f64 - var).abs() < 1e-6, "{} vs {var}", got[0]);
+        assert_eq!(got[1], 0.0);
+    }
 }
