@@ -34,7 +34,7 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
            with --data)   --seed S (synthetic set and training)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --size PX --augment|--no-augment
            --precision f32|bf16 --tta N   (CPU defaults: tiny, or small from 5,000 training
-           images, --size 32, batch 16, 40 epochs, --lr 2e-3 --schedule dieleman --patience 0, no
+           images (or --train-arg --max-train N of them), --size 32, batch 16, 40 epochs, --lr 2e-3 --schedule dieleman --patience 0, no
            augmentation, --tta 8: the measured CPU recipe; elsewhere 12 epochs and gz train's
            defaults)
            --train-arg ARG, --prep-arg ARG (repeatable, passed to `gz train`, `gz prep`)

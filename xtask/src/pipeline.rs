@@ -157,13 +157,15 @@ impl Ctx {
             // on the CPU the net is sized to the training set (counted only when needed): the
             // cache's when one is given, else the dataset's
             None if on_cpu => {
-                let n = cache_override
+                let all = cache_override
                     .as_deref()
                     .and_then(cache_train_rows)
                     .unwrap_or_else(|| match &real_data {
                         Some(d) => training_images(d),
                         None => synth_train.unwrap_or(DEFAULT_TRAIN),
                     });
+                // `--train-arg --max-train N` trains on N of them
+                let n = max_train(&train_args).map_or(all, |m| m.min(all));
                 if n >= CPU_SMALL_FROM {
                     CPU_LARGE_MODEL
                 } else {
@@ -724,6 +726,20 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
             Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
         },
     )
+}
+
+/// The `--max-train N` among the words passed to `gz train` (`--max-train=N` or `--max-train`,
+/// `N`; the last one given), if it is a number (gz train refuses any other).
+fn max_train(train_args: &[String]) -> Option<usize> {
+    let mut found = None;
+    for (i, a) in train_args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--max-train=") {
+            found = v.parse().ok();
+        } else if a == "--max-train" {
+            found = train_args.get(i + 1).and_then(|v| v.parse().ok());
+        }
+    }
+    found
 }
 
 /// The `gz train` command of the train stage.
@@ -1328,6 +1344,29 @@ mod tests {
                 c.contains(&format!("--model {model} --epochs 40 ")) && c.contains(recipe),
                 "{extra:?}: {c}"
             );
+        }
+        // a set of that size trained on fewer (`--train-arg --max-train`) gets the net for fewer
+        for (max, model) in [(&below, "tiny"), (&from, "small")] {
+            for extra in [
+                vec![
+                    "--train".to_string(),
+                    "20000".into(),
+                    "--train-arg".into(),
+                    format!("--max-train={max}"),
+                ],
+                vec![
+                    "--train".to_string(),
+                    "20000".into(),
+                    "--train-arg".into(),
+                    "--max-train".into(),
+                    "--train-arg".into(),
+                    max.clone(),
+                ],
+            ] {
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                let c = cmd(&extra);
+                assert!(c.contains(&format!("--model {model} --epochs 40 ")), "{extra:?}: {c}");
+            }
         }
         // not on CUDA (the stages' own defaults)
         assert!(cmd(&["--train", &from, "--device", "cuda"]).contains("--model tiny --epochs 12 "));
