@@ -168,22 +168,32 @@ pub struct SpreadScore {
     pub members: usize,
     /// Mean over galaxies of each galaxy's spread: the RMS over its 37 answers of the standard
     /// deviation of its views' and members' predictions.
+    #[serde(deserialize_with = "nan_from_null")]
     pub mean_spread: f64,
     /// Spearman rank correlation between each galaxy's spread and its RMSE (1: the spread
-    /// orders the galaxies exactly by error; 0: it says nothing of it).
+    /// orders the galaxies exactly by error; 0: it says nothing of it). NaN (`null` in JSON)
+    /// when undefined: one galaxy, the same spread or error for all, or a NaN prediction.
+    #[serde(deserialize_with = "nan_from_null")]
     pub rank_correlation: f64,
     /// For comparison, the same for what the prediction alone implies: each galaxy's RMS over
     /// its answers of sqrt(p (1 − p)) (p clipped to [0, 1]), large where the fractions are
     /// near one half, where volunteers disagree most. The spread is worth having where it adds
     /// to this (it costs the views).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_from_null")]
     pub fraction_rank_correlation: f64,
     /// RMSE of the quarter of the galaxies with the least spread.
+    #[serde(deserialize_with = "nan_from_null")]
     pub rmse_least: f64,
     /// RMSE of the quarter with the most spread.
+    #[serde(deserialize_with = "nan_from_null")]
     pub rmse_most: f64,
     /// Galaxies in each quarter.
     pub quarter: usize,
+}
+
+/// A score JSON wrote as `null` (serde_json's NaN) read back as NaN.
+fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl SpreadScore {
@@ -194,16 +204,27 @@ impl SpreadScore {
             (1, m) => format!("{m} checkpoints"),
             (v, m) => format!("{v} TTA views × {m} checkpoints"),
         };
+        if self.mean_spread == 0.0 {
+            // nothing to rank by: the quarters would only be the first and last rows
+            return format!("spread of the {what} per galaxy: none, the {what} agree exactly on every galaxy");
+        }
+        let corr = |r: f64| {
+            if r.is_finite() {
+                format!("{r:.2}")
+            } else {
+                "undefined".to_string()
+            }
+        };
         format!(
             "spread of the {what} per galaxy: mean {:.4}; RMSE {:.5} on the quarter of galaxies with the most spread, \
-             {:.5} on the quarter with the least ({} each); rank correlation of spread and error {:.2} (of \
-             the fractions' own p(1 − p) and error: {:.2})",
+             {:.5} on the quarter with the least ({} each); rank correlation of spread and error {} (of \
+             the fractions' own p(1 − p) and error: {})",
             self.mean_spread,
             self.rmse_most,
             self.rmse_least,
             self.quarter,
-            self.rank_correlation,
-            self.fraction_rank_correlation
+            corr(self.rank_correlation),
+            corr(self.fraction_rank_correlation)
         )
     }
 }
@@ -226,8 +247,15 @@ pub fn spread_score(pred: &[f32], var: &[f32], truth: &[f32], views: usize, memb
     let mut sq_err = Vec::with_capacity(n);
     for r in 0..n {
         let row = r * N_ANSWERS..(r + 1) * N_ANSWERS;
-        // a variance a hair below 0 from rounding counts as 0
-        spread.push(rms(&mut var[row.clone()].iter().map(|&v| (v as f64).max(0.0))));
+        // a variance a hair below 0 from rounding counts as 0 (a NaN stays NaN: `max` would make
+        // a diverged model's spread 0)
+        spread.push(rms(&mut var[row.clone()].iter().map(|&v| {
+            if v < 0.0 {
+                0.0
+            } else {
+                v as f64
+            }
+        })));
         implied.push(rms(&mut pred[row.clone()].iter().map(|&p| {
             let p = (p as f64).clamp(0.0, 1.0);
             p * (1.0 - p)
@@ -278,8 +306,13 @@ fn ranks(x: &[f64]) -> Vec<f64> {
     out
 }
 
-/// Spearman's rank correlation (Pearson's on the ranks); NaN when either side is constant.
+/// Spearman's rank correlation (Pearson's on the ranks); NaN when either side is constant or
+/// holds a NaN (which has no rank: ranked as a value, a diverged model's NaN errors and NaN
+/// spreads would agree perfectly).
 pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    if x.iter().chain(y).any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
     let (rx, ry) = (ranks(x), ranks(y));
     let n = rx.len() as f64;
     let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
@@ -418,6 +451,51 @@ mod tests {
         assert!((s.rank_correlation - 1.0).abs() < 1e-12);
         assert!(s.rmse_most > s.rmse_least);
         assert!(spread_score(&pred, &var[..37], &truth, 8, 1).is_err());
+    }
+
+    /// A diverged model predicts NaN: its spread says nothing of its error (not a perfect rank
+    /// correlation from NaNs ranked in row order), and the score reads back from its JSON.
+    #[test]
+    fn nan_predictions_give_no_rank_correlation() {
+        let n = 6;
+        let truth = vec![0.5f32; n * N_ANSWERS];
+        let pred = vec![f32::NAN; n * N_ANSWERS];
+        let var = vec![f32::NAN; n * N_ANSWERS];
+        let s = spread_score(&pred, &var, &truth, 8, 1).unwrap();
+        assert!(s.rank_correlation.is_nan(), "{}", s.rank_correlation);
+        assert!(s.fraction_rank_correlation.is_nan(), "{}", s.fraction_rank_correlation);
+        assert!(spearman(&[1.0, f64::NAN, 3.0], &[1.0, 2.0, 3.0]).is_nan());
+        assert!(
+            s.sentence().contains("rank correlation of spread and error undefined"),
+            "{}",
+            s.sentence()
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        let back: SpreadScore = serde_json::from_str(&json).unwrap();
+        assert!(back.rank_correlation.is_nan() && back.mean_spread.is_nan() && back.rmse_most.is_nan());
+        assert_eq!(back.quarter, s.quarter);
+    }
+
+    /// The same checkpoint twice without views: every spread 0, nothing to rank by.
+    #[test]
+    fn no_spread_at_all_is_said_plainly() {
+        let n = 3;
+        let truth = vec![0.5f32; n * N_ANSWERS];
+        let pred: Vec<f32> = (0..n * N_ANSWERS).map(|i| 0.1 * (i / N_ANSWERS) as f32).collect();
+        let var = vec![0.0f32; n * N_ANSWERS];
+        let s = spread_score(&pred, &var, &truth, 1, 2).unwrap();
+        assert!(s.rank_correlation.is_nan());
+        let line = s.sentence();
+        assert!(
+            line.contains("the 2 checkpoints agree exactly on every galaxy"),
+            "{line}"
+        );
+        assert!(!line.contains("NaN") && !line.contains("quarter"), "{line}");
+        // one galaxy: no ranking either, said without a NaN
+        let s = spread_score(&pred[..N_ANSWERS], &[0.01; N_ANSWERS], &truth[..N_ANSWERS], 2, 1).unwrap();
+        assert!(!s.sentence().contains("NaN"), "{}", s.sentence());
+        let back: SpreadScore = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(back.rank_correlation.is_nan());
     }
 
     #[test]
