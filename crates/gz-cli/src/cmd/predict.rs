@@ -338,6 +338,16 @@ fn predict_folder(
     Ok((JpegPredictions { rows, var, failures }, keys.names))
 }
 
+/// A spread CSV cell: the standard deviation of a variance (a rounding hair below 0 is 0; a
+/// NaN from a diverged model stays NaN, not the 0 of `max(0.0)`: perfect agreement).
+fn std_dev(var: f32) -> f32 {
+    if var < 0.0 {
+        0.0
+    } else {
+        var.sqrt()
+    }
+}
+
 /// One group's members, mean and variance of one row (for [`pooled_variance`]).
 type GroupMoments = (usize, Vec<f32>, Vec<f32>);
 
@@ -506,7 +516,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (0..rows.len())
             .map(|i| {
                 let cells = match index.get(&rows.ids[i]) {
-                    Some(&j) => var.row(j).iter().map(|&v| Some(v.max(0.0).sqrt())).collect(),
+                    Some(&j) => var.row(j).iter().map(|&v| Some(std_dev(v))).collect(),
                     None => vec![None; gz_schema::N_ANSWERS],
                 };
                 (label(i), cells)
@@ -551,7 +561,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::pooled_variance;
+    use super::{pooled_variance, std_dev};
+
+    #[test]
+    fn a_diverged_models_spread_is_nan_not_zero() {
+        assert!(std_dev(f32::NAN).is_nan());
+        assert_eq!(std_dev(-1e-9), 0.0);
+        assert_eq!(std_dev(0.25), 0.5);
+    }
 
     /// Groups of an ensemble that take different inputs are predicted apart and pooled: the
     /// pooled variance is the variance of all their predictions together.
