@@ -244,6 +244,18 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
             "{cmd}: the output is checked first\n{err}"
         );
     }
+    // --spread naming --out's file under another spelling is refused, not written over it
+    let (ok, out, err) = support::run(
+        support::gz()
+            .current_dir(tmp.path())
+            .args([
+                "predict", "--tta", "2", "--out", "p.csv", "--spread", "./p.csv", "--cache",
+            ])
+            .arg(tmp.path())
+            .arg("--run")
+            .arg(&missing_run),
+    );
+    assert!(!ok && err.contains("name the same file"), "{out}\n{err}");
     // missing folders are created
     let pred = tmp.path().join("pred.csv");
     std::fs::write(&pred, format!("{}\n{}\n", csv_header(), row(100, "0.25"))).unwrap();

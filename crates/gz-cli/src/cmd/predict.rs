@@ -338,6 +338,21 @@ fn predict_folder(
     Ok((JpegPredictions { rows, var, failures }, keys.names))
 }
 
+/// Whether two output paths name the same file: as written, or once made absolute with their
+/// folder resolved (`p.csv` and `./p.csv`, `out/../p.csv`, a folder reached through a link).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| -> Option<PathBuf> {
+        let abs = std::path::absolute(p).ok()?;
+        let name = abs.file_name()?.to_owned();
+        // a folder not made yet cannot be resolved: the absolute path as written
+        Some(match abs.parent().map(Path::canonicalize) {
+            Some(Ok(dir)) => dir.join(name),
+            _ => abs,
+        })
+    };
+    a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// A spread CSV cell: the standard deviation of a variance (a rounding hair below 0 is 0; a
 /// NaN from a diverged model stays NaN, not the 0 of `max(0.0)`: perfect agreement).
 fn std_dev(var: f32) -> f32 {
@@ -467,8 +482,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if sp == stdout && args.out == stdout {
             bail!("--out - and --spread - would both go to standard output: give one of them a file");
         }
-        if sp == &args.out {
-            bail!("--spread and --out name the same file {}", sp.display());
+        if same_file(sp, &args.out) {
+            bail!(
+                "--spread {} and --out {} name the same file: the spread would overwrite the predictions",
+                sp.display(),
+                args.out.display()
+            );
         }
         if sp != stdout {
             super::check_output("--spread", sp, false)?;
@@ -561,13 +580,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{pooled_variance, std_dev};
+    use std::path::Path;
+
+    use super::{pooled_variance, same_file, std_dev};
 
     #[test]
     fn a_diverged_models_spread_is_nan_not_zero() {
         assert!(std_dev(f32::NAN).is_nan());
         assert_eq!(std_dev(-1e-9), 0.0);
         assert_eq!(std_dev(0.25), 0.5);
+    }
+
+    #[test]
+    fn the_same_file_under_two_spellings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        let p = dir.join("p.csv");
+        assert!(same_file(&p, &p));
+        assert!(same_file(&p, &dir.join("sub").join("..").join("p.csv")));
+        assert!(!same_file(&p, &dir.join("s.csv")));
+        assert!(!same_file(&p, &dir.join("sub").join("p.csv")));
+        // a folder not made yet: compared as written, made absolute
+        let new = dir.join("new").join("p.csv");
+        assert!(same_file(&new, &dir.join("new").join(".").join("p.csv")));
+        assert!(!same_file(&new, &p));
+        let here = std::env::current_dir().unwrap();
+        assert!(same_file(Path::new("p.csv"), Path::new("./p.csv")));
+        assert!(same_file(Path::new("p.csv"), &here.join("p.csv")));
     }
 
     /// Groups of an ensemble that take different inputs are predicted apart and pooled: the
