@@ -363,6 +363,19 @@ fn std_dev(var: f32) -> f32 {
     }
 }
 
+/// The spread CSV's cells for `rows` in their order, looked up by key in `var` (a row `var`
+/// lacks, one filled with the training mean, gets empty cells).
+fn spread_cells(rows: &Solutions, var: &Solutions) -> Vec<Vec<Option<f32>>> {
+    let index = var.index();
+    rows.ids
+        .iter()
+        .map(|id| match index.get(id) {
+            Some(&j) => var.row(j).iter().map(|&v| Some(std_dev(v))).collect(),
+            None => vec![None; gz_schema::N_ANSWERS],
+        })
+        .collect()
+}
+
 /// One group's members, mean and variance of one row (for [`pooled_variance`]).
 type GroupMoments = (usize, Vec<f32>, Vec<f32>);
 
@@ -531,15 +544,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     // the spread's rows in the same order, by key (a filled row has none: empty cells)
     let spread_table = p.var.as_ref().map(|var| {
-        let index = var.index();
-        (0..rows.len())
-            .map(|i| {
-                let cells = match index.get(&rows.ids[i]) {
-                    Some(&j) => var.row(j).iter().map(|&v| Some(std_dev(v))).collect(),
-                    None => vec![None; gz_schema::N_ANSWERS],
-                };
-                (label(i), cells)
-            })
+        spread_cells(&rows, var)
+            .into_iter()
+            .enumerate()
+            .map(|(i, cells)| (label(i), cells))
             .collect::<Vec<(String, Vec<Option<f32>>)>>()
     });
     // what is said goes to stderr when a CSV goes to stdout (one galaxy's answers into a pipe)
@@ -582,7 +590,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 mod tests {
     use std::path::Path;
 
-    use super::{pooled_variance, same_file, std_dev};
+    use super::{pooled_variance, same_file, spread_cells, std_dev};
+
+    /// The spread's rows follow the predictions' (sorted, filled rows among them) by key, not
+    /// by position.
+    #[test]
+    fn spread_rows_follow_the_prediction_rows_by_key() {
+        let n = gz_schema::N_ANSWERS;
+        let mut rows = gz_schema::Solutions::new();
+        let mut var = gz_schema::Solutions::new();
+        // predicted in file order 30, 10; 20 failed and was filled (pushed last)
+        for (id, v) in [(30, 0.09f32), (10, 0.01)] {
+            rows.push(id, &vec![0.5; n]);
+            var.push(id, &vec![v; n]);
+        }
+        rows.push(20, &vec![0.5; n]);
+        let rows = rows.sorted_by_id();
+        let cells = spread_cells(&rows, &var);
+        assert_eq!(rows.ids, vec![10, 20, 30]);
+        assert_eq!(cells.len(), 3);
+        assert!((cells[0][0].unwrap() - 0.1).abs() < 1e-6, "{:?}", cells[0][0]);
+        assert!(cells[1].iter().all(Option::is_none));
+        assert!((cells[2][36].unwrap() - 0.3).abs() < 1e-6, "{:?}", cells[2][36]);
+    }
 
     #[test]
     fn a_diverged_models_spread_is_nan_not_zero() {
