@@ -179,7 +179,7 @@ pub struct SpreadScore {
     /// its answers of sqrt(p (1 − p)) (p clipped to [0, 1]), large where the fractions are
     /// near one half, where volunteers disagree most. The spread is worth having where it adds
     /// to this (it costs the views).
-    #[serde(default, deserialize_with = "nan_from_null")]
+    #[serde(deserialize_with = "nan_from_null")]
     pub fraction_rank_correlation: f64,
     /// RMSE of the quarter of the galaxies with the least spread.
     #[serde(deserialize_with = "nan_from_null")]

@@ -147,6 +147,13 @@ pub fn predict(src: &SourceArgs, spread: bool) -> anyhow::Result<Predicted> {
         anyhow::bail!("--batch must be at least 1");
     }
     let tta = src.tta.config()?;
+    // before loading anything: one view of one checkpoint has nothing to spread
+    if spread && tta.n_views() * src.runs.len() < 2 {
+        bail!(
+            "--spread needs more than one prediction per image to spread: pass --tta 2 or more (e.g. --tta 8), or \
+             several --run"
+        );
+    }
     let device = gz_model::device::select_device(&src.device).with_context(|| format!("device {:?}", src.device))?;
     // JPEGs are prepared for each checkpoint's own preprocessing; a cache holds one
     let models = if src.images.is_some() {
@@ -157,12 +164,6 @@ pub fn predict(src: &SourceArgs, spread: bool) -> anyhow::Result<Predicted> {
     let train_mean: Vec<f32> = models[0].sidecar().train_mean.iter().map(|&v| v as f32).collect();
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
-    if spread && tta.n_views() * models.len() < 2 {
-        bail!(
-            "--spread needs more than one prediction per image to spread: pass --tta 2 or more (e.g. --tta 8), or \
-             several --run"
-        );
-    }
     eprintln!(
         "predicting with {}, {} per image on {}",
         super::count(models.len(), "checkpoint"),
