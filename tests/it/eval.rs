@@ -714,6 +714,40 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         }
     }
     assert!(n > 0);
+    // their spread over 8 views: empty exactly where the fractions are (too few reach the
+    // question), a deviation in [0, 1] elsewhere
+    let pred_q8 = tmp.path().join("pred_conditional8.csv");
+    let spread_q8 = tmp.path().join("spread_conditional8.csv");
+    gz_ok(
+        support::gz()
+            .args(["predict", "--conditional", "--tta", "8", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&pred_q8)
+            .arg("--spread")
+            .arg(&spread_q8),
+    );
+    let (fractions, spreads) = (
+        std::fs::read_to_string(&pred_q8).unwrap(),
+        std::fs::read_to_string(&spread_q8).unwrap(),
+    );
+    assert_eq!(fractions.lines().count(), spreads.lines().count());
+    let mut some = 0;
+    for (f, sp) in fractions.lines().zip(spreads.lines()).skip(1) {
+        let (f, sp): (Vec<&str>, Vec<&str>) = (f.split(',').collect(), sp.split(',').collect());
+        assert_eq!(f[0], sp[0]);
+        for (a, b) in f[1..].iter().zip(&sp[1..]) {
+            assert_eq!(a.is_empty(), b.is_empty(), "{f:?}\n{sp:?}");
+            if !b.is_empty() {
+                let v: f32 = b.parse().unwrap();
+                assert!((0.0..=1.0).contains(&v), "{v}");
+                some += (v > 0.0) as usize;
+            }
+        }
+    }
+    assert!(some > 0);
     let (ok, _out, err) = support::run(
         support::gz()
             .args(["submit", "--pred"])
@@ -864,6 +898,25 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(tmp.path().join("spread_mix.csv")),
     );
     assert!(out.contains("8 rows"), "{out}");
+    // per-question spreads are not pooled over the two inputs yet: refused, saying so
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["predict", "--conditional", "--run"])
+            .arg(&run)
+            .arg("--run")
+            .arg(&run24)
+            .arg("--images")
+            .arg(&test_dir)
+            .arg("--out")
+            .arg(tmp.path().join("q_mix.csv"))
+            .arg("--spread")
+            .arg(tmp.path().join("q_mix_spread.csv")),
+    );
+    assert!(
+        !ok && err.contains("not computed for an ensemble whose checkpoints take different inputs"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("q_mix.csv").exists());
     let spread_mix = gz_schema::read_solutions(&tmp.path().join("spread_mix.csv")).unwrap();
     let (one, two, mix) = (
         gz_schema::read_solutions(&pred_j).unwrap(),

@@ -285,7 +285,7 @@ pub fn evaluate(
         &cfg.tta,
         cfg.batch,
         device,
-        many,
+        many.then_some(crate::predict::SpreadOf::Kaggle),
         progress,
     )?;
     let predictions = predicted.mean;

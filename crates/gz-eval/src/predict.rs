@@ -15,7 +15,7 @@ use gz_schema::{Solutions, N_ANSWERS};
 use gz_shards::Split;
 use half::f16;
 
-use crate::tta::{predict_tta, predict_tta_spread, Predictor, TtaConfig};
+use crate::tta::{predict_tta, predict_tta_spread, predict_tta_views, Predictor, TtaConfig};
 use crate::{io_err, EvalError, Result};
 
 fn model_err(what: impl Into<String>) -> impl FnOnce(candle_core::Error) -> EvalError {
@@ -49,17 +49,29 @@ pub fn predict_batch(
     tta: &TtaConfig,
     device: &Device,
 ) -> Result<Vec<f32>> {
-    Ok(predict_batch_moments(model, images, shape, tta, device, false)?.mean)
+    Ok(predict_batch_moments(model, images, shape, tta, device, None)?.mean)
 }
 
-/// [`predict_batch`], with the spread of the views' and members' predictions when `spread`.
+/// Which fractions a spread is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpreadOf {
+    /// Kaggle's 37 shares of all volunteers, the predictions themselves: the variance of the
+    /// views' and members' predictions around their average.
+    Kaggle,
+    /// The per-question fractions of [`gz_schema::conditional`]: the mean squared deviation of
+    /// each view's and member's from the average's, over those that reach the question (NaN
+    /// where none does, or the average does not).
+    Conditional,
+}
+
+/// [`predict_batch`], with the spread of the views' and members' predictions when asked for.
 pub fn predict_batch_moments(
     model: &dyn Predictor,
     images: &[f16],
     shape: [usize; 3],
     tta: &TtaConfig,
     device: &Device,
-    spread: bool,
+    spread: Option<SpreadOf>,
 ) -> Result<Moments> {
     let [c, h, w] = shape;
     let per = c * h * w;
@@ -74,26 +86,78 @@ pub fn predict_batch_moments(
         let x = Tensor::from_slice(images, (n, c, h, w), &Device::Cpu)?
             .to_device(device)?
             .to_dtype(DType::F32)?;
-        let (y, var) = if spread {
-            let (y, var) = predict_tta_spread(model, &x, tta)?;
-            (y, Some(var))
-        } else {
-            (predict_tta(model, &x, tta)?, None)
-        };
-        let (bn, k) = y.dims2()?;
-        if bn != n || k != N_ANSWERS {
-            candle_core::bail!("the model returned shape ({bn}, {k}) for a batch of {n}; expected ({n}, {N_ANSWERS})");
-        }
         let values = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        Ok(Moments {
-            mean: values(y)?,
-            var: var.map(values).transpose()?,
-        })
+        let check = |y: &Tensor| -> candle_core::Result<()> {
+            let (bn, k) = y.dims2()?;
+            if bn != n || k != N_ANSWERS {
+                candle_core::bail!(
+                    "the model returned shape ({bn}, {k}) for a batch of {n}; expected ({n}, {N_ANSWERS})"
+                );
+            }
+            Ok(())
+        };
+        match spread {
+            None => {
+                let y = predict_tta(model, &x, tta)?;
+                check(&y)?;
+                Ok(Moments {
+                    mean: values(y)?,
+                    var: None,
+                })
+            }
+            Some(SpreadOf::Kaggle) => {
+                let (y, var) = predict_tta_spread(model, &x, tta)?;
+                check(&y)?;
+                Ok(Moments {
+                    mean: values(y)?,
+                    var: Some(values(var)?),
+                })
+            }
+            Some(SpreadOf::Conditional) => {
+                let (y, all) = predict_tta_views(model, &x, tta)?;
+                check(&y)?;
+                let mean = values(y)?;
+                let all = all.into_iter().map(values).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Moments {
+                    var: Some(conditional_variance(&mean, &all)),
+                    mean,
+                })
+            }
+        }
     };
     run().map_err(model_err(format!(
         "predicting a batch of {n} image{}",
         if n == 1 { "" } else { "s" }
     )))
+}
+
+/// Per row and answer, the mean squared deviation of the per-question fractions
+/// ([`gz_schema::conditional`]) of each of `all`'s predictions from those of `mean` (all
+/// row-major × 37), over the predictions that reach the question; NaN where `mean` or none of
+/// them reaches it (a NaN prediction gives NaN, as it does in the fractions).
+pub fn conditional_variance(mean: &[f32], all: &[Vec<f32>]) -> Vec<f32> {
+    let rows = mean.len() / N_ANSWERS;
+    let mut out = vec![f32::NAN; mean.len()];
+    for r in 0..rows {
+        let cells = r * N_ANSWERS..(r + 1) * N_ANSWERS;
+        let centre = gz_schema::conditional(&mean[cells.clone()]);
+        let mut sum = [0f64; N_ANSWERS];
+        let mut count = [0usize; N_ANSWERS];
+        for y in all {
+            for (a, c) in gz_schema::conditional(&y[cells.clone()]).iter().enumerate() {
+                if let (Some(c), Some(m)) = (c, centre[a]) {
+                    sum[a] += (*c as f64 - m as f64).powi(2);
+                    count[a] += 1;
+                }
+            }
+        }
+        for a in 0..N_ANSWERS {
+            if count[a] > 0 {
+                out[r * N_ANSWERS + a] = (sum[a] / count[a] as f64) as f32;
+            }
+        }
+    }
+    out
 }
 
 /// Predicts `rows` of a cache split (all rows when `None`), in batches of `batch`, with the
@@ -107,14 +171,14 @@ pub fn predict_split(
     tta: &TtaConfig,
     batch: usize,
     device: &Device,
-    spread: bool,
+    spread: Option<SpreadOf>,
     progress: &dyn Fn(usize),
 ) -> Result<Moments> {
     let shape = split.shape();
     let batch = batch.max(1);
     let mut out = Moments {
         mean: Vec::new(),
-        var: spread.then(Vec::new),
+        var: spread.map(|_| Vec::new()),
     };
     match rows {
         None => {
@@ -317,7 +381,7 @@ pub fn predict_jpegs(
     tta: &TtaConfig,
     batch: usize,
     device: &Device,
-    spread: bool,
+    spread: Option<SpreadOf>,
     progress: &dyn Fn(usize),
 ) -> Result<JpegPredictions> {
     if keys.len() != paths.len() {
@@ -328,7 +392,7 @@ pub fn predict_jpegs(
     }
     let per = shape.iter().product::<usize>();
     let mut sol = Solutions::new();
-    let mut var = spread.then(Solutions::new);
+    let mut var = spread.map(|_| Solutions::new());
     let mut failures = Vec::new();
     let mut batch_keys = Vec::new();
     let mut buf: Vec<f16> = Vec::new();
@@ -467,7 +531,7 @@ mod tests {
             &TtaConfig::none(),
             2,
             &Device::Cpu,
-            false,
+            None,
             &|_| {},
         )
         .unwrap();
@@ -506,6 +570,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("rename one"), "{e}");
+    }
+
+    /// The spread of per-question fractions, by hand: Q1 (3 answers) of two predictions around
+    /// their average, Q2 reached by one of them only, Q3 by neither.
+    #[test]
+    fn conditional_variance_by_hand() {
+        let row = |q1: [f32; 3], q2: [f32; 2]| {
+            let mut r = vec![0.0f32; N_ANSWERS];
+            r[..3].copy_from_slice(&q1);
+            r[3..5].copy_from_slice(&q2);
+            r
+        };
+        // view A: Q1 shares 0.6 / 0.4 / 0 of all; Q2 (reached by the 0.4 of disks) 0.1 / 0.3
+        // view B: Q1 0.2 / 0.8 / 0; Q2 0.005 / 0.0 (under 1 % reach it: no fractions)
+        let a = row([0.6, 0.4, 0.0], [0.1, 0.3]);
+        let b = row([0.2, 0.8, 0.0], [0.005, 0.0]);
+        let mean: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect();
+        let v = conditional_variance(&mean, &[a.clone(), b.clone()]);
+        // Q1 of the mean: 0.4 / 0.6 / 0; views 0.6 and 0.2 for Class1.1: deviations ±0.2
+        assert!(
+            (v[0] - 0.04).abs() < 1e-6 && (v[1] - 0.04).abs() < 1e-6 && v[2] == 0.0,
+            "{:?}",
+            &v[..3]
+        );
+        // Q2 of the mean: 0.0525 / 0.15 of 0.2025 reached; only view A reaches it (0.25 / 0.75)
+        let m = 0.0525f64 / 0.2025;
+        assert!((v[3] as f64 - (0.25 - m).powi(2)).abs() < 1e-6, "{}", v[3]);
+        assert!((v[4] as f64 - (0.75 - (1.0 - m)).powi(2)).abs() < 1e-6, "{}", v[4]);
+        // Q3 onwards: nobody reaches them (all zeros): no spread
+        assert!(v[5..].iter().all(|x| x.is_nan()));
+        // a NaN prediction: NaN where it has one
+        let mut bad = a.clone();
+        bad[0] = f32::NAN;
+        let v = conditional_variance(&mean, &[bad, b]);
+        assert!(v[0].is_nan() && v[1].is_nan() && !v[3].is_nan());
     }
 
     #[test]

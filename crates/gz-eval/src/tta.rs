@@ -211,10 +211,9 @@ pub fn predict_tta(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> C
     sum.affine(1.0 / views.len() as f64, 0.0)
 }
 
-/// [`predict_tta`]'s average (the same bits) and, per galaxy and answer, the variance of the
-/// views' × members' predictions around it (population variance over all `views × members`
-/// of them, both (B, 37) f32). One view of one model has variance 0.
-pub fn predict_tta_spread(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<(Tensor, Tensor)> {
+/// [`predict_tta`]'s average (the same bits) and every prediction it averages: each view's
+/// [`Predictor::predict_members`], views in order (all (B, 37) f32).
+pub fn predict_tta_views(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<(Tensor, Vec<Tensor>)> {
     let views = tta.views();
     let mut sum: Option<Tensor> = None;
     let mut all = Vec::with_capacity(views.len() * model.n_members());
@@ -229,7 +228,14 @@ pub fn predict_tta_spread(model: &dyn Predictor, images: &Tensor, tta: &TtaConfi
         all.extend(ys);
     }
     let sum = sum.ok_or_else(|| candle_core::Error::Msg("test-time augmentation with no views".into()))?;
-    let mean = sum.affine(1.0 / views.len() as f64, 0.0)?;
+    Ok((sum.affine(1.0 / views.len() as f64, 0.0)?, all))
+}
+
+/// [`predict_tta`]'s average (the same bits) and, per galaxy and answer, the variance of the
+/// views' × members' predictions around it (population variance over all `views × members`
+/// of them, both (B, 37) f32). One view of one model has variance 0.
+pub fn predict_tta_spread(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<(Tensor, Tensor)> {
+    let (mean, all) = predict_tta_views(model, images, tta)?;
     // two passes (the outputs are kept): no cancellation for small spreads
     let mut sq: Option<Tensor> = None;
     for y in &all {

@@ -15,7 +15,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use gz_eval::predict::{keys_for, list_jpegs, predict_jpegs, predict_split, Failure, JpegPredictions};
+use gz_eval::predict::{keys_for, list_jpegs, predict_jpegs, predict_split, Failure, JpegPredictions, SpreadOf};
 use gz_eval::tta::{Ensemble, Predictor, TtaConfig};
 use gz_model::checkpoint::LoadedModel;
 use gz_schema::Solutions;
@@ -103,7 +103,9 @@ pub struct Args {
     /// Also write, in the same layout, each galaxy's spread: per answer, the standard deviation
     /// of the predictions the output averages (its TTA views × checkpoints; needs more than
     /// one). How much the prediction depends on orientation and checkpoint: a disagreement
-    /// measure, not a calibrated uncertainty (`gz eval` says how it ranks the errors). A filled
+    /// measure, not a calibrated uncertainty (`gz eval` says how it ranks the errors). With
+    /// --conditional, of the per-question fractions: the RMS deviation of each view's and
+    /// checkpoint's from the ones written, over those that reach the question. A filled
     /// row's cells are empty. `-` writes it to standard output.
     #[arg(long, value_name = "FILE")]
     pub spread: Option<PathBuf>,
@@ -142,13 +144,13 @@ pub struct Predicted {
 
 /// Loads the checkpoints and predicts the source's test images, with the spread of the views'
 /// and members' predictions when `spread`.
-pub fn predict(src: &SourceArgs, spread: bool) -> anyhow::Result<Predicted> {
+pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Predicted> {
     if src.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
     }
     let tta = src.tta.config()?;
     // before loading anything: one view of one checkpoint has nothing to spread
-    if spread && tta.n_views() * src.runs.len() < 2 {
+    if spread.is_some() && tta.n_views() * src.runs.len() < 2 {
         bail!(
             "--spread needs more than one prediction per image to spread: pass --tta 2 or more (e.g. --tta 8), or \
              several --run"
@@ -246,7 +248,7 @@ fn predict_folder(
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
-    spread: bool,
+    spread: Option<SpreadOf>,
 ) -> anyhow::Result<(JpegPredictions, Option<Vec<String>>)> {
     // one image named by itself, or the JPEGs of a folder
     let paths = if dir.is_file() {
@@ -283,6 +285,15 @@ fn predict_folder(
         let (out, grey) = predict_group(&groups[0], &paths, &keys.keys, tta, batch, device, spread, "predict")?;
         warn_greyscale(grey);
         return Ok((out, keys.names));
+    }
+    if spread == Some(SpreadOf::Conditional) {
+        // each group's deviations are around its own average's fractions, not the pooled one's
+        bail!(
+            "--spread with --conditional is not computed for an ensemble whose checkpoints take different inputs \
+             ({} here) yet: drop --conditional (the spread of Kaggle's fractions is pooled exactly), or predict \
+             each input's checkpoints apart",
+            groups.len()
+        );
     }
     eprintln!(
         "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
@@ -326,7 +337,7 @@ fn predict_folder(
     // rows every member predicted, in file order (an image that failed for any member has no
     // row from that member's group)
     let mut rows = Solutions::new();
-    let mut var = spread.then(Solutions::new);
+    let mut var = spread.map(|_| Solutions::new());
     for &key in &keys.keys {
         if let Some((acc, n)) = sum.get(&key).filter(|(_, n)| *n == models.len()) {
             let row: Vec<f32> = acc.iter().map(|v| v / *n as f32).collect();
@@ -365,13 +376,26 @@ fn std_dev(var: f32) -> f32 {
 }
 
 /// The spread CSV's cells for `rows` in their order, looked up by key in `var` (a row `var`
-/// lacks, one filled with the training mean, gets empty cells).
-fn spread_cells(rows: &Solutions, var: &Solutions) -> Vec<Vec<Option<f32>>> {
+/// lacks, one filled with the training mean, gets empty cells). With `conditional`, a
+/// question whose per-question fractions are empty in the predictions (too few volunteers
+/// reach it) has empty cells here too.
+fn spread_cells(rows: &Solutions, var: &Solutions, conditional: bool) -> Vec<Vec<Option<f32>>> {
     let index = var.index();
     rows.ids
         .iter()
-        .map(|id| match index.get(id) {
-            Some(&j) => var.row(j).iter().map(|&v| Some(std_dev(v))).collect(),
+        .enumerate()
+        .map(|(i, id)| match index.get(id) {
+            Some(&j) => {
+                let shown = conditional.then(|| gz_schema::conditional(rows.row(i)));
+                var.row(j)
+                    .iter()
+                    .enumerate()
+                    .map(|(a, &v)| match &shown {
+                        Some(c) if c[a].is_none() => None,
+                        _ => Some(std_dev(v)),
+                    })
+                    .collect()
+            }
             None => vec![None; gz_schema::N_ANSWERS],
         })
         .collect()
@@ -413,7 +437,7 @@ fn predict_group(
     tta: &TtaConfig,
     batch: usize,
     device: &gz_eval::Device,
-    spread: bool,
+    spread: Option<SpreadOf>,
     what: &str,
 ) -> anyhow::Result<(JpegPredictions, usize)> {
     let sidecar = group[0].sidecar();
@@ -487,12 +511,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::check_output("--out", &args.out, false)?;
     }
     if let Some(sp) = &args.spread {
-        if args.conditional {
-            bail!(
-                "--spread gives the spread of Kaggle's fractions; with --conditional it is not computed (yet): \
-                 drop one of them"
-            );
-        }
         if sp == stdout && args.out == stdout {
             bail!("--out - and --spread - would both go to standard output: give one of them a file");
         }
@@ -507,7 +525,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             super::check_output("--spread", sp, false)?;
         }
     }
-    let mut p = predict(&args.source, args.spread.is_some())?;
+    let spread_of = if args.conditional {
+        SpreadOf::Conditional
+    } else {
+        SpreadOf::Kaggle
+    };
+    let mut p = predict(&args.source, args.spread.as_ref().map(|_| spread_of))?;
     let filled = fill_failures(&mut p)?;
     for &key in &filled {
         match &p.names {
@@ -545,7 +568,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     // the spread's rows in the same order, by key (a filled row has none: empty cells)
     let spread_table = p.var.as_ref().map(|var| {
-        spread_cells(&rows, var)
+        spread_cells(&rows, var, args.conditional)
             .into_iter()
             .enumerate()
             .map(|(i, cells)| (label(i), cells))
@@ -607,12 +630,36 @@ mod tests {
         }
         rows.push(20, &vec![0.5; n]);
         let rows = rows.sorted_by_id();
-        let cells = spread_cells(&rows, &var);
+        let cells = spread_cells(&rows, &var, false);
         assert_eq!(rows.ids, vec![10, 20, 30]);
         assert_eq!(cells.len(), 3);
         assert!((cells[0][0].unwrap() - 0.1).abs() < 1e-6, "{:?}", cells[0][0]);
         assert!(cells[1].iter().all(Option::is_none));
         assert!((cells[2][36].unwrap() - 0.3).abs() < 1e-6, "{:?}", cells[2][36]);
+    }
+
+    /// Per-question spreads are empty where the per-question fractions are (a question under
+    /// 1 % of volunteers reach), whatever the variance says there.
+    #[test]
+    fn conditional_spread_cells_are_empty_where_the_fractions_are() {
+        let n = gz_schema::N_ANSWERS;
+        let mut row = vec![0.0f32; n];
+        // Q1: all smooth (0.995) or star (0.005): Q2 (edge-on, reached by disks) is unreached
+        row[0] = 0.995;
+        row[2] = 0.005;
+        let mut rows = gz_schema::Solutions::new();
+        rows.push(1, &row);
+        let mut var = gz_schema::Solutions::new();
+        var.push(1, &vec![0.04; n]);
+        let shown = gz_schema::conditional(&row);
+        let cells = spread_cells(&rows, &var, true);
+        assert!(shown[3].is_none() && cells[0][3].is_none() && cells[0][4].is_none());
+        assert!(shown[0].is_some() && (cells[0][0].unwrap() - 0.2).abs() < 1e-6);
+        for (c, s) in cells[0].iter().zip(&shown) {
+            assert_eq!(c.is_none(), s.is_none());
+        }
+        // the Kaggle spread has every cell
+        assert!(spread_cells(&rows, &var, false)[0].iter().all(Option::is_some));
     }
 
     #[test]

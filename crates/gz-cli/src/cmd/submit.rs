@@ -158,7 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             batch: args.batch,
             fill_mean: args.fill_mean,
         };
-        let p = predict(&src, false)?;
+        let p = predict(&src, None)?;
         // Unreadable images (only allowed with --fill-mean) are missing rows here; the ids
         // folder makes `write_submission` fill and list them.
         let mean = args.fill_mean.then(|| p.train_mean.clone());
