@@ -608,6 +608,11 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report_tta.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["spread"]["views"], 2);
+    assert!(std::fs::metadata(report_tta.join("spread.png")).unwrap().len() > 1000);
+    assert!(
+        !report.join("spread.png").exists(),
+        "a report without the spread has no chart"
+    );
     let (most, least) = (
         m["spread"]["rmse_most"].as_f64().unwrap(),
         m["spread"]["rmse_least"].as_f64().unwrap(),

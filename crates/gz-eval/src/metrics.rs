@@ -189,6 +189,21 @@ pub struct SpreadScore {
     pub rmse_most: f64,
     /// Galaxies in each quarter.
     pub quarter: usize,
+    /// The galaxies in tenths by spread, least first (fewer bins below 10 galaxies): what the
+    /// report's `spread.png` draws.
+    pub by_spread: Vec<SpreadBin>,
+}
+
+/// A group of galaxies of similar spread.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpreadBin {
+    pub galaxies: usize,
+    /// Their mean spread.
+    #[serde(deserialize_with = "nan_from_null")]
+    pub spread: f64,
+    /// Their RMSE.
+    #[serde(deserialize_with = "nan_from_null")]
+    pub rmse: f64,
 }
 
 /// A score JSON wrote as `null` (serde_json's NaN) read back as NaN.
@@ -283,6 +298,19 @@ pub fn spread_score(pred: &[f32], var: &[f32], truth: &[f32], views: usize, memb
         rmse_least: rmse_of(&order[..quarter]),
         rmse_most: rmse_of(&order[n - quarter..]),
         quarter,
+        by_spread: {
+            let bins = n.min(10);
+            (0..bins)
+                .map(|k| {
+                    let rows = &order[k * n / bins..(k + 1) * n / bins];
+                    SpreadBin {
+                        galaxies: rows.len(),
+                        spread: rows.iter().map(|&r| spread[r]).sum::<f64>() / rows.len() as f64,
+                        rmse: rmse_of(rows),
+                    }
+                })
+                .collect()
+        },
     })
 }
 
@@ -389,6 +417,35 @@ mod tests {
         assert!((se.scores().rmse - s.rmse).abs() < 1e-12);
     }
 
+    /// 25 galaxies fall into 10 groups of 2 or 3 by spread, least first, every galaxy once.
+    #[test]
+    fn spread_groups_cover_every_galaxy_in_order() {
+        let n = 25;
+        let truth = vec![0.5f32; n * N_ANSWERS];
+        let pred = truth.clone();
+        // spread decreasing with the row: the groups run from the last rows to the first
+        let var: Vec<f32> = (0..n * N_ANSWERS)
+            .map(|i| ((n - i / N_ANSWERS) as f32 * 0.01).powi(2))
+            .collect();
+        let s = spread_score(&pred, &var, &truth, 4, 1).unwrap();
+        assert_eq!(s.by_spread.len(), 10);
+        assert_eq!(s.by_spread.iter().map(|b| b.galaxies).sum::<usize>(), n);
+        assert!(s.by_spread.iter().all(|b| (2..=3).contains(&b.galaxies)));
+        assert!(s.by_spread.windows(2).all(|w| w[0].spread < w[1].spread));
+        // the first group: the two rows of least spread (0.01, 0.02)
+        assert!((s.by_spread[0].spread - 0.015).abs() < 1e-6, "{:?}", s.by_spread[0]);
+        // 3 galaxies: 3 groups of one
+        let s = spread_score(
+            &pred[..3 * N_ANSWERS],
+            &var[..3 * N_ANSWERS],
+            &truth[..3 * N_ANSWERS],
+            4,
+            1,
+        )
+        .unwrap();
+        assert_eq!(s.by_spread.len(), 3);
+    }
+
     #[test]
     fn spearman_by_hand() {
         // monotone: 1 whatever the scale; reversed: -1
@@ -430,6 +487,15 @@ mod tests {
         assert!((s.rmse_most - want).abs() < 1e-6, "{} vs {want}", s.rmse_most);
         let want_mean = (0..n).map(|r| std_of(r) as f64).sum::<f64>() / n as f64;
         assert!((s.mean_spread - want_mean).abs() < 1e-6);
+        // 8 galaxies: 8 bins of one, by spread: galaxy 7 (spread 0, error 0.08) first, then 1 …
+        // 6, galaxy 0 (0.14, error 0.01) last
+        assert_eq!(s.by_spread.len(), 8);
+        assert!(s.by_spread.iter().all(|b| b.galaxies == 1));
+        let order = [7, 1, 2, 3, 4, 5, 6, 0];
+        for (b, &r) in s.by_spread.iter().zip(&order) {
+            assert!((b.spread - std_of(r) as f64).abs() < 1e-6, "{b:?} for galaxy {r}");
+            assert!((b.rmse - 0.01 * (r + 1) as f64).abs() < 1e-6, "{b:?} for galaxy {r}");
+        }
         // ranks of spread (7→1, 1→2, …, 6→7, 0→8) against error ranks (r+1)
         let sp: Vec<f64> = (0..n).map(|r| std_of(r) as f64).collect();
         let er: Vec<f64> = (0..n).map(|r| r as f64).collect();

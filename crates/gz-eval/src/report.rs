@@ -1,9 +1,11 @@
-//! The report a person looks at: `reports/<run>/` with `metrics.json`, two charts and a page.
+//! The report a person looks at: `reports/<run>/` with `metrics.json`, two or three charts and a page.
 //!
 //! - `learning_curve.png`: training loss (left axis) and validation RMSE (right axis) by epoch,
 //!   read from the trainer's `RUN_DIR/metrics.jsonl`, with the baselines' RMSE as reference
 //!   lines on the RMSE axis.
 //! - `per_question.png`: RMSE per question (Q1 … Q11) of the model beside the baselines.
+//! - `spread.png` (several predictions per galaxy: TTA views, checkpoints): the RMSE of the
+//!   galaxies in tenths by the spread of their predictions, with the overall RMSE and the floor.
 //! - `gallery/<id>.png`: thumbnails of validation galaxies from the cached images.
 //! - `index.html`: the score table, both charts, the per-question table and the gallery with
 //!   predicted vs true answers for the first questions of the tree (Q1, Q2, Q6, Q7).
@@ -23,6 +25,7 @@ use plotters::style::FontStyle;
 
 use crate::baselines::{Floor, NamedScores};
 use crate::eval::EvalReport;
+use crate::metrics::SpreadScore;
 use crate::{io_err, EvalError, Result};
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -233,6 +236,99 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
     save_rgb(path, buf, w, h)
 }
 
+/// Draws the RMSE of the galaxies in tenths by the spread of their predictions (least spread
+/// left), with the model's overall RMSE and the Bayes floor (when known) as dashed lines:
+/// whether the spread tells the error.
+pub fn spread_png(score: &SpreadScore, overall: f64, floor: Option<f64>, path: &Path) -> Result<()> {
+    register_font();
+    let (w, h) = (1000u32, 520u32);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    let e = plot_err(path);
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        // a diverged model's NaNs are no points
+        let points: Vec<(f64, f64)> = score
+            .by_spread
+            .iter()
+            .map(|b| (b.spread, b.rmse))
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        let (x0, x1) = padded(
+            points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min),
+            points.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max),
+        );
+        let lines: Vec<(String, f64, RGBColor)> = [
+            ("all galaxies", Some(overall), FLOOR_COLOUR),
+            ("Bayes floor", floor, BASELINE_COLOURS[2]),
+        ]
+        .into_iter()
+        .filter_map(|(name, v, c)| v.filter(|v| v.is_finite()).map(|v| (name.to_string(), v, c)))
+        .collect();
+        let ys = points.iter().map(|p| p.1).chain(lines.iter().map(|l| l.1));
+        let (y0, y1) = padded(
+            ys.clone().fold(f64::INFINITY, f64::min).min(0.0),
+            ys.fold(f64::NEG_INFINITY, f64::max),
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!(
+                    "RMSE by spread ({} groups of galaxies, least spread left)",
+                    score.by_spread.len()
+                ),
+                (FAMILY, 24),
+            )
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(72)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("mean spread of the group (RMS standard deviation of the views' and checkpoints' predictions)")
+            .y_desc("RMSE of the group")
+            .label_style((FAMILY, 15))
+            .axis_desc_style((FAMILY, 16))
+            .light_line_style(RGBColor(246, 246, 246))
+            .bold_line_style(RGBColor(225, 225, 225))
+            .x_label_formatter(&|v: &f64| format!("{v:.3}"))
+            .y_label_formatter(&|v: &f64| format!("{v:.3}"))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        if !points.is_empty() {
+            chart
+                .draw_series(LineSeries::new(points.clone(), MODEL_COLOUR.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label("RMSE of the group")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], MODEL_COLOUR.stroke_width(3)));
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 4, MODEL_COLOUR.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        for (name, v, c) in lines {
+            chart
+                .draw_series(DashedLineSeries::new(vec![(x0, v), (x1, v)], 8, 5, c.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label(format!("{name} ({v:.4})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FAMILY, 15))
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        if points.is_empty() {
+            root.draw(&Text::new("no finite spread or RMSE to draw", (360, 260), (FAMILY, 20)))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        root.present().map_err(|x| e(x.to_string()))?;
+    }
+    save_rgb(path, buf, w, h)
+}
+
 /// Draws grouped bars: RMSE per question for each entry of `series` (the model first), and the
 /// Bayes floor per question as a bar-wide line over each group when it is known.
 pub fn per_question_png(series: &[&NamedScores], floor: Option<&Floor>, path: &Path) -> Result<()> {
@@ -362,6 +458,8 @@ pub struct ReportPaths {
     pub metrics: PathBuf,
     pub learning_curve: Option<PathBuf>,
     pub per_question: PathBuf,
+    /// `spread.png`, with several predictions per galaxy.
+    pub spread: Option<PathBuf>,
 }
 
 fn esc(s: &str) -> String {
@@ -427,6 +525,26 @@ pub fn write_report(
     let mut series: Vec<&NamedScores> = vec![&report.model];
     series.extend(report.baselines.iter().filter(|b| b.name != "all ones"));
     per_question_png(&series, report.floor.as_ref(), &per_question)?;
+    let spread_chart = dir.join("spread.png");
+    let spread = match &report.spread {
+        Some(sp) => {
+            spread_png(
+                sp,
+                report.model.scores.rmse,
+                report.floor.as_ref().map(|f| f.rmse),
+                &spread_chart,
+            )?;
+            Some(spread_chart)
+        }
+        None => {
+            // an earlier report's chart would sit beside this one's page as if it were its own
+            match std::fs::remove_file(&spread_chart) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&spread_chart)(e)),
+                _ => {}
+            }
+            None
+        }
+    };
 
     let index = dir.join("index.html");
     let html = render_html(report, learning_curve.as_ref().map(|_| curve_of), gallery);
@@ -437,6 +555,7 @@ pub fn write_report(
         metrics,
         learning_curve,
         per_question,
+        spread,
     })
 }
 
@@ -503,6 +622,9 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
     if let Some(sp) = &r.spread {
         // the disagreement of the views (and members): where it says something of the error
         let _ = writeln!(s, "<p class=meta>{}.</p>", esc(&sp.sentence()));
+        if sp.mean_spread != 0.0 {
+            s.push_str("<img class=chart src=\"spread.png\" alt=\"RMSE by spread\">\n");
+        }
     }
     if let Some(of) = curve {
         s.push_str("<h2>Learning curve</h2>\n");
@@ -664,6 +786,18 @@ mod tests {
                 rmse_least: 0.05,
                 rmse_most: 0.15,
                 quarter: 3,
+                by_spread: vec![
+                    crate::metrics::SpreadBin {
+                        galaxies: 2,
+                        spread: 0.01,
+                        rmse: 0.05,
+                    },
+                    crate::metrics::SpreadBin {
+                        galaxies: 2,
+                        spread: 0.03,
+                        rmse: 0.15,
+                    },
+                ],
             }),
         };
         let epochs = vec![
@@ -690,6 +824,7 @@ mod tests {
         for p in [
             paths.learning_curve.clone().unwrap(),
             paths.per_question.clone(),
+            paths.spread.clone().unwrap(),
             dir.path().join("gallery/7.png"),
         ] {
             let im = image::open(&p).unwrap();
@@ -710,6 +845,21 @@ mod tests {
             html.contains("spread of the 8 TTA views × 2 checkpoints per galaxy: mean 0.0123; RMSE 0.15000"),
             "the spread's line"
         );
+        assert!(html.contains("src=\"spread.png\""));
+        // a report without the spread over that one: no chart, and the old one gone
+        let plain = EvalReport {
+            spread: None,
+            ..report.clone()
+        };
+        let p2 = write_report(dir.path(), &plain, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();
+        assert!(p2.spread.is_none() && !dir.path().join("spread.png").exists());
+        assert!(!std::fs::read_to_string(&p2.index).unwrap().contains("spread.png"));
+        // a diverged model's NaN bins: a chart that says so, no error
+        let mut nan = report.spread.clone().unwrap();
+        for b in &mut nan.by_spread {
+            b.rmse = f64::NAN;
+        }
+        spread_png(&nan, f64::NAN, None, &dir.path().join("nan_spread.png")).unwrap();
         // a test-split report names its gallery so
         let test = EvalReport {
             split: "test split: 1 images".into(),
