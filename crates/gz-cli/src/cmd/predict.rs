@@ -378,7 +378,8 @@ fn std_dev(var: f32) -> f32 {
 /// The spread CSV's cells for `rows` in their order, looked up by key in `var` (a row `var`
 /// lacks, one filled with the training mean, gets empty cells). With `conditional`, a
 /// question whose per-question fractions are empty in the predictions (too few volunteers
-/// reach it) has empty cells here too.
+/// reach it) has empty cells here too, and so does one the average reaches but none of the
+/// views and checkpoints does (a NaN variance beside finite fractions).
 fn spread_cells(rows: &Solutions, var: &Solutions, conditional: bool) -> Vec<Vec<Option<f32>>> {
     let index = var.index();
     rows.ids
@@ -392,6 +393,10 @@ fn spread_cells(rows: &Solutions, var: &Solutions, conditional: bool) -> Vec<Vec
                     .enumerate()
                     .map(|(a, &v)| match &shown {
                         Some(c) if c[a].is_none() => None,
+                        // fractions written but no view or checkpoint reaches the question (the
+                        // average crossed the 1 % line by rounding): nothing to spread, not the
+                        // NaN of a diverged model (whose fractions are NaN too)
+                        Some(c) if v.is_nan() && c[a].is_some_and(f32::is_finite) => None,
                         _ => Some(std_dev(v)),
                     })
                     .collect()
@@ -660,6 +665,54 @@ mod tests {
         }
         // the Kaggle spread has every cell
         assert!(spread_cells(&rows, &var, false)[0].iter().all(Option::is_some));
+    }
+
+    /// The average reaches a question (by rounding at the 1 % line) that none of the views
+    /// reaches: `conditional_variance` has no deviation there (NaN); the cell is empty, not the
+    /// NaN of a diverged model. A diverged model's NaN fractions keep their NaN spread.
+    #[test]
+    fn conditional_spread_reached_by_the_average_only_is_empty_not_nan() {
+        let n = gz_schema::N_ANSWERS;
+        // three views, each just under 1 % on Q2 (disks: answers 1 and then 3, 4); the f32
+        // average of their shares crosses 1 % (found by search, sum then × f32(1/3) as
+        // `predict_tta`)
+        let views: [[f32; 2]; 3] = [
+            [0.005442253, 0.004557746],
+            [0.00245098, 0.007549019],
+            [0.008082633, 0.001917366],
+        ];
+        let mut all = Vec::new();
+        for v in &views {
+            let mut r = vec![0.0f32; n];
+            r[0] = 0.99;
+            r[1] = v[0] + v[1];
+            r[3] = v[0];
+            r[4] = v[1];
+            assert!(gz_schema::conditional(&r)[3].is_none(), "{:?}", &r[..5]);
+            all.push(r);
+        }
+        let third = (1.0f64 / 3.0) as f32;
+        let mean: Vec<f32> = (0..n).map(|a| (all[0][a] + all[1][a] + all[2][a]) * third).collect();
+        let shown = gz_schema::conditional(&mean);
+        assert!(shown[3].is_some_and(f32::is_finite), "{:?}", &mean[..5]);
+        let v = gz_eval::predict::conditional_variance(&mean, &all);
+        assert!(v[3].is_nan() && v[4].is_nan());
+        let mut rows = gz_schema::Solutions::new();
+        rows.push(1, &mean);
+        let mut var = gz_schema::Solutions::new();
+        var.push(1, &v);
+        let cells = spread_cells(&rows, &var, true);
+        assert_eq!((cells[0][3], cells[0][4]), (None, None), "{:?}", &cells[0][..5]);
+        assert!(cells[0][0].is_some_and(f32::is_finite));
+        // a diverged model: NaN fractions, NaN spread, written NaN
+        let mut bad = mean.clone();
+        bad[3] = f32::NAN;
+        let mut rows = gz_schema::Solutions::new();
+        rows.push(1, &bad);
+        let mut var = gz_schema::Solutions::new();
+        var.push(1, &vec![f32::NAN; n]);
+        let cells = spread_cells(&rows, &var, true);
+        assert!(cells[0][3].is_some_and(f32::is_nan) && cells[0][4].is_some_and(f32::is_nan));
     }
 
     #[test]
