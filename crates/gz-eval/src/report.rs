@@ -527,7 +527,9 @@ pub fn write_report(
     per_question_png(&series, report.floor.as_ref(), &per_question)?;
     let spread_chart = dir.join("spread.png");
     let spread = match &report.spread {
-        Some(sp) => {
+        // predictions that agree exactly (the same checkpoint twice) have no groups by spread,
+        // only rows by position: no chart (the page says "none" and links none)
+        Some(sp) if sp.mean_spread != 0.0 => {
             spread_png(
                 sp,
                 report.model.scores.rmse,
@@ -536,7 +538,7 @@ pub fn write_report(
             )?;
             Some(spread_chart)
         }
-        None => {
+        _ => {
             // an earlier report's chart would sit beside this one's page as if it were its own
             match std::fs::remove_file(&spread_chart) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&spread_chart)(e)),
@@ -854,6 +856,20 @@ mod tests {
         let p2 = write_report(dir.path(), &plain, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();
         assert!(p2.spread.is_none() && !dir.path().join("spread.png").exists());
         assert!(!std::fs::read_to_string(&p2.index).unwrap().contains("spread.png"));
+        // predictions that agree exactly: the line says "none", and there is no chart to show
+        let mut same = report.spread.clone().unwrap();
+        same.mean_spread = 0.0;
+        for b in &mut same.by_spread {
+            b.spread = 0.0;
+        }
+        let agreed = EvalReport {
+            spread: Some(same),
+            ..report.clone()
+        };
+        let p3 = write_report(dir.path(), &agreed, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();
+        let html3 = std::fs::read_to_string(&p3.index).unwrap();
+        assert!(html3.contains("agree exactly") && !html3.contains("spread.png"));
+        assert!(p3.spread.is_none() && !dir.path().join("spread.png").exists());
         // a diverged model's NaN bins: a chart that says so, no error
         let mut nan = report.spread.clone().unwrap();
         for b in &mut nan.by_spread {
