@@ -236,6 +236,12 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
     save_rgb(path, buf, w, h)
 }
 
+/// A spread axis label: 4 decimals, as [`padded`]'s narrowest axis (0.002 wide, ticks 0.0002
+/// apart) needs for labels that differ (3 gave "0.021 0.021 0.022 0.022" for one galaxy).
+fn spread_label(v: &f64) -> String {
+    format!("{v:.4}")
+}
+
 /// Draws the RMSE of the galaxies in tenths by the spread of their predictions (least spread
 /// left), with the model's overall RMSE and the Bayes floor (when known) as dashed lines:
 /// whether the spread tells the error.
@@ -273,8 +279,11 @@ pub fn spread_png(score: &SpreadScore, overall: f64, floor: Option<f64>, path: &
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 format!(
-                    "RMSE by spread ({} groups of galaxies, least spread left)",
-                    score.by_spread.len()
+                    "RMSE by spread ({} of galaxies, least spread left)",
+                    match score.by_spread.len() {
+                        1 => "1 group".to_string(),
+                        n => format!("{n} groups"),
+                    }
                 ),
                 (FAMILY, 24),
             )
@@ -291,7 +300,7 @@ pub fn spread_png(score: &SpreadScore, overall: f64, floor: Option<f64>, path: &
             .axis_desc_style((FAMILY, 16))
             .light_line_style(RGBColor(246, 246, 246))
             .bold_line_style(RGBColor(225, 225, 225))
-            .x_label_formatter(&|v: &f64| format!("{v:.3}"))
+            .x_label_formatter(&spread_label)
             .y_label_formatter(&|v: &f64| format!("{v:.3}"))
             .draw()
             .map_err(|x| e(x.to_string()))?;
@@ -920,6 +929,15 @@ mod tests {
                 .map(|k| format!("{:.4}", a + (b - a) * k as f64 / 5.0))
                 .collect();
             assert_eq!(labels.len(), 6, "{lo} {hi}: {labels:?}");
+        }
+        // the spread chart's x axis around one spread (one galaxy, or one group): its tick
+        // labels differ
+        for s in [0.0225, 0.0126, 0.004, 0.0, 0.11] {
+            use plotters::coord::ranged1d::Ranged as _;
+            let (a, b) = padded(s, s);
+            let keys = plotters::coord::types::RangedCoordf64::from(a..b).key_points(10);
+            let labels: std::collections::BTreeSet<String> = keys.iter().map(spread_label).collect();
+            assert!(keys.len() > 2 && labels.len() == keys.len(), "{s}: {keys:?} {labels:?}");
         }
         let (a, b) = padded(0.1, 0.2);
         assert!((a - 0.095).abs() < 1e-12 && (b - 0.208).abs() < 1e-12, "{a} {b}");
