@@ -285,7 +285,15 @@ pub fn spread_score(pred: &[f32], var: &[f32], truth: &[f32], views: usize, memb
     let row_rmse: Vec<f64> = sq_err.iter().map(|&se| (se / N_ANSWERS as f64).sqrt()).collect();
     // galaxies by spread, ties by position (a spread of 0 everywhere: the first and last rows)
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| spread[a].total_cmp(&spread[b]).then(a.cmp(&b)));
+    // a NaN spread (a diverged prediction) goes last whatever its sign bit: `total_cmp` alone
+    // puts x86's negative NaNs first, among the galaxies of least spread
+    order.sort_by(|&a, &b| {
+        spread[a]
+            .is_nan()
+            .cmp(&spread[b].is_nan())
+            .then(spread[a].total_cmp(&spread[b]))
+            .then(a.cmp(&b))
+    });
     let quarter = (n / 4).max(1);
     let rmse_of =
         |rows: &[usize]| (rows.iter().map(|&r| sq_err[r]).sum::<f64>() / (rows.len() * N_ANSWERS) as f64).sqrt();
@@ -444,6 +452,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.by_spread.len(), 3);
+    }
+
+    /// A galaxy whose spread is NaN (a diverged prediction, negative NaN as x86 makes it) is
+    /// not among those of least spread.
+    #[test]
+    fn a_nan_spread_is_not_the_least() {
+        let n = 4;
+        let truth = vec![0.5f32; n * N_ANSWERS];
+        let mut pred = truth.clone();
+        let mut var = vec![0.0f32; n * N_ANSWERS];
+        for r in 0..n {
+            for a in 0..N_ANSWERS {
+                var[r * N_ANSWERS + a] = (0.01 * (r + 1) as f32).powi(2);
+                pred[r * N_ANSWERS + a] += 0.01 * (r + 1) as f32;
+            }
+        }
+        // galaxy 0's prediction and spread are NaN with the sign bit set
+        let neg_nan = f32::from_bits(f32::NAN.to_bits() | 0x8000_0000);
+        assert!(neg_nan.is_nan() && neg_nan.is_sign_negative());
+        pred[0] = neg_nan;
+        var[0] = neg_nan;
+        let s = spread_score(&pred, &var, &truth, 2, 1).unwrap();
+        // least: galaxy 1 (finite), most: galaxy 0 (NaN)
+        assert!((s.rmse_least - 0.02).abs() < 1e-6, "{}", s.rmse_least);
+        assert!(s.rmse_most.is_nan());
+        assert!(s.by_spread[0].rmse.is_finite() && s.by_spread[3].rmse.is_nan());
     }
 
     #[test]
