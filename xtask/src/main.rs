@@ -34,9 +34,10 @@ Pipeline (artifacts under --root, default: the repository; data/, runs/, reports
            with --data)   --seed S (synthetic set and training)
            --model NAME --epochs N --device cpu|cuda[:N] --batch N --size PX --augment|--no-augment
            --precision f32|bf16 --tta N   (CPU defaults: tiny, or small from 5,000 training
-           images (or --train-arg --max-train N of them), --size 32, batch 16, 40 epochs, --lr 2e-3 --schedule dieleman --patience 0, no
-           augmentation, --tta 8: the measured CPU recipe; elsewhere 12 epochs and gz train's
-           defaults)
+           images (or --train-arg --max-train N of them), --size 32, batch 16, 40 epochs,
+           --lr 2e-3 --schedule dieleman --patience 0, no augmentation, --tta 8: the measured
+           CPU recipe, which --model dieleman-tiny also gets at --size 64 and --lr 1e-3;
+           elsewhere 12 epochs and gz train's defaults)
            --train-arg ARG, --prep-arg ARG (repeatable, passed to `gz train`, `gz prep`)
            --cache DIR (a shard cache gz prep built, for train/eval/submit instead of the prep stage's:
            the pipeline skips prep; refused by prep, and with --size or --prep-arg)
