@@ -196,23 +196,12 @@ fn view_of(images: &Tensor, view: &Affine) -> CResult<Tensor> {
 
 /// Predicts a (B, 3, H, W) batch under every view of `tta` and averages the (B, 37) outputs.
 pub fn predict_tta(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<Tensor> {
-    let views = tta.views();
-    let mut sum: Option<Tensor> = None;
-    for view in &views {
-        let y = model
-            .predict(&view_of(images, view)?)?
-            .to_dtype(candle_core::DType::F32)?;
-        sum = Some(match sum {
-            None => y,
-            Some(s) => (s + y)?,
-        });
-    }
-    let sum = sum.ok_or_else(|| candle_core::Error::Msg("test-time augmentation with no views".into()))?;
-    sum.affine(1.0 / views.len() as f64, 0.0)
+    Ok(predict_tta_views(model, images, tta)?.0)
 }
 
-/// [`predict_tta`]'s average (the same bits) and every prediction it averages: each view's
-/// [`Predictor::predict_members`], views in order (all (B, 37) f32).
+/// [`predict_tta`]'s average and every prediction it averages: each view's
+/// [`Predictor::predict_members`], views in order (all (B, 37) f32). A view's prediction is
+/// their [`mean_of`], which is [`Predictor::predict`]'s to the bit.
 pub fn predict_tta_views(model: &dyn Predictor, images: &Tensor, tta: &TtaConfig) -> CResult<(Tensor, Vec<Tensor>)> {
     let views = tta.views();
     let mut sum: Option<Tensor> = None;
@@ -440,7 +429,9 @@ mod tests {
         assert!((value(&v) as f64 - want).abs() < 1e-5, "{} vs {want}", value(&v));
     }
 
-    /// Asking for the spread does not change the prediction, to the bit.
+    /// The average is the one gz computed before the spread existed, to the bit: each view's
+    /// `predict` (an ensemble's members summed in order, divided by their number) summed in
+    /// view order and divided by the number of views; with the spread asked for or not.
     #[test]
     fn the_spread_leaves_the_average_alone() {
         let img = Tensor::rand(0f32, 1.0, (3, 3, 8, 8), &candle_core::Device::Cpu).unwrap();
@@ -451,23 +442,35 @@ mod tests {
         let e = Ensemble {
             members: vec![&lin as &dyn Predictor, &lin2 as &dyn Predictor, &lin as &dyn Predictor],
         };
+        let bits = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
         for (model, n) in [
             (&e as &dyn Predictor, 8),
             (&e as &dyn Predictor, 60),
             (&lin as &dyn Predictor, 8),
         ] {
             let tta = TtaConfig::preset(n).unwrap();
+            // the reference: the loop of predict_tta as it was
+            let mut sum: Option<Tensor> = None;
+            for view in tta.views() {
+                let x = view_of(&img, &view).unwrap();
+                let y = model.predict(&x).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+                sum = Some(match sum {
+                    None => y,
+                    Some(s) => (s + y).unwrap(),
+                });
+            }
+            let before = sum.unwrap().affine(1.0 / tta.n_views() as f64, 0.0).unwrap();
             let plain = predict_tta(model, &img, &tta).unwrap();
             let (m, _) = predict_tta_spread(model, &img, &tta).unwrap();
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
+            assert_eq!(bits(&plain), bits(&before), "{n} views");
             assert_eq!(bits(&m), bits(&plain), "{n} views");
         }
     }
