@@ -393,11 +393,24 @@ mod cuda {
         let Some((a, b)) = l.contiguous_offsets() else {
             candle_core::bail!("gz-tree-output: input is not contiguous");
         };
-        Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+        let slice = s.as_cuda_slice::<T>()?;
+        if b > slice.len() {
+            candle_core::bail!("gz-tree-output: view {a}..{b} exceeds storage of {}", slice.len());
+        }
+        Ok(slice.slice(a..b))
     }
 
+    /// The rows of a (rows, N_ANSWERS) layout, checked to fit the kernels' 32-bit index (the
+    /// kernels read N_ANSWERS values per row, so a narrower input would be read past its end).
     fn rows(l: &Layout) -> Result<u32> {
-        let (b, _) = l.shape().dims2()?;
+        let (b, n) = l.shape().dims2()?;
+        if n != gz_schema::N_ANSWERS {
+            candle_core::bail!(
+                "gz-tree-output: expects (rows, {}) inputs, got {:?}",
+                gz_schema::N_ANSWERS,
+                l.dims()
+            );
+        }
         u32::try_from(b).map_err(|_| candle_core::Error::Msg(format!("gz-tree-output: {b} rows exceed 32 bits")))
     }
 

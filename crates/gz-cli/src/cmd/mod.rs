@@ -36,7 +36,16 @@ pub fn shell_path(p: &std::path::Path) -> String {
 /// or a file among the folders above it. Missing folders are fine: every gz command that
 /// writes creates them (as `mkdir -p`), as `--help` says.
 pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
-    if let Ok(meta) = std::fs::metadata(path) {
+    if let Some(file) = path.parent().and_then(|p| p.ancestors().find(|a| a.is_file())) {
+        anyhow::bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
+    }
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // a name too long, a folder that cannot be searched: found here, not after all the work
+        Err(e) => anyhow::bail!("{flag} {}: {e}", path.display()),
+    };
+    if let Some(meta) = meta {
         if folder && !meta.is_dir() {
             anyhow::bail!("{flag} {}: exists and is not a folder", path.display());
         }
@@ -55,9 +64,6 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
                 path.display()
             );
         }
-    }
-    if let Some(file) = path.parent().and_then(|p| p.ancestors().find(|a| a.is_file())) {
-        anyhow::bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
     }
     Ok(())
 }
@@ -168,6 +174,11 @@ mod tests {
         let e = check(&file.join("x/y.csv"), false).unwrap_err();
         assert!(e.contains("f.csv is a file, not a folder"), "{e}");
         assert!(check(Path::new("x.csv"), false).is_ok());
+        // a name longer than the file system allows (255 bytes on Linux): refused up front, with
+        // the system's reason, not after the predictions were computed
+        let long = dir.path().join(format!("{}.csv", "a".repeat(300)));
+        let e = check(&long, false).unwrap_err();
+        assert!(e.contains("--out") && e.contains("too long"), "{e}");
     }
 
     #[test]

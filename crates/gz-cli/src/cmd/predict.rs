@@ -601,9 +601,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    write(&args.out, &table, "predictions")?;
+    // files first, standard output last: a file that cannot be written (a full disk; the paths
+    // were checked before any work) then fails the command before anything reaches the pipe
+    let mut outputs = vec![(args.out.as_path(), table.as_slice(), "predictions")];
     if let (Some(path), Some(t)) = (&args.spread, &spread_table) {
-        write(path, t, "spread")?;
+        outputs.push((path.as_path(), t.as_slice(), "spread"));
+    }
+    outputs.sort_by_key(|(path, _, _)| *path == stdout);
+    for (path, t, what) in outputs {
+        write(path, t, what)?;
     }
     say(summary);
     if args.out != stdout {
