@@ -544,3 +544,55 @@ fn bench_winograd_tiles() -> Result<()> {
     }
     Ok(())
 }
+
+/// gz's three passes on the Dieleman towers' layer shapes (valid convolutions, 16 parts per
+/// galaxy, 16 galaxies: 256 parts), milliseconds per call. Run by hand:
+/// `cargo test --release -p gz-model --lib cpu_conv::tests::bench_dieleman_tower -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark: run by hand with --ignored --nocapture (release)"]
+fn bench_dieleman_tower() -> Result<()> {
+    fn time(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best * 1e3)
+    }
+    println!("net            layer (C -> K, side, k)   fwd ms   dx ms   dw ms");
+    let mut total = [0.0; 3];
+    for (net, layers) in [
+        (
+            "dieleman-tiny",
+            [(3, 45, 8, 6), (8, 20, 16, 5), (16, 8, 32, 3), (32, 6, 32, 3)],
+        ),
+        (
+            "dieleman",
+            [(3, 45, 32, 6), (32, 20, 64, 5), (64, 8, 128, 3), (128, 6, 128, 3)],
+        ),
+    ] {
+        for (i, &(c, side, k, ks)) in layers.iter().enumerate() {
+            let n = 256;
+            let o = side + 1 - ks;
+            let x = rnd((n, c, side, side), 2 * i as u64 + 1)?;
+            let w = rnd((k, c, ks, ks), 2 * i as u64 + 2)?;
+            let dy = rnd((n, k, o, o), 2 * i as u64 + 3)?;
+            let f = time(|| conv2d(&x, &w, None, 0, 1).map(drop))?;
+            let dx = time(|| conv2d_backward_data(&dy, &w, (side, side), 0, 1).map(drop))?;
+            let dw = time(|| conv2d_backward_filter(&x, &dy, (ks, ks), 0, 1).map(drop))?;
+            if net == "dieleman-tiny" {
+                total[0] += f;
+                total[1] += dx;
+                total[2] += dw;
+            }
+            println!("{net:<14} {c:>4} -> {k:<4} {side:>3} {ks}x{ks}        {f:>7.2} {dx:>7.2} {dw:>7.2}");
+        }
+    }
+    println!(
+        "dieleman-tiny total            {:>7.2} {:>7.2} {:>7.2}",
+        total[0], total[1], total[2]
+    );
+    Ok(())
+}
