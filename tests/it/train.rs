@@ -582,6 +582,30 @@ fn counts_of_one_are_singular_in_the_train_lines() {
 
 /// `--max-train` at or above the cache's image count uses every image: said, and the same run
 /// as without it (one started with it resumes without it).
+/// A cache whose path is not UTF-8 trains: the sidecar records that path, a hint in messages
+/// only, lossily (it failed to write the sidecar after the first epoch, leaving staged files).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_cache_path_that_is_not_utf8_trains() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = support::tempdir();
+    let cache = toy_cache(&tmp.path().join(std::ffi::OsStr::from_bytes(b"odd\xffroot")), 16, 32, 3);
+    let run = tmp.path().join("run");
+    let (ok, out, stderr) = support::run(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "1", "--batch", "8", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(&run),
+    );
+    assert!(ok, "{out}\n{stderr}");
+    let last: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("last.json")).unwrap()).unwrap();
+    let hint = last["cache_dir"].as_str().unwrap();
+    assert!(hint.contains("odd\u{fffd}root"), "{hint}");
+    assert_eq!(metrics(&run).len(), 1);
+}
+
 #[test]
 fn max_train_above_the_cache_is_all_images() {
     let tmp = support::tempdir();

@@ -344,7 +344,9 @@ pub fn train(
     let meta = DataMeta {
         prep_config: cache.prep_config().clone(),
         prep_config_hash: cache.config_hash().to_string(),
-        cache_dir: Some(cache.dir().to_path_buf()),
+        // a hint in messages only, recorded as text: lossily where the path is not UTF-8 (the
+        // sidecar could not be written otherwise, after the first epoch's work)
+        cache_dir: Some(PathBuf::from(cache.dir().to_string_lossy().into_owned())),
         train_fingerprint: cache.split_fingerprint("train"),
     };
     train_on(cfg, split, &meta, out_dir, resume, observer)

@@ -111,6 +111,16 @@ pub fn run_with(
     let t0 = Instant::now();
     cfg.validate()?;
     let scan = dataset::scan(&opts.data_dir)?;
+    // the manifest records the dataset's absolute path as text, for `gz cache` to match caches
+    // with their datasets: a path that is not UTF-8 is refused now, not after the decoding
+    let data_dir_abs = opts.data_dir.canonicalize().unwrap_or_else(|_| opts.data_dir.clone());
+    if data_dir_abs.to_str().is_none() {
+        return Err(PrepError::Config(format!(
+            "the dataset path {} is not valid UTF-8: the cache's manifest records it as text (for `gz cache` to \
+             match caches with their datasets); rename the folder",
+            data_dir_abs.display()
+        )));
+    }
     let config_hash = cfg.hash();
     let cache_dir = opts.cache_root.join(format!("{}-{}", scan.key, config_hash));
 
@@ -253,17 +263,21 @@ pub fn run_with(
     let extra = serde_json::json!({
         "dataset_key": scan.key,
         // absolute, so `gz cache` and xtask can match it from anywhere
-        "data_dir": opts.data_dir.canonicalize().unwrap_or_else(|_| opts.data_dir.clone()),
+        // (as text: checked to be UTF-8 before any work; the file names below are written
+        // lossily, as the scan reads them, so that nothing here can fail after the decoding)
+        "data_dir": data_dir_abs.to_string_lossy(),
         "prep_version": cfg.version(),
         "skipped": skipped
             .iter()
-            .map(|s| Skipped {
-                path: to_manifest(&s.path, &opts.data_dir),
-                reason: s.reason.clone(),
-            })
+            .map(|s| serde_json::json!({
+                "path": to_manifest(&s.path, &opts.data_dir).to_string_lossy(),
+                "reason": s.reason,
+            }))
             .collect::<Vec<_>>(),
         "greyscale": greyscale,
-        "greyscale_example": greyscale_example.as_deref().map(|p| to_manifest(p, &opts.data_dir)),
+        "greyscale_example": greyscale_example
+            .as_deref()
+            .map(|p| to_manifest(p, &opts.data_dir).to_string_lossy().into_owned()),
         "train_images": counts[0],
         "test_images": counts[1],
         "elapsed_s": t0.elapsed().as_secs_f64(),

@@ -849,6 +849,44 @@ fn strict_run_stops_and_publishes_nothing() {
     );
 }
 
+/// A dataset path that is not UTF-8 is refused before any decoding (the manifest records it as
+/// text; it panicked after decoding every image); a file name that is not UTF-8 is skipped
+/// with its reason and written to the manifest lossily.
+#[cfg(target_os = "linux")]
+#[test]
+fn paths_that_are_not_utf8_are_refused_or_skipped_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = tempfile::tempdir().unwrap();
+    let odd = t.path().join(std::ffi::OsStr::from_bytes(b"bad\xffdir"));
+    let data = copy_mini(&odd);
+    let root = t.path().join("cache");
+    let e = run(&data, &root, &PrepConfig::default()).unwrap_err();
+    assert!(
+        matches!(e, PrepError::Config(_)) && e.to_string().contains("not valid UTF-8"),
+        "{e}"
+    );
+    assert!(!root.exists(), "nothing written");
+    // a UTF-8 dataset with an image whose name is not
+    let data = copy_mini(t.path());
+    let name = std::ffi::OsStr::from_bytes(b"10\xfe.jpg");
+    std::fs::copy(
+        data.join(dataset::TEST_DIR)
+            .read_dir()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path(),
+        data.join(dataset::TEST_DIR).join(name),
+    )
+    .unwrap();
+    let opts = RunOptions::new(&data, &root);
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert_eq!((s.train, s.test, s.skipped.len()), (3, 3, 1), "{:?}", s.skipped);
+    let again = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    assert!(again.cache_hit && again.skipped.len() == 1);
+}
+
 #[test]
 fn no_dataset_is_an_error() {
     let t = tempfile::tempdir().unwrap();
