@@ -415,6 +415,9 @@ pub fn train_on(
             out_dir.display()
         )));
     }
+    if !resume {
+        check_fresh_out_dir(out_dir)?;
+    }
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -903,43 +906,103 @@ fn process_alive(pid: u32) -> bool {
     true
 }
 
-/// Removes the temporary files a killed run left in `out_dir` (checkpoint temps
-/// `NAME.tmpPID`, atomic-write temps `.NAME.PID.tmp`); called with the run lock held, so no live
-/// writer owns them. Best effort: a file that cannot be removed stays.
+/// The files a training run writes into its folder.
+const RUN_FILES: [&str; 7] = [
+    "last.safetensors",
+    "last.optim.safetensors",
+    "best.safetensors",
+    "last.json",
+    "best.json",
+    "metrics.jsonl",
+    "config.json",
+];
+
+/// A temporary file of a run's writes: checkpoint temps `NAME.tmpPID` (and `NAME.new.tmpPID`),
+/// atomic-write temps `.NAME.PID.tmp`.
+fn is_run_temp(name: &str) -> bool {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    RUN_FILES.iter().any(|n| {
+        let staged_tmp = |base: &str| {
+            name.strip_prefix(base)
+                .and_then(|r| r.strip_prefix(".tmp"))
+                .is_some_and(digits)
+        };
+        let atomic_tmp = name
+            .strip_prefix('.')
+            .and_then(|r| r.strip_prefix(n))
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .is_some_and(digits);
+        staged_tmp(n) || staged_tmp(&format!("{n}.new")) || atomic_tmp
+    })
+}
+
+/// Removes the temporary files a killed run left in `out_dir` ([`is_run_temp`]); called with
+/// the run lock held, so no live writer owns them. Best effort: a file that cannot be removed
+/// stays.
 fn remove_stale_temps(out_dir: &Path) {
-    const NAMES: [&str; 7] = [
-        "last.safetensors",
-        "last.optim.safetensors",
-        "best.safetensors",
-        "last.json",
-        "best.json",
-        "metrics.jsonl",
-        "config.json",
-    ];
     let Ok(entries) = std::fs::read_dir(out_dir) else {
         return;
     };
-    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let temp = NAMES.iter().any(|n| {
-            let staged_tmp = |base: &str| {
-                name.strip_prefix(base)
-                    .and_then(|r| r.strip_prefix(".tmp"))
-                    .is_some_and(digits)
-            };
-            let atomic_tmp = name
-                .strip_prefix('.')
-                .and_then(|r| r.strip_prefix(n))
-                .and_then(|r| r.strip_prefix('.'))
-                .and_then(|r| r.strip_suffix(".tmp"))
-                .is_some_and(digits);
-            staged_tmp(n) || staged_tmp(&format!("{n}.new")) || atomic_tmp
-        });
-        if temp {
+        if is_run_temp(&entry.file_name().to_string_lossy()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// Before a fresh run writes into `out_dir`: refuses a folder holding anything but what a run
+/// (or one killed before its first epoch) leaves there, so that a run never overwrites a
+/// user's `config.json`, a cache or a dataset. Allowed: [`RUN_FILES`] (`config.json` and
+/// `metrics.jsonl` only if they are a run's), their temporaries, the run lock and the notes
+/// `cargo xtask` writes before the run (`.xtask-*`).
+fn check_fresh_out_dir(out_dir: &Path) -> Result<(), TrainError> {
+    // (missing: nothing to check; a file where the folder goes, or no permission: found when
+    // the folder is created)
+    let Ok(entries) = std::fs::read_dir(out_dir) else {
+        return Ok(());
+    };
+    let json = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(out_dir.join(name)).ok()?;
+        match name {
+            "config.json" => serde_json::from_str(&text).ok(),
+            // one epoch's metrics per line; an empty file is a run's first write
+            _ => text
+                .lines()
+                .next()
+                .map_or(Some(serde_json::json!({"epoch": 0})), |l| serde_json::from_str(l).ok()),
+        }
+    };
+    let mut foreign: Vec<String> = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = match name.as_str() {
+            "config.json" => json(&name).is_some_and(|v| v.get("model").is_some() && v.get("seed").is_some()),
+            "metrics.jsonl" => json(&name).is_some_and(|v| v.get("epoch").is_some()),
+            n => RUN_FILES.contains(&n) || is_run_temp(n) || n == RunLock::NAME || n.starts_with(".xtask-"),
+        };
+        if !ours {
+            foreign.push(name);
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    let n = foreign.len();
+    let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+    Err(TrainError::Config(format!(
+        "{} holds {} that no training run wrote ({}{}): a run writes config.json, metrics.jsonl and its \
+         checkpoints into a folder of its own; choose a new or empty --out",
+        out_dir.display(),
+        if n == 1 {
+            "a file".to_string()
+        } else {
+            format!("{n} files")
+        },
+        shown.join(", "),
+        if n > 3 { ", …" } else { "" }
+    )))
 }
 
 #[cfg(test)]
@@ -1389,6 +1452,51 @@ mod tests {
 
     fn read(path: &Path) -> Vec<u8> {
         std::fs::read(path).unwrap()
+    }
+
+    /// A fresh run refuses a folder holding what no run wrote (a cache, a dataset, a user's own
+    /// `config.json`) and leaves it as it was; a folder a run was killed in before its first
+    /// epoch (its config, an empty metrics file, temporaries, the lock, xtask's note) is taken.
+    #[test]
+    fn a_fresh_run_refuses_a_folder_of_other_files() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |files: &[(&str, &str)], needle: &str| {
+            let d = tempfile::tempdir().unwrap();
+            for (name, text) in files {
+                std::fs::write(d.path().join(name), text).unwrap();
+            }
+            let e = train_on(&small_cfg(1), &src, &meta(), d.path(), false, &()).unwrap_err();
+            assert!(
+                matches!(e, TrainError::Config(_)) && e.to_string().contains(needle),
+                "{e}"
+            );
+            for (name, text) in files {
+                assert_eq!(std::fs::read_to_string(d.path().join(name)).unwrap(), *text);
+            }
+            assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), files.len());
+        };
+        refused(
+            &[("manifest.json", "{}"), ("train-000.shard", "x")],
+            "holds 2 files that no training run wrote",
+        );
+        refused(&[("config.json", r#"{"mine": 1}"#)], "(config.json)");
+        refused(&[("metrics.jsonl", "loss 0.1\n")], "(metrics.jsonl)");
+        refused(
+            &[("a", ""), ("b", ""), ("c", ""), ("d", ""), ("last.json", "{}")],
+            "holds 4 files that no training run wrote (a, b, c, …)",
+        );
+        // the leftovers of a run killed before its first epoch
+        let first = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), first.path(), false, &()).unwrap();
+        let config = read(&first.path().join("config.json"));
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        std::fs::write(dir.path().join("metrics.jsonl"), "").unwrap();
+        std::fs::write(dir.path().join(".xtask-train.json"), "{}").unwrap();
+        std::fs::write(dir.path().join(".gz-train.lock"), "999999999").unwrap();
+        std::fs::write(dir.path().join("last.safetensors.tmp123"), "").unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        assert!(!dir.path().join("last.safetensors.tmp123").exists());
     }
 
     /// `--resume` refuses a run whose best checkpoint no longer matches its checksum.
