@@ -256,9 +256,89 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
             .arg(&missing_run),
     );
     assert!(!ok && err.contains("name the same file"), "{out}\n{err}");
-    // missing folders are created
+    // ... or through a symbolic link to it (the writers follow links: the spread replaced
+    // the predictions)
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("p.csv", tmp.path().join("l.csv")).unwrap();
+        let (ok, out, err) = support::run(
+            support::gz()
+                .current_dir(tmp.path())
+                .args([
+                    "predict", "--tta", "2", "--out", "p.csv", "--spread", "l.csv", "--cache",
+                ])
+                .arg(tmp.path())
+                .arg("--run")
+                .arg(&missing_run),
+        );
+        assert!(!ok && err.contains("name the same file"), "{out}\n{err}");
+    }
+    // an output never replaces an input (a checkpoint, an image, the predictions read) nor
+    // lands in a shard cache; refused before anything is loaded
+    let run = tmp.path().join("run");
+    let (cache, images) = (tmp.path().join("cache"), tmp.path().join("im"));
+    for d in [&run, &cache, &images] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(images.join("100.jpg"), "not read").unwrap();
+    let cases: [(&str, &Path, &str, &Path, &str); 5] = [
+        (
+            "--cache",
+            &cache,
+            "--out",
+            &run.join("best.safetensors"),
+            "run/best.safetensors, an input",
+        ),
+        (
+            "--cache",
+            &cache,
+            "--spread",
+            &run.join("last.json"),
+            "run/last.json, an input",
+        ),
+        (
+            "--cache",
+            &cache,
+            "--out",
+            &cache.join("p.csv"),
+            "lies inside the shard cache",
+        ),
+        (
+            "--images",
+            &images,
+            "--out",
+            &images.join("100.jpg"),
+            "is an image of the input folder",
+        ),
+        (
+            "--images",
+            &images,
+            "--out",
+            &images.join("new.JPEG"),
+            "is an image of the input folder",
+        ),
+    ];
+    for (src, dir, flag, target, want) in cases {
+        let mut cmd = support::gz();
+        cmd.args(["predict", "--tta", "2", "--run"]).arg(&run).arg(src).arg(dir);
+        if flag == "--spread" {
+            cmd.arg("--out").arg(tmp.path().join("q.csv"));
+        }
+        let (ok, out, err) = support::run(cmd.arg(flag).arg(target));
+        assert!(!ok && err.contains(want), "{flag} {target:?}: {out}\n{err}");
+    }
+    assert_eq!(std::fs::read_to_string(images.join("100.jpg")).unwrap(), "not read");
     let pred = tmp.path().join("pred.csv");
     std::fs::write(&pred, format!("{}\n{}\n", csv_header(), row(100, "0.25"))).unwrap();
+    let (ok, out, err) = support::run(support::gz().current_dir(tmp.path()).args([
+        "submit",
+        "--pred",
+        "pred.csv",
+        "--out",
+        "./pred.csv",
+    ]));
+    assert!(!ok && err.contains("would replace pred.csv, an input"), "{out}\n{err}");
+    // missing folders are created
     let deep = tmp.path().join("new").join("dir").join("sub.csv");
     let (ok, out, err) = support::run(
         support::gz()

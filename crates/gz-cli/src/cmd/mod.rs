@@ -68,6 +68,116 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
     Ok(())
 }
 
+/// Where a write to `p` lands, absolute: symbolic links followed as the writers follow them
+/// (`gz_schema::write_atomic` replaces a link's target, even a target not made yet), the
+/// folder resolved where it exists, the path as written below a folder not made yet.
+fn write_target(p: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut p = std::path::absolute(p).ok()?;
+    for _ in 0..16 {
+        match std::fs::read_link(&p) {
+            Ok(target) => {
+                let dir = p.parent()?.to_path_buf();
+                p = std::path::absolute(dir.join(target)).ok()?;
+            }
+            Err(_) => break,
+        }
+    }
+    let name = p.file_name()?.to_owned();
+    Some(match p.parent().map(std::path::Path::canonicalize) {
+        Some(Ok(dir)) => dir.join(name),
+        _ => p,
+    })
+}
+
+/// Whether writing to `a` would write `b`'s file: the same path under two spellings
+/// (`./p.csv`, `sub/../p.csv`, absolute), a symbolic link to it (made or not), or a hard link.
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        use std::os::unix::fs::MetadataExt;
+        if (x.dev(), x.ino()) == (y.dev(), y.ino()) {
+            return true;
+        }
+    }
+    a == b || matches!((write_target(a), write_target(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Refuses, before any work, an output (`flag` names it) that would replace one of the
+/// command's `inputs` (files: checkpoints, predictions, an image) or land inside one of its
+/// input `folders` (a shard cache) or be an image of `image_folder` (a `.jpg` / `.jpeg` there,
+/// which the next run would read as one).
+pub fn check_not_an_input(
+    flag: &str,
+    out: &std::path::Path,
+    inputs: &[std::path::PathBuf],
+    folders: &[&std::path::Path],
+    image_folder: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if out == std::path::Path::new("-") {
+        return Ok(());
+    }
+    if let Some(input) = inputs.iter().find(|i| same_file(out, i)) {
+        anyhow::bail!(
+            "{flag} {} would replace {}, an input: name another file",
+            out.display(),
+            input.display()
+        );
+    }
+    let Some(target) = write_target(out) else {
+        return Ok(());
+    };
+    for folder in folders {
+        if let Ok(dir) = folder.canonicalize() {
+            if target.starts_with(&dir) {
+                anyhow::bail!(
+                    "{flag} {} lies inside the shard cache {}, which gz manages (`gz cache` removes what is in \
+                     it): write it elsewhere",
+                    out.display(),
+                    folder.display()
+                );
+            }
+        }
+    }
+    if let Some(dir) = image_folder.and_then(|d| d.canonicalize().ok()) {
+        let jpeg = target
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+        if jpeg && target.parent() == Some(dir.as_path()) {
+            anyhow::bail!(
+                "{flag} {} is an image of the input folder {}: name a .csv file",
+                out.display(),
+                image_folder.map_or(String::new(), |d| d.display().to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The files a `--run` argument reads (its checkpoint's weights and sidecar; for a run folder
+/// also the files of its last epoch and its config), for [`check_not_an_input`].
+pub fn run_inputs(runs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for run in runs {
+        if run.is_dir() {
+            for name in [
+                "best.safetensors",
+                "best.json",
+                "last.safetensors",
+                "last.json",
+                "last.optim.safetensors",
+                "config.json",
+                "metrics.jsonl",
+            ] {
+                out.push(run.join(name));
+            }
+        } else {
+            out.push(run.with_extension("safetensors"));
+            out.push(run.with_extension("json"));
+        }
+    }
+    out
+}
+
 /// Opens the shard cache a user named, with a hint when the folder is not one: the caches
 /// inside it (a cache root holds one folder per dataset and config), or that it is a dataset.
 pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {

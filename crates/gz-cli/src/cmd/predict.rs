@@ -350,21 +350,6 @@ fn predict_folder(
     Ok((JpegPredictions { rows, var, failures }, keys.names))
 }
 
-/// Whether two output paths name the same file: as written, or once made absolute with their
-/// folder resolved (`p.csv` and `./p.csv`, `out/../p.csv`, a folder reached through a link).
-fn same_file(a: &Path, b: &Path) -> bool {
-    let resolved = |p: &Path| -> Option<PathBuf> {
-        let abs = std::path::absolute(p).ok()?;
-        let name = abs.file_name()?.to_owned();
-        // a folder not made yet cannot be resolved: the absolute path as written
-        Some(match abs.parent().map(Path::canonicalize) {
-            Some(Ok(dir)) => dir.join(name),
-            _ => abs,
-        })
-    };
-    a == b || matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
-}
-
 /// A spread CSV cell: the standard deviation of a variance (a rounding hair below 0 is 0; a
 /// NaN from a diverged model stays NaN, not the 0 of `max(0.0)`: perfect agreement).
 fn std_dev(var: f32) -> f32 {
@@ -519,7 +504,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if sp == stdout && args.out == stdout {
             bail!("--out - and --spread - would both go to standard output: give one of them a file");
         }
-        if same_file(sp, &args.out) {
+        if super::same_file(sp, &args.out) {
             bail!(
                 "--spread {} and --out {} name the same file: the spread would overwrite the predictions",
                 sp.display(),
@@ -529,6 +514,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if sp != stdout {
             super::check_output("--spread", sp, false)?;
         }
+    }
+    // nor may either replace what the command reads
+    let src = &args.source;
+    let inputs: Vec<PathBuf> = super::run_inputs(&src.runs)
+        .into_iter()
+        .chain(src.images.iter().filter(|p| p.is_file()).cloned())
+        .collect();
+    let folders: Vec<&Path> = src.cache.iter().map(PathBuf::as_path).collect();
+    let images = src.images.as_deref().filter(|p| p.is_dir());
+    super::check_not_an_input("--out", &args.out, &inputs, &folders, images)?;
+    if let Some(sp) = &args.spread {
+        super::check_not_an_input("--spread", sp, &inputs, &folders, images)?;
     }
     let spread_of = if args.conditional {
         SpreadOf::Conditional
@@ -625,7 +622,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 mod tests {
     use std::path::Path;
 
-    use super::{pooled_variance, same_file, spread_cells, std_dev};
+    use super::super::same_file;
+    use super::{pooled_variance, spread_cells, std_dev};
 
     /// The spread's rows follow the predictions' (sorted, filled rows among them) by key, not
     /// by position.
@@ -745,6 +743,22 @@ mod tests {
         let here = std::env::current_dir().unwrap();
         assert!(same_file(Path::new("p.csv"), Path::new("./p.csv")));
         assert!(same_file(Path::new("p.csv"), &here.join("p.csv")));
+        // a symbolic link, to a file not written yet (the writers follow it) or written, and
+        // a link to the link; a hard link
+        #[cfg(unix)]
+        {
+            let link = dir.join("l.csv");
+            std::os::unix::fs::symlink("p.csv", &link).unwrap();
+            assert!(same_file(&link, &p) && same_file(&p, &link));
+            std::os::unix::fs::symlink(&link, dir.join("ll.csv")).unwrap();
+            assert!(same_file(&dir.join("ll.csv"), &p));
+            std::fs::write(&p, "x").unwrap();
+            assert!(same_file(&link, &p));
+            std::fs::hard_link(&p, dir.join("h.csv")).unwrap();
+            assert!(same_file(&dir.join("h.csv"), &p));
+            std::fs::write(dir.join("s.csv"), "x").unwrap();
+            assert!(!same_file(&link, &dir.join("s.csv")));
+        }
     }
 
     /// Groups of an ensemble that take different inputs are predicted apart and pooled: the

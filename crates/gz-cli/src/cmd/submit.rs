@@ -120,6 +120,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // before reading or predicting anything
     super::check_output("--out", &out, false)?;
     let ids_dir = ids_source(&args).map(|(_, d)| d.clone());
+    // nor may it replace what it reads: the predictions, checkpoints, training labels (as
+    // given, or the Kaggle layout's beside the test images), an image
+    let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)
+        .into_iter()
+        .chain(args.pred.iter().cloned())
+        .chain(args.train_labels.iter().cloned())
+        .chain(ids_dir.iter().map(|d| d.join("../training_solutions_rev1.csv")))
+        .chain(args.images.iter().filter(|p| p.is_file()).cloned())
+        .collect();
+    let folders: Vec<&Path> = args.cache.iter().map(PathBuf::as_path).collect();
+    for images in [args.images.as_deref(), ids_dir.as_deref()].into_iter().flatten() {
+        super::check_not_an_input("--out", &out, &inputs, &folders, Some(images).filter(|p| p.is_dir()))?;
+    }
+    super::check_not_an_input("--out", &out, &inputs, &folders, None)?;
     let ids = read_ids(ids_source(&args))?;
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;
