@@ -408,12 +408,28 @@ fn cache_list_prune_and_remove() {
     assert!(line(&dead).contains("leftover"), "{out}");
     assert!(out.contains("3 cache(s)"), "{out}");
 
+    // a user's file in the superseded cache: kept, the cache with it, and said so
+    std::fs::write(old.join("notes.txt"), "mine").unwrap();
     let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r, "--dry-run"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("would remove") && old.exists() && dead.exists(), "{out}");
+    assert!(
+        out.contains("would keep") && out.contains("notes.txt") && out.contains("would remove"),
+        "{out}"
+    );
+    let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("did not write (notes.txt)") && old.join("notes.txt").exists(),
+        "{err}"
+    );
+    assert!(!dead.exists(), "the rest is pruned: {out}");
+    std::fs::remove_file(old.join("notes.txt")).unwrap();
+    let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("would remove") && old.exists(), "{out}");
     let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(!old.exists() && !dead.exists(), "{out}");
+    assert!(!old.exists(), "{out}");
     assert!(
         current.join("manifest.json").exists() && theirs.join("manifest.json").exists(),
         "{out}"

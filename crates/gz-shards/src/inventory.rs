@@ -187,6 +187,31 @@ fn holds_only_writer_files(dir: &Path) -> bool {
     })
 }
 
+/// What `dir` holds that the shard writer does not write (names, sorted; a folder's with a
+/// trailing `/`): a user's notes, a training run written into the cache. [`remove`] refuses a
+/// cache holding any, so that removing a cache never deletes them.
+pub fn foreign_files(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let file = e.file_type().is_ok_and(|t| t.is_file());
+            let ours = file
+                && (n == MANIFEST_FILE || n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index"));
+            (!ours).then(|| {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    format!("{n}/")
+                } else {
+                    n
+                }
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 fn starts_with_magic(file: &Path) -> bool {
     use std::io::Read;
     let mut head = [0u8; 8];
@@ -246,6 +271,23 @@ pub fn remove(dir: &Path) -> Result<(), ShardError> {
             dir.display()
         ))
     })?;
+    let foreign = foreign_files(dir);
+    if !foreign.is_empty() && !matches!(entry.state, EntryState::Leftover { .. }) {
+        let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+        return Err(ShardError::Invalid(format!(
+            "{}: holds {} the cache writer did not write ({}{}): not removed; move {} out first, or delete \
+             the folder yourself",
+            dir.display(),
+            if foreign.len() == 1 {
+                "a file".to_string()
+            } else {
+                format!("{} files", foreign.len())
+            },
+            shown.join(", "),
+            if foreign.len() > 3 { ", …" } else { "" },
+            if foreign.len() == 1 { "it" } else { "them" }
+        )));
+    }
     let target = match &entry.state {
         EntryState::Leftover {
             kind: LeftoverKind::Writing,
@@ -395,6 +437,31 @@ mod tests {
         assert_eq!(list.len(), 1);
         assert!(matches!(list[0].state, EntryState::Damaged(_)), "{:?}", list[0].state);
         fs::write(dir.join(MANIFEST_FILE), b"").unwrap();
+        remove(&dir).unwrap();
+        assert!(!dir.exists());
+    }
+
+    /// A cache holding what the writer did not write (a user's notes, a run trained into it)
+    /// is not removed, and nothing in it is lost; moved out, the cache goes.
+    #[test]
+    fn a_cache_holding_other_files_is_not_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("c");
+        write_cache(&dir);
+        fs::write(dir.join("notes.txt"), b"mine").unwrap();
+        fs::create_dir(dir.join("run")).unwrap();
+        fs::write(dir.join("run/best.json"), b"{}").unwrap();
+        assert_eq!(foreign_files(&dir), ["notes.txt", "run/"]);
+        let e = remove(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("holds 2 files the cache writer did not write (notes.txt, run/)"),
+            "{e}"
+        );
+        assert_eq!(fs::read(dir.join("notes.txt")).unwrap(), b"mine");
+        assert!(dir.join("run/best.json").is_file() && Cache::open(&dir).is_ok());
+        fs::remove_file(dir.join("notes.txt")).unwrap();
+        fs::remove_dir_all(dir.join("run")).unwrap();
+        assert!(foreign_files(&dir).is_empty());
         remove(&dir).unwrap();
         assert!(!dir.exists());
     }

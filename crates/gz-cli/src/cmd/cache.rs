@@ -305,6 +305,17 @@ fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
         };
         let Some(why) = why else { continue };
         if dry_run {
+            // (as `inventory::remove` would refuse it)
+            let foreign = inventory::foreign_files(&e.path);
+            if !foreign.is_empty() && !matches!(e.state, EntryState::Leftover { .. }) {
+                println!(
+                    "would keep: {} ({why}, but it holds files the cache writer did not write: {}; move them out \
+                     to remove it)",
+                    e.path.display(),
+                    foreign.join(", ")
+                );
+                continue;
+            }
             println!("would remove: {} ({}, {why})", e.path.display(), human_bytes(e.bytes));
         } else {
             match inventory::remove(&e.path) {
