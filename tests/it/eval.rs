@@ -897,6 +897,46 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     assert!(ok, "{out}\n{err}");
     assert!(err.contains("filled with the training mean: 999999"), "{err}");
     assert_eq!(gz_schema::read_solutions(&sub2).unwrap().len(), 9);
+    // the same folder as a test-only dataset's, through a cache: prep skips the corrupt image,
+    // and submit --cache without --ids takes the test ids from the cache, the skipped one
+    // included (it wrote a short submission that passed for complete)
+    let test_only = tmp.path().join("test_only");
+    std::fs::create_dir_all(&test_only).unwrap();
+    std::fs::rename(&broken, test_only.join("images_test_rev1")).unwrap();
+    let (_, out, err) = support::run(
+        support::gz()
+            .args(["prep", "--size", "32", "--data"])
+            .arg(&test_only)
+            .arg("--cache")
+            .arg(&cache_root),
+    );
+    assert!(out.contains("skipped: ") && out.contains("999999.jpg"), "{out}\n{err}");
+    let broken_cache = last_line_value(&out, "cache");
+    let sub3 = tmp.path().join("sub3.csv");
+    let submit_cache = |fill: bool| {
+        let mut cmd = support::gz();
+        cmd.args(["submit", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&broken_cache);
+        if fill {
+            cmd.arg("--fill-mean");
+        }
+        support::run(cmd.arg("--out").arg(&sub3))
+    };
+    let (ok, out, err) = submit_cache(false);
+    assert!(!ok && !sub3.exists(), "{out}\n{err}");
+    assert!(
+        err.contains("skipped the test image images_test_rev1/999999.jpg") && err.contains("needs --fill-mean"),
+        "{err}"
+    );
+    let (ok, out, err) = submit_cache(true);
+    assert!(
+        ok && err.contains("filled with the training mean: 999999"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("no --ids folder"), "{err}");
+    assert_eq!(gz_schema::read_solutions(&sub3).unwrap().len(), 9);
 
     // a cache with other preprocessing is refused, naming both hashes
     let other = prep(&data, "24");

@@ -134,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::check_not_an_input("--out", &out, &inputs, &folders, Some(images).filter(|p| p.is_dir()))?;
     }
     super::check_not_an_input("--out", &out, &inputs, &folders, None)?;
-    let ids = read_ids(ids_source(&args))?;
+    let mut ids = read_ids(ids_source(&args))?;
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;
         // the training labels are read only when a row needs filling
@@ -176,6 +176,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Unreadable images (only allowed with --fill-mean) are missing rows here; the ids
         // folder makes `write_submission` fill and list them.
         let mean = args.fill_mean.then(|| p.train_mean.clone());
+        if let (None, Some(cache)) = (&ids, &args.cache) {
+            // no ids folder: the cache knows the test images, the ones prep skipped included
+            // (a short submission passed as complete)
+            let (all, skipped) = cache_test_ids(cache)?;
+            for (path, reason) in &skipped {
+                eprintln!(
+                    "note: gz prep skipped the test image {path} ({reason}): {}",
+                    if args.fill_mean {
+                        "its row gets the training mean"
+                    } else {
+                        "its row needs --fill-mean (the training mean), or fix the image and prep again"
+                    }
+                );
+            }
+            ids = Some(all);
+        }
         (p.rows, mean)
     } else {
         bail!("give --pred FILE, or --run RUN with --cache/--images, or --check FILE");
@@ -207,6 +223,43 @@ fn ids_source(args: &Args) -> Option<(&'static str, &PathBuf)> {
         (None, Some(d)) => Some(("--images", d)),
         (None, None) => None,
     }
+}
+
+/// The GalaxyIDs of a cache's test images: its test split's and those of the test images
+/// `gz prep` skipped (unreadable: recorded in the manifest), with the skipped ones' paths and
+/// reasons.
+fn cache_test_ids(dir: &Path) -> anyhow::Result<(Vec<u64>, Vec<(String, String)>)> {
+    let cache = super::open_cache(dir)?;
+    let mut ids: Vec<u64> = cache.test().map(|t| t.ids().to_vec()).unwrap_or_default();
+    let mut seen: std::collections::HashSet<u64> = ids.iter().copied().collect();
+    let mut skipped = Vec::new();
+    for s in cache.extra()["skipped"].as_array().into_iter().flatten() {
+        let (Some(path), Some(reason)) = (s["path"].as_str(), s["reason"].as_str()) else {
+            continue;
+        };
+        // `images_test_rev1/<GalaxyID>.jpg` (older caches: the dataset's path in front); a
+        // file not named so was never a test row
+        let p = Path::new(path);
+        if p.parent().and_then(Path::file_name) != Some(gz_preprocess::dataset::TEST_DIR.as_ref()) {
+            continue;
+        }
+        let id = p
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .filter(|_| {
+                p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"))
+            })
+            .and_then(|stem| stem.parse::<u64>().ok());
+        if let Some(id) = id {
+            if seen.insert(id) {
+                ids.push(id);
+                skipped.push((path.to_string(), reason.to_string()));
+            }
+        }
+    }
+    ids.sort_unstable();
+    Ok((ids, skipped))
 }
 
 fn read_ids(source: Option<(&str, &PathBuf)>) -> anyhow::Result<Option<Vec<u64>>> {
