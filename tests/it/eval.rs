@@ -637,6 +637,23 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     assert!(sd.values.iter().all(|v| v.is_finite() && *v >= 0.0), "{:?}", sd.values);
     // the views of an untrained-looking image differ somewhere; none strays past the range
     assert!(sd.values.iter().any(|v| *v > 1e-5) && sd.values.iter().all(|v| *v < 1.0));
+    // legal cells, but no vote fractions: a submission made of it is warned about; the
+    // predictions are not
+    let (_, _, err) = support::run(support::gz().args(["submit", "--check"]).arg(&spread));
+    assert!(
+        err.contains("warning:") && err.contains("do not look like vote fractions"),
+        "{err}"
+    );
+    let (ok, _, err) = support::run(support::gz().args(["submit", "--check"]).arg(&pred_s));
+    assert!(ok && !err.contains("warning:"), "{err}");
+    let (_, _, err) = support::run(
+        support::gz()
+            .args(["submit", "--pred"])
+            .arg(&spread)
+            .arg("--out")
+            .arg(tmp.path().join("spread_sub.csv")),
+    );
+    assert!(err.contains("do not look like vote fractions"), "{err}");
     // one view of one checkpoint has nothing to spread: refused before any file is written
     let (ok, _, err) = support::run(
         support::gz()

@@ -103,6 +103,8 @@ pub struct CheckReport {
     pub problems: Vec<Problem>,
     /// Every problem counted by kind, including those not listed.
     pub counts: BTreeMap<ProblemKind, usize>,
+    /// What is legal but most likely a mistake ([`Class1Sums::warning`]).
+    pub warnings: Vec<String>,
 }
 
 impl CheckReport {
@@ -177,6 +179,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
         rows: 0,
         problems: Vec::new(),
         counts: BTreeMap::new(),
+        warnings: Vec::new(),
     };
     if let Some(what) = compression(bytes) {
         rep.push(ProblemKind::Csv, None, format!("the file is {what}, not a CSV"));
@@ -191,6 +194,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
     let mut first = true;
     let mut rec = csv::StringRecord::new();
     let mut sniff = ConditionalSniff::default();
+    let mut class1 = Class1Sums::default();
     let mut cells = [None; N_ANSWERS];
     loop {
         match rdr.read_record(&mut rec) {
@@ -272,10 +276,12 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
             }
         }
         sniff.row(&cells);
+        class1.row(&cells);
     }
     if sniff.verdict() {
         rep.push(ProblemKind::Conditional, None, CONDITIONAL_REASON.into());
     }
+    rep.warnings.extend(class1.warning());
     if first {
         rep.push(ProblemKind::Header, Some(1), "file is empty (no header)".into());
     } else if rep.rows == 0 && ids.is_none() {
@@ -446,6 +452,7 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
                 rows: 0,
                 problems: Vec::new(),
                 counts: BTreeMap::new(),
+                warnings: Vec::new(),
             };
             check_header(&rec, &expected, &mut rep);
             if let Some(p) = rep.problems.first() {
@@ -489,6 +496,54 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
         });
     }
     Ok(out)
+}
+
+/// The sum of Class1's three answers over the rows: in vote fractions (Kaggle's, or a
+/// model's through the tree output) it is 1 in every row, since every volunteer answers the
+/// first question. Far below 1 on average, the file holds something else: the standard
+/// deviations of `gz predict --spread` (legal cells, so no problem, but a warning), or the
+/// all-zeros benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Class1Sums {
+    sum: f64,
+    rows: usize,
+}
+
+impl Class1Sums {
+    /// Adds one row (`None`: an empty cell; a row without all three is passed over).
+    pub fn row(&mut self, cells: &[Option<f32>; N_ANSWERS]) {
+        let q1 = gz_schema::QUESTIONS[0].answers();
+        let v: Option<f64> = q1.map(|i| cells[i].map(f64::from)).sum();
+        if let Some(v) = v.filter(|v| v.is_finite()) {
+            self.sum += v;
+            self.rows += 1;
+        }
+    }
+
+    /// All the rows of `sol`.
+    pub fn of(sol: &Solutions) -> Self {
+        let mut s = Class1Sums::default();
+        for i in 0..sol.len() {
+            let mut cells = [None; N_ANSWERS];
+            for (c, &v) in cells.iter_mut().zip(sol.row(i)) {
+                *c = Some(v);
+            }
+            s.row(&cells);
+        }
+        s
+    }
+
+    /// The warning when the rows' mean sum is under 0.5.
+    pub fn warning(&self) -> Option<String> {
+        let mean = self.sum / self.rows.max(1) as f64;
+        (self.rows > 0 && mean < 0.5).then(|| {
+            format!(
+                "Class1.1 + Class1.2 + Class1.3 average {mean:.3} over the rows; in vote fractions they sum to 1 in \
+                 every row (every volunteer answers the first question): these do not look like vote fractions \
+                 (a `gz predict --spread` file holds standard deviations)"
+            )
+        })
+    }
 }
 
 /// Why a file of per-question fractions is no submission (`gz submit --pred` and `--check`).
@@ -853,6 +908,46 @@ mod tests {
         }
         s.push('\n');
         s
+    }
+
+    /// Rows whose Class1 answers do not sum to about 1 (standard deviations, all zeros) get a
+    /// warning and no problem; vote fractions get neither.
+    #[test]
+    fn files_that_are_not_vote_fractions_are_warned_about() {
+        let kaggle = kaggle_rows(20, 3);
+        let some = |rows: &[Vec<f32>]| -> Vec<Vec<Option<f32>>> {
+            rows.iter().map(|r| r.iter().map(|&v| Some(v)).collect()).collect()
+        };
+        let rep = check_bytes(table(&some(&kaggle), None).as_bytes(), Path::new("k.csv"), None);
+        assert!(rep.is_ok() && rep.warnings.is_empty(), "{:?}", rep.warnings);
+        // a spread: small values, legal cells
+        let spread: Vec<Vec<f32>> = kaggle.iter().map(|r| r.iter().map(|v| v * 0.1).collect()).collect();
+        let rep = check_bytes(table(&some(&spread), None).as_bytes(), Path::new("s.csv"), None);
+        assert!(rep.is_ok(), "{}", rep.describe());
+        assert_eq!(rep.warnings.len(), 1);
+        assert!(
+            rep.warnings[0].contains("average 0.100") && rep.warnings[0].contains("--spread"),
+            "{:?}",
+            rep.warnings
+        );
+        let zeros = vec![vec![0f32; N_ANSWERS]; 3];
+        assert_eq!(
+            check_bytes(table(&some(&zeros), None).as_bytes(), Path::new("z.csv"), None)
+                .warnings
+                .len(),
+            1
+        );
+        // the same from rows read
+        let sol = |rows: &[Vec<f32>]| {
+            let mut s = Solutions::new();
+            for (i, r) in rows.iter().enumerate() {
+                s.push(100 + i as u64, r);
+            }
+            s
+        };
+        assert!(Class1Sums::of(&sol(&kaggle)).warning().is_none());
+        assert!(Class1Sums::of(&sol(&spread)).warning().is_some());
+        assert!(Class1Sums::of(&Solutions::new()).warning().is_none());
     }
 
     /// Random Kaggle rows: each question's answers split its target (1, or the parent answer)

@@ -137,6 +137,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut ids = read_ids(ids_source(&args))?;
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;
+        if let Some(w) = gz_eval::submission::Class1Sums::of(&pred).warning() {
+            eprintln!("warning: {}: {w}", pred_path.display());
+        }
         // the training labels are read only when a row needs filling
         let needs_fill = pred.values.iter().any(|v| !v.is_finite())
             || ids.as_ref().is_some_and(|ids| {
@@ -271,6 +274,9 @@ fn read_ids(source: Option<(&str, &PathBuf)>) -> anyhow::Result<Option<Vec<u64>>
 fn run_check(file: &Path, ids_source: Option<(&str, &PathBuf)>) -> anyhow::Result<()> {
     let ids = read_ids(ids_source)?;
     let rep = check(file, ids.as_deref())?;
+    for w in &rep.warnings {
+        eprintln!("warning: {}: {w}", file.display());
+    }
     if rep.is_ok() {
         let versus = ids.as_ref().map_or(String::new(), |i| {
             format!(", complete for the {}", super::count(i.len(), "test image"))
