@@ -245,11 +245,48 @@ pub fn write_solutions(path: &Path, sol: &Solutions) -> Result<(), SchemaError> 
 /// regular file (a directory, a device such as `/dev/full`, a pipe) is refused, since the
 /// rename would replace it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SchemaError> {
-    write_atomic_via(path, bytes, 0)
+    stage_atomic(path, bytes)?.commit()
 }
 
-/// [`write_atomic`] after following `links` symbolic links.
-fn write_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<(), SchemaError> {
+/// The first step of [`write_atomic`]: the temporary file written and synced beside its
+/// target, not yet renamed into place. For outputs that must appear together: stage each,
+/// then [`Staged::commit`] each; one that cannot be staged (a full disk) leaves none written.
+/// Dropped uncommitted, the temporary file is removed.
+#[derive(Debug)]
+#[must_use = "a staged file is removed unless committed"]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Renames the staged file into place.
+    pub fn commit(mut self) -> Result<(), SchemaError> {
+        std::fs::rename(&self.tmp, &self.path).map_err(|source| SchemaError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Stages `bytes` for `path` (see [`Staged`]; checks and links as [`write_atomic`]).
+pub fn stage_atomic(path: &Path, bytes: &[u8]) -> Result<Staged, SchemaError> {
+    stage_atomic_via(path, bytes, 0)
+}
+
+/// [`stage_atomic`] after following `links` symbolic links.
+fn stage_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<Staged, SchemaError> {
     let io = |source| SchemaError::Io {
         path: path.to_path_buf(),
         source,
@@ -264,7 +301,7 @@ fn write_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<(), Schem
             if links >= 16 {
                 return Err(io(std::io::Error::other("too many levels of symbolic links")));
             }
-            return write_atomic_via(&target, bytes, links + 1);
+            return stage_atomic_via(&target, bytes, links + 1);
         }
         if !meta.is_file() {
             return Err(io(std::io::Error::other(
@@ -288,20 +325,22 @@ fn write_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<(), Schem
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let staged = Staged {
+        tmp,
+        path: path.to_path_buf(),
+        committed: false,
+    };
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::File::create(&staged.tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    if let Err(source) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(SchemaError::Io {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    Ok(())
+    // (dropped on an error: the temporary file goes)
+    result.map_err(|source| SchemaError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(staged)
 }
 
 #[cfg(test)]
@@ -439,5 +478,33 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("symbolic links"));
+    }
+
+    /// A staged file is not in place until committed, and dropped uncommitted it leaves
+    /// nothing behind (two outputs that must appear together: neither when one fails).
+    #[test]
+    fn staged_files_appear_on_commit_and_vanish_when_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a.csv"), t.path().join("b.csv"));
+        std::fs::write(&a, b"old").unwrap();
+        let sa = stage_atomic(&a, b"new a").unwrap();
+        let sb = stage_atomic(&b, b"new b").unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"old");
+        assert!(!b.exists());
+        drop(sb);
+        drop(sa);
+        assert_eq!(std::fs::read(&a).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["a.csv"], "no temporary file left");
+        let (sa, sb) = (stage_atomic(&a, b"new a").unwrap(), stage_atomic(&b, b"new b").unwrap());
+        sa.commit().unwrap();
+        sb.commit().unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), b"new a");
+        assert_eq!(std::fs::read(&b).unwrap(), b"new b");
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 2);
     }
 }

@@ -12,7 +12,9 @@
 
 pub mod csv_io;
 
-pub use csv_io::{read_solutions, read_solutions_from, write_atomic, write_solutions, SchemaError, Solutions};
+pub use csv_io::{
+    read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions, SchemaError, Solutions, Staged,
+};
 
 /// Number of answers (output columns) in the Kaggle task.
 pub const N_ANSWERS: usize = 37;

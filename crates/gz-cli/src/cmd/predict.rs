@@ -585,28 +585,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("{line}");
         }
     };
-    let write = |path: &Path, table: &[(String, Vec<Option<f32>>)], what: &str| -> anyhow::Result<()> {
-        if path == stdout {
-            let text = gz_eval::predict::table_csv(first_column, table)?;
-            use std::io::Write as _;
-            std::io::stdout()
-                .write_all(text.as_bytes())
-                .with_context(|| format!("writing the {what} to standard output"))?;
-        } else {
-            // the error names the file (and the reason) itself
-            gz_eval::predict::write_table(path, first_column, table)?;
-        }
-        Ok(())
-    };
-    // files first, standard output last: a file that cannot be written (a full disk; the paths
-    // were checked before any work) then fails the command before anything reaches the pipe
+    // files first, staged together and then renamed into place (one that cannot be written,
+    // a full disk, leaves neither: the paths were checked before any work); standard output
+    // last, so that nothing reaches a pipe before the files are whole
     let mut outputs = vec![(args.out.as_path(), table.as_slice(), "predictions")];
     if let (Some(path), Some(t)) = (&args.spread, &spread_table) {
         outputs.push((path.as_path(), t.as_slice(), "spread"));
     }
-    outputs.sort_by_key(|(path, _, _)| *path == stdout);
-    for (path, t, what) in outputs {
-        write(path, t, what)?;
+    let mut staged = Vec::new();
+    for (path, t, _) in outputs.iter().filter(|(p, _, _)| *p != stdout) {
+        let text = gz_eval::predict::table_csv(first_column, t)?;
+        // the error names the file (and the reason) itself
+        staged.push(gz_schema::stage_atomic(path, text.as_bytes())?);
+    }
+    for s in staged {
+        s.commit()?;
+    }
+    for (_, t, what) in outputs.iter().filter(|(p, _, _)| *p == stdout) {
+        let text = gz_eval::predict::table_csv(first_column, t)?;
+        use std::io::Write as _;
+        std::io::stdout()
+            .write_all(text.as_bytes())
+            .with_context(|| format!("writing the {what} to standard output"))?;
     }
     say(summary);
     if args.out != stdout {
