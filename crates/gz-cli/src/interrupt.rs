@@ -18,8 +18,11 @@
 //! the Ctrl-C line; were the SIGTERM first, "Ctrl-C twice" would still end it (the press's own
 //! SIGINT is the first of the two).
 //!
-//! Other subcommands keep the default disposition: their outputs are written to a temporary
-//! file and renamed, so a kill leaves nothing half-written.
+//! `gz prep` installs the same handler ([`install_for_prep`]): the run stops after the chunk of
+//! images being decoded and removes its unfinished cache (killed, it left a hidden
+//! `.NAME.tmp-PID` folder that only the next prep or prune removed), then exits with 128 + the
+//! signal. Other subcommands keep the default disposition: their outputs are written to a
+//! temporary file and renamed, so a kill leaves nothing half-written.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
@@ -28,9 +31,15 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static SIGINTS: AtomicU32 = AtomicU32::new(0);
 /// Whether SIGINT goes to the handler (not ignored since gz started).
 static SIGINT_CAUGHT: AtomicBool = AtomicBool::new(false);
+/// Whether the handler serves `gz prep` (its own stop line).
+static PREP: AtomicBool = AtomicBool::new(false);
 
 /// The line the first stop request prints (see the module docs).
 fn stop_message(sig: i32, sigint_caught: bool) -> &'static [u8] {
+    if PREP.load(Ordering::SeqCst) {
+        return b"\ngz: stopping after the images being decoded; the unfinished cache is removed (Ctrl-C again to \
+                  quit at once)\n";
+    }
     if sig == libc::SIGINT {
         b"\ngz: stopping before the next training step (Ctrl-C again to quit at once)\n"
     } else if sigint_caught {
@@ -91,6 +100,12 @@ pub fn install() {
             }
         }
     }
+}
+
+/// [`install`] for `gz prep`, with its own stop line.
+pub fn install_for_prep() {
+    PREP.store(true, Ordering::SeqCst);
+    install();
 }
 
 /// The signal that asked to stop, if any.

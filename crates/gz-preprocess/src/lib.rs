@@ -179,6 +179,10 @@ pub enum PrepError {
     /// The data directory holds nothing to preprocess.
     #[error("{0}")]
     NoInput(String),
+    /// [`crate::run::RunOptions::stop_requested`] said stop (Ctrl-C): the unfinished cache
+    /// was removed, nothing was published.
+    #[error("interrupted after {done} of {total} {split} images: nothing was written (the unfinished cache was removed); run it again to preprocess from the start")]
+    Interrupted { split: &'static str, done: u64, total: u64 },
     /// A complete-looking cache exists but does not open.
     #[error("cache {dir} exists but is damaged: {source}; delete it and re-run")]
     DamagedCache {

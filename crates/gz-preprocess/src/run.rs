@@ -22,7 +22,7 @@ use crate::dataset::{self, Item};
 use crate::{prep_jpeg_into, PrepConfig, PrepError};
 
 /// Images decoded per parallel chunk (bounds memory: CHUNK × 3·size·size × 2 bytes).
-const CHUNK: usize = 512;
+pub(crate) const CHUNK: usize = 512;
 
 /// An input that was not preprocessed, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +55,9 @@ pub struct RunOptions {
     pub strict: bool,
     /// Images per shard file.
     pub rows_per_shard: usize,
+    /// Polled after every chunk of images: `true` stops the run with
+    /// [`PrepError::Interrupted`], the unfinished cache removed (`gz prep` passes its Ctrl-C).
+    pub stop_requested: Option<fn() -> bool>,
 }
 
 impl RunOptions {
@@ -66,6 +69,7 @@ impl RunOptions {
             threads: None,
             strict: false,
             rows_per_shard: gz_shards::DEFAULT_ROWS_PER_SHARD,
+            stop_requested: None,
         }
     }
 }
@@ -248,6 +252,15 @@ pub fn run_with(
                     done,
                     total,
                 });
+                if done < total && opts.stop_requested.is_some_and(|stop| stop()) {
+                    // (the decoder thread stops at its next send; the writer's drop removes
+                    // the unfinished cache)
+                    return Err(PrepError::Interrupted {
+                        split: name,
+                        done,
+                        total,
+                    });
+                }
             }
             Ok(())
         });

@@ -887,6 +887,39 @@ fn paths_that_are_not_utf8_are_refused_or_skipped_not_a_panic() {
     assert!(again.cache_hit && again.skipped.len() == 1);
 }
 
+/// A stop request (gz prep's Ctrl-C) ends the run after the chunk being decoded with
+/// `Interrupted`, and the unfinished cache is gone: nothing in the cache root (killed, the run
+/// left a hidden `.NAME.tmp-PID` folder).
+#[test]
+fn a_stop_request_ends_the_run_and_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let test_dir = t.path().join("data").join(dataset::TEST_DIR);
+    std::fs::create_dir_all(&test_dir).unwrap();
+    let jpeg = std::fs::read(&real_jpegs()[0]).unwrap();
+    let n = super::run::CHUNK + 1;
+    for i in 0..n {
+        std::fs::write(test_dir.join(format!("{}.jpg", 100_000 + i)), &jpeg).unwrap();
+    }
+    let root = t.path().join("cache");
+    let mut opts = RunOptions::new(&t.path().join("data"), &root);
+    opts.stop_requested = Some(|| true);
+    let e = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap_err();
+    assert!(
+        matches!(e, PrepError::Interrupted { split: "test", done, total } if done as usize == super::run::CHUNK && total as usize == n),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nothing was written"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // not asked to stop: the whole run
+    opts.stop_requested = Some(|| false);
+    assert_eq!(run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap().test, n);
+}
+
 #[test]
 fn no_dataset_is_an_error() {
     let t = tempfile::tempdir().unwrap();

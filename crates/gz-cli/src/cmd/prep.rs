@@ -98,6 +98,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.threads = args.threads;
     opts.strict = args.strict;
     opts.rows_per_shard = args.rows_per_shard;
+    // Ctrl-C: stop after the chunk being decoded, the unfinished cache removed
+    crate::interrupt::install_for_prep();
+    opts.stop_requested = Some(|| crate::interrupt::requested().is_some());
 
     let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
@@ -120,27 +123,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("warning: the cache {} is damaged ({e}); rebuilding it", dir.display());
         remove_cache(dir)
     };
-    let mut summary = match gz_preprocess::run_with(&opts, &cfg, &progress) {
+    let result = match gz_preprocess::run_with(&opts, &cfg, &progress) {
         Err(gz_preprocess::PrepError::DamagedCache { dir, source }) if args.verify => {
             damaged(&dir, &source)?;
             gz_preprocess::run_with(&opts, &cfg, &progress)
         }
         r => r,
+    };
+    if let Err(e @ gz_preprocess::PrepError::Interrupted { .. }) = &result {
+        bar.finish_and_clear();
+        eprintln!("gz prep: {e}");
+        // 128 + the signal, as a shell reports a process the signal ended
+        let sig = crate::interrupt::requested().unwrap_or(libc::SIGINT);
+        return Err(crate::ExitCode(128 + sig).into());
     }
-    .map_err(|e| {
-        let in_cache = match &e {
-            gz_preprocess::PrepError::Shard(_) => true,
-            gz_preprocess::PrepError::Io { path, .. } => path.starts_with(&cache_root),
-            _ => false,
-        };
-        let e = anyhow::Error::new(e);
-        if in_cache && !default_hint.is_empty() {
-            e.context(format!("writing the cache{default_hint}"))
-        } else {
-            e
-        }
-    })
-    .with_context(|| format!("preprocessing {}", data.display()))?;
+    let mut summary = result
+        .map_err(|e| {
+            let in_cache = match &e {
+                gz_preprocess::PrepError::Shard(_) => true,
+                gz_preprocess::PrepError::Io { path, .. } => path.starts_with(&cache_root),
+                _ => false,
+            };
+            let e = anyhow::Error::new(e);
+            if in_cache && !default_hint.is_empty() {
+                e.context(format!("writing the cache{default_hint}"))
+            } else {
+                e
+            }
+        })
+        .with_context(|| format!("preprocessing {}", data.display()))?;
     let mut verified = None;
     if args.verify && summary.cache_hit {
         match gz_shards::Cache::open(&summary.cache_dir).and_then(|c| c.verify()) {
