@@ -152,6 +152,13 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
         path: tmp.clone(),
         source,
     })?;
+    // the safetensors writer makes its file through a private temporary file (mode 0600):
+    // give it the mode every other file gz writes gets, 0666 less the umask
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666 & !umask())).map_err(io_err(&tmp))?;
+    }
     let bytes = std::fs::read(&tmp).map_err(io_err(&tmp))?;
     let crc = crc32fast::hash(&bytes);
     std::fs::File::open(&tmp)
@@ -159,6 +166,20 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
         .map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(crc)
+}
+
+/// The process's file mode creation mask, read from `/proc/self/status` (Linux; reading it
+/// with umask(2) would change it for a moment under the other threads); 0o022 elsewhere.
+#[cfg(unix)]
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o022)
+        & 0o777
 }
 
 /// Where [`stage_tensors`] writes the next version of `path`: `NAME.new` beside it.
@@ -644,6 +665,27 @@ mod tests {
         // the form suggested is a checkpoint path of its own
         let (w, s) = resolve_paths(&last).unwrap();
         assert_eq!((w, s), (last.clone(), dir.path().join("last.json")));
+    }
+
+    /// A checkpoint gets the mode of every other file gz writes (0666 less the umask), not the
+    /// safetensors writer's private 0600: a colleague could not read a shared run.
+    #[cfg(unix)]
+    #[test]
+    fn checkpoints_get_the_usual_file_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = HashMap::from([(
+            "w".to_string(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )]);
+        let path = dir.path().join("w.safetensors");
+        save_tensors_atomic(&t, &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let csv = dir.path().join("x.csv");
+        std::fs::write(&csv, "x").unwrap();
+        let usual = std::fs::metadata(&csv).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, usual, "{mode:o} vs {usual:o}");
+        assert_eq!(umask() & 0o777, umask());
     }
 
     /// The serial draw the parallel one must equal: one stream, value after value.
