@@ -388,6 +388,12 @@ fn cache_list_prune_and_remove() {
             && err.contains("gz cache prune"),
         "{err}"
     );
+    // a mistyped root, or the dataset named as one: said, not "no caches"
+    let missing = t.path().join("cahce");
+    let (code, out, err) = cache_cmd(&["list", "--cache", missing.to_str().unwrap()]);
+    assert!(code == Some(1) && err.contains("no such folder"), "{out}\n{err}");
+    let (code, out, err) = cache_cmd(&["prune", "--cache", d]);
+    assert!(code == Some(1) && err.contains("is a dataset folder"), "{out}\n{err}");
     // a killed writer's folder (a pid beyond Linux's pid_max: never running)
     let dead = root.join(".x.tmp-4194305");
     std::fs::create_dir(&dead).unwrap();

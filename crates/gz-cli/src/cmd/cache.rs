@@ -102,6 +102,24 @@ fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
         (None, Some((abs, _))) => abs.parent().unwrap_or(abs).join("cache"),
         (None, None) => anyhow::bail!("name the cache root with --cache DIR, or the dataset with --data DIR"),
     };
+    if at.cache.is_some() && !root.exists() {
+        // a typo, not an empty root: "no caches" would hide it
+        anyhow::bail!(
+            "{}: no such folder (--cache names the folder the caches are in, as given to `gz prep --cache`)",
+            root.display()
+        );
+    }
+    let dataset_layout = [gz_preprocess::dataset::TEST_DIR, gz_preprocess::dataset::TRAIN_DIR]
+        .iter()
+        .any(|d| root.join(d).is_dir())
+        || root.join(gz_preprocess::dataset::SOLUTIONS_CSV).is_file();
+    if at.cache.is_some() && dataset_layout {
+        anyhow::bail!(
+            "{} is a dataset folder, not a cache root: pass it as --data (its caches are then found beside it, \
+             or in the --cache root named with it)",
+            root.display()
+        );
+    }
     if root.exists() && !root.is_dir() {
         anyhow::bail!(
             "{}: not a folder (--cache names the folder the caches are in)",
