@@ -681,6 +681,10 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(&cache),
     );
     assert!(ok && err.contains("spread: "), "{err}");
+    assert!(
+        err.contains("warning: --run 2 is checkpoint 1 again") && err.contains("counts twice"),
+        "{err}"
+    );
     assert_eq!(
         gz_schema::read_solutions_from(out.as_bytes(), Path::new("stdout"))
             .unwrap()

@@ -485,6 +485,16 @@ impl LoadedModel {
     /// As [`LoadedModel::load`], computing in `dtype` (bf16 on CUDA for faster inference).
     pub fn load_with_dtype(path: &Path, device: &Device, dtype: DType) -> Result<Self, CheckpointError> {
         let (weights_path, sidecar_path) = resolve_paths(path)?;
+        if !sidecar_path.exists() && weights_path.is_file() {
+            return Err(CheckpointError::Invalid {
+                path: sidecar_path,
+                reason: format!(
+                    "missing: `gz train` writes this sidecar (the model's config and the weights' checksum) beside \
+                     {}, and the weights cannot be loaded without it (copy it along with them)",
+                    weights_path.display()
+                ),
+            });
+        }
         let sidecar = read_sidecar(&sidecar_path)?;
         let tensors = load_tensors_checked(&weights_path, sidecar.weights_crc32, &Device::Cpu)?;
         // a diverged run's weights (saved by a gz before training checked them) make a dead net
@@ -665,6 +675,14 @@ mod tests {
         // the form suggested is a checkpoint path of its own
         let (w, s) = resolve_paths(&last).unwrap();
         assert_eq!((w, s), (last.clone(), dir.path().join("last.json")));
+        // weights copied without their sidecar: said so
+        let lone = dir.path().join("model.safetensors");
+        std::fs::write(&lone, b"").unwrap();
+        let e = LoadedModel::load(&lone, &Device::Cpu).err().unwrap().to_string();
+        assert!(
+            e.contains("model.json") && e.contains("missing: `gz train` writes this sidecar"),
+            "{e}"
+        );
     }
 
     /// A checkpoint gets the mode of every other file gz writes (0666 less the umask), not the

@@ -134,6 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
     let models = load_runs(&args.runs, &device)?;
+    super::warn_repeated_checkpoints(&models);
     let cache = super::open_cache(&args.cache)?;
     for (m, r) in models.iter().zip(&args.runs) {
         check_cache(m, r, &cache)?;

@@ -153,6 +153,24 @@ pub fn check_not_an_input(
     Ok(())
 }
 
+/// Warns about a checkpoint given twice in an ensemble (the same weights file, under any
+/// spelling): it counts twice in the average, which is rarely meant.
+pub fn warn_repeated_checkpoints(models: &[gz_model::checkpoint::LoadedModel]) {
+    for (i, m) in models.iter().enumerate() {
+        if let Some(j) = models[..i]
+            .iter()
+            .position(|o| same_file(o.weights_path(), m.weights_path()))
+        {
+            eprintln!(
+                "warning: --run {} is checkpoint {} again ({}): it counts twice in the average",
+                i + 1,
+                j + 1,
+                m.weights_path().display()
+            );
+        }
+    }
+}
+
 /// The files a `--run` argument reads (its checkpoint's weights and sidecar; for a run folder
 /// also the files of its last epoch and its config), for [`check_not_an_input`].
 pub fn run_inputs(runs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {

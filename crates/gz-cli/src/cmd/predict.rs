@@ -163,6 +163,7 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
     } else {
         gz_eval::eval::load_runs(&src.runs, &device)?
     };
+    super::warn_repeated_checkpoints(&models);
     let train_mean: Vec<f32> = models[0].sidecar().train_mean.iter().map(|&v| v as f32).collect();
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
