@@ -716,6 +716,27 @@ fn bad_requests_fail_clearly() {
         run.to_str().unwrap(),
     ]));
     assert!(!ok && stderr.contains("missing"), "{stderr}");
+    // a negative number is a bad value of its flag, not an unknown flag; in every subcommand
+    for (args, flag) in [
+        (
+            vec![
+                "train", "--model", "tiny", "--epochs", "-1", "--cache", "c", "--out", "r",
+            ],
+            "--epochs",
+        ),
+        (
+            vec!["predict", "--run", "r", "--cache", "c", "--out", "p.csv", "--tta", "-1"],
+            "--tta",
+        ),
+        (vec!["synth", "--train", "-5"], "--train"),
+    ] {
+        let (ok, _, stderr) = support::run(support::gz().args(&args));
+        let value = args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        assert!(
+            !ok && stderr.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 /// `gz bench-train`'s phase lines keep one column for the times: a CPU batch trained in parts

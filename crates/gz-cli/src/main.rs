@@ -22,23 +22,33 @@ struct Cli {
     command: Command,
 }
 
+/// Each subcommand takes `-1` as a value (refused as out of range, naming the flag) rather than
+/// as an unknown flag ("unexpected argument '-1'").
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Write a synthetic dataset in the Kaggle layout.
+    #[command(allow_negative_numbers = true)]
     Synth(cmd::synth::Args),
     /// Preprocess JPEGs into memory-mapped f16 shards (cached).
+    #[command(allow_negative_numbers = true)]
     Prep(cmd::prep::Args),
     /// List shard caches, prune the ones never used again, remove named ones.
+    #[command(allow_negative_numbers = true)]
     Cache(cmd::cache::Args),
     /// Train a model from a shard cache.
+    #[command(allow_negative_numbers = true)]
     Train(cmd::train::Args),
     /// Score a checkpoint against labelled data, with baselines.
+    #[command(allow_negative_numbers = true)]
     Eval(cmd::eval::Args),
     /// Predict vote fractions (with optional TTA and ensembles).
+    #[command(allow_negative_numbers = true)]
     Predict(cmd::predict::Args),
     /// Write or check a Kaggle submission file.
+    #[command(allow_negative_numbers = true)]
     Submit(cmd::submit::Args),
     /// Measure training throughput of a model.
+    #[command(allow_negative_numbers = true)]
     BenchTrain(cmd::bench_train::Args),
 }
 

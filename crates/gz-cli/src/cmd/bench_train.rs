@@ -41,7 +41,7 @@ pub struct Args {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Device: cpu, cuda, cuda:N.
+    /// Device: cpu, cuda, cuda:N, or auto (CUDA 0 when this build has CUDA and a GPU is present, else the CPU).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
     /// Optimizer: rmsprop, sgd-nesterov, adamw (training only: refused with --inference).

@@ -34,7 +34,7 @@ pub struct Args {
     split: String,
     #[command(flatten)]
     tta: TtaArgs,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, or auto (CUDA 0 when built with CUDA and a GPU is present, else the CPU).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
     /// Images per forward pass.

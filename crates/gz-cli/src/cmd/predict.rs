@@ -73,7 +73,7 @@ pub struct SourceArgs {
     pub images: Option<PathBuf>,
     #[command(flatten)]
     pub tta: TtaArgs,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, or auto (CUDA 0 when built with CUDA and a GPU is present, else the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Images per forward pass (each under every TTA view).

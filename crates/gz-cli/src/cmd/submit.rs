@@ -39,7 +39,7 @@ pub struct Args {
     images: Option<PathBuf>,
     #[command(flatten)]
     tta: TtaArgs,
-    /// With --run: cpu, cuda or cuda:N.
+    /// With --run: cpu, cuda, cuda:N, or auto (CUDA 0 when built with CUDA and a GPU is present, else the CPU).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// With --run: images per forward pass.

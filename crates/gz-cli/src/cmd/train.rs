@@ -36,7 +36,7 @@ pub struct Args {
     /// Number of epochs.
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    /// Device: cpu, cuda, cuda:N (`gpu` is taken as cuda).
+    /// Device: cpu, cuda, cuda:N (`gpu` is taken as cuda), or auto (CUDA 0 when built with CUDA and a GPU is present, else the CPU).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
     /// Minibatch size.
