@@ -338,6 +338,27 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         "./pred.csv",
     ]));
     assert!(!ok && err.contains("would replace pred.csv, an input"), "{out}\n{err}");
+    // a report folder whose page is a user's own: refused before the scoring, page kept
+    let site = tmp.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("index.html"), "<html>mine</html>").unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&missing_run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&site),
+    );
+    assert!(
+        !ok && err.contains("its index.html is not a gz report's"),
+        "{out}\n{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(site.join("index.html")).unwrap(),
+        "<html>mine</html>"
+    );
     // missing folders are created
     let deep = tmp.path().join("new").join("dir").join("sub.csv");
     let (ok, out, err) = support::run(

@@ -4,7 +4,7 @@
 //!
 //! The last stdout lines are `metrics: <path>` and `report: <path to index.html>`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use gz_eval::baselines::{format_table, CentralPixelConfig};
@@ -113,6 +113,29 @@ fn run_name(p: &std::path::Path) -> String {
         .unwrap_or_else(|| "run".into())
 }
 
+/// Refuses a `--report` folder whose `index.html` or `metrics.json` is not an earlier gz
+/// report's (a user's own page, a website's folder): a report replaces both. Anything else in
+/// the folder stays (`cargo xtask` keeps the submission and the test split's report there).
+fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
+    let ours = |name: &str, is_ours: &dyn Fn(&str) -> bool| -> anyhow::Result<()> {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) if !is_ours(&String::from_utf8_lossy(&bytes)) => bail!(
+                "--report {}: its {name} is not a gz report's, and a report would replace it: name a new folder \
+                 (or one holding an earlier report)",
+                dir.display()
+            ),
+            _ => Ok(()),
+        }
+    };
+    // every gz report's page shows its per-question chart
+    ours("index.html", &|text| text.contains("per_question.png"))?;
+    ours("metrics.json", &|text| {
+        serde_json::from_str::<serde_json::Value>(text)
+            .is_ok_and(|v| v.get("baselines").is_some() && v.get("model").is_some())
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
@@ -120,6 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = &args.report {
         // before the scoring, not after it
         super::check_output("--report", r, true)?;
+        check_report_folder(r)?;
     }
     if let Some(d) = &args.data {
         // a typo is not a dataset without the optional files: said before the scoring
