@@ -73,6 +73,10 @@ fn main() {
         // colour only on a terminal: a redirected stderr (a log file, CI, xtask's capture) gets
         // plain text, not escape codes
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // a warning reads like gz's other messages (`WARN ignoring …`), not like a log line
+        // with a timestamp and a module path (RUST_LOG=debug gives the module paths back)
+        .without_time()
+        .with_target(std::env::var_os("RUST_LOG").is_some())
         .init();
     tracing::debug!(
         mmap_threshold = ?malloc_tuned,

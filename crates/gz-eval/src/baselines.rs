@@ -311,12 +311,19 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
                 ),
             });
         }
-        tracing::warn!(
-            "no Bayes floor: {}'s expected fractions lack {} of the {} scored",
-            data_dir.display(),
-            ids.len() - covered,
-            rows(ids.len())
-        );
+        if unreadable {
+            tracing::warn!(
+                "no Bayes floor: an expected-fractions file of {} could not be read (above)",
+                data_dir.display()
+            );
+        } else {
+            tracing::warn!(
+                "no Bayes floor: {}'s expected fractions lack {} of the {} scored",
+                data_dir.display(),
+                ids.len() - covered,
+                rows(ids.len())
+            );
+        }
         return Ok(None);
     }
     let fj = data_dir.join("floor.json");

@@ -778,8 +778,13 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
             ));
         }
         return Err(refuse(format!(
-            "{}; a short submission is not written (fill those rows with the training mean explicitly with --fill-mean)",
-            why.join("; ")
+            "{}; {} is not written (fill those rows with the training mean explicitly with --fill-mean)",
+            why.join("; "),
+            if missing.is_empty() {
+                "a submission with such rows"
+            } else {
+                "a short submission"
+            }
         )));
     }
     Ok(out)

@@ -64,7 +64,7 @@ pub struct SourceArgs {
     #[arg(long = "run", required = true)]
     pub runs: Vec<PathBuf>,
     /// Shard cache directory (from `gz prep`); its test split is predicted.
-    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    #[arg(long, conflicts_with = "images")]
     pub cache: Option<PathBuf>,
     /// A JPEG, or a folder of JPEGs, preprocessed with each checkpoint's own config (an
     /// ensemble may mix input sizes and crops). Named <GalaxyID>.jpg: rows keyed by GalaxyID (as a submission);
@@ -147,6 +147,10 @@ pub struct Predicted {
 pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Predicted> {
     if src.batch == 0 {
         anyhow::bail!("--batch must be at least 1");
+    }
+    if src.cache.is_none() && src.images.is_none() {
+        // (said here rather than by the argument parser, which named --cache alone)
+        bail!("give --cache DIR (a shard cache's test split) or --images DIR (JPEGs) to predict");
     }
     let tta = src.tta.config()?;
     // before loading anything: one view of one checkpoint has nothing to spread

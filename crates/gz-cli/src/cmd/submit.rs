@@ -156,7 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             let sol = gz_schema::read_solutions(&labels).with_context(|| {
                 format!(
-                    "reading the training labels for --fill-mean from {} (--train-labels CSV names another file)",
+                    "reading the training labels for --fill-mean from {} (pass --train-labels CSV to read another file)",
                     labels.display()
                 )
             })?;
