@@ -212,7 +212,9 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
         let line = rec.position().map_or(0, |p| p.line());
         if first {
             first = false;
-            check_header(&rec, &expected, &mut rep);
+            if !check_header(&rec, &expected, &mut rep) {
+                return rep;
+            }
             continue;
         }
         if rec.len() == 1 && rec[0].trim().is_empty() {
@@ -330,7 +332,30 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
     rep
 }
 
-fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckReport) {
+/// Checks the header line; returns `false` when the rest of the file cannot be read as a
+/// submission at all (another separator: every row would repeat the problem, whole).
+fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckReport) -> bool {
+    if rec.len() == 1 {
+        if let Some((_, name)) = [('\t', "tab"), (';', "semicolon")]
+            .into_iter()
+            .find(|(c, _)| rec[0].matches(*c).count() + 1 >= expected.len())
+        {
+            rep.push(
+                ProblemKind::Header,
+                Some(1),
+                format!("the file is {name}-separated; a submission's fields are separated by commas"),
+            );
+            return false;
+        }
+    }
+    if rec.len() == expected.len() && rec.get(0).is_some_and(|f| f.trim().parse::<u64>().is_ok()) {
+        rep.push(
+            ProblemKind::Header,
+            Some(1),
+            "no header: line 1 is a data row; a submission starts with the line GalaxyID,Class1.1,…,Class11.6".into(),
+        );
+        return true;
+    }
     if rec.len() != expected.len() {
         rep.push(
             ProblemKind::Header,
@@ -362,6 +387,7 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
             );
         }
     }
+    true
 }
 
 /// GalaxyIDs of the test images in a folder: every `<id>.jpg` ([`crate::predict::list_jpegs`]),
@@ -454,7 +480,7 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
                 counts: BTreeMap::new(),
                 warnings: Vec::new(),
             };
-            check_header(&rec, &expected, &mut rep);
+            let _ = check_header(&rec, &expected, &mut rep);
             if let Some(p) = rep.problems.first() {
                 return Err(bad(1, p.message.clone()));
             }
@@ -913,6 +939,41 @@ mod tests {
         }
         s.push('\n');
         s
+    }
+
+    /// A tab- or semicolon-separated file is one problem, not one whole row per line; a file
+    /// without its header is one problem, not one per column.
+    #[test]
+    fn another_separator_or_no_header_is_one_problem() {
+        let rows = kaggle_rows(30, 5);
+        let text = |sep: &str, header: bool| {
+            let mut s = if header {
+                csv_header().replace(',', sep) + "\n"
+            } else {
+                String::new()
+            };
+            for (i, r) in rows.iter().enumerate() {
+                s.push_str(&(100 + i).to_string());
+                for v in r {
+                    s.push_str(&format!("{sep}{v}"));
+                }
+                s.push('\n');
+            }
+            s
+        };
+        for (sep, name) in [("\t", "tab"), (";", "semicolon")] {
+            let rep = check_bytes(text(sep, true).as_bytes(), Path::new("t.csv"), None);
+            assert_eq!(rep.total(), 1, "{}", rep.describe());
+            assert!(
+                rep.problems[0].message.contains(&format!("{name}-separated")),
+                "{}",
+                rep.describe()
+            );
+        }
+        let rep = check_bytes(text(",", false).as_bytes(), Path::new("t.csv"), None);
+        assert_eq!(rep.total(), 1, "{}", rep.describe());
+        assert!(rep.problems[0].message.contains("no header"), "{}", rep.describe());
+        assert!(check_bytes(text(",", true).as_bytes(), Path::new("t.csv"), None).is_ok());
     }
 
     /// Rows whose Class1 answers do not sum to about 1 (standard deviations, all zeros) get a
