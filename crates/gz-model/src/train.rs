@@ -415,9 +415,6 @@ pub fn train_on(
             out_dir.display()
         )));
     }
-    if !resume {
-        check_fresh_out_dir(out_dir)?;
-    }
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -448,6 +445,9 @@ pub fn train_on(
                 out_dir.display()
             )));
         }
+        // (with the lock held, after the check above: a run's folder, even one holding the
+        // user's predictions, is told to resume, and a live run's files are not in flux)
+        check_fresh_out_dir(out_dir)?;
         None
     };
 
@@ -952,10 +952,12 @@ fn remove_stale_temps(out_dir: &Path) {
 }
 
 /// Before a fresh run writes into `out_dir`: refuses a folder holding anything but what a run
-/// (or one killed before its first epoch) leaves there, so that a run never overwrites a
-/// user's `config.json`, a cache or a dataset. Allowed: [`RUN_FILES`] (`config.json` and
-/// `metrics.jsonl` only if they are a run's), their temporaries, the run lock and the notes
-/// `cargo xtask` writes before the run (`.xtask-*`).
+/// (or one killed before its first `last.json`) leaves there, so that a run never overwrites a
+/// user's `config.json`, nor lands in a cache or a dataset. Allowed: [`RUN_FILES`]
+/// (`config.json` and `metrics.jsonl` only if they are a run's), their staged next versions
+/// (`NAME.new`) and temporaries, hidden files (the run lock, the notes `cargo xtask` writes
+/// before the run, a desktop's `.DS_Store`: a run writes no hidden name but its own
+/// temporaries) and `Thumbs.db` / `desktop.ini`.
 fn check_fresh_out_dir(out_dir: &Path) -> Result<(), TrainError> {
     // (missing: nothing to check; a file where the folder goes, or no permission: found when
     // the folder is created)
@@ -979,7 +981,13 @@ fn check_fresh_out_dir(out_dir: &Path) -> Result<(), TrainError> {
         let ours = match name.as_str() {
             "config.json" => json(&name).is_some_and(|v| v.get("model").is_some() && v.get("seed").is_some()),
             "metrics.jsonl" => json(&name).is_some_and(|v| v.get("epoch").is_some()),
-            n => RUN_FILES.contains(&n) || is_run_temp(n) || n == RunLock::NAME || n.starts_with(".xtask-"),
+            n => {
+                RUN_FILES.iter().any(|f| n == *f || n.strip_suffix(".new") == Some(*f))
+                    || is_run_temp(n)
+                    || n.starts_with('.')
+                    || n == "Thumbs.db"
+                    || n == "desktop.ini"
+            }
         };
         if !ours {
             foreign.push(name);
@@ -1483,7 +1491,7 @@ mod tests {
         refused(&[("config.json", r#"{"mine": 1}"#)], "(config.json)");
         refused(&[("metrics.jsonl", "loss 0.1\n")], "(metrics.jsonl)");
         refused(
-            &[("a", ""), ("b", ""), ("c", ""), ("d", ""), ("last.json", "{}")],
+            &[("a", ""), ("b", ""), ("c", ""), ("d", ""), ("best.safetensors.new", "")],
             "holds 4 files that no training run wrote (a, b, c, …)",
         );
         // the leftovers of a run killed before its first epoch
@@ -1495,8 +1503,35 @@ mod tests {
         std::fs::write(dir.path().join(".xtask-train.json"), "{}").unwrap();
         std::fs::write(dir.path().join(".gz-train.lock"), "999999999").unwrap();
         std::fs::write(dir.path().join("last.safetensors.tmp123"), "").unwrap();
+        // killed after staging its first checkpoint, before its sidecar (kill point 0)
+        std::fs::write(dir.path().join("last.safetensors.new"), "").unwrap();
+        std::fs::write(dir.path().join(".DS_Store"), "").unwrap();
         train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
         assert!(!dir.path().join("last.safetensors.tmp123").exists());
+        // a finished run holding the user's predictions is a run to resume, not a foreign
+        // folder to leave
+        std::fs::write(dir.path().join("preds.csv"), "x").unwrap();
+        let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap_err();
+        assert!(
+            e.to_string().contains("already holds a training run; pass --resume"),
+            "{e}"
+        );
+        assert!(!dir.path().join(".gz-train.lock").exists(), "the lock is released");
+    }
+
+    /// A run killed at any step of its first checkpoint before `last.json` is written (staged
+    /// files beside it) is started again from scratch by a plain `gz train`.
+    #[test]
+    fn a_run_killed_in_its_first_checkpoint_starts_again() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        KILL_AFTER.with(|c| c.set(Some(1)));
+        let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap_err();
+        KILL_AFTER.with(|c| c.set(None));
+        assert!(e.to_string().contains("killed after checkpoint step 1"), "{e}");
+        assert!(dir.path().join("last.safetensors.new").exists() && !dir.path().join("last.json").exists());
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        assert!(dir.path().join("best.json").exists());
     }
 
     /// `--resume` refuses a run whose best checkpoint no longer matches its checksum.
