@@ -34,11 +34,22 @@ static SIGINT_CAUGHT: AtomicBool = AtomicBool::new(false);
 /// Whether the handler serves `gz prep` (its own stop line).
 static PREP: AtomicBool = AtomicBool::new(false);
 
+/// The signals the handler is installed for (bit 0 SIGINT, bit 1 SIGTERM).
+static INSTALLED: AtomicU32 = AtomicU32::new(0);
+
 /// The line the first stop request prints (see the module docs).
-fn stop_message(sig: i32, sigint_caught: bool) -> &'static [u8] {
-    if PREP.load(Ordering::SeqCst) {
-        return b"\ngz: stopping after the images being decoded; the unfinished cache is removed (Ctrl-C again to \
-                  quit at once)\n";
+fn stop_message(sig: i32, sigint_caught: bool, prep: bool) -> &'static [u8] {
+    if prep {
+        return if sig == libc::SIGINT {
+            b"\ngz: stopping after the images being decoded; the unfinished cache is removed (Ctrl-C again to \
+              quit at once)\n"
+        } else if sigint_caught {
+            b"\ngz: SIGTERM: stopping after the images being decoded; the unfinished cache is removed (further \
+              SIGTERMs change nothing; Ctrl-C twice quits at once)\n"
+        } else {
+            b"\ngz: SIGTERM: stopping after the images being decoded; the unfinished cache is removed (further \
+              SIGTERMs change nothing)\n"
+        };
     }
     if sig == libc::SIGINT {
         b"\ngz: stopping before the next training step (Ctrl-C again to quit at once)\n"
@@ -68,7 +79,7 @@ extern "C" fn on_signal(sig: libc::c_int) {
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok()
     {
-        let msg = stop_message(sig, SIGINT_CAUGHT.load(Ordering::SeqCst));
+        let msg = stop_message(sig, SIGINT_CAUGHT.load(Ordering::SeqCst), PREP.load(Ordering::SeqCst));
         // SAFETY: writing a static buffer to stderr; the result is irrelevant.
         unsafe {
             libc::write(2, msg.as_ptr().cast(), msg.len());
@@ -95,8 +106,11 @@ pub fn install() {
             libc::sigemptyset(&mut action.sa_mask);
             if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
                 tracing::warn!(sig, "cannot install the stop handler; the signal will kill gz at once");
-            } else if sig == libc::SIGINT {
-                SIGINT_CAUGHT.store(true, Ordering::SeqCst);
+            } else {
+                INSTALLED.fetch_or(if sig == libc::SIGINT { 1 } else { 2 }, Ordering::SeqCst);
+                if sig == libc::SIGINT {
+                    SIGINT_CAUGHT.store(true, Ordering::SeqCst);
+                }
             }
         }
     }
@@ -108,10 +122,60 @@ pub fn install_for_prep() {
     install();
 }
 
+/// Puts back the default disposition of the signals [`install`] took, so that from here a
+/// signal ends gz at once (`gz prep` after its decoding: nothing polls for a stop any more, and
+/// what is left, the summary or `--verify`'s read-only pass, loses nothing to a kill). A signal
+/// already received stays in [`requested`].
+pub fn restore_default() {
+    #[cfg(unix)]
+    for (bit, sig) in [(1, libc::SIGINT), (2, libc::SIGTERM)] {
+        if INSTALLED.fetch_and(!bit, Ordering::SeqCst) & bit != 0 {
+            // SAFETY: the default disposition is always valid.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            if sig == libc::SIGINT {
+                SIGINT_CAUGHT.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 /// The signal that asked to stop, if any.
 pub fn requested() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {
         0 => None,
         s => Some(s),
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::stop_message;
+
+    /// Each stop line names the signal's own way out: another Ctrl-C after a Ctrl-C; after a
+    /// SIGTERM, two Ctrl-Cs, or nothing when SIGINT is ignored; for training and for prep.
+    #[test]
+    fn stop_lines_say_what_ends_gz_at_once() {
+        for prep in [false, true] {
+            let what = if prep {
+                "the unfinished cache is removed"
+            } else {
+                "next training step"
+            };
+            let line = |sig, caught| String::from_utf8_lossy(stop_message(sig, caught, prep)).into_owned();
+            let int = line(libc::SIGINT, true);
+            assert!(
+                int.contains(what) && int.contains("Ctrl-C again") && !int.contains("SIGTERM"),
+                "{int}"
+            );
+            let term = line(libc::SIGTERM, true);
+            assert!(
+                term.contains(what) && term.contains("SIGTERM") && term.contains("Ctrl-C twice"),
+                "{term}"
+            );
+            let term = line(libc::SIGTERM, false);
+            assert!(term.contains(what) && !term.contains("Ctrl-C"), "{term}");
+        }
     }
 }

@@ -98,8 +98,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.threads = args.threads;
     opts.strict = args.strict;
     opts.rows_per_shard = args.rows_per_shard;
-    // Ctrl-C: stop after the chunk being decoded, the unfinished cache removed
-    crate::interrupt::install_for_prep();
+    // Ctrl-C or SIGTERM while decoding: stop after the chunk being decoded, the unfinished
+    // cache removed (outside the decoding a signal ends gz as usual)
     opts.stop_requested = Some(|| crate::interrupt::requested().is_some());
 
     let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -123,20 +123,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("warning: the cache {} is damaged ({e}); rebuilding it", dir.display());
         remove_cache(dir)
     };
-    let result = match gz_preprocess::run_with(&opts, &cfg, &progress) {
+    // a run with the stop handler in place; a stop ends gz with 128 + the signal, as a shell
+    // reports a process the signal ended (an `ExitCode` error: the message is printed here)
+    let run = || -> anyhow::Result<Result<gz_preprocess::RunSummary, gz_preprocess::PrepError>> {
+        crate::interrupt::install_for_prep();
+        let result = gz_preprocess::run_with(&opts, &cfg, &progress);
+        crate::interrupt::restore_default();
+        let Some(sig) = crate::interrupt::requested() else {
+            return Ok(result);
+        };
+        bar.finish_and_clear();
+        match &result {
+            Err(e @ gz_preprocess::PrepError::Interrupted { .. }) => eprintln!("gz prep: {e}"),
+            // the signal came after the last images were decoded: the cache is whole
+            Ok(s) => eprintln!(
+                "gz prep: stopped; the signal came after the last images, and the complete cache is kept: {}",
+                s.cache_dir.display()
+            ),
+            Err(e) => eprintln!("gz prep: stopped: {e}"),
+        }
+        Err(crate::ExitCode(128 + sig).into())
+    };
+    let result = match run()? {
         Err(gz_preprocess::PrepError::DamagedCache { dir, source }) if args.verify => {
             damaged(&dir, &source)?;
-            gz_preprocess::run_with(&opts, &cfg, &progress)
+            run()?
         }
         r => r,
     };
-    if let Err(e @ gz_preprocess::PrepError::Interrupted { .. }) = &result {
-        bar.finish_and_clear();
-        eprintln!("gz prep: {e}");
-        // 128 + the signal, as a shell reports a process the signal ended
-        let sig = crate::interrupt::requested().unwrap_or(libc::SIGINT);
-        return Err(crate::ExitCode(128 + sig).into());
-    }
     let mut summary = result
         .map_err(|e| {
             let in_cache = match &e {
@@ -158,8 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(n) => verified = Some(n),
             Err(e) => {
                 damaged(&summary.cache_dir, &e)?;
-                summary = gz_preprocess::run_with(&opts, &cfg, &progress)
-                    .with_context(|| format!("preprocessing {}", data.display()))?;
+                summary = run()?.with_context(|| format!("preprocessing {}", data.display()))?;
             }
         }
     }
