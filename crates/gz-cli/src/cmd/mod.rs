@@ -70,7 +70,8 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
 
 /// Where a write to `p` lands, absolute: symbolic links followed as the writers follow them
 /// (`gz_schema::write_atomic` replaces a link's target, even a target not made yet), the
-/// folder resolved where it exists, the path as written below a folder not made yet.
+/// longest existing ancestor resolved (links and `..` as the system resolves them) and the
+/// components below it, folders not made yet, folded as written (`..` taking one off).
 fn write_target(p: &std::path::Path) -> Option<std::path::PathBuf> {
     let mut p = std::path::absolute(p).ok()?;
     for _ in 0..16 {
@@ -83,22 +84,37 @@ fn write_target(p: &std::path::Path) -> Option<std::path::PathBuf> {
         }
     }
     let name = p.file_name()?.to_owned();
-    Some(match p.parent().map(std::path::Path::canonicalize) {
-        Some(Ok(dir)) => dir.join(name),
-        _ => p,
-    })
+    let mut base = p.parent()?.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    let resolved = loop {
+        if let Ok(dir) = base.canonicalize() {
+            break dir;
+        }
+        // (by component: a path ending in `..` has no file name)
+        rest.push(base.components().next_back()?.as_os_str().to_owned());
+        if !base.pop() {
+            return None;
+        }
+    };
+    let mut out = resolved;
+    for c in rest.iter().rev() {
+        match c.to_str() {
+            Some("..") => {
+                out.pop();
+            }
+            Some(".") => {}
+            _ => out.push(c),
+        }
+    }
+    out.push(name);
+    Some(out)
 }
 
 /// Whether writing to `a` would write `b`'s file: the same path under two spellings
-/// (`./p.csv`, `sub/../p.csv`, absolute), a symbolic link to it (made or not), or a hard link.
+/// (`./p.csv`, `sub/../p.csv`, absolute, through a linked folder) or a symbolic link to it
+/// (made or not). (A hard link is another name: the writers replace a name by a rename, so
+/// the other name keeps its content.)
 pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    #[cfg(unix)]
-    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-        use std::os::unix::fs::MetadataExt;
-        if (x.dev(), x.ino()) == (y.dev(), y.ino()) {
-            return true;
-        }
-    }
     a == b || matches!((write_target(a), write_target(b)), (Some(x), Some(y)) if x == y)
 }
 
@@ -304,9 +320,27 @@ mod tests {
         assert!(check(Path::new("x.csv"), false).is_ok());
         // a name longer than the file system allows (255 bytes on Linux): refused up front, with
         // the system's reason, not after the predictions were computed
-        let long = dir.path().join(format!("{}.csv", "a".repeat(300)));
-        let e = check(&long, false).unwrap_err();
-        assert!(e.contains("--out") && e.contains("too long"), "{e}");
+        #[cfg(unix)]
+        {
+            let long = dir.path().join(format!("{}.csv", "a".repeat(300)));
+            let e = check(&long, false).unwrap_err();
+            assert!(e.contains("--out") && e.contains("too long"), "{e}");
+        }
+    }
+
+    /// An output is inside a shard cache by where it lands: `..` out of the cache into
+    /// folders not made yet is outside, a folder not made yet inside it is inside.
+    #[test]
+    fn outputs_inside_a_cache_are_told_by_where_they_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        let check = |out: &Path| super::check_not_an_input("--out", out, &[], &[&cache], None);
+        assert!(check(&cache.join("../preds/new/p.csv")).is_ok());
+        assert!(check(&cache.join("new/../../p.csv")).is_ok());
+        let e = check(&cache.join("new/sub/p.csv")).unwrap_err().to_string();
+        assert!(e.contains("lies inside the shard cache"), "{e}");
+        assert!(check(&dir.path().join("x/../cache/p.csv")).is_err());
     }
 
     #[test]

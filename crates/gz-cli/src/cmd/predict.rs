@@ -759,8 +759,13 @@ mod tests {
             assert!(same_file(&dir.join("ll.csv"), &p));
             std::fs::write(&p, "x").unwrap();
             assert!(same_file(&link, &p));
+            // a hard link is another name: a write replaces one name, not the other's content
             std::fs::hard_link(&p, dir.join("h.csv")).unwrap();
-            assert!(same_file(&dir.join("h.csv"), &p));
+            assert!(!same_file(&dir.join("h.csv"), &p));
+            // a folder not made yet below a linked one, and `..` below it
+            std::os::unix::fs::symlink(dir.join("sub"), dir.join("lsub")).unwrap();
+            assert!(same_file(&dir.join("lsub/new/x.csv"), &dir.join("sub/new/x.csv")));
+            assert!(same_file(&dir.join("lsub/new/../x.csv"), &dir.join("sub/x.csv")));
             std::fs::write(dir.join("s.csv"), "x").unwrap();
             assert!(!same_file(&link, &dir.join("s.csv")));
         }
