@@ -153,11 +153,12 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
         source,
     })?;
     // the safetensors writer makes its file through a private temporary file (mode 0600):
-    // give it the mode every other file gz writes gets, 0666 less the umask
+    // give it the mode every other file gz writes gets, 0666 less the umask (where the umask
+    // cannot be read, the file keeps 0600: never looser than the user asked)
     #[cfg(unix)]
-    {
+    if let Some(mask) = umask() {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666 & !umask())).map_err(io_err(&tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666 & !mask)).map_err(io_err(&tmp))?;
     }
     let bytes = std::fs::read(&tmp).map_err(io_err(&tmp))?;
     let crc = crc32fast::hash(&bytes);
@@ -168,18 +169,21 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
     Ok(crc)
 }
 
-/// The process's file mode creation mask, read from `/proc/self/status` (Linux; reading it
-/// with umask(2) would change it for a moment under the other threads); 0o022 elsewhere.
+/// The process's file mode creation mask, read from `/proc/self/status` (Linux 4.7 and later;
+/// reading it with umask(2) would change it for a moment under the other threads); `None`
+/// where it cannot be read.
 #[cfg(unix)]
-fn umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
+fn umask() -> Option<u32> {
+    umask_in_status(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// The `Umask:` line of a `/proc/PID/status` text.
+#[cfg(unix)]
+fn umask_in_status(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8)
         .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
-            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
-        })
-        .unwrap_or(0o022)
-        & 0o777
+        .filter(|m| *m <= 0o777)
 }
 
 /// Where [`stage_tensors`] writes the next version of `path`: `NAME.new` beside it.
@@ -703,7 +707,11 @@ mod tests {
         std::fs::write(&csv, "x").unwrap();
         let usual = std::fs::metadata(&csv).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, usual, "{mode:o} vs {usual:o}");
-        assert_eq!(umask() & 0o777, umask());
+        // the parse itself, on other masks than the one this test runs under
+        assert_eq!(umask_in_status("Name:\tgz\nUmask:\t0027\nState:\tR\n"), Some(0o027));
+        assert_eq!(umask_in_status("Umask:\t0077"), Some(0o077));
+        assert_eq!(umask_in_status("Name:\tgz\n"), None);
+        assert_eq!(umask_in_status("Umask:\tx"), None);
     }
 
     /// The serial draw the parallel one must equal: one stream, value after value.
