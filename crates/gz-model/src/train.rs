@@ -1973,13 +1973,14 @@ mod tests {
         for t in temps {
             std::fs::write(dir.path().join(t), b"partial").unwrap();
         }
-        std::fs::write(dir.path().join("notes.tmp1"), b"mine").unwrap();
+        // (hidden: a fresh run takes a folder holding hidden files, and refuses other ones)
+        std::fs::write(dir.path().join(".notes.tmp1"), b"mine").unwrap();
         train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
         assert!(!lock.exists(), "the lock goes when the run ends");
         for t in temps {
             assert!(!dir.path().join(t).exists(), "{t} left behind");
         }
-        assert!(dir.path().join("notes.tmp1").exists(), "only gz's own temporaries go");
+        assert!(dir.path().join(".notes.tmp1").exists(), "only gz's own temporaries go");
     }
 
     #[test]
