@@ -422,11 +422,14 @@ fn cache_list_prune_and_remove() {
         out.contains("would keep") && out.contains("notes.txt") && out.contains("would remove"),
         "{out}"
     );
+    let (code, out, err) = cache_cmd(&["list", "--data", d, "--cache", r]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("notes.txt; kept by prune and remove"), "{out}");
     let (code, out, err) = cache_cmd(&["prune", "--data", d, "--cache", r]);
-    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(
-        err.contains("did not write (notes.txt)") && old.join("notes.txt").exists(),
-        "{err}"
+        out.contains("kept: ") && out.contains("notes.txt") && old.join("notes.txt").exists(),
+        "{out}"
     );
     assert!(!dead.exists(), "the rest is pruned: {out}");
     std::fs::remove_file(old.join("notes.txt")).unwrap();
@@ -465,6 +468,11 @@ fn cache_list_prune_and_remove() {
     let (code, _, err) = cache_cmd(&["list"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("--cache DIR"), "{err}");
+    // caches prep wrote into the dataset folder itself (`--cache` = `--data`) are listed there
+    let inside = cache_line(&prep(&["--data", d, "--cache", d, "--size", "16"]).1);
+    let (code, out, err) = cache_cmd(&["list", "--cache", d]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains(&*inside.file_name().unwrap().to_string_lossy()), "{out}");
 }
 
 /// A dataset under a path with spaces: the `gz cache prune` command that `gz prep` and `gz cache

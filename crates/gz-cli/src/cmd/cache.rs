@@ -113,7 +113,8 @@ fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
         .iter()
         .any(|d| root.join(d).is_dir())
         || root.join(gz_preprocess::dataset::SOLUTIONS_CSV).is_file();
-    if at.cache.is_some() && dataset_layout {
+    // (`gz prep --data D --cache D` writes caches into a dataset folder: such a root is listed)
+    if at.cache.is_some() && dataset_layout && inventory::scan_root(&root).map_or(true, |e| e.is_empty()) {
         anyhow::bail!(
             "{} is a dataset folder, not a cache root: pass it as --data (its caches are then found beside it, \
              or in the --cache root named with it)",
@@ -226,7 +227,9 @@ fn list(at: &Where) -> anyhow::Result<()> {
                         .map_or_else(|| "-".into(), |(_, sm)| sm.rows.to_string())
                 };
                 let st = standing(e, dataset.as_ref());
-                if matches!(st, Standing::Superseded) {
+                // (one holding files the writer did not write is kept by prune)
+                let foreign = inventory::foreign_files(&e.path);
+                if matches!(st, Standing::Superseded) && foreign.is_empty() {
                     n_prunable += 1;
                     prunable_bytes += e.bytes;
                 }
@@ -241,6 +244,12 @@ fn list(at: &Where) -> anyhow::Result<()> {
                 };
                 if skipped > 0 {
                     state.push_str(&format!(" ({skipped} input(s) skipped)"));
+                }
+                if !foreign.is_empty() {
+                    state.push_str(&format!(
+                        " (holds files the cache writer did not write: {}; kept by prune and remove)",
+                        foreign.join(", ")
+                    ));
                 }
                 (
                     rows("train"),
@@ -322,18 +331,19 @@ fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
             }
         };
         let Some(why) = why else { continue };
+        // a cache holding what the writer did not write is kept (`inventory::remove` refuses
+        // it): said, not counted as a failure
+        let foreign = inventory::foreign_files(&e.path);
+        if !foreign.is_empty() && !matches!(e.state, EntryState::Leftover { .. }) {
+            println!(
+                "{}: {} ({why}, but it holds files the cache writer did not write: {}; move them out to remove it)",
+                if dry_run { "would keep" } else { "kept" },
+                e.path.display(),
+                foreign.join(", ")
+            );
+            continue;
+        }
         if dry_run {
-            // (as `inventory::remove` would refuse it)
-            let foreign = inventory::foreign_files(&e.path);
-            if !foreign.is_empty() && !matches!(e.state, EntryState::Leftover { .. }) {
-                println!(
-                    "would keep: {} ({why}, but it holds files the cache writer did not write: {}; move them out \
-                     to remove it)",
-                    e.path.display(),
-                    foreign.join(", ")
-                );
-                continue;
-            }
             println!("would remove: {} ({}, {why})", e.path.display(), human_bytes(e.bytes));
         } else {
             match inventory::remove(&e.path) {
