@@ -972,6 +972,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         err.contains("skipped the test image images_test_rev1/999999.jpg") && err.contains("needs --fill-mean"),
         "{err}"
     );
+    assert!(!err.contains("predicting with"), "refused before predicting: {err}");
     let (ok, out, err) = submit_cache(true);
     assert!(
         ok && err.contains("filled with the training mean: 999999"),

@@ -175,13 +175,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             batch: args.batch,
             fill_mean: args.fill_mean,
         };
-        let p = predict(&src, None)?;
-        // Unreadable images (only allowed with --fill-mean) are missing rows here; the ids
-        // folder makes `write_submission` fill and list them.
-        let mean = args.fill_mean.then(|| p.train_mean.clone());
         if let (None, Some(cache)) = (&ids, &args.cache) {
             // no ids folder: the cache knows the test images, the ones prep skipped included
-            // (a short submission passed as complete)
+            // (a short submission passed as complete); said before predicting
             let (all, skipped) = cache_test_ids(cache)?;
             for (path, reason) in &skipped {
                 eprintln!(
@@ -193,8 +189,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     }
                 );
             }
+            if !skipped.is_empty() && !args.fill_mean {
+                bail!(
+                    "refusing to write submission {}: {} of the cache's test images could not be predicted (named \
+                     above); a short submission is not written (fill those rows with the training mean explicitly \
+                     with --fill-mean)",
+                    out.display(),
+                    skipped.len()
+                );
+            }
             ids = Some(all);
         }
+        let p = predict(&src, None)?;
+        // Unreadable images (only allowed with --fill-mean) are missing rows here; the ids
+        // folder makes `write_submission` fill and list them.
+        let mean = args.fill_mean.then(|| p.train_mean.clone());
         (p.rows, mean)
     } else {
         bail!("give --pred FILE, or --run RUN with --cache/--images, or --check FILE");
