@@ -359,6 +359,23 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         std::fs::read_to_string(site.join("index.html")).unwrap(),
         "<html>mine</html>"
     );
+    // ... or a folder of the user's figures named as a report's
+    let figures = tmp.path().join("figures");
+    std::fs::create_dir(&figures).unwrap();
+    std::fs::write(figures.join("spread.png"), "mine").unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&missing_run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&figures),
+    );
+    assert!(
+        !ok && err.contains("it holds spread.png but no earlier report"),
+        "{out}\n{err}"
+    );
     // missing folders are created
     let deep = tmp.path().join("new").join("dir").join("sub.csv");
     let (ok, out, err) = support::run(

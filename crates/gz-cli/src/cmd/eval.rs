@@ -113,27 +113,43 @@ fn run_name(p: &std::path::Path) -> String {
         .unwrap_or_else(|| "run".into())
 }
 
-/// Refuses a `--report` folder whose `index.html` or `metrics.json` is not an earlier gz
-/// report's (a user's own page, a website's folder): a report replaces both. Anything else in
-/// the folder stays (`cargo xtask` keeps the submission and the test split's report there).
+/// Refuses a `--report` folder that holds files a report would replace or remove
+/// (`index.html`, `metrics.json`, the charts, `gallery/`) when they are not an earlier gz
+/// report's: a user's own page or figures. Anything else in the folder stays (`cargo xtask`
+/// keeps the submission and the test split's report there).
 fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
-    let ours = |name: &str, is_ours: &dyn Fn(&str) -> bool| -> anyhow::Result<()> {
-        let path = dir.join(name);
-        match std::fs::read(&path) {
-            Ok(bytes) if !is_ours(&String::from_utf8_lossy(&bytes)) => bail!(
-                "--report {}: its {name} is not a gz report's, and a report would replace it: name a new folder \
-                 (or one holding an earlier report)",
-                dir.display()
-            ),
-            _ => Ok(()),
-        }
+    let read = |name: &str| {
+        std::fs::read(dir.join(name))
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
     };
     // every gz report's page shows its per-question chart
-    ours("index.html", &|text| text.contains("per_question.png"))?;
-    ours("metrics.json", &|text| {
-        serde_json::from_str::<serde_json::Value>(text)
+    let page = read("index.html").map(|t| t.contains("per_question.png"));
+    let metrics = read("metrics.json").map(|t| {
+        serde_json::from_str::<serde_json::Value>(&t)
             .is_ok_and(|v| v.get("baselines").is_some() && v.get("model").is_some())
-    })
+    });
+    let refuse = |what: &str| {
+        bail!(
+            "--report {}: {what}, and a report would replace it: name a new folder (or one holding an earlier report)",
+            dir.display()
+        )
+    };
+    for (name, ours) in [("index.html", page), ("metrics.json", metrics)] {
+        if ours == Some(false) {
+            return refuse(&format!("its {name} is not a gz report's"));
+        }
+    }
+    if page.is_none() && metrics.is_none() {
+        let taken: Vec<&str> = ["per_question.png", "learning_curve.png", "spread.png", "gallery"]
+            .into_iter()
+            .filter(|n| dir.join(n).exists())
+            .collect();
+        if !taken.is_empty() {
+            return refuse(&format!("it holds {} but no earlier report", taken.join(", ")));
+        }
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
