@@ -580,8 +580,6 @@ fn counts_of_one_are_singular_in_the_train_lines() {
     assert!(out.contains("done: 1 epoch,"), "{out}");
 }
 
-/// `--max-train` at or above the cache's image count uses every image: said, and the same run
-/// as without it (one started with it resumes without it).
 /// A cache whose path is not UTF-8 trains: the sidecar records that path, a hint in messages
 /// only, lossily (it failed to write the sidecar after the first epoch, leaving staged files).
 #[cfg(target_os = "linux")]
@@ -606,6 +604,8 @@ fn a_cache_path_that_is_not_utf8_trains() {
     assert_eq!(metrics(&run).len(), 1);
 }
 
+/// `--max-train` at or above the cache's image count uses every image: said, and the same run
+/// as without it (one started with it resumes without it).
 #[test]
 fn max_train_above_the_cache_is_all_images() {
     let tmp = support::tempdir();
