@@ -1083,13 +1083,15 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(tmp.path().join("spread_mix.csv")),
     );
     assert!(out.contains("8 rows"), "{out}");
-    // per-question spreads are not pooled over the two inputs yet: refused, saying so
-    let (ok, _, err) = support::run(
+    // the per-question spread pooled over the two inputs' groups too (it was refused)
+    gz_ok(
         support::gz()
             .args(["predict", "--conditional", "--run"])
             .arg(&run)
             .arg("--run")
             .arg(&run24)
+            .arg("--run")
+            .arg(&run)
             .arg("--images")
             .arg(&test_dir)
             .arg("--out")
@@ -1097,11 +1099,6 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg("--spread")
             .arg(tmp.path().join("q_mix_spread.csv")),
     );
-    assert!(
-        !ok && err.contains("not computed for an ensemble whose checkpoints take different inputs"),
-        "{err}"
-    );
-    assert!(!tmp.path().join("q_mix.csv").exists());
     let spread_mix = gz_schema::read_solutions(&tmp.path().join("spread_mix.csv")).unwrap();
     let (one, two, mix) = (
         gz_schema::read_solutions(&pred_j).unwrap(),
@@ -1121,6 +1118,31 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         let want = 2f32.sqrt() / 3.0 * (b - a).abs();
         assert!((sd - want).abs() < 1e-4, "{sd} vs {want}");
     }
+    // per question: the fractions of a, a and b around those of (2a + b) / 3, over the members
+    // that reach the question; empty where the ensemble's fractions are (or none reaches)
+    let q_spread = std::fs::read_to_string(tmp.path().join("q_mix_spread.csv")).unwrap();
+    let mut reached = 0;
+    for (i, line) in q_spread.lines().skip(1).enumerate() {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells[0], mix.ids[i].to_string());
+        let centre = gz_schema::conditional(mix.row(i));
+        let (fa, fb) = (gz_schema::conditional(one.row(i)), gz_schema::conditional(two.row(i)));
+        for (k, cell) in cells[1..].iter().enumerate() {
+            let members: Vec<f32> = [fa[k], fa[k], fb[k]].into_iter().flatten().collect();
+            let want = centre[k]
+                .filter(|_| !members.is_empty())
+                .map(|c| (members.iter().map(|f| (f - c).powi(2)).sum::<f32>() / members.len() as f32).sqrt());
+            match want {
+                None => assert!(cell.is_empty(), "row {i} answer {k}: {cell:?}"),
+                Some(w) => {
+                    let got: f32 = cell.parse().unwrap();
+                    assert!((got - w).abs() < 1e-4, "row {i} answer {k}: {got} vs {w}");
+                    reached += 1;
+                }
+            }
+        }
+    }
+    assert!(reached > 8 * 3, "{reached} cells");
 
     // images not named for a galaxy (an astronomer's own cutouts): rows named by file, the
     // same values as the same JPEGs under their GalaxyIDs; a submission refuses them

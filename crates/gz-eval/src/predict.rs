@@ -30,6 +30,8 @@ fn model_err(what: impl Into<String>) -> impl FnOnce(candle_core::Error) -> Eval
 pub struct Moments {
     pub mean: Vec<f32>,
     pub var: Option<Vec<f32>>,
+    /// With [`SpreadOf::ConditionalMoments`]: what the conditional spread is pooled from.
+    pub cond: Option<CondMoments>,
 }
 
 impl Moments {
@@ -38,7 +40,78 @@ impl Moments {
         if let (Some(v), Some(o)) = (&mut self.var, other.var) {
             v.extend(o);
         }
+        if let (Some(c), Some(o)) = (&mut self.cond, other.cond) {
+            c.n.extend(o.n);
+            c.mean.extend(o.mean);
+            c.m2.extend(o.m2);
+        }
     }
+}
+
+/// Per row and answer (row-major × 37), the moments of the per-question fractions
+/// ([`gz_schema::conditional`]) of the views' and members' predictions that reach the
+/// question: how many do (`n`), their mean and the sum of their squared deviations from it
+/// (`m2`; both NaN where none does). Groups of an ensemble predicted apart (checkpoints that
+/// take different inputs) pool them exactly into the conditional spread around the
+/// ensemble's own fractions ([`pooled_conditional_variance`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CondMoments {
+    pub n: Vec<f32>,
+    pub mean: Vec<f32>,
+    pub m2: Vec<f32>,
+}
+
+/// [`CondMoments`] of `all`'s predictions (each row-major × 37, `rows` rows).
+pub fn conditional_moments(all: &[Vec<f32>], rows: usize) -> CondMoments {
+    let cells = rows * N_ANSWERS;
+    let mut out = CondMoments {
+        n: vec![0.0; cells],
+        mean: vec![f32::NAN; cells],
+        m2: vec![f32::NAN; cells],
+    };
+    for r in 0..rows {
+        let range = r * N_ANSWERS..(r + 1) * N_ANSWERS;
+        let fractions: Vec<[Option<f32>; N_ANSWERS]> =
+            all.iter().map(|y| gz_schema::conditional(&y[range.clone()])).collect();
+        for a in 0..N_ANSWERS {
+            let v: Vec<f64> = fractions.iter().filter_map(|f| f[a]).map(f64::from).collect();
+            if v.is_empty() {
+                continue;
+            }
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            let m2: f64 = v.iter().map(|x| (x - mean).powi(2)).sum();
+            let i = r * N_ANSWERS + a;
+            out.n[i] = v.len() as f32;
+            out.mean[i] = mean as f32;
+            out.m2[i] = m2 as f32;
+        }
+    }
+    out
+}
+
+/// The conditional spread (variance) of one row around `centre` (the ensemble's per-question
+/// fractions, [`gz_schema::conditional`] of its averaged row) from the groups' moments `parts`
+/// (each `(n, mean, m2)`, 37 values apiece): Σ over groups of `m2 + n·(mean − centre)²`, over
+/// Σ n. NaN where the centre is empty or no prediction reaches the question, as
+/// [`conditional_variance`], which this equals for one group.
+pub fn pooled_conditional_variance(parts: &[(&[f32], &[f32], &[f32])], centre: &[Option<f32>]) -> Vec<f32> {
+    (0..N_ANSWERS)
+        .map(|a| {
+            let Some(c) = centre[a] else { return f32::NAN };
+            let (mut n, mut ss) = (0f64, 0f64);
+            for (pn, pmean, pm2) in parts {
+                if pn[a] > 0.0 {
+                    n += f64::from(pn[a]);
+                    ss += f64::from(pm2[a]) + f64::from(pn[a]) * (f64::from(pmean[a]) - f64::from(c)).powi(2);
+                }
+            }
+            if n > 0.0 {
+                (ss / n) as f32
+            } else {
+                f32::NAN
+            }
+        })
+        .collect()
 }
 
 /// Predicts one batch of f16 C×H×W images (row-major, `n` images) → `n × 37` f32.
@@ -62,6 +135,9 @@ pub enum SpreadOf {
     /// each view's and member's from the average's, over those that reach the question (NaN
     /// where none does, or the average does not).
     Conditional,
+    /// The [`CondMoments`] a conditional spread is pooled from (in [`Moments::cond`]; no
+    /// `var`): for the groups of an ensemble predicted apart.
+    ConditionalMoments,
 }
 
 /// [`predict_batch`], with the spread of the views' and members' predictions when asked for.
@@ -102,7 +178,7 @@ pub fn predict_batch_moments(
                 check(&y)?;
                 Ok(Moments {
                     mean: values(y)?,
-                    var: None,
+                    ..Moments::default()
                 })
             }
             Some(SpreadOf::Kaggle) => {
@@ -111,6 +187,7 @@ pub fn predict_batch_moments(
                 Ok(Moments {
                     mean: values(y)?,
                     var: Some(values(var)?),
+                    cond: None,
                 })
             }
             Some(SpreadOf::Conditional) => {
@@ -121,6 +198,17 @@ pub fn predict_batch_moments(
                 Ok(Moments {
                     var: Some(conditional_variance(&mean, &all)),
                     mean,
+                    cond: None,
+                })
+            }
+            Some(SpreadOf::ConditionalMoments) => {
+                let (y, all) = predict_tta_views(model, &x, tta)?;
+                check(&y)?;
+                let all = all.into_iter().map(values).collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Moments {
+                    mean: values(y)?,
+                    var: None,
+                    cond: Some(conditional_moments(&all, n)),
                 })
             }
         }
@@ -178,7 +266,10 @@ pub fn predict_split(
     let batch = batch.max(1);
     let mut out = Moments {
         mean: Vec::new(),
-        var: spread.map(|_| Vec::new()),
+        var: spread
+            .filter(|s| *s != SpreadOf::ConditionalMoments)
+            .map(|_| Vec::new()),
+        cond: (spread == Some(SpreadOf::ConditionalMoments)).then(CondMoments::default),
     };
     match rows {
         None => {
@@ -392,7 +483,11 @@ pub fn predict_jpegs(
     }
     let per = shape.iter().product::<usize>();
     let mut sol = Solutions::new();
-    let mut var = spread.map(|_| Solutions::new());
+    let mut var = spread
+        .filter(|s| *s != SpreadOf::ConditionalMoments)
+        .map(|_| Solutions::new());
+    let mut cond =
+        (spread == Some(SpreadOf::ConditionalMoments)).then(|| [Solutions::new(), Solutions::new(), Solutions::new()]);
     let mut failures = Vec::new();
     let mut batch_keys = Vec::new();
     let mut buf: Vec<f16> = Vec::new();
@@ -428,7 +523,12 @@ pub fn predict_jpegs(
                 let row = k * N_ANSWERS..(k + 1) * N_ANSWERS;
                 sol.push(*key, &y.mean[row.clone()]);
                 if let (Some(var), Some(v)) = (&mut var, &y.var) {
-                    var.push(*key, &v[row]);
+                    var.push(*key, &v[row.clone()]);
+                }
+                if let (Some([n, mean, m2]), Some(c)) = (&mut cond, &y.cond) {
+                    n.push(*key, &c.n[row.clone()]);
+                    mean.push(*key, &c.mean[row.clone()]);
+                    m2.push(*key, &c.m2[row]);
                 }
             }
         }
@@ -438,6 +538,7 @@ pub fn predict_jpegs(
     Ok(JpegPredictions {
         rows: sol,
         var,
+        cond,
         failures,
     })
 }
@@ -449,6 +550,9 @@ pub struct JpegPredictions {
     pub rows: Solutions,
     /// With `spread`: the variance of each row's views' and members' predictions, same keys.
     pub var: Option<Solutions>,
+    /// With [`SpreadOf::ConditionalMoments`]: the [`CondMoments`] `n`, `mean` and `m2` of each
+    /// row, same keys.
+    pub cond: Option<[Solutions; 3]>,
     /// The images that could not.
     pub failures: Vec<Failure>,
 }
@@ -605,6 +709,85 @@ mod tests {
         bad[0] = f32::NAN;
         let v = conditional_variance(&mean, &[bad, b]);
         assert!(v[0].is_nan() && v[1].is_nan() && !v[3].is_nan());
+    }
+
+    /// The conditional spread pooled from groups' moments equals the one computed over all
+    /// predictions at once, for any split into groups (one group included), around the
+    /// ensemble's fractions; NaN where the centre or every prediction misses the question.
+    #[test]
+    fn pooled_conditional_variance_equals_the_direct_one() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        // Kaggle-like rows: each question splits its parent answer at random
+        let rows = 3;
+        let all: Vec<Vec<f32>> = (0..7)
+            .map(|_| {
+                (0..rows)
+                    .flat_map(|_| {
+                        let mut row = vec![0f32; N_ANSWERS];
+                        for (qi, q) in gz_schema::QUESTIONS.iter().enumerate() {
+                            let target = gz_schema::question_target(&row, qi);
+                            let w: Vec<f32> = q.answers().map(|_| next() + 0.01).collect();
+                            let total: f32 = w.iter().sum();
+                            for (i, w) in q.answers().zip(&w) {
+                                row[i] = target * w / total;
+                            }
+                        }
+                        row
+                    })
+                    .collect()
+            })
+            .collect();
+        let mean: Vec<f32> = (0..rows * N_ANSWERS)
+            .map(|i| all.iter().map(|y| y[i]).sum::<f32>() / all.len() as f32)
+            .collect();
+        let direct = conditional_variance(&mean, &all);
+        let mut compared = 0;
+        for split in [vec![7], vec![3, 4], vec![1, 2, 4], vec![6, 1]] {
+            let mut groups = Vec::new();
+            let mut start = 0;
+            for k in split {
+                groups.push(conditional_moments(&all[start..start + k], rows));
+                start += k;
+            }
+            for r in 0..rows {
+                let cells = r * N_ANSWERS..(r + 1) * N_ANSWERS;
+                let parts: Vec<(&[f32], &[f32], &[f32])> = groups
+                    .iter()
+                    .map(|g| (&g.n[cells.clone()], &g.mean[cells.clone()], &g.m2[cells.clone()]))
+                    .collect();
+                let pooled = pooled_conditional_variance(&parts, &gz_schema::conditional(&mean[cells.clone()]));
+                for (a, (p, d)) in pooled.iter().zip(&direct[cells.clone()]).enumerate() {
+                    assert!(
+                        (p.is_nan() && d.is_nan()) || (p - d).abs() < 1e-6,
+                        "row {r} answer {a}: pooled {p} vs direct {d}"
+                    );
+                    compared += usize::from(!d.is_nan() && *d > 1e-4);
+                }
+            }
+        }
+        assert!(compared > 100, "{compared}");
+        // nobody reaches the question, or the centre does not: NaN
+        let zero = (
+            &[0f32; N_ANSWERS][..],
+            &[f32::NAN; N_ANSWERS][..],
+            &[f32::NAN; N_ANSWERS][..],
+        );
+        assert!(pooled_conditional_variance(&[zero], &[Some(0.5); N_ANSWERS])
+            .iter()
+            .all(|v| v.is_nan()));
+        let one = (&[1f32; N_ANSWERS][..], &[0.5f32; N_ANSWERS][..], &[0f32; N_ANSWERS][..]);
+        assert!(pooled_conditional_variance(&[one], &[None; N_ANSWERS])
+            .iter()
+            .all(|v| v.is_nan()));
+        assert!(pooled_conditional_variance(&[one], &[Some(0.25); N_ANSWERS])
+            .iter()
+            .all(|v| (v - 0.0625).abs() < 1e-7));
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use gz_eval::predict::{keys_for, list_jpegs, predict_jpegs, predict_split, Failure, JpegPredictions, SpreadOf};
+use gz_eval::predict::{
+    keys_for, list_jpegs, pooled_conditional_variance, predict_jpegs, predict_split, Failure, JpegPredictions, SpreadOf,
+};
 use gz_eval::tta::{Ensemble, Predictor, TtaConfig};
 use gz_model::checkpoint::LoadedModel;
 use gz_schema::Solutions;
@@ -291,15 +293,14 @@ fn predict_folder(
         warn_greyscale(grey);
         return Ok((out, keys.names));
     }
-    if spread == Some(SpreadOf::Conditional) {
-        // each group's deviations are around its own average's fractions, not the pooled one's
-        bail!(
-            "--spread with --conditional is not computed for an ensemble whose checkpoints take different inputs \
-             ({} here) yet: drop --conditional (the spread of Kaggle's fractions is pooled exactly), or predict \
-             each input's checkpoints apart",
-            groups.len()
-        );
-    }
+    // a conditional spread is around the whole ensemble's fractions, known only at the end:
+    // each group gives the moments of its predictions' fractions, pooled exactly below
+    let conditional = spread == Some(SpreadOf::Conditional);
+    let group_spread = if conditional {
+        Some(SpreadOf::ConditionalMoments)
+    } else {
+        spread
+    };
     eprintln!(
         "the ensemble takes {} different inputs: the images are prepared and predicted once for each",
         groups.len()
@@ -308,11 +309,21 @@ fn predict_folder(
     let mut sum: std::collections::HashMap<u64, (Vec<f32>, usize)> = std::collections::HashMap::new();
     // with the spread: each group's (members, mean, variance) per row, pooled at the end
     let mut parts: std::collections::HashMap<u64, Vec<GroupMoments>> = std::collections::HashMap::new();
+    // with the conditional spread: each group's (n, mean, m2) of the fractions per row
+    let mut cond_parts: std::collections::HashMap<u64, Vec<[Vec<f32>; 3]>> = std::collections::HashMap::new();
     let mut failures: Vec<Failure> = Vec::new();
     let mut failed_paths: std::collections::HashSet<std::path::PathBuf> = std::collections::HashSet::new();
     for (gi, group) in groups.iter().enumerate() {
         let what = format!("predict ({}/{})", gi + 1, groups.len());
-        let (out, grey) = predict_group(group, &paths, &keys.keys, tta, batch, device, spread, &what)?;
+        let (out, grey) = predict_group(group, &paths, &keys.keys, tta, batch, device, group_spread, &what)?;
+        if let Some([n, mean, m2]) = &out.cond {
+            for (i, &id) in n.ids.iter().enumerate() {
+                cond_parts
+                    .entry(id)
+                    .or_default()
+                    .push([n.row(i).to_vec(), mean.row(i).to_vec(), m2.row(i).to_vec()]);
+            }
+        }
         let (rows, failed) = (out.rows, out.failures);
         if let Some(var) = &out.var {
             for (i, &id) in var.ids.iter().enumerate() {
@@ -347,12 +358,28 @@ fn predict_folder(
         if let Some((acc, n)) = sum.get(&key).filter(|(_, n)| *n == models.len()) {
             let row: Vec<f32> = acc.iter().map(|v| v / *n as f32).collect();
             if let Some(var) = &mut var {
-                var.push(key, &pooled_variance(&parts[&key], &row));
+                if conditional {
+                    let p: Vec<(&[f32], &[f32], &[f32])> = cond_parts[&key]
+                        .iter()
+                        .map(|[n, mean, m2]| (n.as_slice(), mean.as_slice(), m2.as_slice()))
+                        .collect();
+                    var.push(key, &pooled_conditional_variance(&p, &gz_schema::conditional(&row)));
+                } else {
+                    var.push(key, &pooled_variance(&parts[&key], &row));
+                }
             }
             rows.push(key, &row);
         }
     }
-    Ok((JpegPredictions { rows, var, failures }, keys.names))
+    Ok((
+        JpegPredictions {
+            rows,
+            var,
+            cond: None,
+            failures,
+        },
+        keys.names,
+    ))
 }
 
 /// A spread CSV cell: the standard deviation of a variance (a rounding hair below 0 is 0; a
