@@ -114,6 +114,28 @@ fn kaggle_layout_and_valid_labels() {
     assert!(f > 0.01 && f < 0.2, "floor {f}");
 }
 
+/// A thread count no machine has is refused at once, for synth and prep (100,000 threads ran
+/// for a quarter of an hour on 3 images and loaded the machine to a load average of 1,000).
+#[test]
+fn absurd_thread_counts_are_refused_at_once() {
+    let dir = support::tempdir();
+    support::gz_bin(); // (built before the clock starts)
+    for args in [
+        vec!["synth", "--train", "3", "--test", "3", "--threads", "100000", "--out"],
+        vec!["prep", "--threads", "5000", "--data"],
+    ] {
+        let t = std::time::Instant::now();
+        let (ok, _, stderr) = support::run(support::gz().args(&args).arg(dir.path().join("d")));
+        assert!(!ok && stderr.contains("at most 1024"), "{args:?}: {stderr}");
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "{args:?}: refused only after {:?}",
+            t.elapsed()
+        );
+    }
+    assert!(!dir.path().join("d").exists());
+}
+
 #[test]
 fn gz_synth_binary_end_to_end() {
     let dir = support::tempdir();

@@ -157,6 +157,12 @@ impl SynthConfig {
                 self.min_volunteers, self.max_volunteers
             ));
         }
+        if self.threads > 1024 {
+            return bad(format!(
+                "at most 1024 worker threads (got {}): each is an operating-system thread",
+                self.threads
+            ));
+        }
         if self.max_volunteers > MAX_VOLUNTEERS {
             return bad(format!(
                 "at most {MAX_VOLUNTEERS} volunteers per galaxy (got max {}): each one is simulated",

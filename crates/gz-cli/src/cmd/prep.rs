@@ -54,6 +54,7 @@ fn parse_filter(s: &str) -> Result<Filter, String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    super::check_threads(args.threads)?;
     let Some(data) = args.data.clone() else {
         if args.verify {
             let dir = args
@@ -92,9 +93,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         filter: args.filter,
     };
     let mut opts = RunOptions::new(&data, &cache_root);
-    if args.threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
-    }
     opts.threads = args.threads;
     opts.strict = args.strict;
     opts.rows_per_shard = args.rows_per_shard;

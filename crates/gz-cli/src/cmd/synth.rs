@@ -135,9 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         threads: args.threads.unwrap_or(0),
         generator: gz_synth::GENERATOR,
     };
-    if args.threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
+    super::check_threads(args.threads)?;
     // a config that cannot be generated is refused before the folder is created or locked
     cfg.validate()?;
     // held until the dataset is complete (dropped at the end of this function)
