@@ -212,6 +212,24 @@ fn gz_synth_binary_end_to_end() {
     assert!(ok, "{stderr}");
     assert!(out.join("synth.json").exists() && !out.join("synth.in-progress").exists());
 
+    // --force never removes what gz synth did not write inside the image folders (it emptied
+    // them): refused, naming them, before anything is removed
+    std::fs::write(out.join("images_training_rev1/README.txt"), "notes").unwrap();
+    std::fs::create_dir(out.join("images_test_rev1/keep")).unwrap();
+    // (`other` holds --force since above)
+    let (ok, _, stderr) = support::run(&mut other);
+    assert!(
+        !ok && stderr
+            .contains("holds 2 files gz synth did not write (images_test_rev1/keep/, images_training_rev1/README.txt)"),
+        "{stderr}"
+    );
+    assert!(out.join("synth.json").exists() && out.join("images_training_rev1/README.txt").exists());
+    assert_eq!(
+        sorted_names(&out.join("images_training_rev1")).len(),
+        6,
+        "nothing removed"
+    );
+
     // bad arguments are clear errors
     let mut bad = support::gz();
     bad.args(["synth", "--out"])

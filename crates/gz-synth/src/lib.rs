@@ -220,6 +220,9 @@ pub struct Floor {
 /// Errors of the generator.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
+    /// The output folder holds what gz synth must not remove.
+    #[error("{0}")]
+    Refused(String),
     /// The config cannot be generated.
     #[error("bad synth config: {reason}")]
     BadConfig {
@@ -399,8 +402,52 @@ pub fn missing_files(dir: &Path, cfg: &SynthConfig) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Removes what [`generate`] writes in `dir` (and nothing else).
+/// What the image folders of `dir` hold that [`generate`] does not write (names relative to
+/// `dir`, sorted; a folder's with a trailing `/`): anything but `<GalaxyID>.jpg` files and
+/// generator temporaries.
+pub fn foreign_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for folder in [TRAIN_DIR, TEST_DIR] {
+        let Ok(entries) = std::fs::read_dir(dir.join(folder)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_file = e.file_type().is_ok_and(|t| t.is_file());
+            let ours = is_file
+                && (is_temp_name(&name)
+                    || name
+                        .strip_suffix(".jpg")
+                        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())));
+            if !ours {
+                out.push(format!("{folder}/{name}{}", if is_file { "" } else { "/" }));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Removes what [`generate`] writes in `dir` (and nothing else). Refuses, before removing
+/// anything, when the image folders hold other files ([`foreign_files`]): they would go with
+/// the folders.
 pub fn clean(dir: &Path) -> Result<(), SynthError> {
+    let foreign = foreign_files(dir);
+    if !foreign.is_empty() {
+        let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+        return Err(SynthError::Refused(format!(
+            "{} holds {} gz synth did not write ({}{}): nothing was removed; move {} out first",
+            dir.display(),
+            if foreign.len() == 1 {
+                "a file".to_string()
+            } else {
+                format!("{} files", foreign.len())
+            },
+            shown.join(", "),
+            if foreign.len() > 3 { ", …" } else { "" },
+            if foreign.len() == 1 { "it" } else { "them" }
+        )));
+    }
     for p in output_paths(dir) {
         let r = if p.is_dir() {
             std::fs::remove_dir_all(&p)
