@@ -50,6 +50,47 @@ pub struct Scan {
     pub key: String,
 }
 
+/// How far a question's answers may sum from their target ([`gz_schema::check_row`]) before
+/// a label row counts as breaking the decision tree: Kaggle's labels are written with about 6
+/// decimals and hold to 1e-6; this leaves room for files rounded to 2 decimals.
+pub const TREE_TOLERANCE: f32 = 0.02;
+
+/// Checks that the labels are Kaggle's vote fractions, whose every question sums to the answer
+/// leading to it (Q1 and Q6 to 1): a file where more than 1 % of the rows (and more than one)
+/// break that is refused, naming the first rows and what they break (per-question fractions,
+/// as Galaxy Zoo catalogues publish them, or another table); a few rows are a warning.
+pub fn check_tree(sol: &gz_schema::Solutions, csv: &Path) -> Result<(), PrepError> {
+    let mut bad: Vec<String> = Vec::new();
+    let mut n = 0usize;
+    for i in 0..sol.len() {
+        let v = gz_schema::check_row(sol.row(i), TREE_TOLERANCE);
+        if let Some(first) = v.first() {
+            n += 1;
+            if bad.len() < 3 {
+                bad.push(format!("GalaxyID {}: {first}", sol.ids[i]));
+            }
+        }
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let what = format!(
+        "{}: {n} of {} label rows break the decision tree (e.g. {})",
+        csv.display(),
+        sol.len(),
+        bad.join("; ")
+    );
+    if n > 1 && n * 100 > sol.len() {
+        return Err(PrepError::NoInput(format!(
+            "{what}: these are not Kaggle's vote fractions, whose answers to each question sum to the answer \
+             that leads to it (per-question fractions, as Galaxy Zoo catalogues give them, sum to 1 in every \
+             question); gz trains on Kaggle's"
+        )));
+    }
+    tracing::warn!("{what}; kept as they are");
+    Ok(())
+}
+
 /// Scans `dir` (see module docs).
 pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
     let csv = dir.join(SOLUTIONS_CSV);
@@ -106,6 +147,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         hasher.update(b"csv\n");
         hasher.update(&bytes);
         let sol = gz_schema::read_solutions(&csv)?;
+        check_tree(&sol, &csv)?;
         let files = list_dir(&train_dir, &mut hasher, "train", &mut skipped)?;
         // GalaxyID → the file's own name (which may differ from "<id>.jpg": leading zeros)
         let mut present: HashMap<u64, String> = HashMap::new();

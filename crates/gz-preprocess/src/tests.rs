@@ -920,6 +920,43 @@ fn a_stop_request_ends_the_run_and_leaves_nothing() {
     assert_eq!(run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap().test, n);
 }
 
+/// Labels that break the decision tree in more than a stray row (per-question fractions, a
+/// table of ones) are refused, naming a row and the question; one stray row is let through
+/// (with a warning).
+#[test]
+fn labels_that_break_the_tree_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let csv = data.join(dataset::SOLUTIONS_CSV);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let ones = |line: &str| {
+        let id = line.split(',').next().unwrap().to_string();
+        std::iter::once(id)
+            .chain(std::iter::repeat_n("1".to_string(), 37))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let with_ones = |rows: usize| {
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        for l in lines.iter_mut().skip(1).take(rows) {
+            *l = ones(l);
+        }
+        lines.join("\n") + "\n"
+    };
+    std::fs::write(&csv, with_ones(2)).unwrap();
+    let e = run(&data, &t.path().join("c"), &PrepConfig::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("2 of 3 label rows break the decision tree") && e.to_string().contains("sum(Q1) = 3"),
+        "{e}"
+    );
+    assert!(!t.path().join("c").exists(), "refused before anything was written");
+    std::fs::write(&csv, with_ones(1)).unwrap();
+    run(&data, &t.path().join("c"), &PrepConfig::default()).unwrap();
+    // the real labels hold to the tree
+    let real = gz_schema::read_solutions(&fixtures().join("kaggle-mini").join(dataset::SOLUTIONS_CSV)).unwrap();
+    dataset::check_tree(&real, Path::new("x.csv")).unwrap();
+}
+
 #[test]
 fn no_dataset_is_an_error() {
     let t = tempfile::tempdir().unwrap();
