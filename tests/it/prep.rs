@@ -578,3 +578,48 @@ fn add_a_test_image(data: &Path) {
         .path();
     std::fs::copy(&img, data.join("images_test_rev1/999999.jpg")).unwrap();
 }
+
+/// The small things said or refused up front: an unfinished synthetic set is not prepared; a
+/// cache without training images is noted; `--rows-per-shard` on an existing cache is said to
+/// change nothing; `gz synth --out` a file and `gz bench-train --warmup` beyond reason are clear
+/// errors.
+#[test]
+fn small_refusals_and_notes() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let (d, c) = (data.to_str().unwrap(), t.path().join("cache"));
+    let c = c.to_str().unwrap();
+    // an interrupted gz synth: its mark, no synth.json
+    std::fs::write(data.join("synth.in-progress"), "x").unwrap();
+    let (code, out, err) = prep(&["--data", d, "--cache", c, "--size", "16"]);
+    assert!(
+        code == Some(1) && err.contains("gz synth did not finish"),
+        "{out}\n{err}"
+    );
+    std::fs::remove_file(data.join("synth.in-progress")).unwrap();
+    let (code, out, err) = prep(&["--data", d, "--cache", c, "--size", "16"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = prep(&["--data", d, "--cache", c, "--size", "16", "--rows-per-shard", "2"]);
+    assert!(
+        code == Some(0) && err.contains("--rows-per-shard 2 is not applied"),
+        "{out}\n{err}"
+    );
+    // a dataset whose labels name no image it has: a cache without training images
+    let empty = mini(&t.path().join("e"));
+    for e in std::fs::read_dir(empty.join("images_training_rev1")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let (_, out, err) = prep(&["--data", empty.to_str().unwrap(), "--cache", c, "--size", "16"]);
+    assert!(err.contains("the cache holds no training images"), "{out}\n{err}");
+
+    let file = t.path().join("afile");
+    std::fs::write(&file, "x").unwrap();
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["synth", "--train", "1", "--test", "1", "--out"])
+            .arg(&file),
+    );
+    assert!(!ok && err.contains("exists and is not a folder"), "{err}");
+    let (ok, _, err) = support::run(support::gz().args(["bench-train", "--model", "tiny", "--warmup", "100000000000"]));
+    assert!(!ok && err.contains("--warmup 100000000000: at most"), "{err}");
+}

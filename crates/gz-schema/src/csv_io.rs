@@ -146,9 +146,16 @@ pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<S
     };
     let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
     if header.len() != expected.len() {
+        // one field holding the columns with another separator between them
+        let sep = [('\t', "tab"), (';', "semicolon")]
+            .into_iter()
+            .find(|(c, _)| header.len() == 1 && header[0].matches(*c).count() + 1 >= expected.len());
         return Err(SchemaError::Header {
             path: path.to_path_buf(),
-            reason: format!("expected {} columns, found {}", expected.len(), header.len()),
+            reason: match sep {
+                Some((_, name)) => format!("the file is {name}-separated; the columns must be separated by commas"),
+                None => format!("expected {} columns, found {}", expected.len(), header.len()),
+            },
         });
     }
     for (i, (got, want)) in header.iter().zip(&expected).enumerate() {
@@ -478,6 +485,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("symbolic links"));
+    }
+
+    /// A labels file separated by semicolons or tabs says so, not "expected 38 columns, found 1".
+    #[test]
+    fn another_separator_is_named() {
+        for (sep, name) in [(";", "semicolon"), ("\t", "tab")] {
+            let text = crate::csv_header().replace(',', sep) + "\n";
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(&format!("the file is {name}-separated")), "{e}");
+        }
+        assert!(parse("GalaxyID,Class1.1\n")
+            .unwrap_err()
+            .to_string()
+            .contains("expected 38 columns, found 2"));
     }
 
     /// A staged file is not in place until committed, and dropped uncommitted it leaves

@@ -77,7 +77,16 @@ pub struct Args {
     pipelined: bool,
 }
 
+/// Most timed or warm-up steps: a measurement, not a training run (a mistyped count ran on
+/// for ever).
+const MAX_STEPS: usize = 1_000_000;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    for (flag, n) in [("--steps", args.steps), ("--warmup", args.warmup)] {
+        if n > MAX_STEPS {
+            anyhow::bail!("{flag} {n}: at most {MAX_STEPS} (a benchmark, not a training run)");
+        }
+    }
     let model = super::train::model_config(&args.model, args.output.as_deref())?;
     let precision = Precision::from_name(&args.precision)
         .with_context(|| format!("unknown --precision {:?}: expected f32 or bf16", args.precision))?;

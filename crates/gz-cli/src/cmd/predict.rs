@@ -264,7 +264,20 @@ fn predict_folder(
         list_jpegs(dir)?
     };
     if paths.is_empty() {
-        bail!("no .jpg files in {}", dir.display());
+        let sub = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_type().is_ok_and(|t| t.is_dir()));
+        bail!(
+            "no .jpg files in {}{}",
+            dir.display(),
+            if sub {
+                " (images are read from the top level of the folder only, not from its subfolders)"
+            } else {
+                ""
+            }
+        );
     }
     let keys = keys_for(&paths)?;
     if let Some(names) = &keys.names {

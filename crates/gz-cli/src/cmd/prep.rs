@@ -67,6 +67,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         anyhow::bail!("--data DIR is required (or --verify --cache CACHE_DIR)");
     };
+    if data.join(gz_synth::IN_PROGRESS).is_file() && !data.join(gz_synth::SYNTH_JSON).is_file() {
+        // its images and labels may be partial: a cache of them would pass for the dataset
+        anyhow::bail!(
+            "{} is a synthetic dataset gz synth did not finish ({} is there, {} is not): run the same `gz synth` \
+             again (with --force) before preparing it",
+            data.display(),
+            gz_synth::IN_PROGRESS,
+            gz_synth::SYNTH_JSON
+        );
+    }
     let cache_root = match &args.cache {
         Some(c) => c.clone(),
         None => default_cache_root(&data)?,
@@ -186,6 +196,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             super::count(summary.test, "test image"),
             summary.elapsed_s
         );
+        if args.rows_per_shard != gz_shards::DEFAULT_ROWS_PER_SHARD {
+            eprintln!(
+                "note: --rows-per-shard {} is not applied to a cache that exists (its shards keep their size: the \
+                 rows are the same); `gz cache remove` it first to rewrite it",
+                args.rows_per_shard
+            );
+        }
     } else {
         let n = summary.train + summary.test + summary.skipped.len();
         println!(
@@ -213,6 +230,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => {}
     }
     println!("cache: {}", summary.cache_dir.display());
+    if summary.train == 0 && data.join(gz_preprocess::dataset::SOLUTIONS_CSV).is_file() {
+        eprintln!("note: the cache holds no training images: `gz train` has nothing to train on with it");
+    }
     if !summary.cache_hit {
         note_superseded(&cache_root, &data, &summary.dataset_key);
     }

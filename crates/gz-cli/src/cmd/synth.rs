@@ -257,6 +257,9 @@ impl OutLock {
         use std::os::unix::fs::MetadataExt as _;
         use std::os::unix::io::AsRawFd as _;
 
+        if dir.exists() && !dir.is_dir() {
+            anyhow::bail!("--out {}: exists and is not a folder", dir.display());
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(gz_synth::LOCK_FILE);
         for _ in 0..10 {

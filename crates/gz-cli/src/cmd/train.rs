@@ -48,7 +48,7 @@ pub struct Args {
     // argument '-1' found")
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
-    /// Optimizer: rmsprop, sgd-nesterov, adamw (`adam` is taken as adamw).
+    /// Optimizer: rmsprop, sgd-nesterov, adamw (`adam` is taken as adamw, `sgd` and `nesterov` as sgd-nesterov).
     #[arg(long, default_value = "rmsprop")]
     optimizer: String,
     /// Learning-rate schedule: constant, dieleman (×0.1 at ~70% and ~90% of the epochs), or
