@@ -376,6 +376,24 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         !ok && err.contains("it holds spread.png but no earlier report"),
         "{out}\n{err}"
     );
+    // ... but a run of gz eval stopped before its metrics.json (its gallery of thumbnails
+    // only) is taken up again: the error is about the run, not the folder
+    let stopped = tmp.path().join("stopped");
+    std::fs::create_dir_all(stopped.join("gallery")).unwrap();
+    std::fs::write(stopped.join("gallery/100.png"), "x").unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&missing_run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&stopped),
+    );
+    assert!(
+        !ok && !err.contains("--report") && err.contains("no-such-run"),
+        "{out}\n{err}"
+    );
     // missing folders are created
     let deep = tmp.path().join("new").join("dir").join("sub.csv");
     let (ok, out, err) = support::run(

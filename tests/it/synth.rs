@@ -215,6 +215,8 @@ fn gz_synth_binary_end_to_end() {
     // --force never removes what gz synth did not write inside the image folders (it emptied
     // them): refused, naming them, before anything is removed
     std::fs::write(out.join("images_training_rev1/README.txt"), "notes").unwrap();
+    // (a desktop's clutter is not the user's: it goes with the folder)
+    std::fs::write(out.join("images_training_rev1/.DS_Store"), "x").unwrap();
     std::fs::create_dir(out.join("images_test_rev1/keep")).unwrap();
     // (`other` holds --force since above)
     let (ok, _, stderr) = support::run(&mut other);
@@ -226,7 +228,7 @@ fn gz_synth_binary_end_to_end() {
     assert!(out.join("synth.json").exists() && out.join("images_training_rev1/README.txt").exists());
     assert_eq!(
         sorted_names(&out.join("images_training_rev1")).len(),
-        6,
+        7,
         "nothing removed"
     );
 

@@ -115,6 +115,11 @@ pub fn run_with(
     let t0 = Instant::now();
     cfg.validate()?;
     let scan = dataset::scan(&opts.data_dir)?;
+    // labels that are not Kaggle's vote fractions: refused before anything is decoded (here,
+    // not in `scan`, which `gz cache` also runs on datasets prepared before this check)
+    if let Some(sol) = &scan.solutions {
+        dataset::check_tree(sol, &opts.data_dir.join(dataset::SOLUTIONS_CSV))?;
+    }
     // the manifest records the dataset's absolute path as text, for `gz cache` to match caches
     // with their datasets: a path that is not UTF-8 is refused now, not after the decoding
     let data_dir_abs = opts.data_dir.canonicalize().unwrap_or_else(|_| opts.data_dir.clone());

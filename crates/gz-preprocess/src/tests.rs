@@ -952,9 +952,29 @@ fn labels_that_break_the_tree_are_refused() {
     assert!(!t.path().join("c").exists(), "refused before anything was written");
     std::fs::write(&csv, with_ones(1)).unwrap();
     run(&data, &t.path().join("c"), &PrepConfig::default()).unwrap();
-    // the real labels hold to the tree
+    // the real labels hold to the tree, also rounded to 2 decimals
     let real = gz_schema::read_solutions(&fixtures().join("kaggle-mini").join(dataset::SOLUTIONS_CSV)).unwrap();
     dataset::check_tree(&real, Path::new("x.csv")).unwrap();
+    let mut rounded = gz_schema::Solutions::new();
+    for i in 0..real.len() {
+        let row: Vec<f32> = real.row(i).iter().map(|v| (v * 100.0).round() / 100.0).collect();
+        rounded.push(real.ids[i], &row);
+    }
+    dataset::check_tree(&rounded, Path::new("x.csv")).unwrap();
+    // on a larger set: a stray row or two pass (with a warning), more than 1 % do not; a
+    // one-row file of per-question fractions does not either
+    let good = real.row(0).to_vec();
+    let table = |n: usize, bad: usize| {
+        let mut s = gz_schema::Solutions::new();
+        for i in 0..n {
+            s.push(100_000 + i as u64, &if i < bad { vec![1.0; 37] } else { good.clone() });
+        }
+        s
+    };
+    dataset::check_tree(&table(300, 2), Path::new("x.csv")).unwrap();
+    let e = dataset::check_tree(&table(300, 4), Path::new("x.csv")).unwrap_err();
+    assert!(e.to_string().contains("4 of 300 label rows"), "{e}");
+    assert!(dataset::check_tree(&table(1, 1), Path::new("x.csv")).is_err());
 }
 
 #[test]

@@ -414,11 +414,14 @@ pub fn foreign_files(dir: &Path) -> Vec<String> {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let is_file = e.file_type().is_ok_and(|t| t.is_file());
-            let ours = is_file
-                && (is_temp_name(&name)
-                    || name
-                        .strip_suffix(".jpg")
-                        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())));
+            // a desktop's clutter (Finder, Explorer, AppleDouble copies) goes with the folder
+            let clutter = matches!(name.as_str(), ".DS_Store" | "Thumbs.db" | "desktop.ini") || name.starts_with("._");
+            let ours = clutter
+                || is_file
+                    && (is_temp_name(&name)
+                        || name
+                            .strip_suffix(".jpg")
+                            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())));
             if !ours {
                 out.push(format!("{folder}/{name}{}", if is_file { "" } else { "/" }));
             }

@@ -82,7 +82,11 @@ pub struct Args {
 const MAX_STEPS: usize = 1_000_000;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    for (flag, n) in [("--steps", args.steps), ("--warmup", args.warmup)] {
+    for (flag, n) in [
+        ("--steps", args.steps),
+        ("--warmup", args.warmup),
+        ("--profile-steps", args.profile_steps),
+    ] {
         if n > MAX_STEPS {
             anyhow::bail!("{flag} {n}: at most {MAX_STEPS} (a benchmark, not a training run)");
         }

@@ -141,9 +141,20 @@ fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
         }
     }
     if page.is_none() && metrics.is_none() {
+        // (a gallery of `<GalaxyID>.png` thumbnails, or an empty one, is a run of gz eval that
+        // stopped before its metrics.json: written first, so the charts are never without it)
+        let thumbnails = |d: &Path| {
+            std::fs::read_dir(d).is_ok_and(|entries| {
+                entries.flatten().all(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".png")
+                        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+                })
+            })
+        };
         let taken: Vec<&str> = ["per_question.png", "learning_curve.png", "spread.png", "gallery"]
             .into_iter()
-            .filter(|n| dir.join(n).exists())
+            .filter(|n| dir.join(n).exists() && !(*n == "gallery" && thumbnails(&dir.join(n))))
             .collect();
         if !taken.is_empty() {
             return refuse(&format!("it holds {} but no earlier report", taken.join(", ")));

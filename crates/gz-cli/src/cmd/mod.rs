@@ -132,7 +132,29 @@ fn write_target(p: &std::path::Path) -> Option<std::path::PathBuf> {
 /// (made or not). (A hard link is another name: the writers replace a name by a rename, so
 /// the other name keeps its content.)
 pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    // two names of one file with a single link: a case-insensitive file system's `p.csv` and
+    // `P.csv` (a hard link, two or more links, is another name)
+    #[cfg(unix)]
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        use std::os::unix::fs::MetadataExt;
+        if (x.dev(), x.ino()) == (y.dev(), y.ino()) && x.nlink() == 1 {
+            return true;
+        }
+    }
     a == b || matches!((write_target(a), write_target(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Whether `a` and `b` hold the same bytes by being the same file: [`same_file`], or hard
+/// links of one file (a `cp -al` copy of a checkpoint is the same weights).
+fn same_contents(a: &std::path::Path, b: &std::path::Path) -> bool {
+    #[cfg(unix)]
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        use std::os::unix::fs::MetadataExt;
+        if (x.dev(), x.ino()) == (y.dev(), y.ino()) {
+            return true;
+        }
+    }
+    same_file(a, b)
 }
 
 /// Refuses, before any work, an output (`flag` names it) that would replace one of the
@@ -192,7 +214,7 @@ pub fn warn_repeated_checkpoints(models: &[gz_model::checkpoint::LoadedModel]) {
     for (i, m) in models.iter().enumerate() {
         if let Some(j) = models[..i]
             .iter()
-            .position(|o| same_file(o.weights_path(), m.weights_path()))
+            .position(|o| same_contents(o.weights_path(), m.weights_path()))
         {
             eprintln!(
                 "warning: --run {} is checkpoint {} again ({}): it counts twice in the average",

@@ -196,7 +196,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             super::count(summary.test, "test image"),
             summary.elapsed_s
         );
-        if args.rows_per_shard != gz_shards::DEFAULT_ROWS_PER_SHARD {
+        // (compared with the cache's own: a cache built with the same value says nothing)
+        let built_with = gz_shards::Cache::open(&summary.cache_dir)
+            .ok()
+            .and_then(|c| c.train().or(c.test()).map(|s| s.rows_per_shard()));
+        if built_with.is_some_and(|r| r != args.rows_per_shard) {
             eprintln!(
                 "note: --rows-per-shard {} is not applied to a cache that exists (its shards keep their size: the \
                  rows are the same); `gz cache remove` it first to rewrite it",
