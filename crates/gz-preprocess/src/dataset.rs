@@ -64,7 +64,11 @@ pub fn tree_tolerance(question: usize) -> f32 {
 fn tree_violation(row: &[f32]) -> Option<String> {
     gz_schema::check_row(row, 0.0)
         .into_iter()
-        .find(|v| !((v.actual - v.expected).abs() <= tree_tolerance(v.question)))
+        // (a NaN sum is a violation too)
+        .find(|v| {
+            let off = (v.actual - v.expected).abs();
+            off.is_nan() || off > tree_tolerance(v.question)
+        })
         .map(|v| v.to_string())
 }
 
