@@ -907,7 +907,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// The files a training run writes into its folder.
-const RUN_FILES: [&str; 7] = [
+pub const RUN_FILES: [&str; 7] = [
     "last.safetensors",
     "last.optim.safetensors",
     "best.safetensors",

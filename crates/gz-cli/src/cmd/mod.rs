@@ -232,17 +232,7 @@ pub fn run_inputs(runs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for run in runs {
         if run.is_dir() {
-            for name in [
-                "best.safetensors",
-                "best.json",
-                "last.safetensors",
-                "last.json",
-                "last.optim.safetensors",
-                "config.json",
-                "metrics.jsonl",
-            ] {
-                out.push(run.join(name));
-            }
+            out.extend(gz_model::train::RUN_FILES.iter().map(|name| run.join(name)));
         } else {
             out.push(run.with_extension("safetensors"));
             out.push(run.with_extension("json"));
