@@ -317,20 +317,30 @@ fn a_run_that_dies_writing_an_image_leaves_no_truncated_jpeg() {
         if how == "killed" {
             assert_eq!(left.len(), 1, "the killed run's temporary: {left:?}");
             assert!(gz_synth::is_temp_name(&left[0]), "{left:?}");
-            // gz prep passes over it as a hidden file: no image read from it
-            let out = support::gz()
-                .args(["prep", "--data"])
-                .arg(&out)
-                .arg("--cache")
-                .arg(dir.path().join("cache"))
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
+            // gz prep refuses the unfinished set; with its mark removed by hand, it passes over
+            // the temporary as a hidden file: no image read from it
+            let prep = || {
+                let o = support::gz()
+                    .args(["prep", "--data"])
+                    .arg(&out)
+                    .arg("--cache")
+                    .arg(dir.path().join("cache"))
+                    .output()
+                    .unwrap();
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                (o.status.success(), text(&o.stdout), text(&o.stderr))
+            };
+            let (ok, _, stderr) = prep();
+            assert!(!ok && stderr.contains("gz synth did not finish"), "{stderr}");
+            let mark = std::fs::read(out.join(gz_synth::IN_PROGRESS)).unwrap();
+            std::fs::remove_file(out.join(gz_synth::IN_PROGRESS)).unwrap();
+            let (_, stdout, stderr) = prep();
             assert!(
                 stdout.contains("preprocessed 0 train + 0 test images") && !stdout.contains(&left[0]),
                 "{stdout}\n{stderr}"
             );
+            // (the mark back: the rerun below takes the set for its own unfinished one)
+            std::fs::write(out.join(gz_synth::IN_PROGRESS), mark).unwrap();
         } else {
             assert!(left.is_empty(), "{how}: the temporary is removed: {left:?}");
             assert!(
