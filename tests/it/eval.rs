@@ -376,6 +376,17 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         !ok && err.contains("it holds spread.png but no earlier report"),
         "{out}\n{err}"
     );
+    // ... or a report inside the shard cache
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&missing_run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(cache.join("report")),
+    );
+    assert!(!ok && err.contains("lies inside the shard cache"), "{out}\n{err}");
     // ... but a run of gz eval stopped before its metrics.json (its gallery of thumbnails
     // only) is taken up again: the error is about the run, not the folder
     let stopped = tmp.path().join("stopped");

@@ -716,6 +716,16 @@ fn bad_requests_fail_clearly() {
         run.to_str().unwrap(),
     ]));
     assert!(!ok && stderr.contains("missing"), "{stderr}");
+    // a run inside the cache it reads is refused (the cache would be kept for it ever after)
+    let (ok, _, stderr) = support::run(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(cache.join("run")),
+    );
+    assert!(!ok && stderr.contains("lies inside the shard cache"), "{stderr}");
+    assert!(!cache.join("run").exists());
     // a negative number is a bad value of its flag, not an unknown flag; in every subcommand
     for (args, flag) in [
         (

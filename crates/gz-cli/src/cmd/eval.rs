@@ -170,6 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = &args.report {
         // before the scoring, not after it
         super::check_output("--report", r, true)?;
+        super::check_not_an_input("--report", r, &[], &[&args.cache], None)?;
         check_report_folder(r)?;
     }
     if let Some(d) = &args.data {

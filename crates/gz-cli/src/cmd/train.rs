@@ -150,6 +150,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("--cache DIR is required (or use --describe)")?;
     let out = args.out.clone().context("--out RUN_DIR is required")?;
     super::check_output("--out", &out, true)?;
+    // (a run inside the cache it reads: `gz cache` would keep the cache for it, a muddle)
+    super::check_not_an_input("--out", &out, &[], &[&cache_dir], None)?;
     let mut cfg = train_config(&args, model)?;
     let notes = if args.resume {
         apply_resumed_settings(&args, &mut cfg, &out)?
