@@ -338,19 +338,24 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         "./pred.csv",
     ]));
     assert!(!ok && err.contains("would replace pred.csv, an input"), "{out}\n{err}");
+    // `gz eval` of a run that does not exist, reporting into `report`: the report folder is
+    // checked first
+    let eval_into = |report: &Path| {
+        support::run(
+            support::gz()
+                .args(["eval", "--run"])
+                .arg(&missing_run)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--report")
+                .arg(report),
+        )
+    };
     // a report folder whose page is a user's own: refused before the scoring, page kept
     let site = tmp.path().join("site");
     std::fs::create_dir(&site).unwrap();
     std::fs::write(site.join("index.html"), "<html>mine</html>").unwrap();
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["eval", "--run"])
-            .arg(&missing_run)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--report")
-            .arg(&site),
-    );
+    let (ok, out, err) = eval_into(&site);
     assert!(
         !ok && err.contains("its index.html is not a gz report's"),
         "{out}\n{err}"
@@ -363,44 +368,20 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
     let figures = tmp.path().join("figures");
     std::fs::create_dir(&figures).unwrap();
     std::fs::write(figures.join("spread.png"), "mine").unwrap();
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["eval", "--run"])
-            .arg(&missing_run)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--report")
-            .arg(&figures),
-    );
+    let (ok, out, err) = eval_into(&figures);
     assert!(
         !ok && err.contains("it holds spread.png but no earlier report"),
         "{out}\n{err}"
     );
     // ... or a report inside the shard cache
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["eval", "--run"])
-            .arg(&missing_run)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--report")
-            .arg(cache.join("report")),
-    );
+    let (ok, out, err) = eval_into(&cache.join("report"));
     assert!(!ok && err.contains("lies inside the shard cache"), "{out}\n{err}");
     // ... but a run of gz eval stopped before its metrics.json (its gallery of thumbnails
     // only) is taken up again: the error is about the run, not the folder
     let stopped = tmp.path().join("stopped");
     std::fs::create_dir_all(stopped.join("gallery")).unwrap();
     std::fs::write(stopped.join("gallery/100.png"), "x").unwrap();
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["eval", "--run"])
-            .arg(&missing_run)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--report")
-            .arg(&stopped),
-    );
+    let (ok, out, err) = eval_into(&stopped);
     assert!(
         !ok && !err.contains("--report") && err.contains("no-such-run"),
         "{out}\n{err}"
