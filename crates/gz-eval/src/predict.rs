@@ -411,18 +411,10 @@ pub fn keys_for(paths: &[PathBuf]) -> Result<Keys> {
     Ok(Keys { keys: ids, names: None })
 }
 
-/// Writes predictions atomically as a CSV: the header `<first_column>,Class1.1,…`, then per
-/// row its label (a GalaxyID or a file name, CSV-quoted when it holds a comma, a quote or a
-/// line break) and 37 cells, an empty cell for `None` ([`gz_schema::conditional`]'s questions
-/// nobody reached).
-pub fn write_table(path: &Path, first_column: &str, rows: &[(String, Vec<Option<f32>>)]) -> Result<()> {
-    Ok(gz_schema::write_atomic(
-        path,
-        table_csv(first_column, rows)?.as_bytes(),
-    )?)
-}
-
-/// The CSV text [`write_table`] writes.
+/// Predictions as CSV text: the header `<first_column>,Class1.1,…`, then per row its label (a
+/// GalaxyID or a file name, CSV-quoted when it holds a comma, a quote or a line break) and 37
+/// cells, an empty cell for `None` ([`gz_schema::conditional`]'s questions nobody reached).
+/// `gz predict` stages it with `gz_schema::stage_atomic`.
 pub fn table_csv(first_column: &str, rows: &[(String, Vec<Option<f32>>)]) -> Result<String> {
     use std::fmt::Write as _;
     let header = gz_schema::csv_header();
