@@ -6,6 +6,11 @@ crop 212 px, resize to 32 px, in a multiprocessing pool) and does not touch gz's
 
     python3 scripts/torch_cpu_quality_peer.py --data DIR --recipe same|notebook [--seed S]
         [--threads N] [--procs N] [--epochs E] [--filter box|bicubic] [--holdout gz|random]
+        [--submission FILE]
+
+`--submission FILE` also writes the test predictions the recipe scores (8 views for `same`,
+1 for `notebook`) as a Kaggle submission CSV; `gz eval --pred FILE --cache C --data DIR` scores
+it with gz's own table, baselines, Bayes floor and report, beside gz's runs.
 
 Prints one JSON line per run: recipe, seed, validation and test RMSE (1 view, and 8 views where
 the recipe uses test-time augmentation), the training-mean baseline on both, load seconds,
@@ -270,6 +275,9 @@ def main():
                     help="override the recipe's resize filter")
     ap.add_argument("--holdout", choices=["gz", "random"], default="gz")
     ap.add_argument("--verbose", action="store_true", help="one line per epoch on stderr")
+    ap.add_argument("--submission", default=None,
+                    help="also write the test predictions (8 views where the recipe scores them, else 1) as a "
+                         "Kaggle submission CSV, for `gz eval --pred` to score")
     a = ap.parse_args()
     r = dict(RECIPES[a.recipe])
     if a.epochs:
@@ -363,7 +371,20 @@ def main():
                params=sum(p.numel() for p in model.parameters()),
                threads=torch.get_num_threads(), procs=a.procs, loadavg_start=[round(x, 2) for x in load_avg],
                torch=torch.__version__)
+    if a.submission:
+        with open(os.path.join(a.data, "training_solutions_rev1.csv")) as f:
+            header = next(csv.reader(f))
+        write_submission(a.submission, header, te_ids, predict(model, Xt, r["tta"]))
     print(json.dumps(res), flush=True)
+
+
+def write_submission(path, header, ids, pred):
+    """Kaggle's layout: the training CSV's header (GalaxyID and the 37 answers), 6 decimals."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for gid, row in zip(ids, pred.tolist()):
+            w.writerow([gid] + [f"{v:.6f}" for v in row])
 
 
 if __name__ == "__main__":

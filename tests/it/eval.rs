@@ -663,6 +663,69 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     );
     let p = gz_schema::read_solutions(&pred).unwrap();
     assert_eq!(p.len(), 8);
+    // the same predictions scored from the file (`gz eval --pred`, as any tool's CSV would be):
+    // the model's RMSE of the run scored here with the same views, on the same test rows
+    let scored = |args: &[&str], pred: &Path, report: &str| {
+        support::run(
+            support::gz()
+                .args(["eval"])
+                .args(args)
+                .arg(pred)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--data")
+                .arg(&data)
+                .arg("--report")
+                .arg(tmp.path().join(report)),
+        )
+    };
+    let rmse_of = |report: &str| {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join(report).join("metrics.json")).unwrap())
+                .unwrap();
+        (m["model"]["scores"]["rmse"].as_f64().unwrap(), m)
+    };
+    let (ok, out, err) = scored(&["--split", "test", "--tta", "8", "--run"], &run, "by_run");
+    assert!(ok, "{out}\n{err}");
+    let (ok, out, err) = scored(&["--pred"], &pred, "by_file");
+    assert!(ok && out.contains("pred — test split: 8 images"), "{out}\n{err}");
+    assert!(err.is_empty(), "{err}");
+    let ((by_run, _), (by_file, m)) = (rmse_of("by_run"), rmse_of("by_file"));
+    assert!((by_run - by_file).abs() < 1e-5, "{by_run} {by_file}");
+    assert_eq!(m["predictions"].as_str(), Some(pred.to_str().unwrap()));
+    let page = std::fs::read_to_string(tmp.path().join("by_file/index.html")).unwrap();
+    assert!(page.contains("predictions <code>") && !page.contains("learning_curve.png"));
+    // a file that is not a whole answer for these galaxies is refused, naming what is wrong
+    let text = std::fs::read_to_string(&pred).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let bad = tmp.path().join("bad.csv");
+    let refused = |content: String, needle: &str| {
+        std::fs::write(&bad, content).unwrap();
+        let (ok, out, err) = scored(&["--pred"], &bad, "by_bad");
+        assert!(!ok && err.contains(needle), "{needle}: {out}\n{err}");
+        assert!(!tmp.path().join("by_bad").exists());
+    };
+    refused(
+        lines[..lines.len() - 1].join("\n"),
+        "1 of the 8 galaxies scored (split test) have no row",
+    );
+    refused(format!("{text}{}\n", lines[1]), "has more than one row");
+    let (id, rest) = lines[1].split_once(',').unwrap();
+    let (_, rest) = rest.split_once(',').unwrap();
+    refused(text.replace(lines[1], &format!("{id},nan,{rest}")), "Class1.1 is NaN");
+    // a row for another galaxy is named and left out; the score stays
+    std::fs::write(&bad, format!("{text}999999999{}\n", &lines[1][id.len()..])).unwrap();
+    let (ok, out, err) = scored(&["--pred"], &bad, "by_more");
+    assert!(
+        ok && err.contains("1 row of") && err.contains("(GalaxyID 999999999)"),
+        "{out}\n{err}"
+    );
+    assert!((rmse_of("by_more").0 - by_file).abs() < 1e-12);
+    // options only a model predicting here reads, and the hold-out a file cannot name
+    let (ok, _, err) = scored(&["--tta", "8", "--pred"], &pred, "by_bad");
+    assert!(!ok && err.contains("--tta applies only to a model"), "{err}");
+    let (ok, _, err) = scored(&["--split", "validation", "--pred"], &pred, "by_bad");
+    assert!(!ok && err.contains("--pred with --split validation"), "{err}");
     // with the spread of the 8 views: the same predictions to the byte, and beside them one
     // standard deviation per answer, for the same galaxies
     let pred_s = tmp.path().join("pred_spread.csv");

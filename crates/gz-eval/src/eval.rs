@@ -162,10 +162,14 @@ impl Default for EvalConfig {
 pub struct EvalReport {
     /// Run name (the run directory's name, or the names joined for an ensemble).
     pub run: String,
-    /// Checkpoint file(s) scored.
+    /// Checkpoint file(s) scored (the predictions file for `gz eval --pred`).
     pub checkpoint: String,
-    /// Epoch of the checkpoint (first model).
+    /// Epoch of the checkpoint (first model); 0 for a predictions file.
     pub epoch: usize,
+    /// The predictions file scored, when the predictions were read from one (`gz eval --pred`)
+    /// rather than made by a checkpoint. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<String>,
     /// Which rows: e.g. `validation (10% hold-out, seed 0) of the training split`.
     pub split: String,
     pub prep_config_hash: String,
@@ -217,6 +221,76 @@ pub fn labels_from_csv(split: &Split, path: &Path) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// A predictions file's rows for a split's rows, matched by GalaxyID ([`predictions_for`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matched {
+    /// The rows' predictions, in the order of the rows asked for, row-major × 37.
+    pub values: Vec<f32>,
+    /// Ids of the file that are not among the rows (sorted): not scored.
+    pub extra: Vec<u64>,
+    /// Values of the matched rows outside [0, 1]: scored as given.
+    pub outside: usize,
+}
+
+/// Takes the predictions of `split`'s `rows` from `pred` (a CSV read from `path`, by
+/// GalaxyID). Every row must have one prediction, each of its 37 values finite: a missing
+/// id, an id twice or a NaN is an error naming them (a score over part of the rows would not
+/// be comparable with any other). Rows of the file for other galaxies are returned as
+/// `extra`, for the caller to name.
+pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solutions, path: &Path) -> Result<Matched> {
+    let bad = |reason: String| EvalError::BadFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut index = std::collections::HashMap::with_capacity(pred.len());
+    for (i, &id) in pred.ids.iter().enumerate() {
+        if index.insert(id, i).is_some() {
+            return Err(bad(format!(
+                "GalaxyID {id} has more than one row: which one to score is not clear"
+            )));
+        }
+    }
+    let ids = split.ids();
+    let mut values = Vec::with_capacity(rows.len() * N_ANSWERS);
+    let mut missing = Vec::new();
+    let mut wanted = std::collections::HashSet::with_capacity(rows.len());
+    let mut outside = 0;
+    for &r in rows {
+        let id = ids[r];
+        wanted.insert(id);
+        let Some(&i) = index.get(&id) else {
+            missing.push(id);
+            continue;
+        };
+        let row = pred.row(i);
+        if let Some(k) = row.iter().position(|v| !v.is_finite()) {
+            let column = gz_schema::column_names().nth(k).unwrap_or("?");
+            return Err(bad(format!(
+                "GalaxyID {id}: {column} is {}; every scored value must be a number",
+                row[k]
+            )));
+        }
+        outside += row.iter().filter(|v| !(0.0..=1.0).contains(*v)).count();
+        values.extend_from_slice(row);
+    }
+    if !missing.is_empty() {
+        missing.sort_unstable();
+        let shown: Vec<String> = missing.iter().take(5).map(u64::to_string).collect();
+        return Err(bad(format!(
+            "{} of the {} galaxies scored (split {}) have no row here: GalaxyID {}{}; are these \
+             predictions for this dataset?",
+            missing.len(),
+            rows.len(),
+            split.name(),
+            shown.join(", "),
+            if missing.len() > shown.len() { ", …" } else { "" }
+        )));
+    }
+    let mut extra: Vec<u64> = pred.ids.iter().copied().filter(|id| !wanted.contains(id)).collect();
+    extra.sort_unstable();
+    Ok(Matched { values, extra, outside })
+}
+
 fn labels_of(split: &Split, rows: &[usize]) -> Result<Vec<f32>> {
     let Some(all) = split.labels() else {
         return Err(EvalError::Shape {
@@ -260,22 +334,7 @@ pub fn evaluate(
     meta: (&str, usize, &str),
 ) -> Result<Evaluation> {
     cfg.tta.validate()?;
-    if rows.eval_rows.is_empty() {
-        return Err(EvalError::Shape {
-            what: "evaluation".into(),
-            reason: "no rows to score".into(),
-        });
-    }
-    let labels = match &rows.eval_labels {
-        Some(l) if l.len() == rows.eval_rows.len() * N_ANSWERS => l.clone(),
-        Some(l) => {
-            return Err(EvalError::Shape {
-                what: "evaluation labels".into(),
-                reason: format!("{} values for {} rows", l.len(), rows.eval_rows.len()),
-            })
-        }
-        None => labels_of(rows.eval_split, &rows.eval_rows)?,
-    };
+    let labels = labels_for(rows)?;
     // more than one prediction per galaxy (views, members): how they spread, against the error
     let many = cfg.tta.n_views() * model.n_members() > 1;
     let predicted = predict_split(
@@ -299,8 +358,79 @@ pub fn evaluate(
         )?),
         None => None,
     };
+    let (checkpoint, epoch, hash) = meta;
+    let source = Source {
+        name: model_name,
+        checkpoint,
+        epoch,
+        predictions: None,
+        prep_config_hash: hash,
+    };
+    score_predictions(predictions, labels, spread, &source, rows, cfg, data_dir)
+}
+
+/// The labels of `rows.eval_rows` (row-major × 37): given, or the split's own.
+fn labels_for(rows: &EvalRows<'_>) -> Result<Vec<f32>> {
+    if rows.eval_rows.is_empty() {
+        return Err(EvalError::Shape {
+            what: "evaluation".into(),
+            reason: "no rows to score".into(),
+        });
+    }
+    match &rows.eval_labels {
+        Some(l) if l.len() == rows.eval_rows.len() * N_ANSWERS => Ok(l.clone()),
+        Some(l) => Err(EvalError::Shape {
+            what: "evaluation labels".into(),
+            reason: format!("{} values for {} rows", l.len(), rows.eval_rows.len()),
+        }),
+        None => labels_of(rows.eval_split, &rows.eval_rows),
+    }
+}
+
+/// What made the predictions a report scores, for `metrics.json` and the page.
+pub struct Source<'a> {
+    /// The predictor's name in the table (a run's, or a predictions file's stem).
+    pub name: &'a str,
+    /// The checkpoint file(s), or the predictions file.
+    pub checkpoint: &'a str,
+    /// The (first) checkpoint's epoch; 0 for a predictions file.
+    pub epoch: usize,
+    /// The predictions file, when the predictions were read rather than made.
+    pub predictions: Option<&'a str>,
+    pub prep_config_hash: &'a str,
+}
+
+/// Scores predictions made elsewhere (`gz eval --pred`, a CSV from any tool) on `rows` with the
+/// same table, baselines and floor as a checkpoint: `predictions` holds `rows.eval_rows`'s,
+/// row-major × 37 ([`predictions_for`] matches a file's rows to a split by GalaxyID).
+pub fn evaluate_predictions(
+    predictions: Vec<f32>,
+    source: &Source<'_>,
+    rows: &EvalRows<'_>,
+    cfg: &EvalConfig,
+    data_dir: Option<&Path>,
+) -> Result<Evaluation> {
+    let labels = labels_for(rows)?;
+    if predictions.len() != labels.len() {
+        return Err(EvalError::Shape {
+            what: "predictions".into(),
+            reason: format!("{} values for {} rows", predictions.len(), rows.eval_rows.len()),
+        });
+    }
+    score_predictions(predictions, labels, None, source, rows, cfg, data_dir)
+}
+
+fn score_predictions(
+    predictions: Vec<f32>,
+    labels: Vec<f32>,
+    spread: Option<SpreadScore>,
+    source: &Source<'_>,
+    rows: &EvalRows<'_>,
+    cfg: &EvalConfig,
+    data_dir: Option<&Path>,
+) -> Result<Evaluation> {
     let model_scores = NamedScores {
-        name: model_name.to_string(),
+        name: source.name.to_string(),
         scores: score(&predictions, &labels)?,
     };
 
@@ -323,13 +453,13 @@ pub fn evaluate(
         Some(d) => bayes_floor(d, &ids, &labels)?,
         None => None,
     };
-    let (checkpoint, epoch, hash) = meta;
     let report = EvalReport {
-        run: model_name.to_string(),
-        checkpoint: checkpoint.to_string(),
-        epoch,
+        run: source.name.to_string(),
+        checkpoint: source.checkpoint.to_string(),
+        epoch: source.epoch,
+        predictions: source.predictions.map(str::to_string),
         split: rows.description.clone(),
-        prep_config_hash: hash.to_string(),
+        prep_config_hash: source.prep_config_hash.to_string(),
         config: cfg.clone(),
         tta: cfg.tta.clone(),
         model: model_scores,

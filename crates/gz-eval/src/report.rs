@@ -602,14 +602,21 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
 .legend span {{ display: inline-block; width: 14px; height: 6px; margin: 0 4px 1px 10px; }}
 </style></head><body>
 <h1>{t}</h1>
-<div class="meta">checkpoint <code>{ck}</code> · {split} · TTA {tta} view(s) · preprocessing <code>{hash}</code></div>
+<div class="meta">{source} · {split} · preprocessing <code>{hash}</code></div>
 <h2>Scores</h2>
 <table><tr><th>predictor</th><th>RMSE</th></tr>
 "#,
         t = esc(&title),
-        ck = esc(&r.checkpoint),
+        // a predictions file (`gz eval --pred`) was made elsewhere: no checkpoint, no views here
+        source = match &r.predictions {
+            Some(p) => format!("predictions <code>{}</code>", esc(p)),
+            None => format!(
+                "checkpoint <code>{}</code> · TTA {} view(s)",
+                esc(&r.checkpoint),
+                r.tta.n_views()
+            ),
+        },
         split = esc(&r.split),
-        tta = r.tta.n_views(),
         hash = esc(&r.prep_config_hash),
     );
     let _ = writeln!(
@@ -767,6 +774,7 @@ mod tests {
             run: "r<1>".into(),
             checkpoint: "x.safetensors".into(),
             epoch: 2,
+            predictions: None,
             split: "validation".into(),
             prep_config_hash: "abc".into(),
             config: EvalConfig {

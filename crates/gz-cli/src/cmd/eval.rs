@@ -1,6 +1,8 @@
 //! `gz eval`: score a checkpoint (or an ensemble) on the trainer's validation split — or on the
 //! cache's test split when it is labelled — beside the baselines and, for synthetic data, the
 //! Bayes floor; print the table and write the report (`metrics.json`, charts, `index.html`).
+//! `--pred FILE` scores a predictions CSV made elsewhere (any tool's submission) on the test
+//! split the same way.
 //!
 //! The last stdout lines are `metrics: <path>` and `report: <path to index.html>`.
 
@@ -19,8 +21,13 @@ use super::predict::{progress_bar, TtaArgs};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Training run directory (or .safetensors); repeat for an ensemble.
-    #[arg(long = "run", required = true)]
+    #[arg(long = "run", required_unless_present = "pred", conflicts_with = "pred")]
     runs: Vec<PathBuf>,
+    /// Score a predictions CSV made elsewhere instead of a run (Kaggle's submission layout:
+    /// GalaxyID and the 37 answers; from any tool): every galaxy of the split needs a row.
+    /// Scores the test split.
+    #[arg(long)]
+    pred: Option<PathBuf>,
     /// Shard cache the run was trained on.
     #[arg(long)]
     cache: PathBuf,
@@ -29,9 +36,9 @@ pub struct Args {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Which rows to score: `validation` (the trainer's hold-out) or `test` (the cache's test
-    /// split, when it has labels).
-    #[arg(long, default_value = "validation", value_parser = ["validation", "test"])]
-    split: String,
+    /// split, when it has labels) [default: validation; with --pred, test].
+    #[arg(long, value_parser = ["validation", "test"])]
+    split: Option<String>,
     #[command(flatten)]
     tta: TtaArgs,
     /// cpu, cuda, cuda:N, or auto (CUDA 0 when built with CUDA and a GPU is present, else the CPU).
@@ -163,9 +170,95 @@ fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rows of the cache's test split, labelled by the split itself or by `--data`'s
+/// `test_solutions.csv`; the baselines are fitted on `fit_rows` of the training split.
+fn test_rows<'a>(
+    args: &Args,
+    cache: &'a gz_shards::Cache,
+    train: &'a gz_shards::Split,
+    fit_rows: Vec<usize>,
+) -> anyhow::Result<EvalRows<'a>> {
+    let Some(test) = cache.test() else {
+        bail!("{}; or score --split validation", super::no_test_split(&args.cache))
+    };
+    test.verify()
+        .with_context(|| format!("checking the test split of {}", args.cache.display()))?;
+    let other = if args.pred.is_some() {
+        "a predictions file can only be scored on a labelled test split"
+    } else {
+        "or use --split validation"
+    };
+    let eval_labels = match (test.labels(), &args.data) {
+        (Some(_), _) => None,
+        (None, Some(d)) if d.join("test_solutions.csv").is_file() => {
+            Some(gz_eval::eval::labels_from_csv(test, &d.join("test_solutions.csv"))?)
+        }
+        (None, None) => bail!(
+            "the test split of {} has no labels: pass --data DIR with the dataset's test_solutions.csv \
+             (a synthetic set has one; a real Kaggle test set does not); {other}",
+            args.cache.display()
+        ),
+        _ => bail!(
+            "the test split of {} has no labels and --data has no test_solutions.csv (a real Kaggle test set); {other}",
+            args.cache.display()
+        ),
+    };
+    Ok(EvalRows {
+        eval_labels,
+        eval_split: test,
+        eval_rows: (0..test.len()).collect(),
+        fit_split: train,
+        fit_rows,
+        description: format!(
+            "test split: {}{}",
+            super::count(test.len(), "image"),
+            if test.labels().is_none() {
+                " (labels from test_solutions.csv)"
+            } else {
+                ""
+            }
+        ),
+    })
+}
+
+/// The options only a model reads (predicting here), by flag name, when given with `--pred`
+/// (whose predictions exist already). Defaults are indistinguishable from absent values, which
+/// is harmless: they change nothing.
+fn model_options(args: &Args) -> Vec<&'static str> {
+    let t = &args.tta;
+    [
+        ("--tta", t.tta != 1),
+        ("--tta-rotations", t.tta_rotations.is_some()),
+        ("--tta-flips", t.tta_flips.is_some()),
+        ("--tta-scales", t.tta_scales.is_some()),
+        ("--device", args.device != "cpu"),
+        ("--batch", args.batch != 64),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect()
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
+    }
+    if args.pred.is_some() {
+        let given = model_options(&args);
+        if !given.is_empty() {
+            bail!(
+                "{} {} only to a model predicting here (--run); --pred scores predictions made already \
+                 (give these options to whatever made them, e.g. `gz predict`)",
+                given.join(", "),
+                if given.len() == 1 { "applies" } else { "apply" }
+            );
+        }
+        if args.split.as_deref() == Some("validation") {
+            bail!(
+                "--pred with --split validation: the validation rows are a training run's hold-out, which a \
+                 predictions file does not name; --pred scores the test split (a synthetic set has its labels)"
+            );
+        }
     }
     if let Some(r) = &args.report {
         // before the scoring, not after it
@@ -183,6 +276,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(pred) = &args.pred {
+        return run_pred(&args, pred);
+    }
+    let split = args.split.as_deref().unwrap_or("validation");
     let tta = args.tta.config()?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
     let models = load_runs(&args.runs, &device)?;
@@ -190,7 +287,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cache = super::open_cache(&args.cache)?;
     for (m, r) in models.iter().zip(&args.runs) {
         check_cache(m, r, &cache)?;
-        if args.split == "validation" {
+        if split == "validation" {
             check_training_data(m, r, &cache)?;
         }
     }
@@ -203,7 +300,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("checking the training split of {}", args.cache.display()))?;
     let first = &models[0];
     let holdout = validation_rows(first, train)?;
-    if models.len() > 1 && args.split == "validation" {
+    if models.len() > 1 && split == "validation" {
         for (m, r) in models.iter().zip(&args.runs).skip(1) {
             if validation_rows(m, train)?.val != holdout.val {
                 bail!(
@@ -215,7 +312,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let t = &first.sidecar().train;
-    let rows = if args.split == "validation" {
+    let rows = if split == "validation" {
         EvalRows {
             eval_split: train,
             eval_rows: holdout.val.clone(),
@@ -230,42 +327,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ),
         }
     } else {
-        let Some(test) = cache.test() else {
-            bail!("{}; or score --split validation", super::no_test_split(&args.cache))
-        };
-        test.verify()
-            .with_context(|| format!("checking the test split of {}", args.cache.display()))?;
-        let eval_labels = match (test.labels(), &args.data) {
-            (Some(_), _) => None,
-            (None, Some(d)) if d.join("test_solutions.csv").is_file() => {
-                Some(gz_eval::eval::labels_from_csv(test, &d.join("test_solutions.csv"))?)
-            }
-            (None, None) => bail!(
-                "the test split of {} has no labels: pass --data DIR with the dataset's test_solutions.csv \
-                 (a synthetic set has one; a real Kaggle test set does not), or use --split validation",
-                args.cache.display()
-            ),
-            _ => bail!(
-                "the test split of {} has no labels and --data has no test_solutions.csv (a real Kaggle test set): use --split validation",
-                args.cache.display()
-            ),
-        };
-        EvalRows {
-            eval_labels,
-            eval_split: test,
-            eval_rows: (0..test.len()).collect(),
-            fit_split: train,
-            fit_rows: holdout.train.clone(),
-            description: format!(
-                "test split: {}{}",
-                super::count(test.len(), "image"),
-                if test.labels().is_none() {
-                    " (labels from test_solutions.csv)"
-                } else {
-                    ""
-                }
-            ),
-        }
+        test_rows(&args, &cache, train, holdout.train.clone())?
     };
     let name = args.runs.iter().map(|r| run_name(r)).collect::<Vec<_>>().join("+");
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
@@ -278,13 +340,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             radius: args.cp_radius,
         },
     };
-    let side = rows.eval_split.shape()[1].min(rows.eval_split.shape()[2]);
-    if 2 * args.cp_radius + 1 >= side {
-        eprintln!(
-            "note: --cp-radius {} covers the whole {side}-px image: the central-pixel baseline averages the whole image",
-            args.cp_radius
-        );
-    }
+    note_cp_radius(&args, &rows);
     let checkpoints = models
         .iter()
         .map(|m| m.weights_path().display().to_string())
@@ -303,7 +359,109 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     pb.finish_and_clear();
 
-    let views = cfg.tta.n_views();
+    let run_dir = if args.runs[0].is_dir() {
+        args.runs[0].clone()
+    } else {
+        args.runs[0].parent().map(PathBuf::from).unwrap_or_default()
+    };
+    let mj = run_dir.join("metrics.jsonl");
+    let epochs = if mj.is_file() {
+        Some(read_epochs(&mj)?)
+    } else {
+        eprintln!("note: {} not found; the report has no learning curve", mj.display());
+        None
+    };
+    // an ensemble's curve is its first member's: the page says so
+    let curve_of = (args.runs.len() > 1).then(|| run_dir.display().to_string());
+    publish(&args, &name, &ev, &rows, epochs.as_deref(), curve_of.as_deref())
+}
+
+/// A central-pixel patch as large as the image is said, not silently averaged.
+fn note_cp_radius(args: &Args, rows: &EvalRows<'_>) {
+    let side = rows.eval_split.shape()[1].min(rows.eval_split.shape()[2]);
+    if 2 * args.cp_radius + 1 >= side {
+        eprintln!(
+            "note: --cp-radius {} covers the whole {side}-px image: the central-pixel baseline averages the whole image",
+            args.cp_radius
+        );
+    }
+}
+
+/// `gz eval --pred FILE`: a predictions CSV made elsewhere, scored on the cache's test split
+/// beside the same baselines (fitted on every training row) and floor as a checkpoint.
+fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
+    let pred = gz_eval::submission::read_predictions(pred_path)?;
+    if let Some(w) = gz_eval::submission::Class1Sums::of(&pred).warning() {
+        eprintln!("warning: {}: {w}", pred_path.display());
+    }
+    let cache = super::open_cache(&args.cache)?;
+    let Some(train) = cache.train() else {
+        bail!(
+            "cache {} has no training split (the baselines learn from it)",
+            args.cache.display()
+        )
+    };
+    train
+        .verify()
+        .with_context(|| format!("checking the training split of {}", args.cache.display()))?;
+    let rows = test_rows(args, &cache, train, (0..train.len()).collect())?;
+    let matched = gz_eval::eval::predictions_for(rows.eval_split, &rows.eval_rows, &pred, pred_path)?;
+    if !matched.extra.is_empty() {
+        let shown: Vec<String> = matched.extra.iter().take(5).map(u64::to_string).collect();
+        eprintln!(
+            "note: {} of {} {} not in the cache's test split and not scored (GalaxyID {}{}): test images \
+             gz prep could not read, or other galaxies",
+            super::count(matched.extra.len(), "row"),
+            pred_path.display(),
+            if matched.extra.len() == 1 { "is" } else { "are" },
+            shown.join(", "),
+            if matched.extra.len() > shown.len() { ", …" } else { "" }
+        );
+    }
+    if matched.outside > 0 {
+        eprintln!(
+            "note: {} of {} outside [0, 1], scored as given (`gz submit` clips them)",
+            super::count(matched.outside, "value"),
+            pred_path.display()
+        );
+    }
+    note_cp_radius(args, &rows);
+    // the file's own name (a run is named by its folder)
+    let name = pred_path
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "predictions".into());
+    let file = pred_path.display().to_string();
+    let cfg = EvalConfig {
+        central_pixel: CentralPixelConfig {
+            levels: args.cp_levels,
+            radius: args.cp_radius,
+        },
+        ..EvalConfig::default()
+    };
+    let source = gz_eval::eval::Source {
+        name: &name,
+        checkpoint: &file,
+        epoch: 0,
+        predictions: Some(&file),
+        prep_config_hash: cache.config_hash(),
+    };
+    let ev = gz_eval::eval::evaluate_predictions(matched.values, &source, &rows, &cfg, args.data.as_deref())?;
+    publish(args, &name, &ev, &rows, None, None)
+}
+
+/// Prints the table (and the spread's line) and writes the report; the last lines name
+/// `metrics.json` and the page.
+fn publish(
+    args: &Args,
+    name: &str,
+    ev: &gz_eval::eval::Evaluation,
+    rows: &EvalRows<'_>,
+    epochs: Option<&[gz_eval::report::EpochRow]>,
+    curve_of: Option<&str>,
+) -> anyhow::Result<()> {
+    let views = ev.report.tta.n_views();
     let tta_note = if views > 1 {
         format!(" ({views} TTA views)")
     } else {
@@ -325,7 +483,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args
         .report
         .clone()
-        .unwrap_or_else(|| PathBuf::from("reports").join(&name));
+        .unwrap_or_else(|| PathBuf::from("reports").join(name));
     let gdir = dir.join("gallery");
     std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
     // an earlier report's page goes first: this report replaces its files one by one, and one
@@ -361,21 +519,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             truth: ev.labels[k * N_ANSWERS..(k + 1) * N_ANSWERS].to_vec(),
         });
     }
-    let run_dir = if args.runs[0].is_dir() {
-        args.runs[0].clone()
-    } else {
-        args.runs[0].parent().map(PathBuf::from).unwrap_or_default()
-    };
-    let mj = run_dir.join("metrics.jsonl");
-    let epochs = if mj.is_file() {
-        Some(read_epochs(&mj)?)
-    } else {
-        eprintln!("note: {} not found; the report has no learning curve", mj.display());
-        None
-    };
-    // an ensemble's curve is its first member's: the page says so
-    let curve_of = (args.runs.len() > 1).then(|| run_dir.display().to_string());
-    let paths = write_report(&dir, &ev.report, epochs.as_deref(), curve_of.as_deref(), &gallery)?;
+    let paths = write_report(&dir, &ev.report, epochs, curve_of, &gallery)?;
     println!("metrics: {}", paths.metrics.display());
     println!("report: {}", paths.index.display());
     Ok(())

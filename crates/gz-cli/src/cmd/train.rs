@@ -23,7 +23,8 @@ pub struct Args {
     /// Model: vgg16-blog, dieleman, tiny, small, dieleman-tiny.
     #[arg(long)]
     model: String,
-    /// Print the architecture and parameter count, then exit (no cache needed).
+    /// Print the architecture and parameter count, then exit (no cache needed: the input is then
+    /// 106 px, gz prep's default; with --cache, the cache's size).
     #[arg(long)]
     describe: bool,
     /// Output layer: sigmoid or tree (default: the model's own).
