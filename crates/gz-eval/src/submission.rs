@@ -185,6 +185,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
         rep.push(ProblemKind::Csv, None, format!("the file is {what}, not a CSV"));
         return rep;
     }
+    let mut lines = gz_schema::LineCounter::new(bytes);
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -201,7 +202,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
-                let line = e.position().map(|p| p.line());
+                let line = e.position().map(|p| lines.line_at(p.byte()));
                 rep.push(ProblemKind::Csv, line, format!("malformed CSV: {e}"));
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                     break;
@@ -209,7 +210,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
                 continue;
             }
         }
-        let line = rec.position().map_or(0, |p| p.line());
+        let line = rec.position().map_or(0, |p| lines.line_at(p.byte()));
         if first {
             first = false;
             if !check_header(&rec, &expected, &mut rep) {
@@ -459,6 +460,7 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
         path: path.to_path_buf(),
         reason: format!("line {line}: {reason}"),
     };
+    let mut lines = gz_schema::LineCounter::new(&bytes);
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -469,8 +471,13 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
     let mut sniff = ConditionalSniff::default();
     let mut first = true;
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| bad(e.position().map_or(0, |p| p.line()), format!("malformed CSV: {e}")))?;
-        let line = rec.position().map_or(0, |p| p.line());
+        let rec = rec.map_err(|e| {
+            bad(
+                e.position().map_or(0, |p| lines.line_at(p.byte())),
+                format!("malformed CSV: {e}"),
+            )
+        })?;
+        let line = rec.position().map_or(0, |p| lines.line_at(p.byte()));
         if first {
             first = false;
             let mut rep = CheckReport {
@@ -873,6 +880,37 @@ pub fn write_submission(path: &Path, pred: &Solutions, ids: Option<&[u64]>, fill
 
 #[cfg(test)]
 mod tests {
+
+    /// Problems are named by the line an editor shows, in files ending lines with `\r\n`
+    /// (Windows, Python's `csv` module) too: each was one line too low.
+    #[test]
+    fn problems_name_the_editors_line_whatever_ends_lines() {
+        let row = |id: u64, first: &str| format!("{id},{first}{}", ",0.5".repeat(N_ANSWERS - 1));
+        for end in ["\n", "\r\n"] {
+            let text = [
+                gz_schema::csv_header(),
+                row(1, "0.5"),
+                row(2, "0.5"),
+                row(3, "1.5"),
+                row(2, "0.5"),
+                String::new(),
+            ]
+            .join(end);
+            let rep = check_bytes(text.as_bytes(), Path::new("t.csv"), None);
+            let lines: Vec<_> = rep.problems.iter().map(|p| (p.line, p.kind)).collect();
+            assert_eq!(
+                lines,
+                [(Some(4), ProblemKind::OutOfRange), (Some(5), ProblemKind::DuplicateId)],
+                "{end:?}: {}",
+                rep.describe()
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("p.csv");
+            std::fs::write(&p, text.replace("\n3,1.5,", "\n3,x,")).unwrap();
+            let e = read_predictions(&p).unwrap_err().to_string();
+            assert!(e.contains("line 4: Class1.1: \"x\""), "{end:?}: {e}");
+        }
+    }
 
     #[test]
     fn a_file_keyed_prediction_is_named_as_such() {

@@ -121,12 +121,59 @@ pub fn read_solutions(path: &Path) -> Result<Solutions, SchemaError> {
     read_solutions_from(file, path)
 }
 
+/// The line numbers of a CSV's records as an editor shows them, from their byte offsets
+/// (`csv::Position::byte`). The `csv` crate's own `Position::line` counts a record ended by
+/// `\r\n` on the line it ended (its `\n` is read as the next record begins), so every line of
+/// a file written on Windows or by Python's `csv` module came out one too low, and a blank
+/// line or a lone `\r` threw it off too. Offsets must be asked in increasing order to be
+/// counted once (an earlier one restarts the count).
+pub struct LineCounter<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    line: u64,
+}
+
+impl<'a> LineCounter<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, pos: 0, line: 1 }
+    }
+
+    /// The 1-based line of the record that starts at `byte` (past any line ends there: a
+    /// record's offset may point at the end of the line before it).
+    pub fn line_at(&mut self, byte: u64) -> u64 {
+        let b = self.bytes;
+        let mut start = usize::try_from(byte).unwrap_or(usize::MAX).min(b.len());
+        while start < b.len() && matches!(b[start], b'\r' | b'\n') {
+            start += 1;
+        }
+        if start < self.pos {
+            (self.pos, self.line) = (0, 1);
+        }
+        let mut i = self.pos;
+        while i < start {
+            match b[i] {
+                b'\n' => self.line += 1,
+                // `\r\n` is one line end, a lone `\r` one too
+                b'\r' if b.get(i + 1) != Some(&b'\n') => self.line += 1,
+                _ => {}
+            }
+            i += 1;
+        }
+        self.pos = start;
+        self.line
+    }
+}
+
 /// Like [`read_solutions`], from any reader; `path` is used in messages only.
-pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<Solutions, SchemaError> {
+pub fn read_solutions_from<R: std::io::Read>(mut reader: R, path: &Path) -> Result<Solutions, SchemaError> {
+    // whole, for the line numbers (`LineCounter`): a Kaggle-size labels file is about 20 MB
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).map_err(io_err(path))?;
+    let mut lines = LineCounter::new(&bytes);
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(reader);
+        .from_reader(&bytes[..]);
     let mut records = rdr.records();
     let csv_err = |line: u64, source: csv::Error| SchemaError::Csv {
         path: path.to_path_buf(),
@@ -178,10 +225,10 @@ pub fn read_solutions_from<R: std::io::Read>(reader: R, path: &Path) -> Result<S
     let mut row = [0f32; N_ANSWERS];
     for rec in records {
         let rec = rec.map_err(|e| {
-            let line = e.position().map_or(0, |p| p.line());
+            let line = e.position().map_or(0, |p| lines.line_at(p.byte()));
             csv_err(line, e)
         })?;
-        let line = rec.position().map_or(0, |p| p.line());
+        let line = rec.position().map_or(0, |p| lines.line_at(p.byte()));
         // skip fully blank lines (a trailing newline is not a row)
         if rec.len() == 1 && rec[0].trim().is_empty() {
             continue;
@@ -447,6 +494,39 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Line numbers as an editor shows them, whatever ends the lines: a file written on
+    /// Windows or by Python's `csv` module (`\r\n`) had every line after the header named one
+    /// too low, a blank line shifted the rest, a lone `\r` counted nothing.
+    #[test]
+    fn lines_are_counted_whatever_ends_them() {
+        let h = csv_header();
+        for end in ["\n", "\r\n", "\r"] {
+            let rows = [good_row(1), good_row(2), good_row(3).replacen(",1,", ",abc,", 1)];
+            // line 1 the header, 2–3 good rows, 4 blank, 5 the bad row
+            let t = format!("{h}{end}{}{end}{}{end}{end}{}{end}", rows[0], rows[1], rows[2]);
+            let e = parse(&t).unwrap_err();
+            assert!(matches!(e, SchemaError::Cell { line: 5, .. }), "{end:?}: {e}");
+            let t = format!("{h}{end}{}{end}{}{end}{}{end}", good_row(7), good_row(8), good_row(7));
+            let e = parse(&t).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    SchemaError::DuplicateId {
+                        line: 4,
+                        first_line: 2,
+                        ..
+                    }
+                ),
+                "{end:?}: {e}"
+            );
+        }
+        let mut c = LineCounter::new(b"a\r\nb\n\nc\rd");
+        assert_eq!([0, 1, 3, 4, 6, 8, 9].map(|b| c.line_at(b)), [1, 2, 2, 4, 4, 5, 5]);
+        // asked again from the start: counted again, not from where it stopped
+        assert_eq!(c.line_at(0), 1);
+        assert_eq!(c.line_at(100), 5);
     }
 
     #[test]
