@@ -376,11 +376,17 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
     // ... or a report inside the shard cache
     let (ok, out, err) = eval_into(&cache.join("report"));
     assert!(!ok && err.contains("lies inside the shard cache"), "{out}\n{err}");
-    // ... but a run of gz eval stopped before its metrics.json (its gallery of thumbnails
-    // only) is taken up again: the error is about the run, not the folder
+    // ... but a run of gz eval stopped before its metrics.json (its marked gallery of
+    // thumbnails only) is taken up again: the error is about the run, not the folder
     let stopped = tmp.path().join("stopped");
     std::fs::create_dir_all(stopped.join("gallery")).unwrap();
     std::fs::write(stopped.join("gallery/100.png"), "x").unwrap();
+    let (ok, out, err) = eval_into(&stopped);
+    assert!(
+        !ok && err.contains("it holds gallery but no earlier report"),
+        "numbered pictures without gz's mark are a user's: {out}\n{err}"
+    );
+    std::fs::write(stopped.join("gallery/.gz-gallery"), "").unwrap();
     let (ok, out, err) = eval_into(&stopped);
     assert!(
         !ok && !err.contains("--report") && err.contains("no-such-run"),
@@ -707,7 +713,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     };
     refused(
         lines[..lines.len() - 1].join("\n"),
-        "1 of the 8 galaxies scored (split test) have no row",
+        "1 of the 8 galaxies scored (split test) has no row",
     );
     refused(format!("{text}{}\n", lines[1]), "has more than one row");
     let (id, rest) = lines[1].split_once(',').unwrap();
@@ -717,10 +723,72 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     std::fs::write(&bad, format!("{text}999999999{}\n", &lines[1][id.len()..])).unwrap();
     let (ok, out, err) = scored(&["--pred"], &bad, "by_more");
     assert!(
-        ok && err.contains("1 row of") && err.contains("(GalaxyID 999999999)"),
+        ok && err.contains("1 row of") && err.contains("the cache does not hold: GalaxyID 999999999"),
         "{out}\n{err}"
     );
     assert!((rmse_of("by_more").0 - by_file).abs() < 1e-12);
+    // every kind of problem at once, each counted; a number beyond f32 said as written
+    let short = lines[..lines.len() - 1]
+        .join("\n")
+        .replace(lines[1], &format!("{id},nan,{rest}"));
+    std::fs::write(&bad, format!("{short}\n{}\n", lines[2])).unwrap();
+    let (ok, _, err) = scored(&["--pred"], &bad, "by_bad");
+    assert!(
+        !ok && err.contains("1 of the 8 galaxies scored (split test) has no row")
+            && err.contains("1 galaxy has more than one row")
+            && err.contains("1 of the scored rows has a value that is not a number"),
+        "{err}"
+    );
+    refused(
+        text.replace(lines[1], &format!("{id},1e200,{rest}")),
+        "\"1e200\" is too large for a 32-bit float",
+    );
+    // the labels themselves score far below the floor: said
+    let (ok, _, err) = scored(&["--pred"], &data.join("test_solutions.csv"), "by_labels");
+    assert!(ok && err.contains("far below the Bayes floor"), "{err}");
+    let (_, _, err) = scored(&["--pred"], &pred, "by_file");
+    assert!(!err.contains("far below"), "{err}");
+    // a report of a file over a run's report keeps no learning curve of the run's
+    let (ok, _, err) = scored(&["--pred"], &pred, "by_run");
+    assert!(ok && !tmp.path().join("by_run/learning_curve.png").exists(), "{err}");
+    // the report never replaces what it reads, nor a user's numbered pictures, nor a user's
+    // page in the default folder (reports/<name>)
+    let inside = tmp.path().join("mine");
+    std::fs::create_dir_all(inside.join("gallery")).unwrap();
+    std::fs::copy(&pred, inside.join("gallery/123.png")).unwrap();
+    let (ok, _, err) = scored(&["--pred"], &inside.join("gallery/123.png"), "mine");
+    assert!(!ok && err.contains("it holds gallery but no earlier report"), "{err}");
+    std::fs::copy(&pred, inside.join("metrics.json")).unwrap();
+    std::fs::remove_dir_all(inside.join("gallery")).unwrap();
+    let (ok, _, err) = scored(&["--pred"], &inside.join("metrics.json"), "mine");
+    assert!(!ok && err.contains("is not a gz report's"), "{err}");
+    std::fs::write(inside.join("index.html"), "per_question.png").unwrap();
+    std::fs::write(inside.join("metrics.json"), r#"{"model": 1, "baselines": 2}"#).unwrap();
+    std::fs::copy(&pred, inside.join("p.png")).unwrap();
+    let (ok, _, err) = scored(&["--pred"], &inside.join("p.png"), "mine");
+    assert!(!ok && err.contains("the report would replace"), "{err}");
+    assert_eq!(
+        std::fs::read(inside.join("p.png")).unwrap(),
+        std::fs::read(&pred).unwrap()
+    );
+    let own = tmp.path().join("reports/pred");
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(own.join("index.html"), "<p>mine</p>").unwrap();
+    let (ok, _, err) = support::run(
+        support::gz()
+            .current_dir(tmp.path())
+            .args(["eval", "--pred"])
+            .arg(&pred)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--data")
+            .arg(&data),
+    );
+    assert!(
+        !ok && err.contains("--report (by default) reports/pred: its index.html is not a gz report's"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(own.join("index.html")).unwrap(), "<p>mine</p>");
     // options only a model predicting here reads, and the hold-out a file cannot name
     let (ok, _, err) = scored(&["--tta", "8", "--pred"], &pred, "by_bad");
     assert!(!ok && err.contains("--tta applies only to a model"), "{err}");

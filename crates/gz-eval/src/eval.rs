@@ -233,31 +233,27 @@ pub struct Matched {
 }
 
 /// Takes the predictions of `split`'s `rows` from `pred` (a CSV read from `path`, by
-/// GalaxyID). Every row must have one prediction, each of its 37 values finite: a missing
-/// id, an id twice or a NaN is an error naming them (a score over part of the rows would not
-/// be comparable with any other). Rows of the file for other galaxies are returned as
-/// `extra`, for the caller to name.
+/// GalaxyID). Every row must have one prediction, each of its 37 values finite: missing ids,
+/// ids twice and NaNs are one error naming each kind with its count and first ids (a score over
+/// part of the rows would not be comparable with any other). Rows of the file for other
+/// galaxies are returned as `extra` (once each), for the caller to name: they are not scored,
+/// so what they hold is not checked.
 pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solutions, path: &Path) -> Result<Matched> {
-    let bad = |reason: String| EvalError::BadFile {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let ids = split.ids();
+    let wanted: std::collections::HashSet<u64> = rows.iter().map(|&r| ids[r]).collect();
+    // the file's rows by id; a scored galaxy's second row is a problem (others are not scored)
     let mut index = std::collections::HashMap::with_capacity(pred.len());
+    let mut twice = Vec::new();
     for (i, &id) in pred.ids.iter().enumerate() {
-        if index.insert(id, i).is_some() {
-            return Err(bad(format!(
-                "GalaxyID {id} has more than one row: which one to score is not clear"
-            )));
+        if index.insert(id, i).is_some() && wanted.contains(&id) {
+            twice.push(id);
         }
     }
-    let ids = split.ids();
     let mut values = Vec::with_capacity(rows.len() * N_ANSWERS);
-    let mut missing = Vec::new();
-    let mut wanted = std::collections::HashSet::with_capacity(rows.len());
+    let (mut missing, mut not_numbers) = (Vec::new(), Vec::new());
     let mut outside = 0;
     for &r in rows {
         let id = ids[r];
-        wanted.insert(id);
         let Some(&i) = index.get(&id) else {
             missing.push(id);
             continue;
@@ -265,28 +261,65 @@ pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solution
         let row = pred.row(i);
         if let Some(k) = row.iter().position(|v| !v.is_finite()) {
             let column = gz_schema::column_names().nth(k).unwrap_or("?");
-            return Err(bad(format!(
-                "GalaxyID {id}: {column} is {}; every scored value must be a number",
-                row[k]
-            )));
+            not_numbers.push(format!("{id} ({column} is {})", row[k]));
         }
         outside += row.iter().filter(|v| !(0.0..=1.0).contains(*v)).count();
         values.extend_from_slice(row);
     }
+    // every kind of problem, each with its count and the first few
+    let few = |all: &[String]| {
+        let shown = all.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        if all.len() > 5 {
+            format!("{shown}, …")
+        } else {
+            shown
+        }
+    };
+    let mut problems = Vec::new();
     if !missing.is_empty() {
         missing.sort_unstable();
-        let shown: Vec<String> = missing.iter().take(5).map(u64::to_string).collect();
-        return Err(bad(format!(
-            "{} of the {} galaxies scored (split {}) have no row here: GalaxyID {}{}; are these \
-             predictions for this dataset?",
-            missing.len(),
+        let n = missing.len();
+        problems.push(format!(
+            "{n} of the {} galaxies scored (split {}) {} no row here: GalaxyID {}",
             rows.len(),
             split.name(),
-            shown.join(", "),
-            if missing.len() > shown.len() { ", …" } else { "" }
-        )));
+            if n == 1 { "has" } else { "have" },
+            few(&missing.iter().map(u64::to_string).collect::<Vec<_>>())
+        ));
     }
-    let mut extra: Vec<u64> = pred.ids.iter().copied().filter(|id| !wanted.contains(id)).collect();
+    if !twice.is_empty() {
+        twice.sort_unstable();
+        twice.dedup();
+        problems.push(format!(
+            "{} more than one row (which one to score is not clear): GalaxyID {}",
+            if twice.len() == 1 {
+                "1 galaxy has".to_string()
+            } else {
+                format!("{} galaxies have", twice.len())
+            },
+            few(&twice.iter().map(u64::to_string).collect::<Vec<_>>())
+        ));
+    }
+    if !not_numbers.is_empty() {
+        problems.push(format!(
+            "{} of the scored rows {} a value that is not a number (every scored value must be one): GalaxyID {}",
+            not_numbers.len(),
+            if not_numbers.len() == 1 { "has" } else { "have" },
+            few(&not_numbers)
+        ));
+    }
+    if !problems.is_empty() {
+        let hint = if missing.len() == rows.len() {
+            "; are these predictions for this dataset?"
+        } else {
+            ""
+        };
+        return Err(EvalError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("{}{hint}", problems.join("; ")),
+        });
+    }
+    let mut extra: Vec<u64> = index.keys().copied().filter(|id| !wanted.contains(id)).collect();
     extra.sort_unstable();
     Ok(Matched { values, extra, outside })
 }

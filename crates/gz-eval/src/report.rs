@@ -522,13 +522,21 @@ pub fn write_report(
                 .map(|f| ("Bayes floor".to_string(), f.rmse)),
         )
         .collect();
+    let curve_chart = dir.join("learning_curve.png");
     let learning_curve = match epochs {
         Some(ep) => {
-            let p = dir.join("learning_curve.png");
-            learning_curve_png(ep, &refs, &p)?;
-            Some(p)
+            learning_curve_png(ep, &refs, &curve_chart)?;
+            Some(curve_chart)
         }
-        None => None,
+        None => {
+            // an earlier report's curve (a run's, under a report of a predictions file) is not
+            // this one's
+            match std::fs::remove_file(&curve_chart) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&curve_chart)(e)),
+                _ => {}
+            }
+            None
+        }
     };
     let per_question = dir.join("per_question.png");
     let mut series: Vec<&NamedScores> = vec![&report.model];

@@ -358,15 +358,29 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
         return true;
     }
     if rec.len() != expected.len() {
+        // pandas' `to_csv` writes its row index first, under an empty name, unless told not to
+        let index = rec.len() == expected.len() + 1
+            && rec
+                .get(0)
+                .is_some_and(|f| f.trim_start_matches('\u{feff}').trim().is_empty())
+            && rec.get(1).is_some_and(|f| f.trim() == "GalaxyID");
         rep.push(
             ProblemKind::Header,
             Some(1),
             format!(
-                "header has {} columns, expected {} (GalaxyID,Class1.1,…,Class11.6)",
+                "header has {} columns, expected {} (GalaxyID,Class1.1,…,Class11.6){}",
                 rec.len(),
-                expected.len()
+                expected.len(),
+                if index {
+                    ": the first, unnamed, is a row index (pandas writes one unless `to_csv(…, index=False)`)"
+                } else {
+                    ""
+                }
             ),
         );
+        if index {
+            return false;
+        }
     }
     for (i, (got, want)) in rec.iter().zip(expected).enumerate() {
         let got = if i == 0 {
@@ -499,10 +513,12 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
         if rec.len() != expected.len() {
             return Err(bad(line, format!("expected 38 fields, found {}", rec.len())));
         }
-        let id: u64 = rec[0]
-            .trim()
-            .parse()
-            .map_err(|_| bad(line, format!("GalaxyID {:?} is not an integer", &rec[0])))?;
+        let id: u64 = rec[0].trim().parse().map_err(|_| {
+            bad(
+                line,
+                format!("GalaxyID {:?} is not a whole number from 0 to 2^64 − 1", &rec[0]),
+            )
+        })?;
         for (k, column) in column_names().enumerate() {
             let t = rec[k + 1].trim();
             row[k] = t.parse().map_err(|_| {
@@ -514,6 +530,13 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
                 };
                 bad(line, format!("{column}: {t:?} is not a number{hint}"))
             })?;
+            if row[k].is_infinite() && !t.to_ascii_lowercase().contains("inf") {
+                // a finite number beyond f32 (1e200) read as infinity: said as written
+                return Err(bad(
+                    line,
+                    format!("{column}: {t:?} is too large for a 32-bit float (vote fractions lie in [0, 1])"),
+                ));
+            }
             sniff.cell_text(t);
         }
         sniff.row(&row.map(Some));
@@ -1012,6 +1035,21 @@ mod tests {
         assert_eq!(rep.total(), 1, "{}", rep.describe());
         assert!(rep.problems[0].message.contains("no header"), "{}", rep.describe());
         assert!(check_bytes(text(",", true).as_bytes(), Path::new("t.csv"), None).is_ok());
+        // pandas' row index in front (`to_csv` without `index=False`): one problem that says so
+        let indexed: String = text(",", true)
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 0 {
+                    format!(",{l}\n")
+                } else {
+                    format!("{},{l}\n", i - 1)
+                }
+            })
+            .collect();
+        let rep = check_bytes(indexed.as_bytes(), Path::new("t.csv"), None);
+        assert_eq!(rep.total(), 1, "{}", rep.describe());
+        assert!(rep.problems[0].message.contains("index=False"), "{}", rep.describe());
     }
 
     /// Rows whose Class1 answers do not sum to about 1 (standard deviations, all zeros) get a

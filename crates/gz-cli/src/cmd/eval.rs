@@ -120,11 +120,57 @@ fn run_name(p: &std::path::Path) -> String {
         .unwrap_or_else(|| "run".into())
 }
 
+/// Marks a report's `gallery/` as gz's, written before its first thumbnail: a run stopped
+/// before its `metrics.json` leaves thumbnails that a later report may replace, where
+/// numbered pictures without the mark are a user's.
+const GALLERY_MARK: &str = ".gz-gallery";
+
+/// The report folder: `--report`, else `reports/<name>` (the run's, or the predictions
+/// file's stem).
+fn report_dir(args: &Args) -> PathBuf {
+    args.report
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("reports").join(report_name(args)))
+}
+
+/// The name of what is scored: the run folders' names joined by `+`, or the predictions
+/// file's stem.
+fn report_name(args: &Args) -> String {
+    match &args.pred {
+        Some(p) => p
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "predictions".into()),
+        None => args.runs.iter().map(|r| run_name(r)).collect::<Vec<_>>().join("+"),
+    }
+}
+
+/// Whether writing a report into `dir` would replace `file`: its page or `metrics.json`, a
+/// chart (`*.png`) beside them, or a thumbnail in `gallery/`.
+fn report_replaces(dir: &Path, file: &Path) -> bool {
+    let (Some(parent), Some(name)) = (file.parent(), file.file_name()) else {
+        return false;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let (Ok(parent), Ok(dir)) = (parent.canonicalize(), dir.canonicalize()) else {
+        // a folder not made yet holds nothing
+        return false;
+    };
+    let name = name.to_string_lossy();
+    let png = name.to_ascii_lowercase().ends_with(".png");
+    (parent == dir && (png || name == "index.html" || name == "metrics.json")) || (parent == dir.join("gallery") && png)
+}
+
 /// Refuses a `--report` folder that holds files a report would replace or remove
 /// (`index.html`, `metrics.json`, the charts, `gallery/`) when they are not an earlier gz
 /// report's: a user's own page or figures. Anything else in the folder stays (`cargo xtask`
 /// keeps the submission and the test split's report there).
-fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
+fn check_report_folder(dir: &Path, flag: &str) -> anyhow::Result<()> {
     let read = |name: &str| {
         std::fs::read(dir.join(name))
             .ok()
@@ -138,7 +184,7 @@ fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
     });
     let refuse = |what: &str| {
         bail!(
-            "--report {}: {what}, and a report would replace it: name a new folder (or one holding an earlier report)",
+            "{flag} {}: {what}, and a report would replace it: name a new folder (or one holding an earlier report)",
             dir.display()
         )
     };
@@ -148,16 +194,23 @@ fn check_report_folder(dir: &Path) -> anyhow::Result<()> {
         }
     }
     if page.is_none() && metrics.is_none() {
-        // (a gallery of `<GalaxyID>.png` thumbnails, or an empty one, is a run of gz eval that
-        // stopped before its metrics.json: written first, so the charts are never without it)
+        // (a gallery of `<GalaxyID>.png` thumbnails marked as gz's, or an empty one, is a run
+        // of gz eval that stopped before its metrics.json: written first, so the charts are
+        // never without it; numbered pictures without the mark are a user's)
         let thumbnails = |d: &Path| {
-            std::fs::read_dir(d).is_ok_and(|entries| {
-                entries.flatten().all(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    name.strip_suffix(".png")
-                        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-                })
-            })
+            let Ok(entries) = std::fs::read_dir(d) else {
+                return false;
+            };
+            let names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let thumbnail = |name: &str| {
+                name.strip_suffix(".png")
+                    .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+            };
+            names.is_empty()
+                || (names.iter().any(|n| n == GALLERY_MARK) && names.iter().all(|n| n == GALLERY_MARK || thumbnail(n)))
         };
         let taken: Vec<&str> = ["per_question.png", "learning_curve.png", "spread.png", "gallery"]
             .into_iter()
@@ -260,20 +313,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(r) = &args.report {
-        // before the scoring, not after it
-        super::check_output("--report", r, true)?;
-        super::check_not_an_input("--report", r, &[], &[&args.cache], None)?;
-        check_report_folder(r)?;
+    // before the scoring, not after it; the default folder (reports/<name>) as one given
+    let dir = report_dir(&args);
+    let flag = if args.report.is_some() {
+        "--report".to_string()
+    } else {
+        "--report (by default)".to_string()
+    };
+    super::check_output(&flag, &dir, true)?;
+    super::check_not_an_input(&flag, &dir, &[], &[&args.cache], None)?;
+    check_report_folder(&dir, &flag)?;
+    // nor may the report replace what it reads: the predictions file, a checkpoint
+    let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)
+        .into_iter()
+        .chain(args.pred.iter().cloned())
+        .collect();
+    for input in &inputs {
+        if report_replaces(&dir, input) {
+            bail!(
+                "{flag} {}: the report would replace {}, which this command reads: name another folder",
+                dir.display(),
+                input.display()
+            );
+        }
     }
     if let Some(d) = &args.data {
         // a typo is not a dataset without the optional files: said before the scoring
         if !d.is_dir() {
-            bail!(
-                "--data {}: no such folder (the dataset the cache was prepared from; leave --data out for no \
-                 Bayes floor)",
-                d.display()
-            );
+            let hint = if args.pred.is_some() {
+                "the dataset the cache was prepared from, whose test_solutions.csv holds the labels"
+            } else {
+                "the dataset the cache was prepared from; leave --data out for no Bayes floor"
+            };
+            bail!("--data {}: no such folder ({hint})", d.display());
         }
     }
     if let Some(pred) = &args.pred {
@@ -329,7 +401,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         test_rows(&args, &cache, train, holdout.train.clone())?
     };
-    let name = args.runs.iter().map(|r| run_name(r)).collect::<Vec<_>>().join("+");
+    let name = report_name(&args);
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
     let cfg = EvalConfig {
@@ -407,16 +479,7 @@ fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
     let rows = test_rows(args, &cache, train, (0..train.len()).collect())?;
     let matched = gz_eval::eval::predictions_for(rows.eval_split, &rows.eval_rows, &pred, pred_path)?;
     if !matched.extra.is_empty() {
-        let shown: Vec<String> = matched.extra.iter().take(5).map(u64::to_string).collect();
-        eprintln!(
-            "note: {} of {} {} not in the cache's test split and not scored (GalaxyID {}{}): test images \
-             gz prep could not read, or other galaxies",
-            super::count(matched.extra.len(), "row"),
-            pred_path.display(),
-            if matched.extra.len() == 1 { "is" } else { "are" },
-            shown.join(", "),
-            if matched.extra.len() > shown.len() { ", …" } else { "" }
-        );
+        note_extra_rows(&args.cache, train, pred_path, &matched.extra)?;
     }
     if matched.outside > 0 {
         eprintln!(
@@ -426,12 +489,7 @@ fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
         );
     }
     note_cp_radius(args, &rows);
-    // the file's own name (a run is named by its folder)
-    let name = pred_path
-        .file_stem()
-        .map(|n| n.to_string_lossy().into_owned())
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "predictions".into());
+    let name = report_name(args);
     let file = pred_path.display().to_string();
     let cfg = EvalConfig {
         central_pixel: CentralPixelConfig {
@@ -449,6 +507,55 @@ fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
     };
     let ev = gz_eval::eval::evaluate_predictions(matched.values, &source, &rows, &cfg, args.data.as_deref())?;
     publish(args, &name, &ev, &rows, None, None)
+}
+
+/// Names the rows of a predictions file that are not scored, by what they are: test images
+/// `gz prep` skipped (unreadable, named in the cache's manifest), the cache's training
+/// galaxies, or galaxies the cache does not hold.
+fn note_extra_rows(cache: &Path, train: &gz_shards::Split, file: &Path, extra: &[u64]) -> anyhow::Result<()> {
+    let (_, skipped) = super::submit::cache_test_ids(cache)?;
+    let skipped: std::collections::HashMap<u64, &super::submit::SkippedImage> = skipped
+        .iter()
+        .filter_map(|s| {
+            let id = Path::new(&s.0).file_stem()?.to_str()?.parse().ok()?;
+            Some((id, s))
+        })
+        .collect();
+    let training: std::collections::HashSet<u64> = train.ids().iter().copied().collect();
+    let (mut unreadable, mut trained, mut other) = (Vec::new(), Vec::new(), Vec::new());
+    for id in extra {
+        if let Some((path, reason)) = skipped.get(id) {
+            unreadable.push(format!("{id} ({path}: {reason})"));
+        } else if training.contains(id) {
+            trained.push(id.to_string());
+        } else {
+            other.push(id.to_string());
+        }
+    }
+    let few = |all: &[String]| {
+        let shown = all.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        if all.len() > 5 {
+            format!("{shown}, …")
+        } else {
+            shown
+        }
+    };
+    for (ids, what) in [
+        (&unreadable, "test images gz prep could not read"),
+        (&trained, "training galaxies of the cache"),
+        (&other, "galaxies the cache does not hold"),
+    ] {
+        if !ids.is_empty() {
+            eprintln!(
+                "note: {} of {} {} not scored, {what}: GalaxyID {}",
+                super::count(ids.len(), "row"),
+                file.display(),
+                if ids.len() == 1 { "is" } else { "are" },
+                few(ids)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Prints the table (and the spread's line) and writes the report; the last lines name
@@ -479,13 +586,23 @@ fn publish(
     if let Some(sp) = &ev.report.spread {
         println!("{}", sp.sentence());
     }
+    if let Some(f) = &ev.report.floor {
+        // the floor is the noise-free truth's own error against the volunteers' votes: far
+        // below it, the predictions have seen these very labels
+        if ev.report.model.scores.rmse < 0.9 * f.rmse {
+            eprintln!(
+                "note: {} scores {:.5}, far below the Bayes floor ({:.5}): no model of the images gets there; \
+                 were these labels among its inputs?",
+                name, ev.report.model.scores.rmse, f.rmse
+            );
+        }
+    }
 
-    let dir = args
-        .report
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("reports").join(name));
+    let dir = report_dir(args);
     let gdir = dir.join("gallery");
     std::fs::create_dir_all(&gdir).with_context(|| format!("creating {}", gdir.display()))?;
+    let mark = gdir.join(GALLERY_MARK);
+    std::fs::write(&mark, b"").with_context(|| format!("writing {}", mark.display()))?;
     // an earlier report's page goes first: this report replaces its files one by one, and one
     // that fails part-way (a full disk) would leave that page showing the old scores beside the
     // new metrics.json and charts, its gallery gone; index.html is written last

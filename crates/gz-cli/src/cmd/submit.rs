@@ -238,12 +238,12 @@ fn ids_source(args: &Args) -> Option<(&'static str, &PathBuf)> {
 }
 
 /// A test image `gz prep` skipped: its path in the manifest and the reason.
-type SkippedImage = (String, String);
+pub(crate) type SkippedImage = (String, String);
 
 /// The GalaxyIDs of a cache's test images: its test split's and those of the test images
 /// `gz prep` skipped (unreadable: recorded in the manifest), with the skipped ones' paths and
 /// reasons.
-fn cache_test_ids(dir: &Path) -> anyhow::Result<(Vec<u64>, Vec<SkippedImage>)> {
+pub(crate) fn cache_test_ids(dir: &Path) -> anyhow::Result<(Vec<u64>, Vec<SkippedImage>)> {
     let cache = super::open_cache(dir)?;
     let mut ids: Vec<u64> = cache.test().map(|t| t.ids().to_vec()).unwrap_or_default();
     let mut seen: std::collections::HashSet<u64> = ids.iter().copied().collect();
