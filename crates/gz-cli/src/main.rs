@@ -98,12 +98,15 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 11] = [
+    let switches: [Switch; 12] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
         // candle's CPU convolution instead of gz's own f32 kernel (gz_model::cpu_conv)
         ("GZ_CPU_CONV", "candle", gz_model::cpu_conv::set_enabled, false),
+        // im2col + product for the valid stride-1 layers with few output channels instead of
+        // the direct kernels (Dieleman's image layer; gz_model::cpu_conv)
+        ("GZ_CPU_DIRECT", "0", gz_model::cpu_conv::set_direct, false),
         // CPU training builds conv, ReLU and pooling as separate graph nodes (candle's ReLU)
         // instead of one fused op per layer
         ("GZ_CPU_FUSED", "0", gz_model::cudnn::set_cpu_fused, false),

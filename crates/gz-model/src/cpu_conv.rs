@@ -19,6 +19,13 @@
 //! `GZ_CPU_WINOGRAD=0` in `gz`, turns Winograd off; [`set_winograd_large_tiles`]`(false)`,
 //! `GZ_CPU_WINOGRAD=2`, keeps the small tiles everywhere).
 //!
+//! "Valid" stride-1 layers with at most 8 output channels and filters of at least 3×3
+//! (Dieleman's image layer in `dieleman-tiny`: 3 → 8 channels, 6×6 on 45×45 parts) run their
+//! forward pass and filter gradient as direct loops instead (`direct`, AVX2 + FMA where the CPU
+//! has them): there the product is 8 rows tall, half of `gemm`'s tiles, after an im2col that
+//! copies each part 36 times ([`set_direct`]`(false)`, `GZ_CPU_DIRECT=0` in `gz`, keeps
+//! im2col). Their input gradient is not needed (the image) and stays im2col.
+//!
 //! Results do not depend on the number of threads: images are independent in the forward pass
 //! and the input gradient (Winograd groups images by their sizes alone), and the filter gradient
 //! sums per-chunk partials in a fixed order (chunks of the batch fixed by the sizes alone; small
@@ -30,10 +37,23 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+mod direct;
 mod winograd;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static WINOGRAD: AtomicBool = AtomicBool::new(true);
+static DIRECT: AtomicBool = AtomicBool::new(true);
+
+/// Lets "valid" stride-1 layers with few output channels (Dieleman's image layer) run the
+/// direct kernels (`direct`, the default) instead of im2col + product (`GZ_CPU_DIRECT=0` in
+/// `gz`), for comparisons.
+pub fn set_direct(on: bool) {
+    DIRECT.store(on, Ordering::Relaxed);
+}
+
+fn direct_applies(g: &Geometry) -> bool {
+    DIRECT.load(Ordering::Relaxed) && direct::applies(g)
+}
 
 /// Lets 3×3 stride-1 forward passes with enough channels run Winograd (the default,
 /// `winograd`) instead of im2col + product (`GZ_CPU_WINOGRAD=0` in `gz`).
@@ -394,6 +414,9 @@ pub(crate) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> 
     if WINOGRAD.load(Ordering::Relaxed) && winograd::applies(g) {
         return Ok(winograd::forward(g, x, w, b));
     }
+    if direct_applies(g) {
+        return Ok(direct::forward(g, x, w, b));
+    }
     Ok(forward_im2col(g, x, w, b))
 }
 
@@ -522,15 +545,24 @@ pub(crate) fn backward_data(g: &Geometry, dy: &[f32], w: &[f32]) -> Result<Vec<f
 /// dy_i (k × oh·ow) · im2col(x_i)ᵀ, summed in fixed chunks of the batch.
 pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
     g.check()?;
-    let (ohw, ckk, chw) = (g.oh() * g.ow(), g.ckk(), g.c * g.h * g.w);
+    let (ohw, chw) = (g.oh() * g.ow(), g.c * g.h * g.w);
     check_len("x", x, g.n * chw)?;
     check_len("dy", dy, g.n * g.k * ohw)?;
     if WINOGRAD.load(Ordering::Relaxed) && winograd::applies(g) {
         return Ok(winograd::backward_filter(g, x, dy));
     }
+    if direct_applies(g) {
+        return Ok(direct::backward_filter(g, x, dy));
+    }
+    Ok(backward_filter_im2col(g, x, dy))
+}
+
+/// [`backward_filter`] by im2col + products (lengths checked by the caller).
+fn backward_filter_im2col(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (ohw, ckk, chw) = (g.oh() * g.ow(), g.ckk(), g.c * g.h * g.w);
     let mut dw = vec![0f32; g.k * ckk];
     if ohw == 0 || g.n == 0 {
-        return Ok(dw);
+        return dw;
     }
     // chunks of the batch fixed by the sizes alone; small outputs put several images side by
     // side in one product (depth `side · ohw` instead of `ohw`: VGG16-blog's 6×6 and Dieleman's
@@ -596,7 +628,7 @@ pub(crate) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Result<Vec
             *d += p;
         }
     }
-    Ok(dw)
+    dw
 }
 
 /// Copies `block` (rows × `width`, row-major) into the `q`-th of the `m` column blocks of `wide`

@@ -165,6 +165,78 @@ fn results_do_not_depend_on_threads() -> Result<()> {
     same_on_any_threads(wg4)
 }
 
+/// The direct kernels (valid stride-1 layers with few output channels: Dieleman's image layer)
+/// give the im2col path's forward pass and filter gradient, in AVX2 + FMA and portable alike,
+/// on shapes that reach every edge of their loops: an odd channel count (a strip of one
+/// channel), filter widths the taps' blocks do not divide, rows with and without whole strips
+/// and scalar columns, output rows the row blocks do not divide; and on any number of threads.
+#[test]
+fn direct_kernels_match_im2col() -> Result<()> {
+    let shapes = [
+        // (n, c, h, w, k, kh, kw): Dieleman's image layer; 43 columns (a strip of 40, 3 alone)
+        // and 48 rows (blocks of 20, 20, 8); 16 columns (two vectors), 5 channels, 4 wide
+        (3, 3, 45, 45, 8, 6, 6),
+        (2, 2, 50, 47, 7, 3, 5),
+        (3, 3, 21, 19, 5, 6, 4),
+        (2, 1, 12, 12, 1, 3, 3),
+    ];
+    for (i, &(n, c, h, w, k, kh, kw)) in shapes.iter().enumerate() {
+        let g = Geometry {
+            n,
+            c,
+            h,
+            w,
+            k,
+            kh,
+            kw,
+            padding: 0,
+            stride: 1,
+        };
+        assert!(direct::applies(&g), "{g:?}");
+        let x = values(&rnd((n, c, h, w), 40 + i as u64)?)?;
+        let wt = values(&rnd((k, c, kh, kw), 50 + i as u64)?)?;
+        let b = values(&rnd((1, 1, 1, k), 60 + i as u64)?)?;
+        let dy = values(&rnd((n, k, g.oh(), g.ow()), 70 + i as u64)?)?;
+        let close = |a: &[f32], r: &[f32], what: &str| {
+            assert_eq!(a.len(), r.len());
+            let m = r.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let d = a.iter().zip(r).fold(0f32, |d, (a, r)| d.max((a - r).abs()));
+            assert!(d / m < 1e-5, "{what} {g:?}: {d} of {m}");
+        };
+        let y_ref = forward_im2col(&g, &x, &wt, Some(&b));
+        let dw_ref = backward_filter_im2col(&g, &x, &dy);
+        for fast in [false, crate::cpu_features::avx2_fma()] {
+            close(
+                &direct::forward_with(fast, &g, &x, &wt, Some(&b)),
+                &y_ref,
+                &format!("forward (fast {fast})"),
+            );
+            close(
+                &direct::backward_filter_with(fast, &g, &x, &dy),
+                &dw_ref,
+                &format!("filter gradient (fast {fast})"),
+            );
+        }
+        same_on_any_threads(g)?;
+    }
+    // the direct kernels stop where gemm's tiles fill: 16 output channels, padding, stride
+    let g = Geometry {
+        n: 1,
+        c: 3,
+        h: 45,
+        w: 45,
+        k: 16,
+        kh: 6,
+        kw: 6,
+        padding: 0,
+        stride: 1,
+    };
+    assert!(!direct::applies(&g));
+    assert!(!direct::applies(&Geometry { k: 8, padding: 1, ..g }));
+    assert!(!direct::applies(&Geometry { k: 8, stride: 2, ..g }));
+    Ok(())
+}
+
 fn same_on_any_threads(g: Geometry) -> Result<()> {
     let x = values(&rnd((g.n, g.c, g.h, g.w), 21)?)?;
     let w = values(&rnd((g.k, g.c, g.kh, g.kw), 22)?)?;
