@@ -736,7 +736,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     assert!(
         !ok && err.contains("1 of the 8 galaxies scored (split test) has no row")
             && err.contains("1 galaxy has more than one row")
-            && err.contains("1 of the scored rows has a value that is not a number"),
+            && err.contains("1 of the scored rows has a value that is not a finite number"),
         "{err}"
     );
     refused(
@@ -789,11 +789,40 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(own.join("index.html")).unwrap(), "<p>mine</p>");
+    // the default folder is named by the file's stem: a report of the same file is replaced,
+    // one of another file of that name (another run's test_predictions.csv) is not
+    std::fs::remove_file(own.join("index.html")).unwrap();
+    let by_default = |file: &Path| {
+        support::run(
+            support::gz()
+                .current_dir(tmp.path())
+                .args(["eval", "--pred"])
+                .arg(file)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--data")
+                .arg(&data),
+        )
+    };
+    for _ in 0..2 {
+        let (ok, out, err) = by_default(&pred);
+        assert!(ok && out.contains("report: reports/pred/index.html"), "{out}\n{err}");
+    }
+    let twin = tmp.path().join("other/pred.csv");
+    std::fs::create_dir_all(twin.parent().unwrap()).unwrap();
+    std::fs::copy(&pred, &twin).unwrap();
+    let (ok, _, err) = by_default(&twin);
+    assert!(
+        !ok && err.contains(&format!("it holds the report of predictions {}", pred.display())),
+        "{err}"
+    );
     // options only a model predicting here reads, and the hold-out a file cannot name
     let (ok, _, err) = scored(&["--tta", "8", "--pred"], &pred, "by_bad");
     assert!(!ok && err.contains("--tta applies only to a model"), "{err}");
     let (ok, _, err) = scored(&["--split", "validation", "--pred"], &pred, "by_bad");
     assert!(!ok && err.contains("--pred with --split validation"), "{err}");
+    let (ok, _, err) = scored(&["--pred"], Path::new("-"), "by_bad");
+    assert!(!ok && err.contains("standard input is not read here"), "{err}");
     // with the spread of the 8 views: the same predictions to the byte, and beside them one
     // standard deviation per answer, for the same galaxies
     let pred_s = tmp.path().join("pred_spread.csv");

@@ -302,7 +302,7 @@ pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solution
     }
     if !not_numbers.is_empty() {
         problems.push(format!(
-            "{} of the scored rows {} a value that is not a number (every scored value must be one): GalaxyID {}",
+            "{} of the scored rows {} a value that is not a finite number (every scored value must be one): GalaxyID {}",
             not_numbers.len(),
             if not_numbers.len() == 1 { "has" } else { "have" },
             few(&not_numbers)

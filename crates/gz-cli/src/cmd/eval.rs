@@ -53,7 +53,8 @@ pub struct Args {
     /// Central-pixel benchmark: half-width of the central patch averaged.
     #[arg(long, default_value_t = 1)]
     cp_radius: usize,
-    /// Report folder [default: reports/<run name>]; missing folders are created.
+    /// Report folder [default: reports/<run name>, or reports/<file stem> with --pred]; missing
+    /// folders are created.
     #[arg(long)]
     report: Option<PathBuf>,
     /// Galaxies in the report's gallery.
@@ -166,11 +167,35 @@ fn report_replaces(dir: &Path, file: &Path) -> bool {
     (parent == dir && (png || name == "index.html" || name == "metrics.json")) || (parent == dir.join("gallery") && png)
 }
 
+/// Whether the gz report in the default folder `dir` is of something else than what is
+/// scored now: `default_for` is the predictions file (`--pred`), or an empty path for a run;
+/// `None` when `--report` was given (the user chose the folder).
+fn default_collides(dir: &Path, default_for: Option<&Path>) -> anyhow::Result<bool> {
+    let Some(ours) = default_for else {
+        return Ok(false);
+    };
+    let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap_or_default();
+    let held: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let theirs = held.get("predictions").and_then(|p| p.as_str());
+    Ok(match (theirs, ours.as_os_str().is_empty()) {
+        // a run's report over a run's (the same name: the folder's)
+        (None, true) => false,
+        (Some(_), true) | (None, false) => true,
+        (Some(t), false) => {
+            let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => a == b,
+            };
+            !same(Path::new(t), ours)
+        }
+    })
+}
+
 /// Refuses a `--report` folder that holds files a report would replace or remove
 /// (`index.html`, `metrics.json`, the charts, `gallery/`) when they are not an earlier gz
 /// report's: a user's own page or figures. Anything else in the folder stays (`cargo xtask`
 /// keeps the submission and the test split's report there).
-fn check_report_folder(dir: &Path, flag: &str) -> anyhow::Result<()> {
+fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> anyhow::Result<()> {
     let read = |name: &str| {
         std::fs::read(dir.join(name))
             .ok()
@@ -192,6 +217,28 @@ fn check_report_folder(dir: &Path, flag: &str) -> anyhow::Result<()> {
         if ours == Some(false) {
             return refuse(&format!("its {name} is not a gz report's"));
         }
+    }
+    // the default folder is named after what is scored, and names collide (two runs' files
+    // called test_predictions.csv; a run and a file of its predictions named like it): there
+    // only a report of the same thing is replaced
+    if metrics == Some(true) && default_collides(dir, default_for)? {
+        let held = read("metrics.json")
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v.get("predictions")
+                    .and_then(|p| p.as_str())
+                    .map(|p| format!("predictions {p}"))
+                    .or_else(|| {
+                        v.get("checkpoint")
+                            .and_then(|c| c.as_str())
+                            .map(|c| format!("checkpoint {c}"))
+                    })
+            })
+            .unwrap_or_else(|| "something else".into());
+        bail!(
+            "{flag} {}: it holds the report of {held}, not of what is scored now: name a folder with --report",
+            dir.display()
+        );
     }
     if page.is_none() && metrics.is_none() {
         // (a gallery of `<GalaxyID>.png` thumbnails marked as gz's, or an empty one, is a run
@@ -217,7 +264,21 @@ fn check_report_folder(dir: &Path, flag: &str) -> anyhow::Result<()> {
             .filter(|n| dir.join(n).exists() && !(*n == "gallery" && thumbnails(&dir.join(n))))
             .collect();
         if !taken.is_empty() {
-            return refuse(&format!("it holds {} but no earlier report", taken.join(", ")));
+            let numbered = taken == ["gallery"]
+                && std::fs::read_dir(dir.join("gallery")).is_ok_and(|entries| {
+                    entries.flatten().all(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.strip_suffix(".png")
+                            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                });
+            let hint = if numbered {
+                " (if its numbered pictures are thumbnails of a gz eval stopped before reports marked their \
+                 gallery, remove gallery/ or create gallery/.gz-gallery)"
+            } else {
+                ""
+            };
+            return refuse(&format!("it holds {} but no earlier report{hint}", taken.join(", ")));
         }
     }
     Ok(())
@@ -293,10 +354,10 @@ fn model_options(args: &Args) -> Vec<&'static str> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
-    if args.pred.is_some() {
+    if let Some(p) = &args.pred {
+        if p.as_os_str() == "-" {
+            bail!("--pred -: name the predictions file (standard input is not read here)");
+        }
         let given = model_options(&args);
         if !given.is_empty() {
             bail!(
@@ -313,6 +374,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     // before the scoring, not after it; the default folder (reports/<name>) as one given
     let dir = report_dir(&args);
     let flag = if args.report.is_some() {
@@ -322,7 +386,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     super::check_output(&flag, &dir, true)?;
     super::check_not_an_input(&flag, &dir, &[], &[&args.cache], None)?;
-    check_report_folder(&dir, &flag)?;
+    let default_for = args.report.is_none().then(|| args.pred.clone().unwrap_or_default());
+    check_report_folder(&dir, &flag, default_for.as_deref())?;
     // nor may the report replace what it reads: the predictions file, a checkpoint
     let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)
         .into_iter()

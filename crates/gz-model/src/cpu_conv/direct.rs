@@ -8,8 +8,8 @@
 //!
 //! Each loop is written twice: portable (generic over `FMA`, multiplying and adding separately
 //! without it) and in AVX2 + FMA intrinsics, picked at run time
-//! ([`crate::cpu_features::avx2_fma`]); the portable loops are the reference the tests hold the
-//! vector ones to. The sums run in a fixed order whatever the number of threads (images are
+//! ([`crate::cpu_features::avx2_fma`]); the portable loops with `FMA` are the reference the
+//! tests hold the vector ones to, bit for bit (the same sums in the same order). The sums run in a fixed order whatever the number of threads (images are
 //! independent; the filter gradient sums per-chunk partials as the im2col path does), so a run
 //! gives the same bits on any number of threads, as before.
 
@@ -473,6 +473,37 @@ mod fma {
     }
 }
 
+/// One image (`x`, c × h·w; `dy`, k × oh·ow) through the portable loops with FMA and through
+/// the intrinsics: (forward, filter gradient) each way, for the tests to hold equal to the bit.
+/// `None` where the CPU lacks AVX2 + FMA.
+#[cfg(test)]
+pub(super) fn both_ways(
+    g: &Geometry,
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    dy: &[f32],
+) -> Option<[(Vec<f32>, Vec<f32>); 2]> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu_features::avx2_fma() {
+        let (ohw, ckk) = (g.oh() * g.ow(), g.ckk());
+        let mut out = [
+            (vec![0f32; g.k * ohw], vec![0f32; g.k * ckk]),
+            (vec![0f32; g.k * ohw], vec![0f32; g.k * ckk]),
+        ];
+        image_forward::<true>(g, x, w, Some(b), &mut out[0].0);
+        image_filter::<true>(g, x, dy, &mut out[0].1);
+        // SAFETY: `cpu_features::avx2_fma()` found AVX2 and FMA
+        unsafe {
+            fma::image_forward(g, x, w, Some(b), &mut out[1].0);
+            fma::image_filter(g, x, dy, &mut out[1].1);
+        }
+        return Some(out);
+    }
+    let _ = (g, x, w, b, dy);
+    None
+}
+
 /// y (n, k, oh, ow) = conv(x, w) + b, lengths checked by the caller.
 pub(super) fn forward(g: &Geometry, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
     forward_with(crate::cpu_features::avx2_fma(), g, x, w, b)
@@ -498,8 +529,9 @@ pub(super) fn forward_with(fast: bool, g: &Geometry, x: &[f32], w: &[f32], b: Op
     y
 }
 
-/// dw (k, c, kh, kw) from x and dy, lengths checked by the caller: per image, summed in the
-/// im2col path's fixed chunks of the batch.
+/// dw (k, c, kh, kw) from x and dy, lengths checked by the caller: per image, summed in fixed
+/// chunks of the batch (an eighth of it, by its size alone, as the im2col path without its
+/// images side by side).
 pub(super) fn backward_filter(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
     backward_filter_with(crate::cpu_features::avx2_fma(), g, x, dy)
 }
