@@ -221,6 +221,17 @@ pub fn labels_from_csv(split: &Split, path: &Path) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The first five of `all`, comma-separated, with `, …` when there are more: the ids a
+/// message names.
+pub fn first_few(all: &[String]) -> String {
+    let shown = all.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if all.len() > 5 {
+        format!("{shown}, …")
+    } else {
+        shown
+    }
+}
+
 /// A predictions file's rows for a split's rows, matched by GalaxyID ([`predictions_for`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matched {
@@ -267,14 +278,6 @@ pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solution
         values.extend_from_slice(row);
     }
     // every kind of problem, each with its count and the first few
-    let few = |all: &[String]| {
-        let shown = all.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-        if all.len() > 5 {
-            format!("{shown}, …")
-        } else {
-            shown
-        }
-    };
     let mut problems = Vec::new();
     if !missing.is_empty() {
         missing.sort_unstable();
@@ -284,7 +287,7 @@ pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solution
             rows.len(),
             split.name(),
             if n == 1 { "has" } else { "have" },
-            few(&missing.iter().map(u64::to_string).collect::<Vec<_>>())
+            first_few(&missing.iter().map(u64::to_string).collect::<Vec<_>>())
         ));
     }
     if !twice.is_empty() {
@@ -297,7 +300,7 @@ pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solution
             } else {
                 format!("{} galaxies have", twice.len())
             },
-            few(&twice.iter().map(u64::to_string).collect::<Vec<_>>())
+            first_few(&twice.iter().map(u64::to_string).collect::<Vec<_>>())
         ));
     }
     if !not_numbers.is_empty() {
@@ -305,7 +308,7 @@ pub fn predictions_for(split: &Split, rows: &[usize], pred: &gz_schema::Solution
             "{} of the scored rows {} a value that is not a finite number (every scored value must be one): GalaxyID {}",
             not_numbers.len(),
             if not_numbers.len() == 1 { "has" } else { "have" },
-            few(&not_numbers)
+            first_few(&not_numbers)
         ));
     }
     if !problems.is_empty() {

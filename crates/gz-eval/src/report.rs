@@ -531,10 +531,7 @@ pub fn write_report(
         None => {
             // an earlier report's curve (a run's, under a report of a predictions file) is not
             // this one's
-            match std::fs::remove_file(&curve_chart) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&curve_chart)(e)),
-                _ => {}
-            }
+            remove_stale(&curve_chart)?;
             None
         }
     };
@@ -557,10 +554,7 @@ pub fn write_report(
         }
         _ => {
             // an earlier report's chart would sit beside this one's page as if it were its own
-            match std::fs::remove_file(&spread_chart) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&spread_chart)(e)),
-                _ => {}
-            }
+            remove_stale(&spread_chart)?;
             None
         }
     };
@@ -576,6 +570,14 @@ pub fn write_report(
         per_question,
         spread,
     })
+}
+
+/// Removes an earlier report's chart that this report does not draw (none there is fine).
+fn remove_stale(chart: &Path) -> Result<()> {
+    match std::fs::remove_file(chart) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(chart)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// `curve`: `None` without a learning curve, `Some(Some(run))` for a curve of only `run` among

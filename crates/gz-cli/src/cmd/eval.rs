@@ -335,30 +335,13 @@ fn test_rows<'a>(
     })
 }
 
-/// The options only a model reads (predicting here), by flag name, when given with `--pred`
-/// (whose predictions exist already). Defaults are indistinguishable from absent values, which
-/// is harmless: they change nothing.
-fn model_options(args: &Args) -> Vec<&'static str> {
-    let t = &args.tta;
-    [
-        ("--tta", t.tta != 1),
-        ("--tta-rotations", t.tta_rotations.is_some()),
-        ("--tta-flips", t.tta_flips.is_some()),
-        ("--tta-scales", t.tta_scales.is_some()),
-        ("--device", args.device != "cpu"),
-        ("--batch", args.batch != 64),
-    ]
-    .into_iter()
-    .filter_map(|(flag, given)| given.then_some(flag))
-    .collect()
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = &args.pred {
         if p.as_os_str() == "-" {
             bail!("--pred -: name the predictions file (standard input is not read here)");
         }
-        let given = model_options(&args);
+        // the options only a model predicting here reads
+        let given = args.tta.given_with(&args.device, args.batch);
         if !given.is_empty() {
             bail!(
                 "{} {} only to a model predicting here (--run); --pred scores predictions made already \
@@ -597,14 +580,6 @@ fn note_extra_rows(cache: &Path, train: &gz_shards::Split, file: &Path, extra: &
             other.push(id.to_string());
         }
     }
-    let few = |all: &[String]| {
-        let shown = all.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
-        if all.len() > 5 {
-            format!("{shown}, …")
-        } else {
-            shown
-        }
-    };
     for (ids, what) in [
         (&unreadable, "test images gz prep could not read"),
         (&trained, "training galaxies of the cache"),
@@ -616,7 +591,7 @@ fn note_extra_rows(cache: &Path, train: &gz_shards::Split, file: &Path, extra: &
                 super::count(ids.len(), "row"),
                 file.display(),
                 if ids.len() == 1 { "is" } else { "are" },
-                few(ids)
+                gz_eval::eval::first_few(ids)
             );
         }
     }

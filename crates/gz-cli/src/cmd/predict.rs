@@ -41,6 +41,24 @@ pub struct TtaArgs {
 }
 
 impl TtaArgs {
+    /// The prediction options given, by flag name, with the command's `--device` and
+    /// `--batch`: for the modes that predict nothing (`gz submit --pred`/`--check`, `gz eval
+    /// --pred`) to refuse. Defaults are indistinguishable from absent values, which is
+    /// harmless: they change nothing.
+    pub fn given_with(&self, device: &str, batch: usize) -> Vec<&'static str> {
+        [
+            ("--tta", self.tta != 1),
+            ("--tta-rotations", self.tta_rotations.is_some()),
+            ("--tta-flips", self.tta_flips.is_some()),
+            ("--tta-scales", self.tta_scales.is_some()),
+            ("--device", device != "cpu"),
+            ("--batch", batch != 64),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
     /// The validated TTA grid.
     pub fn config(&self) -> anyhow::Result<TtaConfig> {
         let mut t = TtaConfig::preset(self.tta)?;

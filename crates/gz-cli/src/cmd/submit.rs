@@ -71,19 +71,9 @@ impl Args {
 /// or `--check` they would be ignored, so they are refused instead. (Default values are
 /// indistinguishable from absent ones here, which is harmless: they change nothing.)
 fn prediction_options(args: &Args) -> Vec<&'static str> {
-    let t = &args.tta;
-    [
-        ("--cache", args.cache.is_some()),
-        ("--tta", t.tta != 1),
-        ("--tta-rotations", t.tta_rotations.is_some()),
-        ("--tta-flips", t.tta_flips.is_some()),
-        ("--tta-scales", t.tta_scales.is_some()),
-        ("--device", args.device != "cpu"),
-        ("--batch", args.batch != 64),
-    ]
-    .into_iter()
-    .filter_map(|(flag, given)| given.then_some(flag))
-    .collect()
+    let mut given: Vec<&'static str> = args.cache.iter().map(|_| "--cache").collect();
+    given.extend(args.tta.given_with(&args.device, args.batch));
+    given
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
