@@ -387,11 +387,31 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         "numbered pictures without gz's mark are a user's: {out}\n{err}"
     );
     std::fs::write(stopped.join("gallery/.gz-gallery"), "").unwrap();
+    // (with the temporary of the thumbnail it was writing when killed, and a user's file)
+    std::fs::write(stopped.join("gallery/.101.png.4242.tmp"), "half").unwrap();
+    std::fs::write(stopped.join("gallery/cover.jpg"), "mine").unwrap();
     let (ok, out, err) = eval_into(&stopped);
     assert!(
         !ok && !err.contains("--report") && err.contains("no-such-run"),
         "{out}\n{err}"
     );
+    // a gallery that is a link (over an earlier report its numbered pictures are replaced,
+    // wherever it points) or a file, and a report folder that links to nothing: refused
+    // before the scoring, not when creating them after it
+    let linked = tmp.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::fs::create_dir(tmp.path().join("pics")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("pics"), linked.join("gallery")).unwrap();
+    let (ok, out, err) = eval_into(&linked);
+    assert!(!ok && err.contains("its gallery is a link"), "{out}\n{err}");
+    std::fs::remove_file(linked.join("gallery")).unwrap();
+    std::fs::write(linked.join("gallery"), "x").unwrap();
+    let (ok, out, err) = eval_into(&linked);
+    assert!(!ok && err.contains("its gallery is not a folder"), "{out}\n{err}");
+    let dangling = tmp.path().join("dangling");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+    let (ok, out, err) = eval_into(&dangling);
+    assert!(!ok && err.contains("a link to nothing"), "{out}\n{err}");
     // missing folders are created
     let deep = tmp.path().join("new").join("dir").join("sub.csv");
     let (ok, out, err) = support::run(
@@ -698,7 +718,8 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     assert!(err.is_empty(), "{err}");
     let ((by_run, _), (by_file, m)) = (rmse_of("by_run"), rmse_of("by_file"));
     assert!((by_run - by_file).abs() < 1e-5, "{by_run} {by_file}");
-    assert_eq!(m["predictions"].as_str(), Some(pred.to_str().unwrap()));
+    let absolute = pred.canonicalize().unwrap();
+    assert_eq!(m["predictions"].as_str(), Some(absolute.to_str().unwrap()));
     let page = std::fs::read_to_string(tmp.path().join("by_file/index.html")).unwrap();
     assert!(page.contains("predictions <code>") && !page.contains("learning_curve.png"));
     // a file that is not a whole answer for these galaxies is refused, naming what is wrong
@@ -805,7 +826,8 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         )
     };
     for _ in 0..2 {
-        let (ok, out, err) = by_default(&pred);
+        // (named relatively: the report records where it is, not how it was spelt)
+        let (ok, out, err) = by_default(Path::new("pred.csv"));
         assert!(ok && out.contains("report: reports/pred/index.html"), "{out}\n{err}");
     }
     let twin = tmp.path().join("other/pred.csv");
@@ -813,9 +835,29 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     std::fs::copy(&pred, &twin).unwrap();
     let (ok, _, err) = by_default(&twin);
     assert!(
-        !ok && err.contains(&format!("it holds the report of predictions {}", pred.display())),
+        !ok && err.contains(&format!("it holds the report of predictions {}", absolute.display())),
         "{err}"
     );
+    // the same file named from another folder is the same file (reports/ shared by a link)
+    std::os::unix::fs::symlink(tmp.path().join("reports"), tmp.path().join("other/reports")).unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .current_dir(tmp.path().join("other"))
+            .args(["eval", "--pred", "../pred.csv", "--cache"])
+            .arg(&cache)
+            .arg("--data")
+            .arg(&data),
+    );
+    assert!(ok && out.contains("report: reports/pred/index.html"), "{out}\n{err}");
+    // a killed report's half-written thumbnails go with the old ones
+    let half = tmp.path().join("reports/pred/gallery/.123.png.77.tmp");
+    std::fs::write(&half, "half").unwrap();
+    let (ok, out, err) = by_default(&pred);
+    assert!(ok && !half.exists(), "{out}\n{err}");
+    // a page without its metrics.json cannot say what it scored: the default folder refuses
+    std::fs::remove_file(tmp.path().join("reports/pred/metrics.json")).unwrap();
+    let (ok, _, err) = by_default(&pred);
+    assert!(!ok && err.contains("without its metrics.json"), "{err}");
     // options only a model predicting here reads, and the hold-out a file cannot name
     let (ok, _, err) = scored(&["--tta", "8", "--pred"], &pred, "by_bad");
     assert!(!ok && err.contains("--tta applies only to a model"), "{err}");

@@ -115,7 +115,9 @@ fn holdout_description(fraction: f64, seed: u64, n_val: usize, used: usize) -> S
 }
 
 fn run_name(p: &std::path::Path) -> String {
-    let p = if p.is_file() { p.parent().unwrap_or(p) } else { p };
+    // (`.` or `best.safetensors` from inside the run folder: its name, not "run")
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let p = if p.is_file() { p.parent().unwrap_or(&p) } else { &p };
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".into())
@@ -141,7 +143,8 @@ fn report_name(args: &Args) -> String {
         Some(p) => p
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
-            .filter(|n| !n.is_empty())
+            // (`..csv` and `...csv` have the stems `.` and `..`: not a folder's name)
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
             .unwrap_or_else(|| "predictions".into()),
         None => args.runs.iter().map(|r| run_name(r)).collect::<Vec<_>>().join("+"),
     }
@@ -196,6 +199,30 @@ fn default_collides(dir: &Path, default_for: Option<&Path>) -> anyhow::Result<bo
 /// report's: a user's own page or figures. Anything else in the folder stays (`cargo xtask`
 /// keeps the submission and the test split's report there).
 fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> anyhow::Result<()> {
+    let refuse = |what: &str| {
+        bail!(
+            "{flag} {}: {what}, and a report would replace it: name a new folder (or one holding an earlier report)",
+            dir.display()
+        )
+    };
+    // a link to nothing: creating the folder fails, after the scoring
+    if dir.symlink_metadata().is_ok() && !dir.exists() {
+        bail!(
+            "{flag} {}: a link to nothing (no folder there to write into)",
+            dir.display()
+        );
+    }
+    let gdir = dir.join("gallery");
+    if let Ok(m) = gdir.symlink_metadata() {
+        if m.file_type().is_symlink() {
+            // over an earlier report its numbered pictures are replaced: not through a link,
+            // somewhere outside the report
+            return refuse("its gallery is a link");
+        }
+        if !m.is_dir() {
+            return refuse("its gallery is not a folder");
+        }
+    }
     let read = |name: &str| {
         std::fs::read(dir.join(name))
             .ok()
@@ -207,12 +234,6 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> an
         serde_json::from_str::<serde_json::Value>(&t)
             .is_ok_and(|v| v.get("baselines").is_some() && v.get("model").is_some())
     });
-    let refuse = |what: &str| {
-        bail!(
-            "{flag} {}: {what}, and a report would replace it: name a new folder (or one holding an earlier report)",
-            dir.display()
-        )
-    };
     for (name, ours) in [("index.html", page), ("metrics.json", metrics)] {
         if ours == Some(false) {
             return refuse(&format!("its {name} is not a gz report's"));
@@ -221,6 +242,13 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> an
     // the default folder is named after what is scored, and names collide (two runs' files
     // called test_predictions.csv; a run and a file of its predictions named like it): there
     // only a report of the same thing is replaced
+    if default_for.is_some() && page == Some(true) && metrics.is_none() {
+        bail!(
+            "{flag} {}: it holds a report without its metrics.json, so what it scored cannot be told: name a \
+             folder with --report",
+            dir.display()
+        );
+    }
     if metrics == Some(true) && default_collides(dir, default_for)? {
         let held = read("metrics.json")
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -241,38 +269,25 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> an
         );
     }
     if page.is_none() && metrics.is_none() {
-        // (a gallery of `<GalaxyID>.png` thumbnails marked as gz's, or an empty one, is a run
-        // of gz eval that stopped before its metrics.json: written first, so the charts are
-        // never without it; numbered pictures without the mark are a user's)
-        let thumbnails = |d: &Path| {
-            let Ok(entries) = std::fs::read_dir(d) else {
-                return false;
-            };
-            let names: Vec<String> = entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            let thumbnail = |name: &str| {
-                name.strip_suffix(".png")
-                    .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-            };
-            names.is_empty()
-                || (names.iter().any(|n| n == GALLERY_MARK) && names.iter().all(|n| n == GALLERY_MARK || thumbnail(n)))
-        };
+        // a gallery marked as gz's (or an empty one) is a run of gz eval stopped before its
+        // metrics.json, written first, so the charts are never without it: taken up (its
+        // numbered thumbnails replaced, anything else kept); numbered pictures without the
+        // mark are a user's
+        let names: Vec<String> = std::fs::read_dir(&gdir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ours = names.is_empty() || names.iter().any(|n| n == GALLERY_MARK);
         let taken: Vec<&str> = ["per_question.png", "learning_curve.png", "spread.png", "gallery"]
             .into_iter()
-            .filter(|n| dir.join(n).exists() && !(*n == "gallery" && thumbnails(&dir.join(n))))
+            .filter(|n| dir.join(n).exists() && !(*n == "gallery" && ours))
             .collect();
         if !taken.is_empty() {
-            let numbered = taken == ["gallery"]
-                && std::fs::read_dir(dir.join("gallery")).is_ok_and(|entries| {
-                    entries.flatten().all(|e| {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        name.strip_suffix(".png")
-                            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-                    })
-                });
-            let hint = if numbered {
+            let hint = if taken == ["gallery"] && names.iter().all(|n| thumbnail(n)) {
                 " (if its numbered pictures are thumbnails of a gz eval stopped before reports marked their \
                  gallery, remove gallery/ or create gallery/.gz-gallery)"
             } else {
@@ -282,6 +297,21 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> an
         }
     }
     Ok(())
+}
+
+/// A report's thumbnail: `<GalaxyID>.png`.
+fn thumbnail(name: &str) -> bool {
+    name.strip_suffix(".png")
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// gz's temporary of a thumbnail being written (`.<GalaxyID>.png.<pid>.tmp`, by
+/// `gz_schema::write_atomic`): what a killed report leaves in its gallery.
+fn thumbnail_temporary(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(|n| n.rsplit_once('.'))
+        .is_some_and(|(file, pid)| thumbnail(file) && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The rows of the cache's test split, labelled by the split itself or by `--data`'s
@@ -538,7 +568,12 @@ fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
     }
     note_cp_radius(args, &rows);
     let name = report_name(args);
-    let file = pred_path.display().to_string();
+    // absolute: the default folder's later runs tell the same file by it, from any folder
+    let file = pred_path
+        .canonicalize()
+        .unwrap_or_else(|_| pred_path.to_path_buf())
+        .display()
+        .to_string();
     let cfg = EvalConfig {
         central_pixel: CentralPixelConfig {
             levels: args.cp_levels,
@@ -653,14 +688,15 @@ fn publish(
         }
         _ => {}
     }
-    // thumbnails of an earlier report (`<GalaxyID>.png`) go: the gallery shows this one's only
+    // thumbnails of an earlier report (`<GalaxyID>.png`) go, and those a killed one left half
+    // written: the gallery shows this one's only
     for e in std::fs::read_dir(&gdir).with_context(|| format!("reading {}", gdir.display()))? {
         let p = e.with_context(|| format!("reading {}", gdir.display()))?.path();
-        let ours = p.extension().is_some_and(|x| x == "png")
-            && p.file_stem()
-                .and_then(|s| s.to_str())
-                .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
-        if ours {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if thumbnail(&name) || thumbnail_temporary(&name) {
             std::fs::remove_file(&p).with_context(|| format!("removing the old thumbnail {}", p.display()))?;
         }
     }
