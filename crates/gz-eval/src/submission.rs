@@ -203,17 +203,24 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
             Ok(true) => {}
             Err(e) => {
                 let line = e.position().map(|p| lines.line_at(p.byte()));
-                rep.push(ProblemKind::Csv, line, format!("malformed CSV: {e}"));
+                rep.push(
+                    ProblemKind::Csv,
+                    line,
+                    format!("malformed CSV: {}", gz_schema::csv_reason(&e)),
+                );
                 if matches!(e.kind(), csv::ErrorKind::Io(_)) {
                     break;
                 }
+                // an unreadable first record was the header: the next one is a row, not a
+                // header to check (it was called "a data row instead of the header")
+                first = false;
                 continue;
             }
         }
         let line = rec.position().map_or(0, |p| lines.line_at(p.byte()));
         if first {
             first = false;
-            if !check_header(&rec, &expected, &mut rep) {
+            if !check_header(&rec, line, &expected, &mut rep) {
                 return rep;
             }
             continue;
@@ -335,7 +342,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
 
 /// Checks the header line; returns `false` when the rest of the file cannot be read as a
 /// submission at all (another separator: every row would repeat the problem, whole).
-fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckReport) -> bool {
+fn check_header(rec: &csv::StringRecord, line: u64, expected: &[&str], rep: &mut CheckReport) -> bool {
     if rec.len() == 1 {
         if let Some((_, name)) = [('\t', "tab"), (';', "semicolon")]
             .into_iter()
@@ -343,7 +350,7 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
         {
             rep.push(
                 ProblemKind::Header,
-                Some(1),
+                Some(line),
                 format!("the file is {name}-separated; a submission's fields are separated by commas"),
             );
             return false;
@@ -352,8 +359,9 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
     if rec.len() == expected.len() && rec.get(0).is_some_and(|f| f.trim().parse::<u64>().is_ok()) {
         rep.push(
             ProblemKind::Header,
-            Some(1),
-            "no header: line 1 is a data row; a submission starts with the line GalaxyID,Class1.1,…,Class11.6".into(),
+            Some(line),
+            "no header: the first line is a data row; a submission starts with the line GalaxyID,Class1.1,…,Class11.6"
+                .into(),
         );
         return true;
     }
@@ -366,7 +374,7 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
             && rec.get(1).is_some_and(|f| f.trim() == "GalaxyID");
         rep.push(
             ProblemKind::Header,
-            Some(1),
+            Some(line),
             format!(
                 "header has {} columns, expected {} (GalaxyID,Class1.1,…,Class11.6){}",
                 rec.len(),
@@ -397,7 +405,7 @@ fn check_header(rec: &csv::StringRecord, expected: &[&str], rep: &mut CheckRepor
             };
             rep.push(
                 ProblemKind::Header,
-                Some(1),
+                Some(line),
                 format!("header column {} is {got:?}, expected {want:?}{hint}", i + 1),
             );
         }
@@ -488,7 +496,7 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
         let rec = rec.map_err(|e| {
             bad(
                 e.position().map_or(0, |p| lines.line_at(p.byte())),
-                format!("malformed CSV: {e}"),
+                format!("malformed CSV: {}", gz_schema::csv_reason(&e)),
             )
         })?;
         let line = rec.position().map_or(0, |p| lines.line_at(p.byte()));
@@ -501,9 +509,9 @@ pub fn read_predictions(path: &Path) -> Result<Solutions> {
                 counts: BTreeMap::new(),
                 warnings: Vec::new(),
             };
-            let _ = check_header(&rec, &expected, &mut rep);
+            let _ = check_header(&rec, line, &expected, &mut rep);
             if let Some(p) = rep.problems.first() {
-                return Err(bad(1, p.message.clone()));
+                return Err(bad(line, p.message.clone()));
             }
             continue;
         }
@@ -925,6 +933,25 @@ mod tests {
                 lines,
                 [(Some(4), ProblemKind::OutOfRange), (Some(5), ProblemKind::DuplicateId)],
                 "{end:?}: {}",
+                rep.describe()
+            );
+            // a header after blank lines is named on its own line, also when it is wrong
+            let late = format!("{end}{end}{}", text.replacen("Class1.2", "Class1.X", 1));
+            let rep = check_bytes(late.as_bytes(), Path::new("t.csv"), None);
+            assert_eq!(rep.problems[0].line, Some(3), "{end:?}: {}", rep.describe());
+            // an unreadable header is one problem, not also "a data row instead of a header"
+            let mut bytes = text.replacen("Class1.2", "Class1.\u{1}", 1).into_bytes();
+            let at = bytes.iter().position(|&b| b == 1).unwrap();
+            bytes[at] = 0xff;
+            let rep = check_bytes(&bytes, Path::new("t.csv"), None);
+            assert!(
+                rep.problems.iter().all(|p| p.kind != ProblemKind::Header) && rep.problems[0].line == Some(1),
+                "{end:?}: {}",
+                rep.describe()
+            );
+            assert!(
+                rep.problems[0].message.contains("field 3 is not UTF-8") && !rep.problems[0].message.contains("record"),
+                "{}",
                 rep.describe()
             );
             let dir = tempfile::tempdir().unwrap();

@@ -22,7 +22,7 @@ pub enum SchemaError {
         source: std::io::Error,
     },
     /// The CSV itself is malformed (quoting, UTF-8, …).
-    #[error("{path}:{line}: malformed CSV: {source}")]
+    #[error("{path}:{line}: malformed CSV: {}", csv_reason(source))]
     Csv {
         path: PathBuf,
         line: u64,
@@ -30,8 +30,8 @@ pub enum SchemaError {
         source: csv::Error,
     },
     /// The header is not exactly `GalaxyID,Class1.1,…,Class11.6`.
-    #[error("{path}:1: bad header: {reason}")]
-    Header { path: PathBuf, reason: String },
+    #[error("{path}:{line}: bad header: {reason}")]
+    Header { path: PathBuf, line: u64, reason: String },
     /// A row has the wrong number of fields.
     #[error("{path}:{line}: expected 38 fields (GalaxyID + 37 classes), found {found}")]
     FieldCount { path: PathBuf, line: u64, found: usize },
@@ -51,6 +51,19 @@ pub enum SchemaError {
         id: u64,
         first_line: u64,
     },
+}
+
+/// What is wrong with a CSV, without the `csv` crate's own record and line numbers (its lines
+/// are not an editor's: [`LineCounter`] gives those): bytes that are not UTF-8 are named as such.
+pub fn csv_reason(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::Utf8 { err, .. } => format!(
+            "field {} is not UTF-8 text (a file saved as UTF-16 or in a legacy encoding? save it as UTF-8)",
+            err.field() + 1
+        ),
+        csv::ErrorKind::Io(io) => format!("reading: {io}"),
+        _ => e.to_string(),
+    }
 }
 
 /// Galaxy ids with a dense row-major `n × 37` matrix of values.
@@ -186,11 +199,17 @@ pub fn read_solutions_from<R: std::io::Read>(mut reader: R, path: &Path) -> Resu
         None => {
             return Err(SchemaError::Header {
                 path: path.to_path_buf(),
+                line: 1,
                 reason: "file is empty".into(),
             });
         }
-        Some(r) => r.map_err(|e| csv_err(1, e))?,
+        Some(r) => r.map_err(|e| {
+            let line = e.position().map_or(1, |p| lines.line_at(p.byte()));
+            csv_err(line, e)
+        })?,
     };
+    // (blank lines before it are skipped by the reader, not by an editor's numbering)
+    let header_line = header.position().map_or(1, |p| lines.line_at(p.byte()));
     let expected: Vec<&str> = std::iter::once("GalaxyID").chain(column_names()).collect();
     if header.len() != expected.len() {
         // one field holding the columns with another separator between them
@@ -199,6 +218,7 @@ pub fn read_solutions_from<R: std::io::Read>(mut reader: R, path: &Path) -> Resu
             .find(|(c, _)| header.len() == 1 && header[0].matches(*c).count() + 1 >= expected.len());
         return Err(SchemaError::Header {
             path: path.to_path_buf(),
+            line: header_line,
             reason: match sep {
                 Some((_, name)) => format!("the file is {name}-separated; the columns must be separated by commas"),
                 None => format!("expected {} columns, found {}", expected.len(), header.len()),
@@ -215,6 +235,7 @@ pub fn read_solutions_from<R: std::io::Read>(mut reader: R, path: &Path) -> Resu
         if got.trim() != *want {
             return Err(SchemaError::Header {
                 path: path.to_path_buf(),
+                line: header_line,
                 reason: format!("column {} is {:?}, expected {:?}", i + 1, got, want),
             });
         }
@@ -522,6 +543,20 @@ mod tests {
                 "{end:?}: {e}"
             );
         }
+        // the header after two blank lines is on line 3; bytes that are not UTF-8 are named
+        // so, with the editor's line alone (the csv crate's own "record 2 (line 1, …)" is gone)
+        let t = format!("\r\n\r\n{}\r\n{}\r\n", h.replace("Class1.2", "Class1.X"), good_row(1));
+        assert!(matches!(parse(&t).unwrap_err(), SchemaError::Header { line: 3, .. }));
+        let mut bytes = format!("{h}\r\n{}\r\n", good_row(1)).into_bytes();
+        bytes.extend_from_slice(b"2,\xff");
+        bytes.extend_from_slice(",0".repeat(N_ANSWERS - 1).as_bytes());
+        let e = read_solutions_from(&bytes[..], Path::new("t.csv"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("t.csv:3: malformed CSV: field 2 is not UTF-8") && !e.contains("record"),
+            "{e}"
+        );
         let mut c = LineCounter::new(b"a\r\nb\n\nc\rd");
         assert_eq!([0, 1, 3, 4, 6, 8, 9].map(|b| c.line_at(b)), [1, 2, 2, 4, 4, 5, 5]);
         // asked again from the start: counted again, not from where it stopped

@@ -13,8 +13,8 @@
 pub mod csv_io;
 
 pub use csv_io::{
-    read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions, LineCounter, SchemaError,
-    Solutions, Staged,
+    csv_reason, read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions, LineCounter,
+    SchemaError, Solutions, Staged,
 };
 
 /// Number of answers (output columns) in the Kaggle task.
