@@ -170,17 +170,15 @@ fn report_replaces(dir: &Path, file: &Path) -> bool {
     (parent == dir && (png || name == "index.html" || name == "metrics.json")) || (parent == dir.join("gallery") && png)
 }
 
-/// Whether the gz report in the default folder `dir` is of something else than what is
-/// scored now: `default_for` is the predictions file (`--pred`), or an empty path for a run;
-/// `None` when `--report` was given (the user chose the folder).
-fn default_collides(dir: &Path, default_for: Option<&Path>) -> anyhow::Result<bool> {
+/// Whether the earlier gz report `held` (its `metrics.json`) in the default folder is of
+/// something else than what is scored now: `default_for` is the predictions file (`--pred`),
+/// or an empty path for a run; `None` when `--report` was given (the user chose the folder).
+fn default_collides(held: &serde_json::Value, default_for: Option<&Path>) -> bool {
     let Some(ours) = default_for else {
-        return Ok(false);
+        return false;
     };
-    let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap_or_default();
-    let held: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     let theirs = held.get("predictions").and_then(|p| p.as_str());
-    Ok(match (theirs, ours.as_os_str().is_empty()) {
+    match (theirs, ours.as_os_str().is_empty()) {
         // a run's report over a run's (the same name: the folder's)
         (None, true) => false,
         (Some(_), true) | (None, false) => true,
@@ -191,7 +189,7 @@ fn default_collides(dir: &Path, default_for: Option<&Path>) -> anyhow::Result<bo
             };
             !same(Path::new(t), ours)
         }
-    })
+    }
 }
 
 /// Refuses a `--report` folder that holds files a report would replace or remove
@@ -230,10 +228,11 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> an
     };
     // every gz report's page shows its per-question chart
     let page = read("index.html").map(|t| t.contains("per_question.png"));
-    let metrics = read("metrics.json").map(|t| {
-        serde_json::from_str::<serde_json::Value>(&t)
-            .is_ok_and(|v| v.get("baselines").is_some() && v.get("model").is_some())
-    });
+    // (read once: whether it is gz's, and what it scored)
+    let held = read("metrics.json").map(|t| serde_json::from_str::<serde_json::Value>(&t).unwrap_or_default());
+    let metrics = held
+        .as_ref()
+        .map(|v| v.get("baselines").is_some() && v.get("model").is_some());
     for (name, ours) in [("index.html", page), ("metrics.json", metrics)] {
         if ours == Some(false) {
             return refuse(&format!("its {name} is not a gz report's"));
@@ -249,18 +248,19 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> an
             dir.display()
         );
     }
-    if metrics == Some(true) && default_collides(dir, default_for)? {
-        let held = read("metrics.json")
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| {
-                v.get("predictions")
-                    .and_then(|p| p.as_str())
-                    .map(|p| format!("predictions {p}"))
-                    .or_else(|| {
-                        v.get("checkpoint")
-                            .and_then(|c| c.as_str())
-                            .map(|c| format!("checkpoint {c}"))
-                    })
+    if let Some(v) = held
+        .as_ref()
+        .filter(|_| metrics == Some(true))
+        .filter(|v| default_collides(v, default_for))
+    {
+        let held = v
+            .get("predictions")
+            .and_then(|p| p.as_str())
+            .map(|p| format!("predictions {p}"))
+            .or_else(|| {
+                v.get("checkpoint")
+                    .and_then(|c| c.as_str())
+                    .map(|c| format!("checkpoint {c}"))
             })
             .unwrap_or_else(|| "something else".into());
         bail!(
