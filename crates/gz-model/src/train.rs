@@ -408,12 +408,13 @@ pub fn train_on(
     let split = data::holdout(src.len(), cfg.val_fraction, cfg.seed, cfg.max_images)?;
     let last_json = out_dir.join("last.json");
     if resume && !last_json.exists() {
+        // a live run in its first epoch has written no last.json yet: "in use", not "start
+        // afresh" (the lock is taken and let go at once)
+        if out_dir.is_dir() {
+            drop(RunLock::take(out_dir)?);
+        }
         // before anything is created: a refused resume leaves no empty run directory behind
-        return Err(TrainError::Resume(format!(
-            "{} does not exist: nothing to resume in {} (start without --resume)",
-            last_json.display(),
-            out_dir.display()
-        )));
+        return Err(nothing_to_resume(&last_json, out_dir));
     }
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.to_path_buf(),
@@ -424,11 +425,7 @@ pub fn train_on(
     remove_stale_temps(out_dir);
     let prior = if resume {
         if !last_json.exists() {
-            return Err(TrainError::Resume(format!(
-                "{} does not exist: nothing to resume in {} (start without --resume)",
-                last_json.display(),
-                out_dir.display()
-            )));
+            return Err(nothing_to_resume(&last_json, out_dir));
         }
         let s = checkpoint::read_sidecar(&last_json).map_err(|e| {
             TrainError::Resume(format!(
@@ -439,9 +436,17 @@ pub fn train_on(
         check_resumable(&s, cfg, meta, best_missed(out_dir, &s)?)?;
         Some(s)
     } else {
-        if last_json.exists() || out_dir.join("best.json").exists() {
+        if last_json.exists() {
             return Err(TrainError::Config(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
+                out_dir.display()
+            )));
+        }
+        if out_dir.join("best.json").exists() {
+            // (--resume would say there is no last.json to resume from)
+            return Err(TrainError::Config(format!(
+                "{} already holds a training run's best checkpoint (best.json), but not the last state a run \
+                 resumes from (last.json), so neither --resume nor a fresh run can use it: choose another --out",
                 out_dir.display()
             )));
         }
@@ -810,6 +815,24 @@ pub fn evaluate(
     Ok((sse / (rows.len() * gz_schema::N_ANSWERS) as f64).sqrt())
 }
 
+/// Why `--resume` finds nothing to resume: no `last.json` (with what the folder holds instead).
+fn nothing_to_resume(last_json: &Path, out_dir: &Path) -> TrainError {
+    TrainError::Resume(if out_dir.join("best.json").exists() {
+        format!(
+            "{} does not exist: {} holds only a best checkpoint (best.json), not the last state a run resumes from; \
+             start a fresh run with another --out",
+            last_json.display(),
+            out_dir.display()
+        )
+    } else {
+        format!(
+            "{} does not exist: nothing to resume in {} (start without --resume)",
+            last_json.display(),
+            out_dir.display()
+        )
+    })
+}
+
 /// `.gz-train.lock` in a run directory while a `gz train` writes into it (the file holds the
 /// writer's process id; removed when the run ends, however it ends, except by a kill). A second
 /// run into the same directory is refused while the first is alive; the lock of a process that
@@ -954,7 +977,8 @@ fn remove_stale_temps(out_dir: &Path) {
 /// Before a fresh run writes into `out_dir`: refuses a folder holding anything but what a run
 /// (or one killed before its first `last.json`) leaves there, so that a run never overwrites a
 /// user's `config.json`, nor lands in a cache or a dataset. Allowed: [`RUN_FILES`]
-/// (`config.json` and `metrics.jsonl` only if they are a run's), their staged next versions
+/// (`config.json` and `metrics.jsonl` only if they are a run's, a checkpoint without its
+/// sidecar only beside them), their staged next versions
 /// (`NAME.new`) and temporaries, hidden files (the run lock, the notes `cargo xtask` writes
 /// before the run, a desktop's `.DS_Store`: a run writes no hidden name but its own
 /// temporaries) and `Thumbs.db` / `desktop.ini`.
@@ -975,14 +999,23 @@ fn check_fresh_out_dir(out_dir: &Path) -> Result<(), TrainError> {
                 .map_or(Some(serde_json::json!({"epoch": 0})), |l| serde_json::from_str(l).ok()),
         }
     };
+    let record = |name: &str| match name {
+        "config.json" => json(name).is_some_and(|v| v.get("model").is_some() && v.get("seed").is_some()),
+        _ => json(name).is_some_and(|v| v.get("epoch").is_some()),
+    };
+    // a checkpoint without its sidecar is a killed run's only beside that run's record (its
+    // config.json or metrics.jsonl); alone, it is someone else's file of the same name
+    let a_run = ["config.json", "metrics.jsonl"]
+        .iter()
+        .any(|n| out_dir.join(n).is_file() && record(n));
     let mut foreign: Vec<String> = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let ours = match name.as_str() {
-            "config.json" => json(&name).is_some_and(|v| v.get("model").is_some() && v.get("seed").is_some()),
-            "metrics.jsonl" => json(&name).is_some_and(|v| v.get("epoch").is_some()),
+            n @ ("config.json" | "metrics.jsonl") => record(n),
             n => {
-                RUN_FILES.iter().any(|f| n == *f || n.strip_suffix(".new") == Some(*f))
+                let run_file = RUN_FILES.iter().any(|f| n == *f || n.strip_suffix(".new") == Some(*f));
+                (run_file && (a_run || !n.contains(".safetensors")))
                     || is_run_temp(n)
                     || n.starts_with('.')
                     || n == "Thumbs.db"
@@ -1491,8 +1524,14 @@ mod tests {
         refused(&[("config.json", r#"{"mine": 1}"#)], "(config.json)");
         refused(&[("metrics.jsonl", "loss 0.1\n")], "(metrics.jsonl)");
         refused(
-            &[("a", ""), ("b", ""), ("c", ""), ("d", ""), ("best.safetensors.new", "")],
+            &[("a", ""), ("b", ""), ("c", ""), ("d", ""), ("metrics.jsonl", "")],
             "holds 4 files that no training run wrote (a, b, c, …)",
+        );
+        // a checkpoint's name without a run's record beside it: someone else's file
+        refused(&[("best.safetensors", "mine")], "(best.safetensors)");
+        refused(
+            &[("last.safetensors", "a"), ("last.optim.safetensors", "b")],
+            "holds 2 files that no training run wrote (last.optim.safetensors, last.safetensors)",
         );
         // the leftovers of a run killed before its first epoch
         let first = tempfile::tempdir().unwrap();
@@ -1517,6 +1556,51 @@ mod tests {
             "{e}"
         );
         assert!(!dir.path().join(".gz-train.lock").exists(), "the lock is released");
+    }
+
+    /// A folder holding a run's best checkpoint without its last state (`last.*` deleted to
+    /// save space) is named so by both a fresh run and `--resume`, neither sending the user to
+    /// the other; and `--resume` into a folder whose live run has not finished its first epoch
+    /// (no `last.json` yet) says the folder is in use, not that there is nothing to resume.
+    #[test]
+    fn a_best_only_folder_and_a_live_first_epoch_are_named_for_what_they_are() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        for name in ["last.json", "last.safetensors", "last.optim.safetensors"] {
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+        }
+        let fresh = train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap_err();
+        let fresh = fresh.to_string();
+        assert!(
+            fresh.contains("best checkpoint (best.json), but not the last state") && !fresh.contains("pass --resume"),
+            "{fresh}"
+        );
+        let resume = train_on(&small_cfg(2), &src, &meta(), dir.path(), true, &()).unwrap_err();
+        let resume = resume.to_string();
+        assert!(
+            resume.contains("holds only a best checkpoint") && !resume.contains("start without --resume"),
+            "{resume}"
+        );
+        // a live run's first epoch: its lock, no last.json yet (a child process stands in)
+        #[cfg(target_os = "linux")]
+        {
+            let live = tempfile::tempdir().unwrap();
+            let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+            std::fs::write(live.path().join(RunLock::NAME), format!("{}\n", child.id())).unwrap();
+            let e = train_on(&small_cfg(1), &src, &meta(), live.path(), true, &()).unwrap_err();
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(
+                matches!(e, TrainError::Busy(_)) && e.to_string().contains("is in use"),
+                "{e}"
+            );
+            assert!(live.path().join(RunLock::NAME).exists(), "the live run's lock is left");
+            // once it is gone: nothing to resume, and no lock left behind by the check
+            let e = train_on(&small_cfg(1), &src, &meta(), live.path(), true, &()).unwrap_err();
+            assert!(e.to_string().contains("nothing to resume"), "{e}");
+            assert!(!live.path().join(RunLock::NAME).exists());
+        }
     }
 
     /// A run killed at any step of its first checkpoint before `last.json` is written (staged
