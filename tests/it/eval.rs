@@ -281,6 +281,8 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         std::fs::create_dir(d).unwrap();
     }
     std::fs::write(images.join("100.jpg"), "not read").unwrap();
+    // (a manifest stands for a cache: a folder without one is said to be no cache)
+    std::fs::write(cache.join("manifest.json"), "{}").unwrap();
     let cases: [(&str, &Path, &str, &Path, &str); 5] = [
         (
             "--cache",
@@ -1209,6 +1211,36 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     );
     assert!(!err.contains("no --ids folder"), "{err}");
     assert_eq!(gz_schema::read_solutions(&sub3).unwrap().len(), 9);
+    // and so does predict --cache: the skipped image named, refused before predicting, or
+    // filled with --fill-mean (it left the row out without a word)
+    let pred3 = tmp.path().join("pred3.csv");
+    let predict_cache = |fill: bool| {
+        let mut cmd = support::gz();
+        cmd.args(["predict", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&broken_cache);
+        if fill {
+            cmd.arg("--fill-mean");
+        }
+        support::run(cmd.arg("--out").arg(&pred3))
+    };
+    let (ok, out, err) = predict_cache(false);
+    assert!(!ok && !pred3.exists(), "{out}\n{err}");
+    assert!(
+        err.contains("skipped the test image images_test_rev1/999999.jpg")
+            && err.contains("1 of the cache's test images could not be read")
+            && !err.contains("predicting with"),
+        "{err}"
+    );
+    let (ok, out, err) = predict_cache(true);
+    assert!(
+        ok && err.contains("filled with the training mean: 999999"),
+        "{out}\n{err}"
+    );
+    let p3 = gz_schema::read_solutions(&pred3).unwrap();
+    assert_eq!(p3.len(), 9);
+    assert!(p3.ids.contains(&999999));
 
     // a cache with other preprocessing is refused, naming both hashes
     let other = prep(&data, "24");
@@ -1527,6 +1559,13 @@ fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_expl
         std::fs::copy(e.path(), images.join(e.file_name())).unwrap();
     }
     std::fs::write(images.join("242195.jpg"), crate::prep::greyscale_jpeg()).unwrap();
+    // and a 40×30 px cutout: its central half, 20×15 px, is enlarged to the 32-px input
+    let pixels: Vec<u8> = (0..40 * 30 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    let mut small = Vec::new();
+    jpeg_encoder::Encoder::new(&mut small, 90)
+        .encode(&pixels, 40, 30, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    std::fs::write(images.join("242196.jpg"), small).unwrap();
     let predict = |run: &Path| {
         support::run(
             support::gz()
@@ -1547,10 +1586,18 @@ fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_expl
     );
     let (ok, out, err) = predict(&last);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("3 rows"), "{out}");
+    assert!(out.contains("4 rows"), "{out}");
     assert_eq!(err.matches("greyscale").count(), 1, "{err}");
     assert!(
         err.contains("warning: 1 image(s) are greyscale JPEGs (one channel)"),
+        "{err}"
+    );
+    // (the 424-px Kaggle images are not)
+    assert!(
+        err.contains(
+            "warning: 1 image is so small that its central crop is enlarged to the model's 32×32 px input (the \
+             smallest: 40×30 px, cropped to 20×15 px)"
+        ),
         "{err}"
     );
 }

@@ -997,14 +997,17 @@ fn run_submit(ctx: &mut Ctx) -> Result<Done> {
         ctx.device.clone(),
         "--out".into(),
         Ctx::s(&preds),
+        // a test image prep skipped (unreadable) gets the training mean's row, named on stderr
+        // (without it, predict refuses to leave the row out)
+        "--fill-mean".into(),
     ];
     if let Some(t) = ctx.tta {
         predict.extend(["--tta".into(), t.to_string()]);
     }
     // --ids: the submission must have exactly the test images' ids
     let ids = ctx.data_dir().join("images_test_rev1");
-    // --fill-mean: a test image that prep skipped (unreadable) still gets a row, the training
-    // mean, and is listed; with every image predicted it changes nothing
+    // --fill-mean: a row missing from the predictions gets the training mean and is listed;
+    // with every image predicted (predict fills the ones prep skipped) it changes nothing
     let submit = vec![
         "submit".into(),
         "--pred".into(),

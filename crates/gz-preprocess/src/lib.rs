@@ -246,6 +246,17 @@ pub fn prep_jpeg_into(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result
 /// image into all three channels, so the commands use this to say how many inputs had no
 /// colour (the models learn from colour: their predictions on such images can be far off).
 pub fn jpeg_channels(bytes: &[u8]) -> Option<u8> {
+    frame_header(bytes).map(|f| f.2)
+}
+
+/// The width and height a JPEG's frame header declares (`None` as for [`jpeg_channels`]):
+/// `gz predict` warns about images so small that their crop is enlarged to the model's input.
+pub fn jpeg_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    frame_header(bytes).map(|(w, h, _)| (w, h))
+}
+
+/// (width, height, components) from the first frame header (SOFn) before the image data.
+fn frame_header(bytes: &[u8]) -> Option<(u32, u32, u8)> {
     if bytes.get(..2) != Some(&[0xFF, 0xD8]) {
         return None;
     }
@@ -261,7 +272,10 @@ pub fn jpeg_channels(bytes: &[u8]) -> Option<u8> {
         let len = u16::from_be_bytes([*bytes.get(p + 2)?, *bytes.get(p + 3)?]) as usize;
         match marker {
             // SOF0..SOF15 (not DHT C4, JPG C8, DAC CC): precision, height, width, components
-            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => return bytes.get(p + 9).copied(),
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                let be16 = |at: usize| Some(u16::from_be_bytes([*bytes.get(at)?, *bytes.get(at + 1)?]) as u32);
+                return Some((be16(p + 7)?, be16(p + 5)?, *bytes.get(p + 9)?));
+            }
             0xDA | 0xD9 => return None, // the image data (or its end) before any frame header
             _ => p += 2 + len,
         }

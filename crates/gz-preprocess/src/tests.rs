@@ -1203,6 +1203,12 @@ fn jpeg_channels_tells_greyscale_from_colour() {
     );
     let prog = encode(&gray, 64, 48, ColorType::Luma, |e| e.set_progressive(true));
     assert_eq!(crate::jpeg_channels(&prog), Some(1));
+    // and its size, width first
+    assert_eq!(crate::jpeg_size(&prog), Some((64, 48)));
+    assert_eq!(
+        crate::jpeg_size(&encode(&synthetic(30, 70), 30, 70, ColorType::Rgb, |_| {})),
+        Some((30, 70))
+    );
     let cmyk: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[0], p[1], p[2], 0]).collect();
     assert_eq!(
         crate::jpeg_channels(&encode(&cmyk, 64, 48, ColorType::Cmyk, |_| {})),
@@ -1211,6 +1217,7 @@ fn jpeg_channels_tells_greyscale_from_colour() {
     assert_eq!(crate::jpeg_channels(b""), None);
     assert_eq!(crate::jpeg_channels(b"\xFF\xD8\xFF\xE0\x00"), None);
     assert_eq!(crate::jpeg_channels(b"\xFF\xD8\xFF\xDA\x00\x02"), None);
+    assert_eq!(crate::jpeg_size(b"\xFF\xD8\xFF\xDA\x00\x02"), None);
 }
 
 /// A greyscale JPEG is prepared (copied to the three channels) and counted, with its path, in

@@ -431,7 +431,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let split = args.split.as_deref().unwrap_or("validation");
     let tta = args.tta.config()?;
-    let device = gz_model::device::select_device(&args.device).with_context(|| format!("device {:?}", args.device))?;
+    // (the error names the device asked for)
+    let device = gz_model::device::select_device(&args.device)?;
     let models = load_runs(&args.runs, &device)?;
     super::warn_repeated_checkpoints(&models);
     let cache = super::open_cache(&args.cache)?;
@@ -597,18 +598,13 @@ fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
 /// galaxies, or galaxies the cache does not hold.
 fn note_extra_rows(cache: &Path, train: &gz_shards::Split, file: &Path, extra: &[u64]) -> anyhow::Result<()> {
     let (_, skipped) = super::submit::cache_test_ids(cache)?;
-    let skipped: std::collections::HashMap<u64, &super::submit::SkippedImage> = skipped
-        .iter()
-        .filter_map(|s| {
-            let id = Path::new(&s.0).file_stem()?.to_str()?.parse().ok()?;
-            Some((id, s))
-        })
-        .collect();
+    let skipped: std::collections::HashMap<u64, &super::submit::SkippedImage> =
+        skipped.iter().map(|s| (s.id, s)).collect();
     let training: std::collections::HashSet<u64> = train.ids().iter().copied().collect();
     let (mut unreadable, mut trained, mut other) = (Vec::new(), Vec::new(), Vec::new());
     for id in extra {
-        if let Some((path, reason)) = skipped.get(id) {
-            unreadable.push(format!("{id} ({path}: {reason})"));
+        if let Some(s) = skipped.get(id) {
+            unreadable.push(format!("{id} ({}: {})", s.path, s.reason));
         } else if training.contains(id) {
             trained.push(id.to_string());
         } else {

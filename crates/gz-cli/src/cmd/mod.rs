@@ -50,9 +50,18 @@ pub fn check_threads(threads: Option<usize>) -> anyhow::Result<()> {
 
 /// Refuses, before any work, an output path that cannot be written (`flag` names the option):
 /// an existing folder where a file goes (`folder: false`), an existing file where a folder goes,
-/// or a file among the folders above it. Missing folders are fine: every gz command that
-/// writes creates them (as `mkdir -p`), as `--help` says.
+/// a file among the folders above it, or a folder the file or folder cannot be made in. Missing
+/// folders are fine: every gz command that writes creates them (as `mkdir -p`), as `--help`
+/// says. (The CSV outputs are then checked against the inputs, [`check_not_an_input`], and
+/// against files gz would not have written, [`check_replaceable`].)
 pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
+    if !folder && path.as_os_str().as_encoded_bytes().last() == Some(&b'/') {
+        anyhow::bail!(
+            "{flag} {}: ends in '/', so it names a folder; name the file to write (e.g. {})",
+            path.display(),
+            path.join("out.csv").display()
+        );
+    }
     if let Some(file) = path.parent().and_then(|p| p.ancestors().find(|a| a.is_file())) {
         anyhow::bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
     }
@@ -82,7 +91,92 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
             );
         }
     }
-    Ok(())
+    check_writable(flag, path, folder)
+}
+
+/// Refuses a CSV output (`flag` names the option) that exists and is a file gz would not have
+/// written ([`foreign_file`]): a checkpoint, an image, a text, a dataset's labels.
+pub fn check_replaceable(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    match foreign_file(path) {
+        Some(why) => anyhow::bail!(
+            "{flag} {}: exists and {why}: gz replaces only a CSV of its own (remove the file first, or name another)",
+            path.display()
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Why an existing file is not one a gz CSV output may replace, if it is not: a dataset's labels
+/// (a file of the Kaggle layout's names beside its image folders), or a file whose first line
+/// is not the header of a gz table (`GalaxyID,Class1.1,…` or `file,Class1.1,…`: predictions,
+/// spreads and submissions). An empty file may go.
+fn foreign_file(path: &std::path::Path) -> Option<String> {
+    use std::io::Read as _;
+    let dir = path.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            d
+        }
+    })?;
+    let name = path.file_name()?.to_string_lossy();
+    let labels = [
+        gz_synth::TRAIN_CSV,
+        gz_synth::TEST_CSV,
+        gz_synth::EXPECTED_TRAIN_CSV,
+        gz_synth::EXPECTED_TEST_CSV,
+    ];
+    if labels.contains(&name.as_ref())
+        && [gz_synth::TRAIN_DIR, gz_synth::TEST_DIR]
+            .iter()
+            .any(|d| dir.join(d).is_dir())
+    {
+        return Some(format!(
+            "is a dataset's labels (beside its {}/ or {}/)",
+            gz_synth::TRAIN_DIR,
+            gz_synth::TEST_DIR
+        ));
+    }
+    let mut head = Vec::new();
+    let file = std::fs::File::open(path).ok()?;
+    file.take(4096).read_to_end(&mut head).ok()?;
+    if head.is_empty() {
+        return None;
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let line = line.trim_start_matches('\u{feff}').trim_end_matches('\r');
+    let mut fields = line.split(',').map(|f| f.trim_matches('"'));
+    let ours = matches!(fields.next(), Some("GalaxyID" | "file")) && fields.next() == Some("Class1.1");
+    (!ours)
+        .then(|| "is not a predictions CSV (its first line is not `GalaxyID,Class1.1,…` or `file,Class1.1,…`)".into())
+}
+
+/// Refuses a path whose folder (the output folder itself where a folder goes, or the nearest
+/// existing folder above, where folders are to be made) does not let this process create an
+/// entry: found by making and removing one, so that a read-only or unwritable folder stops the
+/// command before its work, not after.
+fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
+    let Ok(abs) = std::path::absolute(path) else {
+        return Ok(());
+    };
+    let start = if folder { Some(abs.as_path()) } else { abs.parent() };
+    let Some(dir) = start.and_then(|p| p.ancestors().find(|a| a.is_dir())) else {
+        return Ok(());
+    };
+    let probe = dir.join(format!(".gz-write-check.{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        // (a leftover probe of a killed process with this id: the folder is writable)
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => anyhow::bail!("{flag} {}: cannot write in {}: {e}", path.display(), dir.display()),
+    }
 }
 
 /// Where a write to `p` lands, absolute: symbolic links followed as the writers follow them
@@ -184,6 +278,10 @@ pub fn check_not_an_input(
     for folder in folders {
         if let Ok(dir) = folder.canonicalize() {
             if target.starts_with(&dir) {
+                // a folder that is no cache at all (a dataset, `.`): that is what to say
+                if !folder.join("manifest.json").is_file() {
+                    open_cache(folder)?;
+                }
                 anyhow::bail!(
                     "{flag} {} lies inside the shard cache {}, which gz manages (`gz cache` removes what is in \
                      it): write it elsewhere",
@@ -295,7 +393,7 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("x.csv");
-        std::fs::write(&file, "old").unwrap();
+        std::fs::write(&file, "GalaxyID,Class1.1,Class1.2\n").unwrap();
         super::check_output("--out", &file, false).unwrap();
         super::check_output("--out", &dir.path().join("new.csv"), false).unwrap();
     }
@@ -337,7 +435,7 @@ mod tests {
     fn outputs_that_cannot_be_written_are_refused_early() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f.csv");
-        std::fs::write(&file, "x").unwrap();
+        std::fs::write(&file, "").unwrap();
         let check = |p: &Path, folder: bool| super::check_output("--out", p, folder).map_err(|e| e.to_string());
         assert!(check(&dir.path().join("a/b/c.csv"), false).is_ok());
         assert!(check(&file, false).is_ok());
@@ -347,6 +445,30 @@ mod tests {
         let e = check(&file.join("x/y.csv"), false).unwrap_err();
         assert!(e.contains("f.csv is a file, not a folder"), "{e}");
         assert!(check(Path::new("x.csv"), false).is_ok());
+        // a path ending in '/' names a folder, even one not made yet
+        let e = check(&dir.path().join("new/"), false).unwrap_err();
+        assert!(e.contains("ends in '/'") && e.contains("new/out.csv"), "{e}");
+        // a folder that cannot be written in: refused before the work (unless this process may
+        // write anywhere, as root)
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let ro = dir.path().join("ro");
+            std::fs::create_dir(&ro).unwrap();
+            std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+            let root = std::fs::write(ro.join("probe"), "").is_ok();
+            let _ = std::fs::remove_file(ro.join("probe"));
+            if !root {
+                for p in [ro.join("p.csv"), ro.join("sub/p.csv")] {
+                    let e = check(&p, false).unwrap_err();
+                    assert!(e.contains("cannot write in") && e.contains("ro"), "{e}");
+                }
+                assert!(check(&ro.join("run"), true).unwrap_err().contains("cannot write in"));
+            }
+            std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+            assert!(check(&ro.join("sub/p.csv"), false).is_ok());
+            assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "the probe is removed");
+        }
         // a name longer than the file system allows (255 bytes on Linux): refused up front, with
         // the system's reason, not after the predictions were computed
         #[cfg(unix)]
@@ -357,6 +479,50 @@ mod tests {
         }
     }
 
+    /// A CSV output replaces only a file gz could have written: a table with gz's header (or an
+    /// empty file), not a checkpoint, an image, a text, nor a dataset's labels beside its images.
+    #[test]
+    fn csv_outputs_replace_only_files_of_their_own_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |name: &str, text: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            super::check_output("--out", &p, false).unwrap();
+            super::check_replaceable("--out", &p).map_err(|e| e.to_string())
+        };
+        for ok in [
+            &b"GalaxyID,Class1.1,Class1.2\n100008,0.1,0.2\n"[..],
+            b"file,Class1.1,Class1.2\r\nNGC 1300.jpg,0.5,0.5\r\n",
+            b"\xef\xbb\xbf\"GalaxyID\",\"Class1.1\"\n",
+            b"",
+            b"GalaxyID,Class1.1",
+        ] {
+            assert!(check("ok.csv", ok).is_ok(), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"\x89PNG\r\n\x1a\n"[..],
+            b"\xff\xd8\xff\xe0 a JPEG",
+            b"notes about my galaxies\n",
+            b"id,Class1.1\n",
+            b"GalaxyID,Class1.2\n",
+        ] {
+            let e = check("bad.csv", bad).unwrap_err();
+            assert!(e.contains("bad.csv: exists and is not a predictions CSV"), "{e}");
+        }
+        // a dataset's labels, beside its images: refused, though the header is gz's own
+        let header = b"GalaxyID,Class1.1\n";
+        assert!(
+            check("training_solutions_rev1.csv", header).is_ok(),
+            "no images beside it"
+        );
+        std::fs::create_dir(dir.path().join("images_training_rev1")).unwrap();
+        for name in ["training_solutions_rev1.csv", "test_solutions.csv", "expected_test.csv"] {
+            let e = check(name, header).unwrap_err();
+            assert!(e.contains("is a dataset's labels"), "{e}");
+        }
+        assert!(check("mine.csv", header).is_ok());
+    }
+
     /// An output is inside a shard cache by where it lands: `..` out of the cache into
     /// folders not made yet is outside, a folder not made yet inside it is inside.
     #[test]
@@ -364,12 +530,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
         std::fs::create_dir(&cache).unwrap();
+        // (a folder without a manifest is no cache: said so, below)
+        std::fs::write(cache.join("manifest.json"), "{}").unwrap();
         let check = |out: &Path| super::check_not_an_input("--out", out, &[], &[&cache], None);
         assert!(check(&cache.join("../preds/new/p.csv")).is_ok());
         assert!(check(&cache.join("new/../../p.csv")).is_ok());
         let e = check(&cache.join("new/sub/p.csv")).unwrap_err().to_string();
         assert!(e.contains("lies inside the shard cache"), "{e}");
         assert!(check(&dir.path().join("x/../cache/p.csv")).is_err());
+        // a --cache that is no cache (here a dataset folder) is named for that, not as a cache
+        // the output would land in
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("images_training_rev1")).unwrap();
+        let e = super::check_not_an_input("--out", &data.join("run/p.csv"), &[], &[&data], None).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("this is a dataset folder") && !e.contains("lies inside"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -180,7 +180,34 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
              several --run"
         );
     }
-    let device = gz_model::device::select_device(&src.device).with_context(|| format!("device {:?}", src.device))?;
+    // the test images `gz prep` could not read have no place in the cache but a row in the
+    // output: named, and refused without --fill-mean, before any work
+    let skipped = match &src.cache {
+        Some(dir) => super::submit::cache_test_ids(dir)?.1,
+        None => Vec::new(),
+    };
+    for s in &skipped {
+        eprintln!(
+            "note: gz prep skipped the test image {} ({}): {}",
+            s.path,
+            s.reason,
+            if src.fill_mean {
+                "its row gets the training mean"
+            } else {
+                "its row needs --fill-mean (the training mean), or fix the image and prep again"
+            }
+        );
+    }
+    if !skipped.is_empty() && !src.fill_mean {
+        bail!(
+            "{} of the cache's test images could not be read by gz prep (named above); nothing written (pass \
+             --fill-mean to fill {} with the training mean)",
+            skipped.len(),
+            if skipped.len() == 1 { "its row" } else { "their rows" }
+        );
+    }
+    // (the error names the device asked for)
+    let device = gz_model::device::select_device(&src.device)?;
     // JPEGs are prepared for each checkpoint's own preprocessing; a cache holds one
     let models = if src.images.is_some() {
         gz_eval::eval::load_checkpoints(&src.runs, &device)?
@@ -208,8 +235,16 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
         };
         if test.is_empty() {
             bail!(
-                "the test split of cache {} holds no images (was images_test_rev1/ empty when it was prepared?)",
-                cache_dir.display()
+                "the test split of cache {} holds no images ({})",
+                cache_dir.display(),
+                if skipped.is_empty() {
+                    "was images_test_rev1/ empty when it was prepared?".to_string()
+                } else {
+                    format!(
+                        "gz prep could read none of its {}: named above",
+                        super::count(skipped.len(), "test image")
+                    )
+                }
             );
         }
         // the images' bits against their checksums (opening reads only headers, ids and labels)
@@ -224,7 +259,16 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
             ids: test.ids().to_vec(),
             values,
         };
-        (with_ids(out.mean), out.var.map(with_ids), Vec::new())
+        // (said above, with their reasons)
+        let failures = skipped
+            .into_iter()
+            .map(|s| Failure {
+                path: s.path.into(),
+                key: s.id,
+                reason: s.reason,
+            })
+            .collect();
+        (with_ids(out.mean), out.var.map(with_ids), failures)
     } else if let Some(dir) = &src.images {
         let (out, n) = predict_folder(&models, dir, &tta, src.batch, &device, spread)?;
         names = n;
@@ -233,17 +277,22 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
         bail!("give --cache DIR (a shard cache's test split) or --images DIR (a folder of <GalaxyID>.jpg) to predict");
     };
     if rows.is_empty() && !failures.is_empty() {
+        if failures.len() == 1 {
+            bail!(
+                "the one image could not be read: nothing could be predicted ({}: {}); nothing written",
+                failures[0].path.display(),
+                failures[0].reason
+            );
+        }
+        for f in &failures {
+            eprintln!("unreadable image {}: {}", f.path.display(), f.reason);
+        }
         bail!(
-            "{} could be predicted ({}: {}); nothing written",
-            match failures.len() {
-                1 => "the one image could not be read: nothing".to_string(),
-                n => format!("none of the {n} images"),
-            },
-            failures[0].path.display(),
-            failures[0].reason
+            "none of the {} images could be predicted (each named above with its reason); nothing written",
+            failures.len()
         );
     }
-    if !failures.is_empty() {
+    if !failures.is_empty() && src.images.is_some() {
         for f in &failures {
             eprintln!("unreadable image {}: {}", f.path.display(), f.reason);
         }
@@ -520,10 +569,19 @@ fn predict_group(
     let members: Vec<&dyn Predictor> = group.iter().map(|m| *m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
     let grey = std::sync::atomic::AtomicUsize::new(0);
+    // images whose crop is smaller than the input (enlarged): how many, and the smallest
+    let small = std::sync::Mutex::new((0usize, None::<(u32, u32)>));
     let prep = |bytes: &[u8]| {
         let img = gz_preprocess::prep_jpeg(bytes, &cfg).map_err(|e| e.to_string())?;
         if gz_preprocess::jpeg_channels(bytes) == Some(1) {
             grey.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some((w, h)) = gz_preprocess::jpeg_size(bytes).filter(|&(w, h)| enlarged(&cfg, w, h)) {
+            let mut s = small.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.0 += 1;
+            if s.1.is_none_or(|(sw, sh)| w.min(h) < sw.min(sh)) {
+                s.1 = Some((w, h));
+            }
         }
         Ok(img)
     };
@@ -541,7 +599,39 @@ fn predict_group(
         &|n| pb.set_position(n as u64),
     )?;
     pb.finish_and_clear();
+    let (n, smallest) = small.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((w, h)) = smallest {
+        eprintln!(
+            "warning: {} so small that {} central crop is enlarged to the model's {}×{} px input (the smallest: \
+             {w}×{h} px, cropped to {}×{} px): {} less detail than the 424-px images the model learnt from, so {} \
+             predictions may be unreliable",
+            if n == 1 {
+                "1 image is".to_string()
+            } else {
+                format!("{n} images are")
+            },
+            if n == 1 { "its" } else { "their" },
+            cfg.size,
+            cfg.size,
+            crop_px(&cfg, w),
+            crop_px(&cfg, h),
+            if n == 1 { "it holds" } else { "they hold" },
+            if n == 1 { "its" } else { "their" },
+        );
+    }
     Ok((out, grey.into_inner()))
+}
+
+/// The pixels of a `side`-px image axis the crop keeps (the crop is in pixels of a 424-px image:
+/// the same fraction of any other).
+fn crop_px(cfg: &gz_preprocess::PrepConfig, side: u32) -> u32 {
+    (side as u64 * cfg.crop as u64 / gz_preprocess::REFERENCE_SIZE as u64).max(1) as u32
+}
+
+/// Whether a `w`×`h` image's crop is smaller than the model's input on either axis, so that
+/// preprocessing enlarges it.
+fn enlarged(cfg: &gz_preprocess::PrepConfig, w: u32, h: u32) -> bool {
+    crop_px(cfg, w.min(h)) < cfg.size
 }
 
 /// Adds the training-mean rows of the failures that have an id.
@@ -578,7 +668,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             super::check_output("--spread", sp, false)?;
         }
     }
-    // nor may either replace what the command reads
+    // nor may either replace what the command reads, or a file gz would not have written
     let src = &args.source;
     let inputs: Vec<PathBuf> = super::run_inputs(&src.runs)
         .into_iter()
@@ -589,6 +679,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     super::check_not_an_input("--out", &args.out, &inputs, &folders, images)?;
     if let Some(sp) = &args.spread {
         super::check_not_an_input("--spread", sp, &inputs, &folders, images)?;
+    }
+    for (flag, path) in [("--out", Some(&args.out)), ("--spread", args.spread.as_ref())] {
+        if let Some(path) = path.filter(|p| *p != stdout) {
+            super::check_replaceable(flag, path)?;
+        }
     }
     let spread_of = if args.conditional {
         SpreadOf::Conditional

@@ -303,8 +303,9 @@ fn note_superseded(cache_root: &Path, data: &Path, key: &str) {
     }
     let bytes: u64 = old.iter().map(|e| e.bytes).sum();
     eprintln!(
-        "note: {} cache(s) of this dataset built before its files changed ({}) will not be used again; \
-         `gz cache prune --data {} --cache {}` removes them",
+        "note: {} cache(s) of this dataset built before its files changed ({}) will not be used for it again; \
+         `gz cache prune --data {} --cache {}` removes them (keep them if a copy of the dataset as it was, in \
+         another folder, uses them: gz does not know of copies)",
         old.len(),
         crate::cmd::cache::human_bytes(bytes),
         crate::cmd::shell_path(data),

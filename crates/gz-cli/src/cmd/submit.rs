@@ -110,7 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // before reading or predicting anything
     super::check_output("--out", &out, false)?;
     let ids_dir = ids_source(&args).map(|(_, d)| d.clone());
-    // nor may it replace what it reads: the predictions, checkpoints, training labels (as
+    // the output may not replace what the command reads: the predictions, checkpoints, training labels (as
     // given, or the Kaggle layout's beside the test images), an image
     let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)
         .into_iter()
@@ -124,6 +124,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::check_not_an_input("--out", &out, &inputs, &folders, Some(images).filter(|p| p.is_dir()))?;
     }
     super::check_not_an_input("--out", &out, &inputs, &folders, None)?;
+    super::check_replaceable("--out", &out)?;
     let mut ids = read_ids(ids_source(&args))?;
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;
@@ -167,28 +168,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         if let (None, Some(cache)) = (&ids, &args.cache) {
             // no ids folder: the cache knows the test images, the ones prep skipped included
-            // (a short submission passed as complete); said before predicting
-            let (all, skipped) = cache_test_ids(cache)?;
-            for (path, reason) in &skipped {
-                eprintln!(
-                    "note: gz prep skipped the test image {path} ({reason}): {}",
-                    if args.fill_mean {
-                        "its row gets the training mean"
-                    } else {
-                        "its row needs --fill-mean (the training mean), or fix the image and prep again"
-                    }
-                );
-            }
-            if !skipped.is_empty() && !args.fill_mean {
-                bail!(
-                    "refusing to write submission {}: {} of the cache's test images could not be predicted (named \
-                     above); a short submission is not written (fill those rows with the training mean explicitly \
-                     with --fill-mean)",
-                    out.display(),
-                    skipped.len()
-                );
-            }
-            ids = Some(all);
+            // (a short submission passed as complete; `predict` names them and refuses them
+            // without --fill-mean, before predicting)
+            ids = Some(cache_test_ids(cache)?.0);
         }
         let p = predict(&src, None)?;
         // Unreadable images (only allowed with --fill-mean) are missing rows here; the ids
@@ -227,8 +209,12 @@ fn ids_source(args: &Args) -> Option<(&'static str, &PathBuf)> {
     }
 }
 
-/// A test image `gz prep` skipped: its path in the manifest and the reason.
-pub(crate) type SkippedImage = (String, String);
+/// A test image `gz prep` skipped: its GalaxyID, its path in the manifest and the reason.
+pub(crate) struct SkippedImage {
+    pub id: u64,
+    pub path: String,
+    pub reason: String,
+}
 
 /// The GalaxyIDs of a cache's test images: its test split's and those of the test images
 /// `gz prep` skipped (unreadable: recorded in the manifest), with the skipped ones' paths and
@@ -259,7 +245,11 @@ pub(crate) fn cache_test_ids(dir: &Path) -> anyhow::Result<(Vec<u64>, Vec<Skippe
         if let Some(id) = id {
             if seen.insert(id) {
                 ids.push(id);
-                skipped.push((path.to_string(), reason.to_string()));
+                skipped.push(SkippedImage {
+                    id,
+                    path: path.to_string(),
+                    reason: reason.to_string(),
+                });
             }
         }
     }
