@@ -330,6 +330,27 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
         assert!(!ok && err.contains(want), "{flag} {target:?}: {out}\n{err}");
     }
     assert_eq!(std::fs::read_to_string(images.join("100.jpg")).unwrap(), "not read");
+    // nor a file gz would not have written, an input or not: another run's checkpoint, a
+    // dataset's labels (refused before anything is loaded, and left as they were)
+    let theirs = tmp.path().join("other-run.safetensors");
+    std::fs::write(&theirs, "weights").unwrap();
+    let labels = tmp.path().join("training_solutions_rev1.csv");
+    std::fs::write(&labels, format!("{}\n", csv_header())).unwrap();
+    for (target, want) in [(&theirs, "is not a predictions CSV"), (&labels, "is named as a dataset's labels")] {
+        for cmd in ["predict", "submit"] {
+            let (ok, out, err) = support::run(
+                support::gz()
+                    .args([cmd, "--run"])
+                    .arg(&missing_run)
+                    .arg("--cache")
+                    .arg(&cache)
+                    .arg("--out")
+                    .arg(target),
+            );
+            assert!(!ok && err.contains(want) && !err.contains("no-such-run"), "{cmd}: {out}\n{err}");
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "weights");
     let pred = tmp.path().join("pred.csv");
     std::fs::write(&pred, format!("{}\n{}\n", csv_header(), row(100, "0.25"))).unwrap();
     let (ok, out, err) = support::run(support::gz().current_dir(tmp.path()).args([
@@ -1595,8 +1616,8 @@ fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_expl
     // (the 424-px Kaggle images are not)
     assert!(
         err.contains(
-            "warning: 1 image is so small that its central crop is enlarged to the model's 32×32 px input (the \
-             smallest: 40×30 px, cropped to 20×15 px)"
+            "warning: 1 image is so small that its central crop is enlarged to the model's 32×32 px input (40×30 \
+             px, cropped to 20×15 px)"
         ),
         "{err}"
     );

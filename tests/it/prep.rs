@@ -245,7 +245,7 @@ fn verify_detects_a_corrupted_shard() {
     );
     // what the message says to do: `gz prep --verify` with the dataset rebuilds the cache
     assert!(
-        err.contains("`gz prep --verify` with the same options rebuilds"),
+        err.contains("`gz prep --data <its dataset> --verify`, with the options that built it, rebuilds"),
         "{err}"
     );
     let args = ["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()];
@@ -412,7 +412,11 @@ fn cache_list_prune_and_remove() {
     assert!(line(&old).contains("superseded"), "{out}");
     assert!(line(&theirs).contains("other dataset"), "{out}");
     assert!(line(&dead).contains("leftover"), "{out}");
-    assert!(out.contains("3 cache(s)"), "{out}");
+    // (the leftover is counted apart, its size in the total)
+    assert!(
+        out.contains("3 cache(s) and 1 other folder(s) (damaged, incomplete or leftovers), "),
+        "{out}"
+    );
 
     // a user's file in the superseded cache: kept, the cache with it, and said so
     std::fs::write(old.join("notes.txt"), "mine").unwrap();
@@ -611,6 +615,17 @@ fn small_refusals_and_notes() {
     }
     let (_, out, err) = prep(&["--data", empty.to_str().unwrap(), "--cache", c, "--size", "16"]);
     assert!(err.contains("the cache holds no training images"), "{out}\n{err}");
+    // a cache root among the images it reads (made or not yet), refused before anything is
+    // written: the next build took the cache for an unreadable input
+    for root in ["images_training_rev1", "images_test_rev1/new/deeper"] {
+        let inside = data.join(root);
+        let (code, out, err) = prep(&["--data", d, "--cache", inside.to_str().unwrap(), "--size", "16"]);
+        assert!(
+            code == Some(1) && err.contains("lies inside the dataset's image folder"),
+            "{out}\n{err}"
+        );
+    }
+    assert!(!data.join("images_test_rev1/new").exists());
 
     let file = t.path().join("afile");
     std::fs::write(&file, "x").unwrap();

@@ -409,9 +409,9 @@ pub fn train_on(
     let last_json = out_dir.join("last.json");
     if resume && !last_json.exists() {
         // a live run in its first epoch has written no last.json yet: "in use", not "start
-        // afresh" (the lock is taken and let go at once)
-        if out_dir.is_dir() {
-            drop(RunLock::take(out_dir)?);
+        // afresh" (its lock looked at, nothing written)
+        if let Some(busy) = RunLock::held(out_dir) {
+            return Err(busy);
         }
         // before anything is created: a refused resume leaves no empty run directory behind
         return Err(nothing_to_resume(&last_json, out_dir));
@@ -863,26 +863,8 @@ impl RunLock {
                     return Ok(RunLock { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder = std::fs::read_to_string(&path).ok();
-                    let pid = holder.as_deref().and_then(|t| t.trim().parse::<u32>().ok());
-                    let age = std::fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .unwrap_or_default();
-                    let stale = match pid {
-                        Some(pid) => !process_alive(pid),
-                        // being written this instant, or left empty by a kill long ago
-                        None => age > std::time::Duration::from_secs(10),
-                    };
-                    if !stale {
-                        let who = pid.map_or("another gz train".to_string(), |p| format!("gz train (process {p})"));
-                        return Err(TrainError::Busy(format!(
-                            "{} is in use: {who} is writing into it; wait for it to finish or choose another --out \
-                             (if no such run is alive, delete {})",
-                            out_dir.display(),
-                            path.display()
-                        )));
+                    if let Some(busy) = Self::held(out_dir) {
+                        return Err(busy);
                     }
                     match std::fs::remove_file(&path) {
                         Ok(()) => {}
@@ -898,6 +880,36 @@ impl RunLock {
             path.display(),
             out_dir.display()
         )))
+    }
+}
+
+impl RunLock {
+    /// The "in use" error when `out_dir`'s lock is held by a live run (a process id that runs,
+    /// or no id yet in a lock under 10 s old: being written this instant); `None` when there is
+    /// no lock or it is a killed run's. Reads only.
+    fn held(out_dir: &Path) -> Option<TrainError> {
+        let path = out_dir.join(Self::NAME);
+        let holder = std::fs::read_to_string(&path).ok()?;
+        let pid = holder.trim().parse::<u32>().ok();
+        let age = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        let live = match pid {
+            Some(pid) => process_alive(pid),
+            // being written this instant, or left empty by a kill long ago
+            None => age <= std::time::Duration::from_secs(10),
+        };
+        let who = pid.map_or("another gz train".to_string(), |p| format!("gz train (process {p})"));
+        live.then(|| {
+            TrainError::Busy(format!(
+                "{} is in use: {who} is writing into it; wait for it to finish or choose another --out (if no such \
+                 run is alive, delete {})",
+                out_dir.display(),
+                path.display()
+            ))
+        })
     }
 }
 
@@ -1596,10 +1608,11 @@ mod tests {
                 "{e}"
             );
             assert!(live.path().join(RunLock::NAME).exists(), "the live run's lock is left");
-            // once it is gone: nothing to resume, and no lock left behind by the check
+            // once it is gone: nothing to resume (the dead run's lock looked at, left as it is:
+            // a refused command writes nothing)
             let e = train_on(&small_cfg(1), &src, &meta(), live.path(), true, &()).unwrap_err();
             assert!(e.to_string().contains("nothing to resume"), "{e}");
-            assert!(!live.path().join(RunLock::NAME).exists());
+            assert_eq!(std::fs::read_dir(live.path()).unwrap().count(), 1);
         }
     }
 

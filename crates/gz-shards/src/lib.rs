@@ -57,7 +57,7 @@ pub enum ShardError {
     /// The payload checksum does not match.
     #[error(
         "{path}: payload checksum mismatch (expected {expected:08x}, found {found:08x}): corrupt file; \
-         `gz prep --verify` with the same options rebuilds the cache"
+         `gz prep --data <its dataset> --verify`, with the options that built it, rebuilds the cache"
     )]
     Checksum { path: PathBuf, expected: u32, found: u32 },
     /// The same GalaxyID twice in one split.

@@ -291,7 +291,11 @@ fn list(at: &Where) -> anyhow::Result<()> {
     }
     print!("{}", table(&rows));
     println!(
-        "{n_caches} cache(s), {} in all{}",
+        "{n_caches} cache(s){}, {} in all{}",
+        match entries.len() - n_caches {
+            0 => String::new(),
+            n => format!(" and {n} other folder(s) (damaged, incomplete or leftovers)"),
+        },
         human_bytes(total),
         if n_prunable > 0 {
             format!(

@@ -415,6 +415,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    super::check_writable(&flag, &dir, true)?;
     if let Some(d) = &args.data {
         // a typo is not a dataset without the optional files: said before the scoring
         if !d.is_dir() {

@@ -50,10 +50,10 @@ pub fn check_threads(threads: Option<usize>) -> anyhow::Result<()> {
 
 /// Refuses, before any work, an output path that cannot be written (`flag` names the option):
 /// an existing folder where a file goes (`folder: false`), an existing file where a folder goes,
-/// a file among the folders above it, or a folder the file or folder cannot be made in. Missing
-/// folders are fine: every gz command that writes creates them (as `mkdir -p`), as `--help`
-/// says. (The CSV outputs are then checked against the inputs, [`check_not_an_input`], and
-/// against files gz would not have written, [`check_replaceable`].)
+/// or a file among the folders above it. Missing folders are fine: every gz command that writes
+/// creates them (as `mkdir -p`), as `--help` says. (Outputs are then checked against the
+/// inputs, [`check_not_an_input`], the CSV outputs against files gz would not have written,
+/// [`check_replaceable`], and last whether their folder can be written in, [`check_writable`].)
 pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
     if !folder && path.as_os_str().as_encoded_bytes().last() == Some(&b'/') {
         anyhow::bail!(
@@ -91,16 +91,18 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
             );
         }
     }
-    check_writable(flag, path, folder)
+    Ok(())
 }
 
 /// Refuses a CSV output (`flag` names the option) that exists and is a file gz would not have
-/// written ([`foreign_file`]): a checkpoint, an image, a text, a dataset's labels.
+/// written ([`foreign_file`]): a checkpoint, an image, a text, a dataset's labels; judged where
+/// the write lands (through symbolic links, as the writers follow them).
 pub fn check_replaceable(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
-    if !path.is_file() {
+    let target = write_target(path).unwrap_or_else(|| path.to_path_buf());
+    if !target.is_file() {
         return Ok(());
     }
-    match foreign_file(path) {
+    match foreign_file(&target) {
         Some(why) => anyhow::bail!(
             "{flag} {}: exists and {why}: gz replaces only a CSV of its own (remove the file first, or name another)",
             path.display()
@@ -110,18 +112,12 @@ pub fn check_replaceable(flag: &str, path: &std::path::Path) -> anyhow::Result<(
 }
 
 /// Why an existing file is not one a gz CSV output may replace, if it is not: a dataset's labels
-/// (a file of the Kaggle layout's names beside its image folders), or a file whose first line
-/// is not the header of a gz table (`GalaxyID,Class1.1,…` or `file,Class1.1,…`: predictions,
-/// spreads and submissions). An empty file may go.
+/// (the Kaggle layout's and the synthetic set's label files, by name: gz writes no output so
+/// named), a file that cannot be read to tell, or one whose first line is not the header of a
+/// gz table (`GalaxyID,Class1.1,…` or `file,Class1.1,…`: predictions, spreads and
+/// submissions). An empty file may go.
 fn foreign_file(path: &std::path::Path) -> Option<String> {
     use std::io::Read as _;
-    let dir = path.parent().map(|d| {
-        if d.as_os_str().is_empty() {
-            std::path::Path::new(".")
-        } else {
-            d
-        }
-    })?;
     let name = path.file_name()?.to_string_lossy();
     let labels = [
         gz_synth::TRAIN_CSV,
@@ -129,20 +125,13 @@ fn foreign_file(path: &std::path::Path) -> Option<String> {
         gz_synth::EXPECTED_TRAIN_CSV,
         gz_synth::EXPECTED_TEST_CSV,
     ];
-    if labels.contains(&name.as_ref())
-        && [gz_synth::TRAIN_DIR, gz_synth::TEST_DIR]
-            .iter()
-            .any(|d| dir.join(d).is_dir())
-    {
-        return Some(format!(
-            "is a dataset's labels (beside its {}/ or {}/)",
-            gz_synth::TRAIN_DIR,
-            gz_synth::TEST_DIR
-        ));
+    if labels.contains(&name.as_ref()) {
+        return Some(format!("is named as a dataset's labels ({name})"));
     }
     let mut head = Vec::new();
-    let file = std::fs::File::open(path).ok()?;
-    file.take(4096).read_to_end(&mut head).ok()?;
+    if let Err(e) = std::fs::File::open(path).and_then(|f| f.take(4096).read_to_end(&mut head)) {
+        return Some(format!("cannot be read to tell whether gz wrote it ({e})"));
+    }
     if head.is_empty() {
         return None;
     }
@@ -155,27 +144,49 @@ fn foreign_file(path: &std::path::Path) -> Option<String> {
         .then(|| "is not a predictions CSV (its first line is not `GalaxyID,Class1.1,…` or `file,Class1.1,…`)".into())
 }
 
-/// Refuses a path whose folder (the output folder itself where a folder goes, or the nearest
-/// existing folder above, where folders are to be made) does not let this process create an
-/// entry: found by making and removing one, so that a read-only or unwritable folder stops the
-/// command before its work, not after.
-fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
-    let Ok(abs) = std::path::absolute(path) else {
+/// Refuses an output (`flag` names the option) whose folder does not let this process create a
+/// file: the output folder itself where a folder goes (`folder`), else the folder the file lands
+/// in (through symbolic links, as the writers follow them), or the nearest existing folder above
+/// where folders are to be made. Found by making and removing a file of a hidden name, so
+/// that a read-only or unwritable folder stops the command before its work, not after; called
+/// after the checks against the inputs, so that nothing is made in a cache or an image folder.
+pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
+    if path == std::path::Path::new("-") {
+        return Ok(());
+    }
+    let Some(target) = write_target(path) else {
         return Ok(());
     };
-    let start = if folder { Some(abs.as_path()) } else { abs.parent() };
+    let start = if folder {
+        Some(target.as_path())
+    } else {
+        target.parent()
+    };
     let Some(dir) = start.and_then(|p| p.ancestors().find(|a| a.is_dir())) else {
         return Ok(());
     };
-    let probe = dir.join(format!(".gz-write-check.{}", std::process::id()));
+    // (a name of this process and instant: another's, or one a kill left, is not touched)
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let probe = dir.join(format!(".gz-write-check.{}.{nanos}", std::process::id()));
     match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        // (a leftover probe of a killed process with this id: the folder is writable)
+        // (the same name left by a killed process: the folder takes files)
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => anyhow::bail!("{flag} {}: cannot write in {}: {e}", path.display(), dir.display()),
+        Err(e) => anyhow::bail!(
+            "{flag} {}: cannot write in {}: {}",
+            path.display(),
+            dir.display(),
+            // (the system's reason, without the probe's own name)
+            e.raw_os_error().map_or_else(
+                || e.kind().to_string(),
+                |c| std::io::Error::from_raw_os_error(c).to_string()
+            )
+        ),
     }
 }
 
@@ -458,15 +469,24 @@ mod tests {
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
             let root = std::fs::write(ro.join("probe"), "").is_ok();
             let _ = std::fs::remove_file(ro.join("probe"));
+            let writable =
+                |p: &Path, folder: bool| super::check_writable("--out", p, folder).map_err(|e| e.to_string());
+            let said = format!("cannot write in {}: ", ro.display());
             if !root {
                 for p in [ro.join("p.csv"), ro.join("sub/p.csv")] {
-                    let e = check(&p, false).unwrap_err();
-                    assert!(e.contains("cannot write in") && e.contains("ro"), "{e}");
+                    assert!(check(&p, false).is_ok(), "not check_output's to say");
+                    let e = writable(&p, false).unwrap_err();
+                    assert!(e.contains(&said) && !e.contains(".gz-write-check"), "{e}");
                 }
-                assert!(check(&ro.join("run"), true).unwrap_err().contains("cannot write in"));
+                assert!(writable(&ro.join("run"), true).unwrap_err().contains(&said));
+                // a link into it: judged where the write lands
+                let link = dir.path().join("link.csv");
+                std::os::unix::fs::symlink(ro.join("p.csv"), &link).unwrap();
+                assert!(writable(&link, false).unwrap_err().contains(&said));
             }
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
-            assert!(check(&ro.join("sub/p.csv"), false).is_ok());
+            assert!(writable(&ro.join("sub/p.csv"), false).is_ok());
+            assert!(writable(&ro, true).is_ok());
             assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "the probe is removed");
         }
         // a name longer than the file system allows (255 bytes on Linux): refused up front, with
@@ -509,18 +529,43 @@ mod tests {
             let e = check("bad.csv", bad).unwrap_err();
             assert!(e.contains("bad.csv: exists and is not a predictions CSV"), "{e}");
         }
-        // a dataset's labels, beside its images: refused, though the header is gz's own
+        // a dataset's labels, though the header is gz's own (Kaggle ships them apart from the
+        // images: a folder of them alone too)
         let header = b"GalaxyID,Class1.1\n";
-        assert!(
-            check("training_solutions_rev1.csv", header).is_ok(),
-            "no images beside it"
-        );
-        std::fs::create_dir(dir.path().join("images_training_rev1")).unwrap();
-        for name in ["training_solutions_rev1.csv", "test_solutions.csv", "expected_test.csv"] {
+        for name in [
+            "training_solutions_rev1.csv",
+            "test_solutions.csv",
+            "expected_training.csv",
+            "expected_test.csv",
+        ] {
             let e = check(name, header).unwrap_err();
-            assert!(e.contains("is a dataset's labels"), "{e}");
+            assert!(e.contains("is named as a dataset's labels"), "{e}");
         }
         assert!(check("mine.csv", header).is_ok());
+        // judged where the write lands: a link to the labels, or to a JPEG
+        #[cfg(unix)]
+        for (target, want) in [
+            ("training_solutions_rev1.csv", "dataset's labels"),
+            ("bad.csv", "not a predictions CSV"),
+        ] {
+            let link = dir.path().join(format!("link-{target}"));
+            std::os::unix::fs::symlink(dir.path().join(target), &link).unwrap();
+            let e = super::check_replaceable("--out", &link).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // a file that cannot be read cannot be told to be gz's (unless this process reads
+        // anything, as root)
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let p = dir.path().join("locked.csv");
+            std::fs::write(&p, "secret").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
+            if std::fs::read(&p).is_err() {
+                let e = super::check_replaceable("--out", &p).unwrap_err().to_string();
+                assert!(e.contains("cannot be read to tell whether gz wrote it"), "{e}");
+            }
+        }
     }
 
     /// An output is inside a shard cache by where it lands: `..` out of the cache into

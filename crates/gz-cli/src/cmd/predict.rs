@@ -242,7 +242,10 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
                 } else {
                     format!(
                         "gz prep could read none of its {}: named above",
-                        super::count(skipped.len(), "test image")
+                        match skipped.len() {
+                            1 => "one test image".to_string(),
+                            n => format!("{n} test images"),
+                        }
                     )
                 }
             );
@@ -602,17 +605,21 @@ fn predict_group(
     let (n, smallest) = small.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((w, h)) = smallest {
         eprintln!(
-            "warning: {} so small that {} central crop is enlarged to the model's {}×{} px input (the smallest: \
-             {w}×{h} px, cropped to {}×{} px): {} less detail than the 424-px images the model learnt from, so {} \
-             predictions may be unreliable",
+            "warning: {} so small that {} enlarged to the model's {}×{} px input ({}{w}×{h} px, cropped to {}×{} \
+             px): {} less detail than the 424-px images the model learnt from, so {} predictions may be unreliable",
             if n == 1 {
                 "1 image is".to_string()
             } else {
                 format!("{n} images are")
             },
-            if n == 1 { "its" } else { "their" },
+            if n == 1 {
+                "its central crop is"
+            } else {
+                "their central crops are"
+            },
             cfg.size,
             cfg.size,
+            if n == 1 { "" } else { "the smallest: " },
             crop_px(&cfg, w),
             crop_px(&cfg, h),
             if n == 1 { "it holds" } else { "they hold" },
@@ -683,6 +690,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (flag, path) in [("--out", Some(&args.out)), ("--spread", args.spread.as_ref())] {
         if let Some(path) = path.filter(|p| *p != stdout) {
             super::check_replaceable(flag, path)?;
+            super::check_writable(flag, path, false)?;
         }
     }
     let spread_of = if args.conditional {

@@ -97,6 +97,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cache_root.display()
         );
     }
+    // not among the images it reads: a cache there is a folder the next build skips as an
+    // unreadable input (and a cache hit says nothing of it)
+    if let Some(images) = images_folder_holding(&data, &cache_root) {
+        anyhow::bail!(
+            "cache root {} lies inside the dataset's image folder {}: write the caches elsewhere (--cache DIR; \
+             by default they go beside the dataset folder)",
+            cache_root.display(),
+            images.display()
+        );
+    }
     let cfg = PrepConfig {
         crop: args.crop,
         size: args.size,
@@ -291,6 +301,24 @@ fn remove_cache(dir: &Path) -> anyhow::Result<()> {
     let aside = dir.with_file_name(format!(".{name}.damaged-{}", std::process::id()));
     std::fs::rename(dir, &aside).with_context(|| format!("moving the damaged cache {} aside", dir.display()))?;
     std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
+}
+
+/// The dataset's image folder (`images_training_rev1/` or `images_test_rev1/`) that `root`
+/// lies in, if it lies in one (where it lands: folders not made yet count by their parents).
+fn images_folder_holding(data: &Path, root: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(root).ok()?;
+    // the longest existing ancestor, resolved
+    let mut base = abs.as_path();
+    let resolved = loop {
+        if let Ok(r) = base.canonicalize() {
+            break r;
+        }
+        base = base.parent()?;
+    };
+    [gz_preprocess::dataset::TRAIN_DIR, gz_preprocess::dataset::TEST_DIR]
+        .iter()
+        .filter_map(|d| data.join(d).canonicalize().ok())
+        .find(|images| resolved.starts_with(images))
 }
 
 /// Names the caches of this dataset built before its files changed (a new build makes them

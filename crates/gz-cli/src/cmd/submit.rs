@@ -125,6 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     super::check_not_an_input("--out", &out, &inputs, &folders, None)?;
     super::check_replaceable("--out", &out)?;
+    super::check_writable("--out", &out, false)?;
     let mut ids = read_ids(ids_source(&args))?;
     let (pred, mean) = if let Some(pred_path) = &args.pred {
         let pred = read_predictions(pred_path)?;

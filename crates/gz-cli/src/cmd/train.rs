@@ -153,6 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     super::check_output("--out", &out, true)?;
     // (a run inside the cache it reads: `gz cache` would keep the cache for it, a muddle)
     super::check_not_an_input("--out", &out, &[], &[&cache_dir], None)?;
+    super::check_writable("--out", &out, true)?;
     let mut cfg = train_config(&args, model)?;
     let notes = if args.resume {
         apply_resumed_settings(&args, &mut cfg, &out)?
