@@ -336,7 +336,10 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
     std::fs::write(&theirs, "weights").unwrap();
     let labels = tmp.path().join("training_solutions_rev1.csv");
     std::fs::write(&labels, format!("{}\n", csv_header())).unwrap();
-    for (target, want) in [(&theirs, "is not a predictions CSV"), (&labels, "is named as a dataset's labels")] {
+    for (target, want) in [
+        (&theirs, "is not a predictions CSV"),
+        (&labels, "is named as a dataset's labels"),
+    ] {
         for cmd in ["predict", "submit"] {
             let (ok, out, err) = support::run(
                 support::gz()
@@ -347,7 +350,10 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
                     .arg("--out")
                     .arg(target),
             );
-            assert!(!ok && err.contains(want) && !err.contains("no-such-run"), "{cmd}: {out}\n{err}");
+            assert!(
+                !ok && err.contains(want) && !err.contains("no-such-run"),
+                "{cmd}: {out}\n{err}"
+            );
         }
     }
     assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "weights");
@@ -875,8 +881,11 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     // a killed report's half-written thumbnails go with the old ones
     let half = tmp.path().join("reports/pred/gallery/.123.png.77.tmp");
     std::fs::write(&half, "half").unwrap();
+    // and so do the page's own (a chart, metrics.json), not a user's file of another name
+    let half_chart = tmp.path().join("reports/pred/.spread.png.77.tmp");
+    std::fs::write(&half_chart, "half").unwrap();
     let (ok, out, err) = by_default(&pred);
-    assert!(ok && !half.exists(), "{out}\n{err}");
+    assert!(ok && !half.exists() && !half_chart.exists(), "{out}\n{err}");
     // a page without its metrics.json cannot say what it scored: the default folder refuses
     std::fs::remove_file(tmp.path().join("reports/pred/metrics.json")).unwrap();
     let (ok, _, err) = by_default(&pred);

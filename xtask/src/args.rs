@@ -49,7 +49,19 @@ impl Args {
 
     /// The last `--name VALUE`, if any.
     pub fn value(&mut self, name: &str) -> Result<Option<String>> {
-        Ok(self.values(name)?.pop())
+        let mut v = self.values(name)?;
+        // (one of two was dropped without a word; an empty one named the current folder)
+        if v.len() > 1 {
+            bail!(
+                "option {name} is given {} times ({}): give it once",
+                v.len(),
+                v.join(", ")
+            );
+        }
+        if v.first().is_some_and(String::is_empty) {
+            bail!("option {name} needs a value, not an empty word");
+        }
+        Ok(v.pop())
     }
 
     pub fn path(&mut self, name: &str) -> Result<Option<PathBuf>> {
@@ -139,10 +151,10 @@ mod tests {
 
     #[test]
     fn flags_values_and_leftovers() {
-        let mut x = a("--debug --data d1 --epochs=3 --train-arg --lr --train-arg=0.1 --data d2");
+        let mut x = a("--debug --data d1 --epochs=3 --train-arg --lr --train-arg=0.1");
         assert!(x.flag("--debug"));
         assert!(!x.flag("--cuda"));
-        assert_eq!(x.path("--data").unwrap(), Some(PathBuf::from("d2")));
+        assert_eq!(x.path("--data").unwrap(), Some(PathBuf::from("d1")));
         assert_eq!(x.parsed::<u32>("--epochs").unwrap(), Some(3));
         assert_eq!(x.values("--train-arg").unwrap(), vec!["--lr", "0.1"]);
         x.finish().unwrap();
@@ -151,6 +163,11 @@ mod tests {
     #[test]
     fn errors_are_reported() {
         assert!(a("--epochs").value("--epochs").is_err());
+        // one of two values was dropped without a word; an empty one named the current folder
+        let e = a("--name x --name=y").value("--name").unwrap_err().to_string();
+        assert!(e.contains("--name is given 2 times (x, y)"), "{e}");
+        let e = a("--root=").value("--root").unwrap_err().to_string();
+        assert!(e.contains("--root needs a value, not an empty word"), "{e}");
         assert!(a("--epochs x").parsed::<u32>("--epochs").is_err());
         let err = a("--bogus 1").finish().unwrap_err().to_string();
         assert!(err.contains("--bogus") && !err.contains("option: pass"), "{err}");

@@ -275,7 +275,83 @@ impl Ctx {
             gz,
         };
         a.finish()?;
+        ctx.check_values()?;
         Ok(ctx)
+    }
+
+    /// Refuses, before anything is created or run, the option values `gz` would refuse only
+    /// when its stage comes (`--tta 3` after the whole training), and a root among the
+    /// dataset's images.
+    fn check_values(&self) -> Result<()> {
+        const MODELS: [&str; 5] = ["vgg16-blog", "dieleman", "tiny", "small", "dieleman-tiny"];
+        if !MODELS.contains(&self.model.as_str()) {
+            bail!("--model {}: expected one of {}", self.model, MODELS.join(", "));
+        }
+        let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "auto")
+            || self
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !device_ok {
+            bail!("--device {}: expected cpu, cuda, cuda:N or auto", self.device);
+        }
+        if let Some(p) = self.precision.as_deref().filter(|p| !matches!(*p, "f32" | "bf16")) {
+            bail!("--precision {p}: expected f32 or bf16");
+        }
+        for (flag, v) in [
+            ("--epochs", Some(self.epochs)),
+            ("--batch", self.batch),
+            ("--size", self.size),
+        ] {
+            if v == Some(0) {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        if let Some(t) = self.tta.filter(|t| ![1, 2, 4, 8, 60].contains(t)) {
+            bail!("--tta {t}: expected a preset, 1, 2, 4, 8 or 60 (gz predict --help)");
+        }
+        if self.name.len() > 200 {
+            bail!("--name: {} bytes, at most 200 (it names folders)", self.name.len());
+        }
+        if let Some(c) = self.cache_override.as_deref().filter(|c| !c.is_dir()) {
+            bail!(
+                "--cache {}: no such folder (a cache gz prep built, the folder it prints as `cache:`)",
+                c.display()
+            );
+        }
+        if let Some(file) = self.root.ancestors().find(|a| a.exists() && !a.is_dir()) {
+            bail!(
+                "--root {}: {} is not a folder (the root holds data/, runs/ and reports/)",
+                self.root.display(),
+                file.display()
+            );
+        }
+        // the root's longest existing folder, resolved, against the dataset's image folders
+        let mut base = self.root.as_path();
+        let resolved = loop {
+            if let Ok(r) = base.canonicalize() {
+                break Some(r);
+            }
+            match base.parent() {
+                Some(p) => base = p,
+                None => break None,
+            }
+        };
+        if let (Some(data), Some(root)) = (&self.real_data, resolved) {
+            for images in ["images_training_rev1", "images_test_rev1"] {
+                if let Ok(images) = data.join(images).canonicalize() {
+                    if root.starts_with(&images) {
+                        bail!(
+                            "--root {} lies inside the dataset's image folder {}: the pipeline's files would be \
+                             taken for the dataset's; choose a root elsewhere",
+                            self.root.display(),
+                            images.display()
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -384,6 +460,11 @@ impl Ctx {
     }
 
     fn need_run(&self) -> Result<PathBuf> {
+        // a pipeline running stages in this root (training this run, say) is named as such,
+        // not taken for an interrupted one (a root not made yet holds nothing to lock)
+        if self.root.is_dir() {
+            crate::lock::hold(&self.root)?;
+        }
         let r = self.run_dir();
         let (weights, sidecar) = ("best.safetensors", "best.json");
         let has_weights = r.join(weights).exists();
@@ -903,12 +984,116 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
     }
     if run.exists() {
         eprintln!("xtask: train: replacing the stale run {}", run.display());
-        std::fs::remove_dir_all(run).with_context(|| format!("removing {}", run.display()))?;
+        clear_known(run, is_run_file, "training run")?;
     }
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
     // through a temporary: a half-written note would count the run as stale at the next call
     crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
     Ok(BeforeRun::Run(vec![]))
+}
+
+/// What a training run and xtask write into a run folder: `gz train`'s files
+/// (`gz_model::train::RUN_FILES`, which xtask does not link), their staged (`NAME.new`) and
+/// temporary versions (`NAME.tmpPID`, `.NAME.PID.tmp`), its lock, xtask's notes; and a desktop's
+/// own files.
+fn is_run_file(rel: &Path) -> bool {
+    const RUN_FILES: [&str; 7] = [
+        "last.safetensors",
+        "last.optim.safetensors",
+        "best.safetensors",
+        "last.json",
+        "best.json",
+        "metrics.jsonl",
+        "config.json",
+    ];
+    let Some(name) = rel.to_str().filter(|_| rel.components().count() == 1) else {
+        return false;
+    };
+    let temp_of = |n: &str| {
+        let rest = name.strip_prefix(n);
+        rest.is_some_and(|r| r.is_empty() || r == ".new" || r.starts_with(".tmp") || r.starts_with(".new.tmp"))
+            || name
+                .strip_prefix('.')
+                .and_then(|r| r.strip_prefix(n))
+                .is_some_and(|r| r.ends_with(".tmp"))
+    };
+    RUN_FILES.iter().any(|n| temp_of(n))
+        || name == ".gz-train.lock"
+        || name.starts_with(".xtask-")
+        || matches!(name, ".DS_Store" | "Thumbs.db" | "desktop.ini")
+}
+
+/// What `gz eval` writes into a report folder: `metrics.json`, `index.html`, its charts, the
+/// gallery's thumbnails and mark, and their temporaries.
+fn is_report_file(rel: &Path) -> bool {
+    let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+    let png = |n: &str| n.to_ascii_lowercase().ends_with(".png");
+    let temp = |n: &str| n.starts_with('.') && n.ends_with(".tmp");
+    match parts.as_slice() {
+        [n] => matches!(*n, "metrics.json" | "index.html") || png(n) || temp(n),
+        ["gallery", n] => png(n) || temp(n) || *n == ".gz-gallery",
+        _ => false,
+    }
+}
+
+/// Empties `dir` of the files `ours` recognises (paths relative to `dir`) and removes it, or,
+/// when it holds anything else (a user's notes, a dataset, a cache, a folder of their own),
+/// refuses naming it and removes nothing: xtask replaces what gz wrote, never the rest.
+fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
+    fn walk(dir: &Path, rel: &Path, depth: usize, out: &mut Vec<(PathBuf, bool)>) -> Result<()> {
+        for e in std::fs::read_dir(dir.join(rel)).with_context(|| format!("listing {}", dir.join(rel).display()))? {
+            let e = e.with_context(|| format!("listing {}", dir.join(rel).display()))?;
+            let r = rel.join(e.file_name());
+            let t = e
+                .file_type()
+                .with_context(|| format!("reading {}", e.path().display()))?;
+            if t.is_dir() && depth < 2 {
+                walk(dir, &r, depth + 1, out)?;
+                out.push((r, true));
+            } else {
+                out.push((r, t.is_dir()));
+            }
+        }
+        Ok(())
+    }
+    let mut entries = Vec::new();
+    walk(dir, Path::new(""), 0, &mut entries)?;
+    let foreign: Vec<String> = entries
+        .iter()
+        .filter(|(r, is_dir)| !is_dir && !ours(r))
+        .map(|(r, _)| r.display().to_string())
+        .chain(
+            // a folder is ours only as what it holds says (the gallery of a report)
+            entries
+                .iter()
+                .filter(|(r, is_dir)| *is_dir && !ours(&r.join("x.png")))
+                .map(|(r, _)| format!("{}/", r.display())),
+        )
+        .collect();
+    if !foreign.is_empty() {
+        let n = foreign.len();
+        let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+        bail!(
+            "{} holds {} that no {what} wrote ({}{}): xtask replaces only what gz wrote there; move {} out (or \
+             choose another --name or --root)",
+            dir.display(),
+            if n == 1 {
+                "a file".to_string()
+            } else {
+                format!("{n} files")
+            },
+            shown.join(", "),
+            if n > 3 { ", …" } else { "" },
+            if n == 1 { "it" } else { "them" }
+        );
+    }
+    for (r, _) in entries.iter().filter(|(_, d)| !d) {
+        std::fs::remove_file(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
+    }
+    for (r, _) in entries.iter().filter(|(_, d)| *d) {
+        std::fs::remove_dir(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
 fn run_identity(run: &Path) -> Result<String> {
@@ -950,9 +1135,23 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
         cmds.push(test);
     }
     cmds.push(eval(&report));
+    // the dataset's optional labels score the test split and give the floor: a changed one
+    // reruns the stage
     let inputs = vec![
         ("run".to_string(), run_identity(&run)?),
         ("cache".to_string(), fingerprint::identity(&cache)?),
+        (
+            "labels".to_string(),
+            fingerprint::identity_of(
+                &data,
+                &[
+                    "test_solutions.csv",
+                    "expected_test.csv",
+                    "expected_training.csv",
+                    "floor.json",
+                ],
+            )?,
+        ),
     ];
     let root = ctx.root.clone();
     stage(
@@ -965,7 +1164,7 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
             // a test report of an earlier dataset must not outlive it (its score was printed as
             // this run's)
             if !scores_test && test_report.exists() {
-                std::fs::remove_dir_all(&test_report)
+                clear_known(&test_report, is_report_file, "report")
                     .with_context(|| format!("removing the stale test report {}", test_report.display()))?;
             }
             Ok(BeforeRun::Run(vec![]))
@@ -978,7 +1177,12 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
                 Some(p) => p,
                 None => report,
             };
-            Ok(vec![Output::new("report", &dir, &["metrics.json", "index.html"])])
+            // (the test report's scores are printed too: one edited or gone reruns the stage)
+            Ok(vec![Output::new(
+                "report",
+                &dir,
+                &["metrics.json", "index.html", "test/metrics.json"],
+            )])
         },
     )
 }
@@ -1543,6 +1747,99 @@ mod tests {
         assert_eq!(ctx(&a).cache().unwrap(), cache);
     }
 
+    /// `cargo xtask eval` while a pipeline in the same root trains the run says the root is in
+    /// use (it said the run was interrupted and to run `cargo xtask train`).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stage_beside_a_running_pipeline_says_the_root_is_in_use() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = Ctx::parse(fake_gz_args(t.path(), &[])).unwrap();
+        let run = ctx.run_dir();
+        std::fs::create_dir_all(&run).unwrap();
+        for f in ["best.safetensors", "best.json", TRAIN_NOTE] {
+            std::fs::write(run.join(f), "{}").unwrap();
+        }
+        // another process holds the root's lock (flock(1), where the system has it; this
+        // process, once it holds it, holds it to its end)
+        let lock = t.path().join(crate::lock::LOCK_FILE);
+        let Ok(mut holder) = std::process::Command::new("flock")
+            .arg(&lock)
+            .args(["sleep", "30"])
+            .spawn()
+        else {
+            return;
+        };
+        let mut busy = String::new();
+        for _ in 0..100 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            busy = match std::process::Command::new("flock")
+                .args(["-n"])
+                .arg(&lock)
+                .arg("true")
+                .status()
+            {
+                Ok(s) if !s.success() => {
+                    let e = ctx.need_run().unwrap_err().to_string();
+                    if e.contains("is in use") {
+                        e
+                    } else {
+                        format!("not said: {e}")
+                    }
+                }
+                _ => continue,
+            };
+            break;
+        }
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert!(busy.contains("is in use"), "{busy}");
+    }
+
+    /// Option values gz would refuse only when its stage comes (after synth, prep, or the whole
+    /// training) are refused by xtask before anything is created; so is a root among the
+    /// dataset's images.
+    #[test]
+    fn bad_values_are_refused_before_any_stage() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let data = t.path().join("data");
+        std::fs::create_dir_all(data.join("images_training_rev1")).unwrap();
+        let long = "n".repeat(300);
+        let cases: [(&[&str], &str); 10] = [
+            (&["--model", "nosuch"], "--model nosuch: expected one of"),
+            (&["--device", "gpu"], "--device gpu: expected cpu, cuda, cuda:N or auto"),
+            (&["--device", "cuda:"], "expected cpu, cuda"),
+            (&["--precision", "f16"], "--precision f16: expected f32 or bf16"),
+            (&["--epochs", "0"], "--epochs must be at least 1"),
+            (&["--batch", "0"], "--batch must be at least 1"),
+            (&["--size", "0"], "--size must be at least 1"),
+            (&["--tta", "3"], "--tta 3: expected a preset"),
+            (&["--cache", "/no/such/cache"], "--cache /no/such/cache: no such folder"),
+            (&["--name", &long], "--name: 300 bytes"),
+        ];
+        for (extra, want) in cases {
+            let e = Ctx::parse(fake_gz_args(&root, extra)).expect_err("refused").to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let inside = data.join("images_training_rev1/r");
+        let mut v = vec!["--gz".to_string(), "/bin/true".into(), "--root".into()];
+        v.extend([
+            inside.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+        ]);
+        let e = Ctx::parse(Args::new(v)).expect_err("refused").to_string();
+        assert!(e.contains("lies inside the dataset's image folder"), "{e}");
+        assert!(!root.exists() && !inside.exists());
+        let file = t.path().join("afile");
+        std::fs::write(&file, "x").unwrap();
+        for r in [file.clone(), file.join("sub")] {
+            let e = Ctx::parse(fake_gz_args(&r, &[])).expect_err("refused").to_string();
+            assert!(e.contains("afile is not a folder"), "{e}");
+        }
+        assert!(Ctx::parse(fake_gz_args(&root, &["--device", "cuda:1", "--tta", "60"])).is_ok());
+    }
+
     /// A stage run alone uses the cache of the last prep only when the current options give the
     /// same synth and prep commands (and inputs): `train --size 40` after a 24 px prep, or
     /// `train --seed 8` after a seed-7 synthetic set, is refused naming the stage to run first,
@@ -1652,7 +1949,10 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad:?} accepted"))
                 .to_string();
-            assert!(e.contains("plain folder name"), "{bad:?}: {e}");
+            assert!(
+                e.contains("plain folder name") || (bad.is_empty() && e.contains("not an empty word")),
+                "{bad:?}: {e}"
+            );
         }
         for good in ["synth-tiny", "my_run.2", "r32+r32"] {
             let ctx = parse(good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
@@ -1716,6 +2016,87 @@ mod tests {
         let moved = vec![("cache".to_string(), "xyz".to_string())];
         assert_eq!(train_before_run(&run, &other, &moved, false).unwrap(), fresh);
         assert!(!run.join("last.json").exists());
+    }
+
+    /// A stale run is replaced only when its folder holds nothing but what a run and xtask
+    /// write: a user's notes, a subfolder, a dataset or a cache under the run's name are named
+    /// and kept, with the run's own files (`remove_dir_all` took them all); so is a stale test
+    /// report holding more than gz eval writes.
+    #[test]
+    fn a_stale_run_or_report_goes_only_with_nothing_else_in_it() {
+        let t = tempfile::tempdir().unwrap();
+        let run = t.path().join("run");
+        let cmd = vec!["train".to_string()];
+        let inputs = vec![("cache".to_string(), "abc".to_string())];
+        let fill = |names: &[&str]| {
+            for n in names {
+                let p = run.join(n);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, "x").unwrap();
+            }
+        };
+        let run_files = [
+            "last.json",
+            "last.safetensors",
+            "last.optim.safetensors.new",
+            "best.safetensors.tmp123",
+            ".metrics.jsonl.77.tmp",
+            "config.json",
+            ".gz-train.lock",
+            ".xtask-train.json",
+        ];
+        for extra in [
+            &["notes.txt"][..],
+            &["sub/keep.txt"],
+            &["images_training_rev1/1.jpg"],
+            &["train-00000.shard"],
+        ] {
+            fill(&run_files);
+            fill(extra);
+            let e = train_before_run(&run, &cmd, &inputs, true).unwrap_err().to_string();
+            assert!(
+                e.contains("that no training run wrote") && e.contains(extra[0].split('/').next().unwrap()),
+                "{e}"
+            );
+            for n in run_files.iter().chain(extra) {
+                assert!(run.join(n).exists(), "{n} kept");
+            }
+            std::fs::remove_dir_all(&run).unwrap();
+        }
+        fill(&run_files);
+        assert_eq!(
+            train_before_run(&run, &cmd, &inputs, true).unwrap(),
+            BeforeRun::Run(vec![])
+        );
+        let left: Vec<_> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from(TRAIN_NOTE)], "only the new note");
+
+        let report = t.path().join("test");
+        let write = |names: &[&str]| {
+            for n in names {
+                let p = report.join(n);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, "x").unwrap();
+            }
+        };
+        let report_files = [
+            "metrics.json",
+            "index.html",
+            "per_question.png",
+            "gallery/7.png",
+            "gallery/.gz-gallery",
+        ];
+        write(&report_files);
+        write(&["gallery/mine.txt"]);
+        let e = clear_known(&report, is_report_file, "report").unwrap_err().to_string();
+        assert!(e.contains("gallery/mine.txt"), "{e}");
+        assert!(report.join("metrics.json").exists());
+        std::fs::remove_file(report.join("gallery/mine.txt")).unwrap();
+        clear_known(&report, is_report_file, "report").unwrap();
+        assert!(!report.exists());
     }
 
     /// The words of a command line.

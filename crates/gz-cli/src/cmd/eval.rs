@@ -308,10 +308,24 @@ fn thumbnail(name: &str) -> bool {
 /// gz's temporary of a thumbnail being written (`.<GalaxyID>.png.<pid>.tmp`, by
 /// `gz_schema::write_atomic`): what a killed report leaves in its gallery.
 fn thumbnail_temporary(name: &str) -> bool {
+    temporary_of(name, thumbnail)
+}
+
+/// gz's temporary of a report's own file (`.metrics.json.<pid>.tmp`, `.spread.png.<pid>.tmp`,
+/// …): what a killed report leaves beside its page.
+fn report_temporary(name: &str) -> bool {
+    temporary_of(name, |f| {
+        matches!(f, "metrics.json" | "index.html") || f.ends_with(".png")
+    })
+}
+
+/// Whether `name` is `gz_schema::write_atomic`'s temporary (`.<file>.<pid>.tmp`) of a file `of`
+/// accepts.
+fn temporary_of(name: &str, of: impl Fn(&str) -> bool) -> bool {
     name.strip_prefix('.')
         .and_then(|n| n.strip_suffix(".tmp"))
         .and_then(|n| n.rsplit_once('.'))
-        .is_some_and(|(file, pid)| thumbnail(file) && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        .is_some_and(|(file, pid)| of(file) && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The rows of the cache's test split, labelled by the split itself or by `--data`'s
@@ -684,6 +698,13 @@ fn publish(
             return Err(e).with_context(|| format!("removing the earlier report's {}", index.display()));
         }
         _ => {}
+    }
+    // the files a killed report left half written beside the page go
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e.with_context(|| format!("reading {}", dir.display()))?.path();
+        if p.file_name().is_some_and(|n| report_temporary(&n.to_string_lossy())) {
+            std::fs::remove_file(&p).with_context(|| format!("removing the half-written {}", p.display()))?;
+        }
     }
     // thumbnails of an earlier report (`<GalaxyID>.png`) go, and those a killed one left half
     // written: the gallery shows this one's only
