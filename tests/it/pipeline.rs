@@ -264,3 +264,36 @@ fn a_download_in_the_synthetic_folder_is_not_deleted() {
     assert!(!ok && err.contains("was not written by `gz synth`"), "{out}\n{err}");
     assert!(imgs.join("100008.jpg").exists());
 }
+
+/// A shard damaged in place after the pipeline ran (its size unchanged) is rebuilt by the next
+/// run: prep reruns because its cache changed and checks every checksum (`--verify`); before,
+/// gz prep took the damaged cache for good on the hit and every later stage failed on it, run
+/// after run.
+#[test]
+fn a_damaged_cache_is_rebuilt_by_the_next_run() {
+    let t = support::tempdir();
+    let (ok, out, err) = pipeline(t.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    let caches = t.path().join("data/cache");
+    let cache = std::fs::read_dir(&caches)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("manifest.json").is_file())
+        .expect("a cache");
+    let shard = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "shard"))
+        .expect("a shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x10;
+    std::fs::write(&shard, &bytes).unwrap();
+    let (ok, out, err) = pipeline(t.path(), &[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        err.contains("prep: running because its output cache") && err.contains("--verify"),
+        "{err}"
+    );
+    assert_ne!(std::fs::read(&shard).unwrap(), bytes, "rebuilt");
+}

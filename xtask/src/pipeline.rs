@@ -807,13 +807,23 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
     let cmd = prep_command(ctx);
     let inputs = prep_inputs(ctx)?;
     let root = ctx.root.clone();
+    // the same command on the same inputs, its cache changed since (a damaged shard): `gz prep`
+    // would take the cache for good on a hit, so it checks every checksum this time and rebuilds
+    // a damaged one (without, every later stage failed on it, run after run)
+    let damaged = !ctx.force
+        && Stamp::load(&stamp_path(&ctx.root, "prep", &data)).is_some_and(|s| {
+            s.stale_reason(&cmd, &inputs)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.starts_with("its output"))
+        });
     stage(
         ctx,
         "prep",
         &data,
         vec![cmd],
         inputs,
-        |_| Ok(BeforeRun::Run(vec![])),
+        move |_| Ok(BeforeRun::Run(if damaged { vec!["--verify".into()] } else { vec![] })),
         move |stdout| {
             let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
             Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
