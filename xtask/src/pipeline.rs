@@ -2038,13 +2038,15 @@ mod tests {
         let run = t.path().join("run");
         let cmd = vec!["train".to_string()];
         let inputs = vec![("cache".to_string(), "abc".to_string())];
-        let fill = |names: &[&str]| {
+        // files (and the folders above them) under `dir`
+        let put = |dir: &Path, names: &[&str]| {
             for n in names {
-                let p = run.join(n);
+                let p = dir.join(n);
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();
                 std::fs::write(p, "x").unwrap();
             }
         };
+        let fill = |names: &[&str]| put(&run, names);
         let run_files = [
             "last.json",
             "last.safetensors",
@@ -2085,13 +2087,7 @@ mod tests {
         assert_eq!(left, [std::ffi::OsString::from(TRAIN_NOTE)], "only the new note");
 
         let report = t.path().join("test");
-        let write = |names: &[&str]| {
-            for n in names {
-                let p = report.join(n);
-                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-                std::fs::write(p, "x").unwrap();
-            }
-        };
+        let write = |names: &[&str]| put(&report, names);
         let report_files = [
             "metrics.json",
             "index.html",
