@@ -48,6 +48,25 @@ pub fn check_threads(threads: Option<usize>) -> anyhow::Result<()> {
     }
 }
 
+/// A path (or file name) for a one-line message: control characters (a newline or a tab in a
+/// file name) written as escapes, so that a name cannot split or forge the lines tools read
+/// (`skipped: …`), the rest as `display` writes it.
+pub fn shown(p: impl AsRef<std::path::Path>) -> String {
+    p.as_ref()
+        .display()
+        .to_string()
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 /// Refuses, before any work, an output path that cannot be written (`flag` names the option):
 /// an existing folder where a file goes (`folder: false`), an existing file where a folder goes,
 /// or a file among the folders above it. Missing folders are fine: every gz command that writes
@@ -593,6 +612,14 @@ mod tests {
             e.contains("this is a dataset folder") && !e.contains("lies inside"),
             "{e}"
         );
+    }
+
+    /// A name with a newline or a tab is shown on one line, escaped; others as they are.
+    #[test]
+    fn shown_paths_stay_on_one_line() {
+        assert_eq!(super::shown("trunc\nevil.jpg"), "trunc\\nevil.jpg");
+        assert_eq!(super::shown("a\tb\r.jpg"), "a\\tb\\r.jpg");
+        assert_eq!(super::shown("/data/NGC 1300 é.jpg"), "/data/NGC 1300 é.jpg");
     }
 
     #[test]

@@ -283,12 +283,12 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
         if failures.len() == 1 {
             bail!(
                 "the one image could not be read: nothing could be predicted ({}: {}); nothing written",
-                failures[0].path.display(),
+                super::shown(&failures[0].path),
                 failures[0].reason
             );
         }
         for f in &failures {
-            eprintln!("unreadable image {}: {}", f.path.display(), f.reason);
+            eprintln!("unreadable image {}: {}", super::shown(&f.path), f.reason);
         }
         bail!(
             "none of the {} images could be predicted (each named above with its reason); nothing written",
@@ -297,7 +297,7 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
     }
     if !failures.is_empty() && src.images.is_some() {
         for f in &failures {
-            eprintln!("unreadable image {}: {}", f.path.display(), f.reason);
+            eprintln!("unreadable image {}: {}", super::shown(&f.path), f.reason);
         }
         if !src.fill_mean {
             bail!(
@@ -354,7 +354,7 @@ fn predict_folder(
         let other = paths.iter().find(|p| gz_eval::predict::galaxy_id(p).is_none());
         eprintln!(
             "{} is not named <GalaxyID>.jpg: the {} {} named by file (first column `file`)",
-            other.map_or_else(|| "an image".into(), |p| p.display().to_string()),
+            other.map_or_else(|| "an image".into(), super::shown),
             super::count(names.len(), "row"),
             if names.len() == 1 { "is" } else { "are" }
         );
@@ -702,7 +702,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let filled = fill_failures(&mut p)?;
     for &key in &filled {
         match &p.names {
-            Some(names) => eprintln!("filled with the training mean: {}", names[key as usize]),
+            Some(names) => eprintln!("filled with the training mean: {}", super::shown(&names[key as usize])),
             None => eprintln!("filled with the training mean: {key}"),
         }
     }

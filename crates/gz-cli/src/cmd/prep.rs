@@ -197,7 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     for s in &summary.skipped {
-        println!("skipped: {}: {}", s.path.display(), s.reason);
+        println!("skipped: {}: {}", super::shown(&s.path), s.reason);
     }
     if summary.cache_hit {
         println!(
