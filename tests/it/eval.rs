@@ -338,7 +338,7 @@ fn outputs_are_checked_before_any_work_and_missing_folders_created() {
     std::fs::write(&labels, format!("{}\n", csv_header())).unwrap();
     for (target, want) in [
         (&theirs, "is not a predictions CSV"),
-        (&labels, "is named as a dataset's labels"),
+        (&labels, "is the name of a dataset's labels"),
     ] {
         for cmd in ["predict", "submit"] {
             let (ok, out, err) = support::run(

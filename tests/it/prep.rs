@@ -185,7 +185,7 @@ fn bad_inputs_are_reported_skipped_and_exit_2() {
         assert!(line.contains(why), "{line}");
     }
     assert!(out.contains("summary: 7 inputs skipped"), "{out}");
-    assert!(err.contains("7 input(s) skipped"), "{err}");
+    assert!(err.contains("7 inputs skipped"), "{err}");
     // the `skipped:` lines are on stdout: the warning on stderr says so ("listed above" was
     // wrong with stdout redirected)
     assert!(
@@ -384,8 +384,7 @@ fn cache_list_prune_and_remove() {
     assert_ne!(old, current);
     // prep says the old cache is dead weight, and how to remove it
     assert!(
-        err.contains("note: 1 cache(s) of this dataset built before its files changed")
-            && err.contains("gz cache prune"),
+        err.contains("note: 1 cache of this dataset built before its files changed") && err.contains("gz cache prune"),
         "{err}"
     );
     // a mistyped root, or the dataset named as one: said, not "no caches"
@@ -414,7 +413,7 @@ fn cache_list_prune_and_remove() {
     assert!(line(&dead).contains("leftover"), "{out}");
     // (the leftover is counted apart, its size in the total)
     assert!(
-        out.contains("3 cache(s) and 1 other folder(s) (damaged, incomplete or leftovers), "),
+        out.contains("3 caches and 1 other folder (damaged, incomplete or leftovers), "),
         "{out}"
     );
 

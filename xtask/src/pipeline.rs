@@ -128,8 +128,10 @@ impl Ctx {
         let cudnn = a.flag("--cudnn");
         let debug = a.flag("--debug");
         let gz_path = a.path("--gz")?;
+        // (as gz reads it: any case, spaces around it ignored)
         let device: String = a
             .value("--device")?
+            .map(|d| d.trim().to_ascii_lowercase())
             .unwrap_or_else(|| if cuda { "cuda".into() } else { "cpu".into() });
         // said before anything runs: the gz xtask builds without --cuda has no CUDA, and the
         // stages before training (a Kaggle-size prep takes minutes) ran first, then `gz train`
@@ -233,9 +235,10 @@ impl Ctx {
                 .collect();
             if !ignored.is_empty() {
                 bail!(
-                    "{} set how the prep stage builds a cache, and --cache {} is one already built (prep does not \
+                    "{} {} how the prep stage builds a cache, and --cache {} is one already built (prep does not \
                      run for it): drop {}",
                     ignored.join(" and "),
+                    if ignored.len() == 1 { "sets" } else { "set" },
                     c.display(),
                     if ignored.len() == 1 { "it" } else { "them" }
                 );
@@ -287,16 +290,24 @@ impl Ctx {
         if !MODELS.contains(&self.model.as_str()) {
             bail!("--model {}: expected one of {}", self.model, MODELS.join(", "));
         }
-        let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "auto")
+        // (gz's own reading: `gz_model::device::parse_device`, `Precision::from_name`)
+        let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "gpu" | "auto")
             || self
                 .device
                 .strip_prefix("cuda:")
+                .or_else(|| self.device.strip_prefix("gpu:"))
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         if !device_ok {
             bail!("--device {}: expected cpu, cuda, cuda:N or auto", self.device);
         }
-        if let Some(p) = self.precision.as_deref().filter(|p| !matches!(*p, "f32" | "bf16")) {
-            bail!("--precision {p}: expected f32 or bf16");
+        match self.precision.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("f32" | "fp32") => {}
+            Some("bf16") if self.device != "cpu" => {}
+            Some("bf16") => bail!("--precision bf16 needs a CUDA device (--device cuda): the CPU trains in f32"),
+            Some(p) => bail!("--precision {p}: expected f32 or bf16"),
+        }
+        if self.real_data.is_none() && self.synth_train == 0 {
+            bail!("--train must be at least 1 (the synthetic set's training images)");
         }
         for (flag, v) in [
             ("--epochs", Some(self.epochs)),
@@ -311,13 +322,24 @@ impl Ctx {
             bail!("--tta {t}: expected a preset, 1, 2, 4, 8 or 60 (gz predict --help)");
         }
         if self.name.len() > 200 {
-            bail!("--name: {} bytes, at most 200 (it names folders)", self.name.len());
-        }
-        if let Some(c) = self.cache_override.as_deref().filter(|c| !c.is_dir()) {
             bail!(
-                "--cache {}: no such folder (a cache gz prep built, the folder it prints as `cache:`)",
-                c.display()
+                "the run name (--name, or the dataset and --model) is {} bytes, at most 200: it names folders",
+                self.name.len()
             );
+        }
+        if let Some(c) = self.cache_override.as_deref() {
+            if !c.is_dir() {
+                bail!(
+                    "--cache {}: no such folder (a cache gz prep built, the folder it prints as `cache:`)",
+                    c.display()
+                );
+            }
+            if !c.join("manifest.json").is_file() {
+                bail!(
+                    "--cache {}: not a shard cache (no manifest.json): pass the folder `gz prep` prints as `cache:`",
+                    c.display()
+                );
+            }
         }
         if let Some(file) = self.root.ancestors().find(|a| a.exists() && !a.is_dir()) {
             bail!(
@@ -460,11 +482,6 @@ impl Ctx {
     }
 
     fn need_run(&self) -> Result<PathBuf> {
-        // a pipeline running stages in this root (training this run, say) is named as such,
-        // not taken for an interrupted one (a root not made yet holds nothing to lock)
-        if self.root.is_dir() {
-            crate::lock::hold(&self.root)?;
-        }
         let r = self.run_dir();
         let (weights, sidecar) = ("best.safetensors", "best.json");
         let has_weights = r.join(weights).exists();
@@ -494,6 +511,9 @@ impl Ctx {
         // a run xtask started (its note is there) is finished when its stage was stamped; until
         // then its best checkpoint is that of an interrupted run
         if r.join(TRAIN_NOTE).exists() && Stamp::load(&stamp_path(&self.root, "train", &r)).is_none() {
+            // a pipeline running stages in this root (training this run, say) is named as
+            // such, not taken for an interrupted one
+            crate::lock::hold(&self.root)?;
             bail!(
                 "the training run in {} has not finished (interrupted?): run `cargo xtask train` (it resumes the run) \
                  or the pipeline first",
@@ -815,8 +835,9 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
             s.stale_reason(&cmd, &inputs)
                 .ok()
                 .flatten()
-                .is_some_and(|r| r.starts_with("its output"))
-        });
+                .is_some_and(|r| r.starts_with("its output") && r.ends_with("changed"))
+        })
+        && !ctx.prep_args.iter().any(|a| a == "--verify");
     stage(
         ctx,
         "prep",
@@ -993,8 +1014,8 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         return Ok(BeforeRun::Run(vec!["--resume".into()]));
     }
     if run.exists() {
-        eprintln!("xtask: train: replacing the stale run {}", run.display());
         clear_known(run, is_run_file, "training run")?;
+        eprintln!("xtask: train: replaced the stale run {}", run.display());
     }
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
     // through a temporary: a half-written note would count the run as stale at the next call
@@ -1019,13 +1040,20 @@ fn is_run_file(rel: &Path) -> bool {
     let Some(name) = rel.to_str().filter(|_| rel.components().count() == 1) else {
         return false;
     };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
     let temp_of = |n: &str| {
         let rest = name.strip_prefix(n);
-        rest.is_some_and(|r| r.is_empty() || r == ".new" || r.starts_with(".tmp") || r.starts_with(".new.tmp"))
-            || name
-                .strip_prefix('.')
-                .and_then(|r| r.strip_prefix(n))
-                .is_some_and(|r| r.ends_with(".tmp"))
+        rest.is_some_and(|r| {
+            r.is_empty()
+                || r == ".new"
+                || r.strip_prefix(".tmp").is_some_and(digits)
+                || r.strip_prefix(".new.tmp").is_some_and(digits)
+        }) || name
+            .strip_prefix('.')
+            .and_then(|r| r.strip_prefix(n))
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .is_some_and(digits)
     };
     RUN_FILES.iter().any(|n| temp_of(n))
         || name == ".gz-train.lock"
@@ -1036,19 +1064,24 @@ fn is_run_file(rel: &Path) -> bool {
 /// What `gz eval` writes into a report folder: `metrics.json`, `index.html`, its charts, the
 /// gallery's thumbnails and mark, and their temporaries.
 fn is_report_file(rel: &Path) -> bool {
-    let parts: Vec<&str> = rel.iter().filter_map(|c| c.to_str()).collect();
+    // (a name that is not UTF-8 is no name gz writes)
+    let Some(parts) = rel.iter().map(|c| c.to_str()).collect::<Option<Vec<&str>>>() else {
+        return false;
+    };
     let png = |n: &str| n.to_ascii_lowercase().ends_with(".png");
     let temp = |n: &str| n.starts_with('.') && n.ends_with(".tmp");
+    let desktop = |n: &str| matches!(n, ".DS_Store" | "Thumbs.db" | "desktop.ini");
     match parts.as_slice() {
-        [n] => matches!(*n, "metrics.json" | "index.html") || png(n) || temp(n),
-        ["gallery", n] => png(n) || temp(n) || *n == ".gz-gallery",
+        [n] => matches!(*n, "metrics.json" | "index.html") || png(n) || temp(n) || desktop(n),
+        ["gallery", n] => png(n) || temp(n) || desktop(n) || *n == ".gz-gallery",
         _ => false,
     }
 }
 
-/// Empties `dir` of the files `ours` recognises (paths relative to `dir`) and removes it, or,
-/// when it holds anything else (a user's notes, a dataset, a cache, a folder of their own),
-/// refuses naming it and removes nothing: xtask replaces what gz wrote, never the rest.
+/// Empties `dir` of the files `ours` recognises (paths relative to `dir`) and removes it (a link
+/// to a folder is kept, its target emptied), or, when it holds anything else (a user's notes, a
+/// dataset, a cache, a folder of their own), refuses naming it and removes nothing: xtask
+/// replaces what gz wrote, never the rest.
 fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
     fn walk(dir: &Path, rel: &Path, depth: usize, out: &mut Vec<(PathBuf, bool)>) -> Result<()> {
         for e in std::fs::read_dir(dir.join(rel)).with_context(|| format!("listing {}", dir.join(rel).display()))? {
@@ -1066,6 +1099,8 @@ fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
         }
         Ok(())
     }
+    // a folder that is a link (to another disk) is emptied where it points and kept
+    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
     let mut entries = Vec::new();
     walk(dir, Path::new(""), 0, &mut entries)?;
     let foreign: Vec<String> = entries
@@ -1088,20 +1123,32 @@ fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
              choose another --name or --root)",
             dir.display(),
             if n == 1 {
-                "a file".to_string()
+                "an entry".to_string()
             } else {
-                format!("{n} files")
+                format!("{n} entries")
             },
             shown.join(", "),
             if n > 3 { ", …" } else { "" },
             if n == 1 { "it" } else { "them" }
         );
     }
-    for (r, _) in entries.iter().filter(|(_, d)| !d) {
+    // what says the folder is finished first (a best checkpoint, the scores), the marks that it
+    // is xtask's (its note) last: a removal failing halfway leaves a folder taken for unfinished
+    let rank = |r: &Path| match r.to_str().unwrap_or_default() {
+        "best.json" | "best.safetensors" | "last.json" | "metrics.json" => 0,
+        n if n.starts_with('.') => 2,
+        _ => 1,
+    };
+    let mut files: Vec<&PathBuf> = entries.iter().filter(|(_, d)| !d).map(|(r, _)| r).collect();
+    files.sort_by_key(|r| rank(r));
+    for r in files {
         std::fs::remove_file(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
     }
     for (r, _) in entries.iter().filter(|(_, d)| *d) {
         std::fs::remove_dir(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
+    }
+    if link {
+        return Ok(());
     }
     std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
 }
@@ -1175,7 +1222,7 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
             // this run's)
             if !scores_test && test_report.exists() {
                 clear_known(&test_report, is_report_file, "report")
-                    .with_context(|| format!("removing the stale test report {}", test_report.display()))?;
+                    .with_context(|| format!("the stale test report {}", test_report.display()))?;
             }
             Ok(BeforeRun::Run(vec![]))
         },
@@ -1815,9 +1862,15 @@ mod tests {
         let data = t.path().join("data");
         std::fs::create_dir_all(data.join("images_training_rev1")).unwrap();
         let long = "n".repeat(300);
-        let cases: [(&[&str], &str); 10] = [
+        let not_a_cache = t.path().join("not-a-cache");
+        std::fs::create_dir_all(&not_a_cache).unwrap();
+        let not_a_cache = not_a_cache.display().to_string();
+        let cases: [(&[&str], &str); 13] = [
             (&["--model", "nosuch"], "--model nosuch: expected one of"),
-            (&["--device", "gpu"], "--device gpu: expected cpu, cuda, cuda:N or auto"),
+            (&["--device", "tpu"], "--device tpu: expected cpu, cuda, cuda:N or auto"),
+            (&["--precision", "bf16"], "--precision bf16 needs a CUDA device"),
+            (&["--train", "0"], "--train must be at least 1"),
+            (&["--cache", &not_a_cache], "not a shard cache (no manifest.json)"),
             (&["--device", "cuda:"], "expected cpu, cuda"),
             (&["--precision", "f16"], "--precision f16: expected f32 or bf16"),
             (&["--epochs", "0"], "--epochs must be at least 1"),
@@ -1825,7 +1878,7 @@ mod tests {
             (&["--size", "0"], "--size must be at least 1"),
             (&["--tta", "3"], "--tta 3: expected a preset"),
             (&["--cache", "/no/such/cache"], "--cache /no/such/cache: no such folder"),
-            (&["--name", &long], "--name: 300 bytes"),
+            (&["--name", &long], "is 300 bytes, at most 200"),
         ];
         for (extra, want) in cases {
             let e = Ctx::parse(fake_gz_args(&root, extra)).expect_err("refused").to_string();
@@ -1847,7 +1900,14 @@ mod tests {
             let e = Ctx::parse(fake_gz_args(&r, &[])).expect_err("refused").to_string();
             assert!(e.contains("afile is not a folder"), "{e}");
         }
-        assert!(Ctx::parse(fake_gz_args(&root, &["--device", "cuda:1", "--tta", "60"])).is_ok());
+        // what gz reads too: any case, `gpu`, `fp32`
+        for ok in [
+            &["--device", "cuda:1", "--tta", "60"][..],
+            &["--device", "GPU:1", "--precision", "bf16"],
+            &["--device", " Gpu ", "--precision", "FP32"],
+        ] {
+            assert!(Ctx::parse(fake_gz_args(&root, ok)).is_ok(), "{ok:?}");
+        }
     }
 
     /// A stage run alone uses the cache of the last prep only when the current options give the
@@ -2086,6 +2146,26 @@ mod tests {
             .collect();
         assert_eq!(left, [std::ffi::OsString::from(TRAIN_NOTE)], "only the new note");
 
+        // a run folder that is a link (to another disk): emptied where it points, the link kept
+        #[cfg(unix)]
+        {
+            let elsewhere = t.path().join("elsewhere");
+            std::fs::create_dir(&elsewhere).unwrap();
+            std::fs::remove_dir_all(&run).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, &run).unwrap();
+            put(&elsewhere, &run_files);
+            assert_eq!(
+                train_before_run(&run, &cmd, &inputs, true).unwrap(),
+                BeforeRun::Run(vec![])
+            );
+            let left: Vec<_> = std::fs::read_dir(&elsewhere)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, [std::ffi::OsString::from(TRAIN_NOTE)]);
+            assert!(std::fs::symlink_metadata(&run).unwrap().file_type().is_symlink());
+        }
+
         let report = t.path().join("test");
         let write = |names: &[&str]| put(&report, names);
         let report_files = [
@@ -2133,6 +2213,8 @@ mod tests {
         let r = t.path().join("root").display().to_string();
         let cache = t.path().join("cache");
         std::fs::create_dir_all(&cache).unwrap();
+        // (its manifest makes it a cache)
+        std::fs::write(cache.join("manifest.json"), "{}").unwrap();
         let c = cache.display().to_string();
         let e = format!(
             "{:#}",
@@ -2144,8 +2226,8 @@ mod tests {
             "{e}"
         );
         for (extra, says) in [
-            (&["--size", "40"][..], "--size set how"),
-            (&["--prep-arg", "--crop=180"], "--prep-arg set how"),
+            (&["--size", "40"][..], "--size sets how"),
+            (&["--prep-arg", "--crop=180"], "--prep-arg sets how"),
             (
                 &["--size=40", "--prep-arg", "--strict"],
                 "--size and --prep-arg set how",

@@ -306,6 +306,10 @@ pub enum TrainError {
     /// Another run is writing into the run directory (see `RunLock`).
     #[error("{0}")]
     Busy(String),
+    /// The run directory holds what a fresh run must not write over: another run, files no run
+    /// wrote (`check_fresh_out_dir`).
+    #[error("{0}")]
+    OutDir(String),
     /// The observer asked to stop ([`TrainObserver::stop_requested`]); `at` says where,
     /// `kept` what the run directory holds.
     #[error("stopped {at}; {kept}")]
@@ -437,14 +441,14 @@ pub fn train_on(
         Some(s)
     } else {
         if last_json.exists() {
-            return Err(TrainError::Config(format!(
+            return Err(TrainError::OutDir(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
                 out_dir.display()
             )));
         }
         if out_dir.join("best.json").exists() {
             // (--resume would say there is no last.json to resume from)
-            return Err(TrainError::Config(format!(
+            return Err(TrainError::OutDir(format!(
                 "{} already holds a training run's best checkpoint (best.json), but not the last state a run \
                  resumes from (last.json), so neither --resume nor a fresh run can use it: choose another --out",
                 out_dir.display()
@@ -824,6 +828,12 @@ fn nothing_to_resume(last_json: &Path, out_dir: &Path) -> TrainError {
             last_json.display(),
             out_dir.display()
         )
+    } else if let Err(e) = check_fresh_out_dir(out_dir) {
+        // a fresh run would be refused there too: said at once, not after following the advice
+        format!(
+            "{} does not exist: nothing to resume; and a fresh run cannot start there: {e}",
+            last_json.display()
+        )
     } else {
         format!(
             "{} does not exist: nothing to resume in {} (start without --resume)",
@@ -1044,7 +1054,7 @@ fn check_fresh_out_dir(out_dir: &Path) -> Result<(), TrainError> {
     foreign.sort();
     let n = foreign.len();
     let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
-    Err(TrainError::Config(format!(
+    Err(TrainError::OutDir(format!(
         "{} holds {} that no training run wrote ({}{}): a run writes config.json, metrics.jsonl and its \
          checkpoints into a folder of its own; choose a new or empty --out",
         out_dir.display(),
@@ -1521,7 +1531,7 @@ mod tests {
             }
             let e = train_on(&small_cfg(1), &src, &meta(), d.path(), false, &()).unwrap_err();
             assert!(
-                matches!(e, TrainError::Config(_)) && e.to_string().contains(needle),
+                matches!(e, TrainError::OutDir(_)) && e.to_string().contains(needle),
                 "{e}"
             );
             for (name, text) in files {
@@ -1541,6 +1551,16 @@ mod tests {
         );
         // a checkpoint's name without a run's record beside it: someone else's file
         refused(&[("best.safetensors", "mine")], "(best.safetensors)");
+        // and --resume says so too (it said to start without --resume, which was refused)
+        let lone = tempfile::tempdir().unwrap();
+        std::fs::write(lone.path().join("last.safetensors"), "mine").unwrap();
+        let e = train_on(&small_cfg(1), &src, &meta(), lone.path(), true, &())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nothing to resume; and a fresh run cannot start there") && e.contains("(last.safetensors)"),
+            "{e}"
+        );
         refused(
             &[("last.safetensors", "a"), ("last.optim.safetensors", "b")],
             "holds 2 files that no training run wrote (last.optim.safetensors, last.safetensors)",
@@ -1656,7 +1676,7 @@ mod tests {
         // A fresh run refuses a directory that holds one.
         assert!(matches!(
             train_on(&small_cfg(2), &src, &meta(), split.path(), false, &()),
-            Err(TrainError::Config(_))
+            Err(TrainError::OutDir(_))
         ));
         let b = train_on(&small_cfg(2), &src, &meta(), split.path(), true, &()).unwrap();
         assert_eq!(

@@ -243,7 +243,7 @@ fn list(at: &Where) -> anyhow::Result<()> {
                     Standing::Unknown => "ok".to_string(),
                 };
                 if skipped > 0 {
-                    state.push_str(&format!(" ({skipped} input(s) skipped)"));
+                    state.push_str(&format!(" ({} skipped)", crate::cmd::count(skipped, "input")));
                 }
                 if !foreign.is_empty() {
                     state.push_str(&format!(
@@ -291,15 +291,19 @@ fn list(at: &Where) -> anyhow::Result<()> {
     }
     print!("{}", table(&rows));
     println!(
-        "{n_caches} cache(s){}, {} in all{}",
+        "{}{}, {} in all{}",
+        crate::cmd::count(n_caches, "cache"),
         match entries.len() - n_caches {
             0 => String::new(),
-            n => format!(" and {n} other folder(s) (damaged, incomplete or leftovers)"),
+            n => format!(
+                " and {} (damaged, incomplete or leftovers)",
+                crate::cmd::count(n, "other folder")
+            ),
         },
         human_bytes(total),
         if n_prunable > 0 {
             format!(
-                "; `gz cache prune {}` frees {} ({n_prunable} folder(s))",
+                "; `gz cache prune {}` frees {} ({})",
                 match &at.data {
                     Some(d) => format!(
                         "--data {} --cache {}",
@@ -308,7 +312,8 @@ fn list(at: &Where) -> anyhow::Result<()> {
                     ),
                     None => format!("--cache {}", crate::cmd::shell_path(&root)),
                 },
-                human_bytes(prunable_bytes)
+                human_bytes(prunable_bytes),
+                crate::cmd::count(n_prunable, "folder")
             )
         } else {
             String::new()
@@ -364,8 +369,9 @@ fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
     }
     let verb = if dry_run { "would free" } else { "freed" };
     println!(
-        "{verb} {} in {removed} folder(s) under {}",
+        "{verb} {} in {} under {}",
         human_bytes(freed),
+        crate::cmd::count(removed, "folder"),
         root.display()
     );
     if !orphans && !dry_run {
@@ -374,11 +380,19 @@ fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
             .filter(|e| matches!(standing(e, dataset.as_ref()), Standing::Orphan(_)))
             .count();
         if n > 0 {
-            println!("{n} cache(s) of dataset folders that are gone were kept (--orphans removes them)");
+            println!(
+                "{} of dataset folders that are gone {} kept (--orphans removes {})",
+                crate::cmd::count(n, "cache"),
+                if n == 1 { "was" } else { "were" },
+                if n == 1 { "it" } else { "them" }
+            );
         }
     }
     if failed > 0 {
-        anyhow::bail!("{failed} folder(s) could not be removed (listed above)");
+        anyhow::bail!(
+            "{} could not be removed (listed above)",
+            crate::cmd::count(failed, "folder")
+        );
     }
     Ok(())
 }
@@ -402,7 +416,10 @@ fn remove(dirs: &[PathBuf]) -> anyhow::Result<()> {
         }
     }
     if failed > 0 {
-        anyhow::bail!("{failed} of {} folder(s) not removed (listed above)", dirs.len());
+        anyhow::bail!(
+            "{failed} of {} not removed (listed above)",
+            crate::cmd::count(dirs.len(), "folder")
+        );
     }
     Ok(())
 }

@@ -118,6 +118,17 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
 /// the write lands (through symbolic links, as the writers follow them).
 pub fn check_replaceable(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
     let target = write_target(path).unwrap_or_else(|| path.to_path_buf());
+    // nor made under a dataset label file's name, where gz would read it as labels
+    if let Some(name) = target
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .filter(|n| labels_name(n))
+    {
+        anyhow::bail!(
+            "{flag} {}: {name} is the name of a dataset's labels, which gz reads as such: name the output otherwise",
+            path.display()
+        );
+    }
     if !target.is_file() {
         return Ok(());
     }
@@ -130,23 +141,12 @@ pub fn check_replaceable(flag: &str, path: &std::path::Path) -> anyhow::Result<(
     }
 }
 
-/// Why an existing file is not one a gz CSV output may replace, if it is not: a dataset's labels
-/// (the Kaggle layout's and the synthetic set's label files, by name: gz writes no output so
-/// named), a file that cannot be read to tell, or one whose first line is not the header of a
-/// gz table (`GalaxyID,Class1.1,…` or `file,Class1.1,…`: predictions, spreads and
-/// submissions). An empty file may go.
+/// Why an existing file is not one a gz CSV output may replace, if it is not: a file that cannot
+/// be read to tell, or one whose first line is not the header of a gz table
+/// (`GalaxyID,Class1.1,…` or `file,Class1.1,…`: predictions, spreads and submissions). An empty
+/// file may go. (A dataset's label files are refused by name first, [`labels_name`].)
 fn foreign_file(path: &std::path::Path) -> Option<String> {
     use std::io::Read as _;
-    let name = path.file_name()?.to_string_lossy();
-    let labels = [
-        gz_synth::TRAIN_CSV,
-        gz_synth::TEST_CSV,
-        gz_synth::EXPECTED_TRAIN_CSV,
-        gz_synth::EXPECTED_TEST_CSV,
-    ];
-    if labels.contains(&name.as_ref()) {
-        return Some(format!("is named as a dataset's labels ({name})"));
-    }
     let mut head = Vec::new();
     if let Err(e) = std::fs::File::open(path).and_then(|f| f.take(4096).read_to_end(&mut head)) {
         return Some(format!("cannot be read to tell whether gz wrote it ({e})"));
@@ -161,6 +161,17 @@ fn foreign_file(path: &std::path::Path) -> Option<String> {
     let ours = matches!(fields.next(), Some("GalaxyID" | "file")) && fields.next() == Some("Class1.1");
     (!ours)
         .then(|| "is not a predictions CSV (its first line is not `GalaxyID,Class1.1,…` or `file,Class1.1,…`)".into())
+}
+
+/// Whether `name` is a dataset's label file's: the Kaggle layout's and the synthetic set's.
+fn labels_name(name: &str) -> bool {
+    [
+        gz_synth::TRAIN_CSV,
+        gz_synth::TEST_CSV,
+        gz_synth::EXPECTED_TRAIN_CSV,
+        gz_synth::EXPECTED_TEST_CSV,
+    ]
+    .contains(&name)
 }
 
 /// Refuses an output (`flag` names the option) whose folder does not let this process create a
@@ -184,6 +195,24 @@ pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyho
     let Some(dir) = start.and_then(|p| p.ancestors().find(|a| a.is_dir())) else {
         return Ok(());
     };
+    // a file of another user's in a sticky folder (`/tmp`) cannot be replaced, though the
+    // folder takes new files: found here too
+    #[cfg(unix)]
+    if !folder && target.is_file() {
+        use std::os::unix::fs::MetadataExt as _;
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        if let (Ok(d), Ok(f)) = (std::fs::metadata(dir), std::fs::metadata(&target)) {
+            if me != 0 && d.mode() & 0o1000 != 0 && f.uid() != me && d.uid() != me {
+                anyhow::bail!(
+                    "{flag} {}: the folder {} lets only a file's owner replace it, and this file is another \
+                     user's: name another file",
+                    path.display(),
+                    dir.display()
+                );
+            }
+        }
+    }
     // (a name of this process and instant: another's, or one a kill left, is not touched)
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -558,9 +587,13 @@ mod tests {
             "expected_test.csv",
         ] {
             let e = check(name, header).unwrap_err();
-            assert!(e.contains("is named as a dataset's labels"), "{e}");
+            assert!(e.contains("is the name of a dataset's labels"), "{e}");
         }
         assert!(check("mine.csv", header).is_ok());
+        // nor made anew under such a name (gz would read it as the labels)
+        let new = dir.path().join("sub/test_solutions.csv");
+        let e = super::check_replaceable("--out", &new).unwrap_err().to_string();
+        assert!(e.contains("is the name of a dataset's labels"), "{e}");
         // judged where the write lands: a link to the labels, or to a JPEG
         #[cfg(unix)]
         for (target, want) in [

@@ -762,10 +762,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (path, t, _) in outputs.iter().filter(|(p, _, _)| *p != stdout) {
         let text = gz_eval::predict::table_csv(first_column, t)?;
         // the error names the file (and the reason) itself
-        staged.push(gz_schema::stage_atomic(path, text.as_bytes())?);
+        staged.push(gz_schema::stage_atomic(path, text.as_bytes()).context("writing the predictions")?);
     }
     for s in staged {
-        s.commit()?;
+        s.commit().context("writing the predictions")?;
     }
     for (_, t, what) in outputs.iter().filter(|(p, _, _)| *p == stdout) {
         let text = gz_eval::predict::table_csv(first_column, t)?;

@@ -271,9 +271,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // not an error: a warning, and exit status 2 for scripts. The `skipped:` lines are on
         // standard output (with the summary): "listed above" was wrong when it was redirected
         eprintln!(
-            "warning: {} input(s) skipped (listed on standard output as `skipped:` lines, and in the cache's \
+            "warning: {} skipped (listed on standard output as `skipped:` lines, and in the cache's \
              manifest.json); the cache holds the rest (exit status 2)",
-            summary.skipped.len()
+            super::count(summary.skipped.len(), "input")
         );
         return Err(anyhow::Error::new(crate::ExitCode(2)));
     }
@@ -331,13 +331,16 @@ fn note_superseded(cache_root: &Path, data: &Path, key: &str) {
     }
     let bytes: u64 = old.iter().map(|e| e.bytes).sum();
     eprintln!(
-        "note: {} cache(s) of this dataset built before its files changed ({}) will not be used for it again; \
-         `gz cache prune --data {} --cache {}` removes them (keep them if a copy of the dataset as it was, in \
-         another folder, uses them: gz does not know of copies)",
-        old.len(),
+        "note: {} of this dataset built before its files changed ({}) will not be used for it again; \
+         `gz cache prune --data {} --cache {}` removes {} (keep {} if a copy of the dataset as it was, in another \
+         folder, uses {}: gz does not know of copies)",
+        super::count(old.len(), "cache"),
         crate::cmd::cache::human_bytes(bytes),
         crate::cmd::shell_path(data),
-        crate::cmd::shell_path(cache_root)
+        crate::cmd::shell_path(cache_root),
+        if old.len() == 1 { "it" } else { "them" },
+        if old.len() == 1 { "it" } else { "them" },
+        if old.len() == 1 { "it" } else { "them" }
     );
 }
 

@@ -108,6 +108,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--out FILE is required (or use --check FILE)")
     };
     // before reading or predicting anything
+    if out == Path::new("-") {
+        // (it wrote a file named `-`)
+        bail!("--out -: a submission is written to a file, whole, through a temporary: name one (e.g. submission.csv)");
+    }
     super::check_output("--out", &out, false)?;
     let ids_dir = ids_source(&args).map(|(_, d)| d.clone());
     // the output may not replace what the command reads: the predictions, checkpoints, training labels (as
@@ -186,7 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "warning: no --ids folder: the submission cannot be checked for completeness against the test images"
         );
     }
-    let a = write_submission(&out, &pred, ids.as_deref(), mean.as_deref())?;
+    let a = write_submission(&out, &pred, ids.as_deref(), mean.as_deref()).context("writing the submission")?;
     for id in &a.filled {
         eprintln!("filled with the training mean: {id}");
     }
