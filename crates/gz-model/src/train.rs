@@ -906,8 +906,17 @@ impl RunLock {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .unwrap_or_default();
+        let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         let live = match pid {
-            Some(pid) => process_alive(pid),
+            // this process's own id in a lock is a killed earlier process's whose id came round
+            // again, not a run of ours; so is a process started after the lock was written
+            Some(pid) => {
+                pid != std::process::id()
+                    && written.map_or_else(
+                        || gz_schema::process::process_alive(pid),
+                        |w| gz_schema::process::may_be_writing(pid, w),
+                    )
+            }
             // being written this instant, or left empty by a kill long ago
             None => age <= std::time::Duration::from_secs(10),
         };
@@ -927,28 +936,6 @@ impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// Whether process `pid` is running another run. This process's own id counts as not
-/// running: a lock with it is a killed earlier process's whose id came round again (common in
-/// containers, whose ids restart), not a run of ours. On Linux from `/proc` (a zombie does not
-/// run); elsewhere every other process is assumed alive, so a lock left by a kill there is
-/// removed by hand, as the message says.
-fn process_alive(pid: u32) -> bool {
-    if pid == std::process::id() {
-        return false;
-    }
-    if cfg!(target_os = "linux") {
-        // /proc/PID/stat: "PID (comm) STATE ..."; comm may hold spaces and parentheses
-        return match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next())
-                .is_some_and(|state| state != 'Z' && state != 'X'),
-            Err(_) => false,
-        };
-    }
-    true
 }
 
 /// The files a training run writes into its folder.
@@ -1628,6 +1615,30 @@ mod tests {
                 "{e}"
             );
             assert!(live.path().join(RunLock::NAME).exists(), "the live run's lock is left");
+            // the same id in a lock written before that process started: a killed run's, whose
+            // id came round again (a container's restart): not in use
+            let lock = std::fs::File::options()
+                .write(true)
+                .open(live.path().join(RunLock::NAME))
+                .unwrap();
+            lock.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+                .unwrap();
+            drop(lock);
+            let mut again = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+            std::fs::write(live.path().join(RunLock::NAME), format!("{}\n", again.id())).unwrap();
+            let lock = std::fs::File::options()
+                .write(true)
+                .open(live.path().join(RunLock::NAME))
+                .unwrap();
+            lock.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+                .unwrap();
+            drop(lock);
+            assert!(
+                RunLock::held(live.path()).is_none(),
+                "a process younger than the lock holds nothing"
+            );
+            let _ = again.kill();
+            let _ = again.wait();
             // once it is gone: nothing to resume (the dead run's lock looked at, left as it is:
             // a refused command writes nothing)
             let e = train_on(&small_cfg(1), &src, &meta(), live.path(), true, &()).unwrap_err();

@@ -6,11 +6,15 @@
 //!   to which question);
 //! - the normalisation the Kaggle labels follow (Q1 and Q6 sum to 1, every other question sums
 //!   to the value of the answer that leads to it) and a checker for it ([`check_row`]);
-//! - reading and writing `training_solutions_rev1.csv` and submission files ([`csv_io`]).
+//! - reading and writing `training_solutions_rev1.csv` and submission files ([`csv_io`]);
+//! - whether the process a lock or temporary file names may still be writing it ([`process`]),
+//!   the one judgement every crate that leaves such files shares.
 //!
-//! It knows nothing of images, tensors or models, and does no I/O beyond CSV.
+//! It knows nothing of images, tensors or models, and does no I/O beyond CSV, atomic writes and
+//! reading `/proc`.
 
 pub mod csv_io;
+pub mod process;
 
 pub use csv_io::{
     csv_reason, read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions, LineCounter,

@@ -129,7 +129,8 @@ pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
             kind,
             name,
             pid,
-            alive: pid == std::process::id() || crate::writer::process_alive(pid),
+            alive: pid == std::process::id()
+                || crate::writer::may_be_writing(pid, fs::metadata(path).and_then(|m| m.modified()).ok()),
         }
     } else if file_name.starts_with('.') {
         return None;

@@ -413,26 +413,20 @@ pub fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
         let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() && !process_alive(pid) {
+        let written = e.metadata().and_then(|m| m.modified()).ok();
+        if pid != std::process::id() && !may_be_writing(pid, written) {
             let _ = fs::remove_dir_all(e.path());
         }
     }
 }
 
-/// Whether process `pid` still runs: on Linux from `/proc` (a killed process its parent has not
-/// reaped yet, a zombie, counts as gone); elsewhere it cannot tell and says yes.
-pub(crate) fn process_alive(pid: u32) -> bool {
-    if !cfg!(target_os = "linux") {
-        return true; // cannot tell: leave it alone
-    }
-    match fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) {
-        // "pid (comm) S …": the state follows the last ')' (comm may hold anything)
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| matches!(state, 'Z' | 'X')),
-        Err(_) => Path::new("/proc").join(pid.to_string()).exists(),
-    }
+/// Whether process `pid`, named by a writer's folder last written at `written` (its
+/// modification time, where known), may still be writing it (`gz_schema::process`).
+pub(crate) fn may_be_writing(pid: u32, written: Option<std::time::SystemTime>) -> bool {
+    written.map_or_else(
+        || gz_schema::process::process_alive(pid),
+        |w| gz_schema::process::may_be_writing(pid, w),
+    )
 }
 
 #[cfg(test)]
@@ -450,7 +444,7 @@ mod stale_tests {
         // until it has exited (and, not yet waited for, is a zombie)
         let mut gone = false;
         for _ in 0..200 {
-            if !process_alive(pid) {
+            if !gz_schema::process::process_alive(pid) {
                 gone = true;
                 break;
             }
@@ -465,6 +459,6 @@ mod stale_tests {
         assert!(gone, "an exited, unreaped child still counted as running");
         assert!(!zombie.exists());
         assert!(live.exists(), "this process's own folder must stay");
-        assert!(process_alive(std::process::id()));
+        assert!(gz_schema::process::process_alive(std::process::id()));
     }
 }

@@ -494,23 +494,6 @@ fn temp_pid(name: &str) -> Option<u32> {
     Some(pid.parse().unwrap_or(u32::MAX))
 }
 
-/// Whether process `pid` still runs: on Linux from `/proc` (a killed process its parent has not
-/// reaped yet, a zombie, counts as gone); elsewhere it cannot tell and says yes (as
-/// `gz_shards`' leftover check does).
-fn process_alive(pid: u32) -> bool {
-    if !cfg!(target_os = "linux") {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S …": the state follows the last ')' (comm may hold anything)
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| matches!(state, 'Z' | 'X')),
-        Err(_) => false,
-    }
-}
-
 /// Writes one image: `bytes` go to [`temp_path`], which is then renamed to `path`, so `path`
 /// never names a partly written file. On an error the temporary is removed.
 ///
@@ -549,11 +532,15 @@ fn write_image_with(
 fn remove_stale_temps(dir: &Path) -> Result<(), SynthError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
-        let stale = entry
-            .file_name()
-            .to_str()
-            .and_then(temp_pid)
-            .is_some_and(|pid| pid != std::process::id() && !process_alive(pid));
+        // (a process started after the temporary was written is another with its id)
+        let written = entry.metadata().and_then(|m| m.modified()).ok();
+        let stale = entry.file_name().to_str().and_then(temp_pid).is_some_and(|pid| {
+            pid != std::process::id()
+                && !written.map_or_else(
+                    || gz_schema::process::process_alive(pid),
+                    |w| gz_schema::process::may_be_writing(pid, w),
+                )
+        });
         if stale {
             let p = entry.path();
             match std::fs::remove_file(&p) {
