@@ -1617,13 +1617,6 @@ mod tests {
             assert!(live.path().join(RunLock::NAME).exists(), "the live run's lock is left");
             // the same id in a lock written before that process started: a killed run's, whose
             // id came round again (a container's restart): not in use
-            let lock = std::fs::File::options()
-                .write(true)
-                .open(live.path().join(RunLock::NAME))
-                .unwrap();
-            lock.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
-                .unwrap();
-            drop(lock);
             let mut again = std::process::Command::new("sleep").arg("30").spawn().unwrap();
             std::fs::write(live.path().join(RunLock::NAME), format!("{}\n", again.id())).unwrap();
             let lock = std::fs::File::options()
