@@ -718,6 +718,32 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     );
     let p = gz_schema::read_solutions(&pred).unwrap();
     assert_eq!(p.len(), 8);
+    // a run's default report folder (reports/<run name>) is told from that of another run of
+    // the same name (it was replaced without a word), and replaced by the same run's
+    let twin = tmp.path().join("elsewhere").join(run.file_name().unwrap());
+    std::fs::create_dir_all(&twin).unwrap();
+    for e in std::fs::read_dir(&run).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), twin.join(e.file_name())).unwrap();
+        }
+    }
+    let by_default_run = |r: &Path| {
+        support::run(
+            support::gz()
+                .current_dir(tmp.path())
+                .args(["eval", "--run"])
+                .arg(r)
+                .arg("--cache")
+                .arg(&cache),
+        )
+    };
+    let (ok, out, err) = by_default_run(&run);
+    assert!(ok, "{out}\n{err}");
+    let (ok, _, err) = by_default_run(&twin);
+    assert!(!ok && err.contains("it holds the report of checkpoint"), "{err}");
+    let (ok, out, err) = by_default_run(&run);
+    assert!(ok, "{out}\n{err}");
     // the same predictions scored from the file (`gz eval --pred`, as any tool's CSV would be):
     // the model's RMSE of the run scored here with the same views, on the same test rows
     let scored = |args: &[&str], pred: &Path, report: &str| {

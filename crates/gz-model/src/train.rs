@@ -1290,8 +1290,10 @@ pub fn bench_with(
             "--precision bf16 needs a CUDA device (candle's CPU matmul has no bf16)".into(),
         ));
     }
-    if batch == 0 || steps == 0 {
-        return Err(TrainError::Config("batch and steps must be at least 1".into()));
+    for (flag, v) in [("--batch", batch), ("--steps", steps)] {
+        if v == 0 {
+            return Err(TrainError::Config(format!("{flag} must be at least 1")));
+        }
     }
     // the random input pool (4 batches, built in f32 on the host): refuse what cannot fit
     // rather than abort on the allocation

@@ -483,6 +483,24 @@ pub fn is_temp_name(name: &str) -> bool {
     temp_pid(name).is_some()
 }
 
+/// The process id in the name of `gz_schema::write_atomic`'s temporary of one of the
+/// dataset's own files (`.training_solutions_rev1.csv.<pid>.tmp`, `.synth.json.<pid>.tmp`, …),
+/// `None` for any other name.
+fn file_temp_pid(name: &str) -> Option<u32> {
+    let (file, pid) = name.strip_prefix('.')?.strip_suffix(".tmp")?.rsplit_once('.')?;
+    let ours = [
+        TRAIN_CSV,
+        TEST_CSV,
+        EXPECTED_TRAIN_CSV,
+        EXPECTED_TEST_CSV,
+        FLOOR_JSON,
+        SYNTH_JSON,
+        IN_PROGRESS,
+    ]
+    .contains(&file);
+    (ours && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then(|| pid.parse().unwrap_or(u32::MAX))
+}
+
 /// The process id in a temporary's name ([`is_temp_name`]), `None` for any other name.
 fn temp_pid(name: &str) -> Option<u32> {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -525,7 +543,8 @@ fn write_image_with(
     })
 }
 
-/// Removes the temporaries a killed run of [`write_image`] left in `dir` (see [`is_temp_name`]).
+/// Removes the temporaries a killed run left in `dir`: of [`write_image`] (see [`is_temp_name`])
+/// and of the dataset's own CSV and JSON files ([`file_temp_pid`]).
 /// Those of a process still running are left alone: another `gz synth` writing into the same
 /// folder (both found it empty) would see its rename fail. This process's own are left too (a
 /// leftover of an earlier process with the same id is overwritten or ignored, never read).
@@ -534,7 +553,11 @@ fn remove_stale_temps(dir: &Path) -> Result<(), SynthError> {
         let entry = entry.map_err(io_err(dir))?;
         // (a process started after the temporary was written is another with its id)
         let written = entry.metadata().and_then(|m| m.modified()).ok();
-        let stale = entry.file_name().to_str().and_then(temp_pid).is_some_and(|pid| {
+        let pid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| temp_pid(n).or_else(|| file_temp_pid(n)));
+        let stale = pid.is_some_and(|pid| {
             pid != std::process::id()
                 && !written.map_or_else(
                     || gz_schema::process::process_alive(pid),
@@ -615,6 +638,7 @@ pub fn generate(
 ) -> Result<SynthSummary, SynthError> {
     cfg.validate()?;
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    remove_stale_temps(out_dir)?;
     let marker = out_dir.join(SYNTH_JSON);
     let in_progress = out_dir.join(IN_PROGRESS);
     write_atomic(
@@ -887,6 +911,12 @@ mod tests {
         std::fs::create_dir_all(&images).unwrap();
         std::fs::write(images.join(".100001.jpg.tmp-99999999"), b"half a").unwrap();
         std::fs::write(images.join(".keep"), b"mine").unwrap();
+        // and a killed run's half-written labels and marks beside them (they stayed)
+        let beside = [".test_solutions.csv.99999999.tmp", ".synth.json.99999999.tmp"];
+        for t in beside {
+            std::fs::write(dir.path().join(t), b"half").unwrap();
+        }
+        std::fs::write(dir.path().join(".notes.csv.99999999.tmp"), b"mine").unwrap();
         let cfg = SynthConfig {
             train: 0,
             test: 2,
@@ -894,6 +924,10 @@ mod tests {
             ..SynthConfig::default()
         };
         generate(dir.path(), &cfg, &|_| {}).unwrap();
+        for t in beside {
+            assert_eq!(dir.path().join(t).exists(), !cfg!(target_os = "linux"), "{t}");
+        }
+        assert!(dir.path().join(".notes.csv.99999999.tmp").exists(), "not ours");
         let (_, test_ids) = draw_ids(&cfg);
         let mut want: Vec<String> = test_ids.iter().map(|id| format!("{id}.jpg")).collect();
         want.push(".keep".into());

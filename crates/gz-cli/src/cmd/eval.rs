@@ -170,19 +170,45 @@ fn report_replaces(dir: &Path, file: &Path) -> bool {
     (parent == dir && (png || name == "index.html" || name == "metrics.json")) || (parent == dir.join("gallery") && png)
 }
 
+/// What the default report folder (`reports/<name>`) is for: a predictions file (`--pred`) or
+/// the runs scored (`--run`).
+#[derive(Clone, Copy)]
+enum Scored<'a> {
+    Pred(&'a Path),
+    Runs(&'a [PathBuf]),
+}
+
+/// The run folders of checkpoint paths (a run folder, or a checkpoint file in one), resolved;
+/// `None` when one cannot be (gone, or named relative to another folder).
+fn run_folders<'a>(paths: impl Iterator<Item = &'a Path>) -> Option<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = paths
+        .map(|p| {
+            let p = p.canonicalize().ok()?;
+            Some(if p.is_file() { p.parent()?.to_path_buf() } else { p })
+        })
+        .collect::<Option<_>>()?;
+    out.sort();
+    Some(out)
+}
+
 /// Whether the earlier gz report `held` (its `metrics.json`) in the default folder is of
-/// something else than what is scored now: `default_for` is the predictions file (`--pred`),
-/// or an empty path for a run; `None` when `--report` was given (the user chose the folder).
-fn default_collides(held: &serde_json::Value, default_for: Option<&Path>) -> bool {
+/// something else than what is scored now (`default_for`; `None` when `--report` was given: the
+/// user chose the folder). Two runs are told apart by their folders where both can be found
+/// from here (the report records its checkpoints as they were named).
+fn default_collides(held: &serde_json::Value, default_for: Option<Scored>) -> bool {
     let Some(ours) = default_for else {
         return false;
     };
     let theirs = held.get("predictions").and_then(|p| p.as_str());
-    match (theirs, ours.as_os_str().is_empty()) {
-        // a run's report over a run's (the same name: the folder's)
-        (None, true) => false,
-        (Some(_), true) | (None, false) => true,
-        (Some(t), false) => {
+    match (theirs, ours) {
+        (None, Scored::Runs(runs)) => {
+            let checkpoints = held.get("checkpoint").and_then(|c| c.as_str()).unwrap_or_default();
+            let held_runs = run_folders(checkpoints.split(", ").map(Path::new));
+            let our_runs = run_folders(runs.iter().map(PathBuf::as_path));
+            matches!((held_runs, our_runs), (Some(h), Some(o)) if h != o)
+        }
+        (Some(_), Scored::Runs(_)) | (None, Scored::Pred(_)) => true,
+        (Some(t), Scored::Pred(ours)) => {
             let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
                 (Ok(a), Ok(b)) => a == b,
                 _ => a == b,
@@ -196,7 +222,7 @@ fn default_collides(held: &serde_json::Value, default_for: Option<&Path>) -> boo
 /// (`index.html`, `metrics.json`, the charts, `gallery/`) when they are not an earlier gz
 /// report's: a user's own page or figures. Anything else in the folder stays (`cargo xtask`
 /// keeps the submission and the test split's report there).
-fn check_report_folder(dir: &Path, flag: &str, default_for: Option<&Path>) -> anyhow::Result<()> {
+fn check_report_folder(dir: &Path, flag: &str, default_for: Option<Scored>) -> anyhow::Result<()> {
     let refuse = |what: &str| {
         bail!(
             "{flag} {}: {what}, and a report would replace it: name a new folder (or one holding an earlier report)",
@@ -413,8 +439,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     super::check_output(&flag, &dir, true)?;
     super::check_not_an_input(&flag, &dir, &[], &[&args.cache], None)?;
-    let default_for = args.report.is_none().then(|| args.pred.clone().unwrap_or_default());
-    check_report_folder(&dir, &flag, default_for.as_deref())?;
+    let default_for = args.report.is_none().then(|| match &args.pred {
+        Some(p) => Scored::Pred(p),
+        None => Scored::Runs(&args.runs),
+    });
+    check_report_folder(&dir, &flag, default_for)?;
     // nor may the report replace what it reads: the predictions file, a checkpoint
     let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)
         .into_iter()

@@ -84,6 +84,7 @@ pub fn check_output(flag: &str, path: &std::path::Path, folder: bool) -> anyhow:
     if let Some(file) = path.parent().and_then(|p| p.ancestors().find(|a| a.is_file())) {
         anyhow::bail!("{flag} {}: {} is a file, not a folder", path.display(), file.display());
     }
+    check_not_in_data(flag, path)?;
     let meta = match std::fs::metadata(path) {
         Ok(meta) => Some(meta),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -236,6 +237,43 @@ pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyho
             )
         ),
     }
+}
+
+/// Refuses an output (`flag` names the option) that lands inside a dataset's image folder
+/// (`images_training_rev1/`, `images_test_rev1/`), where the next `gz prep` takes what is
+/// written for unreadable images and builds a new cache, or inside a shard cache (a folder
+/// holding `manifest.json` and shards), which gz manages and `gz cache` removes.
+pub fn check_not_in_data(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let Some(target) = write_target(path) else {
+        return Ok(());
+    };
+    for a in target.ancestors() {
+        let name = a.file_name().map(|n| n.to_string_lossy());
+        if matches!(name.as_deref(), Some(gz_synth::TRAIN_DIR | gz_synth::TEST_DIR)) {
+            anyhow::bail!(
+                "{flag} {} lies inside the image folder {} of a dataset: the next `gz prep` would take what is written \
+                 there for images; write it elsewhere",
+                path.display(),
+                a.display()
+            );
+        }
+        let shards = || {
+            std::fs::read_dir(a)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".shard"))
+        };
+        if a.join(gz_shards::MANIFEST_FILE).is_file() && shards() {
+            anyhow::bail!(
+                "{flag} {} lies inside the shard cache {}, which gz manages (`gz cache` removes what is in it): write \
+                 it elsewhere",
+                path.display(),
+                a.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Where a write to `p` lands, absolute: symbolic links followed as the writers follow them
@@ -618,6 +656,38 @@ mod tests {
                 assert!(e.contains("cannot be read to tell whether gz wrote it"), "{e}");
             }
         }
+    }
+
+    /// No output lands among a dataset's images (the next prep took a report there for
+    /// unreadable images and built a new cache) or inside a shard cache, folders not made yet
+    /// and links counted where they land.
+    #[test]
+    fn outputs_stay_out_of_image_folders_and_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("d/images_test_rev1");
+        std::fs::create_dir_all(&images).unwrap();
+        let cache = dir.path().join("c/0a-1b");
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(cache.join("manifest.json"), "{}").unwrap();
+        std::fs::write(cache.join("train-00000.shard"), "x").unwrap();
+        let check = |p: &Path| super::check_output("--report", p, true).map_err(|e| e.to_string());
+        for p in [images.clone(), images.join("report"), images.join("new/deeper")] {
+            let e = check(&p).unwrap_err();
+            assert!(
+                e.contains("lies inside the image folder") && e.contains("images_test_rev1"),
+                "{e}"
+            );
+        }
+        let e = check(&cache.join("report")).unwrap_err();
+        assert!(e.contains("lies inside the shard cache"), "{e}");
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link");
+            std::os::unix::fs::symlink(&images, &link).unwrap();
+            assert!(check(&link.join("r")).unwrap_err().contains("image folder"));
+        }
+        assert!(check(&dir.path().join("d/reports/r")).is_ok());
+        assert!(check(&dir.path().join("c/report")).is_ok());
     }
 
     /// An output is inside a shard cache by where it lands: `..` out of the cache into

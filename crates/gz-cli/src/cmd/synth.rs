@@ -138,6 +138,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     super::check_threads(args.threads)?;
     // a config that cannot be generated is refused before the folder is created or locked
     cfg.validate()?;
+    // nor a dataset among another's images, or in a cache
+    super::check_not_in_data("--out", &out)?;
     // held until the dataset is complete (dropped at the end of this function)
     let _lock = OutLock::take(&out)?;
     match inspect(&out, &cfg)? {
