@@ -864,7 +864,8 @@ impl RunLock {
         for _ in 0..3 {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    if let Err(e) = f.write_all(format!("{}\n", std::process::id()).as_bytes()) {
+                    // (its id and start: `gz_schema::process::holder_tag`)
+                    if let Err(e) = f.write_all(format!("{}\n", gz_schema::process::holder_tag()).as_bytes()) {
                         // a full disk: an empty lock left here would refuse the next run as
                         // "in use" (no process id to check) until it is 10 s old
                         let _ = std::fs::remove_file(&path);
@@ -894,29 +895,23 @@ impl RunLock {
 }
 
 impl RunLock {
-    /// The "in use" error when `out_dir`'s lock is held by a live run (a process id that runs,
-    /// or no id yet in a lock under 10 s old: being written this instant); `None` when there is
-    /// no lock or it is a killed run's. Reads only.
+    /// The "in use" error when `out_dir`'s lock is held by a live run (the process it names runs
+    /// and started when the lock says, or no id yet in a lock under 10 s old: being written this
+    /// instant); `None` when there is no lock or it is a killed run's. Reads only.
     fn held(out_dir: &Path) -> Option<TrainError> {
         let path = out_dir.join(Self::NAME);
         let holder = std::fs::read_to_string(&path).ok()?;
-        let pid = holder.trim().parse::<u32>().ok();
+        let pid = gz_schema::process::holder_pid(&holder);
         let age = std::fs::metadata(&path)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
             .unwrap_or_default();
-        let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         let live = match pid {
             // this process's own id in a lock is a killed earlier process's whose id came round
-            // again, not a run of ours; so is a process started after the lock was written
-            Some(pid) => {
-                pid != std::process::id()
-                    && written.map_or_else(
-                        || gz_schema::process::process_alive(pid),
-                        |w| gz_schema::process::may_be_writing(pid, w),
-                    )
-            }
+            // again, not a run of ours; so is a process with the lock's id that started at
+            // another time than the lock records
+            Some(pid) => pid != std::process::id() && gz_schema::process::holder_alive(&holder) == Some(true),
             // being written this instant, or left empty by a kill long ago
             None => age <= std::time::Duration::from_secs(10),
         };
@@ -1617,20 +1612,18 @@ mod tests {
                 "{e}"
             );
             assert!(live.path().join(RunLock::NAME).exists(), "the live run's lock is left");
-            // the same id in a lock written before that process started: a killed run's, whose
-            // id came round again (a container's restart): not in use
+            // the same id in a lock that records another start: a killed run's, whose id came
+            // round again (a container's restart): not in use
             let mut again = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-            std::fs::write(live.path().join(RunLock::NAME), format!("{}\n", again.id())).unwrap();
-            let lock = std::fs::File::options()
-                .write(true)
-                .open(live.path().join(RunLock::NAME))
-                .unwrap();
-            lock.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
-                .unwrap();
-            drop(lock);
+            let ticks = gz_schema::process::start_ticks(again.id()).unwrap();
+            std::fs::write(
+                live.path().join(RunLock::NAME),
+                format!("{} {}\n", again.id(), ticks + 7),
+            )
+            .unwrap();
             assert!(
                 RunLock::held(live.path()).is_none(),
-                "a process younger than the lock holds nothing"
+                "a process that started at another time holds nothing"
             );
             let _ = again.kill();
             let _ = again.wait();

@@ -2,14 +2,22 @@
 //! `.NAME.tmp-<pid>`) may still be writing it: every crate that leaves such files asks here, so
 //! they all judge a killed writer the same way.
 //!
-//! A process id alone is not enough: ids come round again, soon in a container whose ids
-//! restart at 1 with each start, and a lock left by a killed `gz train` then names some other
-//! live process, which blocked the run folder until the lock was deleted by hand. So the
-//! writer is also asked to have started before the file was last written ([`started_after`]).
-//! On Linux both come from `/proc`; elsewhere a process is assumed to run (nothing is taken
-//! from it) and its start time is unknown.
+//! A process id alone is not enough for a lock that outlives a kill: ids come round again, soon
+//! in a container whose ids restart at 1 with each start, and a lock left by a killed `gz train`
+//! then names some other live process, which blocked the run folder until the lock was deleted
+//! by hand. A lock therefore records its holder's start as well ([`holder_tag`]: the process
+//! id and its start in clock ticks after boot, which no change of the wall clock moves), and a
+//! process whose start differs is not its holder ([`holder_alive`]). On Linux both come from
+//! `/proc`; elsewhere a process is assumed to run (nothing is taken from it).
 
-use std::time::{Duration, SystemTime};
+/// `/proc/<pid>/stat`'s fields after the command name (state first), read as bytes: the name
+/// may hold anything, `)` and spaces included, and need not be UTF-8.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = String::from_utf8_lossy(&stat[close + 1..]);
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
 
 /// Whether process `pid` runs: on Linux from `/proc/<pid>/stat` (a killed process its parent
 /// has not reaped yet, a zombie, counts as gone); elsewhere it cannot tell and says yes.
@@ -17,77 +25,75 @@ pub fn process_alive(pid: u32) -> bool {
     if !cfg!(target_os = "linux") {
         return true;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S …": the state follows the last ')' (comm may hold anything)
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| matches!(state, 'Z' | 'X')),
-        Err(_) => std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    match stat_fields(pid) {
+        Some(f) => !f.first().is_some_and(|state| matches!(state.as_str(), "Z" | "X")),
+        None => std::path::Path::new(&format!("/proc/{pid}")).exists(),
     }
 }
 
-/// When process `pid` started, where the system says (Linux: its `starttime` in
-/// `/proc/<pid>/stat`, clock ticks after the boot time in `/proc/stat`; the ticks are the
-/// kernel's fixed `USER_HZ`, 100 on every Linux architecture gz builds for).
-pub fn start_time(pid: u32) -> Option<SystemTime> {
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat` field 22): fixed
+/// for the life of the process whatever the wall clock does. `None` where unknown.
+pub fn start_ticks(pid: u32) -> Option<u64> {
     if !cfg!(target_os = "linux") {
         return None;
     }
-    const USER_HZ: u64 = 100;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // fields after "(comm) ": state is field 3, starttime field 22
-    let ticks: u64 = stat.rsplit_once(')')?.1.split_whitespace().nth(22 - 3)?.parse().ok()?;
-    let boot: u64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    let millis = ticks.checked_mul(1000)? / USER_HZ;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(boot) + Duration::from_millis(millis))
+    stat_fields(pid)?.get(22 - 3)?.parse().ok()
 }
 
-/// Whether process `pid` started after `written` (with a second's slack for clocks and
-/// rounding): then it did not write what was last written at `written`. `false` where the
-/// start time is unknown.
-pub fn started_after(pid: u32, written: SystemTime) -> bool {
-    start_time(pid).is_some_and(|start| start > written + Duration::from_secs(1))
+/// What a lock records of this process: its id, and its start where known (`"<pid> <ticks>"`).
+pub fn holder_tag() -> String {
+    let pid = std::process::id();
+    match start_ticks(pid) {
+        Some(t) => format!("{pid} {t}"),
+        None => pid.to_string(),
+    }
 }
 
-/// Whether process `pid`, named by a file last written at `written`, may still be its writer:
-/// it runs ([`process_alive`]) and did not start after the write ([`started_after`]).
-pub fn may_be_writing(pid: u32, written: SystemTime) -> bool {
-    process_alive(pid) && !started_after(pid, written)
+/// The process id a lock's text ([`holder_tag`], or a bare id as older locks hold) names.
+pub fn holder_pid(tag: &str) -> Option<u32> {
+    tag.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether the process a lock's text names still holds it: it runs ([`process_alive`]) and, where
+/// the lock recorded its start and the system tells it now, started then (a process with the
+/// same id that started at another time is another process). `None` when the text names no
+/// process.
+pub fn holder_alive(tag: &str) -> Option<bool> {
+    let pid = holder_pid(tag)?;
+    let recorded: Option<u64> = tag.split_whitespace().nth(1).and_then(|t| t.parse().ok());
+    let same_start = match (recorded, start_ticks(pid)) {
+        (Some(r), Some(now)) => r == now,
+        _ => true,
+    };
+    Some(process_alive(pid) && same_start)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A live process started before a file it could have written; one started after a file
-    /// (its id come round again) is not taken for its writer.
+    /// A live process holds a lock that records its start; the same id with another start (a
+    /// killed holder's id come round again) does not; a bare id (an older lock) is judged by the
+    /// id alone; a dead process holds nothing.
     #[cfg(target_os = "linux")]
     #[test]
-    fn a_process_started_after_a_file_did_not_write_it() {
-        let before = SystemTime::now() - Duration::from_secs(30);
+    fn a_lock_is_held_by_the_process_that_started_when_it_says() {
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
-        let start = start_time(pid).expect("a start time");
-        let now = SystemTime::now();
-        // (to the tick: within a few seconds of now)
-        assert!(
-            start <= now + Duration::from_secs(2) && start + Duration::from_secs(10) >= now,
-            "{start:?} vs {now:?}"
-        );
-        assert!(process_alive(pid) && may_be_writing(pid, now));
-        assert!(started_after(pid, before) && !may_be_writing(pid, before));
-        assert!(!started_after(pid, now + Duration::from_secs(5)));
+        let ticks = start_ticks(pid).expect("a start");
+        assert_eq!(holder_alive(&format!("{pid} {ticks}\n")), Some(true));
+        assert_eq!(holder_alive(&format!("{pid} {}", ticks + 1)), Some(false));
+        assert_eq!(holder_alive(&format!("{pid}")), Some(true));
+        assert_eq!(holder_alive("not a pid"), None);
         let _ = child.kill();
         let _ = child.wait();
-        assert!(!process_alive(pid) && !may_be_writing(pid, now));
-        // this process started long before now
-        assert!(!started_after(std::process::id(), now));
+        assert!(!process_alive(pid));
+        assert_eq!(holder_alive(&format!("{pid} {ticks}")), Some(false));
+        // this process's own tag names it
+        let own = holder_tag();
+        assert_eq!(holder_pid(&own), Some(std::process::id()));
+        assert_eq!(holder_alive(&own), Some(true));
+        assert!(own.split_whitespace().nth(1).is_some(), "{own}");
     }
 }

@@ -129,8 +129,7 @@ pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
             kind,
             name,
             pid,
-            alive: pid == std::process::id()
-                || crate::writer::may_be_writing(pid, fs::metadata(path).and_then(|m| m.modified()).ok()),
+            alive: pid == std::process::id() || gz_schema::process::process_alive(pid),
         }
     } else if file_name.starts_with('.') {
         return None;

@@ -413,20 +413,10 @@ pub fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
         let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        let written = e.metadata().and_then(|m| m.modified()).ok();
-        if pid != std::process::id() && !may_be_writing(pid, written) {
+        if pid != std::process::id() && !gz_schema::process::process_alive(pid) {
             let _ = fs::remove_dir_all(e.path());
         }
     }
-}
-
-/// Whether process `pid`, named by a writer's folder last written at `written` (its
-/// modification time, where known), may still be writing it (`gz_schema::process`).
-pub(crate) fn may_be_writing(pid: u32, written: Option<std::time::SystemTime>) -> bool {
-    written.map_or_else(
-        || gz_schema::process::process_alive(pid),
-        |w| gz_schema::process::may_be_writing(pid, w),
-    )
 }
 
 #[cfg(test)]

@@ -551,19 +551,11 @@ fn write_image_with(
 fn remove_stale_temps(dir: &Path) -> Result<(), SynthError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
-        // (a process started after the temporary was written is another with its id)
-        let written = entry.metadata().and_then(|m| m.modified()).ok();
         let pid = entry
             .file_name()
             .to_str()
             .and_then(|n| temp_pid(n).or_else(|| file_temp_pid(n)));
-        let stale = pid.is_some_and(|pid| {
-            pid != std::process::id()
-                && !written.map_or_else(
-                    || gz_schema::process::process_alive(pid),
-                    |w| gz_schema::process::may_be_writing(pid, w),
-                )
-        });
+        let stale = pid.is_some_and(|pid| pid != std::process::id() && !gz_schema::process::process_alive(pid));
         if stale {
             let p = entry.path();
             match std::fs::remove_file(&p) {

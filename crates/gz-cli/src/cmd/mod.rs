@@ -244,7 +244,21 @@ pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyho
 /// written for unreadable images and builds a new cache, or inside a shard cache (a folder
 /// holding `manifest.json` and shards), which gz manages and `gz cache` removes.
 pub fn check_not_in_data(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
-    let Some(target) = write_target(path) else {
+    // (a folder named with a final `..` has no file name to follow: its `..`s folded away)
+    let folded = || {
+        let mut out = std::path::PathBuf::new();
+        for c in std::path::absolute(path).ok()?.components() {
+            match c {
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                std::path::Component::CurDir => {}
+                c => out.push(c),
+            }
+        }
+        write_target(&out)
+    };
+    let Some(target) = write_target(path).or_else(folded) else {
         return Ok(());
     };
     for a in target.ancestors() {
@@ -671,7 +685,12 @@ mod tests {
         std::fs::write(cache.join("manifest.json"), "{}").unwrap();
         std::fs::write(cache.join("train-00000.shard"), "x").unwrap();
         let check = |p: &Path| super::check_output("--report", p, true).map_err(|e| e.to_string());
-        for p in [images.clone(), images.join("report"), images.join("new/deeper")] {
+        for p in [
+            images.clone(),
+            images.join("report"),
+            images.join("new/deeper"),
+            images.join("report/.."),
+        ] {
             let e = check(&p).unwrap_err();
             assert!(
                 e.contains("lies inside the image folder") && e.contains("images_test_rev1"),
