@@ -249,12 +249,16 @@ fn add_setup(v: &mut serde_json::Value, args: &Args, model: &gz_model::config::M
     Ok(())
 }
 
-/// The optimizer measured: none in inference mode (no update runs).
+/// The optimizer measured, by its own name (`adam` is `adamw`): none in inference mode (no
+/// update runs).
 fn optimizer_name(args: &Args) -> &str {
     if args.inference {
         "none"
     } else {
-        &args.optimizer
+        match OptimizerKind::from_name(&args.optimizer) {
+            Some(k) => k.name(),
+            None => &args.optimizer,
+        }
     }
 }
 
@@ -304,6 +308,10 @@ mod tests {
         assert_eq!(v["optimizer"], "rmsprop");
         assert_eq!(v["warmup"], 2);
         assert_eq!(v["mode"], "train");
+        // the optimizer by its own name, not as typed
+        let args = Cli::parse_from(["bench-train", "--model", "tiny", "--optimizer", "ADAM"]).args;
+        add_setup(&mut v, &args, &model).unwrap();
+        assert_eq!(v["optimizer"], "adamw");
     }
 
     /// The training-only options are refused with --inference, by name, rather than ignored;

@@ -499,7 +499,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (m, r) in models.iter().zip(&args.runs).skip(1) {
             if validation_rows(m, train)?.val != holdout.val {
                 bail!(
-                    "{} was validated on other images than {} (different seed or fraction); score the ensemble with --split test",
+                    "{} was validated on other images than {} (another seed, --val-fraction or --max-train); score the ensemble \
+                     with --split test",
                     r.display(),
                     args.runs[0].display()
                 );
