@@ -100,7 +100,8 @@ pub struct SourceArgs {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Fill the row of an unreadable image with the training mean (listed on stderr)
-    /// instead of failing.
+    /// instead of failing; with --cache, that of each test image `gz prep` skipped (refused
+    /// without it).
     #[arg(long)]
     pub fill_mean: bool,
 }

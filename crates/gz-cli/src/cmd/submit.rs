@@ -55,7 +55,8 @@ pub struct Args {
     /// <IDS>/../training_solutions_rev1.csv].
     #[arg(long)]
     train_labels: Option<PathBuf>,
-    /// Where to write the submission (missing folders are created).
+    /// Where to write the submission: a file, written whole (missing folders are created; `-`
+    /// is refused).
     #[arg(long)]
     out: Option<PathBuf>,
 }
