@@ -1527,7 +1527,14 @@ pub fn cmd_stage(name: &str, args: Args) -> Result<()> {
         }
     }
     for (o, _) in &d.stamp.outputs {
-        println!("{}: {}", o.label, o.path.display());
+        // (a report by its page, as the pipeline's last line names it)
+        let page = o.path.join("index.html");
+        let shown = if o.label == "report" && page.is_file() {
+            page
+        } else {
+            o.path.clone()
+        };
+        println!("{}: {}", o.label, shown.display());
     }
     Ok(())
 }
