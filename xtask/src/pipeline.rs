@@ -658,13 +658,18 @@ fn stage(
                 .into());
             }
             Err(Failure::Failed { status, stderr_tail }) => {
+                // gz's messages went by above as it ran: its error again, last, where the eye
+                // lands (not all its last lines a second time)
+                let lines: Vec<&str> = stderr_tail.lines().collect();
+                let from = lines.iter().rposition(|l| l.starts_with("error:")).unwrap_or(0);
+                let said = lines[from..].join("\n");
                 bail!(
                     "stage `{name}` failed: `gz {}` ended with {status}{}",
                     c.first().map_or("", String::as_str),
-                    if stderr_tail.is_empty() {
+                    if said.is_empty() {
                         String::new()
                     } else {
-                        format!(":\n{stderr_tail}")
+                        format!(":\n{said}")
                     }
                 )
             }
@@ -2261,6 +2266,20 @@ mod tests {
         assert!(format!("{e:#}").contains("stage `train` failed"), "{e:#}");
         let ran = std::fs::read_to_string(&log).unwrap();
         assert!(ran.starts_with(&format!("train --cache {c} ")), "{ran}");
+        // the failure repeats gz's error (and what follows it), not all its last lines: they
+        // went by above as it ran
+        std::fs::create_dir_all(t.path().join("noisy")).unwrap();
+        let noisy = crate::gz::tests::fake_gz(
+            &t.path().join("noisy"),
+            " *) printf 'epoch 1\\nnote: a note\\nerror: boom\\n  because\\n' >&2; exit 1;;",
+        );
+        let n = noisy.display().to_string();
+        let e = cmd_pipeline(words(&["--root", &r, "--gz", &n, "--data", &d, "--cache", &c])).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("error: boom\n  because") && !e.contains("note: a note") && !e.contains("epoch 1"),
+            "{e}"
+        );
     }
 
     /// A command line that is refused leaves no folder behind: `--root` was created while the
