@@ -2152,11 +2152,14 @@ mod tests {
             train_before_run(&run, &cmd, &inputs, true).unwrap(),
             BeforeRun::Run(vec![])
         );
-        let left: Vec<_> = std::fs::read_dir(&run)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, [std::ffi::OsString::from(TRAIN_NOTE)], "only the new note");
+        // what a folder holds, by name
+        let names = |dir: &Path| -> Vec<std::ffi::OsString> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
+        assert_eq!(names(&run), [std::ffi::OsString::from(TRAIN_NOTE)], "only the new note");
 
         // a run folder that is a link (to another disk): emptied where it points, the link kept
         #[cfg(unix)]
@@ -2170,11 +2173,7 @@ mod tests {
                 train_before_run(&run, &cmd, &inputs, true).unwrap(),
                 BeforeRun::Run(vec![])
             );
-            let left: Vec<_> = std::fs::read_dir(&elsewhere)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            assert_eq!(left, [std::ffi::OsString::from(TRAIN_NOTE)]);
+            assert_eq!(names(&elsewhere), [std::ffi::OsString::from(TRAIN_NOTE)]);
             assert!(std::fs::symlink_metadata(&run).unwrap().file_type().is_symlink());
         }
 
