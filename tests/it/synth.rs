@@ -244,8 +244,9 @@ fn gz_synth_binary_end_to_end() {
     assert!(!dir.path().join("x").exists(), "a refused config created its --out");
 }
 
-/// An empty split has no Bayes floor to show (it was printed as 0.00000); a refusal names the
-/// volunteer settings too (a set differing only in them read as the same one).
+/// An empty split has no Bayes floor to show (it was printed as 0.00000, and written as 0.0 in
+/// floor.json); a refusal names the volunteer settings too (a set differing only in them read as
+/// the same one).
 #[test]
 fn an_empty_split_shows_no_floor_and_refusals_name_the_volunteers() {
     let dir = support::tempdir();
@@ -258,6 +259,10 @@ fn an_empty_split_shows_no_floor_and_refusals_name_the_volunteers() {
         ok && stdout.contains("train - (no images), test 0."),
         "{stdout}\n{stderr}"
     );
+    // floor.json says so too: null, not an RMSE of 0 (which read as a perfect floor)
+    let floor: serde_json::Value = serde_json::from_slice(&read(&out.join("floor.json"))).unwrap();
+    assert!(floor["train_rmse"].is_null(), "{floor}");
+    assert!(floor["test_rmse"].as_f64().is_some_and(|f| f > 0.0), "{floor}");
     let mut c = support::gz();
     c.args([
         "synth",

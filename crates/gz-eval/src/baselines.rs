@@ -340,6 +340,10 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
                         per_question: None,
                     }));
                 }
+                if v.get("train_rmse").is_some_and(|x| x.is_null()) {
+                    // gz synth writes null for a split with no images: no floor, nothing wrong
+                    return Ok(None);
+                }
                 tracing::warn!("ignoring {}: no numeric train_rmse", fj.display());
             }
             Err(e) => tracing::warn!("ignoring {}: {e}", fj.display()),
@@ -485,6 +489,18 @@ mod tests {
         .unwrap();
         let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
         assert!((f.rmse - 0.0123).abs() < 1e-12 && f.source.contains("floor.json"));
+        // a set written with no training images has no training floor (null), not one of 0
+        std::fs::write(
+            dir.path().join("floor.json"),
+            r#"{"train_rmse": null, "test_rmse": 0.02}"#,
+        )
+        .unwrap();
+        assert_eq!(bayes_floor(dir.path(), &[1, 2], &labels).unwrap(), None);
+        std::fs::write(
+            dir.path().join("floor.json"),
+            r#"{"train_rmse": 0.0123, "test_rmse": 0.02}"#,
+        )
+        .unwrap();
         let mut sol = gz_schema::Solutions::new();
         sol.push(1, &[0.4; N_ANSWERS]);
         sol.push(2, &[0.6; N_ANSWERS]);

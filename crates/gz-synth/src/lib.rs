@@ -192,10 +192,10 @@ pub struct SynthSummary {
     pub n_train: usize,
     /// Test images written.
     pub n_test: usize,
-    /// RMSE between observed and expected fractions on the training split.
-    pub train_rmse: f64,
-    /// RMSE between observed and expected fractions on the test split.
-    pub test_rmse: f64,
+    /// RMSE between observed and expected fractions on the training split (`None`: no images).
+    pub train_rmse: Option<f64>,
+    /// RMSE between observed and expected fractions on the test split (`None`: no images).
+    pub test_rmse: Option<f64>,
     /// Bytes of JPEG written.
     pub jpeg_bytes: u64,
     /// Mean simulated volunteers per galaxy.
@@ -205,10 +205,11 @@ pub struct SynthSummary {
 /// `floor.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Floor {
-    /// RMSE between observed and expected fractions, training split.
-    pub train_rmse: f64,
-    /// RMSE between observed and expected fractions, test split.
-    pub test_rmse: f64,
+    /// RMSE between observed and expected fractions, training split; `null` when the split is
+    /// empty (an RMSE over no rows is not 0).
+    pub train_rmse: Option<f64>,
+    /// RMSE between observed and expected fractions, test split; `null` when it is empty.
+    pub test_rmse: Option<f64>,
     /// Training images.
     pub n_train: usize,
     /// Test images.
@@ -665,7 +666,7 @@ pub fn generate(
     let rmse_of = |s: &[Written]| {
         let o: Vec<f32> = s.iter().flat_map(|x| x.observed).collect();
         let e: Vec<f32> = s.iter().flat_map(|x| x.expected).collect();
-        labels::rmse(&o, &e)
+        (!s.is_empty()).then(|| labels::rmse(&o, &e))
     };
     let floor = Floor {
         train_rmse: rmse_of(&train),

@@ -201,19 +201,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.jpeg_bytes as f64 / 1e6
     );
     // an empty split has no floor to show (its RMSE over no rows is not 0)
-    let floor = |rows: usize, rmse: f64| {
-        if rows == 0 {
-            "- (no images)".to_string()
-        } else {
-            format!("{rmse:.5}")
-        }
+    let floor = |rmse: Option<f64>| match rmse {
+        None => "- (no images)".to_string(),
+        Some(r) => format!("{r:.5}"),
     };
     if n > 0 {
         println!(
             "Bayes floor (RMSE observed vs expected fractions, {:.1} volunteers on average): train {}, test {}",
             summary.mean_volunteers,
-            floor(summary.n_train, summary.train_rmse as f64),
-            floor(summary.n_test, summary.test_rmse as f64)
+            floor(summary.train_rmse),
+            floor(summary.test_rmse)
         );
     }
     let d = out.display();
