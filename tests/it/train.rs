@@ -817,12 +817,14 @@ fn describe_and_bench_train() {
         "--size",
         "32",
         "--device",
-        "cpu",
+        "CPU",
     ]));
     assert!(
         ok && out.contains("images/s") && out.contains("forward"),
         "{out}\n{err}"
     );
+    // the device by its own name, not as typed
+    assert!(out.contains(" device=cpu "), "{out}");
     // inference throughput, and the pipelined mode (one synchronisation, no breakdown)
     let args = [
         "bench-train",

@@ -101,6 +101,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("--device {}", args.device))?;
+    // reported by the device's own name (`cuda:0`, not `GPU` or `auto` as typed)
+    let mut args = args;
+    args.device = gz_model::device::device_name(&device);
     match args.conv.as_str() {
         "auto" => gz_model::cudnn::set_enabled(true),
         "candle" => gz_model::cudnn::set_enabled(false),
