@@ -605,18 +605,20 @@ fn stage(
     // one xtask at a time in a root from here on (the lock creates the root)
     crate::lock::hold(&ctx.root)?;
     eprintln!("xtask: {name}: running because {reason}");
+    // `before_run` may ask for arguments appended to the last command this time only (not part
+    // of the stamp: `--resume` for an interrupted training run), or find the work done. A
+    // refusal there keeps the old stamp: the next call gives the same reason (not "it has not
+    // run yet"), and a stamp whose outputs `before_run` removed in part is stale by them
+    let (extra, cmds) = match before_run(&flat)? {
+        BeforeRun::Run(extra) => (extra, cmds),
+        BeforeRun::Done => (vec![], vec![]),
+    };
     // the old stamp no longer describes what is on disk once the stage starts over
     match std::fs::remove_file(&sp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing the stale stamp {}", sp.display())),
     }
-    // `before_run` may ask for arguments appended to the last command this time only (not part
-    // of the stamp: `--resume` for an interrupted training run), or find the work done
-    let (extra, cmds) = match before_run(&flat)? {
-        BeforeRun::Run(extra) => (extra, cmds),
-        BeforeRun::Done => (vec![], vec![]),
-    };
     // gz runs in the root (relative paths it prints are resolved there)
     let gz_bin = ctx.gz()?;
     let mut all_stdout = String::new();
@@ -2279,6 +2281,34 @@ mod tests {
             e.contains("error: boom\n  because") && !e.contains("note: a note") && !e.contains("epoch 1"),
             "{e}"
         );
+    }
+
+    /// A stage whose `before_run` refuses (a run folder holding a user's files, say) keeps its
+    /// old stamp: the next call gives the same reason ("its command line changed"), not "it
+    /// has not run yet" (the stamp was removed before the refusal).
+    #[test]
+    fn a_refused_before_run_keeps_the_stamp() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().display().to_string();
+        let mut ctx = Ctx::parse(words(&["--root", &r, "--gz", "/bin/true"])).unwrap();
+        let key = t.path().join("runs").join("x");
+        let sp = stamp_path(&ctx.root, "train", &key);
+        let old = vec!["train".to_string(), "--epochs".into(), "3".into()];
+        Stamp::save(&sp, "train", &old, &[], &[], "").unwrap();
+        let new = vec![vec!["train".to_string(), "--epochs".into(), "5".into()]];
+        let e = stage(
+            &mut ctx,
+            "train",
+            &key,
+            new,
+            vec![],
+            |_| bail!("refused: the folder holds notes.txt"),
+            |_| Ok(vec![]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("refused"), "{e:#}");
+        let kept = Stamp::load(&sp).expect("the old stamp is kept");
+        assert_eq!(kept.command, old);
     }
 
     /// A command line that is refused leaves no folder behind: `--root` was created while the
