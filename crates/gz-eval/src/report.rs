@@ -191,6 +191,20 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
             .y_label_formatter(&|v: &f64| format!("{v:.4}"))
             .draw()
             .map_err(|x| e(x.to_string()))?;
+        // the two curves have axes of their own, so two that fall alike coincide (always, at two
+        // epochs): the RMSE is a wide pale band with triangles, drawn first, and the loss a thin
+        // line with dots on top, both seen where they overlap
+        if !rmses.is_empty() {
+            let band = MODEL_COLOUR.mix(0.45).stroke_width(7);
+            chart
+                .draw_secondary_series(LineSeries::new(rmses.clone(), band))
+                .map_err(|x| e(x.to_string()))?
+                .label("validation RMSE (right)")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], band));
+            chart
+                .draw_secondary_series(rmses.iter().map(|p| TriangleMarker::new(*p, 7, MODEL_COLOUR.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
         if !losses.is_empty() {
             chart
                 .draw_series(LineSeries::new(losses.clone(), LOSS_COLOUR.stroke_width(2)))
@@ -199,16 +213,6 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], LOSS_COLOUR.stroke_width(3)));
             chart
                 .draw_series(losses.iter().map(|p| Circle::new(*p, 3, LOSS_COLOUR.filled())))
-                .map_err(|x| e(x.to_string()))?;
-        }
-        if !rmses.is_empty() {
-            chart
-                .draw_secondary_series(LineSeries::new(rmses.clone(), MODEL_COLOUR.stroke_width(2)))
-                .map_err(|x| e(x.to_string()))?
-                .label("validation RMSE (right)")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], MODEL_COLOUR.stroke_width(3)));
-            chart
-                .draw_secondary_series(rmses.iter().map(|p| Circle::new(*p, 3, MODEL_COLOUR.filled())))
                 .map_err(|x| e(x.to_string()))?;
         }
         for (i, (name, v)) in references.iter().enumerate() {
