@@ -82,6 +82,12 @@ fn submit_check_lists_every_problem() {
             "{flag}: {out}"
         );
     }
+    // without the test images a file cut short would pass: the line says it was not compared
+    let (ok, out, err) = support::run(support::gz().args(["submit", "--check"]).arg(&good));
+    assert!(
+        ok && out.contains("valid submission, 4 rows (not checked for completeness: --ids FOLDER"),
+        "{out}\n{err}"
+    );
     write_test_jpeg_names(&ids_dir, &[104]);
     let (ok, out, _) = support::run(
         support::gz()

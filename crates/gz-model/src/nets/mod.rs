@@ -230,6 +230,28 @@ fn group(n: usize) -> String {
     groups.join(",")
 }
 
+/// The dense layer giving the 37 raw outputs (`out.{weight,bias}`). For the decision-tree head,
+/// Dieleman's initialisation (his `kaggle-galaxies` code: weights N(0, 0.01), bias 0.1): every
+/// answer's ReLU starts active, near the uniform split, for every galaxy. candle's default (bias
+/// uniform in ±1/√n) started some answers below zero for all galaxies; a ReLU that is zero for
+/// every input gets no gradient and never recovers, so those answers (and, for a dead Class1.2,
+/// the whole subtree under it) were predicted 0 for good. The sigmoid head keeps candle's
+/// default. Only the initial values differ: checkpoints of either are the same tensors.
+pub(crate) fn out_layer(n: usize, output: OutputKind, vb: candle_nn::VarBuilder) -> Result<candle_nn::Linear> {
+    match output {
+        OutputKind::Sigmoid => candle_nn::linear(n, gz_schema::N_ANSWERS, vb),
+        OutputKind::Tree => {
+            let w = vb.get_with_hints(
+                (gz_schema::N_ANSWERS, n),
+                "weight",
+                candle_nn::Init::Randn { mean: 0.0, stdev: 0.01 },
+            )?;
+            let b = vb.get_with_hints(gz_schema::N_ANSWERS, "bias", candle_nn::Init::Const(0.1))?;
+            Ok(candle_nn::Linear::new(w, Some(b)))
+        }
+    }
+}
+
 impl Model {
     /// Builds the network a config names (see [`build`]).
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
