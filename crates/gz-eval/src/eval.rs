@@ -74,10 +74,22 @@ pub fn load_checkpoints(paths: &[PathBuf], device: &Device) -> Result<Vec<Loaded
     paths
         .iter()
         .map(|p| {
-            LoadedModel::load(p, device).map_err(|e| EvalError::BadFile {
+            let m = LoadedModel::load(p, device).map_err(|e| EvalError::BadFile {
                 path: p.clone(),
                 reason: format!("cannot load checkpoint: {e}"),
-            })
+            })?;
+            // a run cut short (killed, or still training) loads and scores like a finished
+            // one: said, so that its numbers are not taken for the finished run's
+            let run = if p.is_dir() {
+                Some(p.as_path())
+            } else {
+                p.parent()
+                    .filter(|_| p.file_name().is_some_and(|n| n == "best.safetensors"))
+            };
+            if let Some(why) = run.and_then(gz_model::train::unfinished_run) {
+                tracing::warn!("{why}");
+            }
+            Ok(m)
         })
         .collect()
 }

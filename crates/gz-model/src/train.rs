@@ -1206,6 +1206,36 @@ fn first_non_finite(weights: &std::collections::HashMap<String, Tensor>) -> Resu
 
 /// What a failed run leaves behind, for [`TrainError::NonFinite`] and
 /// [`TrainError::NonFiniteWeights`]: `epochs_done` checkpoints in `out_dir`.
+/// Whether the training run in `dir` ran to its end, judged by its run record (`last.json`)
+/// and lock: `None` when it did (all its epochs, or stopped by its patience), or when `dir`
+/// holds no readable run record (a folder of weights alone: nothing to tell); otherwise what
+/// to say of its best checkpoint, which is then that of a run cut short (killed, stopped, or
+/// still training).
+pub fn unfinished_run(dir: &Path) -> Option<String> {
+    let last = checkpoint::read_sidecar(&dir.join("last.json")).ok()?;
+    let (done, of) = (last.epoch, last.train.epochs);
+    let by_patience = last
+        .train
+        .patience
+        .is_some_and(|p| done.saturating_sub(last.best_epoch) >= p);
+    if done >= of || by_patience {
+        return None;
+    }
+    let best = checkpoint::read_sidecar(&dir.join("best.json")).map_or(last.best_epoch, |b| b.epoch);
+    Some(if RunLock::held(dir).is_some() {
+        format!(
+            "{} is still training ({done} of {of} epochs so far): its best checkpoint is that of epoch {best} now",
+            dir.display()
+        )
+    } else {
+        format!(
+            "{} stopped after epoch {done} of {of} (interrupted?): its best checkpoint (epoch {best}) is that of \
+             an unfinished run; `gz train` with the same options and --resume finishes it",
+            dir.display()
+        )
+    })
+}
+
 fn kept_checkpoint(epochs_done: usize, out_dir: &Path) -> String {
     if epochs_done == 0 {
         "no checkpoint was written yet".to_string()
@@ -1708,6 +1738,48 @@ mod tests {
         other.lr = 0.5;
         let e = train_on(&other, &src, &meta(), split.path(), true, &()).unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
+    }
+
+    /// [`unfinished_run`] tells a run that ran all its epochs, or stopped by its patience,
+    /// from one cut short (killed, or still training): predict, eval and submit loaded a killed
+    /// run's best checkpoint without a word.
+    #[test]
+    fn an_unfinished_run_is_told_apart() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(unfinished_run(dir.path()), None, "no run record: nothing to tell");
+        train_on(&small_cfg(2), &src, &meta(), dir.path(), false, &()).unwrap();
+        assert_eq!(unfinished_run(dir.path()), None);
+        let lp = dir.path().join("last.json");
+        let mut s = checkpoint::read_sidecar(&lp).unwrap();
+        // the same record, had the run been asked for 5 epochs: stopped after 2
+        s.train.epochs = 5;
+        s.train.patience = None;
+        checkpoint::write_sidecar(&s, &lp).unwrap();
+        let why = unfinished_run(dir.path()).expect("2 of 5");
+        assert!(
+            why.contains("stopped after epoch 2 of 5") && why.contains("--resume"),
+            "{why}"
+        );
+        // stopped by its patience (one epoch without a better RMSE): finished
+        s.best_epoch = 1;
+        s.train.patience = Some(1);
+        checkpoint::write_sidecar(&s, &lp).unwrap();
+        assert_eq!(unfinished_run(dir.path()), None);
+        s.train.patience = Some(2);
+        checkpoint::write_sidecar(&s, &lp).unwrap();
+        assert!(unfinished_run(dir.path()).is_some());
+        // a live run's lock (a child process stands in): still training
+        #[cfg(target_os = "linux")]
+        {
+            let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+            std::fs::write(dir.path().join(RunLock::NAME), format!("{}\n", child.id())).unwrap();
+            let why = unfinished_run(dir.path());
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = why.expect("live");
+            assert!(why.contains("is still training (2 of 5 epochs so far)"), "{why}");
+        }
     }
 
     /// A run killed at any step of writing a checkpoint leaves `last` and `best` loadable, and
