@@ -246,7 +246,8 @@ fn gz_synth_binary_end_to_end() {
 
 /// An empty split has no Bayes floor to show (it was printed as 0.00000, and written as 0.0 in
 /// floor.json); a refusal names the volunteer settings too (a set differing only in them read as
-/// the same one).
+/// the same one); an in-progress mark a killed run left beside a whole set goes at the next run
+/// (it stayed, saying "gz synth is writing this dataset").
 #[test]
 fn an_empty_split_shows_no_floor_and_refusals_name_the_volunteers() {
     let dir = support::tempdir();
@@ -262,6 +263,15 @@ fn an_empty_split_shows_no_floor_and_refusals_name_the_volunteers() {
     // floor.json says so too: null, not an RMSE of 0 (which read as a perfect floor)
     let floor: serde_json::Value = serde_json::from_slice(&read(&out.join("floor.json"))).unwrap();
     assert!(floor["train_rmse"].is_null(), "{floor}");
+    // a run killed between synth.json and removing its in-progress mark: the same command
+    // finds the set up to date and removes the mark
+    std::fs::write(out.join(gz_synth::IN_PROGRESS), "x").unwrap();
+    let mut c = support::gz();
+    c.args(["synth", "--train", "0", "--test", "2", "--seed", "3", "--out"])
+        .arg(&out);
+    let (ok, stdout, stderr) = support::run(&mut c);
+    assert!(ok && stdout.contains("up to date"), "{stdout}\n{stderr}");
+    assert!(!out.join(gz_synth::IN_PROGRESS).exists(), "{stderr}");
     assert!(floor["test_rmse"].as_f64().is_some_and(|f| f > 0.0), "{floor}");
     let mut c = support::gz();
     c.args([

@@ -145,6 +145,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match inspect(&out, &cfg)? {
         Target::Empty => {}
         Target::Same if !args.force => {
+            // a run killed between writing synth.json and removing its in-progress mark left
+            // the mark beside a whole set (synth.json matches; this run holds the folder)
+            let mark = out.join(gz_synth::IN_PROGRESS);
+            match std::fs::remove_file(&mark) {
+                Ok(()) => eprintln!("removed {}, left by a run killed as it finished", mark.display()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", mark.display())),
+            }
             println!(
                 "up to date: {} already holds this dataset (train {}, test {}, seed {}); --force regenerates it",
                 out.display(),
