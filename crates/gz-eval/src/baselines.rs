@@ -50,7 +50,7 @@ pub fn constant(row: &[f32; N_ANSWERS], n: usize) -> Vec<f32> {
 /// Settings of the central-pixel benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CentralPixelConfig {
-    /// Bins per colour channel (so `levels³` groups).
+    /// Bins per colour channel, cut at the training quantiles (so `levels³` groups).
     pub levels: usize,
     /// Half-width of the central patch averaged (0 = the single central pixel).
     pub radius: usize,

@@ -47,7 +47,8 @@ pub struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// Central-pixel benchmark: bins per colour channel.
+    /// Central-pixel benchmark: bins per colour channel, cut at the training quantiles (equal
+    /// counts, not equal widths)
     #[arg(long, default_value_t = 4)]
     cp_levels: usize,
     /// Central-pixel benchmark: half-width of the central patch averaged.
