@@ -633,6 +633,15 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let rmse = metrics["model"]["scores"]["rmse"].as_f64().unwrap();
     assert!(rmse.is_finite() && rmse > 0.0 && rmse < 1.0, "{rmse}");
     assert_eq!(metrics["baselines"].as_array().unwrap().len(), 4);
+    // the fitted baselines name the rows they learnt from
+    let n_fit = metrics["n_fit"].as_u64().unwrap();
+    assert!(
+        n_fit > 0
+            && out.contains(&format!(
+                "(training mean and central pixel fitted on {n_fit} training images)"
+            )),
+        "{out}"
+    );
     for f in ["learning_curve.png", "per_question.png", "index.html"] {
         assert!(std::fs::metadata(report.join(f)).unwrap().len() > 1000, "{f}");
     }

@@ -651,6 +651,12 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         );
     }
     s.push_str("</table>\n");
+    let _ = writeln!(
+        s,
+        "<p class=meta>Training mean and central pixel fitted on {} training image{}.</p>",
+        r.n_fit,
+        if r.n_fit == 1 { "" } else { "s" }
+    );
     if let Some(sp) = &r.spread {
         // the disagreement of the views (and members): where it says something of the error
         let _ = writeln!(s, "<p class=meta>{}.</p>", esc(&sp.sentence()));
@@ -864,6 +870,7 @@ mod tests {
             assert!(im.width() > 0, "{}", p.display());
         }
         let html = std::fs::read_to_string(&paths.index).unwrap();
+        assert!(html.contains("fitted on 10 training images"), "{html}");
         assert!(
             html.contains("r&lt;1&gt;") && !html.contains("r<1>"),
             "names are escaped"

@@ -700,6 +700,13 @@ fn publish(
             ev.report.floor.as_ref()
         )
     );
+    // which rows the fitted baselines learnt from (a run's training part without its hold-out,
+    // or every labelled training image with --pred): the same predictions scored both ways got
+    // different baselines, unexplained
+    println!(
+        "(training mean and central pixel fitted on {})",
+        super::count(ev.report.n_fit, "training image")
+    );
     if let Some(sp) = &ev.report.spread {
         println!("{}", sp.sentence());
     }
