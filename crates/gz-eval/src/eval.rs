@@ -83,8 +83,13 @@ pub fn load_checkpoints(paths: &[PathBuf], device: &Device) -> Result<Vec<Loaded
             let run = if p.is_dir() {
                 Some(p.as_path())
             } else {
+                // a run's best checkpoint named by its file (the folder `.` when bare)
                 p.parent()
-                    .filter(|_| p.file_name().is_some_and(|n| n == "best.safetensors"))
+                    .filter(|_| {
+                        p.file_name()
+                            .is_some_and(|n| n == "best.safetensors" || n == "best.json")
+                    })
+                    .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
             };
             if let Some(why) = run.and_then(gz_model::train::unfinished_run) {
                 tracing::warn!("{why}");

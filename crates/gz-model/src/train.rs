@@ -1204,16 +1204,31 @@ fn first_non_finite(weights: &std::collections::HashMap<String, Tensor>) -> Resu
         .map(|(n, _)| n.clone()))
 }
 
-/// What a failed run leaves behind, for [`TrainError::NonFinite`] and
-/// [`TrainError::NonFiniteWeights`]: `epochs_done` checkpoints in `out_dir`.
-/// Whether the training run in `dir` ran to its end, judged by its run record (`last.json`)
-/// and lock: `None` when it did (all its epochs, or stopped by its patience), or when `dir`
-/// holds no readable run record (a folder of weights alone: nothing to tell); otherwise what
-/// to say of its best checkpoint, which is then that of a run cut short (killed, stopped, or
-/// still training).
+/// Whether the training run in `dir` ran to its end, judged by its run record (`last.json`),
+/// its best checkpoint's record and its lock: `None` when it did (all its epochs, or stopped by
+/// its patience, with the best checkpoint its record names), or when `dir` holds no readable
+/// run record (a folder of weights alone: nothing to tell); otherwise what to say of its best
+/// checkpoint, which is then that of a run cut short (killed, failed, still training, or
+/// stopped between writing its last and its best checkpoint).
 pub fn unfinished_run(dir: &Path) -> Option<String> {
     let last = checkpoint::read_sidecar(&dir.join("last.json")).ok()?;
     let (done, of) = (last.epoch, last.train.epochs);
+    let best = checkpoint::read_sidecar(&dir.join("best.json")).map_or(last.best_epoch, |b| b.epoch);
+    // a live run first: one resumed with more epochs still counts its old end in last.json
+    if RunLock::held(dir).is_some() {
+        return Some(format!(
+            "{} is still training ({done} of {of} epochs so far): its best checkpoint is that of epoch {best} now",
+            dir.display()
+        ));
+    }
+    if best != last.best_epoch {
+        return Some(format!(
+            "{} stopped between writing its checkpoints: its run record counts epoch {} as the best, its best \
+             checkpoint is epoch {best}'s; `gz train` with the same options and --resume writes the best one",
+            dir.display(),
+            last.best_epoch
+        ));
+    }
     let by_patience = last
         .train
         .patience
@@ -1221,21 +1236,15 @@ pub fn unfinished_run(dir: &Path) -> Option<String> {
     if done >= of || by_patience {
         return None;
     }
-    let best = checkpoint::read_sidecar(&dir.join("best.json")).map_or(last.best_epoch, |b| b.epoch);
-    Some(if RunLock::held(dir).is_some() {
-        format!(
-            "{} is still training ({done} of {of} epochs so far): its best checkpoint is that of epoch {best} now",
-            dir.display()
-        )
-    } else {
-        format!(
-            "{} stopped after epoch {done} of {of} (interrupted?): its best checkpoint (epoch {best}) is that of \
-             an unfinished run; `gz train` with the same options and --resume finishes it",
-            dir.display()
-        )
-    })
+    Some(format!(
+        "{} stopped after epoch {done} of {of} (interrupted, or failed?): its best checkpoint (epoch {best}) is \
+         that of an unfinished run; `gz train` with the same options and --resume continues it",
+        dir.display()
+    ))
 }
 
+/// What a failed run leaves behind, for [`TrainError::NonFinite`] and
+/// [`TrainError::NonFiniteWeights`]: `epochs_done` checkpoints in `out_dir`.
 fn kept_checkpoint(epochs_done: usize, out_dir: &Path) -> String {
     if epochs_done == 0 {
         "no checkpoint was written yet".to_string()
@@ -1750,35 +1759,51 @@ mod tests {
         assert_eq!(unfinished_run(dir.path()), None, "no run record: nothing to tell");
         train_on(&small_cfg(2), &src, &meta(), dir.path(), false, &()).unwrap();
         assert_eq!(unfinished_run(dir.path()), None);
-        let lp = dir.path().join("last.json");
-        let mut s = checkpoint::read_sidecar(&lp).unwrap();
-        // the same record, had the run been asked for 5 epochs: stopped after 2
-        s.train.epochs = 5;
-        s.train.patience = None;
-        checkpoint::write_sidecar(&s, &lp).unwrap();
+        let (lp, bp) = (dir.path().join("last.json"), dir.path().join("best.json"));
+        let (mut s, mut b) = (
+            checkpoint::read_sidecar(&lp).unwrap(),
+            checkpoint::read_sidecar(&bp).unwrap(),
+        );
+        // the records as another run would have left them: asked for `epochs`, stopped early
+        // by `patience`, its best at `best` (in both records, or only in last.json)
+        let mut set = |epochs: usize, patience: Option<usize>, best: usize, best_written: usize| {
+            s.train.epochs = epochs;
+            s.train.patience = patience;
+            s.best_epoch = best;
+            b.epoch = best_written;
+            checkpoint::write_sidecar(&s, &lp).unwrap();
+            checkpoint::write_sidecar(&b, &bp).unwrap();
+        };
+        set(5, None, 2, 2);
         let why = unfinished_run(dir.path()).expect("2 of 5");
         assert!(
             why.contains("stopped after epoch 2 of 5") && why.contains("--resume"),
             "{why}"
         );
         // stopped by its patience (one epoch without a better RMSE): finished
-        s.best_epoch = 1;
-        s.train.patience = Some(1);
-        checkpoint::write_sidecar(&s, &lp).unwrap();
+        set(5, Some(1), 1, 1);
         assert_eq!(unfinished_run(dir.path()), None);
-        s.train.patience = Some(2);
-        checkpoint::write_sidecar(&s, &lp).unwrap();
+        set(5, Some(2), 1, 1);
         assert!(unfinished_run(dir.path()).is_some());
-        // a live run's lock (a child process stands in): still training
+        // stopped between last.json and best.json: the record's best is not the checkpoint's
+        set(2, None, 2, 1);
+        let why = unfinished_run(dir.path()).expect("best missed");
+        assert!(why.contains("stopped between writing its checkpoints"), "{why}");
+        // a live run's lock (a child process stands in): still training, also when its record
+        // counts all its epochs (a finished run resumed with more)
         #[cfg(target_os = "linux")]
-        {
+        for epochs in [5, 2] {
+            set(epochs, None, 2, 2);
             let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
             std::fs::write(dir.path().join(RunLock::NAME), format!("{}\n", child.id())).unwrap();
             let why = unfinished_run(dir.path());
             let _ = child.kill();
             let _ = child.wait();
             let why = why.expect("live");
-            assert!(why.contains("is still training (2 of 5 epochs so far)"), "{why}");
+            assert!(
+                why.contains(&format!("is still training (2 of {epochs} epochs so far)")),
+                "{why}"
+            );
         }
     }
 

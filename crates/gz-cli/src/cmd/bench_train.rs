@@ -103,7 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = gz_model::device::select_device(&args.device).with_context(|| format!("--device {}", args.device))?;
     // reported by the device's own name (`cuda:0`, not `GPU` or `auto` as typed)
     let mut args = args;
-    args.device = gz_model::device::device_name(&device);
+    let typed = std::mem::replace(&mut args.device, gz_model::device::device_name(&device));
     match args.conv.as_str() {
         "auto" => gz_model::cudnn::set_enabled(true),
         "candle" => gz_model::cudnn::set_enabled(false),
@@ -111,7 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("--conv cudnn: this gz was built without the `cudnn` feature (cargo build --features cudnn)")
         }
         "cudnn" if !device.is_cuda() => {
-            anyhow::bail!("--conv cudnn needs a CUDA device (got --device {})", args.device)
+            anyhow::bail!("--conv cudnn needs a CUDA device (--device {typed} is {})", args.device)
         }
         "cudnn" => gz_model::cudnn::set_enabled(true),
         other => anyhow::bail!("unknown --conv {other:?}: expected auto, cudnn or candle"),

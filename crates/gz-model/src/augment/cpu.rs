@@ -96,7 +96,10 @@ impl Padded {
             )
         };
         let (fx, fy) = (px - (ix2 - 2) as f32, py - (iy2 - 2) as f32);
-        // (ix2, iy2) = (ix + 2, iy + 2) ∈ [0, side + 3]: the padded plane's own coordinates
+        // (ix2, iy2) = (ix + 2, iy + 2) ∈ [0, side + 3]: the padded plane's own coordinates. The
+        // `min` changes nothing where `side as f32` is exact (sides to 2^24); above, the float
+        // bound can round up past the border, and the taps stay in the plane all the same
+        let (ix2, iy2) = (ix2.min(self.w as i32 + 3), iy2.min(self.h as i32 + 3));
         let at = iy2 as usize * self.pw + ix2 as usize;
         let (t00, t01) = (self.v[at], self.v[at + 1]);
         let (t10, t11) = (self.v[at + self.pw], self.v[at + self.pw + 1]);
@@ -146,6 +149,8 @@ mod avx2 {
         let (lo, two, one) = (s(-2.0), s(2.0), s(1.0));
         let two_i = _mm256_set1_epi32(2);
         let pw = _mm256_set1_epi32(p.pw as i32);
+        // (w + 3 and h + 3 fit an i32: the padded plane's length does, checked by the caller)
+        let (max_x, max_y) = (_mm256_set1_epi32(p.w as i32 + 3), _mm256_set1_epi32(p.h as i32 + 3));
         let base = p.v.as_ptr();
         let mut i = 0;
         while i < n {
@@ -160,11 +165,14 @@ mod avx2 {
             let iy2 = _mm256_cvttps_epi32(_mm256_add_ps(py, two));
             let fx = _mm256_sub_ps(px, _mm256_cvtepi32_ps(_mm256_sub_epi32(ix2, two_i)));
             let fy = _mm256_sub_ps(py, _mm256_cvtepi32_ps(_mm256_sub_epi32(iy2, two_i)));
+            // as in `Padded::sample`: a no-op to sides of 2^24, a bound on the taps beyond
+            let (ix2, iy2) = (_mm256_min_epi32(ix2, max_x), _mm256_min_epi32(iy2, max_y));
             let at = _mm256_add_epi32(_mm256_mullo_epi32(iy2, pw), ix2);
             let at1 = _mm256_add_epi32(at, pw);
             let one_i = _mm256_set1_epi32(1);
-            // SAFETY: ix2 ∈ [0, w + 3] and iy2 ∈ [0, h + 3] (clamped above), so the four taps
-            // lie in the padded plane of (h + 5)·(w + 5) values, whose length fits an i32
+            // SAFETY: ix2 ∈ [0, w + 3] and iy2 ∈ [0, h + 3] (truncations of numbers clamped to
+            // [0, side + 3], then bounded by `min`), so the four taps lie in the padded plane of
+            // (h + 5)·(w + 5) values, whose length fits an i32 (so no index product wraps)
             let (t00, t01, t10, t11) = unsafe {
                 (
                     _mm256_i32gather_ps::<4>(base, at),
