@@ -474,6 +474,11 @@ pub fn train_on(
         "building the model",
         checkpoint::build_seeded(&cfg.model, cfg.seed, dtype, &device),
     )?;
+    // (a resumed run's weights replace these below)
+    ctx(
+        "initialising the tree head",
+        crate::nets::init_tree_head(&varmap, cfg.model.output),
+    )?;
     let params = ctx("collecting parameters", optim::Params::from_varmap(&varmap))?;
     let vars = varmap.all_vars();
     let param_count: usize = vars.iter().map(|v| v.elem_count()).sum();
@@ -1747,6 +1752,28 @@ mod tests {
         other.lr = 0.5;
         let e = train_on(&other, &src, &meta(), split.path(), true, &()).unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
+    }
+
+    /// A fresh run with the tree head starts from [`crate::nets::init_tree_head`]'s weights 0
+    /// and bias 0.1 (an epoch at a learning rate of 1e-9 leaves them there): the trainer makes
+    /// the call.
+    #[test]
+    fn the_trainer_starts_the_tree_head_alive() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small_cfg(1);
+        cfg.model.output = crate::config::OutputKind::Tree;
+        cfg.lr = 1e-9;
+        train_on(&cfg, &src, &meta(), dir.path(), false, &()).unwrap();
+        let t = candle_core::safetensors::load(dir.path().join("last.safetensors"), &Device::Cpu).unwrap();
+        let bias = t["out.bias"].to_vec1::<f32>().unwrap();
+        assert!(bias.iter().all(|b| (b - 0.1).abs() < 1e-4), "{bias:?}");
+        let w = t["out.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            w.iter().all(|v| v.abs() < 1e-4),
+            "largest {}",
+            w.iter().fold(0f32, |m, v| m.max(v.abs()))
+        );
     }
 
     /// [`unfinished_run`] tells a run that ran all its epochs, or stopped by its patience,

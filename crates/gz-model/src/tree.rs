@@ -14,6 +14,11 @@
 //! back to the uniform split when all outputs are dead, and otherwise differs from Dieleman's
 //! form by O(eps). The layer is differentiable everywhere except at the ReLU kinks.
 //!
+//! Behind the ReLU an answer whose raw output is below zero for every galaxy gets no gradient
+//! and never learns again; a fresh training run therefore starts the dense layer before this
+//! one at weights 0 and bias 0.1 ([`crate::nets::init_tree_head`]): every answer alive, every
+//! question at its uniform split.
+//!
 //! The layer runs as one candle custom op ([`TreeOutput::forward`]): a row's 37 values in one
 //! pass forward and one backward (plain loops in f64 on the CPU; one thread per row in
 //! `src/kernels/tree.cu` on CUDA, in the storage type), instead of about 80 candle ops forward

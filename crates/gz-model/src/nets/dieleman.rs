@@ -215,7 +215,7 @@ impl DielemanNet {
         let u = spec.maxout;
         let dense1 = candle_nn::linear(feat, 2 * u, vb.pp("dense1"))?;
         let dense2 = candle_nn::linear(u, 2 * u, vb.pp("dense2"))?;
-        let out = super::out_layer(u, cfg.output, vb.pp("out"))?;
+        let out = candle_nn::linear(u, N_ANSWERS, vb.pp("out"))?;
         Ok(DielemanNet {
             convs,
             dense1,

@@ -230,22 +230,35 @@ fn group(n: usize) -> String {
     groups.join(",")
 }
 
-/// The dense layer giving the 37 raw outputs (`out.{weight,bias}`). For the decision-tree head,
-/// Dieleman's initialisation (his `kaggle-galaxies` code: weights N(0, 0.01), bias 0.1): every
-/// answer's ReLU starts active, near the uniform split, for every galaxy. candle's default (bias
-/// uniform in ±1/√n) started some answers below zero for all galaxies; a ReLU that is zero for
-/// every input gets no gradient and never recovers, so those answers (and, for a dead Class1.2,
-/// the whole subtree under it) were predicted 0 for good. The sigmoid head keeps candle's
-/// default. Only the initial values differ: checkpoints of either are the same tensors.
-pub(crate) fn out_layer(n: usize, output: OutputKind, vb: candle_nn::VarBuilder) -> Result<candle_nn::Linear> {
-    match output {
-        OutputKind::Sigmoid => candle_nn::linear(n, gz_schema::N_ANSWERS, vb),
-        OutputKind::Tree => {
-            let w = vb.get_with_hints((gz_schema::N_ANSWERS, n), "weight", candle_nn::Init::Const(0.0))?;
-            let b = vb.get_with_hints(gz_schema::N_ANSWERS, "bias", candle_nn::Init::Const(0.1))?;
-            Ok(candle_nn::Linear::new(w, Some(b)))
-        }
+/// The tree head's starting bias ([`init_tree_head`]).
+pub const TREE_HEAD_BIAS: f32 = 0.1;
+
+/// Sets a fresh training run's decision-tree head to weights 0 and bias [`TREE_HEAD_BIAS`]
+/// (`out.weight`, `out.bias` of `varmap`; nothing for the sigmoid head): every answer's ReLU
+/// starts active for every galaxy, each question at its uniform split, so every answer learns
+/// from the first update on (that first step sends no gradient into the body, whose features
+/// the zero weights do not read yet). With candle's default (weights and bias uniform in
+/// ±1/√n) some answers started below zero for every galaxy; a ReLU that is zero for every input
+/// gets no gradient and never recovers, so those answers (and, for a dead Class1.2, the whole
+/// subtree under it) were predicted 0 for good (docs/benchmarks.md, "The tree head's dead
+/// answers"). The trainer calls it; models built for tests and benchmarks keep candle's
+/// initialisation (their comparisons of outputs and gradients need a head that reads the
+/// body). Checkpoints are the same tensors either way.
+pub fn init_tree_head(varmap: &candle_nn::VarMap, output: OutputKind) -> Result<()> {
+    if output != OutputKind::Tree {
+        return Ok(());
     }
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the model's variables are poisoned".into()))?;
+    for (name, value) in [("out.weight", 0.0f64), ("out.bias", f64::from(TREE_HEAD_BIAS))] {
+        let var = data
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("the model has no `{name}` to initialise")))?;
+        var.set(&(var.as_tensor().zeros_like()? + value)?)?;
+    }
+    Ok(())
 }
 
 impl Model {
@@ -636,18 +649,18 @@ mod layout_tests {
     }
 }
 
-/// The decision-tree head's initialisation ([`out_layer`]).
+/// The decision-tree head's initialisation ([`init_tree_head`]).
 #[cfg(test)]
-mod out_layer_tests {
+mod tree_head_tests {
     use super::*;
     use crate::config::Arch;
     use candle_core::{DType, Device, Tensor};
 
-    /// Every answer of the tree head starts alive: its raw output is above zero for some galaxy
-    /// of a batch, whatever the seed. With candle's default bias (uniform in ±1/√n) some answers
-    /// started below zero for all galaxies, got no gradient through the ReLU, and stayed at 0
-    /// for the whole run (6 of 6 seeds of `tiny --output tree` on a 600-image set ended with
-    /// 2 to 23 of the 37 answers predicted 0 everywhere).
+    /// After [`init_tree_head`] every answer of the tree head starts alive, at its question's
+    /// uniform split, for any galaxy and seed: raw outputs of 0.1, Q1's three answers at 1/3.
+    /// With candle's default initialisation (what the model is built with) some answers of
+    /// `tiny` start below zero for every galaxy of the batch (checked too: the reason for the
+    /// call; `train::tests::the_trainer_starts_the_tree_head_alive` checks the trainer makes it).
     #[test]
     fn every_tree_answer_starts_alive() {
         for arch in [Arch::Tiny, Arch::DielemanTiny] {
@@ -657,17 +670,46 @@ mod out_layer_tests {
                 .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
                 .collect();
             let x = Tensor::from_vec(v, (8, 3, size, size), &Device::Cpu).unwrap();
-            for seed in 0..6 {
-                let (model, _) = crate::checkpoint::build_seeded(&cfg, seed, DType::F32, &Device::Cpu).unwrap();
+            let mut dead_before = 0;
+            for seed in 0..3 {
+                let (model, varmap) = crate::checkpoint::build_seeded(&cfg, seed, DType::F32, &Device::Cpu).unwrap();
                 let raw = model.forward_raw_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
-                for a in 0..gz_schema::N_ANSWERS {
-                    let high = raw.iter().map(|r| r[a]).fold(f32::NEG_INFINITY, f32::max);
-                    assert!(
-                        high > 0.0,
-                        "{arch} seed {seed}: answer {a} starts dead ({high} at most)"
-                    );
+                dead_before += (0..gz_schema::N_ANSWERS)
+                    .filter(|&a| raw.iter().all(|r| r[a] <= 0.0))
+                    .count();
+                init_tree_head(&varmap, cfg.output).unwrap();
+                let raw = model.forward_raw_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+                for (g, row) in raw.iter().enumerate() {
+                    for (a, &r) in row.iter().enumerate() {
+                        assert!(
+                            (r - TREE_HEAD_BIAS).abs() < 1e-6,
+                            "{arch} seed {seed} galaxy {g}: answer {a} at {r}"
+                        );
+                    }
+                }
+                let y = model.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+                for row in &y {
+                    for q1 in &row[..3] {
+                        assert!((q1 - 1.0 / 3.0).abs() < 1e-5, "{arch} seed {seed}: Q1 {:?}", &row[..3]);
+                    }
                 }
             }
+            if arch == Arch::Tiny {
+                assert!(dead_before > 0, "candle's initialisation left no answer dead here");
+            }
         }
+        // the sigmoid head is left as built
+        let cfg = ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid);
+        let (_, varmap) = crate::checkpoint::build_seeded(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+        let before = varmap.data().lock().unwrap()["out.bias"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        init_tree_head(&varmap, cfg.output).unwrap();
+        let after = varmap.data().lock().unwrap()["out.bias"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(before, after);
     }
 }

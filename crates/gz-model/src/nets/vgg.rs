@@ -162,7 +162,7 @@ impl VggNet {
             dense.push(candle_nn::linear(n, w, vb.pp(format!("fc{}", j + 1)))?);
             n = w;
         }
-        let out = super::out_layer(n, cfg.output, vb.pp("out"))?;
+        let out = candle_nn::linear(n, N_ANSWERS, vb.pp("out"))?;
         Ok(VggNet {
             blocks,
             dense,
