@@ -589,7 +589,7 @@ fn stage(
     let flat: Vec<String> = cmds.join(&["&&".to_string()][..]);
     let reason = match Stamp::load(&sp) {
         _ if ctx.force => "--force".to_string(),
-        None => "it has not run yet".to_string(),
+        None => "no finished run of it is recorded (never run, or stopped before its end)".to_string(),
         Some(s) => match s.stale_reason(&flat, &inputs)? {
             None => {
                 eprintln!("xtask: {name}: up to date (stamp {})", sp.display());
