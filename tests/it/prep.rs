@@ -397,6 +397,18 @@ fn cache_list_prune_and_remove() {
     let dead = root.join(".x.tmp-4194305");
     std::fs::create_dir(&dead).unwrap();
 
+    // the root named without --cache lists the same (it was a usage error)
+    let (code, bare, err) = cache_cmd(&["list", r]);
+    assert_eq!(code, Some(0), "{bare}\n{err}");
+    let (code, out, err) = cache_cmd(&["list", "--cache", r]);
+    // (the same folders; the ages may have ticked between the two)
+    let names = |t: &str| {
+        t.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!((code, names(&bare)), (Some(0), names(&out)), "{err}");
     let (code, out, err) = cache_cmd(&["list", "--data", d, "--cache", r]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     let line = |p: &Path| {

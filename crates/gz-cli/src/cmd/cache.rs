@@ -56,6 +56,9 @@ struct Where {
     /// Cache root (the folder holding the cache folders) [default: <DATA>/../cache].
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// The cache root, named without --cache (`gz cache list data/cache`).
+    #[arg(value_name = "CACHE_ROOT", conflicts_with = "cache")]
+    root: Option<PathBuf>,
 }
 
 /// A cache's relation to the dataset named with `--data`, or to its recorded dataset folder.
@@ -86,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The cache root and, with --data, the dataset (canonical path, current key).
 fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
+    let cache = at.cache.as_ref().or(at.root.as_ref());
     let dataset = match &at.data {
         Some(d) => {
             let abs = d
@@ -97,12 +101,12 @@ fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
         }
         None => None,
     };
-    let root = match (&at.cache, &dataset) {
+    let root = match (cache, &dataset) {
         (Some(c), _) => c.clone(),
         (None, Some((abs, _))) => abs.parent().unwrap_or(abs).join("cache"),
         (None, None) => anyhow::bail!("name the cache root with --cache DIR, or the dataset with --data DIR"),
     };
-    if at.cache.is_some() && !root.exists() {
+    if cache.is_some() && !root.exists() {
         // a typo, not an empty root: "no caches" would hide it
         anyhow::bail!(
             "{}: no such folder (--cache names the folder the caches are in, as given to `gz prep --cache`)",
@@ -114,7 +118,7 @@ fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
         .any(|d| root.join(d).is_dir())
         || root.join(gz_preprocess::dataset::SOLUTIONS_CSV).is_file();
     // (`gz prep --data D --cache D` writes caches into a dataset folder: such a root is listed)
-    if at.cache.is_some() && dataset_layout && inventory::scan_root(&root).map_or(true, |e| e.is_empty()) {
+    if cache.is_some() && dataset_layout && inventory::scan_root(&root).map_or(true, |e| e.is_empty()) {
         anyhow::bail!(
             "{} is a dataset folder, not a cache root: pass it as --data (its caches are then found beside it, \
              or in the --cache root named with it)",
