@@ -1,8 +1,8 @@
 //! The report a person looks at: `reports/<run>/` with `metrics.json`, two or three charts and a page.
 //!
-//! - `learning_curve.png`: training loss (left axis) and validation RMSE (right axis) by epoch,
-//!   read from the trainer's `RUN_DIR/metrics.jsonl`, with the baselines' RMSE as reference
-//!   lines on the RMSE axis.
+//! - `learning_curve.png`: training RMSE (√ of the epoch's mean loss) and validation RMSE by
+//!   epoch on one axis, read from the trainer's `RUN_DIR/metrics.jsonl`, with the baselines'
+//!   RMSE as reference lines and the best checkpoint's epoch marked.
 //! - `per_question.png`: RMSE per question (Q1 … Q11) of the model beside the baselines.
 //! - `spread.png` (several predictions per galaxy: TTA views, checkpoints): the RMSE of the
 //!   galaxies in tenths by the spread of their predictions, with the overall RMSE and the floor.
@@ -125,8 +125,46 @@ fn padded(lo: f64, hi: f64) -> (f64, f64) {
     ((lo - 0.05 * span).max(0.0), hi + 0.08 * span)
 }
 
-/// Draws the learning curve (train loss and validation RMSE by epoch, with reference lines for
-/// `references` such as the baselines) into a PNG.
+/// The epoch of the lowest validation RMSE (the first of equals): the best checkpoint's.
+fn best_epoch(epochs: &[EpochRow]) -> Option<(f64, f64)> {
+    epochs
+        .iter()
+        .filter_map(|r| r.val_rmse.filter(|v| v.is_finite()).map(|v| (r.epoch, v)))
+        .fold(None, |best: Option<(f64, f64)>, (e, v)| match best {
+            Some((_, b)) if b <= v => best,
+            _ => Some((e, v)),
+        })
+}
+
+/// The corner of a chart whose area the points (`x`, `y` in [0, 1] of the axes, 0 at the bottom
+/// left) crowd least, for its legend.
+fn emptiest_corner(points: &[(f64, f64)]) -> SeriesLabelPosition {
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    // (the legend box covers about 40 % of the width and 35 % of the height)
+    let inside = |&(x, y): &(f64, f64), right: bool, upper: bool| {
+        (if right { x >= 0.6 } else { x <= 0.4 }) && (if upper { y >= 0.65 } else { y <= 0.35 })
+    };
+    let mut best = (usize::MAX, SeriesLabelPosition::UpperRight);
+    for (pos, right, upper) in corners {
+        let n = points.iter().filter(|p| inside(p, right, upper)).count();
+        if n < best.0 {
+            best = (n, pos);
+        }
+    }
+    best.1
+}
+
+/// Draws the learning curve into a PNG: by epoch, the training RMSE (the square root of the
+/// epoch's mean training loss, an MSE over the 37 answers, in training mode) and the validation
+/// hold-out's RMSE (eval mode, one view) on one RMSE axis, with `references` (the baselines, the
+/// Bayes floor) as dashed lines and the best checkpoint's epoch marked. One axis: with the loss
+/// on an axis of its own (as before), each curve stretched to its own range and the two lay on
+/// top of each other by construction, reading as "no overfitting" whatever the gap.
 pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], path: &Path) -> Result<()> {
     register_font();
     let (w, h) = (1000u32, 560u32);
@@ -135,24 +173,31 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        // half an epoch of room on either side: the end points' markers are not cut in half
         let (x0, x1) = match (epochs.first(), epochs.last()) {
-            (Some(a), Some(b)) if b.epoch > a.epoch => (a.epoch, b.epoch),
-            (Some(a), _) => (a.epoch - 0.5, a.epoch + 0.5),
+            (Some(a), Some(b)) => (a.epoch - 0.5, b.epoch.max(a.epoch) + 0.5),
             _ => (0.0, 1.0),
         };
-        let losses: Vec<(f64, f64)> = epochs
+        let train: Vec<(f64, f64)> = epochs
             .iter()
-            .filter_map(|r| r.train_loss.map(|l| (r.epoch, l)))
+            .filter_map(|r| {
+                r.train_loss
+                    .filter(|l| l.is_finite() && *l >= 0.0)
+                    .map(|l| (r.epoch, l.sqrt()))
+            })
             .collect();
-        let rmses: Vec<(f64, f64)> = epochs.iter().filter_map(|r| r.val_rmse.map(|v| (r.epoch, v))).collect();
-        let (l0, l1) = padded(
-            losses.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
-            losses.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
-        );
-        let rvals = rmses.iter().map(|p| p.1).chain(references.iter().map(|r| r.1));
-        let (r0, r1) = padded(
-            rvals.clone().fold(f64::INFINITY, f64::min),
-            rvals.fold(f64::NEG_INFINITY, f64::max),
+        let val: Vec<(f64, f64)> = epochs
+            .iter()
+            .filter_map(|r| r.val_rmse.filter(|v| v.is_finite()).map(|v| (r.epoch, v)))
+            .collect();
+        let all = train
+            .iter()
+            .chain(&val)
+            .map(|p| p.1)
+            .chain(references.iter().map(|r| r.1));
+        let (y0, y1) = padded(
+            all.clone().fold(f64::INFINITY, f64::min),
+            all.fold(f64::NEG_INFINITY, f64::max),
         );
 
         let mut chart = ChartBuilder::on(&root)
@@ -160,10 +205,8 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
             .margin(16)
             .x_label_area_size(48)
             .y_label_area_size(72)
-            .right_y_label_area_size(72)
-            .build_cartesian_2d(x0..x1, l0..l1)
-            .map_err(|x| e(x.to_string()))?
-            .set_secondary_coord(x0..x1, r0..r1);
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|x| e(x.to_string()))?;
         chart
             .configure_mesh()
             .x_desc("epoch")
@@ -175,57 +218,64 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
                     String::new()
                 }
             })
-            .y_desc("training loss")
+            .y_desc("RMSE")
             .label_style((FAMILY, 15))
             .axis_desc_style((FAMILY, 17))
             .light_line_style(RGBColor(246, 246, 246))
             .bold_line_style(RGBColor(225, 225, 225))
-            .y_label_formatter(&|v: &f64| format!("{v:.4}"))
+            .y_label_formatter(&|v: &f64| format!("{v:.3}"))
             .draw()
             .map_err(|x| e(x.to_string()))?;
-        chart
-            .configure_secondary_axes()
-            .y_desc("validation RMSE")
-            .label_style((FAMILY, 15))
-            .axis_desc_style((FAMILY, 17))
-            .y_label_formatter(&|v: &f64| format!("{v:.4}"))
-            .draw()
-            .map_err(|x| e(x.to_string()))?;
-        // the two curves have axes of their own, so two that fall alike coincide (always, at two
-        // epochs): the RMSE is a wide pale band with triangles, drawn first, and the loss a thin
-        // line with dots on top, both seen where they overlap
-        if !rmses.is_empty() {
-            let band = MODEL_COLOUR.mix(0.45).stroke_width(7);
+        if let Some((be, bv)) = best_epoch(epochs) {
+            let grey = RGBColor(150, 150, 150);
             chart
-                .draw_secondary_series(LineSeries::new(rmses.clone(), band))
+                .draw_series(DashedLineSeries::new(
+                    vec![(be, y0), (be, y1)],
+                    3,
+                    4,
+                    grey.stroke_width(1),
+                ))
                 .map_err(|x| e(x.to_string()))?
-                .label("validation RMSE (right)")
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], band));
-            chart
-                .draw_secondary_series(rmses.iter().map(|p| TriangleMarker::new(*p, 7, MODEL_COLOUR.filled())))
-                .map_err(|x| e(x.to_string()))?;
-        }
-        if !losses.is_empty() {
-            chart
-                .draw_series(LineSeries::new(losses.clone(), LOSS_COLOUR.stroke_width(2)))
-                .map_err(|x| e(x.to_string()))?
-                .label("training loss (left)")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], LOSS_COLOUR.stroke_width(3)));
-            chart
-                .draw_series(losses.iter().map(|p| Circle::new(*p, 3, LOSS_COLOUR.filled())))
-                .map_err(|x| e(x.to_string()))?;
+                .label(format!("best checkpoint: epoch {be:.0} ({bv:.4})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x + 12, y - 7), (x + 12, y + 7)], grey.stroke_width(2)));
         }
         for (i, (name, v)) in references.iter().enumerate() {
             let c = BASELINE_COLOURS[i % BASELINE_COLOURS.len()];
             chart
-                .draw_secondary_series(DashedLineSeries::new(vec![(x0, *v), (x1, *v)], 8, 5, c.stroke_width(2)))
+                .draw_series(DashedLineSeries::new(vec![(x0, *v), (x1, *v)], 8, 5, c.stroke_width(2)))
                 .map_err(|x| e(x.to_string()))?
-                .label(format!("{name} ({v:.4}, right)"))
+                .label(format!("{name} ({v:.4})"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
+        }
+        if !train.is_empty() {
+            chart
+                .draw_series(LineSeries::new(train.clone(), LOSS_COLOUR.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label("training (√ of the epoch's mean loss)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], LOSS_COLOUR.stroke_width(3)));
+            chart
+                .draw_series(train.iter().map(|p| Circle::new(*p, 3, LOSS_COLOUR.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        if !val.is_empty() {
+            chart
+                .draw_series(LineSeries::new(val.clone(), MODEL_COLOUR.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label("validation hold-out (1 view)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], MODEL_COLOUR.stroke_width(3)));
+            chart
+                .draw_series(val.iter().map(|p| TriangleMarker::new(*p, 6, MODEL_COLOUR.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        // the legend where the curves and lines leave room
+        let unit = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
+        let mut crowd: Vec<(f64, f64)> = train.iter().chain(&val).map(|&p| unit(p)).collect();
+        for (_, v) in references {
+            crowd.extend((0..=20).map(|k| unit((x0 + (x1 - x0) * f64::from(k) / 20.0, *v))));
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(emptiest_corner(&crowd))
             .label_font((FAMILY, 15))
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(180, 180, 180))
@@ -675,6 +725,24 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
                 esc(run)
             );
         }
+        // what the curve is, beside a table that may score other rows, with other views
+        let _ = writeln!(
+            s,
+            "<p class=meta>By epoch: the training RMSE (√ of the epoch's mean loss, in training mode) and the \
+             validation hold-out's RMSE (one view){}. The checkpoint scored is the best epoch's (marked){}.</p>",
+            if is_test_split(r) {
+                ", not the test images this page scores"
+            } else if r.tta.n_views() > 1 {
+                "; the table above averages more views"
+            } else {
+                ""
+            },
+            if is_test_split(r) {
+                ""
+            } else {
+                ", chosen on these very rows: its score here is a little optimistic"
+            }
+        );
         s.push_str("<img class=chart src=\"learning_curve.png\" alt=\"learning curve\">\n");
     }
     s.push_str("<h2>RMSE per question</h2>\n<img class=chart src=\"per_question.png\" alt=\"RMSE per question\">\n");
@@ -703,7 +771,7 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
     if !gallery.is_empty() {
         let _ = writeln!(
             s,
-            "<h2>{} galaxies</h2>\n<p class=\"meta legend\">Per answer: <span style=\"background:#999\"></span>true vote fraction \
+            "<h2>{} galaxies</h2>\n<p class=\"meta legend\">Per answer: <span style=\"background:#999\"></span>volunteers' weighted fraction (Kaggle's: a follow-up question's answers sum to the answer that leads to it) \
              <span style=\"background:#1f77b4\"></span>predicted. Questions {}.</p>\n<div class=gallery>",
             if is_test_split(r) { "Test" } else { "Validation" },
             GALLERY_QUESTIONS.iter().map(|q| format!("Q{}", q + 1)).collect::<Vec<_>>().join(", ")
@@ -876,6 +944,11 @@ mod tests {
             "names are escaped"
         );
         assert!(html.contains("gallery/7.png") && html.contains("Bayes floor") && html.contains("learning_curve.png"));
+        // the curve says what it shows: the hold-out, one view, the checkpoint chosen on it
+        assert!(
+            html.contains("validation hold-out's RMSE (one view)") && html.contains("chosen on these very rows"),
+            "{html}"
+        );
         // the floor per question: a column of the per-question table
         assert!(html.contains("<th>Bayes floor</th>") && html.matches("<td>0.0125</td>").count() == QUESTIONS.len());
         let back: EvalReport = serde_json::from_str(&std::fs::read_to_string(&paths.metrics).unwrap()).unwrap();
@@ -950,6 +1023,27 @@ mod tests {
         assert!(!html.contains("Learning curve") && !html.contains("the first of the checkpoints"));
         // no epochs: still a chart (with a note), no crash
         learning_curve_png(&[], &[], &dir.path().join("empty.png")).unwrap();
+        // the best checkpoint's epoch (the first of equal lowest), and the legend's corner: the
+        // one the points leave empty
+        let row = |e: f64, v: Option<f64>| EpochRow {
+            epoch: e,
+            train_loss: Some(0.01),
+            val_rmse: v,
+        };
+        let rows = [
+            row(1.0, Some(0.2)),
+            row(2.0, Some(0.15)),
+            row(3.0, Some(f64::NAN)),
+            row(4.0, Some(0.15)),
+        ];
+        assert_eq!(best_epoch(&rows), Some((2.0, 0.15)));
+        assert_eq!(best_epoch(&[row(1.0, None)]), None);
+        let falling: Vec<(f64, f64)> = (0..=10)
+            .map(|k| (f64::from(k) / 10.0, 1.0 - f64::from(k) / 10.0))
+            .collect();
+        assert!(matches!(emptiest_corner(&falling), SeriesLabelPosition::UpperRight));
+        let rising: Vec<(f64, f64)> = falling.iter().map(|&(x, y)| (x, 1.0 - y)).collect();
+        assert!(matches!(emptiest_corner(&rising), SeriesLabelPosition::UpperLeft));
         // a flat series gets an axis whose labels differ (one epoch gave six labels "0.1451")
         for (lo, hi) in [(0.1451, 0.1451), (0.0, 0.0), (0.5, 0.5000001)] {
             let (a, b) = padded(lo, hi);
