@@ -1672,3 +1672,48 @@ fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_expl
         "{err}"
     );
 }
+
+/// A cache with no training images (`gz synth --train 0`) is refused by `gz eval` with what it
+/// needs them for (it failed with "training labels: 0 values is not a positive multiple of 37",
+/// and with `--run` while re-deriving the hold-out).
+#[test]
+fn eval_names_a_cache_without_training_images() {
+    let tmp = support::tempdir();
+    let data = tmp.path().join("d0");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["synth", "--train", "0", "--test", "3", "--seed", "1", "--out"])
+            .arg(&data),
+    );
+    assert!(ok, "{out}\n{err}");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["prep", "--size", "16", "--data"])
+            .arg(&data)
+            .arg("--cache")
+            .arg(tmp.path().join("c")),
+    );
+    assert!(ok, "{out}\n{err}");
+    let cache = last_line_value(&out, "cache");
+    let mut text = csv_header();
+    for e in std::fs::read_dir(data.join("images_test_rev1")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        let id = name.strip_suffix(".jpg").unwrap();
+        text.push_str(&format!("\n{id}{}", ",0.1".repeat(N_ANSWERS)));
+    }
+    let pred = tmp.path().join("p.csv");
+    std::fs::write(&pred, text + "\n").unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--pred"])
+            .arg(&pred)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--data")
+            .arg(&data),
+    );
+    assert!(
+        !ok && err.contains("has no training images: gz eval fits its baselines"),
+        "{out}\n{err}"
+    );
+}

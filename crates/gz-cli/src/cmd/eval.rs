@@ -490,6 +490,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(train) = cache.train() else {
         bail!("cache {} has no training split", args.cache.display())
     };
+    if train.is_empty() {
+        bail!(
+            "cache {} has no training images: gz eval fits its baselines (training mean, central pixel) on them and \
+             draws a run's validation hold-out from them; score with the cache the run was trained on",
+            args.cache.display()
+        );
+    }
     // the images' bits against their checksums (opening reads only headers, ids and labels)
     train
         .verify()
@@ -598,6 +605,13 @@ fn run_pred(args: &Args, pred_path: &Path) -> anyhow::Result<()> {
             args.cache.display()
         )
     };
+    if train.is_empty() {
+        bail!(
+            "cache {} has no training images: gz eval fits its baselines (training mean, central pixel) on them; \
+             score with a cache of a dataset that has training images",
+            args.cache.display()
+        );
+    }
     train
         .verify()
         .with_context(|| format!("checking the training split of {}", args.cache.display()))?;
