@@ -316,7 +316,8 @@ fn resume_continues_a_run_from_the_cli() {
 }
 
 /// Resuming a run that ended by early stopping trains nothing and says so (not "done"), with
-/// the way on: a larger `--patience`, which then trains.
+/// the way on: a larger `--patience`, which then trains; a finished run resumed with a patience
+/// it already exceeds is said to be ended by that patience, not to have stopped early before.
 #[test]
 fn resuming_an_early_stopped_run_says_nothing_was_trained() {
     let tmp = support::tempdir();
@@ -346,6 +347,16 @@ fn resuming_an_early_stopped_run_says_nothing_was_trained() {
     let (ok, out, stderr) = support::run(support::gz().args(args("0", true)));
     assert!(ok && out.contains("done: 4 epochs"), "{out}\n{stderr}");
     assert_eq!(metrics(&run).len(), 4);
+    // a run that finished its epochs, resumed with more and a patience it already exceeds:
+    // the new patience ends it, it had not "ended by early stopping"
+    let mut more = tiny_args(&cache, &run, "6");
+    more.extend(["--max-train", "40", "--lr", "1e-30", "--patience", "1", "--resume"].map(String::from));
+    let (ok, out, stderr) = support::run(support::gz().args(&more));
+    assert!(
+        ok && out.contains("nothing trained: --patience 1 ends the run at once, at epoch 4")
+            && !out.contains("already ended"),
+        "{out}\n{stderr}"
+    );
 }
 
 /// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch

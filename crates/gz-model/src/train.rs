@@ -1127,8 +1127,14 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
     }
     if s.epoch > cfg.epochs || (s.epoch == cfg.epochs && !best_missed) {
         // (fewer epochs than the run has done read "completed 6 of 3 epochs")
-        let done = if s.epoch == cfg.epochs {
+        let done = if s.epoch == cfg.epochs && s.train.epochs == s.epoch {
             format!("the run already completed its {} epochs", s.epoch)
+        } else if s.epoch == cfg.epochs {
+            // an interrupted run resumed with --epochs where it stopped: not "completed"
+            format!(
+                "the run already has {} epochs, as many as --epochs {} asks (it was started for {})",
+                s.epoch, cfg.epochs, s.train.epochs
+            )
         } else {
             format!(
                 "the run already has {} epochs, more than --epochs {}",
@@ -1773,6 +1779,31 @@ mod tests {
             w.iter().all(|v| v.abs() < 1e-4),
             "largest {}",
             w.iter().fold(0f32, |m, v| m.max(v.abs()))
+        );
+    }
+
+    /// An interrupted run resumed with `--epochs` where it stopped is not said to have
+    /// "completed its epochs" (it was started for more).
+    #[test]
+    fn resuming_at_the_epoch_an_interrupted_run_reached_says_so() {
+        let src = toy_source(48, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), true, &())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the run already completed its 1 epochs"), "{e}");
+        // the same record, had the run been started for 3 epochs and stopped after 1
+        let lp = dir.path().join("last.json");
+        let mut s = checkpoint::read_sidecar(&lp).unwrap();
+        s.train.epochs = 3;
+        checkpoint::write_sidecar(&s, &lp).unwrap();
+        let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), true, &())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the run already has 1 epochs, as many as --epochs 1 asks (it was started for 3)"),
+            "{e}"
         );
     }
 

@@ -174,6 +174,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         val_fraction: cfg.val_fraction,
         ..CliObserver::default()
     };
+    // how the resumed run had ended: by the patience it had, or by its last epoch
+    let prior = args
+        .resume
+        .then(|| gz_model::checkpoint::read_sidecar(&out.join("last.json")).ok())
+        .flatten();
     crate::interrupt::install();
     let result = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer);
     observer.finish();
@@ -199,11 +204,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // a resumed run that had stopped early stops again before its first step: say so,
         // rather than "done"
         let since = summary.epochs_run.saturating_sub(summary.best_epoch);
+        // stopped by its own patience before, or only by the one given now (a run that had
+        // finished its epochs, resumed with more and a patience it already exceeds)
+        let had_stopped = prior
+            .as_ref()
+            .is_some_and(|p| p.train.patience == Some(patience) && p.epoch < p.train.epochs);
+        let ended = if had_stopped {
+            format!(
+                "the run had already ended by early stopping at epoch {}",
+                summary.epochs_run
+            )
+        } else {
+            format!(
+                "--patience {patience} ends the run at once, at epoch {}",
+                summary.epochs_run
+            )
+        };
         println!(
-            "nothing trained: the run had already ended by early stopping at epoch {} (no better validation RMSE in \
-             the {since} epoch(s) after epoch {}, --patience {patience}); best val RMSE {:.5} at epoch {} vs {:.5} \
-             predicting the training mean ({})",
-            summary.epochs_run,
+            "nothing trained: {ended} (no better validation RMSE in the {since} epoch(s) after epoch {}, --patience \
+             {patience}); best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({})",
             summary.best_epoch,
             summary.best_val_rmse,
             summary.best_epoch,
