@@ -603,12 +603,18 @@ mod tests {
     fn a_root_that_is_a_cache_is_refused() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("manifest.json"), "{}").unwrap();
-        let e = resolve(&Where {
-            data: None,
-            cache: Some(t.path().to_path_buf()),
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("is a cache itself"), "{e}");
+        for (cache, root) in [
+            (Some(t.path().to_path_buf()), None),
+            (None, Some(t.path().to_path_buf())),
+        ] {
+            let e = resolve(&Where {
+                data: None,
+                cache,
+                root,
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("is a cache itself"), "{e}");
+        }
     }
 }
