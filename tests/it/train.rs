@@ -359,6 +359,28 @@ fn resuming_an_early_stopped_run_says_nothing_was_trained() {
     );
 }
 
+/// The tree head with sgd-nesterov is said to be at risk when training starts (a known
+/// weakness, not fixed: rare answers pushed below zero for every galaxy in the first epoch);
+/// not with rmsprop.
+#[test]
+fn the_tree_head_with_sgd_nesterov_is_flagged() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 48, 32, 5);
+    let tree = tmp.path().join("tree");
+    for (optimizer, warned) in [("sgd-nesterov", true), ("rmsprop", false)] {
+        let mut v = tiny_args(&cache, &tree, "1");
+        v.extend(["--max-train", "40", "--output", "tree", "--optimizer", optimizer].map(String::from));
+        let _ = std::fs::remove_dir_all(&tree);
+        let (ok, out, stderr) = support::run(support::gz().args(&v));
+        assert!(ok, "{out}\n{stderr}");
+        assert_eq!(
+            stderr.contains("note: the tree head with sgd-nesterov has been seen to lose rare answers"),
+            warned,
+            "{optimizer}: {stderr}"
+        );
+    }
+}
+
 /// Ctrl-C (SIGINT) stops `gz train` at a step boundary: status 130, every finished epoch
 /// saved, the run lock released, the way to continue named; `--resume` then continues it. A
 /// SIGINT gz was started with ignored stays ignored, and SIGTERM stops it the same way (143);

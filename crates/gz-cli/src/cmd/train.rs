@@ -155,11 +155,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     super::check_not_an_input("--out", &out, &[], &[&cache_dir], None)?;
     super::check_writable("--out", &out, true)?;
     let mut cfg = train_config(&args, model)?;
-    let notes = if args.resume {
+    let mut notes = if args.resume {
         apply_resumed_settings(&args, &mut cfg, &out)?
     } else {
         Vec::new()
     };
+    if cfg.model.output == gz_model::config::OutputKind::Tree && cfg.optimizer == OptimizerKind::SgdNesterov {
+        // a known weakness, said where it bites (docs/benchmarks.md, "The tree head's dead answers")
+        notes.push(
+            "the tree head with sgd-nesterov has been seen to lose rare answers for good in the first epoch (pushed \
+             below zero for every galaxy, they get no gradient through the tree's ReLU); rmsprop and adamw have not"
+                .into(),
+        );
+    }
 
     let cache = super::open_cache(&cache_dir)?;
     let n_train = cache.train().map_or(0, |t| t.len());
