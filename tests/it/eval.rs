@@ -633,6 +633,12 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let rmse = metrics["model"]["scores"]["rmse"].as_f64().unwrap();
     assert!(rmse.is_finite() && rmse > 0.0 && rmse < 1.0, "{rmse}");
     assert_eq!(metrics["baselines"].as_array().unwrap().len(), 4);
+    // how the checkpoint was trained, in metrics.json and on the page
+    let trained = metrics["trained"].as_str().unwrap_or_default();
+    assert!(
+        trained.starts_with("tiny, sigmoid head, ") && trained.contains(" epoch"),
+        "{metrics}"
+    );
     // the fitted baselines name the rows they learnt from
     let n_fit = metrics["n_fit"].as_u64().unwrap();
     assert!(

@@ -203,6 +203,10 @@ pub struct EvalReport {
     /// tells the error. Absent with one (and in reports from before it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<SpreadScore>,
+    /// How the (first) checkpoint was trained, in a line (`tiny, tree head, rmsprop lr 0.002, 40
+    /// epochs, batch 16, seed 0`); absent for a predictions file (and in earlier reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained: Option<String>,
 }
 
 /// The rows to score and the rows the baselines learn from.
@@ -520,6 +524,7 @@ fn score_predictions(
         floor,
         n_fit: rows.fit_rows.len(),
         spread,
+        trained: None,
     };
     Ok(Evaluation {
         report,

@@ -675,8 +675,9 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         source = match &r.predictions {
             Some(p) => format!("predictions <code>{}</code>", esc(p)),
             None => format!(
-                "checkpoint <code>{}</code> · TTA {} view(s)",
+                "checkpoint <code>{}</code>{} · TTA {} view(s)",
                 esc(&r.checkpoint),
+                r.trained.as_ref().map_or(String::new(), |t| format!(" ({})", esc(t))),
                 r.tta.n_views()
             ),
         },
@@ -906,6 +907,7 @@ mod tests {
                     },
                 ],
             }),
+            trained: Some("tiny, tree head".into()),
         };
         let epochs = vec![
             EpochRow {
@@ -944,6 +946,8 @@ mod tests {
             "names are escaped"
         );
         assert!(html.contains("gallery/7.png") && html.contains("Bayes floor") && html.contains("learning_curve.png"));
+        // how the checkpoint was trained is on the page (two runs' pages looked alike)
+        assert!(html.contains("(tiny, tree head)"), "{html}");
         // the curve says what it shows: the hold-out, one view, the checkpoint chosen on it
         assert!(
             html.contains("validation hold-out's RMSE (one view)") && html.contains("chosen on these very rows"),

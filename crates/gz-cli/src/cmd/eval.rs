@@ -551,7 +551,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(", ");
     let pb = progress_bar(rows.eval_rows.len(), "eval");
-    let ev = evaluate(
+    let mut ev = evaluate(
         &ensemble,
         &name,
         &rows,
@@ -562,6 +562,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (checkpoints.as_str(), first.sidecar().epoch, cache.config_hash()),
     )?;
     pb.finish_and_clear();
+    ev.report.trained = Some(trained_line(first.sidecar(), models.len()));
 
     let run_dir = if args.runs[0].is_dir() {
         args.runs[0].clone()
@@ -786,6 +787,32 @@ fn publish(
     println!("metrics: {}", paths.metrics.display());
     println!("report: {}", paths.index.display());
     Ok(())
+}
+
+/// How a checkpoint was trained, in a line for the report: `tiny, tree head, rmsprop lr 0.002,
+/// schedule step:28,36, 40 epochs, batch 16, seed 0` (and "first of N" for an ensemble).
+fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize) -> String {
+    let t = &s.train;
+    let schedule = match &t.schedule {
+        gz_model::optim::Schedule::Constant => String::new(),
+        other => format!(", schedule {other}"),
+    };
+    format!(
+        "{}{}, {} head, {} lr {}{schedule}, {}, batch {}, seed {}{}",
+        if members > 1 {
+            format!("first of {members}: ")
+        } else {
+            String::new()
+        },
+        s.model.arch.name(),
+        s.model.output.name(),
+        t.optimizer.name(),
+        t.lr,
+        super::count(t.epochs, "epoch"),
+        t.batch,
+        t.seed,
+        if t.augment.enabled { ", augmented" } else { "" }
+    )
 }
 
 #[cfg(test)]
