@@ -538,6 +538,33 @@ fn is_test_split(report: &EvalReport) -> bool {
     report.split.starts_with("test")
 }
 
+/// Fewest rows for a score to tell models apart (as the trainer warns of a smaller hold-out).
+const MIN_MEANINGFUL_ROWS: usize = 50;
+
+/// Warnings for the page: a model no better than the training mean, and too few rows scored.
+fn page_warnings(r: &EvalReport) -> Vec<String> {
+    let mut out = Vec::new();
+    let model = r.model.scores.rmse;
+    if let Some(mean) = r.baselines.iter().find(|b| b.name == "training mean") {
+        if model.is_nan() || model >= mean.scores.rmse {
+            out.push(format!(
+                "Warning: the model's RMSE {model:.5} is no better than predicting the training mean ({:.5}): it has \
+                 not learnt more than the mean; more epochs, a lower learning rate or more data may help.",
+                mean.scores.rmse
+            ));
+        }
+    }
+    let rows = r.model.scores.rows;
+    if rows < MIN_MEANINGFUL_ROWS {
+        out.push(format!(
+            "Warning: only {rows} galax{} scored: the RMSE and the comparisons rest on them and mean little (at \
+             least {MIN_MEANINGFUL_ROWS} are needed to tell models apart).",
+            if rows == 1 { "y is" } else { "ies are" }
+        ));
+    }
+    out
+}
+
 /// Questions whose answers the gallery shows.
 const GALLERY_QUESTIONS: [usize; 4] = [0, 1, 5, 6];
 
@@ -664,6 +691,7 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
 .bar .p {{ position: absolute; top: 5px; height: 5px; background: #1f77b4; }}
 .num {{ text-align: right; }} .pn {{ color: #1f77b4; }}
 .legend span {{ display: inline-block; width: 14px; height: 6px; margin: 0 4px 1px 10px; }}
+.warn {{ color: #a33; font-size: 14px; }}
 </style></head><body>
 <h1>{t}</h1>
 <div class="meta">{source} · {split} · preprocessing <code>{hash}</code></div>
@@ -708,6 +736,11 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         r.n_fit,
         if r.n_fit == 1 { "" } else { "s" }
     );
+    // what the command line warned of, on the page too (it showed the model in bold as if
+    // all were well)
+    for w in page_warnings(r) {
+        let _ = writeln!(s, "<p class=warn>{}</p>", esc(&w));
+    }
     if let Some(sp) = &r.spread {
         // the disagreement of the views (and members): where it says something of the error
         let _ = writeln!(s, "<p class=meta>{}.</p>", esc(&sp.sentence()));
@@ -946,6 +979,21 @@ mod tests {
             "names are escaped"
         );
         assert!(html.contains("gallery/7.png") && html.contains("Bayes floor") && html.contains("learning_curve.png"));
+        // the command line's warnings are on the page too: a model no better than the mean,
+        // too few rows; none for a model that beats the mean on enough rows
+        let mut good = report.clone();
+        good.model.scores.rmse = 0.01;
+        good.model.scores.rows = 500;
+        assert!(page_warnings(&good).is_empty(), "{:?}", page_warnings(&good));
+        let mut bad = good.clone();
+        bad.model.scores.rmse = 0.9;
+        bad.model.scores.rows = 12;
+        let w = page_warnings(&bad);
+        assert!(
+            w.len() == 2 && w[0].contains("no better than predicting the training mean"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("only 12 galaxies are scored"), "{w:?}");
         // how the checkpoint was trained is on the page (two runs' pages looked alike)
         assert!(html.contains("(tiny, tree head)"), "{html}");
         // the curve says what it shows: the hold-out, one view, the checkpoint chosen on it
