@@ -368,7 +368,7 @@ pub fn spread_png(score: &SpreadScore, overall: f64, floor: Option<f64>, path: &
                 .draw_series(points.iter().map(|p| Circle::new(*p, 4, MODEL_COLOUR.filled())))
                 .map_err(|x| e(x.to_string()))?;
         }
-        for (name, v, c) in lines {
+        for &(ref name, v, c) in &lines {
             chart
                 .draw_series(DashedLineSeries::new(vec![(x0, v), (x1, v)], 8, 5, c.stroke_width(2)))
                 .map_err(|x| e(x.to_string()))?
@@ -377,7 +377,16 @@ pub fn spread_png(score: &SpreadScore, overall: f64, floor: Option<f64>, path: &
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position({
+                // the legend where the points and lines leave room (upper left covered the
+                // first groups' points)
+                let unit = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
+                let mut crowd: Vec<(f64, f64)> = points.iter().map(|&p| unit(p)).collect();
+                for l in &lines {
+                    crowd.extend((0..=20).map(|k| unit((x0 + (x1 - x0) * f64::from(k) / 20.0, l.1))));
+                }
+                emptiest_corner(&crowd)
+            })
             .label_font((FAMILY, 15))
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(180, 180, 180))
