@@ -290,7 +290,10 @@ fn resume_continues_a_run_from_the_cli() {
     let mut refused = args("5", true);
     refused.extend(["--seed".into(), "9".into()]);
     let (ok, out, stderr) = support::run(support::gz().args(&refused));
-    assert!(!ok && stderr.contains("config differs"), "{out}\n{stderr}");
+    assert!(
+        !ok && stderr.contains("config differs") && stderr.contains("seed (--seed): was "),
+        "{out}\n{stderr}"
+    );
     assert!(!stderr.contains("note:"), "a note before the refusal:\n{stderr}");
     for extended in [dieleman("5", true), args("6", true)] {
         let (ok, out, stderr) = support::run(support::gz().args(&extended));

@@ -1112,16 +1112,14 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
     };
     let (a, b) = (norm(&s.train), norm(cfg));
     if a != b {
-        let diff: Vec<String> = match (&a, &b) {
-            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => x
-                .iter()
-                .filter(|(k, v)| y.get(*k) != Some(*v))
-                .map(|(k, v)| format!("{k}: was {v}, now {}", y.get(k).cloned().unwrap_or_default()))
-                .collect(),
-            _ => vec!["config".into()],
-        };
+        let mut diff = Vec::new();
+        config_diff("", &a, &b, &mut diff);
+        if diff.is_empty() {
+            diff.push("the config".into());
+        }
         return Err(TrainError::Resume(format!(
-            "the run's config differs from the one given ({}); only epochs, patience and device may change",
+            "the run's config differs from the one given ({}); only epochs, patience and device may change: give the \
+             run's own values (its config.json)",
             diff.join("; ")
         )));
     }
@@ -1147,6 +1145,68 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
         )));
     }
     Ok(())
+}
+
+/// The leaves in which two configs (as JSON) differ, each as `name: was A, now B`, named by the
+/// `gz train` option that sets it where there is one (`--max-train`, not `max_images`), and
+/// with numbers as short as they round-trip (an f32 setting read 0.10000000149011612).
+fn config_diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if a == b {
+        return;
+    }
+    if let (Value::Object(x), Value::Object(y)) = (a, b) {
+        for (k, v) in x {
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            config_diff(&child, v, y.get(k).unwrap_or(&Value::Null), out);
+        }
+        for (k, v) in y.iter().filter(|(k, _)| !x.contains_key(*k)) {
+            let child = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            config_diff(&child, &Value::Null, v, out);
+        }
+        return;
+    }
+    let show = |v: &Value| match v {
+        // (an f64 that is an f32's value prints as the f32 does)
+        Value::Number(n) => n.as_f64().map_or(n.to_string(), |f| {
+            if f.fract() != 0.0 && f64::from(f as f32) == f {
+                (f as f32).to_string()
+            } else {
+                n.to_string()
+            }
+        }),
+        Value::Null => "none".into(),
+        Value::String(t) => t.clone(),
+        other => other.to_string(),
+    };
+    let flag = match path {
+        "seed" => "--seed",
+        "lr" => "--lr",
+        "batch" => "--batch",
+        "optimizer" => "--optimizer",
+        "val_fraction" => "--val-fraction",
+        "max_images" => "--max-train",
+        "precision" => "--precision",
+        "augment.enabled" => "--augment / --no-augment",
+        "model.arch" => "--model",
+        "model.output" => "--output",
+        "model.input_size" => "the cache's image size",
+        _ => "",
+    };
+    let name = if flag.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path} ({flag})")
+    };
+    out.push(format!("{name}: was {}, now {}", show(a), show(b)));
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
@@ -1780,6 +1840,33 @@ mod tests {
             "largest {}",
             w.iter().fold(0f32, |m, v| m.max(v.abs()))
         );
+    }
+
+    /// A refused resume names each differing setting by its option, with short numbers:
+    /// `seed (--seed): was 5, now 0`, `augment.brightness: was 0.1, now 0.2` (it showed whole
+    /// JSON objects with f32 noise, and `max_images` for `--max-train`).
+    #[test]
+    fn a_refused_resume_names_the_options() {
+        let a = small_cfg(2);
+        let mut b = a.clone();
+        b.seed = 0;
+        b.max_images = Some(40);
+        b.augment.brightness = 0.2;
+        let mut out = Vec::new();
+        config_diff(
+            "",
+            &serde_json::to_value(&a).unwrap(),
+            &serde_json::to_value(&b).unwrap(),
+            &mut out,
+        );
+        assert!(out.contains(&"seed (--seed): was 5, now 0".to_string()), "{out:?}");
+        assert!(
+            out.contains(&"max_images (--max-train): was none, now 40".to_string()),
+            "{out:?}"
+        );
+        let bright = format!("augment.brightness: was {}, now 0.2", a.augment.brightness);
+        assert!(out.contains(&bright) && !bright.contains("0000000"), "{out:?}");
+        assert_eq!(out.len(), 3, "{out:?}");
     }
 
     /// An interrupted run resumed with `--epochs` where it stopped is not said to have
