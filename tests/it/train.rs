@@ -360,6 +360,24 @@ fn resuming_an_early_stopped_run_says_nothing_was_trained() {
             && !out.contains("already ended"),
         "{out}\n{stderr}"
     );
+    // the same with the run's own patience, which its last epoch reached as the run ended: it
+    // finished its epochs, it did not stop early
+    let same = tmp.path().join("same");
+    let with = |epochs: &str, resume: bool| {
+        let mut v = tiny_args(&cache, &same, epochs);
+        v.extend(["--max-train", "40", "--lr", "1e-30", "--patience", "3"].map(String::from));
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let (ok, out, stderr) = support::run(support::gz().args(with("4", false)));
+    assert!(ok && out.contains("done: 4 epochs,"), "{out}\n{stderr}");
+    let (ok, out, stderr) = support::run(support::gz().args(with("6", true)));
+    assert!(
+        ok && out.contains("nothing trained: --patience 3 ends the run at once, at epoch 4"),
+        "{out}\n{stderr}"
+    );
 }
 
 /// The tree head with sgd-nesterov is said to be at risk when training starts (a known

@@ -589,6 +589,8 @@ fn stage(
     let flat: Vec<String> = cmds.join(&["&&".to_string()][..]);
     let reason = match Stamp::load(&sp) {
         _ if ctx.force => "--force".to_string(),
+        // (a stamp that exists but does not read: an older xtask's, or damaged)
+        None if sp.exists() => format!("its stamp {} could not be read", sp.display()),
         None => "no finished run of it is recorded (never run, or stopped before its end)".to_string(),
         Some(s) => match s.stale_reason(&flat, &inputs)? {
             None => {

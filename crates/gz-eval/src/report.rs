@@ -136,6 +136,25 @@ fn best_epoch(epochs: &[EpochRow]) -> Option<(f64, f64)> {
         })
 }
 
+/// The epoch the learning curve marks, and its legend: the checkpoint scored (`scored`, its
+/// epoch), said to be the best when it is ([`best_epoch`]); the best epoch when the epoch scored
+/// is not known (0 or `None`).
+fn scored_mark(epochs: &[EpochRow], scored: Option<usize>) -> Option<(f64, String)> {
+    let best = best_epoch(epochs);
+    match scored.filter(|&e| e > 0) {
+        Some(e) => {
+            let at = epochs.iter().find(|r| r.epoch == e as f64).and_then(|r| r.val_rmse);
+            let val = at.map_or(String::new(), |v| format!(" ({v:.4})"));
+            Some(if best.is_some_and(|(b, _)| b == e as f64) {
+                (e as f64, format!("checkpoint scored: the best, epoch {e}{val}"))
+            } else {
+                (e as f64, format!("checkpoint scored: epoch {e}{val}, not the best"))
+            })
+        }
+        None => best.map(|(b, v)| (b, format!("best checkpoint: epoch {b:.0} ({v:.4})"))),
+    }
+}
+
 /// The corner of a chart whose area the points (`x`, `y` in [0, 1] of the axes, 0 at the bottom
 /// left) crowd least, for its legend.
 fn emptiest_corner(points: &[(f64, f64)]) -> SeriesLabelPosition {
@@ -165,7 +184,12 @@ fn emptiest_corner(points: &[(f64, f64)]) -> SeriesLabelPosition {
 /// Bayes floor) as dashed lines and the best checkpoint's epoch marked. One axis: with the loss
 /// on an axis of its own (as before), each curve stretched to its own range and the two lay on
 /// top of each other by construction, reading as "no overfitting" whatever the gap.
-pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], path: &Path) -> Result<()> {
+pub fn learning_curve_png(
+    epochs: &[EpochRow],
+    references: &[(String, f64)],
+    scored: Option<usize>,
+    path: &Path,
+) -> Result<()> {
     register_font();
     let (w, h) = (1000u32, 560u32);
     let mut buf = vec![255u8; (w * h * 3) as usize];
@@ -200,6 +224,8 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
             all.fold(f64::NEG_INFINITY, f64::max),
         );
 
+        // (a narrow axis needs a fourth decimal for its labels to differ)
+        let fine = y1 - y0 < 0.02;
         let mut chart = ChartBuilder::on(&root)
             .caption("Learning curve", (FAMILY, 26))
             .margin(16)
@@ -223,20 +249,21 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
             .axis_desc_style((FAMILY, 17))
             .light_line_style(RGBColor(246, 246, 246))
             .bold_line_style(RGBColor(225, 225, 225))
-            .y_label_formatter(&|v: &f64| format!("{v:.3}"))
+            .y_label_formatter(&|v: &f64| if fine { format!("{v:.4}") } else { format!("{v:.3}") })
             .draw()
             .map_err(|x| e(x.to_string()))?;
-        if let Some((be, bv)) = best_epoch(epochs) {
-            let grey = RGBColor(150, 150, 150);
+        let marked = scored_mark(epochs, scored);
+        if let Some((me, label)) = &marked {
+            let (me, grey) = (*me, RGBColor(150, 150, 150));
             chart
                 .draw_series(DashedLineSeries::new(
-                    vec![(be, y0), (be, y1)],
+                    vec![(me, y0), (me, y1)],
                     3,
                     4,
                     grey.stroke_width(1),
                 ))
                 .map_err(|x| e(x.to_string()))?
-                .label(format!("best checkpoint: epoch {be:.0} ({bv:.4})"))
+                .label(label.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x + 12, y - 7), (x + 12, y + 7)], grey.stroke_width(2)));
         }
         for (i, (name, v)) in references.iter().enumerate() {
@@ -269,9 +296,23 @@ pub fn learning_curve_png(epochs: &[EpochRow], references: &[(String, f64)], pat
         }
         // the legend where the curves and lines leave room
         let unit = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
-        let mut crowd: Vec<(f64, f64)> = train.iter().chain(&val).map(|&p| unit(p)).collect();
+        let mut crowd: Vec<(f64, f64)> = Vec::new();
+        for series in [&train, &val] {
+            // the points and the segments between them (a steep one crosses a corner)
+            crowd.extend(series.iter().map(|&p| unit(p)));
+            for w in series.windows(2) {
+                let (a, b) = (w[0], w[1]);
+                crowd.extend((1..8).map(|k| {
+                    let t = f64::from(k) / 8.0;
+                    unit((a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t))
+                }));
+            }
+        }
         for (_, v) in references {
             crowd.extend((0..=20).map(|k| unit((x0 + (x1 - x0) * f64::from(k) / 20.0, *v))));
+        }
+        if let Some((me, _)) = &marked {
+            crowd.extend((0..=20).map(|k| unit((*me, y0 + (y1 - y0) * f64::from(k) / 20.0))));
         }
         chart
             .configure_series_labels()
@@ -550,14 +591,15 @@ fn is_test_split(report: &EvalReport) -> bool {
 /// Fewest rows for a score to tell models apart (as the trainer warns of a smaller hold-out).
 const MIN_MEANINGFUL_ROWS: usize = 50;
 
-/// Warnings for the page: a model no better than the training mean, and too few rows scored.
-fn page_warnings(r: &EvalReport) -> Vec<String> {
+/// Warnings for the page and `gz eval`'s terminal: a model no better than the training mean,
+/// and too few rows scored (sentences; the caller puts "Warning: " or "warning: " in front).
+pub fn page_warnings(r: &EvalReport) -> Vec<String> {
     let mut out = Vec::new();
     let model = r.model.scores.rmse;
     if let Some(mean) = r.baselines.iter().find(|b| b.name == "training mean") {
         if model.is_nan() || model >= mean.scores.rmse {
             out.push(format!(
-                "Warning: the model's RMSE {model:.5} is no better than predicting the training mean ({:.5}): it has \
+                "the model's RMSE {model:.5} is no better than predicting the training mean ({:.5}): it has \
                  not learnt more than the mean; more epochs, a lower learning rate or more data may help.",
                 mean.scores.rmse
             ));
@@ -566,7 +608,7 @@ fn page_warnings(r: &EvalReport) -> Vec<String> {
     let rows = r.model.scores.rows;
     if rows < MIN_MEANINGFUL_ROWS {
         out.push(format!(
-            "Warning: only {rows} galax{} scored: the RMSE and the comparisons rest on them and mean little (at \
+            "only {rows} galax{} scored: the RMSE and the comparisons rest on them and mean little (at \
              least {MIN_MEANINGFUL_ROWS} are needed to tell models apart).",
             if rows == 1 { "y is" } else { "ies are" }
         ));
@@ -615,7 +657,7 @@ pub fn write_report(
     let curve_chart = dir.join("learning_curve.png");
     let learning_curve = match epochs {
         Some(ep) => {
-            learning_curve_png(ep, &refs, &curve_chart)?;
+            learning_curve_png(ep, &refs, Some(report.epoch), &curve_chart)?;
             Some(curve_chart)
         }
         None => {
@@ -650,7 +692,16 @@ pub fn write_report(
     };
 
     let index = dir.join("index.html");
-    let html = render_html(report, learning_curve.as_ref().map(|_| curve_of), gallery);
+    // (a run killed between its checkpoints, or `last.safetensors` scored: not the best epoch's)
+    let scored_is_best = epochs
+        .and_then(best_epoch)
+        .is_none_or(|(b, _)| b == report.epoch as f64);
+    let html = render_html(
+        report,
+        learning_curve.as_ref().map(|_| curve_of),
+        scored_is_best,
+        gallery,
+    );
     gz_schema::write_atomic(&index, html.as_bytes())?;
     Ok(ReportPaths {
         dir: dir.to_path_buf(),
@@ -672,7 +723,7 @@ fn remove_stale(chart: &Path) -> Result<()> {
 
 /// `curve`: `None` without a learning curve, `Some(Some(run))` for a curve of only `run` among
 /// the checkpoints scored.
-fn render_html(r: &EvalReport, curve: Option<Option<&str>>, gallery: &[GalleryItem]) -> String {
+fn render_html(r: &EvalReport, curve: Option<Option<&str>>, scored_is_best: bool, gallery: &[GalleryItem]) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let title = format!("gz report: {}", r.run);
@@ -748,7 +799,7 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
     // what the command line warned of, on the page too (it showed the model in bold as if
     // all were well)
     for w in page_warnings(r) {
-        let _ = writeln!(s, "<p class=warn>{}</p>", esc(&w));
+        let _ = writeln!(s, "<p class=warn>Warning: {}</p>", esc(&w));
     }
     if let Some(sp) = &r.spread {
         // the disagreement of the views (and members): where it says something of the error
@@ -772,7 +823,7 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         let _ = writeln!(
             s,
             "<p class=meta>By epoch: the training RMSE (√ of the epoch's mean loss, in training mode) and the \
-             validation hold-out's RMSE (one view){}. The checkpoint scored is the best epoch's (marked){}.</p>",
+             validation hold-out's RMSE (one view){}. {}</p>",
             if is_test_split(r) {
                 ", not the test images this page scores"
             } else if r.tta.n_views() > 1 {
@@ -780,10 +831,15 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
             } else {
                 ""
             },
-            if is_test_split(r) {
-                ""
-            } else {
-                ", chosen on these very rows: its score here is a little optimistic"
+            match (scored_is_best, is_test_split(r)) {
+                (false, _) => format!(
+                    "The checkpoint scored is epoch {}'s (marked), not the best epoch's.",
+                    r.epoch
+                ),
+                (true, true) => "The checkpoint scored is the best epoch's (marked).".to_string(),
+                (true, false) => "The checkpoint scored is the best epoch's (marked), chosen on these very rows: its \
+                                  score here is a little optimistic."
+                    .to_string(),
             }
         );
         s.push_str("<img class=chart src=\"learning_curve.png\" alt=\"learning curve\">\n");
@@ -1062,6 +1118,18 @@ mod tests {
             !html.contains("the first of the checkpoints scored"),
             "one run: no note"
         );
+        // a checkpoint that is not the best epoch's (last.safetensors, a run killed between its
+        // checkpoints) is said to be so under the curve
+        let early = EvalReport {
+            epoch: 1,
+            ..test.clone()
+        };
+        let paths = write_report(&tdir, &early, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();
+        let html = std::fs::read_to_string(&paths.index).unwrap();
+        assert!(
+            html.contains("The checkpoint scored is epoch 1's (marked), not the best epoch's."),
+            "{html}"
+        );
         // an ensemble's report says whose training the learning curve is (it showed the first
         // member's as if it were the ensemble's); without a curve, nothing is said of one
         let edir = dir.path().join("ensemble");
@@ -1083,7 +1151,7 @@ mod tests {
         let html = std::fs::read_to_string(&paths.index).unwrap();
         assert!(!html.contains("Learning curve") && !html.contains("the first of the checkpoints"));
         // no epochs: still a chart (with a note), no crash
-        learning_curve_png(&[], &[], &dir.path().join("empty.png")).unwrap();
+        learning_curve_png(&[], &[], None, &dir.path().join("empty.png")).unwrap();
         // the best checkpoint's epoch (the first of equal lowest), and the legend's corner: the
         // one the points leave empty
         let row = |e: f64, v: Option<f64>| EpochRow {
@@ -1099,6 +1167,18 @@ mod tests {
         ];
         assert_eq!(best_epoch(&rows), Some((2.0, 0.15)));
         assert_eq!(best_epoch(&[row(1.0, None)]), None);
+        // the mark is the checkpoint scored, said to be the best or not (a run killed between
+        // its checkpoints was marked at the best epoch of metrics.jsonl, not the one scored)
+        assert_eq!(
+            scored_mark(&rows, Some(2)).unwrap().1,
+            "checkpoint scored: the best, epoch 2 (0.1500)"
+        );
+        assert_eq!(
+            scored_mark(&rows, Some(1)).unwrap().1,
+            "checkpoint scored: epoch 1 (0.2000), not the best"
+        );
+        assert_eq!(scored_mark(&rows, None).unwrap().1, "best checkpoint: epoch 2 (0.1500)");
+        assert_eq!(scored_mark(&rows, Some(0)).unwrap().0, 2.0);
         let falling: Vec<(f64, f64)> = (0..=10)
             .map(|k| (f64::from(k) / 10.0, 1.0 - f64::from(k) / 10.0))
             .collect();

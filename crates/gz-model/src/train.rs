@@ -569,7 +569,7 @@ pub fn train_on(
         epochs: cfg.epochs,
         param_count,
         baseline_val_rmse,
-        device: format!("{device:?}"),
+        device: crate::device::device_name(&device),
         resident: batcher.is_resident(),
         batch_parts: crate::parts::parts_for_setting(
             cpu_parts,
@@ -1130,7 +1130,7 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
         } else if s.epoch == cfg.epochs {
             // an interrupted run resumed with --epochs where it stopped: not "completed"
             format!(
-                "the run already has {} epochs, as many as --epochs {} asks (it was started for {})",
+                "the run already has {} epochs, as many as --epochs {} asks (its last start asked for {})",
                 s.epoch, cfg.epochs, s.train.epochs
             )
         } else {
@@ -1276,14 +1276,21 @@ fn first_non_finite(weights: &std::collections::HashMap<String, Tensor>) -> Resu
 }
 
 /// Whether the training run in `dir` ran to its end, judged by its run record (`last.json`),
-/// its best checkpoint's record and its lock: `None` when it did (all its epochs, or stopped by
+/// what its latest start asked for (`config.json`), its best checkpoint's record and its lock: `None` when it did (all its epochs, or stopped by
 /// its patience, with the best checkpoint its record names), or when `dir` holds no readable
 /// run record (a folder of weights alone: nothing to tell); otherwise what to say of its best
 /// checkpoint, which is then that of a run cut short (killed, failed, still training, or
 /// stopped between writing its last and its best checkpoint).
 pub fn unfinished_run(dir: &Path) -> Option<String> {
     let last = checkpoint::read_sidecar(&dir.join("last.json")).ok()?;
-    let (done, of) = (last.epoch, last.train.epochs);
+    // what the latest start asked for: config.json, written as each (resumed) run starts (a
+    // resume that only wrote a missed best checkpoint, with --epochs where the run stood, ends
+    // the run there); last.json's when it does not read
+    let asked = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<TrainConfig>(&t).ok())
+        .unwrap_or_else(|| last.train.clone());
+    let (done, of) = (last.epoch, asked.epochs);
     let best = checkpoint::read_sidecar(&dir.join("best.json")).map_or(last.best_epoch, |b| b.epoch);
     // a live run first: one resumed with more epochs still counts its old end in last.json
     if RunLock::held(dir).is_some() {
@@ -1300,8 +1307,7 @@ pub fn unfinished_run(dir: &Path) -> Option<String> {
             last.best_epoch
         ));
     }
-    let by_patience = last
-        .train
+    let by_patience = asked
         .patience
         .is_some_and(|p| done.saturating_sub(last.best_epoch) >= p);
     if done >= of || by_patience {
@@ -1889,7 +1895,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("the run already has 1 epochs, as many as --epochs 1 asks (it was started for 3)"),
+            e.contains("the run already has 1 epochs, as many as --epochs 1 asks (its last start asked for 3)"),
             "{e}"
         );
     }
@@ -1918,6 +1924,7 @@ mod tests {
             b.epoch = best_written;
             checkpoint::write_sidecar(&s, &lp).unwrap();
             checkpoint::write_sidecar(&b, &bp).unwrap();
+            std::fs::write(dir.path().join("config.json"), serde_json::to_string(&s.train).unwrap()).unwrap();
         };
         set(5, None, 2, 2);
         let why = unfinished_run(dir.path()).expect("2 of 5");
@@ -1925,6 +1932,12 @@ mod tests {
             why.contains("stopped after epoch 2 of 5") && why.contains("--resume"),
             "{why}"
         );
+        // its latest start (config.json) asked for the epochs it has: finished (a resume that
+        // wrote a missed best checkpoint with --epochs where the run stood)
+        let mut ended = checkpoint::read_sidecar(&lp).unwrap().train;
+        ended.epochs = 2;
+        std::fs::write(dir.path().join("config.json"), serde_json::to_string(&ended).unwrap()).unwrap();
+        assert_eq!(unfinished_run(dir.path()), None);
         // stopped by its patience (one epoch without a better RMSE): finished
         set(5, Some(1), 1, 1);
         assert_eq!(unfinished_run(dir.path()), None);

@@ -104,12 +104,14 @@ fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
     let root = match (cache, &dataset) {
         (Some(c), _) => c.clone(),
         (None, Some((abs, _))) => abs.parent().unwrap_or(abs).join("cache"),
-        (None, None) => anyhow::bail!("name the cache root with --cache DIR, or the dataset with --data DIR"),
+        (None, None) => {
+            anyhow::bail!("name the cache root (`gz cache list DIR`, or --cache DIR), or the dataset with --data DIR")
+        }
     };
     if cache.is_some() && !root.exists() {
         // a typo, not an empty root: "no caches" would hide it
         anyhow::bail!(
-            "{}: no such folder (--cache names the folder the caches are in, as given to `gz prep --cache`)",
+            "{}: no such folder (the cache root is the folder the caches are in, as given to `gz prep --cache`)",
             root.display()
         );
     }
@@ -127,13 +129,13 @@ fn resolve(at: &Where) -> anyhow::Result<(PathBuf, Option<(PathBuf, String)>)> {
     }
     if root.exists() && !root.is_dir() {
         anyhow::bail!(
-            "{}: not a folder (--cache names the folder the caches are in)",
+            "{}: not a folder (the cache root is the folder the caches are in)",
             root.display()
         );
     }
     if root.join(gz_shards::MANIFEST_FILE).is_file() {
         anyhow::bail!(
-            "{} is a cache itself; --cache names the folder holding the caches (here {})",
+            "{} is a cache itself; the cache root is the folder holding the caches (here {})",
             root.display(),
             root.parent().map_or_else(|| ".".into(), |p| p.display().to_string())
         );

@@ -722,6 +722,10 @@ fn publish(
         "(training mean and central pixel fitted on {})",
         super::count(ev.report.n_fit, "training image")
     );
+    // the page's warnings, here too
+    for w in gz_eval::report::page_warnings(&ev.report) {
+        eprintln!("warning: {w}");
+    }
     if let Some(sp) = &ev.report.spread {
         println!("{}", sp.sentence());
     }
@@ -790,7 +794,8 @@ fn publish(
 }
 
 /// How a checkpoint was trained, in a line for the report: `tiny, tree head, rmsprop lr 0.002,
-/// schedule step:28,36, 40 epochs, batch 16, seed 0` (and "first of N" for an ensemble).
+/// schedule step:28,36, epoch 30 of 40, batch 16, seed 0` (the checkpoint's epoch of the run's;
+/// "first of N" for an ensemble).
 fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize) -> String {
     let t = &s.train;
     let schedule = match &t.schedule {
@@ -798,7 +803,7 @@ fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize) -> String {
         other => format!(", schedule {other}"),
     };
     format!(
-        "{}{}, {} head, {} lr {}{schedule}, {}, batch {}, seed {}{}",
+        "{}{}, {} head, {} lr {}{schedule}, epoch {} of {}, batch {}, seed {}{}",
         if members > 1 {
             format!("first of {members}: ")
         } else {
@@ -808,7 +813,8 @@ fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize) -> String {
         s.model.output.name(),
         t.optimizer.name(),
         t.lr,
-        super::count(t.epochs, "epoch"),
+        s.epoch,
+        t.epochs,
         t.batch,
         t.seed,
         if t.augment.enabled { ", augmented" } else { "" }

@@ -223,7 +223,8 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
         "predicting with {}, {} per image on {}",
         super::count(models.len(), "checkpoint"),
         super::count(tta.n_views(), "TTA view"),
-        src.device
+        // the device by its own name (`cpu`, `cuda:0`), not as typed (`Auto`)
+        gz_model::device::device_name(&device)
     );
     let mut names = None;
     let (rows, var, failures) = if let Some(cache_dir) = &src.cache {

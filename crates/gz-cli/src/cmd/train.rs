@@ -160,7 +160,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    if cfg.model.output == gz_model::config::OutputKind::Tree && cfg.optimizer == OptimizerKind::SgdNesterov {
+    if !args.resume
+        && cfg.model.output == gz_model::config::OutputKind::Tree
+        && cfg.optimizer == OptimizerKind::SgdNesterov
+    {
         // a known weakness, said where it bites (docs/benchmarks.md, "The tree head's dead answers")
         notes.push(
             "the tree head with sgd-nesterov has been seen to lose rare answers for good in the first epoch (pushed \
