@@ -2,7 +2,8 @@
 //!
 //! - `learning_curve.png`: training RMSE (√ of the epoch's mean loss) and validation RMSE by
 //!   epoch on one axis, read from the trainer's `RUN_DIR/metrics.jsonl`, with the baselines'
-//!   RMSE as reference lines and the best checkpoint's epoch marked.
+//!   RMSE as reference lines and the scored checkpoint's epoch marked (said when it is not the
+//!   best).
 //! - `per_question.png`: RMSE per question (Q1 … Q11) of the model beside the baselines.
 //! - `spread.png` (several predictions per galaxy: TTA views, checkpoints): the RMSE of the
 //!   galaxies in tenths by the spread of their predictions, with the overall RMSE and the floor.
@@ -181,9 +182,10 @@ fn emptiest_corner(points: &[(f64, f64)]) -> SeriesLabelPosition {
 /// Draws the learning curve into a PNG: by epoch, the training RMSE (the square root of the
 /// epoch's mean training loss, an MSE over the 37 answers, in training mode) and the validation
 /// hold-out's RMSE (eval mode, one view) on one RMSE axis, with `references` (the baselines, the
-/// Bayes floor) as dashed lines and the best checkpoint's epoch marked. One axis: with the loss
-/// on an axis of its own (as before), each curve stretched to its own range and the two lay on
-/// top of each other by construction, reading as "no overfitting" whatever the gap.
+/// Bayes floor) as dashed lines and the epoch of the checkpoint scored (`scored`) marked.
+/// One axis: with the loss on an axis of its own (as before), each curve stretched to its own
+/// range and the two lay on top of each other by construction, reading as "no overfitting"
+/// whatever the gap.
 pub fn learning_curve_png(
     epochs: &[EpochRow],
     references: &[(String, f64)],
