@@ -562,6 +562,18 @@ fn last_line_value(stdout: &str, key: &str) -> PathBuf {
     PathBuf::from(line[prefix.len()..].trim())
 }
 
+/// `gz eval --pred PRED --cache CACHE --data DATA`.
+fn eval_pred(pred: &Path, cache: &Path, data: &Path) -> std::process::Command {
+    let mut c = support::gz();
+    c.args(["eval", "--pred"])
+        .arg(pred)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--data")
+        .arg(data);
+    c
+}
+
 fn gz_ok(args: &mut std::process::Command) -> String {
     let (ok, out, err) = support::run(args);
     assert!(ok, "command failed: {args:?}\nstdout:\n{out}\nstderr:\n{err}");
@@ -893,16 +905,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let own = tmp.path().join("reports/pred");
     std::fs::create_dir_all(&own).unwrap();
     std::fs::write(own.join("index.html"), "<p>mine</p>").unwrap();
-    let (ok, _, err) = support::run(
-        support::gz()
-            .current_dir(tmp.path())
-            .args(["eval", "--pred"])
-            .arg(&pred)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--data")
-            .arg(&data),
-    );
+    let (ok, _, err) = support::run(eval_pred(&pred, &cache, &data).current_dir(tmp.path()));
     assert!(
         !ok && err.contains("--report (by default) reports/pred: its index.html is not a gz report's"),
         "{err}"
@@ -911,18 +914,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     // the default folder is named by the file's stem: a report of the same file is replaced,
     // one of another file of that name (another run's test_predictions.csv) is not
     std::fs::remove_file(own.join("index.html")).unwrap();
-    let by_default = |file: &Path| {
-        support::run(
-            support::gz()
-                .current_dir(tmp.path())
-                .args(["eval", "--pred"])
-                .arg(file)
-                .arg("--cache")
-                .arg(&cache)
-                .arg("--data")
-                .arg(&data),
-        )
-    };
+    let by_default = |file: &Path| support::run(eval_pred(file, &cache, &data).current_dir(tmp.path()));
     for _ in 0..2 {
         // (named relatively: the report records where it is, not how it was spelt)
         let (ok, out, err) = by_default(Path::new("pred.csv"));
@@ -1731,15 +1723,7 @@ fn eval_names_a_cache_without_training_images() {
     }
     let pred = tmp.path().join("p.csv");
     std::fs::write(&pred, text + "\n").unwrap();
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["eval", "--pred"])
-            .arg(&pred)
-            .arg("--cache")
-            .arg(&cache)
-            .arg("--data")
-            .arg(&data),
-    );
+    let (ok, out, err) = support::run(&mut eval_pred(&pred, &cache, &data));
     assert!(
         !ok && err.contains("has no training images: gz eval fits its baselines"),
         "{out}\n{err}"
