@@ -18,7 +18,7 @@ if [ "${1:-}" = "--prepare" ]; then
   export CUDA_ROOT="$HERE/target/cuda-toolkit/cuda" CUDA_HOME="$HERE/target/cuda-toolkit/cuda" \
          CUDA_PATH="$HERE/target/cuda-toolkit/cuda" PATH="$HERE/target/cuda-toolkit/cuda/bin:$PATH" \
          CUDA_COMPUTE_CAP=90 CARGO_TARGET_DIR="$HERE/target/cuda"
-  mkdir -p "$PKG"
+  mkdir -p "$PKG" "$CARGO_TARGET_DIR"
   cd "$HERE"
   # one cargo invocation for both binaries: features unify into one graph, so candle's CUDA
   # kernels compile once (two invocations built them twice: their build dependencies differed)

@@ -29,9 +29,6 @@
 #   - fifth session (no device either): the fused optimizer updates up to 32 tensors per launch
 #     (a table by value; GZ_OPTIM_TENSORS=1 launches once per tensor as before; test
 #     optim::fused::tests::fused_grouping_does_not_change_the_update)
-# Order: 1. correctness of the new kernels and the old cuDNN tests; 2. A/B throughput
-# (everything on, each fused piece off in turn), pipelined, plus one synchronised run with the
-# per-phase breakdown; 3. inference; 4. the PyTorch peer in the same session.
 #
 # Prepare here (no GPU):  bash scripts/device-cudnn.sh --prepare && cp ../shared/bench/torch_peer.py scripts/
 # Device call:  run(command="bash scripts/device-speed.sh",
@@ -59,33 +56,37 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUM"
 say "bundle built from: $(tr '\n' ' ' < "$PKG/built-from.txt" 2>/dev/null || echo unknown)"
 
-# 1. Correctness (each group with its own timeout; one thread: the CUDA tests share the GPU).
-if [ -x "$BIN/gz-model-tests" ]; then
-  for spec in "cudnn::fused:: 40" "optim::fused:: 40" "augment::tests::cuda_ 30" "tree::tests::cuda_ 20" "dropout::tests::cuda_ 20" "ops::tests::cuda_ 30" "cudnn:: 100" "nets::cuda_tests 45" "train::cuda_tests::fast_path 60"; do
-    set -- $spec; group=$1; t=$2
-    log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log"
-    GZ_REQUIRE_CUDA=1 timeout "$t" "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
-    rc=$?
-    say "TESTS $group rc=$rc: $(grep -E 'test result' "$log" | tail -1)"
-    grep -E "^test .*FAILED|panicked|Error:" "$log" | head -8 | tee -a "$SUM"
-  done
-else
-  say "no test binary in $PKG"
-fi
-pack
-
-# 2./3. Throughput. Each line: name, then bench-train arguments; env prefixes allowed.
+# Order (one shot of about 8 minutes, so what decides the issue comes first and every phase
+# checks the time left): 1. the decisive A/B benches (tested path vs everything new, both
+# nets) and one per-phase breakdown; 2. correctness of the new kernels; 3. the PyTorch peer;
+# 4. each fused piece off in turn, inference, f32. A phase that would not fit is skipped and
+# says so in summary.txt.
 bench() { # name timeout env-assignments... -- args...
   local name=$1 t=$2; shift 2
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  if [ "$(left)" -lt 60 ]; then say "bench $name skipped: $(left) s left"; return; fi
+  if [ ! -x "$BIN/gz" ]; then say "bench $name skipped: no gz binary in $PKG"; return; fi
+  if [ "$(left)" -lt $(( t / 2 + 10 )) ]; then say "bench $name skipped: $(left) s left"; return; fi
+  [ "$t" -gt "$(left)" ] && t=$(left)
   env "${envs[@]}" timeout "$t" "$BIN/gz" bench-train --device cuda "$@" > "$S/bench-$name.log" 2>&1
-  say "bench $name rc=$?: $(grep -E 'images/s' "$S/bench-$name.log" | tail -1 | sed 's/.*steps=[0-9]*: //')"
+  local rc=$?
+  say "bench $name rc=$rc: $(grep -E 'images/s' "$S/bench-$name.log" | tail -1 | sed 's/.*steps=[0-9]*: //')"
+  [ $rc -ne 0 ] && tail -4 "$S/bench-$name.log" | tee -a "$SUM"
+}
+tests() { # group timeout
+  local group=$1 t=$2
+  if [ ! -x "$BIN/gz-model-tests" ]; then say "TESTS $group skipped: no test binary"; return; fi
+  if [ "$(left)" -lt $(( t / 2 + 10 )) ]; then say "TESTS $group skipped: $(left) s left"; return; fi
+  [ "$t" -gt "$(left)" ] && t=$(left)
+  local log="$S/tests-$(echo "$group" | tr -c 'a-z_\n' '_').log" t1=$(date +%s)
+  GZ_REQUIRE_CUDA=1 timeout "$t" "$BIN/gz-model-tests" "$group" --test-threads=1 > "$log" 2>&1
+  local rc=$?
+  say "TESTS $group rc=$rc ($(( $(date +%s) - t1 )) s): $(grep -E 'test result' "$log" | tail -1)"
+  grep -E "^test .*FAILED|panicked|Error:" "$log" | head -8 | tee -a "$SUM"
 }
 peer() {
   PEER="$HERE/scripts/torch_peer.py"
-  PT=$(( $(left) - 60 )); [ $PT -gt 150 ] && PT=150
+  PT=$(( $(left) - 20 )); [ $PT -gt 120 ] && PT=120
   if [ -f "$PEER" ] && [ $PT -gt 40 ]; then
     timeout $PT env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$PEER" > "$S/torch_peer.jsonl" 2> "$S/torch_peer.err"
     say "torch_peer rc=$?"; cat "$S/torch_peer.jsonl" | tee -a "$SUM"
@@ -93,51 +94,57 @@ peer() {
     say "torch_peer skipped (script present: $([ -f "$PEER" ] && echo yes || echo no), $(left) s left)"
   fi
 }
-if [ -x "$BIN/gz" ]; then
-  # The new kernels are off by default until this run checks them: "all" switches them on.
-  ALL="GZ_FUSED=1 GZ_OPTIM=fused GZ_RESAMPLE=kernel"
-  V="--model vgg16-blog --batch 256 --precision bf16"
-  D="--model dieleman --batch 256 --precision bf16"
-  R="--steps 20 --warmup 3 --pipelined"
-  # first what decides the issue: tested path vs everything new, both nets, then the peer
-  bench vgg-bf16-baseline 50 GZ_FUSED=0 -- $V $R
-  bench vgg-bf16-all 50 $ALL -- $V $R
-  bench vgg-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $V $R
-  bench dieleman-bf16-baseline 50 GZ_FUSED=0 -- $D $R
-  bench dieleman-bf16-all 50 $ALL -- $D $R
-  bench dieleman-bf16-all-nhwc 50 $ALL GZ_NHWC=1 -- $D $R
-  bench vgg-bf16-all-nhwc-image 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
-  bench vgg-bf16-all-nhwc-image-pad 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=pad -- $V $R
-  bench vgg-bf16-all-nhwc-candle-layout 50 $ALL GZ_NHWC=1 GZ_LAYOUT_KERNEL=0 -- $V $R
-  pack
-  peer
-  pack
-  # then where the time goes, each new piece switched off in turn, f32 and inference
-  bench vgg-bf16-breakdown 50 $ALL -- $V --steps 10 --warmup 3 --profile-steps 5
-  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-vgg-bf16-breakdown.log" | tee -a "$SUM"
-  bench vgg-bf16-inference 40 $ALL -- $V $R --inference
-  bench vgg-bf16-inference-nhwc 40 $ALL GZ_NHWC=1 -- $V $R --inference
-  bench dieleman-bf16-inference 40 $ALL -- $D $R --inference
-  bench dieleman-bf16-all-nhwc-image 50 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $D $R
-  bench vgg-bf16-no-fused-epilogue 50 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
-  bench vgg-bf16-generic-optimizer 50 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
-  bench vgg-bf16-optimizer-one-launch-per-tensor 50 $ALL GZ_OPTIM_TENSORS=1 -- $V $R
-  bench vgg-bf16-by-layers 50 $ALL GZ_TOWER_OP=0 -- $V $R
-  bench dieleman-bf16-by-layers 50 $ALL GZ_TOWER_OP=0 -- $D $R
-  bench vgg-bf16-unfused-pool 50 $ALL GZ_TOWER_OP=0 GZ_FUSED_POOL=0 -- $V $R
-  bench vgg-bf16-two-op-epilogue 50 $ALL GZ_TOWER_OP=0 GZ_CONV_RELU_OP=0 -- $V $R
-  bench vgg-bf16-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
-  # session 1's breakdown gave 8.5 ms/step to "batch" (a 35 MB cast, ~20 µs of work): likely
-  # the memory pool remapping after each phase's synchronisation, which the tuning stops
-  bench vgg-bf16-breakdown-cuda-defaults 50 $ALL GZ_CUDA_DEFAULTS=1 -- $V --steps 10 --warmup 3 --profile-steps 0
-  bench dieleman-bf16-breakdown 50 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
-  grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-dieleman-bf16-breakdown.log" | tee -a "$SUM"
-  bench vgg-f32-128 50 $ALL -- --model vgg16-blog --batch 128 --precision f32 $R
-  pack
-else
-  say "no gz binary in $PKG: benches skipped"
-  peer
-fi
+breakdown() { grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-$1.log" | tee -a "$SUM"; }
+
+# The new kernels are off by default until this run checks them: "all" switches them on.
+ALL="GZ_FUSED=1 GZ_OPTIM=fused GZ_RESAMPLE=kernel"
+V="--model vgg16-blog --batch 256 --precision bf16"
+D="--model dieleman --batch 256 --precision bf16"
+R="--steps 20 --warmup 3 --pipelined"
+# 1. what decides the issue (the first bench also pays the driver's PTX compile, cached after)
+bench vgg-bf16-baseline 60 GZ_FUSED=0 -- $V $R
+bench vgg-bf16-all 45 $ALL -- $V $R
+bench vgg-bf16-all-nhwc 45 $ALL GZ_NHWC=1 -- $V $R
+bench dieleman-bf16-baseline 45 GZ_FUSED=0 -- $D $R
+bench dieleman-bf16-all 45 $ALL -- $D $R
+bench dieleman-bf16-all-nhwc 45 $ALL GZ_NHWC=1 -- $D $R
+bench vgg-bf16-breakdown 45 $ALL -- $V --steps 10 --warmup 3 --profile-steps 5
+breakdown vgg-bf16-breakdown
+pack
+# 2. correctness (one thread: the CUDA tests share the GPU)
+tests cudnn::fused:: 30
+tests optim::fused:: 25
+tests augment::tests::cuda_ 20
+tests tree::tests::cuda_ 15
+tests dropout::tests::cuda_ 15
+tests ops::tests::cuda_ 25
+tests cudnn::tests:: 60
+tests nets::cuda_tests 40
+tests train::cuda_tests::fast_path 45
+pack
+# 3. the peer, same session
+peer
+pack
+# 4. where the time goes: each new piece off in turn, images, inference, f32
+bench vgg-bf16-inference 30 $ALL -- $V $R --inference
+bench dieleman-bf16-inference 30 $ALL -- $D $R --inference
+bench vgg-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
+bench vgg-bf16-all-nhwc-image-pad 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=pad -- $V $R
+bench dieleman-bf16-breakdown 40 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
+breakdown dieleman-bf16-breakdown
+bench vgg-bf16-inference-nhwc 30 $ALL GZ_NHWC=1 -- $V $R --inference
+bench vgg-bf16-by-layers 40 $ALL GZ_TOWER_OP=0 -- $V $R
+bench vgg-bf16-generic-optimizer 40 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
+bench vgg-bf16-no-fused-epilogue 40 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
+bench vgg-bf16-cuda-defaults 40 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
+bench vgg-f32-128 40 $ALL -- --model vgg16-blog --batch 128 --precision f32 $R
+bench dieleman-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $D $R
+bench dieleman-bf16-by-layers 40 $ALL GZ_TOWER_OP=0 -- $D $R
+bench vgg-bf16-optimizer-one-launch-per-tensor 40 $ALL GZ_OPTIM_TENSORS=1 -- $V $R
+bench vgg-bf16-unfused-pool 40 $ALL GZ_TOWER_OP=0 GZ_FUSED_POOL=0 -- $V $R
+bench vgg-bf16-two-op-epilogue 40 $ALL GZ_TOWER_OP=0 GZ_CONV_RELU_OP=0 -- $V $R
+bench vgg-bf16-all-nhwc-candle-layout 40 $ALL GZ_NHWC=1 GZ_LAYOUT_KERNEL=0 -- $V $R
+pack
 # the decisions in one table: each A/B pair as a ratio, and gz against the PyTorch peer
 if [ -f "$HERE/scripts/device-compare.sh" ]; then
   bash "$HERE/scripts/device-compare.sh" "$SUM" "$S/torch_peer.jsonl" > "$S/compare.txt" 2>&1
