@@ -83,6 +83,7 @@ tests() { # group timeout
   local rc=$?
   say "TESTS $group rc=$rc ($(( $(date +%s) - t1 )) s): $(grep -E 'test result' "$log" | tail -1)"
   grep -E "^test .*FAILED|panicked|Error:" "$log" | head -8 | tee -a "$SUM"
+  [ $rc -ne 0 ] && tail -3 "$log" | tee -a "$SUM"
 }
 peer() {
   PEER="$HERE/scripts/torch_peer.py"
