@@ -98,7 +98,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 12] = [
+    let switches: [Switch; 16] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -113,14 +113,23 @@ fn main() {
         // parameter gradients through candle's zero-fill-and-add accumulation
         // (gz_model::grad_sink)
         ("GZ_GRAD_SINK", "0", gz_model::grad_sink::set_enabled, false),
-        // the convolution towers channels-last (cuDNN's fast bf16 layout)
+        // the convolution towers channels-last everywhere the custom ops run, the CPU too
+        // (CUDA runs them channels-last by default; `0` runs CUDA's NCHW)
         ("GZ_NHWC", "1", gz_model::cudnn::set_nhwc, true),
-        // with channels-last, the 3-channel image layer channels-last too (no permutation of
-        // the first convolution's output and its gradient; cuDNN's kernels for 3 channels)
+        ("GZ_NHWC", "0", gz_model::cudnn::set_nhwc_on_cuda, false),
+        // with channels-last, the 3-channel image layer channels-last too (the default: no
+        // permutation of the first convolution's output and its gradient), its channels
+        // zero-padded to 8 for cuDNN's NHWC tensor-core kernels where the filter is 3×3 (by
+        // default), never (`1`) or always (`pad`); `0` starts channels-last at the first layer
+        // with a multiple of 8 input channels
+        ("GZ_NHWC_IMAGE", "0", gz_model::cudnn::set_nhwc_image, false),
         ("GZ_NHWC_IMAGE", "1", gz_model::cudnn::set_nhwc_image, true),
-        // the same with the image's 3 channels zero-padded to 8 (cuDNN's NHWC tensor-core kernels)
+        ("GZ_NHWC_IMAGE", "1", gz_model::cudnn::set_nhwc_image_padded, false),
         ("GZ_NHWC_IMAGE", "pad", gz_model::cudnn::set_nhwc_image, true),
         ("GZ_NHWC_IMAGE", "pad", gz_model::cudnn::set_nhwc_image_padded, true),
+        // the channels-last epilogue kernels one value per thread instead of 16 bytes of
+        // channels (gz_model::cudnn::set_nhwc_vectorised)
+        ("GZ_NHWC_VEC", "0", gz_model::cudnn::set_nhwc_vectorised, false),
         // the channels-last towers' layout changes on CUDA through candle's strided copy
         // instead of gz's tiled transpose kernel (gz_model::cudnn::layout)
         ("GZ_LAYOUT_KERNEL", "0", gz_model::cudnn::layout::set_enabled, false),
@@ -143,9 +152,10 @@ fn main() {
         Ok("2") => gz_model::cpu_conv::set_winograd_large_tiles(false),
         _ => {}
     }
-    // The fast path's own kernels are off until a device run has checked them (docs/cudnn.md):
-    // `GZ_FUSED=1` fused bias + ReLU, `GZ_OPTIM=fused` the one-launch optimizer update,
-    // `GZ_RESAMPLE=kernel` the resampling / Dieleman-parts kernel, `GZ_NHWC=1` channels-last.
+    // The fast path's own kernels are on by default since the 2026-11-30 device run checked
+    // them (docs/cudnn.md); for comparisons `GZ_FUSED=0` drops the fused bias + ReLU,
+    // `GZ_OPTIM=generic` the one-launch optimizer update, `GZ_RESAMPLE=ops` the resampling /
+    // Dieleman-parts kernel, `GZ_NHWC=0` channels-last on CUDA.
     match std::env::var("GZ_FUSED").as_deref() {
         Ok("1") => gz_model::cudnn::set_fused(true),
         Ok("0") => gz_model::cudnn::set_fused(false),

@@ -171,6 +171,35 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
         h: u32,
         w: u32,
     );
+    unsafe fn bias_relu_fwd_nhwc_v(x: *const Self, b: *const Self, y: *mut Self, vecs: u32, cvec: u32);
+    unsafe fn bias_relu_bwd_nhwc_v(
+        y: *const Self,
+        dy: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        rows: u32,
+        cvec: u32,
+    );
+    unsafe fn relu_pool_bwd_nhwc_v(
+        y: *const Self,
+        dp: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        batch: u32,
+        cvec: u32,
+        h: u32,
+        w: u32,
+    );
+    unsafe fn bias_relu_pool_fwd_nhwc_v(
+        z: *const Self,
+        b: *const Self,
+        y: *mut Self,
+        p: *mut Self,
+        batch: u32,
+        cvec: u32,
+        h: u32,
+        w: u32,
+    );
     unsafe fn affine_sample(
         img: *const Self,
         mats: *const f32,
@@ -214,7 +243,8 @@ macro_rules! storage {
     ($t:ty, $m:ident, [
         $fwd:ident, $flat:ident, $bwd:ident, $finish:ident, $fwd_nhwc:ident, $bwd_nhwc:ident,
         $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
-        $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident
+        $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident,
+        $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident
     ]) => {
         mod $m {
             use super::*;
@@ -270,6 +300,28 @@ macro_rules! storage {
                     p: *mut $t,
                     batch: u32,
                     channels: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $fwd_v(x: *const $t, b: *const $t, y: *mut $t, vecs: u32, cvec: u32);
+                pub fn $bwd_v(y: *const $t, dy: *const $t, dz: *mut $t, partial: *mut f32, rows: u32, cvec: u32);
+                pub fn $pool_bwd_v(
+                    y: *const $t,
+                    dp: *const $t,
+                    dz: *mut $t,
+                    partial: *mut f32,
+                    batch: u32,
+                    cvec: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $pool_fwd_v(
+                    z: *const $t,
+                    b: *const $t,
+                    y: *mut $t,
+                    p: *mut $t,
+                    batch: u32,
+                    cvec: u32,
                     h: u32,
                     w: u32,
                 );
@@ -403,6 +455,43 @@ macro_rules! storage {
             ) {
                 unsafe { $m::$pool_fwd_nhwc(z, b, y, p, batch, channels, h, w) }
             }
+            unsafe fn bias_relu_fwd_nhwc_v(x: *const Self, b: *const Self, y: *mut Self, vecs: u32, cvec: u32) {
+                unsafe { $m::$fwd_v(x, b, y, vecs, cvec) }
+            }
+            unsafe fn bias_relu_bwd_nhwc_v(
+                y: *const Self,
+                dy: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                rows: u32,
+                cvec: u32,
+            ) {
+                unsafe { $m::$bwd_v(y, dy, dz, partial, rows, cvec) }
+            }
+            unsafe fn relu_pool_bwd_nhwc_v(
+                y: *const Self,
+                dp: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                batch: u32,
+                cvec: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_bwd_v(y, dp, dz, partial, batch, cvec, h, w) }
+            }
+            unsafe fn bias_relu_pool_fwd_nhwc_v(
+                z: *const Self,
+                b: *const Self,
+                y: *mut Self,
+                p: *mut Self,
+                batch: u32,
+                cvec: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_fwd_v(z, b, y, p, batch, cvec, h, w) }
+            }
             unsafe fn affine_sample(
                 img: *const Self,
                 mats: *const f32,
@@ -488,7 +577,11 @@ storage!(
         gz_rmsprop_f32,
         gz_sgd_nesterov_f32,
         gz_adamw_f32,
-        gz_dropout_f32
+        gz_dropout_f32,
+        bias_relu_fwd_nhwc_v_f32,
+        bias_relu_bwd_nhwc_v_f32,
+        relu_pool_bwd_nhwc_v_f32,
+        bias_relu_pool_fwd_nhwc_v_f32
     ]
 );
 storage!(
@@ -510,7 +603,11 @@ storage!(
         gz_rmsprop_bf16,
         gz_sgd_nesterov_bf16,
         gz_adamw_bf16,
-        gz_dropout_bf16
+        gz_dropout_bf16,
+        bias_relu_fwd_nhwc_v_bf16,
+        bias_relu_bwd_nhwc_v_bf16,
+        relu_pool_bwd_nhwc_v_bf16,
+        bias_relu_pool_fwd_nhwc_v_bf16
     ]
 );
 storage!(
@@ -532,6 +629,10 @@ storage!(
         gz_rmsprop_f16,
         gz_sgd_nesterov_f16,
         gz_adamw_f16,
-        gz_dropout_f16
+        gz_dropout_f16,
+        bias_relu_fwd_nhwc_v_f16,
+        bias_relu_bwd_nhwc_v_f16,
+        relu_pool_bwd_nhwc_v_f16,
+        bias_relu_pool_fwd_nhwc_v_f16
     ]
 );

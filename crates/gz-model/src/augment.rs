@@ -137,11 +137,11 @@ pub fn affine_sample(images: &Tensor, mats: &[Affine], out_h: usize, out_w: usiz
     affine_sample_ops(images, mats, out_h, out_w)
 }
 
-/// Off by default: the resampling kernels have not run on a GPU yet (docs/cudnn.md).
-static KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// On by default since the 2026-11-30 device run checked the kernels on an H200.
+static KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Lets [`affine_sample`] and [`dieleman_parts_kernel`] use the CUDA kernels on the fast path
-/// (off by default until a device run has checked them; `gz` reads `GZ_RESAMPLE=kernel|ops`).
+/// (the default) or not; `gz` reads `GZ_RESAMPLE=kernel|ops`.
 pub fn set_resample_kernels(on: bool) {
     KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
 }

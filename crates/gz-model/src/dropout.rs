@@ -8,7 +8,7 @@
 //! mask is a function of the seed: nothing is stored), and the mask is the same on CPU and GPU
 //! for a seed, so the caller's host RNG (one `u64` a call) fully determines it, resume
 //! included. The kernel is `src/kernels/dropout.cu`; the CPU path is the same hash in Rust.
-//! The nets use it on the CUDA fast path ([`crate::cudnn::fused_enabled`], `GZ_FUSED=1`);
+//! The nets use it on the CUDA fast path ([`crate::cudnn::fused_enabled`], on by default);
 //! elsewhere they keep their host-generated masks, so CPU training is unchanged.
 
 use candle_core::backend::BackendStorage;

@@ -234,6 +234,63 @@ const LAUNCHES: &[Launch] = &[
     },
     Launch {
         rs: "cudnn/fused.rs",
+        kernels: &["bias_relu_fwd_nhwc_v"],
+        suffixes: FLOATS,
+        params: &[A::P, A::P, A::P, A::U32, A::U32],
+        chains: &["launch.arg(&zs).arg(&bs).arg(&y).arg(&vecs).arg(&cvec);"],
+        evidence: &[
+            (
+                "cudnn/fused.rs",
+                r#"let vecs = u32_of(total / grid::vec_lanes(std::mem::size_of::<T>()), "size")?;"#,
+            ),
+            ("cudnn/fused.rs", "if let Some(cvec) = vec_cols(dev, k, &[&zs, &bs]) {"),
+            (
+                "cudnn/fused.rs",
+                r#"format!("bias_relu_fwd_nhwc_v_{}", suffix(T::DTYPE)?)"#,
+            ),
+        ],
+    },
+    Launch {
+        rs: "cudnn/fused.rs",
+        kernels: &["bias_relu_pool_fwd_nhwc_v"],
+        suffixes: FLOATS,
+        params: &[A::P, A::P, A::P, A::P, A::U32, A::U32, A::U32, A::U32],
+        chains: &["launch.arg(&zs).arg(&bs).arg(&y).arg(&p).arg(&n).arg(&cvec).arg(&h).arg(&w);"],
+        evidence: &[
+            (
+                "cudnn/fused.rs",
+                "if let (true, Some(cvec)) = (nhwc, vec_cols(dev, k as usize, &[&zs, &bs])) {",
+            ),
+            (
+                "cudnn/fused.rs",
+                r#"format!("bias_relu_pool_fwd_nhwc_v_{}", suffix(T::DTYPE)?)"#,
+            ),
+        ],
+    },
+    Launch {
+        rs: "cudnn/fused.rs",
+        kernels: &["bias_relu_bwd_nhwc_v"],
+        suffixes: FLOATS,
+        params: &[A::P, A::P, A::P, A::PF32, A::U32, A::U32],
+        chains: &[PACKED_PREFIX[0], PACKED_PREFIX[1], "&[rows32, cvec]"],
+        evidence: &[(
+            "cudnn/fused.rs",
+            r#""bias_relu_bwd_nhwc_v", (&ys, &dys), total, k32, grid::bwd_nhwc(rows32), &[rows32, cvec],"#,
+        )],
+    },
+    Launch {
+        rs: "cudnn/fused.rs",
+        kernels: &["relu_pool_bwd_nhwc_v"],
+        suffixes: FLOATS,
+        params: &[A::P, A::P, A::P, A::PF32, A::U32, A::U32, A::U32, A::U32],
+        chains: &[PACKED_PREFIX[0], PACKED_PREFIX[1], "&[n, cvec, h, w]"],
+        evidence: &[(
+            "cudnn/fused.rs",
+            r#""relu_pool_bwd_nhwc_v", (&ys, &dps), total, k, (dims, s), &[n, cvec, h, w],"#,
+        )],
+    },
+    Launch {
+        rs: "cudnn/fused.rs",
         kernels: &["relu_pool_bwd", "relu_pool_bwd_nhwc"],
         suffixes: FLOATS,
         params: &[A::P, A::P, A::P, A::PF32, A::U32, A::U32, A::U32, A::U32],

@@ -108,19 +108,31 @@ pub(crate) mod testutil {
         /// ReLU or a max into its output, where the comparison with the reference sees it.
         const GUARD_VALUE: f64 = 4096.0;
 
+        /// The values start 16-byte aligned, as CUDA's allocations are (the vectorised kernels
+        /// load 16 bytes at a time), after at least `GUARD` guard values.
         pub(crate) struct Buf<T: WithDType> {
             data: Vec<T>,
+            lead: usize,
             len: usize,
         }
 
         impl<T: WithDType> Buf<T> {
             pub(crate) fn new(values: &[T]) -> Self {
                 let g = T::from_f64(GUARD_VALUE);
-                let mut data = vec![g; GUARD];
+                let size = std::mem::size_of::<T>();
+                let spare = 16usize.div_ceil(size);
+                let mut data = Vec::with_capacity(GUARD + spare + values.len() + GUARD);
+                data.resize(GUARD + spare, g);
+                // guard values up to the first 16-byte boundary past GUARD of them
+                let misaligned = (data.as_ptr() as usize + GUARD * size) % 16;
+                let lead = GUARD + if misaligned == 0 { 0 } else { (16 - misaligned) / size };
+                data.truncate(lead);
                 data.extend_from_slice(values);
                 data.extend(std::iter::repeat_n(g, GUARD));
+                debug_assert_eq!(data[lead..].as_ptr() as usize % 16, 0);
                 Self {
                     data,
+                    lead,
                     len: values.len(),
                 }
             }
@@ -131,18 +143,18 @@ pub(crate) mod testutil {
             }
 
             pub(crate) fn ptr(&self) -> *const T {
-                self.data[GUARD..].as_ptr()
+                self.data[self.lead..].as_ptr()
             }
 
             pub(crate) fn mut_ptr(&mut self) -> *mut T {
-                self.data[GUARD..].as_mut_ptr()
+                self.data[self.lead..].as_mut_ptr()
             }
 
             /// The values, after checking the guards are intact and (`written`) that no NaN is
             /// left.
             pub(crate) fn values(&self, name: &str, written: bool) -> &[T] {
                 let g = T::from_f64(GUARD_VALUE);
-                let (head, rest) = self.data.split_at(GUARD);
+                let (head, rest) = self.data.split_at(self.lead);
                 let (body, tail) = rest.split_at(self.len);
                 for (side, guard) in [("before", head), ("after", tail)] {
                     if let Some(i) = guard.iter().position(|v| *v != g) {

@@ -137,7 +137,7 @@ pub fn linear(d: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
 
 /// Runs a convolution tower: each `(conv, pool)` is `relu(conv(x) + b)`, followed by a 2×2
 /// max-pool when `pool`; `x` and the result are NCHW. Wherever the fused epilogue runs (CUDA
-/// with `GZ_FUSED=1`, or channels-last) the whole tower is one autograd node with its own
+/// by default, `GZ_FUSED=0` off; or channels-last) the whole tower is one autograd node with its own
 /// backward pass ([`crate::cudnn::tower`]) unless [`crate::cudnn::set_tower_op`]`(false)`;
 /// elsewhere the layers go one by one through [`Tower`].
 pub fn run_tower(x: &Tensor, layers: &[(&Conv2d, bool)]) -> Result<Tensor> {
@@ -444,7 +444,6 @@ mod tests {
         crate::cudnn::set_allow_tf32(false);
         let r = std::panic::catch_unwind(|| tower_op_matches_layers_on(&gpu, DType::F32, 1e-4));
         crate::cudnn::set_allow_tf32(true);
-        crate::cudnn::set_fused(false);
         if let Err(e) = r {
             std::panic::resume_unwind(e);
         }

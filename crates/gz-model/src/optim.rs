@@ -355,13 +355,12 @@ pub enum UpdatePath {
     Fused,
 }
 
-/// Off by default: the fused kernels have not run on a GPU yet (see docs/cudnn.md); the device
-/// check turns them on with `GZ_OPTIM=fused`.
-static FUSED_ENABLED: AtomicBool = AtomicBool::new(false);
+/// On by default since the 2026-11-30 device run: its tests passed on the H200 and the generic
+/// update made VGG16-blog's bf16 step 1.17× slower (docs/benchmarks.md).
+static FUSED_ENABLED: AtomicBool = AtomicBool::new(true);
 
-/// Allows or forbids (the default, until a device run has checked them) the fused CUDA update
-/// for optimizers built afterwards with [`build`] / [`UpdatePath::Auto`]; `gz` reads
-/// `GZ_OPTIM=fused|generic`.
+/// Allows (the default) or forbids the fused CUDA update for optimizers built afterwards with
+/// [`build`] / [`UpdatePath::Auto`]; `gz` reads `GZ_OPTIM=fused|generic`.
 pub fn set_fused_enabled(on: bool) {
     FUSED_ENABLED.store(on, Ordering::Relaxed);
 }

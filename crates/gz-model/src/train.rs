@@ -2672,8 +2672,9 @@ mod cuda_tests {
                 let m = LoadedModel::load(dir.path(), &gpu).map_err(|e| TrainError::Config(e.to_string()))?;
                 ctx("predict", m.predict(&x_gpu))
             });
-            crate::cudnn::set_fused(false);
-            crate::optim::set_fused_enabled(false);
+            // back to the defaults (on since the 2026-11-30 device run)
+            crate::cudnn::set_fused(true);
+            crate::optim::set_fused_enabled(true);
             let on_gpu = on_gpu.unwrap();
             let m = LoadedModel::load(dir.path(), &Device::Cpu).unwrap();
             let on_cpu = m.predict(&x_cpu).unwrap();

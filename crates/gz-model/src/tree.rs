@@ -24,8 +24,8 @@
 //! `src/kernels/tree.cu` on CUDA, in the storage type), instead of about 80 candle ops forward
 //! and twice that backward, each a kernel launch on a GPU. [`TreeOutput::forward_ops`] is the
 //! same layer in candle's ops, the reference the tests compare with. On CUDA the op is one of
-//! the fast path's own kernels and, like them, runs only when [`crate::cudnn::fused_enabled`]
-//! (`GZ_FUSED=1`) until a device run has checked it; otherwise CUDA takes the ops.
+//! the fast path's own kernels and, like them, runs when [`crate::cudnn::fused_enabled`] (the
+//! default since the 2026-11-30 device run; `GZ_FUSED=0` in `gz` takes the ops).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
@@ -621,7 +621,6 @@ mod tests {
         let Some(gpu) = crate::testutil::gpu() else { return };
         crate::cudnn::set_fused(true);
         op_matches_ops_on(&gpu);
-        crate::cudnn::set_fused(false);
     }
 
     /// Forward + backward time of the layer at batch 256, f32, op vs candle's ops, on this

@@ -976,7 +976,7 @@ pub(super) fn pool_bwd(
     nhwc: bool,
 ) -> Result<CudaStorage> {
     #[allow(clippy::too_many_arguments)]
-    fn go<T: CudaDType + DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         xs: &CudaStorage,
         xl: &Layout,
         ys: &CudaStorage,
@@ -997,7 +997,18 @@ pub(super) fn pool_bwd(
             let x = input::<T>(xs, xl)?;
             let y = input::<T>(ys, yl)?;
             let dy = input::<T>(dys, dyl)?;
-            let mut dx = alloc::<T>(&stream, xl.shape().elem_count())?;
+            // An odd side leaves a last row or column in no window: its gradient is 0, and
+            // cuDNN's backward need not write it (the first device run saw a channels-last
+            // 53×53 layer's dx off by 5 % in f32 with the memory pool reusing buffers), so
+            // such a dx starts zeroed. Even sides are covered whole.
+            let [_, _, h, w] = xd;
+            let mut dx = if h % 2 == 1 || w % 2 == 1 {
+                stream
+                    .alloc_zeros::<T>(xl.shape().elem_count())
+                    .map_err(|e| cuda_err("allocate pooling dx", e))?
+            } else {
+                alloc::<T>(&stream, xl.shape().elem_count())?
+            };
             let x_desc = st.tensor_desc(dtype, xd, nhwc)?;
             let y_desc = st.tensor_desc(dtype, yd, nhwc)?;
             if st.pool.is_none() {

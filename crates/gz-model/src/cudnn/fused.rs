@@ -641,6 +641,37 @@ pub(crate) mod grid {
     pub(crate) fn finish(k: u32) -> Dim {
         (k.div_ceil(THREADS), 1, 1)
     }
+
+    /// Values of `size` bytes per 16-byte vector of the vectorised channels-last kernels
+    /// (`*_nhwc_v_*`: 8 bf16 or f16, 4 f32).
+    pub(crate) fn vec_lanes(size: usize) -> usize {
+        16 / size
+    }
+
+    /// Whether `k` channels of `size`-byte values suit the vectorised channels-last kernels: a
+    /// whole number of 16-byte vectors, at most one block's threads of them (their lane walk),
+    /// with [`super::set_nhwc_vectorised`] on. The buffers' alignment is the launcher's check.
+    pub(crate) fn vec_fits(k: usize, size: usize) -> bool {
+        let n = vec_lanes(size);
+        super::nhwc_vectorised() && k > 0 && k % n == 0 && k / n <= THREADS as usize
+    }
+}
+
+/// The vectorised channels-last epilogues (on by default; [`set_nhwc_vectorised`]).
+static NHWC_VEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Lets the channels-last epilogue kernels (bias + ReLU, with or without the 2×2 max-pool,
+/// forward and backward) take 16 bytes of channels per thread where the channel count and
+/// the buffers allow (the default), or keeps them to one value per thread (`false`;
+/// `GZ_NHWC_VEC=0` in `gz`, for comparisons). The same values either way; the bias gradient's
+/// f32 partial sums are added in another order.
+pub fn set_nhwc_vectorised(on: bool) {
+    NHWC_VEC.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_nhwc_vectorised`] allows the vectorised kernels.
+pub(crate) fn nhwc_vectorised() -> bool {
+    NHWC_VEC.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(feature = "cudnn")]
@@ -650,7 +681,7 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::CudaDType;
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
-    use cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
     use super::grid::{self, THREADS};
 
@@ -854,6 +885,34 @@ mod cuda {
         // element of p (each window inside the map writes its own).
         let y = unsafe { dev.alloc::<T>(total) }?;
         let p = unsafe { dev.alloc::<T>(pooled) }?;
+        if let (true, Some(cvec)) = (nhwc, vec_cols(dev, k as usize, &[&zs, &bs])) {
+            // y and p are fresh allocations (aligned)
+            let threads = n * cvec * h.div_ceil(2) * w.div_ceil(2);
+            let func =
+                dev.get_or_load_custom_func(&format!("bias_relu_pool_fwd_nhwc_v_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: grid::pool_fwd(threads),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch
+                .arg(&zs)
+                .arg(&bs)
+                .arg(&y)
+                .arg(&p)
+                .arg(&n)
+                .arg(&cvec)
+                .arg(&h)
+                .arg(&w);
+            // SAFETY: argument types and count match `bias_relu_pool_fwd_nhwc_v_*`; z and y hold
+            // n·h·w·cvec aligned vectors, b cvec, p n·(h/2)·(w/2)·cvec.
+            unsafe { launch.launch(cfg) }.map_err(|e| err("bias-relu-pool launch", e))?;
+            return Ok((
+                CudaStorage::wrap_cuda_slice(y, dev.clone()),
+                CudaStorage::wrap_cuda_slice(p, dev.clone()),
+            ));
+        }
         let threads = n * k * h.div_ceil(2) * w.div_ceil(2);
         let name = if nhwc {
             format!("bias_relu_pool_fwd_nhwc_{}", suffix(T::DTYPE)?)
@@ -934,10 +993,42 @@ mod cuda {
         let ys = view::<T>(y, ly)?;
         let dps = view::<T>(dp, ldp)?;
         let (dims, s) = grid::pool_bwd(n, k, h, w, nhwc);
+        if let (true, Some(cvec)) = (nhwc, vec_cols(dev, k as usize, &[&ys, &dps])) {
+            // the same walk by aligned vectors of channels (dz starts the fresh packed buffer)
+            return packed_backward::<T>(
+                dev,
+                "relu_pool_bwd_nhwc_v",
+                (&ys, &dps),
+                total,
+                k,
+                (dims, s),
+                &[n, cvec, h, w],
+            );
+        }
         let name = if nhwc { "relu_pool_bwd_nhwc" } else { "relu_pool_bwd" };
         // each window writes its valid positions and the windows tile the plane, so every dz
         // element is written; y and dz hold n·k·h·w elements, dp n·k·(h/2)·(w/2)
         packed_backward::<T>(dev, name, (&ys, &dps), total, k, (dims, s), &[n, k, h, w])
+    }
+
+    /// Whether the vectorised channels-last kernels take `k` channels of T with these buffers
+    /// ([`grid::vec_fits`], and every buffer 16-byte aligned); `Some(k / lanes)`, the vectors
+    /// per row, when they do.
+    fn vec_cols<T: CudaDType>(dev: &CudaDevice, k: usize, views: &[&CudaView<'_, T>]) -> Option<u32> {
+        let size = std::mem::size_of::<T>();
+        if !grid::vec_fits(k, size) {
+            return None;
+        }
+        let stream = dev.cuda_stream();
+        let aligned = views.iter().all(|v| {
+            let (ptr, _sync) = v.device_ptr(&stream);
+            ptr % 16 == 0
+        });
+        if aligned {
+            u32::try_from(k / grid::vec_lanes(size)).ok()
+        } else {
+            None
+        }
     }
 
     fn u32_of(v: usize, what: &str) -> Result<u32> {
@@ -962,6 +1053,23 @@ mod cuda {
         let bs = view::<T>(b, lb)?;
         // SAFETY: the kernel writes every element of `y` (grid-stride over `total`).
         let y = unsafe { dev.alloc::<T>(total) }?;
+        if let Some(cvec) = vec_cols(dev, k, &[&zs, &bs]) {
+            // `y` is a fresh allocation (aligned); `total` is a multiple of k, so of the lanes
+            let vecs = u32_of(total / grid::vec_lanes(std::mem::size_of::<T>()), "size")?;
+            let func =
+                dev.get_or_load_custom_func(&format!("bias_relu_fwd_nhwc_v_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: grid::stride4(vecs),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch.arg(&zs).arg(&bs).arg(&y).arg(&vecs).arg(&cvec);
+            // SAFETY: argument types and count match `bias_relu_fwd_nhwc_v_*`; z and y hold
+            // `vecs` 16-byte vectors and b `cvec`, all 16-byte aligned (checked above).
+            unsafe { launch.launch(cfg) }.map_err(|e| err("NHWC forward launch", e))?;
+            return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
+        }
         let func = dev.get_or_load_custom_func(&format!("bias_relu_fwd_nhwc_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: grid::stride4(total32),
@@ -989,6 +1097,18 @@ mod cuda {
         u32_of(total, "size")?;
         let ys = view::<T>(y, ly)?;
         let dys = view::<T>(dy, ldy)?;
+        if let Some(cvec) = vec_cols(dev, k, &[&ys, &dys]) {
+            // y, dy and dz hold rows·cvec aligned vectors (dz starts the fresh packed buffer)
+            return packed_backward::<T>(
+                dev,
+                "bias_relu_bwd_nhwc_v",
+                (&ys, &dys),
+                total,
+                k32,
+                grid::bwd_nhwc(rows32),
+                &[rows32, cvec],
+            );
+        }
         // y, dy and dz hold rows·k elements
         packed_backward::<T>(
             dev,

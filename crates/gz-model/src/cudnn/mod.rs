@@ -43,20 +43,28 @@ pub mod layout;
 mod tests;
 mod tower;
 
-pub use fused::bias_relu;
 pub(crate) use fused::bias_relu_nhwc;
+pub use fused::{bias_relu, set_nhwc_vectorised};
 pub use tower::{tower, TowerLayer};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static ALLOW_TF32: AtomicBool = AtomicBool::new(true);
 static PROFILING: AtomicBool = AtomicBool::new(false);
-/// Off by default: the fused kernels have not run on a GPU yet (docs/cudnn.md).
-static FUSED: AtomicBool = AtomicBool::new(false);
+/// On by default since the 2026-11-30 device run: its tests passed on the H200 and it made
+/// VGG16-blog's bf16 step 3.6× faster (docs/benchmarks.md).
+static FUSED: AtomicBool = AtomicBool::new(true);
+/// Channels-last everywhere the custom ops run, the CPU included (tests; [`set_nhwc`]).
 static NHWC: AtomicBool = AtomicBool::new(false);
+/// Channels-last on CUDA (on by default since the 2026-11-30 device run; [`set_nhwc_on_cuda`]).
+static NHWC_CUDA: AtomicBool = AtomicBool::new(true);
 /// Channels-last from the image layer on (see [`set_nhwc_image`]), its channels zero-padded
-/// to a multiple of 8 in the tower op (see [`set_nhwc_image_padded`]).
-static NHWC_IMAGE: AtomicBool = AtomicBool::new(false);
-static NHWC_IMAGE_PADDED: AtomicBool = AtomicBool::new(false);
+/// to a multiple of 8 in the tower op (see [`set_nhwc_image_padded`]): `PAD_OFF`, `PAD_ON`, or
+/// `PAD_AUTO` (3×3 image filters only, as measured).
+static NHWC_IMAGE: AtomicBool = AtomicBool::new(true);
+static NHWC_IMAGE_PADDED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(PAD_AUTO);
+const PAD_OFF: u8 = 0;
+const PAD_ON: u8 = 1;
+const PAD_AUTO: u8 = 2;
 /// On the fused path, conv + epilogue (+ pool) as one op each (see [`set_single_ops`]).
 static SINGLE_CONV_RELU: AtomicBool = AtomicBool::new(true);
 static FUSED_POOL: AtomicBool = AtomicBool::new(true);
@@ -85,9 +93,10 @@ pub fn active_for(device: &Device) -> bool {
     compiled() && enabled() && device.is_cuda()
 }
 
-/// Switches the fused bias + ReLU epilogue ([`conv2d_relu`]) in the nets on or off (the
-/// default until a device run has checked the kernels); off, the fast path adds the bias as
-/// before and the nets apply candle's ReLU. `gz` reads `GZ_FUSED=1|0`.
+/// Switches the fused bias + ReLU epilogue ([`conv2d_relu`]) in the nets on (the default: the
+/// 2026-11-30 device run checked the kernels on an H200) or off; off, the fast path adds the
+/// bias as cuDNN's unfused path does and the nets apply candle's ReLU. `gz` reads
+/// `GZ_FUSED=1|0`.
 pub fn set_fused(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
 }
@@ -118,13 +127,21 @@ pub(crate) fn cpu_fused_for(x: &Tensor, w: &Tensor) -> bool {
         && (x.track_op() || w.track_op())
 }
 
-/// Runs the nets' convolution towers channels-last (NHWC activations, KRSC filters; off by
-/// default until measured on a GPU). Applies wherever the custom ops run: CUDA with the fast
-/// path, and CPU (where the ops permute to NCHW around the CPU convolution: slower, but the
-/// same plumbing, which is how the CPU tests check it). `GZ_NHWC=1` switches it on in `gz`.
-/// Checkpoints are the same in both layouts (weights stay (K, C, R, S)).
+/// Runs the nets' convolution towers channels-last (NHWC activations, KRSC filters) wherever
+/// the custom ops run: CUDA with the fast path, and the CPU (where the ops permute to NCHW
+/// around the CPU convolution: slower, but the same plumbing, which is how the CPU tests check
+/// it). Off by default; CUDA runs channels-last anyway unless [`set_nhwc_on_cuda`]`(false)`.
+/// `GZ_NHWC=1` switches it on in `gz`. Checkpoints are the same in both layouts (weights stay
+/// (K, C, R, S)).
 pub fn set_nhwc(on: bool) {
     NHWC.store(on, Ordering::Relaxed);
+}
+
+/// Runs the towers channels-last on CUDA (the default: the 2026-11-30 device run measured
+/// VGG16-blog's bf16 step 1.07× and Dieleman's 1.03× faster, 1.10× and 1.25× with the image
+/// layer too) or NCHW (`false`; `GZ_NHWC=0` in `gz`). The CPU keeps NCHW unless [`set_nhwc`].
+pub fn set_nhwc_on_cuda(on: bool) {
+    NHWC_CUDA.store(on, Ordering::Relaxed);
 }
 
 /// A process-wide switch's override on this thread (`None`: the process-wide value holds).
@@ -155,17 +172,24 @@ pub fn with_nhwc<R>(on: bool, f: impl FnOnce() -> R) -> R {
     with_override(&NHWC_HERE, on, f)
 }
 
-/// Whether the nets run channels-last on `device` (see [`set_nhwc`], [`with_nhwc`]).
+/// Whether the nets run channels-last on `device` (see [`set_nhwc`], [`set_nhwc_on_cuda`],
+/// [`with_nhwc`]).
 pub fn nhwc_for(device: &Device) -> bool {
-    switch(&NHWC_HERE, &NHWC) && (device.is_cpu() || active_for(device))
+    match NHWC_HERE.with(|c| c.get()) {
+        Some(on) => on && (device.is_cpu() || active_for(device)),
+        None => {
+            (NHWC.load(Ordering::Relaxed) && (device.is_cpu() || active_for(device)))
+                || (NHWC_CUDA.load(Ordering::Relaxed) && active_for(device))
+        }
+    }
 }
 
-/// With channels-last on ([`set_nhwc`]), runs the image layer channels-last too: the tower
-/// permutes its 3-channel input (one tenth of the first convolution's output) instead of the
-/// first convolution's output, and the backward pass needs no permutation at all (the image
-/// needs no gradient). Off by default: cuDNN's NHWC tensor-core kernels want a multiple of 8
-/// input channels, so whether its kernels for 3 channels beat the NCHW convolution plus the two
-/// permutations is for a device run to say (`GZ_NHWC_IMAGE=1` in `gz`).
+/// With channels-last on, runs the image layer channels-last too: the tower permutes its
+/// 3-channel input (one tenth of the first convolution's output) instead of the first
+/// convolution's output, and the backward pass needs no permutation at all (the image needs no
+/// gradient). On by default since the 2026-11-30 device run (VGG16-blog's bf16 step 1.06×,
+/// Dieleman's 1.25× faster than starting channels-last at the first 8-channel layer);
+/// `GZ_NHWC_IMAGE=0` in `gz` switches it off.
 pub fn set_nhwc_image(on: bool) {
     NHWC_IMAGE.store(on, Ordering::Relaxed);
 }
@@ -180,10 +204,12 @@ pub fn with_nhwc_image<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// match, so that cuDNN can take its NHWC tensor-core kernels for the first layer too: 8/3 of
 /// that layer's arithmetic (under 1 % of VGG16-blog's) for the faster kernels. The filter
 /// gradient's padded part is dropped, so the model and checkpoints do not change. The layers
-/// run one by one (`GZ_TOWER_OP=0`) do not pad. Off by default, for the device run to compare
-/// (`GZ_NHWC_IMAGE=pad` in `gz`).
+/// run one by one (`GZ_TOWER_OP=0`) do not pad. By default the tower pads 3×3 image filters
+/// only: the 2026-11-30 device run measured VGG16-blog's bf16 step 1.04× faster padded, and
+/// Dieleman's (6×6 image filters) 0.99× in training and 0.95× in inference. Calling this sets
+/// it for every image layer (`GZ_NHWC_IMAGE=pad` pads all, `GZ_NHWC_IMAGE=1` none, in `gz`).
 pub fn set_nhwc_image_padded(on: bool) {
-    NHWC_IMAGE_PADDED.store(on, Ordering::Relaxed);
+    NHWC_IMAGE_PADDED.store(if on { PAD_ON } else { PAD_OFF }, Ordering::Relaxed);
 }
 
 /// Runs `f` with [`set_nhwc_image_padded`]'s switch overridden on this thread only (for tests).
@@ -191,10 +217,19 @@ pub fn with_nhwc_image_padded<R>(on: bool, f: impl FnOnce() -> R) -> R {
     with_override(&NHWC_IMAGE_PADDED_HERE, on, f)
 }
 
-/// The channels the tower op gives a layer of `in_channels` when it switches to channels-last
-/// there: the next multiple of 8 with [`set_nhwc_image_padded`], else `in_channels`.
-pub(crate) fn nhwc_padded_channels(in_channels: usize) -> usize {
-    if switch(&NHWC_IMAGE_PADDED_HERE, &NHWC_IMAGE_PADDED) {
+/// The channels the tower op gives a layer of `in_channels` and `kernel` (height, width) when
+/// it switches to channels-last there: the next multiple of 8 where [`set_nhwc_image_padded`]
+/// says so (by default for 3×3 filters), else `in_channels`.
+pub(crate) fn nhwc_padded_channels(in_channels: usize, kernel: (usize, usize)) -> usize {
+    let pad =
+        NHWC_IMAGE_PADDED_HERE
+            .with(|c| c.get())
+            .unwrap_or_else(|| match NHWC_IMAGE_PADDED.load(Ordering::Relaxed) {
+                PAD_OFF => false,
+                PAD_ON => true,
+                _ => kernel == (3, 3),
+            });
+    if pad {
         in_channels.next_multiple_of(8)
     } else {
         in_channels

@@ -71,7 +71,12 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
         let (_, c, _, _) = l.weight.dims4()?;
         let switched = nhwc && !now && super::nhwc_starts_at(c);
         // channels as run: the image's zero-padded to a multiple of 8 on request
-        let run_c = if switched { super::nhwc_padded_channels(c) } else { c };
+        let run_c = if switched {
+            let (_, _, kh, kw) = l.weight.dims4()?;
+            super::nhwc_padded_channels(c, (kh, kw))
+        } else {
+            c
+        };
         let pad = |t: Tensor| {
             if run_c > c {
                 t.pad_with_zeros(1, 0, run_c - c)

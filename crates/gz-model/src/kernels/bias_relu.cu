@@ -389,3 +389,217 @@ INSTANTIATE_NHWC(bf16, __nv_bfloat16)
 INSTANTIATE(f32, float)
 INSTANTIATE(f16, __half)
 INSTANTIATE(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// Channels-last kernels, vectorised: each thread takes 16 bytes of consecutive channels (8
+// bf16/f16 or 4 f32 values) with one 128-bit load or store, and one index computation per 16
+// bytes instead of per value. For channel counts that are a multiple of that width, at most
+// 256 vectors wide, and 16-byte-aligned buffers: the host checks all three and takes the
+// scalar kernels above otherwise. Each value is computed as by the scalar kernels (the same
+// f32 math); the bias gradient's partial sums are added in another (fixed) order. The first
+// device run (2026-11-30) timed the scalar channels-last epilogues at 7.7 ms of VGG16-blog's
+// 19 ms bf16 step, against about 1.6 ms for their bytes at the H200's bandwidth.
+
+template <typename T> struct alignas(16) Vec16 {
+    static constexpr uint32_t N = 16 / sizeof(T);
+    T v[N];
+};
+
+// y = max(x + b, 0) over `vecs` vectors; vector i holds channels (i % cvec) * N ...
+template <typename T>
+__device__ __forceinline__ void bias_relu_fwd_nhwc_v(const T *__restrict__ x, const T *__restrict__ b,
+                                                     T *__restrict__ y, uint32_t vecs, uint32_t cvec) {
+    using V = Vec16<T>;
+    const V *xv = reinterpret_cast<const V *>(x);
+    const V *bv = reinterpret_cast<const V *>(b);
+    V *yv = reinterpret_cast<V *>(y);
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < vecs; i += gridDim.x * blockDim.x) {
+        const V a = xv[i];
+        const V bias = bv[i % cvec];
+        V o;
+        for (uint32_t e = 0; e < V::N; ++e) {
+            const float v = load_f<T>(a.v[e]) + load_f<T>(bias.v[e]);
+            o.v[e] = store_f<T>(v > 0.0f ? v : 0.0f);
+        }
+        yv[i] = o;
+    }
+}
+
+// nhwc_rows_partial over a (rows x cvec) matrix of vectors (cvec <= 256, the host checks):
+// thread t takes vector column t % cvec of rows r0 + t / cvec, + lanes, ... (lanes = 256 /
+// cvec), then the lanes of each channel are added in a fixed order in shared memory and block
+// s writes partial[c * splits + s]. `row(r, cg, acc)` writes what it owns of (row r, vector
+// column cg) and adds its N contributions to the bias gradient to acc[0..N).
+template <typename T, typename F>
+__device__ __forceinline__ void nhwc_rows_partial_v(uint32_t rows, uint32_t cvec, float *__restrict__ partial,
+                                                    F row) {
+    constexpr uint32_t N = Vec16<T>::N;
+    const uint32_t splits = gridDim.x;
+    const uint32_t per = (rows + splits - 1) / splits;
+    const uint32_t r0 = blockIdx.x * per;
+    const uint32_t r1 = min(rows, r0 + per);
+    __shared__ float lane_sums[256 * 8];
+    const uint32_t lanes = blockDim.x / cvec;
+    const uint32_t cg = threadIdx.x % cvec, g = threadIdx.x / cvec;
+    float acc[N];
+    for (uint32_t e = 0; e < N; ++e) acc[e] = 0.0f;
+    if (g < lanes) {
+        for (uint32_t r = r0 + g; r < r1; r += lanes) row(r, cg, acc);
+    }
+    for (uint32_t e = 0; e < N; ++e) lane_sums[threadIdx.x * N + e] = acc[e];
+    __syncthreads();
+    const uint32_t channels = cvec * N;
+    for (uint32_t c = threadIdx.x; c < channels; c += blockDim.x) {
+        const uint32_t vc = c / N, e = c % N;
+        float s = 0.0f;
+        for (uint32_t k = 0; k < lanes; ++k) s += lane_sums[(k * cvec + vc) * N + e];
+        partial[(size_t)c * splits + blockIdx.x] = s;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void bias_relu_bwd_nhwc_v(const T *__restrict__ y, const T *__restrict__ dy,
+                                                     T *__restrict__ dz, float *__restrict__ partial, uint32_t rows,
+                                                     uint32_t cvec) {
+    using V = Vec16<T>;
+    const V *yv = reinterpret_cast<const V *>(y);
+    const V *dyv = reinterpret_cast<const V *>(dy);
+    V *dzv = reinterpret_cast<V *>(dz);
+    nhwc_rows_partial_v<T>(rows, cvec, partial, [&](uint32_t r, uint32_t cg, float *acc) {
+        const size_t i = (size_t)r * cvec + cg;
+        const V a = yv[i], g = dyv[i];
+        V o;
+        for (uint32_t e = 0; e < V::N; ++e) {
+            o.v[e] = store_f<T>(load_f<T>(a.v[e]) > 0.0f ? load_f<T>(g.v[e]) : 0.0f);
+            acc[e] += load_f<T>(o.v[e]);
+        }
+        dzv[i] = o;
+    });
+}
+
+// relu_pool_bwd_nhwc by vectors: window row r = (n, i, j) of the ceil(H/2) x ceil(W/2) grid,
+// vector column cg; the rule of relu_pool_window for each of the N channels.
+template <typename T>
+__device__ __forceinline__ void relu_pool_bwd_nhwc_v(const T *__restrict__ y, const T *__restrict__ dp,
+                                                     T *__restrict__ dz, float *__restrict__ partial, uint32_t batch,
+                                                     uint32_t cvec, uint32_t h, uint32_t w) {
+    using V = Vec16<T>;
+    const V *yv = reinterpret_cast<const V *>(y);
+    const V *dpv = reinterpret_cast<const V *>(dp);
+    V *dzv = reinterpret_cast<V *>(dz);
+    const Window g = window_geometry(h, w);
+    const uint32_t per_image = g.ch * g.cw;
+    nhwc_rows_partial_v<T>(batch * per_image, cvec, partial, [&](uint32_t r, uint32_t cg, float *acc) {
+        const uint32_t n = r / per_image, rem = r % per_image;
+        const uint32_t i = rem / g.cw, j = rem % g.cw;
+        const uint32_t h0 = 2 * i, w0 = 2 * j;
+        const size_t row = (size_t)g.w * cvec, col = cvec;
+        const size_t origin = (size_t)n * g.h * g.w * cvec + cg;
+        const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
+                               origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
+        const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+        // a window inside the map has all four positions
+        const bool pooled = i < g.oh && j < g.ow;
+        V vals[4];
+        for (int k = 0; k < 4; ++k) {
+            if (pooled) vals[k] = yv[off[k]];
+        }
+        V grad;
+        if (pooled) grad = dpv[(((size_t)n * g.oh + i) * g.ow + j) * cvec + cg];
+        V out[4];
+        for (uint32_t e = 0; e < V::N; ++e) {
+            int best = -1;
+            float best_v = 0.0f, gr = 0.0f;
+            if (pooled) {
+                best = 0;
+                best_v = load_f<T>(vals[0].v[e]);
+                for (int k = 1; k < 4; ++k) {
+                    const float v = load_f<T>(vals[k].v[e]);
+                    if (v > best_v) {
+                        best = k;
+                        best_v = v;
+                    }
+                }
+                gr = load_f<T>(grad.v[e]);
+            }
+            for (int k = 0; k < 4; ++k) {
+                const float v = (k == best && best_v > 0.0f) ? gr : 0.0f;
+                out[k].v[e] = store_f<T>(v);
+                if (valid[k]) acc[e] += load_f<T>(out[k].v[e]);
+            }
+        }
+        for (int k = 0; k < 4; ++k) {
+            if (valid[k]) dzv[off[k]] = out[k];
+        }
+    });
+}
+
+// bias_relu_pool_fwd_nhwc by vectors: one thread per (window, vector column), grid-stride.
+template <typename T>
+__device__ __forceinline__ void bias_relu_pool_fwd_nhwc_v(const T *__restrict__ z, const T *__restrict__ b,
+                                                          T *__restrict__ y, T *__restrict__ p, uint32_t batch,
+                                                          uint32_t cvec, uint32_t h, uint32_t w) {
+    using V = Vec16<T>;
+    const V *zv = reinterpret_cast<const V *>(z);
+    const V *bv = reinterpret_cast<const V *>(b);
+    V *yv = reinterpret_cast<V *>(y);
+    V *pv = reinterpret_cast<V *>(p);
+    const Window g = window_geometry(h, w);
+    const uint32_t per_image = g.ch * g.cw;
+    const uint32_t total = batch * per_image * cvec;
+    for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+        const uint32_t cg = t % cvec, r = t / cvec;
+        const uint32_t n = r / per_image, q = r % per_image;
+        const uint32_t i = q / g.cw, j = q % g.cw;
+        const uint32_t h0 = 2 * i, w0 = 2 * j;
+        const size_t row = (size_t)w * cvec, col = cvec;
+        const size_t origin = (size_t)n * h * w * cvec + cg;
+        const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
+                               origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
+        const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+        const V bias = bv[cg];
+        float best[V::N];
+        for (uint32_t e = 0; e < V::N; ++e) best[e] = 0.0f;
+        for (int k = 0; k < 4; ++k) {
+            if (!valid[k]) continue;
+            const V a = zv[off[k]];
+            V o;
+            for (uint32_t e = 0; e < V::N; ++e) {
+                const float v = load_f<T>(a.v[e]) + load_f<T>(bias.v[e]);
+                o.v[e] = store_f<T>(v > 0.0f ? v : 0.0f);
+                // the maximum of the stored (rounded) values, as pooling y would give
+                best[e] = fmaxf(best[e], load_f<T>(o.v[e]));
+            }
+            yv[off[k]] = o;
+        }
+        if (i < g.oh && j < g.ow) {
+            V o;
+            for (uint32_t e = 0; e < V::N; ++e) o.v[e] = store_f<T>(best[e]);
+            pv[(((size_t)n * g.oh + i) * g.ow + j) * cvec + cg] = o;
+        }
+    }
+}
+
+#define INSTANTIATE_NHWC_V(NAME, T)                                                                               \
+    extern "C" __global__ void bias_relu_fwd_nhwc_v_##NAME(const T *x, const T *b, T *y, uint32_t vecs,          \
+                                                           uint32_t cvec) {                                       \
+        bias_relu_fwd_nhwc_v<T>(x, b, y, vecs, cvec);                                                             \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_bwd_nhwc_v_##NAME(const T *y, const T *dy, T *dz, float *partial,        \
+                                                           uint32_t rows, uint32_t cvec) {                        \
+        bias_relu_bwd_nhwc_v<T>(y, dy, dz, partial, rows, cvec);                                                  \
+    }                                                                                                             \
+    extern "C" __global__ void relu_pool_bwd_nhwc_v_##NAME(const T *y, const T *dp, T *dz, float *partial,        \
+                                                           uint32_t batch, uint32_t cvec, uint32_t h,             \
+                                                           uint32_t w) {                                          \
+        relu_pool_bwd_nhwc_v<T>(y, dp, dz, partial, batch, cvec, h, w);                                           \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_pool_fwd_nhwc_v_##NAME(const T *z, const T *b, T *y, T *p,               \
+                                                                uint32_t batch, uint32_t cvec, uint32_t h,        \
+                                                                uint32_t w) {                                     \
+        bias_relu_pool_fwd_nhwc_v<T>(z, b, y, p, batch, cvec, h, w);                                              \
+    }
+
+INSTANTIATE_NHWC_V(f32, float)
+INSTANTIATE_NHWC_V(f16, __half)
+INSTANTIATE_NHWC_V(bf16, __nv_bfloat16)

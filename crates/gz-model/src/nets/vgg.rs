@@ -288,3 +288,114 @@ mod tests {
         }
     }
 }
+
+/// `tiny` on CUDA stage by stage against the CPU in f32: every stage gets the CPU's output of
+/// the stage before (cast to the GPU's dtype), so a wrong stage shows by itself instead of
+/// through everything after it. The first device run saw `tiny`'s bf16 raw outputs off by more
+/// than their scale while f32 matched and the VGG16/Dieleman layer shapes passed; this names
+/// the stage. Skipped without a GPU.
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::*;
+    use crate::config::{Arch, OutputKind};
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+    use std::collections::HashMap;
+
+    /// A stage: its name, what it computes, and whether the chain goes on from its output
+    /// (a check-only stage, such as the convolution without its ReLU, does not).
+    type Stage<'a> = (String, Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>, bool);
+
+    fn stages(n: &VggNet) -> Vec<Stage<'_>> {
+        let mut out: Vec<Stage<'_>> = Vec::new();
+        if n.stem_pool {
+            out.push(("stem avg-pool".into(), Box::new(|x: &Tensor| x.avg_pool2d(2)), true));
+        }
+        for (bi, block) in n.blocks.iter().enumerate() {
+            for (ci, c) in block.iter().enumerate() {
+                let name = format!("block{}_conv{}", bi + 1, ci + 1);
+                out.push((
+                    format!("{name} conv + bias"),
+                    Box::new(move |x: &Tensor| candle_core::Module::forward(c, x)),
+                    false,
+                ));
+                if ci + 1 == block.len() {
+                    out.push((
+                        format!("{name} conv + bias + ReLU + max-pool as the net runs it"),
+                        Box::new(move |x: &Tensor| c.forward_relu_pool_in(x, false)),
+                        true,
+                    ));
+                } else {
+                    out.push((
+                        format!("{name} conv + bias + ReLU as the net runs it"),
+                        Box::new(move |x: &Tensor| c.forward_relu_in(x, false)),
+                        true,
+                    ));
+                }
+            }
+        }
+        out.push(("flatten".into(), Box::new(|x: &Tensor| x.flatten_from(1)), true));
+        for (j, d) in n.dense.iter().enumerate() {
+            out.push((
+                format!("fc{} + ReLU", j + 1),
+                Box::new(move |x: &Tensor| dense_relu(d, x, false)),
+                true,
+            ));
+        }
+        out.push(("out".into(), Box::new(|x: &Tensor| crate::ops::linear(&n.out, x)), true));
+        out
+    }
+
+    #[test]
+    fn cuda_tiny_stage_by_stage() {
+        let Some(gpu) = crate::testutil::gpu() else { return };
+        let cfg = ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid);
+        let varmap = VarMap::new();
+        let cpu = VggNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let ts: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let n = 4 * 3 * 106 * 106;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
+            .collect();
+        let x0 = Tensor::from_vec(v, (4, 3, 106, 106), &Device::Cpu).unwrap();
+        let mut bad = Vec::new();
+        // unfused (the default before the 2026-11-30 device run, where `tiny` went wrong) and
+        // fused, each in f32 and bf16
+        for (fused, dtype, tol) in [
+            (false, DType::F32, 1e-3f32),
+            (false, DType::BF16, 3e-2),
+            (true, DType::F32, 1e-3),
+            (true, DType::BF16, 3e-2),
+        ] {
+            crate::cudnn::set_fused(fused);
+            let g = VggNet::new(&cfg, VarBuilder::from_tensors(ts.clone(), dtype, &gpu)).unwrap();
+            let (sc, sg) = (stages(&cpu), stages(&g));
+            let mut x = x0.clone();
+            for ((name, fc, advance), (_, fg, _)) in sc.iter().zip(sg.iter()) {
+                let want = fc(&x).unwrap();
+                let xin = x.to_device(&gpu).unwrap().to_dtype(dtype).unwrap();
+                let got = fg(&xin).unwrap();
+                let scale = crate::testutil::max_abs_diff(&want, &want.zeros_like().unwrap()).max(1e-6);
+                let e = crate::testutil::max_abs_diff(&want, &got) / scale;
+                eprintln!(
+                    "fused {fused} {dtype:?} {name}: {:?} rel err {e:.2e} (scale {scale:.3})",
+                    got.dims()
+                );
+                if e > tol {
+                    bad.push(format!("fused {fused} {dtype:?} {name}: rel err {e}"));
+                }
+                if *advance {
+                    x = want;
+                }
+            }
+        }
+        crate::cudnn::set_fused(true);
+        assert!(bad.is_empty(), "stages off: {bad:#?}");
+    }
+}

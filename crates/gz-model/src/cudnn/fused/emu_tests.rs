@@ -49,6 +49,21 @@ fn u(v: usize) -> u32 {
 /// The forward epilogue, both layouts, against [`BiasRelu`]'s CPU path (the same f32 sum and
 /// one rounding: equal to the bit).
 fn check_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
+    check_fwd_in::<T>(nhwc, false, dims)
+}
+
+/// The vectorised channels-last kernels' width for T: (lanes, vectors per row of `k`).
+fn vec_of<T: Elem>(k: usize) -> (usize, u32) {
+    let lanes = grid::vec_lanes(std::mem::size_of::<T>());
+    assert!(
+        grid::vec_fits(k, std::mem::size_of::<T>()),
+        "{k} channels do not suit the vector kernels"
+    );
+    (lanes, u(k / lanes))
+}
+
+/// [`check_fwd`]; with `vec` (channels-last only) the vectorised kernel.
+fn check_fwd_in<T: Elem>(nhwc: bool, vec: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
     let (n, k, h, w) = dims;
     let total = n * k * h * w;
     let z: Vec<T> = of(values(1, total, 2.0));
@@ -61,7 +76,11 @@ fn check_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<
     let flat_kernel = grid::fwd_is_flat(hw, total);
     // the launchers' grid, and for the grid-stride kernels also 3 blocks (they must give the
     // same with any grid, and so the stride loop runs more than once)
-    let grids = if nhwc || flat_kernel {
+    let (lanes, cvec) = if vec { vec_of::<T>(k) } else { (1, 0) };
+    let vecs = u(total / lanes);
+    let grids = if vec {
+        vec![grid::stride4(vecs), (3, 1, 1)]
+    } else if nhwc || flat_kernel {
         vec![grid::stride4(total32), (3, 1, 1)]
     } else {
         vec![grid::fwd_planes(planes, hw)]
@@ -72,7 +91,9 @@ fn check_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<
         // SAFETY: the kernels' argument lists, with buffers holding what they read and write
         // for these sizes
         run_both("bias_relu_fwd", g, BLOCK, &mut [&mut yb], || unsafe {
-            if nhwc {
+            if vec {
+                T::bias_relu_fwd_nhwc_v(zp, bp, yp, vecs, cvec)
+            } else if nhwc {
                 T::bias_relu_fwd_nhwc(zp, bp, yp, total32, k32)
             } else if flat_kernel {
                 T::bias_relu_fwd_flat(zp, bp, yp, total32, k32, hw)
@@ -83,7 +104,7 @@ fn check_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<
         let (d, at) = worst(yb.values("y", true), &reference, 1e-30);
         assert!(
             d == 0.0,
-            "{dims:?} nhwc {nhwc} grid {g:?}: y differs from the CPU op at {at} by {d}"
+            "{dims:?} nhwc {nhwc} vec {vec} grid {g:?}: y differs from the CPU op at {at} by {d}"
         );
     }
     Ok(())
@@ -151,6 +172,11 @@ fn relu_output<T: Elem>(seed: u64, n: usize) -> Vec<T> {
 }
 
 fn check_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
+    check_bwd_in::<T>(nhwc, false, dims)
+}
+
+/// [`check_bwd`]; with `vec` (channels-last only) the vectorised kernel.
+fn check_bwd_in<T: Elem>(nhwc: bool, vec: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
     let (n, k, h, w) = dims;
     let total = n * k * h * w;
     let y: Vec<T> = relu_output(3, total);
@@ -160,7 +186,19 @@ fn check_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<
     let (yb, dyb) = (Buf::new(&y), Buf::new(&dy));
     let (yp, dyp) = (yb.ptr(), dyb.ptr());
     let k32 = u(k);
-    let (dz, db) = if nhwc {
+    let (dz, db) = if vec {
+        let rows = u(n * h * w);
+        let (_, cvec) = vec_of::<T>(k);
+        // SAFETY: bias_relu_bwd_nhwc_v's argument list; y, dy and dz hold rows·cvec aligned
+        // 16-byte vectors
+        packed::<T>(
+            "bias_relu_bwd_nhwc_v",
+            grid::bwd_nhwc(rows),
+            total,
+            k32,
+            |dz, p| unsafe { T::bias_relu_bwd_nhwc_v(yp, dyp, dz, p, rows, cvec) },
+        )
+    } else if nhwc {
         let rows = u(n * h * w);
         // SAFETY: bias_relu_bwd_nhwc's argument list; y, dy and dz hold rows·k values
         packed::<T>("bias_relu_bwd_nhwc", grid::bwd_nhwc(rows), total, k32, |dz, p| unsafe {
@@ -173,9 +211,12 @@ fn check_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<
             T::bias_relu_bwd(yp, dyp, dz, p, n32, k32, hw)
         })
     };
-    compare(&format!("bias_relu_bwd {dims:?} nhwc {nhwc}"), &cpu, (&dz, &db), |i| {
-        channel_of(nhwc, k, h * w, i)
-    })
+    compare(
+        &format!("bias_relu_bwd {dims:?} nhwc {nhwc} vec {vec}"),
+        &cpu,
+        (&dz, &db),
+        |i| channel_of(nhwc, k, h * w, i),
+    )
 }
 
 /// The channel of element i of an activation of logical (·, k, ·) with `hw` positions a plane.
@@ -188,6 +229,11 @@ fn channel_of(nhwc: bool, k: usize, hw: usize, i: usize) -> usize {
 }
 
 fn check_pool_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
+    check_pool_fwd_in::<T>(nhwc, false, dims)
+}
+
+/// [`check_pool_fwd`]; with `vec` (channels-last only) the vectorised kernel.
+fn check_pool_fwd_in<T: Elem>(nhwc: bool, vec: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
     let (n, k, h, w) = dims;
     let total = n * k * h * w;
     let pooled = n * k * (h / 2) * (w / 2);
@@ -202,7 +248,8 @@ fn check_pool_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Re
     let (zb, bb) = (Buf::new(&z), Buf::new(&b));
     let (zp, bp) = (zb.ptr(), bb.ptr());
     let (n32, k32, h32, w32) = (u(n), u(k), u(h), u(w));
-    let threads = n32 * k32 * h32.div_ceil(2) * w32.div_ceil(2);
+    let cvec = if vec { vec_of::<T>(k).1 } else { 0 };
+    let threads = n32 * if vec { cvec } else { k32 } * h32.div_ceil(2) * w32.div_ceil(2);
     let (y_ref, p_ref) = (flat::<T>(&y_cpu)?, flat::<T>(&p_cpu)?);
     // the launcher's grid, and 3 blocks (grid-stride: the same with any grid)
     for g in [grid::pool_fwd(threads), (3, 1, 1)] {
@@ -210,13 +257,15 @@ fn check_pool_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Re
         let (yp, pp) = (yb.mut_ptr(), pb.mut_ptr());
         // SAFETY: the kernels' argument list; z, y hold n·k·h·w values, b k, p n·k·(h/2)·(w/2)
         run_both("bias_relu_pool_fwd", g, BLOCK, &mut [&mut yb, &mut pb], || unsafe {
-            if nhwc {
+            if vec {
+                T::bias_relu_pool_fwd_nhwc_v(zp, bp, yp, pp, n32, cvec, h32, w32)
+            } else if nhwc {
                 T::bias_relu_pool_fwd_nhwc(zp, bp, yp, pp, n32, k32, h32, w32)
             } else {
                 T::bias_relu_pool_fwd(zp, bp, yp, pp, n32, k32, h32, w32)
             }
         });
-        let what = format!("bias_relu_pool_fwd {dims:?} nhwc {nhwc} grid {g:?}");
+        let what = format!("bias_relu_pool_fwd {dims:?} nhwc {nhwc} vec {vec} grid {g:?}");
         let (d, at) = worst(yb.values("y", true), &y_ref, 1e-30);
         assert!(d == 0.0, "{what}: y differs at {at} by {d}");
         let (d, at) = worst(pb.values("p", true), &p_ref, 1e-30);
@@ -226,6 +275,11 @@ fn check_pool_fwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Re
 }
 
 fn check_pool_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
+    check_pool_bwd_in::<T>(nhwc, false, dims)
+}
+
+/// [`check_pool_bwd`]; with `vec` (channels-last only) the vectorised kernel.
+fn check_pool_bwd_in<T: Elem>(nhwc: bool, vec: bool, dims: (usize, usize, usize, usize)) -> Result<()> {
     let (n, k, h, w) = dims;
     let total = n * k * h * w;
     let pdims = (n, k, h / 2, w / 2);
@@ -236,11 +290,21 @@ fn check_pool_bwd<T: Elem>(nhwc: bool, dims: (usize, usize, usize, usize)) -> Re
     let (yb, dpb) = (Buf::new(&y), Buf::new(&dp));
     let (yp, dpp) = (yb.ptr(), dpb.ptr());
     let (n32, k32, h32, w32) = (u(n), u(k), u(h), u(w));
-    let name = if nhwc { "relu_pool_bwd_nhwc" } else { "relu_pool_bwd" };
+    let cvec = if vec { vec_of::<T>(k).1 } else { 0 };
+    let name = if vec {
+        "relu_pool_bwd_nhwc_v"
+    } else if nhwc {
+        "relu_pool_bwd_nhwc"
+    } else {
+        "relu_pool_bwd"
+    };
     let (dz, db) = packed::<T>(name, grid::pool_bwd(n32, k32, h32, w32, nhwc), total, k32, |dz, p| {
         // SAFETY: the kernels' argument list; y and dz hold n·k·h·w values, dp n·k·(h/2)·(w/2)
+        // (the vectorised kernel: as many aligned 16-byte vectors of cvec per row)
         unsafe {
-            if nhwc {
+            if vec {
+                T::relu_pool_bwd_nhwc_v(yp, dpp, dz, p, n32, cvec, h32, w32)
+            } else if nhwc {
                 T::relu_pool_bwd_nhwc(yp, dpp, dz, p, n32, k32, h32, w32)
             } else {
                 T::relu_pool_bwd(yp, dpp, dz, p, n32, k32, h32, w32)
@@ -341,5 +405,70 @@ fn relu_pool_backward_kernels_match_the_cpu_op() -> Result<()> {
             check_pool_bwd::<f32>(nhwc, dims)?;
         }
     }
+    Ok(())
+}
+
+/// (n, k, h, w) for the vectorised channels-last kernels (k a multiple of 8, so every dtype
+/// fits): one vector a row (all 256 threads as lanes), vector counts that leave part of the
+/// block idle (3, 12), 256 vectors a row (bf16/f16: one lane; f32 has 512 and is skipped),
+/// more rows than the 2,048 ranges, and 1×1 maps (the dense layers).
+const VEC_SHAPES: [(usize, usize, usize, usize); 6] = [
+    (64, 96, 1, 1),
+    (4, 32, 9, 9),
+    (2, 8, 40, 40),
+    (3, 2048, 2, 3),
+    (5, 24, 7, 6),
+    (1, 64, 50, 50),
+];
+
+/// Pooled shapes for the vectorised kernels: odd and even sides, the smallest map, uneven
+/// lanes, 512 channels (64 bf16 vectors, 128 f32), and a larger f32 one (several window rows a
+/// range).
+const VEC_POOL_SHAPES: [(usize, usize, usize, usize); 7] = [
+    (2, 8, 7, 6),
+    (3, 16, 5, 5),
+    (2, 24, 4, 3),
+    (5, 96, 6, 7),
+    (7, 512, 4, 4),
+    (2, 8, 2, 2),
+    (20, 96, 32, 32),
+];
+
+/// Runs `check` for T when the vector kernels take `k` channels of it.
+fn if_fits<T: Elem>(k: usize, check: impl FnOnce() -> Result<()>) -> Result<()> {
+    if grid::vec_fits(k, std::mem::size_of::<T>()) {
+        check()
+    } else {
+        Ok(())
+    }
+}
+
+/// The vectorised channels-last kernels (`*_nhwc_v_*`) against the same CPU ops, as the scalar
+/// ones: every value to the bit, the bias gradient within the sums' rounding.
+#[test]
+fn vectorised_nhwc_kernels_match_the_cpu_ops() -> Result<()> {
+    for dims in VEC_SHAPES {
+        let k = dims.1;
+        if_fits::<f32>(k, || check_fwd_in::<f32>(true, true, dims))?;
+        if_fits::<bf16>(k, || check_fwd_in::<bf16>(true, true, dims))?;
+        if_fits::<f16>(k, || check_fwd_in::<f16>(true, true, dims))?;
+        if_fits::<f32>(k, || check_bwd_in::<f32>(true, true, dims))?;
+        if_fits::<bf16>(k, || check_bwd_in::<bf16>(true, true, dims))?;
+        if_fits::<f16>(k, || check_bwd_in::<f16>(true, true, dims))?;
+    }
+    for dims in VEC_POOL_SHAPES {
+        let k = dims.1;
+        if_fits::<f32>(k, || check_pool_fwd_in::<f32>(true, true, dims))?;
+        if_fits::<f32>(k, || check_pool_bwd_in::<f32>(true, true, dims))?;
+        if dims.0 < 20 {
+            if_fits::<bf16>(k, || check_pool_fwd_in::<bf16>(true, true, dims))?;
+            if_fits::<f16>(k, || check_pool_fwd_in::<f16>(true, true, dims))?;
+            if_fits::<bf16>(k, || check_pool_bwd_in::<bf16>(true, true, dims))?;
+            if_fits::<f16>(k, || check_pool_bwd_in::<f16>(true, true, dims))?;
+        }
+    }
+    // what the launcher leaves to the scalar kernels
+    assert!(!grid::vec_fits(12, 2) && !grid::vec_fits(2048, 4) && grid::vec_fits(2048, 2));
+    assert!(!grid::vec_fits(0, 2) && grid::vec_fits(4, 4) && !grid::vec_fits(3, 4));
     Ok(())
 }
