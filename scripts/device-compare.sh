@@ -42,6 +42,10 @@ vs_peer() { # bench-name model batch dtype compile field label
 }
 
 echo "== A/B (ratio > 1: the variant is faster) =="
+ratio vgg-bf16-default vgg-bf16-all-nhwc-image-pad
+ratio vgg-bf16-scalar-epilogue vgg-bf16-default
+ratio dieleman-bf16-default dieleman-bf16-all-nhwc-image
+ratio dieleman-bf16-scalar-epilogue dieleman-bf16-default
 ratio vgg-bf16-all vgg-bf16-baseline
 ratio vgg-bf16-all-nhwc vgg-bf16-all
 ratio vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc
@@ -57,13 +61,15 @@ for v in vgg-bf16-no-fused-epilogue vgg-bf16-generic-optimizer vgg-bf16-optimize
 done
 ratio dieleman-bf16-by-layers dieleman-bf16-all
 echo "== gz / PyTorch 2.11 (the issue-7 targets; > 1: gz is faster) =="
-for v in vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc-image-pad; do
+for v in vgg-bf16-default vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc-image-pad; do
   vs_peer "$v" vgg 256 bf16 false train_img_s "torch eager vgg b256 bf16"
   vs_peer "$v" vgg 256 bf16 true train_img_s "torch.compile vgg b256 bf16"
 done
-for v in dieleman-bf16-all dieleman-bf16-all-nhwc dieleman-bf16-all-nhwc-image; do
+for v in dieleman-bf16-default dieleman-bf16-all dieleman-bf16-all-nhwc dieleman-bf16-all-nhwc-image; do
   vs_peer "$v" dieleman 256 bf16 false train_img_s "torch eager dieleman b256 bf16"
 done
+vs_peer vgg-bf16-default-inference vgg 256 bf16 false infer_img_s "torch eager vgg infer"
+vs_peer dieleman-bf16-default-inference dieleman 256 bf16 false infer_img_s "torch eager dieleman infer"
 vs_peer vgg-bf16-inference vgg 256 bf16 false infer_img_s "torch eager vgg infer"
 vs_peer vgg-bf16-inference-nhwc vgg 256 bf16 false infer_img_s "torch eager vgg infer"
 vs_peer dieleman-bf16-inference dieleman 256 bf16 false infer_img_s "torch eager dieleman infer"

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # device-speed.sh — the issue-7 device check for the fused kernels, run ONCE on the H200.
+# First run 2026-11-30 (docs/benchmarks.md, "H200 device runs, 2026-11-30"); the history below
+# is what each session added for it.
 #
 # What is new since the last device run (2026-11-28) and has never run on a GPU:
 #   - fused bias + ReLU epilogue (cudnn::bias_relu / conv2d_relu; GZ_FUSED=0 switches it off)
@@ -97,19 +99,26 @@ peer() {
 }
 breakdown() { grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-$1.log" | tee -a "$SUM"; }
 
-# The new kernels are off by default until this run checks them: "all" switches them on.
-ALL="GZ_FUSED=1 GZ_OPTIM=fused GZ_RESAMPLE=kernel"
+# Since the 2026-11-30 run everything below is on by default (channels-last on CUDA with the
+# image layer, padded for 3x3 filters, vectorised epilogues), so each row names its settings in
+# full: "all" is every piece on in NCHW (GZ_NHWC=0), "nhwc" channels-last from the first
+# 8-channel layer (GZ_NHWC_IMAGE=0), "image" the image layer too; "default" sets nothing.
+# (In env, the last assignment of a variable wins.)
+ALL="GZ_FUSED=1 GZ_OPTIM=fused GZ_RESAMPLE=kernel GZ_NHWC=0"
 V="--model vgg16-blog --batch 256 --precision bf16"
 D="--model dieleman --batch 256 --precision bf16"
 R="--steps 20 --warmup 3 --pipelined"
 # 1. what decides the issue (the first bench also pays the driver's PTX compile, cached after)
-bench vgg-bf16-baseline 60 GZ_FUSED=0 -- $V $R
+NHWC="GZ_NHWC=1 GZ_NHWC_IMAGE=0"
+bench vgg-bf16-default 60 -- $V $R
+bench vgg-bf16-baseline 45 GZ_FUSED=0 GZ_NHWC=0 -- $V $R
 bench vgg-bf16-all 45 $ALL -- $V $R
-bench vgg-bf16-all-nhwc 45 $ALL GZ_NHWC=1 -- $V $R
-bench dieleman-bf16-baseline 45 GZ_FUSED=0 -- $D $R
+bench vgg-bf16-all-nhwc 45 $ALL $NHWC -- $V $R
+bench dieleman-bf16-default 45 -- $D $R
+bench dieleman-bf16-baseline 45 GZ_FUSED=0 GZ_NHWC=0 -- $D $R
 bench dieleman-bf16-all 45 $ALL -- $D $R
-bench dieleman-bf16-all-nhwc 45 $ALL GZ_NHWC=1 -- $D $R
-bench vgg-bf16-breakdown 45 $ALL -- $V --steps 10 --warmup 3 --profile-steps 5
+bench dieleman-bf16-all-nhwc 45 $ALL $NHWC -- $D $R
+bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
 breakdown vgg-bf16-breakdown
 pack
 # 2. correctness (one thread: the CUDA tests share the GPU)
@@ -128,23 +137,27 @@ peer
 pack
 # 4. where the time goes: each new piece off in turn, images, inference, f32
 bench vgg-bf16-inference 30 $ALL -- $V $R --inference
+bench vgg-bf16-default-inference 30 -- $V $R --inference
 bench dieleman-bf16-inference 30 $ALL -- $D $R --inference
+bench dieleman-bf16-default-inference 30 -- $D $R --inference
 bench vgg-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
+bench vgg-bf16-scalar-epilogue 40 GZ_NHWC_VEC=0 -- $V $R
 bench vgg-bf16-all-nhwc-image-pad 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=pad -- $V $R
-bench dieleman-bf16-breakdown 40 $ALL -- $D --steps 10 --warmup 3 --profile-steps 5
+bench dieleman-bf16-breakdown 40 -- $D --steps 10 --warmup 3 --profile-steps 5
 breakdown dieleman-bf16-breakdown
-bench vgg-bf16-inference-nhwc 30 $ALL GZ_NHWC=1 -- $V $R --inference
+bench vgg-bf16-inference-nhwc 30 $ALL $NHWC -- $V $R --inference
 bench vgg-bf16-by-layers 40 $ALL GZ_TOWER_OP=0 -- $V $R
-bench vgg-bf16-generic-optimizer 40 GZ_FUSED=1 GZ_RESAMPLE=kernel -- $V $R --optimizer-path generic
-bench vgg-bf16-no-fused-epilogue 40 GZ_FUSED=0 GZ_OPTIM=fused GZ_RESAMPLE=kernel -- $V $R
+bench vgg-bf16-generic-optimizer 40 $ALL -- $V $R --optimizer-path generic
+bench vgg-bf16-no-fused-epilogue 40 $ALL GZ_FUSED=0 -- $V $R
 bench vgg-bf16-cuda-defaults 40 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
-bench vgg-f32-128 40 $ALL -- --model vgg16-blog --batch 128 --precision f32 $R
+bench vgg-f32-128 40 -- --model vgg16-blog --batch 128 --precision f32 $R
 bench dieleman-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $D $R
+bench dieleman-bf16-scalar-epilogue 40 GZ_NHWC_VEC=0 -- $D $R
 bench dieleman-bf16-by-layers 40 $ALL GZ_TOWER_OP=0 -- $D $R
 bench vgg-bf16-optimizer-one-launch-per-tensor 40 $ALL GZ_OPTIM_TENSORS=1 -- $V $R
 bench vgg-bf16-unfused-pool 40 $ALL GZ_TOWER_OP=0 GZ_FUSED_POOL=0 -- $V $R
 bench vgg-bf16-two-op-epilogue 40 $ALL GZ_TOWER_OP=0 GZ_CONV_RELU_OP=0 -- $V $R
-bench vgg-bf16-all-nhwc-candle-layout 40 $ALL GZ_NHWC=1 GZ_LAYOUT_KERNEL=0 -- $V $R
+bench vgg-bf16-all-nhwc-candle-layout 40 $ALL $NHWC GZ_LAYOUT_KERNEL=0 -- $V $R
 pack
 # the decisions in one table: each A/B pair as a ratio, and gz against the PyTorch peer
 if [ -f "$HERE/scripts/device-compare.sh" ]; then
