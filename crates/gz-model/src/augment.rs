@@ -146,6 +146,11 @@ pub fn set_resample_kernels(on: bool) {
     KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether [`set_resample_kernels`] allows the CUDA resampling kernels.
+pub fn resample_kernels_enabled() -> bool {
+    KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// On by default: the CPU twin of the kernels (`cpu`), checked against the candle ops.
 static CPU_TWIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 

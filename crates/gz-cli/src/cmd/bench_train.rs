@@ -183,6 +183,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut v = serde_json::to_value(&r)?;
         add_setup(&mut v, &args, &model)?;
         v["conv"] = conv.into();
+        if conv == "cudnn" && device.is_cuda() {
+            v["fast_path"] = gz_model::cudnn::fast_path_summary(&device).into();
+        }
         if let Some((p, prof, n)) = &profile {
             v["cudnn_ms_per_step"] = serde_json::json!({
                 "profiled_step_ms": p.step_ms,
@@ -210,6 +213,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         r.images_per_s,
         r.step_ms
     );
+    if conv == "cudnn" && device.is_cuda() {
+        println!("  fast path: {}", gz_model::cudnn::fast_path_summary(&device));
+    }
     // (as wide as the longest name: a CPU batch trained in parts has one "forward+backward")
     let width = r.phases.iter().map(|(name, _)| name.len()).max().unwrap_or(0).max(10);
     for (name, ms) in &r.phases {

@@ -236,6 +236,48 @@ pub(crate) fn nhwc_padded_channels(in_channels: usize, kernel: (usize, usize)) -
     }
 }
 
+/// The fast path's settings on `device` in one line (for `gz bench-train` and device logs,
+/// which are all a device run brings back): epilogue, layout and image layer, the epilogue
+/// kernels' width, the tower op, the resampling kernels and the optimizer update. "off" where
+/// the fast path does not run on `device`.
+pub fn fast_path_summary(device: &Device) -> String {
+    if !active_for(device) {
+        return "off (the cuDNN path runs on CUDA devices of a `cudnn` build)".into();
+    }
+    let onoff = |on: bool| if on { "on" } else { "off" };
+    let layout = if nhwc_for(device) {
+        let image = if !nhwc_starts_at(3) {
+            "image layer NCHW".to_string()
+        } else {
+            let pad = match NHWC_IMAGE_PADDED_HERE.with(|c| c.get()) {
+                Some(true) => "padded to 8 channels",
+                Some(false) => "unpadded",
+                None => match NHWC_IMAGE_PADDED.load(Ordering::Relaxed) {
+                    PAD_OFF => "unpadded",
+                    PAD_ON => "padded to 8 channels",
+                    _ => "padded to 8 channels where its filter is 3×3",
+                },
+            };
+            format!("image layer channels-last, {pad}")
+        };
+        format!("channels-last ({image})")
+    } else {
+        "NCHW".into()
+    };
+    format!(
+        "fused epilogue {}, {layout}, epilogue kernels {}, tower op {}, resampling kernels {}, fused optimizer {}",
+        onoff(fused_enabled()),
+        if fused::nhwc_vectorised() {
+            "vectorised"
+        } else {
+            "scalar"
+        },
+        onoff(tower_op_enabled()),
+        onoff(crate::augment::resample_kernels_enabled()),
+        onoff(crate::optim::fused_enabled()),
+    )
+}
+
 /// Whether a channels-last tower still in NCHW switches layout before a convolution with
 /// `in_channels` input channels: at the first multiple of 8 (cuDNN's NHWC tensor-core kernels
 /// want that), or at once with [`set_nhwc_image`].

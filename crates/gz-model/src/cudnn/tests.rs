@@ -1070,3 +1070,17 @@ fn cuda_layout_kernel_matches_permute() -> Result<()> {
     assert!(g.get(v.as_tensor()).is_some(), "a tensor in a graph keeps its gradient");
     Ok(())
 }
+
+/// The one-line summary of the fast path's settings that `gz bench-train` prints: "off" on the
+/// CPU; on CUDA the defaults, and a thread's channels-last override.
+#[test]
+fn fast_path_summary_names_the_settings() {
+    assert!(super::fast_path_summary(&Device::Cpu).starts_with("off"));
+    #[cfg(feature = "cudnn")]
+    if let Some(gpu) = cuda_device() {
+        let s = super::fast_path_summary(&gpu);
+        assert!(s.starts_with("fused epilogue on, channels-last (image layer channels-last, padded to 8 channels where its filter is 3×3), epilogue kernels vectorised"), "{s}");
+        let s = super::with_nhwc(false, || super::fast_path_summary(&gpu));
+        assert!(s.contains(", NCHW,"), "{s}");
+    }
+}
