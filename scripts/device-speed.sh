@@ -111,11 +111,13 @@ R="--steps 20 --warmup 3 --pipelined"
 # 1. what decides the issue (the first bench also pays the driver's PTX compile, cached after)
 NHWC="GZ_NHWC=1 GZ_NHWC_IMAGE=0"
 bench vgg-bf16-default 60 -- $V $R
-bench vgg-bf16-baseline 45 GZ_FUSED=0 GZ_NHWC=0 -- $V $R
+# the path measured on 2026-11-28: none of the fast path's own kernels, NCHW
+BASE="GZ_FUSED=0 GZ_OPTIM=generic GZ_RESAMPLE=ops GZ_NHWC=0"
+bench vgg-bf16-baseline 45 $BASE -- $V $R
 bench vgg-bf16-all 45 $ALL -- $V $R
 bench vgg-bf16-all-nhwc 45 $ALL $NHWC -- $V $R
 bench dieleman-bf16-default 45 -- $D $R
-bench dieleman-bf16-baseline 45 GZ_FUSED=0 GZ_NHWC=0 -- $D $R
+bench dieleman-bf16-baseline 45 $BASE -- $D $R
 bench dieleman-bf16-all 45 $ALL -- $D $R
 bench dieleman-bf16-all-nhwc 45 $ALL $NHWC -- $D $R
 bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
@@ -150,7 +152,7 @@ bench vgg-bf16-by-layers 40 $ALL GZ_TOWER_OP=0 -- $V $R
 bench vgg-bf16-generic-optimizer 40 $ALL -- $V $R --optimizer-path generic
 bench vgg-bf16-no-fused-epilogue 40 $ALL GZ_FUSED=0 -- $V $R
 bench vgg-bf16-cuda-defaults 40 $ALL GZ_CUDA_DEFAULTS=1 -- $V $R
-bench vgg-f32-128 40 -- --model vgg16-blog --batch 128 --precision f32 $R
+bench vgg-f32-128-default 40 -- --model vgg16-blog --batch 128 --precision f32 $R
 bench dieleman-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $D $R
 bench dieleman-bf16-scalar-epilogue 40 GZ_NHWC_VEC=0 -- $D $R
 bench dieleman-bf16-by-layers 40 $ALL GZ_TOWER_OP=0 -- $D $R

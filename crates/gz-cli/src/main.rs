@@ -153,7 +153,8 @@ fn main() {
         _ => {}
     }
     // The fast path's own kernels are on by default since the 2026-11-30 device run checked
-    // them (docs/cudnn.md); for comparisons `GZ_FUSED=0` drops the fused bias + ReLU,
+    // them (docs/cudnn.md); for comparisons `GZ_FUSED=0` drops the fused bias + ReLU (outside
+    // the channels-last towers, which always use it: with `GZ_NHWC=0` everywhere),
     // `GZ_OPTIM=generic` the one-launch optimizer update, `GZ_RESAMPLE=ops` the resampling /
     // Dieleman-parts kernel, `GZ_NHWC=0` channels-last on CUDA.
     match std::env::var("GZ_FUSED").as_deref() {

@@ -211,11 +211,16 @@ pub(crate) mod testutil {
 
         impl<T: WithDType> Output for Buf<T> {
             fn snapshot(&self) -> Vec<f64> {
-                self.data[GUARD..GUARD + self.len].iter().map(|v| v.to_f64()).collect()
+                self.data[self.lead..self.lead + self.len]
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .collect()
             }
             fn poison(&mut self) {
                 let nan = T::from_f64(f64::NAN);
-                self.data[GUARD..GUARD + self.len].iter_mut().for_each(|v| *v = nan);
+                self.data[self.lead..self.lead + self.len]
+                    .iter_mut()
+                    .for_each(|v| *v = nan);
             }
         }
 

@@ -613,8 +613,8 @@ mod tests {
         op_matches_ops_on(&Device::Cpu);
     }
 
-    /// The same on the GPU with the op's kernel switched on (`GZ_FUSED=1`'s process-wide
-    /// switch; CUDA tests hold the GPU exclusively). Skipped without a GPU.
+    /// The same on the GPU with the op's kernel switched on (the fused epilogue's process-wide
+    /// switch, on by default; CUDA tests hold the GPU exclusively). Skipped without a GPU.
     #[cfg(feature = "cudnn")]
     #[test]
     fn cuda_op_matches_ops() {

@@ -94,9 +94,10 @@ pub fn active_for(device: &Device) -> bool {
 }
 
 /// Switches the fused bias + ReLU epilogue ([`conv2d_relu`]) in the nets on (the default: the
-/// 2026-11-30 device run checked the kernels on an H200) or off; off, the fast path adds the
-/// bias as cuDNN's unfused path does and the nets apply candle's ReLU. `gz` reads
-/// `GZ_FUSED=1|0`.
+/// 2026-11-30 device run checked the kernels on an H200) or off; off, the NCHW fast path adds
+/// the bias as cuDNN's unfused path does and the nets apply candle's ReLU, and the dense
+/// layers, the tree layer and dropout take candle's ops. Channels-last towers (the CUDA
+/// default) always run the fused ops, so the unfused path is `GZ_FUSED=0 GZ_NHWC=0` in `gz`.
 pub fn set_fused(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
 }
@@ -130,9 +131,9 @@ pub(crate) fn cpu_fused_for(x: &Tensor, w: &Tensor) -> bool {
 /// Runs the nets' convolution towers channels-last (NHWC activations, KRSC filters) wherever
 /// the custom ops run: CUDA with the fast path, and the CPU (where the ops permute to NCHW
 /// around the CPU convolution: slower, but the same plumbing, which is how the CPU tests check
-/// it). Off by default; CUDA runs channels-last anyway unless [`set_nhwc_on_cuda`]`(false)`.
-/// `GZ_NHWC=1` switches it on in `gz`. Checkpoints are the same in both layouts (weights stay
-/// (K, C, R, S)).
+/// it). Off by default, which leaves the CPU in NCHW; CUDA has its own switch,
+/// [`set_nhwc_on_cuda`], on by default. `GZ_NHWC=1` calls this in `gz`. Checkpoints are the
+/// same in both layouts (weights stay (K, C, R, S)).
 pub fn set_nhwc(on: bool) {
     NHWC.store(on, Ordering::Relaxed);
 }
@@ -264,9 +265,15 @@ pub fn fast_path_summary(device: &Device) -> String {
     } else {
         "NCHW".into()
     };
+    let epilogue = if fused_enabled() {
+        "on"
+    } else if nhwc_for(device) {
+        "off but in the channels-last towers (they always run it)"
+    } else {
+        "off"
+    };
     format!(
-        "fused epilogue {}, {layout}, epilogue kernels {}, tower op {}, resampling kernels {}, fused optimizer {}",
-        onoff(fused_enabled()),
+        "fused epilogue {epilogue}, {layout}, epilogue kernels {}, tower op {}, resampling kernels {}, fused optimizer {}",
         if fused::nhwc_vectorised() {
             "vectorised"
         } else {

@@ -346,9 +346,19 @@ mod cuda_tests {
         out
     }
 
+    /// Sets the fused epilogue back to its default when dropped, panic or not (CUDA tests share
+    /// one process and run one at a time).
+    struct RestoreFused;
+    impl Drop for RestoreFused {
+        fn drop(&mut self) {
+            crate::cudnn::set_fused(true);
+        }
+    }
+
     #[test]
     fn cuda_tiny_stage_by_stage() {
         let Some(gpu) = crate::testutil::gpu() else { return };
+        let _restore = RestoreFused;
         let cfg = ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid);
         let varmap = VarMap::new();
         let cpu = VggNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
@@ -395,7 +405,6 @@ mod cuda_tests {
                 }
             }
         }
-        crate::cudnn::set_fused(true);
         assert!(bad.is_empty(), "stages off: {bad:#?}");
     }
 }

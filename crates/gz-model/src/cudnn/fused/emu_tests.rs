@@ -409,11 +409,12 @@ fn relu_pool_backward_kernels_match_the_cpu_op() -> Result<()> {
 }
 
 /// (n, k, h, w) for the vectorised channels-last kernels (k a multiple of 8, so every dtype
-/// fits): one vector a row (all 256 threads as lanes), vector counts that leave part of the
-/// block idle (3, 12), 256 vectors a row (bf16/f16: one lane; f32 has 512 and is skipped),
-/// more rows than the 2,048 ranges, and 1×1 maps (the dense layers).
-const VEC_SHAPES: [(usize, usize, usize, usize); 6] = [
+/// fits): 1×1 maps (the dense layers), a small map, one bf16 vector a row (all 256 threads as
+/// lanes), 256 vectors a row (bf16/f16: one lane; f32 has 512 and is skipped), vector counts
+/// that leave part of the block idle (3 bf16, 6 f32, 12), and more rows than the 2,048 ranges.
+const VEC_SHAPES: [(usize, usize, usize, usize); 7] = [
     (64, 96, 1, 1),
+    (2, 1024, 2, 2),
     (4, 32, 9, 9),
     (2, 8, 40, 40),
     (3, 2048, 2, 3),
@@ -422,9 +423,12 @@ const VEC_SHAPES: [(usize, usize, usize, usize); 6] = [
 ];
 
 /// Pooled shapes for the vectorised kernels: odd and even sides, the smallest map, uneven
-/// lanes, 512 channels (64 bf16 vectors, 128 f32), and a larger f32 one (several window rows a
-/// range).
-const VEC_POOL_SHAPES: [(usize, usize, usize, usize); 7] = [
+/// lanes, 512 channels (64 bf16 vectors, 128 f32), 256 vectors a row (2,048 bf16 channels,
+/// 1,024 f32), more window rows than the 2,048 ranges (2,304), and a larger f32 one.
+const VEC_POOL_SHAPES: [(usize, usize, usize, usize); 10] = [
+    (1, 2048, 2, 3),
+    (1, 1024, 3, 3),
+    (9, 8, 32, 32),
     (2, 8, 7, 6),
     (3, 16, 5, 5),
     (2, 24, 4, 3),
