@@ -48,6 +48,9 @@ ratio vgg-bf16-default vgg-bf16-all-nhwc-image-pad
 ratio vgg-bf16-scalar-epilogue vgg-bf16-default
 ratio dieleman-bf16-default dieleman-bf16-all-nhwc-image
 ratio dieleman-bf16-scalar-epilogue dieleman-bf16-default
+ratio dieleman-bf16-image-gemm dieleman-bf16-default
+ratio vgg-bf16-image-gemm vgg-bf16-default
+ratio dieleman-bf16-image-gemm-inference dieleman-bf16-default-inference
 ratio vgg-bf16-all vgg-bf16-baseline
 ratio vgg-bf16-all-nhwc vgg-bf16-all
 ratio vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc
@@ -67,7 +70,10 @@ for v in vgg-bf16-default vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image
   vs_peer "$v" vgg 256 bf16 false train_img_s "torch eager vgg b256 bf16"
   vs_peer "$v" vgg 256 bf16 true train_img_s "torch.compile vgg b256 bf16"
 done
-for v in dieleman-bf16-default dieleman-bf16-all dieleman-bf16-all-nhwc dieleman-bf16-all-nhwc-image; do
+for v in dieleman-bf16-image-gemm vgg-bf16-image-gemm; do
+  vs_peer "$v" "$(echo "$v" | cut -d- -f1)" 256 bf16 true train_img_s "torch.compile b256 bf16"
+done
+for v in dieleman-bf16-default dieleman-bf16-image-gemm dieleman-bf16-all dieleman-bf16-all-nhwc dieleman-bf16-all-nhwc-image; do
   vs_peer "$v" dieleman 256 bf16 false train_img_s "torch eager dieleman b256 bf16"
 done
 vs_peer vgg-bf16-default-inference vgg 256 bf16 false infer_img_s "torch eager vgg infer"

@@ -89,9 +89,11 @@ tests() { # group timeout
 }
 peer() {
   PEER="$HERE/scripts/torch_peer.py"
-  PT=$(( $(left) - 20 )); [ $PT -gt 120 ] && PT=120
+  # eager rows, then torch.compile's two bf16 rows (the issue's second targets; about 60 s
+  # eager and 45 s compile on the H200 on 2026-11-30)
+  PT=$(( $(left) - 20 )); [ $PT -gt 170 ] && PT=170
   if [ -f "$PEER" ] && [ $PT -gt 40 ]; then
-    timeout $PT env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$PEER" > "$S/torch_peer.jsonl" 2> "$S/torch_peer.err"
+    timeout $PT env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$PEER" --compile > "$S/torch_peer.jsonl" 2> "$S/torch_peer.err"
     say "torch_peer rc=$?"; cat "$S/torch_peer.jsonl" | tee -a "$SUM"
   else
     say "torch_peer skipped (script present: $([ -f "$PEER" ] && echo yes || echo no), $(left) s left)"
@@ -120,10 +122,16 @@ bench dieleman-bf16-default 45 -- $D $R
 bench dieleman-bf16-baseline 45 $BASE -- $D $R
 bench dieleman-bf16-all 45 $ALL -- $D $R
 bench dieleman-bf16-all-nhwc 45 $ALL $NHWC -- $D $R
+# new since 2026-11-30 and off by default: the image layers as im2col + cuBLAS products
+bench dieleman-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $D $R
+bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
 bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
 breakdown vgg-bf16-breakdown
+bench dieleman-bf16-image-gemm-breakdown 45 GZ_IMAGE_GEMM=1 -- $D --steps 10 --warmup 3 --profile-steps 5
+breakdown dieleman-bf16-image-gemm-breakdown
 pack
 # 2. correctness (one thread: the CUDA tests share the GPU)
+tests cuda_image_gemm 30
 tests cudnn::fused:: 30
 tests optim::fused:: 25
 tests augment::tests::cuda_ 20
@@ -142,6 +150,7 @@ bench vgg-bf16-inference 30 $ALL -- $V $R --inference
 bench vgg-bf16-default-inference 30 -- $V $R --inference
 bench dieleman-bf16-inference 30 $ALL -- $D $R --inference
 bench dieleman-bf16-default-inference 30 -- $D $R --inference
+bench dieleman-bf16-image-gemm-inference 30 GZ_IMAGE_GEMM=1 -- $D $R --inference
 bench vgg-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
 bench vgg-bf16-scalar-epilogue 40 GZ_NHWC_VEC=0 -- $V $R
 bench vgg-bf16-all-nhwc-image-pad 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=pad -- $V $R

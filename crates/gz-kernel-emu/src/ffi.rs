@@ -102,7 +102,7 @@ pub struct OptimTable {
     pub model: [u64; 32],
 }
 
-/// One storage type's instances of the kernels in bias_relu.cu, affine.cu and optim.cu.
+/// One storage type's instances of the kernels in bias_relu.cu, im2col.cu, affine.cu and optim.cu.
 ///
 /// # Safety
 /// Every method is the kernel itself: call it only inside [`crate::launch`], with pointers to
@@ -200,6 +200,21 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
         h: u32,
         w: u32,
     );
+    unsafe fn im2col_nhwc(
+        x: *const Self,
+        p: *mut Self,
+        n: u32,
+        h: u32,
+        w: u32,
+        c: u32,
+        r: u32,
+        s: u32,
+        pad: u32,
+        oh: u32,
+        ow: u32,
+        cols: u32,
+    );
+    unsafe fn copy_cols(src: *const Self, dst: *mut Self, rows: u32, src_w: u32, dst_w: u32);
     unsafe fn affine_sample(
         img: *const Self,
         mats: *const f32,
@@ -244,7 +259,7 @@ macro_rules! storage {
         $fwd:ident, $flat:ident, $bwd:ident, $finish:ident, $fwd_nhwc:ident, $bwd_nhwc:ident,
         $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
         $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident,
-        $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident
+        $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident, $im2col:ident, $copy_cols:ident
     ]) => {
         mod $m {
             use super::*;
@@ -325,6 +340,21 @@ macro_rules! storage {
                     h: u32,
                     w: u32,
                 );
+                pub fn $im2col(
+                    x: *const $t,
+                    p: *mut $t,
+                    n: u32,
+                    h: u32,
+                    w: u32,
+                    c: u32,
+                    r: u32,
+                    s: u32,
+                    pad: u32,
+                    oh: u32,
+                    ow: u32,
+                    cols: u32,
+                );
+                pub fn $copy_cols(src: *const $t, dst: *mut $t, rows: u32, src_w: u32, dst_w: u32);
                 pub fn $affine(
                     img: *const $t,
                     mats: *const f32,
@@ -492,6 +522,25 @@ macro_rules! storage {
             ) {
                 unsafe { $m::$pool_fwd_v(z, b, y, p, batch, cvec, h, w) }
             }
+            unsafe fn im2col_nhwc(
+                x: *const Self,
+                p: *mut Self,
+                n: u32,
+                h: u32,
+                w: u32,
+                c: u32,
+                r: u32,
+                s: u32,
+                pad: u32,
+                oh: u32,
+                ow: u32,
+                cols: u32,
+            ) {
+                unsafe { $m::$im2col(x, p, n, h, w, c, r, s, pad, oh, ow, cols) }
+            }
+            unsafe fn copy_cols(src: *const Self, dst: *mut Self, rows: u32, src_w: u32, dst_w: u32) {
+                unsafe { $m::$copy_cols(src, dst, rows, src_w, dst_w) }
+            }
             unsafe fn affine_sample(
                 img: *const Self,
                 mats: *const f32,
@@ -581,7 +630,9 @@ storage!(
         bias_relu_fwd_nhwc_v_f32,
         bias_relu_bwd_nhwc_v_f32,
         relu_pool_bwd_nhwc_v_f32,
-        bias_relu_pool_fwd_nhwc_v_f32
+        bias_relu_pool_fwd_nhwc_v_f32,
+        im2col_nhwc_f32,
+        copy_cols_f32
     ]
 );
 storage!(
@@ -607,7 +658,9 @@ storage!(
         bias_relu_fwd_nhwc_v_bf16,
         bias_relu_bwd_nhwc_v_bf16,
         relu_pool_bwd_nhwc_v_bf16,
-        bias_relu_pool_fwd_nhwc_v_bf16
+        bias_relu_pool_fwd_nhwc_v_bf16,
+        im2col_nhwc_bf16,
+        copy_cols_bf16
     ]
 );
 storage!(
@@ -633,6 +686,8 @@ storage!(
         bias_relu_fwd_nhwc_v_f16,
         bias_relu_bwd_nhwc_v_f16,
         relu_pool_bwd_nhwc_v_f16,
-        bias_relu_pool_fwd_nhwc_v_f16
+        bias_relu_pool_fwd_nhwc_v_f16,
+        im2col_nhwc_f16,
+        copy_cols_f16
     ]
 );

@@ -58,6 +58,11 @@ const FILES: &[File] = &[
         module: "gz_layout",
     },
     File {
+        rs: "cudnn/im2col.rs",
+        cu: "im2col.cu",
+        module: "gz_im2col",
+    },
+    File {
         rs: "dropout.rs",
         cu: "dropout.cu",
         module: "gz_dropout",
@@ -324,6 +329,42 @@ const LAUNCHES: &[Launch] = &[
             ),
             ("cudnn/fused.rs", r#"format!("bias_grad_finish_{sfx}")"#),
         ],
+    },
+    // ---- im2col.cu
+    Launch {
+        rs: "cudnn/im2col.rs",
+        kernels: &["im2col_nhwc"],
+        suffixes: FLOATS,
+        params: &[
+            A::P,
+            A::P,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+            A::U32,
+        ],
+        chains: &["launch.arg(x).arg(&p).arg(&n).arg(&h).arg(&w).arg(&c).arg(&r).arg(&s).arg(&pad).arg(&oh).arg(&ow).arg(&cols32);"],
+        evidence: &[(
+            "cudnn/im2col.rs",
+            r#"format!("im2col_nhwc_{}", suffix(T::DTYPE)?)"#,
+        )],
+    },
+    Launch {
+        rs: "cudnn/im2col.rs",
+        kernels: &["copy_cols"],
+        suffixes: FLOATS,
+        params: &[A::P, A::P, A::U32, A::U32, A::U32],
+        chains: &["launch.arg(src).arg(&dst).arg(&rows32).arg(&sw).arg(&dw);"],
+        evidence: &[(
+            "cudnn/im2col.rs",
+            r#"format!("copy_cols_{}", suffix(T::DTYPE)?)"#,
+        )],
     },
     // ---- layout.cu
     Launch {

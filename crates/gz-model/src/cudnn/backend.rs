@@ -276,6 +276,17 @@ pub(super) fn time_bias<R>(dev: &CudaDevice, f: impl FnOnce() -> Result<R>) -> R
     })
 }
 
+/// Runs `f` (a convolution done outside cuDNN, `super::im2col`) bracketed by profiling events
+/// counted as convolution forward (`fwd`) or backward-filter time.
+pub(super) fn time_conv<R>(dev: &CudaDevice, fwd: bool, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    with_state(dev, |st| {
+        let start = st.event()?;
+        let r = f()?;
+        st.push_event(if fwd { ProfKind::Fwd } else { ProfKind::BwdFilter }, start)?;
+        Ok(r)
+    })
+}
+
 fn data_type(dtype: DType) -> Result<(sys::cudnnDataType_t, sys::cudnnDataType_t)> {
     use sys::cudnnDataType_t as D;
     Ok(match dtype {
@@ -776,6 +787,11 @@ pub(super) fn conv_fwd(
     if let Some((_, bl)) = bias {
         require_contiguous("conv bias", bl)?;
     }
+    if bias.is_none() {
+        if let Some(y) = super::im2col::cuda::try_conv_fwd(p, xs, xl, ws, wl)? {
+            return Ok(y);
+        }
+    }
     dispatch!(xs.dtype(), go, p, xs, xl, ws, wl, bias, y_shape)
 }
 
@@ -874,6 +890,9 @@ pub(super) fn conv_bwd_filter(
     }
     require_contiguous("backward-filter x", xl)?;
     require_contiguous("backward-filter dy", dyl)?;
+    if let Some(dw) = super::im2col::cuda::try_conv_bwd_filter(p, xs, xl, dys, dyl, dw_shape)? {
+        return Ok(dw);
+    }
     dispatch!(xs.dtype(), go, p, xs, xl, dys, dyl, dw_shape)
 }
 

@@ -38,6 +38,7 @@ use crate::grad_sink;
 #[cfg(feature = "cudnn")]
 mod backend;
 mod fused;
+mod im2col;
 pub mod layout;
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,7 @@ mod tower;
 
 pub(crate) use fused::bias_relu_nhwc;
 pub use fused::{bias_relu, set_nhwc_vectorised};
+pub use im2col::{image_gemm_enabled, set_image_gemm};
 pub use tower::{tower, TowerLayer};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
@@ -273,7 +275,8 @@ pub fn fast_path_summary(device: &Device) -> String {
         "off"
     };
     format!(
-        "fused epilogue {epilogue}, {layout}, epilogue kernels {}, tower op {}, resampling kernels {}, fused optimizer {}",
+        "fused epilogue {epilogue}, {layout}, image layer as a matrix product {}, epilogue kernels {}, tower op {}, resampling kernels {}, fused optimizer {}",
+        onoff(image_gemm_enabled()),
         if fused::nhwc_vectorised() {
             "vectorised"
         } else {

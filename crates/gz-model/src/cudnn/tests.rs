@@ -1079,8 +1079,62 @@ fn fast_path_summary_names_the_settings() {
     #[cfg(feature = "cudnn")]
     if let Some(gpu) = cuda_device() {
         let s = super::fast_path_summary(&gpu);
-        assert!(s.starts_with("fused epilogue on, channels-last (image layer channels-last, padded to 8 channels where its filter is 3×3), epilogue kernels vectorised"), "{s}");
+        assert!(s.starts_with("fused epilogue on, channels-last (image layer channels-last, padded to 8 channels where its filter is 3×3), image layer as a matrix product off, epilogue kernels vectorised"), "{s}");
         let s = super::with_nhwc(false, || super::fast_path_summary(&gpu));
         assert!(s.contains(", NCHW,"), "{s}");
     }
+}
+
+/// The image layers as im2col + cuBLAS products ([`super::set_image_gemm`]) against cuDNN on
+/// the GPU: the fused channels-last conv + bias + ReLU's output and its filter and bias
+/// gradients (the image needs no input gradient), for VGG16-blog's image layer unpadded and
+/// padded to 8 channels, Dieleman's (6×6 on 45×45 parts), and an odd shape with padding 2, in
+/// f32 (strict math) and bf16. Skipped without a GPU.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_image_gemm_matches_cudnn() -> Result<()> {
+    let Some(gpu) = cuda_device() else { return Ok(()) };
+    super::set_allow_tf32(false);
+    let r = (|| {
+        let mut bad = Vec::new();
+        for (dtype, tol) in [(DType::F32, 1e-3f32), (DType::BF16, 3e-2)] {
+            for &(n, c, hw, k, ks, pad) in &[
+                (4usize, 3usize, 106usize, 64usize, 3usize, 1usize),
+                (4, 8, 53, 64, 3, 1),
+                (64, 3, 45, 32, 6, 0),
+                (5, 3, 17, 7, 5, 2),
+            ] {
+                let oh = hw + 2 * pad - ks + 1;
+                let x = randn(&[n, hw, hw, c], 41, &gpu)?.to_dtype(dtype)?;
+                let w = (randn(&[k, ks, ks, c], 42, &gpu)? * (2.0 / (c * ks * ks) as f64).sqrt())?.to_dtype(dtype)?;
+                let b = (randn(&[k], 43, &gpu)? * 0.1)?.to_dtype(dtype)?;
+                let g = randn(&[n, oh, oh, k], 44, &gpu)?;
+                let run = |on: bool| -> Result<(Tensor, Tensor, Tensor)> {
+                    super::set_image_gemm(on);
+                    let (wv, bv) = (Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+                    let y = super::conv2d_relu_nhwc(&x, wv.as_tensor(), bv.as_tensor(), pad, 1)?;
+                    let grads = (y.to_dtype(DType::F32)? * &g)?.sum_all()?.backward()?;
+                    let dw = grads.get(wv.as_tensor()).expect("dw").clone();
+                    let db = grads.get(bv.as_tensor()).expect("db").clone();
+                    Ok((y, dw, db))
+                };
+                let (y0, dw0, db0) = run(false)?;
+                let (y1, dw1, db1) = run(true)?;
+                super::set_image_gemm(false);
+                let what = format!("{dtype:?} {n}×{c}×{hw}² k{k} {ks}×{ks} pad {pad}");
+                let (ey, ew, eb) = (rel_err(&y1, &y0)?, rel_l2(&dw1, &dw0)?, rel_l2(&db1, &db0)?);
+                eprintln!("{what}: y {ey:.1e}, dw {ew:.1e}, db {eb:.1e}");
+                if ey > tol || ew > tol || eb > tol {
+                    bad.push(format!("{what}: y {ey}, dw {ew}, db {eb}"));
+                }
+            }
+        }
+        if !bad.is_empty() {
+            candle_core::bail!("image GEMM against cuDNN:\n{}", bad.join("\n"));
+        }
+        Ok(())
+    })();
+    super::set_image_gemm(false);
+    super::set_allow_tf32(true);
+    r
 }
