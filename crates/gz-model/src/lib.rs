@@ -78,6 +78,19 @@ pub(crate) mod testutil {
         }
     }
 
+    /// A var map's tensors by name (to build a second model with the same weights through
+    /// `VarBuilder::from_tensors`, on another device or in another dtype).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "used by the CUDA tests"))]
+    pub(crate) fn varmap_tensors(varmap: &candle_nn::VarMap) -> std::collections::HashMap<String, Tensor> {
+        varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
     /// The largest |a − b| over two same-shaped tensors (any device, any float dtype), in f32.
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());

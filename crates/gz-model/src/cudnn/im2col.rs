@@ -251,6 +251,38 @@ pub(super) mod cuda {
         Ok(dst)
     }
 
+    /// One cuBLAS product `c = op_a(a) · op_b(b)` (column-major, alpha 1, beta 0) of
+    /// `(m, n, k)` with leading dimensions `(lda, ldb, ldc)`; `what` names it in errors.
+    #[allow(clippy::too_many_arguments, reason = "cuBLAS's own argument list")]
+    fn gemm<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        what: &str,
+        (op_a, op_b): (Op, Op),
+        (m, n, k): (usize, usize, usize),
+        (lda, ldb, ldc): (usize, usize, usize),
+        a: &impl cudarc::driver::DevicePtr<T>,
+        b: &impl cudarc::driver::DevicePtr<T>,
+        c: &mut CudaSlice<T>,
+    ) -> Result<()>
+    where
+        CudaBlas: Gemm<T>,
+    {
+        let cfg = GemmConfig {
+            transa: op_a,
+            transb: op_b,
+            m: i32_of(m, "size")?,
+            n: i32_of(n, "size")?,
+            k: i32_of(k, "size")?,
+            alpha: T::from_f64(1.0),
+            lda: i32_of(lda, "leading dimension")?,
+            ldb: i32_of(ldb, "leading dimension")?,
+            beta: T::from_f64(0.0),
+            ldc: i32_of(ldc, "leading dimension")?,
+        };
+        // SAFETY: the callers pass buffers holding what (m, n, k) and the leading dimensions say.
+        unsafe { dev.cublas_handle().gemm(cfg, a, b, c) }.map_err(|e| err(what, e))
+    }
+
     /// The forward product for one dtype: Z (rows × K, channels-last) = P · Wpᵀ.
     fn fwd<T: CudaDType + DeviceRepr + WithDType>(
         dev: &CudaDevice,
@@ -266,21 +298,10 @@ pub(super) mod cuda {
         let wp = copy_cols(dev, w, g.k, taps, cols)?;
         // SAFETY: the product writes all rows·K values (beta = 0).
         let mut z = unsafe { dev.alloc::<T>(g.rows() * g.k) }?;
-        // column-major: Zᵀ (K × rows) = op_T(Wp stored cols × K) · op_N(P stored cols × rows)
-        let cfg = GemmConfig {
-            transa: Op::CUBLAS_OP_T,
-            transb: Op::CUBLAS_OP_N,
-            m: i32_of(g.k, "channels")?,
-            n: i32_of(g.rows(), "rows")?,
-            k: i32_of(cols, "columns")?,
-            alpha: T::from_f64(1.0),
-            lda: i32_of(cols, "columns")?,
-            ldb: i32_of(cols, "columns")?,
-            beta: T::from_f64(0.0),
-            ldc: i32_of(g.k, "channels")?,
-        };
-        // SAFETY: Wp holds K·cols values, P rows·cols, Z rows·K, as the leading dimensions say.
-        unsafe { dev.cublas_handle().gemm(cfg, &wp, &p, &mut z) }.map_err(|e| err("forward product", e))?;
+        // column-major: Zᵀ (K × rows) = op_T(Wp stored cols × K) · op_N(P stored cols × rows);
+        // Wp holds K·cols values, P rows·cols, Z rows·K
+        let (ops, dims) = ((Op::CUBLAS_OP_T, Op::CUBLAS_OP_N), (g.k, g.rows(), cols));
+        gemm(dev, "forward product", ops, dims, (cols, cols, g.k), &wp, &p, &mut z)?;
         Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
     }
 
@@ -298,21 +319,19 @@ pub(super) mod cuda {
         let p = im2col(dev, x, g)?;
         // SAFETY: the product writes all K·cols values (beta = 0).
         let mut dwp = unsafe { dev.alloc::<T>(g.k * cols) }?;
-        // column-major: dWpᵀ (cols × K) = op_N(P stored cols × rows) · op_T(dZ stored K × rows)
-        let cfg = GemmConfig {
-            transa: Op::CUBLAS_OP_N,
-            transb: Op::CUBLAS_OP_T,
-            m: i32_of(cols, "columns")?,
-            n: i32_of(g.k, "channels")?,
-            k: i32_of(g.rows(), "rows")?,
-            alpha: T::from_f64(1.0),
-            lda: i32_of(cols, "columns")?,
-            ldb: i32_of(g.k, "channels")?,
-            beta: T::from_f64(0.0),
-            ldc: i32_of(cols, "columns")?,
-        };
-        // SAFETY: P holds rows·cols values, dZ rows·K, dWp K·cols, as the leading dimensions say.
-        unsafe { dev.cublas_handle().gemm(cfg, &p, dz, &mut dwp) }.map_err(|e| err("filter-gradient product", e))?;
+        // column-major: dWpᵀ (cols × K) = op_N(P stored cols × rows) · op_T(dZ stored K × rows);
+        // P holds rows·cols values, dZ rows·K, dWp K·cols
+        let (ops, dims) = ((Op::CUBLAS_OP_N, Op::CUBLAS_OP_T), (cols, g.k, g.rows()));
+        gemm(
+            dev,
+            "filter-gradient product",
+            ops,
+            dims,
+            (cols, g.k, cols),
+            &p,
+            dz,
+            &mut dwp,
+        )?;
         if cols == taps {
             return Ok(CudaStorage::wrap_cuda_slice(dwp, dev.clone()));
         }

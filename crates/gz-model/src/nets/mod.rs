@@ -416,13 +416,7 @@ mod cuda_tests {
     fn cpu_and_gpu(cfg: &ModelConfig, gpu: &Device, dtype: DType) -> (Model, Model) {
         let varmap = VarMap::new();
         let cpu = build(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-        let ts: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let ts = crate::testutil::varmap_tensors(&varmap);
         let g = build(cfg, VarBuilder::from_tensors(ts, dtype, gpu)).unwrap();
         (cpu, g)
     }

@@ -300,7 +300,6 @@ mod cuda_tests {
     use crate::config::{Arch, OutputKind};
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
-    use std::collections::HashMap;
 
     /// A stage: its name, what it computes, and whether the chain goes on from its output
     /// (a check-only stage, such as the convolution without its ReLU, does not).
@@ -362,13 +361,7 @@ mod cuda_tests {
         let cfg = ModelConfig::new(Arch::Tiny, OutputKind::Sigmoid);
         let varmap = VarMap::new();
         let cpu = VggNet::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-        let ts: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let ts = crate::testutil::varmap_tensors(&varmap);
         let n = 4 * 3 * 106 * 106;
         let v: Vec<f32> = (0..n)
             .map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 1000.0)
