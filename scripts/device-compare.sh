@@ -50,6 +50,10 @@ ratio dieleman-bf16-default dieleman-bf16-all-nhwc-image
 ratio dieleman-bf16-scalar-epilogue dieleman-bf16-default
 ratio dieleman-bf16-image-gemm dieleman-bf16-default
 ratio vgg-bf16-image-gemm vgg-bf16-default
+ratio vgg-bf16-wide-finish vgg-bf16-default
+ratio dieleman-bf16-wide-finish dieleman-bf16-default
+ratio vgg-bf16-both-new vgg-bf16-default
+ratio dieleman-bf16-both-new dieleman-bf16-default
 ratio dieleman-bf16-image-gemm-inference dieleman-bf16-default-inference
 ratio vgg-bf16-all vgg-bf16-baseline
 ratio vgg-bf16-all-nhwc vgg-bf16-all
@@ -70,7 +74,7 @@ for v in vgg-bf16-default vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image
   vs_peer "$v" vgg 256 bf16 false train_img_s "torch eager vgg b256 bf16"
   vs_peer "$v" vgg 256 bf16 true train_img_s "torch.compile vgg b256 bf16"
 done
-for v in dieleman-bf16-image-gemm vgg-bf16-image-gemm; do
+for v in dieleman-bf16-image-gemm vgg-bf16-image-gemm dieleman-bf16-both-new vgg-bf16-both-new; do
   vs_peer "$v" "$(echo "$v" | cut -d- -f1)" 256 bf16 true train_img_s "torch.compile b256 bf16"
 done
 for v in dieleman-bf16-default dieleman-bf16-image-gemm dieleman-bf16-all dieleman-bf16-all-nhwc dieleman-bf16-all-nhwc-image; do

@@ -122,9 +122,14 @@ bench dieleman-bf16-default 45 -- $D $R
 bench dieleman-bf16-baseline 45 $BASE -- $D $R
 bench dieleman-bf16-all 45 $ALL -- $D $R
 bench dieleman-bf16-all-nhwc 45 $ALL $NHWC -- $D $R
-# new since 2026-11-30 and off by default: the image layers as im2col + cuBLAS products
+# new since 2026-11-30 and off by default: the image layers as im2col + cuBLAS products, the
+# bias gradient's finish by a block per channel, and both
 bench dieleman-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $D $R
 bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
+bench vgg-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $V $R
+bench dieleman-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $D $R
+bench vgg-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $V $R
+bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
 bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
 breakdown vgg-bf16-breakdown
 bench dieleman-bf16-image-gemm-breakdown 45 GZ_IMAGE_GEMM=1 -- $D --steps 10 --warmup 3 --profile-steps 5
@@ -132,6 +137,7 @@ breakdown dieleman-bf16-image-gemm-breakdown
 pack
 # 2. correctness (one thread: the CUDA tests share the GPU)
 tests cuda_image_gemm 30
+tests cuda_wide_bias_finish 20
 tests cudnn::fused:: 30
 tests optim::fused:: 25
 tests augment::tests::cuda_ 20

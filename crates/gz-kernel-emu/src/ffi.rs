@@ -122,6 +122,7 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
         hw: u32,
     );
     unsafe fn bias_grad_finish(partial: *const f32, db: *mut Self, channels: u32, splits: u32);
+    unsafe fn bias_grad_finish_wide(partial: *const f32, db: *mut Self, channels: u32, splits: u32);
     unsafe fn bias_relu_fwd_nhwc(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32);
     unsafe fn bias_relu_bwd_nhwc(
         y: *const Self,
@@ -259,7 +260,8 @@ macro_rules! storage {
         $fwd:ident, $flat:ident, $bwd:ident, $finish:ident, $fwd_nhwc:ident, $bwd_nhwc:ident,
         $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
         $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident,
-        $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident, $im2col:ident, $copy_cols:ident
+        $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident, $im2col:ident, $copy_cols:ident,
+        $finish_wide:ident
     ]) => {
         mod $m {
             use super::*;
@@ -276,6 +278,7 @@ macro_rules! storage {
                     hw: u32,
                 );
                 pub fn $finish(partial: *const f32, db: *mut $t, channels: u32, splits: u32);
+                pub fn $finish_wide(partial: *const f32, db: *mut $t, channels: u32, splits: u32);
                 pub fn $fwd_nhwc(x: *const $t, b: *const $t, y: *mut $t, total: u32, channels: u32);
                 pub fn $bwd_nhwc(y: *const $t, dy: *const $t, dz: *mut $t, partial: *mut f32, rows: u32, channels: u32);
                 pub fn $pool_bwd(
@@ -423,6 +426,9 @@ macro_rules! storage {
             }
             unsafe fn bias_grad_finish(partial: *const f32, db: *mut Self, channels: u32, splits: u32) {
                 unsafe { $m::$finish(partial, db, channels, splits) }
+            }
+            unsafe fn bias_grad_finish_wide(partial: *const f32, db: *mut Self, channels: u32, splits: u32) {
+                unsafe { $m::$finish_wide(partial, db, channels, splits) }
             }
             unsafe fn bias_relu_fwd_nhwc(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32) {
                 unsafe { $m::$fwd_nhwc(x, b, y, total, channels) }
@@ -632,7 +638,8 @@ storage!(
         relu_pool_bwd_nhwc_v_f32,
         bias_relu_pool_fwd_nhwc_v_f32,
         im2col_nhwc_f32,
-        copy_cols_f32
+        copy_cols_f32,
+        bias_grad_finish_wide_f32
     ]
 );
 storage!(
@@ -660,7 +667,8 @@ storage!(
         relu_pool_bwd_nhwc_v_bf16,
         bias_relu_pool_fwd_nhwc_v_bf16,
         im2col_nhwc_bf16,
-        copy_cols_bf16
+        copy_cols_bf16,
+        bias_grad_finish_wide_bf16
     ]
 );
 storage!(
@@ -688,6 +696,7 @@ storage!(
         relu_pool_bwd_nhwc_v_f16,
         bias_relu_pool_fwd_nhwc_v_f16,
         im2col_nhwc_f16,
-        copy_cols_f16
+        copy_cols_f16,
+        bias_grad_finish_wide_f16
     ]
 );

@@ -317,7 +317,7 @@ const LAUNCHES: &[Launch] = &[
     },
     Launch {
         rs: "cudnn/fused.rs",
-        kernels: &["bias_grad_finish"],
+        kernels: &["bias_grad_finish", "bias_grad_finish_wide"],
         suffixes: FLOATS,
         params: &[A::PF32, A::P, A::U32, A::U32],
         chains: &["launch.arg(partial).arg(&mut db).arg(&k).arg(&s);"],
@@ -327,7 +327,12 @@ const LAUNCHES: &[Launch] = &[
                 "partial: &cudarc::driver::CudaSlice<f32>, out: &mut cudarc::driver::CudaSlice<T>, total: usize, \
                  k: u32, s: u32, sfx: &str,",
             ),
-            ("cudnn/fused.rs", r#"format!("bias_grad_finish_{sfx}")"#),
+            ("cudnn/fused.rs", r#"format!("{name}_{sfx}")"#),
+            (
+                "cudnn/fused.rs",
+                r#"("bias_grad_finish_wide", grid::finish_wide(k))"#,
+            ),
+            ("cudnn/fused.rs", r#"("bias_grad_finish", grid::finish(k))"#),
         ],
     },
     // ---- im2col.cu

@@ -642,6 +642,18 @@ pub(crate) mod grid {
         (k.div_ceil(THREADS), 1, 1)
     }
 
+    /// Whether the bias-gradient finish takes `bias_grad_finish_wide` (a block per channel) for
+    /// `splits` partials a channel: with [`super::set_wide_bias_finish`] on and at least 64.
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the CUDA launcher"))]
+    pub(crate) fn finish_is_wide(splits: u32) -> bool {
+        super::wide_bias_finish() && splits >= 64
+    }
+
+    /// bias_grad_finish_wide: one block per channel.
+    pub(crate) fn finish_wide(k: u32) -> Dim {
+        (k.max(1), 1, 1)
+    }
+
     /// Values of `size` bytes per 16-byte vector of the vectorised channels-last kernels
     /// (`*_nhwc_v_*`: 8 bf16 or f16, 4 f32).
     pub(crate) fn vec_lanes(size: usize) -> usize {
@@ -655,6 +667,24 @@ pub(crate) mod grid {
         let n = vec_lanes(size);
         super::nhwc_vectorised() && k > 0 && k % n == 0 && k / n <= THREADS as usize
     }
+}
+
+/// The bias gradient's finish by a block per channel (off until a device run has measured it;
+/// [`set_wide_bias_finish`]).
+static WIDE_FINISH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets the bias gradient's last step add each channel's partial sums with a block of threads
+/// (`bias_grad_finish_wide`) where there are at least 64 of them (the channels-last backward
+/// kernels write 2,048 a channel), instead of one thread per channel walking them all. Off by
+/// default until a device run has measured it (`GZ_BIAS_FINISH=wide` in `gz`). Deterministic
+/// either way; the f32 sums are added in another order.
+pub fn set_wide_bias_finish(on: bool) {
+    WIDE_FINISH.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_wide_bias_finish`] is on.
+pub(crate) fn wide_bias_finish() -> bool {
+    WIDE_FINISH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The vectorised channels-last epilogues (on by default; [`set_nhwc_vectorised`]).
@@ -1197,16 +1227,21 @@ mod cuda {
         sfx: &str,
     ) -> Result<()> {
         let mut db = out.slice_mut(total..);
-        let func = dev.get_or_load_custom_func(&format!("bias_grad_finish_{sfx}"), MODULE, PTX)?;
+        let (name, grid_dim) = if grid::finish_is_wide(s) {
+            ("bias_grad_finish_wide", grid::finish_wide(k))
+        } else {
+            ("bias_grad_finish", grid::finish(k))
+        };
+        let func = dev.get_or_load_custom_func(&format!("{name}_{sfx}"), MODULE, PTX)?;
         let cfg = LaunchConfig {
-            grid_dim: grid::finish(k),
+            grid_dim,
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = func.builder();
         launch.arg(partial).arg(&mut db).arg(&k).arg(&s);
-        // SAFETY: argument types and count match `bias_grad_finish_*`; `partial` holds k·s
-        // values and `db` the k after `total`.
+        // SAFETY: argument types and count match `bias_grad_finish[_wide]_*`; `partial` holds
+        // k·s values and `db` the k after `total`.
         unsafe { launch.launch(cfg) }.map_err(|e| err("bias-gradient launch", e))?;
         Ok(())
     }

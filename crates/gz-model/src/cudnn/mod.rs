@@ -45,7 +45,7 @@ mod tests;
 mod tower;
 
 pub(crate) use fused::bias_relu_nhwc;
-pub use fused::{bias_relu, set_nhwc_vectorised};
+pub use fused::{bias_relu, set_nhwc_vectorised, set_wide_bias_finish};
 pub use im2col::{image_gemm_enabled, set_image_gemm};
 pub use tower::{tower, TowerLayer};
 
@@ -275,12 +275,17 @@ pub fn fast_path_summary(device: &Device) -> String {
         "off"
     };
     format!(
-        "fused epilogue {epilogue}, {layout}, image layer as a matrix product {}, epilogue kernels {}, tower op {}, resampling kernels {}, fused optimizer {}",
+        "fused epilogue {epilogue}, {layout}, image layer as a matrix product {}, epilogue kernels {}, bias-gradient finish {}, tower op {}, resampling kernels {}, fused optimizer {}",
         onoff(image_gemm_enabled()),
         if fused::nhwc_vectorised() {
             "vectorised"
         } else {
             "scalar"
+        },
+        if fused::wide_bias_finish() {
+            "a block per channel"
+        } else {
+            "a thread per channel"
         },
         onoff(tower_op_enabled()),
         onoff(crate::augment::resample_kernels_enabled()),

@@ -1138,3 +1138,52 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
     super::set_allow_tf32(true);
     r
 }
+
+/// The bias gradient's block-per-channel finish ([`super::set_wide_bias_finish`]) against the
+/// thread-per-channel one on the GPU: the channels-last conv + bias + ReLU (+ pool) ops' bias
+/// gradients on VGG16-blog and Dieleman layer shapes, f32 (the same partials added in another
+/// order) and bf16. Skipped without a GPU.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_wide_bias_finish_matches() -> Result<()> {
+    let Some(gpu) = cuda_device() else { return Ok(()) };
+    let r = (|| {
+        let mut bad = Vec::new();
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-2)] {
+            for &(n, c, hw, k, pool) in &[
+                (4usize, 64usize, 53usize, 128usize, true),
+                (64, 32, 20, 64, false),
+                (8, 512, 13, 512, true),
+            ] {
+                let x = randn(&[n, hw, hw, c], 51, &gpu)?.to_dtype(dtype)?;
+                let w = (randn(&[k, 3, 3, c], 52, &gpu)? * (2.0 / (c * 9) as f64).sqrt())?.to_dtype(dtype)?;
+                let b = (randn(&[k], 53, &gpu)? * 0.1)?.to_dtype(dtype)?;
+                let run = |wide: bool| -> Result<Tensor> {
+                    super::set_wide_bias_finish(wide);
+                    let bv = Var::from_tensor(&b)?;
+                    let y = if pool {
+                        super::conv2d_relu_pool_nhwc(&x, &w, bv.as_tensor(), 1, 1)?
+                    } else {
+                        super::conv2d_relu_nhwc(&x, &w, bv.as_tensor(), 1, 1)?
+                    };
+                    let g = randn(y.dims(), 54, &gpu)?;
+                    let grads = (y.to_dtype(DType::F32)? * g)?.sum_all()?.backward()?;
+                    Ok(grads.get(bv.as_tensor()).expect("db").clone())
+                };
+                let (narrow, wide) = (run(false)?, run(true)?);
+                super::set_wide_bias_finish(false);
+                let e = rel_err(&wide, &narrow)?;
+                eprintln!("{dtype:?} {n}×{hw}²×{c} k{k} pool {pool}: db rel err {e:.1e}");
+                if e > tol {
+                    bad.push(format!("{dtype:?} {n}×{hw}²×{c} k{k} pool {pool}: {e}"));
+                }
+            }
+        }
+        if !bad.is_empty() {
+            candle_core::bail!("wide bias finish:\n{}", bad.join("\n"));
+        }
+        Ok(())
+    })();
+    super::set_wide_bias_finish(false);
+    r
+}

@@ -103,6 +103,30 @@ __device__ __forceinline__ void bias_grad_finish(const float *__restrict__ parti
     db[c] = store_f<T>(s);
 }
 
+// One block per channel: db[c] = the sum of its `splits` partials, thread t adding partials t,
+// t + 256, ... and the block's threads then added in the fixed order of block_partial, so db is
+// deterministic. For the channels-last backward kernels' 2,048 partials a channel, where
+// bias_grad_finish's single thread per channel walks all 2,048 loads one after another (an
+// estimated 0.1-0.2 ms a layer, not measured).
+template <typename T>
+__device__ __forceinline__ void bias_grad_finish_wide(const float *__restrict__ partial, T *__restrict__ db,
+                                                      uint32_t channels, uint32_t splits) {
+    const uint32_t c = blockIdx.x;
+    if (c >= channels) return;
+    float acc = 0.0f;
+    for (uint32_t k = threadIdx.x; k < splits; k += blockDim.x) acc += partial[(size_t)c * splits + k];
+    __shared__ float warps[32];
+    acc = warp_sum(acc);
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warps[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        float v = lane < (blockDim.x + 31) / 32 ? warps[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) db[c] = store_f<T>(v);
+    }
+}
+
 // Channels-last (NHWC) variants: the tensor is a (rows x channels) matrix, rows = N*H*W.
 
 // Grid-stride over all elements; the channel is the fastest index.
@@ -384,6 +408,10 @@ INSTANTIATE_NHWC(bf16, __nv_bfloat16)
     extern "C" __global__ void bias_grad_finish_##NAME(const float *partial, T *db, uint32_t channels,            \
                                                        uint32_t splits) {                                         \
         bias_grad_finish<T>(partial, db, channels, splits);                                                       \
+    }                                                                                                             \
+    extern "C" __global__ void bias_grad_finish_wide_##NAME(const float *partial, T *db, uint32_t channels,       \
+                                                            uint32_t splits) {                                    \
+        bias_grad_finish_wide<T>(partial, db, channels, splits);                                                  \
     }
 
 INSTANTIATE(f32, float)

@@ -130,7 +130,48 @@ fn packed<T: Elem>(
     run_both("bias_grad_finish", grid::finish(k), BLOCK, &mut [&mut db], || unsafe {
         T::bias_grad_finish(pc, dbp, k, splits)
     });
-    (dz.values("dz", true).to_vec(), db.values("db", true).to_vec())
+    let thread_per_channel = db.values("db", true).to_vec();
+    // the block-per-channel finish (`GZ_BIAS_FINISH=wide`) on the same partials: the same sums
+    // in another fixed order, so within the f32 rounding of the one from the other
+    let mut wide = Buf::<T>::out(k as usize);
+    let wp = wide.mut_ptr();
+    // SAFETY: bias_grad_finish_wide's argument list, as above
+    run_both(
+        "bias_grad_finish_wide",
+        grid::finish_wide(k),
+        BLOCK,
+        &mut [&mut wide],
+        || unsafe { T::bias_grad_finish_wide(pc, wp, k, splits) },
+    );
+    let sums: Vec<f64> = (0..k as usize)
+        .map(|c| {
+            partial.values("partials", true)[c * splits as usize..(c + 1) * splits as usize]
+                .iter()
+                .map(|v| f64::from(*v).abs())
+                .sum()
+        })
+        .collect();
+    for (c, (a, b)) in wide
+        .values("db (wide)", true)
+        .iter()
+        .zip(&thread_per_channel)
+        .enumerate()
+    {
+        let (a, b) = (a.to_f64(), b.to_f64());
+        // both round an f32 sum to T: one unit of T's last place apart at most, plus the f32
+        // sums' own difference
+        let unit = match T::DTYPE {
+            candle_core::DType::BF16 => 2f64.powi(-8),
+            candle_core::DType::F16 => 2f64.powi(-11),
+            _ => 2f64.powi(-24),
+        };
+        let tol = 2.0 * unit * b.abs() + 1e-5 * sums[c] + 1e-30;
+        assert!(
+            (a - b).abs() <= tol,
+            "{name}: wide finish db[{c}] {a} against {b} (tolerance {tol:e})"
+        );
+    }
+    (dz.values("dz", true).to_vec(), thread_per_channel)
 }
 
 /// Compares a packed CPU result [dz, db] with the kernels': dz to the bit; db, per channel,
