@@ -354,7 +354,7 @@ const LAUNCHES: &[Launch] = &[
             A::U32,
             A::U32,
         ],
-        chains: &["launch.arg(x).arg(&p).arg(&n).arg(&h).arg(&w).arg(&c).arg(&r).arg(&s).arg(&pad).arg(&oh).arg(&ow).arg(&cols32);"],
+        chains: &["launch.arg(x).arg(&mut p).arg(&n).arg(&h).arg(&w).arg(&c).arg(&r).arg(&s).arg(&pad).arg(&oh).arg(&ow).arg(&cols32);"],
         evidence: &[(
             "cudnn/im2col.rs",
             r#"format!("im2col_nhwc_{}", suffix(T::DTYPE)?)"#,
@@ -365,7 +365,7 @@ const LAUNCHES: &[Launch] = &[
         kernels: &["copy_cols"],
         suffixes: FLOATS,
         params: &[A::P, A::P, A::U32, A::U32, A::U32],
-        chains: &["launch.arg(src).arg(&dst).arg(&rows32).arg(&sw).arg(&dw);"],
+        chains: &["launch.arg(src).arg(&mut dst).arg(&rows32).arg(&sw).arg(&dw);"],
         evidence: &[(
             "cudnn/im2col.rs",
             r#"format!("copy_cols_{}", suffix(T::DTYPE)?)"#,

@@ -46,13 +46,21 @@ pub(crate) fn cols_for(taps: usize) -> usize {
 
 /// Whether a convolution of `x` (N, C, H, W) by `w` (K, C, R, S) (logical dims, whatever the
 /// layout) takes the product: [`set_image_gemm`] on, channels-last, stride 1, at most 8 input
-/// channels, at most 256 padded taps, f32/bf16/f16, and row counts within cuBLAS's 32-bit
-/// sizes.
+/// channels (the filter's the same), no empty dimension, at most 256 padded taps, f32/bf16/f16,
+/// and the unfolded image and the output within 2^31 elements (cuBLAS's 32-bit sizes).
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the CUDA backend"))]
 pub(crate) fn eligible(p: ConvParams, x: [usize; 4], w: [usize; 4], dtype: DType) -> bool {
+    image_gemm_enabled() && fits(p, x, w, dtype)
+}
+
+/// [`eligible`] without the switch.
+fn fits(p: ConvParams, x: [usize; 4], w: [usize; 4], dtype: DType) -> bool {
     let [n, c, h, wd] = x;
-    let [k, _, r, s] = w;
-    if !(image_gemm_enabled() && p.nhwc && p.stride == 1 && c <= 8 && k > 0) {
+    let [k, wc, r, s] = w;
+    if !(p.nhwc && p.stride == 1 && c <= 8 && wc == c) {
+        return false;
+    }
+    if [n, c, k, r, s].contains(&0) {
         return false;
     }
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
@@ -62,7 +70,9 @@ pub(crate) fn eligible(p: ConvParams, x: [usize; 4], w: [usize; 4], dtype: DType
         return false;
     }
     let rows = n * p.out_dim(h, r) * p.out_dim(wd, s);
-    cols_for(r * s * c) <= 256 && rows > 0 && rows <= i32::MAX as usize && rows.saturating_mul(k) <= i32::MAX as usize
+    let cols = cols_for(r * s * c);
+    // every size and element count within cuBLAS's and the kernels' 32-bit values
+    cols <= 256 && rows <= i32::MAX as usize && rows.saturating_mul(k.max(cols)) <= i32::MAX as usize
 }
 
 /// Launch geometry of `kernels/im2col.cu` (shared with the emulator tests).
@@ -182,7 +192,7 @@ pub(super) mod cuda {
         let cols = cols_for(g.taps());
         let rows = u32_of(g.rows(), "rows")?;
         // SAFETY: the kernel writes every element of P (each row's `cols` columns).
-        let p = unsafe { dev.alloc::<T>(g.rows() * cols) }?;
+        let mut p = unsafe { dev.alloc::<T>(g.rows() * cols) }?;
         let (n, c, h, w) = (
             u32_of(g.n, "batch")?,
             u32_of(g.c, "channels")?,
@@ -208,7 +218,7 @@ pub(super) mod cuda {
         let mut launch = func.builder();
         launch
             .arg(x)
-            .arg(&p)
+            .arg(&mut p)
             .arg(&n)
             .arg(&h)
             .arg(&w)
@@ -236,7 +246,7 @@ pub(super) mod cuda {
         let total = u32_of(rows * dst_w, "size")?;
         let (rows32, sw, dw) = (u32_of(rows, "rows")?, u32_of(src_w, "width")?, u32_of(dst_w, "width")?);
         // SAFETY: the kernel writes every element of dst (grid-stride over rows·dst_w).
-        let dst = unsafe { dev.alloc::<T>(rows * dst_w) }?;
+        let mut dst = unsafe { dev.alloc::<T>(rows * dst_w) }?;
         let func = dev.get_or_load_custom_func(&format!("copy_cols_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: grid::copy(total),
@@ -244,7 +254,7 @@ pub(super) mod cuda {
             shared_mem_bytes: 0,
         };
         let mut launch = func.builder();
-        launch.arg(src).arg(&dst).arg(&rows32).arg(&sw).arg(&dw);
+        launch.arg(src).arg(&mut dst).arg(&rows32).arg(&sw).arg(&dw);
         // SAFETY: argument types and count match `copy_cols_*`; src holds rows·src_w values,
         // dst rows·dst_w.
         unsafe { launch.launch(cfg) }.map_err(|e| err("copy launch", e))?;
@@ -295,13 +305,36 @@ pub(super) mod cuda {
     {
         let (taps, cols) = (g.taps(), cols_for(g.taps()));
         let p = im2col(dev, x, g)?;
-        let wp = copy_cols(dev, w, g.k, taps, cols)?;
         // SAFETY: the product writes all rows·K values (beta = 0).
         let mut z = unsafe { dev.alloc::<T>(g.rows() * g.k) }?;
         // column-major: Zᵀ (K × rows) = op_T(Wp stored cols × K) · op_N(P stored cols × rows);
         // Wp holds K·cols values, P rows·cols, Z rows·K
-        let (ops, dims) = ((Op::CUBLAS_OP_T, Op::CUBLAS_OP_N), (g.k, g.rows(), cols));
-        gemm(dev, "forward product", ops, dims, (cols, cols, g.k), &wp, &p, &mut z)?;
+        let ops = (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N);
+        if cols == taps {
+            // the filter is already K × cols
+            gemm(
+                dev,
+                "forward product",
+                ops,
+                (g.k, g.rows(), cols),
+                (cols, cols, g.k),
+                w,
+                &p,
+                &mut z,
+            )?;
+            return Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()));
+        }
+        let wp = copy_cols(dev, w, g.k, taps, cols)?;
+        gemm(
+            dev,
+            "forward product",
+            ops,
+            (g.k, g.rows(), cols),
+            (cols, cols, g.k),
+            &wp,
+            &p,
+            &mut z,
+        )?;
         Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
     }
 
@@ -385,7 +418,7 @@ pub(super) mod cuda {
             return Ok(None);
         }
         let g = Geo::new(p, x, w);
-        if dyl.shape().elem_count() != g.rows() * g.k {
+        if dyl.dims() != [g.n, g.oh, g.ow, g.k] {
             candle_core::bail!(
                 "image GEMM backward filter: dy {:?} does not match x {x:?} and w {w:?}",
                 dyl.dims()
@@ -405,3 +438,47 @@ pub(super) mod cuda {
 
 #[cfg(test)]
 mod emu_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which convolutions take the product: the nets' image layers do; strided, NCHW, wide
+    /// inputs, mismatched filters, empty dimensions, f64 and sizes past 2^31 do not.
+    #[test]
+    fn the_image_layers_fit_and_the_rest_do_not() {
+        let nhwc = |padding, stride| ConvParams {
+            padding,
+            stride,
+            nhwc: true,
+        };
+        let bf = DType::BF16;
+        // VGG16-blog's image layer (unpadded and padded), Dieleman's, batch 256
+        assert!(fits(nhwc(1, 1), [256, 3, 106, 106], [64, 3, 3, 3], bf));
+        assert!(fits(nhwc(1, 1), [256, 8, 106, 106], [64, 8, 3, 3], bf));
+        assert!(fits(nhwc(0, 1), [4096, 3, 45, 45], [32, 3, 6, 6], bf));
+        assert!(fits(nhwc(0, 1), [4096, 3, 45, 45], [32, 3, 6, 6], DType::F32));
+        // not: NCHW, stride 2, 16 input channels, a filter of other channels, f64
+        assert!(!fits(
+            ConvParams {
+                padding: 1,
+                stride: 1,
+                nhwc: false
+            },
+            [2, 3, 9, 9],
+            [4, 3, 3, 3],
+            bf
+        ));
+        assert!(!fits(nhwc(1, 2), [2, 3, 9, 9], [4, 3, 3, 3], bf));
+        assert!(!fits(nhwc(1, 1), [2, 16, 9, 9], [4, 16, 3, 3], bf));
+        assert!(!fits(nhwc(1, 1), [2, 3, 9, 9], [4, 2, 3, 3], bf));
+        assert!(!fits(nhwc(1, 1), [2, 3, 9, 9], [4, 3, 3, 3], DType::F64));
+        // not: an empty dimension, a filter larger than the padded image, more than 256 taps
+        assert!(!fits(nhwc(1, 1), [0, 3, 9, 9], [4, 3, 3, 3], bf));
+        assert!(!fits(nhwc(0, 1), [2, 3, 4, 4], [4, 3, 5, 5], bf));
+        assert!(!fits(nhwc(0, 1), [2, 8, 45, 45], [4, 8, 6, 6], bf));
+        // not: an unfolded image past 2^31 elements (Dieleman's at 32,768 galaxies: 2^34)
+        assert!(!fits(nhwc(0, 1), [32768 * 16, 3, 45, 45], [32, 3, 6, 6], bf));
+        assert_eq!((cols_for(27), cols_for(108), cols_for(72)), (32, 112, 72));
+    }
+}
