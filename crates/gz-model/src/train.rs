@@ -151,13 +151,17 @@ impl TrainConfig {
                 self.lr
             ));
         }
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            return bad(format!("validation fraction {} must be in [0, 1)", self.val_fraction));
-        }
         if self.val_fraction == 0.0 {
             return bad(
                 "validation fraction 0: early stopping, best checkpoint and metrics need a validation split".into(),
             );
+        }
+        // (0 has its own message above: the range the trainer takes is open at both ends)
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            return bad(format!(
+                "validation fraction {} must be more than 0 and less than 1",
+                self.val_fraction
+            ));
         }
         if let Some(m) = self.max_images.filter(|&m| m < 2) {
             return bad(format!(
@@ -1125,18 +1129,28 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
     }
     if s.epoch > cfg.epochs || (s.epoch == cfg.epochs && !best_missed) {
         // (fewer epochs than the run has done read "completed 6 of 3 epochs")
+        let epochs = |n: usize| {
+            if n == 1 {
+                "1 epoch".to_string()
+            } else {
+                format!("{n} epochs")
+            }
+        };
         let done = if s.epoch == cfg.epochs && s.train.epochs == s.epoch {
-            format!("the run already completed its {} epochs", s.epoch)
+            format!("the run already completed its {}", epochs(s.epoch))
         } else if s.epoch == cfg.epochs {
             // an interrupted run resumed with --epochs where it stopped: not "completed"
             format!(
-                "the run already has {} epochs, as many as --epochs {} asks (its last start asked for {})",
-                s.epoch, cfg.epochs, s.train.epochs
+                "the run already has {}, as many as --epochs {} asks (its last start asked for {})",
+                epochs(s.epoch),
+                cfg.epochs,
+                s.train.epochs
             )
         } else {
             format!(
-                "the run already has {} epochs, more than --epochs {}",
-                s.epoch, cfg.epochs
+                "the run already has {}, more than --epochs {}",
+                epochs(s.epoch),
+                cfg.epochs
             )
         };
         return Err(TrainError::Resume(format!(
@@ -1885,7 +1899,8 @@ mod tests {
         let e = train_on(&small_cfg(1), &src, &meta(), dir.path(), true, &())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("the run already completed its 1 epochs"), "{e}");
+        assert!(e.contains("the run already completed its 1 epoch"), "{e}");
+        assert!(!e.contains("1 epochs"), "{e}");
         // the same record, had the run been started for 3 epochs and stopped after 1
         let lp = dir.path().join("last.json");
         let mut s = checkpoint::read_sidecar(&lp).unwrap();
@@ -1895,7 +1910,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("the run already has 1 epochs, as many as --epochs 1 asks (its last start asked for 3)"),
+            e.contains("the run already has 1 epoch, as many as --epochs 1 asks (its last start asked for 3)"),
             "{e}"
         );
     }

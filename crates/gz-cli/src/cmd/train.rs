@@ -495,7 +495,19 @@ mod tests {
             format!("{:#}", train_config(&cli.args, model).unwrap_err())
         };
         let e = err(&["--val-fraction", "-0.1"]);
-        assert!(e.contains("validation fraction -0.1 must be in [0, 1)"), "{e}");
+        assert!(
+            e.contains("validation fraction -0.1 must be more than 0 and less than 1"),
+            "{e}"
+        );
+        // the ends: 0 says why a run needs a validation split, 1 is out of range (the message
+        // said "[0, 1)" and then refused 0)
+        let e = err(&["--val-fraction", "0"]);
+        assert!(e.contains("validation fraction 0: early stopping"), "{e}");
+        let e = err(&["--val-fraction", "1"]);
+        assert!(
+            e.contains("validation fraction 1 must be more than 0 and less than 1"),
+            "{e}"
+        );
         let e = err(&["--lr", "-1"]);
         assert!(e.contains("learning rate -1 must be a positive number"), "{e}");
     }
