@@ -309,22 +309,15 @@ pub(super) mod cuda {
         let mut z = unsafe { dev.alloc::<T>(g.rows() * g.k) }?;
         // column-major: Zᵀ (K × rows) = op_T(Wp stored cols × K) · op_N(P stored cols × rows);
         // Wp holds K·cols values, P rows·cols, Z rows·K
+        // the filter zero-padded to K × cols, unless its taps need no padding
+        let padded;
+        let wp = if cols == taps {
+            w.slice(..)
+        } else {
+            padded = copy_cols(dev, w, g.k, taps, cols)?;
+            padded.slice(..)
+        };
         let ops = (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N);
-        if cols == taps {
-            // the filter is already K × cols
-            gemm(
-                dev,
-                "forward product",
-                ops,
-                (g.k, g.rows(), cols),
-                (cols, cols, g.k),
-                w,
-                &p,
-                &mut z,
-            )?;
-            return Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()));
-        }
-        let wp = copy_cols(dev, w, g.k, taps, cols)?;
         gemm(
             dev,
             "forward product",

@@ -216,17 +216,32 @@ __device__ __forceinline__ Window window_geometry(uint32_t h, uint32_t w) {
     return g;
 }
 
-// The four positions of window (i, j) as offsets (in elements) from `origin`, where `row` and
-// `col` are the element strides of one row and one column; writes dz for the valid ones and
-// returns the sum of what it wrote (after rounding to T).
+// The four positions of window (i, j) of the 2x2 grid as offsets (in elements or vectors) from
+// `origin`, where `row` and `col` are the strides of one row and one column, and which of them
+// lie inside the map (the last row / column of an odd side has no partner).
+__device__ __forceinline__ void window_taps(size_t origin, size_t row, size_t col, const Window &g, uint32_t i,
+                                            uint32_t j, size_t off[4], bool valid[4]) {
+    const uint32_t h0 = 2 * i, w0 = 2 * j;
+    off[0] = origin + h0 * row + w0 * col;
+    off[1] = origin + h0 * row + (w0 + 1) * col;
+    off[2] = origin + (h0 + 1) * row + w0 * col;
+    off[3] = origin + (h0 + 1) * row + (w0 + 1) * col;
+    valid[0] = true;
+    valid[1] = w0 + 1 < g.w;
+    valid[2] = h0 + 1 < g.h;
+    valid[3] = h0 + 1 < g.h && w0 + 1 < g.w;
+}
+
+// The ReLU + pool backward of window (i, j) (positions from window_taps; `row` and `col` the
+// element strides of one row and one column): writes dz for the valid ones and returns the sum
+// of what it wrote (after rounding to T).
 template <typename T>
 __device__ __forceinline__ float relu_pool_window(const T *__restrict__ y, T *__restrict__ dz, size_t origin,
                                                   size_t row, size_t col, const Window &g, uint32_t i, uint32_t j,
                                                   float grad) {
-    const uint32_t h0 = 2 * i, w0 = 2 * j;
-    const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
-                           origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
-    const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+    size_t off[4];
+    bool valid[4];
+    window_taps(origin, row, col, g, i, j, off, valid);
     const bool pooled = i < g.oh && j < g.ow;
     int best = -1;
     float best_v = 0.0f;
@@ -306,10 +321,9 @@ __device__ __forceinline__ void bias_relu_pool_window(const T *__restrict__ z, T
                                                       T *__restrict__ p, size_t origin, size_t row, size_t col,
                                                       size_t p_at, const Window &g, uint32_t i, uint32_t j,
                                                       float bias) {
-    const uint32_t h0 = 2 * i, w0 = 2 * j;
-    const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
-                           origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
-    const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+    size_t off[4];
+    bool valid[4];
+    window_taps(origin, row, col, g, i, j, off, valid);
     float best = 0.0f;
     for (int k = 0; k < 4; ++k) {
         if (!valid[k]) continue;
@@ -520,12 +534,11 @@ __device__ __forceinline__ void relu_pool_bwd_nhwc_v(const T *__restrict__ y, co
     nhwc_rows_partial_v<T>(batch * per_image, cvec, partial, [&](uint32_t r, uint32_t cg, float *acc) {
         const uint32_t n = r / per_image, rem = r % per_image;
         const uint32_t i = rem / g.cw, j = rem % g.cw;
-        const uint32_t h0 = 2 * i, w0 = 2 * j;
         const size_t row = (size_t)g.w * cvec, col = cvec;
         const size_t origin = (size_t)n * g.h * g.w * cvec + cg;
-        const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
-                               origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
-        const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+        size_t off[4];
+        bool valid[4];
+        window_taps(origin, row, col, g, i, j, off, valid);
         // a window inside the map has all four positions
         const bool pooled = i < g.oh && j < g.ow;
         V vals[4];
@@ -579,12 +592,11 @@ __device__ __forceinline__ void bias_relu_pool_fwd_nhwc_v(const T *__restrict__ 
         const uint32_t cg = t % cvec, r = t / cvec;
         const uint32_t n = r / per_image, q = r % per_image;
         const uint32_t i = q / g.cw, j = q % g.cw;
-        const uint32_t h0 = 2 * i, w0 = 2 * j;
         const size_t row = (size_t)w * cvec, col = cvec;
         const size_t origin = (size_t)n * h * w * cvec + cg;
-        const size_t off[4] = {origin + h0 * row + w0 * col, origin + h0 * row + (w0 + 1) * col,
-                               origin + (h0 + 1) * row + w0 * col, origin + (h0 + 1) * row + (w0 + 1) * col};
-        const bool valid[4] = {true, w0 + 1 < g.w, h0 + 1 < g.h, h0 + 1 < g.h && w0 + 1 < g.w};
+        size_t off[4];
+        bool valid[4];
+        window_taps(origin, row, col, g, i, j, off, valid);
         const V bias = bv[cg];
         float best[V::N];
         for (uint32_t e = 0; e < V::N; ++e) best[e] = 0.0f;
