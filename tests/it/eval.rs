@@ -680,6 +680,41 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     for f in ["learning_curve.png", "per_question.png", "index.html"] {
         assert!(std::fs::metadata(report.join(f)).unwrap().len() > 1000, "{f}");
     }
+    assert!(!report.join(".gz-eval.lock").exists(), "the report's lock is released");
+    // a second gz eval into a report folder another one is writing (its lock held here, as the
+    // first's process would) is refused before it scores, and leaves that report alone
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd as _;
+        let held = std::fs::File::create(report.join(".gz-eval.lock")).unwrap();
+        std::fs::write(report.join(".gz-eval.lock"), "4242\n").unwrap();
+        // SAFETY: flock(2) on a descriptor this test owns
+        assert_eq!(
+            unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+            0
+        );
+        let before = std::fs::read(report.join("index.html")).unwrap();
+        let (ok, out2, err) = support::run(
+            support::gz()
+                .args(["eval", "--run"])
+                .arg(&run)
+                .arg("--cache")
+                .arg(&cache)
+                .arg("--report")
+                .arg(&report),
+        );
+        assert!(!ok && out2.is_empty(), "{out2}");
+        assert!(
+            err.contains(&format!(
+                "{} is in use: another gz eval (process 4242) is writing its report there",
+                report.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(report.join("index.html")).unwrap(), before);
+        drop(held);
+        std::fs::remove_file(report.join(".gz-eval.lock")).unwrap();
+    }
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert!(html.contains("gallery/") && html.contains("Q1 "), "gallery missing");
     // a report that fails part-way over an earlier one (a full disk; here per_question.png is

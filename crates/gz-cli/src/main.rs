@@ -7,6 +7,7 @@
 mod cmd;
 mod fault;
 mod interrupt;
+mod lock;
 mod malloc;
 
 use clap::{Parser, Subcommand};

@@ -230,13 +230,6 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<Scored>) -> a
             dir.display()
         )
     };
-    // a link to nothing: creating the folder fails, after the scoring
-    if dir.symlink_metadata().is_ok() && !dir.exists() {
-        bail!(
-            "{flag} {}: a link to nothing (no folder there to write into)",
-            dir.display()
-        );
-    }
     let gdir = dir.join("gallery");
     if let Ok(m) = gdir.symlink_metadata() {
         if m.file_type().is_symlink() {
@@ -325,6 +318,9 @@ fn check_report_folder(dir: &Path, flag: &str, default_for: Option<Scored>) -> a
     }
     Ok(())
 }
+
+/// The report folder's lock file while a `gz eval` writes there ([`crate::lock`]).
+const REPORT_LOCK: &str = ".gz-eval.lock";
 
 /// A report's thumbnail: `<GalaxyID>.png`.
 fn thumbnail(name: &str) -> bool {
@@ -444,6 +440,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => Scored::Pred(p),
         None => Scored::Runs(&args.runs),
     });
+    // a link to nothing: creating the folder (for its lock) fails with a bare "File exists"
+    if dir.symlink_metadata().is_ok() && !dir.exists() {
+        bail!(
+            "{flag} {}: a link to nothing (no folder there to write into)",
+            dir.display()
+        );
+    }
+    super::check_writable(&flag, &dir, true)?;
+    // held until the report is written (the end of this function): a second gz eval into the
+    // folder is refused, where the two would write the same files (one reporting success over
+    // the other's report, or failing on a file the other had removed)
+    let _lock = crate::lock::FolderLock::take(
+        &dir,
+        REPORT_LOCK,
+        &crate::lock::Holder {
+            command: "gz eval",
+            doing: "writing its report there",
+            instead: "name another folder with --report",
+        },
+    )?;
     check_report_folder(&dir, &flag, default_for)?;
     // nor may the report replace what it reads: the predictions file, a checkpoint
     let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)
@@ -459,7 +475,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    super::check_writable(&flag, &dir, true)?;
     if let Some(d) = &args.data {
         // a typo is not a dataset without the optional files: said before the scoring
         if !d.is_dir() {

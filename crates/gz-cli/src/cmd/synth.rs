@@ -4,7 +4,7 @@
 //! (a non-empty directory holding something else is only overwritten with `--force`; the same,
 //! complete dataset is left alone: its `synth.json` and every file it implies are there), shows a progress bar on a terminal and prints a summary.
 //!
-//! The output directory is locked ([`OutLock`], `.gz-synth.lock` held with `flock`) from before
+//! The output directory is locked (`.gz-synth.lock` held with `flock`, [`crate::lock`]) from before
 //! it is inspected until the dataset is complete: a second `gz synth` into the same folder, with
 //! `--force` or not, is refused naming the folder and the first one's process, instead of
 //! removing or overwriting its files. The lock ends with the process, so a killed run's lock
@@ -141,7 +141,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // nor a dataset among another's images, or in a cache
     super::check_not_in_data("--out", &out)?;
     // held until the dataset is complete (dropped at the end of this function)
-    let _lock = OutLock::take(&out)?;
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: exists and is not a folder", out.display());
+    }
+    let _lock = crate::lock::FolderLock::take(
+        &out,
+        gz_synth::LOCK_FILE,
+        &crate::lock::Holder {
+            command: "gz synth",
+            doing: "writing into it",
+            instead: "choose another --out (--force does not override this: it would delete the files being written)",
+        },
+    )?;
     match inspect(&out, &cfg)? {
         Target::Empty => {}
         Target::Same if !args.force => {
@@ -240,111 +251,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("data: {d}");
     Ok(())
-}
-
-/// `.gz-synth.lock` ([`gz_synth::LOCK_FILE`]) in the output folder, held with an exclusive
-/// `flock` while this `gz synth` inspects, cleans and writes the folder. The file holds the
-/// holder's process id, for the message of the run that is refused; it is removed when the lock
-/// is dropped. A killed holder leaves the file, but its lock ends with it, so the file blocks
-/// nobody. Where the file cannot be created (a read-only folder: this run cannot write there
-/// either) or the file system has no locks, the run goes on without one.
-#[cfg_attr(not(unix), allow(dead_code, reason = "never made where there is no flock"))]
-struct OutLock {
-    path: PathBuf,
-    /// The open file the lock is held on (closing it releases the lock).
-    _file: std::fs::File,
-}
-
-impl OutLock {
-    /// Creates `dir` if missing and takes its lock, or fails naming `dir` and the process that
-    /// holds it. `Ok(None)`: no lock could be had, and nothing says another run holds one.
-    #[cfg(unix)]
-    fn take(dir: &Path) -> anyhow::Result<Option<OutLock>> {
-        use std::io::Write as _;
-        use std::os::unix::fs::MetadataExt as _;
-        use std::os::unix::io::AsRawFd as _;
-
-        if dir.exists() && !dir.is_dir() {
-            anyhow::bail!("--out {}: exists and is not a folder", dir.display());
-        }
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(gz_synth::LOCK_FILE);
-        for _ in 0..10 {
-            let file = match std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-            {
-                Ok(f) => f,
-                // a folder this process cannot write into: it cannot clash with another writer
-                // (an "up to date" set still says so; writing fails with its own message)
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) => {
-                    return Ok(None)
-                }
-                Err(e) => return Err(e).with_context(|| format!("creating the lock file {}", path.display())),
-            };
-            // SAFETY: flock(2) on a descriptor this function owns; no memory is passed.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::WouldBlock {
-                    let pid = std::fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|t| t.trim().parse::<u32>().ok());
-                    let who = pid.map_or("another gz synth".to_string(), |p| {
-                        format!("another gz synth (process {p})")
-                    });
-                    bail!(
-                        "{} is in use: {who} is writing into it; wait for it to finish or choose another --out \
-                         (--force does not override this: it would delete the files being written)",
-                        dir.display()
-                    );
-                }
-                // a file system without locks (some network shares): as before there was a lock
-                eprintln!(
-                    "gz synth: warning: cannot lock {} ({err}); going on unprotected from another gz synth writing \
-                     into {} at the same time",
-                    path.display(),
-                    dir.display()
-                );
-                return Ok(None);
-            }
-            // the holder before this one removes the file as it finishes: a lock taken on the
-            // removed file (opened just before) guards nothing, so open the name again
-            let same = match (file.metadata(), std::fs::metadata(&path)) {
-                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-                _ => false,
-            };
-            if !same {
-                continue;
-            }
-            let mut file = file;
-            file.set_len(0)
-                .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-                .with_context(|| format!("writing the lock file {}", path.display()))?;
-            return Ok(Some(OutLock { path, _file: file }));
-        }
-        bail!(
-            "could not lock {}: other gz synth runs keep starting and ending in {}",
-            path.display(),
-            dir.display()
-        )
-    }
-
-    /// No `flock` here: the folder is created and nothing is locked.
-    #[cfg(not(unix))]
-    fn take(dir: &Path) -> anyhow::Result<Option<OutLock>> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(None)
-    }
-}
-
-impl Drop for OutLock {
-    fn drop(&mut self) {
-        // removed while still locked (the lock goes with the file handle, after this): a run
-        // that opened the file just before gets the lock on a removed file, sees that the name
-        // no longer leads to it and opens the name again; best effort
-        let _ = std::fs::remove_file(&self.path);
-    }
 }

@@ -1,0 +1,224 @@
+//! Folder locks of the gz commands that write a folder's files one by one: `gz synth`'s output
+//! folder (`.gz-synth.lock`) and `gz eval`'s report folder (`.gz-eval.lock`).
+//!
+//! The lock is an exclusive `flock` on a file in the folder, taken before the folder is inspected
+//! and held until the command's files are all written. A second writer into the same folder is
+//! refused naming the folder and the first one's process, instead of removing or overwriting its
+//! files. The file holds the holder's process id (for that message) and is removed when the
+//! lock is dropped; a killed holder leaves the file, but its lock ends with it, so the file
+//! blocks nobody. Where the file cannot be created (a read-only folder: this command cannot
+//! write there either) or the file system has no locks, the command goes on without one, as it
+//! did before there were locks.
+
+use std::path::{Path, PathBuf};
+
+#[cfg(unix)]
+use anyhow::{bail, Context as _};
+
+/// Who takes a lock, for its messages.
+pub struct Holder<'a> {
+    /// The command, as the messages name it: `gz synth`.
+    pub command: &'a str,
+    /// What the holder does in the folder, after "is": `writing into it`.
+    pub doing: &'a str,
+    /// What the refused run may do instead, after "wait for it to finish or".
+    pub instead: &'a str,
+}
+
+/// A held folder lock (released, and its file removed, when dropped).
+#[cfg_attr(not(unix), allow(dead_code, reason = "never made where there is no flock"))]
+pub struct FolderLock {
+    path: PathBuf,
+    /// The folder, where taking the lock created it: removed again on drop if nothing else was
+    /// written into it (a command refused after the lock leaves no empty folder behind).
+    created: Option<PathBuf>,
+    /// The open file the lock is held on (closing it releases the lock).
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    /// Creates `dir` if missing and takes its lock `name`, or fails naming `dir` and the process
+    /// that holds it. `Ok(None)`: no lock could be had, and nothing says another run holds one.
+    #[cfg(unix)]
+    pub fn take(dir: &Path, name: &str, who: &Holder<'_>) -> anyhow::Result<Option<FolderLock>> {
+        use std::io::Write as _;
+        use std::os::unix::fs::MetadataExt as _;
+        use std::os::unix::io::AsRawFd as _;
+
+        let created = (!dir.exists()).then(|| dir.to_path_buf());
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(name);
+        let give_up = |created: &Option<PathBuf>| {
+            if let Some(d) = created {
+                let _ = std::fs::remove_dir(d);
+            }
+        };
+        for _ in 0..10 {
+            let file = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+            {
+                Ok(f) => f,
+                // a folder this process cannot write into: it cannot clash with another writer
+                // (writing fails later with its own message)
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) => {
+                    return Ok(None)
+                }
+                Err(e) => {
+                    give_up(&created);
+                    return Err(e).with_context(|| format!("creating the lock file {}", path.display()));
+                }
+            };
+            // SAFETY: flock(2) on a descriptor this function owns; no memory is passed.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::WouldBlock {
+                    let pid = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok());
+                    let command = who.command;
+                    let holder = pid.map_or(format!("another {command}"), |p| {
+                        format!("another {command} (process {p})")
+                    });
+                    bail!(
+                        "{} is in use: {holder} is {}; wait for it to finish or {}",
+                        dir.display(),
+                        who.doing,
+                        who.instead
+                    );
+                }
+                // a file system without locks (some network shares): as before there was a lock
+                eprintln!(
+                    "{}: warning: cannot lock {} ({err}); going on unprotected from another {} writing into {} at \
+                     the same time",
+                    who.command,
+                    path.display(),
+                    who.command,
+                    dir.display()
+                );
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+                return Ok(None);
+            }
+            // the holder before this one removes the file as it finishes: a lock taken on the
+            // removed file (opened just before) guards nothing, so open the name again
+            let same = match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            };
+            if !same {
+                continue;
+            }
+            let mut file = file;
+            if let Err(e) = file
+                .set_len(0)
+                .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            {
+                let _ = std::fs::remove_file(&path);
+                give_up(&created);
+                return Err(e).with_context(|| format!("writing the lock file {}", path.display()));
+            }
+            return Ok(Some(FolderLock {
+                path,
+                created,
+                _file: file,
+            }));
+        }
+        bail!(
+            "could not lock {}: other {} runs keep starting and ending in {}",
+            path.display(),
+            who.command,
+            dir.display()
+        )
+    }
+
+    /// No `flock` here: the folder is created and nothing is locked.
+    #[cfg(not(unix))]
+    pub fn take(dir: &Path, _name: &str, _who: &Holder<'_>) -> anyhow::Result<Option<FolderLock>> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(None)
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        // removed while still locked (the lock goes with the file handle, after this): a run
+        // that opened the file just before gets the lock on a removed file, sees that the name
+        // no longer leads to it and opens the name again; best effort
+        let _ = std::fs::remove_file(&self.path);
+        if let Some(d) = &self.created {
+            // only if empty: a folder this command wrote into stays
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    const WHO: Holder<'static> = Holder {
+        command: "gz test",
+        doing: "writing into it",
+        instead: "choose another folder",
+    };
+
+    /// A second lock of the same folder is refused naming the first holder's process (flock
+    /// locks belong to open files, so one process's two opens clash as two processes' do); once
+    /// the first is dropped its file is gone and the folder can be locked again.
+    #[test]
+    fn a_held_folder_is_refused_and_freed_on_drop() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("out");
+        let first = FolderLock::take(&dir, ".x.lock", &WHO).unwrap().expect("a lock");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(".x.lock")).unwrap().trim(),
+            std::process::id().to_string()
+        );
+        let err = FolderLock::take(&dir, ".x.lock", &WHO).err().expect("refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is in use: another gz test (process {}) is writing into it; wait for it to finish or choose \
+                 another folder",
+                dir.display(),
+                std::process::id()
+            )
+        );
+        // another lock name in the same folder is another lock
+        let other = FolderLock::take(&dir, ".y.lock", &WHO).unwrap();
+        assert!(other.is_some());
+        drop(other);
+        std::fs::write(dir.join("kept"), b"a file of the command's").unwrap();
+        drop(first);
+        assert!(!dir.join(".x.lock").exists(), "the lock file goes with the lock");
+        assert!(dir.join("kept").exists(), "a folder written into stays");
+        assert!(FolderLock::take(&dir, ".x.lock", &WHO).unwrap().is_some());
+    }
+
+    /// A folder the lock created is removed with it when nothing was written there (a command
+    /// refused after taking its lock leaves no empty folder); one that existed stays.
+    #[test]
+    fn a_folder_made_for_the_lock_alone_goes_with_it() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("new");
+        drop(FolderLock::take(&dir, ".x.lock", &WHO).unwrap());
+        assert!(!dir.exists(), "the empty folder made for the lock is left");
+        std::fs::create_dir(&dir).unwrap();
+        drop(FolderLock::take(&dir, ".x.lock", &WHO).unwrap());
+        assert!(dir.is_dir(), "a folder that was there before is removed");
+    }
+
+    /// A killed holder's file (no lock on it) blocks nobody.
+    #[test]
+    fn a_left_lock_file_without_a_lock_is_taken() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join(".x.lock"), "4242\n").unwrap();
+        let lock = FolderLock::take(t.path(), ".x.lock", &WHO).unwrap();
+        assert!(lock.is_some());
+    }
+}
