@@ -233,6 +233,66 @@ fn tiny_learns_on_cpu_and_writes_the_run_dir() {
     assert!(!ok && stderr.contains("--resume"), "{stderr}");
 }
 
+/// `--resume` takes the options not given from the run: a run with its own model, batch, rate,
+/// seed, hold-out, augmentation and subset, resumed with only `--cache`, `--out` and `--epochs`,
+/// continues to the bits of the same run uninterrupted; without `--epochs` it keeps the run's
+/// own (here done); an option given that differs is still refused.
+#[test]
+fn resume_takes_the_runs_own_options() {
+    let tmp = support::tempdir();
+    let cache = toy_cache(tmp.path(), 48, 32, 5);
+    let own = [
+        "--model",
+        "tiny",
+        "--batch",
+        "4",
+        "--lr",
+        "0.003",
+        "--seed",
+        "5",
+        "--val-fraction",
+        "0.2",
+        "--no-augment",
+        "--max-train",
+        "40",
+        "--optimizer",
+        "adamw",
+    ];
+    let gz_train = |run: &Path, extra: &[&str]| {
+        let mut c = support::gz();
+        c.args(["train", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(run)
+            .args(extra);
+        support::run(&mut c)
+    };
+    let whole = tmp.path().join("whole");
+    let (ok, out, err) = gz_train(&whole, &[&own[..], &["--epochs", "2"]].concat());
+    assert!(ok, "{out}\n{err}");
+    let run = tmp.path().join("run");
+    let (ok, out, err) = gz_train(&run, &[&own[..], &["--epochs", "1"]].concat());
+    assert!(ok, "{out}\n{err}");
+    // the run's own epoch count: done
+    let (ok, _, err) = gz_train(&run, &["--resume"]);
+    assert!(!ok && err.contains("the run already completed its 1 epoch"), "{err}");
+    let (ok, _, err) = gz_train(&run, &["--resume", "--epochs", "2", "--seed", "6"]);
+    assert!(!ok && err.contains("seed (--seed): was 5, now 6"), "{err}");
+    let (ok, out, err) = gz_train(&run, &["--resume", "--epochs", "2"]);
+    assert!(ok && out.contains("resuming after epoch 1"), "{out}\n{err}");
+    let read = |run: &Path, f: &str| std::fs::read(run.join(f)).unwrap();
+    assert!(
+        read(&run, "last.safetensors") == read(&whole, "last.safetensors"),
+        "the resumed run is not the uninterrupted one"
+    );
+    let config: serde_json::Value = serde_json::from_slice(&read(&run, "config.json")).unwrap();
+    assert_eq!(
+        (config["seed"].as_u64(), config["batch"].as_u64()),
+        (Some(5), Some(4)),
+        "{config}"
+    );
+}
+
 #[test]
 fn resume_continues_a_run_from_the_cli() {
     let tmp = support::tempdir();
@@ -344,7 +404,10 @@ fn resuming_an_early_stopped_run_says_nothing_was_trained() {
             && !out.contains("done:"),
         "{out}"
     );
-    assert!(stderr.contains("--resume and --patience 2 or more"), "{stderr}");
+    assert!(
+        stderr.contains("--resume --patience 2` or more") && out.contains("in the 1 epoch after epoch 1,"),
+        "{out}\n{stderr}"
+    );
     assert_eq!(metrics(&run).len(), 2);
     // the way on that it names
     let (ok, out, stderr) = support::run(support::gz().args(args("0", true)));
@@ -459,7 +522,11 @@ fn ctrl_c_stops_training_and_keeps_finished_epochs() {
     assert_eq!(code, Some(130), "{stderr}\n{rest:?}");
     assert!(
         stderr.contains("gz train: stopped ")
-            && stderr.contains("to continue: `gz train` with the same options and --resume"),
+            && stderr.contains(&format!(
+                "to continue: `gz train --cache {} --out {} --resume` (it keeps the run's options)",
+                cache.display(),
+                run.display()
+            )),
         "{stderr}"
     );
     assert!(!stderr.contains("error:"), "{stderr}");

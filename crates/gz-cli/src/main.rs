@@ -83,7 +83,15 @@ fn main() {
         mmap_threshold = ?malloc_tuned,
         "host allocator tuning (None: glibc's defaults, e.g. with GZ_MALLOC=system)"
     );
-    let cli = Cli::parse();
+    // (parsed through the matches, which say which options the command line gave: `gz train
+    // --resume` takes the others from the run)
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+        .unwrap_or_else(|e| e.format(&mut <Cli as clap::CommandFactory>::command()).exit());
+    let train_given = matches
+        .subcommand_matches("train")
+        .map(cmd::train::Given::of)
+        .unwrap_or_default();
     let model_device = cli.command.model_device().map(str::to_owned);
     // A model subcommand on the CPU runs on a worker of rayon's global pool, not on this
     // thread: gz's CPU kernels start thousands of small parallel loops per step, and from a
@@ -200,9 +208,9 @@ fn main() {
     // (gz_model::parts; 1 trains every batch whole, as before the parts existed).
     count_switch("GZ_CPU_PARTS", 64, gz_model::parts::set_parts);
     let result = if on_pool {
-        rayon::scope(|_| run(cli.command))
+        rayon::scope(|_| run(cli.command, &train_given))
     } else {
-        run(cli.command)
+        run(cli.command, &train_given)
     };
     if let Err(err) = result {
         // a bare `ExitCode`: the subcommand has said what happened
@@ -287,12 +295,12 @@ fn error_message(err: &anyhow::Error) -> String {
 }
 
 /// Runs one subcommand.
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, given: &cmd::train::Given) -> anyhow::Result<()> {
     match command {
         Command::Synth(a) => cmd::synth::run(a),
         Command::Prep(a) => cmd::prep::run(a),
         Command::Cache(a) => cmd::cache::run(a),
-        Command::Train(a) => cmd::train::run(a),
+        Command::Train(a) => cmd::train::run(a, given),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Predict(a) => cmd::predict::run(a),
         Command::Submit(a) => cmd::submit::run(a),

@@ -435,12 +435,7 @@ pub fn train_on(
         if !last_json.exists() {
             return Err(nothing_to_resume(&last_json, out_dir));
         }
-        let s = checkpoint::read_sidecar(&last_json).map_err(|e| {
-            TrainError::Resume(format!(
-                "{e}; this run cannot be resumed: start a fresh one (delete {} or choose another --out)",
-                out_dir.display()
-            ))
-        })?;
+        let s = checkpoint::read_sidecar(&last_json).map_err(|e| unreadable_run(&e, out_dir))?;
         check_resumable(&s, cfg, meta, best_missed(out_dir, &s)?)?;
         Some(s)
     } else {
@@ -828,6 +823,29 @@ pub fn evaluate(
     Ok((sse / (rows.len() * gz_schema::N_ANSWERS) as f64).sqrt())
 }
 
+/// The last state of the run in `out_dir` that `resume` continues (its `last.json`), or why there
+/// is none, as [`train`] would refuse it: a live run still in its first epoch, no `last.json`
+/// (with what the folder holds instead), one that cannot be read. Reads only: `gz train
+/// --resume` takes the options not given from the run's config.
+pub fn resumable_run(out_dir: &Path) -> Result<checkpoint::Sidecar, TrainError> {
+    let last_json = out_dir.join("last.json");
+    if !last_json.exists() {
+        if let Some(busy) = RunLock::held(out_dir) {
+            return Err(busy);
+        }
+        return Err(nothing_to_resume(&last_json, out_dir));
+    }
+    checkpoint::read_sidecar(&last_json).map_err(|e| unreadable_run(&e, out_dir))
+}
+
+/// Why a run whose `last.json` cannot be read is not resumed.
+fn unreadable_run(e: &dyn std::fmt::Display, out_dir: &Path) -> TrainError {
+    TrainError::Resume(format!(
+        "{e}; this run cannot be resumed: start a fresh one (delete {} or choose another --out)",
+        out_dir.display()
+    ))
+}
+
 /// Why `--resume` finds nothing to resume: no `last.json` (with what the folder holds instead).
 fn nothing_to_resume(last_json: &Path, out_dir: &Path) -> TrainError {
     TrainError::Resume(if out_dir.join("best.json").exists() {
@@ -1122,8 +1140,8 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
             diff.push("the config".into());
         }
         return Err(TrainError::Resume(format!(
-            "the run's config differs from the one given ({}); only epochs, patience and device may change: give the \
-             run's own values (its config.json)",
+            "the run's config differs from the one given ({}); only epochs, patience and device may change: leave the \
+             others out (`gz train --resume` takes the run's own, in its config.json)",
             diff.join("; ")
         )));
     }

@@ -15,14 +15,14 @@ use gz_model::train::{EpochMetrics, Precision, StartInfo, TrainConfig, TrainErro
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `gz train`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Shard cache directory (from `gz prep`).
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// Model: vgg16-blog, dieleman, tiny, small, dieleman-tiny.
-    #[arg(long)]
-    model: String,
+    /// Model: vgg16-blog, dieleman, tiny, small, dieleman-tiny (with --resume: the run's own).
+    #[arg(long, required_unless_present = "resume")]
+    model: Option<String>,
     /// Print the architecture and parameter count, then exit (no cache needed: the input is then
     /// 106 px, gz prep's default; with --cache, the cache's size).
     #[arg(long)]
@@ -77,7 +77,9 @@ pub struct Args {
     /// Turn augmentation off.
     #[arg(long, overrides_with = "augment")]
     no_augment: bool,
-    /// Continue the run in --out from its last checkpoint.
+    /// Continue the run in --out from its last checkpoint. The options not given are the run's
+    /// own (its model, batch, rate, seed, …, and its epochs); --device is this machine's
+    /// (default cpu), and options given must match the run's, except --epochs and --patience.
     #[arg(long)]
     resume: bool,
     /// Use only a seeded subset of this many images (train + validation) for quick runs.
@@ -128,9 +130,77 @@ fn apply_resumed_settings(
     Ok(notes)
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = model_config(&args.model, args.output.as_deref())?;
+/// The options of a `gz train` given on its command line (not defaults): `--resume` takes the
+/// others from the run it continues.
+#[derive(Debug, Default, Clone)]
+pub struct Given(Vec<String>);
+
+impl Given {
+    /// The ids of the options `m` (the subcommand's matches) got from the command line.
+    pub fn of(m: &clap::ArgMatches) -> Self {
+        Given(
+            m.ids()
+                .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
+    }
+
+    fn has(&self, id: &str) -> bool {
+        self.0.iter().any(|g| g == id)
+    }
+}
+
+/// `args` with the options not `given` set to the run's own values (`prior`, its config):
+/// what the user would have typed to repeat the run. `--device` stays this machine's,
+/// `--patience` and `--schedule` are [`apply_resumed_settings`]'s.
+fn with_run_values(args: &Args, given: &Given, prior: &TrainConfig) -> Args {
+    let mut a = args.clone();
+    if !given.has("model") {
+        a.model = Some(prior.model.arch.name().to_string());
+    }
+    if !given.has("output") {
+        a.output = Some(prior.model.output.name().to_string());
+    }
+    if !given.has("epochs") {
+        a.epochs = prior.epochs;
+    }
+    if !given.has("batch") {
+        a.batch = prior.batch;
+    }
+    if !given.has("lr") {
+        a.lr = Some(prior.lr);
+    }
+    if !given.has("optimizer") {
+        a.optimizer = prior.optimizer.name().to_string();
+    }
+    if !given.has("precision") {
+        a.precision = match prior.precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+        .to_string();
+    }
+    if !given.has("seed") {
+        a.seed = prior.seed;
+    }
+    if !given.has("val_fraction") {
+        a.val_fraction = prior.val_fraction;
+    }
+    if !given.has("augment") && !given.has("no_augment") {
+        a.augment = prior.augment.enabled;
+        a.no_augment = !prior.augment.enabled;
+    }
+    if !given.has("max_train") {
+        a.max_train = prior.max_images;
+    }
+    a
+}
+
+pub fn run(args: Args, given: &Given) -> anyhow::Result<()> {
     if args.describe {
+        let name = args.model.as_deref().context("--describe needs --model")?;
+        let model = model_config(name, args.output.as_deref())?;
         // with --cache, the model as it would train on that cache (its image side)
         let model = match &args.cache {
             Some(dir) => {
@@ -154,6 +224,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // (a run inside the cache it reads: `gz cache` would keep the cache for it, a muddle)
     super::check_not_an_input("--out", &out, &[], &[&cache_dir], None)?;
     super::check_writable("--out", &out, true)?;
+    // a resumed run's own options for those not given (what is wrong with the run, the
+    // trainer's refusal, before anything else is read)
+    let args = if args.resume {
+        let prior = gz_model::train::resumable_run(&out).with_context(|| format!("resuming {}", out.display()))?;
+        with_run_values(&args, given, &prior.train)
+    } else {
+        args
+    };
+    let name = args.model.as_deref().context("--model is required")?;
+    let model = model_config(name, args.output.as_deref())?;
     let mut cfg = train_config(&args, model)?;
     let mut notes = if args.resume {
         apply_resumed_settings(&args, &mut cfg, &out)?
@@ -199,7 +279,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if epochs_done > 0 {
                 // (`gz train` by name: under `cargo xtask`, whose own line follows, "the same
                 // command" read as the xtask command, which takes no --resume)
-                eprintln!("to continue: `gz train` with the same options and --resume");
+                // (the run's own options are taken for those not given)
+                eprintln!(
+                    "to continue: `gz train --cache {} --out {} --resume` (it keeps the run's options)",
+                    super::shell_path(&cache_dir),
+                    super::shell_path(&out)
+                );
             } else {
                 eprintln!("to continue: `gz train` with the same options (there is nothing to resume)");
             }
@@ -207,7 +292,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let sig = crate::interrupt::requested().unwrap_or(libc::SIGINT);
             return Err(crate::ExitCode(128 + sig).into());
         }
-        r => r.with_context(|| format!("training {} into {}", args.model, out.display()))?,
+        r => r.with_context(|| format!("training {name} into {}", out.display()))?,
     };
 
     let start_epoch = observer.start_epoch.lock().map_or(0, |e| *e);
@@ -232,8 +317,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         };
         println!(
-            "nothing trained: {ended} (no better validation RMSE in the {since} epoch(s) after epoch {}, --patience \
+            "nothing trained: {ended} (no better validation RMSE in the {} after epoch {}, --patience \
              {patience}); best val RMSE {:.5} at epoch {} vs {:.5} predicting the training mean ({})",
+            super::count(since, "epoch"),
             summary.best_epoch,
             summary.best_val_rmse,
             summary.best_epoch,
@@ -241,7 +327,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             vs_mean(summary.best_val_rmse, summary.baseline_val_rmse),
         );
         eprintln!(
-            "to train on: `gz train` with the same options, --resume and --patience {} or more (0 never stops early)",
+            "to train on: `gz train --cache {} --out {} --resume --patience {}` or more (0 never stops early)",
+            super::shell_path(&cache_dir),
+            super::shell_path(&out),
             since + 1
         );
         println!("run: {}", out.display());
@@ -480,7 +568,7 @@ mod tests {
 
     fn patience(extra: &[&str]) -> Option<usize> {
         let cli = Cli::parse_from(["gz-train", "--model", "tiny"].iter().chain(extra));
-        let model = model_config(&cli.args.model, None).unwrap();
+        let model = model_config(cli.args.model.as_deref().unwrap(), None).unwrap();
         train_config(&cli.args, model).unwrap().patience
     }
 
@@ -491,7 +579,7 @@ mod tests {
         let err = |extra: &[&str]| {
             let cli = Cli::try_parse_from(["gz-train", "--model", "tiny"].iter().chain(extra))
                 .unwrap_or_else(|e| panic!("{extra:?}: {e}"));
-            let model = model_config(&cli.args.model, None).unwrap();
+            let model = model_config(cli.args.model.as_deref().unwrap(), None).unwrap();
             format!("{:#}", train_config(&cli.args, model).unwrap_err())
         };
         let e = err(&["--val-fraction", "-0.1"]);
