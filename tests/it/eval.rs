@@ -53,7 +53,7 @@ fn submit_check_lists_every_problem() {
     ] {
         assert!(out.contains(needle), "missing {needle:?} in\n{out}");
     }
-    assert!(err.contains("problem(s)"), "{err}");
+    assert!(err.contains(" problems: "), "{err}");
 
     // a good file passes, and the completeness check uses the folder
     let good = tmp.path().join("good.csv");
@@ -169,7 +169,7 @@ fn submit_check_refuses_per_question_fractions() {
         assert!(
             out.contains("per-question fractions (`gz predict --conditional`)")
                 && out.contains("predict again without --conditional")
-                && err.contains("1 problem(s): 1 per-question fractions"),
+                && err.contains("1 problem: 1 per-question fractions"),
             "{}: {out}\n{err}",
             file.display()
         );
@@ -1715,7 +1715,7 @@ fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_expl
     assert!(out.contains("4 rows"), "{out}");
     assert_eq!(err.matches("greyscale").count(), 1, "{err}");
     assert!(
-        err.contains("warning: 1 image(s) are greyscale JPEGs (one channel)"),
+        err.contains("warning: 1 image is a greyscale JPEG (one channel)"),
         "{err}"
     );
     // (the 424-px Kaggle images are not)

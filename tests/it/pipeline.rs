@@ -175,7 +175,7 @@ fn pipeline_rejects_unknown_options() {
     let t = support::tempdir();
     let (ok, _out, err) = pipeline(t.path(), &["--epocs", "3"]);
     assert!(!ok);
-    assert!(err.contains("unexpected argument(s): --epocs 3"), "{err}");
+    assert!(err.contains("unexpected arguments: --epocs 3"), "{err}");
 }
 
 #[test]

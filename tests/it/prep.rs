@@ -348,7 +348,7 @@ fn a_galaxy_in_both_splits_is_warned_about() {
     let root = t.path().join("cache");
     let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(err.contains("1 GalaxyID(s) are both training and test images"), "{err}");
+    assert!(err.contains("1 GalaxyID is both training and test images"), "{err}");
     // stderr is a pipe here (a log file, CI): no terminal colour codes in it
     assert!(!err.contains('\x1b'), "{err:?}");
     assert!(out.contains("preprocessed 3 train + 4 test images"), "{out}");
@@ -577,7 +577,7 @@ fn greyscale_images_are_warned_of_once() {
         assert!(out.contains("3 train + 3 test images"), "{out}");
         assert_eq!(err.matches("greyscale").count(), 1, "{err}");
         assert!(
-            err.contains("warning: 2 image(s) are greyscale JPEGs (one channel, e.g. "),
+            err.contains("warning: 2 images are greyscale JPEGs (one channel, e.g. "),
             "{err}"
         );
     }

@@ -88,7 +88,8 @@ impl Args {
             Ok(())
         } else {
             bail!(
-                "unexpected argument(s): {}{} (see `cargo xtask help`)",
+                "unexpected argument{}: {}{} (see `cargo xtask help`)",
+                if self.items.len() == 1 { "" } else { "s" },
                 self.items.join(" "),
                 pass_through_hints(&self.items)
             )

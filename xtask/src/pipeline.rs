@@ -1770,7 +1770,7 @@ mod tests {
         // the command line is read to its end before the CUDA toolkit is set up (on first use of
         // gz): a typo or a bad value after --cuda is reported at once, with nothing installed
         for (bad, says) in [
-            (&["--cuda", "--bogus"][..], "unexpected argument(s): --bogus"),
+            (&["--cuda", "--bogus"][..], "unexpected argument: --bogus"),
             (&["--cuda", "--cudnn", "--epochs", "x"], "option --epochs: cannot read"),
         ] {
             let e = parse(bad).err().unwrap().to_string();

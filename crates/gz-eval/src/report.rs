@@ -765,10 +765,10 @@ img.chart {{ max-width: 100%; border: 1px solid #eee; }}
         source = match &r.predictions {
             Some(p) => format!("predictions <code>{}</code>", esc(p)),
             None => format!(
-                "checkpoint <code>{}</code>{} · TTA {} view(s)",
+                "checkpoint <code>{}</code>{} · TTA {}",
                 esc(&r.checkpoint),
                 r.trained.as_ref().map_or(String::new(), |t| format!(" ({})", esc(t))),
-                r.tta.n_views()
+                gz_schema::count(r.tta.n_views(), "view")
             ),
         },
         split = esc(&r.split),

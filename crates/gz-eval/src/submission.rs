@@ -450,9 +450,9 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
         return Err(EvalError::BadFile {
             path: dir.to_path_buf(),
             reason: format!(
-                "{} JPEG(s) not named <GalaxyID>.jpg: {} (a submission's rows are GalaxyIDs; `gz predict --images` \
-                 names rows by file)",
-                total,
+                "{} not named <GalaxyID>.jpg: {} (a submission's rows are GalaxyIDs; `gz predict --images` names \
+                 rows by file)",
+                gz_schema::count(total, "JPEG"),
                 bad.join(", ")
             ),
         });
@@ -1478,7 +1478,10 @@ mod tests {
             std::fs::write(dir.path().join(format!("m{i:02}.jpg")), b"x").unwrap();
         }
         let e = ids_from_dir(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("21 JPEG(s)") && e.contains("m03.jpg, and 16 more"), "{e}");
+        assert!(
+            e.contains("21 JPEGs not named") && e.contains("m03.jpg, and 16 more"),
+            "{e}"
+        );
         assert!(!e.contains("m04.jpg"), "{e}");
         for i in 0..20 {
             std::fs::remove_file(dir.path().join(format!("m{i:02}.jpg"))).unwrap();

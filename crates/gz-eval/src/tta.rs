@@ -130,10 +130,10 @@ impl TtaConfig {
             return Err(EvalError::Setting {
                 what: "test-time augmentation".into(),
                 reason: format!(
-                    "{} rotation(s) × {} scale(s){} is {views} views per image; at most {} (each view is one \
-                     more pass over every image)",
-                    self.rotations,
-                    self.scales.len(),
+                    "{} × {}{} is {views} views per image; at most {} (each view is one more pass over every \
+                     image)",
+                    gz_schema::count(self.rotations, "rotation"),
+                    gz_schema::count(self.scales.len(), "scale"),
                     if self.flips { " × 2 flips" } else { "" },
                     Self::MAX_VIEWS
                 ),
@@ -143,9 +143,9 @@ impl TtaConfig {
             return Err(EvalError::Setting {
                 what: "test-time augmentation".into(),
                 reason: format!(
-                    "{} rotation(s), scales {:?}: need at least 1 rotation and at least 1 scale, each a zoom \
-                     from 0.1 to 10",
-                    self.rotations, self.scales
+                    "{}, scales {:?}: need at least 1 rotation and at least 1 scale, each a zoom from 0.1 to 10",
+                    gz_schema::count(self.rotations, "rotation"),
+                    self.scales
                 ),
             });
         }

@@ -541,8 +541,8 @@ impl LoadedModel {
             return Err(CheckpointError::Invalid {
                 path: weights_path,
                 reason: format!(
-                    "holds {} tensor(s) the model {:?} does not have (e.g. `{}`): not a checkpoint of this model",
-                    unused.len(),
+                    "holds {} the model {:?} does not have (e.g. `{}`): not a checkpoint of this model",
+                    gz_schema::count(unused.len(), "tensor"),
                     sidecar.model,
                     unused[0]
                 ),

@@ -31,7 +31,7 @@ use gz_schema::N_ANSWERS;
 pub enum DataError {
     #[error("the image source has no labels (a test split?); training needs labelled images")]
     NoLabels,
-    #[error("the image source holds {n} image(s); need at least 2 (one to train on, one to validate)")]
+    #[error("the image source holds {}; need at least 2 (one to train on, one to validate)", gz_schema::count(*.n, "image"))]
     TooFew { n: usize },
     #[error("validation fraction {0} is not in [0, 1)")]
     BadFraction(f64),

@@ -165,7 +165,8 @@ impl TrainConfig {
         }
         if let Some(m) = self.max_images.filter(|&m| m < 2) {
             return bad(format!(
-                "a subset of {m} image(s) (--max-train): a run needs at least 2 (one to train on, one to validate)"
+                "a subset of {} (--max-train): a run needs at least 2 (one to train on, one to validate)",
+                gz_schema::count(m, "image")
             ));
         }
         Ok(())

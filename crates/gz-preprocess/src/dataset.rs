@@ -255,9 +255,13 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         let both: Vec<u64> = te.iter().map(|it| it.id).filter(|id| train_ids.contains(id)).collect();
         if let Some(first) = both.first() {
             tracing::warn!(
-                "{} GalaxyID(s) are both training and test images (e.g. {first}): the test score of a model \
-                 trained on them is not a held-out score",
-                both.len()
+                "{} both training and test images (e.g. {first}): the test score of a model trained on them \
+                 is not a held-out score",
+                if both.len() == 1 {
+                    "1 GalaxyID is".to_string()
+                } else {
+                    format!("{} GalaxyIDs are", both.len())
+                }
             );
         }
     }

@@ -16,6 +16,16 @@
 pub mod csv_io;
 pub mod process;
 
+/// `n` and a noun, in the plural unless `n` is 1 (`1 image`, `3 images`), for messages: every
+/// crate says counts the same way, not `3 image(s)`. The plural adds `s`.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub use csv_io::{
     csv_reason, read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions, LineCounter,
     SchemaError, Solutions, Staged,

@@ -11,11 +11,7 @@ pub mod train;
 /// `n` and a noun, plural unless `n` is 1: `1 step`, `2 steps`, `0 images` (for nouns whose
 /// plural adds an `s`). Tiny sets make counts of 1 common: "1 steps/epoch" read wrong.
 pub fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
+    gz_schema::count(n, noun)
 }
 
 /// A path as one shell word, for the commands gz prints to be copied (`gz cache prune --data
@@ -467,7 +463,8 @@ pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
                 .collect();
             inside.sort();
             let hint = if !inside.is_empty() {
-                format!("; it holds the cache(s) {}: pass one of them", inside.join(", "))
+                let caches = if inside.len() == 1 { "a cache" } else { "the caches" };
+                format!("; it holds {caches} {}: pass one of them", inside.join(", "))
             } else if dir.join("images_training_rev1").is_dir() || dir.join("images_test_rev1").is_dir() {
                 "; this is a dataset folder: `gz prep --data DIR` builds its cache and prints the path".to_string()
             } else {

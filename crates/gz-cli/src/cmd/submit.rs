@@ -290,5 +290,10 @@ fn run_check(file: &Path, ids_source: Option<(&str, &PathBuf)>) -> anyhow::Resul
     }
     print!("{}", rep.describe());
     let summary: Vec<String> = rep.counts.iter().map(|(k, n)| format!("{n} {}", k.label())).collect();
-    bail!("{}: {} problem(s): {}", file.display(), rep.total(), summary.join(", "))
+    bail!(
+        "{}: {}: {}",
+        file.display(),
+        super::count(rep.total(), "problem"),
+        summary.join(", ")
+    )
 }
