@@ -22,7 +22,7 @@ if [ "${1:-}" = "--prepare" ]; then
   cd "$HERE"
   # one cargo invocation for both binaries: features unify into one graph, so candle's CUDA
   # kernels compile once (two invocations built them twice: their build dependencies differed)
-  json=$(cargo build --release -p gz-model -p gz-cli --features gz-cli/cudnn,gz-model/cudnn --lib --tests --bins \
+  json=$(cargo build --release -p gz-model -p gz-cli --features gz-cli/cudnn,gz-model/cudnn,gz-cli/cupti --lib --tests --bins \
         --message-format=json 2> "$CARGO_TARGET_DIR/device-build.log") || { tail -30 "$CARGO_TARGET_DIR/device-build.log"; echo "the CUDA build failed"; exit 1; }
   exe=$(printf '%s\n' "$json" | python3 -c 'import sys,json
 for l in sys.stdin:
@@ -32,6 +32,25 @@ for l in sys.stdin:
   [ -n "$exe" ] || { echo "could not find the gz-model test binary"; exit 1; }
   strip -o "$PKG/gz-model-tests" "$exe" && gzip -9f "$PKG/gz-model-tests"
   strip -o "$PKG/gz" "$CARGO_TARGET_DIR/release/gz" && gzip -9f "$PKG/gz"
+  # CUPTI for `gz bench-train --trace-kernels` (the `cupti` feature loads libcupti.so.13 at
+  # run time): from NVIDIA's wheel of the toolkit's CUDA version, carried in the bundle (the
+  # device's torch venv may have its own; ours is the one the bindings were made for)
+  CUPTI="$HERE/target/cuda-toolkit/cupti"
+  if [ ! -s "$CUPTI/libcupti.so.13" ]; then
+    mkdir -p "$CUPTI"
+    if "$HERE/target/cuda-toolkit/venv/bin/pip" download -q --no-deps "nvidia-cuda-cupti==13.0.85" -d "$CUPTI"; then
+      python3 -c 'import glob, sys, zipfile
+d = sys.argv[1]
+z = zipfile.ZipFile(glob.glob(d + "/nvidia_cuda_cupti-*.whl")[0])
+open(d + "/libcupti.so.13.tmp", "wb").write(z.read("nvidia/cu13/lib/libcupti.so.13"))' "$CUPTI" \
+        && mv "$CUPTI/libcupti.so.13.tmp" "$CUPTI/libcupti.so.13"
+    fi
+  fi
+  if [ -s "$CUPTI/libcupti.so.13" ]; then
+    gzip -9c "$CUPTI/libcupti.so.13" > "$PKG/libcupti.so.13.gz"
+  else
+    echo "warning: no libcupti.so.13 (the nvidia-cuda-cupti wheel did not download): --trace-kernels will look for the device's own"
+  fi
   # which source the bundle is: a later session compares it with HEAD before spending device
   # time on a stale bundle (`--check`), and the device run prints it
   { git rev-parse HEAD; git status --porcelain --untracked-files=no | sed 's/^/dirty: /'; } > "$PKG/built-from.txt"

@@ -55,6 +55,9 @@ BIN=/tmp/gz-device-bin; mkdir -p "$BIN"
 for f in gz-model-tests gz; do
   [ -f "$PKG/$f.gz" ] && gunzip -c "$PKG/$f.gz" > "$BIN/$f" && chmod +x "$BIN/$f"
 done
+# CUPTI for --trace-kernels (the bundle's, before the torch venv's)
+[ -f "$PKG/libcupti.so.13.gz" ] && gunzip -c "$PKG/libcupti.so.13.gz" > "$BIN/libcupti.so.13" \
+  && export LD_LIBRARY_PATH="$BIN:$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUM"
 say "bundle built from: $(tr '\n' ' ' < "$PKG/built-from.txt" 2>/dev/null || echo unknown)"
 
@@ -99,6 +102,19 @@ peer() {
     say "torch_peer skipped (script present: $([ -f "$PEER" ] && echo yes || echo no), $(left) s left)"
   fi
 }
+# the kernel-by-kernel table of a --trace-kernels row (its "GPU over" line to its copies line)
+trace() { sed -n '/GPU over/,/copies /p' "$S/bench-$1.log" | tee -a "$SUM"; }
+# torch.profiler's view of the peer's step, eager and torch.compile (scripts/torch_trace.py,
+# beside the copied torch_peer.py): the same figures as gz's trace, side by side
+torch_trace() {
+  local T=$(( $(left) - 20 )); [ $T -gt 200 ] && T=200
+  if [ -f "$HERE/scripts/torch_trace.py" ] && [ -f "$HERE/scripts/torch_peer.py" ] && [ $T -gt 60 ]; then
+    timeout $T env -u LD_LIBRARY_PATH /opt/torch/.venv/bin/python "$HERE/scripts/torch_trace.py" > "$S/torch_trace.jsonl" 2> "$S/torch_trace.err"
+    say "torch_trace rc=$?"; cat "$S/torch_trace.jsonl" | tee -a "$SUM"; tail -3 "$S/torch_trace.err" | tee -a "$SUM"
+  else
+    say "torch_trace skipped ($(left) s left)"
+  fi
+}
 breakdown() { grep -E "^\s+(batch|forward|backward|optimizer|conv|max-pool|everything)" "$S/bench-$1.log" | tee -a "$SUM"; }
 
 # Since the 2026-11-30 run everything below is on by default (channels-last on CUDA with the
@@ -130,6 +146,12 @@ bench vgg-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $V $R
 bench dieleman-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $D $R
 bench vgg-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $V $R
 bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
+# new since 2026-11-30, never run: where each pipelined step's GPU time goes, kernel by kernel
+# (CUPTI), and how long the GPU waits for the host
+bench vgg-bf16-trace 45 -- $V $R --trace-kernels
+trace vgg-bf16-trace
+bench dieleman-bf16-trace 45 -- $D $R --trace-kernels
+trace dieleman-bf16-trace
 bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
 breakdown vgg-bf16-breakdown
 bench dieleman-bf16-image-gemm-breakdown 45 GZ_IMAGE_GEMM=1 -- $D --steps 10 --warmup 3 --profile-steps 5
@@ -148,8 +170,10 @@ tests cudnn::tests:: 60
 tests nets::cuda_tests 40
 tests train::cuda_tests::fast_path 45
 pack
-# 3. the peer, same session
+# 3. the peer, same session, then its kernel trace
 peer
+pack
+torch_trace
 pack
 # 4. where the time goes: each new piece off in turn, images, inference, f32
 bench vgg-bf16-inference 30 $ALL -- $V $R --inference

@@ -26,6 +26,7 @@ pub mod data;
 pub mod device;
 pub mod dropout;
 pub mod grad_sink;
+pub mod kernel_trace;
 pub mod nets;
 pub mod ops;
 pub mod optim;

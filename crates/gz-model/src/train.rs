@@ -1283,6 +1283,9 @@ pub struct BenchResult {
     /// How the optimizer updated the parameters: `fused` (one CUDA launch per 32 parameters,
     /// `optim::fused`), `generic` (candle tensor ops) or `none` (inference).
     pub optimizer_path: String,
+    /// With [`BenchMode::trace`]: what the GPU ran in the timed steps, kernel by kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<crate::kernel_trace::Summary>,
 }
 
 /// The name of the first parameter (by name) holding a NaN or an infinity: `x · 0` is 0 for
@@ -1385,6 +1388,9 @@ pub struct BenchMode {
     /// the throughput a real run gets (the CPU enqueues the next step while the GPU works), but
     /// no per-phase breakdown.
     pub pipelined: bool,
+    /// Record every GPU kernel, copy and fill of the timed steps with CUPTI
+    /// ([`crate::kernel_trace`]; a CUDA device and the `cupti` feature).
+    pub trace: bool,
 }
 
 /// Measures training throughput of `model` on synthetic (seeded random) input of `shape`
@@ -1433,6 +1439,14 @@ pub fn bench_with(
         return Err(TrainError::Unsupported(
             "--precision bf16 needs a CUDA device (candle's CPU matmul has no bf16)".into(),
         ));
+    }
+    if mode.trace && !crate::kernel_trace::compiled() {
+        return Err(TrainError::Unsupported(
+            crate::kernel_trace::start().err().unwrap_or_default(),
+        ));
+    }
+    if mode.trace && !device.is_cuda() {
+        return Err(TrainError::Unsupported("kernel tracing needs a CUDA device".into()));
     }
     for (flag, v) in [("--batch", batch), ("--steps", steps)] {
         if v == 0 {
@@ -1517,6 +1531,9 @@ pub fn bench_with(
         let timed = s >= warmup;
         if timed && pipelined_start.is_none() {
             sync(device)?;
+            if mode.trace {
+                crate::kernel_trace::start().map_err(TrainError::Unsupported)?;
+            }
             pipelined_start = Some(Instant::now());
         }
         let t0 = Instant::now();
@@ -1574,6 +1591,12 @@ pub fn bench_with(
         sync(device)?;
         total = pipelined_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
     }
+    let kernels = if mode.trace {
+        sync(device)?;
+        Some(crate::kernel_trace::stop().map_err(TrainError::Unsupported)?)
+    } else {
+        None
+    };
     let names: &[&str] = match (mode.pipelined, mode.inference) {
         (true, _) => &[],
         (false, true) => &["batch", "forward"],
@@ -1599,6 +1622,7 @@ pub fn bench_with(
             .map(|(n, p)| (n.to_string(), 1e3 * p / steps as f64))
             .collect(),
         optimizer_path: optimizer_path.into(),
+        kernels,
     })
 }
 

@@ -61,8 +61,8 @@ pub struct Args {
     /// Steps run with per-call cuDNN timing after the timed run (0 = no breakdown).
     #[arg(long, default_value_t = 5)]
     profile_steps: usize,
-    /// Optimizer update: auto (as `GZ_OPTIM` says; on CUDA generic by default, on the CPU gz's
-    /// one-pass CPU update, reported as "fused"), fused (the one-launch
+    /// Optimizer update: auto (as `GZ_OPTIM` says; by default the fused kernels on CUDA and
+    /// gz's one-pass update on the CPU, both reported as "fused"), fused (the one-launch
     /// CUDA kernels, with the `cudnn` feature on CUDA) or generic (candle tensor ops). Training
     /// only: refused with --inference.
     #[arg(long, default_value = "auto", conflicts_with = "inference")]
@@ -75,7 +75,15 @@ pub struct Args {
     /// throughput of a real run (no per-phase breakdown). Use it to compare with PyTorch.
     #[arg(long)]
     pipelined: bool,
+    /// Record every GPU kernel, copy and fill of the timed steps with CUPTI and print the
+    /// longest kernels, the GPU's busy share and its idle time per step (`--json`: every
+    /// kernel). Needs a CUDA device and a build with the `cupti` feature (the device bundle).
+    #[arg(long)]
+    trace_kernels: bool,
 }
+
+/// Kernels the text report lists by name (the rest on one line; `--json` has them all).
+const TRACE_TOP: usize = 30;
 
 /// Most timed or warm-up steps: a measurement, not a training run (a mistyped count ran on
 /// for ever).
@@ -140,6 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mode = gz_model::train::BenchMode {
         inference: args.inference,
         pipelined: args.pipelined,
+        trace: args.trace_kernels,
     };
     let r = gz_model::train::bench_with(
         &model,
@@ -169,6 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             gz_model::train::BenchMode {
                 inference: args.inference,
                 pipelined: false,
+                trace: false,
             },
         );
         gz_model::cudnn::set_profiling(false);
@@ -220,6 +230,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let width = r.phases.iter().map(|(name, _)| name.len()).max().unwrap_or(0).max(10);
     for (name, ms) in &r.phases {
         println!("  {name:<width$} {ms:>9.2} ms/step");
+    }
+    if let Some(k) = &r.kernels {
+        for line in k.table(r.steps, TRACE_TOP) {
+            println!("  {line}");
+        }
     }
     if let Some((p, prof, n)) = &profile {
         let conv_ms = prof.conv_ms() / n;

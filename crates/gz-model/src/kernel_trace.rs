@@ -1,0 +1,537 @@
+//! What each GPU kernel, copy and fill of a benchmark's timed steps took, from CUPTI's activity
+//! records (`gz bench-train --trace-kernels`; feature `cupti`, built into the device bundle).
+//!
+//! The fast path's profile (`--profile-steps`) brackets gz's own calls with CUDA events and
+//! synchronises between phases; what lies between them (candle's kernels, the launch gaps) is
+//! one "everything else" figure: 3.5 ms of VGG16-blog's 16.5 ms bf16 step and 4.2 ms of
+//! Dieleman's 10.8 ms on the H200 (docs/benchmarks.md). CUPTI's records time every kernel as
+//! it ran in the pipelined run itself, unperturbed, and the union of their intervals against
+//! the span says how long the GPU sat idle waiting for the host.
+//!
+//! [`Summary`] and its table are plain data (tested on any machine); [`start`] and [`stop`]
+//! need CUPTI (`libcupti.so`, found as the CUDA libraries are) and the `cupti` feature, and
+//! say so otherwise.
+
+use serde::Serialize;
+
+/// One kernel name's launches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelRow {
+    /// The kernel's name as the driver has it (C++ names mangled).
+    pub name: String,
+    pub count: u64,
+    pub total_ns: u64,
+}
+
+/// What the GPU ran between [`start`] and [`stop`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Summary {
+    /// By total time, longest first (ties by name).
+    pub kernels: Vec<KernelRow>,
+    /// The kernels' durations added up.
+    pub kernel_ns: u64,
+    /// Copies (host to device, device to device, …): how many, their time and bytes.
+    pub copies: u64,
+    pub copy_ns: u64,
+    pub copy_bytes: u64,
+    /// Fills (cuMemset).
+    pub fills: u64,
+    pub fill_ns: u64,
+    /// How long at least one kernel, copy or fill ran (the union of their intervals).
+    pub busy_ns: u64,
+    /// From the first start to the last end.
+    pub span_ns: u64,
+    /// Records CUPTI dropped (its buffers full): the figures are then short of the truth.
+    pub dropped: u64,
+}
+
+/// A record's interval on the GPU's clock (ns).
+type Interval = (u64, u64);
+
+impl Summary {
+    /// Adds up kernel records (`name`, start, end), copy records (start, end, bytes) and fill
+    /// records (start, end); records whose end precedes their start (an unknown time) count
+    /// as launches of no length.
+    pub fn from_records(kernels: &[(String, u64, u64)], copies: &[(u64, u64, u64)], fills: &[Interval]) -> Summary {
+        let len = |(a, b): Interval| b.saturating_sub(a);
+        let mut by_name: std::collections::HashMap<&str, (u64, u64)> = std::collections::HashMap::new();
+        let mut intervals: Vec<Interval> = Vec::with_capacity(kernels.len() + copies.len() + fills.len());
+        for (name, a, b) in kernels {
+            let e = by_name.entry(name.as_str()).or_default();
+            e.0 += 1;
+            e.1 += len((*a, *b));
+            intervals.push((*a, *b));
+        }
+        let mut rows: Vec<KernelRow> = by_name
+            .into_iter()
+            .map(|(name, (count, total_ns))| KernelRow {
+                name: name.to_string(),
+                count,
+                total_ns,
+            })
+            .collect();
+        rows.sort_by(|x, y| y.total_ns.cmp(&x.total_ns).then_with(|| x.name.cmp(&y.name)));
+        intervals.extend(copies.iter().map(|&(a, b, _)| (a, b)));
+        intervals.extend(fills.iter().copied());
+        let span_ns = match (
+            intervals.iter().map(|i| i.0).min(),
+            intervals.iter().map(|i| i.1.max(i.0)).max(),
+        ) {
+            (Some(a), Some(b)) => b - a,
+            _ => 0,
+        };
+        Summary {
+            kernel_ns: rows.iter().map(|r| r.total_ns).sum(),
+            kernels: rows,
+            copies: copies.len() as u64,
+            copy_ns: copies.iter().map(|&(a, b, _)| len((a, b))).sum(),
+            copy_bytes: copies.iter().map(|c| c.2).sum(),
+            fills: fills.len() as u64,
+            fill_ns: fills.iter().map(|&i| len(i)).sum(),
+            busy_ns: union_ns(intervals),
+            span_ns,
+            dropped: 0,
+        }
+    }
+
+    /// The report, per step of `steps`: the busy share of the span, then the `top` longest
+    /// kernels (names cut to 90 characters) and one line for the rest, then copies and fills.
+    pub fn table(&self, steps: usize, top: usize) -> Vec<String> {
+        let per = |ns: u64| ns as f64 / 1e6 / steps.max(1) as f64;
+        let mut out = vec![format!(
+            "GPU over {} timed steps (CUPTI): busy {:.2} of {:.2} ms/step ({:.1}%; idle {:.2} ms/step waiting for \
+             the host), kernels {:.2} ms/step in {:.0} launches/step",
+            steps,
+            per(self.busy_ns),
+            per(self.span_ns),
+            100.0 * self.busy_ns as f64 / self.span_ns.max(1) as f64,
+            per(self.span_ns.saturating_sub(self.busy_ns)),
+            per(self.kernel_ns),
+            self.kernels.iter().map(|k| k.count).sum::<u64>() as f64 / steps.max(1) as f64
+        )];
+        for k in self.kernels.iter().take(top) {
+            let name: String = if k.name.chars().count() > 90 {
+                k.name.chars().take(89).chain(std::iter::once('…')).collect()
+            } else {
+                k.name.clone()
+            };
+            out.push(format!(
+                "  {:>8.3} ms/step {:>6.1}/step {:>9.1} us each  {name}",
+                per(k.total_ns),
+                k.count as f64 / steps.max(1) as f64,
+                k.total_ns as f64 / 1e3 / k.count.max(1) as f64
+            ));
+        }
+        let rest: Vec<&KernelRow> = self.kernels.iter().skip(top).collect();
+        if !rest.is_empty() {
+            out.push(format!(
+                "  {:>8.3} ms/step {:>6.1}/step {:>9}          ({})",
+                per(rest.iter().map(|k| k.total_ns).sum()),
+                rest.iter().map(|k| k.count).sum::<u64>() as f64 / steps.max(1) as f64,
+                "",
+                gz_schema::count(rest.len(), "other kernel")
+            ));
+        }
+        out.push(format!(
+            "  copies {:.3} ms/step ({:.1}/step, {:.1} MB/step); fills {:.3} ms/step ({:.1}/step)",
+            per(self.copy_ns),
+            self.copies as f64 / steps.max(1) as f64,
+            self.copy_bytes as f64 / 1e6 / steps.max(1) as f64,
+            per(self.fill_ns),
+            self.fills as f64 / steps.max(1) as f64
+        ));
+        if self.dropped > 0 {
+            out.push(format!(
+                "  warning: CUPTI dropped {} records (its buffers were full): the figures are short",
+                self.dropped
+            ));
+        }
+        out
+    }
+}
+
+/// The length of the union of `intervals` (empty or reversed ones count nothing).
+fn union_ns(mut intervals: Vec<Interval>) -> u64 {
+    intervals.retain(|&(a, b)| b > a);
+    intervals.sort_unstable();
+    let mut total = 0;
+    let mut cur: Option<Interval> = None;
+    for (a, b) in intervals {
+        cur = match cur {
+            Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
+            Some((ca, cb)) => {
+                total += cb - ca;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    total + cur.map_or(0, |(a, b)| b - a)
+}
+
+/// CUPTI 13.0's record layouts, as far as this module reads them: the offsets of
+/// `cupti_activity.h` (nvidia-cuda-cupti 13.0.85), printed by a C program with `offsetof`
+/// (`CUpti_ActivityKernel10`: start 16, end 24, name 104; `CUpti_ActivityMemcpy6` and
+/// `CUpti_ActivityMemset4`: bytes 8, start 16, end 24) and checked by a test here.
+#[cfg_attr(not(feature = "cupti"), allow(dead_code, reason = "read by the CUPTI module"))]
+mod layout {
+    /// `CUPTI_ACTIVITY_KIND_*`.
+    pub const KIND_MEMCPY: u32 = 1;
+    pub const KIND_MEMSET: u32 = 2;
+    pub const KIND_KERNEL: u32 = 3;
+    pub const KIND_CONCURRENT_KERNEL: u32 = 10;
+
+    /// `CUpti_ActivityKernel10` up to `name`.
+    #[repr(C)]
+    pub struct Kernel {
+        pub kind: u32,
+        pub configs: [u8; 12],
+        pub start: u64,
+        pub end: u64,
+        pub between: [u8; 72],
+        pub name: *const std::ffi::c_char,
+    }
+
+    /// The start of `CUpti_ActivityMemcpy6` and of `CUpti_ActivityMemset4`.
+    #[repr(C)]
+    pub struct Transfer {
+        pub kind: u32,
+        pub flags: u32,
+        pub bytes: u64,
+        pub start: u64,
+        pub end: u64,
+    }
+}
+
+#[cfg(feature = "cupti")]
+mod imp {
+    //! CUPTI's activity API, loaded from `libcupti.so` when a trace starts (a gz without it
+    //! still runs; only `--trace-kernels` needs it): buffers handed to CUPTI by `requested`,
+    //! read and freed in `completed` (on CUPTI's thread, or in the flush of [`stop`]).
+
+    use super::{layout, Summary};
+    use std::alloc::Layout;
+    use std::ffi::c_void;
+    use std::sync::{Mutex, OnceLock};
+
+    type Requested = unsafe extern "C" fn(*mut *mut u8, *mut usize, *mut usize);
+    type Completed = unsafe extern "C" fn(*mut c_void, u32, *mut u8, usize, usize);
+
+    /// The CUPTI functions used here (`CUptiResult` is a C enum: 0 is success).
+    struct Api {
+        register: unsafe extern "C" fn(Option<Requested>, Option<Completed>) -> u32,
+        enable: unsafe extern "C" fn(u32) -> u32,
+        disable: unsafe extern "C" fn(u32) -> u32,
+        flush_all: unsafe extern "C" fn(u32) -> u32,
+        next_record: unsafe extern "C" fn(*mut u8, usize, *mut *mut u32) -> u32,
+        dropped: unsafe extern "C" fn(*mut c_void, u32, *mut usize) -> u32,
+        /// Kept loaded for the life of the process (CUPTI's thread calls back into it).
+        _lib: libloading::Library,
+    }
+
+    /// Loads `libcupti.so.13` (or `libcupti.so`) once; the error says what was tried.
+    fn api() -> Result<&'static Api, String> {
+        static API: OnceLock<Result<Api, String>> = OnceLock::new();
+        API.get_or_init(|| {
+            let mut tried = Vec::new();
+            for name in ["libcupti.so.13", "libcupti.so"] {
+                // SAFETY: loading NVIDIA's CUPTI, whose initialisers only set up the library
+                match unsafe { libloading::Library::new(name) } {
+                    Ok(lib) => {
+                        // SAFETY: the symbols' C signatures are those of cupti_activity.h
+                        // (CUDA 13.0), declared above
+                        return unsafe {
+                            Ok(Api {
+                                register: *lib
+                                    .get(b"cuptiActivityRegisterCallbacks\0")
+                                    .map_err(|e| e.to_string())?,
+                                enable: *lib.get(b"cuptiActivityEnable\0").map_err(|e| e.to_string())?,
+                                disable: *lib.get(b"cuptiActivityDisable\0").map_err(|e| e.to_string())?,
+                                flush_all: *lib.get(b"cuptiActivityFlushAll\0").map_err(|e| e.to_string())?,
+                                next_record: *lib.get(b"cuptiActivityGetNextRecord\0").map_err(|e| e.to_string())?,
+                                dropped: *lib
+                                    .get(b"cuptiActivityGetNumDroppedRecords\0")
+                                    .map_err(|e| e.to_string())?,
+                                _lib: lib,
+                            })
+                        };
+                    }
+                    Err(e) => tried.push(format!("{name}: {e}")),
+                }
+            }
+            Err(format!(
+                "CUPTI could not be loaded ({}); it must be on the library path (the device bundle carries \
+                 libcupti.so.13: `bash scripts/device-cudnn.sh --prepare`)",
+                tried.join("; ")
+            ))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+    }
+
+    /// The records read so far: kernels (name, start, end), copies (start, end, bytes), fills.
+    struct Records {
+        kernels: Vec<(String, u64, u64)>,
+        copies: Vec<(u64, u64, u64)>,
+        fills: Vec<(u64, u64)>,
+        dropped: u64,
+    }
+
+    static RECORDS: Mutex<Records> = Mutex::new(Records {
+        kernels: Vec::new(),
+        copies: Vec::new(),
+        fills: Vec::new(),
+        dropped: 0,
+    });
+
+    /// Whether the buffer callbacks were registered (once per process).
+    static REGISTERED: Mutex<bool> = Mutex::new(false);
+
+    const BUFFER: usize = 8 << 20;
+
+    fn buffer_layout() -> Option<Layout> {
+        Layout::from_size_align(BUFFER, 8).ok()
+    }
+
+    const KINDS: [u32; 3] = [layout::KIND_CONCURRENT_KERNEL, layout::KIND_MEMCPY, layout::KIND_MEMSET];
+
+    /// CUPTI asks for a buffer to fill.
+    unsafe extern "C" fn requested(buffer: *mut *mut u8, size: *mut usize, max_records: *mut usize) {
+        let ptr = buffer_layout().map_or(std::ptr::null_mut(), |l| {
+            // SAFETY: a non-zero size; freed in `completed` with the same layout
+            unsafe { std::alloc::alloc(l) }
+        });
+        // SAFETY: CUPTI passes valid out-pointers
+        unsafe {
+            *buffer = ptr;
+            *size = if ptr.is_null() { 0 } else { BUFFER };
+            *max_records = 0;
+        }
+    }
+
+    /// CUPTI hands back a buffer with `valid` bytes of records.
+    unsafe extern "C" fn completed(_context: *mut c_void, _stream: u32, buffer: *mut u8, _size: usize, valid: usize) {
+        if buffer.is_null() {
+            return;
+        }
+        if let Ok(api) = api() {
+            let mut recs = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
+            let mut record: *mut u32 = std::ptr::null_mut();
+            // SAFETY: `buffer` holds `valid` bytes of records CUPTI wrote, each starting with
+            // its kind; each is read as the layout of its kind (CUPTI 13.0's, `layout`)
+            while unsafe { (api.next_record)(buffer, valid, &mut record) } == 0 && !record.is_null() {
+                match unsafe { record.read_unaligned() } {
+                    layout::KIND_CONCURRENT_KERNEL | layout::KIND_KERNEL => {
+                        let k = unsafe { record.cast::<layout::Kernel>().read_unaligned() };
+                        let name = if k.name.is_null() {
+                            "(unnamed)".to_string()
+                        } else {
+                            unsafe { std::ffi::CStr::from_ptr(k.name) }
+                                .to_string_lossy()
+                                .into_owned()
+                        };
+                        recs.kernels.push((name, k.start, k.end));
+                    }
+                    layout::KIND_MEMCPY => {
+                        let c = unsafe { record.cast::<layout::Transfer>().read_unaligned() };
+                        recs.copies.push((c.start, c.end, c.bytes));
+                    }
+                    layout::KIND_MEMSET => {
+                        let f = unsafe { record.cast::<layout::Transfer>().read_unaligned() };
+                        recs.fills.push((f.start, f.end));
+                    }
+                    _ => {}
+                }
+            }
+            let mut dropped = 0usize;
+            // SAFETY: an out-pointer; a null context asks about the global buffers
+            if unsafe { (api.dropped)(std::ptr::null_mut(), 0, &mut dropped) } == 0 {
+                recs.dropped += dropped as u64;
+            }
+        }
+        if let Some(l) = buffer_layout() {
+            // SAFETY: allocated in `requested` with this layout
+            unsafe { std::alloc::dealloc(buffer, l) };
+        }
+    }
+
+    pub fn start() -> Result<(), String> {
+        let api = api()?;
+        {
+            let mut reg = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+            if !*reg {
+                // SAFETY: two functions with the signatures CUPTI calls them with
+                let rc = unsafe { (api.register)(Some(requested), Some(completed)) };
+                if rc != 0 {
+                    return Err(format!("CUPTI refused its buffers (CUptiResult {rc})"));
+                }
+                *reg = true;
+            }
+        }
+        {
+            let mut recs = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
+            recs.kernels.clear();
+            recs.copies.clear();
+            recs.fills.clear();
+            recs.dropped = 0;
+        }
+        for kind in KINDS {
+            // SAFETY: a plain call with an activity kind
+            let rc = unsafe { (api.enable)(kind) };
+            if rc != 0 {
+                return Err(format!(
+                    "CUPTI did not enable activity kind {kind} (CUptiResult {rc}; 17 is CUPTI_ERROR_NOT_INITIALIZED, \
+                     e.g. another profiler holds the device)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop() -> Result<Summary, String> {
+        let api = api()?;
+        // CUPTI_ACTIVITY_FLAG_FLUSH_FORCED: the records of work still in flight too
+        const FLUSH_FORCED: u32 = 1;
+        // SAFETY: plain calls
+        let flushed = unsafe { (api.flush_all)(FLUSH_FORCED) };
+        for kind in KINDS {
+            // SAFETY: as above
+            unsafe { (api.disable)(kind) };
+        }
+        if flushed != 0 {
+            return Err(format!("CUPTI could not flush its records (CUptiResult {flushed})"));
+        }
+        let recs = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = Summary::from_records(&recs.kernels, &recs.copies, &recs.fills);
+        s.dropped = recs.dropped;
+        Ok(s)
+    }
+}
+
+/// Starts recording the GPU's kernels, copies and fills (after the device has synchronised:
+/// what runs from now on).
+pub fn start() -> Result<(), String> {
+    #[cfg(feature = "cupti")]
+    return imp::start();
+    #[cfg(not(feature = "cupti"))]
+    Err(NOT_BUILT.into())
+}
+
+/// Stops recording (after the device has synchronised) and adds up what was recorded.
+pub fn stop() -> Result<Summary, String> {
+    #[cfg(feature = "cupti")]
+    return imp::stop();
+    #[cfg(not(feature = "cupti"))]
+    Err(NOT_BUILT.into())
+}
+
+/// Whether this build can trace kernels.
+pub fn compiled() -> bool {
+    cfg!(feature = "cupti")
+}
+
+#[cfg(not(feature = "cupti"))]
+const NOT_BUILT: &str = "kernel tracing needs a CUDA build with the `cupti` feature (the device bundle has it: \
+                         `bash scripts/device-cudnn.sh --prepare`)";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Overlapping, nested, touching, disjoint and reversed intervals.
+    #[test]
+    fn the_union_counts_overlaps_once() {
+        assert_eq!(union_ns(vec![]), 0);
+        assert_eq!(union_ns(vec![(10, 20)]), 10);
+        assert_eq!(union_ns(vec![(10, 20), (15, 30)]), 20);
+        assert_eq!(union_ns(vec![(10, 40), (15, 30)]), 30);
+        assert_eq!(union_ns(vec![(10, 20), (20, 30)]), 20);
+        assert_eq!(union_ns(vec![(30, 40), (10, 20)]), 20);
+        assert_eq!(union_ns(vec![(10, 20), (25, 5), (50, 50)]), 10);
+    }
+
+    /// Kernels grouped by name, longest total first; busy and span over kernels, copies and
+    /// fills; the table's per-step figures.
+    #[test]
+    fn records_add_up_by_name_and_step() {
+        let k = |n: &str, a: u64, b: u64| (n.to_string(), a, b);
+        let s = Summary::from_records(
+            &[
+                k("b", 0, 1_000_000),
+                k("a", 1_000_000, 1_500_000),
+                k("b", 2_000_000, 3_000_000),
+                k("a", 3_000_000, 3_500_000),
+            ],
+            &[(4_000_000, 4_500_000, 1000)],
+            &[(3_900_000, 4_100_000)],
+        );
+        assert_eq!(
+            s.kernels,
+            vec![
+                KernelRow {
+                    name: "b".into(),
+                    count: 2,
+                    total_ns: 2_000_000
+                },
+                KernelRow {
+                    name: "a".into(),
+                    count: 2,
+                    total_ns: 1_000_000
+                },
+            ]
+        );
+        assert_eq!(
+            (s.kernel_ns, s.copies, s.copy_ns, s.copy_bytes),
+            (3_000_000, 1, 500_000, 1000)
+        );
+        assert_eq!((s.fills, s.fill_ns), (1, 200_000));
+        // idle: 1.5-2.0 and 3.5-3.9 ms
+        assert_eq!((s.busy_ns, s.span_ns), (3_600_000, 4_500_000));
+        let t = s.table(2, 1);
+        assert!(
+            t[0].contains("busy 1.80 of 2.25 ms/step (80.0%; idle 0.45 ms/step"),
+            "{}",
+            t[0]
+        );
+        assert!(t[0].contains("kernels 1.50 ms/step in 2 launches/step"), "{}", t[0]);
+        assert!(t[1].contains("1.000 ms/step") && t[1].ends_with("  b"), "{}", t[1]);
+        assert!(
+            t[2].contains("0.500 ms/step") && t[2].contains("(1 other kernel)"),
+            "{}",
+            t[2]
+        );
+        assert!(
+            t[3].contains("copies 0.250 ms/step (0.5/step, 0.0 MB/step)"),
+            "{}",
+            t[3]
+        );
+    }
+
+    /// Long (mangled) names are cut for the table, not in the data.
+    #[test]
+    fn long_names_are_cut_in_the_table_only() {
+        let name = "x".repeat(200);
+        let s = Summary::from_records(&[(name.clone(), 0, 10)], &[], &[]);
+        assert_eq!(s.kernels[0].name, name);
+        let line = &s.table(1, 5)[1];
+        assert!(line.ends_with(&format!("{}…", "x".repeat(89))), "{line}");
+    }
+
+    /// The record layouts read: CUPTI 13.0's offsets (from its header, through `offsetof`).
+    #[test]
+    fn record_layouts_are_cuptis() {
+        assert_eq!(std::mem::offset_of!(layout::Kernel, start), 16);
+        assert_eq!(std::mem::offset_of!(layout::Kernel, end), 24);
+        assert_eq!(std::mem::offset_of!(layout::Kernel, name), 104);
+        assert_eq!(std::mem::offset_of!(layout::Transfer, bytes), 8);
+        assert_eq!(std::mem::offset_of!(layout::Transfer, start), 16);
+        assert_eq!(std::mem::offset_of!(layout::Transfer, end), 24);
+    }
+
+    #[cfg(not(feature = "cupti"))]
+    #[test]
+    fn without_the_feature_it_says_so() {
+        assert!(start().unwrap_err().contains("`cupti` feature"));
+        assert!(!compiled());
+    }
+}
