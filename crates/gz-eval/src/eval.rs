@@ -207,6 +207,12 @@ pub struct EvalReport {
     /// epochs, batch 16, seed 0`); absent for a predictions file (and in earlier reports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trained: Option<String>,
+    /// The run's validation RMSE of predicting its training mean (its checkpoint's sidecar):
+    /// the reference line of a test page's learning curve, which plots validation RMSE, where
+    /// this report's own baselines are the test split's. Absent for a predictions file (and in
+    /// earlier reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_mean_rmse: Option<f64>,
 }
 
 /// The rows to score and the rows the baselines learn from.
@@ -525,6 +531,7 @@ fn score_predictions(
         n_fit: rows.fit_rows.len(),
         spread,
         trained: None,
+        val_mean_rmse: None,
     };
     Ok(Evaluation {
         report,

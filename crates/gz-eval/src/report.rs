@@ -640,22 +640,7 @@ pub fn write_report(
     })?;
     gz_schema::write_atomic(&metrics, &json)?;
 
-    // the learning curve's RMSE is the validation hold-out's: the reference lines only when this
-    // report scores that hold-out too (not the test split)
-    let refs: Vec<(String, f64)> = report
-        .baselines
-        .iter()
-        .filter(|_| !is_test_split(report))
-        .filter(|b| b.name == "training mean" || b.name == "central pixel")
-        .map(|b| (b.name.clone(), b.scores.rmse))
-        .chain(
-            report
-                .floor
-                .iter()
-                .filter(|_| !is_test_split(report))
-                .map(|f| ("Bayes floor".to_string(), f.rmse)),
-        )
-        .collect();
+    let refs = curve_references(report);
     let curve_chart = dir.join("learning_curve.png");
     let learning_curve = match epochs {
         Some(ep) => {
@@ -713,6 +698,28 @@ pub fn write_report(
         per_question,
         spread,
     })
+}
+
+/// The reference lines of the learning curve, whose RMSE is the validation hold-out's: this
+/// report's training mean, central pixel and floor when it scores that hold-out too; on a test
+/// page (whose baselines are the test split's) the run's own validation training mean, so
+/// both pages draw the curve against the same line (it had none there, and another scale).
+fn curve_references(report: &EvalReport) -> Vec<(String, f64)> {
+    if is_test_split(report) {
+        return report
+            .val_mean_rmse
+            .filter(|v| v.is_finite())
+            .map(|v| ("training mean".to_string(), v))
+            .into_iter()
+            .collect();
+    }
+    report
+        .baselines
+        .iter()
+        .filter(|b| b.name == "training mean" || b.name == "central pixel")
+        .map(|b| (b.name.clone(), b.scores.rmse))
+        .chain(report.floor.iter().map(|f| ("Bayes floor".to_string(), f.rmse)))
+        .collect()
 }
 
 /// Removes an earlier report's chart that this report does not draw (none there is fine).
@@ -1008,6 +1015,7 @@ mod tests {
                 ],
             }),
             trained: Some("tiny, tree head".into()),
+            val_mean_rmse: None,
         };
         let epochs = vec![
             EpochRow {
@@ -1106,11 +1114,22 @@ mod tests {
             b.rmse = f64::NAN;
         }
         spread_png(&nan, f64::NAN, None, &dir.path().join("nan_spread.png")).unwrap();
-        // a test-split report names its gallery so
+        // the curve's reference lines: the report's own validation baselines and floor; on a
+        // test page the run's validation training mean (its baselines are the test split's)
+        let names = |r: &EvalReport| -> Vec<String> { curve_references(r).into_iter().map(|(n, _)| n).collect() };
+        assert_eq!(names(&report), ["training mean", "central pixel", "Bayes floor"]);
         let test = EvalReport {
             split: "test split: 1 images".into(),
+            val_mean_rmse: Some(0.46),
             ..report.clone()
         };
+        assert_eq!(curve_references(&test), [("training mean".to_string(), 0.46)]);
+        let no_sidecar_mean = EvalReport {
+            val_mean_rmse: None,
+            ..test.clone()
+        };
+        assert!(curve_references(&no_sidecar_mean).is_empty());
+        // a test-split report names its gallery so
         let tdir = dir.path().join("test");
         std::fs::create_dir_all(tdir.join("gallery")).unwrap();
         let paths = write_report(&tdir, &test, Some(&epochs), None, std::slice::from_ref(&g)).unwrap();

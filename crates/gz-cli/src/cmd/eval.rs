@@ -578,6 +578,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     pb.finish_and_clear();
     ev.report.trained = Some(trained_line(first.sidecar(), models.len()));
+    // the learning curve is the first run's: its validation training mean is its reference line
+    ev.report.val_mean_rmse = Some(first.sidecar().baseline_val_rmse);
 
     let run_dir = if args.runs[0].is_dir() {
         args.runs[0].clone()
