@@ -1081,7 +1081,8 @@ fn is_report_file(rel: &Path) -> bool {
     let temp = |n: &str| n.starts_with('.') && n.ends_with(".tmp");
     let desktop = |n: &str| matches!(n, ".DS_Store" | "Thumbs.db" | "desktop.ini");
     match parts.as_slice() {
-        [n] => matches!(*n, "metrics.json" | "index.html") || png(n) || temp(n) || desktop(n),
+        // (`.gz-eval.lock`: the lock file a killed or interrupted `gz eval` left, holding no lock)
+        [n] => matches!(*n, "metrics.json" | "index.html" | ".gz-eval.lock") || png(n) || temp(n) || desktop(n),
         ["gallery", n] => png(n) || temp(n) || desktop(n) || *n == ".gz-gallery",
         _ => false,
     }
@@ -2189,6 +2190,7 @@ mod tests {
             "per_question.png",
             "gallery/7.png",
             "gallery/.gz-gallery",
+            ".gz-eval.lock",
         ];
         write(&report_files);
         write(&["gallery/mine.txt"]);

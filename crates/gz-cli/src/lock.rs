@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 
 /// Who takes a lock, for its messages.
+#[cfg_attr(not(unix), allow(dead_code, reason = "read by the flock messages only"))]
 pub struct Holder<'a> {
     /// The command, as the messages name it: `gz synth`.
     pub command: &'a str,
@@ -29,9 +30,10 @@ pub struct Holder<'a> {
 #[cfg_attr(not(unix), allow(dead_code, reason = "never made where there is no flock"))]
 pub struct FolderLock {
     path: PathBuf,
-    /// The folder, where taking the lock created it: removed again on drop if nothing else was
-    /// written into it (a command refused after the lock leaves no empty folder behind).
-    created: Option<PathBuf>,
+    /// The folders taking the lock created, deepest first (`dir` and the missing folders above
+    /// it): removed again on drop while empty (a command refused after the lock leaves no empty
+    /// folders behind).
+    created: Vec<PathBuf>,
     /// The open file the lock is held on (closing it releases the lock).
     _file: std::fs::File,
 }
@@ -45,15 +47,18 @@ impl FolderLock {
         use std::os::unix::fs::MetadataExt as _;
         use std::os::unix::io::AsRawFd as _;
 
-        let created = (!dir.exists()).then(|| dir.to_path_buf());
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // (`reports/x` when neither exists: both are made, and both go if unused)
+        let created: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && a.symlink_metadata().is_err())
+            .map(Path::to_path_buf)
+            .collect();
         let path = dir.join(name);
-        let give_up = |created: &Option<PathBuf>| {
-            if let Some(d) = created {
-                let _ = std::fs::remove_dir(d);
-            }
-        };
+        let give_up = |created: &[PathBuf]| remove_empty(created);
         for _ in 0..10 {
+            // (again in each round: the holder before this one removes a folder it made as it
+            // ends, between this run's making it and opening the file)
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let file = match std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -67,6 +72,7 @@ impl FolderLock {
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) => {
                     return Ok(None)
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
                     give_up(&created);
                     return Err(e).with_context(|| format!("creating the lock file {}", path.display()));
@@ -150,9 +156,17 @@ impl Drop for FolderLock {
         // that opened the file just before gets the lock on a removed file, sees that the name
         // no longer leads to it and opens the name again; best effort
         let _ = std::fs::remove_file(&self.path);
-        if let Some(d) = &self.created {
-            // only if empty: a folder this command wrote into stays
-            let _ = std::fs::remove_dir(d);
+        remove_empty(&self.created);
+    }
+}
+
+/// Removes `folders` (deepest first) while they are empty: a folder this command wrote into
+/// stays, and so do those above it.
+#[cfg_attr(not(unix), allow(dead_code, reason = "never made where there is no flock"))]
+fn remove_empty(folders: &[PathBuf]) {
+    for d in folders {
+        if std::fs::remove_dir(d).is_err() {
+            break;
         }
     }
 }
@@ -208,6 +222,15 @@ mod tests {
         let dir = t.path().join("new");
         drop(FolderLock::take(&dir, ".x.lock", &WHO).unwrap());
         assert!(!dir.exists(), "the empty folder made for the lock is left");
+        // and the folders made above it, up to the first that was there
+        let deep = t.path().join("a/b/c");
+        drop(FolderLock::take(&deep, ".x.lock", &WHO).unwrap());
+        assert!(!t.path().join("a").exists(), "folders made above the lock's are left");
+        // one written into stays, with those above it
+        let lock = FolderLock::take(&deep, ".x.lock", &WHO).unwrap();
+        std::fs::write(t.path().join("a/b/note"), b"kept").unwrap();
+        drop(lock);
+        assert!(!deep.exists() && t.path().join("a/b/note").exists());
         std::fs::create_dir(&dir).unwrap();
         drop(FolderLock::take(&dir, ".x.lock", &WHO).unwrap());
         assert!(dir.is_dir(), "a folder that was there before is removed");
