@@ -28,11 +28,17 @@
 #     the channels-last towers as one tiled transpose kernel (kernels/layout.cu, on wherever
 #     channels-last runs; GZ_LAYOUT_KERNEL=0 uses candle's strided copy; test
 #     cudnn::tests::cuda_layout_kernel_matches_permute)
+#   - twenty-third session (no device): `gz bench-train --trace-kernels` (CUPTI, feature cupti;
+#     the bundle carries libcupti.so.13) prints every kernel of the pipelined timed steps and the
+#     GPU's idle time per step; rows vgg-bf16-trace / dieleman-bf16-trace after the decisive
+#     rows, and scripts/torch_trace.py (torch.profiler, eager and torch.compile) after the peer.
+#     Compare each trace row's images/s with its untraced default row (CUPTI's own cost).
 #   - fifth session (no device either): the fused optimizer updates up to 32 tensors per launch
 #     (a table by value; GZ_OPTIM_TENSORS=1 launches once per tensor as before; test
 #     optim::fused::tests::fused_grouping_does_not_change_the_update)
 #
 # Prepare here (no GPU):  bash scripts/device-cudnn.sh --prepare && cp ../shared/bench/torch_peer.py scripts/
+#   (torch_trace.py, tracked, imports the copied torch_peer.py)
 # Device call:  run(command="bash scripts/device-speed.sh",
 #                   carry=["target/device-cudnn", "scripts/torch_peer.py"], timeout_s=540)
 # Everything goes to $OUT (summary.txt first; logs packed in logs.tar.gz after each phase).

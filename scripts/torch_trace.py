@@ -4,7 +4,7 @@ issue-7 comparison with `gz bench-train --pipelined --trace-kernels`.
 Runs the models and step of torch_peer.py (copied beside this file from
 ../shared/bench/torch_peer.py: bf16 autocast, channels_last, RMSprop, batch 256) under
 torch.profiler for a few steps and prints one JSON line per configuration: per step, the GPU's
-busy time (the union of kernel intervals), the span, the kernels' total, launches, and the
+busy time (the union of kernel intervals; copies and fills are left out), the span, the kernels' total, launches, and the
 longest kernels by total time. These are the numbers gz's trace prints, so the two tables can be
 set side by side: which kernels torch.compile fuses, how long its epilogues take, and how much of
 its step the GPU sits idle.
@@ -60,13 +60,23 @@ def trace(name, model_fn, in_shape, per_img, batch, compile_, steps):
         step()
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        wall_s = time.perf_counter() - t
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    def profiled(activities):
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        # copies and fills are device events too; gz's table keeps them apart from kernels
+        kernels = [e for e in events if not e.name.startswith(("Memcpy", "Memset"))]
+        return wall, kernels, len(events) - len(kernels)
+
+    activities = "cuda"
+    wall_s, kernels, transfers = profiled([ProfilerActivity.CUDA])
+    if not kernels:  # some versions record device events only with the CPU activity on too
+        activities = "cpu+cuda"
+        wall_s, kernels, transfers = profiled([ProfilerActivity.CPU, ProfilerActivity.CUDA])
     iv = [(e.time_range.start, e.time_range.end) for e in kernels]
     by_name = {}
     for e in kernels:
@@ -85,6 +95,8 @@ def trace(name, model_fn, in_shape, per_img, batch, compile_, steps):
         span_ms_per_step=per(span),
         kernel_ms_per_step=per(sum(b - a for a, b in iv)),
         launches_per_step=round(len(kernels) / steps, 1),
+        copies_and_fills_per_step=round(transfers / steps, 1),
+        activities=activities,
         top=[[n[:120], per(tot), round(c / steps, 1)] for n, (c, tot) in rows[:TOP]],
         rest_ms_per_step=per(sum(tot for _, (_, tot) in rows[TOP:])),
     )

@@ -86,12 +86,15 @@ fn main() {
     // (parsed through the matches, which say which options the command line gave: `gz train
     // --resume` takes the others from the run)
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
-    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
         .unwrap_or_else(|e| e.format(&mut <Cli as clap::CommandFactory>::command()).exit());
     let train_given = matches
         .subcommand_matches("train")
         .map(cmd::train::Given::of)
         .unwrap_or_default();
+    if let Command::Train(a) = &mut cli.command {
+        cmd::train::take_run_device(a, &train_given);
+    }
     let model_device = cli.command.model_device().map(str::to_owned);
     // A model subcommand on the CPU runs on a worker of rayon's global pool, not on this
     // thread: gz's CPU kernels start thousands of small parallel loops per step, and from a

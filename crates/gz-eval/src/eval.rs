@@ -412,6 +412,9 @@ pub fn evaluate(
     )?;
     let predictions = predicted.mean;
     let spread = match &predicted.var {
+        // (with fewer galaxies its quarters are not quarters: no spread, rather than one galaxy
+        // as both the most and the least spread)
+        Some(_) if labels.len() / N_ANSWERS < crate::metrics::MIN_SPREAD_ROWS => None,
         Some(var) => Some(spread_score(
             &predictions,
             var,

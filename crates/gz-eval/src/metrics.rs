@@ -244,6 +244,10 @@ impl SpreadScore {
     }
 }
 
+/// Fewest galaxies for [`spread_score`] in a report: its quarters of most and least spread are
+/// one galaxy each at 4; below that the same galaxy was both "quarters".
+pub const MIN_SPREAD_ROWS: usize = 4;
+
 /// Scores the spread (`var`: the per-answer variances of the views' and members'
 /// predictions, row-major `n × 37` as `pred` and `truth`) against each galaxy's error.
 pub fn spread_score(pred: &[f32], var: &[f32], truth: &[f32], views: usize, members: usize) -> Result<SpreadScore> {

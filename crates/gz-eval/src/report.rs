@@ -610,9 +610,10 @@ pub fn page_warnings(r: &EvalReport) -> Vec<String> {
     let rows = r.model.scores.rows;
     if rows < MIN_MEANINGFUL_ROWS {
         out.push(format!(
-            "only {rows} galax{} scored: the RMSE and the comparisons rest on them and mean little (at \
+            "only {rows} galax{} scored: the RMSE and the comparisons rest on {} and mean little (at \
              least {MIN_MEANINGFUL_ROWS} are needed to tell models apart).",
-            if rows == 1 { "y is" } else { "ies are" }
+            if rows == 1 { "y is" } else { "ies are" },
+            if rows == 1 { "it" } else { "them" }
         ));
     }
     out

@@ -73,6 +73,94 @@ impl ProblemKind {
             ProblemKind::Conditional => "per-question fractions",
         }
     }
+
+    /// `n` problems of this kind in words: `1 missing GalaxyID`, `8 missing GalaxyIDs`,
+    /// `2 NaNs`, `1 value not a number` (the summary line of `gz submit --check`).
+    pub fn counted(self, n: usize) -> String {
+        let one = n == 1;
+        let noun = match self {
+            ProblemKind::Header => {
+                if one {
+                    "bad header"
+                } else {
+                    "bad headers"
+                }
+            }
+            ProblemKind::Csv => {
+                if one {
+                    "unreadable CSV line"
+                } else {
+                    "unreadable CSV lines"
+                }
+            }
+            ProblemKind::FieldCount => {
+                if one {
+                    "wrong field count"
+                } else {
+                    "wrong field counts"
+                }
+            }
+            ProblemKind::BadId => {
+                if one {
+                    "bad GalaxyID"
+                } else {
+                    "bad GalaxyIDs"
+                }
+            }
+            ProblemKind::DuplicateId => {
+                if one {
+                    "duplicate GalaxyID"
+                } else {
+                    "duplicate GalaxyIDs"
+                }
+            }
+            ProblemKind::NotANumber => {
+                if one {
+                    "value not a number"
+                } else {
+                    "values not numbers"
+                }
+            }
+            ProblemKind::NaN => {
+                if one {
+                    "NaN"
+                } else {
+                    "NaNs"
+                }
+            }
+            ProblemKind::Infinite => {
+                if one {
+                    "infinite value"
+                } else {
+                    "infinite values"
+                }
+            }
+            ProblemKind::OutOfRange => {
+                if one {
+                    "value out of [0, 1]"
+                } else {
+                    "values out of [0, 1]"
+                }
+            }
+            ProblemKind::RowCount => "wrong row count",
+            ProblemKind::MissingId => {
+                if one {
+                    "missing GalaxyID"
+                } else {
+                    "missing GalaxyIDs"
+                }
+            }
+            ProblemKind::ExtraId => {
+                if one {
+                    "GalaxyID not a test image"
+                } else {
+                    "GalaxyIDs not test images"
+                }
+            }
+            ProblemKind::Conditional => "per-question fractions",
+        };
+        format!("{n} {noun}")
+    }
 }
 
 /// One problem of a submission file.
@@ -842,12 +930,17 @@ pub fn assemble(pred: &Solutions, ids: Option<&[u64]>, fill: Option<&[f32]>, pat
             ));
         }
         return Err(refuse(format!(
-            "{}; {} is not written (fill those rows with the training mean explicitly with --fill-mean)",
+            "{}; {} is not written (fill {} with the training mean explicitly with --fill-mean)",
             why.join("; "),
             if missing.is_empty() {
                 "a submission with such rows"
             } else {
                 "a short submission"
+            },
+            if missing.len() + nonfinite.len() == 1 {
+                "that row"
+            } else {
+                "those rows"
             }
         )));
     }

@@ -5,8 +5,9 @@
 //! synchronises between phases; what lies between them (candle's kernels, the launch gaps) is
 //! one "everything else" figure: 3.5 ms of VGG16-blog's 16.5 ms bf16 step and 4.2 ms of
 //! Dieleman's 10.8 ms on the H200 (docs/benchmarks.md). CUPTI's records time every kernel as
-//! it ran in the pipelined run itself, unperturbed, and the union of their intervals against
-//! the span says how long the GPU sat idle waiting for the host.
+//! it ran in the pipelined run itself, and the union of their intervals against the span says
+//! how long the GPU sat idle waiting for the host. CUPTI adds some cost to every launch: compare
+//! a traced row's images/s with the same row untraced before reading much into the idle time.
 //!
 //! [`Summary`] and its table are plain data (tested on any machine); [`start`] and [`stop`]
 //! need CUPTI (`libcupti.so`, found as the CUDA libraries are) and the `cupti` feature, and
@@ -43,6 +44,9 @@ pub struct Summary {
     pub span_ns: u64,
     /// Records CUPTI dropped (its buffers full): the figures are then short of the truth.
     pub dropped: u64,
+    /// Records without a time (a zero start, or an end before the start): counted as launches
+    /// of no length, and left out of the busy time and the span.
+    pub untimed: u64,
 }
 
 /// A record's interval on the GPU's clock (ns).
@@ -50,10 +54,13 @@ type Interval = (u64, u64);
 
 impl Summary {
     /// Adds up kernel records (`name`, start, end), copy records (start, end, bytes) and fill
-    /// records (start, end); records whose end precedes their start (an unknown time) count
-    /// as launches of no length.
+    /// records (start, end); records without a time (a zero start, or an end not after the
+    /// start: CUPTI's unknown timestamps, or work a forced flush caught unfinished) count as
+    /// launches of no length and stay out of the busy time and the span (one at 0 made the
+    /// span the GPU clock's whole reading).
     pub fn from_records(kernels: &[(String, u64, u64)], copies: &[(u64, u64, u64)], fills: &[Interval]) -> Summary {
-        let len = |(a, b): Interval| b.saturating_sub(a);
+        let timed = |(a, b): Interval| a > 0 && b > a;
+        let len = |i: Interval| if timed(i) { i.1 - i.0 } else { 0 };
         let mut by_name: std::collections::HashMap<&str, (u64, u64)> = std::collections::HashMap::new();
         let mut intervals: Vec<Interval> = Vec::with_capacity(kernels.len() + copies.len() + fills.len());
         for (name, a, b) in kernels {
@@ -73,6 +80,9 @@ impl Summary {
         rows.sort_by(|x, y| y.total_ns.cmp(&x.total_ns).then_with(|| x.name.cmp(&y.name)));
         intervals.extend(copies.iter().map(|&(a, b, _)| (a, b)));
         intervals.extend(fills.iter().copied());
+        let all = intervals.len();
+        intervals.retain(|&i| timed(i));
+        let untimed = (all - intervals.len()) as u64;
         let span_ns = match (
             intervals.iter().map(|i| i.0).min(),
             intervals.iter().map(|i| i.1.max(i.0)).max(),
@@ -91,6 +101,7 @@ impl Summary {
             busy_ns: union_ns(intervals),
             span_ns,
             dropped: 0,
+            untimed,
         }
     }
 
@@ -142,9 +153,18 @@ impl Summary {
         ));
         if self.dropped > 0 {
             out.push(format!(
-                "  warning: CUPTI dropped {} records (its buffers were full): the figures are short",
-                self.dropped
+                "  warning: CUPTI dropped {} (its buffers were full): the figures are short",
+                gz_schema::count(self.dropped as usize, "record")
             ));
+        }
+        if self.untimed > 0 {
+            out.push(format!(
+                "  note: {} without a time, counted with no length",
+                gz_schema::count(self.untimed as usize, "record")
+            ));
+        }
+        if self.kernels.is_empty() {
+            out.push("  warning: CUPTI recorded no kernel: the trace did not work".to_string());
         }
         out
     }
@@ -225,6 +245,7 @@ mod imp {
         flush_all: unsafe extern "C" fn(u32) -> u32,
         next_record: unsafe extern "C" fn(*mut u8, usize, *mut *mut u32) -> u32,
         dropped: unsafe extern "C" fn(*mut c_void, u32, *mut usize) -> u32,
+        result_string: unsafe extern "C" fn(u32, *mut *const std::ffi::c_char) -> u32,
         /// Kept loaded for the life of the process (CUPTI's thread calls back into it).
         _lib: libloading::Library,
     }
@@ -252,6 +273,7 @@ mod imp {
                                 dropped: *lib
                                     .get(b"cuptiActivityGetNumDroppedRecords\0")
                                     .map_err(|e| e.to_string())?,
+                                result_string: *lib.get(b"cuptiGetResultString\0").map_err(|e| e.to_string())?,
                                 _lib: lib,
                             })
                         };
@@ -267,6 +289,18 @@ mod imp {
         })
         .as_ref()
         .map_err(Clone::clone)
+    }
+
+    /// CUPTI's name of a `CUptiResult` (`CUPTI_ERROR_NOT_INITIALIZED (15)`).
+    fn result_name(api: &Api, rc: u32) -> String {
+        let mut s: *const std::ffi::c_char = std::ptr::null();
+        // SAFETY: an out-pointer; CUPTI points it at a static string
+        if unsafe { (api.result_string)(rc, &mut s) } == 0 && !s.is_null() {
+            let name = unsafe { std::ffi::CStr::from_ptr(s) }.to_string_lossy();
+            format!("{name} ({rc})")
+        } else {
+            format!("CUptiResult {rc}")
+        }
     }
 
     /// The records read so far: kernels (name, start, end), copies (start, end, bytes), fills.
@@ -363,7 +397,7 @@ mod imp {
                 // SAFETY: two functions with the signatures CUPTI calls them with
                 let rc = unsafe { (api.register)(Some(requested), Some(completed)) };
                 if rc != 0 {
-                    return Err(format!("CUPTI refused its buffers (CUptiResult {rc})"));
+                    return Err(format!("CUPTI refused its buffers: {}", result_name(api, rc)));
                 }
                 *reg = true;
             }
@@ -380,8 +414,9 @@ mod imp {
             let rc = unsafe { (api.enable)(kind) };
             if rc != 0 {
                 return Err(format!(
-                    "CUPTI did not enable activity kind {kind} (CUptiResult {rc}; 17 is CUPTI_ERROR_NOT_INITIALIZED, \
-                     e.g. another profiler holds the device)"
+                    "CUPTI did not enable activity kind {kind}: {} (another profiler holding the device gives \
+                     CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED)",
+                    result_name(api, rc)
                 ));
             }
         }
@@ -392,18 +427,26 @@ mod imp {
         let api = api()?;
         // CUPTI_ACTIVITY_FLAG_FLUSH_FORCED: the records of work still in flight too
         const FLUSH_FORCED: u32 = 1;
-        // SAFETY: plain calls
-        let flushed = unsafe { (api.flush_all)(FLUSH_FORCED) };
+        // recording stops first, so that nothing after this trace waits in CUPTI's buffers
+        // for the next one; the flush then hands back everything recorded
         for kind in KINDS {
-            // SAFETY: as above
+            // SAFETY: plain calls
             unsafe { (api.disable)(kind) };
         }
+        // SAFETY: as above
+        let flushed = unsafe { (api.flush_all)(FLUSH_FORCED) };
         if flushed != 0 {
-            return Err(format!("CUPTI could not flush its records (CUptiResult {flushed})"));
+            return Err(format!(
+                "CUPTI could not flush its records: {}",
+                result_name(api, flushed)
+            ));
         }
+        let mut dropped = 0usize;
+        // SAFETY: an out-pointer (records dropped and never handed to `completed` count too)
+        let asked = unsafe { (api.dropped)(std::ptr::null_mut(), 0, &mut dropped) } == 0;
         let recs = RECORDS.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = Summary::from_records(&recs.kernels, &recs.copies, &recs.fills);
-        s.dropped = recs.dropped;
+        s.dropped = recs.dropped + if asked { dropped as u64 } else { 0 };
         Ok(s)
     }
 }
@@ -450,6 +493,22 @@ mod tests {
         assert_eq!(union_ns(vec![(10, 20), (25, 5), (50, 50)]), 10);
     }
 
+    /// A record without a time (start 0, or an end not after its start) counts as a launch of
+    /// no length and stays out of the busy time and the span (a start of 0 made the span the
+    /// whole clock reading).
+    #[test]
+    fn untimed_records_stay_out_of_the_span() {
+        let k = |a: u64, b: u64| ("k".to_string(), a, b);
+        let s = Summary::from_records(
+            &[k(1_000, 2_000), k(0, 0), k(0, 1_500), k(3_000, 2_500)],
+            &[],
+            &[(0, 0)],
+        );
+        assert_eq!((s.busy_ns, s.span_ns, s.kernel_ns, s.untimed), (1_000, 1_000, 1_000, 4));
+        assert_eq!(s.kernels[0].count, 4);
+        assert!(s.table(1, 5).iter().any(|l| l.contains("4 records without a time")));
+    }
+
     /// Kernels grouped by name, longest total first; busy and span over kernels, copies and
     /// fills; the table's per-step figures.
     #[test]
@@ -457,13 +516,13 @@ mod tests {
         let k = |n: &str, a: u64, b: u64| (n.to_string(), a, b);
         let s = Summary::from_records(
             &[
-                k("b", 0, 1_000_000),
-                k("a", 1_000_000, 1_500_000),
-                k("b", 2_000_000, 3_000_000),
-                k("a", 3_000_000, 3_500_000),
+                k("b", 1_000_000, 2_000_000),
+                k("a", 2_000_000, 2_500_000),
+                k("b", 3_000_000, 4_000_000),
+                k("a", 4_000_000, 4_500_000),
             ],
-            &[(4_000_000, 4_500_000, 1000)],
-            &[(3_900_000, 4_100_000)],
+            &[(5_000_000, 5_500_000, 1000)],
+            &[(4_900_000, 5_100_000)],
         );
         assert_eq!(
             s.kernels,
@@ -485,7 +544,7 @@ mod tests {
             (3_000_000, 1, 500_000, 1000)
         );
         assert_eq!((s.fills, s.fill_ns), (1, 200_000));
-        // idle: 1.5-2.0 and 3.5-3.9 ms
+        // idle: 2.5-3.0 and 4.5-4.9 ms
         assert_eq!((s.busy_ns, s.span_ns), (3_600_000, 4_500_000));
         let t = s.table(2, 1);
         assert!(

@@ -498,9 +498,13 @@ pub fn train_on(
             .as_ref()
             .ok_or_else(|| TrainError::Resume(format!("{} has no resume state", last_json.display())))?;
         let (w_path, o_path) = (out_dir.join(&s.weights_file), out_dir.join(&st.optimizer_file));
-        let weights = checkpoint::load_tensors_checked(&w_path, s.weights_crc32, &device)?;
+        // (a file of the last state missing or damaged: said as the run's, with the way on; a
+        // missing optimizer state was a bare "No such file or directory")
+        let weights = checkpoint::load_tensors_checked(&w_path, s.weights_crc32, &device)
+            .map_err(|e| unreadable_run(&e, out_dir))?;
         ctx("restoring weights", opt.params().load_masters(&weights))?;
-        let state = checkpoint::load_tensors_checked(&o_path, st.optimizer_crc32, &device)?;
+        let state = checkpoint::load_tensors_checked(&o_path, st.optimizer_crc32, &device)
+            .map_err(|e| unreadable_run(&e, out_dir))?;
         // a run killed between its sidecar and its renames: finish them before this run stages
         // its own next versions over the files the sidecars name (last and best)
         checkpoint::commit_if_staged(&w_path, s.weights_crc32)?;
@@ -1109,8 +1113,12 @@ fn best_missed(out_dir: &Path, s: &Sidecar) -> Result<bool, TrainError> {
 fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed: bool) -> Result<(), TrainError> {
     if s.prep_config_hash != meta.prep_config_hash {
         return Err(TrainError::Resume(format!(
-            "the run was trained on a cache with config hash {} but this cache has {}",
-            s.prep_config_hash, meta.prep_config_hash
+            "the run was trained on a cache with config hash {} but this cache has {}{}",
+            s.prep_config_hash,
+            meta.prep_config_hash,
+            s.cache_dir
+                .as_ref()
+                .map_or(String::new(), |d| format!(" (the run's cache was {})", d.display()))
         )));
     }
     if let (Some(was), Some(now)) = (&s.train_fingerprint, &meta.train_fingerprint) {

@@ -284,14 +284,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// copied to the three colour channels, but the models learn from colour (`gz prep` and `gz
 /// predict --images` share it).
 pub(crate) fn greyscale_warning(n: usize, example: Option<&Path>) -> String {
-    let what = if n == 1 {
-        "1 image is a greyscale JPEG".to_string()
+    let (what, each, these) = if n == 1 {
+        ("1 image is a greyscale JPEG".to_string(), "it was", "it")
     } else {
-        format!("{n} images are greyscale JPEGs")
+        (format!("{n} images are greyscale JPEGs"), "each was", "these")
     };
     format!(
-        "{what} (one channel{}): each was copied to the three colour channels, but the \
-         models are trained on colour images, so their predictions for these can be far off",
+        "{what} (one channel{}): {each} copied to the three colour channels, but the models are trained on \
+         colour images, so their predictions for {these} can be far off",
         example.map_or_else(String::new, |p| format!(", e.g. {}", p.display()))
     )
 }

@@ -289,7 +289,7 @@ fn run_check(file: &Path, ids_source: Option<(&str, &PathBuf)>) -> anyhow::Resul
         return Ok(());
     }
     print!("{}", rep.describe());
-    let summary: Vec<String> = rep.counts.iter().map(|(k, n)| format!("{n} {}", k.label())).collect();
+    let summary: Vec<String> = rep.counts.iter().map(|(k, &n)| k.counted(n)).collect();
     bail!(
         "{}: {}: {}",
         file.display(),

@@ -78,8 +78,8 @@ pub struct Args {
     #[arg(long, overrides_with = "augment")]
     no_augment: bool,
     /// Continue the run in --out from its last checkpoint. The options not given are the run's
-    /// own (its model, batch, rate, seed, …, and its epochs); --device is this machine's
-    /// (default cpu), and options given must match the run's, except --epochs and --patience.
+    /// own (its model, batch, rate, seed, …, its epochs and its device); options given must
+    /// match the run's, except --epochs, --patience and --device.
     #[arg(long)]
     resume: bool,
     /// Use only a seeded subset of this many images (train + validation) for quick runs.
@@ -117,9 +117,19 @@ fn apply_resumed_settings(
             );
         }
     }
-    if prior.train.epochs != cfg.epochs && matches!(was, Schedule::Step { .. }) {
+    if let (true, Schedule::Step { milestones, .. }) = (prior.train.epochs != cfg.epochs, was) {
+        let late: Vec<String> = milestones
+            .iter()
+            .filter(|&&m| m >= cfg.epochs)
+            .map(ToString::to_string)
+            .collect();
+        let late = match late.len() {
+            0 => String::new(),
+            1 => format!("; its drop at epoch {} comes after the last", late[0]),
+            _ => format!("; its drops at epochs {} come after the last", late.join(", ")),
+        };
         notes.push(format!(
-            "resuming with the run's schedule {was} (set for {}), now for {}",
+            "resuming with the run's schedule {was} (set for {}), now for {}{late}",
             super::count(prior.train.epochs, "epoch"),
             super::count(cfg.epochs, "epoch")
         ));
@@ -151,8 +161,24 @@ impl Given {
     }
 }
 
+/// With `--resume` and no `--device`, the device the run trained on (its config's), so a CUDA
+/// run resumes on CUDA (in bf16 it cannot do otherwise); set before `main` decides where the
+/// run's threads go. Nothing changes when the run cannot be read (the trainer says why).
+pub fn take_run_device(args: &mut Args, given: &Given) {
+    if !args.resume || given.has("device") {
+        return;
+    }
+    if let Some(prior) = args
+        .out
+        .as_deref()
+        .and_then(|out| gz_model::train::resumable_run(out).ok())
+    {
+        args.device = prior.train.device;
+    }
+}
+
 /// `args` with the options not `given` set to the run's own values (`prior`, its config):
-/// what the user would have typed to repeat the run. `--device` stays this machine's,
+/// what the user would have typed to repeat the run. `--device` is [`take_run_device`]'s,
 /// `--patience` and `--schedule` are [`apply_resumed_settings`]'s.
 fn with_run_values(args: &Args, given: &Given, prior: &TrainConfig) -> Args {
     let mut a = args.clone();
@@ -215,10 +241,13 @@ pub fn run(args: Args, given: &Given) -> anyhow::Result<()> {
         print!("{}", gz_model::nets::describe_config(&model));
         return Ok(());
     }
-    let cache_dir = args
-        .cache
-        .clone()
-        .context("--cache DIR is required (or use --describe)")?;
+    let cache_dir = args.cache.clone().with_context(|| {
+        if args.resume {
+            "--cache DIR is required: the cache the run was trained on"
+        } else {
+            "--cache DIR is required (or use --describe)"
+        }
+    })?;
     let out = args.out.clone().context("--out RUN_DIR is required")?;
     super::check_output("--out", &out, true)?;
     // (a run inside the cache it reads: `gz cache` would keep the cache for it, a muddle)
@@ -397,7 +426,11 @@ fn train_config(args: &Args, model: ModelConfig) -> anyhow::Result<TrainConfig> 
                 .map(|e| e.trim().parse::<usize>())
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("--schedule {s:?}: expected step:E1,E2,... with epoch numbers"))?;
-            if milestones.windows(2).any(|w| w[0] >= w[1]) || milestones.last().is_some_and(|&m| m >= args.epochs) {
+            // (a resumed run keeps its own schedule, set for its own epochs: compared with it,
+            // not with --epochs, by apply_resumed_settings)
+            if milestones.windows(2).any(|w| w[0] >= w[1])
+                || (!args.resume && milestones.last().is_some_and(|&m| m >= args.epochs))
+            {
                 bail!(
                     "--schedule {s:?}: the epochs must increase and lie before --epochs {} (each multiplies the rate \
                      by 0.1 from that 0-based epoch on)",
@@ -570,6 +603,28 @@ mod tests {
         let cli = Cli::parse_from(["gz-train", "--model", "tiny"].iter().chain(extra));
         let model = model_config(cli.args.model.as_deref().unwrap(), None).unwrap();
         train_config(&cli.args, model).unwrap().patience
+    }
+
+    /// A step schedule's epochs must lie before --epochs in a new run; a resumed run keeps its
+    /// own schedule, set for its own epochs, so there it is compared with the run's instead
+    /// (it was refused when given, and accepted when left out).
+    #[test]
+    fn a_resumed_runs_schedule_is_not_held_to_the_new_epochs() {
+        let cfg = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["gz-train", "--model", "tiny"].iter().chain(extra)).unwrap();
+            train_config(&cli.args, model_config("tiny", None).unwrap())
+        };
+        let e = format!("{:#}", cfg(&["--epochs", "3", "--schedule", "step:4"]).unwrap_err());
+        assert!(e.contains("lie before --epochs 3"), "{e}");
+        let c = cfg(&["--epochs", "3", "--schedule", "step:4", "--resume"]).unwrap();
+        assert_eq!(
+            c.schedule,
+            Schedule::Step {
+                milestones: vec![4],
+                gamma: 0.1
+            }
+        );
+        assert!(cfg(&["--epochs", "9", "--schedule", "step:4,2", "--resume"]).is_err());
     }
 
     /// A negative rate or fraction is read as a number and refused as out of range (clap took
