@@ -445,6 +445,34 @@ fn a_second_gz_synth_into_the_same_folder_is_refused() {
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     first.wait().unwrap();
     assert!(lock.exists(), "a killed run leaves its lock file");
+    // a Ctrl-C (SIGINT) ends the run as before, by the signal, but its lock file goes with it
+    // (and the folder stays: it holds the run's images and in-progress mark)
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        let fresh = dir.path().join("e");
+        let lock = fresh.join(gz_synth::LOCK_FILE);
+        let mut run = support::Running::spawn(
+            support::gz()
+                .args(["synth", "--train", "100000", "--test", "0", "--threads", "1", "--out"])
+                .arg(&fresh)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let pid = run.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !(std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid.to_string())
+            && fresh.join("images_training_rev1").is_dir())
+        {
+            assert!(std::time::Instant::now() < deadline, "gz synth never started writing");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: kill(2) of the child this test started
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
+        let status = run.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGINT), "{status:?}");
+        assert!(!lock.exists(), "an interrupted run left its lock file");
+        assert!(fresh.join(gz_synth::IN_PROGRESS).exists());
+    }
     let (ok, _, stderr) = second(true);
     assert!(ok, "a dead run's lock must not block: {stderr}");
     assert!(out.join("synth.json").exists() && !out.join("synth.in-progress").exists());

@@ -6,7 +6,10 @@
 //! refused naming the folder and the first one's process, instead of removing or overwriting its
 //! files. The file holds the holder's process id (for that message) and is removed when the
 //! lock is dropped; a killed holder leaves the file, but its lock ends with it, so the file
-//! blocks nobody. Where the file cannot be created (a read-only folder: this command cannot
+//! blocks nobody. A Ctrl-C or SIGTERM (of a command that asked for it,
+//! [`FolderLock::remove_on_signal`]) removes the file and the folders the lock made while they
+//! are empty before the process ends by that signal, as it would have without the lock. Where
+//! the file cannot be created (a read-only folder: this command cannot
 //! write there either) or the file system has no locks, the command goes on without one, as it
 //! did before there were locks.
 
@@ -150,8 +153,90 @@ impl FolderLock {
     }
 }
 
+/// What a SIGINT or SIGTERM removes before the process ends ([`FolderLock::remove_on_signal`]):
+/// slot 0 the lock file, then the folders the lock made, deepest first; leaked C strings, null
+/// when empty. Whoever swaps a pointer out owns it (the handler uses it, `Drop` frees it).
+#[cfg(unix)]
+static ON_SIGNAL: [std::sync::atomic::AtomicPtr<std::ffi::c_char>; 9] =
+    [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; 9];
+
+/// The handler: `unlink` and `rmdir` (both async-signal-safe) of what [`ON_SIGNAL`] holds, then
+/// the signal again with its default action, so the process ends as it would have.
+#[cfg(unix)]
+extern "C" fn remove_and_reraise(sig: libc::c_int) {
+    use std::sync::atomic::Ordering;
+    let mut folders_go = true;
+    for (i, slot) in ON_SIGNAL.iter().enumerate() {
+        let p = slot.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if p.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated path leaked by `remove_on_signal`, owned here now
+        if i == 0 {
+            unsafe { libc::unlink(p) };
+        } else if folders_go {
+            // (a folder with files in it stays, and so do those above it)
+            folders_go = unsafe { libc::rmdir(p) } == 0;
+        }
+    }
+    // SAFETY: restoring the default action and raising the signal again, both async-signal-safe
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Empties [`ON_SIGNAL`], freeing what it held.
+#[cfg(unix)]
+fn clear_on_signal() {
+    for slot in &ON_SIGNAL {
+        let p = slot.swap(std::ptr::null_mut(), std::sync::atomic::Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: made by `CString::into_raw` in `remove_on_signal`, swapped out here only
+            drop(unsafe { std::ffi::CString::from_raw(p) });
+        }
+    }
+}
+
+impl FolderLock {
+    /// Lets a Ctrl-C or SIGTERM remove the lock file and the empty folders the lock made before
+    /// the process ends by that signal (an interrupted `gz eval` into a new folder left the
+    /// folder and a lock file holding no lock). For commands with no handler of their own
+    /// (`gz train` and `gz prep` stop in order instead); a signal the process ignores stays
+    /// ignored.
+    pub fn remove_on_signal(&self) {
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt as _;
+            clear_on_signal();
+            let paths = std::iter::once(&self.path).chain(&self.created).take(ON_SIGNAL.len());
+            for (slot, p) in ON_SIGNAL.iter().zip(paths) {
+                if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) {
+                    slot.store(c.into_raw(), std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: reading the current disposition, then installing a handler that only
+                // makes async-signal-safe calls, for a signal that is not ignored
+                unsafe {
+                    let mut old: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction != libc::SIG_IGN {
+                        let mut act: libc::sigaction = std::mem::zeroed();
+                        act.sa_sigaction = remove_and_reraise as *const () as libc::sighandler_t;
+                        libc::sigemptyset(&mut act.sa_mask);
+                        libc::sigaction(sig, &act, std::ptr::null_mut());
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Drop for FolderLock {
     fn drop(&mut self) {
+        // the signal's removal first: from here this drop removes what it would have
+        #[cfg(unix)]
+        clear_on_signal();
         // removed while still locked (the lock goes with the file handle, after this): a run
         // that opened the file just before gets the lock on a removed file, sees that the name
         // no longer leads to it and opens the name again; best effort

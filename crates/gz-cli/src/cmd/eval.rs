@@ -460,6 +460,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             instead: "name another folder with --report",
         },
     )?;
+    if let Some(lock) = &_lock {
+        lock.remove_on_signal();
+    }
     check_report_folder(&dir, &flag, default_for)?;
     // nor may the report replace what it reads: the predictions file, a checkpoint
     let inputs: Vec<PathBuf> = super::run_inputs(&args.runs)

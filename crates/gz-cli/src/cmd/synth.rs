@@ -153,6 +153,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             instead: "choose another --out (--force does not override this: it would delete the files being written)",
         },
     )?;
+    if let Some(lock) = &_lock {
+        lock.remove_on_signal();
+    }
     match inspect(&out, &cfg)? {
         Target::Empty => {}
         Target::Same if !args.force => {
