@@ -649,3 +649,76 @@ fn small_refusals_and_notes() {
     let (ok, _, err) = support::run(support::gz().args(["bench-train", "--model", "tiny", "--warmup", "100000000000"]));
     assert!(!ok && err.contains("--warmup 100000000000: at most"), "{err}");
 }
+
+/// A named pipe called like an image is skipped by name, never opened (a pipe read waits for a
+/// writer for ever; prep passed it over in silence, predict hung on it); an edited manifest
+/// (its config no longer what made the images) is refused where the cache is read and listed
+/// as damaged; stdout on a full disk is an error, not a panic.
+#[cfg(unix)]
+#[test]
+fn special_files_an_edited_manifest_and_a_full_stdout() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let fifo = data.join("images_test_rev1/777777.jpg");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let root = t.path().join("cache");
+    let (code, out, err) = prep(&["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("skipped:") && l.contains("777777.jpg") && l.contains("not a regular file")),
+        "{out}"
+    );
+    let cache = cache_line(&out);
+    // the readers of an images folder (predict --images, submit --ids) refuse the pipe by name
+    // (predict waited on it for ever)
+    let sub = t.path().join("sub.csv");
+    std::fs::write(&sub, "GalaxyID\n").unwrap();
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["submit", "--check"])
+            .arg(&sub)
+            .arg("--ids")
+            .arg(data.join("images_test_rev1")),
+    );
+    assert!(
+        !ok && err.contains("777777.jpg") && err.contains("not a regular file"),
+        "{err}"
+    );
+    std::fs::remove_file(&fifo).unwrap();
+
+    // stdout that cannot be written: exit status 1 and a message, no panic
+    if std::path::Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let out = support::gz()
+            .args(["cache", "list"])
+            .arg(&root)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("gz cannot write to its standard output") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+
+    let manifest = cache.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains("\"crop\": 212"), "{text}");
+    std::fs::write(&manifest, text.replace("\"crop\": 212", "\"crop\": 100")).unwrap();
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(t.path().join("run")),
+    );
+    assert!(!ok && err.contains("manifest was edited"), "{err}");
+    let (code, out, _) = cache_cmd(&["list", root.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("damaged: manifest.json's prep_config hashes to"), "{out}");
+}

@@ -63,6 +63,36 @@ fn main() {
     }
     // Before any thread exists: a shard that fails under its memory map is named (see `fault`).
     fault::install();
+    // A full disk under `gz train > log` (or any stdout or stderr that cannot be written): a
+    // message and exit status 1, not a panic with a backtrace (`println!` panics when its
+    // write fails; a closed pipe is SIGPIPE's, above).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if let Some(rest) = msg
+            .strip_prefix("failed printing to stdout: ")
+            .map(|r| ("standard output", r))
+            .or_else(|| {
+                msg.strip_prefix("failed printing to stderr: ")
+                    .map(|r| ("standard error", r))
+            })
+        {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: gz cannot write to its {}: {}",
+                rest.0,
+                rest.1
+            );
+            std::process::exit(1);
+        }
+        default_hook(info);
+    }));
     // Before any thread or large buffer exists (see `malloc`).
     let malloc_tuned = malloc::tune();
     tracing_subscriber::fmt()

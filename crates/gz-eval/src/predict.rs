@@ -342,6 +342,15 @@ pub fn list_jpegs(dir: &Path) -> Result<Vec<PathBuf>> {
             .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"))
             && !p.is_dir()
         {
+            // a named pipe so named would be opened and waited on for ever
+            if std::fs::metadata(&p).is_ok_and(|m| !m.is_file()) {
+                return Err(EvalError::BadFile {
+                    path: p,
+                    reason: "not a regular file (a named pipe, socket or device): not read as an image; move it out \
+                             of the folder"
+                        .into(),
+                });
+            }
             out.push(p);
         }
     }
@@ -591,6 +600,21 @@ mod tests {
         );
         // and `gz submit --ids` reads the folder's test ids the same way
         assert_eq!(crate::submission::ids_from_dir(dir.path()).unwrap(), vec![100, 200]);
+    }
+
+    /// A named pipe called like an image is refused by name, not opened (reading it waited for
+    /// a writer for ever).
+    #[cfg(unix)]
+    #[test]
+    fn a_named_pipe_among_the_images_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("100.jpg"), [1u8]).unwrap();
+        let fifo = dir.path().join("200.jpg");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let e = list_jpegs(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("200.jpg") && e.contains("not a regular file"), "{e}");
     }
 
     #[test]

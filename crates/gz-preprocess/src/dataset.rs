@@ -341,6 +341,12 @@ fn list_dir(
             continue;
         }
         if !meta.is_file() {
+            // a named pipe, socket or device: never opened (reading a pipe waits for a writer),
+            // and said, not passed over in silence (it was neither read nor listed)
+            skipped.push(Skipped {
+                path: entry.path(),
+                reason: "not a regular file (a named pipe, socket or device): not read".into(),
+            });
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();

@@ -251,6 +251,18 @@ fn list(at: &Where) -> anyhow::Result<()> {
                 if skipped > 0 {
                     state.push_str(&format!(" ({} skipped)", crate::cmd::count(skipped, "input")));
                 }
+                // an edited manifest: its config is not what made the images (train, eval and
+                // predict refuse it, `cmd::open_cache`)
+                if let Some(h) = serde_json::from_value::<gz_preprocess::PrepConfig>(m.prep_config.clone())
+                    .ok()
+                    .map(|c| c.hash())
+                    .filter(|h| *h != m.config_hash)
+                {
+                    state = format!(
+                        "damaged: manifest.json's prep_config hashes to {h}, not to the cache's {} (edited?)",
+                        m.config_hash
+                    );
+                }
                 if !foreign.is_empty() {
                     state.push_str(&format!(
                         " (holds files the cache writer did not write: {}; kept by prune and remove)",

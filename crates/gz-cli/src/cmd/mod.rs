@@ -448,10 +448,34 @@ pub fn run_inputs(runs: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
 
 /// Opens the shard cache a user named, with a hint when the folder is not one: the caches
 /// inside it (a cache root holds one folder per dataset and config), or that it is a dataset.
+/// Refuses a cache whose manifest's `prep_config` does not hash to the `config_hash` it (and
+/// every shard header) records: an edited manifest said `crop 100` over images cropped at 212,
+/// was listed as such and trained on, and surfaced only later as a checkpoint "made by another
+/// preprocessing version". A `prep_config` that is not this gz's `PrepConfig` is left to the
+/// readers' own checks.
+fn check_manifest_hash(dir: &std::path::Path, c: &gz_shards::Cache) -> anyhow::Result<()> {
+    let Ok(cfg) = serde_json::from_value::<gz_preprocess::PrepConfig>(c.prep_config().clone()) else {
+        return Ok(());
+    };
+    let hash = cfg.hash();
+    if hash != c.config_hash() {
+        anyhow::bail!(
+            "{}: its prep_config hashes to {hash} but the cache records {}: the manifest was edited (its images \
+             were not made with this config); rebuild the cache with gz prep",
+            dir.join("manifest.json").display(),
+            c.config_hash()
+        );
+    }
+    Ok(())
+}
+
 pub fn open_cache(dir: &std::path::Path) -> anyhow::Result<gz_shards::Cache> {
     use anyhow::Context;
     match gz_shards::Cache::open(dir) {
-        Ok(c) => Ok(c),
+        Ok(c) => {
+            check_manifest_hash(dir, &c)?;
+            Ok(c)
+        }
         Err(e @ gz_shards::ShardError::Incomplete { .. }) => {
             let mut inside: Vec<String> = std::fs::read_dir(dir)
                 .into_iter()

@@ -332,6 +332,12 @@ fn predict_folder(
     // one image named by itself, or the JPEGs of a folder
     let paths = if dir.is_file() {
         vec![dir.to_path_buf()]
+    } else if dir.exists() && !dir.is_dir() {
+        bail!(
+            "--images {}: not a regular file (a named pipe, socket or device) nor a folder: --images takes a folder \
+             of JPEGs or one JPEG",
+            dir.display()
+        );
     } else {
         list_jpegs(dir)?
     };
