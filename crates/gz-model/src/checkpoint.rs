@@ -118,6 +118,20 @@ pub struct Sidecar {
     pub weights_crc32: u32,
     /// Present in `last.json`: what `--resume` needs.
     pub resume: Option<ResumeState>,
+    /// CRC-32 of what the weights are read by ([`config_crc32`]: the model, the preprocessing
+    /// config and its hash, the input shape), set by [`write_sidecar`] and checked by
+    /// [`read_sidecar`]: a sidecar edited by hand (its head switched from sigmoid to tree, its
+    /// view fraction made negative) was loaded over the weights and predicted something else in
+    /// silence. Absent in sidecars written before the twenty-third session (not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_crc32: Option<u32>,
+}
+
+/// The CRC-32 of a sidecar's model, preprocessing config, its hash and the input shape, as
+/// compact JSON ([`Sidecar::config_crc32`]).
+pub fn config_crc32(s: &Sidecar) -> u32 {
+    let what = (&s.model, &s.prep_config, &s.prep_config_hash, &s.input_shape);
+    crc32fast::hash(serde_json::to_string(&what).unwrap_or_default().as_bytes())
 }
 
 /// The code version recorded in sidecars.
@@ -264,7 +278,11 @@ pub fn load_tensors_checked(
 
 /// Writes a sidecar atomically.
 pub fn write_sidecar(sidecar: &Sidecar, path: &Path) -> Result<(), CheckpointError> {
-    let mut text = serde_json::to_string_pretty(sidecar).map_err(|source| CheckpointError::Json {
+    let sidecar = Sidecar {
+        config_crc32: Some(config_crc32(sidecar)),
+        ..sidecar.clone()
+    };
+    let mut text = serde_json::to_string_pretty(&sidecar).map_err(|source| CheckpointError::Json {
         path: path.to_path_buf(),
         source,
     })?;
@@ -294,6 +312,19 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar, CheckpointError> {
                 sidecar.format, sidecar.version
             ),
         });
+    }
+    if let Some(written) = sidecar.config_crc32 {
+        let now = config_crc32(&sidecar);
+        if now != written {
+            return Err(CheckpointError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "its model or preprocessing settings were changed after gz train wrote it (their checksum is \
+                     {now:08x}, written {written:08x}): the weights beside it were trained with other settings, and \
+                     would be read as a different model; restore the sidecar as gz train wrote it"
+                ),
+            });
+        }
     }
     Ok(sidecar)
 }

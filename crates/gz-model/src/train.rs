@@ -762,6 +762,8 @@ pub fn train_on(
                 elapsed_s: metrics.elapsed_s,
                 history: history.clone(),
             }),
+            // (set by write_sidecar)
+            config_crc32: None,
         };
         checkpoint::write_sidecar(&sidecar, &last_json)?;
         kill_point(2)?;
@@ -2513,6 +2515,37 @@ mod tests {
         checkpoint::write_sidecar(&sidecar, &j).unwrap();
         let err = LoadedModel::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains(&victim) && err.contains("NaN"), "{err}");
+    }
+
+    /// A sidecar whose model or preprocessing settings were edited by hand is refused by name
+    /// (its head switched to the tree was read over the sigmoid weights and predicted other
+    /// values in silence); its other fields (the run's notes) may change, and a sidecar from
+    /// before the checksum loads as before.
+    #[test]
+    fn an_edited_sidecar_is_refused() {
+        let src = toy_source(16, 32, 1);
+        let dir = tempfile::tempdir().unwrap();
+        train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
+        let j = dir.path().join("best.json");
+        let text = std::fs::read_to_string(&j).unwrap();
+        assert!(
+            text.contains("\"config_crc32\"") && text.contains("\"output\": \"sigmoid\""),
+            "{text}"
+        );
+        std::fs::write(&j, text.replace("\"output\": \"sigmoid\"", "\"output\": \"tree\"")).unwrap();
+        let err = LoadedModel::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("changed after gz train wrote it"), "{err}");
+        // the same edit in a sidecar without the checksum (an older gz's): not checked
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("config_crc32").unwrap();
+        std::fs::write(&j, v.to_string()).unwrap();
+        assert_eq!(
+            checkpoint::read_sidecar(&j).unwrap().model.output,
+            crate::config::OutputKind::Tree
+        );
+        // a change outside what the weights are read by is no edit of the model
+        std::fs::write(&j, text.replace("\"best_epoch\": 1", "\"best_epoch\": 7")).unwrap();
+        assert_eq!(checkpoint::read_sidecar(&j).unwrap().best_epoch, 7);
     }
 
     /// `--max-train 0` or `1` is refused as what it is, before anything is created (it was
