@@ -55,6 +55,10 @@ ratio dieleman-bf16-wide-finish dieleman-bf16-default
 ratio vgg-bf16-both-new vgg-bf16-default
 ratio dieleman-bf16-both-new dieleman-bf16-default
 ratio dieleman-bf16-image-gemm-inference dieleman-bf16-default-inference
+# CUPTI's own cost: a trace row against its untraced default row (below 0.9, read the trace's
+# idle time with care)
+ratio vgg-bf16-trace vgg-bf16-default
+ratio dieleman-bf16-trace dieleman-bf16-default
 ratio vgg-bf16-all vgg-bf16-baseline
 ratio vgg-bf16-all-nhwc vgg-bf16-all
 ratio vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc

@@ -67,11 +67,11 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$SUM"
 say "bundle built from: $(tr '\n' ' ' < "$PKG/built-from.txt" 2>/dev/null || echo unknown)"
 
-# Order (one shot of about 8 minutes, so what decides the issue comes first and every phase
-# checks the time left): 1. the decisive A/B benches (tested path vs everything new, both
-# nets) and one per-phase breakdown; 2. correctness of the new kernels; 3. the PyTorch peer;
-# 4. each fused piece off in turn, inference, f32. A phase that would not fit is skipped and
-# says so in summary.txt.
+# Order (one shot of about 8 minutes, so what is new and decides comes first and every phase
+# checks the time left): 1. the default rows, the two prepared pieces' A/B and the kernel
+# traces; 2. the new pieces' tests, the PyTorch peer (eager and torch.compile) and its trace;
+# 3. the other correctness tests; 4. breakdowns and the rows of 2026-11-30; 5. each piece off
+# in turn, inference, f32. A step that would not fit is skipped and says so in summary.txt.
 bench() { # name timeout env-assignments... -- args...
   local name=$1 t=$2; shift 2
   local envs=()
@@ -132,40 +132,37 @@ ALL="GZ_FUSED=1 GZ_OPTIM=fused GZ_RESAMPLE=kernel GZ_NHWC=0"
 V="--model vgg16-blog --batch 256 --precision bf16"
 D="--model dieleman --batch 256 --precision bf16"
 R="--steps 20 --warmup 3 --pipelined"
-# 1. what decides the issue (the first bench also pays the driver's PTX compile, cached after)
+# 1. what is new since the 2026-11-30 run, first (that run measured the rest): the default
+#    rows, the two prepared pieces (off by default) against them, and the kernel traces (the
+#    first bench also pays the driver's PTX compile, cached after)
 NHWC="GZ_NHWC=1 GZ_NHWC_IMAGE=0"
-bench vgg-bf16-default 60 -- $V $R
-# the path measured on 2026-11-28: none of the fast path's own kernels, NCHW
 BASE="GZ_FUSED=0 GZ_OPTIM=generic GZ_RESAMPLE=ops GZ_NHWC=0"
-bench vgg-bf16-baseline 45 $BASE -- $V $R
-bench vgg-bf16-all 45 $ALL -- $V $R
-bench vgg-bf16-all-nhwc 45 $ALL $NHWC -- $V $R
+bench vgg-bf16-default 60 -- $V $R
 bench dieleman-bf16-default 45 -- $D $R
-bench dieleman-bf16-baseline 45 $BASE -- $D $R
-bench dieleman-bf16-all 45 $ALL -- $D $R
-bench dieleman-bf16-all-nhwc 45 $ALL $NHWC -- $D $R
-# new since 2026-11-30 and off by default: the image layers as im2col + cuBLAS products, the
-# bias gradient's finish by a block per channel, and both
+# the image layers as im2col + cuBLAS products, the bias gradient's finish by a block per
+# channel, and both
 bench dieleman-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $D $R
-bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
 bench vgg-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $V $R
 bench dieleman-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $D $R
+bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
 bench vgg-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $V $R
 bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
-# new since 2026-11-30, never run: where each pipelined step's GPU time goes, kernel by kernel
-# (CUPTI), and how long the GPU waits for the host
+# where each pipelined step's GPU time goes, kernel by kernel (CUPTI), and how long the GPU
+# waits for the host (compare the rows' images/s with the default rows: CUPTI's own cost)
 bench vgg-bf16-trace 45 -- $V $R --trace-kernels
 trace vgg-bf16-trace
 bench dieleman-bf16-trace 45 -- $D $R --trace-kernels
 trace dieleman-bf16-trace
-bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
-breakdown vgg-bf16-breakdown
-bench dieleman-bf16-image-gemm-breakdown 45 GZ_IMAGE_GEMM=1 -- $D --steps 10 --warmup 3 --profile-steps 5
-breakdown dieleman-bf16-image-gemm-breakdown
 pack
-# 2. correctness (one thread: the CUDA tests share the GPU)
+# 2. correctness of the two new pieces, then the peer with torch.compile and its trace
 tests cuda_image_gemm 30
 tests cuda_wide_bias_finish 20
+pack
+peer
+pack
+torch_trace
+pack
+# 3. the rest of the correctness checks (one thread: the CUDA tests share the GPU)
 tests cudnn::fused:: 30
 tests optim::fused:: 25
 tests augment::tests::cuda_ 20
@@ -176,12 +173,20 @@ tests cudnn::tests:: 60
 tests nets::cuda_tests 40
 tests train::cuda_tests::fast_path 45
 pack
-# 3. the peer, same session, then its kernel trace
-peer
+# 4. breakdowns and the rows measured on 2026-11-30 (the path of 2026-11-28, everything on
+# in NCHW, channels-last without the image layer)
+bench vgg-bf16-breakdown 45 -- $V --steps 10 --warmup 3 --profile-steps 5
+breakdown vgg-bf16-breakdown
+bench dieleman-bf16-image-gemm-breakdown 45 GZ_IMAGE_GEMM=1 -- $D --steps 10 --warmup 3 --profile-steps 5
+breakdown dieleman-bf16-image-gemm-breakdown
+bench vgg-bf16-baseline 45 $BASE -- $V $R
+bench dieleman-bf16-baseline 45 $BASE -- $D $R
+bench vgg-bf16-all 45 $ALL -- $V $R
+bench dieleman-bf16-all 45 $ALL -- $D $R
+bench vgg-bf16-all-nhwc 45 $ALL $NHWC -- $V $R
+bench dieleman-bf16-all-nhwc 45 $ALL $NHWC -- $D $R
 pack
-torch_trace
-pack
-# 4. where the time goes: each new piece off in turn, images, inference, f32
+# 5. where the time goes: each piece off in turn, images, inference, f32
 bench vgg-bf16-inference 30 $ALL -- $V $R --inference
 bench vgg-bf16-default-inference 30 -- $V $R --inference
 bench dieleman-bf16-inference 30 $ALL -- $D $R --inference
