@@ -225,8 +225,17 @@ fn with_run_values(args: &Args, given: &Given, prior: &TrainConfig) -> Args {
 
 pub fn run(args: Args, given: &Given) -> anyhow::Result<()> {
     if args.describe {
-        let name = args.model.as_deref().context("--describe needs --model")?;
-        let model = model_config(name, args.output.as_deref())?;
+        // (`--describe --resume --out RUN`: the run's own model, as --resume takes it)
+        let model = match (args.model.as_deref(), args.resume, args.out.as_deref()) {
+            (Some(name), ..) => model_config(name, args.output.as_deref())?,
+            (None, true, Some(out)) => {
+                gz_model::train::resumable_run(out)
+                    .with_context(|| format!("describing the model of {}", out.display()))?
+                    .train
+                    .model
+            }
+            _ => bail!("--describe needs --model (or --resume with --out, for the run's own)"),
+        };
         // with --cache, the model as it would train on that cache (its image side)
         let model = match &args.cache {
             Some(dir) => {
