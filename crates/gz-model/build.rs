@@ -13,11 +13,13 @@ use std::process::Command;
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=src/kernels");
-    for var in ["CUDA_ROOT", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "PATH"] {
-        println!("cargo::rerun-if-env-changed={var}");
-    }
+    // (the environment only after the feature check: a CPU build watched PATH too, and a shell
+    // that changes it (a venv, pyenv) rebuilt gz-model and everything above it every time)
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
+    }
+    for var in ["CUDA_ROOT", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP"] {
+        println!("cargo::rerun-if-env-changed={var}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = find_nvcc().unwrap_or_else(|| {
@@ -65,6 +67,8 @@ fn find_nvcc() -> Option<PathBuf> {
             }
         }
     }
+    // found on PATH only: then a change of PATH may change which nvcc builds the kernels
+    println!("cargo::rerun-if-env-changed=PATH");
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join("nvcc"))

@@ -721,8 +721,12 @@ fn publish(
     curve_of: Option<&str>,
 ) -> anyhow::Result<()> {
     let views = ev.report.tta.n_views();
+    // (a checkpoint scored on one view is said so: the pipeline's report of the same run uses
+    // 8, and a plain `gz eval` into its folder read as a worse model)
     let tta_note = if views > 1 {
         format!(" ({views} TTA views)")
+    } else if ev.report.predictions.is_none() {
+        " (1 view, no test-time augmentation: --tta 8 averages 8)".to_string()
     } else {
         String::new()
     };
