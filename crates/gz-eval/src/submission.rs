@@ -223,7 +223,11 @@ impl CheckReport {
     pub fn describe(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
-        for p in &self.problems {
+        // what the whole file is (per-question fractions, whose empty cells are the lines
+        // listed) first: it came after twenty "\"\" is not a number" lines that it explains
+        let (whole, lines): (Vec<&Problem>, Vec<&Problem>) =
+            self.problems.iter().partition(|p| p.kind == ProblemKind::Conditional);
+        for p in whole.into_iter().chain(lines) {
             let _ = writeln!(s, "{}: {p}", self.path.display());
         }
         for (kind, &n) in &self.counts {
@@ -1103,6 +1107,38 @@ mod tests {
     }
 
     use super::*;
+
+    /// The whole-file finding (per-question fractions) comes before the lines it explains (a
+    /// `--conditional` file's empty cells, each "not a number").
+    #[test]
+    fn the_conditional_finding_comes_first() {
+        let mut rep = CheckReport {
+            path: PathBuf::from("p.csv"),
+            rows: 2,
+            problems: Vec::new(),
+            counts: BTreeMap::new(),
+            warnings: Vec::new(),
+        };
+        rep.push(
+            ProblemKind::NotANumber,
+            Some(2),
+            "Class9.1: \"\" is not a number".into(),
+        );
+        rep.push(
+            ProblemKind::NotANumber,
+            Some(3),
+            "Class9.1: \"\" is not a number".into(),
+        );
+        rep.push(ProblemKind::Conditional, None, CONDITIONAL_REASON.into());
+        let d = rep.describe();
+        let first = d.lines().next().unwrap();
+        assert!(first.contains(CONDITIONAL_REASON), "{d}");
+        assert_eq!(d.lines().count(), 3, "{d}");
+        assert_eq!(
+            (ProblemKind::NotANumber.counted(1), ProblemKind::MissingId.counted(8)),
+            ("1 value not a number".to_string(), "8 missing GalaxyIDs".to_string())
+        );
+    }
 
     /// A predictions CSV of `rows` (`None`: an empty cell), each value with `decimals` decimals
     /// (all of them when `None`).
