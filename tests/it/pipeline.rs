@@ -154,6 +154,12 @@ fn pipeline_goes_on_past_unreadable_images() {
     let sub = last_line_value(&out, "submission").expect("submission line");
     let rows = gz_schema::read_solutions(&sub).unwrap();
     assert_eq!(rows.len(), 8, "one row per test image, the unreadable one included");
+    // and the end of the run says so beside the scores (the last word on it was submit's "0
+    // rows filled": its predictions were filled already)
+    assert!(
+        out.contains("note: 1 row of the submission is the training mean: test image prep could not read"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -137,6 +137,11 @@ impl Ctx {
         // stages before training (a Kaggle-size prep takes minutes) ran first, then `gz train`
         // advised `cargo xtask build --cuda`, which makes a bundle and leaves the pipeline's gz
         // as it was; `--cudnn` alone was dropped without a word
+        // a device gz would refuse is said as such, before any advice to build for it (`cuda:x`
+        // was told to add --cuda, which builds the CUDA gz, which then refused `cuda:x`)
+        if !device_known(&device) {
+            bail!("--device {device}: expected cpu, cuda, cuda:N or auto");
+        }
         if gz_path.is_none() {
             if cudnn && !cuda {
                 bail!("--cudnn is a feature of the CUDA build of gz: pass --cuda --cudnn");
@@ -291,13 +296,7 @@ impl Ctx {
             bail!("--model {}: expected one of {}", self.model, MODELS.join(", "));
         }
         // (gz's own reading: `gz_model::device::parse_device`, `Precision::from_name`)
-        let device_ok = matches!(self.device.as_str(), "cpu" | "cuda" | "gpu" | "auto")
-            || self
-                .device
-                .strip_prefix("cuda:")
-                .or_else(|| self.device.strip_prefix("gpu:"))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !device_ok {
+        if !device_known(&self.device) {
             bail!("--device {}: expected cpu, cuda, cuda:N or auto", self.device);
         }
         match self.precision.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -1072,6 +1071,25 @@ fn is_run_file(rel: &Path) -> bool {
 
 /// What `gz eval` writes into a report folder: `metrics.json`, `index.html`, its charts, the
 /// gallery's thumbnails and mark, and their temporaries.
+/// `K` of gz predict's summary line `N rows (K filled with the training mean), …` in a stage's
+/// stdout.
+fn filled_rows(stdout: &str) -> Option<usize> {
+    stdout.lines().find_map(|l| {
+        let (head, _) = l.split_once(" filled with the training mean)")?;
+        head.rsplit_once('(')?.1.trim().parse().ok()
+    })
+}
+
+/// Whether gz reads `device` (lower-cased, trimmed) as a device: cpu, cuda, gpu, auto, cuda:N
+/// or gpu:N (`gz_model::device::parse_device`).
+fn device_known(device: &str) -> bool {
+    matches!(device, "cpu" | "cuda" | "gpu" | "auto")
+        || device
+            .strip_prefix("cuda:")
+            .or_else(|| device.strip_prefix("gpu:"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 fn is_report_file(rel: &Path) -> bool {
     // (a name that is not UTF-8 is no name gz writes)
     let Some(parts) = rel.iter().map(|c| c.to_str()).collect::<Option<Vec<&str>>>() else {
@@ -1432,6 +1450,27 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| ctx.submission());
     print_scores(&report);
+    // rows the submission holds that no model predicted (test images prep could not read):
+    // said beside the scores, before the two paths (the last word on them was submit's "0 rows
+    // filled", its predictions being filled already)
+    if let Some(n) = done
+        .iter()
+        .find(|d| d.stage == "submit")
+        .and_then(|d| filled_rows(&d.stamp.stdout))
+        .filter(|&n| n > 0)
+    {
+        println!(
+            "note: {} of the submission {} the training mean: test {} prep could not read (named above, and on \
+             the `skipped:` lines of prep)",
+            if n == 1 {
+                "1 row".to_string()
+            } else {
+                format!("{n} rows")
+            },
+            if n == 1 { "is" } else { "are" },
+            if n == 1 { "image" } else { "images" }
+        );
+    }
     println!("submission: {}", sub.display());
     let page = report.join("index.html");
     println!("report: {}", if page.is_file() { page } else { report }.display());
@@ -1783,6 +1822,17 @@ mod tests {
         assert!(e.contains("pass --cuda --cudnn"), "{e}");
         assert!(parse(&["--device", "cuda", "--gz", "/bin/true"]).is_ok());
         assert!(parse(&["--device", "cpu"]).is_ok());
+        assert_eq!(
+            filled_rows("500 rows (2 filled with the training mean), 8 TTA views\nsubmission …"),
+            Some(2)
+        );
+        assert_eq!(
+            filled_rows("3 rows, 0 clipped to [0, 1], 0 filled with the training mean"),
+            None
+        );
+        // a device gz would refuse is said as such, not sent to build CUDA for it
+        let e = parse(&["--device", "cuda:x"]).err().unwrap().to_string();
+        assert!(e.contains("--device cuda:x: expected cpu, cuda, cuda:N or auto"), "{e}");
     }
 
     /// `--cache` of another dataset than the run's is refused when the cache is asked for

@@ -149,6 +149,23 @@ impl TtaConfig {
                 ),
             });
         }
+        // (a repeated scale's views are the same views again: they count twice in the average
+        // and in the spread, for nothing)
+        if let Some(s) = self
+            .scales
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| self.scales[..i].contains(s).then_some(s))
+        {
+            return Err(EvalError::Setting {
+                what: "test-time augmentation".into(),
+                reason: format!(
+                    "scale {s} appears more than once in {:?}: its views would be the same views again, counted \
+                     twice in the average",
+                    self.scales
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -385,6 +402,9 @@ mod tests {
         assert!(e.contains("1026 views") && e.contains("at most 1024"), "{e}");
         assert!(grid(usize::MAX, true, vec![1.0, 2.0]).validate().is_err());
         assert!(grid(4, false, vec![0.1, 10.0]).validate().is_ok());
+        // a repeated scale (the same views again, counted twice) is refused by name
+        let e = grid(1, false, vec![1.0, 1.2, 1.0]).validate().unwrap_err().to_string();
+        assert!(e.contains("scale 1 appears more than once"), "{e}");
         for bad in [0.0, 0.09, 10.5, f32::NAN, f32::INFINITY, -1.0] {
             assert!(grid(4, false, vec![bad]).validate().is_err(), "{bad}");
         }

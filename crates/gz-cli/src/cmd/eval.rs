@@ -725,8 +725,10 @@ fn publish(
     // 8, and a plain `gz eval` into its folder read as a worse model)
     let tta_note = if views > 1 {
         format!(" ({views} TTA views)")
-    } else if ev.report.predictions.is_none() {
+    } else if ev.report.predictions.is_none() && ev.report.tta == gz_eval::tta::TtaConfig::none() {
         " (1 view, no test-time augmentation: --tta 8 averages 8)".to_string()
+    } else if ev.report.predictions.is_none() {
+        " (1 TTA view)".to_string()
     } else {
         String::new()
     };

@@ -216,7 +216,32 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
         gz_eval::eval::load_runs(&src.runs, &device)?
     };
     super::warn_repeated_checkpoints(&models);
-    let train_mean: Vec<f32> = models[0].sidecar().train_mean.iter().map(|&v| v as f32).collect();
+    // the rows --fill-mean fills: the members' training means averaged, as their predictions
+    // are (it was the first --run's, so the filled rows changed with the order of the runs)
+    let train_mean: Vec<f32> = (0..models[0].sidecar().train_mean.len())
+        .map(|k| {
+            let sum: f64 = models
+                .iter()
+                .map(|m| m.sidecar().train_mean.get(k).copied().unwrap_or(0.0))
+                .sum();
+            (sum / models.len() as f64) as f32
+        })
+        .collect();
+    let prints: std::collections::BTreeSet<Option<&str>> = models
+        .iter()
+        .map(|m| m.sidecar().train_fingerprint.as_deref())
+        .collect();
+    if prints.len() > 1 && !prints.contains(&None) {
+        eprintln!(
+            "note: the checkpoints were trained on different images (their training fingerprints differ): their \
+             average mixes models of different data{}",
+            if src.fill_mean {
+                ", and the rows --fill-mean fills take the average of their training means"
+            } else {
+                ""
+            }
+        );
+    }
     let members: Vec<&dyn Predictor> = models.iter().map(|m| m as &dyn Predictor).collect();
     let ensemble = Ensemble { members };
     eprintln!(
