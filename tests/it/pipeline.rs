@@ -94,7 +94,7 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     assert!(ok3, "{err3}");
     assert!(
         err3.contains("xtask: prep: up to date")
-            && err3.contains("xtask: train: running because its command line changed"),
+            && err3.contains("xtask: train: running because its command line changed (--batch "),
         "{err3}"
     );
     assert!(

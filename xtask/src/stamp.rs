@@ -125,7 +125,10 @@ impl Stamp {
     /// `None` when up to date, else the reason the stage must run.
     pub fn stale_reason(&self, command: &[String], inputs: &[(String, String)]) -> Result<Option<String>> {
         if self.command != command {
-            return Ok(Some("its command line changed".into()));
+            return Ok(Some(format!(
+                "its command line changed{}",
+                command_change(&self.command, command)
+            )));
         }
         if self.inputs != inputs {
             return Ok(Some("its inputs changed".into()));
@@ -148,6 +151,75 @@ impl Stamp {
     }
 }
 
+/// What changed between two command lines, as ` (--epochs 1 → 2, --no-augment added)`: the
+/// options (a word starting with `--` and the words after it up to the next one) taken as
+/// multisets, removed and added ones paired by name; the program (the first word) said when it
+/// is another; empty when nothing is named (the same options in another order).
+fn command_change(old: &[String], new: &[String]) -> String {
+    fn options(cmd: &[String]) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for w in cmd.iter().skip(1) {
+            match out.last_mut() {
+                // (a stage of two commands is stamped as one line joined by `&&`: the next
+                // program and subcommand are the value of `&&`)
+                _ if w.starts_with("--") || w == "&&" => out.push((w.clone(), String::new())),
+                Some(last) if !last.0.is_empty() => {
+                    if !last.1.is_empty() {
+                        last.1.push(' ');
+                    }
+                    last.1.push_str(w);
+                }
+                // words before any option (a subcommand): kept as a value of no option
+                _ => out.push((String::new(), w.clone())),
+            }
+        }
+        out
+    }
+    let (mut was, mut now) = (options(old), options(new));
+    // the multiset differences
+    let mut i = 0;
+    while i < was.len() {
+        if let Some(j) = now.iter().position(|p| *p == was[i]) {
+            now.remove(j);
+            was.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    let mut said = Vec::new();
+    if old.first() != new.first() {
+        said.push("another gz".to_string());
+    }
+    for (name, value) in &was {
+        let shown = |v: &str| {
+            if v.is_empty() {
+                "(set)".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        match now.iter().position(|p| p.0 == *name) {
+            Some(j) => {
+                let (_, to) = now.remove(j);
+                said.push(format!("{name} {} → {}", shown(value), shown(&to)).trim().to_string());
+            }
+            None => said.push(format!("{name} {value} removed").replace("  ", " ").trim().to_string()),
+        }
+    }
+    for (name, value) in &now {
+        said.push(format!("{name} {value} added").replace("  ", " ").trim().to_string());
+    }
+    if said.is_empty() {
+        return String::new();
+    }
+    let more = said.len().saturating_sub(4);
+    said.truncate(4);
+    if more > 0 {
+        said.push(format!("{more} more"));
+    }
+    format!(" ({})", said.join(", "))
+}
+
 /// Writes `bytes` to `path` through a temporary beside it and a rename, so that a kill or a full
 /// disk never leaves a half-written file under the final name. A temporary that could not be
 /// written whole is removed (stamps have a name per stage and output, so one per failed stage
@@ -168,6 +240,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason names what changed in a command line (it said only "its command line
+    /// changed", and an --epochs change read like anything else).
+    #[test]
+    fn a_changed_command_line_names_the_options() {
+        let w = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let old = w("gz train --cache C --epochs 1 --no-augment --out R");
+        assert_eq!(
+            command_change(&old, &w("gz train --cache C --epochs 2 --no-augment --out R")),
+            " (--epochs 1 → 2)"
+        );
+        assert_eq!(
+            command_change(&old, &w("gz train --cache C --epochs 1 --out R --seed 3")),
+            " (--no-augment removed, --seed 3 added)"
+        );
+        assert_eq!(
+            command_change(&old, &w("/other/gz train --cache C --epochs 1 --no-augment --out R")),
+            " (another gz)"
+        );
+        // the same options in another order: nothing to name
+        assert_eq!(
+            command_change(&old, &w("gz train --out R --cache C --epochs 1 --no-augment")),
+            ""
+        );
+    }
 
     #[test]
     fn stamp_round_trip_and_staleness() {
