@@ -28,13 +28,20 @@ pub fn hold(root: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let path = root.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
-        .with_context(|| format!("creating the lock file {}", path.display()))?;
+    {
+        Ok(f) => f,
+        // a root this process cannot write into (mounted read-only, another user's): no second
+        // xtask can write there either, and a pipeline that is up to date still says so (it
+        // stopped "at synth" on the lock file); a stage that must write fails with its own error
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied || is_read_only(&e) => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("creating the lock file {}", path.display())),
+    };
     match try_lock(&file) {
         Ok(true) => {}
         Ok(false) => {
@@ -68,6 +75,14 @@ pub fn hold(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `e` is a read-only file system's refusal (EROFS).
+fn is_read_only(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    return e.raw_os_error() == Some(libc::EROFS);
+    #[cfg(not(unix))]
+    false
+}
+
 /// `Ok(false)`: another open file holds the lock.
 #[cfg(unix)]
 fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
@@ -93,6 +108,26 @@ fn try_lock(_file: &std::fs::File) -> std::io::Result<bool> {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+
+    /// A root this process cannot write into is no refusal (a pipeline that is up to date
+    /// there still says so; it stopped on the lock file). Root ignores the mode bits, so the
+    /// check runs only for another user.
+    #[test]
+    fn an_unwritable_root_is_not_an_error() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // SAFETY: geteuid(2) cannot fail and touches no memory
+        if unsafe { libc::geteuid() } == 0 {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("ro");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let held = hold(&root);
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        held.unwrap();
+        assert!(!root.join(LOCK_FILE).exists());
+    }
 
     /// A root whose lock another open file holds is refused, naming the holder's process; once
     /// that file is closed, the root is taken (and taking it twice is fine).
