@@ -97,12 +97,9 @@ pub struct Args {
 fn apply_resumed_settings(
     args: &Args,
     cfg: &mut gz_model::train::TrainConfig,
-    out: &std::path::Path,
+    prior: &gz_model::checkpoint::Sidecar,
 ) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
-    let Ok(prior) = gz_model::checkpoint::read_sidecar(&out.join("last.json")) else {
-        return Ok(notes); // the trainer says what is wrong with the run directory
-    };
     let was = &prior.train.schedule;
     if let Some(asked) = args.schedule.as_deref() {
         let meant = if asked == "dieleman" {
@@ -264,19 +261,22 @@ pub fn run(args: Args, given: &Given) -> anyhow::Result<()> {
     super::check_writable("--out", &out, true)?;
     // a resumed run's own options for those not given (what is wrong with the run, the
     // trainer's refusal, before anything else is read)
-    let args = if args.resume {
-        let prior = gz_model::train::resumable_run(&out).with_context(|| format!("resuming {}", out.display()))?;
-        with_run_values(&args, given, &prior.train)
+    // (read once: its options, its schedule and patience, and how it had ended)
+    let prior = if args.resume {
+        Some(gz_model::train::resumable_run(&out).with_context(|| format!("resuming {}", out.display()))?)
     } else {
-        args
+        None
+    };
+    let args = match &prior {
+        Some(p) => with_run_values(&args, given, &p.train),
+        None => args,
     };
     let name = args.model.as_deref().context("--model is required")?;
     let model = model_config(name, args.output.as_deref())?;
     let mut cfg = train_config(&args, model)?;
-    let mut notes = if args.resume {
-        apply_resumed_settings(&args, &mut cfg, &out)?
-    } else {
-        Vec::new()
+    let mut notes = match &prior {
+        Some(p) => apply_resumed_settings(&args, &mut cfg, p)?,
+        None => Vec::new(),
     };
     if !args.resume
         && cfg.model.output == gz_model::config::OutputKind::Tree
@@ -303,11 +303,6 @@ pub fn run(args: Args, given: &Given) -> anyhow::Result<()> {
         val_fraction: cfg.val_fraction,
         ..CliObserver::default()
     };
-    // how the resumed run had ended: by the patience it had, or by its last epoch
-    let prior = args
-        .resume
-        .then(|| gz_model::checkpoint::read_sidecar(&out.join("last.json")).ok())
-        .flatten();
     crate::interrupt::install();
     let result = gz_model::train::train(&cfg, &cache, &out, args.resume, &observer);
     observer.finish();
