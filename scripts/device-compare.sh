@@ -54,6 +54,12 @@ ratio vgg-bf16-wide-finish vgg-bf16-default
 ratio dieleman-bf16-wide-finish dieleman-bf16-default
 ratio vgg-bf16-both-new vgg-bf16-default
 ratio dieleman-bf16-both-new dieleman-bf16-default
+ratio vgg-bf16-pool-mask vgg-bf16-default
+ratio dieleman-bf16-pool-mask dieleman-bf16-default
+ratio vgg-bf16-all-new vgg-bf16-default
+ratio dieleman-bf16-all-new dieleman-bf16-default
+ratio vgg-bf16-all-new vgg-bf16-both-new
+ratio dieleman-bf16-all-new dieleman-bf16-both-new
 ratio dieleman-bf16-image-gemm-inference dieleman-bf16-default-inference
 # CUPTI's own cost: a trace row against its untraced default row (below 0.9, read the trace's
 # idle time with care)
@@ -78,7 +84,8 @@ for v in vgg-bf16-default vgg-bf16-all vgg-bf16-all-nhwc vgg-bf16-all-nhwc-image
   vs_peer "$v" vgg 256 bf16 false train_img_s "torch eager vgg b256 bf16"
   vs_peer "$v" vgg 256 bf16 true train_img_s "torch.compile vgg b256 bf16"
 done
-for v in dieleman-bf16-image-gemm vgg-bf16-image-gemm dieleman-bf16-both-new vgg-bf16-both-new; do
+for v in dieleman-bf16-image-gemm vgg-bf16-image-gemm dieleman-bf16-both-new vgg-bf16-both-new \
+  vgg-bf16-pool-mask dieleman-bf16-pool-mask vgg-bf16-all-new dieleman-bf16-all-new; do
   vs_peer "$v" "$(echo "$v" | cut -d- -f1)" 256 bf16 true train_img_s "torch.compile b256 bf16"
 done
 for v in dieleman-bf16-default dieleman-bf16-image-gemm dieleman-bf16-all dieleman-bf16-all-nhwc dieleman-bf16-all-nhwc-image; do

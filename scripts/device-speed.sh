@@ -33,6 +33,11 @@
 #     GPU's idle time per step; rows vgg-bf16-trace / dieleman-bf16-trace after the decisive
 #     rows, and scripts/torch_trace.py (torch.profiler, eager and torch.compile) after the peer.
 #     Compare each trace row's images/s with its untraced default row (CUPTI's own cost).
+#   - twenty-fourth session (no device): GZ_POOL_MASK=1, the pooled channels-last layers keep
+#     one byte per pooled value (the first maximum's tap) instead of their ReLU output, so the
+#     forward pass does not write y and the backward pass does not read it (rows *-pool-mask,
+#     *-all-new = the three prepared pieces together; test cudnn::tests::cuda_pool_mask_*, and
+#     ops::tests::cuda_tower_op_matches_layers runs the tower with masks too)
 #   - fifth session (no device either): the fused optimizer updates up to 32 tensors per launch
 #     (a table by value; GZ_OPTIM_TENSORS=1 launches once per tensor as before; test
 #     optim::fused::tests::fused_grouping_does_not_change_the_update)
@@ -147,6 +152,12 @@ bench dieleman-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $D $R
 bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
 bench vgg-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $V $R
 bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
+# (2026-12-01) the pooled layers keep a byte per pooled value instead of their ReLU output,
+# alone and with the two pieces above
+bench vgg-bf16-pool-mask 45 GZ_POOL_MASK=1 -- $V $R
+bench dieleman-bf16-pool-mask 45 GZ_POOL_MASK=1 -- $D $R
+bench vgg-bf16-all-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 GZ_POOL_MASK=1 -- $V $R
+bench dieleman-bf16-all-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 GZ_POOL_MASK=1 -- $D $R
 # where each pipelined step's GPU time goes, kernel by kernel (CUPTI), and how long the GPU
 # waits for the host (compare the rows' images/s with the default rows: CUPTI's own cost)
 bench vgg-bf16-trace 45 -- $V $R --trace-kernels
@@ -157,6 +168,7 @@ pack
 # 2. correctness of the two new pieces, then the peer with torch.compile and its trace
 tests cuda_image_gemm 30
 tests cuda_wide_bias_finish 20
+tests cuda_pool_mask 20
 pack
 peer
 pack

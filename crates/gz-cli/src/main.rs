@@ -140,7 +140,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 18] = [
+    let switches: [Switch; 19] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -175,6 +175,10 @@ fn main() {
         // the bias gradient's finish by a block per channel (off until a device run has
         // measured it; gz_model::cudnn::set_wide_bias_finish)
         ("GZ_BIAS_FINISH", "wide", gz_model::cudnn::set_wide_bias_finish, true),
+        // the pooled channels-last layers keep one byte per pooled value for their backward
+        // pass instead of their ReLU output (off until a device run has measured it;
+        // gz_model::cudnn::set_pool_mask)
+        ("GZ_POOL_MASK", "1", gz_model::cudnn::set_pool_mask, true),
         // the channels-last epilogue kernels one value per thread instead of 16 bytes of
         // channels (gz_model::cudnn::set_nhwc_vectorised)
         ("GZ_NHWC_VEC", "0", gz_model::cudnn::set_nhwc_vectorised, false),

@@ -123,6 +123,26 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
     );
     unsafe fn bias_grad_finish(partial: *const f32, db: *mut Self, channels: u32, splits: u32);
     unsafe fn bias_grad_finish_wide(partial: *const f32, db: *mut Self, channels: u32, splits: u32);
+    unsafe fn bias_relu_pool_fwd_mask_nhwc_v(
+        z: *const Self,
+        b: *const Self,
+        p: *mut Self,
+        mask: *mut u8,
+        batch: u32,
+        cvec: u32,
+        h: u32,
+        w: u32,
+    );
+    unsafe fn relu_pool_bwd_mask_nhwc_v(
+        mask: *const u8,
+        dp: *const Self,
+        dz: *mut Self,
+        partial: *mut f32,
+        batch: u32,
+        cvec: u32,
+        h: u32,
+        w: u32,
+    );
     unsafe fn bias_relu_fwd_nhwc(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32);
     unsafe fn bias_relu_bwd_nhwc(
         y: *const Self,
@@ -261,7 +281,7 @@ macro_rules! storage {
         $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
         $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident,
         $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident, $im2col:ident, $copy_cols:ident,
-        $finish_wide:ident
+        $finish_wide:ident, $pool_fwd_mask_v:ident, $pool_bwd_mask_v:ident
     ]) => {
         mod $m {
             use super::*;
@@ -279,6 +299,26 @@ macro_rules! storage {
                 );
                 pub fn $finish(partial: *const f32, db: *mut $t, channels: u32, splits: u32);
                 pub fn $finish_wide(partial: *const f32, db: *mut $t, channels: u32, splits: u32);
+                pub fn $pool_fwd_mask_v(
+                    z: *const $t,
+                    b: *const $t,
+                    p: *mut $t,
+                    mask: *mut u8,
+                    batch: u32,
+                    cvec: u32,
+                    h: u32,
+                    w: u32,
+                );
+                pub fn $pool_bwd_mask_v(
+                    mask: *const u8,
+                    dp: *const $t,
+                    dz: *mut $t,
+                    partial: *mut f32,
+                    batch: u32,
+                    cvec: u32,
+                    h: u32,
+                    w: u32,
+                );
                 pub fn $fwd_nhwc(x: *const $t, b: *const $t, y: *mut $t, total: u32, channels: u32);
                 pub fn $bwd_nhwc(y: *const $t, dy: *const $t, dz: *mut $t, partial: *mut f32, rows: u32, channels: u32);
                 pub fn $pool_bwd(
@@ -429,6 +469,30 @@ macro_rules! storage {
             }
             unsafe fn bias_grad_finish_wide(partial: *const f32, db: *mut Self, channels: u32, splits: u32) {
                 unsafe { $m::$finish_wide(partial, db, channels, splits) }
+            }
+            unsafe fn bias_relu_pool_fwd_mask_nhwc_v(
+                z: *const Self,
+                b: *const Self,
+                p: *mut Self,
+                mask: *mut u8,
+                batch: u32,
+                cvec: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_fwd_mask_v(z, b, p, mask, batch, cvec, h, w) }
+            }
+            unsafe fn relu_pool_bwd_mask_nhwc_v(
+                mask: *const u8,
+                dp: *const Self,
+                dz: *mut Self,
+                partial: *mut f32,
+                batch: u32,
+                cvec: u32,
+                h: u32,
+                w: u32,
+            ) {
+                unsafe { $m::$pool_bwd_mask_v(mask, dp, dz, partial, batch, cvec, h, w) }
             }
             unsafe fn bias_relu_fwd_nhwc(x: *const Self, b: *const Self, y: *mut Self, total: u32, channels: u32) {
                 unsafe { $m::$fwd_nhwc(x, b, y, total, channels) }
@@ -639,7 +703,9 @@ storage!(
         bias_relu_pool_fwd_nhwc_v_f32,
         im2col_nhwc_f32,
         copy_cols_f32,
-        bias_grad_finish_wide_f32
+        bias_grad_finish_wide_f32,
+        bias_relu_pool_fwd_mask_nhwc_v_f32,
+        relu_pool_bwd_mask_nhwc_v_f32
     ]
 );
 storage!(
@@ -668,7 +734,9 @@ storage!(
         bias_relu_pool_fwd_nhwc_v_bf16,
         im2col_nhwc_bf16,
         copy_cols_bf16,
-        bias_grad_finish_wide_bf16
+        bias_grad_finish_wide_bf16,
+        bias_relu_pool_fwd_mask_nhwc_v_bf16,
+        relu_pool_bwd_mask_nhwc_v_bf16
     ]
 );
 storage!(
@@ -697,6 +765,8 @@ storage!(
         bias_relu_pool_fwd_nhwc_v_f16,
         im2col_nhwc_f16,
         copy_cols_f16,
-        bias_grad_finish_wide_f16
+        bias_grad_finish_wide_f16,
+        bias_relu_pool_fwd_mask_nhwc_v_f16,
+        relu_pool_bwd_mask_nhwc_v_f16
     ]
 );

@@ -28,6 +28,8 @@ enum A {
     P,
     /// A pointer to float whatever the suffix.
     PF32,
+    /// A pointer to bytes (`uint8_t`) whatever the suffix.
+    PU8,
     U32,
     U64,
     I32,
@@ -269,6 +271,38 @@ const LAUNCHES: &[Launch] = &[
             (
                 "cudnn/fused.rs",
                 r#"format!("bias_relu_pool_fwd_nhwc_v_{}", suffix(T::DTYPE)?)"#,
+            ),
+        ],
+    },
+    Launch {
+        rs: "cudnn/fused.rs",
+        kernels: &["bias_relu_pool_fwd_mask_nhwc_v"],
+        suffixes: FLOATS,
+        params: &[A::P, A::P, A::P, A::PU8, A::U32, A::U32, A::U32, A::U32],
+        chains: &["launch.arg(&zs).arg(&bs).arg(&p).arg(&mask).arg(&n).arg(&cvec).arg(&h).arg(&w);"],
+        evidence: &[
+            (
+                "cudnn/fused.rs",
+                "let Some(cvec) = vec_cols(dev, k as usize, &[&zs, &bs]) else {",
+            ),
+            ("cudnn/fused.rs", "let mask = unsafe { dev.alloc::<u8>(pooled) }?;"),
+            (
+                "cudnn/fused.rs",
+                r#"format!("bias_relu_pool_fwd_mask_nhwc_v_{}", suffix(T::DTYPE)?)"#,
+            ),
+        ],
+    },
+    Launch {
+        rs: "cudnn/fused.rs",
+        kernels: &["relu_pool_bwd_mask_nhwc_v"],
+        suffixes: FLOATS,
+        params: &[A::PU8, A::P, A::P, A::PF32, A::U32, A::U32, A::U32, A::U32],
+        chains: &[PACKED_PREFIX[0], PACKED_PREFIX[1], "&[n, cvec, h, w]"],
+        evidence: &[
+            ("cudnn/fused.rs", "let ms = view::<u8>(mask, lmask)?;"),
+            (
+                "cudnn/fused.rs",
+                r#""relu_pool_bwd_mask_nhwc_v", (&ms, &dps), total, k, (dims, s), &[n, cvec, h, w],"#,
             ),
         ],
     },
@@ -595,6 +629,7 @@ fn canonical(ty: &str) -> String {
         "uint64_t" | "unsigned long long" | "size_t" => "u64",
         "int64_t" | "long long" => "i64",
         "uint16_t" | "unsigned short" => "u16",
+        "uint8_t" | "unsigned char" => "u8",
         "float" => "f32",
         "double" => "f64",
         "__half" => "f16",
@@ -622,6 +657,7 @@ fn expected(a: A, suffix: &str) -> C {
     match a {
         A::P => C::Ptr(s(storage(suffix))),
         A::PF32 => C::Ptr(s("f32")),
+        A::PU8 => C::Ptr(s("u8")),
         A::U32 => C::Val(s("u32")),
         A::U64 => C::Val(s("u64")),
         A::I32 => C::Val(s("i32")),

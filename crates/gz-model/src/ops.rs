@@ -400,30 +400,39 @@ mod tests {
     /// 3-channel input (channels-last from the second layer) and an 8-channel one (from the
     /// first, so the input gradient comes back through the layout switch); and for the
     /// 3-channel input with the image layer channels-last too, as it is and zero-padded to 8
-    /// channels (the tower op only).
+    /// channels (the tower op only); channels-last also with the pooled layers keeping their
+    /// pooling masks instead of their ReLU outputs ([`crate::cudnn::set_pool_mask`]).
     pub(crate) fn tower_op_matches_layers_on(dev: &Device, dtype: DType, tol: f32) {
         for in_c in [3, 8] {
             let reference = run_in(dev, dtype, false, false, (false, false), in_c);
             let no = (false, false);
-            let mut plans = vec![(true, false, no), (true, true, no), (false, true, no)];
+            // (one op, channels-last, image layer channels-last / padded, pooling masks)
+            let mut plans = vec![
+                (true, false, no, false),
+                (true, true, no, false),
+                (false, true, no, false),
+                (true, true, no, true),
+                (false, true, no, true),
+            ];
             if in_c % 8 != 0 {
                 // the image layer channels-last, as it is and zero-padded to 8 channels
                 plans.extend([
-                    (true, true, (true, false)),
-                    (false, true, (true, false)),
-                    (true, true, (true, true)),
+                    (true, true, (true, false), false),
+                    (false, true, (true, false), false),
+                    (true, true, (true, true), false),
+                    (true, true, (true, true), true),
                 ]);
             }
-            for (one_op, nhwc, image_nhwc) in plans {
-                let a = run_in(dev, dtype, one_op, nhwc, image_nhwc, in_c);
+            for (one_op, nhwc, image_nhwc, mask) in plans {
+                let a = crate::cudnn::with_pool_mask(mask, || run_in(dev, dtype, one_op, nhwc, image_nhwc, in_c));
                 assert_eq!(a.len(), reference.len());
                 for ((name, ta), (_, tb)) in a.iter().zip(&reference) {
                     assert_eq!(ta.dims(), tb.dims(), "{name}");
                     let e = rel(ta, tb);
                     assert!(
                         e < tol,
-                        "{name} (one op {one_op}, nhwc {nhwc}, image nhwc / padded {image_nhwc:?}, {in_c} \
-                         channels, {dtype:?}): relative error {e}"
+                        "{name} (one op {one_op}, nhwc {nhwc}, image nhwc / padded {image_nhwc:?}, pooling \
+                         masks {mask}, {in_c} channels, {dtype:?}): relative error {e}"
                     );
                 }
             }

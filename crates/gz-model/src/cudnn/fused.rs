@@ -125,21 +125,41 @@ impl candle_core::CustomOp3 for ConvBiasRelu {
 /// backward). Compared with conv → bias + ReLU → pool as separate nodes, the backward pass no
 /// longer writes the pool's gradient `dy`, zero-fills and adds it in candle's autograd, and
 /// reads it again for the ReLU mask.
+///
+/// With [`set_pool_mask`] and channels-last, the forward pass keeps one byte per (pooled window,
+/// channel) in place of `y` ([`PoolSaved::Mask`]), where the vectorised kernels take the layer.
 pub(super) struct ConvBiasReluPool {
     pub(super) p: super::ConvParams,
-    /// The ReLU output of the forward pass, for the backward pass (detached).
-    saved: std::sync::Mutex<Option<Tensor>>,
+    /// Whether the forward pass keeps the pooling mask instead of `y` (channels-last only).
+    mask: bool,
+    /// What the forward pass kept for the backward pass (detached).
+    saved: std::sync::Mutex<Option<PoolSaved>>,
 }
+
+/// What the forward pass of a pooled layer keeps for its backward pass.
+#[derive(Clone)]
+pub(super) enum PoolSaved {
+    /// The ReLU output before the pooling, in the layer's layout.
+    Relu(Tensor),
+    /// Channels-last only: (N, H/2, W/2, K) bytes, each the tap of its window (0–3, row-major)
+    /// that holds the window's first maximum where that maximum is positive, else
+    /// [`POOL_NONE`] ([`set_pool_mask`]); `hw` is the unpooled (H, W).
+    Mask { mask: Tensor, hw: (usize, usize) },
+}
+
+/// A pooling mask's byte for a window that passes no gradient (its maximum is not positive).
+pub(super) const POOL_NONE: u8 = 4;
 
 impl ConvBiasReluPool {
     pub(super) fn new(p: super::ConvParams) -> Self {
         Self {
             p,
+            mask: p.nhwc && pool_mask(),
             saved: std::sync::Mutex::new(None),
         }
     }
 
-    fn save(&self, y: Tensor) -> Result<()> {
+    fn save(&self, y: PoolSaved) -> Result<()> {
         *self
             .saved
             .lock()
@@ -147,9 +167,9 @@ impl ConvBiasReluPool {
         Ok(())
     }
 
-    /// The ReLU output the last forward pass saved (for callers that run the op without a
-    /// graph node and do the backward pass themselves, [`super::tower()`]).
-    pub(super) fn saved(&self) -> Result<Tensor> {
+    /// What the last forward pass saved (for callers that run the op without a graph node and
+    /// do the backward pass themselves, [`super::tower()`]).
+    pub(super) fn saved(&self) -> Result<PoolSaved> {
         self.saved
             .lock()
             .map_err(|_| candle_core::Error::Msg("conv-relu-pool: saved activation lock poisoned".into()))?
@@ -176,14 +196,24 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         if let Some((y, shape)) = cpu_conv_bias_relu_f32(p, (s1, l1), (s2, l2), (s3, l3))? {
             let (n, k, h, w) = shape.dims4()?;
             if h >= 2 && w >= 2 {
+                // (NCHW: the mask is channels-last only)
                 let pooled = super::pool_fwd_f32(&y, (h, w));
-                self.save(Tensor::from_vec(y, shape, &candle_core::Device::Cpu)?)?;
+                self.save(PoolSaved::Relu(Tensor::from_vec(y, shape, &candle_core::Device::Cpu)?))?;
                 return Ok((CpuStorage::F32(pooled), Shape::from((n, k, h / 2, w / 2))));
             }
         }
         let y = cpu_conv_bias_relu(p, (s1, l1), (s2, l2), (s3, l3))?;
         let pooled = super::cpu_max_pool2(&y)?;
-        self.save(super::cpu_out(y, p.nhwc)?)?;
+        let (_, _, h, w) = y.dims4()?;
+        let y = super::cpu_out(y, p.nhwc)?;
+        self.save(if self.mask {
+            PoolSaved::Mask {
+                mask: cpu_pool_mask(&y)?,
+                hw: (h, w),
+            }
+        } else {
+            PoolSaved::Relu(y)
+        })?;
         cpu_storage(&super::cpu_out(pooled, p.nhwc)?)
     }
 
@@ -205,16 +235,31 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
             let (oh, ow) = (p.out_dim(h, kh), p.out_dim(w, kw));
             let y_shape = super::shape_of(n, k, oh, ow, p.nhwc);
             let z = super::backend::conv_fwd(p, s1, l1, s2, l2, None, &y_shape)?;
-            // the epilogue and the pooling in one pass over z
-            let (y, pooled) = cuda::forward_pool(&z, &Layout::contiguous(y_shape.clone()), s3, l3, p.nhwc)?;
-            drop(z);
+            let z_layout = Layout::contiguous(y_shape.clone());
             let p_shape = super::shape_of(n, k, oh / 2, ow / 2, p.nhwc);
-            self.save(Tensor::from_storage(
-                candle_core::Storage::Cuda(y),
-                y_shape,
-                candle_core::op::BackpropOp::none(),
-                false,
-            ))?;
+            let stored = |s: CudaStorage, shape: Shape| {
+                Tensor::from_storage(
+                    candle_core::Storage::Cuda(s),
+                    shape,
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )
+            };
+            // the epilogue, the pooling and the mask in one pass over z, where the vectorised
+            // kernels take the layer
+            if self.mask {
+                if let Some((pooled, mask)) = cuda::forward_pool_mask(&z, &z_layout, s3, l3)? {
+                    self.save(PoolSaved::Mask {
+                        mask: stored(mask, p_shape.clone()),
+                        hw: (oh, ow),
+                    })?;
+                    return Ok((pooled, p_shape));
+                }
+            }
+            // the epilogue and the pooling in one pass over z
+            let (y, pooled) = cuda::forward_pool(&z, &z_layout, s3, l3, p.nhwc)?;
+            drop(z);
+            self.save(PoolSaved::Relu(stored(y, y_shape)))?;
             Ok((pooled, p_shape))
         }
         #[cfg(not(feature = "cudnn"))]
@@ -229,8 +274,7 @@ impl candle_core::CustomOp3 for ConvBiasReluPool {
         _pooled: &Tensor,
         dp: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let y = self.saved()?;
-        let (dz, db) = relu_pool_grads(self.p.nhwc, b, &y, dp)?;
+        let (dz, db) = relu_pool_grads_from(self.p.nhwc, b, &self.saved()?, dp)?;
         let (dx, dw) = super::conv_grads(self.p, x, w, &dz)?;
         Ok((dx, grad_sink::divert(w, dw), grad_sink::divert(b, db)))
     }
@@ -286,12 +330,129 @@ pub(super) fn relu_pool_grads(nhwc: bool, b: &Tensor, y: &Tensor, dp: &Tensor) -
     unpack(&packed, y, b)
 }
 
+/// [`relu_pool_grads`] from what the forward pass kept: the ReLU output or the pooling mask.
+pub(super) fn relu_pool_grads_from(nhwc: bool, b: &Tensor, kept: &PoolSaved, dp: &Tensor) -> Result<(Tensor, Tensor)> {
+    match kept {
+        PoolSaved::Relu(y) => relu_pool_grads(nhwc, b, y, dp),
+        PoolSaved::Mask { mask, hw } => {
+            if !nhwc {
+                candle_core::bail!("relu-pool backward: a pooling mask is channels-last only");
+            }
+            // the kernel loads dp 16 bytes at a time: a view into a larger buffer is copied
+            // to a fresh (aligned) one
+            let dp = if dp.is_contiguous() && dp.layout().start_offset() == 0 {
+                dp.clone()
+            } else {
+                dp.copy()?
+            };
+            let packed = mask.apply_op2_no_bwd(&dp, &ReluPoolMaskBwd { hw: *hw })?;
+            let (n, _, _, k) = mask.dims4()?;
+            unpack_shape(&packed, &Shape::from((n, hw.0, hw.1, k)), b)
+        }
+    }
+}
+
 /// A backward op's packed [dz (y's elements), db (b's)] as two views: dz shaped like `y`.
 fn unpack(packed: &Tensor, y: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
-    let total = y.elem_count();
-    let dz = packed.narrow(0, 0, total)?.reshape(y.shape())?;
+    unpack_shape(packed, y.shape(), b)
+}
+
+/// [`unpack`] with dz shaped `shape`.
+fn unpack_shape(packed: &Tensor, shape: &Shape, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let total = shape.elem_count();
+    let dz = packed.narrow(0, 0, total)?.reshape(shape)?;
     let db = packed.narrow(0, total, b.elem_count())?;
     Ok((dz, db))
+}
+
+/// Backward of ReLU + 2×2 max-pool from the pooling mask (channels-last): (mask, dp) →
+/// [dz (N·H·W·K values), db (K)], flat, in dp's dtype; `hw` the unpooled (H, W).
+struct ReluPoolMaskBwd {
+    hw: (usize, usize),
+}
+
+impl CustomOp2 for ReluPoolMaskBwd {
+    fn name(&self) -> &'static str {
+        "gz-relu-pool-mask-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mask = cpu_tensor(s1, l1)?;
+        let dp = cpu_tensor(s2, l2)?;
+        let dz = cpu_pool_mask_bwd(&mask, &dp, self.hw)?;
+        let db = dz.to_dtype(DType::F32)?.sum((0, 1, 2))?.to_dtype(dz.dtype())?;
+        cpu_storage(&Tensor::cat(&[dz.flatten_all()?, db], 0)?)
+    }
+
+    #[allow(unused_variables, reason = "the arguments are only used with the cudnn feature")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            cuda::pool_backward_mask(s1, l1, s2, l2, self.hw)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        Err(super::no_backend(self.name()))
+    }
+}
+
+/// The pooling mask of a channels-last ReLU output `y` (N, H, W, K) on the CPU: for each 2×2
+/// window inside the map and each channel, the tap of the first maximum (a strictly larger value
+/// replaces, row-major) where it is positive, else [`POOL_NONE`]; (N, H/2, W/2, K) u8. The rule
+/// of the pooling backward pass ([`relu_pool_rows`], the kernels' relu_pool_window).
+pub(super) fn cpu_pool_mask(y: &Tensor) -> Result<Tensor> {
+    let (n, h, w, k) = y.dims4()?;
+    let (oh, ow) = (h / 2, w / 2);
+    let v = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut mask = Vec::with_capacity(n * oh * ow * k);
+    for img in 0..n {
+        for i in 0..oh {
+            for j in 0..ow {
+                let at = |di: usize, dj: usize, c: usize| v[((img * h + 2 * i + di) * w + 2 * j + dj) * k + c];
+                for c in 0..k {
+                    let taps = [at(0, 0, c), at(0, 1, c), at(1, 0, c), at(1, 1, c)];
+                    let (mut best, mut best_v) = (0u8, taps[0]);
+                    for (t, &tv) in (1u8..).zip(&taps[1..]) {
+                        if tv > best_v {
+                            (best, best_v) = (t, tv);
+                        }
+                    }
+                    mask.push(if best_v > 0.0 { best } else { POOL_NONE });
+                }
+            }
+        }
+    }
+    Tensor::from_vec(mask, (n, oh, ow, k), &candle_core::Device::Cpu)
+}
+
+/// The gradient of a channels-last ReLU output (N, H, W, K) from its pooling mask and the pooled
+/// gradient `dp` (both (N, H/2, W/2, K)), in dp's dtype: each window's gradient at the tap its
+/// byte names, 0 everywhere else.
+fn cpu_pool_mask_bwd(mask: &Tensor, dp: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (n, oh, ow, k) = mask.dims4()?;
+    if dp.dims() != mask.dims() || (oh, ow) != (h / 2, w / 2) {
+        candle_core::bail!(
+            "relu-pool backward: mask {:?}, dp {:?} and a {h}×{w} map do not match",
+            mask.dims(),
+            dp.dims()
+        );
+    }
+    let m = mask.flatten_all()?.to_vec1::<u8>()?;
+    let g = dp.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut dz = vec![0f32; n * h * w * k];
+    for (at, (&t, &gv)) in m.iter().zip(&g).enumerate() {
+        let (c, r) = (at % k, at / k);
+        let (img, q) = (r / (oh * ow), r % (oh * ow));
+        let (i, j) = (q / ow, q % ow);
+        match t {
+            0..=3 => {
+                let (di, dj) = (usize::from(t / 2), usize::from(t % 2));
+                dz[((img * h + 2 * i + di) * w + 2 * j + dj) * k + c] = gv;
+            }
+            POOL_NONE => {}
+            other => candle_core::bail!("relu-pool backward: a pooling mask byte is {other} (0 to {POOL_NONE})"),
+        }
+    }
+    Tensor::from_vec(dz, (n, h, w, k), &candle_core::Device::Cpu)?.to_dtype(dp.dtype())
 }
 
 /// `relu(conv(x, w) + b)` on the CPU from the op's storages, NCHW (inputs in the op's layout).
@@ -687,6 +848,35 @@ pub(crate) fn wide_bias_finish() -> bool {
     WIDE_FINISH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Pooled channels-last layers keep a mask instead of their ReLU output (off until a device
+/// run has measured it; [`set_pool_mask`]).
+static POOL_MASK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets the pooled layers of the channels-last towers keep one byte per (pooled window,
+/// channel) for their backward pass instead of their ReLU output ([`PoolSaved::Mask`]): the
+/// forward pass no longer writes y and the backward pass no longer reads it (about a fifth of
+/// the epilogues' bytes in VGG16-blog, and y's memory). Off by default until a device run has
+/// measured it (`GZ_POOL_MASK=1` in `gz`). The same dz and db to the bit; layers the vectorised
+/// kernels do not take keep y.
+pub fn set_pool_mask(on: bool) {
+    POOL_MASK.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+thread_local! {
+    static POOL_MASK_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether [`set_pool_mask`] is on ([`with_pool_mask`] on this thread first).
+pub(crate) fn pool_mask() -> bool {
+    super::switch(&POOL_MASK_HERE, &POOL_MASK)
+}
+
+/// Runs `f` with [`set_pool_mask`] overridden on this thread only (tests compare both).
+#[cfg(test)]
+pub(crate) fn with_pool_mask<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::with_override(&POOL_MASK_HERE, on, f)
+}
+
 /// The vectorised channels-last epilogues (on by default; [`set_nhwc_vectorised`]).
 static NHWC_VEC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -966,6 +1156,165 @@ mod cuda {
         ))
     }
 
+    /// [`forward_pool`] keeping the pooling mask instead of y (channels-last, [`super::PoolSaved::Mask`]):
+    /// (z (N, H, W, K), b) → (p, mask), or `None` where the vectorised kernels do not take the
+    /// layer (the caller then keeps y).
+    pub(super) fn forward_pool_mask(
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<Option<(CudaStorage, CudaStorage)>> {
+        let (n, h, w, k) = lz.shape().dims4()?;
+        if h < 2 || w < 2 {
+            candle_core::bail!("bias-relu-pool: {h}×{w} is smaller than the 2×2 window");
+        }
+        if n * k * (h / 2) * (w / 2) > i32::MAX as usize {
+            candle_core::bail!("bias-relu-pool: {n}×{k} planes of {h}×{w} exceed the kernel's 32-bit indexing");
+        }
+        let dims = (
+            u32_of(n, "batch")?,
+            u32_of(k, "channels")?,
+            u32_of(h, "height")?,
+            u32_of(w, "width")?,
+        );
+        let dev = z.device().clone();
+        super::super::backend::time_bias(&dev, || match z.dtype() {
+            DType::F32 => fwd_pool_mask::<f32>(&dev, z, lz, b, lb, dims),
+            DType::BF16 => fwd_pool_mask::<half::bf16>(&dev, z, lz, b, lb, dims),
+            DType::F16 => fwd_pool_mask::<half::f16>(&dev, z, lz, b, lb, dims),
+            other => candle_core::bail!("bias-relu-pool supports f32, bf16 and f16, not {other:?}"),
+        })
+    }
+
+    fn fwd_pool_mask<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        z: &CudaStorage,
+        lz: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        (n, k, h, w): (u32, u32, u32, u32),
+    ) -> Result<Option<(CudaStorage, CudaStorage)>> {
+        let zs = view::<T>(z, lz)?;
+        let bs = view::<T>(b, lb)?;
+        let Some(cvec) = vec_cols(dev, k as usize, &[&zs, &bs]) else {
+            return Ok(None);
+        };
+        let pooled = n as usize * k as usize * (h / 2) as usize * (w / 2) as usize;
+        // SAFETY: the kernel writes every element of p and every mask byte (one thread per
+        // pooled window and vector column); both are fresh allocations (aligned).
+        let p = unsafe { dev.alloc::<T>(pooled) }?;
+        let mask = unsafe { dev.alloc::<u8>(pooled) }?;
+        let threads = n * cvec * (h / 2) * (w / 2);
+        let func = dev.get_or_load_custom_func(
+            &format!("bias_relu_pool_fwd_mask_nhwc_v_{}", suffix(T::DTYPE)?),
+            MODULE,
+            PTX,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: grid::pool_fwd(threads),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = func.builder();
+        launch
+            .arg(&zs)
+            .arg(&bs)
+            .arg(&p)
+            .arg(&mask)
+            .arg(&n)
+            .arg(&cvec)
+            .arg(&h)
+            .arg(&w);
+        // SAFETY: argument types and count match `bias_relu_pool_fwd_mask_nhwc_v_*`; z holds
+        // n·h·w·cvec aligned vectors, b cvec, p n·(h/2)·(w/2)·cvec and the mask as many times
+        // the vector's lanes in bytes.
+        unsafe { launch.launch(cfg) }.map_err(|e| err("bias-relu-pool-mask launch", e))?;
+        Ok(Some((
+            CudaStorage::wrap_cuda_slice(p, dev.clone()),
+            CudaStorage::wrap_cuda_slice(mask, dev.clone()),
+        )))
+    }
+
+    /// [`super::ReluPoolMaskBwd`] on CUDA: (mask, dp), both (N, H/2, W/2, K), → packed [dz,
+    /// db] for the (H, W) map `hw`: one pass plus the bias-gradient finish.
+    pub(super) fn pool_backward_mask(
+        mask: &CudaStorage,
+        lmask: &Layout,
+        dp: &CudaStorage,
+        ldp: &Layout,
+        (h, w): (usize, usize),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, oh, ow, k) = ldp.shape().dims4()?;
+        if lmask.shape() != ldp.shape() || (oh, ow) != (h / 2, w / 2) || mask.dtype() != DType::U8 {
+            candle_core::bail!(
+                "relu-pool backward: mask {:?} ({:?}), dp {:?} and a {h}×{w} map do not match",
+                lmask.shape(),
+                mask.dtype(),
+                ldp.shape()
+            );
+        }
+        let total = n * k * h * w;
+        if total == 0 {
+            candle_core::bail!("relu-pool backward: empty activation ({n}, {h}, {w}, {k})");
+        }
+        let dims = (
+            u32_of(n, "batch")?,
+            u32_of(k, "channels")?,
+            u32_of(h, "height")?,
+            u32_of(w, "width")?,
+        );
+        u32_of(total, "size")?;
+        if n * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
+            candle_core::bail!("relu-pool backward: {n} images of {h}×{w} exceed the kernel's 32-bit indexing");
+        }
+        let dev = dp.device().clone();
+        let out = super::super::backend::time_bias(&dev, || match dp.dtype() {
+            DType::F32 => pool_bwd_mask::<f32>(&dev, mask, lmask, dp, ldp, dims, total),
+            DType::BF16 => pool_bwd_mask::<half::bf16>(&dev, mask, lmask, dp, ldp, dims, total),
+            DType::F16 => pool_bwd_mask::<half::f16>(&dev, mask, lmask, dp, ldp, dims, total),
+            other => candle_core::bail!("relu-pool backward supports f32, bf16 and f16, not {other:?}"),
+        })?;
+        Ok((out, Shape::from(total + k)))
+    }
+
+    fn pool_bwd_mask<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        mask: &CudaStorage,
+        lmask: &Layout,
+        dp: &CudaStorage,
+        ldp: &Layout,
+        (n, k, h, w): (u32, u32, u32, u32),
+        total: usize,
+    ) -> Result<CudaStorage> {
+        let ms = view::<u8>(mask, lmask)?;
+        let dps = view::<T>(dp, ldp)?;
+        let stream = dev.cuda_stream();
+        let mask_aligned = {
+            let (ptr, _sync) = ms.device_ptr(&stream);
+            ptr % 16 == 0
+        };
+        let Some(cvec) = vec_cols(dev, k as usize, &[&dps]).filter(|_| mask_aligned) else {
+            // the forward pass makes a mask only where these kernels take the layer, and
+            // relu_pool_grads_from hands them a fresh dp
+            candle_core::bail!(
+                "relu-pool backward: the pooling mask's kernel needs {k} channels in 16-byte vectors and aligned buffers"
+            );
+        };
+        let (dims, s) = grid::pool_bwd(n, k, h, w, true);
+        // the walk of relu_pool_bwd_nhwc_v with the mask's bytes in place of y (dz starts the
+        // fresh packed buffer)
+        packed_backward::<T>(
+            dev,
+            "relu_pool_bwd_mask_nhwc_v",
+            (&ms, &dps),
+            total,
+            k,
+            (dims, s),
+            &[n, cvec, h, w],
+        )
+    }
+
     /// [`super::ReluPoolBwd`] on CUDA: (y, dp) → packed [dz, db], one pass over y plus the
     /// bias-gradient finish.
     pub(super) fn pool_backward(
@@ -1178,11 +1527,12 @@ mod cuda {
     /// `grid` (whose `splits` is the number of partials per channel), then the bias-gradient
     /// finish. Returns the packed [dz (`total` values), db (`k` values)]. The first kernel must
     /// write every dz element and every partial (all of them in bias_relu.cu do); `y` and `g`
-    /// must hold what the kernel reads for `dims`.
+    /// must hold what the kernel reads for `dims`. `y` is the ReLU output (T), or the pooling
+    /// mask (bytes) for `relu_pool_bwd_mask_nhwc_v`.
     fn packed_backward<T: CudaDType + DeviceRepr + WithDType>(
         dev: &CudaDevice,
         name: &str,
-        (y, g): (&CudaView<'_, T>, &CudaView<'_, T>),
+        (y, g): (&CudaView<'_, impl DeviceRepr>, &CudaView<'_, T>),
         total: usize,
         k: u32,
         (grid, splits): ((u32, u32, u32), u32),
@@ -1383,6 +1733,65 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The pooled layers' mask path on the CPU ([`set_pool_mask`]): the mask of a channels-last
+    /// ReLU output, then the backward op from it, give the y-keeping backward op's dz (equal
+    /// values; a -0 gradient at a window whose maximum is 0 comes out +0) and db (to the bit),
+    /// in f32 and bf16, with odd and even sides, whole windows at 0 and repeated maxima. (No
+    /// NaN: y is a ReLU output.)
+    #[test]
+    fn pool_mask_grads_match_the_relu_output_ones() -> Result<()> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            for (n, h, w, k) in [(2, 6, 8, 3), (1, 7, 5, 2), (3, 2, 2, 1), (1, 9, 9, 4), (2, 5, 6, 8)] {
+                let y: Vec<f32> = (0..n * h * w * k)
+                    .map(|_| match next() % 16 {
+                        0..=4 => 0.0,
+                        5..=8 => 1.5,
+                        r => r as f32 * 0.25 + (next() >> 40) as f32 / (1u64 << 24) as f32,
+                    })
+                    .collect();
+                let (oh, ow) = (h / 2, w / 2);
+                let dp: Vec<f32> = (0..n * oh * ow * k)
+                    .map(|_| match next() % 8 {
+                        0 => -0.0,
+                        _ => (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0,
+                    })
+                    .collect();
+                let y = Tensor::from_vec(y, (n, h, w, k), &candle_core::Device::Cpu)?.to_dtype(dtype)?;
+                let dp = Tensor::from_vec(dp, (n, oh, ow, k), &candle_core::Device::Cpu)?.to_dtype(dtype)?;
+                let want = y.apply_op2_no_bwd(&dp, &ReluPoolBwd { nhwc: true })?;
+                let mask = cpu_pool_mask(&y)?;
+                assert_eq!(mask.dims(), [n, oh, ow, k]);
+                let got = mask.apply_op2_no_bwd(&dp, &ReluPoolMaskBwd { hw: (h, w) })?;
+                let (want, got) = (
+                    want.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                    got.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                );
+                assert_eq!(got.len(), want.len());
+                let total = n * h * w * k;
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    let same = if i < total { a == b } else { a.to_bits() == b.to_bits() };
+                    assert!(same, "{:?} {dtype:?} element {i} of {total}: {a} vs {b}", (n, h, w, k));
+                }
+                // and the relu-pool backward from either kept form agrees
+                let b = Tensor::zeros(k, dtype, &candle_core::Device::Cpu)?;
+                let kept = PoolSaved::Mask { mask, hw: (h, w) };
+                let (dz, db) = relu_pool_grads_from(true, &b, &kept, &dp)?;
+                let (dz_y, db_y) = relu_pool_grads_from(true, &b, &PoolSaved::Relu(y.clone()), &dp)?;
+                assert_eq!(dz.dims(), dz_y.dims());
+                assert_eq!(crate::testutil::max_abs_diff(&dz, &dz_y), 0.0);
+                assert_eq!(crate::testutil::max_abs_diff(&db, &db_y), 0.0);
+            }
+        }
+        Ok(())
     }
 
     /// The plane sum adds every element (a remainder after the last multiple of 8 too) and

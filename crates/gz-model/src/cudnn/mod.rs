@@ -45,7 +45,9 @@ mod tests;
 mod tower;
 
 pub(crate) use fused::bias_relu_nhwc;
-pub use fused::{bias_relu, set_nhwc_vectorised, set_wide_bias_finish};
+#[cfg(test)]
+pub(crate) use fused::with_pool_mask;
+pub use fused::{bias_relu, set_nhwc_vectorised, set_pool_mask, set_wide_bias_finish};
 pub use im2col::{image_gemm_enabled, set_image_gemm};
 pub use tower::{tower, TowerLayer};
 
@@ -731,6 +733,8 @@ pub(crate) fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
         CpuStorage::F64(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
         CpuStorage::BF16(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
         CpuStorage::F16(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
+        // the pooling masks (fused::PoolSaved::Mask)
+        CpuStorage::U8(v) => Tensor::from_vec(gather(v, l), l.shape(), &dev),
         other => candle_core::bail!("cudnn ops: unsupported dtype {:?} on CPU", other.dtype()),
     }
 }

@@ -1187,3 +1187,82 @@ fn cuda_wide_bias_finish_matches() -> Result<()> {
     super::set_wide_bias_finish(false);
     r
 }
+
+/// The pooled layers' mask path ([`super::set_pool_mask`]) against the ReLU-output path on the
+/// GPU, on VGG16-blog and Dieleman pooled-layer shapes (odd sides included), f32 and bf16: the
+/// op keeps a mask (the vectorised kernels take these layers), its pooled output is the other
+/// path's to the bit, the mask is the CPU's mask of the other path's y, and the backward op
+/// from the mask gives the other path's dz and db to the bit (the same values, partial sums
+/// and finish). Skipped without a GPU.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_pool_mask_matches_the_relu_output_path() -> Result<()> {
+    use super::fused::{cpu_pool_mask, relu_pool_grads_from, with_pool_mask, ConvBiasReluPool, PoolSaved};
+    let Some(gpu) = cuda_device() else { return Ok(()) };
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|v| if v == 0.0 { 0 } else { v.to_bits() })
+            .collect())
+    };
+    let mut bad = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for &(n, c, hw, k) in &[
+            (4usize, 64usize, 53usize, 128usize),
+            (8, 512, 13, 512),
+            (32, 32, 40, 64),
+            (16, 64, 6, 64),
+        ] {
+            let what = format!("{dtype:?} {n}×{hw}²×{c} k{k}");
+            let x = randn(&[n, hw, hw, c], 61, &gpu)?.to_dtype(dtype)?;
+            let w = (randn(&[k, 3, 3, c], 62, &gpu)? * (2.0 / (c * 9) as f64).sqrt())?.to_dtype(dtype)?;
+            let b = (randn(&[k], 63, &gpu)? * 0.1)?.to_dtype(dtype)?;
+            let p = super::check_conv(&x, &w, &b, 1, 1, true)?;
+            let run = |mask: bool| -> Result<(Tensor, PoolSaved)> {
+                with_pool_mask(mask, || {
+                    let op = ConvBiasReluPool::new(p);
+                    let pooled = x.apply_op3_no_bwd(&w, &b, &op)?;
+                    Ok((pooled, op.saved()?))
+                })
+            };
+            let (p0, kept0) = run(false)?;
+            let (p1, kept1) = run(true)?;
+            let PoolSaved::Relu(y) = &kept0 else {
+                candle_core::bail!("{what}: the path without masks kept a mask");
+            };
+            let PoolSaved::Mask { mask, .. } = &kept1 else {
+                bad.push(format!("{what}: no mask kept"));
+                continue;
+            };
+            if bits(&p0)? != bits(&p1)? {
+                bad.push(format!("{what}: pooled outputs differ"));
+            }
+            let want = cpu_pool_mask(&y.to_device(&Device::Cpu)?)?
+                .flatten_all()?
+                .to_vec1::<u8>()?;
+            let got = mask.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+            let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            if wrong > 0 || got.len() != want.len() {
+                bad.push(format!(
+                    "{what}: {wrong} of {} mask bytes differ from the CPU's",
+                    want.len()
+                ));
+            }
+            let dp = randn(p0.dims(), 64, &gpu)?.to_dtype(dtype)?;
+            let (dz0, db0) = relu_pool_grads_from(true, &b, &kept0, &dp)?;
+            let (dz1, db1) = relu_pool_grads_from(true, &b, &kept1, &dp)?;
+            let (dz_same, db_same) = (bits(&dz0)? == bits(&dz1)?, bits(&db0)? == bits(&db1)?);
+            eprintln!("{what}: pooled, mask, dz {dz_same}, db {db_same}");
+            if !dz_same || !db_same || dz0.dims() != dz1.dims() {
+                bad.push(format!("{what}: dz same {dz_same}, db same {db_same}"));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        candle_core::bail!("pooling masks:\n{}", bad.join("\n"));
+    }
+    Ok(())
+}

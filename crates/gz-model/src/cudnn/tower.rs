@@ -6,7 +6,8 @@
 //! graph costs a memset and an add in the backward pass, and the graph keeps each node's inputs
 //! alive. Here the forward pass runs the per-layer custom ops without graph nodes
 //! (`apply_op*_no_bwd`) and keeps exactly what the backward pass needs (each layer's input and
-//! ReLU output); one graph node links the tower's output to its inputs: the image, all weights
+//! ReLU output, or for a pooled channels-last layer with [`super::set_pool_mask`] one byte per
+//! pooled value); one graph node links the tower's output to its inputs: the image, all weights
 //! concatenated into one tensor, all biases into another (the concatenation copies the
 //! weights, 32 MB for VGG16-blog in bf16, and candle's `cat` backward splits the gradient
 //! again). The backward pass walks the layers in reverse with the same backward ops the
@@ -25,7 +26,7 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::fused::{relu_grads, relu_pool_grads, ConvBiasRelu, ConvBiasReluPool};
+use super::fused::{relu_grads, relu_pool_grads_from, ConvBiasRelu, ConvBiasReluPool, PoolSaved};
 use super::{nchw_of, nhwc_of, ConvBwdData, ConvBwdFilter, ConvParams};
 
 /// One layer of a tower: the model's weight (K, C, R, S) and bias (K), how it convolves, and
@@ -42,9 +43,10 @@ pub struct TowerLayer<'a> {
 /// What the backward pass needs of one layer.
 struct Saved {
     p: ConvParams,
-    /// The layer's input (in the layer's layout) and its ReLU output (before any pooling).
+    /// The layer's input (in the layer's layout) and its ReLU output (before any pooling), or
+    /// for a pooled layer with [`super::set_pool_mask`] its pooling mask.
     x: Tensor,
-    y: Tensor,
+    y: PoolSaved,
     /// The weight in the layer's layout (KRSC when channels-last) and the bias.
     w: Tensor,
     b: Tensor,
@@ -104,7 +106,7 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
             (op.saved()?, pooled)
         } else {
             let y = x_in.apply_op3_no_bwd(&w, &b, &ConvBiasRelu(p))?;
-            (y.clone(), y)
+            (PoolSaved::Relu(y.clone()), y)
         };
         saved.push(Saved {
             p,
@@ -224,10 +226,12 @@ impl CustomOp3 for TowerNode {
         let mut dbs = vec![None; saved.len()];
         let need_dx = x.track_op();
         for (i, s) in saved.iter().enumerate().rev() {
-            let (dz, db) = if s.pool {
-                relu_pool_grads(s.p.nhwc, &s.b, &s.y, &g)?
-            } else {
-                relu_grads(s.p.nhwc, &s.b, &s.y, &g)?
+            let (dz, db) = match (&s.y, s.pool) {
+                (kept, true) => relu_pool_grads_from(s.p.nhwc, &s.b, kept, &g)?,
+                (PoolSaved::Relu(y), false) => relu_grads(s.p.nhwc, &s.b, y, &g)?,
+                (PoolSaved::Mask { .. }, false) => {
+                    candle_core::bail!("gz-conv-tower: a layer without pooling kept a pooling mask")
+                }
             };
             // back to the model's channels where the run padded them
             let unpad = |t: Tensor| -> Result<Tensor> {

@@ -620,6 +620,125 @@ __device__ __forceinline__ void bias_relu_pool_fwd_nhwc_v(const T *__restrict__ 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The pooled layers without their ReLU output (`cudnn::set_pool_mask`, `GZ_POOL_MASK=1` in gz;
+// off until a device run has measured it). Of y, the backward pass of ReLU + 2x2 max-pool needs
+// only which tap of each window holds the first maximum and whether that maximum passed the
+// ReLU, so the forward pass writes that as one byte per (pooled window, channel) in place of
+// y: the tap (0: (2i, 2j), 1: (2i, 2j+1), 2: (2i+1, 2j), 3: (2i+1, 2j+1)) where the maximum
+// is > 0, else POOL_NONE. The rule is relu_pool_window's (first maximum, a strictly larger
+// value replaces, of the values rounded to T), so dz and the bias gradient are those of the
+// kernels above, to the bit. Per pooled layer, in bf16 activations' units: the forward pass
+// reads 1 and writes 1/4 + 1/8 instead of 1 + 1/4, the backward pass reads 1/4 + 1/8 instead
+// of 1 + 1/4 (both write dz, 1), and y is never stored (torch.compile's max-pool keeps int8
+// offsets the same way). Windows outside the pooled map (the last row / column of an odd side)
+// have no byte; their positions get 0.
+
+#define POOL_NONE 4
+
+// N mask bytes, one per channel of a 16-byte vector of T, stored at once.
+template <uint32_t N> struct alignas(N) MaskVec {
+    uint8_t v[N];
+};
+
+// One thread per (pooled window, vector column), grid-stride; thread t's window and column are
+// those of p's vector t.
+template <typename T>
+__device__ __forceinline__ void bias_relu_pool_fwd_mask_nhwc_v(const T *__restrict__ z, const T *__restrict__ b,
+                                                               T *__restrict__ p, uint8_t *__restrict__ mask,
+                                                               uint32_t batch, uint32_t cvec, uint32_t h,
+                                                               uint32_t w) {
+    using V = Vec16<T>;
+    using M = MaskVec<V::N>;
+    const V *zv = reinterpret_cast<const V *>(z);
+    const V *bv = reinterpret_cast<const V *>(b);
+    V *pv = reinterpret_cast<V *>(p);
+    M *mv = reinterpret_cast<M *>(mask);
+    const uint32_t oh = h / 2, ow = w / 2;
+    const uint32_t per_image = oh * ow;
+    const uint32_t total = batch * per_image * cvec;
+    for (uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+        const uint32_t cg = t % cvec, r = t / cvec;
+        const uint32_t n = r / per_image, q = r % per_image;
+        const uint32_t i = q / ow, j = q % ow;
+        const size_t row = (size_t)w * cvec;
+        const size_t tl = (size_t)n * h * w * cvec + (2 * i) * row + (2 * j) * cvec + cg;
+        const size_t off[4] = {tl, tl + cvec, tl + row, tl + row + cvec};
+        const V bias = bv[cg];
+        float best[V::N];
+        uint8_t tap[V::N];
+        for (int k = 0; k < 4; ++k) {
+            const V a = zv[off[k]];
+            for (uint32_t e = 0; e < V::N; ++e) {
+                const float v = load_f<T>(a.v[e]) + load_f<T>(bias.v[e]);
+                // the ReLU output as stored (rounded to T), as relu_pool_window compares it
+                const float y = load_f<T>(store_f<T>(v > 0.0f ? v : 0.0f));
+                if (k == 0 || y > best[e]) {
+                    best[e] = y;
+                    tap[e] = (uint8_t)k;
+                }
+            }
+        }
+        V o;
+        M m;
+        for (uint32_t e = 0; e < V::N; ++e) {
+            o.v[e] = store_f<T>(best[e]);
+            m.v[e] = best[e] > 0.0f ? tap[e] : (uint8_t)POOL_NONE;
+        }
+        pv[t] = o;
+        mv[t] = m;
+    }
+}
+
+// relu_pool_bwd_nhwc_v from the mask: window row r = (n, i, j) of the ceil(H/2) x ceil(W/2)
+// grid, vector column cg; a pooled window's gradient goes to the tap its byte names, an
+// unpooled window's positions get 0.
+template <typename T>
+__device__ __forceinline__ void relu_pool_bwd_mask_nhwc_v(const uint8_t *__restrict__ mask, const T *__restrict__ dp,
+                                                          T *__restrict__ dz, float *__restrict__ partial,
+                                                          uint32_t batch, uint32_t cvec, uint32_t h, uint32_t w) {
+    using V = Vec16<T>;
+    using M = MaskVec<V::N>;
+    const M *mv = reinterpret_cast<const M *>(mask);
+    const V *dpv = reinterpret_cast<const V *>(dp);
+    V *dzv = reinterpret_cast<V *>(dz);
+    const Window g = window_geometry(h, w);
+    const uint32_t per_image = g.ch * g.cw;
+    nhwc_rows_partial_v<T>(batch * per_image, cvec, partial, [&](uint32_t r, uint32_t cg, float *acc) {
+        const uint32_t n = r / per_image, rem = r % per_image;
+        const uint32_t i = rem / g.cw, j = rem % g.cw;
+        const size_t row = (size_t)g.w * cvec, col = cvec;
+        const size_t origin = (size_t)n * g.h * g.w * cvec + cg;
+        size_t off[4];
+        bool valid[4];
+        window_taps(origin, row, col, g, i, j, off, valid);
+        const bool pooled = i < g.oh && j < g.ow;
+        M m;
+        V grad;
+        for (uint32_t e = 0; e < V::N; ++e) {
+            m.v[e] = (uint8_t)POOL_NONE;
+            grad.v[e] = store_f<T>(0.0f);
+        }
+        if (pooled) {
+            const size_t at = (((size_t)n * g.oh + i) * g.ow + j) * cvec + cg;
+            m = mv[at];
+            grad = dpv[at];
+        }
+        V out[4];
+        for (uint32_t e = 0; e < V::N; ++e) {
+            const float gr = load_f<T>(grad.v[e]);
+            for (int k = 0; k < 4; ++k) {
+                const float v = (uint32_t)k == m.v[e] ? gr : 0.0f;
+                out[k].v[e] = store_f<T>(v);
+                if (valid[k]) acc[e] += load_f<T>(out[k].v[e]);
+            }
+        }
+        for (int k = 0; k < 4; ++k) {
+            if (valid[k]) dzv[off[k]] = out[k];
+        }
+    });
+}
+
 #define INSTANTIATE_NHWC_V(NAME, T)                                                                               \
     extern "C" __global__ void bias_relu_fwd_nhwc_v_##NAME(const T *x, const T *b, T *y, uint32_t vecs,          \
                                                            uint32_t cvec) {                                       \
@@ -638,6 +757,16 @@ __device__ __forceinline__ void bias_relu_pool_fwd_nhwc_v(const T *__restrict__ 
                                                                 uint32_t batch, uint32_t cvec, uint32_t h,        \
                                                                 uint32_t w) {                                     \
         bias_relu_pool_fwd_nhwc_v<T>(z, b, y, p, batch, cvec, h, w);                                              \
+    }                                                                                                             \
+    extern "C" __global__ void bias_relu_pool_fwd_mask_nhwc_v_##NAME(const T *z, const T *b, T *p, uint8_t *mask, \
+                                                                     uint32_t batch, uint32_t cvec, uint32_t h,   \
+                                                                     uint32_t w) {                                \
+        bias_relu_pool_fwd_mask_nhwc_v<T>(z, b, p, mask, batch, cvec, h, w);                                      \
+    }                                                                                                             \
+    extern "C" __global__ void relu_pool_bwd_mask_nhwc_v_##NAME(const uint8_t *mask, const T *dp, T *dz,          \
+                                                                float *partial, uint32_t batch, uint32_t cvec,    \
+                                                                uint32_t h, uint32_t w) {                         \
+        relu_pool_bwd_mask_nhwc_v<T>(mask, dp, dz, partial, batch, cvec, h, w);                                   \
     }
 
 INSTANTIATE_NHWC_V(f32, float)

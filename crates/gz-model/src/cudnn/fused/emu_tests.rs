@@ -479,6 +479,86 @@ const VEC_POOL_SHAPES: [(usize, usize, usize, usize); 10] = [
     (20, 96, 32, 32),
 ];
 
+/// The pooling-mask kernels ([`super::set_pool_mask`]) for channels-last (n, k, h, w).
+/// Forward: p equal to the y-keeping path's (candle's max-pool of the CPU op's y) and the mask
+/// equal to [`super::cpu_pool_mask`] of that y, with the launcher's grid and with 3 blocks; z is
+/// drawn from a few levels, so windows tie. Backward: from the CPU's mask of a ReLU output with
+/// ties and zero windows, dz and db as the y-keeping CPU op gives them ([`compare`]).
+fn check_pool_mask<T: Elem>(dims: (usize, usize, usize, usize)) -> Result<()> {
+    let (n, k, h, w) = dims;
+    let total = n * k * h * w;
+    let (oh, ow) = (h / 2, w / 2);
+    let pooled = n * k * oh * ow;
+    let (n32, k32, h32, w32) = (u(n), u(k), u(h), u(w));
+    let cvec = vec_of::<T>(k).1;
+    // forward
+    let z: Vec<T> = of(values(5, total, 2.0)
+        .into_iter()
+        .map(|v| (v * 4.0).round() / 4.0)
+        .collect());
+    let b: Vec<T> = of(values(6, k, 1.0).into_iter().map(|v| (v * 4.0).round() / 4.0).collect());
+    let y_cpu = tensor(&z, &shape(true, dims))?.apply_op2_no_bwd(&tensor(&b, &[k])?, &BiasRelu { nhwc: true })?;
+    let p_ref = flat::<T>(&y_cpu.permute((0, 3, 1, 2))?.max_pool2d(2)?.permute((0, 2, 3, 1))?)?;
+    let mask_ref = super::cpu_pool_mask(&y_cpu)?.flatten_all()?.to_vec1::<u8>()?;
+    let (zb, bb) = (Buf::new(&z), Buf::new(&b));
+    let (zp, bp) = (zb.ptr(), bb.ptr());
+    let threads = n32 * cvec * u(oh) * u(ow);
+    for g in [grid::pool_fwd(threads), (3, 1, 1)] {
+        let mut pb = Buf::<T>::out(pooled);
+        // 0xEE: no mask value, so a byte the kernel never writes fails the comparison
+        let mut mb = Buf::<u8>::new(&vec![0xEE; pooled]);
+        let (pp, mp) = (pb.mut_ptr(), mb.mut_ptr());
+        // SAFETY: the kernel's argument list; z holds n·h·w·k values, b k, p and the mask
+        // n·(h/2)·(w/2)·k, all starting 16-byte aligned
+        run_both(
+            "bias_relu_pool_fwd_mask_nhwc_v",
+            g,
+            BLOCK,
+            &mut [&mut pb, &mut mb],
+            || unsafe { T::bias_relu_pool_fwd_mask_nhwc_v(zp, bp, pp, mp, n32, cvec, h32, w32) },
+        );
+        let what = format!("bias_relu_pool_fwd_mask_nhwc_v {dims:?} grid {g:?}");
+        let (d, at) = worst(pb.values("p", true), &p_ref, 1e-30);
+        assert!(d == 0.0, "{what}: p differs at {at} by {d}");
+        let got = mb.values("mask", false);
+        if let Some(i) = got.iter().zip(&mask_ref).position(|(a, b)| a != b) {
+            panic!("{what}: mask byte {i} is {}, the CPU's {}", got[i], mask_ref[i]);
+        }
+    }
+    // backward
+    let y: Vec<T> = relu_output(7, total);
+    let dp: Vec<T> = of(values(8, pooled, 2.0));
+    let y_t = tensor(&y, &shape(true, dims))?;
+    let pdims = (n, k, oh, ow);
+    let cpu = y_t.apply_op2_no_bwd(&tensor(&dp, &shape(true, pdims))?, &ReluPoolBwd { nhwc: true })?;
+    let mask = super::cpu_pool_mask(&y_t)?.flatten_all()?.to_vec1::<u8>()?;
+    let (mb, dpb) = (Buf::new(&mask), Buf::new(&dp));
+    let (mp, dpp) = (mb.ptr(), dpb.ptr());
+    let name = "relu_pool_bwd_mask_nhwc_v";
+    let (dz, db) = packed::<T>(name, grid::pool_bwd(n32, k32, h32, w32, true), total, k32, |dz, p| {
+        // SAFETY: the kernel's argument list; the mask and dp hold n·(h/2)·(w/2)·k values, dz
+        // n·h·w·k, all starting 16-byte aligned
+        unsafe { T::relu_pool_bwd_mask_nhwc_v(mp, dpp, dz, p, n32, cvec, h32, w32) }
+    });
+    mb.values("mask", false);
+    compare(&format!("{name} {dims:?}"), &cpu, (&dz, &db), |i| i % k)
+}
+
+/// The pooling-mask kernels against the CPU for [`VEC_POOL_SHAPES`] (each dtype where the vector
+/// kernels take its channels; the largest shape in f32 only).
+#[test]
+fn pool_mask_kernels_match_the_cpu_ops() -> Result<()> {
+    for dims in VEC_POOL_SHAPES {
+        let k = dims.1;
+        if_fits::<f32>(k, || check_pool_mask::<f32>(dims))?;
+        if dims.0 < 20 {
+            if_fits::<bf16>(k, || check_pool_mask::<bf16>(dims))?;
+            if_fits::<f16>(k, || check_pool_mask::<f16>(dims))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `check` for T when the vector kernels take `k` channels of it.
 fn if_fits<T: Elem>(k: usize, check: impl FnOnce() -> Result<()>) -> Result<()> {
     if grid::vec_fits(k, std::mem::size_of::<T>()) {
