@@ -65,6 +65,8 @@ ratio dieleman-bf16-image-gemm-inference dieleman-bf16-default-inference
 # idle time with care)
 ratio vgg-bf16-trace vgg-bf16-default
 ratio dieleman-bf16-trace dieleman-bf16-default
+ratio vgg-bf16-all-new-trace vgg-bf16-all-new
+ratio dieleman-bf16-all-new-trace dieleman-bf16-all-new
 ratio vgg-bf16-all vgg-bf16-baseline
 ratio vgg-bf16-all-nhwc vgg-bf16-all
 ratio vgg-bf16-all-nhwc-image vgg-bf16-all-nhwc

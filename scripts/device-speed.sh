@@ -73,8 +73,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 say "bundle built from: $(tr '\n' ' ' < "$PKG/built-from.txt" 2>/dev/null || echo unknown)"
 
 # Order (one shot of about 8 minutes, so what is new and decides comes first and every phase
-# checks the time left): 1. the default rows, the two prepared pieces' A/B and the kernel
-# traces; 2. the new pieces' tests, the PyTorch peer (eager and torch.compile) and its trace;
+# checks the time left): 1. the default rows, the three prepared pieces together, the kernel
+# traces of both, then each piece's A/B; 2. the new pieces' tests, the PyTorch peer (eager and torch.compile) and its trace;
 # 3. the other correctness tests; 4. breakdowns and the rows of 2026-11-30; 5. each piece off
 # in turn, inference, f32. A step that would not fit is skipped and says so in summary.txt.
 bench() { # name timeout env-assignments... -- args...
@@ -138,34 +138,41 @@ V="--model vgg16-blog --batch 256 --precision bf16"
 D="--model dieleman --batch 256 --precision bf16"
 R="--steps 20 --warmup 3 --pipelined"
 # 1. what is new since the 2026-11-30 run, first (that run measured the rest): the default
-#    rows, the two prepared pieces (off by default) against them, and the kernel traces (the
-#    first bench also pays the driver's PTX compile, cached after)
+#    rows, the three prepared pieces (off by default) together, the kernel traces, then each
+#    piece alone (the first bench also pays the driver's PTX compile, cached after)
 NHWC="GZ_NHWC=1 GZ_NHWC_IMAGE=0"
 BASE="GZ_FUSED=0 GZ_OPTIM=generic GZ_RESAMPLE=ops GZ_NHWC=0"
+NEW="GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 GZ_POOL_MASK=1"
 bench vgg-bf16-default 60 -- $V $R
 bench dieleman-bf16-default 45 -- $D $R
-# the image layers as im2col + cuBLAS products, the bias gradient's finish by a block per
-# channel, and both
-bench dieleman-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $D $R
-bench vgg-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $V $R
-bench dieleman-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $D $R
-bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
-bench vgg-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $V $R
-bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
-# (2026-12-01) the pooled layers keep a byte per pooled value instead of their ReLU output,
-# alone and with the two pieces above
-bench vgg-bf16-pool-mask 45 GZ_POOL_MASK=1 -- $V $R
-bench dieleman-bf16-pool-mask 45 GZ_POOL_MASK=1 -- $D $R
-bench vgg-bf16-all-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 GZ_POOL_MASK=1 -- $V $R
-bench dieleman-bf16-all-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 GZ_POOL_MASK=1 -- $D $R
+# the three pieces together: the image layers as im2col + cuBLAS products, the bias
+# gradient's finish by a block per channel, the pooled layers keeping a byte per pooled value
+# instead of their ReLU output (2026-12-01)
+bench vgg-bf16-all-new 45 $NEW -- $V $R
+bench dieleman-bf16-all-new 45 $NEW -- $D $R
 # where each pipelined step's GPU time goes, kernel by kernel (CUPTI), and how long the GPU
-# waits for the host (compare the rows' images/s with the default rows: CUPTI's own cost)
+# waits for the host (compare the rows' images/s with the default rows: CUPTI's own cost),
+# for the defaults and with the three pieces
 bench vgg-bf16-trace 45 -- $V $R --trace-kernels
 trace vgg-bf16-trace
 bench dieleman-bf16-trace 45 -- $D $R --trace-kernels
 trace dieleman-bf16-trace
+bench vgg-bf16-all-new-trace 45 $NEW -- $V $R --trace-kernels
+trace vgg-bf16-all-new-trace
+bench dieleman-bf16-all-new-trace 45 $NEW -- $D $R --trace-kernels
+trace dieleman-bf16-all-new-trace
 pack
-# 2. correctness of the two new pieces, then the peer with torch.compile and its trace
+# each piece alone, and the first two together
+bench dieleman-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $D $R
+bench vgg-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $V $R
+bench vgg-bf16-pool-mask 45 GZ_POOL_MASK=1 -- $V $R
+bench dieleman-bf16-wide-finish 45 GZ_BIAS_FINISH=wide -- $D $R
+bench vgg-bf16-image-gemm 45 GZ_IMAGE_GEMM=1 -- $V $R
+bench dieleman-bf16-pool-mask 45 GZ_POOL_MASK=1 -- $D $R
+bench vgg-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $V $R
+bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
+pack
+# 2. correctness of the three new pieces, then the peer with torch.compile and its trace
 tests cuda_image_gemm 30
 tests cuda_wide_bias_finish 20
 tests cuda_pool_mask 20
