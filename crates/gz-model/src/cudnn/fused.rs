@@ -338,12 +338,13 @@ pub(super) fn relu_pool_grads_from(nhwc: bool, b: &Tensor, kept: &PoolSaved, dp:
             if !nhwc {
                 candle_core::bail!("relu-pool backward: a pooling mask is channels-last only");
             }
-            // the kernel loads dp 16 bytes at a time: a view into a larger buffer is copied
-            // to a fresh (aligned) one
-            let dp = if dp.is_contiguous() && dp.layout().start_offset() == 0 {
+            // the kernel loads dp 16 bytes at a time: a strided view, or one starting off a
+            // 16-byte boundary of its buffer, is copied to a fresh (aligned) one
+            let aligned = (dp.layout().start_offset() * dp.dtype().size_in_bytes()) % 16 == 0;
+            let dp = if dp.is_contiguous() && aligned {
                 dp.clone()
             } else {
-                dp.copy()?
+                dp.force_contiguous()?
             };
             let packed = mask.apply_op2_no_bwd(&dp, &ReluPoolMaskBwd { hw: *hw })?;
             let (n, _, _, k) = mask.dims4()?;
@@ -856,8 +857,10 @@ static POOL_MASK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// channel) for their backward pass instead of their ReLU output ([`PoolSaved::Mask`]): the
 /// forward pass no longer writes y and the backward pass no longer reads it (about a fifth of
 /// the epilogues' bytes in VGG16-blog, and y's memory). Off by default until a device run has
-/// measured it (`GZ_POOL_MASK=1` in `gz`). The same dz and db to the bit; layers the vectorised
-/// kernels do not take keep y.
+/// measured it (`GZ_POOL_MASK=1` in `gz`). The same dz and db to the bit; on CUDA, layers the
+/// vectorised kernels do not take keep y. On the CPU (channels-last there is for tests) every
+/// pooled channels-last layer keeps a mask, through plain loops ([`cpu_pool_mask`]), so the CPU
+/// tests run the towers' mask plumbing.
 pub fn set_pool_mask(on: bool) {
     POOL_MASK.store(on, std::sync::atomic::Ordering::Relaxed);
 }
@@ -1289,18 +1292,23 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let ms = view::<u8>(mask, lmask)?;
         let dps = view::<T>(dp, ldp)?;
+        // (not `vec_cols`: `set_nhwc_vectorised` chooses between kernels, and this one has no
+        // alternative)
+        let lanes = grid::vec_lanes(std::mem::size_of::<T>()) as u32;
         let stream = dev.cuda_stream();
-        let mask_aligned = {
-            let (ptr, _sync) = ms.device_ptr(&stream);
-            ptr % 16 == 0
+        let aligned = {
+            let (mp, _sync) = ms.device_ptr(&stream);
+            let (dpp, _sync) = dps.device_ptr(&stream);
+            mp % 16 == 0 && dpp % 16 == 0
         };
-        let Some(cvec) = vec_cols(dev, k as usize, &[&dps]).filter(|_| mask_aligned) else {
+        if k % lanes != 0 || k / lanes > THREADS || !aligned {
             // the forward pass makes a mask only where these kernels take the layer, and
-            // relu_pool_grads_from hands them a fresh dp
+            // relu_pool_grads_from hands them an aligned dp
             candle_core::bail!(
                 "relu-pool backward: the pooling mask's kernel needs {k} channels in 16-byte vectors and aligned buffers"
             );
-        };
+        }
+        let cvec = k / lanes;
         let (dims, s) = grid::pool_bwd(n, k, h, w, true);
         // the walk of relu_pool_bwd_nhwc_v with the mask's bytes in place of y (dz starts the
         // fresh packed buffer)

@@ -1205,7 +1205,7 @@ fn cuda_pool_mask_matches_the_relu_output_path() -> Result<()> {
             .flatten_all()?
             .to_vec1::<f32>()?
             .into_iter()
-            .map(|v| if v == 0.0 { 0 } else { v.to_bits() })
+            .map(f32::to_bits)
             .collect())
     };
     let mut bad = Vec::new();
@@ -1258,6 +1258,28 @@ fn cuda_pool_mask_matches_the_relu_output_path() -> Result<()> {
             eprintln!("{what}: pooled, mask, dz {dz_same}, db {db_same}");
             if !dz_same || !db_same || dz0.dims() != dz1.dims() {
                 bad.push(format!("{what}: dz same {dz_same}, db same {db_same}"));
+            }
+            // dp as views the kernel cannot load from directly: one element into a larger
+            // buffer (off the 16-byte boundary), and a permuted one (strided). (The ReLU-output
+            // path takes the scalar kernel for the first, whose bias-gradient partial sums add
+            // in another order: db within rounding there.)
+            let big = randn(&[dp.elem_count() + 1], 65, &gpu)?.to_dtype(dtype)?;
+            let shifted = big.narrow(0, 1, dp.elem_count())?.reshape(dp.dims())?;
+            let (pn, ph, pw, pk) = dp.dims4()?;
+            let permuted = randn(&[pn, pk, ph, pw], 66, &gpu)?
+                .to_dtype(dtype)?
+                .permute((0, 2, 3, 1))?;
+            for (name, view) in [("offset", shifted), ("permuted", permuted)] {
+                let (dz0, db0) = relu_pool_grads_from(true, &b, &kept0, &view)?;
+                let (dz1, db1) = relu_pool_grads_from(true, &b, &kept1, &view)?;
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                let e = rel_err(&db1, &db0)?;
+                if bits(&dz0)? != bits(&dz1)? || e > tol {
+                    bad.push(format!(
+                        "{what}: dp as a {name} view: dz same {}, db rel err {e}",
+                        bits(&dz0)? == bits(&dz1)?
+                    ));
+                }
             }
         }
     }
