@@ -914,6 +914,36 @@ fn describe_and_bench_train() {
     let (ok, out, err) = support::run(support::gz().args(["train", "--model", "tiny", "--describe"]));
     assert!(ok && out.contains("total parameters"), "{out}\n{err}");
     assert!(!err.contains("warning"), "{err}");
+    // options --describe does not use are refused by name, not ignored (it trains nothing)
+    let (ok, out, err) = support::run(support::gz().args([
+        "train",
+        "--model",
+        "tiny",
+        "--describe",
+        "--lr",
+        "5",
+        "--max-train",
+        "3",
+        "--output",
+        "tree",
+    ]));
+    assert!(
+        !ok && err.trim_end().ends_with("does not use --lr, --max-train") && out.is_empty(),
+        "{out}\n{err}"
+    );
+    let (ok, out, err) = support::run(support::gz().args([
+        "train",
+        "--model",
+        "small",
+        "--describe",
+        "--resume",
+        "--out",
+        "some-run",
+    ]));
+    assert!(
+        !ok && err.contains("does not use --resume, --out") && err.contains("without --model"),
+        "{out}\n{err}"
+    );
     // a documented switch set to a value it does not act on is named, not ignored in silence
     let (ok, out, err) =
         support::run(

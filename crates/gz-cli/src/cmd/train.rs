@@ -148,6 +148,9 @@ impl Given {
         Given(
             m.ids()
                 .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+                // (clap's derive also lists the struct's own argument group, `Args`: the
+                // options are its snake_case fields)
+                .filter(|id| !id.as_str().starts_with(|c: char| c.is_ascii_uppercase()))
                 .map(|id| id.as_str().to_string())
                 .collect(),
         )
@@ -155,6 +158,37 @@ impl Given {
 
     fn has(&self, id: &str) -> bool {
         self.0.iter().any(|g| g == id)
+    }
+
+    /// `--describe` prints a model and trains nothing: it uses `--model`, `--output` and
+    /// `--cache` (the input size), or without `--model` a run's own model (`--resume --out
+    /// RUN`). Any other option given would be ignored in silence (and `--model` with `--resume`
+    /// names two models), so it is refused, naming them.
+    fn refuse_for_describe(&self, model_given: bool) -> anyhow::Result<()> {
+        let mut used = vec!["describe", "model", "output", "cache"];
+        if !model_given {
+            used.extend(["resume", "out"]);
+        }
+        let ignored: Vec<String> = self
+            .0
+            .iter()
+            .filter(|id| !used.contains(&id.as_str()))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if ignored.is_empty() {
+            return Ok(());
+        }
+        let which = if model_given && (self.has("resume") || self.has("out")) {
+            " (with --model it describes that model; for a run's own, give --resume --out RUN \
+             without --model)"
+        } else {
+            ""
+        };
+        bail!(
+            "--describe only prints a model (from --model, --output and --cache, or a run's own \
+             with --resume --out); it does not use {}{which}",
+            ignored.join(", ")
+        )
     }
 }
 
@@ -222,6 +256,7 @@ fn with_run_values(args: &Args, given: &Given, prior: &TrainConfig) -> Args {
 
 pub fn run(args: Args, given: &Given) -> anyhow::Result<()> {
     if args.describe {
+        given.refuse_for_describe(args.model.is_some())?;
         // (`--describe --resume --out RUN`: the run's own model, as --resume takes it)
         let model = match (args.model.as_deref(), args.resume, args.out.as_deref()) {
             (Some(name), ..) => model_config(name, args.output.as_deref())?,
