@@ -704,6 +704,23 @@ fn special_files_an_edited_manifest_and_a_full_stdout() {
             err.contains("gz cannot write to its standard output") && !err.contains("panicked"),
             "{err}"
         );
+        // a command holding a folder lock removes its lock file on the way out (it exited
+        // on the spot and left it)
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let synth = t.path().join("synth-full");
+        let out = support::gz()
+            .args(["synth", "--train", "3", "--test", "1", "--out"])
+            .arg(&synth)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.matches("gz cannot write to its standard output").count() == 1 && !err.contains("panicked"),
+            "{err}"
+        );
+        assert!(!synth.join(".gz-synth.lock").exists(), "{err}");
     }
 
     let manifest = cache.join("manifest.json");

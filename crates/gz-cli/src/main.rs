@@ -53,6 +53,15 @@ enum Command {
     BenchTrain(cmd::bench_train::Args),
 }
 
+/// A write to stdout or stderr failed (a full disk under `gz … > log`): the panic hook said so.
+static OUTPUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+thread_local! {
+    /// This thread runs the command (`run`): a failed write here unwinds to `main` rather than
+    /// exiting on the spot.
+    static DISPATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn main() {
     // A closed output pipe (`gz … | head`) ends gz quietly, as it ends `cat`: Rust ignores
     // SIGPIPE, which turns the next print into a panic.
@@ -83,13 +92,20 @@ fn main() {
             })
         {
             use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "error: gz cannot write to its {}: {}",
-                rest.0,
-                rest.1
-            );
-            std::process::exit(1);
+            if !OUTPUT_FAILED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: gz cannot write to its {}: {}",
+                    rest.0,
+                    rest.1
+                );
+            }
+            // on the thread running the command: unwind to `main`, so that what the command
+            // holds (its folder lock files) is dropped and removed, then exit status 1 there
+            if !DISPATCH.with(std::cell::Cell::get) {
+                std::process::exit(1);
+            }
+            return;
         }
         default_hook(info);
     }));
@@ -244,10 +260,24 @@ fn main() {
     // `GZ_CPU_PARTS=N`: a CPU training batch is cut into N parts trained side by side
     // (gz_model::parts; 1 trains every batch whole, as before the parts existed).
     count_switch("GZ_CPU_PARTS", 64, gz_model::parts::set_parts);
-    let result = if on_pool {
-        rayon::scope(|_| run(cli.command, &train_given))
-    } else {
-        run(cli.command, &train_given)
+    let dispatch = move || {
+        DISPATCH.with(|d| d.set(true));
+        let r = run(cli.command, &train_given);
+        DISPATCH.with(|d| d.set(false));
+        r
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if on_pool {
+            rayon::scope(|_| dispatch())
+        } else {
+            dispatch()
+        }
+    }));
+    let result = match result {
+        Ok(r) => r,
+        // the panic hook has said which output failed; the command's locks are dropped by now
+        Err(_) if OUTPUT_FAILED.load(std::sync::atomic::Ordering::SeqCst) => std::process::exit(1),
+        Err(payload) => std::panic::resume_unwind(payload),
     };
     if let Err(err) = result {
         // a bare `ExitCode`: the subcommand has said what happened
