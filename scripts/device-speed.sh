@@ -235,5 +235,10 @@ if [ -f "$HERE/scripts/device-compare.sh" ]; then
   bash "$HERE/scripts/device-compare.sh" "$SUM" "$S/torch_peer.jsonl" > "$S/compare.txt" 2>&1
   cat "$S/compare.txt" >> "$SUM"; cat "$S/compare.txt"
 fi
+# kernel time by kind of work, gz's traces against PyTorch's (eager and torch.compile)
+if [ -f "$HERE/scripts/trace_compare.py" ]; then
+  /opt/torch/.venv/bin/python "$HERE/scripts/trace_compare.py" "$S" "$S/torch_trace.jsonl" > "$S/trace_compare.txt" 2>&1
+  cat "$S/trace_compare.txt" >> "$SUM"; cat "$S/trace_compare.txt"
+fi
 say "done"
 pack

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import torch_peer as tp  # noqa: E402
+from kernel_kinds import category, load_kinds  # noqa: E402
 
 TOP = 30
 
@@ -83,6 +84,12 @@ def trace(name, model_fn, in_shape, per_img, batch, compile_, steps):
         c, tot = by_name.get(e.name, (0, 0.0))
         by_name[e.name] = (c + 1, tot + (e.time_range.end - e.time_range.start))
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    order, rules = load_kinds()
+    kinds = {}
+    for n, (c, tot) in by_name.items():
+        k = category(n, rules)
+        kc, kt = kinds.get(k, (0, 0.0))
+        kinds[k] = (kc + c, kt + tot)
     span = (max(b for _, b in iv) - min(a for a, _ in iv)) if iv else 0.0
     per = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731
     r = dict(
@@ -97,6 +104,7 @@ def trace(name, model_fn, in_shape, per_img, batch, compile_, steps):
         launches_per_step=round(len(kernels) / steps, 1),
         copies_and_fills_per_step=round(transfers / steps, 1),
         activities=activities,
+        by_kind={k: per(kinds[k][1]) for k in order if k in kinds},
         top=[[n[:120], per(tot), round(c / steps, 1)] for n, (c, tot) in rows[:TOP]],
         rest_ms_per_step=per(sum(tot for _, (_, tot) in rows[TOP:])),
     )

@@ -52,6 +52,62 @@ pub struct Summary {
 /// A record's interval on the GPU's clock (ns).
 type Interval = (u64, u64);
 
+/// The kind rules (`kernel_kinds.txt`, shared with `scripts/torch_trace.py`).
+const KINDS: &str = include_str!("kernel_kinds.txt");
+
+/// A rule of [`KINDS`]: the kind, whether the keys are prefixes (else substrings), the keys.
+type KindRule = (&'static str, bool, Vec<&'static str>);
+
+/// [`KINDS`] parsed: the kinds in table order, and the rules in matching order.
+fn kinds() -> &'static (Vec<&'static str>, Vec<KindRule>) {
+    static PARSED: std::sync::OnceLock<(Vec<&'static str>, Vec<KindRule>)> = std::sync::OnceLock::new();
+    PARSED.get_or_init(|| {
+        let mut order = Vec::new();
+        let mut rules = Vec::new();
+        for line in KINDS.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.splitn(3, '|').map(str::trim);
+            let (kind, how, keys) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            let keys: Vec<&'static str> = keys.split(',').map(str::trim).filter(|k| !k.is_empty()).collect();
+            if kind == "order" {
+                order = keys;
+            } else {
+                rules.push((kind, how == "prefix", keys));
+            }
+        }
+        (order, rules)
+    })
+}
+
+/// The kinds of work [`category`] sorts kernels into, in the order the tables list them
+/// (`kernel_kinds.txt`, which `scripts/torch_trace.py` reads too).
+pub fn categories() -> &'static [&'static str] {
+    &kinds().0
+}
+
+/// The kind of work a kernel does, from its name (CUPTI's, mangled or not, or torch.profiler's)
+/// by the first matching rule of `kernel_kinds.txt`: cuDNN's convolution kernels by pass, GEMMs,
+/// the epilogues' pointwise, pooling and reduction work (gz's kernels, PyTorch's and candle's,
+/// Inductor's fused Triton kernels), the optimizer, layout changes and copies, the input's
+/// resampling; "other" where no rule matches.
+pub fn category(name: &str) -> &'static str {
+    let n = name.to_ascii_lowercase();
+    kinds()
+        .1
+        .iter()
+        .find(|(_, prefix, keys)| {
+            keys.iter()
+                .any(|k| if *prefix { n.starts_with(k) } else { n.contains(k) })
+        })
+        .map_or("other", |r| r.0)
+}
+
 impl Summary {
     /// Adds up kernel records (`name`, start, end), copy records (start, end, bytes) and fill
     /// records (start, end); records without a time (a zero start, or an end not after the
@@ -105,6 +161,19 @@ impl Summary {
         }
     }
 
+    /// Kernel time and launches by [`category`], in [`categories`]' order (kinds with no
+    /// kernel left out).
+    pub fn by_category(&self) -> Vec<(&'static str, u64, u64)> {
+        categories()
+            .iter()
+            .filter_map(|&c| {
+                let rows = self.kernels.iter().filter(|k| category(&k.name) == c);
+                let (ns, count) = rows.fold((0, 0), |(ns, n), k| (ns + k.total_ns, n + k.count));
+                (count > 0).then_some((c, ns, count))
+            })
+            .collect()
+    }
+
     /// The report, per step of `steps`: the busy share of the span, then the `top` longest
     /// kernels (names cut to 90 characters) and one line for the rest, then copies and fills.
     pub fn table(&self, steps: usize, top: usize) -> Vec<String> {
@@ -120,6 +189,16 @@ impl Summary {
             per(self.kernel_ns),
             self.kernels.iter().map(|k| k.count).sum::<u64>() as f64 / steps.max(1) as f64
         )];
+        // by kind first (the same kinds as scripts/torch_trace.py's), then by name
+        out.push("  by kind:".to_string());
+        for (c, ns, count) in self.by_category() {
+            out.push(format!(
+                "  {:>8.3} ms/step {:>6.1}/step  {c}",
+                per(ns),
+                count as f64 / steps.max(1) as f64
+            ));
+        }
+        out.push("  by name:".to_string());
         for k in self.kernels.iter().take(top) {
             let name: String = if k.name.chars().count() > 90 {
                 k.name.chars().take(89).chain(std::iter::once('…')).collect()
@@ -553,16 +632,24 @@ mod tests {
             t[0]
         );
         assert!(t[0].contains("kernels 1.50 ms/step in 2 launches/step"), "{}", t[0]);
-        assert!(t[1].contains("1.000 ms/step") && t[1].ends_with("  b"), "{}", t[1]);
+        // by kind ("a" and "b" are no kind gz knows), then by name
+        assert_eq!(t[1], "  by kind:");
         assert!(
-            t[2].contains("0.500 ms/step") && t[2].contains("(1 other kernel)"),
+            t[2].contains("1.500 ms/step") && t[2].ends_with("2.0/step  other"),
             "{}",
             t[2]
         );
+        assert_eq!(t[3], "  by name:");
+        assert!(t[4].contains("1.000 ms/step") && t[4].ends_with("  b"), "{}", t[4]);
         assert!(
-            t[3].contains("copies 0.250 ms/step (0.5/step, 0.0 MB/step)"),
+            t[5].contains("0.500 ms/step") && t[5].contains("(1 other kernel)"),
             "{}",
-            t[3]
+            t[5]
+        );
+        assert!(
+            t[6].contains("copies 0.250 ms/step (0.5/step, 0.0 MB/step)"),
+            "{}",
+            t[6]
         );
     }
 
@@ -572,8 +659,82 @@ mod tests {
         let name = "x".repeat(200);
         let s = Summary::from_records(&[(name.clone(), 0, 10)], &[], &[]);
         assert_eq!(s.kernels[0].name, name);
-        let line = &s.table(1, 5)[1];
+        let t = s.table(1, 5);
+        let line = &t[t.iter().position(|l| l == "  by name:").expect("by name") + 1];
         assert!(line.ends_with(&format!("{}…", "x".repeat(89))), "{line}");
+    }
+
+    /// The shared rule file: every rule's kind is one of the table's kinds, every kind but
+    /// "other" has a rule, and no rule is empty.
+    #[test]
+    fn the_kind_rules_are_whole() {
+        let (order, rules) = kinds();
+        assert_eq!(order.len(), 9, "{order:?}");
+        assert_eq!(order.last(), Some(&"other"));
+        for (kind, _, keys) in rules {
+            assert!(order.contains(kind), "{kind}");
+            assert!(!keys.is_empty(), "{kind}");
+        }
+        for kind in &order[..order.len() - 1] {
+            assert!(rules.iter().any(|r| r.0 == *kind), "{kind} has no rule");
+        }
+    }
+
+    /// Kernel names as CUPTI and torch.profiler give them, sorted into the kinds of work
+    /// (the same rules as scripts/torch_trace.py's `category`), and the per-kind sums.
+    #[test]
+    fn kernels_are_sorted_into_kinds() {
+        for (name, want) in [
+            (
+                "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64",
+                "conv forward",
+            ),
+            ("_ZN5cudnn6detail23implicit_convolve_sgemmIffLi1024ELi5ELi5ELi3ELi3ELi3ELi1ELb1ELb0ELb1EEEviiiPKT_", "conv forward"),
+            ("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv backward-data"),
+            ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv backward-filter"),
+            ("_ZN5cudnn19cudnn_engine_dgrad_kernel", "conv backward-data"),
+            ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+            ("cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "matmul"),
+            ("relu_pool_bwd_nhwc_v_bf16", "pointwise and pooling"),
+            ("bias_relu_pool_fwd_mask_nhwc_v_bf16", "pointwise and pooling"),
+            ("bias_grad_finish_wide_bf16", "pointwise and pooling"),
+            ("gz_dropout_bf16", "pointwise and pooling"),
+            ("triton_poi_fused_convolution_relu_0", "pointwise and pooling"),
+            ("triton_red_fused_convolution_backward_threshold_backward_2", "pointwise and pooling"),
+            ("triton_tem_fused_mm_3", "matmul"),
+            ("triton_red_fused_max_pool2d_with_indices_relu_threshold_backward_1", "pointwise and pooling"),
+            (
+                "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::launch_clamp_scalar>",
+                "pointwise and pooling",
+            ),
+            ("void at::native::(anonymous namespace)::max_pool_backward_nhwc<c10::BFloat16, float>", "pointwise and pooling"),
+            ("gz_rmsprop_bf16", "optimizer"),
+            ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::FusedOptimizerTensorListMetadata<4>>", "optimizer"),
+            ("gz_transpose_b16", "layout and copies"),
+            ("ucopy_bf16", "layout and copies"),
+            ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true, (cudnnKernelDataType_t)0>", "layout and copies"),
+            ("dieleman_parts_bf16", "input resampling"),
+            ("im2col_nhwc_bf16", "input resampling"),
+            ("gz_tree_fwd_f32", "pointwise and pooling"),
+            ("some_kernel_nobody_knows", "other"),
+        ] {
+            assert_eq!(category(name), want, "{name}");
+            assert!(categories().contains(&want));
+        }
+        let s = Summary::from_records(
+            &[
+                ("sm90_xmma_fprop_x".to_string(), 1_000, 3_000),
+                ("relu_pool_bwd_nhwc_v_bf16".to_string(), 3_000, 4_000),
+                ("sm90_xmma_fprop_y".to_string(), 4_000, 5_000),
+            ],
+            &[],
+            &[],
+        );
+        assert_eq!(
+            s.by_category(),
+            vec![("conv forward", 3_000, 2), ("pointwise and pooling", 1_000, 1)]
+        );
     }
 
     /// The record layouts read: CUPTI 13.0's offsets (from its header, through `offsetof`).

@@ -193,6 +193,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut v = serde_json::to_value(&r)?;
         add_setup(&mut v, &args, &model)?;
         v["conv"] = conv.into();
+        if let Some(k) = &r.kernels {
+            // ms per step by kind of work (gz_model::kernel_trace::category)
+            let per = |ns: u64| ns as f64 / 1e6 / r.steps.max(1) as f64;
+            v["kernels_by_kind"] = k
+                .by_category()
+                .into_iter()
+                .map(|(c, ns, n)| {
+                    (
+                        c.to_string(),
+                        serde_json::json!({"ms_per_step": per(ns), "launches": n}),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         if conv == "cudnn" && device.is_cuda() {
             v["fast_path"] = gz_model::cudnn::fast_path_summary(&device).into();
         }
