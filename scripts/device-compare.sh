@@ -61,6 +61,8 @@ ratio dieleman-bf16-all-new dieleman-bf16-default
 ratio vgg-bf16-all-new vgg-bf16-both-new
 ratio dieleman-bf16-all-new dieleman-bf16-both-new
 ratio dieleman-bf16-image-gemm-inference dieleman-bf16-default-inference
+ratio vgg-bf16-all-new-inference vgg-bf16-default-inference
+ratio dieleman-bf16-all-new-inference dieleman-bf16-default-inference
 # CUPTI's own cost: a trace row against its untraced default row (below 0.9, read the trace's
 # idle time with care)
 ratio vgg-bf16-trace vgg-bf16-default

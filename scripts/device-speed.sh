@@ -211,6 +211,9 @@ bench vgg-bf16-default-inference 30 -- $V $R --inference
 bench dieleman-bf16-inference 30 $ALL -- $D $R --inference
 bench dieleman-bf16-default-inference 30 -- $D $R --inference
 bench dieleman-bf16-image-gemm-inference 30 GZ_IMAGE_GEMM=1 -- $D $R --inference
+# (the pooling masks in inference: the pooled layers write a byte per pooled value, not y)
+bench vgg-bf16-all-new-inference 30 $NEW -- $V $R --inference
+bench dieleman-bf16-all-new-inference 30 $NEW -- $D $R --inference
 bench vgg-bf16-all-nhwc-image 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=1 -- $V $R
 bench vgg-bf16-scalar-epilogue 40 GZ_NHWC_VEC=0 -- $V $R
 bench vgg-bf16-all-nhwc-image-pad 40 $ALL GZ_NHWC=1 GZ_NHWC_IMAGE=pad -- $V $R
