@@ -467,10 +467,14 @@ fn cache_list_prune_and_remove() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(!theirs.exists() && current.exists(), "{out}");
 
-    // remove: the dataset folder is not a cache and stays; the cache goes, whole
-    let (code, out, err) = cache_cmd(&["remove", d, current.to_str().unwrap()]);
+    // remove: the dataset folder is not a cache and stays; the cache goes, whole (named twice,
+    // `C` and `C/`: removed once, the second not a failure)
+    let again = format!("{}/", current.display());
+    let (code, out, err) = cache_cmd(&["remove", d, current.to_str().unwrap(), &again]);
     assert_eq!(code, Some(1), "{out}\n{err}");
     assert!(err.contains("not a gz cache"), "{err}");
+    assert!(err.contains("1 of 2 folders not removed"), "{err}");
+    assert_eq!(out.matches("removed: ").count(), 1, "{out}");
     assert!(data.join("training_solutions_rev1.csv").exists());
     assert!(!current.exists(), "{out}");
     let left: Vec<_> = std::fs::read_dir(&root)

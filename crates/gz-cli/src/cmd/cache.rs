@@ -416,8 +416,15 @@ fn prune(at: &Where, orphans: bool, dry_run: bool) -> anyhow::Result<()> {
 }
 
 fn remove(dirs: &[PathBuf]) -> anyhow::Result<()> {
+    // one folder named twice (`C` and `C/`, or through a link): removed once, not reported as
+    // a failure the second time
+    let mut seen = std::collections::HashSet::new();
+    let dirs: Vec<&PathBuf> = dirs
+        .iter()
+        .filter(|d| seen.insert(d.canonicalize().unwrap_or_else(|_| d.to_path_buf())))
+        .collect();
     let mut failed = 0;
-    for d in dirs {
+    for d in dirs.iter().copied() {
         let (bytes, _) = inventory::classify(
             d,
             &d.file_name()
