@@ -209,6 +209,9 @@ fn command_change(old: &[String], new: &[String]) -> String {
     for (name, value) in &now {
         said.push(format!("{name} {value} added").replace("  ", " ").trim().to_string());
     }
+    // (a stage of two commands joined by `&&` changed alike in both, `--tta 8 → 1`: said once)
+    let mut seen = std::collections::HashSet::new();
+    said.retain(|s| seen.insert(s.clone()));
     if said.is_empty() {
         return String::new();
     }
@@ -263,6 +266,15 @@ mod tests {
         assert_eq!(
             command_change(&old, &w("gz train --out R --cache C --epochs 1 --no-augment")),
             ""
+        );
+        // a stage of two commands changed alike in both: said once
+        let two = w("gz eval --tta 8 --run R && gz eval --split test --tta 8 --run R");
+        assert_eq!(
+            command_change(
+                &two,
+                &w("gz eval --tta 1 --run R && gz eval --split test --tta 1 --run R")
+            ),
+            " (--tta 8 → 1)"
         );
     }
 
