@@ -1097,6 +1097,67 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
         m["spread"]["rmse_least"].as_f64().unwrap(),
     );
     assert!(most.is_finite() && least.is_finite() && most > 0.0, "{m}");
+    // a --max-train run: its hold-out is named as a share of its subset (it read as 10% of the
+    // whole split), and its 2 galaxies are too few for the spread, which is said, not dropped
+    let run_few = tmp.path().join("run_few");
+    gz_ok(
+        support::gz()
+            .args([
+                "train",
+                "--model",
+                "tiny",
+                "--epochs",
+                "1",
+                "--max-train",
+                "20",
+                "--cache",
+            ])
+            .arg(&cache)
+            .arg("--out")
+            .arg(&run_few),
+    );
+    let report_few = tmp.path().join("report_few");
+    let out = gz_ok(
+        support::gz()
+            .args(["eval", "--tta", "2", "--run"])
+            .arg(&run_few)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&report_few),
+    );
+    assert!(
+        out.contains(
+            "validation hold-out of a 20-image --max-train subset of the training split (10%, seed 0): 2 images"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("spread of the 2 TTA views per galaxy: not scored on 2 galaxies"),
+        "{out}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report_few.join("metrics.json")).unwrap()).unwrap();
+    assert!(m.get("spread").is_none_or(|s| s.is_null()), "{m}");
+    // a run that asked for more epochs than it trained (as a killed one): the warning reads
+    // like gz's others ("warning: …", not a log line's " WARN …")
+    let config = run_few.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"epochs\": 1,"), "{text}");
+    std::fs::write(&config, text.replace("\"epochs\": 1,", "\"epochs\": 5,")).unwrap();
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&run_few)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(tmp.path().join("report_few2")),
+    );
+    assert!(
+        ok && err.contains("warning: ") && err.contains("stopped after epoch 1 of 5") && !err.contains("WARN"),
+        "{out}\n{err}"
+    );
     let sub = tmp.path().join("submission.csv");
     let out = gz_ok(
         support::gz()
@@ -1437,7 +1498,7 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg("--out")
             .arg(&pred_24),
     );
-    let out = gz_ok(
+    let (ok, out, err) = support::run(
         support::gz()
             .args(["predict", "--run"])
             .arg(&run)
@@ -1452,7 +1513,10 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg("--spread")
             .arg(tmp.path().join("spread_mix.csv")),
     );
-    assert!(out.contains("8 rows"), "{out}");
+    assert!(ok && out.contains("8 rows"), "{out}\n{err}");
+    // the same images prepared at two sizes are the same training data (the note said
+    // "trained on different images": the caches' fingerprints cover the pixels)
+    assert!(!err.contains("different images"), "{err}");
     // the per-question spread pooled over the two inputs' groups too (it was refused)
     gz_ok(
         support::gz()
@@ -1601,6 +1665,29 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
             .arg(tmp.path().join("report2")),
     );
     assert!(!ok && err.contains("fingerprint") && err.contains("hold-out"), "{err}");
+    // a run trained there and the run trained on the original labels, as one ensemble: noted
+    let run_relabelled = tmp.path().join("run_relabelled");
+    gz_ok(
+        support::gz()
+            .args([
+                "train", "--model", "tiny", "--epochs", "1", "--device", "cpu", "--cache",
+            ])
+            .arg(&relabelled)
+            .arg("--out")
+            .arg(&run_relabelled),
+    );
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["predict", "--run"])
+            .arg(&run)
+            .arg("--run")
+            .arg(&run_relabelled)
+            .arg("--images")
+            .arg(&test_dir)
+            .arg("--out")
+            .arg(tmp.path().join("pred_two_sets.csv")),
+    );
+    assert!(ok && err.contains("trained on different images"), "{out}\n{err}");
 
     // a flipped bit in a test image of the cache: predict refuses it, naming the shard
     let shard = cache.join("test-00000.shard");

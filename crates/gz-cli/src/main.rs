@@ -53,6 +53,31 @@ enum Command {
     BenchTrain(cmd::bench_train::Args),
 }
 
+/// The libraries' `tracing` events as gz's own messages: `warning: …` and `error: …` (other
+/// levels, shown only with `RUST_LOG`, which takes the log format instead, as `LEVEL: …`).
+struct PlainMessages;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for PlainMessages
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        match *event.metadata().level() {
+            tracing::Level::WARN => write!(writer, "warning: ")?,
+            tracing::Level::ERROR => write!(writer, "error: ")?,
+            other => write!(writer, "{other}: ")?,
+        }
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
 /// A write to stdout or stderr failed (a full disk under `gz … > log`): the panic hook said so.
 static OUTPUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -111,7 +136,7 @@ fn main() {
     }));
     // Before any thread or large buffer exists (see `malloc`).
     let malloc_tuned = malloc::tune();
-    tracing_subscriber::fmt()
+    let logging = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -120,11 +145,15 @@ fn main() {
         // colour only on a terminal: a redirected stderr (a log file, CI, xtask's capture) gets
         // plain text, not escape codes
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // a warning reads like gz's other messages (`WARN ignoring …`), not like a log line
-        // with a timestamp and a module path (RUST_LOG=debug gives the module paths back)
-        .without_time()
-        .with_target(std::env::var_os("RUST_LOG").is_some())
-        .init();
+        .without_time();
+    if std::env::var_os("RUST_LOG").is_some() {
+        // a log, with the module paths, for whoever asked for one
+        logging.with_target(true).init();
+    } else {
+        // the libraries' warnings read like gz's other messages (`warning: …`), not like log
+        // lines (` WARN runs/x stopped after epoch 6 …`)
+        logging.event_format(PlainMessages).init();
+    }
     tracing::debug!(
         mmap_threshold = ?malloc_tuned,
         "host allocator tuning (None: glibc's defaults, e.g. with GZ_MALLOC=system)"

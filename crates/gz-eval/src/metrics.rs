@@ -214,18 +214,15 @@ fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
 impl SpreadScore {
     /// One line for people: what the spread is and what it says of the error.
     pub fn sentence(&self) -> String {
-        let what = match (self.views, self.members) {
-            (v, 1) => format!("{v} TTA views"),
-            (1, m) => format!("{m} checkpoints"),
-            (v, m) => format!("{v} TTA views × {m} checkpoints"),
-        };
+        let what = spread_subject(self.views, self.members);
         if self.mean_spread == 0.0 {
             // nothing to rank by: the quarters would only be the first and last rows
             return format!("spread of the {what} per galaxy: none, the {what} agree exactly on every galaxy");
         }
         let corr = |r: f64| {
             if r.is_finite() {
-                format!("{r:.2}")
+                // (+0.0: a correlation that rounds to zero is not "-0.00")
+                format!("{:.2}", if r.abs() < 0.005 { 0.0 } else { r })
             } else {
                 "undefined".to_string()
             }
@@ -242,6 +239,30 @@ impl SpreadScore {
             corr(self.fraction_rank_correlation)
         )
     }
+}
+
+/// What spreads: "8 TTA views", "3 checkpoints", "8 TTA views × 3 checkpoints".
+pub fn spread_subject(views: usize, members: usize) -> String {
+    match (views, members) {
+        (v, 1) => format!("{v} TTA views"),
+        (1, m) => format!("{m} checkpoints"),
+        (v, m) => format!("{v} TTA views × {m} checkpoints"),
+    }
+}
+
+/// The line in place of [`SpreadScore::sentence`] when fewer than [`MIN_SPREAD_ROWS`] galaxies
+/// are scored (no spread is scored then; docs/evaluation.md).
+pub fn spread_not_scored(views: usize, members: usize, rows: usize) -> String {
+    format!(
+        "spread of the {} per galaxy: not scored on {} (its quarters of most and least spread need at least \
+         {MIN_SPREAD_ROWS})",
+        spread_subject(views, members),
+        if rows == 1 {
+            "1 galaxy".to_string()
+        } else {
+            format!("{rows} galaxies")
+        }
+    )
 }
 
 /// Fewest galaxies for [`spread_score`] in a report: its quarters of most and least spread are
@@ -600,6 +621,30 @@ mod tests {
         assert!(!s.sentence().contains("NaN"), "{}", s.sentence());
         let back: SpreadScore = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert!(back.rank_correlation.is_nan());
+    }
+
+    /// A correlation that rounds to zero from below reads 0.00, not -0.00; too few galaxies
+    /// for the spread are said, in the singular for one.
+    #[test]
+    fn near_zero_correlations_and_too_few_galaxies_read_plainly() {
+        let n = 4;
+        let truth = vec![0.5f32; n * N_ANSWERS];
+        let pred: Vec<f32> = (0..n * N_ANSWERS).map(|i| 0.1 * (i / N_ANSWERS) as f32).collect();
+        let var: Vec<f32> = (0..n * N_ANSWERS).map(|i| 0.01 * (1 + i % 3) as f32).collect();
+        let mut s = spread_score(&pred, &var, &truth, 8, 1).unwrap();
+        s.rank_correlation = -0.001;
+        s.fraction_rank_correlation = -0.004;
+        let line = s.sentence();
+        assert!(!line.contains("-0.00") && line.contains("error 0.00"), "{line}");
+        s.rank_correlation = -0.006;
+        assert!(s.sentence().contains("error -0.01"), "{}", s.sentence());
+        assert_eq!(
+            spread_not_scored(8, 1, 1),
+            "spread of the 8 TTA views per galaxy: not scored on 1 galaxy (its quarters of most and least spread \
+             need at least 4)"
+        );
+        assert!(spread_not_scored(2, 3, 2)
+            .starts_with("spread of the 2 TTA views × 3 checkpoints per galaxy: not scored on 2 galaxies"));
     }
 
     #[test]

@@ -106,6 +106,12 @@ pub struct Sidecar {
     /// refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_fingerprint: Option<String>,
+    /// Which galaxies the training split held and their labels, whatever their preprocessing
+    /// (`gz_shards::Cache::split_data_fingerprint`; absent before the twenty-fourth session):
+    /// `gz predict` tells an ensemble of runs on differently prepared caches of the same images
+    /// from one of runs on different images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_data_fingerprint: Option<String>,
     /// Image shape the model was trained on (C, H, W).
     pub input_shape: [usize; 3],
     /// Trainable parameters.

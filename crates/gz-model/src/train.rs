@@ -257,6 +257,9 @@ pub struct DataMeta {
     /// Content fingerprint of the training data (`gz_shards::Cache::split_fingerprint`), when
     /// it comes from a cache.
     pub train_fingerprint: Option<String>,
+    /// Which galaxies and labels, whatever their preprocessing
+    /// (`gz_shards::Cache::split_data_fingerprint`), when it comes from a cache.
+    pub train_data_fingerprint: Option<String>,
 }
 
 /// Training errors.
@@ -357,6 +360,7 @@ pub fn train(
         // sidecar could not be written otherwise, after the first epoch's work)
         cache_dir: Some(PathBuf::from(cache.dir().to_string_lossy().into_owned())),
         train_fingerprint: cache.split_fingerprint("train"),
+        train_data_fingerprint: cache.split_data_fingerprint("train"),
     };
     train_on(cfg, split, &meta, out_dir, resume, observer)
 }
@@ -748,6 +752,7 @@ pub fn train_on(
             prep_config_hash: meta.prep_config_hash.clone(),
             cache_dir: meta.cache_dir.clone(),
             train_fingerprint: meta.train_fingerprint.clone(),
+            train_data_fingerprint: meta.train_data_fingerprint.clone(),
             input_shape,
             param_count,
             code_version: version.clone(),
@@ -1665,6 +1670,7 @@ mod tests {
             prep_config_hash: "toyhash".into(),
             cache_dir: None,
             train_fingerprint: None,
+            train_data_fingerprint: None,
         }
     }
 
@@ -2690,6 +2696,7 @@ mod cuda_tests {
             prep_config_hash: "toyhash".into(),
             cache_dir: None,
             train_fingerprint: None,
+            train_data_fingerprint: None,
         }
     }
 

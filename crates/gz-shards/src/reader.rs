@@ -148,6 +148,23 @@ impl Cache {
         Some(h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect())
     }
 
+    /// A fingerprint of which galaxies a split holds and their labels, whatever their
+    /// preprocessing: a hash of its index (the GalaxyIDs in row order) and labels checksums.
+    /// Equal for two caches of the same images at different sizes or crops (where
+    /// [`Self::split_fingerprint`] differs, as it covers the pixels); `None` when there is no
+    /// such split.
+    pub fn split_data_fingerprint(&self, name: &str) -> Option<String> {
+        use sha2::Digest;
+        let (_, sm) = self.manifest.splits.iter().find(|(n, _)| n == name)?;
+        let mut h = sha2::Sha256::new();
+        h.update(format!("gz split data v1 {}\n", sm.rows).as_bytes());
+        h.update(format!("index {} {}\n", sm.index.rows, sm.index.crc32).as_bytes());
+        if let Some(l) = &sm.labels {
+            h.update(format!("labels {} {}\n", l.rows, l.crc32).as_bytes());
+        }
+        Some(h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     /// The parsed manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest

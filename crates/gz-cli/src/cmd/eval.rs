@@ -102,15 +102,22 @@ pub(crate) fn holdout_size(n_val: usize, used: usize, fraction: f64) -> String {
 
 /// The rows `gz eval --split validation` scores: `validation hold-out of the training split (10%,
 /// seed 0): 200 images`; the asked share is left out of the brackets when it is not the real
-/// one ([`holdout_size`] gives both).
-fn holdout_description(fraction: f64, seed: u64, n_val: usize, used: usize) -> String {
+/// one ([`holdout_size`] gives both). A run that trained on `used` of the split's `split_rows`
+/// images (`--max-train`) held its share out of those: `… of a 40-image --max-train subset of
+/// the training split (25%, seed 0): 10 images` (it read as 25% of the whole split).
+fn holdout_description(fraction: f64, seed: u64, n_val: usize, used: usize, split_rows: usize) -> String {
     let share = if share_is_misleading(n_val, used, fraction) {
         String::new()
     } else {
         format!("{}%, ", percent(fraction))
     };
+    let subset = if used < split_rows {
+        format!("a {used}-image --max-train subset of ")
+    } else {
+        String::new()
+    };
     format!(
-        "validation hold-out of the training split ({share}seed {seed}): {}",
+        "validation hold-out of {subset}the training split ({share}seed {seed}): {}",
         holdout_size(n_val, used, fraction)
     )
 }
@@ -546,6 +553,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 t.seed,
                 holdout.val.len(),
                 holdout.val.len() + holdout.train.len(),
+                train.len(),
             ),
         }
     } else {
@@ -580,15 +588,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (checkpoints.as_str(), first.sidecar().epoch, cache.config_hash()),
     )?;
     pb.finish_and_clear();
-    ev.report.trained = Some(trained_line(first.sidecar(), models.len()));
-    // the learning curve is the first run's: its validation training mean is its reference line
-    ev.report.val_mean_rmse = Some(first.sidecar().baseline_val_rmse);
-
     let run_dir = if args.runs[0].is_dir() {
         args.runs[0].clone()
     } else {
         args.runs[0].parent().map(PathBuf::from).unwrap_or_default()
     };
+    // how far the run got (its last state), for a run stopped early or unfinished
+    let done = gz_model::checkpoint::read_sidecar(&run_dir.join("last.json"))
+        .ok()
+        .map(|l| l.epoch);
+    ev.report.trained = Some(trained_line(first.sidecar(), models.len(), done));
+    // the learning curve is the first run's: its validation training mean is its reference line
+    ev.report.val_mean_rmse = Some(first.sidecar().baseline_val_rmse);
+
     let mj = run_dir.join("metrics.jsonl");
     let epochs = if mj.is_file() {
         Some(read_epochs(&mj)?)
@@ -754,6 +766,12 @@ fn publish(
     }
     if let Some(sp) = &ev.report.spread {
         println!("{}", sp.sentence());
+    } else if views * args.runs.len() > 1 && ev.report.model.scores.rows < gz_eval::metrics::MIN_SPREAD_ROWS {
+        // (said, not left out in silence: several predictions per galaxy, too few galaxies)
+        println!(
+            "{}",
+            gz_eval::metrics::spread_not_scored(views, args.runs.len(), ev.report.model.scores.rows)
+        );
     }
     if let Some(f) = &ev.report.floor {
         // the floor is the noise-free truth's own error against the volunteers' votes: far
@@ -820,16 +838,19 @@ fn publish(
 }
 
 /// How a checkpoint was trained, in a line for the report: `tiny, tree head, rmsprop lr 0.002,
-/// schedule step:28,36, epoch 30 of 40, batch 16, seed 0` (the checkpoint's epoch of the run's;
-/// "first of N" for an ensemble).
-fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize) -> String {
+/// schedule step:28,36, best epoch 30 of 40, batch 16, seed 0` (the checkpoint's epoch of the
+/// run's; "first of N" for an ensemble). `done`, the run's last epoch, tells a run stopped by
+/// its patience (`best epoch 3, stopped by patience after epoch 4 of 20`) or unfinished (`best
+/// epoch 3, 4 of 20 epochs trained`) from a whole one: "epoch 3 of 20" read as interrupted.
+fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize, done: Option<usize>) -> String {
     let t = &s.train;
     let schedule = match &t.schedule {
         gz_model::optim::Schedule::Constant => String::new(),
         other => format!(", schedule {other}"),
     };
+    let epoch = epoch_phrase(s.weights_file.starts_with("best"), s.epoch, t.epochs, t.patience, done);
     format!(
-        "{}{}, {} head, {} lr {}{schedule}, epoch {} of {}, batch {}, seed {}{}",
+        "{}{}, {} head, {} lr {}{schedule}, {epoch}, batch {}, seed {}{}",
         if members > 1 {
             format!("first of {members}: ")
         } else {
@@ -839,17 +860,53 @@ fn trained_line(s: &gz_model::checkpoint::Sidecar, members: usize) -> String {
         s.model.output.name(),
         t.optimizer.name(),
         t.lr,
-        s.epoch,
-        t.epochs,
         t.batch,
         t.seed,
         if t.augment.enabled { ", augmented" } else { "" }
     )
 }
 
+/// The checkpoint's epoch in [`trained_line`]: `best epoch 30 of 40`; with the run's last
+/// epoch `done` short of the `epochs` asked, `best epoch 3, stopped by patience after epoch 4
+/// of 20` (`patience` epochs without a better one) or `best epoch 3, 4 of 20 epochs trained`.
+fn epoch_phrase(best: bool, epoch: usize, epochs: usize, patience: Option<usize>, done: Option<usize>) -> String {
+    let which = if best { "best epoch" } else { "epoch" };
+    match done {
+        Some(d) if d < epochs && patience.is_some_and(|p| d.saturating_sub(epoch) >= p) => {
+            format!("{which} {epoch}, stopped by patience after epoch {d} of {epochs}")
+        }
+        Some(d) if d < epochs => format!("{which} {epoch}, {d} of {epochs} epochs trained"),
+        _ => format!("{which} {epoch} of {epochs}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run stopped by its patience or unfinished is not read as one whose checkpoint is an
+    /// interrupted run's ("epoch 3 of 20").
+    #[test]
+    fn the_epoch_phrase_tells_early_stops_and_unfinished_runs() {
+        assert_eq!(epoch_phrase(true, 30, 40, None, Some(40)), "best epoch 30 of 40");
+        assert_eq!(epoch_phrase(true, 30, 40, Some(5), None), "best epoch 30 of 40");
+        assert_eq!(
+            epoch_phrase(true, 3, 20, Some(1), Some(4)),
+            "best epoch 3, stopped by patience after epoch 4 of 20"
+        );
+        assert_eq!(
+            epoch_phrase(true, 3, 20, None, Some(4)),
+            "best epoch 3, 4 of 20 epochs trained"
+        );
+        assert_eq!(
+            epoch_phrase(true, 3, 20, Some(2), Some(4)),
+            "best epoch 3, 4 of 20 epochs trained"
+        );
+        assert_eq!(
+            epoch_phrase(false, 4, 20, None, Some(4)),
+            "epoch 4, 4 of 20 epochs trained"
+        );
+    }
 
     /// The hold-out's share as the run set it: `--val-fraction 0.005` was shown as "0%".
     #[test]
@@ -866,17 +923,22 @@ mod tests {
     #[test]
     fn a_tiny_holdout_states_its_real_share() {
         assert_eq!(
-            holdout_description(0.1, 0, 1, 3),
+            holdout_description(0.1, 0, 1, 3, 3),
             "validation hold-out of the training split (seed 0): 1 image of 3 (33.3%; --val-fraction 0.1 asked for 10%)"
         );
         assert_eq!(
-            holdout_description(0.1, 7, 200, 2000),
+            holdout_description(0.1, 7, 200, 2000, 2000),
             "validation hold-out of the training split (10%, seed 7): 200 images"
         );
         // within a tenth of the asked share: as asked
         assert_eq!(
-            holdout_description(0.1, 0, 20, 195),
+            holdout_description(0.1, 0, 20, 195, 195),
             "validation hold-out of the training split (10%, seed 0): 20 images"
+        );
+        // a --max-train run's hold-out is a share of its subset, and says so
+        assert_eq!(
+            holdout_description(0.25, 0, 10, 40, 200),
+            "validation hold-out of a 40-image --max-train subset of the training split (25%, seed 0): 10 images"
         );
         assert_eq!(holdout_size(1, 20, 0.05), "1 image");
         assert_eq!(

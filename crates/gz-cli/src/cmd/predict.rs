@@ -227,13 +227,10 @@ pub fn predict(src: &SourceArgs, spread: Option<SpreadOf>) -> anyhow::Result<Pre
             (sum / models.len() as f64) as f32
         })
         .collect();
-    let prints: std::collections::BTreeSet<Option<&str>> = models
-        .iter()
-        .map(|m| m.sidecar().train_fingerprint.as_deref())
-        .collect();
-    if prints.len() > 1 && !prints.contains(&None) {
+    if members_saw_other_images(models.iter().map(|m| m.sidecar())) {
         eprintln!(
-            "note: the checkpoints were trained on different images (their training fingerprints differ): their \
+            "note: the checkpoints were trained on different images or labels (their training fingerprints \
+             differ): their \
              average mixes models of different data{}",
             if src.fill_mean {
                 ", and the rows --fill-mean fills take the average of their training means"
@@ -815,6 +812,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         say(format!("spread: {}", path.display()));
     }
     Ok(())
+}
+
+/// Whether an ensemble's members were trained on different galaxies or labels: by the
+/// preprocessing-free data fingerprints where every member has one (runs of the same images
+/// prepared at two sizes are one set of images), else by the training caches' content
+/// fingerprints where the members share a preprocessing (where it differs, those differ
+/// anyway, and older runs say nothing more).
+fn members_saw_other_images<'a>(sidecars: impl Iterator<Item = &'a gz_model::checkpoint::Sidecar> + Clone) -> bool {
+    use std::collections::BTreeSet;
+    let data: BTreeSet<Option<&str>> = sidecars.clone().map(|s| s.train_data_fingerprint.as_deref()).collect();
+    if !data.contains(&None) {
+        return data.len() > 1;
+    }
+    let preps: BTreeSet<&str> = sidecars.clone().map(|s| s.prep_config_hash.as_str()).collect();
+    let prints: BTreeSet<Option<&str>> = sidecars.map(|s| s.train_fingerprint.as_deref()).collect();
+    preps.len() == 1 && prints.len() > 1 && !prints.contains(&None)
 }
 
 #[cfg(test)]
