@@ -1070,18 +1070,7 @@ mod cuda {
         nhwc: bool,
     ) -> Result<(CudaStorage, CudaStorage)> {
         let (n, k, h, w) = super::super::nchw_dims(lz.shape(), nhwc)?;
-        if h < 2 || w < 2 {
-            candle_core::bail!("bias-relu-pool: {h}×{w} is smaller than the 2×2 window");
-        }
-        if n * k * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
-            candle_core::bail!("bias-relu-pool: {n}×{k} planes of {h}×{w} exceed the kernel's 32-bit indexing");
-        }
-        let dims = (
-            u32_of(n, "batch")?,
-            u32_of(k, "channels")?,
-            u32_of(h, "height")?,
-            u32_of(w, "width")?,
-        );
+        let dims = pool_fwd_dims((n, k, h, w))?;
         let dev = z.device().clone();
         super::super::backend::time_bias(&dev, || match z.dtype() {
             DType::F32 => fwd_pool::<f32>(&dev, z, lz, b, lb, dims, nhwc),
@@ -1169,18 +1158,7 @@ mod cuda {
         lb: &Layout,
     ) -> Result<Option<(CudaStorage, CudaStorage)>> {
         let (n, h, w, k) = lz.shape().dims4()?;
-        if h < 2 || w < 2 {
-            candle_core::bail!("bias-relu-pool: {h}×{w} is smaller than the 2×2 window");
-        }
-        if n * k * (h / 2) * (w / 2) > i32::MAX as usize {
-            candle_core::bail!("bias-relu-pool: {n}×{k} planes of {h}×{w} exceed the kernel's 32-bit indexing");
-        }
-        let dims = (
-            u32_of(n, "batch")?,
-            u32_of(k, "channels")?,
-            u32_of(h, "height")?,
-            u32_of(w, "width")?,
-        );
+        let dims = pool_fwd_dims((n, k, h, w))?;
         let dev = z.device().clone();
         super::super::backend::time_bias(&dev, || match z.dtype() {
             DType::F32 => fwd_pool_mask::<f32>(&dev, z, lz, b, lb, dims),
@@ -1257,20 +1235,7 @@ mod cuda {
                 ldp.shape()
             );
         }
-        let total = n * k * h * w;
-        if total == 0 {
-            candle_core::bail!("relu-pool backward: empty activation ({n}, {h}, {w}, {k})");
-        }
-        let dims = (
-            u32_of(n, "batch")?,
-            u32_of(k, "channels")?,
-            u32_of(h, "height")?,
-            u32_of(w, "width")?,
-        );
-        u32_of(total, "size")?;
-        if n * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
-            candle_core::bail!("relu-pool backward: {n} images of {h}×{w} exceed the kernel's 32-bit indexing");
-        }
+        let (dims, total) = pool_bwd_dims((n, k, h, w))?;
         let dev = dp.device().clone();
         let out = super::super::backend::time_bias(&dev, || match dp.dtype() {
             DType::F32 => pool_bwd_mask::<f32>(&dev, mask, lmask, dp, ldp, dims, total),
@@ -1341,21 +1306,7 @@ mod cuda {
                 ldp.shape()
             );
         }
-        let total = n * k * h * w;
-        if total == 0 {
-            candle_core::bail!("relu-pool backward: empty activation {:?}", ly.shape());
-        }
-        let dims = (
-            u32_of(n, "batch")?,
-            u32_of(k, "channels")?,
-            u32_of(h, "height")?,
-            u32_of(w, "width")?,
-        );
-        u32_of(total, "size")?;
-        // the kernels walk (image, window) pairs with 32-bit indices
-        if n * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
-            candle_core::bail!("relu-pool backward: {n} images of {h}×{w} exceed the kernel's 32-bit indexing");
-        }
+        let (dims, total) = pool_bwd_dims((n, k, h, w))?;
         let dev = y.device().clone();
         let out = super::super::backend::time_bias(&dev, || match y.dtype() {
             DType::F32 => pool_bwd::<f32>(&dev, y, ly, dp, ldp, dims, total, nhwc),
@@ -1416,6 +1367,45 @@ mod cuda {
         } else {
             None
         }
+    }
+
+    /// The pooled forward kernels' (n, k, h, w), checked: a 2×2 window fits, and their 32-bit
+    /// indices cover the (window, channel) pairs.
+    fn pool_fwd_dims((n, k, h, w): (usize, usize, usize, usize)) -> Result<(u32, u32, u32, u32)> {
+        if h < 2 || w < 2 {
+            candle_core::bail!("bias-relu-pool: {h}×{w} is smaller than the 2×2 window");
+        }
+        if n * k * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
+            candle_core::bail!("bias-relu-pool: {n}×{k} planes of {h}×{w} exceed the kernel's 32-bit indexing");
+        }
+        Ok((
+            u32_of(n, "batch")?,
+            u32_of(k, "channels")?,
+            u32_of(h, "height")?,
+            u32_of(w, "width")?,
+        ))
+    }
+
+    /// The ReLU + pool backward kernels' (n, k, h, w), checked, and the activation's size: not
+    /// empty, within 32 bits, and (image, window) pairs the kernels walk with 32-bit indices.
+    fn pool_bwd_dims((n, k, h, w): (usize, usize, usize, usize)) -> Result<((u32, u32, u32, u32), usize)> {
+        let total = n * k * h * w;
+        if total == 0 {
+            candle_core::bail!("relu-pool backward: empty activation (n {n}, k {k}, {h}×{w})");
+        }
+        u32_of(total, "size")?;
+        if n * h.div_ceil(2) * w.div_ceil(2) > i32::MAX as usize {
+            candle_core::bail!("relu-pool backward: {n} images of {h}×{w} exceed the kernel's 32-bit indexing");
+        }
+        Ok((
+            (
+                u32_of(n, "batch")?,
+                u32_of(k, "channels")?,
+                u32_of(h, "height")?,
+                u32_of(w, "width")?,
+            ),
+            total,
+        ))
     }
 
     fn u32_of(v: usize, what: &str) -> Result<u32> {
