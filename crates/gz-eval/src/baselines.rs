@@ -246,13 +246,15 @@ pub struct Floor {
 
 /// The Bayes floor for the labelled rows `ids`/`labels`, when the dataset in `data_dir` carries
 /// noise-free fractions. Prefers `expected_training.csv`/`expected_test.csv` (exactly the rows
-/// scored); without them, `floor.json` (`train_rmse`, over the whole training set). Returns
+/// scored); without them, `floor.json` (`train_rmse` over the whole training set, or with `test`
+/// (the rows are the test split's) `test_rmse` over the whole test set: a test score was shown
+/// against the training set's floor). Returns
 /// `Ok(None)` when the dataset has neither — the normal case for a real Kaggle download — or
 /// when the files are unreadable (logged, never fatal: they are optional extras), or when the
 /// expected fractions lack some of the rows scored (logged: no floor is better than another
 /// set's). An error when they hold none of them: `data_dir` is another dataset than the one
 /// scored.
-pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Option<Floor>> {
+pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32], test: bool) -> Result<Option<Floor>> {
     if labels.len() != ids.len() * N_ANSWERS {
         return Err(EvalError::Shape {
             what: "rows for the Bayes floor".into(),
@@ -333,18 +335,23 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32]) -> Result<Optio
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()));
         match parsed {
             Ok(v) => {
-                if let Some(r) = v.get("train_rmse").and_then(|x| x.as_f64()) {
+                let (key, set) = if test {
+                    ("test_rmse", "test")
+                } else {
+                    ("train_rmse", "training")
+                };
+                if let Some(r) = v.get(key).and_then(|x| x.as_f64()) {
                     return Ok(Some(Floor {
                         rmse: r,
-                        source: "floor.json train_rmse (whole training set)".into(),
+                        source: format!("floor.json {key} (whole {set} set)"),
                         per_question: None,
                     }));
                 }
-                if v.get("train_rmse").is_some_and(|x| x.is_null()) {
+                if v.get(key).is_some_and(|x| x.is_null()) {
                     // gz synth writes null for a split with no images: no floor, nothing wrong
                     return Ok(None);
                 }
-                tracing::warn!("ignoring {}: no numeric train_rmse", fj.display());
+                tracing::warn!("ignoring {}: no numeric {key}", fj.display());
             }
             Err(e) => tracing::warn!("ignoring {}: {e}", fj.display()),
         }
@@ -481,21 +488,24 @@ mod tests {
     fn floor_is_optional_and_read_when_present() {
         let dir = tempfile::tempdir().unwrap();
         let labels = constant(&[0.5; N_ANSWERS], 2);
-        assert_eq!(bayes_floor(dir.path(), &[1, 2], &labels).unwrap(), None);
+        assert_eq!(bayes_floor(dir.path(), &[1, 2], &labels, false).unwrap(), None);
         std::fs::write(
             dir.path().join("floor.json"),
             r#"{"train_rmse": 0.0123, "test_rmse": 0.02}"#,
         )
         .unwrap();
-        let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
+        let f = bayes_floor(dir.path(), &[1, 2], &labels, false).unwrap().unwrap();
         assert!((f.rmse - 0.0123).abs() < 1e-12 && f.source.contains("floor.json"));
+        // test rows: the test set's floor, named so
+        let f = bayes_floor(dir.path(), &[1, 2], &labels, true).unwrap().unwrap();
+        assert!((f.rmse - 0.02).abs() < 1e-12 && f.source == "floor.json test_rmse (whole test set)");
         // a set written with no training images has no training floor (null), not one of 0
         std::fs::write(
             dir.path().join("floor.json"),
             r#"{"train_rmse": null, "test_rmse": 0.02}"#,
         )
         .unwrap();
-        assert_eq!(bayes_floor(dir.path(), &[1, 2], &labels).unwrap(), None);
+        assert_eq!(bayes_floor(dir.path(), &[1, 2], &labels, false).unwrap(), None);
         std::fs::write(
             dir.path().join("floor.json"),
             r#"{"train_rmse": 0.0123, "test_rmse": 0.02}"#,
@@ -505,7 +515,7 @@ mod tests {
         sol.push(1, &[0.4; N_ANSWERS]);
         sol.push(2, &[0.6; N_ANSWERS]);
         gz_schema::write_solutions(&dir.path().join("expected_training.csv"), &sol).unwrap();
-        let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
+        let f = bayes_floor(dir.path(), &[1, 2], &labels, false).unwrap().unwrap();
         assert!((f.rmse - 0.1).abs() < 1e-6, "{f:?}");
         // per question too (every answer is 0.1 off here), only from the expected fractions
         let q = f.per_question.as_ref().expect("per-question floor");
@@ -513,20 +523,22 @@ mod tests {
         assert!(q.iter().all(|v| (v - 0.1).abs() < 1e-6), "{q:?}");
         // rows the expected file does not all cover: no floor (floor.json is about the set the
         // expected file describes); none of them: another dataset, an error
-        assert_eq!(bayes_floor(dir.path(), &[1, 3], &labels).unwrap(), None);
-        let err = bayes_floor(dir.path(), &[8, 9], &labels).unwrap_err().to_string();
+        assert_eq!(bayes_floor(dir.path(), &[1, 3], &labels, false).unwrap(), None);
+        let err = bayes_floor(dir.path(), &[8, 9], &labels, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("none of the 2 rows scored"), "{err}");
         // the source names the file(s) the scored rows came from, not every file read
         let mut test = gz_schema::Solutions::new();
         test.push(7, &[0.5; N_ANSWERS]);
         gz_schema::write_solutions(&dir.path().join("expected_test.csv"), &test).unwrap();
         let one = constant(&[0.5; N_ANSWERS], 1);
-        let f = bayes_floor(dir.path(), &[7], &one).unwrap().unwrap();
+        let f = bayes_floor(dir.path(), &[7], &one, false).unwrap().unwrap();
         assert_eq!(f.source, "expected_test.csv on the 1 row scored");
-        let f = bayes_floor(dir.path(), &[1, 2], &labels).unwrap().unwrap();
+        let f = bayes_floor(dir.path(), &[1, 2], &labels, false).unwrap().unwrap();
         assert_eq!(f.source, "expected_training.csv on the 2 rows scored");
         let three = constant(&[0.5; N_ANSWERS], 3);
-        let f = bayes_floor(dir.path(), &[7, 1, 2], &three).unwrap().unwrap();
+        let f = bayes_floor(dir.path(), &[7, 1, 2], &three, false).unwrap().unwrap();
         assert_eq!(
             f.source,
             "expected_training.csv + expected_test.csv on the 3 rows scored"

@@ -516,7 +516,8 @@ fn score_predictions(
     )?;
     let ids: Vec<u64> = rows.eval_rows.iter().map(|&r| rows.eval_split.ids()[r]).collect();
     let floor = match data_dir {
-        Some(d) => bayes_floor(d, &ids, &labels)?,
+        // (the test split's rows: scored on another split than the baselines were fitted on)
+        Some(d) => bayes_floor(d, &ids, &labels, !std::ptr::eq(rows.eval_split, rows.fit_split))?,
         None => None,
     };
     let report = EvalReport {

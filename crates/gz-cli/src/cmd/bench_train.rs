@@ -77,7 +77,9 @@ pub struct Args {
     pipelined: bool,
     /// Record every GPU kernel, copy and fill of the timed steps with CUPTI and print the
     /// longest kernels, the GPU's busy share and its idle time per step (`--json`: every
-    /// kernel). Needs a CUDA device and a build with the `cupti` feature (the device bundle).
+    /// kernel). Needs a CUDA device, CUPTI's libcupti.so, and a build with the `cupti` feature
+    /// (`bash scripts/device-cudnn.sh --prepare` makes one, with libcupti beside it; `cargo xtask
+    /// build --cuda --cudnn` does not).
     #[arg(long)]
     trace_kernels: bool,
 }
