@@ -240,7 +240,8 @@ if [ -f "$HERE/scripts/device-compare.sh" ]; then
 fi
 # kernel time by kind of work, gz's traces against PyTorch's (eager and torch.compile)
 if [ -f "$HERE/scripts/trace_compare.py" ]; then
-  /opt/torch/.venv/bin/python "$HERE/scripts/trace_compare.py" "$S" "$S/torch_trace.jsonl" > "$S/trace_compare.txt" 2>&1
+  PY=/opt/torch/.venv/bin/python; [ -x "$PY" ] || PY=python3
+  "$PY" "$HERE/scripts/trace_compare.py" "$S" "$S/torch_trace.jsonl" > "$S/trace_compare.txt" 2>&1
   cat "$S/trace_compare.txt" >> "$SUM"; cat "$S/trace_compare.txt"
 fi
 say "done"
