@@ -185,7 +185,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 19] = [
+    let switches: [Switch; 21] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -217,6 +217,14 @@ fn main() {
         // the channels-last image layers as im2col + cuBLAS products instead of cuDNN (off
         // until a device run has measured it; gz_model::cudnn::set_image_gemm)
         ("GZ_IMAGE_GEMM", "1", gz_model::cudnn::set_image_gemm, true),
+        // … its forward pass only (the filter gradient by cuDNN)
+        ("GZ_IMAGE_GEMM", "fwd", gz_model::cudnn::set_image_gemm, true),
+        (
+            "GZ_IMAGE_GEMM",
+            "fwd",
+            gz_model::cudnn::set_image_gemm_bwd_filter,
+            false,
+        ),
         // the bias gradient's finish by a block per channel (off until a device run has
         // measured it; gz_model::cudnn::set_wide_bias_finish)
         ("GZ_BIAS_FINISH", "wide", gz_model::cudnn::set_wide_bias_finish, true),

@@ -317,7 +317,7 @@ mod imp {
     type Completed = unsafe extern "C" fn(*mut c_void, u32, *mut u8, usize, usize);
 
     /// The CUPTI functions used here (`CUptiResult` is a C enum: 0 is success).
-    struct Api {
+    pub(super) struct Api {
         register: unsafe extern "C" fn(Option<Requested>, Option<Completed>) -> u32,
         enable: unsafe extern "C" fn(u32) -> u32,
         disable: unsafe extern "C" fn(u32) -> u32,
@@ -330,7 +330,7 @@ mod imp {
     }
 
     /// Loads `libcupti.so.13` (or `libcupti.so`) once; the error says what was tried.
-    fn api() -> Result<&'static Api, String> {
+    pub(super) fn api() -> Result<&'static Api, String> {
         static API: OnceLock<Result<Api, String>> = OnceLock::new();
         API.get_or_init(|| {
             let mut tried = Vec::new();
@@ -488,10 +488,15 @@ mod imp {
             recs.fills.clear();
             recs.dropped = 0;
         }
-        for kind in KINDS {
+        for (i, kind) in KINDS.into_iter().enumerate() {
             // SAFETY: a plain call with an activity kind
             let rc = unsafe { (api.enable)(kind) };
             if rc != 0 {
+                // the kinds enabled before it are switched off again: no half-started trace
+                for done in &KINDS[..i] {
+                    // SAFETY: as above
+                    unsafe { (api.disable)(*done) };
+                }
                 return Err(format!(
                     "CUPTI did not enable activity kind {kind}: {} (another profiler holding the device gives \
                      CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED)",
@@ -550,6 +555,15 @@ pub fn stop() -> Result<Summary, String> {
 /// Whether this build can trace kernels.
 pub fn compiled() -> bool {
     cfg!(feature = "cupti")
+}
+
+/// Whether a trace can start: the `cupti` feature and CUPTI's library found (loaded once); the
+/// reason when not. For a benchmark to say so before its warm-up, not after.
+pub fn available() -> Result<(), String> {
+    #[cfg(feature = "cupti")]
+    return imp::api().map(|_| ());
+    #[cfg(not(feature = "cupti"))]
+    Err(NOT_BUILT.into())
 }
 
 #[cfg(not(feature = "cupti"))]

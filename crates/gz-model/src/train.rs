@@ -1455,10 +1455,9 @@ pub fn bench_with(
             "--precision bf16 needs a CUDA device (candle's CPU matmul has no bf16)".into(),
         ));
     }
-    if mode.trace && !crate::kernel_trace::compiled() {
-        return Err(TrainError::Unsupported(
-            crate::kernel_trace::start().err().unwrap_or_default(),
-        ));
+    // (CUPTI's library looked for now, not after the warm-up steps)
+    if mode.trace {
+        crate::kernel_trace::available().map_err(TrainError::Unsupported)?;
     }
     if mode.trace && !device.is_cuda() {
         return Err(TrainError::Unsupported("kernel tracing needs a CUDA device".into()));

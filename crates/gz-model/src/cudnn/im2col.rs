@@ -38,6 +38,23 @@ pub fn image_gemm_enabled() -> bool {
     IMAGE_GEMM.load(Ordering::Relaxed)
 }
 
+/// The filter gradient by the product too (the default with [`set_image_gemm`]).
+static IMAGE_GEMM_BWD_FILTER: AtomicBool = AtomicBool::new(true);
+
+/// With [`set_image_gemm`] on, `false` leaves the image layers' filter gradient to cuDNN and
+/// runs only their forward pass as the product (`GZ_IMAGE_GEMM=fwd` in `gz`). Its product is
+/// the one that may not suit cuBLAS: (taps × K) outputs, 112 × 32 for Dieleman, summed over
+/// 6.5 M rows, where the forward pass is rows × K over 112; a device run compares the two.
+pub fn set_image_gemm_bwd_filter(on: bool) {
+    IMAGE_GEMM_BWD_FILTER.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_image_gemm_bwd_filter`] is on.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the CUDA backend"))]
+fn bwd_filter_by_product() -> bool {
+    IMAGE_GEMM_BWD_FILTER.load(Ordering::Relaxed)
+}
+
 /// Columns of the unfolded matrix for `taps` filter taps (R·S·C): the next multiple of 8, so
 /// that cuBLAS can take its tensor-core kernels (16-byte rows in bf16).
 pub(crate) fn cols_for(taps: usize) -> usize {
@@ -407,7 +424,7 @@ pub(super) mod cuda {
         let x = super::super::nchw_dims(xl.shape(), p.nhwc)?;
         let w = super::super::nchw_dims(dw_shape, p.nhwc)?;
         let (x, w) = ([x.0, x.1, x.2, x.3], [w.0, w.1, w.2, w.3]);
-        if !super::eligible(p, x, w, xs.dtype()) {
+        if !super::eligible(p, x, w, xs.dtype()) || !super::bwd_filter_by_product() {
             return Ok(None);
         }
         let g = Geo::new(p, x, w);

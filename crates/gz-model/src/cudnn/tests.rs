@@ -1120,7 +1120,18 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
                 };
                 let (y0, dw0, db0) = run(false)?;
                 let (y1, dw1, db1) = run(true)?;
+                // the forward pass only (GZ_IMAGE_GEMM=fwd): the product's output, cuDNN's
+                // filter gradient
+                super::set_image_gemm_bwd_filter(false);
+                let (y2, dw2, _) = run(true)?;
+                super::set_image_gemm_bwd_filter(true);
                 super::set_image_gemm(false);
+                let (e_fwd, e_bwd) = (rel_err(&y2, &y1)?, rel_l2(&dw2, &dw0)?);
+                if e_fwd > 0.0 || e_bwd > tol {
+                    bad.push(format!(
+                        "forward-only product: y against the product's {e_fwd}, dw against cuDNN's {e_bwd}"
+                    ));
+                }
                 let what = format!("{dtype:?} {n}×{c}×{hw}² k{k} {ks}×{ks} pad {pad}");
                 let (ey, ew, eb) = (rel_err(&y1, &y0)?, rel_l2(&dw1, &dw0)?, rel_l2(&db1, &db0)?);
                 eprintln!("{what}: y {ey:.1e}, dw {ew:.1e}, db {eb:.1e}");
@@ -1135,6 +1146,7 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
         Ok(())
     })();
     super::set_image_gemm(false);
+    super::set_image_gemm_bwd_filter(true);
     super::set_allow_tf32(true);
     r
 }
