@@ -412,6 +412,9 @@ impl Ctx {
             }
             .run()?,
         };
+        if path.is_dir() {
+            bail!("gz binary {} is a folder, not the gz program", path.display());
+        }
         if !path.is_file() {
             bail!("gz binary {} does not exist", path.display());
         }
@@ -445,11 +448,20 @@ impl Ctx {
                 }
             }
         }
+        if !d.is_dir() {
+            bail!("the dataset folder {} does not exist", d.display());
+        }
         let id = fingerprint::identity_of(&d, KAGGLE_MEMBERS)?;
-        if id.contains("images_training_rev1: missing") || id.contains("training_solutions_rev1.csv: missing") {
+        let missing: Vec<&str> = ["training_solutions_rev1.csv", "images_training_rev1"]
+            .into_iter()
+            .filter(|m| id.contains(&format!("{m}: missing")))
+            .collect();
+        if !missing.is_empty() {
             bail!(
-                "{} is not a dataset in Kaggle layout: it needs training_solutions_rev1.csv, images_training_rev1/ and images_test_rev1/",
-                d.display()
+                "{} is not a dataset in Kaggle layout: it has no {} (it needs training_solutions_rev1.csv, \
+                 images_training_rev1/ and images_test_rev1/)",
+                d.display(),
+                missing.join(" and no ")
             );
         }
         Ok(id)
@@ -510,7 +522,8 @@ impl Ctx {
         }
         // a run xtask started (its note is there) is finished when its stage was stamped; until
         // then its best checkpoint is that of an interrupted run
-        if r.join(TRAIN_NOTE).exists() && Stamp::load(&stamp_path(&self.root, "train", &r)).is_none() {
+        let stamp = Stamp::load(&stamp_path(&self.root, "train", &r));
+        if r.join(TRAIN_NOTE).exists() && stamp.is_none() {
             // a pipeline running stages in this root (training this run, say) is named as
             // such, not taken for an interrupted one
             crate::lock::hold(&self.root)?;
@@ -519,6 +532,18 @@ impl Ctx {
                  or the pipeline first",
                 r.display()
             );
+        }
+        Ok(r)
+    }
+
+    /// [`Self::need_run`] for a stage after training (eval, submit): also the train stage's stamp
+    /// must be that of the command these options give, on `cache` (`cargo xtask eval --epochs
+    /// 5` after a 3-epoch pipeline scored the 3-epoch run as "up to date").
+    fn need_current_run(&self, cache: &Path) -> Result<PathBuf> {
+        let r = self.need_run()?;
+        if let Some(stamp) = Stamp::load(&stamp_path(&self.root, "train", &r)) {
+            let inputs = vec![("cache".to_string(), fingerprint::identity(cache)?)];
+            upstream_current("train", &stamp, &train_command(self, cache, &r), &inputs)?;
         }
         Ok(r)
     }
@@ -929,7 +954,7 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     let run2 = run.clone();
     let inputs2 = inputs.clone();
     let force = ctx.force;
-    stage(
+    let done = stage(
         ctx,
         "train",
         &run,
@@ -937,7 +962,32 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
         inputs,
         move |flat| train_before_run(&run2, flat, &inputs2, force),
         |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]),
-    )
+    );
+    settle_replaced_run(&run, done.is_ok())?;
+    done
+}
+
+/// After the train stage: the stale run [`train_before_run`] put aside goes once the new run
+/// has trained an epoch (its `last.json`), and comes back when the new one failed or stopped
+/// before that (gz refused its command line: the run it replaced is not lost for it).
+fn settle_replaced_run(run: &Path, ok: bool) -> Result<()> {
+    let backup = replaced_run(run);
+    if !backup.exists() {
+        return Ok(());
+    }
+    if ok || run.join("last.json").exists() {
+        return clear_known(&backup, is_run_file, "training run");
+    }
+    if run.exists() {
+        clear_known(run, is_run_file, "training run")?;
+    }
+    std::fs::rename(&backup, run)
+        .with_context(|| format!("putting the run {} back from {}", run.display(), backup.display()))?;
+    eprintln!(
+        "xtask: train: the new run trained nothing: the run it was to replace is back in {}",
+        run.display()
+    );
+    Ok(())
 }
 
 /// The number of training rows in the shard cache `cache` (its `manifest.json`), `None` when
@@ -957,7 +1007,12 @@ fn cache_train_rows(cache: &Path) -> Option<usize> {
 /// The number of training images of a Kaggle-layout dataset (the JPEGs in
 /// `images_training_rev1/`; 0 when it cannot be read: the stages report that folder).
 fn training_images(data: &Path) -> usize {
-    std::fs::read_dir(data.join("images_training_rev1")).map_or(0, |rd| {
+    jpegs_in(&data.join("images_training_rev1"))
+}
+
+/// The `.jpg`/`.jpeg` files (any case) in `dir`; 0 when it cannot be read.
+fn jpegs_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
         rd.filter_map(|e| e.ok())
             .filter(|e| {
                 e.file_type().is_ok_and(|t| !t.is_dir())
@@ -997,8 +1052,9 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         .as_ref()
         .and_then(|v| Some((v.get("epoch")?.as_u64()?, v.get("train")?.get("epochs")?.as_u64()?)))
         .is_some_and(|(done, of)| done >= of);
-    // (a finished run whose best checkpoint is gone, deleted or never written, is trained again)
-    let best = run.join("best.json").exists() && run.join("best.safetensors").exists();
+    // (a finished run whose best checkpoint is gone, deleted or never written, or damaged, is
+    // trained again: a truncated one was kept as finished, and every eval after failed on it)
+    let best = best_checkpoint_whole(run);
     // last.json counts its epoch as the best but best.json names an earlier one: the run stopped
     // between the two (a full disk), and `gz train --resume` writes that best
     let best_missed = last_v
@@ -1023,8 +1079,26 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         return Ok(BeforeRun::Run(vec!["--resume".into()]));
     }
     if run.exists() {
-        clear_known(run, is_run_file, "training run")?;
-        eprintln!("xtask: train: replaced the stale run {}", run.display());
+        let backup = replaced_run(run);
+        let is_link = std::fs::symlink_metadata(run).is_ok_and(|m| m.file_type().is_symlink());
+        if run.join("best.json").exists() && !is_link {
+            // a finished run is put aside, not removed, until the new one has trained an
+            // epoch: a command line only gz refuses (`--train-arg --bogus`, a --size too small
+            // for the model) lost it before ([`run_train`] puts it back)
+            check_known(run, is_run_file, "training run")?;
+            if backup.exists() {
+                clear_known(&backup, is_run_file, "training run")?;
+            }
+            std::fs::rename(run, &backup)
+                .with_context(|| format!("putting the stale run {} aside as {}", run.display(), backup.display()))?;
+            eprintln!(
+                "xtask: train: put the stale run {} aside (removed once the new run has trained an epoch)",
+                run.display()
+            );
+        } else {
+            clear_known(run, is_run_file, "training run")?;
+            eprintln!("xtask: train: replaced the stale run {}", run.display());
+        }
     }
     std::fs::create_dir_all(run).with_context(|| format!("creating {}", run.display()))?;
     // through a temporary: a half-written note would count the run as stale at the next call
@@ -1117,7 +1191,40 @@ fn is_report_file(rel: &Path) -> bool {
 /// to a folder is kept, its target emptied), or, when it holds anything else (a user's notes, a
 /// dataset, a cache, a folder of their own), refuses naming it and removes nothing: xtask
 /// replaces what gz wrote, never the rest.
+/// [`clear_known`]'s refusal without the removal: `dir` holds nothing but what `ours` says
+/// gz or xtask wrote there.
+fn check_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
+    known_entries(dir, ours, what).map(|_| ())
+}
+
 fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
+    let entries = known_entries(dir, ours, what)?;
+    // a folder that is a link (to another disk) is emptied where it points and kept
+    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    // what says the folder is finished first (a best checkpoint, the scores), the marks that it
+    // is xtask's (its note) last: a removal failing halfway leaves a folder taken for unfinished
+    let rank = |r: &Path| match r.to_str().unwrap_or_default() {
+        "best.json" | "best.safetensors" | "last.json" | "metrics.json" => 0,
+        n if n.starts_with('.') => 2,
+        _ => 1,
+    };
+    let mut files: Vec<&PathBuf> = entries.iter().filter(|(_, d)| !d).map(|(r, _)| r).collect();
+    files.sort_by_key(|r| rank(r));
+    for r in files {
+        std::fs::remove_file(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
+    }
+    for (r, _) in entries.iter().filter(|(_, d)| *d) {
+        std::fs::remove_dir(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
+    }
+    if link {
+        return Ok(());
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// The entries of `dir` (two levels deep; `(path relative to dir, is a folder)`), refused when
+/// one is not what `ours` says gz or xtask wrote.
+fn known_entries(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<Vec<(PathBuf, bool)>> {
     fn walk(dir: &Path, rel: &Path, depth: usize, out: &mut Vec<(PathBuf, bool)>) -> Result<()> {
         for e in std::fs::read_dir(dir.join(rel)).with_context(|| format!("listing {}", dir.join(rel).display()))? {
             let e = e.with_context(|| format!("listing {}", dir.join(rel).display()))?;
@@ -1134,8 +1241,6 @@ fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
         }
         Ok(())
     }
-    // a folder that is a link (to another disk) is emptied where it points and kept
-    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
     let mut entries = Vec::new();
     walk(dir, Path::new(""), 0, &mut entries)?;
     let foreign: Vec<String> = entries
@@ -1167,25 +1272,41 @@ fn clear_known(dir: &Path, ours: fn(&Path) -> bool, what: &str) -> Result<()> {
             if n == 1 { "it" } else { "them" }
         );
     }
-    // what says the folder is finished first (a best checkpoint, the scores), the marks that it
-    // is xtask's (its note) last: a removal failing halfway leaves a folder taken for unfinished
-    let rank = |r: &Path| match r.to_str().unwrap_or_default() {
-        "best.json" | "best.safetensors" | "last.json" | "metrics.json" => 0,
-        n if n.starts_with('.') => 2,
-        _ => 1,
+    Ok(entries)
+}
+
+/// Where a stale finished run waits while its replacement trains: `runs/.NAME.replaced`.
+fn replaced_run(run: &Path) -> PathBuf {
+    let name = run
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    run.with_file_name(format!(".{name}.replaced"))
+}
+
+/// Whether `run` holds a best checkpoint whose weights match the CRC-32 its sidecar records
+/// (`best.json`'s `weights_crc32`, as gz checks when it loads them).
+fn best_checkpoint_whole(run: &Path) -> bool {
+    let Some(want) = std::fs::read(run.join("best.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("weights_crc32")?.as_u64())
+    else {
+        return false;
     };
-    let mut files: Vec<&PathBuf> = entries.iter().filter(|(_, d)| !d).map(|(r, _)| r).collect();
-    files.sort_by_key(|r| rank(r));
-    for r in files {
-        std::fs::remove_file(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
+    let Ok(mut f) = std::fs::File::open(run.join("best.safetensors")) else {
+        return false;
+    };
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(_) => return false,
+        }
     }
-    for (r, _) in entries.iter().filter(|(_, d)| *d) {
-        std::fs::remove_dir(dir.join(r)).with_context(|| format!("removing {}", dir.join(r).display()))?;
-    }
-    if link {
-        return Ok(());
-    }
-    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+    u64::from(h.finalize()) == want
 }
 
 fn run_identity(run: &Path) -> Result<String> {
@@ -1194,7 +1315,7 @@ fn run_identity(run: &Path) -> Result<String> {
 
 fn run_eval(ctx: &mut Ctx) -> Result<Done> {
     let cache = ctx.cache()?;
-    let run = ctx.need_run()?;
+    let run = ctx.need_current_run(&cache)?;
     let data = ctx.data_dir();
     let report = ctx.report_dir();
     let eval = |report: &Path| {
@@ -1269,19 +1390,32 @@ fn run_eval(ctx: &mut Ctx) -> Result<Done> {
                 Some(p) => p,
                 None => report,
             };
-            // (the test report's scores are printed too: one edited or gone reruns the stage)
-            Ok(vec![Output::new(
-                "report",
-                &dir,
-                &["metrics.json", "index.html", "test/metrics.json"],
-            )])
+            // (the test report's scores are printed too: one edited or gone reruns the stage, as
+            // does a page or chart of either report, which the summary names: a deleted test
+            // page was "up to date" and named as written)
+            Ok(vec![Output::new("report", &dir, &REPORT_MEMBERS)])
         },
     )
 }
 
+/// The files of the eval stage's reports its stamp covers (those absent when stamped, a chart
+/// a report has no data for, count as absent).
+const REPORT_MEMBERS: [&str; 10] = [
+    "metrics.json",
+    "index.html",
+    "per_question.png",
+    "learning_curve.png",
+    "spread.png",
+    "test/metrics.json",
+    "test/index.html",
+    "test/per_question.png",
+    "test/learning_curve.png",
+    "test/spread.png",
+];
+
 fn run_submit(ctx: &mut Ctx) -> Result<Done> {
     let cache = ctx.cache()?;
-    let run = ctx.need_run()?;
+    let run = ctx.need_current_run(&cache)?;
     let (preds, sub) = (ctx.predictions(), ctx.submission());
     let mut predict = vec![
         "predict".into(),
@@ -1392,7 +1526,10 @@ fn check_cache_dataset(ctx: &Ctx) -> Result<()> {
     let (Some(built_from), data) = (built_from, ctx.data_dir()) else {
         return Ok(());
     };
-    if let (Ok(a), Ok(b)) = (built_from.canonicalize(), data.canonicalize()) {
+    // (this run's synthetic set may not exist yet: its path as it will be, so that a cache of
+    // another root's set is refused before synth generates this one, not after)
+    let data = data.canonicalize().or_else(|_| Ok::<_, std::io::Error>(data.clone()));
+    if let (Ok(a), Ok(b)) = (built_from.canonicalize(), data) {
         if a != b {
             bail!(
                 "--cache {} was built from {}, not from this run's dataset {} (pass --data {} to use it)",
@@ -1414,6 +1551,20 @@ pub fn cmd_pipeline(args: Args) -> Result<()> {
              (`cargo xtask synth|prep|train` run without them)"
         );
     }
+    // said before any stage runs (at Kaggle scale, after a full prep and training, the submit
+    // stage failed on them)
+    if let Some(d) = ctx.real_data.clone() {
+        // (its layout first: a folder that is no dataset at all is said as such)
+        ctx.dataset_identity()?;
+        if jpegs_in(&d.join("images_test_rev1")) == 0 {
+            bail!(
+                "{} has no test JPEGs in images_test_rev1/: the pipeline ends by predicting them for a submission \
+                 (`cargo xtask prep|train|eval` run without them)",
+                d.display()
+            );
+        }
+    }
+    check_cache_dataset(&ctx)?;
     let mut done: Vec<Done> = Vec::new();
     let wanted: Vec<&str> = STAGES
         .iter()
@@ -1876,6 +2027,25 @@ mod tests {
         let pass = format!("pass --data '{}'", a.canonicalize().unwrap().display());
         assert!(err.contains("was built from") && err.contains(&pass), "{err}");
         assert_eq!(ctx(&a).cache().unwrap(), cache);
+        // without --data (this root's synthetic set, not generated yet): refused up front too,
+        // not after synth has generated the set
+        let root = t.path().join("root");
+        let synth_ctx = Ctx::parse(Args::new(
+            [
+                "--root",
+                &root.display().to_string(),
+                "--gz",
+                "/bin/true",
+                "--cache",
+                &cache.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ))
+        .unwrap();
+        let err = check_cache_dataset(&synth_ctx).unwrap_err().to_string();
+        assert!(err.contains("was built from"), "{err}");
     }
 
     /// `cargo xtask eval` while a pipeline in the same root trains the run says the root is in
@@ -1997,6 +2167,14 @@ mod tests {
         let mut ctx = parse(&opts);
         let e = ctx.dataset_identity().unwrap_err().to_string();
         assert!(e.contains("run `cargo xtask synth` first"), "{e}");
+        // real data: a folder that is not there, and one without its labels, are said as such
+        let gone = t.path().join("no-such-set");
+        let mut real = parse(&["--data", &gone.display().to_string()]);
+        let e = real.dataset_identity().unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::create_dir_all(gone.join("images_training_rev1")).unwrap();
+        let e = real.dataset_identity().unwrap_err().to_string();
+        assert!(e.contains("it has no training_solutions_rev1.csv (it needs"), "{e}");
         // what the synth and prep stages leave
         let data = ctx.data_dir();
         std::fs::create_dir_all(data.join("images_training_rev1")).unwrap();
@@ -2059,6 +2237,44 @@ mod tests {
         );
     }
 
+    /// `cargo xtask eval` or `submit` alone on a run trained with other options is refused,
+    /// naming the train stage to run first (it scored the old run as up to date).
+    #[test]
+    fn a_later_stage_alone_refuses_a_run_of_other_options() {
+        let t = tempfile::tempdir().unwrap();
+        let parse = |extra: &[&str]| Ctx::parse(fake_gz_args(t.path(), extra)).unwrap();
+        let ctx = parse(&["--epochs", "3"]);
+        let (cache, run) = (t.path().join("cache"), ctx.run_dir());
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        for f in ["best.safetensors", "best.json", TRAIN_NOTE] {
+            std::fs::write(run.join(f), "x").unwrap();
+        }
+        let inputs = vec![("cache".to_string(), fingerprint::identity(&cache).unwrap())];
+        let out = [Output::new("run", &run, &["best.safetensors", "best.json"])];
+        Stamp::save(
+            &stamp_path(&ctx.root, "train", &run),
+            "train",
+            &train_command(&ctx, &cache, &run),
+            &inputs,
+            &out,
+            "",
+        )
+        .unwrap();
+        assert_eq!(ctx.need_current_run(&cache).unwrap(), run);
+        let e = parse(&["--epochs", "5"])
+            .need_current_run(&cache)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the `train` stage is not up to date")
+                && e.contains("--epochs 3 ")
+                && e.contains("--epochs 5 ")
+                && e.contains("cargo xtask train"),
+            "{e}"
+        );
+    }
+
     /// `--train`/`--test` (the synthetic set's size) with `--data DIR` are refused, not ignored.
     #[test]
     fn synthetic_sizes_clash_with_real_data() {
@@ -2113,6 +2329,8 @@ mod tests {
         let cmd = vec!["train".to_string(), "--epochs".into(), "3".into()];
         let inputs = vec![("cache".to_string(), "abc".to_string())];
         let fresh = BeforeRun::Run(vec![]);
+        // a best sidecar whose weights_crc32 is that of the weights file "w" written below
+        let best = |epoch: u64| serde_json::json!({"epoch": epoch, "weights_crc32": crc32fast::hash(b"w")}).to_string();
         // fresh: the note is written first
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), fresh);
         assert!(run.join(TRAIN_NOTE).exists());
@@ -2132,7 +2350,7 @@ mod tests {
         // its best checkpoint missing: trained again
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), fresh);
         std::fs::write(run.join("last.json"), last(3)).unwrap();
-        std::fs::write(run.join("best.json"), "{}").unwrap();
+        std::fs::write(run.join("best.json"), best(3)).unwrap();
         std::fs::write(run.join("best.safetensors"), "w").unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
         assert!(run.join("best.json").exists());
@@ -2141,16 +2359,41 @@ mod tests {
         // best), not kept with the stale best nor trained again
         let ended = |best: u64| serde_json::json!({"epoch": 3, "best_epoch": best, "train": {"epochs": 3}}).to_string();
         std::fs::write(run.join("last.json"), ended(3)).unwrap();
-        std::fs::write(run.join("best.json"), serde_json::json!({"epoch": 2}).to_string()).unwrap();
+        std::fs::write(run.join("best.json"), best(2)).unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), resume);
         assert!(run.join("best.json").exists());
-        std::fs::write(run.join("best.json"), serde_json::json!({"epoch": 3}).to_string()).unwrap();
+        std::fs::write(run.join("best.json"), best(3)).unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
         std::fs::write(run.join("last.json"), ended(2)).unwrap();
-        std::fs::write(run.join("best.json"), serde_json::json!({"epoch": 2}).to_string()).unwrap();
+        std::fs::write(run.join("best.json"), best(2)).unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
+        // its weights damaged (truncated, a flipped bit): not kept as finished (every eval
+        // after failed on it) but trained again, the damaged run put aside meanwhile
+        std::fs::write(run.join("best.safetensors"), "x").unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), fresh);
+        assert!(!run.join("best.json").exists() && replaced_run(&run).join("best.json").exists());
+        // the new run trained an epoch: the one put aside goes
+        std::fs::write(run.join("last.json"), last(1)).unwrap();
+        settle_replaced_run(&run, false).unwrap();
+        assert!(!replaced_run(&run).exists() && run.join("last.json").exists());
+        // a finished run, then a command gz refuses (nothing trained): the run comes back
+        std::fs::write(run.join("last.json"), last(3)).unwrap();
+        std::fs::write(run.join("best.json"), best(3)).unwrap();
+        std::fs::write(run.join("best.safetensors"), "w").unwrap();
+        let bogus = vec!["train".to_string(), "--bogus".into()];
+        assert_eq!(train_before_run(&run, &bogus, &inputs, false).unwrap(), fresh);
+        assert!(!run.join("best.json").exists());
+        settle_replaced_run(&run, false).unwrap();
+        assert!(
+            run.join("best.json").exists() && run.join("best.safetensors").exists() && !replaced_run(&run).exists()
+        );
+        // (and the old command finds it finished again)
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
+        // with --force: fresh, the finished run put aside until the new one succeeds
         assert_eq!(train_before_run(&run, &cmd, &inputs, true).unwrap(), fresh);
         assert!(!run.join("best.json").exists());
+        settle_replaced_run(&run, true).unwrap();
+        assert!(!replaced_run(&run).exists());
         // another command, or other inputs: replaced
         std::fs::write(run.join("last.json"), last(1)).unwrap();
         let other = vec!["train".to_string(), "--epochs".into(), "4".into()];
@@ -2324,6 +2567,14 @@ mod tests {
         }
         std::fs::write(data.join("training_solutions_rev1.csv"), "GalaxyID\n").unwrap();
         let (g, d) = (gz.display().to_string(), data.display().to_string());
+        // no test JPEG: refused before any stage (the submit stage failed on it, last)
+        let e = cmd_pipeline(words(&["--root", &r, "--gz", &g, "--data", &d, "--cache", &c])).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("has no test JPEGs in images_test_rev1/"),
+            "{e:#}"
+        );
+        assert!(!log.exists(), "gz ran");
+        std::fs::write(data.join("images_test_rev1").join("1.jpg"), b"\xff\xd8").unwrap();
         let e = cmd_pipeline(words(&["--root", &r, "--gz", &g, "--data", &d, "--cache", &c])).unwrap_err();
         assert!(format!("{e:#}").contains("stage `train` failed"), "{e:#}");
         let ran = std::fs::read_to_string(&log).unwrap();
