@@ -124,7 +124,12 @@ impl Ctx {
         // not created here: a refused command line leaves no folder behind (the stage that
         // first runs gz creates it)
         let root = absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd);
-        let real_data = a.path("--data")?.map(|p| absolute(p, &cwd));
+        // (resolved: `km/`, `./km` and `km/images_training_rev1/..` are one dataset, its stages
+        // up to date whichever was typed, and named `km`, not `data` after `..`)
+        let real_data = a.path("--data")?.map(|p| {
+            let p = absolute(p, &cwd);
+            p.canonicalize().unwrap_or(p)
+        });
         let cuda = a.flag("--cuda");
         let cudnn = a.flag("--cudnn");
         let debug = a.flag("--debug");
@@ -2272,6 +2277,31 @@ mod tests {
                 && e.contains("--epochs 5 ")
                 && e.contains("cargo xtask train"),
             "{e}"
+        );
+    }
+
+    /// A dataset folder spelled in different ways is one dataset, named by its own name (`..`
+    /// named the run `data-…`).
+    #[test]
+    fn a_dataset_spelled_differently_is_one_dataset() {
+        let t = tempfile::tempdir().unwrap();
+        let km = t.path().join("km");
+        std::fs::create_dir_all(km.join("images_training_rev1")).unwrap();
+        let ctx = |data: &Path| Ctx::parse(fake_gz_args(t.path(), &["--data", &data.display().to_string()])).unwrap();
+        let plain = ctx(&km);
+        for other in [
+            km.join("images_training_rev1").join(".."),
+            t.path().join(".").join("km"),
+            PathBuf::from(format!("{}/", km.display())),
+        ] {
+            let c = ctx(&other);
+            assert_eq!(c.data_dir(), plain.data_dir(), "{}", other.display());
+            assert_eq!(c.run_dir(), plain.run_dir(), "{}", other.display());
+        }
+        assert!(
+            plain.run_dir().ends_with("runs/km-tiny"),
+            "{}",
+            plain.run_dir().display()
         );
     }
 
