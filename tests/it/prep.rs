@@ -695,31 +695,27 @@ fn special_files_an_edited_manifest_and_a_full_stdout() {
 
     // stdout that cannot be written: exit status 1 and a message, no panic
     if std::path::Path::new("/dev/full").exists() {
-        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
-        let out = support::gz()
-            .args(["cache", "list"])
-            .arg(&root)
-            .stdout(full)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
+        // (exit code and stderr of a gz command whose stdout is /dev/full)
+        let to_full = |cmd: &mut std::process::Command| {
+            let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+            let out = cmd.stdout(full).output().unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let (code, err) = to_full(support::gz().args(["cache", "list"]).arg(&root));
+        assert_eq!(code, Some(1), "{err}");
         assert!(
             err.contains("gz cannot write to its standard output") && !err.contains("panicked"),
             "{err}"
         );
         // a command holding a folder lock removes its lock file on the way out (it exited
         // on the spot and left it)
-        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
         let synth = t.path().join("synth-full");
-        let out = support::gz()
-            .args(["synth", "--train", "3", "--test", "1", "--out"])
-            .arg(&synth)
-            .stdout(full)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
+        let (code, err) = to_full(
+            support::gz()
+                .args(["synth", "--train", "3", "--test", "1", "--out"])
+                .arg(&synth),
+        );
+        assert_eq!(code, Some(1), "{err}");
         assert!(
             err.matches("gz cannot write to its standard output").count() == 1 && !err.contains("panicked"),
             "{err}"
