@@ -179,6 +179,9 @@ pack
 tests cuda_image_gemm 30
 tests cuda_wide_bias_finish 20
 tests cuda_pool_mask 20
+# the loss-curve check, end to end through the trainer: candle's kernels, the
+# defaults and the defaults with the three pieces, 210 steps each (f32 and bf16)
+tests train::cuda_tests::loss_curve 90
 pack
 peer
 pack
