@@ -51,6 +51,7 @@ ratio dieleman-bf16-scalar-epilogue dieleman-bf16-default
 ratio dieleman-bf16-image-gemm dieleman-bf16-default
 ratio dieleman-bf16-image-gemm-fwd dieleman-bf16-default
 ratio dieleman-bf16-image-gemm-fwd dieleman-bf16-image-gemm
+ratio dieleman-bf16-image-gemm-cublas dieleman-bf16-image-gemm
 ratio vgg-bf16-image-gemm vgg-bf16-default
 ratio vgg-bf16-wide-finish vgg-bf16-default
 ratio dieleman-bf16-wide-finish dieleman-bf16-default

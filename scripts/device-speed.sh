@@ -174,6 +174,8 @@ bench dieleman-bf16-both-new 45 GZ_BIAS_FINISH=wide GZ_IMAGE_GEMM=1 -- $D $R
 # the image layer's forward pass as the product, its filter gradient by cuDNN (the filter
 # gradient's product, 112 × 32 outputs summed over 6.5 M rows, may not suit cuBLAS)
 bench dieleman-bf16-image-gemm-fwd 45 GZ_IMAGE_GEMM=fwd -- $D $R
+# … the filter gradient as one cuBLAS product instead of gz's parts (cuBLAS's own split)
+bench dieleman-bf16-image-gemm-cublas 45 GZ_IMAGE_GEMM=cublas -- $D $R
 pack
 # 2. correctness of the three new pieces, then the peer with torch.compile and its trace
 tests cuda_image_gemm 30

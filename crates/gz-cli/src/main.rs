@@ -185,7 +185,7 @@ fn main() {
     }
     // Switches for comparisons (and work-arounds): when the variable has the value, the setter
     // is called with the flag.
-    let switches: [Switch; 21] = [
+    let switches: [Switch; 23] = [
         // the cuDNN fast path off for every subcommand (train, eval, predict), e.g. to compare
         // against candle's stock kernels or to work around a cuDNN fault
         ("GZ_CONV", "candle", gz_model::cudnn::set_enabled, false),
@@ -225,6 +225,10 @@ fn main() {
             gz_model::cudnn::set_image_gemm_bwd_filter,
             false,
         ),
+        // … its filter gradient as one product, cuBLAS choosing how to split it (by default
+        // gz cuts the rows into parts, one strided-batched call, then adds the parts)
+        ("GZ_IMAGE_GEMM", "cublas", gz_model::cudnn::set_image_gemm, true),
+        ("GZ_IMAGE_GEMM", "cublas", gz_model::cudnn::set_image_gemm_split, false),
         // the bias gradient's finish by a block per channel (off until a device run has
         // measured it; gz_model::cudnn::set_wide_bias_finish)
         ("GZ_BIAS_FINISH", "wide", gz_model::cudnn::set_wide_bias_finish, true),
@@ -364,6 +368,8 @@ fn warn_unknown_switch_values(switches: &[Switch]) {
         .collect();
     for (var, value, _, _) in switches {
         match known.iter_mut().find(|(v, _)| v == var) {
+            // (one value may call several setters: name it once)
+            Some((_, vals)) if vals.contains(value) => {}
             Some((_, vals)) => vals.push(value),
             None => known.push((var, vec![value])),
         }

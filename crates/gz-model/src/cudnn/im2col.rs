@@ -11,6 +11,15 @@
 //! each at the H200's bandwidth, estimated, not measured). The image layer needs no input
 //! gradient, so there is no backward-data product.
 //!
+//! The filter gradient's product has few outputs (taps × K: 112 × 32 for Dieleman) summed over
+//! many rows (6.5 M), a shape a GEMM library may give a handful of thread blocks. By default it
+//! runs in parts of about [`SPLIT_ROWS`] rows (one strided-batched cuBLAS call writing a partial
+//! sum a part, then one more product adding them: [`bwd_filter_plan`]), so every part has its
+//! blocks; [`set_image_gemm_split`]`(false)` (`GZ_IMAGE_GEMM=cublas`) leaves it to cuBLAS as
+//! one product. In bf16 each part's sum is rounded to bf16 before the parts are added (in f32).
+//! The products' leading dimensions, strides and offsets are checked on the CPU against a
+//! plain-loop twin of cuBLAS's definition (`the_products_compute_the_layer_and_its_filter_gradient`).
+//!
 //! It takes the channels-last convolutions with stride 1, at most 8 input channels (the image
 //! layers, padded or not) and at most 256 padded taps, in f32, bf16 and f16: [`eligible`].
 //! **Off by default** until a device run has checked and measured it ([`set_image_gemm`];
@@ -53,6 +62,163 @@ pub fn set_image_gemm_bwd_filter(on: bool) {
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the CUDA backend"))]
 fn bwd_filter_by_product() -> bool {
     IMAGE_GEMM_BWD_FILTER.load(Ordering::Relaxed)
+}
+
+/// The filter gradient's product in parts (the default with [`set_image_gemm`]).
+static IMAGE_GEMM_SPLIT: AtomicBool = AtomicBool::new(true);
+
+/// With the filter gradient by the product ([`set_image_gemm_bwd_filter`]), `true` (the
+/// default) cuts its rows into parts of about [`SPLIT_ROWS`], one product a part in one
+/// strided-batched cuBLAS call, then adds the parts' sums with one more product; `false` leaves
+/// the whole (taps × K outputs over every row: 112 × 32 over 6.5 M rows for Dieleman) to one
+/// product and to cuBLAS's own choice of kernel, which may give so few outputs a handful of
+/// thread blocks (`GZ_IMAGE_GEMM=cublas` in `gz`; a device run compares the two).
+pub fn set_image_gemm_split(on: bool) {
+    IMAGE_GEMM_SPLIT.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_image_gemm_split`] is on.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code, reason = "used by the CUDA backend"))]
+fn split_products() -> bool {
+    IMAGE_GEMM_SPLIT.load(Ordering::Relaxed)
+}
+
+/// Rows of the unfolded image per part of the filter gradient's split product (about 4.7 MB of
+/// bf16 `P` and `dZ` a part for Dieleman's image layer: 400 parts, three waves of thread blocks
+/// on an H200).
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+pub(crate) const SPLIT_ROWS: usize = 16_384;
+
+/// At most this many parts (the partial sums take parts × K × cols values).
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+const MAX_PARTS: usize = 512;
+
+/// One cuBLAS product as data: column-major `C = op(A) · op(B)` (`trans`: whether each of A and
+/// B is transposed), alpha 1, beta 0, `batch` times `strides` apart (one strided-batched call),
+/// starting `offsets` elements into the three buffers. The CUDA launcher runs these; the tests
+/// run them through a plain-loop twin of cuBLAS's definition, which is how the leading
+/// dimensions, strides and offsets are checked without a GPU.
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Product {
+    pub(crate) trans: (bool, bool),
+    pub(crate) mnk: (usize, usize, usize),
+    pub(crate) ld: (usize, usize, usize),
+    pub(crate) offsets: (usize, usize, usize),
+    pub(crate) batch: usize,
+    pub(crate) strides: (usize, usize, usize),
+}
+
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+impl Product {
+    fn single(trans: (bool, bool), mnk: (usize, usize, usize), ld: (usize, usize, usize)) -> Self {
+        Product {
+            trans,
+            mnk,
+            ld,
+            offsets: (0, 0, 0),
+            batch: 1,
+            strides: (0, 0, 0),
+        }
+    }
+
+    /// How many elements of A, B and C (from each buffer's start) the product reads or writes:
+    /// the launcher refuses buffers shorter than this.
+    pub(crate) fn extents(&self) -> (usize, usize, usize) {
+        let (m, n, k) = self.mnk;
+        let (lda, ldb, ldc) = self.ld;
+        // a column-major (rows × cols) matrix with leading dimension ld spans ld·(cols − 1) + rows
+        let span = |rows: usize, cols: usize, ld: usize| ld * (cols - 1) + rows;
+        let a = if self.trans.0 { span(k, m, lda) } else { span(m, k, lda) };
+        let b = if self.trans.1 { span(n, k, ldb) } else { span(k, n, ldb) };
+        let c = span(m, n, ldc);
+        let last = self.batch - 1;
+        (
+            self.offsets.0 + last * self.strides.0 + a,
+            self.offsets.1 + last * self.strides.1 + b,
+            self.offsets.2 + last * self.strides.2 + c,
+        )
+    }
+}
+
+/// The forward product of a layer with `rows` output positions, `k` filters and `cols` padded
+/// taps: A = the filter (K × cols, row-major, zero-padded), B = P (rows × cols, row-major),
+/// C = Z (rows × K, channels-last): column-major Zᵀ (K × rows) = op_T(Wp) · op_N(P).
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+pub(crate) fn fwd_product(rows: usize, k: usize, cols: usize) -> Product {
+    Product::single((true, false), (k, rows, cols), (cols, cols, k))
+}
+
+/// How the filter gradient dWp (K × cols, row-major) = dZᵀ · P is computed.
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a few hundred bytes on the stack, once per call"
+)]
+pub(crate) enum BwdFilterPlan {
+    /// One product: A = P, B = dZ, C = dWp (column-major dWpᵀ (cols × K) = op_N(P) · op_T(dZ)).
+    One(Product),
+    /// `parts` (A = P, B = dZ, C = the partial sums: `slots` of K × cols each, one per part of
+    /// the rows) and `rest` (the last, shorter part, when the rows do not divide evenly), then
+    /// `sum` (A = the partial sums, B = `slots` ones, C = dWp): dWp (K·cols × 1) = partials
+    /// (K·cols × slots) · ones.
+    Split {
+        slots: usize,
+        parts: Product,
+        rest: Option<Product>,
+        sum: Product,
+    },
+}
+
+/// The filter gradient's products for `rows` output positions, `k` filters and `cols` padded
+/// taps: in parts of about `part_rows` rows, or one product when `part_rows` is `None` or the
+/// rows make fewer than two parts.
+#[cfg_attr(
+    not(feature = "cudnn"),
+    allow(dead_code, reason = "used by the CUDA backend and the tests")
+)]
+pub(crate) fn bwd_filter_plan(rows: usize, k: usize, cols: usize, part_rows: Option<usize>) -> BwdFilterPlan {
+    // the rows from `first` on, `r` of them, into the output at `out`
+    let product = |r: usize, first: usize, out: usize| Product {
+        offsets: (first * cols, first * k, out),
+        ..Product::single((false, true), (cols, k, r), (cols, k, cols))
+    };
+    let parts = part_rows.map_or(1, |p| rows.div_ceil(p.max(1)).clamp(1, MAX_PARTS));
+    if parts < 2 {
+        return BwdFilterPlan::One(product(rows, 0, 0));
+    }
+    let chunk = rows.div_ceil(parts);
+    let (full, rest_rows, out) = (rows / chunk, rows % chunk, k * cols);
+    let slots = full + usize::from(rest_rows > 0);
+    BwdFilterPlan::Split {
+        slots,
+        parts: Product {
+            batch: full,
+            strides: (chunk * cols, chunk * k, out),
+            ..product(chunk, 0, 0)
+        },
+        rest: (rest_rows > 0).then(|| product(rest_rows, full * chunk, full * out)),
+        sum: Product::single((false, false), (out, 1, slots), (out, slots, out)),
+    }
 }
 
 /// Columns of the unfolded matrix for `taps` filter taps (R·S·C): the next multiple of 8, so
@@ -119,11 +285,11 @@ pub(super) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::CudaDType;
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
-    use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
-    use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
+    use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
     use super::super::ConvParams;
-    use super::{cols_for, grid};
+    use super::{cols_for, grid, BwdFilterPlan, Product};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/im2col.ptx"));
     const MODULE: &str = "gz_im2col";
@@ -278,25 +444,35 @@ pub(super) mod cuda {
         Ok(dst)
     }
 
-    /// One cuBLAS product `c = op_a(a) · op_b(b)` (column-major, alpha 1, beta 0) of
-    /// `(m, n, k)` with leading dimensions `(lda, ldb, ldc)`; `what` names it in errors.
-    #[allow(clippy::too_many_arguments, reason = "cuBLAS's own argument list")]
-    fn gemm<T: CudaDType + DeviceRepr + WithDType>(
+    /// Runs `pr` (see [`super::Product`]) on `a`, `b` and `c`, each from its start (the
+    /// product's offsets are applied here); `what` names it in errors. Refuses buffers shorter
+    /// than the product's extents: cuBLAS itself does not check.
+    fn run<T: CudaDType + DeviceRepr + WithDType>(
         dev: &CudaDevice,
         what: &str,
-        (op_a, op_b): (Op, Op),
-        (m, n, k): (usize, usize, usize),
-        (lda, ldb, ldc): (usize, usize, usize),
-        a: &impl cudarc::driver::DevicePtr<T>,
-        b: &impl cudarc::driver::DevicePtr<T>,
-        c: &mut CudaSlice<T>,
+        pr: &Product,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        c: &mut CudaViewMut<'_, T>,
     ) -> Result<()>
     where
         CudaBlas: Gemm<T>,
     {
-        let cfg = GemmConfig {
-            transa: op_a,
-            transb: op_b,
+        let need = pr.extents();
+        if a.len() < need.0 || b.len() < need.1 || c.len() < need.2 {
+            candle_core::bail!(
+                "image GEMM {what}: buffers of {} / {} / {} values, the product needs {need:?}",
+                a.len(),
+                b.len(),
+                c.len()
+            );
+        }
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let (m, n, k) = pr.mnk;
+        let (lda, ldb, ldc) = pr.ld;
+        let gemm = GemmConfig {
+            transa: op(pr.trans.0),
+            transb: op(pr.trans.1),
             m: i32_of(m, "size")?,
             n: i32_of(n, "size")?,
             k: i32_of(k, "size")?,
@@ -306,8 +482,24 @@ pub(super) mod cuda {
             beta: T::from_f64(0.0),
             ldc: i32_of(ldc, "leading dimension")?,
         };
-        // SAFETY: the callers pass buffers holding what (m, n, k) and the leading dimensions say.
-        unsafe { dev.cublas_handle().gemm(cfg, a, b, c) }.map_err(|e| err(what, e))
+        let (a, b) = (a.slice(pr.offsets.0..), b.slice(pr.offsets.1..));
+        let mut c = c.slice_mut(pr.offsets.2..);
+        let blas = dev.cublas_handle();
+        // SAFETY: the three buffers hold the product's extents (checked above).
+        let r = if pr.batch == 1 {
+            unsafe { blas.gemm(gemm, &a, &b, &mut c) }
+        } else {
+            let stride = |v: usize| i64::try_from(v).map_err(|_| err(what, "stride past 2^63"));
+            let cfg = StridedBatchedConfig {
+                gemm,
+                batch_size: i32_of(pr.batch, "batch")?,
+                stride_a: stride(pr.strides.0)?,
+                stride_b: stride(pr.strides.1)?,
+                stride_c: stride(pr.strides.2)?,
+            };
+            unsafe { blas.gemm_strided_batched(cfg, &a, &b, &mut c) }
+        };
+        r.map_err(|e| err(what, e))
     }
 
     /// The forward product for one dtype: Z (rows × K, channels-last) = P · Wpᵀ.
@@ -324,8 +516,6 @@ pub(super) mod cuda {
         let p = im2col(dev, x, g)?;
         // SAFETY: the product writes all rows·K values (beta = 0).
         let mut z = unsafe { dev.alloc::<T>(g.rows() * g.k) }?;
-        // column-major: Zᵀ (K × rows) = op_T(Wp stored cols × K) · op_N(P stored cols × rows);
-        // Wp holds K·cols values, P rows·cols, Z rows·K
         // the filter zero-padded to K × cols, unless its taps need no padding
         let padded;
         let wp = if cols == taps {
@@ -334,21 +524,13 @@ pub(super) mod cuda {
             padded = copy_cols(dev, w, g.k, taps, cols)?;
             padded.slice(..)
         };
-        let ops = (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N);
-        gemm(
-            dev,
-            "forward product",
-            ops,
-            (g.k, g.rows(), cols),
-            (cols, cols, g.k),
-            &wp,
-            &p,
-            &mut z,
-        )?;
+        let pr = super::fwd_product(g.rows(), g.k, cols);
+        run(dev, "forward product", &pr, &wp, &p.slice(..), &mut z.slice_mut(..))?;
         Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
     }
 
-    /// The filter-gradient product for one dtype: dW (K × R·S·C, channels-last) = dZᵀ · P.
+    /// The filter-gradient product for one dtype: dW (K × R·S·C, channels-last) = dZᵀ · P, in
+    /// parts ([`super::set_image_gemm_split`]) or as one product.
     fn bwd_filter<T: CudaDType + DeviceRepr + WithDType>(
         dev: &CudaDevice,
         x: &CudaView<'_, T>,
@@ -360,21 +542,48 @@ pub(super) mod cuda {
     {
         let (taps, cols) = (g.taps(), cols_for(g.taps()));
         let p = im2col(dev, x, g)?;
-        // SAFETY: the product writes all K·cols values (beta = 0).
+        // SAFETY: the products write all K·cols values (beta = 0).
         let mut dwp = unsafe { dev.alloc::<T>(g.k * cols) }?;
-        // column-major: dWpᵀ (cols × K) = op_N(P stored cols × rows) · op_T(dZ stored K × rows);
-        // P holds rows·cols values, dZ rows·K, dWp K·cols
-        let (ops, dims) = ((Op::CUBLAS_OP_N, Op::CUBLAS_OP_T), (cols, g.k, g.rows()));
-        gemm(
-            dev,
-            "filter-gradient product",
-            ops,
-            dims,
-            (cols, g.k, cols),
-            &p,
-            dz,
-            &mut dwp,
-        )?;
+        let parts = super::split_products().then_some(super::SPLIT_ROWS);
+        match super::bwd_filter_plan(g.rows(), g.k, cols, parts) {
+            BwdFilterPlan::One(pr) => {
+                run(
+                    dev,
+                    "filter-gradient product",
+                    &pr,
+                    &p.slice(..),
+                    dz,
+                    &mut dwp.slice_mut(..),
+                )?;
+            }
+            BwdFilterPlan::Split {
+                slots,
+                parts,
+                rest,
+                sum,
+            } => {
+                // SAFETY: the parts' products write all slots·K·cols values (beta = 0).
+                let mut partials = unsafe { dev.alloc::<T>(slots * g.k * cols) }?;
+                let what = "filter-gradient products in parts";
+                run(dev, what, &parts, &p.slice(..), dz, &mut partials.slice_mut(..))?;
+                if let Some(rest) = rest {
+                    run(dev, what, &rest, &p.slice(..), dz, &mut partials.slice_mut(..))?;
+                }
+                let ones = dev
+                    .cuda_stream()
+                    .clone_htod(&vec![T::from_f64(1.0); slots])
+                    .map_err(|e| err("upload", e))?;
+                let what = "sum of the filter gradient's parts";
+                run(
+                    dev,
+                    what,
+                    &sum,
+                    &partials.slice(..),
+                    &ones.slice(..),
+                    &mut dwp.slice_mut(..),
+                )?;
+            }
+        }
         if cols == taps {
             return Ok(CudaStorage::wrap_cuda_slice(dwp, dev.clone()));
         }
@@ -490,5 +699,131 @@ mod tests {
         // not: an unfolded image past 2^31 elements (Dieleman's at 32,768 galaxies: 2^34)
         assert!(!fits(nhwc(0, 1), [32768 * 16, 3, 45, 45], [32, 3, 6, 6], bf));
         assert_eq!((cols_for(27), cols_for(108), cols_for(72)), (32, 112, 72));
+    }
+
+    /// cuBLAS's definition in plain loops: column-major `C = op(A) · op(B)`, alpha 1, beta 0,
+    /// `batch` times at the strides, from the offsets. Indexing the buffers past their ends
+    /// panics, so a product that would read or write out of bounds fails here too.
+    fn cublas_twin(pr: &Product, a: &[f64], b: &[f64], c: &mut [f64]) {
+        let (m, n, k) = pr.mnk;
+        let (lda, ldb, ldc) = pr.ld;
+        for bi in 0..pr.batch {
+            let oa = pr.offsets.0 + bi * pr.strides.0;
+            let ob = pr.offsets.1 + bi * pr.strides.1;
+            let oc = pr.offsets.2 + bi * pr.strides.2;
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0.0;
+                    for l in 0..k {
+                        // op(A)[i, l] and op(B)[l, j] of the stored column-major matrices
+                        let av = if pr.trans.0 {
+                            a[oa + l + i * lda]
+                        } else {
+                            a[oa + i + l * lda]
+                        };
+                        let bv = if pr.trans.1 {
+                            b[ob + j + l * ldb]
+                        } else {
+                            b[ob + l + j * ldb]
+                        };
+                        acc += av * bv;
+                    }
+                    c[oc + i + j * ldc] = acc;
+                }
+            }
+        }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        (0..n as u64)
+            .map(|i| ((i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97)) % 1999) as f64 / 999.5 - 1.0)
+            .collect()
+    }
+
+    /// The CUDA launcher's products, run through [`cublas_twin`]: the forward product gives
+    /// Z = P · Wpᵀ, and the filter gradient dWp = dZᵀ · P both as one product and in parts
+    /// (rows that divide evenly into the parts and rows that leave a shorter last part, one
+    /// row, fewer rows than a part), with each product's extents exactly the buffers it gets.
+    #[test]
+    fn the_products_compute_the_layer_and_its_filter_gradient() {
+        for &(rows, k, cols, part) in &[
+            (1usize, 3usize, 8usize, 4usize),
+            (37, 5, 16, 8),
+            (40, 4, 8, 10),
+            (40, 4, 8, 64),
+            (1000, 7, 24, 3),
+            (6400, 32, 112, 5),
+        ] {
+            let p = values(rows * cols, 1);
+            let wp = values(k * cols, 2);
+            let dz = values(rows * k, 3);
+            let what = format!("rows {rows}, K {k}, cols {cols}, parts of {part}");
+            // forward: Z[row, ki] = Σ_t P[row, t] · Wp[ki, t]
+            let pr = fwd_product(rows, k, cols);
+            assert_eq!(pr.extents(), (k * cols, rows * cols, rows * k), "{what}");
+            let mut z = vec![f64::NAN; rows * k];
+            cublas_twin(&pr, &wp, &p, &mut z);
+            for row in 0..rows {
+                for ki in 0..k {
+                    let want: f64 = (0..cols).map(|t| p[row * cols + t] * wp[ki * cols + t]).sum();
+                    assert!((z[row * k + ki] - want).abs() < 1e-9, "{what}: Z[{row}, {ki}]");
+                }
+            }
+            // filter gradient: dWp[ki, t] = Σ_row dZ[row, ki] · P[row, t]
+            let want: Vec<f64> = (0..k * cols)
+                .map(|i| {
+                    (0..rows)
+                        .map(|row| dz[row * k + i / cols] * p[row * cols + i % cols])
+                        .sum()
+                })
+                .collect();
+            for parts in [None, Some(part)] {
+                let mut dwp = vec![f64::NAN; k * cols];
+                match bwd_filter_plan(rows, k, cols, parts) {
+                    BwdFilterPlan::One(pr) => {
+                        assert!(parts.is_none() || rows <= part, "{what}: one product");
+                        assert_eq!(pr.extents(), (rows * cols, rows * k, k * cols), "{what}");
+                        cublas_twin(&pr, &p, &dz, &mut dwp);
+                    }
+                    BwdFilterPlan::Split {
+                        slots,
+                        parts: pp,
+                        rest,
+                        sum,
+                    } => {
+                        assert!((2..=MAX_PARTS).contains(&slots) && rows > part, "{what}: {slots} parts");
+                        let mut partials = vec![f64::NAN; slots * k * cols];
+                        // the parts' products together cover every row and every partial slot once
+                        let last = rest.map_or(pp.extents(), |r| r.extents());
+                        assert_eq!(last, (rows * cols, rows * k, slots * k * cols), "{what}");
+                        cublas_twin(&pp, &p, &dz, &mut partials);
+                        if let Some(r) = rest {
+                            assert_eq!(slots, pp.batch + 1, "{what}");
+                            cublas_twin(&r, &p, &dz, &mut partials);
+                        }
+                        assert!(partials.iter().all(|v| v.is_finite()), "{what}: a slot unwritten");
+                        let ones = vec![1.0; slots];
+                        assert_eq!(sum.extents(), (slots * k * cols, slots, k * cols), "{what}");
+                        cublas_twin(&sum, &partials, &ones, &mut dwp);
+                    }
+                }
+                for (i, (got, want)) in dwp.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got - want).abs() < 1e-9 * (1.0 + want.abs()),
+                        "{what}, {parts:?}: dWp[{i}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // the nets' sizes: Dieleman's image layer at batch 256 (4,096 parts of 40×40 outputs)
+        // in about 400 parts of 16,384 rows; never more than MAX_PARTS
+        let BwdFilterPlan::Split { slots, .. } = bwd_filter_plan(4096 * 1600, 32, 112, Some(SPLIT_ROWS)) else {
+            panic!("Dieleman's image layer is one product");
+        };
+        assert_eq!(slots, 400);
+        let BwdFilterPlan::Split { slots, .. } = bwd_filter_plan(1 << 30, 32, 112, Some(SPLIT_ROWS)) else {
+            panic!("one product");
+        };
+        assert_eq!(slots, MAX_PARTS);
     }
 }

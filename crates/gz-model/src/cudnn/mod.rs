@@ -48,7 +48,7 @@ pub(crate) use fused::bias_relu_nhwc;
 #[cfg(test)]
 pub(crate) use fused::with_pool_mask;
 pub use fused::{bias_relu, set_nhwc_vectorised, set_pool_mask, set_wide_bias_finish};
-pub use im2col::{image_gemm_enabled, set_image_gemm, set_image_gemm_bwd_filter};
+pub use im2col::{image_gemm_enabled, set_image_gemm, set_image_gemm_bwd_filter, set_image_gemm_split};
 pub use tower::{tower, TowerLayer};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);

@@ -1089,7 +1089,9 @@ fn fast_path_summary_names_the_settings() {
 /// the GPU: the fused channels-last conv + bias + ReLU's output and its filter and bias
 /// gradients (the image needs no input gradient), for VGG16-blog's image layer unpadded and
 /// padded to 8 channels, Dieleman's (6×6 on 45×45 parts), and an odd shape with padding 2, in
-/// f32 (strict math) and bf16. Skipped without a GPU.
+/// f32 (strict math) and bf16; the filter gradient in parts (the first three shapes: 3 to 7
+/// parts of [`super::im2col::SPLIT_ROWS`] rows), as one product, and by cuDNN behind the
+/// forward-only product. Skipped without a GPU.
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_image_gemm_matches_cudnn() -> Result<()> {
@@ -1125,12 +1127,20 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
                 super::set_image_gemm_bwd_filter(false);
                 let (y2, dw2, _) = run(true)?;
                 super::set_image_gemm_bwd_filter(true);
+                // the filter gradient as one product (GZ_IMAGE_GEMM=cublas), not in parts
+                super::set_image_gemm_split(false);
+                let (_, dw3, _) = run(true)?;
+                super::set_image_gemm_split(true);
                 super::set_image_gemm(false);
                 let (e_fwd, e_bwd) = (rel_err(&y2, &y1)?, rel_l2(&dw2, &dw0)?);
                 if e_fwd > 0.0 || e_bwd > tol {
                     bad.push(format!(
                         "forward-only product: y against the product's {e_fwd}, dw against cuDNN's {e_bwd}"
                     ));
+                }
+                let e_one = rel_l2(&dw3, &dw0)?;
+                if e_one > tol {
+                    bad.push(format!("filter gradient as one product: dw against cuDNN's {e_one}"));
                 }
                 let what = format!("{dtype:?} {n}×{c}×{hw}² k{k} {ks}×{ks} pad {pad}");
                 let (ey, ew, eb) = (rel_err(&y1, &y0)?, rel_l2(&dw1, &dw0)?, rel_l2(&db1, &db0)?);
@@ -1147,6 +1157,7 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
     })();
     super::set_image_gemm(false);
     super::set_image_gemm_bwd_filter(true);
+    super::set_image_gemm_split(true);
     super::set_allow_tf32(true);
     r
 }
