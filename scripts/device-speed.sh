@@ -178,7 +178,7 @@ bench dieleman-bf16-image-gemm-fwd 45 GZ_IMAGE_GEMM=fwd -- $D $R
 bench dieleman-bf16-image-gemm-cublas 45 GZ_IMAGE_GEMM=cublas -- $D $R
 pack
 # 2. correctness of the three new pieces, then the peer with torch.compile and its trace
-tests cuda_image_gemm 30
+tests cuda_image_gemm 40
 tests cuda_wide_bias_finish 20
 tests cuda_pool_mask 20
 # the loss-curve check, end to end through the trainer: candle's kernels, the

@@ -1162,6 +1162,88 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
     r
 }
 
+/// The image layer as a product inside a tower with a backward pass: its forward product keeps
+/// the unfolded image and the filter gradient's product takes it (counted), and the tower's
+/// output and every layer's weight and bias gradients match the tower on cuDNN alone; for a
+/// VGG16-blog-like tower (the image padded to 8 channels, pooled) and Dieleman's first two
+/// layers, f32 (strict math) and bf16. Skipped without a GPU.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
+    let Some(gpu) = cuda_device() else { return Ok(()) };
+    super::set_allow_tf32(false);
+    let r = (|| {
+        let mut bad = Vec::new();
+        for (dtype, tol) in [(DType::F32, 1e-3f32), (DType::BF16, 3e-2)] {
+            // (batch, image side, [(in, out, filter, padding, pool)])
+            type Spec = Vec<(usize, usize, usize, usize, bool)>;
+            let towers: [(usize, usize, Spec); 2] = [
+                (4, 106, vec![(3, 64, 3, 1, false), (64, 64, 3, 1, true)]),
+                (64, 45, vec![(3, 32, 6, 0, false), (32, 64, 5, 0, true)]),
+            ];
+            for (seed, (n, side, spec)) in (61..).zip(towers) {
+                let x = randn(&[n, 3, side, side], seed, &gpu)?.to_dtype(dtype)?;
+                let mut params = Vec::new();
+                for (i, &(c, k, f, _, _)) in spec.iter().enumerate() {
+                    let w = (randn(&[k, c, f, f], seed * 10 + i as u64, &gpu)? * (2.0 / (c * f * f) as f64).sqrt())?;
+                    let b = (randn(&[k], seed * 20 + i as u64, &gpu)? * 0.1)?;
+                    params.push((
+                        Var::from_tensor(&w.to_dtype(dtype)?)?,
+                        Var::from_tensor(&b.to_dtype(dtype)?)?,
+                    ));
+                }
+                let run = |gemm: bool| -> Result<(Tensor, Vec<Tensor>)> {
+                    super::set_image_gemm(gemm);
+                    let layers: Vec<super::TowerLayer<'_>> = spec
+                        .iter()
+                        .zip(&params)
+                        .map(|(&(_, _, _, pad, pool), (w, b))| super::TowerLayer {
+                            weight: w.as_tensor(),
+                            bias: b.as_tensor(),
+                            padding: pad,
+                            stride: 1,
+                            pool,
+                        })
+                        .collect();
+                    let y = super::tower(&x, &layers, true)?;
+                    let g = randn(y.dims(), seed + 7, &gpu)?;
+                    let grads = (y.to_dtype(DType::F32)? * &g)?.sum_all()?.backward()?;
+                    let mut gs = Vec::new();
+                    for (w, b) in &params {
+                        gs.push(grads.get(w.as_tensor()).expect("dw").clone());
+                        gs.push(grads.get(b.as_tensor()).expect("db").clone());
+                    }
+                    Ok((y, gs))
+                };
+                let (y0, g0) = run(false)?;
+                let before = super::im2col::cuda::kept_reuses();
+                let (y1, g1) = run(true)?;
+                super::set_image_gemm(false);
+                let what = format!("{dtype:?} batch {n}, {side}², {spec:?}");
+                let reused = super::im2col::cuda::kept_reuses() - before;
+                if reused != 1 {
+                    bad.push(format!(
+                        "{what}: the filter gradient took the kept image {reused} times, not once"
+                    ));
+                }
+                let ey = rel_err(&y1, &y0)?;
+                let eg: Vec<f32> = g1.iter().zip(&g0).map(|(a, b)| rel_l2(a, b)).collect::<Result<_>>()?;
+                eprintln!("{what}: y {ey:.1e}, gradients {eg:?}");
+                if ey > tol || eg.iter().any(|&e| e.is_nan() || e > tol) {
+                    bad.push(format!("{what}: y {ey}, gradients {eg:?}"));
+                }
+            }
+        }
+        if !bad.is_empty() {
+            candle_core::bail!("image GEMM in a tower against cuDNN:\n{}", bad.join("\n"));
+        }
+        Ok(())
+    })();
+    super::set_image_gemm(false);
+    super::set_allow_tf32(true);
+    r
+}
+
 /// The bias gradient's block-per-channel finish ([`super::set_wide_bias_finish`]) against the
 /// thread-per-channel one on the GPU: the channels-last conv + bias + ReLU (+ pool) ops' bias
 /// gradients on VGG16-blog and Dieleman layer shapes, f32 (the same partials added in another

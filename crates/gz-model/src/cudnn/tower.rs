@@ -66,64 +66,24 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
     if layers.is_empty() {
         candle_core::bail!("tower: no layers");
     }
+    let tracked = x.track_op() || layers.iter().any(|l| l.weight.track_op() || l.bias.track_op());
     let mut h = x.detach();
     let mut now = false;
     let mut saved = Vec::with_capacity(layers.len());
-    for l in layers {
-        let (_, c, _, _) = l.weight.dims4()?;
-        let switched = nhwc && !now && super::nhwc_starts_at(c);
-        // channels as run: the image's zero-padded to a multiple of 8 on request
-        let run_c = if switched {
-            let (_, _, kh, kw) = l.weight.dims4()?;
-            super::nhwc_padded_channels(c, (kh, kw))
-        } else {
-            c
-        };
-        let pad = |t: Tensor| {
-            if run_c > c {
-                t.pad_with_zeros(1, 0, run_c - c)
-            } else {
-                Ok(t)
-            }
-        };
-        if switched {
-            h = nhwc_of(&pad(h)?)?;
-            now = true;
+    // with a backward pass to come, an image layer run as a product keeps its unfolded image
+    // for the filter gradient's product (`im2col::keeping_unfolded`)
+    let mut forward = || -> Result<()> {
+        for l in layers {
+            forward_layer(l, nhwc, &mut h, &mut now, &mut saved)?;
         }
-        let w = if now {
-            nhwc_of(&pad(l.weight.detach())?)?
-        } else {
-            l.weight.detach().contiguous()?
-        };
-        let b = l.bias.detach().contiguous()?;
-        let p = super::check_conv(&h, &w, &b, l.padding, l.stride, now)?;
-        let (_, _, xh, xw) = super::nchw_dims(h.shape(), now)?;
-        let (_, _, kh, kw) = l.weight.dims4()?;
-        let x_in = h.contiguous()?;
-        let (y, out) = if l.pool {
-            let op = ConvBiasReluPool::new(p);
-            let pooled = x_in.apply_op3_no_bwd(&w, &b, &op)?;
-            (op.saved()?, pooled)
-        } else {
-            let y = x_in.apply_op3_no_bwd(&w, &b, &ConvBiasRelu(p))?;
-            (PoolSaved::Relu(y.clone()), y)
-        };
-        saved.push(Saved {
-            p,
-            x: x_in,
-            y,
-            w,
-            b,
-            pool: l.pool,
-            switched,
-            in_c: c,
-            k_hw: (kh, kw),
-            x_hw: (xh, xw),
-        });
-        h = out;
+        Ok(())
+    };
+    if tracked {
+        super::im2col::keeping_unfolded(forward)?;
+    } else {
+        forward()?;
     }
     let out = if now { nchw_of(&h)? } else { h.contiguous()? };
-    let tracked = x.track_op() || layers.iter().any(|l| l.weight.track_op() || l.bias.track_op());
     if !tracked {
         // inference without variables: no graph, nothing to keep
         return Ok(out);
@@ -145,6 +105,64 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
                 .collect(),
         },
     )
+}
+
+/// One layer of [`tower`]'s forward pass: `h` (the layer's input, NCHW until `now` says the
+/// tower has switched to channels-last) becomes the layer's output, and what its backward pass
+/// needs goes to `saved`.
+fn forward_layer(l: &TowerLayer<'_>, nhwc: bool, h: &mut Tensor, now: &mut bool, saved: &mut Vec<Saved>) -> Result<()> {
+    let (_, c, _, _) = l.weight.dims4()?;
+    let switched = nhwc && !*now && super::nhwc_starts_at(c);
+    // channels as run: the image's zero-padded to a multiple of 8 on request
+    let run_c = if switched {
+        let (_, _, kh, kw) = l.weight.dims4()?;
+        super::nhwc_padded_channels(c, (kh, kw))
+    } else {
+        c
+    };
+    let pad = |t: Tensor| {
+        if run_c > c {
+            t.pad_with_zeros(1, 0, run_c - c)
+        } else {
+            Ok(t)
+        }
+    };
+    if switched {
+        *h = nhwc_of(&pad(h.clone())?)?;
+        *now = true;
+    }
+    let w = if *now {
+        nhwc_of(&pad(l.weight.detach())?)?
+    } else {
+        l.weight.detach().contiguous()?
+    };
+    let b = l.bias.detach().contiguous()?;
+    let p = super::check_conv(h, &w, &b, l.padding, l.stride, *now)?;
+    let (_, _, xh, xw) = super::nchw_dims(h.shape(), *now)?;
+    let (_, _, kh, kw) = l.weight.dims4()?;
+    let x_in = h.contiguous()?;
+    let (y, out) = if l.pool {
+        let op = ConvBiasReluPool::new(p);
+        let pooled = x_in.apply_op3_no_bwd(&w, &b, &op)?;
+        (op.saved()?, pooled)
+    } else {
+        let y = x_in.apply_op3_no_bwd(&w, &b, &ConvBiasRelu(p))?;
+        (PoolSaved::Relu(y.clone()), y)
+    };
+    saved.push(Saved {
+        p,
+        x: x_in,
+        y,
+        w,
+        b,
+        pool: l.pool,
+        switched,
+        in_c: c,
+        k_hw: (kh, kw),
+        x_hw: (xh, xw),
+    });
+    *h = out;
+    Ok(())
 }
 
 /// The graph node: forward hands out the output computed in [`tower`] (a copy of it: a custom
