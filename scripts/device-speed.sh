@@ -73,10 +73,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 say "bundle built from: $(tr '\n' ' ' < "$PKG/built-from.txt" 2>/dev/null || echo unknown)"
 
 # Order (one shot of about 8 minutes, so what is new and decides comes first and every phase
-# checks the time left): 1. the default rows, the three prepared pieces together, the kernel
-# traces of both, then each piece's A/B; 2. the new pieces' tests, the PyTorch peer (eager and torch.compile) and its trace;
-# 3. the other correctness tests; 4. breakdowns and the rows of 2026-11-30; 5. each piece off
-# in turn, inference, f32. A step that would not fit is skipped and says so in summary.txt.
+# checks the time left): 1. the default rows and the three prepared pieces together; 2. the
+# PyTorch peer (eager and torch.compile) side by side, the new pieces' tests and the loss-curve
+# test; 3. the kernel traces of both rows, each piece's A/B, PyTorch's trace; then the other
+# correctness tests; 4. breakdowns and the rows of 2026-11-30; 5. each piece off in turn,
+# inference, f32. A step that would not fit is skipped and says so in summary.txt.
 bench() { # name timeout env-assignments... -- args...
   local name=$1 t=$2; shift 2
   local envs=()
@@ -150,6 +151,20 @@ bench dieleman-bf16-default 45 -- $D $R
 # instead of their ReLU output (2026-12-01)
 bench vgg-bf16-all-new 45 $NEW -- $V $R
 bench dieleman-bf16-all-new 45 $NEW -- $D $R
+pack
+# 2. the peer in the same session (eager and torch.compile: the issue's targets, about 105 s
+#    on 2026-11-30), then the correctness of the three new pieces, so that a short run still
+#    says whether the new rows pass torch.compile and whether the pieces may be switched on
+peer
+pack
+tests cuda_image_gemm 40
+tests cuda_wide_bias_finish 20
+tests cuda_pool_mask 20
+# the issue's loss-curve check, end to end through the trainer: candle's kernels, the
+# defaults and the defaults with the three pieces, 210 steps each (f32 and bf16)
+tests train::cuda_tests::loss_curve 90
+pack
+# 3. the kernel traces (gz's here, PyTorch's after the pieces), then each piece alone
 # where each pipelined step's GPU time goes, kernel by kernel (CUPTI), and how long the GPU
 # waits for the host (compare the rows' images/s with the default rows: CUPTI's own cost),
 # for the defaults and with the three pieces
@@ -177,16 +192,7 @@ bench dieleman-bf16-image-gemm-fwd 45 GZ_IMAGE_GEMM=fwd -- $D $R
 # … the filter gradient as one cuBLAS product instead of gz's parts (cuBLAS's own split)
 bench dieleman-bf16-image-gemm-cublas 45 GZ_IMAGE_GEMM=cublas -- $D $R
 pack
-# 2. correctness of the three new pieces, then the peer with torch.compile and its trace
-tests cuda_image_gemm 40
-tests cuda_wide_bias_finish 20
-tests cuda_pool_mask 20
-# the issue's loss-curve check, end to end through the trainer: candle's kernels, the
-# defaults and the defaults with the three pieces, 210 steps each (f32 and bf16)
-tests train::cuda_tests::loss_curve 90
-pack
-peer
-pack
+# PyTorch's view of its step, eager and torch.compile (after gz's traces above)
 torch_trace
 pack
 # 3. the rest of the correctness checks (one thread: the CUDA tests share the GPU)
