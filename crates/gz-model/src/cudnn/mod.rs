@@ -211,7 +211,8 @@ pub fn with_nhwc_image<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// gradient's padded part is dropped, so the model and checkpoints do not change. The layers
 /// run one by one (`GZ_TOWER_OP=0`) do not pad. By default the tower pads 3×3 image filters
 /// only: the 2026-11-30 device run measured VGG16-blog's bf16 step 1.04× faster padded, and
-/// Dieleman's (6×6 image filters) 0.99× in training and 0.95× in inference. Calling this sets
+/// Dieleman's (6×6 image filters) 0.99× in training and 0.95× in inference. With the image layers as
+/// matrix products ([`set_image_gemm`]) the default pads none (the product needs no padding). Calling this sets
 /// it for every image layer (`GZ_NHWC_IMAGE=pad` pads all, `GZ_NHWC_IMAGE=1` none, in `gz`).
 pub fn set_nhwc_image_padded(on: bool) {
     NHWC_IMAGE_PADDED.store(if on { PAD_ON } else { PAD_OFF }, Ordering::Relaxed);
@@ -224,7 +225,8 @@ pub fn with_nhwc_image_padded<R>(on: bool, f: impl FnOnce() -> R) -> R {
 
 /// The channels the tower op gives a layer of `in_channels` and `kernel` (height, width) when
 /// it switches to channels-last there: the next multiple of 8 where [`set_nhwc_image_padded`]
-/// says so (by default for 3×3 filters), else `in_channels`.
+/// says so (by default for 3×3 filters, unless the image layers run as products), else
+/// `in_channels`.
 pub(crate) fn nhwc_padded_channels(in_channels: usize, kernel: (usize, usize)) -> usize {
     let pad =
         NHWC_IMAGE_PADDED_HERE
@@ -232,7 +234,9 @@ pub(crate) fn nhwc_padded_channels(in_channels: usize, kernel: (usize, usize)) -
             .unwrap_or_else(|| match NHWC_IMAGE_PADDED.load(Ordering::Relaxed) {
                 PAD_OFF => false,
                 PAD_ON => true,
-                _ => kernel == (3, 3),
+                // not for the image layers as products (`set_image_gemm`): padding would only
+                // make their unfolded image larger (72 columns instead of 32 for 3×3)
+                _ => kernel == (3, 3) && !image_gemm_enabled(),
             });
     if pad {
         in_channels.next_multiple_of(8)
@@ -260,6 +264,7 @@ pub fn fast_path_summary(device: &Device) -> String {
                 None => match NHWC_IMAGE_PADDED.load(Ordering::Relaxed) {
                     PAD_OFF => "unpadded",
                     PAD_ON => "padded to 8 channels",
+                    _ if image_gemm_enabled() => "unpadded (a matrix product)",
                     _ => "padded to 8 channels where its filter is 3×3",
                 },
             };
@@ -277,7 +282,7 @@ pub fn fast_path_summary(device: &Device) -> String {
         "off"
     };
     format!(
-        "fused epilogue {epilogue}, {layout}, image layer as a matrix product {}, epilogue kernels {}, bias-gradient finish {}, tower op {}, resampling kernels {}, fused optimizer {}",
+        "fused epilogue {epilogue}, {layout}, image layer as a matrix product {}, epilogue kernels {}, bias-gradient finish {}, pooling masks {}, tower op {}, resampling kernels {}, fused optimizer {}",
         onoff(image_gemm_enabled()),
         if fused::nhwc_vectorised() {
             "vectorised"
@@ -289,6 +294,7 @@ pub fn fast_path_summary(device: &Device) -> String {
         } else {
             "a thread per channel"
         },
+        onoff(fused::pool_mask()),
         onoff(tower_op_enabled()),
         onoff(crate::augment::resample_kernels_enabled()),
         onoff(crate::optim::fused_enabled()),

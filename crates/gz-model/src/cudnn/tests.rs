@@ -1164,9 +1164,9 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
 
 /// The image layer as a product inside a tower with a backward pass: its forward product keeps
 /// the unfolded image and the filter gradient's product takes it (counted), and the tower's
-/// output and every layer's weight and bias gradients match the tower on cuDNN alone; for a
-/// VGG16-blog-like tower (the image padded to 8 channels, pooled) and Dieleman's first two
-/// layers, f32 (strict math) and bf16. Skipped without a GPU.
+/// output and every layer's weight and bias gradients match the tower on cuDNN alone (whose
+/// 3×3 image layer is padded to 8 channels; the product's is not); for a VGG16-blog-like tower
+/// and Dieleman's first two layers, f32 (strict math) and bf16. Skipped without a GPU.
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
