@@ -161,8 +161,9 @@ tests cuda_image_gemm 40
 tests cuda_wide_bias_finish 20
 tests cuda_pool_mask 20
 # the loss-curve check, end to end through the trainer: candle's kernels, the
-# defaults and the defaults with the three pieces, 210 steps each (f32 and bf16)
-tests train::cuda_tests::loss_curve 90
+# defaults and the defaults with the three pieces, 210 steps each (f32 and bf16; 24 runs,
+# never timed: the log has each run's seconds)
+tests train::cuda_tests::loss_curve 150
 pack
 # 3. the kernel traces (gz's here, PyTorch's after the pieces), then each piece alone
 # where each pipelined step's GPU time goes, kernel by kernel (CUPTI), and how long the GPU

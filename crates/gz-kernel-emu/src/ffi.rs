@@ -236,6 +236,8 @@ pub unsafe trait Storage: Copy + Send + Sync + 'static {
         cols: u32,
     );
     unsafe fn copy_cols(src: *const Self, dst: *mut Self, rows: u32, src_w: u32, dst_w: u32);
+    /// `sum_parts_*`: dw (k × taps) = the sum of `slots` f32 partial sums of k × cols each.
+    unsafe fn sum_parts(partials: *const f32, dw: *mut Self, slots: u32, k: u32, cols: u32, taps: u32);
     unsafe fn affine_sample(
         img: *const Self,
         mats: *const f32,
@@ -281,7 +283,7 @@ macro_rules! storage {
         $pool_bwd:ident, $pool_bwd_nhwc:ident, $pool_fwd:ident, $pool_fwd_nhwc:ident,
         $affine:ident, $parts:ident, $rmsprop:ident, $sgd:ident, $adamw:ident, $dropout:ident,
         $fwd_v:ident, $bwd_v:ident, $pool_bwd_v:ident, $pool_fwd_v:ident, $im2col:ident, $copy_cols:ident,
-        $finish_wide:ident, $pool_fwd_mask_v:ident, $pool_bwd_mask_v:ident
+        $finish_wide:ident, $pool_fwd_mask_v:ident, $pool_bwd_mask_v:ident, $sum_parts:ident
     ]) => {
         mod $m {
             use super::*;
@@ -398,6 +400,7 @@ macro_rules! storage {
                     cols: u32,
                 );
                 pub fn $copy_cols(src: *const $t, dst: *mut $t, rows: u32, src_w: u32, dst_w: u32);
+                pub fn $sum_parts(partials: *const f32, dw: *mut $t, slots: u32, k: u32, cols: u32, taps: u32);
                 pub fn $affine(
                     img: *const $t,
                     mats: *const f32,
@@ -611,6 +614,9 @@ macro_rules! storage {
             unsafe fn copy_cols(src: *const Self, dst: *mut Self, rows: u32, src_w: u32, dst_w: u32) {
                 unsafe { $m::$copy_cols(src, dst, rows, src_w, dst_w) }
             }
+            unsafe fn sum_parts(partials: *const f32, dw: *mut Self, slots: u32, k: u32, cols: u32, taps: u32) {
+                unsafe { $m::$sum_parts(partials, dw, slots, k, cols, taps) }
+            }
             unsafe fn affine_sample(
                 img: *const Self,
                 mats: *const f32,
@@ -705,7 +711,8 @@ storage!(
         copy_cols_f32,
         bias_grad_finish_wide_f32,
         bias_relu_pool_fwd_mask_nhwc_v_f32,
-        relu_pool_bwd_mask_nhwc_v_f32
+        relu_pool_bwd_mask_nhwc_v_f32,
+        sum_parts_f32
     ]
 );
 storage!(
@@ -736,7 +743,8 @@ storage!(
         copy_cols_bf16,
         bias_grad_finish_wide_bf16,
         bias_relu_pool_fwd_mask_nhwc_v_bf16,
-        relu_pool_bwd_mask_nhwc_v_bf16
+        relu_pool_bwd_mask_nhwc_v_bf16,
+        sum_parts_bf16
     ]
 );
 storage!(
@@ -767,6 +775,7 @@ storage!(
         copy_cols_f16,
         bias_grad_finish_wide_f16,
         bias_relu_pool_fwd_mask_nhwc_v_f16,
-        relu_pool_bwd_mask_nhwc_v_f16
+        relu_pool_bwd_mask_nhwc_v_f16,
+        sum_parts_f16
     ]
 );

@@ -405,6 +405,20 @@ const LAUNCHES: &[Launch] = &[
             r#"format!("copy_cols_{}", suffix(T::DTYPE)?)"#,
         )],
     },
+    Launch {
+        rs: "cudnn/im2col.rs",
+        kernels: &["sum_parts"],
+        suffixes: FLOATS,
+        params: &[A::PF32, A::P, A::U32, A::U32, A::U32, A::U32],
+        chains: &["launch.arg(partials).arg(&mut dw).arg(&slots32).arg(&k32).arg(&cols32).arg(&taps32);"],
+        evidence: &[
+            ("cudnn/im2col.rs", "partials: &CudaSlice<f32>,"),
+            (
+                "cudnn/im2col.rs",
+                r#"format!("sum_parts_{}", suffix(T::DTYPE)?)"#,
+            ),
+        ],
+    },
     // ---- layout.cu
     Launch {
         rs: "cudnn/layout.rs",

@@ -13,16 +13,19 @@
 //!
 //! The filter gradient's product has few outputs (taps × K: 112 × 32 for Dieleman) summed over
 //! many rows (6.5 M), a shape a GEMM library may give a handful of thread blocks. By default it
-//! runs in parts of about [`SPLIT_ROWS`] rows (one strided-batched cuBLAS call writing a partial
-//! sum a part, then one more product adding them: [`bwd_filter_plan`]), so every part has its
-//! blocks; [`set_image_gemm_split`]`(false)` (`GZ_IMAGE_GEMM=cublas`) leaves it to cuBLAS as
-//! one product. In bf16 each part's sum is rounded to bf16 before the parts are added (in f32).
-//! The products' leading dimensions, strides and offsets are checked on the CPU against a
+//! runs in parts of about [`SPLIT_ROWS`] rows (one strided-batched cuBLAS call writing an f32
+//! partial sum a part, bf16 or f16 inputs with an f32 output, then the `sum_parts` kernel adding
+//! them in a fixed order in f32 and cutting the padded columns: [`bwd_filter_plan`]), so every
+//! part has its blocks and no part's sum is rounded before the total; [`set_image_gemm_split`]
+//! `(false)` (`GZ_IMAGE_GEMM=cublas`) leaves it to cuBLAS as one product. The products'
+//! dimensions, leading dimensions, strides and offsets are checked on the CPU against a
 //! plain-loop twin of cuBLAS's definition (`the_products_compute_the_layer_and_its_filter_gradient`).
 //!
-//! A tower with a backward pass ([`super::tower`]) runs its forward pass inside
-//! [`keeping_unfolded`]: the image layer's forward product keeps `P` and its filter gradient's
-//! product takes it instead of unfolding the image again.
+//! A tower with a backward pass ([`super::tower`]) runs each layer's forward pass inside
+//! [`keeping_unfolded`]: the image layer's forward product keeps `P`, the tower holds it beside
+//! the layer's input, and the layer's filter gradient runs inside [`offering_unfolded`], whose
+//! product takes it instead of unfolding the image again. Nothing is kept anywhere else, so an
+//! evaluation's `P` goes with its graph.
 //!
 //! It takes the channels-last convolutions with stride 1, at most 8 input channels (the image
 //! layers, padded or not) and at most 256 padded taps, in f32, bf16 and f16: [`eligible`].
@@ -73,7 +76,7 @@ static IMAGE_GEMM_SPLIT: AtomicBool = AtomicBool::new(true);
 
 /// With the filter gradient by the product ([`set_image_gemm_bwd_filter`]), `true` (the
 /// default) cuts its rows into parts of about [`SPLIT_ROWS`], one product a part in one
-/// strided-batched cuBLAS call, then adds the parts' sums with one more product; `false` leaves
+/// strided-batched cuBLAS call with f32 sums, then adds them in f32 (`sum_parts`); `false` leaves
 /// the whole (taps × K outputs over every row: 112 × 32 over 6.5 M rows for Dieleman) to one
 /// product and to cuBLAS's own choice of kernel, which may give so few outputs a handful of
 /// thread blocks (`GZ_IMAGE_GEMM=cublas` in `gz`; a device run compares the two).
@@ -87,20 +90,44 @@ fn split_products() -> bool {
     IMAGE_GEMM_SPLIT.load(Ordering::Relaxed)
 }
 
-/// Runs `f` (a tower's forward pass that will have a backward pass) letting the image layers
-/// that take the product keep their unfolded image `P` for the filter gradient's product, which
-/// then does not unfold the image again (for Dieleman at batch 256 in bf16: 1.5 GB not written
-/// a second time, about 0.3 ms at the H200's bandwidth, estimated; the memory is held from the
-/// layer's forward pass to its backward pass). The product of the backward pass takes `P` only
-/// for the same input buffer, shape and dtype it was unfolded from, and removes it; another
-/// forward pass replaces it. Without the `cudnn` feature, `f()`.
-pub(crate) fn keeping_unfolded<R>(f: impl FnOnce() -> R) -> R {
+/// An image layer's unfolded image `P`, kept from its forward product for its filter
+/// gradient's product ([`keeping_unfolded`], [`offering_unfolded`]). Empty without the `cudnn`
+/// feature.
+pub(crate) struct Unfolded {
+    #[cfg(feature = "cudnn")]
+    kept: cuda::Kept,
+}
+
+/// Runs `f`, one layer's forward pass in a tower that will run its backward pass, and returns
+/// the unfolded image its forward product kept, if it ran as one ([`eligible`] and the filter
+/// gradient by the product too): the tower keeps it beside the layer's input and offers it to
+/// the layer's filter gradient ([`offering_unfolded`]), which then does not unfold the image a
+/// second time (for Dieleman at batch 256 in bf16: 1.5 GB, about 0.3 ms at the H200's
+/// bandwidth, estimated). Nothing is kept outside this call. Without the `cudnn` feature,
+/// `(f(), None)`.
+pub(crate) fn keeping_unfolded<R>(f: impl FnOnce() -> R) -> (R, Option<Unfolded>) {
     #[cfg(feature = "cudnn")]
     {
-        cuda::keeping(f)
+        let (r, kept) = cuda::keeping(f);
+        (r, kept.map(|kept| Unfolded { kept }))
     }
     #[cfg(not(feature = "cudnn"))]
     {
+        (f(), None)
+    }
+}
+
+/// Runs `f`, the filter gradient of the layer whose forward pass kept `kept`, offering it to
+/// the product: taken only for the same input buffer, shape and dtype it was unfolded from;
+/// dropped at the end of the call whether taken or not.
+pub(crate) fn offering_unfolded<R>(kept: Option<Unfolded>, f: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "cudnn")]
+    {
+        cuda::offering(kept.map(|u| u.kept), f)
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        let _ = kept;
         f()
     }
 }
@@ -192,22 +219,16 @@ pub(crate) fn fwd_product(rows: usize, k: usize, cols: usize) -> Product {
     allow(dead_code, reason = "used by the CUDA backend and the tests")
 )]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "a few hundred bytes on the stack, once per call"
-)]
 pub(crate) enum BwdFilterPlan {
     /// One product: A = P, B = dZ, C = dWp (column-major dWpᵀ (cols × K) = op_N(P) · op_T(dZ)).
     One(Product),
-    /// `parts` (A = P, B = dZ, C = the partial sums: `slots` of K × cols each, one per part of
-    /// the rows) and `rest` (the last, shorter part, when the rows do not divide evenly), then
-    /// `sum` (A = the partial sums, B = `slots` ones, C = dWp): dWp (K·cols × 1) = partials
-    /// (K·cols × slots) · ones.
+    /// `parts` (A = P, B = dZ, C = the partial sums in f32: `slots` of K × cols each, one per
+    /// part of the rows) and `rest` (the last, shorter part, when the rows do not divide
+    /// evenly); then `sum_parts` (`kernels/im2col.cu`) adds the slots into dW, in f32.
     Split {
         slots: usize,
         parts: Product,
         rest: Option<Product>,
-        sum: Product,
     },
 }
 
@@ -239,7 +260,6 @@ pub(crate) fn bwd_filter_plan(rows: usize, k: usize, cols: usize, part_rows: Opt
             ..product(chunk, 0, 0)
         },
         rest: (rest_rows > 0).then(|| product(rest_rows, full * chunk, full * out)),
-        sum: Product::single((false, false), (out, 1, slots), (out, slots, out)),
     }
 }
 
@@ -298,6 +318,11 @@ pub(crate) mod grid {
     pub(crate) fn copy(total: u32) -> (u32, u32, u32) {
         (total.div_ceil(THREADS * 4).clamp(1, 1 << 16), 1, 1)
     }
+
+    /// `sum_parts`: a block per 32 outputs (at most 4,096 blocks, grid-stride beyond).
+    pub(crate) fn sum_parts(outs: u32) -> (u32, u32, u32) {
+        (outs.div_ceil(32).clamp(1, 4096), 1, 1)
+    }
 }
 
 #[cfg(feature = "cudnn")]
@@ -312,7 +337,7 @@ pub(super) mod cuda {
 
     use std::cell::{Cell, RefCell};
 
-    use cudarc::driver::DevicePtr;
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
 
     use super::super::ConvParams;
     use super::{cols_for, grid, BwdFilterPlan, Product};
@@ -403,19 +428,42 @@ pub(super) mod cuda {
         geo: Geo,
     }
 
+    /// A kept `P` and what it was unfolded from.
+    pub(in super::super) struct Kept {
+        key: Key,
+        p: CudaStorage,
+    }
+
     thread_local! {
-        /// Whether forward products keep `P` ([`keeping`]).
+        /// Whether forward products keep `P` (inside [`keeping`] only).
         static KEEP: Cell<bool> = const { Cell::new(false) };
-        /// The `P` kept by the last forward product, for the filter gradient's.
-        static KEPT: RefCell<Option<(Key, CudaStorage)>> = const { RefCell::new(None) };
+        /// The `P` a forward product kept inside [`keeping`], or the one [`offering`] offers to
+        /// a filter gradient's product; empty outside those two calls.
+        static SLOT: RefCell<Option<Kept>> = const { RefCell::new(None) };
     }
 
     /// [`super::keeping_unfolded`].
-    pub(in super::super) fn keeping<R>(f: impl FnOnce() -> R) -> R {
-        let before = KEEP.with(|k| k.replace(true));
+    pub(in super::super) fn keeping<R>(f: impl FnOnce() -> R) -> (R, Option<Kept>) {
+        let before = (KEEP.with(|k| k.replace(true)), SLOT.with(|s| s.take()));
         let r = f();
-        KEEP.with(|k| k.set(before));
+        KEEP.with(|k| k.set(before.0));
+        let kept = SLOT.with(|s| s.replace(before.1));
+        (r, kept)
+    }
+
+    /// [`super::offering_unfolded`].
+    pub(in super::super) fn offering<R>(kept: Option<Kept>, f: impl FnOnce() -> R) -> R {
+        let before = SLOT.with(|s| s.replace(kept));
+        let r = f();
+        // what was not taken goes now
+        drop(SLOT.with(|s| s.replace(before)));
         r
+    }
+
+    /// Whether nothing is kept on this thread (for the tests: nothing outlives the two calls).
+    #[cfg_attr(not(test), allow(dead_code, reason = "read by the CUDA tests"))]
+    pub(in super::super) fn nothing_kept() -> bool {
+        SLOT.with(|s| s.borrow().is_none())
     }
 
     fn key_of<T: CudaDType + DeviceRepr + WithDType>(dev: &CudaDevice, x: &CudaView<'_, T>, g: Geo) -> Key {
@@ -438,12 +486,12 @@ pub(super) mod cuda {
         REUSED.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Takes the kept `P` of `key`, if that is what is kept; anything else kept stays.
+    /// Takes the offered `P` of `key`, if that is what is offered; anything else stays.
     fn take_kept(key: Key) -> Option<CudaStorage> {
-        let p = KEPT.with(|k| {
-            let mut k = k.borrow_mut();
-            match &*k {
-                Some((kept, _)) if *kept == key => k.take().map(|(_, p)| p),
+        let p = SLOT.with(|s| {
+            let mut s = s.borrow_mut();
+            match &*s {
+                Some(kept) if kept.key == key => s.take().map(|kept| kept.p),
                 _ => None,
             }
         });
@@ -613,10 +661,13 @@ pub(super) mod cuda {
         };
         let pr = super::fwd_product(g.rows(), g.k, cols);
         run(dev, "forward product", &pr, &wp, &p.slice(..), &mut z.slice_mut(..))?;
-        // a kept P replaces the one before (its backward pass, if any, has run or will not)
+        // inside `keeping`: P goes to the tower, for this layer's filter gradient
         if KEEP.with(Cell::get) && super::bwd_filter_by_product() {
-            let kept = (key_of(dev, x, g), CudaStorage::wrap_cuda_slice(p, dev.clone()));
-            KEPT.with(|k| *k.borrow_mut() = Some(kept));
+            let kept = Kept {
+                key: key_of(dev, x, g),
+                p: CudaStorage::wrap_cuda_slice(p, dev.clone()),
+            };
+            SLOT.with(|s| *s.borrow_mut() = Some(kept));
         }
         Ok(CudaStorage::wrap_cuda_slice(z, dev.clone()))
     }
@@ -650,53 +701,148 @@ pub(super) mod cuda {
                 g.rows() * cols
             );
         }
-        // SAFETY: the products write all K·cols values (beta = 0).
-        let mut dwp = unsafe { dev.alloc::<T>(g.k * cols) }?;
         let parts = super::split_products().then_some(super::SPLIT_ROWS);
         match super::bwd_filter_plan(g.rows(), g.k, cols, parts) {
             BwdFilterPlan::One(pr) => {
-                run(
-                    dev,
-                    "filter-gradient product",
-                    &pr,
-                    &p.slice(..),
-                    dz,
-                    &mut dwp.slice_mut(..),
-                )?;
-            }
-            BwdFilterPlan::Split {
-                slots,
-                parts,
-                rest,
-                sum,
-            } => {
-                // SAFETY: the parts' products write all slots·K·cols values (beta = 0).
-                let mut partials = unsafe { dev.alloc::<T>(slots * g.k * cols) }?;
-                let what = "filter-gradient products in parts";
-                run(dev, what, &parts, &p.slice(..), dz, &mut partials.slice_mut(..))?;
-                if let Some(rest) = rest {
-                    run(dev, what, &rest, &p.slice(..), dz, &mut partials.slice_mut(..))?;
+                // SAFETY: the product writes all K·cols values (beta = 0).
+                let mut dwp = unsafe { dev.alloc::<T>(g.k * cols) }?;
+                let what = "filter-gradient product";
+                run(dev, what, &pr, &p.slice(..), dz, &mut dwp.slice_mut(..))?;
+                if cols == taps {
+                    return Ok(CudaStorage::wrap_cuda_slice(dwp, dev.clone()));
                 }
-                let ones = dev
-                    .cuda_stream()
-                    .clone_htod(&vec![T::from_f64(1.0); slots])
-                    .map_err(|e| err("upload", e))?;
-                let what = "sum of the filter gradient's parts";
-                run(
-                    dev,
-                    what,
-                    &sum,
-                    &partials.slice(..),
-                    &ones.slice(..),
-                    &mut dwp.slice_mut(..),
-                )?;
+                let dw = copy_cols(dev, &dwp.slice(..), g.k, cols, taps)?;
+                Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
+            }
+            BwdFilterPlan::Split { slots, parts, rest } => {
+                // SAFETY: the parts' products write all slots·K·cols values (beta = 0).
+                let mut partials = unsafe { dev.alloc::<f32>(slots * g.k * cols) }?;
+                let what = "filter-gradient products in parts";
+                run_f32_out(dev, what, &parts, &p.slice(..), dz, &mut partials.slice_mut(..))?;
+                if let Some(rest) = rest {
+                    run_f32_out(dev, what, &rest, &p.slice(..), dz, &mut partials.slice_mut(..))?;
+                }
+                let dw = sum_parts::<T>(dev, &partials, slots, g.k, cols, taps)?;
+                Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
             }
         }
-        if cols == taps {
-            return Ok(CudaStorage::wrap_cuda_slice(dwp, dev.clone()));
+    }
+
+    /// [`run`] with the product's C in f32 whatever T (cuBLAS's `GemmEx` types: bf16 or f16
+    /// A and B with an f32 C and f32 accumulation), so the filter gradient's parts keep their
+    /// sums unrounded until [`sum_parts`] adds them.
+    fn run_f32_out<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        what: &str,
+        pr: &Product,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        c: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
+        let need = pr.extents();
+        if a.len() < need.0 || b.len() < need.1 || c.len() < need.2 {
+            candle_core::bail!(
+                "image GEMM {what}: buffers of {} / {} / {} values, the product needs {need:?}",
+                a.len(),
+                b.len(),
+                c.len()
+            );
         }
-        let dw = copy_cols(dev, &dwp.slice(..), g.k, cols, taps)?;
-        Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
+        let ab_type = match T::DTYPE {
+            DType::F32 => cudaDataType_t::CUDA_R_32F,
+            DType::BF16 => cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => cudaDataType_t::CUDA_R_16F,
+            other => candle_core::bail!("image GEMM {what}: {other:?} is not a product type"),
+        };
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let (m, n, k) = pr.mnk;
+        let (lda, ldb, ldc) = pr.ld;
+        let stride = |v: usize| i64::try_from(v).map_err(|_| err(what, "stride past 2^63"));
+        let (sa, sb, sc) = (stride(pr.strides.0)?, stride(pr.strides.1)?, stride(pr.strides.2)?);
+        let (a, b) = (a.slice(pr.offsets.0..), b.slice(pr.offsets.1..));
+        let mut c = c.slice_mut(pr.offsets.2..);
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (ap, _ra) = a.device_ptr(&stream);
+        let (bp, _rb) = b.device_ptr(&stream);
+        let (cp, _rc) = c.device_ptr_mut(&stream);
+        // SAFETY: the three buffers hold the product's extents (checked above); alpha and beta
+        // are f32 as the f32 compute type wants; cuBLAS runs on candle's stream.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *blas.handle(),
+                op(pr.trans.0),
+                op(pr.trans.1),
+                i32_of(m, "size")?,
+                i32_of(n, "size")?,
+                i32_of(k, "size")?,
+                (&alpha) as *const f32 as *const _,
+                ap as *const _,
+                ab_type,
+                i32_of(lda, "leading dimension")?,
+                sa,
+                bp as *const _,
+                ab_type,
+                i32_of(ldb, "leading dimension")?,
+                sb,
+                (&beta) as *const f32 as *const _,
+                cp as *mut _,
+                cudaDataType_t::CUDA_R_32F,
+                i32_of(ldc, "leading dimension")?,
+                sc,
+                i32_of(pr.batch, "batch")?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| err(what, e))
+    }
+
+    /// dW (K × taps, T) = the sum of the `slots` f32 partial sums (K × cols each), by
+    /// `sum_parts` (`kernels/im2col.cu`).
+    fn sum_parts<T: CudaDType + DeviceRepr + WithDType>(
+        dev: &CudaDevice,
+        partials: &CudaSlice<f32>,
+        slots: usize,
+        k: usize,
+        cols: usize,
+        taps: usize,
+    ) -> Result<CudaSlice<T>> {
+        if partials.len() < slots * k * cols || taps > cols {
+            candle_core::bail!(
+                "image GEMM: {} partial values for {slots} parts of {k} × {cols}",
+                partials.len()
+            );
+        }
+        let outs = u32_of(k * taps, "size")?;
+        let (slots32, k32, cols32, taps32) = (
+            u32_of(slots, "parts")?,
+            u32_of(k, "filters")?,
+            u32_of(cols, "columns")?,
+            u32_of(taps, "taps")?,
+        );
+        // SAFETY: the kernel writes every one of the k·taps outputs.
+        let mut dw = unsafe { dev.alloc::<T>(k * taps) }?;
+        let func = dev.get_or_load_custom_func(&format!("sum_parts_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: grid::sum_parts(outs),
+            block_dim: (grid::THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = func.builder();
+        launch
+            .arg(partials)
+            .arg(&mut dw)
+            .arg(&slots32)
+            .arg(&k32)
+            .arg(&cols32)
+            .arg(&taps32);
+        // SAFETY: argument types and count match `sum_parts_*`; partials holds slots·k·cols
+        // values (checked above), dw k·taps; the block is the kernel's 256 threads.
+        unsafe { launch.launch(cfg) }.map_err(|e| err("sum launch", e))?;
+        Ok(dw)
     }
 
     /// The forward convolution (no bias) through the product when [`super::eligible`]; `None`
@@ -815,6 +961,12 @@ mod tests {
     fn cublas_twin(pr: &Product, a: &[f64], b: &[f64], c: &mut [f64]) {
         let (m, n, k) = pr.mnk;
         let (lda, ldb, ldc) = pr.ld;
+        // what cuBLAS refuses (CUBLAS_STATUS_INVALID_VALUE)
+        let stored_rows = |trans: bool, rows: usize, cols: usize| if trans { cols } else { rows };
+        assert!(lda >= stored_rows(pr.trans.0, m, k).max(1), "lda {lda} in {pr:?}");
+        assert!(ldb >= stored_rows(pr.trans.1, k, n).max(1), "ldb {ldb} in {pr:?}");
+        assert!(ldc >= m.max(1), "ldc {ldc} in {pr:?}");
+        assert!(pr.batch >= 1 && m >= 1 && n >= 1 && k >= 1, "{pr:?}");
         for bi in 0..pr.batch {
             let oa = pr.offsets.0 + bi * pr.strides.0;
             let ob = pr.offsets.1 + bi * pr.strides.1;
@@ -893,12 +1045,7 @@ mod tests {
                         assert_eq!(pr.extents(), (rows * cols, rows * k, k * cols), "{what}");
                         cublas_twin(&pr, &p, &dz, &mut dwp);
                     }
-                    BwdFilterPlan::Split {
-                        slots,
-                        parts: pp,
-                        rest,
-                        sum,
-                    } => {
+                    BwdFilterPlan::Split { slots, parts: pp, rest } => {
                         assert!((2..=MAX_PARTS).contains(&slots) && rows > part, "{what}: {slots} parts");
                         let mut partials = vec![f64::NAN; slots * k * cols];
                         // the parts' products together cover every row and every partial slot once
@@ -910,9 +1057,10 @@ mod tests {
                             cublas_twin(&r, &p, &dz, &mut partials);
                         }
                         assert!(partials.iter().all(|v| v.is_finite()), "{what}: a slot unwritten");
-                        let ones = vec![1.0; slots];
-                        assert_eq!(sum.extents(), (slots * k * cols, slots, k * cols), "{what}");
-                        cublas_twin(&sum, &partials, &ones, &mut dwp);
+                        // what `sum_parts` adds (its emulator test checks the kernel against this)
+                        for (o, d) in dwp.iter_mut().enumerate() {
+                            *d = (0..slots).map(|i| partials[i * k * cols + o]).sum();
+                        }
                     }
                 }
                 for (i, (got, want)) in dwp.iter().zip(&want).enumerate() {

@@ -1089,8 +1089,10 @@ fn fast_path_summary_names_the_settings() {
 /// the GPU: the fused channels-last conv + bias + ReLU's output and its filter and bias
 /// gradients (the image needs no input gradient), for VGG16-blog's image layer unpadded and
 /// padded to 8 channels, Dieleman's (6×6 on 45×45 parts), and an odd shape with padding 2, in
-/// f32 (strict math) and bf16; the filter gradient in parts (the first three shapes: 3 to 7
-/// parts of [`super::im2col::SPLIT_ROWS`] rows), as one product, and by cuDNN behind the
+/// f32 (strict math) and bf16; the filter gradient in parts of about
+/// [`super::im2col::SPLIT_ROWS`] rows (VGG16-blog's unpadded shape: 3 parts, the last shorter;
+/// Dieleman's: 7 parts, the last shorter; 41 parts of 45×45: 5 even parts, as Dieleman's 400 at
+/// batch 256; the other two shapes are one product), as one product, and by cuDNN behind the
 /// forward-only product. Skipped without a GPU.
 #[cfg(feature = "cudnn")]
 #[test]
@@ -1104,6 +1106,7 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
                 (4usize, 3usize, 106usize, 64usize, 3usize, 1usize),
                 (4, 8, 53, 64, 3, 1),
                 (64, 3, 45, 32, 6, 0),
+                (41, 3, 45, 32, 6, 0),
                 (5, 3, 17, 7, 5, 2),
             ] {
                 let oh = hw + 2 * pad - ks + 1;
@@ -1163,10 +1166,11 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
 }
 
 /// The image layer as a product inside a tower with a backward pass: its forward product keeps
-/// the unfolded image and the filter gradient's product takes it (counted), and the tower's
-/// output and every layer's weight and bias gradients match the tower on cuDNN alone (whose
-/// 3×3 image layer is padded to 8 channels; the product's is not); for a VGG16-blog-like tower
-/// and Dieleman's first two layers, f32 (strict math) and bf16. Skipped without a GPU.
+/// the unfolded image and the filter gradient's product takes it (counted once; nothing stays
+/// kept after the backward pass), and the tower's output and every layer's weight and bias
+/// gradients match the tower on cuDNN alone (whose 3×3 image layer is padded to 8 channels);
+/// the product's image unpadded (its default) and padded; for a VGG16-blog-like tower and
+/// Dieleman's first two layers, f32 (strict math) and bf16. Skipped without a GPU.
 #[cfg(feature = "cudnn")]
 #[test]
 fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
@@ -1192,7 +1196,7 @@ fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
                         Var::from_tensor(&b.to_dtype(dtype)?)?,
                     ));
                 }
-                let run = |gemm: bool| -> Result<(Tensor, Vec<Tensor>)> {
+                let run = |gemm: bool, padded: Option<bool>| -> Result<(Tensor, Vec<Tensor>)> {
                     super::set_image_gemm(gemm);
                     let layers: Vec<super::TowerLayer<'_>> = spec
                         .iter()
@@ -1205,9 +1209,15 @@ fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
                             pool,
                         })
                         .collect();
-                    let y = super::tower(&x, &layers, true)?;
+                    let y = match padded {
+                        Some(on) => super::with_nhwc_image_padded(on, || super::tower(&x, &layers, true))?,
+                        None => super::tower(&x, &layers, true)?,
+                    };
                     let g = randn(y.dims(), seed + 7, &gpu)?;
                     let grads = (y.to_dtype(DType::F32)? * &g)?.sum_all()?.backward()?;
+                    if !super::im2col::cuda::nothing_kept() {
+                        candle_core::bail!("an unfolded image is still kept after the backward pass");
+                    }
                     let mut gs = Vec::new();
                     for (w, b) in &params {
                         gs.push(grads.get(w.as_tensor()).expect("dw").clone());
@@ -1215,22 +1225,26 @@ fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
                     }
                     Ok((y, gs))
                 };
-                let (y0, g0) = run(false)?;
-                let before = super::im2col::cuda::kept_reuses();
-                let (y1, g1) = run(true)?;
-                super::set_image_gemm(false);
-                let what = format!("{dtype:?} batch {n}, {side}², {spec:?}");
-                let reused = super::im2col::cuda::kept_reuses() - before;
-                if reused != 1 {
-                    bad.push(format!(
-                        "{what}: the filter gradient took the kept image {reused} times, not once"
-                    ));
-                }
-                let ey = rel_err(&y1, &y0)?;
-                let eg: Vec<f32> = g1.iter().zip(&g0).map(|(a, b)| rel_l2(a, b)).collect::<Result<_>>()?;
-                eprintln!("{what}: y {ey:.1e}, gradients {eg:?}");
-                if ey > tol || eg.iter().any(|&e| e.is_nan() || e > tol) {
-                    bad.push(format!("{what}: y {ey}, gradients {eg:?}"));
+                let (y0, g0) = run(false, None)?;
+                // the product on the image as the tower gives it by default (unpadded), and padded
+                // to 8 channels as GZ_NHWC_IMAGE=pad asks
+                for padded in [None, Some(true)] {
+                    let before = super::im2col::cuda::kept_reuses();
+                    let (y1, g1) = run(true, padded)?;
+                    super::set_image_gemm(false);
+                    let what = format!("{dtype:?} batch {n}, {side}², {spec:?}, padding {padded:?}");
+                    let reused = super::im2col::cuda::kept_reuses() - before;
+                    if reused != 1 {
+                        bad.push(format!(
+                            "{what}: the filter gradient took the kept image {reused} times, not once"
+                        ));
+                    }
+                    let ey = rel_err(&y1, &y0)?;
+                    let eg: Vec<f32> = g1.iter().zip(&g0).map(|(a, b)| rel_l2(a, b)).collect::<Result<_>>()?;
+                    eprintln!("{what}: y {ey:.1e}, gradients {eg:?}");
+                    if ey > tol || eg.iter().any(|&e| e.is_nan() || e > tol) {
+                        bad.push(format!("{what}: y {ey}, gradients {eg:?}"));
+                    }
                 }
             }
         }

@@ -58,6 +58,9 @@ struct Saved {
     in_c: usize,
     k_hw: (usize, usize),
     x_hw: (usize, usize),
+    /// The image layer's unfolded image, when its forward product kept it for its filter
+    /// gradient's product (`im2col::keeping_unfolded`).
+    unfolded: Option<super::im2col::Unfolded>,
 }
 
 /// Runs `layers` on `x` (N, C, H, W) as one graph node (see the module docs); the result is
@@ -70,18 +73,8 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
     let mut h = x.detach();
     let mut now = false;
     let mut saved = Vec::with_capacity(layers.len());
-    // with a backward pass to come, an image layer run as a product keeps its unfolded image
-    // for the filter gradient's product (`im2col::keeping_unfolded`)
-    let mut forward = || -> Result<()> {
-        for l in layers {
-            forward_layer(l, nhwc, &mut h, &mut now, &mut saved)?;
-        }
-        Ok(())
-    };
-    if tracked {
-        super::im2col::keeping_unfolded(forward)?;
-    } else {
-        forward()?;
+    for l in layers {
+        forward_layer(l, nhwc, tracked, &mut h, &mut now, &mut saved)?;
     }
     let out = if now { nchw_of(&h)? } else { h.contiguous()? };
     if !tracked {
@@ -109,8 +102,16 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
 
 /// One layer of [`tower`]'s forward pass: `h` (the layer's input, NCHW until `now` says the
 /// tower has switched to channels-last) becomes the layer's output, and what its backward pass
-/// needs goes to `saved`.
-fn forward_layer(l: &TowerLayer<'_>, nhwc: bool, h: &mut Tensor, now: &mut bool, saved: &mut Vec<Saved>) -> Result<()> {
+/// needs goes to `saved`; with a backward pass to come (`tracked`), an image layer run as a
+/// matrix product keeps its unfolded image there too (`im2col::keeping_unfolded`).
+fn forward_layer(
+    l: &TowerLayer<'_>,
+    nhwc: bool,
+    tracked: bool,
+    h: &mut Tensor,
+    now: &mut bool,
+    saved: &mut Vec<Saved>,
+) -> Result<()> {
     let (_, c, _, _) = l.weight.dims4()?;
     let switched = nhwc && !*now && super::nhwc_starts_at(c);
     // channels as run: the image's zero-padded to a multiple of 8 on request
@@ -141,13 +142,21 @@ fn forward_layer(l: &TowerLayer<'_>, nhwc: bool, h: &mut Tensor, now: &mut bool,
     let (_, _, xh, xw) = super::nchw_dims(h.shape(), *now)?;
     let (_, _, kh, kw) = l.weight.dims4()?;
     let x_in = h.contiguous()?;
-    let (y, out) = if l.pool {
-        let op = ConvBiasReluPool::new(p);
-        let pooled = x_in.apply_op3_no_bwd(&w, &b, &op)?;
-        (op.saved()?, pooled)
+    let apply = || -> Result<(PoolSaved, Tensor)> {
+        Ok(if l.pool {
+            let op = ConvBiasReluPool::new(p);
+            let pooled = x_in.apply_op3_no_bwd(&w, &b, &op)?;
+            (op.saved()?, pooled)
+        } else {
+            let y = x_in.apply_op3_no_bwd(&w, &b, &ConvBiasRelu(p))?;
+            (PoolSaved::Relu(y.clone()), y)
+        })
+    };
+    let ((y, out), unfolded) = if tracked {
+        let (r, unfolded) = super::im2col::keeping_unfolded(apply);
+        (r?, unfolded)
     } else {
-        let y = x_in.apply_op3_no_bwd(&w, &b, &ConvBiasRelu(p))?;
-        (PoolSaved::Relu(y.clone()), y)
+        (apply()?, None)
     };
     saved.push(Saved {
         p,
@@ -160,6 +169,7 @@ fn forward_layer(l: &TowerLayer<'_>, nhwc: bool, h: &mut Tensor, now: &mut bool,
         in_c: c,
         k_hw: (kh, kw),
         x_hw: (xh, xw),
+        unfolded,
     });
     *h = out;
     Ok(())
@@ -231,19 +241,19 @@ impl CustomOp3 for TowerNode {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guard = self
+        let mut guard = self
             .saved
             .lock()
             .map_err(|_| candle_core::Error::Msg("gz-conv-tower: saved activations lock poisoned".into()))?;
         let saved = guard
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| candle_core::Error::Msg("gz-conv-tower: backward before forward".into()))?;
         let last_nhwc = saved.last().is_some_and(|s| s.p.nhwc);
         let mut g = if last_nhwc { nhwc_of(grad)? } else { grad.contiguous()? };
         let mut dws = vec![None; saved.len()];
         let mut dbs = vec![None; saved.len()];
         let need_dx = x.track_op();
-        for (i, s) in saved.iter().enumerate().rev() {
+        for (i, s) in saved.iter_mut().enumerate().rev() {
             let (dz, db) = match (&s.y, s.pool) {
                 (kept, true) => relu_pool_grads_from(s.p.nhwc, &s.b, kept, &g)?,
                 (PoolSaved::Relu(y), false) => relu_grads(s.p.nhwc, &s.b, y, &g)?,
@@ -259,7 +269,9 @@ impl CustomOp3 for TowerNode {
                     Ok(t)
                 }
             };
-            let dw = s.x.apply_op2_no_bwd(&dz, &ConvBwdFilter { p: s.p, k_hw: s.k_hw })?;
+            // the unfolded image the forward product kept, if any, is used once and goes
+            let filter_grad = ConvBwdFilter { p: s.p, k_hw: s.k_hw };
+            let dw = super::im2col::offering_unfolded(s.unfolded.take(), || s.x.apply_op2_no_bwd(&dz, &filter_grad))?;
             dws[i] = Some(if s.p.nhwc { unpad(nchw_of(&dw)?)? } else { dw });
             dbs[i] = Some(db);
             if i > 0 || need_dx {

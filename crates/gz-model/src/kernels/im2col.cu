@@ -15,6 +15,13 @@
 //
 // copy_cols: dst (rows x dst_w) = src (rows x src_w) with columns cut or zero-filled: the
 // filter's padding to `cols` columns and the gradient's cut back to R*S*C.
+//
+// sum_parts: the filter gradient's last step when its product ran in parts (one f32 partial
+// sum of K x cols per part of the rows): dw (K x taps, the storage type) = the sum of the
+// `slots` partial sums, cut back to `taps` columns. Block b takes outputs 32b .. 32b + 31 (a
+// lane each: coalesced reads), its 8 warps the slots w, w + 8, ... in order; the warps' sums
+// are then added in a fixed order through shared memory, so dw is deterministic and its sums
+// are f32 all the way (the parts are never rounded to bf16).
 
 #include "common.cuh"
 
@@ -68,6 +75,32 @@ __device__ __forceinline__ void copy_cols(const T *__restrict__ src, T *__restri
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void sum_parts(const float *__restrict__ partials, T *__restrict__ dw, uint32_t slots,
+                                          uint32_t k, uint32_t cols, uint32_t taps) {
+    // blockDim.x == 256 (8 warps; the host's launch)
+    __shared__ float warp_sums[256];
+    const uint32_t warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint32_t outs = k * taps;
+    const size_t len = (size_t)k * cols;
+    for (uint32_t base = blockIdx.x * 32; base < outs; base += gridDim.x * 32) {
+        const uint32_t o = base + lane;
+        float acc = 0.0f;
+        if (o < outs) {
+            const size_t src = (size_t)(o / taps) * cols + o % taps;
+            for (uint32_t i = warp; i < slots; i += warps) acc += partials[(size_t)i * len + src];
+        }
+        warp_sums[threadIdx.x] = acc;
+        __syncthreads();
+        if (warp == 0 && o < outs) {
+            float total = 0.0f;
+            for (uint32_t w = 0; w < warps; ++w) total += warp_sums[w * 32 + lane];
+            dw[o] = store_f<T>(total);
+        }
+        __syncthreads();
+    }
+}
+
 #define INSTANTIATE_IM2COL(NAME, T)                                                                               \
     extern "C" __global__ void im2col_nhwc_##NAME(const T *x, T *p, uint32_t n, uint32_t h, uint32_t w,           \
                                                   uint32_t c, uint32_t r, uint32_t s, uint32_t pad, uint32_t oh,  \
@@ -77,6 +110,10 @@ __device__ __forceinline__ void copy_cols(const T *__restrict__ src, T *__restri
     extern "C" __global__ void copy_cols_##NAME(const T *src, T *dst, uint32_t rows, uint32_t src_w,              \
                                                 uint32_t dst_w) {                                                 \
         copy_cols<T>(src, dst, rows, src_w, dst_w);                                                               \
+    }                                                                                                             \
+    extern "C" __global__ void sum_parts_##NAME(const float *partials, T *dw, uint32_t slots, uint32_t k,         \
+                                                uint32_t cols, uint32_t taps) {                                   \
+        sum_parts<T>(partials, dw, slots, k, cols, taps);                                                         \
     }
 
 INSTANTIATE_IM2COL(f32, float)

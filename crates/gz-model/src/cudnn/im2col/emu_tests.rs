@@ -165,6 +165,56 @@ fn copy_cols_kernel_pads_and_cuts() {
     }
 }
 
+fn check_sum_parts<T: Elem>(slots: usize, k: usize, cols: usize, taps: usize) {
+    let partials: Vec<f32> = values(16, slots * k * cols, 3.0)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let pb = Buf::new(&partials);
+    let pp = pb.ptr();
+    let outs = k * taps;
+    for (g, order) in [(grid::sum_parts(u(outs)), "launcher's grid"), ((2, 1, 1), "2 blocks")] {
+        let mut db = Buf::<T>::out(outs);
+        let dp = db.mut_ptr();
+        // SAFETY: sum_parts' argument list; partials holds slots·k·cols values, dw k·taps
+        run_both("sum_parts", g, BLOCK, &mut [&mut db], || unsafe {
+            T::sum_parts(pp, dp, u(slots), u(k), u(cols), u(taps))
+        });
+        let got = db.values("dw", true);
+        for ki in 0..k {
+            for t in 0..taps {
+                // the kernel's order: warp w adds slots w, w + 8, ... in f32, then the 8 warps'
+                // sums in order
+                let mut warps = [0f32; 8];
+                for (i, part) in partials.chunks_exact(k * cols).enumerate() {
+                    warps[i % 8] += part[ki * cols + t];
+                }
+                let want = T::from_f64(f64::from(warps.iter().fold(0f32, |a, &w| a + w)));
+                let got = got[ki * taps + t];
+                assert!(
+                    got.to_f64() == want.to_f64(),
+                    "sum_parts {slots} parts of {k}×{cols}→{taps}, {order}: dw[{ki}, {t}] {} vs {}",
+                    got.to_f64(),
+                    want.to_f64()
+                );
+            }
+        }
+    }
+}
+
+/// The filter gradient's parts added (`sum_parts`): every output once (grid-stride with 2
+/// blocks), the columns past the taps left out, the parts added in the kernel's fixed order in
+/// f32 and rounded once to the storage type; Dieleman's sizes (32 × 112 → 108, hundreds of
+/// parts), VGG16-blog's unpadded image layer (64 × 32 → 27), fewer parts than warps, one part.
+#[test]
+fn sum_parts_kernel_adds_the_parts_in_its_order() {
+    for (slots, k, cols, taps) in [(400, 32, 112, 108), (3, 64, 32, 27), (13, 5, 8, 8), (1, 3, 16, 9)] {
+        check_sum_parts::<f32>(slots, k, cols, taps);
+        check_sum_parts::<bf16>(slots, k, cols, taps);
+        check_sum_parts::<f16>(slots, k, cols, taps);
+    }
+}
+
 /// Row-major `a` (m × k) times row-major `b` (n × k) transposed: (m × n), in f64.
 fn mul_bt(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
     let mut out = vec![0.0; m * n];
