@@ -442,21 +442,44 @@ pub(super) mod cuda {
         static SLOT: RefCell<Option<Kept>> = const { RefCell::new(None) };
     }
 
+    /// Puts KEEP and SLOT back as they were when dropped, `f` returning or panicking (a caught
+    /// panic must not leave this thread keeping).
+    struct Restore {
+        keep: bool,
+        slot: Option<Option<Kept>>,
+    }
+
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            KEEP.with(|k| k.set(self.keep));
+            if let Some(before) = self.slot.take() {
+                drop(SLOT.with(|s| s.replace(before)));
+            }
+        }
+    }
+
     /// [`super::keeping_unfolded`].
     pub(in super::super) fn keeping<R>(f: impl FnOnce() -> R) -> (R, Option<Kept>) {
-        let before = (KEEP.with(|k| k.replace(true)), SLOT.with(|s| s.take()));
+        let mut restore = Restore {
+            keep: KEEP.with(|k| k.replace(true)),
+            slot: Some(SLOT.with(|s| s.take())),
+        };
         let r = f();
-        KEEP.with(|k| k.set(before.0));
-        let kept = SLOT.with(|s| s.replace(before.1));
+        // what this call's forward product kept, the slot put back as it was
+        let kept = SLOT.with(|s| s.replace(restore.slot.take().flatten()));
+        drop(restore);
         (r, kept)
     }
 
     /// [`super::offering_unfolded`].
     pub(in super::super) fn offering<R>(kept: Option<Kept>, f: impl FnOnce() -> R) -> R {
-        let before = SLOT.with(|s| s.replace(kept));
+        let restore = Restore {
+            keep: KEEP.with(Cell::get),
+            slot: Some(SLOT.with(|s| s.replace(kept))),
+        };
         let r = f();
         // what was not taken goes now
-        drop(SLOT.with(|s| s.replace(before)));
+        drop(restore);
         r
     }
 

@@ -1169,7 +1169,8 @@ fn cuda_image_gemm_matches_cudnn() -> Result<()> {
 /// the unfolded image and the filter gradient's product takes it (counted once; nothing stays
 /// kept after the backward pass), and the tower's output and every layer's weight and bias
 /// gradients match the tower on cuDNN alone (whose 3×3 image layer is padded to 8 channels);
-/// the product's image unpadded (its default) and padded; for a VGG16-blog-like tower and
+/// the product's image unpadded (its default) and padded, and with another tower's forward
+/// pass in between (its image is not the one taken); for a VGG16-blog-like tower and
 /// Dieleman's first two layers, f32 (strict math) and bf16. Skipped without a GPU.
 #[cfg(feature = "cudnn")]
 #[test]
@@ -1196,7 +1197,9 @@ fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
                         Var::from_tensor(&b.to_dtype(dtype)?)?,
                     ));
                 }
-                let run = |gemm: bool, padded: Option<bool>| -> Result<(Tensor, Vec<Tensor>)> {
+                // `interleaved`: another tower's forward pass (on another image) between this
+                // one's forward and backward passes, its graph alive meanwhile
+                let run = |gemm: bool, padded: Option<bool>, interleaved: bool| -> Result<(Tensor, Vec<Tensor>)> {
                     super::set_image_gemm(gemm);
                     let layers: Vec<super::TowerLayer<'_>> = spec
                         .iter()
@@ -1209,9 +1212,15 @@ fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
                             pool,
                         })
                         .collect();
-                    let y = match padded {
-                        Some(on) => super::with_nhwc_image_padded(on, || super::tower(&x, &layers, true))?,
-                        None => super::tower(&x, &layers, true)?,
+                    let tower = |x: &Tensor| match padded {
+                        Some(on) => super::with_nhwc_image_padded(on, || super::tower(x, &layers, true)),
+                        None => super::tower(x, &layers, true),
+                    };
+                    let y = tower(&x)?;
+                    let _other = if interleaved {
+                        Some(tower(&(x.affine(0.5, 0.1)?))?)
+                    } else {
+                        None
                     };
                     let g = randn(y.dims(), seed + 7, &gpu)?;
                     let grads = (y.to_dtype(DType::F32)? * &g)?.sum_all()?.backward()?;
@@ -1225,14 +1234,22 @@ fn cuda_image_gemm_tower_keeps_the_unfolded_image() -> Result<()> {
                     }
                     Ok((y, gs))
                 };
-                let (y0, g0) = run(false, None)?;
-                // the product on the image as the tower gives it by default (unpadded), and padded
-                // to 8 channels as GZ_NHWC_IMAGE=pad asks
-                for padded in [None, Some(true)] {
+                let (y0, g0) = run(false, None, false)?;
+                // the product on the image as the tower gives it by default (unpadded), padded to 8
+                // channels as GZ_NHWC_IMAGE=pad asks (3×3 only: Dieleman's 6×6 × 8 channels is
+                // 288 taps, past the product's 256, so cuDNN takes it), and with another tower's
+                // forward pass between this one's forward and backward passes
+                let mut variants = vec![(None, false), (None, true)];
+                if spec[0].2 == 3 {
+                    variants.push((Some(true), false));
+                }
+                for (padded, interleaved) in variants {
                     let before = super::im2col::cuda::kept_reuses();
-                    let (y1, g1) = run(true, padded)?;
+                    let (y1, g1) = run(true, padded, interleaved)?;
                     super::set_image_gemm(false);
-                    let what = format!("{dtype:?} batch {n}, {side}², {spec:?}, padding {padded:?}");
+                    let what = format!(
+                        "{dtype:?} batch {n}, {side}², {spec:?}, padding {padded:?}, interleaved {interleaved}"
+                    );
                     let reused = super::im2col::cuda::kept_reuses() - before;
                     if reused != 1 {
                         bad.push(format!(
