@@ -602,6 +602,16 @@ pub(super) mod cuda {
         Ok(dst)
     }
 
+    /// Refuses buffers of `lens` values shorter than the product's extents: cuBLAS itself does
+    /// not check.
+    fn check_extents(what: &str, pr: &Product, lens: (usize, usize, usize)) -> Result<()> {
+        let need = pr.extents();
+        if lens.0 < need.0 || lens.1 < need.1 || lens.2 < need.2 {
+            candle_core::bail!("image GEMM {what}: buffers of {lens:?} values, the product needs {need:?}");
+        }
+        Ok(())
+    }
+
     /// Runs `pr` (see [`super::Product`]) on `a`, `b` and `c`, each from its start (the
     /// product's offsets are applied here); `what` names it in errors. Refuses buffers shorter
     /// than the product's extents: cuBLAS itself does not check.
@@ -616,15 +626,7 @@ pub(super) mod cuda {
     where
         CudaBlas: Gemm<T>,
     {
-        let need = pr.extents();
-        if a.len() < need.0 || b.len() < need.1 || c.len() < need.2 {
-            candle_core::bail!(
-                "image GEMM {what}: buffers of {} / {} / {} values, the product needs {need:?}",
-                a.len(),
-                b.len(),
-                c.len()
-            );
-        }
+        check_extents(what, pr, (a.len(), b.len(), c.len()))?;
         let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
         let (m, n, k) = pr.mnk;
         let (lda, ldb, ldc) = pr.ld;
@@ -763,15 +765,7 @@ pub(super) mod cuda {
         c: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
-        let need = pr.extents();
-        if a.len() < need.0 || b.len() < need.1 || c.len() < need.2 {
-            candle_core::bail!(
-                "image GEMM {what}: buffers of {} / {} / {} values, the product needs {need:?}",
-                a.len(),
-                b.len(),
-                c.len()
-            );
-        }
+        check_extents(what, pr, (a.len(), b.len(), c.len()))?;
         let ab_type = match T::DTYPE {
             DType::F32 => cudaDataType_t::CUDA_R_32F,
             DType::BF16 => cudaDataType_t::CUDA_R_16BF,
