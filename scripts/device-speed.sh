@@ -157,7 +157,7 @@ pack
 #    says whether the new rows pass torch.compile and whether the pieces may be switched on
 peer
 pack
-tests cuda_image_gemm 40
+tests cuda_image_gemm 60
 tests cuda_wide_bias_finish 20
 tests cuda_pool_mask 20
 # the loss-curve check, end to end through the trainer: candle's kernels, the
