@@ -739,3 +739,86 @@ fn special_files_an_edited_manifest_and_a_full_stdout() {
     assert_eq!(code, Some(0));
     assert!(out.contains("damaged: manifest.json's prep_config hashes to"), "{out}");
 }
+
+/// A cache that left an input out as unreadable is rebuilt once that input can be read (its
+/// permissions fixed: the dataset key, names, sizes and modification times, does not change);
+/// one that still cannot be read is a plain cache hit, its skip repeated.
+#[test]
+fn an_input_skipped_as_unreadable_is_read_once_it_can_be() {
+    let t = support::tempdir();
+    let data = mini(t.path());
+    let root = t.path().join("cache");
+    let args = ["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()];
+    let (code, out, err) = prep(&args);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let cache = cache_line(&out);
+    let manifest = cache.join("manifest.json");
+    let image = std::fs::read_dir(data.join("images_training_rev1"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    // (what a run that could not open it recorded; root reads any file, so the skip is
+    // written into the manifest rather than made with chmod)
+    let record = |paths: &[&str]| {
+        let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+        m["extra"]["skipped"] = paths
+            .iter()
+            .map(|p| serde_json::json!({"path": p, "reason": "cannot read: Permission denied (os error 13)"}))
+            .collect();
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    };
+    // still unreadable (here: gone): the cache is what this dataset gives, its skip repeated
+    record(&["images_training_rev1/999999.jpg"]);
+    let (code, out, err) = prep(&args);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(
+        out.contains("cache hit") && out.contains("999999.jpg: cannot read"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("rebuilding"), "{err}");
+    // readable now: rebuilt, with the image
+    record(&[
+        "images_training_rev1/999999.jpg",
+        &format!("images_training_rev1/{image}"),
+    ]);
+    let (code, out, err) = prep(&args);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        err.contains("as unreadable") && err.contains(&image) && err.contains("rebuilding the cache"),
+        "{err}"
+    );
+    assert!(!out.contains("skipped:") && !out.contains("cache hit"), "{out}");
+    assert_eq!(cache_line(&out), cache);
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(m["extra"]["skipped"], serde_json::json!([]), "{m}");
+    assert_eq!(m["extra"]["train_images"], 3, "{m}");
+    // the rebuild left nothing beside the cache
+    let names: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    // the real thing, where permissions bind (not as root)
+    // SAFETY: geteuid(2) has no preconditions
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        let file = data.join("images_training_rev1").join(&image);
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let (code, out, err) = prep(&args);
+        assert_eq!(code, Some(2), "{out}\n{err}");
+        assert!(out.contains("cannot read"), "{out}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (code, out, err) = prep(&args);
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        assert!(
+            err.contains("rebuilding the cache") && !out.contains("skipped:"),
+            "{out}\n{err}"
+        );
+    }
+}

@@ -183,6 +183,16 @@ pub enum PrepError {
     /// was removed, nothing was published.
     #[error("interrupted after {done} of {total} {split} images: nothing was written (the unfinished cache was removed); run it again to preprocess from the start")]
     Interrupted { split: &'static str, done: u64, total: u64 },
+    /// A complete cache exists, but recorded as unreadable an input that can be read now (its
+    /// permissions fixed, say: the dataset key, built from names, sizes and modification
+    /// times, does not change with them). Rebuild it: `gz prep` moves it aside and prepares the
+    /// dataset again.
+    #[error("cache {dir} is out of date: it left out {path} as unreadable ({reason}), and that file can be read now; delete the cache and re-run")]
+    StaleCache {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// A complete-looking cache exists but does not open.
     #[error("cache {dir} exists but is damaged: {source}; delete it and re-run")]
     DamagedCache {

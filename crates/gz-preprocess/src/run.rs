@@ -146,6 +146,18 @@ pub fn run_with(
                 reason: s.reason,
             })
             .collect();
+        // an input left out because it could not be read (permissions, an I/O error) may be
+        // readable now, and the dataset key does not see that
+        if let Some(s) = skipped
+            .iter()
+            .find(|s| s.reason.starts_with(UNREADABLE) && std::fs::read(&s.path).is_ok())
+        {
+            return Err(PrepError::StaleCache {
+                dir: cache_dir,
+                path: s.path.clone(),
+                reason: s.reason.clone(),
+            });
+        }
         // (caches written before it was recorded say nothing)
         let greyscale = cache.extra()["greyscale"].as_u64().unwrap_or(0) as usize;
         let greyscale_example: Option<PathBuf> =
@@ -340,10 +352,14 @@ pub(crate) fn from_manifest(stored: &Path, data_dir: &Path) -> PathBuf {
     }
 }
 
+/// How the reason of an input that could not be read starts (a cache hit reads such inputs
+/// again: [`PrepError::StaleCache`] when one can be read now).
+const UNREADABLE: &str = "cannot read:";
+
 /// Reads and preprocesses one image, and whether it is a greyscale JPEG; the error is the
 /// reason to report.
 fn load(it: &Item, cfg: &PrepConfig) -> Result<(Vec<f16>, bool), String> {
-    let bytes = std::fs::read(&it.path).map_err(|e| format!("cannot read: {e}"))?;
+    let bytes = std::fs::read(&it.path).map_err(|e| format!("{UNREADABLE} {e}"))?;
     let mut out = vec![f16::ZERO; cfg.image_len()];
     prep_jpeg_into(&bytes, cfg, &mut out).map_err(|e| e.to_string())?;
     Ok((out, crate::jpeg_channels(&bytes) == Some(1)))

@@ -167,6 +167,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             damaged(&dir, &source)?;
             run()?
         }
+        // an input the cache left out as unreadable can be read now: prepared again with it
+        Err(gz_preprocess::PrepError::StaleCache { dir, path, reason }) => {
+            eprintln!(
+                "warning: the cache {} left out {} as unreadable ({reason}), and it can be read now; rebuilding the cache",
+                dir.display(),
+                super::shown(&path)
+            );
+            remove_cache(&dir)?;
+            run()?
+        }
         r => r,
     };
     let mut summary = result
@@ -296,7 +306,7 @@ pub(crate) fn greyscale_warning(n: usize, example: Option<&Path>) -> String {
     )
 }
 
-/// Removes a cache directory: renamed to a hidden sibling first (a reader then finds no cache
+/// Removes a cache directory (damaged, or out of date): renamed to a hidden sibling first (a reader then finds no cache
 /// rather than a half-deleted one), then deleted.
 fn remove_cache(dir: &Path) -> anyhow::Result<()> {
     let name = dir
@@ -304,7 +314,7 @@ fn remove_cache(dir: &Path) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let aside = dir.with_file_name(format!(".{name}.damaged-{}", std::process::id()));
-    std::fs::rename(dir, &aside).with_context(|| format!("moving the damaged cache {} aside", dir.display()))?;
+    std::fs::rename(dir, &aside).with_context(|| format!("moving the cache {} aside", dir.display()))?;
     std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
 }
 
