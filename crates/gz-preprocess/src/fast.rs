@@ -31,8 +31,11 @@
 //! early, every block's DC value and every kept AC value must lie in the range an 8-bit DCT
 //! can produce, the last coefficient index must be ≤ 63, restart markers must come in
 //! sequence, and the data must end where its last block ends (under a byte of padding before
-//! the next marker). [`check_scan`] runs the same checks without transforming anything, for
-//! the baseline JPEGs the generic path decodes. A corruption that still decodes to valid codes
+//! the next marker). "Kept" AC values are those of the blocks that hold the centre crop; the
+//! rest of the scan is Huffman-decoded without reading the values. [`check_scan`] runs the
+//! same checks, on the same blocks, without transforming anything, for the baseline JPEGs the
+//! generic path decodes (so both paths call the same file corrupt, whatever the size or
+//! filter). A corruption that still decodes to valid codes
 //! and values (a flipped bit inside one coefficient) is a small local change that no decoder
 //! can see without a checksum.
 //!
@@ -503,12 +506,13 @@ pub fn try_prep(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Outcome {
 }
 
 /// Checks a baseline JPEG's entropy-coded data the way [`try_prep`] does (every block decoded,
-/// DC and AC values in range, the data ending where its last block ends, restart markers in
-/// sequence) without transforming anything, for images the generic path decodes (other sizes,
-/// `bicubic`): `jpeg-decoder` accepts most corrupt data. `Done`: checked and sound;
-/// `NotApplicable`: a kind this decoder does not read (progressive, 12-bit, …).
-pub fn check_scan(bytes: &[u8]) -> Outcome {
-    match decode(bytes, &PrepConfig::default(), &mut [], true) {
+/// DC values and the AC values of the blocks holding `cfg`'s centre crop in range, the data
+/// ending where its last block ends, restart markers in sequence) without transforming
+/// anything, for images the generic path decodes (other sizes, `bicubic`): `jpeg-decoder`
+/// accepts most corrupt data. `Done`: checked and sound; `NotApplicable`: a kind this decoder
+/// does not read (progressive, 12-bit, …).
+pub fn check_scan(bytes: &[u8], cfg: &PrepConfig) -> Outcome {
+    match decode(bytes, cfg, &mut [], true) {
         Ok(true) => Outcome::Done,
         Ok(false) => Outcome::NotApplicable,
         Err(reason) => Outcome::Corrupt(reason),
@@ -749,7 +753,8 @@ fn be16(b: &[u8], p: usize) -> Result<usize, String> {
 }
 
 /// Ok(true): done; Ok(false): not applicable; Err: corrupt. `check_only`: decode the scan for
-/// [`check_scan`], whatever `cfg` says, and write nothing.
+/// [`check_scan`], with the values of the blocks holding `cfg`'s crop, whatever its size and
+/// filter, and write nothing.
 fn decode(b: &[u8], cfg: &PrepConfig, out: &mut [f16], check_only: bool) -> Result<bool, String> {
     decode_as(b, cfg, out, check_only, false)
 }
@@ -998,8 +1003,18 @@ fn decode_as(
         .map(|(c, buf)| {
             let mut window = [0f64; 4];
             let (ox, oy, (bx0, bx1), (by0, by1)) = match mode {
-                // no block is needed
-                _ if check_only => (8, 8, (0, 0), (0, 0)),
+                // the blocks holding the crop on this plane's grid are decoded with their
+                // values (range-checked), as the paths that transform them do; nothing is kept
+                // (no output pixels: an empty plane)
+                _ if check_only => {
+                    let (fx, fy) = (c.h as f64 / hmax as f64, c.v as f64 / vmax as f64);
+                    let frac = crop as f64 / r as f64;
+                    let span = |d: usize, f: f64| {
+                        let (x0, w) = (d as f64 * (1.0 - frac) / 2.0 * f, d as f64 * frac * f);
+                        ((x0 / 8.0).floor() as usize, ((x0 + w) / 8.0).ceil() as usize)
+                    };
+                    (0, 0, span(width, fx), span(height, fy))
+                }
                 Mode::Half => {
                     let ox = if c.h == hmax { 4 } else { 8 };
                     let oy = if c.v == vmax { 4 } else { 8 };
@@ -1096,6 +1111,10 @@ fn decode_as(
                             continue;
                         }
                         let (rows, maxcol) = decode_block(&mut bits, blk, &mut pred, q, &mut coef)?;
+                        if check_only {
+                            coef = [0.0; 64];
+                            continue;
+                        }
                         let pl = &mut planes[ci];
                         let x0 = (bx - pl.bx0) * pl.ox;
                         let y0 = (by - pl.by0) * pl.oy;

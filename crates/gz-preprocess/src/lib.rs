@@ -243,7 +243,7 @@ pub fn prep_jpeg_into(bytes: &[u8], cfg: &PrepConfig, out: &mut [f16]) -> Result
     match fast::try_prep(bytes, cfg, out) {
         fast::Outcome::Done => Ok(()),
         fast::Outcome::Corrupt(reason) => Err(PrepError::Decode(reason)),
-        fast::Outcome::NotApplicable => match fast::check_scan(bytes) {
+        fast::Outcome::NotApplicable => match fast::check_scan(bytes, cfg) {
             fast::Outcome::Corrupt(reason) => Err(PrepError::Decode(reason)),
             fast::Outcome::Done | fast::Outcome::NotApplicable => generic::prep(bytes, cfg, out),
         },

@@ -671,6 +671,58 @@ fn corrupt_entropy_data_is_reported_on_both_paths() {
     }
 }
 
+/// The generic path (`bicubic`, or sizes the fast path does not read) calls the same files
+/// corrupt as the fast path: `fast::check_scan` range-checks the AC values of the blocks that
+/// hold the crop, as the fast path does for the blocks it transforms. A quantisation step
+/// raised to 255 (a sound header: any step up to 255 is valid) makes some of those values
+/// larger than 8-bit samples can give; the area filter refused such files while bicubic
+/// decoded them.
+#[test]
+fn the_generic_path_finds_the_corruption_the_fast_path_finds() {
+    let mut refused = 0;
+    for path in real_jpegs().iter().take(20) {
+        let good = std::fs::read(path).unwrap();
+        // the first AC step of the first quantisation table (8-bit precision)
+        let dqt = good.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+        assert_eq!(good[dqt + 4] >> 4, 0, "{}: a 16-bit table", path.display());
+        let mut b = good.clone();
+        b[dqt + 4 + 1 + 1] = 255;
+        for size in [106, 32] {
+            let area = PrepConfig {
+                size,
+                ..PrepConfig::default()
+            };
+            let bicubic = PrepConfig {
+                filter: Filter::Bicubic,
+                ..area.clone()
+            };
+            // (the fast path reads both sizes with the area filter, never with bicubic)
+            assert!(matches!(
+                fast::try_prep(&good, &bicubic, &mut vec![f16::ZERO; bicubic.image_len()]),
+                fast::Outcome::NotApplicable
+            ));
+            match (prep_jpeg(&b, &area), prep_jpeg(&b, &bicubic)) {
+                (Ok(_), Ok(_)) => {}
+                (Err(PrepError::Decode(a)), Err(PrepError::Decode(g))) => {
+                    assert_eq!(a, g, "{}", path.display());
+                    assert!(a.contains("AC coefficient out of range"), "{a}");
+                    refused += 1;
+                }
+                (a, g) => panic!(
+                    "{} at {size}: area {:?}, bicubic {:?}",
+                    path.display(),
+                    a.err(),
+                    g.err()
+                ),
+            }
+        }
+    }
+    assert!(
+        refused >= 4,
+        "only {refused} refused: the test no longer makes an out-of-range value"
+    );
+}
+
 /// What the corruption checks must let through: anything after the end-of-image marker (MPF
 /// images, vendor trailers), and DC terms up to ±(1024 + q0) (encoders that do not clamp
 /// chroma, like stb_image_write at quality 90 and up, write 8 × 127.5 = 1020 for pure blue).
