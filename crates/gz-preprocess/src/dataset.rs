@@ -72,6 +72,19 @@ fn tree_violation(row: &[f32]) -> Option<String> {
         .map(|v| v.to_string())
 }
 
+/// Of two files of one galaxy, `first` (listed first, and read so far) and `name`: which one
+/// is read, `first` then holding it, and the other. The file named by the GalaxyID
+/// (`<id>.jpg`, Kaggle's name) wins over `00411596.jpg` or `100008.JPG`, whichever the listing
+/// (byte order) gave first; otherwise the first.
+fn one_per_galaxy(id: u64, first: &mut String, name: String) -> (String, String) {
+    if name == format!("{id}.jpg") {
+        let other = std::mem::replace(first, name);
+        (first.clone(), other)
+    } else {
+        (first.clone(), name)
+    }
+}
+
 /// Checks that the labels are Kaggle's vote fractions, whose every question sums to the answer
 /// leading to it (Q1 and Q6 to 1): a file where every row breaks that, or more than 1 % of the
 /// rows (and more than one), is refused, naming the first rows and what they break
@@ -169,16 +182,18 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         let mut present: HashMap<u64, String> = HashMap::new();
         for (name, parsed) in files {
             match parsed {
-                Some(id) => {
-                    if let Some(first) = present.get(&id) {
+                Some(id) => match present.get_mut(&id) {
+                    Some(first) => {
+                        let (kept, other) = one_per_galaxy(id, first, name);
                         skipped.push(Skipped {
-                            path: train_dir.join(&name),
-                            reason: format!("GalaxyID {id} again (already {first})"),
+                            path: train_dir.join(&other),
+                            reason: format!("GalaxyID {id} again (read from {kept})"),
                         });
-                    } else {
+                    }
+                    None => {
                         present.insert(id, name);
                     }
-                }
+                },
                 None => skipped.push(Skipped {
                     path: train_dir.join(name),
                     reason: "file name is not <GalaxyID>.jpg".into(),
@@ -221,16 +236,22 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
 
     let test = if test_dir.is_dir() {
         let files = list_dir(&test_dir, &mut hasher, "test", &mut skipped)?;
-        let mut items = Vec::with_capacity(files.len());
-        let mut seen: HashMap<u64, String> = HashMap::new();
+        let mut items: Vec<Item> = Vec::with_capacity(files.len());
+        // GalaxyID → the file read for it and its item
+        let mut seen: HashMap<u64, (String, usize)> = HashMap::new();
         for (name, parsed) in files {
             match parsed {
-                Some(id) if seen.contains_key(&id) => skipped.push(Skipped {
-                    reason: format!("GalaxyID {id} again (already {})", seen[&id]),
-                    path: test_dir.join(name),
-                }),
+                Some(id) if seen.contains_key(&id) => {
+                    let (first, at) = seen.get_mut(&id).expect("just checked");
+                    let (kept, other) = one_per_galaxy(id, first, name);
+                    items[*at].path = test_dir.join(&kept);
+                    skipped.push(Skipped {
+                        reason: format!("GalaxyID {id} again (read from {kept})"),
+                        path: test_dir.join(other),
+                    });
+                }
                 Some(id) => {
-                    seen.insert(id, name.clone());
+                    seen.insert(id, (name.clone(), items.len()));
                     items.push(Item {
                         id,
                         path: test_dir.join(&name),

@@ -1062,8 +1062,9 @@ fn training_images_without_their_csv_are_an_error() {
     run(&data, &t.path().join("c3"), &PrepConfig::default()).expect("a test-only dataset");
 }
 
-/// A file named with leading zeros (`0105761.jpg`) is read under its own name, and a second
-/// file with the same GalaxyID is skipped naming the first.
+/// A file named with leading zeros (`0105761.jpg`) is read under its own name, and of two
+/// files with the same GalaxyID the one named by it (`<id>.jpg`) is read, whichever the
+/// listing gives first (`0105761.jpg`, `105761.JPG` sort before it), the other skipped naming it.
 #[test]
 fn image_files_are_read_under_their_own_names() {
     let t = tempfile::tempdir().unwrap();
@@ -1085,19 +1086,40 @@ fn image_files_are_read_under_their_own_names() {
         .unwrap()
         .parse()
         .unwrap();
-    std::fs::copy(test.join(format!("{tid}.jpg")), test.join(format!("0{tid}.jpg"))).unwrap();
+    // (another image's bytes under the copy's name: which file was read shows in the cache)
+    let other = std::fs::read_dir(&test)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !p.ends_with(format!("{tid}.jpg")))
+        .unwrap();
+    std::fs::copy(&other, test.join(format!("0{tid}.jpg"))).unwrap();
+    let id1 = sol.ids[1];
+    std::fs::copy(train.join(format!("{id1}.jpg")), train.join(format!("{id1}.JPG"))).unwrap();
     let mut opts = RunOptions::new(&data, &t.path().join("cache"));
     opts.threads = Some(1);
     let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
     assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
-    assert_eq!(s.skipped.len(), 1, "{:?}", s.skipped);
-    let sk = &s.skipped[0];
-    assert!(
-        sk.path.ends_with(format!("{tid}.jpg"))
-            && sk.reason.contains("again")
-            && sk.reason.contains(&format!("{tid}.jpg")),
-        "{sk:?}"
-    );
+    assert_eq!(s.skipped.len(), 2, "{:?}", s.skipped);
+    for (sk, loser, kept) in [
+        (&s.skipped[0], format!("{id1}.JPG"), format!("{id1}.jpg")),
+        (&s.skipped[1], format!("0{tid}.jpg"), format!("{tid}.jpg")),
+    ] {
+        assert!(
+            sk.path.file_name().unwrap() == loser.as_str()
+                && sk.reason == format!("GalaxyID {} again (read from {kept})", kept.trim_end_matches(".jpg")),
+            "{sk:?}"
+        );
+    }
+    // the test row of `tid` holds its own image, not the copy's
+    let cache = gz_shards::Cache::open(&s.cache_dir).unwrap();
+    let split = cache.test().unwrap();
+    let row = split.ids().iter().position(|&i| i == tid).unwrap();
+    let own = prep_jpeg(
+        &std::fs::read(test.join(format!("{tid}.jpg"))).unwrap(),
+        &PrepConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(split.image(row), own.as_slice());
 }
 
 /// Linked images are read through their links (a dangling link is skipped with its reason); a
