@@ -115,6 +115,40 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     for s in ["synth", "train", "eval", "submit"] {
         assert!(err4.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err4}");
     }
+
+    // A test image touched (or added, or replaced) gives the cache another folder: prep reruns,
+    // and what reads the test images, but not train (it retrained from scratch: hours at
+    // Kaggle's scale), whose input is the cache's training split
+    let test_dir = t.path().join("data/synth/images_test_rev1");
+    let image = std::fs::read_dir(&test_dir).unwrap().next().unwrap().unwrap().path();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .append(true)
+        .open(&image)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let (ok5, out5, err5) = pipeline_with(&gz2, t.path(), &["--batch", "8"]);
+    assert!(ok5, "{out5}\n{err5}");
+    for s in ["prep", "eval", "submit"] {
+        assert!(
+            err5.contains(&format!("xtask: {s}: running because")),
+            "{s} did not rerun:\n{err5}"
+        );
+    }
+    assert!(err5.contains("xtask: train: up to date"), "train re-ran:\n{err5}");
+    assert!(
+        err5.contains("xtask: eval: running because its command line changed (--cache "),
+        "{err5}"
+    );
+    assert_ne!(last_line_value(&out5, "submission"), None, "{out5}");
+    // another training setting still retrains, naming it (not the cache)
+    let (ok6, out6, err6) = pipeline_with(&gz2, t.path(), &["--batch", "4"]);
+    assert!(ok6, "{out6}\n{err6}");
+    assert!(
+        err6.contains("xtask: train: running because its command line changed (--batch 8 → 4)"),
+        "{err6}"
+    );
 }
 
 /// A dataset with an unreadable training image and an unreadable test image: prep skips them

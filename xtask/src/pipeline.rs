@@ -547,8 +547,8 @@ impl Ctx {
     fn need_current_run(&self, cache: &Path) -> Result<PathBuf> {
         let r = self.need_run()?;
         if let Some(stamp) = Stamp::load(&stamp_path(&self.root, "train", &r)) {
-            let inputs = vec![("cache".to_string(), fingerprint::identity(cache)?)];
-            upstream_current("train", &stamp, &train_command(self, cache, &r), &inputs)?;
+            let cmd = stamped_command("train", vec![train_command(self, cache, &r)]);
+            upstream_current("train", &stamp, &cmd, &train_inputs(cache)?)?;
         }
         Ok(r)
     }
@@ -616,7 +616,7 @@ fn stage(
         .into());
     }
     let sp = stamp_path(&ctx.root, name, key);
-    let flat: Vec<String> = cmds.join(&["&&".to_string()][..]);
+    let flat = stamped_command(name, cmds.clone());
     let reason = match Stamp::load(&sp) {
         _ if ctx.force => "--force".to_string(),
         // (a stamp that exists but does not read: an older xtask's, or damaged)
@@ -955,7 +955,8 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     let cache = ctx.cache()?;
     let run = ctx.run_dir();
     let cmd = train_command(ctx, &cache, &run);
-    let inputs = vec![("cache".to_string(), fingerprint::identity(&cache)?)];
+    let inputs = train_inputs(&cache)?;
+    migrate_train_stamp(ctx, &cache, &run, &cmd, &inputs)?;
     let run2 = run.clone();
     let inputs2 = inputs.clone();
     let force = ctx.force;
@@ -970,6 +971,92 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     );
     settle_replaced_run(&run, done.is_ok())?;
     done
+}
+
+/// What stands for the shard cache in the train stage's stamped command: the stage's input is
+/// the cache's training split ([`train_inputs`]), not the folder, whose name changes with
+/// every image of the dataset, test images too.
+const CACHE_IN_STAMP: &str = "<the prep stage's cache>";
+
+/// A stage's commands as its stamp records and compares them, joined by `&&`: as run, but in
+/// the train stage's the `--cache` folder is [`CACHE_IN_STAMP`] (adding, removing or touching
+/// a test image gives the cache another folder, and retrained the run from scratch: hours at
+/// Kaggle's scale, for images training never reads).
+fn stamped_command(stage: &str, cmds: Vec<Vec<String>>) -> Vec<String> {
+    let mut flat: Vec<String> = cmds.join(&["&&".to_string()][..]);
+    if stage == "train" {
+        if let Some(i) = flat.iter().position(|w| w == "--cache") {
+            if let Some(v) = flat.get_mut(i + 1) {
+                *v = CACHE_IN_STAMP.to_string();
+            }
+        }
+    }
+    flat
+}
+
+/// The train stage's input: the cache's training split as its manifest describes it (the
+/// preprocessing config and, per shard, index and labels file, rows and CRC-32), the same for
+/// every cache of the same training images prepared the same way, whatever the test images and
+/// the folder's name. A manifest that does not read counts by the folder's identity (`gz train`
+/// then says what is wrong with it).
+fn train_inputs(cache: &Path) -> Result<Vec<(String, String)>> {
+    let manifest = cache.join("manifest.json");
+    let described = std::fs::read(&manifest)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| {
+            let train = m
+                .get("splits")?
+                .as_array()?
+                .iter()
+                .find(|s| s.get(0).and_then(|n| n.as_str()) == Some("train"))?
+                .get(1)?
+                .clone();
+            Some(serde_json::json!({
+                "format": m.get("format")?,
+                "version": m.get("version")?,
+                "config_hash": m.get("config_hash")?,
+                "prep_config": m.get("prep_config")?,
+                "train": train,
+            }))
+        });
+    let id = match described {
+        Some(d) => format!("fnv={}", fingerprint::hash_str(&d.to_string())),
+        None => format!("cache {}", fingerprint::identity(cache)?),
+    };
+    Ok(vec![("training split".to_string(), id)])
+}
+
+/// A train stamp and run note of an xtask from before [`stamped_command`] and [`train_inputs`]
+/// (the cache's folder in the command, the folder's identity as the input) that are current
+/// by their own rules are rewritten in today's form, so that an upgraded xtask keeps a finished
+/// run (and resumes an interrupted one) rather than training again.
+fn migrate_train_stamp(ctx: &Ctx, cache: &Path, run: &Path, cmd: &[String], inputs: &[(String, String)]) -> Result<()> {
+    let old_inputs = vec![("cache".to_string(), fingerprint::identity(cache)?)];
+    let flat = stamped_command("train", vec![cmd.to_vec()]);
+    let sp = stamp_path(&ctx.root, "train", run);
+    let stamp = Stamp::load(&sp).filter(|s| s.command.as_slice() == cmd);
+    let note_path = run.join(TRAIN_NOTE);
+    let old_note = serde_json::json!({ "command": cmd, "inputs": old_inputs });
+    let note_is_old = std::fs::read(&note_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v == old_note);
+    if stamp.is_none() && !note_is_old {
+        return Ok(());
+    }
+    crate::lock::hold(&ctx.root)?;
+    if note_is_old {
+        let note = serde_json::json!({ "command": flat, "inputs": inputs });
+        crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
+    }
+    if let Some(s) = stamp {
+        if s.stale_reason(cmd, &old_inputs)?.is_none() {
+            let outs: Vec<Output> = s.outputs.iter().map(|(o, _)| o.clone()).collect();
+            Stamp::save(&sp, "train", &flat, inputs, &outs, &s.stdout)?;
+        }
+    }
+    Ok(())
 }
 
 /// After the train stage: the stale run [`train_before_run`] put aside goes once the new run
@@ -2255,12 +2342,12 @@ mod tests {
         for f in ["best.safetensors", "best.json", TRAIN_NOTE] {
             std::fs::write(run.join(f), "x").unwrap();
         }
-        let inputs = vec![("cache".to_string(), fingerprint::identity(&cache).unwrap())];
+        let inputs = train_inputs(&cache).unwrap();
         let out = [Output::new("run", &run, &["best.safetensors", "best.json"])];
         Stamp::save(
             &stamp_path(&ctx.root, "train", &run),
             "train",
-            &train_command(&ctx, &cache, &run),
+            &stamped_command("train", vec![train_command(&ctx, &cache, &run)]),
             &inputs,
             &out,
             "",
@@ -2278,6 +2365,78 @@ mod tests {
                 && e.contains("cargo xtask train"),
             "{e}"
         );
+    }
+
+    /// The train stage's input is the cache's training split: two caches of the same training
+    /// split with other test images, in other folders, are one input; another training split,
+    /// or the same prepared otherwise, is another.
+    #[test]
+    fn the_train_input_is_the_training_split() {
+        let t = tempfile::tempdir().unwrap();
+        let manifest = |dir: &str, train_crc: u32, test_crc: u32, size: u32| {
+            let cache = t.path().join(dir);
+            std::fs::create_dir_all(&cache).unwrap();
+            let split =
+                |crc: u32| serde_json::json!({"rows": 4, "shards": [{"file": "x.shard", "rows": 4, "crc32": crc}]});
+            let m = serde_json::json!({
+                "format": "gz-shards", "version": 1, "config_hash": format!("h{size}"),
+                "prep_config": {"crop": 212, "size": size},
+                "splits": [["train", split(train_crc)], ["test", split(test_crc)]],
+                "extra": {"data_dir": dir},
+            });
+            std::fs::write(cache.join("manifest.json"), m.to_string()).unwrap();
+            train_inputs(&cache).unwrap()
+        };
+        let a = manifest("a", 1, 10, 32);
+        assert_eq!(manifest("b", 1, 11, 32), a);
+        assert_ne!(manifest("c", 2, 10, 32), a);
+        assert_ne!(manifest("d", 1, 10, 64), a);
+        // no manifest: the folder's identity
+        assert!(train_inputs(&t.path().join("none")).unwrap()[0].1.contains("missing"));
+    }
+
+    /// A train stamp and run note an earlier xtask wrote (the cache's folder in the command,
+    /// its identity as the input) are rewritten in today's form when current, so an upgrade
+    /// keeps the run; a stale one is left to the stage (which retrains).
+    #[test]
+    fn an_earlier_xtasks_train_stamp_is_carried_over() {
+        let t = tempfile::tempdir().unwrap();
+        let ctx = Ctx::parse(fake_gz_args(t.path(), &["--epochs", "3"])).unwrap();
+        let (cache, run) = (t.path().join("cache"), ctx.run_dir());
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(cache.join("manifest.json"), "{}").unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        for f in ["best.safetensors", "best.json"] {
+            std::fs::write(run.join(f), "x").unwrap();
+        }
+        let cmd = train_command(&ctx, &cache, &run);
+        let old_inputs = vec![("cache".to_string(), fingerprint::identity(&cache).unwrap())];
+        let note = serde_json::json!({ "command": cmd, "inputs": old_inputs });
+        std::fs::write(run.join(TRAIN_NOTE), note.to_string()).unwrap();
+        let sp = stamp_path(&ctx.root, "train", &run);
+        let out = [Output::new("run", &run, &["best.safetensors", "best.json"])];
+        Stamp::save(&sp, "train", &cmd, &old_inputs, &out, "scores").unwrap();
+        let (flat, inputs) = (
+            stamped_command("train", vec![cmd.clone()]),
+            train_inputs(&cache).unwrap(),
+        );
+        assert!(Stamp::load(&sp)
+            .unwrap()
+            .stale_reason(&flat, &inputs)
+            .unwrap()
+            .is_some());
+        migrate_train_stamp(&ctx, &cache, &run, &cmd, &inputs).unwrap();
+        let s = Stamp::load(&sp).unwrap();
+        assert_eq!(s.stale_reason(&flat, &inputs).unwrap(), None);
+        assert_eq!(s.stdout, "scores");
+        let note: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join(TRAIN_NOTE)).unwrap()).unwrap();
+        assert_eq!(note, serde_json::json!({ "command": flat, "inputs": inputs }));
+
+        // a stale old stamp (the run changed since) is not carried over
+        Stamp::save(&sp, "train", &cmd, &old_inputs, &out, "").unwrap();
+        std::fs::write(run.join("best.json"), "changed").unwrap();
+        migrate_train_stamp(&ctx, &cache, &run, &cmd, &inputs).unwrap();
+        assert_eq!(Stamp::load(&sp).unwrap().command, cmd);
     }
 
     /// A dataset folder spelled in different ways is one dataset, named by its own name (`..`

@@ -131,7 +131,17 @@ impl Stamp {
             )));
         }
         if self.inputs != inputs {
-            return Ok(Some("its inputs changed".into()));
+            // (named: `its inputs changed (training split)`; all of them when the names differ)
+            let changed: Vec<&str> = inputs
+                .iter()
+                .filter(|(k, v)| !self.inputs.iter().any(|(k2, v2)| k2 == k && v2 == v))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            return Ok(Some(if changed.is_empty() {
+                "its inputs changed".into()
+            } else {
+                format!("its inputs changed ({})", changed.join(", "))
+            }));
         }
         for (o, id) in &self.outputs {
             let now = o.identity()?;
