@@ -18,6 +18,9 @@ use crate::stamp::{stamp_path, Output, Stamp};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+/// `gz prep`'s default centre crop (`--crop`), which `--size` may not exceed.
+const PREP_CROP: u32 = 212;
+
 /// The files of a Kaggle-layout dataset that stages read.
 const KAGGLE_MEMBERS: &[&str] = &[
     "training_solutions_rev1.csv",
@@ -293,6 +296,16 @@ impl Ctx {
         Ok(ctx)
     }
 
+    /// The `--crop` passed to `gz prep` with `--prep-arg`, if one is and reads as a number.
+    fn prep_crop(&self) -> Option<u32> {
+        let a = &self.prep_args;
+        a.iter().enumerate().find_map(|(i, w)| match w.strip_prefix("--crop") {
+            Some("") => a.get(i + 1)?.parse().ok(),
+            Some(v) => v.strip_prefix('=')?.parse().ok(),
+            None => None,
+        })
+    }
+
     /// Refuses, before anything is created or run, the option values `gz` would refuse only
     /// when its stage comes (`--tta 3` after the whole training), and a root among the
     /// dataset's images.
@@ -321,6 +334,15 @@ impl Ctx {
         ] {
             if v == Some(0) {
                 bail!("{flag} must be at least 1");
+            }
+        }
+        // (gz prep's own rule, `PrepConfig::validate`: found only after synth, before)
+        if let Some(size) = self.size {
+            let crop = self.prep_crop().unwrap_or(PREP_CROP);
+            if size > crop {
+                bail!(
+                    "--size {size} is larger than the centre crop it is taken from ({crop} pixels of the 424;                      `--prep-arg --crop N` sets it): at most {crop}"
+                );
             }
         }
         if let Some(t) = self.tta.filter(|t| ![1, 2, 4, 8, 60].contains(t)) {
@@ -2201,7 +2223,7 @@ mod tests {
         let not_a_cache = t.path().join("not-a-cache");
         std::fs::create_dir_all(&not_a_cache).unwrap();
         let not_a_cache = not_a_cache.display().to_string();
-        let cases: [(&[&str], &str); 13] = [
+        let cases: [(&[&str], &str); 16] = [
             (&["--model", "nosuch"], "--model nosuch: expected one of"),
             (&["--device", "tpu"], "--device tpu: expected cpu, cuda, cuda:N or auto"),
             (&["--precision", "bf16"], "--precision bf16 needs a CUDA device"),
@@ -2212,6 +2234,18 @@ mod tests {
             (&["--epochs", "0"], "--epochs must be at least 1"),
             (&["--batch", "0"], "--batch must be at least 1"),
             (&["--size", "0"], "--size must be at least 1"),
+            (
+                &["--size", "300"],
+                "--size 300 is larger than the centre crop it is taken from (212 pixels",
+            ),
+            (
+                &["--size", "300", "--prep-arg", "--crop=250"],
+                "--size 300 is larger than the centre crop it is taken from (250 pixels",
+            ),
+            (
+                &["--size", "300", "--prep-arg", "--crop", "--prep-arg", "299"],
+                "(299 pixels",
+            ),
             (&["--tta", "3"], "--tta 3: expected a preset"),
             (&["--cache", "/no/such/cache"], "--cache /no/such/cache: no such folder"),
             (&["--name", &long], "is 300 bytes, at most 200"),
