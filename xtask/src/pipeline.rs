@@ -1151,15 +1151,13 @@ const TRAIN_NOTE: &str = ".xtask-train.json";
 fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], force: bool) -> Result<BeforeRun> {
     let note = serde_json::json!({ "command": flat, "inputs": inputs });
     let note_path = run.join(TRAIN_NOTE);
-    let same = std::fs::read(&note_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v == note);
     let json = |p: &Path| {
         std::fs::read(p)
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
     };
+    let old_note = json(&note_path);
+    let same = old_note.as_ref() == Some(&note);
     let last = run.join("last.json");
     let last_v = json(&last);
     let finished = last_v
@@ -1192,6 +1190,16 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         }
         return Ok(BeforeRun::Run(vec!["--resume".into()]));
     }
+    // a run started with other options, or on other inputs, starts over: said, with what
+    // changed (an interrupted run of another --epochs is not resumed: the learning-rate
+    // schedule follows the number of epochs, so it would not be the run these options give)
+    if let Some(old) = old_note.as_ref().filter(|_| !same && !force && last.exists()) {
+        eprintln!(
+            "xtask: train: the run in {} was started with other options{}: training starts over",
+            run.display(),
+            note_change(old, flat)
+        );
+    }
     if run.exists() {
         let backup = replaced_run(run);
         let is_link = std::fs::symlink_metadata(run).is_ok_and(|m| m.file_type().is_symlink());
@@ -1218,6 +1226,19 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
     // through a temporary: a half-written note would count the run as stale at the next call
     crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
     Ok(BeforeRun::Run(vec![]))
+}
+
+/// What differs between a run's note (`old`) and the command `flat`: ` (--epochs 6 → 5)`, or
+/// ` (its inputs changed)` for the same command.
+fn note_change(old: &serde_json::Value, flat: &[String]) -> String {
+    let old_cmd: Option<Vec<String>> = old
+        .get("command")
+        .and_then(|c| c.as_array()?.iter().map(|w| w.as_str().map(String::from)).collect());
+    match old_cmd {
+        Some(c) if c != flat => crate::stamp::command_change(&c, flat),
+        Some(_) => " (its inputs changed)".to_string(),
+        None => String::new(),
+    }
 }
 
 /// What a training run and xtask write into a run folder: `gz train`'s files
@@ -2617,9 +2638,12 @@ mod tests {
         assert!(!run.join("best.json").exists());
         settle_replaced_run(&run, true).unwrap();
         assert!(!replaced_run(&run).exists());
-        // another command, or other inputs: replaced
+        // another command, or other inputs: replaced, saying what changed
         std::fs::write(run.join("last.json"), last(1)).unwrap();
         let other = vec!["train".to_string(), "--epochs".into(), "4".into()];
+        let note: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join(TRAIN_NOTE)).unwrap()).unwrap();
+        assert_eq!(note_change(&note, &other), " (--epochs 3 → 4)");
+        assert_eq!(note_change(&note, &cmd), " (its inputs changed)");
         assert_eq!(train_before_run(&run, &other, &inputs, false).unwrap(), fresh);
         assert!(!run.join("last.json").exists());
         std::fs::write(run.join("last.json"), last(1)).unwrap();

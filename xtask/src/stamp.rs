@@ -165,7 +165,7 @@ impl Stamp {
 /// options (a word starting with `--` and the words after it up to the next one) taken as
 /// multisets, removed and added ones paired by name; the program (the first word) said when it
 /// is another; empty when nothing is named (the same options in another order).
-fn command_change(old: &[String], new: &[String]) -> String {
+pub(crate) fn command_change(old: &[String], new: &[String]) -> String {
     fn options(cmd: &[String]) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = Vec::new();
         for w in cmd.iter().skip(1) {
