@@ -121,8 +121,8 @@ fn absolute(p: PathBuf, base: &Path) -> PathBuf {
 impl Ctx {
     fn parse(mut a: Args) -> Result<Ctx> {
         // the words passed through to gz go first: `--train-arg --seed=5` is gz's --seed, not ours
-        let prep_args = a.values("--prep-arg")?;
-        let train_args = a.values("--train-arg")?;
+        let prep_args = a.passthrough("--prep-arg")?;
+        let train_args = a.passthrough("--train-arg")?;
         let cwd = std::env::current_dir().context("reading the current directory")?;
         // not created here: a refused command line leaves no folder behind (the stage that
         // first runs gz creates it)
