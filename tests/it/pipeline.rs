@@ -87,7 +87,20 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     for s in ["synth", "prep", "train", "eval", "submit"] {
         assert!(err2.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err2}");
     }
-    assert_eq!(last_line_value(&out2, "submission"), Some(sub));
+    assert_eq!(last_line_value(&out2, "submission"), Some(sub.clone()));
+
+    // The same root through a link (or `..`): the same stamps, every stage up to date (each
+    // ran again, a new run trained, for another spelling of the folder)
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(t.path(), &link).unwrap();
+    let (ok_l, out_l, err_l) = pipeline(&link, &[]);
+    assert!(ok_l, "{out_l}\n{err_l}");
+    for s in ["synth", "prep", "train", "eval", "submit"] {
+        assert!(
+            err_l.contains(&format!("xtask: {s}: up to date")),
+            "{s} re-ran:\n{err_l}"
+        );
+    }
 
     // A changed training setting reruns train and what follows, not synth or prep.
     let (ok3, _out3, err3) = pipeline(t.path(), &["--batch", "8"]);

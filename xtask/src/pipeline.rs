@@ -118,6 +118,25 @@ fn absolute(p: PathBuf, base: &Path) -> PathBuf {
     }
 }
 
+/// `p` with its longest existing ancestor resolved (symbolic links, `.` and `..`) and the rest
+/// appended, for a folder that may not exist yet; `p` itself when no ancestor resolves.
+fn resolved(p: &Path) -> PathBuf {
+    let mut base = p;
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(r) = base.canonicalize() {
+            return tail.iter().rev().fold(r, |acc, name| acc.join(name));
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                tail.push(name.to_os_string());
+                base = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
 impl Ctx {
     fn parse(mut a: Args) -> Result<Ctx> {
         // the words passed through to gz go first: `--train-arg --seed=5` is gz's --seed, not ours
@@ -126,7 +145,9 @@ impl Ctx {
         let cwd = std::env::current_dir().context("reading the current directory")?;
         // not created here: a refused command line leaves no folder behind (the stage that
         // first runs gz creates it)
-        let root = absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd);
+        // (resolved too: the stamps and the paths they record are the root's, so `../r`, a
+        // link to `r` and `r` ran every stage again, training a new run, for one folder)
+        let root = resolved(&absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd));
         // (resolved: `km/`, `./km` and `km/images_training_rev1/..` are one dataset, its stages
         // up to date whichever was typed, and named `km`, not `data` after `..`)
         let real_data = a.path("--data")?.map(|p| {
@@ -2420,6 +2441,19 @@ mod tests {
                 && e.contains("cargo xtask train"),
             "{e}"
         );
+    }
+
+    /// A root that does not exist yet is resolved through its longest existing ancestor.
+    #[cfg(unix)]
+    #[test]
+    fn a_root_is_resolved_through_what_exists() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().canonicalize().unwrap();
+        std::fs::create_dir(real.join("a")).unwrap();
+        std::os::unix::fs::symlink(real.join("a"), real.join("link")).unwrap();
+        assert_eq!(resolved(&real.join("link/new/sub")), real.join("a/new/sub"));
+        assert_eq!(resolved(&real.join("a/../link")), real.join("a"));
+        assert_eq!(resolved(Path::new("/no/such/root")), Path::new("/no/such/root"));
     }
 
     /// The train stage's input is the cache's training split: two caches of the same training
