@@ -18,6 +18,11 @@ impl Args {
         Self { items }
     }
 
+    /// The words not read yet.
+    pub fn words(&self) -> &[String] {
+        &self.items
+    }
+
     /// Removes `--name` if present.
     pub fn flag(&mut self, name: &str) -> bool {
         let before = self.items.len();

@@ -95,6 +95,8 @@ struct Ctx {
     force: bool,
     cache_override: Option<PathBuf>,
     gz: GzSource,
+    /// The options as typed (but `--force`), for the commands xtask's messages suggest.
+    given: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -139,6 +141,7 @@ fn resolved(p: &Path) -> PathBuf {
 
 impl Ctx {
     fn parse(mut a: Args) -> Result<Ctx> {
+        let given: Vec<String> = a.words().iter().filter(|w| *w != "--force").cloned().collect();
         // the words passed through to gz go first: `--train-arg --seed=5` is gz's --seed, not ours
         let prep_args = a.passthrough("--prep-arg")?;
         let train_args = a.passthrough("--train-arg")?;
@@ -311,6 +314,7 @@ impl Ctx {
             force: a.flag("--force"),
             cache_override,
             gz,
+            given,
         };
         a.finish()?;
         ctx.check_values()?;
@@ -483,11 +487,16 @@ impl Ctx {
             match Stamp::load(&sp) {
                 None if !d.join("synth.json").is_file() => {
                     bail!(
-                    "no synthetic dataset in {} yet{}: run `cargo xtask synth` first (or the pipeline; for real data, \
+                        "no synthetic dataset in {} yet{}: run `{}` first (or the pipeline; for real data, \
                      pass --data DIR)",
-                    d.display(),
-                    if d.join("synth.in-progress").exists() { " (its generation was interrupted)" } else { "" }
-                )
+                        d.display(),
+                        if d.join("synth.in-progress").exists() {
+                            " (its generation was interrupted)"
+                        } else {
+                            ""
+                        },
+                        self.stage_command("synth")
+                    )
                 }
                 None => {}
                 Some(stamp) => {
@@ -530,8 +539,9 @@ impl Ctx {
             .filter(|p| p.exists())
             .with_context(|| {
                 format!(
-                    "no shard cache for {} yet: run `cargo xtask prep` first (or pass --cache DIR)",
-                    self.data_dir().display()
+                    "no shard cache for {} yet: run `{}` first (or pass --cache DIR)",
+                    self.data_dir().display(),
+                    self.stage_command("prep")
                 )
             })?;
         let (cmd, inputs) = (prep_command(self), prep_inputs(self)?);
@@ -541,14 +551,23 @@ impl Ctx {
         Ok(cache)
     }
 
+    /// `cargo xtask STAGE` with the options given to this command (a hint to paste: without
+    /// them it would run in the repository's root, on the default set's sizes).
+    fn stage_command(&self, stage: &str) -> String {
+        let mut words = vec!["cargo".to_string(), "xtask".into(), stage.into()];
+        words.extend(self.given.iter().cloned());
+        gz::shell_words(&words)
+    }
+
     fn need_run(&self) -> Result<PathBuf> {
         let r = self.run_dir();
         let (weights, sidecar) = ("best.safetensors", "best.json");
         let has_weights = r.join(weights).exists();
         match (has_weights, r.join(sidecar).exists()) {
             (false, false) => bail!(
-                "no trained run in {} yet: run `cargo xtask train` first (or pass --name RUN)",
-                r.display()
+                "no trained run in {} yet: run `{}` first (or pass --name RUN)",
+                r.display(),
+                self.stage_command("train")
             ),
             // a best checkpoint is the weights and their sidecar together: gz cannot load one
             // without the other; said here with the way out, before any gz runs on it
@@ -724,7 +743,8 @@ fn stage(
             }
             Err(Failure::Interrupted(signal)) => {
                 let next = if name == "train" {
-                    "run the same command again to continue: training resumes after its last finished epoch"
+                    "run the same command again to continue: training resumes after its last finished epoch (starts over \
+                     when none had finished)"
                 } else {
                     "run the same command again: this stage starts over, the finished ones are kept"
                 };
@@ -2334,7 +2354,12 @@ mod tests {
         let opts = ["--seed", "7", "--size", "24"];
         let mut ctx = parse(&opts);
         let e = ctx.dataset_identity().unwrap_err().to_string();
-        assert!(e.contains("run `cargo xtask synth` first"), "{e}");
+        // (with the options given: pasted without them it ran in the repository, at other sizes)
+        let want = format!(
+            "run `cargo xtask synth --root {} --gz /bin/true --seed 7 --size 24` first",
+            t.path().display()
+        );
+        assert!(e.contains(&want), "{e}");
         // real data: a folder that is not there, and one without its labels, are said as such
         let gone = t.path().join("no-such-set");
         let mut real = parse(&["--data", &gone.display().to_string()]);
