@@ -268,14 +268,17 @@ pub fn result_line(stdout: &str, key: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// Arguments joined for display, quoting those with spaces.
+/// Arguments joined as a shell would read them back, for commands to be pasted: a word
+/// holding only characters no shell splits or expands as it is, any other in single quotes (a
+/// `'` inside as `'\''`; as gz's `shell_path`).
 pub fn shell_words(args: &[String]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./,:@%+=".contains(c);
     args.iter()
         .map(|a| {
-            if a.is_empty() || a.contains(char::is_whitespace) {
-                format!("'{a}'")
-            } else {
+            if !a.is_empty() && a.chars().all(plain) {
                 a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
             }
         })
         .collect::<Vec<_>>()
@@ -285,6 +288,20 @@ pub fn shell_words(args: &[String]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// What a shell would split or expand is quoted, a quote inside too.
+    #[test]
+    fn shell_words_read_back_as_given() {
+        let w = |v: &[&str]| shell_words(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            w(&["gz", "--out", "/a/b-c_d.e", "--lr=1e-3"]),
+            "gz --out /a/b-c_d.e --lr=1e-3"
+        );
+        assert_eq!(
+            w(&["a b", "", "x(1)", "$HOME", "it's"]),
+            r"'a b' '' 'x(1)' '$HOME' 'it'\''s'"
+        );
+    }
 
     #[test]
     fn result_lines() {

@@ -366,7 +366,8 @@ impl Ctx {
             let crop = self.prep_crop().unwrap_or(PREP_CROP);
             if size > crop {
                 bail!(
-                    "--size {size} is larger than the centre crop it is taken from ({crop} pixels of the 424;                      `--prep-arg --crop N` sets it): at most {crop}"
+                    "--size {size} is larger than the centre crop it is taken from ({crop} pixels of the 424; \
+                     `--prep-arg --crop N` sets it): at most {crop}"
                 );
             }
         }
@@ -608,9 +609,12 @@ impl Ctx {
     /// 5` after a 3-epoch pipeline scored the 3-epoch run as "up to date").
     fn need_current_run(&self, cache: &Path) -> Result<PathBuf> {
         let r = self.need_run()?;
+        let (cmd, inputs) = (train_command(self, cache, &r), train_inputs(cache)?);
+        // (a stamp an earlier xtask wrote, current by its rules: an eval right after an
+        // upgrade said the train stage was not up to date)
+        migrate_train_stamp(self, cache, &r, &cmd, &inputs)?;
         if let Some(stamp) = Stamp::load(&stamp_path(&self.root, "train", &r)) {
-            let cmd = stamped_command("train", vec![train_command(self, cache, &r)]);
-            upstream_current("train", &stamp, &cmd, &train_inputs(cache)?)?;
+            upstream_current("train", &stamp, &stamped_command("train", vec![cmd]), &inputs)?;
         }
         Ok(r)
     }
@@ -1039,7 +1043,7 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
 /// What stands for the shard cache in the train stage's stamped command: the stage's input is
 /// the cache's training split ([`train_inputs`]), not the folder, whose name changes with
 /// every image of the dataset, test images too.
-const CACHE_IN_STAMP: &str = "<the prep stage's cache>";
+const CACHE_IN_STAMP: &str = "<cache of the prep stage>";
 
 /// A stage's commands as its stamp records and compares them, joined by `&&`: as run, but in
 /// the train stage's the `--cache` folder is [`CACHE_IN_STAMP`] (adding, removing or touching
@@ -1236,7 +1240,7 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
     // schedule follows the number of epochs, so it would not be the run these options give)
     if let Some(old) = old_note.as_ref().filter(|_| !same && !force && last.exists()) {
         eprintln!(
-            "xtask: train: the run in {} was started with other options{}: training starts over",
+            "xtask: train: the run in {} was started with other options or inputs{}: training starts over",
             run.display(),
             note_change(old, flat)
         );
@@ -2298,7 +2302,8 @@ mod tests {
             (&["--size", "0"], "--size must be at least 1"),
             (
                 &["--size", "300"],
-                "--size 300 is larger than the centre crop it is taken from (212 pixels",
+                "--size 300 is larger than the centre crop it is taken from (212 pixels of the 424; `--prep-arg \
+                 --crop N` sets it): at most 212",
             ),
             (
                 &["--size", "300", "--prep-arg", "--crop=250"],

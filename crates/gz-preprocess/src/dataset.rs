@@ -72,16 +72,27 @@ fn tree_violation(row: &[f32]) -> Option<String> {
         .map(|v| v.to_string())
 }
 
-/// Of two files of one galaxy, `first` (listed first, and read so far) and `name`: which one
-/// is read, `first` then holding it, and the other. The file named by the GalaxyID
-/// (`<id>.jpg`, Kaggle's name) wins over `00411596.jpg` or `100008.JPG`, whichever the listing
-/// (byte order) gave first; otherwise the first.
-fn one_per_galaxy(id: u64, first: &mut String, name: String) -> (String, String) {
+/// Of two files of one galaxy, `kept` (read so far) and `name`: `kept` is left holding the
+/// one read, and the other is returned, with whether they swapped. The file named by the
+/// GalaxyID (`<id>.jpg`, Kaggle's name) wins over `00411596.jpg` or `100008.JPG`, whichever the
+/// listing (byte order) gave first; otherwise the first. A swap goes into the dataset key
+/// (`hasher`): a cache an earlier gz wrote with the other file read is not taken for this one.
+fn one_per_galaxy(id: u64, kept: &mut String, name: String, hasher: &mut sha2::Sha256) -> String {
+    use sha2::Digest;
     if name == format!("{id}.jpg") {
-        let other = std::mem::replace(first, name);
-        (first.clone(), other)
+        hasher.update(format!("canonical {id}\n").as_bytes());
+        std::mem::replace(kept, name)
     } else {
-        (first.clone(), name)
+        name
+    }
+}
+
+/// The reasons of the skipped second files of a galaxy (`again`: their index in `skipped` and
+/// GalaxyID), written once the listing is done and `read(id)` names the file finally read (a
+/// third file can still take over from the second).
+fn name_the_file_read(skipped: &mut [Skipped], again: &[(usize, u64)], read: impl Fn(u64) -> String) {
+    for &(i, id) in again {
+        skipped[i].reason = format!("GalaxyID {id} again (read from {})", read(id));
     }
 }
 
@@ -180,14 +191,16 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         let files = list_dir(&train_dir, &mut hasher, "train", &mut skipped)?;
         // GalaxyID → the file's own name (which may differ from "<id>.jpg": leading zeros)
         let mut present: HashMap<u64, String> = HashMap::new();
+        let mut again = Vec::new();
         for (name, parsed) in files {
             match parsed {
                 Some(id) => match present.get_mut(&id) {
-                    Some(first) => {
-                        let (kept, other) = one_per_galaxy(id, first, name);
+                    Some(kept) => {
+                        let other = one_per_galaxy(id, kept, name, &mut hasher);
+                        again.push((skipped.len(), id));
                         skipped.push(Skipped {
                             path: train_dir.join(&other),
-                            reason: format!("GalaxyID {id} again (read from {kept})"),
+                            reason: String::new(),
                         });
                     }
                     None => {
@@ -200,6 +213,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
                 }),
             }
         }
+        name_the_file_read(&mut skipped, &again, |id| present[&id].clone());
         let mut items = Vec::with_capacity(sol.len());
         let mut labelled = HashSet::with_capacity(sol.len());
         for (row, &id) in sol.ids.iter().enumerate() {
@@ -239,14 +253,16 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
         let mut items: Vec<Item> = Vec::with_capacity(files.len());
         // GalaxyID → the file read for it and its item
         let mut seen: HashMap<u64, (String, usize)> = HashMap::new();
+        let mut again = Vec::new();
         for (name, parsed) in files {
             match parsed {
                 Some(id) if seen.contains_key(&id) => {
-                    let (first, at) = seen.get_mut(&id).expect("just checked");
-                    let (kept, other) = one_per_galaxy(id, first, name);
-                    items[*at].path = test_dir.join(&kept);
+                    let (kept, at) = seen.get_mut(&id).expect("just checked");
+                    let other = one_per_galaxy(id, kept, name, &mut hasher);
+                    items[*at].path = test_dir.join(&*kept);
+                    again.push((skipped.len(), id));
                     skipped.push(Skipped {
-                        reason: format!("GalaxyID {id} again (read from {kept})"),
+                        reason: String::new(),
                         path: test_dir.join(other),
                     });
                 }
@@ -264,6 +280,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
                 }),
             }
         }
+        name_the_file_read(&mut skipped, &again, |id| seen[&id].0.clone());
         items.sort_by_key(|it| it.id);
         Some(items)
     } else {

@@ -146,11 +146,16 @@ pub fn run_with(
                 reason: s.reason,
             })
             .collect();
+        // (a byte read: open alone would pass a file whose reading fails)
+        let readable = |p: &Path| {
+            use std::io::Read;
+            std::fs::File::open(p).and_then(|mut f| f.read(&mut [0u8; 1])).is_ok()
+        };
         // an input left out because it could not be read (permissions, an I/O error) may be
         // readable now, and the dataset key does not see that
         if let Some(s) = skipped
             .iter()
-            .find(|s| s.reason.starts_with(UNREADABLE) && std::fs::read(&s.path).is_ok())
+            .find(|s| s.reason.starts_with(UNREADABLE) && readable(&s.path))
         {
             return Err(PrepError::StaleCache {
                 dir: cache_dir,

@@ -1094,15 +1094,19 @@ fn image_files_are_read_under_their_own_names() {
         .unwrap();
     std::fs::copy(&other, test.join(format!("0{tid}.jpg"))).unwrap();
     let id1 = sol.ids[1];
+    // three files of one galaxy, in byte order 0<id>.jpg, <id>.JPG, <id>.jpg: the last is read,
+    // and both others name it (the first skip named 0<id>.jpg, read until <id>.jpg came)
     std::fs::copy(train.join(format!("{id1}.jpg")), train.join(format!("{id1}.JPG"))).unwrap();
+    std::fs::copy(train.join(format!("{id1}.jpg")), train.join(format!("0{id1}.jpg"))).unwrap();
     let mut opts = RunOptions::new(&data, &t.path().join("cache"));
     opts.threads = Some(1);
     let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
     assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
-    assert_eq!(s.skipped.len(), 2, "{:?}", s.skipped);
+    assert_eq!(s.skipped.len(), 3, "{:?}", s.skipped);
     for (sk, loser, kept) in [
         (&s.skipped[0], format!("{id1}.JPG"), format!("{id1}.jpg")),
-        (&s.skipped[1], format!("0{tid}.jpg"), format!("{tid}.jpg")),
+        (&s.skipped[1], format!("0{id1}.jpg"), format!("{id1}.jpg")),
+        (&s.skipped[2], format!("0{tid}.jpg"), format!("{tid}.jpg")),
     ] {
         assert!(
             sk.path.file_name().unwrap() == loser.as_str()

@@ -49,14 +49,16 @@ enum Action {
 /// Which cache root, and optionally which dataset's caches to tell apart.
 #[derive(Debug, clap::Args)]
 struct Where {
-    /// Dataset folder: its caches are marked current or superseded, and the cache root
+    /// Dataset folder: tells its current caches from the superseded ones, built before its
+    /// files changed (`list` marks them, `prune` removes the superseded ones); the cache root
     /// defaults to <DATA>/../cache as for `gz prep`.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Cache root (the folder holding the cache folders) [default: <DATA>/../cache].
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// The cache root, named without --cache (`gz cache list data/cache`).
+    /// The cache root, named without --cache (`gz cache list data/cache`, `gz cache prune
+    /// data/cache`).
     #[arg(value_name = "CACHE_ROOT", conflicts_with = "cache")]
     root: Option<PathBuf>,
 }

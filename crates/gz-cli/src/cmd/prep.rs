@@ -314,7 +314,12 @@ fn remove_cache(dir: &Path) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let aside = dir.with_file_name(format!(".{name}.damaged-{}", std::process::id()));
-    std::fs::rename(dir, &aside).with_context(|| format!("moving the cache {} aside", dir.display()))?;
+    match std::fs::rename(dir, &aside) {
+        Ok(()) => {}
+        // another gz prep that found it so too moved it first (and rebuilds it, or has)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("moving the cache {} aside", dir.display())),
+    }
     std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
 }
 
