@@ -71,6 +71,9 @@ const STAGES: [&str; 5] = ["synth", "prep", "train", "eval", "submit"];
 #[derive(Debug)]
 struct Ctx {
     root: PathBuf,
+    /// `--root` as typed, made absolute but not resolved (an earlier xtask's stamps spell
+    /// their paths so: [`migrate_train_stamp`]).
+    root_typed: PathBuf,
     /// `Some` for `--data DIR`: a dataset we did not generate; synth is skipped.
     real_data: Option<PathBuf>,
     synth_train: usize,
@@ -150,7 +153,8 @@ impl Ctx {
         // first runs gz creates it)
         // (resolved too: the stamps and the paths they record are the root's, so `../r`, a
         // link to `r` and `r` ran every stage again, training a new run, for one folder)
-        let root = resolved(&absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd));
+        let root_typed = absolute(a.path("--root")?.unwrap_or_else(workspace_root), &cwd);
+        let root = resolved(&root_typed);
         // (resolved: `km/`, `./km` and `km/images_training_rev1/..` are one dataset, its stages
         // up to date whichever was typed, and named `km`, not `data` after `..`)
         let real_data = a.path("--data")?.map(|p| {
@@ -284,6 +288,7 @@ impl Ctx {
         }
         let ctx = Ctx {
             root,
+            root_typed,
             real_data,
             synth_train: synth_train.unwrap_or(DEFAULT_TRAIN),
             synth_test: synth_test.unwrap_or(DEFAULT_TEST),
@@ -1099,12 +1104,47 @@ fn train_inputs(cache: &Path) -> Result<Vec<(String, String)>> {
 /// by their own rules are rewritten in today's form, so that an upgraded xtask keeps a finished
 /// run (and resumes an interrupted one) rather than training again.
 fn migrate_train_stamp(ctx: &Ctx, cache: &Path, run: &Path, cmd: &[String], inputs: &[(String, String)]) -> Result<()> {
+    migrate_train_stamp_as(ctx, cache, run, cmd, inputs, run, cmd)?;
+    // an earlier xtask did not resolve --root either: its stamp is found by, and its command
+    // names, the paths under the root as typed (through a link, say)
+    if ctx.root_typed != ctx.root {
+        let respell = |p: &Path| match p.strip_prefix(&ctx.root) {
+            Ok(rest) => ctx.root_typed.join(rest),
+            Err(_) => p.to_path_buf(),
+        };
+        let old_cmd: Vec<String> = cmd
+            .iter()
+            .map(|w| {
+                let p = Path::new(w);
+                if p.is_absolute() && p.starts_with(&ctx.root) {
+                    respell(p).display().to_string()
+                } else {
+                    w.clone()
+                }
+            })
+            .collect();
+        migrate_train_stamp_as(ctx, cache, run, cmd, inputs, &respell(run), &old_cmd)?;
+    }
+    Ok(())
+}
+
+/// [`migrate_train_stamp`] of a stamp an earlier xtask wrote for the run spelled `old_run`
+/// with the command `old_cmd`.
+fn migrate_train_stamp_as(
+    ctx: &Ctx,
+    cache: &Path,
+    run: &Path,
+    cmd: &[String],
+    inputs: &[(String, String)],
+    old_run: &Path,
+    old_cmd: &[String],
+) -> Result<()> {
     let old_inputs = vec![("cache".to_string(), fingerprint::identity(cache)?)];
     let flat = stamped_command("train", vec![cmd.to_vec()]);
     let sp = stamp_path(&ctx.root, "train", run);
-    let stamp = Stamp::load(&sp).filter(|s| s.command.as_slice() == cmd);
+    let stamp = Stamp::load(&stamp_path(&ctx.root, "train", old_run)).filter(|s| s.command.as_slice() == old_cmd);
     let note_path = run.join(TRAIN_NOTE);
-    let old_note = serde_json::json!({ "command": cmd, "inputs": old_inputs });
+    let old_note = serde_json::json!({ "command": old_cmd, "inputs": old_inputs });
     let note_is_old = std::fs::read(&note_path)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -1118,8 +1158,20 @@ fn migrate_train_stamp(ctx: &Ctx, cache: &Path, run: &Path, cmd: &[String], inpu
         crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
     }
     if let Some(s) = stamp {
-        if s.stale_reason(cmd, &old_inputs)?.is_none() {
-            let outs: Vec<Output> = s.outputs.iter().map(|(o, _)| o.clone()).collect();
+        if s.stale_reason(old_cmd, &old_inputs)?.is_none() {
+            // (the run as spelled now)
+            let outs: Vec<Output> = s
+                .outputs
+                .iter()
+                .map(|(o, _)| Output {
+                    path: if o.path == old_run {
+                        run.to_path_buf()
+                    } else {
+                        o.path.clone()
+                    },
+                    ..o.clone()
+                })
+                .collect();
             Stamp::save(&sp, "train", &flat, inputs, &outs, &s.stdout)?;
         }
     }
@@ -2556,6 +2608,44 @@ mod tests {
         std::fs::write(run.join("best.json"), "changed").unwrap();
         migrate_train_stamp(&ctx, &cache, &run, &cmd, &inputs).unwrap();
         assert_eq!(Stamp::load(&sp).unwrap().command, cmd);
+
+        // a root typed through a link, which an earlier xtask did not resolve: its stamp is
+        // found under, and its command names, the linked spelling
+        #[cfg(unix)]
+        {
+            let real = t.path().join("real");
+            std::fs::create_dir_all(&real).unwrap();
+            let link = t.path().join("link");
+            std::os::unix::fs::symlink(&real, &link).unwrap();
+            let ctx = Ctx::parse(fake_gz_args(&link, &["--epochs", "3"])).unwrap();
+            assert_eq!(ctx.root, real.canonicalize().unwrap());
+            let run = ctx.run_dir();
+            let typed_run = link.join(run.strip_prefix(&ctx.root).unwrap());
+            std::fs::create_dir_all(&run).unwrap();
+            for f in ["best.safetensors", "best.json"] {
+                std::fs::write(run.join(f), "x").unwrap();
+            }
+            let old_cmd = train_command(&ctx, &cache, &typed_run);
+            let old_out = [Output::new("run", &typed_run, &["best.safetensors", "best.json"])];
+            Stamp::save(
+                &stamp_path(&link, "train", &typed_run),
+                "train",
+                &old_cmd,
+                &old_inputs,
+                &old_out,
+                "",
+            )
+            .unwrap();
+            let cmd = train_command(&ctx, &cache, &run);
+            assert_ne!(cmd, old_cmd);
+            migrate_train_stamp(&ctx, &cache, &run, &cmd, &inputs).unwrap();
+            let s = Stamp::load(&stamp_path(&ctx.root, "train", &run)).expect("carried over");
+            assert_eq!(
+                s.stale_reason(&stamped_command("train", vec![cmd]), &inputs).unwrap(),
+                None
+            );
+            assert_eq!(s.outputs[0].0.path, run);
+        }
     }
 
     /// A dataset folder spelled in different ways is one dataset, named by its own name (`..`
