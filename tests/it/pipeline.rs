@@ -164,6 +164,27 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     );
 }
 
+/// A root moved with `mv` keeps every stage: the stamps name paths in the root relative to it
+/// (every stage ran again in the moved root, synth replacing the set and train starting over,
+/// as "never run").
+#[test]
+fn a_moved_root_keeps_its_stages() {
+    let t = support::tempdir();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let (ok, out, err) = pipeline(&a, &[]);
+    assert!(ok, "{out}\n{err}");
+    std::fs::rename(&a, &b).unwrap();
+    let (ok, out, err) = pipeline(&b, &[]);
+    assert!(ok, "{out}\n{err}");
+    for s in ["synth", "prep", "train", "eval", "submit"] {
+        assert!(err.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err}");
+    }
+    // what it prints is where things are now
+    let sub = last_line_value(&out, "submission").expect("submission line");
+    assert!(sub.starts_with(&b) && sub.exists(), "{}", sub.display());
+    assert!(!out.contains(&a.display().to_string()), "{out}");
+}
+
 /// A dataset with an unreadable training image and an unreadable test image: prep skips them
 /// (listed) and the pipeline goes on; the submission still has a row for every test image, the
 /// skipped one filled with the training mean and named.

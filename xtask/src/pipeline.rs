@@ -489,8 +489,7 @@ impl Ctx {
         if self.real_data.is_none() {
             // our synthetic set: the synth stage of these options must have finished (else prep
             // and the stages after it ran on a missing set, or silently on that of other options)
-            let sp = stamp_path(&self.root, "synth", &d);
-            match Stamp::load(&sp) {
+            match Stamp::find(&self.root, "synth", &d) {
                 None if !d.join("synth.json").is_file() => {
                     bail!(
                         "no synthetic dataset in {} yet{}: run `{}` first (or the pipeline; for real data, \
@@ -537,8 +536,7 @@ impl Ctx {
             check_cache_dataset(self)?;
             return Ok(c.clone());
         }
-        let sp = stamp_path(&self.root, "prep", &self.data_dir());
-        let stamp = Stamp::load(&sp);
+        let stamp = Stamp::find(&self.root, "prep", &self.data_dir());
         let cache = stamp
             .as_ref()
             .and_then(|s| s.output("cache").map(Path::to_path_buf))
@@ -595,7 +593,7 @@ impl Ctx {
         }
         // a run xtask started (its note is there) is finished when its stage was stamped; until
         // then its best checkpoint is that of an interrupted run
-        let stamp = Stamp::load(&stamp_path(&self.root, "train", &r));
+        let stamp = Stamp::find(&self.root, "train", &r);
         if r.join(TRAIN_NOTE).exists() && stamp.is_none() {
             // a pipeline running stages in this root (training this run, say) is named as
             // such, not taken for an interrupted one
@@ -618,7 +616,7 @@ impl Ctx {
         // (a stamp an earlier xtask wrote, current by its rules: an eval right after an
         // upgrade said the train stage was not up to date)
         migrate_train_stamp(self, cache, &r, &cmd, &inputs)?;
-        if let Some(stamp) = Stamp::load(&stamp_path(&self.root, "train", &r)) {
+        if let Some(stamp) = Stamp::find(&self.root, "train", &r) {
             upstream_current("train", &stamp, &stamped_command("train", vec![cmd]), &inputs)?;
         }
         Ok(r)
@@ -687,14 +685,25 @@ fn stage(
         .into());
     }
     let sp = stamp_path(&ctx.root, name, key);
+    // (an xtask from before 2026-12-01 kept it elsewhere)
+    let legacy = crate::stamp::legacy_stamp_path(&ctx.root, name, key);
     let flat = stamped_command(name, cmds.clone());
-    let reason = match Stamp::load(&sp) {
+    let reason = match Stamp::find(&ctx.root, name, key) {
         _ if ctx.force => "--force".to_string(),
         // (a stamp that exists but does not read: an older xtask's, or damaged)
         None if sp.exists() => format!("its stamp {} could not be read", sp.display()),
         None => "no finished run of it is recorded (never run, or stopped before its end)".to_string(),
         Some(s) => match s.stale_reason(&flat, &inputs)? {
             None => {
+                // (one an earlier xtask kept elsewhere moves to where a moved root finds it)
+                let s = if sp.exists() {
+                    s
+                } else {
+                    let outs: Vec<Output> = s.outputs.iter().map(|(o, _)| o.clone()).collect();
+                    let moved = Stamp::save(&sp, name, &s.command, &s.inputs, &outs, &s.stdout)?;
+                    let _ = std::fs::remove_file(&legacy);
+                    moved
+                };
                 eprintln!("xtask: {name}: up to date (stamp {})", sp.display());
                 return Ok(Done {
                     stage: name,
@@ -717,10 +726,12 @@ fn stage(
         BeforeRun::Done => (vec![], vec![]),
     };
     // the old stamp no longer describes what is on disk once the stage starts over
-    match std::fs::remove_file(&sp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing the stale stamp {}", sp.display())),
+    for p in [&sp, &legacy] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing the stale stamp {}", p.display())),
+        }
     }
     // gz runs in the root (relative paths it prints are resolved there)
     let gz_bin = ctx.gz()?;
@@ -942,7 +953,7 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
     // would take the cache for good on a hit, so it checks every checksum this time and rebuilds
     // a damaged one (without, every later stage failed on it, run after run)
     let damaged = !ctx.force
-        && Stamp::load(&stamp_path(&ctx.root, "prep", &data)).is_some_and(|s| {
+        && Stamp::find(&ctx.root, "prep", &data).is_some_and(|s| {
             s.stale_reason(&cmd, &inputs)
                 .ok()
                 .flatten()
@@ -1032,13 +1043,15 @@ fn run_train(ctx: &mut Ctx) -> Result<Done> {
     let run2 = run.clone();
     let inputs2 = inputs.clone();
     let force = ctx.force;
+    // (the note names paths in the root as stamps do: a moved root keeps its run)
+    let root = ctx.root.clone();
     let done = stage(
         ctx,
         "train",
         &run,
         vec![cmd],
         inputs,
-        move |flat| train_before_run(&run2, flat, &inputs2, force),
+        move |flat| train_before_run(&run2, &crate::stamp::marked(flat, &root), &inputs2, force),
         |_| Ok(vec![Output::new("run", &run, &["best.safetensors", "best.json"])]),
     );
     settle_replaced_run(&run, done.is_ok())?;
@@ -1142,7 +1155,13 @@ fn migrate_train_stamp_as(
     let old_inputs = vec![("cache".to_string(), fingerprint::identity(cache)?)];
     let flat = stamped_command("train", vec![cmd.to_vec()]);
     let sp = stamp_path(&ctx.root, "train", run);
-    let stamp = Stamp::load(&stamp_path(&ctx.root, "train", old_run)).filter(|s| s.command.as_slice() == old_cmd);
+    let stamp = [
+        stamp_path(&ctx.root, "train", old_run),
+        crate::stamp::legacy_stamp_path(&ctx.root, "train", old_run),
+    ]
+    .iter()
+    .filter_map(|p| Stamp::load(p))
+    .find(|s| s.command.as_slice() == old_cmd);
     let note_path = run.join(TRAIN_NOTE);
     let old_note = serde_json::json!({ "command": old_cmd, "inputs": old_inputs });
     let note_is_old = std::fs::read(&note_path)
@@ -1154,7 +1173,7 @@ fn migrate_train_stamp_as(
     }
     crate::lock::hold(&ctx.root)?;
     if note_is_old {
-        let note = serde_json::json!({ "command": flat, "inputs": inputs });
+        let note = serde_json::json!({ "command": crate::stamp::marked(&flat, &ctx.root), "inputs": inputs });
         crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
     }
     if let Some(s) = stamp {
@@ -2586,12 +2605,21 @@ mod tests {
         std::fs::write(run.join(TRAIN_NOTE), note.to_string()).unwrap();
         let sp = stamp_path(&ctx.root, "train", &run);
         let out = [Output::new("run", &run, &["best.safetensors", "best.json"])];
-        Stamp::save(&sp, "train", &cmd, &old_inputs, &out, "scores").unwrap();
+        // (where and as an earlier xtask wrote it: named by the absolute path, no root marks)
+        let scratch = t.path().join("scratch/data/stamps/s.json");
+        let save_legacy = |root: &Path, key: &Path, cmd: &[String], out: &[Output], stdout: &str| {
+            Stamp::save(&scratch, "train", cmd, &old_inputs, out, stdout).unwrap();
+            let legacy = crate::stamp::legacy_stamp_path(root, "train", key);
+            std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+            std::fs::copy(&scratch, legacy).unwrap();
+        };
+        save_legacy(&ctx.root, &run, &cmd, &out, "scores");
+        assert!(!sp.exists());
         let (flat, inputs) = (
             stamped_command("train", vec![cmd.clone()]),
             train_inputs(&cache).unwrap(),
         );
-        assert!(Stamp::load(&sp)
+        assert!(Stamp::find(&ctx.root, "train", &run)
             .unwrap()
             .stale_reason(&flat, &inputs)
             .unwrap()
@@ -2601,13 +2629,16 @@ mod tests {
         assert_eq!(s.stale_reason(&flat, &inputs).unwrap(), None);
         assert_eq!(s.stdout, "scores");
         let note: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join(TRAIN_NOTE)).unwrap()).unwrap();
-        assert_eq!(note, serde_json::json!({ "command": flat, "inputs": inputs }));
+        let marked = crate::stamp::marked(&flat, &ctx.root);
+        assert!(marked.contains(&"<root>/runs/synth-tiny".to_string()), "{marked:?}");
+        assert_eq!(note, serde_json::json!({ "command": marked, "inputs": inputs }));
 
         // a stale old stamp (the run changed since) is not carried over
-        Stamp::save(&sp, "train", &cmd, &old_inputs, &out, "").unwrap();
+        std::fs::remove_file(&sp).unwrap();
+        save_legacy(&ctx.root, &run, &cmd, &out, "");
         std::fs::write(run.join("best.json"), "changed").unwrap();
         migrate_train_stamp(&ctx, &cache, &run, &cmd, &inputs).unwrap();
-        assert_eq!(Stamp::load(&sp).unwrap().command, cmd);
+        assert!(!sp.exists());
 
         // a root typed through a link, which an earlier xtask did not resolve: its stamp is
         // found under, and its command names, the linked spelling
@@ -2627,15 +2658,7 @@ mod tests {
             }
             let old_cmd = train_command(&ctx, &cache, &typed_run);
             let old_out = [Output::new("run", &typed_run, &["best.safetensors", "best.json"])];
-            Stamp::save(
-                &stamp_path(&link, "train", &typed_run),
-                "train",
-                &old_cmd,
-                &old_inputs,
-                &old_out,
-                "",
-            )
-            .unwrap();
+            save_legacy(&link, &typed_run, &old_cmd, &old_out, "");
             let cmd = train_command(&ctx, &cache, &run);
             assert_ne!(cmd, old_cmd);
             migrate_train_stamp(&ctx, &cache, &run, &cmd, &inputs).unwrap();

@@ -6,6 +6,10 @@
 //! A stage is up to date when the command and input identities are the same and every output
 //! still has the identity it had when the stage finished. Downstream stages take upstream
 //! outputs' identities as inputs, so rerunning a stage invalidates everything after it.
+//!
+//! Paths in the root are written `<root>/…` in the file (commands, outputs, stdout) and read
+//! back under the root the stamp lies in, and the file is named by the key's path relative to
+//! the root: a root moved with `mv` keeps its stamps.
 
 use crate::fingerprint;
 use anyhow::{Context, Result};
@@ -49,19 +53,79 @@ pub struct Stamp {
     pub stdout: String,
 }
 
-/// Where the stamp of `stage` for the artifact `key` lives.
+/// Where the stamp of `stage` for the artifact `key` lives: named by the key's path relative
+/// to the root when it lies in it (a root moved with `mv` keeps its stamps), else by the
+/// absolute path.
 pub fn stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
-    let k = fingerprint::hash_str(&key.to_string_lossy());
+    let name = match key.strip_prefix(root) {
+        Ok(rel) => format!("{ROOT_MARK}/{}", rel.to_string_lossy()),
+        Err(_) => key.to_string_lossy().into_owned(),
+    };
+    stamp_file(root, stage, &name)
+}
+
+/// Where an xtask from before 2026-12-01 kept that stamp (named by the key's absolute path);
+/// [`Stamp::find`] still reads it.
+pub fn legacy_stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
+    stamp_file(root, stage, &key.to_string_lossy())
+}
+
+fn stamp_file(root: &Path, stage: &str, name: &str) -> PathBuf {
+    let k = fingerprint::hash_str(name);
     root.join("data").join("stamps").join(format!("{stage}-{k}.json"))
 }
 
+/// What stands for the root in a stamp's file: its commands, output paths and stdout name
+/// paths in the root so, and read back under the root the stamp lies in now.
+const ROOT_MARK: &str = "<root>";
+
+/// The root a stamp file at `path` belongs to (`<root>/data/stamps/NAME.json`).
+fn root_of(path: &Path) -> Option<&Path> {
+    path.parent()?.parent()?.parent()
+}
+
+/// `text` with a path under `root` (the whole word, or a prefix up to a `/`) written with
+/// [`ROOT_MARK`].
+fn to_mark(text: &str, root: &str) -> String {
+    if text == root {
+        ROOT_MARK.to_string()
+    } else {
+        text.replace(&format!("{root}/"), &format!("{ROOT_MARK}/"))
+    }
+}
+
+/// Command words with the paths under `root` written with [`ROOT_MARK`], as stamps hold them
+/// (for xtask's run note, which must survive a moved root too).
+pub fn marked(words: &[String], root: &Path) -> Vec<String> {
+    let root = root.to_string_lossy();
+    words.iter().map(|w| to_mark(w, &root)).collect()
+}
+
+/// [`to_mark`] undone under `root`.
+fn from_mark(text: &str, root: &str) -> String {
+    if text == ROOT_MARK {
+        root.to_string()
+    } else {
+        text.replace(&format!("{ROOT_MARK}/"), &format!("{root}/"))
+    }
+}
+
 impl Stamp {
-    /// Reads a stamp; a missing or unreadable one is `None` (the stage simply runs).
+    /// The stamp of `stage` for `key`: at [`stamp_path`], else at [`legacy_stamp_path`].
+    pub fn find(root: &Path, stage: &str, key: &Path) -> Option<Stamp> {
+        Self::load(&stamp_path(root, stage, key)).or_else(|| Self::load(&legacy_stamp_path(root, stage, key)))
+    }
+
+    /// Reads a stamp, its paths in the root read under the root it lies in now; a missing or
+    /// unreadable one is `None` (the stage simply runs).
     pub fn load(path: &Path) -> Option<Stamp> {
         let text = std::fs::read_to_string(path).ok()?;
         let v: Value = serde_json::from_str(&text).ok()?;
-        let strs =
-            |v: &Value| -> Option<Vec<String>> { v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect() };
+        let root = root_of(path)?.to_string_lossy().into_owned();
+        let unmark = |s: &str| from_mark(s, &root);
+        let strs = |v: &Value| -> Option<Vec<String>> {
+            v.as_array()?.iter().map(|x| x.as_str().map(&unmark)).collect()
+        };
         let inputs = v["inputs"]
             .as_array()?
             .iter()
@@ -74,7 +138,7 @@ impl Stamp {
                 Some((
                     Output {
                         label: o["label"].as_str()?.to_string(),
-                        path: PathBuf::from(o["path"].as_str()?),
+                        path: PathBuf::from(unmark(o["path"].as_str()?)),
                         members: strs(&o["members"])?,
                     },
                     o["identity"].as_str()?.to_string(),
@@ -85,7 +149,7 @@ impl Stamp {
             command: strs(&v["command"])?,
             inputs,
             outputs,
-            stdout: v["stdout"].as_str().unwrap_or_default().to_string(),
+            stdout: unmark(v["stdout"].as_str().unwrap_or_default()),
         })
     }
 
@@ -102,14 +166,19 @@ impl Stamp {
         for o in outputs {
             outs.push((o.clone(), o.identity()?));
         }
+        let root = root_of(path)
+            .context("stamp path has no root")?
+            .to_string_lossy()
+            .into_owned();
+        let mark = |s: &str| to_mark(s, &root);
         let v = json!({
             "stage": stage,
-            "command": command,
+            "command": command.iter().map(|w| mark(w)).collect::<Vec<_>>(),
             "inputs": inputs.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
             "outputs": outs.iter().map(|(o, id)| json!({
-                "label": o.label, "path": o.path.to_string_lossy(), "members": o.members, "identity": id,
+                "label": o.label, "path": mark(&o.path.to_string_lossy()), "members": o.members, "identity": id,
             })).collect::<Vec<_>>(),
-            "stdout": stdout,
+            "stdout": mark(stdout),
         });
         let dir = path.parent().context("stamp path has no parent")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -286,6 +355,63 @@ mod tests {
             ),
             " (--tta 8 → 1)"
         );
+    }
+
+    /// A stamp names the paths in its root relative to it: moved with the root, it reads back
+    /// under the new one (up to date there); one an earlier xtask kept under the absolute
+    /// path's name is still found.
+    #[test]
+    fn a_stamp_moves_with_its_root_and_the_old_name_is_found() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        let out = a.join("runs/r");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("best.json"), b"{}").unwrap();
+        let cmd = |root: &Path| {
+            vec![
+                "train".to_string(),
+                "--out".into(),
+                root.join("runs/r").display().to_string(),
+                "--data".into(),
+                "/elsewhere/data".into(),
+            ]
+        };
+        let outputs = |root: &Path| vec![Output::new("run", &root.join("runs/r"), &[])];
+        let stdout = |root: &Path| format!("run: {}\nscore 0.1\n", root.join("runs/r").display());
+        Stamp::save(
+            &stamp_path(&a, "train", &out),
+            "train",
+            &cmd(&a),
+            &[],
+            &outputs(&a),
+            &stdout(&a),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(stamp_path(&a, "train", &out)).unwrap();
+        assert!(
+            text.contains("<root>/runs/r") && !text.contains(&a.display().to_string()),
+            "{text}"
+        );
+        std::fs::rename(&a, &b).unwrap();
+        let s = Stamp::find(&b, "train", &b.join("runs/r")).expect("found under the moved root");
+        assert_eq!(s.command, cmd(&b));
+        assert_eq!(s.output("run"), Some(b.join("runs/r").as_path()));
+        assert_eq!(s.stdout, stdout(&b));
+        assert_eq!(s.stale_reason(&cmd(&b), &[]).unwrap(), None);
+
+        // an earlier xtask's: named by the absolute path, paths as they were
+        let legacy = legacy_stamp_path(&b, "train", &b.join("runs/r"));
+        assert_ne!(legacy, stamp_path(&b, "train", &b.join("runs/r")));
+        std::fs::remove_file(stamp_path(&b, "train", &b.join("runs/r"))).unwrap();
+        assert!(Stamp::find(&b, "train", &b.join("runs/r")).is_none());
+        let old = serde_json::json!({
+            "stage": "train", "command": cmd(&b), "inputs": [],
+            "outputs": [{"label": "run", "path": b.join("runs/r"), "members": [], "identity": "x"}],
+            "stdout": "",
+        });
+        std::fs::write(&legacy, old.to_string()).unwrap();
+        let s = Stamp::find(&b, "train", &b.join("runs/r")).expect("the old name");
+        assert_eq!(s.command, cmd(&b));
     }
 
     #[test]
