@@ -123,9 +123,8 @@ impl Stamp {
         let v: Value = serde_json::from_str(&text).ok()?;
         let root = root_of(path)?.to_string_lossy().into_owned();
         let unmark = |s: &str| from_mark(s, &root);
-        let strs = |v: &Value| -> Option<Vec<String>> {
-            v.as_array()?.iter().map(|x| x.as_str().map(&unmark)).collect()
-        };
+        let strs =
+            |v: &Value| -> Option<Vec<String>> { v.as_array()?.iter().map(|x| x.as_str().map(&unmark)).collect() };
         let inputs = v["inputs"]
             .as_array()?
             .iter()

@@ -631,7 +631,9 @@ impl LoadedModel {
                 .narrow(0, start, len)?
                 .to_device(&self.device)?
                 .to_dtype(self.dtype)?;
-            outs.push(self.model.forward_t(&x, false)?.to_dtype(DType::F32)?);
+            // (no backward pass follows: nothing kept per chunk, whatever the weights are)
+            let y = crate::ops::no_grad(|| self.model.forward_t(&x, false))?;
+            outs.push(y.detach().to_dtype(DType::F32)?);
             start += len;
         }
         if outs.is_empty() {

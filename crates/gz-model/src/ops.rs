@@ -22,6 +22,31 @@ use candle_nn::VarBuilder;
 
 mod linear;
 
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` knowing that no backward pass follows (validation, inference), as PyTorch's
+/// `no_grad`: the convolution tower op ([`crate::cudnn::tower`]) then builds no graph node and
+/// keeps nothing for one, even where the weights are variables (a model in training). Candle's
+/// own ops still record theirs: detach what is kept past the batch. For this thread, restored
+/// on the way out (a panic too).
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAD.with(|c| c.replace(true)));
+    f()
+}
+
+/// False inside [`no_grad`].
+pub fn grad_enabled() -> bool {
+    !NO_GRAD.with(|c| c.get())
+}
+
 /// A 2-D convolution with bias, square kernel, stride 1 unless configured.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -437,6 +462,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Inside [`no_grad`] the tower op builds no graph node even with variable weights (a
+    /// model in training: validation kept every batch's activations), with the same output;
+    /// outside it does; the flag is restored after a panic.
+    #[test]
+    fn no_grad_builds_no_tower_node() {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let a = Conv2d::new(3, 8, 3, 1, 1, vb.pp("a")).unwrap();
+        let b = Conv2d::new(8, 8, 3, 1, 1, vb.pp("b")).unwrap();
+        let layers = [(&a, true), (&b, false)];
+        let x = Tensor::rand(0f32, 1., (2, 3, 10, 10), &Device::Cpu).unwrap();
+        let tracked = run_tower_as_one_op(&x, &layers, true).unwrap();
+        assert!(tracked.track_op());
+        let free = no_grad(|| run_tower_as_one_op(&x, &layers, true)).unwrap();
+        assert!(!free.track_op());
+        assert_eq!(crate::testutil::max_abs_diff(&tracked, &free), 0.0);
+        assert!(grad_enabled());
+        let r = std::panic::catch_unwind(|| no_grad(|| panic!("inside")));
+        assert!(r.is_err() && grad_enabled());
+        assert!(run_tower_as_one_op(&x, &layers, true).unwrap().track_op());
     }
 
     #[test]

@@ -807,7 +807,9 @@ pub fn train_on(
     })
 }
 
-/// Validation RMSE of `model` (eval mode) over `rows`.
+/// Validation RMSE of `model` (eval mode) over `rows`. No backward pass follows
+/// ([`crate::ops::no_grad`]), and each batch's error is detached before it is added up: the
+/// running sum held every batch's graph, with all its activations, until the last batch.
 pub fn evaluate(
     model: &crate::nets::Model,
     batcher: &Batcher<'_>,
@@ -820,9 +822,15 @@ pub fn evaluate(
         let y = batcher.labels(chunk)?;
         let out = ctx(
             "validation",
-            model.forward_t(&x, false).and_then(|o| o.to_dtype(DType::F32)),
+            crate::ops::no_grad(|| model.forward_t(&x, false)).and_then(|o| o.to_dtype(DType::F32)),
         )?;
-        let e = ctx("validation", (out - y).and_then(|d| d.sqr()).and_then(|d| d.sum_all()))?;
+        let e = ctx(
+            "validation",
+            (out - y)
+                .and_then(|d| d.sqr())
+                .and_then(|d| d.sum_all())
+                .map(|e| e.detach()),
+        )?;
         sse = Some(match sse {
             None => e,
             Some(s) => ctx("validation", s + e)?,
@@ -1559,7 +1567,7 @@ pub fn bench_with(
         if mode.inference {
             let out = ctx(
                 "forward",
-                model.forward_t(&x, false).and_then(|o| o.to_dtype(DType::F32)),
+                crate::ops::no_grad(|| model.forward_t(&x, false)).and_then(|o| o.to_dtype(DType::F32)),
             )?;
             drop(out);
             phase_sync(device)?;

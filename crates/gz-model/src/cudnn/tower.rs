@@ -69,7 +69,10 @@ pub fn tower(x: &Tensor, layers: &[TowerLayer<'_>], nhwc: bool) -> Result<Tensor
     if layers.is_empty() {
         candle_core::bail!("tower: no layers");
     }
-    let tracked = x.track_op() || layers.iter().any(|l| l.weight.track_op() || l.bias.track_op());
+    // (inside `ops::no_grad` no backward pass follows, variables or not: validation kept
+    // every batch's layers, and the image layer's unfolded image, until its last batch)
+    let tracked =
+        crate::ops::grad_enabled() && (x.track_op() || layers.iter().any(|l| l.weight.track_op() || l.bias.track_op()));
     let mut h = x.detach();
     let mut now = false;
     let mut saved = Vec::with_capacity(layers.len());
