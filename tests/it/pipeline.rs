@@ -185,6 +185,39 @@ fn a_moved_root_keeps_its_stages() {
     assert!(!out.contains(&a.display().to_string()), "{out}");
 }
 
+/// Two roots whose `data/` links to one folder (a larger disk) share `data/stamps`: each
+/// keeps its own stamps (named by the path in the root alone, they were one file, and each
+/// root trained again after the other ran).
+#[test]
+fn roots_sharing_a_data_folder_keep_their_own_stages() {
+    let t = support::tempdir();
+    let shared = t.path().join("disk/data");
+    std::fs::create_dir_all(&shared).unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    for r in [&a, &b] {
+        std::fs::create_dir_all(r).unwrap();
+        std::os::unix::fs::symlink(&shared, r.join("data")).unwrap();
+    }
+    // (a dataset of one's own: a synthetic set in the shared folder would be one set too)
+    let data = t.path().join("kaggle");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["synth", "--train", "32", "--test", "8", "--seed", "3", "--out"])
+            .arg(&data),
+    );
+    assert!(ok, "{out}\n{err}");
+    let data = data.display().to_string();
+    for r in [&a, &b] {
+        let (ok, out, err) = pipeline(r, &["--data", &data]);
+        assert!(ok, "{out}\n{err}");
+    }
+    let (ok, out, err) = pipeline(&a, &["--data", &data]);
+    assert!(ok, "{out}\n{err}");
+    for s in ["prep", "train", "eval", "submit"] {
+        assert!(err.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err}");
+    }
+}
+
 /// A dataset with an unreadable training image and an unreadable test image: prep skips them
 /// (listed) and the pipeline goes on; the submission still has a row for every test image, the
 /// skipped one filled with the training mean and named.

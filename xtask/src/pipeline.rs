@@ -802,6 +802,8 @@ fn stage(
             );
         }
     }
+    // (named now: a root made by this stage is named by what it is, `stamp_path`)
+    let sp = stamp_path(&ctx.root, name, key);
     let stamp = Stamp::save(&sp, name, &flat, &inputs, &outs, &all_stdout)?;
     eprintln!("xtask: {name}: done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(Done {

@@ -9,7 +9,8 @@
 //!
 //! Paths in the root are written `<root>/…` in the file (commands, outputs, stdout) and read
 //! back under the root the stamp lies in, and the file is named by the key's path relative to
-//! the root: a root moved with `mv` keeps its stamps.
+//! the root and by the root folder's device and inode: a root moved with `mv` keeps its stamps,
+//! and two roots sharing `data/` (a link) keep theirs apart.
 
 use crate::fingerprint;
 use anyhow::{Context, Result};
@@ -57,11 +58,30 @@ pub struct Stamp {
 /// to the root when it lies in it (a root moved with `mv` keeps its stamps), else by the
 /// absolute path.
 pub fn stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
-    let name = match key.strip_prefix(root) {
-        Ok(rel) => format!("{ROOT_MARK}/{}", rel.to_string_lossy()),
-        Err(_) => key.to_string_lossy().into_owned(),
+    let name = match (key.strip_prefix(root), root_id(root)) {
+        (Ok(rel), Some(id)) => format!("{ROOT_MARK}{id}/{}", rel.to_string_lossy()),
+        // (a root not made yet: named as before 2026-12-01, which `Stamp::find` reads too)
+        _ => key.to_string_lossy().into_owned(),
     };
     stamp_file(root, stage, &name)
+}
+
+/// Which folder the root is, whatever its path: its device and inode, which `mv` within a file
+/// system keeps. Two roots whose `data/` links to one folder (a larger disk) share
+/// `data/stamps`; named by the path in the root alone, their stamps were one file, and each
+/// root trained again after the other ran.
+fn root_id(root: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(root).ok()?;
+        Some(format!("#{}:{}", m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = root;
+        None
+    }
 }
 
 /// Where an xtask from before 2026-12-01 kept that stamp (named by the key's absolute path);
