@@ -1275,7 +1275,19 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
     };
     let old_note = json(&note_path);
-    let same = old_note.as_ref() == Some(&note);
+    // (the same command with its options in another order is the same run)
+    let same = old_note.as_ref().is_some_and(|old| {
+        old.get("inputs") == note.get("inputs")
+            && old
+                .get("command")
+                .and_then(|c| {
+                    c.as_array()?
+                        .iter()
+                        .map(|w| w.as_str().map(String::from))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .is_some_and(|c| crate::stamp::same_command(&c, flat))
+    });
     let last = run.join("last.json");
     let last_v = json(&last);
     let finished = last_v
@@ -2817,6 +2829,16 @@ mod tests {
         assert!(!run.join("best.json").exists());
         settle_replaced_run(&run, true).unwrap();
         assert!(!replaced_run(&run).exists());
+        // the same options in another order (`--train-arg --no-augment` moves xtask's own to
+        // the end): the same run, resumed
+        let w = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let note_before = std::fs::read(run.join(TRAIN_NOTE)).unwrap();
+        let note = serde_json::json!({"command": w("train --epochs 3 --no-augment"), "inputs": [["cache", "abc"]]});
+        std::fs::write(run.join(TRAIN_NOTE), note.to_string()).unwrap();
+        std::fs::write(run.join("last.json"), last(1)).unwrap();
+        let reordered = w("train --no-augment --epochs 3");
+        assert_eq!(train_before_run(&run, &reordered, &inputs, false).unwrap(), resume);
+        std::fs::write(run.join(TRAIN_NOTE), note_before).unwrap();
         // another command, or other inputs: replaced, saying what changed
         std::fs::write(run.join("last.json"), last(1)).unwrap();
         let other = vec!["train".to_string(), "--epochs".into(), "4".into()];

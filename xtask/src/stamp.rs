@@ -212,7 +212,7 @@ impl Stamp {
 
     /// `None` when up to date, else the reason the stage must run.
     pub fn stale_reason(&self, command: &[String], inputs: &[(String, String)]) -> Result<Option<String>> {
-        if self.command != command {
+        if !same_command(&self.command, command) {
             return Ok(Some(format!(
                 "its command line changed{}",
                 command_change(&self.command, command)
@@ -247,6 +247,31 @@ impl Stamp {
             .find(|(o, _)| o.label == label)
             .map(|(o, _)| o.path.as_path())
     }
+}
+
+/// Whether two stamped command lines ask for the same: the same commands (joined by `&&`),
+/// each with the same words before its first option (program, subcommand) and the same options
+/// with the same values in any order. (`--train-arg --no-augment` puts xtask's own
+/// `--no-augment` at the end of the command: the same run, which was trained again, or an
+/// interrupted one started over, with no change to name.)
+pub(crate) fn same_command(a: &[String], b: &[String]) -> bool {
+    fn parts(cmd: &[String]) -> Vec<(Vec<&String>, Vec<Vec<&String>>)> {
+        cmd.split(|w| w == "&&")
+            .map(|part| {
+                let lead: Vec<&String> = part.iter().take_while(|w| !w.starts_with("--")).collect();
+                let mut options: Vec<Vec<&String>> = Vec::new();
+                for w in &part[lead.len()..] {
+                    match options.last_mut() {
+                        Some(o) if !w.starts_with("--") => o.push(w),
+                        _ => options.push(vec![w]),
+                    }
+                }
+                options.sort();
+                (lead, options)
+            })
+            .collect()
+    }
+    parts(a) == parts(b)
 }
 
 /// What changed between two command lines, as ` (--epochs 1 → 2, --no-augment added)`: the
@@ -431,6 +456,37 @@ mod tests {
         std::fs::write(&legacy, old.to_string()).unwrap();
         let s = Stamp::find(&b, "train", &b.join("runs/r")).expect("the old name");
         assert_eq!(s.command, cmd(&b));
+    }
+
+    /// Options in another order are the same command; another value, another subcommand, an
+    /// option moved to the other command of a stage, or a value moved to another option are not.
+    #[test]
+    fn the_same_options_in_another_order_are_the_same_command() {
+        let w = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let a = w("train --cache C --no-augment --epochs 3 --out R");
+        assert!(same_command(&a, &w("train --cache C --epochs 3 --out R --no-augment")));
+        let s = Stamp {
+            command: a.clone(),
+            inputs: vec![],
+            outputs: vec![],
+            stdout: String::new(),
+        };
+        assert_eq!(
+            s.stale_reason(&w("train --out R --cache C --epochs 3 --no-augment"), &[])
+                .unwrap(),
+            None
+        );
+        for other in [
+            "train --cache C --no-augment --epochs 4 --out R",
+            "eval --cache C --no-augment --epochs 3 --out R",
+            "train --cache C --no-augment --epochs --out R 3",
+            "train --cache C --epochs 3 --out R",
+        ] {
+            assert!(!same_command(&a, &w(other)), "{other}");
+        }
+        let two = w("eval --split test --run R && eval --run R");
+        assert!(same_command(&two, &w("eval --run R --split test && eval --run R")));
+        assert!(!same_command(&two, &w("eval --run R && eval --split test --run R")));
     }
 
     #[test]
