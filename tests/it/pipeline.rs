@@ -218,6 +218,92 @@ fn roots_sharing_a_data_folder_keep_their_own_stages() {
     }
 }
 
+/// An image prep could not read (its permissions), which its cache left out, is read once it
+/// can be: the prep stage reruns, and gz prep rebuilds the cache with it (the stamp, by the
+/// dataset's names, sizes and modification times, which a chmod does not change, said up to
+/// date for ever). Root reads any file, so the unreadable run is written into the stamp and
+/// the cache's manifest rather than made with chmod.
+#[test]
+fn an_image_prep_could_not_read_is_read_once_it_can_be() {
+    let t = support::tempdir();
+    let data = t.path().join("kaggle");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["synth", "--train", "32", "--test", "8", "--seed", "4", "--out"])
+            .arg(&data),
+    );
+    assert!(ok, "{out}\n{err}");
+    let root = t.path().join("root");
+    let args = ["--data", data.to_str().unwrap()];
+    let (ok, out, err) = pipeline(&root, &args);
+    assert!(ok, "{out}\n{err}");
+    let image = std::fs::read_dir(data.join("images_training_rev1"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let name = image.file_name().unwrap().to_str().unwrap().to_string();
+    let reason = "cannot read: Permission denied (os error 13)";
+    // the prep stamp's stdout and the cache's manifest, as a run that could not read it left them
+    let stamps = root.join("data/stamps");
+    let prep = std::fs::read_dir(&stamps)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("prep-"))
+        .unwrap();
+    let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&prep).unwrap()).unwrap();
+    let cache = std::path::PathBuf::from(
+        st["outputs"][0]["path"]
+            .as_str()
+            .unwrap()
+            .replace("<root>", root.to_str().unwrap()),
+    );
+    st["stdout"] = format!(
+        "skipped: {}: {reason}\n{}",
+        image.display(),
+        st["stdout"].as_str().unwrap()
+    )
+    .into();
+    std::fs::write(&prep, st.to_string()).unwrap();
+    // (as many bytes and the same modification time: the cache's identity, the prep stamp's
+    // output, stays as it was)
+    let manifest = cache.join("manifest.json");
+    let was = std::fs::read(&manifest).unwrap();
+    let modified = std::fs::metadata(&manifest).unwrap().modified().unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&was).unwrap();
+    m["extra"]["skipped"] = serde_json::json!([{"path": format!("images_training_rev1/{name}"), "reason": reason}]);
+    let mut text = m.to_string();
+    assert!(text.len() <= was.len());
+    text.push_str(&" ".repeat(was.len() - text.len()));
+    std::fs::write(&manifest, text).unwrap();
+    std::fs::File::options()
+        .append(true)
+        .open(&manifest)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+
+    let (ok, out, err) = pipeline(&root, &args);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        err.contains(&format!(
+            "xtask: prep: running because {} could not be read when it ran, and can be read now",
+            image.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("rebuilding the cache") && !out.contains("skipped:"),
+        "{out}\n{err}"
+    );
+    // the training images are the same: no training
+    assert!(err.contains("xtask: train: up to date"), "{err}");
+    let (ok, out, err) = pipeline(&root, &args);
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains("xtask: prep: up to date"), "{err}");
+}
+
 /// A dataset with an unreadable training image and an unreadable test image: prep skips them
 /// (listed) and the pipeline goes on; the submission still has a row for every test image, the
 /// skipped one filled with the training mean and named.

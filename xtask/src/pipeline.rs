@@ -672,6 +672,22 @@ fn stage(
     before_run: impl FnOnce(&[String]) -> Result<BeforeRun>,
     outputs: impl FnOnce(&str) -> Result<Vec<Output>>,
 ) -> Result<Done> {
+    stage_unless(ctx, name, key, cmds, inputs, |_| None, before_run, outputs)
+}
+
+/// [`stage`], with one more reason to run a stage whose stamp is up to date: `stale(stamp)`
+/// (the prep stage's, when an input it could not read can be read now).
+#[allow(clippy::too_many_arguments)]
+fn stage_unless(
+    ctx: &mut Ctx,
+    name: &'static str,
+    key: &Path,
+    cmds: Vec<Vec<String>>,
+    inputs: Vec<(String, String)>,
+    stale: impl FnOnce(&Stamp) -> Option<String>,
+    before_run: impl FnOnce(&[String]) -> Result<BeforeRun>,
+    outputs: impl FnOnce(&str) -> Result<Vec<Output>>,
+) -> Result<Done> {
     // a stop asked for while the previous stage's gz ran, which then finished: this stage
     // does not start (nothing of it is touched)
     if let Some(signal) = gz::stop_requested() {
@@ -693,7 +709,7 @@ fn stage(
         // (a stamp that exists but does not read: an older xtask's, or damaged)
         None if sp.exists() => format!("its stamp {} could not be read", sp.display()),
         None => "no finished run of it is recorded (never run, or stopped before its end)".to_string(),
-        Some(s) => match s.stale_reason(&flat, &inputs)? {
+        Some(s) => match s.stale_reason(&flat, &inputs)?.or_else(|| stale(&s)) {
             None => {
                 // (one an earlier xtask kept elsewhere moves to where a moved root finds it)
                 let s = if sp.exists() {
@@ -962,18 +978,48 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
                 .is_some_and(|r| r.starts_with("its output") && r.ends_with("changed"))
         })
         && !ctx.prep_args.iter().any(|a| a == "--verify");
-    stage(
+    // an input gz prep could not read (its permissions, an I/O error), which it left out, can
+    // be read now: its size and modification time, all the dataset's identity sees, did not
+    // change, and the cache kept going without it for good (`gz prep` rebuilds such a cache)
+    let readable_again = {
+        let root = ctx.root.clone();
+        move |s: &Stamp| {
+            let p = unreadable_skips(&s.stdout, &root).into_iter().find(|p| readable(p))?;
+            Some(format!(
+                "{} could not be read when it ran, and can be read now",
+                p.display()
+            ))
+        }
+    };
+    stage_unless(
         ctx,
         "prep",
         &data,
         vec![cmd],
         inputs,
+        readable_again,
         move |_| Ok(BeforeRun::Run(if damaged { vec!["--verify".into()] } else { vec![] })),
         move |stdout| {
             let c = gz::result_line(stdout, "cache").context("`gz prep` did not print a `cache: <path>` line")?;
             Ok(vec![Output::new("cache", &absolute(PathBuf::from(c), &root), &[])])
         },
     )
+}
+
+/// The inputs `gz prep` left out as unreadable, from its `skipped: PATH: cannot read: …` lines
+/// (a relative PATH is in the root, where gz runs).
+fn unreadable_skips(stdout: &str, root: &Path) -> Vec<PathBuf> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("skipped: ")?.split_once(": cannot read:"))
+        .map(|(p, _)| absolute(PathBuf::from(p), root))
+        .collect()
+}
+
+/// Whether a byte of `p` can be read (opening alone passes a file whose reading fails).
+fn readable(p: &Path) -> bool {
+    use std::io::Read;
+    std::fs::File::open(p).and_then(|mut f| f.read(&mut [0u8; 1])).is_ok()
 }
 
 /// The `--max-train N` among the words passed to `gz train` (`--max-train=N` or `--max-train`,
