@@ -74,11 +74,19 @@ impl Args {
                 continue;
             };
             let takes_words = v.starts_with("--") && !v.contains('=');
-            out.push(v);
             if takes_words {
-                while let Some(w) = it.next_if(|w| !w.starts_with("--")) {
-                    out.push(w);
+                let words: Vec<String> = std::iter::from_fn(|| it.next_if(|w| !w.starts_with("--"))).collect();
+                match words.as_slice() {
+                    // a negative number, `--lr -1e-3`, is one word for gz with `=` (alone, gz
+                    // reads `-1e-3` as short options)
+                    [w] if w.starts_with('-') => out.push(format!("{v}={w}")),
+                    _ => {
+                        out.push(v);
+                        out.extend(words);
+                    }
                 }
+            } else {
+                out.push(v);
             }
         }
         self.items = rest;
@@ -218,8 +226,7 @@ mod tests {
                 "--val-fraction",
                 "0.3",
                 "--no-augment",
-                "--lr",
-                "-1e-3"
+                "--lr=-1e-3"
             ]
         );
         assert_eq!(x.passthrough("--prep-arg").unwrap(), vec!["--crop", "200"]);

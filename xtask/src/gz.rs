@@ -173,14 +173,23 @@ fn run_child(
     cwd: &Path,
     partial: Option<Partial>,
 ) -> Result<std::result::Result<Finished, Failure>> {
-    let mut child = Command::new(gz)
-        .args(args)
+    let mut cmd = Command::new(gz);
+    cmd.args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", gz.display()))?;
+        .stderr(Stdio::piped());
+    // (a program still busy, ETXTBSY: see `output_retrying`)
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.with_context(|| format!("starting {}", gz.display()))?,
+        }
+    };
     let pid = i32::try_from(child.id()).unwrap_or(0);
     CHILD.store(pid, Ordering::SeqCst);
     // a signal between catching and here found no child to pass on to
@@ -266,6 +275,22 @@ pub fn result_line(stdout: &str, key: &str) -> Option<String> {
         .rev()
         .find_map(|l| l.trim().strip_prefix(&prefix).map(|v| v.trim().to_string()))
         .filter(|v| !v.is_empty())
+}
+
+/// `cmd.output()`, tried again for a while when the program is "busy" (ETXTBSY): a file just
+/// written may still be open for writing in a child that another thread forked meanwhile (the
+/// tests' stand-in programs; a `gz` being linked), and exec refuses it until that child execs.
+pub fn output_retrying(cmd: &mut std::process::Command) -> std::io::Result<std::process::Output> {
+    let mut tries = 0;
+    loop {
+        match cmd.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Arguments joined as a shell would read them back, for commands to be pasted: a word

@@ -366,6 +366,25 @@ impl Ctx {
                 bail!("{flag} must be at least 1");
             }
         }
+        // the options each stage sets itself: gz would refuse one given twice, after synth
+        for (flag, given, own) in [
+            ("--prep-arg", &self.prep_args, &["--data", "--cache", "--size"][..]),
+            ("--train-arg", &self.train_args, &["--cache", "--out"][..]),
+        ] {
+            if let Some(w) = given
+                .iter()
+                .find(|w| own.iter().any(|o| *w == o || w.starts_with(&format!("{o}="))))
+            {
+                let o = w.split('=').next().unwrap_or(w);
+                bail!(
+                    "{flag} {o}: the stage sets {o} itself{}",
+                    if o == "--size" { " (pass --size N to xtask)" } else { "" }
+                );
+            }
+        }
+        if let Some(c) = self.prep_crop().filter(|c| *c == 0 || *c > 424) {
+            bail!("--prep-arg --crop {c}: the centre crop is 1 to 424 pixels of the 424×424 image");
+        }
         // (gz prep's own rule, `PrepConfig::validate`: found only after synth, before)
         if let Some(size) = self.size {
             let crop = self.prep_crop().unwrap_or(PREP_CROP);
@@ -863,11 +882,12 @@ fn synth_inputs(ctx: &mut Ctx) -> Result<Vec<(String, String)>> {
 /// as version 1.)
 fn generator_version(gz: &Path) -> Result<String> {
     let shown = format!("{} synth --generator-version", gz.display());
-    let out = std::process::Command::new(gz)
-        .args(["synth", "--generator-version"])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("running {shown}"))?;
+    let out = gz::output_retrying(
+        std::process::Command::new(gz)
+            .args(["synth", "--generator-version"])
+            .stdin(std::process::Stdio::null()),
+    )
+    .with_context(|| format!("running {shown}"))?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // a gz built without the stage says so, as it would running the stage (gz::run)
@@ -2420,7 +2440,7 @@ mod tests {
         let not_a_cache = t.path().join("not-a-cache");
         std::fs::create_dir_all(&not_a_cache).unwrap();
         let not_a_cache = not_a_cache.display().to_string();
-        let cases: [(&[&str], &str); 16] = [
+        let cases: [(&[&str], &str); 20] = [
             (&["--model", "nosuch"], "--model nosuch: expected one of"),
             (&["--device", "tpu"], "--device tpu: expected cpu, cuda, cuda:N or auto"),
             (&["--precision", "bf16"], "--precision bf16 needs a CUDA device"),
@@ -2445,6 +2465,22 @@ mod tests {
                 "(299 pixels",
             ),
             (&["--tta", "3"], "--tta 3: expected a preset"),
+            (
+                &["--prep-arg", "--size", "--prep-arg", "48"],
+                "--prep-arg --size: the stage sets --size itself (pass --size N",
+            ),
+            (
+                &["--prep-arg=--cache=/c"],
+                "--prep-arg --cache: the stage sets --cache itself",
+            ),
+            (
+                &["--train-arg", "--out", "--train-arg", "r"],
+                "--train-arg --out: the stage sets --out itself",
+            ),
+            (
+                &["--prep-arg", "--crop", "--prep-arg", "0"],
+                "--prep-arg --crop 0: the centre crop is 1 to 424",
+            ),
             (&["--cache", "/no/such/cache"], "--cache /no/such/cache: no such folder"),
             (&["--name", &long], "is 300 bytes, at most 200"),
         ];

@@ -72,15 +72,24 @@ fn tree_violation(row: &[f32]) -> Option<String> {
         .map(|v| v.to_string())
 }
 
-/// Of two files of one galaxy, `kept` (read so far) and `name`: `kept` is left holding the
-/// one read, and the other is returned, with whether they swapped. The file named by the
-/// GalaxyID (`<id>.jpg`, Kaggle's name) wins over `00411596.jpg` or `100008.JPG`, whichever the
-/// listing (byte order) gave first; otherwise the first. A swap goes into the dataset key
-/// (`hasher`): a cache an earlier gz wrote with the other file read is not taken for this one.
-fn one_per_galaxy(id: u64, kept: &mut String, name: String, hasher: &mut sha2::Sha256) -> String {
+/// Of two files of one galaxy in `dir`, `kept` (read so far) and `name`: `kept` is left
+/// holding the one read, and the other is returned. A file that can be read wins over one that
+/// cannot (its permissions: the galaxy was lost while a copy could be read), then the file
+/// named by the GalaxyID (`<id>.jpg`, Kaggle's name) over `00411596.jpg` or `100008.JPG`,
+/// whichever the listing (byte order) gave first; otherwise the first. A swap goes into the
+/// dataset key (`hasher`): a cache an earlier gz wrote with the other file read is not taken
+/// for this one.
+fn one_per_galaxy(id: u64, kept: &mut String, name: String, dir: &Path, hasher: &mut sha2::Sha256) -> String {
     use sha2::Digest;
-    if name == format!("{id}.jpg") {
-        hasher.update(format!("canonical {id}\n").as_bytes());
+    let rank = |n: &str| {
+        use std::io::Read;
+        let readable = std::fs::File::open(dir.join(n))
+            .and_then(|mut f| f.read(&mut [0u8; 1]))
+            .is_ok();
+        (readable, n == format!("{id}.jpg"))
+    };
+    if rank(&name) > rank(kept) {
+        hasher.update(format!("read {id} {name}\n").as_bytes());
         std::mem::replace(kept, name)
     } else {
         name
@@ -196,7 +205,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
             match parsed {
                 Some(id) => match present.get_mut(&id) {
                     Some(kept) => {
-                        let other = one_per_galaxy(id, kept, name, &mut hasher);
+                        let other = one_per_galaxy(id, kept, name, &train_dir, &mut hasher);
                         again.push((skipped.len(), id));
                         skipped.push(Skipped {
                             path: train_dir.join(&other),
@@ -258,7 +267,7 @@ pub fn scan(dir: &Path) -> Result<Scan, PrepError> {
             match parsed {
                 Some(id) if seen.contains_key(&id) => {
                     let (kept, at) = seen.get_mut(&id).expect("just checked");
-                    let other = one_per_galaxy(id, kept, name, &mut hasher);
+                    let other = one_per_galaxy(id, kept, name, &test_dir, &mut hasher);
                     items[*at].path = test_dir.join(&*kept);
                     again.push((skipped.len(), id));
                     skipped.push(Skipped {

@@ -1126,6 +1126,37 @@ fn image_files_are_read_under_their_own_names() {
     assert_eq!(split.image(row), own.as_slice());
 }
 
+/// Of two files of one galaxy, one that can be read wins over the canonical name that cannot
+/// (the galaxy was skipped as unreadable while its copy could be read). Permissions bind only
+/// a user other than root: as root the file reads, and the test says so and stops.
+#[test]
+fn a_readable_copy_of_a_galaxy_wins_over_an_unreadable_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let data = copy_mini(t.path());
+    let sol = gz_schema::read_solutions(&data.join(dataset::SOLUTIONS_CSV)).unwrap();
+    let id = sol.ids[0];
+    let train = data.join(dataset::TRAIN_DIR);
+    std::fs::copy(train.join(format!("{id}.jpg")), train.join(format!("0{id}.jpg"))).unwrap();
+    let canonical = train.join(format!("{id}.jpg"));
+    std::fs::set_permissions(&canonical, std::fs::Permissions::from_mode(0o000)).unwrap();
+    if std::fs::read(&canonical).is_ok() {
+        eprintln!("(root reads any file: the unreadable case is not made here)");
+        return;
+    }
+    let mut opts = RunOptions::new(&data, &t.path().join("cache"));
+    opts.threads = Some(1);
+    let s = run_with(&opts, &PrepConfig::default(), &|_| {}).unwrap();
+    std::fs::set_permissions(&canonical, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!((s.train, s.test), (3, 3), "{:?}", s.skipped);
+    assert_eq!(s.skipped.len(), 1, "{:?}", s.skipped);
+    assert_eq!(s.skipped[0].path, canonical);
+    assert_eq!(
+        s.skipped[0].reason,
+        format!("GalaxyID {id} again (read from 0{id}.jpg)")
+    );
+}
+
 /// Linked images are read through their links (a dangling link is skipped with its reason); a
 /// layout folder that is a file is an error, not an empty split.
 #[test]
