@@ -1036,10 +1036,10 @@ fn unreadable_skips(stdout: &str, root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Whether a byte of `p` can be read (opening alone passes a file whose reading fails).
+/// Whether `p` can be read, all of it, as gz prep reads it (a file whose reading failed partway
+/// would otherwise rerun prep, a rebuild of the cache, at every call).
 fn readable(p: &Path) -> bool {
-    use std::io::Read;
-    std::fs::File::open(p).and_then(|mut f| f.read(&mut [0u8; 1])).is_ok()
+    std::fs::read(p).is_ok()
 }
 
 /// The `--max-train N` among the words passed to `gz train` (`--max-train=N` or `--max-train`,
@@ -1223,13 +1223,14 @@ fn migrate_train_stamp_as(
     let old_inputs = vec![("cache".to_string(), fingerprint::identity(cache)?)];
     let flat = stamped_command("train", vec![cmd.to_vec()]);
     let sp = stamp_path(&ctx.root, "train", run);
+    // (where it lies: it goes once carried over, or found stale, else every call did this again)
     let stamp = [
         stamp_path(&ctx.root, "train", old_run),
         crate::stamp::legacy_stamp_path(&ctx.root, "train", old_run),
     ]
-    .iter()
-    .filter_map(|p| Stamp::load(p))
-    .find(|s| s.command.as_slice() == old_cmd);
+    .into_iter()
+    .filter_map(|p| Some((Stamp::load(&p)?, p)))
+    .find(|(s, _)| s.command.as_slice() == old_cmd);
     let note_path = run.join(TRAIN_NOTE);
     let old_note = serde_json::json!({ "command": old_cmd, "inputs": old_inputs });
     let note_is_old = std::fs::read(&note_path)
@@ -1244,8 +1245,9 @@ fn migrate_train_stamp_as(
         let note = serde_json::json!({ "command": crate::stamp::marked(&flat, &ctx.root), "inputs": inputs });
         crate::stamp::write_atomic(&note_path, format!("{note:#}\n").as_bytes())?;
     }
-    if let Some(s) = stamp {
-        if s.stale_reason(old_cmd, &old_inputs)?.is_none() {
+    if let Some((s, from)) = stamp {
+        let current = s.stale_reason(old_cmd, &old_inputs)?.is_none();
+        if current {
             // (the run as spelled now)
             let outs: Vec<Output> = s
                 .outputs
@@ -1260,6 +1262,10 @@ fn migrate_train_stamp_as(
                 })
                 .collect();
             Stamp::save(&sp, "train", &flat, inputs, &outs, &s.stdout)?;
+        }
+        if from != sp {
+            std::fs::remove_file(&from)
+                .with_context(|| format!("removing the carried-over stamp {}", from.display()))?;
         }
     }
     Ok(())
@@ -1431,7 +1437,7 @@ fn note_change(old: &serde_json::Value, flat: &[String]) -> String {
         .get("command")
         .and_then(|c| c.as_array()?.iter().map(|w| w.as_str().map(String::from)).collect());
     match old_cmd {
-        Some(c) if c != flat => crate::stamp::command_change(&c, flat),
+        Some(c) if !crate::stamp::same_command(&c, flat) => crate::stamp::command_change(&c, flat),
         Some(_) => " (its inputs changed)".to_string(),
         None => String::new(),
     }
@@ -2724,6 +2730,8 @@ mod tests {
         let s = Stamp::load(&sp).unwrap();
         assert_eq!(s.stale_reason(&flat, &inputs).unwrap(), None);
         assert_eq!(s.stdout, "scores");
+        // the old one is gone (else every call carried it over again, under the root's lock)
+        assert!(!crate::stamp::legacy_stamp_path(&ctx.root, "train", &run).exists());
         let note: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join(TRAIN_NOTE)).unwrap()).unwrap();
         let marked = crate::stamp::marked(&flat, &ctx.root);
         assert!(marked.contains(&"<root>/runs/synth-tiny".to_string()), "{marked:?}");

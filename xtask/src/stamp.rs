@@ -9,7 +9,7 @@
 //!
 //! Paths in the root are written `<root>/…` in the file (commands, outputs, stdout) and read
 //! back under the root the stamp lies in, and the file is named by the key's path relative to
-//! the root and by the root folder's device and inode: a root moved with `mv` keeps its stamps,
+//! the root and by the root folder's inode: a root moved with `mv` keeps its stamps,
 //! and two roots sharing `data/` (a link) keep theirs apart.
 
 use crate::fingerprint;
@@ -66,7 +66,7 @@ pub fn stamp_path(root: &Path, stage: &str, key: &Path) -> PathBuf {
     stamp_file(root, stage, &name)
 }
 
-/// Which folder the root is, whatever its path: its device and inode, which `mv` within a file
+/// Which folder the root is, whatever its path: its inode, which `mv` within a file
 /// system keeps. Two roots whose `data/` links to one folder (a larger disk) share
 /// `data/stamps`; named by the path in the root alone, their stamps were one file, and each
 /// root trained again after the other ran.
@@ -74,8 +74,10 @@ fn root_id(root: &Path) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
+        // (the inode alone: a device number can change with a reboot or a remount, NFS or
+        // btrfs subvolumes, and every stage would then run again)
         let m = std::fs::metadata(root).ok()?;
-        Some(format!("#{}:{}", m.dev(), m.ino()))
+        Some(format!("#{}", m.ino()))
     }
     #[cfg(not(unix))]
     {
@@ -104,14 +106,28 @@ fn root_of(path: &Path) -> Option<&Path> {
     path.parent()?.parent()?.parent()
 }
 
-/// `text` with a path under `root` (the whole word, or a prefix up to a `/`) written with
-/// [`ROOT_MARK`].
+/// `text` with the paths under `root` written with [`ROOT_MARK`]: the whole text when it is
+/// the root, else each `root/` that starts the text or follows a space, a line break, `=`,
+/// `:`, `(` or a quote (with root `/r`, `/mnt/r/kaggle` is not under it).
 fn to_mark(text: &str, root: &str) -> String {
     if text == root {
-        ROOT_MARK.to_string()
-    } else {
-        text.replace(&format!("{root}/"), &format!("{ROOT_MARK}/"))
+        return ROOT_MARK.to_string();
     }
+    let prefix = format!("{root}/");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(&prefix) {
+        let starts_a_path = match out.chars().last().into_iter().chain(rest[..i].chars().last()).last() {
+            None => true,
+            Some(c) => c.is_whitespace() || "=:(\'\"".contains(c),
+        };
+        out.push_str(&rest[..i]);
+        out.push_str(if starts_a_path { ROOT_MARK } else { root });
+        out.push('/');
+        rest = &rest[i + prefix.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Command words with the paths under `root` written with [`ROOT_MARK`], as stamps hold them
@@ -255,6 +271,17 @@ impl Stamp {
 /// `--no-augment` at the end of the command: the same run, which was trained again, or an
 /// interrupted one started over, with no change to name.)
 pub(crate) fn same_command(a: &[String], b: &[String]) -> bool {
+    // (a flag and its `--no-` form override each other, the last one winning: their order
+    // matters, so a command holding both is compared as written)
+    let overrides = |c: &[String]| {
+        c.iter().any(|w| {
+            w.strip_prefix("--no-")
+                .is_some_and(|f| c.iter().any(|x| x.strip_prefix("--") == Some(f)))
+        })
+    };
+    if overrides(a) || overrides(b) {
+        return a == b;
+    }
     fn parts(cmd: &[String]) -> Vec<(Vec<&String>, Vec<Vec<&String>>)> {
         cmd.split(|w| w == "&&")
             .map(|part| {
@@ -484,9 +511,39 @@ mod tests {
         ] {
             assert!(!same_command(&a, &w(other)), "{other}");
         }
+        // a flag and its `--no-` form: the last one wins, so their order matters
+        let both = w("train --augment --no-augment --out R");
+        assert!(!same_command(&both, &w("train --no-augment --augment --out R")));
+        assert!(same_command(&both, &both));
         let two = w("eval --split test --run R && eval --run R");
         assert!(same_command(&two, &w("eval --run R --split test && eval --run R")));
         assert!(!same_command(&two, &w("eval --run R && eval --split test --run R")));
+    }
+
+    /// Only a path that starts at the root is marked: `/mnt/r/kaggle` is not under root `/r`,
+    /// and `/r2/x` is not either; `--out=/r/x`, `(/r/x)` and `'/r/x'` are.
+    #[test]
+    fn only_paths_under_the_root_are_marked() {
+        for (text, marked) in [
+            ("/r", "<root>"),
+            ("/r/runs/x", "<root>/runs/x"),
+            ("/mnt/r/kaggle", "/mnt/r/kaggle"),
+            ("/r2/x", "/r2/x"),
+            ("--out=/r/x", "--out=<root>/x"),
+            (
+                "cache: /r/c\nskipped: /r/d/a.jpg: cannot read",
+                "cache: <root>/c\nskipped: <root>/d/a.jpg: cannot read",
+            ),
+            ("('/r/x') /mnt/r/y /r/z", "('<root>/x') /mnt/r/y <root>/z"),
+        ] {
+            assert_eq!(to_mark(text, "/r"), marked, "{text}");
+            assert_eq!(from_mark(marked, "/r"), text, "{text}");
+        }
+        // moved: what was under the root follows it, nothing else
+        assert_eq!(
+            from_mark(&to_mark("--data /mnt/r/k --out /r/x", "/r"), "/b"),
+            "--data /mnt/r/k --out /b/x"
+        );
     }
 
     #[test]

@@ -81,19 +81,31 @@ fn tree_violation(row: &[f32]) -> Option<String> {
 /// for this one.
 fn one_per_galaxy(id: u64, kept: &mut String, name: String, dir: &Path, hasher: &mut sha2::Sha256) -> String {
     use sha2::Digest;
-    let rank = |n: &str| {
-        use std::io::Read;
-        let readable = std::fs::File::open(dir.join(n))
-            .and_then(|mut f| f.read(&mut [0u8; 1]))
-            .is_ok();
-        (readable, n == format!("{id}.jpg"))
-    };
+    let rank = |n: &str| (readable(&dir.join(n)), n == format!("{id}.jpg"));
     if rank(&name) > rank(kept) {
         hasher.update(format!("read {id} {name}\n").as_bytes());
         std::mem::replace(kept, name)
     } else {
         name
     }
+}
+
+/// Whether a byte of `p` can be read (opening alone passes a file whose reading fails).
+fn readable(p: &Path) -> bool {
+    #[cfg(test)]
+    if UNREADABLE_IN_TESTS.with(|u| u.borrow().iter().any(|q| q == p)) {
+        return false;
+    }
+    use std::io::Read;
+    std::fs::File::open(p).and_then(|mut f| f.read(&mut [0u8; 1])).is_ok()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Files [`readable`] says cannot be read, on this thread: root reads any file, so the
+    /// tests cannot make one unreadable with its permissions.
+    pub(crate) static UNREADABLE_IN_TESTS: std::cell::RefCell<Vec<std::path::PathBuf>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The reasons of the skipped second files of a galaxy (`again`: their index in `skipped` and

@@ -146,11 +146,9 @@ pub fn run_with(
                 reason: s.reason,
             })
             .collect();
-        // (a byte read: open alone would pass a file whose reading fails)
-        let readable = |p: &Path| {
-            use std::io::Read;
-            std::fs::File::open(p).and_then(|mut f| f.read(&mut [0u8; 1])).is_ok()
-        };
+        // (all of it, as the run reads it: a file whose reading failed partway would otherwise
+        // rebuild the cache at every call)
+        let readable = |p: &Path| std::fs::read(p).is_ok();
         // an input left out because it could not be read (permissions, an I/O error) may be
         // readable now, and the dataset key does not see that
         if let Some(s) = skipped
