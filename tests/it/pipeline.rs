@@ -49,6 +49,19 @@ fn pipeline_with(gz: &Path, root: &Path, extra: &[&str]) -> (bool, String, Strin
     support::run(&mut cmd)
 }
 
+/// A small synthetic set of seed `seed` in Kaggle layout at `dir/kaggle` (a dataset of one's
+/// own, for `--data`).
+fn a_dataset(dir: &Path, seed: &str) -> PathBuf {
+    let data = dir.join("kaggle");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["synth", "--train", "32", "--test", "8", "--seed", seed, "--out"])
+            .arg(&data),
+    );
+    assert!(ok, "{out}\n{err}");
+    data
+}
+
 fn last_line_value(stdout: &str, key: &str) -> Option<PathBuf> {
     stdout
         .lines()
@@ -199,13 +212,7 @@ fn roots_sharing_a_data_folder_keep_their_own_stages() {
         std::os::unix::fs::symlink(&shared, r.join("data")).unwrap();
     }
     // (a dataset of one's own: a synthetic set in the shared folder would be one set too)
-    let data = t.path().join("kaggle");
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["synth", "--train", "32", "--test", "8", "--seed", "3", "--out"])
-            .arg(&data),
-    );
-    assert!(ok, "{out}\n{err}");
+    let data = a_dataset(t.path(), "3");
     let data = data.display().to_string();
     for r in [&a, &b] {
         let (ok, out, err) = pipeline(r, &["--data", &data]);
@@ -226,13 +233,7 @@ fn roots_sharing_a_data_folder_keep_their_own_stages() {
 #[test]
 fn an_image_prep_could_not_read_is_read_once_it_can_be() {
     let t = support::tempdir();
-    let data = t.path().join("kaggle");
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["synth", "--train", "32", "--test", "8", "--seed", "4", "--out"])
-            .arg(&data),
-    );
-    assert!(ok, "{out}\n{err}");
+    let data = a_dataset(t.path(), "4");
     let root = t.path().join("root");
     let args = ["--data", data.to_str().unwrap()];
     let (ok, out, err) = pipeline(&root, &args);
@@ -310,13 +311,7 @@ fn an_image_prep_could_not_read_is_read_once_it_can_be() {
 #[test]
 fn pipeline_goes_on_past_unreadable_images() {
     let t = support::tempdir();
-    let data = t.path().join("kaggle");
-    let (ok, out, err) = support::run(
-        support::gz()
-            .args(["synth", "--train", "32", "--test", "8", "--seed", "5", "--out"])
-            .arg(&data),
-    );
-    assert!(ok, "{out}\n{err}");
+    let data = a_dataset(t.path(), "5");
     let first = |sub: &str| {
         let mut v: Vec<PathBuf> = std::fs::read_dir(data.join(sub))
             .unwrap()
