@@ -508,7 +508,7 @@ impl Ctx {
         if self.real_data.is_none() {
             // our synthetic set: the synth stage of these options must have finished (else prep
             // and the stages after it ran on a missing set, or silently on that of other options)
-            match Stamp::find(&self.root, "synth", &d) {
+            match self.stamp("synth", &d) {
                 None if !d.join("synth.json").is_file() => {
                     bail!(
                         "no synthetic dataset in {} yet{}: run `{}` first (or the pipeline; for real data, \
@@ -555,7 +555,7 @@ impl Ctx {
             check_cache_dataset(self)?;
             return Ok(c.clone());
         }
-        let stamp = Stamp::find(&self.root, "prep", &self.data_dir());
+        let stamp = self.stamp("prep", &self.data_dir());
         let cache = stamp
             .as_ref()
             .and_then(|s| s.output("cache").map(Path::to_path_buf))
@@ -580,6 +580,11 @@ impl Ctx {
         let mut words = vec!["cargo".to_string(), "xtask".into(), stage.into()];
         words.extend(self.given.iter().cloned());
         gz::shell_words(&words)
+    }
+
+    /// The stamp of `stage` for `key` ([`Stamp::find_spelled`] under the root as typed too).
+    fn stamp(&self, stage: &str, key: &Path) -> Option<Stamp> {
+        Stamp::find_spelled(&self.root, &self.root_typed, stage, key).map(|(s, _)| s)
     }
 
     fn need_run(&self) -> Result<PathBuf> {
@@ -612,7 +617,7 @@ impl Ctx {
         }
         // a run xtask started (its note is there) is finished when its stage was stamped; until
         // then its best checkpoint is that of an interrupted run
-        let stamp = Stamp::find(&self.root, "train", &r);
+        let stamp = self.stamp("train", &r);
         if r.join(TRAIN_NOTE).exists() && stamp.is_none() {
             // a pipeline running stages in this root (training this run, say) is named as
             // such, not taken for an interrupted one
@@ -635,7 +640,7 @@ impl Ctx {
         // (a stamp an earlier xtask wrote, current by its rules: an eval right after an
         // upgrade said the train stage was not up to date)
         migrate_train_stamp(self, cache, &r, &cmd, &inputs)?;
-        if let Some(stamp) = Stamp::find(&self.root, "train", &r) {
+        if let Some(stamp) = self.stamp("train", &r) {
             upstream_current("train", &stamp, &stamped_command("train", vec![cmd]), &inputs)?;
         }
         Ok(r)
@@ -723,7 +728,10 @@ fn stage_unless(
     // (an xtask from before 2026-12-01 kept it elsewhere)
     let legacy = crate::stamp::legacy_stamp_path(&ctx.root, name, key);
     let flat = stamped_command(name, cmds.clone());
-    let reason = match Stamp::find(&ctx.root, name, key) {
+    let found = Stamp::find_spelled(&ctx.root, &ctx.root_typed, name, key);
+    // (where an earlier xtask kept it, when not at `sp`: it goes once moved or stale)
+    let elsewhere = found.as_ref().map(|(_, p)| p.clone()).filter(|p| *p != sp);
+    let reason = match found.map(|(s, _)| s) {
         _ if ctx.force => "--force".to_string(),
         // (a stamp that exists but does not read: an older xtask's, or damaged)
         None if sp.exists() => format!("its stamp {} could not be read", sp.display()),
@@ -731,13 +739,14 @@ fn stage_unless(
         Some(s) => match s.stale_reason(&flat, &inputs)?.or_else(|| stale(&s)) {
             None => {
                 // (one an earlier xtask kept elsewhere moves to where a moved root finds it)
-                let s = if sp.exists() {
-                    s
-                } else {
-                    let outs: Vec<Output> = s.outputs.iter().map(|(o, _)| o.clone()).collect();
-                    let moved = Stamp::save(&sp, name, &s.command, &s.inputs, &outs, &s.stdout)?;
-                    let _ = std::fs::remove_file(&legacy);
-                    moved
+                let s = match &elsewhere {
+                    None => s,
+                    Some(old) => {
+                        let outs: Vec<Output> = s.outputs.iter().map(|(o, _)| o.clone()).collect();
+                        let moved = Stamp::save(&sp, name, &s.command, &s.inputs, &outs, &s.stdout)?;
+                        let _ = std::fs::remove_file(old);
+                        moved
+                    }
                 };
                 eprintln!("xtask: {name}: up to date (stamp {})", sp.display());
                 return Ok(Done {
@@ -761,7 +770,7 @@ fn stage_unless(
         BeforeRun::Done => (vec![], vec![]),
     };
     // the old stamp no longer describes what is on disk once the stage starts over
-    for p in [&sp, &legacy] {
+    for p in [Some(&sp), Some(&legacy), elsewhere.as_ref()].into_iter().flatten() {
         match std::fs::remove_file(p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -991,7 +1000,7 @@ fn run_prep(ctx: &mut Ctx) -> Result<Done> {
     // would take the cache for good on a hit, so it checks every checksum this time and rebuilds
     // a damaged one (without, every later stage failed on it, run after run)
     let damaged = !ctx.force
-        && Stamp::find(&ctx.root, "prep", &data).is_some_and(|s| {
+        && ctx.stamp("prep", &data).is_some_and(|s| {
             s.stale_reason(&cmd, &inputs)
                 .ok()
                 .flatten()

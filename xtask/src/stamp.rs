@@ -148,8 +148,37 @@ fn from_mark(text: &str, root: &str) -> String {
 
 impl Stamp {
     /// The stamp of `stage` for `key`: at [`stamp_path`], else at [`legacy_stamp_path`].
+    #[cfg(test)]
     pub fn find(root: &Path, stage: &str, key: &Path) -> Option<Stamp> {
-        Self::load(&stamp_path(root, stage, key)).or_else(|| Self::load(&legacy_stamp_path(root, stage, key)))
+        Self::find_spelled(root, root, stage, key).map(|(s, _)| s)
+    }
+
+    /// [`Self::find`], and where it lay; `typed` is the root as the command line spelled it
+    /// (through a link, say), which an xtask from before 2026-12-01 did not resolve: its stamps
+    /// are named by, and name, paths under that spelling, read here as under `root`.
+    pub fn find_spelled(root: &Path, typed: &Path, stage: &str, key: &Path) -> Option<(Stamp, PathBuf)> {
+        let mut candidates = vec![
+            (stamp_path(root, stage, key), false),
+            (legacy_stamp_path(root, stage, key), false),
+        ];
+        if typed != root {
+            if let Ok(rel) = key.strip_prefix(root) {
+                candidates.push((legacy_stamp_path(root, stage, &typed.join(rel)), true));
+            }
+        }
+        candidates.into_iter().find_map(|(p, respell)| {
+            let mut s = Self::load(&p)?;
+            if respell {
+                let (from, to) = (typed.to_string_lossy(), root.to_string_lossy());
+                let conv = |x: &str| from_mark(&to_mark(x, &from), &to);
+                s.command = s.command.iter().map(|w| conv(w)).collect();
+                for (o, _) in &mut s.outputs {
+                    o.path = PathBuf::from(conv(&o.path.to_string_lossy()));
+                }
+                s.stdout = conv(&s.stdout);
+            }
+            Some((s, p))
+        })
     }
 
     /// Reads a stamp, its paths in the root read under the root it lies in now; a missing or
@@ -483,6 +512,28 @@ mod tests {
         std::fs::write(&legacy, old.to_string()).unwrap();
         let s = Stamp::find(&b, "train", &b.join("runs/r")).expect("the old name");
         assert_eq!(s.command, cmd(&b));
+
+        // an earlier xtask's under a root typed through a link (it did not resolve it): named
+        // by, and naming, the linked paths; read as under the real root
+        #[cfg(unix)]
+        {
+            std::fs::remove_file(&legacy).unwrap();
+            let link = t.path().join("link");
+            std::os::unix::fs::symlink(&b, &link).unwrap();
+            let old = serde_json::json!({
+                "stage": "train", "command": cmd(&link), "inputs": [],
+                "outputs": [{"label": "run", "path": link.join("runs/r"), "members": [], "identity": "x"}],
+                "stdout": stdout(&link),
+            });
+            let typed_legacy = legacy_stamp_path(&b, "train", &link.join("runs/r"));
+            std::fs::write(&typed_legacy, old.to_string()).unwrap();
+            assert!(Stamp::find(&b, "train", &b.join("runs/r")).is_none());
+            let (s, at) = Stamp::find_spelled(&b, &link, "train", &b.join("runs/r")).expect("the linked name");
+            assert_eq!(at, typed_legacy);
+            assert_eq!(s.command, cmd(&b));
+            assert_eq!(s.output("run"), Some(b.join("runs/r").as_path()));
+            assert_eq!(s.stdout, stdout(&b));
+        }
     }
 
     /// Options in another order are the same command; another value, another subcommand, an
