@@ -62,6 +62,13 @@ fn a_dataset(dir: &Path, seed: &str) -> PathBuf {
     data
 }
 
+/// Each of `stages` said it was up to date in xtask's stderr `err` (none of them ran again).
+fn assert_up_to_date(err: &str, stages: &[&str]) {
+    for s in stages {
+        assert!(err.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err}");
+    }
+}
+
 fn last_line_value(stdout: &str, key: &str) -> Option<PathBuf> {
     stdout
         .lines()
@@ -97,9 +104,7 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     // Second run: every stage is up to date, the same paths come out.
     let (ok2, out2, err2) = pipeline(t.path(), &[]);
     assert!(ok2, "{out2}\n{err2}");
-    for s in ["synth", "prep", "train", "eval", "submit"] {
-        assert!(err2.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err2}");
-    }
+    assert_up_to_date(&err2, &["synth", "prep", "train", "eval", "submit"]);
     assert_eq!(last_line_value(&out2, "submission"), Some(sub.clone()));
 
     // The same root through a link (or `..`): the same stamps, every stage up to date (each
@@ -108,12 +113,7 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
     std::os::unix::fs::symlink(t.path(), &link).unwrap();
     let (ok_l, out_l, err_l) = pipeline(&link, &[]);
     assert!(ok_l, "{out_l}\n{err_l}");
-    for s in ["synth", "prep", "train", "eval", "submit"] {
-        assert!(
-            err_l.contains(&format!("xtask: {s}: up to date")),
-            "{s} re-ran:\n{err_l}"
-        );
-    }
+    assert_up_to_date(&err_l, &["synth", "prep", "train", "eval", "submit"]);
 
     // A changed training setting reruns train and what follows, not synth or prep.
     let (ok3, _out3, err3) = pipeline(t.path(), &["--batch", "8"]);
@@ -138,9 +138,7 @@ fn pipeline_end_to_end_on_a_tiny_synthetic_set() {
         err4.contains("xtask: prep: running because its inputs changed"),
         "{err4}"
     );
-    for s in ["synth", "train", "eval", "submit"] {
-        assert!(err4.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err4}");
-    }
+    assert_up_to_date(&err4, &["synth", "train", "eval", "submit"]);
 
     // A test image touched (or added, or replaced) gives the cache another folder: prep reruns,
     // and what reads the test images, but not train (it retrained from scratch: hours at
@@ -189,9 +187,7 @@ fn a_moved_root_keeps_its_stages() {
     std::fs::rename(&a, &b).unwrap();
     let (ok, out, err) = pipeline(&b, &[]);
     assert!(ok, "{out}\n{err}");
-    for s in ["synth", "prep", "train", "eval", "submit"] {
-        assert!(err.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err}");
-    }
+    assert_up_to_date(&err, &["synth", "prep", "train", "eval", "submit"]);
     // what it prints is where things are now
     let sub = last_line_value(&out, "submission").expect("submission line");
     assert!(sub.starts_with(&b) && sub.exists(), "{}", sub.display());
@@ -220,9 +216,7 @@ fn roots_sharing_a_data_folder_keep_their_own_stages() {
     }
     let (ok, out, err) = pipeline(&a, &["--data", &data]);
     assert!(ok, "{out}\n{err}");
-    for s in ["prep", "train", "eval", "submit"] {
-        assert!(err.contains(&format!("xtask: {s}: up to date")), "{s} re-ran:\n{err}");
-    }
+    assert_up_to_date(&err, &["prep", "train", "eval", "submit"]);
 }
 
 /// An image prep could not read (its permissions), which its cache left out, is read once it
