@@ -187,7 +187,8 @@ impl Header {
                 "header checksum mismatch (stored {header_crc:08x}, computed {crc:08x})"
             )));
         }
-        let rb = row_bytes(kind, dims) as u64;
+        let rb = checked_row_bytes(kind, dims)
+            .ok_or_else(|| bad(format!("shape {dims:?} overflows the address space")))? as u64;
         if rows.checked_mul(rb) != Some(payload_len) {
             return Err(bad(format!(
                 "payload length {payload_len} is not {rows} rows × {rb} bytes"
@@ -222,9 +223,16 @@ impl Header {
 
 /// Bytes per row for a kind and per-row shape.
 pub fn row_bytes(kind: Kind, dims: [u32; 3]) -> usize {
+    checked_row_bytes(kind, dims).expect("row bytes of a shape this build wrote fit usize")
+}
+
+/// [`row_bytes`], or `None` where the product overflows (a damaged or crafted header).
+pub fn checked_row_bytes(kind: Kind, dims: [u32; 3]) -> Option<usize> {
     match kind {
-        Kind::Index => kind.elem_bytes(),
-        _ => dims.iter().map(|&d| d as usize).product::<usize>() * kind.elem_bytes(),
+        Kind::Index => Some(kind.elem_bytes()),
+        _ => dims
+            .iter()
+            .try_fold(kind.elem_bytes(), |acc, &d| acc.checked_mul(d as usize)),
     }
 }
 

@@ -241,10 +241,23 @@ impl Split {
     }
 
     fn open(dir: &Path, name: &str, sm: &SplitManifest, m: &Manifest) -> Result<Split, ShardError> {
-        let per_image: usize = sm.shape.iter().product();
-        let dims = [sm.shape[0] as u32, sm.shape[1] as u32, sm.shape[2] as u32];
+        let bad_manifest = |reason: String| ShardError::BadManifest {
+            path: dir.join(MANIFEST_FILE),
+            reason,
+        };
+        // every dimension must be a header's u32 (a wider one would pass the header check
+        // truncated) and a row's values must fit an address (checked once here; `image_len`
+        // and the row offsets rely on it)
+        let dims = sm.shape.map(|d| u32::try_from(d).unwrap_or(0));
+        if dims.contains(&0) || crate::format::checked_row_bytes(Kind::Images, dims).is_none() || m.rows_per_shard == 0
+        {
+            return Err(bad_manifest(format!(
+                "split {name}: shape {:?} with {} rows per shard is not a shape gz writes",
+                sm.shape, m.rows_per_shard
+            )));
+        }
         let mut shards = Vec::with_capacity(sm.shards.len());
-        let mut total = 0;
+        let mut total = 0usize;
         for (k, fe) in sm.shards.iter().enumerate() {
             let path = dir.join(&fe.file);
             let file = File::open(&path).map_err(|e| io_err(&path, e))?;
@@ -259,13 +272,10 @@ impl Split {
             check_header(&path, &header, Kind::Images, dims, fe, m)?;
             let full = k + 1 < sm.shards.len();
             if (full && fe.rows != m.rows_per_shard) || fe.rows == 0 || fe.rows > m.rows_per_shard {
-                return Err(ShardError::BadManifest {
-                    path: dir.join(MANIFEST_FILE),
-                    reason: format!(
-                        "{} has {} rows, rows_per_shard is {}",
-                        fe.file, fe.rows, m.rows_per_shard
-                    ),
-                });
+                return Err(bad_manifest(format!(
+                    "{} has {} rows, rows_per_shard is {}",
+                    fe.file, fe.rows, m.rows_per_shard
+                )));
             }
             let offset = header.header_len as usize;
             // Alignment: the payload starts at a multiple of 64 in a page-aligned mapping.
@@ -273,7 +283,9 @@ impl Split {
                 path: path.clone(),
                 reason: format!("payload not castable to f16: {e}"),
             })?;
-            total += fe.rows;
+            // rows of a mapped file: the sum cannot overflow, but a damaged count is refused
+            // below rather than wrapped
+            total = total.saturating_add(fe.rows);
             shards.push(MappedShard {
                 path,
                 mmap,
@@ -287,7 +299,6 @@ impl Split {
                 reason: format!("split {name}: shards hold {total} rows, manifest says {}", sm.rows),
             });
         }
-        let _ = per_image;
 
         // Index: GalaxyID → (shard, row), in row order.
         let ipath = dir.join(&sm.index.file);
@@ -302,7 +313,7 @@ impl Split {
             let id = u64::from_le_bytes(e[0..8].try_into().expect("8 bytes"));
             let shard = u32::from_le_bytes(e[8..12].try_into().expect("4 bytes")) as usize;
             let row = u32::from_le_bytes(e[12..16].try_into().expect("4 bytes")) as usize;
-            if shard * m.rows_per_shard + row != i {
+            if shard.checked_mul(m.rows_per_shard).and_then(|r| r.checked_add(row)) != Some(i) {
                 return Err(ShardError::BadHeader {
                     path: ipath.clone(),
                     reason: format!("entry {i} (id {id}) points at shard {shard} row {row}, expected row order"),
