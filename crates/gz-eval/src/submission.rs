@@ -1625,3 +1625,86 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod damage_tests {
+    use super::*;
+
+    /// Byte damage to a valid submission (overwrites, cuts, insertions of CSV-significant
+    /// bytes, a BOM, CRLF, quotes, NUL, non-UTF-8): the checker, the predictions reader, the
+    /// solutions reader and `assemble` report or accept, never panic. `GZ_FUZZ=N` runs N
+    /// mutations (default 300).
+    #[test]
+    fn damaged_csvs_never_panic() {
+        let per: usize = std::env::var("GZ_FUZZ")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
+        let mut sol = Solutions::new();
+        for i in 0..6u64 {
+            let row: Vec<f32> = (0..N_ANSWERS)
+                .map(|k| ((i as usize * 7 + k) % 10) as f32 / 10.0)
+                .collect();
+            sol.push(100_000 + i, &row);
+        }
+        let good = to_csv(&sol);
+        let ids: Vec<u64> = (100_000..100_006).collect();
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("s.csv");
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pieces: [&[u8]; 14] = [
+            b",",
+            b"\n",
+            b"\r\n",
+            b"\"",
+            b"\xEF\xBB\xBF",
+            b"\0",
+            b"\xFF\xFE",
+            b"NaN",
+            b"-inf",
+            b"1e999",
+            b"18446744073709551616",
+            b"-1",
+            b" ",
+            b"Class1.1",
+        ];
+        for k in 0..per {
+            let mut b = good.clone();
+            for _ in 0..(1 + next() % 3) {
+                let i = (next() as usize) % (b.len() + 1);
+                match next() % 5 {
+                    0 if i < b.len() => b[i] = next() as u8,
+                    1 => b.truncate(i),
+                    2 => {
+                        let e = (i + 1 + (next() as usize) % 40).min(b.len());
+                        b.drain(i.min(e)..e);
+                    }
+                    _ => b
+                        .splice(i..i, pieces[(next() as usize) % pieces.len()].iter().copied())
+                        .for_each(drop),
+                }
+            }
+            std::fs::write(&path, &b).unwrap();
+            let r = std::panic::catch_unwind(|| {
+                let _ = check_bytes(&b, &path, Some(&ids)).describe();
+                let _ = check_bytes(&b, &path, None).is_ok();
+                if let Ok(p) = read_predictions(&path) {
+                    let _ = assemble(&p, Some(&ids), None, &path);
+                    let _ = looks_conditional(&p);
+                }
+                let _ = gz_schema::read_solutions(&path);
+            });
+            if r.is_err() {
+                let keep = std::env::temp_dir().join(format!("gz-csv-fuzz-{k}.csv"));
+                std::fs::write(&keep, &b).unwrap();
+                panic!("mutation {k} panicked; bytes in {}", keep.display());
+            }
+        }
+    }
+}
