@@ -510,6 +510,25 @@ fn submit_from_predictions_refuses_short_files_unless_filled() {
     assert_eq!(text.lines().next().unwrap(), csv_header());
     assert_eq!(text.lines().count(), 4);
 
+    // training labels with no rows: refused naming the file (it was "shape mismatch: training
+    // labels: 0 values is not a positive multiple of 37")
+    let empty = tmp.path().join("header-only.csv");
+    gz_schema::write_solutions(&empty, &Solutions::new()).unwrap();
+    let refused = tmp.path().join("refused.csv");
+    let (ok, _, err) = support::run(
+        support::gz()
+            .args(["submit", "--fill-mean", "--pred"])
+            .arg(&pred)
+            .arg("--ids")
+            .arg(&ids_dir)
+            .arg("--train-labels")
+            .arg(&empty)
+            .arg("--out")
+            .arg(&refused),
+    );
+    assert!(!ok && err.contains("header-only.csv: no rows"), "{err}");
+    assert!(!refused.exists());
+
     // prediction options with --pred or --check would be ignored: refused, nothing written
     let other = tmp.path().join("other.csv");
     let (ok, _, err) = support::run(
@@ -1223,6 +1242,23 @@ fn eval_predict_submit_end_to_end_on_tiny_synthetic_data() {
     let single = gz_schema::read_solutions_from(out.as_bytes(), Path::new("stdout")).unwrap();
     assert_eq!(single.ids, vec![one_id]);
     assert_eq!(single.row(0), b.row(0));
+    // with standard output closed: refused before predicting (it printed its summary, wrote
+    // nothing and exited 0)
+    let gz = support::gz().get_program().to_owned();
+    let (ok, out, err) = support::run(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec \"$0\" \"$@\" >&-")
+            .arg(&gz)
+            .args(["predict", "--out", "-", "--run"])
+            .arg(&run)
+            .arg("--images")
+            .arg(test_dir.join(format!("{one_id}.jpg"))),
+    );
+    assert!(
+        !ok && err.contains("--out -: standard output is closed"),
+        "{out}\n{err}"
+    );
 
     // per-question fractions: each reached question sums to 1 and is the Kaggle answers'
     // share of their sum; such a file is refused as a submission
@@ -1850,4 +1886,96 @@ fn eval_names_a_cache_without_training_images() {
         !ok && err.contains("has no training images: gz eval fits its baselines"),
         "{out}\n{err}"
     );
+}
+
+/// CRC-32 (IEEE), bit by bit: what a sidecar's `weights_crc32` holds.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A checkpoint whose weights are finite but make the network overflow (its first dense
+/// layer's weights 3e38, the checksum mended): `gz eval --run` refuses it by name, as `--pred` refuses such
+/// predictions. It printed "RMSE NaN", exit status 0, and advised more epochs.
+#[test]
+fn eval_refuses_a_checkpoint_whose_outputs_overflow() {
+    let tmp = support::tempdir();
+    let mini = support::fixtures().join("kaggle-mini");
+    let out = gz_ok(
+        support::gz()
+            .args(["prep", "--size", "32", "--data"])
+            .arg(&mini)
+            .arg("--cache")
+            .arg(tmp.path().join("cache")),
+    );
+    let cache = last_line_value(&out, "cache");
+    let run = tmp.path().join("run");
+    gz_ok(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(&run),
+    );
+    // the sound checkpoint is scored
+    gz_ok(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(tmp.path().join("r1")),
+    );
+    let w = run.join("best.safetensors");
+    let mut b = std::fs::read(&w).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let mut f32s = 0;
+    for (name, t) in header.as_object().unwrap() {
+        if name != "fc1.weight" || t["dtype"] != "F32" {
+            continue;
+        }
+        let (lo, hi) = (
+            t["data_offsets"][0].as_u64().unwrap() as usize,
+            t["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        for v in b[8 + n + lo..8 + n + hi].chunks_exact_mut(4) {
+            v.copy_from_slice(&3e38f32.to_le_bytes());
+        }
+        f32s += 1;
+    }
+    assert_eq!(f32s, 1, "{header}");
+    std::fs::write(&w, &b).unwrap();
+    let side = run.join("best.json");
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&side).unwrap()).unwrap();
+    j["weights_crc32"] = crc32(&b).into();
+    std::fs::write(&side, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+    let report = tmp.path().join("r2");
+    let (ok, out, err) = support::run(
+        support::gz()
+            .args(["eval", "--run"])
+            .arg(&run)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--report")
+            .arg(&report),
+    );
+    assert!(!ok, "{out}\n{err}");
+    assert!(
+        err.contains("predicts NaN or infinite values for 1 of the 1 galaxies scored"),
+        "{err}"
+    );
+    assert!(!report.join("index.html").exists());
+    b.clear();
 }

@@ -265,6 +265,14 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32], test: bool) -> 
     let mut expected: HashMap<u64, (Vec<f32>, &str)> = HashMap::new();
     // (an unreadable file may hold the rows scored: then no floor, not "another dataset")
     let mut unreadable = false;
+    // the file the scored rows belong in holds rows (missing or header only: as if the set
+    // had no expected fractions, so floor.json below)
+    let own = if test {
+        "expected_test.csv"
+    } else {
+        "expected_training.csv"
+    };
+    let mut own_present = false;
     for name in ["expected_training.csv", "expected_test.csv"] {
         let p = data_dir.join(name);
         if !p.is_file() {
@@ -272,6 +280,7 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32], test: bool) -> 
         }
         match gz_schema::read_solutions(&p) {
             Ok(sol) => {
+                own_present |= name == own && !sol.is_empty();
                 for i in 0..sol.len() {
                     expected.insert(sol.ids[i], (sol.row(i).to_vec(), name));
                 }
@@ -302,7 +311,9 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32], test: bool) -> 
             per_question: Some(s.per_question.iter().map(|q| q.rmse).collect()),
         }));
     }
-    if !expected.is_empty() {
+    // none scored is in the other split's file either: the rows are of the missing file
+    let of_missing_file = covered == 0 && !unreadable && !own_present;
+    if !expected.is_empty() && !of_missing_file {
         if covered == 0 && !ids.is_empty() && !unreadable {
             return Err(EvalError::BadFile {
                 path: data_dir.to_path_buf(),
@@ -528,6 +539,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("none of the 2 rows scored"), "{err}");
+        // test rows, and the set has no expected_test.csv (or one with no rows): floor.json's,
+        // as with neither file, not "another dataset"
+        for header_only in [false, true] {
+            if header_only {
+                gz_schema::write_solutions(&dir.path().join("expected_test.csv"), &gz_schema::Solutions::new())
+                    .unwrap();
+            }
+            let f = bayes_floor(dir.path(), &[8, 9], &labels, true).unwrap().unwrap();
+            assert_eq!(
+                f.source, "floor.json test_rmse (whole test set)",
+                "header only: {header_only}"
+            );
+        }
+        std::fs::remove_file(dir.path().join("expected_test.csv")).unwrap();
         // the source names the file(s) the scored rows came from, not every file read
         let mut test = gz_schema::Solutions::new();
         test.push(7, &[0.5; N_ANSWERS]);

@@ -372,7 +372,12 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
                 Ok(v) if !(0.0..=1.0).contains(&v) => rep.push(
                     ProblemKind::OutOfRange,
                     Some(line),
-                    format!("{column}: {v} is outside [0, 1]"),
+                    // as written (`1e308` was printed as its 309 digits); a long cell shortened
+                    if text.len() <= 24 {
+                        format!("{column}: {text} is outside [0, 1]")
+                    } else {
+                        format!("{column}: {v:e} is outside [0, 1]")
+                    },
                 ),
                 Ok(_) => {}
             }
@@ -1519,6 +1524,23 @@ mod tests {
         assert_eq!(back.len(), 3);
         assert_eq!(back.row(2), &fill);
         assert_eq!(back.row(0)[0], 0.5);
+    }
+
+    /// A value out of range is quoted as written, a long one shortened (`1e308` was printed as
+    /// its 309 digits).
+    #[test]
+    fn out_of_range_values_are_quoted_short() {
+        let row = |id: u32, v: &str| format!("{id}{}", format!(",{v}").repeat(N_ANSWERS));
+        let long = format!("1{}", "0".repeat(40));
+        for (v, shown) in [("1e308", "1e308"), (long.as_str(), "1e40")] {
+            let text = [csv_header(), row(10, v)].join("\n");
+            let d = check_bytes(text.as_bytes(), Path::new("s.csv"), None).describe();
+            assert!(
+                d.contains(&format!("line 2: Class1.1: {shown} is outside [0, 1]")),
+                "{d}"
+            );
+            assert!(d.lines().all(|l| l.len() < 120), "{d}");
+        }
     }
 
     #[test]

@@ -355,6 +355,28 @@ impl Drop for Staged {
     }
 }
 
+/// Removes the temporaries `.NAME.<pid>.tmp` of `name` in `dir` that a killed writer left (its
+/// process no longer runs): each write of the file tidies what an earlier one could not. A
+/// live writer's is left alone; nothing else is touched.
+fn remove_dead_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !crate::process::process_alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Stages `bytes` for `path` (see [`Staged`]; checks and links as [`write_atomic`]).
 pub fn stage_atomic(path: &Path, bytes: &[u8]) -> Result<Staged, SchemaError> {
     stage_atomic_via(path, bytes, 0)
@@ -399,6 +421,7 @@ fn stage_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<Staged, S
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    remove_dead_temporaries(dir, &name);
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let staged = Staged {
         tmp,
@@ -421,6 +444,30 @@ fn stage_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<Staged, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A killed writer's temporary is removed by the next write of the same file; a live
+    /// writer's, another file's and a look-alike are kept.
+    #[test]
+    fn a_write_removes_a_killed_writers_temporary() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("p.csv");
+        // a pid far above any pid_max: no such process
+        let dead = t.path().join(".p.csv.4294967290.tmp");
+        let live = t
+            .path()
+            .join(format!(".p.csv.{}.tmp", std::os::unix::process::parent_id()));
+        let other = t.path().join(".q.csv.4294967290.tmp");
+        let odd = t.path().join(".p.csv.x4294967290.tmp");
+        for f in [&dead, &live, &other, &odd] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        write_atomic(&out, b"whole").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"whole");
+        assert!(!dead.exists(), "a dead writer's temporary stays");
+        for f in [&live, &other, &odd] {
+            assert!(f.exists(), "{} removed", f.display());
+        }
+    }
 
     fn parse(text: &str) -> Result<Solutions, SchemaError> {
         read_solutions_from(text.as_bytes(), Path::new("t.csv"))

@@ -588,6 +588,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (checkpoints.as_str(), first.sidecar().epoch, cache.config_hash()),
     )?;
     pb.finish_and_clear();
+    // a checkpoint whose network overflows (finite weights, NaN or infinite outputs) has no
+    // score: refused, as `--pred` refuses such predictions, not reported as "RMSE NaN"
+    let bad_rows = ev
+        .predictions
+        .chunks(gz_schema::N_ANSWERS)
+        .filter(|r| r.iter().any(|v| !v.is_finite()))
+        .count();
+    if bad_rows > 0 {
+        bail!(
+            "{checkpoints} predicts NaN or infinite values for {bad_rows} of the {} galaxies scored: its \
+             network overflows (weights from a diverged or damaged run), so it has no score; retrain it \
+             (e.g. with a lower --lr)",
+            rows.eval_rows.len()
+        );
+    }
     let run_dir = if args.runs[0].is_dir() {
         args.runs[0].clone()
     } else {

@@ -171,6 +171,21 @@ fn labels_name(name: &str) -> bool {
     .contains(&name)
 }
 
+/// Refuses `FLAG -` when standard output is closed (`gz predict --out - >&-`): Rust's standard
+/// output takes a closed descriptor for a sink that accepts everything, so the rows would be
+/// lost with exit status 0. Checked before the work.
+pub fn check_stdout(flag: &str) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        // SAFETY: F_GETFD on a descriptor number only reads its flags
+        if unsafe { libc::fcntl(1, libc::F_GETFD) } == -1 {
+            anyhow::bail!("{flag} -: standard output is closed, so nothing would be written: name a file");
+        }
+    }
+    let _ = flag;
+    Ok(())
+}
+
 /// Refuses an output (`flag` names the option) whose folder does not let this process create a
 /// file: the output folder itself where a folder goes (`folder`), else the folder the file lands
 /// in (through symbolic links, as the writers follow them), or the nearest existing folder above
@@ -179,7 +194,7 @@ fn labels_name(name: &str) -> bool {
 /// after the checks against the inputs, so that nothing is made in a cache or an image folder.
 pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyhow::Result<()> {
     if path == std::path::Path::new("-") {
-        return Ok(());
+        return check_stdout(flag);
     }
     let Some(target) = write_target(path) else {
         return Ok(());

@@ -689,6 +689,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.out != stdout {
         // before predicting, not after it
         super::check_output("--out", &args.out, false)?;
+    } else {
+        super::check_stdout("--out")?;
+    }
+    if args.spread.as_deref() == Some(stdout) {
+        super::check_stdout("--spread")?;
     }
     if let Some(sp) = &args.spread {
         if sp == stdout && args.out == stdout {

@@ -157,6 +157,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     labels.display()
                 )
             })?;
+            if sol.is_empty() {
+                bail!(
+                    "{}: no rows (a header only): --fill-mean needs the training labels to average (pass \
+                     --train-labels CSV to read another file)",
+                    labels.display()
+                );
+            }
             Some(gz_eval::baselines::mean_row(&sol.values)?.to_vec())
         } else {
             None
