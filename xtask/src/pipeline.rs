@@ -1390,8 +1390,16 @@ fn train_before_run(run: &Path, flat: &[String], inputs: &[(String, String)], fo
         eprintln!("xtask: train: keeping the finished run {}", run.display());
         return Ok(BeforeRun::Done);
     }
-    if same && !force && last.exists() && (!finished || best_missed) {
-        if finished {
+    // killed between best.json and its rename: the resume moves the staged best into place
+    let best_staged = !best && best_checkpoint_staged(run);
+    if same && !force && last.exists() && (!finished || best_missed || best_staged) {
+        if finished && best_staged && !best_missed {
+            eprintln!(
+                "xtask: train: resuming the finished run {} to move its best checkpoint into place (stopped before \
+                 the rename)",
+                run.display()
+            );
+        } else if finished {
             eprintln!(
                 "xtask: train: resuming the finished run {} to write the best checkpoint it missed",
                 run.display()
@@ -1633,6 +1641,17 @@ fn replaced_run(run: &Path) -> PathBuf {
 /// Whether `run` holds a best checkpoint whose weights match the CRC-32 its sidecar records
 /// (`best.json`'s `weights_crc32`, as gz checks when it loads them).
 fn best_checkpoint_whole(run: &Path) -> bool {
+    best_weights_match(run, "best.safetensors")
+}
+
+/// Whether `best.json`'s weights wait under their staged name (`best.safetensors.new`): the run
+/// was killed between that sidecar and the rename, and `gz train --resume` finishes it.
+fn best_checkpoint_staged(run: &Path) -> bool {
+    best_weights_match(run, "best.safetensors.new")
+}
+
+/// Whether `run/file`'s CRC-32 is the one `best.json` names.
+fn best_weights_match(run: &Path, file: &str) -> bool {
     let Some(want) = std::fs::read(run.join("best.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -1640,7 +1659,7 @@ fn best_checkpoint_whole(run: &Path) -> bool {
     else {
         return false;
     };
-    let Ok(mut f) = std::fs::File::open(run.join("best.safetensors")) else {
+    let Ok(mut f) = std::fs::File::open(run.join(file)) else {
         return false;
     };
     let mut h = crc32fast::Hasher::new();
@@ -2901,6 +2920,15 @@ mod tests {
         std::fs::write(run.join("last.json"), ended(2)).unwrap();
         std::fs::write(run.join("best.json"), best(2)).unwrap();
         assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), BeforeRun::Done);
+        // killed between best.json and the rename of its weights: they wait staged, the old
+        // best.safetensors is another epoch's; resumed (gz train finishes the rename), not
+        // put aside and trained again
+        std::fs::write(run.join("best.safetensors"), "old").unwrap();
+        std::fs::write(run.join("best.safetensors.new"), "w").unwrap();
+        assert_eq!(train_before_run(&run, &cmd, &inputs, false).unwrap(), resume);
+        assert!(run.join("best.json").exists());
+        std::fs::remove_file(run.join("best.safetensors.new")).unwrap();
+        std::fs::write(run.join("best.safetensors"), "w").unwrap();
         // its weights damaged (truncated, a flipped bit): not kept as finished (every eval
         // after failed on it) but trained again, the damaged run put aside meanwhile
         std::fs::write(run.join("best.safetensors"), "x").unwrap();

@@ -441,7 +441,11 @@ pub fn train_on(
             return Err(nothing_to_resume(&last_json, out_dir));
         }
         let s = checkpoint::read_sidecar(&last_json).map_err(|e| unreadable_run(&e, out_dir))?;
-        check_resumable(&s, cfg, meta, best_missed(out_dir, &s)?)?;
+        // first, whatever the rest decides: a run killed between a sidecar and its rename
+        // (the last epoch's best included) is made whole, so that a completed run is not
+        // refused with its best still staged
+        let mended = finish_renames(out_dir, &s)?;
+        check_resumable(&s, cfg, meta, best_missed(out_dir, &s)?, mended)?;
         Some(s)
     } else {
         if last_json.exists() {
@@ -992,9 +996,16 @@ pub const RUN_FILES: [&str; 7] = [
 ];
 
 /// A temporary file of a run's writes: checkpoint temps `NAME.tmpPID` (and `NAME.new.tmpPID`),
-/// atomic-write temps `.NAME.PID.tmp`.
+/// atomic-write temps `.NAME.PID.tmp`, and the safetensors writer's own `.tmpXXXXXX` (six
+/// letters and digits) that checkpoints of an earlier gz were written through.
 fn is_run_temp(name: &str) -> bool {
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if name
+        .strip_prefix(".tmp")
+        .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return true;
+    }
     RUN_FILES.iter().any(|n| {
         let staged_tmp = |base: &str| {
             name.strip_prefix(base)
@@ -1115,6 +1126,21 @@ fn kill_point(k: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Moves into place the staged files (`NAME.new`) whose checksums the sidecars name: the last
+/// state's weights and optimizer state (`s`, `last.json`) and the best weights (`best.json`,
+/// when it can be read; a damaged one is reported later). Nothing to do after a whole write;
+/// whether a file was moved.
+fn finish_renames(out_dir: &Path, s: &Sidecar) -> Result<bool, TrainError> {
+    let mut moved = checkpoint::commit_if_staged(&out_dir.join(&s.weights_file), s.weights_crc32)?;
+    if let Some(st) = &s.resume {
+        moved |= checkpoint::commit_if_staged(&out_dir.join(&st.optimizer_file), st.optimizer_crc32)?;
+    }
+    if let Ok(b) = checkpoint::read_sidecar(&out_dir.join("best.json")) {
+        moved |= checkpoint::commit_if_staged(&out_dir.join(&b.weights_file), b.weights_crc32)?;
+    }
+    Ok(moved)
+}
+
 /// Whether `last` (the sidecar `s` in `out_dir`) counts its own epoch as the best but the run
 /// stopped before it wrote that best (a full disk or a kill between `last.json` and `best.*`):
 /// `best.json` is missing or names another epoch.
@@ -1124,8 +1150,16 @@ fn best_missed(out_dir: &Path, s: &Sidecar) -> Result<bool, TrainError> {
 }
 
 /// `best_missed`: [`best_missed`]; a run that completed its epochs is resumed (with no epoch to
-/// train) only to write that best.
-fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed: bool) -> Result<(), TrainError> {
+/// train) only to write that best. `mended`: this resume moved a staged file a killed run left
+/// (its final epoch's best, say) into place; a completed run is then resumed, training nothing,
+/// so that the call that made it whole succeeds.
+fn check_resumable(
+    s: &Sidecar,
+    cfg: &TrainConfig,
+    meta: &DataMeta,
+    best_missed: bool,
+    mended: bool,
+) -> Result<(), TrainError> {
     if s.prep_config_hash != meta.prep_config_hash {
         return Err(TrainError::Resume(format!(
             "the run was trained on a cache with config hash {} but this cache has {}{}",
@@ -1169,7 +1203,7 @@ fn check_resumable(s: &Sidecar, cfg: &TrainConfig, meta: &DataMeta, best_missed:
             diff.join("; ")
         )));
     }
-    if s.epoch > cfg.epochs || (s.epoch == cfg.epochs && !best_missed) {
+    if s.epoch > cfg.epochs || (s.epoch == cfg.epochs && !best_missed && !mended) {
         // (fewer epochs than the run has done read "completed 6 of 3 epochs")
         let epochs = |n: usize| {
             if n == 1 {
@@ -2207,8 +2241,10 @@ mod tests {
         let straight = tempfile::tempdir().unwrap();
         let s = train_on(&small_cfg(3), &src, &meta(), straight.path(), false, &()).unwrap();
         assert_eq!(s.best_epoch, 3, "the test needs the last epoch to be the best");
-        // (after step 6 best.json names the staged best, which loaders take: not missed)
-        for k in 4..=5 {
+        // (after step 6 best.json names the staged best, which loaders take: not missed, but
+        // its rename is finished by the resume, which then succeeds; it was refused as
+        // "already completed" with the best still staged)
+        for k in 4..=6 {
             let dir = tempfile::tempdir().unwrap();
             train_on(&small_cfg(2), &src, &meta(), dir.path(), false, &()).unwrap();
             KILL_AFTER.with(|c| c.set(Some(k)));
@@ -2421,18 +2457,22 @@ mod tests {
             "last.safetensors.tmp123",
             "last.safetensors.new.tmp77",
             ".best.json.11771.tmp",
+            // the safetensors writer's own, of an earlier gz
+            ".tmpA3b9Zq",
         ];
         for t in temps {
             std::fs::write(dir.path().join(t), b"partial").unwrap();
         }
         // (hidden: a fresh run takes a folder holding hidden files, and refuses other ones)
         std::fs::write(dir.path().join(".notes.tmp1"), b"mine").unwrap();
+        std::fs::write(dir.path().join(".tmpnotes"), b"mine").unwrap();
         train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
         assert!(!lock.exists(), "the lock goes when the run ends");
         for t in temps {
             assert!(!dir.path().join(t).exists(), "{t} left behind");
         }
         assert!(dir.path().join(".notes.tmp1").exists(), "only gz's own temporaries go");
+        assert!(dir.path().join(".tmpnotes").exists(), "only gz's own temporaries go");
     }
 
     #[test]

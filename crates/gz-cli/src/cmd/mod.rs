@@ -233,6 +233,19 @@ pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyho
     match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
         Ok(_) => {
             let _ = std::fs::remove_file(&probe);
+            // the probes of processes killed between the two calls above
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name();
+                let pid = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(".gz-write-check."))
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(pid, nanos)| nanos.bytes().all(|b| b.is_ascii_digit()).then_some(pid))
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if pid.is_some_and(|p| !gz_schema::process::process_alive(p)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
             Ok(())
         }
         // (the same name left by a killed process: the folder takes files)
@@ -621,6 +634,14 @@ mod tests {
                 assert!(writable(&link, false).unwrap_err().contains(&said));
             }
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // a killed process's probe is removed by the next check (a live one's is kept)
+            let dead = ro.join(".gz-write-check.4294967290.17");
+            let live = ro.join(format!(".gz-write-check.{}.17", std::os::unix::process::parent_id()));
+            std::fs::write(&dead, b"").unwrap();
+            std::fs::write(&live, b"").unwrap();
+            assert!(writable(&ro.join("p.csv"), false).is_ok());
+            assert!(!dead.exists() && live.exists());
+            std::fs::remove_file(&live).unwrap();
             assert!(writable(&ro.join("sub/p.csv"), false).is_ok());
             assert!(writable(&ro, true).is_ok());
             assert_eq!(std::fs::read_dir(&ro).unwrap().count(), 0, "the probe is removed");
