@@ -171,14 +171,27 @@ fn labels_name(name: &str) -> bool {
     .contains(&name)
 }
 
-/// Refuses `FLAG -` when standard output is closed (`gz predict --out - >&-`): Rust's standard
-/// output takes a closed descriptor for a sink that accepts everything, so the rows would be
-/// lost with exit status 0. Checked before the work.
+/// Refuses `FLAG -` when standard output was closed (`gz predict --out - >&-`): Rust's runtime
+/// opens `/dev/null` read-write in place of a closed standard descriptor before `main`, so the
+/// rows went there with exit status 0. A descriptor that is `/dev/null` opened for reading and
+/// writing is taken for that (a shell's `>/dev/null` opens it write-only, and is obeyed).
+/// Checked before the work.
 pub fn check_stdout(flag: &str) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
-        // SAFETY: F_GETFD on a descriptor number only reads its flags
-        if unsafe { libc::fcntl(1, libc::F_GETFD) } == -1 {
+        // SAFETY: fcntl(F_GETFL) and fstat/stat only read; `st` is a plain C struct
+        let replaced = unsafe {
+            let flags = libc::fcntl(1, libc::F_GETFL);
+            let mut out: libc::stat = std::mem::zeroed();
+            let mut null: libc::stat = std::mem::zeroed();
+            flags == -1
+                || (flags & libc::O_ACCMODE == libc::O_RDWR
+                    && libc::fstat(1, &mut out) == 0
+                    && libc::stat(c"/dev/null".as_ptr(), &mut null) == 0
+                    && (out.st_mode & libc::S_IFMT) == libc::S_IFCHR
+                    && out.st_rdev == null.st_rdev)
+        };
+        if replaced {
             anyhow::bail!("{flag} -: standard output is closed, so nothing would be written: name a file");
         }
     }
