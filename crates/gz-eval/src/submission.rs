@@ -252,18 +252,6 @@ pub fn check(path: &Path, ids: Option<&[u64]>) -> Result<CheckReport> {
     Ok(check_bytes(&bytes, path, ids))
 }
 
-/// What a compressed file is, by its first bytes: a CSV cannot start with these.
-fn compression(bytes: &[u8]) -> Option<&'static str> {
-    match bytes {
-        [0x1f, 0x8b, ..] => Some("gzip-compressed (decompress it first: gunzip)"),
-        [b'P', b'K', 3, 4, ..] => Some("a zip archive (extract the CSV first: unzip)"),
-        [b'B', b'Z', b'h', ..] => Some("bzip2-compressed (decompress it first: bunzip2)"),
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some("zstd-compressed (decompress it first: unzstd)"),
-        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Some("xz-compressed (decompress it first: unxz)"),
-        _ => None,
-    }
-}
-
 /// Like [`check`], on the file's bytes; `path` names it in messages.
 pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckReport {
     let mut rep = CheckReport {
@@ -273,7 +261,7 @@ pub fn check_bytes(bytes: &[u8], path: &Path, ids: Option<&[u64]>) -> CheckRepor
         counts: BTreeMap::new(),
         warnings: Vec::new(),
     };
-    if let Some(what) = compression(bytes) {
+    if let Some(what) = gz_schema::compression(bytes) {
         rep.push(ProblemKind::Csv, None, format!("the file is {what}, not a CSV"));
         return rep;
     }
@@ -569,7 +557,7 @@ pub fn ids_from_dir(dir: &Path) -> Result<Vec<u64>> {
 /// duplicated — [`assemble`] decides about those. Stops at the first unparsable row.
 pub fn read_predictions(path: &Path) -> Result<Solutions> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    if let Some(what) = compression(&bytes) {
+    if let Some(what) = gz_schema::compression(&bytes) {
         return Err(EvalError::BadFile {
             path: path.to_path_buf(),
             reason: format!("the file is {what}, not a CSV"),

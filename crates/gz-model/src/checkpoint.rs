@@ -671,6 +671,21 @@ fn resolve_paths(path: &Path) -> Result<(PathBuf, PathBuf), CheckpointError> {
         }
         return Ok((w, s));
     }
+    if path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".optim.safetensors"))
+    {
+        let run = path.parent().unwrap_or(Path::new("."));
+        return Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the optimizer's state for --resume, not a model checkpoint: pass the run ({}) or its \
+                 best.safetensors / last.safetensors",
+                run.display()
+            ),
+        });
+    }
     match path.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => Ok((path.to_path_buf(), path.with_extension("json"))),
         Some("json") => Ok((path.with_extension("safetensors"), path.to_path_buf())),
@@ -713,6 +728,14 @@ mod tests {
         assert!(
             e.contains("model.json") && e.contains("missing: `gz train` writes this sidecar"),
             "{e}"
+        );
+        // the optimizer's state: named so (it was "last.optim.json missing … copy it along")
+        let optim = dir.path().join("last.optim.safetensors");
+        std::fs::write(&optim, b"").unwrap();
+        let r = reason(&optim);
+        assert!(
+            r.contains("the optimizer's state for --resume, not a model checkpoint"),
+            "{r}"
         );
     }
 

@@ -127,6 +127,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SchemaError + '_ {
     }
 }
 
+/// What a compressed file is, by its first bytes: a CSV cannot start with these.
+pub fn compression(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x1f, 0x8b, ..] => Some("gzip-compressed (decompress it first: gunzip)"),
+        [b'P', b'K', 3, 4, ..] => Some("a zip archive (extract the CSV first: unzip)"),
+        [b'B', b'Z', b'h', ..] => Some("bzip2-compressed (decompress it first: bunzip2)"),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some("zstd-compressed (decompress it first: unzstd)"),
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Some("xz-compressed (decompress it first: unxz)"),
+        _ => None,
+    }
+}
+
 /// Reads a solutions or submission CSV, validating header, field count, every cell
 /// (integer id; finite value in [0, 1]) and id uniqueness.
 pub fn read_solutions(path: &Path) -> Result<Solutions, SchemaError> {
@@ -182,6 +194,14 @@ pub fn read_solutions_from<R: std::io::Read>(mut reader: R, path: &Path) -> Resu
     // whole, for the line numbers (`LineCounter`): a Kaggle-size labels file is about 20 MB
     let mut bytes = Vec::new();
     reader.read_to_end(&mut bytes).map_err(io_err(path))?;
+    if let Some(what) = compression(&bytes) {
+        // (parsed, it was a long complaint about UTF-8 or the field count)
+        return Err(SchemaError::Header {
+            path: path.to_path_buf(),
+            line: 1,
+            reason: format!("the file is {what}, not a CSV"),
+        });
+    }
     let mut lines = LineCounter::new(&bytes);
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
@@ -444,6 +464,18 @@ fn stage_atomic_via(path: &Path, bytes: &[u8], links: usize) -> Result<Staged, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A compressed file is said to be one, on line 1 (it was a long complaint about UTF-8).
+    #[test]
+    fn a_compressed_file_is_named_so() {
+        let e = read_solutions_from(&[0x1f, 0x8b, 8, 0, 0xff, 0xfe][..], Path::new("l.csv.gz"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "l.csv.gz:1: bad header: the file is gzip-compressed (decompress it first: gunzip), not a CSV"
+        );
+    }
 
     /// A killed writer's temporary is removed by the next write of the same file; a live
     /// writer's, another file's and a look-alike are kept.

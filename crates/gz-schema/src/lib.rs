@@ -27,8 +27,8 @@ pub fn count(n: usize, noun: &str) -> String {
 }
 
 pub use csv_io::{
-    csv_reason, read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions, LineCounter,
-    SchemaError, Solutions, Staged,
+    compression, csv_reason, read_solutions, read_solutions_from, stage_atomic, write_atomic, write_solutions,
+    LineCounter, SchemaError, Solutions, Staged,
 };
 
 /// Number of answers (output columns) in the Kaggle task.
