@@ -1764,22 +1764,7 @@ fn a_missing_test_folder_a_missing_best_checkpoint_and_greyscale_images_are_expl
         data.join("training_solutions_rev1.csv"),
     )
     .unwrap();
-    let out = gz_ok(
-        support::gz()
-            .args(["prep", "--size", "32", "--data"])
-            .arg(&data)
-            .arg("--cache")
-            .arg(tmp.path().join("cache")),
-    );
-    let cache = last_line_value(&out, "cache");
-    let run = tmp.path().join("run");
-    gz_ok(
-        support::gz()
-            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
-            .arg(&cache)
-            .arg("--out")
-            .arg(&run),
-    );
+    let (cache, run) = tiny_run(&data, tmp.path());
     for cmd in ["predict", "submit"] {
         let (ok, out, err) = support::run(
             support::gz()
@@ -1888,6 +1873,28 @@ fn eval_names_a_cache_without_training_images() {
     );
 }
 
+/// `data` prepared at 32 px into `dir/cache` and `tiny` trained on it for one epoch into
+/// `dir/run`: (the cache, the run).
+fn tiny_run(data: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let out = gz_ok(
+        support::gz()
+            .args(["prep", "--size", "32", "--data"])
+            .arg(data)
+            .arg("--cache")
+            .arg(dir.join("cache")),
+    );
+    let cache = last_line_value(&out, "cache");
+    let run = dir.join("run");
+    gz_ok(
+        support::gz()
+            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
+            .arg(&cache)
+            .arg("--out")
+            .arg(&run),
+    );
+    (cache, run)
+}
+
 /// CRC-32 (IEEE), bit by bit: what a sidecar's `weights_crc32` holds.
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0u32;
@@ -1911,22 +1918,7 @@ fn crc32(bytes: &[u8]) -> u32 {
 fn eval_refuses_a_checkpoint_whose_outputs_overflow() {
     let tmp = support::tempdir();
     let mini = support::fixtures().join("kaggle-mini");
-    let out = gz_ok(
-        support::gz()
-            .args(["prep", "--size", "32", "--data"])
-            .arg(&mini)
-            .arg("--cache")
-            .arg(tmp.path().join("cache")),
-    );
-    let cache = last_line_value(&out, "cache");
-    let run = tmp.path().join("run");
-    gz_ok(
-        support::gz()
-            .args(["train", "--model", "tiny", "--epochs", "1", "--cache"])
-            .arg(&cache)
-            .arg("--out")
-            .arg(&run),
-    );
+    let (cache, run) = tiny_run(&mini, tmp.path());
     // the sound checkpoint is scored
     gz_ok(
         support::gz()

@@ -312,7 +312,7 @@ pub fn bayes_floor(data_dir: &Path, ids: &[u64], labels: &[f32], test: bool) -> 
         }));
     }
     // none scored is in the other split's file either: the rows are of the missing file
-    let of_missing_file = covered == 0 && !unreadable && !own_present;
+    let of_missing_file = !ids.is_empty() && covered == 0 && !unreadable && !own_present;
     if !expected.is_empty() && !of_missing_file {
         if covered == 0 && !ids.is_empty() && !unreadable {
             return Err(EvalError::BadFile {

@@ -177,10 +177,15 @@ pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Re
     })?;
     drop(host);
     let crc = crc32fast::hash(&bytes);
-    // created with the mode of every other file gz writes (0666 less the umask)
+    // created with the mode of every other file gz writes (0666 less the umask), anew: a link
+    // planted under the temporary's name is replaced, not followed
     let written = (|| {
         use std::io::Write as _;
-        let mut f = std::fs::File::create(&tmp)?;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()
     })();

@@ -996,16 +996,9 @@ pub const RUN_FILES: [&str; 7] = [
 ];
 
 /// A temporary file of a run's writes: checkpoint temps `NAME.tmpPID` (and `NAME.new.tmpPID`),
-/// atomic-write temps `.NAME.PID.tmp`, and the safetensors writer's own `.tmpXXXXXX` (six
-/// letters and digits) that checkpoints of an earlier gz were written through.
+/// atomic-write temps `.NAME.PID.tmp`.
 fn is_run_temp(name: &str) -> bool {
     let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    if name
-        .strip_prefix(".tmp")
-        .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()))
-    {
-        return true;
-    }
     RUN_FILES.iter().any(|n| {
         let staged_tmp = |base: &str| {
             name.strip_prefix(base)
@@ -1022,15 +1015,34 @@ fn is_run_temp(name: &str) -> bool {
     })
 }
 
-/// Removes the temporary files a killed run left in `out_dir` ([`is_run_temp`]); called with
-/// the run lock held, so no live writer owns them. Best effort: a file that cannot be removed
-/// stays.
+/// Whether `path` (named `name`) is a checkpoint a killed run of an earlier gz left half
+/// written: those were written through the safetensors crate's own temporary `.tmpXXXXXX` (six
+/// letters and digits, the `tempfile` crate's default name, which other programs use too), so
+/// only in a folder holding a run's `last.json`, and only a file that begins as a safetensors
+/// file does (its header length, then `{`) or is still zeros there (sized before written).
+fn is_legacy_checkpoint_temp(out_dir: &Path, name: &str, path: &Path) -> bool {
+    if !name
+        .strip_prefix(".tmp")
+        .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+        || !out_dir.join("last.json").is_file()
+    {
+        return false;
+    }
+    let mut head = [0u8; 9];
+    let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+    read.is_ok() && (head == [0; 9] || head[8] == b'{')
+}
+
+/// Removes the temporary files a killed run left in `out_dir` ([`is_run_temp`],
+/// [`is_legacy_checkpoint_temp`]); called with the run lock held, so no live writer of gz's owns
+/// them. Best effort: a file that cannot be removed stays.
 fn remove_stale_temps(out_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(out_dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if is_run_temp(&entry.file_name().to_string_lossy()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_run_temp(&name) || is_legacy_checkpoint_temp(out_dir, &name, &entry.path()) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -2457,8 +2469,6 @@ mod tests {
             "last.safetensors.tmp123",
             "last.safetensors.new.tmp77",
             ".best.json.11771.tmp",
-            // the safetensors writer's own, of an earlier gz
-            ".tmpA3b9Zq",
         ];
         for t in temps {
             std::fs::write(dir.path().join(t), b"partial").unwrap();
@@ -2466,6 +2476,9 @@ mod tests {
         // (hidden: a fresh run takes a folder holding hidden files, and refuses other ones)
         std::fs::write(dir.path().join(".notes.tmp1"), b"mine").unwrap();
         std::fs::write(dir.path().join(".tmpnotes"), b"mine").unwrap();
+        // the safetensors crate's own temporary name, as other programs use it: no run here
+        // yet (no last.json), so kept
+        std::fs::write(dir.path().join(".tmpA3b9Zq"), b"\x10\0\0\0\0\0\0\0{\"a\":1}").unwrap();
         train_on(&small_cfg(1), &src, &meta(), dir.path(), false, &()).unwrap();
         assert!(!lock.exists(), "the lock goes when the run ends");
         for t in temps {
@@ -2473,6 +2486,20 @@ mod tests {
         }
         assert!(dir.path().join(".notes.tmp1").exists(), "only gz's own temporaries go");
         assert!(dir.path().join(".tmpnotes").exists(), "only gz's own temporaries go");
+        assert!(
+            dir.path().join(".tmpA3b9Zq").exists(),
+            "another program's temporary goes"
+        );
+        // in a run's folder, a half-written checkpoint of an earlier gz under that name goes
+        // on the next start (a resume); a file of that name holding anything else stays
+        std::fs::write(dir.path().join(".tmpB4c0Zr"), b"not a checkpoint").unwrap();
+        std::fs::write(&lock, "4194305000\n").unwrap();
+        train_on(&small_cfg(2), &src, &meta(), dir.path(), true, &()).unwrap();
+        assert!(
+            !dir.path().join(".tmpA3b9Zq").exists(),
+            "a half-written checkpoint stays"
+        );
+        assert!(dir.path().join(".tmpB4c0Zr").exists(), "another file goes");
     }
 
     #[test]

@@ -375,9 +375,15 @@ impl Drop for Staged {
     }
 }
 
+/// How long a temporary of a process that does not run here is kept: a writer in another
+/// process namespace sharing the folder (another container) looks dead by its id, but its
+/// temporary lives only for the seconds of one write.
+const DEAD_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Removes the temporaries `.NAME.<pid>.tmp` of `name` in `dir` that a killed writer left (its
-/// process no longer runs): each write of the file tidies what an earlier one could not. A
-/// live writer's is left alone; nothing else is touched.
+/// process no longer runs, and the file is older than [`DEAD_TEMPORARY_AGE`]): each write of
+/// the file tidies what an earlier one could not. A live writer's is left alone; nothing else
+/// is touched.
 fn remove_dead_temporaries(dir: &Path, name: &str) {
     let prefix = format!(".{name}.");
     let Ok(entries) = std::fs::read_dir(dir) else { return };
@@ -391,7 +397,13 @@ fn remove_dead_temporaries(dir: &Path, name: &str) {
         else {
             continue;
         };
-        if pid != std::process::id() && !crate::process::process_alive(pid) {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > DEAD_TEMPORARY_AGE);
+        if old && pid != std::process::id() && !crate::process::process_alive(pid) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -478,7 +490,7 @@ mod tests {
     }
 
     /// A killed writer's temporary is removed by the next write of the same file; a live
-    /// writer's, another file's and a look-alike are kept.
+    /// writer's, a recent one's, another file's and a look-alike are kept.
     #[test]
     fn a_write_removes_a_killed_writers_temporary() {
         let t = tempfile::tempdir().unwrap();
@@ -490,13 +502,20 @@ mod tests {
             .join(format!(".p.csv.{}.tmp", std::os::unix::process::parent_id()));
         let other = t.path().join(".q.csv.4294967290.tmp");
         let odd = t.path().join(".p.csv.x4294967290.tmp");
-        for f in [&dead, &live, &other, &odd] {
+        // a dead id's, but written a moment ago (a writer in another container): kept
+        let fresh = t.path().join(".p.csv.4294967291.tmp");
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for f in [&dead, &live, &other, &odd, &fresh] {
             std::fs::write(f, b"partial").unwrap();
+            if *f != fresh {
+                let file = std::fs::File::options().write(true).open(f).unwrap();
+                file.set_modified(an_hour_ago).unwrap();
+            }
         }
         write_atomic(&out, b"whole").unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"whole");
         assert!(!dead.exists(), "a dead writer's temporary stays");
-        for f in [&live, &other, &odd] {
+        for f in [&live, &other, &odd, &fresh] {
             assert!(f.exists(), "{} removed", f.display());
         }
     }

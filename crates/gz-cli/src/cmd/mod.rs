@@ -174,8 +174,9 @@ fn labels_name(name: &str) -> bool {
 /// Refuses `FLAG -` when standard output was closed (`gz predict --out - >&-`): Rust's runtime
 /// opens `/dev/null` read-write in place of a closed standard descriptor before `main`, so the
 /// rows went there with exit status 0. A descriptor that is `/dev/null` opened for reading and
-/// writing is taken for that (a shell's `>/dev/null` opens it write-only, and is obeyed).
-/// Checked before the work.
+/// writing is taken for that (a shell's `>/dev/null` opens it write-only, and is obeyed; a
+/// service whose standard output is `/dev/null` read-write, as systemd's `StandardOutput=null`
+/// gives, is refused too: it would lose the rows as well). Checked before the work.
 pub fn check_stdout(flag: &str) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
@@ -238,7 +239,8 @@ pub fn check_writable(flag: &str, path: &std::path::Path, folder: bool) -> anyho
             }
         }
     }
-    // (a name of this process and instant: another's, or one a kill left, is not touched)
+    // (a name of this process and instant: another's is not touched; those of killed
+    // processes are removed below once the folder proved writable)
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
