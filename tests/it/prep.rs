@@ -249,6 +249,19 @@ fn verify_detects_a_corrupted_shard() {
         "{err}"
     );
     let args = ["--data", data.to_str().unwrap(), "--cache", root.to_str().unwrap()];
+    // holding a user's files (notes, a run trained into it): refused, nothing removed (the
+    // rebuild deleted them without a word)
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    std::fs::create_dir(dir.join("run1")).unwrap();
+    let (code, out, err) = prep(&[&args[..], &["--verify"]].concat());
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("is damaged") && err.contains("(notes.txt, run1/), which rebuilding it would delete"),
+        "{err}"
+    );
+    assert!(dir.join("notes.txt").exists() && dir.join("run1").is_dir() && shard.exists());
+    std::fs::remove_file(dir.join("notes.txt")).unwrap();
+    std::fs::remove_dir(dir.join("run1")).unwrap();
     let (code, out, err) = prep(&[&args[..], &["--verify"]].concat());
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(err.contains("is damaged") && err.contains("rebuilding it"), "{err}");

@@ -129,7 +129,7 @@ pub fn classify(path: &Path, file_name: &str) -> Option<Entry> {
             kind,
             name,
             pid,
-            alive: pid == std::process::id() || gz_schema::process::process_alive(pid),
+            alive: writer_alive(path, pid),
         }
     } else if file_name.starts_with('.') {
         return None;
@@ -182,9 +182,30 @@ fn holds_only_writer_files(dir: &Path) -> bool {
             let n = e.file_name();
             let n = n.to_string_lossy();
             e.file_type().is_ok_and(|t| t.is_file())
-                && (n == MANIFEST_FILE || n.ends_with(".shard") || n.ends_with(".labels") || n.ends_with(".index"))
+                && (n == MANIFEST_FILE
+                    || n == crate::writer::WRITER_FILE
+                    || n.ends_with(".shard")
+                    || n.ends_with(".labels")
+                    || n.ends_with(".index"))
         })
     })
+}
+
+/// Whether the writer of the leftover folder `dir`, named for process `pid`, still runs: by
+/// the holder its [`crate::writer::WRITER_FILE`] records (process id and start), so that a
+/// killed writer's id come round again to another process (PID 1 in a restarted container)
+/// is not taken for it; by the id alone where the folder records none (a writer of an earlier
+/// gz, or one that had removed it before its final rename).
+pub fn writer_alive(dir: &Path, pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    match fs::read_to_string(dir.join(crate::writer::WRITER_FILE)) {
+        Ok(tag) if gz_schema::process::holder_pid(&tag) == Some(pid) => {
+            gz_schema::process::holder_alive(&tag).unwrap_or(true)
+        }
+        _ => gz_schema::process::process_alive(pid),
+    }
 }
 
 /// What `dir` holds that the shard writer does not write (names, sorted; a folder's with a
@@ -497,6 +518,29 @@ mod tests {
         fs::write(dead.join("test-00000.shard"), b"x").unwrap();
         remove(&dead).unwrap();
         assert!(!dead.exists());
+        // a killed writer's id come round again to another process (PID 1 in a restarted
+        // container; here init): its recorded start tells them apart; with no record (an
+        // earlier gz's folder) the id alone is judged, and it runs
+        #[cfg(target_os = "linux")]
+        if let Some(ticks) = gz_schema::process::start_ticks(1) {
+            let reused = root.join(".c.tmp-1");
+            fs::create_dir(&reused).unwrap();
+            fs::write(reused.join("train-00000.shard"), b"x").unwrap();
+            let e = remove(&reused).unwrap_err().to_string();
+            assert!(e.contains("still writing"), "{e}");
+            fs::write(reused.join(crate::writer::WRITER_FILE), format!("1 {}", ticks + 1)).unwrap();
+            assert!(scan_root(root)
+                .unwrap()
+                .iter()
+                .any(|e| e.path == reused && e.is_dead_leftover()));
+            remove(&reused).unwrap();
+            assert!(!reused.exists());
+            // its own start recorded: the writer runs
+            fs::create_dir(&reused).unwrap();
+            fs::write(reused.join(crate::writer::WRITER_FILE), format!("1 {ticks}")).unwrap();
+            assert!(remove(&reused).unwrap_err().to_string().contains("still writing"));
+            fs::remove_dir_all(&reused).unwrap();
+        }
         // another tool's hidden folder named like a leftover (a root named by mistake, `~`)
         let theirs = root.join(".notes.tmp-4194305");
         fs::create_dir(&theirs).unwrap();

@@ -40,6 +40,8 @@ fn round_trip() {
     let t = tempfile::tempdir().unwrap();
     let dir = write(t.path(), 10, 3, 4);
     let c = Cache::open(&dir).unwrap();
+    // (the writer's record of its holder is not part of the cache)
+    assert_eq!(crate::inventory::foreign_files(&dir), Vec::<String>::new());
     assert_eq!(c.config_hash(), "abc123");
     assert_eq!(c.prep_config(), &cfg());
     assert_eq!(c.dir(), dir.as_path());
@@ -98,6 +100,27 @@ fn incomplete_cache_is_rejected() {
     let e = Cache::open(&dir).unwrap_err();
     assert!(matches!(e, ShardError::Incomplete { .. }), "{e}");
     assert!(e.to_string().contains("no manifest.json"));
+}
+
+/// An incomplete cache (no manifest) at the cache's place is replaced by a new one, unless it
+/// holds files the writer does not write: then the writer refuses before any work, naming them.
+#[test]
+fn an_incomplete_cache_holding_a_users_files_is_not_replaced() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = write(t.path(), 3, 1, 4);
+    fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
+    fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let e = CacheWriter::create(&dir, &cfg(), "abc123", 4).unwrap_err().to_string();
+    assert!(e.contains("(notes.txt), which replacing it would delete"), "{e}");
+    assert!(dir.join("notes.txt").exists() && dir.join("train-00000.shard").exists());
+    // its own files only: replaced
+    fs::remove_file(dir.join("notes.txt")).unwrap();
+    let mut w = CacheWriter::create(&dir, &cfg(), "abc123", 4).unwrap();
+    let mut s = w.begin_split("train", [3, 4, 4], true).unwrap();
+    s.push(7, &img(7, 48), Some(&lab(7))).unwrap();
+    w.end_split(s).unwrap();
+    let c = Cache::open(&w.finish(serde_json::Value::Null).unwrap()).unwrap();
+    assert_eq!(c.train().unwrap().ids(), [7]);
 }
 
 #[test]

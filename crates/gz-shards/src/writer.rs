@@ -6,7 +6,8 @@
 //! (`manifest.json`) is written last, then the directory is fsynced and renamed to its final
 //! name. A cache directory without a manifest is never complete, and a killed writer only ever
 //! leaves a `.tmp-` directory behind (removed by the next writer for the same cache once its
-//! process is gone). Neighbour: `reader` opens what this writes; gz-preprocess drives it.
+//! process is gone: the folder's `.writer` file records the writer's id and start, so another
+//! process that got the id later is not taken for it). Neighbour: `reader` opens what this writes; gz-preprocess drives it.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -17,6 +18,10 @@ use half::f16;
 use crate::format::{Header, Kind};
 use crate::manifest::{FileEntry, Manifest, SplitManifest, MANIFEST_FILE};
 use crate::{io_err, ShardError};
+
+/// The file in a writer's temporary folder that records its holder
+/// ([`gz_schema::process::holder_tag`]): removed before the folder becomes the cache.
+pub const WRITER_FILE: &str = ".writer";
 
 /// Default number of images per shard file (every shard but the last holds exactly this many).
 pub const DEFAULT_ROWS_PER_SHARD: usize = 4096;
@@ -70,12 +75,18 @@ impl CacheWriter {
                 final_dir.display()
             )));
         }
+        // an incomplete leftover at the cache's place is replaced when the new cache is done:
+        // refused now, before the work, if it holds anything the writer does not write
+        refuse_foreign(final_dir)?;
         remove_stale_tmp_dirs(parent, name);
         let tmp_dir = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         if tmp_dir.exists() {
             fs::remove_dir_all(&tmp_dir).map_err(|e| io_err(&tmp_dir, e))?;
         }
         fs::create_dir(&tmp_dir).map_err(|e| io_err(&tmp_dir, e))?;
+        // who writes here (id and start), for the judges of a killed writer's folder
+        let holder = tmp_dir.join(WRITER_FILE);
+        fs::write(&holder, gz_schema::process::holder_tag()).map_err(|e| io_err(&holder, e))?;
         let config_json = serde_json::to_string(config).map_err(|e| ShardError::Invalid(e.to_string()))?;
         Ok(CacheWriter {
             final_dir: final_dir.to_path_buf(),
@@ -163,6 +174,9 @@ impl CacheWriter {
             f.write_all(&text).map_err(|e| io_err(&mpath, e))?;
             f.sync_all().map_err(|e| io_err(&mpath, e))?;
         }
+        // (not part of the cache; a kill from here on leaves a folder judged by its id alone)
+        let holder = self.tmp_dir.join(WRITER_FILE);
+        fs::remove_file(&holder).map_err(|e| io_err(&holder, e))?;
         sync_dir(&self.tmp_dir)?;
         if self.final_dir.join(MANIFEST_FILE).exists() {
             // Someone else won the race; theirs is as good as ours.
@@ -171,7 +185,9 @@ impl CacheWriter {
             return Ok(self.final_dir.clone());
         }
         if self.final_dir.exists() {
-            // An incomplete leftover (no manifest): never trusted, replace it.
+            // An incomplete leftover (no manifest): never trusted, replace it (unless a user's
+            // files came into it meanwhile).
+            refuse_foreign(&self.final_dir)?;
             fs::remove_dir_all(&self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
         }
         fs::rename(&self.tmp_dir, &self.final_dir).map_err(|e| io_err(&self.final_dir, e))?;
@@ -181,6 +197,27 @@ impl CacheWriter {
         self.finished = true;
         Ok(self.final_dir.clone())
     }
+}
+
+/// Refuses to replace a folder at a cache's place (one with no manifest: an incomplete
+/// leftover) that holds files the writer does not write ([`crate::inventory::foreign_files`]):
+/// a user's notes or a run there were deleted with the leftover.
+fn refuse_foreign(dir: &Path) -> Result<(), ShardError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let foreign = crate::inventory::foreign_files(dir);
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+    Err(ShardError::Invalid(format!(
+        "{}: an incomplete cache (no {MANIFEST_FILE}) that also holds files the cache writer did not write ({}{}), \
+         which replacing it would delete: move them out of it, then run again",
+        dir.display(),
+        shown.join(", "),
+        if foreign.len() > shown.len() { ", …" } else { "" }
+    )))
 }
 
 impl Drop for CacheWriter {
@@ -413,7 +450,7 @@ pub fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
         let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() && !gz_schema::process::process_alive(pid) {
+        if !crate::inventory::writer_alive(&e.path(), pid) {
             let _ = fs::remove_dir_all(e.path());
         }
     }

@@ -138,6 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // --verify: a cache that exists but fails to open or to match its checksums is rebuilt
     // (moved aside and removed first, so no reader takes the damaged one for whole)
     let damaged = |dir: &Path, e: &dyn std::fmt::Display| -> anyhow::Result<()> {
+        refuse_foreign(dir, &format!("is damaged ({e})"))?;
         eprintln!("warning: the cache {} is damaged ({e}); rebuilding it", dir.display());
         remove_cache(dir)
     };
@@ -169,6 +170,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         // an input the cache left out as unreadable can be read now: prepared again with it
         Err(gz_preprocess::PrepError::StaleCache { dir, path, reason }) => {
+            refuse_foreign(
+                &dir,
+                &format!(
+                    "left out {} as unreadable ({reason}), and it can be read now",
+                    super::shown(&path)
+                ),
+            )?;
             eprintln!(
                 "warning: the cache {} left out {} as unreadable ({reason}), and it can be read now; rebuilding the cache",
                 dir.display(),
@@ -303,6 +311,24 @@ pub(crate) fn greyscale_warning(n: usize, example: Option<&Path>) -> String {
         "{what} (one channel{}): {each} copied to the three colour channels, but the models are trained on \
          colour images, so their predictions for {these} can be far off",
         example.map_or_else(String::new, |p| format!(", e.g. {}", p.display()))
+    )
+}
+
+/// Refuses to rebuild the cache `dir` (`why` it would be: "is damaged (…)") when it holds files
+/// the cache writer did not write: a user's notes, a run trained into it, which rebuilding
+/// deleted without a word (`gz cache prune` and `remove` keep such caches).
+fn refuse_foreign(dir: &Path, why: &str) -> anyhow::Result<()> {
+    let foreign = gz_shards::inventory::foreign_files(dir);
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+    anyhow::bail!(
+        "the cache {} {why}, but it also holds files the cache writer did not write ({}{}), which rebuilding it \
+         would delete: move them out of it, then run gz prep again",
+        dir.display(),
+        shown.join(", "),
+        if foreign.len() > shown.len() { ", …" } else { "" }
     )
 }
 
