@@ -918,10 +918,16 @@ fn decode_as(
     if comps.is_empty() || width == 0 || height == 0 {
         return Err("no frame header before the scan".into());
     }
-    if adobe || !(comps.len() == 1 || comps.len() == 3) {
+    // the colour transforms and sampling layouts this decoder turns into pixels; the scan check
+    // reads every baseline layout (CMYK, RGB-coded, 4:1:1, …: jpeg-decoder decoded their
+    // damaged data to a wrong picture without a word)
+    if !check_only && (adobe || !(comps.len() == 1 || comps.len() == 3)) {
         return Ok(false);
     }
-    if comps.len() == 3 && comps.iter().map(|c| c.id).eq(*b"RGB") {
+    if !check_only && comps.len() == 3 && comps.iter().map(|c| c.id).eq(*b"RGB") {
+        return Ok(false);
+    }
+    if comps.len() > 4 {
         return Ok(false);
     }
     let crop = cfg.crop as usize;
@@ -950,7 +956,10 @@ fn decode_as(
     let hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
     let vmax = comps.iter().map(|c| c.v).max().unwrap_or(1);
     for c in &comps {
-        if c.h == 0 || c.v == 0 || !(hmax == c.h || hmax == 2 * c.h) || !(vmax == c.v || vmax == 2 * c.v) {
+        if c.h == 0 || c.v == 0 || c.h > 4 || c.v > 4 {
+            return Ok(false);
+        }
+        if !check_only && !((hmax == c.h || hmax == 2 * c.h) && (vmax == c.v || vmax == 2 * c.v)) {
             return Ok(false);
         }
         if c.tq > 3 || !qt_set[c.tq] || c.td > 3 || c.ta > 3 || dc[c.td].is_none() || ac[c.ta].is_none() {

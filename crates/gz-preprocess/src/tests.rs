@@ -1551,3 +1551,67 @@ fn structured_damage_never_panics() {
         }
     }
 }
+
+/// The layouts only the generic decoder turns into pixels (CMYK, YCCK, 4:1:1 and 4:1:0
+/// sampling) have their entropy-coded data checked too: a block of zeros in the middle (a
+/// partly downloaded file) or a file cut short and closed with an EOI marker is an error, where
+/// jpeg-decoder decoded them to a wrong picture without a word; the sound files pass, at the
+/// fast path's sizes and at the generic path's.
+#[test]
+fn damaged_data_of_generic_only_layouts_is_reported() {
+    use jpeg_encoder::{ColorType, SamplingFactor};
+    let rgb = synthetic(424, 424);
+    let cmyk: Vec<u8> = rgb
+        .chunks(3)
+        .flat_map(|p| [255 - p[0], 255 - p[1], 255 - p[2], 0])
+        .collect();
+    let files = [
+        ("cmyk", encode(&cmyk, 424, 424, ColorType::Cmyk, |_| {})),
+        ("ycck", encode(&cmyk, 424, 424, ColorType::CmykAsYcck, |_| {})),
+        // a real galaxy at half size, 4:1:1 in one interleaved scan as libjpeg writes it (`djpeg
+        // -scale 1/2 -ppm`, `cjpeg -sample 4x1,1x1,1x1 -quality 90`; jpeg-encoder writes such
+        // sampling as one scan per component, which no check here reads)
+        ("4:1:1", include_bytes!("../testdata/real-411.jpg").to_vec()),
+    ];
+    // (jpeg-encoder's 4:1:1: left to the generic decoder, unchecked)
+    let separate = encode(&rgb, 424, 424, ColorType::Rgb, |e| {
+        e.set_sampling_factor(SamplingFactor::R_4_1_1)
+    });
+    assert!(matches!(
+        fast::check_scan(&separate, &PrepConfig::default()),
+        fast::Outcome::NotApplicable
+    ));
+    for cfg in [
+        PrepConfig::default(),
+        PrepConfig {
+            filter: Filter::Bicubic,
+            ..PrepConfig::default()
+        },
+    ] {
+        for (what, good) in &files {
+            assert!(
+                matches!(
+                    fast::try_prep(good, &cfg, &mut vec![f16::ZERO; cfg.image_len()]),
+                    fast::Outcome::NotApplicable
+                ),
+                "{what}: the fast path's own"
+            );
+            let o = fast::check_scan(good, &cfg);
+            assert!(matches!(o, fast::Outcome::Done), "{what}: {o:?}");
+            prep_jpeg(good, &cfg).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let scan = scan_range(good);
+            let mid = (scan.start + scan.end) / 2;
+            let mut zeroed = good.clone();
+            zeroed[mid - 2048..mid + 2048].fill(0);
+            let mut cut = good[..mid].to_vec();
+            cut.extend_from_slice(&[0xFF, 0xD9]);
+            for (how, bad) in [("zeroed", &zeroed), ("cut", &cut)] {
+                assert!(
+                    prep_jpeg(bad, &cfg).is_err(),
+                    "{what}, {how}, {:?}: accepted",
+                    cfg.filter
+                );
+            }
+        }
+    }
+}
