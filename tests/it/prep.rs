@@ -636,6 +636,14 @@ fn small_refusals_and_notes() {
         code == Some(0) && err.contains("--rows-per-shard 2 is not applied"),
         "{out}\n{err}"
     );
+    // a cache built with another value, hit by a command that asks for none: no note (it
+    // named the default 4096 the user never gave)
+    let c2 = t.path().join("cache2");
+    let c2 = c2.to_str().unwrap();
+    let (code, out, err) = prep(&["--data", d, "--cache", c2, "--size", "16", "--rows-per-shard", "2"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = prep(&["--data", d, "--cache", c2, "--size", "16"]);
+    assert!(code == Some(0) && !err.contains("rows-per-shard"), "{out}\n{err}");
     // a dataset whose labels name no image it has: a cache without training images
     let empty = mini(&t.path().join("e"));
     for e in std::fs::read_dir(empty.join("images_training_rev1")).unwrap() {

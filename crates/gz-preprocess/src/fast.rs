@@ -895,10 +895,18 @@ fn decode_as(
                 for i in 0..ns {
                     let cid = seg[1 + 2 * i];
                     let t = seg[2 + 2 * i];
-                    let c = comps
-                        .iter_mut()
-                        .find(|c| c.id == cid)
-                        .ok_or("scan names an unknown component")?;
+                    // an interleaved scan lists the frame's components in the frame's order
+                    // (ITU T.81 B.2.3), as jpeg-decoder requires on the other path: a file
+                    // accepted here and refused there was prepared or skipped by config
+                    if comps[i].id != cid {
+                        return Err(if comps.iter().any(|c| c.id == cid) {
+                            "the scan's components are not in the frame's order (a repeated or misplaced identifier)"
+                                .into()
+                        } else {
+                            "scan names an unknown component".into()
+                        });
+                    }
+                    let c = &mut comps[i];
                     c.td = (t >> 4) as usize;
                     c.ta = (t & 15) as usize;
                 }

@@ -1615,3 +1615,35 @@ fn damaged_data_of_generic_only_layouts_is_reported() {
         }
     }
 }
+
+/// A scan whose components are not in the frame's order (swapped, or one named twice) is
+/// refused on every path: the fast path took it (the same pixels) where jpeg-decoder refused
+/// it, so whether the image was prepared depended on the config (found by QA).
+#[test]
+fn a_scan_out_of_the_frames_order_is_refused_by_every_config() {
+    let good = std::fs::read(&real_jpegs()[1]).unwrap();
+    let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    // SOS: FF DA, length (2), ns, then (id, tables) per component
+    assert_eq!(good[sos + 4], 3);
+    let (c1, c2) = (sos + 5, sos + 7);
+    let mut swapped = good.clone();
+    swapped.swap(c1, c2);
+    let mut twice = good.clone();
+    twice[c2] = twice[c1];
+    for cfg in [
+        PrepConfig::default(),
+        PrepConfig {
+            size: 32,
+            ..PrepConfig::default()
+        },
+        PrepConfig {
+            filter: Filter::Bicubic,
+            ..PrepConfig::default()
+        },
+    ] {
+        prep_jpeg(&good, &cfg).unwrap();
+        for (what, b) in [("swapped", &swapped), ("twice", &twice)] {
+            assert!(prep_jpeg(b, &cfg).is_err(), "{what}, {cfg:?}: accepted");
+        }
+    }
+}

@@ -40,9 +40,9 @@ pub struct Args {
     /// Re-check every checksum of the cache (after preparing it, or of --cache alone).
     #[arg(long)]
     verify: bool,
-    /// Images per shard file.
-    #[arg(long, default_value_t = gz_shards::DEFAULT_ROWS_PER_SHARD)]
-    rows_per_shard: usize,
+    /// Images per shard file [default: 4096].
+    #[arg(long)]
+    rows_per_shard: Option<usize>,
 }
 
 fn parse_filter(s: &str) -> Result<Filter, String> {
@@ -115,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = RunOptions::new(&data, &cache_root);
     opts.threads = args.threads;
     opts.strict = args.strict;
-    opts.rows_per_shard = args.rows_per_shard;
+    opts.rows_per_shard = args.rows_per_shard.unwrap_or(gz_shards::DEFAULT_ROWS_PER_SHARD);
     // Ctrl-C or SIGTERM while decoding: stop after the chunk being decoded, the unfinished
     // cache removed (outside the decoding a signal ends gz as usual)
     opts.stop_requested = Some(|| crate::interrupt::requested().is_some());
@@ -224,16 +224,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             super::count(summary.test, "test image"),
             summary.elapsed_s
         );
-        // (compared with the cache's own: a cache built with the same value says nothing)
+        // (compared with the cache's own: a cache built with the same value says nothing, nor
+        // does a command that did not ask for one)
         let built_with = gz_shards::Cache::open(&summary.cache_dir)
             .ok()
             .and_then(|c| c.train().or(c.test()).map(|s| s.rows_per_shard()));
-        if built_with.is_some_and(|r| r != args.rows_per_shard) {
-            eprintln!(
-                "note: --rows-per-shard {} is not applied to a cache that exists (its shards keep their size: the \
-                 rows are the same); `gz cache remove` it first to rewrite it",
-                args.rows_per_shard
-            );
+        if let (Some(asked), Some(built)) = (args.rows_per_shard, built_with) {
+            if asked != built {
+                eprintln!(
+                    "note: --rows-per-shard {asked} is not applied to a cache that exists (its shards keep their size \
+                     ({built}): the rows are the same); `gz cache remove` it first to rewrite it"
+                );
+            }
         }
     } else {
         let n = summary.train + summary.test + summary.skipped.len();
