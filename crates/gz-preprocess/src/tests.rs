@@ -1625,11 +1625,13 @@ fn a_scan_out_of_the_frames_order_is_refused_by_every_config() {
     let sos = good.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
     // SOS: FF DA, length (2), ns, then (id, tables) per component
     assert_eq!(good[sos + 4], 3);
-    let (c1, c2) = (sos + 5, sos + 7);
+    // Cb and Cr (the same tables: the fast path decoded the same pixels from it)
+    let (cb, cr) = (sos + 7, sos + 9);
+    assert_eq!(good[cb + 1], good[cr + 1]);
     let mut swapped = good.clone();
-    swapped.swap(c1, c2);
+    swapped.swap(cb, cr);
     let mut twice = good.clone();
-    twice[c2] = twice[c1];
+    twice[cr] = twice[cb];
     for cfg in [
         PrepConfig::default(),
         PrepConfig {
