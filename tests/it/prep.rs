@@ -237,6 +237,15 @@ fn verify_detects_a_corrupted_shard() {
     let n = b.len();
     b[n - 10] ^= 0x10;
     std::fs::write(&shard, b).unwrap();
+    // the cache root named instead of the cache: its cache named (it said "not a gz cache, or
+    // an incomplete one")
+    let (code, _, err) = prep(&["--verify", "--cache", root.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("is a cache root holding 1 cache, not a cache")
+            && err.contains(&format!("--cache {}", dir.display())),
+        "{err}"
+    );
     let (code, _, err) = prep(&["--verify", "--cache", dir.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert!(

@@ -393,6 +393,25 @@ fn note_superseded(cache_root: &Path, data: &Path, key: &str) {
 }
 
 fn verify(dir: &Path) -> anyhow::Result<()> {
+    // a cache root (the folder caches are written in) named for a cache: its caches are named
+    if !dir.join(gz_shards::MANIFEST_FILE).exists() {
+        let caches: Vec<PathBuf> = gz_shards::inventory::scan_root(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| matches!(e.state, gz_shards::inventory::EntryState::Complete(_)))
+            .map(|e| e.path)
+            .collect();
+        if let Some(first) = caches.first() {
+            anyhow::bail!(
+                "{} is a cache root holding {}, not a cache: pass one of them (e.g. --cache {}; `gz cache list {}` \
+                 lists them)",
+                dir.display(),
+                super::count(caches.len(), "cache"),
+                first.display(),
+                dir.display()
+            );
+        }
+    }
     let cache = gz_shards::Cache::open(dir).with_context(|| format!("opening cache {}", dir.display()))?;
     let n = cache
         .verify()
