@@ -434,7 +434,10 @@ pub fn foreign_files(dir: &Path) -> Vec<String> {
 
 /// Removes what [`generate`] writes in `dir` (and nothing else). Refuses, before removing
 /// anything, when the image folders hold other files ([`foreign_files`]): they would go with
-/// the folders.
+/// the folders. The in-progress mark ([`IN_PROGRESS`]) is written first and kept: a clean
+/// killed or failing part-way leaves a set gz synth still knows for its own unfinished one
+/// (without it, what was left had neither mark and passed for a real download that no
+/// `gz synth --force` replaced).
 pub fn clean(dir: &Path) -> Result<(), SynthError> {
     let foreign = foreign_files(dir);
     if !foreign.is_empty() {
@@ -452,7 +455,12 @@ pub fn clean(dir: &Path) -> Result<(), SynthError> {
             if foreign.len() == 1 { "it" } else { "them" }
         )));
     }
-    for p in output_paths(dir) {
+    let in_progress = dir.join(IN_PROGRESS);
+    write_atomic(
+        &in_progress,
+        b"gz synth is writing this dataset; synth.json marks it complete\n",
+    )?;
+    for p in output_paths(dir).into_iter().filter(|p| *p != in_progress) {
         let r = if p.is_dir() {
             std::fs::remove_dir_all(&p)
         } else {
@@ -956,6 +964,28 @@ mod tests {
         let _ = writer.wait();
         result.unwrap();
         assert!(images.join(&live).exists(), "{:?}", names(&images));
+    }
+
+    /// A clean leaves the in-progress mark (written before anything is removed), so a clean
+    /// stopped part-way is gz synth's unfinished set, not a folder of unmarked images that
+    /// passed for a real download.
+    #[test]
+    fn a_clean_keeps_the_in_progress_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig {
+            train: 2,
+            test: 1,
+            seed: 3,
+            ..SynthConfig::default()
+        };
+        generate(dir.path(), &cfg, &|_| {}).unwrap();
+        assert!(!dir.path().join(IN_PROGRESS).exists());
+        clean(dir.path()).unwrap();
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [IN_PROGRESS]);
     }
 
     #[test]

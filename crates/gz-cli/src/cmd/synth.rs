@@ -161,11 +161,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Target::Same if !args.force => {
             // a run killed between writing synth.json and removing its in-progress mark left
             // the mark beside a whole set (synth.json matches; this run holds the folder)
+            // (only when it is there: on a read-only disk removing a missing file fails as
+            // "Read-only file system", and an up-to-date set there was refused)
             let mark = out.join(gz_synth::IN_PROGRESS);
-            match std::fs::remove_file(&mark) {
-                Ok(()) => eprintln!("removed {}, left by a run killed as it finished", mark.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", mark.display())),
+            if mark.symlink_metadata().is_ok() {
+                match std::fs::remove_file(&mark) {
+                    Ok(()) => eprintln!("removed {}, left by a run killed as it finished", mark.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", mark.display())),
+                }
             }
             println!(
                 "up to date: {} already holds this dataset (train {}, test {}, seed {}); --force regenerates it",
