@@ -810,11 +810,21 @@ fn an_input_skipped_as_unreadable_is_read_once_it_can_be() {
         "{out}\n{err}"
     );
     assert!(!err.contains("rebuilding"), "{err}");
-    // readable now: rebuilt, with the image
+    // readable now: rebuilt, with the image; but not while the cache holds a user's files,
+    // which the rebuild would delete: then used as it is, said so (it failed)
     record(&[
         "images_training_rev1/999999.jpg",
         &format!("images_training_rev1/{image}"),
     ]);
+    std::fs::write(cache.join("notes.txt"), "mine").unwrap();
+    let (code, out, err) = prep(&args);
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(
+        err.contains("(notes.txt), which rebuilding it would delete") && err.contains("the cache is used as it is"),
+        "{err}"
+    );
+    assert!(out.contains("cache hit") && cache.join("notes.txt").exists(), "{out}");
+    std::fs::remove_file(cache.join("notes.txt")).unwrap();
     let (code, out, err) = prep(&args);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(

@@ -789,6 +789,7 @@ fn decode_as(
     let (mut width, mut height) = (0usize, 0usize);
     let mut restart_interval = 0usize;
     let mut adobe = false;
+    let mut baseline = false;
     let mut p = 2;
     // marker segments up to SOS
     let scan_start = loop {
@@ -817,6 +818,7 @@ fn decode_as(
                 if seg.len() < 6 || seg[0] != 8 {
                     return Ok(false); // not 8-bit
                 }
+                baseline = marker == 0xC0;
                 height = be16(seg, 1)?;
                 width = be16(seg, 3)?;
                 crate::check_dimensions(width, height)?;
@@ -826,6 +828,11 @@ fn decode_as(
                 }
                 for i in 0..n {
                     let c = &seg[6 + 3 * i..9 + 3 * i];
+                    // refused as jpeg-decoder refuses it (accepted here, a file's fate hung
+                    // on the config)
+                    if comps.iter().any(|k: &Component| k.id == c[0]) {
+                        return Err(format!("duplicate frame component identifier {}", c[0]));
+                    }
                     comps.push(Component {
                         id: c[0],
                         h: (c[1] >> 4) as usize,
@@ -957,6 +964,19 @@ fn decode_as(
         }
         _ => return Ok(false),
     };
+    // sampling factors outside 1..=4 are invalid even for one component (checked before the
+    // single-component scan's layout ignores them)
+    if comps.iter().any(|c| c.h == 0 || c.v == 0 || c.h > 4 || c.v > 4) {
+        return Err("invalid sampling factor in the frame header".into());
+    }
+    // an interleaved scan holds at most 10 blocks per MCU (T.81 B.2.3), and a baseline frame's
+    // components use Huffman tables 0 and 1 only (as jpeg-decoder checks)
+    if comps.len() > 1 && comps.iter().map(|c| c.h * c.v).sum::<usize>() > 10 {
+        return Err("more than 10 blocks per MCU in an interleaved scan".into());
+    }
+    if baseline && comps.iter().any(|c| c.td > 1 || c.ta > 1) {
+        return Err("a baseline scan uses a Huffman table above 1".into());
+    }
     if comps.len() == 1 {
         comps[0].h = 1;
         comps[0].v = 1;
@@ -964,9 +984,6 @@ fn decode_as(
     let hmax = comps.iter().map(|c| c.h).max().unwrap_or(1);
     let vmax = comps.iter().map(|c| c.v).max().unwrap_or(1);
     for c in &comps {
-        if c.h == 0 || c.v == 0 || c.h > 4 || c.v > 4 {
-            return Ok(false);
-        }
         if !check_only && !((hmax == c.h || hmax == 2 * c.h) && (vmax == c.v || vmax == 2 * c.v)) {
             return Ok(false);
         }

@@ -58,6 +58,10 @@ pub struct RunOptions {
     /// Polled after every chunk of images: `true` stops the run with
     /// [`PrepError::Interrupted`], the unfinished cache removed (`gz prep` passes its Ctrl-C).
     pub stop_requested: Option<fn() -> bool>,
+    /// Takes a cache that left out an input as unreadable for a hit even when that input can
+    /// be read now (no [`PrepError::StaleCache`]): `gz prep` passes it when the cache holds a
+    /// user's files, which rebuilding it would delete.
+    pub keep_stale: bool,
 }
 
 impl RunOptions {
@@ -70,6 +74,7 @@ impl RunOptions {
             strict: false,
             rows_per_shard: gz_shards::DEFAULT_ROWS_PER_SHARD,
             stop_requested: None,
+            keep_stale: false,
         }
     }
 }
@@ -153,7 +158,7 @@ pub fn run_with(
         // readable now, and the dataset key does not see that
         if let Some(s) = skipped
             .iter()
-            .find(|s| s.reason.starts_with(UNREADABLE) && readable(&s.path))
+            .find(|s| !opts.keep_stale && s.reason.starts_with(UNREADABLE) && readable(&s.path))
         {
             return Err(PrepError::StaleCache {
                 dir: cache_dir,

@@ -1553,11 +1553,11 @@ fn structured_damage_never_panics() {
     }
 }
 
-/// The layouts only the generic decoder turns into pixels (CMYK, YCCK, 4:1:1 and 4:1:0
+/// The layouts only the generic decoder turns into pixels (here CMYK, YCCK and 4:1:1
 /// sampling) have their entropy-coded data checked too: a block of zeros in the middle (a
-/// partly downloaded file) or a file cut short and closed with an EOI marker is an error, where
-/// jpeg-decoder decoded them to a wrong picture without a word; the sound files pass, at the
-/// fast path's sizes and at the generic path's.
+/// partly downloaded file) or a file cut short and closed with an EOI marker is an error (the
+/// scan check's own), where jpeg-decoder decoded them to a wrong picture without a word; the
+/// sound files pass, at the fast path's sizes and at the generic path's.
 #[test]
 fn damaged_data_of_generic_only_layouts_is_reported() {
     use jpeg_encoder::{ColorType, SamplingFactor};
@@ -1612,6 +1612,8 @@ fn damaged_data_of_generic_only_layouts_is_reported() {
                     "{what}, {how}, {:?}: accepted",
                     cfg.filter
                 );
+                let o = fast::check_scan(bad, &cfg);
+                assert!(matches!(o, fast::Outcome::Corrupt(_)), "{what}, {how}: {o:?}");
             }
         }
     }
@@ -1633,6 +1635,22 @@ fn a_scan_out_of_the_frames_order_is_refused_by_every_config() {
     swapped.swap(cb, cr);
     let mut twice = good.clone();
     twice[cr] = twice[cb];
+    // and the frame's own faults jpeg-decoder refuses: one identifier for all components
+    // (frame and scan), more than 10 blocks per MCU, a baseline scan naming Huffman table 2
+    let sof = good.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    assert_eq!(good[sof + 9], 3);
+    let frame_comp = |k: usize| sof + 10 + 3 * k;
+    let mut one_id = good.clone();
+    for k in 0..3 {
+        one_id[frame_comp(k)] = 1;
+        one_id[sos + 5 + 2 * k] = 1;
+    }
+    let mut big_mcu = good.clone();
+    for k in 0..3 {
+        big_mcu[frame_comp(k) + 1] = 0x22;
+    }
+    let mut table2 = good.clone();
+    table2[cr + 1] = 0x22;
     for cfg in [
         PrepConfig::default(),
         PrepConfig {
@@ -1645,7 +1663,13 @@ fn a_scan_out_of_the_frames_order_is_refused_by_every_config() {
         },
     ] {
         prep_jpeg(&good, &cfg).unwrap();
-        for (what, b) in [("swapped", &swapped), ("twice", &twice)] {
+        for (what, b) in [
+            ("swapped", &swapped),
+            ("twice", &twice),
+            ("one id", &one_id),
+            ("12 blocks per MCU", &big_mcu),
+            ("table 2", &table2),
+        ] {
             assert!(prep_jpeg(b, &cfg).is_err(), "{what}, {cfg:?}: accepted");
         }
     }

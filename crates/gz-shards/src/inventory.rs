@@ -197,14 +197,23 @@ fn holds_only_writer_files(dir: &Path) -> bool {
 /// is not taken for it; by the id alone where the folder records none (a writer of an earlier
 /// gz, or one that had removed it before its final rename).
 pub fn writer_alive(dir: &Path, pid: u32) -> bool {
-    if pid == std::process::id() {
-        return true;
-    }
+    // the record first: this process may have got a killed writer's id (PID 1 again in a
+    // restarted container), and its own live folder records its own start
     match fs::read_to_string(dir.join(crate::writer::WRITER_FILE)) {
         Ok(tag) if gz_schema::process::holder_pid(&tag) == Some(pid) => {
             gz_schema::process::holder_alive(&tag).unwrap_or(true)
         }
-        _ => gz_schema::process::process_alive(pid),
+        _ => pid == std::process::id() || gz_schema::process::process_alive(pid),
+    }
+}
+
+/// The newest modification under `dir` (itself included), for judging whether a writer's folder
+/// is still written to.
+pub fn newest_write(dir: &Path) -> Option<SystemTime> {
+    let own = fs::metadata(dir).and_then(|m| m.modified()).ok();
+    match (usage(dir).1, own) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -540,6 +549,16 @@ mod tests {
             fs::write(reused.join(crate::writer::WRITER_FILE), format!("1 {ticks}")).unwrap();
             assert!(remove(&reused).unwrap_err().to_string().contains("still writing"));
             fs::remove_dir_all(&reused).unwrap();
+            // this very process got a killed writer's id: judged by the record, not the id
+            let me = std::process::id();
+            let mine = root.join(format!(".d.tmp-{me}"));
+            fs::create_dir(&mine).unwrap();
+            let own = gz_schema::process::start_ticks(me).unwrap();
+            fs::write(mine.join(crate::writer::WRITER_FILE), format!("{me} {}", own + 1)).unwrap();
+            assert!(!writer_alive(&mine, me));
+            fs::write(mine.join(crate::writer::WRITER_FILE), format!("{me} {own}")).unwrap();
+            assert!(writer_alive(&mine, me));
+            fs::remove_dir_all(&mine).unwrap();
         }
         // another tool's hidden folder named like a leftover (a root named by mistake, `~`)
         let theirs = root.join(".notes.tmp-4194305");

@@ -23,6 +23,10 @@ use crate::{io_err, ShardError};
 /// ([`gz_schema::process::holder_tag`]): removed before the folder becomes the cache.
 pub const WRITER_FILE: &str = ".writer";
 
+/// How long a writer's folder whose recorded holder is gone, while a process of its id runs,
+/// must have gone unwritten before another writer removes it (as `gz cache prune` waits).
+const QUIET_LEFTOVER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// Default number of images per shard file (every shard but the last holds exactly this many).
 pub const DEFAULT_ROWS_PER_SHARD: usize = 4096;
 
@@ -86,7 +90,10 @@ impl CacheWriter {
         fs::create_dir(&tmp_dir).map_err(|e| io_err(&tmp_dir, e))?;
         // who writes here (id and start), for the judges of a killed writer's folder
         let holder = tmp_dir.join(WRITER_FILE);
-        fs::write(&holder, gz_schema::process::holder_tag()).map_err(|e| io_err(&holder, e))?;
+        if let Err(e) = fs::write(&holder, gz_schema::process::holder_tag()) {
+            let _ = fs::remove_dir_all(&tmp_dir);
+            return Err(io_err(&holder, e));
+        }
         let config_json = serde_json::to_string(config).map_err(|e| ShardError::Invalid(e.to_string()))?;
         Ok(CacheWriter {
             final_dir: final_dir.to_path_buf(),
@@ -176,7 +183,10 @@ impl CacheWriter {
         }
         // (not part of the cache; a kill from here on leaves a folder judged by its id alone)
         let holder = self.tmp_dir.join(WRITER_FILE);
-        fs::remove_file(&holder).map_err(|e| io_err(&holder, e))?;
+        match fs::remove_file(&holder) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&holder, e)),
+            _ => {}
+        }
         sync_dir(&self.tmp_dir)?;
         if self.final_dir.join(MANIFEST_FILE).exists() {
             // Someone else won the race; theirs is as good as ours.
@@ -450,7 +460,16 @@ pub fn remove_stale_tmp_dirs(parent: &Path, name: &str) {
         let Some(pid) = fname.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if !crate::inventory::writer_alive(&e.path(), pid) {
+        // a process of that id runs, but its recorded start says it is another: removed
+        // only once nothing was written there for a while (a live writer in another container
+        // sharing the folder may have an id this machine runs too)
+        let quiet = || {
+            crate::inventory::newest_write(&e.path())
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age > QUIET_LEFTOVER)
+        };
+        let gone = pid != std::process::id() && !gz_schema::process::process_alive(pid);
+        if gone || (!crate::inventory::writer_alive(&e.path(), pid) && quiet()) {
             let _ = fs::remove_dir_all(e.path());
         }
     }

@@ -45,6 +45,12 @@ pub struct Args {
     rows_per_shard: Option<usize>,
 }
 
+// (the help above names the default; optional, so that a note can tell an option given)
+const _: () = assert!(
+    gz_shards::DEFAULT_ROWS_PER_SHARD == 4096,
+    "update --rows-per-shard's help"
+);
+
 fn parse_filter(s: &str) -> Result<Filter, String> {
     match s {
         "area" | "box" => Ok(Filter::Area),
@@ -144,9 +150,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // a run with the stop handler in place; a stop ends gz with 128 + the signal, as a shell
     // reports a process the signal ended (an `ExitCode` error: the message is printed here)
-    let run = || -> anyhow::Result<Result<gz_preprocess::RunSummary, gz_preprocess::PrepError>> {
+    let run = |opts: &RunOptions| -> anyhow::Result<Result<gz_preprocess::RunSummary, gz_preprocess::PrepError>> {
         crate::interrupt::install_for_prep();
-        let result = gz_preprocess::run_with(&opts, &cfg, &progress);
+        let result = gz_preprocess::run_with(opts, &cfg, &progress);
         crate::interrupt::restore_default();
         let Some(sig) = crate::interrupt::requested() else {
             return Ok(result);
@@ -163,27 +169,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(crate::ExitCode(128 + sig).into())
     };
-    let result = match run()? {
+    let result = match run(&opts)? {
         Err(gz_preprocess::PrepError::DamagedCache { dir, source }) if args.verify => {
             damaged(&dir, &source)?;
-            run()?
+            run(&opts)?
         }
         // an input the cache left out as unreadable can be read now: prepared again with it
         Err(gz_preprocess::PrepError::StaleCache { dir, path, reason }) => {
-            refuse_foreign(
-                &dir,
-                &format!(
-                    "left out {} as unreadable ({reason}), and it can be read now",
-                    super::shown(&path)
-                ),
-            )?;
-            eprintln!(
-                "warning: the cache {} left out {} as unreadable ({reason}), and it can be read now; rebuilding the cache",
-                dir.display(),
+            let why = format!(
+                "left out {} as unreadable ({reason}), and it can be read now",
                 super::shown(&path)
             );
-            remove_cache(&dir)?;
-            run()?
+            if let Err(e) = refuse_foreign(&dir, &why) {
+                // a whole cache, short of that image: used as it is, not failed (a script's
+                // `gz prep && gz train` went on before the image became readable)
+                eprintln!("warning: {e:#}; the cache is used as it is");
+                opts.keep_stale = true;
+                run(&opts)?
+            } else {
+                eprintln!("warning: the cache {} {why}; rebuilding the cache", dir.display());
+                remove_cache(&dir)?;
+                run(&opts)?
+            }
         }
         r => r,
     };
@@ -208,7 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(n) => verified = Some(n),
             Err(e) => {
                 damaged(&summary.cache_dir, &e)?;
-                summary = run()?.with_context(|| format!("preprocessing {}", data.display()))?;
+                summary = run(&opts)?.with_context(|| format!("preprocessing {}", data.display()))?;
             }
         }
     }
