@@ -387,6 +387,51 @@ pub fn resolve_for_cache(cfg: &TrainConfig, shape: [usize; 3], prep_config: &ser
 /// `resume = false` refuses a directory that already holds a run; `resume = true` continues
 /// from `out_dir/last.*` (weights, optimizer state, epoch, early-stopping state) after checking
 /// that the config (except `epochs`, `patience`, `device`) and the data hash are the same.
+/// Refuses, on the host, a model whose weights, gradients and optimizer state (four f32 copies
+/// of its parameters) need more than the machine's memory: the allocation aborted the process
+/// (VGG16-blog at `--size 1024` has a 2-billion-weight dense layer, 8 GiB a copy).
+fn check_fits_in_memory(model: &ModelConfig, device: &Device) -> Result<(), TrainError> {
+    if device.is_cuda() {
+        return Ok(()); // the device's memory: its allocation fails with an error
+    }
+    match host_memory_bytes() {
+        Some(total) => memory_refusal(model, total).map_or(Ok(()), |m| Err(TrainError::Config(m))),
+        None => Ok(()),
+    }
+}
+
+/// [`check_fits_in_memory`]'s message for a machine of `total` bytes, `None` when it fits.
+fn memory_refusal(model: &ModelConfig, total: u64) -> Option<String> {
+    let params = crate::nets::param_count_of(model);
+    let need = (params as u128) * 16;
+    (need > total as u128).then(|| {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        format!(
+            "{} at {}×{} px has {:.2} billion parameters: its weights, gradients and optimizer state need about \
+             {:.0} GiB, more than this machine's {:.0} GiB of memory; use a smaller --size (or another --model)",
+            model.arch,
+            model.input_size,
+            model.input_size,
+            params as f64 / 1e9,
+            gib(need),
+            gib(total as u128)
+        )
+    })
+}
+
+/// The machine's memory (`MemTotal` of `/proc/meminfo`); `None` where it cannot be read.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line["MemTotal:".len()..]
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
 pub fn train_on(
     cfg: &TrainConfig,
     src: &dyn ImageSource,
@@ -414,9 +459,10 @@ pub fn train_on(
         )));
     }
 
-    // a model the config cannot build (an input side it refuses) is said before anything is
-    // created: no empty run directory behind
+    // a model the config cannot build (an input side it refuses), or whose weights cannot fit
+    // in memory, is said before anything is created: no empty run directory behind
     cfg.model.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+    check_fits_in_memory(&cfg.model, &device)?;
     // so is a source too small to hold out validation images from
     let split = data::holdout(src.len(), cfg.val_fraction, cfg.seed, cfg.max_images)?;
     let last_json = out_dir.join("last.json");
@@ -1541,6 +1587,8 @@ pub fn bench_with(
         )));
     }
     let model_cfg = model_cfg.clone().with_input_size(shape[1]);
+    model_cfg.validate().map_err(|e| TrainError::Config(e.to_string()))?;
+    check_fits_in_memory(&model_cfg, device)?;
     let (model, varmap) = ctx(
         "building the model",
         checkpoint::build_seeded(&model_cfg, 0, dtype, device),
@@ -2452,6 +2500,30 @@ mod tests {
 
     /// A second writer into a run directory is refused while the first lives; the lock of a
     /// dead process and the temporary files of killed runs are cleared.
+    /// A model whose four f32 copies of its parameters exceed the machine's memory is refused
+    /// with its size and the way out (the allocation aborted the process).
+    #[test]
+    fn a_model_too_large_for_the_memory_is_refused() {
+        let vgg = ModelConfig::from_name_default_output("vgg16-blog")
+            .unwrap()
+            .with_input_size(1024);
+        let m = memory_refusal(&vgg, 24 << 30).expect("2.18 billion parameters in 24 GiB");
+        assert!(
+            m.contains("2.18 billion parameters") && m.contains("need about 32 GiB") && m.contains("24 GiB"),
+            "{m}"
+        );
+        assert!(memory_refusal(&vgg, 64 << 30).is_none());
+        let tiny = ModelConfig::from_name_default_output("tiny")
+            .unwrap()
+            .with_input_size(32);
+        assert!(memory_refusal(&tiny, 1 << 30).is_none());
+        assert!(
+            host_memory_bytes().is_none_or(|b| b > 1 << 28),
+            "{:?}",
+            host_memory_bytes()
+        );
+    }
+
     #[test]
     fn one_writer_per_run_directory() {
         let src = toy_source(32, 32, 3);
