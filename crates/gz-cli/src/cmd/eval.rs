@@ -126,9 +126,21 @@ fn run_name(p: &std::path::Path) -> String {
     // (`.` or `best.safetensors` from inside the run folder: its name, not "run")
     let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let p = if p.is_file() { p.parent().unwrap_or(&p) } else { &p };
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "run".into())
+    p.file_name().map(folder_name).unwrap_or_else(|| "run".into())
+}
+
+/// A file name as a report folder's: as it is when it is UTF-8, else with each byte that is
+/// not as `%XX`, so that two names differing only there get two folders (the lossy `�` gave
+/// both one, and the second report replaced the first without a word).
+fn folder_name(name: &std::ffi::OsStr) -> String {
+    let mut out = String::new();
+    for chunk in name.as_encoded_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Marks a report's `gallery/` as gz's, written before its first thumbnail: a run stopped
@@ -150,7 +162,7 @@ fn report_name(args: &Args) -> String {
     match &args.pred {
         Some(p) => p
             .file_stem()
-            .map(|n| n.to_string_lossy().into_owned())
+            .map(folder_name)
             // (`..csv` and `...csv` have the stems `.` and `..`: not a folder's name)
             .filter(|n| !n.is_empty() && n != "." && n != "..")
             .unwrap_or_else(|| "predictions".into()),
@@ -901,6 +913,17 @@ mod tests {
 
     /// A run stopped by its patience or unfinished is not read as one whose checkpoint is an
     /// interrupted run's ("epoch 3 of 20").
+    /// Names that differ only in bytes that are not UTF-8 get different report folders.
+    #[cfg(unix)]
+    #[test]
+    fn non_utf8_names_get_their_own_folders() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let a = folder_name(std::ffi::OsStr::from_bytes(b"bad\xffname"));
+        let b = folder_name(std::ffi::OsStr::from_bytes(b"bad\xfename"));
+        assert_eq!((a.as_str(), b.as_str()), ("bad%FFname", "bad%FEname"));
+        assert_eq!(folder_name(std::ffi::OsStr::new("run 1")), "run 1");
+    }
+
     #[test]
     fn the_epoch_phrase_tells_early_stops_and_unfinished_runs() {
         assert_eq!(epoch_phrase(true, 30, 40, None, Some(40)), "best epoch 30 of 40");
